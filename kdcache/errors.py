@@ -1,0 +1,35 @@
+"""One error base class; each subclass also inherits the matching builtin.
+
+Messages say what was wrong, the value seen, and the fix. The CLI turns a
+``KdcacheError`` into a one-line message and a non-zero exit, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class KdcacheError(Exception):
+    """Base class of every error kdcache raises on purpose."""
+
+
+class PipelineError(KdcacheError, ValueError):
+    """A pipeline file or an override holds a missing, unknown or invalid value."""
+
+
+class StoreError(KdcacheError, ValueError):
+    """A store is missing, unreadable, of an unknown format, or not what was asked for."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was made from a different teacher, dataset, target set or geometry."""
+
+
+class TargetError(KdcacheError, ValueError):
+    """A teacher output or layer cannot be captured or stored as asked."""
+
+
+class ShapeMismatchError(KdcacheError, ValueError):
+    """A student output cannot be matched to a stored target's shape."""
+
+
+class AlignmentError(KdcacheError, RuntimeError):
+    """An input sample does not belong to the stored row it was paired with."""
