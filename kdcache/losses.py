@@ -1,0 +1,326 @@
+"""Distillation losses and projection heads.
+
+The loss functions are pure tensor functions: they compute in float32 whatever
+the input dtype (a cached teacher may arrive as float16), treat the teacher as a
+fixed target (no gradient flows into it) and return a 0-dim float32 tensor.
+
+``projection_head`` builds the small trainable module that maps a student
+feature batch onto the shape of a stored teacher feature, or returns ``None``
+when the shapes already agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcache.errors import ShapeMismatchError
+
+__all__ = [
+    "kl_divergence",
+    "logit_mse",
+    "feature_mse",
+    "cross_entropy",
+    "top1_agreement",
+    "projection_head",
+    "MapHead",
+    "LinearHead",
+    "PooledLinearHead",
+]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _require_same_shape(student: Tensor, teacher: Tensor, what: str, fix: str) -> None:
+    """Raise ``ShapeMismatchError`` unless ``student`` and ``teacher`` have equal shapes."""
+    if student.shape != teacher.shape:
+        raise ShapeMismatchError(
+            f"{what}: student shape {tuple(student.shape)} does not match teacher shape "
+            f"{tuple(teacher.shape)}; {fix}"
+        )
+
+
+def _require_logits(student_logits: Tensor, teacher_logits: Tensor, what: str) -> None:
+    """Logits must be (B, C) or (B, ..., C) and equal in shape."""
+    if student_logits.ndim < 2:
+        raise ShapeMismatchError(
+            f"{what}: logits must have shape (B, C) or (B, ..., C), got student shape "
+            f"{tuple(student_logits.shape)}; add the batch dimension (e.g. logits.unsqueeze(0))"
+        )
+    _require_same_shape(
+        student_logits,
+        teacher_logits,
+        what,
+        f"make the student's output layer produce {teacher_logits.shape[-1]} classes "
+        "over the same batch/token positions as the teacher",
+    )
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Temperature-scaled KL(p_teacher || p_student) (Hinton et al. 2015).
+
+    ``p = softmax(logits / T)`` over the last dimension; the divergence is summed
+    over classes, averaged over every other position and multiplied by ``T**2`` so
+    gradient magnitudes stay comparable across temperatures.
+
+    Args:
+        student_logits: (B, C) or (B, ..., C), any float dtype.
+        teacher_logits: same shape as ``student_logits``; may be float16. Treated
+            as a constant target (detached).
+        temperature: T > 0.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"kl_divergence: temperature must be a finite number > 0, got {temperature!r}; "
+            "use e.g. temperature=1.0 (plain KL) or 2.0-4.0 (softer targets)"
+        )
+    _require_logits(student_logits, teacher_logits, "kl_divergence")
+    num_classes = student_logits.shape[-1]
+    log_p_s = F.log_softmax(student_logits.float().reshape(-1, num_classes) / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float().reshape(-1, num_classes) / temperature, dim=-1)
+    p_t = log_p_t.exp()
+    # Classes the teacher gives zero probability (e.g. -inf logits) contribute 0, not 0 * inf = nan.
+    terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
+    return terms.sum(dim=-1).mean() * (temperature**2)
+
+
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean squared error between logits, computed in float32.
+
+    Args:
+        student_logits: (B, C) or (B, ..., C).
+        teacher_logits: same shape; detached.
+
+    Returns:
+        0-dim float32 tensor, mean over all elements.
+    """
+    _require_logits(student_logits, teacher_logits, "logit_mse")
+    return F.mse_loss(student_logits.float(), teacher_logits.detach().float())
+
+
+def feature_mse(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Mean squared error between feature tensors, computed in float32.
+
+    Args:
+        student_features: (B, *shape), already projected to the teacher's shape.
+        teacher_features: (B, *shape), exactly the same shape; detached.
+
+    Returns:
+        0-dim float32 tensor, mean over all elements.
+    """
+    _require_same_shape(
+        student_features,
+        teacher_features,
+        "feature_mse",
+        "pass the student features through projection_head(student_shape, teacher_shape) first",
+    )
+    return F.mse_loss(student_features.float(), teacher_features.detach().float())
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy against hard labels, computed in float32.
+
+    Args:
+        student_logits: (B, C) or (B, ..., C).
+        labels: int64 class indices of shape ``student_logits.shape[:-1]``, i.e. (B,)
+            for (B, C) logits.
+
+    Returns:
+        0-dim float32 tensor, mean over all positions.
+    """
+    if student_logits.ndim < 2 or labels.shape != student_logits.shape[:-1]:
+        raise ShapeMismatchError(
+            f"cross_entropy: labels shape {tuple(labels.shape)} does not fit logits shape "
+            f"{tuple(student_logits.shape)}; labels must have the logits' shape without the "
+            "last (class) dimension, e.g. (B,) for (B, C) logits"
+        )
+    if labels.dtype != torch.int64:
+        raise ValueError(
+            f"cross_entropy: labels must be int64 class indices, got dtype {labels.dtype}; "
+            "convert with labels.long()"
+        )
+    num_classes = student_logits.shape[-1]
+    return F.cross_entropy(student_logits.float().reshape(-1, num_classes), labels.reshape(-1))
+
+
+@torch.no_grad()
+def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Fraction of positions whose student and teacher argmax agree.
+
+    Args:
+        student_logits: (B, C) or (B, ..., C).
+        teacher_logits: same shape.
+
+    Returns:
+        0-dim float32 tensor in [0, 1] (no gradient).
+    """
+    _require_logits(student_logits, teacher_logits, "top1_agreement")
+    return (student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).float().mean()
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def _check_input(x: Tensor, expected: tuple[int, ...], description: str) -> None:
+    """Raise ``ShapeMismatchError`` unless ``x`` is (B, *expected)."""
+    if tuple(x.shape[1:]) != expected:
+        raise ShapeMismatchError(
+            f"projection head ({description}) expected a student batch of shape (B, *{expected}), "
+            f"got {tuple(x.shape)}; feed it the layer output it was built for"
+        )
+
+
+class MapHead(nn.Module):
+    """(B, C, H, W) -> (B, C', H', W'): optional 1x1 conv, then spatial resampling.
+
+    Spatial resampling is ``adaptive_avg_pool2d`` when the student map is larger
+    in both dimensions, bilinear interpolation (align_corners=False) otherwise,
+    and nothing when the sizes already agree.
+    """
+
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        (c_in, h_in, w_in), (c_out, h_out, w_out) = student_shape, teacher_shape
+        self.student_shape = tuple(student_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        self.out_size = (h_out, w_out)
+        self.conv: nn.Module = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
+        if (h_in, w_in) == (h_out, w_out):
+            self.resample = "none"
+        elif h_in > h_out and w_in > w_out:
+            self.resample = "pool"
+        else:
+            self.resample = "interpolate"
+        parts = [f"1x1 conv {c_in}->{c_out}"] if c_in != c_out else []
+        if self.resample == "pool":
+            parts.append(f"adaptive avg pool {h_in}x{w_in}->{h_out}x{w_out}")
+        elif self.resample == "interpolate":
+            parts.append(f"interpolate {h_in}x{w_in}->{h_out}x{w_out}")
+        self.description = " + ".join(parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C', H', W')."""
+        _check_input(x, self.student_shape, self.description)
+        x = self.conv(x)
+        if self.resample == "pool":
+            x = F.adaptive_avg_pool2d(x, self.out_size)
+        elif self.resample == "interpolate":
+            x = F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"description={self.description!r}"
+
+
+class LinearHead(nn.Module):
+    """(B, D) -> (B, D') or (B, T, D) -> (B, T, D'): a Linear on the last dimension."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.student_shape = tuple(student_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        self.linear = nn.Linear(student_shape[-1], teacher_shape[-1])
+        self.description = f"linear {student_shape[-1]}->{teacher_shape[-1]}"
+        if len(student_shape) == 2:
+            self.description += f" per token (T={student_shape[0]})"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, *student_shape) -> (B, *teacher_shape)."""
+        _check_input(x, self.student_shape, self.description)
+        return self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"description={self.description!r}"
+
+
+class PooledLinearHead(nn.Module):
+    """(B, C, H, W) -> (B, D): global average pool, then Linear(C, D)."""
+
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int]) -> None:
+        super().__init__()
+        (c_in, h_in, w_in), (d_out,) = student_shape, teacher_shape
+        self.student_shape = tuple(student_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        self.linear = nn.Linear(c_in, d_out)
+        self.description = f"global avg pool {h_in}x{w_in} + linear {c_in}->{d_out}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, D)."""
+        _check_input(x, self.student_shape, self.description)
+        return self.linear(x.mean(dim=(2, 3)))
+
+    def extra_repr(self) -> str:
+        return f"description={self.description!r}"
+
+
+# How to fix an unsupported pair, by the teacher's rank (the teacher target is the fixed side).
+_FIX_BY_TEACHER_RANK = {
+    1: "hook a student layer whose output is a (C, H, W) map or a (D,) vector",
+    2: "hook a student layer whose output is a (T, D) token sequence with the teacher's T",
+    3: "hook a student layer whose output is a (C, H, W) map",
+}
+
+
+def projection_head(
+    student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *, name: str = ""
+) -> nn.Module | None:
+    """Build the trainable head mapping student features onto a teacher feature shape.
+
+    Args:
+        student_shape: per-sample student shape (no batch dim).
+        teacher_shape: per-sample teacher shape (no batch dim).
+        name: target name, used in error messages.
+
+    Returns:
+        ``None`` when the shapes are equal, else a module mapping (B, *student_shape)
+        to (B, *teacher_shape) with a ``description`` string attribute:
+
+        - (C, H, W) -> (C', H', W'): ``MapHead``
+        - (D,) -> (D',) and (T, D) -> (T, D'): ``LinearHead``
+        - (C, H, W) -> (D,): ``PooledLinearHead``
+
+    Raises:
+        ShapeMismatchError: for any other pair (e.g. vector -> map, token counts
+            that differ, rank 4+), or non-positive dimensions.
+    """
+    student_shape, teacher_shape = tuple(int(d) for d in student_shape), tuple(int(d) for d in teacher_shape)
+    label = f"target {name!r}" if name else "target"
+    if any(d <= 0 for d in student_shape + teacher_shape):
+        raise ShapeMismatchError(
+            f"{label}: shapes must have positive dimensions, got student {student_shape} and "
+            f"teacher {teacher_shape}; pass per-sample shapes without the batch dimension"
+        )
+    if student_shape == teacher_shape:
+        return None
+    ranks = (len(student_shape), len(teacher_shape))
+    if ranks == (3, 3):
+        return MapHead(student_shape, teacher_shape)
+    if ranks == (1, 1):
+        return LinearHead(student_shape, teacher_shape)
+    if ranks == (2, 2):
+        if student_shape[0] != teacher_shape[0]:
+            raise ShapeMismatchError(
+                f"{label}: student token sequence {student_shape} has {student_shape[0]} tokens but "
+                f"teacher {teacher_shape} has {teacher_shape[0]}; feed the student the same token "
+                "count (sequence length / patch grid) as the teacher"
+            )
+        return LinearHead(student_shape, teacher_shape)
+    if ranks == (3, 1):
+        return PooledLinearHead(student_shape, teacher_shape)
+    fix = _FIX_BY_TEACHER_RANK.get(
+        len(teacher_shape),
+        "capture a teacher layer whose output is a (C, H, W) map, a (D,) vector or a (T, D) token sequence",
+    )
+    raise ShapeMismatchError(
+        f"{label}: no projection from student shape {student_shape} to teacher shape {teacher_shape}; {fix}"
+    )

@@ -1,0 +1,298 @@
+"""Tests for kdcache.losses: each loss against a naive loop/formula reference, plus heads."""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+
+import pytest
+import torch
+
+from kdcache.errors import KdcacheError, ShapeMismatchError
+from kdcache.losses import (
+    cross_entropy,
+    feature_mse,
+    kl_divergence,
+    logit_mse,
+    projection_head,
+    top1_agreement,
+)
+
+# --------------------------------------------------------------------------- references
+
+
+def _ref_softmax(row: list[float], t: float) -> list[float]:
+    m = max(x / t for x in row)
+    exps = [math.exp(x / t - m) for x in row]
+    z = sum(exps)
+    return [e / z for e in exps]
+
+
+def _ref_kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> float:
+    """KL(p_t || p_s) per row via python loops, mean over rows, times T^2."""
+    s_rows = student.double().reshape(-1, student.shape[-1]).tolist()
+    t_rows = teacher.double().reshape(-1, teacher.shape[-1]).tolist()
+    total = 0.0
+    for s_row, t_row in zip(s_rows, t_rows):
+        p_s, p_t = _ref_softmax(s_row, t), _ref_softmax(t_row, t)
+        total += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
+    return total / len(s_rows) * t * t
+
+
+def _ref_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    xs, ys = a.double().flatten().tolist(), b.double().flatten().tolist()
+    return sum((x - y) ** 2 for x, y in zip(xs, ys)) / len(xs)
+
+
+def _ref_ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    total = 0.0
+    for row, y in zip(logits.double().tolist(), labels.tolist()):
+        total += -math.log(_ref_softmax(row, 1.0)[y])
+    return total / len(labels)
+
+
+def _logits(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * 2.0
+
+
+# --------------------------------------------------------------------------- kl_divergence
+
+
+def test_kl_zero_for_identical_logits() -> None:
+    x = _logits(4, 5, seed=0)
+    for t in (1.0, 2.0, 4.0):
+        assert kl_divergence(x, x.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
+def test_kl_matches_reference_with_t_squared_scaling(t: float) -> None:
+    s, te = _logits(4, 5, seed=1), _logits(4, 5, seed=2)
+    got = kl_divergence(s, te, temperature=t)
+    assert got.dtype == torch.float32 and got.ndim == 0
+    assert got.item() == pytest.approx(_ref_kl(s, te, t), rel=1e-5)
+    assert got.item() > 0
+
+
+def test_kl_float16_teacher_is_upcast() -> None:
+    s, te = _logits(4, 5, seed=3), _logits(4, 5, seed=4).half()
+    got = kl_divergence(s, te, temperature=2.0)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(_ref_kl(s, te.float(), 2.0), rel=1e-5)
+
+
+def test_kl_3d_token_logits_mean_over_all_positions() -> None:
+    s, te = _logits(2, 3, 6, seed=5), _logits(2, 3, 6, seed=6)
+    got = kl_divergence(s, te, temperature=2.0)
+    assert got.item() == pytest.approx(_ref_kl(s, te, 2.0), rel=1e-5)
+
+
+def test_kl_teacher_minus_inf_logit_gives_finite_loss() -> None:
+    s = _logits(2, 4, seed=7)
+    te = _logits(2, 4, seed=8)
+    te[:, 0] = float("-inf")
+    got = kl_divergence(s, te)
+    assert torch.isfinite(got)
+    # Exact: sum over classes with p_t > 0 of p_t * (log p_t - log p_s), with log p_s over all 4 classes.
+    log_p_s = torch.log_softmax(s.double(), -1)
+    p_t = torch.softmax(te[:, 1:].double(), -1)
+    exact = (p_t * (p_t.log() - log_p_s[:, 1:])).sum(-1).mean()
+    assert got.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_kl_gradients_flow_to_student_only() -> None:
+    s = _logits(3, 4, seed=9).requires_grad_()
+    te = _logits(3, 4, seed=10).requires_grad_()
+    kl_divergence(s, te, temperature=2.0).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert te.grad is None
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
+def test_kl_rejects_bad_temperature(t: float) -> None:
+    x = _logits(2, 3, seed=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        kl_divergence(x, x, temperature=t)
+
+
+def test_kl_shape_mismatch() -> None:
+    with pytest.raises(ShapeMismatchError, match=r"student shape \(2, 3\).*teacher shape \(2, 5\).*5 classes"):
+        kl_divergence(_logits(2, 3, seed=0), _logits(2, 5, seed=0))
+    with pytest.raises(ShapeMismatchError, match=r"\(B, C\)"):
+        kl_divergence(_logits(3, seed=0), _logits(3, seed=0))
+
+
+# --------------------------------------------------------------------------- other losses
+
+
+def test_logit_mse_matches_reference_and_is_float32() -> None:
+    s, te = _logits(3, 4, seed=11), _logits(3, 4, seed=12).half()
+    got = logit_mse(s, te)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(_ref_mse(s, te.float()), rel=1e-5)
+    assert logit_mse(s, s.clone()).item() == 0.0
+
+
+def test_feature_mse_matches_reference() -> None:
+    s, te = _logits(2, 3, 4, 4, seed=13), _logits(2, 3, 4, 4, seed=14)
+    got = feature_mse(s.bfloat16(), te)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(_ref_mse(s.bfloat16().float(), te), rel=1e-5)
+
+
+def test_feature_mse_shape_mismatch_is_error() -> None:
+    with pytest.raises(ShapeMismatchError, match=r"\(2, 8\).*\(2, 4, 2\).*projection_head") as info:
+        feature_mse(torch.zeros(2, 8), torch.zeros(2, 4, 2))
+    assert isinstance(info.value, KdcacheError) and isinstance(info.value, ValueError)
+
+
+def test_mse_gradients_flow_to_student_only() -> None:
+    for loss in (logit_mse, feature_mse):
+        s = _logits(3, 4, seed=15).requires_grad_()
+        te = _logits(3, 4, seed=16).requires_grad_()
+        loss(s, te).backward()
+        assert s.grad is not None and s.grad.abs().sum() > 0
+        assert te.grad is None
+
+
+def test_cross_entropy_matches_reference() -> None:
+    s = _logits(5, 4, seed=17)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    got = cross_entropy(s, labels)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(_ref_ce(s, labels), rel=1e-5)
+    assert cross_entropy(s.half(), labels).item() == pytest.approx(_ref_ce(s.half().float(), labels), rel=1e-4)
+
+
+def test_cross_entropy_bad_labels() -> None:
+    with pytest.raises(ShapeMismatchError, match=r"labels shape \(4,\).*logits shape \(5, 4\)"):
+        cross_entropy(_logits(5, 4, seed=0), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64.*labels.long"):
+        cross_entropy(_logits(5, 4, seed=0), torch.zeros(5, dtype=torch.int32))
+
+
+def test_top1_agreement() -> None:
+    s = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0], [5.0, 0.0, 0.0]])
+    te = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).half()
+    got = top1_agreement(s, te)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(0.5)
+    # Reference via loops on random 3-D logits: fraction of (b, t) positions that agree.
+    a, b = _logits(2, 3, 4, seed=18), _logits(2, 3, 4, seed=19)
+    rows = zip(a.reshape(-1, 4).tolist(), b.reshape(-1, 4).tolist())
+    ref = sum(r.index(max(r)) == q.index(max(q)) for r, q in rows) / 6
+    assert top1_agreement(a, b).item() == pytest.approx(ref)
+
+
+# --------------------------------------------------------------------------- projection_head
+
+
+@pytest.mark.parametrize(
+    ("student", "teacher", "description"),
+    [
+        ((32, 7, 7), (64, 14, 14), "1x1 conv 32->64 + interpolate 7x7->14x14"),
+        ((32, 14, 14), (64, 7, 7), "1x1 conv 32->64 + adaptive avg pool 14x14->7x7"),
+        ((8, 14, 6), (8, 7, 7), "interpolate 14x6->7x7"),  # larger in one dim only
+        ((8, 14, 14), (8, 7, 7), "adaptive avg pool 14x14->7x7"),
+        ((8, 7, 7), (16, 7, 7), "1x1 conv 8->16"),
+        ((16,), (24,), "linear 16->24"),
+        ((5, 16), (5, 24), "linear 16->24 per token (T=5)"),
+        ((8, 4, 4), (10,), "global avg pool 4x4 + linear 8->10"),
+    ],
+)
+def test_projection_head_shapes(student: tuple[int, ...], teacher: tuple[int, ...], description: str) -> None:
+    torch.manual_seed(0)
+    head = projection_head(student, teacher, name="layer3")
+    assert head is not None
+    assert head.description == description
+    assert description in repr(head)
+    out = head(torch.randn(2, *student))
+    assert tuple(out.shape) == (2, *teacher)
+
+
+def test_projection_head_none_on_equal_shapes() -> None:
+    assert projection_head((8, 4, 4), (8, 4, 4)) is None
+    assert projection_head((16,), (16,)) is None
+    assert projection_head([5, 16], (5, 16)) is None
+
+
+def test_projection_head_resampling_modes() -> None:
+    x = torch.randn(1, 2, 4, 4)
+    pooled = projection_head((2, 4, 4), (2, 2, 2))
+    torch.testing.assert_close(pooled(x), torch.nn.functional.adaptive_avg_pool2d(x, (2, 2)))
+    up = projection_head((2, 4, 4), (2, 8, 8))
+    ref = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up(x), ref)
+
+
+@pytest.mark.parametrize(
+    ("student", "teacher", "fix"),
+    [
+        ((16,), (8, 4, 4), r"\(C, H, W\) map"),
+        ((2, 8, 4, 4), (8, 4, 4), r"\(C, H, W\) map"),
+        ((8, 4, 4), (2, 8, 4, 4), "teacher layer whose output is"),
+        ((5, 16), (24,), r"\(C, H, W\) map or a \(D,\) vector"),
+        ((8, 4, 4), (5, 16), r"\(T, D\) token sequence"),
+    ],
+)
+def test_projection_head_unsupported_pairs(
+    student: tuple[int, ...], teacher: tuple[int, ...], fix: str
+) -> None:
+    shapes = rf"student shape {re.escape(str(student))} to teacher shape {re.escape(str(teacher))}"
+    with pytest.raises(ShapeMismatchError, match=rf"target 'blk\.4'.*{shapes}.*{fix}"):
+        projection_head(student, teacher, name="blk.4")
+
+
+def test_projection_head_token_count_mismatch() -> None:
+    with pytest.raises(ShapeMismatchError, match=r"'tok'.*\(5, 16\) has 5 tokens.*\(6, 24\) has 6.*same token count"):
+        projection_head((5, 16), (6, 24), name="tok")
+
+
+def test_projection_head_rejects_nonpositive_dims() -> None:
+    with pytest.raises(ShapeMismatchError, match="positive dimensions.*without the batch dimension"):
+        projection_head((0, 4), (3, 4))
+
+
+def test_projection_head_rejects_wrong_input_shape() -> None:
+    head = projection_head((16,), (24,))
+    with pytest.raises(ShapeMismatchError, match=r"\(B, \*\(16,\)\), got \(2, 15\)"):
+        head(torch.randn(2, 15))
+
+
+@pytest.mark.parametrize(("student", "teacher"), [((4, 3, 3), (6, 5, 5)), ((5,), (7,)), ((2, 5), (2, 7)), ((4, 3, 3), (7,))])
+def test_projection_head_deterministic_and_saveable(student: tuple[int, ...], teacher: tuple[int, ...]) -> None:
+    torch.manual_seed(123)
+    a = projection_head(student, teacher)
+    torch.manual_seed(123)
+    b = projection_head(student, teacher)
+    x = torch.randn(2, *student)
+    torch.testing.assert_close(a(x), b(x))
+
+    clone = pickle.loads(pickle.dumps(a))
+    torch.testing.assert_close(clone(x), a(x))
+    assert clone.description == a.description
+
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(999)
+    fresh = projection_head(student, teacher)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    torch.testing.assert_close(fresh(x), a(x))
+
+
+def test_trained_head_reduces_feature_mse() -> None:
+    torch.manual_seed(0)
+    student = torch.randn(8, 4, 6, 6)
+    teacher = torch.nn.functional.adaptive_avg_pool2d(torch.randn(8, 8, 6, 6), (3, 3)).detach()
+    head = projection_head((4, 6, 6), (8, 3, 3))
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    before = feature_mse(head(student), teacher).item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = feature_mse(head(student), teacher)
+        loss.backward()
+        opt.step()
+    after = feature_mse(head(student), teacher).item()
+    assert after < before
