@@ -1,0 +1,148 @@
+"""The ``kdcache`` command: click glue over the Python API. Errors become one-line messages here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from kdcache.errors import KdcacheError
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a KdcacheError (a user mistake) into ``Error: <message>`` and exit 1, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdcacheError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def _load(pipeline: str, overrides: tuple[str, ...], **flags: Any) -> Any:
+    from kdcache.pipeline import load
+
+    extra = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    return load(pipeline, list(overrides) + extra)
+
+
+def _progress(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="Override a pipeline value (repeatable), e.g. --set extract.batch_size=64.",
+)
+progress_option = click.option(
+    "--progress/--no-progress", default=None, help="Show a progress bar (default: only on a terminal)."
+)
+
+
+@click.group()
+@click.version_option(package_name="kdcache")
+def main() -> None:
+    """Offline knowledge distillation: run the teacher once, train students from its cached outputs."""
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--out", help="Store to write (a folder, by convention ending in .zarr).")
+@set_option
+@click.option("--batch-size", type=int, help="Shortcut for --set extract.batch_size=N.")
+@click.option("--device", help="Shortcut for --set extract.device=DEVICE (auto, cpu, cuda, cuda:N).")
+@click.option("--layers", help="Shortcut for --set targets.layers=a,b (comma-separated module names).")
+@click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a store.")
+@click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@progress_option
+@_errors
+def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_size: int | None, device: str | None,
+            layers: str | None, overwrite: bool, dry_run: bool, as_json: bool, progress: bool | None) -> None:
+    """Run the teacher of PIPELINE once over its dataset and write its outputs into a store."""
+    import kdcache
+
+    layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers is not None else None
+    p = _load(pipeline, overrides, **{"extract.batch_size": batch_size, "extract.device": device, "targets.layers": layer_list})
+    if dry_run:
+        report = kdcache.dry_run(p)
+        click.echo(json.dumps(report, indent=2) if as_json else _dry_run_text(report))
+        return
+    if not out:
+        raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run.")
+    from kdcache.store import open_store, _exists
+
+    if _exists(out) and not overwrite:
+        existing = open_store(out)
+        if existing.complete:
+            click.echo(f"{out} is already complete ({existing.num_samples} samples); nothing to do (--overwrite to redo it)", err=True)
+            return
+    info = kdcache.extract(p, out, overwrite=overwrite, progress=_progress(progress))
+    click.echo(json.dumps(info, indent=2) if as_json else _info_text(info))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_errors
+def info(store: str, as_json: bool) -> None:
+    """Summarise a store: teacher, dataset, targets, progress, size and format version."""
+    from kdcache.store import open_store
+
+    summary = open_store(store).info()
+    click.echo(json.dumps(summary, indent=2) if as_json else _info_text(summary))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _info_text(i: dict[str, Any]) -> str:
+    t, d = i["teacher"], i["dataset"]
+    lines = [
+        f"store       {i['location']}  (format {i['format']} v{i['format_version']}, kdcache {i['kdcache_version']})",
+        f"teacher     {t['factory']}  {t['class']}  {t['num_parameters']:,} params  sha256 {t['weights_sha256'][:16]}…",
+        f"dataset     {d['factory']}  split={d['split']!r}  {d['length']:,} samples  labels={'yes' if i['has_labels'] else 'no'}",
+        f"progress    {i['samples_done']:,}/{i['num_samples']:,} samples, {i['shards_done']}/{i['num_shards']} shards of {i['rows_per_shard']} rows"
+        + ("  complete" if i["complete"] else "  INCOMPLETE (re-run extract to resume)"),
+        f"size        {_size(i['bytes_stored'])} on disk, {_size(i['bytes_raw'])} raw"
+        + (f", compression {i['compression_ratio']:.2f}x" if i["compression_ratio"] else ""),
+        "targets",
+    ]
+    for name, tgt in i["targets"].items():
+        lines.append(f"  {name:<24} {tgt['path']:<32} {str(tuple(tgt['shape'])):<20} {tgt['dtype']}")
+    return "\n".join(lines)
+
+
+def _dry_run_text(r: dict[str, Any]) -> str:
+    g = r["geometry"]
+    lines = [
+        f"teacher     {r['teacher']['class']}  {r['teacher']['num_parameters']:,} params on {r['device']}",
+        f"dataset     {r['num_samples']:,} samples  labels={'yes' if r['has_labels'] else 'no'}",
+        f"probe       one batch of {r['probe_batch']} in {r['probe_seconds']:.2f}s",
+        "targets",
+    ]
+    for name, t in r["targets"].items():
+        lines.append(f"  {name:<24} {str(tuple(t['shape'])):<20} {t['dtype']:<8} {t['bytes_per_sample']:>10,} B/sample  ({t['select']})")
+    lines += [
+        f"per sample  {r['bytes_per_sample']:,} B (with index, fingerprint, label)",
+        f"store       ~{_size(r['estimated_bytes'])} ({_size(r['estimated_bytes_raw'])} raw, ~{r['estimated_compression_ratio']:.2f}x from the probe batch)",
+        f"geometry    {g['num_shards']} shards of {g['rows_per_shard']} rows",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

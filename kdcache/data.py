@@ -1,0 +1,158 @@
+"""The dataset stage: what an item is, how an input is fingerprinted, and shard-aligned batches.
+
+Both ``extract`` and ``train`` see the dataset through ``Indexed``, so the fingerprint a store
+records for row ``r`` and the one training recomputes for dataset index ``r`` come from the same
+code. Hashing runs in DataLoader workers, in parallel with the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from kdcache.errors import PipelineError
+
+LABEL_KEYS = ("label", "labels")
+FINGERPRINT_ALGORITHM = "blake2b-64"
+
+
+def split_item(item: Any) -> tuple[Any, int | None]:
+    """An item is a tensor, an ``(input, label, ...)`` tuple, or a dict of tensors.
+
+    A dict's ``label``/``labels`` entry is the label and is not passed to the model.
+    Returns ``(inputs, label or None)``.
+    """
+    if isinstance(item, torch.Tensor):
+        return item, None
+    if isinstance(item, tuple | list):
+        if not item:
+            raise PipelineError("dataset item is an empty tuple; return a tensor, (input, label) or a dict of tensors")
+        return item[0], (_label(item[1]) if len(item) > 1 else None)
+    if isinstance(item, Mapping):
+        inputs = {k: v for k, v in item.items() if k not in LABEL_KEYS}
+        label = next((item[k] for k in LABEL_KEYS if k in item), None)
+        return inputs, (_label(label) if label is not None else None)
+    raise PipelineError(
+        f"dataset item of type {type(item).__name__} is not supported; return a tensor, (input, label) or a dict of tensors"
+    )
+
+
+def _label(value: Any) -> int:
+    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return int(value)
+    raise PipelineError(
+        f"dataset label {value!r} is not an integer class index; return (input, int label) or only the input"
+    )
+
+
+def fingerprint(inputs: Any) -> int:
+    """blake2b-64 of the input exactly as the teacher sees it: dtype, shape and bytes of each tensor.
+
+    A dict is hashed in sorted key order with its keys. Returned as an unsigned 64-bit int.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    _feed(h, inputs)
+    return int.from_bytes(h.digest(), "little")
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, np.ndarray):
+        _feed(h, torch.from_numpy(np.ascontiguousarray(value)))
+    elif isinstance(value, Mapping):
+        for key in sorted(value):
+            h.update(f"[{key}]".encode())
+            _feed(h, value[key])
+    elif isinstance(value, tuple | list):
+        for v in value:
+            _feed(h, v)
+    else:
+        h.update(repr(value).encode())
+
+
+class Indexed(Dataset):
+    """Item ``i`` of the wrapped dataset as ``(i, fingerprint, inputs, label)``."""
+
+    def __init__(self, dataset: Dataset, with_fingerprint: bool = True):
+        self.dataset = dataset
+        self.with_fingerprint = with_fingerprint
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, int, Any, int | None]:
+        return self._wrap(i, self.dataset[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, int, Any, int | None]]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if getitems else [self.dataset[i] for i in indices]
+        return [self._wrap(i, item) for i, item in zip(indices, items)]
+
+    def _wrap(self, i: int, item: Any) -> tuple[int, int, Any, int | None]:
+        inputs, label = split_item(item)
+        return i, (fingerprint(inputs) if self.with_fingerprint else 0), inputs, label
+
+
+def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
+    """Batch of ``Indexed`` items: index int64 [B], fingerprint uint64 [B], inputs, label int64 [B] or None."""
+    labels = [it[3] for it in items]
+    if any(label is None for label in labels) and not all(label is None for label in labels):
+        raise PipelineError("some dataset items have a label and some do not; return labels for all items or none")
+    return {
+        "index": np.array([it[0] for it in items], dtype=np.int64),
+        "fingerprint": np.array([it[1] for it in items], dtype=np.uint64),
+        "inputs": default_collate([it[2] for it in items]),
+        "label": None if labels[0] is None else np.array(labels, dtype=np.int64),
+    }
+
+
+class ShardBatches(Sampler[list[int]]):
+    """Batches of consecutive row indices that never cross a shard boundary, over the given shards."""
+
+    def __init__(self, shards: list[int], rows_per_shard: int, num_samples: int, batch_size: int):
+        self.shards, self.rows, self.n, self.batch_size = shards, rows_per_shard, num_samples, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in self.shards:
+            start, stop = s * self.rows, min((s + 1) * self.rows, self.n)
+            for lo in range(start, stop, self.batch_size):
+                yield list(range(lo, min(lo + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-(min((s + 1) * self.rows, self.n) - s * self.rows) // self.batch_size) for s in self.shards)
+
+
+def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=non_blocking)
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(to_device(v, device, non_blocking) for v in inputs)
+    return inputs
+
+
+def call(model: torch.nn.Module, inputs: Any) -> Any:
+    """Run the model on a batch: a dict is passed as keyword arguments."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {name!r} asked for but CUDA is not available here; use device = \"cpu\" or \"auto\"")
+    return device

@@ -1,0 +1,285 @@
+"""The teacher loop: batches → device → forward → async copy to host → background shard writer.
+
+The GPU never waits for the disk: outputs are converted to the storage dtype on the device,
+copied into pinned host memory without blocking, and handed to a writer thread that checks
+them, gathers whole shards and writes them (compression and I/O overlap the next forwards).
+Memory is bounded by the queue depth in batches plus the shards being gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import kdcache
+from kdcache import data, store as layout, teacher as teachers
+from kdcache.errors import PipelineError, TargetError
+from kdcache.pipeline import Pipeline, require
+from kdcache.progress import Progress
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FLOAT16_MAX = 65504.0
+
+
+def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Run the teacher once over the pipeline's dataset and write its targets into the store ``out``.
+
+    Resumes a partial store made from the same inputs (completed shards are skipped); refuses one
+    made from different inputs unless ``overwrite``. Returns the store's ``info()``.
+    """
+    run = setup(pipeline)
+    store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite)
+    pending = store.pending_shards()
+    x = pipeline.extract
+    loader = DataLoader(
+        data.Indexed(run.dataset),
+        batch_sampler=data.ShardBatches(pending, store.rows_per_shard, store.num_samples, x.batch_size),
+        collate_fn=data.collate,
+        num_workers=x.num_workers,
+        pin_memory=run.device.type == "cuda",
+    )
+    todo = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
+    bar = Progress(todo, "extract", enabled=progress)
+    with ShardWriter(store, x.queue_depth, bar) as writer, teachers.capture(run.model, pipeline.targets.layers) as hooked:
+        for batch in loader:
+            with torch.inference_mode(), run.autocast():
+                output = data.call(run.model, data.to_device(batch["inputs"], run.device))
+            writer.put(batch, *to_host(run.select(output, hooked), run.targets, run.device))
+    bar.close()
+    store.finish()
+    return store.info()
+
+
+@dataclass
+class Run:
+    """What ``setup`` resolved: the teacher on its device, the dataset, and the targets a probe batch showed."""
+
+    model: torch.nn.Module
+    dataset: Dataset
+    device: torch.device
+    precision: str
+    targets: dict[str, layout.Target]  # by array path
+    has_labels: bool
+    probe: dict[str, Any]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = AUTOCAST[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def select(self, output: Any, hooked: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The tensors to store for one batch, by array path."""
+        out = {}
+        for path, t in self.targets.items():
+            raw = output if t.source == "" else hooked[t.source]
+            tensor, _ = teachers.select(raw, t.select, t.name)
+            if tuple(tensor.shape[1:]) != t.shape:
+                raise TargetError(f"target {t.name!r} changed shape from {list(t.shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
+            out[path] = tensor
+        return out
+
+    def manifest(self, pipeline: Pipeline) -> dict[str, Any]:
+        x, n = pipeline.extract, len(self.dataset)  # type: ignore[arg-type]
+        bytes_per_sample = {layout.INDEX: 8, layout.FINGERPRINT: 8, **({layout.LABEL: 8} if self.has_labels else {})}
+        bytes_per_sample |= {p: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for p, t in self.targets.items()}
+        return {
+            "kdcache_version": kdcache.__version__,
+            "teacher": {
+                "factory": pipeline.teacher.factory,
+                "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "num_parameters": teachers.num_parameters(self.model),
+                "weights_sha256": teachers.weights_sha256(self.model),
+            },
+            "dataset": {
+                "factory": pipeline.data.factory,
+                "split": pipeline.data.split,
+                "class": f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}",
+                "length": n,
+                "probe_fingerprints": self.probe["fingerprints"],
+            },
+            "fingerprint": {"algorithm": data.FINGERPRINT_ALGORITHM, "of": "dtype, shape and bytes of each input tensor as the teacher saw it"},
+            "num_samples": n,
+            "has_labels": self.has_labels,
+            "targets": {t.name: t.to_dict() for t in self.targets.values()},
+            "geometry": layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard),
+            "compression": {"codec": x.compression, "level": x.compression_level, "checksum": "crc32c"},
+            "precision": self.precision,
+            "pipeline": pipeline.to_dict(),
+        }
+
+
+def setup(pipeline: Pipeline) -> Run:
+    """Validate, build the teacher and dataset, and run one probe batch to learn the target shapes."""
+    t, x = pipeline.targets, pipeline.extract
+    if not t.logits and not t.layers:
+        raise PipelineError(f"{pipeline.source}: nothing to store; set targets.logits = true or list targets.layers")
+    if x.batch_size < 1:
+        raise PipelineError(f"{pipeline.source}: extract.batch_size must be >= 1, got {x.batch_size}")
+    device = data.pick_device(x.device)
+    model = teachers.build(pipeline.resolve(require(pipeline.teacher.factory, "teacher.factory", pipeline)), "teacher.factory")
+    teachers.check_layers(model, t.layers)
+    dataset = pipeline.resolve(require(pipeline.data.factory, "data.factory", pipeline))(pipeline.data.split)
+    n = len(dataset)
+    if n == 0:
+        raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract")
+    model.to(device)
+    indexed = data.Indexed(dataset)
+    batch = data.collate(indexed.__getitems__(list(range(min(x.batch_size, n)))))
+    run = Run(model, dataset, device, x.precision, {}, batch["label"] is not None, {})
+    with teachers.capture(model, t.layers) as hooked, torch.inference_mode(), run.autocast():
+        output = data.call(model, data.to_device(batch["inputs"], device))
+    sources = ([(teachers.LOGITS, "")] if t.logits else []) + [(name, name) for name in t.layers]
+    for name, source in sources:
+        select = t.select.get(name, "auto")
+        tensor, resolved = teachers.select(output if source == "" else hooked[source], select, name)
+        path = layout.LOGITS if source == "" else layout.layer_path(name)
+        run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
+    unknown = set(t.select) - {name for name, _ in sources}
+    if unknown:
+        raise PipelineError(f"{pipeline.source}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
+    run.probe = {
+        "fingerprints": {str(i): f"{data.fingerprint(data.split_item(dataset[i])[0]):016x}" for i in sorted({0, n - 1})},
+        "outputs": {p: v for p, v in run.select(output, hooked).items()},
+    }
+    return run
+
+
+def dry_run(pipeline: Pipeline) -> dict[str, Any]:
+    """Validate the pipeline, run one batch, and report target shapes, bytes per sample and store size."""
+    import numcodecs
+
+    start = time.perf_counter()
+    run = setup(pipeline)
+    seconds = time.perf_counter() - start
+    manifest = run.manifest(pipeline)
+    host, _ = to_host(run.probe["outputs"], run.targets, run.device)
+    raw = sum(h.numpy().nbytes for h in host.values())
+    packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
+    rows = len(next(iter(host.values())))
+    per_sample = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
+    ratio = raw / packed if pipeline.extract.compression == "zstd" and packed else 1.0
+    n = manifest["num_samples"]
+    return {
+        "num_samples": n,
+        "device": str(run.device),
+        "teacher": manifest["teacher"],
+        "has_labels": run.has_labels,
+        "targets": {t.name: {"path": p, "shape": [n, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select,
+                             "bytes_per_sample": int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize} for p, t in run.targets.items()},
+        "bytes_per_sample": per_sample,
+        "estimated_bytes_raw": per_sample * n,
+        "estimated_compression_ratio": ratio,
+        "estimated_bytes": int(per_sample * n / ratio),
+        "geometry": manifest["geometry"],
+        "probe_batch": rows,
+        "probe_seconds": seconds,
+    }
+
+
+def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target], device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
+    """Convert to the storage dtype on the device and start non-blocking copies into pinned memory.
+
+    Each target also gets a 2-element flag ``[any NaN, any non-finite after conversion]`` copied
+    alongside, so overflow is checked by the writer without a device sync here. Returns the host
+    tensors (by path, flags under ``path + "#flags"``) and a CUDA event to wait on (None on CPU).
+    """
+    host: dict[str, torch.Tensor] = {}
+    cuda = device.type == "cuda"
+    for path, t in tensors.items():
+        converted = t.detach().to(DTYPES[targets[path].dtype])
+        flags = torch.stack([torch.isnan(t).any(), ~torch.isfinite(converted).all()])
+        for key, value in ((path, converted), (path + "#flags", flags)):
+            if cuda:
+                host[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+            else:
+                host[key] = value
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
+
+
+class ShardWriter:
+    """A background thread that gathers batches into whole shards and writes each once complete.
+
+    Batches never cross shards (``data.ShardBatches``). A shard is written only when every row
+    of it has arrived, then marked done; an interrupted run leaves partial shards unwritten.
+    """
+
+    def __init__(self, store: layout.Store, depth: int, bar: Progress):
+        self.store, self.bar = store, bar
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self.error: BaseException | None = None
+        self.shards: dict[int, dict[str, np.ndarray]] = {}
+        self.filled: dict[int, int] = {}
+        self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+
+    def __enter__(self) -> ShardWriter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+    def put(self, batch: dict[str, Any], host: dict[str, torch.Tensor], event: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((batch, host, event))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._absorb(*item)
+                except BaseException as e:  # handed to the main thread at its next put / exit
+                    self.error = e
+
+    def _absorb(self, batch: dict[str, Any], host: dict[str, torch.Tensor], event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        rows = batch["index"]
+        shard = int(rows[0]) // self.store.rows_per_shard
+        start, stop = self.store.shard_rows(shard)
+        lo, hi = int(rows[0]) - start, int(rows[-1]) - start + 1
+        buf = self.shards.get(shard)
+        if buf is None:
+            buf = self.shards[shard] = {p: np.empty((stop - start, *self.store.array(p).shape[1:]), self.store.array(p).dtype) for p in self.store.paths()}
+            self.filled[shard] = 0
+        columns = {layout.INDEX: rows, layout.FINGERPRINT: batch["fingerprint"], layout.LABEL: batch["label"]}
+        nbytes = 0
+        for path in self.store.paths():
+            if path in columns:
+                buf[path][lo:hi] = columns[path]
+                continue
+            nan, nonfinite = host[path + "#flags"].tolist()
+            target = self.store.targets[layout.layer_name(path) if path.startswith(layout.LAYERS) else teachers.LOGITS]
+            if nan or nonfinite:
+                raise _nonfinite(target, nan, int(rows[0]), int(rows[-1]))
+            buf[path][lo:hi] = host[path].numpy()
+            nbytes += buf[path][lo:hi].nbytes
+        self.filled[shard] += hi - lo
+        if self.filled[shard] == stop - start:
+            self.store.write_shard(shard, self.shards.pop(shard))
+            del self.filled[shard]
+        self.bar.update(hi - lo, nbytes)
+
+
+def _nonfinite(target: layout.Target, nan: bool, first: int, last: int) -> TargetError:
+    where = f"target {target.name!r} (rows {first}..{last})"
+    if nan:
+        return TargetError(f"the teacher produced NaN in {where}; check the model and its inputs (nothing was written for this shard)")
+    if target.dtype == "float16":
+        return TargetError(f"{where} has values beyond the float16 range (±{FLOAT16_MAX:g}); set targets.dtype = \"float32\"")
+    return TargetError(f"the teacher produced inf in {where}; check the model and its inputs (nothing was written for this shard)")

@@ -1,0 +1,317 @@
+"""Pipeline files: TOML holding values and import paths, read into frozen dataclasses.
+
+A pipeline never executes anything by itself: the only code that runs is the factory an
+import path names (``package.module:attr`` or ``path/to/file.py:attr``, the latter resolved
+relative to the pipeline file's folder), and only when a stage asks for it — ``train`` never
+resolves ``teacher.factory``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kdcache.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    factory: str = ""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    factory: str = ""
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class TargetsSection:
+    logits: bool = True
+    layers: tuple[str, ...] = ()
+    dtype: str = "float16"
+    # target name ("logits" or a layer name) -> which part of a structured output to keep
+    select: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExtractSection:
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "fp32"
+    num_workers: int = 0
+    compression: str = "zstd"
+    compression_level: int = 1
+    rows_per_shard: int = 0  # 0: chosen from bytes per sample
+    shard_mb: float = 64.0
+    chunk_mb: float = 1.0
+    queue_depth: int = 4
+
+
+@dataclass(frozen=True)
+class StudentSection:
+    factory: str = ""
+
+
+@dataclass(frozen=True)
+class LossSection:
+    kl: float = 1.0
+    temperature: float = 4.0
+    mse: float = 0.0
+    ce: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 5
+    steps: int = 0  # > 0: total optimizer steps, overriding epochs
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    device: str = "auto"
+    seed: int = 0
+    eval_split: str = ""
+    eval_cache: str = ""
+    subset: int = 0  # > 0: train on a seeded choice of this many rows
+    num_workers: int = 0
+    memory_budget_mb: float = 2048.0
+    shuffle_buffer_shards: int = 4
+    fingerprint_check: float = 1.0
+    loss: LossSection = field(default_factory=LossSection)
+    # teacher layer -> {"student": module name, "weight": float}
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: DataSection = field(default_factory=DataSection)
+    targets: TargetsSection = field(default_factory=TargetsSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
+    student: StudentSection = field(default_factory=StudentSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    root: Path = Path(".")  # folder that relative import paths are resolved against
+    source: str = "<dict>"  # where the values came from, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values as plain JSON-able data (what a store and a checkpoint record)."""
+        out = dataclasses.asdict(self)
+        out.pop("root"), out.pop("source")
+        return _jsonable(out)
+
+    def resolve(self, import_path: str) -> Callable[..., Any]:
+        return resolve(import_path, self.root)
+
+
+CHOICES = {
+    ("targets", "dtype"): ("float16", "float32"),
+    ("extract", "precision"): ("fp32", "bf16", "fp16"),
+    ("extract", "compression"): ("zstd", "none"),
+    ("train", "optimizer"): ("adamw", "sgd"),
+    ("train", "schedule"): ("cosine", "constant"),
+}
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
+    """Read a pipeline TOML file and apply ``section.key=value`` overrides."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"pipeline file {str(path)!r} does not exist; pass the path of a .toml file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PipelineError(f"pipeline file {str(path)!r} is not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw, root=path.resolve().parent, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as TOML, else taken as a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise PipelineError(f"override {item!r} is not of the form section.key=value (e.g. extract.batch_size=64)")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PipelineError(f"override {item!r}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>") -> Pipeline:
+    """Validate plain values (as read from TOML) into a ``Pipeline``; unknown keys are errors."""
+    sections: dict[str, Any] = {}
+    for f in dataclasses.fields(Pipeline):
+        if f.name in ("root", "source"):
+            continue
+        value = raw.get(f.name, {})
+        if not isinstance(value, dict):
+            raise PipelineError(f"{source}: [{f.name}] must be a table, got {value!r}")
+        sections[f.name] = _section(_SECTIONS[f.name], value, f.name, source)
+    _unknown(raw, list(_SECTIONS) + ["root", "source"], "", source)
+    return Pipeline(**sections, root=Path(root), source=source)
+
+
+_SECTIONS = {
+    "teacher": TeacherSection,
+    "data": DataSection,
+    "targets": TargetsSection,
+    "extract": ExtractSection,
+    "student": StudentSection,
+    "train": TrainSection,
+}
+
+
+def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    _unknown(values, names, where + ".", source)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, key = values[f.name], f"{where}.{f.name}"
+        if f.name == "loss":
+            kwargs[f.name] = _section(LossSection, _table(value, key, source), key, source)
+            continue
+        kwargs[f.name] = _check(value, f.type, key, source)
+        choices = CHOICES.get((where, f.name))
+        if choices and kwargs[f.name] not in choices:
+            raise PipelineError(f"{source}: {key} = {value!r} is not one of {', '.join(choices)}")
+    if where == "train":
+        for layer, spec in _table(values.get("features", {}), "train.features", source).items():
+            spec = _table(spec, f"train.features.{layer!r}", source)
+            _unknown(spec, ["student", "weight"], f"train.features.{layer!r}.", source)
+            if not isinstance(spec.get("student"), str):
+                raise PipelineError(
+                    f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {spec!r}"
+                )
+    return cls(**kwargs)
+
+
+def _table(value: Any, key: str, source: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PipelineError(f"{source}: {key} must be a table, got {value!r}")
+    return value
+
+
+def _check(value: Any, annotation: str, key: str, source: str) -> Any:
+    """Coerce/check one value against its field annotation (a string, from __future__ annotations)."""
+    bad = PipelineError(f"{source}: {key} must be {annotation.replace('tuple[str, ...]', 'a list of strings')}, got {value!r}")
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad
+        return value
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise bad
+        return float(value)
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if annotation == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise bad
+        return tuple(value)
+    if annotation.startswith("dict"):
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    raise AssertionError(f"no check for annotation {annotation!r}")
+
+
+def _unknown(values: dict[str, Any], known: list[str], prefix: str, source: str) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else f"; known keys: {', '.join(known)}"
+            raise PipelineError(f"{source}: unknown key {prefix + key!r}{hint}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def resolve(import_path: str, root: str | Path = ".") -> Callable[..., Any]:
+    """Import ``package.module:attr`` or ``path/to/file.py:attr`` (relative to ``root``) and return the attribute."""
+    module_name, sep, attr = import_path.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise PipelineError(
+            f"import path {import_path!r} is not of the form package.module:attr or path/to/file.py:attr"
+        )
+    if module_name.endswith(".py"):
+        file = (Path(root) / module_name).resolve()
+        if not file.is_file():
+            raise PipelineError(f"import path {import_path!r}: file {str(file)!r} does not exist (paths are relative to the pipeline file's folder)")
+        module = _import_file(file)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            raise PipelineError(f"import path {import_path!r}: module {e.name!r} not found; install it or use a path/to/file.py:attr path") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attr, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise PipelineError(f"import path {import_path!r}: {module.__name__!r} has no attribute {attr!r}{hint}") from None
+
+
+def _import_file(file: Path) -> Any:
+    """Import a Python file once per process, under its own stem when that name is free.
+
+    Using the stem keeps objects defined there picklable by DataLoader/dask workers that import
+    the same file; the file's folder goes on ``sys.path`` so it can import its siblings.
+    """
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == file:
+            return module
+    name = file.stem
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        name = f"{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))
+    spec = importlib.util.spec_from_file_location(name, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def require(value: str, key: str, pipeline: Pipeline) -> str:
+    """Return a required string value or fail naming the key."""
+    if not value:
+        raise PipelineError(f"{pipeline.source}: {key} is required (e.g. {key} = \"file.py:attr\")")
+    return value

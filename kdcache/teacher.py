@@ -1,0 +1,118 @@
+"""The teacher stage: build the model, identify its weights, and capture the outputs to store.
+
+Which part of a structured output is kept (``select``):
+
+- ``auto`` (default): a tensor is kept as is; a tuple/list gives its first element; a dict or an
+  object (e.g. a Hugging Face ``ModelOutput``) gives the first of ``logits``, ``pooler_output``,
+  ``last_hidden_state`` that is present. Applied again until a tensor is reached.
+- otherwise a dotted path of indices and names, e.g. ``"1"``, ``"hidden_states.3"``,
+  ``"last_hidden_state"``, set per target in the pipeline's ``[targets.select]`` table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from kdcache.errors import PipelineError, TargetError
+
+AUTO_KEYS = ("logits", "pooler_output", "last_hidden_state")
+LOGITS = "logits"  # target name of the model's own output
+
+
+def build(factory: Callable[[], torch.nn.Module], where: str) -> torch.nn.Module:
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise PipelineError(f"{where} returned {type(model).__name__}, not a torch.nn.Module; make the factory return the model")
+    return model.eval()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict in key order: each key, dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def select(output: Any, selector: str, target: str) -> tuple[torch.Tensor, str]:
+    """Pick the tensor to store from a model/module output; returns it and the resolved selector."""
+    path: list[str] = []
+    steps = [] if selector in ("auto", "tensor") else selector.split(".")
+    value = output
+    while True:
+        if isinstance(value, torch.Tensor) and not steps:
+            return value, ".".join(path) or "tensor"
+        step = steps.pop(0) if steps else _auto_step(value, target)
+        value = _step(value, step, target, output)
+        path.append(step)
+
+
+def _auto_step(value: Any, target: str) -> str:
+    if isinstance(value, tuple | list):
+        if value:
+            return "0"
+    else:
+        for key in AUTO_KEYS:
+            if _get(value, key) is not None:
+                return key
+    raise TargetError(
+        f"target {target!r}: cannot pick a tensor from an output of type {type(value).__name__}; "
+        f"set [targets.select] {target!r} = \"<index or attribute>\""
+    )
+
+
+def _get(value: Any, key: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(key)
+    return getattr(value, key, None)
+
+
+def _step(value: Any, step: str, target: str, output: Any) -> Any:
+    if isinstance(value, tuple | list) and step.lstrip("-").isdigit() and -len(value) <= int(step) < len(value):
+        return value[int(step)]
+    found = None if isinstance(value, tuple | list | torch.Tensor) else _get(value, step)
+    if found is None:
+        raise TargetError(
+            f"target {target!r}: output of type {type(value).__name__} has no element {step!r}; "
+            f"fix [targets.select] {target!r} (e.g. \"0\", \"logits\", \"last_hidden_state\")"
+        )
+    return found
+
+
+def check_layers(model: torch.nn.Module, layers: tuple[str, ...]) -> None:
+    """Fail before any work on a layer name that is not in ``model.named_modules()``."""
+    names = [n for n, _ in model.named_modules() if n]
+    for layer in layers:
+        if layer not in names:
+            close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"the model has {len(names)} modules, e.g. {', '.join(names[:8])}"
+            raise TargetError(f"layer {layer!r} is not a module of the teacher; {hint} (names from model.named_modules())")
+
+
+@contextmanager
+def capture(model: torch.nn.Module, layers: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """Forward hooks on the named modules; the dict holds each module's latest raw output."""
+    check_layers(model, layers)
+    modules = dict(model.named_modules())
+    outputs: dict[str, Any] = {}
+    handles = [
+        modules[name].register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        for name in layers
+    ]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
