@@ -88,6 +88,39 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
 
 
 @main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--cache", "cache_location", required=True, help="Store written by kdcache extract (the only source of targets).")
+@click.option("--out", required=True, help="Output folder: student.pt, heads.pt, metrics.jsonl, checkpoint.pt.")
+@set_option
+@click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
+@click.option("--batch-size", type=int, help="Shortcut for --set train.batch_size=N.")
+@click.option("--device", help="Shortcut for --set train.device=DEVICE.")
+@click.option("--eval-cache", help="Shortcut for --set train.eval_cache=STORE (a store of the eval split).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a run.")
+@click.option("--allow-partial", is_flag=True, help="Train on the completed shards of an incomplete store.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
+@progress_option
+@_errors
+def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ...], epochs: int | None, batch_size: int | None,
+          device: str | None, eval_cache: str | None, resume: bool, overwrite: bool, allow_partial: bool, as_json: bool,
+          progress: bool | None) -> None:
+    """Train the student of PIPELINE from the store CACHE alone (the teacher is never built)."""
+    from kdcache.train import train as run_training
+
+    p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.device": device,
+                                      "train.eval_cache": eval_cache})
+    result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
+                          progress=_progress(progress))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        shown = {k: v for k, v in result.items() if k.startswith(("loss", "eval")) or k in ("epoch", "step", "params")}
+        click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+        click.echo(f"student written to {out}/student.pt")
+
+
+@main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_errors

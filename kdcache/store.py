@@ -41,13 +41,14 @@ MIN_SHARD_ROWS = 16
 def layer_path(name: str) -> str:
     """Array path of a hooked layer's target: the name percent-encoded into one safe node name.
 
-    Every character outside ``[A-Za-z0-9._-]`` is encoded (so ``/`` cannot make a sub-path),
-    a leading ``_`` is encoded (``__`` prefixes are reserved by zarr), and names made only of dots
-    (``.``, ``..``) are encoded whole. ``layer_name`` inverts it exactly.
+    Every character outside ``[A-Za-z0-9._-]`` is encoded as ``%XX`` per UTF-8 byte (so ``/``
+    cannot make a sub-path; ``~``, which ``quote`` keeps, is encoded too), a name that would start
+    with ``_`` has every ``_`` encoded (``__`` prefixes are reserved by zarr), and names made only
+    of dots (``.``, ``..``) are encoded whole. ``layer_name`` inverts it exactly.
     """
     if not name:
         raise StoreError("a layer name must not be empty; use targets.logits for the model's own output")
-    encoded = quote(name, safe="-.")
+    encoded = quote(name, safe="-.").replace("~", "%7E")
     encoded = encoded.replace("_", "%5F") if encoded.startswith("_") else encoded
     if set(encoded) == {"."}:
         encoded = encoded.replace(".", "%2E")

@@ -91,14 +91,14 @@ def _step(value: Any, step: str, target: str, output: Any) -> Any:
     return found
 
 
-def check_layers(model: torch.nn.Module, layers: tuple[str, ...]) -> None:
+def check_layers(model: torch.nn.Module, layers: tuple[str, ...], what: str = "teacher") -> None:
     """Fail before any work on a layer name that is not in ``model.named_modules()``."""
     names = [n for n, _ in model.named_modules() if n]
     for layer in layers:
         if layer not in names:
             close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
             hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"the model has {len(names)} modules, e.g. {', '.join(names[:8])}"
-            raise TargetError(f"layer {layer!r} is not a module of the teacher; {hint} (names from model.named_modules())")
+            raise TargetError(f"layer {layer!r} is not a module of the {what}; {hint} (names from model.named_modules())")
 
 
 @contextmanager

@@ -1,0 +1,163 @@
+"""The reader: a store joined with the input dataset, batch by batch, alignment checked.
+
+Row ``r`` of the store is paired with dataset item ``samples/index[r]``, and the input's
+fingerprint is recomputed and compared with ``samples/fingerprint[r]`` (for every row, or a
+seeded fraction ``fingerprint_check`` of each batch). Targets are never read row by row:
+
+- in memory: when the arrays needed fit under ``memory_budget_mb`` they are read whole, once,
+  with sequential whole-chunk reads, and batches take random rows from RAM;
+- streaming: otherwise, each epoch shuffles the order of shards, reads ``buffer_shards`` whole
+  shards at a time and shuffles rows within that buffer.
+
+``TransferSet`` is an ``IterableDataset`` yielding whole batches; with DataLoader workers each
+worker opens the store itself and takes every k-th buffer of the epoch's plan.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
+
+from kdcache import data, store as layout
+from kdcache.errors import AlignmentError
+
+
+class TransferSet(IterableDataset):
+    """Batches ``{"rows", "index", "inputs", "targets": {path: tensor}, "label"}`` for one epoch.
+
+    ``rows``: the store rows to use (default: every row of a done shard). ``paths``: the target
+    arrays to read (``samples/*`` columns are always read). ``shuffle=False`` keeps store order.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        dataset: Dataset,
+        paths: list[str],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rows: np.ndarray | None = None,
+        shuffle: bool = True,
+        memory_budget_mb: float = 2048.0,
+        buffer_shards: int = 4,
+        fingerprint_check: float = 1.0,
+        drop_last: bool = False,
+    ):
+        store = layout.open_store(location)
+        self.location, self.dataset = location, dataset
+        self.paths = store.sample_paths() + list(paths)
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.buffer_shards, self.fingerprint_check = max(1, buffer_shards), fingerprint_check
+        self.rows_per_shard = store.rows_per_shard
+        self.rows = np.asarray(rows if rows is not None else done_rows(store), dtype=np.int64)
+        self.epoch = 0
+        row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
+        self.in_memory = row_bytes * store.num_samples <= memory_budget_mb * 2**20
+        # In memory: read every needed array whole, once, here (workers inherit it).
+        self.memory = {p: store.array(p)[:] for p in self.paths} if self.in_memory else None
+        self._store: layout.Store | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # -- the plan: which rows, in which buffers, in which order -----------------------------
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's buffers: arrays of store rows, in the order they are served.
+
+        Deterministic in ``(seed, epoch)``: a resumed or repeated epoch sees the same batches.
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.in_memory:  # pieces of whole batches, so DataLoader workers can share the epoch
+            order = rng.permutation(self.rows) if self.shuffle else self.rows
+            piece = self.batch_size * 16
+            return [order[i : i + piece] for i in range(0, len(order), piece)]
+        shard_of = self.rows // self.rows_per_shard
+        shards = np.unique(shard_of)
+        if self.shuffle:
+            shards = rng.permutation(shards)
+        buffers = []
+        for i in range(0, len(shards), self.buffer_shards):
+            rows = self.rows[np.isin(shard_of, shards[i : i + self.buffer_shards])]
+            buffers.append(rng.permutation(rows) if self.shuffle else rows)
+        return buffers
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        div = math.floor if self.drop_last else math.ceil
+        return sum(div(len(b) / self.batch_size) for b in self.plan(epoch))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch(self.epoch)
+
+    # -- serving ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        k, me = (worker.num_workers, worker.id) if worker else (1, 0)
+        check_rng = np.random.default_rng([self.seed, self.epoch, 1, me])
+        for i, rows in enumerate(self.plan(self.epoch)):
+            if i % k != me:
+                continue
+            columns = self._read(rows)
+            for lo in range(0, len(rows), self.batch_size):
+                if self.drop_last and lo + self.batch_size > len(rows):
+                    break
+                yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check_rng)
+
+    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads."""
+        if self.memory is not None:
+            return {p: a[rows] for p, a in self.memory.items()}
+        if self._store is None:  # opened lazily: once per worker process
+            self._store = layout.open_store(self.location)
+        shards = np.unique(rows // self.rows_per_shard)
+        spans = [self._store.shard_rows(int(s)) for s in shards]
+        offsets = np.cumsum([0] + [stop - start for start, stop in spans])
+        local = np.searchsorted(shards, rows // self.rows_per_shard)
+        position = offsets[local] + (rows - np.array([spans[j][0] for j in local], dtype=np.int64))
+        out = {}
+        for p in self.paths:
+            whole = np.concatenate([self._store.read(p, start, stop) for start, stop in spans])
+            out[p] = whole[position]
+        return out
+
+    def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check_rng: np.random.Generator) -> dict[str, Any]:
+        index = columns[layout.INDEX]
+        items = _getitems(self.dataset, index.tolist())
+        inputs = [data.split_item(item)[0] for item in items]
+        self._check(rows, index, inputs, columns[layout.FINGERPRINT], check_rng)
+        return {
+            "rows": torch.from_numpy(rows),
+            "index": torch.from_numpy(index),
+            "inputs": default_collate(inputs),
+            "targets": {p: torch.from_numpy(np.ascontiguousarray(c)) for p, c in columns.items() if p.startswith("targets/")},
+            "label": torch.from_numpy(columns[layout.LABEL]) if layout.LABEL in columns else None,
+        }
+
+    def _check(self, rows: np.ndarray, index: np.ndarray, inputs: list[Any], stored: np.ndarray, rng: np.random.Generator) -> None:
+        if self.fingerprint_check <= 0:
+            return
+        n = len(rows)
+        which = range(n) if self.fingerprint_check >= 1 else np.flatnonzero(rng.random(n) < self.fingerprint_check)
+        for j in which:
+            seen = data.fingerprint(inputs[j])
+            if seen != int(stored[j]):
+                raise AlignmentError(
+                    f"store row {int(rows[j])} (dataset index {int(index[j])}) has input fingerprint {int(stored[j]):016x} "
+                    f"but the dataset now gives {seen:016x}: the dataset changed since extraction (order, content or "
+                    "preprocessing); use the dataset the store was made from, or re-extract"
+                )
+
+
+def _getitems(dataset: Dataset, indices: list[int]) -> list[Any]:
+    getitems = getattr(dataset, "__getitems__", None)
+    return list(getitems(indices)) if getitems else [dataset[i] for i in indices]
+
+
+def done_rows(store: layout.Store) -> np.ndarray:
+    """Every row of every completed shard, ascending."""
+    parts = [np.arange(*store.shard_rows(int(s))) for s in np.flatnonzero(store.done())]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,290 @@
+"""The student loop: a student learns from the store alone; the teacher is never imported.
+
+Inputs come from the pipeline's dataset, targets from the store, joined row by row with the
+input fingerprint checked (``kdcache.cache``). Output folder: ``student.pt`` (state dict),
+``heads.pt`` (projection heads), ``metrics.jsonl`` (one line per epoch), ``pipeline.json`` and
+``checkpoint.pt`` (written atomically each epoch; ``resume=True`` continues from it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kdcache import cache, data, losses, store as layout, teacher as teachers
+from kdcache.errors import PipelineError, StoreError
+from kdcache.pipeline import Pipeline, require
+from kdcache.progress import Progress
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], *, resume: bool = False,
+          overwrite: bool = False, allow_partial: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Train ``pipeline.student`` from the store at ``cache_location``; write results to ``out``.
+
+    Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``.
+    """
+    t, out = pipeline.train, Path(out)
+    _check_out(out, resume, overwrite)
+    write_pipeline(out, pipeline)
+    torch.manual_seed(t.seed)
+    device = data.pick_device(t.device)
+    store = open_for_training(cache_location, allow_partial)
+    dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
+    run = setup(pipeline, store, dataset, device)
+    transfer = cache.TransferSet(
+        cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, t.subset, t.seed),
+        memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+    )
+    per_epoch = transfer.batches_per_epoch()
+    total_steps = t.steps if t.steps > 0 else t.epochs * per_epoch
+    params = list(run.student.parameters()) + list(run.heads.parameters())
+    optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
+    state = {"epoch": 0, "step": 0}
+    if resume:
+        state = _load_checkpoint(out, run, optimizer, schedule)
+    evaluate = _evaluator(pipeline, run, device)
+    start = time.perf_counter()
+    while state["step"] < total_steps:
+        transfer.set_epoch(state["epoch"])
+        loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda")
+        steps = min(per_epoch, total_steps - state["step"])
+        bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress)
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        run.student.train(), run.heads.train()
+        for batch in loader:
+            parts = run.losses(batch)
+            loss = sum(parts.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            optimizer.step()
+            schedule.step()
+            state["step"] += 1
+            seen += 1
+            for k, v in parts.items():  # summed on the device: no sync per step
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
+            if state["step"] >= total_steps:
+                break
+        bar.close()
+        metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0],
+                   **{f"loss_{k}": float(v) / max(1, seen) for k, v in sums.items()},
+                   "loss": float(sum(sums.values())) / max(1, seen), **evaluate(), "seconds": time.perf_counter() - start}
+        state["epoch"] += 1
+        _save_epoch(out, run, optimizer, schedule, state, metrics)
+    torch.save(run.student.state_dict(), out / "student.pt")
+    torch.save(run.heads.state_dict(), out / "heads.pt")
+    last = _read_metrics(out)[-1]
+    return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+@dataclass
+class Run:
+    """The student, its projection heads and feature hooks, and the loss weights."""
+
+    student: torch.nn.Module
+    heads: torch.nn.ModuleDict  # keyed by teacher layer (encoded path)
+    features: dict[str, tuple[str, float]]  # teacher target path -> (student module, weight)
+    hooked: dict[str, Any]
+    loss: Any  # LossSection
+    device: torch.device
+    paths: list[str]
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
+        logits = data.call(self.student, data.to_device(batch["inputs"], self.device))
+        logits, _ = teachers.select(logits, "auto", "student output")
+        targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
+        w, parts = self.loss, {}
+        if w.kl:
+            parts["kl"] = w.kl * losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature)
+        if w.mse:
+            parts["mse"] = w.mse * losses.logit_mse(logits, targets[layout.LOGITS])
+        if w.ce:
+            parts["ce"] = w.ce * losses.cross_entropy(logits, batch["label"].to(self.device))
+        for path, (module, weight) in self.features.items():
+            feat, _ = teachers.select(self.hooked[module], "auto", module)
+            head = self.heads[_key(path)] if _key(path) in self.heads else torch.nn.Identity()
+            parts[f"feat:{layout.layer_name(path)}"] = weight * losses.feature_mse(head(feat), targets[path])
+        return parts
+
+
+def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device) -> Run:
+    """Build the student, hook its feature layers, and create projection heads from a probe batch."""
+    t, w = pipeline.train, pipeline.train.loss
+    student = teachers.build(pipeline.resolve(require(pipeline.student.factory, "student.factory", pipeline)), "student.factory").to(device)
+    needs_logits = bool(w.kl or w.mse)
+    if needs_logits and layout.LOGITS not in {tg.path for tg in store.targets.values()}:
+        raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
+    if w.ce and not store.has_labels:
+        raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
+    if not (needs_logits or w.ce or t.features):
+        raise PipelineError(f"{pipeline.source}: every loss weight is 0 and train.features is empty; nothing to learn from")
+    stored = {tg.name: tg for tg in store.targets.values()}
+    features: dict[str, tuple[str, float]] = {}
+    for layer, spec in t.features.items():
+        if layer not in stored:
+            raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store; stored: {sorted(stored)}")
+        features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)))
+    teachers.check_layers(student, tuple(m for m, _ in features.values()), what="student")
+    run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features))
+    modules = dict(student.named_modules())
+    for path, (module, _) in features.items():
+        modules[module].register_forward_hook(lambda _m, _i, out, module=module: run.hooked.__setitem__(module, out))
+    if features:
+        probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
+        with torch.no_grad():
+            data.call(student, data.to_device(probe["inputs"], device))
+        for path, (module, _) in features.items():
+            feat, _ = teachers.select(run.hooked[module], "auto", module)
+            name = layout.layer_name(path)
+            head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
+            if head is not None:
+                run.heads[_key(path)] = head.to(device)
+                print(f"projection head for {name!r} <- student {module!r}: {head.description}")
+    return run
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "%2E")  # ModuleDict keys cannot contain dots
+
+
+def open_for_training(location: str, allow_partial: bool) -> layout.Store:
+    store = layout.open_store(location)
+    if not store.complete:
+        done, total = store.samples_done(), store.num_samples
+        if not allow_partial:
+            raise StoreError(f"{location!r} is incomplete ({done}/{total} samples); resume kdcache extract, or pass --allow-partial to train on completed shards only")
+        if done == 0:
+            raise StoreError(f"{location!r} has no completed shard yet; nothing to train on")
+    return store
+
+
+def _dataset(pipeline: Pipeline, split: str, length: int, what: str) -> Any:
+    dataset = pipeline.resolve(require(pipeline.data.factory, "data.factory", pipeline))(split)
+    if len(dataset) != length:
+        raise StoreError(f"dataset {pipeline.data.factory}({split!r}) has {len(dataset)} samples but {what} has {length}; use the dataset the store was made from")
+    return dataset
+
+
+def _rows(store: layout.Store, subset: int, seed: int) -> np.ndarray:
+    rows = cache.done_rows(store)
+    if subset <= 0:
+        return rows
+    if subset > len(rows):
+        raise PipelineError(f"train.subset = {subset} exceeds the {len(rows)} rows available; lower it or use 0 for all rows")
+    return np.sort(np.random.default_rng(seed).permutation(rows)[:subset])
+
+
+def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _schedule(name: str, total_steps: int) -> Any:
+    if name == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+def _evaluator(pipeline: Pipeline, run: Run, device: torch.device) -> Any:
+    """A function returning eval metrics: accuracy on the eval split, and teacher agreement with an eval store."""
+    t = pipeline.train
+    if not t.eval_split and not t.eval_cache:
+        return dict
+    if t.eval_cache:
+        store = open_for_training(t.eval_cache, allow_partial=False)
+        split = store.manifest["dataset"]["split"]
+        if t.eval_split and t.eval_split != split:
+            raise PipelineError(f"train.eval_split = {t.eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
+        dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
+        source = cache.TransferSet(t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False,
+                                   memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check)
+    else:
+        dataset = pipeline.resolve(pipeline.data.factory)(t.eval_split)
+        source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
+
+    def evaluate() -> dict[str, float]:
+        run.student.eval()
+        correct = agree = teacher_correct = n = 0
+        with torch.no_grad():
+            for batch in source:
+                logits, _ = teachers.select(data.call(run.student, data.to_device(batch["inputs"], device)), "auto", "student output")
+                pred = logits.argmax(-1).cpu()
+                label = batch["label"]
+                if label is not None:
+                    correct += int((pred == torch.as_tensor(label)).sum())
+                if "targets" in batch:
+                    tl = batch["targets"][layout.LOGITS].float().argmax(-1)
+                    agree += int((pred == tl).sum())
+                    teacher_correct += int((tl == torch.as_tensor(label)).sum()) if label is not None else 0
+                n += len(pred)
+        out = {"eval_accuracy": correct / n} if n and batch["label"] is not None else {}
+        if isinstance(source, cache.TransferSet):
+            out |= {"eval_agreement": agree / n, "eval_teacher_accuracy": teacher_correct / n}
+        return out
+
+    return evaluate
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise StoreError(f"--resume: no {CHECKPOINT} in {str(out)!r}; run without --resume to start training")
+        return
+    if (out / CHECKPOINT).exists() or (out / "student.pt").exists():
+        if not overwrite:
+            raise StoreError(f"{str(out)!r} already holds a training run; pass --resume to continue it or --overwrite to start afresh")
+        for name in (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any]) -> None:
+    """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
+    between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line)."""
+    lines = [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]] + [metrics]
+    _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
+    ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": torch.get_rng_state()}
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def _load_checkpoint(out: Path, run: Run, optimizer: Any, schedule: Any) -> dict[str, int]:
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True, map_location="cpu")
+    run.student.load_state_dict(ckpt["student"])
+    run.heads.load_state_dict(ckpt["heads"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    torch.set_rng_state(ckpt["rng"])
+    return {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"])}
+
+
+def _read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_pipeline(out: Path, pipeline: Pipeline) -> None:
+    _atomic_write_text(Path(out) / "pipeline.json", json.dumps(pipeline.to_dict(), indent=2) + "\n")
