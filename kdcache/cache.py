@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from kdcache import data, store as layout
-from kdcache.errors import AlignmentError
+from kdcache.errors import AlignmentError, StoreError
 
 
 class TransferSet(IterableDataset):
@@ -49,6 +49,9 @@ class TransferSet(IterableDataset):
         drop_last: bool = False,
     ):
         store = layout.open_store(location)
+        n = len(dataset)  # type: ignore[arg-type]
+        if n != store.num_samples:  # rows would be paired with the wrong items, or with none
+            raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
         self.location, self.dataset = location, dataset
         self.paths = store.sample_paths() + list(paths)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last

@@ -46,8 +46,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
     )
-    per_epoch = transfer.batches_per_epoch()
-    total_steps = t.steps if t.steps > 0 else t.epochs * per_epoch
+    # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
+    total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
     params = list(run.student.parameters()) + list(run.heads.parameters())
     optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
@@ -59,7 +59,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     while state["step"] < total_steps:
         transfer.set_epoch(state["epoch"])
         loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda")
-        steps = min(per_epoch, total_steps - state["step"])
+        steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
         bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress)
         sums: dict[str, torch.Tensor] = {}
         seen = 0

@@ -1,0 +1,88 @@
+"""Shared fixtures. ``tests/fixtures`` goes on sys.path so tests import the seeded teachers and datasets
+(``extract_zoo``, ``tiny``) as the very modules a pipeline's ``file.py:attr`` paths resolve to."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+if str(FIXTURES) not in sys.path:
+    sys.path.insert(0, str(FIXTURES))
+
+# Tiny models run fastest on one thread; on a shared 2-core machine more threads spin and crawl.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def zoo_env(monkeypatch: pytest.MonkeyPatch):
+    """Set ``ZOO_*`` knobs of the extract_zoo datasets/teachers for one test: ``zoo_env(N=37, SEED=1)``.
+
+    Every ``ZOO_*`` variable starts unset, so a knob never leaks in from the caller's shell.
+    """
+    for key in [k for k in os.environ if k.startswith("ZOO_")]:
+        monkeypatch.delenv(key)
+
+    def set_env(**values: object) -> None:
+        for key, value in values.items():
+            if value is None:
+                monkeypatch.delenv(f"ZOO_{key}", raising=False)
+            else:
+                monkeypatch.setenv(f"ZOO_{key}", str(value))
+
+    return set_env
+
+
+@pytest.fixture
+def fetch_log(tmp_path: Path, zoo_env):
+    """A file the zoo datasets append each fetched index to; returns a reader of the indices so far."""
+    path = tmp_path / "fetched.txt"
+    zoo_env(LOG=path)
+
+    def read(clear: bool = False) -> list[int]:
+        indices = [int(line) for line in path.read_text().split()] if path.exists() else []
+        if clear and path.exists():
+            path.unlink()
+        return indices
+
+    return read
+
+
+# ------------------------------------------------------------------ stores for the train/cache tests
+
+TINY_TOML = FIXTURES / "tiny.toml"
+NUMBERED = {
+    "teacher": {"factory": "numbered.py:echo"},
+    "data": {"factory": "numbered.py:numbered", "split": "train"},
+    "targets": {"logits": True, "dtype": "float32"},
+    "extract": {"batch_size": 16, "device": "cpu", "rows_per_shard": 16},
+}
+
+
+def extract_tiny(out: Path, *overrides: str) -> str:
+    """Extract ``tiny.toml`` (with ``--set`` style overrides) into ``out``; returns the location."""
+    import kdcache
+
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML, list(overrides)), str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tiny.toml as is: train split, float16 logits and ``features.3``, 4 shards of 16 rows (50 samples). Read-only."""
+    return extract_tiny(tmp_path_factory.mktemp("stores") / "tiny.zarr")
+
+
+@pytest.fixture(scope="session")
+def numbered_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """100 ``numbered`` samples, float32 ``echo`` logits encoding the index, 7 shards of 16 rows. Read-only."""
+    import kdcache
+    from kdcache.pipeline import from_dict
+
+    out = tmp_path_factory.mktemp("stores") / "numbered.zarr"
+    kdcache.extract(from_dict(NUMBERED, root=FIXTURES), str(out))
+    return str(out)

@@ -1,0 +1,183 @@
+"""kdcache.cache.TransferSet against real stores: every batch pairs each row with its own dataset item.
+
+The ``numbered`` store (tests/fixtures/numbered.py) makes alignment visible: the input of dataset
+item ``i`` is filled with ``i``, the stored logits are ``i + (0, 1, 2, 3)`` and the label is ``i % 4``,
+so one wrong pairing anywhere shows up as a number in the wrong place.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from kdcache import store as layout
+from kdcache.cache import TransferSet, done_rows
+from kdcache.errors import AlignmentError, StoreError
+from numbered import Numbered
+
+N, ROWS_PER_SHARD, BATCH = 100, 16, 8
+SUBSET = np.sort(np.random.default_rng(3).permutation(N)[:37])
+ROW = re.compile(r"store row (\d+) \(dataset index (\d+)\)")
+
+
+def transfer(location: str, dataset=None, **kwargs) -> TransferSet:
+    kwargs.setdefault("batch_size", BATCH)
+    return TransferSet(location, dataset if dataset is not None else Numbered(N), [layout.LOGITS], **kwargs)
+
+
+def serve(ts: TransferSet, epoch: int, workers: int = 0) -> list[dict]:
+    ts.set_epoch(epoch)
+    if workers:
+        return list(DataLoader(ts, batch_size=None, num_workers=workers))
+    return list(ts)
+
+
+def check_aligned(batch: dict) -> None:
+    """Inputs, targets and labels of every row all name the row's own dataset item."""
+    rows, index = batch["rows"], batch["index"]
+    assert torch.equal(index, rows)  # the numbered store holds dataset item r in row r
+    x = batch["inputs"]
+    assert x.shape == (len(rows), 1, 4, 4)
+    assert torch.equal(x, index.float()[:, None, None, None].expand_as(x))
+    expected = index.float()[:, None] + torch.arange(4.0)
+    assert batch["targets"][layout.LOGITS].dtype == torch.float32
+    assert torch.equal(batch["targets"][layout.LOGITS], expected)
+    assert torch.equal(batch["label"], index % 4)
+
+
+MODES = {
+    # name: (memory_budget_mb, buffer_shards, DataLoader workers, rows)
+    "memory": (2048.0, 4, 0, None),
+    "memory-subset-workers": (2048.0, 4, 2, SUBSET),
+    "stream-buffer1": (0.0, 1, 0, None),
+    "stream-buffer3-subset": (0.0, 3, 0, SUBSET),
+    "stream-buffer3-workers": (0.0, 3, 2, None),
+    "stream-buffer1-subset-workers": (0.0, 1, 2, SUBSET),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_batch_pairs_rows_with_their_items(numbered_store, mode):
+    budget, buffer_shards, workers, rows = MODES[mode]
+    ts = transfer(numbered_store, seed=7, rows=rows, memory_budget_mb=budget, buffer_shards=buffer_shards)
+    assert ts.in_memory == (budget > 0)
+    expected = np.arange(N) if rows is None else rows
+    orders = []
+    for epoch in range(3):
+        batches = serve(ts, epoch, workers)
+        assert len(batches) == ts.batches_per_epoch(epoch)
+        for batch in batches:
+            check_aligned(batch)
+            assert 1 <= len(batch["rows"]) <= BATCH
+            if not ts.in_memory:  # a batch comes from one buffer: at most buffer_shards shards
+                assert len(np.unique(batch["rows"].numpy() // ROWS_PER_SHARD)) <= buffer_shards
+        order = np.concatenate([b["rows"].numpy() for b in batches])
+        assert np.array_equal(np.sort(order), expected), "an epoch serves every row exactly once"
+        assert not np.array_equal(order, expected), "shuffled"
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+
+    # Same (seed, epoch): the same order, from a fresh reader (as a resumed run would have).
+    again = transfer(numbered_store, seed=7, rows=rows, memory_budget_mb=budget, buffer_shards=buffer_shards)
+    assert np.array_equal(np.concatenate([b["rows"].numpy() for b in serve(again, 1, workers)]), orders[1])
+    other = transfer(numbered_store, seed=8, rows=rows, memory_budget_mb=budget, buffer_shards=buffer_shards)
+    assert not np.array_equal(np.concatenate([b["rows"].numpy() for b in serve(other, 1)]), orders[1])
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_unshuffled_serves_store_order(numbered_store, budget):
+    ts = transfer(numbered_store, shuffle=False, memory_budget_mb=budget, buffer_shards=2)
+    batches = serve(ts, 0)
+    for batch in batches:
+        check_aligned(batch)
+    assert np.array_equal(np.concatenate([b["rows"].numpy() for b in batches]), np.arange(N))
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_reversed_dataset_is_an_alignment_error_naming_row_and_index(numbered_store, budget):
+    ts = transfer(numbered_store, Numbered(N, order=list(range(N))[::-1]), seed=1, memory_budget_mb=budget, buffer_shards=2)
+    first = ts.plan(0)[0][0]  # the first row served is the first one checked
+    with pytest.raises(AlignmentError, match=rf"store row {first} \(dataset index {first}\)"):
+        serve(ts, 0)
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_one_changed_sample_is_found_in_whichever_batch_it_falls(numbered_store, budget):
+    ts = transfer(numbered_store, Numbered(N, changed=(37,)), seed=2, memory_budget_mb=budget, buffer_shards=3)
+    with pytest.raises(AlignmentError, match=r"store row 37 \(dataset index 37\).*re-extract"):
+        serve(ts, 0)
+
+
+def test_a_quarter_of_rows_checked_still_catches_a_shuffled_dataset(numbered_store):
+    perm = np.random.default_rng(0).permutation(N).tolist()
+    ts = transfer(numbered_store, Numbered(N, order=perm), fingerprint_check=0.25)
+    with pytest.raises(AlignmentError) as info:
+        serve(ts, 0)
+    row, index = map(int, ROW.search(str(info.value)).groups())
+    assert row == index and perm[index] != index
+
+
+def test_fingerprint_check_zero_checks_nothing(numbered_store):
+    """The check is what catches a changed dataset: switched off, the shuffled dataset is served (wrongly)."""
+    perm = np.random.default_rng(0).permutation(N).tolist()
+    ts = transfer(numbered_store, Numbered(N, order=perm), fingerprint_check=0)
+    assert sum(len(b["rows"]) for b in serve(ts, 0)) == N
+
+
+def test_dataset_of_another_length_is_refused(numbered_store):
+    with pytest.raises(StoreError, match=r"90 samples.*100"):
+        transfer(numbered_store, Numbered(90))
+
+
+@pytest.mark.parametrize("buffer_shards", [1, 3])
+def test_streaming_reads_only_whole_shards(numbered_store, monkeypatch, buffer_shards):
+    """Every Store.read is one whole shard of one array, and each shard is read once per array per epoch."""
+    calls: list[tuple[str, int, int]] = []
+    read = layout.Store.read
+
+    def recording_read(self, path, start, stop):
+        calls.append((path, start, stop))
+        return read(self, path, start, stop)
+
+    monkeypatch.setattr(layout.Store, "read", recording_read)
+    ts = transfer(numbered_store, seed=4, rows=SUBSET, memory_budget_mb=0, buffer_shards=buffer_shards)
+    store = layout.open_store(numbered_store)
+    for epoch in range(2):
+        calls.clear()
+        for batch in serve(ts, epoch):
+            check_aligned(batch)
+        for _path, start, stop in calls:
+            assert start % ROWS_PER_SHARD == 0 and (start, stop) == store.shard_rows(start // ROWS_PER_SHARD)
+        shards = sorted(set(SUBSET // ROWS_PER_SHARD))
+        paths = [layout.INDEX, layout.FINGERPRINT, layout.LABEL, layout.LOGITS]
+        assert sorted(calls) == sorted((p, *store.shard_rows(s)) for p in paths for s in shards)
+
+
+def test_in_memory_reads_each_array_once_up_front(numbered_store, monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(layout.Store, "read", lambda self, *a: calls.append(a))
+    ts = transfer(numbered_store, memory_budget_mb=2048)
+    for batch in serve(ts, 0):
+        check_aligned(batch)
+    assert ts.in_memory and calls == []
+
+
+def test_incomplete_store_serves_done_shards_only(numbered_store, tmp_path):
+    location = str(tmp_path / "partial.zarr")
+    shutil.copytree(numbered_store, location)
+    zarr.open_group(location, mode="r+")[layout.DONE][2] = False  # rows 32..47
+    store = layout.open_store(location)
+    assert not store.complete and store.samples_done() == N - 16
+    expected = np.setdiff1d(np.arange(N), np.arange(32, 48))
+    assert np.array_equal(done_rows(store), expected)
+    for budget in (2048.0, 0.0):
+        ts = transfer(location, memory_budget_mb=budget)
+        served = np.concatenate([b["rows"].numpy() for b in serve(ts, 0)])
+        assert np.array_equal(np.sort(served), expected)
