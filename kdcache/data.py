@@ -65,7 +65,7 @@ def _feed(h: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes
     elif isinstance(value, np.ndarray):
         _feed(h, torch.from_numpy(np.ascontiguousarray(value)))
     elif isinstance(value, Mapping):

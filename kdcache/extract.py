@@ -51,6 +51,7 @@ def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: 
     bar = Progress(todo, "extract", enabled=progress)
     with ShardWriter(store, x.queue_depth, bar) as writer, teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for batch in loader:
+            hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device))
             writer.put(batch, *to_host(run.select(output, hooked), run.targets, run.device))
@@ -79,7 +80,7 @@ class Run:
         """The tensors to store for one batch, by array path."""
         out = {}
         for path, t in self.targets.items():
-            raw = output if t.source == "" else hooked[t.source]
+            raw = output if t.source == "" else teachers.hooked_output(hooked, t.source)
             tensor, _ = teachers.select(raw, t.select, t.name)
             if tuple(tensor.shape[1:]) != t.shape:
                 raise TargetError(f"target {t.name!r} changed shape from {list(t.shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
@@ -139,7 +140,7 @@ def setup(pipeline: Pipeline) -> Run:
     sources = ([(teachers.LOGITS, "")] if t.logits else []) + [(name, name) for name in t.layers]
     for name, source in sources:
         select = t.select.get(name, "auto")
-        tensor, resolved = teachers.select(output if source == "" else hooked[source], select, name)
+        tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name)
         path = layout.LOGITS if source == "" else layout.layer_path(name)
         run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
     unknown = set(t.select) - {name for name, _ in sources}

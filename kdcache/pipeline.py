@@ -131,13 +131,18 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
         raise PipelineError(f"pipeline file {str(path)!r} does not exist; pass the path of a .toml file") from None
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"pipeline file {str(path)!r} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, binary
+        raise PipelineError(f"pipeline file {str(path)!r} cannot be read as UTF-8 text ({e}); pass the path of a .toml file") from None
     for item in overrides:
         apply_override(raw, item)
     return from_dict(raw, root=path.resolve().parent, source=str(path))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as TOML, else taken as a string."""
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as TOML, else taken as a string.
+
+    The key is a TOML dotted key, so a part holding dots is quoted: ``targets.select."encoder.layers.1"=0``.
+    """
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise PipelineError(f"override {item!r} is not of the form section.key=value (e.g. extract.batch_size=64)")
@@ -145,13 +150,25 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = _key_parts(key.strip(), item)
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PipelineError(f"override {item!r}: {part!r} is a value, not a section")
     node[leaf] = value
+
+
+def _key_parts(key: str, item: str) -> list[str]:
+    try:
+        node: Any = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        raise PipelineError(f"override {item!r}: {key!r} is not a dotted key (quote a part holding dots or spaces: a.\"b.c\"=value)") from None
+    parts = []
+    while isinstance(node, dict):
+        (part, node), = node.items()
+        parts.append(part)
+    return parts
 
 
 def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>") -> Pipeline:
@@ -193,6 +210,8 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
         choices = CHOICES.get((where, f.name))
         if choices and kwargs[f.name] not in choices:
             raise PipelineError(f"{source}: {key} = {value!r} is not one of {', '.join(choices)}")
+    if where == "targets" and "select" in kwargs:
+        kwargs["select"] = {name: _selector(v, f"targets.select.{name!r}", source) for name, v in kwargs["select"].items()}
     if where == "train":
         for layer, spec in _table(values.get("features", {}), "train.features", source).items():
             spec = _table(spec, f"train.features.{layer!r}", source)
@@ -202,6 +221,18 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
                     f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {spec!r}"
                 )
     return cls(**kwargs)
+
+
+def _selector(value: Any, key: str, source: str) -> str:
+    """A ``[targets.select]`` value: a non-empty string; an integer index is taken as its string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise PipelineError(
+            f"{source}: {key} must be a string such as \"0\", \"logits\" or \"hidden_states.3\", got {value!r} "
+            "(quote a layer name holding dots: [targets.select] \"encoder.layers.1\" = \"0\")"
+        )
+    return value
 
 
 def _table(value: Any, key: str, source: str) -> dict[str, Any]:
@@ -291,10 +322,12 @@ def _import_file(file: Path) -> Any:
     the same file; the file's folder goes on ``sys.path`` so it can import its siblings.
     """
     for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == file:
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(file.name) and Path(path).resolve() == file:  # endswith: cheap filter before resolve
             return module
     name = file.stem
-    if name in sys.modules or importlib.util.find_spec(name) is not None:
+    found = None if name in sys.modules else importlib.util.find_spec(name)
+    if name in sys.modules or (found is not None and not (found.origin and Path(found.origin).resolve() == file)):  # taken by another module
         name = f"{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
     if str(file.parent) not in sys.path:
         sys.path.insert(0, str(file.parent))

@@ -314,12 +314,14 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
         for key, what in IDENTITY.items():
             old, new = _get(store.manifest, key), _get(manifest, key)
             if old != new:
+                key, old, new = _difference(key, old, new)
                 raise StoreMismatchError(
                     f"{location!r} was made with different {what} ({key}: store has {_short(old)}, now {_short(new)}); "
                     "use the original pipeline to resume, or --overwrite to start afresh"
                 )
         return store
-    if Path(location).exists() and not overwrite and any(Path(location).iterdir()):
+    path = Path(location)
+    if path.exists() and not _exists(location) and (not path.is_dir() or any(path.iterdir())):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another --out or remove it")
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, created=_now(), completed=None)
     group = zarr.open_group(location, mode="w", zarr_format=3)
@@ -353,6 +355,15 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
     return d
+
+
+def _difference(key: str, old: Any, new: Any) -> tuple[str, Any, Any]:
+    """The dotted key and values of the first leaf where two manifest values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [*old, *(k for k in new if k not in old)]:
+            if old.get(k) != new.get(k):
+                return _difference(f"{key}.{k}", old.get(k), new.get(k))
+    return key, old, new
 
 
 def _short(value: Any) -> str:

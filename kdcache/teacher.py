@@ -38,7 +38,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-d entries (num_batches_tracked)
     return h.hexdigest()
 
 
@@ -108,7 +108,9 @@ def capture(model: torch.nn.Module, layers: tuple[str, ...]) -> Iterator[dict[st
     modules = dict(model.named_modules())
     outputs: dict[str, Any] = {}
     handles = [
-        modules[name].register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        modules[name].register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, _RAN_AGAIN if name in outputs else _own(out))
+        )
         for name in layers
     ]
     try:
@@ -116,3 +118,35 @@ def capture(model: torch.nn.Module, layers: tuple[str, ...]) -> Iterator[dict[st
     finally:
         for h in handles:
             h.remove()
+
+
+def _own(out: Any) -> Any:
+    """A hooked output as it is now: tensors are cloned, as a later in-place op (``ReLU(inplace=True)``) would change them.
+
+    Tuples/lists/mappings become plain ones, which ``select`` reads the same way.
+    """
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple | list):
+        return type(out)(_own(o) for o in out) if type(out) in (tuple, list) else tuple(_own(o) for o in out)
+    if isinstance(out, Mapping):
+        return {k: _own(v) for k, v in out.items()}
+    return out
+
+
+_RAN_AGAIN = object()  # marks a hooked module that ran more than once in one forward pass
+
+
+def hooked_output(hooked: dict[str, Any], name: str) -> Any:
+    """The captured output of layer ``name``; a TargetError when its module did not run, or ran more than once."""
+    if name not in hooked:
+        raise TargetError(
+            f"layer {name!r} did not run in the teacher's forward pass (its forward hook never fired); "
+            "hook a module that runs for every batch"
+        )
+    if hooked[name] is _RAN_AGAIN:
+        raise TargetError(
+            f"layer {name!r} ran more than once in one forward pass (a shared module, like the relu of a torchvision "
+            "ResNet block), so which output to store is ambiguous; hook a module that runs once, e.g. its parent"
+        )
+    return hooked[name]

@@ -1,0 +1,519 @@
+"""Tests for kdcache.extract: real stores on disk, checked against the teacher recomputed here.
+
+The zoo's datasets carry each sample's index in its input and its teachers turn it into logits
+``(i, i + 0.5, -i)``, so a row that belongs to another sample cannot pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import extract_zoo as zoo
+import kdcache
+from kdcache import data
+from kdcache.errors import PipelineError, StoreError, StoreMismatchError, TargetError
+from kdcache.store import open_store
+from reference import make_pipeline, mtimes, read_store, without_times
+
+TOL = {"float16": {"rtol": 2e-3, "atol": 1e-3}, "float32": {"rtol": 1e-5, "atol": 1e-6}}
+NP = {"float16": np.float16, "float32": np.float32}
+
+
+def extract(tmp_path: Path, *overrides: str, name: str = "store.zarr") -> tuple[dict, dict[str, np.ndarray]]:
+    """Extract ``make_pipeline(*overrides)`` into ``tmp_path/name``; return the manifest and arrays read back."""
+    out = tmp_path / name
+    info = kdcache.extract(make_pipeline(*overrides), str(out))
+    assert info["complete"] and info["samples_done"] == info["num_samples"]
+    return read_store(out)
+
+
+def assert_close(stored: np.ndarray, expected: torch.Tensor, dtype: str) -> None:
+    assert stored.dtype == NP[dtype]
+    assert stored.shape == tuple(expected.shape)
+    np.testing.assert_allclose(stored.astype(np.float32), expected.float().numpy(), **TOL[dtype])
+
+
+# ----------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_logits_conv_map_and_vector(tmp_path, dtype):
+    manifest, arrays = extract(tmp_path, f"targets.dtype={dtype}")
+
+    model, x = zoo.first_pixel(), zoo.images().x
+    with torch.no_grad():
+        conv = model.conv(x)  # (50, 3, 4, 4)
+        fc = model.fc(torch.relu(conv).flatten(1))  # (50, 6)
+        logits = model(x)  # (50, 3)
+    assert_close(arrays["targets/logits"], logits, dtype)
+    assert_close(arrays["targets/layers/conv"], conv, dtype)
+    assert_close(arrays["targets/layers/fc"], fc, dtype)
+    np.testing.assert_array_equal(arrays["targets/logits"], zoo.index_logits(x).numpy().astype(NP[dtype]))  # exact
+
+    assert manifest["targets"] == {
+        "logits": {"name": "logits", "path": "targets/logits", "shape": [3], "dtype": dtype, "source": "", "select": "tensor"},
+        "conv": {"name": "conv", "path": "targets/layers/conv", "shape": [3, 4, 4], "dtype": dtype, "source": "conv", "select": "tensor"},
+        "fc": {"name": "fc", "path": "targets/layers/fc", "shape": [6], "dtype": dtype, "source": "fc", "select": "tensor"},
+    }
+    assert manifest["num_samples"] == 50 and manifest["has_labels"] is True
+    assert manifest["teacher"]["factory"] == "extract_zoo.py:first_pixel"
+    assert arrays["progress/done"].tolist() == [True] * 4
+
+
+def test_teacher_with_batchnorm_round_trips(tmp_path):
+    """BatchNorm's 0-d ``num_batches_tracked`` must not stop the weights hash."""
+    manifest, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:with_batchnorm", "targets.layers=['bn']", "targets.dtype=float32")
+    model, x = zoo.with_batchnorm().eval(), zoo.images().x  # running statistics, as extract uses
+    with torch.no_grad():
+        bn = model.bn(model.conv(x))
+    assert_close(arrays["targets/layers/bn"], bn, "float32")
+    assert len(manifest["teacher"]["weights_sha256"]) == 64
+
+
+def test_store_is_readable_through_open_store(tmp_path):
+    out = tmp_path / "store.zarr"
+    kdcache.extract(make_pipeline(), str(out))
+    store = open_store(out)
+    _, arrays = read_store(out)
+    assert store.complete and store.num_shards == 4 and store.rows_per_shard == 16
+    assert set(store.paths()) == {p for p in arrays if p != "progress/done"}
+    blocks = list(store.iter_blocks())
+    assert blocks[0][0] == 0 and blocks[-1][1] == 50
+    for path in store.paths():
+        np.testing.assert_array_equal(np.concatenate([store.read(path, lo, hi) for lo, hi in blocks]), arrays[path])
+
+
+# ----------------------------------------------------------------------------------- alignment
+
+
+@pytest.mark.parametrize(
+    "n, batch_size, rows_per_shard, num_workers",
+    [
+        (50, 8, 16, 0),  # last shard partial (2 rows)
+        (50, 5, 16, 0),  # batch size does not divide the shard
+        (50, 64, 16, 0),  # batch larger than a shard
+        (50, 7, 0, 0),  # geometry chosen automatically (one shard)
+        (37, 3, 12, 2),  # two DataLoader workers, shard not a power of two, last shard 1 row
+        (50, 6, 16, 2),
+    ],
+)
+def test_rows_belong_to_their_samples(tmp_path, zoo_env, n, batch_size, rows_per_shard, num_workers):
+    zoo_env(N=n)
+    manifest, arrays = extract(
+        tmp_path, f"extract.batch_size={batch_size}", f"extract.rows_per_shard={rows_per_shard}", f"extract.num_workers={num_workers}"
+    )
+    dataset = zoo.images()
+    index = np.arange(n)
+    np.testing.assert_array_equal(arrays["samples/index"], index)
+    assert arrays["samples/index"].dtype == np.int64 and arrays["samples/fingerprint"].dtype == np.uint64
+    np.testing.assert_array_equal(arrays["samples/label"], (3 * index) % 5)
+    assert arrays["samples/fingerprint"].tolist() == [data.fingerprint(dataset[i][0]) for i in range(n)]
+    assert len(set(arrays["samples/fingerprint"].tolist())) == n
+    np.testing.assert_array_equal(arrays["targets/logits"][:, 0], index.astype(np.float16))
+    np.testing.assert_array_equal(arrays["targets/logits"][:, 1], (index + 0.5).astype(np.float16))
+
+    model = zoo.first_pixel()
+    with torch.no_grad():
+        conv = model.conv(dataset.x)
+    assert_close(arrays["targets/layers/conv"], conv, "float16")
+    geometry = manifest["geometry"]
+    assert arrays["progress/done"].all() and len(arrays["progress/done"]) == geometry["num_shards"] == -(-n // geometry["rows_per_shard"])
+
+
+def test_unlabeled_dataset_has_no_label_array(tmp_path):
+    manifest, arrays = extract(tmp_path, "data.split=unlabeled")
+    assert manifest["has_labels"] is False
+    assert "samples/label" not in arrays
+    dataset = zoo.images("unlabeled")
+    assert arrays["samples/fingerprint"].tolist() == [data.fingerprint(dataset[i]) for i in range(50)]
+
+
+def test_dict_items_are_keyword_arguments_and_label_is_not_an_input(tmp_path):
+    manifest, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:kwargs_model", "data.factory=extract_zoo.py:tokens",
+                               "targets.layers=['embed']", "targets.dtype=float32", "extract.batch_size=6")
+    dataset, model = zoo.tokens(), zoo.kwargs_model()
+    with torch.no_grad():
+        logits = model(tokens=dataset.tokens, scale=dataset.scale)
+        embed = model.embed(dataset.tokens)
+    assert_close(arrays["targets/logits"], logits, "float32")
+    assert_close(arrays["targets/layers/embed"], embed, "float32")
+    np.testing.assert_array_equal(arrays["samples/label"], np.arange(50) % 3)
+    expected = [data.fingerprint({"tokens": dataset.tokens[i], "scale": dataset.scale[i]}) for i in range(50)]
+    assert arrays["samples/fingerprint"].tolist() == expected
+    assert manifest["targets"]["embed"]["shape"] == [6, 8]
+
+
+# ----------------------------------------------------------------------------------- teacher outputs
+
+
+@pytest.mark.parametrize(
+    "factory, select, part, resolved",
+    [
+        ("tensor_out", None, "logits", "tensor"),
+        ("tuple_out", None, "logits", "0"),
+        ("dataclass_out", None, "logits", "logits"),
+        ("dict_out", None, "logits", "logits"),
+        ("encoder_out", None, "pooled", "pooler_output"),  # no logits: auto takes pooler_output
+        ("encoder_out", "last_hidden_state", "hidden", "last_hidden_state"),
+        ("tuple_out", "1", "hidden", "1"),
+        ("tuple_out", "-1", "hidden", "-1"),
+        ("dict_out", "hidden", "hidden", "hidden"),
+        ("dataclass_out", "hidden_states.0", "pooled", "hidden_states.0"),
+        ("dataclass_out", "hidden_states.1", "hidden", "hidden_states.1"),
+        ("unnamed_out", "feats", "hidden", "feats"),
+    ],
+)
+def test_teacher_output_kinds(tmp_path, factory, select, part, resolved):
+    overrides = [f"teacher.factory=extract_zoo.py:{factory}", "targets.layers=[]", "targets.dtype=float32"]
+    if select is not None:
+        overrides.append(f'targets.select.logits="{select}"')
+    manifest, arrays = extract(tmp_path, *overrides)
+    model = getattr(zoo, factory)()
+    with torch.no_grad():
+        expected = model.parts(zoo.images().x)[part]
+    assert_close(arrays["targets/logits"], expected, "float32")
+    assert manifest["targets"]["logits"]["select"] == resolved
+    assert manifest["targets"]["logits"]["shape"] == list(expected.shape[1:])
+
+
+def test_output_auto_cannot_pick_from_names_it_does_not_know(tmp_path):
+    out = tmp_path / "store.zarr"
+    with pytest.raises(TargetError, match=r"target 'logits': cannot pick a tensor from an output of type dict; set \[targets.select\]"):
+        kdcache.extract(make_pipeline("teacher.factory=extract_zoo.py:unnamed_out", "targets.layers=[]"), str(out))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (['targets.select.logits="nope"', "teacher.factory=extract_zoo.py:dict_out", "targets.layers=[]"],
+         TargetError, r"target 'logits': output of type dict has no element 'nope'"),
+        (['targets.select.logits="5"', "teacher.factory=extract_zoo.py:tuple_out", "targets.layers=[]"],
+         TargetError, r"output of type tuple has no element '5'"),
+        (['targets.select.logits="0"'], TargetError, r"output of type Tensor has no element '0'"),
+        (['targets.select.conv2="0"'], PipelineError, r"targets.select names \['conv2'\], which are not stored targets"),
+    ],
+)
+def test_bad_select_fails_before_a_store_exists(tmp_path, overrides, error, match):
+    out = tmp_path / "store.zarr"
+    with pytest.raises(error, match=match):
+        kdcache.extract(make_pipeline(*overrides), str(out))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("select", [None, {"attn": "1", "lstm": "0"}])
+def test_hooked_layers_whose_output_is_a_tuple(tmp_path, select):
+    overrides = ["teacher.factory=extract_zoo.py:recurrent", "targets.layers=['attn', 'lstm']", "targets.dtype=float32"]
+    for name, value in (select or {}).items():
+        overrides.append(f'targets.select.{name}="{value}"')
+    manifest, arrays = extract(tmp_path, *overrides)
+    model, x = zoo.recurrent(), zoo.images().x
+    with torch.no_grad():
+        s = model.proj(x[:, 0])
+        attn_out, attn_weights = model.attn(s, s, s)  # (B, 4, 8), (B, 4, 4)
+        lstm_out = model.lstm(attn_out)[0]  # (B, 4, 6)
+        logits = model.head(lstm_out[:, -1])
+    assert_close(arrays["targets/layers/attn"], attn_weights if select else attn_out, "float32")
+    assert_close(arrays["targets/layers/lstm"], lstm_out, "float32")
+    assert_close(arrays["targets/logits"], logits, "float32")
+    assert manifest["targets"]["attn"]["select"] == ("1" if select else "0")
+    assert manifest["targets"]["lstm"]["select"] == "0"
+
+
+def test_transformer_encoder_with_dotted_module_names(tmp_path):
+    layers = ["encoder.layers.1", "encoder.layers.0.linear2"]
+    manifest, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:text_encoder", "data.factory=extract_zoo.py:tokens",
+                               f"targets.layers={layers!r}", "targets.dtype=float32", "extract.batch_size=8")
+    dataset, model = zoo.tokens(), zoo.text_encoder()
+    # the encoder layer written out step by step (post-norm, ReLU, no dropout)
+    layer0, layer1 = model.encoder.layers
+    with torch.no_grad():
+        h0 = model.embed(dataset.tokens) * dataset.scale[:, None, None]  # (50, 6, 16)
+        a = layer0.norm1(h0 + layer0.self_attn(h0, h0, h0, need_weights=False)[0])
+        linear2 = layer0.linear2(torch.relu(layer0.linear1(a)))  # (50, 6, 16)
+        h1 = layer0.norm2(a + linear2)
+        h2 = layer1(h1)
+        logits = model.head(h2.mean(1))
+    assert set(manifest["targets"]) == {"logits", *layers}
+    assert manifest["targets"]["encoder.layers.1"]["path"] == "targets/layers/encoder.layers.1"
+    tol = {"rtol": 1e-4, "atol": 1e-5}  # fused attention kernels differ from the step-by-step version in the last bits
+    np.testing.assert_allclose(arrays["targets/layers/encoder.layers.0.linear2"], linear2.numpy(), **tol)
+    np.testing.assert_allclose(arrays["targets/layers/encoder.layers.1"], h2.numpy(), **tol)
+    np.testing.assert_allclose(arrays["targets/logits"], logits.numpy(), **tol)
+
+
+def test_hooked_module_followed_by_an_inplace_op_keeps_its_own_output(tmp_path):
+    _, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:inplace_after_conv", "targets.layers=['conv']", "targets.dtype=float32")
+    model, x = zoo.inplace_after_conv(), zoo.images().x
+    with torch.no_grad():
+        conv = model.conv(x)
+    assert (conv < 0).any()
+    assert_close(arrays["targets/layers/conv"], conv, "float32")
+
+
+def test_hooked_module_that_runs_twice_per_forward_is_ambiguous(tmp_path):
+    out = tmp_path / "store.zarr"
+    with pytest.raises(TargetError, match=r"layer 'act' ran more than once in one forward pass .*hook a module that runs once"):
+        kdcache.extract(make_pipeline("teacher.factory=extract_zoo.py:shared_act", "targets.layers=['act']"), str(out))
+    assert not out.exists()
+    _, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:shared_act", "targets.layers=['conv']", name="ok.zarr")
+    assert arrays["targets/layers/conv"].shape == (50, 3, 4, 4)
+
+
+def test_hooked_module_that_never_runs(tmp_path):
+    out = tmp_path / "store.zarr"
+    with pytest.raises(TargetError, match=r"layer 'spare' .*did not run"):
+        kdcache.extract(make_pipeline("teacher.factory=extract_zoo.py:unused", "targets.layers=['spare']"), str(out))
+    assert not out.exists()
+
+
+def test_hooked_module_that_stops_running_is_an_error_not_stale_rows(tmp_path):
+    """``branch`` runs for the probe batch (indices < 20) only; its old output must not fill later rows."""
+    out = tmp_path / "store.zarr"
+    with pytest.raises(TargetError, match=r"layer 'branch' .*did not run"):
+        kdcache.extract(make_pipeline("teacher.factory=extract_zoo.py:unused", "targets.layers=['branch']"), str(out))
+    store = open_store(out)
+    assert store.done().tolist() == [True, False, False, False]  # rows 0..15 are good, rows 16.. never written
+
+
+# ----------------------------------------------------------------------------------- refusals before work
+
+
+@pytest.mark.parametrize(
+    "factory, layer, match",
+    [
+        ("first_pixel", "con", r"layer 'con' is not a module of the teacher; did you mean 'conv'"),
+        ("first_pixel", "fc1", r"did you mean 'fc'"),
+        ("first_pixel", "features.3", r"layer 'features.3' is not a module of the teacher; the model has 3 modules, e\.g\. conv, act, fc"),
+        ("text_encoder", "encoder.layer.1", r"did you mean 'encoder.layers.1'"),
+        ("text_encoder", "encoder.layers.0.linear3", r"'encoder.layers.0.linear2'"),
+    ],
+)
+def test_unknown_layer_lists_close_matches_and_creates_nothing(tmp_path, factory, layer, match):
+    out = tmp_path / "store.zarr"
+    pipeline = make_pipeline(f"teacher.factory=extract_zoo.py:{factory}", f"targets.layers=['{layer}']")
+    with pytest.raises(TargetError, match=match):
+        kdcache.extract(pipeline, str(out))
+    assert not out.exists()
+    with pytest.raises(TargetError, match=match):
+        kdcache.dry_run(pipeline)
+
+
+@pytest.mark.parametrize(
+    "overrides, env, match",
+    [
+        (["targets.logits=false", "targets.layers=[]"], {}, r"nothing to store; set targets.logits = true or list targets.layers"),
+        (["extract.batch_size=0"], {}, r"extract.batch_size must be >= 1, got 0"),
+        ([], {"N": 0}, r"extract_zoo.py:images\('train'\) is empty"),
+        (["teacher.factory=extract_zoo.py:not_a_module"], {}, r"teacher.factory returned str, not a torch.nn.Module"),
+        (["teacher.factory="], {}, r"teacher.factory is required"),
+        (["extract.device=tpu"], {}, r"device 'tpu' is not a torch device"),
+    ],
+)
+def test_invalid_pipeline_fails_before_a_store_exists(tmp_path, zoo_env, overrides, env, match):
+    zoo_env(**env)
+    out = tmp_path / "store.zarr"
+    with pytest.raises(PipelineError, match=match):
+        kdcache.extract(make_pipeline(*overrides), str(out))
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_a_foreign_folder_is_refused(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    with pytest.raises(StoreError, match=r"notes.txt.* not a kdcache store"):
+        kdcache.extract(make_pipeline(), str(file))
+    folder = tmp_path / "project"
+    (folder / "src").mkdir(parents=True)
+    (folder / "src" / "main.py").write_text("keep me")
+    for overwrite in (False, True):  # --overwrite replaces a store, never a folder of other things
+        with pytest.raises(StoreError, match=r"'.*project' exists and is not a kdcache store"):
+            kdcache.extract(make_pipeline(), str(folder), overwrite=overwrite)
+    assert file.read_text() == "keep me" and (folder / "src" / "main.py").read_text() == "keep me"
+
+
+def test_empty_existing_folder_is_used(tmp_path):
+    out = tmp_path / "empty.zarr"
+    out.mkdir()
+    assert kdcache.extract(make_pipeline(), str(out))["complete"]
+
+
+# ----------------------------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("factory, layers, target", [("overflow_logits", [], "logits"), ("overflow_layer", ["amp"], "amp")])
+def test_float16_overflow_names_the_target_and_writes_no_inf(tmp_path, factory, layers, target):
+    out = tmp_path / "store.zarr"
+    pipeline = make_pipeline(f"teacher.factory=extract_zoo.py:{factory}", f"targets.layers={layers!r}")
+    # 4000 * index passes 65504 at index 17, in shard 1 (rows 16..31)
+    with pytest.raises(TargetError, match=rf"target '{target}' \(rows 16\.\.23\) has values beyond the float16 range .*targets.dtype = \"float32\""):
+        kdcache.extract(pipeline, str(out))
+    _, arrays = read_store(out)
+    assert arrays["progress/done"].tolist() == [True, False, False, False]
+    for path, values in arrays.items():
+        if values.dtype.kind == "f":
+            assert np.isfinite(values).all(), path
+    path = "targets/logits" if target == "logits" else "targets/layers/amp"
+    np.testing.assert_array_equal(arrays[path][:16, 0], 4000 * np.arange(16, dtype=np.float16))
+
+    _, arrays = extract(tmp_path, f"teacher.factory=extract_zoo.py:{factory}", f"targets.layers={layers!r}", "targets.dtype=float32", name="f32.zarr")
+    np.testing.assert_array_equal(arrays[path][:, 0], 4000 * np.arange(50, dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("logits, layers, target", [(True, [], "logits"), (False, ["mark"], "mark")])
+def test_nan_from_the_teacher_is_an_error(tmp_path, dtype, logits, layers, target):
+    out = tmp_path / "store.zarr"
+    pipeline = make_pipeline("teacher.factory=extract_zoo.py:nan_at_30", f"targets.logits={str(logits).lower()}",
+                             f"targets.layers={layers!r}", f"targets.dtype={dtype}")
+    with pytest.raises(TargetError, match=rf"the teacher produced NaN in target '{target}' \(rows 24\.\.31\)"):
+        kdcache.extract(pipeline, str(out))
+    _, arrays = read_store(out)
+    assert arrays["progress/done"].tolist() == [True, False, False, False]
+    assert not any(np.isnan(v).any() for v in arrays.values() if v.dtype.kind == "f")
+
+
+# ----------------------------------------------------------------------------------- resume
+
+
+def crash_at(tmp_path: Path, zoo_env, index: int, *overrides: str, name: str = "store.zarr") -> Path:
+    """A partial store: extraction dies fetching ``index`` (shards before it done)."""
+    out = tmp_path / name
+    zoo_env(FAIL_AT=index)
+    with pytest.raises(RuntimeError, match=f"simulated crash fetching index {index}"):
+        kdcache.extract(make_pipeline(*overrides), str(out))
+    zoo_env(FAIL_AT=None)
+    return out
+
+
+def test_interrupted_run_leaves_whole_shards_and_resume_fetches_only_the_rest(tmp_path, zoo_env, fetch_log):
+    out = crash_at(tmp_path, zoo_env, 42)  # batch 32..39 of shard 2 arrived, 40..47 did not
+    store = open_store(out)
+    assert store.done().tolist() == [True, True, False, False]
+    assert not store.complete and store.samples_done() == 32
+    _, partial = read_store(out)
+    assert not partial["samples/index"][32:].any()  # the half-gathered shard was not written
+    np.testing.assert_array_equal(partial["samples/index"][:32], np.arange(32))
+
+    fetch_log(clear=True)
+    info = kdcache.extract(make_pipeline(), str(out))
+    assert info["complete"] and info["samples_done"] == 50
+    fetched = Counter(fetch_log())
+    probe = set(range(8)) | {49}  # setup's probe batch and fingerprints, not shard work
+    assert not [i for i in fetched if i < 32 and i not in probe], "rows of done shards were fetched again"
+    assert all(fetched[i] >= 1 for i in range(32, 50))
+    assert all(fetched[i] == 1 for i in range(32, 50) if i not in probe)
+
+    manifest, resumed = read_store(out)
+    reference_manifest, reference = extract(tmp_path, name="reference.zarr")
+    assert without_times(manifest) == without_times(reference_manifest)
+    assert resumed.keys() == reference.keys()
+    for path in reference:
+        assert resumed[path].dtype == reference[path].dtype
+        np.testing.assert_array_equal(resumed[path], reference[path], err_msg=path)
+
+
+def test_resume_with_another_batch_size_and_workers(tmp_path, zoo_env):
+    out = crash_at(tmp_path, zoo_env, 20)
+    kdcache.extract(make_pipeline("extract.batch_size=5", "extract.num_workers=2"), str(out))
+    _, arrays = read_store(out)
+    np.testing.assert_array_equal(arrays["samples/index"], np.arange(50))
+    np.testing.assert_array_equal(arrays["targets/logits"][:, 0], np.arange(50, dtype=np.float16))
+
+
+@pytest.mark.parametrize(
+    "overrides, env, match",
+    [
+        ([], {"SEED": 1}, r"different teacher weights \(teacher.weights_sha256: store has '[0-9a-f]{16}"),
+        ([], {"N": 40}, r"different dataset length \(dataset.length: store has 50, now 40\)"),
+        (["data.split=unlabeled"], {}, r"different dataset split \(dataset.split: store has 'train', now 'unlabeled'\)"),
+        (["targets.layers=['conv']"], {}, r"different targets \(targets.fc: store has \{'name': 'fc'.*now None\)"),
+        (["targets.layers=['conv', 'fc', 'act']"], {}, r"different targets \(targets.act: store has None, now \{'name': 'act'"),
+        (["targets.logits=false"], {}, r"different targets \(targets.logits: store has"),
+        (["targets.dtype=float32"], {}, r"different targets \(targets.logits.dtype: store has 'float16', now 'float32'\)"),
+        (["extract.rows_per_shard=8"], {}, r"different chunk/shard geometry \(geometry.rows_per_shard: store has 16, now 8\)"),
+        (["extract.compression=none"], {}, r"different compression \(compression.codec: store has 'zstd', now 'none'\)"),
+    ],
+)
+def test_resume_with_different_inputs_is_refused_naming_the_difference(tmp_path, zoo_env, overrides, env, match):
+    out = crash_at(tmp_path, zoo_env, 20)
+    before = mtimes(out)
+    zoo_env(**env)
+    with pytest.raises(StoreMismatchError, match=match) as caught:
+        kdcache.extract(make_pipeline(*overrides), str(out))
+    assert "--overwrite to start afresh" in str(caught.value)
+    assert mtimes(out) == before
+
+    info = kdcache.extract(make_pipeline(*overrides), str(out), overwrite=True)
+    assert info["complete"] and info["num_samples"] == int(env.get("N", 50))
+    assert info["created"] is not None
+
+
+def test_complete_store_is_not_rewritten(tmp_path, zoo_env):
+    out = tmp_path / "store.zarr"
+    kdcache.extract(make_pipeline(), str(out))
+    before = mtimes(out)
+    info = kdcache.extract(make_pipeline(), str(out))
+    assert info["complete"]
+    assert mtimes(out) == before
+    zoo_env(SEED=1)
+    with pytest.raises(StoreMismatchError, match="different teacher weights"):
+        kdcache.extract(make_pipeline(), str(out))
+    assert mtimes(out) == before
+
+
+def test_overwrite_replaces_a_complete_store(tmp_path, zoo_env):
+    out = tmp_path / "store.zarr"
+    kdcache.extract(make_pipeline(), str(out))
+    zoo_env(N=20, SEED=3)
+    kdcache.extract(make_pipeline("targets.layers=['fc']"), str(out), overwrite=True)
+    manifest, arrays = read_store(out)
+    assert manifest["num_samples"] == 20 and set(manifest["targets"]) == {"logits", "fc"}
+    assert "targets/layers/conv" not in arrays
+    assert arrays["progress/done"].tolist() == [True, True]
+    model = zoo.first_pixel()
+    with torch.no_grad():
+        fc = model.fc(torch.relu(model.conv(zoo.images().x)).flatten(1))
+    assert_close(arrays["targets/layers/fc"], fc, "float16")
+
+
+# ----------------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_reports_shapes_and_bytes_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = kdcache.dry_run(make_pipeline())
+    assert list(tmp_path.iterdir()) == []
+    assert report["num_samples"] == 50 and report["has_labels"] is True
+    assert {name: t["shape"] for name, t in report["targets"].items()} == {"logits": [50, 3], "conv": [50, 3, 4, 4], "fc": [50, 6]}
+    assert {name: t["bytes_per_sample"] for name, t in report["targets"].items()} == {"logits": 6, "conv": 96, "fc": 12}
+    assert report["bytes_per_sample"] == 6 + 96 + 12 + 3 * 8  # + index, fingerprint, label
+    assert report["estimated_bytes_raw"] == 50 * report["bytes_per_sample"]
+    assert report["geometry"]["rows_per_shard"] == 16 and report["geometry"]["num_shards"] == 4
+
+
+# ----------------------------------------------------------------------------------- precision and compression
+
+
+@pytest.mark.parametrize("precision, rtol", [("bf16", 2e-2), ("fp16", 5e-3)])
+def test_autocast_precision_stays_close_to_fp32(tmp_path, precision, rtol):
+    _, arrays = extract(tmp_path, f"extract.precision={precision}", "targets.dtype=float32")
+    _, reference = extract(tmp_path, "targets.dtype=float32", name="fp32.zarr")
+    for path in ("targets/layers/conv", "targets/layers/fc"):
+        assert arrays[path].dtype == np.float32
+        np.testing.assert_allclose(arrays[path], reference[path], rtol=rtol, atol=rtol)
+    np.testing.assert_array_equal(arrays["targets/logits"][:, 0], np.arange(50, dtype=np.float32))
+
+
+def test_uncompressed_store_holds_the_same_values(tmp_path):
+    manifest, arrays = extract(tmp_path, "extract.compression=none")
+    _, reference = extract(tmp_path, name="zstd.zarr")
+    assert manifest["compression"]["codec"] == "none"
+    assert arrays.keys() == reference.keys()
+    for path in reference:
+        np.testing.assert_array_equal(arrays[path], reference[path], err_msg=path)

@@ -1,0 +1,297 @@
+"""Tests for kdcache.pipeline: TOML files, ``--set`` overrides, validation messages and import paths."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kdcache.errors import PipelineError
+from kdcache.pipeline import Pipeline, apply_override, from_dict, load, resolve
+from reference import FIXTURES, write_toml
+
+TINY = FIXTURES / "tiny.toml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def test_load_reads_values_and_defaults():
+    p = load(TINY)
+    assert p.teacher.factory == "tiny.py:teacher" and p.data.split == "train"
+    assert p.targets.layers == ("features.3",) and p.targets.dtype == "float16" and p.targets.logits is True
+    assert p.extract.batch_size == 8 and p.extract.rows_per_shard == 16 and p.extract.device == "cpu"
+    assert p.extract.compression == "zstd" and p.extract.shard_mb == 64.0  # defaults
+    assert p.root == FIXTURES and p.source == str(TINY)
+
+
+def test_to_dict_round_trips():
+    p = load(TINY, ["targets.select.logits=tensor", "train.loss.kl=0.5", "train.features.a.student=b"])
+    again = from_dict(p.to_dict(), root=p.root, source=p.source)
+    assert again == p
+    assert p.to_dict()["targets"]["layers"] == ["features.3"]  # tuples become JSON lists
+
+
+def test_write_toml_round_trips(tmp_path):
+    path = write_toml(tmp_path / "p.toml", 'targets.select."encoder.layers.1"="0"', "extract.shard_mb=0.5")
+    p = load(path)
+    assert p.targets.select == {"encoder.layers.1": "0"} and p.extract.shard_mb == 0.5
+    assert p.teacher.factory == str(FIXTURES / "extract_zoo.py") + ":first_pixel"
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: d / "missing.toml", r"pipeline file '.*missing.toml' does not exist; pass the path of a .toml file"),
+        (lambda d: write(d / "bad.toml", "[teacher\nfactory = 1\n"), r"pipeline file '.*bad.toml' is not valid TOML: "),
+        (lambda d: write(d / "dup.toml", "[extract]\nbatch_size = 1\nbatch_size = 2\n"), r"is not valid TOML"),
+        (lambda d: d, r"pipeline file '.*' cannot be read as UTF-8 text"),
+        (lambda d: (d / "bin.toml").write_bytes(b"\xff\xfe\x00 binary") and d / "bin.toml", r"cannot be read as UTF-8 text"),
+        (lambda d: write(d / "t.toml", "teacher = 5\n"), r"\[teacher\] must be a table, got 5"),
+        (lambda d: write(d / "t.toml", "[techer]\nfactory = 'x.py:f'\n"), r"unknown key 'techer'; did you mean teacher\?"),
+    ],
+)
+def test_unreadable_or_invalid_files(tmp_path, make, match):
+    with pytest.raises(PipelineError, match=match):
+        load(make(tmp_path))
+
+
+# ----------------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.parametrize(
+    "override, get, expected",
+    [
+        ("extract.batch_size=64", lambda p: p.extract.batch_size, 64),
+        ("extract.batch_size = 3", lambda p: p.extract.batch_size, 3),
+        ("extract.device=cuda:1", lambda p: p.extract.device, "cuda:1"),  # not TOML: taken as a string
+        ('extract.device="cpu"', lambda p: p.extract.device, "cpu"),
+        ("extract.shard_mb=0.5", lambda p: p.extract.shard_mb, 0.5),
+        ("extract.shard_mb=2", lambda p: p.extract.shard_mb, 2.0),
+        ("targets.logits=false", lambda p: p.targets.logits, False),
+        ("targets.layers=a,b", lambda p: p.targets.layers, ("a", "b")),
+        ("targets.layers=features.0, features.3", lambda p: p.targets.layers, ("features.0", "features.3")),
+        ('targets.layers=["encoder.layers.1", "head"]', lambda p: p.targets.layers, ("encoder.layers.1", "head")),
+        ("targets.layers=[]", lambda p: p.targets.layers, ()),
+        ("targets.dtype=float32", lambda p: p.targets.dtype, "float32"),
+        ("data.split=test", lambda p: p.data.split, "test"),
+        ("data.split=a=b", lambda p: p.data.split, "a=b"),  # only the first '=' separates
+        ("train.loss.kl=0.25", lambda p: p.train.loss.kl, 0.25),
+        ("train.loss.temperature=2", lambda p: p.train.loss.temperature, 2.0),
+        ("targets.select.logits=last_hidden_state", lambda p: p.targets.select, {"logits": "last_hidden_state"}),
+        ("targets.select.logits=1", lambda p: p.targets.select, {"logits": "1"}),  # an index may be written bare
+        ('targets.select."encoder.layers.1"="0"', lambda p: p.targets.select, {"encoder.layers.1": "0"}),
+        ("train.features.conv.student=fc", lambda p: p.train.features["conv"], {"student": "fc"}),
+        ("student.factory=tiny.py:student", lambda p: p.student.factory, "tiny.py:student"),
+    ],
+)
+def test_set_overrides(override, get, expected):
+    p = load(TINY, [override])
+    assert get(p) == expected
+    assert type(get(p)) is type(expected)
+
+
+def test_later_overrides_win_and_untouched_values_stay():
+    p = load(TINY, ["extract.batch_size=1", "extract.batch_size=2", "targets.select.logits=0", 'targets.select."features.3"=1'])
+    assert p.extract.batch_size == 2
+    assert p.targets.select == {"logits": "0", "features.3": "1"}
+    assert p.targets.layers == ("features.3",) and p.extract.rows_per_shard == 16
+
+
+def test_overrides_create_missing_sections():
+    raw: dict = {}
+    for item in ["teacher.factory=m:f", "train.loss.ce=1", "targets.select.x=y"]:
+        apply_override(raw, item)
+    assert raw == {"teacher": {"factory": "m:f"}, "train": {"loss": {"ce": 1}}, "targets": {"select": {"x": "y"}}}
+    p = from_dict(raw)
+    assert p.train.loss.ce == 1.0 and p.train.loss.kl == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("extract.batch_size", r"override 'extract.batch_size' is not of the form section.key=value"),
+        ("=3", r"is not of the form section.key=value"),
+        ("extract.batch_size.x=1", r"override 'extract.batch_size.x=1': 'batch_size' is a value, not a section"),
+        ("extract..batch_size=1", r"'extract..batch_size' is not a dotted key"),
+        ("extract.batch size=1", r"is not a dotted key"),
+    ],
+)
+def test_malformed_overrides(override, match):
+    with pytest.raises(PipelineError, match=match):
+        load(TINY, [override])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("extract.batch_sise=3", r"unknown key 'extract.batch_sise'; did you mean extract.batch_size\?"),
+        ("trian.epochs=1", r"unknown key 'trian'; did you mean train\?"),
+        ("targets.layer=a", r"unknown key 'targets.layer'; did you mean targets.layers\?"),
+        ("train.loss.kll=1", r"unknown key 'train.loss.kll'; did you mean train.loss.kl\?"),
+        ("extract.zzz=1", r"unknown key 'extract.zzz'; known keys: batch_size, device, precision"),
+        ("train.features.conv.studnet=x", r"unknown key \"train.features.'conv'.studnet\"; did you mean train.features.'conv'.student"),
+    ],
+)
+def test_unknown_keys_suggest_close_matches(override, match):
+    with pytest.raises(PipelineError, match=match):
+        load(TINY, [override])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("targets.dtype=bfloat16", r"targets.dtype = 'bfloat16' is not one of float16, float32"),
+        ("extract.precision=fp8", r"extract.precision = 'fp8' is not one of fp32, bf16, fp16"),
+        ("extract.compression=gzip", r"extract.compression = 'gzip' is not one of zstd, none"),
+        ("train.optimizer=adam", r"train.optimizer = 'adam' is not one of adamw, sgd"),
+        ("train.schedule=linear", r"train.schedule = 'linear' is not one of cosine, constant"),
+    ],
+)
+def test_bad_choices_list_the_valid_ones(override, match):
+    with pytest.raises(PipelineError, match=match):
+        load(TINY, [override])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("extract.batch_size=-1", r"extract.batch_size must be int, got -1"),
+        ("extract.batch_size=true", r"extract.batch_size must be int, got True"),
+        ("extract.batch_size=1.5", r"extract.batch_size must be int, got 1.5"),
+        ("extract.batch_size=many", r"extract.batch_size must be int, got 'many'"),
+        ("extract.shard_mb=-2", r"extract.shard_mb must be float, got -2"),
+        ("targets.logits=1", r"targets.logits must be bool, got 1"),
+        ("targets.layers=[1, 2]", r"targets.layers must be a list of strings, got \[1, 2\]"),
+        ('targets.layers=["a", ""]', r"targets.layers must be a list of strings"),
+        ("data.split=[1]", r"data.split must be str, got \[1\]"),
+        ("targets.select=x", r"targets.select must be dict\[str, str\], got 'x'"),
+        ("targets.select.logits=1.5", r"targets.select.'logits' must be a string such as \"0\", \"logits\""),
+        ("targets.select.logits=true", r"targets.select.'logits' must be a string"),
+        ("targets.select.encoder.layers.1=0", r"targets.select.'encoder' must be a string .*quote a layer name holding dots"),
+        ("train.loss=1", r"train.loss must be a table, got 1"),
+        ("train.features.conv=fc", r"train.features.'conv' must be a table, got 'fc'"),
+        ("train.features.conv.weight=1", r"train.features.'conv' needs student = \"<student module name>\""),
+    ],
+)
+def test_wrong_types_name_the_key_and_the_value(override, match):
+    with pytest.raises(PipelineError, match=match):
+        load(TINY, [override])
+
+
+def test_loading_runs_no_code(tmp_path):
+    write(tmp_path / "boom.py", "raise SystemExit('imported!')\n")
+    path = write(tmp_path / "p.toml", '[teacher]\nfactory = "boom.py:make"\n[data]\nfactory = "boom.py:data"\n')
+    p = load(path)
+    assert p.teacher.factory == "boom.py:make"
+    with pytest.raises(SystemExit, match="imported!"):
+        p.resolve(p.teacher.factory)
+    assert "boom" not in sys.modules
+
+
+# ----------------------------------------------------------------------------------- import paths
+
+
+def test_file_path_is_relative_to_the_pipeline_folder_not_the_cwd(tmp_path, monkeypatch):
+    write(tmp_path / "pipes" / "models" / "nets.py", "def make():\n    return 'made in nets'\n")
+    path = write(tmp_path / "pipes" / "p.toml", '[teacher]\nfactory = "models/nets.py:make"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    p = load(path)
+    assert p.root == (tmp_path / "pipes").resolve()
+    assert p.resolve(p.teacher.factory)() == "made in nets"
+
+
+def test_file_path_may_point_to_a_parent_folder_and_import_its_siblings(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    write(tmp_path / "shared" / "helper_for_kdcache_test.py", "VALUE = 41\n")
+    write(tmp_path / "shared" / "factories.py", "import helper_for_kdcache_test\n\ndef make():\n    return helper_for_kdcache_test.VALUE + 1\n")
+    write(tmp_path / "pipes" / "p.toml", "")
+    assert resolve("../shared/factories.py:make", tmp_path / "pipes")() == 42
+
+
+def test_a_file_is_imported_once(tmp_path):
+    write(tmp_path / "once_module_for_test.py", "import itertools\nCOUNTER = itertools.count()\nFIRST = next(COUNTER)\n")
+    a = resolve("once_module_for_test.py:COUNTER", tmp_path)
+    b = resolve("./once_module_for_test.py:COUNTER", tmp_path)
+    assert a is b and next(a) == 1
+
+
+def test_a_file_named_like_an_installed_module_is_still_the_file(tmp_path):
+    write(tmp_path / "json.py", "def make():\n    return 'local json.py'\n")
+    assert resolve("json.py:make", tmp_path)() == "local json.py"
+    import json
+
+    assert hasattr(json, "dumps")  # the standard library module is untouched
+
+
+def test_a_file_importable_under_its_own_name_keeps_that_name(tmp_path, monkeypatch):
+    """Same module name whether or not the folder is on sys.path (the store records class names from it)."""
+    write(tmp_path / "stem_kept_for_test.py", "class Teacher:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cls = resolve("stem_kept_for_test.py:Teacher", tmp_path)
+    assert cls.__module__ == "stem_kept_for_test"
+    import stem_kept_for_test
+
+    assert stem_kept_for_test.Teacher is cls
+
+
+def test_two_files_with_the_same_name_stay_apart(tmp_path):
+    write(tmp_path / "a" / "factory_twin.py", "WHO = 'a'\n")
+    write(tmp_path / "b" / "factory_twin.py", "WHO = 'b'\n")
+    assert resolve("a/factory_twin.py:WHO", tmp_path) == "a"
+    assert resolve("b/factory_twin.py:WHO", tmp_path) == "b"
+
+
+def test_fixture_file_resolves_to_the_module_tests_import():
+    import extract_zoo
+
+    assert resolve("extract_zoo.py:first_pixel", FIXTURES) is extract_zoo.first_pixel
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [("torch.nn:Identity", "Identity"), ("kdcache.pipeline:load", "load"), ("collections:OrderedDict", "OrderedDict")],
+)
+def test_package_module_paths(path, expected):
+    assert resolve(path).__name__ == expected
+
+
+@pytest.mark.parametrize(
+    "path, match",
+    [
+        ("no_colon", r"import path 'no_colon' is not of the form package.module:attr or path/to/file.py:attr"),
+        ("module:", r"is not of the form"),
+        (":attr", r"is not of the form"),
+        ("missing.py:make", r"import path 'missing.py:make': file '.*missing.py' does not exist \(paths are relative to the pipeline file's folder\)"),
+        ("extract_zoo.py:first_pixle", r"'extract_zoo' has no attribute 'first_pixle'; did you mean first_pixel"),
+        ("extract_zoo.py:zzzzzz", r"has no attribute 'zzzzzz'$"),
+        ("no_such_package_xyz.models:make", r"module 'no_such_package_xyz' not found; install it or use a path/to/file.py:attr path"),
+        ("kdcache.no_such_module:make", r"module 'kdcache.no_such_module' not found"),
+        ("kdcache.pipeline:laod", r"'kdcache.pipeline' has no attribute 'laod'; did you mean load"),
+    ],
+)
+def test_import_path_errors(path, match):
+    with pytest.raises(PipelineError, match=match):
+        resolve(path, FIXTURES)
+
+
+def test_import_path_errors_from_a_pipeline(tmp_path):
+    path = write(tmp_path / "p.toml", '[teacher]\nfactory = "nets.py:make"\n')
+    p = load(path)
+    with pytest.raises(PipelineError, match=r"file '.*nets.py' does not exist"):
+        p.resolve(p.teacher.factory)
+
+
+def test_defaults_need_no_file():
+    p = Pipeline()
+    assert p.extract.batch_size == 256 and p.targets.dtype == "float16" and p.source == "<dict>"
