@@ -16,5 +16,6 @@ from kdcache.errors import KdcacheError
 from kdcache.extract import dry_run, extract
 from kdcache.pipeline import Pipeline, load as load_pipeline
 from kdcache.store import Store, open_store
+from kdcache.train import train
 
-__all__ = ["KdcacheError", "Pipeline", "Store", "dry_run", "extract", "load_pipeline", "open_store", "__version__"]
+__all__ = ["KdcacheError", "Pipeline", "Store", "dry_run", "extract", "load_pipeline", "open_store", "train", "__version__"]

@@ -76,14 +76,15 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
         return
     if not out:
         raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run.")
-    from kdcache.store import open_store, _exists
+    from kdcache.store import open_store
 
-    if _exists(out) and not overwrite:
-        existing = open_store(out)
-        if existing.complete:
-            click.echo(f"{out} is already complete ({existing.num_samples} samples); nothing to do (--overwrite to redo it)", err=True)
-            return
-    info = kdcache.extract(p, out, overwrite=overwrite, progress=_progress(progress))
+    try:
+        was_complete = not overwrite and open_store(out).complete
+    except KdcacheError:
+        was_complete = False
+    info = kdcache.extract(p, out, overwrite=overwrite, progress=_progress(progress))  # checks identity even when complete
+    if was_complete:
+        click.echo(f"{out} is already complete ({info['num_samples']} samples); nothing to do (--overwrite to redo it)", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else _info_text(info))
 
 
@@ -118,6 +119,19 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
         shown = {k: v for k, v in result.items() if k.startswith(("loss", "eval")) or k in ("epoch", "step", "params")}
         click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
         click.echo(f"student written to {out}/student.pt")
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Folder for the stores, students and summary.json.")
+@set_option
+@progress_option
+@_errors
+def demo(out: str, overrides: tuple[str, ...], progress: bool | None) -> None:
+    """Run the embedded MNIST transfer-set demo: extract once, train three students, print the table."""
+    from kdcache.demo import demo as run_demo
+
+    run_demo(out, overrides=overrides, progress=_progress(progress), echo=click.echo)
+    click.echo(f"summary written to {out}/summary.json")
 
 
 @main.command()

@@ -8,6 +8,7 @@ code. Hashing runs in DataLoader workers, in parallel with the model.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -144,6 +145,22 @@ def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> A
 def call(model: torch.nn.Module, inputs: Any) -> Any:
     """Run the model on a batch: a dict is passed as keyword arguments."""
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Use ``n`` intra-op threads inside the block (``n <= 0``: leave torch's setting), then restore.
+
+    Small models on few cores run faster on one thread: spinning thread pools contend with the
+    DataLoader, the store reader and anything else on the machine.
+    """
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pick_device(name: str) -> torch.device:

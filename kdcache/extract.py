@@ -49,7 +49,8 @@ def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: 
     )
     todo = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
     bar = Progress(todo, "extract", enabled=progress)
-    with ShardWriter(store, x.queue_depth, bar) as writer, teachers.capture(run.model, pipeline.targets.layers) as hooked:
+    with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar) as writer, \
+            teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for batch in loader:
             hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
             with torch.inference_mode(), run.autocast():
@@ -137,6 +138,9 @@ def setup(pipeline: Pipeline) -> Run:
     run = Run(model, dataset, device, x.precision, {}, batch["label"] is not None, {})
     with teachers.capture(model, t.layers) as hooked, torch.inference_mode(), run.autocast():
         output = data.call(model, data.to_device(batch["inputs"], device))
+    if t.logits and teachers.LOGITS in t.layers:
+        raise PipelineError(f"{pipeline.source}: a layer named {teachers.LOGITS!r} would clash with the model's output target; "
+                            "set targets.logits = false to store that module as the only 'logits', or rename the module")
     sources = ([(teachers.LOGITS, "")] if t.logits else []) + [(name, name) for name in t.layers]
     for name, source in sources:
         select = t.select.get(name, "auto")

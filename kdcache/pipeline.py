@@ -54,6 +54,7 @@ class ExtractSection:
     shard_mb: float = 64.0
     chunk_mb: float = 1.0
     queue_depth: int = 4
+    threads: int = 0  # > 0: torch intra-op threads for the run (0: torch's default)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class TrainSection:
     memory_budget_mb: float = 2048.0
     shuffle_buffer_shards: int = 4
     fingerprint_check: float = 1.0
+    eval_every: int = 1  # evaluate every N epochs (0: only after the last); the last epoch always is
+    threads: int = 0  # > 0: torch intra-op threads for the run (0: torch's default)
     loss: LossSection = field(default_factory=LossSection)
     # teacher layer -> {"student": module name, "weight": float}
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -253,8 +256,8 @@ def _check(value: Any, annotation: str, key: str, source: str) -> Any:
             raise bad
         return value
     if annotation == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise bad
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise bad  # negative, NaN or inf
         return float(value)
     if annotation == "str":
         if not isinstance(value, str):

@@ -56,38 +56,47 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         state = _load_checkpoint(out, run, optimizer, schedule)
     evaluate = _evaluator(pipeline, run, device)
     start = time.perf_counter()
-    while state["step"] < total_steps:
-        transfer.set_epoch(state["epoch"])
-        loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda")
-        steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
-        bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress)
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
-        run.student.train(), run.heads.train()
-        for batch in loader:
-            parts = run.losses(batch)
-            loss = sum(parts.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
-            optimizer.step()
-            schedule.step()
-            state["step"] += 1
-            seen += 1
-            for k, v in parts.items():  # summed on the device: no sync per step
-                sums[k] = sums.get(k, 0.0) + v.detach()
-            bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
-            if state["step"] >= total_steps:
-                break
-        bar.close()
-        metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0],
-                   **{f"loss_{k}": float(v) / max(1, seen) for k, v in sums.items()},
-                   "loss": float(sum(sums.values())) / max(1, seen), **evaluate(), "seconds": time.perf_counter() - start}
-        state["epoch"] += 1
-        _save_epoch(out, run, optimizer, schedule, state, metrics)
+    with data.torch_threads(t.threads):
+        while state["step"] < total_steps:
+            transfer.set_epoch(state["epoch"])
+            loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda")
+            steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
+            bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress)
+            means = _epoch(run, loader, optimizer, schedule, state, total_steps, bar)
+            due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
+            metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
+                       **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
+            state["epoch"] += 1
+            _save_epoch(out, run, optimizer, schedule, state, metrics)
     torch.save(run.student.state_dict(), out / "student.pt")
     torch.save(run.heads.state_dict(), out / "heads.pt")
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+def _epoch(run: Run, loader: Any, optimizer: Any, schedule: Any, state: dict[str, int], total_steps: int,
+           bar: Progress) -> dict[str, float]:
+    """One pass over the loader (or up to ``total_steps``); returns the mean of each loss term."""
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    run.student.train(), run.heads.train()
+    for batch in loader:
+        parts = run.losses(batch)
+        loss = sum(parts.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[union-attr]
+        optimizer.step()
+        schedule.step()
+        state["step"] += 1
+        seen += 1
+        for k, v in parts.items():  # summed on the device: no sync per step
+            sums[k] = sums.get(k, 0.0) + v.detach()
+        bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
+        if state["step"] >= total_steps:
+            break
+    bar.close()
+    means = {f"loss_{k}": float(v) / max(1, seen) for k, v in sums.items()}
+    return {**means, "loss": sum(means.values())}
 
 
 @dataclass
