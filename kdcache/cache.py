@@ -47,12 +47,13 @@ class TransferSet(IterableDataset):
         buffer_shards: int = 4,
         fingerprint_check: float = 1.0,
         drop_last: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ):
-        store = layout.open_store(location)
+        store = layout.open_store(location, storage_options=storage_options)
         n = len(dataset)  # type: ignore[arg-type]
         if n != store.num_samples:  # rows would be paired with the wrong items, or with none
             raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
-        self.location, self.dataset = location, dataset
+        self.location, self.dataset, self.storage_options = location, dataset, storage_options
         self.paths = store.sample_paths() + list(paths)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.buffer_shards, self.fingerprint_check = max(1, buffer_shards), fingerprint_check
@@ -115,7 +116,7 @@ class TransferSet(IterableDataset):
         if self.memory is not None:
             return {p: a[rows] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
-            self._store = layout.open_store(self.location)
+            self._store = layout.open_store(self.location, storage_options=self.storage_options)
         shards = np.unique(rows // self.rows_per_shard)
         spans = [self._store.shard_rows(int(s)) for s in shards]
         offsets = np.cumsum([0] + [stop - start for start, stop in spans])

@@ -43,6 +43,33 @@ set_option = click.option(
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Show a progress bar (default: only on a terminal)."
 )
+storage_option = click.option(
+    "--storage-option", "storage_items", multiple=True, metavar="KEY=VALUE",
+    help="fsspec option for a URL location (repeatable), e.g. --storage-option endpoint_url=http://host:9000; "
+         "VALUE is JSON when it parses (true, 3), else a string; a.b=v nests. Credentials also come from the environment.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def _storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
+    """``("key=value", "client_kwargs.region_name=x")`` -> fsspec storage options (values JSON-decoded when possible)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="'--storage-option'")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        *parents, leaf = key.strip().split(".")
+        node = options
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise click.BadParameter(f"{key!r} nests under a value already set", param_hint="'--storage-option'")
+        node[leaf] = parsed
+    return options or None
 
 
 @click.group()
@@ -53,7 +80,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
-@click.option("--out", help="Store to write (a folder, by convention ending in .zarr).")
+@click.option("--out", help="Store to write: a folder (by convention ending in .zarr) or an fsspec URL (s3://bucket/run.zarr).")
 @set_option
 @click.option("--batch-size", type=int, help="Shortcut for --set extract.batch_size=N.")
 @click.option("--device", help="Shortcut for --set extract.device=DEVICE (auto, cpu, cuda, cuda:N).")
@@ -61,10 +88,12 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a store.")
 @click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@storage_option
 @progress_option
 @_errors
 def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_size: int | None, device: str | None,
-            layers: str | None, overwrite: bool, dry_run: bool, as_json: bool, progress: bool | None) -> None:
+            layers: str | None, overwrite: bool, dry_run: bool, as_json: bool, storage_items: tuple[str, ...],
+            progress: bool | None) -> None:
     """Run the teacher of PIPELINE once over its dataset and write its outputs into a store."""
     import kdcache
 
@@ -78,11 +107,13 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
         raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run.")
     from kdcache.store import open_store
 
+    options = _storage_options(storage_items)
     try:
-        was_complete = not overwrite and open_store(out).complete
+        was_complete = not overwrite and open_store(out, storage_options=options).complete
     except KdcacheError:
         was_complete = False
-    info = kdcache.extract(p, out, overwrite=overwrite, progress=_progress(progress))  # checks identity even when complete
+    # checks identity even when complete
+    info = kdcache.extract(p, out, overwrite=overwrite, progress=_progress(progress), storage_options=options)
     if was_complete:
         click.echo(f"{out} is already complete ({info['num_samples']} samples); nothing to do (--overwrite to redo it)", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else _info_text(info))
@@ -101,18 +132,19 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a run.")
 @click.option("--allow-partial", is_flag=True, help="Train on the completed shards of an incomplete store.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
+@storage_option
 @progress_option
 @_errors
 def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ...], epochs: int | None, batch_size: int | None,
           device: str | None, eval_cache: str | None, resume: bool, overwrite: bool, allow_partial: bool, as_json: bool,
-          progress: bool | None) -> None:
+          storage_items: tuple[str, ...], progress: bool | None) -> None:
     """Train the student of PIPELINE from the store CACHE alone (the teacher is never built)."""
     from kdcache.train import train as run_training
 
     p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.device": device,
                                       "train.eval_cache": eval_cache})
     result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
-                          progress=_progress(progress))
+                          progress=_progress(progress), storage_options=_storage_options(storage_items))
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -137,13 +169,98 @@ def demo(out: str, overrides: tuple[str, ...], progress: bool | None) -> None:
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@storage_option
 @_errors
-def info(store: str, as_json: bool) -> None:
-    """Summarise a store: teacher, dataset, targets, progress, size and format version."""
+def info(store: str, as_json: bool, storage_items: tuple[str, ...]) -> None:
+    """Summarise a store: teacher, dataset, targets, progress, size and format version.
+
+    STORE is a folder, a .zarr.zip file, or a URL (s3://..., https://..., any fsspec URL)."""
     from kdcache.store import open_store
 
-    summary = open_store(store).info()
+    summary = open_store(store, storage_options=_storage_options(storage_items)).info()
     click.echo(json.dumps(summary, indent=2) if as_json else _info_text(summary))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--teacher-check", type=int, default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
+@click.option("--pipeline", type=click.Path(dir_okay=False), help="Pipeline whose teacher and dataset --teacher-check uses.")
+@set_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed choosing the --teacher-check rows.")
+@click.option("--tolerance", type=float, help="Relative tolerance of --teacher-check (default by precision and dtype).")
+@json_option
+@storage_option
+@_errors
+def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tuple[str, ...], seed: int, tolerance: float | None,
+           as_json: bool, storage_items: tuple[str, ...]) -> None:
+    """Check a store: completeness, layout, checksums, values, fingerprints (and the teacher). Exit 0 only if all hold."""
+    from kdcache.verify import report_text, verify as run_verify
+
+    if teacher_check and not pipeline:
+        raise click.UsageError("--teacher-check needs --pipeline PIPELINE (the pipeline the store was extracted with).")
+    p = _load(pipeline, overrides) if pipeline else None
+    report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
+                        seed=seed, tolerance=tolerance)
+    click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("store")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@storage_option
+@_errors
+def pack(store: str, out: str, overwrite: bool, storage_items: tuple[str, ...]) -> None:
+    """Pack a finished STORE into one OUT.zarr.zip file for hand-over (kdcache reads it as a store)."""
+    from kdcache.interop import pack as run_pack
+
+    r = run_pack(store, out, storage_options=_storage_options(storage_items), overwrite=overwrite)
+    click.echo(f"packed {r['objects']} objects ({_size(r['bytes'])}) into {r['out']}")
+
+
+@main.command("export")
+@click.argument("store")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@storage_option
+@_errors
+def export(store: str, out: str, compression: str, overwrite: bool, storage_items: tuple[str, ...]) -> None:
+    """Export a finished STORE as one HDF5 file OUT.h5 (layout: docs/FORMAT.md, HDF5 section)."""
+    from kdcache.interop import export_hdf5
+
+    r = export_hdf5(store, out, compression=compression, storage_options=_storage_options(storage_items), overwrite=overwrite)
+    click.echo(f"exported {r['arrays']} arrays into {r['out']} ({_size(r['file_bytes'])}, {compression})")
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("store")
+@click.option("--overwrite", is_flag=True, help="Start afresh even if STORE holds a store.")
+@storage_option
+@_errors
+def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, ...]) -> None:
+    """Convert an HDF5 file written by kdcache export back into a store (same geometry)."""
+    from kdcache.interop import import_hdf5
+
+    summary = import_hdf5(source, store, storage_options=_storage_options(storage_items), overwrite=overwrite)
+    click.echo(_info_text(summary))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--workers", type=int, help="dask worker threads (default: one per core).")
+@json_option
+@storage_option
+@_errors
+def stats(store: str, workers: int | None, as_json: bool, storage_items: tuple[str, ...]) -> None:
+    """Teacher accuracy (overall and per class), mean entropy, and per-layer mean/std, computed with dask."""
+    from kdcache.stats import stats as run_stats, stats_text
+
+    s = run_stats(store, storage_options=_storage_options(storage_items), num_workers=workers)
+    click.echo(json.dumps(s, indent=2) if as_json else stats_text(s))
 
 
 def _size(n: int | None) -> str:

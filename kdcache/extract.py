@@ -30,14 +30,16 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLOAT16_MAX = 65504.0
 
 
-def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Run the teacher once over the pipeline's dataset and write its targets into the store ``out``.
+def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,
+            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the teacher once over the pipeline's dataset and write its targets into the store ``out``
+    (a folder or an fsspec URL such as ``s3://bucket/run.zarr``, with ``storage_options``).
 
     Resumes a partial store made from the same inputs (completed shards are skipped); refuses one
     made from different inputs unless ``overwrite``. Returns the store's ``info()``.
     """
     run = setup(pipeline)
-    store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite)
+    store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
     pending = store.pending_shards()
     x = pipeline.extract
     loader = DataLoader(

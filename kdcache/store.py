@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -123,10 +124,11 @@ class Store:
     Opened read-only by ``open_store`` or for writing by ``create_or_resume``.
     """
 
-    def __init__(self, group: zarr.Group, location: str, writable: bool):
+    def __init__(self, group: zarr.Group, location: str, writable: bool, storage_options: dict[str, Any] | None = None):
         self.group = group
         self.location = location
         self.writable = writable
+        self.storage_options = dict(storage_options or {})  # reopening elsewhere (a DataLoader worker) needs them
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -137,6 +139,7 @@ class Store:
                 f"{location!r} has store format version {version!r}; this kdcache reads version {FORMAT_VERSION}: "
                 "upgrade kdcache or re-extract the store"
             )
+        check_manifest(manifest, location)
         self.manifest: dict[str, Any] = manifest
         self._arrays: dict[str, zarr.Array] = {}
 
@@ -227,11 +230,69 @@ class Store:
                 yield lo, min(lo + step, stop)
 
     def nbytes_stored(self) -> int | None:
-        """Bytes on disk (local stores), else None."""
-        root = Path(self.location)
-        if not root.is_dir():
+        """Bytes stored: on disk (a folder or a zip file) or by listing object sizes; None where unlistable (http)."""
+        kind = location_kind(self.location)
+        if kind == "zip":
+            return os.path.getsize(self.location)
+        if kind == "local":
+            root = Path(self.location)
+            return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else None
+        if kind == "http":
             return None
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        fs, path = _filesystem(self.location, self.storage_options)
+        return int(sum(info.get("size") or 0 for info in fs.find(path, detail=True).values()))
+
+    def raw_object(self, key: str) -> bytes | None:
+        """The bytes of one storage object (``key`` relative to the root, e.g. ``targets/logits/c/1/0``), None if absent."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        buf = sync(self.group.store.get(key, prototype=default_buffer_prototype()))
+        return None if buf is None else buf.to_bytes()
+
+    def object_keys(self) -> list[str]:
+        """Every storage object's key, sorted (listed from the location; ``http`` lists through index pages)."""
+        from zarr.core.sync import sync
+
+        async def collect() -> list[str]:
+            return [key async for key in self.group.store.list()]
+
+        return sorted(sync(collect()))
+
+    def shard_key(self, path: str, shard: int) -> str:
+        """Storage key of shard ``shard`` of the data array at ``path`` (FORMAT.md §3.1)."""
+        return f"{path}/c/{shard}" + "/0" * (self.array(path).ndim - 1)
+
+    def check_shard(self, path: str, shard: int) -> list[str]:
+        """Problems in the stored bytes of one shard, each naming the inner chunk: missing or empty
+        object, shard index checksum, chunk extents, per-chunk crc32c. Reads the raw object only."""
+        import google_crc32c
+
+        raw = self.raw_object(self.shard_key(path, shard))
+        if not raw:
+            return [f"shard {shard} object {self.shard_key(path, shard)!r} is {'missing' if raw is None else 'empty'}"]
+        start, stop = self.shard_rows(shard)
+        chunk = int(self.array(path).chunks[0])
+        n_chunks = math.ceil(self.rows_per_shard / chunk)  # the index covers the full shard grid
+        index_size = n_chunks * 16 + 4
+        if len(raw) < index_size:
+            return [f"shard {shard}: object truncated to {len(raw)} bytes, shorter than its {index_size}-byte index"]
+        index, crc = raw[-index_size:-4], raw[-4:]
+        if google_crc32c.value(index).to_bytes(4, "little") != crc:
+            return [f"shard {shard}: shard index checksum mismatch (truncated or corrupted object of {len(raw)} bytes)"]
+        entries = np.frombuffer(index, dtype="<u8").reshape(n_chunks, 2)
+        problems = []
+        for c in range(math.ceil((stop - start) / chunk)):
+            offset, nbytes = (int(v) for v in entries[c])
+            if offset == nbytes == 2**64 - 1:
+                continue  # an absent inner chunk reads as the fill value (FORMAT.md §3.1)
+            if nbytes < 4 or offset + nbytes > len(raw) - index_size:
+                problems.append(f"shard {shard} inner chunk {c} (rows {start + c * chunk}..): extent {offset}+{nbytes} outside the object")
+                continue
+            body = raw[offset : offset + nbytes]
+            if google_crc32c.value(body[:-4]).to_bytes(4, "little") != body[-4:]:
+                problems.append(f"shard {shard} inner chunk {c} (rows {start + c * chunk}-{min(start + (c + 1) * chunk, stop) - 1}): crc32c checksum mismatch")
+        return problems
 
     def nbytes_raw(self) -> int:
         """Uncompressed bytes of the rows done, over every array."""
@@ -260,8 +321,8 @@ class Store:
             "num_shards": self.num_shards,
             "rows_per_shard": self.rows_per_shard,
             "has_labels": self.has_labels,
-            "teacher": m["teacher"],
-            "dataset": m["dataset"],
+            "teacher": _bounded(m["teacher"]),
+            "dataset": _bounded(m["dataset"]),
             "targets": {
                 name: {"path": t.path, "shape": [self.num_samples, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select}
                 for name, t in self.targets.items()
@@ -272,20 +333,96 @@ class Store:
         }
 
 
-def open_store(location: str | os.PathLike[str], *, mode: str = "r") -> Store:
-    """Open an existing store (read-only by default). Never runs code: the manifest is JSON."""
+def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Store:
+    """Open an existing store (read-only by default) at any location (``zarr_store``). Never runs code: the manifest is JSON."""
     location = str(location)
-    if not _exists(location):
+    if not _exists(location, storage_options):
         raise StoreError(f"no store at {location!r}; run kdcache extract PIPELINE --out {location} first")
+    target = zarr_store(location, storage_options, read_only=mode == "r")
     try:
-        group = zarr.open_group(location, mode=mode, zarr_format=3)
-    except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as e:  # type: ignore[attr-defined]
-        raise StoreError(f"{location!r} is not a zarr v3 group ({e}); pass a store written by kdcache extract") from None
-    return Store(group, location, writable=mode != "r")
+        group = zarr.open_group(target, mode=mode, zarr_format=3)
+    except (FileNotFoundError, ValueError, RecursionError, zarr.errors.NodeTypeValidationError) as e:  # type: ignore[attr-defined]
+        raise StoreError(f"{location!r} is not a zarr v3 group ({_short(str(e))}); pass a store written by kdcache extract") from None
+    return Store(group, location, writable=mode != "r", storage_options=storage_options)
 
 
-def _exists(location: str) -> bool:
-    return Path(location, "zarr.json").is_file()
+# -- locations -----------------------------------------------------------------------------------
+def location_kind(location: str) -> str:
+    """``"local"`` (a folder; also ``file://``), ``"zip"`` (a local ``*.zip`` file, read-only),
+    ``"http"`` (``http(s)://``, read-only) or ``"url"`` (any other fsspec URL: ``s3://``, ``gs://``, ``memory://``...)."""
+    scheme = location.split("://", 1)[0].lower() if "://" in location else ""
+    if scheme in ("http", "https"):
+        return "http"
+    if scheme and scheme != "file":
+        return "url"
+    return "zip" if location.lower().endswith(".zip") else "local"
+
+
+def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any:
+    """The zarr Store object for a location string (see ``location_kind``) and fsspec storage options."""
+    kind = location_kind(location)
+    if kind == "zip":
+        if not read_only:
+            raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
+        try:
+            return zarr.storage.ZipStore(_local_path(location), mode="r")
+        except (OSError, zipfile.BadZipFile) as e:
+            raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
+    if kind == "local":
+        if storage_options:
+            raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
+        return zarr.storage.LocalStore(_local_path(location), read_only=read_only)
+    if kind == "http" and not read_only:
+        raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
+    try:
+        return zarr.storage.FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=read_only)
+    except ImportError as e:
+        raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); pip install 'kdcache[remote]'") from None
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {e}") from None
+
+
+def _local_path(location: str) -> str:
+    return location[len("file://"):] if location.lower().startswith("file://") else location
+
+
+def _filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """A synchronous fsspec filesystem and root path for a URL location (listing, emptiness)."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(location, **dict(storage_options or {}))
+
+
+def _exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether a zarr group's ``zarr.json`` is at the location (any kind)."""
+    kind = location_kind(location)
+    if kind == "local":
+        return Path(_local_path(location), "zarr.json").is_file()
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(_local_path(location)) as z:
+                return "zarr.json" in z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
+    from zarr.core.sync import sync
+
+    try:
+        return bool(sync(zarr_store(location, storage_options).exists("zarr.json")))
+    except FileNotFoundError:
+        return False
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        raise StoreError(f"cannot reach {location!r}: {_short(str(e))}; check the URL, --storage-option values and credentials") from None
+
+
+def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether something that is not a store is at the location (never overwritten)."""
+    if location_kind(location) == "local":
+        path = Path(_local_path(location))
+        return path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if location_kind(location) != "url":
+        return False  # zip and http are refused by zarr_store
+    fs, path = _filesystem(location, storage_options)
+    return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
 
 
 IDENTITY = {
@@ -302,15 +439,17 @@ IDENTITY = {
 }
 
 
-def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False) -> Store:
+def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False,
+                     storage_options: dict[str, Any] | None = None) -> Store:
     """Create a store for ``manifest`` or reopen a partial one made from the same inputs.
 
     Resuming is refused when anything in ``IDENTITY`` differs (naming it); ``overwrite`` starts afresh.
     The arrays are created here, once, before any shard is written.
     """
     location = str(location)
-    if _exists(location) and not overwrite:
-        store = open_store(location, mode="r+")
+    target = zarr_store(location, storage_options, read_only=False)  # refuses read-only kinds (zip, http)
+    if _exists(location, storage_options) and not overwrite:
+        store = open_store(location, mode="r+", storage_options=storage_options)
         for key, what in IDENTITY.items():
             old, new = _get(store.manifest, key), _get(manifest, key)
             if old != new:
@@ -320,11 +459,10 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
                     "use the original pipeline to resume, or --overwrite to start afresh"
                 )
         return store
-    path = Path(location)
-    if path.exists() and not _exists(location) and (not path.is_dir() or any(path.iterdir())):  # never wipe other files
+    if not _exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another --out or remove it")
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, created=_now(), completed=None)
-    group = zarr.open_group(location, mode="w", zarr_format=3)
+    group = zarr.open_group(target, mode="w", zarr_format=3)
     geometry = manifest["geometry"]
     rows, n = geometry["rows_per_shard"], manifest["num_samples"]
     level = manifest["compression"]["level"]
@@ -348,7 +486,69 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
         )
     group.create_array(DONE, shape=(geometry["num_shards"],), chunks=(1,), dtype="bool", fill_value=False, compressors=None)
     group.attrs[ATTRS] = manifest  # last: a store without its manifest is never mistaken for one
-    return Store(group, location, writable=True)
+    return Store(group, location, writable=True, storage_options=storage_options)
+
+
+def check_manifest(m: dict[str, Any], location: str) -> None:
+    """Refuse a manifest whose core keys have the wrong type or point outside the layout (a crafted or
+    damaged store must give an error, never a traceback or an array path of its choosing)."""
+
+    def bad(key: str, value: Any, want: str) -> StoreError:
+        return StoreError(f"{location!r} has a damaged manifest: {key} = {_short(value)}, expected {want}; re-extract or re-import the store")
+
+    def integer(key: str, lo: int = 0) -> int:
+        value = _get(m, key)
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < 2**62:
+            raise bad(key, value, f"an integer >= {lo}")
+        return value
+
+    n, rows, shards = integer("num_samples", 1), integer("geometry.rows_per_shard", 1), integer("geometry.num_shards", 1)
+    if shards != max(1, math.ceil(n / rows)):
+        raise bad("geometry.num_shards", shards, f"ceil({n} / {rows})")
+    if not isinstance(m.get("has_labels"), bool):
+        raise bad("has_labels", m.get("has_labels"), "true or false")
+    for key in ("teacher", "dataset"):
+        if not isinstance(m.get(key), dict):
+            raise bad(key, m.get(key), "an object")
+    integer("teacher.num_parameters")
+    integer("dataset.length")
+    for key in ("teacher.factory", "teacher.class", "teacher.weights_sha256", "dataset.factory", "dataset.split", "kdcache_version", "created"):
+        if not isinstance(_get(m, key), str):
+            raise bad(key, _get(m, key), "a string")
+    targets, chunk_rows = m.get("targets"), _get(m, "geometry.chunk_rows")
+    if not isinstance(targets, dict) or not targets:
+        raise bad("targets", targets, "a non-empty object")
+    if not isinstance(chunk_rows, dict):
+        raise bad("geometry.chunk_rows", chunk_rows, "an object")
+    for name, t in targets.items():
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t.get("name"):
+            raise bad(f"targets.{str(name)[:80]}", t, "a target object")
+        want = LOGITS if t.get("source") == "" else layer_path(t["name"])
+        if t.get("path") != want or (t["source"] != "" and t["source"] != t["name"]):
+            raise bad(f"targets.{str(name)[:80]}.path", t.get("path"), repr(want))
+        shape = t.get("shape")
+        if not isinstance(shape, list) or len(shape) > 32 or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
+            raise bad(f"targets.{str(name)[:80]}.shape", shape, "a list of sizes")
+        if t.get("dtype") not in ("float16", "float32"):
+            raise bad(f"targets.{str(name)[:80]}.dtype", t.get("dtype"), "'float16' or 'float32'")
+    for path, c in chunk_rows.items():
+        if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= rows:
+            raise bad(f"geometry.chunk_rows.{str(path)[:80]}", c, f"an integer in 1..{rows}")
+
+
+def _bounded(value: Any, limit: int = 1000, depth: int = 6) -> Any:
+    """A copy of a JSON value safe to print: long strings cut, big containers and deep nesting elided."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + f"... ({len(value):,} characters)"
+    if depth <= 0 and isinstance(value, (dict, list)):
+        return "..."
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {str(k)[:limit]: _bounded(v, limit, depth - 1) for k, v in items[:100]}
+        return out | ({"...": f"{len(items) - 100} more keys"} if len(items) > 100 else {})
+    if isinstance(value, list):
+        return [_bounded(v, limit, depth - 1) for v in value[:100]] + ([f"... {len(value) - 100} more"] if len(value) > 100 else [])
+    return value
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

@@ -29,8 +29,10 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], *, resume: bool = False,
-          overwrite: bool = False, allow_partial: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Train ``pipeline.student`` from the store at ``cache_location``; write results to ``out``.
+          overwrite: bool = False, allow_partial: bool = False, progress: bool = False,
+          storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``pipeline.student`` from the store at ``cache_location`` (any location, with fsspec
+    ``storage_options`` for URLs; they apply to ``train.eval_cache`` too); write results to ``out``.
 
     Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``.
     """
@@ -39,12 +41,13 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     write_pipeline(out, pipeline)
     torch.manual_seed(t.seed)
     device = data.pick_device(t.device)
-    store = open_for_training(cache_location, allow_partial)
+    store = open_for_training(cache_location, allow_partial, storage_options)
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
     run = setup(pipeline, store, dataset, device)
     transfer = cache.TransferSet(
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+        storage_options=storage_options,
     )
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
@@ -54,7 +57,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     state = {"epoch": 0, "step": 0}
     if resume:
         state = _load_checkpoint(out, run, optimizer, schedule)
-    evaluate = _evaluator(pipeline, run, device)
+    evaluate = _evaluator(pipeline, run, device, storage_options)
     start = time.perf_counter()
     with data.torch_threads(t.threads):
         while state["step"] < total_steps:
@@ -170,8 +173,8 @@ def _key(path: str) -> str:
     return path.replace(".", "%2E")  # ModuleDict keys cannot contain dots
 
 
-def open_for_training(location: str, allow_partial: bool) -> layout.Store:
-    store = layout.open_store(location)
+def open_for_training(location: str, allow_partial: bool, storage_options: dict[str, Any] | None = None) -> layout.Store:
+    store = layout.open_store(location, storage_options=storage_options)
     if not store.complete:
         done, total = store.samples_done(), store.num_samples
         if not allow_partial:
@@ -209,19 +212,20 @@ def _schedule(name: str, total_steps: int) -> Any:
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
-def _evaluator(pipeline: Pipeline, run: Run, device: torch.device) -> Any:
+def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_options: dict[str, Any] | None = None) -> Any:
     """A function returning eval metrics: accuracy on the eval split, and teacher agreement with an eval store."""
     t = pipeline.train
     if not t.eval_split and not t.eval_cache:
         return dict
     if t.eval_cache:
-        store = open_for_training(t.eval_cache, allow_partial=False)
+        store = open_for_training(t.eval_cache, allow_partial=False, storage_options=storage_options)
         split = store.manifest["dataset"]["split"]
         if t.eval_split and t.eval_split != split:
             raise PipelineError(f"train.eval_split = {t.eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
         source = cache.TransferSet(t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False,
-                                   memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check)
+                                   memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check,
+                                   storage_options=storage_options)
     else:
         dataset = pipeline.resolve(pipeline.data.factory)(t.eval_split)
         source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)

@@ -1,0 +1,91 @@
+"""``kdcache stats``: what the teacher's stored outputs say, computed with dask over the store.
+
+One dask chunk per inner chunk of the done shards (aligned, never random rows), reduced in
+parallel; memory stays bounded by a few chunks per worker whatever the store's size.
+
+- teacher top-1 accuracy against the stored labels, and per true class (the agreement of the
+  teacher with each class);
+- mean entropy (nats) of softmax(logits) over the last axis;
+- per layer target: mean and standard deviation of every stored value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kdcache import store as layout
+
+MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
+
+
+def stats(location: str, *, storage_options: dict[str, Any] | None = None, scheduler: str = "threads",
+          num_workers: int | None = None) -> dict[str, Any]:
+    """Statistics over the done shards of the store at ``location`` (``scheduler``: a dask scheduler name)."""
+    import dask
+    import dask.array as da
+
+    store = layout.open_store(location, storage_options=storage_options)
+    done = [int(s) for s in np.flatnonzero(store.done())]
+
+    def column(path: str) -> Any:
+        arr = store.array(path)
+        full = da.from_zarr(arr, chunks=(int(arr.chunks[0]), *arr.shape[1:]))
+        if len(done) == store.num_shards:
+            return full
+        return da.concatenate([full[slice(*store.shard_rows(s))] for s in done]) if done else full[:0]
+
+    lazy: dict[str, Any] = {}
+    rows = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in done)
+    labels = column(layout.LABEL) if store.has_labels else None
+    logits_target = next((t for t in store.targets.values() if t.source == ""), None)
+    if logits_target is not None and rows:
+        x = column(logits_target.path).astype(np.float64)
+        shifted = x - x.max(axis=-1, keepdims=True)
+        log_p = shifted - da.log(da.exp(shifted).sum(axis=-1, keepdims=True))
+        lazy["entropy"] = (-(da.exp(log_p) * log_p).sum(axis=-1)).mean()
+        if labels is not None and len(logits_target.shape) == 1:  # [N, classes] against [N] labels
+            correct = (x.argmax(axis=-1) == labels)
+            lazy["accuracy"] = correct.mean()
+            lazy["label_min"], lazy["label_max"] = labels.min(), labels.max()
+            lazy["_correct"], lazy["_labels"] = correct, labels
+    for t in store.targets.values():
+        if t.source and rows:
+            v = column(t.path).astype(np.float64)
+            lazy[f"mean:{t.name}"], lazy[f"std:{t.name}"] = v.mean(), v.std()
+    with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers else {})):
+        correct, labels_ = lazy.pop("_correct", None), lazy.pop("_labels", None)
+        values = dict(zip(lazy, dask.compute(*lazy.values()))) if lazy else {}
+        per_class = None
+        if correct is not None and 0 <= int(values["label_min"]) and int(values["label_max"]) < MAX_CLASSES:
+            k = int(values["label_max"]) + 1  # bincount over chunks: bounded by the number of classes
+            counts, hits = dask.compute(da.bincount(labels_, minlength=k), da.bincount(labels_, weights=correct.astype(np.float64), minlength=k))
+            per_class = {str(c): {"count": int(counts[c]), "accuracy": float(hits[c] / counts[c])} for c in range(k) if counts[c]}
+    return {
+        "location": location,
+        "rows": int(rows),
+        "shards_done": len(done),
+        "num_shards": store.num_shards,
+        "teacher_accuracy": float(values["accuracy"]) if "accuracy" in values else None,
+        "mean_entropy": float(values["entropy"]) if "entropy" in values else None,
+        "per_class": per_class,
+        "layers": {t.name: {"path": t.path, "mean": float(values[f"mean:{t.name}"]), "std": float(values[f"std:{t.name}"])}
+                   for t in store.targets.values() if t.source and f"mean:{t.name}" in values},
+    }
+
+
+def stats_text(s: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    lines = [
+        f"store       {s['location']}  ({s['rows']:,} rows in {s['shards_done']}/{s['num_shards']} done shards)",
+        f"teacher     top-1 accuracy {pct(s['teacher_accuracy'])} against stored labels",
+        f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits)" if s["mean_entropy"] is not None else "entropy     n/a (no logits)",
+    ]
+    if s["per_class"]:
+        lines.append("per class   " + "  ".join(f"{c}: {pct(v['accuracy'])} (n={v['count']})" for c, v in list(s["per_class"].items())[:50]))
+    for name, v in s["layers"].items():
+        lines.append(f"layer       {name:<24} mean {v['mean']:.4g}  std {v['std']:.4g}")
+    return "\n".join(lines)

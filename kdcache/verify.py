@@ -1,0 +1,244 @@
+"""``kdcache verify``: is a store whole, intact and what its manifest says — and, optionally, still the
+teacher's output?
+
+Checks, each reported with every problem it found (named: array, shard, inner chunk, row):
+
+- ``completeness``: every shard done;
+- ``layout``: every array of the manifest exists with its shape, dtype and chunk/shard geometry;
+- ``checksums``: every done shard's object exists, its shard index and each inner chunk's crc32c
+  match (the raw bytes are checked, so a truncated or emptied shard is caught, not read as zeros);
+- ``values``: every done shard decodes; targets are finite; ``index[r] == r``; fingerprints non-zero;
+- ``teacher`` (``teacher_check=N``): the pipeline's teacher recomputes N random stored rows; max
+  abs/rel error and KL per target must stay within a float16-appropriate tolerance.
+
+One shard of one array is in memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdcache import store as layout
+from kdcache.errors import StoreError
+
+MAX_LISTED = 20  # problems listed per check; the count is always exact
+
+# Relative tolerance of a recomputed target by the precision of the teacher's forward pass and the
+# stored dtype: float16 rounding alone is 2^-11 relative; bf16/fp16 autocast on other hardware adds more.
+RTOL = {("fp32", "float32"): 1e-4, ("fp32", "float16"): 1e-2, ("fp16", "float16"): 2e-2, ("fp16", "float32"): 2e-2,
+        ("bf16", "float16"): 5e-2, ("bf16", "float32"): 5e-2}
+
+
+@dataclass
+class Check:
+    name: str
+    summary: str = ""
+    problems: list[str] = field(default_factory=list)
+    count: int = 0
+
+    def fail(self, problem: str) -> None:
+        self.count += 1
+        if len(self.problems) < MAX_LISTED:
+            self.problems.append(problem)
+
+    @property
+    def ok(self) -> bool:
+        return self.count == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "summary": self.summary, "problem_count": self.count, "problems": self.problems}
+
+
+def verify(location: str, *, storage_options: dict[str, Any] | None = None, teacher_check: int = 0, pipeline: Any = None,
+           seed: int = 0, tolerance: float | None = None) -> dict[str, Any]:
+    """Check the store at ``location``; returns a report whose ``ok`` is true only when every check holds."""
+    try:
+        store = layout.open_store(location, storage_options=storage_options)
+    except StoreError as e:
+        check = Check("open")
+        check.fail(str(e))
+        return _report(location, [check], None)
+    checks = [_completeness(store), _layout(store)]
+    if checks[1].ok:
+        checks += _contents(store)
+    teacher = None
+    if teacher_check > 0:
+        if pipeline is None:
+            raise StoreError("--teacher-check needs the pipeline that built the teacher; pass --pipeline PIPELINE")
+        check, teacher = _teacher(store, pipeline, teacher_check, seed, tolerance)
+        checks.append(check)
+    return _report(location, checks, teacher)
+
+
+def _report(location: str, checks: list[Check], teacher: dict[str, Any] | None) -> dict[str, Any]:
+    return {"location": location, "ok": all(c.ok for c in checks), "checks": [c.to_dict() for c in checks], "teacher_check": teacher}
+
+
+def _completeness(store: layout.Store) -> Check:
+    done = store.done()
+    check = Check("completeness", f"{int(done.sum())}/{store.num_shards} shards done")
+    for s in np.flatnonzero(~done):
+        start, stop = store.shard_rows(int(s))
+        check.fail(f"shard {int(s)} (rows {start}-{stop - 1}) is not done; resume kdcache extract")
+    return check
+
+
+def _layout(store: layout.Store) -> Check:
+    check = Check("layout", f"{len(store.paths())} data arrays + {layout.DONE}")
+    rows, chunk_rows = store.rows_per_shard, store.manifest["geometry"]["chunk_rows"]
+    want = {p: ((store.num_samples,), "int64" if p != layout.FINGERPRINT else "uint64") for p in store.sample_paths()}
+    want |= {t.path: ((store.num_samples, *t.shape), t.dtype) for t in store.targets.values()}
+    for path, (shape, dtype) in want.items():
+        try:
+            arr = store.array(path)
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            check.fail(f"{path}: missing ({type(e).__name__})")
+            continue
+        if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
+            check.fail(f"{path}: is {list(arr.shape)} {arr.dtype}, the manifest says {list(shape)} {dtype}")
+            continue
+        c = chunk_rows.get(path)
+        if arr.shards is None or tuple(arr.shards) != (rows, *shape[1:]) or c is None or tuple(arr.chunks) != (c, *shape[1:]) or rows % c:
+            check.fail(f"{path}: shard {arr.shards} / inner chunk {arr.chunks} do not match geometry (rows_per_shard {rows}, chunk_rows {c})")
+    try:
+        done = store.array(layout.DONE)
+        if tuple(done.shape) != (store.num_shards,) or done.dtype != np.dtype(bool):
+            check.fail(f"{layout.DONE}: is {list(done.shape)} {done.dtype}, expected [{store.num_shards}] bool")
+    except (KeyError, FileNotFoundError, ValueError):
+        check.fail(f"{layout.DONE}: missing")
+    return check
+
+
+def _contents(store: layout.Store) -> list[Check]:
+    """Checksums of the raw bytes and the decoded values, shard by shard, over every done shard."""
+    done = [int(s) for s in np.flatnonzero(store.done())]
+    sums = Check("checksums", f"{len(done)} shards x {len(store.paths())} arrays")
+    values = Check("values", "finite targets, index[r] == r, non-zero fingerprints")
+    for path in store.paths():
+        for shard in done:
+            problems = store.check_shard(path, shard)
+            for p in problems:
+                sums.fail(f"{path}: {p}")
+            if problems:
+                continue  # its values are not worth decoding
+            start, stop = store.shard_rows(shard)
+            try:
+                block = store.read(path, start, stop)
+            except Exception as e:  # noqa: BLE001 - any decode failure is a finding to name, not a crash
+                values.fail(f"{path}: shard {shard} (rows {start}-{stop - 1}) does not decode: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if path == layout.INDEX:
+                wrong = np.flatnonzero(block != np.arange(start, stop))
+                if len(wrong):
+                    values.fail(f"{path}: shard {shard}: index[r] != r at {len(wrong)} rows (first row {start + int(wrong[0])})")
+            elif path == layout.FINGERPRINT:
+                zero = np.flatnonzero(block == 0)
+                if len(zero):
+                    values.fail(f"{path}: shard {shard}: {len(zero)} rows without a fingerprint (first row {start + int(zero[0])})")
+            elif path.startswith("targets/"):
+                bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                if bad.any():
+                    first = start + int(np.flatnonzero(bad)[0])
+                    values.fail(f"{path}: shard {shard}: {int(bad.sum())} rows hold NaN or inf (first row {first})")
+    return [sums, values]
+
+
+def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: float | None) -> tuple[Check, dict[str, Any]]:
+    """Rebuild the teacher and recompute ``n`` random done rows (sorted; read whole chunks via oindex)."""
+    import torch
+
+    from kdcache import data, teacher as teachers
+    from kdcache.extract import setup
+
+    check = Check("teacher", "")
+    run = setup(pipeline)
+    ours = teachers.weights_sha256(run.model)
+    if ours != store.manifest["teacher"]["weights_sha256"]:
+        check.fail(f"the pipeline's teacher weights (sha256 {ours[:16]}…) differ from the store's "
+                   f"({store.manifest['teacher']['weights_sha256'][:16]}…)")
+    stored_targets = store.targets
+    missing = [t.name for t in stored_targets.values() if t.path not in run.targets]
+    if missing:
+        raise StoreError(f"the pipeline does not produce stored targets {missing}; pass the pipeline the store was extracted with")
+    if len(run.dataset) != store.num_samples:  # type: ignore[arg-type]
+        raise StoreError(f"the pipeline's dataset has {len(run.dataset)} samples, the store {store.num_samples}; pass the pipeline the store was extracted with")  # type: ignore[arg-type]
+    from kdcache.cache import done_rows
+
+    available = done_rows(store)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(available, size=min(n, len(available)), replace=False)) if len(available) else available
+    indexed = data.Indexed(run.dataset)
+    recomputed: dict[str, list[np.ndarray]] = {t.path: [] for t in stored_targets.values()}
+    fingerprints = []
+    batch_size = pipeline.extract.batch_size
+    with teachers.capture(run.model, pipeline.targets.layers) as hooked:
+        for lo in range(0, len(rows), batch_size):
+            batch = data.collate(indexed.__getitems__([int(r) for r in rows[lo : lo + batch_size]]))
+            fingerprints.append(batch["fingerprint"])
+            hooked.clear()
+            with torch.inference_mode(), run.autocast():
+                output = data.call(run.model, data.to_device(batch["inputs"], run.device))
+            for path, tensor in run.select(output, hooked).items():
+                if path in recomputed:
+                    recomputed[path].append(tensor.detach().float().cpu().numpy())
+    stored_fp = store.array(layout.FINGERPRINT).oindex[rows] if len(rows) else np.zeros(0, np.uint64)
+    seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
+    for r, a, b in zip(rows, stored_fp, seen_fp):
+        if a != b:
+            check.fail(f"row {int(r)}: the dataset's input fingerprint {int(b):016x} differs from the stored {int(a):016x}")
+    per_target = {}
+    for t in stored_targets.values():
+        stored = store.array(t.path).oindex[rows].astype(np.float64) if len(rows) else np.zeros((0, *t.shape))
+        fresh = np.concatenate(recomputed[t.path]).astype(np.float64) if recomputed[t.path] else np.zeros_like(stored)
+        fresh_stored = fresh.astype(t.dtype).astype(np.float64)  # the value a fresh extract would store
+        err = np.abs(stored - fresh_stored)
+        rtol = tolerance if tolerance is not None else RTOL.get((store.manifest.get("precision", "fp32"), t.dtype), 5e-2)
+        scale = float(np.mean(np.abs(fresh))) if fresh.size else 0.0
+        limit = rtol * (np.abs(fresh) + scale)
+        bad = err > limit
+        entry = {
+            "rows": int(len(rows)),
+            "max_abs_error": float(err.max()) if err.size else 0.0,
+            "max_rel_error": float((err / np.maximum(np.abs(fresh), scale or 1.0)).max()) if err.size else 0.0,
+            "kl": _kl(stored, fresh) if t.source == "" and err.size else None,
+            "rtol": rtol,
+            "ok": not bad.any(),
+        }
+        per_target[t.name] = entry
+        if bad.any():
+            worst = np.unravel_index(int(np.argmax(err - limit)), err.shape)
+            check.fail(f"target {t.name!r}: {int(bad.sum())} values beyond tolerance (rtol {rtol:g}); worst at row "
+                       f"{int(rows[worst[0]])}: stored {stored[worst]:.6g}, recomputed {fresh[worst]:.6g}")
+    check.summary = f"{len(rows)} random rows recomputed with {pipeline.teacher.factory}"
+    return check, {"rows": [int(r) for r in rows], "targets": per_target, "weights_sha256": ours}
+
+
+def _kl(stored: np.ndarray, fresh: np.ndarray) -> float:
+    """Mean KL(softmax(fresh) || softmax(stored)) over rows, softmax over the last axis."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        m = x.max(axis=-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(fresh), log_softmax(stored)
+    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The human form of a verify report: one line per check, its problems indented under it."""
+    lines = [f"store       {report['location']}"]
+    for c in report["checks"]:
+        lines.append(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<13} {c['summary']}" + ("" if c["ok"] else f"  ({c['problem_count']} problems)"))
+        lines += [f"      - {p}" for p in c["problems"]]
+        if c["problem_count"] > len(c["problems"]):
+            lines.append(f"      ... and {c['problem_count'] - len(c['problems'])} more")
+    t = report.get("teacher_check")
+    if t:
+        for name, e in t["targets"].items():
+            kl = f"  kl {e['kl']:.3g}" if e["kl"] is not None else ""
+            lines.append(f"      {name:<24} max abs {e['max_abs_error']:.3g}  max rel {e['max_rel_error']:.3g}{kl}  (rtol {e['rtol']:g})")
+    lines.append("verified: every check holds" if report["ok"] else "NOT verified: see the FAIL lines above")
+    return "\n".join(lines)
+

@@ -1,0 +1,213 @@
+"""Stores at every location, against real servers on loopback: an S3-API server (moto's threaded
+server, reached through s3fs with dummy credentials), a Range-capable static HTTP server
+(``python -m RangeHTTPServer``, a subprocess), and single ``.zarr.zip`` files. No fsspec mocks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import kdcache
+from kdcache.cli import main
+from kdcache.errors import StoreError
+from kdcache.interop import pack
+from kdcache.store import open_store
+from kdcache.verify import verify
+from reference import make_pipeline, without_times
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+BUCKET = "kdcache-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """Storage options for a bucket on a real S3-API server on 127.0.0.1 (stopped after the module)."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(BUCKET)
+    yield options
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def http_root(tmp_path_factory):
+    """A folder served read-only by a Range-capable HTTP server on 127.0.0.1: ``(folder, base_url)``."""
+    pytest.importorskip("RangeHTTPServer")
+    root = tmp_path_factory.mktemp("www")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "RangeHTTPServer", str(port), "--bind", "127.0.0.1"], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base + "/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("RangeHTTPServer did not start")
+    yield root, base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def assert_same_store(a: str, b: str, options_a=None, options_b=None) -> None:
+    sa, sb = open_store(a, storage_options=options_a), open_store(b, storage_options=options_b)
+    assert without_times(sa.manifest) == without_times(sb.manifest)
+    assert sa.paths() == sb.paths()
+    for path in sa.paths() + ["progress/done"]:
+        np.testing.assert_array_equal(sa.array(path)[:], sb.array(path)[:], err_msg=path)
+
+
+def test_extract_to_s3_resumes_and_matches_local(s3, tmp_path, zoo_env):
+    url = f"s3://{BUCKET}/resume.zarr"
+    zoo_env(FAIL_AT=42)
+    with pytest.raises(RuntimeError, match="simulated crash fetching index 42"):
+        kdcache.extract(make_pipeline(), url, storage_options=s3)
+    zoo_env(FAIL_AT=None)
+    partial = open_store(url, storage_options=s3)
+    assert partial.done().tolist() == [True, True, False, False] and not partial.complete
+    assert partial.info()["bytes_stored"] > 0  # listed from the bucket
+
+    info = kdcache.extract(make_pipeline(), url, storage_options=s3)
+    assert info["complete"] and info["samples_done"] == 50
+    local = tmp_path / "local.zarr"
+    kdcache.extract(make_pipeline(), str(local))
+    assert_same_store(url, str(local), options_a=s3)
+
+
+@pytest.mark.slow
+def test_extract_info_verify_train_through_the_cli_on_s3(s3, tmp_path, monkeypatch):
+    from conftest import TINY_TOML
+
+    url = f"s3://{BUCKET}/cli.zarr"
+    # credentials from the environment, the endpoint as a storage option
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    opt = ["--storage-option", f"endpoint_url={s3['endpoint_url']}"]
+    runner = CliRunner()
+    r = runner.invoke(main, ["extract", str(TINY_TOML), "--out", url, "--json", *opt])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["info", url, "--json", *opt])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["complete"] and info["location"] == url and info["bytes_stored"] > 0
+    r = runner.invoke(main, ["verify", url, *opt])
+    assert r.exit_code == 0 and "verified" in r.output, r.output
+    r = runner.invoke(main, ["train", str(TINY_TOML), "--cache", url, "--out", str(tmp_path / "run"), "--epochs", "1", "--json", *opt])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "student.pt").is_file()
+    r = runner.invoke(main, ["info", url, "--storage-option", "endpoint_url=http://127.0.0.1:9",
+                                "--storage-option", "config_kwargs.retries.max_attempts=1"])  # nothing listens there
+    assert r.exit_code == 1 and r.output.startswith("Error: cannot reach") and "Traceback" not in r.output
+
+
+def test_train_streams_from_s3_in_dataloader_workers(s3, tiny_store, tmp_path):
+    """TransferSet reopens the store in each worker with the same storage options."""
+    from conftest import TINY_TOML
+
+    url = f"s3://{BUCKET}/workers.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    p = kdcache.load_pipeline(TINY_TOML, ["train.memory_budget_mb=0", "train.num_workers=2", "train.epochs=1"])
+    result = kdcache.train(p, url, tmp_path / "run", storage_options=s3)
+    assert result["step"] == 7 and np.isfinite(result["loss"])
+
+
+def test_s3_refuses_to_overwrite_foreign_objects(s3):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    fs.pipe(f"{BUCKET}/foreign/data.bin", b"not a store")
+    with pytest.raises(StoreError, match="exists and is not a kdcache store"):
+        kdcache.extract(make_pipeline(), f"s3://{BUCKET}/foreign", storage_options=s3)
+    assert fs.cat(f"{BUCKET}/foreign/data.bin") == b"not a store"
+    with pytest.raises(StoreError, match="no store at"):
+        open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)
+
+
+def test_http_store_is_read_only_and_reads_like_local(http_root, tiny_store, tmp_path):
+    from conftest import TINY_TOML
+
+    root, base = http_root
+    import shutil
+
+    shutil.copytree(tiny_store, root / "tiny.zarr")
+    url = f"{base}/tiny.zarr"
+    assert_same_store(url, tiny_store)
+    assert open_store(url).info()["bytes_stored"] is None  # http cannot list sizes
+    report = verify(url)
+    assert report["ok"], report
+    result = kdcache.train(kdcache.load_pipeline(TINY_TOML, ["train.epochs=1"]), url, tmp_path / "run")
+    assert np.isfinite(result["loss"])
+    with pytest.raises(StoreError, match="read-only"):
+        kdcache.extract(kdcache.load_pipeline(TINY_TOML), f"{base}/new.zarr")
+    with pytest.raises(StoreError, match="no store at"):
+        open_store(f"{base}/absent.zarr")
+
+
+def test_http_server_honours_byte_ranges(http_root):
+    """Sharded arrays are read by byte range: the server the HTTP tests rely on must answer 206."""
+    root, base = http_root
+    (root / "bytes.bin").write_bytes(bytes(range(100)))
+    request = urllib.request.Request(f"{base}/bytes.bin", headers={"Range": "bytes=10-19"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 206 and response.read() == bytes(range(10, 20))
+
+
+def test_zip_from_s3_pack_reads_everywhere(s3, http_root, tmp_path):
+    from conftest import TINY_TOML
+
+    url = f"s3://{BUCKET}/topack.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    root, base = http_root
+    out = root / "handover.zarr.zip"
+    r = pack(url, out, storage_options=s3)
+    assert r["objects"] == 35
+    assert_same_store(str(out), url, options_b=s3)
+    assert verify(str(out))["ok"]
+    # a zip served over http reads as a store through fsspec's zip-over-http chain
+    assert_same_store(f"zip::{base}/handover.zarr.zip", str(out))
+    result = kdcache.train(kdcache.load_pipeline(TINY_TOML, ["train.epochs=1"]), str(out), tmp_path / "run")
+    assert np.isfinite(result["loss"])
+    with pytest.raises(StoreError, match="write-once"):
+        kdcache.extract(kdcache.load_pipeline(TINY_TOML), str(out))
+
+
+def test_storage_options_on_a_local_path_are_refused(tiny_store):
+    with pytest.raises(StoreError, match="apply to URL locations"):
+        open_store(tiny_store, storage_options={"anon": True})
+    r = CliRunner().invoke(main, ["info", tiny_store, "--storage-option", "anon=true"])
+    assert r.exit_code == 1 and "apply to URL locations" in r.output
+    r = CliRunner().invoke(main, ["info", tiny_store, "--storage-option", "novalue"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_storage_option_values_are_json_and_nest():
+    from kdcache.cli import _storage_options
+
+    assert _storage_options(("anon=true", "client_kwargs.region_name=eu-west-1", "block_size=5", "endpoint_url=http://h:1")) == {
+        "anon": True, "client_kwargs": {"region_name": "eu-west-1"}, "block_size": 5, "endpoint_url": "http://h:1"}
+    assert _storage_options(()) is None
+

@@ -1,0 +1,61 @@
+"""kdcache stats against a naive numpy computation over the same store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import kdcache
+from kdcache.cli import main
+from kdcache.stats import stats
+from kdcache.store import open_store
+from reference import make_pipeline
+
+
+def naive(location: str, rows: np.ndarray | None = None) -> dict:
+    s = open_store(location)
+    rows = np.arange(s.num_samples) if rows is None else rows
+    logits = s.array("targets/logits")[:][rows].astype(np.float64)
+    labels = s.array("samples/label")[:][rows]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    correct = logits.argmax(1) == labels
+    feats = s.array("targets/layers/features.3")[:][rows].astype(np.float64)
+    return {
+        "accuracy": correct.mean(),
+        "entropy": float(-(p * np.log(p)).sum(1).mean()),
+        "per_class": {str(c): correct[labels == c].mean() for c in np.unique(labels)},
+        "mean": feats.mean(), "std": feats.std(),
+    }
+
+
+def test_stats_match_a_naive_computation(tiny_store):
+    s, want = stats(tiny_store, num_workers=2), naive(tiny_store)
+    assert s["rows"] == 50 and s["shards_done"] == 4
+    assert s["teacher_accuracy"] == pytest.approx(want["accuracy"])
+    assert s["mean_entropy"] == pytest.approx(want["entropy"])
+    assert {c: v["accuracy"] for c, v in s["per_class"].items()} == pytest.approx(want["per_class"])
+    assert sum(v["count"] for v in s["per_class"].values()) == 50
+    layer = s["layers"]["features.3"]
+    assert layer["mean"] == pytest.approx(want["mean"]) and layer["std"] == pytest.approx(want["std"])
+
+
+def test_stats_cover_only_done_shards(tmp_path, zoo_env):
+    out = tmp_path / "partial.zarr"
+    zoo_env(FAIL_AT=42)
+    with pytest.raises(RuntimeError):
+        kdcache.extract(make_pipeline(), str(out))
+    s = stats(str(out))
+    assert s["rows"] == 32 and s["shards_done"] == 2
+    assert s["mean_entropy"] is not None and s["teacher_accuracy"] is not None
+
+
+def test_cli_stats_human_and_json(tiny_store):
+    r = CliRunner().invoke(main, ["stats", tiny_store, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["rows"] == 50
+    r = CliRunner().invoke(main, ["stats", tiny_store])
+    assert r.exit_code == 0 and "top-1 accuracy" in r.output and "features.3" in r.output

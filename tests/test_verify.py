@@ -1,0 +1,150 @@
+"""kdcache verify on real stores: a sound store passes; each kind of damage is found and named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+import kdcache
+from conftest import TINY_TOML
+from kdcache.cli import main
+from kdcache.verify import verify
+from reference import make_pipeline
+
+LOGITS_SHARD_1 = "targets/logits/c/1/0"
+FEATURES_SHARD_2 = "targets/layers/features.3/c/2/0/0/0"
+
+
+@pytest.fixture
+def copy(tiny_store, tmp_path) -> Path:
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, out)
+    return out
+
+
+def problems(report: dict, name: str) -> list[str]:
+    return next(c for c in report["checks"] if c["name"] == name)["problems"]
+
+
+def test_sound_store_passes_with_teacher_check(tiny_store):
+    r = CliRunner().invoke(main, ["verify", tiny_store, "--teacher-check", "12", "--pipeline", str(TINY_TOML), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["ok"] and [c["name"] for c in report["checks"]] == ["completeness", "layout", "checksums", "values", "teacher"]
+    t = report["teacher_check"]
+    assert len(t["rows"]) == 12 and t["rows"] == sorted(t["rows"])
+    assert t["targets"]["logits"]["max_abs_error"] < 1e-2 and t["targets"]["logits"]["kl"] < 1e-4
+    assert t["targets"]["features.3"]["kl"] is None and t["targets"]["features.3"]["ok"]
+
+
+def test_flipped_byte_is_named(copy):
+    p = copy / LOGITS_SHARD_1
+    data = bytearray(p.read_bytes())
+    data[5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    r = CliRunner().invoke(main, ["verify", str(copy)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "targets/logits: shard 1 inner chunk 0 (rows 16-31): crc32c checksum mismatch" in r.output
+    assert "NOT verified" in r.output
+
+
+@pytest.mark.parametrize("keep", [0.5, 10, 0])
+def test_truncated_or_emptied_shard_is_named(copy, keep):
+    p = copy / FEATURES_SHARD_2
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    report = verify(str(copy))
+    assert not report["ok"]
+    (problem,) = problems(report, "checksums")
+    assert problem.startswith("targets/layers/features.3: shard 2")
+    assert ("empty" if keep == 0 else "truncated") in problem
+
+
+def test_missing_shard_object_is_named(copy):
+    (copy / LOGITS_SHARD_1).unlink()  # zarr alone would read zeros here
+    assert problems(verify(str(copy)), "checksums") == [f"targets/logits: shard 1 object {LOGITS_SHARD_1!r} is missing"]
+
+
+def test_incomplete_store_fails_completeness(tmp_path, zoo_env):
+    out = tmp_path / "partial.zarr"
+    zoo_env(FAIL_AT=42)
+    with pytest.raises(RuntimeError):
+        kdcache.extract(make_pipeline(), str(out))
+    report = verify(str(out))
+    assert not report["ok"]
+    assert problems(report, "completeness") == ["shard 2 (rows 32-47) is not done; resume kdcache extract",
+                                                "shard 3 (rows 48-49) is not done; resume kdcache extract"]
+    assert all(c["ok"] for c in report["checks"] if c["name"] != "completeness")
+
+
+def test_values_nan_zero_fingerprint_and_wrong_index_are_named(copy):
+    g = zarr.open_group(str(copy), mode="r+")
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        logits = g["targets/logits"][:]
+        logits[35, 2] = np.nan
+        g["targets/logits"][:] = logits
+        fp = g["samples/fingerprint"][:]
+        fp[3] = 0
+        g["samples/fingerprint"][:] = fp
+        index = g["samples/index"][:]
+        index[20] = 7
+        g["samples/index"][:] = index
+    report = verify(str(copy))
+    assert sorted(problems(report, "values")) == [
+        "samples/fingerprint: shard 0: 1 rows without a fingerprint (first row 3)",
+        "samples/index: shard 1: index[r] != r at 1 rows (first row 20)",
+        "targets/logits: shard 2: 1 rows hold NaN or inf (first row 35)",
+    ]
+
+
+def test_layout_mismatch_is_named(copy):
+    g = zarr.open_group(str(copy), mode="r+")
+    del g["samples/label"]
+    g.create_array("samples/label", shape=(50,), dtype="int32", chunks=(16,))
+    (problem,) = problems(verify(str(copy)), "layout")
+    assert problem == "samples/label: is [50] int32, the manifest says [50] int64"
+
+
+def test_teacher_check_finds_other_weights(tiny_store, zoo_env):
+    p = kdcache.load_pipeline(TINY_TOML)
+    stored = zarr.open_group(tiny_store, mode="r")
+    report = verify(tiny_store, teacher_check=5, pipeline=p, seed=1)
+    assert report["ok"]
+    # a pipeline whose teacher has other weights: weights and values both flagged
+    import tiny
+
+    original = tiny.teacher
+
+    def other():
+        import torch
+
+        torch.manual_seed(7)
+        return tiny.TinyCNN()
+
+    tiny.teacher = other
+    try:
+        report = verify(tiny_store, teacher_check=5, pipeline=kdcache.load_pipeline(TINY_TOML))
+    finally:
+        tiny.teacher = original
+    teacher = problems(report, "teacher")
+    assert not report["ok"] and "teacher weights" in teacher[0]
+    assert any("target 'logits'" in p and "beyond tolerance" in p for p in teacher)
+    assert stored.attrs["kdcache"]["teacher"]["factory"] == "tiny.py:teacher"
+
+
+def test_teacher_check_needs_a_pipeline(tiny_store):
+    r = CliRunner().invoke(main, ["verify", tiny_store, "--teacher-check", "3"])
+    assert r.exit_code == 2 and "--pipeline" in r.output
+
+
+def test_not_a_store(tmp_path):
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "nothing.zarr"), "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.output)
+    assert not report["ok"] and "no store at" in report["checks"][0]["problems"][0]
