@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.train_threads)
     if args.grid:
         settings = [dict(base, temperature=t, lr=lr, batch_size=bs, steps=s)
-                    for lr, bs, s, t in itertools.product((1e-3, 3e-3, 1e-2), (128, 256), (2000, 4000), (2.0, 4.0, 8.0))]
+                    for lr, bs, s, t in itertools.product((1e-3, 3e-3, 1e-2), (128, 256), (2000, 4000),
+                                                          (2.0, 4.0, 8.0))]
         settings += [dict(base, hidden=h, temperature=t) for h in (40, 53) for t in (2.0, 4.0)]
         settings += [dict(base, seed=s) for s in (1, 2, 3, 4)]
     else:
