@@ -48,6 +48,8 @@ class TransferSet(IterableDataset):
         fingerprint_check: float = 1.0,
         drop_last: bool = False,
         storage_options: dict[str, Any] | None = None,
+        streams: int = 1,
+        stream: int | None = None,
     ):
         store = layout.open_store(location, storage_options=storage_options)
         n = len(dataset)  # type: ignore[arg-type]
@@ -57,6 +59,7 @@ class TransferSet(IterableDataset):
         self.paths = store.sample_paths() + list(paths)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.buffer_shards, self.fingerprint_check = max(1, buffer_shards), fingerprint_check
+        self.streams, self.stream = max(1, streams), stream  # see _stream_steps
         self.rows_per_shard = store.rows_per_shard
         self.rows = np.asarray(rows if rows is not None else done_rows(store), dtype=np.int64)
         self.epoch = 0
@@ -78,7 +81,7 @@ class TransferSet(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch])
         if self.in_memory:  # pieces of whole batches, so DataLoader workers can share the epoch
             order = rng.permutation(self.rows) if self.shuffle else self.rows
-            piece = self.batch_size * 16
+            piece = self.batch_size * (16 if self.streams == 1 else 1)  # streams: dealt batch by batch
             return [order[i : i + piece] for i in range(0, len(order), piece)]
         shard_of = self.rows // self.rows_per_shard
         shards = np.unique(shard_of)
@@ -91,6 +94,8 @@ class TransferSet(IterableDataset):
         return buffers
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
+        if self.streams > 1:
+            return max(len(s) for s in self._streams(self.plan(epoch)))
         div = math.floor if self.drop_last else math.ceil
         return sum(div(len(b) / self.batch_size) for b in self.plan(epoch))
 
@@ -102,6 +107,9 @@ class TransferSet(IterableDataset):
         worker = get_worker_info()
         k, me = (worker.num_workers, worker.id) if worker else (1, 0)
         check_rng = np.random.default_rng([self.seed, self.epoch, 1, me])
+        if self.streams > 1:
+            yield from self._stream_steps(self.plan(self.epoch), k, me, check_rng)
+            return
         for i, rows in enumerate(self.plan(self.epoch)):
             if i % k != me:
                 continue
@@ -110,6 +118,41 @@ class TransferSet(IterableDataset):
                 if self.drop_last and lo + self.batch_size > len(rows):
                     break
                 yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check_rng)
+
+    def _streams(self, plan: list[np.ndarray]) -> list[list[tuple[int, int, int]]]:
+        """Buffer ``i`` of the plan goes to stream ``i % streams``; each stream's batches as ``(buffer, lo, hi)``."""
+        out: list[list[tuple[int, int, int]]] = [[] for _ in range(self.streams)]
+        for i, rows in enumerate(plan):
+            for lo in range(0, len(rows), self.batch_size):
+                if self.drop_last and lo + self.batch_size > len(rows):
+                    break
+                out[i % self.streams].append((i, lo, min(lo + self.batch_size, len(rows))))
+        return out
+
+    def _stream_steps(self, plan: list[np.ndarray], k: int, me: int, check_rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        """``streams > 1``: step j is batch j of every stream. ``stream=None`` (one process) joins them into one
+        batch; ``stream=r`` (torchrun rank r) serves only its own, reading only its own buffers, with
+        ``scale = streams * rows / rows of the whole step``: the mean of the ranks' gradients of their scaled
+        losses is then the gradient of the joined batch's loss. A stream that has run out serves one row with
+        scale 0 (every rank takes part in every step). DataLoader worker ``me`` of ``k`` takes steps me, me+k, ..."""
+        streams = self._streams(plan)
+        mine = range(self.streams) if self.stream is None else [self.stream]
+        current: dict[int, tuple[int, dict[str, np.ndarray]]] = {}  # stream -> (buffer, its columns)
+        for j in range(me, max(len(s) for s in streams), k):
+            total = sum(s[j][2] - s[j][1] for s in streams if j < len(s))
+            parts = []
+            for s in mine:
+                if j < len(streams[s]):
+                    i, lo, hi = streams[s][j]
+                    if current.get(s, (-1,))[0] != i:
+                        current[s] = (i, self._read(plan[i]))
+                    parts.append((plan[i][lo:hi], {p: c[lo:hi] for p, c in current[s][1].items()}))
+            scale = 1.0 if self.stream is None else self.streams * sum(len(r) for r, _ in parts) / total
+            if not parts:
+                parts = [(plan[0][:1], self._read(plan[0][:1]))]
+            rows = np.concatenate([r for r, _ in parts])
+            batch = self._batch(rows, {p: np.concatenate([c[p] for _, c in parts]) for p in self.paths}, check_rng)
+            yield {**batch, "scale": scale}
 
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads."""

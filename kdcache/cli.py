@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -88,13 +89,18 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a store.")
 @click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--workers", type=int, help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Extract on the dask cluster at this scheduler address.")
 @storage_option
 @progress_option
 @_errors
 def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_size: int | None, device: str | None,
-            layers: str | None, overwrite: bool, dry_run: bool, as_json: bool, storage_items: tuple[str, ...],
-            progress: bool | None) -> None:
-    """Run the teacher of PIPELINE once over its dataset and write its outputs into a store."""
+            layers: str | None, overwrite: bool, dry_run: bool, as_json: bool, workers: int | None, scheduler: str | None,
+            storage_items: tuple[str, ...], progress: bool | None) -> None:
+    """Run the teacher of PIPELINE once over its dataset and write its outputs into a store.
+
+    With --workers or --scheduler the shards are spread over dask workers; under torchrun
+    (WORLD_SIZE > 1) over its ranks. The store is the same either way (docs/CLUSTER.md)."""
     import kdcache
 
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers is not None else None
@@ -113,10 +119,24 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     except KdcacheError:
         was_complete = False
     # checks identity even when complete
-    info = kdcache.extract(p, out, overwrite=overwrite, progress=_progress(progress), storage_options=options)
+    info = _scaled_extract(p, out, workers, scheduler)(p, out, overwrite=overwrite, progress=_progress(progress), storage_options=options)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # under torchrun, rank 0 reports
     if was_complete:
         click.echo(f"{out} is already complete ({info['num_samples']} samples); nothing to do (--overwrite to redo it)", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else _info_text(info))
+
+
+def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str | None) -> Callable[..., dict[str, Any]]:
+    """The extract function for how this command was started: dask (--workers/--scheduler), torchrun, or one process."""
+    import kdcache
+    from kdcache import distributed
+
+    if workers is not None or scheduler is not None:
+        if distributed.ranks()[1] > 1:
+            raise click.UsageError("--workers/--scheduler start dask workers; under torchrun leave them out (the ranks are the workers).")
+        return functools.partial(distributed.extract_distributed, workers=workers or 2, scheduler=scheduler)
+    return distributed.extract_torchrun if distributed.ranks()[1] > 1 else kdcache.extract
 
 
 @main.command()
@@ -145,6 +165,8 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
                                       "train.eval_cache": eval_cache})
     result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
                           progress=_progress(progress), storage_options=_storage_options(storage_items))
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # under torchrun, rank 0 reports
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

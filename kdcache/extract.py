@@ -41,16 +41,24 @@ def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: 
     run = setup(pipeline)
     store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
     pending = store.pending_shards()
+    bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)
+    extract_shards(run, pipeline, store, pending, bar)
+    bar.close()
+    store.finish()
+    return store.info()
+
+
+def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: list[int], bar: Progress) -> None:
+    """Run the teacher over whole ``shards`` of an open, writable store and write them (each marked done
+    once written). The one loop every way of extracting shares: ``extract`` and ``kdcache.distributed``."""
     x = pipeline.extract
     loader = DataLoader(
         data.Indexed(run.dataset),
-        batch_sampler=data.ShardBatches(pending, store.rows_per_shard, store.num_samples, x.batch_size),
+        batch_sampler=data.ShardBatches(shards, store.rows_per_shard, store.num_samples, x.batch_size),
         collate_fn=data.collate,
         num_workers=x.num_workers,
         pin_memory=run.device.type == "cuda",
     )
-    todo = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
-    bar = Progress(todo, "extract", enabled=progress)
     with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar) as writer, \
             teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for batch in loader:
@@ -58,9 +66,6 @@ def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: 
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device))
             writer.put(batch, *to_host(run.select(output, hooked), run.targets, run.device))
-    bar.close()
-    store.finish()
-    return store.info()
 
 
 @dataclass

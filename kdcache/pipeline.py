@@ -90,6 +90,9 @@ class TrainSection:
     fingerprint_check: float = 1.0
     eval_every: int = 1  # evaluate every N epochs (0: only after the last); the last epoch always is
     threads: int = 0  # > 0: torch intra-op threads for the run (0: torch's default)
+    # > 1: each step joins one batch from each of this many disjoint parts of the epoch's plan; torchrun
+    # with K ranks uses K (one part per rank), and streams = K in one process reproduces it (docs/CLUSTER.md)
+    streams: int = 1
     loss: LossSection = field(default_factory=LossSection)
     # teacher layer -> {"student": module name, "weight": float}
     features: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache import cache, data, losses, store as layout, teacher as teachers
+from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
 from kdcache.errors import PipelineError, StoreError
 from kdcache.pipeline import Pipeline, require
 from kdcache.progress import Progress
@@ -37,18 +37,23 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``.
     """
     t, out = pipeline.train, Path(out)
-    _check_out(out, resume, overwrite)
-    write_pipeline(out, pipeline)
+    rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (DDP); rank 0 writes
+    if rank == 0:
+        _check_out(out, resume, overwrite)
+        write_pipeline(out, pipeline)
     torch.manual_seed(t.seed)
-    device = data.pick_device(t.device)
+    device = data.pick_device(distributed.training_device(t.device))
+    streams = distributed.join_training(t.streams, device)
     store = open_for_training(cache_location, allow_partial, storage_options)
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
     run = setup(pipeline, store, dataset, device)
     transfer = cache.TransferSet(
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-        storage_options=storage_options,
+        storage_options=storage_options, streams=streams, stream=rank if world > 1 else None,
     )
+    if world > 1:
+        run.ddp = distributed.wrap(run.student, run.heads, device)
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
     params = list(run.student.parameters()) + list(run.heads.parameters())
@@ -64,15 +69,18 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
             transfer.set_epoch(state["epoch"])
             loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda")
             steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
-            bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress)
+            bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
             means = _epoch(run, loader, optimizer, schedule, state, total_steps, bar)
             due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
             metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
                        **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
             state["epoch"] += 1
-            _save_epoch(out, run, optimizer, schedule, state, metrics)
-    torch.save(run.student.state_dict(), out / "student.pt")
-    torch.save(run.heads.state_dict(), out / "heads.pt")
+            if rank == 0:
+                _save_epoch(out, run, optimizer, schedule, state, metrics)
+    if rank == 0:
+        torch.save(run.student.state_dict(), out / "student.pt")
+        torch.save(run.heads.state_dict(), out / "heads.pt")
+    distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
 
@@ -85,7 +93,7 @@ def _epoch(run: Run, loader: Any, optimizer: Any, schedule: Any, state: dict[str
     run.student.train(), run.heads.train()
     for batch in loader:
         parts = run.losses(batch)
-        loss = sum(parts.values())
+        loss = sum(parts.values()) * batch.get("scale", 1.0)  # a rank's share of a step (cache.TransferSet streams)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
         optimizer.step()
@@ -113,10 +121,11 @@ class Run:
     loss: Any  # LossSection
     device: torch.device
     paths: list[str]
+    ddp: Any = None  # under torchrun: the student and heads in DistributedDataParallel, called in the student's place
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
-        logits = data.call(self.student, data.to_device(batch["inputs"], self.device))
+        logits = data.call(self.student if self.ddp is None else self.ddp, data.to_device(batch["inputs"], self.device))
         logits, _ = teachers.select(logits, "auto", "student output")
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}

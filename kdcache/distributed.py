@@ -1,0 +1,286 @@
+"""Scale-out: extraction on dask.distributed workers or torchrun ranks, and DDP training ranks.
+
+Extraction, either way, keeps the single-process invariants (docs/CLUSTER.md):
+
+- the driver (dask) or rank 0 (torchrun) probes the teacher and creates the arrays once
+  (``store.create_or_resume``), before any shard is written;
+- every pending shard is handed whole to exactly one worker, which runs ``extract.extract_shards``
+  on it (the same loop as ``kdcache extract``) and marks it done after writing it;
+- the driver / rank 0 finishes the manifest once every shard is done.
+
+So a store is byte-identical whatever the number of workers, and a dask job, a torchrun job and a
+single process can resume each other's stores. dask: a task that raises (anything but a
+``KdcacheError``, which would fail again) or whose worker dies is resubmitted, up to ``attempts``
+times; a shard half-written by a killed worker is not done, and is rewritten whole.
+
+Training under torchrun: ``ranks()`` reads RANK/WORLD_SIZE; ``cache.TransferSet`` gives rank r the
+r-th of ``world`` disjoint streams of the epoch's plan, and ``wrap`` puts the student and its
+projection heads under one ``DistributedDataParallel``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from kdcache import store as layout
+from kdcache.errors import KdcacheError, PipelineError
+from kdcache.extract import Run, extract_shards, setup
+from kdcache.pipeline import Pipeline
+from kdcache.progress import Progress
+
+ATTEMPTS = 3  # tries per shard on dask (a task that raises, or whose worker keeps dying)
+TIMEOUT = datetime.timedelta(hours=12)  # torch.distributed collectives: ranks wait at most this long for each other
+
+
+# -- dask.distributed ----------------------------------------------------------------------------
+def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, scheduler: str | None = None,
+                        overwrite: bool = False, progress: bool = False, storage_options: dict[str, Any] | None = None,
+                        attempts: int = ATTEMPTS) -> dict[str, Any]:
+    """``extract`` with the shards spread over dask workers: a new ``LocalCluster`` (one worker per GPU
+    when there are GPUs, otherwise ``workers`` single-threaded processes) or the cluster at ``scheduler``
+    (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
+    run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
+    store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
+    del run
+    pending = store.pending_shards()
+    if pending:
+        with _client(pipeline, workers, scheduler) as client:
+            _run_shards(client, pipeline, store, pending, progress, attempts)
+    store.finish()
+    return store.info()
+
+
+def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: list[int], progress: bool, attempts: int) -> None:
+    """Hand each shard to a worker, resubmit failures, and show the whole job's progress."""
+    from distributed import as_completed
+
+    row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in store.paths())
+    rows = {s: store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending}
+    bar = Progress(sum(rows.values()), "extract", enabled=progress)
+    token, tries = uuid.uuid4().hex[:8], {s: 1 for s in pending}
+
+    def submit(shard: int) -> Any:
+        return client.submit(_extract_shard, pipeline, store.location, shard, store.storage_options,
+                             key=f"kdcache-shard-{shard}-{tries[shard]}-{token}", pure=False)
+
+    futures = {submit(s): s for s in pending}
+    done, workers = 0, set()
+    queue = as_completed(list(futures))
+    for future in queue:
+        shard = futures.pop(future)
+        try:
+            result = future.result()
+        except KdcacheError:  # the pipeline's fault: it would fail the same way again
+            client.cancel(list(futures))
+            raise
+        except Exception as e:  # noqa: BLE001 - an error in the task, or KilledWorker after repeated worker deaths
+            if tries[shard] >= attempts:
+                client.cancel(list(futures))
+                raise RuntimeError(f"shard {shard} failed {attempts} times; last error: {type(e).__name__}: {e}; "
+                                   "run the same command again to resume the missing shards") from e
+            tries[shard] += 1
+            retry = submit(shard)
+            futures[retry] = shard
+            queue.add(retry)
+            continue
+        done += 1
+        workers.add(result["worker"])
+        bar.what = f"extract [{done}/{len(pending)} shards, {len(workers)} workers]"
+        bar.update(rows[shard], rows[shard] * row_bytes)
+    bar.close()
+
+
+@contextlib.contextmanager
+def _client(pipeline: Pipeline, workers: int, scheduler: str | None) -> Iterator[Any]:
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    gpus = torch.cuda.device_count() if pipeline.extract.device in ("auto", "cuda") else 0
+    n = gpus or workers
+    if n < 1:
+        raise PipelineError(f"--workers must be >= 1, got {workers}")
+    # daemon=False: a worker may start DataLoader processes (extract.num_workers > 0)
+    with dask.config.set({"distributed.worker.daemon": False}), \
+            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+_RUNS: dict[str, Run] = {}  # per worker process: the teacher and dataset each pipeline built, built once
+
+
+def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """A dask task: extract one whole shard into the existing store (a no-op if it is already done)."""
+    start = time.perf_counter()
+    worker = _worker_index()
+    pipeline = _on_device(pipeline, worker)
+    key = json.dumps([pipeline.to_dict(), str(pipeline.root)], sort_keys=True)
+    if key not in _RUNS:
+        _RUNS.clear()
+        _RUNS[key] = setup(pipeline)
+    store = layout.open_store(location, mode="r+", storage_options=storage_options)
+    if not store.array(layout.DONE)[shard]:  # a resubmitted task whose first try finished after all
+        extract_shards(_RUNS[key], pipeline, store, [shard], Progress(0, "", enabled=False))
+    return {"shard": shard, "worker": os.getpid(), "seconds": time.perf_counter() - start}
+
+
+def _worker_index() -> int:
+    """This dask worker's index in a LocalCluster (its name), else 0."""
+    from distributed import get_worker
+
+    name = get_worker().name
+    return name if isinstance(name, int) else 0
+
+
+def _on_device(pipeline: Pipeline, index: int) -> Pipeline:
+    """On a machine with several GPUs, worker/rank ``index`` uses GPU ``index % count`` (device auto or cuda)."""
+    count = torch.cuda.device_count()
+    if pipeline.extract.device not in ("auto", "cuda") or count < 2:
+        return pipeline
+    return dataclasses.replace(pipeline, extract=dataclasses.replace(pipeline.extract, device=f"cuda:{index % count}"))
+
+
+# -- torchrun ------------------------------------------------------------------------------------
+def ranks() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device | None = None) -> Iterator[None]:
+    """Join torchrun's process group for the block (gloo; nccl for CUDA devices), unless one is already up."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,
+                     storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``extract`` as one of ``torchrun``'s WORLD_SIZE ranks: rank 0 creates the arrays, rank r writes the
+    pending shards r, r+K, ..., rank 0 finishes the manifest after all are done. Every rank returns ``info()``."""
+    import torch.distributed as dist
+
+    rank, world, local = ranks()
+    pipeline = _on_device(pipeline, local)
+    with process_group():
+        run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
+        shared: list[Any] = [None]
+        if rank == 0:
+            try:
+                store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
+                shared[0] = store.pending_shards()
+            except KdcacheError as e:
+                shared[0] = e  # the other ranks stop with the same error instead of waiting
+        dist.broadcast_object_list(shared, src=0)
+        if isinstance(shared[0], BaseException):
+            raise shared[0]
+        pending: list[int] = shared[0]
+        if rank != 0:
+            store = layout.open_store(out, mode="r+", storage_options=storage_options)
+        total = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
+        with _watch(store, Progress(total, f"extract [{world} ranks]", enabled=progress and rank == 0)):
+            extract_shards(run, pipeline, store, pending[rank::world], Progress(0, "", enabled=False))
+            dist.barrier()
+        if rank == 0:
+            store.finish()
+        dist.barrier()  # the manifest is final before any rank reports
+        return layout.open_store(out, storage_options=storage_options).info()
+
+
+@contextlib.contextmanager
+def _watch(store: layout.Store, bar: Progress, every: float = 1.0) -> Iterator[None]:
+    """Show the whole job's progress (shards done by every rank, read from the store) while the block runs."""
+    if not bar.enabled:
+        yield
+        return
+    stop, before = threading.Event(), store.samples_done()
+
+    def poll() -> None:
+        while not stop.wait(every):
+            bar.update(store.samples_done() - before - bar.done)
+
+    thread = threading.Thread(target=poll, name="kdcache-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(store.samples_done() - before - bar.done)
+        bar.close()
+
+
+# -- DDP training --------------------------------------------------------------------------------
+class _StudentAndHeads(torch.nn.Module):
+    """One module holding every trained parameter, so one DDP syncs the student's and the heads' gradients."""
+
+    def __init__(self, student: torch.nn.Module, heads: torch.nn.ModuleDict):
+        super().__init__()
+        self.student, self.heads = student, heads
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.student(*args, **kwargs)
+
+
+def wrap(student: torch.nn.Module, heads: torch.nn.ModuleDict, device: torch.device) -> torch.nn.Module:
+    """The student under ``DistributedDataParallel`` (heads included); call it where the student was called."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    return DistributedDataParallel(_StudentAndHeads(student, heads), device_ids=ids)
+
+
+def join_training(streams: int, device: torch.device) -> int:
+    """The number of streams (``cache.TransferSet``) to train with; under torchrun, join its process group first."""
+    import atexit
+
+    import torch.distributed as dist
+
+    _, world, _ = ranks()
+    if streams < 1 or (world > 1 and streams not in (1, world)):
+        raise PipelineError(f"train.streams = {streams}; use 1 (or the number of ranks, {world}, under torchrun): "
+                            "streams = K in one process reproduces a K-rank torchrun run")
+    if world == 1:
+        return streams
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        atexit.register(dist.destroy_process_group)
+    return world
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def training_device(name: str) -> str:
+    """Rank ``LOCAL_RANK`` trains on GPU ``LOCAL_RANK`` when the pipeline asks for auto/cuda and GPUs exist."""
+    _, world, local = ranks()
+    if world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local % torch.cuda.device_count()}"
+    return name

@@ -1,0 +1,235 @@
+"""Scale-out with real processes: a LocalCluster, a ``dask scheduler`` + ``dask worker`` pair on loopback,
+a worker SIGKILLed mid-shard, ``torchrun`` ranks (extract and DDP train). Every store must equal the
+single-process store (arrays byte-equal, manifest equal but for timestamps)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kdcache
+from kdcache.cli import main
+from kdcache.distributed import extract_distributed
+from kdcache.store import open_store
+from reference import make_pipeline, without_times, write_toml
+
+pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def assert_same_store(a: str, b: str, options_a=None, options_b=None) -> None:
+    sa, sb = open_store(a, storage_options=options_a), open_store(b, storage_options=options_b)
+    assert sa.complete and sb.complete
+    assert without_times(sa.manifest) == without_times(sb.manifest)
+    assert sa.paths() == sb.paths()
+    for path in sa.paths() + ["progress/done"]:
+        x, y = sa.array(path)[:], sb.array(path)[:]
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), path
+
+
+@pytest.fixture(scope="module")
+def toml(tmp_path_factory) -> str:
+    """The extract tests' pipeline (50 samples, 4 shards of 16 rows) as a file, factory paths absolute."""
+    return str(write_toml(tmp_path_factory.mktemp("pipeline") / "p.toml"))
+
+
+@pytest.fixture(scope="module")
+def single(toml, tmp_path_factory) -> str:
+    """The reference: ``toml`` extracted by one process, this one."""
+    out = str(tmp_path_factory.mktemp("single") / "single.zarr")
+    kdcache.extract(kdcache.load_pipeline(toml), out)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("workers", [1, 3])  # 2: the SIGKILL and S3 tests
+def test_local_cluster_store_equals_single_process(toml, single, tmp_path, workers):
+    out = str(tmp_path / "dask.zarr")
+    info = extract_distributed(kdcache.load_pipeline(toml), out, workers=workers)
+    assert info["complete"] and info["completed"]
+    assert_same_store(out, single)
+
+
+@pytest.fixture
+def scheduler(tmp_path):
+    """``dask scheduler`` and ``dask worker`` (2 single-threaded processes) as subprocesses on 127.0.0.1."""
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    log = open(tmp_path / "dask.log", "w")
+    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                               "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT)]
+    try:
+        procs.append(subprocess.Popen([BIN / "dask", "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                       "--no-dashboard", "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT))
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        _stop(procs[::-1])
+        log.close()
+
+
+def test_cli_on_an_existing_scheduler_resumes_a_partial_store(toml, single, scheduler, tmp_path, zoo_env):
+    out = str(tmp_path / "resumed.zarr")
+    zoo_env(FAIL_AT=40)  # a single process stops in shard 2: shards 0 and 1 are done
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        kdcache.extract(kdcache.load_pipeline(toml), out)
+    zoo_env(FAIL_AT=None)
+    assert open_store(out).done().tolist() == [True, True, False, False]
+    result = CliRunner().invoke(main, ["extract", toml, "--out", out, "--scheduler", scheduler])
+    assert result.exit_code == 0, result.output
+    assert "4/4 shards" in result.output
+    assert_same_store(out, single)
+
+
+def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
+    from distributed import Client, LocalCluster
+
+    zoo_env(N=96, SLEEP=0.03)  # 6 shards of 16 rows, ~0.5 s each; read by the workers when they start
+    reference = str(tmp_path / "single.zarr")
+    kdcache.extract(make_pipeline(), reference)
+    fetch_log(clear=True)
+    out = str(tmp_path / "killed.zarr")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        result: dict = {}
+        job = threading.Thread(target=lambda: result.update(info=extract_distributed(make_pipeline(), out, scheduler=cluster.scheduler_address)))
+        job.start()
+        deadline = time.monotonic() + 60
+        while not (Path(out, "zarr.json").exists() and open_store(out).done().any()):
+            assert time.monotonic() < deadline and job.is_alive(), "no shard finished"
+            time.sleep(0.05)
+        done_before = int(open_store(out).done().sum())
+        victim = list(client.run(os.getpid).values())[0]
+        os.kill(victim, signal.SIGKILL)  # mid-shard: every worker is busy with a 0.5 s shard
+        job.join(timeout=90)
+        assert not job.is_alive()
+    assert done_before < 6
+    fetched = fetch_log()
+    assert sorted(set(fetched)) == list(range(96)) and len(fetched) > 96  # the killed worker's shard was fetched again
+    assert result["info"]["complete"]
+    assert_same_store(out, reference)
+
+
+def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "kdcache.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, tmp_path, zoo_env):
+    fresh = str(tmp_path / "torchrun.zarr")
+    r = _torchrun("extract", toml, "--out", fresh, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("progress") == 1  # only rank 0 reports
+    assert_same_store(fresh, single)
+
+    partial = str(tmp_path / "partial.zarr")  # a partial single-process store, finished by 2 ranks
+    zoo_env(FAIL_AT=20)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        kdcache.extract(kdcache.load_pipeline(toml), partial)
+    zoo_env(FAIL_AT=None)
+    r = _torchrun("extract", toml, "--out", partial, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_store(partial, single)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_torchrun_ddp_train_equals_one_process_with_as_many_streams(tiny_store, tmp_path, streaming):
+    from conftest import TINY_TOML
+
+    toml = tmp_path / "tiny.toml"  # tiny.toml with absolute factory paths; 50 rows: the last step is uneven
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    sets = ["--set", "train.epochs=2"] + (["--set", "train.memory_budget_mb=0.0001", "--set", "train.shuffle_buffer_shards=1"]
+                                          if streaming else [])
+    one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "one"),
+                                    "--set", "train.streams=2", *sets])
+    assert one.exit_code == 0, one.output
+    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "ddp"), *sets, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("student written") == 1  # rank 0 reports and writes
+    a, b = torch.load(tmp_path / "one" / "student.pt"), torch.load(tmp_path / "ddp" / "student.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    heads_a, heads_b = torch.load(tmp_path / "one" / "heads.pt"), torch.load(tmp_path / "ddp" / "heads.pt")
+    for k in heads_a:
+        torch.testing.assert_close(heads_a[k], heads_b[k], rtol=0, atol=1e-5, msg=k)
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"]
+
+
+def test_streams_split_the_plan_disjointly_and_join_back(tiny_store):
+    from kdcache.cache import TransferSet
+    from tiny import dataset
+
+    kw = dict(batch_size=8, seed=3, memory_budget_mb=0.0001, buffer_shards=1)
+    joined = list(TransferSet(tiny_store, dataset(), [], streams=2, **kw))
+    ranks = [list(TransferSet(tiny_store, dataset(), [], streams=2, stream=r, **kw)) for r in range(2)]
+    assert len(joined) == len(ranks[0]) == len(ranks[1])
+    served = []
+    for step, batch in enumerate(joined):
+        own = [b for b in (ranks[0][step], ranks[1][step]) if b["scale"] > 0]
+        assert batch["rows"].tolist() == [r for b in own for r in b["rows"].tolist()]
+        assert sum(b["scale"] for b in own) == pytest.approx(2.0)  # DDP's mean of scaled losses = the joined batch's loss
+        served += batch["rows"].tolist()
+    assert sorted(served) == list(range(50))  # every row once per epoch
+    shards = [{int(r) // 16 for b in rank if b["scale"] > 0 for r in b["rows"]} for rank in ranks]
+    assert not shards[0] & shards[1]  # each rank reads its own shards
+
+
+try:  # the S3-API server on loopback (moto) of the remote-storage tests
+    from test_remote import BUCKET, s3  # noqa: F401
+except BaseException:  # pytest.skip.Exception (moto or s3fs missing) is not an Exception
+    s3 = None
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(s3):
+    """test_remote's S3 server; the bucket is removed afterwards (moto's state is per process, and
+    test_remote's fixture creates the bucket afresh)."""
+    import s3fs
+
+    yield s3
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(BUCKET, recursive=True)
+
+
+@pytest.mark.skipif(s3 is None, reason="needs moto[server] and s3fs (tests/test_remote.py)")
+def test_dask_extract_to_s3_equals_local(toml, single, s3_bucket, tmp_path):
+    url = f"s3://{BUCKET}/dask.zarr"
+    info = extract_distributed(kdcache.load_pipeline(toml), url, workers=2, storage_options=s3_bucket)
+    assert info["complete"]
+    assert_same_store(url, single, options_a=s3_bucket)
