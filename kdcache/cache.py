@@ -16,6 +16,8 @@ worker opens the store itself and takes every k-th buffer of the epoch's plan.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -104,6 +106,11 @@ class TransferSet(IterableDataset):
 
     # -- serving ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Batches are made (store reads, dataset items, fingerprints, collation) one step ahead in a
+        # thread, overlapping the training step: hashing and large copies release the GIL.
+        return _prefetch(self._batches(), depth=PREFETCH)
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         k, me = (worker.num_workers, worker.id) if worker else (1, 0)
         check_rng = np.random.default_rng([self.seed, self.epoch, 1, me])
@@ -175,28 +182,69 @@ class TransferSet(IterableDataset):
         index = columns[layout.INDEX]
         items = _getitems(self.dataset, index.tolist())
         inputs = [data.split_item(item)[0] for item in items]
-        self._check(rows, index, inputs, columns[layout.FINGERPRINT], check_rng)
+        batch = default_collate(inputs)
+        self._check(rows, index, inputs, batch, columns[layout.FINGERPRINT], check_rng)
         return {
             "rows": torch.from_numpy(rows),
             "index": torch.from_numpy(index),
-            "inputs": default_collate(inputs),
+            "inputs": batch,
             "targets": {p: torch.from_numpy(np.ascontiguousarray(c)) for p, c in columns.items() if p.startswith("targets/")},
             "label": torch.from_numpy(columns[layout.LABEL]) if layout.LABEL in columns else None,
         }
 
-    def _check(self, rows: np.ndarray, index: np.ndarray, inputs: list[Any], stored: np.ndarray, rng: np.random.Generator) -> None:
+    def _check(self, rows: np.ndarray, index: np.ndarray, inputs: list[Any], batch: Any, stored: np.ndarray, rng: np.random.Generator) -> None:
         if self.fingerprint_check <= 0:
             return
         n = len(rows)
         which = range(n) if self.fingerprint_check >= 1 else np.flatnonzero(rng.random(n) < self.fingerprint_check)
-        for j in which:
-            seen = data.fingerprint(inputs[j])
+        # Tensor items: hash rows of the collated batch (same bytes, one prefix), not item by item.
+        fast = data.fingerprint_rows(batch, which) if isinstance(inputs[0], torch.Tensor) else None
+        for k, j in enumerate(which):
+            seen = fast[k] if fast is not None else data.fingerprint(inputs[j])
             if seen != int(stored[j]):
                 raise AlignmentError(
                     f"store row {int(rows[j])} (dataset index {int(index[j])}) has input fingerprint {int(stored[j]):016x} "
                     f"but the dataset now gives {seen:016x}: the dataset changed since extraction (order, content or "
                     "preprocessing); use the dataset the store was made from, or re-extract"
                 )
+
+
+PREFETCH = 2  # batches made ahead of the consumer
+
+
+def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, ``depth`` ahead; errors re-raise here; stopping early stops it."""
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as e:  # handed to the consumer
+            buffer.put((done, e))
+
+    thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def _getitems(dataset: Dataset, indices: list[int]) -> list[Any]:

@@ -9,7 +9,9 @@ Memory is bounded by the queue depth in batches plus the shards being gathered.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ from kdcache.progress import Progress
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLOAT16_MAX = 65504.0
+# Shards written at once while the next is gathered (each shard has one writer); zstd and file
+# writes release the GIL, so compression scales with cores.
+WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
 def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,
@@ -225,6 +230,8 @@ class ShardWriter:
 
     Batches never cross shards (``data.ShardBatches``). A shard is written only when every row
     of it has arrived, then marked done; an interrupted run leaves partial shards unwritten.
+    Complete shards are written by a small pool (``WRITE_THREADS``), so gathering the next shard
+    overlaps the checksums and file writes of the last ones; at most ``WRITE_THREADS`` are in flight.
     """
 
     def __init__(self, store: layout.Store, depth: int, bar: Progress):
@@ -233,6 +240,9 @@ class ShardWriter:
         self.error: BaseException | None = None
         self.shards: dict[int, dict[str, np.ndarray]] = {}
         self.filled: dict[int, int] = {}
+        self.spare: list[dict[str, np.ndarray]] = []  # buffers of written shards, reused: fresh pages cost as much as the write
+        self.pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="kdcache-write")
+        self.writing: list[tuple[Future[None], dict[str, np.ndarray]]] = []
         self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
 
     def __enter__(self) -> ShardWriter:
@@ -242,6 +252,8 @@ class ShardWriter:
     def __exit__(self, *exc: Any) -> None:
         self.queue.put(None)
         self.thread.join()
+        self._reap(keep=0)
+        self.pool.shutdown()
         if self.error is not None and exc[0] is None:
             raise self.error
 
@@ -267,7 +279,10 @@ class ShardWriter:
         lo, hi = int(rows[0]) - start, int(rows[-1]) - start + 1
         buf = self.shards.get(shard)
         if buf is None:
-            buf = self.shards[shard] = {p: np.empty((stop - start, *self.store.array(p).shape[1:]), self.store.array(p).dtype) for p in self.store.paths()}
+            if self.spare and len(self.spare[-1][layout.INDEX]) == stop - start:
+                buf = self.shards[shard] = self.spare.pop()
+            else:
+                buf = self.shards[shard] = {p: np.empty((stop - start, *self.store.array(p).shape[1:]), self.store.array(p).dtype) for p in self.store.paths()}
             self.filled[shard] = 0
         columns = {layout.INDEX: rows, layout.FINGERPRINT: batch["fingerprint"], layout.LABEL: batch["label"]}
         nbytes = 0
@@ -283,9 +298,22 @@ class ShardWriter:
             nbytes += buf[path][lo:hi].nbytes
         self.filled[shard] += hi - lo
         if self.filled[shard] == stop - start:
-            self.store.write_shard(shard, self.shards.pop(shard))
-            del self.filled[shard]
+            del self.filled[shard], self.shards[shard]
+            self._reap(keep=WRITE_THREADS - 1)
+            if self.error is not None:
+                raise self.error
+            self.writing.append((self.pool.submit(self.store.write_shard, shard, buf), buf))
         self.bar.update(hi - lo, nbytes)
+
+    def _reap(self, keep: int) -> None:
+        """Wait until at most ``keep`` shard writes are in flight; a failed write becomes ``self.error``."""
+        while len(self.writing) > keep:
+            future, buf = self.writing.pop(0)
+            try:
+                future.result()
+                self.spare = [buf]
+            except BaseException as e:  # handed to the main thread at its next put / exit
+                self.error = self.error or e
 
 
 def _nonfinite(target: layout.Target, nan: bool, first: int, last: int) -> TargetError:

@@ -208,7 +208,8 @@ class Store:
         assert not missing, f"shard {shard} lacks {sorted(missing)}"
         for path, data in arrays.items():
             assert len(data) == stop - start, (path, len(data), start, stop)
-            self.array(path)[start:stop] = data
+            if not _write_whole_shard(self.array(path), shard, data):
+                self.array(path)[start:stop] = data
         self.array(DONE)[shard] = True
 
     def finish(self) -> None:
@@ -332,6 +333,62 @@ class Store:
             "compression_ratio": (raw / stored) if stored else None,
         }
 
+
+
+def _write_whole_shard(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
+    """Write one complete shard of a local array straight to its file; False (nothing written) where this does not apply.
+
+    The bytes are exactly those zarr's sharding codec writes with ``write_empty_chunks`` (docs/FORMAT.md §3.1):
+    each inner chunk through ``bytes`` (little endian) [→ ``zstd``] → ``crc32c``, one after the other, then the
+    index (offset, length as little-endian uint64 per inner chunk) + its crc32c at the end. zarr 3.1 makes four
+    copies of every inner chunk on the way (fill, merge, checksum append, concatenate); here the chunks are views
+    of ``data`` handed to one ``writev``, which brings float16 map writes near ``numpy.tofile`` speed. Applies to
+    a whole shard of a local, row-sharded array with this store's codecs; anything else goes through zarr.
+    """
+    from google_crc32c import value as crc32c
+    from zarr.codecs import BytesCodec, ShardingCodec
+    from zarr.storage import LocalStore
+
+    codec = array.metadata.codecs[0] if len(array.metadata.codecs) == 1 else None
+    if not (isinstance(array.store, LocalStore) and isinstance(codec, ShardingCodec) and array.shards is not None):
+        return False
+    inner, index_codecs = list(codec.codecs), list(codec.index_codecs)
+    zstd = inner.pop(1) if len(inner) == 3 and isinstance(inner[1], ZstdCodec) else None
+    chunk = array.chunks[0]
+    little = data.dtype.byteorder in "<=|" and np.little_endian
+    if not (little and data.dtype == array.dtype and data.shape == array.shards and data.flags.c_contiguous
+            and array.shards[1:] == array.shape[1:] == array.chunks[1:] and data.shape[0] % chunk == 0
+            and [type(c) for c in inner] == [BytesCodec, Crc32cCodec] and [type(c) for c in index_codecs] == [BytesCodec, Crc32cCodec]
+            and codec.index_location.value == "end" and array.metadata.chunk_key_encoding.name == "default"):
+        return False
+    compress = __import__("numcodecs").Zstd(level=zstd.level, checksum=zstd.checksum).encode if zstd else None
+    flat = data.reshape(data.shape[0] // chunk, -1).view(np.uint8)  # one row per inner chunk: views, no copy
+    parts: list[Any] = []
+    index = np.empty((len(flat), 2), dtype="<u8")  # per inner chunk, in chunk order: offset, length
+    offset = 0
+    for i, raw in enumerate(flat):
+        body = compress(raw) if compress else raw
+        parts += [body, np.array([crc32c(body)], dtype="<u4")]
+        index[i] = offset, len(body) + 4
+        offset += len(body) + 4
+    parts += [index, np.array([crc32c(index.tobytes())], dtype="<u4")]
+    key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+    file = Path(array.store.root, array.path, *key.split("/"))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:  # writev may write less than asked; an iovec list is capped (IOV_MAX)
+            done = os.writev(fd, views[:1024])
+            while views and done >= len(views[0]):
+                done -= len(views.pop(0))
+            if done:
+                views[0] = views[0][done:]
+    finally:
+        os.close(fd)
+    os.replace(tmp, file)  # readers never see a half-written shard
+    return True
 
 def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Store:
     """Open an existing store (read-only by default) at any location (``zarr_store``). Never runs code: the manifest is JSON."""

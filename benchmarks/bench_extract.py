@@ -1,0 +1,91 @@
+"""1. Extract overhead: ``kdcache.extract`` throughput ÷ the same teacher's forward-only throughput.
+
+Teacher: ``models.resnet`` (ResNet-style, seeded weights, 3x64x64 inputs), same dataset, batch,
+device and precision for both loops. Cases: (a) logits only, (b) logits + pooled features,
+(c) logits + ``layer1`` (64x32x32 float16 = 128 KB/sample). Throughput excludes ``extract.setup``
+(model build, weight hash, probe batch: a fixed cost, measured and reported separately).
+Goals: (a), (b) >= 0.97 x forward-only; (c) >= 0.8 x min(forward-only, numpy.tofile of the
+same bytes to the same folder).
+
+    python benchmarks/bench_extract.py [--device cuda] [--check] [--out extract.json]
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import harness
+import kdcache
+import importlib
+
+kx = importlib.import_module("kdcache.extract")  # the module (kdcache.extract is also the function)
+
+CASES = {"a_logits": [], "b_logits_pooled": ["pool"], "c_logits_layer1": ["layer1"]}
+
+
+def main() -> None:
+    p = harness.parser(__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=0, help="images per run (default: 512 on cpu, 16384 on cuda)")
+    p.add_argument("--batch-size", type=int, default=0, help="default: 64 on cpu, 256 on cuda")
+    p.add_argument("--precision", default="", help="fp32 / bf16 / fp16 (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers for both loops (default: 0 on cpu, 8 on cuda)")
+    p.add_argument("--compression", default="zstd", help="zstd (the default) or none")
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    n = args.n or (16384 if cuda else 512) // (4 if args.quick else 1)
+    batch = args.batch_size or (256 if cuda else 64)
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    workers = args.num_workers if args.num_workers >= 0 else (8 if cuda else 0)
+    work = harness.workdir(args)
+    report = harness.Report("extract", args)
+    print(f"extract overhead: resnet, n={n}, batch={batch}, {args.device}, {precision}, workers={workers}, {args.compression}")
+    common = dict(batch_size=batch, precision=precision, num_workers=workers, compression=args.compression)
+    model = kx.setup(harness.bench_pipeline("resnet", batch, [], args.device, **common)).model
+    import models
+
+    dataset = models.images(str(n))
+    autocast = kx.Run(model, dataset, torch.device(args.device), precision, {}, True, {}).autocast
+
+    def forward_only() -> None:
+        loader = DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=cuda)
+        with torch.inference_mode(), autocast():
+            for x, _ in loader:
+                model(x.to(args.device, non_blocking=True))
+
+    report.figure("n", n), report.figure("batch_size", batch), report.figure("precision", precision)
+    for case, layers in CASES.items():
+        pipeline = harness.bench_pipeline("resnet", n, layers, args.device, **common)
+        out = work / f"{case}.zarr"
+        bytes_per_sample = 2 * 1000 + 2 * (512 if layers == ["pool"] else 64 * 32 * 32 if layers else 0)
+        payload = np.ones((n, bytes_per_sample // 2), np.float16)
+        t = harness.interleaved({
+            "forward": forward_only,
+            "extract": lambda: kdcache.extract(pipeline, str(out), overwrite=True),
+            "setup": lambda: kx.setup(pipeline),
+            "tofile": lambda: payload.tofile(work / "payload.bin"),
+        }, args.repeats, args.device)
+        fwd, ext = n / t["forward"], n / max(1e-9, t["extract"] - t["setup"])
+        disk = n / t["tofile"]
+        report.figure(f"{case}.bytes_per_sample", bytes_per_sample)
+        report.figure(f"{case}.forward_samples_per_s", fwd)
+        report.figure(f"{case}.extract_samples_per_s", ext, "(setup excluded)")
+        report.figure(f"{case}.extract_whole_call_samples_per_s", n / t["extract"])
+        report.figure(f"{case}.setup_s", t["setup"])
+        report.figure(f"{case}.tofile_samples_per_s", disk, f"({disk * bytes_per_sample / 1e6:,.0f} MB/s)")
+        report.figure(f"{case}.ratio_vs_forward", ext / fwd)
+        if layers == ["layer1"]:
+            report.figure(f"{case}.ratio_vs_min_forward_disk", ext / min(fwd, disk))
+            report.goal(f"{case}: extract / min(forward, tofile)", ext / min(fwd, disk), ">=", 0.8)
+        else:
+            report.goal(f"{case}: extract / forward", ext / fwd, ">=", 0.97)
+        shutil.rmtree(out, ignore_errors=True)
+    (work / "payload.bin").unlink(missing_ok=True)
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()

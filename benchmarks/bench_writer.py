@@ -1,0 +1,80 @@
+"""2. Writer bandwidth: store write MB/s ÷ ``numpy.tofile`` MB/s to the same folder.
+
+Float16 activation maps (ReLU'd seeded normals, ``[N, 64, 32, 32]``, 128 KB/sample) go through
+the writer extract uses (``extract.ShardWriter`` gathering batches into shards, ``Store.write_shard``),
+with compression ``none`` (the goal: >= 0.5) and ``zstd`` level 1 (reported; compression is CPU-bound).
+
+    python benchmarks/bench_writer.py [--check] [--out writer.json]
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+
+import numpy as np
+import torch
+
+import harness
+from kdcache import store as layout
+from kdcache.progress import Progress
+
+kx = importlib.import_module("kdcache.extract")
+SHAPE = (64, 32, 32)
+
+
+def write_store(location: str, maps: np.ndarray, codec: str, batch: int) -> None:
+    n = len(maps)
+    target = layout.Target("layer1", layout.layer_path("layer1"), SHAPE, "float16", "layer1", "tensor")
+    bps = {layout.INDEX: 8, layout.FINGERPRINT: 8, target.path: maps[0].nbytes}
+    manifest = {"num_samples": n, "has_labels": False, "targets": {"layer1": target.to_dict()}, "kdcache_version": "bench",
+                "teacher": {"factory": "-", "class": "-", "weights_sha256": "-", "num_parameters": 0},
+                "dataset": {"factory": "-", "split": "-", "length": n},
+                "geometry": layout.plan_geometry(n, bps), "compression": {"codec": codec, "level": 1, "checksum": "crc32c"}}
+    store = layout.create_or_resume(location, manifest, overwrite=True)
+    flags = torch.zeros(2, dtype=torch.bool)
+    with kx.ShardWriter(store, 4, Progress(n, "write", enabled=False)) as writer:
+        for shard in range(store.num_shards):
+            start, stop = store.shard_rows(shard)
+            for lo in range(start, stop, batch):
+                rows = np.arange(lo, min(lo + batch, stop))
+                b = {"index": rows, "fingerprint": rows.astype(np.uint64), "label": None}
+                writer.put(b, {target.path: torch.from_numpy(maps[lo : lo + len(rows)]), target.path + "#flags": flags}, None)
+
+
+def clean(work) -> None:
+    """Delete what a timed write left, so each write creates new files (as extract does)."""
+    for path in work.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def main() -> None:
+    p = harness.parser(__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=0, help="samples (default 4096: 512 MiB of float16)")
+    args = p.parse_args()
+    n = args.n or (1024 if args.quick else 4096)
+    work = harness.workdir(args)
+    report = harness.Report("writer", args)
+    rng = np.random.default_rng(0)
+    maps = np.maximum(rng.standard_normal((n, *SHAPE), dtype=np.float32), 0).astype(np.float16)
+    mb = maps.nbytes / 1e6
+    print(f"writer bandwidth: {n} x {list(SHAPE)} float16 = {mb:,.0f} MB into {work}")
+    t = harness.interleaved({
+        "tofile": lambda: maps.tofile(work / "maps.bin"),
+        "none": lambda: write_store(str(work / "none.zarr"), maps, "none", 256),
+        "zstd": lambda: write_store(str(work / "zstd.zarr"), maps, "zstd", 256),
+    }, args.repeats, cleanup=lambda: clean(work))
+    for k, v in t.items():
+        report.figure(f"{k}_MB_per_s", mb / v)
+    write_store(str(work / "none.zarr"), maps, "none", 256)
+    back = layout.open_store(str(work / "none.zarr")).read(layout.layer_path("layer1"), 0, n)
+    assert np.array_equal(back.view(np.uint16), maps.view(np.uint16)), "store does not read back what was written"
+    report.figure("ratio_none_vs_tofile", t["tofile"] / t["none"])
+    report.figure("ratio_zstd1_vs_tofile", t["tofile"] / t["zstd"], "(reported, no goal: zstd is CPU-bound)")
+    report.goal("store write (none) / numpy.tofile", t["tofile"] / t["none"], ">=", 0.5)
+    shutil.rmtree(work, ignore_errors=True)
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The one device run (see benchmarks/README.md): CUDA extract tests, a ResNet extract on CUDA with bf16
+# autocast and pinned copies, and benchmarks 1-4 with --device cuda. JSON and logs go to $OUT.
+# Needs the wheels in .whl (zarr, numcodecs, donfig, google-crc32c for Python 3.12; README says how).
+set -u -o pipefail
+OUT=${OUT:-/tmp/kdcache-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import sys, torch, zarr, numcodecs; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zarr', zarr.__version__, 'numcodecs', numcodecs.__version__)"
+rc=0
+step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; local r=${PIPESTATUS[0]}
+  echo "=== $name: exit $r in $((SECONDS - t0)) s"; [ "$r" = 0 ] || rc=1; }
+step tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_extract.py
+step gpu_extract 90 python3 benchmarks/gpu_extract.py --out "$OUT/gpu_extract.json"
+step bench_extract 150 python3 benchmarks/bench_extract.py --device cuda --n 8192 --out "$OUT/extract.json" --workdir /tmp/kb
+step bench_writer 60 python3 benchmarks/bench_writer.py --out "$OUT/writer.json" --workdir /tmp/kb
+step bench_train 120 python3 benchmarks/bench_train.py --device cuda --out "$OUT/train.json" --workdir /tmp/kb
+exit $rc

@@ -1,0 +1,75 @@
+"""Seeded synthetic teachers and datasets for the benchmarks (real ones live in pipelines/mnist.py).
+
+``resnet()`` is a ResNet-style conv net on 3x64x64 images (stem, four residual stages, global
+average pool, linear head) with seeded random weights: the shapes and costs of a real vision
+teacher without downloading one. Stored targets the benchmarks use:
+
+- ``logits`` [1000] (2 KB/sample as float16), ``pool`` [512] (1 KB/sample, the pooled features),
+- ``layer1`` [64, 32, 32] (128 KB/sample as float16: the large activation map).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+IMAGE = (3, 64, 64)
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.skip(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, width: int = 64, classes: int = 1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))  # 64x64 -> 32x32
+        self.layer1 = Block(width, width, 1)            # [64, 32, 32]
+        self.layer2 = Block(width, 2 * width, 2)        # [128, 16, 16]
+        self.layer3 = Block(2 * width, 4 * width, 2)    # [256, 8, 8]
+        self.layer4 = Block(4 * width, 8 * width, 2)    # [512, 4, 4]
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # [512]
+        self.fc = nn.Linear(8 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(self.pool(x))
+
+
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ResNet().eval()
+
+
+class Images(Dataset):
+    """``n`` seeded 3x64x64 float32 images with labels; batches come from ``__getitems__`` (one slice)."""
+
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(n)
+        self.x = torch.randn(n, *IMAGE, generator=g)
+        self.y = torch.randint(0, 1000, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        return list(zip(self.x[idx].unbind(0), self.y[idx].unbind(0)))
+
+
+def images(split: str) -> Dataset:
+    """The split is the number of images, e.g. ``"2048"``."""
+    return Images(int(split))

@@ -1,0 +1,43 @@
+"""The performance paths produce exactly what the plain paths do: shard files byte for byte, fingerprints digit for digit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from kdcache import data, store as layout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int64", "uint64"])
+@pytest.mark.parametrize("level", [None, 1, 5])
+@pytest.mark.parametrize("shape,chunk", [((64, 4, 5), 8), ((64,), 16), ((64, 3), 64)])
+def test_whole_shard_write_is_byte_identical_to_zarr(tmp_path: Path, dtype: str, level: int | None, shape: tuple[int, ...], chunk: int):
+    x = (np.maximum(np.random.default_rng(0).standard_normal(shape), 0) * 10).astype(dtype)
+    compressors = [Crc32cCodec()] if level is None else [ZstdCodec(level=level), Crc32cCodec()]
+    arrays = []
+    for name in ("zarr", "fast"):
+        group = zarr.open_group(tmp_path / name, mode="w")
+        arrays.append(group.create_array("t/x", shape=(96, *shape[1:]), chunks=(chunk, *shape[1:]), shards=(64, *shape[1:]), dtype=dtype,
+                                         compressors=compressors, fill_value=0, config={"write_empty_chunks": True}))
+    arrays[0][0:64] = x
+    assert layout._write_whole_shard(arrays[1], 0, x)
+    files = {name: {str(f.relative_to(tmp_path / name)): f.read_bytes() for f in (tmp_path / name).rglob("*") if f.is_file()} for name in ("zarr", "fast")}
+    assert files["zarr"] == files["fast"]
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "fast" / "t/x")[:64], x)
+
+
+def test_partial_shard_is_left_to_zarr(tmp_path: Path):
+    a = zarr.open_group(tmp_path, mode="w").create_array("x", shape=(40,), chunks=(16,), shards=(32,), dtype="float16", fill_value=0)
+    assert not layout._write_whole_shard(a, 1, np.ones(8, np.float16))
+
+
+@pytest.mark.parametrize("batch", [torch.randn(5, 1, 28, 28), torch.randn(5, 3).half(), torch.arange(5), torch.zeros(5, 0), torch.randn(5, 64, 64)])
+def test_fingerprint_rows_equal_item_fingerprints(batch: torch.Tensor):
+    assert data.fingerprint_rows(batch, range(5)) == [data.fingerprint(batch[i].clone()) for i in range(5)]
+    assert data.fingerprint_rows(batch, [3, 1]) == [data.fingerprint(batch[3].clone()), data.fingerprint(batch[1].clone())]
+    assert data.fingerprint_rows({"x": batch}, range(5)) is None
