@@ -229,6 +229,8 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     if t.eval_cache:
         store = open_for_training(t.eval_cache, allow_partial=False, storage_options=storage_options)
         split = store.manifest["dataset"]["split"]
+        if layout.LOGITS not in {tg.path for tg in store.targets.values()}:
+            raise PipelineError(f"train.eval_cache {t.eval_cache!r} stores no logits to compare with; extract it with targets.logits = true")
         if t.eval_split and t.eval_split != split:
             raise PipelineError(f"train.eval_split = {t.eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
