@@ -73,3 +73,19 @@ class Images(Dataset):
 def images(split: str) -> Dataset:
     """The split is the number of images, e.g. ``"2048"``."""
     return Images(int(split))
+
+
+def mnist_rows(split: str) -> Dataset:
+    """The first ``int(split)`` images of the real MNIST ``train`` split (pipelines/mnist.py), e.g. ``"10000"``.
+
+    For stores of N and 4N real rows (bench_memory.py); the whole MNIST file is in RAM either way.
+    """
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parent.parent / "pipelines")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import mnist
+
+    return torch.utils.data.Subset(mnist.dataset("train"), range(int(split)))
