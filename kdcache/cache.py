@@ -180,7 +180,7 @@ class TransferSet(IterableDataset):
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check_rng: np.random.Generator) -> dict[str, Any]:
         index = columns[layout.INDEX]
-        items = _getitems(self.dataset, index.tolist())
+        items = data.getitems(self.dataset, index.tolist())
         inputs = [data.split_item(item)[0] for item in items]
         batch = default_collate(inputs)
         self._check(rows, index, inputs, batch, columns[layout.FINGERPRINT], check_rng)
@@ -245,11 +245,6 @@ def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-
-
-def _getitems(dataset: Dataset, indices: list[int]) -> list[Any]:
-    getitems = getattr(dataset, "__getitems__", None)
-    return list(getitems(indices)) if getitems else [dataset[i] for i in indices]
 
 
 def done_rows(store: layout.Store) -> np.ndarray:

@@ -100,6 +100,12 @@ def _feed(h: Any, value: Any) -> None:
         h.update(repr(value).encode())
 
 
+def getitems(dataset: Dataset, indices: list[int]) -> list[Any]:
+    """Items ``indices`` of a map-style dataset, through its batched ``__getitems__`` when it has one."""
+    batched = getattr(dataset, "__getitems__", None)
+    return list(batched(indices)) if batched else [dataset[i] for i in indices]
+
+
 class Indexed(Dataset):
     """Item ``i`` of the wrapped dataset as ``(i, fingerprint, inputs, label)``."""
 
@@ -114,8 +120,7 @@ class Indexed(Dataset):
         return self._wrap(i, self.dataset[i])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[int, int, Any, int | None]]:
-        getitems = getattr(self.dataset, "__getitems__", None)
-        items = getitems(indices) if getitems else [self.dataset[i] for i in indices]
+        items = getitems(self.dataset, indices)
         return [self._wrap(i, item) for i, item in zip(indices, items)]
 
     def _wrap(self, i: int, item: Any) -> tuple[int, int, Any, int | None]:
