@@ -218,20 +218,24 @@ def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
     stop = threading.Event()
     done = object()
 
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        """Hand one entry over unless the consumer has stopped (then never block)."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            buffer.put((done, None))
+            put((done, None))
         except BaseException as e:  # handed to the consumer
-            buffer.put((done, e))
+            put((done, e))
 
     thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
     thread.start()
