@@ -20,6 +20,20 @@ from kdcache import store as layout
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
 
 
+class _Checked:
+    """One array of a store as dask reads it, block by block, through ``Store.read``: a damaged shard is
+    an error naming it, never zeros."""
+
+    def __init__(self, store: layout.Store, path: str):
+        arr = store.array(path)
+        self.store, self.path, self.shape, self.dtype, self.ndim = store, path, arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        start, stop, _ = key[0].indices(self.shape[0])
+        return self.store.read(self.path, start, stop)[(slice(None), *key[1:])]
+
+
 def stats(location: str, *, storage_options: dict[str, Any] | None = None, scheduler: str = "threads",
           num_workers: int | None = None) -> dict[str, Any]:
     """Statistics over the done shards of the store at ``location`` (``scheduler``: a dask scheduler name)."""
@@ -31,7 +45,8 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
 
     def column(path: str) -> Any:
         arr = store.array(path)
-        full = da.from_zarr(arr, chunks=(int(arr.chunks[0]), *arr.shape[1:]))
+        # name=False: a random dask name, nothing of the store hashed
+        full = da.from_array(_Checked(store, path), chunks=(int(arr.chunks[0]), *arr.shape[1:]), name=False)
         if len(done) == store.num_shards:
             return full
         return da.concatenate([full[slice(*store.shard_rows(s))] for s in done]) if done else full[:0]
