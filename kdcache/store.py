@@ -193,8 +193,8 @@ class Store:
     def complete(self) -> bool:
         return bool(self.done().all())
 
-    def samples_done(self) -> int:
-        done = self.done()
+    def samples_done(self, done: np.ndarray | None = None) -> int:
+        done = self.done() if done is None else done
         return int(sum(self.shard_rows(int(s))[1] - self.shard_rows(int(s))[0] for s in np.flatnonzero(done)))
 
     def pending_shards(self) -> list[int]:
@@ -206,17 +206,39 @@ class Store:
         start, stop = self.shard_rows(shard)
         missing = set(self.paths()) - set(arrays)
         assert not missing, f"shard {shard} lacks {sorted(missing)}"
-        for path, data in arrays.items():
-            assert len(data) == stop - start, (path, len(data), start, stop)
-            if not _write_whole_shard(self.array(path), shard, data):
-                self.array(path)[start:stop] = data
-        self.array(DONE)[shard] = True
+        try:
+            for path, data in arrays.items():
+                assert len(data) == stop - start, (path, len(data), start, stop)
+                self._remove_stale_temps(self.shard_key(path, shard))  # a shard has one writer: its temps are dead
+                if not _write_whole_shard(self.array(path), shard, data):
+                    self.array(path)[start:stop] = data
+            self._remove_stale_temps(f"{DONE}/c/{shard}")
+            self.array(DONE)[shard] = True
+        except OSError as e:
+            raise self._write_error(f"shard {shard}", e) from None
+
+    def _remove_stale_temps(self, key: str) -> None:
+        """Remove temp files a killed writer left beside the object ``key`` of a local store: ours
+        (``.NAME.PID.tmp``) and zarr's (``STEM.UUID.partial``). Only the one writer of that object calls this."""
+        if location_kind(self.location) != "local":
+            return
+        file = Path(_local_path(self.location), *key.split("/"))
+        if file.parent.is_dir():
+            for stale in [*file.parent.glob(f".{file.name}.*.tmp"), *file.parent.glob(f"{file.stem}.{'[0-9a-f]' * 32}.partial")]:
+                stale.unlink(missing_ok=True)
+
+    def _write_error(self, what: str, e: OSError) -> StoreError:
+        return _write_error(self.location, what, e)
 
     def finish(self) -> None:
         """Record completion time once every shard is done."""
         if self.complete and not self.manifest.get("completed"):
             self.manifest["completed"] = _now()
-            self.group.attrs[ATTRS] = self.manifest
+            try:
+                self._remove_stale_temps("zarr.json")
+                self.group.attrs[ATTRS] = self.manifest
+            except OSError as e:
+                raise self._write_error("the manifest", e) from None
 
     # -- reading ----------------------------------------------------------------------------
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
@@ -237,7 +259,7 @@ class Store:
             return os.path.getsize(self.location)
         if kind == "local":
             root = Path(self.location)
-            return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else None
+            return _local_size(root) if root.is_dir() else None
         if kind == "http":
             return None
         fs, path = _filesystem(self.location, self.storage_options)
@@ -295,9 +317,9 @@ class Store:
                 problems.append(f"shard {shard} inner chunk {c} (rows {start + c * chunk}-{min(start + (c + 1) * chunk, stop) - 1}): crc32c checksum mismatch")
         return problems
 
-    def nbytes_raw(self) -> int:
-        """Uncompressed bytes of the rows done, over every array."""
-        rows = self.samples_done()
+    def nbytes_raw(self, rows: int | None = None) -> int:
+        """Uncompressed bytes of the rows done (``rows``: their number, if known), over every array."""
+        rows = self.samples_done() if rows is None else rows
         total = 0
         for path in self.paths():
             arr = self.array(path)
@@ -307,7 +329,9 @@ class Store:
     def info(self) -> dict[str, Any]:
         """The machine-readable summary ``kdcache info --json`` prints."""
         m = self.manifest
-        stored, raw = self.nbytes_stored(), self.nbytes_raw()
+        done = self.done()  # one snapshot: a writer may mark more shards done meanwhile
+        samples_done = self.samples_done(done)
+        stored, raw = self.nbytes_stored(), self.nbytes_raw(samples_done)
         return {
             "location": self.location,
             "format": FORMAT,
@@ -316,9 +340,9 @@ class Store:
             "created": m["created"],
             "completed": m.get("completed"),
             "num_samples": self.num_samples,
-            "samples_done": self.samples_done(),
-            "complete": self.complete,
-            "shards_done": int(self.done().sum()),
+            "samples_done": samples_done,
+            "complete": bool(done.all()),
+            "shards_done": int(done.sum()),
             "num_shards": self.num_shards,
             "rows_per_shard": self.rows_per_shard,
             "has_labels": self.has_labels,
@@ -333,6 +357,26 @@ class Store:
             "compression_ratio": (raw / stored) if stored else None,
         }
 
+
+
+def _write_error(location: str, what: str, e: OSError) -> StoreError:
+    """A failed write (disk full, quota, I/O error) as a one-line error; the store stays resumable."""
+    import errno
+
+    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
+    return StoreError(f"cannot write {what} of {location!r}: {e.strerror or e}; "
+                      f"{fix} and rerun the same command to resume (shards already done are kept)")
+
+
+def _local_size(root: Path) -> int:
+    """Bytes of the files under ``root``; a file renamed or removed while listed (a writer's temp file) counts 0."""
+    total = 0
+    for f in root.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _write_whole_shard(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
@@ -378,16 +422,20 @@ def _write_whole_shard(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        views = [memoryview(p).cast("B") for p in parts]
-        while views:  # writev may write less than asked; an iovec list is capped (IOV_MAX)
-            done = os.writev(fd, views[:1024])
-            while views and done >= len(views[0]):
-                done -= len(views.pop(0))
-            if done:
-                views[0] = views[0][done:]
-    finally:
-        os.close(fd)
-    os.replace(tmp, file)  # readers never see a half-written shard
+        try:
+            views = [memoryview(p).cast("B") for p in parts]
+            while views:  # writev may write less than asked; an iovec list is capped (IOV_MAX)
+                done = os.writev(fd, views[:1024])
+                while views and done >= len(views[0]):
+                    done -= len(views.pop(0))
+                if done:
+                    views[0] = views[0][done:]
+        finally:
+            os.close(fd)
+        os.replace(tmp, file)  # readers never see a half-written shard
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back
+        raise
     return True
 
 def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Store:
@@ -505,7 +553,8 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
     """
     location = str(location)
     target = zarr_store(location, storage_options, read_only=False)  # refuses read-only kinds (zip, http)
-    if _exists(location, storage_options) and not overwrite:
+    interrupted = _interrupted_creation(location)  # killed before its manifest was written: created again
+    if _exists(location, storage_options) and not overwrite and not interrupted:
         store = open_store(location, mode="r+", storage_options=storage_options)
         for key, what in IDENTITY.items():
             old, new = _get(store.manifest, key), _get(manifest, key)
@@ -516,8 +565,44 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
                     "use the original pipeline to resume, or --overwrite to start afresh"
                 )
         return store
-    if not _exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
+    if not interrupted and not _exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another --out or remove it")
+    try:
+        return _create(location, target, manifest, storage_options)
+    except OSError as e:
+        raise _write_error(location, "the metadata", e) from None
+
+
+def _interrupted_creation(location: str) -> bool:
+    """Whether a local folder holds only what ``create_or_resume`` writes before the manifest: zarr
+    metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
+    if location_kind(location) != "local":
+        return False
+    import fnmatch
+    import json
+
+    root = Path(_local_path(location))
+    try:
+        attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {}) if (root / "zarr.json").is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    if ATTRS in attrs or not root.is_dir():
+        return False  # a store (the usual case: answered without listing it)
+    nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE)
+    found = False
+    for path in root.rglob("*"):  # stops at the first file that is not such metadata
+        if path.is_dir():
+            continue
+        parent, _, name = path.relative_to(root).as_posix().rpartition("/")
+        if not (name == "zarr.json" or (name.startswith("zarr.") and name.endswith(".partial"))):
+            return False
+        if not any(fnmatch.fnmatchcase(parent, pattern) and parent.count("/") == pattern.count("/") for pattern in nodes):
+            return False
+        found = True
+    return found
+
+
+def _create(location: str, target: Any, manifest: dict[str, Any], storage_options: dict[str, Any] | None) -> Store:
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, created=_now(), completed=None)
     group = zarr.open_group(target, mode="w", zarr_format=3)
     geometry = manifest["geometry"]

@@ -78,8 +78,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
             if rank == 0:
                 _save_epoch(out, run, optimizer, schedule, state, metrics)
     if rank == 0:
-        torch.save(run.student.state_dict(), out / "student.pt")
-        torch.save(run.heads.state_dict(), out / "heads.pt")
+        _save(run.student.state_dict(), out / "student.pt")
+        _save(run.heads.state_dict(), out / "heads.pt")
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
@@ -281,12 +281,13 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line)."""
     lines = [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]] + [metrics]
-    _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
+    try:
+        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
+    except OSError as e:
+        raise _write_error(out / "metrics.jsonl", e) from None
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": torch.get_rng_state()}
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out / CHECKPOINT)
+    _save(ckpt, out / CHECKPOINT)
 
 
 def _load_checkpoint(out: Path, run: Run, optimizer: Any, schedule: Any) -> dict[str, int]:
@@ -306,8 +307,57 @@ def _read_metrics(out: Path) -> list[dict[str, Any]]:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _Recorded:
+    """A file whose write errors are kept: ``torch.save`` turns them into a bare RuntimeError."""
+
+    def __init__(self, file: Any):
+        self.file, self.error = file, None
+        self.name = file.name
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file renamed over ``path``: a crash or a full disk leaves the previous file whole."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            recorded = _Recorded(f)
+            try:
+                torch.save(obj, recorded)
+            except RuntimeError:
+                if recorded.error is None:
+                    raise
+                raise recorded.error from None
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from None
+
+
+def _write_error(path: Path, e: OSError) -> StoreError:
+    """A failed write of the output folder (disk full, quota, I/O error) as a one-line error."""
+    import errno
+
+    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
+    again = "rerun with --resume to continue from the last checkpoint" if (path.parent / CHECKPOINT).is_file() else "rerun"
+    return StoreError(f"cannot write {str(path)!r}: {e.strerror or e}; {fix} and {again}")
 
 
 def write_pipeline(out: Path, pipeline: Pipeline) -> None:

@@ -1,0 +1,410 @@
+"""Reliability (issue 8): kill -9 at exact write moments, readers during a write, a full disk.
+
+Faults are injected by ``tests/fixtures/faults.py``, which wraps the calls every write goes through
+(``os.writev`` / ``os.replace``, zarr's local temp-file write, ``torch.save``, ``Path.write_text``)
+and counts them as events; a run is killed (SIGKILL) or made to fail (ENOSPC) at event N. An
+uninterrupted run, with the same wrappers only counting, gives both the reference result and the
+list of events the N are drawn from (seeded), so each kill lands on a known moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import faults
+from conftest import TINY_TOML
+from kdcache.cli import main
+from kdcache.store import open_store
+from reference import FIXTURES, file_bytes, read_store, without_times, write_toml
+
+FAULTS = FIXTURES / "faults.py"
+N, ROWS = 50, 16  # 4 shards: 16 + 16 + 16 + 2 rows (the last one is written through zarr, the others directly)
+TRAIN_EPOCHS = 3
+PLAIN = ["--set", "train.features={}", "--set", "train.eval_split=''"]
+STUDENT = ["--set", f'student.factory="{FIXTURES / "faults.py"}:student"', "--set", "train.loss.kl=1.0", "--set", "train.device=\"cpu\"",
+           "--set", "train.batch_size=4"]
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def env(**extra: object) -> dict[str, str]:
+    """The environment of a kdcache subprocess: one torch thread (as this process), no ZOO_* from the caller."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "KDCACHE_FAULT"))}
+    return base | {"OMP_NUM_THREADS": "1"} | {k: str(v) for k, v in extra.items()}
+
+
+def run_with_fault(fault: str, log: Path, root: Path, *args: object, timeout: float = 120, **zoo: object) -> subprocess.CompletedProcess:
+    """``kdcache ARGS`` in a subprocess with ``fault`` (``kill:N`` / ``enospc:N``) injected."""
+    extra = {f"ZOO_{k}": v for k, v in zoo.items()} | {"KDCACHE_FAULT": fault, "KDCACHE_FAULT_LOG": log, "KDCACHE_FAULT_ROOT": root}
+    return subprocess.run([sys.executable, str(FAULTS), *map(str, args), "--no-progress"], env=env(**extra),
+                          capture_output=True, timeout=timeout)
+
+
+def counted(log: Path, root: Path, *args: object):
+    """Run ``kdcache ARGS`` in this process with every write event counted; returns the CliRunner result."""
+    f = faults.install("count", 0, str(log), str(root))
+    try:
+        return invoke(*args)
+    finally:
+        f.uninstall()
+
+
+def assert_one_line_error(output: str, *match: str) -> None:
+    assert "Traceback" not in output, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), output
+    for m in match:
+        assert m in lines[0], lines[0]
+
+
+def assert_same_store(got: Path, want: Path) -> None:
+    """Equal manifests (but for timestamps), equal arrays, byte-identical files, rows 0..N-1 in order."""
+    got_manifest, got_arrays = read_store(got)
+    want_manifest, want_arrays = read_store(want)
+    assert without_times(got_manifest) == without_times(want_manifest)
+    assert got_manifest["completed"] is not None
+    assert got_arrays.keys() == want_arrays.keys()
+    for path in want_arrays:
+        assert got_arrays[path].dtype == want_arrays[path].dtype, path
+        np.testing.assert_array_equal(got_arrays[path], want_arrays[path], err_msg=path)
+    np.testing.assert_array_equal(got_arrays["samples/index"], np.arange(len(want_arrays["samples/index"])))
+    assert got_arrays["progress/done"].all()
+    got_files, want_files = file_bytes(got), file_bytes(want)
+    assert sorted(got_files) == sorted(want_files), "leftover or missing files"
+    assert got_files == want_files
+
+
+def temp_files(location: Path) -> list[str]:
+    return sorted(str(p.relative_to(location)) for p in location.rglob("*") if p.name.endswith((".tmp", ".partial")))
+
+
+# ------------------------------------------------------------------------------ 1. kill -9: extract
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """The zoo pipeline (logits + two layers, 4 shards) and its uninterrupted store, extracted with every write counted."""
+    root = tmp_path_factory.mktemp("zoo")
+    toml = write_toml(root / "p.toml", f"extract.rows_per_shard={ROWS}")
+    result = counted(root / "events.log", root, "extract", toml, "--out", root / "reference.zarr")
+    assert result.exit_code == 0, result.output
+    return {"root": root, "toml": toml, "reference": root / "reference.zarr", "events": faults.read_log(root / "events.log")}
+
+
+def kill_moments(events: list[tuple[int, str, str]], seed: int = 8) -> list[tuple[str, int]]:
+    """Ten seeded kill points (category, event number), spread over the phases of a run."""
+    rng = random.Random(seed)
+    first_shard = min(n for n, kind, p in events if "/c/" in p)
+    manifest = [n for n, kind, p in events if p == "reference.zarr/zarr.json" and kind == "write"]
+    creation_manifest, final_manifest = max(n for n in manifest if n < first_shard), manifest[-1]
+    data = [e for e in events if "/c/" in e[2] and "progress/done" not in e[2]]
+    early = [n for n, _, _ in events if n < creation_manifest]
+    mid_shard = [n for n, kind, _ in data if kind == "write"]  # a shard object's bytes being written
+    # a shard's object(s) in place, its done flag not yet: after a rename, or while the flag is written
+    before_done = [n for n, kind, _ in data if kind == "committed"] + [n for n, kind, p in events if "progress/done/c" in p and kind != "committed"]
+    points = [("early", n) for n in rng.sample(early, 2)] + [("mid-shard", n) for n in rng.sample(mid_shard, 3)]
+    points += [("before-done", n) for n in rng.sample(before_done, 3)]
+    points += [("manifest", creation_manifest), ("manifest", rng.choice(range(final_manifest, events[-1][0] + 1)))]
+    return points
+
+
+def shard_of(key: str) -> int:
+    """The shard a storage key (or a temp file of one) belongs to: ``a/c/2/0``, ``a/c/.2.123.tmp``, ``a/c/3.ab12.partial``."""
+    first = key.split("/c/", 1)[1].split("/")[0]
+    return int(first.split(".")[1] if first.startswith(".") else first.split(".")[0])
+
+
+def done_flags(location: Path, shards: int = 4) -> np.ndarray:
+    """``progress/done`` of a store, or all false where the run died before the manifest was written."""
+    try:
+        return open_store(location).done()
+    except Exception:  # noqa: BLE001 - no store (yet) at all
+        return np.zeros(shards, bool)
+
+
+@pytest.mark.slow
+def test_extract_killed_at_ten_moments_resumes_to_the_uninterrupted_store(zoo, tmp_path, zoo_env, fetch_log):
+    events = {n: (kind, path) for n, kind, path in zoo["events"]}
+    moments = kill_moments(zoo["events"])
+    assert Counter(c for c, _ in moments) == {"early": 2, "mid-shard": 3, "before-done": 3, "manifest": 2}
+    for i, (category, n) in enumerate(moments):
+        out = tmp_path / f"k{i}" / "reference.zarr"  # the same name as the reference, so event paths line up
+        out.parent.mkdir()
+        proc = run_with_fault(f"kill:{n}", out.parent / "events.log", out.parent, "extract", zoo["toml"], "--out", out)
+        where = f"kill {i} ({category}) at event {n} {events[n]}"
+        assert proc.returncode == -signal.SIGKILL, f"{where}: {proc.stderr.decode()[-2000:]}"
+        hit = faults.read_log(out.parent / "events.log")[-1]
+        assert hit[:2] == (n, events[n][0]), f"{where}: the killed run hit {hit}"
+        done = done_flags(out)
+        if category in ("mid-shard", "before-done"):
+            assert not done[shard_of(events[n][1])], f"{where}: a shard was marked done before its data was written"
+
+        fetch_log(clear=True)
+        result = invoke("extract", zoo["toml"], "--out", out, "--no-progress")  # the same command, resumed
+        assert result.exit_code == 0, f"{where}: {result.output}"
+        assert_same_store(out, zoo["reference"])
+        done_rows = {r for s in np.flatnonzero(done) for r in range(s * ROWS, min(s * ROWS + ROWS, N))}
+        probe = set(range(8)) | {N - 1}  # the probe batch and the last item (identity check)
+        fetched = Counter(fetch_log())
+        assert not (set(fetched) & done_rows) - probe, f"{where}: rows of shards marked done were fetched again"
+        assert all(c == 1 for r, c in fetched.items() if r not in probe), f"{where}: a row was fetched twice"
+
+
+# ------------------------------------------------------------------------------ 1. kill -9: train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_store):
+    """An uninterrupted training run (every write event counted) and its outputs."""
+    root = tmp_path_factory.mktemp("train")
+    args = ["train", TINY_TOML, "--cache", tiny_store, "--out", root / "reference", "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress"]
+    result = counted(root / "events.log", root, *args)
+    assert result.exit_code == 0, result.output
+    return {"root": root, "store": tiny_store, "reference": root / "reference", "events": faults.read_log(root / "events.log")}
+
+
+def assert_same_training(got: Path, want: Path) -> None:
+    for name in ("student.pt", "heads.pt"):
+        a, b = torch.load(got / name, weights_only=True), torch.load(want / name, weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
+    lines = [json.loads(x) for x in (got / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (want / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == list(range(TRAIN_EPOCHS))
+    assert [m["loss"] for m in lines] == [m["loss"] for m in ref]
+    assert not [p.name for p in got.iterdir() if p.name.endswith(".tmp")]
+
+
+def train_moments(events: list[tuple[int, str, str]], seed: int = 8) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    steps = [n for n, kind, _ in events if kind == "step"]
+    ckpt = [n for n, kind, p in events if p.endswith(("checkpoint.pt.tmp", "checkpoint.pt"))]
+    first, last_ckpt = ckpt[0], ckpt[-1]
+    final = [n for n, kind, p in events if n > last_ckpt and p.endswith(("student.pt", "heads.pt", ".pt.tmp"))]
+    return [("mid-epoch 0", rng.choice([n for n in steps if n < first])), ("mid-epoch", rng.choice([n for n in steps if n > first])),
+            ("checkpoint write", rng.choice([n for n, kind, p in events if kind == "write" and "checkpoint" in p and n > first])),
+            ("checkpoint", rng.choice(ckpt)),
+            ("final weights", rng.choice(final))]
+
+
+def test_train_killed_at_seeded_moments_resumes_to_the_uninterrupted_weights(trained, tmp_path):
+    events = {n: (kind, path) for n, kind, path in trained["events"]}
+    for i, (category, n) in enumerate(train_moments(trained["events"])):
+        out = tmp_path / f"r{i}" / "reference"
+        out.parent.mkdir()
+        args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN]
+        proc = run_with_fault(f"kill:{n}", out.parent / "events.log", out.parent, *args)
+        where = f"kill {i} ({category}) at event {n} {events[n]}"
+        assert proc.returncode == -signal.SIGKILL, f"{where}: {proc.stderr.decode()[-2000:]}"
+        if (out / "checkpoint.pt").exists():  # whatever the moment, a checkpoint present is a whole one
+            ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+            assert 1 <= ckpt["epoch"] <= TRAIN_EPOCHS, where
+        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []  # none yet: start again
+        result = invoke(*args, *resume, "--no-progress")
+        assert result.exit_code == 0, f"{where}: {result.output}"
+        assert_same_training(out, trained["reference"])
+
+
+# ------------------------------------------------------------------------------ 2. concurrent readers
+
+
+def test_readers_during_an_extract_see_only_completed_shards(tmp_path, zoo_env):
+    """info, verify and train --allow-partial run in a loop while a real kdcache process writes the store."""
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    out = tmp_path / "live.zarr"
+    n = 160
+    zoo_env(N=n)  # this process' readers build the same dataset (train fetches inputs)
+    writer = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(out), "--no-progress"],
+                              env=env(ZOO_N=n, ZOO_SLEEP=0.012), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen: list[int] = []
+    rounds = Counter()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "zarr.json").exists() or "kdcache" not in (out / "zarr.json").read_text():
+            assert writer.poll() is None and time.monotonic() < deadline, writer.stderr.read().decode()
+            time.sleep(0.01)
+        i = 0
+        while writer.poll() is None and time.monotonic() < deadline:
+            i += 1
+            result = invoke("info", out, "--json")
+            assert result.exit_code == 0 and result.exception is None, result.output
+            info = json.loads(result.stdout)
+            assert info["samples_done"] == 8 * info["shards_done"] and (info["complete"] is (info["shards_done"] == n // 8))
+            seen.append(info["shards_done"])
+            rounds["info"] += 1
+
+            result = invoke("verify", out, "--json")
+            assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+            assert "Traceback" not in result.output
+            report = json.loads(result.stdout)
+            bad = [c for c in report["checks"] if not c["ok"] and c["name"] != "completeness"]
+            assert not bad, bad  # done shards are always whole: layout, checksums and values hold
+            rounds["verify"] += 1
+
+            if i % 3 == 1:
+                result = invoke("train", toml, "--cache", out, "--out", tmp_path / "student", "--allow-partial", "--overwrite",
+                                "--set", "train.steps=2", "--set", "train.epochs=1", *STUDENT, "--no-progress")
+                if result.exit_code != 0:  # only before the first shard is done
+                    assert_one_line_error(result.output, "has no completed shard yet")
+                else:
+                    rounds["train"] += 1
+        assert writer.wait(timeout=60) == 0, writer.stderr.read().decode()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert seen == sorted(seen), "shards done never decrease"
+    assert rounds["info"] >= 3 and rounds["train"] >= 1 and 0 < len(set(seen)), (rounds, seen)
+    assert open_store(out).complete and invoke("verify", out).exit_code == 0
+
+
+# ------------------------------------------------------------------------------ 3. disk full
+
+
+def first_event(events: list[tuple[int, str, str]], kind: str, contains: str) -> int:
+    return next(n for n, k, p in events if k == kind and contains in p)
+
+
+@pytest.mark.parametrize("moment", ["shard data", "done flag", "final manifest"])
+def test_extract_on_a_full_disk_fails_with_one_line_and_resumes(zoo, tmp_path, moment):
+    """Portable variant: OSError(ENOSPC) injected from one write on (every later write fails too)."""
+    events = zoo["events"]
+    n = {"shard data": first_event(events, "write", "targets/layers/conv/c/2"),
+         "done flag": first_event(events, "write", "progress/done/c/1"),
+         "final manifest": [e for e in events if e[2] == "reference.zarr/zarr.json" and e[1] == "write"][-1][0]}[moment]
+    out = tmp_path / "reference.zarr"
+    f = faults.install("enospc", n, None, str(tmp_path))
+    try:
+        result = invoke("extract", zoo["toml"], "--out", out, "--no-progress")
+    finally:
+        f.uninstall()
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.output, "No space left on device", str(out), "free space and rerun the same command to resume")
+    store = open_store(out)
+    done = store.done()
+    assert {"shard data": 2, "done flag": 1, "final manifest": 4}[moment] == done.sum(), done
+    assert not temp_files(out), "a failed write leaves no temp file behind"
+    ref = file_bytes(zoo["reference"])
+    for key, data in file_bytes(out).items():  # what was written before the failure is intact
+        if "/c/" in key and (key.startswith("progress") or done[shard_of(key)]):
+            assert data == ref[key], key
+
+    result = invoke("extract", zoo["toml"], "--out", out, "--no-progress")  # space freed: the same command resumes
+    assert result.exit_code == 0, result.output
+    assert_same_store(out, zoo["reference"])
+
+
+def namespace_runner() -> list[str] | None:
+    """How to run a script that mounts a tmpfs in a private mount namespace (gone when it exits), or None."""
+    if not sys.platform.startswith("linux") or not shutil.which("unshare"):
+        return None
+    prefix = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    probe = subprocess.run([*prefix, "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d; r=$?; rmdir $d; exit $r"],
+                           capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+TMPFS_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size="$SMALL" tmpfs "$MNT"
+"$@" > "$OUT/stdout1" 2> "$OUT/stderr1"; echo $? > "$OUT/rc1"
+cp -a "$MNT/." "$OUT/after-failure"
+mount -o remount,size=64m tmpfs "$MNT"       # space freed
+"$@" $RESUME > "$OUT/stdout2" 2> "$OUT/stderr2"; echo $? > "$OUT/rc2"
+cp -a "$MNT/." "$OUT/resumed"
+"""
+
+
+def run_on_tmpfs(tmp_path: Path, size: str, command: list[object], resume: str = "") -> Path:
+    prefix = namespace_runner()
+    if prefix is None:
+        pytest.skip("cannot mount a tmpfs here: needs Linux with unshare and mount namespaces (root, or unprivileged user namespaces)")
+    mnt, out = tmp_path / "mnt", tmp_path / "result"
+    mnt.mkdir(), out.mkdir()
+    script = tmp_path / "disk-full.sh"
+    script.write_text(TMPFS_SCRIPT)
+    proc = subprocess.run([*prefix, "bash", str(script), *map(str, command)], capture_output=True, timeout=240,
+                          env=env(SMALL=size, MNT=mnt, OUT=out, RESUME=resume, ZOO_N=400))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert not any(mnt.iterdir()), "the tmpfs stayed private to its namespace"
+    return out
+
+
+def test_extract_on_a_real_full_tmpfs_fails_with_one_line_and_resumes(tmp_path, zoo_env):
+    """A real tmpfs of 160 KiB (pages of 4 KiB: the metadata and a few shards fit, 25 shards do not)."""
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=16")
+    zoo_env(N=400)
+    assert invoke("extract", toml, "--out", tmp_path / "reference.zarr").exit_code == 0
+    out = run_on_tmpfs(tmp_path, "160k", [sys.executable, "-m", "kdcache.cli", "extract", toml, "--out", tmp_path / "mnt" / "s.zarr", "--no-progress"])
+    assert (out / "rc1").read_text().strip() == "1"
+    assert_one_line_error((out / "stderr1").read_text(), "No space left on device", "free space and rerun the same command to resume")
+    partial = out / "after-failure" / "s.zarr"
+    done = open_store(partial).done()
+    assert 0 < done.sum() < len(done), done
+    ref = file_bytes(tmp_path / "reference.zarr")
+    for key, data in file_bytes(partial).items():
+        if "/c/" in key and not key.startswith("progress") and done[shard_of(key)]:
+            assert data == ref[key], key
+    assert not temp_files(partial)
+    assert (out / "rc2").read_text().strip() == "0", (out / "stderr2").read_text()
+    assert_same_store(out / "resumed" / "s.zarr", tmp_path / "reference.zarr")
+
+
+def checkpoint_size(tiny_store: str, tmp_path: Path) -> int:
+    run = tmp_path / "probe"
+    assert invoke("train", TINY_TOML, "--cache", tiny_store, "--out", run, "--epochs", 1, *PLAIN, "--no-progress").exit_code == 0
+    return (run / "checkpoint.pt").stat().st_size
+
+
+def test_train_on_a_real_full_tmpfs_keeps_the_last_checkpoint_and_resumes(trained, tmp_path):
+    """Room for one checkpoint but not for a second beside it: epoch 2's checkpoint cannot be written."""
+    pages = lambda n: -(-n // 4096) * 4  # noqa: E731 - KiB in whole tmpfs pages
+    size = 3 * 4 + pages(checkpoint_size(trained["store"], tmp_path)) * 3 // 2
+    args = [sys.executable, "-m", "kdcache.cli", "train", TINY_TOML, "--cache", trained["store"], "--out", tmp_path / "mnt" / "run",
+            "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress"]
+    out = run_on_tmpfs(tmp_path, f"{size}k", args, resume="--resume")
+    assert (out / "rc1").read_text().strip() == "1"
+    assert_one_line_error((out / "stderr1").read_text(), "No space left on device", "checkpoint.pt", "--resume")
+    ckpt = torch.load(out / "after-failure" / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1, "the last checkpoint is intact"
+    assert not [p.name for p in (out / "after-failure" / "run").iterdir() if p.name.endswith(".tmp")]
+    assert (out / "rc2").read_text().strip() == "0", (out / "stderr2").read_text()
+    assert_same_training(out / "resumed" / "run", trained["reference"])
+
+
+@pytest.mark.parametrize("moment", ["checkpoint", "final weights"])
+def test_train_on_a_full_disk_fails_with_one_line_and_resumes(trained, tmp_path, moment):
+    """Portable variant: ENOSPC injected at the second checkpoint's write, or at the final student.pt."""
+    events = trained["events"]
+    n = [e for e in events if e[1] == "write" and "checkpoint.pt" in e[2]][1][0] if moment == "checkpoint" else \
+        first_event(events, "write", "student.pt")
+    out = tmp_path / "reference"
+    args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress"]
+    f = faults.install("enospc", n, None, str(tmp_path))
+    try:
+        result = invoke(*args)
+    finally:
+        f.uninstall()
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.output, "No space left on device", str(out), "--resume")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == (1 if moment == "checkpoint" else TRAIN_EPOCHS), "the last checkpoint is intact"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert_same_training(out, trained["reference"])
