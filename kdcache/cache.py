@@ -1,8 +1,9 @@
 """The reader: a store joined with the input dataset, batch by batch, alignment checked.
 
 Row ``r`` of the store is paired with dataset item ``samples/index[r]``, and the input's
-fingerprint is recomputed and compared with ``samples/fingerprint[r]`` (for every row, or a
-seeded fraction ``fingerprint_check`` of each batch). Targets are never read row by row:
+fingerprint is recomputed and compared with ``samples/fingerprint[r]``: for a seeded fraction
+``fingerprint_check`` of the rows (default every row) in the first epoch this object serves, and
+``fingerprint_recheck`` of them in each later epoch. Targets are never read row by row:
 
 - in memory: when the arrays needed fit under ``memory_budget_mb`` they are read whole, once,
   with sequential whole-chunk reads, and batches take random rows from RAM;
@@ -48,6 +49,7 @@ class TransferSet(IterableDataset):
         memory_budget_mb: float = 2048.0,
         buffer_shards: int = 4,
         fingerprint_check: float = 1.0,
+        fingerprint_recheck: float = 1.0,
         drop_last: bool = False,
         storage_options: dict[str, Any] | None = None,
         streams: int = 1,
@@ -60,11 +62,13 @@ class TransferSet(IterableDataset):
         self.location, self.dataset, self.storage_options = location, dataset, storage_options
         self.paths = store.sample_paths() + list(paths)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.buffer_shards, self.fingerprint_check = max(1, buffer_shards), fingerprint_check
+        self.buffer_shards = max(1, buffer_shards)
+        self.fingerprint_check, self.fingerprint_recheck = fingerprint_check, fingerprint_recheck
         self.streams, self.stream = max(1, streams), stream  # see _stream_steps
         self.rows_per_shard = store.rows_per_shard
         self.rows = np.asarray(rows if rows is not None else done_rows(store), dtype=np.int64)
         self.epoch = 0
+        self.first_epoch: int | None = None  # the first epoch set: its rows are checked at fingerprint_check
         row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
         self.in_memory = row_bytes * store.num_samples <= memory_budget_mb * 2**20
         # In memory: read every needed array whole, once, here (workers inherit it).
@@ -72,7 +76,14 @@ class TransferSet(IterableDataset):
         self._store: layout.Store | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = epoch
         self.epoch = epoch
+
+    def check_fraction(self) -> float:
+        """The fraction of rows whose fingerprint this epoch checks: every epoch is a first one until
+        ``set_epoch`` is called; after that only the first epoch set is."""
+        return self.fingerprint_check if self.first_epoch in (None, self.epoch) else self.fingerprint_recheck
 
     # -- the plan: which rows, in which buffers, in which order -----------------------------
     def plan(self, epoch: int) -> list[np.ndarray]:
@@ -181,7 +192,7 @@ class TransferSet(IterableDataset):
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check_rng: np.random.Generator) -> dict[str, Any]:
         index = columns[layout.INDEX]
         items = data.getitems(self.dataset, index.tolist())
-        inputs = [data.split_item(item)[0] for item in items]
+        inputs = [data.inputs_of(item) for item in items]
         batch = default_collate(inputs)
         self._check(rows, index, inputs, batch, columns[layout.FINGERPRINT], check_rng)
         return {
@@ -193,10 +204,11 @@ class TransferSet(IterableDataset):
         }
 
     def _check(self, rows: np.ndarray, index: np.ndarray, inputs: list[Any], batch: Any, stored: np.ndarray, rng: np.random.Generator) -> None:
-        if self.fingerprint_check <= 0:
+        fraction = self.check_fraction()
+        if fraction <= 0:
             return
         n = len(rows)
-        which = range(n) if self.fingerprint_check >= 1 else np.flatnonzero(rng.random(n) < self.fingerprint_check)
+        which = range(n) if fraction >= 1 else np.flatnonzero(rng.random(n) < fraction)
         # Tensor items: hash rows of the collated batch (same bytes, one prefix), not item by item.
         fast = data.fingerprint_rows(batch, which) if isinstance(inputs[0], torch.Tensor) else None
         for k, j in enumerate(which):

@@ -42,6 +42,16 @@ def split_item(item: Any) -> tuple[Any, int | None]:
     )
 
 
+def inputs_of(item: Any) -> Any:
+    """``split_item(item)[0]`` without parsing the label: the per-item hot path of training,
+    whose labels come from the store."""
+    if isinstance(item, torch.Tensor):
+        return item
+    if type(item) is tuple and item:
+        return item[0]
+    return split_item(item)[0]
+
+
 def _label(value: Any) -> int:
     if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
         value = value.item()

@@ -87,7 +87,8 @@ class TrainSection:
     num_workers: int = 0
     memory_budget_mb: float = 2048.0
     shuffle_buffer_shards: int = 4
-    fingerprint_check: float = 1.0
+    fingerprint_check: float = 1.0  # fraction of rows checked in a run's first epoch
+    fingerprint_recheck: float = 0.05  # fraction of rows re-checked in each later epoch
     eval_every: int = 1  # evaluate every N epochs (0: only after the last); the last epoch always is
     threads: int = 0  # > 0: torch intra-op threads for the run (0: torch's default)
     # > 1: each step joins one batch from each of this many disjoint parts of the epoch's plan; torchrun
@@ -126,6 +127,7 @@ CHOICES = {
     ("train", "optimizer"): ("adamw", "sgd"),
     ("train", "schedule"): ("cosine", "constant"),
 }
+FRACTIONS = {("train", "fingerprint_check"), ("train", "fingerprint_recheck")}
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
@@ -213,6 +215,8 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
             kwargs[f.name] = _section(LossSection, _table(value, key, source), key, source)
             continue
         kwargs[f.name] = _check(value, f.type, key, source)
+        if (where, f.name) in FRACTIONS and kwargs[f.name] > 1:
+            raise PipelineError(f"{source}: {key} = {value!r} is a fraction of rows; use a value from 0 to 1")
         choices = CHOICES.get((where, f.name))
         if choices and kwargs[f.name] not in choices:
             raise PipelineError(f"{source}: {key} = {value!r} is not one of {', '.join(choices)}")

@@ -8,6 +8,7 @@ input fingerprint checked (``kdcache.cache``). Output folder: ``student.pt`` (st
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     transfer = cache.TransferSet(
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-        storage_options=storage_options, streams=streams, stream=rank if world > 1 else None,
+        fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options, streams=streams, stream=rank if world > 1 else None,
     )
     if world > 1:
         run.ddp = distributed.wrap(run.student, run.heads, device)
@@ -236,12 +237,16 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
         source = cache.TransferSet(t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False,
                                    memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check,
-                                   storage_options=storage_options)
+                                   fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
     else:
         dataset = pipeline.resolve(pipeline.data.factory)(t.eval_split)
         source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
 
+    evaluations = itertools.count()
+
     def evaluate() -> dict[str, float]:
+        if isinstance(source, cache.TransferSet):
+            source.set_epoch(next(evaluations))  # the first evaluation checks fingerprint_check, later ones the recheck
         run.student.eval()
         correct = agree = teacher_correct = n = 0
         with torch.no_grad():

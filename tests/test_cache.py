@@ -131,6 +131,40 @@ def test_fingerprint_check_zero_checks_nothing(numbered_store):
     assert sum(len(b["rows"]) for b in serve(ts, 0)) == N
 
 
+def test_first_epoch_checks_every_row_later_epochs_the_recheck_fraction(numbered_store, monkeypatch):
+    """The first epoch set (a run's first, resumed or not) hashes all rows; later ones a seeded fraction."""
+    from kdcache import data
+
+    hashed: list[int] = []
+    real = data.fingerprint_rows
+    monkeypatch.setattr(data, "fingerprint_rows", lambda batch, rows: hashed.append(len(rows)) or real(batch, rows))
+    ts = transfer(numbered_store, fingerprint_recheck=0.25)
+    counts = []
+    for epoch in (3, 4, 5, 3):  # 3 first (as after a resume), and again later: still the first epoch set
+        hashed.clear()
+        serve(ts, epoch)
+        counts.append(sum(hashed))
+    assert counts[0] == counts[3] == N
+    assert 0 < counts[1] < N / 2 and 0 < counts[2] < N / 2 and counts[1] != counts[2]  # seeded per epoch
+
+
+def test_without_set_epoch_every_pass_checks_every_row(numbered_store):
+    ts = transfer(numbered_store, Numbered(N, changed=(61,)), fingerprint_recheck=0.0)
+    for _ in range(2):
+        with pytest.raises(AlignmentError, match=r"store row 61 "):
+            list(ts)
+
+
+def test_dataset_that_changes_after_the_first_epoch_is_caught_by_the_recheck(numbered_store):
+    dataset = Numbered(N)
+    ts = transfer(numbered_store, dataset, fingerprint_recheck=0.05)
+    serve(ts, 0)
+    dataset.order = np.random.default_rng(1).permutation(N).tolist()  # e.g. the data files were rewritten
+    with pytest.raises(AlignmentError):
+        serve(ts, 1)
+    assert len(serve(transfer(numbered_store, Numbered(N), fingerprint_recheck=0.0), 1)) > 0
+
+
 def test_dataset_of_another_length_is_refused(numbered_store):
     with pytest.raises(StoreError, match=r"90 samples.*100"):
         transfer(numbered_store, Numbered(90))
@@ -162,8 +196,8 @@ def test_streaming_reads_only_whole_shards(numbered_store, monkeypatch, buffer_s
 
 def test_in_memory_reads_each_array_once_up_front(numbered_store, monkeypatch):
     calls: list[tuple] = []
+    ts = transfer(numbered_store, memory_budget_mb=2048)  # reads every array whole, through Store.read
     monkeypatch.setattr(layout.Store, "read", lambda self, *a: calls.append(a))
-    ts = transfer(numbered_store, memory_budget_mb=2048)
     for batch in serve(ts, 0):
         check_aligned(batch)
     assert ts.in_memory and calls == []

@@ -180,6 +180,8 @@ def test_bad_choices_list_the_valid_ones(override, match):
         ("train.loss=1", r"train.loss must be a table, got 1"),
         ("train.features.conv=fc", r"train.features.'conv' must be a table, got 'fc'"),
         ("train.features.conv.weight=1", r"train.features.'conv' needs student = \"<student module name>\""),
+        ("train.fingerprint_check=1.5", r"train.fingerprint_check = 1.5 is a fraction of rows; use a value from 0 to 1"),
+        ("train.fingerprint_recheck=2", r"train.fingerprint_recheck = 2 is a fraction of rows"),
     ],
 )
 def test_wrong_types_name_the_key_and_the_value(override, match):
