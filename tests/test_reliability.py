@@ -202,6 +202,7 @@ def train_moments(events: list[tuple[int, str, str]], seed: int = 8) -> list[tup
             ("final weights", rng.choice(final))]
 
 
+@pytest.mark.slow
 def test_train_killed_at_seeded_moments_resumes_to_the_uninterrupted_weights(trained, tmp_path):
     events = {n: (kind, path) for n, kind, path in trained["events"]}
     for i, (category, n) in enumerate(train_moments(trained["events"])):
