@@ -15,11 +15,12 @@ import importlib
 import importlib.util
 import sys
 import tomllib
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdcache.errors import PipelineError
+from kdcache.errors import KdcacheError, PipelineError
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,29 @@ class Pipeline:
 
     def resolve(self, import_path: str) -> Callable[..., Any]:
         return resolve(import_path, self.root)
+
+    def call(self, key: str, *args: Any) -> Any:
+        """Call the factory at ``key`` (``"data.factory"``; required) with ``args``.
+
+        An exception the factory raises becomes a PipelineError naming the factory, the exception and
+        the line that raised it (the original is kept as its ``__cause__``).
+        """
+        section, name = key.split(".")
+        path = require(getattr(getattr(self, section), name), key, self)
+        factory = self.resolve(path)
+        try:
+            return factory(*args)
+        except KdcacheError:
+            raise
+        except Exception as e:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            message = " ".join(str(e).split())
+            message = message if len(message) <= 300 else message[:297] + "..."
+            called = f"called with {', '.join(map(repr, args))}, " if args else ""
+            raise PipelineError(
+                f"{key} {path!r} raised {type(e).__name__}: {message} ({called}at {Path(frame.filename).name}:{frame.lineno}); "
+                "fix the factory or its arguments (call it in Python to see the full traceback)"
+            ) from e
 
 
 CHOICES = {
@@ -253,7 +277,8 @@ def _table(value: Any, key: str, source: str) -> dict[str, Any]:
 
 def _check(value: Any, annotation: str, key: str, source: str) -> Any:
     """Coerce/check one value against its field annotation (a string, from __future__ annotations)."""
-    bad = PipelineError(f"{source}: {key} must be {annotation.replace('tuple[str, ...]', 'a list of strings')}, got {value!r}")
+    bad = PipelineError(f"{source}: {key} must be {annotation.replace('tuple[str, ...]', 'a list of strings')}, got {value!r}; "
+                        f"use {_USE.get(annotation, 'a table, e.g. { key = value }')}")
     if annotation == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -281,6 +306,10 @@ def _check(value: Any, annotation: str, key: str, source: str) -> Any:
             raise bad
         return value
     raise AssertionError(f"no check for annotation {annotation!r}")
+
+
+_USE = {"bool": "true or false", "int": "a whole number >= 0", "float": "a finite number >= 0", "str": "a quoted string",
+        "tuple[str, ...]": 'a list of names, e.g. ["a", "b"]'}  # the fix a type error names
 
 
 def _unknown(values: dict[str, Any], known: list[str], prefix: str, source: str) -> None:

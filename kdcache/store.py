@@ -142,6 +142,7 @@ class Store:
         check_manifest(manifest, location)
         self.manifest: dict[str, Any] = manifest
         self._arrays: dict[str, zarr.Array] = {}
+        self._done: np.ndarray | None = None  # read() of a read-only store: done() read once
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -180,8 +181,12 @@ class Store:
 
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
-            with zarr.config.set({"array.write_empty_chunks": True}):
-                self._arrays[path] = self.group[path]
+            try:
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    self._arrays[path] = self.group[path]
+            except (KeyError, FileNotFoundError):
+                raise StoreError(f"{self.location!r} is missing the array {path!r} its manifest lists (deleted, or an incomplete copy); "
+                                 f"kdcache verify {self.location} lists what is damaged; re-extract or copy the store again") from None
         return self._arrays[path]
 
     # -- progress ---------------------------------------------------------------------------
@@ -242,7 +247,44 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
-        return self.array(path)[start:stop]
+        """Rows ``start:stop`` of an array. A damaged done shard is a StoreError naming it, never zeros: its object
+        missing or empty (zarr alone would read the fill value), or bytes that do not decode (checksum, truncation)."""
+        shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
+        if self._done is None or self.writable:
+            self._done = self.done()
+        done = self._done
+        for shard in shards:
+            if done[shard] and (problem := self._object_problem(self.shard_key(path, shard))):
+                raise self._damaged(path, shard, f"is {problem} although the shard is marked done")
+        array = self.array(path)
+        try:
+            return array[start:stop]
+        except Exception:  # noqa: BLE001 - any failure to decode stored bytes; named by shard below
+            for shard in shards:
+                lo, hi = self.shard_rows(shard)
+                try:
+                    array[max(lo, start) : min(hi, stop)]
+                except Exception as e:  # noqa: BLE001
+                    why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {_short(str(e))}"
+                    raise self._damaged(path, shard, f"does not decode ({why})") from None
+            raise
+
+    def _object_problem(self, key: str) -> str | None:
+        """``"missing"`` or ``"empty"`` for a storage object that should hold data, else None; the object is not read."""
+        from zarr.core.sync import sync
+
+        store = self.group.store
+        try:
+            if isinstance(store, zarr.storage.ZipStore):  # its getsize would read the whole object
+                return None if sync(store.exists(key)) else "missing"
+            return "empty" if sync(store.getsize(key)) == 0 else None
+        except FileNotFoundError:
+            return "missing"
+
+    def _damaged(self, path: str, shard: int, problem: str) -> StoreError:
+        lo, hi = self.shard_rows(shard)
+        return StoreError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
+                          f"kdcache verify {self.location} lists every damaged chunk; re-extract the store or copy it again")
 
     def iter_blocks(self, shards: list[int] | None = None) -> Iterator[tuple[int, int]]:
         """Aligned ``(start, stop)`` row ranges of whole inner chunks, shard by shard."""
