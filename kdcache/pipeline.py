@@ -211,7 +211,7 @@ def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>
             continue
         value = raw.get(f.name, {})
         if not isinstance(value, dict):
-            raise PipelineError(f"{source}: [{f.name}] must be a table, got {value!r}")
+            raise PipelineError(f"{source}: [{f.name}] must be a table, got {value!r}; write a [{f.name}] section header and its keys below it")
         sections[f.name] = _section(_SECTIONS[f.name], value, f.name, source)
     _unknown(raw, list(_SECTIONS) + ["root", "source"], "", source)
     return Pipeline(**sections, root=Path(root), source=source)
@@ -271,7 +271,7 @@ def _selector(value: Any, key: str, source: str) -> str:
 
 def _table(value: Any, key: str, source: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise PipelineError(f"{source}: {key} must be a table, got {value!r}")
+        raise PipelineError(f"{source}: {key} must be a table, got {value!r}; use {{ key = value, ... }} or a [{key}] section")
     return value
 
 
