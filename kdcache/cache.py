@@ -72,7 +72,7 @@ class TransferSet(IterableDataset):
         row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
         self.in_memory = row_bytes * store.num_samples <= memory_budget_mb * 2**20
         # In memory: read every needed array whole, once, here (workers inherit it).
-        self.memory = {p: store.array(p)[:] for p in self.paths} if self.in_memory else None
+        self.memory = {p: store.read(p, 0, store.num_samples) for p in self.paths} if self.in_memory else None
         self._store: layout.Store | None = None
 
     def set_epoch(self, epoch: int) -> None:

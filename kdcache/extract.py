@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 import kdcache
 from kdcache import data, store as layout, teacher as teachers
 from kdcache.errors import PipelineError, TargetError
-from kdcache.pipeline import Pipeline, require
+from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,12 +138,12 @@ def setup(pipeline: Pipeline) -> Run:
     if x.batch_size < 1:
         raise PipelineError(f"{pipeline.source}: extract.batch_size must be >= 1, got {x.batch_size}")
     device = data.pick_device(x.device)
-    model = teachers.build(pipeline.resolve(require(pipeline.teacher.factory, "teacher.factory", pipeline)), "teacher.factory")
+    model = teachers.build(pipeline, "teacher.factory")
     teachers.check_layers(model, t.layers)
-    dataset = pipeline.resolve(require(pipeline.data.factory, "data.factory", pipeline))(pipeline.data.split)
+    dataset = pipeline.call("data.factory", pipeline.data.split)
     n = len(dataset)
     if n == 0:
-        raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract")
+        raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract (check data.factory and data.split)")
     model.to(device)
     indexed = data.Indexed(dataset)
     batch = data.collate(indexed.__getitems__(list(range(min(x.batch_size, n)))))

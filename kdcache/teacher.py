@@ -14,20 +14,24 @@ from __future__ import annotations
 import difflib
 import hashlib
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
 from kdcache.errors import PipelineError, TargetError
 
+if TYPE_CHECKING:
+    from kdcache.pipeline import Pipeline
+
 AUTO_KEYS = ("logits", "pooler_output", "last_hidden_state")
 LOGITS = "logits"  # target name of the model's own output
 
 
-def build(factory: Callable[[], torch.nn.Module], where: str) -> torch.nn.Module:
-    model = factory()
+def build(pipeline: Pipeline, key: str) -> torch.nn.Module:
+    """Call the model factory at ``key`` (``"teacher.factory"``, ``"student.factory"``); the model in eval mode."""
+    model = pipeline.call(key)
     if not isinstance(model, torch.nn.Module):
-        raise PipelineError(f"{where} returned {type(model).__name__}, not a torch.nn.Module; make the factory return the model")
+        raise PipelineError(f"{key} returned {type(model).__name__}, not a torch.nn.Module; make the factory return the model")
     return model.eval()
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
 from kdcache.errors import PipelineError, StoreError
-from kdcache.pipeline import Pipeline, require
+from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -38,10 +38,10 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``.
     """
     t, out = pipeline.train, Path(out)
+    _check_values(pipeline)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (DDP); rank 0 writes
     if rank == 0:
         _check_out(out, resume, overwrite)
-        write_pipeline(out, pipeline)
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device))
     streams = distributed.join_training(t.streams, device)
@@ -64,6 +64,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     if resume:
         state = _load_checkpoint(out, run, optimizer, schedule)
     evaluate = _evaluator(pipeline, run, device, storage_options)
+    if rank == 0:
+        _prepare_out(out, pipeline, resume)  # only now: a run that fails to start leaves OUT as it was
     start = time.perf_counter()
     with data.torch_threads(t.threads):
         while state["step"] < total_steps:
@@ -146,7 +148,7 @@ class Run:
 def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device) -> Run:
     """Build the student, hook its feature layers, and create projection heads from a probe batch."""
     t, w = pipeline.train, pipeline.train.loss
-    student = teachers.build(pipeline.resolve(require(pipeline.student.factory, "student.factory", pipeline)), "student.factory").to(device)
+    student = teachers.build(pipeline, "student.factory").to(device)
     needs_logits = bool(w.kl or w.mse)
     if needs_logits and layout.LOGITS not in {tg.path for tg in store.targets.values()}:
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
@@ -195,7 +197,7 @@ def open_for_training(location: str, allow_partial: bool, storage_options: dict[
 
 
 def _dataset(pipeline: Pipeline, split: str, length: int, what: str) -> Any:
-    dataset = pipeline.resolve(require(pipeline.data.factory, "data.factory", pipeline))(split)
+    dataset = pipeline.call("data.factory", split)
     if len(dataset) != length:
         raise StoreError(f"dataset {pipeline.data.factory}({split!r}) has {len(dataset)} samples but {what} has {length}; use the dataset the store was made from")
     return dataset
@@ -239,7 +241,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                                    memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check,
                                    fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
     else:
-        dataset = pipeline.resolve(pipeline.data.factory)(t.eval_split)
+        dataset = pipeline.call("data.factory", t.eval_split)
         source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
 
     evaluations = itertools.count()
@@ -269,7 +271,22 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     return evaluate
 
 
+def _check_values(pipeline: Pipeline) -> None:
+    """Refuse values the pipeline loader accepts (numbers >= 0) but training cannot use, before anything is written."""
+    t = pipeline.train
+    if t.batch_size < 1:
+        raise PipelineError(f"{pipeline.source}: train.batch_size must be >= 1, got {t.batch_size}")
+    if t.epochs < 1 and t.steps < 1:
+        raise PipelineError(f"{pipeline.source}: train.epochs must be >= 1 (or train.steps > 0), got {t.epochs}")
+    if t.loss.kl and not t.loss.temperature > 0:
+        raise PipelineError(f"{pipeline.source}: train.loss.temperature must be > 0, got {t.loss.temperature}; "
+                            "use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
+
+
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an OUT that is a file, a --resume without a checkpoint, a finished run without --overwrite (writes nothing)."""
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"--out {str(out)!r} is a file, not a folder; choose another --out or remove the file")
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise StoreError(f"--resume: no {CHECKPOINT} in {str(out)!r}; run without --resume to start training")
@@ -277,9 +294,18 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if (out / CHECKPOINT).exists() or (out / "student.pt").exists():
         if not overwrite:
             raise StoreError(f"{str(out)!r} already holds a training run; pass --resume to continue it or --overwrite to start afresh")
-        for name in (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> None:
+    """Create OUT (removing an earlier run's files unless resuming) and write pipeline.json."""
+    try:
+        if not resume:
+            for name in (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_pipeline(out, pipeline)
+    except OSError as e:  # read-only, no permission, no space
+        raise StoreError(f"cannot write the output folder {str(out)!r} ({e.strerror or e}); choose a writable --out") from None
 
 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any]) -> None:
@@ -296,9 +322,19 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
 
 
 def _load_checkpoint(out: Path, run: Run, optimizer: Any, schedule: Any) -> dict[str, int]:
-    ckpt = torch.load(out / CHECKPOINT, weights_only=True, map_location="cpu")
-    run.student.load_state_dict(ckpt["student"])
-    run.heads.load_state_dict(ckpt["heads"])
+    path = str(out / CHECKPOINT)
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
+        raise StoreError(f"--resume: {path!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                         "pass --overwrite instead of --resume to start afresh") from None
+    try:
+        run.student.load_state_dict(ckpt["student"])
+        run.heads.load_state_dict(ckpt["heads"])
+    except (RuntimeError, KeyError) as e:
+        detail = " ".join(str(e).split())
+        raise StoreError(f"--resume: {path!r} holds another student or projection heads than this pipeline builds "
+                         f"({detail[:200]}); resume with the run's own pipeline (its pipeline.json) or pass --overwrite") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     torch.set_rng_state(ckpt["rng"])

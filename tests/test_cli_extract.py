@@ -202,39 +202,7 @@ def test_complete_store_with_another_teacher_is_refused(tmp_path, zoo_env):
 
 
 # ----------------------------------------------------------------------------------- bad input
-
-
-def _file(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (lambda d: ["extract", d / "missing.toml", "--out", d / "s"], "does not exist; pass the path of a .toml file"),
-        (lambda d: ["extract", _file(d, "bad.toml", "[teacher\n"), "--out", d / "s"], "is not valid TOML"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--set", "extract.batch_sise=4"], "unknown key 'extract.batch_sise'; did you mean extract.batch_size?"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--set", "extract.batch_size"], "is not of the form section.key=value"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--set", "targets.dtype=bfloat16"], "targets.dtype = 'bfloat16' is not one of float16, float32"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--layers", "features.9"], "layer 'features.9' is not a module of the teacher; did you mean 'features.3', 'features.2'"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--batch-size", "0"], "extract.batch_size must be >= 1, got 0"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--device", "tpu"], "device 'tpu' is not a torch device"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--set", "teacher.factory=tiny.py:teachr"], "has no attribute 'teachr'; did you mean teacher?"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--set", "teacher.factory=nowhere.py:teacher"], "nowhere.py' does not exist"),
-        (lambda d: ["extract", TINY, "--out", _file(d, "s", "a file")], "exists and is not a kdcache store"),
-        (lambda d: ["extract", TINY, "--out", d / "s", "--set", "targets.logits=false", "--set", "targets.layers=[]"], "nothing to store"),
-        (lambda d: ["extract", TINY, "--dry-run", "--layers", "featurs.3"], "did you mean 'features.3'"),
-        (lambda d: ["info", d / "nothing.zarr"], "no store at"),
-        (lambda d: ["info", d], "no store at"),
-    ],
-)
-def test_bad_input_is_one_error_line(tmp_path, args, match):
-    result = invoke(*args(tmp_path))
-    assert result.exit_code == 1
-    assert_one_line_error(result.output, match)
-    assert not (tmp_path / "s").is_dir()
+# The matrix of user mistakes (one Error line, exit status, no traceback, stores untouched) is tests/test_bad_input.py.
 
 
 def test_info_on_a_zarr_group_that_is_not_a_store(tmp_path):

@@ -1,0 +1,448 @@
+"""The bad-input matrix: every user mistake we know of, through the CLI, in one table.
+
+Each case runs ``kdcache ...`` (click's CliRunner, in this process) and checks: the exit status
+(1 for a user mistake, 2 for a click usage error); exactly one ``Error: ...`` line on stderr
+holding the expected fragments (what was wrong, the value seen, the fix); no traceback; and, for
+a case run against an existing store or training run, that not one byte or mtime of it changed. ``verify``
+reports a damaged store as its report (exit 1), not as an ``Error:`` line. A few representative
+cases run again in a real ``kdcache`` process (``slow``) to prove stderr holds no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdcache.cli import main
+from reference import FIXTURES, write_toml
+
+TINY = FIXTURES / "tiny.toml"
+KDCACHE = Path(sys.executable).with_name("kdcache")  # the console script of this environment
+LOGITS_SHARD_1 = "targets/logits/c/1/0"
+FEATURES_SHARD_2 = "targets/layers/features.3/c/2/0/0/0"
+TRAIN = "tiny.zarr"  # name of the private copy of the tiny store a case trains from / inspects
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Ctx:
+    """What a case's arguments are built from: its folder and (with ``store=True``) its copy of the tiny store."""
+
+    tmp: Path
+
+    @property
+    def store(self) -> Path:
+        return self.tmp / TRAIN
+
+    @property
+    def new(self) -> Path:
+        """A store location that does not exist (a failed validation must leave it so)."""
+        return self.tmp / "new.zarr"
+
+    @property
+    def run(self) -> Path:
+        return self.tmp / "run"
+
+
+def text_file(ctx: Ctx, name: str, text: str | bytes) -> Path:
+    path = ctx.tmp / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def tiny_plus(ctx: Ctx, extra: str) -> Path:
+    """tiny.toml with ``extra`` appended, written to the case's folder (factory paths made absolute)."""
+    text = TINY.read_text().replace('"tiny.py:', f'"{FIXTURES}/tiny.py:')
+    return text_file(ctx, "p.toml", text + "\n" + extra + "\n")
+
+
+def zoo(ctx: Ctx, *overrides: str) -> Path:
+    return write_toml(ctx.tmp / "zoo.toml", *overrides)
+
+
+def extract(*args: Any) -> list[Any]:
+    return ["extract", TINY, *args]
+
+
+def train(ctx: Ctx, *args: Any) -> list[Any]:
+    return ["train", TINY, "--cache", ctx.store, "--out", ctx.run, *args]
+
+
+def edit_manifest(store: Path, **values: Any) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["kdcache"].update(values)
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def flip_byte(store: Path, key: str, at: int = 5) -> None:
+    data = bytearray((store / key).read_bytes())
+    data[at] ^= 0xFF
+    (store / key).write_bytes(bytes(data))
+
+
+def truncate(store: Path, key: str, keep: float = 0.5) -> None:
+    data = (store / key).read_bytes()
+    (store / key).write_bytes(data[: int(len(data) * keep)])
+
+
+def unmark(store: Path, shard: int) -> None:
+    """Make a complete store partial: shard ``shard`` no longer done (its data stays)."""
+    (store / "progress/done/c" / str(shard)).unlink()
+
+
+def trained(ctx: Ctx) -> Path:
+    """A finished one-epoch training run in ``ctx.run`` (from the case's store)."""
+    result = CliRunner().invoke(main, [str(a) for a in train(ctx, "--epochs", "1")])
+    assert result.exit_code == 0, result.output
+    return ctx.run
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``root``: its bytes and mtime (ns)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@contextmanager
+def read_only_dir(path: Path) -> Iterator[Path]:
+    """A folder nothing can be written into: a read-only tmpfs as root (chmod binds no root), else chmod 555."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs ({mounted.stderr.strip()}); chmod binds no root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+# ----------------------------------------------------------------------------------- the matrix
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: Callable[[Ctx], list[Any]]
+    match: tuple[str, ...]  # fragments of the one Error line (or of the verify report)
+    code: int = 1
+    store: bool = False  # the case runs against its own copy of the tiny store, which must stay unchanged
+    damage: Callable[[Path], None] | None = None  # done to that copy before the run (and the snapshot)
+    prior: Callable[[Ctx], None] | None = None  # run before (e.g. a first training run into ctx.run)
+    report: bool = False  # kdcache verify: the failure is its report, not an Error line
+    writes: bool = False  # the run may create ctx.new (it fails mid-run)
+    read_only: bool = False  # ctx.tmp / "ro" is a read-only folder during the run
+    cuda: bool = False  # only meaningful where CUDA is absent
+
+
+CASES = [
+    # -- the pipeline file and overrides
+    Case("missing-pipeline", lambda c: ["extract", c.tmp / "missing.toml", "--out", c.new],
+         ("missing.toml' does not exist", "pass the path of a .toml file")),
+    Case("toml-syntax", lambda c: ["extract", text_file(c, "bad.toml", '[teacher]\nfactory = "tiny.py:teacher"\nbatch = \n'), "--out", c.new],
+         ("bad.toml' is not valid TOML", "line 3")),
+    Case("not-utf8", lambda c: ["extract", text_file(c, "bin.toml", b"\xff\xfe\x00bad"), "--out", c.new],
+         ("bin.toml' cannot be read as UTF-8 text", "pass the path of a .toml file")),
+    Case("section-not-table", lambda c: ["extract", text_file(c, "p.toml", 'teacher = "tiny.py:teacher"\n'), "--out", c.new],
+         ("[teacher] must be a table, got 'tiny.py:teacher'", "write a [teacher] section header")),
+    Case("unknown-section", lambda c: ["extract", tiny_plus(c, "[trian]\nepochs = 1"), "--out", c.new],
+         ("unknown key 'trian'", "did you mean train?")),
+    Case("unknown-key-in-file", lambda c: ["extract", text_file(c, "p.toml", '[teacher]\nfactroy = "tiny.py:teacher"\n'), "--out", c.new],
+         ("p.toml: unknown key 'teacher.factroy'", "did you mean teacher.factory?")),
+    Case("unknown-key", lambda c: extract("--out", c.new, "--set", "extract.batch_sise=4"),
+         ("unknown key 'extract.batch_sise'", "did you mean extract.batch_size?")),
+    Case("set-not-key-value", lambda c: extract("--out", c.new, "--set", "extract.batch_size"),
+         ("override 'extract.batch_size' is not of the form section.key=value",)),
+    Case("set-wrong-type", lambda c: extract("--out", c.new, "--set", "extract.batch_size=abc"),
+         ("extract.batch_size must be int, got 'abc'", "use a whole number >= 0")),
+    Case("set-not-a-choice", lambda c: extract("--out", c.new, "--set", "targets.dtype=bfloat16"),
+         ("targets.dtype = 'bfloat16' is not one of float16, float32",)),
+    # -- import paths and factories
+    Case("import-file-missing", lambda c: extract("--out", c.new, "--set", "teacher.factory=nowhere.py:teacher"),
+         ("import path 'nowhere.py:teacher'", "nowhere.py' does not exist", "relative to the pipeline file's folder")),
+    Case("import-module-missing", lambda c: extract("--out", c.new, "--set", "teacher.factory=no_such_pkg.models:teacher"),
+         ("module 'no_such_pkg' not found", "install it")),
+    Case("import-path-malformed", lambda c: extract("--out", c.new, "--set", "teacher.factory=tiny.py"),
+         ("import path 'tiny.py' is not of the form package.module:attr or path/to/file.py:attr",)),
+    Case("attribute-missing", lambda c: extract("--out", c.new, "--set", "teacher.factory=tiny.py:teachr"),
+         ("has no attribute 'teachr'", "did you mean teacher?")),
+    Case("teacher-factory-raises", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:raising_teacher"),
+         ("teacher.factory 'bad_input.py:raising_teacher' raised RuntimeError: weights file teacher.pt not found",)),
+    Case("data-factory-raises", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:raising_dataset"),
+         ("data.factory 'bad_input.py:raising_dataset' raised FileNotFoundError: no such folder: data/train",)),
+    Case("teacher-not-a-module", lambda c: extract("--out", c.new, "--set", "teacher.factory=extract_zoo.py:not_a_module"),
+         ("teacher.factory returned str, not a torch.nn.Module", "make the factory return the model")),
+    Case("student-not-a-module", lambda c: train(c, "--set", "student.factory=extract_zoo.py:not_a_module"),
+         ("student.factory returned str, not a torch.nn.Module",), store=True),
+    Case("student-factory-missing", lambda c: train(c, "--set", 'student.factory=""'),
+         ("student.factory is required",), store=True),
+    # -- targets and the teacher's outputs
+    Case("unknown-layer", lambda c: extract("--out", c.new, "--layers", "features.9"),
+         ("layer 'features.9' is not a module of the teacher; did you mean 'features.3', 'features.2'",)),
+    Case("dry-run-unknown-layer", lambda c: extract("--dry-run", "--layers", "featurs.3"), ("did you mean 'features.3'",)),
+    Case("layer-never-called", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:unused", "targets.layers=['spare']"), "--out", c.new],
+         ("layer 'spare' did not run in the teacher's forward pass", "hook a module that runs for every batch")),
+    Case("nothing-to-store", lambda c: extract("--out", c.new, "--set", "targets.logits=false", "--set", "targets.layers=[]"),
+         ("nothing to store", "targets.logits = true")),
+    Case("output-unsupported-type", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:string_output"),
+         ("target 'logits': cannot pick a tensor from an output of type str", "[targets.select]")),
+    Case("select-unknown-target", lambda c: extract("--out", c.new, "--set", "targets.select={ pool = '0' }"),
+         ("targets.select names ['pool'], which are not stored targets",)),
+    Case("select-wrong-part", lambda c: extract("--out", c.new, "--set", "targets.select={ logits = 'hidden' }"),
+         ("output of type Tensor has no element 'hidden'", "fix [targets.select] 'logits'")),
+    Case("float16-overflow", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:overflow_logits", "targets.layers=[]"), "--out", c.new],
+         ("target 'logits' (rows 16..23) has values beyond the float16 range", 'set targets.dtype = "float32"'), writes=True),
+    Case("nan-in-teacher-output", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:nan_at_30", "targets.layers=[]"), "--out", c.new],
+         ("the teacher produced NaN in target 'logits' (rows 24..31)",), writes=True),
+    # -- the dataset
+    Case("item-unsupported-type", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:string_items"),
+         ("dataset item of type str is not supported", "return a tensor, (input, label) or a dict of tensors")),
+    Case("empty-dataset", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:empty"),
+         ("bad_input.py:empty('train') is empty", "check data.factory and data.split")),
+    Case("dataset-length-differs", lambda c: train(c, "--set", "data.factory=numbered.py:tiny_short"),
+         ("dataset numbered.py:tiny_short('train') has 40 samples but the store has 50", "use the dataset the store was made from"),
+         store=True),
+    Case("eval-split-missing", lambda c: train(c, "--set", "train.eval_split=valid"),
+         ("data.factory 'tiny.py:dataset' raised ValueError: unknown split 'valid'",), store=True),
+    # -- sizes, devices
+    Case("batch-size-0", lambda c: extract("--out", c.new, "--batch-size", "0"), ("extract.batch_size must be >= 1, got 0",)),
+    Case("batch-size-negative", lambda c: extract("--out", c.new, "--batch-size", "-4"), ("extract.batch_size must be int, got -4", "use a whole number >= 0")),
+    Case("train-batch-size-0", lambda c: train(c, "--batch-size", "0"), ("train.batch_size must be >= 1, got 0",), store=True),
+    Case("unknown-device", lambda c: extract("--out", c.new, "--device", "tpu"),
+         ("device 'tpu' is not a torch device", "use auto, cpu, cuda or cuda:N")),
+    Case("train-unknown-device", lambda c: train(c, "--device", "tpu"), ("device 'tpu' is not a torch device",), store=True),
+    Case("cuda-absent", lambda c: extract("--out", c.new, "--device", "cuda"),
+         ("device 'cuda' asked for but CUDA is not available here", 'use device = "cpu" or "auto"'), cuda=True),
+    Case("train-cuda-absent", lambda c: train(c, "--device", "cuda:1"),
+         ("device 'cuda:1' asked for but CUDA is not available here",), store=True, cuda=True),
+    # -- where extract writes
+    Case("out-is-a-file", lambda c: extract("--out", text_file(c, "s", "a file")),
+         ("exists and is not a kdcache store", "choose another --out or remove it")),
+    Case("out-is-a-zip", lambda c: extract("--out", c.tmp / "s.zarr.zip"), ("a zip store is write-once",)),
+    Case("out-read-only", lambda c: extract("--out", c.tmp / "ro" / "s.zarr"),
+         ("ro/s.zarr", "Read-only file system"), read_only=True),
+    Case("store-of-another-teacher", lambda c: extract("--out", c.store, "--set", "teacher.factory=bad_input.py:other_teacher"),
+         ("was made with different teacher weights (teacher.weights_sha256: store has '", "--overwrite to start afresh"),
+         store=True, damage=lambda s: unmark(s, 3)),
+    Case("store-of-other-targets", lambda c: extract("--out", c.store, "--set", "targets.dtype=float32"),
+         ("different targets (targets.logits.dtype: store has 'float16', now 'float32')",), store=True, damage=lambda s: unmark(s, 3)),
+    # -- stores that cannot be read
+    Case("info-no-store", lambda c: ["info", c.tmp / "nothing.zarr"], ("no store at", "run kdcache extract")),
+    Case("info-folder-not-store", lambda c: ["info", c.tmp], ("no store at",)),
+    Case("info-newer-format", lambda c: ["info", c.store],
+         ("has store format version 2; this kdcache reads version 1", "upgrade kdcache"), store=True,
+         damage=lambda s: edit_manifest(s, format_version=2)),
+    Case("train-newer-format", lambda c: train(c), ("has store format version 2",), store=True,
+         damage=lambda s: edit_manifest(s, format_version=2)),
+    Case("verify-newer-format", lambda c: ["verify", c.store], ("has store format version 2",), store=True, report=True,
+         damage=lambda s: edit_manifest(s, format_version=2)),
+    Case("extract-resume-newer-format", lambda c: extract("--out", c.store), ("has store format version 2",), store=True,
+         damage=lambda s: edit_manifest(s, format_version=2)),
+    Case("info-missing-array", lambda c: ["info", c.store], ("targets/logits", "missing"), store=True,
+         damage=lambda s: shutil.rmtree(s / "targets/logits")),
+    Case("train-missing-array", lambda c: train(c), ("targets/logits", "missing"), store=True,
+         damage=lambda s: shutil.rmtree(s / "targets/logits")),
+    Case("verify-missing-array", lambda c: ["verify", c.store], ("targets/logits: missing",), store=True, report=True,
+         damage=lambda s: shutil.rmtree(s / "targets/logits")),
+    Case("verify-flipped-byte", lambda c: ["verify", c.store],
+         ("targets/logits: shard 1 inner chunk 0 (rows 16-31): crc32c checksum mismatch",), store=True, report=True,
+         damage=lambda s: flip_byte(s, LOGITS_SHARD_1)),
+    Case("verify-truncated-chunk", lambda c: ["verify", c.store], ("targets/layers/features.3: shard 2", "truncated"),
+         store=True, report=True, damage=lambda s: truncate(s, FEATURES_SHARD_2)),
+    Case("train-flipped-byte", lambda c: train(c), ("targets/logits", "rows 16", "kdcache verify"), store=True,
+         damage=lambda s: flip_byte(s, LOGITS_SHARD_1)),
+    Case("train-flipped-byte-streaming", lambda c: train(c, "--set", "train.memory_budget_mb=0"),
+         ("targets/logits", "rows 16", "kdcache verify"), store=True, damage=lambda s: flip_byte(s, LOGITS_SHARD_1)),
+    Case("train-truncated-chunk", lambda c: train(c), ("targets/layers/features.3", "rows 32", "kdcache verify"), store=True,
+         damage=lambda s: truncate(s, FEATURES_SHARD_2)),
+    Case("train-truncated-chunk-streaming", lambda c: train(c, "--set", "train.memory_budget_mb=0"),
+         ("targets/layers/features.3", "rows 32", "kdcache verify"), store=True, damage=lambda s: truncate(s, FEATURES_SHARD_2)),
+    Case("train-missing-shard-object", lambda c: train(c),
+         ("shard 1 of targets/logits (rows 16-31) is missing although the shard is marked done", "kdcache verify"), store=True,
+         damage=lambda s: (s / LOGITS_SHARD_1).unlink()),
+    Case("train-empty-shard-object-streaming", lambda c: train(c, "--set", "train.memory_budget_mb=0"),
+         ("shard 2 of targets/layers/features.3 (rows 32-47) is empty although the shard is marked done",), store=True,
+         damage=lambda s: truncate(s, FEATURES_SHARD_2, 0)),
+    Case("export-flipped-byte", lambda c: ["export", c.store, c.tmp / "out.h5"], ("shard 1 of targets/logits (rows 16-31)", "crc32c"),
+         store=True, damage=lambda s: flip_byte(s, LOGITS_SHARD_1)),
+    Case("stats-flipped-byte", lambda c: ["stats", c.store], ("targets/logits", "kdcache verify"),
+         store=True, damage=lambda s: flip_byte(s, LOGITS_SHARD_1)),
+    Case("stats-missing-shard-object", lambda c: ["stats", c.store], ("shard 1 of targets/logits", "missing"),
+         store=True, damage=lambda s: (s / LOGITS_SHARD_1).unlink()),
+    Case("pack-incomplete-store", lambda c: ["pack", c.store, c.tmp / "p.zarr.zip"], ("incomplete",), store=True,
+         damage=lambda s: unmark(s, 2)),
+    Case("import-not-hdf5", lambda c: ["import", text_file(c, "x.h5", "not hdf5"), c.new], ("x.h5",)),
+    Case("export-out-exists", lambda c: ["export", c.store, text_file(c, "out.h5", "keep me")], ("out.h5", "--overwrite"), store=True),
+    Case("train-incomplete-store", lambda c: train(c), ("is incomplete (34/50 samples)", "--allow-partial"), store=True,
+         damage=lambda s: unmark(s, 2)),
+    Case("train-no-store", lambda c: ["train", TINY, "--cache", c.tmp / "nothing.zarr", "--out", c.run], ("no store at",)),
+    Case("eval-cache-no-store", lambda c: train(c, "--eval-cache", c.tmp / "nothing.zarr"), ("no store at", "nothing.zarr"), store=True),
+    # -- the student and the losses
+    Case("student-output-shape", lambda c: train(c, "--set", "student.factory=bad_input.py:three_classes"),
+         ("kl_divergence: student shape (8, 3) does not match teacher shape (8, 4)", "produce 4 classes"), store=True),
+    Case("feature-cannot-be-projected", lambda c: train(c, "--set", "train.features={ 'features.3' = { student = 'fc' } }"),
+         ("features.3", "(4,)", "(16, 8, 8)"), store=True),
+    Case("feature-layer-not-stored", lambda c: train(c, "--set", "train.features={ pool = { student = 'conv' } }"),
+         ("train.features names teacher layer 'pool', which", "does not store; stored: ['features.3', 'logits']"), store=True),
+    Case("feature-student-module-unknown", lambda c: train(c, "--set", "train.features={ 'features.3' = { student = 'convv' } }"),
+         ("layer 'convv' is not a module of the student", "did you mean 'conv'"), store=True),
+    Case("unknown-loss", lambda c: train(c, "--set", "train.loss.kld=1.0"),
+         ("unknown key 'train.loss.kld'", "did you mean train.loss.kl?"), store=True),
+    Case("negative-temperature", lambda c: train(c, "--set", "train.loss.temperature=-1"),
+         ("train.loss.temperature must be float, got -1", "use a finite number >= 0"), store=True),
+    Case("zero-temperature", lambda c: train(c, "--set", "train.loss.temperature=0"),
+         ("train.loss.temperature must be > 0, got 0",), store=True),
+    Case("negative-weight", lambda c: train(c, "--set", "train.loss.kl=-0.5"), ("train.loss.kl must be float, got -0.5", "use a finite number >= 0"), store=True),
+    Case("all-weights-zero", lambda c: train(c, "--set", "train.loss.kl=0", "--set", "train.loss.ce=0", "--set", "train.features={}"),
+         ("every loss weight is 0 and train.features is empty",), store=True),
+    Case("epochs-0", lambda c: train(c, "--epochs", "0"), ("train.epochs must be >= 1", "got 0"), store=True),
+    Case("epochs-negative", lambda c: train(c, "--epochs", "-2"), ("train.epochs must be int, got -2", "use a whole number >= 0"), store=True),
+    Case("subset-too-large", lambda c: train(c, "--set", "train.subset=500"),
+         ("train.subset = 500 exceeds the 50 rows available",), store=True),
+    Case("unknown-optimizer", lambda c: train(c, "--set", "train.optimizer=adam"),
+         ("train.optimizer = 'adam' is not one of adamw, sgd",), store=True),
+    # -- where train writes
+    Case("resume-without-checkpoint", lambda c: train(c, "--resume"),
+         ("--resume: no checkpoint.pt in", "run without --resume"), store=True),
+    Case("resume-another-student", lambda c: train(c, "--resume", "--set", "student.factory=bad_input.py:three_classes"),
+         ("--resume:", "checkpoint.pt' holds another student", "size mismatch for fc.weight", "its pipeline.json"), store=True,
+         prior=lambda c: trained(c)),
+    Case("resume-corrupt-checkpoint", lambda c: train(c, "--resume"), ("checkpoint.pt' cannot be read", "--overwrite"),
+         store=True, prior=lambda c: truncate(trained(c), "checkpoint.pt", 0.1)),
+    Case("train-out-holds-a-run", lambda c: train(c), ("already holds a training run", "--resume", "--overwrite"), store=True,
+         prior=lambda c: trained(c)),
+    Case("overwrite-keeps-the-run-when-it-fails", lambda c: train(c, "--overwrite", "--set", "student.factory=extract_zoo.py:not_a_module"),
+         ("student.factory returned str",), store=True, prior=lambda c: trained(c)),
+    Case("train-out-read-only", lambda c: ["train", TINY, "--cache", c.store, "--out", c.tmp / "ro" / "run"],
+         ("ro/run", "Read-only file system"), store=True, read_only=True),
+    Case("train-out-is-a-file", lambda c: ["train", TINY, "--cache", c.store, "--out", text_file(c, "run", "a file")],
+         ("run' is a file", "--out"), store=True),
+    # -- click usage errors (exit 2)
+    Case("storage-option-on-a-local-path", lambda c: ["info", c.store, "--storage-option", "anon=true"],
+         ("storage options ['anon'] apply to URL locations", "not the local path"), store=True),
+    Case("usage-missing-out", lambda c: extract(), ("Missing option '--out'",), code=2),
+    Case("usage-not-an-integer", lambda c: extract("--out", c.new, "--batch-size", "many"), ("'many' is not a valid integer",), code=2),
+    Case("usage-pipeline-is-a-folder", lambda c: ["extract", FIXTURES, "--out", c.new], ("is a directory",), code=2),
+    Case("usage-teacher-check-without-pipeline", lambda c: ["verify", c.store, "--teacher-check", "4"],
+         ("--teacher-check needs --pipeline PIPELINE",), code=2, store=True),
+    Case("usage-storage-option", lambda c: ["info", c.store, "--storage-option", "region"], ("expected KEY=VALUE, got 'region'",),
+         code=2, store=True),
+]
+
+
+@dataclass
+class Prepared:
+    """A case ready to run: its arguments and the snapshot of the store it runs against."""
+
+    case: Case
+    ctx: Ctx
+    args: list[str]
+    before: dict[Path, dict[str, tuple[bytes, int]]]  # the case's store and earlier training run, as they were
+
+    def check_untouched(self) -> None:
+        for root, files in self.before.items():
+            assert snapshot(root) == files, f"{self.case.id}: {root.name} was changed by a command that failed"
+        if not self.case.writes:
+            assert not self.ctx.new.exists(), f"{self.case.id}: a failed validation created the output store"
+
+
+def prepare(case: Case, folder: Path, tiny_store: str) -> Prepared:
+    """Copy (and damage) the case's store, run its prior step, snapshot both; ``folder`` must exist."""
+    if case.cuda and torch.cuda.is_available():
+        pytest.skip("CUDA is available here, so asking for it is no mistake")
+    ctx = Ctx(folder)
+    if case.store:
+        shutil.copytree(tiny_store, ctx.store)
+        if case.damage:
+            case.damage(ctx.store)
+    if case.prior:
+        case.prior(ctx)
+    before = {root: snapshot(root) for root in (ctx.store, ctx.run) if root.is_dir()}
+    return Prepared(case, ctx, [str(a) for a in case.args(ctx)], before)
+
+
+def check_output(case: Case, code: int, stdout: str, stderr: str) -> None:
+    """Exit status, one Error line (or a failed verify report) with every fragment, no traceback."""
+    assert code == case.code, f"{case.id}: exit {code}, expected {case.code}\nstdout: {stdout}\nstderr: {stderr}"
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+    if case.report:
+        assert "NOT verified" in stdout and stderr == "", stdout + stderr
+        text = stdout
+    else:
+        lines = stderr.strip().splitlines()
+        errors = [line for line in lines if line.startswith("Error: ")]
+        assert len(errors) == 1 and errors[0] == lines[-1], stderr
+        if case.code == 1:
+            assert len(lines) == 1, stderr  # a usage error (2) also prints the usage lines before it
+        text = errors[0]
+    for fragment in case.match:
+        assert fragment in text, f"{case.id}: {fragment!r} not in {text!r}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, tiny_store: str) -> None:
+    run = prepare(case, tmp_path, tiny_store)
+    with read_only_dir(tmp_path / "ro") if case.read_only else contextlib.nullcontext():
+        result = CliRunner().invoke(main, run.args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        pytest.fail("".join(traceback.format_exception(result.exception)))
+    check_output(case, result.exit_code, result.stdout, result.stderr)
+    run.check_untouched()
+
+
+def test_the_matrix_lists_the_issue_cases() -> None:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+    for required in ("missing-pipeline", "toml-syntax", "unknown-section", "unknown-key", "import-file-missing", "attribute-missing",
+                     "teacher-factory-raises", "teacher-not-a-module", "student-not-a-module", "unknown-layer", "layer-never-called",
+                     "output-unsupported-type", "item-unsupported-type", "empty-dataset", "batch-size-0", "unknown-device",
+                     "cuda-absent", "float16-overflow", "nan-in-teacher-output", "out-is-a-file", "store-of-another-teacher",
+                     "info-newer-format", "train-newer-format", "verify-newer-format", "extract-resume-newer-format",
+                     "train-missing-array", "verify-flipped-byte", "verify-truncated-chunk", "train-flipped-byte",
+                     "train-truncated-chunk", "student-output-shape", "feature-cannot-be-projected", "unknown-loss",
+                     "negative-temperature", "negative-weight", "epochs-0", "dataset-length-differs", "out-read-only"):
+        assert required in ids, required
+
+
+IN_A_PROCESS = ["toml-syntax", "teacher-factory-raises", "nan-in-teacher-output", "train-flipped-byte", "out-read-only"]
+
+
+@pytest.mark.slow
+def test_bad_input_in_real_processes(tmp_path: Path, tiny_store: str) -> None:
+    """Representative cases in real ``kdcache`` processes (started together): stderr is the one line, no traceback."""
+    runs = []
+    for case in (c for c in CASES if c.id in IN_A_PROCESS):
+        folder = tmp_path / case.id
+        folder.mkdir()
+        runs.append(prepare(case, folder, tiny_store))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    with contextlib.ExitStack() as stack:
+        for run in runs:
+            if run.case.read_only:
+                stack.enter_context(read_only_dir(run.ctx.tmp / "ro"))
+        procs = [subprocess.Popen([str(KDCACHE), *run.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for run in runs]
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    for run, proc, (stdout, stderr) in zip(runs, procs, outputs):
+        check_output(run.case, proc.returncode, stdout, stderr)
+        run.check_untouched()
