@@ -6,6 +6,8 @@ Messages say what was wrong, the value seen, and the fix. The CLI turns a
 
 from __future__ import annotations
 
+import errno
+
 
 class KdcacheError(Exception):
     """Base class of every error kdcache raises on purpose."""
@@ -33,3 +35,12 @@ class ShapeMismatchError(KdcacheError, ValueError):
 
 class AlignmentError(KdcacheError, RuntimeError):
     """An input sample does not belong to the stored row it was paired with."""
+
+
+def write_fix(e: OSError) -> str:
+    """The fix a failed write's message names, from its errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "make the folder writable (or choose another location)"
+    return "fix the cause"

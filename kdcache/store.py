@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from kdcache.errors import StoreError, StoreMismatchError
+from kdcache.errors import StoreError, StoreMismatchError, write_fix
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -403,9 +403,7 @@ class Store:
 
 def _write_error(location: str, what: str, e: OSError) -> StoreError:
     """A failed write (disk full, quota, I/O error) as a one-line error; the store stays resumable."""
-    import errno
-
-    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
+    fix = write_fix(e)
     return StoreError(f"cannot write {what} of {location!r}: {e.strerror or e}; "
                       f"{fix} and rerun the same command to resume (shards already done are kept)")
 

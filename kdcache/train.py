@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
-from kdcache.errors import PipelineError, StoreError
+from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -70,7 +70,6 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     with data.torch_threads(t.threads):
         while state["step"] < total_steps:
             transfer.set_epoch(state["epoch"])
-            loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda")
             steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
             bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
             means = _epoch(run, loader, optimizer, schedule, state, total_steps, bar)
@@ -394,9 +393,7 @@ def _save(obj: Any, path: Path) -> None:
 
 def _write_error(path: Path, e: OSError) -> StoreError:
     """A failed write of the output folder (disk full, quota, I/O error) as a one-line error."""
-    import errno
-
-    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
+    fix = write_fix(e)
     again = "rerun with --resume to continue from the last checkpoint" if (path.parent / CHECKPOINT).is_file() else "rerun"
     return StoreError(f"cannot write {str(path)!r}: {e.strerror or e}; {fix} and {again}")
 

@@ -240,7 +240,7 @@ CASES = [
          ("exists and is not a kdcache store", "choose another --out or remove it")),
     Case("out-is-a-zip", lambda c: extract("--out", c.tmp / "s.zarr.zip"), ("a zip store is write-once",)),
     Case("out-read-only", lambda c: extract("--out", c.tmp / "ro" / "s.zarr"),
-         ("ro/s.zarr", "Read-only file system"), read_only=True),
+         ("ro/s.zarr", "Read-only file system", "make the folder writable (or choose another location)"), read_only=True),
     Case("store-of-another-teacher", lambda c: extract("--out", c.store, "--set", "teacher.factory=bad_input.py:other_teacher"),
          ("was made with different teacher weights (teacher.weights_sha256: store has '", "--overwrite to start afresh"),
          store=True, damage=lambda s: unmark(s, 3)),
