@@ -17,6 +17,7 @@ worker opens the store itself and takes every k-th buffer of the epoch's plan.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import queue
 import threading
 from typing import Any, Iterator
@@ -67,7 +68,7 @@ class TransferSet(IterableDataset):
         self.streams, self.stream = max(1, streams), stream  # see _stream_steps
         self.rows_per_shard = store.rows_per_shard
         self.rows = np.asarray(rows if rows is not None else done_rows(store), dtype=np.int64)
-        self.epoch = 0
+        self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent DataLoader workers see set_epoch
         self.first_epoch: int | None = None  # the first epoch set: its rows are checked at fingerprint_check
         row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
         self.in_memory = row_bytes * store.num_samples <= memory_budget_mb * 2**20
@@ -75,10 +76,14 @@ class TransferSet(IterableDataset):
         self.memory = {p: store.read(p, 0, store.num_samples) for p in self.paths} if self.in_memory else None
         self._store: layout.Store | None = None
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
         if self.first_epoch is None:
             self.first_epoch = epoch
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def check_fraction(self) -> float:
         """The fraction of rows whose fingerprint this epoch checks: every epoch is a first one until

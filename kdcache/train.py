@@ -67,6 +67,9 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     if rank == 0:
         _prepare_out(out, pipeline, resume)  # only now: a run that fails to start leaves OUT as it was
     start = time.perf_counter()
+    # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
+    loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=t.num_workers > 0)
     with data.torch_threads(t.threads):
         while state["step"] < total_steps:
             transfer.set_epoch(state["epoch"])

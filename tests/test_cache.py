@@ -165,6 +165,26 @@ def test_dataset_that_changes_after_the_first_epoch_is_caught_by_the_recheck(num
     assert len(serve(transfer(numbered_store, Numbered(N), fingerprint_recheck=0.0), 1)) > 0
 
 
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_persistent_workers_follow_set_epoch(numbered_store, budget):
+    """One DataLoader for the whole run (its worker processes live across epochs) serves each epoch's own plan."""
+    def batches(served: list[dict]) -> list[tuple[int, ...]]:
+        return sorted(tuple(b["rows"].tolist()) for b in served)
+
+    ts = transfer(numbered_store, memory_budget_mb=budget, buffer_shards=2, seed=5)
+    loader = DataLoader(ts, batch_size=None, num_workers=2, persistent_workers=True)
+    seen = []
+    for epoch in (0, 1, 2):
+        ts.set_epoch(epoch)
+        served = list(loader)
+        for batch in served:
+            check_aligned(batch)
+        seen.append(batches(served))
+        alone = transfer(numbered_store, memory_budget_mb=budget, buffer_shards=2, seed=5)
+        assert seen[-1] == batches(serve(alone, epoch))
+    assert seen[0] != seen[1] != seen[2]
+
+
 def test_dataset_of_another_length_is_refused(numbered_store):
     with pytest.raises(StoreError, match=r"90 samples.*100"):
         transfer(numbered_store, Numbered(90))
