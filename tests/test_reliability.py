@@ -150,7 +150,11 @@ def test_extract_killed_at_ten_moments_resumes_to_the_uninterrupted_store(zoo, t
         where = f"kill {i} ({category}) at event {n} {events[n]}"
         assert proc.returncode == -signal.SIGKILL, f"{where}: {proc.stderr.decode()[-2000:]}"
         hit = faults.read_log(out.parent / "events.log")[-1]
-        assert hit[:2] == (n, events[n][0]), f"{where}: the killed run hit {hit}"
+        if category == "early":  # zarr writes the metadata of a node and its parents concurrently: their order varies
+            creation = {(kind, path) for m, (kind, path) in events.items() if m < moments[-2][1]}
+            assert hit[0] == n and tuple(hit[1:]) in creation, f"{where}: the killed run hit {hit}"
+        else:
+            assert hit[:2] == (n, events[n][0]), f"{where}: the killed run hit {hit}"
         done = done_flags(out)
         if category in ("mid-shard", "before-done"):
             assert not done[shard_of(events[n][1])], f"{where}: a shard was marked done before its data was written"
