@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import math
 import os
+import re
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,7 @@ class Store:
         self.location = location
         self.writable = writable
         self.storage_options = dict(storage_options or {})  # reopening elsewhere (a DataLoader worker) needs them
+        self._temps: dict[Path, dict[Any, list[Path]]] = {}  # _remove_stale_temps: folder -> its temp files
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -224,13 +227,21 @@ class Store:
 
     def _remove_stale_temps(self, key: str) -> None:
         """Remove temp files a killed writer left beside the object ``key`` of a local store: ours
-        (``.NAME.PID.tmp``) and zarr's (``STEM.UUID.partial``). Only the one writer of that object calls this."""
+        (``.NAME.PID.tmp``) and zarr's (``STEM.UUID.partial``). Only the one writer of that object calls this.
+
+        Each folder is listed once per Store (a shard folder can hold 10^5 files: listing it per shard
+        write would make a long extract quadratic); temp files are looked up in that listing.
+        """
         if location_kind(self.location) != "local":
             return
         file = Path(_local_path(self.location), *key.split("/"))
-        if file.parent.is_dir():
-            for stale in [*file.parent.glob(f".{file.name}.*.tmp"), *file.parent.glob(f"{file.stem}.{'[0-9a-f]' * 32}.partial")]:
-                stale.unlink(missing_ok=True)
+        with _TEMPS_LOCK:
+            if file.parent not in self._temps:
+                self._temps[file.parent] = _temp_files(file.parent)
+            stale = self._temps[file.parent]
+            found = stale.pop(file.name, []) + stale.pop(("partial", file.stem), [])
+        for path in found:
+            path.unlink(missing_ok=True)
 
     def _write_error(self, what: str, e: OSError) -> StoreError:
         return _write_error(self.location, what, e)
@@ -399,6 +410,26 @@ class Store:
             "compression_ratio": (raw / stored) if stored else None,
         }
 
+
+
+_TEMPS_LOCK = threading.Lock()  # Store._temps is filled by several writer threads
+_PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the object STEM
+_TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
+
+
+def _temp_files(folder: Path) -> dict[Any, list[Path]]:
+    """Temp files in ``folder`` by the object they stand for: ``NAME`` (ours) or ``("partial", STEM)`` (zarr's)."""
+    found: dict[Any, list[Path]] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if m := _TMP.fullmatch(entry.name):
+            found.setdefault(m.group(1), []).append(Path(entry.path))
+        elif m := _PARTIAL.fullmatch(entry.name):
+            found.setdefault(("partial", m.group(1)), []).append(Path(entry.path))
+    return found
 
 
 def _write_error(location: str, what: str, e: OSError) -> StoreError:

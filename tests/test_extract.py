@@ -418,6 +418,26 @@ def test_interrupted_run_leaves_whole_shards_and_resume_fetches_only_the_rest(tm
         np.testing.assert_array_equal(resumed[path], reference[path], err_msg=path)
 
 
+def test_resume_lists_each_folder_once_and_removes_the_dead_writers_temp_files(tmp_path, zoo_env, monkeypatch):
+    """Stale temp files are looked up in one listing per folder, not one per shard write (quadratic on big stores)."""
+    from kdcache import store as layout
+
+    out = crash_at(tmp_path, zoo_env, 42)
+    stale = [out / "samples" / "index" / "c" / ".2.999999.tmp", out / "targets" / "logits" / "c" / "3" / ".0.999999.tmp",
+             out / "progress" / "done" / "c" / f"3.{'ab' * 16}.partial"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    keep = out / "samples" / "index" / "c" / ".2.999999.tmp.keep"  # not a temp file name: never removed
+    keep.write_bytes(b"x")
+    listed: list[str] = []
+    real = layout._temp_files
+    monkeypatch.setattr(layout, "_temp_files", lambda folder: listed.append(str(folder)) or real(folder))
+    kdcache.extract(make_pipeline(), str(out))
+    assert not any(path.exists() for path in stale) and keep.exists()
+    assert len(listed) >= 5 and len(listed) == len(set(listed)), "a folder was listed more than once"
+
+
 def test_resume_with_another_batch_size_and_workers(tmp_path, zoo_env):
     out = crash_at(tmp_path, zoo_env, 20)
     kdcache.extract(make_pipeline("extract.batch_size=5", "extract.num_workers=2"), str(out))
