@@ -96,7 +96,7 @@ def _feed(h: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes; no copy
     elif isinstance(value, np.ndarray):
         _feed(h, torch.from_numpy(np.ascontiguousarray(value)))
     elif isinstance(value, Mapping):

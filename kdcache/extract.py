@@ -204,15 +204,16 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
 def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target], device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
     """Convert to the storage dtype on the device and start non-blocking copies into pinned memory.
 
-    Each target also gets a 2-element flag ``[any NaN, any non-finite after conversion]`` copied
-    alongside, so overflow is checked by the writer without a device sync here. Returns the host
-    tensors (by path, flags under ``path + "#flags"``) and a CUDA event to wait on (None on CPU).
+    Each target also gets a flag ``any non-finite value after conversion`` (one pass; NaN stays NaN,
+    overflow becomes inf) copied alongside, so the writer checks it without a device sync here and
+    looks at the values only when it is set. Returns the host tensors (by path, flags under
+    ``path + "#flags"``) and a CUDA event to wait on (None on CPU).
     """
     host: dict[str, torch.Tensor] = {}
     cuda = device.type == "cuda"
     for path, t in tensors.items():
         converted = t.detach().to(DTYPES[targets[path].dtype])
-        flags = torch.stack([torch.isnan(t).any(), ~torch.isfinite(converted).all()])
+        flags = ~torch.isfinite(converted).all()
         for key, value in ((path, converted), (path + "#flags", flags)):
             if cuda:
                 host[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
@@ -290,10 +291,9 @@ class ShardWriter:
             if path in columns:
                 buf[path][lo:hi] = columns[path]
                 continue
-            nan, nonfinite = host[path + "#flags"].tolist()
-            target = self.store.targets[layout.layer_name(path) if path.startswith(layout.LAYERS) else teachers.LOGITS]
-            if nan or nonfinite:
-                raise _nonfinite(target, nan, int(rows[0]), int(rows[-1]))
+            if host[path + "#flags"].item():
+                target = self.store.targets[layout.layer_name(path) if path.startswith(layout.LAYERS) else teachers.LOGITS]
+                raise _nonfinite(target, bool(host[path].isnan().any()), int(rows[0]), int(rows[-1]))
             buf[path][lo:hi] = host[path].numpy()
             nbytes += buf[path][lo:hi].nbytes
         self.filled[shard] += hi - lo
