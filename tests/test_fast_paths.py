@@ -41,3 +41,38 @@ def test_fingerprint_rows_equal_item_fingerprints(batch: torch.Tensor):
     assert data.fingerprint_rows(batch, range(5)) == [data.fingerprint(batch[i].clone()) for i in range(5)]
     assert data.fingerprint_rows(batch, [3, 1]) == [data.fingerprint(batch[3].clone()), data.fingerprint(batch[1].clone())]
     assert data.fingerprint_rows({"x": batch}, range(5)) is None
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 96, 96), (6, 10)], ids=["large-rows-in-threads", "small-rows-inline"])
+def test_fingerprints_of_large_and_small_tensors_equal_one_by_one(shape):
+    """Rows of 110 KB are hashed in the thread pool, rows of 40 B inline; both give fingerprint() of each item."""
+    batch = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    items = [batch[i].clone() for i in range(len(batch))]
+    expected = [data.fingerprint(x) for x in items]
+    assert data.fingerprints(items) == expected
+    assert data.fingerprint_rows(batch, range(len(batch))) == expected
+    assert len(set(expected)) == len(expected)
+    indexed = data.Indexed(items)
+    assert [h for _, h, _, _ in indexed.__getitems__([5, 0, 3])] == [expected[5], expected[0], expected[3]]
+
+
+def _child_fingerprints(items: list[torch.Tensor], out) -> None:
+    out.put(data.fingerprints(items))
+
+
+def test_a_forked_child_hashes_in_its_own_pool():
+    """The parent's hash threads do not survive fork (DataLoader workers): the child must not wait on them forever."""
+    import multiprocessing
+
+    items = [torch.full((3, 96, 96), float(i)) for i in range(4)]  # 110 KB each: hashed in the pool
+    expected = data.fingerprints(items)  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_fingerprints, args=(items, out))
+    child.start()
+    try:
+        assert out.get(timeout=30) == expected
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
