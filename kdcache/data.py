@@ -110,8 +110,8 @@ def _hash_pool() -> ThreadPoolExecutor:
     """One pool per process: a forked child (a DataLoader worker) starts without the parent's threads."""
     global _POOL
     if _POOL is None:  # a race here makes a spare pool at worst
-        _POOL = ThreadPoolExecutor(max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)),
-                                   thread_name_prefix="kdcache-hash")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _POOL = ThreadPoolExecutor(min(8, cores), thread_name_prefix="kdcache-hash")
     return _POOL
 
 

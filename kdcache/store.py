@@ -263,9 +263,9 @@ class Store:
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
         if self._done is None or self.writable:
             self._done = self.done()
-        done = self._done
-        for shard in shards:
-            if done[shard] and (problem := self._object_problem(self.shard_key(path, shard))):
+        checked = [shard for shard in shards if self._done[shard]]
+        for shard, problem in zip(checked, self._object_problems([self.shard_key(path, s) for s in checked])):
+            if problem:
                 raise self._damaged(path, shard, f"is {problem} although the shard is marked done")
         array = self.array(path)
         try:
@@ -280,17 +280,27 @@ class Store:
                     raise self._damaged(path, shard, f"does not decode ({why})") from None
             raise
 
-    def _object_problem(self, key: str) -> str | None:
-        """``"missing"`` or ``"empty"`` for a storage object that should hold data, else None; the object is not read."""
+    def _object_problems(self, keys: list[str]) -> list[str | None]:
+        """``"missing"`` or ``"empty"`` for each storage object that should hold data, else None; the objects
+        are not read, and all are asked at once (an object store answers the HEAD requests concurrently)."""
+        import asyncio
+
         from zarr.core.sync import sync
 
         store = self.group.store
-        try:
-            if isinstance(store, zarr.storage.ZipStore):  # its getsize would read the whole object
-                return None if sync(store.exists(key)) else "missing"
-            return "empty" if sync(store.getsize(key)) == 0 else None
-        except FileNotFoundError:
-            return "missing"
+
+        async def problem(key: str) -> str | None:
+            try:
+                if isinstance(store, zarr.storage.ZipStore):  # its getsize would read the whole object
+                    return None if await store.exists(key) else "missing"
+                return "empty" if await store.getsize(key) == 0 else None
+            except FileNotFoundError:
+                return "missing"
+
+        async def every() -> list[str | None]:
+            return list(await asyncio.gather(*(problem(k) for k in keys)))
+
+        return sync(every()) if keys else []
 
     def _damaged(self, path: str, shard: int, problem: str) -> StoreError:
         lo, hi = self.shard_rows(shard)
