@@ -307,7 +307,7 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_pipeline(out, pipeline)
     except OSError as e:  # read-only, no permission, no space
-        raise StoreError(f"cannot write the output folder {str(out)!r} ({e.strerror or e}); choose a writable --out") from None
+        raise _write_error(out, e) from None
 
 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any]) -> None:
