@@ -18,7 +18,7 @@ import kdcache
 from kdcache import data
 from kdcache.errors import PipelineError, StoreError, StoreMismatchError, TargetError
 from kdcache.store import open_store
-from reference import make_pipeline, mtimes, read_store, without_times
+from reference import crash_at, make_pipeline, mtimes, read_store, without_times
 
 TOL = {"float16": {"rtol": 2e-3, "atol": 1e-3}, "float32": {"rtol": 1e-5, "atol": 1e-6}}
 NP = {"float16": np.float16, "float32": np.float32}
@@ -379,16 +379,6 @@ def test_nan_from_the_teacher_is_an_error(tmp_path, dtype, logits, layers, targe
 
 
 # ----------------------------------------------------------------------------------- resume
-
-
-def crash_at(tmp_path: Path, zoo_env, index: int, *overrides: str, name: str = "store.zarr") -> Path:
-    """A partial store: extraction dies fetching ``index`` (shards before it done)."""
-    out = tmp_path / name
-    zoo_env(FAIL_AT=index)
-    with pytest.raises(RuntimeError, match=f"simulated crash fetching index {index}"):
-        kdcache.extract(make_pipeline(*overrides), str(out))
-    zoo_env(FAIL_AT=None)
-    return out
 
 
 def test_interrupted_run_leaves_whole_shards_and_resume_fetches_only_the_rest(tmp_path, zoo_env, fetch_log):

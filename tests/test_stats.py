@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import kdcache
 from kdcache.cli import main
 from kdcache.stats import stats
 from kdcache.store import open_store
-from reference import make_pipeline
+from reference import crash_at
 
 
 def naive(location: str, rows: np.ndarray | None = None) -> dict:
@@ -44,10 +43,7 @@ def test_stats_match_a_naive_computation(tiny_store):
 
 
 def test_stats_cover_only_done_shards(tmp_path, zoo_env):
-    out = tmp_path / "partial.zarr"
-    zoo_env(FAIL_AT=42)
-    with pytest.raises(RuntimeError):
-        kdcache.extract(make_pipeline(), str(out))
+    out = crash_at(tmp_path, zoo_env, 42, name="partial.zarr")
     s = stats(str(out))
     assert s["rows"] == 32 and s["shards_done"] == 2
     assert s["mean_entropy"] is not None and s["teacher_accuracy"] is not None

@@ -15,7 +15,7 @@ import kdcache
 from conftest import TINY_TOML
 from kdcache.cli import main
 from kdcache.verify import verify
-from reference import make_pipeline
+from reference import crash_at
 
 LOGITS_SHARD_1 = "targets/logits/c/1/0"
 FEATURES_SHARD_2 = "targets/layers/features.3/c/2/0/0/0"
@@ -72,10 +72,7 @@ def test_missing_shard_object_is_named(copy):
 
 
 def test_incomplete_store_fails_completeness(tmp_path, zoo_env):
-    out = tmp_path / "partial.zarr"
-    zoo_env(FAIL_AT=42)
-    with pytest.raises(RuntimeError):
-        kdcache.extract(make_pipeline(), str(out))
+    out = crash_at(tmp_path, zoo_env, 42, name="partial.zarr")
     report = verify(str(out))
     assert not report["ok"]
     assert problems(report, "completeness") == ["shard 2 (rows 32-47) is not done; resume kdcache extract",
