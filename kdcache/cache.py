@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import queue
-import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -124,7 +122,7 @@ class TransferSet(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Batches are made (store reads, dataset items, fingerprints, collation) one step ahead in a
         # thread, overlapping the training step: hashing and large copies release the GIL.
-        return _prefetch(self._batches(), depth=PREFETCH)
+        return data.prefetch(self._batches(), depth=PREFETCH)
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
@@ -227,45 +225,6 @@ class TransferSet(IterableDataset):
 
 
 PREFETCH = 2  # batches made ahead of the consumer
-
-
-def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Iterate ``items`` in a background thread, ``depth`` ahead; errors re-raise here; stopping early stops it."""
-    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(entry: tuple[Any, BaseException | None]) -> bool:
-        """Hand one entry over unless the consumer has stopped (then never block)."""
-        while not stop.is_set():
-            try:
-                buffer.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as e:  # handed to the consumer
-            put((done, e))
-
-    thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = buffer.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
 
 
 def done_rows(store: layout.Store) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -203,6 +205,45 @@ class ShardBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return sum(-(-(min((s + 1) * self.rows, self.n) - s * self.rows) // self.batch_size) for s in self.shards)
+
+
+def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, ``depth`` ahead; errors re-raise here; stopping early stops it."""
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        """Hand one entry over unless the consumer has stopped (then never block)."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer
+            put((done, e))
+
+    thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> Any:

@@ -42,7 +42,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-d entries (num_batches_tracked)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy; reshape: 0-d entries (num_batches_tracked)
     return h.hexdigest()
 
 

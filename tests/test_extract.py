@@ -378,6 +378,13 @@ def test_nan_from_the_teacher_is_an_error(tmp_path, dtype, logits, layers, targe
     assert not any(np.isnan(v).any() for v in arrays.values() if v.dtype.kind == "f")
 
 
+def test_finite_values_whose_sum_overflows_are_stored(tmp_path):
+    # to_host's quick check is a float32 sum per batch; inf there must lead to a look at the values, not an error
+    _, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:huge_float32", "targets.layers=[]", "targets.dtype=float32")
+    np.testing.assert_array_equal(arrays["targets/logits"][:, 0], np.arange(50, dtype=np.float32))
+    assert (arrays["targets/logits"][:, 1:] == np.float32(3e38)).all()
+
+
 # ----------------------------------------------------------------------------------- resume
 
 
