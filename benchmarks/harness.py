@@ -23,10 +23,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # models.py, importable here and by pipeline import paths
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, repeats: int = 3) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per measurement (median reported; default {repeats})")
     p.add_argument("--out", default="", help="write the figures as JSON here")
     p.add_argument("--check", action="store_true", help="exit 1 if any goal is missed")
     p.add_argument("--workdir", default="", help="folder for stores and scratch files (default: a temp folder)")
@@ -57,20 +57,34 @@ def timed(fn: Callable[[], Any], device: str = "cpu") -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str = "cpu", warmup: int = 1,
-                cleanup: Callable[[], Any] | None = None) -> dict[str, float]:
-    """Median seconds of each function, run round-robin ``repeats`` times after ``warmup`` rounds.
+                cleanup: Callable[[], Any] | None = None) -> list[dict[str, float]]:
+    """Seconds of each function in each of ``repeats`` rounds (run round-robin, after ``warmup`` rounds).
 
     ``cleanup`` runs untimed after each function (e.g. deleting what it wrote, so every write is to new files).
+    Take a ratio per round with ``median_of``: the functions of one round ran seconds apart, so a slow
+    spell of the machine hits numerator and denominator alike.
     """
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    rounds = []
     for r in range(warmup + repeats):
+        times = {}
         for name, fn in fns.items():
-            t = timed(fn, device)
+            times[name] = timed(fn, device)
             if cleanup is not None:
                 cleanup()
-            if r >= warmup:
-                times[name].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+        if r >= warmup:
+            rounds.append(times)
+    return rounds
+
+
+def median_of(rounds: list[dict[str, float]], figure: Callable[[dict[str, float]], float]) -> float:
+    """The median over rounds of ``figure(one round's seconds by name)``."""
+    return statistics.median(figure(r) for r in rounds)
+
+
+def spread(rounds: list[dict[str, float]], figure: Callable[[dict[str, float]], float]) -> str:
+    """``"rounds: lowest-highest"`` of ``figure`` over rounds, to print next to its median: how noisy it was."""
+    values = [figure(r) for r in rounds]
+    return f"(rounds: {min(values):.3f}-{max(values):.3f})"
 
 
 class Report:

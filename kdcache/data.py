@@ -98,13 +98,17 @@ def fingerprints(inputs: list[Any]) -> list[int]:
 
 
 def _hash_map(fn: Any, items: list[Any], item_bytes: int) -> list[Any]:
-    """``[fn(x) for x in items]``, in a thread pool when items are large (blake2b releases the GIL)."""
-    if item_bytes >= PARALLEL_ROW_BYTES and len(items) > 1:
-        return list(_hash_pool().map(fn, items))
-    return [fn(x) for x in items]
+    """``[fn(x) for x in items]``; large items are hashed by a thread pool (blake2b releases the GIL),
+    one contiguous group of items per thread, so a hand-off is paid per group, not per item."""
+    if item_bytes < PARALLEL_ROW_BYTES or len(items) < 2 or HASH_THREADS < 2:
+        return [fn(x) for x in items]
+    size = -(-len(items) // HASH_THREADS)
+    groups = _hash_pool().map(lambda group: [fn(x) for x in group], [items[i : i + size] for i in range(0, len(items), size)])
+    return [h for group in groups for h in group]
 
 
-PARALLEL_ROW_BYTES = 64 * 1024  # below this, a thread hand-off costs more than the hash (~6 us per 3 KB row)
+PARALLEL_ROW_BYTES = 16 * 1024  # below this, per-item Python work (holding the GIL) outweighs the hash (~6 us per 3 KB row)
+HASH_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -112,8 +116,7 @@ def _hash_pool() -> ThreadPoolExecutor:
     """One pool per process: a forked child (a DataLoader worker) starts without the parent's threads."""
     global _POOL
     if _POOL is None:  # a race here makes a spare pool at worst
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _POOL = ThreadPoolExecutor(min(8, cores), thread_name_prefix="kdcache-hash")
+        _POOL = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="kdcache-hash")
     return _POOL
 
 

@@ -2,7 +2,8 @@
 
 The GPU never waits for the disk: outputs are converted to the storage dtype on the device,
 copied into pinned host memory without blocking, and handed to a writer thread that checks
-them, gathers whole shards and writes them (compression and I/O overlap the next forwards).
+them, gathers whole shards and hands each to a pool that writes it (compression and I/O overlap
+the next forwards). On a CPU teacher the loop gathers itself (see ``ShardWriter``).
 Memory is bounded by the queue depth in batches plus the shards being gathered.
 """
 
@@ -65,7 +66,8 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
         num_workers=x.num_workers,
         pin_memory=run.device.type == "cuda",
     )
-    with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar) as writer, \
+    background = run.device.type != "cpu"
+    with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
             teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for batch in loader:
             hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
@@ -235,9 +237,13 @@ class ShardWriter:
     of it has arrived, then marked done; an interrupted run leaves partial shards unwritten.
     Complete shards are written by a small pool (``WRITE_THREADS``), so gathering the next shard
     overlaps the checksums and file writes of the last ones; at most ``WRITE_THREADS`` are in flight.
+
+    ``background=False`` (a CPU teacher) gathers in the caller's thread instead: the forward pass
+    already runs on every core, and a gathering thread would only preempt one of its OpenMP
+    workers and stall the whole parallel region; the copying costs the same in either thread.
     """
 
-    def __init__(self, store: layout.Store, depth: int, bar: Progress):
+    def __init__(self, store: layout.Store, depth: int, bar: Progress, background: bool = True):
         self.store, self.bar = store, bar
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self.error: BaseException | None = None
@@ -246,15 +252,17 @@ class ShardWriter:
         self.spare: list[dict[str, np.ndarray]] = []  # buffers of written shards, reused: fresh pages cost as much as the write
         self.pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="kdcache-write")
         self.writing: list[tuple[Future[None], dict[str, np.ndarray]]] = []
-        self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True) if background else None
 
     def __enter__(self) -> ShardWriter:
-        self.thread.start()
+        if self.thread is not None:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
         self._reap(keep=0)
         self.pool.shutdown()
         if self.error is not None and exc[0] is None:
@@ -263,7 +271,10 @@ class ShardWriter:
     def put(self, batch: dict[str, Any], host: dict[str, torch.Tensor], event: Any) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((batch, host, event))
+        if self.thread is None:
+            self._absorb(batch, host, event)
+        else:
+            self.queue.put((batch, host, event))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:

@@ -43,9 +43,10 @@ def test_fingerprint_rows_equal_item_fingerprints(batch: torch.Tensor):
     assert data.fingerprint_rows({"x": batch}, range(5)) is None
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 96, 96), (6, 10)], ids=["large-rows-in-threads", "small-rows-inline"])
+@pytest.mark.parametrize("shape", [(7, 3, 96, 96), (7, 3, 64, 64), (7, 10)], ids=["large-rows-in-threads", "48KB-rows-in-threads", "small-rows-inline"])
 def test_fingerprints_of_large_and_small_tensors_equal_one_by_one(shape):
-    """Rows of 110 KB are hashed in the thread pool, rows of 40 B inline; both give fingerprint() of each item."""
+    """Rows of 16 KB and more are hashed in the thread pool (in uneven groups: 7 rows), rows of 40 B inline;
+    both give fingerprint() of each item, in order."""
     batch = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
     items = [batch[i].clone() for i in range(len(batch))]
     expected = [data.fingerprint(x) for x in items]
