@@ -55,9 +55,11 @@ def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: 
     return store.info()
 
 
-def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: list[int], bar: Progress) -> None:
+def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: list[int], bar: Progress,
+                   background: bool | None = None) -> None:
     """Run the teacher over whole ``shards`` of an open, writable store and write them (each marked done
-    once written). The one loop every way of extracting shares: ``extract`` and ``kdcache.distributed``."""
+    once written). The one loop every way of extracting shares: ``extract`` and ``kdcache.distributed``.
+    ``background``: gather shards in a writer thread (None: unless the teacher is on the CPU; see ``ShardWriter``)."""
     x = pipeline.extract
     loader = DataLoader(
         data.Indexed(run.dataset),
@@ -66,7 +68,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
         num_workers=x.num_workers,
         pin_memory=run.device.type == "cuda",
     )
-    background = run.device.type != "cpu"
+    background = run.device.type != "cpu" if background is None else background
     with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
             teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for batch in loader:

@@ -385,6 +385,35 @@ def test_finite_values_whose_sum_overflows_are_stored(tmp_path):
     assert (arrays["targets/logits"][:, 1:] == np.float32(3e38)).all()
 
 
+@pytest.mark.parametrize("factory", ["", "extract_zoo.py:nan_at_30"], ids=["store", "nan-error"])
+def test_the_writer_thread_gathers_what_the_loop_does(tmp_path, factory):
+    """A CPU teacher gathers shards in its own loop; a GPU teacher in a writer thread. The thread path,
+    run here on the CPU, gives the same store, and its errors reach the caller the same way."""
+    import importlib
+
+    from kdcache import store as layout
+    from kdcache.progress import Progress
+
+    kx = importlib.import_module("kdcache.extract")
+    overrides = [f"teacher.factory={factory}", "targets.layers=[]"] if factory else []
+    pipeline = make_pipeline(*overrides)
+    run = kx.setup(pipeline)
+    store = layout.create_or_resume(str(tmp_path / "thread.zarr"), run.manifest(pipeline))
+    write = lambda: kx.extract_shards(run, pipeline, store, store.pending_shards(), Progress(0, "", enabled=False), background=True)  # noqa: E731
+    if factory:
+        with pytest.raises(TargetError, match=r"the teacher produced NaN in target 'logits' \(rows 24\.\.31\)"):
+            write()
+        assert read_store(tmp_path / "thread.zarr")[1]["progress/done"].tolist() == [True, False, False, False]
+        return
+    write()
+    store.finish()
+    _, inline = extract(tmp_path, *overrides, name="inline.zarr")
+    _, thread = read_store(tmp_path / "thread.zarr")
+    assert inline.keys() == thread.keys()
+    for path in inline:
+        np.testing.assert_array_equal(thread[path], inline[path], err_msg=path)
+
+
 # ----------------------------------------------------------------------------------- resume
 
 
