@@ -31,6 +31,44 @@ def test_whole_shard_write_is_byte_identical_to_zarr(tmp_path: Path, dtype: str,
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "fast" / "t/x")[:64], x)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int64", "uint64"])
+@pytest.mark.parametrize("level", [None, 1, 5])
+@pytest.mark.parametrize("shape,chunk", [((100, 4, 5), 8), ((100,), 16), ((100, 3), 64)])
+def test_whole_shard_read_equals_zarr(tmp_path: Path, dtype: str, level: int | None, shape: tuple[int, ...], chunk: int):
+    """Shard 0 is whole (written by the fast path), shard 1 holds the last 36 rows (written by zarr: a partial
+    inner chunk, and inner chunks past the end never written); both read back as zarr reads them."""
+    x = (np.maximum(np.random.default_rng(1).standard_normal(shape), 0) * 10).astype(dtype)
+    compressors = [Crc32cCodec()] if level is None else [ZstdCodec(level=level), Crc32cCodec()]
+    a = zarr.open_group(tmp_path, mode="w").create_array("t/x", shape=shape, chunks=(chunk, *shape[1:]), shards=(64, *shape[1:]),
+                                                          dtype=dtype, compressors=compressors, fill_value=0, config={"write_empty_chunks": True})
+    assert layout._write_whole_shard(a, 0, x[:64])
+    a[64:] = x[64:]
+    for shard, rows in ((0, x[:64]), (1, x[64:])):
+        got = layout._read_whole_shard(a, shard)
+        assert got is not None and got.dtype == a.dtype
+        np.testing.assert_array_equal(got, rows)
+        np.testing.assert_array_equal(got, a[shard * 64 : shard * 64 + len(rows)])
+
+
+def test_whole_shard_read_leaves_damage_to_zarr(tmp_path: Path):
+    """Anything off (a flipped byte, a truncated or missing file, a non-local store) gives None, never values."""
+    x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+    a = zarr.open_group(tmp_path / "s", mode="w").create_array("x", shape=(64, 3), chunks=(8, 3), shards=(64, 3), dtype="float32",
+                                                                compressors=[ZstdCodec(level=1), Crc32cCodec()], fill_value=0)
+    assert layout._write_whole_shard(a, 0, x)
+    file = layout._shard_file(a, 0)
+    good = file.read_bytes()
+    np.testing.assert_array_equal(layout._read_whole_shard(a, 0), x)
+    for damaged in (good[:10] + bytes([good[10] ^ 1]) + good[11:], good[:-7], good[: len(good) // 2], b""):
+        file.write_bytes(damaged)
+        assert layout._read_whole_shard(a, 0) is None
+    file.unlink()
+    assert layout._read_whole_shard(a, 0) is None
+    memory = zarr.open_group(zarr.storage.MemoryStore(), mode="w").create_array("x", shape=(64,), chunks=(8,), shards=(64,), dtype="f4")
+    memory[:] = 1
+    assert layout._read_whole_shard(memory, 0) is None
+
+
 def test_partial_shard_is_left_to_zarr(tmp_path: Path):
     a = zarr.open_group(tmp_path, mode="w").create_array("x", shape=(40,), chunks=(16,), shards=(32,), dtype="float16", fill_value=0)
     assert not layout._write_whole_shard(a, 1, np.ones(8, np.float16))
