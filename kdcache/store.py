@@ -572,9 +572,12 @@ def _read_whole_shard(array: zarr.Array, shard: int) -> np.ndarray | None:
             target[:] = body
         else:
             try:
-                decode(body, out=target)
-            except Exception:  # noqa: BLE001 - a body that does not decompress to one chunk: zarr names it
+                plain = np.frombuffer(decode(body), dtype=np.uint8)  # into ``out=`` a short body would leave garbage
+            except Exception:  # noqa: BLE001 - a body that does not decompress: zarr names it
                 return None
+            if len(plain) != size:
+                return None
+            target[:] = plain
     return out[:rows]
 
 

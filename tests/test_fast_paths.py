@@ -64,6 +64,18 @@ def test_whole_shard_read_leaves_damage_to_zarr(tmp_path: Path):
         assert layout._read_whole_shard(a, 0) is None
     file.unlink()
     assert layout._read_whole_shard(a, 0) is None
+    from google_crc32c import value as crc32c
+    import numcodecs
+
+    # every checksum right, but an inner chunk decompresses to 12 bytes instead of 96: no values, never garbage
+    bodies = [numcodecs.Zstd(level=1).encode(x[i * 8 : (i + 1) * 8].tobytes() if i else x[:1].tobytes()) for i in range(8)]
+    index, parts, offset = np.empty((8, 2), "<u8"), [], 0
+    for i, body in enumerate(bodies):
+        parts += [body, np.array([crc32c(body)], "<u4").tobytes()]
+        index[i] = offset, len(body) + 4
+        offset += len(body) + 4
+    file.write_bytes(b"".join(parts) + index.tobytes() + np.array([crc32c(index.tobytes())], "<u4").tobytes())
+    assert layout._read_whole_shard(a, 0) is None
     memory = zarr.open_group(zarr.storage.MemoryStore(), mode="w").create_array("x", shape=(64,), chunks=(8,), shards=(64,), dtype="f4")
     memory[:] = 1
     assert layout._read_whole_shard(memory, 0) is None
