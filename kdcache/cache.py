@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -120,25 +120,27 @@ class TransferSet(IterableDataset):
 
     # -- serving ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Batches are made (store reads, dataset items, fingerprints, collation) one step ahead in a
-        # thread, overlapping the training step: hashing and large copies release the GIL.
-        return data.prefetch(self._batches(), depth=PREFETCH)
+        # Batches are made (store reads, dataset items, fingerprints, collation) ahead in a thread that
+        # starts now, overlapping the training step: hashing and large copies release the GIL.
+        # The epoch and its check fraction are read here, not in that thread: a later set_epoch
+        # (the next epoch, started early) must not change the batches of this one.
+        return data.Prefetch(self._batches(self.epoch, self.check_fraction()), depth=PREFETCH)
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    def _batches(self, epoch: int, fraction: float) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         k, me = (worker.num_workers, worker.id) if worker else (1, 0)
-        check_rng = np.random.default_rng([self.seed, self.epoch, 1, me])
+        check = Check(fraction, np.random.default_rng([self.seed, epoch, 1, me]))
         if self.streams > 1:
-            yield from self._stream_steps(self.plan(self.epoch), k, me, check_rng)
+            yield from self._stream_steps(self.plan(epoch), k, me, check)
             return
-        for i, rows in enumerate(self.plan(self.epoch)):
+        for i, rows in enumerate(self.plan(epoch)):
             if i % k != me:
                 continue
             columns = self._read(rows)
             for lo in range(0, len(rows), self.batch_size):
                 if self.drop_last and lo + self.batch_size > len(rows):
                     break
-                yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check_rng)
+                yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check)
 
     def _streams(self, plan: list[np.ndarray]) -> list[list[tuple[int, int, int]]]:
         """Buffer ``i`` of the plan goes to stream ``i % streams``; each stream's batches as ``(buffer, lo, hi)``."""
@@ -150,7 +152,7 @@ class TransferSet(IterableDataset):
                 out[i % self.streams].append((i, lo, min(lo + self.batch_size, len(rows))))
         return out
 
-    def _stream_steps(self, plan: list[np.ndarray], k: int, me: int, check_rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    def _stream_steps(self, plan: list[np.ndarray], k: int, me: int, check: Check) -> Iterator[dict[str, Any]]:
         """``streams > 1``: step j is batch j of every stream. ``stream=None`` (one process) joins them into one
         batch; ``stream=r`` (torchrun rank r) serves only its own, reading only its own buffers, with
         ``scale = streams * rows / rows of the whole step``: the mean of the ranks' gradients of their scaled
@@ -172,7 +174,7 @@ class TransferSet(IterableDataset):
             if not parts:
                 parts = [(plan[0][:1], self._read(plan[0][:1]))]
             rows = np.concatenate([r for r, _ in parts])
-            batch = self._batch(rows, {p: np.concatenate([c[p] for _, c in parts]) for p in self.paths}, check_rng)
+            batch = self._batch(rows, {p: np.concatenate([c[p] for _, c in parts]) for p in self.paths}, check)
             yield {**batch, "scale": scale}
 
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -181,23 +183,22 @@ class TransferSet(IterableDataset):
             return {p: a[rows] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
             self._store = layout.open_store(self.location, storage_options=self.storage_options)
-        shards = np.unique(rows // self.rows_per_shard)
-        spans = [self._store.shard_rows(int(s)) for s in shards]
-        offsets = np.cumsum([0] + [stop - start for start, stop in spans])
-        local = np.searchsorted(shards, rows // self.rows_per_shard)
-        position = offsets[local] + (rows - np.array([spans[j][0] for j in local], dtype=np.int64))
+        shards, local = np.unique(rows // self.rows_per_shard, return_inverse=True)
+        spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])
+        position = offsets[local] + rows - spans[local, 0]  # row's place in the shards read back to back
         out = {}
         for p in self.paths:
-            whole = np.concatenate([self._store.read(p, start, stop) for start, stop in spans])
-            out[p] = whole[position]
+            parts = [self._store.read(p, int(start), int(stop)) for start, stop in spans]
+            out[p] = (parts[0] if len(parts) == 1 else np.concatenate(parts))[position]
         return out
 
-    def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check_rng: np.random.Generator) -> dict[str, Any]:
+    def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
         index = columns[layout.INDEX]
         items = data.getitems(self.dataset, index.tolist())
         inputs = [data.inputs_of(item) for item in items]
         batch = default_collate(inputs)
-        self._check(rows, index, inputs, batch, columns[layout.FINGERPRINT], check_rng)
+        self._check(rows, index, inputs, batch, columns[layout.FINGERPRINT], check)
         return {
             "rows": torch.from_numpy(rows),
             "index": torch.from_numpy(index),
@@ -206,12 +207,11 @@ class TransferSet(IterableDataset):
             "label": torch.from_numpy(columns[layout.LABEL]) if layout.LABEL in columns else None,
         }
 
-    def _check(self, rows: np.ndarray, index: np.ndarray, inputs: list[Any], batch: Any, stored: np.ndarray, rng: np.random.Generator) -> None:
-        fraction = self.check_fraction()
-        if fraction <= 0:
+    def _check(self, rows: np.ndarray, index: np.ndarray, inputs: list[Any], batch: Any, stored: np.ndarray, check: Check) -> None:
+        if check.fraction <= 0:
             return
         n = len(rows)
-        which = range(n) if fraction >= 1 else np.flatnonzero(rng.random(n) < fraction)
+        which = range(n) if check.fraction >= 1 else np.flatnonzero(check.rng.random(n) < check.fraction)
         # Tensor items: hash rows of the collated batch (same bytes, one prefix), not item by item.
         fast = data.fingerprint_rows(batch, which) if isinstance(inputs[0], torch.Tensor) else None
         for k, j in enumerate(which):
@@ -225,6 +225,13 @@ class TransferSet(IterableDataset):
 
 
 PREFETCH = 2  # batches made ahead of the consumer
+
+
+class Check(NamedTuple):
+    """One epoch's fingerprint check: the fraction of rows, and the seeded generator that picks them."""
+
+    fraction: float
+    rng: np.random.Generator
 
 
 def done_rows(store: layout.Store) -> np.ndarray:

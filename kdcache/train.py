@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -75,17 +75,20 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
                             persistent_workers=t.num_workers > 0)
     with data.torch_threads(t.threads):
+        batches = _start_epoch(transfer, loader, state["epoch"])
         while state["step"] < total_steps:
-            transfer.set_epoch(state["epoch"])
             steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
             bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
-            means = _epoch(run, loader, optimizer, schedule, state, total_steps, bar)
+            means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
             due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
             metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
                        **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
             state["epoch"] += 1
+            rng = torch.get_rng_state()  # before the next epoch's loader draws its seed: what a resume restores
+            if state["step"] < total_steps:  # its first batches are made while this epoch is saved
+                batches = _start_epoch(transfer, loader, state["epoch"])
             if rank == 0:
-                _save_epoch(out, run, optimizer, schedule, state, metrics)
+                _save_epoch(out, run, optimizer, schedule, state, metrics, rng)
     if rank == 0:
         _save(run.student.state_dict(), out / "student.pt")
         _save(run.heads.state_dict(), out / "heads.pt")
@@ -94,13 +97,19 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
 
 
-def _epoch(run: Run, loader: Any, optimizer: Any, schedule: Any, state: dict[str, int], total_steps: int,
+def _start_epoch(transfer: cache.TransferSet, loader: Any, epoch: int) -> Iterator[dict[str, Any]]:
+    """Set the epoch and start making its batches (a TransferSet or DataLoader iterator starts at once)."""
+    transfer.set_epoch(epoch)
+    return iter(loader)
+
+
+def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule: Any, state: dict[str, int], total_steps: int,
            bar: Progress) -> dict[str, float]:
-    """One pass over the loader (or up to ``total_steps``); returns the mean of each loss term."""
+    """One pass over an epoch's batches (or up to ``total_steps``); returns the mean of each loss term."""
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     run.student.train(), run.heads.train()
-    for batch in loader:
+    for batch in batches:
         parts = run.losses(batch)
         loss = sum(parts.values())
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
@@ -316,7 +325,8 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> None:
         raise _write_error(out, e) from None
 
 
-def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any]) -> None:
+def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any],
+                rng: torch.Tensor) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line)."""
     lines = [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]] + [metrics]
@@ -325,7 +335,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     except OSError as e:
         raise _write_error(out / "metrics.jsonl", e) from None
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": torch.get_rng_state()}
+            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": rng}
     _save(ckpt, out / CHECKPOINT)
 
 

@@ -7,8 +7,12 @@ so one wrong pairing anywhere shows up as a number in the wrong place.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import store as layout
 from kdcache.cache import TransferSet, done_rows
+from kdcache.data import Prefetch
 from kdcache.errors import AlignmentError, StoreError
 from numbered import Numbered
 
@@ -235,3 +240,77 @@ def test_incomplete_store_serves_done_shards_only(numbered_store, tmp_path):
         ts = transfer(location, memory_budget_mb=budget)
         served = np.concatenate([b["rows"].numpy() for b in serve(ts, 0)])
         assert np.array_equal(np.sort(served), expected)
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_an_epoch_started_early_keeps_its_own_plan_and_check(numbered_store, budget):
+    """``train`` starts epoch e+1's batches before it saves epoch e, then sets no epoch until they are
+    served; an iterator made before a later ``set_epoch`` must still serve its own epoch, fully checked."""
+    ts = transfer(numbered_store, memory_budget_mb=budget, buffer_shards=2, seed=5)
+    ts.set_epoch(0)
+    early = iter(ts)
+    ts.set_epoch(1)
+    served = list(early)
+    for batch in served:
+        check_aligned(batch)
+    alone = transfer(numbered_store, memory_budget_mb=budget, buffer_shards=2, seed=5)
+    assert [b["rows"].tolist() for b in served] == [b["rows"].tolist() for b in serve(alone, 0)]
+
+    # epoch 0 is the first epoch set: every row checked, even after set_epoch(1) (recheck 0) and even
+    # for the last batch, which the producer (two batches ahead) cannot have made before set_epoch
+    ts = transfer(numbered_store, Numbered(N, changed=(N - 1,)), memory_budget_mb=budget, shuffle=False, fingerprint_recheck=0.0)
+    ts.set_epoch(0)
+    early = iter(ts)
+    ts.set_epoch(1)
+    with pytest.raises(AlignmentError, match=rf"store row {N - 1} "):
+        list(early)
+
+
+def test_prefetch_serves_in_order_then_reraises_the_producers_error():
+    def items():
+        yield from range(5)
+        raise ValueError("boom at 5")
+
+    it = Prefetch(items(), depth=2)
+    assert [next(it) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="boom at 5"):
+        next(it)
+    assert list(it) == []  # finished: no hang on a second look
+
+
+def test_prefetch_starts_making_items_before_the_first_is_asked_for():
+    made = threading.Event()
+
+    def items():
+        made.set()
+        yield 1
+
+    it = Prefetch(items(), depth=2)
+    assert made.wait(10)
+    assert list(it) == [1]
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_prefetch_stops_its_thread_when_closed_or_dropped(how):
+    count = itertools.count()
+
+    def endless():
+        while True:
+            yield next(count)
+
+    before = {t for t in threading.enumerate() if t.name == "kdcache-prefetch"}
+    it = Prefetch(endless(), depth=2)
+    assert next(it) == 0
+    if how == "close":
+        it.close()
+        assert list(it) == []
+    else:
+        del it
+        gc.collect()
+    deadline = time.monotonic() + 10
+    while {t for t in threading.enumerate() if t.name == "kdcache-prefetch"} - before:
+        assert time.monotonic() < deadline, "the prefetch thread still runs"
+        time.sleep(0.02)
+    made = next(count)
+    time.sleep(0.3)
+    assert next(count) == made + 1  # nothing consumes the generator any more

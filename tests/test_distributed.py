@@ -133,8 +133,8 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
         done_before = int(open_store(out).done().sum())
         victim = list(client.run(os.getpid).values())[0]
         os.kill(victim, signal.SIGKILL)  # mid-shard: every worker is busy with a 0.5 s shard
-        job.join(timeout=90)
-        assert not job.is_alive()
+        job.join(timeout=300)  # generous: the nanny restarts the worker, which imports torch again, on a loaded box
+        assert not job.is_alive(), "the extract did not finish within 300 s of the worker's death"
     assert done_before < 6
     fetched = fetch_log()
     assert sorted(set(fetched)) == list(range(96)) and len(fetched) > 96  # the killed worker's shard was fetched again
