@@ -75,7 +75,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
                             persistent_workers=t.num_workers > 0)
     with data.torch_threads(t.threads):
-        batches = _start_epoch(transfer, loader, state["epoch"])
+        batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
         while state["step"] < total_steps:
             steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
             bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)

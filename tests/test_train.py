@@ -272,6 +272,21 @@ def test_resume_needs_a_checkpoint(tiny_store, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_after_the_last_epoch_only_writes_the_weights(tiny_store, tmp_path):
+    """Killed after the last checkpoint but before student.pt: --resume trains no further and saves
+    the checkpoint's weights (and starts no epoch's batches)."""
+    out = tmp_path / "run"
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out)
+    want = torch.load(out / "student.pt", weights_only=True)
+    lines = metrics(out)
+    (out / "student.pt").unlink()
+    (out / "heads.pt").unlink()
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    got = torch.load(out / "student.pt", weights_only=True)
+    assert all(torch.equal(got[k], want[k]) for k in want) and (out / "heads.pt").exists()
+    assert metrics(out) == lines
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
     epochs = 8
     reference = tmp_path / "reference"
