@@ -8,10 +8,8 @@ code. Hashing runs in DataLoader workers, in parallel with the model.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from kdcache import threads
 from kdcache.errors import PipelineError
 
 LABEL_KEYS = ("label", "labels")
@@ -103,29 +102,12 @@ def _hash_map(fn: Any, items: list[Any], item_bytes: int) -> list[Any]:
     if item_bytes < PARALLEL_ROW_BYTES or len(items) < 2 or HASH_THREADS < 2:
         return [fn(x) for x in items]
     size = -(-len(items) // HASH_THREADS)
-    groups = _hash_pool().map(lambda group: [fn(x) for x in group], [items[i : i + size] for i in range(0, len(items), size)])
+    groups = threads.pool("hash", HASH_THREADS).map(lambda group: [fn(x) for x in group], [items[i : i + size] for i in range(0, len(items), size)])
     return [h for group in groups for h in group]
 
 
 PARALLEL_ROW_BYTES = 16 * 1024  # below this, per-item Python work (holding the GIL) outweighs the hash (~6 us per 3 KB row)
-HASH_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    """One pool per process: a forked child (a DataLoader worker) starts without the parent's threads."""
-    global _POOL
-    if _POOL is None:  # a race here makes a spare pool at worst
-        _POOL = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="kdcache-hash")
-    return _POOL
-
-
-def _forget_pool() -> None:
-    global _POOL
-    _POOL = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+HASH_THREADS = min(8, threads.CORES)
 
 
 def _digest(prefix: bytes, row: np.ndarray) -> bytes:

@@ -218,7 +218,9 @@ def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target],
     host: dict[str, torch.Tensor] = {}
     cuda = device.type == "cuda"
     for path, t in tensors.items():
-        converted = t.detach().to(DTYPES[targets[path].dtype])
+        # On the CPU the writer keeps this tensor until its shard is written: it must own its memory
+        # (a model may hand out the same buffer every call) and be contiguous (its rows are written as they are).
+        converted = t.detach().to(DTYPES[targets[path].dtype], copy=not cuda, memory_format=torch.contiguous_format)
         total = converted.sum(dtype=torch.float32)  # float32: 4M float16 ReLU values overflow a float16 sum
         for key, value in ((path, converted), (path + "#sum", total)):
             if cuda:
@@ -233,27 +235,29 @@ def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target],
 
 
 class ShardWriter:
-    """A background thread that gathers batches into whole shards and writes each once complete.
+    """A background thread that collects batches into whole shards and writes each once complete.
 
     Batches never cross shards (``data.ShardBatches``). A shard is written only when every row
     of it has arrived, then marked done; an interrupted run leaves partial shards unwritten.
-    Complete shards are written by a small pool (``WRITE_THREADS``), so gathering the next shard
-    overlaps the checksums and file writes of the last ones; at most ``WRITE_THREADS`` are in flight.
+    A batch's host arrays are kept as they are, not copied into a shard buffer: the write takes
+    the shard's inner chunks straight from them (``Store.write_shard`` with pieces), so the only
+    copy of a target on the host is the one ``to_host`` makes. Complete shards are written by a
+    small pool (``WRITE_THREADS``), so collecting the next shard overlaps the compression and file
+    writes of the last ones; at most ``WRITE_THREADS`` are in flight.
 
-    ``background=False`` (a CPU teacher) gathers in the caller's thread instead: the forward pass
-    already runs on every core, and a gathering thread would only preempt one of its OpenMP
-    workers and stall the whole parallel region; the copying costs the same in either thread.
+    ``background=False`` (a CPU teacher) collects in the caller's thread instead: the forward pass
+    already runs on every core, and a collecting thread would only preempt one of its OpenMP
+    workers and stall the whole parallel region.
     """
 
     def __init__(self, store: layout.Store, depth: int, bar: Progress, background: bool = True):
         self.store, self.bar = store, bar
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self.error: BaseException | None = None
-        self.shards: dict[int, dict[str, np.ndarray]] = {}
+        self.shards: dict[int, list[tuple[int, dict[str, np.ndarray]]]] = {}  # shard -> its batches so far
         self.filled: dict[int, int] = {}
-        self.spare: list[dict[str, np.ndarray]] = []  # buffers of written shards, reused: fresh pages cost as much as the write
         self.pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="kdcache-write")
-        self.writing: list[tuple[Future[None], dict[str, np.ndarray]]] = []
+        self.writing: list[Future[None]] = []
         self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True) if background else None
 
     def __enter__(self) -> ShardWriter:
@@ -292,32 +296,22 @@ class ShardWriter:
         rows = batch["index"]
         shard = int(rows[0]) // self.store.rows_per_shard
         start, stop = self.store.shard_rows(shard)
-        lo, hi = int(rows[0]) - start, int(rows[-1]) - start + 1
-        buf = self.shards.get(shard)
-        if buf is None:
-            if self.spare and len(self.spare[-1][layout.INDEX]) == stop - start:
-                buf = self.shards[shard] = self.spare.pop()
-            else:
-                buf = self.shards[shard] = {p: np.empty((stop - start, *self.store.array(p).shape[1:]), self.store.array(p).dtype) for p in self.store.paths()}
-            self.filled[shard] = 0
         columns = {layout.INDEX: rows, layout.FINGERPRINT: batch["fingerprint"], layout.LABEL: batch["label"]}
-        nbytes = 0
+        piece: dict[str, np.ndarray] = {}  # this batch's rows of every array: kept, not copied, until the shard is written
         for path in self.store.paths():
-            if path in columns:
-                buf[path][lo:hi] = columns[path]
-                continue
-            if not math.isfinite(host[path + "#sum"].item()):
+            if path not in columns and not math.isfinite(host[path + "#sum"].item()):
                 self._check_finite(path, host[path], rows)
-            buf[path][lo:hi] = host[path].numpy()
-            nbytes += buf[path][lo:hi].nbytes
-        self.filled[shard] += hi - lo
+            piece[path] = columns[path] if path in columns else host[path].numpy()
+        self.shards.setdefault(shard, []).append((int(rows[0]) - start, piece))
+        self.filled[shard] = self.filled.get(shard, 0) + len(rows)
         if self.filled[shard] == stop - start:
-            del self.filled[shard], self.shards[shard]
+            del self.filled[shard]
+            arrays = _joined(self.shards.pop(shard), stop - start)
             self._reap(keep=WRITE_THREADS - 1)
             if self.error is not None:
                 raise self.error
-            self.writing.append((self.pool.submit(self.store.write_shard, shard, buf), buf))
-        self.bar.update(hi - lo, nbytes)
+            self.writing.append(self.pool.submit(self.store.write_shard, shard, arrays))
+        self.bar.update(len(rows), sum(piece[p].nbytes for p in piece if p not in columns))
 
     def _check_finite(self, path: str, values: torch.Tensor, rows: np.ndarray) -> None:
         """The batch's sum was not finite: a non-finite value, or only a float32 overflow of the sum."""
@@ -328,12 +322,25 @@ class ShardWriter:
     def _reap(self, keep: int) -> None:
         """Wait until at most ``keep`` shard writes are in flight; a failed write becomes ``self.error``."""
         while len(self.writing) > keep:
-            future, buf = self.writing.pop(0)
             try:
-                future.result()
-                self.spare = [buf]
+                self.writing.pop(0).result()
             except BaseException as e:  # handed to the main thread at its next put / exit
                 self.error = self.error or e
+
+
+def _joined(pieces: list[tuple[int, dict[str, np.ndarray]]], rows: int) -> dict[str, list[np.ndarray]]:
+    """A complete shard's batches, ``(first row in the shard, arrays)`` each, as one list of pieces per array in
+    row order; the batches must tile the shard's rows exactly (each row once, none missing)."""
+    pieces = sorted(pieces, key=lambda entry: entry[0])
+    at = 0
+    for lo, piece in pieces:
+        n = len(piece[layout.INDEX])
+        if lo != at or not all(len(a) == n for a in piece.values()):
+            raise RuntimeError(f"internal error: a shard's batches do not tile its {rows} rows (batch at row {lo}, expected {at})")
+        at += n
+    if at != rows:
+        raise RuntimeError(f"internal error: a shard's batches cover {at} of its {rows} rows")
+    return {path: [piece[path] for _, piece in pieces] for path in pieces[0][1]}
 
 
 def _nonfinite(target: layout.Target, nan: bool, first: int, last: int) -> TargetError:

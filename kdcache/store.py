@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from kdcache import threads
 from kdcache.errors import StoreError, StoreMismatchError, write_fix
 
 FORMAT = "kdcache-store"
@@ -38,6 +39,7 @@ LAYERS = "targets/layers/"  # + encoded module name: [N, ...] a hooked module's 
 DONE = "progress/done"  # [num_shards] bool, chunk 1: shard s fully written
 
 MAX_SHARD_ROWS = 16384
+ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard being written
 MIN_SHARD_ROWS = 16
 
 
@@ -208,18 +210,23 @@ class Store:
     def pending_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.done())]
 
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one whole shard of every array, then mark it done (never the other way round)."""
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray | list[np.ndarray]]) -> None:
+        """Write one whole shard of every array, then mark it done (never the other way round).
+
+        Each array's rows are one array or a list of consecutive pieces (the batches as they came:
+        a local store writes their inner chunks without joining them first).
+        """
         assert self.writable, "store opened read-only"
         start, stop = self.shard_rows(shard)
         missing = set(self.paths()) - set(arrays)
         assert not missing, f"shard {shard} lacks {sorted(missing)}"
         try:
             for path, data in arrays.items():
-                assert len(data) == stop - start, (path, len(data), start, stop)
+                pieces = data if isinstance(data, list) else [data]
+                assert sum(len(p) for p in pieces) == stop - start, (path, [len(p) for p in pieces], start, stop)
                 self._remove_stale_temps(self.shard_key(path, shard))  # a shard has one writer: its temps are dead
-                if not _write_whole_shard(self.array(path), shard, data):
-                    self.array(path)[start:stop] = data
+                if not _write_whole_shard(self.array(path), shard, pieces):
+                    self.array(path)[start:stop] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             self._remove_stale_temps(f"{DONE}/c/{shard}")
             self.array(DONE)[shard] = True
         except OSError as e:
@@ -480,31 +487,37 @@ def _local_size(root: Path) -> int:
     return total
 
 
-def _write_whole_shard(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
+def _write_whole_shard(array: zarr.Array, shard: int, data: np.ndarray | list[np.ndarray]) -> bool:
     """Write one complete shard of a local array straight to its file; False (nothing written) where this does not apply.
 
-    The bytes are exactly those zarr's sharding codec writes with ``write_empty_chunks`` (docs/FORMAT.md §3.1):
-    each inner chunk through ``bytes`` (little endian) [→ ``zstd``] → ``crc32c``, one after the other, then the
-    index (offset, length as little-endian uint64 per inner chunk) + its crc32c at the end. zarr 3.1 makes four
-    copies of every inner chunk on the way (fill, merge, checksum append, concatenate); here the chunks are views
-    of ``data`` handed to one ``writev``, which brings float16 map writes near ``numpy.tofile`` speed. Applies to
-    a whole shard of a local, row-sharded array with this store's codecs; anything else goes through zarr.
+    ``data``: the shard's rows, as one array or consecutive pieces. The bytes are exactly those zarr's sharding
+    codec writes with ``write_empty_chunks`` (docs/FORMAT.md §3.1): each inner chunk through ``bytes`` (little
+    endian) [→ ``zstd``] → ``crc32c``, one after the other, then the index (offset, length as little-endian uint64
+    per inner chunk) + its crc32c at the end. zarr 3.1 makes four copies of every inner chunk on the way (fill,
+    merge, checksum append, concatenate); here the chunks are views of the pieces (a chunk that straddles two
+    pieces is joined) handed to one ``writev``, which brings float16 map writes near ``numpy.tofile`` speed.
+    Applies to a whole shard of a local, row-sharded array with this store's codecs; anything else goes through zarr.
     """
     from google_crc32c import value as crc32c
 
+    pieces = data if isinstance(data, list) else [data]
     layout = _direct_layout(array)
     chunk = array.chunks[0]
-    little = data.dtype.byteorder in "<=|" and np.little_endian
-    if not (layout and little and data.dtype == array.dtype and data.shape == array.shards and data.flags.c_contiguous):
+    fits = all(p.dtype == array.dtype and p.shape[1:] == array.shards[1:] and p.flags.c_contiguous for p in pieces)
+    little = all(p.dtype.byteorder in "<=|" for p in pieces) and np.little_endian
+    if not (layout and fits and little and sum(len(p) for p in pieces) == array.shards[0]):
         return False
     zstd, file = layout[0], _shard_file(array, shard)
-    compress = __import__("numcodecs").Zstd(level=zstd.level, checksum=zstd.checksum).encode if zstd else None
-    flat = data.reshape(data.shape[0] // chunk, -1).view(np.uint8)  # one row per inner chunk: views, no copy
+    flat = list(_chunk_bytes(pieces, chunk))
+    if zstd:  # inner chunks are compressed in parallel (zstd releases the GIL): a shard's write is not one core's
+        compress = __import__("numcodecs").Zstd(level=zstd.level, checksum=zstd.checksum).encode
+        bodies: Any = threads.pool("encode", ENCODE_THREADS).map(compress, flat) if len(flat) > 1 else map(compress, flat)
+    else:
+        bodies = flat
     parts: list[Any] = []
     index = np.empty((len(flat), 2), dtype="<u8")  # per inner chunk, in chunk order: offset, length
     offset = 0
-    for i, raw in enumerate(flat):
-        body = compress(raw) if compress else raw
+    for i, body in enumerate(bodies):
         parts += [body, np.array([crc32c(body)], dtype="<u4")]
         index[i] = offset, len(body) + 4
         offset += len(body) + 4
@@ -528,6 +541,28 @@ def _write_whole_shard(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
         tmp.unlink(missing_ok=True)  # a full disk gets its space back
         raise
     return True
+
+
+def _chunk_bytes(pieces: list[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
+    """The bytes of each ``chunk``-row inner chunk of the rows ``pieces`` hold one after the other: a view
+    of the piece that holds the chunk, or a copy joining the pieces it straddles."""
+    pending: list[np.ndarray] = []
+    have = 0
+    for piece in pieces:
+        at = 0
+        while at < len(piece):
+            take = min(chunk - have, len(piece) - at)
+            part, at = piece[at : at + take], at + take
+            if have == 0 and take == chunk:
+                yield part.reshape(-1).view(np.uint8)  # rows of a C-contiguous piece: contiguous, no copy
+                continue
+            pending.append(part)
+            have += take
+            if have == chunk:
+                yield np.concatenate(pending).reshape(-1).view(np.uint8)
+                pending, have = [], 0
+    assert not pending, "the pieces end inside an inner chunk"
+
 
 def _read_whole_shard(array: zarr.Array, shard: int) -> np.ndarray | None:
     """The rows of shard ``shard`` of a local array, read straight from its file: one read, each inner chunk's

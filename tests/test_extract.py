@@ -125,6 +125,71 @@ def test_rows_belong_to_their_samples(tmp_path, zoo_env, n, batch_size, rows_per
     assert arrays["progress/done"].all() and len(arrays["progress/done"]) == geometry["num_shards"] == -(-n // geometry["rows_per_shard"])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_model_that_reuses_its_output_buffer_still_stores_each_batch(tmp_path, zoo_env, dtype):
+    """The writer keeps each batch's host arrays until the shard is written: they must not be the model's own
+    buffer, or every row of a shard would hold the last batch's values (float32: no dtype conversion copies it)."""
+    zoo_env(N=50)
+    _, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:same_buffer", f"targets.dtype={dtype}",
+                        "extract.batch_size=4", "extract.rows_per_shard=16")
+    index = np.arange(50)
+    np.testing.assert_array_equal(arrays["targets/logits"][:, 0], index.astype(NP[dtype]))
+    np.testing.assert_array_equal(arrays["targets/logits"][:, 2], (-index).astype(NP[dtype]))
+
+
+@pytest.mark.parametrize("chunk_mb, batch_size, conv_rows", [(1e-5, 3, 1), (2e-4, 3, 2), (3.7e-4, 5, 4), (7.4e-4, 7, 8)])
+def test_store_bytes_do_not_depend_on_how_batches_cut_the_inner_chunks(tmp_path, zoo_env, chunk_mb, batch_size, conv_rows):
+    """Shards are written from the batches as they came (no shard buffer): inner chunks inside one batch are
+    views, chunks that straddle batches are joined. Every way of cutting gives the bytes of one batch per shard."""
+    zoo_env(N=50)
+    common = ["targets.layers=['conv']", f"extract.chunk_mb={chunk_mb}", "extract.rows_per_shard=16"]
+    manifest, _ = extract(tmp_path, *common, "extract.batch_size=16", name="whole.zarr")
+    assert manifest["geometry"]["chunk_rows"]["targets/layers/conv"] == conv_rows  # 96 B rows; the samples/* columns: 1 or 16
+    extract(tmp_path, *common, f"extract.batch_size={batch_size}", name="cut.zarr")
+    files = {name: {str(f.relative_to(tmp_path / name)): f.read_bytes() for f in (tmp_path / name).rglob("*") if f.is_file() and f.name != "zarr.json"}
+             for name in ("whole.zarr", "cut.zarr")}
+    assert files["whole.zarr"].keys() == files["cut.zarr"].keys() and len(files["cut.zarr"]) > 10
+    assert files["whole.zarr"] == files["cut.zarr"]
+
+
+def _rewrite(reference: Path, out: Path, order: list[int], batch: int = 4) -> None:
+    """Feed ``reference``'s rows, as batches of ``batch`` rows taken in ``order``, to a ShardWriter of a new store."""
+    import importlib
+
+    from kdcache import store as layout
+    from kdcache.progress import Progress
+
+    kx = importlib.import_module("kdcache.extract")
+    ref = open_store(str(reference))
+    store = layout.create_or_resume(str(out), ref.manifest)
+    batches = []
+    for shard in range(store.num_shards):
+        start, stop = store.shard_rows(shard)
+        batches += [np.arange(lo, min(lo + batch, stop)) for lo in range(start, stop, batch)]
+    with kx.ShardWriter(store, 2, Progress(0, "", enabled=False), background=False) as writer:
+        for i in order:
+            rows = batches[i]
+            values = {p: ref.array(p)[int(rows[0]) : int(rows[-1]) + 1] for p in ref.paths()}
+            host = {p: torch.from_numpy(v) for p, v in values.items() if p.startswith("targets/")}
+            host |= {p + "#sum": t.float().sum() for p, t in list(host.items())}
+            writer.put({"index": values["samples/index"], "fingerprint": values["samples/fingerprint"],
+                        "label": values["samples/label"]}, host, None)
+
+
+def test_the_writer_places_batches_by_their_rows_whatever_their_order(tmp_path, zoo_env):
+    """Batches of a shard are joined in row order, not arrival order; a batch that overlaps another is an error."""
+    zoo_env(N=50)
+    extract(tmp_path, "targets.layers=['conv']", "extract.batch_size=4", "extract.rows_per_shard=16", name="reference.zarr")
+    order = np.random.default_rng(0).permutation(13).tolist()  # 13 batches over 4 shards, interleaved
+    _rewrite(tmp_path / "reference.zarr", tmp_path / "shuffled.zarr", order)
+    ref, got = open_store(str(tmp_path / "reference.zarr")), open_store(str(tmp_path / "shuffled.zarr"))
+    assert got.complete
+    for path in ref.paths():
+        np.testing.assert_array_equal(got.array(path)[:], ref.array(path)[:], err_msg=path)
+    with pytest.raises(RuntimeError, match=r"do not tile its 16 rows"):
+        _rewrite(tmp_path / "reference.zarr", tmp_path / "twice.zarr", [0, 1, 1, 3])  # batch 1 twice, batch 2 never
+
+
 def test_unlabeled_dataset_has_no_label_array(tmp_path):
     manifest, arrays = extract(tmp_path, "data.split=unlabeled")
     assert manifest["has_labels"] is False
