@@ -34,20 +34,15 @@ CASES = {"a_logits": [], "b_logits_pooled": ["pool"], "c_logits_layer1": ["layer
 def main() -> None:
     p = harness.parser(__doc__.splitlines()[0], repeats=7)  # CPU rounds vary by +-5 %: a median of 7
     p.add_argument("--n", type=int, default=0, help="images per run (default: 512 on cpu, 16384 on cuda)")
-    p.add_argument("--batch-size", type=int, default=0, help="default: 64 on cpu, 256 on cuda")
-    p.add_argument("--precision", default="", help="fp32 / bf16 / fp16 (default: fp32 on cpu, bf16 on cuda)")
-    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers for both loops (default: 0 on cpu, 8 on cuda)")
-    p.add_argument("--compression", default="zstd", help="zstd (the default) or none")
+    harness.add_extract_options(p)  # the same settings for both loops
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     n = args.n or (16384 if cuda else 512) // (4 if args.quick else 1)
-    batch = args.batch_size or (256 if cuda else 64)
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    workers = args.num_workers if args.num_workers >= 0 else (8 if cuda else 0)
+    common = harness.extract_options(args)
+    batch, precision, workers = common["batch_size"], common["precision"], common["num_workers"]
     work = harness.workdir(args)
     report = harness.Report("extract", args)
     print(f"extract overhead: resnet, n={n}, batch={batch}, {args.device}, {precision}, workers={workers}, {args.compression}")
-    common = dict(batch_size=batch, precision=precision, num_workers=workers, compression=args.compression)
     model = kx.setup(harness.bench_pipeline("resnet", batch, [], args.device, **common)).model
     import models
 

@@ -34,6 +34,21 @@ def parser(description: str, repeats: int = 3) -> argparse.ArgumentParser:
     return p
 
 
+def add_extract_options(p: argparse.ArgumentParser) -> None:
+    """The extract settings bench_extract and profile_extract share (resolved by ``extract_options``)."""
+    p.add_argument("--batch-size", type=int, default=0, help="default: 64 on cpu, 256 on cuda")
+    p.add_argument("--precision", default="", help="fp32 / bf16 / fp16 (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers (default: 0 on cpu, 8 on cuda)")
+    p.add_argument("--compression", default="zstd", help="zstd (the default) or none")
+
+
+def extract_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``[extract]`` values of ``add_extract_options``' flags, with the device's defaults where unset."""
+    cuda = args.device.startswith("cuda")
+    return {"batch_size": args.batch_size or (256 if cuda else 64), "precision": args.precision or ("bf16" if cuda else "fp32"),
+            "num_workers": args.num_workers if args.num_workers >= 0 else (8 if cuda else 0), "compression": args.compression}
+
+
 def workdir(args: argparse.Namespace) -> Path:
     import tempfile
 

@@ -77,17 +77,14 @@ def main() -> None:
     p.add_argument("--out", default="", help="write the figures as JSON here")
     p.add_argument("--workdir", default="", help="folder for the store (default: a temp folder)")
     p.add_argument("--n", type=int, default=0, help="images (default: 512 on cpu, 8192 on cuda)")
-    p.add_argument("--batch-size", type=int, default=0, help="default: 64 on cpu, 256 on cuda")
     p.add_argument("--layers", default="layer1", help="comma-separated teacher layers to store besides logits ('' for none)")
-    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers (default: 0 on cpu, 8 on cuda)")
-    p.add_argument("--compression", default="zstd", help="zstd (the default) or none")
+    harness.add_extract_options(p)  # bench_extract's settings and defaults
     args = p.parse_args()
-    cuda = args.device.startswith("cuda")
-    n, batch = args.n or (8192 if cuda else 512), args.batch_size or (256 if cuda else 64)
-    workers = args.num_workers if args.num_workers >= 0 else (8 if cuda else 0)
+    n = args.n or (8192 if args.device.startswith("cuda") else 512)
+    options = harness.extract_options(args)
+    batch, workers = options["batch_size"], options["num_workers"]
     layers = [x for x in args.layers.split(",") if x]
-    pipe = harness.bench_pipeline("resnet", n, layers, args.device, batch_size=batch, num_workers=workers,
-                                  compression=args.compression, precision="bf16" if cuda else "fp32")
+    pipe = harness.bench_pipeline("resnet", n, layers, args.device, **options)
     out = harness.workdir(args) / "profile.zarr"
     kdcache.extract(pipe, str(out), overwrite=True)  # warm-up: imports, kernels, page cache
     patches = [(kx, "to_host"), (data, "call"), (kx.ShardWriter, "put"), (kx.ShardWriter, "_absorb"),
