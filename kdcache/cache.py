@@ -156,8 +156,9 @@ class TransferSet(IterableDataset):
         """``streams > 1``: step j is batch j of every stream. ``stream=None`` (one process) joins them into one
         batch; ``stream=r`` (torchrun rank r) serves only its own, reading only its own buffers, with
         ``scale = streams * rows / rows of the whole step``: the mean of the ranks' gradients of their scaled
-        losses is then the gradient of the joined batch's loss. A stream that has run out serves one row with
-        scale 0 (every rank takes part in every step). DataLoader worker ``me`` of ``k`` takes steps me, me+k, ..."""
+        losses is then the gradient of the joined batch's loss, and ``share = rows / rows of the whole step``
+        weighs its loss in the step's logged mean. A stream that has run out serves one row with scale and
+        share 0 (every rank takes part in every step). DataLoader worker ``me`` of ``k`` takes steps me, me+k, ..."""
         streams = self._streams(plan)
         mine = range(self.streams) if self.stream is None else [self.stream]
         current: dict[int, tuple[int, dict[str, np.ndarray]]] = {}  # stream -> (buffer, its columns)
@@ -170,12 +171,12 @@ class TransferSet(IterableDataset):
                     if current.get(s, (-1,))[0] != i:
                         current[s] = (i, self._read(plan[i]))
                     parts.append((plan[i][lo:hi], {p: c[lo:hi] for p, c in current[s][1].items()}))
-            scale = 1.0 if self.stream is None else self.streams * sum(len(r) for r, _ in parts) / total
+            share = sum(len(r) for r, _ in parts) / total  # of the step's rows; 1 when the streams are joined
             if not parts:
                 parts = [(plan[0][:1], self._read(plan[0][:1]))]
             rows = np.concatenate([r for r, _ in parts])
             batch = self._batch(rows, {p: np.concatenate([c[p] for _, c in parts]) for p in self.paths}, check)
-            yield {**batch, "scale": scale}
+            yield {**batch, "scale": 1.0 if self.stream is None else self.streams * share, "share": share}
 
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads."""

@@ -278,6 +278,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed element-wise over every rank (``values`` itself outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
 def training_device(name: str) -> str:
     """Rank ``LOCAL_RANK`` trains on GPU ``LOCAL_RANK`` when the pipeline asks for auto/cuda and GPUs exist."""
     _, world, local = ranks()

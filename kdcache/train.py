@@ -120,13 +120,15 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
         schedule.step()
         state["step"] += 1
         seen += 1
+        share = batch.get("share", 1.0)  # under torchrun, this rank's part of the step's rows
         for k, v in parts.items():  # summed on the device: no sync per step
-            sums[k] = sums.get(k, 0.0) + v.detach()
+            sums[k] = sums.get(k, 0.0) + v.detach() * share
         bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
         if state["step"] >= total_steps:
             break
     bar.close()
-    means = {f"loss_{k}": float(v) / max(1, seen) for k, v in sums.items()}
+    totals = distributed.sum_over_ranks(torch.stack(list(sums.values()))) if sums else []  # each step's loss over every rank's rows
+    means = {f"loss_{k}": float(v) / max(1, seen) for k, v in zip(sums, totals)}
     return {**means, "loss": sum(means.values())}
 
 

@@ -4,6 +4,7 @@ single-process store (arrays byte-equal, manifest equal but for timestamps)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -187,7 +188,14 @@ def test_torchrun_ddp_train_equals_one_process_with_as_many_streams(tiny_store, 
     heads_a, heads_b = torch.load(tmp_path / "one" / "heads.pt"), torch.load(tmp_path / "ddp" / "heads.pt")
     for k in heads_a:
         torch.testing.assert_close(heads_a[k], heads_b[k], rtol=0, atol=1e-5, msg=k)
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+    # The logged loss terms are the step's over every rank's rows, as in one process (not rank 0's alone).
+    logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "ddp")]
+    assert len(logs[1]) == 2
+    for one_epoch, ddp_epoch in zip(*logs):
+        losses = [k for k in one_epoch if k.startswith("loss")]
+        assert len(losses) >= 3 and losses == [k for k in ddp_epoch if k.startswith("loss")]
+        for k in losses:
+            assert ddp_epoch[k] == pytest.approx(one_epoch[k], rel=1e-5, abs=1e-7), k
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"]
 
