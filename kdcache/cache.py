@@ -99,15 +99,19 @@ class TransferSet(IterableDataset):
             order = rng.permutation(self.rows) if self.shuffle else self.rows
             piece = self.batch_size * (16 if self.streams == 1 else 1)  # streams: dealt batch by batch
             return [order[i : i + piece] for i in range(0, len(order), piece)]
-        shard_of = self.rows // self.rows_per_shard
-        shards = np.unique(shard_of)
-        if self.shuffle:
-            shards = rng.permutation(shards)
-        buffers = []
-        for i in range(0, len(shards), self.buffer_shards):
-            rows = self.rows[np.isin(shard_of, shards[i : i + self.buffer_shards])]
-            buffers.append(rng.permutation(rows) if self.shuffle else rows)
-        return buffers
+        shard = self.rows // self.rows_per_shard
+        present = np.bincount(shard) > 0  # np.unique(shard, return_inverse=True) without its sort
+        shards, shard_of = np.flatnonzero(present), (np.cumsum(present) - 1)[shard]
+        order = rng.permutation(len(shards)) if self.shuffle else np.arange(len(shards))
+        buffer_of = np.empty(len(shards), dtype=np.int64)
+        buffer_of[order] = np.arange(len(shards)) // self.buffer_shards  # buffer i: shards order[i*b : (i+1)*b]
+        if not len(shards):
+            return []
+        # Rows grouped by buffer, each group in the rows' own order: one stable sort (a scan of every row
+        # per buffer was quadratic: 2.4 s per plan at 1.28M rows).
+        buffer = buffer_of[shard_of]
+        ends = np.cumsum(np.bincount(buffer))[:-1]
+        return [rng.permutation(rows) if self.shuffle else rows for rows in np.split(self.rows[np.argsort(buffer, kind="stable")], ends)]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         if self.streams > 1:

@@ -105,6 +105,53 @@ def test_unshuffled_serves_store_order(numbered_store, budget):
     assert np.array_equal(np.concatenate([b["rows"].numpy() for b in batches]), np.arange(N))
 
 
+def reference_plan(rows: np.ndarray, rows_per_shard: int, buffer_shards: int, shuffle: bool, seed: int, epoch: int) -> list[np.ndarray]:
+    """The streaming plan as specified: shards in a seeded order, ``buffer_shards`` at a time; a buffer is the
+    rows of its shards in the rows' own order, then permuted (the plan of earlier releases, row for row)."""
+    rng = np.random.default_rng([seed, epoch])
+    shard_of = rows // rows_per_shard
+    shards = np.unique(shard_of)
+    shards = rng.permutation(shards) if shuffle else shards
+    buffers = [rows[np.isin(shard_of, shards[i : i + buffer_shards])] for i in range(0, len(shards), buffer_shards)]
+    return [rng.permutation(b) if shuffle else b for b in buffers]
+
+
+def streaming_reader(rows: np.ndarray, rows_per_shard: int, buffer_shards: int, shuffle: bool, seed: int) -> TransferSet:
+    """A TransferSet's planning state alone (no store): plan() reads nothing else."""
+    ts = TransferSet.__new__(TransferSet)
+    ts.rows, ts.rows_per_shard, ts.buffer_shards, ts.shuffle, ts.seed = rows, rows_per_shard, buffer_shards, shuffle, seed
+    ts.in_memory = False
+    return ts
+
+
+def test_streaming_plan_equals_its_specification_for_any_rows():
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n, rows_per_shard, buffer_shards = int(rng.integers(0, 400)), int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        rows = [np.arange(n), np.sort(rng.permutation(n)[: n // 2]), rng.permutation(n)[: n // 2]][trial % 3].astype(np.int64)
+        shuffle, seed, epoch = bool(trial % 2), trial, int(rng.integers(0, 5))
+        plan = streaming_reader(rows, rows_per_shard, buffer_shards, shuffle, seed).plan(epoch)
+        expected = reference_plan(rows, rows_per_shard, buffer_shards, shuffle, seed, epoch)
+        assert len(plan) == len(expected), (trial, n)
+        for got, want in zip(plan, expected):
+            assert np.array_equal(got, want), (trial, n, rows_per_shard, buffer_shards)
+
+
+def test_streaming_plan_time_grows_linearly_with_rows():
+    """Each buffer used to scan every row (np.isin per buffer): quadratic, 2.4 s per plan at 1.28M rows."""
+    def seconds(n: int) -> float:
+        ts = streaming_reader(np.arange(n, dtype=np.int64), 64, 4, True, 0)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            ts.plan(0)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = seconds(80_000), seconds(640_000)  # 8x the rows: ~8x the time if linear, ~64x if quadratic
+    assert large / small < 32, f"plan time grew {large / small:.1f}x for 8x the rows ({small:.4f} s -> {large:.4f} s)"
+
+
 @pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
 def test_reversed_dataset_is_an_alignment_error_naming_row_and_index(numbered_store, budget):
     ts = transfer(numbered_store, Numbered(N, order=list(range(N))[::-1]), seed=1, memory_budget_mb=budget, buffer_shards=2)
