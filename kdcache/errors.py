@@ -37,6 +37,10 @@ class AlignmentError(KdcacheError, RuntimeError):
     """An input sample does not belong to the stored row it was paired with."""
 
 
+class TrainingError(KdcacheError, RuntimeError):
+    """Training cannot go on: its loss became NaN or inf."""
+
+
 def write_fix(e: OSError) -> str:
     """The fix a failed write's message names, from its errno."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

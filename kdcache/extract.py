@@ -35,6 +35,7 @@ FLOAT16_MAX = 65504.0
 # Shards written at once while the next is gathered (each shard has one writer); zstd and file
 # writes release the GIL, so compression scales with cores.
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
+MAX_SHARD_BYTES = 4 * 2**30  # the writer holds up to WRITE_THREADS + 1 shards in memory
 
 
 def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,
@@ -109,6 +110,12 @@ class Run:
         x, n = pipeline.extract, len(self.dataset)  # type: ignore[arg-type]
         bytes_per_sample = {layout.INDEX: 8, layout.FINGERPRINT: 8, **({layout.LABEL: 8} if self.has_labels else {})}
         bytes_per_sample |= {p: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for p, t in self.targets.items()}
+        geometry = layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard)
+        shard_bytes = geometry["rows_per_shard"] * sum(bytes_per_sample.values())
+        if shard_bytes > MAX_SHARD_BYTES:
+            raise PipelineError(f"{pipeline.source}: extract.rows_per_shard = {x.rows_per_shard} makes shards of {shard_bytes / 2**30:.3g} GiB "
+                                f"({sum(bytes_per_sample.values())} bytes per sample), but a shard is held in memory until complete; "
+                                f"use at most {MAX_SHARD_BYTES // sum(bytes_per_sample.values())} rows, or 0 to choose from extract.shard_mb")
         return {
             "kdcache_version": kdcache.__version__,
             "teacher": {
@@ -128,7 +135,7 @@ class Run:
             "num_samples": n,
             "has_labels": self.has_labels,
             "targets": {t.name: t.to_dict() for t in self.targets.values()},
-            "geometry": layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard),
+            "geometry": geometry,
             "compression": {"codec": x.compression, "level": x.compression_level, "checksum": "crc32c"},
             "precision": self.precision,
             "pipeline": pipeline.to_dict(),
@@ -142,6 +149,9 @@ def setup(pipeline: Pipeline) -> Run:
         raise PipelineError(f"{pipeline.source}: nothing to store; set targets.logits = true or list targets.layers")
     if x.batch_size < 1:
         raise PipelineError(f"{pipeline.source}: extract.batch_size must be >= 1, got {x.batch_size}")
+    if not (0 < x.chunk_mb <= x.shard_mb):
+        raise PipelineError(f"{pipeline.source}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
+                            "and an inner chunk no larger than its shard; e.g. chunk_mb = 1.0, shard_mb = 64.0")
     device = data.pick_device(x.device)
     model = teachers.build(pipeline, "teacher.factory")
     teachers.check_layers(model, t.layers)

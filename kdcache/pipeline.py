@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError, PipelineError
+from kdcache.threads import CORES
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,17 @@ CHOICES = {
     ("train", "schedule"): ("cosine", "constant"),
 }
 FRACTIONS = {("train", "fingerprint_check"), ("train", "fingerprint_recheck")}
+_PROCESSES = max(64, 4 * CORES)  # threads or worker processes: more is a typo, and hangs or exhausts the machine
+LIMITS = {  # upper bounds (inclusive), with what to use instead
+    ("extract", "compression_level"): (22, "zstd levels run from 0 (zstd's default, 3) to 22; 1 is fast, 3-5 smaller"),
+    ("extract", "shard_mb"): (4096, "the writer holds a shard in memory until it is complete; 64 is the default"),
+    ("extract", "threads"): (_PROCESSES, f"use at most the number of cores ({CORES} here), or 0 for torch's default"),
+    ("train", "threads"): (_PROCESSES, f"use at most the number of cores ({CORES} here), or 0 for torch's default"),
+    ("extract", "num_workers"): (_PROCESSES, f"a few per core is plenty ({CORES} cores here); 0 loads in the main process"),
+    ("train", "num_workers"): (_PROCESSES, f"a few per core is plenty ({CORES} cores here); 0 loads in the main process"),
+    ("train", "loss", "temperature"): (1000.0, "use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)"),
+}
+FLOAT32_MAX = 3.4028234663852886e38  # torch computes in float32: a larger value overflows
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
@@ -239,6 +251,9 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
             kwargs[f.name] = _section(LossSection, _table(value, key, source), key, source)
             continue
         kwargs[f.name] = _check(value, f.type, key, source)
+        limit, use = LIMITS.get((*where.split("."), f.name), (None, ""))
+        if limit is not None and kwargs[f.name] > limit:
+            raise PipelineError(f"{source}: {key} = {value!r} is above its limit of {limit:g}; {use}")
         if (where, f.name) in FRACTIONS and kwargs[f.name] > 1:
             raise PipelineError(f"{source}: {key} = {value!r} is a fraction of rows; use a value from 0 to 1")
         choices = CHOICES.get((where, f.name))
@@ -254,6 +269,7 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
                 raise PipelineError(
                     f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {spec!r}"
                 )
+            _check(spec.get("weight", 1.0), "float", f"train.features.{layer!r}.weight", source)
     return cls(**kwargs)
 
 
@@ -284,12 +300,14 @@ def _check(value: Any, annotation: str, key: str, source: str) -> Any:
             raise bad
         return value
     if annotation == "int":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             raise bad
         return value
     if annotation == "float":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
             raise bad  # negative, NaN or inf
+        if value > FLOAT32_MAX:
+            raise PipelineError(f"{source}: {key} = {value!r} is beyond float32's range (3.4e38), where torch computes; use a realistic value")
         return float(value)
     if annotation == "str":
         if not isinstance(value, str):
@@ -339,12 +357,19 @@ def resolve(import_path: str, root: str | Path = ".") -> Callable[..., Any]:
         file = (Path(root) / module_name).resolve()
         if not file.is_file():
             raise PipelineError(f"import path {import_path!r}: file {str(file)!r} does not exist (paths are relative to the pipeline file's folder)")
-        module = _import_file(file)
+        try:
+            module = _import_file(file)
+        except Exception as e:
+            raise _import_error(import_path, e) from e
     else:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
+            if not (e.name and (module_name + ".").startswith(e.name + ".")):  # a module it imports is missing
+                raise _import_error(import_path, e) from e
             raise PipelineError(f"import path {import_path!r}: module {e.name!r} not found; install it or use a path/to/file.py:attr path") from None
+        except Exception as e:
+            raise _import_error(import_path, e) from e
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -352,6 +377,19 @@ def resolve(import_path: str, root: str | Path = ".") -> Callable[..., Any]:
         close = difflib.get_close_matches(attr, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise PipelineError(f"import path {import_path!r}: {module.__name__!r} has no attribute {attr!r}{hint}") from None
+
+
+def _import_error(import_path: str, e: Exception) -> KdcacheError:
+    """An exception raised by the code an import path runs when imported, as a PipelineError naming it and where."""
+    if isinstance(e, KdcacheError):
+        return e
+    if isinstance(e, SyntaxError):
+        where, message = f"{Path(e.filename or '?').name}:{e.lineno}", e.msg
+    else:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        where, message = f"{Path(frame.filename).name}:{frame.lineno}", " ".join(str(e).split())[:300]
+    return PipelineError(f"import path {import_path!r}: importing it raised {type(e).__name__}: {message} (at {where}); "
+                         "fix that file (import it in Python to see the full traceback)")
 
 
 def _import_file(file: Path) -> Any:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
-from kdcache.errors import PipelineError, StoreError, write_fix
+from kdcache.errors import PipelineError, StoreError, TrainingError, write_fix
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -63,6 +63,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     state = {"epoch": 0, "step": 0}
     if resume:
         state = _load_checkpoint(out, run, optimizer, schedule)
+        _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
     evaluate = _evaluator(pipeline, run, device, storage_options)
     if rank == 0:
         _prepare_out(out, pipeline, resume)  # only now: a run that fails to start leaves OUT as it was
@@ -80,6 +81,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
             steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
             bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
             means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
+            _check_finite(means, state, out)
             due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
             metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
                        **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
@@ -95,6 +97,15 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+def _check_finite(means: dict[str, float], state: dict[str, int], out: Path) -> None:
+    """Stop a run whose loss became NaN or inf, before its checkpoint is overwritten (one check per epoch: no sync per step)."""
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    if bad:
+        kept = f"{str(out / CHECKPOINT)!r} keeps epoch {state['epoch'] - 1}" if state["epoch"] else "no checkpoint was written"
+        raise TrainingError(f"training diverged in epoch {state['epoch']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; "
+                            f"lower train.lr or the loss weights (train.loss, train.features) and rerun ({kept})")
 
 
 def _start_epoch(transfer: cache.TransferSet, loader: Any, epoch: int) -> Iterator[dict[str, Any]]:
@@ -180,6 +191,9 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     for layer, spec in t.features.items():
         if layer not in stored:
             raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store; stored: {sorted(stored)}")
+        if stored[layer].path == layout.LOGITS:
+            raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
+                                "train.loss.mse, and list only layers from targets.layers under train.features")
         features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)))
     teachers.check_layers(student, tuple(m for m, _ in features.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features))
@@ -290,6 +304,9 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     return evaluate
 
 
+MIN_TEMPERATURE = 0.01
+
+
 def _check_values(pipeline: Pipeline) -> None:
     """Refuse values the pipeline loader accepts (numbers >= 0) but training cannot use, before anything is written."""
     t = pipeline.train
@@ -297,9 +314,11 @@ def _check_values(pipeline: Pipeline) -> None:
         raise PipelineError(f"{pipeline.source}: train.batch_size must be >= 1, got {t.batch_size}")
     if t.epochs < 1 and t.steps < 1:
         raise PipelineError(f"{pipeline.source}: train.epochs must be >= 1 (or train.steps > 0), got {t.epochs}")
-    if t.loss.kl and not t.loss.temperature > 0:
-        raise PipelineError(f"{pipeline.source}: train.loss.temperature must be > 0, got {t.loss.temperature}; "
-                            "use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
+    if t.loss.kl and not t.loss.temperature >= MIN_TEMPERATURE:
+        raise PipelineError(f"{pipeline.source}: train.loss.temperature must be at least {MIN_TEMPERATURE:g} (logits / T overflows below), "
+                            f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
+    if not t.lr > 0:
+        raise PipelineError(f"{pipeline.source}: train.lr must be > 0, got {t.lr:g}; use e.g. 1e-3 (adamw) or 0.05 (sgd)")
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -346,7 +365,8 @@ def _load_checkpoint(out: Path, run: Run, optimizer: Any, schedule: Any) -> dict
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
-        raise StoreError(f"--resume: {path!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+        detail = " ".join(str(e).split())[:160] or "empty or truncated"
+        raise StoreError(f"--resume: {path!r} cannot be read ({type(e).__name__}: {detail}); "
                          "pass --overwrite instead of --resume to start afresh") from None
     try:
         run.student.load_state_dict(ckpt["student"])
@@ -363,7 +383,18 @@ def _load_checkpoint(out: Path, run: Run, optimizer: Any, schedule: Any) -> dict
 
 def _read_metrics(out: Path) -> list[dict[str, Any]]:
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    metrics = []
+    for i, line in enumerate(lines, 1):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{str(path)!r} line {i} is not JSON ({e.msg}: {line[:60]!r}); delete that line, "
+                             "or pass --overwrite instead of --resume to start afresh") from None
+        if not isinstance(metrics[-1], dict) or not isinstance(metrics[-1].get("epoch"), int):
+            raise StoreError(f"{str(path)!r} line {i} is not an epoch's metrics ({line[:60]!r}); delete that line, "
+                             "or pass --overwrite instead of --resume to start afresh")
+    return metrics
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -105,6 +105,16 @@ def unmark(store: Path, shard: int) -> None:
     (store / "progress/done/c" / str(shard)).unlink()
 
 
+def factory_file(ctx: Ctx, name: str, text: str) -> str:
+    """A teacher.factory override naming ``teacher`` in a file of the case's folder holding ``text``."""
+    return f"teacher.factory={text_file(ctx, name, text)}:teacher"
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
 def trained(ctx: Ctx) -> Path:
     """A finished one-epoch training run in ``ctx.run`` (from the case's store)."""
     result = CliRunner().invoke(main, [str(a) for a in train(ctx, "--epochs", "1")])
@@ -184,6 +194,12 @@ CASES = [
          ("module 'no_such_pkg' not found", "install it")),
     Case("import-path-malformed", lambda c: extract("--out", c.new, "--set", "teacher.factory=tiny.py"),
          ("import path 'tiny.py' is not of the form package.module:attr or path/to/file.py:attr",)),
+    Case("import-syntax-error", lambda c: extract("--out", c.new, "--set", factory_file(c, "syn.py", "def teacher(:")),
+         ("importing it raised SyntaxError: invalid syntax (at syn.py:1)", "fix that file")),
+    Case("import-raises", lambda c: extract("--out", c.new, "--set", factory_file(c, "boom.py", 'x = 1\nraise RuntimeError("no GPU config")')),
+         ("importing it raised RuntimeError: no GPU config (at boom.py:2)",)),
+    Case("import-missing-dependency", lambda c: extract("--out", c.new, "--set", factory_file(c, "dep.py", "import no_such_dep_xyz")),
+         ("importing it raised ModuleNotFoundError: No module named 'no_such_dep_xyz' (at dep.py:1)",)),
     Case("attribute-missing", lambda c: extract("--out", c.new, "--set", "teacher.factory=tiny.py:teachr"),
          ("has no attribute 'teachr'", "did you mean teacher?")),
     Case("teacher-factory-raises", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:raising_teacher"),
@@ -225,6 +241,16 @@ CASES = [
     Case("eval-split-missing", lambda c: train(c, "--set", "train.eval_split=valid"),
          ("data.factory 'tiny.py:dataset' raised ValueError: unknown split 'valid'",), store=True),
     # -- sizes, devices
+    Case("compression-level-above-limit", lambda c: extract("--out", c.new, "--set", "extract.compression_level=99"),
+         ("extract.compression_level = 99 is above its limit of 22", "zstd levels run from 0")),
+    Case("overwrite-keeps-the-store-on-a-bad-level", lambda c: extract("--out", c.store, "--overwrite", "--set", "extract.compression_level=23"),
+         ("extract.compression_level = 23 is above its limit of 22",), store=True),
+    Case("rows-per-shard-huge", lambda c: extract("--out", c.new, "--set", "extract.rows_per_shard=10000000000000"),
+         ("extract.rows_per_shard = 10000000000000 makes shards of", "a shard is held in memory until complete", "use at most")),
+    Case("shard-mb-0", lambda c: extract("--out", c.new, "--set", "extract.shard_mb=0"),
+         ("extract.shard_mb = 0: both must be > 0",)),
+    Case("chunk-larger-than-shard", lambda c: extract("--out", c.new, "--set", "extract.chunk_mb=1000", "--set", "extract.shard_mb=1"),
+         ("extract.chunk_mb = 1000 and extract.shard_mb = 1", "an inner chunk no larger than its shard")),
     Case("batch-size-0", lambda c: extract("--out", c.new, "--batch-size", "0"), ("extract.batch_size must be >= 1, got 0",)),
     Case("batch-size-negative", lambda c: extract("--out", c.new, "--batch-size", "-4"), ("extract.batch_size must be int, got -4", "use a whole number >= 0")),
     Case("train-batch-size-0", lambda c: train(c, "--batch-size", "0"), ("train.batch_size must be >= 1, got 0",), store=True),
@@ -235,6 +261,12 @@ CASES = [
          ("device 'mps' is not supported", "use auto, cpu, cuda or cuda:N")),
     Case("device-meta", lambda c: extract("--out", c.new, "--device", "meta"), ("device 'meta' is not supported",)),
     Case("train-device-xpu", lambda c: train(c, "--device", "xpu"), ("device 'xpu' is not supported",), store=True),
+    Case("threads-above-limit", lambda c: extract("--out", c.new, "--set", "extract.threads=100000"),
+         ("extract.threads = 100000 is above its limit of", "use at most the number of cores")),
+    Case("train-threads-overflow", lambda c: train(c, "--set", "train.threads=10000000000000"),
+         ("train.threads = 10000000000000 is above its limit",), store=True),
+    Case("workers-above-limit", lambda c: extract("--out", c.new, "--set", "extract.num_workers=1000"),
+         ("extract.num_workers = 1000 is above its limit of", "0 loads in the main process")),
     Case("cuda-absent", lambda c: extract("--out", c.new, "--device", "cuda"),
          ("device 'cuda' asked for but CUDA is not available here", 'use device = "cpu" or "auto"'), cuda=True),
     Case("train-cuda-absent", lambda c: train(c, "--device", "cuda:1"),
@@ -315,7 +347,22 @@ CASES = [
     Case("negative-temperature", lambda c: train(c, "--set", "train.loss.temperature=-1"),
          ("train.loss.temperature must be float, got -1", "use a finite number >= 0"), store=True),
     Case("zero-temperature", lambda c: train(c, "--set", "train.loss.temperature=0"),
-         ("train.loss.temperature must be > 0, got 0",), store=True),
+         ("train.loss.temperature must be at least 0.01", "got 0;"), store=True),
+    Case("temperature-too-small", lambda c: train(c, "--set", "train.loss.temperature=1e-300"),
+         ("train.loss.temperature must be at least 0.01 (logits / T overflows below), got 1e-300",), store=True),
+    Case("temperature-above-limit", lambda c: train(c, "--set", "train.loss.temperature=5000"),
+         ("train.loss.temperature = 5000 is above its limit of 1000",), store=True),
+    Case("lr-0", lambda c: train(c, "--set", "train.lr=0"), ("train.lr must be > 0, got 0", "use e.g. 1e-3"), store=True),
+    Case("seed-beyond-int64", lambda c: train(c, "--set", "train.seed=100000000000000000000"),
+         ("train.seed must be int, got 100000000000000000000",), store=True),
+    Case("feature-weight-not-a-number", lambda c: train(c, "--set", 'train.features={"features.3"={student="conv",weight="abc"}}'),
+         ("train.features.'features.3'.weight must be float, got 'abc'", "a finite number >= 0"), store=True),
+    Case("feature-weight-nan", lambda c: train(c, "--set", 'train.features={"features.3"={student="conv",weight=nan}}'),
+         ("train.features.'features.3'.weight must be float, got nan",), store=True),
+    Case("feature-weight-negative", lambda c: train(c, "--set", 'train.features={"features.3"={student="conv",weight=-1}}'),
+         ("train.features.'features.3'.weight must be float, got -1",), store=True),
+    Case("features-name-the-logits", lambda c: train(c, "--set", 'train.features={"logits"={student="fc",weight=1}}'),
+         ("train.features names 'logits', the teacher's output, not a layer", "train.loss.kl"), store=True),
     Case("negative-weight", lambda c: train(c, "--set", "train.loss.kl=-0.5"), ("train.loss.kl must be float, got -0.5", "use a finite number >= 0"), store=True),
     Case("all-weights-zero", lambda c: train(c, "--set", "train.loss.kl=0", "--set", "train.loss.ce=0", "--set", "train.features={}"),
          ("every loss weight is 0 and train.features is empty",), store=True),
@@ -337,6 +384,16 @@ CASES = [
          prior=lambda c: trained(c)),
     Case("overwrite-keeps-the-run-when-it-fails", lambda c: train(c, "--overwrite", "--set", "student.factory=extract_zoo.py:not_a_module"),
          ("student.factory returned str",), store=True, prior=lambda c: trained(c)),
+    Case("resume-empty-checkpoint", lambda c: train(c, "--resume"), ("checkpoint.pt' cannot be read (EOFError: empty or truncated)", "--overwrite"),
+         store=True, prior=lambda c: truncate(trained(c), "checkpoint.pt", 0)),
+    Case("resume-damaged-metrics", lambda c: train(c, "--resume", "--epochs", "2"), ("metrics.jsonl' line 2 is not JSON", "'{bad'", "delete that line"),
+         store=True, prior=lambda c: append(trained(c) / "metrics.jsonl", "{bad\n")),
+    Case("resume-metrics-not-an-epoch", lambda c: train(c, "--resume", "--epochs", "2"), ("line 2 is not an epoch's metrics", "'[1, 2]'"),
+         store=True, prior=lambda c: append(trained(c) / "metrics.jsonl", "[1, 2]\n")),
+    Case("overwrite-keeps-the-run-on-a-bad-lr", lambda c: train(c, "--overwrite", "--set", "train.lr=1e300"),
+         ("train.lr = 1e+300 is beyond float32's range",), store=True, prior=lambda c: trained(c)),
+    Case("train-diverges", lambda c: train(c, "--set", "train.lr=1e30", "--set", 'train.optimizer="sgd"'),
+         ("training diverged in epoch 0: loss_kl = nan", "lower train.lr", "no checkpoint was written"), store=True),
     Case("train-out-read-only", lambda c: ["train", TINY, "--cache", c.store, "--out", c.tmp / "ro" / "run"],
          ("ro/run", "Read-only file system"), store=True, read_only=True),
     Case("train-out-is-a-file", lambda c: ["train", TINY, "--cache", c.store, "--out", text_file(c, "run", "a file")],

@@ -297,3 +297,16 @@ def test_import_path_errors_from_a_pipeline(tmp_path):
 def test_defaults_need_no_file():
     p = Pipeline()
     assert p.extract.batch_size == 256 and p.targets.dtype == "float16" and p.source == "<dict>"
+
+
+def test_a_module_that_raises_when_imported_is_named_with_where(tmp_path, monkeypatch):
+    (tmp_path / "kdcache_raises_at_import.py").write_text("x = 1\nx / 0\n")
+    (tmp_path / "kdcache_imports_missing.py").write_text("import no_such_dep_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PipelineError, match=r"'kdcache_raises_at_import:teacher': importing it raised ZeroDivisionError: .* \(at kdcache_raises_at_import.py:2\)"):
+        resolve("kdcache_raises_at_import:teacher")
+    # a dependency of the module is missing (not the module itself): named as what the module raised
+    with pytest.raises(PipelineError, match=r"raised ModuleNotFoundError: No module named 'no_such_dep_xyz' \(at kdcache_imports_missing.py:1\)"):
+        resolve("kdcache_imports_missing:teacher")
+    with pytest.raises(PipelineError, match=r"module 'kdcache_not_there' not found; install it"):
+        resolve("kdcache_not_there.sub:teacher")

@@ -83,7 +83,7 @@ def test_teacher_is_never_imported(tiny_store, test_store, tmp_path):
     assert result["epoch"] == 1 and "eval_agreement" in result
     assert "exploding_teacher" not in sys.modules
     assert not any(getattr(m, "__file__", None) and Path(m.__file__).resolve() == bomb for m in list(sys.modules.values()))
-    with pytest.raises(RuntimeError, match="imported the teacher"):  # the fixture really does explode
+    with pytest.raises(PipelineError, match="importing it raised RuntimeError: kdcache train imported the teacher"):  # it really explodes
         p.resolve(p.teacher.factory)
 
 
