@@ -97,27 +97,44 @@ class TransferSet(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch])
         if self.in_memory:  # pieces of whole batches, so DataLoader workers can share the epoch
             order = rng.permutation(self.rows) if self.shuffle else self.rows
-            piece = self.batch_size * (16 if self.streams == 1 else 1)  # streams: dealt batch by batch
-            return [order[i : i + piece] for i in range(0, len(order), piece)]
+            return [order[i : i + self._piece] for i in range(0, len(order), self._piece)]
+        buffer = self._buffer_of_rows(rng)
+        if not len(buffer):
+            return []
+        # Rows grouped by buffer, each group in the rows' own order, then shuffled: one stable sort
+        # (a scan of every row per buffer was quadratic: 2.4 s per plan at 1.28M rows).
+        ends = np.cumsum(np.bincount(buffer))[:-1]
+        return [rng.permutation(rows) if self.shuffle else rows for rows in np.split(self.rows[np.argsort(buffer, kind="stable")], ends)]
+
+    def _buffer_of_rows(self, rng: np.random.Generator) -> np.ndarray:
+        """Streaming: each row's buffer in the epoch whose generator is ``rng`` (its shard order drawn first);
+        buffer i holds the shards at places i*b .. (i+1)*b - 1 of that order."""
         shard = self.rows // self.rows_per_shard
         present = np.bincount(shard) > 0  # np.unique(shard, return_inverse=True) without its sort
         shards, shard_of = np.flatnonzero(present), (np.cumsum(present) - 1)[shard]
         order = rng.permutation(len(shards)) if self.shuffle else np.arange(len(shards))
         buffer_of = np.empty(len(shards), dtype=np.int64)
-        buffer_of[order] = np.arange(len(shards)) // self.buffer_shards  # buffer i: shards order[i*b : (i+1)*b]
-        if not len(shards):
-            return []
-        # Rows grouped by buffer, each group in the rows' own order: one stable sort (a scan of every row
-        # per buffer was quadratic: 2.4 s per plan at 1.28M rows).
-        buffer = buffer_of[shard_of]
-        ends = np.cumsum(np.bincount(buffer))[:-1]
-        return [rng.permutation(rows) if self.shuffle else rows for rows in np.split(self.rows[np.argsort(buffer, kind="stable")], ends)]
+        buffer_of[order] = np.arange(len(shards)) // self.buffer_shards
+        return buffer_of[shard_of]
+
+    def buffer_sizes(self, epoch: int) -> list[int]:
+        """``[len(b) for b in plan(epoch)]``, without drawing or shuffling the rows."""
+        if self.in_memory:
+            return [min(self._piece, len(self.rows) - i) for i in range(0, len(self.rows), self._piece)]
+        buffer = self._buffer_of_rows(np.random.default_rng([self.seed, epoch]))
+        return np.bincount(buffer).tolist() if len(buffer) else []
+
+    @property
+    def _piece(self) -> int:
+        """In memory: rows per buffer (streams: dealt batch by batch)."""
+        return self.batch_size * (16 if self.streams == 1 else 1)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
+        sizes = self.buffer_sizes(epoch)
         if self.streams > 1:
-            return max(len(s) for s in self._streams(self.plan(epoch)))
+            return max(len(s) for s in self._streams(sizes))
         div = math.floor if self.drop_last else math.ceil
-        return sum(div(len(b) / self.batch_size) for b in self.plan(epoch))
+        return sum(div(size / self.batch_size) for size in sizes)
 
     def __len__(self) -> int:
         return self.batches_per_epoch(self.epoch)
@@ -146,14 +163,14 @@ class TransferSet(IterableDataset):
                     break
                 yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check)
 
-    def _streams(self, plan: list[np.ndarray]) -> list[list[tuple[int, int, int]]]:
-        """Buffer ``i`` of the plan goes to stream ``i % streams``; each stream's batches as ``(buffer, lo, hi)``."""
+    def _streams(self, sizes: list[int]) -> list[list[tuple[int, int, int]]]:
+        """Buffer ``i`` of the plan (``sizes[i]`` rows) goes to stream ``i % streams``; each stream's batches as ``(buffer, lo, hi)``."""
         out: list[list[tuple[int, int, int]]] = [[] for _ in range(self.streams)]
-        for i, rows in enumerate(plan):
-            for lo in range(0, len(rows), self.batch_size):
-                if self.drop_last and lo + self.batch_size > len(rows):
+        for i, size in enumerate(sizes):
+            for lo in range(0, size, self.batch_size):
+                if self.drop_last and lo + self.batch_size > size:
                     break
-                out[i % self.streams].append((i, lo, min(lo + self.batch_size, len(rows))))
+                out[i % self.streams].append((i, lo, min(lo + self.batch_size, size)))
         return out
 
     def _stream_steps(self, plan: list[np.ndarray], k: int, me: int, check: Check) -> Iterator[dict[str, Any]]:
@@ -163,7 +180,7 @@ class TransferSet(IterableDataset):
         losses is then the gradient of the joined batch's loss, and ``share = rows / rows of the whole step``
         weighs its loss in the step's logged mean. A stream that has run out serves one row with scale and
         share 0 (every rank takes part in every step). DataLoader worker ``me`` of ``k`` takes steps me, me+k, ..."""
-        streams = self._streams(plan)
+        streams = self._streams([len(rows) for rows in plan])
         mine = range(self.streams) if self.stream is None else [self.stream]
         current: dict[int, tuple[int, dict[str, np.ndarray]]] = {}  # stream -> (buffer, its columns)
         for j in range(me, max(len(s) for s in streams), k):

@@ -130,11 +130,15 @@ def test_streaming_plan_equals_its_specification_for_any_rows():
         n, rows_per_shard, buffer_shards = int(rng.integers(0, 400)), int(rng.integers(1, 40)), int(rng.integers(1, 6))
         rows = [np.arange(n), np.sort(rng.permutation(n)[: n // 2]), rng.permutation(n)[: n // 2]][trial % 3].astype(np.int64)
         shuffle, seed, epoch = bool(trial % 2), trial, int(rng.integers(0, 5))
-        plan = streaming_reader(rows, rows_per_shard, buffer_shards, shuffle, seed).plan(epoch)
+        reader = streaming_reader(rows, rows_per_shard, buffer_shards, shuffle, seed)
+        plan = reader.plan(epoch)
         expected = reference_plan(rows, rows_per_shard, buffer_shards, shuffle, seed, epoch)
         assert len(plan) == len(expected), (trial, n)
         for got, want in zip(plan, expected):
             assert np.array_equal(got, want), (trial, n, rows_per_shard, buffer_shards)
+        assert reader.buffer_sizes(epoch) == [len(b) for b in expected]  # what step counts use, without the shuffles
+        reader.in_memory, reader.batch_size, reader.streams = True, int(rng.integers(1, 9)), int(rng.integers(1, 3))
+        assert reader.buffer_sizes(epoch) == [len(b) for b in reader.plan(epoch)]
 
 
 def test_streaming_plan_time_grows_linearly_with_rows():
