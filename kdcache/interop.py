@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kdcache import store as layout
 from kdcache.errors import StoreError
@@ -23,27 +24,29 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
          overwrite: bool = False) -> dict[str, Any]:
     """Copy a finished store, object by object, into one uncompressed zip file ``out`` (read back as a store).
 
-    A zip is write-once, so only a complete store is packed. The file appears only once whole
-    (written as ``out + ".part"`` and renamed).
+    A zip is write-once, so only a complete store whose done shards all have their objects is packed. The
+    file appears only once whole and read back as a store (written beside it as ``*.part.zip`` and renamed).
     """
     out = Path(out)
     if not out.name.endswith(".zip"):
         raise StoreError(f"pack writes a zip file; name it *.zarr.zip, not {str(out)!r}")
     _check_out(out, overwrite)
     store = _complete(location, storage_options, "pack")
+    _check_objects(store, "pack")
     keys = store.object_keys()
-    part = out.with_name(out.name + ".part")
+    part = out.with_name(out.name[: -len(".zip")] + ".part.zip")  # a *.zip name: it opens as a zip store
     nbytes = 0
-    # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
-    with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-        for key in keys:
-            data = store.raw_object(key)
-            if data is None:
-                continue  # listed but gone: an absent object reads as fill, as in the source
-            z.writestr(zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0)), data)
-            nbytes += len(data)
+    with _removed_on_failure(part):
+        # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
+        with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+            for key in keys:
+                data = store.raw_object(key)
+                if data is None:
+                    continue  # listed but gone: an absent object reads as fill, as in the source
+                z.writestr(zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0)), data)
+                nbytes += len(data)
+        _check_objects(_complete(str(part), None, "pack"), "pack")  # it opens as a complete store, with every shard object
     os.replace(part, out)
-    layout.open_store(str(out))  # it opens as a store
     return {"out": str(out), "objects": len(keys), "bytes": nbytes, "file_bytes": out.stat().st_size}
 
 
@@ -60,7 +63,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     _check_out(out, overwrite)
     store = _complete(location, storage_options, "export")
     part = out.with_name(out.name + ".part")
-    with h5py.File(part, "w") as f:
+    with _removed_on_failure(part), h5py.File(part, "w") as f:
         f.attrs[layout.ATTRS] = json.dumps(store.manifest)
         f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
         for path in store.paths() + [layout.DONE]:
@@ -125,6 +128,28 @@ def _complete(location: str, storage_options: dict[str, Any] | None, verb: str) 
         done = int(store.done().sum())
         raise StoreError(f"{location!r} is incomplete ({done}/{store.num_shards} shards done); finish kdcache extract before you {verb} it")
     return store
+
+
+def _check_objects(store: layout.Store, verb: str) -> None:
+    """Refuse a store whose arrays do not open or whose done shards lack their storage object (a copy would
+    claim to be complete without them: an absent object reads as zeros)."""
+    for path in store.paths():
+        store.checked_array(path)  # a damaged zarr.json is a StoreError naming it
+    problems = store.damaged_shards()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StoreError(f"cannot {verb} {store.location!r}: {problems[0]}{more}; run kdcache verify {store.location} "
+                         "to list the damage, and re-extract the store or copy it again")
+
+
+@contextmanager
+def _removed_on_failure(part: Path) -> Iterator[None]:
+    """Remove the temporary file ``part`` if the block that writes it fails: no partial output is left."""
+    try:
+        yield
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -42,6 +42,10 @@ MAX_SHARD_ROWS = 16384
 ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard being written
 MIN_SHARD_ROWS = 16
 
+# What zarr raises on metadata that parses as JSON but not as zarr metadata: ``[]`` as a zarr.json gives a
+# TypeError, ``"x"`` an AttributeError, a missing field a KeyError or ValueError (zarr's MetadataValidationError).
+BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError, RecursionError)
+
 
 def layer_path(name: str) -> str:
     """Array path of a hooked layer's target: the name percent-encoded into one safe node name.
@@ -148,6 +152,7 @@ class Store:
         self.manifest: dict[str, Any] = manifest
         self._arrays: dict[str, zarr.Array] = {}
         self._done: np.ndarray | None = None  # read() of a read-only store: done() read once
+        self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -188,16 +193,71 @@ class Store:
         if path not in self._arrays:
             try:
                 with zarr.config.set({"array.write_empty_chunks": True}):
-                    self._arrays[path] = self.group[path]
+                    node = self.group[path]
             except (KeyError, FileNotFoundError):
                 raise StoreError(f"{self.location!r} is missing the array {path!r} its manifest lists (deleted, or an incomplete copy); "
                                  f"kdcache verify {self.location} lists what is damaged; re-extract or copy the store again") from None
+            except BAD_METADATA as e:
+                why = _metadata_problem(self.group.store, f"{path}/zarr.json", e)
+                raise self._bad_metadata(path, why) from None
+            if not isinstance(node, zarr.Array):
+                raise self._bad_metadata(path, "it describes a group, not an array")
+            self._arrays[path] = node
         return self._arrays[path]
+
+    def _bad_metadata(self, path: str, why: str) -> StoreError:
+        return StoreError(f"{self.location!r} is damaged: {path + '/zarr.json'!r} is not valid zarr metadata ({why}); "
+                          f"run kdcache verify {self.location}, or re-extract the store")
+
+    def checked_array(self, path: str) -> zarr.Array:
+        """``array(path)`` once its shape and dtype are found to be the manifest's (a damaged or edited zarr.json
+        would make readers index past its end or read the wrong bytes). Checked here, on reading, not in
+        ``array()``: kdcache verify's layout check opens the arrays and reports such a mismatch itself."""
+        array = self.array(path)
+        if path not in self._layout_checked:
+            shape, dtype = self._expected(path)
+            if tuple(array.shape) != shape or str(array.dtype) != dtype:
+                raise self._bad_metadata(path, f"it says {list(array.shape)} {array.dtype}, the manifest says {list(shape)} {dtype}")
+            self._layout_checked.add(path)
+        return array
+
+    def _expected(self, path: str) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype the manifest gives the data array at ``path``."""
+        n = self.num_samples
+        targets = {t.path: t for t in self.targets.values()}
+        if path in targets:
+            return (n, *targets[path].shape), targets[path].dtype
+        return (n,), "uint64" if path == FINGERPRINT else "int64"
 
     # -- progress ---------------------------------------------------------------------------
     def done(self) -> np.ndarray:
-        """``[num_shards]`` bool: which shards are completely written."""
-        return np.asarray(self.array(DONE)[:], dtype=bool)
+        """``[num_shards]`` bool: which shards are completely written. A damaged marker is a StoreError naming it."""
+        array = self.array(DONE)
+        if tuple(array.shape) != (self.num_shards,) or array.dtype != np.dtype(bool):
+            raise self._bad_metadata(DONE, f"it says {list(array.shape)} {array.dtype}, expected [{self.num_shards}] bool")
+        try:
+            done = np.asarray(array[:])
+        except Exception:  # noqa: BLE001 - a marker that does not decode; named below
+            done = None
+        if done is None or (done.view(np.uint8) > 1).any():  # a one-byte marker other than 0/1 decodes, as garbage
+            raise self._damaged_markers()
+        return done
+
+    def _damaged_markers(self) -> StoreError:
+        """The done markers that are not one byte 0 or 1, named.
+
+        Every command refuses such a store, extract's resume too. Taking the marker as not done would be safe
+        for extract (a shard is rewritten whole before its marker is set), but a marker damaged after it was
+        written says the store was damaged, so more of it may be: the user should run verify first, and
+        deleting the marker is a one-step way to have extract redo that shard.
+        """
+        keys = [f"{DONE}/c/{s}" for s in range(self.num_shards)]
+        bad = [(k, raw) for k in keys if (raw := self.raw_object(k)) is not None and raw not in (b"\x00", b"\x01")]
+        named = ", ".join(f"{k!r} (holds {_short(raw[:8])}{'...' if len(raw) > 8 else ''})" for k, raw in bad[:3])
+        named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return StoreError(f"{self.location!r} is damaged: done marker {named or '(unreadable)'} is not one byte 0 or 1; "
+                          f"run kdcache verify {self.location} for any other damage, then delete the marker and rerun "
+                          "kdcache extract to redo its shard, or re-extract the store")
 
     @property
     def complete(self) -> bool:
@@ -267,6 +327,7 @@ class Store:
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of an array. A damaged done shard is a StoreError naming it, never zeros: its object
         missing or empty (zarr alone would read the fill value), or bytes that do not decode (checksum, truncation)."""
+        self.checked_array(path)
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
         if self._done is None or self.writable:
             self._done = self.done()
@@ -329,6 +390,16 @@ class Store:
 
         return sync(every()) if keys else []
 
+    def damaged_shards(self) -> list[str]:
+        """Every (array, done shard) whose storage object is missing or empty, as ``"shard 1 of targets/logits
+        (rows 16-31): object 'targets/logits/c/1/0' is missing although the shard is marked done"``; no object is read."""
+        done = [int(s) for s in np.flatnonzero(self.done())]
+        pairs = [(path, s) for path in self.paths() for s in done]
+        keys = [self.shard_key(path, s) for path, s in pairs]
+        return [f"shard {s} of {path} (rows {self.shard_rows(s)[0]}-{self.shard_rows(s)[1] - 1}): object {key!r} is {problem} "
+                "although the shard is marked done"
+                for (path, s), key, problem in zip(pairs, keys, self._object_problems(keys)) if problem]
+
     def _damaged(self, path: str, shard: int, problem: str) -> StoreError:
         lo, hi = self.shard_rows(shard)
         return StoreError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
@@ -364,8 +435,14 @@ class Store:
         return None if buf is None else buf.to_bytes()
 
     def object_keys(self) -> list[str]:
-        """Every storage object's key, sorted (listed from the location; ``http`` lists through index pages)."""
+        """Every storage object's key, sorted (listed from the location; ``http`` lists through index pages).
+        A writer's temp files (FORMAT.md §13.1) are not objects."""
         from zarr.core.sync import sync
+
+        if location_kind(self.location) == "local":  # zarr 3.1's LocalStore.list mangles keys under a relative root ("s")
+            root = Path(_local_path(self.location))
+            files = (f for f in root.rglob("*") if f.is_file() and not (_TMP.fullmatch(f.name) or _PARTIAL.fullmatch(f.name)))
+            return sorted(f.relative_to(root).as_posix() for f in files)
 
         async def collect() -> list[str]:
             return [key async for key in self.group.store.list()]
@@ -648,9 +725,30 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     target = zarr_store(location, storage_options, read_only=mode == "r")
     try:
         group = zarr.open_group(target, mode=mode, zarr_format=3)
-    except (FileNotFoundError, ValueError, RecursionError, zarr.errors.NodeTypeValidationError) as e:  # type: ignore[attr-defined]
-        raise StoreError(f"{location!r} is not a zarr v3 group ({_short(str(e))}); pass a store written by kdcache extract") from None
-    return Store(group, location, writable=mode != "r", storage_options=storage_options)
+    except (FileNotFoundError, *BAD_METADATA) as e:
+        raise StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
+                         "pass a store written by kdcache extract") from None
+    store = Store(group, location, writable=mode != "r", storage_options=storage_options)
+    # Read the done markers once now: a damaged one is refused at open (so kdcache verify reports it as its
+    # "open" check); a read-only store's read() keeps this snapshot, as it would its own first reading.
+    store._done = store.done()
+    return store
+
+
+def _metadata_problem(target: Any, key: str, e: Exception) -> str:
+    """What is wrong with the zarr metadata object ``key`` that zarr failed to parse with ``e``, for a message."""
+    import json
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    try:
+        value = json.loads(sync(target.get(key, prototype=default_buffer_prototype())).to_bytes())
+    except Exception:  # noqa: BLE001 - unreadable or not JSON: zarr's own message says which
+        return str(e)[:200]
+    if not isinstance(value, dict):
+        return f"it holds {json.dumps(value)[:80]}, not a JSON object"
+    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 # -- locations -----------------------------------------------------------------------------------
@@ -806,31 +904,49 @@ def _interrupted_creation(location: str) -> bool:
 
 def _create(location: str, target: Any, manifest: dict[str, Any], storage_options: dict[str, Any] | None) -> Store:
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, created=_now(), completed=None)
+    # The whole layout is built in memory first: whatever zarr refuses (a codec setting, a shape, a manifest
+    # that is not JSON) fails there, before mode="w" deletes the store an --overwrite replaces.
+    try:
+        _write_layout(zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3), manifest, location)
+    except StoreError as e:
+        raise StoreError(f"{e}; nothing was written (a store already there is kept)") from None
     group = zarr.open_group(target, mode="w", zarr_format=3)
-    geometry = manifest["geometry"]
-    rows, n = geometry["rows_per_shard"], manifest["num_samples"]
-    level = manifest["compression"]["level"]
-    compressors = [ZstdCodec(level=level), Crc32cCodec()] if manifest["compression"]["codec"] == "zstd" else [Crc32cCodec()]
-    columns = {INDEX: ((), "int64"), FINGERPRINT: ((), "uint64")}
-    if manifest["has_labels"]:
-        columns[LABEL] = ((), "int64")
-    for t in manifest["targets"].values():
-        columns[t["path"]] = (tuple(t["shape"]), t["dtype"])
-    for path, (shape, dtype) in columns.items():
-        chunk = geometry["chunk_rows"][path]
-        group.create_array(
-            path,
-            shape=(n, *shape),
-            chunks=(chunk, *shape),
-            shards=(rows, *shape),
-            dtype=dtype,
-            compressors=compressors,
-            fill_value=0,
-            dimension_names=["sample", *[f"dim_{i}" for i in range(len(shape))]],
-        )
-    group.create_array(DONE, shape=(geometry["num_shards"],), chunks=(1,), dtype="bool", fill_value=False, compressors=None)
-    group.attrs[ATTRS] = manifest  # last: a store without its manifest is never mistaken for one
+    _write_layout(group, manifest, location)
     return Store(group, location, writable=True, storage_options=storage_options)
+
+
+def _write_layout(group: zarr.Group, manifest: dict[str, Any], location: str) -> None:
+    """Create every array of ``manifest`` in the empty ``group``, then write the manifest."""
+    what = "the manifest"
+    try:
+        geometry = manifest["geometry"]
+        rows, n = geometry["rows_per_shard"], manifest["num_samples"]
+        columns = {INDEX: ((), "int64"), FINGERPRINT: ((), "uint64")}
+        if manifest["has_labels"]:
+            columns[LABEL] = ((), "int64")
+        for t in manifest["targets"].values():
+            columns[t["path"]] = (tuple(t["shape"]), t["dtype"])
+        what = "the compression"
+        level = manifest["compression"]["level"]
+        compressors = [ZstdCodec(level=level), Crc32cCodec()] if manifest["compression"]["codec"] == "zstd" else [Crc32cCodec()]
+        for path, (shape, dtype) in columns.items():
+            what = f"array {path!r}"
+            group.create_array(
+                path,
+                shape=(n, *shape),
+                chunks=(geometry["chunk_rows"][path], *shape),
+                shards=(rows, *shape),
+                dtype=dtype,
+                compressors=compressors,
+                fill_value=0,
+                dimension_names=["sample", *[f"dim_{i}" for i in range(len(shape))]],
+            )
+        what = f"array {DONE!r}"
+        group.create_array(DONE, shape=(geometry["num_shards"],), chunks=(1,), dtype="bool", fill_value=False, compressors=None)
+        what = "the manifest"
+        group.attrs[ATTRS] = manifest  # last: a store without its manifest is never mistaken for one
+    except (*BAD_METADATA, ArithmeticError) as e:  # zarr's checks of what it is given: a chunk of 0 rows divides by zero
+        raise StoreError(f"cannot create a store at {location!r}: {what}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def check_manifest(m: dict[str, Any], location: str) -> None:

@@ -1,0 +1,190 @@
+"""Damaged stores, in the matrix's form (see test_bad_input): zarr metadata that is valid JSON but not an
+object, damaged array metadata, a damaged done marker, and pack of a store missing a done shard's object.
+
+Also: ``create_or_resume(..., overwrite=True)`` deletes nothing of the old store when the new one cannot be
+created, and pack reads a store named by a relative path whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from click.testing import CliRunner
+
+from kdcache.cli import main
+from kdcache.errors import StoreError
+from kdcache.store import DONE, LOGITS, create_or_resume, open_store
+from kdcache.verify import verify
+from test_bad_input import (LOGITS_SHARD_1, TINY, TRAIN, Case, Ctx, check_output, extract, prepare, read_only_dir, snapshot,
+                            train, truncate)
+
+OUT = "out"  # export / pack write out.h5 / out.zarr.zip in the case's folder: a failed one leaves nothing named out*
+
+
+def write(key: str, text: str | bytes) -> Callable[[Path], None]:
+    """Damage: replace the object ``key`` of a store with ``text``."""
+    return lambda store: (store / key).write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+def edit_metadata(path: str, **fields: Any) -> Callable[[Path], None]:
+    """Damage: set ``fields`` of the zarr metadata of the array at ``path``."""
+
+    def damage(store: Path) -> None:
+        meta = json.loads((store / path / "zarr.json").read_text())
+        (store / path / "zarr.json").write_text(json.dumps(meta | fields))
+
+    return damage
+
+
+ROOT_NOT_OBJECT = ("is not a zarr v3 group", "not a JSON object", "pass a store written by kdcache extract")
+LOGITS_META = f"{LOGITS}/zarr.json"
+BAD_LOGITS_META = (f"'{LOGITS_META}' is not valid zarr metadata", "run kdcache verify", "re-extract the store")
+MARKER = f"{DONE}/c/1"
+BAD_MARKER = (f"done marker '{MARKER}' (holds b'zz') is not one byte 0 or 1", "run kdcache verify",
+              "delete the marker and rerun kdcache extract")
+
+
+def info(c: Ctx) -> list[Any]:
+    return ["info", c.store]
+
+
+def verify_cli(c: Ctx) -> list[Any]:
+    return ["verify", c.store]
+
+
+def resume(c: Ctx) -> list[Any]:
+    return extract("--out", c.store)
+
+
+def stats(c: Ctx) -> list[Any]:
+    return ["stats", c.store]
+
+
+def export(c: Ctx) -> list[Any]:
+    return ["export", c.store, c.tmp / f"{OUT}.h5"]
+
+
+def pack(c: Ctx) -> list[Any]:
+    return ["pack", c.store, c.tmp / f"{OUT}.zarr.zip"]
+
+
+CASES = [
+    # -- the root zarr.json is JSON but not an object
+    *[Case(f"info-root-{name}", info, (*ROOT_NOT_OBJECT, f"it holds {text}"), store=True, damage=write("zarr.json", text))
+      for name, text in (("list", "[]"), ("string", '"x"'), ("number", "3"), ("null", "null"))],
+    Case("verify-root-list", verify_cli, (*ROOT_NOT_OBJECT, "it holds []"), store=True, report=True, damage=write("zarr.json", "[]")),
+    Case("extract-resume-root-list", resume, ROOT_NOT_OBJECT, store=True, damage=write("zarr.json", "[]")),
+    Case("extract-resume-root-null", resume, ROOT_NOT_OBJECT, store=True, damage=write("zarr.json", "null")),
+    # -- an array's zarr.json is damaged
+    *[Case(f"{verb}-array-meta-not-json", args, (*BAD_LOGITS_META, "Expecting property name"), store=True,
+           damage=write(LOGITS_META, "{bad"))
+      for verb, args in (("info", info), ("train", train), ("stats", stats), ("export", export), ("pack", pack), ("extract-resume", resume))],
+    Case("verify-array-meta-not-json", verify_cli, ("targets/logits: missing",), store=True, report=True,
+         damage=write(LOGITS_META, "{bad")),
+    Case("info-array-meta-list", info, (*BAD_LOGITS_META, "it holds [], not a JSON object"), store=True, damage=write(LOGITS_META, "[]")),
+    Case("train-array-meta-list", train, BAD_LOGITS_META, store=True, damage=write(LOGITS_META, "[]")),
+    Case("info-array-meta-a-group", info, (*BAD_LOGITS_META, "it describes a group, not an array"), store=True,
+         damage=write(LOGITS_META, '{"zarr_format": 3, "node_type": "group"}')),
+    Case("info-array-meta-bad-codecs", info, (*BAD_LOGITS_META, "TypeError"), store=True, damage=edit_metadata(LOGITS, codecs=7)),
+    Case("train-array-meta-wrong-rows", train, (*BAD_LOGITS_META, "it says [40, 4] float16, the manifest says [50, 4] float16"),
+         store=True, damage=edit_metadata(LOGITS, shape=[40, 4])),
+    Case("export-array-meta-wrong-shape", export, (*BAD_LOGITS_META, "it says [50, 3] float16, the manifest says [50, 4] float16"),
+         store=True, damage=edit_metadata(LOGITS, shape=[50, 3])),
+    Case("stats-array-meta-wrong-dtype", stats, (*BAD_LOGITS_META, "it says [50, 4] float32, the manifest says [50, 4] float16"),
+         store=True, damage=edit_metadata(LOGITS, data_type="float32")),
+    Case("pack-array-meta-wrong-shape", pack, (*BAD_LOGITS_META, "it says [50, 3] float16"), store=True,
+         damage=edit_metadata(LOGITS, shape=[50, 3])),
+    # -- a done marker is damaged
+    *[Case(f"{verb}-damaged-done-marker", args, BAD_MARKER, store=True, report=verb == "verify", damage=write(MARKER, "zz"))
+      for verb, args in (("info", info), ("verify", verify_cli), ("train", train), ("stats", stats), ("export", export),
+                         ("pack", pack), ("extract-resume", resume))],
+    Case("info-done-marker-not-a-bool", info, ("done marker 'progress/done/c/2' (holds b'z') is not one byte 0 or 1",), store=True,
+         damage=write(f"{DONE}/c/2", "z")),
+    Case("info-done-meta-wrong-shape", info, (f"'{DONE}/zarr.json' is not valid zarr metadata", "it says [5] bool, expected [4] bool"),
+         store=True, damage=edit_metadata(DONE, shape=[5])),
+    # -- pack of a store a done shard's object is missing from
+    Case("pack-missing-shard-object", pack,
+         ("cannot pack", f"shard 1 of targets/logits (rows 16-31): object '{LOGITS_SHARD_1}' is missing although the shard is marked done",
+          "run kdcache verify", "re-extract the store"), store=True, damage=lambda s: (s / LOGITS_SHARD_1).unlink()),
+    Case("pack-empty-shard-object", pack, (f"object '{LOGITS_SHARD_1}' is empty although the shard is marked done",), store=True,
+         damage=lambda s: truncate(s, LOGITS_SHARD_1, 0)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_store(case: Case, tmp_path: Path, tiny_store: str) -> None:
+    run = prepare(case, tmp_path, tiny_store)
+    with read_only_dir(tmp_path / "ro") if case.read_only else contextlib.nullcontext():
+        result = CliRunner().invoke(main, run.args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        pytest.fail("".join(traceback.format_exception(result.exception)))
+    check_output(case, result.exit_code, result.stdout, result.stderr)
+    run.check_untouched()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(OUT)], "a failed export/pack left a file"
+
+
+def test_cases_are_unique() -> None:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+
+
+def test_deleting_a_damaged_done_marker_lets_extract_redo_its_shard(tmp_path: Path, tiny_store: str) -> None:
+    """The fix the damaged-marker error names works: delete the marker, rerun extract, the store verifies."""
+    store = tmp_path / TRAIN
+    shutil.copytree(tiny_store, store)
+    write(MARKER, "zz")(store)
+    (store / MARKER).unlink()
+    result = CliRunner().invoke(main, [str(a) for a in extract("--out", store)])
+    assert result.exit_code == 0, result.output
+    assert verify(str(store))["ok"]
+
+
+def fresh_manifest(store: Path) -> dict[str, Any]:
+    """The manifest extract would pass to create_or_resume for ``store`` (what _create adds, removed)."""
+    manifest = open_store(store).manifest
+    return {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "completed")}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["compression"].update(level=99), "the compression: ValueError: Value must be less than or equal to 22"),
+    (lambda m: m["targets"]["logits"].update(dtype="float17"), "array 'targets/logits'"),
+    (lambda m: m["geometry"]["chunk_rows"].update({LOGITS: 0}), "array 'targets/logits'"),
+    (lambda m: m.update(pipeline={"not json": {1, 2}}), "the manifest: TypeError"),
+], ids=["compression-level", "target-dtype", "chunk-rows-0", "manifest-not-json"])
+def test_overwrite_keeps_the_old_store_when_the_new_one_cannot_be_created(tmp_path: Path, tiny_store: str, edit, match) -> None:
+    """Every array of the new store is built (in memory) before anything of the old one is deleted."""
+    store = tmp_path / TRAIN
+    shutil.copytree(tiny_store, store)
+    manifest = fresh_manifest(store)
+    edit(manifest)
+    before = snapshot(store)
+    with pytest.raises(StoreError, match="nothing was written") as e:
+        create_or_resume(str(store), manifest, overwrite=True)
+    assert match in str(e.value) and f"cannot create a store at {str(store)!r}" in str(e.value)
+    assert snapshot(store) == before
+    assert verify(str(store))["ok"]
+
+
+def test_overwrite_with_a_valid_manifest_still_replaces_the_store(tmp_path: Path, tiny_store: str) -> None:
+    store = tmp_path / TRAIN
+    shutil.copytree(tiny_store, store)
+    fresh = create_or_resume(str(store), fresh_manifest(store), overwrite=True)
+    assert not fresh.done().any() and not (store / LOGITS_SHARD_1).exists()
+
+
+def test_pack_of_a_relative_location_copies_every_object(tmp_path: Path, tiny_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """zarr 3.1 lists the keys of a LocalStore at a relative root like "s" mangled ("progress/done" -> "progresdone"):
+    pack once wrote a zip of only zarr.json and said it packed every object."""
+    shutil.copytree(tiny_store, tmp_path / "s")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["pack", "s", "s.zarr.zip"])
+    assert result.exit_code == 0, result.output
+    assert verify("s.zarr.zip")["ok"]
+    assert sorted(p.relative_to("s").as_posix() for p in Path("s").rglob("*") if p.is_file()) == open_store("s.zarr.zip").object_keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["s", "s.zarr.zip"] or sorted(p.name for p in tmp_path.iterdir()) == ["s", "s.zarr.zip"]
