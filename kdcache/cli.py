@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
+import math
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -21,9 +24,51 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KdcacheError as e:
+            # zarr's reads still running when one failed are dropped at exit; asyncio would report each
+            # ("Task was destroyed but it is pending!") after the one Error line.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _one_line_usage() -> Iterator[None]:
+    """Show a click usage error as one line, ``Error: <message> (see 'kdcache <cmd> --help')``, not usage + hint + error."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # plain ``kdcache``: the help text
+    except click.UsageError as e:
+        if e.ctx is None:
+            raise  # already one line
+        raise click.UsageError(f"{e.format_message().rstrip('.')} (see '{e.ctx.command_path} --help')") from None
+
+
+class _Group(click.Group):
+    """The ``kdcache`` group: every usage error of it and its commands is one line (exit 2)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
+def _not_blank(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A location to write must name something: an empty one would write into the current folder."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(f"{value!r} is empty; name the folder or file to write")
+    return value
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """NaN would pass every comparison (a check that always holds), inf too."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number; use a number >= 0")
+    return value
 
 
 def _load(pipeline: str, overrides: tuple[str, ...], **flags: Any) -> Any:
@@ -73,7 +118,7 @@ def _storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
     return options or None
 
 
-@click.group()
+@click.group(name="kdcache", cls=_Group)
 @click.version_option(package_name="kdcache")
 def main() -> None:
     """Offline knowledge distillation: run the teacher once, train students from its cached outputs."""
@@ -81,7 +126,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
-@click.option("--out", help="Store to write: a folder (by convention ending in .zarr) or an fsspec URL (s3://bucket/run.zarr).")
+@click.option("--out", callback=_not_blank, help="Store to write: a folder (by convention ending in .zarr) or an fsspec URL (s3://bucket/run.zarr).")
 @set_option
 @click.option("--batch-size", type=int, help="Shortcut for --set extract.batch_size=N.")
 @click.option("--device", help="Shortcut for --set extract.device=DEVICE (auto, cpu, cuda, cuda:N).")
@@ -89,7 +134,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a store.")
 @click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--workers", type=int, help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
+@click.option("--workers", type=click.IntRange(min=1), help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", help="Extract on the dask cluster at this scheduler address.")
 @storage_option
 @progress_option
@@ -110,7 +155,7 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
         click.echo(json.dumps(report, indent=2) if as_json else _dry_run_text(report))
         return
     if not out:
-        raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run.")
+        raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run")
     from kdcache.store import open_store
 
     options = _storage_options(storage_items)
@@ -134,15 +179,15 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 
     if workers is not None or scheduler is not None:
         if distributed.ranks()[1] > 1:
-            raise click.UsageError("--workers/--scheduler start dask workers; under torchrun leave them out (the ranks are the workers).")
-        return functools.partial(distributed.extract_distributed, workers=workers or 2, scheduler=scheduler)
+            raise click.UsageError("--workers/--scheduler start dask workers; under torchrun leave them out (the ranks are the workers)")
+        return functools.partial(distributed.extract_distributed, workers=2 if workers is None else workers, scheduler=scheduler)
     return distributed.extract_torchrun if distributed.ranks()[1] > 1 else kdcache.extract
 
 
 @main.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--cache", "cache_location", required=True, help="Store written by kdcache extract (the only source of targets).")
-@click.option("--out", required=True, help="Output folder: student.pt, heads.pt, metrics.jsonl, checkpoint.pt.")
+@click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, checkpoint.pt.")
 @set_option
 @click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
 @click.option("--batch-size", type=int, help="Shortcut for --set train.batch_size=N.")
@@ -161,6 +206,8 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
     """Train the student of PIPELINE from the store CACHE alone (the teacher is never built)."""
     from kdcache.train import train as run_training
 
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in OUT and --overwrite replaces it; pass one of --resume and --overwrite")
     p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.device": device,
                                       "train.eval_cache": eval_cache})
     result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
@@ -176,7 +223,7 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
 
 
 @main.command()
-@click.option("--out", default="runs/demo", show_default=True, help="Folder for the stores, students and summary.json.")
+@click.option("--out", default="runs/demo", show_default=True, callback=_not_blank, help="Folder for the stores, students and summary.json.")
 @set_option
 @progress_option
 @_errors
@@ -205,11 +252,11 @@ def info(store: str, as_json: bool, storage_items: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("store")
-@click.option("--teacher-check", type=int, default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
+@click.option("--teacher-check", type=click.IntRange(min=0), default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
 @click.option("--pipeline", type=click.Path(dir_okay=False), help="Pipeline whose teacher and dataset --teacher-check uses.")
 @set_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed choosing the --teacher-check rows.")
-@click.option("--tolerance", type=float, help="Relative tolerance of --teacher-check (default by precision and dtype).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed choosing the --teacher-check rows.")
+@click.option("--tolerance", type=click.FloatRange(min=0), callback=_finite, help="Relative tolerance of --teacher-check (default by precision and dtype).")
 @json_option
 @storage_option
 @_errors
@@ -219,7 +266,7 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
     from kdcache.verify import report_text, verify as run_verify
 
     if teacher_check and not pipeline:
-        raise click.UsageError("--teacher-check needs --pipeline PIPELINE (the pipeline the store was extracted with).")
+        raise click.UsageError("--teacher-check needs --pipeline PIPELINE (the pipeline the store was extracted with)")
     p = _load(pipeline, overrides) if pipeline else None
     report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
                         seed=seed, tolerance=tolerance)
@@ -230,7 +277,7 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
 
 @main.command()
 @click.argument("store")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False), callback=_not_blank)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @storage_option
 @_errors
@@ -244,7 +291,7 @@ def pack(store: str, out: str, overwrite: bool, storage_items: tuple[str, ...]) 
 
 @main.command("export")
 @click.argument("store")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False), callback=_not_blank)
 @click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @storage_option
@@ -259,7 +306,7 @@ def export(store: str, out: str, compression: str, overwrite: bool, storage_item
 
 @main.command("import")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.argument("store")
+@click.argument("store", callback=_not_blank)
 @click.option("--overwrite", is_flag=True, help="Start afresh even if STORE holds a store.")
 @storage_option
 @_errors
@@ -273,7 +320,7 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
 
 @main.command()
 @click.argument("store")
-@click.option("--workers", type=int, help="dask worker threads (default: one per core).")
+@click.option("--workers", type=click.IntRange(min=1), help="dask worker threads (default: one per core).")
 @json_option
 @storage_option
 @_errors

@@ -55,7 +55,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     del run
     pending = store.pending_shards()
     if pending:
-        with _client(pipeline, workers, scheduler) as client:
+        with _connect(scheduler) if scheduler is not None else _local_cluster(pipeline, workers) as client:
             _run_shards(client, pipeline, store, pending, progress, attempts)
     store.finish()
     return store.info()
@@ -101,15 +101,34 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     bar.close()
 
 
+class SchedulerError(KdcacheError, ConnectionError):
+    """The dask scheduler address does not parse, or no scheduler answers there."""
+
+
 @contextlib.contextmanager
-def _client(pipeline: Pipeline, workers: int, scheduler: str | None) -> Iterator[Any]:
+def _connect(scheduler: str) -> Iterator[Any]:
+    """A client of the dask scheduler at ``scheduler`` (waits ``distributed.comm.timeouts.connect``, 30 s by default)."""
+    from distributed import Client
+
+    local = "or use --workers N for a local cluster"
+    try:
+        client = Client(scheduler)
+    except ValueError as e:
+        raise SchedulerError(f"scheduler address {scheduler!r} is not valid ({e}); "
+                             f"pass the address dask scheduler prints (tcp://HOST:PORT), {local}") from e
+    except OSError as e:
+        raise SchedulerError(f"no dask scheduler answered at {scheduler!r} ({e}); "
+                             f"start one there (dask scheduler --port PORT), {local}") from e
+    with client:
+        yield client
+
+
+@contextlib.contextmanager
+def _local_cluster(pipeline: Pipeline, workers: int) -> Iterator[Any]:
+    """A client of a new LocalCluster: one worker per GPU when the pipeline uses GPUs, else ``workers`` processes."""
     import dask
     from distributed import Client, LocalCluster
 
-    if scheduler:
-        with Client(scheduler) as client:
-            yield client
-        return
     gpus = torch.cuda.device_count() if pipeline.extract.device in ("auto", "cuda") else 0
     n = gpus or workers
     if n < 1:

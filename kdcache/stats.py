@@ -25,7 +25,7 @@ class _Checked:
     an error naming it, never zeros."""
 
     def __init__(self, store: layout.Store, path: str):
-        arr = store.array(path)
+        arr = store.checked_array(path)  # its shape and dtype are the manifest's
         self.store, self.path, self.shape, self.dtype, self.ndim = store, path, arr.shape, arr.dtype, arr.ndim
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -44,7 +44,7 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
     done = [int(s) for s in np.flatnonzero(store.done())]
 
     def column(path: str) -> Any:
-        arr = store.array(path)
+        arr = store.checked_array(path)
         # name=False: a random dask name, nothing of the store hashed
         full = da.from_array(_Checked(store, path), chunks=(int(arr.chunks[0]), *arr.shape[1:]), name=False)
         if len(done) == store.num_shards:
@@ -69,7 +69,7 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
         if t.source and rows:
             v = column(t.path).astype(np.float64)
             lazy[f"mean:{t.name}"], lazy[f"std:{t.name}"] = v.mean(), v.std()
-    with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers else {})):
+    with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers is not None else {})):
         correct, labels_ = lazy.pop("_correct", None), lazy.pop("_labels", None)
         values = dict(zip(lazy, dask.compute(*lazy.values()))) if lazy else {}
         per_class = None

@@ -16,6 +16,7 @@ One shard of one array is in memory at a time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,10 @@ class Check:
 def verify(location: str, *, storage_options: dict[str, Any] | None = None, teacher_check: int = 0, pipeline: Any = None,
            seed: int = 0, tolerance: float | None = None) -> dict[str, Any]:
     """Check the store at ``location``; returns a report whose ``ok`` is true only when every check holds."""
+    if teacher_check < 0 or seed < 0:
+        raise ValueError(f"teacher_check and seed must be >= 0, got {teacher_check} and {seed}")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
     try:
         store = layout.open_store(location, storage_options=storage_options)
     except StoreError as e:

@@ -460,13 +460,20 @@ def check_output(case: Case, code: int, stdout: str, stderr: str) -> None:
         assert fragment in text, f"{case.id}: {fragment!r} not in {text!r}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tmp_path: Path, tiny_store: str) -> None:
+def invoke(case: Case, tmp_path: Path, tiny_store: str) -> tuple[Prepared, Any]:
+    """Prepare ``case`` in ``tmp_path`` and run it through the CLI in this process; a crash fails the test.
+    Returns the prepared case and click's result (the other matrices share this)."""
     run = prepare(case, tmp_path, tiny_store)
     with read_only_dir(tmp_path / "ro") if case.read_only else contextlib.nullcontext():
         result = CliRunner().invoke(main, run.args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         pytest.fail("".join(traceback.format_exception(result.exception)))
+    return run, result
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, tiny_store: str) -> None:
+    run, result = invoke(case, tmp_path, tiny_store)
     check_output(case, result.exit_code, result.stdout, result.stderr)
     run.check_untouched()
 

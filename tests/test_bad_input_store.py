@@ -7,10 +7,8 @@ created, and pack reads a store named by a relative path whole.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,8 +19,7 @@ from kdcache.cli import main
 from kdcache.errors import StoreError
 from kdcache.store import DONE, LOGITS, create_or_resume, open_store
 from kdcache.verify import verify
-from test_bad_input import (LOGITS_SHARD_1, TINY, TRAIN, Case, Ctx, check_output, extract, prepare, read_only_dir, snapshot,
-                            train, truncate)
+from test_bad_input import LOGITS_SHARD_1, TRAIN, Case, Ctx, check_output, extract, invoke, snapshot, train, truncate
 
 OUT = "out"  # export / pack write out.h5 / out.zarr.zip in the case's folder: a failed one leaves nothing named out*
 
@@ -119,11 +116,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_store(case: Case, tmp_path: Path, tiny_store: str) -> None:
-    run = prepare(case, tmp_path, tiny_store)
-    with read_only_dir(tmp_path / "ro") if case.read_only else contextlib.nullcontext():
-        result = CliRunner().invoke(main, run.args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        pytest.fail("".join(traceback.format_exception(result.exception)))
+    run, result = invoke(case, tmp_path, tiny_store)
     check_output(case, result.exit_code, result.stdout, result.stderr)
     run.check_untouched()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(OUT)], "a failed export/pack left a file"

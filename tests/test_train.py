@@ -25,7 +25,7 @@ import kdcache
 import tiny
 from conftest import FIXTURES, TINY_TOML, extract_tiny
 from kdcache import cli, losses, store as layout
-from kdcache.cache import TransferSet, done_rows
+from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError
 from kdcache.train import Run, train
 

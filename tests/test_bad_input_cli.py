@@ -1,0 +1,149 @@
+"""Bad input to the CLI's own options (not the pipeline's), in the matrix's form (see test_bad_input).
+
+Also: every click usage error is one line, ``Error: <message> (see 'kdcache <cmd> --help')``, exit 2;
+and a failed command writes nothing into the current folder (an empty --out once meant "here").
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import traceback
+from pathlib import Path
+
+import dask
+import pytest
+from click.testing import CliRunner
+
+import test_bad_input as matrix
+from kdcache.cli import main
+from test_bad_input import KDCACHE, TINY, Case, Ctx, check_output, extract, invoke, prepare, train, trained
+
+
+def exported(ctx: Ctx) -> Path:
+    """The case's store exported to ``ctx.tmp / "e.h5"`` (a file kdcache import accepts)."""
+    result = CliRunner().invoke(main, ["export", str(ctx.store), str(ctx.tmp / "e.h5")])
+    assert result.exit_code == 0, result.output
+    return ctx.tmp / "e.h5"
+
+
+def teacher_check(ctx: Ctx, *args: str) -> list:
+    return ["verify", ctx.store, "--teacher-check", "3", "--pipeline", TINY, *args]
+
+
+CASES = [
+    # -- --scheduler: the store is created (empty, resumable) before the scheduler is asked for (a refused connection:
+    #    test_scheduler_that_does_not_answer)
+    Case("scheduler-garbage", lambda c: extract("--out", c.new, "--scheduler", "garbage"),
+         ("scheduler address 'garbage' is not valid (missing port number", "tcp://HOST:PORT", "--workers N for a local cluster"),
+         writes=True),
+    Case("scheduler-empty", lambda c: extract("--out", c.new, "--scheduler", ""), ("scheduler address '' is not valid",), writes=True),
+    Case("scheduler-bad-port", lambda c: extract("--out", c.new, "--scheduler", "tcp://127.0.0.1:abc"),
+         ("scheduler address 'tcp://127.0.0.1:abc' is not valid",), writes=True),
+    # -- --workers
+    Case("stats-workers-negative", lambda c: ["stats", c.store, "--workers", "-1"],
+         ("Invalid value for '--workers': -1 is not in the range x>=1", "(see 'kdcache stats --help')"), code=2, store=True),
+    Case("stats-workers-0", lambda c: ["stats", c.store, "--workers", "0"], ("'--workers': 0 is not in the range x>=1",),
+         code=2, store=True),
+    Case("extract-workers-0", lambda c: extract("--out", c.new, "--workers", "0"),
+         ("'--workers': 0 is not in the range x>=1", "(see 'kdcache extract --help')"), code=2),
+    # -- verify's options
+    Case("verify-seed-negative", lambda c: teacher_check(c, "--seed", "-1"), ("'--seed': -1 is not in the range x>=0",),
+         code=2, store=True),
+    Case("verify-tolerance-nan", lambda c: teacher_check(c, "--tolerance", "nan"),
+         ("'--tolerance': nan is not a finite number; use a number >= 0",), code=2, store=True),
+    Case("verify-tolerance-inf", lambda c: teacher_check(c, "--tolerance", "inf"), ("'--tolerance': inf is not a finite number",),
+         code=2, store=True),
+    Case("verify-tolerance-negative", lambda c: teacher_check(c, "--tolerance", "-1"),
+         ("'--tolerance': -1.0 is not in the range x>=0",), code=2, store=True),
+    Case("verify-teacher-check-negative", lambda c: ["verify", c.store, "--teacher-check", "-5", "--pipeline", TINY],
+         ("'--teacher-check': -5 is not in the range x>=0", "(see 'kdcache verify --help')"), code=2, store=True),
+    # -- an empty location to write (it would be the current folder)
+    Case("train-out-empty", lambda c: ["train", TINY, "--cache", c.store, "--out", ""],
+         ("Invalid value for '--out': '' is empty; name the folder or file to write", "(see 'kdcache train --help')"),
+         code=2, store=True),
+    Case("train-out-blank", lambda c: ["train", TINY, "--cache", c.store, "--out", "  "], ("'--out': '  ' is empty",),
+         code=2, store=True),
+    Case("extract-out-empty", lambda c: extract("--out", ""), ("'--out': '' is empty",), code=2),
+    Case("extract-out-blank", lambda c: extract("--out", " "), ("'--out': ' ' is empty",), code=2),
+    Case("demo-out-empty", lambda c: ["demo", "--out", ""], ("'--out': '' is empty", "(see 'kdcache demo --help')"), code=2),
+    Case("pack-out-empty", lambda c: ["pack", c.store, ""], ("Invalid value for 'OUT': '' is empty",), code=2, store=True),
+    Case("export-out-blank", lambda c: ["export", c.store, " "], ("'OUT': ' ' is empty",), code=2, store=True),
+    Case("import-store-empty", lambda c: ["import", c.tmp / "e.h5", ""], ("'STORE': '' is empty", "(see 'kdcache import --help')"),
+         code=2, store=True, prior=exported),
+    # -- train's flags
+    Case("train-resume-and-overwrite", lambda c: train(c, "--resume", "--overwrite"), ("pass one of --resume and --overwrite",),
+         code=2, store=True, prior=trained),
+    # -- click's own usage errors, one line each
+    Case("usage-no-such-command", lambda c: ["extrakt"], ("No such command 'extrakt'", "(see 'kdcache --help')"), code=2),
+    Case("usage-no-such-option", lambda c: extract("--out", c.new, "--batchsize", "4"),
+         ("No such option '--batchsize'. Did you mean '--batch-size'?", "(see 'kdcache extract --help')"), code=2),
+    Case("usage-missing-argument", lambda c: ["extract"], ("Missing argument 'PIPELINE'", "(see 'kdcache extract --help')"), code=2),
+    Case("usage-missing-out", lambda c: extract(), ("Missing option '--out'", "or pass --dry-run (see 'kdcache extract --help')"), code=2),
+]
+# the matrix's usage errors too: with the stricter one-line check below
+CASES += [c for c in matrix.CASES if c.code == 2 and c.id not in {x.id for x in CASES}]
+
+
+def check_one_line(case: Case, code: int, stdout: str, stderr: str) -> None:
+    """check_output, and nothing but the Error line on stderr, even for a usage error (which also names --help)."""
+    check_output(case, code, stdout, stderr)
+    if not case.report:
+        assert stderr.strip().splitlines() == [stderr.strip()], stderr
+    if case.code == 2:
+        assert stderr.strip().endswith(" --help')"), stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_cli(case: Case, tmp_path: Path, tiny_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # an empty location must not mean "here"
+    run, result = invoke(case, tmp_path, tiny_store)
+    check_one_line(case, result.exit_code, result.stdout, result.stderr)
+    run.check_untouched()
+    assert list(cwd.iterdir()) == [], f"{case.id}: a failed command wrote into the current folder"
+
+
+def free_port() -> int:
+    """A local port nothing listens on (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scheduler_that_does_not_answer(tmp_path: Path, tiny_store: str) -> None:
+    """A refused connection is retried until ``distributed.comm.timeouts.connect`` (30 s by default; 1 s here)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    case = Case("scheduler-not-answering", lambda c: extract("--out", c.new, "--scheduler", address),
+                (f"no dask scheduler answered at '{address}' (Timed out trying to connect", "after 1 s",
+                 "start one there (dask scheduler --port PORT), or use --workers N for a local cluster"), writes=True)
+    run = prepare(case, tmp_path, tiny_store)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = CliRunner().invoke(main, run.args)
+    assert not isinstance(result.exception, OSError), "".join(traceback.format_exception(result.exception))
+    check_one_line(case, result.exit_code, result.stdout, result.stderr)
+    run.check_untouched()
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["extract", "--help"], 0), ([], 2)], ids=["help", "extract-help", "no-args"])
+def test_help_is_unchanged(args: list[str], code: int) -> None:
+    """--help, and ``kdcache`` alone (click's help with exit 2), still print the whole help, no Error line."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == code
+    assert result.output.startswith("Usage: ") and "Options:" in result.output and "--help" in result.output, result.output
+    assert "Error" not in result.output
+
+
+@pytest.mark.slow
+def test_one_line_in_a_real_process(tmp_path: Path) -> None:
+    """stderr of a real ``kdcache`` process: the one line, for a usage error and a scheduler address alike."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for args, code, fragment in [(["extract", str(TINY), "--out", ""], 2, "(see 'kdcache extract --help')"),
+                                 (["extract", str(TINY), "--out", str(tmp_path / "s"), "--scheduler", "garbage"], 1, "'garbage'")]:
+        proc = subprocess.run([str(KDCACHE), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+        assert proc.returncode == code and proc.stdout == "", proc.stdout + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], proc.stderr
+    assert list(cwd.iterdir()) == []
