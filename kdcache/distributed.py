@@ -50,6 +50,8 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     """``extract`` with the shards spread over dask workers: a new ``LocalCluster`` (one worker per GPU
     when there are GPUs, otherwise ``workers`` single-threaded processes) or the cluster at ``scheduler``
     (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
+    if scheduler is not None:
+        _check_address(scheduler)  # before the store is created
     run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
     store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
     del run
@@ -105,6 +107,23 @@ class SchedulerError(KdcacheError, ConnectionError):
     """The dask scheduler address does not parse, or no scheduler answers there."""
 
 
+def _check_address(scheduler: str) -> None:
+    """Refuse a scheduler address with no host and port (``inproc://`` addresses name no port and pass)."""
+    from distributed.comm.addressing import get_address_host_port
+
+    if scheduler.startswith("inproc://"):
+        return
+    try:
+        get_address_host_port(scheduler)
+    except ValueError as e:
+        raise _bad_address(scheduler, e) from None
+
+
+def _bad_address(scheduler: str, e: Exception) -> SchedulerError:
+    return SchedulerError(f"scheduler address {scheduler!r} is not valid ({e}); "
+                          "pass the address dask scheduler prints (tcp://HOST:PORT), or use --workers N for a local cluster")
+
+
 @contextlib.contextmanager
 def _connect(scheduler: str) -> Iterator[Any]:
     """A client of the dask scheduler at ``scheduler`` (waits ``distributed.comm.timeouts.connect``, 30 s by default)."""
@@ -114,8 +133,7 @@ def _connect(scheduler: str) -> Iterator[Any]:
     try:
         client = Client(scheduler)
     except ValueError as e:
-        raise SchedulerError(f"scheduler address {scheduler!r} is not valid ({e}); "
-                             f"pass the address dask scheduler prints (tcp://HOST:PORT), {local}") from e
+        raise _bad_address(scheduler, e) from e
     except OSError as e:
         raise SchedulerError(f"no dask scheduler answered at {scheduler!r} ({e}); "
                              f"start one there (dask scheduler --port PORT), {local}") from e
