@@ -100,7 +100,8 @@ def _layout(store: layout.Store) -> Check:
         try:
             arr = store.array(path)
         except (KeyError, FileNotFoundError, ValueError) as e:
-            check.fail(f"{path}: missing ({type(e).__name__})")
+            present = store.raw_object(f"{path}/zarr.json") is not None
+            check.fail(f"{path}: {path}/zarr.json is not valid zarr metadata" if present else f"{path}: missing ({type(e).__name__})")
             continue
         if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
             check.fail(f"{path}: is {list(arr.shape)} {arr.dtype}, the manifest says {list(shape)} {dtype}")

@@ -82,7 +82,7 @@ CASES = [
     *[Case(f"{verb}-array-meta-not-json", args, (*BAD_LOGITS_META, "Expecting property name"), store=True,
            damage=write(LOGITS_META, "{bad"))
       for verb, args in (("info", info), ("train", train), ("stats", stats), ("export", export), ("pack", pack), ("extract-resume", resume))],
-    Case("verify-array-meta-not-json", verify_cli, ("targets/logits: missing",), store=True, report=True,
+    Case("verify-array-meta-not-json", verify_cli, ("targets/logits: targets/logits/zarr.json is not valid zarr metadata",), store=True, report=True,
          damage=write(LOGITS_META, "{bad")),
     Case("info-array-meta-list", info, (*BAD_LOGITS_META, "it holds [], not a JSON object"), store=True, damage=write(LOGITS_META, "[]")),
     Case("train-array-meta-list", train, BAD_LOGITS_META, store=True, damage=write(LOGITS_META, "[]")),
