@@ -728,11 +728,7 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except (FileNotFoundError, *BAD_METADATA) as e:
         raise StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None
-    store = Store(group, location, writable=mode != "r", storage_options=storage_options)
-    # Read the done markers once now: a damaged one is refused at open (so kdcache verify reports it as its
-    # "open" check); a read-only store's read() keeps this snapshot, as it would its own first reading.
-    store._done = store.done()
-    return store
+    return Store(group, location, writable=mode != "r", storage_options=storage_options)
 
 
 def _metadata_problem(target: Any, key: str, e: Exception) -> str:
