@@ -153,14 +153,14 @@ CHOICES = {
     ("train", "schedule"): ("cosine", "constant"),
 }
 FRACTIONS = {("train", "fingerprint_check"), ("train", "fingerprint_recheck")}
-_PROCESSES = max(64, 4 * CORES)  # threads or worker processes: more is a typo, and hangs or exhausts the machine
+# Threads or worker processes beyond this are a typo, and hang or exhaust the machine.
+_THREADS = (max(64, 4 * CORES), f"use at most the number of cores ({CORES} here), or 0 for torch's default")
+_WORKERS = (max(64, 4 * CORES), f"a few per core is plenty ({CORES} cores here); 0 loads in the main process")
 LIMITS = {  # upper bounds (inclusive), with what to use instead
     ("extract", "compression_level"): (22, "zstd levels run from 0 (zstd's default, 3) to 22; 1 is fast, 3-5 smaller"),
     ("extract", "shard_mb"): (4096, "the writer holds a shard in memory until it is complete; 64 is the default"),
-    ("extract", "threads"): (_PROCESSES, f"use at most the number of cores ({CORES} here), or 0 for torch's default"),
-    ("train", "threads"): (_PROCESSES, f"use at most the number of cores ({CORES} here), or 0 for torch's default"),
-    ("extract", "num_workers"): (_PROCESSES, f"a few per core is plenty ({CORES} cores here); 0 loads in the main process"),
-    ("train", "num_workers"): (_PROCESSES, f"a few per core is plenty ({CORES} cores here); 0 loads in the main process"),
+    ("extract", "threads"): _THREADS, ("train", "threads"): _THREADS,
+    ("extract", "num_workers"): _WORKERS, ("train", "num_workers"): _WORKERS,
     ("train", "loss", "temperature"): (1000.0, "use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)"),
 }
 FLOAT32_MAX = 3.4028234663852886e38  # torch computes in float32: a larger value overflows
