@@ -215,13 +215,13 @@ class Store:
         ``array()``: kdcache verify's layout check opens the arrays and reports such a mismatch itself."""
         array = self.array(path)
         if path not in self._layout_checked:
-            shape, dtype = self._expected(path)
+            shape, dtype = self.expected(path)
             if tuple(array.shape) != shape or str(array.dtype) != dtype:
                 raise self._bad_metadata(path, f"it says {list(array.shape)} {array.dtype}, the manifest says {list(shape)} {dtype}")
             self._layout_checked.add(path)
         return array
 
-    def _expected(self, path: str) -> tuple[tuple[int, ...], str]:
+    def expected(self, path: str) -> tuple[tuple[int, ...], str]:
         """Shape and dtype the manifest gives the data array at ``path``."""
         n = self.num_samples
         targets = {t.path: t for t in self.targets.values()}

@@ -95,9 +95,8 @@ def _completeness(store: layout.Store) -> Check:
 def _layout(store: layout.Store) -> Check:
     check = Check("layout", f"{len(store.paths())} data arrays + {layout.DONE}")
     rows, chunk_rows = store.rows_per_shard, store.manifest["geometry"]["chunk_rows"]
-    want = {p: ((store.num_samples,), "int64" if p != layout.FINGERPRINT else "uint64") for p in store.sample_paths()}
-    want |= {t.path: ((store.num_samples, *t.shape), t.dtype) for t in store.targets.values()}
-    for path, (shape, dtype) in want.items():
+    for path in store.paths():
+        shape, dtype = store.expected(path)
         try:
             arr = store.array(path)
         except (KeyError, FileNotFoundError, ValueError) as e:
