@@ -66,6 +66,7 @@ class TransferSet(IterableDataset):
         self.streams, self.stream = max(1, streams), stream  # see _stream_steps
         self.rows_per_shard = store.rows_per_shard
         self.rows = np.asarray(rows if rows is not None else done_rows(store), dtype=np.int64)
+        self.groups = ShardGroups.of(self.rows, self.rows_per_shard)
         self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent DataLoader workers see set_epoch
         self.first_epoch: int | None = None  # the first epoch set: its rows are checked at fingerprint_check
         row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
@@ -89,40 +90,35 @@ class TransferSet(IterableDataset):
         return self.fingerprint_check if self.first_epoch in (None, self.epoch) else self.fingerprint_recheck
 
     # -- the plan: which rows, in which buffers, in which order -----------------------------
-    def plan(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's buffers: arrays of store rows, in the order they are served.
+    def plan(self, epoch: int) -> Iterator[np.ndarray]:
+        """The epoch's buffers, made one at a time: arrays of store rows, in the order they are served.
 
         Deterministic in ``(seed, epoch)``: a resumed or repeated epoch sees the same batches.
+        Streaming, the shards are drawn in a seeded order, ``buffer_shards`` at a time; a buffer is the
+        rows of its shards in the rows' own order, then permuted. Only the buffer being made is held:
+        memory grows with the number of shards, not of rows (beyond ``rows`` itself).
         """
         rng = np.random.default_rng([self.seed, epoch])
         if self.in_memory:  # pieces of whole batches, so DataLoader workers can share the epoch
             order = rng.permutation(self.rows) if self.shuffle else self.rows
-            return [order[i : i + self._piece] for i in range(0, len(order), self._piece)]
-        buffer = self._buffer_of_rows(rng)
-        if not len(buffer):
-            return []
-        # Rows grouped by buffer, each group in the rows' own order, then shuffled: one stable sort
-        # (a scan of every row per buffer was quadratic: 2.4 s per plan at 1.28M rows).
-        ends = np.cumsum(np.bincount(buffer))[:-1]
-        return [rng.permutation(rows) if self.shuffle else rows for rows in np.split(self.rows[np.argsort(buffer, kind="stable")], ends)]
+            yield from (order[i : i + self._piece] for i in range(0, len(order), self._piece))
+            return
+        shards = self._shard_order(rng)
+        for i in range(0, len(shards), self.buffer_shards):
+            rows = self.groups.rows_of(shards[i : i + self.buffer_shards])
+            yield rng.permutation(rows) if self.shuffle else rows
 
-    def _buffer_of_rows(self, rng: np.random.Generator) -> np.ndarray:
-        """Streaming: each row's buffer in the epoch whose generator is ``rng`` (its shard order drawn first);
-        buffer i holds the shards at places i*b .. (i+1)*b - 1 of that order."""
-        shard = self.rows // self.rows_per_shard
-        present = np.bincount(shard) > 0  # np.unique(shard, return_inverse=True) without its sort
-        shards, shard_of = np.flatnonzero(present), (np.cumsum(present) - 1)[shard]
-        order = rng.permutation(len(shards)) if self.shuffle else np.arange(len(shards))
-        buffer_of = np.empty(len(shards), dtype=np.int64)
-        buffer_of[order] = np.arange(len(shards)) // self.buffer_shards
-        return buffer_of[shard_of]
+    def _shard_order(self, rng: np.random.Generator) -> np.ndarray:
+        """Streaming: the epoch's order of the shards ``rows`` touch (indices into ``groups.shards``), drawn first."""
+        n = len(self.groups.shards)
+        return rng.permutation(n) if self.shuffle else np.arange(n)
 
     def buffer_sizes(self, epoch: int) -> list[int]:
-        """``[len(b) for b in plan(epoch)]``, without drawing or shuffling the rows."""
+        """``[len(b) for b in plan(epoch)]``, without making the buffers."""
         if self.in_memory:
             return [min(self._piece, len(self.rows) - i) for i in range(0, len(self.rows), self._piece)]
-        buffer = self._buffer_of_rows(np.random.default_rng([self.seed, epoch]))
-        return np.bincount(buffer).tolist() if len(buffer) else []
+        counts = np.diff(self.groups.bounds)[self._shard_order(np.random.default_rng([self.seed, epoch]))]
+        return np.add.reduceat(counts, np.arange(0, len(counts), self.buffer_shards)).tolist() if len(counts) else []
 
     @property
     def _piece(self) -> int:
@@ -152,7 +148,7 @@ class TransferSet(IterableDataset):
         k, me = (worker.num_workers, worker.id) if worker else (1, 0)
         check = Check(fraction, np.random.default_rng([self.seed, epoch, 1, me]))
         if self.streams > 1:
-            yield from self._stream_steps(self.plan(epoch), k, me, check)
+            yield from self._stream_steps(epoch, k, me, check)
             return
         for i, rows in enumerate(self.plan(epoch)):
             if i % k != me:
@@ -173,16 +169,31 @@ class TransferSet(IterableDataset):
                 out[i % self.streams].append((i, lo, min(lo + self.batch_size, size)))
         return out
 
-    def _stream_steps(self, plan: list[np.ndarray], k: int, me: int, check: Check) -> Iterator[dict[str, Any]]:
+    def _stream_steps(self, epoch: int, k: int, me: int, check: Check) -> Iterator[dict[str, Any]]:
         """``streams > 1``: step j is batch j of every stream. ``stream=None`` (one process) joins them into one
         batch; ``stream=r`` (torchrun rank r) serves only its own, reading only its own buffers, with
         ``scale = streams * rows / rows of the whole step``: the mean of the ranks' gradients of their scaled
         losses is then the gradient of the joined batch's loss, and ``share = rows / rows of the whole step``
-        weighs its loss in the step's logged mean. A stream that has run out serves one row with scale and
-        share 0 (every rank takes part in every step). DataLoader worker ``me`` of ``k`` takes steps me, me+k, ..."""
-        streams = self._streams([len(rows) for rows in plan])
+        weighs its loss in the step's logged mean. A stream that has run out serves one row (the plan's first)
+        with scale and share 0 (every rank takes part in every step). DataLoader worker ``me`` of ``k`` takes
+        steps me, me+k, ..."""
+        streams = self._streams(self.buffer_sizes(epoch))
         mine = range(self.streams) if self.stream is None else [self.stream]
-        current: dict[int, tuple[int, dict[str, np.ndarray]]] = {}  # stream -> (buffer, its columns)
+        made = enumerate(self.plan(epoch))
+        held: dict[int, np.ndarray] = {}  # buffers made before their stream's turn (this process's streams only)
+        first: list[np.ndarray] = []  # the plan's first row
+
+        def make(until: int) -> None:
+            for i, rows in made:  # resumes where the last call stopped
+                if i == 0:
+                    first.append(rows[:1])
+                if i % self.streams in mine:
+                    held[i] = rows
+                if i >= until:
+                    return
+
+        current: dict[int, tuple[int, np.ndarray, dict[str, np.ndarray]]] = {}  # stream -> (buffer, its rows, its columns)
+        filler: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
         for j in range(me, max(len(s) for s in streams), k):
             total = sum(s[j][2] - s[j][1] for s in streams if j < len(s))
             parts = []
@@ -190,11 +201,19 @@ class TransferSet(IterableDataset):
                 if j < len(streams[s]):
                     i, lo, hi = streams[s][j]
                     if current.get(s, (-1,))[0] != i:
-                        current[s] = (i, self._read(plan[i]))
-                    parts.append((plan[i][lo:hi], {p: c[lo:hi] for p, c in current[s][1].items()}))
+                        if i not in held:
+                            make(i)
+                        rows = held.pop(i)
+                        current[s] = (i, rows, self._read(rows))
+                    _, rows, columns = current[s]
+                    parts.append((rows[lo:hi], {p: c[lo:hi] for p, c in columns.items()}))
             share = sum(len(r) for r, _ in parts) / total  # of the step's rows; 1 when the streams are joined
             if not parts:
-                parts = [(plan[0][:1], self._read(plan[0][:1]))]
+                if filler is None:
+                    if not first:
+                        make(0)
+                    filler = (first[0], self._read(first[0]))
+                parts = [filler]
             rows = np.concatenate([r for r, _ in parts])
             batch = self._batch(rows, {p: np.concatenate([c[p] for _, c in parts]) for p in self.paths}, check)
             yield {**batch, "scale": 1.0 if self.stream is None else self.streams * share, "share": share}
@@ -254,6 +273,33 @@ class Check(NamedTuple):
 
     fraction: float
     rng: np.random.Generator
+
+
+class ShardGroups(NamedTuple):
+    """Rows grouped by shard, made once per reader so that an epoch's plan never sorts every row:
+    ``shards`` are the shards the rows touch (ascending), shard ``shards[g]``'s rows are
+    ``rows[order[bounds[g]:bounds[g + 1]]]`` in the rows' own order (``order`` None: ``rows`` is
+    already grouped by ascending shard, as ``done_rows`` and a sorted subset are; no copy is made)."""
+
+    rows: np.ndarray
+    order: np.ndarray | None
+    shards: np.ndarray
+    bounds: np.ndarray
+
+    @staticmethod
+    def of(rows: np.ndarray, rows_per_shard: int) -> ShardGroups:
+        shard = rows // rows_per_shard
+        order = None if bool(np.all(shard[1:] >= shard[:-1])) else np.argsort(shard, kind="stable")
+        grouped = shard if order is None else shard[order]
+        starts = np.flatnonzero(np.diff(grouped, prepend=-1)) if len(rows) else np.zeros(0, dtype=np.int64)
+        return ShardGroups(rows, order, grouped[starts], np.append(starts, len(rows)))
+
+    def rows_of(self, groups: np.ndarray) -> np.ndarray:
+        """The rows of the shards ``self.shards[groups]`` together, in the rows' own order."""
+        spans = [slice(self.bounds[g], self.bounds[g + 1]) for g in np.sort(groups)]
+        if self.order is None:  # ascending groups of grouped rows: already in the rows' own order
+            return np.concatenate([self.rows[span] for span in spans]) if spans else self.rows[:0]
+        return self.rows[np.sort(np.concatenate([self.order[span] for span in spans]))] if spans else self.rows[:0]
 
 
 def done_rows(store: layout.Store) -> np.ndarray:

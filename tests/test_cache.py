@@ -13,6 +13,7 @@ import re
 import shutil
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from kdcache import store as layout
-from kdcache.cache import TransferSet, done_rows
+from kdcache.cache import Check, ShardGroups, TransferSet, done_rows
 from kdcache.data import Prefetch
 from kdcache.errors import AlignmentError, StoreError
 from numbered import Numbered
@@ -119,7 +120,7 @@ def streaming_reader(rows: np.ndarray, rows_per_shard: int, buffer_shards: int, 
     """A TransferSet's planning state alone (no store): plan() reads nothing else."""
     ts = TransferSet.__new__(TransferSet)
     ts.rows, ts.rows_per_shard, ts.buffer_shards, ts.shuffle, ts.seed = rows, rows_per_shard, buffer_shards, shuffle, seed
-    ts.in_memory = False
+    ts.in_memory, ts.groups = False, ShardGroups.of(rows, rows_per_shard)
     return ts
 
 
@@ -130,7 +131,7 @@ def test_streaming_plan_equals_its_specification_for_any_rows():
         rows = [np.arange(n), np.sort(rng.permutation(n)[: n // 2]), rng.permutation(n)[: n // 2]][trial % 3].astype(np.int64)
         shuffle, seed, epoch = bool(trial % 2), trial, int(rng.integers(0, 5))
         reader = streaming_reader(rows, rows_per_shard, buffer_shards, shuffle, seed)
-        plan = reader.plan(epoch)
+        plan = list(reader.plan(epoch))
         expected = reference_plan(rows, rows_per_shard, buffer_shards, shuffle, seed, epoch)
         assert len(plan) == len(expected), (trial, n)
         for got, want in zip(plan, expected):
@@ -147,7 +148,7 @@ def test_streaming_plan_time_grows_linearly_with_rows():
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
-            ts.plan(0)
+            list(ts.plan(0))
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -155,10 +156,67 @@ def test_streaming_plan_time_grows_linearly_with_rows():
     assert large / small < 32, f"plan time grew {large / small:.1f}x for 8x the rows ({small:.4f} s -> {large:.4f} s)"
 
 
+def reference_stream_steps(plan: list[np.ndarray], streams: int, stream: int | None, batch: int, drop_last: bool,
+                           k: int, me: int) -> list[tuple[list[int], float]]:
+    """Each step's rows and share as specified, from the whole plan: buffer i goes to stream i % streams, step j
+    is batch j of every stream (joined, or stream ``stream``'s alone, else the plan's first row with share 0);
+    DataLoader worker ``me`` of ``k`` serves steps me, me + k, ..."""
+    batches: list[list[np.ndarray]] = [[] for _ in range(streams)]
+    for i, rows in enumerate(plan):
+        for lo in range(0, len(rows), batch):
+            if not (drop_last and lo + batch > len(rows)):
+                batches[i % streams].append(rows[lo : lo + batch])
+    steps = []
+    for j in range(me, max(len(b) for b in batches), k):
+        parts = [b[j] for b in batches if j < len(b)]
+        own = parts if stream is None else [batches[stream][j]] if j < len(batches[stream]) else []
+        share = sum(map(len, own)) / sum(map(len, parts))
+        steps.append(([int(r) for p in own for r in p] if own else [int(plan[0][0])], share))
+    return steps
+
+
+@pytest.mark.parametrize("subset", [False, True], ids=["all", "subset"])
+def test_stream_steps_follow_the_whole_plan(numbered_store, subset):
+    """Streams make the plan's buffers one at a time, in order; what each stream (or the joined streams) serves
+    at each step must be what the whole plan specifies, for every rank and DataLoader worker."""
+    rng = np.random.default_rng(5)
+    for trial in range(12):
+        streams, buffer_shards, drop_last = int(rng.integers(2, 5)), int(rng.integers(1, 3)), bool(trial % 2)
+        batch, k = int(rng.integers(3, 12)), 1 + trial % 3
+        kw = dict(seed=trial, memory_budget_mb=0, buffer_shards=buffer_shards, drop_last=drop_last, batch_size=batch,
+                  rows=SUBSET if subset else None, fingerprint_check=0.5)
+        for stream in [None, *range(streams)]:
+            ts = transfer(numbered_store, streams=streams, stream=stream, **kw)
+            plan = list(ts.plan(trial))
+            for me in range(k):
+                steps = list(ts._stream_steps(trial, k, me, Check(0.5, np.random.default_rng(0))))
+                want = reference_stream_steps(plan, streams, stream, batch, drop_last, k, me)
+                assert [(b["rows"].tolist(), b["share"]) for b in steps] == want, (trial, stream, me)
+                for b in steps:
+                    check_aligned(b)
+                    assert b["scale"] == (1.0 if stream is None else streams * b["share"])
+
+
+def test_streaming_plan_memory_is_one_buffer_not_every_row():
+    """An epoch's plan is made buffer by buffer: a sort of every row per epoch cost 24 bytes per row
+    (240 MB per DataLoader worker at 10M rows); now the peak is a buffer and the shard order."""
+    n, rows_per_shard, buffer_shards = 1_000_000, 1000, 4
+    ts = streaming_reader(np.arange(n, dtype=np.int64), rows_per_shard, buffer_shards, True, 0)
+    tracemalloc.start()
+    try:
+        served = sum(len(rows) for rows in ts.plan(3))
+        sizes = ts.buffer_sizes(3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert served == n and sum(sizes) == n and len(sizes) == n // (rows_per_shard * buffer_shards)
+    assert peak < 2 * 2**20, f"making a plan of {n} rows peaked at {peak / n:.1f} bytes per row"
+
+
 @pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
 def test_reversed_dataset_is_an_alignment_error_naming_row_and_index(numbered_store, budget):
     ts = transfer(numbered_store, Numbered(N, order=list(range(N))[::-1]), seed=1, memory_budget_mb=budget, buffer_shards=2)
-    first = ts.plan(0)[0][0]  # the first row served is the first one checked
+    first = next(ts.plan(0))[0]  # the first row served is the first one checked
     with pytest.raises(AlignmentError, match=rf"store row {first} \(dataset index {first}\)"):
         serve(ts, 0)
 
