@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 import harness

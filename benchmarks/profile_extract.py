@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch.utils.data import DataLoader
 
 import harness
