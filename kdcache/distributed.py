@@ -53,13 +53,15 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     if scheduler is not None:
         _check_address(scheduler)  # before the store is created
     run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
-    store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
+    manifest = run.manifest(pipeline)
     del run
-    pending = store.pending_shards()
-    if pending:
-        with _connect(scheduler) if scheduler is not None else _local_cluster(pipeline, workers) as client:
-            _run_shards(client, pipeline, store, pending, progress, attempts)
-    store.finish()
+    with layout.writer_lock(out):  # held by the driver for the whole job: its workers write, no other job does
+        store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
+        pending = store.pending_shards()
+        if pending:
+            with _connect(scheduler) if scheduler is not None else _local_cluster(pipeline, workers) as client:
+                _run_shards(client, pipeline, store, pending, progress, attempts)
+        store.finish()
     return store.info()
 
 
@@ -221,11 +223,12 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
 
     rank, world, local = ranks()
     pipeline = _on_device(pipeline, local)
-    with process_group():
+    with process_group(), contextlib.ExitStack() as lock:
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
         shared: list[Any] = [None]
         if rank == 0:
             try:
+                lock.enter_context(layout.writer_lock(out))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
                 shared[0] = store.pending_shards()
             except KdcacheError as e:

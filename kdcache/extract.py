@@ -47,12 +47,14 @@ def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: 
     made from different inputs unless ``overwrite``. Returns the store's ``info()``.
     """
     run = setup(pipeline)
-    store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
-    pending = store.pending_shards()
-    bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)
-    extract_shards(run, pipeline, store, pending, bar)
-    bar.close()
-    store.finish()
+    manifest = run.manifest(pipeline)
+    with layout.writer_lock(out):  # one writer per store
+        store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
+        pending = store.pending_shards()
+        bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)
+        extract_shards(run, pipeline, store, pending, bar)
+        bar.close()
+        store.finish()
     return store.info()
 
 

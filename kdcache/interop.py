@@ -105,20 +105,21 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
                              f"version {layout.FORMAT_VERSION}: upgrade kdcache")
         layout.check_manifest(manifest, source)
         fresh = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "completed")}
-        store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options)
-        for path in store.paths() + [layout.DONE]:
-            want = store.array(path)
-            ds = f.get(path)
-            if ds is None or not hasattr(ds, "shape") or tuple(ds.shape) != tuple(want.shape) or ds.dtype != want.dtype:
-                seen = "missing" if ds is None else f"{getattr(ds, 'shape', '?')} {getattr(ds, 'dtype', '?')}"
-                raise StoreError(f"{source!r}: dataset {path!r} is {seen}, the manifest says {tuple(want.shape)} {want.dtype}")
-        done = f[layout.DONE][:]
-        for shard in store.pending_shards():
-            if not done[shard]:
-                continue  # not done in the source either: stays not done here
-            start, stop = store.shard_rows(shard)
-            store.write_shard(shard, {path: f[path][start:stop] for path in store.paths()})
-    store.finish()
+        with layout.writer_lock(location):  # one writer per store
+            store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options)
+            for path in store.paths() + [layout.DONE]:
+                want = store.array(path)
+                ds = f.get(path)
+                if ds is None or not hasattr(ds, "shape") or tuple(ds.shape) != tuple(want.shape) or ds.dtype != want.dtype:
+                    seen = "missing" if ds is None else f"{getattr(ds, 'shape', '?')} {getattr(ds, 'dtype', '?')}"
+                    raise StoreError(f"{source!r}: dataset {path!r} is {seen}, the manifest says {tuple(want.shape)} {want.dtype}")
+            done = f[layout.DONE][:]
+            for shard in store.pending_shards():
+                if not done[shard]:
+                    continue  # not done in the source either: stays not done here
+                start, stop = store.shard_rows(shard)
+                store.write_shard(shard, {path: f[path][start:stop] for path in store.paths()})
+            store.finish()
     return store.info()
 
 

@@ -8,11 +8,14 @@ that same row grid, so a shard is written whole, by one writer, and only then ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import math
 import os
 import re
+import socket
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +29,11 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
 from kdcache.errors import StoreError, StoreMismatchError, write_fix
+
+try:
+    import fcntl
+except ImportError:  # Windows: stores are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -838,6 +846,52 @@ IDENTITY = {
     "geometry": "chunk/shard geometry",
     "compression": "compression",
 }
+
+
+@contextlib.contextmanager
+def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
+    """Be the only process writing the local store at ``location`` while the block runs.
+
+    Two writers of one store at once (a forgotten job, a scheduler's retry while the first still runs)
+    would interleave their shards, and an ``--overwrite`` from another teacher would leave a store
+    whose manifest names one teacher while some shards hold another's targets, and that verifies.
+    The lock is ``flock`` on ``.NAME.kdcache-lock`` beside the store (not in it: ``--overwrite``
+    empties the store's folder), released when the block ends or the process dies; the file names
+    its holder and is removed at the end. Object stores and zip files are not locked (FORMAT.md §13).
+    """
+    if location_kind(str(location)) != "local" or fcntl is None:
+        yield
+        return
+    root = Path(_local_path(str(location))).absolute()
+    path = root.parent / f".{root.name}.kdcache-lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
+                os.close(fd)
+                raise StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, "
+                                 "then rerun (nothing was changed)") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break  # still the file at that path: the lock is ours
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # removed by the last holder after we opened it: lock the file there now
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+    except OSError as e:
+        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(root.parent)!r} is a folder"
+        raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # before the lock is released: a waiter that opened it sees another inode and retries
+        os.close(fd)
 
 
 def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False,

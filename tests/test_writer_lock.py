@@ -1,0 +1,131 @@
+"""One writer per local store: a second ``extract`` / ``import`` of a store being written is refused.
+
+Before the lock, ``kdcache extract --overwrite`` with another teacher, run while the first extract
+still ran, ended with a store whose manifest named the second teacher while 96 of its 240 rows held
+the first's targets, and ``kdcache verify`` passed it. The lock is ``flock`` on a file beside the
+store (FORMAT.md §13), so it holds across processes and dies with its holder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kdcache import store as layout
+from kdcache.cli import main
+from kdcache.store import open_store, writer_lock
+from reference import FIXTURES, file_bytes, read_store, without_times, write_toml
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def lock_file(store: Path) -> Path:
+    return store.parent / f".{store.name}.kdcache-lock"
+
+
+def assert_refused(result, store: Path, holder: str) -> None:
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert f"{str(store)!r} is being written by {holder}" in lines[0] and "nothing was changed" in lines[0], lines[0]
+
+
+def shards_done(location: Path) -> int:
+    try:
+        return int(open_store(location).done().sum())
+    except Exception:  # not created yet, or its manifest not yet written
+        return 0
+
+
+@pytest.mark.slow
+def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env):
+    """A real ``kdcache extract`` (240 slow samples) holds the lock; ``--overwrite`` with another teacher, and
+    the same command again, are refused while it runs; the first run's store equals an undisturbed one."""
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    out, reference = tmp_path / "s.zarr", tmp_path / "reference.zarr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(out), "--no-progress"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while shards_done(out) < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert first.poll() is None and lock_file(out).exists(), "the first run ended too soon to be interrupted"
+        holder = f"kdcache pid {first.pid} on "
+        zoo_env(N=240, SEED=1)  # another teacher
+        assert_refused(invoke("extract", toml, "--out", out, "--overwrite"), out, holder)
+        zoo_env(SEED=None)
+        assert_refused(invoke("extract", toml, "--out", out), out, holder)
+        assert_refused(invoke("extract", toml, "--out", out, "--workers", 2), out, holder)  # dask's driver takes it too
+        assert first.wait(timeout=120) == 0, first.stderr.read().decode()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not lock_file(out).exists(), "the lock file is removed when its holder ends"
+
+    assert invoke("extract", toml, "--out", reference).exit_code == 0
+    got_manifest, got = read_store(out)
+    want_manifest, want = read_store(reference)
+    assert without_times(got_manifest) == without_times(want_manifest)
+    assert file_bytes(out) == file_bytes(reference), "every shard is the first run's own"
+
+    result = invoke("extract", toml, "--out", out, "--overwrite")  # the lock was released: allowed now
+    assert result.exit_code == 0, result.output
+
+
+def test_import_and_extract_are_refused_while_another_holds_the_lock(tiny_store, tmp_path):
+    h5, copy = tmp_path / "t.h5", tmp_path / "copy.zarr"
+    assert invoke("export", tiny_store, h5).exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom kdcache.store import writer_lock\n"
+                               "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)", str(copy)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert_refused(invoke("import", h5, copy), copy, f"kdcache pid {holder.pid} on ")
+        assert not copy.exists(), "a refused import writes nothing"
+        holder.send_signal(signal.SIGKILL)  # a holder that dies leaves its lock file, but not its lock
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert lock_file(copy).exists()
+    result = invoke("import", h5, copy)
+    assert result.exit_code == 0, result.output
+    assert not lock_file(copy).exists(), "a stale lock file is taken over and removed"
+    _, arrays = read_store(copy)
+    _, original = read_store(Path(tiny_store))
+    assert arrays.keys() == original.keys() and all((arrays[k] == original[k]).all() for k in arrays)
+
+
+def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
+    a, b = tmp_path / "a.zarr", tmp_path / "runs" / "b.zarr"
+    with writer_lock(a), writer_lock(b):  # two stores: independent locks; a missing parent folder is made
+        assert lock_file(a).read_text().startswith(f"kdcache pid {os.getpid()} on ")
+        assert lock_file(b).exists()
+        with pytest.raises(layout.StoreError, match=r"is being written by kdcache pid \d+ on .*then rerun \(nothing was changed\)"):
+            with writer_lock(str(a)):  # the same store, another open of the lock file: refused (flock is per open file)
+                pass
+    assert not lock_file(a).exists() and not lock_file(b).exists()
+    with writer_lock(a):
+        pass
+    with writer_lock("s3://bucket/x.zarr"), writer_lock(tmp_path / "x.zarr.zip"):  # object stores and zips: no lock
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(layout.StoreError, match=r"cannot lock .*s\.zarr' for writing: its lock file .*file/\.s\.zarr\.kdcache-lock': .*; choose an --out whose parent .*file' is a folder and rerun"):
+        with writer_lock(tmp_path / "file" / "s.zarr"):
+            pass
+    result = invoke("extract", FIXTURES / "tiny.toml", "--out", tmp_path / "file" / "s.zarr")  # through the CLI: one line, exit 1
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "lock file" in result.output, result.output
