@@ -22,7 +22,7 @@ import kdcache
 from kdcache.cli import main
 from kdcache.distributed import extract_distributed
 from kdcache.errors import StoreError
-from kdcache.store import open_store
+from kdcache.store import open_store, writer_lock
 from reference import make_pipeline, without_times, write_toml
 
 pytest.importorskip("distributed")
@@ -164,6 +164,13 @@ def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, t
     r = _torchrun("extract", toml, "--out", fresh, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("progress") == 1  # only rank 0 reports
+    assert_same_store(fresh, single)
+
+    with writer_lock(fresh):  # another job writing it: rank 0 is refused, and every rank stops (none waits)
+        r = _torchrun("extract", toml, "--out", fresh, "--overwrite", cwd=tmp_path)
+    assert r.returncode != 0 and f"is being written by kdcache pid {os.getpid()} on " in r.stderr, r.stderr[-3000:]
+    ours = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(ours) == 2 and "/kdcache/" not in r.stderr  # one line per rank, no kdcache frame (torchrun adds its own summary)
     assert_same_store(fresh, single)
 
     partial = str(tmp_path / "partial.zarr")  # a partial single-process store, finished by 2 ranks
