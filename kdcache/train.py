@@ -8,6 +8,7 @@ input fingerprint checked (``kdcache.cache``). Output folder: ``student.pt`` (st
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -61,39 +62,40 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
     state = {"epoch": 0, "step": 0}
-    if resume:
-        state = _load_checkpoint(out, run, optimizer, schedule)
-        _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
-    evaluate = _evaluator(pipeline, run, device, storage_options)
-    if rank == 0:
-        _prepare_out(out, pipeline, resume)  # only now: a run that fails to start leaves OUT as it was
-    start = time.perf_counter()
-    # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
-    # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
-    # per-batch bookkeeping (a profiler record per batch, ~5 % of a tiny student's epoch).
-    loader: Any = transfer
-    if t.num_workers > 0 or device.type != "cpu":
-        loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=t.num_workers > 0)
-    with data.torch_threads(t.threads):
-        batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
-        while state["step"] < total_steps:
-            steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
-            bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
-            means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
-            _check_finite(means, state, out)
-            due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
-            metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
-                       **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
-            state["epoch"] += 1
-            rng = torch.get_rng_state()  # before the next epoch's loader draws its seed: what a resume restores
-            if state["step"] < total_steps:  # its first batches are made while this epoch is saved
-                batches = _start_epoch(transfer, loader, state["epoch"])
-            if rank == 0:
-                _save_epoch(out, run, optimizer, schedule, state, metrics, rng)
-    if rank == 0:
-        _save(run.student.state_dict(), out / "student.pt")
-        _save(run.heads.state_dict(), out / "heads.pt")
+    with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
+        if resume:
+            state = _load_checkpoint(out, run, optimizer, schedule)
+            _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
+        evaluate = _evaluator(pipeline, run, device, storage_options)
+        if rank == 0:
+            _prepare_out(out, pipeline, resume)  # only now: a run that fails to start leaves OUT as it was
+        start = time.perf_counter()
+        # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
+        # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
+        # per-batch bookkeeping (a profiler record per batch, ~5 % of a tiny student's epoch).
+        loader: Any = transfer
+        if t.num_workers > 0 or device.type != "cpu":
+            loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
+                                persistent_workers=t.num_workers > 0)
+        with data.torch_threads(t.threads):
+            batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
+            while state["step"] < total_steps:
+                steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
+                bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
+                means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
+                _check_finite(means, state, out)
+                due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
+                metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
+                           **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
+                state["epoch"] += 1
+                rng = torch.get_rng_state()  # before the next epoch's loader draws its seed: what a resume restores
+                if state["step"] < total_steps:  # its first batches are made while this epoch is saved
+                    batches = _start_epoch(transfer, loader, state["epoch"])
+                if rank == 0:
+                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng)
+        if rank == 0:
+            _save(run.student.state_dict(), out / "student.pt")
+            _save(run.heads.state_dict(), out / "heads.pt")
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
@@ -319,6 +321,18 @@ def _check_values(pipeline: Pipeline) -> None:
                             f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
     if not t.lr > 0:
         raise PipelineError(f"{pipeline.source}: train.lr must be > 0, got {t.lr:g}; use e.g. 1e-3 (adamw) or 0.05 (sgd)")
+
+
+@contextlib.contextmanager
+def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int) -> Iterator[None]:
+    """Rank 0 holds OUT's writer lock for the rest of the run (a second run into the same OUT is refused, as a
+    second writer of a store is) and checks OUT again under it (another run may have written it meanwhile)."""
+    if rank != 0:
+        yield
+        return
+    with layout.writer_lock(out):
+        _check_out(out, resume, overwrite)
+        yield
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:

@@ -34,7 +34,7 @@ def lock_file(store: Path) -> Path:
 
 def assert_refused(result, store: Path, holder: str) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    lines = result.output.strip().splitlines()
+    lines = result.stderr.strip().splitlines()  # stdout may hold what the run printed before (train's projection heads)
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert f"{str(store)!r} is being written by {holder}" in lines[0] and "nothing was changed" in lines[0], lines[0]
 
@@ -129,3 +129,17 @@ def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
             pass
     result = invoke("extract", FIXTURES / "tiny.toml", "--out", tmp_path / "file" / "s.zarr")  # through the CLI: one line, exit 1
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "lock file" in result.output, result.output
+
+
+def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path):
+    out = tmp_path / "run"
+    args = ("train", FIXTURES / "tiny.toml", "--cache", tiny_store, "--out", out, "--set", "train.epochs=1", "--no-progress")
+    assert invoke(*args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with writer_lock(out):  # another run of that OUT
+        assert_refused(invoke(*args, "--overwrite"), out, f"kdcache pid {os.getpid()} on ")
+        assert_refused(invoke(*args, "--resume", "--set", "train.epochs=2"), out, f"kdcache pid {os.getpid()} on ")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refused run changes nothing"
+    result = invoke(*args, "--resume", "--set", "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    assert not lock_file(out).exists()
