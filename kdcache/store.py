@@ -864,6 +864,7 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
         return
     root = Path(_local_path(str(location))).absolute()
     path = root.parent / f".{root.name}.kdcache-lock"
+    fd = -1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -872,7 +873,6 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
-                os.close(fd)
                 raise StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, "
                                  "then rerun (nothing was changed)") from None
             try:
@@ -881,9 +881,14 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
             except FileNotFoundError:
                 pass
             os.close(fd)  # removed by the last holder after we opened it: lock the file there now
+            fd = -1
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
-    except OSError as e:
+    except BaseException as e:
+        if fd >= 0:
+            os.close(fd)  # a lock taken but not announced is given back
+        if not isinstance(e, OSError):
+            raise
         fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(root.parent)!r} is a folder"
         raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
     try:
