@@ -1,8 +1,8 @@
 """One writer per local store: a second ``extract`` / ``import`` of a store being written is refused.
 
 Before the lock, ``kdcache extract --overwrite`` with another teacher, run while the first extract
-still ran, ended with a store whose manifest named the second teacher while 96 of its 240 rows held
-the first's targets, and ``kdcache verify`` passed it. The lock is ``flock`` on a file beside the
+(240 rows) still ran, let both commands report success; when the first finished last, its manifest
+named the first teacher while 136 rows held the second's targets, and ``kdcache verify`` passed it. The lock is ``flock`` on a file beside the
 store (FORMAT.md §13), so it holds across processes and dies with its holder.
 """
 
