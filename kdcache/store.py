@@ -862,7 +862,7 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
     if location_kind(str(location)) != "local" or fcntl is None:
         yield
         return
-    root = Path(_local_path(str(location))).absolute()
+    root = Path(_local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
     path = root.parent / f".{root.name}.kdcache-lock"
     fd = -1
     try:

@@ -29,6 +29,7 @@ def invoke(*args: object):
 
 
 def lock_file(store: Path) -> Path:
+    store = store.resolve()
     return store.parent / f".{store.name}.kdcache-lock"
 
 
@@ -111,6 +112,12 @@ def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
     with writer_lock(a), writer_lock(b):  # two stores: independent locks; a missing parent folder is made
         assert lock_file(a).read_text().startswith(f"kdcache pid {os.getpid()} on ")
         assert lock_file(b).exists()
+        (tmp_path / "link").symlink_to(tmp_path / "runs")
+        for other in (tmp_path / "link" / "b.zarr", tmp_path / "runs" / ".." / "runs" / "b.zarr"):  # the same store by another path
+            with pytest.raises(layout.StoreError, match="is being written by"):
+                with writer_lock(other):
+                    pass
+        (tmp_path / "link").unlink()
         with pytest.raises(layout.StoreError, match=r"is being written by kdcache pid \d+ on .*then rerun \(nothing was changed\)"):
             with writer_lock(str(a)):  # the same store, another open of the lock file: refused (flock is per open file)
                 pass
