@@ -16,7 +16,6 @@ worker opens the store itself and takes every k-th buffer of the epoch's plan.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 from typing import Any, Iterator, NamedTuple
 
@@ -126,11 +125,11 @@ class TransferSet(IterableDataset):
         return self.batch_size * (16 if self.streams == 1 else 1)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        sizes = self.buffer_sizes(epoch)
-        if self.streams > 1:
-            return max(len(s) for s in self._streams(sizes))
-        div = math.floor if self.drop_last else math.ceil
-        return sum(div(size / self.batch_size) for size in sizes)
+        """Batches (streams: steps) the epoch serves: counted from the buffer sizes, nothing drawn or listed."""
+        counts = [size // self.batch_size if self.drop_last else -(-size // self.batch_size) for size in self.buffer_sizes(epoch)]
+        if self.streams > 1:  # buffer i goes to stream i % streams; a step is batch j of every stream
+            return max(sum(counts[s :: self.streams]) for s in range(self.streams))
+        return sum(counts)
 
     def __len__(self) -> int:
         return self.batches_per_epoch(self.epoch)

@@ -188,13 +188,16 @@ def test_stream_steps_follow_the_whole_plan(numbered_store, subset):
         for stream in [None, *range(streams)]:
             ts = transfer(numbered_store, streams=streams, stream=stream, **kw)
             plan = list(ts.plan(trial))
+            served = 0
             for me in range(k):
                 steps = list(ts._stream_steps(trial, k, me, Check(0.5, np.random.default_rng(0))))
                 want = reference_stream_steps(plan, streams, stream, batch, drop_last, k, me)
                 assert [(b["rows"].tolist(), b["share"]) for b in steps] == want, (trial, stream, me)
+                served += len(steps)
                 for b in steps:
                     check_aligned(b)
                     assert b["scale"] == (1.0 if stream is None else streams * b["share"])
+            assert served == ts.batches_per_epoch(trial), (trial, stream)  # what train counts its steps with
 
 
 def test_streaming_plan_memory_is_one_buffer_not_every_row():
