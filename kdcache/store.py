@@ -876,7 +876,7 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
                 raise StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, "
                                  "then rerun (nothing was changed)") from None
             try:
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
                     break  # still the file at that path: the lock is ours
             except FileNotFoundError:
                 pass
