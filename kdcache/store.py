@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -530,6 +531,7 @@ class Store:
             "bytes_stored": stored,
             "bytes_raw": raw,
             "compression_ratio": (raw / stored) if stored else None,
+            "writer": None if done.all() else active_writer(self.location),
         }
 
 
@@ -859,22 +861,19 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
     empties the store's folder), released when the block ends or the process dies; the file names
     its holder and is removed at the end. Object stores and zip files are not locked (FORMAT.md §13).
     """
-    if location_kind(str(location)) != "local" or fcntl is None:
+    path = _lock_path(location)
+    if path is None:
         yield
         return
-    root = Path(_local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
-    path = root.parent / f".{root.name}.kdcache-lock"
     fd = -1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
+            holder = _holder(fd, fcntl.LOCK_EX, tries=10)  # a few tries: `kdcache info` may be looking (active_writer)
+            if holder is not None:
                 raise StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, "
-                                 "then rerun (nothing was changed)") from None
+                                 "then rerun (nothing was changed)")
             try:
                 if os.path.samestat(os.fstat(fd), os.stat(path)):
                     break  # still the file at that path: the lock is ours
@@ -889,7 +888,7 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
             os.close(fd)  # a lock taken but not announced is given back
         if not isinstance(e, OSError):
             raise
-        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(root.parent)!r} is a folder"
+        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(path.parent)!r} is a folder"
         raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
     try:
         yield
@@ -897,6 +896,43 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(path)  # before the lock is released: a waiter that opened it sees another inode and retries
         os.close(fd)
+
+
+def active_writer(location: str | os.PathLike[str]) -> str | None:
+    """Who holds the writer lock of the local store at ``location`` ("kdcache pid P on HOST since T"), or None:
+    nobody (an incomplete store then is an interrupted one), or not a local store (not known)."""
+    path = _lock_path(location)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: no writer
+        return None
+    try:
+        return _holder(fd, fcntl.LOCK_SH, tries=1)  # a shared lock for an instant when free (the writer retries)
+    finally:
+        os.close(fd)
+
+
+def _lock_path(location: str | os.PathLike[str]) -> Path | None:
+    """``.NAME.kdcache-lock`` beside the local store ``location`` (None: not a local store, or no ``flock`` here)."""
+    if location_kind(str(location)) != "local" or fcntl is None:
+        return None
+    root = Path(_local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
+    return root.parent / f".{root.name}.kdcache-lock"
+
+
+def _holder(fd: int, kind: int, tries: int) -> str | None:
+    """Take ``flock`` ``kind`` on ``fd`` without waiting (``tries`` times, 50 ms apart): None when taken, else
+    what the holder wrote into the lock file."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
 
 
 def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False,

@@ -8,6 +8,7 @@ store (FORMAT.md §13), so it holds across processes and dies with its holder.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from click.testing import CliRunner
 
 from kdcache import store as layout
 from kdcache.cli import main
-from kdcache.store import open_store, writer_lock
+from kdcache.store import active_writer, open_store, writer_lock
 from reference import FIXTURES, file_bytes, read_store, without_times, write_toml
 
 
@@ -62,6 +63,9 @@ def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env)
             time.sleep(0.02)
         assert first.poll() is None and lock_file(out).exists(), "the first run ended too soon to be interrupted"
         holder = f"kdcache pid {first.pid} on "
+        info = invoke("info", out)  # a running extract is told from an interrupted one
+        assert info.exit_code == 0 and f"INCOMPLETE (being written by {holder}" in info.stdout, info.output
+        assert json.loads(invoke("info", out, "--json").stdout)["writer"].startswith(holder)
         zoo_env(N=240, SEED=1)  # another teacher
         assert_refused(invoke("extract", toml, "--out", out, "--overwrite"), out, holder)
         zoo_env(SEED=None)
@@ -72,6 +76,7 @@ def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env)
         if first.poll() is None:
             first.kill()
     assert not lock_file(out).exists(), "the lock file is removed when its holder ends"
+    assert json.loads(invoke("info", out, "--json").stdout)["writer"] is None
 
     assert invoke("extract", toml, "--out", reference).exit_code == 0
     got_manifest, got = read_store(out)
@@ -98,7 +103,7 @@ def test_import_and_extract_are_refused_while_another_holds_the_lock(tiny_store,
     finally:
         if holder.poll() is None:
             holder.kill()
-    assert lock_file(copy).exists()
+    assert lock_file(copy).exists() and active_writer(copy) is None, "a dead holder's file names no writer"
     result = invoke("import", h5, copy)
     assert result.exit_code == 0, result.output
     assert not lock_file(copy).exists(), "a stale lock file is taken over and removed"
@@ -111,7 +116,7 @@ def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
     a, b = tmp_path / "a.zarr", tmp_path / "runs" / "b.zarr"
     with writer_lock(a), writer_lock(b):  # two stores: independent locks; a missing parent folder is made
         assert lock_file(a).read_text().startswith(f"kdcache pid {os.getpid()} on ")
-        assert lock_file(b).exists()
+        assert lock_file(b).exists() and active_writer(b).startswith(f"kdcache pid {os.getpid()} on ")
         (tmp_path / "link").symlink_to(tmp_path / "runs")
         for other in (tmp_path / "link" / "b.zarr", tmp_path / "runs" / ".." / "runs" / "b.zarr"):  # the same store by another path
             with pytest.raises(layout.StoreError, match="is being written by"):
@@ -121,7 +126,7 @@ def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
         with pytest.raises(layout.StoreError, match=r"is being written by kdcache pid \d+ on .*then rerun \(nothing was changed\)"):
             with writer_lock(str(a)):  # the same store, another open of the lock file: refused (flock is per open file)
                 pass
-    assert not lock_file(a).exists() and not lock_file(b).exists()
+    assert not lock_file(a).exists() and not lock_file(b).exists() and active_writer(b) is None
     with writer_lock(a):
         pass
     with writer_lock("s3://bucket/x.zarr"), writer_lock(tmp_path / "x.zarr.zip"):  # object stores and zips: no lock
@@ -150,3 +155,18 @@ def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path):
     result = invoke(*args, "--resume", "--set", "train.epochs=2")
     assert result.exit_code == 0, result.output
     assert not lock_file(out).exists()
+
+
+def test_a_look_at_the_lock_does_not_refuse_a_writer(tmp_path):
+    """``kdcache info`` takes the lock shared for an instant (``active_writer``); a writer starting then retries."""
+    import fcntl
+    import threading
+
+    store = tmp_path / "s.zarr"
+    lock_file(store).write_text("")
+    fd = os.open(lock_file(store), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a look that lasts 150 ms, far longer than a real one
+    threading.Timer(0.15, os.close, [fd]).start()
+    with writer_lock(store):
+        assert active_writer(store).startswith(f"kdcache pid {os.getpid()} on ")
+    assert active_writer(store) is None
