@@ -859,43 +859,56 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
     whose manifest names one teacher while some shards hold another's targets, and that verifies.
     The lock is ``flock`` on ``.NAME.kdcache-lock`` beside the store (not in it: ``--overwrite``
     empties the store's folder), released when the block ends or the process dies; the file names
-    its holder and is removed at the end. Object stores and zip files are not locked (FORMAT.md §13).
+    its holder and is removed at the end. Object stores and zip files are not locked, nor is a store on a
+    file system that refuses ``flock`` (``NO_FLOCK``): written unlocked rather than not at all (FORMAT.md §13).
     """
     path = _lock_path(location)
     if path is None:
         yield
         return
-    fd = -1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            holder = _holder(fd, fcntl.LOCK_EX, tries=10)  # a few tries: `kdcache info` may be looking (active_writer)
-            if holder is not None:
-                raise StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, "
-                                 "then rerun (nothing was changed)")
-            try:
-                if os.path.samestat(os.fstat(fd), os.stat(path)):
-                    break  # still the file at that path: the lock is ours
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # removed by the last holder after we opened it: lock the file there now
-            fd = -1
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
-    except BaseException as e:
-        if fd >= 0:
-            os.close(fd)  # a lock taken but not announced is given back
-        if not isinstance(e, OSError):
-            raise
+        fd = _take_lock(path, location)
+    except OSError as e:
         fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(path.parent)!r} is a folder"
         raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # before the lock is released: a waiter that opened it sees another inode and retries
-        os.close(fd)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # before the lock is released: a waiter that opened it sees another file and retries
+            os.close(fd)
+
+
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)
+
+
+def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
+    """Lock ``path`` (created if missing) and write our name into it; returns its fd (-1: flock unsupported there)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            holder = _holder(fd, fcntl.LOCK_EX, tries=10)  # a few tries: `kdcache info` may be looking (active_writer)
+            if holder is not None:
+                raise StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, "
+                                 "then rerun (nothing was changed)")
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+                    return fd
+        except OSError as e:
+            os.close(fd)
+            if e.errno in NO_FLOCK:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return -1
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed by the last holder after we opened it: lock the file there now
 
 
 def active_writer(location: str | os.PathLike[str]) -> str | None:
@@ -910,6 +923,8 @@ def active_writer(location: str | os.PathLike[str]) -> str | None:
         return None
     try:
         return _holder(fd, fcntl.LOCK_SH, tries=1)  # a shared lock for an instant when free (the writer retries)
+    except OSError:  # a file system without flock: not known
+        return None
     finally:
         os.close(fd)
 

@@ -170,3 +170,25 @@ def test_a_look_at_the_lock_does_not_refuse_a_writer(tmp_path):
     with writer_lock(store):
         assert active_writer(store).startswith(f"kdcache pid {os.getpid()} on ")
     assert active_writer(store) is None
+
+
+def test_a_file_system_without_flock_is_written_unlocked(tmp_path, tiny_store, monkeypatch):
+    """Some network and FUSE file systems answer flock with ENOLCK / EOPNOTSUPP (injected here, as the fault tests
+    inject ENOSPC): kdcache then writes without the lock, as before it had one, instead of refusing to write at all."""
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    h5, copy = tmp_path / "t.h5", tmp_path / "copy.zarr"
+    assert invoke("export", tiny_store, h5).exit_code == 0
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    result = invoke("import", h5, copy)
+    assert result.exit_code == 0, result.output
+    assert not lock_file(copy).exists() and active_writer(copy) is None
+    monkeypatch.setattr(fcntl, "flock", real)
+    _, arrays = read_store(copy)
+    assert arrays["samples/index"].tolist() == list(range(50))
