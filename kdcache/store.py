@@ -866,6 +866,7 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
     if path is None:
         yield
         return
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if left empty
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _take_lock(path, location)
@@ -879,6 +880,9 @@ def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # before the lock is released: a waiter that opened it sees another file and retries
             os.close(fd)
+        for folder in made:  # deepest first: a run that failed before writing leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)

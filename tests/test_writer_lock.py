@@ -131,7 +131,12 @@ def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
         pass
     with writer_lock("s3://bucket/x.zarr"), writer_lock(tmp_path / "x.zarr.zip"):  # object stores and zips: no lock
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert list(tmp_path.iterdir()) == []  # "runs", made for b's lock file and left empty, is removed too
+
+    with pytest.raises(RuntimeError, match="failed before writing"):
+        with writer_lock(tmp_path / "new" / "deeper" / "c.zarr"):
+            raise RuntimeError("failed before writing")
+    assert not (tmp_path / "new").exists(), "folders made for the lock are removed when left empty"
 
 
 def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
