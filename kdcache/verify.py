@@ -85,10 +85,12 @@ def _report(location: str, checks: list[Check], teacher: dict[str, Any] | None) 
 
 def _completeness(store: layout.Store) -> Check:
     done = store.done()
-    check = Check("completeness", f"{int(done.sum())}/{store.num_shards} shards done")
+    writer = None if done.all() else layout.active_writer(store.location)
+    check = Check("completeness", f"{int(done.sum())}/{store.num_shards} shards done" + (f", being written by {writer}" if writer else ""))
+    fix = "its writer is still running" if writer else "resume kdcache extract"
     for s in np.flatnonzero(~done):
         start, stop = store.shard_rows(int(s))
-        check.fail(f"shard {int(s)} (rows {start}-{stop - 1}) is not done; resume kdcache extract")
+        check.fail(f"shard {int(s)} (rows {start}-{stop - 1}) is not done; {fix}")
     return check
 
 

@@ -66,6 +66,9 @@ def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env)
         info = invoke("info", out)  # a running extract is told from an interrupted one
         assert info.exit_code == 0 and f"INCOMPLETE (being written by {holder}" in info.stdout, info.output
         assert json.loads(invoke("info", out, "--json").stdout)["writer"].startswith(holder)
+        verify = invoke("verify", out)
+        assert verify.exit_code == 1 and f"shards done, being written by {holder}" in verify.stdout, verify.output
+        assert "is not done; its writer is still running" in verify.stdout
         zoo_env(N=240, SEED=1)  # another teacher
         assert_refused(invoke("extract", toml, "--out", out, "--overwrite"), out, holder)
         zoo_env(SEED=None)
