@@ -52,6 +52,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
     if scheduler is not None:
         _check_address(scheduler)  # before the store is created
+    layout.refuse_if_being_written(out)  # before the teacher is built
     run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
     manifest = run.manifest(pipeline)
     del run

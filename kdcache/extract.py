@@ -46,6 +46,7 @@ def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: 
     Resumes a partial store made from the same inputs (completed shards are skipped); refuses one
     made from different inputs unless ``overwrite``. Returns the store's ``info()``.
     """
+    layout.refuse_if_being_written(out)  # before the teacher is built
     run = setup(pipeline)
     manifest = run.manifest(pipeline)
     with layout.writer_lock(out):  # one writer per store

@@ -895,8 +895,7 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
         try:
             holder = _holder(fd, fcntl.LOCK_EX, tries=10)  # a few tries: `kdcache info` may be looking (active_writer)
             if holder is not None:
-                raise StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, "
-                                 "then rerun (nothing was changed)")
+                raise _being_written(location, holder)
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
                     os.ftruncate(fd, 0)
@@ -913,6 +912,18 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
             os.close(fd)
             raise
         os.close(fd)  # removed by the last holder after we opened it: lock the file there now
+
+
+def refuse_if_being_written(location: str | os.PathLike[str]) -> None:
+    """Fail at once, before a teacher or dataset is built, when another job holds ``location``'s writer lock
+    (``writer_lock``, taken later, is what decides)."""
+    holder = active_writer(location)
+    if holder is not None:
+        raise _being_written(location, holder)
+
+
+def _being_written(location: str | os.PathLike[str], holder: str) -> StoreError:
+    return StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, then rerun (nothing was changed)")
 
 
 def active_writer(location: str | os.PathLike[str]) -> str | None:

@@ -42,6 +42,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     _check_values(pipeline)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (DDP); rank 0 writes
     if rank == 0:
+        layout.refuse_if_being_written(out)  # before the store, dataset and student are loaded
         _check_out(out, resume, overwrite)
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device))

@@ -200,3 +200,22 @@ def test_a_file_system_without_flock_is_written_unlocked(tmp_path, tiny_store, m
     monkeypatch.setattr(fcntl, "flock", real)
     _, arrays = read_store(copy)
     assert arrays["samples/index"].tolist() == list(range(50))
+
+
+def test_a_refused_job_builds_no_teacher(tmp_path, tiny_store):
+    """The refusal comes before the teacher (minutes for a large one) is built: a teacher factory that would
+    fail is never called while another job holds the store."""
+    sentinel = tmp_path / "teacher-was-built"
+    (tmp_path / "slow_teacher.py").write_text(f"import pathlib\n\ndef teacher():\n    pathlib.Path({str(sentinel)!r}).touch()\n"
+                                              "    raise RuntimeError('the teacher was built')\n")
+    toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{tmp_path / "slow_teacher.py"}:teacher"')
+    out = tmp_path / "s.zarr"
+    with writer_lock(out):
+        for extra in ([], ["--workers", 2], ["--overwrite"]):
+            assert_refused(invoke("extract", toml, "--out", out, *extra), out, f"kdcache pid {os.getpid()} on ")
+        run = tmp_path / "run"
+        with writer_lock(run):
+            assert_refused(invoke("train", FIXTURES / "tiny.toml", "--cache", tiny_store, "--out", run), run, f"kdcache pid {os.getpid()} on ")
+    assert not sentinel.exists() and not out.exists()
+    result = invoke("extract", toml, "--out", out)  # and without the lock, the factory does run
+    assert result.exit_code == 1 and "the teacher was built" in result.output and sentinel.exists()
