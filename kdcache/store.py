@@ -150,6 +150,9 @@ class Store:
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            writer = active_writer(location)  # a store being created: its manifest is written last
+            if writer is not None:
+                raise StoreError(f"{location!r} is being created by {writer} (its manifest is not written yet); try again in a moment")
             raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); pass a store written by kdcache extract")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:

@@ -219,3 +219,18 @@ def test_a_refused_job_builds_no_teacher(tmp_path, tiny_store):
     assert not sentinel.exists() and not out.exists()
     result = invoke("extract", toml, "--out", out)  # and without the lock, the factory does run
     assert result.exit_code == 1 and "the teacher was built" in result.output and sentinel.exists()
+
+
+def test_a_store_being_created_is_named_so(tmp_path):
+    """Between the root zarr.json and the manifest (written last), a reader sees a zarr group that is not yet a store:
+    while its writer holds the lock, that is said, instead of 'not a kdcache store'."""
+    import zarr
+
+    out = tmp_path / "s.zarr"
+    with writer_lock(out):
+        zarr.open_group(str(out), mode="w", zarr_format=3)  # what create_or_resume has written at that moment
+        result = invoke("info", out)
+        assert result.exit_code == 1 and f"is being created by kdcache pid {os.getpid()} on " in result.output, result.output
+        assert "try again in a moment" in result.output
+    result = invoke("info", out)
+    assert result.exit_code == 1 and "is a zarr group but not a kdcache store" in result.output, result.output
