@@ -2,8 +2,9 @@
 
 Before the lock, ``kdcache extract --overwrite`` with another teacher, run while the first extract
 (240 rows) still ran, let both commands report success; when the first finished last, its manifest
-named the first teacher while 136 rows held the second's targets, and ``kdcache verify`` passed it. The lock is ``flock`` on a file beside the
-store (FORMAT.md §13), so it holds across processes and dies with its holder.
+named the first teacher while 136 rows held the second's targets, and ``kdcache verify`` passed it.
+The lock is ``flock`` on a file beside the store (FORMAT.md §13), so it holds across processes and
+dies with its holder.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ def shards_done(location: Path) -> int:
 
 @pytest.mark.slow
 def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env):
-    """A real ``kdcache extract`` (240 slow samples) holds the lock; ``--overwrite`` with another teacher, and
+    """A real ``kdcache extract`` (240 samples at 20 ms: ~5 s) holds the lock; ``--overwrite`` with another teacher, and
     the same command again, are refused while it runs; the first run's store equals an undisturbed one."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     out, reference = tmp_path / "s.zarr", tmp_path / "reference.zarr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(out), "--no-progress"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
