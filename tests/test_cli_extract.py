@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 
 from kdcache.cli import main
 from kdcache.store import open_store
-from reference import FIXTURES, file_bytes, mtimes, read_store, without_times, write_toml
+from reference import FIXTURES, file_bytes, mtimes, read_store, slow_extract, without_times, write_toml
 
 TINY = FIXTURES / "tiny.toml"
 KDCACHE = Path(sys.executable).with_name("kdcache")  # the console script of this environment
@@ -244,26 +243,13 @@ def test_bad_input_in_a_real_process(tmp_path):
 # ----------------------------------------------------------------------------------- SIGKILL and resume
 
 
-def shards_done(location: Path) -> int:
-    try:
-        return int(open_store(location).done().sum())
-    except Exception:  # not created yet, or its manifest not yet written
-        return 0
-
-
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_env, fetch_log):
     """A real ``kdcache`` process on a slow dataset (240 samples, 30 shards) is killed, re-run, and compared byte for byte."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     killed, reference = tmp_path / "killed.zarr", tmp_path / "reference.zarr"
-    # one torch thread, as in this process (conftest), so both runs compute every shard the same way
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(killed), "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = slow_extract(toml, killed, shards=3)
     try:
-        deadline = time.monotonic() + 60
-        while shards_done(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

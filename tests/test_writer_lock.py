@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,8 @@ from click.testing import CliRunner
 
 from kdcache import store as layout
 from kdcache.cli import main
-from kdcache.store import active_writer, open_store, writer_lock
-from reference import FIXTURES, file_bytes, read_store, without_times, write_toml
+from kdcache.store import active_writer, writer_lock
+from reference import FIXTURES, file_bytes, read_store, slow_extract, without_times, write_toml
 
 
 def invoke(*args: object):
@@ -42,26 +41,14 @@ def assert_refused(result, store: Path, holder: str) -> None:
     assert f"{str(store)!r} is being written by {holder}" in lines[0] and "nothing was changed" in lines[0], lines[0]
 
 
-def shards_done(location: Path) -> int:
-    try:
-        return int(open_store(location).done().sum())
-    except Exception:  # not created yet, or its manifest not yet written
-        return 0
-
-
 @pytest.mark.slow
 def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env):
     """A real ``kdcache extract`` (240 samples at 20 ms: ~5 s) holds the lock; ``--overwrite`` with another teacher, and
     the same command again, are refused while it runs; the first run's store equals an undisturbed one."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     out, reference = tmp_path / "s.zarr", tmp_path / "reference.zarr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(out), "--no-progress"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = slow_extract(toml, out, sleep=0.02)
     try:
-        deadline = time.monotonic() + 60
-        while shards_done(out) < 2 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
         assert first.poll() is None and lock_file(out).exists(), "the first run ended too soon to be interrupted"
         holder = f"kdcache pid {first.pid} on "
         info = invoke("info", out)  # a running extract is told from an interrupted one
