@@ -1,0 +1,77 @@
+"""The CUDA paths: skipped without a GPU (CI has none); ``benchmarks/gpu_check.sh`` runs them on the device machine.
+
+On a GPU, extract converts on the device, copies into pinned memory without blocking and gathers shards in a
+writer thread; train moves batches to the device from a pinned DataLoader. Each test compares with the CPU
+path, which the rest of the suite pins down: the sample columns must be byte-identical (alignment does not
+depend on the device) and the values equal within the device's arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kdcache
+from kdcache.cli import main
+from reference import FIXTURES, make_pipeline, read_store
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+SAMPLE_COLUMNS = ("samples/index", "samples/fingerprint", "samples/label", "progress/done")
+
+
+def extract_on(device: str, out: Path, *overrides: str) -> tuple[dict, dict[str, np.ndarray]]:
+    info = kdcache.extract(make_pipeline(f'extract.device="{device}"', *overrides), str(out))
+    assert info["complete"], info
+    return read_store(out)
+
+
+def check_extract_matches_cpu(device: str, tmp_path: Path, *overrides: str, rtol: float = 1e-2) -> None:
+    _, cpu = extract_on("cpu", tmp_path / "cpu.zarr", *overrides)
+    manifest, dev = extract_on(device, tmp_path / "device.zarr", *overrides)
+    assert dev.keys() == cpu.keys()
+    for path in SAMPLE_COLUMNS:
+        assert np.array_equal(dev[path], cpu[path]), f"{path} differs on {device}"
+    assert np.array_equal(dev["samples/index"], np.arange(len(dev["samples/index"])))
+    for path in (p for p in cpu if p.startswith("targets/")):
+        assert dev[path].dtype == cpu[path].dtype, path
+        a, b = dev[path].astype(np.float64), cpu[path].astype(np.float64)
+        scale = np.abs(b).mean() + 1e-6
+        assert np.all(np.abs(a - b) <= rtol * (np.abs(b) + scale)), f"{path}: max difference {np.abs(a - b).max():.3g} on {device}"
+    # the zoo teacher's logits encode each row's own index: exact on any device, so no row was misplaced
+    assert np.array_equal(dev["targets/logits"][:, 0].astype(np.int64), dev["samples/index"])
+    assert manifest["pipeline"]["extract"]["device"] == device
+
+
+@pytest.mark.parametrize("overrides", [(), ("extract.batch_size=3", "extract.rows_per_shard=8"), ("extract.num_workers=2",)],
+                         ids=["default", "batches-cut-shards", "dataloader-workers"])
+def test_cuda_extract_equals_the_cpu_extract(tmp_path, overrides):
+    check_extract_matches_cpu("cuda", tmp_path, *overrides)
+
+
+def test_cuda_extract_under_bf16_autocast_keeps_rows_aligned(tmp_path):
+    """bf16 changes the values (checked loosely: 3 significant bits of difference allowed), never the rows."""
+    check_extract_matches_cpu("cuda", tmp_path, 'extract.precision="bf16"', rtol=6e-2)
+
+
+def check_train_matches_cpu(device: str, tmp_path: Path, tiny_store: str) -> None:
+    losses = {}
+    for where, out in (("cpu", tmp_path / "run-cpu"), (device, tmp_path / "run-device")):
+        result = CliRunner().invoke(main, ["train", str(FIXTURES / "tiny.toml"), "--cache", tiny_store, "--out", str(out),
+                                           "--set", f'train.device="{where}"', "--set", "train.epochs=3", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(lines) == 3 and all(np.isfinite(v) for m in lines for k, v in m.items() if k.startswith("loss"))
+        losses[out.name] = [m["loss_kl"] for m in lines]
+        state = torch.load(out / "student.pt", weights_only=True)
+        assert all(t.device.type == "cpu" for t in state.values())  # saved loadable anywhere
+    np.testing.assert_allclose(losses["run-device"], losses["run-cpu"], rtol=5e-2)  # same batches, same seed: the same curve
+
+
+def test_cuda_train_follows_the_cpu_curve(tmp_path, tiny_store):
+    check_train_matches_cpu("cuda", tmp_path, tiny_store)
