@@ -224,6 +224,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
 
     rank, world, local = ranks()
     pipeline = _on_device(pipeline, local)
+    layout.refuse_if_being_written(out)  # every rank, before its teacher is built (rank 0's lock below decides)
     with process_group(), contextlib.ExitStack() as lock:
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
         shared: list[Any] = [None]
