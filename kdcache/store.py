@@ -896,7 +896,7 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            holder = _holder(fd, fcntl.LOCK_EX, tries=10)  # a few tries: `kdcache info` may be looking (active_writer)
+            holder = _holder(fd, fcntl.LOCK_EX, tries=20)  # for a second: `kdcache info` may be looking (active_writer)
             if holder is not None:
                 raise _being_written(location, holder)
             with contextlib.suppress(FileNotFoundError):
