@@ -51,18 +51,20 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     when there are GPUs, otherwise ``workers`` single-threaded processes) or the cluster at ``scheduler``
     (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
     if scheduler is not None:
-        _check_address(scheduler)  # before the store is created
+        _check_address(scheduler)
     layout.refuse_if_being_written(out)  # before the teacher is built
-    run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
-    manifest = run.manifest(pipeline)
-    del run
-    with layout.writer_lock(out):  # held by the driver for the whole job: its workers write, no other job does
-        store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
-        pending = store.pending_shards()
-        if pending:
-            with _connect(scheduler) if scheduler is not None else _local_cluster(pipeline, workers) as client:
-                _run_shards(client, pipeline, store, pending, progress, attempts)
-        store.finish()
+    # an existing cluster is reached first: one that does not answer is named before anything is built or written
+    with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
+        run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
+        manifest = run.manifest(pipeline)
+        del run
+        with layout.writer_lock(out):  # held by the driver for the whole job: its workers write, no other job does
+            store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
+            pending = store.pending_shards()
+            if pending:
+                with contextlib.nullcontext(remote) if remote is not None else _local_cluster(pipeline, workers) as client:
+                    _run_shards(client, pipeline, store, pending, progress, attempts)
+            store.finish()
     return store.info()
 
 

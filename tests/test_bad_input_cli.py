@@ -33,7 +33,7 @@ def teacher_check(ctx: Ctx, *args: str) -> list:
 
 CASES = [
     # -- --scheduler: an address that does not parse is refused before the store is created; one that parses but
-    #    does not answer leaves the store created (empty, resumable): test_scheduler_that_does_not_answer
+    #    does not answer is refused before it too: test_scheduler_that_does_not_answer
     Case("scheduler-garbage", lambda c: extract("--out", c.new, "--scheduler", "garbage"),
          ("scheduler address 'garbage' is not valid (missing port number", "tcp://HOST:PORT", "--workers N for a local cluster")),
     Case("scheduler-empty", lambda c: extract("--out", c.new, "--scheduler", ""), ("scheduler address '' is not valid",)),
@@ -112,17 +112,23 @@ def free_port() -> int:
 
 
 def test_scheduler_that_does_not_answer(tmp_path: Path, tiny_store: str) -> None:
-    """A refused connection is retried until ``distributed.comm.timeouts.connect`` (30 s by default; 1 s here)."""
+    """A refused connection is retried until ``distributed.comm.timeouts.connect`` (30 s by default; 1 s here); then
+    the job stops before it has built the teacher or written anything (no store, no lock file)."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    case = Case("scheduler-not-answering", lambda c: extract("--out", c.new, "--scheduler", address),
+    built = tmp_path / "teacher-was-built"
+    (tmp_path / "teacher.py").write_text(f"import pathlib\n\ndef teacher():\n    pathlib.Path({str(built)!r}).touch()\n")
+    never = f'teacher.factory="{tmp_path / "teacher.py"}:teacher"'
+    case = Case("scheduler-not-answering", lambda c: extract("--out", c.new, "--scheduler", address, "--set", never),
                 (f"no dask scheduler answered at '{address}' (Timed out trying to connect", "after 1 s",
-                 "start one there (dask scheduler --port PORT), or use --workers N for a local cluster"), writes=True)
+                 "start one there (dask scheduler --port PORT), or use --workers N for a local cluster"))
     run = prepare(case, tmp_path, tiny_store)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         result = CliRunner().invoke(main, run.args)
     assert not isinstance(result.exception, OSError), "".join(traceback.format_exception(result.exception))
     check_one_line(case, result.exit_code, result.stdout, result.stderr)
     run.check_untouched()
+    assert sorted(p.name for p in run.ctx.new.parent.iterdir() if "kdcache-lock" in p.name) == []
+    assert not built.exists(), "the teacher was built before the scheduler was reached"
 
 
 @pytest.mark.parametrize("args, code", [(["--help"], 0), (["extract", "--help"], 0), ([], 2)], ids=["help", "extract-help", "no-args"])
