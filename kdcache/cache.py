@@ -54,6 +54,7 @@ class TransferSet(IterableDataset):
         stream: int | None = None,
     ):
         store = layout.open_store(location, storage_options=storage_options)
+        data.check_algorithm(store.manifest, location)
         n = len(dataset)  # type: ignore[arg-type]
         if n != store.num_samples:  # rows would be paired with the wrong items, or with none
             raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
@@ -252,13 +253,15 @@ class TransferSet(IterableDataset):
             return
         n = len(rows)
         which = range(n) if check.fraction >= 1 else np.flatnonzero(check.rng.random(n) < check.fraction)
-        # Tensor items: hash rows of the collated batch (same bytes, one prefix), not item by item.
-        fast = data.fingerprint_rows(batch, which) if isinstance(inputs[0], torch.Tensor) else None
+        # Tensor items of the batch's dtype: hash rows of the collated batch (same bytes, one prefix), not item by
+        # item. Items of mixed dtypes were promoted when stacked: their own bytes are hashed.
+        same = isinstance(batch, torch.Tensor) and all(isinstance(x, torch.Tensor) and x.dtype == batch.dtype for x in inputs)
+        fast = data.fingerprint_rows(batch, which) if same else None
         for k, j in enumerate(which):
             seen = fast[k] if fast is not None else data.fingerprint(inputs[j])
             if seen != int(stored[j]):
                 raise AlignmentError(
-                    f"store row {int(rows[j])} (dataset index {int(index[j])}) has input fingerprint {int(stored[j]):016x} "
+                    f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r} has input fingerprint {int(stored[j]):016x} "
                     f"but the dataset now gives {seen:016x}: the dataset changed since extraction (order, content or "
                     "preprocessing); use the dataset the store was made from, or re-extract"
                 )

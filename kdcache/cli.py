@@ -27,9 +27,19 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each
             # ("Task was destroyed but it is pending!") after the one Error line.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_message(e)) from None
 
     return wrapper
+
+
+def _message(e: KdcacheError) -> str:
+    """The error's one line. An error raised in a DataLoader worker process reaches the main process as the
+    same class holding torch's text (``Caught X in DataLoader worker process N.`` and the worker's traceback):
+    its last line, less the class name, is the worker's own message."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback (most recent call last):" in text:
+        return text.rstrip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+    return text
 
 
 @contextlib.contextmanager

@@ -18,10 +18,18 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from kdcache import threads
-from kdcache.errors import PipelineError
+from kdcache.errors import KdcacheError, ModelError, PipelineError, StoreError, raised
 
 LABEL_KEYS = ("label", "labels")
 FINGERPRINT_ALGORITHM = "blake2b-64"
+
+
+def check_algorithm(manifest: dict[str, Any], location: str) -> None:
+    """Refuse a store whose fingerprints were made by another algorithm: they could not be compared (FORMAT.md §9)."""
+    seen = manifest.get("fingerprint", {}).get("algorithm") if isinstance(manifest.get("fingerprint"), Mapping) else None
+    if seen != FINGERPRINT_ALGORITHM:
+        raise StoreError(f"{location!r} records input fingerprints made with {seen!r}, but this kdcache computes "
+                         f"{FINGERPRINT_ALGORITHM!r} and could not check them; use the kdcache that wrote the store, or re-extract it")
 
 
 def split_item(item: Any) -> tuple[Any, int | None]:
@@ -121,8 +129,8 @@ def _feed(h: Any, value: Any) -> None:
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes; no copy
-    elif isinstance(value, np.ndarray):
-        _feed(h, torch.from_numpy(np.ascontiguousarray(value)))
+    elif isinstance(value, np.ndarray):  # as the tensor of its values in native byte order; 0-d as (1,) (FORMAT.md §9)
+        _feed(h, torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))))
     elif isinstance(value, Mapping):
         for key in sorted(value):
             h.update(f"[{key}]".encode())
@@ -261,9 +269,32 @@ def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> A
     return inputs
 
 
-def call(model: torch.nn.Module, inputs: Any) -> Any:
-    """Run the model on a batch: a dict is passed as keyword arguments."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
+    """Run the ``role`` (``"teacher"`` or ``"student"``) model on a batch: a dict is passed as keyword arguments.
+
+    An exception from the model (it does not take the dataset's inputs, or runs out of memory) is a
+    ``ModelError`` naming the model, the exception, the line that raised it and the batch it was given.
+    """
+    try:
+        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    except KdcacheError:
+        raise
+    except Exception as e:
+        section = "extract" if role == "teacher" else "train"
+        fix = (f"lower {section}.batch_size" if isinstance(e, torch.cuda.OutOfMemoryError) else
+               f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)")
+        raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
+
+
+def describe(inputs: Any) -> str:
+    """A batch's structure in a few words: ``float32[8, 64]``, ``{'ids': int64[8, 16]}``, ``(float32[8, 3], ...)``."""
+    if isinstance(inputs, torch.Tensor):
+        return f"{str(inputs.dtype).removeprefix('torch.')}{list(inputs.shape)}"
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, tuple | list):
+        return "(" + ", ".join(describe(v) for v in inputs) + ")"
+    return type(inputs).__name__
 
 
 @contextmanager

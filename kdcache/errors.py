@@ -7,6 +7,10 @@ Messages say what was wrong, the value seen, and the fix. The CLI turns a
 from __future__ import annotations
 
 import errno
+import os
+import sys
+import traceback
+from pathlib import Path
 
 
 class KdcacheError(Exception):
@@ -39,6 +43,24 @@ class AlignmentError(KdcacheError, RuntimeError):
 
 class TrainingError(KdcacheError, RuntimeError):
     """Training cannot go on: its loss became NaN or inf."""
+
+
+class ModelError(KdcacheError, RuntimeError):
+    """A teacher's or student's forward pass raised: the model does not take the dataset's inputs."""
+
+
+def raised(e: BaseException) -> str:
+    """``Type: message (at file.py:line)`` for an exception from the user's code, in one line of at most ~300
+    characters. The line is the innermost frame outside torch and kdcache (the user's, not the libraries'
+    internals); there is none when only those ran."""
+    import torch
+
+    libraries = tuple(str(Path(m.__file__).parent) + os.sep for m in (torch, sys.modules["kdcache"]))
+    users = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(libraries)]
+    message = " ".join(str(e).split())
+    message = message if len(message) <= 300 else message[:297] + "..."
+    where = f" (at {Path(users[-1].filename).name}:{users[-1].lineno})" if users else ""
+    return f"{type(e).__name__}: {message}{where}"
 
 
 def write_fix(e: OSError) -> str:

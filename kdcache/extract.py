@@ -78,7 +78,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
         for batch in loader:
             hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
             with torch.inference_mode(), run.autocast():
-                output = data.call(run.model, data.to_device(batch["inputs"], run.device))
+                output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
             writer.put(batch, *to_host(run.select(output, hooked), run.targets, run.device))
 
 
@@ -167,7 +167,7 @@ def setup(pipeline: Pipeline) -> Run:
     batch = data.collate(indexed.__getitems__(list(range(min(x.batch_size, n)))))
     run = Run(model, dataset, device, x.precision, {}, batch["label"] is not None, {})
     with teachers.capture(model, t.layers) as hooked, torch.inference_mode(), run.autocast():
-        output = data.call(model, data.to_device(batch["inputs"], device))
+        output = data.call(model, data.to_device(batch["inputs"], device), "teacher")
     if t.logits and teachers.LOGITS in t.layers:
         raise PipelineError(f"{pipeline.source}: a layer named {teachers.LOGITS!r} would clash with the model's output target; "
                             "set targets.logits = false to store that module as the only 'logits', or rename the module")

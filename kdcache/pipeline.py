@@ -15,12 +15,11 @@ import importlib
 import importlib.util
 import sys
 import tomllib
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdcache.errors import KdcacheError, PipelineError
+from kdcache.errors import KdcacheError, PipelineError, raised
 from kdcache.threads import CORES
 
 
@@ -135,13 +134,9 @@ class Pipeline:
         except KdcacheError:
             raise
         except Exception as e:
-            frame = traceback.extract_tb(e.__traceback__)[-1]
-            message = " ".join(str(e).split())
-            message = message if len(message) <= 300 else message[:297] + "..."
-            called = f"called with {', '.join(map(repr, args))}, " if args else ""
+            called = f" (called with {', '.join(map(repr, args))})" if args else ""
             raise PipelineError(
-                f"{key} {path!r} raised {type(e).__name__}: {message} ({called}at {Path(frame.filename).name}:{frame.lineno}); "
-                "fix the factory or its arguments (call it in Python to see the full traceback)"
+                f"{key} {path!r} raised {raised(e)}{called}; fix the factory or its arguments (call it in Python to see the full traceback)"
             ) from e
 
 
@@ -383,13 +378,8 @@ def _import_error(import_path: str, e: Exception) -> KdcacheError:
     """An exception raised by the code an import path runs when imported, as a PipelineError naming it and where."""
     if isinstance(e, KdcacheError):
         return e
-    if isinstance(e, SyntaxError):
-        where, message = f"{Path(e.filename or '?').name}:{e.lineno}", e.msg
-    else:
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        where, message = f"{Path(frame.filename).name}:{frame.lineno}", " ".join(str(e).split())[:300]
-    return PipelineError(f"import path {import_path!r}: importing it raised {type(e).__name__}: {message} (at {where}); "
-                         "fix that file (import it in Python to see the full traceback)")
+    what = f"SyntaxError: {e.msg} (at {Path(e.filename or '?').name}:{e.lineno})" if isinstance(e, SyntaxError) else raised(e)
+    return PipelineError(f"import path {import_path!r}: importing it raised {what}; fix that file (import it in Python to see the full traceback)")
 
 
 def _import_file(file: Path) -> Any:

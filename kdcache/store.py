@@ -850,6 +850,8 @@ IDENTITY = {
     "targets": "targets",
     "geometry": "chunk/shard geometry",
     "compression": "compression",
+    "precision": "teacher precision",
+    "fingerprint.algorithm": "fingerprint algorithm",
 }
 
 

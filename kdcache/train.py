@@ -161,7 +161,7 @@ class Run:
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
-        logits = data.call(self.student if self.ddp is None else self.ddp, data.to_device(batch["inputs"], self.device))
+        logits = data.call(self.student if self.ddp is None else self.ddp, data.to_device(batch["inputs"], self.device), "student")
         logits, _ = teachers.select(logits, "auto", "student output")
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}
@@ -206,7 +206,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     if features:
         probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
-            data.call(student, data.to_device(probe["inputs"], device))
+            data.call(student, data.to_device(probe["inputs"], device), "student")
         for path, (module, _) in features.items():
             feat, _ = teachers.select(run.hooked[module], "auto", module)
             name = layout.layer_name(path)
@@ -289,7 +289,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         correct = agree = teacher_correct = n = 0
         with torch.no_grad():
             for batch in source:
-                logits, _ = teachers.select(data.call(run.student, data.to_device(batch["inputs"], device)), "auto", "student output")
+                logits, _ = teachers.select(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "auto", "student output")
                 pred = logits.argmax(-1).cpu()
                 label = batch["label"]
                 if label is not None:

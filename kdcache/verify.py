@@ -162,6 +162,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     from kdcache.extract import setup
 
     check = Check("teacher", "")
+    data.check_algorithm(store.manifest, store.location)
     run = setup(pipeline)
     ours = teachers.weights_sha256(run.model)
     if ours != store.manifest["teacher"]["weights_sha256"]:
@@ -188,7 +189,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
             fingerprints.append(batch["fingerprint"])
             hooked.clear()
             with torch.inference_mode(), run.autocast():
-                output = data.call(run.model, data.to_device(batch["inputs"], run.device))
+                output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
             for path, tensor in run.select(output, hooked).items():
                 if path in recomputed:
                     recomputed[path].append(tensor.detach().float().cpu().numpy())

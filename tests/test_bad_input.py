@@ -29,6 +29,9 @@ from click.testing import CliRunner
 from kdcache.cli import main
 from reference import FIXTURES, write_toml
 
+# the line of tests/fixtures/bad_input.py that a wrong-input error names
+WRONG_INPUT_LINE = next(i for i, line in enumerate((FIXTURES / "bad_input.py").read_text().splitlines(), 1) if "wrong-input error" in line)
+
 TINY = FIXTURES / "tiny.toml"
 KDCACHE = Path(sys.executable).with_name("kdcache")  # the console script of this environment
 LOGITS_SHARD_1 = "targets/logits/c/1/0"
@@ -206,6 +209,14 @@ CASES = [
          ("teacher.factory 'bad_input.py:raising_teacher' raised RuntimeError: weights file teacher.pt not found",)),
     Case("data-factory-raises", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:raising_dataset"),
          ("data.factory 'bad_input.py:raising_dataset' raised FileNotFoundError: no such folder: data/train",)),
+    Case("teacher-wrong-input", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:wrong_input", "--layers", ""),
+         (f"the teacher model raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x64 and 10x4) (at bad_input.py:{WRONG_INPUT_LINE}) "
+          "on a batch of float32[8, 1, 8, 8]", "make teacher.factory's model take data.factory's items")),
+    Case("dry-run-teacher-wrong-input", lambda c: extract("--dry-run", "--set", "teacher.factory=bad_input.py:wrong_input", "--set", "targets.layers=[]"),
+         ("the teacher model raised RuntimeError: mat1 and mat2 shapes",)),
+    Case("student-wrong-input", lambda c: train(c, "--set", "student.factory=bad_input.py:wrong_input", "--set", "train.features={}"),
+         (f"the student model raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x64 and 10x4) (at bad_input.py:{WRONG_INPUT_LINE})",
+          "make student.factory's model take data.factory's items"), store=True),
     Case("teacher-not-a-module", lambda c: extract("--out", c.new, "--set", "teacher.factory=extract_zoo.py:not_a_module"),
          ("teacher.factory returned str, not a torch.nn.Module", "make the factory return the model")),
     Case("student-not-a-module", lambda c: train(c, "--set", "student.factory=extract_zoo.py:not_a_module"),
@@ -233,6 +244,12 @@ CASES = [
     # -- the dataset
     Case("item-unsupported-type", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:string_items"),
          ("dataset item of type str is not supported", "return a tensor, (input, label) or a dict of tensors")),
+    # raised in a DataLoader worker: torch re-raises it with the worker's traceback as its text; still one line
+    Case("item-unsupported-type-in-a-worker", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:late_string_item",
+                                                                "--set", "extract.num_workers=2"),
+         ("Error: dataset item of type str is not supported",), writes=True),
+    Case("dataset-changed-in-a-worker", lambda c: train(c, "--set", "data.factory=numbered.py:tiny_modified", "--set", "train.num_workers=2"),
+         ("Error: store row 17 (dataset index 17) of ", "the dataset changed since extraction"), store=True),
     Case("empty-dataset", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:empty"),
          ("bad_input.py:empty('train') is empty", "check data.factory and data.split")),
     Case("dataset-length-differs", lambda c: train(c, "--set", "data.factory=numbered.py:tiny_short"),
@@ -282,6 +299,17 @@ CASES = [
          store=True, damage=lambda s: unmark(s, 3)),
     Case("store-of-other-targets", lambda c: extract("--out", c.store, "--set", "targets.dtype=float32"),
          ("different targets (targets.logits.dtype: store has 'float16', now 'float32')",), store=True, damage=lambda s: unmark(s, 3)),
+    Case("store-of-another-precision", lambda c: extract("--out", c.store, "--set", 'extract.precision="bf16"'),
+         ("different teacher precision (precision: store has 'fp32', now 'bf16')",), store=True, damage=lambda s: unmark(s, 3)),
+    Case("train-other-fingerprint-algorithm", lambda c: train(c),
+         ("records input fingerprints made with 'sha1-64', but this kdcache computes 'blake2b-64'",), store=True,
+         damage=lambda s: edit_manifest(s, fingerprint={"algorithm": "sha1-64", "of": "bytes"})),
+    Case("verify-teacher-check-other-fingerprint-algorithm", lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY],
+         ("records input fingerprints made with 'sha1-64'",), store=True,
+         damage=lambda s: edit_manifest(s, fingerprint={"algorithm": "sha1-64", "of": "bytes"})),
+    Case("resume-other-fingerprint-algorithm", lambda c: extract("--out", c.store),
+         ("different fingerprint algorithm (fingerprint.algorithm: store has 'sha1-64', now 'blake2b-64')",), store=True,
+         damage=lambda s: (unmark(s, 3), edit_manifest(s, fingerprint={"algorithm": "sha1-64", "of": "bytes"}))),
     # -- stores that cannot be read
     Case("info-no-store", lambda c: ["info", c.tmp / "nothing.zarr"], ("no store at", "run kdcache extract")),
     Case("info-folder-not-store", lambda c: ["info", c.tmp], ("no store at",)),

@@ -264,6 +264,25 @@ def test_first_epoch_checks_every_row_later_epochs_the_recheck_fraction(numbered
     assert 0 < counts[1] < N / 2 and 0 < counts[2] < N / 2 and counts[1] != counts[2]  # seeded per epoch
 
 
+def test_items_of_mixed_dtypes_are_checked_as_they_were_hashed(tmp_path):
+    """A batch holding a float64 item among float32 ones is stacked as float64: its rows' bytes are not the
+    items' bytes, so the fingerprints are recomputed item by item (a false 'dataset changed' otherwise)."""
+    import kdcache
+    from kdcache.pipeline import from_dict
+
+    from conftest import FIXTURES, NUMBERED
+
+    store = str(tmp_path / "mixed.zarr")
+    kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:numbered_mixed"}}, root=FIXTURES), store)
+    for workers in (0, 2):
+        batches = serve(transfer(store, Numbered(N, float64_every=7)), 0, workers)
+        assert sorted(r for b in batches for r in b["rows"].tolist()) == list(range(N))
+        assert any(b["inputs"].dtype == torch.float64 for b in batches)
+    for changed in (14, 15):  # a float64 item and a float32 one
+        with pytest.raises(AlignmentError, match=rf"store row {changed} "):
+            list(transfer(store, Numbered(N, float64_every=7, changed=(changed,))))
+
+
 def test_without_set_epoch_every_pass_checks_every_row(numbered_store):
     ts = transfer(numbered_store, Numbered(N, changed=(61,)), fingerprint_recheck=0.0)
     for _ in range(2):

@@ -294,6 +294,13 @@ def test_spec_vectors_match_kdcache():
     }
     for label, hexfp in VECTORS:
         assert f"{data.fingerprint(vectors[label]):016x}" == hexfp, label
+    # §9's 0-d example, and a big-endian NumPy array hashed as its values
+    spec = SPEC.read_text()
+    assert "fingerprint `ac7c6efebf53e602`" in spec and "fingerprint `04e05bc5729ac97a`" in spec
+    assert f"{data.fingerprint(torch.tensor(0.5)):016x}" == "ac7c6efebf53e602"
+    assert f"{data.fingerprint(np.array(0.5, np.float32)):016x}" == f"{data.fingerprint(torch.tensor([0.5])):016x}" == "04e05bc5729ac97a"
+    big = np.array([[0, 1], [2, 3]], dtype=">i2")
+    assert f"{data.fingerprint(big):016x}" == f"{data.fingerprint(big.astype('<i2')):016x}" == dict(VECTORS)["int16 [[0, 1], [2, 3]]"]
     linear = torch.nn.Linear(1, 1)
     with torch.no_grad():
         linear.weight.fill_(2.0), linear.bias.fill_(0.5)
