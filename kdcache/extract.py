@@ -79,7 +79,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
             hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
-            writer.put(batch, *to_host(run.select(output, hooked), run.targets, run.device))
+            writer.put(batch, *to_host(run.select(output, hooked, len(batch["index"])), run.targets, run.device))
 
 
 @dataclass
@@ -98,12 +98,20 @@ class Run:
         dtype = AUTOCAST[self.precision]
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def select(self, output: Any, hooked: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The tensors to store for one batch, by array path."""
+    def forward(self, rows: list[int], layers: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """One batch of dataset ``rows`` through the teacher: the batch, the output and the hooked layers' outputs."""
+        batch = data.collate(data.Indexed(self.dataset).__getitems__(rows))
+        with teachers.capture(self.model, layers) as hooked, torch.inference_mode(), self.autocast():
+            output = data.call(self.model, data.to_device(batch["inputs"], self.device), "teacher")
+        return batch, output, hooked
+
+    def select(self, output: Any, hooked: dict[str, Any], rows: int) -> dict[str, torch.Tensor]:
+        """The tensors to store for one batch of ``rows`` samples, by array path."""
         out = {}
         for path, t in self.targets.items():
             raw = output if t.source == "" else teachers.hooked_output(hooked, t.source)
             tensor, _ = teachers.select(raw, t.select, t.name)
+            samples_first(tensor, rows, t.name)
             if tuple(tensor.shape[1:]) != t.shape:
                 raise TargetError(f"target {t.name!r} changed shape from {list(t.shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
             out[path] = tensor
@@ -145,6 +153,15 @@ class Run:
         }
 
 
+def samples_first(tensor: torch.Tensor, rows: int, name: str) -> None:
+    """Refuse a target whose first axis is not the batch's samples (a sequence-first layer, a reduced output):
+    its rows would be stored as other samples' targets."""
+    if tensor.ndim == 0 or tensor.shape[0] != rows:
+        raise TargetError(f"target {name!r} has shape {list(tensor.shape)} for a batch of {rows} samples, but its first axis must be "
+                          "the samples (kdcache stores row r of every target for sample r); store a batch-first output "
+                          "(e.g. batch_first=True for RNN/attention layers, or a module that permutes to (batch, ...))")
+
+
 def setup(pipeline: Pipeline) -> Run:
     """Validate, build the teacher and dataset, and run one probe batch to learn the target shapes."""
     t, x = pipeline.targets, pipeline.extract
@@ -163,11 +180,9 @@ def setup(pipeline: Pipeline) -> Run:
     if n == 0:
         raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract (check data.factory and data.split)")
     model.to(device)
-    indexed = data.Indexed(dataset)
-    batch = data.collate(indexed.__getitems__(list(range(min(x.batch_size, n)))))
-    run = Run(model, dataset, device, x.precision, {}, batch["label"] is not None, {})
-    with teachers.capture(model, t.layers) as hooked, torch.inference_mode(), run.autocast():
-        output = data.call(model, data.to_device(batch["inputs"], device), "teacher")
+    run = Run(model, dataset, device, x.precision, {}, False, {})
+    batch, output, hooked = run.forward(list(range(min(x.batch_size, n))), t.layers)
+    run.has_labels = batch["label"] is not None
     if t.logits and teachers.LOGITS in t.layers:
         raise PipelineError(f"{pipeline.source}: a layer named {teachers.LOGITS!r} would clash with the model's output target; "
                             "set targets.logits = false to store that module as the only 'logits', or rename the module")
@@ -175,6 +190,7 @@ def setup(pipeline: Pipeline) -> Run:
     for name, source in sources:
         select = t.select.get(name, "auto")
         tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name)
+        samples_first(tensor, len(batch["index"]), name)
         path = layout.LOGITS if source == "" else layout.layer_path(name)
         run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
     unknown = set(t.select) - {name for name, _ in sources}
@@ -182,8 +198,10 @@ def setup(pipeline: Pipeline) -> Run:
         raise PipelineError(f"{pipeline.source}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
     run.probe = {
         "fingerprints": {str(i): f"{data.fingerprint(data.split_item(dataset[i])[0]):016x}" for i in sorted({0, n - 1})},
-        "outputs": {p: v for p, v in run.select(output, hooked).items()},
+        "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
+    if len(batch["index"]) > 1:  # and a batch of one: an axis as long as the batch that is not the samples' (seq-first layers) shows
+        run.select(*run.forward([0], t.layers)[1:], rows=1)
     return run
 
 

@@ -190,7 +190,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
             hooked.clear()
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
-            for path, tensor in run.select(output, hooked).items():
+            for path, tensor in run.select(output, hooked, len(batch["index"])).items():
                 if path in recomputed:
                     recomputed[path].append(tensor.detach().float().cpu().numpy())
     stored_fp = store.array(layout.FINGERPRINT).oindex[rows] if len(rows) else np.zeros(0, np.uint64)

@@ -310,6 +310,12 @@ CASES = [
     Case("resume-other-fingerprint-algorithm", lambda c: extract("--out", c.store),
          ("different fingerprint algorithm (fingerprint.algorithm: store has 'sha1-64', now 'blake2b-64')",), store=True,
          damage=lambda s: (unmark(s, 3), edit_manifest(s, fingerprint={"algorithm": "sha1-64", "of": "bytes"}))),
+    # a sequence-first layer: its first axis is time, as long as the batch (8) here; a batch of one shows it
+    Case("target-sequence-first", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:seq_first", "--layers", "rnn"),
+         ("target 'rnn' has shape [8, 1, 6] for a batch of 1 samples, but its first axis must be the samples", "batch_first=True")),
+    Case("target-sequence-first-other-batch", lambda c: extract("--dry-run", "--set", "teacher.factory=bad_input.py:seq_first",
+                                                                "--layers", "rnn", "--batch-size", "4"),
+         ("target 'rnn' has shape [8, 4, 6] for a batch of 4 samples",)),
     # -- stores that cannot be read
     Case("info-no-store", lambda c: ["info", c.tmp / "nothing.zarr"], ("no store at", "run kdcache extract")),
     Case("info-folder-not-store", lambda c: ["info", c.tmp], ("no store at",)),
