@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from kdcache import store as layout
-from kdcache.errors import KdcacheError, PipelineError
+from kdcache.errors import KdcacheError, PipelineError, StoreMismatchError
 from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
@@ -172,13 +172,29 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     worker = _worker_index()
     pipeline = _on_device(pipeline, worker)
     key = json.dumps([pipeline.to_dict(), str(pipeline.root)], sort_keys=True)
+    store = layout.open_store(location, mode="r+", storage_options=storage_options)
     if key not in _RUNS:
         _RUNS.clear()
-        _RUNS[key] = setup(pipeline)
-    store = layout.open_store(location, mode="r+", storage_options=storage_options)
+        run = setup(pipeline)
+        mismatch = _mismatch(store, run, pipeline, f"dask worker {worker} (pid {os.getpid()})")
+        if mismatch is not None:
+            raise mismatch
+        _RUNS[key] = run
     if not store.array(layout.DONE)[shard]:  # a resubmitted task whose first try finished after all
         extract_shards(_RUNS[key], pipeline, store, [shard], Progress(0, "", enabled=False))
     return {"shard": shard, "worker": os.getpid(), "seconds": time.perf_counter() - start}
+
+
+def _mismatch(store: layout.Store, run: Run, pipeline: Pipeline, who: str) -> StoreMismatchError | None:
+    """The error for a process whose teacher or dataset is not the store's, else None. A factory that gives other
+    weights in another process (unseeded initialisation, a checkpoint that differs between machines) would
+    mix two teachers' targets in one store under one manifest."""
+    different = layout.difference(store.manifest, run.manifest(pipeline))
+    if different is None:
+        return None
+    return StoreMismatchError(f"{who} cannot write {store.location!r}: its teacher and dataset give {different}; make "
+                              "teacher.factory and data.factory give the same model and data in every process (seed the "
+                              "initialisation, load the same checkpoint), then rerun to resume")
 
 
 def _worker_index() -> int:
@@ -243,6 +259,11 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         pending: list[int] = shared[0]
         if rank != 0:
             store = layout.open_store(out, mode="r+", storage_options=storage_options)
+        mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
+        dist.all_gather_object(mismatches, _mismatch(store, run, pipeline, f"rank {rank}"))
+        first = next((m for m in mismatches if m is not None), None)
+        if first is not None:
+            raise first
         total = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
         with _watch(store, Progress(total, f"extract [{world} ranks]", enabled=progress and rank == 0)):
             extract_shards(run, pipeline, store, pending[rank::world], Progress(0, "", enabled=False))

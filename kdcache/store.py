@@ -982,14 +982,9 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
     interrupted = _interrupted_creation(location)  # killed before its manifest was written: created again
     if _exists(location, storage_options) and not overwrite and not interrupted:
         store = open_store(location, mode="r+", storage_options=storage_options)
-        for key, what in IDENTITY.items():
-            old, new = _get(store.manifest, key), _get(manifest, key)
-            if old != new:
-                key, old, new = _difference(key, old, new)
-                raise StoreMismatchError(
-                    f"{location!r} was made with different {what} ({key}: store has {_short(old)}, now {_short(new)}); "
-                    "use the original pipeline to resume, or --overwrite to start afresh"
-                )
+        different = difference(store.manifest, manifest)
+        if different:
+            raise StoreMismatchError(f"{location!r} was made with {different}; use the original pipeline to resume, or --overwrite to start afresh")
         return store
     if not interrupted and not _exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another --out or remove it")
@@ -1141,6 +1136,17 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
     return d
+
+
+def difference(stored: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+    """The first ``IDENTITY`` difference between a store's manifest and a new run's, in words
+    (``different teacher weights (teacher.weights_sha256: store has '…', now '…')``); None when they agree."""
+    for key, what in IDENTITY.items():
+        old, new = _get(stored, key), _get(manifest, key)
+        if old != new:
+            key, old, new = _difference(key, old, new)
+            return f"different {what} ({key}: store has {_short(old)}, now {_short(new)})"
+    return None
 
 
 def _difference(key: str, old: Any, new: Any) -> tuple[str, Any, Any]:

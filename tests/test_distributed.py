@@ -152,6 +152,27 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
     assert_same_store(out, reference)
 
 
+@pytest.mark.parametrize("how", ["dask", "torchrun"])
+def test_a_process_with_another_teacher_writes_nothing(toml, tmp_path, zoo_env, how):
+    """A teacher factory that gives each process other weights (here: seeded by the pid) would fill the store
+    with several teachers' targets under the one the manifest names: each worker or rank compares its
+    teacher with the store's before it writes, and the job stops with one line."""
+    zoo_env(SEED="pid")
+    out = tmp_path / "mixed.zarr"
+    if how == "dask":
+        result = CliRunner().invoke(main, ["extract", toml, "--out", str(out), "--workers", "2"])
+        code, stderr = result.exit_code, result.stderr
+        who = "dask worker"
+    else:
+        r = _torchrun("extract", toml, "--out", str(out), cwd=tmp_path)
+        code, stderr = r.returncode, r.stderr
+        who = "rank 1"
+    assert code != 0, stderr
+    assert f"{who}" in stderr and "its teacher and dataset give different teacher weights (teacher.weights_sha256: store has" in stderr, stderr[-3000:]
+    assert "seed the initialisation" in stderr
+    assert int(open_store(str(out)).done().sum()) == 0  # the driver's / rank 0's store, created, with no shard of another teacher
+
+
 def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "kdcache.cli", *args]
