@@ -304,7 +304,7 @@ class ShardGroups(NamedTuple):
         return self.rows[np.sort(np.concatenate([self.order[span] for span in spans]))] if spans else self.rows[:0]
 
 
-def done_rows(store: layout.Store) -> np.ndarray:
-    """Every row of every completed shard, ascending."""
-    parts = [np.arange(*store.shard_rows(int(s))) for s in np.flatnonzero(store.done())]
+def done_rows(store: layout.Store, shards: np.ndarray | None = None) -> np.ndarray:
+    """Every row of every completed shard (or of ``shards``, ascending shard numbers), ascending."""
+    parts = [np.arange(*store.shard_rows(int(s))) for s in (np.flatnonzero(store.done()) if shards is None else shards)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

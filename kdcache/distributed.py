@@ -335,6 +335,17 @@ def join_training(streams: int, device: torch.device) -> int:
     return world
 
 
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op outside torch.distributed)."""
     import torch.distributed as dist

@@ -44,14 +44,18 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     if rank == 0:
         layout.refuse_if_being_written(out)  # before the store, dataset and student are loaded
         _check_out(out, resume, overwrite)
+    checkpoint = _read_checkpoint(out) if resume else None
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device))
     streams = distributed.join_training(t.streams, device)
     store = open_for_training(cache_location, allow_partial, storage_options)
+    if checkpoint is not None:
+        _check_resume(out, pipeline, store, checkpoint)  # the run's own store and values, before anything is loaded
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
     run = setup(pipeline, store, dataset, device)
+    shards = _shards(store, checkpoint)
     transfer = cache.TransferSet(
-        cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, t.subset, t.seed),
+        cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
         fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options, streams=streams, stream=rank if world > 1 else None,
     )
@@ -60,16 +64,19 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
     params = list(run.student.parameters()) + list(run.heads.parameters())
+    if not params:
+        raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
+                            "nothing to train; make student.factory return a model with trainable parameters")
     optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
     state = {"epoch": 0, "step": 0}
     with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
-        if resume:
-            state = _load_checkpoint(out, run, optimizer, schedule)
+        if checkpoint is not None:
+            state = _restore(checkpoint, out, run, optimizer, schedule)
             _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
         evaluate = _evaluator(pipeline, run, device, storage_options)
-        if rank == 0:
-            _prepare_out(out, pipeline, resume)  # only now: a run that fails to start leaves OUT as it was
+        # an earlier run's files (--overwrite) stay until this run's first epoch is saved
+        replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
         start = time.perf_counter()
         # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
         # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
@@ -93,7 +100,10 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
                 if state["step"] < total_steps:  # its first batches are made while this epoch is saved
                     batches = _start_epoch(transfer, loader, state["epoch"])
                 if rank == 0:
-                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng)
+                    if replacing:
+                        _replace_run(out, pipeline)
+                        replacing = False
+                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store)
         if rank == 0:
             _save(run.student.state_dict(), out / "student.pt")
             _save(run.heads.state_dict(), out / "heads.pt")
@@ -239,8 +249,21 @@ def _dataset(pipeline: Pipeline, split: str, length: int, what: str) -> Any:
     return dataset
 
 
-def _rows(store: layout.Store, subset: int, seed: int) -> np.ndarray:
-    rows = cache.done_rows(store)
+def _shards(store: layout.Store, checkpoint: dict[str, Any] | None) -> np.ndarray:
+    """The completed shards this run trains on. A resumed run keeps its own (in its checkpoint), though more may
+    have completed since (``--allow-partial`` on a store being extracted); a new run takes those done now, as
+    rank 0 sees them (under torchrun, every rank must draw from the same rows)."""
+    if checkpoint is not None and "shards" in checkpoint:
+        shards = np.asarray(checkpoint["shards"], dtype=np.int64)
+        if len(shards) and (shards.max() >= len(store.done()) or not store.done()[shards].all()):
+            raise StoreError(f"--resume: this run trained on shards {store.location!r} no longer has completed; "
+                             "resume with the run's own store, or start afresh with --overwrite")
+        return shards
+    return distributed.broadcast(np.flatnonzero(store.done()))
+
+
+def _rows(store: layout.Store, shards: np.ndarray, subset: int, seed: int) -> np.ndarray:
+    rows = cache.done_rows(store, shards)
     if subset <= 0:
         return rows
     if subset > len(rows):
@@ -299,9 +322,10 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                     agree += int((pred == tl).sum())
                     teacher_correct += int((tl == torch.as_tensor(label)).sum()) if label is not None else 0
                 n += len(pred)
-        out = {"eval_accuracy": correct / n} if n and batch["label"] is not None else {}
-        if isinstance(source, cache.TransferSet):
-            out |= {"eval_agreement": agree / n, "eval_teacher_accuracy": teacher_correct / n}
+        labelled = n and batch["label"] is not None  # no labels: no accuracies (never a 0 that reads as one)
+        out = {"eval_accuracy": correct / n} if labelled else {}
+        if isinstance(source, cache.TransferSet) and n:
+            out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / n} if labelled else {})}
         return out
 
     return evaluate
@@ -340,6 +364,8 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an OUT that is a file, a --resume without a checkpoint, a finished run without --overwrite (writes nothing)."""
     if out.exists() and not out.is_dir():
         raise StoreError(f"--out {str(out)!r} is a file, not a folder; choose another --out or remove the file")
+    if (out / "zarr.json").exists():  # a store (--cache itself, say): its files would be mixed with the run's
+        raise StoreError(f"--out {str(out)!r} is a zarr store, not a training run's folder; choose another --out")
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise StoreError(f"--resume: no {CHECKPOINT} in {str(out)!r}; run without --resume to start training")
@@ -349,20 +375,40 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
             raise StoreError(f"{str(out)!r} already holds a training run; pass --resume to continue it or --overwrite to start afresh")
 
 
-def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> None:
-    """Create OUT (removing an earlier run's files unless resuming) and write pipeline.json."""
+RUN_FILES = (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl")
+
+
+def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
+    """Create OUT and, for a new run, write pipeline.json. An earlier run's files (``--overwrite``) are left until
+    this run has saved its first epoch (``_replace_run``): a run that fails before (a changed dataset, a bad
+    eval split, a diverging loss) leaves them as they were. Returns whether they are still to be replaced.
+    A resumed run keeps its pipeline.json: the record of the values it was started with."""
     try:
-        if not resume:
-            for name in (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl"):
-                (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            return False
+        if any((out / name).exists() for name in RUN_FILES):
+            os.close(os.open(out / ".kdcache-write-test", os.O_CREAT | os.O_WRONLY, 0o600))  # writable: known now, not after an epoch
+            (out / ".kdcache-write-test").unlink()
+            return True
         write_pipeline(out, pipeline)
+        return False
     except OSError as e:  # read-only, no permission, no space
         raise _write_error(out, e) from None
 
 
+def _replace_run(out: Path, pipeline: Pipeline) -> None:
+    """Remove the earlier run's files (its checkpoint first) and write this run's pipeline.json."""
+    try:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        write_pipeline(out, pipeline)
+    except OSError as e:
+        raise _write_error(out, e) from None
+
+
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any],
-                rng: torch.Tensor) -> None:
+                rng: torch.Tensor, shards: np.ndarray, store: layout.Store) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line)."""
     lines = [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]] + [metrics]
@@ -371,18 +417,65 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     except OSError as e:
         raise _write_error(out / "metrics.jsonl", e) from None
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": rng}
+            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": rng,
+            "shards": shards.tolist(), "store": _store_identity(store)}
     _save(ckpt, out / CHECKPOINT)
 
 
-def _load_checkpoint(out: Path, run: Run, optimizer: Any, schedule: Any) -> dict[str, int]:
+def _store_identity(store: layout.Store) -> dict[str, Any]:
+    """What a resumed run's store must still be: the teacher and dataset it was made from."""
+    m = store.manifest
+    return {"weights_sha256": m["teacher"]["weights_sha256"], "probe_fingerprints": m["dataset"]["probe_fingerprints"],
+            "num_samples": store.num_samples}
+
+
+# The values a resumed run may change: where and how fast it runs, what it reports, and how long it lasts (the
+# schedule then follows the new length). Any other value of student.* and train.* would make it another run
+# than the one its checkpoint continues.
+RESUMABLE = {"device", "num_workers", "threads", "memory_budget_mb", "eval_split", "eval_cache", "eval_every",
+             "fingerprint_check", "fingerprint_recheck", "epochs", "steps"}
+
+
+def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict[str, Any]) -> None:
+    """Refuse a --resume from another store, or with values that change the run (its pipeline.json holds them)."""
+    then, now = checkpoint.get("store"), _store_identity(store)
+    if then is not None and then != now:
+        key = next(k for k in now if then.get(k) != now.get(k))
+        old, new = (json.dumps(v)[:40] for v in (then.get(key), now[key]))
+        raise StoreError(f"--resume: this run trained from a store of another teacher or dataset ({key}: {old} then, "
+                         f"{new} in {store.location!r}); resume with the run's own --cache, or start afresh with --overwrite")
+    try:
+        recorded = json.loads((out / "pipeline.json").read_text())
+    except (OSError, ValueError):
+        return  # no record to compare with (a run of an earlier kdcache, or a damaged file)
+    current = pipeline.to_dict()
+    for section in ("student", "train"):
+        old, new = _flat(recorded.get(section, {}), section), _flat(current[section], section)
+        for key in sorted(set(old) | set(new)):
+            if key.split(".")[1] not in RESUMABLE and old.get(key) != new.get(key):
+                raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({str(out / 'pipeline.json')!r}), now "
+                                    f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(RESUMABLE))}}} "
+                                    "may change), or start afresh with --overwrite")
+
+
+def _flat(d: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+
+
+def _read_checkpoint(out: Path) -> dict[str, Any]:
     path = str(out / CHECKPOINT)
     try:
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
         detail = " ".join(str(e).split())[:160] or "empty or truncated"
         raise StoreError(f"--resume: {path!r} cannot be read ({type(e).__name__}: {detail}); "
                          "pass --overwrite instead of --resume to start afresh") from None
+
+
+def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> dict[str, int]:
+    path = str(out / CHECKPOINT)
     try:
         run.student.load_state_dict(ckpt["student"])
         run.heads.load_state_dict(ckpt["heads"])

@@ -118,6 +118,11 @@ def append(path: Path, text: str) -> None:
         f.write(text)
 
 
+def invoke_ok(args: list[Any]) -> None:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+
+
 def trained(ctx: Ctx) -> Path:
     """A finished one-epoch training run in ``ctx.run`` (from the case's store)."""
     result = CliRunner().invoke(main, [str(a) for a in train(ctx, "--epochs", "1")])
@@ -219,6 +224,10 @@ CASES = [
           "make student.factory's model take data.factory's items"), store=True),
     Case("teacher-not-a-module", lambda c: extract("--out", c.new, "--set", "teacher.factory=extract_zoo.py:not_a_module"),
          ("teacher.factory returned str, not a torch.nn.Module", "make the factory return the model")),
+    Case("student-without-parameters", lambda c: train(c, "--set", "student.factory=bad_input.py:no_parameters", "--set", "train.features={}"),
+         ("'bad_input.py:no_parameters' builds a student with no parameters", "return a model with trainable parameters"), store=True),
+    Case("train-out-is-the-store", lambda c: ["train", TINY, "--cache", c.store, "--out", c.store],
+         ("is a zarr store, not a training run's folder; choose another --out",), store=True),
     Case("student-not-a-module", lambda c: train(c, "--set", "student.factory=extract_zoo.py:not_a_module"),
          ("student.factory returned str, not a torch.nn.Module",), store=True),
     Case("student-factory-missing", lambda c: train(c, "--set", 'student.factory=""'),
@@ -410,8 +419,17 @@ CASES = [
     Case("resume-without-checkpoint", lambda c: train(c, "--resume"),
          ("--resume: no checkpoint.pt in", "run without --resume"), store=True),
     Case("resume-another-student", lambda c: train(c, "--resume", "--set", "student.factory=bad_input.py:three_classes"),
+         ("--resume: student.factory was 'tiny.py:student' in this run (", "pipeline.json'), now 'bad_input.py:three_classes'",
+          "resume with the run's values", "or start afresh with --overwrite"), store=True, prior=lambda c: trained(c)),
+    Case("resume-another-student-no-record", lambda c: train(c, "--resume", "--set", "student.factory=bad_input.py:three_classes"),
          ("--resume:", "checkpoint.pt' holds another student", "size mismatch for fc.weight", "its pipeline.json"), store=True,
-         prior=lambda c: trained(c)),
+         prior=lambda c: (trained(c) / "pipeline.json").unlink()),
+    Case("resume-other-values", lambda c: train(c, "--resume", "--set", "train.lr=0.5"),
+         ("--resume: train.lr was 0.01 in this run", "now 0.5", "may change"), store=True, prior=lambda c: trained(c)),
+    Case("resume-other-store", lambda c: ["train", TINY, "--cache", c.tmp / "other.zarr", "--out", c.run, "--resume"],
+         ("--resume: this run trained from a store of another teacher or dataset (weights_sha256: ", "other.zarr'",
+          "resume with the run's own --cache"), store=True,
+         prior=lambda c: (trained(c), invoke_ok(extract("--out", c.tmp / "other.zarr", "--set", "teacher.factory=bad_input.py:other_teacher")))),
     Case("resume-corrupt-checkpoint", lambda c: train(c, "--resume"), ("checkpoint.pt' cannot be read", "--overwrite"),
          store=True, prior=lambda c: truncate(trained(c), "checkpoint.pt", 0.1)),
     Case("train-out-holds-a-run", lambda c: train(c), ("already holds a training run", "--resume", "--overwrite"), store=True,

@@ -132,6 +132,69 @@ def test_incomplete_store_needs_allow_partial(tiny_store, tmp_path, steps):
     assert set(used.tolist()) == set(range(50)) - set(range(16, 32))
 
 
+def test_resume_on_a_store_that_gained_shards_keeps_the_run_s_rows(tiny_store, tmp_path, steps, monkeypatch):
+    """--allow-partial on a store being extracted, then --resume after more shards completed: the resumed run
+    trains on the rows it started with (recorded in its checkpoint), and its subset is the same choice, so it
+    reaches the weights of a run that was never interrupted."""
+    import importlib
+
+    module = importlib.import_module("kdcache.train")
+    location = copy_store(tiny_store, tmp_path)
+    zarr.open_group(location, mode="r+")[layout.DONE][1] = False  # rows 16..31 not done yet
+    values = (*PLAIN, "train.subset=20", "train.epochs=3")
+    train(pipeline(*values), location, tmp_path / "whole", allow_partial=True)
+    whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)
+    rows_whole = [s["rows"] for s in steps]
+    steps.clear()
+
+    class Stopped(Exception):
+        pass
+
+    save = module._save_epoch
+
+    def save_then_stop(*args, **kwargs):  # the run is stopped right after its first checkpoint
+        save(*args, **kwargs)
+        raise Stopped
+
+    monkeypatch.setattr(module, "_save_epoch", save_then_stop)
+    with pytest.raises(Stopped):
+        train(pipeline(*values), location, tmp_path / "run", allow_partial=True)
+    monkeypatch.setattr(module, "_save_epoch", save)
+    zarr.open_group(location, mode="r+")[layout.DONE][1] = True  # the extract finished meanwhile
+    train(pipeline(*values), location, tmp_path / "run", resume=True, allow_partial=True)
+    assert all(np.array_equal(a, b) for a, b in zip(rows_whole, [s["rows"] for s in steps], strict=True))
+    resumed = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not set(np.concatenate(rows_whole).tolist()) & set(range(16, 32))
+    # a new run takes every row done now
+    steps.clear()
+    train(pipeline(*PLAIN, "train.epochs=1"), location, tmp_path / "new")
+    assert set(np.concatenate([s["rows"] for s in steps]).tolist()) == set(range(50))
+
+
+def test_eval_cache_without_labels_reports_agreement_only(tiny_store, tmp_path):
+    """An eval store of an unlabeled dataset has no accuracies to report: none is written (not a 0)."""
+    unlabeled = extract_tiny(tmp_path / "unlabeled-test.zarr", 'data.split="test"', 'data.factory="numbered.py:tiny_unlabelled"')
+    train(pipeline(*PLAIN, "train.epochs=1", 'data.factory="numbered.py:tiny_unlabelled"', f'train.eval_cache="{unlabeled}"',
+                   "train.loss.ce=0"), tiny_store, tmp_path / "run")
+    (line,) = metrics(tmp_path / "run")
+    assert "eval_agreement" in line and "eval_accuracy" not in line and "eval_teacher_accuracy" not in line
+
+
+def test_a_failed_overwrite_leaves_the_earlier_run(tiny_store, tmp_path):
+    """--overwrite replaces the earlier run's files only once the new run has saved its first epoch: one that
+    fails before (here, a dataset that changed since extraction) leaves them as they were."""
+    out = tmp_path / "run"
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(AlignmentError, match=r"store row 17 "):
+        train(pipeline(*PLAIN, 'data.factory="numbered.py:tiny_modified"'), tiny_store, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    train(pipeline(*PLAIN, "train.epochs=2", "train.lr=0.02"), tiny_store, out, overwrite=True)
+    assert [m["epoch"] for m in metrics(out)] == [0, 1] and json.loads((out / "pipeline.json").read_text())["train"]["lr"] == 0.02
+    assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "student.pt"])
+
+
 def test_store_with_no_done_shard_is_refused_even_when_partial_allowed(tiny_store, tmp_path):
     location = copy_store(tiny_store, tmp_path)
     zarr.open_group(location, mode="r+")[layout.DONE][:] = False
