@@ -153,8 +153,17 @@ class Store:
             writer = active_writer(location)  # a store being created: its manifest is written last
             if writer is not None:
                 raise StoreError(f"{location!r} is being created by {writer} (its manifest is not written yet); try again in a moment")
-            raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); pass a store written by kdcache extract")
+            if ATTRS not in attrs:
+                why = f"no {ATTRS!r} root attribute"
+            elif not isinstance(manifest, dict):
+                why = f"its {ATTRS!r} root attribute holds {_short(manifest)}, not a JSON object"
+            else:
+                why = f"its {ATTRS!r} root attribute has format {_short(manifest.get('format'))}, not {FORMAT!r}"
+            raise StoreError(f"{location!r} is a zarr group but not a kdcache store ({why}); pass a store written by kdcache extract")
         version = manifest.get("format_version")
+        if type(version) is not int:  # exactly the JSON integer: true and 1.0 compare equal to 1 in Python
+            raise StoreError(f"{location!r} has a damaged manifest: format_version = {_short(version)}, expected the integer "
+                             f"{FORMAT_VERSION}; re-extract or re-import the store")
         if version != FORMAT_VERSION:
             raise StoreError(
                 f"{location!r} has store format version {version!r}; this kdcache reads version {FORMAT_VERSION}: "
@@ -162,9 +171,47 @@ class Store:
             )
         check_manifest(manifest, location)
         self.manifest: dict[str, Any] = manifest
+        self._check_groups()
         self._arrays: dict[str, zarr.Array] = {}
         self._done: np.ndarray | None = None  # read() of a read-only store: done() read once
         self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
+
+    def _check_groups(self) -> None:
+        """Refuse damaged metadata of the groups FORMAT.md §3 lists (``samples``, ``targets``, ``progress`` and,
+        with a layer target, ``targets/layers``; the root's zarr parsed): each must be a zarr v3 group's
+        ``zarr.json``. One small read per group, all at once."""
+        import asyncio
+        import json
+
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        groups = ["samples", "targets", "progress"]
+        if any(t.path.startswith(LAYERS) for t in self.targets.values()):
+            groups.insert(2, LAYERS.rstrip("/"))
+        keys = [f"{g}/zarr.json" for g in groups]
+        store = self.group.store
+
+        async def every() -> list[Any]:
+            return list(await asyncio.gather(*(store.get(k, prototype=default_buffer_prototype()) for k in keys)))
+
+        for key, buf in zip(keys, sync(every())):
+            if buf is None:
+                why = "it is missing"
+            else:
+                try:
+                    meta = json.loads(buf.to_bytes())
+                except (ValueError, RecursionError) as e:
+                    meta, why = None, f"not JSON: {str(e)[:200]}"
+                else:
+                    if not isinstance(meta, dict):
+                        why = f"it holds {_short(meta)}, not a JSON object"
+                    elif type(meta.get("zarr_format")) is not int or meta["zarr_format"] != 3 or meta.get("node_type") != "group":
+                        why = f"zarr_format {_short(meta.get('zarr_format'))}, node_type {_short(meta.get('node_type'))}"
+                    else:
+                        continue
+            raise StoreError(f"{self.location!r} is damaged: {key!r} is not zarr v3 group metadata ({why}); write "
+                             '{"zarr_format": 3, "node_type": "group", "attributes": {}} to it, or re-extract the store')
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -313,7 +360,7 @@ class Store:
         """
         if location_kind(self.location) != "local":
             return
-        file = Path(_local_path(self.location), *key.split("/"))
+        file = Path(local_path(self.location), *key.split("/"))
         with _TEMPS_LOCK:
             if file.parent not in self._temps:
                 self._temps[file.parent] = _temp_files(file.parent)
@@ -452,12 +499,12 @@ class Store:
         from zarr.core.sync import sync
 
         if location_kind(self.location) == "local":  # zarr 3.1's LocalStore.list mangles keys under a relative root ("s")
-            root = Path(_local_path(self.location))
-            files = (f for f in root.rglob("*") if f.is_file() and not (_TMP.fullmatch(f.name) or _PARTIAL.fullmatch(f.name)))
+            root = Path(local_path(self.location))
+            files = (f for f in root.rglob("*") if f.is_file() and not _is_temp(f.name))
             return sorted(f.relative_to(root).as_posix() for f in files)
 
         async def collect() -> list[str]:
-            return [key async for key in self.group.store.list()]
+            return [key async for key in self.group.store.list() if not _is_temp(key.rpartition("/")[2])]
 
         return sorted(sync(collect()))
 
@@ -542,6 +589,12 @@ class Store:
 _TEMPS_LOCK = threading.Lock()  # Store._temps is filled by several writer threads
 _PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the object STEM
 _TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
+
+
+def _is_temp(name: str) -> bool:
+    """Whether a file name is a writer's temp file (FORMAT.md §13.1: names ending ``.tmp`` / ``.partial``), not an
+    object of the store: no object of the format has such a name (keys end in ``zarr.json`` or a chunk number)."""
+    return name.endswith((".tmp", ".partial"))
 
 
 def _temp_files(folder: Path) -> dict[Any, list[Path]]:
@@ -733,8 +786,8 @@ def _shard_file(array: zarr.Array, shard: int) -> Path:
 def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Store:
     """Open an existing store (read-only by default) at any location (``zarr_store``). Never runs code: the manifest is JSON."""
     location = str(location)
-    if not _exists(location, storage_options):
-        raise StoreError(f"no store at {location!r}; run kdcache extract PIPELINE --out {location} first")
+    if not exists(location, storage_options):
+        raise _no_store(location, storage_options)
     target = zarr_store(location, storage_options, read_only=mode == "r")
     try:
         group = zarr.open_group(target, mode=mode, zarr_format=3)
@@ -779,24 +832,27 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         if not read_only:
             raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
         try:
-            return zarr.storage.ZipStore(_local_path(location), mode="r")
+            return zarr.storage.ZipStore(local_path(location), mode="r")
         except (OSError, zipfile.BadZipFile) as e:
             raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
     if kind == "local":
         if storage_options:
             raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
-        return zarr.storage.LocalStore(_local_path(location), read_only=read_only)
+        return zarr.storage.LocalStore(local_path(location), read_only=read_only)
     if kind == "http" and not read_only:
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
         return zarr.storage.FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=read_only)
     except ImportError as e:
         raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); pip install 'kdcache[remote]'") from None
-    except (TypeError, ValueError) as e:
-        raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {e}") from None
+    except TypeError as e:  # an option the filesystem does not take
+        raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {_cause(e)}; "
+                         "check the --storage-option values") from None
+    except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
+        raise _unreachable(location, e) from None
 
 
-def _local_path(location: str) -> str:
+def local_path(location: str) -> str:
     return location[len("file://"):] if location.lower().startswith("file://") else location
 
 
@@ -807,14 +863,14 @@ def _filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[
     return url_to_fs(location, **dict(storage_options or {}))
 
 
-def _exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a zarr group's ``zarr.json`` is at the location (any kind)."""
     kind = location_kind(location)
     if kind == "local":
-        return Path(_local_path(location), "zarr.json").is_file()
+        return Path(local_path(location), "zarr.json").is_file()
     if kind == "zip":
         try:
-            with zipfile.ZipFile(_local_path(location)) as z:
+            with zipfile.ZipFile(local_path(location)) as z:
                 return "zarr.json" in z.namelist()
         except (OSError, zipfile.BadZipFile):
             return False
@@ -824,14 +880,124 @@ def _exists(location: str, storage_options: dict[str, Any] | None = None) -> boo
         return bool(sync(zarr_store(location, storage_options).exists("zarr.json")))
     except FileNotFoundError:
         return False
+    except StoreError:
+        raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
-        raise StoreError(f"cannot reach {location!r}: {_short(str(e))}; check the URL, --storage-option values and credentials") from None
+        raise _unreachable(location, e) from None
+
+
+def _cause(e: BaseException) -> str:
+    """An exception's message in one line of at most ~300 characters (the root cause, not a prefix of it)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _unreachable(location: str, e: BaseException) -> StoreError:
+    cause = _cause(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
+    if "range requests" in cause.lower():
+        fix = "serve the zip from a server that honours HTTP Range requests, or download it and pass the local file"
+    else:
+        fix = "check the URL, --storage-option values and credentials"
+    return StoreError(f"cannot reach {location!r}: {cause}; {fix}")
+
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreError:
+    """Why there is no store (no root ``zarr.json``) at ``location``, and the fix that fits the location:
+    only a local folder or an object-store prefix can be extracted to."""
+    kind = location_kind(location)
+    extract = f"run kdcache extract PIPELINE --out {location} first"
+    if kind == "local":
+        path = Path(local_path(location))
+        if path.is_file():
+            with contextlib.suppress(OSError), path.open("rb") as f:
+                if f.read(8) == HDF5_MAGIC or path.suffix.lower() in (".h5", ".hdf5"):
+                    return StoreError(f"{location!r} is an HDF5 file (a kdcache export?), not a store; run kdcache import "
+                                      f"{location} STORE first, then pass STORE")
+            return StoreError(f"{location!r} is a file, not a store; pass a store folder or a .zarr.zip written by kdcache pack")
+        if (path / ".zgroup").is_file():
+            return _zarr_v2(location)
+        if path.is_dir() and any(path.iterdir()):
+            return StoreError(f"no store at {location!r}: the folder holds no zarr.json; pass the folder of a store "
+                              "(kdcache extract PIPELINE --out NEW writes one)")
+        return StoreError(f"no store at {location!r}; {extract}")
+    if kind == "zip":
+        path = Path(local_path(location))
+        if not path.exists():
+            return StoreError(f"no store at {location!r} (no such file); check the path, or write it with kdcache pack STORE {location}")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = set(z.namelist())
+        except (OSError, zipfile.BadZipFile) as e:
+            return StoreError(f"{location!r} is not a readable zip file ({e}); pass a .zarr.zip written by kdcache pack")
+        if ".zgroup" in names:
+            return _zarr_v2(location)
+        return StoreError(f"no store in {location!r}: the zip holds no zarr.json at its root; pass a .zarr.zip written by kdcache pack")
+    http = _http_url(location)
+    if http is not None:
+        chained = http != location  # zip::http://...: the zip file itself is fetched
+        url = http if chained else http.rstrip("/") + "/zarr.json"
+        options = None if chained else storage_options
+        problem = _http_problem(url, options, whole=not chained)
+        if problem is not None and problem.startswith("HTTP "):
+            if not chained and http.lower().endswith((".h5", ".hdf5")):
+                return StoreError(f"{location!r} names an HDF5 file (a kdcache export?), not a store; download it and run "
+                                  "kdcache import FILE STORE, then pass STORE")
+            if not chained and _http_problem(http.rstrip("/") + "/.zgroup", options, whole=True) is None:
+                return _zarr_v2(location)
+            return StoreError(f"no store at {location!r} ({url}: {problem}); check the URL")
+        if problem is not None:
+            return StoreError(f"cannot reach {location!r} ({problem}); check the URL and that the server is up")
+        if chained:
+            return StoreError(f"no store in {location!r}: the zip holds no zarr.json at its root; pass the URL of a .zarr.zip written by kdcache pack")
+    if kind == "url":
+        from zarr.core.sync import sync
+
+        with contextlib.suppress(Exception):
+            if sync(zarr_store(location, storage_options).exists(".zgroup")):
+                return _zarr_v2(location)
+        return StoreError(f"no store at {location!r}; {extract}")
+    return StoreError(f"no store at {location!r}: {url} holds no zarr v3 group metadata; check the URL")
+
+
+def _zarr_v2(location: str) -> StoreError:
+    return StoreError(f"{location!r} is a zarr v2 group (it has .zgroup), not a kdcache store (zarr v3); pass a store written by kdcache extract")
+
+
+def _http_url(location: str) -> str | None:
+    """The http(s) URL a location is read through (itself, or the last link of a chain such as ``zip::https://…``)."""
+    url = location.split("::")[-1]
+    return url if url.split("://", 1)[0].lower() in ("http", "https") and "://" in url else None
+
+
+def _http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: bool) -> str | None:
+    """Why ``url`` cannot be read: ``"HTTP 404"`` (the server answered), the connection error (refused, DNS, TLS...),
+    or None when it can. fsspec's ``exists`` says False for all of them alike. ``whole``: GET it all (a small
+    zarr.json), else its first byte."""
+    import fsspec
+
+    try:
+        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **dict(storage_options or {}))
+        if whole:
+            fs.cat_file(url)
+        else:
+            fs.cat_file(url, start=0, end=1)
+        return None
+    except FileNotFoundError:
+        return "HTTP 404"
+    except Exception as e:  # noqa: BLE001 - aiohttp's connection and response errors, named below
+        status = getattr(e, "status", None)
+        if isinstance(status, int):
+            return f"HTTP {status} {getattr(e, 'message', '')}".rstrip()
+        return f"{type(e).__name__}: {_cause(e)}"
 
 
 def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
     """Whether something that is not a store is at the location (never overwritten)."""
     if location_kind(location) == "local":
-        path = Path(_local_path(location))
+        path = Path(local_path(location))
         return path.exists() and (not path.is_dir() or any(path.iterdir()))
     if location_kind(location) != "url":
         return False  # zip and http are refused by zarr_store
@@ -953,7 +1119,7 @@ def _lock_path(location: str | os.PathLike[str]) -> Path | None:
     """``.NAME.kdcache-lock`` beside the local store ``location`` (None: not a local store, or no ``flock`` here)."""
     if location_kind(str(location)) != "local" or fcntl is None:
         return None
-    root = Path(_local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
+    root = Path(local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
     return root.parent / f".{root.name}.kdcache-lock"
 
 
@@ -980,13 +1146,13 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
     location = str(location)
     target = zarr_store(location, storage_options, read_only=False)  # refuses read-only kinds (zip, http)
     interrupted = _interrupted_creation(location)  # killed before its manifest was written: created again
-    if _exists(location, storage_options) and not overwrite and not interrupted:
+    if exists(location, storage_options) and not overwrite and not interrupted:
         store = open_store(location, mode="r+", storage_options=storage_options)
         different = difference(store.manifest, manifest)
         if different:
             raise StoreMismatchError(f"{location!r} was made with {different}; use the original pipeline to resume, or --overwrite to start afresh")
         return store
-    if not interrupted and not _exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
+    if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another --out or remove it")
     try:
         return _create(location, target, manifest, storage_options)
@@ -1002,7 +1168,7 @@ def _interrupted_creation(location: str) -> bool:
     import fnmatch
     import json
 
-    root = Path(_local_path(location))
+    root = Path(local_path(location))
     try:
         attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {}) if (root / "zarr.json").is_file() else {}
     except (OSError, ValueError, AttributeError):
@@ -1023,20 +1189,38 @@ def _interrupted_creation(location: str) -> bool:
     return found
 
 
+def check_layer_names(names: list[str]) -> None:
+    """Refuse layer names whose array paths differ only in case (FORMAT.md §6: ``Conv`` / ``conv`` collide on a
+    case-insensitive file system, macOS's and Windows' default, where one array would overwrite the other)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = layer_path(name).casefold()
+        if key in seen and seen[key] != name:
+            raise StoreError(f"layer names {seen[key]!r} and {name!r} differ only in case: their arrays would be one folder on a "
+                             "case-insensitive file system (macOS, Windows); keep one of them in targets.layers, or hook a parent module")
+        seen.setdefault(key, name)
+
+
 def _create(location: str, target: Any, manifest: dict[str, Any], storage_options: dict[str, Any] | None) -> Store:
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, created=_now(), completed=None)
+    targets = manifest.get("targets")
+    if isinstance(targets, dict):
+        try:
+            check_layer_names([t["name"] for t in targets.values() if isinstance(t, dict) and t.get("source")])
+        except StoreError as e:
+            raise StoreError(f"{e}; nothing was written (a store already there is kept)") from None
     # The whole layout is built in memory first: whatever zarr refuses (a codec setting, a shape, a manifest
     # that is not JSON) fails there, before mode="w" deletes the store an --overwrite replaces.
     try:
-        _write_layout(zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3), manifest, location)
+        write_layout(zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3), manifest, location)
     except StoreError as e:
         raise StoreError(f"{e}; nothing was written (a store already there is kept)") from None
     group = zarr.open_group(target, mode="w", zarr_format=3)
-    _write_layout(group, manifest, location)
+    write_layout(group, manifest, location)
     return Store(group, location, writable=True, storage_options=storage_options)
 
 
-def _write_layout(group: zarr.Group, manifest: dict[str, Any], location: str) -> None:
+def write_layout(group: zarr.Group, manifest: dict[str, Any], location: str) -> None:
     """Create every array of ``manifest`` in the empty ``group``, then write the manifest."""
     what = "the manifest"
     try:
@@ -1096,6 +1280,8 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     for key in ("teacher.factory", "teacher.class", "teacher.weights_sha256", "dataset.factory", "dataset.split", "kdcache_version", "created"):
         if not isinstance(_get(m, key), str):
             raise bad(key, _get(m, key), "a string")
+    if m.get("completed") is not None and not isinstance(m["completed"], str):
+        raise bad("completed", m["completed"], "an ISO-8601 time string or null")
     targets, chunk_rows = m.get("targets"), _get(m, "geometry.chunk_rows")
     if not isinstance(targets, dict) or not targets:
         raise bad("targets", targets, "a non-empty object")
@@ -1105,7 +1291,8 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t.get("name"):
             raise bad(f"targets.{str(name)[:80]}", t, "a target object")
         want = LOGITS if t.get("source") == "" else layer_path(t["name"])
-        if t.get("path") != want or (t["source"] != "" and t["source"] != t["name"]):
+        legacy = want.replace("%7E", "~")  # the first 0.1.0 commit left ``~`` unencoded (FORMAT.md §6); only that differs
+        if t.get("path") not in (want, legacy) or (t["source"] != "" and t["source"] != t["name"]):
             raise bad(f"targets.{str(name)[:80]}.path", t.get("path"), repr(want))
         shape = t.get("shape")
         if not isinstance(shape, list) or len(shape) > 32 or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):

@@ -3,6 +3,9 @@ teacher's output?
 
 Checks, each reported with every problem it found (named: array, shard, inner chunk, row):
 
+- ``open`` (reported only when it fails): the store opens: its root and group metadata (``samples``,
+  ``targets``, ``targets/layers``, ``progress``: zarr v3 group ``zarr.json`` objects), its manifest's
+  header and types, and its done markers;
 - ``completeness``: every shard done;
 - ``layout``: every array of the manifest exists with its shape, dtype and chunk/shard geometry;
 - ``checksums``: every done shard's object exists, its shard index and each inner chunk's crc32c

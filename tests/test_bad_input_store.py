@@ -1,5 +1,7 @@
 """Damaged stores, in the matrix's form (see test_bad_input): zarr metadata that is valid JSON but not an
-object, damaged array metadata, a damaged done marker, and pack of a store missing a done shard's object.
+object, damaged group or array metadata, a damaged done marker, a manifest header of the wrong type, things
+that are not stores (an HDF5 file, a zarr v2 group, a missing zip), layer names that differ only in case, and
+pack of a store missing a done shard's object.
 
 Also: ``create_or_resume(..., overwrite=True)`` deletes nothing of the old store when the new one cannot be
 created, and pack reads a store named by a relative path whole.
@@ -19,7 +21,8 @@ from kdcache.cli import main
 from kdcache.errors import StoreError
 from kdcache.store import DONE, LOGITS, create_or_resume, open_store
 from kdcache.verify import verify
-from test_bad_input import LOGITS_SHARD_1, TRAIN, Case, Ctx, check_output, extract, invoke, snapshot, train, truncate
+from test_bad_input import (LOGITS_SHARD_1, TRAIN, Case, Ctx, check_output, edit_manifest, extract, factory_file, invoke, snapshot,
+                             text_file, train, truncate)
 
 OUT = "out"  # export / pack write out.h5 / out.zarr.zip in the case's folder: a failed one leaves nothing named out*
 
@@ -45,6 +48,46 @@ BAD_LOGITS_META = (f"'{LOGITS_META}' is not valid zarr metadata", "run kdcache v
 MARKER = f"{DONE}/c/1"
 BAD_MARKER = (f"done marker '{MARKER}' (holds b'zz') is not one byte 0 or 1", "run kdcache verify",
               "delete the marker and rerun kdcache extract")
+
+
+def set_root_attribute(value: Any) -> Callable[[Path], None]:
+    """Damage: set the root attribute ``kdcache`` (the manifest) to ``value``."""
+
+    def damage(store: Path) -> None:
+        meta = json.loads((store / "zarr.json").read_text())
+        meta["attributes"]["kdcache"] = value
+        (store / "zarr.json").write_text(json.dumps(meta))
+
+    return damage
+
+
+def group_damaged(key: str, why: str) -> tuple[str, ...]:
+    return (f"is damaged: '{key}' is not zarr v3 group metadata ({why}", "re-extract the store")
+
+
+def zarr_v2_group(c: Ctx) -> Path:
+    import zarr
+
+    zarr.open_group(str(c.tmp / "v2.zarr"), mode="w", zarr_format=2).create_array("x", shape=(4,), dtype="int8")
+    return c.tmp / "v2.zarr"
+
+
+CASE_TWINS = """import torch
+from torch import nn
+
+
+class Twins(nn.Module):  # two modules whose names differ only in case
+    def __init__(self):
+        super().__init__()
+        self.Conv, self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(self.Conv(x)).mean((2, 3)))
+
+
+def teacher():
+    return Twins()
+"""
 
 
 def info(c: Ctx) -> list[Any]:
@@ -78,6 +121,42 @@ CASES = [
     Case("verify-root-list", verify_cli, (*ROOT_NOT_OBJECT, "it holds []"), store=True, report=True, damage=write("zarr.json", "[]")),
     Case("extract-resume-root-list", resume, ROOT_NOT_OBJECT, store=True, damage=write("zarr.json", "[]")),
     Case("extract-resume-root-null", resume, ROOT_NOT_OBJECT, store=True, damage=write("zarr.json", "null")),
+    # -- a group's zarr.json is damaged (FORMAT.md §3: samples, targets, targets/layers, progress)
+    Case("info-group-samples-list", info, group_damaged("samples/zarr.json", "it holds [1], not a JSON object"), store=True,
+         damage=write("samples/zarr.json", "[1]")),
+    Case("verify-group-samples-list", verify_cli, group_damaged("samples/zarr.json", "it holds [1], not a JSON object"), store=True,
+         report=True, damage=write("samples/zarr.json", "[1]")),
+    Case("train-group-samples-list", train, group_damaged("samples/zarr.json", "it holds [1], not a JSON object"), store=True,
+         damage=write("samples/zarr.json", "[1]")),
+    Case("extract-resume-group-progress-not-json", resume, group_damaged("progress/zarr.json", "not JSON"), store=True,
+         damage=write("progress/zarr.json", "{bad")),
+    Case("info-group-targets-missing", info, group_damaged("targets/zarr.json", "it is missing"), store=True,
+         damage=lambda s: (s / "targets/zarr.json").unlink()),
+    Case("info-group-layers-an-array", info, group_damaged("targets/layers/zarr.json", "zarr_format 3, node_type 'array'"), store=True,
+         damage=write("targets/layers/zarr.json", '{"zarr_format": 3, "node_type": "array"}')),
+    Case("pack-group-progress-zarr-v2", pack, group_damaged("progress/zarr.json", "zarr_format 2, node_type 'group'"), store=True,
+         damage=write("progress/zarr.json", '{"zarr_format": 2, "node_type": "group"}')),
+    # -- the manifest's header is of the wrong type (FORMAT.md §2, §8)
+    *[Case(f"info-format-version-{name}", info, ("has a damaged manifest: format_version = " + shown, "expected the integer 1"),
+           store=True, damage=lambda s, v=value: edit_manifest(s, format_version=v))
+      for name, value, shown in (("true", True, "True"), ("float", 1.0, "1.0"), ("string", "1", "'1'"), ("missing", None, "None"))],
+    Case("info-completed-a-number", info, ("has a damaged manifest: completed = 123", "an ISO-8601 time string or null"), store=True,
+         damage=lambda s: edit_manifest(s, completed=123)),
+    Case("train-completed-a-list", train, ("completed = []",), store=True, damage=lambda s: edit_manifest(s, completed=[])),
+    Case("info-format-other", info, ("not a kdcache store (its 'kdcache' root attribute has format 'other', not 'kdcache-store')",),
+         store=True, damage=lambda s: edit_manifest(s, format="other")),
+    Case("info-manifest-not-an-object", info, ("not a kdcache store (its 'kdcache' root attribute holds [1], not a JSON object)",),
+         store=True, damage=set_root_attribute([1])),
+    # -- things that are not stores: the message says what they are and the fix that fits
+    Case("info-hdf5-file", lambda c: ["info", text_file(c, "t.h5", b"\x89HDF\r\n\x1a\n" + bytes(64))],
+         ("t.h5' is an HDF5 file", "run kdcache import", "STORE first")),
+    Case("info-zarr-v2-group", lambda c: ["info", zarr_v2_group(c)], ("v2.zarr' is a zarr v2 group", "not a kdcache store (zarr v3)")),
+    Case("info-zip-missing", lambda c: ["info", c.tmp / "none.zarr.zip"], ("none.zarr.zip' (no such file)", "kdcache pack STORE")),
+    Case("info-plain-file", lambda c: ["info", text_file(c, "notes.txt", "x")], ("notes.txt' is a file, not a store",)),
+    # -- a new store whose layer names differ only in case (FORMAT.md §6)
+    Case("extract-layers-differ-in-case", lambda c: extract("--out", c.new, "--set", factory_file(c, "twins.py", CASE_TWINS),
+                                                            "--set", 'targets.layers=["Conv", "conv"]'),
+         ("layer names 'Conv' and 'conv' differ only in case", "hook a parent module")),
     # -- an array's zarr.json is damaged
     *[Case(f"{verb}-array-meta-not-json", args, (*BAD_LOGITS_META, "Expecting property name"), store=True,
            damage=write(LOGITS_META, "{bad"))

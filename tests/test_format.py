@@ -392,3 +392,35 @@ def test_awkward_names_as_zarr_arrays(tmp_path):
     # nothing escaped targets/layers/
     assert sorted(p.name for p in (tmp_path / "names.zarr").iterdir()) == ["targets", "zarr.json"]
     assert sorted(p.name for p in (tmp_path / "names.zarr" / "targets").iterdir()) == ["layers", "zarr.json"]
+
+
+def rename_layer(store: Path, old: str, name: str, node: str) -> None:
+    """Rename layer target ``old`` of ``store`` to ``name``, its array folder to ``targets/layers/<node>``."""
+    (store / LAYERS / layer_path(old)[len(LAYERS):]).rename(store / LAYERS / node)
+    meta = json.loads((store / "zarr.json").read_text())
+    m = meta["attributes"]["kdcache"]
+    target = m["targets"].pop(old)
+    m["targets"][name] = dict(target, name=name, source=name, path=LAYERS + node)
+    m["geometry"]["chunk_rows"][LAYERS + node] = m["geometry"]["chunk_rows"].pop(layer_path(old))
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_legacy_unencoded_tilde_is_read(tiny_store, tmp_path):
+    """§6: the first 0.1.0 commit left ``~`` unencoded in layer paths (``targets/layers/~t``); such a store reads
+    and verifies like one with ``%7Et``. Only that legacy form is accepted: any other path is still refused."""
+    from kdcache.verify import verify
+
+    expected = kdcache.open_store(tiny_store).read(layer_path("features.3"), 0, 50)
+    for node in ("~t.~3", "%7Et.%7E3"):
+        store = tmp_path / f"{node}.zarr"
+        shutil.copytree(tiny_store, store)
+        rename_layer(store, "features.3", "~t.~3", node)
+        opened = kdcache.open_store(store)
+        assert opened.targets["~t.~3"].path == LAYERS + node and layer_name(LAYERS + node) == "~t.~3"
+        np.testing.assert_array_equal(opened.read(LAYERS + node, 0, 50), expected)
+        assert verify(str(store))["ok"]
+    store = tmp_path / "other.zarr"
+    shutil.copytree(tiny_store, store)
+    rename_layer(store, "features.3", "a b~", "a b~")  # the space unencoded too: not the legacy form
+    with pytest.raises(StoreError, match=r"targets\.a b~\.path = 'targets/layers/a b~', expected 'targets/layers/a%20b%7E'"):
+        kdcache.open_store(store)

@@ -72,6 +72,35 @@ def http_root(tmp_path_factory):
     proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def plain_http_root(tmp_path_factory):
+    """A folder served by ``python -m http.server`` on 127.0.0.1, which ignores ``Range`` headers: ``(folder, base_url)``."""
+    root = tmp_path_factory.mktemp("plain")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base + "/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("http.server did not start")
+    yield root, base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (connecting to it is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def assert_same_store(a: str, b: str, options_a=None, options_b=None) -> None:
     sa, sb = open_store(a, storage_options=options_a), open_store(b, storage_options=options_b)
     assert without_times(sa.manifest) == without_times(sb.manifest)
@@ -210,3 +239,65 @@ def test_storage_option_values_are_json_and_nest():
         "anon": True, "client_kwargs": {"region_name": "eu-west-1"}, "block_size": 5, "endpoint_url": "http://h:1"}
     assert _storage_options(()) is None
 
+
+
+def test_http_no_store_messages_name_the_cause(http_root):
+    """fsspec's exists() answers False for a refused connection, a TLS handshake with a plain server and a 404
+    alike; the message says which, and never suggests extracting to a read-only http location."""
+    import zarr
+
+    root, base = http_root
+    refused = f"http://127.0.0.1:{free_port()}/tiny.zarr"
+    with pytest.raises(StoreError) as e:
+        open_store(refused)
+    assert str(e.value).startswith(f"cannot reach {refused!r} (ClientConnectorError: Cannot connect to host")
+    assert "check the URL and that the server is up" in str(e.value) and "kdcache extract" not in str(e.value)
+    tls = base.replace("http://", "https://") + "/tiny.zarr"  # TLS to a plain-http server
+    with pytest.raises(StoreError, match=r"cannot reach .* \(ClientConnector\w*Error: .*SSL"):
+        open_store(tls)
+    with pytest.raises(StoreError) as e:
+        open_store(f"{base}/absent.zarr")
+    assert str(e.value) == f"no store at '{base}/absent.zarr' ({base}/absent.zarr/zarr.json: HTTP 404); check the URL"
+    zarr.open_group(str(root / "v2.zarr"), mode="w", zarr_format=2).create_array("x", shape=(2,), dtype="int8")
+    with pytest.raises(StoreError, match="is a zarr v2 group"):
+        open_store(f"{base}/v2.zarr")
+    with pytest.raises(StoreError, match=r"no store at 'zip::.*absent.zarr.zip' \(.*absent.zarr.zip: HTTP 404\); check the URL"):
+        open_store(f"zip::{base}/absent.zarr.zip")
+    with pytest.raises(StoreError, match=r"cannot reach 'zip::http://127.0.0.1:\d+/t.zarr.zip' \(ClientConnectorError"):
+        open_store(f"zip::http://127.0.0.1:{free_port()}/t.zarr.zip")
+    r = CliRunner().invoke(main, ["info", refused])
+    assert r.exit_code == 1 and r.output.startswith("Error: cannot reach") and "Traceback" not in r.output
+
+
+def test_folder_over_plain_http_reads_but_zip_needs_range(plain_http_root, tiny_store, tmp_path):
+    """A store folder reads over ``python -m http.server`` (whole objects, no Range); ``zip::http`` needs Range,
+    and the error says so in full (it was cut at 80 characters, before the cause)."""
+    import shutil
+
+    root, base = plain_http_root
+    shutil.copytree(tiny_store, root / "tiny.zarr")
+    assert verify(f"{base}/tiny.zarr")["ok"]
+    pack(tiny_store, root / "t.zarr.zip")
+    r = CliRunner().invoke(main, ["info", f"zip::{base}/t.zarr.zip"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"Error: cannot reach 'zip::{base}/t.zarr.zip': The HTTP server doesn't appear to support range requests")
+    assert "with storage options" not in r.output and "HTTP Range requests, or download it" in r.output
+
+
+def test_pack_over_http_skips_writer_temp_files(http_root, tiny_store, tmp_path):
+    """Temp files a killed writer left (FORMAT.md §13.1) are not objects, whatever the location: pack over http
+    writes the same zip as pack of the local folder."""
+    import shutil
+
+    root, base = http_root
+    local = tmp_path / "t.zarr"
+    shutil.copytree(tiny_store, local)
+    (local / "targets/logits/c/1/.0.4242.tmp").write_bytes(b"half a shard")
+    (local / "targets/logits/zarr.json.0123456789abcdef0123456789abcdef.partial").write_bytes(b"{")
+    (local / "zarr.0123456789abcdef0123456789abcdef.partial").write_bytes(b"{")
+    shutil.copytree(local, root / "temps.zarr")
+    pack(str(local), tmp_path / "local.zarr.zip")
+    pack(f"{base}/temps.zarr", tmp_path / "http.zarr.zip")
+    assert (tmp_path / "http.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
+    keys = open_store(f"{base}/temps.zarr").object_keys()
+    assert len(keys) == 35 and not [k for k in keys if k.endswith((".tmp", ".partial"))]
