@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
-from kdcache.train import train
+from kdcache.errors import StoreError, write_fix
+from kdcache.train import _check_values, train
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "mnist.toml"
 LABEL_BUDGET = 1000
@@ -34,22 +35,28 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
          progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the figures."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base = ["train.eval_every=0"] + list(overrides)  # evaluate each student once, after its last step
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
+    # Every pipeline (the students' too, with train's own checks) and the folder are validated before anything is
+    # created or extracted: a mistake in --set or --out fails in a second, not after the extracts.
+    extracts = [kdcache.load_pipeline(pipeline, base + [f"data.split={split}"]) for split in ("train", "test")]
+    students = {name: kdcache.load_pipeline(pipeline, base + student_overrides + [f"train.eval_cache={json.dumps(str(test_store))}"])
+                for name, (_, student_overrides) in STUDENTS.items()}
+    for p in students.values():
+        _check_values(p)
+    _make_out(out)
 
     start = time.perf_counter()
     echo(f"[1/2] extract: the teacher scores the training and test inputs once -> {train_store}, {test_store}")
-    info = kdcache.extract(kdcache.load_pipeline(pipeline, base + ["data.split=train"]), str(train_store), overwrite=True, progress=progress)
-    kdcache.extract(kdcache.load_pipeline(pipeline, base + ["data.split=test"]), str(test_store), overwrite=True, progress=progress)
+    info = kdcache.extract(extracts[0], str(train_store), overwrite=True, progress=progress)
+    kdcache.extract(extracts[1], str(test_store), overwrite=True, progress=progress)
     extract_seconds = time.perf_counter() - start
 
     results: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
-    for name, (what, student_overrides) in STUDENTS.items():
+    for name, (what, _) in STUDENTS.items():
         echo(f"[2/2] train student {name} ({what})")
-        p = kdcache.load_pipeline(pipeline, base + student_overrides + [f"train.eval_cache={json.dumps(str(test_store))}"])
-        results[name] = train(p, str(train_store), out / f"student-{name}", overwrite=True, progress=progress)
+        results[name] = train(students[name], str(train_store), out / f"student-{name}", overwrite=True, progress=progress)
     train_seconds = time.perf_counter() - start
 
     teacher_acc = results["B"]["eval_teacher_accuracy"]
@@ -70,9 +77,24 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
         "train_seconds": train_seconds,
         "students": {k: {"description": STUDENTS[k][0], **v} for k, v in results.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        raise StoreError(f"cannot write {str(out / 'summary.json')!r}: {e.strerror or e}; {write_fix(e)} and rerun kdcache demo") from None
     echo(table(summary))
     return summary
+
+
+def _make_out(out: Path) -> None:
+    """Create the demo's folder, or refuse an --out that cannot be one (a file, a path through a file, no write access)."""
+    existing = next((d for d in (out, *out.parents) if d.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "--out" if existing == out else f"the folder of --out {str(out)!r}"
+        raise StoreError(f"{str(existing)!r} ({where}) is a file, not a folder; choose another --out for kdcache demo (or move that file away)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the folder --out {str(out)!r}: {e.strerror or e}; {write_fix(e)} and rerun kdcache demo") from None
 
 
 def table(s: dict[str, Any]) -> str:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from kdcache import store as layout
-from kdcache.errors import StoreError
+from kdcache.errors import StoreError, write_fix
 
 HDF5_LAYOUT_VERSION = 1
 HDF5_COMPRESSION = ("gzip", "lzf", "none")
@@ -36,17 +38,18 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
     keys = store.object_keys()
     part = out.with_name(out.name[: -len(".zip")] + ".part.zip")  # a *.zip name: it opens as a zip store
     nbytes = 0
-    with _removed_on_failure(part):
+    with _writing(part, out):
         # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
         with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
             for key in keys:
-                data = store.raw_object(key)
+                with _reading(store, key):
+                    data = store.raw_object(key)
                 if data is None:
                     continue  # listed but gone: an absent object reads as fill, as in the source
                 z.writestr(zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0)), data)
                 nbytes += len(data)
         _check_objects(_complete(str(part), None, "pack"), "pack")  # it opens as a complete store, with every shard object
-    os.replace(part, out)
+        os.replace(part, out)
     return {"out": str(out), "objects": len(keys), "bytes": nbytes, "file_bytes": out.stat().st_size}
 
 
@@ -63,21 +66,26 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     _check_out(out, overwrite)
     store = _complete(location, storage_options, "export")
     part = out.with_name(out.name + ".part")
-    with _removed_on_failure(part), h5py.File(part, "w") as f:
-        f.attrs[layout.ATTRS] = json.dumps(store.manifest)
-        f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
-        for path in store.paths() + [layout.DONE]:
-            arr = store.array(path)
-            chunks = (int(arr.chunks[0]), *arr.shape[1:]) if path != layout.DONE else None
-            ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                                  compression=None if compression == "none" or path == layout.DONE else compression)
-            if path == layout.DONE:
-                ds[:] = arr[:]
-                continue
-            for shard in range(store.num_shards):  # one shard in memory at a time
-                start, stop = store.shard_rows(shard)
-                ds[start:stop] = store.read(path, start, stop)
-    os.replace(part, out)
+    with _writing(part, out):
+        with h5py.File(part, "w") as f:
+            f.attrs[layout.ATTRS] = json.dumps(store.manifest)
+            f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
+            for path in store.paths() + [layout.DONE]:
+                arr = store.array(path)
+                chunks = (int(arr.chunks[0]), *arr.shape[1:]) if path != layout.DONE else None
+                ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                                      compression=None if compression == "none" or path == layout.DONE else compression)
+                if path == layout.DONE:
+                    with _reading(store, path):
+                        done = arr[:]
+                    ds[:] = done
+                    continue
+                for shard in range(store.num_shards):  # one shard in memory at a time
+                    start, stop = store.shard_rows(shard)
+                    with _reading(store, path):
+                        rows = store.read(path, start, stop)
+                    ds[start:stop] = rows
+        os.replace(part, out)
     return {"out": str(out), "arrays": len(store.paths()) + 1, "file_bytes": out.stat().st_size, "compression": compression}
 
 
@@ -100,27 +108,101 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
             manifest = None
         if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT:
             raise StoreError(f"{source!r} has no kdcache manifest (root attribute {layout.ATTRS!r}); pass a file written by kdcache export")
-        if manifest.get("format_version") != layout.FORMAT_VERSION:
+        if type(manifest.get("format_version")) is not int or manifest["format_version"] != layout.FORMAT_VERSION:  # true == 1 in Python
             raise StoreError(f"{source!r} holds store format version {manifest.get('format_version')!r}; this kdcache reads "
                              f"version {layout.FORMAT_VERSION}: upgrade kdcache")
         layout.check_manifest(manifest, source)
         fresh = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "completed")}
+        expect, done = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
+        paths = expect.paths()
+        _check_location(location)
+        if overwrite and layout.exists(str(location), storage_options):
+            _check_readable(f, source, expect, done, location)  # an existing store is replaced only by a file that reads whole
         with layout.writer_lock(location):  # one writer per store
             store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options)
-            for path in store.paths() + [layout.DONE]:
-                want = store.array(path)
-                ds = f.get(path)
-                if ds is None or not hasattr(ds, "shape") or tuple(ds.shape) != tuple(want.shape) or ds.dtype != want.dtype:
-                    seen = "missing" if ds is None else f"{getattr(ds, 'shape', '?')} {getattr(ds, 'dtype', '?')}"
-                    raise StoreError(f"{source!r}: dataset {path!r} is {seen}, the manifest says {tuple(want.shape)} {want.dtype}")
-            done = f[layout.DONE][:]
             for shard in store.pending_shards():
                 if not done[shard]:
                     continue  # not done in the source either: stays not done here
                 start, stop = store.shard_rows(shard)
-                store.write_shard(shard, {path: f[path][start:stop] for path in store.paths()})
+                arrays = {}
+                for path in paths:
+                    try:
+                        arrays[path] = f[path][start:stop]
+                    except (OSError, ValueError, RuntimeError) as e:  # a damaged chunk (a filter or checksum that fails)
+                        raise _unreadable(source, path, shard, start, stop, e, store) from None
+                store.write_shard(shard, arrays)
             store.finish()
     return store.info()
+
+
+def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layout.Store, Any]:
+    """Every dataset the manifest needs, with its shape, dtype and filters, checked from the file's metadata alone
+    (and the small done list read): a file that cannot be imported is refused before any store is touched.
+    Returns the manifest's layout (an empty store in memory) and the done list."""
+    import h5py
+    import zarr
+
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    layout.write_layout(group, manifest, source)  # the manifest's layout, in memory: nothing written anywhere
+    expect = layout.Store(group, source, writable=False)
+    fix = "re-export it from the store (kdcache export STORE FILE) or copy it again"
+    wants = {path: expect.expected(path) for path in expect.paths()}
+    wants[layout.DONE] = ((expect.num_shards,), "bool")
+    for path, (shape, dtype) in wants.items():
+        try:
+            ds = f.get(path)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise StoreError(f"{source!r} is damaged: dataset {path!r} cannot be opened ({_why(e)}); {fix}") from None
+        if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != shape or ds.dtype != np.dtype(dtype):
+            seen = ("missing" if ds is None else "a group, not a dataset" if not isinstance(ds, h5py.Dataset)
+                    else f"{tuple(ds.shape)} {ds.dtype}")
+            raise StoreError(f"{source!r}: dataset {path!r} is {seen}, the manifest says {shape} {dtype}; {fix}")
+        plist = ds.id.get_create_plist()
+        for i in range(plist.get_nfilters()):
+            code, _, _, name = plist.get_filter(i)
+            if not h5py.h5z.filter_avail(code):
+                name = name.decode(errors="replace") if isinstance(name, bytes) else name
+                raise StoreError(f"{source!r}: dataset {path!r} needs the HDF5 filter {name or code!r}, which this h5py lacks; "
+                                 "re-export the store with --compression gzip (or install the filter plugin)")
+    try:
+        done = np.asarray(f[layout.DONE][:], dtype=bool)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise StoreError(f"{source!r} is damaged: dataset {layout.DONE!r} cannot be read ({_why(e)}); {fix}") from None
+    return expect, done
+
+
+def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, location: str) -> None:
+    """Read every done shard of every dataset once (one shard in memory at a time): a damaged chunk is only
+    found by reading, and an ``--overwrite`` must not delete the store it would replace for a file that fails."""
+    for shard in (int(s) for s in np.flatnonzero(done)):
+        start, stop = expect.shard_rows(shard)
+        for path in expect.paths():
+            try:
+                f[path][start:stop]
+            except (OSError, ValueError, RuntimeError) as e:
+                raise StoreError(f"{source!r} is damaged: dataset {path!r} rows {start}-{stop - 1} cannot be read ({_why(e)}); "
+                                 f"re-export the file from its store (kdcache export STORE FILE) or copy it again "
+                                 f"(nothing was changed: {location!r} is kept)") from None
+
+
+def _check_location(location: str) -> None:
+    """Refuse a local STORE that is a file or lies under one, naming the argument (before its lock is taken)."""
+    if layout.location_kind(location) != "local":
+        return
+    path = Path(layout.local_path(location))
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{location!r} is a file, not a store; choose another STORE location for kdcache import or remove it")
+    _check_folder(path.parent, f"choose another STORE location for kdcache import than {location!r}")
+
+
+def _unreadable(source: str, path: str, shard: int, start: int, stop: int, e: Exception, store: layout.Store) -> StoreError:
+    """A chunk of the HDF5 file that does not read back, found while importing: what was imported is kept."""
+    done = int(store.done().sum())
+    return StoreError(
+        f"{source!r} is damaged: dataset {path!r} rows {start}-{stop - 1} cannot be read ({_why(e)}); "
+        f"{store.location!r} is left partial ({done}/{store.num_shards} shards imported): re-export the file from its store "
+        f"(kdcache export STORE FILE) or copy it again, then rerun kdcache import FILE {store.location} to import the rest"
+    )
 
 
 def _complete(location: str, storage_options: dict[str, Any] | None, verb: str) -> layout.Store:
@@ -144,16 +226,53 @@ def _check_objects(store: layout.Store, verb: str) -> None:
 
 
 @contextmanager
-def _removed_on_failure(part: Path) -> Iterator[None]:
-    """Remove the temporary file ``part`` if the block that writes it fails: no partial output is left."""
+def _reading(store: layout.Store, what: str) -> Iterator[None]:
+    """An OSError reading the source store (not the output) as a one-line error naming it."""
     try:
         yield
-    except BaseException:
-        part.unlink(missing_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot read {what!r} of {store.location!r}: {e.strerror or e}; check that the store is readable "
+                         f"(kdcache verify {store.location}) and rerun") from None
+
+
+@contextmanager
+def _writing(part: Path, out: Path) -> Iterator[None]:
+    """Make ``out``'s folder and run the block that writes the temporary file ``part`` (renamed to ``out``).
+    If it fails, ``part`` and any folder made here are removed (a failure to remove them never hides the
+    error), and an OSError is a one-line error naming ``out`` and the fix."""
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # removed again on failure
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException as e:
+        with suppress(OSError):
+            part.unlink(missing_ok=True)
+        for folder in made:  # deepest first
+            with suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, OSError):
+            raise StoreError(f"cannot write {str(out)!r}: {_why(e)}; {write_fix(e)} and rerun (nothing was written)") from None
         raise
 
 
+def _why(e: Exception) -> str:
+    """The reason of an error in a few words (h5py's OSErrors repeat the file name and flags: their errno is used)."""
+    if getattr(e, "errno", None):
+        return os.strerror(e.errno)  # type: ignore[attr-defined]
+    return " ".join(str(e).split())[:200]
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that cannot be written as a file, before anything is read or written."""
+    if out.is_dir():
+        raise StoreError(f"{str(out)!r} is a folder; pass the path of the file to write (e.g. {str(out / out.name)!r})")
     if out.exists() and not overwrite:
         raise StoreError(f"{str(out)!r} exists; choose another output or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_folder(out.parent, f"choose another output path than {str(out)!r}")
+
+
+def _check_folder(folder: Path, fix: str) -> None:
+    """Refuse a folder path through a file (``afile/x.h5``): the first part of it that exists must be a folder."""
+    existing = next((d for d in (folder, *folder.parents) if d.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise StoreError(f"{str(existing)!r} is a file, not a folder; {fix} (or move that file away)")

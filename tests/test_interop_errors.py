@@ -1,0 +1,219 @@
+"""export / import / pack / demo: user and environment mistakes are one ``Error:`` line (exit 1, no traceback),
+and a failing command leaves an existing store (or output file) exactly as it was."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import kdcache
+from kdcache import interop
+from kdcache.cli import main
+from kdcache.demo import demo
+from kdcache.errors import StoreError
+from kdcache.store import open_store
+from test_bad_input import read_only_dir, snapshot
+from test_interop import assert_same
+
+
+def cli(*args: object) -> tuple[int, str]:
+    """Run ``kdcache ARGS`` in this process; returns the exit code and the one ``Error:`` line (asserted to be alone)."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return result.exit_code, lines[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny store exported once (gzip). Read-only: copy it to change it."""
+    h5 = tmp_path_factory.mktemp("h5") / "tiny.h5"
+    interop.export_hdf5(tiny_store, h5)
+    return h5
+
+
+def copy_of(src: str | Path, dst: Path) -> Path:
+    (shutil.copytree if Path(src).is_dir() else shutil.copy)(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+def missing(f: h5py.File) -> None:
+    del f["targets/logits"]
+
+
+def wrong_shape(f: h5py.File) -> None:
+    del f["targets/logits"]
+    f["targets/logits"] = np.zeros((50, 3), np.float16)
+
+
+def wrong_dtype(f: h5py.File) -> None:
+    del f["samples/index"]
+    f["samples/index"] = np.zeros(50, np.int32)
+
+
+def group_not_dataset(f: h5py.File) -> None:
+    del f["targets/layers/features.3"]
+    f.create_group("targets/layers/features.3")
+
+
+def no_done(f: h5py.File) -> None:
+    del f["progress/done"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (missing, "dataset 'targets/logits' is missing, the manifest says (50, 4) float16"),
+    (wrong_shape, "dataset 'targets/logits' is (50, 3) float16, the manifest says (50, 4) float16"),
+    (wrong_dtype, "dataset 'samples/index' is (50,) int32, the manifest says (50,) int64"),
+    (group_not_dataset, "dataset 'targets/layers/features.3' is a group, not a dataset"),
+    (no_done, "dataset 'progress/done' is missing, the manifest says (4,) bool"),
+])
+def test_import_overwrite_of_a_malformed_file_keeps_the_store(exported, tiny_store, tmp_path, edit, match):
+    h5 = copy_of(exported, tmp_path / "bad.h5")
+    with h5py.File(h5, "a") as f:
+        edit(f)
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert match in line and "bad.h5" in line and "re-export it" in line, line
+    assert snapshot(victim) == before  # was wiped before the check
+    cli("import", h5, tmp_path / "new.zarr")
+    assert not (tmp_path / "new.zarr").exists()
+
+
+def corrupt_chunk(h5: Path, path: str = "targets/logits", chunk: int = 1) -> None:
+    """Overwrite the compressed bytes of one chunk (rows 16-31 of ``path``) with garbage: its gzip stream fails."""
+    with h5py.File(h5, "r") as f:
+        info = f[path].id.get_chunk_info(chunk)
+    data = bytearray(h5.read_bytes())
+    data[info.byte_offset : info.byte_offset + info.size] = b"\x5a" * info.size
+    h5.write_bytes(bytes(data))
+
+
+def test_import_of_a_corrupt_chunk_is_one_line_and_a_rerun_resumes(exported, tiny_store, tmp_path):
+    h5 = copy_of(exported, tmp_path / "corrupt.h5")
+    corrupt_chunk(h5)
+    out = tmp_path / "new.zarr"
+    _, line = cli("import", h5, out)
+    for fragment in ("corrupt.h5' is damaged: dataset 'targets/logits' rows 16-31 cannot be read",
+                     "left partial (1/4 shards imported)", "re-export the file", f"rerun kdcache import FILE {out}"):
+        assert fragment in line, line
+    assert int(open_store(str(out)).done().sum()) == 1
+    r = CliRunner().invoke(main, ["import", str(exported), str(out)])  # a good copy: resumes the other shards
+    assert r.exit_code == 0, r.output
+    assert_same(tiny_store, str(out))
+
+
+def test_import_overwrite_of_a_corrupt_chunk_keeps_the_store(exported, tiny_store, tmp_path):
+    h5 = copy_of(exported, tmp_path / "corrupt.h5")
+    corrupt_chunk(h5, "targets/layers/features.3", 3)
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert "dataset 'targets/layers/features.3' rows 48-49 cannot be read" in line and "nothing was changed" in line, line
+    assert snapshot(victim) == before
+
+
+def test_import_names_its_store_argument(exported, tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    for store in ("afile", "afile/x.zarr"):
+        _, line = cli("import", exported, tmp_path / store)
+        assert "'afile' is a file" in line or f"{tmp_path / 'afile'!s}' is a file" in line, line
+        assert "STORE" in line and "--out" not in line, line
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+# ------------------------------------------------------------------------------------- export, pack
+
+
+@pytest.mark.parametrize("verb, name", [("export", "x.h5"), ("pack", "x.zarr.zip")])
+def test_output_under_a_file(tiny_store, tmp_path, verb, name):
+    (tmp_path / "afile").write_text("keep")
+    _, line = cli(verb, tiny_store, tmp_path / "afile" / name)
+    assert f"{tmp_path / 'afile'}' is a file, not a folder" in line and "choose another output path" in line, line
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.parametrize("verb, name", [("export", "x.h5"), ("pack", "x.zarr.zip"), ("export", "sub/x.h5")])
+def test_output_in_a_read_only_folder(tiny_store, tmp_path, verb, name):
+    with read_only_dir(tmp_path / "ro") as ro:
+        _, line = cli(verb, tiny_store, ro / name)
+        assert f"cannot write '{ro / name}'" in line and "make the folder writable" in line, line
+        assert list(ro.iterdir()) == []
+
+
+def test_cleanup_never_masks_the_error(tiny_store, tmp_path, monkeypatch):
+    """The write fails (disk full) and removing the partial file fails too: the write's error is reported."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def unlink(self, missing_ok=False):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(interop.zipfile, "ZipFile", full)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(StoreError, match=r"cannot write .*x.zarr.zip': No space left on device; free space and rerun"):
+        interop.pack(tiny_store, tmp_path / "x.zarr.zip")
+
+
+def test_export_overwrite_failure_keeps_the_old_file(tiny_store, tmp_path, monkeypatch):
+    out = tmp_path / "x.h5"
+    out.write_text("old")
+    monkeypatch.setattr(interop.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    _, line = cli("export", tiny_store, out, "--overwrite")
+    assert "free space" in line, line
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_out_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    for out in ("afile", "afile/sub"):
+        _, line = cli("demo", "--out", tmp_path / out)
+        assert "is a file, not a folder; choose another --out" in line, line
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epochs=abc", "train.epochs must be int, got 'abc'"),
+    ("train.lr=0", "train.lr must be > 0"),  # train's own check, once only after both extracts
+    ("train.loss.temperature=0", "train.loss.temperature must be at least"),
+])
+def test_demo_values_are_checked_before_anything_is_made(tmp_path, monkeypatch, override, match):
+    monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran before the values were checked"))
+    _, line = cli("demo", "--out", tmp_path / "ddd", "--set", override)
+    assert match in line, line
+    assert not (tmp_path / "ddd").exists()
+
+
+def test_demo_read_only_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran"))
+    with read_only_dir(tmp_path / "ro") as ro:
+        _, line = cli("demo", "--out", ro / "d")
+        assert f"cannot create the folder --out '{ro / 'd'}'" in line and "make the folder writable" in line, line
+
+
+def test_demo_valid_values_reach_the_extract(tmp_path, monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def extract(pipeline, out, **kwargs):
+        assert Path(out).parent.is_dir()
+        raise Reached
+
+    monkeypatch.setattr(kdcache, "extract", extract)
+    with pytest.raises(Reached):
+        demo(tmp_path / "d", echo=lambda s: None)
