@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, store as layout
 from kdcache.errors import AlignmentError, StoreError
@@ -238,7 +238,7 @@ class TransferSet(IterableDataset):
         index = columns[layout.INDEX]
         items = data.getitems(self.dataset, index.tolist())
         inputs = [data.inputs_of(item) for item in items]
-        batch = default_collate(inputs)
+        batch = data.stack(inputs, index.tolist())
         self._check(rows, index, inputs, batch, columns[layout.FINGERPRINT], check)
         return {
             "rows": torch.from_numpy(rows),

@@ -14,6 +14,9 @@ from typing import Any, Callable, Iterator
 import click
 
 from kdcache.errors import KdcacheError
+from kdcache.threads import CORES
+
+WORKERS_LIMIT = max(64, 4 * CORES)  # as for extract.num_workers: a larger count is a typo that exhausts the machine
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -23,6 +26,9 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            raise _Interrupted(f"interrupted; {INTERRUPTED.get(fn.__name__, 'nothing was changed')}") from None
         except KdcacheError as e:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each
             # ("Task was destroyed but it is pending!") after the one Error line.
@@ -30,6 +36,19 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(_message(e)) from None
 
     return wrapper
+
+
+INTERRUPTED = {  # what an interrupted command leaves, and how to go on
+    "extract": "the shards written so far are kept: run the same command again to resume",
+    "import_": "the shards imported so far are kept: run the same command again to resume",
+    "train": "the last saved epoch is kept: run the same command with --resume to continue",
+    "demo": "run kdcache demo again",
+    "pack": "no file was written", "export": "no file was written",
+}
+
+
+class _Interrupted(click.ClickException):
+    exit_code = 130
 
 
 def _message(e: KdcacheError) -> str:
@@ -144,7 +163,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a store.")
 @click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--workers", type=click.IntRange(min=1), help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
+@click.option("--workers", type=click.IntRange(min=1, max=WORKERS_LIMIT), help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", help="Extract on the dask cluster at this scheduler address.")
 @storage_option
 @progress_option
@@ -197,7 +216,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 @main.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--cache", "cache_location", required=True, help="Store written by kdcache extract (the only source of targets).")
-@click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, checkpoint.pt.")
+@click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, pipeline.json, checkpoint.pt.")
 @set_option
 @click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
 @click.option("--batch-size", type=int, help="Shortcut for --set train.batch_size=N.")
@@ -330,7 +349,7 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
 
 @main.command()
 @click.argument("store")
-@click.option("--workers", type=click.IntRange(min=1), help="dask worker threads (default: one per core).")
+@click.option("--workers", type=click.IntRange(min=1, max=WORKERS_LIMIT), help="dask worker threads (default: one per core).")
 @json_option
 @storage_option
 @_errors

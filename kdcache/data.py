@@ -15,10 +15,10 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
 from kdcache import threads
-from kdcache.errors import KdcacheError, ModelError, PipelineError, StoreError, raised
+from kdcache.errors import DataError, KdcacheError, ModelError, PipelineError, StoreError, raised
 
 LABEL_KEYS = ("label", "labels")
 FINGERPRINT_ALGORITHM = "blake2b-64"
@@ -143,9 +143,48 @@ def _feed(h: Any, value: Any) -> None:
 
 
 def getitems(dataset: Dataset, indices: list[int]) -> list[Any]:
-    """Items ``indices`` of a map-style dataset, through its batched ``__getitems__`` when it has one."""
+    """Items ``indices`` of a map-style dataset, through its batched ``__getitems__`` when it has one.
+
+    An exception the dataset raises is a ``DataError`` naming the index (or, batched, the indices), the
+    exception and the line that raised it.
+    """
     batched = getattr(dataset, "__getitems__", None)
-    return list(batched(indices)) if batched else [dataset[i] for i in indices]
+    at = f"one of indices {indices[0]}..{indices[-1]}" if batched and len(indices) > 1 else None
+    items = []
+    try:
+        if batched:
+            return list(batched(indices))
+        for i in indices:
+            at = f"index {i}"
+            items.append(dataset[i])
+        return items
+    except KdcacheError:
+        raise
+    except Exception as e:
+        raise DataError(f"the dataset raised {raised(e)} reading {at}; fix data.factory's dataset "
+                        "(call dataset[i] in Python to see the full traceback), then rerun") from e
+
+
+def load(pipeline: Any, split: str) -> Dataset:
+    """``data.factory(split)``, refused unless it is a map-style dataset (``check_dataset``)."""
+    dataset = pipeline.call("data.factory", split)
+    check_dataset(dataset, f"data.factory {pipeline.data.factory!r}({split!r})")
+    return dataset
+
+
+def check_dataset(dataset: Any, what: str) -> int:
+    """The length of a map-style dataset (``__len__`` and ``__getitem__``), else a PipelineError naming what it is."""
+    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        kind = "an IterableDataset" if isinstance(dataset, IterableDataset) else type(dataset).__name__
+        raise PipelineError(f"{what} returned {kind}, not a map-style dataset; return an object with __len__ and "
+                            "__getitem__ (e.g. a torch.utils.data.Dataset): kdcache reads items by index")
+    try:
+        n = len(dataset)
+    except Exception as e:  # noqa: BLE001 - the user's __len__
+        raise PipelineError(f"len() of {what}'s dataset raised {raised(e)}; fix its __len__") from e
+    if n < 0:
+        raise PipelineError(f"{what}'s dataset has length {n}; fix its __len__")
+    return n
 
 
 class Indexed(Dataset):
@@ -179,9 +218,21 @@ def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
     return {
         "index": np.array([it[0] for it in items], dtype=np.int64),
         "fingerprint": np.array([it[1] for it in items], dtype=np.uint64),
-        "inputs": default_collate([it[2] for it in items]),
+        "inputs": stack([it[2] for it in items], [it[0] for it in items]),
         "label": None if labels[0] is None else np.array(labels, dtype=np.int64),
     }
+
+
+def stack(inputs: list[Any], indices: list[int]) -> Any:
+    """``default_collate`` of the items' inputs; items that cannot be batched (shapes differ) are a PipelineError naming two."""
+    try:
+        return default_collate(inputs)
+    except (RuntimeError, TypeError) as e:
+        first = describe(inputs[0])
+        other = next(((i, describe(x)) for i, x in zip(indices, inputs) if describe(x) != first), None)
+        which = f"index {indices[0]} is {first}, index {other[0]} is {other[1]}" if other else " ".join(str(e).split())[:200]
+        raise PipelineError(f"dataset items cannot be batched ({which}); make every input the same shape and type "
+                            "(pad, crop or resize in the dataset)") from None
 
 
 class ShardBatches(Sampler[list[int]]):

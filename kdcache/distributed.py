@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import threading
 import time
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from kdcache import store as layout
-from kdcache.errors import KdcacheError, PipelineError, StoreMismatchError
+from kdcache.errors import DataError, KdcacheError, PipelineError, StoreMismatchError
 from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
@@ -88,14 +89,21 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
         shard = futures.pop(future)
         try:
             result = future.result()
-        except KdcacheError:  # the pipeline's fault: it would fail the same way again
-            client.cancel(list(futures))
-            raise
+        except KdcacheError as e:  # the pipeline's fault: it would fail the same way again (a dataset's read may not)
+            if not isinstance(e, DataError) or tries[shard] >= attempts:
+                client.cancel(list(futures))
+                raise
+            tries[shard] += 1
+            retry = submit(shard)
+            futures[retry] = shard
+            queue.add(retry)
+            continue
         except Exception as e:  # noqa: BLE001 - an error in the task, or KilledWorker after repeated worker deaths
             if tries[shard] >= attempts:
                 client.cancel(list(futures))
-                raise RuntimeError(f"shard {shard} failed {attempts} times; last error: {type(e).__name__}: {e}; "
-                                   "run the same command again to resume the missing shards") from e
+                message = " ".join(str(e).split())[:300]
+                raise ShardError(f"shard {shard} failed {attempts} times; last error: {type(e).__name__}: {message}; "
+                                 "fix its cause, then run the same command again to resume the missing shards") from e
             tries[shard] += 1
             retry = submit(shard)
             futures[retry] = shard
@@ -106,6 +114,10 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
         bar.what = f"extract [{done}/{len(pending)} shards, {len(workers)} workers]"
         bar.update(rows[shard], rows[shard] * row_bytes)
     bar.close()
+
+
+class ShardError(KdcacheError, RuntimeError):
+    """A shard's task failed on every try (its worker kept dying, or it kept raising)."""
 
 
 class SchedulerError(KdcacheError, ConnectionError):
@@ -158,7 +170,7 @@ def _local_cluster(pipeline: Pipeline, workers: int) -> Iterator[Any]:
         raise PipelineError(f"--workers must be >= 1, got {workers}")
     # daemon=False: a worker may start DataLoader processes (extract.num_workers > 0)
     with dask.config.set({"distributed.worker.daemon": False}), \
-            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster, \
             Client(cluster) as client:
         yield client
 

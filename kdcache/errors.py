@@ -45,6 +45,10 @@ class TrainingError(KdcacheError, RuntimeError):
     """Training cannot go on: its loss became NaN or inf."""
 
 
+class DataError(KdcacheError, RuntimeError):
+    """The dataset raised reading an item (a missing file, a network read): possibly transient, so dask retries it."""
+
+
 class ModelError(KdcacheError, RuntimeError):
     """A teacher's or student's forward pass raised: the model does not take the dataset's inputs."""
 

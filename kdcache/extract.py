@@ -172,10 +172,11 @@ def setup(pipeline: Pipeline) -> Run:
     if not (0 < x.chunk_mb <= x.shard_mb):
         raise PipelineError(f"{pipeline.source}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
                             "and an inner chunk no larger than its shard; e.g. chunk_mb = 1.0, shard_mb = 64.0")
+    layout.check_layer_names(list(t.layers))  # names that collide on a case-insensitive file system
     device = data.pick_device(x.device)
     model = teachers.build(pipeline, "teacher.factory")
     teachers.check_layers(model, t.layers)
-    dataset = pipeline.call("data.factory", pipeline.data.split)
+    dataset = data.load(pipeline, pipeline.data.split)
     n = len(dataset)
     if n == 0:
         raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract (check data.factory and data.split)")

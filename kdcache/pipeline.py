@@ -165,7 +165,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
     """Read a pipeline TOML file and apply ``section.key=value`` overrides."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (some Windows editors) is not TOML
     except FileNotFoundError:
         raise PipelineError(f"pipeline file {str(path)!r} does not exist; pass the path of a .toml file") from None
     except tomllib.TOMLDecodeError as e:
@@ -220,7 +220,7 @@ def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>
         if not isinstance(value, dict):
             raise PipelineError(f"{source}: [{f.name}] must be a table, got {value!r}; write a [{f.name}] section header and its keys below it")
         sections[f.name] = _section(_SECTIONS[f.name], value, f.name, source)
-    _unknown(raw, list(_SECTIONS) + ["root", "source"], "", source)
+    _unknown(raw, list(_SECTIONS), "", source)
     return Pipeline(**sections, root=Path(root), source=source)
 
 
@@ -254,6 +254,11 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
         choices = CHOICES.get((where, f.name))
         if choices and kwargs[f.name] not in choices:
             raise PipelineError(f"{source}: {key} = {value!r} is not one of {', '.join(choices)}")
+    if where == "targets":
+        layers = list(kwargs.get("layers", ()))
+        twice = next((name for i, name in enumerate(layers) if name in layers[:i]), None)
+        if twice is not None:
+            raise PipelineError(f"{source}: targets.layers lists {twice!r} twice; list each layer once")
     if where == "targets" and "select" in kwargs:
         kwargs["select"] = {name: _selector(v, f"targets.select.{name!r}", source) for name, v in kwargs["select"].items()}
     if where == "train":

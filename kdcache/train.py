@@ -118,7 +118,7 @@ def _check_finite(means: dict[str, float], state: dict[str, int], out: Path) -> 
     if bad:
         kept = f"{str(out / CHECKPOINT)!r} keeps epoch {state['epoch'] - 1}" if state["epoch"] else "no checkpoint was written"
         raise TrainingError(f"training diverged in epoch {state['epoch']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; "
-                            f"lower train.lr or the loss weights (train.loss, train.features) and rerun ({kept})")
+                            f"lower train.lr, train.weight_decay or the loss weights (train.loss, train.features) and rerun ({kept})")
 
 
 def _start_epoch(transfer: cache.TransferSet, loader: Any, epoch: int) -> Iterator[dict[str, Any]]:
@@ -243,7 +243,7 @@ def open_for_training(location: str, allow_partial: bool, storage_options: dict[
 
 
 def _dataset(pipeline: Pipeline, split: str, length: int, what: str) -> Any:
-    dataset = pipeline.call("data.factory", split)
+    dataset = data.load(pipeline, split)
     if len(dataset) != length:
         raise StoreError(f"dataset {pipeline.data.factory}({split!r}) has {len(dataset)} samples but {what} has {length}; use the dataset the store was made from")
     return dataset
@@ -300,7 +300,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                                    memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check,
                                    fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
     else:
-        dataset = pipeline.call("data.factory", t.eval_split)
+        dataset = data.load(pipeline, t.eval_split)
         source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
 
     evaluations = itertools.count()
@@ -510,7 +510,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
-    except OSError:
+    except BaseException:  # a full disk, or Ctrl-C: no temp file is left
         tmp.unlink(missing_ok=True)
         raise
 
@@ -546,9 +546,11 @@ def _save(obj: Any, path: Path) -> None:
                     raise
                 raise recorded.error from None
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C: no temp file is left
         tmp.unlink(missing_ok=True)
-        raise _write_error(path, e) from None
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
+        raise
 
 
 def _write_error(path: Path, e: OSError) -> StoreError:

@@ -38,7 +38,8 @@ def crash_at(tmp_path: Path, zoo_env, index: int, toml: Path, name: str = "parti
     out = tmp_path / name
     zoo_env(FAIL_AT=index)
     result = invoke("extract", toml, "--out", out)
-    assert isinstance(result.exception, RuntimeError) and "simulated crash" in str(result.exception)
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.output, f"the dataset raised RuntimeError: simulated crash fetching index {index} (at extract_zoo.py:")
     zoo_env(FAIL_AT=None)
     return out
 
@@ -241,6 +242,27 @@ def test_bad_input_in_a_real_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- SIGKILL and resume
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path, zoo_env):
+    """Ctrl-C (SIGINT) mid-extract: one line saying the written shards are kept and how to go on, exit 130 as a
+    shell reports an interrupted command; the rerun completes the store."""
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    out = tmp_path / "s.zarr"
+    proc = slow_extract(toml, out, shards=2)
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["Error: interrupted; the shards written so far are kept: run the same command again to resume"]
+    assert 2 <= open_store(out).done().sum() < 30
+    zoo_env(N=240)
+    assert invoke("extract", toml, "--out", out).exit_code == 0 and open_store(out).complete
 
 
 @pytest.mark.slow

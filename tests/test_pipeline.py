@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import kdcache
 from kdcache.errors import PipelineError
 from kdcache.pipeline import Pipeline, apply_override, from_dict, load, resolve
 from reference import FIXTURES, write_toml
@@ -310,3 +311,10 @@ def test_a_module_that_raises_when_imported_is_named_with_where(tmp_path, monkey
         resolve("kdcache_imports_missing:teacher")
     with pytest.raises(PipelineError, match=r"module 'kdcache_not_there' not found; install it"):
         resolve("kdcache_not_there.sub:teacher")
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    """Some Windows editors start a UTF-8 file with a byte-order mark: TOML has no place for it, kdcache skips it."""
+    path = tmp_path / "p.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'[extract]\nbatch_size = 7\n')
+    assert kdcache.load_pipeline(path).extract.batch_size == 7
