@@ -149,18 +149,17 @@ def getitems(dataset: Dataset, indices: list[int]) -> list[Any]:
     exception and the line that raised it.
     """
     batched = getattr(dataset, "__getitems__", None)
-    at = f"one of indices {indices[0]}..{indices[-1]}" if batched and len(indices) > 1 else None
-    items = []
+    items: list[Any] = []
     try:
         if batched:
             return list(batched(indices))
         for i in indices:
-            at = f"index {i}"
             items.append(dataset[i])
         return items
     except KdcacheError:
         raise
     except Exception as e:
+        at = f"one of indices {indices[0]}..{indices[-1]}" if batched and len(indices) > 1 else f"index {indices[len(items)]}"
         raise DataError(f"the dataset raised {raised(e)} reading {at}; fix data.factory's dataset "
                         "(call dataset[i] in Python to see the full traceback), then rerun") from e
 

@@ -64,9 +64,6 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
     params = list(run.student.parameters()) + list(run.heads.parameters())
-    if not params:
-        raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
-                            "nothing to train; make student.factory return a model with trainable parameters")
     optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
     state = {"epoch": 0, "step": 0}
@@ -224,6 +221,9 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
             if head is not None:
                 run.heads[_key(path)] = head.to(device)
                 print(f"projection head for {name!r} <- student {module!r}: {head.description}")
+    if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
+        raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
+                            "nothing to train; make student.factory return a model with trainable parameters")
     return run
 
 
