@@ -26,6 +26,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -169,10 +170,26 @@ def _local_cluster(pipeline: Pipeline, workers: int) -> Iterator[Any]:
     if n < 1:
         raise PipelineError(f"--workers must be >= 1, got {workers}")
     # daemon=False: a worker may start DataLoader processes (extract.num_workers > 0)
-    with dask.config.set({"distributed.worker.daemon": False}), \
-            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster, \
-            Client(cluster) as client:
-        yield client
+    with dask.config.set({"distributed.worker.daemon": False}):
+        with _ctrl_c_to_driver():
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL)
+        with cluster, Client(cluster) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _ctrl_c_to_driver() -> Iterator[None]:
+    """Ignore SIGINT while the block starts worker processes: an ignored signal stays ignored in a child, so they
+    never see Ctrl-C, which a terminal sends to its whole process group; only the driver answers it (one line)
+    and stops them. A Ctrl-C in the few seconds the workers take to start is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _RUNS: dict[str, Run] = {}  # per worker process: the teacher and dataset each pipeline built, built once
