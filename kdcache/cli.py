@@ -9,14 +9,14 @@ import logging
 import math
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
 
 from kdcache.errors import KdcacheError
-from kdcache.threads import CORES
-
-WORKERS_LIMIT = max(64, 4 * CORES)  # as for extract.num_workers: a larger count is a typo that exhausts the machine
+from kdcache.threads import MAX_PARALLEL
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,11 +24,12 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.time()
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-            raise _Interrupted(f"interrupted; {INTERRUPTED.get(fn.__name__, 'nothing was changed')}") from None
+            raise _Interrupted(f"interrupted; {_after_interrupt(fn.__name__, kwargs, started)}") from None
         except KdcacheError as e:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each
             # ("Task was destroyed but it is pending!") after the one Error line.
@@ -38,13 +39,23 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-INTERRUPTED = {  # what an interrupted command leaves, and how to go on
-    "extract": "the shards written so far are kept: run the same command again to resume",
-    "import_": "the shards imported so far are kept: run the same command again to resume",
-    "train": "the last saved epoch is kept: run the same command with --resume to continue",
-    "demo": "run kdcache demo again",
-    "pack": "no file was written", "export": "no file was written",
-}
+def _after_interrupt(command: str, options: dict[str, Any], started: float) -> str:
+    """What an interrupted command leaves, and how to go on."""
+    if command in ("extract", "import_"):
+        again = "run it again without --overwrite" if options.get("overwrite") else "run the same command again"
+        return f"the shards written so far are kept: {again} to resume"
+    if command == "train":
+        checkpoint = Path(options["out"]) / "checkpoint.pt"
+        if checkpoint.exists() and checkpoint.stat().st_mtime >= started:  # this run saved an epoch
+            again = ("run the same command again" if options.get("resume") else
+                     "run it again with --resume instead of --overwrite" if options.get("overwrite") else "run it again with --resume")
+            return f"its last saved epoch is kept: {again} to continue"
+        if options.get("resume"):
+            return "no new epoch was saved: run the same command again to continue from the last saved one"
+        if options.get("overwrite"):
+            return "no epoch was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
+        return "no epoch was saved: run the same command again"
+    return {"demo": "run kdcache demo again", "pack": "no file was written", "export": "no file was written"}.get(command, "nothing was changed")
 
 
 class _Interrupted(click.ClickException):
@@ -163,7 +174,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a store.")
 @click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--workers", type=click.IntRange(min=1, max=WORKERS_LIMIT), help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
+@click.option("--workers", type=click.IntRange(min=1, max=MAX_PARALLEL), help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", help="Extract on the dask cluster at this scheduler address.")
 @storage_option
 @progress_option
@@ -349,7 +360,7 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
 
 @main.command()
 @click.argument("store")
-@click.option("--workers", type=click.IntRange(min=1, max=WORKERS_LIMIT), help="dask worker threads (default: one per core).")
+@click.option("--workers", type=click.IntRange(min=1, max=MAX_PARALLEL), help="dask worker threads (default: one per core).")
 @json_option
 @storage_option
 @_errors

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
 from kdcache import threads
-from kdcache.errors import DataError, KdcacheError, ModelError, PipelineError, StoreError, raised
+from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreError, raised
 
 LABEL_KEYS = ("label", "labels")
 FINGERPRINT_ALGORITHM = "blake2b-64"
@@ -173,17 +173,15 @@ def load(pipeline: Any, split: str) -> Dataset:
 
 def check_dataset(dataset: Any, what: str) -> int:
     """The length of a map-style dataset (``__len__`` and ``__getitem__``), else a PipelineError naming what it is."""
-    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+    indexable = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    if isinstance(dataset, IterableDataset | Mapping | str | bytes) or not indexable:  # a dict (of splits?) is keyed, not indexed
         kind = "an IterableDataset" if isinstance(dataset, IterableDataset) else type(dataset).__name__
         raise PipelineError(f"{what} returned {kind}, not a map-style dataset; return an object with __len__ and "
                             "__getitem__ (e.g. a torch.utils.data.Dataset): kdcache reads items by index")
     try:
-        n = len(dataset)
-    except Exception as e:  # noqa: BLE001 - the user's __len__
+        return len(dataset)
+    except Exception as e:  # noqa: BLE001 - the user's __len__ (len() itself refuses a negative one)
         raise PipelineError(f"len() of {what}'s dataset raised {raised(e)}; fix its __len__") from e
-    if n < 0:
-        raise PipelineError(f"{what}'s dataset has length {n}; fix its __len__")
-    return n
 
 
 class Indexed(Dataset):
@@ -226,12 +224,13 @@ def stack(inputs: list[Any], indices: list[int]) -> Any:
     """``default_collate`` of the items' inputs; items that cannot be batched (shapes differ) are a PipelineError naming two."""
     try:
         return default_collate(inputs)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError):
         first = describe(inputs[0])
         other = next(((i, describe(x)) for i, x in zip(indices, inputs) if describe(x) != first), None)
-        which = f"index {indices[0]} is {first}, index {other[0]} is {other[1]}" if other else " ".join(str(e).split())[:200]
-        raise PipelineError(f"dataset items cannot be batched ({which}); make every input the same shape and type "
-                            "(pad, crop or resize in the dataset)") from None
+        if other is None:  # the items look alike: not theirs to fix (shared memory full in a DataLoader worker, say)
+            raise
+        raise PipelineError(f"dataset items cannot be batched (index {indices[0]} is {first}, index {other[0]} is {other[1]}); "
+                            "make every input the same shape and type (pad, crop or resize in the dataset)") from None
 
 
 class ShardBatches(Sampler[list[int]]):
@@ -333,7 +332,8 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
         section = "extract" if role == "teacher" else "train"
         fix = (f"lower {section}.batch_size" if isinstance(e, torch.cuda.OutOfMemoryError) else
                f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)")
-        raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
+        error = DeviceMemoryError if isinstance(e, torch.cuda.OutOfMemoryError) else ModelError
+        raise error(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
 
 
 def describe(inputs: Any) -> str:

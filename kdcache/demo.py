@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import kdcache
 from kdcache.errors import StoreError, write_fix
-from kdcache.train import _check_values, train
+from kdcache.train import check_values, train
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "mnist.toml"
 LABEL_BUDGET = 1000
@@ -43,7 +43,7 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
     students = {name: kdcache.load_pipeline(pipeline, base + student_overrides + [f"train.eval_cache={json.dumps(str(test_store))}"])
                 for name, (_, student_overrides) in STUDENTS.items()}
     for p in students.values():
-        _check_values(p)
+        check_values(p)
     _make_out(out)
 
     start = time.perf_counter()

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from kdcache import store as layout
-from kdcache.errors import DataError, KdcacheError, PipelineError, StoreMismatchError
+from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreMismatchError, one_line
 from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
@@ -90,20 +90,16 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
         shard = futures.pop(future)
         try:
             result = future.result()
-        except KdcacheError as e:  # the pipeline's fault: it would fail the same way again (a dataset's read may not)
-            if not isinstance(e, DataError) or tries[shard] >= attempts:
-                client.cancel(list(futures))
-                raise
-            tries[shard] += 1
-            retry = submit(shard)
-            futures[retry] = shard
-            queue.add(retry)
-            continue
         except Exception as e:  # noqa: BLE001 - an error in the task, or KilledWorker after repeated worker deaths
-            if tries[shard] >= attempts:
+            # A KdcacheError is the pipeline's fault and would fail the same way again, unless it is transient
+            # (the dataset's read, the device's memory); anything else may be the machine's and is retried.
+            final = isinstance(e, KdcacheError) and not isinstance(e, TRANSIENT)
+            if final or tries[shard] >= attempts:
                 client.cancel(list(futures))
-                message = " ".join(str(e).split())[:300]
-                raise ShardError(f"shard {shard} failed {attempts} times; last error: {type(e).__name__}: {message}; "
+                if isinstance(e, KdcacheError):
+                    raise
+                hint = " (a worker that keeps dying is often out of memory: lower extract.batch_size)" if type(e).__name__ == "KilledWorker" else ""
+                raise ShardError(f"shard {shard} failed {attempts} times; last error: {type(e).__name__}: {one_line(e)}{hint}; "
                                  "fix its cause, then run the same command again to resume the missing shards") from e
             tries[shard] += 1
             retry = submit(shard)
@@ -192,7 +188,7 @@ def _ctrl_c_to_driver() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-_RUNS: dict[str, Run] = {}  # per worker process: the teacher and dataset each pipeline built, built once
+_RUNS: dict[str, tuple[Run, dict[str, Any]]] = {}  # per worker process: the teacher and dataset a pipeline built, and their manifest
 
 
 def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -205,20 +201,21 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     if key not in _RUNS:
         _RUNS.clear()
         run = setup(pipeline)
-        mismatch = _mismatch(store, run, pipeline, f"dask worker {worker} (pid {os.getpid()})")
-        if mismatch is not None:
-            raise mismatch
-        _RUNS[key] = run
+        _RUNS[key] = (run, run.manifest(pipeline))  # the weights hashed once per worker, not per task
+    run, manifest = _RUNS[key]
+    mismatch = _mismatch(store, manifest, f"dask worker {worker} (pid {os.getpid()})")  # every task: a cluster outlives jobs
+    if mismatch is not None:
+        raise mismatch
     if not store.array(layout.DONE)[shard]:  # a resubmitted task whose first try finished after all
-        extract_shards(_RUNS[key], pipeline, store, [shard], Progress(0, "", enabled=False))
+        extract_shards(run, pipeline, store, [shard], Progress(0, "", enabled=False))
     return {"shard": shard, "worker": os.getpid(), "seconds": time.perf_counter() - start}
 
 
-def _mismatch(store: layout.Store, run: Run, pipeline: Pipeline, who: str) -> StoreMismatchError | None:
-    """The error for a process whose teacher or dataset is not the store's, else None. A factory that gives other
-    weights in another process (unseeded initialisation, a checkpoint that differs between machines) would
-    mix two teachers' targets in one store under one manifest."""
-    different = layout.difference(store.manifest, run.manifest(pipeline))
+def _mismatch(store: layout.Store, manifest: dict[str, Any], who: str) -> StoreMismatchError | None:
+    """The error for a process whose teacher or dataset (its ``manifest``) is not the store's, else None. A factory
+    that gives other weights in another process (unseeded initialisation, a checkpoint that differs between
+    machines) would mix two teachers' targets in one store under one manifest."""
+    different = layout.difference(store.manifest, manifest)
     if different is None:
         return None
     return StoreMismatchError(f"{who} cannot write {store.location!r}: its teacher and dataset give {different}; make "
@@ -274,11 +271,12 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
     layout.refuse_if_being_written(out)  # every rank, before its teacher is built (rank 0's lock below decides)
     with process_group(), contextlib.ExitStack() as lock:
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
+        manifest = run.manifest(pipeline)
         shared: list[Any] = [None]
         if rank == 0:
             try:
                 lock.enter_context(layout.writer_lock(out))  # held by rank 0 for the whole job
-                store = layout.create_or_resume(out, run.manifest(pipeline), overwrite=overwrite, storage_options=storage_options)
+                store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
                 shared[0] = store.pending_shards()
             except KdcacheError as e:
                 shared[0] = e  # the other ranks stop with the same error instead of waiting
@@ -289,7 +287,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if rank != 0:
             store = layout.open_store(out, mode="r+", storage_options=storage_options)
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
-        dist.all_gather_object(mismatches, _mismatch(store, run, pipeline, f"rank {rank}"))
+        dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
         first = next((m for m in mismatches if m is not None), None)
         if first is not None:
             raise first

@@ -53,16 +53,28 @@ class ModelError(KdcacheError, RuntimeError):
     """A teacher's or student's forward pass raised: the model does not take the dataset's inputs."""
 
 
+class DeviceMemoryError(ModelError):
+    """A forward pass ran out of device memory: a smaller batch, or a less loaded device, may do."""
+
+
+TRANSIENT = (DataError, DeviceMemoryError)  # may not happen again: dask retries a shard that raised one
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def raised(e: BaseException) -> str:
     """``Type: message (at file.py:line)`` for an exception from the user's code, in one line of at most ~300
-    characters. The line is the innermost frame outside torch and kdcache (the user's, not the libraries'
-    internals); there is none when only those ran."""
+    characters. The line is the innermost frame outside torch and kdcache (in the user's code, or in another
+    library it called); there is none when only those two ran."""
     import torch
 
     libraries = tuple(str(Path(m.__file__).parent) + os.sep for m in (torch, sys.modules["kdcache"]))
     users = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(libraries)]
-    message = " ".join(str(e).split())
-    message = message if len(message) <= 300 else message[:297] + "..."
+    message = one_line(e) if str(e).strip() else ""
     where = f" (at {Path(users[-1].filename).name}:{users[-1].lineno})" if users else ""
     return f"{type(e).__name__}: {message}{where}"
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import kdcache
 from kdcache import data, store as layout, teacher as teachers
-from kdcache.errors import PipelineError, TargetError
+from kdcache.errors import ModelError, PipelineError, TargetError
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -157,8 +157,9 @@ def samples_first(tensor: torch.Tensor, rows: int, name: str) -> None:
     """Refuse a target whose first axis is not the batch's samples (a sequence-first layer, a reduced output):
     its rows would be stored as other samples' targets."""
     if tensor.ndim == 0 or tensor.shape[0] != rows:
+        probe = " (kdcache runs one sample through the teacher to see this)" if rows == 1 else ""
         raise TargetError(f"target {name!r} has shape {list(tensor.shape)} for a batch of {rows} samples, but its first axis must be "
-                          "the samples (kdcache stores row r of every target for sample r); store a batch-first output "
+                          f"the samples (kdcache stores row r of every target for sample r){probe}; store a batch-first output "
                           "(e.g. batch_first=True for RNN/attention layers, or a module that permutes to (batch, ...))")
 
 
@@ -201,9 +202,25 @@ def setup(pipeline: Pipeline) -> Run:
         "fingerprints": {str(i): f"{data.fingerprint(data.split_item(dataset[i])[0]):016x}" for i in sorted({0, n - 1})},
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
-    if len(batch["index"]) > 1:  # and a batch of one: an axis as long as the batch that is not the samples' (seq-first layers) shows
-        run.select(*run.forward([0], t.layers)[1:], rows=1)
+    if len(batch["index"]) > 1:
+        _check_sequence_first(run, t.layers)
     return run
+
+
+def _check_sequence_first(run: Run, layers: tuple[str, ...]) -> None:
+    """Refuse a target whose first axis is as long as the probe batch but is not the samples (a sequence-first
+    layer with as many time steps as the batch has samples): a batch of one sample shows it, as a first axis
+    that keeps its length. A model that does not take a batch of one, or drops its batch axis (a squeeze),
+    is let be: every batch of the run is checked as it comes (``samples_first``)."""
+    try:
+        _, output, hooked = run.forward([0], layers)
+        one = {t.name: teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
+               for t in run.targets.values()}
+    except (ModelError, TargetError):
+        return
+    for t in run.targets.values():
+        if one[t.name].ndim == len(t.shape) + 1:
+            samples_first(one[t.name], 1, t.name)
 
 
 def dry_run(pipeline: Pipeline) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache import store as layout
-from kdcache.errors import StoreError, write_fix
+from kdcache.errors import StoreError, one_line, write_fix
 
 HDF5_LAYOUT_VERSION = 1
 HDF5_COMPRESSION = ("gzip", "lzf", "none")
@@ -259,7 +259,7 @@ def _why(e: Exception) -> str:
     """The reason of an error in a few words (h5py's OSErrors repeat the file name and flags: their errno is used)."""
     if getattr(e, "errno", None):
         return os.strerror(e.errno)  # type: ignore[attr-defined]
-    return " ".join(str(e).split())[:200]
+    return one_line(e, 200)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

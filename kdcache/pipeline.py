@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError, PipelineError, raised
-from kdcache.threads import CORES
+from kdcache.threads import CORES, MAX_PARALLEL
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,8 @@ CHOICES = {
     ("train", "schedule"): ("cosine", "constant"),
 }
 FRACTIONS = {("train", "fingerprint_check"), ("train", "fingerprint_recheck")}
-# Threads or worker processes beyond this are a typo, and hang or exhaust the machine.
-_THREADS = (max(64, 4 * CORES), f"use at most the number of cores ({CORES} here), or 0 for torch's default")
-_WORKERS = (max(64, 4 * CORES), f"a few per core is plenty ({CORES} cores here); 0 loads in the main process")
+_THREADS = (MAX_PARALLEL, f"use at most the number of cores ({CORES} here), or 0 for torch's default")
+_WORKERS = (MAX_PARALLEL, f"a few per core is plenty ({CORES} cores here); 0 loads in the main process")
 LIMITS = {  # upper bounds (inclusive), with what to use instead
     ("extract", "compression_level"): (22, "zstd levels run from 0 (zstd's default, 3) to 22; 1 is fast, 3-5 smaller"),
     ("extract", "shard_mb"): (4096, "the writer holds a shard in memory until it is complete; 64 is the default"),

@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import StoreError, StoreMismatchError, write_fix
+from kdcache.errors import PipelineError, StoreError, StoreMismatchError, one_line, write_fix
 
 try:
     import fcntl
@@ -846,7 +846,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     except ImportError as e:
         raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); pip install 'kdcache[remote]'") from None
     except TypeError as e:  # an option the filesystem does not take
-        raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {_cause(e)}; "
+        raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {one_line(e)}; "
                          "check the --storage-option values") from None
     except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
         raise _unreachable(location, e) from None
@@ -886,14 +886,8 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
         raise _unreachable(location, e) from None
 
 
-def _cause(e: BaseException) -> str:
-    """An exception's message in one line of at most ~300 characters (the root cause, not a prefix of it)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _unreachable(location: str, e: BaseException) -> StoreError:
-    cause = _cause(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
+    cause = one_line(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
     if "range requests" in cause.lower():
         fix = "serve the zip from a server that honours HTTP Range requests, or download it and pass the local file"
     else:
@@ -991,7 +985,7 @@ def _http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: bo
         status = getattr(e, "status", None)
         if isinstance(status, int):
             return f"HTTP {status} {getattr(e, 'message', '')}".rstrip()
-        return f"{type(e).__name__}: {_cause(e)}"
+        return f"{type(e).__name__}: {one_line(e)}"
 
 
 def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
@@ -1196,7 +1190,7 @@ def check_layer_names(names: list[str]) -> None:
     for name in names:
         key = layer_path(name).casefold()
         if key in seen and seen[key] != name:
-            raise StoreError(f"layer names {seen[key]!r} and {name!r} differ only in case: their arrays would be one folder on a "
+            raise PipelineError(f"layer names {seen[key]!r} and {name!r} differ only in case: their arrays would be one folder on a "
                              "case-insensitive file system (macOS, Windows); keep one of them in targets.layers, or hook a parent module")
         seen.setdefault(key, name)
 
@@ -1204,11 +1198,8 @@ def check_layer_names(names: list[str]) -> None:
 def _create(location: str, target: Any, manifest: dict[str, Any], storage_options: dict[str, Any] | None) -> Store:
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, created=_now(), completed=None)
     targets = manifest.get("targets")
-    if isinstance(targets, dict):
-        try:
-            check_layer_names([t["name"] for t in targets.values() if isinstance(t, dict) and t.get("source")])
-        except StoreError as e:
-            raise StoreError(f"{e}; nothing was written (a store already there is kept)") from None
+    if isinstance(targets, dict):  # before anything is written (extract checks its pipeline's names earlier still)
+        check_layer_names([t["name"] for t in targets.values() if isinstance(t, dict) and t.get("source")])
     # The whole layout is built in memory first: whatever zarr refuses (a codec setting, a shape, a manifest
     # that is not JSON) fails there, before mode="w" deletes the store an --overwrite replaces.
     try:

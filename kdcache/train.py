@@ -39,7 +39,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``.
     """
     t, out = pipeline.train, Path(out)
-    _check_values(pipeline)
+    check_values(pipeline)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (DDP); rank 0 writes
     if rank == 0:
         layout.refuse_if_being_written(out)  # before the store, dataset and student are loaded
@@ -49,11 +49,9 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     device = data.pick_device(distributed.training_device(t.device))
     streams = distributed.join_training(t.streams, device)
     store = open_for_training(cache_location, allow_partial, storage_options)
-    if checkpoint is not None:
-        _check_resume(out, pipeline, store, checkpoint)  # the run's own store and values, before anything is loaded
+    shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
     run = setup(pipeline, store, dataset, device)
-    shards = _shards(store, checkpoint)
     transfer = cache.TransferSet(
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
@@ -97,10 +95,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
                 if state["step"] < total_steps:  # its first batches are made while this epoch is saved
                     batches = _start_epoch(transfer, loader, state["epoch"])
                 if rank == 0:
-                    if replacing:
-                        _replace_run(out, pipeline)
-                        replacing = False
-                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store)
+                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None)
+                    replacing = False
         if rank == 0:
             _save(run.student.state_dict(), out / "student.pt")
             _save(run.heads.state_dict(), out / "heads.pt")
@@ -220,7 +216,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
             head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
             if head is not None:
                 run.heads[_key(path)] = head.to(device)
-                print(f"projection head for {name!r} <- student {module!r}: {head.description}")
+                if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
+                    print(f"projection head for {name!r} <- student {module!r}: {head.description}")
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
@@ -249,10 +246,13 @@ def _dataset(pipeline: Pipeline, split: str, length: int, what: str) -> Any:
     return dataset
 
 
-def _shards(store: layout.Store, checkpoint: dict[str, Any] | None) -> np.ndarray:
-    """The completed shards this run trains on. A resumed run keeps its own (in its checkpoint), though more may
-    have completed since (``--allow-partial`` on a store being extracted); a new run takes those done now, as
-    rank 0 sees them (under torchrun, every rank must draw from the same rows)."""
+def _shards(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict[str, Any] | None) -> np.ndarray:
+    """The completed shards this run trains on. A resumed run (``checkpoint``; its store and values checked
+    first) keeps its own, though more may have completed since (``--allow-partial`` on a store being
+    extracted); a new run takes those done now, as rank 0 sees them (under torchrun, every rank must draw
+    from the same rows)."""
+    if checkpoint is not None:
+        _check_resume(out, pipeline, store, checkpoint)
     if checkpoint is not None and "shards" in checkpoint:
         shards = np.asarray(checkpoint["shards"], dtype=np.int64)
         if len(shards) and (shards.max() >= len(store.done()) or not store.done()[shards].all()):
@@ -334,7 +334,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
 MIN_TEMPERATURE = 0.01
 
 
-def _check_values(pipeline: Pipeline) -> None:
+def check_values(pipeline: Pipeline) -> None:
     """Refuse values the pipeline loader accepts (numbers >= 0) but training cannot use, before anything is written."""
     t = pipeline.train
     if t.batch_size < 1:
@@ -376,16 +376,20 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 RUN_FILES = (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl")
+NEXT_CHECKPOINT = "checkpoint.pt.next"  # an --overwrite run's first checkpoint, before the earlier run's files go
 
 
 def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
     """Create OUT and, for a new run, write pipeline.json. An earlier run's files (``--overwrite``) are left until
-    this run has saved its first epoch (``_replace_run``): a run that fails before (a changed dataset, a bad
+    this run has saved its first epoch (``_save_epoch``): a run that fails before (a changed dataset, a bad
     eval split, a diverging loss) leaves them as they were. Returns whether they are still to be replaced.
-    A resumed run keeps its pipeline.json: the record of the values it was started with."""
+    A resumed run keeps its pipeline.json: the record of the values it was started with (written again only
+    if it is gone)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
+            if not (out / "pipeline.json").is_file():
+                write_pipeline(out, pipeline)
             return False
         if any((out / name).exists() for name in RUN_FILES):
             os.close(os.open(out / ".kdcache-write-test", os.O_CREAT | os.O_WRONLY, 0o600))  # writable: known now, not after an epoch
@@ -397,36 +401,42 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
         raise _write_error(out, e) from None
 
 
-def _replace_run(out: Path, pipeline: Pipeline) -> None:
-    """Remove the earlier run's files (its checkpoint first) and write this run's pipeline.json."""
-    try:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        write_pipeline(out, pipeline)
-    except OSError as e:
-        raise _write_error(out, e) from None
-
-
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any],
-                rng: torch.Tensor, shards: np.ndarray, store: layout.Store) -> None:
+                rng: torch.Tensor, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
-    between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line)."""
-    lines = [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]] + [metrics]
-    try:
-        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
-    except OSError as e:
-        raise _write_error(out / "metrics.jsonl", e) from None
+    between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line).
+
+    ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
+    whole under another name first, and only then are the earlier run's files removed, this run's
+    pipeline.json and metrics written, and the checkpoint renamed into place: the earlier run is lost only
+    for the few renames it takes to put this one in its place, not for the time a large checkpoint takes.
+    """
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store)}
-    _save(ckpt, out / CHECKPOINT)
+    if replacing is not None:
+        _save(ckpt, out / NEXT_CHECKPOINT)
+    lines = [m for m in ([] if replacing else _read_metrics(out)) if m["epoch"] < metrics["epoch"]] + [metrics]
+    try:
+        if replacing is not None:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            write_pipeline(out, replacing)
+        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
+        if replacing is not None:
+            os.replace(out / NEXT_CHECKPOINT, out / CHECKPOINT)
+    except OSError as e:
+        raise _write_error(out, e) from None
+    if replacing is None:
+        _save(ckpt, out / CHECKPOINT)
 
 
 def _store_identity(store: layout.Store) -> dict[str, Any]:
     """What a resumed run's store must still be: the teacher and dataset it was made from."""
     m = store.manifest
     return {"weights_sha256": m["teacher"]["weights_sha256"], "probe_fingerprints": m["dataset"]["probe_fingerprints"],
-            "num_samples": store.num_samples}
+            "num_samples": store.num_samples, "rows_per_shard": store.rows_per_shard,  # the shards' numbers mean the same rows
+            "targets": m["targets"], "precision": m["precision"]}
 
 
 # The values a resumed run may change: where and how fast it runs, what it reports, and how long it lasts (the
@@ -438,12 +448,15 @@ RESUMABLE = {"device", "num_workers", "threads", "memory_budget_mb", "eval_split
 
 def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict[str, Any]) -> None:
     """Refuse a --resume from another store, or with values that change the run (its pipeline.json holds them)."""
-    then, now = checkpoint.get("store"), _store_identity(store)
-    if then is not None and then != now:
-        key = next(k for k in now if then.get(k) != now.get(k))
-        old, new = (json.dumps(v)[:40] for v in (then.get(key), now[key]))
-        raise StoreError(f"--resume: this run trained from a store of another teacher or dataset ({key}: {old} then, "
-                         f"{new} in {store.location!r}); resume with the run's own --cache, or start afresh with --overwrite")
+    then, now = checkpoint.get("store") or {}, _store_identity(store)
+    key = next((k for k in then if then[k] != now.get(k)), None)  # the keys it recorded (fewer, from earlier versions)
+    if key is not None:
+        old, new = then[key], now.get(key)
+        while isinstance(old, dict) and isinstance(new, dict):  # down to the first leaf that differs
+            sub = next(k for k in [*old, *new] if old.get(k) != new.get(k))
+            key, old, new = f"{key}.{sub}", old.get(sub), new.get(sub)
+        raise StoreError(f"--resume: this run trained from another store ({key}: {_brief(old)} then, {_brief(new)} in "
+                         f"{store.location!r}); resume with the run's own --cache, or start afresh with --overwrite")
     try:
         recorded = json.loads((out / "pipeline.json").read_text())
     except (OSError, ValueError):
@@ -456,6 +469,11 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
                 raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({str(out / 'pipeline.json')!r}), now "
                                     f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(RESUMABLE))}}} "
                                     "may change), or start afresh with --overwrite")
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _flat(d: Any, prefix: str) -> dict[str, Any]:

@@ -628,3 +628,16 @@ def test_uncompressed_store_holds_the_same_values(tmp_path):
     assert arrays.keys() == reference.keys()
     for path in reference:
         np.testing.assert_array_equal(arrays[path], reference[path], err_msg=path)
+
+
+@pytest.mark.parametrize("factory", ["squeezing", "fixed_batch"])
+def test_the_one_sample_probe_lets_models_be_that_never_see_a_batch_of_one(tmp_path, factory):
+    """The probe that shows a sequence-first layer runs one sample through the teacher. A model that cannot take a
+    batch of one (it raises) or drops the batch axis of one (a squeeze) is not refused for it: 40 samples in 16-row
+    shards with batches of 8 never make a batch of one, and every batch the run makes is checked."""
+    from conftest import TINY_TOML
+
+    out = tmp_path / f"{factory}.zarr"
+    values = [f'teacher.factory="bad_input.py:{factory}"', 'data.factory="numbered.py:tiny_short"', "targets.layers=[]"]
+    info = kdcache.extract(kdcache.load_pipeline(TINY_TOML, values), str(out))
+    assert info["complete"] and kdcache.open_store(out).read("targets/logits", 0, 40).shape == (40, 4)

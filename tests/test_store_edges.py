@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from kdcache.errors import StoreError
+from kdcache.errors import PipelineError
 from kdcache.interop import pack
 from kdcache.store import check_layer_names, open_store
 
@@ -42,5 +42,5 @@ def test_layer_names_differing_only_in_case_are_refused(names: list[str], clash:
     if clash is None:
         check_layer_names(names)
         return
-    with pytest.raises(StoreError, match=f"layer names '{clash[0]}' and '{clash[1]}' differ only in case"):
+    with pytest.raises(PipelineError, match=f"layer names '{clash[0]}' and '{clash[1]}' differ only in case"):
         check_layer_names(names)

@@ -6,6 +6,8 @@ store copies one first. Steps are observed by wrapping ``Run.losses`` (the real 
 
 from __future__ import annotations
 
+import errno
+import importlib
 import json
 import os
 import shutil
@@ -166,6 +168,12 @@ def test_resume_on_a_store_that_gained_shards_keeps_the_run_s_rows(tiny_store, t
     resumed = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not set(np.concatenate(rows_whole).tolist()) & set(range(16, 32))
+    # a checkpoint of an earlier kdcache records fewer facts of its store: those it has are compared
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for key in ("rows_per_shard", "targets", "precision"):
+        del ckpt["store"][key]
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    train(pipeline(*values[:-1], "train.epochs=4"), location, tmp_path / "run", resume=True)
     # a new run takes every row done now
     steps.clear()
     train(pipeline(*PLAIN, "train.epochs=1"), location, tmp_path / "new")
@@ -181,7 +189,7 @@ def test_eval_cache_without_labels_reports_agreement_only(tiny_store, tmp_path):
     assert "eval_agreement" in line and "eval_accuracy" not in line and "eval_teacher_accuracy" not in line
 
 
-def test_a_failed_overwrite_leaves_the_earlier_run(tiny_store, tmp_path):
+def test_a_failed_overwrite_leaves_the_earlier_run(tiny_store, tmp_path, monkeypatch):
     """--overwrite replaces the earlier run's files only once the new run has saved its first epoch: one that
     fails before (here, a dataset that changed since extraction) leaves them as they were."""
     out = tmp_path / "run"
@@ -189,6 +197,20 @@ def test_a_failed_overwrite_leaves_the_earlier_run(tiny_store, tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(AlignmentError, match=r"store row 17 "):
         train(pipeline(*PLAIN, 'data.factory="numbered.py:tiny_modified"'), tiny_store, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # the first checkpoint is written whole before the earlier run's files go: a full disk there keeps them
+    module = importlib.import_module("kdcache.train")
+    save = module._save
+
+    def full_disk_for_the_next_checkpoint(obj, path):
+        if path.name == module.NEXT_CHECKPOINT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(module, "_save", full_disk_for_the_next_checkpoint)
+        with pytest.raises(OSError):
+            train(pipeline(*PLAIN, "train.lr=0.02"), tiny_store, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     train(pipeline(*PLAIN, "train.epochs=2", "train.lr=0.02"), tiny_store, out, overwrite=True)
     assert [m["epoch"] for m in metrics(out)] == [0, 1] and json.loads((out / "pipeline.json").read_text())["train"]["lr"] == 0.02
@@ -382,6 +404,44 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
     lines = metrics(out)
     assert [m["epoch"] for m in lines] == list(range(epochs))
     assert [m["loss"] for m in lines] == [m["loss"] for m in metrics(reference)]
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
+    """Ctrl-C is one line, exit 130, saying how to go on: after this run saved an epoch, --resume; during the first
+    epoch of an --overwrite, that OUT still holds the earlier run, unchanged."""
+    out = tmp_path / "run"
+    args = [str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", "100", "--no-progress",
+            "--set", 'data.factory="numbered.py:tiny_slow"']
+
+    def interrupted(*extra: str, when) -> str:
+        proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args, *extra], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 120
+            while not when():
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        stderr = proc.stderr.read().decode()
+        assert proc.returncode == 130, stderr
+        lines = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+        assert len(lines) == 1 and lines[0] == stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr
+        return lines[0]
+
+    line = interrupted(when=lambda: (out / "checkpoint.pt").exists())
+    assert line == "Error: interrupted; its last saved epoch is kept: run it again with --resume to continue"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # once it holds OUT's lock (taken when its first epoch starts; that epoch takes 5 s): before it saves one
+    lock = tmp_path / ".run.kdcache-lock"
+    assert not lock.exists()  # the interrupted run let go of it
+    line = interrupted("--overwrite", "--set", 'data.factory="numbered.py:tiny_slower"', when=lock.exists)
+    assert line == "Error: interrupted; no epoch was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ---------------------------------------------------------------------------------------------- steps
