@@ -153,13 +153,13 @@ class Run:
         }
 
 
-def samples_first(tensor: torch.Tensor, rows: int, name: str) -> None:
+def samples_first(tensor: torch.Tensor, rows: int, name: str, probe: bool = False) -> None:
     """Refuse a target whose first axis is not the batch's samples (a sequence-first layer, a reduced output):
-    its rows would be stored as other samples' targets."""
+    its rows would be stored as other samples' targets. ``probe``: the batch is setup's probe of one sample."""
     if tensor.ndim == 0 or tensor.shape[0] != rows:
-        probe = " (kdcache runs one sample through the teacher to see this)" if rows == 1 else ""
+        probe_note = " (kdcache runs one sample through the teacher to see this)" if probe else ""
         raise TargetError(f"target {name!r} has shape {list(tensor.shape)} for a batch of {rows} samples, but its first axis must be "
-                          f"the samples (kdcache stores row r of every target for sample r){probe}; store a batch-first output "
+                          f"the samples (kdcache stores row r of every target for sample r){probe_note}; store a batch-first output "
                           "(e.g. batch_first=True for RNN/attention layers, or a module that permutes to (batch, ...))")
 
 
@@ -220,7 +220,7 @@ def _check_sequence_first(run: Run, layers: tuple[str, ...]) -> None:
         return
     for t in run.targets.values():
         if one[t.name].ndim == len(t.shape) + 1:
-            samples_first(one[t.name], 1, t.name)
+            samples_first(one[t.name], 1, t.name, probe=True)
 
 
 def dry_run(pipeline: Pipeline) -> dict[str, Any]:

@@ -326,7 +326,8 @@ CASES = [
          damage=lambda s: (unmark(s, 3), edit_manifest(s, fingerprint={"algorithm": "sha1-64", "of": "bytes"}))),
     # a sequence-first layer: its first axis is time, as long as the batch (8) here; a batch of one shows it
     Case("target-sequence-first", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:seq_first", "--layers", "rnn"),
-         ("target 'rnn' has shape [8, 1, 6] for a batch of 1 samples, but its first axis must be the samples", "batch_first=True")),
+         ("target 'rnn' has shape [8, 1, 6] for a batch of 1 samples, but its first axis must be the samples",
+          "(kdcache runs one sample through the teacher to see this)", "batch_first=True")),
     Case("target-sequence-first-other-batch", lambda c: extract("--dry-run", "--set", "teacher.factory=bad_input.py:seq_first",
                                                                 "--layers", "rnn", "--batch-size", "4"),
          ("target 'rnn' has shape [8, 4, 6] for a batch of 4 samples",)),
