@@ -51,33 +51,19 @@ def s3(tmp_path_factory):
 def http_root(tmp_path_factory):
     """A folder served read-only by a Range-capable HTTP server on 127.0.0.1: ``(folder, base_url)``."""
     pytest.importorskip("RangeHTTPServer")
-    root = tmp_path_factory.mktemp("www")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "RangeHTTPServer", str(port), "--bind", "127.0.0.1"], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base + "/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("RangeHTTPServer did not start")
-    yield root, base
-    proc.terminate()
-    proc.wait(timeout=10)
+    yield from _served(tmp_path_factory.mktemp("www"), "RangeHTTPServer")
 
 
 @pytest.fixture(scope="module")
 def plain_http_root(tmp_path_factory):
     """A folder served by ``python -m http.server`` on 127.0.0.1, which ignores ``Range`` headers: ``(folder, base_url)``."""
-    root = tmp_path_factory.mktemp("plain")
+    yield from _served(tmp_path_factory.mktemp("plain"), "http.server")
+
+
+def _served(root, module: str):
+    """``python -m MODULE PORT`` serving ``root`` on 127.0.0.1 while the caller's fixture lasts: yields ``(root, base_url)``."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=root,
+    proc = subprocess.Popen([sys.executable, "-m", module, str(port), "--bind", "127.0.0.1"], cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -88,7 +74,7 @@ def plain_http_root(tmp_path_factory):
             time.sleep(0.05)
     else:
         proc.kill()
-        pytest.fail("http.server did not start")
+        pytest.fail(f"{module} did not start")
     yield root, base
     proc.terminate()
     proc.wait(timeout=10)
