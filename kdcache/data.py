@@ -329,10 +329,10 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
     except KdcacheError:
         raise
     except Exception as e:
-        section = "extract" if role == "teacher" else "train"
-        fix = (f"lower {section}.batch_size" if isinstance(e, torch.cuda.OutOfMemoryError) else
-               f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)")
-        error = DeviceMemoryError if isinstance(e, torch.cuda.OutOfMemoryError) else ModelError
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            error, fix = DeviceMemoryError, f"lower {'extract' if role == 'teacher' else 'train'}.batch_size"
+        else:
+            error, fix = ModelError, f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)"
         raise error(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
 
 
