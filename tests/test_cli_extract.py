@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from kdcache.cli import main
 from kdcache.store import open_store
-from reference import FIXTURES, file_bytes, mtimes, read_store, slow_extract, without_times, write_toml
+from reference import FIXTURES, file_bytes, mtimes, read_store, signal_and_wait, slow_extract, without_times, write_toml
 
 TINY = FIXTURES / "tiny.toml"
 KDCACHE = Path(sys.executable).with_name("kdcache")  # the console script of this environment
@@ -251,13 +251,7 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path, zoo_env):
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     out = tmp_path / "s.zarr"
     proc = slow_extract(toml, out, shards=2)
-    try:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stderr = proc.stderr.read().decode()
+    stderr = signal_and_wait(proc, signal.SIGINT)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["Error: interrupted; the shards written so far are kept: run the same command again to resume"]
     assert 2 <= open_store(out).done().sum() < 30
@@ -271,13 +265,8 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_en
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     killed, reference = tmp_path / "killed.zarr", tmp_path / "reference.zarr"
     proc = slow_extract(toml, killed, shards=3)
-    try:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
+    stderr = signal_and_wait(proc, signal.SIGKILL, timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {stderr[-2000:]}"
     done = open_store(killed).done()
     assert 3 <= done.sum() < 30, done
     result = json.loads(invoke("info", killed, "--json").stdout)

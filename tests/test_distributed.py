@@ -176,23 +176,17 @@ def test_a_process_with_another_teacher_writes_nothing(toml, tmp_path, zoo_env, 
 def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path):
     """Ctrl-C reaches the terminal's whole process group: the dask workers ignore it (the driver starts them with
     SIGINT ignored), the driver says its one line and exits 130, and the store resumes."""
-    from reference import shards_done
+    from reference import shards_done, signal_and_wait
 
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     out = tmp_path / "s.zarr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "400", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(out), "--workers", "2", "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while shards_done(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    stderr = proc.stderr.read().decode()
+    deadline = time.monotonic() + 120
+    while shards_done(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stderr = signal_and_wait(proc, signal.SIGINT, group=True)
     assert proc.returncode == 130, stderr[-3000:]
     assert stderr.strip().splitlines() == ["Error: interrupted; the shards written so far are kept: run the same command again to resume"]
     result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(out)], env={"ZOO_N": "400", "ZOO_SLEEP": "0"})

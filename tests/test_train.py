@@ -26,6 +26,7 @@ from click.testing import CliRunner
 import kdcache
 import tiny
 from conftest import FIXTURES, TINY_TOML, extract_tiny
+from reference import signal_and_wait
 from kdcache import cli, losses, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError
@@ -417,17 +418,11 @@ def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
     def interrupted(*extra: str, when) -> str:
         proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args, *extra], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            deadline = time.monotonic() + 120
-            while not when():
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        stderr = proc.stderr.read().decode()
+        deadline = time.monotonic() + 120
+        while not when():
+            assert proc.poll() is None and time.monotonic() < deadline, signal_and_wait(proc, signal.SIGKILL)
+            time.sleep(0.02)
+        stderr = signal_and_wait(proc, signal.SIGINT)
         assert proc.returncode == 130, stderr
         lines = [line for line in stderr.splitlines() if line.startswith("Error: ")]
         assert len(lines) == 1 and lines[0] == stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr
