@@ -119,7 +119,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
         if overwrite and layout.exists(str(location), storage_options):
             _check_readable(f, source, expect, done, location)  # an existing store is replaced only by a file that reads whole
         with layout.writer_lock(location):  # one writer per store
-            store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options)
+            store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
             for shard in store.pending_shards():
                 if not done[shard]:
                     continue  # not done in the source either: stays not done here

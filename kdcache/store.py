@@ -1131,11 +1131,12 @@ def _holder(fd: int, kind: int, tries: int) -> str | None:
 
 
 def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False,
-                     storage_options: dict[str, Any] | None = None) -> Store:
+                     storage_options: dict[str, Any] | None = None, named: str = "--out") -> Store:
     """Create a store for ``manifest`` or reopen a partial one made from the same inputs.
 
     Resuming is refused when anything in ``IDENTITY`` differs (naming it); ``overwrite`` starts afresh.
-    The arrays are created here, once, before any shard is written.
+    The arrays are created here, once, before any shard is written. ``named``: how the command that
+    called names the location, for its messages.
     """
     location = str(location)
     target = zarr_store(location, storage_options, read_only=False)  # refuses read-only kinds (zip, http)
@@ -1147,7 +1148,7 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
             raise StoreMismatchError(f"{location!r} was made with {different}; use the original pipeline to resume, or --overwrite to start afresh")
         return store
     if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
-        raise StoreError(f"{location!r} exists and is not a kdcache store; choose another --out or remove it")
+        raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")
     try:
         return _create(location, target, manifest, storage_options)
     except OSError as e:

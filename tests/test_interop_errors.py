@@ -130,6 +130,11 @@ def test_import_names_its_store_argument(exported, tmp_path):
         assert "'afile' is a file" in line or f"{tmp_path / 'afile'!s}' is a file" in line, line
         assert "STORE" in line and "--out" not in line, line
     assert (tmp_path / "afile").read_text() == "keep"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("keep")
+    _, line = cli("import", exported, tmp_path / "folder")
+    assert "exists and is not a kdcache store; choose another STORE or remove it" in line, line
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["notes.txt"]
 
 
 # ------------------------------------------------------------------------------------- export, pack
