@@ -229,7 +229,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 @click.option("--cache", "cache_location", required=True, help="Store written by kdcache extract (the only source of targets).")
 @click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, pipeline.json, checkpoint.pt.")
 @set_option
-@click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
+@click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N --set train.steps=0 (N epochs, even where the pipeline sets steps).")
 @click.option("--batch-size", type=int, help="Shortcut for --set train.batch_size=N.")
 @click.option("--device", help="Shortcut for --set train.device=DEVICE.")
 @click.option("--eval-cache", help="Shortcut for --set train.eval_cache=STORE (a store of the eval split).")
@@ -248,7 +248,10 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
 
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in OUT and --overwrite replaces it; pass one of --resume and --overwrite")
-    p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.device": device,
+    if epochs is not None and any(o.partition("=")[0].strip() == "train.steps" for o in overrides):
+        raise click.UsageError("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them")
+    p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.steps": None if epochs is None else 0,
+                                      "train.batch_size": batch_size, "train.device": device,
                                       "train.eval_cache": eval_cache})
     result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
                           progress=_progress(progress), storage_options=_storage_options(storage_items))

@@ -1,4 +1,4 @@
-"""Scale-out: extraction on dask.distributed workers or torchrun ranks, and DDP training ranks.
+"""Scale-out: extraction on dask.distributed workers or torchrun ranks, and data-parallel training ranks.
 
 Extraction, either way, keeps the single-process invariants (docs/CLUSTER.md):
 
@@ -14,8 +14,8 @@ single process can resume each other's stores. dask: a task that raises (anythin
 times; a shard half-written by a killed worker is not done, and is rewritten whole.
 
 Training under torchrun: ``ranks()`` reads RANK/WORLD_SIZE; ``cache.TransferSet`` gives rank r the
-r-th of ``world`` disjoint streams of the epoch's plan, and ``wrap`` puts the student and its
-projection heads under one ``DistributedDataParallel``.
+r-th of ``world`` disjoint streams of the epoch's plan; every rank starts from rank 0's student and
+heads (``broadcast_parameters``) and takes each step with the ranks' mean gradient (``average_gradients``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import itertools
 import os
 import signal
 import threading
@@ -324,24 +325,33 @@ def _watch(store: layout.Store, bar: Progress, every: float = 1.0) -> Iterator[N
         bar.close()
 
 
-# -- DDP training --------------------------------------------------------------------------------
-class _StudentAndHeads(torch.nn.Module):
-    """One module holding every trained parameter, so one DDP syncs the student's and the heads' gradients."""
+# -- data-parallel training ----------------------------------------------------------------------
+def broadcast_parameters(modules: list[torch.nn.Module]) -> None:
+    """Rank 0's parameters and buffers on every rank: every rank starts from the same student and heads."""
+    import torch.distributed as dist
 
-    def __init__(self, student: torch.nn.Module, heads: torch.nn.ModuleDict):
-        super().__init__()
-        self.student, self.heads = student, heads
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.student(*args, **kwargs)
+    for m in modules:
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            dist.broadcast(t.data, src=0)
 
 
-def wrap(student: torch.nn.Module, heads: torch.nn.ModuleDict, device: torch.device) -> torch.nn.Module:
-    """The student under ``DistributedDataParallel`` (heads included); call it where the student was called."""
-    from torch.nn.parallel import DistributedDataParallel
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """After ``backward`` on every rank: each gradient becomes the mean over the ranks (what DDP gives), in one flat
+    all-reduce. A parameter no rank's loss reached (an auxiliary output, a features-only run's classifier) keeps no
+    gradient, so the optimizer skips it, as in one process; one that some rank reached gets the mean on every rank
+    (zeros from the others), so the ranks never diverge. Unlike ``DistributedDataParallel``, whose reducer stops a run
+    at the first parameter a step leaves unused, and which cannot see the projection heads used outside its forward."""
+    import torch.distributed as dist
 
-    ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return DistributedDataParallel(_StudentAndHeads(student, heads), device_ids=ids)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    used = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [used])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g, reached in zip(params, grads, flat[-len(params):].tolist()):
+        n = g.numel()
+        p.grad = (flat[offset : offset + n] / world).view_as(p).clone() if reached else None
+        offset += n
 
 
 def join_training(streams: int, device: torch.device) -> int:

@@ -113,7 +113,7 @@ def capture(model: torch.nn.Module, layers: tuple[str, ...]) -> Iterator[dict[st
     outputs: dict[str, Any] = {}
     handles = [
         modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: outputs.__setitem__(name, _RAN_AGAIN if name in outputs else _own(out))
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, RAN_AGAIN if name in outputs else own(out))
         )
         for name in layers
     ]
@@ -124,7 +124,7 @@ def capture(model: torch.nn.Module, layers: tuple[str, ...]) -> Iterator[dict[st
             h.remove()
 
 
-def _own(out: Any) -> Any:
+def own(out: Any) -> Any:
     """A hooked output as it is now: tensors are cloned, as a later in-place op (``ReLU(inplace=True)``) would change them.
 
     Tuples/lists/mappings become plain ones, which ``select`` reads the same way.
@@ -132,13 +132,13 @@ def _own(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
         return out.clone()
     if isinstance(out, tuple | list):
-        return type(out)(_own(o) for o in out) if type(out) in (tuple, list) else tuple(_own(o) for o in out)
+        return type(out)(own(o) for o in out) if type(out) in (tuple, list) else tuple(own(o) for o in out)
     if isinstance(out, Mapping):
-        return {k: _own(v) for k, v in out.items()}
+        return {k: own(v) for k, v in out.items()}
     return out
 
 
-_RAN_AGAIN = object()  # marks a hooked module that ran more than once in one forward pass
+RAN_AGAIN = object()  # marks a hooked module that ran more than once in one forward pass
 
 
 def hooked_output(hooked: dict[str, Any], name: str) -> Any:
@@ -148,7 +148,7 @@ def hooked_output(hooked: dict[str, Any], name: str) -> Any:
             f"layer {name!r} did not run in the teacher's forward pass (its forward hook never fired); "
             "hook a module that runs for every batch"
         )
-    if hooked[name] is _RAN_AGAIN:
+    if hooked[name] is RAN_AGAIN:
         raise TargetError(
             f"layer {name!r} ran more than once in one forward pass (a shared module, like the relu of a torchvision "
             "ResNet block), so which output to store is ambiguous; hook a module that runs once, e.g. its parent"

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
-from kdcache.errors import PipelineError, StoreError, TrainingError, write_fix
+from kdcache.errors import PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, write_fix
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -40,7 +40,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     """
     t, out = pipeline.train, Path(out)
     check_values(pipeline)
-    rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (DDP); rank 0 writes
+    rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:
         layout.refuse_if_being_written(out)  # before the store, dataset and student are loaded
         _check_out(out, resume, overwrite)
@@ -57,8 +57,15 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
         fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options, streams=streams, stream=rank if world > 1 else None,
     )
+    order = _order(transfer, t.num_workers)
+    if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
+        raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
+                            "(train.memory_budget_mb decides whether targets are read into RAM, and DataLoader workers interleave "
+                            "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
+                            "train.memory_budget_mb and train.num_workers, or start afresh with --overwrite")
     if world > 1:
-        run.ddp = distributed.wrap(run.student, run.heads, device)
+        distributed.broadcast_parameters([run.student, run.heads])
+        run.world = world
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
     params = list(run.student.parameters()) + list(run.heads.parameters())
@@ -79,7 +86,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         loader: Any = transfer
         if t.num_workers > 0 or device.type != "cpu":
             loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                                persistent_workers=t.num_workers > 0)
+                                persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed))
         with data.torch_threads(t.threads):
             batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
             while state["step"] < total_steps:
@@ -91,11 +98,11 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
                 metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
                            **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
                 state["epoch"] += 1
-                rng = torch.get_rng_state()  # before the next epoch's loader draws its seed: what a resume restores
+                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
                 if state["step"] < total_steps:  # its first batches are made while this epoch is saved
                     batches = _start_epoch(transfer, loader, state["epoch"])
                 if rank == 0:
-                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None)
+                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None, order)
                     replacing = False
         if rank == 0:
             _save(run.student.state_dict(), out / "student.pt")
@@ -103,6 +110,17 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+def _order(transfer: cache.TransferSet, workers: int) -> dict[str, Any]:
+    """What decides the order batches are served in, beyond the seed and the values a resume checks: targets in RAM or
+    streamed, and (one stream) the number of DataLoader workers, which take turns by buffer. With streams, worker w
+    serves steps w, w+k, ...: the order does not depend on k (docs/CLUSTER.md)."""
+    return {"in_memory": bool(transfer.in_memory), "workers": max(1, workers) if transfer.streams == 1 else "any"}
+
+
+def _says(order: dict[str, Any]) -> str:
+    return f"{'from RAM' if order['in_memory'] else 'streamed'} by {order['workers']} reader(s)"
 
 
 def _check_finite(means: dict[str, float], state: dict[str, int], out: Path) -> None:
@@ -133,6 +151,8 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
             loss = loss * batch["scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
+        if run.world > 1:
+            distributed.average_gradients([p for g in optimizer.param_groups for p in g["params"]], run.world)
         optimizer.step()
         schedule.step()
         state["step"] += 1
@@ -160,12 +180,13 @@ class Run:
     loss: Any  # LossSection
     device: torch.device
     paths: list[str]
-    ddp: Any = None  # under torchrun: the student and heads in DistributedDataParallel, called in the student's place
+    world: int = 1  # under torchrun: the number of ranks whose gradients each step averages
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
-        logits = data.call(self.student if self.ddp is None else self.ddp, data.to_device(batch["inputs"], self.device), "student")
-        logits, _ = teachers.select(logits, "auto", "student output")
+        self.hooked.clear()  # this forward's outputs only: never a stale one from an earlier batch
+        logits = data.call(self.student, data.to_device(batch["inputs"], self.device), "student")
+        logits, _ = select_student(logits, "student output")
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}
         if w.kl:
@@ -173,9 +194,10 @@ class Run:
         if w.mse:
             parts["mse"] = w.mse * losses.logit_mse(logits, targets[layout.LOGITS])
         if w.ce:
+            _check_labels(batch["label"], logits.shape[-1])  # on the CPU copy: no device sync
             parts["ce"] = w.ce * losses.cross_entropy(logits, batch["label"].to(self.device))
         for path, (module, weight) in self.features.items():
-            feat, _ = teachers.select(self.hooked[module], "auto", module)
+            feat, _ = select_student(student_output(self.hooked, module), module)
             head = self.heads[_key(path)] if _key(path) in self.heads else torch.nn.Identity()
             parts[f"feat:{layout.layer_name(path)}"] = weight * losses.feature_mse(head(feat), targets[path])
         return parts
@@ -205,13 +227,15 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features))
     modules = dict(student.named_modules())
     for path, (module, _) in features.items():
-        modules[module].register_forward_hook(lambda _m, _i, out, module=module: run.hooked.__setitem__(module, out))
+        # owned as the teacher's are (teachers.capture): a later in-place op (ReLU(inplace=True)) must not change it
+        modules[module].register_forward_hook(lambda _m, _i, out, module=module: run.hooked.__setitem__(
+            module, teachers.RAN_AGAIN if module in run.hooked else teachers.own(out)))
     if features:
         probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
             data.call(student, data.to_device(probe["inputs"], device), "student")
         for path, (module, _) in features.items():
-            feat, _ = teachers.select(run.hooked[module], "auto", module)
+            feat, _ = select_student(student_output(run.hooked, module), module)
             name = layout.layer_name(path)
             head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
             if head is not None:
@@ -222,6 +246,35 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
     return run
+
+
+def student_output(hooked: dict[str, Any], module: str) -> Any:
+    """The output of a hooked student module in this forward pass; a TargetError if it did not run, or ran twice."""
+    if module not in hooked:
+        raise TargetError(f"train.features: student module {module!r} did not run in the student's forward pass (its forward "
+                          "hook never fired); name a student module that runs for every batch")
+    if hooked[module] is teachers.RAN_AGAIN:
+        raise TargetError(f"train.features: student module {module!r} ran more than once in one forward pass (a shared module), "
+                          "so which output to distill is ambiguous; name a module that runs once, e.g. its parent")
+    return hooked[module]
+
+
+def select_student(output: Any, what: str) -> tuple[torch.Tensor, str]:
+    """``teachers.select(output, "auto")`` for the student, whose error names a fix that applies to it."""
+    try:
+        return teachers.select(output, "auto", what)
+    except TargetError:
+        raise TargetError(f"{what!r} of the student is a {type(output).__name__} kdcache cannot pick a tensor from (it takes a "
+                          f"tensor, the first element of a tuple/list, or the first of {', '.join(teachers.AUTO_KEYS)} of a dict); "
+                          "make the student return its logits (or the hooked module its features) that way") from None
+
+
+def _check_labels(label: torch.Tensor, classes: int) -> None:
+    if len(label) and not (0 <= int(label.min()) and int(label.max()) < classes):
+        bad = int(label.max()) if int(label.max()) >= classes else int(label.min())
+        raise ShapeMismatchError(f"train.loss.ce: the store holds label {bad} but the student's output has {classes} classes "
+                                 f"(labels must be 0..{classes - 1}); make student.factory's model output as many classes as "
+                                 "the dataset has, or set train.loss.ce = 0")
 
 
 def _key(path: str) -> str:
@@ -312,7 +365,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         correct = agree = teacher_correct = n = 0
         with torch.no_grad():
             for batch in source:
-                logits, _ = teachers.select(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "auto", "student output")
+                logits, _ = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output")
                 pred = logits.argmax(-1).cpu()
                 label = batch["label"]
                 if label is not None:
@@ -402,7 +455,8 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
 
 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any],
-                rng: torch.Tensor, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None) -> None:
+                rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
+                order: dict[str, Any] | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line).
 
@@ -413,7 +467,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     """
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": rng,
-            "shards": shards.tolist(), "store": _store_identity(store)}
+            "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {})}
     if replacing is not None:
         _save(ckpt, out / NEXT_CHECKPOINT)
     lines = [m for m in ([] if replacing else _read_metrics(out)) if m["epoch"] < metrics["epoch"]] + [metrics]
@@ -505,6 +559,22 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
     schedule.load_state_dict(ckpt["schedule"])
     torch.set_rng_state(ckpt["rng"])
     return {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"])}
+
+
+def _rng_state() -> Any:
+    """torch's CPU RNG state, with every CUDA device's (dropout on a GPU draws from those) where CUDA is used."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state: Any) -> None:
+    if isinstance(state, dict):
+        torch.set_rng_state(state["cpu"])
+        if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    else:
+        torch.set_rng_state(state)
 
 
 def _read_metrics(out: Path) -> list[dict[str, Any]]:

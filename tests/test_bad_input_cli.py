@@ -74,6 +74,8 @@ CASES = [
     # -- train's flags
     Case("train-resume-and-overwrite", lambda c: train(c, "--resume", "--overwrite"), ("pass one of --resume and --overwrite",),
          code=2, store=True, prior=trained),
+    Case("train-epochs-and-steps", lambda c: train(c, "--epochs", "2", "--set", "train.steps=5"),
+         ("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them",), code=2, store=True),
     # -- click's own usage errors, one line each
     Case("usage-no-such-command", lambda c: ["extrakt"], ("No such command 'extrakt'", "(see 'kdcache --help')"), code=2),
     Case("usage-no-such-option", lambda c: extract("--out", c.new, "--batchsize", "4"),

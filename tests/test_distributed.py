@@ -227,14 +227,18 @@ def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, t
     assert_same_store(partial, single)
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
-def test_torchrun_ddp_train_equals_one_process_with_as_many_streams(tiny_store, tmp_path, streaming):
+STREAMING = ("train.memory_budget_mb=0.0001", "train.shuffle_buffer_shards=1")
+# features only: the student's classifier (and its unused module 'spare') get no gradient, which stops DDP's reducer
+UNUSED = ("train.loss.kl=0", "train.loss.ce=0", "student.factory='bad_input.py:with_spare'")
+
+
+@pytest.mark.parametrize("extra", [(), STREAMING, UNUSED], ids=["in-memory", "streaming", "parameters-the-loss-leaves-unused"])
+def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_path, extra):
     from conftest import TINY_TOML
 
     toml = tmp_path / "tiny.toml"  # tiny.toml with absolute factory paths; 50 rows: the last step is uneven
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
-    sets = ["--set", "train.epochs=2"] + (["--set", "train.memory_budget_mb=0.0001", "--set", "train.shuffle_buffer_shards=1"]
-                                          if streaming else [])
+    sets = [x for s in ("train.epochs=2", *extra) for x in ("--set", s.replace("'bad_input.py:", f"'{TINY_TOML.parent}/bad_input.py:"))]
     one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "one"),
                                     "--set", "train.streams=2", *sets])
     assert one.exit_code == 0, one.output
@@ -253,11 +257,17 @@ def test_torchrun_ddp_train_equals_one_process_with_as_many_streams(tiny_store, 
     assert len(logs[1]) == 2
     for one_epoch, ddp_epoch in zip(*logs):
         losses = [k for k in one_epoch if k.startswith("loss")]
-        assert len(losses) >= 3 and losses == [k for k in ddp_epoch if k.startswith("loss")]
+        assert len(losses) >= (2 if extra == UNUSED else 3) and losses == [k for k in ddp_epoch if k.startswith("loss")]
         for k in losses:
             assert ddp_epoch[k] == pytest.approx(one_epoch[k], rel=1e-5, abs=1e-7), k
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"]
+    if extra == UNUSED:  # what no loss reached is never stepped (AdamW's weight decay included), on every rank alike
+        torch.manual_seed(0)  # train.seed: the student every rank started from
+        from bad_input import with_spare
+
+        start = with_spare().state_dict()
+        assert all(torch.equal(b[k], start[k]) for k in ("fc.weight", "spare.weight")) and not torch.equal(b["conv.weight"], start["conv.weight"])
 
 
 def test_streams_split_the_plan_disjointly_and_join_back(tiny_store):

@@ -407,6 +407,67 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
     assert [m["loss"] for m in lines] == [m["loss"] for m in metrics(reference)]
 
 
+def test_the_epochs_flag_trains_that_many_epochs_where_the_pipeline_sets_steps(tiny_store, tmp_path):
+    toml = tmp_path / "steps.toml"  # as pipelines/mnist.toml: [train] steps = N
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{FIXTURES}/tiny.py:').replace("[train]\n", "[train]\nsteps = 30\n"))
+    result = CliRunner().invoke(cli.main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0]
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["train"]["steps"] == 0
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["no-workers", "a-dataloader-worker"])
+def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_path, monkeypatch, workers):
+    """Dropout draws from torch's RNG each step: a resumed run restores its state, and nothing else may draw from it
+    (a DataLoader's workers took their seed from it when first started: once in a whole run, again in a resumed one)."""
+    p = pipeline("student.factory='bad_input.py:dropping'", "train.features={}", "train.epochs=3", f"train.num_workers={workers}")
+    train(p, tiny_store, tmp_path / "whole")
+    trainer = importlib.import_module("kdcache.train")
+    save = trainer._save_epoch
+
+    def crash_after_one(*args, **kwargs):
+        save(*args, **kwargs)
+        raise _Crash()
+
+    monkeypatch.setattr(trainer, "_save_epoch", crash_after_one)
+    with pytest.raises(_Crash):
+        train(p, tiny_store, tmp_path / "cut")
+    monkeypatch.setattr(trainer, "_save_epoch", save)
+    torch.manual_seed(12345)  # whatever this process drew since: the resumed run must not depend on it
+    train(p, tiny_store, tmp_path / "cut", resume=True)
+    got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+
+
+def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
+    """The output of a student's hooked module is kept as the module returned it: an in-place op after it (a ResNet's
+    ReLU(inplace=True)) must not change what the feature loss compares with the teacher's layer (whose outputs are kept
+    the same way)."""
+    p = pipeline("student.factory='bad_input.py:inplace_after_hook'")
+    store = layout.open_store(tiny_store)
+    run = trainer_setup(p, store)
+    x = torch.stack([tiny.dataset()[i][0] for i in range(8)])
+    batch = {"inputs": x, "label": torch.zeros(8, dtype=torch.int64),
+             "targets": {path: torch.from_numpy(store.read(path, 0, 8)) for path in run.paths}}
+    run.losses(batch)
+    distilled = run.hooked["conv"]
+    with torch.no_grad():
+        conv = run.student.conv(x)
+    assert (conv < 0).any()  # the ReLU after it would have changed these
+    torch.testing.assert_close(distilled, conv)
+
+
+def trainer_setup(p: kdcache.Pipeline, store: layout.Store) -> Run:
+    trainer = importlib.import_module("kdcache.train")
+    torch.manual_seed(0)
+    return trainer.setup(p, store, tiny.dataset(), torch.device("cpu"))
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
     """Ctrl-C is one line, exit 130, saying how to go on: after this run saved an epoch, --resume; during the first
