@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from kdcache import data, store as layout
+from kdcache import data, store as layout, threads
 from kdcache.errors import AlignmentError, StoreError
 
 
@@ -228,10 +228,15 @@ class TransferSet(IterableDataset):
         spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
         offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])
         position = offsets[local] + rows - spans[local, 0]  # row's place in the shards read back to back
+        reads = [(p, int(start), int(stop)) for p in self.paths for start, stop in spans]
+        if layout.location_kind(self.location) in ("url", "http") and len(reads) > 1:  # one request each: overlap their latency
+            parts = iter(threads.pool("read", REMOTE_READS).map(lambda r: self._store.read(*r), reads))
+        else:
+            parts = (self._store.read(*r) for r in reads)
         out = {}
         for p in self.paths:
-            parts = [self._store.read(p, int(start), int(stop)) for start, stop in spans]
-            out[p] = (parts[0] if len(parts) == 1 else np.concatenate(parts))[position]
+            mine = [next(parts) for _ in range(len(spans))]
+            out[p] = (mine[0] if len(mine) == 1 else np.concatenate(mine))[position]
         return out
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
@@ -268,6 +273,7 @@ class TransferSet(IterableDataset):
 
 
 PREFETCH = 2  # batches made ahead of the consumer
+REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
 
 
 class Check(NamedTuple):

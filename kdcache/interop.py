@@ -29,6 +29,7 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
     A zip is write-once, so only a complete store whose done shards all have their objects is packed. The
     file appears only once whole and read back as a store (written beside it as ``*.part.zip`` and renamed).
     """
+    _local_out(out)
     out = Path(out)
     if not out.name.endswith(".zip"):
         raise StoreError(f"pack writes a zip file; name it *.zarr.zip, not {str(out)!r}")
@@ -62,6 +63,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
 
     if compression not in HDF5_COMPRESSION:
         raise StoreError(f"unknown HDF5 compression {compression!r}; choose one of {', '.join(HDF5_COMPRESSION)}")
+    _local_out(out)
     out = Path(out)
     _check_out(out, overwrite)
     store = _complete(location, storage_options, "export")
@@ -260,6 +262,13 @@ def _why(e: Exception) -> str:
     if getattr(e, "errno", None):
         return os.strerror(e.errno)  # type: ignore[attr-defined]
     return one_line(e, 200)
+
+
+def _local_out(out: str | os.PathLike[str]) -> None:
+    """OUT of pack/export is a local file: a URL would become a folder named ``s3:`` in the current one."""
+    if "://" in str(out) or "::" in str(out):
+        raise StoreError(f"OUT {str(out)!r} is a URL; pack and export write a local file: write it here, then upload it "
+                         "(e.g. aws s3 cp FILE s3://...)")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

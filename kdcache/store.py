@@ -150,7 +150,9 @@ class Store:
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            writer = active_writer(location)  # a store being created: its manifest is written last
+            # a store being created: its manifest is written last. Opened for writing, the lock is our own (taken by
+            # writer_lock before create_or_resume): that is not another writer.
+            writer = None if writable else active_writer(location)
             if writer is not None:
                 raise StoreError(f"{location!r} is being created by {writer} (its manifest is not written yet); try again in a moment")
             if ATTRS not in attrs:
@@ -393,26 +395,49 @@ class Store:
         direct = self._read_direct(path, start, stop, shards)
         if direct is not None:
             return direct
+        if location_kind(self.location) == "http" and "::" not in self.location:
+            # a plain static server ignores Range (SHARING.md: objects are fetched whole): rows are sliced from whole shards
+            lo, hi = shards[0] * self.rows_per_shard, min(shards[-1] * self.rows_per_shard + self.rows_per_shard, self.num_samples)
+            whole = self._read_direct(path, lo, hi, shards) if (lo, hi) != (start, stop) else None
+            if whole is not None:
+                return whole[start - lo : stop - lo]
         checked = [shard for shard in shards if self._done[shard]]
-        for shard, problem in zip(checked, self._object_problems([self.shard_key(path, s) for s in checked])):
+        try:
+            problems = self._object_problems([self.shard_key(path, s) for s in checked])
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+            raise self._unreadable(path, start, stop, e) from None
+        for shard, problem in zip(checked, problems):
             if problem:
                 raise self._damaged(path, shard, f"is {problem} although the shard is marked done")
         array = self.array(path)
         try:
             return array[start:stop]
-        except Exception:  # noqa: BLE001 - any failure to decode stored bytes; named by shard below
+        except Exception as first:  # noqa: BLE001 - any failure to decode stored bytes; named by shard below
+            if _transport(first):
+                raise self._unreadable(path, start, stop, first) from None
             for shard in shards:
                 lo, hi = self.shard_rows(shard)
                 try:
                     array[max(lo, start) : min(hi, stop)]
                 except Exception as e:  # noqa: BLE001
+                    if _transport(e):
+                        raise self._unreadable(path, start, stop, e) from None
                     why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {_short(str(e))}"
                     raise self._damaged(path, shard, f"does not decode ({why})") from None
             raise
 
+    def _unreadable(self, path: str, start: int, stop: int, e: BaseException) -> StoreError:
+        """A read that failed on the way (connection, timeout, HTTP status, credentials): not damage."""
+        cause = e.__cause__ if isinstance(e, FileNotFoundError) and e.__cause__ is not None else e
+        return StoreError(f"cannot read rows {start}-{stop - 1} of {path} from {self.location!r}: {type(cause).__name__}: "
+                          f"{one_line(cause, 200)}; nothing says the store is damaged: check the connection, endpoint, "
+                          "credentials and that the server is up, then rerun")
+
     def _read_direct(self, path: str, start: int, stop: int, shards: range) -> np.ndarray | None:
-        """Rows ``start:stop`` when they are whole done shards of a local array, read by ``_read_whole_shard``
-        (the streaming reader's and the in-memory load's case); None: zarr reads them (and names any damage)."""
+        """Rows ``start:stop`` when they are whole done shards, read by ``_read_whole_shard`` (the streaming reader's
+        and the in-memory load's case): from the file of a local array, or (object stores, http) from the object
+        fetched whole, one request, where zarr asks for the shard's index and then its chunks. None: zarr reads
+        them (and names any damage)."""
         spans = [self.shard_rows(s) for s in shards]
         if not spans or not all(self._done[s] and start <= lo and hi <= stop for s, (lo, hi) in zip(shards, spans)):
             return None
@@ -420,8 +445,18 @@ class Store:
         array = self.array(path)
         if array.shards is None or array.shards[0] != self.rows_per_shard:
             return None
+        fetch = location_kind(self.location) in ("url", "http") and "::" not in self.location
         for s in shards:
-            rows = _read_whole_shard(array, s)
+            if fetch:
+                try:
+                    raw = self.raw_object(self.shard_key(path, s))
+                except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+                    if _transport(e) or isinstance(e, OSError) and _transport(e.__cause__ or e):
+                        raise self._unreadable(path, start, stop, e) from None
+                    return None
+                rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8)) if raw else None
+            else:
+                rows = _read_whole_shard(array, s)
             if rows is None:
                 return None
             parts.append(rows)
@@ -441,7 +476,9 @@ class Store:
                 if isinstance(store, zarr.storage.ZipStore):  # its getsize would read the whole object
                     return None if await store.exists(key) else "missing"
                 return "empty" if await store.getsize(key) == 0 else None
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                if e.__cause__ is not None and _transport(e.__cause__) and getattr(e.__cause__, "status", None) != 404:
+                    raise  # fsspec's http _info turns a refused connection or a 5xx into FileNotFoundError
                 return "missing"
 
         async def every() -> list[str | None]:
@@ -490,7 +527,11 @@ class Store:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        buf = sync(self.group.store.get(key, prototype=default_buffer_prototype()))
+        try:
+            buf = sync(self.group.store.get(key, prototype=default_buffer_prototype()))
+        except zipfile.BadZipFile as e:  # a stored zip member whose bytes fail the zip's own CRC-32
+            raise StoreError(f"{self.location!r} is damaged: object {key!r} {e} (a corrupted zip member); kdcache verify "
+                             f"{self.location} lists every damaged chunk; pack the store again or copy the zip again") from None
         return None if buf is None else buf.to_bytes()
 
     def object_keys(self) -> list[str]:
@@ -517,7 +558,10 @@ class Store:
         object, shard index checksum, chunk extents, per-chunk crc32c. Reads the raw object only."""
         import google_crc32c
 
-        raw = self.raw_object(self.shard_key(path, shard))
+        try:
+            raw = self.raw_object(self.shard_key(path, shard))
+        except StoreError as e:
+            return [f"shard {shard}: {str(e).split(': ', 1)[1].split(';')[0]}"]
         if not raw:
             return [f"shard {shard} object {self.shard_key(path, shard)!r} is {'missing' if raw is None else 'empty'}"]
         start, stop = self.shard_rows(shard)
@@ -589,6 +633,16 @@ class Store:
 _TEMPS_LOCK = threading.Lock()  # Store._temps is filled by several writer threads
 _PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the object STEM
 _TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
+
+
+def _transport(e: BaseException) -> bool:
+    """Whether ``e`` is a failure to reach the location (connection, timeout, HTTP status, credentials) rather than
+    bytes that fail to decode: such an error says nothing about the store's contents."""
+    import asyncio
+
+    if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    return type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests")
 
 
 def _is_temp(name: str) -> bool:
@@ -707,27 +761,29 @@ def _chunk_bytes(pieces: list[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
     assert not pending, "the pieces end inside an inner chunk"
 
 
-def _read_whole_shard(array: zarr.Array, shard: int) -> np.ndarray | None:
-    """The rows of shard ``shard`` of a local array, read straight from its file: one read, each inner chunk's
-    crc32c checked and decoded into one buffer. None (nothing decided) where this does not apply or anything
-    is off (no file, an empty inner chunk, a checksum or size mismatch): zarr then reads it and reports damage.
+def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = None) -> np.ndarray | None:
+    """The rows of shard ``shard`` of a local array, read straight from its file (or decoded from ``raw``, the
+    object's bytes fetched whole from any store): one read, each inner chunk's crc32c checked and decoded into
+    one buffer. None (nothing decided) where this does not apply or anything is off (no file, an empty inner
+    chunk, a checksum or size mismatch): zarr then reads it and reports damage.
 
     The mirror of ``_write_whole_shard``; zarr 3.1 makes two calls through its event loop per read and
     assembles inner chunks one by one (~2.3 ms per column of a small shard, a tenth of that here).
     """
     from google_crc32c import value as crc32c
 
-    layout = _direct_layout(array)
+    layout = _direct_layout(array, any_store=raw is not None)
     if not layout or not (np.little_endian and array.dtype.byteorder in "<=|"):
         return None
     zstd, chunk = layout[0], array.chunks[0]
     start = shard * array.shards[0]
     rows = min(array.shards[0], array.shape[0] - start)
     count = -(-rows // chunk)  # inner chunks holding rows; those past the array's end are never written
-    try:
-        raw = np.fromfile(_shard_file(array, shard), dtype=np.uint8)
-    except OSError:
-        return None
+    if raw is None:
+        try:
+            raw = np.fromfile(_shard_file(array, shard), dtype=np.uint8)
+        except OSError:
+            return None
     slots = array.shards[0] // chunk
     tail = slots * 16 + 4
     if len(raw) < tail or crc32c(raw[-tail:-4].tobytes()) != int(raw[-4:].view("<u4")[0]):
@@ -759,15 +815,15 @@ def _read_whole_shard(array: zarr.Array, shard: int) -> np.ndarray | None:
     return out[:rows]
 
 
-def _direct_layout(array: zarr.Array) -> tuple[Any] | None:
+def _direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | None:
     """``(zstd codec or None,)`` where a shard of ``array`` can be read and written straight from its file
-    (docs/FORMAT.md §3.1): a local, row-sharded array with bytes [→ zstd] → crc32c chunks and a crc32c index
-    at the end; None for anything else (other stores, codecs or key encodings go through zarr)."""
+    (docs/FORMAT.md §3.1): a local (``any_store``: any) row-sharded array with bytes [→ zstd] → crc32c chunks and
+    a crc32c index at the end; None for anything else (other stores, codecs or key encodings go through zarr)."""
     from zarr.codecs import BytesCodec, ShardingCodec
     from zarr.storage import LocalStore
 
     codec = array.metadata.codecs[0] if len(array.metadata.codecs) == 1 else None
-    if not (isinstance(array.store, LocalStore) and isinstance(codec, ShardingCodec) and array.shards is not None):
+    if not ((any_store or isinstance(array.store, LocalStore)) and isinstance(codec, ShardingCodec) and array.shards is not None):
         return None
     inner, index_codecs = list(codec.codecs), list(codec.index_codecs)
     zstd = inner.pop(1) if len(inner) == 3 and isinstance(inner[1], ZstdCodec) else None
@@ -839,6 +895,8 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         if storage_options:
             raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
         return zarr.storage.LocalStore(local_path(location), read_only=read_only)
+    if "::" in location and not read_only:  # zip::s3://..., zip::https://...: a zip is write-once
+        raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
     if kind == "http" and not read_only:
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
@@ -1140,13 +1198,16 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
     """
     location = str(location)
     target = zarr_store(location, storage_options, read_only=False)  # refuses read-only kinds (zip, http)
-    interrupted = _interrupted_creation(location)  # killed before its manifest was written: created again
+    interrupted = _interrupted_creation(location, storage_options)  # killed before its manifest was written: created again
     if exists(location, storage_options) and not overwrite and not interrupted:
         store = open_store(location, mode="r+", storage_options=storage_options)
         different = difference(store.manifest, manifest)
         if different:
             raise StoreMismatchError(f"{location!r} was made with {different}; use the original pipeline to resume, or --overwrite to start afresh")
         return store
+    if overwrite and not interrupted and exists(location, storage_options) and _foreign_group(location, storage_options):
+        raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); --overwrite "
+                         "replaces only a kdcache store: choose another --out or remove it")
     if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")
     try:
@@ -1155,14 +1216,52 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
         raise _write_error(location, "the metadata", e) from None
 
 
-def _interrupted_creation(location: str) -> bool:
-    """Whether a local folder holds only what ``create_or_resume`` writes before the manifest: zarr
-    metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
-    if location_kind(location) != "local":
+def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether the root ``zarr.json`` at ``location`` parses as zarr metadata without kdcache's manifest (someone else's data)."""
+    import json
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    try:
+        buf = sync(zarr_store(location, storage_options).get("zarr.json", prototype=default_buffer_prototype()))
+        meta = json.loads(buf.to_bytes()) if buf is not None else None
+    except Exception:  # noqa: BLE001 - damaged or unreadable metadata: a damaged store may be overwritten
         return False
+    return isinstance(meta, dict) and isinstance(meta.get("attributes", {}), dict) and ATTRS not in meta.get("attributes", {})
+
+
+def _interrupted_url(location: str, storage_options: dict[str, Any] | None) -> bool:
+    """``_interrupted_creation`` for an object-store prefix: only zarr metadata of kdcache's nodes, no manifest."""
     import fnmatch
     import json
 
+    fs, root = _filesystem(location, storage_options)
+    try:
+        keys = [k[len(root.rstrip("/")) + 1 :] for k in fs.find(root)]
+        attrs = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json")).get("attributes", {}) if "zarr.json" in keys else {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not keys or ATTRS in attrs:
+        return False
+    nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE)
+    for key in keys:
+        parent, _, name = key.rpartition("/")
+        if name != "zarr.json" or not any(fnmatch.fnmatchcase(parent, n) and parent.count("/") == n.count("/") for n in nodes):
+            return False
+    return True
+
+
+def _interrupted_creation(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether a local folder holds only what ``create_or_resume`` writes before the manifest: zarr
+    metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
+    import fnmatch
+    import json
+
+    if location_kind(location) == "url" and "::" not in location:
+        return _interrupted_url(location, storage_options)
+    if location_kind(location) != "local":
+        return False
     root = Path(local_path(location))
     try:
         attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {}) if (root / "zarr.json").is_file() else {}

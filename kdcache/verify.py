@@ -196,14 +196,16 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
             for path, tensor in run.select(output, hooked, len(batch["index"])).items():
                 if path in recomputed:
                     recomputed[path].append(tensor.detach().float().cpu().numpy())
-    stored_fp = store.array(layout.FINGERPRINT).oindex[rows] if len(rows) else np.zeros(0, np.uint64)
     seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
-    for r, a, b in zip(rows, stored_fp, seen_fp):
+    for r, a, b in zip(rows, _rows(store, layout.FINGERPRINT, rows, check), seen_fp):
         if a != b:
             check.fail(f"row {int(r)}: the dataset's input fingerprint {int(b):016x} differs from the stored {int(a):016x}")
     per_target = {}
     for t in stored_targets.values():
-        stored = store.array(t.path).oindex[rows].astype(np.float64) if len(rows) else np.zeros((0, *t.shape))
+        stored = _rows(store, t.path, rows, check)
+        if stored is None:  # named in the check's failures
+            continue
+        stored = stored.astype(np.float64) if len(rows) else np.zeros((0, *t.shape))
         fresh = np.concatenate(recomputed[t.path]).astype(np.float64) if recomputed[t.path] else np.zeros_like(stored)
         fresh_stored = fresh.astype(t.dtype).astype(np.float64)  # the value a fresh extract would store
         err = np.abs(stored - fresh_stored)
@@ -254,3 +256,17 @@ def report_text(report: dict[str, Any]) -> str:
     lines.append("verified: every check holds" if report["ok"] else "NOT verified: see the FAIL lines above")
     return "\n".join(lines)
 
+
+def _rows(store: layout.Store, path: str, rows: np.ndarray, check: Check) -> np.ndarray | None:
+    """Rows ``rows`` (ascending) of the array at ``path``, read through ``Store.read`` shard by shard, as training reads
+    them; a damaged or unreadable shard is a failure of ``check`` naming it (None), never zeros or a traceback."""
+    parts = []
+    try:
+        for s in np.unique(rows // store.rows_per_shard):
+            lo, hi = store.shard_rows(int(s))
+            mine = rows[(rows >= lo) & (rows < hi)]
+            parts.append(store.read(path, int(mine[0]), int(mine[-1]) + 1)[mine - mine[0]])
+    except StoreError as e:
+        check.fail(f"the stored rows of {path} cannot be compared: {e}")
+        return None
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)

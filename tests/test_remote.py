@@ -287,3 +287,89 @@ def test_pack_over_http_skips_writer_temp_files(http_root, tiny_store, tmp_path)
     assert (tmp_path / "http.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
     keys = open_store(f"{base}/temps.zarr").object_keys()
     assert len(keys) == 35 and not [k for k in keys if k.endswith((".tmp", ".partial"))]
+
+
+def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
+    """A read that fails on the way (the server went away, a refused connection) says the location could not be
+    read and that nothing says the store is damaged: never "re-extract", never a traceback."""
+    import shutil
+
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    from kdcache.store import LOGITS
+
+    www = tmp_path / "www"
+    shutil.copytree(tiny_store, www / "tiny.zarr")
+    served = _served(www, "RangeHTTPServer")
+    _, base = next(served)
+    http = open_store(f"{base}/tiny.zarr")
+    http.read(LOGITS, 0, 16)
+    next(served, None)  # the server stops
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+    fs = S3FileSystem(**options, skip_instance_cache=True)
+    fs.mkdir("kdcache-outage")  # moto's buckets are per process, shared with the s3 fixture's server: its own
+    fs.put(str(tiny_store), "kdcache-outage/tiny.zarr", recursive=True)
+    s3 = open_store("s3://kdcache-outage/tiny.zarr", storage_options=options)
+    s3.read(LOGITS, 0, 16)
+    server.stop()
+
+    for store in (http, s3):
+        with pytest.raises(StoreError) as e:
+            store.read(LOGITS, 16, 32)
+        message = str(e.value)
+        assert message.startswith(f"cannot read rows 16-31 of {LOGITS} from {store.location!r}: "), message
+        assert "nothing says the store is damaged" in message and "re-extract" not in message, message
+
+
+def test_an_s3_extract_killed_before_its_manifest_resumes(s3, tiny_store):
+    """Killed after the arrays' metadata but before the manifest (the last object create_or_resume writes): the
+    rerun creates the store again, as for a local folder, instead of refusing it as "not a kdcache store"."""
+    import s3fs
+
+    from conftest import TINY_TOML
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    prefix = f"{BUCKET}/killed-early.zarr"
+    from pathlib import Path
+
+    for meta in Path(tiny_store).rglob("zarr.json"):
+        key = meta.relative_to(tiny_store).as_posix()
+        body = json.loads(meta.read_text())
+        if key == "zarr.json":
+            body["attributes"].pop("kdcache")
+        fs.pipe(f"{prefix}/{key}", json.dumps(body).encode())
+    url = f"s3://{prefix}"
+    info = kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    assert info["complete"]
+    assert_same_store(url, tiny_store, options_a=s3)
+
+
+def test_zip_chains_are_never_write_targets(s3):
+    from conftest import TINY_TOML
+
+    for url in (f"zip::s3://{BUCKET}/new.zarr.zip", "zip::http://127.0.0.1:1/x.zarr.zip"):
+        with pytest.raises(StoreError, match="a zip store is write-once and opened read-only"):
+            kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3 if "s3" in url else None)
+
+
+def test_rows_of_a_folder_over_plain_http_are_read_from_whole_shards(plain_http_root):
+    """A server that ignores Range answers a partial read with the whole object: rows inside a shard are read by
+    fetching the whole shard (SHARING.md), never parsed from the wrong bytes."""
+    from kdcache.store import LOGITS, layer_path
+
+    from conftest import TINY_TOML
+
+    root, base = plain_http_root
+    local = str(root / "rows.zarr")  # features.3 in chunks of 1 row: a partial read fetches byte ranges of its shards
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML, ["extract.chunk_mb=0.001"]), local, overwrite=True)
+    http, local = open_store(f"{base}/rows.zarr"), open_store(local)
+    assert local.manifest["geometry"]["chunk_rows"]["targets/layers/features.3"] == 1
+    for path in (LOGITS, layer_path("features.3")):
+        for start, stop in ((3, 5), (14, 40), (48, 50)):
+            np.testing.assert_array_equal(http.read(path, start, stop), local.read(path, start, stop), err_msg=f"{path} {start}:{stop}")

@@ -44,3 +44,75 @@ def test_layer_names_differing_only_in_case_are_refused(names: list[str], clash:
         return
     with pytest.raises(PipelineError, match=f"layer names '{clash[0]}' and '{clash[1]}' differ only in case"):
         check_layer_names(names)
+
+
+def test_overwrite_never_replaces_a_zarr_group_that_is_not_a_kdcache_store(tmp_path: Path, monkeypatch) -> None:
+    """--overwrite replaces a kdcache store only: someone else's zarr group (no kdcache manifest) is refused, and
+    without --overwrite it is named as such, never as a store this very process is still creating."""
+    import kdcache
+    from kdcache.errors import StoreError
+    from reference import make_pipeline
+
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(str(foreign), mode="w").create_array("precious", shape=(3,), dtype="int8")[:] = [1, 2, 3]
+    with pytest.raises(StoreError, match="is a zarr group but not a kdcache store .*--overwrite replaces only a kdcache store"):
+        kdcache.extract(make_pipeline(), str(foreign), overwrite=True)
+    with pytest.raises(StoreError) as e:
+        kdcache.extract(make_pipeline(), str(foreign))
+    assert "is a zarr group but not a kdcache store" in str(e.value) and "being created" not in str(e.value)
+    assert zarr.open_group(str(foreign), mode="r")["precious"][:].tolist() == [1, 2, 3]
+
+
+def test_a_corrupted_zip_member_is_a_verify_failure_and_a_one_line_error(tiny_store: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    from kdcache.verify import verify
+
+    out = tmp_path / "t.zarr.zip"
+    pack(tiny_store, out)
+    member = "targets/logits/c/1/0"
+    with zipfile.ZipFile(out) as z:
+        info = z.getinfo(member)
+    raw = bytearray(out.read_bytes())
+    data_at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # past the local file header
+    raw[data_at + 5] ^= 0xFF
+    out.write_bytes(bytes(raw))
+    report = verify(str(out))
+    assert not report["ok"]
+    problems = [line for check in report["checks"] for line in check["problems"]]
+    assert any("shard 1" in line and "corrupted zip member" in line for line in problems), problems
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output and "corrupted zip member" in r.output, r.output
+
+
+def test_teacher_check_reads_stored_rows_with_the_damage_checks(tiny_store: str, tmp_path: Path) -> None:
+    """verify --teacher-check compares the teacher with stored rows read as training reads them: a missing shard is
+    named, never compared as zeros."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from conftest import TINY_TOML
+    from kdcache.cli import main
+
+    store = tmp_path / "t.zarr"
+    shutil.copytree(tiny_store, store)
+    for shard in (store / "targets/logits/c").iterdir():
+        (shard / "0").unlink()
+    r = CliRunner().invoke(main, ["verify", str(store), "--teacher-check", "50", "--pipeline", str(TINY_TOML)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "the stored rows of targets/logits cannot be compared: " in r.output and "shard 0 of targets/logits" in r.output, r.output
+    assert "values beyond tolerance" not in r.output, r.output  # zeros were compared with the teacher's logits
+
+
+@pytest.mark.parametrize("verb", ["pack", "export"])
+def test_pack_and_export_refuse_a_url_as_out(tiny_store: str, tmp_path: Path, monkeypatch, verb: str) -> None:
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [verb, tiny_store, f"s3://bucket/x.{'zarr.zip' if verb == 'pack' else 'h5'}"])
+    assert r.exit_code == 1 and "is a URL; pack and export write a local file" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []  # no folder named 's3:'
