@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kdcache import store as layout
-from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreMismatchError, one_line
+from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreMismatchError, need, one_line
 from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
@@ -53,6 +53,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     """``extract`` with the shards spread over dask workers: a new ``LocalCluster`` (one worker per GPU
     when there are GPUs, otherwise ``workers`` single-threaded processes) or the cluster at ``scheduler``
     (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
+    need("distributed", "dask", "kdcache extract --workers/--scheduler")
     if scheduler is not None:
         _check_address(scheduler)
     layout.refuse_if_being_written(out)  # before the teacher is built

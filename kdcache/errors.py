@@ -57,6 +57,22 @@ class DeviceMemoryError(ModelError):
     """A forward pass ran out of device memory: a smaller batch, or a less loaded device, may do."""
 
 
+class MissingDependencyError(KdcacheError, ImportError):
+    """An optional dependency that a command needs (an extra of kdcache's package) is not installed."""
+
+
+def need(module: str, extra: str, what: str) -> None:
+    """Import ``module``, or raise a MissingDependencyError naming the extra that installs it: called before anything
+    is built or written, so a command without its optional dependency stops at once, in one line."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(f"{what} needs the Python package {(e.name or module).split('.')[0]!r}, which is not "
+                                     f"installed; pip install 'kdcache[{extra}]'") from None
+
+
 TRANSIENT = (DataError, DeviceMemoryError)  # may not happen again: dask retries a shard that raised one
 
 

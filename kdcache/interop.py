@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache import store as layout
-from kdcache.errors import StoreError, one_line, write_fix
+from kdcache.errors import StoreError, need, one_line, write_fix
 
 HDF5_LAYOUT_VERSION = 1
 HDF5_COMPRESSION = ("gzip", "lzf", "none")
@@ -59,6 +59,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     """Write a complete store as one HDF5 file: the same paths as groups/datasets, chunked like the
     store's inner chunks, compressed with ``compression`` (gzip, lzf or none); the manifest as the
     JSON string root attribute ``kdcache``."""
+    need("h5py", "hdf5", "kdcache export")
     import h5py
 
     if compression not in HDF5_COMPRESSION:
@@ -95,6 +96,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
                 overwrite: bool = False) -> dict[str, Any]:
     """Convert an HDF5 file written by ``export_hdf5`` back into a store at ``location`` (any writable
     location), with the manifest's geometry; resumable like extract (only shards not yet done are written)."""
+    need("h5py", "hdf5", "kdcache import")
     import h5py
 
     source = str(source)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import store as layout
+from kdcache.errors import need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
 
@@ -37,6 +38,7 @@ class _Checked:
 def stats(location: str, *, storage_options: dict[str, Any] | None = None, scheduler: str = "threads",
           num_workers: int | None = None) -> dict[str, Any]:
     """Statistics over the done shards of the store at ``location`` (``scheduler``: a dask scheduler name)."""
+    need("dask.array", "dask", "kdcache stats")
     import dask
     import dask.array as da
 

@@ -6,8 +6,10 @@ and a failed command writes nothing into the current folder (an empty --out once
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from click.testing import CliRunner
 
 import test_bad_input as matrix
 from kdcache.cli import main
-from test_bad_input import KDCACHE, TINY, Case, Ctx, check_output, extract, invoke, prepare, train, trained
+from test_bad_input import KDCACHE, TINY, Case, Ctx, check_output, extract, invoke, prepare, snapshot, train, trained
 
 
 def exported(ctx: Ctx) -> Path:
@@ -155,3 +157,24 @@ def test_one_line_in_a_real_process(tmp_path: Path) -> None:
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], proc.stderr
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("hidden, args, extra", [
+    (("dask", "dask.array"), lambda c: ["stats", c.store], "dask"),
+    (("h5py",), lambda c: ["export", c.store, c.tmp / "x.h5"], "hdf5"),
+    (("h5py",), lambda c: ["import", c.tmp / "x.h5", c.new], "hdf5"),
+    (("distributed",), lambda c: extract("--out", c.new, "--workers", "2"), "dask"),
+], ids=["stats-without-dask", "export-without-h5py", "import-without-h5py", "workers-without-distributed"])
+def test_a_missing_optional_dependency_is_one_line_before_anything_is_written(hidden, args, extra, tmp_path, tiny_store, monkeypatch):
+    """README's first command installs kdcache without extras: a command that needs one says which, in one line."""
+    ctx = Ctx(tmp_path)
+    shutil.copytree(tiny_store, ctx.store)
+    (tmp_path / "x.h5").write_bytes(b"")
+    for name in hidden:  # as if not installed: importing it raises ModuleNotFoundError
+        monkeypatch.setitem(sys.modules, name, None)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, [str(a) for a in args(ctx)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [result.output.strip()] and "Traceback" not in result.output, result.output
+    assert f"which is not installed; pip install 'kdcache[{extra}]'" in result.output, result.output
+    assert snapshot(tmp_path) == before and not ctx.new.exists()
