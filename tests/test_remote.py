@@ -373,3 +373,8 @@ def test_rows_of_a_folder_over_plain_http_are_read_from_whole_shards(plain_http_
     for path in (LOGITS, layer_path("features.3")):
         for start, stop in ((3, 5), (14, 40), (48, 50)):
             np.testing.assert_array_equal(http.read(path, start, stop), local.read(path, start, stop), err_msg=f"{path} {start}:{stop}")
+    assert verify(f"{base}/rows.zarr")["ok"]  # every check reads as training does
+    from kdcache.stats import stats
+
+    remote, here = stats(f"{base}/rows.zarr"), stats(str(root / "rows.zarr"))  # stats reads inner chunk by inner chunk
+    assert {k: v for k, v in remote.items() if k != "location"} == {k: v for k, v in here.items() if k != "location"}
