@@ -37,9 +37,12 @@ def main() -> None:
     harness.add_extract_options(p)  # the same settings for both loops
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
-    n = args.n or (16384 if cuda else 512) // (4 if args.quick else 1)
     common = harness.extract_options(args)
     batch, precision, workers = common["batch_size"], common["precision"], common["num_workers"]
+    # past the first batch: at least 7 batches are timed (--quick: a quarter of the images, and 3 rounds)
+    n = args.n or max(8 * batch, (16384 if cuda else 512) // (4 if args.quick else 1))
+    if args.quick and args.repeats == 7:
+        args.repeats = 3
     work = harness.workdir(args)
     report = harness.Report("extract", args)
     print(f"extract overhead: resnet, n={n}, batch={batch}, {args.device}, {precision}, workers={workers}, {args.compression}")

@@ -55,8 +55,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=0, help="N for extract (default 1024: 4N = 512 MiB of maps)")
     p.add_argument("--train-n", type=int, default=0, help="N for train (default 10000; 4N <= 50000, the MNIST train split)")
     args = p.parse_args()
-    n = args.n or 1024
-    tn = args.train_n or 10000
+    n = args.n or (256 if args.quick else 1024)  # --quick: a quarter (the flat-memory check at a smaller scale)
+    tn = args.train_n or (2500 if args.quick else 10000)
     work = harness.workdir(args)
     report = harness.Report("memory", args)
     print(f"memory: extract resnet+layer1 at {n} and {4 * n}; train (streaming and in memory) on MNIST train[:{tn}] and [:{4 * tn}]")

@@ -50,12 +50,17 @@ def extract_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def workdir(args: argparse.Namespace) -> Path:
+    """A fresh folder for the run's stores (under ``--workdir``, else the system's temp folder), removed when the
+    process exits, Ctrl-C included (one bench_memory run writes ~450 MB)."""
+    import atexit
+    import shutil
     import tempfile
 
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=args.workdir))
-    return Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
+    folder = Path(tempfile.mkdtemp(prefix="kdcache-bench-", dir=args.workdir or None))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def sync(device: str) -> None:
