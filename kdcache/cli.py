@@ -199,16 +199,18 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     from kdcache.store import open_store
 
     options = _storage_options(storage_items)
-    try:
-        was_complete = not overwrite and open_store(out, storage_options=options).complete
-    except KdcacheError:
-        was_complete = False
+    was_complete, done_before = False, 0
+    with contextlib.suppress(KdcacheError):  # no store (yet), or one extract refuses in one line below
+        existing = None if overwrite else open_store(out, storage_options=options)
+        was_complete, done_before = (existing.complete, int(existing.done().sum())) if existing is not None else (False, 0)
     # checks identity even when complete
     info = _scaled_extract(p, out, workers, scheduler)(p, out, overwrite=overwrite, progress=_progress(progress), storage_options=options)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun, rank 0 reports
     if was_complete:
         click.echo(f"{out} is already complete ({info['num_samples']} samples); nothing to do (--overwrite to redo it)", err=True)
+    elif done_before:
+        click.echo(f"resumed {out}: {done_before} of {info['num_shards']} shards were already done; this run wrote the others", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else _info_text(info))
 
 

@@ -75,6 +75,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
         if checkpoint is not None:
             state = _restore(checkpoint, out, run, optimizer, schedule)
+            if rank == 0:
+                print(f"resuming {str(out)!r} after epoch {state['epoch'] - 1} (step {state['step']} of {total_steps})")
             _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
         evaluate = _evaluator(pipeline, run, device, storage_options)
         # an earlier run's files (--overwrite) stay until this run's first epoch is saved
@@ -523,6 +525,10 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
                 raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({str(out / 'pipeline.json')!r}), now "
                                     f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(RESUMABLE))}}} "
                                     "may change), or start afresh with --overwrite")
+    length = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in ("train.epochs", "train.steps") if old.get(key) != new.get(key)]
+    if length:  # allowed, but not the run its checkpoint began: say so
+        print(f"--resume: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
+              "here on, so the result is neither the earlier plan's nor a fresh run's (pipeline.json keeps the run's values)")
 
 
 def _brief(value: Any) -> str:
@@ -557,7 +563,7 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
                          f"({detail[:200]}); resume with the run's own pipeline (its pipeline.json) or pass --overwrite") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
-    torch.set_rng_state(ckpt["rng"])
+    _set_rng_state(ckpt["rng"])
     return {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"])}
 
 

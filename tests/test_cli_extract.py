@@ -120,7 +120,9 @@ def test_info_json_schema_on_complete_and_partial_stores(tmp_path, zoo_env):
     text = invoke("info", partial).stdout
     assert "32/50 samples, 2/4 shards" in text and "INCOMPLETE (re-run extract to resume)" in text
 
-    assert invoke("extract", toml, "--out", partial).exit_code == 0
+    resumed = invoke("extract", toml, "--out", partial)
+    assert resumed.exit_code == 0
+    assert f"resumed {partial}: 2 of 4 shards were already done; this run wrote the others" in resumed.stderr, resumed.stderr
     check_info_schema(json.loads(invoke("info", partial, "--json").stdout), complete=True, samples_done=50)
 
 

@@ -421,7 +421,7 @@ class _Crash(Exception):
 
 
 @pytest.mark.parametrize("workers", [0, 1], ids=["no-workers", "a-dataloader-worker"])
-def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_path, monkeypatch, workers):
+def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_path, monkeypatch, capsys, workers):
     """Dropout draws from torch's RNG each step: a resumed run restores its state, and nothing else may draw from it
     (a DataLoader's workers took their seed from it when first started: once in a whole run, again in a resumed one)."""
     p = pipeline("student.factory='bad_input.py:dropping'", "train.features={}", "train.epochs=3", f"train.num_workers={workers}")
@@ -438,10 +438,31 @@ def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_p
         train(p, tiny_store, tmp_path / "cut")
     monkeypatch.setattr(trainer, "_save_epoch", save)
     torch.manual_seed(12345)  # whatever this process drew since: the resumed run must not depend on it
+    capsys.readouterr()
     train(p, tiny_store, tmp_path / "cut", resume=True)
+    assert f"resuming {str(tmp_path / 'cut')!r} after epoch 0 (step 7 of 21)" in capsys.readouterr().out
     got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+
+
+def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, monkeypatch, capsys):
+    trainer = importlib.import_module("kdcache.train")
+    save = trainer._save_epoch
+
+    def crash_after_one(*args, **kwargs):
+        save(*args, **kwargs)
+        raise _Crash()
+
+    monkeypatch.setattr(trainer, "_save_epoch", crash_after_one)
+    with pytest.raises(_Crash):
+        train(pipeline("train.epochs=4"), tiny_store, tmp_path / "run")
+    monkeypatch.setattr(trainer, "_save_epoch", save)
+    capsys.readouterr()
+    train(pipeline("train.epochs=2"), tiny_store, tmp_path / "run", resume=True)
+    out = capsys.readouterr().out
+    assert "--resume: train.epochs was 4, now 2: the learning-rate schedule is planned again over the new length" in out, out
+    assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0, 1]
 
 
 def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
