@@ -122,10 +122,10 @@ def _progress(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 
 
-set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-    help="Override a pipeline value (repeatable), e.g. --set extract.batch_size=64.",
-)
+def set_option(example: str) -> Callable[..., Any]:
+    """The --set option, with an example that applies to the command."""
+    return click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                        help=f"Override a pipeline value (repeatable), e.g. --set {example}.")
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Show a progress bar (default: only on a terminal)."
 )
@@ -167,7 +167,7 @@ def main() -> None:
 @main.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--out", callback=_not_blank, help="Store to write: a folder (by convention ending in .zarr) or an fsspec URL (s3://bucket/run.zarr).")
-@set_option
+@set_option("extract.batch_size=64")
 @click.option("--batch-size", type=int, help="Shortcut for --set extract.batch_size=N.")
 @click.option("--device", help="Shortcut for --set extract.device=DEVICE (auto, cpu, cuda, cuda:N).")
 @click.option("--layers", help="Shortcut for --set targets.layers=a,b (comma-separated module names).")
@@ -230,7 +230,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--cache", "cache_location", required=True, help="Store written by kdcache extract (the only source of targets).")
 @click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, pipeline.json, checkpoint.pt.")
-@set_option
+@set_option("train.lr=0.001")
 @click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N --set train.steps=0 (N epochs, even where the pipeline sets steps).")
 @click.option("--batch-size", type=int, help="Shortcut for --set train.batch_size=N.")
 @click.option("--device", help="Shortcut for --set train.device=DEVICE.")
@@ -269,7 +269,7 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, callback=_not_blank, help="Folder for the stores, students and summary.json.")
-@set_option
+@set_option("train.steps=500")
 @progress_option
 @_errors
 def demo(out: str, overrides: tuple[str, ...], progress: bool | None) -> None:
@@ -299,7 +299,7 @@ def info(store: str, as_json: bool, storage_items: tuple[str, ...]) -> None:
 @click.argument("store")
 @click.option("--teacher-check", type=click.IntRange(min=0), default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
 @click.option("--pipeline", type=click.Path(dir_okay=False), help="Pipeline whose teacher and dataset --teacher-check uses.")
-@set_option
+@set_option("extract.batch_size=64")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed choosing the --teacher-check rows.")
 @click.option("--tolerance", type=click.FloatRange(min=0), callback=_finite, help="Relative tolerance of --teacher-check (default by precision and dtype).")
 @json_option
@@ -420,6 +420,7 @@ def _dry_run_text(r: dict[str, Any]) -> str:
         f"store       ~{_size(r['estimated_bytes'])} ({_size(r['estimated_bytes_raw'])} raw, ~{r['estimated_compression_ratio']:.2f}x from the probe batch)",
         f"geometry    {g['num_shards']} shards of {g['rows_per_shard']} rows",
     ]
+    lines += [f"warning     {w}" for w in r["warnings"]]
     return "\n".join(lines)
 
 

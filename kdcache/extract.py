@@ -252,6 +252,8 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "geometry": manifest["geometry"],
         "probe_batch": rows,
         "probe_seconds": seconds,
+        "warnings": [f"train.features names {name!r}, which targets.layers does not list: kdcache train would refuse this store; "
+                     "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers],
     }
 
 

@@ -220,7 +220,9 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     features: dict[str, tuple[str, float]] = {}
     for layer, spec in t.features.items():
         if layer not in stored:
-            raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store; stored: {sorted(stored)}")
+            layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
+            raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store (its layers: "
+                                f"{layers}); name one of them, or extract a store with {layer!r} in targets.layers (--layers)")
         if stored[layer].path == layout.LOGITS:
             raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
                                 "train.loss.mse, and list only layers from targets.layers under train.features")

@@ -388,7 +388,8 @@ CASES = [
     Case("feature-cannot-be-projected", lambda c: train(c, "--set", "train.features={ 'features.3' = { student = 'fc' } }"),
          ("features.3", "(4,)", "(16, 8, 8)"), store=True),
     Case("feature-layer-not-stored", lambda c: train(c, "--set", "train.features={ pool = { student = 'conv' } }"),
-         ("train.features names teacher layer 'pool', which", "does not store; stored: ['features.3', 'logits']"), store=True),
+         ("train.features names teacher layer 'pool', which", "does not store (its layers: ['features.3']); name one of them, "
+          "or extract a store with 'pool' in targets.layers (--layers)"), store=True),
     Case("feature-student-module-never-runs",
          lambda c: train(c, "--set", "student.factory=bad_input.py:with_spare", "--set", "train.features={ 'features.3' = { student = 'spare' } }"),
          ("student module 'spare' did not run in the student's forward pass", "name a student module that runs for every batch"),

@@ -149,6 +149,13 @@ def test_dry_run_prints_shapes_and_bytes_and_writes_nothing(tmp_path):
     assert report["estimated_compression_ratio"] > 1 and report["estimated_bytes"] < report["estimated_bytes_raw"]
     assert report["num_samples"] == 50 and report["probe_batch"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert report["warnings"] == []
+
+    # a feature the student would distil from a layer this extract does not store: said before the extract, not after
+    result = invoke("extract", TINY, "--dry-run", "--layers", "features.0")
+    assert result.exit_code == 0, result.output
+    assert ("warning     train.features names 'features.3', which targets.layers does not list: kdcache train would refuse "
+            "this store; add it to targets.layers (or --layers)") in result.stdout, result.stdout
 
 
 # ----------------------------------------------------------------------------------- existing stores

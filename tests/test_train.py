@@ -302,7 +302,7 @@ def test_ce_needs_a_store_with_labels(tmp_path):
 
 
 def test_feature_layer_missing_from_store_is_a_pipeline_error(store32, tmp_path):
-    with pytest.raises(PipelineError, match=r"'features.3', which .* does not store; stored: \['logits'\]"):
+    with pytest.raises(PipelineError, match=r"'features.3', which .* does not store \(its layers: \[\]\)"):
         train(pipeline(), store32, tmp_path / "run")  # tiny.toml asks for features.3; store32 has logits only
     with pytest.raises(PipelineError, match="nothing to learn"):
         train(pipeline(*PLAIN, "train.loss.kl=0", "train.loss.ce=0"), store32, tmp_path / "run")
