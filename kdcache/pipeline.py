@@ -333,7 +333,14 @@ def _unknown(values: dict[str, Any], known: list[str], prefix: str, source: str)
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else f"; known keys: {', '.join(known)}"
+            elsewhere = [f"{name}.{key}" for name, cls in _SECTIONS.items()  # the right key in the wrong section
+                         if prefix and f"{name}." != prefix and key in {f.name for f in dataclasses.fields(cls)}]
+            if close:
+                hint = f"; did you mean {' or '.join(prefix + c for c in close)}?"
+            elif elsewhere:
+                hint = f"; did you mean {' or '.join(elsewhere)}? ({prefix.rstrip('.')} has no {key!r})"
+            else:
+                hint = f"; known keys: {', '.join(known)}"
             raise PipelineError(f"{source}: unknown key {prefix + key!r}{hint}")
 
 

@@ -187,6 +187,8 @@ CASES = [
          ("unknown key 'trian'", "did you mean train?")),
     Case("unknown-key-in-file", lambda c: ["extract", text_file(c, "p.toml", '[teacher]\nfactroy = "tiny.py:teacher"\n'), "--out", c.new],
          ("p.toml: unknown key 'teacher.factroy'", "did you mean teacher.factory?")),
+    Case("key-of-another-section", lambda c: extract("--out", c.new, "--set", "extract.dtype=float32"),
+         ("unknown key 'extract.dtype'; did you mean targets.dtype? (extract has no 'dtype')",)),
     Case("unknown-key-root", lambda c: extract("--out", c.new, "--set", 'root="/etc"'), ("unknown key 'root'",)),
     Case("layer-listed-twice", lambda c: extract("--out", c.new, "--layers", "features.3,features.3"),
          ("targets.layers lists 'features.3' twice; list each layer once",)),
@@ -270,7 +272,8 @@ CASES = [
          ("dataset numbered.py:tiny_short('train') has 40 samples but the store has 50", "use the dataset the store was made from"),
          store=True),
     Case("eval-split-missing", lambda c: train(c, "--set", "train.eval_split=valid"),
-         ("data.factory 'tiny.py:dataset' raised ValueError: unknown split 'valid'",), store=True),
+         ("train.eval_split = 'valid': data.factory 'tiny.py:dataset' raised ValueError: unknown split 'valid'",
+          'or set train.eval_split = "" (no evaluation)'), store=True),
     # -- sizes, devices
     Case("compression-level-above-limit", lambda c: extract("--out", c.new, "--set", "extract.compression_level=99"),
          ("extract.compression_level = 99 is above its limit of 22", "zstd levels run from 0")),
@@ -308,6 +311,9 @@ CASES = [
     Case("out-is-a-zip", lambda c: extract("--out", c.tmp / "s.zarr.zip"), ("a zip store is write-once",)),
     Case("out-read-only", lambda c: extract("--out", c.tmp / "ro" / "s.zarr"),
          ("ro/s.zarr", "Read-only file system", "make the folder writable (or choose another location)"), read_only=True),
+    Case("store-of-an-unseeded-teacher", lambda c: extract("--out", c.tmp / "u.zarr", "--set", "teacher.factory=bad_input.py:unseeded"),
+         ("was made with different teacher weights", "if the pipeline is unchanged, teacher.factory builds other weights on each call: "
+          "seed it with torch.manual_seed"), prior=lambda c: invoke_ok(extract("--out", c.tmp / "u.zarr", "--set", "teacher.factory=bad_input.py:unseeded"))),
     Case("store-of-another-teacher", lambda c: extract("--out", c.store, "--set", "teacher.factory=bad_input.py:other_teacher"),
          ("was made with different teacher weights (teacher.weights_sha256: store has '", "--overwrite to start afresh"),
          store=True, damage=lambda s: unmark(s, 3)),
