@@ -61,6 +61,9 @@ def select(output: Any, selector: str, target: str) -> tuple[torch.Tensor, str]:
         step = steps.pop(0) if steps else _auto_step(value, target)
         value = _step(value, step, target, output)
         path.append(step)
+        if value is None:
+            raise TargetError(f"target {target!r}: element {'.'.join(path)!r} of the output is None (the module returned no tensor "
+                              f"there, e.g. attention weights with need_weights=False); choose another [targets.select] {target!r}")
 
 
 def _auto_step(value: Any, target: str) -> str:
