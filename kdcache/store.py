@@ -21,7 +21,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -560,8 +560,8 @@ class Store:
 
         try:
             raw = self.raw_object(self.shard_key(path, shard))
-        except StoreError as e:
-            return [f"shard {shard}: {str(e).split(': ', 1)[1].split(';')[0]}"]
+        except StoreError:  # raw_object's only refusal: a zip member whose bytes fail the zip's CRC-32
+            return [f"shard {shard} object {self.shard_key(path, shard)!r} is a corrupted zip member (its bytes fail the zip's CRC-32)"]
         if not raw:
             return [f"shard {shard} object {self.shard_key(path, shard)!r} is {'missing' if raw is None else 'empty'}"]
         start, stop = self.shard_rows(shard)
@@ -1210,7 +1210,7 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
         return store
     if overwrite and not interrupted and exists(location, storage_options) and _foreign_group(location, storage_options):
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); --overwrite "
-                         "replaces only a kdcache store: choose another --out or remove it")
+                         f"replaces only a kdcache store: choose another {named} or remove it")
     if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")
     try:
@@ -1234,50 +1234,42 @@ def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> boo
     return isinstance(meta, dict) and isinstance(meta.get("attributes", {}), dict) and ATTRS not in meta.get("attributes", {})
 
 
-def _interrupted_url(location: str, storage_options: dict[str, Any] | None) -> bool:
-    """``_interrupted_creation`` for an object-store prefix: only zarr metadata of kdcache's nodes, no manifest."""
-    import fnmatch
-    import json
-
-    fs, root = _filesystem(location, storage_options)
-    try:
-        keys = [k[len(root.rstrip("/")) + 1 :] for k in fs.find(root)]
-        attrs = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json")).get("attributes", {}) if "zarr.json" in keys else {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    if not keys or ATTRS in attrs:
-        return False
-    nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE)
-    for key in keys:
-        parent, _, name = key.rpartition("/")
-        if name != "zarr.json" or not any(fnmatch.fnmatchcase(parent, n) and parent.count("/") == n.count("/") for n in nodes):
-            return False
-    return True
-
-
 def _interrupted_creation(location: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Whether a local folder holds only what ``create_or_resume`` writes before the manifest: zarr
-    metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
-    import fnmatch
+    """Whether a local folder or an object-store prefix holds only what ``create_or_resume`` writes before the
+    manifest: zarr metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
     import json
 
-    if location_kind(location) == "url" and "::" not in location:
-        return _interrupted_url(location, storage_options)
-    if location_kind(location) != "local":
+    kind = location_kind(location)
+    if kind == "url" and "::" not in location:
+        fs, root = _filesystem(location, storage_options)
+        root = root.rstrip("/")
+        try:
+            keys = [k[len(root) + 1 :] for k in fs.find(root)]
+            attrs = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {}) if "zarr.json" in keys else {}
+        except (OSError, ValueError, AttributeError):
+            return False
+        return ATTRS not in attrs and _only_creation_metadata(keys)
+    if kind != "local":
         return False
-    root = Path(local_path(location))
+    folder = Path(local_path(location))
     try:
-        attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {}) if (root / "zarr.json").is_file() else {}
+        attrs = json.loads((folder / "zarr.json").read_text()).get("attributes", {}) if (folder / "zarr.json").is_file() else {}
     except (OSError, ValueError, AttributeError):
         return False
-    if ATTRS in attrs or not root.is_dir():
+    if ATTRS in attrs or not folder.is_dir():
         return False  # a store (the usual case: answered without listing it)
+    # a generator: stops listing at the first file that is not such metadata
+    return _only_creation_metadata(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _only_creation_metadata(keys: Iterable[str]) -> bool:
+    """Whether ``keys`` (at least one) are all zarr metadata (or zarr's temp files of it) of kdcache's nodes."""
+    import fnmatch
+
     nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE)
     found = False
-    for path in root.rglob("*"):  # stops at the first file that is not such metadata
-        if path.is_dir():
-            continue
-        parent, _, name = path.relative_to(root).as_posix().rpartition("/")
+    for key in keys:
+        parent, _, name = key.rpartition("/")
         if not (name == "zarr.json" or (name.startswith("zarr.") and name.endswith(".partial"))):
             return False
         if not any(fnmatch.fnmatchcase(parent, pattern) and parent.count("/") == pattern.count("/") for pattern in nodes):
