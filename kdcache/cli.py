@@ -126,6 +126,8 @@ def set_option(example: str) -> Callable[..., Any]:
     """The --set option, with an example that applies to the command."""
     return click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                         help=f"Override a pipeline value (repeatable), e.g. --set {example}.")
+
+
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Show a progress bar (default: only on a terminal)."
 )

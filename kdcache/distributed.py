@@ -23,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
-import itertools
 import os
 import signal
 import threading

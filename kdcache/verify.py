@@ -197,7 +197,8 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
                 if path in recomputed:
                     recomputed[path].append(tensor.detach().float().cpu().numpy())
     seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
-    for r, a, b in zip(rows, _rows(store, layout.FINGERPRINT, rows, check), seen_fp):
+    stored_fp = _rows(store, layout.FINGERPRINT, rows, check)  # None: unreadable, named in the check's failures
+    for r, a, b in zip(rows, stored_fp if stored_fp is not None else [], seen_fp):
         if a != b:
             check.fail(f"row {int(r)}: the dataset's input fingerprint {int(b):016x} differs from the stored {int(a):016x}")
     per_target = {}

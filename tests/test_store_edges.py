@@ -100,9 +100,11 @@ def test_teacher_check_reads_stored_rows_with_the_damage_checks(tiny_store: str,
     shutil.copytree(tiny_store, store)
     for shard in (store / "targets/logits/c").iterdir():
         (shard / "0").unlink()
+    (store / "samples/fingerprint/c/1").unlink()  # the fingerprints compared with the dataset's, too
     r = CliRunner().invoke(main, ["verify", str(store), "--teacher-check", "50", "--pipeline", str(TINY_TOML)])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert "the stored rows of targets/logits cannot be compared: " in r.output and "shard 0 of targets/logits" in r.output, r.output
+    assert "the stored rows of samples/fingerprint cannot be compared: " in r.output, r.output
     assert "values beyond tolerance" not in r.output, r.output  # zeros were compared with the teacher's logits
 
 
