@@ -330,14 +330,14 @@ def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
 def test_an_s3_extract_killed_before_its_manifest_resumes(s3, tiny_store):
     """Killed after the arrays' metadata but before the manifest (the last object create_or_resume writes): the
     rerun creates the store again, as for a local folder, instead of refusing it as "not a kdcache store"."""
+    from pathlib import Path
+
     import s3fs
 
     from conftest import TINY_TOML
 
     fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
     prefix = f"{BUCKET}/killed-early.zarr"
-    from pathlib import Path
-
     for meta in Path(tiny_store).rglob("zarr.json"):
         key = meta.relative_to(tiny_store).as_posix()
         body = json.loads(meta.read_text())
@@ -361,9 +361,9 @@ def test_zip_chains_are_never_write_targets(s3):
 def test_rows_of_a_folder_over_plain_http_are_read_from_whole_shards(plain_http_root):
     """A server that ignores Range answers a partial read with the whole object: rows inside a shard are read by
     fetching the whole shard (SHARING.md), never parsed from the wrong bytes."""
-    from kdcache.store import LOGITS, layer_path
-
     from conftest import TINY_TOML
+    from kdcache.stats import stats
+    from kdcache.store import LOGITS, layer_path
 
     root, base = plain_http_root
     local = str(root / "rows.zarr")  # features.3 in chunks of 1 row: a partial read fetches byte ranges of its shards
@@ -374,7 +374,5 @@ def test_rows_of_a_folder_over_plain_http_are_read_from_whole_shards(plain_http_
         for start, stop in ((3, 5), (14, 40), (48, 50)):
             np.testing.assert_array_equal(http.read(path, start, stop), local.read(path, start, stop), err_msg=f"{path} {start}:{stop}")
     assert verify(f"{base}/rows.zarr")["ok"]  # every check reads as training does
-    from kdcache.stats import stats
-
     remote, here = stats(f"{base}/rows.zarr"), stats(str(root / "rows.zarr"))  # stats reads inner chunk by inner chunk
     assert {k: v for k, v in remote.items() if k != "location"} == {k: v for k, v in here.items() if k != "location"}
