@@ -99,9 +99,9 @@ class TransferSet(IterableDataset):
         memory grows with the number of shards, not of rows (beyond ``rows`` itself).
         """
         rng = np.random.default_rng([self.seed, epoch])
-        if self.in_memory:  # pieces of whole batches, so DataLoader workers can share the epoch
+        if self.in_memory:  # one batch per buffer: k DataLoader workers take turns and serve the plan's order for any k
             order = rng.permutation(self.rows) if self.shuffle else self.rows
-            yield from (order[i : i + self._piece] for i in range(0, len(order), self._piece))
+            yield from (order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
             return
         shards = self._shard_order(rng)
         for i in range(0, len(shards), self.buffer_shards):
@@ -116,14 +116,9 @@ class TransferSet(IterableDataset):
     def buffer_sizes(self, epoch: int) -> list[int]:
         """``[len(b) for b in plan(epoch)]``, without making the buffers."""
         if self.in_memory:
-            return [min(self._piece, len(self.rows) - i) for i in range(0, len(self.rows), self._piece)]
+            return [min(self.batch_size, len(self.rows) - i) for i in range(0, len(self.rows), self.batch_size)]
         counts = np.diff(self.groups.bounds)[self._shard_order(np.random.default_rng([self.seed, epoch]))]
         return np.add.reduceat(counts, np.arange(0, len(counts), self.buffer_shards)).tolist() if len(counts) else []
-
-    @property
-    def _piece(self) -> int:
-        """In memory: rows per buffer (streams: dealt batch by batch)."""
-        return self.batch_size * (16 if self.streams == 1 else 1)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Batches (streams: steps) the epoch serves: counted from the buffer sizes, nothing drawn or listed."""

@@ -116,13 +116,16 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
 
 def _order(transfer: cache.TransferSet, workers: int) -> dict[str, Any]:
     """What decides the order batches are served in, beyond the seed and the values a resume checks: targets in RAM or
-    streamed, and (one stream) the number of DataLoader workers, which take turns by buffer. With streams, worker w
-    serves steps w, w+k, ...: the order does not depend on k (docs/CLUSTER.md)."""
-    return {"in_memory": bool(transfer.in_memory), "workers": max(1, workers) if transfer.streams == 1 else "any"}
+    streamed, and (streaming, one stream) the number of DataLoader workers, which take turns by buffer of shards. In
+    RAM a buffer is one batch, and with streams worker w serves steps w, w+k, ...: then the order does not depend on k."""
+    by_buffer = not transfer.in_memory and transfer.streams == 1
+    return {"in_memory": bool(transfer.in_memory), "workers": max(1, workers) if by_buffer else "any"}
 
 
 def _says(order: dict[str, Any]) -> str:
-    return f"{'from RAM' if order['in_memory'] else 'streamed'} by {order['workers']} reader(s)"
+    if order["in_memory"]:
+        return "from RAM"
+    return "streamed" + ("" if order["workers"] == "any" else f" by {order['workers']} DataLoader reader(s)")
 
 
 def _check_finite(means: dict[str, float], state: dict[str, int], out: Path) -> None:

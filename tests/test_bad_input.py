@@ -452,7 +452,7 @@ CASES = [
          ("--resume:", "checkpoint.pt' holds another student", "size mismatch for fc.weight", "its pipeline.json"), store=True,
          prior=lambda c: (trained(c) / "pipeline.json").unlink()),
     Case("resume-targets-streamed-not-in-ram", lambda c: train(c, "--resume", "--set", "train.memory_budget_mb=0.0001"),
-         ("--resume: this run served its batches from RAM by 1 reader(s), now streamed by 1 reader(s)",
+         ("--resume: this run served its batches from RAM, now streamed by 1 DataLoader reader(s)",
           "resume with the run's train.memory_budget_mb and train.num_workers"), store=True, prior=lambda c: trained(c)),
     Case("resume-other-values", lambda c: train(c, "--resume", "--set", "train.lr=0.5"),
          ("--resume: train.lr was 0.01 in this run", "now 0.5", "may change"), store=True, prior=lambda c: trained(c)),

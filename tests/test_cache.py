@@ -444,3 +444,14 @@ def test_prefetch_stops_its_thread_when_closed_or_dropped(how):
     made = next(count)
     time.sleep(0.3)
     assert next(count) == made + 1  # nothing consumes the generator any more
+
+
+def test_in_memory_the_batch_order_does_not_depend_on_the_dataloader_workers(numbered_store):
+    """In RAM each buffer is one batch, so k DataLoader workers taking turns serve the plan's own order for any k:
+    a run (or a resumed one) with other train.num_workers trains on the same batches in the same order."""
+    ts = transfer(numbered_store, seed=5, memory_budget_mb=2048.0, batch_size=3)  # 34 batches
+    assert ts.in_memory
+    for epoch in range(2):
+        orders = {k: [b["rows"].tolist() for b in serve(ts, epoch, k)] for k in (0, 1, 2)}
+        assert orders[0] == orders[1] == orders[2]
+        assert sorted(r for batch in orders[0] for r in batch) == list(range(N)) and len(orders[0]) == ts.batches_per_epoch(epoch) == 34
