@@ -8,6 +8,7 @@ depend on the device) and the values equal within the device's arithmetic.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -75,3 +76,31 @@ def check_train_matches_cpu(device: str, tmp_path: Path, tiny_store: str) -> Non
 
 def test_cuda_train_follows_the_cpu_curve(tmp_path, tiny_store):
     check_train_matches_cpu("cuda", tmp_path, tiny_store)
+
+
+def test_cuda_resume_with_dropout_reaches_the_uninterrupted_weights(tmp_path, tiny_store, monkeypatch):
+    """Dropout on a GPU draws from the CUDA generator: a checkpoint saves its state and a resume restores it."""
+    trainer = importlib.import_module("kdcache.train")
+    p = kdcache.load_pipeline(FIXTURES / "tiny.toml", ["train.device='cuda'", "student.factory='bad_input.py:dropping'",
+                                                       "train.features={}", "train.epochs=3"])
+    kdcache.train(p, tiny_store, tmp_path / "whole")
+    save = trainer._save_epoch
+
+    def crash_after_one(*args, **kwargs):
+        save(*args, **kwargs)
+        raise _Crash()
+
+    monkeypatch.setattr(trainer, "_save_epoch", crash_after_one)
+    with pytest.raises(_Crash):
+        kdcache.train(p, tiny_store, tmp_path / "cut")
+    monkeypatch.setattr(trainer, "_save_epoch", save)
+    assert isinstance(torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["rng"], dict)  # CPU and CUDA states
+    torch.cuda.manual_seed_all(12345)  # whatever the generators hold now: the resumed run must not depend on it
+    kdcache.train(p, tiny_store, tmp_path / "cut", resume=True)
+    got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
+    for k in want:  # other dropout masks move weights by ~1e-2; cuDNN's backward may differ in the last bits
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+class _Crash(Exception):
+    pass
