@@ -1,7 +1,8 @@
 """``kdcache stats``: what the teacher's stored outputs say, computed with dask over the store.
 
-One dask chunk per inner chunk of the done shards (aligned, never random rows), reduced in
-parallel; memory stays bounded by a few chunks per worker whatever the store's size.
+One dask chunk per inner chunk of the done shards (aligned, never random rows) of a local store, per
+whole shard of a remote one (one request each, as training reads them); reduced in parallel, memory
+stays bounded by a few chunks per worker whatever the store's size.
 
 - teacher top-1 accuracy against the stored labels, and per true class (the agreement of the
   teacher with each class);
@@ -45,10 +46,13 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
     store = layout.open_store(location, storage_options=storage_options)
     done = [int(s) for s in np.flatnonzero(store.done())]
 
+    remote = layout.location_kind(location) in ("url", "http") and "::" not in location
+
     def column(path: str) -> Any:
         arr = store.checked_array(path)
+        rows = store.rows_per_shard if remote else int(arr.chunks[0])
         # name=False: a random dask name, nothing of the store hashed
-        full = da.from_array(_Checked(store, path), chunks=(int(arr.chunks[0]), *arr.shape[1:]), name=False)
+        full = da.from_array(_Checked(store, path), chunks=(rows, *arr.shape[1:]), name=False)
         if len(done) == store.num_shards:
             return full
         return da.concatenate([full[slice(*store.shard_rows(s))] for s in done]) if done else full[:0]
