@@ -29,6 +29,8 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank gets the terminal's Ctrl-C; rank 0 says it
+                sys.exit(130)
             raise _Interrupted(f"interrupted; {_after_interrupt(fn.__name__, kwargs, started)}") from None
         except KdcacheError as e:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each

@@ -302,3 +302,18 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_en
         np.testing.assert_array_equal(resumed[path], expected[path], err_msg=path)
     np.testing.assert_array_equal(expected["samples/index"], np.arange(240))
     assert file_bytes(killed) == file_bytes(reference)
+
+
+@pytest.mark.parametrize("rank, says", [("0", True), ("1", False)])
+def test_under_torchrun_rank_0_alone_reports_a_ctrl_c(tmp_path, monkeypatch, rank, says):
+    """Every torchrun rank gets the terminal's Ctrl-C: each exits 130, and only rank 0 prints the line."""
+    import kdcache
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdcache, "extract", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    result = invoke("extract", TINY, "--out", tmp_path / "s.zarr")
+    assert result.exit_code == 130, result.output
+    assert (result.stderr.startswith("Error: interrupted; ") and len(result.stderr.strip().splitlines()) == 1) if says else result.stderr == ""
