@@ -8,7 +8,6 @@ depend on the device) and the values equal within the device's arithmetic.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from click.testing import CliRunner
 
 import kdcache
 from kdcache.cli import main
-from reference import FIXTURES, make_pipeline, read_store
+from reference import FIXTURES, make_pipeline, read_store, train_cut_after_first_epoch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -78,29 +77,15 @@ def test_cuda_train_follows_the_cpu_curve(tmp_path, tiny_store):
     check_train_matches_cpu("cuda", tmp_path, tiny_store)
 
 
-def test_cuda_resume_with_dropout_reaches_the_uninterrupted_weights(tmp_path, tiny_store, monkeypatch):
+def test_cuda_resume_with_dropout_reaches_the_uninterrupted_weights(tmp_path, tiny_store):
     """Dropout on a GPU draws from the CUDA generator: a checkpoint saves its state and a resume restores it."""
-    trainer = importlib.import_module("kdcache.train")
     p = kdcache.load_pipeline(FIXTURES / "tiny.toml", ["train.device='cuda'", "student.factory='bad_input.py:dropping'",
                                                        "train.features={}", "train.epochs=3"])
     kdcache.train(p, tiny_store, tmp_path / "whole")
-    save = trainer._save_epoch
-
-    def crash_after_one(*args, **kwargs):
-        save(*args, **kwargs)
-        raise _Crash()
-
-    monkeypatch.setattr(trainer, "_save_epoch", crash_after_one)
-    with pytest.raises(_Crash):
-        kdcache.train(p, tiny_store, tmp_path / "cut")
-    monkeypatch.setattr(trainer, "_save_epoch", save)
+    train_cut_after_first_epoch(p, tiny_store, tmp_path / "cut")
     assert isinstance(torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["rng"], dict)  # CPU and CUDA states
     torch.cuda.manual_seed_all(12345)  # whatever the generators hold now: the resumed run must not depend on it
     kdcache.train(p, tiny_store, tmp_path / "cut", resume=True)
     got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
     for k in want:  # other dropout masks move weights by ~1e-2; cuDNN's backward may differ in the last bits
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-class _Crash(Exception):
-    pass
