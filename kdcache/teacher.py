@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -112,19 +112,22 @@ def check_layers(model: torch.nn.Module, layers: tuple[str, ...], what: str = "t
 def capture(model: torch.nn.Module, layers: tuple[str, ...]) -> Iterator[dict[str, Any]]:
     """Forward hooks on the named modules; the dict holds each module's latest raw output."""
     check_layers(model, layers)
-    modules = dict(model.named_modules())
     outputs: dict[str, Any] = {}
-    handles = [
-        modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: outputs.__setitem__(name, RAN_AGAIN if name in outputs else own(out))
-        )
-        for name in layers
-    ]
+    handles = hook(model, layers, outputs)
     try:
         yield outputs
     finally:
         for h in handles:
             h.remove()
+
+
+def hook(model: torch.nn.Module, layers: Iterable[str], outputs: dict[str, Any]) -> list[Any]:
+    """Forward hooks putting each named module's output, owned (``own``), into ``outputs`` under its name, or
+    ``RAN_AGAIN`` if it is already there (clear ``outputs`` before each forward); their handles. One hook per module."""
+    modules = dict(model.named_modules())
+    return [modules[name].register_forward_hook(
+        lambda _m, _i, out, name=name: outputs.__setitem__(name, RAN_AGAIN if name in outputs else own(out)))
+        for name in dict.fromkeys(layers)]
 
 
 def own(out: Any) -> Any:
@@ -144,16 +147,15 @@ def own(out: Any) -> Any:
 RAN_AGAIN = object()  # marks a hooked module that ran more than once in one forward pass
 
 
-def hooked_output(hooked: dict[str, Any], name: str) -> Any:
-    """The captured output of layer ``name``; a TargetError when its module did not run, or ran more than once."""
+def hooked_output(hooked: dict[str, Any], name: str, model: str = "teacher") -> Any:
+    """The captured output of layer ``name`` of the ``model`` (teacher, or the student under ``train.features``);
+    a TargetError when its module did not run, or ran more than once."""
+    what, fix, use = ("layer", "hook a module", "store") if model == "teacher" else \
+        (f"train.features: {model} module", f"name a {model} module", "distill")
     if name not in hooked:
-        raise TargetError(
-            f"layer {name!r} did not run in the teacher's forward pass (its forward hook never fired); "
-            "hook a module that runs for every batch"
-        )
+        raise TargetError(f"{what} {name!r} did not run in the {model}'s forward pass (its forward hook never fired); "
+                          f"{fix} that runs for every batch")
     if hooked[name] is RAN_AGAIN:
-        raise TargetError(
-            f"layer {name!r} ran more than once in one forward pass (a shared module, like the relu of a torchvision "
-            "ResNet block), so which output to store is ambiguous; hook a module that runs once, e.g. its parent"
-        )
+        raise TargetError(f"{what} {name!r} ran more than once in one forward pass (a shared module, like the relu of a "
+                          f"torchvision ResNet block), so which output to {use} is ambiguous; {fix} that runs once, e.g. its parent")
     return hooked[name]

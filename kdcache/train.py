@@ -202,7 +202,7 @@ class Run:
             _check_labels(batch["label"], logits.shape[-1])  # on the CPU copy: no device sync
             parts["ce"] = w.ce * losses.cross_entropy(logits, batch["label"].to(self.device))
         for path, (module, weight) in self.features.items():
-            feat, _ = select_student(student_output(self.hooked, module), module)
+            feat, _ = select_student(teachers.hooked_output(self.hooked, module, "student"), module)
             head = self.heads[_key(path)] if _key(path) in self.heads else torch.nn.Identity()
             parts[f"feat:{layout.layer_name(path)}"] = weight * losses.feature_mse(head(feat), targets[path])
         return parts
@@ -232,17 +232,14 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)))
     teachers.check_layers(student, tuple(m for m, _ in features.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features))
-    modules = dict(student.named_modules())
-    for path, (module, _) in features.items():
-        # owned as the teacher's are (teachers.capture): a later in-place op (ReLU(inplace=True)) must not change it
-        modules[module].register_forward_hook(lambda _m, _i, out, module=module: run.hooked.__setitem__(
-            module, teachers.RAN_AGAIN if module in run.hooked else teachers.own(out)))
+    # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
+    teachers.hook(student, [module for module, _ in features.values()], run.hooked)
     if features:
         probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
             data.call(student, data.to_device(probe["inputs"], device), "student")
         for path, (module, _) in features.items():
-            feat, _ = select_student(student_output(run.hooked, module), module)
+            feat, _ = select_student(teachers.hooked_output(run.hooked, module, "student"), module)
             name = layout.layer_name(path)
             head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
             if head is not None:
@@ -253,17 +250,6 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
     return run
-
-
-def student_output(hooked: dict[str, Any], module: str) -> Any:
-    """The output of a hooked student module in this forward pass; a TargetError if it did not run, or ran twice."""
-    if module not in hooked:
-        raise TargetError(f"train.features: student module {module!r} did not run in the student's forward pass (its forward "
-                          "hook never fired); name a student module that runs for every batch")
-    if hooked[module] is teachers.RAN_AGAIN:
-        raise TargetError(f"train.features: student module {module!r} ran more than once in one forward pass (a shared module), "
-                          "so which output to distill is ambiguous; name a module that runs once, e.g. its parent")
-    return hooked[module]
 
 
 def select_student(output: Any, what: str) -> tuple[torch.Tensor, str]:

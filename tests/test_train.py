@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import kdcache
 import tiny
 from conftest import FIXTURES, TINY_TOML, extract_tiny
-from reference import signal_and_wait
+from reference import signal_and_wait, train_cut_after_first_epoch
 from kdcache import cli, losses, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError
@@ -416,27 +416,13 @@ def test_the_epochs_flag_trains_that_many_epochs_where_the_pipeline_sets_steps(t
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["train"]["steps"] == 0
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("workers", [0, 1], ids=["no-workers", "a-dataloader-worker"])
-def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_path, monkeypatch, capsys, workers):
+def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_path, capsys, workers):
     """Dropout draws from torch's RNG each step: a resumed run restores its state, and nothing else may draw from it
     (a DataLoader's workers took their seed from it when first started: once in a whole run, again in a resumed one)."""
     p = pipeline("student.factory='bad_input.py:dropping'", "train.features={}", "train.epochs=3", f"train.num_workers={workers}")
     train(p, tiny_store, tmp_path / "whole")
-    trainer = importlib.import_module("kdcache.train")
-    save = trainer._save_epoch
-
-    def crash_after_one(*args, **kwargs):
-        save(*args, **kwargs)
-        raise _Crash()
-
-    monkeypatch.setattr(trainer, "_save_epoch", crash_after_one)
-    with pytest.raises(_Crash):
-        train(p, tiny_store, tmp_path / "cut")
-    monkeypatch.setattr(trainer, "_save_epoch", save)
+    train_cut_after_first_epoch(p, tiny_store, tmp_path / "cut")
     torch.manual_seed(12345)  # whatever this process drew since: the resumed run must not depend on it
     capsys.readouterr()
     train(p, tiny_store, tmp_path / "cut", resume=True)
@@ -446,23 +432,21 @@ def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_p
     assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
 
 
-def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, monkeypatch, capsys):
-    trainer = importlib.import_module("kdcache.train")
-    save = trainer._save_epoch
-
-    def crash_after_one(*args, **kwargs):
-        save(*args, **kwargs)
-        raise _Crash()
-
-    monkeypatch.setattr(trainer, "_save_epoch", crash_after_one)
-    with pytest.raises(_Crash):
-        train(pipeline("train.epochs=4"), tiny_store, tmp_path / "run")
-    monkeypatch.setattr(trainer, "_save_epoch", save)
+def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys):
+    train_cut_after_first_epoch(pipeline("train.epochs=4"), tiny_store, tmp_path / "run")
     capsys.readouterr()
     train(pipeline("train.epochs=2"), tiny_store, tmp_path / "run", resume=True)
     out = capsys.readouterr().out
     assert "--resume: train.epochs was 4, now 2: the learning-rate schedule is planned again over the new length" in out, out
     assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0, 1]
+
+
+def test_two_teacher_layers_may_be_distilled_into_one_student_module(tmp_path):
+    """One student module, two feature losses: its output is captured once per forward (not taken for a shared module)."""
+    store = extract_tiny(tmp_path / "two.zarr", "targets.layers=['features.1', 'features.3']")
+    result = train(pipeline("train.epochs=1", "train.features={ 'features.1' = { student = 'conv' }, 'features.3' = { student = 'conv' } }"),
+                   store, tmp_path / "run")
+    assert np.isfinite(result["loss_feat:features.1"]) and np.isfinite(result["loss_feat:features.3"])
 
 
 def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
