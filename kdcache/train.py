@@ -263,8 +263,9 @@ def select_student(output: Any, what: str) -> tuple[torch.Tensor, str]:
 
 
 def _check_labels(label: torch.Tensor, classes: int) -> None:
-    if len(label) and not (0 <= int(label.min()) and int(label.max()) < classes):
-        bad = int(label.max()) if int(label.max()) >= classes else int(label.min())
+    low, high = (int(label.min()), int(label.max())) if len(label) else (0, 0)
+    if not (0 <= low and high < classes):
+        bad = high if high >= classes else low
         raise ShapeMismatchError(f"train.loss.ce: the store holds label {bad} but the student's output has {classes} classes "
                                  f"(labels must be 0..{classes - 1}); make student.factory's model output as many classes as "
                                  "the dataset has, or set train.loss.ce = 0")
