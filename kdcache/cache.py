@@ -253,9 +253,12 @@ class TransferSet(IterableDataset):
             return
         n = len(rows)
         which = range(n) if check.fraction >= 1 else np.flatnonzero(check.rng.random(n) < check.fraction)
+        if not len(which):
+            return
         # Tensor items of the batch's dtype: hash rows of the collated batch (same bytes, one prefix), not item by
-        # item. Items of mixed dtypes were promoted when stacked: their own bytes are hashed.
-        same = isinstance(batch, torch.Tensor) and all(isinstance(x, torch.Tensor) and x.dtype == batch.dtype for x in inputs)
+        # item. Items of mixed dtypes were promoted when stacked: their own bytes are hashed. Only the checked
+        # items are looked at (a 5 % recheck would otherwise pay a Python pass over every item of every batch).
+        same = isinstance(batch, torch.Tensor) and all(isinstance(inputs[j], torch.Tensor) and inputs[j].dtype == batch.dtype for j in which)
         fast = data.fingerprint_rows(batch, which) if same else None
         for k, j in enumerate(which):
             seen = fast[k] if fast is not None else data.fingerprint(inputs[j])

@@ -281,6 +281,13 @@ def test_items_of_mixed_dtypes_are_checked_as_they_were_hashed(tmp_path):
     for changed in (14, 15):  # a float64 item and a float32 one
         with pytest.raises(AlignmentError, match=rf"store row {changed} "):
             list(transfer(store, Numbered(N, float64_every=7, changed=(changed,))))
+    # Checking a fraction looks at the checked items' dtypes only: a checked float32 item in a batch another
+    # (unchecked) float64 item promoted is hashed by itself, and a changed item among the checked ones is found.
+    for fraction in (0.1, 0.5):
+        checked = serve(transfer(store, Numbered(N, float64_every=7), fingerprint_check=fraction, batch_size=16), 0)
+        assert sorted(r for b in checked for r in b["rows"].tolist()) == list(range(N))
+    with pytest.raises(AlignmentError, match=r"store row \d+ "):
+        serve(transfer(store, Numbered(N, float64_every=7, changed=tuple(range(1, N, 7))), fingerprint_check=0.5, batch_size=16), 0)
 
 
 def test_without_set_epoch_every_pass_checks_every_row(numbered_store):
