@@ -180,7 +180,7 @@ class Run:
 
     student: torch.nn.Module
     heads: torch.nn.ModuleDict  # keyed by teacher layer (encoded path)
-    features: dict[str, tuple[str, float]]  # teacher target path -> (student module, weight)
+    features: dict[str, tuple[str, float, str]]  # teacher target path -> (student module, weight, select)
     hooked: dict[str, Any]
     loss: Any  # LossSection
     device: torch.device
@@ -201,8 +201,8 @@ class Run:
         if w.ce:
             _check_labels(batch["label"], logits.shape[-1])  # on the CPU copy: no device sync
             parts["ce"] = w.ce * losses.cross_entropy(logits, batch["label"].to(self.device))
-        for path, (module, weight) in self.features.items():
-            feat, _ = select_student(teachers.hooked_output(self.hooked, module, "student"), module)
+        for path, (module, weight, selector) in self.features.items():
+            feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
             head = self.heads[_key(path)] if _key(path) in self.heads else torch.nn.Identity()
             parts[f"feat:{layout.layer_name(path)}"] = weight * losses.feature_mse(head(feat), targets[path])
         return parts
@@ -220,7 +220,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     if not (needs_logits or w.ce or t.features):
         raise PipelineError(f"{pipeline.source}: every loss weight is 0 and train.features is empty; nothing to learn from")
     stored = {tg.name: tg for tg in store.targets.values()}
-    features: dict[str, tuple[str, float]] = {}
+    features: dict[str, tuple[str, float, str]] = {}
     for layer, spec in t.features.items():
         if layer not in stored:
             layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
@@ -229,23 +229,24 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         if stored[layer].path == layout.LOGITS:
             raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
                                 "train.loss.mse, and list only layers from targets.layers under train.features")
-        features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)))
-    teachers.check_layers(student, tuple(m for m, _ in features.values()), what="student")
+        features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)), spec.get("select", "auto"))
+    teachers.check_layers(student, tuple(m for m, _, _ in features.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features))
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
-    teachers.hook(student, [module for module, _ in features.values()], run.hooked)
+    teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
     if features:
         probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
             data.call(student, data.to_device(probe["inputs"], device), "student")
-        for path, (module, _) in features.items():
-            feat, _ = select_student(teachers.hooked_output(run.hooked, module, "student"), module)
+        for path, (module, _, selector) in features.items():
             name = layout.layer_name(path)
+            feat = student_feature(run.hooked, name, module, selector)
             head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
             if head is not None:
                 run.heads[_key(path)] = head.to(device)
                 if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
-                    print(f"projection head for {name!r} <- student {module!r}: {head.description}")
+                    part = "" if selector == "auto" else f" (select {selector!r})"
+                    print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
@@ -260,6 +261,15 @@ def select_student(output: Any, what: str) -> tuple[torch.Tensor, str]:
         raise TargetError(f"{what!r} of the student is a {type(output).__name__} kdcache cannot pick a tensor from (it takes a "
                           f"tensor, the first element of a tuple/list, or the first of {', '.join(teachers.AUTO_KEYS)} of a dict); "
                           "make the student return its logits (or the hooked module its features) that way") from None
+
+
+def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: str) -> torch.Tensor:
+    """The part of student ``module``'s output (``train.features`` ``select``; default auto) distilled into teacher ``layer``."""
+    output = teachers.hooked_output(hooked, module, "student")
+    if selector == "auto":
+        return select_student(output, module)[0]
+    return teachers.select(output, selector, module, label=f"train.features {layer!r}: student module {module!r}",
+                           setting=f"train.features.{layer!r}.select")[0]
 
 
 def _check_labels(label: torch.Tensor, classes: int) -> None:

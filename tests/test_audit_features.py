@@ -43,3 +43,28 @@ def test_an_output_without_a_known_key_lists_its_keys(tmp_path):
     with pytest.raises(TargetError, match=r"output of type dict.*keys: 'out', 'aux'.*\[targets.select\] 'logits'"):
         kdcache.extract(p, str(tmp_path / "teacher.zarr"))
     assert extracted(pipeline(teacher="named_outputs_teacher", select={"logits": "out"}), tmp_path).targets
+
+
+def test_a_feature_can_select_the_student_module_s_element_as_the_teacher_s_was(tmp_path):
+    """The teacher stores its attention weights (element 1 of nn.MultiheadAttention's output); the student's attention
+    output (element 0) has the same shape here, so without a student-side select the two were compared silently."""
+    p = pipeline(layers=("blocks.1.attn",), select={"blocks.1.attn": "1"}, loss={"kl": 0},
+                 features={"blocks.1.attn": {"student": "blocks.0.attn", "select": "1"}})
+    store = extracted(p, tmp_path)
+    torch.manual_seed(0)
+    run = setup(p, store, architectures.images(), torch.device("cpu"))
+    assert len(run.heads) == 0  # (16, 16) weights on both sides
+    batch = batch_of(store, run.paths)
+    parts = run.losses(batch)
+    with torch.no_grad():
+        h = run.student.blocks[0]["ln"](run.student.patch(batch["inputs"]).flatten(2).transpose(1, 2))
+        weights = run.student.blocks[0]["attn"](h, h, h)[1]
+    want = torch.nn.functional.mse_loss(weights, batch["targets"]["targets/layers/blocks.1.attn"])
+    torch.testing.assert_close(parts["feat:blocks.1.attn"].detach(), want)
+
+
+def test_a_student_select_that_does_not_exist_is_named(tmp_path):
+    p = pipeline(layers=("blocks.1.attn",), loss={"kl": 0}, features={"blocks.1.attn": {"student": "blocks.0.attn", "select": "2"}})
+    store = extracted(p, tmp_path)
+    with pytest.raises(TargetError, match=r"train.features 'blocks.1.attn'.*student module 'blocks.0.attn'.*no element '2'"):
+        setup(p, store, architectures.images(), torch.device("cpu"))
