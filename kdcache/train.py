@@ -241,6 +241,11 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         for path, (module, _, selector) in features.items():
             name = layout.layer_name(path)
             feat = student_feature(run.hooked, name, module, selector)
+            if feat.ndim == 0 or feat.shape[0] != len(probe["index"]):  # as extract refuses for the teacher's layers
+                raise TargetError(f"train.features {name!r}: student module {module!r} gives shape {list(feat.shape)} for a batch of "
+                                  f"{len(probe['index'])} samples, but its first axis must be the samples (kdcache runs two samples "
+                                  "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
+                                  "RNN/attention layers, or a module that permutes to (batch, ...))")
             head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
             if head is not None:
                 run.heads[_key(path)] = head.to(device)

@@ -68,3 +68,12 @@ def test_a_student_select_that_does_not_exist_is_named(tmp_path):
     store = extracted(p, tmp_path)
     with pytest.raises(TargetError, match=r"train.features 'blocks.1.attn'.*student module 'blocks.0.attn'.*no element '2'"):
         setup(p, store, architectures.images(), torch.device("cpu"))
+
+
+def test_a_sequence_first_student_module_is_named_not_read_as_two_tokens(tmp_path):
+    """A CLIP-style student runs its blocks on (T, B, D): its per-sample shape is not (B, D) of a two-sample probe."""
+    p = pipeline(student="sequence_first_student", layers=("blocks.1.attn",), loss={"kl": 0},
+                 features={"blocks.1.attn": {"student": "resblocks.0"}})
+    store = extracted(p, tmp_path)
+    with pytest.raises(TargetError, match=r"student module 'resblocks.0'.*shape \[16, 2, 16\] for a batch of 2 samples.*first axis"):
+        setup(p, store, architectures.images(), torch.device("cpu"))
