@@ -95,6 +95,7 @@ class TrainSection:
     # > 1: each step joins one batch from each of this many disjoint parts of the epoch's plan; torchrun
     # with K ranks uses K (one part per rank), and streams = K in one process reproduces it (docs/CLUSTER.md)
     streams: int = 1
+    drop_last: bool = False  # leave out the incomplete last batch of each buffer (BatchNorm cannot train on one sample)
     loss: LossSection = field(default_factory=LossSection)
     # teacher layer -> {"student": module name, "weight": float, "select": part of the module's output (default "auto")}
     features: dict[str, dict[str, Any]] = field(default_factory=dict)

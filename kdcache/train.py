@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
-from kdcache.errors import PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, write_fix
+from kdcache.errors import ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, raised, write_fix
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -55,7 +55,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     transfer = cache.TransferSet(
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-        fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options, streams=streams, stream=rank if world > 1 else None,
+        fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
+        stream=rank if world > 1 else None,
     )
     order = _order(transfer, t.num_workers)
     if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
@@ -66,6 +67,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     if world > 1:
         distributed.broadcast_parameters([run.student, run.heads])
         run.world = world
+    _check_batches(transfer, 0, t.batch_size)
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
     params = list(run.student.parameters()) + list(run.heads.parameters())
@@ -92,7 +94,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         with data.torch_threads(t.threads):
             batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
             while state["step"] < total_steps:
-                steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
+                steps = min(_check_batches(transfer, state["epoch"], t.batch_size), total_steps - state["step"])
                 bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
                 means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
                 _check_finite(means, state, out)
@@ -112,6 +114,17 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> int:
+    """The epoch's number of batches; none (train.drop_last with fewer rows than a batch) is an error, not a run that never ends."""
+    n = transfer.batches_per_epoch(epoch)
+    if n == 0:
+        where = "" if transfer.in_memory else f" (streamed in buffers of {', '.join(map(str, transfer.buffer_sizes(epoch)))} rows)"
+        raise PipelineError(f"train.drop_last = true leaves no batch in epoch {epoch}: {len(transfer.rows)} rows{where} and "
+                            f"train.batch_size = {batch_size}; lower train.batch_size (or raise train.shuffle_buffer_shards), "
+                            "or set train.drop_last = false")
+    return n
 
 
 def _order(transfer: cache.TransferSet, workers: int) -> dict[str, Any]:
@@ -150,7 +163,14 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
     seen = 0
     run.student.train(), run.heads.train()
     for batch in batches:
-        parts = run.losses(batch)
+        try:
+            parts = run.losses(batch)
+        except ModelError as e:
+            if len(batch["rows"]) != 1 or e.__cause__ is None:
+                raise
+            raise ModelError(f"the student model raised {raised(e.__cause__)} on a batch of one sample (an epoch's rows left over after "
+                             "its full batches), which BatchNorm cannot normalise in training; set train.drop_last = true to leave "
+                             "incomplete batches out, or choose a train.batch_size that leaves more than one") from e.__cause__
         loss = sum(parts.values())
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
             loss = loss * batch["scale"]

@@ -77,3 +77,25 @@ def test_a_sequence_first_student_module_is_named_not_read_as_two_tokens(tmp_pat
     store = extracted(p, tmp_path)
     with pytest.raises(TargetError, match=r"student module 'resblocks.0'.*shape \[16, 2, 16\] for a batch of 2 samples.*first axis"):
         setup(p, store, architectures.images(), torch.device("cpu"))
+
+
+def test_a_batchnorm_student_trains_with_drop_last(tmp_path):
+    """17 samples in batches of 8: the last batch holds one sample, which BatchNorm1d cannot normalise in training."""
+    p = pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0})
+    store = extracted(p, tmp_path)
+    with pytest.raises(ModelError, match=r"a batch of one sample.*set train.drop_last = true"):
+        kdcache.train(p, store.location, tmp_path / "run")
+    result = kdcache.train(pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0}, drop_last=True), store.location,
+                           tmp_path / "run2")
+    assert result["step"] == 2  # 16 of the 17 rows, in two full batches
+
+
+@pytest.mark.parametrize("budget", [2048, 0], ids=["memory", "stream"])
+def test_drop_last_that_leaves_no_batch_is_refused_before_training(tmp_path, budget):
+    p = pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0})
+    store = extracted(p, tmp_path)
+    for steps in (0, 5):  # epochs (nothing to train), steps (a loop that would never reach them)
+        with pytest.raises(PipelineError, match=r"train.drop_last = true leaves no batch in epoch 0: 17 rows.*batch_size = 32"):
+            kdcache.train(pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0}, drop_last=True, batch_size=32,
+                                   steps=steps, memory_budget_mb=budget), store.location, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
