@@ -219,7 +219,7 @@ class Run:
         if w.mse:
             parts["mse"] = w.mse * losses.logit_mse(logits, targets[layout.LOGITS])
         if w.ce:
-            _check_labels(batch["label"], logits.shape[-1])  # on the CPU copy: no device sync
+            _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
             parts["ce"] = w.ce * losses.cross_entropy(logits, batch["label"].to(self.device))
         for path, (module, weight, selector) in self.features.items():
             feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
@@ -297,7 +297,12 @@ def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: s
                            setting=f"train.features.{layer!r}.select")[0]
 
 
-def _check_labels(label: torch.Tensor, classes: int) -> None:
+def _check_labels(label: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2:
+        raise ShapeMismatchError(f"train.loss.ce: the store holds one label per sample, but the student's output has shape {shape}, "
+                                 "not (batch, classes); set train.loss.ce = 0 (train.loss.kl and mse distill per-token logits), "
+                                 "or make the student output one row of class scores per sample")
+    classes = shape[-1]
     low, high = (int(label.min()), int(label.max())) if len(label) else (0, 0)
     if not (0 <= low and high < classes):
         bad = high if high >= classes else low

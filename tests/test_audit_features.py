@@ -99,3 +99,12 @@ def test_drop_last_that_leaves_no_batch_is_refused_before_training(tmp_path, bud
             kdcache.train(pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0}, drop_last=True, batch_size=32,
                                    steps=steps, memory_budget_mb=budget), store.location, tmp_path / "run")
         assert not (tmp_path / "run").exists()
+
+
+def test_ce_with_per_token_logits_says_labels_are_per_sample(tmp_path):
+    p = pipeline(teacher="tagger_teacher", student="tagger_student", loss={"kl": 1.0, "ce": 1.0})
+    store = extracted(p, tmp_path)
+    with pytest.raises(ShapeMismatchError, match=r"train.loss.ce.*one label per sample.*\(8, 16, 5\).*set train.loss.ce = 0"):
+        kdcache.train(p, store.location, tmp_path / "run")
+    result = kdcache.train(pipeline(teacher="tagger_teacher", student="tagger_student", loss={"kl": 1.0}), store.location, tmp_path / "run2")
+    assert result["loss_kl"] > 0
