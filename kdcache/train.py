@@ -392,6 +392,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         except PipelineError as e:  # named as what asked for the split: pipelines copied from mnist.toml ask for "test"
             raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
         source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
+    _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}")
 
     evaluations = itertools.count()
 
@@ -419,6 +420,24 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         return out
 
     return evaluate
+
+
+def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str) -> None:
+    """Accuracy compares each sample's label with the student's top class: refuse a student whose output is not
+    (batch, classes), such as per-token logits, now rather than at the end of the first epoch."""
+    probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0]))
+    if probe["label"] is None:
+        return
+    run.student.eval()
+    try:
+        with torch.no_grad():
+            logits, _ = select_student(data.call(run.student, data.to_device(probe["inputs"], device), "student"), "student output")
+    except (ModelError, TargetError):
+        return  # the first training step says what is wrong with the model or its output, on a batch of its own
+    if logits.ndim != 2:
+        raise PipelineError(f"{what}: eval_accuracy compares one label per sample with the student's top class, but the student's "
+                            f"output has shape {list(logits.shape)} for one sample, not (batch, classes); set train.eval_split and "
+                            "train.eval_cache to \"\" (no evaluation), or evaluate the student outside kdcache")
 
 
 MIN_TEMPERATURE = 0.01

@@ -108,3 +108,13 @@ def test_ce_with_per_token_logits_says_labels_are_per_sample(tmp_path):
         kdcache.train(p, store.location, tmp_path / "run")
     result = kdcache.train(pipeline(teacher="tagger_teacher", student="tagger_student", loss={"kl": 1.0}), store.location, tmp_path / "run2")
     assert result["loss_kl"] > 0
+
+
+def test_eval_accuracy_of_a_per_token_student_is_refused_before_training(tmp_path):
+    """A token tagger's (B, T, C) output cannot be scored against one label per sample: refused before an epoch is spent
+    (it was a RuntimeError traceback at the end of the first epoch, or a silent broadcast where T equalled the batch)."""
+    p = pipeline(teacher="tagger_teacher", student="tagger_student", loss={"kl": 1.0}, eval_split="test")
+    store = extracted(p, tmp_path)
+    with pytest.raises(PipelineError, match=r"train.eval_split = 'test': eval_accuracy .* shape \[1, 16, 5\] for one sample"):
+        kdcache.train(p, store.location, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
