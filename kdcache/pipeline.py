@@ -95,8 +95,9 @@ class TrainSection:
     # > 1: each step joins one batch from each of this many disjoint parts of the epoch's plan; torchrun
     # with K ranks uses K (one part per rank), and streams = K in one process reproduces it (docs/CLUSTER.md)
     streams: int = 1
+    drop_last: bool = False  # leave out the incomplete last batch of each buffer (BatchNorm cannot train on one sample)
     loss: LossSection = field(default_factory=LossSection)
-    # teacher layer -> {"student": module name, "weight": float}
+    # teacher layer -> {"student": module name, "weight": float, "select": part of the module's output (default "auto")}
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -263,12 +264,14 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
     if where == "train":
         for layer, spec in _table(values.get("features", {}), "train.features", source).items():
             spec = _table(spec, f"train.features.{layer!r}", source)
-            _unknown(spec, ["student", "weight"], f"train.features.{layer!r}.", source)
+            _unknown(spec, ["student", "weight", "select"], f"train.features.{layer!r}.", source)
             if not isinstance(spec.get("student"), str):
                 raise PipelineError(
                     f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {spec!r}"
                 )
             _check(spec.get("weight", 1.0), "float", f"train.features.{layer!r}.weight", source)
+            if "select" in spec:
+                spec["select"] = _selector(spec["select"], f"train.features.{layer!r}.select", source)
     return cls(**kwargs)
 
 

@@ -50,23 +50,27 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def select(output: Any, selector: str, target: str) -> tuple[torch.Tensor, str]:
-    """Pick the tensor to store from a model/module output; returns it and the resolved selector."""
+def select(output: Any, selector: str, target: str, label: str = "", setting: str = "") -> tuple[torch.Tensor, str]:
+    """Pick the tensor to store from a model/module output; returns it and the resolved selector.
+
+    Errors begin with ``label`` (default: ``target 'NAME'``) and name ``setting`` to fix (default: ``[targets.select] 'NAME'``).
+    """
+    label, setting = label or f"target {target!r}", setting or f"[targets.select] {target!r}"
     path: list[str] = []
     steps = [] if selector in ("auto", "tensor") else selector.split(".")
     value = output
     while True:
         if isinstance(value, torch.Tensor) and not steps:
             return value, ".".join(path) or "tensor"
-        step = steps.pop(0) if steps else _auto_step(value, target)
-        value = _step(value, step, target, output)
+        step = steps.pop(0) if steps else _auto_step(value, label, setting)
+        value = _step(value, step, label, setting)
         path.append(step)
         if value is None:
-            raise TargetError(f"target {target!r}: element {'.'.join(path)!r} of the output is None (the module returned no tensor "
-                              f"there, e.g. attention weights with need_weights=False); choose another [targets.select] {target!r}")
+            raise TargetError(f"{label}: element {'.'.join(path)!r} of the output is None (the module returned no tensor "
+                              f"there, e.g. attention weights with need_weights=False); choose another {setting}")
 
 
-def _auto_step(value: Any, target: str) -> str:
+def _auto_step(value: Any, label: str, setting: str) -> str:
     if isinstance(value, tuple | list):
         if value:
             return "0"
@@ -74,9 +78,10 @@ def _auto_step(value: Any, target: str) -> str:
         for key in AUTO_KEYS:
             if _get(value, key) is not None:
                 return key
+    keys = f" (its keys: {', '.join(repr(k) for k in list(value)[:12])})" if isinstance(value, Mapping) and value else ""
     raise TargetError(
-        f"target {target!r}: cannot pick a tensor from an output of type {type(value).__name__}; "
-        f"set [targets.select] {target!r} = \"<index or attribute>\""
+        f"{label}: cannot pick a tensor from an output of type {type(value).__name__}{keys}; "
+        f"set {setting} = \"<index or attribute>\""
     )
 
 
@@ -86,14 +91,14 @@ def _get(value: Any, key: str) -> Any:
     return getattr(value, key, None)
 
 
-def _step(value: Any, step: str, target: str, output: Any) -> Any:
+def _step(value: Any, step: str, label: str, setting: str) -> Any:
     if isinstance(value, tuple | list) and step.lstrip("-").isdigit() and -len(value) <= int(step) < len(value):
         return value[int(step)]
     found = None if isinstance(value, tuple | list | torch.Tensor) else _get(value, step)
     if found is None:
         raise TargetError(
-            f"target {target!r}: output of type {type(value).__name__} has no element {step!r}; "
-            f"fix [targets.select] {target!r} (e.g. \"0\", \"logits\", \"last_hidden_state\")"
+            f"{label}: output of type {type(value).__name__} has no element {step!r}; "
+            f"fix {setting} (e.g. \"0\", \"logits\", \"last_hidden_state\")"
         )
     return found
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
-from kdcache.errors import PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, write_fix
+from kdcache.errors import ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, raised, write_fix
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -55,7 +55,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     transfer = cache.TransferSet(
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-        fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options, streams=streams, stream=rank if world > 1 else None,
+        fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
+        stream=rank if world > 1 else None,
     )
     order = _order(transfer, t.num_workers)
     if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
@@ -66,6 +67,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     if world > 1:
         distributed.broadcast_parameters([run.student, run.heads])
         run.world = world
+    _check_batches(transfer, 0, t.batch_size)
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
     params = list(run.student.parameters()) + list(run.heads.parameters())
@@ -92,7 +94,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         with data.torch_threads(t.threads):
             batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
             while state["step"] < total_steps:
-                steps = min(transfer.batches_per_epoch(state["epoch"]), total_steps - state["step"])
+                steps = min(_check_batches(transfer, state["epoch"], t.batch_size), total_steps - state["step"])
                 bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
                 means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
                 _check_finite(means, state, out)
@@ -112,6 +114,17 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> int:
+    """The epoch's number of batches; none (train.drop_last with fewer rows than a batch) is an error, not a run that never ends."""
+    n = transfer.batches_per_epoch(epoch)
+    if n == 0:
+        where = "" if transfer.in_memory else f" (streamed in buffers of {', '.join(map(str, transfer.buffer_sizes(epoch)))} rows)"
+        raise PipelineError(f"train.drop_last = true leaves no batch in epoch {epoch}: {len(transfer.rows)} rows{where} and "
+                            f"train.batch_size = {batch_size}; lower train.batch_size (or raise train.shuffle_buffer_shards), "
+                            "or set train.drop_last = false")
+    return n
 
 
 def _order(transfer: cache.TransferSet, workers: int) -> dict[str, Any]:
@@ -150,7 +163,14 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
     seen = 0
     run.student.train(), run.heads.train()
     for batch in batches:
-        parts = run.losses(batch)
+        try:
+            parts = run.losses(batch)
+        except ModelError as e:
+            if len(batch["rows"]) != 1 or e.__cause__ is None:
+                raise
+            raise ModelError(f"the student model raised {raised(e.__cause__)} on a batch of one sample (an epoch's rows left over after "
+                             "its full batches), which BatchNorm cannot normalise in training; set train.drop_last = true to leave "
+                             "incomplete batches out, or choose a train.batch_size that leaves more than one") from e.__cause__
         loss = sum(parts.values())
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
             loss = loss * batch["scale"]
@@ -180,7 +200,7 @@ class Run:
 
     student: torch.nn.Module
     heads: torch.nn.ModuleDict  # keyed by teacher layer (encoded path)
-    features: dict[str, tuple[str, float]]  # teacher target path -> (student module, weight)
+    features: dict[str, tuple[str, float, str]]  # teacher target path -> (student module, weight, select)
     hooked: dict[str, Any]
     loss: Any  # LossSection
     device: torch.device
@@ -199,10 +219,10 @@ class Run:
         if w.mse:
             parts["mse"] = w.mse * losses.logit_mse(logits, targets[layout.LOGITS])
         if w.ce:
-            _check_labels(batch["label"], logits.shape[-1])  # on the CPU copy: no device sync
+            _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
             parts["ce"] = w.ce * losses.cross_entropy(logits, batch["label"].to(self.device))
-        for path, (module, weight) in self.features.items():
-            feat, _ = select_student(teachers.hooked_output(self.hooked, module, "student"), module)
+        for path, (module, weight, selector) in self.features.items():
+            feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
             head = self.heads[_key(path)] if _key(path) in self.heads else torch.nn.Identity()
             parts[f"feat:{layout.layer_name(path)}"] = weight * losses.feature_mse(head(feat), targets[path])
         return parts
@@ -220,7 +240,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     if not (needs_logits or w.ce or t.features):
         raise PipelineError(f"{pipeline.source}: every loss weight is 0 and train.features is empty; nothing to learn from")
     stored = {tg.name: tg for tg in store.targets.values()}
-    features: dict[str, tuple[str, float]] = {}
+    features: dict[str, tuple[str, float, str]] = {}
     for layer, spec in t.features.items():
         if layer not in stored:
             layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
@@ -229,23 +249,29 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         if stored[layer].path == layout.LOGITS:
             raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
                                 "train.loss.mse, and list only layers from targets.layers under train.features")
-        features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)))
-    teachers.check_layers(student, tuple(m for m, _ in features.values()), what="student")
+        features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)), spec.get("select", "auto"))
+    teachers.check_layers(student, tuple(m for m, _, _ in features.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features))
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
-    teachers.hook(student, [module for module, _ in features.values()], run.hooked)
+    teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
     if features:
         probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
             data.call(student, data.to_device(probe["inputs"], device), "student")
-        for path, (module, _) in features.items():
-            feat, _ = select_student(teachers.hooked_output(run.hooked, module, "student"), module)
+        for path, (module, _, selector) in features.items():
             name = layout.layer_name(path)
+            feat = student_feature(run.hooked, name, module, selector)
+            if feat.ndim == 0 or feat.shape[0] != len(probe["index"]):  # as extract refuses for the teacher's layers
+                raise TargetError(f"train.features {name!r}: student module {module!r} gives shape {list(feat.shape)} for a batch of "
+                                  f"{len(probe['index'])} samples, but its first axis must be the samples (kdcache runs two samples "
+                                  "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
+                                  "RNN/attention layers, or a module that permutes to (batch, ...))")
             head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
             if head is not None:
                 run.heads[_key(path)] = head.to(device)
                 if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
-                    print(f"projection head for {name!r} <- student {module!r}: {head.description}")
+                    part = "" if selector == "auto" else f" (select {selector!r})"
+                    print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
@@ -262,7 +288,21 @@ def select_student(output: Any, what: str) -> tuple[torch.Tensor, str]:
                           "make the student return its logits (or the hooked module its features) that way") from None
 
 
-def _check_labels(label: torch.Tensor, classes: int) -> None:
+def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: str) -> torch.Tensor:
+    """The part of student ``module``'s output (``train.features`` ``select``; default auto) distilled into teacher ``layer``."""
+    output = teachers.hooked_output(hooked, module, "student")
+    if selector == "auto":
+        return select_student(output, module)[0]
+    return teachers.select(output, selector, module, label=f"train.features {layer!r}: student module {module!r}",
+                           setting=f"train.features.{layer!r}.select")[0]
+
+
+def _check_labels(label: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2:
+        raise ShapeMismatchError(f"train.loss.ce: the store holds one label per sample, but the student's output has shape {shape}, "
+                                 "not (batch, classes); set train.loss.ce = 0 (train.loss.kl and mse distill per-token logits), "
+                                 "or make the student output one row of class scores per sample")
+    classes = shape[-1]
     low, high = (int(label.min()), int(label.max())) if len(label) else (0, 0)
     if not (0 <= low and high < classes):
         bad = high if high >= classes else low
@@ -352,6 +392,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         except PipelineError as e:  # named as what asked for the split: pipelines copied from mnist.toml ask for "test"
             raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
         source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
+    _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}")
 
     evaluations = itertools.count()
 
@@ -379,6 +420,24 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         return out
 
     return evaluate
+
+
+def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str) -> None:
+    """Accuracy compares each sample's label with the student's top class: refuse a student whose output is not
+    (batch, classes), such as per-token logits, now rather than at the end of the first epoch."""
+    probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0]))
+    if probe["label"] is None:
+        return
+    run.student.eval()
+    try:
+        with torch.no_grad():
+            logits, _ = select_student(data.call(run.student, data.to_device(probe["inputs"], device), "student"), "student output")
+    except (ModelError, TargetError):
+        return  # the first training step says what is wrong with the model or its output, on a batch of its own
+    if logits.ndim != 2:
+        raise PipelineError(f"{what}: eval_accuracy compares one label per sample with the student's top class, but the student's "
+                            f"output has shape {list(logits.shape)} for one sample, not (batch, classes); set train.eval_split and "
+                            "train.eval_cache to \"\" (no evaluation), or evaluate the student outside kdcache")
 
 
 MIN_TEMPERATURE = 0.01

@@ -248,7 +248,7 @@ def test_teacher_output_kinds(tmp_path, factory, select, part, resolved):
 
 def test_output_auto_cannot_pick_from_names_it_does_not_know(tmp_path):
     out = tmp_path / "store.zarr"
-    with pytest.raises(TargetError, match=r"target 'logits': cannot pick a tensor from an output of type dict; set \[targets.select\]"):
+    with pytest.raises(TargetError, match=r"target 'logits': cannot pick a tensor from an output of type dict \(its keys: 'feats'\); set \[targets.select\]"):
         kdcache.extract(make_pipeline("teacher.factory=extract_zoo.py:unnamed_out", "targets.layers=[]"), str(out))
     assert not out.exists()
 

@@ -1,0 +1,120 @@
+"""Feature distillation with real architectures (attention blocks, sequence-first encoders, BatchNorm students,
+named-output teachers, token taggers): extract a tiny store, then train or set up a student from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import architectures
+import kdcache
+from conftest import FIXTURES
+from kdcache import store as layout
+from kdcache.errors import ModelError, PipelineError, ShapeMismatchError, TargetError
+from kdcache.pipeline import from_dict
+from kdcache.train import setup
+
+
+def pipeline(teacher: str = "blocks_teacher", student: str = "blocks_student", data: str = "images", *, layers: tuple[str, ...] = (),
+             select: dict[str, str] | None = None, features: dict | None = None, loss: dict | None = None, **train) -> kdcache.Pipeline:
+    raw = {"teacher": {"factory": f"architectures.py:{teacher}"}, "data": {"factory": f"architectures.py:{data}"},
+           "targets": {"layers": list(layers), "dtype": "float32", "select": select or {}},
+           "extract": {"batch_size": 8, "device": "cpu", "rows_per_shard": 8},
+           "student": {"factory": f"architectures.py:{student}"},
+           "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "features": features or {}, "loss": loss or {}, **train}}
+    return from_dict(raw, root=FIXTURES)
+
+
+def extracted(p: kdcache.Pipeline, tmp_path: Path) -> layout.Store:
+    kdcache.extract(p, str(tmp_path / "teacher.zarr"))
+    return layout.open_store(str(tmp_path / "teacher.zarr"))
+
+
+def batch_of(store: layout.Store, paths: list[str], rows: int = 8) -> dict:
+    data = architectures.images()
+    return {"inputs": torch.stack([data[i][0] for i in range(rows)]), "label": data.y[:rows].clone(),
+            "targets": {path: torch.from_numpy(store.read(path, 0, rows)) for path in paths}}
+
+
+def test_an_output_without_a_known_key_lists_its_keys(tmp_path):
+    p = pipeline(teacher="named_outputs_teacher")
+    with pytest.raises(TargetError, match=r"output of type dict.*keys: 'out', 'aux'.*\[targets.select\] 'logits'"):
+        kdcache.extract(p, str(tmp_path / "teacher.zarr"))
+    assert extracted(pipeline(teacher="named_outputs_teacher", select={"logits": "out"}), tmp_path).targets
+
+
+def test_a_feature_can_select_the_student_module_s_element_as_the_teacher_s_was(tmp_path):
+    """The teacher stores its attention weights (element 1 of nn.MultiheadAttention's output); the student's attention
+    output (element 0) has the same shape here, so without a student-side select the two were compared silently."""
+    p = pipeline(layers=("blocks.1.attn",), select={"blocks.1.attn": "1"}, loss={"kl": 0},
+                 features={"blocks.1.attn": {"student": "blocks.0.attn", "select": "1"}})
+    store = extracted(p, tmp_path)
+    torch.manual_seed(0)
+    run = setup(p, store, architectures.images(), torch.device("cpu"))
+    assert len(run.heads) == 0  # (16, 16) weights on both sides
+    batch = batch_of(store, run.paths)
+    parts = run.losses(batch)
+    with torch.no_grad():
+        h = run.student.blocks[0]["ln"](run.student.patch(batch["inputs"]).flatten(2).transpose(1, 2))
+        weights = run.student.blocks[0]["attn"](h, h, h)[1]
+    want = torch.nn.functional.mse_loss(weights, batch["targets"]["targets/layers/blocks.1.attn"])
+    torch.testing.assert_close(parts["feat:blocks.1.attn"].detach(), want)
+
+
+def test_a_student_select_that_does_not_exist_is_named(tmp_path):
+    p = pipeline(layers=("blocks.1.attn",), loss={"kl": 0}, features={"blocks.1.attn": {"student": "blocks.0.attn", "select": "2"}})
+    store = extracted(p, tmp_path)
+    with pytest.raises(TargetError, match=r"train.features 'blocks.1.attn'.*student module 'blocks.0.attn'.*no element '2'"):
+        setup(p, store, architectures.images(), torch.device("cpu"))
+
+
+def test_a_sequence_first_student_module_is_named_not_read_as_two_tokens(tmp_path):
+    """A CLIP-style student runs its blocks on (T, B, D): its per-sample shape is not (B, D) of a two-sample probe."""
+    p = pipeline(student="sequence_first_student", layers=("blocks.1.attn",), loss={"kl": 0},
+                 features={"blocks.1.attn": {"student": "resblocks.0"}})
+    store = extracted(p, tmp_path)
+    with pytest.raises(TargetError, match=r"student module 'resblocks.0'.*shape \[16, 2, 16\] for a batch of 2 samples.*first axis"):
+        setup(p, store, architectures.images(), torch.device("cpu"))
+
+
+def test_a_batchnorm_student_trains_with_drop_last(tmp_path):
+    """17 samples in batches of 8: the last batch holds one sample, which BatchNorm1d cannot normalise in training."""
+    p = pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0})
+    store = extracted(p, tmp_path)
+    with pytest.raises(ModelError, match=r"a batch of one sample.*set train.drop_last = true"):
+        kdcache.train(p, store.location, tmp_path / "run")
+    result = kdcache.train(pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0}, drop_last=True), store.location,
+                           tmp_path / "run2")
+    assert result["step"] == 2  # 16 of the 17 rows, in two full batches
+
+
+@pytest.mark.parametrize("budget", [2048, 0], ids=["memory", "stream"])
+def test_drop_last_that_leaves_no_batch_is_refused_before_training(tmp_path, budget):
+    p = pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0})
+    store = extracted(p, tmp_path)
+    for steps in (0, 5):  # epochs (nothing to train), steps (a loop that would never reach them)
+        with pytest.raises(PipelineError, match=r"train.drop_last = true leaves no batch in epoch 0: 17 rows.*batch_size = 32"):
+            kdcache.train(pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0}, drop_last=True, batch_size=32,
+                                   steps=steps, memory_budget_mb=budget), store.location, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+
+
+def test_ce_with_per_token_logits_says_labels_are_per_sample(tmp_path):
+    p = pipeline(teacher="tagger_teacher", student="tagger_student", loss={"kl": 1.0, "ce": 1.0})
+    store = extracted(p, tmp_path)
+    with pytest.raises(ShapeMismatchError, match=r"train.loss.ce.*one label per sample.*\(8, 16, 5\).*set train.loss.ce = 0"):
+        kdcache.train(p, store.location, tmp_path / "run")
+    result = kdcache.train(pipeline(teacher="tagger_teacher", student="tagger_student", loss={"kl": 1.0}), store.location, tmp_path / "run2")
+    assert result["loss_kl"] > 0
+
+
+def test_eval_accuracy_of_a_per_token_student_is_refused_before_training(tmp_path):
+    """A token tagger's (B, T, C) output cannot be scored against one label per sample: refused before an epoch is spent
+    (it was a RuntimeError traceback at the end of the first epoch, or a silent broadcast where T equalled the batch)."""
+    p = pipeline(teacher="tagger_teacher", student="tagger_student", loss={"kl": 1.0}, eval_split="test")
+    store = extracted(p, tmp_path)
+    with pytest.raises(PipelineError, match=r"train.eval_split = 'test': eval_accuracy .* shape \[1, 16, 5\] for one sample"):
+        kdcache.train(p, store.location, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
