@@ -571,9 +571,11 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
         recorded = json.loads((out / "pipeline.json").read_text())
     except (OSError, ValueError):
         return  # no record to compare with (a run of an earlier kdcache, or a damaged file)
-    current = pipeline.to_dict()
+    current, defaults = pipeline.to_dict(), Pipeline().to_dict()
     for section in ("student", "train"):
         old, new = _flat(recorded.get(section, {}), section), _flat(current[section], section)
+        # a value an earlier kdcache did not record (train.drop_last, say) was its default then
+        old = {**{k: v for k, v in _flat(defaults[section], section).items() if k in new}, **old}
         for key in sorted(set(old) | set(new)):
             if key.split(".")[1] not in RESUMABLE and old.get(key) != new.get(key):
                 raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({str(out / 'pipeline.json')!r}), now "

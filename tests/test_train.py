@@ -441,6 +441,20 @@ def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tin
     assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0, 1]
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tiny_store, tmp_path):
+    """pipeline.json of a run an earlier kdcache began lacks settings added since (train.drop_last): the run had their
+    defaults, so it resumes with them, and a resume that sets another value is still refused."""
+    out = tmp_path / "run"
+    train_cut_after_first_epoch(pipeline("train.epochs=2"), tiny_store, out)
+    recorded = json.loads((out / "pipeline.json").read_text())
+    del recorded["train"]["drop_last"]
+    (out / "pipeline.json").write_text(json.dumps(recorded))
+    with pytest.raises(PipelineError, match=r"--resume: train.drop_last was False in this run .* now True"):
+        train(pipeline("train.epochs=2", "train.drop_last=true"), tiny_store, out, resume=True)
+    train(pipeline("train.epochs=2"), tiny_store, out, resume=True)
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]
+
+
 def test_two_teacher_layers_may_be_distilled_into_one_student_module(tmp_path):
     """One student module, two feature losses: its output is captured once per forward (not taken for a shared module)."""
     store = extract_tiny(tmp_path / "two.zarr", "targets.layers=['features.1', 'features.3']")
