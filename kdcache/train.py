@@ -9,9 +9,11 @@ input fingerprint checked (``kdcache.cache``). Output folder: ``student.pt`` (st
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -163,15 +165,8 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
     seen = 0
     run.student.train(), run.heads.train()
     for batch in batches:
-        try:
-            parts = run.losses(batch)
-        except ModelError as e:
-            if len(batch["rows"]) != 1 or e.__cause__ is None:
-                raise
-            raise ModelError(f"the student model raised {raised(e.__cause__)} on a batch of one sample (an epoch's rows left over after "
-                             "its full batches), which BatchNorm cannot normalise in training; set train.drop_last = true to leave "
-                             "incomplete batches out, or choose a train.batch_size that leaves more than one") from e.__cause__
-        loss = sum(parts.values())
+        parts = _step_losses(run, batch)
+        loss = functools.reduce(operator.add, parts.values())  # not sum(): its start, 0, would add an op per step
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
             loss = loss * batch["scale"]
         optimizer.zero_grad(set_to_none=True)
@@ -184,7 +179,7 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
         seen += 1
         share = batch.get("share", 1.0)  # under torchrun, this rank's part of the step's rows
         for k, v in parts.items():  # summed on the device: no sync per step
-            sums[k] = sums.get(k, 0.0) + v.detach() * share
+            sums[k] = sums[k].add_(v.detach(), alpha=share) if k in sums else v.detach() * share
         bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
         if state["step"] >= total_steps:
             break
@@ -192,6 +187,26 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
     totals = distributed.sum_over_ranks(torch.stack(list(sums.values()))) if sums else []  # each step's loss over every rank's rows
     means = {f"loss_{k}": float(v) / max(1, seen) for k, v in zip(sums, totals)}
     return {**means, "loss": sum(means.values())}
+
+
+def _step_losses(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``run.losses(batch)`` in training mode; a batch of one sample BatchNorm cannot normalise says how to leave it out."""
+    # torchrun: a rank whose stream has run out takes part in the step with one row it learns nothing from (share 0),
+    # run in eval mode: BatchNorm neither fails on the one row nor counts it in its running statistics
+    idle = batch.get("share", 1.0) == 0
+    if idle:
+        run.student.eval(), run.heads.eval()
+    try:
+        return run.losses(batch)
+    except ModelError as e:
+        if len(batch["rows"]) != 1 or e.__cause__ is None:
+            raise
+        raise ModelError(f"the student model raised {raised(e.__cause__)} on a batch of one sample (an epoch's rows left over after "
+                         "its full batches), which BatchNorm cannot normalise in training; set train.drop_last = true to leave "
+                         "incomplete batches out, or choose a train.batch_size that leaves more than one") from e.__cause__
+    finally:
+        if idle:
+            run.student.train(), run.heads.train()
 
 
 @dataclass

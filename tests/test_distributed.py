@@ -270,6 +270,40 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
         assert all(torch.equal(b[k], start[k]) for k in ("fc.weight", "spare.weight")) and not torch.equal(b["conv.weight"], start["conv.weight"])
 
 
+def test_torchrun_rank_whose_stream_ran_out_trains_a_batchnorm_student(tmp_path):
+    """17 rows in batches of 5 (drop_last: 3 batches) over 2 ranks: at step 2 rank 1's stream has run out and it takes part
+    with one row it learns nothing from. A BatchNorm student failed on that row (told to set drop_last, already set)."""
+    from conftest import FIXTURES
+
+    arch = FIXTURES / "architectures.py"
+    toml = tmp_path / "bn.toml"
+    toml.write_text(f"""
+[teacher]
+factory = "{arch}:blocks_teacher"
+[data]
+factory = "{arch}:images_17"
+[targets]
+dtype = "float32"
+[extract]
+batch_size = 8
+device = "cpu"
+rows_per_shard = 8
+[student]
+factory = "{arch}:batchnorm_student"
+[train]
+epochs = 1
+batch_size = 5
+drop_last = true
+device = "cpu"
+""")
+    store = str(tmp_path / "bn.zarr")
+    assert CliRunner().invoke(main, ["extract", str(toml), "--out", store]).exit_code == 0
+    r = _torchrun("train", str(toml), "--cache", store, "--out", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = (json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines())
+    assert line["step"] == 2 and line["loss"] > 0
+
+
 def test_streams_split_the_plan_disjointly_and_join_back(tiny_store):
     from kdcache.cache import TransferSet
     from tiny import dataset
