@@ -37,8 +37,21 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # ("Task was destroyed but it is pending!") after the one Error line.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise click.ClickException(_message(e)) from None
+        except RuntimeError as e:
+            if not _peer_gone(e):
+                raise
+            rank = os.environ.get("RANK", "?")
+            raise click.ClickException(f"rank {rank} stopped because another rank ended first (its own error is printed above); "
+                                       "fix what that one says and rerun") from None
 
     return wrapper
+
+
+def _peer_gone(e: RuntimeError) -> bool:
+    """Under torchrun: a collective failed because another rank's process ended (it printed its own error)."""
+    text = str(e)
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing"))
 
 
 def _after_interrupt(command: str, options: dict[str, Any], started: float) -> str:

@@ -303,6 +303,14 @@ device = "cpu"
     (line,) = (json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines())
     assert line["step"] == 2 and line["loss"] > 0
 
+    # Batches of 8 without drop_last: rank 0's second batch is the one row left over, which its BatchNorm cannot
+    # take. Rank 0 says so; rank 1, whose all-reduce then loses its peer, says one line too (was gloo's traceback).
+    toml.write_text(toml.read_text().replace("batch_size = 5\ndrop_last = true", "batch_size = 8"))
+    r = _torchrun("train", str(toml), "--cache", store, "--out", str(tmp_path / "bn8"), cwd=tmp_path)
+    output = r.stdout + r.stderr
+    assert r.returncode != 0 and "on a batch of one sample" in output and "set train.drop_last = true" in output, output[-3000:]
+    assert "Connection closed by peer" not in output and "RuntimeError" not in output, output[-3000:]
+
 
 def test_streams_split_the_plan_disjointly_and_join_back(tiny_store):
     from kdcache.cache import TransferSet
