@@ -152,7 +152,11 @@ def getitems(dataset: Dataset, indices: list[int]) -> list[Any]:
     items: list[Any] = []
     try:
         if batched:
-            return list(batched(indices))
+            items = list(batched(indices))
+            if len(items) != len(indices):  # every item would be paired with another index's row, or with none
+                raise PipelineError(f"the dataset's __getitems__ returned {len(items)} items for {len(indices)} indices "
+                                    f"({indices[0]}..{indices[-1]}); make it return one item per index, in the order asked")
+            return items
         for i in indices:
             items.append(dataset[i])
         return items
