@@ -260,11 +260,24 @@ class TransferSet(IterableDataset):
         for k, j in enumerate(which):
             seen = fast[k] if fast is not None else data.fingerprint(inputs[j])
             if seen != int(stored[j]):
-                raise AlignmentError(
-                    f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r} has input fingerprint {int(stored[j]):016x} "
-                    f"but the dataset now gives {seen:016x}: the dataset changed since extraction (order, content or "
-                    "preprocessing); use the dataset the store was made from, or re-extract"
-                )
+                where = f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r}"
+                raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=hasattr(self.dataset, "__getitems__"))
+
+    def _mismatch(self, where: str, index: int, stored: int, seen: int, batched: bool) -> AlignmentError:
+        """The error for an input whose fingerprint is not the stored one, naming the cause: an item that is another input at
+        each read (random augmentation), a batched ``__getitems__`` (``batched``: the input came from one) that served
+        another item in its place, or a dataset that changed since extraction. Item ``index`` is read alone a few times."""
+        alone = data.reread(self.dataset, index)
+        said = f"{where} has input fingerprint {stored:016x} but the dataset now gives {seen:016x}"
+        reads = alone if batched else [seen, *alone]  # a batch's read counts only if it was one of dataset[index]
+        if len(set(reads)) > 1:
+            fix = "and extract again if the store was made from random items"
+            return AlignmentError(f"{said}: {data.not_deterministic(index, reads, fix)}")
+        if batched and set(alone) == {stored}:
+            return AlignmentError(f"{said}, yet dataset[{index}] gives the stored input: the dataset's __getitems__ served another item "
+                                  "in its place; make it return one item per index, in the order asked")
+        return AlignmentError(f"{said}: the dataset changed since extraction (order, content or preprocessing); use the dataset "
+                              "the store was made from, or re-extract")
 
 
 PREFETCH = 2  # batches made ahead of the consumer

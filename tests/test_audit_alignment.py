@@ -13,9 +13,9 @@ import kdcache
 from conftest import FIXTURES, NUMBERED
 from kdcache import store as layout
 from kdcache.cache import TransferSet
-from kdcache.errors import PipelineError
+from kdcache.errors import AlignmentError, PipelineError
 from kdcache.pipeline import from_dict
-from numbered import WrongCountGetitems
+from numbered import Augmented, Numbered, SortedGetitems, WrongCountGetitems
 
 N = 100
 
@@ -44,3 +44,29 @@ def test_extract_with_getitems_returning_too_few_items_is_an_error(tmp_path):
     """It was a store left incomplete without a word (exit status 0): no shard ever received all its rows."""
     with pytest.raises(PipelineError, match=r"__getitems__ returned 15 items for 16 indices.*one item per index"):
         kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:one_item_short"}}, root=FIXTURES), str(tmp_path / "s.zarr"))
+
+
+# ------------------------------------------------------------------ items that are not deterministic
+
+def test_random_augmentation_is_refused_at_extract_before_the_teacher_runs_over_the_data(tmp_path):
+    """The store would record one random draw per input, which no later read reproduces: every training run would fail."""
+    out = tmp_path / "s.zarr"
+    with pytest.raises(AlignmentError, match=r"dataset index 0 gives a different input each time it is read.*random augmentation"):
+        kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:augmented"}}, root=FIXTURES), str(out))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_random_augmentation_at_training_is_named_as_such(numbered_store, budget):
+    """It was 'the dataset changed since extraction ... or re-extract': re-extracting cannot fix it."""
+    ts = transfer(numbered_store, Numbered(N), memory_budget_mb=budget)
+    ts.dataset = Augmented()  # the plain items passed the start-up check; the augmented ones come with the batches
+    with pytest.raises(AlignmentError, match=r"store row \d+ \(dataset index \d+\).*gives a different input each time it is read"
+                                             r".*random augmentation.*extract again if the store was made from random items"):
+        list(ts)
+
+
+def test_getitems_serving_another_order_than_asked_is_named(numbered_store):
+    """It was 'the dataset changed since extraction (order, content or preprocessing)': dataset[i] had not changed."""
+    with pytest.raises(AlignmentError, match=r"store row (\d+) \(dataset index \1\).*dataset\[\1\] gives the stored input.*__getitems__.*in the order asked"):
+        list(transfer(numbered_store, SortedGetitems()))
