@@ -70,3 +70,21 @@ def test_getitems_serving_another_order_than_asked_is_named(numbered_store):
     """It was 'the dataset changed since extraction (order, content or preprocessing)': dataset[i] had not changed."""
     with pytest.raises(AlignmentError, match=r"store row (\d+) \(dataset index \1\).*dataset\[\1\] gives the stored input.*__getitems__.*in the order asked"):
         list(transfer(numbered_store, SortedGetitems()))
+
+
+# ------------------------------------------------------------------ fingerprint checks switched off
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_checks_switched_off_still_catch_a_reversed_dataset_at_the_start(numbered_store, budget):
+    """fingerprint_check = fingerprint_recheck = 0 served every row of a reversed dataset against the wrong target:
+    the inputs the store's manifest records (the first and the last) are checked whatever the fractions."""
+    reversed_ = Numbered(N, order=list(range(N))[::-1])
+    with pytest.raises(AlignmentError, match=rf"dataset index 0 .*{numbered_store}.*order, content or preprocessing"):
+        transfer(numbered_store, reversed_, memory_budget_mb=budget, fingerprint_check=0.0, fingerprint_recheck=0.0)
+
+
+def test_train_with_checks_switched_off_refuses_a_reversed_dataset(numbered_store, tmp_path):
+    off = {"epochs": 1, "batch_size": 8, "device": "cpu", "fingerprint_check": 0.0, "fingerprint_recheck": 0.0}
+    with pytest.raises(AlignmentError, match=r"dataset index 0 "):
+        kdcache.train(numbered(train=off, data={"factory": "numbered.py:reversed_numbers"}), numbered_store, tmp_path / "run")
+    assert not (tmp_path / "run" / "student.pt").exists()
