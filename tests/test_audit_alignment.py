@@ -88,3 +88,16 @@ def test_train_with_checks_switched_off_refuses_a_reversed_dataset(numbered_stor
     with pytest.raises(AlignmentError, match=r"dataset index 0 "):
         kdcache.train(numbered(train=off, data={"factory": "numbered.py:reversed_numbers"}), numbered_store, tmp_path / "run")
     assert not (tmp_path / "run" / "student.pt").exists()
+
+
+# ------------------------------------------------------------------ an eval store of another teacher
+
+def test_eval_cache_of_another_teacher_is_refused(numbered_store, tmp_path):
+    """eval_agreement measured agreement with another teacher than the one distilled, without a word."""
+    other = str(tmp_path / "other-teacher.zarr")
+    kdcache.extract(from_dict({**NUMBERED, "teacher": {"factory": "numbered.py:negated_echo"}}, root=FIXTURES), other)
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "eval_cache": other}
+    with pytest.raises(PipelineError, match=r"train.eval_cache .* was made by another teacher .*weights sha256 [0-9a-f]{12}.*"
+                                            r"[0-9a-f]{12}.*with the same teacher"):
+        kdcache.train(numbered(train=train), numbered_store, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
