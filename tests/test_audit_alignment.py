@@ -101,3 +101,12 @@ def test_eval_cache_of_another_teacher_is_refused(numbered_store, tmp_path):
                                             r"[0-9a-f]{12}.*with the same teacher"):
         kdcache.train(numbered(train=train), numbered_store, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_cache_of_the_training_samples_is_refused_unless_eval_split_names_them(numbered_store, tmp_path):
+    """The training store as train.eval_cache reported eval_agreement 0.99 on the very samples trained on, as an eval metric."""
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "eval_cache": numbered_store}
+    with pytest.raises(PipelineError, match=r"holds the samples the student trains on \(split 'train'.*eval_split = 'train' to measure it on purpose"):
+        kdcache.train(numbered(train=train), numbered_store, tmp_path / "run")
+    result = kdcache.train(numbered(train={**train, "eval_split": "train"}), numbered_store, tmp_path / "run")
+    assert "eval_agreement" in result
