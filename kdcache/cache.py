@@ -59,6 +59,7 @@ class TransferSet(IterableDataset):
         if n != store.num_samples:  # rows would be paired with the wrong items, or with none
             raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
         self.location, self.dataset, self.storage_options = location, dataset, storage_options
+        self._check_probes(store.manifest)
         self.paths = store.sample_paths() + list(paths)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.buffer_shards = max(1, buffer_shards)
@@ -263,11 +264,33 @@ class TransferSet(IterableDataset):
         for k, j in enumerate(which):
             seen = fast[k] if fast is not None else data.fingerprint(inputs[j])
             if seen != int(stored[j]):
-                raise AlignmentError(
-                    f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r} has input fingerprint {int(stored[j]):016x} "
-                    f"but the dataset now gives {seen:016x}: the dataset changed since extraction (order, content or "
-                    "preprocessing); use the dataset the store was made from, or re-extract"
-                )
+                where = f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r}"
+                raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=hasattr(self.dataset, "__getitems__"))
+
+    def _check_probes(self, manifest: dict[str, Any]) -> None:
+        """The inputs whose fingerprints the manifest records (the dataset's first and last) against the dataset: whatever
+        the check fractions, a reversed, shifted or other dataset (or random items) is refused before anything is served."""
+        for i, recorded in manifest["dataset"]["probe_fingerprints"].items():
+            seen = data.item_fingerprint(self.dataset, int(i))
+            if seen != int(recorded, 16):
+                raise self._mismatch(f"dataset index {i} (its fingerprint is in the manifest) of {self.location!r}", int(i),
+                                     int(recorded, 16), seen, batched=False)
+
+    def _mismatch(self, where: str, index: int, stored: int, seen: int, batched: bool) -> AlignmentError:
+        """The error for an input whose fingerprint is not the stored one, naming the cause: an item that is another input at
+        each read (random augmentation), a batched ``__getitems__`` (``batched``: the input came from one) that served
+        another item in its place, or a dataset that changed since extraction. Item ``index`` is read alone a few times."""
+        alone = data.reread(self.dataset, index)
+        said = f"{where} has input fingerprint {stored:016x} but the dataset now gives {seen:016x}"
+        reads = alone if batched else [seen, *alone]  # a batch's read counts only if it was one of dataset[index]
+        if len(set(reads)) > 1:
+            fix = "and extract again if the store was made from random items"
+            return AlignmentError(f"{said}: {data.not_deterministic(index, reads, fix)}")
+        if batched and set(alone) == {stored}:
+            return AlignmentError(f"{said}, yet dataset[{index}] gives the stored input: the dataset's __getitems__ served another item "
+                                  "in its place; make it return one item per index, in the order asked")
+        return AlignmentError(f"{said}: the dataset changed since extraction (order, content or preprocessing); use the dataset "
+                              "the store was made from, or re-extract")
 
 
 PREFETCH = 2  # batches made ahead of the consumer

@@ -142,26 +142,50 @@ def _feed(h: Any, value: Any) -> None:
         h.update(repr(value).encode())
 
 
-def getitems(dataset: Dataset, indices: list[int]) -> list[Any]:
-    """Items ``indices`` of a map-style dataset, through its batched ``__getitems__`` when it has one.
+def getitems(dataset: Dataset, indices: list[int], batched: bool = True) -> list[Any]:
+    """Items ``indices`` of a map-style dataset, through its batched ``__getitems__`` when it has one (and ``batched``).
 
     An exception the dataset raises is a ``DataError`` naming the index (or, batched, the indices), the
     exception and the line that raised it.
     """
-    batched = getattr(dataset, "__getitems__", None)
+    many = getattr(dataset, "__getitems__", None) if batched else None
     items: list[Any] = []
     try:
-        if batched:
-            return list(batched(indices))
+        if many:
+            items = list(many(indices))
+            if len(items) != len(indices):  # every item would be paired with another index's row, or with none
+                raise PipelineError(f"the dataset's __getitems__ returned {len(items)} items for {len(indices)} indices "
+                                    f"({indices[0]}..{indices[-1]}); make it return one item per index, in the order asked")
+            return items
         for i in indices:
             items.append(dataset[i])
         return items
     except KdcacheError:
         raise
     except Exception as e:
-        at = f"one of indices {indices[0]}..{indices[-1]}" if batched and len(indices) > 1 else f"index {indices[len(items)]}"
+        at = f"one of indices {indices[0]}..{indices[-1]}" if many and len(indices) > 1 else f"index {indices[len(items)]}"
         raise DataError(f"the dataset raised {raised(e)} reading {at}; fix data.factory's dataset "
                         "(call dataset[i] in Python to see the full traceback), then rerun") from e
+
+
+REREADS = 4  # reads of one item after a fingerprint differed: a random augmentation (a flip half the time) shows in them
+
+
+def item_fingerprint(dataset: Dataset, index: int) -> int:
+    """The fingerprint of ``dataset[index]`` (read alone, as the manifest's probe fingerprints are)."""
+    return fingerprint(split_item(getitems(dataset, [index], batched=False)[0])[0])
+
+
+def reread(dataset: Dataset, index: int) -> list[int]:
+    """The fingerprints of ``REREADS`` reads of ``dataset[index]``: more than one value, and the item is not deterministic."""
+    return [item_fingerprint(dataset, index) for _ in range(REREADS)]
+
+
+def not_deterministic(index: int, reads: list[int], then: str) -> str:
+    """The message for an item whose ``reads`` (fingerprints) were different inputs."""
+    return (f"dataset index {index} gives a different input each time it is read ({len(set(reads))} different fingerprints in {len(reads)} "
+            "reads): kdcache pairs each stored target with its input by the input's fingerprint, so items must be deterministic; "
+            f"remove random augmentation (random crops, flips, noise) from data.factory's dataset, or seed it by the index, {then}")
 
 
 def load(pipeline: Any, split: str) -> Dataset:

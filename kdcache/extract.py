@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import kdcache
 from kdcache import data, store as layout, teacher as teachers
-from kdcache.errors import ModelError, PipelineError, TargetError
+from kdcache.errors import AlignmentError, ModelError, PipelineError, TargetError
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -202,9 +202,23 @@ def setup(pipeline: Pipeline) -> Run:
         "fingerprints": {str(i): f"{data.fingerprint(data.split_item(dataset[i])[0]):016x}" for i in sorted({0, n - 1})},
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
+    _check_item_zero(dataset, int(batch["fingerprint"][0]), int(run.probe["fingerprints"]["0"], 16))
     if len(batch["index"]) > 1:
         _check_sequence_first(run, t.layers)
     return run
+
+
+def _check_item_zero(dataset: Dataset, in_batch: int, alone: int) -> None:
+    """Item 0 was read twice, in the probe batch and alone (for the manifest): two inputs mean random items, whose stored
+    fingerprints no later read would match, or a ``__getitems__`` that serves other inputs than ``dataset[i]``
+    (the manifest's fingerprints would not match the rows'). Refused before the teacher runs over the data."""
+    if in_batch == alone:
+        return
+    reads = [alone, *data.reread(dataset, 0)] + ([] if hasattr(dataset, "__getitems__") else [in_batch])  # reads of dataset[0]
+    if len(set(reads)) > 1:
+        raise AlignmentError(data.not_deterministic(0, reads, "then rerun"))
+    raise PipelineError(f"the dataset's __getitems__ gives index 0 as another input (fingerprint {in_batch:016x}) than dataset[0] "
+                        f"does ({alone:016x}); make __getitems__ return the items dataset[i] returns, in the order asked")
 
 
 def _check_sequence_first(run: Run, layers: tuple[str, ...]) -> None:

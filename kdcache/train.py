@@ -82,7 +82,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
             if rank == 0:
                 print(f"resuming {str(out)!r} after epoch {state['epoch'] - 1} (step {state['step']} of {total_steps})")
             _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
-        evaluate = _evaluator(pipeline, run, device, storage_options)
+        evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
         # an earlier run's files (--overwrite) stay until this run's first epoch is saved
         replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
         start = time.perf_counter()
@@ -385,8 +385,11 @@ def _schedule(name: str, total_steps: int) -> Any:
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
-def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_options: dict[str, Any] | None = None) -> Any:
-    """A function returning eval metrics: accuracy on the eval split, and teacher agreement with an eval store."""
+def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_options: dict[str, Any] | None = None,
+               trained: dict[str, Any] | None = None) -> Any:
+    """A function returning eval metrics: accuracy on the eval split, and teacher agreement with an eval store
+    (``trained``: the manifest of the store the student trains from; an eval store must have its teacher, and hold
+    another split unless ``train.eval_split`` names that one)."""
     t = pipeline.train
     if not t.eval_split and not t.eval_cache:
         return dict
@@ -395,8 +398,19 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         split = store.manifest["dataset"]["split"]
         if layout.LOGITS not in {tg.path for tg in store.targets.values()}:
             raise PipelineError(f"train.eval_cache {t.eval_cache!r} stores no logits to compare with; extract it with targets.logits = true")
+        theirs, teacher = store.manifest["teacher"]["weights_sha256"], (trained or store.manifest)["teacher"]
+        if theirs != teacher["weights_sha256"]:  # agreement with another teacher than the one distilled
+            raise PipelineError(f"train.eval_cache {t.eval_cache!r} was made by another teacher ({store.manifest['teacher']['factory']}, "
+                                f"weights sha256 {theirs[:12]}...) than the store trained from ({teacher['factory']}, weights sha256 "
+                                f"{teacher['weights_sha256'][:12]}...): eval_agreement would compare the student with another teacher; "
+                                "extract the eval split with the same teacher (--set data.split=...), or drop train.eval_cache")
         if t.eval_split and t.eval_split != split:
             raise PipelineError(f"train.eval_split = {t.eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
+        same = ("factory", "split", "length", "probe_fingerprints")
+        if not t.eval_split and trained is not None and all(store.manifest["dataset"][k] == trained["dataset"][k] for k in same):
+            raise PipelineError(f"train.eval_cache {t.eval_cache!r} holds the samples the student trains on (split {split!r} of "
+                                f"{trained['dataset']['factory']}): its eval metrics would be measured on training data; extract the eval "
+                                f"split into its own store (--set data.split=...), or set train.eval_split = {split!r} to measure it on purpose")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
         source = cache.TransferSet(t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False,
                                    memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check,

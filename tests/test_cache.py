@@ -29,6 +29,10 @@ from numbered import Numbered
 
 N, ROWS_PER_SHARD, BATCH = 100, 16, 8
 SUBSET = np.sort(np.random.default_rng(3).permutation(N)[:37])
+# Datasets that differ from the store's only between its first and last items, whose fingerprints the manifest records
+# and every reader checks at the start: what they show is the check of the rows served.
+INNER_REVERSED = [0, *range(N - 2, 0, -1), N - 1]
+INNER_SHUFFLED = [0, *(1 + np.random.default_rng(0).permutation(N - 2)).tolist(), N - 1]
 ROW = re.compile(r"store row (\d+) \(dataset index (\d+)\)")
 
 
@@ -218,7 +222,7 @@ def test_streaming_plan_memory_is_one_buffer_not_every_row():
 
 @pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
 def test_reversed_dataset_is_an_alignment_error_naming_row_and_index(numbered_store, budget):
-    ts = transfer(numbered_store, Numbered(N, order=list(range(N))[::-1]), seed=1, memory_budget_mb=budget, buffer_shards=2)
+    ts = transfer(numbered_store, Numbered(N, order=INNER_REVERSED), seed=1, memory_budget_mb=budget, buffer_shards=2)
     first = next(ts.plan(0))[0]  # the first row served is the first one checked
     with pytest.raises(AlignmentError, match=rf"store row {first} \(dataset index {first}\)"):
         serve(ts, 0)
@@ -232,7 +236,7 @@ def test_one_changed_sample_is_found_in_whichever_batch_it_falls(numbered_store,
 
 
 def test_a_quarter_of_rows_checked_still_catches_a_shuffled_dataset(numbered_store):
-    perm = np.random.default_rng(0).permutation(N).tolist()
+    perm = INNER_SHUFFLED
     ts = transfer(numbered_store, Numbered(N, order=perm), fingerprint_check=0.25)
     with pytest.raises(AlignmentError) as info:
         serve(ts, 0)
@@ -240,10 +244,10 @@ def test_a_quarter_of_rows_checked_still_catches_a_shuffled_dataset(numbered_sto
     assert row == index and perm[index] != index
 
 
-def test_fingerprint_check_zero_checks_nothing(numbered_store):
-    """The check is what catches a changed dataset: switched off, the shuffled dataset is served (wrongly)."""
-    perm = np.random.default_rng(0).permutation(N).tolist()
-    ts = transfer(numbered_store, Numbered(N, order=perm), fingerprint_check=0)
+def test_fingerprint_check_zero_checks_no_row(numbered_store):
+    """The rows' check is what catches a changed dataset: switched off, a dataset shuffled between its first and last
+    items (the two the manifest records, checked at the start) is served (wrongly)."""
+    ts = transfer(numbered_store, Numbered(N, order=INNER_SHUFFLED), fingerprint_check=0)
     assert sum(len(b["rows"]) for b in serve(ts, 0)) == N
 
 
@@ -287,7 +291,7 @@ def test_items_of_mixed_dtypes_are_checked_as_they_were_hashed(tmp_path):
         checked = serve(transfer(store, Numbered(N, float64_every=7), fingerprint_check=fraction, batch_size=16), 0)
         assert sorted(r for b in checked for r in b["rows"].tolist()) == list(range(N))
     with pytest.raises(AlignmentError, match=r"store row \d+ "):
-        serve(transfer(store, Numbered(N, float64_every=7, changed=tuple(range(1, N, 7))), fingerprint_check=0.5, batch_size=16), 0)
+        serve(transfer(store, Numbered(N, float64_every=7, changed=tuple(range(1, N - 1, 7))), fingerprint_check=0.5, batch_size=16), 0)
 
 
 def test_without_set_epoch_every_pass_checks_every_row(numbered_store):
@@ -395,11 +399,11 @@ def test_an_epoch_started_early_keeps_its_own_plan_and_check(numbered_store, bud
 
     # epoch 0 is the first epoch set: every row checked, even after set_epoch(1) (recheck 0) and even
     # for the last batch, which the producer (two batches ahead) cannot have made before set_epoch
-    ts = transfer(numbered_store, Numbered(N, changed=(N - 1,)), memory_budget_mb=budget, shuffle=False, fingerprint_recheck=0.0)
+    ts = transfer(numbered_store, Numbered(N, changed=(N - 2,)), memory_budget_mb=budget, shuffle=False, fingerprint_recheck=0.0)
     ts.set_epoch(0)
     early = iter(ts)
     ts.set_epoch(1)
-    with pytest.raises(AlignmentError, match=rf"store row {N - 1} "):
+    with pytest.raises(AlignmentError, match=rf"store row {N - 2} "):
         list(early)
 
 

@@ -1,0 +1,112 @@
+"""Ways a cached target could be paired with the wrong sample, or a user mistake could end in a traceback:
+each must stop with one line that names the cause and the fix (found by an audit of the alignment promise).
+
+The ``numbered`` fixtures (tests/fixtures/numbered.py) make a pairing visible: item ``i``'s input is filled
+with ``i`` and the ``echo`` teacher's logits are ``i + (0, 1, 2, 3)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import kdcache
+from conftest import FIXTURES, NUMBERED
+from kdcache import store as layout
+from kdcache.cache import TransferSet
+from kdcache.errors import AlignmentError, PipelineError
+from kdcache.pipeline import from_dict
+from numbered import Augmented, Numbered, SortedGetitems, WrongCountGetitems
+
+N = 100
+
+
+def transfer(location: str, dataset, **kwargs) -> TransferSet:
+    return TransferSet(location, dataset, [layout.LOGITS], batch_size=8, seed=3, **kwargs)
+
+
+def numbered(**sections: dict) -> kdcache.Pipeline:
+    """The ``numbered`` pipeline with a student, sections replaced or added."""
+    raw = {**NUMBERED, "student": {"factory": "numbered.py:flat_student"},
+           "train": {"epochs": 1, "batch_size": 8, "device": "cpu"}}
+    return from_dict({**raw, **sections}, root=FIXTURES)
+
+
+# ------------------------------------------------------------------ a batched __getitems__ that miscounts
+
+@pytest.mark.parametrize("extra", [-1, 1], ids=["fewer", "more"])
+def test_getitems_returning_another_number_of_items_is_named(numbered_store, extra):
+    """Fewer items than rows was an IndexError traceback; more was a loss shape error blaming the student."""
+    with pytest.raises(PipelineError, match=rf"__getitems__ returned {8 + extra} items for 8 indices"):
+        list(transfer(numbered_store, WrongCountGetitems(extra)))
+
+
+def test_extract_with_getitems_returning_too_few_items_is_an_error(tmp_path):
+    """It was a store left incomplete without a word (exit status 0): no shard ever received all its rows."""
+    with pytest.raises(PipelineError, match=r"__getitems__ returned 15 items for 16 indices.*one item per index"):
+        kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:one_item_short"}}, root=FIXTURES), str(tmp_path / "s.zarr"))
+
+
+# ------------------------------------------------------------------ items that are not deterministic
+
+def test_random_augmentation_is_refused_at_extract_before_the_teacher_runs_over_the_data(tmp_path):
+    """The store would record one random draw per input, which no later read reproduces: every training run would fail."""
+    out = tmp_path / "s.zarr"
+    with pytest.raises(AlignmentError, match=r"dataset index 0 gives a different input each time it is read.*random augmentation"):
+        kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:augmented"}}, root=FIXTURES), str(out))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_random_augmentation_at_training_is_named_as_such(numbered_store, budget):
+    """It was 'the dataset changed since extraction ... or re-extract': re-extracting cannot fix it."""
+    ts = transfer(numbered_store, Numbered(N), memory_budget_mb=budget)
+    ts.dataset = Augmented()  # the plain items passed the start-up check; the augmented ones come with the batches
+    with pytest.raises(AlignmentError, match=r"store row \d+ \(dataset index \d+\).*gives a different input each time it is read"
+                                             r".*random augmentation.*extract again if the store was made from random items"):
+        list(ts)
+
+
+def test_getitems_serving_another_order_than_asked_is_named(numbered_store):
+    """It was 'the dataset changed since extraction (order, content or preprocessing)': dataset[i] had not changed."""
+    with pytest.raises(AlignmentError, match=r"store row (\d+) \(dataset index \1\).*dataset\[\1\] gives the stored input.*__getitems__.*in the order asked"):
+        list(transfer(numbered_store, SortedGetitems()))
+
+
+# ------------------------------------------------------------------ fingerprint checks switched off
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_checks_switched_off_still_catch_a_reversed_dataset_at_the_start(numbered_store, budget):
+    """fingerprint_check = fingerprint_recheck = 0 served every row of a reversed dataset against the wrong target:
+    the inputs the store's manifest records (the first and the last) are checked whatever the fractions."""
+    reversed_ = Numbered(N, order=list(range(N))[::-1])
+    with pytest.raises(AlignmentError, match=rf"dataset index 0 .*{numbered_store}.*order, content or preprocessing"):
+        transfer(numbered_store, reversed_, memory_budget_mb=budget, fingerprint_check=0.0, fingerprint_recheck=0.0)
+
+
+def test_train_with_checks_switched_off_refuses_a_reversed_dataset(numbered_store, tmp_path):
+    off = {"epochs": 1, "batch_size": 8, "device": "cpu", "fingerprint_check": 0.0, "fingerprint_recheck": 0.0}
+    with pytest.raises(AlignmentError, match=r"dataset index 0 "):
+        kdcache.train(numbered(train=off, data={"factory": "numbered.py:reversed_numbers"}), numbered_store, tmp_path / "run")
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
+# ------------------------------------------------------------------ an eval store of another teacher
+
+def test_eval_cache_of_another_teacher_is_refused(numbered_store, tmp_path):
+    """eval_agreement measured agreement with another teacher than the one distilled, without a word."""
+    other = str(tmp_path / "other-teacher.zarr")
+    kdcache.extract(from_dict({**NUMBERED, "teacher": {"factory": "numbered.py:negated_echo"}}, root=FIXTURES), other)
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "eval_cache": other}
+    with pytest.raises(PipelineError, match=r"train.eval_cache .* was made by another teacher .*weights sha256 [0-9a-f]{12}.*"
+                                            r"[0-9a-f]{12}.*with the same teacher"):
+        kdcache.train(numbered(train=train), numbered_store, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_cache_of_the_training_samples_is_refused_unless_eval_split_names_them(numbered_store, tmp_path):
+    """The training store as train.eval_cache reported eval_agreement 0.99 on the very samples trained on, as an eval metric."""
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "eval_cache": numbered_store}
+    with pytest.raises(PipelineError, match=r"holds the samples the student trains on \(split 'train'.*eval_split = 'train' to measure it on purpose"):
+        kdcache.train(numbered(train=train), numbered_store, tmp_path / "run")
+    result = kdcache.train(numbered(train={**train, "eval_split": "train"}), numbered_store, tmp_path / "run")
+    assert "eval_agreement" in result
