@@ -240,7 +240,7 @@ class TransferSet(IterableDataset):
         items = data.getitems(self.dataset, index.tolist())
         inputs = [data.inputs_of(item) for item in items]
         batch = data.stack(inputs, index.tolist())
-        self._check(rows, index, inputs, batch, columns[layout.FINGERPRINT], check)
+        self._check(rows, columns, items, inputs, batch, check)
         return {
             "rows": torch.from_numpy(rows),
             "index": torch.from_numpy(index),
@@ -249,9 +249,12 @@ class TransferSet(IterableDataset):
             "label": torch.from_numpy(columns[layout.LABEL]) if layout.LABEL in columns else None,
         }
 
-    def _check(self, rows: np.ndarray, index: np.ndarray, inputs: list[Any], batch: Any, stored: np.ndarray, check: Check) -> None:
+    def _check(self, rows: np.ndarray, columns: dict[str, np.ndarray], items: list[Any], inputs: list[Any], batch: Any, check: Check) -> None:
+        """A seeded ``check.fraction`` of the batch's rows: the input's fingerprint, and the label where the store holds
+        labels, against the dataset's item now."""
         if check.fraction <= 0:
             return
+        index, stored = columns[layout.INDEX], columns[layout.FINGERPRINT]
         n = len(rows)
         which = range(n) if check.fraction >= 1 else np.flatnonzero(check.rng.random(n) < check.fraction)
         if not len(which):
@@ -266,6 +269,14 @@ class TransferSet(IterableDataset):
             if seen != int(stored[j]):
                 where = f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r}"
                 raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=hasattr(self.dataset, "__getitems__"))
+        labels = columns.get(layout.LABEL)
+        for j in which if labels is not None else ():
+            label = data.split_item(items[j])[1]
+            if label != int(labels[j]):  # the same input, another label: ce would train on the stored one, eval score the new
+                raise AlignmentError(
+                    f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r} holds label {int(labels[j])} but the "
+                    f"dataset now gives {label}: its labels changed since extraction (another class mapping?); use the dataset the "
+                    "store was made from, or re-extract")
 
     def _check_probes(self, manifest: dict[str, Any]) -> None:
         """The inputs whose fingerprints the manifest records (the dataset's first and last) against the dataset: whatever

@@ -110,3 +110,19 @@ def test_eval_cache_of_the_training_samples_is_refused_unless_eval_split_names_t
         kdcache.train(numbered(train=train), numbered_store, tmp_path / "run")
     result = kdcache.train(numbered(train={**train, "eval_split": "train"}), numbered_store, tmp_path / "run")
     assert "eval_agreement" in result
+
+
+# ------------------------------------------------------------------ labels changed since extraction
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_a_label_changed_since_extraction_is_found_where_the_input_is_checked(numbered_store, budget):
+    """The same input with another label (a new class mapping): ce would train on the stored label while eval_split
+    scores the dataset's. Checked rows compare the label too; an unchecked row is not looked at."""
+    with pytest.raises(AlignmentError, match=r"store row 37 \(dataset index 37\) .* holds label 1 but the dataset now gives 2: its "
+                                             r"labels changed since extraction.*re-extract"):
+        list(transfer(numbered_store, Numbered(N, relabeled=(37,)), memory_budget_mb=budget))
+    every = tuple(range(1, N - 1))  # the first and last items (checked at the start) keep theirs
+    with pytest.raises(AlignmentError, match=r"holds label \d but the dataset now gives \d"):
+        list(transfer(numbered_store, Numbered(N, relabeled=every), fingerprint_check=0.05, memory_budget_mb=budget))
+    served = list(transfer(numbered_store, Numbered(N, relabeled=(37,)), fingerprint_check=0.0, memory_budget_mb=budget))
+    assert sum(len(b["rows"]) for b in served) == N
