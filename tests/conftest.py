@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,12 @@ if str(FIXTURES) not in sys.path:
 
 # Tiny models run fastest on one thread; on a shared 2-core machine more threads spin and crawl.
 torch.set_num_threads(1)
+
+# A test run started in the background without job control (`.ci/run &` in a script) inherits SIGINT ignored, and so
+# would the commands the Ctrl-C tests start, which then run to the end (exit 0). Python's own handler here is the
+# default in a child after exec, where Python installs KeyboardInterrupt again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
