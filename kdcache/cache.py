@@ -133,27 +133,45 @@ class TransferSet(IterableDataset):
 
     # -- serving ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Batches are made (store reads, dataset items, fingerprints, collation) ahead in a thread that
-        # starts now, overlapping the training step: hashing and large copies release the GIL.
-        # The epoch and its check fraction are read here, not in that thread: a later set_epoch
-        # (the next epoch, started early) must not change the batches of this one.
-        return data.Prefetch(self._batches(self.epoch, self.check_fraction()), depth=PREFETCH)
-
-    def _batches(self, epoch: int, fraction: float) -> Iterator[dict[str, Any]]:
+        # The epoch and its check fraction are read now: a later set_epoch (the next epoch, started early while this
+        # one's last is saved) must not change this one's batches. Streaming, the first buffer's read starts now too.
         worker = get_worker_info()
         k, me = (worker.num_workers, worker.id) if worker else (1, 0)
-        check = Check(fraction, np.random.default_rng([self.seed, epoch, 1, me]))
+        epoch = self.epoch
+        check = Check(self.check_fraction(), np.random.default_rng([self.seed, epoch, 1, me]))
         if self.streams > 1:
-            yield from self._stream_steps(epoch, k, me, check)
-            return
-        for i, rows in enumerate(self.plan(epoch)):
-            if i % k != me:
-                continue
-            columns = self._read(rows)
+            return self._stream_steps(epoch, k, me, check)
+        return self._batches(self._read_ahead(rows for i, rows in enumerate(self.plan(epoch)) if i % k == me), check)
+
+    def _batches(self, buffers: Iterator[tuple[np.ndarray, dict[str, np.ndarray]]], check: Check) -> Iterator[dict[str, Any]]:
+        for rows, columns in buffers:
             for lo in range(0, len(rows), self.batch_size):
                 if self.drop_last and lo + self.batch_size > len(rows):
                     break
                 yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check)
+
+    def _read_ahead(self, buffers: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Each buffer's rows with their columns. Streaming, the next buffer's shards are read by a background thread
+        while this one's batches are made (the first read starts at once): whole-shard reads, decoding and an object
+        store's requests wait outside the GIL, and at most two buffers are held. The dataset's items are read and
+        batched here, in the consumer's thread, as a plain training loop reads them: in a thread of their own, Python
+        work competing for the GIL with the training step made a CPU epoch 5-15 % slower than making them in turn."""
+        if self.memory is not None:
+            return ((rows, self._read(rows)) for rows in buffers)
+        buffers = iter(buffers)
+        first = next(buffers, None)
+        if first is None:
+            return iter(())
+        reader = threads.pool("read-ahead", 1)
+
+        def serve(rows: np.ndarray, reading: Any) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+            for following in buffers:
+                ahead = reader.submit(self._read, following)
+                yield rows, reading.result()
+                rows, reading = following, ahead
+            yield rows, reading.result()
+
+        return serve(first, reader.submit(self._read, first))
 
     def _streams(self, sizes: list[int]) -> list[list[tuple[int, int, int]]]:
         """Buffer ``i`` of the plan (``sizes[i]`` rows) goes to stream ``i % streams``; each stream's batches as ``(buffer, lo, hi)``."""
@@ -175,40 +193,46 @@ class TransferSet(IterableDataset):
         steps me, me+k, ..."""
         streams = self._streams(self.buffer_sizes(epoch))
         mine = range(self.streams) if self.stream is None else [self.stream]
-        made = enumerate(self.plan(epoch))
-        held: dict[int, np.ndarray] = {}  # buffers made before their stream's turn (this process's streams only)
+        steps = range(me, max(len(s) for s in streams), k)
+        needed = list(dict.fromkeys(streams[s][j][0] for j in steps for s in mine if j < len(streams[s])))  # buffers, as first used
+        plan = enumerate(self.plan(epoch))
+        made: dict[int, np.ndarray] = {}  # buffers of the plan made before their turn
         first: list[np.ndarray] = []  # the plan's first row
 
-        def make(until: int) -> None:
-            for i, rows in made:  # resumes where the last call stopped
-                if i == 0:
+        def rows_of(i: int) -> np.ndarray:
+            while i not in made:
+                j, rows = next(plan)
+                made[j] = rows
+                if j == 0:
                     first.append(rows[:1])
-                if i % self.streams in mine:
-                    held[i] = rows
-                if i >= until:
-                    return
+            return made.pop(i)
 
+        def first_row() -> np.ndarray:  # a made buffer made the plan's first before it; else none is made or needed
+            return first[0] if first else next(plan)[1][:1]
+
+        reads = self._read_ahead(rows_of(i) for i in needed)
+        return self._join_steps(streams, mine, steps, reads, first_row, check)
+
+    def _join_steps(self, streams: list[list[tuple[int, int, int]]], mine: Any, steps: range,
+                    reads: Iterator[tuple[np.ndarray, dict[str, np.ndarray]]], first_row: Any, check: Check) -> Iterator[dict[str, Any]]:
+        """The steps of ``_stream_steps``, from its buffers read in the order they are first used."""
         current: dict[int, tuple[int, np.ndarray, dict[str, np.ndarray]]] = {}  # stream -> (buffer, its rows, its columns)
         filler: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
-        for j in range(me, max(len(s) for s in streams), k):
+        for j in steps:
             total = sum(s[j][2] - s[j][1] for s in streams if j < len(s))
             parts = []
             for s in mine:
                 if j < len(streams[s]):
                     i, lo, hi = streams[s][j]
                     if current.get(s, (-1,))[0] != i:
-                        if i not in held:
-                            make(i)
-                        rows = held.pop(i)
-                        current[s] = (i, rows, self._read(rows))
+                        current[s] = (i, *next(reads))
                     _, rows, columns = current[s]
                     parts.append((rows[lo:hi], {p: c[lo:hi] for p, c in columns.items()}))
             share = sum(len(r) for r, _ in parts) / total  # of the step's rows; 1 when the streams are joined
             if not parts:
                 if filler is None:
-                    if not first:
-                        make(0)
-                    filler = (first[0], self._read(first[0]))
+                    row = first_row()
+                    filler = (row, self._read(row))
                 parts = [filler]
             rows = np.concatenate([r for r, _ in parts])
             batch = self._batch(rows, {p: np.concatenate([c[p] for _, c in parts]) for p in self.paths}, check)
@@ -272,7 +296,7 @@ class TransferSet(IterableDataset):
         labels = columns.get(layout.LABEL)
         for j in which if labels is not None else ():
             label = data.split_item(items[j])[1]
-            if label != int(labels[j]):  # the same input, another label: ce would train on the stored one, eval score the new
+            if label is not None and label != int(labels[j]):  # the same input, another label: ce trains on the stored one, eval scores this
                 raise AlignmentError(
                     f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r} holds label {int(labels[j])} but the "
                     f"dataset now gives {label}: its labels changed since extraction (another class mapping?); use the dataset the "
@@ -304,7 +328,6 @@ class TransferSet(IterableDataset):
                               "the store was made from, or re-extract")
 
 
-PREFETCH = 2  # batches made ahead of the consumer
 REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
 
 

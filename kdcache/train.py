@@ -105,7 +105,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
                            **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
                 state["epoch"] += 1
                 rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
-                if state["step"] < total_steps:  # its first batches are made while this epoch is saved
+                if state["step"] < total_steps:  # streaming, its first buffer is read while this epoch is saved
                     batches = _start_epoch(transfer, loader, state["epoch"])
                 if rank == 0:
                     _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None, order)
@@ -153,7 +153,7 @@ def _check_finite(means: dict[str, float], state: dict[str, int], out: Path) -> 
 
 
 def _start_epoch(transfer: cache.TransferSet, loader: Any, epoch: int) -> Iterator[dict[str, Any]]:
-    """Set the epoch and start making its batches (a TransferSet or DataLoader iterator starts at once)."""
+    """Set the epoch and start its iterator (streaming, a TransferSet starts reading its first buffer at once)."""
     transfer.set_epoch(epoch)
     return iter(loader)
 
