@@ -1,0 +1,96 @@
+"""Stores received from elsewhere (SHARING.md, safety model): a folder, a ``.zarr.zip`` or an HDF5 export made by
+someone else, or damaged on the way. Opening, checking, packing, importing or printing one must stay within
+the store, bounded, and end in one line, whatever its files are: links out of the folder, special files,
+compressed zip members, HDF5 datasets whose data lives in other files, control characters in its strings.
+
+Commands that would hang or exhaust memory before the fix run in a subprocess with a time and memory limit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kdcache.cli import main
+from kdcache.errors import StoreError
+from kdcache.interop import export_hdf5, import_hdf5, pack
+from kdcache.store import LOGITS, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD = f"{LOGITS}/c/1/0"  # shard 1 of the tiny store's logits (rows 16-31)
+SECRET = b"not-for-the-store " * 40  # 720 bytes; logits are [50, 4] float16: 400 bytes
+
+
+def limited(*args: object, timeout: int = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m kdcache.cli ARGS`` with at most 2 GiB of address space and ``timeout`` seconds."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit, env=env, cwd=ROOT)
+
+
+def copy(tiny_store: str, tmp_path: Path) -> Path:
+    store = tmp_path / "received.zarr"
+    shutil.copytree(tiny_store, store)
+    return store
+
+
+@pytest.mark.parametrize("kind", ["link-to-dev-zero", "fifo"])
+@pytest.mark.parametrize("verb", ["verify", "stats"])
+def test_a_shard_object_that_is_not_a_regular_file_is_named_not_read(tiny_store: str, tmp_path: Path, kind: str, verb: str) -> None:
+    """A shard object that is a link to /dev/zero made verify read until memory ran out (MemoryError traceback under
+    a limit, the OOM killer without); a FIFO made verify and stats wait forever."""
+    store = copy(tiny_store, tmp_path)
+    (store / SHARD).unlink()
+    if kind == "fifo":
+        os.mkfifo(store / SHARD)
+    else:
+        (store / SHARD).symlink_to("/dev/zero")
+    proc = limited(verb, store)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert f"object '{SHARD}' is" in out and ("not a regular file" in out or "outside the store folder" in out), out
+
+
+def test_a_link_out_of_the_store_is_never_read_or_packed(tiny_store: str, tmp_path: Path) -> None:
+    """pack copied the file a link in the store points at (anywhere on the recipient's disk) into the zip it hands on;
+    a shard object that links to a file outside was read as the store's rows."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(SECRET)
+    store = copy(tiny_store, tmp_path)
+    (store / "notes").symlink_to(secret)
+    out = tmp_path / "out.zarr.zip"
+    r = CliRunner().invoke(main, ["pack", str(store), str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "object 'notes' is a link to" in r.output and "outside the store folder" in r.output, r.output
+    assert not out.exists() and not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+    (store / "notes").unlink()
+    other = tmp_path / "elsewhere.bin"
+    other.write_bytes((store / SHARD).read_bytes())  # a valid shard, outside the store
+    (store / SHARD).unlink()
+    (store / SHARD).symlink_to(other)
+    with pytest.raises(StoreError, match=f"object '{SHARD}' is a link to .*outside the store folder"):
+        open_store(str(store)).read(LOGITS, 16, 32)
+
+
+def test_a_link_inside_the_store_and_a_linked_store_folder_still_read(tiny_store: str, tmp_path: Path) -> None:
+    store = copy(tiny_store, tmp_path)
+    moved = store / SHARD.replace("/0", "/moved")
+    (store / SHARD).rename(moved)
+    (store / SHARD).symlink_to(moved)
+    (tmp_path / "link.zarr").symlink_to(store)
+    for location in (store, tmp_path / "link.zarr"):
+        assert np.array_equal(open_store(str(location)).read(LOGITS, 0, 50), open_store(tiny_store).read(LOGITS, 0, 50))
