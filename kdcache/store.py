@@ -935,6 +935,13 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         if not read_only:
             raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
         try:
+            with zipfile.ZipFile(local_path(location)) as z:
+                packed = next((m for m in z.infolist() if m.compress_type != zipfile.ZIP_STORED), None)
+            if packed is not None:  # FORMAT.md §17; a deflated member of a few MB can hold GBs, all read into memory
+                raise StoreError(f"{location!r}: zip member {_short(packed.filename)} is compressed "
+                                 f"({zipfile.compressor_names.get(packed.compress_type, packed.compress_type)}, "
+                                 f"{packed.file_size:,} bytes); a store's zip holds its members stored, as kdcache pack "
+                                 "writes them (the chunks are compressed already): unzip it into a folder and run kdcache pack FOLDER OUT")
             return zarr.storage.ZipStore(local_path(location), mode="r")
         except (OSError, zipfile.BadZipFile) as e:
             raise StoreError(f"{location!r} is not a readable zip file ({e})") from None

@@ -94,3 +94,27 @@ def test_a_link_inside_the_store_and_a_linked_store_folder_still_read(tiny_store
     (tmp_path / "link.zarr").symlink_to(store)
     for location in (store, tmp_path / "link.zarr"):
         assert np.array_equal(open_store(str(location)).read(LOGITS, 0, 50), open_store(tiny_store).read(LOGITS, 0, 50))
+
+
+def test_a_zip_with_compressed_members_is_refused_before_reading(tiny_store: str, tmp_path: Path) -> None:
+    """A 4 MB zip whose shard member deflates to 4 GiB made verify allocate it all (MemoryError traceback under a
+    limit). FORMAT.md §17: members are stored; a compressed one is refused on opening, naming it."""
+    packed = tmp_path / "t.zarr.zip"
+    pack(tiny_store, packed)
+    bomb = tmp_path / "bomb.zarr.zip"
+    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(bomb, "w") as out:
+        for info in src.infolist():
+            if info.filename != SHARD:
+                out.writestr(info, src.read(info))
+                continue
+            member = zipfile.ZipInfo(SHARD)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(member, "w", force_zip64=True) as w:
+                for _ in range(256):
+                    w.write(bytes(2**24))  # 4 GiB of zeros
+    assert bomb.stat().st_size < 8 * 2**20
+    for verb in ("info", "verify", "stats"):
+        proc = limited(verb, bomb)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in out, (verb, out)
+        assert f"member '{SHARD}' is compressed (deflate, 4,294,967,296 bytes)" in out and "kdcache pack" in out, (verb, out)
