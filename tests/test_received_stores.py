@@ -118,3 +118,40 @@ def test_a_zip_with_compressed_members_is_refused_before_reading(tiny_store: str
         out = proc.stdout + proc.stderr
         assert proc.returncode == 1 and "Traceback" not in out, (verb, out)
         assert f"member '{SHARD}' is compressed (deflate, 4,294,967,296 bytes)" in out and "kdcache pack" in out, (verb, out)
+
+
+@pytest.fixture
+def exported(tiny_store: str, tmp_path: Path) -> Path:
+    out = tmp_path / "t.h5"
+    export_hdf5(tiny_store, out, compression="none")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["external-storage", "virtual-dataset", "external-link"])
+def test_import_never_reads_data_from_other_files(exported: Path, tmp_path: Path, kind: str) -> None:
+    """An HDF5 file whose targets/logits keeps its data in another file (external raw storage, a virtual dataset, an
+    external link) was imported: any file of the recipient's (here a secret's bytes) became the store's targets,
+    in a store made to be handed on, and it verified."""
+    import h5py
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as o:
+        o.create_dataset("x", data=np.full((50, 4), 7, "float16"))
+    with h5py.File(exported, "r+") as f:
+        del f[LOGITS]
+        if kind == "external-storage":
+            f.create_dataset(LOGITS, shape=(50, 4), dtype="float16", external=[(str(secret), 0, 400)])
+        elif kind == "virtual-dataset":
+            layout = h5py.VirtualLayout(shape=(50, 4), dtype="float16")
+            layout[:] = h5py.VirtualSource(str(other), "x", shape=(50, 4))
+            f.create_virtual_dataset(LOGITS, layout)
+        else:
+            f[LOGITS] = h5py.ExternalLink(str(other), "/x")
+    store = tmp_path / "imported.zarr"
+    with pytest.raises(StoreError, match=f"dataset '{LOGITS}' keeps its data in another file"):
+        import_hdf5(exported, str(store))
+    assert not store.exists()
+    r = CliRunner().invoke(main, ["import", str(exported), str(store)])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "re-export" in r.output and not store.exists(), r.output
