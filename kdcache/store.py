@@ -1459,6 +1459,13 @@ def _bounded(value: Any, limit: int = 1000, depth: int = 6) -> Any:
     return value
 
 
+def printable(line: str) -> str:
+    """``line`` with every character that is not printable escaped (``\\x1b``, ``\\n``): a store's strings (teacher
+    class, layer names) come from whoever made it, and an escape sequence or a line break printed raw would reach the
+    terminal (set its title, clear it, add a line that is not kdcache's)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
 def _get(d: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]

@@ -155,3 +155,23 @@ def test_import_never_reads_data_from_other_files(exported: Path, tmp_path: Path
     assert not store.exists()
     r = CliRunner().invoke(main, ["import", str(exported), str(store)])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "re-export" in r.output and not store.exists(), r.output
+
+
+def test_info_prints_no_terminal_control_characters(tiny_store: str, tmp_path: Path) -> None:
+    """A manifest string with escape sequences (set the window title, clear the screen, colour a fake line) reached
+    the terminal raw through kdcache info; they are shown escaped."""
+    import json
+
+    store = copy(tiny_store, tmp_path)
+    meta = json.loads((store / "zarr.json").read_text())
+    evil = "Net\x1b]0;owned\x07\x1b[2J\x1b[32m\nverified: every check holds\x1b[0m\r"
+    meta["attributes"]["kdcache"]["teacher"]["class"] = evil
+    meta["attributes"]["kdcache"]["dataset"]["split"] = "train\x1b[1A"
+    (store / "zarr.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(main, ["info", str(store)])
+    assert r.exit_code == 0, r.output
+    assert not any(ord(c) < 32 and c != "\n" or 127 <= ord(c) < 160 for c in r.output), repr(r.output)
+    assert len(r.output.splitlines()) == len(CliRunner().invoke(main, ["info", tiny_store]).output.splitlines())  # no line added
+    assert "Net\\x1b]0;owned\\x07\\x1b[2J" in r.output, r.output
+    r = CliRunner().invoke(main, ["info", str(store), "--json"])
+    assert json.loads(r.output)["teacher"]["class"] == evil  # JSON escapes them itself, and keeps the value
