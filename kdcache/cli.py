@@ -405,6 +405,8 @@ def _size(n: int | None) -> str:
 
 
 def _info_text(i: dict[str, Any]) -> str:
+    from kdcache.store import printable  # a store's strings, escaped: they come from whoever made it
+
     t, d = i["teacher"], i["dataset"]
     lines = [
         f"store       {i['location']}  (format {i['format']} v{i['format_version']}, kdcache {i['kdcache_version']})",
@@ -419,7 +421,7 @@ def _info_text(i: dict[str, Any]) -> str:
     ]
     for name, tgt in i["targets"].items():
         lines.append(f"  {name:<24} {tgt['path']:<32} {str(tuple(tgt['shape'])):<20} {tgt['dtype']}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _dry_run_text(r: dict[str, Any]) -> str:

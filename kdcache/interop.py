@@ -161,6 +161,11 @@ def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layo
             seen = ("missing" if ds is None else "a group, not a dataset" if not isinstance(ds, h5py.Dataset)
                     else f"{tuple(ds.shape)} {ds.dtype}")
             raise StoreError(f"{source!r}: dataset {path!r} is {seen}, the manifest says {shape} {dtype}; {fix}")
+        elsewhere = ("an external link to " + repr(ds.file.filename) if ds.file.filename != f.filename
+                     else "a virtual dataset" if ds.is_virtual else "external storage" if ds.external else None)
+        if elsewhere:  # an import would copy another file's bytes (any file of the recipient's) into the store
+            raise StoreError(f"{source!r}: dataset {path!r} keeps its data in another file ({elsewhere}); kdcache import reads "
+                             f"only data stored in the file itself: {fix}")
         plist = ds.id.get_create_plist()
         for i in range(plist.get_nfilters()):
             code, _, _, name = plist.get_filter(i)

@@ -109,4 +109,4 @@ def stats_text(s: dict[str, Any]) -> str:
         lines.append("per class   " + "  ".join(f"{c}: {pct(v['accuracy'])} (n={v['count']})" for c, v in list(s["per_class"].items())[:50]))
     for name, v in s["layers"].items():
         lines.append(f"layer       {name:<24} mean {v['mean']:.4g}  std {v['std']:.4g}")
-    return "\n".join(lines)
+    return "\n".join(layout.printable(line) for line in lines)

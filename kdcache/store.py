@@ -16,6 +16,7 @@ import math
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import zipfile
@@ -255,6 +256,8 @@ class Store:
             try:
                 with zarr.config.set({"array.write_empty_chunks": True}):
                     node = self.group[path]
+            except StoreError:
+                raise
             except (KeyError, FileNotFoundError):
                 raise StoreError(f"{self.location!r} is missing the array {path!r} its manifest lists (deleted, or an incomplete copy); "
                                  f"kdcache verify {self.location} lists what is damaged; re-extract or copy the store again") from None
@@ -560,7 +563,9 @@ class Store:
 
         try:
             raw = self.raw_object(self.shard_key(path, shard))
-        except StoreError:  # raw_object's only refusal: a zip member whose bytes fail the zip's CRC-32
+        except StoreError as e:  # a zip member whose bytes fail the zip's CRC-32, or a local object that is not read
+            if location_kind(self.location) == "local":
+                return [f"shard {shard}: {e}"]
             return [f"shard {shard} object {self.shard_key(path, shard)!r} is a corrupted zip member (its bytes fail the zip's CRC-32)"]
         if not raw:
             return [f"shard {shard} object {self.shard_key(path, shard)!r} is {'missing' if raw is None else 'empty'}"]
@@ -780,8 +785,10 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     rows = min(array.shards[0], array.shape[0] - start)
     count = -(-rows // chunk)  # inner chunks holding rows; those past the array's end are never written
     if raw is None:
+        file = _shard_file(array, shard)
+        local_object(array.store.root, file.relative_to(array.store.root).as_posix())  # never a link out, a FIFO or a device
         try:
-            raw = np.fromfile(_shard_file(array, shard), dtype=np.uint8)
+            raw = np.fromfile(file, dtype=np.uint8)
         except OSError:
             return None
     slots = array.shards[0] // chunk
@@ -834,6 +841,44 @@ def _direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | N
     return (zstd,)
 
 
+class _LocalStore(zarr.storage.LocalStore):
+    """zarr's local folder store, reading only regular files inside the folder (``local_object``): a store received
+    from elsewhere may hold a link to any file of the recipient's (which ``pack`` would copy into the zip it hands on),
+    to ``/dev/zero`` (a read that never ends), or a FIFO (a read that waits forever)."""
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        local_object(self.root, key)
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            local_object(self.root, key)
+        return await super().get_partial_values(prototype, key_ranges)
+
+
+def local_object(root: str | os.PathLike[str], key: str) -> Path:
+    """The file of the object ``key`` of the local store folder ``root``, once it is found to be a regular file inside
+    the folder (or absent: read as missing). A link to a file elsewhere, or a special file (a FIFO, a device, a
+    socket), is a StoreError naming it: nothing of it is read."""
+    path = Path(root, *key.split("/"))
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return path
+    if stat.S_ISDIR(mode):
+        return path  # not an object: zarr reads it as absent
+    real, folder = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, folder]) != folder:
+        why = f"is a link to {_short(real)}, outside the store folder"
+    elif not stat.S_ISREG(mode):
+        why = f"is not a regular file (it leads to {'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'} {_short(real)})"
+    else:
+        return path
+    raise StoreError(f"{str(root)!r} is unsafe to read: object {_short(key)} {why}; kdcache reads only regular files inside a "
+                     "store folder: replace it with the object's own file, or copy the store again from its source")
+
+
 def _shard_file(array: zarr.Array, shard: int) -> Path:
     key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
     return Path(array.store.root, array.path, *key.split("/"))
@@ -847,6 +892,8 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     target = zarr_store(location, storage_options, read_only=mode == "r")
     try:
         group = zarr.open_group(target, mode=mode, zarr_format=3)
+    except StoreError:
+        raise
     except (FileNotFoundError, *BAD_METADATA) as e:
         raise StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None
@@ -888,13 +935,20 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         if not read_only:
             raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
         try:
+            with zipfile.ZipFile(local_path(location)) as z:
+                packed = next((m for m in z.infolist() if m.compress_type != zipfile.ZIP_STORED), None)
+            if packed is not None:  # FORMAT.md §17; a deflated member of a few MB can hold GBs, all read into memory
+                raise StoreError(f"{location!r}: zip member {_short(packed.filename)} is compressed "
+                                 f"({zipfile.compressor_names.get(packed.compress_type, packed.compress_type)}, "
+                                 f"{packed.file_size:,} bytes); a store's zip holds its members stored, as kdcache pack "
+                                 "writes them (the chunks are compressed already): unzip it into a folder and run kdcache pack FOLDER OUT")
             return zarr.storage.ZipStore(local_path(location), mode="r")
         except (OSError, zipfile.BadZipFile) as e:
             raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
     if kind == "local":
         if storage_options:
             raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
-        return zarr.storage.LocalStore(local_path(location), read_only=read_only)
+        return _LocalStore(local_path(location), read_only=read_only)
     if "::" in location and not read_only:  # zip::s3://..., zip::https://...: a zip is write-once
         raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
     if kind == "http" and not read_only:
@@ -1403,6 +1457,13 @@ def _bounded(value: Any, limit: int = 1000, depth: int = 6) -> Any:
     if isinstance(value, list):
         return [_bounded(v, limit, depth - 1) for v in value[:100]] + ([f"... {len(value) - 100} more"] if len(value) > 100 else [])
     return value
+
+
+def printable(line: str) -> str:
+    """``line`` with every character that is not printable escaped (``\\x1b``, ``\\n``): a store's strings (teacher
+    class, layer names) come from whoever made it, and an escape sequence or a line break printed raw would reach the
+    terminal (set its title, clear it, add a line that is not kdcache's)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

@@ -1,0 +1,177 @@
+"""Stores received from elsewhere (SHARING.md, safety model): a folder, a ``.zarr.zip`` or an HDF5 export made by
+someone else, or damaged on the way. Opening, checking, packing, importing or printing one must stay within
+the store, bounded, and end in one line, whatever its files are: links out of the folder, special files,
+compressed zip members, HDF5 datasets whose data lives in other files, control characters in its strings.
+
+Commands that would hang or exhaust memory before the fix run in a subprocess with a time and memory limit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kdcache.cli import main
+from kdcache.errors import StoreError
+from kdcache.interop import export_hdf5, import_hdf5, pack
+from kdcache.store import LOGITS, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD = f"{LOGITS}/c/1/0"  # shard 1 of the tiny store's logits (rows 16-31)
+SECRET = b"not-for-the-store " * 40  # 720 bytes; logits are [50, 4] float16: 400 bytes
+
+
+def limited(*args: object, timeout: int = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m kdcache.cli ARGS`` with at most 2 GiB of address space and ``timeout`` seconds."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit, env=env, cwd=ROOT)
+
+
+def copy(tiny_store: str, tmp_path: Path) -> Path:
+    store = tmp_path / "received.zarr"
+    shutil.copytree(tiny_store, store)
+    return store
+
+
+@pytest.mark.parametrize("kind", ["link-to-dev-zero", "fifo"])
+@pytest.mark.parametrize("verb", ["verify", "stats"])
+def test_a_shard_object_that_is_not_a_regular_file_is_named_not_read(tiny_store: str, tmp_path: Path, kind: str, verb: str) -> None:
+    """A shard object that is a link to /dev/zero made verify read until memory ran out (MemoryError traceback under
+    a limit, the OOM killer without); a FIFO made verify and stats wait forever."""
+    store = copy(tiny_store, tmp_path)
+    (store / SHARD).unlink()
+    if kind == "fifo":
+        os.mkfifo(store / SHARD)
+    else:
+        (store / SHARD).symlink_to("/dev/zero")
+    proc = limited(verb, store)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert f"object '{SHARD}' is" in out and ("not a regular file" in out or "outside the store folder" in out), out
+
+
+def test_a_link_out_of_the_store_is_never_read_or_packed(tiny_store: str, tmp_path: Path) -> None:
+    """pack copied the file a link in the store points at (anywhere on the recipient's disk) into the zip it hands on;
+    a shard object that links to a file outside was read as the store's rows."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(SECRET)
+    store = copy(tiny_store, tmp_path)
+    (store / "notes").symlink_to(secret)
+    out = tmp_path / "out.zarr.zip"
+    r = CliRunner().invoke(main, ["pack", str(store), str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "object 'notes' is a link to" in r.output and "outside the store folder" in r.output, r.output
+    assert not out.exists() and not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+    (store / "notes").unlink()
+    other = tmp_path / "elsewhere.bin"
+    other.write_bytes((store / SHARD).read_bytes())  # a valid shard, outside the store
+    (store / SHARD).unlink()
+    (store / SHARD).symlink_to(other)
+    with pytest.raises(StoreError, match=f"object '{SHARD}' is a link to .*outside the store folder"):
+        open_store(str(store)).read(LOGITS, 16, 32)
+
+
+def test_a_link_inside_the_store_and_a_linked_store_folder_still_read(tiny_store: str, tmp_path: Path) -> None:
+    store = copy(tiny_store, tmp_path)
+    moved = store / SHARD.replace("/0", "/moved")
+    (store / SHARD).rename(moved)
+    (store / SHARD).symlink_to(moved)
+    (tmp_path / "link.zarr").symlink_to(store)
+    for location in (store, tmp_path / "link.zarr"):
+        assert np.array_equal(open_store(str(location)).read(LOGITS, 0, 50), open_store(tiny_store).read(LOGITS, 0, 50))
+
+
+def test_a_zip_with_compressed_members_is_refused_before_reading(tiny_store: str, tmp_path: Path) -> None:
+    """A 4 MB zip whose shard member deflates to 4 GiB made verify allocate it all (MemoryError traceback under a
+    limit). FORMAT.md §17: members are stored; a compressed one is refused on opening, naming it."""
+    packed = tmp_path / "t.zarr.zip"
+    pack(tiny_store, packed)
+    bomb = tmp_path / "bomb.zarr.zip"
+    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(bomb, "w") as out:
+        for info in src.infolist():
+            if info.filename != SHARD:
+                out.writestr(info, src.read(info))
+                continue
+            member = zipfile.ZipInfo(SHARD)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(member, "w", force_zip64=True) as w:
+                for _ in range(256):
+                    w.write(bytes(2**24))  # 4 GiB of zeros
+    assert bomb.stat().st_size < 8 * 2**20
+    for verb in ("info", "verify", "stats"):
+        proc = limited(verb, bomb)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in out, (verb, out)
+        assert f"member '{SHARD}' is compressed (deflate, 4,294,967,296 bytes)" in out and "kdcache pack" in out, (verb, out)
+
+
+@pytest.fixture
+def exported(tiny_store: str, tmp_path: Path) -> Path:
+    out = tmp_path / "t.h5"
+    export_hdf5(tiny_store, out, compression="none")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["external-storage", "virtual-dataset", "external-link"])
+def test_import_never_reads_data_from_other_files(exported: Path, tmp_path: Path, kind: str) -> None:
+    """An HDF5 file whose targets/logits keeps its data in another file (external raw storage, a virtual dataset, an
+    external link) was imported: any file of the recipient's (here a secret's bytes) became the store's targets,
+    in a store made to be handed on, and it verified."""
+    import h5py
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as o:
+        o.create_dataset("x", data=np.full((50, 4), 7, "float16"))
+    with h5py.File(exported, "r+") as f:
+        del f[LOGITS]
+        if kind == "external-storage":
+            f.create_dataset(LOGITS, shape=(50, 4), dtype="float16", external=[(str(secret), 0, 400)])
+        elif kind == "virtual-dataset":
+            layout = h5py.VirtualLayout(shape=(50, 4), dtype="float16")
+            layout[:] = h5py.VirtualSource(str(other), "x", shape=(50, 4))
+            f.create_virtual_dataset(LOGITS, layout)
+        else:
+            f[LOGITS] = h5py.ExternalLink(str(other), "/x")
+    store = tmp_path / "imported.zarr"
+    with pytest.raises(StoreError, match=f"dataset '{LOGITS}' keeps its data in another file"):
+        import_hdf5(exported, str(store))
+    assert not store.exists()
+    r = CliRunner().invoke(main, ["import", str(exported), str(store)])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "re-export" in r.output and not store.exists(), r.output
+
+
+def test_info_prints_no_terminal_control_characters(tiny_store: str, tmp_path: Path) -> None:
+    """A manifest string with escape sequences (set the window title, clear the screen, colour a fake line) reached
+    the terminal raw through kdcache info; they are shown escaped."""
+    import json
+
+    store = copy(tiny_store, tmp_path)
+    meta = json.loads((store / "zarr.json").read_text())
+    evil = "Net\x1b]0;owned\x07\x1b[2J\x1b[32m\nverified: every check holds\x1b[0m\r"
+    meta["attributes"]["kdcache"]["teacher"]["class"] = evil
+    meta["attributes"]["kdcache"]["dataset"]["split"] = "train\x1b[1A"
+    (store / "zarr.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(main, ["info", str(store)])
+    assert r.exit_code == 0, r.output
+    assert not any(ord(c) < 32 and c != "\n" or 127 <= ord(c) < 160 for c in r.output), repr(r.output)
+    assert len(r.output.splitlines()) == len(CliRunner().invoke(main, ["info", tiny_store]).output.splitlines())  # no line added
+    assert "Net\\x1b]0;owned\\x07\\x1b[2J" in r.output, r.output
+    r = CliRunner().invoke(main, ["info", str(store), "--json"])
+    assert json.loads(r.output)["teacher"]["class"] == evil  # JSON escapes them itself, and keeps the value
