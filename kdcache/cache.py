@@ -154,8 +154,9 @@ class TransferSet(IterableDataset):
         """Each buffer's rows with their columns. Streaming, the next buffer's shards are read by a background thread
         while this one's batches are made (the first read starts at once): whole-shard reads, decoding and an object
         store's requests wait outside the GIL, and at most two buffers are held. The dataset's items are read and
-        batched here, in the consumer's thread, as a plain training loop reads them: in a thread of their own, Python
-        work competing for the GIL with the training step made a CPU epoch 5-15 % slower than making them in turn."""
+        batched here, in the consumer's thread, as a plain training loop reads them: in a thread of their own, their
+        Python work competes for the GIL with the training step's (on a 2-core CPU no faster than in turn, and up to
+        15 % slower when the machine was busy; benchmarks/RESULTS.md)."""
         if self.memory is not None:
             return ((rows, self._read(rows)) for rows in buffers)
         buffers = iter(buffers)
@@ -260,14 +261,14 @@ class TransferSet(IterableDataset):
         return out
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
-        index = columns[layout.INDEX]
-        items = data.getitems(self.dataset, index.tolist())
+        index = columns[layout.INDEX].tolist()
+        items = data.getitems(self.dataset, index)
         inputs = [data.inputs_of(item) for item in items]
-        batch = data.stack(inputs, index.tolist())
+        batch = data.stack(inputs, index)
         self._check(rows, columns, items, inputs, batch, check)
         return {
             "rows": torch.from_numpy(rows),
-            "index": torch.from_numpy(index),
+            "index": torch.from_numpy(columns[layout.INDEX]),
             "inputs": batch,
             "targets": {p: torch.from_numpy(np.ascontiguousarray(c)) for p, c in columns.items() if p.startswith("targets/")},
             "label": torch.from_numpy(columns[layout.LABEL]) if layout.LABEL in columns else None,

@@ -230,17 +230,22 @@ class Run:
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}
         if w.kl:
-            parts["kl"] = w.kl * losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature)
+            parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature))
         if w.mse:
-            parts["mse"] = w.mse * losses.logit_mse(logits, targets[layout.LOGITS])
+            parts["mse"] = _weighted(w.mse, losses.logit_mse(logits, targets[layout.LOGITS]))
         if w.ce:
             _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
-            parts["ce"] = w.ce * losses.cross_entropy(logits, batch["label"].to(self.device))
+            parts["ce"] = _weighted(w.ce, losses.cross_entropy(logits, batch["label"].to(self.device)))
         for path, (module, weight, selector) in self.features.items():
             feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
-            head = self.heads[_key(path)] if _key(path) in self.heads else torch.nn.Identity()
-            parts[f"feat:{layout.layer_name(path)}"] = weight * losses.feature_mse(head(feat), targets[path])
+            if _key(path) in self.heads:
+                feat = self.heads[_key(path)](feat)
+            parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feat, targets[path]))
         return parts
+
+
+def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
+    return loss if weight == 1 else weight * loss  # a weight of 1 adds no op to each step's graph
 
 
 def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device) -> Run:
