@@ -133,15 +133,18 @@ class TransferSet(IterableDataset):
 
     # -- serving ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Batches (dataset items, fingerprints, collation) are made ahead by a thread that starts now, overlapping the
+        # training step where cores are free; streaming, the store's buffers are read one ahead of those by another.
         # The epoch and its check fraction are read now: a later set_epoch (the next epoch, started early while this
-        # one's last is saved) must not change this one's batches. Streaming, the first buffer's read starts now too.
+        # one's last is saved) must not change this one's batches.
         worker = get_worker_info()
         k, me = (worker.num_workers, worker.id) if worker else (1, 0)
         epoch = self.epoch
         check = Check(self.check_fraction(), np.random.default_rng([self.seed, epoch, 1, me]))
         if self.streams > 1:
-            return self._stream_steps(epoch, k, me, check)
-        return self._batches(self._read_ahead(rows for i, rows in enumerate(self.plan(epoch)) if i % k == me), check)
+            return data.Prefetch(self._stream_steps(epoch, k, me, check), depth=PREFETCH)
+        reads = self._read_ahead(rows for i, rows in enumerate(self.plan(epoch)) if i % k == me)
+        return data.Prefetch(self._batches(reads, check), depth=PREFETCH)
 
     def _batches(self, buffers: Iterator[tuple[np.ndarray, dict[str, np.ndarray]]], check: Check) -> Iterator[dict[str, Any]]:
         for rows, columns in buffers:
@@ -151,12 +154,10 @@ class TransferSet(IterableDataset):
                 yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check)
 
     def _read_ahead(self, buffers: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Each buffer's rows with their columns. Streaming, the next buffer's shards are read by a background thread
+        """Each buffer's rows with their columns. Streaming, the next buffer's shards are read by a thread of their own
         while this one's batches are made (the first read starts at once): whole-shard reads, decoding and an object
-        store's requests wait outside the GIL, and at most two buffers are held. The dataset's items are read and
-        batched here, in the consumer's thread, as a plain training loop reads them: in a thread of their own, their
-        Python work competes for the GIL with the training step's (on a 2-core CPU no faster than in turn, and up to
-        15 % slower when the machine was busy; benchmarks/RESULTS.md)."""
+        store's requests wait outside the GIL, and overlap all of a buffer's batches, not only the last few made ahead.
+        At most two buffers are held."""
         if self.memory is not None:
             return ((rows, self._read(rows)) for rows in buffers)
         buffers = iter(buffers)
@@ -329,6 +330,7 @@ class TransferSet(IterableDataset):
                               "the store was made from, or re-extract")
 
 
+PREFETCH = 2  # batches made ahead of the consumer
 REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
 
 

@@ -8,6 +8,8 @@ code. Hashing runs in DataLoader workers, in parallel with the model.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -269,6 +271,65 @@ class ShardBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return sum(-(-(min((s + 1) * self.rows, self.n) - s * self.rows) // self.batch_size) for s in self.shards)
+
+
+class Prefetch:
+    """``items`` made ``depth`` ahead by a background thread that starts at once, so the first items are
+    ready before they are asked for (``train`` starts an epoch's batches while it saves the last epoch).
+
+    Errors re-raise in the consumer. ``close()``, or dropping the iterator, stops the thread at its next
+    hand-off; the thread holds no reference to this object, so dropping it is enough.
+    """
+
+    def __init__(self, items: Iterator[Any], depth: int):
+        self._buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        threading.Thread(target=_produce, args=(items, self._buffer, self._stop), name="kdcache-prefetch", daemon=True).start()
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        item, error = self._buffer.get()
+        if item is _DONE:
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._finished = True
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+_DONE = object()  # the producer's last entry: (_DONE, None) or (_DONE, the error it raised)
+
+
+def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Event) -> None:
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        """Hand one entry over unless the consumer has stopped (then never block)."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in items:
+            if not put((item, None)):
+                return
+        put((_DONE, None))
+    except BaseException as e:  # handed to the consumer
+        put((_DONE, e))
 
 
 def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> Any:

@@ -7,6 +7,8 @@ so one wrong pairing anywhere shows up as a number in the wrong place.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import re
 import shutil
 import threading
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import store as layout
 from kdcache.cache import Check, ShardGroups, TransferSet, done_rows
+from kdcache.data import Prefetch
 from kdcache.errors import AlignmentError, StoreError
 from numbered import Numbered
 
@@ -427,33 +430,17 @@ def wait_for(condition, seconds: float = 10) -> None:
 
 
 def test_streaming_reads_the_next_buffer_while_this_one_is_served(numbered_store):
-    """One buffer is read ahead, in a background thread, from the moment the epoch's iterator is made (its first buffer
-    while the last epoch is saved); never more than one: at most two buffers are held."""
+    """The store's buffers are read in a thread of their own from the moment the epoch's iterator is made (the first
+    while the last epoch is saved), one ahead of the buffer batches are being made from: nothing asked for, batches
+    0-2 are made ahead (buffers 0 and 1) and buffer 2 is read, no more."""
     ts = transfer(numbered_store, memory_budget_mb=0, buffer_shards=1)  # 7 buffers of one shard (16 rows, 2 batches each)
     log = reads_logged(ts)
     it = iter(ts)
-    wait_for(lambda: len(log) == 1)  # before any batch is asked for
-    first = next(it)
-    wait_for(lambda: len(log) == 2)
-    time.sleep(0.2)
-    assert len(log) == 2 and all(name.startswith("kdcache-read-ahead") for _, name in log)
-    rest = list(it)
-    assert len(log) == 7 and sorted(r for b in [first, *rest] for r in b["rows"].tolist()) == list(range(N))
-
-
-def test_the_dataset_is_read_in_the_consumer_s_thread(numbered_store):
-    """Items are read, batched and checked where the batches are asked for, as in a plain training loop: in a thread of
-    their own their Python work competed with the training step for the GIL (slower CPU epochs)."""
-    seen: set[str] = set()
-
-    class Watched(Numbered):
-        def __getitem__(self, i):
-            seen.add(threading.current_thread().name)
-            return super().__getitem__(i)
-
-    for budget in (2048.0, 0.0):
-        assert sum(len(b["rows"]) for b in transfer(numbered_store, Watched(N), memory_budget_mb=budget)) == N
-    assert seen == {threading.current_thread().name}
+    wait_for(lambda: len(log) == 3)
+    time.sleep(0.3)
+    assert len(log) == 3 and all(name.startswith("kdcache-read-ahead") for _, name in log)
+    batches = list(it)
+    assert len(log) == 7 and sorted(r for b in batches for r in b["rows"].tolist()) == list(range(N))
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -462,6 +449,56 @@ def test_a_failed_buffer_read_is_raised_where_the_batches_are_asked_for(numbered
     reads_logged(ts, fail_at=3)
     with pytest.raises(StoreError, match="read 3 failed"):
         list(ts)
+
+
+def test_prefetch_serves_in_order_then_reraises_the_producers_error():
+    def items():
+        yield from range(5)
+        raise ValueError("boom at 5")
+
+    it = Prefetch(items(), depth=2)
+    assert [next(it) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="boom at 5"):
+        next(it)
+    assert list(it) == []  # finished: no hang on a second look
+
+
+def test_prefetch_starts_making_items_before_the_first_is_asked_for():
+    made = threading.Event()
+
+    def items():
+        made.set()
+        yield 1
+
+    it = Prefetch(items(), depth=2)
+    assert made.wait(10)
+    assert list(it) == [1]
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_prefetch_stops_its_thread_when_closed_or_dropped(how):
+    count = itertools.count()
+
+    def endless():
+        while True:
+            yield next(count)
+
+    before = {t for t in threading.enumerate() if t.name == "kdcache-prefetch"}
+    it = Prefetch(endless(), depth=2)
+    assert next(it) == 0
+    if how == "close":
+        it.close()
+        assert list(it) == []
+    else:
+        del it
+        gc.collect()
+    deadline = time.monotonic() + 10
+    while {t for t in threading.enumerate() if t.name == "kdcache-prefetch"} - before:
+        assert time.monotonic() < deadline, "the prefetch thread still runs"
+        time.sleep(0.02)
+    made = next(count)
+    time.sleep(0.3)
+    assert next(count) == made + 1  # nothing consumes the generator any more
 
 
 def test_in_memory_the_batch_order_does_not_depend_on_the_dataloader_workers(numbered_store):
