@@ -51,6 +51,7 @@ DONE = "progress/done"  # [num_shards] bool, chunk 1: shard s fully written
 MAX_SHARD_ROWS = 16384
 ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard being written
 MIN_SHARD_ROWS = 16
+MAX_SHARDS = 2**24  # a store of more shards is refused (16,777,216: 2.7e11 rows at MAX_SHARD_ROWS)
 
 # What zarr raises on metadata that parses as JSON but not as zarr metadata: ``[]`` as a zarr.json gives a
 # TypeError, ``"x"`` an AttributeError, a missing field a KeyError or ValueError (zarr's MetadataValidationError).
@@ -125,7 +126,11 @@ def plan_geometry(
     }
     if rows_per_shard > 0:  # a chunk must divide the shard
         chunks = {path: math.gcd(rows, c) for path, c in chunks.items()}
-    return {"rows_per_shard": rows, "num_shards": max(1, math.ceil(num_samples / rows)), "chunk_rows": chunks}
+    shards = max(1, math.ceil(num_samples / rows))
+    if shards > MAX_SHARDS:
+        raise PipelineError(f"extract.rows_per_shard = {rows} makes {shards:,} shards of {num_samples:,} samples, more than a store may "
+                            f"have ({MAX_SHARDS:,}); raise extract.rows_per_shard, or set it to 0 to let kdcache choose")
+    return {"rows_per_shard": rows, "num_shards": shards, "chunk_rows": chunks}
 
 
 def _pow2_floor(x: float) -> int:
@@ -1410,6 +1415,8 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     n, rows, shards = integer("num_samples", 1), integer("geometry.rows_per_shard", 1), integer("geometry.num_shards", 1)
     if shards != max(1, math.ceil(n / rows)):
         raise bad("geometry.num_shards", shards, f"ceil({n} / {rows})")
+    if shards > MAX_SHARDS:  # one done marker each, read whole: 2**30 of them would take every byte of memory
+        raise bad("geometry.num_shards", shards, f"at most {MAX_SHARDS} (a store that large has larger shards)")
     if not isinstance(m.get("has_labels"), bool):
         raise bad("has_labels", m.get("has_labels"), "true or false")
     for key in ("teacher", "dataset"):

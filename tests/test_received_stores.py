@@ -175,3 +175,35 @@ def test_info_prints_no_terminal_control_characters(tiny_store: str, tmp_path: P
     assert "Net\\x1b]0;owned\\x07\\x1b[2J" in r.output, r.output
     r = CliRunner().invoke(main, ["info", str(store), "--json"])
     assert json.loads(r.output)["teacher"]["class"] == evil  # JSON escapes them itself, and keeps the value
+
+
+def test_a_store_claiming_billions_of_shards_is_refused_before_they_are_counted(tiny_store, tmp_path):
+    """A manifest (and array metadata, made to agree) claiming 2**34 samples in 16-row shards: reading its 2**30 done
+    markers took every byte of memory (a MemoryError traceback under a 2 GiB limit). More shards than any store has
+    is a damaged manifest, named before anything is read."""
+    import json
+
+    store = copy(tiny_store, tmp_path)
+    n, shards = 2**34, 2**30
+    for meta in store.rglob("zarr.json"):
+        doc = json.loads(meta.read_text())
+        if doc.get("node_type") == "array":
+            doc["shape"][0] = shards if meta.parent.name == "done" else n
+        elif meta.parent == store:
+            k = doc["attributes"]["kdcache"]
+            k["num_samples"], k["dataset"]["length"] = n, n
+            k["geometry"]["rows_per_shard"], k["geometry"]["num_shards"] = 16, shards
+        meta.write_text(json.dumps(doc))
+    for command in ("info", "verify"):
+        r = limited(command, store, timeout=120)
+        output = r.stdout + r.stderr  # info: an Error line; verify: its FAIL line, then NOT verified
+        assert r.returncode == 1 and "Traceback" not in output, output[-2000:]
+        assert "damaged manifest: geometry.num_shards = 1073741824, expected at most 16777216" in output, output
+    from kdcache.errors import PipelineError
+    from kdcache.store import MAX_SHARDS, plan_geometry
+
+    # A store kdcache would write itself never has that many: extract refuses a rows_per_shard that would make them.
+    assert plan_geometry(16 * MAX_SHARDS, {LOGITS: 40}, rows_per_shard=16)["num_shards"] == MAX_SHARDS
+    with pytest.raises(PipelineError, match=r"extract.rows_per_shard = 16 makes 16,777,217 shards .* raise extract.rows_per_shard"):
+        plan_geometry(16 * MAX_SHARDS + 1, {LOGITS: 40}, rows_per_shard=16)
+    assert plan_geometry(16384 * MAX_SHARDS, {LOGITS: 40})["num_shards"] <= MAX_SHARDS  # kdcache's own choice stays under
