@@ -209,7 +209,7 @@ class TransferSet(IterableDataset):
                     first.append(rows[:1])
             return made.pop(i)
 
-        def first_row() -> np.ndarray:  # a made buffer made the plan's first before it; else none is made or needed
+        def first_row() -> np.ndarray:  # buffers are made in plan order: once any is, the first was; if none is, none is needed
             return first[0] if first else next(plan)[1][:1]
 
         reads = self._read_ahead(rows_of(i) for i in needed)
