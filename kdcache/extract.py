@@ -199,7 +199,7 @@ def setup(pipeline: Pipeline) -> Run:
     if unknown:
         raise PipelineError(f"{pipeline.source}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
     run.probe = {
-        "fingerprints": {str(i): f"{data.fingerprint(data.split_item(dataset[i])[0]):016x}" for i in sorted({0, n - 1})},
+        "fingerprints": {str(i): f"{data.item_fingerprint(dataset, i):016x}" for i in sorted({0, n - 1})},
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
     _check_item_zero(dataset, int(batch["fingerprint"][0]), int(run.probe["fingerprints"]["0"], 16))
