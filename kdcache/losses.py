@@ -29,6 +29,8 @@ __all__ = [
     "MapHead",
     "LinearHead",
     "PooledLinearHead",
+    "MapToTokensHead",
+    "TokensToMapHead",
 ]
 
 
@@ -263,11 +265,63 @@ class PooledLinearHead(nn.Module):
         return f"description={self.description!r}"
 
 
+def _token_grid(tokens: int, like: tuple[int, int]) -> tuple[int, int] | None:
+    """The (rows, columns) patch grid of ``tokens`` tokens in row-major order: the map's own ``like`` when it has that
+    many positions, else a square; None when neither fits (a class token left in, a non-square grid)."""
+    if like[0] * like[1] == tokens:
+        return like
+    side = math.isqrt(tokens)
+    return (side, side) if side * side == tokens else None
+
+
+class MapToTokensHead(nn.Module):
+    """(B, C, H, W) -> (B, T, D), a CNN student's map onto a ViT teacher's patch tokens: ``MapHead`` onto the teacher's
+    patch grid (``T = H·W`` as it is, else a square ``√T × √T``) with D channels, then the grid read out row-major as
+    tokens, the order a ViT's patch embedding (``Conv2d`` then ``flatten(2).transpose(1, 2)``) gives them."""
+
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int], grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.student_shape = tuple(student_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        self.map = MapHead(student_shape, (teacher_shape[1], *grid))
+        self.description = " + ".join([*filter(None, [self.map.description]), f"{grid[0]}x{grid[1]} grid as {teacher_shape[0]} tokens"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, T, D)."""
+        _check_input(x, self.student_shape, self.description)
+        return self.map(x).flatten(2).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"description={self.description!r}"
+
+
+class TokensToMapHead(nn.Module):
+    """(B, T, D) -> (B, C, H, W), a ViT student's patch tokens onto a CNN teacher's map: the tokens laid out row-major
+    on their patch grid (``T = H·W`` of the teacher's map as it is, else a square ``√T × √T``) as a D-channel map,
+    then ``MapHead`` onto the teacher's shape."""
+
+    def __init__(self, student_shape: tuple[int, int], teacher_shape: tuple[int, int, int], grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.student_shape = tuple(student_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        self.grid = grid
+        self.map = MapHead((student_shape[1], *grid), teacher_shape)
+        self.description = " + ".join([f"{student_shape[0]} tokens as a {grid[0]}x{grid[1]} grid", *filter(None, [self.map.description])])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, C, H, W)."""
+        _check_input(x, self.student_shape, self.description)
+        return self.map(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.grid))
+
+    def extra_repr(self) -> str:
+        return f"description={self.description!r}"
+
+
 # How to fix an unsupported pair, by the teacher's rank (the teacher target is the fixed side).
 _FIX_BY_TEACHER_RANK = {
     1: "hook a student layer whose output is a (C, H, W) map or a (D,) vector",
-    2: "hook a student layer whose output is a (T, D) token sequence with the teacher's T",
-    3: "hook a student layer whose output is a (C, H, W) map",
+    2: "hook a student layer whose output is a (T, D) token sequence with the teacher's T, or a (C, H, W) map",
+    3: "hook a student layer whose output is a (C, H, W) map or (T, D) patch tokens",
 }
 
 
@@ -288,6 +342,8 @@ def projection_head(
         - (C, H, W) -> (C', H', W'): ``MapHead``
         - (D,) -> (D',) and (T, D) -> (T, D'): ``LinearHead``
         - (C, H, W) -> (D,): ``PooledLinearHead``
+        - (C, H, W) -> (T, D): ``MapToTokensHead``; (T, D) -> (C, H, W): ``TokensToMapHead`` (T patch tokens on a
+          grid: the map's H·W, else a square)
 
     Raises:
         ShapeMismatchError: for any other pair (e.g. vector -> map, token counts
@@ -317,6 +373,19 @@ def projection_head(
         return LinearHead(student_shape, teacher_shape)
     if ranks == (3, 1):
         return PooledLinearHead(student_shape, teacher_shape)
+    if ranks in ((3, 2), (2, 3)):
+        (tokens, _), (_, h, w) = (teacher_shape, student_shape) if ranks == (3, 2) else (student_shape, teacher_shape)
+        grid = _token_grid(tokens, (h, w))
+        if grid is None:
+            side, fix = (("teacher's", "extract the teacher's patch tokens alone ([targets.select] step \"1:\" drops a leading class token)")
+                         if ranks == (3, 2) else ("student's", "select the student's patch tokens alone (train.features select step \"1:\" drops a leading class token)"))
+            raise ShapeMismatchError(
+                f"{label}: no projection from student shape {student_shape} to teacher shape {teacher_shape}: the {side} "
+                f"{tokens} tokens are neither the map's {h}x{w} positions nor a square patch grid; {fix}"
+            )
+        if ranks == (3, 2):
+            return MapToTokensHead(student_shape, teacher_shape, grid)
+        return TokensToMapHead(student_shape, teacher_shape, grid)
     fix = _FIX_BY_TEACHER_RANK.get(
         len(teacher_shape),
         "capture a teacher layer whose output is a (C, H, W) map, a (D,) vector or a (T, D) token sequence",

@@ -6,13 +6,16 @@ Which part of a structured output is kept (``select``):
   object (e.g. a Hugging Face ``ModelOutput``) gives the first of ``logits``, ``pooler_output``,
   ``last_hidden_state`` that is present. Applied again until a tensor is reached.
 - otherwise a dotted path of indices and names, e.g. ``"1"``, ``"hidden_states.3"``,
-  ``"last_hidden_state"``, set per target in the pipeline's ``[targets.select]`` table.
+  ``"last_hidden_state"``, set per target in the pipeline's ``[targets.select]`` table. On a tensor a
+  step works on each sample's first axis (the one after the batch axis): an index (``"last_hidden_state.0"``,
+  a ViT's class token), a slice (``"last_hidden_state.1:"``, its patch tokens) or ``mean`` (mean-pooled tokens).
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
@@ -92,15 +95,49 @@ def _get(value: Any, key: str) -> Any:
 
 
 def _step(value: Any, step: str, label: str, setting: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _tensor_step(value, step, label, setting)
     if isinstance(value, tuple | list) and step.lstrip("-").isdigit() and -len(value) <= int(step) < len(value):
         return value[int(step)]
-    found = None if isinstance(value, tuple | list | torch.Tensor) else _get(value, step)
+    found = None if isinstance(value, tuple | list) else _get(value, step)
     if found is None:
         raise TargetError(
             f"{label}: output of type {type(value).__name__} has no element {step!r}; "
             f"fix {setting} (e.g. \"0\", \"logits\", \"last_hidden_state\")"
         )
     return found
+
+
+_SLICE = re.compile(r"(-?\d*):(-?\d*)")
+
+
+def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
+    """``step`` applied to each sample of a batch ``value``: an index or a slice of the sample's first axis, or ``mean``
+    over it. The result keeps the batch axis."""
+    per_sample = tuple(value.shape[1:])
+    if not per_sample:
+        raise TargetError(f"{label}: the output is one value per sample (a tensor of shape {tuple(value.shape)}), "
+                          f"which step {step!r} cannot index; fix {setting} (drop the step)")
+    axis = per_sample[0]
+    if step == "mean":
+        return value.mean(dim=1) if value.is_floating_point() else value.float().mean(dim=1)
+    if step.lstrip("-").isdigit():
+        if not -axis <= int(step) < axis:
+            raise TargetError(f"{label}: index {step} is outside the {axis} entries of the sample's first axis (per-sample "
+                              f"shape {list(per_sample)}); fix {setting} (an index from {-axis} to {axis - 1})")
+        return value[:, int(step)]
+    sliced = _SLICE.fullmatch(step)
+    if sliced:
+        start, stop = (int(b) if b else None for b in sliced.groups())
+        part = value[:, start:stop]
+        if part.shape[1] == 0:
+            raise TargetError(f"{label}: slice {step!r} of the sample's first axis ({axis} entries, per-sample shape "
+                              f"{list(per_sample)}) is empty; fix {setting}")
+        return part
+    raise TargetError(
+        f"{label}: output of type Tensor (per-sample shape {list(per_sample)}) has no element {step!r}; fix {setting}: "
+        f"on a tensor a step is an index of the sample's first axis (\"0\"), a slice (\"1:\") or \"mean\""
+    )
 
 
 def check_layers(model: torch.nn.Module, layers: tuple[str, ...], what: str = "teacher") -> None:

@@ -59,7 +59,7 @@ def test_a_feature_can_select_the_student_module_s_element_as_the_teacher_s_was(
     with torch.no_grad():
         h = run.student.blocks[0]["ln"](run.student.patch(batch["inputs"]).flatten(2).transpose(1, 2))
         weights = run.student.blocks[0]["attn"](h, h, h)[1]
-    want = torch.nn.functional.mse_loss(weights, batch["targets"]["targets/layers/blocks.1.attn"])
+    want = torch.nn.functional.mse_loss(weights, batch["targets"][PATH])
     torch.testing.assert_close(parts["feat:blocks.1.attn"].detach(), want)
 
 
@@ -118,3 +118,100 @@ def test_eval_accuracy_of_a_per_token_student_is_refused_before_training(tmp_pat
     with pytest.raises(PipelineError, match=r"train.eval_split = 'test': eval_accuracy .* shape \[1, 16, 5\] for one sample"):
         kdcache.train(p, store.location, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------ ViT tokens: class token, patch tokens, CNN <-> ViT
+
+
+PATH = layout.layer_path("blocks.1.attn")
+
+
+def attention_output(model: torch.nn.Module, module: str, x: torch.Tensor) -> torch.Tensor:
+    """Element 0 of ``module``'s output in a forward pass of ``model`` on ``x``, captured by a hook of our own."""
+    seen = []
+    handle = dict(model.named_modules())[module].register_forward_hook(lambda _m, _i, out: seen.append(out[0].detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("select, part", [("0.0", lambda a: a[:, 0]), ("0.1:", lambda a: a[:, 1:]), ("0.-1", lambda a: a[:, -1]),
+                                          ("0.mean", lambda a: a.mean(1)), ("0.1:5.mean", lambda a: a[:, 1:5].mean(1))],
+                         ids=["class-token", "patch-tokens", "last-token", "mean", "slice-then-mean"])
+def test_a_select_step_on_a_tensor_stores_that_part_of_every_sample(tmp_path, select, part):
+    """``[targets.select]`` steps past the tuple index work on each sample's first axis: ViT's class token ``0``, its patch
+    tokens ``1:``, mean-pooled tokens ``mean``; the teacher's (B, 17, 32) attention output stored as selected, row for row."""
+    p = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select})
+    store = extracted(p, tmp_path)
+    expected = part(attention_output(architectures.vit_teacher(), "blocks.1.attn", architectures.images().x))
+    assert store.targets["blocks.1.attn"].shape == tuple(expected.shape[1:])
+    assert store.targets["blocks.1.attn"].select == select
+    torch.testing.assert_close(torch.from_numpy(store.read(PATH, 0, 20)), expected)
+
+
+@pytest.mark.parametrize("select, match", [
+    ("0.17", r"index 17 is outside the 17 entries of the sample's first axis \(per-sample shape \[17, 32\]\).*from -17 to 16"),
+    ("0.-18", r"index -18 is outside the 17 entries"),
+    ("0.20:", r"slice '20:' of the sample's first axis \(17 entries.*is empty"),
+    ("0.0.0.0", r"the output is one value per sample \(a tensor of shape \(8,\)\), which step '0' cannot index"),
+    ("0.cls", r"output of type Tensor \(per-sample shape \[17, 32\]\) has no element 'cls'.*an index.*a slice.*\"mean\""),
+    ("0.1:2:3", r"output of type Tensor .* has no element '1:2:3'"),
+])
+def test_a_select_step_a_tensor_cannot_take_is_named_before_a_store_exists(tmp_path, select, match):
+    p = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select})
+    with pytest.raises(TargetError, match=rf"target 'blocks.1.attn': (?=.*\[targets.select\] 'blocks.1.attn'){match}"):
+        kdcache.extract(p, str(tmp_path / "teacher.zarr"))
+    assert not (tmp_path / "teacher.zarr").exists()
+
+
+def feature_loss(p: kdcache.Pipeline, store: layout.Store, path: str) -> tuple:
+    """The run's one projection head, its feature loss for ``path`` on the first batch, the batch's stored target, the run
+    and the batch."""
+    torch.manual_seed(0)
+    run = setup(p, store, architectures.images(), torch.device("cpu"))
+    batch = batch_of(store, run.paths)
+    return run.heads[next(iter(run.heads))], run.losses(batch)[f"feat:{layout.layer_name(path)}"], batch["targets"][path], run, batch
+
+
+@pytest.mark.parametrize("select, description, reference", [
+    ("0.1:", "1x1 conv 8->32 + 4x4 grid as 16 tokens",
+     lambda head, fmap: torch.stack([head.map.conv(fmap)[:, :, t // 4, t % 4] for t in range(16)], dim=1)),
+    ("0.0", "global avg pool 4x4 + linear 8->32", lambda head, fmap: head.linear(fmap.mean((2, 3)))),
+], ids=["patch-tokens", "class-token"])
+def test_a_cnn_student_learns_a_vit_teacher_s_tokens(tmp_path, select, description, reference):
+    """The teacher's 16 patch tokens (class token dropped with ``1:``) are a 4x4 grid: the CNN student's (8, 4, 4) map is
+    projected to 32 channels and read out row-major, token t = cell (t // 4, t % 4), as the teacher's patch embedding made
+    them. Its class token (``0``) is a (32,) vector, learned through the pooling head."""
+    p = pipeline(teacher="vit_teacher", student="cnn_student", layers=("blocks.1.attn",), select={"blocks.1.attn": select},
+                 loss={"kl": 0}, features={"blocks.1.attn": {"student": "features"}})
+    store = extracted(p, tmp_path)
+    head, loss, target, run, batch = feature_loss(p, store, PATH)
+    assert head.description == description
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(reference(head, run.student.features(batch["inputs"])), target)
+    torch.testing.assert_close(loss.detach(), want)
+    result = kdcache.train(p, store.location, tmp_path / "run")
+    assert result["loss_feat:blocks.1.attn"] > 0
+    saved = torch.load(tmp_path / "run" / "heads.pt", weights_only=True)
+    assert {key.split(".", 1)[1] for key in saved} == set(head.state_dict())
+
+
+def test_a_vit_student_s_patch_tokens_learn_a_cnn_teacher_s_map(tmp_path):
+    """The other way: the student's 17 tokens, class token dropped with its own ``select``, laid on a 4x4 grid and
+    projected to the teacher's 24 channels. Without the select its 17 tokens fit no grid: named, with the fix."""
+    features = {"features": {"student": "blocks.0.attn", "select": "0.1:"}}
+    p = pipeline(teacher="cnn_teacher", student="vit_student", layers=("features",), loss={"kl": 0}, features=features)
+    store = extracted(p, tmp_path)
+    head, loss, target, run, batch = feature_loss(p, store, layout.layer_path("features"))
+    assert head.description == "16 tokens as a 4x4 grid + 1x1 conv 16->24"
+    tokens = attention_output(run.student, "blocks.0.attn", batch["inputs"])[:, 1:]  # (8, 16, 16)
+    with torch.no_grad():
+        grid = torch.stack([torch.stack([tokens[:, r * 4 + c] for c in range(4)], dim=-1) for r in range(4)], dim=-2)  # (8, 16, 4, 4)
+        want = torch.nn.functional.mse_loss(head.map.conv(grid), target)
+    torch.testing.assert_close(loss.detach(), want)
+    unselected = pipeline(teacher="cnn_teacher", student="vit_student", layers=("features",), loss={"kl": 0},
+                          features={"features": {"student": "blocks.0.attn"}})
+    with pytest.raises(ShapeMismatchError, match=r"target 'features'.*student shape \(17, 16\).*student's 17 tokens are neither "
+                                                 r"the map's 4x4 positions nor a square patch grid.*select step \"1:\""):
+        setup(unselected, store, architectures.images(), torch.device("cpu"))

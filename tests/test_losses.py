@@ -199,6 +199,11 @@ def test_top1_agreement() -> None:
         ((16,), (24,), "linear 16->24"),
         ((5, 16), (5, 24), "linear 16->24 per token (T=5)"),
         ((8, 4, 4), (10,), "global avg pool 4x4 + linear 8->10"),
+        ((8, 4, 4), (16, 12), "1x1 conv 8->12 + 4x4 grid as 16 tokens"),
+        ((8, 3, 4), (12, 8), "3x4 grid as 12 tokens"),  # the map's own positions, not a square
+        ((8, 28, 28), (196, 12), "1x1 conv 8->12 + adaptive avg pool 28x28->14x14 + 14x14 grid as 196 tokens"),
+        ((16, 6), (8, 4, 4), "16 tokens as a 4x4 grid + 1x1 conv 6->8"),
+        ((16, 6), (8, 8, 8), "16 tokens as a 4x4 grid + 1x1 conv 6->8 + interpolate 4x4->8x8"),
     ],
 )
 def test_projection_head_shapes(student: tuple[int, ...], teacher: tuple[int, ...], description: str) -> None:
@@ -233,7 +238,9 @@ def test_projection_head_resampling_modes() -> None:
         ((2, 8, 4, 4), (8, 4, 4), r"\(C, H, W\) map"),
         ((8, 4, 4), (2, 8, 4, 4), "teacher layer whose output is"),
         ((5, 16), (24,), r"\(C, H, W\) map or a \(D,\) vector"),
-        ((8, 4, 4), (5, 16), r"\(T, D\) token sequence"),
+        ((8, 4, 4), (5, 16), r"teacher's 5 tokens are neither the map's 4x4 positions nor a square patch grid.*\"1:\" drops a leading class token"),
+        ((197, 16), (8, 14, 14), r"student's 197 tokens are neither the map's 14x14 positions.*train.features select step \"1:\""),
+        ((8,), (16, 4), r"\(T, D\) token sequence with the teacher's T, or a \(C, H, W\) map"),
     ],
 )
 def test_projection_head_unsupported_pairs(
@@ -242,6 +249,22 @@ def test_projection_head_unsupported_pairs(
     shapes = rf"student shape {re.escape(str(student))} to teacher shape {re.escape(str(teacher))}"
     with pytest.raises(ShapeMismatchError, match=rf"target 'blk\.4'.*{shapes}.*{fix}"):
         projection_head(student, teacher, name="blk.4")
+
+
+def test_map_and_token_heads_lay_tokens_row_major_on_the_patch_grid() -> None:
+    """Token t of a ViT patch embedding (``Conv2d`` then ``flatten(2).transpose(1, 2)``) is grid cell (t // W, t % W):
+    the heads must pair a map's cell with that token, not with its transpose's."""
+    x = torch.randn(2, 6, 3, 4)  # channels as the tokens' dimension: no 1x1 conv, no resampling
+    tokens = projection_head((6, 3, 4), (12, 6))(x)
+    for t in range(12):
+        torch.testing.assert_close(tokens[:, t], x[:, :, t // 4, t % 4])
+    torch.testing.assert_close(tokens, x.flatten(2).transpose(1, 2))
+    back = projection_head((12, 6), (6, 3, 4))(tokens)
+    torch.testing.assert_close(back, x)
+    square = projection_head((16, 6), (6, 8, 8))  # 16 tokens on a 4x4 grid, then interpolated to 8x8
+    grid = torch.randn(2, 6, 4, 4)
+    ref = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(square(grid.flatten(2).transpose(1, 2)), ref)
 
 
 def test_projection_head_token_count_mismatch() -> None:
@@ -260,7 +283,8 @@ def test_projection_head_rejects_wrong_input_shape() -> None:
         head(torch.randn(2, 15))
 
 
-@pytest.mark.parametrize(("student", "teacher"), [((4, 3, 3), (6, 5, 5)), ((5,), (7,)), ((2, 5), (2, 7)), ((4, 3, 3), (7,))])
+@pytest.mark.parametrize(("student", "teacher"), [((4, 3, 3), (6, 5, 5)), ((5,), (7,)), ((2, 5), (2, 7)), ((4, 3, 3), (7,)),
+                                                   ((4, 3, 3), (9, 7)), ((9, 7), (4, 3, 3))])
 def test_projection_head_deterministic_and_saveable(student: tuple[int, ...], teacher: tuple[int, ...]) -> None:
     torch.manual_seed(123)
     a = projection_head(student, teacher)
