@@ -25,6 +25,14 @@ class StoreError(KdcacheError, ValueError):
     """A store is missing, unreadable, of an unknown format, or not what was asked for."""
 
 
+class DamagedShardError(StoreError):
+    """A done shard of a store reads back wrong; ``problem`` says how (``"does not decode (...)"``)."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = problem
+
+
 class StoreMismatchError(StoreError):
     """An existing store was made from a different teacher, dataset, target set or geometry."""
 

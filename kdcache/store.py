@@ -30,7 +30,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import PipelineError, StoreError, StoreMismatchError, one_line, write_fix
+from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, one_line, write_fix
 
 try:
     import fcntl
@@ -259,7 +259,7 @@ class Store:
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
             try:
-                with zarr.config.set({"array.write_empty_chunks": True}):
+                with zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
                     node = self.group[path]
             except StoreError:
                 raise
@@ -504,10 +504,10 @@ class Store:
                 "although the shard is marked done"
                 for (path, s), key, problem in zip(pairs, keys, self._object_problems(keys)) if problem]
 
-    def _damaged(self, path: str, shard: int, problem: str) -> StoreError:
+    def _damaged(self, path: str, shard: int, problem: str) -> DamagedShardError:
         lo, hi = self.shard_rows(shard)
-        return StoreError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
-                          f"kdcache verify {self.location} lists every damaged chunk; re-extract the store or copy it again")
+        return DamagedShardError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
+                                 f"kdcache verify {self.location} lists every damaged chunk; re-extract the store or copy it again", problem)
 
     def iter_blocks(self, shards: list[int] | None = None) -> Iterator[tuple[int, int]]:
         """Aligned ``(start, stop)`` row ranges of whole inner chunks, shard by shard."""
@@ -801,7 +801,6 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     if len(raw) < tail or crc32c(raw[-tail:-4].tobytes()) != int(raw[-4:].view("<u4")[0]):
         return None
     index = raw[-tail:-4].view("<u8").reshape(slots, 2)
-    decode = __import__("numcodecs").Zstd().decode if zstd else None
     out = np.empty((count * chunk, *array.shape[1:]), dtype=array.dtype)
     size = out[:chunk].nbytes
     for i in range(count):
@@ -812,18 +811,15 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
         if crc32c(body) != int(raw[offset + length - 4 : offset + length].view("<u4")[0]):
             return None
         target = out[i * chunk : (i + 1) * chunk].reshape(-1).view(np.uint8)
-        if decode is None:
+        if zstd is None:
             if len(body) != size:
                 return None
             target[:] = body
         else:
             try:
-                plain = np.frombuffer(decode(body), dtype=np.uint8)  # into ``out=`` a short body would leave garbage
-            except Exception:  # noqa: BLE001 - a body that does not decompress: zarr names it
+                decode_zstd(body, target)
+            except Exception:  # noqa: BLE001 - a body that does not decompress to the chunk: zarr names it
                 return None
-            if len(plain) != size:
-                return None
-            target[:] = plain
     return out[:rows]
 
 
@@ -844,6 +840,44 @@ def _direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | N
             and codec.index_location.value == "end" and array.metadata.chunk_key_encoding.name == "default"):
         return None
     return (zstd,)
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def decode_zstd(body: Any, out: np.ndarray) -> np.ndarray:
+    """One inner chunk's zstd bytes decoded into ``out`` (uint8, the chunk's size), never into more memory: a frame
+    that declares (or, without a declared size, yields) another size raises ValueError/RuntimeError. Without the
+    bound, numcodecs allocates what the frame declares: 32 KB of a received store's chunk decode to 1 GiB, and a
+    few MB to more than the machine's memory (a compression bomb; the chunk's crc32c covers the compressed bytes)."""
+    body = memoryview(body).cast("B")
+    if len(body) >= 5 and body[:4] == ZSTD_MAGIC:  # RFC 8878 §3.1.1: the frame header's Frame_Content_Size
+        descriptor = body[4]
+        single = descriptor >> 5 & 1  # no Window_Descriptor byte; a size flag of 0 then means a one-byte size
+        width = (single, 2, 4, 8)[descriptor >> 6]
+        at = 5 + (1 - single) + (0, 1, 2, 4)[descriptor & 3]  # after the Window_Descriptor and Dictionary_ID
+        if width and len(body) >= at + width:
+            declared = int.from_bytes(body[at : at + width], "little") + (256 if width == 2 else 0)
+            if declared != len(out):
+                raise ValueError(f"its zstd frame declares {declared:,} bytes where the inner chunk holds {len(out):,}")
+    return __import__("numcodecs").Zstd().decode(body, out=out)  # numcodecs refuses more than ``out`` holds, unallocated
+
+
+class BoundedZstdCodec(ZstdCodec):
+    """zarr's ``zstd`` codec whose decode is ``decode_zstd``'s, bounded by the chunk's size; the same encoding. Every
+    array of a store is opened with it (``Store.array``): a chunk zarr decodes (a remote or zipped store's, a damaged
+    one's, ``verify``'s) is never decompressed past the size its array declares."""
+
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        native = chunk_spec.dtype.to_native_dtype()
+        if native.kind not in "biufc":  # no fixed size per element (kdcache stores have none)
+            return super()._decode_sync(chunk_bytes, chunk_spec)
+        out = np.empty(math.prod(chunk_spec.shape) * native.itemsize, np.uint8)
+        return chunk_spec.prototype.buffer.from_array_like(decode_zstd(chunk_bytes.as_numpy_array(), out))
+
+
+_BOUNDED_ZSTD = f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"
+zarr.registry.register_codec("zstd", BoundedZstdCodec)  # chosen only where Store.array sets codecs.zstd to it
 
 
 class _LocalStore(zarr.storage.LocalStore):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import store as layout
-from kdcache.errors import StoreError
+from kdcache.errors import DamagedShardError, StoreError, one_line
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
 
@@ -139,7 +139,8 @@ def _contents(store: layout.Store) -> list[Check]:
             try:
                 block = store.read(path, start, stop)
             except Exception as e:  # noqa: BLE001 - any decode failure is a finding to name, not a crash
-                values.fail(f"{path}: shard {shard} (rows {start}-{stop - 1}) does not decode: {type(e).__name__}: {str(e)[:200]}")
+                problem = e.problem if isinstance(e, DamagedShardError) else f"does not decode: {type(e).__name__}: {one_line(e, 200)}"
+                values.fail(f"{path}: shard {shard} (rows {start}-{stop - 1}) {problem}")
                 continue
             if path == layout.INDEX:
                 wrong = np.flatnonzero(block != np.arange(start, stop))

@@ -207,3 +207,84 @@ def test_a_store_claiming_billions_of_shards_is_refused_before_they_are_counted(
     with pytest.raises(PipelineError, match=r"extract.rows_per_shard = 16 makes 16,777,217 shards .* raise extract.rows_per_shard"):
         plan_geometry(16 * MAX_SHARDS + 1, {LOGITS: 40}, rows_per_shard=16)
     assert plan_geometry(16384 * MAX_SHARDS, {LOGITS: 40})["num_shards"] <= MAX_SHARDS  # kdcache's own choice stays under
+
+
+def zstd_bomb(size: int) -> bytes:
+    """A valid zstd frame of ``size`` zero bytes that declares its size: RLE blocks of 128 KiB, 4 bytes each (1 GiB in 32 KB)."""
+    blocks, left = [], size
+    while left:
+        n = min(1 << 17, left)
+        left -= n
+        blocks.append((int(left == 0) | 1 << 1 | n << 3).to_bytes(3, "little") + b"\0")  # last?, RLE, size; the byte
+    return b"\x28\xb5\x2f\xfd\xe0" + size.to_bytes(8, "little") + b"".join(blocks)  # 8-byte size, single segment
+
+
+def with_chunk(raw: bytes, slots: int, i: int, body: bytes) -> bytes:
+    """A shard object (FORMAT.md §3.1) whose inner chunk ``i`` holds ``body``, every checksum made to agree: what a sender
+    who wants the recipient's reader to decompress ``body`` writes."""
+    from google_crc32c import value as crc32c
+
+    tail = slots * 16 + 4
+    index = np.frombuffer(raw[-tail:-4], "<u8").reshape(slots, 2).copy()
+    chunks = [None if length == 2**64 - 1 else raw[offset : offset + length] for offset, length in index]
+    chunks[i] = body + crc32c(body).to_bytes(4, "little")
+    out = b""
+    for j, chunk in enumerate(chunks):
+        if chunk is not None:
+            index[j] = (len(out), len(chunk))
+            out += chunk
+    return out + index.tobytes() + crc32c(index.tobytes()).to_bytes(4, "little")
+
+
+def bombed(tiny_store: str, tmp_path: Path, size: int) -> Path:
+    """A copy of the tiny store whose logits shard 1 has a first inner chunk that decompresses to ``size`` bytes."""
+    import json
+
+    store = copy(tiny_store, tmp_path)
+    meta = json.loads((store / LOGITS / "zarr.json").read_text())
+    slots = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // meta["codecs"][0]["configuration"]["chunk_shape"][0]
+    (store / SHARD).write_bytes(with_chunk((store / SHARD).read_bytes(), slots, 0, zstd_bomb(size)))
+    return store
+
+
+def test_a_compression_bomb_in_a_checksum_valid_chunk_is_refused_without_decompressing_it(tiny_store, tmp_path):
+    """32 KB of a received store's chunk (its crc32c made to agree) that decompress to 1 GiB: every read allocated the
+    gigabyte (the direct reader and then zarr's, twice), and a few MB of such chunks took more than the machine's memory
+    before the size mismatch was seen. Decoding is bounded by the chunk's size: named as damage, nothing allocated."""
+    import tracemalloc
+
+    import numcodecs
+
+    assert len(numcodecs.Zstd().decode(zstd_bomb(3 << 17))) == 3 << 17  # the frame is valid zstd
+    store = open_store(str(bombed(tiny_store, tmp_path, 2**30)))
+    np.testing.assert_array_equal(store.read(LOGITS, 0, 16), open_store(tiny_store).read(LOGITS, 0, 16))  # other shards read
+    tracemalloc.start()
+    try:
+        for start, stop in ((16, 32), (20, 24)):  # the direct reader's whole shard, zarr's rows
+            with pytest.raises(StoreError, match=r"shard 1 of targets/logits \(rows 16-31\).* does not decode \(ValueError: 'its zstd "
+                                                 r"frame declares 1,073,741,824 bytes where the inner chunk holds \d+"):
+                store.read(LOGITS, start, stop)
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "zip"])
+def test_verify_and_train_of_a_store_with_a_compression_bomb_end_in_one_line(tiny_store, tmp_path, packed):
+    """8 GiB declared in 256 KB, under a 2 GiB memory limit: verify names the shard (a MemoryError or an OOM kill before),
+    a zipped copy too (read through zarr, not the direct reader), and train stops on one line."""
+    store = bombed(tiny_store, tmp_path, 2**33)
+    if packed:
+        with zipfile.ZipFile(tmp_path / "bomb.zarr.zip", "w") as z:  # as pack writes it (pack itself refuses damage)
+            for f in sorted(store.rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(store).as_posix())
+        store = tmp_path / "bomb.zarr.zip"
+    r = limited("verify", store, timeout=120)
+    output = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in output and "NOT verified" in output, output[-2000:]
+    assert "its zstd frame declares 8,589,934,592 bytes" in output, output
+    r = limited("train", ROOT / "tests" / "fixtures" / "tiny.toml", "--cache", store, "--out", tmp_path / "run", timeout=180)
+    output = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in output, output[-2000:]
+    assert output.strip().splitlines()[-1].startswith("Error: ") and "8,589,934,592 bytes" in output, output[-2000:]
