@@ -10,7 +10,7 @@ Public API (the CLI is thin glue over these):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 from kdcache.errors import KdcacheError
 from kdcache.extract import dry_run, extract

@@ -47,6 +47,7 @@ LABEL = "samples/label"  # [N] int64: the dataset's label, when it has one
 LOGITS = "targets/logits"  # [N, ...] the model's output
 LAYERS = "targets/layers/"  # + encoded module name: [N, ...] a hooked module's output
 DONE = "progress/done"  # [num_shards] bool, chunk 1: shard s fully written
+DIGEST = "progress/digest"  # [num_shards, data arrays] uint32, chunk 1 shard: shard_digest of each array's rows
 
 MAX_SHARD_ROWS = 16384
 ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard being written
@@ -182,6 +183,9 @@ class Store:
         self._check_groups()
         self._arrays: dict[str, zarr.Array] = {}
         self._done: np.ndarray | None = None  # read() of a read-only store: done() read once
+        self._digests: np.ndarray | None = None  # and digests() after it (a shard's digest is written before its marker)
+        self._digested: bool | None = None  # whether the store has progress/digest (stores written before it have none)
+        self._digest_columns: dict[str, int] | None = None
         self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
 
     def _check_groups(self) -> None:
@@ -312,6 +316,46 @@ class Store:
             raise self._damaged_markers()
         return done
 
+    def digest_paths(self) -> list[str]:
+        """The data arrays in the order of ``progress/digest``'s columns: sorted."""
+        return sorted(self.paths())
+
+    def has_digests(self) -> bool:
+        if self._digested is None:
+            self._digested = self.raw_object(f"{DIGEST}/zarr.json") is not None
+        return self._digested
+
+    def digests(self) -> np.ndarray | None:
+        """``[num_shards, arrays]`` uint32: each done shard's ``shard_digest`` per data array (columns:
+        ``digest_paths()``), 0 where none was recorded; None for a store written before digests existed."""
+        if not self.has_digests():
+            return None
+        array = self.array(DIGEST)
+        want = (self.num_shards, len(self.paths()))
+        if tuple(array.shape) != want or array.dtype != np.dtype("uint32"):
+            raise self._bad_metadata(DIGEST, f"it says {list(array.shape)} {array.dtype}, expected {list(want)} uint32")
+        try:
+            return np.asarray(array[:])
+        except Exception as e:  # noqa: BLE001 - a digest object that does not decode
+            if _transport(e):
+                raise self._unreadable(DIGEST, 0, self.num_shards, e) from None
+            raise StoreError(f"{self.location!r} is damaged: {DIGEST} does not decode ({type(e).__name__}: {_short(str(e))}); "
+                             f"run kdcache verify {self.location}, or re-extract the store") from None
+
+    def digest_problem(self, path: str, shard: int, rows: np.ndarray) -> str | None:
+        """What is wrong with done shard ``shard``'s ``rows`` of ``path``, read whole, by the digest its writer recorded
+        (None: they match, or none was recorded): a shard object swapped with another of the array, or copied in from
+        another store of the same layout, has valid checksums but other rows."""
+        if self._digests is None:  # none recorded, or not loaded: read() loads them with the done markers, for readers
+            return None
+        if self._digest_columns is None:
+            self._digest_columns = {p: i for i, p in enumerate(self.digest_paths())}
+        recorded = int(self._digests[shard, self._digest_columns[path]])
+        if recorded and shard_digest(path, shard, [rows]) != recorded:
+            return ("holds other rows than its writer wrote there (their digest is not the one recorded in progress/digest: "
+                    "a shard object swapped with another, or copied from another store)")
+        return None
+
     def _damaged_markers(self) -> StoreError:
         """The done markers that are not one byte 0 or 1, named.
 
@@ -349,13 +393,18 @@ class Store:
         start, stop = self.shard_rows(shard)
         missing = set(self.paths()) - set(arrays)
         assert not missing, f"shard {shard} lacks {sorted(missing)}"
+        digests = {}
         try:
             for path, data in arrays.items():
                 pieces = data if isinstance(data, list) else [data]
                 assert sum(len(p) for p in pieces) == stop - start, (path, [len(p) for p in pieces], start, stop)
+                digests[path] = shard_digest(path, shard, pieces)
                 self._remove_stale_temps(self.shard_key(path, shard))  # a shard has one writer: its temps are dead
                 if not _write_whole_shard(self.array(path), shard, pieces):
                     self.array(path)[start:stop] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            if self.has_digests():  # after the data, before the marker (FORMAT.md §7.1)
+                self._remove_stale_temps(f"{DIGEST}/c/{shard}/0")
+                self.array(DIGEST)[shard] = np.array([digests[p] for p in self.digest_paths()], dtype=np.uint32)
             self._remove_stale_temps(f"{DONE}/c/{shard}")
             self.array(DONE)[shard] = True
         except OSError as e:
@@ -393,13 +442,26 @@ class Store:
                 raise self._write_error("the manifest", e) from None
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, path: str, start: int, stop: int) -> np.ndarray:
+    def read(self, path: str, start: int, stop: int, *, digests: bool = True) -> np.ndarray:
         """Rows ``start:stop`` of an array. A damaged done shard is a StoreError naming it, never zeros: its object
-        missing or empty (zarr alone would read the fill value), or bytes that do not decode (checksum, truncation)."""
+        missing or empty (zarr alone would read the fill value), bytes that do not decode (checksum, truncation), or
+        (``digests``) a shard read whole whose rows are not the ones written there (``digest_problem``)."""
         self.checked_array(path)
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
         if self._done is None or self.writable:
             self._done = self.done()
+            self._digests = None if self.writable else self.digests()
+        rows = self._read_rows(path, start, stop, shards)
+        if digests and self._digests is not None:
+            for shard in shards:
+                lo, hi = self.shard_rows(shard)
+                whole = self._done[shard] and start <= lo and hi <= stop  # a part of a shard is not checked
+                problem = whole and self.digest_problem(path, shard, rows[lo - start : hi - start])
+                if problem:
+                    raise self._damaged(path, shard, problem)
+        return rows
+
+    def _read_rows(self, path: str, start: int, stop: int, shards: range) -> np.ndarray:
         direct = self._read_direct(path, start, stop, shards)
         if direct is not None:
             return direct
@@ -692,6 +754,19 @@ def _local_size(root: Path) -> int:
         except FileNotFoundError:
             pass
     return total
+
+
+def shard_digest(path: str, shard: int, pieces: list[np.ndarray]) -> int:
+    """crc32c (Castagnoli) of the array path (UTF-8), the shard number (uint64, little-endian) and the shard's rows
+    (C order, little-endian), consecutive ``pieces`` of them: what binds a shard's rows to their place (FORMAT.md §7.1).
+    Not a security measure; ~13 GB/s, beside zstd's ~0.8 GB/s decode."""
+    from google_crc32c import extend, value
+
+    digest = value(path.encode() + int(shard).to_bytes(8, "little"))
+    for piece in pieces:
+        piece = np.asarray(piece)
+        digest = extend(digest, np.ascontiguousarray(piece, dtype=piece.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+    return digest
 
 
 def _write_whole_shard(array: zarr.Array, shard: int, data: np.ndarray | list[np.ndarray]) -> bool:
@@ -1359,7 +1434,7 @@ def _only_creation_metadata(keys: Iterable[str]) -> bool:
     """Whether ``keys`` (at least one) are all zarr metadata (or zarr's temp files of it) of kdcache's nodes."""
     import fnmatch
 
-    nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE)
+    nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE, DIGEST)
     found = False
     for key in keys:
         parent, _, name = key.rpartition("/")
@@ -1427,6 +1502,9 @@ def write_layout(group: zarr.Group, manifest: dict[str, Any], location: str) -> 
             )
         what = f"array {DONE!r}"
         group.create_array(DONE, shape=(geometry["num_shards"],), chunks=(1,), dtype="bool", fill_value=False, compressors=None)
+        what = f"array {DIGEST!r}"
+        group.create_array(DIGEST, shape=(geometry["num_shards"], len(columns)), chunks=(1, len(columns)), dtype="uint32",
+                           fill_value=0, compressors=None)
         what = "the manifest"
         group.attrs[ATTRS] = manifest  # last: a store without its manifest is never mistaken for one
     except (*BAD_METADATA, ArithmeticError) as e:  # zarr's checks of what it is given: a chunk of 0 rows divides by zero

@@ -120,6 +120,12 @@ def _layout(store: layout.Store) -> Check:
             check.fail(f"{layout.DONE}: is {list(done.shape)} {done.dtype}, expected [{store.num_shards}] bool")
     except (KeyError, FileNotFoundError, ValueError):
         check.fail(f"{layout.DONE}: missing")
+    if store.has_digests():
+        check.summary += f" + {layout.DIGEST}"
+        try:
+            store.digests()
+        except StoreError as e:
+            check.fail(f"{layout.DIGEST}: {e}")
     return check
 
 
@@ -127,7 +133,8 @@ def _contents(store: layout.Store) -> list[Check]:
     """Checksums of the raw bytes and the decoded values, shard by shard, over every done shard."""
     done = [int(s) for s in np.flatnonzero(store.done())]
     sums = Check("checksums", f"{len(done)} shards x {len(store.paths())} arrays")
-    values = Check("values", "finite targets, index[r] == r, non-zero fingerprints")
+    digests = "shard digests" if store.has_digests() else f"no shard digests (no {layout.DIGEST}: written before kdcache 0.1.1)"
+    values = Check("values", f"finite targets, index[r] == r, non-zero fingerprints, {digests}")
     for path in store.paths():
         for shard in done:
             problems = store.check_shard(path, shard)
@@ -137,11 +144,14 @@ def _contents(store: layout.Store) -> list[Check]:
                 continue  # its values are not worth decoding
             start, stop = store.shard_rows(shard)
             try:
-                block = store.read(path, start, stop)
+                block = store.read(path, start, stop, digests=False)  # checked here, beside the values
             except Exception as e:  # noqa: BLE001 - any decode failure is a finding to name, not a crash
                 problem = e.problem if isinstance(e, DamagedShardError) else f"does not decode: {type(e).__name__}: {one_line(e, 200)}"
                 values.fail(f"{path}: shard {shard} (rows {start}-{stop - 1}) {problem}")
                 continue
+            misplaced = store.digest_problem(path, shard, block)
+            if misplaced:
+                values.fail(f"{path}: shard {shard} (rows {start}-{stop - 1}) {misplaced}")
             if path == layout.INDEX:
                 wrong = np.flatnonzero(block != np.arange(start, stop))
                 if len(wrong):

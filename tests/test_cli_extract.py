@@ -296,7 +296,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_en
     resumed_manifest, resumed = read_store(killed)
     reference_manifest, expected = read_store(reference)
     assert without_times(resumed_manifest) == without_times(reference_manifest)
-    assert resumed.keys() == expected.keys() and len(expected) == 7  # index, fingerprint, label, 3 targets, done
+    assert resumed.keys() == expected.keys() and len(expected) == 8  # index, fingerprint, label, 3 targets, done, digest
     for path in expected:
         assert resumed[path].dtype == expected[path].dtype, path
         np.testing.assert_array_equal(resumed[path], expected[path], err_msg=path)

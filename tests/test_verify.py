@@ -12,13 +12,15 @@ import zarr
 from click.testing import CliRunner
 
 import kdcache
-from conftest import TINY_TOML
+from conftest import TINY_TOML, extract_tiny
 from kdcache.cli import main
 from kdcache.verify import verify
 from reference import crash_at
 
 LOGITS_SHARD_1 = "targets/logits/c/1/0"
 FEATURES_SHARD_2 = "targets/layers/features.3/c/2/0/0/0"
+MOVED = ("holds other rows than its writer wrote there (their digest is not the one recorded in progress/digest: a shard object "
+         "swapped with another, or copied from another store)")
 
 
 @pytest.fixture
@@ -93,9 +95,12 @@ def test_values_nan_zero_fingerprint_and_wrong_index_are_named(copy):
         index[20] = 7
         g["samples/index"][:] = index
     report = verify(str(copy))
-    assert sorted(problems(report, "values")) == [
+    assert sorted(problems(report, "values")) == [  # each value named, beside its shard's digest no longer matching
+        "samples/fingerprint: shard 0 (rows 0-15) " + MOVED,
         "samples/fingerprint: shard 0: 1 rows without a fingerprint (first row 3)",
+        "samples/index: shard 1 (rows 16-31) " + MOVED,
         "samples/index: shard 1: index[r] != r at 1 rows (first row 20)",
+        "targets/logits: shard 2 (rows 32-47) " + MOVED,
         "targets/logits: shard 2: 1 rows hold NaN or inf (first row 35)",
     ]
 
@@ -145,3 +150,73 @@ def test_not_a_store(tmp_path):
     assert r.exit_code == 1
     report = json.loads(r.output)
     assert not report["ok"] and "no store at" in report["checks"][0]["problems"][0]
+
+
+# ----------------------------------------------------------------------------------- shard digests (FORMAT.md §7.1)
+
+
+def test_every_shard_digest_is_the_crc32c_of_its_path_number_and_rows(tiny_store):
+    """Recomputed with plain zarr and google_crc32c from the definition, not through kdcache."""
+    import google_crc32c
+
+    g = zarr.open_group(tiny_store, mode="r")
+    paths = sorted(kdcache.open_store(tiny_store).paths())
+    assert paths == ["samples/fingerprint", "samples/index", "samples/label", "targets/layers/features.3", "targets/logits"]
+    digests = g["progress/digest"][:]
+    assert digests.shape == (4, 5) and digests.dtype == np.uint32
+    for s in range(4):
+        for a, path in enumerate(paths):
+            rows = g[path][16 * s : min(16 * s + 16, 50)]
+            data = path.encode() + s.to_bytes(8, "little") + rows.astype(rows.dtype.newbyteorder("<")).tobytes()
+            assert int(digests[s, a]) == google_crc32c.value(data), (s, path)
+    assert google_crc32c.value(b"samples/index" + (1).to_bytes(8, "little") + np.array([16, 17], "<i8").tobytes()) == 0x15C0E0C5
+
+
+@pytest.mark.parametrize("how", ["swapped", "from-another-store", "another-array"])
+def test_a_shard_object_out_of_its_place_is_found_by_verify_and_refused_by_train(copy, tmp_path, how):
+    """Shard objects are moved whole: every checksum holds and the rows decode. Before digests, ``verify`` passed and
+    training paired samples 0-15 with the targets of samples 16-31 (or of another store's samples)."""
+    logits = copy / "targets" / "logits" / "c"
+    if how == "swapped":
+        a, b = (logits / "0" / "0").read_bytes(), (logits / "1" / "0").read_bytes()
+        (logits / "0" / "0").write_bytes(b)
+        (logits / "1" / "0").write_bytes(a)
+        first = "shard 0 of targets/logits (rows 0-15)"
+        expect = [f"targets/logits: shard 0 (rows 0-15) {MOVED}", f"targets/logits: shard 1 (rows 16-31) {MOVED}"]
+    elif how == "from-another-store":
+        other = extract_tiny(tmp_path / "other.zarr", "data.split=test")  # the same layout, other samples
+        shutil.copyfile(Path(other) / "targets" / "logits" / "c" / "0" / "0", logits / "0" / "0")
+        first = "shard 0 of targets/logits (rows 0-15)"
+        expect = [f"targets/logits: shard 0 (rows 0-15) {MOVED}"]
+    else:  # the label shard where the index shard was: both [16] int64
+        shutil.copyfile(copy / "samples" / "label" / "c" / "2", copy / "samples" / "index" / "c" / "2")
+        first = "shard 2 of samples/index (rows 32-47)"
+        expect = [f"samples/index: shard 2 (rows 32-47) {MOVED}", "samples/index: shard 2: index[r] != r at 16 rows (first row 32)"]
+    report = verify(str(copy))
+    assert not report["ok"] and problems(report, "checksums") == []
+    assert sorted(problems(report, "values")) == expect
+    for budget in ("0", "64"):  # streamed shard by shard, loaded whole
+        r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(tmp_path / f"run{budget}"),
+                                      "--set", f"train.memory_budget_mb={budget}"])
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert f"is damaged: {first} {MOVED}" in r.output, r.output
+        assert not (tmp_path / f"run{budget}" / "student.pt").exists()
+
+
+def test_a_store_written_before_digests_reads_verifies_and_resumes_without_them(tmp_path):
+    """A store of kdcache 0.1.0 has no progress/digest (FORMAT.md §14: readers of it ignore the new array): read and
+    verified unchecked, and resumed without one, so that its shards never have digests for some shards only."""
+    out = Path(extract_tiny(tmp_path / "old.zarr"))
+    reference = kdcache.open_store(out).read("targets/logits", 0, 50)
+    shutil.rmtree(out / "progress" / "digest")
+    (out / "progress" / "done" / "c" / "3").unlink()  # as if killed before the last shard's marker
+    shutil.rmtree(out / "targets" / "logits" / "c" / "3")
+    extract_tiny(out)  # resumes
+    assert not (out / "progress" / "digest").exists()
+    store = kdcache.open_store(out)
+    assert store.complete and not store.has_digests() and store.digests() is None
+    np.testing.assert_array_equal(store.read("targets/logits", 0, 50), reference)
+    report = verify(str(out))
+    assert report["ok"], report
+    values = next(c for c in report["checks"] if c["name"] == "values")
+    assert "no shard digests (no progress/digest: written before kdcache 0.1.1)" in values["summary"]
