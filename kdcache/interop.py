@@ -73,15 +73,15 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
         with h5py.File(part, "w") as f:
             f.attrs[layout.ATTRS] = json.dumps(store.manifest)
             f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
-            for path in store.paths() + [layout.DONE]:
+            progress = [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])  # digests: checked again on import
+            for path in store.paths() + progress:
                 arr = store.array(path)
-                chunks = (int(arr.chunks[0]), *arr.shape[1:]) if path != layout.DONE else None
+                chunks = (int(arr.chunks[0]), *arr.shape[1:]) if path not in progress else None
                 ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                                      compression=None if compression == "none" or path == layout.DONE else compression)
-                if path == layout.DONE:
+                                      compression=None if compression == "none" or path in progress else compression)
+                if path in progress:
                     with _reading(store, path):
-                        done = arr[:]
-                    ds[:] = done
+                        ds[:] = arr[:]
                     continue
                 for shard in range(store.num_shards):  # one shard in memory at a time
                     start, stop = store.shard_rows(shard)
@@ -89,7 +89,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
                         rows = store.read(path, start, stop)
                     ds[start:stop] = rows
         os.replace(part, out)
-    return {"out": str(out), "arrays": len(store.paths()) + 1, "file_bytes": out.stat().st_size, "compression": compression}
+    return {"out": str(out), "arrays": len(store.paths()) + len(progress), "file_bytes": out.stat().st_size, "compression": compression}
 
 
 def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_options: dict[str, Any] | None = None,
@@ -117,11 +117,11 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
                              f"version {layout.FORMAT_VERSION}: upgrade kdcache")
         layout.check_manifest(manifest, source)
         fresh = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "completed")}
-        expect, done = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
+        expect, done, digests = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
         paths = expect.paths()
         _check_location(location)
         if overwrite and layout.exists(str(location), storage_options):
-            _check_readable(f, source, expect, done, location)  # an existing store is replaced only by a file that reads whole
+            _check_readable(f, source, expect, done, digests, location)  # an existing store is replaced only by a file that reads whole
         with layout.writer_lock(location):  # one writer per store
             store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
             for shard in store.pending_shards():
@@ -133,16 +133,19 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
                     try:
                         arrays[path] = f[path][start:stop]
                     except (OSError, ValueError, RuntimeError) as e:  # a damaged chunk (a filter or checksum that fails)
-                        raise _unreadable(source, path, shard, start, stop, e, store) from None
+                        raise _unreadable(source, path, shard, start, stop, f"cannot be read ({_why(e)})", store) from None
+                    problem = _digest_problem(expect, digests, path, shard, arrays[path])
+                    if problem:
+                        raise _unreadable(source, path, shard, start, stop, problem, store)
                 store.write_shard(shard, arrays)
             store.finish()
     return store.info()
 
 
-def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layout.Store, Any]:
+def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layout.Store, Any, np.ndarray | None]:
     """Every dataset the manifest needs, with its shape, dtype and filters, checked from the file's metadata alone
     (and the small done list read): a file that cannot be imported is refused before any store is touched.
-    Returns the manifest's layout (an empty store in memory) and the done list."""
+    Returns the manifest's layout (an empty store in memory), the done list and the digests (None if it has none)."""
     import h5py
     import zarr
 
@@ -177,21 +180,49 @@ def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layo
         done = np.asarray(f[layout.DONE][:], dtype=bool)
     except (OSError, ValueError, RuntimeError) as e:
         raise StoreError(f"{source!r} is damaged: dataset {layout.DONE!r} cannot be read ({_why(e)}); {fix}") from None
-    return expect, done
+    return expect, done, _digests(f, source, expect, fix)
 
 
-def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, location: str) -> None:
+def _digests(f: Any, source: str, expect: layout.Store, fix: str) -> np.ndarray | None:
+    """The file's ``progress/digest`` (FORMAT.md §7.1: exported from a store that has them), None without one."""
+    import h5py
+
+    if layout.DIGEST not in f:
+        return None
+    ds, shape = f[layout.DIGEST], (expect.num_shards, len(expect.paths()))
+    if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != shape or ds.dtype != np.dtype("uint32") or ds.is_virtual or ds.external:
+        raise StoreError(f"{source!r}: dataset {layout.DIGEST!r} is not {list(shape)} uint32 stored in the file; {fix}")
+    try:
+        return np.asarray(ds[:])
+    except (OSError, ValueError, RuntimeError) as e:
+        raise StoreError(f"{source!r} is damaged: dataset {layout.DIGEST!r} cannot be read ({_why(e)}); {fix}") from None
+
+
+def _digest_problem(expect: layout.Store, digests: np.ndarray | None, path: str, shard: int, rows: np.ndarray) -> str | None:
+    """What is wrong with rows ``shard`` of dataset ``path`` by the digest the store's writer recorded (FORMAT.md §7.1),
+    where the file carries one; None when they match."""
+    if digests is None:
+        return None
+    recorded = int(digests[shard, expect.digest_paths().index(path)])
+    if recorded and layout.shard_digest(path, shard, [rows]) != recorded:
+        return f"are not the rows the store held there (their digest is not the one in {layout.DIGEST})"
+    return None
+
+
+def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, digests: np.ndarray | None, location: str) -> None:
     """Read every done shard of every dataset once (one shard in memory at a time): a damaged chunk is only
     found by reading, and an ``--overwrite`` must not delete the store it would replace for a file that fails."""
     for shard in (int(s) for s in np.flatnonzero(done)):
         start, stop = expect.shard_rows(shard)
         for path in expect.paths():
             try:
-                f[path][start:stop]
+                why = _digest_problem(expect, digests, path, shard, f[path][start:stop])
             except (OSError, ValueError, RuntimeError) as e:
-                raise StoreError(f"{source!r} is damaged: dataset {path!r} rows {start}-{stop - 1} cannot be read ({_why(e)}); "
+                why = f"cannot be read ({_why(e)})"
+            if why:
+                raise StoreError(f"{source!r} is damaged: dataset {path!r} rows {start}-{stop - 1} {why}; "
                                  f"re-export the file from its store (kdcache export STORE FILE) or copy it again "
-                                 f"(nothing was changed: {location!r} is kept)") from None
+                                 f"(nothing was changed: {location!r} is kept)")
 
 
 def _check_location(location: str) -> None:
@@ -204,11 +235,11 @@ def _check_location(location: str) -> None:
     _check_folder(path.parent, f"choose another STORE location for kdcache import than {location!r}")
 
 
-def _unreadable(source: str, path: str, shard: int, start: int, stop: int, e: Exception, store: layout.Store) -> StoreError:
-    """A chunk of the HDF5 file that does not read back, found while importing: what was imported is kept."""
+def _unreadable(source: str, path: str, shard: int, start: int, stop: int, why: str, store: layout.Store) -> StoreError:
+    """A chunk of the HDF5 file that does not read back (``why``), found while importing: what was imported is kept."""
     done = int(store.done().sum())
     return StoreError(
-        f"{source!r} is damaged: dataset {path!r} rows {start}-{stop - 1} cannot be read ({_why(e)}); "
+        f"{source!r} is damaged: dataset {path!r} rows {start}-{stop - 1} {why}; "
         f"{store.location!r} is left partial ({done}/{store.num_shards} shards imported): re-export the file from its store "
         f"(kdcache export STORE FILE) or copy it again, then rerun kdcache import FILE {store.location} to import the rest"
     )

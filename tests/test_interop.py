@@ -21,7 +21,7 @@ from reference import make_pipeline, without_times
 def assert_same(a: str, b: str) -> None:
     sa, sb = open_store(a), open_store(b)
     assert without_times(sa.manifest) == without_times(sb.manifest)
-    for path in sa.paths() + ["progress/done"]:
+    for path in sa.paths() + ["progress/done", "progress/digest"]:
         x, y = sa.array(path), sb.array(path)
         assert x.dtype == y.dtype and x.shape == y.shape and x.chunks == y.chunks and x.shards == y.shards, path
         np.testing.assert_array_equal(x[:], y[:], err_msg=path)

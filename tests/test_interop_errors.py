@@ -123,6 +123,44 @@ def test_import_overwrite_of_a_corrupt_chunk_keeps_the_store(exported, tiny_stor
     assert snapshot(victim) == before
 
 
+def swap_rows(h5: Path, path: str = "targets/logits") -> None:
+    """Rows 0-15 and 16-31 of ``path`` exchanged, written back through h5py: every HDF5 chunk reads, values are sound."""
+    with h5py.File(h5, "r+") as f:
+        rows = f[path][:32]
+        f[path][:32] = np.concatenate([rows[16:], rows[:16]])
+
+
+def test_import_checks_the_exported_shard_digests(exported, tiny_store, tmp_path):
+    """FORMAT.md §7.1 / §16: ``export`` carries progress/digest; ``import`` checks every shard's rows against it before
+    writing them (it computes the new store's own digests from the rows it writes: a file with rows out of place
+    would be made into a store that verifies). A first shard that is out of place leaves nothing imported; with
+    --overwrite the old store is kept."""
+    with h5py.File(exported, "r") as f:
+        np.testing.assert_array_equal(f["progress/digest"][:], open_store(tiny_store).digests())
+    h5 = copy_of(exported, tmp_path / "swapped.h5")
+    swap_rows(h5)
+    out = tmp_path / "new.zarr"
+    _, line = cli("import", h5, out)
+    for fragment in ("swapped.h5' is damaged: dataset 'targets/logits' rows 0-15 are not the rows the store held there",
+                     "(their digest is not the one in progress/digest)", "left partial (0/4 shards imported)", "re-export the file"):
+        assert fragment in line, line
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert "rows 0-15 are not the rows the store held there" in line and "nothing was changed" in line, line
+    assert snapshot(victim) == before
+
+
+def test_a_file_exported_before_digests_imports_into_a_store_with_them(exported, tiny_store, tmp_path):
+    h5 = copy_of(exported, tmp_path / "old.h5")
+    with h5py.File(h5, "r+") as f:
+        del f["progress/digest"]
+    out = tmp_path / "new.zarr"
+    assert CliRunner().invoke(main, ["import", str(h5), str(out)]).exit_code == 0
+    assert_same(tiny_store, str(out))
+    np.testing.assert_array_equal(open_store(str(out)).digests(), open_store(tiny_store).digests())
+
+
 def test_import_names_its_store_argument(exported, tmp_path):
     (tmp_path / "afile").write_text("keep")
     for store in ("afile", "afile/x.zarr"):
