@@ -8,7 +8,8 @@ Which part of a structured output is kept (``select``):
 - otherwise a dotted path of indices and names, e.g. ``"1"``, ``"hidden_states.3"``,
   ``"last_hidden_state"``, set per target in the pipeline's ``[targets.select]`` table. On a tensor a
   step works on each sample's first axis (the one after the batch axis): an index (``"last_hidden_state.0"``,
-  a ViT's class token), a slice (``"last_hidden_state.1:"``, its patch tokens) or ``mean`` (mean-pooled tokens).
+  a ViT's class token), a slice (``"last_hidden_state.1:"``, its patch tokens), ``mean`` (mean-pooled tokens) or
+  ``transpose`` (the sample's first two axes swapped: a Conv1d's ``(channels, length)`` read as ``length`` tokens).
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ _SLICE = re.compile(r"(-?\d*):(-?\d*)")
 
 
 def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
-    """``step`` applied to each sample of a batch ``value``: an index or a slice of the sample's first axis, or ``mean``
-    over it. The result keeps the batch axis."""
+    """``step`` applied to each sample of a batch ``value``: an index or a slice of the sample's first axis, ``mean``
+    over it, or ``transpose`` (its first two axes swapped). The result keeps the batch axis."""
     per_sample = tuple(value.shape[1:])
     if not per_sample:
         raise TargetError(f"{label}: the output is one value per sample (a tensor of shape {tuple(value.shape)}), "
@@ -121,6 +122,11 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
     axis = per_sample[0]
     if step == "mean":
         return value.mean(dim=1) if value.is_floating_point() else value.float().mean(dim=1)
+    if step == "transpose":
+        if len(per_sample) < 2:
+            raise TargetError(f"{label}: 'transpose' swaps the sample's first two axes, but the per-sample shape is {list(per_sample)}; "
+                              f"fix {setting} (drop the step)")
+        return value.transpose(1, 2)
     if step.lstrip("-").isdigit():
         if not -axis <= int(step) < axis:
             raise TargetError(f"{label}: index {step} is outside the {axis} entries of the sample's first axis (per-sample "
@@ -136,7 +142,7 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
         return part
     raise TargetError(
         f"{label}: output of type Tensor (per-sample shape {list(per_sample)}) has no element {step!r}; fix {setting}: "
-        f"on a tensor a step is an index of the sample's first axis (\"0\"), a slice (\"1:\") or \"mean\""
+        f"on a tensor a step is an index of the sample's first axis (\"0\"), a slice (\"1:\"), \"mean\" or \"transpose\""
     )
 
 

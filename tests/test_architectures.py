@@ -157,6 +157,7 @@ def test_a_select_step_on_a_tensor_stores_that_part_of_every_sample(tmp_path, se
     ("0.0.0.0", r"the output is one value per sample \(a tensor of shape \(8,\)\), which step '0' cannot index"),
     ("0.cls", r"output of type Tensor \(per-sample shape \[17, 32\]\) has no element 'cls'.*an index.*a slice.*\"mean\""),
     ("0.1:2:3", r"output of type Tensor .* has no element '1:2:3'"),
+    ("0.0.transpose", r"'transpose' swaps the sample's first two axes, but the per-sample shape is \[32\]"),
 ])
 def test_a_select_step_a_tensor_cannot_take_is_named_before_a_store_exists(tmp_path, select, match):
     p = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select})
@@ -215,3 +216,27 @@ def test_a_vit_student_s_patch_tokens_learn_a_cnn_teacher_s_map(tmp_path):
     with pytest.raises(ShapeMismatchError, match=r"target 'features'.*student shape \(17, 16\).*student's 17 tokens are neither "
                                                  r"the map's 4x4 positions nor a square patch grid.*select step \"1:\""):
         setup(unselected, store, architectures.images(), torch.device("cpu"))
+
+
+def test_conv1d_maps_are_distilled_per_position_once_transposed(tmp_path):
+    """A Conv1d's (channels, length) output is read as (tokens, dim): teacher (24, 64) and student (8, 64) have "24 and 8
+    tokens", which no head bridges. ``transpose`` on both sides makes them 64 positions of 24 and 8 channels: a linear
+    head per position, i.e. a 1x1 convolution over the channels."""
+    features = {"conv": {"student": "conv"}}
+    p = pipeline(teacher="conv1d_teacher", student="conv1d_student", layers=("conv",), loss={"kl": 0}, features=features)
+    store = extracted(p, tmp_path / "plain")
+    with pytest.raises(ShapeMismatchError, match=r"student token sequence \(8, 64\) has 8 tokens but teacher \(24, 64\) has 24"):
+        setup(p, store, architectures.images(), torch.device("cpu"))
+    features["conv"]["select"] = "transpose"
+    p = pipeline(teacher="conv1d_teacher", student="conv1d_student", layers=("conv",), select={"conv": "transpose"}, loss={"kl": 0},
+                 features=features)
+    store = extracted(p, tmp_path)
+    x = architectures.images().x
+    with torch.no_grad():
+        want = architectures.conv1d_teacher().conv(x.flatten(2)).transpose(1, 2)  # (20, 64, 24)
+    torch.testing.assert_close(torch.from_numpy(store.read(layout.layer_path("conv"), 0, 20)), want)
+    head, loss, target, run, batch = feature_loss(p, store, layout.layer_path("conv"))
+    assert head.description == "linear 8->24 per token (T=64)"
+    with torch.no_grad():
+        ref = torch.nn.functional.mse_loss(head.linear(run.student.conv(batch["inputs"].flatten(2)).transpose(1, 2)), target)
+    torch.testing.assert_close(loss.detach(), ref)
