@@ -409,7 +409,8 @@ def _info_text(i: dict[str, Any]) -> str:
 
     t, d = i["teacher"], i["dataset"]
     lines = [
-        f"store       {i['location']}  (format {i['format']} v{i['format_version']}, kdcache {i['kdcache_version']})",
+        f"store       {i['location']}  (format {i['format']} v{i['format_version']}, kdcache {i['kdcache_version']}, "
+        + ("shard digests)" if i["shard_digests"] else "no shard digests: positions unchecked)"),
         f"teacher     {t['factory']}  {t['class']}  {t['num_parameters']:,} params  sha256 {t['weights_sha256'][:16]}…",
         f"dataset     {d['factory']}  split={d['split']!r}  {d['length']:,} samples  labels={'yes' if i['has_labels'] else 'no'}",
         f"progress    {i['samples_done']:,}/{i['num_samples']:,} samples, {i['shards_done']}/{i['num_shards']} shards of {i['rows_per_shard']} rows"

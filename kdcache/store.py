@@ -688,6 +688,7 @@ class Store:
             "num_shards": self.num_shards,
             "rows_per_shard": self.rows_per_shard,
             "has_labels": self.has_labels,
+            "shard_digests": self.has_digests(),  # FORMAT.md §7.1: false for stores written before kdcache 0.1.1
             "teacher": _bounded(m["teacher"]),
             "dataset": _bounded(m["dataset"]),
             "targets": {

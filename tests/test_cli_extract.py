@@ -106,7 +106,7 @@ def check_info_schema(info: dict, *, complete: bool, samples_done: int) -> None:
         assert target["shape"][0] == 50
     assert info["targets"]["conv"] == {"path": "targets/layers/conv", "shape": [50, 3, 4, 4], "dtype": "float16", "source": "conv", "select": "tensor"}
     assert info["targets"]["logits"]["path"] == "targets/logits" and info["targets"]["fc"]["shape"] == [50, 6]
-    assert info["has_labels"] is True
+    assert info["has_labels"] is True and info["shard_digests"] is True
     assert info["writer"] is None  # no extract running on it
     assert len(info["teacher"]["weights_sha256"]) == 64 and info["dataset"]["length"] == 50
 

@@ -220,3 +220,6 @@ def test_a_store_written_before_digests_reads_verifies_and_resumes_without_them(
     assert report["ok"], report
     values = next(c for c in report["checks"] if c["name"] == "values")
     assert "no shard digests (no progress/digest: written before kdcache 0.1.1)" in values["summary"]
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert "no shard digests: positions unchecked)" in r.output.splitlines()[0], r.output
+    assert json.loads(CliRunner().invoke(main, ["info", str(out), "--json"]).output)["shard_digests"] is False
