@@ -36,7 +36,7 @@ def assert_same_store(a: str, b: str, options_a=None, options_b=None) -> None:
     assert sa.complete and sb.complete
     assert without_times(sa.manifest) == without_times(sb.manifest)
     assert sa.paths() == sb.paths()
-    for path in sa.paths() + ["progress/done"]:
+    for path in sa.paths() + ["progress/done", "progress/digest"]:
         x, y = sa.array(path)[:], sb.array(path)[:]
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), path
 

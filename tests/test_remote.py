@@ -91,7 +91,7 @@ def assert_same_store(a: str, b: str, options_a=None, options_b=None) -> None:
     sa, sb = open_store(a, storage_options=options_a), open_store(b, storage_options=options_b)
     assert without_times(sa.manifest) == without_times(sb.manifest)
     assert sa.paths() == sb.paths()
-    for path in sa.paths() + ["progress/done"]:
+    for path in sa.paths() + ["progress/done", "progress/digest"]:
         np.testing.assert_array_equal(sa.array(path)[:], sb.array(path)[:], err_msg=path)
 
 
