@@ -519,7 +519,7 @@ class Store:
         for s in shards:
             if fetch:
                 try:
-                    raw = self.raw_object(self.shard_key(path, s))
+                    raw = self.raw_object(self.shard_key(path, s), at_most=self._shard_bound(array))
                 except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
                     if _transport(e) or isinstance(e, OSError) and _transport(e.__cause__ or e):
                         raise self._unreadable(path, start, stop, e) from None
@@ -531,6 +531,13 @@ class Store:
                 return None
             parts.append(rows)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _shard_bound(self, array: zarr.Array) -> int:
+        """At most how many bytes one shard object of ``array`` holds (FORMAT.md §3.1): its rows uncompressed, a crc32c
+        per inner chunk and the index. zstd only makes it smaller (or, on incompressible data, larger by a few bytes
+        per KB: a shard near the bound is fetched in parts all the same)."""
+        rows, chunk = self.rows_per_shard, array.chunks[0]
+        return rows * math.prod(array.shape[1:]) * array.dtype.itemsize + (-(-rows // chunk)) * 20 + 4
 
     def _object_problems(self, keys: list[str]) -> list[str | None]:
         """``"missing"`` or ``"empty"`` for each storage object that should hold data, else None; the objects
@@ -592,13 +599,22 @@ class Store:
         fs, path = _filesystem(self.location, self.storage_options)
         return int(sum(info.get("size") or 0 for info in fs.find(path, detail=True).values()))
 
-    def raw_object(self, key: str) -> bytes | None:
-        """The bytes of one storage object (``key`` relative to the root, e.g. ``targets/logits/c/1/0``), None if absent."""
+    def raw_object(self, key: str, *, at_most: int | None = None) -> bytes | None:
+        """The bytes of one storage object (``key`` relative to the root, e.g. ``targets/logits/c/1/0``), None if absent.
+
+        ``at_most``: the object is known to hold at most this many bytes. Where its object store would fetch such an
+        object in one GET anyway (at most the file system's ``default_block_size``: s3fs splits larger objects into
+        parallel parts), it is asked with one ranged GET from byte 0, without the HEAD s3fs sends first to learn the
+        size: one request per object instead of two."""
+        from zarr.abc.store import OffsetByteRequest
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
+        whole = None
+        if at_most is not None and location_kind(self.location) == "url" and "::" not in self.location:
+            whole = OffsetByteRequest(0) if at_most <= getattr(self.group.store.fs, "default_block_size", 0) else None
         try:
-            buf = sync(self.group.store.get(key, prototype=default_buffer_prototype()))
+            buf = sync(self.group.store.get(key, prototype=default_buffer_prototype(), byte_range=whole))
         except zipfile.BadZipFile as e:  # a stored zip member whose bytes fail the zip's own CRC-32
             raise StoreError(f"{self.location!r} is damaged: object {key!r} {e} (a corrupted zip member); kdcache verify "
                              f"{self.location} lists every damaged chunk; pack the store again or copy the zip again") from None

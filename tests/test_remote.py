@@ -376,3 +376,27 @@ def test_rows_of_a_folder_over_plain_http_are_read_from_whole_shards(plain_http_
     assert verify(f"{base}/rows.zarr")["ok"]  # every check reads as training does
     remote, here = stats(f"{base}/rows.zarr"), stats(str(root / "rows.zarr"))  # stats reads inner chunk by inner chunk
     assert {k: v for k, v in remote.items() if k != "location"} == {k: v for k, v in here.items() if k != "location"}
+
+
+def test_a_shard_read_whole_from_s3_is_one_get(s3, tiny_store):
+    """Counted on the S3 client itself (botocore's before-call events): each whole-shard read is one GetObject. A plain
+    GET made s3fs send a HeadObject first, to learn the size (it fetches objects over its block size in parallel
+    parts): two requests, two round trips, per shard and column of every streamed epoch."""
+    from conftest import TINY_TOML
+
+    url = f"s3://{BUCKET}/one-get.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    store, local = open_store(url, storage_options=s3), open_store(tiny_store)
+    for path in store.paths():
+        store.read(path, 0, 16)  # opening: metadata of the store and each array, done markers, digests
+    calls: list[str] = []
+    fs = store.group.store.fs
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    for path in store.paths():
+        for shard in (1, 2, 3):
+            lo, hi = store.shard_rows(shard)
+            np.testing.assert_array_equal(store.read(path, lo, hi), local.read(path, lo, hi))
+    assert calls == ["GetObject"] * 15, calls
+    calls.clear()
+    assert store.raw_object("targets/logits/c/1/0", at_most=fs.default_block_size + 1) == local.raw_object("targets/logits/c/1/0")
+    assert calls == ["HeadObject", "GetObject"], calls  # an object that may be large: s3fs decides, as before
