@@ -377,8 +377,10 @@ def projection_head(
         (tokens, _), (_, h, w) = (teacher_shape, student_shape) if ranks == (3, 2) else (student_shape, teacher_shape)
         grid = _token_grid(tokens, (h, w))
         if grid is None:
-            side, fix = (("teacher's", "extract the teacher's patch tokens alone ([targets.select] step \"1:\" drops a leading class token)")
-                         if ranks == (3, 2) else ("student's", "select the student's patch tokens alone (train.features select step \"1:\" drops a leading class token)"))
+            if ranks == (3, 2):
+                side, fix = "teacher's", "extract the teacher's patch tokens alone ([targets.select] step \"1:\" drops a leading class token)"
+            else:
+                side, fix = "student's", "select the student's patch tokens alone (train.features select step \"1:\" drops a leading class token)"
             raise ShapeMismatchError(
                 f"{label}: no projection from student shape {student_shape} to teacher shape {teacher_shape}: the {side} "
                 f"{tokens} tokens are neither the map's {h}x{w} positions nor a square patch grid; {fix}"
