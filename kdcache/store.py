@@ -449,8 +449,9 @@ class Store:
         self.checked_array(path)
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
         if self._done is None or self.writable:
-            self._done = self.done()
+            done = self.done()  # first: every shard done in it has its digest written (§7.1)
             self._digests = None if self.writable else self.digests()
+            self._done = done  # last: a concurrent first read (remote streaming) loads both itself, never one alone
         rows = self._read_rows(path, start, stop, shards)
         if digests and self._digests is not None:
             for shard in shards:
