@@ -158,6 +158,9 @@ def test_a_select_step_on_a_tensor_stores_that_part_of_every_sample(tmp_path, se
     ("0.cls", r"output of type Tensor \(per-sample shape \[17, 32\]\) has no element 'cls'.*an index.*a slice.*\"mean\""),
     ("0.1:2:3", r"output of type Tensor .* has no element '1:2:3'"),
     ("0.0.transpose", r"'transpose' swaps the sample's first two axes, but the per-sample shape is \[32\]"),
+    ("0.--1", r"output of type Tensor .* has no element '--1'"),  # were ValueError tracebacks from int(): isdigit() took them
+    ("0.\u00b2", r"output of type Tensor .* has no element '\u00b2'"),
+    ("--1", r"output of type tuple has no element '--1'"),
 ])
 def test_a_select_step_a_tensor_cannot_take_is_named_before_a_store_exists(tmp_path, select, match):
     p = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select})
