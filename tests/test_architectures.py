@@ -3,6 +3,7 @@ named-output teachers, token taggers): extract a tiny store, then train or set u
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,30 @@ def test_a_select_step_a_tensor_cannot_take_is_named_before_a_store_exists(tmp_p
     with pytest.raises(TargetError, match=rf"target 'blocks.1.attn': (?=.*\[targets.select\] 'blocks.1.attn'){match}"):
         kdcache.extract(p, str(tmp_path / "teacher.zarr"))
     assert not (tmp_path / "teacher.zarr").exists()
+
+
+def test_teacher_check_with_another_select_names_it(tmp_path):
+    """``verify --teacher-check`` with a pipeline selecting another part of the output: rows of another shape were a numpy
+    broadcast ValueError or IndexError traceback, now refused naming both selects; rows of the same shape holding other
+    values fail as before, the differing selects named as the likely cause (a store's select is provenance another writer
+    may spell its own way, so it is not refused on its own). The store's own select verifies."""
+    from kdcache.errors import StoreError
+    from kdcache.verify import verify
+
+    store = extracted(pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.1:"}), tmp_path)
+    for select, shape in (("0", [17, 32]), ("0.0", [32])):
+        for rows in (1, 4):
+            with pytest.raises(StoreError, match=rf"target 'blocks.1.attn' as select '{select}', per-sample shape \{shape}; the store "
+                                                 r"holds select '0.1:', shape \[16, 32\]; pass the pipeline the store was extracted with"):
+                verify(store.location, teacher_check=rows,
+                       pipeline=pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select}))
+    shifted = verify(store.location, teacher_check=4,
+                     pipeline=pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.0:16"}))
+    teacher = next(c for c in shifted["checks"] if c["name"] == "teacher")
+    assert not teacher["ok"] and re.search(r"target 'blocks.1.attn': \d+ values beyond tolerance.*\(the pipeline selects '0.0:16', "
+                                           r"the store recorded '0.1:'\)$", teacher["problems"][0])
+    same = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.1:"})
+    assert verify(store.location, teacher_check=4, pipeline=same)["ok"]
 
 
 def feature_loss(p: kdcache.Pipeline, store: layout.Store, path: str) -> tuple:
