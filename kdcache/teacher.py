@@ -122,6 +122,9 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
                           f"which step {step!r} cannot index; fix {setting} (drop the step)")
     axis = per_sample[0]
     if step == "mean":
+        if not axis:  # the mean of no entries is NaN, stored as if the teacher had produced it
+            raise TargetError(f"{label}: 'mean' averages the sample's first axis, which has no entries (per-sample shape "
+                              f"{list(per_sample)}); fix {setting}")
         return value.mean(dim=1) if value.is_floating_point() else value.float().mean(dim=1)
     if step == "transpose":
         if len(per_sample) < 2:
