@@ -110,7 +110,7 @@ def _step(value: Any, step: str, label: str, setting: str) -> Any:
 
 
 _INDEX = re.compile(r"-?\d+")  # what int() reads: not "--1", nor "²" (str.isdigit() takes both)
-_SLICE = re.compile(r"(-?\d*):(-?\d*)")
+_SLICE = re.compile(r"(-?\d+)?:(-?\d+)?")  # a bound is an integer or absent: not a "-" alone
 
 
 def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:

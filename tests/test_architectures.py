@@ -162,6 +162,8 @@ def test_a_select_step_on_a_tensor_stores_that_part_of_every_sample(tmp_path, se
     ("0.--1", r"output of type Tensor .* has no element '--1'"),  # were ValueError tracebacks from int(): isdigit() took them
     ("0.\u00b2", r"output of type Tensor .* has no element '\u00b2'"),
     ("--1", r"output of type tuple has no element '--1'"),
+    ("0.-:", r"output of type Tensor .* has no element '-:'"),  # a bound of "-" alone was int('-'): a ValueError traceback
+    ("0.:-", r"output of type Tensor .* has no element ':-'"),
 ])
 def test_a_select_step_a_tensor_cannot_take_is_named_before_a_store_exists(tmp_path, select, match):
     p = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select})
