@@ -80,6 +80,24 @@ def test_a_sequence_first_student_module_is_named_not_read_as_two_tokens(tmp_pat
         setup(p, store, architectures.images(), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("select", ["1.0", "1.0.-1"], ids=["h_n", "a-step-on-its-batch-axis"])
+def test_a_student_module_output_whose_first_axis_is_not_the_samples_is_named_even_as_long_as_the_probe(tmp_path, select):
+    """A 2-layer LSTM's h_n is (2, B, H): for setup's probe of two samples its first axis has the probe's length, so it
+    passed, and ``"1.0.-1"`` (meant as the last layer, but a step works on axis 1, here the batch) gave (2, H) for every
+    batch: a shape error at the first batch of 8, or with train.batch_size = 2 two layers' states of one sample distilled
+    as two samples' features. A probe of one sample names it, as extract's does for the teacher."""
+    p = pipeline(teacher="vit_teacher", student="lstm_student", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.0"},
+                 loss={"kl": 0}, features={"blocks.1.attn": {"student": "lstm", "select": select}})
+    store = extracted(p, tmp_path)
+    shape = r"\[2, 1, 16\]" if select == "1.0" else r"\[2, 16\]"
+    with pytest.raises(TargetError, match=rf"train.features 'blocks.1.attn': student module 'lstm' gives shape {shape} for one sample.*"
+                                          r"first axis must be the samples"):
+        setup(p, store, architectures.images(), torch.device("cpu"))
+    fine = pipeline(teacher="vit_teacher", student="lstm_student", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.0"},
+                    loss={"kl": 0}, features={"blocks.1.attn": {"student": "lstm", "select": "0.-1"}})  # the last row's output
+    assert setup(fine, store, architectures.images(), torch.device("cpu")).heads
+
+
 def test_a_batchnorm_student_trains_with_drop_last(tmp_path):
     """17 samples in batches of 8: the last batch holds one sample, which BatchNorm1d cannot normalise in training."""
     p = pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0})
