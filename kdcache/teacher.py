@@ -98,7 +98,7 @@ def _get(value: Any, key: str) -> Any:
 def _step(value: Any, step: str, label: str, setting: str) -> Any:
     if isinstance(value, torch.Tensor):
         return _tensor_step(value, step, label, setting)
-    if isinstance(value, tuple | list) and step.lstrip("-").isdigit() and -len(value) <= int(step) < len(value):
+    if isinstance(value, tuple | list) and _INDEX.fullmatch(step) and -len(value) <= int(step) < len(value):
         return value[int(step)]
     found = None if isinstance(value, tuple | list) else _get(value, step)
     if found is None:
@@ -109,7 +109,8 @@ def _step(value: Any, step: str, label: str, setting: str) -> Any:
     return found
 
 
-_SLICE = re.compile(r"(-?\d*):(-?\d*)")
+_INDEX = re.compile(r"-?\d+")  # what int() reads: not "--1", nor "²" (str.isdigit() takes both)
+_SLICE = re.compile(r"(-?\d+)?:(-?\d+)?")  # a bound is an integer or absent: not a "-" alone
 
 
 def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
@@ -121,13 +122,16 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
                           f"which step {step!r} cannot index; fix {setting} (drop the step)")
     axis = per_sample[0]
     if step == "mean":
+        if not axis:  # the mean of no entries is NaN, stored as if the teacher had produced it
+            raise TargetError(f"{label}: 'mean' averages the sample's first axis, which has no entries (per-sample shape "
+                              f"{list(per_sample)}); fix {setting}")
         return value.mean(dim=1) if value.is_floating_point() else value.float().mean(dim=1)
     if step == "transpose":
         if len(per_sample) < 2:
             raise TargetError(f"{label}: 'transpose' swaps the sample's first two axes, but the per-sample shape is {list(per_sample)}; "
                               f"fix {setting} (drop the step)")
         return value.transpose(1, 2)
-    if step.lstrip("-").isdigit():
+    if _INDEX.fullmatch(step):
         if not -axis <= int(step) < axis:
             raise TargetError(f"{label}: index {step} is outside the {axis} entries of the sample's first axis (per-sample "
                               f"shape {list(per_sample)}); fix {setting} (an index from {-axis} to {axis - 1})")

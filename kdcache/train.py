@@ -278,6 +278,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
             data.call(student, data.to_device(probe["inputs"], device), "student")
+        shapes = {}
         for path, (module, _, selector) in features.items():
             name = layout.layer_name(path)
             feat = student_feature(run.hooked, name, module, selector)
@@ -286,7 +287,11 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                                   f"{len(probe['index'])} samples, but its first axis must be the samples (kdcache runs two samples "
                                   "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
                                   "RNN/attention layers, or a module that permutes to (batch, ...))")
-            head = losses.projection_head(tuple(feat.shape[1:]), stored[name].shape, name=name)
+            shapes[path] = tuple(feat.shape)
+        _check_samples_first(run, dataset, {path: len(shape) for path, shape in shapes.items()})
+        for path, (module, _, selector) in features.items():
+            name = layout.layer_name(path)
+            head = losses.projection_head(shapes[path][1:], stored[name].shape, name=name)
             if head is not None:
                 run.heads[_key(path)] = head.to(device)
                 if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
@@ -296,6 +301,30 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
     return run
+
+
+def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
+    """A first axis as long as setup's two-sample probe that is not the samples (a 2-layer LSTM's ``h_n``, or a select step
+    such as ``"1.0.-1"`` taking its last sample) keeps its length for one sample, as extract's probe of one sample finds
+    for the teacher. A student that does not take a batch of one is let be."""
+    run.hooked.clear()
+    try:
+        one = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0]))
+        with torch.no_grad():
+            data.call(run.student, data.to_device(one["inputs"], run.device), "student")
+        feats = {path: student_feature(run.hooked, layout.layer_name(path), module, selector)
+                 for path, (module, _, selector) in run.features.items()}
+    except (ModelError, TargetError):
+        return
+    finally:
+        run.hooked.clear()
+    for path, feat in feats.items():
+        if feat.ndim == ndim[path] and feat.shape[0] != 1:
+            raise TargetError(f"train.features {layout.layer_name(path)!r}: student module {run.features[path][0]!r} gives shape "
+                              f"{list(feat.shape)} for one sample, but its first axis must be the samples (kdcache runs one sample "
+                              "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
+                              "RNN/attention layers, or a module that permutes to (batch, ...)); a select step works on each "
+                              "sample's first axis, the one after the batch")
 
 
 def select_student(output: Any, what: str) -> tuple[torch.Tensor, str]:

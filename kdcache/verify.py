@@ -186,6 +186,11 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     missing = [t.name for t in stored_targets.values() if t.path not in run.targets]
     if missing:
         raise StoreError(f"the pipeline does not produce stored targets {missing}; pass the pipeline the store was extracted with")
+    for t in stored_targets.values():  # another select keeps another part of the output: rows of another shape cannot be compared
+        ours_t = run.targets[t.path]
+        if ours_t.shape != t.shape:
+            raise StoreError(f"the pipeline stores target {t.name!r} as select {ours_t.select!r}, per-sample shape {list(ours_t.shape)}; "
+                             f"the store holds select {t.select!r}, shape {list(t.shape)}; pass the pipeline the store was extracted with")
     if len(run.dataset) != store.num_samples:  # type: ignore[arg-type]
         raise StoreError(f"the pipeline's dataset has {len(run.dataset)} samples, the store {store.num_samples}; pass the pipeline the store was extracted with")  # type: ignore[arg-type]
     from kdcache.cache import done_rows
@@ -236,8 +241,11 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
         per_target[t.name] = entry
         if bad.any():
             worst = np.unravel_index(int(np.argmax(err - limit)), err.shape)
+            # the store's select is provenance, which another writer may spell its own way: named as a likely cause, not refused
+            other = run.targets[t.path].select
+            hint = f" (the pipeline selects {other!r}, the store recorded {t.select!r})" if other != t.select else ""
             check.fail(f"target {t.name!r}: {int(bad.sum())} values beyond tolerance (rtol {rtol:g}); worst at row "
-                       f"{int(rows[worst[0]])}: stored {stored[worst]:.6g}, recomputed {fresh[worst]:.6g}")
+                       f"{int(rows[worst[0]])}: stored {stored[worst]:.6g}, recomputed {fresh[worst]:.6g}{hint}")
     check.summary = f"{len(rows)} random rows recomputed with {pipeline.teacher.factory}"
     return check, {"rows": [int(r) for r in rows], "targets": per_target, "weights_sha256": ours}
 

@@ -3,6 +3,7 @@ named-output teachers, token taggers): extract a tiny store, then train or set u
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,24 @@ def test_a_sequence_first_student_module_is_named_not_read_as_two_tokens(tmp_pat
     store = extracted(p, tmp_path)
     with pytest.raises(TargetError, match=r"student module 'resblocks.0'.*shape \[16, 2, 16\] for a batch of 2 samples.*first axis"):
         setup(p, store, architectures.images(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("select", ["1.0", "1.0.-1"], ids=["h_n", "a-step-on-its-batch-axis"])
+def test_a_student_module_output_whose_first_axis_is_not_the_samples_is_named_even_as_long_as_the_probe(tmp_path, select):
+    """A 2-layer LSTM's h_n is (2, B, H): for setup's probe of two samples its first axis has the probe's length, so it
+    passed, and ``"1.0.-1"`` (meant as the last layer, but a step works on axis 1, here the batch) gave (2, H) for every
+    batch: a shape error at the first batch of 8, or with train.batch_size = 2 two layers' states of one sample distilled
+    as two samples' features. A probe of one sample names it, as extract's does for the teacher."""
+    p = pipeline(teacher="vit_teacher", student="lstm_student", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.0"},
+                 loss={"kl": 0}, features={"blocks.1.attn": {"student": "lstm", "select": select}})
+    store = extracted(p, tmp_path)
+    shape = r"\[2, 1, 16\]" if select == "1.0" else r"\[2, 16\]"
+    with pytest.raises(TargetError, match=rf"train.features 'blocks.1.attn': student module 'lstm' gives shape {shape} for one sample.*"
+                                          r"first axis must be the samples"):
+        setup(p, store, architectures.images(), torch.device("cpu"))
+    fine = pipeline(teacher="vit_teacher", student="lstm_student", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.0"},
+                    loss={"kl": 0}, features={"blocks.1.attn": {"student": "lstm", "select": "0.-1"}})  # the last row's output
+    assert setup(fine, store, architectures.images(), torch.device("cpu")).heads
 
 
 def test_a_batchnorm_student_trains_with_drop_last(tmp_path):
@@ -158,12 +177,41 @@ def test_a_select_step_on_a_tensor_stores_that_part_of_every_sample(tmp_path, se
     ("0.cls", r"output of type Tensor \(per-sample shape \[17, 32\]\) has no element 'cls'.*an index.*a slice.*\"mean\""),
     ("0.1:2:3", r"output of type Tensor .* has no element '1:2:3'"),
     ("0.0.transpose", r"'transpose' swaps the sample's first two axes, but the per-sample shape is \[32\]"),
+    ("0.--1", r"output of type Tensor .* has no element '--1'"),  # were ValueError tracebacks from int(): isdigit() took them
+    ("0.\u00b2", r"output of type Tensor .* has no element '\u00b2'"),
+    ("--1", r"output of type tuple has no element '--1'"),
+    ("0.-:", r"output of type Tensor .* has no element '-:'"),  # a bound of "-" alone was int('-'): a ValueError traceback
+    ("0.:-", r"output of type Tensor .* has no element ':-'"),
 ])
 def test_a_select_step_a_tensor_cannot_take_is_named_before_a_store_exists(tmp_path, select, match):
     p = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select})
     with pytest.raises(TargetError, match=rf"target 'blocks.1.attn': (?=.*\[targets.select\] 'blocks.1.attn'){match}"):
         kdcache.extract(p, str(tmp_path / "teacher.zarr"))
     assert not (tmp_path / "teacher.zarr").exists()
+
+
+def test_teacher_check_with_another_select_names_it(tmp_path):
+    """``verify --teacher-check`` with a pipeline selecting another part of the output: rows of another shape were a numpy
+    broadcast ValueError or IndexError traceback, now refused naming both selects; rows of the same shape holding other
+    values fail as before, the differing selects named as the likely cause (a store's select is provenance another writer
+    may spell its own way, so it is not refused on its own). The store's own select verifies."""
+    from kdcache.errors import StoreError
+    from kdcache.verify import verify
+
+    store = extracted(pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.1:"}), tmp_path)
+    for select, shape in (("0", [17, 32]), ("0.0", [32])):
+        for rows in (1, 4):
+            with pytest.raises(StoreError, match=rf"target 'blocks.1.attn' as select '{select}', per-sample shape \{shape}; the store "
+                                                 r"holds select '0.1:', shape \[16, 32\]; pass the pipeline the store was extracted with"):
+                verify(store.location, teacher_check=rows,
+                       pipeline=pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select}))
+    shifted = verify(store.location, teacher_check=4,
+                     pipeline=pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.0:16"}))
+    teacher = next(c for c in shifted["checks"] if c["name"] == "teacher")
+    assert not teacher["ok"] and re.search(r"target 'blocks.1.attn': \d+ values beyond tolerance.*\(the pipeline selects '0.0:16', "
+                                           r"the store recorded '0.1:'\)$", teacher["problems"][0])
+    same = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": "0.1:"})
+    assert verify(store.location, teacher_check=4, pipeline=same)["ok"]
 
 
 def feature_loss(p: kdcache.Pipeline, store: layout.Store, path: str) -> tuple:

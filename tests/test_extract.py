@@ -272,6 +272,17 @@ def test_bad_select_fails_before_a_store_exists(tmp_path, overrides, error, matc
     assert not out.exists()
 
 
+def test_mean_of_an_axis_without_entries_is_named_not_nan():
+    """A ``mean`` step over a first axis of size 0 gave NaN rows (stored as if the teacher had produced NaN); an index or a
+    slice of it was already an error."""
+    from kdcache.teacher import select
+
+    with pytest.raises(TargetError, match=r"target 'x': 'mean' averages the sample's first axis, which has no entries \(per-sample "
+                                          r"shape \[0, 3\]\); fix \[targets.select\] 'x'"):
+        select((torch.zeros(2, 0, 3),), "0.mean", "x")
+    assert select((torch.ones(2, 1, 3),), "0.mean", "x")[0].tolist() == [[1.0] * 3] * 2
+
+
 @pytest.mark.parametrize("select", [None, {"attn": "1", "lstm": "0"}])
 def test_hooked_layers_whose_output_is_a_tuple(tmp_path, select):
     overrides = ["teacher.factory=extract_zoo.py:recurrent", "targets.layers=['attn', 'lstm']", "targets.dtype=float32"]
