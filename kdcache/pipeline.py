@@ -61,6 +61,7 @@ class ExtractSection:
 @dataclass(frozen=True)
 class StudentSection:
     factory: str = ""
+    select: str = "auto"  # which part of the student's output is its logits, as [targets.select] for the teacher's
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,9 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
         if f.name not in values:
             continue
         value, key = values[f.name], f"{where}.{f.name}"
+        if (where, f.name) == ("student", "select"):
+            kwargs[f.name] = _selector(value, key, source)
+            continue
         if f.name == "loss":
             kwargs[f.name] = _section(LossSection, _table(value, key, source), key, source)
             continue
@@ -276,7 +280,8 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
 
 
 def _selector(value: Any, key: str, source: str) -> str:
-    """A ``[targets.select]`` value: a non-empty string; an integer index is taken as its string."""
+    """A ``[targets.select]`` (or ``train.features`` / ``student.select``) value: a non-empty string; an integer index
+    is taken as its string."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str) or not value:

@@ -221,12 +221,13 @@ class Run:
     device: torch.device
     paths: list[str]
     world: int = 1  # under torchrun: the number of ranks whose gradients each step averages
+    select: str = "auto"  # student.select: the part of the student's output compared with the stored logits
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
         self.hooked.clear()  # this forward's outputs only: never a stale one from an earlier batch
         logits = data.call(self.student, data.to_device(batch["inputs"], self.device), "student")
-        logits, _ = select_student(logits, "student output")
+        logits = select_student(logits, "student output", self.select)
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}
         if w.kl:
@@ -271,7 +272,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                                 "train.loss.mse, and list only layers from targets.layers under train.features")
         features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)), spec.get("select", "auto"))
     teachers.check_layers(student, tuple(m for m, _, _ in features.values()), what="student")
-    run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features))
+    run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
+              select=pipeline.student.select)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
     if features:
@@ -327,21 +329,25 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
                               "sample's first axis, the one after the batch")
 
 
-def select_student(output: Any, what: str) -> tuple[torch.Tensor, str]:
-    """``teachers.select(output, "auto")`` for the student, whose error names a fix that applies to it."""
+def select_student(output: Any, what: str, selector: str = "auto") -> torch.Tensor:
+    """The student's tensor in ``output`` (its logits: ``student.select``; default auto), with errors naming the fix that
+    applies to the student."""
+    if selector != "auto":
+        return teachers.select(output, selector, what, label=f"the {what}", setting="student.select")[0]
     try:
-        return teachers.select(output, "auto", what)
+        return teachers.select(output, "auto", what)[0]
     except TargetError:
         raise TargetError(f"{what!r} of the student is a {type(output).__name__} kdcache cannot pick a tensor from (it takes a "
                           f"tensor, the first element of a tuple/list, or the first of {', '.join(teachers.AUTO_KEYS)} of a dict); "
-                          "make the student return its logits (or the hooked module its features) that way") from None
+                          "make the student return its logits (or the hooked module its features) that way, or set "
+                          "student.select") from None
 
 
 def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: str) -> torch.Tensor:
     """The part of student ``module``'s output (``train.features`` ``select``; default auto) distilled into teacher ``layer``."""
     output = teachers.hooked_output(hooked, module, "student")
     if selector == "auto":
-        return select_student(output, module)[0]
+        return select_student(output, module)
     return teachers.select(output, selector, module, label=f"train.features {layer!r}: student module {module!r}",
                            setting=f"train.features.{layer!r}.select")[0]
 
@@ -466,7 +472,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         correct = agree = teacher_correct = n = 0
         with torch.no_grad():
             for batch in source:
-                logits, _ = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output")
+                logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
                 pred = logits.argmax(-1).cpu()
                 label = batch["label"]
                 if label is not None:
@@ -494,7 +500,7 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str) -
     run.student.eval()
     try:
         with torch.no_grad():
-            logits, _ = select_student(data.call(run.student, data.to_device(probe["inputs"], device), "student"), "student output")
+            logits = select_student(data.call(run.student, data.to_device(probe["inputs"], device), "student"), "student output", run.select)
     except (ModelError, TargetError):
         return  # the first training step says what is wrong with the model or its output, on a batch of its own
     if logits.ndim != 2:

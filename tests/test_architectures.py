@@ -288,3 +288,32 @@ def test_conv1d_maps_are_distilled_per_position_once_transposed(tmp_path):
     with torch.no_grad():
         ref = torch.nn.functional.mse_loss(head.linear(run.student.conv(batch["inputs"].flatten(2)).transpose(1, 2)), target)
     torch.testing.assert_close(loss.detach(), ref)
+
+
+def test_a_language_model_s_last_position_is_distilled_with_student_select(tmp_path):
+    """A causal LM's next-token distribution: the teacher's per-token logits (B, 16, 5) stored at the last position with
+    ``targets.select.logits = "-1"``; the student's own (B, 16, 5) output needs the same part, ``student.select = "-1"``
+    (without it KL compares (8, 16, 5) with (8, 5): an error before a step), for the loss and for eval_accuracy."""
+    p = pipeline(teacher="tagger_teacher", student="tagger_student", select={"logits": "-1"}, loss={"kl": 1.0})
+    store = extracted(p, tmp_path)
+    x = architectures.images().x
+    with torch.no_grad():
+        teacher = architectures.tagger_teacher()(x)[:, -1]
+    torch.testing.assert_close(torch.from_numpy(store.read(layout.LOGITS, 0, 20)), teacher)
+    with pytest.raises(ShapeMismatchError, match=r"student shape \(8, 16, 5\) does not match teacher shape \(8, 5\)"):
+        kdcache.train(p, store.location, tmp_path / "unselected")
+    raw = p.to_dict()
+    raw["student"]["select"] = "-1"
+    raw["train"]["eval_split"] = "test"
+    selected = from_dict(raw, root=FIXTURES)
+    torch.manual_seed(0)
+    run = setup(selected, store, architectures.images(), torch.device("cpu"))
+    batch = batch_of(store, run.paths)
+    with torch.no_grad():
+        want = kdcache.losses.kl_divergence(run.student(batch["inputs"])[:, -1], batch["targets"][layout.LOGITS], 4.0)
+    torch.testing.assert_close(run.losses(batch)["kl"].detach(), want)
+    result = kdcache.train(selected, store.location, tmp_path / "run")
+    assert result["loss_kl"] > 0 and 0 <= result["eval_accuracy"] <= 1
+    raw["student"]["select"] = "-17"
+    with pytest.raises(TargetError, match=r"the student output: index -17 is outside the 16 entries.*fix student.select"):
+        kdcache.train(from_dict(raw, root=FIXTURES), store.location, tmp_path / "bad")
