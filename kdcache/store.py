@@ -263,7 +263,7 @@ class Store:
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
             try:
-                with zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
+                with _CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
                     node = self.group[path]
             except StoreError:
                 raise
@@ -721,6 +721,9 @@ class Store:
 
 
 _TEMPS_LOCK = threading.Lock()  # Store._temps is filled by several writer threads
+# Store.array sets zarr's global config around an open and restores it after: threads opening arrays at once would
+# restore each other's settings (an array opened with zarr's unbounded zstd, the config left changed for the process)
+_CONFIG_LOCK = threading.Lock()
 _PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the object STEM
 _TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
 

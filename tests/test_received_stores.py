@@ -288,3 +288,34 @@ def test_verify_and_train_of_a_store_with_a_compression_bomb_end_in_one_line(tin
     output = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in output, output[-2000:]
     assert output.strip().splitlines()[-1].startswith("Error: ") and "8,589,934,592 bytes" in output, output[-2000:]
+
+
+def test_arrays_opened_by_several_threads_at_once_all_decode_bounded(tiny_store):
+    """``Store.array`` chose the bounded zstd through zarr's global config, set and restored around the open: threads opening
+    arrays at once (remote streaming reads every column at once, extract writes shards on several threads) restored each
+    other's settings, so an array could be opened with zarr's unbounded zstd while another thread's open ended, and the
+    config was left changed for the whole process. Opens are serialised: every array is bounded, the config restored."""
+    import threading
+
+    import zarr
+
+    from kdcache.store import BoundedZstdCodec
+
+    default = "zarr.codecs.zstd.ZstdCodec"
+    for _ in range(5):
+        stores = [open_store(tiny_store) for _ in range(8)]
+        barrier, codecs = threading.Barrier(len(stores)), []
+
+        def open_all(store):
+            barrier.wait()
+            for path in store.paths():
+                codecs.append(type(store.array(path).metadata.codecs[0].codecs[1]))
+
+        with zarr.config.set({"codecs.zstd": default, "array.write_empty_chunks": False}):
+            workers = [threading.Thread(target=open_all, args=(s,)) for s in stores]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert zarr.config.get("codecs.zstd") == default and zarr.config.get("array.write_empty_chunks") is False
+        assert codecs and set(codecs) == {BoundedZstdCodec}
