@@ -1025,8 +1025,8 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     if not exists(location, storage_options):
         raise _no_store(location, storage_options)
     target = zarr_store(location, storage_options, read_only=mode == "r")
-    try:
-        group = zarr.open_group(target, mode=mode, zarr_format=3)
+    try:  # never consolidated metadata (kdcache writes none): arrays parsed at open would miss Store.array's bounded zstd
+        group = zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)
     except StoreError:
         raise
     except (FileNotFoundError, *BAD_METADATA) as e:

@@ -319,3 +319,25 @@ def test_arrays_opened_by_several_threads_at_once_all_decode_bounded(tiny_store)
                 w.join()
             assert zarr.config.get("codecs.zstd") == default and zarr.config.get("array.write_empty_chunks") is False
         assert codecs and set(codecs) == {BoundedZstdCodec}
+
+
+def test_consolidated_metadata_in_a_received_store_does_not_unbound_its_zstd_decoding(tiny_store, tmp_path):
+    """A root zarr.json that also carries its arrays' metadata inline (zarr's ``consolidated_metadata``, which kdcache never
+    writes) had zarr parse their codecs when the group opened, outside ``Store.array``'s bounded zstd: the bomb's 1 GiB was
+    allocated again. The arrays' own zarr.json are read, as for any store, and the bomb is named without decompressing it."""
+    import json
+    import tracemalloc
+
+    store = bombed(tiny_store, tmp_path, 2**30)
+    root = json.loads((store / "zarr.json").read_text())
+    inline = {meta.parent.relative_to(store).as_posix(): json.loads(meta.read_text()) for meta in sorted(store.rglob("zarr.json")) if meta.parent != store}
+    root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": inline}
+    (store / "zarr.json").write_text(json.dumps(root))
+    opened = open_store(str(store))
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError, match=r"shard 1 of targets/logits \(rows 16-31\).*its zstd frame declares 1,073,741,824 bytes"):
+            opened.read(LOGITS, 20, 24)
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20
+    finally:
+        tracemalloc.stop()
