@@ -275,6 +275,9 @@ class Store:
                 raise self._bad_metadata(path, why) from None
             if not isinstance(node, zarr.Array):
                 raise self._bad_metadata(path, "it describes a group, not an array")
+            other = _other_codec(node.metadata.codecs)
+            if other is not None:
+                raise self._bad_metadata(path, f"its codec {other!r} is not one of the format's: sharding_indexed, bytes, zstd, crc32c")
             self._arrays[path] = node
         return self._arrays[path]
 
@@ -970,6 +973,22 @@ class BoundedZstdCodec(ZstdCodec):
             return super()._decode_sync(chunk_bytes, chunk_spec)
         out = np.empty(math.prod(chunk_spec.shape) * native.itemsize, np.uint8)
         return chunk_spec.prototype.buffer.from_array_like(decode_zstd(chunk_bytes.as_numpy_array(), out))
+
+
+def _other_codec(codecs: Iterable[Any]) -> str | None:
+    """The name of the first codec (inner and index codecs of a shard included) that is not one of FORMAT.md §3.1's, else
+    None: a received store's zarr.json may name any codec zarr knows, and gzip or blosc decompress a chunk to whatever
+    size its bytes say, unbounded (only zstd is decoded into the chunk's size, ``BoundedZstdCodec``)."""
+    from zarr.codecs import BytesCodec, ShardingCodec
+
+    for codec in codecs:
+        if isinstance(codec, ShardingCodec):
+            inner = _other_codec([*codec.codecs, *codec.index_codecs])
+            if inner is not None:
+                return inner
+        elif not isinstance(codec, (BytesCodec, BoundedZstdCodec, Crc32cCodec)):
+            return str(codec.to_dict().get("name", type(codec).__name__))
+    return None
 
 
 _BOUNDED_ZSTD = f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"

@@ -341,3 +341,39 @@ def test_consolidated_metadata_in_a_received_store_does_not_unbound_its_zstd_dec
         assert tracemalloc.get_traced_memory()[1] < 64 * 2**20
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize("path", [LOGITS, "progress/done"])
+def test_a_received_store_naming_another_compressor_is_refused_before_it_decompresses(tiny_store, tmp_path, path):
+    """A received store's zarr.json may name any codec zarr knows: with ``gzip`` in place of zstd (or added to the done
+    markers' codecs), 260 KB of a checksum-valid chunk decompressed to 256 MiB, unbounded like the zstd bomb before it. The
+    format's codecs are sharding_indexed, bytes, zstd and crc32c (FORMAT.md §3.1); any other is damaged metadata, named."""
+    import json
+    import tracemalloc
+    import zlib
+
+    store = copy(tiny_store, tmp_path)
+    meta = json.loads((store / path / "zarr.json").read_text())
+    gzip = {"name": "gzip", "configuration": {"level": 1}}
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = deflate.compress(b"\0" * (256 << 20)) + deflate.flush()
+    if path == LOGITS:
+        meta["codecs"][0]["configuration"]["codecs"][1] = gzip
+        slots = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // meta["codecs"][0]["configuration"]["chunk_shape"][0]
+        (store / SHARD).write_bytes(with_chunk((store / SHARD).read_bytes(), slots, 0, bomb))
+    else:
+        meta["codecs"].append(gzip)
+        (store / path / "c" / "1").write_bytes(bomb)
+    (store / path / "zarr.json").write_text(json.dumps(meta))
+    opened = open_store(str(store))
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError, match=rf"is damaged: '{path}/zarr.json' is not valid zarr metadata \(its codec 'gzip' is not one of "
+                                             r"the format's: sharding_indexed, bytes, zstd, crc32c\); run kdcache verify"):
+            opened.read(LOGITS, 20, 24)
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20
+    finally:
+        tracemalloc.stop()
+    r = limited("verify", store, timeout=120)
+    output = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in output and "NOT verified" in output, output[-2000:]
