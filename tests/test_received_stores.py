@@ -377,3 +377,34 @@ def test_a_received_store_naming_another_compressor_is_refused_before_it_decompr
     r = limited("verify", store, timeout=120)
     output = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in output and "NOT verified" in output, output[-2000:]
+
+
+def test_a_chunk_grid_larger_than_memory_is_named_not_a_traceback(tiny_store, tmp_path):
+    """A manifest and zarr.json made to agree on shards of 2**40 rows (one shard for 50 samples: every check of the manifest
+    holds), with a checksum-valid chunk that declares their 8 TiB: the whole-shard reader's buffer for the chunk raised
+    MemoryError out of Store.read, a traceback in train. The read goes through zarr, which names the shard."""
+    import json
+
+    from google_crc32c import value as crc32c
+
+    rows = 2**40
+    store = copy(tiny_store, tmp_path)
+    root = json.loads((store / "zarr.json").read_text())
+    geometry = root["attributes"]["kdcache"]["geometry"]
+    geometry.update(rows_per_shard=rows, num_shards=1, chunk_rows={p: rows for p in geometry["chunk_rows"]})
+    (store / "zarr.json").write_text(json.dumps(root))
+    for meta in store.rglob("zarr.json"):
+        doc = json.loads(meta.read_text())
+        if doc.get("node_type") == "array":
+            if meta.parent.parent.name == "progress":
+                doc["shape"][0] = 1
+            else:
+                doc["chunk_grid"]["configuration"]["chunk_shape"][0] = doc["codecs"][0]["configuration"]["chunk_shape"][0] = rows
+            meta.write_text(json.dumps(doc))
+    shutil.rmtree(store / "progress" / "digest" / "c")
+    body = b"\x28\xb5\x2f\xfd\xe0" + (rows * 8).to_bytes(8, "little") + b"\x03\x00\x10\x00"  # 8 TiB declared (zstd_bomb's header)
+    body += crc32c(body).to_bytes(4, "little")
+    index = np.array([[0, len(body)]], "<u8").tobytes()
+    (store / LOGITS / "c" / "0" / "0").write_bytes(body + index + crc32c(index).to_bytes(4, "little"))
+    with pytest.raises(StoreError, match=r"shard 0 of targets/logits \(rows 0-49\) does not decode \(MemoryError: "):
+        open_store(str(store)).read(LOGITS, 0, 50)
