@@ -263,7 +263,7 @@ class Store:
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
             try:
-                with zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
+                with _CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
                     node = self.group[path]
             except StoreError:
                 raise
@@ -275,6 +275,9 @@ class Store:
                 raise self._bad_metadata(path, why) from None
             if not isinstance(node, zarr.Array):
                 raise self._bad_metadata(path, "it describes a group, not an array")
+            other = _other_codec(node.metadata.codecs)
+            if other is not None:
+                raise self._bad_metadata(path, f"its codec {other!r} is not one of the format's: sharding_indexed, bytes, zstd, crc32c")
             self._arrays[path] = node
         return self._arrays[path]
 
@@ -721,6 +724,9 @@ class Store:
 
 
 _TEMPS_LOCK = threading.Lock()  # Store._temps is filled by several writer threads
+# Store.array sets zarr's global config around an open and restores it after: threads opening arrays at once would
+# restore each other's settings (an array opened with zarr's unbounded zstd, the config left changed for the process)
+_CONFIG_LOCK = threading.Lock()
 _PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the object STEM
 _TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
 
@@ -894,7 +900,10 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     if len(raw) < tail or crc32c(raw[-tail:-4].tobytes()) != int(raw[-4:].view("<u4")[0]):
         return None
     index = raw[-tail:-4].view("<u8").reshape(slots, 2)
-    out = np.empty((count * chunk, *array.shape[1:]), dtype=array.dtype)
+    try:
+        out = np.empty((count * chunk, *array.shape[1:]), dtype=array.dtype)
+    except MemoryError:  # a chunk grid larger than memory (a received zarr.json): zarr reads it and names the shard
+        return None
     size = out[:chunk].nbytes
     for i in range(count):
         offset, length = (int(v) for v in index[i])
@@ -969,6 +978,22 @@ class BoundedZstdCodec(ZstdCodec):
         return chunk_spec.prototype.buffer.from_array_like(decode_zstd(chunk_bytes.as_numpy_array(), out))
 
 
+def _other_codec(codecs: Iterable[Any]) -> str | None:
+    """The name of the first codec (inner and index codecs of a shard included) that is not one of FORMAT.md §3.1's, else
+    None: a received store's zarr.json may name any codec zarr knows, and gzip or blosc decompress a chunk to whatever
+    size its bytes say, unbounded (only zstd is decoded into the chunk's size, ``BoundedZstdCodec``)."""
+    from zarr.codecs import BytesCodec, ShardingCodec
+
+    for codec in codecs:
+        if isinstance(codec, ShardingCodec):
+            inner = _other_codec([*codec.codecs, *codec.index_codecs])
+            if inner is not None:
+                return inner
+        elif not isinstance(codec, (BytesCodec, BoundedZstdCodec, Crc32cCodec)):
+            return str(codec.to_dict().get("name", type(codec).__name__))
+    return None
+
+
 _BOUNDED_ZSTD = f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"
 zarr.registry.register_codec("zstd", BoundedZstdCodec)  # chosen only where Store.array sets codecs.zstd to it
 
@@ -1022,8 +1047,8 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     if not exists(location, storage_options):
         raise _no_store(location, storage_options)
     target = zarr_store(location, storage_options, read_only=mode == "r")
-    try:
-        group = zarr.open_group(target, mode=mode, zarr_format=3)
+    try:  # never consolidated metadata (kdcache writes none): arrays parsed at open would miss Store.array's bounded zstd
+        group = zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)
     except StoreError:
         raise
     except (FileNotFoundError, *BAD_METADATA) as e:

@@ -288,3 +288,123 @@ def test_verify_and_train_of_a_store_with_a_compression_bomb_end_in_one_line(tin
     output = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in output, output[-2000:]
     assert output.strip().splitlines()[-1].startswith("Error: ") and "8,589,934,592 bytes" in output, output[-2000:]
+
+
+def test_arrays_opened_by_several_threads_at_once_all_decode_bounded(tiny_store):
+    """``Store.array`` chose the bounded zstd through zarr's global config, set and restored around the open: threads opening
+    arrays at once (remote streaming reads every column at once, extract writes shards on several threads) restored each
+    other's settings, so an array could be opened with zarr's unbounded zstd while another thread's open ended, and the
+    config was left changed for the whole process. Opens are serialised: every array is bounded, the config restored."""
+    import threading
+
+    import zarr
+
+    from kdcache.store import BoundedZstdCodec
+
+    default = "zarr.codecs.zstd.ZstdCodec"
+    for _ in range(5):
+        stores = [open_store(tiny_store) for _ in range(8)]
+        barrier, codecs = threading.Barrier(len(stores)), []
+
+        def open_all(store):
+            barrier.wait()
+            for path in store.paths():
+                codecs.append(type(store.array(path).metadata.codecs[0].codecs[1]))
+
+        with zarr.config.set({"codecs.zstd": default, "array.write_empty_chunks": False}):
+            workers = [threading.Thread(target=open_all, args=(s,)) for s in stores]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert zarr.config.get("codecs.zstd") == default and zarr.config.get("array.write_empty_chunks") is False
+        assert codecs and set(codecs) == {BoundedZstdCodec}
+
+
+def test_consolidated_metadata_in_a_received_store_does_not_unbound_its_zstd_decoding(tiny_store, tmp_path):
+    """A root zarr.json that also carries its arrays' metadata inline (zarr's ``consolidated_metadata``, which kdcache never
+    writes) had zarr parse their codecs when the group opened, outside ``Store.array``'s bounded zstd: the bomb's 1 GiB was
+    allocated again. The arrays' own zarr.json are read, as for any store, and the bomb is named without decompressing it."""
+    import json
+    import tracemalloc
+
+    store = bombed(tiny_store, tmp_path, 2**30)
+    root = json.loads((store / "zarr.json").read_text())
+    inline = {meta.parent.relative_to(store).as_posix(): json.loads(meta.read_text()) for meta in sorted(store.rglob("zarr.json")) if meta.parent != store}
+    root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": inline}
+    (store / "zarr.json").write_text(json.dumps(root))
+    opened = open_store(str(store))
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError, match=r"shard 1 of targets/logits \(rows 16-31\).*its zstd frame declares 1,073,741,824 bytes"):
+            opened.read(LOGITS, 20, 24)
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("path", [LOGITS, "progress/done"])
+def test_a_received_store_naming_another_compressor_is_refused_before_it_decompresses(tiny_store, tmp_path, path):
+    """A received store's zarr.json may name any codec zarr knows: with ``gzip`` in place of zstd (or added to the done
+    markers' codecs), 260 KB of a checksum-valid chunk decompressed to 256 MiB, unbounded like the zstd bomb before it. The
+    format's codecs are sharding_indexed, bytes, zstd and crc32c (FORMAT.md §3.1); any other is damaged metadata, named."""
+    import json
+    import tracemalloc
+    import zlib
+
+    store = copy(tiny_store, tmp_path)
+    meta = json.loads((store / path / "zarr.json").read_text())
+    gzip = {"name": "gzip", "configuration": {"level": 1}}
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = deflate.compress(b"\0" * (256 << 20)) + deflate.flush()
+    if path == LOGITS:
+        meta["codecs"][0]["configuration"]["codecs"][1] = gzip
+        slots = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // meta["codecs"][0]["configuration"]["chunk_shape"][0]
+        (store / SHARD).write_bytes(with_chunk((store / SHARD).read_bytes(), slots, 0, bomb))
+    else:
+        meta["codecs"].append(gzip)
+        (store / path / "c" / "1").write_bytes(bomb)
+    (store / path / "zarr.json").write_text(json.dumps(meta))
+    opened = open_store(str(store))
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError, match=rf"is damaged: '{path}/zarr.json' is not valid zarr metadata \(its codec 'gzip' is not one of "
+                                             r"the format's: sharding_indexed, bytes, zstd, crc32c\); run kdcache verify"):
+            opened.read(LOGITS, 20, 24)
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20
+    finally:
+        tracemalloc.stop()
+    r = limited("verify", store, timeout=120)
+    output = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in output and "NOT verified" in output, output[-2000:]
+
+
+def test_a_chunk_grid_larger_than_memory_is_named_not_a_traceback(tiny_store, tmp_path):
+    """A manifest and zarr.json made to agree on shards of 2**40 rows (one shard for 50 samples: every check of the manifest
+    holds), with a checksum-valid chunk that declares their 8 TiB: the whole-shard reader's buffer for the chunk raised
+    MemoryError out of Store.read, a traceback in train. The read goes through zarr, which names the shard."""
+    import json
+
+    from google_crc32c import value as crc32c
+
+    rows = 2**40
+    store = copy(tiny_store, tmp_path)
+    root = json.loads((store / "zarr.json").read_text())
+    geometry = root["attributes"]["kdcache"]["geometry"]
+    geometry.update(rows_per_shard=rows, num_shards=1, chunk_rows={p: rows for p in geometry["chunk_rows"]})
+    (store / "zarr.json").write_text(json.dumps(root))
+    for meta in store.rglob("zarr.json"):
+        doc = json.loads(meta.read_text())
+        if doc.get("node_type") == "array":
+            if meta.parent.parent.name == "progress":
+                doc["shape"][0] = 1
+            else:
+                doc["chunk_grid"]["configuration"]["chunk_shape"][0] = doc["codecs"][0]["configuration"]["chunk_shape"][0] = rows
+            meta.write_text(json.dumps(doc))
+    shutil.rmtree(store / "progress" / "digest" / "c")
+    body = b"\x28\xb5\x2f\xfd\xe0" + (rows * 8).to_bytes(8, "little") + b"\x03\x00\x10\x00"  # 8 TiB declared (zstd_bomb's header)
+    body += crc32c(body).to_bytes(4, "little")
+    index = np.array([[0, len(body)]], "<u8").tobytes()
+    (store / LOGITS / "c" / "0" / "0").write_bytes(body + index + crc32c(index).to_bytes(4, "little"))
+    with pytest.raises(StoreError, match=r"shard 0 of targets/logits \(rows 0-49\) does not decode \(MemoryError: "):
+        open_store(str(store)).read(LOGITS, 0, 50)
