@@ -186,6 +186,7 @@ class Store:
         self._digests: np.ndarray | None = None  # and digests() after it (a shard's digest is written before its marker)
         self._digested: bool | None = None  # whether the store has progress/digest (stores written before it have none)
         self._digest_columns: dict[str, int] | None = None
+        self._snapshot = threading.Lock()  # read(): the done markers and digests are loaded together
         self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
 
     def _check_groups(self) -> None:
@@ -325,7 +326,10 @@ class Store:
 
     def has_digests(self) -> bool:
         if self._digested is None:
-            self._digested = self.raw_object(f"{DIGEST}/zarr.json") is not None
+            try:
+                self._digested = self.raw_object(f"{DIGEST}/zarr.json") is not None
+            except PermissionError:  # a bucket granting GetObject only answers a missing key 403: a store from before digests
+                self._digested = False
         return self._digested
 
     def digests(self) -> np.ndarray | None:
@@ -353,6 +357,9 @@ class Store:
             return None
         if self._digest_columns is None:
             self._digest_columns = {p: i for i, p in enumerate(self.digest_paths())}
+        if not self._digests[shard].any():  # written before the marker: a done shard without one lost its digest object
+            return ("has no digest in progress/digest although the store records them (its digest object is missing: an "
+                    "incomplete copy, or a writer that does not know digests resumed the store)")
         recorded = int(self._digests[shard, self._digest_columns[path]])
         if recorded and shard_digest(path, shard, [rows]) != recorded:
             return ("holds other rows than its writer wrote there (their digest is not the one recorded in progress/digest: "
@@ -452,9 +459,11 @@ class Store:
         self.checked_array(path)
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
         if self._done is None or self.writable:
-            done = self.done()  # first: every shard done in it has its digest written (§7.1)
-            self._digests = None if self.writable else self.digests()
-            self._done = done  # last: a concurrent first read (remote streaming) loads both itself, never one alone
+            with self._snapshot:  # concurrent first reads (remote streaming) take one pair, never one's markers with the other's digests
+                if self._done is None or self.writable:
+                    done = self.done()  # first: every shard done in it has its digest written (§7.1)
+                    self._digests = None if self.writable else self.digests()
+                    self._done = done
         rows = self._read_rows(path, start, stop, shards)
         if digests and self._digests is not None:
             for shard in shards:

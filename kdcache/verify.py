@@ -106,7 +106,8 @@ def _layout(store: layout.Store) -> Check:
             arr = store.array(path)
         except (KeyError, FileNotFoundError, ValueError) as e:
             present = store.raw_object(f"{path}/zarr.json") is not None
-            check.fail(f"{path}: {path}/zarr.json is not valid zarr metadata" if present else f"{path}: missing ({type(e).__name__})")
+            why = f": {one_line(e, 300)}" if isinstance(e, StoreError) else ""  # the reason the store's own check gave
+            check.fail(f"{path}: {path}/zarr.json is not valid zarr metadata{why}" if present else f"{path}: missing ({type(e).__name__})")
             continue
         if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
             check.fail(f"{path}: is {list(arr.shape)} {arr.dtype}, the manifest says {list(shape)} {dtype}")

@@ -223,3 +223,15 @@ def test_a_store_written_before_digests_reads_verifies_and_resumes_without_them(
     r = CliRunner().invoke(main, ["info", str(out)])
     assert "no shard digests: positions unchecked)" in r.output.splitlines()[0], r.output
     assert json.loads(CliRunner().invoke(main, ["info", str(out), "--json"]).output)["shard_digests"] is False
+
+
+def test_a_done_shard_whose_digest_object_is_lost_is_damage_not_unchecked(copy, tmp_path):
+    """A store that records digests writes each before its shard's done marker: a done shard without one lost its digest
+    object (an incomplete copy, a sync that skipped it), and a stale data object beside it would go unchecked. Named,
+    for every array of that shard, by verify and by training."""
+    (copy / "progress" / "digest" / "c" / "2" / "0").unlink()
+    report = verify(str(copy))
+    lost = [p for p in problems(report, "values") if "has no digest in progress/digest" in p]
+    assert len(lost) == 5 and all("shard 2 (rows 32-47)" in p for p in lost), problems(report, "values")
+    r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "Traceback" not in r.output and "has no digest in progress/digest" in r.output, r.output
