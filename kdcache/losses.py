@@ -319,7 +319,8 @@ class TokensToMapHead(nn.Module):
 
 # How to fix an unsupported pair, by the teacher's rank (the teacher target is the fixed side).
 _FIX_BY_TEACHER_RANK = {
-    1: "hook a student layer whose output is a (C, H, W) map or a (D,) vector",
+    1: "hook a student layer whose output is a (C, H, W) map or a (D,) vector (from (T, D) tokens, a train.features select "
+       "step picks one: \"0\", a class token, or \"mean\")",
     2: "hook a student layer whose output is a (T, D) token sequence with the teacher's T, or a (C, H, W) map",
     3: "hook a student layer whose output is a (C, H, W) map or (T, D) patch tokens",
 }

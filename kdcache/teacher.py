@@ -133,12 +133,13 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
         return value.transpose(1, 2)
     if _INDEX.fullmatch(step):
         if not -axis <= int(step) < axis:
+            valid = f"an index from {-axis} to {axis - 1}" if axis else "it has no entry to index"
             raise TargetError(f"{label}: index {step} is outside the {axis} entries of the sample's first axis (per-sample "
-                              f"shape {list(per_sample)}); fix {setting} (an index from {-axis} to {axis - 1})")
+                              f"shape {list(per_sample)}); fix {setting} ({valid})")
         return value[:, int(step)]
     sliced = _SLICE.fullmatch(step)
     if sliced:
-        start, stop = (int(b) if b else None for b in sliced.groups())
+        start, stop, _ = slice(*(int(b) if b else None for b in sliced.groups())).indices(axis)  # huge bounds clamped
         part = value[:, start:stop]
         if part.shape[1] == 0:
             raise TargetError(f"{label}: slice {step!r} of the sample's first axis ({axis} entries, per-sample shape "

@@ -317,3 +317,18 @@ def test_a_language_model_s_last_position_is_distilled_with_student_select(tmp_p
     raw["student"]["select"] = "-17"
     with pytest.raises(TargetError, match=r"the student output: index -17 is outside the 16 entries.*fix student.select"):
         kdcache.train(from_dict(raw, root=FIXTURES), store.location, tmp_path / "bad")
+
+
+def test_slice_bounds_past_the_axis_are_clamped_as_python_slices_are():
+    """Python's slice semantics, without torch's "Truncating ... saved old models" UserWarning for bounds past 2**63."""
+    import warnings
+
+    from kdcache.teacher import select
+
+    x = torch.randn(2, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, want in (("1:99999999999999999999", x[:, 1:]), ("-99999999999999999999:2", x[:, :2]), ("-2:", x[:, -2:])):
+            torch.testing.assert_close(select(x, step, "t")[0], want)
+    with pytest.raises(TargetError, match=r"index 0 is outside the 0 entries .* \(it has no entry to index\)"):
+        select(torch.randn(2, 0, 3), "0", "t")
