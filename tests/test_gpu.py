@@ -89,3 +89,23 @@ def test_cuda_resume_with_dropout_reaches_the_uninterrupted_weights(tmp_path, ti
     got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
     for k in want:  # other dropout masks move weights by ~1e-2; cuDNN's backward may differ in the last bits
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("select", ["0.0", "0.1:", "0.mean", "0.transpose"], ids=["class-token", "patch-tokens", "mean", "transpose"])
+def test_cuda_select_steps_store_the_cpu_rows(tmp_path, select):
+    """Select steps run on the device, before the pinned copy: a slice or a transpose is a view that is not contiguous,
+    and the copy must still write each sample's own rows (compared with the CPU extract of the same ViT-like teacher)."""
+    from kdcache.pipeline import from_dict
+    from kdcache.store import layer_path
+
+    def extracted(device: str) -> np.ndarray:
+        raw = {"teacher": {"factory": "architectures.py:vit_teacher"}, "data": {"factory": "architectures.py:images"},
+               "targets": {"layers": ["blocks.1.attn"], "dtype": "float32", "select": {"blocks.1.attn": select}},
+               "extract": {"batch_size": 8, "device": device, "rows_per_shard": 8}}
+        out = tmp_path / f"{device}.zarr"
+        kdcache.extract(from_dict(raw, root=FIXTURES), str(out))
+        return kdcache.open_store(str(out)).read(layer_path("blocks.1.attn"), 0, 20)
+
+    cpu, gpu = extracted("cpu"), extracted("cuda")
+    assert gpu.shape == cpu.shape
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-2, atol=1e-3)
