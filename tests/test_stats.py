@@ -55,3 +55,21 @@ def test_cli_stats_human_and_json(tiny_store):
     assert json.loads(r.output)["rows"] == 50
     r = CliRunner().invoke(main, ["stats", tiny_store])
     assert r.exit_code == 0 and "top-1 accuracy" in r.output and "features.3" in r.output
+
+
+def test_stats_read_whole_shards_checked_against_their_digests(tiny_store, tmp_path):
+    """A block per shard: each read whole (one object), so a shard object swapped with another is named, not averaged in."""
+    import shutil
+
+    copy = tmp_path / "swapped.zarr"
+    shutil.copytree(tiny_store, copy)
+    logits = copy / "targets" / "logits" / "c"
+    a, b = (logits / "0" / "0").read_bytes(), (logits / "1" / "0").read_bytes()
+    (logits / "0" / "0").write_bytes(b)
+    (logits / "1" / "0").write_bytes(a)
+    r = CliRunner().invoke(main, ["stats", str(copy)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    import re
+
+    assert re.search(r"shard (0 of targets/logits \(rows 0-15\)|1 of targets/logits \(rows 16-31\)) holds other rows than its "
+                     r"writer wrote there", r.output), r.output  # whichever of the two dask read first
