@@ -308,6 +308,24 @@ def test_spec_vectors_match_kdcache():
     assert LINEAR_SHA256 in SPEC.read_text()
 
 
+def test_crc32c_combine_is_the_crc32c_of_the_joined_bytes():
+    """The writer's shard digest for codec none is combined from its inner chunks' crc32c (§7.1's value, one pass)."""
+    import google_crc32c
+
+    from kdcache.store import crc32c_combine, shard_digest
+
+    rng = np.random.default_rng(0)
+    for n1, n2 in [(0, 0), (1, 0), (0, 1), (3, 7), (4096, 1 << 20), (12345, 1), (1, 1 << 33 >> 10)]:
+        a, b = rng.bytes(n1), rng.bytes(n2)
+        assert crc32c_combine(google_crc32c.value(a), google_crc32c.value(b), n2) == google_crc32c.value(a + b), (n1, n2)
+    rows = np.arange(16, 48, dtype=np.int64)
+    raw = rows.view(np.uint8)
+    parts = [(google_crc32c.value(raw[i : i + 64].tobytes()), len(raw[i : i + 64])) for i in range(0, len(raw), 64)]
+    assert shard_digest("samples/index", 1, [rows], parts) == shard_digest("samples/index", 1, [rows[:2], rows[2:]])
+    assert shard_digest("samples/index", 1, [rows], parts[:-1]) == shard_digest("samples/index", 1, [rows])  # not the rows' bytes: recomputed
+    assert shard_digest("samples/index", 1, [rows[:2]]) == 0x15C0E0C5
+
+
 def test_zarr_json_geometry_matches_manifest(built):
     store = kdcache.open_store(built)
     geo = store.manifest["geometry"]

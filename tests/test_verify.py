@@ -155,10 +155,16 @@ def test_not_a_store(tmp_path):
 # ----------------------------------------------------------------------------------- shard digests (FORMAT.md §7.1)
 
 
-def test_every_shard_digest_is_the_crc32c_of_its_path_number_and_rows(tiny_store):
-    """Recomputed with plain zarr and google_crc32c from the definition, not through kdcache."""
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+def test_every_shard_digest_is_the_crc32c_of_its_path_number_and_rows(tiny_store, tmp_path, codec):
+    """Recomputed with plain zarr and google_crc32c from the definition, not through kdcache. Codec none: the writer
+    combines its inner chunks' crc32c into the digest (several chunks per shard here) instead of a second pass."""
     import google_crc32c
 
+    if codec == "none":
+        tiny_store = extract_tiny(tmp_path / "none.zarr", "extract.compression=none", "extract.chunk_mb=0.0001")
+        chunks = kdcache.open_store(tiny_store).array("targets/logits").chunks[0]
+        assert chunks < 16, chunks
     g = zarr.open_group(tiny_store, mode="r")
     paths = sorted(kdcache.open_store(tiny_store).paths())
     assert paths == ["samples/fingerprint", "samples/index", "samples/label", "targets/layers/features.3", "targets/logits"]
@@ -201,6 +207,31 @@ def test_a_shard_object_out_of_its_place_is_found_by_verify_and_refused_by_train
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert f"is damaged: {first} {MOVED}" in r.output, r.output
         assert not (tmp_path / f"run{budget}" / "student.pt").exists()
+
+
+def test_codec_none_shards_swapped_are_refused_by_the_combined_digest_check(tmp_path):
+    """Codec none: a whole-shard read checks the digest combined from the inner chunks' crc32c it verified anyway
+    (no second pass over the rows); shard objects swapped whole still fail it, and a partial last shard is hashed."""
+    location = extract_tiny(tmp_path / "none.zarr", "extract.compression=none", "extract.chunk_mb=0.0001")
+    store = kdcache.open_store(location)
+    before = {s: store.read("targets/logits", *store.shard_rows(s)) for s in range(4)}
+    logits = Path(location) / "targets" / "logits" / "c"
+    a, b = (logits / "0" / "0").read_bytes(), (logits / "2" / "0").read_bytes()
+    (logits / "0" / "0").write_bytes(b)
+    (logits / "2" / "0").write_bytes(a)
+    store = kdcache.open_store(location)
+    with pytest.raises(kdcache.KdcacheError, match=r"shard 0 of targets/logits \(rows 0-15\) holds other rows"):
+        store.read("targets/logits", 0, 16)
+    with pytest.raises(kdcache.KdcacheError, match=r"shard 2 of targets/logits \(rows 32-47\) holds other rows"):
+        store.read("targets/logits", 32, 50)
+    np.testing.assert_array_equal(store.read("targets/logits", 16, 32), before[1])
+    np.testing.assert_array_equal(store.read("targets/logits", 48, 50), before[3])
+    (logits / "2" / "0").write_bytes(b)  # shard 2 back; the partial last shard swapped with the other index shard
+    (logits / "0" / "0").write_bytes(a)
+    index = Path(location) / "samples" / "index" / "c"
+    (index / "3").write_bytes((index / "1").read_bytes())
+    with pytest.raises(kdcache.KdcacheError, match=r"shard 3 of samples/index \(rows 48-49\)"):
+        kdcache.open_store(location).read("samples/index", 48, 50)
 
 
 def test_a_store_written_before_digests_reads_verifies_and_resumes_without_them(tmp_path):
