@@ -466,25 +466,26 @@ class Store:
                     done = self.done()  # first: every shard done in it has its digest written (§7.1)
                     self._digests = None if self.writable else self.digests()
                     self._done = done
-        crcs: dict[int, list[tuple[int, int]]] = {}  # codec none, read from the file: each shard's inner chunks' crc32c
+        check = digests and self._digests is not None
+        crcs: dict[int, list[tuple[int, int]]] | None = {} if check else None  # each whole shard's inner chunks' crc32c
         rows = self._read_rows(path, start, stop, shards, crcs)
-        if digests and self._digests is not None:
+        if check:
             for shard in shards:
                 lo, hi = self.shard_rows(shard)
                 whole = self._done[shard] and start <= lo and hi <= stop  # a part of a shard is not checked
-                problem = whole and self.digest_problem(path, shard, rows[lo - start : hi - start], crcs.get(shard))
+                problem = whole and self.digest_problem(path, shard, rows[lo - start : hi - start], crcs and crcs.get(shard))
                 if problem:
                     raise self._damaged(path, shard, problem)
         return rows
 
-    def _read_rows(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]]) -> np.ndarray:
+    def _read_rows(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None) -> np.ndarray:
         direct = self._read_direct(path, start, stop, shards, crcs)
         if direct is not None:
             return direct
         if location_kind(self.location) == "http" and "::" not in self.location:
             # a plain static server ignores Range (SHARING.md: objects are fetched whole): rows are sliced from whole shards
             lo, hi = shards[0] * self.rows_per_shard, min(shards[-1] * self.rows_per_shard + self.rows_per_shard, self.num_samples)
-            whole = self._read_direct(path, lo, hi, shards, {}) if (lo, hi) != (start, stop) else None
+            whole = self._read_direct(path, lo, hi, shards, None) if (lo, hi) != (start, stop) else None
             if whole is not None:
                 return whole[start - lo : stop - lo]
         checked = [shard for shard in shards if self._done[shard]]
@@ -519,20 +520,23 @@ class Store:
                           f"{one_line(cause, 200)}; nothing says the store is damaged: check the connection, endpoint, "
                           "credentials and that the server is up, then rerun")
 
-    def _read_direct(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]]) -> np.ndarray | None:
+    def _read_direct(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None) -> np.ndarray | None:
         """Rows ``start:stop`` when they are whole done shards, read by ``_read_whole_shard`` (the streaming reader's
         and the in-memory load's case): from the file of a local array, or (object stores, http) from the object
         fetched whole, one request, where zarr asks for the shard's index and then its chunks. None: zarr reads
-        them (and names any damage). ``crcs``: given each shard's inner chunk checksums where they cover its rows."""
+        them (and names any damage). ``crcs`` (not None: the digests will be checked): given each shard's inner
+        chunks' ``(crc32c, length)`` of their rows (``_read_whole_shard``)."""
         spans = [self.shard_rows(s) for s in shards]
         if not spans or not all(self._done[s] and start <= lo and hi <= stop for s, (lo, hi) in zip(shards, spans)):
             return None
-        parts, found = [], {}
+        parts: list[np.ndarray] = []
+        found: dict[int, list[tuple[int, int]]] = {}
         array = self.array(path)
         if array.shards is None or array.shards[0] != self.rows_per_shard:
             return None
         fetch = location_kind(self.location) in ("url", "http") and "::" not in self.location
         for s in shards:
+            sums = found.setdefault(s, []) if crcs is not None else None
             if fetch:
                 try:
                     raw = self.raw_object(self.shard_key(path, s), at_most=self._shard_bound(array))
@@ -540,13 +544,14 @@ class Store:
                     if _transport(e) or isinstance(e, OSError) and _transport(e.__cause__ or e):
                         raise self._unreadable(path, start, stop, e) from None
                     return None
-                rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), found.setdefault(s, [])) if raw else None
+                rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), sums) if raw else None
             else:
-                rows = _read_whole_shard(array, s, None, found.setdefault(s, []))
+                rows = _read_whole_shard(array, s, None, sums)
             if rows is None:
                 return None
             parts.append(rows)
-        crcs.update(found)
+        if crcs is not None:
+            crcs.update(found)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _shard_bound(self, array: zarr.Array) -> int:
@@ -941,7 +946,8 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
 
     The mirror of ``_write_whole_shard``; zarr 3.1 makes two calls through its event loop per read and
     assembles inner chunks one by one (~2.3 ms per column of a small shard, a tenth of that here).
-    ``crcs`` (codec none): given each inner chunk's ``(crc32c, length)``, its rows' bytes, as ``_write_whole_shard``.
+    ``crcs``: given each inner chunk's ``(crc32c, length)`` of its rows' bytes (codec none: the stored checksum;
+    zstd: computed right after decoding, while the chunk is in the CPU's cache), for ``shard_digest``.
     """
     from google_crc32c import value as crc32c
 
@@ -989,6 +995,8 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
                 decode_zstd(body, target)
             except Exception:  # noqa: BLE001 - a body that does not decompress to the chunk: zarr names it
                 return None
+            if crcs is not None:  # while the chunk is in the cache: a pass over the shard later reads it from memory
+                crcs.append((crc32c(target), size))
     return out[:rows]
 
 
