@@ -1,8 +1,8 @@
 """``kdcache stats``: what the teacher's stored outputs say, computed with dask over the store.
 
-One dask chunk per inner chunk of the done shards (aligned, never random rows) of a local store, per
-whole shard of a remote one (one request each, as training reads them); reduced in parallel, memory
-stays bounded by a few chunks per worker whatever the store's size.
+One dask block per done shard, read whole (one request from object storage, as training reads it) and
+checked against its digest; reduced in parallel, memory stays bounded by a few shards per worker
+whatever the store's size.
 
 - teacher top-1 accuracy against the stored labels, and per true class (the agreement of the
   teacher with each class);

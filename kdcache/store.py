@@ -54,6 +54,7 @@ MAX_SHARD_ROWS = 16384
 ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard being written
 MIN_SHARD_ROWS = 16
 MAX_SHARDS = 2**24  # a store of more shards is refused (16,777,216: 2.7e11 rows at MAX_SHARD_ROWS)
+REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (pyproject.toml): s3:// and http(s)://
 
 # What zarr raises on metadata that parses as JSON but not as zarr metadata: ``[]`` as a zarr.json gives a
 # TypeError, ``"x"`` an AttributeError, a missing field a KeyError or ValueError (zarr's MetadataValidationError).
@@ -1187,8 +1188,10 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
         return zarr.storage.FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=read_only)
-    except ImportError as e:
-        raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); pip install 'kdcache[remote]'") from None
+    except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
+        missing = (getattr(e.__cause__, "name", None) or e.name or "").split(".")[0]
+        fix = f"pip install {missing}" if missing and missing not in REMOTE_EXTRA else "pip install 'kdcache[remote]'"
+        raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); {fix}") from None
     except TypeError as e:  # an option the filesystem does not take
         raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {one_line(e)}; "
                          "check the --storage-option values") from None

@@ -226,6 +226,18 @@ def test_storage_option_values_are_json_and_nest():
     assert _storage_options(()) is None
 
 
+def test_a_missing_fsspec_backend_names_the_package_that_installs_it():
+    """kdcache[remote] installs s3fs and aiohttp: a gs:// location needs gcsfs, which the error must name instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(StoreError, match=r"needs an fsspec backend that is not installed .*gcsfs.*; pip install gcsfs$"):
+        open_store("gs://bucket/t.zarr")
+    r = CliRunner().invoke(main, ["info", "gs://bucket/t.zarr"])
+    assert r.exit_code == 1 and "pip install gcsfs" in r.output and "kdcache[remote]" not in r.output
+
+
 
 def test_http_no_store_messages_name_the_cause(http_root):
     """fsspec's exists() answers False for a refused connection, a TLS handshake with a plain server and a 404
