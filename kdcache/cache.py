@@ -17,6 +17,7 @@ worker opens the store itself and takes every k-th buffer of the epoch's plan.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -70,8 +71,9 @@ class TransferSet(IterableDataset):
         self.groups = ShardGroups.of(self.rows, self.rows_per_shard)
         self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent DataLoader workers see set_epoch
         self.first_epoch: int | None = None  # the first epoch set: its rows are checked at fingerprint_check
-        row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
-        self.in_memory = row_bytes * store.num_samples <= memory_budget_mb * 2**20
+        # decoded bytes of one row of the arrays read: what decides RAM or streaming, and what streaming's buffers hold (footprint)
+        self.row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
+        self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
         # In memory: read every needed array whole, once, here (workers inherit it).
         self.memory = {p: store.read(p, 0, store.num_samples) for p in self.paths} if self.in_memory else None
         self._store: layout.Store | None = None
@@ -120,6 +122,21 @@ class TransferSet(IterableDataset):
             return [min(self.batch_size, len(self.rows) - i) for i in range(0, len(self.rows), self.batch_size)]
         counts = np.diff(self.groups.bounds)[self._shard_order(np.random.default_rng([self.seed, epoch]))]
         return np.add.reduceat(counts, np.arange(0, len(counts), self.buffer_shards)).tolist() if len(counts) else []
+
+    def footprint(self, workers: int, processes: int = 1) -> Footprint | None:
+        """Streaming: the most this reader set holds at once, in ``processes`` processes (torchrun's ranks on this machine)
+        of ``workers`` DataLoader workers each (0: the process reads itself); None in RAM (the targets were read once, under
+        ``memory_budget_mb``). A reader holds the buffer it serves (one per stream it joins) and the next, read ahead;
+        one stream's buffers go to one reader each, so no more are held than an epoch makes. Every buffer is counted
+        as whole shards of ``rows_per_shard`` rows: the reads are whole shards, decoded."""
+        if self.in_memory:
+            return None
+        shards = len(self.groups.shards)
+        planned = -(-shards // self.buffer_shards)  # buffers an epoch makes
+        readers = max(1, workers) * max(1, processes)
+        per_reader = min(planned, 1 + (self.streams if self.stream is None else 1))
+        buffers = readers * per_reader if self.streams > 1 else min(planned, readers * per_reader)  # streams: readers share buffers
+        return Footprint(buffers, min(self.buffer_shards, shards), self.rows_per_shard, self.row_bytes, per_reader, readers)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Batches (streams: steps) the epoch serves: counted from the buffer sizes, nothing drawn or listed."""
@@ -332,6 +349,32 @@ class TransferSet(IterableDataset):
 
 PREFETCH = 2  # batches made ahead of the consumer
 REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, or None where the OS does not say (training's memory check is then
+    skipped). A function, looked up at each call: tests give another machine's figure."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return total if total > 0 else None
+
+
+class Footprint(NamedTuple):
+    """What streaming holds at once at most (``TransferSet.footprint``): ``buffers`` buffers of ``shards`` whole shards of
+    ``rows`` rows of ``row_bytes`` bytes (the arrays read, decoded), ``per_reader`` of them in each of ``readers`` readers."""
+
+    buffers: int
+    shards: int
+    rows: int
+    row_bytes: int
+    per_reader: int
+    readers: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffers * self.shards * self.rows * self.row_bytes
 
 
 class Check(NamedTuple):

@@ -35,7 +35,7 @@ FLOAT16_MAX = 65504.0
 # Shards written at once while the next is gathered (each shard has one writer); zstd and file
 # writes release the GIL, so compression scales with cores.
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
-MAX_SHARD_BYTES = 4 * 2**30  # the writer holds up to WRITE_THREADS + 1 shards in memory
+MAX_SHARD_BYTES = layout.MAX_SHARD_BYTES  # the writer holds up to WRITE_THREADS + 1 shards in memory
 
 
 def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,

@@ -55,6 +55,10 @@ ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard bei
 MIN_SHARD_ROWS = 16
 MAX_SHARDS = 2**24  # a store of more shards is refused (16,777,216: 2.7e11 rows at MAX_SHARD_ROWS)
 REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (pyproject.toml): s3:// and http(s)://
+# A shard's rows of every data array together, decoded, hold at most this (FORMAT.md §3.1): the writer holds shards
+# whole until written, and a whole-shard read makes a buffer of one array's shard; a received store declaring more is
+# refused as damaged before any such buffer is made.
+MAX_SHARD_BYTES = 4 * 2**30
 
 # What zarr raises on metadata that parses as JSON but not as zarr metadata: ``[]`` as a zarr.json gives a
 # TypeError, ``"x"`` an AttributeError, a missing field a KeyError or ValueError (zarr's MetadataValidationError).
@@ -297,6 +301,10 @@ class Store:
             shape, dtype = self.expected(path)
             if tuple(array.shape) != shape or str(array.dtype) != dtype:
                 raise self._bad_metadata(path, f"it says {list(array.shape)} {array.dtype}, the manifest says {list(shape)} {dtype}")
+            grid = array.shards or array.chunks  # an inner chunk is within its shard: zarr decodes one whole to read any of it
+            if math.prod(grid) * array.dtype.itemsize > MAX_SHARD_BYTES:
+                raise self._bad_metadata(path, f"its shards of {list(grid)} {array.dtype} hold {math.prod(grid) * array.dtype.itemsize / 2**30:.4g} "
+                                               f"GiB each, more than the {MAX_SHARD_BYTES // 2**30} GiB a shard may hold decoded, FORMAT.md §3.1")
             self._layout_checked.add(path)
         return array
 
@@ -1682,6 +1690,10 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     for path, c in chunk_rows.items():
         if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= rows:
             raise bad(f"geometry.chunk_rows.{str(path)[:80]}", c, f"an integer in 1..{rows}")
+    row = 8 * (3 if m["has_labels"] else 2) + sum(math.prod(t["shape"]) * (2 if t["dtype"] == "float16" else 4) for t in targets.values())
+    if rows * row > MAX_SHARD_BYTES:  # a whole-shard read's buffer would be larger: a kdcache writer never makes such a store
+        raise bad("geometry.rows_per_shard", rows, f"at most {MAX_SHARD_BYTES // row} ({row} bytes per row in all the data arrays; a "
+                  f"shard holds at most {MAX_SHARD_BYTES // 2**30} GiB of them decoded, FORMAT.md §3.1)")
 
 
 def _bounded(value: Any, limit: int = 1000, depth: int = 6) -> Any:

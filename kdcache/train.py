@@ -60,6 +60,9 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
         stream=rank if world > 1 else None,
     )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world > 1 else 1  # torchrun's ranks on this machine, each its readers
+    _check_memory(transfer, t.num_workers, local, f"the targets of {cache_location!r}",
+                  f"train.num_workers = {t.num_workers}" + (f" in each of {local} ranks on this machine" if local > 1 else ""))
     order = _order(transfer, t.num_workers)
     if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
         raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
@@ -127,6 +130,41 @@ def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> 
                             f"train.batch_size = {batch_size}; lower train.batch_size (or raise train.shuffle_buffer_shards), "
                             "or set train.drop_last = false")
     return n
+
+
+# Streaming's buffers may take at most this share of the machine's memory. They are not all a run holds: reading a buffer
+# also holds its shards as decoded and their concatenation until the shuffled copy is made (up to twice one array's part
+# of a buffer more, for a moment), and the student, its optimizer, the dataset, the batches made ahead, other processes
+# and the page cache need the rest. Half keeps a run that passes clear of the OOM killer, which gives no message.
+MEMORY_SHARE = 0.5
+
+
+def _check_memory(transfer: cache.TransferSet, workers: int, processes: int, what: str, readers: str) -> None:
+    """Refuse, before the first step and before anything is written, a streaming run whose buffers (``TransferSet.footprint``)
+    would take more than ``MEMORY_SHARE`` of the machine's physical memory: such a run is killed hours in, without a word.
+    Targets in RAM fit ``train.memory_budget_mb`` and hold no buffers; where the OS gives no figure nothing is checked."""
+    f, memory = transfer.footprint(workers, processes), cache.physical_memory()
+    if f is None or memory is None or f.nbytes <= MEMORY_SHARE * memory:
+        return
+    served = "the one served" if transfer.streams == 1 or transfer.stream is not None else f"one served per stream (train.streams = {transfer.streams})"
+    raise PipelineError(
+        f"streaming {what} would hold up to {_bytes(f.nbytes)} at once, more than half of this machine's {_bytes(memory)} of memory: "
+        f"{_count(f.buffers, 'buffer')} of {_count(f.shards, 'shard')} (train.shuffle_buffer_shards = {transfer.buffer_shards}) of "
+        f"{_bytes(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays read, decoded), {f.per_reader} per reader "
+        f"({served} and the next, read ahead) and {_count(f.readers, 'reader')} ({readers}); lower train.shuffle_buffer_shards or "
+        "train.num_workers, or re-extract the store with a smaller extract.shard_mb")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.4g} {unit}"
+        n /= 1024
+    return f"{n:.4g} TiB"
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
 def _order(transfer: cache.TransferSet, workers: int) -> dict[str, Any]:
@@ -453,8 +491,10 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                                 f"split into its own store (--set data.split=...), or set train.eval_split = {split!r} to measure it on purpose")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
         source = cache.TransferSet(t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False,
-                                   memory_budget_mb=t.memory_budget_mb, fingerprint_check=t.fingerprint_check,
-                                   fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
+                                   memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards,
+                                   fingerprint_check=t.fingerprint_check, fingerprint_recheck=t.fingerprint_recheck,
+                                   storage_options=storage_options)
+        _check_memory(source, 0, 1, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
     else:
         try:
             dataset = data.load(pipeline, t.eval_split)

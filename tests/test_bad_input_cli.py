@@ -178,3 +178,36 @@ def test_a_missing_optional_dependency_is_one_line_before_anything_is_written(hi
     assert result.output.strip().splitlines() == [result.output.strip()] and "Traceback" not in result.output, result.output
     assert f"which is not installed; pip install 'kdcache[{extra}]'" in result.output, result.output
     assert snapshot(tmp_path) == before and not ctx.new.exists()
+
+
+STREAM_TOO_BIG = Case("train-streaming-beyond-memory",
+                      lambda c: train(c, "--set", "train.memory_budget_mb=0", "--set", "train.num_workers=2"),
+                      ("streaming the targets of", "would hold up to 130 KiB at once, more than half of this machine's 64 KiB of memory: "
+                       "1 buffer of 4 shards (train.shuffle_buffer_shards = 4) "
+                       "of 32.5 KiB each (16 rows of 2080 bytes: the arrays read, decoded), 1 per reader", "lower train.shuffle_buffer_shards or train.num_workers, "
+                       "or re-extract the store with a smaller extract.shard_mb"), store=True)
+SMALL_MACHINE = "import kdcache.cache as c; c.physical_memory = lambda: 64 * 2**10; import kdcache.cli as m; m.main(prog_name='kdcache')"
+
+
+def test_streaming_beyond_the_machine_s_memory_is_one_line_and_writes_nothing(tmp_path: Path, tiny_store: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiny.toml streams 4 shards of 16 rows x 2080 bytes (features.3 too) in one buffer of 4 shards, whichever of the
+    2 DataLoader workers reads it: 130 KiB, more than half of a 64 KiB machine."""
+    from kdcache import cache
+
+    monkeypatch.setattr(cache, "physical_memory", lambda: 64 * 2**10)
+    run, result = invoke(STREAM_TOO_BIG, tmp_path, tiny_store)
+    check_one_line(STREAM_TOO_BIG, result.exit_code, result.stdout, result.stderr)
+    run.check_untouched()
+    assert not run.ctx.run.exists()
+
+
+@pytest.mark.slow
+def test_streaming_beyond_the_machine_s_memory_in_a_real_process(tmp_path: Path, tiny_store: str) -> None:
+    """The same in a real process (the machine's figure given by the command line that starts it): exit 1, the one
+    line on stderr, no traceback, --out never made."""
+    run = prepare(STREAM_TOO_BIG, tmp_path, tiny_store)
+    proc = subprocess.run([sys.executable, "-c", SMALL_MACHINE, *run.args], capture_output=True, text=True, timeout=120)
+    check_one_line(STREAM_TOO_BIG, proc.returncode, proc.stdout, proc.stderr)
+    run.check_untouched()
+    assert not run.ctx.run.exists()

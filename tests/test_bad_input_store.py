@@ -42,6 +42,46 @@ def edit_metadata(path: str, **fields: Any) -> Callable[[Path], None]:
     return damage
 
 
+def array_shards(path: str, rows: int) -> Callable[[Path], None]:
+    """Damage: the array at ``path`` declares shards (and inner chunks) of ``rows`` rows; the manifest is left as it was."""
+
+    def damage(store: Path) -> None:
+        meta = json.loads((store / path / "zarr.json").read_text())
+        meta["chunk_grid"]["configuration"]["chunk_shape"][0] = meta["codecs"][0]["configuration"]["chunk_shape"][0] = rows
+        (store / path / "zarr.json").write_text(json.dumps(meta))
+
+    return damage
+
+
+def geometry(rows: int) -> Callable[[Path], None]:
+    """Damage: the manifest and every array's zarr.json made to agree on one shard of ``rows`` rows (inner chunks too),
+    as a received store's could: every other check of the manifest and of the arrays' layout holds."""
+
+    def damage(store: Path) -> None:
+        root = json.loads((store / "zarr.json").read_text())
+        g = root["attributes"]["kdcache"]["geometry"]
+        g.update(rows_per_shard=rows, num_shards=1, chunk_rows={p: rows for p in g["chunk_rows"]})
+        (store / "zarr.json").write_text(json.dumps(root))
+        for meta in store.rglob("zarr.json"):
+            doc = json.loads(meta.read_text())
+            if doc.get("node_type") == "array":
+                if meta.parent.parent.name == "progress":
+                    doc["shape"][0] = 1
+                else:
+                    doc["chunk_grid"]["configuration"]["chunk_shape"][0] = doc["codecs"][0]["configuration"]["chunk_shape"][0] = rows
+                meta.write_text(json.dumps(doc))
+
+    return damage
+
+
+# one shard of 2**22 rows: 8 GiB of features.3 ([16, 8, 8] float16), 2080 bytes a row in all; the format's limit is 4 GiB
+HUGE_ROWS, HUGE = 2**22, ("has a damaged manifest: geometry.rows_per_shard = 4194304, expected at most 2064888 (2080 bytes per row "
+                          "in all the data arrays; a shard holds at most 4 GiB of them decoded, FORMAT.md §3.1)",
+                          "re-extract or re-import the store")
+HUGE_LOGITS = ("'targets/logits/zarr.json' is not valid zarr metadata (its shards of [1073741824, 4] float16 hold 8 GiB each, more "
+               "than the 4 GiB a shard may hold decoded, FORMAT.md §3.1)", "run kdcache verify", "re-extract the store")
+
+
 ROOT_NOT_OBJECT = ("is not a zarr v3 group", "not a JSON object", "pass a store written by kdcache extract")
 LOGITS_META = f"{LOGITS}/zarr.json"
 BAD_LOGITS_META = (f"'{LOGITS_META}' is not valid zarr metadata", "run kdcache verify", "re-extract the store")
@@ -176,6 +216,11 @@ CASES = [
          store=True, damage=edit_metadata(LOGITS, data_type="float32")),
     Case("pack-array-meta-wrong-shape", pack, (*BAD_LOGITS_META, "it says [50, 3] float16"), store=True,
          damage=edit_metadata(LOGITS, shape=[50, 3])),
+    # -- shards larger than the format allows, in a manifest made to agree with the arrays, or in an array's zarr.json alone
+    *[Case(f"{verb}-geometry-shards-too-large", args, HUGE, store=True, report=verb == "verify", damage=geometry(HUGE_ROWS))
+      for verb, args in (("info", info), ("train", train), ("verify", verify_cli))],
+    *[Case(f"{verb}-array-meta-shards-too-large", args, HUGE_LOGITS, store=True, damage=array_shards(LOGITS, 2**30))
+      for verb, args in (("train", train), ("export", export))],
     # -- a done marker is damaged
     *[Case(f"{verb}-damaged-done-marker", args, BAD_MARKER, store=True, report=verb == "verify", damage=write(MARKER, "zz"))
       for verb, args in (("info", info), ("verify", verify_cli), ("train", train), ("stats", stats), ("export", export),

@@ -380,31 +380,44 @@ def test_a_received_store_naming_another_compressor_is_refused_before_it_decompr
 
 
 def test_a_chunk_grid_larger_than_memory_is_named_not_a_traceback(tiny_store, tmp_path):
-    """A manifest and zarr.json made to agree on shards of 2**40 rows (one shard for 50 samples: every check of the manifest
-    holds), with a checksum-valid chunk that declares their 8 TiB: the whole-shard reader's buffer for the chunk raised
-    MemoryError out of Store.read, a traceback in train. The read goes through zarr, which names the shard."""
+    """A manifest and zarr.json made to agree on shards of 2**40 rows (one shard for 50 samples), with a checksum-valid
+    chunk that declares their 8 TiB: the whole-shard reader's buffer for the chunk raised MemoryError out of Store.read, a
+    traceback in train; then zarr named the shard after trying to allocate it. Such a shard is beyond the format's 4 GiB:
+    the store is refused as it is opened, before any buffer is made."""
     import json
 
     from google_crc32c import value as crc32c
+    from test_bad_input_store import geometry
 
     rows = 2**40
     store = copy(tiny_store, tmp_path)
-    root = json.loads((store / "zarr.json").read_text())
-    geometry = root["attributes"]["kdcache"]["geometry"]
-    geometry.update(rows_per_shard=rows, num_shards=1, chunk_rows={p: rows for p in geometry["chunk_rows"]})
-    (store / "zarr.json").write_text(json.dumps(root))
-    for meta in store.rglob("zarr.json"):
-        doc = json.loads(meta.read_text())
-        if doc.get("node_type") == "array":
-            if meta.parent.parent.name == "progress":
-                doc["shape"][0] = 1
-            else:
-                doc["chunk_grid"]["configuration"]["chunk_shape"][0] = doc["codecs"][0]["configuration"]["chunk_shape"][0] = rows
-            meta.write_text(json.dumps(doc))
+    geometry(rows)(store)
     shutil.rmtree(store / "progress" / "digest" / "c")
     body = b"\x28\xb5\x2f\xfd\xe0" + (rows * 8).to_bytes(8, "little") + b"\x03\x00\x10\x00"  # 8 TiB declared (zstd_bomb's header)
     body += crc32c(body).to_bytes(4, "little")
     index = np.array([[0, len(body)]], "<u8").tobytes()
     (store / LOGITS / "c" / "0" / "0").write_bytes(body + index + crc32c(index).to_bytes(4, "little"))
-    with pytest.raises(StoreError, match=r"shard 0 of targets/logits \(rows 0-49\) does not decode \(MemoryError: "):
+    with pytest.raises(StoreError, match=r"damaged manifest: geometry.rows_per_shard = 1099511627776, expected at most 2064888 "):
         open_store(str(store)).read(LOGITS, 0, 50)
+
+
+@pytest.mark.parametrize("verb", ["info", "train"])
+def test_a_received_store_declaring_8_gib_shards_is_refused_in_one_line_before_reading(tiny_store, tmp_path, verb):
+    """A manifest and the arrays' zarr.json agreeing on one shard of 2**22 rows (8 GiB of features.3, a whole-shard read's
+    buffer): refused as opened, under a 2 GiB memory limit, in one line; and an array whose zarr.json alone declares 8 GiB
+    shards (the manifest's geometry intact) is refused where it is first read, before zarr allocates a chunk of it."""
+    from test_bad_input_store import HUGE, HUGE_LOGITS, HUGE_ROWS, array_shards, geometry
+
+    store = copy(tiny_store, tmp_path)
+    geometry(HUGE_ROWS)(store)
+    args = [verb, store] if verb == "info" else ["train", ROOT / "tests" / "fixtures" / "tiny.toml", "--cache", store, "--out", tmp_path / "run"]
+    r = limited(*args, timeout=180)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stdout + r.stderr[-2000:]
+    assert all(part in r.stderr for part in HUGE), r.stderr
+    assert not (tmp_path / "run").exists()
+    shutil.rmtree(store)
+    store = copy(tiny_store, tmp_path)
+    array_shards(LOGITS, 2**30)(store)
+    with pytest.raises(StoreError) as raised:
+        open_store(str(store)).read(LOGITS, 0, 16)
+    assert all(part in str(raised.value) for part in HUGE_LOGITS), raised.value

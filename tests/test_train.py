@@ -27,7 +27,7 @@ import kdcache
 import tiny
 from conftest import FIXTURES, TINY_TOML, extract_tiny
 from reference import signal_and_wait, train_cut_after_first_epoch
-from kdcache import cli, losses, store as layout
+from kdcache import cache, cli, losses, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError
 from kdcache.train import Run, train
@@ -617,3 +617,80 @@ def test_dataloader_workers_serve_every_row_once_an_epoch(tiny_store, tmp_path, 
     for e in range(2):
         rows = np.concatenate([s["rows"] for s in steps[e * per_epoch : (e + 1) * per_epoch]])
         assert np.array_equal(np.sort(rows), np.arange(50))
+
+
+# ------------------------------------------------------------------------------- streaming's memory
+
+
+def small_machine(monkeypatch, nbytes: int) -> None:
+    """This machine, as training sees it, has ``nbytes`` of physical memory."""
+    monkeypatch.setattr(cache, "physical_memory", lambda: nbytes)
+
+
+STREAMED = ["train.memory_budget_mb=0", "train.num_workers=2", "train.shuffle_buffer_shards=1"]
+
+
+def test_streaming_more_than_the_machine_holds_is_refused_before_anything_is_written(tiny_store, tmp_path, monkeypatch, steps):
+    """4 shards of 16 rows x 32 bytes read (index, fingerprint, label, float16 logits [4]): 2 DataLoader readers each hold
+    the buffer served and the next, of 1 shard each: 4 x 512 B = 2 KiB, more than half of a 3 KiB machine. The run
+    stops before its first step, --out not even created; a machine of 4 KiB takes it."""
+    small_machine(monkeypatch, 3 * 2**10)
+    out = tmp_path / "run"
+    with pytest.raises(PipelineError) as raised:
+        train(pipeline(*PLAIN, *STREAMED), tiny_store, out)
+    assert str(raised.value) == (
+        f"streaming the targets of {tiny_store!r} would hold up to 2 KiB at once, more than half of this machine's 3 KiB of "
+        "memory: 4 buffers of 1 shard (train.shuffle_buffer_shards = 1) of 512 B each (16 rows of 32 bytes: the arrays read, "
+        "decoded), 2 per reader (the one served and the next, read ahead) and 2 readers (train.num_workers = 2); lower "
+        "train.shuffle_buffer_shards or train.num_workers, or re-extract the store with a smaller extract.shard_mb")
+    assert not out.exists() and steps == []
+    small_machine(monkeypatch, 4 * 2**10)
+    train(pipeline(*PLAIN, *STREAMED, "train.epochs=1"), tiny_store, out)
+    assert len(steps) == 7
+
+
+def test_the_memory_check_counts_only_the_buffers_an_epoch_makes(tiny_store, tmp_path, monkeypatch):
+    """One buffer of all 4 shards (shuffle_buffer_shards 4, more than the store has): 1 buffer held, however many
+    readers; the features.3 layer read too adds 2048 bytes a row."""
+    small_machine(monkeypatch, 2 * 2**10)
+    with pytest.raises(PipelineError, match=r"would hold up to 2 KiB at once, more than half of this machine's 2 KiB of memory: "
+                       r"1 buffer of 4 shards \(train.shuffle_buffer_shards = 8\) of 512 B each .* 1 per reader .* and 3 readers "
+                       r"\(train.num_workers = 3\); lower"):
+        train(pipeline(*PLAIN, "train.memory_budget_mb=0", "train.num_workers=3", "train.shuffle_buffer_shards=8"), tiny_store,
+              tmp_path / "run")
+    with pytest.raises(PipelineError, match=r"would hold up to 130 KiB at once, .* 2 buffers of 2 shards \(train.shuffle_buffer_shards"
+                       r" = 2\) of 32.5 KiB each \(16 rows of 2080 bytes: the arrays read, decoded\), 2 per reader .* and 1 reader "
+                       r"\(train.num_workers = 0\); lower"):
+        train(pipeline("train.eval_split=''", "train.memory_budget_mb=0", "train.shuffle_buffer_shards=2"), tiny_store, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_targets_in_ram_and_a_machine_that_does_not_say_are_not_checked(tiny_store, tmp_path, monkeypatch, steps):
+    """Targets read whole into RAM (under train.memory_budget_mb) hold no buffers; where the OS gives no figure the
+    check is skipped. Either way the run is the one it was: the same batches as an unchecked run."""
+    real = cache.physical_memory
+    small_machine(monkeypatch, 1)
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "ram")
+    in_ram = [s["rows"] for s in steps]
+    small_machine(monkeypatch, None)
+    train(pipeline(*PLAIN, *STREAMED, "train.epochs=1"), tiny_store, tmp_path / "unknown")
+    monkeypatch.setattr(cache, "physical_memory", real)
+    assert cache.physical_memory() > 2**20  # the real figure, on Linux
+    train(pipeline(*PLAIN, *STREAMED, "train.epochs=1"), tiny_store, tmp_path / "real")
+    assert len(in_ram) == 7 and len(steps) == 21
+    assert all(np.array_equal(a["rows"], b["rows"]) for a, b in zip(steps[7:14], steps[14:21]))
+
+
+def test_an_eval_cache_that_would_not_fit_is_refused_before_the_first_epoch(tiny_store, test_store, tmp_path, monkeypatch, steps):
+    """train.eval_cache streams in the main process too (its 50 rows of logits and sample arrays, 1600 bytes, exceed
+    the budget), in buffers of train.shuffle_buffer_shards shards; the training run reads no logits (ce alone): its
+    1200 bytes are in RAM."""
+    small_machine(monkeypatch, 2 * 2**10)
+    with pytest.raises(PipelineError, match=r"^streaming train.eval_cache '.*tiny-test.zarr' would hold up to 2 KiB at once, more than "
+                       r"half of this machine's 2 KiB of memory: 1 buffer of 4 shards \(train.shuffle_buffer_shards = 4\) of 512 B each "
+                       r"\(16 rows of 32 bytes: the arrays read, decoded\), 1 per reader \(the one served and the next, read ahead\) "
+                       r"and 1 reader \(the main process\); lower train.shuffle_buffer_shards"):
+        train(pipeline(*PLAIN, f'train.eval_cache="{test_store}"', 'train.eval_split="test"', "train.loss.kl=0",
+                       "train.memory_budget_mb=0.0013"),
+              tiny_store, tmp_path / "run")
+    assert steps == [] and not (tmp_path / "run").exists()
