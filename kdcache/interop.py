@@ -76,7 +76,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
             progress = [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])  # digests: checked again on import
             for path in store.paths() + progress:
                 arr = store.array(path) if path in progress else store.checked_array(path)  # its layout checked before it shapes the file
-                chunks = (int(arr.chunks[0]), *arr.shape[1:]) if path not in progress else None
+                chunks = (min(int(arr.chunks[0]), arr.shape[0]), *arr.shape[1:]) if path not in progress else None  # h5py: never past N
                 ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
                                       compression=None if compression == "none" or path in progress else compression)
                 if path in progress:

@@ -15,6 +15,7 @@ from kdcache.cli import main
 from kdcache.errors import StoreError
 from kdcache.interop import export_hdf5, import_hdf5, pack
 from kdcache.store import open_store
+from conftest import extract_tiny
 from reference import make_pipeline, without_times
 
 
@@ -42,6 +43,19 @@ def test_hdf5_round_trip_is_exact(tiny_store, tmp_path, compression):
     info = import_hdf5(h5, str(tmp_path / "back.zarr"))
     assert info["complete"] and info["shards_done"] == 4
     assert_same(tiny_store, str(tmp_path / "back.zarr"))
+
+
+def test_a_store_smaller_than_one_inner_chunk_round_trips(tmp_path):
+    """50 samples in one shard of 64-row inner chunks: the HDF5 chunk is the 50 rows (h5py refuses a chunk past the
+    data; it was a traceback)."""
+    store = extract_tiny(tmp_path / "small.zarr", "extract.rows_per_shard=0")
+    assert open_store(store).array("targets/logits").chunks[0] == 64
+    r = CliRunner().invoke(main, ["export", store, str(tmp_path / "small.h5")])
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "small.h5") as f:
+        assert f["targets/logits"].chunks == (50, 4)
+    import_hdf5(tmp_path / "small.h5", str(tmp_path / "back.zarr"))
+    assert_same(store, str(tmp_path / "back.zarr"))
 
 
 def test_pack_round_trip_and_cli(tiny_store, tmp_path):
