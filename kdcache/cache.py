@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -352,13 +353,42 @@ REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or
 
 
 def physical_memory() -> int | None:
-    """This machine's physical memory in bytes, or None where the OS does not say (training's memory check is then
-    skipped). A function, looked up at each call: tests give another machine's figure."""
+    """The memory this process may use, in bytes: the machine's physical memory, or its cgroup's limit where that is
+    lower (a container's: the kernel kills a process past it as at the machine's); None where the OS does not say
+    (training's memory check is then skipped). A function, looked up at each call: tests give another machine's figure."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
-    return total if total > 0 else None
+    try:
+        limit = cgroup_memory_limit(Path("/proc/self/cgroup").read_text(), Path("/sys/fs/cgroup"))
+    except OSError:  # no /proc (not Linux) or an unreadable one
+        limit = None
+    return min(total, limit) if total > 0 and limit else (total if total > 0 else None)
+
+
+def cgroup_memory_limit(membership: str, root: Path) -> int | None:
+    """The memory limit of the cgroup named in ``membership`` (the text of ``/proc/self/cgroup``) under the cgroup
+    filesystem ``root``: v2 ``memory.max`` (line ``0::PATH``) or v1 ``memory/…/memory.limit_in_bytes`` (line
+    ``N:memory:PATH``), its own folder or, in a container whose cgroup is mounted as the root, the root's. None: no
+    limit (``max``, or v1's 2**63 rounded to pages), or none found."""
+    for line in membership.splitlines():
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if controllers == "":
+            folders, name = [root / path.lstrip("/"), root], "memory.max"
+        elif "memory" in controllers.split(","):
+            folders, name = [root / "memory" / path.lstrip("/"), root / "memory"], "memory.limit_in_bytes"
+        else:
+            continue
+        for folder in folders:
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and 0 < int(text) < 2**62:
+                return int(text)
+            break  # "max" or v1's unlimited: this cgroup has no limit
+    return None
 
 
 class Footprint(NamedTuple):

@@ -148,7 +148,7 @@ def _check_memory(transfer: cache.TransferSet, workers: int, processes: int, wha
         return
     served = "the one served" if transfer.streams == 1 or transfer.stream is not None else f"one served per stream (train.streams = {transfer.streams})"
     raise PipelineError(
-        f"streaming {what} would hold up to {_bytes(f.nbytes)} at once, more than half of this machine's {_bytes(memory)} of memory: "
+        f"streaming {what} would hold up to {_bytes(f.nbytes)} at once, more than half of the {_bytes(memory)} of memory this process may use: "
         f"{_count(f.buffers, 'buffer')} of {_count(f.shards, 'shard')} (train.shuffle_buffer_shards = {transfer.buffer_shards}) of "
         f"{_bytes(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays read, decoded), {f.per_reader} per reader "
         f"({served} and the next, read ahead) and {_count(f.readers, 'reader')} ({readers}); lower train.shuffle_buffer_shards or "

@@ -182,7 +182,7 @@ def test_a_missing_optional_dependency_is_one_line_before_anything_is_written(hi
 
 STREAM_TOO_BIG = Case("train-streaming-beyond-memory",
                       lambda c: train(c, "--set", "train.memory_budget_mb=0", "--set", "train.num_workers=2"),
-                      ("streaming the targets of", "would hold up to 130 KiB at once, more than half of this machine's 64 KiB of memory: "
+                      ("streaming the targets of", "would hold up to 130 KiB at once, more than half of the 64 KiB of memory this process may use: "
                        "1 buffer of 4 shards (train.shuffle_buffer_shards = 4) "
                        "of 32.5 KiB each (16 rows of 2080 bytes: the arrays read, decoded), 1 per reader", "lower train.shuffle_buffer_shards or train.num_workers, "
                        "or re-extract the store with a smaller extract.shard_mb"), store=True)

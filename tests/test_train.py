@@ -639,8 +639,8 @@ def test_streaming_more_than_the_machine_holds_is_refused_before_anything_is_wri
     with pytest.raises(PipelineError) as raised:
         train(pipeline(*PLAIN, *STREAMED), tiny_store, out)
     assert str(raised.value) == (
-        f"streaming the targets of {tiny_store!r} would hold up to 2 KiB at once, more than half of this machine's 3 KiB of "
-        "memory: 4 buffers of 1 shard (train.shuffle_buffer_shards = 1) of 512 B each (16 rows of 32 bytes: the arrays read, "
+        f"streaming the targets of {tiny_store!r} would hold up to 2 KiB at once, more than half of the 3 KiB of "
+        "memory this process may use: 4 buffers of 1 shard (train.shuffle_buffer_shards = 1) of 512 B each (16 rows of 32 bytes: the arrays read, "
         "decoded), 2 per reader (the one served and the next, read ahead) and 2 readers (train.num_workers = 2); lower "
         "train.shuffle_buffer_shards or train.num_workers, or re-extract the store with a smaller extract.shard_mb")
     assert not out.exists() and steps == []
@@ -653,7 +653,7 @@ def test_the_memory_check_counts_only_the_buffers_an_epoch_makes(tiny_store, tmp
     """One buffer of all 4 shards (shuffle_buffer_shards 4, more than the store has): 1 buffer held, however many
     readers; the features.3 layer read too adds 2048 bytes a row."""
     small_machine(monkeypatch, 2 * 2**10)
-    with pytest.raises(PipelineError, match=r"would hold up to 2 KiB at once, more than half of this machine's 2 KiB of memory: "
+    with pytest.raises(PipelineError, match=r"would hold up to 2 KiB at once, more than half of the 2 KiB of memory this process may use: "
                        r"1 buffer of 4 shards \(train.shuffle_buffer_shards = 8\) of 512 B each .* 1 per reader .* and 3 readers "
                        r"\(train.num_workers = 3\); lower"):
         train(pipeline(*PLAIN, "train.memory_budget_mb=0", "train.num_workers=3", "train.shuffle_buffer_shards=8"), tiny_store,
@@ -681,13 +681,37 @@ def test_targets_in_ram_and_a_machine_that_does_not_say_are_not_checked(tiny_sto
     assert all(np.array_equal(a["rows"], b["rows"]) for a, b in zip(steps[7:14], steps[14:21]))
 
 
+def test_the_memory_a_process_may_use_is_its_cgroups_limit_where_lower(tmp_path):
+    """A container's limit kills as the machine's memory does: cgroup v2 (``0::PATH`` → ``memory.max``) and v1
+    (``N:memory:PATH`` → ``memory/PATH/memory.limit_in_bytes``), in the process's own folder or, where the container's
+    cgroup is mounted as the root, the root's; ``max`` and v1's unlimited (2**63 rounded to pages) are no limit."""
+    def fs(files: dict[str, str]) -> Path:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text + "\n")
+        return root
+
+    v2 = "0::/kubepods/pod1/c1"
+    assert cache.cgroup_memory_limit(v2, fs({"kubepods/pod1/c1/memory.max": "1073741824"})) == 2**30
+    assert cache.cgroup_memory_limit(v2, fs({"memory.max": "536870912"})) == 2**29  # namespaced: the root is the container's
+    assert cache.cgroup_memory_limit(v2, fs({"kubepods/pod1/c1/memory.max": "max", "memory.max": "5"})) is None
+    v1 = "9:pids:/\n4:memory:/docker/abc\n0::/"
+    assert cache.cgroup_memory_limit(v1, fs({"memory/docker/abc/memory.limit_in_bytes": "2147483648"})) == 2**31
+    assert cache.cgroup_memory_limit(v1, fs({"memory/memory.limit_in_bytes": "4294967296"})) == 2**32
+    assert cache.cgroup_memory_limit(v1, fs({"memory/docker/abc/memory.limit_in_bytes": "9223372036854771712"})) is None
+    assert cache.cgroup_memory_limit("4:cpu,memory:/a", fs({"memory/a/memory.limit_in_bytes": "1000"})) == 1000
+    assert cache.cgroup_memory_limit(v1, fs({})) is None and cache.cgroup_memory_limit("", fs({})) is None
+    assert cache.cgroup_memory_limit("garbage\n4:memory", fs({})) is None
+
+
 def test_an_eval_cache_that_would_not_fit_is_refused_before_the_first_epoch(tiny_store, test_store, tmp_path, monkeypatch, steps):
     """train.eval_cache streams in the main process too (its 50 rows of logits and sample arrays, 1600 bytes, exceed
     the budget), in buffers of train.shuffle_buffer_shards shards; the training run reads no logits (ce alone): its
     1200 bytes are in RAM."""
     small_machine(monkeypatch, 2 * 2**10)
     with pytest.raises(PipelineError, match=r"^streaming train.eval_cache '.*tiny-test.zarr' would hold up to 2 KiB at once, more than "
-                       r"half of this machine's 2 KiB of memory: 1 buffer of 4 shards \(train.shuffle_buffer_shards = 4\) of 512 B each "
+                       r"half of the 2 KiB of memory this process may use: 1 buffer of 4 shards \(train.shuffle_buffer_shards = 4\) of 512 B each "
                        r"\(16 rows of 32 bytes: the arrays read, decoded\), 1 per reader \(the one served and the next, read ahead\) "
                        r"and 1 reader \(the main process\); lower train.shuffle_buffer_shards"):
         train(pipeline(*PLAIN, f'train.eval_cache="{test_store}"', 'train.eval_split="test"', "train.loss.kl=0",
