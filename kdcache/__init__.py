@@ -30,7 +30,7 @@ _API = {  # name -> (module, attribute)
     "open_store": ("kdcache.store", "open_store"),
     "train": ("kdcache.train", "train"),
 }
-__all__ = sorted(_API) + ["__version__"]
+__all__ = ["KdcacheError", "Pipeline", "Store", "dry_run", "extract", "load_pipeline", "open_store", "train", "__version__"]
 
 if TYPE_CHECKING:
     from kdcache.errors import KdcacheError
