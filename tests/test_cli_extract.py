@@ -252,7 +252,7 @@ def test_the_api_names_are_the_functions_whatever_module_was_imported_first():
             "assert kdcache.extract is extract is importlib.import_module('kdcache.extract').extract\n"
             "assert kdcache.train is train is importlib.import_module('kdcache.train').train\n"
             "assert load_pipeline is importlib.import_module('kdcache.pipeline').load and callable(dry_run)\n"
-            "assert set(kdcache.__all__) <= set(dir(kdcache)) and kdcache.__version__\n"
+            "assert set(kdcache.__all__) == set(kdcache._API) | {'__version__'} and set(kdcache.__all__) <= set(dir(kdcache))\n"
             "try:\n    kdcache.nothing\nexcept AttributeError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "module 'kdcache' has no attribute 'nothing'\n", r.stderr
