@@ -22,6 +22,7 @@ from kdcache.errors import ShapeMismatchError
 __all__ = [
     "kl_divergence",
     "logit_mse",
+    "probability_mse",
     "feature_mse",
     "cross_entropy",
     "top1_agreement",
@@ -108,6 +109,29 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """
     _require_logits(student_logits, teacher_logits, "logit_mse")
     return F.mse_loss(student_logits.float(), teacher_logits.detach().float())
+
+
+def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Squared error between the softened class probabilities ``p = softmax(logits / T)``, summed over classes and
+    averaged over every other position (a Brier score against the teacher's distribution), computed in float32.
+    Unlike ``logit_mse`` it ignores what softmax ignores (a constant added to a row's logits) and, unlike
+    ``kl_divergence``, it is bounded (at most 2 a row), so a confident teacher's near-zero probabilities weigh little.
+
+    Args:
+        student_logits: (B, C) or (B, ..., C).
+        teacher_logits: same shape; detached.
+        temperature: T > 0.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"probability_mse: temperature must be a finite number > 0, got {temperature!r}; use e.g. 1.0 or 4.0")
+    _require_logits(student_logits, teacher_logits, "probability_mse")
+    num_classes = student_logits.shape[-1]
+    p_s = F.softmax(student_logits.float().reshape(-1, num_classes) / temperature, dim=-1)
+    p_t = F.softmax(teacher_logits.detach().float().reshape(-1, num_classes) / temperature, dim=-1)
+    return (p_s - p_t).square().sum(dim=-1).mean()
 
 
 def feature_mse(student_features: Tensor, teacher_features: Tensor) -> Tensor:

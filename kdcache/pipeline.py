@@ -69,6 +69,7 @@ class LossSection:
     kl: float = 1.0
     temperature: float = 4.0
     mse: float = 0.0
+    mse_on: str = "logits"  # or "probabilities": softmax(logits / temperature) of both, as kl compares
     ce: float = 0.0
 
 
@@ -148,6 +149,7 @@ CHOICES = {
     ("extract", "compression"): ("zstd", "none"),
     ("train", "optimizer"): ("adamw", "sgd"),
     ("train", "schedule"): ("cosine", "constant"),
+    ("train.loss", "mse_on"): ("logits", "probabilities"),
 }
 FRACTIONS = {("train", "fingerprint_check"), ("train", "fingerprint_recheck")}
 _THREADS = (MAX_PARALLEL, f"use at most the number of cores ({CORES} here), or 0 for torch's default")

@@ -271,7 +271,9 @@ class Run:
         if w.kl:
             parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature))
         if w.mse:
-            parts["mse"] = _weighted(w.mse, losses.logit_mse(logits, targets[layout.LOGITS]))
+            mse = (losses.logit_mse(logits, targets[layout.LOGITS]) if w.mse_on == "logits"
+                   else losses.probability_mse(logits, targets[layout.LOGITS], w.temperature))
+            parts["mse"] = _weighted(w.mse, mse)
         if w.ce:
             _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
             parts["ce"] = _weighted(w.ce, losses.cross_entropy(logits, batch["label"].to(self.device)))
@@ -559,7 +561,7 @@ def check_values(pipeline: Pipeline) -> None:
         raise PipelineError(f"{pipeline.source}: train.batch_size must be >= 1, got {t.batch_size}")
     if t.epochs < 1 and t.steps < 1:
         raise PipelineError(f"{pipeline.source}: train.epochs must be >= 1 (or train.steps > 0), got {t.epochs}")
-    if t.loss.kl and not t.loss.temperature >= MIN_TEMPERATURE:
+    if (t.loss.kl or t.loss.mse and t.loss.mse_on == "probabilities") and not t.loss.temperature >= MIN_TEMPERATURE:
         raise PipelineError(f"{pipeline.source}: train.loss.temperature must be at least {MIN_TEMPERATURE:g} (logits / T overflows below), "
                             f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
     if not t.lr > 0:

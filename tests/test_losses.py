@@ -16,6 +16,7 @@ from kdcache.losses import (
     feature_mse,
     kl_divergence,
     logit_mse,
+    probability_mse,
     projection_head,
     top1_agreement,
 )
@@ -133,6 +134,33 @@ def test_logit_mse_matches_reference_and_is_float32() -> None:
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(_ref_mse(s, te.float()), rel=1e-5)
     assert logit_mse(s, s.clone()).item() == 0.0
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_probability_mse_matches_reference(t: float) -> None:
+    """sum over classes of (softmax(s/T) - softmax(t/T))**2, averaged over rows; per-token logits: over positions."""
+    s, te = _logits(5, 7, seed=31), _logits(5, 7, seed=32).half()
+
+    def ref(a: torch.Tensor, b: torch.Tensor) -> float:
+        rows = [(_ref_softmax(x, t), _ref_softmax(y, t)) for x, y in zip(a.double().tolist(), b.double().tolist())]
+        return sum(sum((p - q) ** 2 for p, q in zip(ps, qs)) for ps, qs in rows) / len(rows)
+
+    got = probability_mse(s, te, t)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref(s, te.float()), rel=1e-5)
+    tokens_s, tokens_t = _logits(2, 3, 7, seed=33), _logits(2, 3, 7, seed=34)
+    assert probability_mse(tokens_s, tokens_t, t).item() == pytest.approx(ref(tokens_s.reshape(6, 7), tokens_t.reshape(6, 7)), rel=1e-5)
+    assert probability_mse(s, s + 3.0, t).item() == pytest.approx(0.0, abs=1e-7)  # a constant per row: the same distribution
+    onehot = torch.tensor([[100.0, 0.0, 0.0]])
+    assert probability_mse(onehot, torch.tensor([[0.0, 100.0, 0.0]]), 1.0).item() == pytest.approx(2.0)  # the bound
+    student = s.clone().requires_grad_()
+    teacher = te.float().requires_grad_()
+    probability_mse(student, teacher, t).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0 and teacher.grad is None
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="probability_mse: temperature must be a finite number > 0"):
+            probability_mse(s, te, bad)
+    with pytest.raises(ShapeMismatchError, match="probability_mse"):
+        probability_mse(s, te[:, :6])
 
 
 def test_feature_mse_matches_reference() -> None:

@@ -263,6 +263,21 @@ def test_loss_terms_follow_the_weights(tiny_store, tmp_path, steps, weights, ter
     assert all(np.isfinite(s["loss"]) for s in steps)
 
 
+def test_mse_on_probabilities_trains_the_softened_distributions(tiny_store, tmp_path, monkeypatch):
+    """train.loss.mse_on = "probabilities": the mse term is probability_mse at train.loss.temperature, a Brier score
+    (at most 2), and the student learns the teacher's distribution from it."""
+    temperatures: list[float] = []
+    real = losses.probability_mse
+    monkeypatch.setattr(losses, "probability_mse", lambda s, t, T: temperatures.append(T) or real(s, t, T))
+    p = pipeline(*PLAIN, "train.loss.kl=0", "train.loss.mse=1", "train.loss.mse_on=probabilities", "train.loss.temperature=3",
+                 "train.epochs=3", "train.lr=0.01")
+    train(p, tiny_store, tmp_path / "run")
+    runs = metrics(tmp_path / "run")
+    assert temperatures and set(temperatures) == {3.0} and len(temperatures) == 3 * 7  # every step, none with the logits' MSE
+    assert all(0 < m["loss_mse"] <= 2 for m in runs) and runs[-1]["loss_mse"] < runs[0]["loss_mse"]
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["train"]["loss"]["mse_on"] == "probabilities"
+
+
 def test_feature_loss_with_projection_head(tiny_store, tmp_path, capsys):
     out = tmp_path / "run"
     train(pipeline("train.eval_split=''"), tiny_store, out)  # student conv (4, 8, 8) vs teacher (16, 8, 8)
