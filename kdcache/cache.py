@@ -352,7 +352,7 @@ PREFETCH = 2  # batches made ahead of the consumer
 REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
 
 
-def physical_memory() -> int | None:
+def memory_limit() -> int | None:
     """The memory this process may use, in bytes: the machine's physical memory, or its cgroup's limit where that is
     lower (a container's: the kernel kills a process past it as at the machine's); None where the OS does not say
     (training's memory check is then skipped). A function, looked up at each call: tests give another machine's figure."""

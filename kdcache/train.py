@@ -143,7 +143,7 @@ def _check_memory(transfer: cache.TransferSet, workers: int, processes: int, wha
     """Refuse, before the first step and before anything is written, a streaming run whose buffers (``TransferSet.footprint``)
     would take more than ``MEMORY_SHARE`` of the machine's physical memory: such a run is killed hours in, without a word.
     Targets in RAM fit ``train.memory_budget_mb`` and hold no buffers; where the OS gives no figure nothing is checked."""
-    f, memory = transfer.footprint(workers, processes), cache.physical_memory()
+    f, memory = transfer.footprint(workers, processes), cache.memory_limit()
     if f is None or memory is None or f.nbytes <= MEMORY_SHARE * memory:
         return
     served = "the one served" if transfer.streams == 1 or transfer.stream is not None else f"one served per stream (train.streams = {transfer.streams})"

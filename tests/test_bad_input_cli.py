@@ -186,7 +186,7 @@ STREAM_TOO_BIG = Case("train-streaming-beyond-memory",
                        "1 buffer of 4 shards (train.shuffle_buffer_shards = 4) "
                        "of 32.5 KiB each (16 rows of 2080 bytes: the arrays read, decoded), 1 per reader", "lower train.shuffle_buffer_shards or train.num_workers, "
                        "or re-extract the store with a smaller extract.shard_mb"), store=True)
-SMALL_MACHINE = "import kdcache.cache as c; c.physical_memory = lambda: 64 * 2**10; import kdcache.cli as m; m.main(prog_name='kdcache')"
+SMALL_MACHINE = "import kdcache.cache as c; c.memory_limit = lambda: 64 * 2**10; import kdcache.cli as m; m.main(prog_name='kdcache')"
 
 
 def test_streaming_beyond_the_machine_s_memory_is_one_line_and_writes_nothing(tmp_path: Path, tiny_store: str,
@@ -195,7 +195,7 @@ def test_streaming_beyond_the_machine_s_memory_is_one_line_and_writes_nothing(tm
     2 DataLoader workers reads it: 130 KiB, more than half of a 64 KiB machine."""
     from kdcache import cache
 
-    monkeypatch.setattr(cache, "physical_memory", lambda: 64 * 2**10)
+    monkeypatch.setattr(cache, "memory_limit", lambda: 64 * 2**10)
     run, result = invoke(STREAM_TOO_BIG, tmp_path, tiny_store)
     check_one_line(STREAM_TOO_BIG, result.exit_code, result.stdout, result.stderr)
     run.check_untouched()

@@ -639,7 +639,7 @@ def test_dataloader_workers_serve_every_row_once_an_epoch(tiny_store, tmp_path, 
 
 def small_machine(monkeypatch, nbytes: int) -> None:
     """This machine, as training sees it, has ``nbytes`` of physical memory."""
-    monkeypatch.setattr(cache, "physical_memory", lambda: nbytes)
+    monkeypatch.setattr(cache, "memory_limit", lambda: nbytes)
 
 
 STREAMED = ["train.memory_budget_mb=0", "train.num_workers=2", "train.shuffle_buffer_shards=1"]
@@ -683,14 +683,14 @@ def test_the_memory_check_counts_only_the_buffers_an_epoch_makes(tiny_store, tmp
 def test_targets_in_ram_and_a_machine_that_does_not_say_are_not_checked(tiny_store, tmp_path, monkeypatch, steps):
     """Targets read whole into RAM (under train.memory_budget_mb) hold no buffers; where the OS gives no figure the
     check is skipped. Either way the run is the one it was: the same batches as an unchecked run."""
-    real = cache.physical_memory
+    real = cache.memory_limit
     small_machine(monkeypatch, 1)
     train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "ram")
     in_ram = [s["rows"] for s in steps]
     small_machine(monkeypatch, None)
     train(pipeline(*PLAIN, *STREAMED, "train.epochs=1"), tiny_store, tmp_path / "unknown")
-    monkeypatch.setattr(cache, "physical_memory", real)
-    assert cache.physical_memory() > 2**20  # the real figure, on Linux
+    monkeypatch.setattr(cache, "memory_limit", real)
+    assert cache.memory_limit() > 2**20  # the real figure, on Linux
     train(pipeline(*PLAIN, *STREAMED, "train.epochs=1"), tiny_store, tmp_path / "real")
     assert len(in_ram) == 7 and len(steps) == 21
     assert all(np.array_equal(a["rows"], b["rows"]) for a, b in zip(steps[7:14], steps[14:21]))
