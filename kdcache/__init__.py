@@ -18,7 +18,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.1"
+__version__ = "0.1.2"
 
 _API = {  # name -> (module, attribute)
     "KdcacheError": ("kdcache.errors", "KdcacheError"),

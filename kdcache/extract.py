@@ -147,7 +147,8 @@ class Run:
             "has_labels": self.has_labels,
             "targets": {t.name: t.to_dict() for t in self.targets.values()},
             "geometry": geometry,
-            "compression": {"codec": x.compression, "level": x.compression_level, "checksum": "crc32c"},
+            # shard_digests: progress/digest is kept (FORMAT.md §7.1); kdcache 0.1.0 and 0.1.1 see other compression and never resume the store
+            "compression": {"codec": x.compression, "level": x.compression_level, "checksum": "crc32c", "shard_digests": "crc32c"},
             "precision": self.precision,
             "pipeline": pipeline.to_dict(),
         }

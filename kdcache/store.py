@@ -1726,7 +1726,12 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 def difference(stored: dict[str, Any], manifest: dict[str, Any]) -> str | None:
     """The first ``IDENTITY`` difference between a store's manifest and a new run's, in words
-    (``different teacher weights (teacher.weights_sha256: store has '…', now '…')``); None when they agree."""
+    (``different teacher weights (teacher.weights_sha256: store has '…', now '…')``); None when they agree.
+    A store of kdcache <= 0.1.1 has no ``compression.shard_digests``: it is resumed as it was made (with digests
+    where it has ``progress/digest``)."""
+    compression = manifest.get("compression")
+    if isinstance(compression, dict) and "shard_digests" not in (stored.get("compression") or {}):
+        manifest = {**manifest, "compression": {k: v for k, v in compression.items() if k != "shard_digests"}}
     for key, what in IDENTITY.items():
         old, new = _get(stored, key), _get(manifest, key)
         if old != new:

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 import kdcache
 from conftest import TINY_TOML, extract_tiny
 from kdcache.cli import main
+from kdcache.errors import StoreMismatchError
+from kdcache.store import create_or_resume
 from kdcache.verify import verify
 from reference import crash_at
 
@@ -234,12 +236,20 @@ def test_codec_none_shards_swapped_are_refused_by_the_combined_digest_check(tmp_
         kdcache.open_store(location).read("samples/index", 48, 50)
 
 
+def without_the_digest_key(store: Path) -> None:
+    """The manifest as kdcache 0.1.0 and 0.1.1 wrote it: no compression.shard_digests."""
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["kdcache"]["compression"]["shard_digests"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
 def test_a_store_written_before_digests_reads_verifies_and_resumes_without_them(tmp_path):
     """A store of kdcache 0.1.0 has no progress/digest (FORMAT.md §14: readers of it ignore the new array): read and
     verified unchecked, and resumed without one, so that its shards never have digests for some shards only."""
     out = Path(extract_tiny(tmp_path / "old.zarr"))
     reference = kdcache.open_store(out).read("targets/logits", 0, 50)
     shutil.rmtree(out / "progress" / "digest")
+    without_the_digest_key(out)
     (out / "progress" / "done" / "c" / "3").unlink()  # as if killed before the last shard's marker
     shutil.rmtree(out / "targets" / "logits" / "c" / "3")
     extract_tiny(out)  # resumes
@@ -254,6 +264,34 @@ def test_a_store_written_before_digests_reads_verifies_and_resumes_without_them(
     r = CliRunner().invoke(main, ["info", str(out)])
     assert "no shard digests: positions unchecked)" in r.output.splitlines()[0], r.output
     assert json.loads(CliRunner().invoke(main, ["info", str(out), "--json"]).output)["shard_digests"] is False
+
+
+def test_writers_that_do_not_say_shard_digests_never_resume_a_store_that_does(tmp_path):
+    """kdcache 0.1.0 does not know progress/digest: resuming a store of a later version it would leave stale digest
+    rows. Stores now say compression.shard_digests, which such a writer compares as part of the compression (as
+    kdcache's difference() does for a manifest without the key); a store of 0.1.1 (the array, not the key) is
+    resumed as it was made, its digests written."""
+    out = Path(extract_tiny(tmp_path / "new.zarr"))
+    manifest = kdcache.open_store(out).manifest
+    assert manifest["compression"] == {"codec": "zstd", "level": 1, "checksum": "crc32c", "shard_digests": "crc32c"}
+    old_writer = {**manifest, "compression": {k: v for k, v in manifest["compression"].items() if k != "shard_digests"}}
+    with pytest.raises(StoreMismatchError, match=r"was made with different compression \(compression.shard_digests: store has "
+                       r"'crc32c', now None\); use the original pipeline to resume"):
+        create_or_resume(out, old_writer)
+    assert kdcache.open_store(out).manifest == manifest
+
+    shutil.copytree(out, tmp_path / "of-0.1.1.zarr")
+    of_011 = tmp_path / "of-0.1.1.zarr"
+    without_the_digest_key(of_011)
+    reference = kdcache.open_store(of_011).read("targets/logits", 0, 50)
+    (of_011 / "progress" / "done" / "c" / "3").unlink()  # as if killed before the last shard's marker
+    (of_011 / "progress" / "digest" / "c" / "3" / "0").unlink()
+    shutil.rmtree(of_011 / "targets" / "logits" / "c" / "3")
+    extract_tiny(of_011)  # resumes
+    store = kdcache.open_store(of_011)
+    assert store.complete and store.digests().all() and "shard_digests" not in store.manifest["compression"]
+    np.testing.assert_array_equal(store.read("targets/logits", 0, 50), reference)
+    assert verify(str(of_011))["ok"]
 
 
 def test_a_done_shard_whose_digest_object_is_lost_is_damage_not_unchecked(copy, tmp_path):
