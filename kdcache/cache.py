@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, store as layout, threads
-from kdcache.errors import AlignmentError, StoreError
+from kdcache.errors import AlignmentError, PipelineError, StoreError
 
 
 class TransferSet(IterableDataset):
@@ -75,6 +75,8 @@ class TransferSet(IterableDataset):
         # decoded bytes of one row of the arrays read: what decides RAM or streaming, and what streaming's buffers hold (footprint)
         self.row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
         self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
+        if self.in_memory:
+            _check_ram(self.row_bytes * store.num_samples, memory_budget_mb, location)
         # In memory: read every needed array whole, once, here (workers inherit it).
         self.memory = {p: store.read(p, 0, store.num_samples) for p in self.paths} if self.in_memory else None
         self._store: layout.Store | None = None
@@ -350,6 +352,32 @@ class TransferSet(IterableDataset):
 
 PREFETCH = 2  # batches made ahead of the consumer
 REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
+
+
+# What training's targets may take of the memory the process may use: in RAM, or in streaming's buffers (at most; reading
+# a buffer also holds its shards as decoded and their concatenation until the shuffled copy is made, for a moment). The
+# student, its optimizer, the dataset, the batches made ahead, other processes and the page cache need the rest. Half
+# keeps a run that passes clear of the OOM killer, which gives no message.
+MEMORY_SHARE = 0.5
+
+
+def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:
+    """Refuse targets that fit ``memory_budget_mb`` but not ``MEMORY_SHARE`` of the memory this process may use, before
+    they are read: the read would be killed (a budget set for a larger machine, or a container's limit)."""
+    limit = memory_limit()
+    if limit is not None and nbytes > MEMORY_SHARE * limit:
+        raise PipelineError(f"the targets of {location!r} take {binary_size(nbytes)} in RAM, under train.memory_budget_mb = {budget_mb:g} "
+                            f"but more than half of the {binary_size(limit)} of memory this process may use; lower train.memory_budget_mb "
+                            f"below {nbytes / 2**20:.4g} to stream them (whole shards, a few at a time)")
+
+
+def binary_size(n: float) -> str:
+    """``n`` bytes in words: ``"2 KiB"``, ``"4.5 GiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.4g} {unit}"
+        n /= 1024
+    return f"{n:.4g} TiB"
 
 
 def memory_limit() -> int | None:

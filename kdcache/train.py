@@ -132,35 +132,20 @@ def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> 
     return n
 
 
-# Streaming's buffers may take at most this share of the machine's memory. They are not all a run holds: reading a buffer
-# also holds its shards as decoded and their concatenation until the shuffled copy is made (up to twice one array's part
-# of a buffer more, for a moment), and the student, its optimizer, the dataset, the batches made ahead, other processes
-# and the page cache need the rest. Half keeps a run that passes clear of the OOM killer, which gives no message.
-MEMORY_SHARE = 0.5
-
-
 def _check_memory(transfer: cache.TransferSet, workers: int, processes: int, what: str, readers: str) -> None:
     """Refuse, before the first step and before anything is written, a streaming run whose buffers (``TransferSet.footprint``)
-    would take more than ``MEMORY_SHARE`` of the machine's physical memory: such a run is killed hours in, without a word.
-    Targets in RAM fit ``train.memory_budget_mb`` and hold no buffers; where the OS gives no figure nothing is checked."""
+    would take more than ``cache.MEMORY_SHARE`` of the memory the process may use: such a run is killed hours in, without a
+    word. Targets in RAM were checked before they were read (``TransferSet``); where the OS gives no figure nothing is."""
     f, memory = transfer.footprint(workers, processes), cache.memory_limit()
-    if f is None or memory is None or f.nbytes <= MEMORY_SHARE * memory:
+    if f is None or memory is None or f.nbytes <= cache.MEMORY_SHARE * memory:
         return
     served = "the one served" if transfer.streams == 1 or transfer.stream is not None else f"one served per stream (train.streams = {transfer.streams})"
     raise PipelineError(
-        f"streaming {what} would hold up to {_bytes(f.nbytes)} at once, more than half of the {_bytes(memory)} of memory this process may use: "
+        f"streaming {what} would hold up to {cache.binary_size(f.nbytes)} at once, more than half of the {cache.binary_size(memory)} of memory this process may use: "
         f"{_count(f.buffers, 'buffer')} of {_count(f.shards, 'shard')} (train.shuffle_buffer_shards = {transfer.buffer_shards}) of "
-        f"{_bytes(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays read, decoded), {f.per_reader} per reader "
+        f"{cache.binary_size(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays read, decoded), {f.per_reader} per reader "
         f"({served} and the next, read ahead) and {_count(f.readers, 'reader')} ({readers}); lower train.shuffle_buffer_shards or "
         "train.num_workers, or re-extract the store with a smaller extract.shard_mb")
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.4g} {unit}"
-        n /= 1024
-    return f"{n:.4g} TiB"
 
 
 def _count(n: int, thing: str) -> str:

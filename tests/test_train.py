@@ -681,10 +681,11 @@ def test_the_memory_check_counts_only_the_buffers_an_epoch_makes(tiny_store, tmp
 
 
 def test_targets_in_ram_and_a_machine_that_does_not_say_are_not_checked(tiny_store, tmp_path, monkeypatch, steps):
-    """Targets read whole into RAM (under train.memory_budget_mb) hold no buffers; where the OS gives no figure the
-    check is skipped. Either way the run is the one it was: the same batches as an unchecked run."""
+    """Targets read whole into RAM (under train.memory_budget_mb, 50 rows of 32 bytes) hold no buffers: only their own
+    size is checked; where the OS gives no figure nothing is. Either way the run is the one it was: the same batches
+    as an unchecked run."""
     real = cache.memory_limit
-    small_machine(monkeypatch, 1)
+    small_machine(monkeypatch, 2 * 1600)
     train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "ram")
     in_ram = [s["rows"] for s in steps]
     small_machine(monkeypatch, None)
@@ -694,6 +695,23 @@ def test_targets_in_ram_and_a_machine_that_does_not_say_are_not_checked(tiny_sto
     train(pipeline(*PLAIN, *STREAMED, "train.epochs=1"), tiny_store, tmp_path / "real")
     assert len(in_ram) == 7 and len(steps) == 21
     assert all(np.array_equal(a["rows"], b["rows"]) for a, b in zip(steps[7:14], steps[14:21]))
+
+
+def test_targets_that_fit_the_budget_but_not_the_machine_are_refused_before_they_are_read(tiny_store, tmp_path, monkeypatch, steps):
+    """train.memory_budget_mb set for a larger machine (or a container's limit): reading 1600 bytes of targets into RAM
+    with 3 KiB to use would pass half of it; refused before the read, --out untouched; streamed, the run fits."""
+    small_machine(monkeypatch, 3 * 2**10)
+    reads = []
+    real_read = layout.Store.read
+    monkeypatch.setattr(layout.Store, "read", lambda self, *a, **k: reads.append(a) or real_read(self, *a, **k))
+    with pytest.raises(PipelineError) as raised:
+        train(pipeline(*PLAIN), tiny_store, tmp_path / "run")
+    assert str(raised.value) == (f"the targets of {tiny_store!r} take 1.562 KiB in RAM, under train.memory_budget_mb = 2048 but more "
+                                 "than half of the 3 KiB of memory this process may use; lower train.memory_budget_mb below 0.001526 to "
+                                 "stream them (whole shards, a few at a time)")
+    assert not (tmp_path / "run").exists() and steps == [] and not [a for a in reads if a[1:] == (0, 50)]
+    train(pipeline(*PLAIN, "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1", "train.epochs=1"), tiny_store, tmp_path / "run")
+    assert len(steps) == 7
 
 
 def test_the_memory_a_process_may_use_is_its_cgroups_limit_where_lower(tmp_path):
@@ -723,10 +741,10 @@ def test_the_memory_a_process_may_use_is_its_cgroups_limit_where_lower(tmp_path)
 def test_an_eval_cache_that_would_not_fit_is_refused_before_the_first_epoch(tiny_store, test_store, tmp_path, monkeypatch, steps):
     """train.eval_cache streams in the main process too (its 50 rows of logits and sample arrays, 1600 bytes, exceed
     the budget), in buffers of train.shuffle_buffer_shards shards; the training run reads no logits (ce alone): its
-    1200 bytes are in RAM."""
-    small_machine(monkeypatch, 2 * 2**10)
+    1200 bytes are in RAM, within half of the machine's 3 KiB."""
+    small_machine(monkeypatch, 3 * 2**10)
     with pytest.raises(PipelineError, match=r"^streaming train.eval_cache '.*tiny-test.zarr' would hold up to 2 KiB at once, more than "
-                       r"half of the 2 KiB of memory this process may use: 1 buffer of 4 shards \(train.shuffle_buffer_shards = 4\) of 512 B each "
+                       r"half of the 3 KiB of memory this process may use: 1 buffer of 4 shards \(train.shuffle_buffer_shards = 4\) of 512 B each "
                        r"\(16 rows of 32 bytes: the arrays read, decoded\), 1 per reader \(the one served and the next, read ahead\) "
                        r"and 1 reader \(the main process\); lower train.shuffle_buffer_shards"):
         train(pipeline(*PLAIN, f'train.eval_cache="{test_store}"', 'train.eval_split="test"', "train.loss.kl=0",
