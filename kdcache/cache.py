@@ -363,12 +363,19 @@ MEMORY_SHARE = 0.5
 
 def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:
     """Refuse targets that fit ``memory_budget_mb`` but not ``MEMORY_SHARE`` of the memory this process may use, before
-    they are read: the read would be killed (a budget set for a larger machine, or a container's limit)."""
-    limit = memory_limit()
-    if limit is not None and nbytes > MEMORY_SHARE * limit:
-        raise PipelineError(f"the targets of {location!r} take {binary_size(nbytes)} in RAM, under train.memory_budget_mb = {budget_mb:g} "
-                            f"but more than half of the {binary_size(limit)} of memory this process may use; lower train.memory_budget_mb "
-                            f"below {nbytes / 2**20:.4g} to stream them (whole shards, a few at a time)")
+    they are read: the read would be killed (a budget set for a larger machine, or a container's limit). Under torchrun
+    every rank on the machine reads its own copy."""
+    limit, copies = memory_limit(), local_ranks()
+    if limit is not None and nbytes * copies > MEMORY_SHARE * limit:
+        ranks = f" in each of {copies} ranks on this machine" if copies > 1 else ""
+        raise PipelineError(f"the targets of {location!r} take {binary_size(nbytes)} in RAM{ranks}, under train.memory_budget_mb = "
+                            f"{budget_mb:g} but more than half of the {binary_size(limit)} of memory this process may use; lower "
+                            f"train.memory_budget_mb below {nbytes / 2**20:.4g} to stream them (whole shards, a few at a time)")
+
+
+def local_ranks() -> int:
+    """How many of torchrun's ranks run on this machine (``LOCAL_WORLD_SIZE``), each reading its own targets; 1 outside it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 1
 
 
 def binary_size(n: float) -> str:

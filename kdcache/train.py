@@ -60,7 +60,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
         stream=rank if world > 1 else None,
     )
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world > 1 else 1  # torchrun's ranks on this machine, each its readers
+    local = cache.local_ranks()  # torchrun's ranks on this machine, each with its readers
     _check_memory(transfer, t.num_workers, local, f"the targets of {cache_location!r}",
                   f"train.num_workers = {t.num_workers}" + (f" in each of {local} ranks on this machine" if local > 1 else ""))
     order = _order(transfer, t.num_workers)

@@ -714,6 +714,21 @@ def test_targets_that_fit_the_budget_but_not_the_machine_are_refused_before_they
     assert len(steps) == 7
 
 
+def test_torchrun_ranks_on_one_machine_each_read_the_targets_into_ram(tiny_store, monkeypatch):
+    """Under torchrun every rank reads its own copy: 2 local ranks of 1600 bytes (logits and sample arrays) are more
+    than half of 5 KiB, 2 ranks on two machines (one each) are not."""
+    import tiny
+
+    small_machine(monkeypatch, 5 * 2**10)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(PipelineError, match=r"take 1.562 KiB in RAM in each of 2 ranks on this machine, under train.memory_budget_mb = 1 "
+                       r"but more than half of the 5 KiB"):
+        TransferSet(tiny_store, tiny.dataset(), [layout.LOGITS], batch_size=20, memory_budget_mb=1, streams=2, stream=0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert TransferSet(tiny_store, tiny.dataset(), [layout.LOGITS], batch_size=20, memory_budget_mb=1, streams=2, stream=0).in_memory
+
+
 def test_the_memory_a_process_may_use_is_its_cgroups_limit_where_lower(tmp_path):
     """A container's limit kills as the machine's memory does: cgroup v2 (``0::PATH`` → ``memory.max``) and v1
     (``N:memory:PATH`` → ``memory/PATH/memory.limit_in_bytes``), in the process's own folder or, where the container's
