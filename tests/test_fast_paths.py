@@ -35,6 +35,21 @@ def test_whole_shard_write_is_byte_identical_to_zarr(tmp_path: Path, dtype: str,
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "fast" / "t/x")[:64], x)
 
 
+def test_progress_markers_written_directly_are_zarrs_bytes(tmp_path: Path, monkeypatch):
+    """The done marker and digest row of each shard (arrays with the bytes codec only) are written straight to their
+    files: the same files, byte for byte, as zarr writes; another codec (or store) still goes through zarr."""
+    from conftest import extract_tiny
+
+    stores = {"fast": extract_tiny(tmp_path / "fast.zarr")}
+    monkeypatch.setattr(layout, "_write_uncompressed_chunk", lambda *a: False)  # the plain path
+    stores["zarr"] = extract_tiny(tmp_path / "zarr.zarr")
+    progress = {name: {str(f.relative_to(s)): f.read_bytes() for f in Path(s, "progress").rglob("*") if f.is_file()} for name, s in stores.items()}
+    assert progress["fast"] == progress["zarr"] and len(progress["fast"]) == 3 + 4 + 4  # three zarr.json, 4 markers, 4 digest rows
+    monkeypatch.undo()
+    done = zarr.open_group(tmp_path / "other", mode="w").create_array("d", shape=(4,), chunks=(1,), dtype=bool, compressors=[Crc32cCodec()])
+    assert not layout._write_uncompressed_chunk(done, (1,), np.ones(1, dtype=bool)) and not list((tmp_path / "other" / "d").glob("c/*"))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int64", "uint64"])
 @pytest.mark.parametrize("level", [None, 1, 5])
 @pytest.mark.parametrize("shape,chunk", [((100, 4, 5), 8), ((100,), 16), ((100, 3), 64)])
