@@ -1010,10 +1010,13 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     except MemoryError:  # a chunk grid larger than memory (a received zarr.json): zarr reads it and names the shard
         return None
     size = out[:chunk].nbytes
-    for i in range(count):
-        offset, length = (int(v) for v in index[i])
-        if length < 4 or offset + length > len(raw) - tail:
-            return None  # empty (2**64 - 1) or out of range
+    extents = [(int(offset), int(length)) for offset, length in index[:count]]
+    if any(length < 4 or offset + length > len(raw) - tail for offset, length in extents):
+        return None  # empty (2**64 - 1) or out of range
+
+    def chunk_crc(i: int) -> int | None:
+        """Inner chunk ``i`` checked and decoded into its rows of ``out``: the crc32c of those rows, None if it is off."""
+        offset, length = extents[i]
         body = raw[offset : offset + length - 4]
         crc = crc32c(body)
         if crc != int(raw[offset + length - 4 : offset + length].view("<u4")[0]):
@@ -1023,15 +1026,20 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
             if len(body) != size:
                 return None
             target[:] = body
-            if crcs is not None:
-                crcs.append((crc, size))
-        else:
-            try:
-                decode_zstd(body, target)
-            except Exception:  # noqa: BLE001 - a body that does not decompress to the chunk: zarr names it
-                return None
-            if crcs is not None:  # while the chunk is in the cache: a pass over the shard later reads it from memory
-                crcs.append((crc32c(target), size))
+            return crc
+        try:
+            decode_zstd(body, target)
+        except Exception:  # noqa: BLE001 - a body that does not decompress to the chunk: zarr names it
+            return None
+        return crc32c(target) if crcs is not None else 0  # while the chunk is in the CPU's cache, not in a pass later
+
+    # zstd releases the GIL: a shard's chunks decode on every core (training's reader, verify, export, stats)
+    parallel = zstd is not None and count > 1 and ENCODE_THREADS > 1
+    found = list(threads.pool("decode", ENCODE_THREADS).map(chunk_crc, range(count)) if parallel else map(chunk_crc, range(count)))
+    if any(crc is None for crc in found):
+        return None
+    if crcs is not None:
+        crcs.extend((crc, size) for crc in found)
     return out[:rows]
 
 
