@@ -36,11 +36,12 @@ def read_all(store: layout.Store, digests: bool) -> None:
 
 def cpu_rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> list[dict[str, float]]:
     """``harness.interleaved`` counting this process's CPU seconds, not the wall's: the check is CPU work, and the
-    other agents on a shared 2-core box move a 0.1 s read's wall time by 2x (its CPU time by a few %)."""
+    other agents on a shared 2-core box move a 0.1 s read's wall time by 2x (its CPU time by a few %). Every other
+    round runs the functions in reverse order, so that none always follows the same one."""
     rounds = []
     for r in range(1 + repeats):  # one warm-up round
         times = {}
-        for name, fn in fns.items():
+        for name, fn in (list(fns.items()) if r % 2 else list(fns.items())[::-1]):
             start = time.process_time()
             fn()
             times[name] = time.process_time() - start
