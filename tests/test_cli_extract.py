@@ -244,6 +244,13 @@ def test_commands_that_read_stores_never_import_torch(tiny_store, tmp_path):
         assert r.stderr.strip().splitlines()[-1] == f"exit={code} torch=False", (args, r.stderr[-2000:])
 
 
+def test_python_dash_m_kdcache_is_the_command(tiny_store):
+    r = subprocess.run([sys.executable, "-m", "kdcache", "info", tiny_store, "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["num_samples"] == 50, r.stderr
+    r = subprocess.run([sys.executable, "-m", "kdcache", "nope"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "Error: No such command 'nope' (see 'kdcache --help')"
+
+
 def test_the_api_names_are_the_functions_whatever_module_was_imported_first():
     """kdcache.extract and kdcache.train are functions in modules of the same names; importing those modules (as
     kdcache's own do, first) must not put the module where the function is."""
