@@ -142,6 +142,25 @@ def test_teacher_check_finds_other_weights(tiny_store, zoo_env):
     assert stored.attrs["kdcache"]["teacher"]["factory"] == "tiny.py:teacher"
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", ">f4", "float64"])
+def test_all_finite_agrees_with_isfinite_on_every_kind_of_value(dtype):
+    """The exponent-bits test of verify's values check against np.isfinite: NaN (quiet, signalling, negative), ±inf,
+    the largest finite, subnormals, -0; contiguous or not, empty."""
+    from kdcache.verify import all_finite
+
+    info = np.finfo(np.dtype(dtype))
+    special = [np.nan, -np.nan, np.inf, -np.inf, info.max, -info.max, info.tiny / 4, -0.0, 0.0, 1.0]
+    rng = np.random.default_rng(0)
+    for value in special:
+        x = (rng.standard_normal((5, 7)) * 100).astype(dtype)
+        x[rng.integers(5), rng.integers(7)] = value
+        assert all_finite(x) == bool(np.isfinite(x).all()), (dtype, value)
+        assert all_finite(x[:, ::2]) == bool(np.isfinite(x[:, ::2]).all()), (dtype, value)
+    if dtype == "float16":  # a signalling NaN's bits (exponent all ones, quiet bit clear), and the bits of inf
+        assert not all_finite(np.array([0x7D00, 0], np.uint16).view(np.float16)) and not all_finite(np.array([0xFC00], np.uint16).view(np.float16))
+    assert all_finite(np.zeros((0, 3), dtype))
+
+
 def test_teacher_check_needs_a_pipeline(tiny_store):
     r = CliRunner().invoke(main, ["verify", tiny_store, "--teacher-check", "3"])
     assert r.exit_code == 2 and "--pipeline" in r.output
