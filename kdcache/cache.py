@@ -405,24 +405,31 @@ def memory_limit() -> int | None:
 def cgroup_memory_limit(membership: str, root: Path) -> int | None:
     """The memory limit of the cgroup named in ``membership`` (the text of ``/proc/self/cgroup``) under the cgroup
     filesystem ``root``: v2 ``memory.max`` (line ``0::PATH``) or v1 ``memory/…/memory.limit_in_bytes`` (line
-    ``N:memory:PATH``), its own folder or, in a container whose cgroup is mounted as the root, the root's. None: no
-    limit (``max``, or v1's 2**63 rounded to pages), or none found."""
+    ``N:memory:PATH``), the lowest of its own folder's and its ancestors' below the mount (the kernel enforces every
+    ancestor's limit: a Slurm job's or a Kubernetes pod's, above the task's or container's own cgroup, which often
+    says ``max``) or, in a container whose cgroup is mounted as the root, the root's. None: no limit (``max``, or
+    v1's 2**63 rounded to pages), or none found."""
     for line in membership.splitlines():
         _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
         if controllers == "":
-            folders, name = [root / path.lstrip("/"), root], "memory.max"
+            top, name = root, "memory.max"
         elif "memory" in controllers.split(","):
-            folders, name = [root / "memory" / path.lstrip("/"), root / "memory"], "memory.limit_in_bytes"
+            top, name = root / "memory", "memory.limit_in_bytes"
         else:
             continue
+        own = top / path.lstrip("/")
+        folders = [own, *[f for f in own.parents if top in f.parents]] if own != top and own.is_dir() else [top]
+        limits, found = [], False
         for folder in folders:
             try:
                 text = (folder / name).read_text().strip()
             except OSError:
                 continue
+            found = True
             if text.isdigit() and 0 < int(text) < 2**62:
-                return int(text)
-            break  # "max" or v1's unlimited: this cgroup has no limit
+                limits.append(int(text))
+        if found:  # "max" or v1's unlimited in every folder: no limit
+            return min(limits) if limits else None
     return None
 
 

@@ -751,6 +751,14 @@ def test_the_memory_a_process_may_use_is_its_cgroups_limit_where_lower(tmp_path)
     assert cache.cgroup_memory_limit("4:cpu,memory:/a", fs({"memory/a/memory.limit_in_bytes": "1000"})) == 1000
     assert cache.cgroup_memory_limit(v1, fs({})) is None and cache.cgroup_memory_limit("", fs({})) is None
     assert cache.cgroup_memory_limit("garbage\n4:memory", fs({})) is None
+    # the kernel enforces every ancestor's limit: a Slurm job's (cgroup v2: its task's own folder says max), a pod's
+    slurm = "0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0"
+    job = "system.slice/slurmstepd.scope/job_7"
+    assert cache.cgroup_memory_limit(slurm, fs({f"{job}/step_0/user/task_0/memory.max": "max", f"{job}/step_0/user/memory.max": "max",
+                                                f"{job}/step_0/memory.max": "3221225472", f"{job}/memory.max": "4294967296"})) == 3 * 2**30
+    assert cache.cgroup_memory_limit(v2, fs({"kubepods/pod1/c1/memory.max": "max", "kubepods/pod1/memory.max": "2147483648"})) == 2**31
+    assert cache.cgroup_memory_limit(v1, fs({"memory/docker/abc/memory.limit_in_bytes": "9223372036854771712",
+                                             "memory/docker/memory.limit_in_bytes": "1073741824"})) == 2**30
 
 
 def test_an_eval_cache_that_would_not_fit_is_refused_before_the_first_epoch(tiny_store, test_store, tmp_path, monkeypatch, steps):
