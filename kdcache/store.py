@@ -1763,8 +1763,8 @@ def difference(stored: dict[str, Any], manifest: dict[str, Any]) -> str | None:
     (``different teacher weights (teacher.weights_sha256: store has '…', now '…')``); None when they agree.
     A store of kdcache <= 0.1.1 has no ``compression.shard_digests``: it is resumed as it was made (with digests
     where it has ``progress/digest``)."""
-    compression = manifest.get("compression")
-    if isinstance(compression, dict) and "shard_digests" not in (stored.get("compression") or {}):
+    compression, was = manifest.get("compression"), stored.get("compression")
+    if isinstance(compression, dict) and isinstance(was, dict) and "shard_digests" not in was:  # a damaged one: named below
         manifest = {**manifest, "compression": {k: v for k, v in compression.items() if k != "shard_digests"}}
     for key, what in IDENTITY.items():
         old, new = _get(stored, key), _get(manifest, key)

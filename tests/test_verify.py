@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -323,3 +324,16 @@ def test_a_done_shard_whose_digest_object_is_lost_is_damage_not_unchecked(copy, 
     assert len(lost) == 5 and all("shard 2 (rows 32-47)" in p for p in lost), problems(report, "values")
     r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and "Traceback" not in r.output and "has no digest in progress/digest" in r.output, r.output
+
+
+@pytest.mark.parametrize("compression", [5, True, "zstd", None])
+def test_a_damaged_compression_in_the_stored_manifest_is_a_difference_named_not_a_crash(tmp_path, compression):
+    """difference() drops compression.shard_digests from the new manifest only where the stored compression is an
+    object without it (a store of 0.1.0/0.1.1); any other stored value is a difference named in full."""
+    out = Path(extract_tiny(tmp_path / "s.zarr"))
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"]["kdcache"]["compression"] = compression
+    (out / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreMismatchError, match=rf"different compression \(compression: store has {re.escape(repr(compression))}, "
+                                                 r"now \{.*'shard_digests': 'crc32c'\}\)"):
+        extract_tiny(out)
