@@ -846,8 +846,11 @@ def _multmodp(a: int, b: int) -> int:
         b = (b >> 1) ^ CASTAGNOLI if b & 1 else b >> 1
 
 
-_X2N = [1 << 30]  # x^(2^k) modulo the polynomial, k = 0..31
-for _ in range(31):
+# x^(2^k) modulo the polynomial, k = 0..66 (x^(8n) for any n < 2^64). Not cycled with k & 31 as zlib's table is:
+# that holds for zlib's polynomial, not for Castagnoli's (x^(2^32) is x^2 here, not x), and an inner chunk of 512 MiB
+# or more would be combined into another digest than its rows' (FORMAT.md §7.1)
+_X2N = [1 << 30]
+for _ in range(66):
     _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
 
 
@@ -857,7 +860,7 @@ def _x8n(nbytes: int) -> int:
     p, k = 1 << 31, 3
     while nbytes:
         if nbytes & 1:
-            p = _multmodp(_X2N[k & 31], p)
+            p = _multmodp(_X2N[k], p)
         nbytes, k = nbytes >> 1, k + 1
     return p
 

@@ -326,6 +326,24 @@ def test_crc32c_combine_is_the_crc32c_of_the_joined_bytes():
     assert shard_digest("samples/index", 1, [rows[:2]]) == 0x15C0E0C5
 
 
+@pytest.mark.parametrize("n2", [2**29 - 1, 2**29, 2**29 + 12345, 2**32 + 3])
+def test_crc32c_combine_holds_for_inner_chunks_of_512_mib_and_more(n2):
+    """An inner chunk of codec none may hold up to a shard's 4 GiB (extract.chunk_mb): zlib's table of x^(2^k) cycles
+    with period 32 for its polynomial, not for Castagnoli's, so lengths from 2^29 bytes on must not wrap it."""
+    import google_crc32c
+
+    from kdcache.store import crc32c_combine
+
+    zeros = np.zeros(2**24, np.uint8)  # B = n2 zero bytes, its crc32c extended 16 MiB at a time (no big buffer)
+    head = b"shard 7 of targets/logits"
+    whole, alone = google_crc32c.value(head), 0
+    left = n2
+    while left:
+        piece = zeros[: min(left, len(zeros))]
+        whole, alone, left = google_crc32c.extend(whole, piece), google_crc32c.extend(alone, piece), left - len(piece)
+    assert crc32c_combine(google_crc32c.value(head), alone, n2) == whole
+
+
 def test_zarr_json_geometry_matches_manifest(built):
     store = kdcache.open_store(built)
     geo = store.manifest["geometry"]
