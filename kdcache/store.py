@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import errno
 import functools
+import importlib.util
 import math
 import os
 import re
@@ -1234,7 +1235,11 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     try:
         return zarr.storage.FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=read_only)
     except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
-        missing = (getattr(e.__cause__, "name", None) or e.name or "").split(".")[0]
+        module = getattr(e.__cause__, "name", None) or e.name or ""
+        missing, backend = module.split(".")[0], _backend_package(location)
+        if backend and missing and missing != backend and importlib.util.find_spec(backend) is not None:  # a dependency of it
+            raise StoreError(f"{location!r} needs the fsspec backend {backend}, which is installed but cannot import {module!r}; "
+                             f"reinstall it with its dependencies: pip install --force-reinstall {backend}") from None
         fix = f"pip install {missing}" if missing and missing not in REMOTE_EXTRA else "pip install 'kdcache[remote]'"
         raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); {fix}") from None
     except TypeError as e:  # an option the filesystem does not take
@@ -1242,6 +1247,14 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
                          "check the --storage-option values") from None
     except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
         raise _unreachable(location, e) from None
+
+
+def _backend_package(location: str) -> str:
+    """The top-level package of the fsspec filesystem registered for the location's protocol (``gcsfs`` for gs://), or ""."""
+    from fsspec.registry import known_implementations
+
+    spec = known_implementations.get(location.split("://", 1)[0].lower(), {})
+    return str(spec.get("class", "")).split(".")[0]
 
 
 def local_path(location: str) -> str:

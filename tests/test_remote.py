@@ -238,6 +238,21 @@ def test_a_missing_fsspec_backend_names_the_package_that_installs_it():
     assert r.exit_code == 1 and "pip install gcsfs" in r.output and "kdcache[remote]" not in r.output
 
 
+def test_a_backend_missing_one_of_its_own_dependencies_is_named_as_such(tmp_path, monkeypatch):
+    """An installed backend that cannot import its dependency (gcsfs without google.auth): reinstall the backend,
+    not `pip install google`. The backend is a real module registered with fsspec under a protocol of its own."""
+    from fsspec.registry import known_implementations
+
+    (tmp_path / "kdcache_probe_fs.py").write_text("import kdcache_probe_missing.auth\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(known_implementations, "kdprobe",
+                        {"class": "kdcache_probe_fs.ProbeFileSystem", "err": "Install kdcache_probe_fs to access kdprobe://"})
+    with pytest.raises(StoreError) as raised:
+        open_store("kdprobe://bucket/t.zarr")
+    assert str(raised.value) == ("'kdprobe://bucket/t.zarr' needs the fsspec backend kdcache_probe_fs, which is installed but cannot "
+                                 "import 'kdcache_probe_missing'; reinstall it with its dependencies: pip install "
+                                 "--force-reinstall kdcache_probe_fs")
+
 
 def test_http_no_store_messages_name_the_cause(http_root):
     """fsspec's exists() answers False for a refused connection, a TLS handshake with a plain server and a 404
