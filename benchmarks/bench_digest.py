@@ -20,7 +20,7 @@ import google_crc32c
 import numpy as np
 
 import harness
-from bench_writer import SHAPE, write_store
+from bench_writer import SHAPE, relu_maps, write_store
 from kdcache import store as layout
 
 PATH = layout.layer_path("layer1")
@@ -57,8 +57,7 @@ def main() -> None:
     n = args.n or (512 if args.quick else 2048)
     work = harness.workdir(args)
     report = harness.Report("digest", args)
-    rng = np.random.default_rng(0)
-    maps = np.maximum(rng.standard_normal((n, *SHAPE), dtype=np.float32), 0).astype(np.float16)
+    maps = relu_maps(n)
     print(f"shard digests: {n} x {list(SHAPE)} float16 = {maps.nbytes / 1e6:,.0f} MB in {work}")
     stores = {}
     for codec in ("none", "zstd"):

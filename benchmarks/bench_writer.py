@@ -23,6 +23,11 @@ kx = importlib.import_module("kdcache.extract")
 SHAPE = (64, 32, 32)
 
 
+def relu_maps(n: int) -> np.ndarray:
+    """``n`` float16 activation maps of SHAPE: ReLU'd seeded normals (half zeros, as real ReLU maps; they compress)."""
+    return np.maximum(np.random.default_rng(0).standard_normal((n, *SHAPE), dtype=np.float32), 0).astype(np.float16)
+
+
 def write_store(location: str, maps: np.ndarray, codec: str, batch: int) -> None:
     n = len(maps)
     target = layout.Target("layer1", layout.layer_path("layer1"), SHAPE, "float16", "layer1", "tensor")
@@ -55,8 +60,7 @@ def main() -> None:
     n = args.n or (1024 if args.quick else 4096)
     work = harness.workdir(args)
     report = harness.Report("writer", args)
-    rng = np.random.default_rng(0)
-    maps = np.maximum(rng.standard_normal((n, *SHAPE), dtype=np.float32), 0).astype(np.float16)
+    maps = relu_maps(n)
     mb = maps.nbytes / 1e6
     print(f"writer bandwidth: {n} x {list(SHAPE)} float16 = {mb:,.0f} MB into {work}")
     rounds = harness.interleaved({

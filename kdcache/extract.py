@@ -35,7 +35,6 @@ FLOAT16_MAX = 65504.0
 # Shards written at once while the next is gathered (each shard has one writer); zstd and file
 # writes release the GIL, so compression scales with cores.
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
-MAX_SHARD_BYTES = layout.MAX_SHARD_BYTES  # the writer holds up to WRITE_THREADS + 1 shards in memory
 
 
 def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,
@@ -123,10 +122,10 @@ class Run:
         bytes_per_sample |= {p: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for p, t in self.targets.items()}
         geometry = layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard)
         shard_bytes = geometry["rows_per_shard"] * sum(bytes_per_sample.values())
-        if shard_bytes > MAX_SHARD_BYTES:
+        if shard_bytes > layout.MAX_SHARD_BYTES:  # the writer holds up to WRITE_THREADS + 1 shards in memory
             raise PipelineError(f"{pipeline.source}: extract.rows_per_shard = {x.rows_per_shard} makes shards of {shard_bytes / 2**30:.3g} GiB "
                                 f"({sum(bytes_per_sample.values())} bytes per sample), but a shard is held in memory until complete; "
-                                f"use at most {MAX_SHARD_BYTES // sum(bytes_per_sample.values())} rows, or 0 to choose from extract.shard_mb")
+                                f"use at most {layout.MAX_SHARD_BYTES // sum(bytes_per_sample.values())} rows, or 0 to choose from extract.shard_mb")
         return {
             "kdcache_version": kdcache.__version__,
             "teacher": {
