@@ -141,6 +141,25 @@ class TransferSet(IterableDataset):
         buffers = readers * per_reader if self.streams > 1 else min(planned, readers * per_reader)  # streams: readers share buffers
         return Footprint(buffers, min(self.buffer_shards, shards), self.rows_per_shard, self.row_bytes, per_reader, readers)
 
+    def check_memory(self, workers: int, what: str, readers: str) -> None:
+        """Refuse, before the first step and before anything is written, streaming whose buffers (``footprint``, in
+        ``workers`` DataLoader workers of each of torchrun's ranks on this machine) would take more than
+        ``MEMORY_SHARE`` of the memory the process may use: such a run is killed hours in, without a word. Targets in
+        RAM were checked before they were read (``_check_ram``); where the OS gives no figure nothing is. ``what``:
+        the targets, as the message names them; ``readers``: who reads them (``train.num_workers = 2``)."""
+        processes = local_ranks()
+        f, memory = self.footprint(workers, processes), memory_limit()
+        if f is None or memory is None or f.nbytes <= MEMORY_SHARE * memory:
+            return
+        served = "the one served" if self.streams == 1 or self.stream is not None else f"one served per stream (train.streams = {self.streams})"
+        readers += f" in each of {processes} ranks on this machine" if processes > 1 else ""
+        raise PipelineError(
+            f"streaming {what} would hold up to {_binary_size(f.nbytes)} at once, more than half of the {_binary_size(memory)} of memory "
+            f"this process may use: {_count(f.buffers, 'buffer')} of {_count(f.shards, 'shard')} (train.shuffle_buffer_shards = "
+            f"{self.buffer_shards}) of {_binary_size(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays "
+            f"read, decoded), {f.per_reader} per reader ({served} and the next, read ahead) and {_count(f.readers, 'reader')} "
+            f"({readers}); lower train.shuffle_buffer_shards or train.num_workers, or re-extract the store with a smaller extract.shard_mb")
+
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Batches (streams: steps) the epoch serves: counted from the buffer sizes, nothing drawn or listed."""
         counts = [size // self.batch_size if self.drop_last else -(-size // self.batch_size) for size in self.buffer_sizes(epoch)]
@@ -368,8 +387,8 @@ def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:
     limit, copies = memory_limit(), local_ranks()
     if limit is not None and nbytes * copies > MEMORY_SHARE * limit:
         ranks = f" in each of {copies} ranks on this machine" if copies > 1 else ""
-        raise PipelineError(f"the targets of {location!r} take {binary_size(nbytes)} in RAM{ranks}, under train.memory_budget_mb = "
-                            f"{budget_mb:g} but more than half of the {binary_size(limit)} of memory this process may use; lower "
+        raise PipelineError(f"the targets of {location!r} take {_binary_size(nbytes)} in RAM{ranks}, under train.memory_budget_mb = "
+                            f"{budget_mb:g} but more than half of the {_binary_size(limit)} of memory this process may use; lower "
                             f"train.memory_budget_mb below {nbytes / 2**20:.4g} to stream them (whole shards, a few at a time)")
 
 
@@ -378,13 +397,17 @@ def local_ranks() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 1
 
 
-def binary_size(n: float) -> str:
+def _binary_size(n: float) -> str:
     """``n`` bytes in words: ``"2 KiB"``, ``"4.5 GiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.4g} {unit}"
         n /= 1024
     return f"{n:.4g} TiB"
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
 def memory_limit() -> int | None:

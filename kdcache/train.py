@@ -60,9 +60,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
         stream=rank if world > 1 else None,
     )
-    local = cache.local_ranks()  # torchrun's ranks on this machine, each with its readers
-    _check_memory(transfer, t.num_workers, local, f"the targets of {cache_location!r}",
-                  f"train.num_workers = {t.num_workers}" + (f" in each of {local} ranks on this machine" if local > 1 else ""))
+    transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
     order = _order(transfer, t.num_workers)
     if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
         raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
@@ -130,26 +128,6 @@ def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> 
                             f"train.batch_size = {batch_size}; lower train.batch_size (or raise train.shuffle_buffer_shards), "
                             "or set train.drop_last = false")
     return n
-
-
-def _check_memory(transfer: cache.TransferSet, workers: int, processes: int, what: str, readers: str) -> None:
-    """Refuse, before the first step and before anything is written, a streaming run whose buffers (``TransferSet.footprint``)
-    would take more than ``cache.MEMORY_SHARE`` of the memory the process may use: such a run is killed hours in, without a
-    word. Targets in RAM were checked before they were read (``TransferSet``); where the OS gives no figure nothing is."""
-    f, memory = transfer.footprint(workers, processes), cache.memory_limit()
-    if f is None or memory is None or f.nbytes <= cache.MEMORY_SHARE * memory:
-        return
-    served = "the one served" if transfer.streams == 1 or transfer.stream is not None else f"one served per stream (train.streams = {transfer.streams})"
-    raise PipelineError(
-        f"streaming {what} would hold up to {cache.binary_size(f.nbytes)} at once, more than half of the {cache.binary_size(memory)} of memory this process may use: "
-        f"{_count(f.buffers, 'buffer')} of {_count(f.shards, 'shard')} (train.shuffle_buffer_shards = {transfer.buffer_shards}) of "
-        f"{cache.binary_size(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays read, decoded), {f.per_reader} per reader "
-        f"({served} and the next, read ahead) and {_count(f.readers, 'reader')} ({readers}); lower train.shuffle_buffer_shards or "
-        "train.num_workers, or re-extract the store with a smaller extract.shard_mb")
-
-
-def _count(n: int, thing: str) -> str:
-    return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
 def _order(transfer: cache.TransferSet, workers: int) -> dict[str, Any]:
@@ -481,7 +459,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                                    memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards,
                                    fingerprint_check=t.fingerprint_check, fingerprint_recheck=t.fingerprint_recheck,
                                    storage_options=storage_options)
-        _check_memory(source, 0, 1, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
+        source.check_memory(0, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
     else:
         try:
             dataset = data.load(pipeline, t.eval_split)
