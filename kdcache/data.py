@@ -7,6 +7,7 @@ code. Hashing runs in DataLoader workers, in parallel with the model.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import queue
 import threading
@@ -285,7 +286,10 @@ class Prefetch:
         self._buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._finished = False
-        threading.Thread(target=_produce, args=(items, self._buffer, self._stop), name="kdcache-prefetch", daemon=True).start()
+        thread = threading.Thread(target=_produce, args=(items, self._buffer, self._stop), name="kdcache-prefetch", daemon=True)
+        with _PRODUCERS_LOCK:
+            _PRODUCERS[thread] = self._stop
+        thread.start()
 
     def __iter__(self) -> Prefetch:
         return self
@@ -310,6 +314,23 @@ class Prefetch:
 
 
 _DONE = object()  # the producer's last entry: (_DONE, None) or (_DONE, the error it raised)
+_PRODUCERS: dict[threading.Thread, threading.Event] = {}  # live producer threads and their stop events
+_PRODUCERS_LOCK = threading.Lock()
+
+
+def _stop_producers() -> None:
+    """At exit: stop every producer and wait for the item it is making. A daemon thread still inside torch's C++ code
+    (a batch being collated) when the interpreter shuts down aborts the process ("terminate called without an active
+    exception", exit 134) after a run that finished: a train run that stops mid-epoch leaves its next batches in the making."""
+    with _PRODUCERS_LOCK:
+        live = list(_PRODUCERS.items())
+    for _, stop in live:
+        stop.set()
+    for thread, _ in live:
+        thread.join(timeout=60)
+
+
+atexit.register(_stop_producers)
 
 
 def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Event) -> None:
@@ -330,6 +351,9 @@ def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Eve
         put((_DONE, None))
     except BaseException as e:  # handed to the consumer
         put((_DONE, e))
+    finally:
+        with _PRODUCERS_LOCK:
+            _PRODUCERS.pop(threading.current_thread(), None)
 
 
 def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> Any:

@@ -11,6 +11,8 @@ import gc
 import itertools
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -473,6 +475,30 @@ def test_prefetch_starts_making_items_before_the_first_is_asked_for():
     it = Prefetch(items(), depth=2)
     assert made.wait(10)
     assert list(it) == [1]
+
+
+EXIT_MID_ITEM = """
+import sys, time
+from pathlib import Path
+from kdcache.data import Prefetch
+
+def items():
+    for i in range(100):
+        time.sleep(1.0)  # a batch being made (in a run: collated in torch's C++ code)
+        Path(sys.argv[1], f"made{i}").touch()
+        yield i
+
+next(Prefetch(items(), depth=1))
+"""
+
+
+def test_the_interpreter_exits_only_after_a_producer_has_stopped(tmp_path):
+    """A run that stops mid-epoch leaves a producer making its next batch; exiting under it (a daemon thread in torch's
+    C++ code) aborted `kdcache demo` now and then at exit (exit 134). The exit stops it and waits for that item."""
+    r = subprocess.run([sys.executable, "-c", EXIT_MID_ITEM, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert made[:2] == ["made0", "made1"] and len(made) <= 3, made  # the item in the making was finished, no more begun
 
 
 @pytest.mark.parametrize("how", ["close", "drop"])
