@@ -6,16 +6,62 @@ Public API (the CLI is thin glue over these):
 - ``extract(pipeline, out)`` / ``dry_run(pipeline)`` — score a dataset into a store.
 - ``open_store(location)`` — open a store read-only; ``store.info()`` summarises it.
 - ``train(pipeline, cache, out)`` — train a student from a store alone.
+
+The names are imported on first use: ``kdcache info``, ``verify`` or ``--help`` never import torch
+(about 2 s), and a Ctrl-C during that import is the command's to report.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.2"
 
-from kdcache.errors import KdcacheError
-from kdcache.extract import dry_run, extract
-from kdcache.pipeline import Pipeline, load as load_pipeline
-from kdcache.store import Store, open_store
-from kdcache.train import train
-
+_API = {  # name -> (module, attribute)
+    "KdcacheError": ("kdcache.errors", "KdcacheError"),
+    "Pipeline": ("kdcache.pipeline", "Pipeline"),
+    "Store": ("kdcache.store", "Store"),
+    "dry_run": ("kdcache.extract", "dry_run"),
+    "extract": ("kdcache.extract", "extract"),
+    "load_pipeline": ("kdcache.pipeline", "load"),
+    "open_store": ("kdcache.store", "open_store"),
+    "train": ("kdcache.train", "train"),
+}
 __all__ = ["KdcacheError", "Pipeline", "Store", "dry_run", "extract", "load_pipeline", "open_store", "train", "__version__"]
+
+if TYPE_CHECKING:
+    from kdcache.errors import KdcacheError
+    from kdcache.extract import dry_run, extract
+    from kdcache.pipeline import Pipeline, load as load_pipeline
+    from kdcache.store import Store, open_store
+    from kdcache.train import train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
+    module, attribute = _API[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    """``kdcache.extract`` and ``kdcache.train`` are the API's functions, in modules of the same names: importing such
+    a module binds it in its package (``setattr``), which must not replace the function (as the eager imports of
+    kdcache 0.1.1 and earlier left it: the function, whatever was imported first)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _API:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

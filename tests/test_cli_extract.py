@@ -224,6 +224,26 @@ def test_info_on_a_zarr_group_that_is_not_a_store(tmp_path):
     assert_one_line_error(result.output, "is a zarr group but not a kdcache store")
 
 
+LEAN = """
+import sys, kdcache.cli
+sys.argv = ["kdcache", *sys.argv[1:]]
+try:
+    kdcache.cli.main()
+except SystemExit as e:
+    print(f"exit={e.code} torch={'torch' in sys.modules}", file=sys.stderr)
+"""
+
+
+def test_commands_that_read_stores_never_import_torch(tiny_store, tmp_path):
+    """torch takes ~2 s to import: ``--help``, ``--version``, ``info``, ``verify``, ``export``, ``pack`` and ``stats``
+    read stores and print, and answer without it (a fresh process, as the console script runs them)."""
+    for args in (["--help"], ["--version"], ["info", tiny_store], ["verify", tiny_store], ["export", tiny_store, str(tmp_path / "t.h5")],
+                 ["pack", tiny_store, str(tmp_path / "t.zip")], ["stats", tiny_store], ["info", str(tmp_path / "missing.zarr")]):
+        r = subprocess.run([sys.executable, "-c", LEAN, *args], capture_output=True, text=True, timeout=120)
+        code = 1 if "missing" in args[-1] else 0
+        assert r.stderr.strip().splitlines()[-1] == f"exit={code} torch=False", (args, r.stderr[-2000:])
+
+
 def test_python_dash_m_kdcache_is_the_command(tiny_store):
     r = subprocess.run([sys.executable, "-m", "kdcache", "info", tiny_store, "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout)["num_samples"] == 50, r.stderr
@@ -239,7 +259,7 @@ def test_the_api_names_are_the_functions_whatever_module_was_imported_first():
             "assert kdcache.extract is extract is importlib.import_module('kdcache.extract').extract\n"
             "assert kdcache.train is train is importlib.import_module('kdcache.train').train\n"
             "assert load_pipeline is importlib.import_module('kdcache.pipeline').load and callable(dry_run)\n"
-            "assert set(kdcache.__all__) <= set(dir(kdcache))\n"
+            "assert set(kdcache.__all__) == set(kdcache._API) | {'__version__'} and set(kdcache.__all__) <= set(dir(kdcache))\n"
             "try:\n    kdcache.nothing\nexcept AttributeError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "module 'kdcache' has no attribute 'nothing'\n", r.stderr
