@@ -344,14 +344,19 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     at the first parameter a step leaves unused, and which cannot see the projection heads used outside its forward."""
     import torch.distributed as dist
 
+    local = [p.grad is not None for p in params]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    used = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    used = torch.tensor(local, dtype=grads[0].dtype, device=grads[0].device)
     flat = torch.cat([g.reshape(-1) for g in grads] + [used])
     dist.all_reduce(flat)
+    flat /= world
+    # what this rank reached, every rank reached in part: only a rank that left a parameter unreached reads the flags
+    # (a wait for the all-reduce on a GPU; the common step, every parameter reached, queues the optimizer's kernels behind it)
+    reached = local if all(local) else flat[-len(params):].tolist()
     offset = 0
-    for p, g, reached in zip(params, grads, flat[-len(params):].tolist()):
+    for p, g, r in zip(params, grads, reached):
         n = g.numel()
-        p.grad = (flat[offset : offset + n] / world).view_as(p).clone() if reached else None
+        p.grad = flat[offset : offset + n].view_as(p) if r else None  # views of one buffer, as DDP's gradient_as_bucket_view
         offset += n
 
 
