@@ -216,10 +216,12 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     pipeline = _on_device(pipeline, worker)
     key = json.dumps([pipeline.to_dict(), str(pipeline.root)], sort_keys=True)
     store = _open_created(location, storage_options, f"dask worker {worker} (pid {os.getpid()} on {socket.gethostname()})")
-    if key not in _RUNS:
+    # the weights hashed once per worker, not per task; but a cluster outlives jobs, and one kept from an earlier job may
+    # be out of date (its checkpoint file replaced since, the pipeline the same): rebuilt before it is called different
+    if key not in _RUNS or layout.difference(store.manifest, _RUNS[key][1]) is not None:
         _RUNS.clear()
         run = setup(pipeline)
-        _RUNS[key] = (run, run.manifest(pipeline))  # the weights hashed once per worker, not per task
+        _RUNS[key] = (run, run.manifest(pipeline))
     run, manifest = _RUNS[key]
     mismatch = _mismatch(store, manifest, f"dask worker {worker} (pid {os.getpid()})")  # every task: a cluster outlives jobs
     if mismatch is not None:

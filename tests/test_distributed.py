@@ -152,6 +152,36 @@ def test_workers_that_cannot_reach_the_drivers_store_stop_the_job(toml, tmp_path
         fsspec.filesystem("memory").rm(f"kdcache-test-{os.getpid()}", recursive=True)
 
 
+def test_a_cluster_rebuilds_a_teacher_whose_checkpoint_changed_since_its_last_job(tmp_path):
+    """A cluster outlives jobs, and each worker keeps the teacher it built for a pipeline. A teacher whose checkpoint
+    file was replaced between two jobs (the same pipeline, the same path) gave the driver the new weights and every
+    worker its old ones: each job stopped ("its teacher and dataset give different teacher weights ... seed the
+    initialisation"), rerun after rerun, until the workers were restarted."""
+    from distributed import Client, LocalCluster
+
+    from conftest import FIXTURES
+
+    (tmp_path / "teacher.py").write_text(
+        "import pathlib\nimport torch\n\n"
+        "def teacher():\n"
+        "    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))\n"
+        "    model.load_state_dict(torch.load(pathlib.Path(__file__).with_name('teacher.pt')))\n"
+        "    return model\n")
+    toml = write_toml(tmp_path / "p.toml", f"teacher.factory='{tmp_path / 'teacher.py'}:teacher'", "targets.layers=[]")
+    assert f"{FIXTURES}/extract_zoo.py:images" in toml.read_text()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster):
+        for version in range(2):  # the checkpoint fine-tuned further, saved over the old one, extracted into a new store
+            torch.manual_seed(version)
+            torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).state_dict(), tmp_path / "teacher.pt")
+            out = str(tmp_path / f"v{version}.zarr")
+            info = extract_distributed(kdcache.load_pipeline(toml), out, scheduler=cluster.scheduler_address)
+            assert info["complete"]
+            single = str(tmp_path / f"single-v{version}.zarr")
+            kdcache.extract(kdcache.load_pipeline(toml), single)
+            assert_same_store(out, single)
+
+
 def shards_done(location: str) -> int:
     """Shards done in the store at ``location``; 0 while it does not exist or is being created (the group's
     zarr.json is written before its manifest, which comes last)."""
