@@ -217,6 +217,8 @@ class Store:
 
         try:
             found = sync(every())
+        except zipfile.BadZipFile as e:
+            raise _corrupted_member(self.location, str(e)) from None
         except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
             if _on_the_way(e):
                 raise self._unreachable("the groups' zarr.json", e) from None
@@ -287,6 +289,8 @@ class Store:
             except BAD_METADATA as e:
                 why = _metadata_problem(self.group.store, f"{path}/zarr.json", e)
                 raise self._bad_metadata(path, why) from None
+            except zipfile.BadZipFile as e:
+                raise _corrupted_member(self.location, str(e)) from None
             except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
                 if _on_the_way(e):
                     raise self._unreachable(f"{path}/zarr.json", e) from None
@@ -681,8 +685,7 @@ class Store:
         try:
             buf = sync(self.group.store.get(key, prototype=default_buffer_prototype(), byte_range=whole))
         except zipfile.BadZipFile as e:  # a stored zip member whose bytes fail the zip's own CRC-32
-            raise StoreError(f"{self.location!r} is damaged: object {key!r} {e} (a corrupted zip member); kdcache verify "
-                             f"{self.location} lists every damaged chunk; pack the store again or copy the zip again") from None
+            raise _corrupted_member(self.location, f"object {key!r} {e}") from None
         return None if buf is None else buf.to_bytes()
 
     def object_keys(self) -> list[str]:
@@ -1213,7 +1216,15 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except (FileNotFoundError, *BAD_METADATA) as e:
         raise StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None
+    except zipfile.BadZipFile as e:
+        raise _corrupted_member(location, str(e)) from None
     return Store(group, location, writable=mode != "r", storage_options=storage_options)
+
+
+def _corrupted_member(location: str, what: str) -> StoreError:
+    """A zip member whose bytes fail the zip's own CRC-32 (``what``: zipfile's words, naming it)."""
+    return StoreError(f"{location!r} is damaged: {what} (a corrupted zip member); kdcache verify {location} lists every "
+                      "damaged chunk; pack the store again or copy the zip again")
 
 
 def _metadata_problem(target: Any, key: str, e: Exception) -> str:
