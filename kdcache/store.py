@@ -1408,6 +1408,12 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
         with contextlib.suppress(Exception):
             if sync(zarr_store(location, storage_options).exists(".zgroup")):
                 return _zarr_v2(location)
+        with contextlib.suppress(Exception):  # a bucket name mistyped: extracting there would fail too, after the teacher is built
+            fs, path = _filesystem(location, storage_options)
+            bucket = path.split("/")[0]
+            if bucket and "/" in path.strip("/") and not fs.exists(bucket):
+                return StoreError(f"no store at {location!r}: there is no bucket {bucket!r} (or these credentials cannot see it); "
+                                  "check the bucket name, --storage-option values and credentials")
         return StoreError(f"no store at {location!r}; {extract}")
     return StoreError(f"no store at {location!r}: {url} holds no zarr v3 group metadata; check the URL")
 

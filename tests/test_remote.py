@@ -170,6 +170,17 @@ def test_s3_refuses_to_overwrite_foreign_objects(s3):
         open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)
 
 
+def test_a_mistyped_bucket_is_named_not_sent_to_extract(s3):
+    """A bucket that does not exist was "no store at ...; run kdcache extract PIPELINE --out ... first": an extract there
+    fails too, once its teacher is built ("The specified bucket does not exist")."""
+    r = CliRunner().invoke(main, ["info", "s3://kdcache-tset/t.zarr", *(f"--storage-option={k}={v}" for k, v in s3.items())])
+    assert r.exit_code == 1 and r.output.strip() == ("Error: no store at 's3://kdcache-tset/t.zarr': there is no bucket 'kdcache-tset' "
+                                                     "(or these credentials cannot see it); check the bucket name, --storage-option "
+                                                     "values and credentials"), r.output
+    with pytest.raises(StoreError, match=r"no store at .*; run kdcache extract PIPELINE --out s3://\S+/absent.zarr first$"):
+        open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)  # the bucket is there: the store is not
+
+
 def test_http_store_is_read_only_and_reads_like_local(http_root, tiny_store, tmp_path):
     from conftest import TINY_TOML
 
