@@ -28,22 +28,26 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from kdcache import store as layout
-from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreMismatchError, need, one_line
+from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
 from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
 ATTEMPTS = 3  # tries per shard on dask (a task that raises, or whose worker keeps dying)
 TIMEOUT = datetime.timedelta(hours=12)  # torch.distributed collectives: ranks wait at most this long for each other
+REACH = ("every worker and rank must reach --out where the driver or rank 0 created it: a path on a filesystem they share, "
+         "or an object store URL (s3://...); fix that, then rerun to resume")  # docs/CLUSTER.md
 
 
 # -- dask.distributed ----------------------------------------------------------------------------
@@ -68,8 +72,16 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
             if pending:
                 with contextlib.nullcontext(remote) if remote is not None else _local_cluster(pipeline, workers) as client:
                     _run_shards(client, pipeline, store, pending, progress, attempts)
+                unwritten = [int(s) for s in np.flatnonzero(~store.done()) if s in pending]
+                if unwritten:  # every task succeeded, yet the driver's store lacks their shards: the workers wrote another
+                    raise ShardError(f"the dask workers reported shards {_shard_list(unwritten)} written, but {out!r} does not have them: "
+                                     f"they wrote another store at that location; {REACH}")
             store.finish()
     return store.info()
+
+
+def _shard_list(shards: list[int]) -> str:
+    return ", ".join(map(str, shards[:5])) + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")
 
 
 def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: list[int], progress: bool, attempts: int) -> None:
@@ -81,8 +93,12 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     bar = Progress(sum(rows.values()), "extract", enabled=progress)
     token, tries = uuid.uuid4().hex[:8], {s: 1 for s in pending}
 
+    location = store.location  # a relative path is the driver's: a worker started in another folder would find another store
+    if layout.location_kind(location) == "local":
+        location = str(Path(layout.local_path(location)).absolute())
+
     def submit(shard: int) -> Any:
-        return client.submit(_extract_shard, pipeline, store.location, shard, store.storage_options,
+        return client.submit(_extract_shard, pipeline, location, shard, store.storage_options,
                              key=f"kdcache-shard-{shard}-{tries[shard]}-{token}", pure=False)
 
     futures = {submit(s): s for s in pending}
@@ -199,11 +215,13 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     worker = _worker_index()
     pipeline = _on_device(pipeline, worker)
     key = json.dumps([pipeline.to_dict(), str(pipeline.root)], sort_keys=True)
-    store = layout.open_store(location, mode="r+", storage_options=storage_options)
-    if key not in _RUNS:
+    store = _open_created(location, storage_options, f"dask worker {worker} (pid {os.getpid()} on {socket.gethostname()})")
+    # the weights hashed once per worker, not per task; but a cluster outlives jobs, and one kept from an earlier job may
+    # be out of date (its checkpoint file replaced since, the pipeline the same): rebuilt before it is called different
+    if key not in _RUNS or layout.difference(store.manifest, _RUNS[key][1]) is not None:
         _RUNS.clear()
         run = setup(pipeline)
-        _RUNS[key] = (run, run.manifest(pipeline))  # the weights hashed once per worker, not per task
+        _RUNS[key] = (run, run.manifest(pipeline))
     run, manifest = _RUNS[key]
     mismatch = _mismatch(store, manifest, f"dask worker {worker} (pid {os.getpid()})")  # every task: a cluster outlives jobs
     if mismatch is not None:
@@ -211,6 +229,17 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     if not store.array(layout.DONE)[shard]:  # a resubmitted task whose first try finished after all
         extract_shards(run, pipeline, store, [shard], Progress(0, "", enabled=False))
     return {"shard": shard, "worker": os.getpid(), "seconds": time.perf_counter() - start}
+
+
+def _open_created(location: str, storage_options: dict[str, Any] | None, who: str) -> layout.Store:
+    """The store the driver / rank 0 created at ``location``, opened for writing by a worker or another rank; where there
+    is none (a folder on another machine's disk, a ``memory://`` URL: another process's memory) the error says so."""
+    try:
+        return layout.open_store(location, mode="r+", storage_options=storage_options)
+    except StoreError:
+        if layout.exists(location, storage_options):
+            raise
+    raise StoreError(f"{who} finds no store at {location!r}, where the job created it; {REACH}")
 
 
 def _mismatch(store: layout.Store, manifest: dict[str, Any], who: str) -> StoreMismatchError | None:
@@ -287,7 +316,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
             raise shared[0]
         pending: list[int] = shared[0]
         if rank != 0:
-            store = layout.open_store(out, mode="r+", storage_options=storage_options)
+            store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
         dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
         first = next((m for m in mismatches if m is not None), None)

@@ -37,6 +37,11 @@ class StoreMismatchError(StoreError):
     """An existing store was made from a different teacher, dataset, target set or geometry."""
 
 
+class UnreachableError(StoreError):
+    """A read of a store's location failed on the way (connection, timeout, HTTP status, credentials): nothing says
+    the store is damaged."""
+
+
 class TargetError(KdcacheError, ValueError):
     """A teacher output or layer cannot be captured or stored as asked."""
 

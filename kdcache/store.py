@@ -32,7 +32,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, one_line, write_fix
+from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, write_fix
 
 try:
     import fcntl
@@ -215,7 +215,15 @@ class Store:
         async def every() -> list[Any]:
             return list(await asyncio.gather(*(store.get(k, prototype=default_buffer_prototype()) for k in keys)))
 
-        for key, buf in zip(keys, sync(every())):
+        try:
+            found = sync(every())
+        except zipfile.BadZipFile as e:
+            raise _corrupted_member(self.location, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+            if _on_the_way(e):
+                raise self._unreachable("the groups' zarr.json", e) from None
+            raise
+        for key, buf in zip(keys, found):
             if buf is None:
                 why = "it is missing"
             else:
@@ -281,6 +289,12 @@ class Store:
             except BAD_METADATA as e:
                 why = _metadata_problem(self.group.store, f"{path}/zarr.json", e)
                 raise self._bad_metadata(path, why) from None
+            except zipfile.BadZipFile as e:
+                raise _corrupted_member(self.location, str(e)) from None
+            except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+                if _on_the_way(e):
+                    raise self._unreachable(f"{path}/zarr.json", e) from None
+                raise
             if not isinstance(node, zarr.Array):
                 raise self._bad_metadata(path, "it describes a group, not an array")
             other = _other_codec(node.metadata.codecs)
@@ -325,7 +339,9 @@ class Store:
             raise self._bad_metadata(DONE, f"it says {list(array.shape)} {array.dtype}, expected [{self.num_shards}] bool")
         try:
             done = np.asarray(array[:])
-        except Exception:  # noqa: BLE001 - a marker that does not decode; named below
+        except Exception as e:  # noqa: BLE001 - a marker that does not decode; named below
+            if _on_the_way(e):
+                raise self._unreadable(DONE, 0, self.num_shards, e) from None
             done = None
         if done is None or (done.view(np.uint8) > 1).any():  # a one-byte marker other than 0/1 decodes, as garbage
             raise self._damaged_markers()
@@ -338,9 +354,13 @@ class Store:
     def has_digests(self) -> bool:
         if self._digested is None:
             try:
-                self._digested = self.raw_object(f"{DIGEST}/zarr.json") is not None
+                self._digested = self._get(f"{DIGEST}/zarr.json") is not None
             except PermissionError:  # a bucket granting GetObject only answers a missing key 403: a store from before digests
                 self._digested = False
+            except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+                if _on_the_way(e):
+                    raise self._unreachable(f"{DIGEST}/zarr.json", e) from None
+                raise
         return self._digested
 
     def digests(self) -> np.ndarray | None:
@@ -526,12 +546,15 @@ class Store:
                     raise self._damaged(path, shard, f"does not decode ({why})") from None
             raise
 
-    def _unreadable(self, path: str, start: int, stop: int, e: BaseException) -> StoreError:
+    def _unreadable(self, path: str, start: int, stop: int, e: BaseException) -> UnreachableError:
+        return self._unreachable(f"rows {start}-{stop - 1} of {path}", e)
+
+    def _unreachable(self, what: str, e: BaseException) -> UnreachableError:
         """A read that failed on the way (connection, timeout, HTTP status, credentials): not damage."""
         cause = e.__cause__ if isinstance(e, FileNotFoundError) and e.__cause__ is not None else e
-        return StoreError(f"cannot read rows {start}-{stop - 1} of {path} from {self.location!r}: {type(cause).__name__}: "
-                          f"{one_line(cause, 200)}; nothing says the store is damaged: check the connection, endpoint, "
-                          "credentials and that the server is up, then rerun")
+        return UnreachableError(f"cannot read {what} from {self.location!r}: {type(cause).__name__}: "
+                                f"{one_line(cause, 200)}; nothing says the store is damaged: check the connection, endpoint, "
+                                "credentials and that the server is up, then rerun")
 
     def _read_direct(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None) -> np.ndarray | None:
         """Rows ``start:stop`` when they are whole done shards, read by ``_read_whole_shard`` (the streaming reader's
@@ -552,9 +575,9 @@ class Store:
             sums = found.setdefault(s, []) if crcs is not None else None
             if fetch:
                 try:
-                    raw = self.raw_object(self.shard_key(path, s), at_most=self._shard_bound(array))
+                    raw = self._get(self.shard_key(path, s), at_most=self._shard_bound(array))
                 except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
-                    if _transport(e) or isinstance(e, OSError) and _transport(e.__cause__ or e):
+                    if _on_the_way(e):
                         raise self._unreadable(path, start, stop, e) from None
                     return None
                 rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), sums) if raw else None
@@ -635,7 +658,18 @@ class Store:
         return int(sum(info.get("size") or 0 for info in fs.find(path, detail=True).values()))
 
     def raw_object(self, key: str, *, at_most: int | None = None) -> bytes | None:
-        """The bytes of one storage object (``key`` relative to the root, e.g. ``targets/logits/c/1/0``), None if absent.
+        """The bytes of one storage object (``key`` relative to the root, e.g. ``targets/logits/c/1/0``), None if absent
+        (``at_most``: see ``_get``). A read that fails on the way (a refused connection, an HTTP 5xx, a cut response,
+        credentials) is an UnreachableError naming the object, never a traceback or damage."""
+        try:
+            return self._get(key, at_most=at_most)
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+            if _on_the_way(e):
+                raise self._unreachable(f"object {key!r}", e) from None
+            raise
+
+    def _get(self, key: str, *, at_most: int | None = None) -> bytes | None:
+        """``raw_object`` raising what the read raised.
 
         ``at_most``: the object is known to hold at most this many bytes. Where its object store would fetch such an
         object in one GET anyway (at most the file system's ``default_block_size``: s3fs splits larger objects into
@@ -651,8 +685,7 @@ class Store:
         try:
             buf = sync(self.group.store.get(key, prototype=default_buffer_prototype(), byte_range=whole))
         except zipfile.BadZipFile as e:  # a stored zip member whose bytes fail the zip's own CRC-32
-            raise StoreError(f"{self.location!r} is damaged: object {key!r} {e} (a corrupted zip member); kdcache verify "
-                             f"{self.location} lists every damaged chunk; pack the store again or copy the zip again") from None
+            raise _corrupted_member(self.location, f"object {key!r} {e}") from None
         return None if buf is None else buf.to_bytes()
 
     def object_keys(self) -> list[str]:
@@ -681,6 +714,8 @@ class Store:
 
         try:
             raw = self.raw_object(self.shard_key(path, shard))
+        except UnreachableError:
+            raise
         except StoreError as e:  # a zip member whose bytes fail the zip's CRC-32, or a local object that is not read
             if location_kind(self.location) == "local":
                 return [f"shard {shard}: {e}"]
@@ -770,6 +805,11 @@ def _transport(e: BaseException) -> bool:
     if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
     return type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests")
+
+
+def _on_the_way(e: BaseException) -> bool:
+    """``_transport``, or an OSError a filesystem raised for one (s3fs turns botocore's errors into OSErrors)."""
+    return _transport(e) or isinstance(e, OSError) and e.__cause__ is not None and _transport(e.__cause__)
 
 
 def _is_temp(name: str) -> bool:
@@ -1176,7 +1216,15 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except (FileNotFoundError, *BAD_METADATA) as e:
         raise StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None
+    except zipfile.BadZipFile as e:
+        raise _corrupted_member(location, str(e)) from None
     return Store(group, location, writable=mode != "r", storage_options=storage_options)
+
+
+def _corrupted_member(location: str, what: str) -> StoreError:
+    """A zip member whose bytes fail the zip's own CRC-32 (``what``: zipfile's words, naming it)."""
+    return StoreError(f"{location!r} is damaged: {what} (a corrupted zip member); kdcache verify {location} lists every "
+                      "damaged chunk; pack the store again or copy the zip again")
 
 
 def _metadata_problem(target: Any, key: str, e: Exception) -> str:
@@ -1340,6 +1388,9 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
         url = http if chained else http.rstrip("/") + "/zarr.json"
         options = None if chained else storage_options
         problem = _http_problem(url, options, whole=not chained)
+        if problem is not None and problem.startswith("HTTP 5"):  # the server failed: nothing says the store is absent
+            return UnreachableError(f"cannot reach {location!r} ({url}: {problem}): the server failed to answer; "
+                                    "check that the server is up, then rerun")
         if problem is not None and problem.startswith("HTTP "):
             if not chained and http.lower().endswith((".h5", ".hdf5")):
                 return StoreError(f"{location!r} names an HDF5 file (a kdcache export?), not a store; download it and run "
@@ -1357,6 +1408,12 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
         with contextlib.suppress(Exception):
             if sync(zarr_store(location, storage_options).exists(".zgroup")):
                 return _zarr_v2(location)
+        with contextlib.suppress(Exception):  # a bucket name mistyped: extracting there would fail too, after the teacher is built
+            fs, path = _filesystem(location, storage_options)
+            bucket = path.split("/")[0]
+            if bucket and "/" in path.strip("/") and not fs.exists(bucket):
+                return StoreError(f"no store at {location!r}: there is no bucket {bucket!r} (or these credentials cannot see it); "
+                                  "check the bucket name, --storage-option values and credentials")
         return StoreError(f"no store at {location!r}; {extract}")
     return StoreError(f"no store at {location!r}: {url} holds no zarr v3 group metadata; check the URL")
 

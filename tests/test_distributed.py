@@ -88,11 +88,13 @@ def scheduler(tmp_path):
 
     address = f"tcp://127.0.0.1:{_free_port()}"
     log = open(tmp_path / "dask.log", "w")
+    (tmp_path / "workers").mkdir()  # the workers' folder, not the driver's (a relative --out must not resolve there)
     procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
                                "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT)]
     try:
         procs.append(subprocess.Popen([BIN / "dask", "worker", address, "--nworkers", "2", "--nthreads", "1",
-                                       "--no-dashboard", "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT))
+                                       "--no-dashboard", "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=tmp_path / "workers"))
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=60)
         yield address
@@ -112,6 +114,72 @@ def test_cli_on_an_existing_scheduler_resumes_a_partial_store(toml, single, sche
     assert result.exit_code == 0, result.output
     assert "4/4 shards" in result.output
     assert_same_store(out, single)
+
+
+def test_a_relative_out_is_the_drivers_folder_not_the_workers(toml, single, scheduler, tmp_path, monkeypatch):
+    """Workers started in another folder than the driver's resolved a relative --out there: they found no store
+    ("no store at 'rel.zarr'; run kdcache extract ... first", after the driver had created it), or wrote another one."""
+    (tmp_path / "driver").mkdir()
+    monkeypatch.chdir(tmp_path / "driver")
+    result = CliRunner().invoke(main, ["extract", toml, "--out", "rel.zarr", "--scheduler", scheduler])
+    assert result.exit_code == 0, result.output
+    assert_same_store(str(tmp_path / "driver" / "rel.zarr"), single)
+    assert not (tmp_path / "workers" / "rel.zarr").exists()
+
+
+def test_workers_that_cannot_reach_the_drivers_store_stop_the_job(toml, tmp_path):
+    """A location each process has its own of (memory://: the process's memory; a folder on each machine's local disk):
+    the workers found no store and said to run kdcache extract first, the command just run; or, where each had one of
+    its own, wrote that and the job ended with exit 0 and the driver's store empty."""
+    import fsspec
+    from distributed import Client, LocalCluster
+
+    from kdcache.distributed import ShardError
+
+    out = f"memory://kdcache-test-{os.getpid()}/unshared.zarr"
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+                Client(cluster) as client:
+            with pytest.raises(StoreError) as e:
+                extract_distributed(kdcache.load_pipeline(toml), out, scheduler=cluster.scheduler_address)
+            assert str(e.value).startswith("dask worker ") and f"finds no store at {out!r}, where the job created it" in str(e.value)
+            assert "a filesystem they share, or an object store URL" in str(e.value)
+            client.run(kdcache.extract, kdcache.load_pipeline(toml), out)  # each worker's own store
+            with pytest.raises(ShardError, match=rf"reported shards 0, 1, 2, 3 written, but {out!r} does not have them"):
+                extract_distributed(kdcache.load_pipeline(toml), out, scheduler=cluster.scheduler_address)
+        assert not open_store(out).done().any()
+    finally:
+        fsspec.filesystem("memory").rm(f"kdcache-test-{os.getpid()}", recursive=True)
+
+
+def test_a_cluster_rebuilds_a_teacher_whose_checkpoint_changed_since_its_last_job(tmp_path):
+    """A cluster outlives jobs, and each worker keeps the teacher it built for a pipeline. A teacher whose checkpoint
+    file was replaced between two jobs (the same pipeline, the same path) gave the driver the new weights and every
+    worker its old ones: each job stopped ("its teacher and dataset give different teacher weights ... seed the
+    initialisation"), rerun after rerun, until the workers were restarted."""
+    from distributed import Client, LocalCluster
+
+    from conftest import FIXTURES
+
+    (tmp_path / "teacher.py").write_text(
+        "import pathlib\nimport torch\n\n"
+        "def teacher():\n"
+        "    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))\n"
+        "    model.load_state_dict(torch.load(pathlib.Path(__file__).with_name('teacher.pt')))\n"
+        "    return model\n")
+    toml = write_toml(tmp_path / "p.toml", f"teacher.factory='{tmp_path / 'teacher.py'}:teacher'", "targets.layers=[]")
+    assert f"{FIXTURES}/extract_zoo.py:images" in toml.read_text()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster):
+        for version in range(2):  # the checkpoint fine-tuned further, saved over the old one, extracted into a new store
+            torch.manual_seed(version)
+            torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).state_dict(), tmp_path / "teacher.pt")
+            out = str(tmp_path / f"v{version}.zarr")
+            info = extract_distributed(kdcache.load_pipeline(toml), out, scheduler=cluster.scheduler_address)
+            assert info["complete"]
+            single = str(tmp_path / f"single-v{version}.zarr")
+            kdcache.extract(kdcache.load_pipeline(toml), single)
+            assert_same_store(out, single)
 
 
 def shards_done(location: str) -> int:

@@ -60,11 +60,20 @@ def plain_http_root(tmp_path_factory):
     yield from _served(tmp_path_factory.mktemp("plain"), "http.server")
 
 
+@pytest.fixture(scope="module")
+def faulty_http_root(tmp_path_factory):
+    """A folder served by ``tests/fixtures/faulty_http.py``, which fails the requests its ``.faults`` file names: ``(folder, base_url)``."""
+    from conftest import FIXTURES
+
+    yield from _served(tmp_path_factory.mktemp("faulty"), str(FIXTURES / "faulty_http.py"))
+
+
 def _served(root, module: str):
-    """``python -m MODULE PORT`` serving ``root`` on 127.0.0.1 while the caller's fixture lasts: yields ``(root, base_url)``."""
+    """``python -m MODULE PORT`` (or ``python SCRIPT.py PORT``) serving ``root`` on 127.0.0.1 while the caller's fixture
+    lasts: yields ``(root, base_url)``."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", module, str(port), "--bind", "127.0.0.1"], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [module, str(port)] if module.endswith(".py") else ["-m", module, str(port), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen([sys.executable, *command], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -159,6 +168,17 @@ def test_s3_refuses_to_overwrite_foreign_objects(s3):
     assert fs.cat(f"{BUCKET}/foreign/data.bin") == b"not a store"
     with pytest.raises(StoreError, match="no store at"):
         open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)
+
+
+def test_a_mistyped_bucket_is_named_not_sent_to_extract(s3):
+    """A bucket that does not exist was "no store at ...; run kdcache extract PIPELINE --out ... first": an extract there
+    fails too, once its teacher is built ("The specified bucket does not exist")."""
+    r = CliRunner().invoke(main, ["info", "s3://kdcache-tset/t.zarr", *(f"--storage-option={k}={v}" for k, v in s3.items())])
+    assert r.exit_code == 1 and r.output.strip() == ("Error: no store at 's3://kdcache-tset/t.zarr': there is no bucket 'kdcache-tset' "
+                                                     "(or these credentials cannot see it); check the bucket name, --storage-option "
+                                                     "values and credentials"), r.output
+    with pytest.raises(StoreError, match=r"no store at .*; run kdcache extract PIPELINE --out s3://\S+/absent.zarr first$"):
+        open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)  # the bucket is there: the store is not
 
 
 def test_http_store_is_read_only_and_reads_like_local(http_root, tiny_store, tmp_path):
@@ -352,6 +372,34 @@ def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
         message = str(e.value)
         assert message.startswith(f"cannot read rows 16-31 of {LOGITS} from {store.location!r}: "), message
         assert "nothing says the store is damaged" in message and "re-extract" not in message, message
+
+
+@pytest.mark.parametrize("key, fault, command", [
+    ("tiny.zarr/zarr.json", "500", "info"),  # was: "no store at ...; check the URL"
+    ("samples/zarr.json", "500", "info"),  # was: aiohttp's traceback, as every case below
+    ("targets/logits/zarr.json", "503", "verify"),
+    ("progress/done/c/1", "truncate", "info"),
+    ("progress/digest/zarr.json", "500", "info"),
+    ("targets/logits/c/1/0", "500", "verify"),
+    ("targets/layers/features.3/c/2/", "truncate", "verify"),
+])
+def test_a_server_failing_one_object_is_one_line_not_damage(faulty_http_root, tiny_store, key, fault, command):
+    """An HTTP server that answers 5xx, or cuts a response short, for one object (metadata, a done marker, a shard) is
+    a one-line error saying the location could not be read: never a traceback, never "damaged", never "no store"."""
+    import shutil
+
+    root, base = faulty_http_root
+    if not (root / "tiny.zarr").exists():
+        shutil.copytree(tiny_store, root / "tiny.zarr")
+    (root / ".faults").write_text(json.dumps({key: fault}))
+    try:
+        r = CliRunner().invoke(main, [command, f"{base}/tiny.zarr"])
+    finally:
+        (root / ".faults").unlink()
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith("Error: cannot re") and "re-extract" not in r.output and "no store" not in r.output, r.output
+    assert ("HTTP 500" if key == "tiny.zarr/zarr.json" else "nothing says the store is damaged") in r.output, r.output
+    assert CliRunner().invoke(main, [command, f"{base}/tiny.zarr"]).exit_code == 0  # the server answers again: all is well
 
 
 def test_an_s3_extract_killed_before_its_manifest_resumes(s3, tiny_store):

@@ -86,6 +86,30 @@ def test_a_corrupted_zip_member_is_a_verify_failure_and_a_one_line_error(tiny_st
     assert r.exit_code == 1 and "Traceback" not in r.output and "corrupted zip member" in r.output, r.output
 
 
+@pytest.mark.parametrize("member", ["zarr.json", "samples/zarr.json", "targets/logits/zarr.json"])
+@pytest.mark.parametrize("command", ["info", "verify", "train"])
+def test_a_corrupted_metadata_member_of_a_zip_is_one_line(tiny_store: str, tmp_path: Path, member: str, command: str) -> None:
+    """A zarr.json member whose bytes fail the zip's CRC-32 (a bit flipped in transfer) was zipfile's traceback."""
+    from click.testing import CliRunner
+
+    from conftest import TINY_TOML
+    from kdcache.cli import main
+
+    out = tmp_path / "t.zarr.zip"
+    pack(tiny_store, out)
+    with zipfile.ZipFile(out) as z:
+        info = z.getinfo(member)
+    raw = bytearray(out.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2] ^= 0x01  # in the JSON
+    out.write_bytes(bytes(raw))
+    args = {"train": ["train", str(TINY_TOML), "--cache", str(out), "--out", str(tmp_path / "run")]}.get(command, [command, str(out)])
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = [line for line in r.output.splitlines() if "corrupted zip member" in line]
+    assert len(lines) == 1 and f"Bad CRC-32 for file {member!r} (a corrupted zip member)" in lines[0], r.output
+    assert "pack the store again or copy the zip again" in lines[0], r.output
+
+
 def test_teacher_check_reads_stored_rows_with_the_damage_checks(tiny_store: str, tmp_path: Path) -> None:
     """verify --teacher-check compares the teacher with stored rows read as training reads them: a missing shard is
     named, never compared as zeros."""
