@@ -236,6 +236,9 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
     import kdcache
     from kdcache import distributed
 
+    if workers is not None and scheduler is not None:
+        raise click.UsageError(f"--workers {workers} starts a local dask cluster and --scheduler {scheduler} uses an existing one "
+                               "(whose workers were started with it); pass one of them")
     if workers is not None or scheduler is not None:
         if distributed.ranks()[1] > 1:
             raise click.UsageError("--workers/--scheduler start dask workers; under torchrun leave them out (the ranks are the workers)")

@@ -1391,6 +1391,9 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
         if problem is not None and problem.startswith("HTTP 5"):  # the server failed: nothing says the store is absent
             return UnreachableError(f"cannot reach {location!r} ({url}: {problem}): the server failed to answer; "
                                     "check that the server is up, then rerun")
+        if problem is not None and problem.startswith(("HTTP 401", "HTTP 403")):  # the store may well be there
+            return StoreError(f"{location!r} refuses access ({url}: {problem}); pass the credentials the server expects, e.g. "
+                              "--storage-option 'headers.Authorization=Bearer TOKEN' (storage_options={'headers': {...}} from Python)")
         if problem is not None and problem.startswith("HTTP "):
             if not chained and http.lower().endswith((".h5", ".hdf5")):
                 return StoreError(f"{location!r} names an HDF5 file (a kdcache export?), not a store; download it and run "

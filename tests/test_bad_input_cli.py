@@ -39,6 +39,8 @@ CASES = [
     Case("workers-above-limit", lambda c: extract("--out", c.new, "--workers", "100000"), ("'--workers': 100000 is not in the range",), code=2),
     Case("scheduler-garbage", lambda c: extract("--out", c.new, "--scheduler", "garbage"),
          ("scheduler address 'garbage' is not valid (missing port number", "tcp://HOST:PORT", "--workers N for a local cluster")),
+    Case("workers-and-scheduler", lambda c: extract("--out", c.new, "--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"),
+         ("--workers 2 starts a local dask cluster and --scheduler tcp://127.0.0.1:8786 uses an existing one", "pass one of them"), code=2),
     Case("scheduler-empty", lambda c: extract("--out", c.new, "--scheduler", ""), ("scheduler address '' is not valid",)),
     Case("scheduler-bad-port", lambda c: extract("--out", c.new, "--scheduler", "tcp://127.0.0.1:abc"),
          ("scheduler address 'tcp://127.0.0.1:abc' is not valid",)),

@@ -402,6 +402,26 @@ def test_a_server_failing_one_object_is_one_line_not_damage(faulty_http_root, ti
     assert CliRunner().invoke(main, [command, f"{base}/tiny.zarr"]).exit_code == 0  # the server answers again: all is well
 
 
+def test_a_server_asking_for_credentials_is_named_and_headers_pass_them(faulty_http_root, tiny_store):
+    """A 401/403 for the root zarr.json says the server refuses access and how to pass credentials (it said "no store
+    at ...; check the URL"); the --storage-option the message names is the one that works."""
+    import shutil
+
+    root, base = faulty_http_root
+    if not (root / "tiny.zarr").exists():
+        shutil.copytree(tiny_store, root / "tiny.zarr")
+    (root / ".faults").write_text(json.dumps({"tiny.zarr": "auth"}))  # every object of the store
+    try:
+        r = CliRunner().invoke(main, ["info", f"{base}/tiny.zarr"])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert f"'{base}/tiny.zarr' refuses access ({base}/tiny.zarr/zarr.json: HTTP 401" in r.output, r.output
+        assert "--storage-option 'headers.Authorization=Bearer TOKEN'" in r.output and "no store" not in r.output, r.output
+        r = CliRunner().invoke(main, ["verify", f"{base}/tiny.zarr", "--storage-option", "headers.Authorization=Bearer secret"])
+        assert r.exit_code == 0 and "ok    checksums" in r.output, r.output
+    finally:
+        (root / ".faults").unlink()
+
+
 def test_an_s3_extract_killed_before_its_manifest_resumes(s3, tiny_store):
     """Killed after the arrays' metadata but before the manifest (the last object create_or_resume writes): the
     rerun creates the store again, as for a local folder, instead of refusing it as "not a kdcache store"."""
