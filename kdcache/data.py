@@ -8,6 +8,7 @@ code. Hashing runs in DataLoader workers, in parallel with the model.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import queue
 import threading
@@ -409,6 +410,15 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # extract.precision, train.precision
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """The forward pass's autocast context for ``precision`` (none for fp32): parameters stay float32."""
+    dtype = AUTOCAST[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def pick_device(name: str) -> torch.device:

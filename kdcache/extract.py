@@ -29,7 +29,6 @@ from kdcache.errors import AlignmentError, ModelError, PipelineError, TargetErro
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLOAT16_MAX = 65504.0
 # Shards written at once while the next is gathered (each shard has one writer); zstd and file
@@ -94,8 +93,7 @@ class Run:
     probe: dict[str, Any]
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        dtype = AUTOCAST[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return data.autocast(self.device, self.precision)
 
     def forward(self, rows: list[int], layers: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         """One batch of dataset ``rows`` through the teacher: the batch, the output and the hooked layers' outputs."""

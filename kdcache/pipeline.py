@@ -98,6 +98,7 @@ class TrainSection:
     # with K ranks uses K (one part per rank), and streams = K in one process reproduces it (docs/CLUSTER.md)
     streams: int = 1
     drop_last: bool = False  # leave out the incomplete last batch of each buffer (BatchNorm cannot train on one sample)
+    precision: str = "fp32"  # bf16 / fp16: autocast for the student's forward (fp16 with a dynamic loss scale)
     loss: LossSection = field(default_factory=LossSection)
     # teacher layer -> {"student": module name, "weight": float, "select": part of the module's output (default "auto")}
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -146,6 +147,7 @@ class Pipeline:
 CHOICES = {
     ("targets", "dtype"): ("float16", "float32"),
     ("extract", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("extract", "compression"): ("zstd", "none"),
     ("train", "optimizer"): ("adamw", "sgd"),
     ("train", "schedule"): ("cosine", "constant"),

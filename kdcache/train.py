@@ -15,8 +15,10 @@ import json
 import math
 import operator
 import os
+import re
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -94,7 +96,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
         if t.num_workers > 0 or device.type != "cpu":
             loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
                                 persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed))
-        with data.torch_threads(t.threads):
+        with data.torch_threads(t.threads), _skipped_steps_allowed():
             batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
             while state["step"] < total_steps:
                 steps = min(_check_batches(transfer, state["epoch"], t.batch_size), total_steps - state["step"])
@@ -117,6 +119,15 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
     last = _read_metrics(out)[-1]
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+@contextlib.contextmanager
+def _skipped_steps_allowed() -> Iterator[None]:
+    """fp16: a step whose gradients overflow is skipped (GradScaler) and the schedule steps all the same (the plan
+    counts steps, not updates), so torch's warning about a schedule stepped before its optimizer would be noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"), UserWarning)
+        yield
 
 
 def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> int:
@@ -171,10 +182,11 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
             loss = loss * batch["scale"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
-        if run.world > 1:
+        run.scaler.scale(loss).backward()
+        if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
             distributed.average_gradients([p for g in optimizer.param_groups for p in g["params"]], run.world)
-        optimizer.step()
+        run.scaler.step(optimizer)
+        run.scaler.update()
         schedule.step()
         state["step"] += 1
         seen += 1
@@ -223,12 +235,24 @@ class Run:
     paths: list[str]
     world: int = 1  # under torchrun: the number of ranks whose gradients each step averages
     select: str = "auto"  # student.select: the part of the student's output compared with the stored logits
+    precision: str = "fp32"  # train.precision: autocast of the student's forward and heads
+    scaler: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        # fp16: a dynamic loss scale keeps small gradients from flushing to zero; a step whose gradients overflow is
+        # skipped and the scale halved (bf16 has float32's range and needs none). Disabled, it passes calls through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
         self.hooked.clear()  # this forward's outputs only: never a stale one from an earlier batch
-        logits = data.call(self.student, data.to_device(batch["inputs"], self.device), "student")
-        logits = select_student(logits, "student output", self.select)
+        with data.autocast(self.device, self.precision):  # the student and its heads; the losses compute in float32
+            logits = data.call(self.student, data.to_device(batch["inputs"], self.device), "student")
+            logits = select_student(logits, "student output", self.select)
+            feats = {}
+            for path, (module, _, selector) in self.features.items():
+                feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
+                feats[path] = self.heads[_key(path)](feat) if _key(path) in self.heads else feat
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}
         if w.kl:
@@ -240,11 +264,8 @@ class Run:
         if w.ce:
             _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
             parts["ce"] = _weighted(w.ce, losses.cross_entropy(logits, batch["label"].to(self.device)))
-        for path, (module, weight, selector) in self.features.items():
-            feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
-            if _key(path) in self.heads:
-                feat = self.heads[_key(path)](feat)
-            parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feat, targets[path]))
+        for path, (_, weight, _) in self.features.items():
+            parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feats[path], targets[path]))
         return parts
 
 
@@ -276,7 +297,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)), spec.get("select", "auto"))
     teachers.check_layers(student, tuple(m for m, _, _ in features.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
-              select=pipeline.student.select)
+              select=pipeline.student.select, precision=t.precision)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
     if features:
@@ -475,7 +496,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             source.set_epoch(next(evaluations))  # the first evaluation checks fingerprint_check, later ones the recheck
         run.student.eval()
         correct = agree = teacher_correct = n = 0
-        with torch.no_grad():
+        with torch.no_grad(), data.autocast(device, run.precision):
             for batch in source:
                 logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
                 pred = logits.argmax(-1).cpu()
@@ -597,7 +618,8 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     """
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": rng,
-            "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {})}
+            "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
+            **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {})}
     if replacing is not None:
         _save(ckpt, out / NEXT_CHECKPOINT)
     lines = [m for m in ([] if replacing else _read_metrics(out)) if m["epoch"] < metrics["epoch"]] + [metrics]
@@ -693,6 +715,8 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
                          f"({detail[:200]}); resume with the run's own pipeline (its pipeline.json) or pass --overwrite") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
+    if "scaler" in ckpt:  # fp16: the loss scale the run had reached (train.precision cannot change on --resume)
+        run.scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])
     return {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"])}
 

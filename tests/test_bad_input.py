@@ -452,6 +452,8 @@ CASES = [
     Case("epochs-negative", lambda c: train(c, "--epochs", "-2"), ("train.epochs must be int, got -2", "use a whole number >= 0"), store=True),
     Case("subset-too-large", lambda c: train(c, "--set", "train.subset=500"),
          ("train.subset = 500 exceeds the 50 rows available",), store=True),
+    Case("unknown-train-precision", lambda c: train(c, "--set", "train.precision=fp8"),
+         ("train.precision = 'fp8' is not one of fp32, bf16, fp16",), store=True),
     Case("unknown-optimizer", lambda c: train(c, "--set", "train.optimizer=adam"),
          ("train.optimizer = 'adam' is not one of adamw, sgd",), store=True),
     # -- where train writes
@@ -468,6 +470,8 @@ CASES = [
           "resume with the run's train.memory_budget_mb and train.num_workers"), store=True, prior=lambda c: trained(c)),
     Case("resume-other-values", lambda c: train(c, "--resume", "--set", "train.lr=0.5"),
          ("--resume: train.lr was 0.01 in this run", "now 0.5", "may change"), store=True, prior=lambda c: trained(c)),
+    Case("resume-other-precision", lambda c: train(c, "--resume", "--set", "train.precision=bf16"),
+         ("--resume: train.precision was 'fp32' in this run", "now 'bf16'", "may change"), store=True, prior=lambda c: trained(c)),
     Case("resume-store-of-other-targets", lambda c: ["train", TINY, "--cache", c.tmp / "other.zarr", "--out", c.run, "--resume"],
          ('--resume: this run trained from another store (targets.logits.dtype: "float16" then, "float32" in',), store=True,
          prior=lambda c: (trained(c), invoke_ok(extract("--out", c.tmp / "other.zarr", "--set", "targets.dtype=float32")))),

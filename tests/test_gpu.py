@@ -59,22 +59,32 @@ def test_cuda_extract_under_bf16_autocast_keeps_rows_aligned(tmp_path):
     check_extract_matches_cpu("cuda", tmp_path, 'extract.precision="bf16"', rtol=6e-2)
 
 
-def check_train_matches_cpu(device: str, tmp_path: Path, tiny_store: str) -> None:
+def check_train_matches_cpu(device: str, tmp_path: Path, tiny_store: str, precision: str = "fp32", rtol: float = 5e-2) -> None:
+    """``precision``: the device run's train.precision (the CPU run's is fp32)."""
     losses = {}
-    for where, out in (("cpu", tmp_path / "run-cpu"), (device, tmp_path / "run-device")):
+    for where, out, p in (("cpu", tmp_path / "run-cpu", "fp32"), (device, tmp_path / "run-device", precision)):
         result = CliRunner().invoke(main, ["train", str(FIXTURES / "tiny.toml"), "--cache", tiny_store, "--out", str(out),
-                                           "--set", f'train.device="{where}"', "--set", "train.epochs=3", "--no-progress"])
+                                           "--set", f'train.device="{where}"', "--set", "train.epochs=3", "--no-progress",
+                                           "--set", f'train.precision="{p}"'])
         assert result.exit_code == 0, result.output
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(lines) == 3 and all(np.isfinite(v) for m in lines for k, v in m.items() if k.startswith("loss"))
         losses[out.name] = [m["loss_kl"] for m in lines]
         state = torch.load(out / "student.pt", weights_only=True)
         assert all(t.device.type == "cpu" for t in state.values())  # saved loadable anywhere
-    np.testing.assert_allclose(losses["run-device"], losses["run-cpu"], rtol=5e-2)  # same batches, same seed: the same curve
+    np.testing.assert_allclose(losses["run-device"], losses["run-cpu"], rtol=rtol)  # same batches, same seed: the same curve
+    if precision == "fp16":  # the loss scale is saved for a resume
+        assert "scaler" in torch.load(tmp_path / "run-device" / "checkpoint.pt", weights_only=True)
 
 
 def test_cuda_train_follows_the_cpu_curve(tmp_path, tiny_store):
     check_train_matches_cpu("cuda", tmp_path, tiny_store)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_train_in_autocast_follows_the_cpu_curve(tmp_path, tiny_store, precision):
+    """train.precision on a GPU: tensor-core autocast, the curve of fp32 on the CPU within reduced precision's error."""
+    check_train_matches_cpu("cuda", tmp_path, tiny_store, precision, rtol=0.15)
 
 
 def test_cuda_resume_with_dropout_reaches_the_uninterrupted_weights(tmp_path, tiny_store):

@@ -30,7 +30,7 @@ from reference import signal_and_wait, train_cut_after_first_epoch
 from kdcache import cache, cli, losses, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError
-from kdcache.train import Run, train
+from kdcache.train import CHECKPOINT, Run, train
 
 PLAIN = ["train.features={}", "train.eval_split=''"]  # no feature loss, no eval: the quickest run
 
@@ -442,6 +442,39 @@ def test_resume_with_dropout_reaches_the_uninterrupted_weights(tiny_store, tmp_p
     capsys.readouterr()
     train(p, tiny_store, tmp_path / "cut", resume=True)
     assert f"resuming {str(tmp_path / 'cut')!r} after epoch 0 (step 7 of 21)" in capsys.readouterr().out
+    got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_the_student_in_autocast_and_keeps_float32_weights(tiny_store, tmp_path, precision):
+    """train.precision: the student's forward and heads run in autocast (other numbers than fp32's, close to them);
+    its weights, the heads and the optimizer stay float32; fp16 keeps a loss scale in the checkpoint, bf16 needs none."""
+    runs = {}
+    for p in ("fp32", precision):
+        train(pipeline("train.epochs=2", f"train.precision='{p}'"), tiny_store, tmp_path / p)  # feature loss, head, eval
+        runs[p] = {name: torch.load(tmp_path / p / name, weights_only=True) for name in ("student.pt", "heads.pt", CHECKPOINT)}
+    for name in ("student.pt", "heads.pt"):
+        want, got = runs["fp32"][name], runs[precision][name]
+        assert all(got[k].dtype == torch.float32 for k in got), name
+        assert not all(torch.equal(got[k], want[k]) for k in want), f"{name}: autocast changed nothing"
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0.05, msg=k)
+    assert ("scaler" in runs[precision][CHECKPOINT]) == (precision == "fp16")
+    assert "scaler" not in runs["fp32"][CHECKPOINT]
+    assert metrics(tmp_path / precision)[-1]["eval_accuracy"] == pytest.approx(metrics(tmp_path / "fp32")[-1]["eval_accuracy"], abs=0.1)
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale(tiny_store, tmp_path):
+    """A large loss weight overflows fp16 gradients at the initial scale (65536): the first steps are skipped and the
+    scale halved. A resumed run restores the scale its checkpoint reached; starting from 65536 again would skip
+    steps the uninterrupted run took (AdamW makes the weight itself harmless)."""
+    p = pipeline("train.precision='fp16'", "train.loss={ce=100.0}", *PLAIN, "train.epochs=3")
+    train(p, tiny_store, tmp_path / "whole")
+    train_cut_after_first_epoch(p, tiny_store, tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["scaler"]["scale"] < 2.0**16  # steps were skipped
+    train(p, tiny_store, tmp_path / "cut", resume=True)
     got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
