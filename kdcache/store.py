@@ -471,6 +471,12 @@ class Store:
         """Rows ``start:stop`` of an array. A damaged done shard is a StoreError naming it, never zeros: its object
         missing or empty (zarr alone would read the fill value), bytes that do not decode (checksum, truncation), or
         (``digests``) a shard read whole whose rows are not the ones written there (``digest_problem``)."""
+        if path not in self.paths():  # else named as a damaged store: an array its manifest lists, missing or of another shape
+            raise StoreError(f"{path!r} is not a data array of {self.location!r}; read one of {', '.join(map(repr, self.paths()))} "
+                             "(a target's array is store.targets[name].path)")
+        if not 0 <= start <= stop <= self.num_samples:  # else a negative start reads as a missing shard, a stop past the end as an IndexError
+            raise StoreError(f"rows {start}:{stop} of {path!r} are not within the {self.num_samples} samples of {self.location!r}; "
+                             f"read rows start:stop with 0 <= start <= stop <= {self.num_samples}")
         self.checked_array(path)
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
         if self._done is None or self.writable:
