@@ -3,6 +3,7 @@ and the refusal of layer names that differ only in case (§6)."""
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import zarr
 
 from kdcache.errors import PipelineError, StoreError
 from kdcache.interop import pack
-from kdcache.store import check_layer_names, open_store
+from kdcache.store import DONE, check_layer_names, open_store
 
 
 def test_packed_zip_layout(tiny_store: str, tmp_path: Path) -> None:
@@ -134,3 +135,20 @@ def test_read_refuses_a_path_or_rows_outside_the_store(tiny_store: str, path: st
     with pytest.raises(StoreError, match=message):
         store.read(path, start, stop)
     assert store.read("targets/logits", 48, 50).shape == (2, 4) and store.read("samples/index", 3, 3).shape == (0,)
+
+
+def test_read_refuses_rows_of_a_shard_not_done(tiny_store: str, tmp_path: Path) -> None:
+    """FORMAT.md §7: the rows of a shard not done are not data. Store.read read them as zeros (the fill value) from a store
+    still being extracted; now it names the shard, and reads it once a writer has marked it done since the first read."""
+    location = tmp_path / "partial.zarr"
+    shutil.copytree(tiny_store, location)
+    zarr.open_group(location, mode="r+")[DONE][1] = False  # rows 16..31: as a running extract leaves them
+    store = open_store(str(location))
+    assert store.read("targets/logits", 0, 16).shape == (16, 4)
+    for start, stop in [(16, 32), (10, 20), (0, 50)]:
+        with pytest.raises(StoreError, match=rf"rows {start}:{stop} of 'targets/logits' include shard 1 \(rows 16-31\), which is not "
+                                             r"done: .* is incomplete \(3/4 shards done\).*store.done\(\)"):
+            store.read("targets/logits", start, stop)
+    assert store.read("targets/logits", 0, 50, pending=True).shape == (50, 4)  # the caller keeps the done rows only
+    zarr.open_group(location, mode="r+")[DONE][1] = True  # the writer finished it
+    assert (store.read("targets/logits", 16, 32) == open_store(tiny_store).read("targets/logits", 16, 32)).all()
