@@ -1575,7 +1575,9 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
             same_factory = _get(store.manifest, "teacher.factory") == _get(manifest, "teacher.factory")
             hint = (" (if the pipeline is unchanged, teacher.factory builds other weights on each call: seed it with "
                     "torch.manual_seed or load a checkpoint in it)") if different.startswith("different teacher weights") and same_factory else ""
-            raise StoreMismatchError(f"{location!r} was made with {different}{hint}; use the original pipeline to resume, or --overwrite to start afresh")
+            fix = ("use the original pipeline to resume, or --overwrite to start afresh" if named == "--out" else  # import has no pipeline
+                   f"import the file it was made from to resume it, choose another {named}, or pass --overwrite to replace it")
+            raise StoreMismatchError(f"{location!r} was made with {different}{hint}; {fix}")
         return store
     if overwrite and not interrupted and exists(location, storage_options) and _foreign_group(location, storage_options):
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); --overwrite "
