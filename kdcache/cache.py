@@ -77,8 +77,9 @@ class TransferSet(IterableDataset):
         self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
         if self.in_memory:
             _check_ram(self.row_bytes * store.num_samples, memory_budget_mb, location)
-        # In memory: read every needed array whole, once, here (workers inherit it).
-        self.memory = {p: store.read(p, 0, store.num_samples) for p in self.paths} if self.in_memory else None
+        # In memory: read every needed array whole, once, here (workers inherit it); of a partial store only the rows of
+        # done shards (self.rows) are ever served.
+        self.memory = {p: store.read(p, 0, store.num_samples, pending=True) for p in self.paths} if self.in_memory else None
         self._store: layout.Store | None = None
 
     @property

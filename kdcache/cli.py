@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import math
@@ -258,7 +259,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a run.")
 @click.option("--allow-partial", is_flag=True, help="Train on the completed shards of an incomplete store.")
-@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object (training's notes under \"notes\").")
 @storage_option
 @progress_option
 @_errors
@@ -275,12 +276,14 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
     p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.steps": None if epochs is None else 0,
                                       "train.batch_size": batch_size, "train.device": device,
                                       "train.eval_cache": eval_cache})
-    result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
-                          progress=_progress(progress), storage_options=_storage_options(storage_items))
+    # --json: stdout is one JSON object, so the notes training prints (a projection head made, a run resumed) go into it
+    with contextlib.redirect_stdout(io.StringIO()) if as_json else contextlib.nullcontext() as notes:
+        result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
+                              progress=_progress(progress), storage_options=_storage_options(storage_items))
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun, rank 0 reports
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps({**result, "notes": notes.getvalue().splitlines()}, indent=2))
     else:
         shown = {k: v for k, v in result.items() if k.startswith(("loss", "eval")) or k in ("epoch", "step", "params")}
         click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))

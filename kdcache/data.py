@@ -386,13 +386,16 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
 
 
 def describe(inputs: Any) -> str:
-    """A batch's structure in a few words: ``float32[8, 64]``, ``{'ids': int64[8, 16]}``, ``(float32[8, 3], ...)``."""
+    """A batch's structure in a few words: ``float32[8, 64]``, ``{'ids': int64[8, 16]}``, ``(float32[8, 3], ...)``, ``[8 x str]``."""
     if isinstance(inputs, torch.Tensor):
         return f"{str(inputs.dtype).removeprefix('torch.')}{list(inputs.shape)}"
     if isinstance(inputs, Mapping):
         return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in inputs.items()) + "}"
     if isinstance(inputs, tuple | list):
-        return "(" + ", ".join(describe(v) for v in inputs) + ")"
+        parts = [describe(v) for v in inputs]
+        if len(parts) > 2 and len(set(parts)) == 1:  # a batch of non-tensors (file names, ids) collates to a list: one word, not B
+            return f"[{len(parts)} x {parts[0]}]"
+        return "(" + ", ".join(parts) + ")"
     return type(inputs).__name__
 
 

@@ -487,18 +487,30 @@ class Store:
                 raise self._write_error("the manifest", e) from None
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, path: str, start: int, stop: int, *, digests: bool = True) -> np.ndarray:
+    def read(self, path: str, start: int, stop: int, *, digests: bool = True, pending: bool = False) -> np.ndarray:
         """Rows ``start:stop`` of an array. A damaged done shard is a StoreError naming it, never zeros: its object
         missing or empty (zarr alone would read the fill value), bytes that do not decode (checksum, truncation), or
-        (``digests``) a shard read whole whose rows are not the ones written there (``digest_problem``)."""
+        (``digests``) a shard read whole whose rows are not the ones written there (``digest_problem``). Rows of a
+        shard not done are a StoreError too (FORMAT.md §7: they are not data), unless ``pending``: the caller uses
+        only the done rows of what it reads."""
+        if path not in self.paths():  # else named as a damaged store: an array its manifest lists, missing or of another shape
+            raise StoreError(f"{path!r} is not a data array of {self.location!r}; read one of {', '.join(map(repr, self.paths()))} "
+                             "(a target's array is store.targets[name].path)")
+        if not 0 <= start <= stop <= self.num_samples:  # else a negative start reads as a missing shard, a stop past the end as an IndexError
+            raise StoreError(f"rows {start}:{stop} of {path!r} are not within the {self.num_samples} samples of {self.location!r}; "
+                             f"read rows start:stop with 0 <= start <= stop <= {self.num_samples}")
         self.checked_array(path)
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
-        if self._done is None or self.writable:
-            with self._snapshot:  # concurrent first reads (remote streaming) take one pair, never one's markers with the other's digests
-                if self._done is None or self.writable:
-                    done = self.done()  # first: every shard done in it has its digest written (§7.1)
-                    self._digests = None if self.writable else self.digests()
-                    self._done = done
+        self._take_snapshot()
+        undone = [] if pending else [s for s in shards if not self._done[s]]
+        if undone and not self.writable:  # a writer may have finished them since this reader's snapshot
+            self._take_snapshot(again=True)
+            undone = [s for s in undone if not self._done[s]]
+        if undone:
+            lo, hi = self.shard_rows(undone[0])
+            raise StoreError(f"rows {start}:{stop} of {path!r} include shard {undone[0]} (rows {lo}-{hi - 1}), which is not done: "
+                             f"{self.location!r} is incomplete ({int(self._done.sum())}/{self.num_shards} shards done) and a shard "
+                             "not done holds no data; read the rows of done shards (store.done()), or finish the store with kdcache extract")
         check = digests and self._digests is not None
         crcs: dict[int, list[tuple[int, int]]] | None = {} if check else None  # each whole shard's inner chunks' crc32c
         rows = self._read_rows(path, start, stop, shards, crcs)
@@ -510,6 +522,16 @@ class Store:
                 if problem:
                     raise self._damaged(path, shard, problem)
         return rows
+
+    def _take_snapshot(self, again: bool = False) -> None:
+        """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
+        read of a store being written."""
+        if again or self._done is None or self.writable:
+            with self._snapshot:  # concurrent first reads (remote streaming) take one pair, never one's markers with the other's digests
+                if again or self._done is None or self.writable:
+                    done = self.done()  # first: every shard done in it has its digest written (§7.1)
+                    self._digests = None if self.writable else self.digests()
+                    self._done = done
 
     def _read_rows(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None) -> np.ndarray:
         direct = self._read_direct(path, start, stop, shards, crcs)
@@ -1613,7 +1635,9 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
             same_factory = _get(store.manifest, "teacher.factory") == _get(manifest, "teacher.factory")
             hint = (" (if the pipeline is unchanged, teacher.factory builds other weights on each call: seed it with "
                     "torch.manual_seed or load a checkpoint in it)") if different.startswith("different teacher weights") and same_factory else ""
-            raise StoreMismatchError(f"{location!r} was made with {different}{hint}; use the original pipeline to resume, or --overwrite to start afresh")
+            fix = ("use the original pipeline to resume, or --overwrite to start afresh" if named == "--out" else  # import has no pipeline
+                   f"import the file it was made from to resume it, choose another {named}, or pass --overwrite to replace it")
+            raise StoreMismatchError(f"{location!r} was made with {different}{hint}; {fix}")
         return store
     if overwrite and not interrupted and exists(location, storage_options) and _foreign_group(location, storage_options):
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); --overwrite "

@@ -265,6 +265,9 @@ CASES = [
     # -- the dataset
     Case("item-unsupported-type", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:string_items"),
          ("dataset item of type str is not supported", "return a tensor, (input, label) or a dict of tensors")),
+    Case("item-dict-with-a-string", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:with_ids"),
+         ("the teacher model raised TypeError: ", "got an unexpected keyword argument 'id'",
+          "on a batch of {'x': float32[8, 1, 8, 8], 'id': [8 x str]}; make teacher.factory's model take")),
     # raised in a DataLoader worker: torch re-raises it with the worker's traceback as its text; still one line
     Case("item-unsupported-type-in-a-worker", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:late_string_item",
                                                                 "--set", "extract.num_workers=2"),

@@ -17,6 +17,7 @@ from kdcache.cli import main
 from kdcache.demo import demo
 from kdcache.errors import StoreError
 from kdcache.store import open_store
+from conftest import extract_tiny
 from test_bad_input import read_only_dir, snapshot
 from test_interop import assert_same
 
@@ -173,6 +174,16 @@ def test_import_names_its_store_argument(exported, tmp_path):
     _, line = cli("import", exported, tmp_path / "folder")
     assert "exists and is not a kdcache store; choose another STORE or remove it" in line, line
     assert [p.name for p in (tmp_path / "folder").iterdir()] == ["notes.txt"]
+
+
+def test_import_into_a_store_made_from_another_file_says_how_to_go_on(exported, tmp_path):
+    """A store that is not this file's copy: import has no pipeline, so the fix is not 'use the original pipeline'."""
+    other = Path(extract_tiny(tmp_path / "other.zarr", "targets.layers=[]"))
+    before = snapshot(other)
+    _, line = cli("import", exported, other)
+    assert "was made with different targets" in line, line
+    assert line.endswith("; import the file it was made from to resume it, choose another STORE, or pass --overwrite to replace it"), line
+    assert snapshot(other) == before
 
 
 # ------------------------------------------------------------------------------------- export, pack

@@ -3,15 +3,16 @@ and the refusal of layer names that differ only in case (§6)."""
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 import zarr
 
-from kdcache.errors import PipelineError
+from kdcache.errors import PipelineError, StoreError
 from kdcache.interop import pack
-from kdcache.store import check_layer_names, open_store
+from kdcache.store import DONE, check_layer_names, open_store
 
 
 def test_packed_zip_layout(tiny_store: str, tmp_path: Path) -> None:
@@ -142,3 +143,36 @@ def test_pack_and_export_refuse_a_url_as_out(tiny_store: str, tmp_path: Path, mo
     r = CliRunner().invoke(main, [verb, tiny_store, f"s3://bucket/x.{'zarr.zip' if verb == 'pack' else 'h5'}"])
     assert r.exit_code == 1 and "is a URL; pack and export write a local file" in r.output, r.output
     assert list(tmp_path.iterdir()) == []  # no folder named 's3:'
+
+
+@pytest.mark.parametrize(("path", "start", "stop", "message"), [
+    ("logits", 0, 4, "'logits' is not a data array of .*; read one of 'samples/index', .*'targets/logits'.* store.targets\\[name\\].path"),
+    ("progress/done", 0, 1, "'progress/done' is not a data array of"),
+    ("targets/logits", -3, 50, "rows -3:50 of 'targets/logits' are not within the 50 samples of .*; read rows start:stop with 0 <= start <= stop <= 50"),
+    ("targets/logits", 0, 51, "rows 0:51 of 'targets/logits' are not within the 50 samples"),
+    ("targets/logits", 5, 2, "rows 5:2 of 'targets/logits' are not within"),
+], ids=["target-name", "progress-array", "negative-start", "stop-past-the-end", "start-after-stop"])
+def test_read_refuses_a_path_or_rows_outside_the_store(tiny_store: str, path: str, start: int, stop: int, message: str) -> None:
+    """Store.read (the README's Python API) names the argument that was wrong: not a damaged store ('missing the array',
+    'shard -1 ... missing'), and not numpy's IndexError."""
+    store = open_store(tiny_store)
+    with pytest.raises(StoreError, match=message):
+        store.read(path, start, stop)
+    assert store.read("targets/logits", 48, 50).shape == (2, 4) and store.read("samples/index", 3, 3).shape == (0,)
+
+
+def test_read_refuses_rows_of_a_shard_not_done(tiny_store: str, tmp_path: Path) -> None:
+    """FORMAT.md §7: the rows of a shard not done are not data. Store.read read them as zeros (the fill value) from a store
+    still being extracted; now it names the shard, and reads it once a writer has marked it done since the first read."""
+    location = tmp_path / "partial.zarr"
+    shutil.copytree(tiny_store, location)
+    zarr.open_group(location, mode="r+")[DONE][1] = False  # rows 16..31: as a running extract leaves them
+    store = open_store(str(location))
+    assert store.read("targets/logits", 0, 16).shape == (16, 4)
+    for start, stop in [(16, 32), (10, 20), (0, 50)]:
+        with pytest.raises(StoreError, match=rf"rows {start}:{stop} of 'targets/logits' include shard 1 \(rows 16-31\), which is not "
+                                             r"done: .* is incomplete \(3/4 shards done\).*store.done\(\)"):
+            store.read("targets/logits", start, stop)
+    assert store.read("targets/logits", 0, 50, pending=True).shape == (50, 4)  # the caller keeps the done rows only
+    zarr.open_group(location, mode="r+")[DONE][1] = True  # the writer finished it
+    assert (store.read("targets/logits", 16, 32) == open_store(tiny_store).read("targets/logits", 16, 32)).all()

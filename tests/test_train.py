@@ -290,6 +290,20 @@ def test_feature_loss_with_projection_head(tiny_store, tmp_path, capsys):
     assert "loss_feat:features.3" in metrics(out)[-1]
 
 
+def test_train_json_prints_one_json_object_when_it_makes_a_projection_head(tiny_store, tmp_path):
+    """--json is for a script: the notes train prints (a projection head made, a run resumed) are its "notes", not lines
+    before the object on stdout (stderr stays the one Error: line of a failure)."""
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--no-progress", "--json", "--set", "train.eval_split=''"]
+    first = CliRunner().invoke(cli.main, [*args, "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.stdout)
+    assert result["epoch"] == 0 and result["notes"] == ["projection head for 'features.3' <- student 'conv': 1x1 conv 4->16"]
+    resumed = CliRunner().invoke(cli.main, [*args, "--out", str(tmp_path / "run"), "--epochs", "2", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    result = json.loads(resumed.stdout)
+    assert result["epoch"] == 1 and any(n.startswith("resuming ") for n in result["notes"]), result["notes"]
+
+
 def test_feature_loss_without_head_when_shapes_agree(tiny_store, tmp_path, capsys, steps):
     out = tmp_path / "run"
     train(pipeline("train.eval_split=''", 'student.factory="numbered.py:wide_student"'), tiny_store, out)
