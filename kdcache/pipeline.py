@@ -304,15 +304,16 @@ def _table(value: Any, key: str, source: str) -> dict[str, Any]:
 
 def _check(value: Any, annotation: str, key: str, source: str) -> Any:
     """Coerce/check one value against its field annotation (a string, from __future__ annotations)."""
-    bad = PipelineError(f"{source}: {key} must be {annotation.replace('tuple[str, ...]', 'a list of strings')}, got {value!r}; "
-                        f"use {_USE.get(annotation, 'a table, e.g. { key = value }')}")
+    bad = PipelineError(f"{source}: {key} must be {_USE.get(annotation, 'a table, e.g. { key = value }')}, got {value!r}")
     if annotation == "bool":
         if not isinstance(value, bool):
             raise bad
         return value
     if annotation == "int":
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad
+        if value >= 2**63:
+            raise PipelineError(f"{source}: {key} = {value!r} is beyond a 64-bit integer's range, where torch and numpy count; use a realistic value")
         return value
     if annotation == "float":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
@@ -338,7 +339,7 @@ def _check(value: Any, annotation: str, key: str, source: str) -> Any:
 
 
 _USE = {"bool": "true or false", "int": "a whole number >= 0", "float": "a finite number >= 0", "str": "a quoted string",
-        "tuple[str, ...]": 'a list of names, e.g. ["a", "b"]'}  # the fix a type error names
+        "tuple[str, ...]": 'a list of names, e.g. ["a", "b"]'}  # what a value of each type must be
 
 
 def _unknown(values: dict[str, Any], known: list[str], prefix: str, source: str) -> None:
