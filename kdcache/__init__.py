@@ -6,6 +6,8 @@ Public API (the CLI is thin glue over these):
 - ``extract(pipeline, out)`` / ``dry_run(pipeline)`` — score a dataset into a store.
 - ``open_store(location)`` — open a store read-only; ``store.info()`` summarises it.
 - ``train(pipeline, cache, out)`` — train a student from a store alone.
+- ``TransferSet(store, dataset, targets, batch_size=...)`` — the store's targets joined with the dataset's inputs,
+  alignment checked, for a training loop of one's own.
 
 The names are imported on first use: ``kdcache info``, ``verify`` or ``--help`` never import torch
 (about 2 s), and a Ctrl-C during that import is the command's to report.
@@ -24,15 +26,17 @@ _API = {  # name -> (module, attribute)
     "KdcacheError": ("kdcache.errors", "KdcacheError"),
     "Pipeline": ("kdcache.pipeline", "Pipeline"),
     "Store": ("kdcache.store", "Store"),
+    "TransferSet": ("kdcache.cache", "TransferSet"),
     "dry_run": ("kdcache.extract", "dry_run"),
     "extract": ("kdcache.extract", "extract"),
     "load_pipeline": ("kdcache.pipeline", "load"),
     "open_store": ("kdcache.store", "open_store"),
     "train": ("kdcache.train", "train"),
 }
-__all__ = ["KdcacheError", "Pipeline", "Store", "dry_run", "extract", "load_pipeline", "open_store", "train", "__version__"]
+__all__ = ["KdcacheError", "Pipeline", "Store", "TransferSet", "dry_run", "extract", "load_pipeline", "open_store", "train", "__version__"]
 
 if TYPE_CHECKING:
+    from kdcache.cache import TransferSet
     from kdcache.errors import KdcacheError
     from kdcache.extract import dry_run, extract
     from kdcache.pipeline import Pipeline, load as load_pipeline

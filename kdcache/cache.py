@@ -32,8 +32,10 @@ from kdcache.errors import AlignmentError, PipelineError, StoreError
 class TransferSet(IterableDataset):
     """Batches ``{"rows", "index", "inputs", "targets": {path: tensor}, "label"}`` for one epoch.
 
-    ``rows``: the store rows to use (default: every row of a done shard). ``paths``: the target
-    arrays to read (``samples/*`` columns are always read). ``shuffle=False`` keeps store order.
+    ``rows``: the store rows to use (default: every row of a done shard). ``paths``: the targets to read, by name
+    (``"logits"``, a layer's name) or array path (``"targets/logits"``); ``batch["targets"]`` is keyed by array path
+    (``store.targets[name].path``); ``samples/*`` columns are always read. ``shuffle=False`` keeps store order.
+    Public as ``kdcache.TransferSet``, for a training loop of one's own (README).
     """
 
     def __init__(
@@ -62,7 +64,7 @@ class TransferSet(IterableDataset):
             raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
         self.location, self.dataset, self.storage_options = location, dataset, storage_options
         self._check_probes(store.manifest)
-        self.paths = store.sample_paths() + list(paths)
+        self.paths = store.sample_paths() + [_target_path(store, p) for p in paths]
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.buffer_shards = max(1, buffer_shards)
         self.fingerprint_check, self.fingerprint_recheck = fingerprint_check, fingerprint_recheck
@@ -396,6 +398,16 @@ def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:
 def local_ranks() -> int:
     """How many of torchrun's ranks run on this machine (``LOCAL_WORLD_SIZE``), each reading its own targets; 1 outside it."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 1
+
+
+def _target_path(store: layout.Store, target: str) -> str:
+    """The array path of a stored target named by its name (``"logits"``, a layer's) or its path (``"targets/logits"``)."""
+    targets = store.targets
+    if target in targets:
+        return targets[target].path
+    if target in {t.path for t in targets.values()}:
+        return target
+    raise StoreError(f"{store.location!r} stores no target {target!r}; name one of its targets: {', '.join(map(repr, targets))}")
 
 
 def _binary_size(n: float) -> str:

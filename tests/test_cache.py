@@ -102,6 +102,26 @@ def test_every_batch_pairs_rows_with_their_items(numbered_store, mode):
     assert not np.array_equal(np.concatenate([b["rows"].numpy() for b in serve(other, 1)]), orders[1])
 
 
+def test_the_public_transfer_set_takes_target_names_and_serves_a_loop_of_ones_own(numbered_store):
+    """kdcache.TransferSet, as the README's own-loop example uses it: targets by name, a DataLoader with workers,
+    set_epoch per epoch; an unknown name lists the store's targets."""
+    import kdcache
+
+    assert kdcache.TransferSet is TransferSet
+    ts = kdcache.TransferSet(numbered_store, Numbered(N), ["logits"], batch_size=BATCH, seed=1)
+    assert ts.paths[-1] == layout.LOGITS
+    loader = DataLoader(ts, batch_size=None, num_workers=2, persistent_workers=True)
+    for epoch in range(2):
+        ts.set_epoch(epoch)
+        served = []
+        for batch in loader:
+            check_aligned(batch)
+            served.append(batch["rows"].numpy())
+        assert np.array_equal(np.sort(np.concatenate(served)), np.arange(N))
+    with pytest.raises(StoreError, match=re.escape(f"{numbered_store!r} stores no target 'features.3'; name one of its targets: 'logits'")):
+        kdcache.TransferSet(numbered_store, Numbered(N), ["features.3"], batch_size=BATCH)
+
+
 @pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
 def test_unshuffled_serves_store_order(numbered_store, budget):
     ts = transfer(numbered_store, shuffle=False, memory_budget_mb=budget, buffer_shards=2)
