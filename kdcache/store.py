@@ -1812,6 +1812,9 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     for name, t in targets.items():
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t.get("name"):
             raise bad(f"targets.{str(name)[:80]}", t, "a target object")
+        for key in ("source", "select"):  # read by every command (Target.from_dict): a missing one was a KeyError traceback
+            if not isinstance(t.get(key), str):
+                raise bad(f"targets.{str(name)[:80]}.{key}", t.get(key), "a string")
         want = LOGITS if t.get("source") == "" else layer_path(t["name"])
         legacy = want.replace("%7E", "~")  # the first 0.1.0 commit left ``~`` unencoded (FORMAT.md §6); only that differs
         if t.get("path") not in (want, legacy) or (t["source"] != "" and t["source"] != t["name"]):

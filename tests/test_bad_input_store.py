@@ -101,6 +101,20 @@ def set_root_attribute(value: Any) -> Callable[[Path], None]:
     return damage
 
 
+def edit_target(name: str, **fields: Any) -> Callable[[Path], None]:
+    """Damage: set ``fields`` of the manifest's target ``name`` (a field set to None is removed)."""
+
+    def damage(store: Path) -> None:
+        meta = json.loads((store / "zarr.json").read_text())
+        target = meta["attributes"]["kdcache"]["targets"][name]
+        target.update(fields)
+        for key in [k for k, v in fields.items() if v is None]:
+            del target[key]
+        (store / "zarr.json").write_text(json.dumps(meta))
+
+    return damage
+
+
 def group_damaged(key: str, why: str) -> tuple[str, ...]:
     return (f"is damaged: '{key}' is not zarr v3 group metadata ({why}", "re-extract the store")
 
@@ -183,6 +197,13 @@ CASES = [
     Case("info-completed-a-number", info, ("has a damaged manifest: completed = 123", "an ISO-8601 time string or null"), store=True,
          damage=lambda s: edit_manifest(s, completed=123)),
     Case("train-completed-a-list", train, ("completed = []",), store=True, damage=lambda s: edit_manifest(s, completed=[])),
+    # -- a target object lacks a key every command reads (FORMAT.md §8): once a KeyError traceback
+    Case("info-target-select-missing", info, ("has a damaged manifest: targets.logits.select = None, expected a string",
+                                              "re-extract or re-import the store"), store=True, damage=edit_target("logits", select=None)),
+    Case("verify-target-source-missing", verify_cli, ("has a damaged manifest: targets.features.3.source = None, expected a string",),
+         store=True, report=True, damage=edit_target("features.3", source=None)),
+    Case("stats-target-select-a-number", stats, ("targets.features.3.select = 0, expected a string",), store=True,
+         damage=edit_target("features.3", select=0)),
     Case("info-format-other", info, ("not a kdcache store (its 'kdcache' root attribute has format 'other', not 'kdcache-store')",),
          store=True, damage=lambda s: edit_manifest(s, format="other")),
     Case("info-manifest-not-an-object", info, ("not a kdcache store (its 'kdcache' root attribute holds [1], not a JSON object)",),
