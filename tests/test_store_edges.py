@@ -3,6 +3,7 @@ and the refusal of layer names that differ only in case (§6)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -109,6 +110,30 @@ def test_a_corrupted_metadata_member_of_a_zip_is_one_line(tiny_store: str, tmp_p
     lines = [line for line in r.output.splitlines() if "corrupted zip member" in line]
     assert len(lines) == 1 and f"Bad CRC-32 for file {member!r} (a corrupted zip member)" in lines[0], r.output
     assert "pack the store again or copy the zip again" in lines[0], r.output
+
+
+@pytest.mark.parametrize("member", ["targets/logits/zarr.json", "progress/digest/zarr.json"])
+def test_verify_json_reports_a_corrupted_array_metadata_member_of_a_zip(tiny_store: str, tmp_path: Path, member: str) -> None:
+    """verify --json of a zip whose array zarr.json member fails its CRC-32 is a report whose layout check names it:
+    it was an Error line, no JSON, telling the user to run kdcache verify."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+
+    out = tmp_path / "t.zarr.zip"
+    pack(tiny_store, out)
+    with zipfile.ZipFile(out) as z:
+        info = z.getinfo(member)
+    raw = bytearray(out.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2] ^= 0x01
+    out.write_bytes(bytes(raw))
+    r = CliRunner().invoke(main, ["verify", str(out), "--json"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    report = json.loads(r.stdout)
+    layout = next(c for c in report["checks"] if c["name"] == "layout")
+    assert not report["ok"] and not layout["ok"], report
+    assert layout["problems"][0].startswith(member.rsplit("/", 1)[0] + ": "), layout
+    assert f"Bad CRC-32 for file {member!r} (a corrupted zip member)" in layout["problems"][0], layout
 
 
 def test_teacher_check_reads_stored_rows_with_the_damage_checks(tiny_store: str, tmp_path: Path) -> None:
