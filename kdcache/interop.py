@@ -115,6 +115,13 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
         if type(manifest.get("format_version")) is not int or manifest["format_version"] != layout.FORMAT_VERSION:  # true == 1 in Python
             raise StoreError(f"{source!r} holds store format version {manifest.get('format_version')!r}; this kdcache reads "
                              f"version {layout.FORMAT_VERSION}: upgrade kdcache")
+        version = f.attrs.get("kdcache_hdf5_version")
+        version = version.item() if isinstance(version, np.generic) else version  # h5py gives an int attribute as np.int64
+        if type(version) is not int or version != HDF5_LAYOUT_VERSION:  # another layout would be read as this one's
+            raise StoreError(f"{source!r} has no root attribute 'kdcache_hdf5_version' (FORMAT.md §16); pass a file written by kdcache export"
+                             if version is None else
+                             f"{source!r} holds HDF5 layout version {version!r} (root attribute 'kdcache_hdf5_version'); this kdcache "
+                             f"reads version {HDF5_LAYOUT_VERSION}: upgrade kdcache, or export the store again with this one")
         layout.check_manifest(manifest, source)
         fresh = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "completed")}
         expect, done, digests = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)

@@ -91,6 +91,28 @@ def test_import_overwrite_of_a_malformed_file_keeps_the_store(exported, tiny_sto
     assert not (tmp_path / "new.zarr").exists()
 
 
+@pytest.mark.parametrize("version, match", [
+    (2, "holds HDF5 layout version 2 (root attribute 'kdcache_hdf5_version'); this kdcache reads version 1: upgrade kdcache"),
+    ("1", "holds HDF5 layout version '1'"),
+    (None, "has no root attribute 'kdcache_hdf5_version' (FORMAT.md §16); pass a file written by kdcache export"),
+], ids=["2", "a-string", "missing"])
+def test_import_refuses_another_hdf5_layout_version(exported, tiny_store, tmp_path, version, match):
+    """FORMAT.md §16's layout version was written by export and never read: a file of another layout was imported as this one."""
+    h5 = copy_of(exported, tmp_path / "other.h5")
+    with h5py.File(h5, "a") as f:
+        if version is None:
+            del f.attrs["kdcache_hdf5_version"]
+        else:
+            f.attrs["kdcache_hdf5_version"] = version
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert match in line and "other.h5" in line, line
+    assert snapshot(victim) == before
+    cli("import", h5, tmp_path / "new.zarr")
+    assert not (tmp_path / "new.zarr").exists()
+
+
 def corrupt_chunk(h5: Path, path: str = "targets/logits", chunk: int = 1) -> None:
     """Overwrite the compressed bytes of one chunk (rows 16-31 of ``path``) with garbage: its gzip stream fails."""
     with h5py.File(h5, "r") as f:
