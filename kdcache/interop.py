@@ -191,10 +191,15 @@ def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layo
 
 
 def _digests(f: Any, source: str, expect: layout.Store, fix: str) -> np.ndarray | None:
-    """The file's ``progress/digest`` (FORMAT.md §7.1: exported from a store that has them), None without one."""
+    """The file's ``progress/digest`` (FORMAT.md §7.1: exported from a store that has them), None without one (a file
+    whose manifest has no ``compression.shard_digests``: exported by kdcache <= 0.1.1)."""
     import h5py
 
     if layout.DIGEST not in f:
+        kept = (expect.manifest.get("compression") or {}).get("shard_digests")
+        if kept:  # every kdcache that writes this key exports the digests: deleted, rows out of place would go unchecked
+            raise StoreError(f"{source!r}: dataset {layout.DIGEST!r} is missing, the manifest says the store kept shard digests "
+                             f"(compression.shard_digests = {kept!r}); {fix}")
         return None
     ds, shape = f[layout.DIGEST], (expect.num_shards, len(expect.paths()))
     if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != shape or ds.dtype != np.dtype("uint32") or ds.is_virtual or ds.external:

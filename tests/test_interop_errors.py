@@ -3,6 +3,7 @@ and a failing command leaves an existing store (or output file) exactly as it wa
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -176,12 +177,36 @@ def test_import_checks_the_exported_shard_digests(exported, tiny_store, tmp_path
 
 def test_a_file_exported_before_digests_imports_into_a_store_with_them(exported, tiny_store, tmp_path):
     h5 = copy_of(exported, tmp_path / "old.h5")
-    with h5py.File(h5, "r+") as f:
+    with h5py.File(h5, "r+") as f:  # as kdcache <= 0.1.1 exported it: no digests, and a manifest that does not say it kept them
         del f["progress/digest"]
+        manifest = json.loads(f.attrs["kdcache"])
+        del manifest["compression"]["shard_digests"]
+        f.attrs["kdcache"] = json.dumps(manifest)
     out = tmp_path / "new.zarr"
     assert CliRunner().invoke(main, ["import", str(h5), str(out)]).exit_code == 0
-    assert_same(tiny_store, str(out))
+    old = copy_of(tiny_store, tmp_path / "old.zarr")  # the store such a file came from: the same, less the manifest's key
+    root = json.loads((old / "zarr.json").read_text())
+    del root["attributes"]["kdcache"]["compression"]["shard_digests"]
+    (old / "zarr.json").write_text(json.dumps(root))
+    assert_same(str(old), str(out))
     np.testing.assert_array_equal(open_store(str(out)).digests(), open_store(tiny_store).digests())
+
+
+def test_a_file_whose_manifest_kept_digests_must_carry_them(exported, tiny_store, tmp_path):
+    """Deleting progress/digest from a file whose manifest says compression.shard_digests (every such file is exported
+    with them) switched the check off: rows moved inside the file were made into a store that verifies."""
+    h5 = copy_of(exported, tmp_path / "edited.h5")
+    swap_rows(h5)
+    with h5py.File(h5, "r+") as f:
+        del f["progress/digest"]
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert ("edited.h5': dataset 'progress/digest' is missing, the manifest says the store kept shard digests "
+            "(compression.shard_digests = 'crc32c'); re-export it") in line, line
+    assert snapshot(victim) == before
+    cli("import", h5, tmp_path / "new.zarr")
+    assert not (tmp_path / "new.zarr").exists()
 
 
 def test_import_names_its_store_argument(exported, tmp_path):
