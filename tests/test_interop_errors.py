@@ -209,6 +209,22 @@ def test_a_file_whose_manifest_kept_digests_must_carry_them(exported, tiny_store
     assert not (tmp_path / "new.zarr").exists()
 
 
+def test_a_digest_row_of_zeros_in_the_file_is_damage_not_unchecked(exported, tiny_store, tmp_path):
+    """A shard whose progress/digest row is all 0 is refused, as in a store (FORMAT.md §7.1): zeroing it let rows swapped
+    inside that shard through unchecked."""
+    h5 = copy_of(exported, tmp_path / "zeroed.h5")
+    swap_rows(h5)
+    with h5py.File(h5, "r+") as f:
+        f["progress/digest"][0] = 0
+        f["progress/digest"][1] = 0
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert ("zeroed.h5' is damaged: dataset 'samples/index' rows 0-15 have no digest in progress/digest (its row for shard 0 "
+            "is all 0") in line and "nothing was changed" in line, line
+    assert snapshot(victim) == before
+
+
 def test_import_names_its_store_argument(exported, tmp_path):
     (tmp_path / "afile").write_text("keep")
     for store in ("afile", "afile/x.zarr"):
