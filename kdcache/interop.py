@@ -268,11 +268,18 @@ def _complete(location: str, storage_options: dict[str, Any] | None, verb: str) 
 
 
 def _check_objects(store: layout.Store, verb: str) -> None:
-    """Refuse a store whose arrays do not open or whose done shards lack their storage object (a copy would
-    claim to be complete without them: an absent object reads as zeros)."""
+    """Refuse a store whose arrays do not open or whose done shards lack their storage object or their digest (a copy
+    would claim to be complete without them: an absent object reads as zeros, a shard without its digest is refused)."""
     for path in store.paths():
         store.checked_array(path)  # a damaged zarr.json is a StoreError naming it
     problems = store.damaged_shards()
+    digests = store.digests()  # None: a store written before digests; else a done shard's row is never all 0 (FORMAT.md §7.1)
+    if digests is not None:
+        for shard in (int(s) for s in np.flatnonzero(store.done())):
+            if not digests[shard].any():
+                start, stop = store.shard_rows(shard)
+                problems.append(f"shard {shard} (rows {start}-{stop - 1}) has no digest: object '{layout.DIGEST}/c/{shard}/0' is "
+                                "missing or all 0 although the shard is marked done")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise StoreError(f"cannot {verb} {store.location!r}: {problems[0]}{more}; run kdcache verify {store.location} "

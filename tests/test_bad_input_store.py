@@ -256,6 +256,9 @@ CASES = [
           "run kdcache verify", "re-extract the store"), store=True, damage=lambda s: (s / LOGITS_SHARD_1).unlink()),
     Case("pack-empty-shard-object", pack, (f"object '{LOGITS_SHARD_1}' is empty although the shard is marked done",), store=True,
          damage=lambda s: truncate(s, LOGITS_SHARD_1, 0)),
+    Case("pack-missing-digest-object", pack, ("cannot pack", "shard 1 (rows 16-31) has no digest: object 'progress/digest/c/1/0' is "
+                                              "missing or all 0 although the shard is marked done", "run kdcache verify"),
+         store=True, damage=lambda s: (s / "progress/digest/c/1/0").unlink()),
 ]
 
 
