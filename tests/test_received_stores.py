@@ -421,3 +421,18 @@ def test_a_received_store_declaring_8_gib_shards_is_refused_in_one_line_before_r
     with pytest.raises(StoreError) as raised:
         open_store(str(store)).read(LOGITS, 0, 16)
     assert all(part in str(raised.value) for part in HUGE_LOGITS), raised.value
+
+
+def test_the_json_of_info_stats_and_verify_has_the_documented_keys(tiny_store: str) -> None:
+    """SHARING.md names every key ``info``, ``stats`` and ``verify`` print with --json (they were not documented)."""
+    import json
+
+    doc = (ROOT / "docs/SHARING.md").read_text()
+    section = doc[doc.index("## What `--json` prints") : doc.index("## Safety model")]
+    for command in ("info", "stats", "verify"):
+        r = CliRunner().invoke(main, [command, tiny_store, "--json"])
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.stdout)
+        keys = set(report) | ({k for t in report["targets"].values() for k in t} if command == "info" else set())
+        keys |= {k for c in report.get("checks", []) for k in c}
+        assert not [k for k in sorted(keys) if f"`{k}`" not in section], (command, sorted(keys))
