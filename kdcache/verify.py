@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import store as layout
-from kdcache.errors import DamagedShardError, StoreError, one_line
+from kdcache.errors import DamagedShardError, StoreError, UnreachableError, one_line
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
 
@@ -104,9 +104,13 @@ def _layout(store: layout.Store) -> Check:
         shape, dtype = store.expected(path)
         try:
             arr = store.array(path)
+        except UnreachableError:
+            raise  # a read that failed on the way says nothing of the store: verify cannot go on, and says so in one line
         except (KeyError, FileNotFoundError, ValueError) as e:
             try:
                 present = store.raw_object(f"{path}/zarr.json") is not None
+            except UnreachableError:
+                raise
             except StoreError as unreadable:  # a zip member failing its CRC-32 (named, with the fix): a problem, not verify's end
                 check.fail(f"{path}: {unreadable}")
                 continue
@@ -129,6 +133,8 @@ def _layout(store: layout.Store) -> Check:
         if store.has_digests():  # reads its zarr.json: in a zip, a member that may fail its CRC-32
             check.summary += f" + {layout.DIGEST}"
             store.digests()
+    except UnreachableError:
+        raise
     except StoreError as e:
         check.fail(f"{layout.DIGEST}: {e}")
     return check
