@@ -67,6 +67,9 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     _local_out(out)
     out = Path(out)
     _check_out(out, overwrite)
+    if layout.location_kind(location) == "zip" and out.exists() and out.samefile(layout.local_path(location)):
+        raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
+                         f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
     store = _complete(location, storage_options, "export")
     part = out.with_name(out.name + ".part")
     with _writing(part, out):

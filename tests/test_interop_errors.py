@@ -284,6 +284,16 @@ def test_cleanup_never_masks_the_error(tiny_store, tmp_path, monkeypatch):
         interop.pack(tiny_store, tmp_path / "x.zarr.zip")
 
 
+def test_export_over_the_zip_it_reads_is_refused(tiny_store, tmp_path):
+    """export STORE.zarr.zip STORE.zarr.zip --overwrite replaced the store with the HDF5 file under the zip's name."""
+    packed = tmp_path / "t.zarr.zip"
+    interop.pack(tiny_store, packed)
+    before = packed.read_bytes()
+    code, line = cli("export", packed, packed, "--overwrite")
+    assert code == 1 and f"OUT {str(packed)!r} is the store being exported" in line and "t.h5" in line, line
+    assert packed.read_bytes() == before
+
+
 def test_export_overwrite_failure_keeps_the_old_file(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "x.h5"
     out.write_text("old")
