@@ -240,7 +240,9 @@ def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
     """Batch of ``Indexed`` items: index int64 [B], fingerprint uint64 [B], inputs, label int64 [B] or None."""
     labels = [it[3] for it in items]
     if any(label is None for label in labels) and not all(label is None for label in labels):
-        raise PipelineError("some dataset items have a label and some do not; return labels for all items or none")
+        has, lacks = (next(it[0] for it in items if (it[3] is None) == missing) for missing in (False, True))
+        raise PipelineError(f"some dataset items have a label and some do not (index {has} has one, index {lacks} has none); "
+                            "return labels for all items or none")
     return {
         "index": np.array([it[0] for it in items], dtype=np.int64),
         "fingerprint": np.array([it[1] for it in items], dtype=np.uint64),

@@ -74,6 +74,10 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
     with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
             teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for batch in loader:
+            if (batch["label"] is not None) != run.has_labels:  # the probe batch decided whether the store holds labels
+                first, last = int(batch["index"][0]), int(batch["index"][-1])
+                raise PipelineError(f"dataset indices {first}..{last} have {'no label' if run.has_labels else 'a label'}, but the first "
+                                    f"batch's items {'have one' if run.has_labels else 'do not'}; return labels for all items or none")
             hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")

@@ -284,6 +284,16 @@ CASES = [
          ("(index 0 is ndarray >f4[1, 8, 8]): ValueError: given numpy array has byte order different", "native byte order")),
     Case("item-object-array", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:object_array"),
          ("a dataset item holds a numpy array of dtype object (shape [1, 8, 8])", "x.astype(np.float32)")),
+    # the probe batch (0..7) decides whether the store holds labels; a later batch that disagrees was a traceback (labels stop)
+    # or had its labels dropped without a word (labels start)
+    Case("labels-stop-in-a-later-batch", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:labels_stop"),
+         ("dataset indices 16..23 have no label, but the first batch's items have one", "return labels for all items or none"),
+         writes=True),
+    Case("labels-start-in-a-later-batch", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:labels_start"),
+         ("dataset indices 16..23 have a label, but the first batch's items do not",), writes=True),
+    Case("labels-on-some-items-of-a-batch", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:labels_stop",
+                                                              "--batch-size", "12", "--set", "extract.rows_per_shard=32"),
+         ("some dataset items have a label and some do not (index 12 has one, index 16 has none)",), writes=True),
     Case("empty-dataset", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:empty"),
          ("bad_input.py:empty('train') is empty", "check data.factory and data.split")),
     Case("dataset-length-differs", lambda c: train(c, "--set", "data.factory=numbered.py:tiny_short"),
