@@ -125,9 +125,15 @@ class Run:
         geometry = layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard)
         shard_bytes = geometry["rows_per_shard"] * sum(bytes_per_sample.values())
         if shard_bytes > layout.MAX_SHARD_BYTES:  # the writer holds up to WRITE_THREADS + 1 shards in memory
+            most = layout.MAX_SHARD_BYTES // sum(bytes_per_sample.values())
+            if x.rows_per_shard == 0:  # kdcache chose: its smallest shard is too large for samples this large
+                raise PipelineError(f"{pipeline.source}: a sample's targets take {sum(bytes_per_sample.values()):,} bytes, so the smallest shard "
+                                    f"extract.shard_mb chooses ({geometry['rows_per_shard']} rows) would be {shard_bytes / 2**30:.3g} GiB, above "
+                                    f"the 4 GiB a shard may hold (it is held in memory until complete); set extract.rows_per_shard = {most} "
+                                    "or fewer, or store less per sample (targets.select, fewer targets.layers, targets.dtype = \"float16\")")
             raise PipelineError(f"{pipeline.source}: extract.rows_per_shard = {x.rows_per_shard} makes shards of {shard_bytes / 2**30:.3g} GiB "
                                 f"({sum(bytes_per_sample.values())} bytes per sample), but a shard is held in memory until complete; "
-                                f"use at most {layout.MAX_SHARD_BYTES // sum(bytes_per_sample.values())} rows, or 0 to choose from extract.shard_mb")
+                                f"use at most {most} rows, or 0 to choose from extract.shard_mb")
         return {
             "kdcache_version": kdcache.__version__,
             "teacher": {
