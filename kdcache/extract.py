@@ -254,9 +254,12 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     manifest = run.manifest(pipeline)
     host, _ = to_host(run.probe["outputs"], run.targets, run.device)
+    rows = len(host[next(iter(run.targets))])
+    for path, t in run.targets.items():  # what the first batch of the run would stop on (float16 overflow, NaN)
+        if not math.isfinite(host.pop(path + "#sum").item()) and not torch.isfinite(host[path]).all():
+            raise _nonfinite(t, bool(host[path].isnan().any()), 0, rows - 1)
     raw = sum(h.numpy().nbytes for h in host.values())
     packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
-    rows = len(next(iter(host.values())))
     per_sample = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
     ratio = raw / packed if pipeline.extract.compression == "zstd" and packed else 1.0
     n = manifest["num_samples"]

@@ -260,6 +260,13 @@ CASES = [
          ("target 'logits': index 4 is outside the 4 entries of the sample's first axis", "an index from -4 to 3")),
     Case("float16-overflow", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:overflow_logits", "targets.layers=[]"), "--out", c.new],
          ("target 'logits' (rows 16..23) has values beyond the float16 range", 'set targets.dtype = "float32"'), writes=True),
+    # the dry run's one batch is the run's first: the float16 overflow or NaN the run would stop on there, the dry run names
+    Case("dry-run-float16-overflow", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:overflow_layer", "targets.layers=['amp']",
+                                                                "extract.batch_size=32"), "--dry-run"],
+         ("target 'amp' (rows 0..31) has values beyond the float16 range", 'set targets.dtype = "float32"')),
+    Case("dry-run-nan-in-teacher-output", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:nan_at_30", "targets.layers=[]",
+                                                                     "extract.batch_size=32"), "--dry-run"],
+         ("the teacher produced NaN in target 'logits' (rows 0..31)",)),
     Case("nan-in-teacher-output", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:nan_at_30", "targets.layers=[]"), "--out", c.new],
          ("the teacher produced NaN in target 'logits' (rows 24..31)",), writes=True),
     # -- the dataset
