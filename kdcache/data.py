@@ -193,6 +193,14 @@ def not_deterministic(index: int, reads: list[int], then: str) -> str:
             f"remove random augmentation (random crops, flips, noise) from data.factory's dataset, or seed it by the index, {then}")
 
 
+def reused_buffer(index: int, last: int) -> str:
+    """The message for items that are one buffer refilled by each read: read in a batch, item ``index`` was the input of
+    ``last``, the batch's last item (read alone, it is its own)."""
+    return (f"dataset index {index}, read in a batch, was the input of index {last}, the batch's last item (alone it is its own): "
+            "__getitem__ returns one buffer that it refills for each item (a view of a shared tensor or array), so a batch would "
+            "hold the last item read in every place; return a new tensor or array per item (e.g. buffer.clone(), np.array(buffer))")
+
+
 def load(pipeline: Any, split: str) -> Dataset:
     """``data.factory(split)``, refused unless it is a map-style dataset (``check_dataset``)."""
     dataset = pipeline.call("data.factory", split)

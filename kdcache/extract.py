@@ -210,19 +210,24 @@ def setup(pipeline: Pipeline) -> Run:
         "fingerprints": {str(i): f"{data.item_fingerprint(dataset, i):016x}" for i in sorted({0, n - 1})},
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
-    _check_item_zero(dataset, int(batch["fingerprint"][0]), int(run.probe["fingerprints"]["0"], 16))
+    _check_item_zero(dataset, [int(f) for f in batch["fingerprint"]], int(run.probe["fingerprints"]["0"], 16))
     if len(batch["index"]) > 1:
         _check_sequence_first(run, t.layers)
     return run
 
 
-def _check_item_zero(dataset: Dataset, in_batch: int, alone: int) -> None:
-    """Item 0 was read twice, in the probe batch and alone (for the manifest): two inputs mean random items, whose stored
-    fingerprints no later read would match, or a ``__getitems__`` that serves other inputs than ``dataset[i]``
-    (the manifest's fingerprints would not match the rows'). Refused before the teacher runs over the data."""
+def _check_item_zero(dataset: Dataset, batch: list[int], alone: int) -> None:
+    """Item 0 was read twice, in the probe batch (whose fingerprints are ``batch``) and alone (for the manifest): two
+    inputs mean random items, whose stored fingerprints no later read would match, items that are one buffer refilled
+    by each read (the batch then holds the last item read), or a ``__getitems__`` that serves other inputs than
+    ``dataset[i]`` (the manifest's fingerprints would not match the rows'). Refused before the teacher runs over the data."""
+    in_batch, last, batched = batch[0], len(batch) - 1, hasattr(dataset, "__getitems__")
     if in_batch == alone:
         return
-    reads = [alone, *data.reread(dataset, 0)] + ([] if hasattr(dataset, "__getitems__") else [in_batch])  # reads of dataset[0]
+    rereads = [alone, *data.reread(dataset, 0)]
+    if len(set(rereads)) == 1 and not batched and last and data.item_fingerprint(dataset, last) == in_batch:
+        raise PipelineError(data.reused_buffer(0, last))
+    reads = rereads + ([] if batched else [in_batch])  # reads of dataset[0]
     if len(set(reads)) > 1:
         raise AlignmentError(data.not_deterministic(0, reads, "then rerun"))
     raise PipelineError(f"the dataset's __getitems__ gives index 0 as another input (fingerprint {in_batch:016x}) than dataset[0] "

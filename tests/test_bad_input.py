@@ -301,6 +301,12 @@ CASES = [
     Case("labels-on-some-items-of-a-batch", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:labels_stop",
                                                               "--batch-size", "12", "--set", "extract.rows_per_shard=32"),
          ("some dataset items have a label and some do not (index 12 has one, index 16 has none)",), writes=True),
+    # items that are one buffer refilled at each read were taken for random augmentation ("gives a different input each time")
+    Case("items-reuse-one-buffer", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:reused_buffer"),
+         ("dataset index 0, read in a batch, was the input of index 7, the batch's last item (alone it is its own)",
+          "return a new tensor or array per item")),
+    Case("train-items-reuse-one-buffer", lambda c: train(c, "--set", "data.factory=bad_input.py:reused_buffer"),
+         ("read in a batch, was the input of index", "refills for each item", "return a new tensor or array per item"), store=True),
     Case("empty-dataset", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:empty"),
          ("bad_input.py:empty('train') is empty", "check data.factory and data.split")),
     Case("dataset-length-differs", lambda c: train(c, "--set", "data.factory=numbered.py:tiny_short"),
