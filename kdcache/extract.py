@@ -171,6 +171,20 @@ def samples_first(tensor: torch.Tensor, rows: int, name: str, probe: bool = Fals
                           "(e.g. batch_first=True for RNN/attention layers, or a module that permutes to (batch, ...))")
 
 
+def _check_floating(tensor: torch.Tensor, name: str, dtype: str) -> None:
+    """Refuse a target that is not real floating-point: converted to ``dtype`` it would lose its imaginary part (complex),
+    or its integers (class or token ids, codebook indices) would be rounded (float16 holds integers exactly only to 2048)."""
+    if tensor.is_floating_point():
+        return
+    seen = f"target {name!r} is {str(tensor.dtype).removeprefix('torch.')} (per-sample shape {list(tensor.shape[1:])}), but kdcache stores " \
+           f"real floating-point outputs (logits, activations), here as {dtype}"
+    if tensor.is_complex():
+        raise TargetError(f"{seen}, which would drop the imaginary part; return torch.view_as_real(...) of it from a module and hook "
+                          f"that, or pick another part with [targets.select] {name!r}")
+    raise TargetError(f"{seen}, not integers or booleans (class or token ids, masks; float16 rounds integers above 2048); store the "
+                      f"floating-point output they come from (the logits before an argmax), or pick another part with [targets.select] {name!r}")
+
+
 def setup(pipeline: Pipeline) -> Run:
     """Validate, build the teacher and dataset, and run one probe batch to learn the target shapes."""
     t, x = pipeline.targets, pipeline.extract
@@ -201,6 +215,7 @@ def setup(pipeline: Pipeline) -> Run:
         select = t.select.get(name, "auto")
         tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name)
         samples_first(tensor, len(batch["index"]), name)
+        _check_floating(tensor, name, t.dtype)
         path = layout.LOGITS if source == "" else layout.layer_path(name)
         run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
     unknown = set(t.select) - {name for name, _ in sources}

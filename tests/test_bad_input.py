@@ -258,6 +258,12 @@ CASES = [
          ("output of type Tensor (per-sample shape [4]) has no element 'hidden'", "fix [targets.select] 'logits'", 'a slice ("1:")')),
     Case("select-index-outside", lambda c: extract("--out", c.new, "--set", "targets.select={ logits = '4' }"),
          ("target 'logits': index 4 is outside the 4 entries of the sample's first axis", "an index from -4 to 3")),
+    # were stored converted to targets.dtype without a word: class ids rounded, the imaginary part dropped
+    Case("target-of-integers", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:predictions", "--layers", "",
+                                                 "--set", "targets.select={ logits = '1' }"),
+         ("target 'logits' is int64 (per-sample shape [])", "not integers or booleans", "the logits before an argmax")),
+    Case("dry-run-target-complex", lambda c: extract("--dry-run", "--set", "teacher.factory=bad_input.py:spectral", "--layers", ""),
+         ("target 'logits' is complex64 (per-sample shape [4])", "would drop the imaginary part", "torch.view_as_real")),
     Case("float16-overflow", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:overflow_logits", "targets.layers=[]"), "--out", c.new],
          ("target 'logits' (rows 16..23) has values beyond the float16 range", 'set targets.dtype = "float32"'), writes=True),
     # the dry run's one batch is the run's first: the float16 overflow or NaN the run would stop on there, the dry run names
