@@ -336,7 +336,8 @@ class TransferSet(IterableDataset):
             seen = fast[k] if fast is not None else data.fingerprint(inputs[j])
             if seen != int(stored[j]):
                 where = f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r}"
-                raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=hasattr(self.dataset, "__getitems__"))
+                raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=hasattr(self.dataset, "__getitems__"),
+                                     last=int(index[-1]))
         labels = columns.get(layout.LABEL)
         for j in which if labels is not None else ():
             label = data.split_item(items[j])[1]
@@ -355,12 +356,15 @@ class TransferSet(IterableDataset):
                 raise self._mismatch(f"dataset index {i} (its fingerprint is in the manifest) of {self.location!r}", int(i),
                                      int(recorded, 16), seen, batched=False)
 
-    def _mismatch(self, where: str, index: int, stored: int, seen: int, batched: bool) -> AlignmentError:
+    def _mismatch(self, where: str, index: int, stored: int, seen: int, batched: bool, last: int | None = None) -> AlignmentError:
         """The error for an input whose fingerprint is not the stored one, naming the cause: an item that is another input at
-        each read (random augmentation), a batched ``__getitems__`` (``batched``: the input came from one) that served
-        another item in its place, or a dataset that changed since extraction. Item ``index`` is read alone a few times."""
+        each read (random augmentation), items that are one buffer refilled by each read (``last``: the index read last in
+        the input's batch), a batched ``__getitems__`` (``batched``: the input came from one) that served another item in
+        its place, or a dataset that changed since extraction. Item ``index`` is read alone a few times."""
         alone = data.reread(self.dataset, index)
         said = f"{where} has input fingerprint {stored:016x} but the dataset now gives {seen:016x}"
+        if not batched and last not in (None, index) and set(alone) == {stored} and data.item_fingerprint(self.dataset, last) == seen:
+            return AlignmentError(f"{said}: {data.reused_buffer(index, last)}")
         reads = alone if batched else [seen, *alone]  # a batch's read counts only if it was one of dataset[index]
         if len(set(reads)) > 1:
             fix = "and extract again if the store was made from random items"

@@ -442,7 +442,7 @@ def _dry_run_text(r: dict[str, Any]) -> str:
     for name, t in r["targets"].items():
         lines.append(f"  {name:<24} {str(tuple(t['shape'])):<20} {t['dtype']:<8} {t['bytes_per_sample']:>10,} B/sample  ({t['select']})")
     lines += [
-        f"per sample  {r['bytes_per_sample']:,} B (with index, fingerprint, label)",
+        f"per sample  {r['bytes_per_sample']:,} B (with index, fingerprint{', label' if r['has_labels'] else ''})",
         f"store       ~{_size(r['estimated_bytes'])} ({_size(r['estimated_bytes_raw'])} raw, ~{r['estimated_compression_ratio']:.2f}x from the probe batch)",
         f"geometry    {g['num_shards']} shards of {g['rows_per_shard']} rows",
     ]

@@ -132,6 +132,9 @@ def _feed(h: Any, value: Any) -> None:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes; no copy
     elif isinstance(value, np.ndarray):  # as the tensor of its values in native byte order; 0-d as (1,) (FORMAT.md §9)
+        if value.dtype.kind not in "biufc":  # objects, strings: no tensor holds them, so neither the teacher nor the hash can take them
+            raise PipelineError(f"a dataset item holds a numpy array of dtype {value.dtype} (shape {list(value.shape)}), which torch cannot "
+                                "batch; make every input a tensor, a number or a numpy array of numbers (e.g. x.astype(np.float32))")
         _feed(h, torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))))
     elif isinstance(value, Mapping):
         for key in sorted(value):
@@ -190,6 +193,14 @@ def not_deterministic(index: int, reads: list[int], then: str) -> str:
             f"remove random augmentation (random crops, flips, noise) from data.factory's dataset, or seed it by the index, {then}")
 
 
+def reused_buffer(index: int, last: int) -> str:
+    """The message for items that are one buffer refilled by each read: read in a batch, item ``index`` was the input of
+    ``last``, the batch's last item (read alone, it is its own)."""
+    return (f"dataset index {index}, read in a batch, was the input of index {last}, the batch's last item (alone it is its own): "
+            "__getitem__ returns one buffer that it refills for each item (a view of a shared tensor or array), so a batch would "
+            "hold the last item read in every place; return a new tensor or array per item (e.g. buffer.clone(), np.array(buffer))")
+
+
 def load(pipeline: Any, split: str) -> Dataset:
     """``data.factory(split)``, refused unless it is a map-style dataset (``check_dataset``)."""
     dataset = pipeline.call("data.factory", split)
@@ -237,7 +248,9 @@ def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
     """Batch of ``Indexed`` items: index int64 [B], fingerprint uint64 [B], inputs, label int64 [B] or None."""
     labels = [it[3] for it in items]
     if any(label is None for label in labels) and not all(label is None for label in labels):
-        raise PipelineError("some dataset items have a label and some do not; return labels for all items or none")
+        has, lacks = (next(it[0] for it in items if (it[3] is None) == missing) for missing in (False, True))
+        raise PipelineError(f"some dataset items have a label and some do not (index {has} has one, index {lacks} has none); "
+                            "return labels for all items or none")
     return {
         "index": np.array([it[0] for it in items], dtype=np.int64),
         "fingerprint": np.array([it[1] for it in items], dtype=np.uint64),
@@ -247,12 +260,17 @@ def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
 
 
 def stack(inputs: list[Any], indices: list[int]) -> Any:
-    """``default_collate`` of the items' inputs; items that cannot be batched (shapes differ) are a PipelineError naming two."""
+    """``default_collate`` of the items' inputs; items that cannot be batched (shapes differ) are a PipelineError naming two,
+    and so are entries torch cannot batch at all (``None``, an object or big-endian numpy array)."""
     try:
         return default_collate(inputs)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError) as e:
         first = describe(inputs[0])
         other = next(((i, describe(x)) for i, x in zip(indices, inputs) if describe(x) != first), None)
+        if other is None and isinstance(e, TypeError | ValueError):  # alike, but of a kind default_collate does not take
+            raise PipelineError(f"dataset items cannot be batched (index {indices[0]} is {first}): {raised(e)}; make every input "
+                                "a tensor, a number or a numpy array of numbers in native byte order (x.astype(x.dtype.newbyteorder('='))), "
+                                "and leave None entries out of the item") from None
         if other is None:  # the items look alike: not theirs to fix (shared memory full in a DataLoader worker, say)
             raise
         raise PipelineError(f"dataset items cannot be batched (index {indices[0]} is {first}, index {other[0]} is {other[1]}); "
@@ -386,9 +404,12 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
 
 
 def describe(inputs: Any) -> str:
-    """A batch's structure in a few words: ``float32[8, 64]``, ``{'ids': int64[8, 16]}``, ``(float32[8, 3], ...)``, ``[8 x str]``."""
+    """A batch's structure in a few words: ``float32[8, 64]``, ``{'ids': int64[8, 16]}``, ``(float32[8, 3], ...)``, ``[8 x str]``,
+    ``ndarray >f4[64]`` (an item's numpy array)."""
     if isinstance(inputs, torch.Tensor):
         return f"{str(inputs.dtype).removeprefix('torch.')}{list(inputs.shape)}"
+    if isinstance(inputs, np.ndarray):  # an item's (before batching): its shape tells ragged items apart
+        return f"ndarray {inputs.dtype}{list(inputs.shape)}"
     if isinstance(inputs, Mapping):
         return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in inputs.items()) + "}"
     if isinstance(inputs, tuple | list):

@@ -74,6 +74,10 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
     with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
             teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for batch in loader:
+            if (batch["label"] is not None) != run.has_labels:  # the probe batch decided whether the store holds labels
+                first, last = int(batch["index"][0]), int(batch["index"][-1])
+                raise PipelineError(f"dataset indices {first}..{last} have {'no label' if run.has_labels else 'a label'}, but the first "
+                                    f"batch's items {'have one' if run.has_labels else 'do not'}; return labels for all items or none")
             hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
@@ -121,9 +125,15 @@ class Run:
         geometry = layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard)
         shard_bytes = geometry["rows_per_shard"] * sum(bytes_per_sample.values())
         if shard_bytes > layout.MAX_SHARD_BYTES:  # the writer holds up to WRITE_THREADS + 1 shards in memory
+            most = layout.MAX_SHARD_BYTES // sum(bytes_per_sample.values())
+            if x.rows_per_shard == 0:  # kdcache chose: its smallest shard is too large for samples this large
+                raise PipelineError(f"{pipeline.source}: a sample's targets take {sum(bytes_per_sample.values()):,} bytes, so the smallest shard "
+                                    f"extract.shard_mb chooses ({geometry['rows_per_shard']} rows) would be {shard_bytes / 2**30:.3g} GiB, above "
+                                    f"the 4 GiB a shard may hold (it is held in memory until complete); set extract.rows_per_shard = {most} "
+                                    "or fewer, or store less per sample (targets.select, fewer targets.layers, targets.dtype = \"float16\")")
             raise PipelineError(f"{pipeline.source}: extract.rows_per_shard = {x.rows_per_shard} makes shards of {shard_bytes / 2**30:.3g} GiB "
                                 f"({sum(bytes_per_sample.values())} bytes per sample), but a shard is held in memory until complete; "
-                                f"use at most {layout.MAX_SHARD_BYTES // sum(bytes_per_sample.values())} rows, or 0 to choose from extract.shard_mb")
+                                f"use at most {most} rows, or 0 to choose from extract.shard_mb")
         return {
             "kdcache_version": kdcache.__version__,
             "teacher": {
@@ -161,6 +171,20 @@ def samples_first(tensor: torch.Tensor, rows: int, name: str, probe: bool = Fals
                           "(e.g. batch_first=True for RNN/attention layers, or a module that permutes to (batch, ...))")
 
 
+def _check_floating(tensor: torch.Tensor, name: str, dtype: str) -> None:
+    """Refuse a target that is not real floating-point: converted to ``dtype`` it would lose its imaginary part (complex),
+    or its integers (class or token ids, codebook indices) would be rounded (float16 holds integers exactly only to 2048)."""
+    if tensor.is_floating_point():
+        return
+    seen = f"target {name!r} is {str(tensor.dtype).removeprefix('torch.')} (per-sample shape {list(tensor.shape[1:])}), but kdcache stores " \
+           f"real floating-point outputs (logits, activations), here as {dtype}"
+    if tensor.is_complex():
+        raise TargetError(f"{seen}, which would drop the imaginary part; return torch.view_as_real(...) of it from a module and hook "
+                          f"that, or pick another part with [targets.select] {name!r}")
+    raise TargetError(f"{seen}, not integers or booleans (class or token ids, masks; float16 rounds integers above 2048); store the "
+                      f"floating-point output they come from (the logits before an argmax), or pick another part with [targets.select] {name!r}")
+
+
 def setup(pipeline: Pipeline) -> Run:
     """Validate, build the teacher and dataset, and run one probe batch to learn the target shapes."""
     t, x = pipeline.targets, pipeline.extract
@@ -191,6 +215,7 @@ def setup(pipeline: Pipeline) -> Run:
         select = t.select.get(name, "auto")
         tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name)
         samples_first(tensor, len(batch["index"]), name)
+        _check_floating(tensor, name, t.dtype)
         path = layout.LOGITS if source == "" else layout.layer_path(name)
         run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
     unknown = set(t.select) - {name for name, _ in sources}
@@ -200,19 +225,24 @@ def setup(pipeline: Pipeline) -> Run:
         "fingerprints": {str(i): f"{data.item_fingerprint(dataset, i):016x}" for i in sorted({0, n - 1})},
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
-    _check_item_zero(dataset, int(batch["fingerprint"][0]), int(run.probe["fingerprints"]["0"], 16))
+    _check_item_zero(dataset, [int(f) for f in batch["fingerprint"]], int(run.probe["fingerprints"]["0"], 16))
     if len(batch["index"]) > 1:
         _check_sequence_first(run, t.layers)
     return run
 
 
-def _check_item_zero(dataset: Dataset, in_batch: int, alone: int) -> None:
-    """Item 0 was read twice, in the probe batch and alone (for the manifest): two inputs mean random items, whose stored
-    fingerprints no later read would match, or a ``__getitems__`` that serves other inputs than ``dataset[i]``
-    (the manifest's fingerprints would not match the rows'). Refused before the teacher runs over the data."""
+def _check_item_zero(dataset: Dataset, batch: list[int], alone: int) -> None:
+    """Item 0 was read twice, in the probe batch (whose fingerprints are ``batch``) and alone (for the manifest): two
+    inputs mean random items, whose stored fingerprints no later read would match, items that are one buffer refilled
+    by each read (the batch then holds the last item read), or a ``__getitems__`` that serves other inputs than
+    ``dataset[i]`` (the manifest's fingerprints would not match the rows'). Refused before the teacher runs over the data."""
+    in_batch, last, batched = batch[0], len(batch) - 1, hasattr(dataset, "__getitems__")
     if in_batch == alone:
         return
-    reads = [alone, *data.reread(dataset, 0)] + ([] if hasattr(dataset, "__getitems__") else [in_batch])  # reads of dataset[0]
+    rereads = [alone, *data.reread(dataset, 0)]
+    if len(set(rereads)) == 1 and not batched and last and data.item_fingerprint(dataset, last) == in_batch:
+        raise PipelineError(data.reused_buffer(0, last))
+    reads = rereads + ([] if batched else [in_batch])  # reads of dataset[0]
     if len(set(reads)) > 1:
         raise AlignmentError(data.not_deterministic(0, reads, "then rerun"))
     raise PipelineError(f"the dataset's __getitems__ gives index 0 as another input (fingerprint {in_batch:016x}) than dataset[0] "
@@ -244,9 +274,12 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     manifest = run.manifest(pipeline)
     host, _ = to_host(run.probe["outputs"], run.targets, run.device)
+    rows = len(host[next(iter(run.targets))])
+    for path, t in run.targets.items():  # what the first batch of the run would stop on (float16 overflow, NaN)
+        if not math.isfinite(host.pop(path + "#sum").item()) and not torch.isfinite(host[path]).all():
+            raise _nonfinite(t, bool(host[path].isnan().any()), 0, rows - 1)
     raw = sum(h.numpy().nbytes for h in host.values())
     packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
-    rows = len(next(iter(host.values())))
     per_sample = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
     ratio = raw / packed if pipeline.extract.compression == "zstd" and packed else 1.0
     n = manifest["num_samples"]

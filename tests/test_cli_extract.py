@@ -137,7 +137,10 @@ def test_dry_run_prints_shapes_and_bytes_and_writes_nothing(tmp_path):
     text = result.stdout
     assert "(50, 4)" in text and "(50, 16, 8, 8)" in text
     assert "8 B/sample" in text and "2,048 B/sample" in text  # float16: 4 * 2, 16 * 8 * 8 * 2
-    assert "per sample  2,080 B" in text and "4 shards of 16 rows" in text
+    assert "per sample  2,080 B (with index, fingerprint, label)" in text and "4 shards of 16 rows" in text
+    unlabeled = invoke("extract", TINY, "--dry-run", "--set", "data.factory=extract_zoo.py:images", "--set", "data.split=unlabeled",
+                       "--set", "targets.layers=[]", "--set", "targets.dtype=float32")
+    assert "per sample  32 B (with index, fingerprint)\n" in unlabeled.stdout, unlabeled.output  # no label array: 16 + 8 + 8
 
     result = invoke("extract", TINY, "--dry-run", "--json", "--set", "targets.dtype=float32")
     assert result.exit_code == 0, result.output
