@@ -49,10 +49,12 @@ def _require_same_shape(student: Tensor, teacher: Tensor, what: str, fix: str) -
 
 def _require_logits(student_logits: Tensor, teacher_logits: Tensor, what: str) -> None:
     """Logits must be (B, C) or (B, ..., C) and equal in shape."""
-    if student_logits.ndim < 2:
+    if student_logits.ndim < 2 or teacher_logits.ndim < 2:
         raise ShapeMismatchError(
-            f"{what}: logits must have shape (B, C) or (B, ..., C), got student shape "
-            f"{tuple(student_logits.shape)}; add the batch dimension (e.g. logits.unsqueeze(0))"
+            f"{what}: logits must have shape (B, C) or (B, ..., C), a class axis last, got student shape "
+            f"{tuple(student_logits.shape)} and teacher shape {tuple(teacher_logits.shape)}; a regression output (one value "
+            "per sample, shape (B,), in both teacher and student) is distilled with logit_mse alone (train.loss.mse, "
+            "mse_on = \"logits\", kl = 0)"
         )
     _require_same_shape(
         student_logits,
@@ -101,13 +103,16 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Mean squared error between logits, computed in float32.
 
     Args:
-        student_logits: (B, C) or (B, ..., C).
+        student_logits: (B, C) or (B, ..., C); or (B,) for a regression output, one value per sample.
         teacher_logits: same shape; detached.
 
     Returns:
         0-dim float32 tensor, mean over all elements.
     """
-    _require_logits(student_logits, teacher_logits, "logit_mse")
+    if student_logits.ndim == 1 and teacher_logits.ndim == 1:  # regression: squared error needs no class axis
+        _require_same_shape(student_logits, teacher_logits, "logit_mse", "make the student give one value per sample of the batch")
+    else:
+        _require_logits(student_logits, teacher_logits, "logit_mse")
     return F.mse_loss(student_logits.float(), teacher_logits.detach().float())
 
 

@@ -121,7 +121,8 @@ def test_kl_rejects_bad_temperature(t: float) -> None:
 def test_kl_shape_mismatch() -> None:
     with pytest.raises(ShapeMismatchError, match=r"student shape \(2, 3\).*teacher shape \(2, 5\).*5 classes"):
         kl_divergence(_logits(2, 3, seed=0), _logits(2, 5, seed=0))
-    with pytest.raises(ShapeMismatchError, match=r"\(B, C\)"):
+    with pytest.raises(ShapeMismatchError, match=r"\(B, C\).*got student shape \(3,\) and teacher shape \(3,\); "
+                                                 r"a regression output .* logit_mse alone \(train.loss.mse"):
         kl_divergence(_logits(3, seed=0), _logits(3, seed=0))
 
 
@@ -134,6 +135,17 @@ def test_logit_mse_matches_reference_and_is_float32() -> None:
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(_ref_mse(s, te.float()), rel=1e-5)
     assert logit_mse(s, s.clone()).item() == 0.0
+
+
+def test_logit_mse_distils_a_regression_output_of_one_value_per_sample() -> None:
+    """A teacher of one value per sample (a regression head: the store's logits are (N,)) is distilled with the squared
+    error alone; a student of another batch or of class logits against it is a shape error."""
+    s, te = _logits(6, seed=13), _logits(6, seed=14).half()
+    assert logit_mse(s, te).item() == pytest.approx(_ref_mse(s, te.float()), rel=1e-5)
+    with pytest.raises(ShapeMismatchError, match=r"student shape \(5,\) does not match teacher shape \(6,\)"):
+        logit_mse(_logits(5, seed=0), te)
+    with pytest.raises(ShapeMismatchError, match=r"student shape \(6, 1\) and teacher shape \(6,\); a regression output"):
+        logit_mse(_logits(6, 1, seed=0), te)
 
 
 @pytest.mark.parametrize("t", [1.0, 4.0])

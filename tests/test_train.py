@@ -494,6 +494,22 @@ def test_an_fp16_run_resumes_with_its_loss_scale(tiny_store, tmp_path):
     assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
 
 
+def test_a_regression_teacher_is_distilled_with_the_squared_error(tmp_path):
+    """A teacher of one value per sample stores logits of shape (N,): train.loss.mse distils them (the student learns
+    to match), and KL, which needs a class axis, is one line saying so."""
+    store = extract_tiny(tmp_path / "regression.zarr", "teacher.factory='bad_input.py:regression_teacher'", "targets.layers=[]")
+    assert kdcache.open_store(store).targets["logits"].shape == ()
+    p = pipeline("student.factory='bad_input.py:regression_student'", "train.loss={mse=1.0, kl=0.0}", *PLAIN, "train.epochs=8")
+    train(p, store, tmp_path / "run")
+    losses = [m["loss_mse"] for m in metrics(tmp_path / "run")]
+    assert losses[-1] < 0.5 * losses[0], losses
+    result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", store, "--out", str(tmp_path / "kl"),
+                                           "--set", "student.factory='bad_input.py:regression_student'", "--set", "train.features={}",
+                                           "--set", "train.eval_split=''", "--set", "train.loss.ce=0"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "kl_divergence: logits must have shape (B, C)" in result.output and "a regression output" in result.output, result.output
+
+
 def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys):
     train_cut_after_first_epoch(pipeline("train.epochs=4"), tiny_store, tmp_path / "run")
     capsys.readouterr()
