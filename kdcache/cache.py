@@ -40,7 +40,7 @@ class TransferSet(IterableDataset):
 
     def __init__(
         self,
-        location: str,
+        location: str | os.PathLike[str],
         dataset: Dataset,
         paths: list[str],
         *,
@@ -57,6 +57,7 @@ class TransferSet(IterableDataset):
         streams: int = 1,
         stream: int | None = None,
     ):
+        location = str(location)  # a Path too: the streaming reads look at its scheme, and messages name it as a string
         store = layout.open_store(location, storage_options=storage_options)
         data.check_algorithm(store.manifest, location)
         n = len(dataset)  # type: ignore[arg-type]

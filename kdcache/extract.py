@@ -36,7 +36,7 @@ FLOAT16_MAX = 65504.0
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
-def extract(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,
+def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False,
             storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the teacher once over the pipeline's dataset and write its targets into the store ``out``
     (a folder or an fsspec URL such as ``s3://bucket/run.zarr``, with ``storage_options``).

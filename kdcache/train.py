@@ -34,7 +34,7 @@ from kdcache.progress import Progress
 CHECKPOINT = "checkpoint.pt"
 
 
-def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], *, resume: bool = False,
+def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str | os.PathLike[str], *, resume: bool = False,
           overwrite: bool = False, allow_partial: bool = False, progress: bool = False,
           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``pipeline.student`` from the store at ``cache_location`` (any location, with fsspec
@@ -42,7 +42,7 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
 
     Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``.
     """
-    t, out = pipeline.train, Path(out)
+    t, out, cache_location = pipeline.train, Path(out), str(cache_location)
     check_values(pipeline)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:

@@ -123,6 +123,19 @@ def test_the_public_transfer_set_takes_target_names_and_serves_a_loop_of_ones_ow
 
 
 @pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_a_pathlib_location_serves_as_its_string_does(numbered_store, budget):
+    """A location may be a ``pathlib.Path``: streaming read it as a string (``location_kind``) and raised TypeError."""
+    from pathlib import Path
+
+    ts = transfer(Path(numbered_store), memory_budget_mb=budget)
+    assert ts.location == numbered_store
+    batches = serve(ts, 0)
+    for batch in batches:
+        check_aligned(batch)
+    assert np.array_equal(np.sort(np.concatenate([b["rows"].numpy() for b in batches])), np.arange(N))
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
 def test_unshuffled_serves_store_order(numbered_store, budget):
     ts = transfer(numbered_store, shuffle=False, memory_budget_mb=budget, buffer_shards=2)
     batches = serve(ts, 0)

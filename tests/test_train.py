@@ -10,6 +10,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -775,6 +776,17 @@ def test_targets_that_fit_the_budget_but_not_the_machine_are_refused_before_they
     assert not (tmp_path / "run").exists() and steps == [] and not [a for a in reads if a[1:] == (0, 50)]
     train(pipeline(*PLAIN, "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1", "train.epochs=1"), tiny_store, tmp_path / "run")
     assert len(steps) == 7
+
+
+def test_a_pathlib_cache_trains_as_its_string_does(tiny_store, tmp_path):
+    """--cache may be a pathlib.Path, streamed too (the streaming reads raised TypeError on a Path), and names it as a string."""
+    p = pipeline(*PLAIN, "train.memory_budget_mb=0", "train.epochs=1")
+    train(p, Path(tiny_store), tmp_path / "path")
+    train(p, tiny_store, tmp_path / "str")
+    weights = [torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("path", "str")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+    with pytest.raises(StoreError, match=re.escape(f"{str(tmp_path / 'none.zarr')!r}")):
+        train(p, tmp_path / "none.zarr", tmp_path / "none")
 
 
 def test_torchrun_ranks_on_one_machine_each_read_the_targets_into_ram(tiny_store, monkeypatch):
