@@ -55,70 +55,75 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     store = open_for_training(cache_location, allow_partial, storage_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
-    run = setup(pipeline, store, dataset, device)
-    transfer = cache.TransferSet(
-        cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
-        memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-        fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
-        stream=rank if world > 1 else None,
-    )
-    transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
-    order = _order(transfer, t.num_workers)
-    if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
-        raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
-                            "(train.memory_budget_mb decides whether targets are read into RAM, and DataLoader workers interleave "
-                            "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
-                            "train.memory_budget_mb and train.num_workers, or start afresh with --overwrite")
-    if world > 1:
-        distributed.broadcast_parameters([run.student, run.heads])
-        run.world = world
-    _check_batches(transfer, 0, t.batch_size)
-    # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
-    total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
-    params = list(run.student.parameters()) + list(run.heads.parameters())
-    optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
-    state = {"epoch": 0, "step": 0}
-    with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
-        if checkpoint is not None:
-            state = _restore(checkpoint, out, run, optimizer, schedule)
-            if rank == 0:
-                print(f"resuming {str(out)!r} after epoch {state['epoch'] - 1} (step {state['step']} of {total_steps})")
-            _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
-        evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
-        # an earlier run's files (--overwrite) stay until this run's first epoch is saved
-        replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
-        start = time.perf_counter()
-        # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
-        # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
-        # per-batch bookkeeping (a profiler record per batch, ~5 % of a tiny student's epoch).
-        loader: Any = transfer
-        if t.num_workers > 0 or device.type != "cpu":
-            loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                                persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed))
-        with data.torch_threads(t.threads), _skipped_steps_allowed():
-            batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
-            while state["step"] < total_steps:
-                steps = min(_check_batches(transfer, state["epoch"], t.batch_size), total_steps - state["step"])
-                bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
-                means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
-                _check_finite(means, state, out)
-                due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
-                metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
-                           **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
-                state["epoch"] += 1
-                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
-                if state["step"] < total_steps:  # streaming, its first buffer is read while this epoch is saved
-                    batches = _start_epoch(transfer, loader, state["epoch"])
+    hooks: list[Any] = []  # the student's feature hooks: removed however the run ends (the factory may return a model it keeps)
+    try:
+        run = setup(pipeline, store, dataset, device, hooks)
+        transfer = cache.TransferSet(
+            cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
+            memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+            fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
+            stream=rank if world > 1 else None,
+        )
+        transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
+        order = _order(transfer, t.num_workers)
+        if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
+            raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
+                                "(train.memory_budget_mb decides whether targets are read into RAM, and DataLoader workers interleave "
+                                "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
+                                "train.memory_budget_mb and train.num_workers, or start afresh with --overwrite")
+        if world > 1:
+            distributed.broadcast_parameters([run.student, run.heads])
+            run.world = world
+        _check_batches(transfer, 0, t.batch_size)
+        # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
+        total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
+        params = list(run.student.parameters()) + list(run.heads.parameters())
+        optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
+        state = {"epoch": 0, "step": 0}
+        with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
+            if checkpoint is not None:
+                state = _restore(checkpoint, out, run, optimizer, schedule)
                 if rank == 0:
-                    _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None, order)
-                    replacing = False
-        if rank == 0:
-            _save(run.student.state_dict(), out / "student.pt")
-            _save(run.heads.state_dict(), out / "heads.pt")
-    distributed.barrier()  # torchrun: every rank returns after rank 0 has written
-    last = _read_metrics(out)[-1]
-    return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+                    print(f"resuming {str(out)!r} after epoch {state['epoch'] - 1} (step {state['step']} of {total_steps})")
+                _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
+            evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
+            # an earlier run's files (--overwrite) stay until this run's first epoch is saved
+            replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
+            start = time.perf_counter()
+            # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
+            # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
+            # per-batch bookkeeping (a profiler record per batch, ~5 % of a tiny student's epoch).
+            loader: Any = transfer
+            if t.num_workers > 0 or device.type != "cpu":
+                loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
+                                    persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed))
+            with data.torch_threads(t.threads), _skipped_steps_allowed():
+                batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
+                while state["step"] < total_steps:
+                    steps = min(_check_batches(transfer, state["epoch"], t.batch_size), total_steps - state["step"])
+                    bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
+                    means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
+                    _check_finite(means, state, out)
+                    due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
+                    metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
+                               **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
+                    state["epoch"] += 1
+                    rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
+                    if state["step"] < total_steps:  # streaming, its first buffer is read while this epoch is saved
+                        batches = _start_epoch(transfer, loader, state["epoch"])
+                    if rank == 0:
+                        _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None, order)
+                        replacing = False
+            if rank == 0:
+                _save(run.student.state_dict(), out / "student.pt")
+                _save(run.heads.state_dict(), out / "heads.pt")
+        distributed.barrier()  # torchrun: every rank returns after rank 0 has written
+        last = _read_metrics(out)[-1]
+        return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @contextlib.contextmanager
@@ -273,8 +278,9 @@ def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
     return loss if weight == 1 else weight * loss  # a weight of 1 adds no op to each step's graph
 
 
-def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device) -> Run:
-    """Build the student, hook its feature layers, and create projection heads from a probe batch."""
+def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device, hooks: list[Any] | None = None) -> Run:
+    """Build the student, hook its feature layers, and create projection heads from a probe batch. The hooks' handles are
+    appended to ``hooks`` as they are made (the caller removes them, also when this raises)."""
     t, w = pipeline.train, pipeline.train.loss
     student = teachers.build(pipeline, "student.factory").to(device)
     needs_logits = bool(w.kl or w.mse)
@@ -299,7 +305,9 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
               select=pipeline.student.select, precision=t.precision)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
-    teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
+    handles = teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
+    if hooks is not None:
+        hooks.extend(handles)
     if features:
         probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():

@@ -542,6 +542,18 @@ def test_two_teacher_layers_may_be_distilled_into_one_student_module(tmp_path):
     assert np.isfinite(result["loss_feat:features.1"]) and np.isfinite(result["loss_feat:features.3"])
 
 
+def test_a_student_the_factory_keeps_is_left_without_hooks(tiny_store, tmp_path):
+    """A factory may return a model it keeps (a notebook's): the feature hooks train puts on it are removed when it returns
+    or raises, not left by every call (each would clone the module's output at every forward of the model, for ever)."""
+    kept = ["student.factory='tiny.py:kept_student'", "train.eval_split=''", "train.epochs=1"]
+    student = tiny.kept_student()
+    for _ in range(2):
+        train(pipeline(*kept), tiny_store, tmp_path / "run", overwrite=True)
+    with pytest.raises(PipelineError, match="train.subset = 1000 exceeds"):  # raised after the hooks are made
+        train(pipeline(*kept, "train.subset=1000"), tiny_store, tmp_path / "other")
+    assert [name for name, m in student.named_modules() if m._forward_hooks] == []
+
+
 def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
     """The output of a student's hooked module is kept as the module returned it: an in-place op after it (a ResNet's
     ReLU(inplace=True)) must not change what the feature loss compares with the teacher's layer (whose outputs are kept
