@@ -30,7 +30,7 @@ from conftest import FIXTURES, TINY_TOML, extract_tiny
 from reference import signal_and_wait, train_cut_after_first_epoch
 from kdcache import cache, cli, losses, store as layout
 from kdcache.cache import TransferSet
-from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError
+from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError, TrainingError
 from kdcache.train import CHECKPOINT, Run, train
 
 PLAIN = ["train.features={}", "train.eval_split=''"]  # no feature loss, no eval: the quickest run
@@ -552,6 +552,34 @@ def test_a_student_the_factory_keeps_is_left_without_hooks(tiny_store, tmp_path)
     with pytest.raises(PipelineError, match="train.subset = 1000 exceeds"):  # raised after the hooks are made
         train(pipeline(*kept, "train.subset=1000"), tiny_store, tmp_path / "other")
     assert [name for name, m in student.named_modules() if m._forward_hooks] == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_that_raises_stops_making_batches_at_once(tiny_store, tmp_path, monkeypatch, workers):
+    """The error's traceback (a notebook keeps it) holds the epoch's iterator: the TransferSet's thread making batches
+    ahead, or the DataLoader's worker processes, stop when train raises, not when the traceback is dropped."""
+    import multiprocessing
+    import threading
+
+    losses_of, calls = Run.losses, []
+
+    def failing(self, batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise TrainingError("stopped at step 3")
+        return losses_of(self, batch)
+
+    def making() -> set:
+        return {*multiprocessing.active_children(), *(t for t in threading.enumerate() if t.name == "kdcache-prefetch")}
+
+    before = making()
+    monkeypatch.setattr(Run, "losses", failing)
+    with pytest.raises(TrainingError, match="stopped at step 3") as raised:
+        train(pipeline(*PLAIN, f"train.num_workers={workers}"), tiny_store, tmp_path / "run")
+    deadline = time.monotonic() + 10
+    while making() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert raised.value.__traceback__ is not None and making() - before == set()
 
 
 def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
