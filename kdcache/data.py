@@ -375,6 +375,26 @@ def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Eve
             _PRODUCERS.pop(threading.current_thread(), None)
 
 
+def stop_making(batches: Any) -> None:
+    """Stop what makes batches ahead for the iterator ``batches``: a TransferSet's thread (iterated directly, or by a
+    DataLoader in this process) and a DataLoader's worker processes. A failed or interrupted run's traceback (which a
+    notebook keeps) holds the iterator: they would run on, holding batches and copies of the dataset, until it is dropped."""
+    made = getattr(getattr(batches, "_dataset_fetcher", None), "dataset_iter", batches)  # a DataLoader without workers holds it
+    if isinstance(made, Prefetch):
+        made.close()
+    if hasattr(batches, "_shutdown_workers"):  # torch's DataLoader has no public way to stop its workers
+        batches._shutdown_workers()
+
+
+@contextmanager
+def stopped(batches: Any) -> Iterator[Any]:
+    """``batches`` inside the block, ``stop_making`` however it ends."""
+    try:
+        yield batches
+    finally:
+        stop_making(batches)
+
+
 def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs.to(device, non_blocking=non_blocking)

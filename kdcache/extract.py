@@ -72,8 +72,8 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
     )
     background = run.device.type != "cpu" if background is None else background
     with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
-            teachers.capture(run.model, pipeline.targets.layers) as hooked:
-        for batch in loader:
+            teachers.capture(run.model, pipeline.targets.layers) as hooked, data.stopped(iter(loader)) as batches:
+        for batch in batches:
             if (batch["label"] is not None) != run.has_labels:  # the probe batch decided whether the store holds labels
                 first, last = int(batch["index"][0]), int(batch["index"][-1])
                 raise PipelineError(f"dataset indices {first}..{last} have {'no label' if run.has_labels else 'a label'}, but the first "

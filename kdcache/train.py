@@ -123,20 +123,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         last = _read_metrics(out)[-1]
         return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
     finally:
-        _stop_making(batches)
+        data.stop_making(batches)
         for hook in hooks:
             hook.remove()
-
-
-def _stop_making(batches: Any) -> None:
-    """Stop what makes an epoch's batches ahead: the TransferSet's thread (iterated directly, or by a DataLoader in this
-    process) and a DataLoader's worker processes. A failed or interrupted run's traceback (which a notebook keeps) holds
-    the iterator: they would run on, holding batches and copies of the dataset, until it is dropped."""
-    made = getattr(getattr(batches, "_dataset_fetcher", None), "dataset_iter", batches)  # a DataLoader without workers holds it
-    if isinstance(made, data.Prefetch):
-        made.close()
-    if hasattr(batches, "_shutdown_workers"):  # torch's DataLoader has no public way to stop its workers
-        batches._shutdown_workers()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import torch
 import extract_zoo as zoo
 import kdcache
 from kdcache import data
-from kdcache.errors import PipelineError, StoreError, StoreMismatchError, TargetError
+from kdcache.errors import DataError, PipelineError, StoreError, StoreMismatchError, TargetError
 from kdcache.store import open_store
 from reference import crash_at, make_pipeline, mtimes, read_store, without_times
 
@@ -547,6 +547,22 @@ def test_resume_with_another_batch_size_and_workers(tmp_path, zoo_env):
     _, arrays = read_store(out)
     np.testing.assert_array_equal(arrays["samples/index"], np.arange(50))
     np.testing.assert_array_equal(arrays["targets/logits"][:, 0], np.arange(50, dtype=np.float16))
+
+
+def test_a_failed_extract_stops_its_dataloader_workers_at_once(tmp_path, zoo_env):
+    """An error raised in a worker keeps the DataLoader's iterator in its traceback (which a notebook keeps): the worker
+    processes stop when extract raises, not when the traceback is dropped."""
+    import multiprocessing
+    import time
+
+    before = set(multiprocessing.active_children())
+    zoo_env(FAIL_AT=30)
+    with pytest.raises(DataError, match="simulated crash fetching index 30") as raised:
+        kdcache.extract(make_pipeline("extract.num_workers=2"), str(tmp_path / "s.zarr"))
+    deadline = time.monotonic() + 10
+    while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert raised.value.__traceback__ is not None and set(multiprocessing.active_children()) - before == set()
 
 
 @pytest.mark.parametrize(
