@@ -58,6 +58,8 @@ class TransferSet(IterableDataset):
         stream: int | None = None,
     ):
         location = str(location)  # a Path too: the streaming reads look at its scheme, and messages name it as a string
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise PipelineError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         store = layout.open_store(location, storage_options=storage_options)
         data.check_algorithm(store.manifest, location)
         n = len(dataset)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from kdcache import store as layout
 from kdcache.cache import Check, ShardGroups, TransferSet, done_rows
 from kdcache.data import Prefetch
-from kdcache.errors import AlignmentError, StoreError
+from kdcache.errors import AlignmentError, PipelineError, StoreError
 from numbered import Numbered
 
 N, ROWS_PER_SHARD, BATCH = 100, 16, 8
@@ -364,6 +364,13 @@ def test_persistent_workers_follow_set_epoch(numbered_store, budget):
         alone = transfer(numbered_store, memory_budget_mb=budget, buffer_shards=2, seed=5)
         assert seen[-1] == batches(serve(alone, epoch))
     assert seen[0] != seen[1] != seen[2]
+
+
+@pytest.mark.parametrize("batch_size", [0, -8, 2.5])
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused_at_once(numbered_store, batch_size):
+    """Not at the first batch as range()'s ValueError (0), nor as epochs of no batches (negative)."""
+    with pytest.raises(PipelineError, match=re.escape(f"batch_size must be an integer >= 1, got {batch_size!r}")):
+        transfer(numbered_store, batch_size=batch_size)
 
 
 def test_dataset_of_another_length_is_refused(numbered_store):
