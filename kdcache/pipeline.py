@@ -177,6 +177,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
         raise PipelineError(f"pipeline file {str(path)!r} is not valid TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, binary
         raise PipelineError(f"pipeline file {str(path)!r} cannot be read as UTF-8 text ({e}); pass the path of a .toml file") from None
+    if isinstance(overrides, str):  # one override, not a list of them: each character would be read as an override
+        raise PipelineError(f"overrides is the string {overrides!r}, not a list of section.key=value strings; pass [{overrides!r}]")
     for item in overrides:
         apply_override(raw, item)
     return from_dict(raw, root=path.resolve().parent, source=str(path))

@@ -116,6 +116,13 @@ def test_overrides_create_missing_sections():
     assert p.train.loss.ce == 1.0 and p.train.loss.kl == 1.0
 
 
+def test_overrides_given_as_one_string_are_refused_naming_the_list():
+    """``load_pipeline(path, "train.epochs=1")``: not ``override 't' is not of the form ...`` (its first character)."""
+    with pytest.raises(PipelineError, match=r"^overrides is the string 'train.epochs=1', not a list of section.key=value strings; "
+                                            r"pass \['train.epochs=1'\]$"):
+        kdcache.load_pipeline(TINY, "train.epochs=1")
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
