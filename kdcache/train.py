@@ -40,7 +40,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     """Train ``pipeline.student`` from the store at ``cache_location`` (any location, with fsspec
     ``storage_options`` for URLs; they apply to ``train.eval_cache`` too); write results to ``out``.
 
-    Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``.
+    Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``. Seeds torch's global RNG with
+    ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     """
     t, out, cache_location = pipeline.train, Path(out), str(cache_location)
     check_values(pipeline)
