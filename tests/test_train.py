@@ -582,6 +582,43 @@ def test_a_run_that_raises_stops_making_batches_at_once(tiny_store, tmp_path, mo
     assert raised.value.__traceback__ is not None and making() - before == set()
 
 
+def test_an_evaluation_that_raises_stops_the_eval_stores_batches(tmp_path, monkeypatch):
+    """A Ctrl-C in an evaluation leaves no thread making the eval store's batches (3 of them: two are made ahead)."""
+    import threading
+
+    from conftest import NUMBERED
+    from kdcache import data
+    from kdcache.pipeline import from_dict
+
+    def spec(split: str, **more: dict) -> kdcache.Pipeline:
+        return from_dict({**NUMBERED, "data": {"factory": "numbered.py:numbered_splits", "split": split}, **more}, root=FIXTURES)
+
+    kdcache.extract(spec("test"), str(tmp_path / "eval.zarr"))
+    kdcache.extract(spec("train"), str(tmp_path / "train.zarr"))
+    p = spec("train", student={"factory": "numbered.py:flat_student"},
+             train={"epochs": 1, "batch_size": 16, "device": "cpu", "eval_cache": str(tmp_path / "eval.zarr")})
+    call, evaluated = data.call, []
+
+    def interrupted(model, inputs, role):
+        if not model.training:  # the first is the probe of the student's output shape, the second the first eval batch
+            evaluated.append(len(evaluated))
+            if len(evaluated) == 2:
+                raise KeyboardInterrupt
+        return call(model, inputs, role)
+
+    def making() -> set:
+        return {t for t in threading.enumerate() if t.name == "kdcache-prefetch"}
+
+    before = making()
+    monkeypatch.setattr(data, "call", interrupted)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        train(p, str(tmp_path / "train.zarr"), tmp_path / "run")
+    deadline = time.monotonic() + 10
+    while making() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert raised.value.__traceback__ is not None and making() - before == set()
+
+
 def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
     """The output of a student's hooked module is kept as the module returned it: an in-place op after it (a ResNet's
     ReLU(inplace=True)) must not change what the feature loss compares with the teacher's layer (whose outputs are kept
