@@ -172,9 +172,10 @@ def _start_epoch(transfer: cache.TransferSet, loader: Any, epoch: int) -> Iterat
 
 def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule: Any, state: dict[str, int], total_steps: int,
            bar: Progress) -> dict[str, float]:
-    """One pass over an epoch's batches (or up to ``total_steps``); returns the mean of each loss term."""
+    """One pass over an epoch's batches (or up to ``total_steps``); returns the mean of each loss term over the rows
+    trained on (a step's loss is its rows' mean: weighted by its rows, a short last batch counts as the rows it holds)."""
     sums: dict[str, torch.Tensor] = {}
-    seen = 0
+    seen = 0  # rows
     run.student.train(), run.heads.train()
     for batch in batches:
         parts = _step_losses(run, batch)
@@ -189,16 +190,20 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
         run.scaler.update()
         schedule.step()
         state["step"] += 1
-        seen += 1
-        share = batch.get("share", 1.0)  # under torchrun, this rank's part of the step's rows
+        rows = len(batch["rows"]) if batch.get("share", 1.0) else 0  # under torchrun, an idle rank's one row counts for nothing
+        seen += rows
         for k, v in parts.items():  # summed on the device: no sync per step
-            sums[k] = sums[k].add_(v.detach(), alpha=share) if k in sums else v.detach() * share
+            sums[k] = sums[k].add_(v.detach(), alpha=rows) if k in sums else v.detach() * rows
         bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
         if state["step"] >= total_steps:
             break
     bar.close()
-    totals = distributed.sum_over_ranks(torch.stack(list(sums.values()))) if sums else []  # each step's loss over every rank's rows
-    means = {f"loss_{k}": float(v) / max(1, seen) for k, v in zip(sums, totals)}
+    if not sums:
+        return {"loss": 0.0}
+    # every rank's rows: the loss sums and the row count, in one all-reduce (float64: the count stays exact)
+    counted = [*(v.double() for v in sums.values()), torch.tensor(seen, dtype=torch.float64, device=run.device)]
+    totals = distributed.sum_over_ranks(torch.stack(counted)).tolist()
+    means = {f"loss_{k}": v / max(1.0, totals[-1]) for k, v in zip(sums, totals)}
     return {**means, "loss": sum(means.values())}
 
 

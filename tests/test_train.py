@@ -608,6 +608,19 @@ def test_steps_overrides_epochs(tiny_store, tmp_path, steps, n, epochs):
     assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule spans the N steps
 
 
+@pytest.mark.parametrize("extra", [(), ("train.streams=2",), ("train.subset=20",)], ids=["uneven-last-batch", "streams", "subset"])
+def test_an_epoch_s_logged_losses_are_their_means_over_its_rows(tiny_store, tmp_path, steps, extra):
+    """A step's loss is the mean over its rows: the epoch's is the mean over every row it trained on, so a short last
+    batch (50 rows in batches of 8: six of 8, one of 2) counts for its 2 rows, not as much as a batch of 8."""
+    train(pipeline(*PLAIN, "train.epochs=2", *extra), tiny_store, tmp_path / "run")
+    assert len({len(s["rows"]) for s in steps}) > 1  # the premise: batches of different sizes
+    done = 0
+    for line in metrics(tmp_path / "run"):
+        epoch, done = steps[done : line["step"]], line["step"]
+        rows = [len(s["rows"]) for s in epoch]
+        assert line["loss"] == pytest.approx(sum(s["loss"] * n for s, n in zip(epoch, rows)) / sum(rows), rel=1e-5)
+
+
 def test_epochs_are_whole_when_streaming_batch_counts_vary(tiny_store, tmp_path, steps):
     """Streaming buffers group shards differently each epoch (48+2 rows or 34+16 in batches of 20:
     4 or 3 batches); every epoch is still served whole, and exactly train.epochs of them."""
