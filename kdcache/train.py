@@ -720,6 +720,9 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
                          f"({detail[:200]}); resume with the run's own pipeline (its pipeline.json) or pass --overwrite") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
+    # the next step's lr from this run's plan: the checkpoint's is the earlier plan's where train.epochs/steps changed
+    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * factor(schedule.last_epoch)
     if "scaler" in ckpt:  # fp16: the loss scale the run had reached (train.precision cannot change on --resume)
         run.scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])

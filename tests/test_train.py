@@ -510,13 +510,17 @@ def test_a_regression_teacher_is_distilled_with_the_squared_error(tmp_path):
     assert "kl_divergence: logits must have shape (B, C)" in result.output and "a regression output" in result.output, result.output
 
 
-def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys):
+def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys, monkeypatch):
     train_cut_after_first_epoch(pipeline("train.epochs=4"), tiny_store, tmp_path / "run")
     capsys.readouterr()
+    lrs, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
     train(pipeline("train.epochs=2"), tiny_store, tmp_path / "run", resume=True)
     out = capsys.readouterr().out
     assert "--resume: train.epochs was 4, now 2: the learning-rate schedule is planned again over the new length" in out, out
     assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0, 1]
+    # steps 7..13 of 14 follow the new plan from the first one (not the 28-step plan's lr at step 7)
+    assert lrs == pytest.approx([0.01 * 0.5 * (1 + np.cos(np.pi * s / 14)) for s in range(7, 14)], rel=1e-12)
 
 
 def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tiny_store, tmp_path):
