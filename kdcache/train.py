@@ -75,6 +75,12 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
     _check_batches(transfer, 0, t.batch_size)
     # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
     total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
+    if checkpoint is not None and int(checkpoint["step"]) > total_steps:  # its weights are already past the plan's end
+        done, epochs = int(checkpoint["step"]), int(checkpoint["epoch"])
+        plan = f"train.steps = {t.steps}" if t.steps > 0 else f"train.epochs = {t.epochs} ({total_steps} steps)"
+        raise PipelineError(f"--resume: this run has trained {done} steps in {epochs} epoch{'s' * (epochs != 1)}, more than {plan} "
+                            f"plans; resume with train.epochs >= {epochs} or train.steps >= {done} to go on (no more: only the "
+                            "weights are written), or start afresh with --overwrite")
     params = list(run.student.parameters()) + list(run.heads.parameters())
     optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
