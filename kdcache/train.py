@@ -123,7 +123,8 @@ def train(pipeline: Pipeline, cache_location: str, out: str | os.PathLike[str], 
             _save(run.student.state_dict(), out / "student.pt")
             _save(run.heads.state_dict(), out / "heads.pt")
     distributed.barrier()  # torchrun: every rank returns after rank 0 has written
-    last = _read_metrics(out)[-1]
+    lines = _read_metrics(out)  # none: a resumed run with no step left, whose metrics.jsonl was deleted, still writes its weights
+    last = lines[-1] if lines else {"epoch": state["epoch"] - 1, "step": state["step"]}
     return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
 
 

@@ -400,6 +400,9 @@ def test_resume_after_the_last_epoch_only_writes_the_weights(tiny_store, tmp_pat
     got = torch.load(out / "student.pt", weights_only=True)
     assert all(torch.equal(got[k], want[k]) for k in want) and (out / "heads.pt").exists()
     assert metrics(out) == lines
+    (out / "metrics.jsonl").unlink()  # deleted by hand: the weights are still written, and the epoch and step returned
+    result = train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert (result["epoch"], result["step"]) == (1, 14) and (out / "student.pt").exists()
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
