@@ -68,17 +68,14 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         )
         transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
         order = _order(transfer, t.num_workers)
-        if checkpoint is not None and "order" in checkpoint and checkpoint["order"] != order:
-            raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
-                                "(train.memory_budget_mb decides whether targets are read into RAM, and DataLoader workers interleave "
-                                "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
-                                "train.memory_budget_mb and train.num_workers, or start afresh with --overwrite")
         if world > 1:
             distributed.broadcast_parameters([run.student, run.heads])
             run.world = world
         _check_batches(transfer, 0, t.batch_size)
         # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
         total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
+        if checkpoint is not None:
+            _check_resumed_plan(checkpoint, order, total_steps, t)
         params = list(run.student.parameters()) + list(run.heads.parameters())
         optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
@@ -121,7 +118,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                 _save(run.student.state_dict(), out / "student.pt")
                 _save(run.heads.state_dict(), out / "heads.pt")
         distributed.barrier()  # torchrun: every rank returns after rank 0 has written
-        last = _read_metrics(out)[-1]
+        lines = _read_metrics(out)  # none: a resumed run with no step left, whose metrics.jsonl was deleted, still writes its weights
+        last = lines[-1] if lines else {"epoch": state["epoch"] - 1, "step": state["step"]}
         return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
     finally:
         data.stop_making(batches)
@@ -136,6 +134,22 @@ def _skipped_steps_allowed() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"), UserWarning)
         yield
+
+
+def _check_resumed_plan(checkpoint: dict[str, Any], order: dict[str, Any], total_steps: int, t: Any) -> None:
+    """A resumed run must serve its batches in the order it began with, and its new length must not end before the
+    steps it has trained (its weights are past that plan's end)."""
+    if "order" in checkpoint and checkpoint["order"] != order:
+        raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
+                            "(train.memory_budget_mb decides whether targets are read into RAM, and DataLoader workers interleave "
+                            "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
+                            "train.memory_budget_mb and train.num_workers, or start afresh with --overwrite")
+    if int(checkpoint["step"]) > total_steps:
+        done, epochs = int(checkpoint["step"]), int(checkpoint["epoch"])
+        plan = f"train.steps = {t.steps}" if t.steps > 0 else f"train.epochs = {t.epochs} ({total_steps} steps)"
+        raise PipelineError(f"--resume: this run has trained {done} steps in {epochs} epoch{'s' * (epochs != 1)}, more than {plan} "
+                            f"plans; resume with train.epochs >= {epochs} or train.steps >= {done} to go on (no more: only the "
+                            "weights are written), or start afresh with --overwrite")
 
 
 def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> int:
@@ -180,9 +194,10 @@ def _start_epoch(transfer: cache.TransferSet, loader: Any, epoch: int) -> Iterat
 
 def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule: Any, state: dict[str, int], total_steps: int,
            bar: Progress) -> dict[str, float]:
-    """One pass over an epoch's batches (or up to ``total_steps``); returns the mean of each loss term."""
+    """One pass over an epoch's batches (or up to ``total_steps``); returns the mean of each loss term over the rows
+    trained on (a step's loss is its rows' mean: weighted by its rows, a short last batch counts as the rows it holds)."""
     sums: dict[str, torch.Tensor] = {}
-    seen = 0
+    seen = 0  # rows
     run.student.train(), run.heads.train()
     for batch in batches:
         parts = _step_losses(run, batch)
@@ -197,16 +212,20 @@ def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule
         run.scaler.update()
         schedule.step()
         state["step"] += 1
-        seen += 1
-        share = batch.get("share", 1.0)  # under torchrun, this rank's part of the step's rows
+        rows = len(batch["rows"]) if batch.get("share", 1.0) else 0  # under torchrun, an idle rank's one row counts for nothing
+        seen += rows
         for k, v in parts.items():  # summed on the device: no sync per step
-            sums[k] = sums[k].add_(v.detach(), alpha=share) if k in sums else v.detach() * share
+            sums[k] = sums[k].add_(v.detach(), alpha=rows) if k in sums else v.detach() * rows
         bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
         if state["step"] >= total_steps:
             break
     bar.close()
-    totals = distributed.sum_over_ranks(torch.stack(list(sums.values()))) if sums else []  # each step's loss over every rank's rows
-    means = {f"loss_{k}": float(v) / max(1, seen) for k, v in zip(sums, totals)}
+    if not sums:
+        return {"loss": 0.0}
+    # every rank's rows: the loss sums and the row count, in one all-reduce (float64: the count stays exact)
+    counted = [*(v.double() for v in sums.values()), torch.tensor(seen, dtype=torch.float64, device=run.device)]
+    totals = distributed.sum_over_ranks(torch.stack(counted)).tolist()
+    means = {f"loss_{k}": v / max(1.0, totals[-1]) for k, v in zip(sums, totals)}
     return {**means, "loss": sum(means.values())}
 
 
@@ -726,6 +745,9 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
                          f"({detail[:200]}); resume with the run's own pipeline (its pipeline.json) or pass --overwrite") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
+    # the next step's lr from this run's plan: the checkpoint's is the earlier plan's where train.epochs/steps changed
+    for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * factor(schedule.last_epoch)
     if "scaler" in ckpt:  # fp16: the loss scale the run had reached (train.precision cannot change on --resume)
         run.scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])

@@ -401,6 +401,9 @@ def test_resume_after_the_last_epoch_only_writes_the_weights(tiny_store, tmp_pat
     got = torch.load(out / "student.pt", weights_only=True)
     assert all(torch.equal(got[k], want[k]) for k in want) and (out / "heads.pt").exists()
     assert metrics(out) == lines
+    (out / "metrics.jsonl").unlink()  # deleted by hand: the weights are still written, and the epoch and step returned
+    result = train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert (result["epoch"], result["step"]) == (1, 14) and (out / "student.pt").exists()
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
@@ -511,13 +514,17 @@ def test_a_regression_teacher_is_distilled_with_the_squared_error(tmp_path):
     assert "kl_divergence: logits must have shape (B, C)" in result.output and "a regression output" in result.output, result.output
 
 
-def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys):
+def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys, monkeypatch):
     train_cut_after_first_epoch(pipeline("train.epochs=4"), tiny_store, tmp_path / "run")
     capsys.readouterr()
+    lrs, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
     train(pipeline("train.epochs=2"), tiny_store, tmp_path / "run", resume=True)
     out = capsys.readouterr().out
     assert "--resume: train.epochs was 4, now 2: the learning-rate schedule is planned again over the new length" in out, out
     assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0, 1]
+    # steps 7..13 of 14 follow the new plan from the first one (not the 28-step plan's lr at step 7)
+    assert lrs == pytest.approx([0.01 * 0.5 * (1 + np.cos(np.pi * s / 14)) for s in range(7, 14)], rel=1e-12)
 
 
 def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tiny_store, tmp_path):
@@ -684,6 +691,19 @@ def test_steps_overrides_epochs(tiny_store, tmp_path, steps, n, epochs):
     lines = metrics(tmp_path / "run")
     assert len(steps) == n and lines[-1]["step"] == n and len(lines) == epochs
     assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule spans the N steps
+
+
+@pytest.mark.parametrize("extra", [(), ("train.streams=2",), ("train.subset=20",)], ids=["uneven-last-batch", "streams", "subset"])
+def test_an_epoch_s_logged_losses_are_their_means_over_its_rows(tiny_store, tmp_path, steps, extra):
+    """A step's loss is the mean over its rows: the epoch's is the mean over every row it trained on, so a short last
+    batch (50 rows in batches of 8: six of 8, one of 2) counts for its 2 rows, not as much as a batch of 8."""
+    train(pipeline(*PLAIN, "train.epochs=2", *extra), tiny_store, tmp_path / "run")
+    assert len({len(s["rows"]) for s in steps}) > 1  # the premise: batches of different sizes
+    done = 0
+    for line in metrics(tmp_path / "run"):
+        epoch, done = steps[done : line["step"]], line["step"]
+        rows = [len(s["rows"]) for s in epoch]
+        assert line["loss"] == pytest.approx(sum(s["loss"] * n for s, n in zip(epoch, rows)) / sum(rows), rel=1e-5)
 
 
 def test_epochs_are_whole_when_streaming_batch_counts_vary(tiny_store, tmp_path, steps):
