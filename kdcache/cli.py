@@ -193,7 +193,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--workers", type=click.IntRange(min=1, max=MAX_PARALLEL), help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
-@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Extract on the dask cluster at this scheduler address.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Extract on the dask cluster at this scheduler address (with its own workers: not with --workers).")
 @storage_option
 @progress_option
 @_errors
