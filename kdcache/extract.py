@@ -273,7 +273,9 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     run = setup(pipeline)
     seconds = time.perf_counter() - start
     manifest = run.manifest(pipeline)
-    host, _ = to_host(run.probe["outputs"], run.targets, run.device)
+    host, copied = to_host(run.probe["outputs"], run.targets, run.device)
+    if copied is not None:  # CUDA: the copies into pinned memory are asynchronous
+        copied.synchronize()
     rows = len(host[next(iter(run.targets))])
     for path, t in run.targets.items():  # what the first batch of the run would stop on (float16 overflow, NaN)
         if not math.isfinite(host.pop(path + "#sum").item()) and not torch.isfinite(host[path]).all():

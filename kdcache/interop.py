@@ -67,7 +67,8 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     _local_out(out)
     out = Path(out)
     _check_out(out, overwrite)
-    if layout.location_kind(location) == "zip" and out.exists() and out.samefile(layout.local_path(location)):
+    source = Path(layout.local_path(location))
+    if layout.location_kind(location) == "zip" and out.exists() and source.exists() and out.samefile(source):
         raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
                          f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
     store = _complete(location, storage_options, "export")

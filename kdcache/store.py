@@ -361,6 +361,10 @@ class Store:
                 if _on_the_way(e):
                     raise self._unreachable(f"{DIGEST}/zarr.json", e) from None
                 raise
+        kept = (self.manifest.get("compression") or {}).get("shard_digests")
+        if not self._digested and kept:  # every kdcache that writes the key makes the array: deleted, no read would check rows' places
+            raise StoreError(f"{self.location!r} is damaged: {DIGEST} is missing although its manifest says the store keeps shard "
+                             f"digests (compression.shard_digests = {kept!r}): an incomplete copy; copy the whole store again, or re-extract it")
         return self._digested
 
     def digests(self) -> np.ndarray | None:
@@ -1414,7 +1418,9 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
             return UnreachableError(f"cannot reach {location!r} ({url}: {problem}): the server failed to answer; "
                                     "check that the server is up, then rerun")
         if problem is not None and problem.startswith(("HTTP 401", "HTTP 403")):  # the store may well be there
-            return StoreError(f"{location!r} refuses access ({url}: {problem}); pass the credentials the server expects, e.g. "
+            # a bucket served over HTTP(S) that may not be listed answers a missing key 403 too
+            maybe = ", or there is no store there (a bucket answers 403 for a missing key): check the URL, or" if "403" in problem[:8] else ";"
+            return StoreError(f"{location!r} refuses access ({url}: {problem}){maybe} pass the credentials the server expects, e.g. "
                               "--storage-option 'headers.Authorization=Bearer TOKEN' (storage_options={'headers': {...}} from Python)")
         if problem is not None and problem.startswith("HTTP "):
             if not chained and http.lower().endswith((".h5", ".hdf5")):

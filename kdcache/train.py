@@ -147,9 +147,9 @@ def _check_resumed_plan(checkpoint: dict[str, Any], order: dict[str, Any], total
     if int(checkpoint["step"]) > total_steps:
         done, epochs = int(checkpoint["step"]), int(checkpoint["epoch"])
         plan = f"train.steps = {t.steps}" if t.steps > 0 else f"train.epochs = {t.epochs} ({total_steps} steps)"
+        longer = f"train.steps >= {done}" if t.steps > 0 else f"train.epochs >= {epochs} (or train.steps >= {done})"
         raise PipelineError(f"--resume: this run has trained {done} steps in {epochs} epoch{'s' * (epochs != 1)}, more than {plan} "
-                            f"plans; resume with train.epochs >= {epochs} or train.steps >= {done} to go on (no more: only the "
-                            "weights are written), or start afresh with --overwrite")
+                            f"plans; resume with {longer} to go on (no more: only the weights are written), or start afresh with --overwrite")
 
 
 def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> int:
@@ -517,7 +517,8 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         except PipelineError as e:  # named as what asked for the split: pipelines copied from mnist.toml ask for "test"
             raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
         source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
-    _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}")
+    _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
+                      agreement=bool(t.eval_cache))
 
     evaluations = itertools.count()
 
@@ -547,11 +548,12 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     return evaluate
 
 
-def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str) -> None:
-    """Accuracy compares each sample's label with the student's top class: refuse a student whose output is not
-    (batch, classes), such as per-token logits, now rather than at the end of the first epoch."""
+def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, agreement: bool = False) -> None:
+    """Accuracy compares each sample's label with the student's top class, and agreement (``agreement``: an eval store)
+    the teacher's top class with it: refuse a student whose output is not (batch, classes), such as per-token logits or
+    a regression's one value per sample, now rather than at the end of the first epoch."""
     probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0]))
-    if probe["label"] is None:
+    if probe["label"] is None and not agreement:
         return
     run.student.eval()
     try:
@@ -560,7 +562,7 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str) -
     except (ModelError, TargetError):
         return  # the first training step says what is wrong with the model or its output, on a batch of its own
     if logits.ndim != 2:
-        raise PipelineError(f"{what}: eval_accuracy compares one label per sample with the student's top class, but the student's "
+        raise PipelineError(f"{what}: eval_accuracy and eval_agreement compare one class per sample with the student's top class, but the student's "
                             f"output has shape {list(logits.shape)} for one sample, not (batch, classes); set train.eval_split and "
                             "train.eval_cache to \"\" (no evaluation), or evaluate the student outside kdcache")
 

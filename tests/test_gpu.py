@@ -59,6 +59,14 @@ def test_cuda_extract_under_bf16_autocast_keeps_rows_aligned(tmp_path):
     check_extract_matches_cpu("cuda", tmp_path, 'extract.precision="bf16"', rtol=6e-2)
 
 
+def test_cuda_dry_run_sees_the_overflow_of_its_batch():
+    """The dry run reads its batch's targets once the device's asynchronous copies into pinned memory have landed: the
+    float16 overflow the run would stop on is named on a GPU as on the CPU (not read from memory not yet written)."""
+    with pytest.raises(kdcache.KdcacheError, match=r"target 'amp' \(rows 0\.\.31\) has values beyond the float16 range"):
+        kdcache.dry_run(make_pipeline('extract.device="cuda"', "teacher.factory=extract_zoo.py:overflow_layer", "targets.layers=['amp']",
+                                      "extract.batch_size=32"))
+
+
 def check_train_matches_cpu(device: str, tmp_path: Path, tiny_store: str, precision: str = "fp32", rtol: float = 5e-2) -> None:
     """``precision``: the device run's train.precision (the CPU run's is fp32)."""
     losses = {}

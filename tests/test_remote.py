@@ -418,6 +418,11 @@ def test_a_server_asking_for_credentials_is_named_and_headers_pass_them(faulty_h
         assert "--storage-option 'headers.Authorization=Bearer TOKEN'" in r.output and "no store" not in r.output, r.output
         r = CliRunner().invoke(main, ["verify", f"{base}/tiny.zarr", "--storage-option", "headers.Authorization=Bearer secret"])
         assert r.exit_code == 0 and "ok    checksums" in r.output, r.output
+        # a bucket served over HTTP(S) answers a missing key 403 where it may not be listed: both causes are named
+        (root / ".faults").write_text(json.dumps({"tiny.zarr": "403"}))
+        r = CliRunner().invoke(main, ["info", f"{base}/tiny.zarr"])
+        assert r.exit_code == 1 and "HTTP 403" in r.output and "or there is no store there" in r.output, r.output
+        assert "check the URL, or pass the credentials" in r.output, r.output
     finally:
         (root / ".faults").unlink()
 

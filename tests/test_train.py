@@ -512,6 +512,15 @@ def test_a_regression_teacher_is_distilled_with_the_squared_error(tmp_path):
                                            "--set", "train.eval_split=''", "--set", "train.loss.ce=0"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert "kl_divergence: logits must have shape (B, C)" in result.output and "a regression output" in result.output, result.output
+    # agreement with the teacher's top class needs classes too, labels or not: refused before training (it was a
+    # TypeError traceback after the first epoch)
+    unlabelled = ("teacher.factory='bad_input.py:regression_teacher'", "data.factory='numbered.py:tiny_unlabelled'", "targets.layers=[]")
+    extract_tiny(tmp_path / "train.zarr", *unlabelled)
+    evaluated = extract_tiny(tmp_path / "test.zarr", *unlabelled, "data.split='test'")
+    with pytest.raises(PipelineError, match=r"train.eval_cache = .*eval_accuracy and eval_agreement compare one class per sample .*"
+                                            r"has shape \[1\] for one sample, not \(batch, classes\)"):
+        train(pipeline(*unlabelled, "student.factory='bad_input.py:regression_student'", "train.loss={mse=1.0, kl=0.0}", *PLAIN,
+                       f"train.eval_cache='{evaluated}'"), str(tmp_path / "train.zarr"), tmp_path / "evaluated")
 
 
 def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys, monkeypatch):

@@ -18,7 +18,7 @@ from kdcache.cli import main
 from kdcache.errors import StoreMismatchError
 from kdcache.store import create_or_resume
 from kdcache.verify import verify
-from reference import crash_at
+from reference import crash_at, without_the_digest_key
 
 LOGITS_SHARD_1 = "targets/logits/c/1/0"
 FEATURES_SHARD_2 = "targets/layers/features.3/c/2/0/0/0"
@@ -256,13 +256,6 @@ def test_codec_none_shards_swapped_are_refused_by_the_combined_digest_check(tmp_
         kdcache.open_store(location).read("samples/index", 48, 50)
 
 
-def without_the_digest_key(store: Path) -> None:
-    """The manifest as kdcache 0.1.0 and 0.1.1 wrote it: no compression.shard_digests."""
-    meta = json.loads((store / "zarr.json").read_text())
-    del meta["attributes"]["kdcache"]["compression"]["shard_digests"]
-    (store / "zarr.json").write_text(json.dumps(meta))
-
-
 def test_a_store_written_before_digests_reads_verifies_and_resumes_without_them(tmp_path):
     """A store of kdcache 0.1.0 has no progress/digest (FORMAT.md §14: readers of it ignore the new array): read and
     verified unchecked, and resumed without one, so that its shards never have digests for some shards only."""
@@ -324,6 +317,23 @@ def test_a_done_shard_whose_digest_object_is_lost_is_damage_not_unchecked(copy, 
     assert len(lost) == 5 and all("shard 2 (rows 32-47)" in p for p in lost), problems(report, "values")
     r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and "Traceback" not in r.output and "has no digest in progress/digest" in r.output, r.output
+
+
+def test_a_store_whose_digest_array_is_gone_is_damage_not_a_store_from_before_digests(copy, tmp_path):
+    """progress/digest deleted whole from a store whose manifest says it keeps digests: verify named it a store written
+    before kdcache 0.1.1 and passed, pack and export copied it, training read it with the digest check off (and import
+    refused the export, whose fix, re-exporting, gave the same file). Now damage, named by each."""
+    import shutil
+
+    shutil.rmtree(copy / "progress" / "digest")
+    missing = "progress/digest is missing although its manifest says the store keeps shard digests (compression.shard_digests = 'crc32c')"
+    report = verify(str(copy))
+    assert not report["ok"] and any(missing in p for p in problems(report, "layout")), report
+    for args in (["train", str(TINY_TOML), "--cache", str(copy), "--out", str(tmp_path / "run")],
+                 ["pack", str(copy), str(tmp_path / "c.zarr.zip")], ["export", str(copy), str(tmp_path / "c.h5")]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and missing in r.stderr, (args[0], r.output)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c.zarr.zip").exists() and not (tmp_path / "c.h5").exists()
 
 
 @pytest.mark.parametrize("compression", [5, True, "zstd", None])
