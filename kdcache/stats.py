@@ -59,7 +59,7 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
     rows = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in done)
     labels = column(layout.LABEL) if store.has_labels else None
     logits_target = next((t for t in store.targets.values() if t.source == ""), None)
-    if logits_target is not None and rows:
+    if logits_target is not None and rows and logits_target.shape:  # a regression's one value per sample has no classes
         x = column(logits_target.path).astype(np.float64)
         shifted = x - x.max(axis=-1, keepdims=True)
         log_p = shifted - da.log(da.exp(shifted).sum(axis=-1, keepdims=True))
@@ -101,7 +101,7 @@ def stats_text(s: dict[str, Any]) -> str:
     lines = [
         f"store       {s['location']}  ({s['rows']:,} rows in {s['shards_done']}/{s['num_shards']} done shards)",
         f"teacher     top-1 accuracy {pct(s['teacher_accuracy'])} against stored labels",
-        f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits)" if s["mean_entropy"] is not None else "entropy     n/a (no logits)",
+        f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits)" if s["mean_entropy"] is not None else "entropy     n/a (no logits with a class axis)",
     ]
     if s["per_class"]:
         lines.append("per class   " + "  ".join(f"{c}: {pct(v['accuracy'])} (n={v['count']})" for c, v in list(s["per_class"].items())[:50]))

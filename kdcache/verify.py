@@ -262,7 +262,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
             "rows": int(len(rows)),
             "max_abs_error": float(err.max()) if err.size else 0.0,
             "max_rel_error": float((err / np.maximum(np.abs(fresh), scale or 1.0)).max()) if err.size else 0.0,
-            "kl": _kl(stored, fresh) if t.source == "" and err.size else None,
+            "kl": _kl(stored, fresh) if t.source == "" and t.shape and err.size else None,  # no class axis: no softmax
             "rtol": rtol,
             "ok": not bad.any(),
         }

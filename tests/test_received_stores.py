@@ -384,8 +384,6 @@ def test_a_chunk_grid_larger_than_memory_is_named_not_a_traceback(tiny_store, tm
     chunk that declares their 8 TiB: the whole-shard reader's buffer for the chunk raised MemoryError out of Store.read, a
     traceback in train; then zarr named the shard after trying to allocate it. Such a shard is beyond the format's 4 GiB:
     the store is refused as it is opened, before any buffer is made."""
-    import json
-
     from google_crc32c import value as crc32c
     from test_bad_input_store import geometry
 

@@ -73,3 +73,15 @@ def test_stats_read_whole_shards_checked_against_their_digests(tiny_store, tmp_p
 
     assert re.search(r"shard (0 of targets/logits \(rows 0-15\)|1 of targets/logits \(rows 16-31\)) holds other rows than its "
                      r"writer wrote there", r.output), r.output  # whichever of the two dask read first
+
+
+def test_a_regression_teacher_has_no_entropy_or_accuracy(tmp_path):
+    """Logits of one value per sample (a regression head) have no classes: no softmax across the rows for an entropy
+    (it gave ln(N)-ish numbers), no top-1 accuracy; the layers' figures as ever."""
+    from conftest import extract_tiny
+
+    store = extract_tiny(tmp_path / "regression.zarr", "teacher.factory='bad_input.py:regression_teacher'", "targets.layers=['base.features.3']")
+    s = stats(store)
+    assert s["mean_entropy"] is None and s["teacher_accuracy"] is None and s["rows"] == 50 and "base.features.3" in s["layers"]
+    r = CliRunner().invoke(main, ["stats", store])
+    assert r.exit_code == 0 and "entropy     n/a (no logits with a class axis)" in r.output, r.output

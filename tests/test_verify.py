@@ -48,6 +48,17 @@ def test_sound_store_passes_with_teacher_check(tiny_store):
     assert t["targets"]["features.3"]["kl"] is None and t["targets"]["features.3"]["ok"]
 
 
+def test_the_teacher_check_of_a_regression_teacher_has_no_kl(tmp_path):
+    """Logits of one value per sample have no class axis to take a softmax over: no kl (it was taken across the rows)."""
+    regression = ("--set", "teacher.factory='bad_input.py:regression_teacher'", "--set", "targets.layers=[]")
+    r = CliRunner().invoke(main, ["extract", str(TINY_TOML), "--out", str(tmp_path / "r.zarr"), *regression])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "r.zarr"), "--teacher-check", "8", "--pipeline", str(TINY_TOML), *regression, "--json"])
+    assert r.exit_code == 0, r.output
+    logits = json.loads(r.output)["teacher_check"]["targets"]["logits"]
+    assert logits["kl"] is None and logits["ok"] and logits["max_abs_error"] < 1e-2
+
+
 def test_flipped_byte_is_named(copy):
     p = copy / LOGITS_SHARD_1
     data = bytearray(p.read_bytes())
