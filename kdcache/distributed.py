@@ -66,6 +66,8 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
         manifest = run.manifest(pipeline)
         del run
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
+            torch.cuda.empty_cache()
         with layout.writer_lock(out):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
             pending = store.pending_shards()
@@ -402,6 +404,8 @@ def join_training(streams: int, device: torch.device) -> int:
     if world == 1:
         return streams
     if not dist.is_initialized():
+        if device.type == "cuda":  # NCCL's object collectives use the current device: every rank's would be cuda:0
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         atexit.register(dist.destroy_process_group)
     return world

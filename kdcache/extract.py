@@ -326,9 +326,9 @@ def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target],
             else:
                 host[key] = value
     event = None
-    if cuda:
+    if cuda:  # on the stream the copies were queued on: the device's own (cuda:N is not the current device unless set)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(device))
     return host, event
 
 

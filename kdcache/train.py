@@ -115,8 +115,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                         _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None, order)
                         replacing = False
             if rank == 0:
-                _save(run.student.state_dict(), out / "student.pt")
-                _save(run.heads.state_dict(), out / "heads.pt")
+                _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
+                _save(_on_cpu(run.heads.state_dict()), out / "heads.pt")
         distributed.barrier()  # torchrun: every rank returns after rank 0 has written
         lines = _read_metrics(out)  # none: a resumed run with no step left, whose metrics.jsonl was deleted, still writes its weights
         last = lines[-1] if lines else {"epoch": state["epoch"] - 1, "step": state["step"]}
@@ -814,6 +814,10 @@ class _Recorded:
 
     def flush(self) -> None:
         self.file.flush()
+
+
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _save(obj: Any, path: Path) -> None:

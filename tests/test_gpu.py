@@ -54,6 +54,13 @@ def test_cuda_extract_equals_the_cpu_extract(tmp_path, overrides):
     check_extract_matches_cpu("cuda", tmp_path, *overrides)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_an_extract_on_a_second_gpu_equals_the_cpu_extract(tmp_path):
+    """cuda:1 is not the current device: the event the writer waits on must be recorded on that device's stream, where
+    the copies into pinned memory were queued, or it reads them before they land (an earlier batch's values)."""
+    check_extract_matches_cpu("cuda:1", tmp_path, "extract.batch_size=3", "extract.rows_per_shard=8")
+
+
 def test_cuda_extract_under_bf16_autocast_keeps_rows_aligned(tmp_path):
     """bf16 changes the values (checked loosely: 3 significant bits of difference allowed), never the rows."""
     check_extract_matches_cpu("cuda", tmp_path, 'extract.precision="bf16"', rtol=6e-2)
