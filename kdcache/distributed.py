@@ -445,4 +445,8 @@ def training_device(name: str) -> str:
     _, world, local = ranks()
     if world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{local % torch.cuda.device_count()}"
+    together = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world > 1 and together > 1 and name.startswith("cuda:"):  # NCCL takes one rank per GPU ("Duplicate GPU detected")
+        raise PipelineError(f"train.device = {name!r} under torchrun puts all {together} ranks of this machine on one GPU; use "
+                            "\"cuda\" or \"auto\" (rank LOCAL_RANK trains on GPU LOCAL_RANK), or CUDA_VISIBLE_DEVICES to choose the GPUs")
     return name

@@ -380,6 +380,28 @@ device = "cpu"
     assert "Connection closed by peer" not in output and "RuntimeError" not in output, output[-3000:]
 
 
+@pytest.mark.parametrize("env, device, refused", [
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:0", True),  # two ranks, one GPU: NCCL refuses it
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "cuda:1", False),  # a rank per machine picks its GPU
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cpu", False),
+    ({}, "cuda:3", False),  # one process
+])
+def test_an_explicit_gpu_for_every_rank_of_a_machine_is_refused(monkeypatch, env, device, refused):
+    from kdcache.distributed import training_device
+    from kdcache.errors import PipelineError
+
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if refused:
+        with pytest.raises(PipelineError, match=r"train.device = 'cuda:0' under torchrun puts all 2 ranks of this machine on one GPU; "
+                                                 r"use \"cuda\" or \"auto\""):
+            training_device(device)
+    else:
+        assert training_device(device) == device
+
+
 def test_streams_split_the_plan_disjointly_and_join_back(tiny_store):
     from kdcache.cache import TransferSet
     from tiny import dataset
