@@ -277,9 +277,8 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     if copied is not None:  # CUDA: the copies into pinned memory are asynchronous
         copied.synchronize()
     rows = len(host[next(iter(run.targets))])
-    for path, t in run.targets.items():  # what the first batch of the run would stop on (float16 overflow, NaN)
-        if not math.isfinite(host.pop(path + "#sum").item()) and not torch.isfinite(host[path]).all():
-            raise _nonfinite(t, bool(host[path].isnan().any()), 0, rows - 1)
+    _check_finite(host, run.targets, 0, rows - 1)  # what the first batch of the run would stop on (float16 overflow, NaN)
+    host = {p: h for p, h in host.items() if p in run.targets}  # the values, not their sums
     raw = sum(h.numpy().nbytes for h in host.values())
     packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
     per_sample = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
@@ -350,6 +349,7 @@ class ShardWriter:
 
     def __init__(self, store: layout.Store, depth: int, bar: Progress, background: bool = True):
         self.store, self.bar = store, bar
+        self.targets = {t.path: t for t in store.targets.values()}
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self.error: BaseException | None = None
         self.shards: dict[int, list[tuple[int, dict[str, np.ndarray]]]] = {}  # shard -> its batches so far
@@ -395,10 +395,9 @@ class ShardWriter:
         shard = int(rows[0]) // self.store.rows_per_shard
         start, stop = self.store.shard_rows(shard)
         columns = {layout.INDEX: rows, layout.FINGERPRINT: batch["fingerprint"], layout.LABEL: batch["label"]}
+        _check_finite(host, self.targets, int(rows[0]), int(rows[-1]))
         piece: dict[str, np.ndarray] = {}  # this batch's rows of every array: kept, not copied, until the shard is written
         for path in self.store.paths():
-            if path not in columns and not math.isfinite(host[path + "#sum"].item()):
-                self._check_finite(path, host[path], rows)
             piece[path] = columns[path] if path in columns else host[path].numpy()
         self.shards.setdefault(shard, []).append((int(rows[0]) - start, piece))
         self.filled[shard] = self.filled.get(shard, 0) + len(rows)
@@ -410,12 +409,6 @@ class ShardWriter:
                 raise self.error
             self.writing.append(self.pool.submit(self.store.write_shard, shard, arrays))
         self.bar.update(len(rows), sum(piece[p].nbytes for p in piece if p not in columns))
-
-    def _check_finite(self, path: str, values: torch.Tensor, rows: np.ndarray) -> None:
-        """The batch's sum was not finite: a non-finite value, or only a float32 overflow of the sum."""
-        if not torch.isfinite(values).all():
-            target = self.store.targets[layout.layer_name(path) if path.startswith(layout.LAYERS) else teachers.LOGITS]
-            raise _nonfinite(target, bool(values.isnan().any()), int(rows[0]), int(rows[-1]))
 
     def _reap(self, keep: int) -> None:
         """Wait until at most ``keep`` shard writes are in flight; a failed write becomes ``self.error``."""
@@ -439,6 +432,15 @@ def _joined(pieces: list[tuple[int, dict[str, np.ndarray]]], rows: int) -> dict[
     if at != rows:
         raise RuntimeError(f"internal error: a shard's batches cover {at} of its {rows} rows")
     return {path: [piece[path] for _, piece in pieces] for path in pieces[0][1]}
+
+
+def _check_finite(host: dict[str, torch.Tensor], targets: dict[str, layout.Target], first: int, last: int) -> None:
+    """Refuse a batch (dataset rows ``first..last``) whose targets hold NaN or inf, float16 overflow included: a target's
+    values are looked at only where their float32 sum (``to_host``'s ``path#sum``) is not finite, which a non-finite
+    value makes it, and an overflow of the sum alone too."""
+    for path, target in targets.items():
+        if not math.isfinite(host[path + "#sum"].item()) and not torch.isfinite(host[path]).all():
+            raise _nonfinite(target, bool(host[path].isnan().any()), first, last)
 
 
 def _nonfinite(target: layout.Target, nan: bool, first: int, last: int) -> TargetError:
