@@ -76,6 +76,7 @@ class TransferSet(IterableDataset):
         self.rows = np.asarray(rows if rows is not None else done_rows(store), dtype=np.int64)
         self.groups = ShardGroups.of(self.rows, self.rows_per_shard)
         self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent DataLoader workers see set_epoch
+        self._skip = multiprocessing.RawValue("q", 0)  # and its batches to leave out
         self.first_epoch: int | None = None  # the first epoch set: its rows are checked at fingerprint_check
         # decoded bytes of one row of the arrays read: what decides RAM or streaming, and what streaming's buffers hold (footprint)
         self.row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
@@ -91,10 +92,14 @@ class TransferSet(IterableDataset):
     def epoch(self) -> int:
         return self._epoch.value
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch the next iterator serves. ``skip``: its first batches (steps, with streams) not to serve, as they
+        were already trained on (a run resumed mid-epoch): the rest are the uninterrupted epoch's, and buffers
+        holding only skipped batches are not read."""
         if self.first_epoch is None:
             self.first_epoch = epoch
         self._epoch.value = epoch
+        self._skip.value = skip
 
     def check_fraction(self) -> float:
         """The fraction of rows whose fingerprint this epoch checks: every epoch is a first one until
@@ -168,10 +173,14 @@ class TransferSet(IterableDataset):
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Batches (streams: steps) the epoch serves: counted from the buffer sizes, nothing drawn or listed."""
-        counts = [size // self.batch_size if self.drop_last else -(-size // self.batch_size) for size in self.buffer_sizes(epoch)]
+        counts = self._batch_counts(epoch)
         if self.streams > 1:  # buffer i goes to stream i % streams; a step is batch j of every stream
             return max(sum(counts[s :: self.streams]) for s in range(self.streams))
         return sum(counts)
+
+    def _batch_counts(self, epoch: int) -> list[int]:
+        """The batches each buffer of the epoch's plan makes."""
+        return [size // self.batch_size if self.drop_last else -(-size // self.batch_size) for size in self.buffer_sizes(epoch)]
 
     def __len__(self) -> int:
         return self.batches_per_epoch(self.epoch)
@@ -184,12 +193,31 @@ class TransferSet(IterableDataset):
         # one's last is saved) must not change this one's batches.
         worker = get_worker_info()
         k, me = (worker.num_workers, worker.id) if worker else (1, 0)
-        epoch = self.epoch
+        epoch, skip = self.epoch, self._skip.value
         check = Check(self.check_fraction(), np.random.default_rng([self.seed, epoch, 1, me]))
         if self.streams > 1:
-            return data.Prefetch(self._stream_steps(epoch, k, me, check), depth=PREFETCH)
-        reads = self._read_ahead(rows for i, rows in enumerate(self.plan(epoch)) if i % k == me)
-        return data.Prefetch(self._batches(reads, check), depth=PREFETCH)
+            return data.Prefetch(self._stream_steps(epoch, k, me, check, skip), depth=PREFETCH)
+        return data.Prefetch(self._batches(self._read_ahead(self._buffers_of(epoch, k, me, skip)), check), depth=PREFETCH)
+
+    def _buffers_of(self, epoch: int, k: int, me: int, skip: int) -> Iterator[np.ndarray]:
+        """Reader ``me`` of ``k``'s buffers: every k-th of the plan. With ``skip``, the rest of an epoch whose first
+        ``skip`` batches were served: a DataLoader serves its workers' batches in turn (``taken_in_turn``), and a new
+        iterator's turns start at worker 0, so worker ``me`` now plays the reader whose turn came ``me`` after the
+        last batch served, less that reader's batches served. A buffer wholly served is not read; one partly served
+        is cut after them (its batches are consecutive slices of its rows)."""
+        counts, left = self._batch_counts(epoch) if skip else [], 0
+        if skip:
+            taken, following = taken_in_turn([sum(counts[w::k]) for w in range(k)], skip)
+            me = (following + me) % k
+            left = taken[me]
+        for i, rows in enumerate(self.plan(epoch)):
+            if i % k != me:
+                continue
+            if left and left >= counts[i]:
+                left -= counts[i]
+                continue
+            yield rows[left * self.batch_size :]
+            left = 0
 
     def _batches(self, buffers: Iterator[tuple[np.ndarray, dict[str, np.ndarray]]], check: Check) -> Iterator[dict[str, Any]]:
         for rows, columns in buffers:
@@ -230,17 +258,17 @@ class TransferSet(IterableDataset):
                 out[i % self.streams].append((i, lo, min(lo + self.batch_size, size)))
         return out
 
-    def _stream_steps(self, epoch: int, k: int, me: int, check: Check) -> Iterator[dict[str, Any]]:
+    def _stream_steps(self, epoch: int, k: int, me: int, check: Check, skip: int = 0) -> Iterator[dict[str, Any]]:
         """``streams > 1``: step j is batch j of every stream. ``stream=None`` (one process) joins them into one
         batch; ``stream=r`` (torchrun rank r) serves only its own, reading only its own buffers, with
         ``scale = streams * rows / rows of the whole step``: the mean of the ranks' gradients of their scaled
         losses is then the gradient of the joined batch's loss, and ``share = rows / rows of the whole step``
         weighs its loss in the step's logged mean. A stream that has run out serves one row (the plan's first)
         with scale and share 0 (every rank takes part in every step). DataLoader worker ``me`` of ``k`` takes
-        steps me, me+k, ..."""
+        steps skip+me, skip+me+k, ... (buffers used only by the first ``skip`` steps are not read)."""
         streams = self._streams(self.buffer_sizes(epoch))
         mine = range(self.streams) if self.stream is None else [self.stream]
-        steps = range(me, max(len(s) for s in streams), k)
+        steps = range(skip + me, max(len(s) for s in streams), k)
         needed = list(dict.fromkeys(streams[s][j][0] for j in steps for s in mine if j < len(streams[s])))  # buffers, as first used
         plan = enumerate(self.plan(epoch))
         made: dict[int, np.ndarray] = {}  # buffers of the plan made before their turn
@@ -388,6 +416,22 @@ REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or
 # student, its optimizer, the dataset, the batches made ahead, other processes and the page cache need the rest. Half
 # keeps a run that passes clear of the OOM killer, which gives no message.
 MEMORY_SHARE = 0.5
+
+
+def taken_in_turn(totals: list[int], n: int) -> tuple[list[int], int]:
+    """Readers of ``totals[w]`` batches each, served in turn (0, 1, ..., k-1, 0, ...; one that has run out is passed
+    over, as a DataLoader passes over a worker whose iterator ended): how many of each are among the first ``n``,
+    and whose turn comes next (passed over too if it has run out)."""
+    lo, hi = 0, max(totals, default=0)  # the most whole rounds r with sum(min(t, r)) <= n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if sum(min(t, mid) for t in totals) <= n else (lo, mid - 1)
+    taken, following = [min(t, lo) for t in totals], 0
+    rest = n - sum(taken)
+    for w, t in enumerate(totals):  # the next round's first readers
+        if rest > 0 and t > lo:
+            taken[w], rest, following = taken[w] + 1, rest - 1, (w + 1) % len(totals)
+    return taken, following
 
 
 def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:

@@ -576,3 +576,57 @@ def test_in_memory_the_batch_order_does_not_depend_on_the_dataloader_workers(num
         orders = {k: [b["rows"].tolist() for b in serve(ts, epoch, k)] for k in (0, 1, 2)}
         assert orders[0] == orders[1] == orders[2]
         assert sorted(r for batch in orders[0] for r in batch) == list(range(N)) and len(orders[0]) == ts.batches_per_epoch(epoch) == 34
+
+
+def serve_from(ts: TransferSet, epoch: int, skip: int, workers: int = 0) -> list[list[int]]:
+    ts.set_epoch(epoch, skip)
+    batches = DataLoader(ts, batch_size=None, num_workers=workers) if workers else ts
+    return [b["rows"].tolist() for b in batches]
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream", "stream-drop-last", "stream-joined"])
+def test_an_epoch_resumed_after_its_first_batches_serves_exactly_the_rest(numbered_store, mode):
+    """set_epoch(e, skip): a run resumed mid-epoch must train on the batches the uninterrupted epoch had left, in their
+    order, for any DataLoader worker count (workers take turns, so the batches already served are not the plan's
+    first ones of each worker) and any skip: inside a buffer, at its end, the whole epoch."""
+    kw = dict(seed=11, rows=SUBSET if mode == "stream" else None, batch_size=5, memory_budget_mb=2048.0 if mode == "memory" else 0.0,
+              buffer_shards=2 if mode == "stream" else 1, drop_last=mode == "stream-drop-last", streams=2 if mode == "stream-joined" else 1)
+    for workers in (0, 1, 3):
+        ts = transfer(numbered_store, **kw)
+        whole = serve_from(ts, 2, 0, workers)
+        assert len(whole) == ts.batches_per_epoch(2) > 6
+        for skip in sorted({1, 2, 3, len(whole) // 2, len(whole) - 1, len(whole), len(whole) + 4}):
+            assert serve_from(ts, 2, skip, workers) == whole[skip:], (workers, skip)
+        assert serve_from(ts, 3, 0, workers) != whole, "set_epoch without skip serves a whole epoch again"
+
+
+def test_taken_in_turn_is_a_dataloaders_round_robin():
+    from kdcache.cache import taken_in_turn
+
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        totals = rng.integers(0, 6, size=int(rng.integers(1, 5))).tolist()
+        turns = [w for r in range(max(totals, default=0)) for w in range(len(totals)) if r < totals[w]]
+        for n in range(len(turns) + 2):
+            taken, following = taken_in_turn(totals, n)
+            assert taken == [turns[:n].count(w) for w in range(len(totals))], (totals, n)
+            # the turns go on from the reader after the last one served: the rest of the epoch from there, passing
+            # over those that have run out, is what is left of it
+            k = len(totals)
+            rest = [w for r in range(max(totals, default=0) + 1) for w in [(following + i) % k for i in range(k)] if taken[w] + r < totals[w]]
+            assert rest == turns[n:], (totals, n)
+
+
+def test_a_resumed_epoch_does_not_read_the_buffers_it_skips(numbered_store, monkeypatch):
+    calls: list[int] = []
+    read = layout.Store.read
+    monkeypatch.setattr(layout.Store, "read", lambda self, path, start, stop: (calls.append(start // ROWS_PER_SHARD), read(self, path, start, stop))[1])
+    ts = transfer(numbered_store, seed=3, memory_budget_mb=0.0, buffer_shards=1, batch_size=4)  # a buffer: one shard
+    plan = [np.unique(rows // ROWS_PER_SHARD).tolist() for rows in ts.plan(0)]
+    ends = np.cumsum(ts._batch_counts(0))  # 4 batches a shard, 1 for the last (rows 96-99)
+    for skip in (ends[0], ends[1] + 1, ends[2], ends[2] + 3):
+        unread = int(np.searchsorted(ends, skip, side="right"))  # buffers wholly served
+        calls.clear()
+        served = serve_from(ts, 0, int(skip))
+        assert sorted(set(calls)) == sorted(s for shards in plan[unread:] for s in shards), skip
+        assert len(served) == ts.batches_per_epoch(0) - skip
