@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, TrainingStopped
 from kdcache.threads import MAX_PARALLEL
 
 
@@ -33,6 +34,10 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank gets the terminal's Ctrl-C; rank 0 says it
                 sys.exit(130)
             raise _Interrupted(f"interrupted; {_after_interrupt(fn.__name__, kwargs, started)}") from None
+        except TrainingStopped as e:  # SIGTERM: a checkpoint was saved; exit 143, as a process ended by SIGTERM says
+            if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank stopped at the same step; rank 0 says it
+                sys.exit(_Stopped.exit_code)
+            raise _Stopped(str(e)) from None
         except KdcacheError as e:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each
             # ("Task was destroyed but it is pending!") after the one Error line.
@@ -62,20 +67,24 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         return f"the shards written so far are kept: {again} to resume"
     if command == "train":
         checkpoint = Path(options["out"]) / "checkpoint.pt"
-        if checkpoint.exists() and checkpoint.stat().st_mtime >= started:  # this run saved an epoch
+        if checkpoint.exists() and checkpoint.stat().st_mtime >= started:  # this run saved a checkpoint
             again = ("run the same command again" if options.get("resume") else
                      "run it again with --resume instead of --overwrite" if options.get("overwrite") else "run it again with --resume")
-            return f"its last saved epoch is kept: {again} to continue"
+            return f"its last checkpoint is kept: {again} to continue"
         if options.get("resume"):
-            return "no new epoch was saved: run the same command again to continue from the last saved one"
+            return "no new checkpoint was saved: run the same command again to continue from the last one"
         if options.get("overwrite"):
-            return "no epoch was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
-        return "no epoch was saved: run the same command again"
+            return "no checkpoint was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
+        return "no checkpoint was saved: run the same command again"
     return {"demo": "run kdcache demo again", "pack": "no file was written", "export": "no file was written"}.get(command, "nothing was changed")
 
 
 class _Interrupted(click.ClickException):
     exit_code = 130
+
+
+class _Stopped(click.ClickException):
+    exit_code = 128 + signal.SIGTERM
 
 
 def _message(e: KdcacheError) -> str:

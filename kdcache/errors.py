@@ -58,6 +58,10 @@ class TrainingError(KdcacheError, RuntimeError):
     """Training cannot go on: its loss became NaN or inf."""
 
 
+class TrainingStopped(KdcacheError, RuntimeError):
+    """Training was asked to stop (SIGTERM: a scheduler's preemption or time limit) and saved a checkpoint to resume from."""
+
+
 class DataError(KdcacheError, RuntimeError):
     """The dataset raised reading an item (a missing file, a network read): possibly transient, so dask retries it."""
 

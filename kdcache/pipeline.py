@@ -93,6 +93,7 @@ class TrainSection:
     fingerprint_check: float = 1.0  # fraction of rows checked in a run's first epoch
     fingerprint_recheck: float = 0.05  # fraction of rows re-checked in each later epoch
     eval_every: int = 1  # evaluate every N epochs (0: only after the last); the last epoch always is
+    checkpoint_every: int = 0  # > 0: also save a checkpoint every N steps inside an epoch (resumed from there)
     threads: int = 0  # > 0: torch intra-op threads for the run (0: torch's default)
     # > 1: each step joins one batch from each of this many disjoint parts of the epoch's plan; torchrun
     # with K ranks uses K (one part per rank), and streams = K in one process reproduces it (docs/CLUSTER.md)

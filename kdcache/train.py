@@ -3,7 +3,8 @@
 Inputs come from the pipeline's dataset, targets from the store, joined row by row with the
 input fingerprint checked (``kdcache.cache``). Output folder: ``student.pt`` (state dict),
 ``heads.pt`` (projection heads), ``metrics.jsonl`` (one line per epoch), ``pipeline.json`` and
-``checkpoint.pt`` (written atomically each epoch; ``resume=True`` continues from it).
+``checkpoint.pt`` (written atomically each epoch, every ``train.checkpoint_every`` steps, and on SIGTERM;
+``resume=True`` continues from it, mid-epoch too).
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ import math
 import operator
 import os
 import re
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
-from kdcache.errors import ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, raised, write_fix
+from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
+                            raised, write_fix)
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -42,6 +46,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
 
     Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``. Seeds torch's global RNG with
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
+    Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
     """
     t, out, cache_location = pipeline.train, Path(out), str(cache_location)
     check_values(pipeline)
@@ -79,16 +84,20 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         params = list(run.student.parameters()) + list(run.heads.parameters())
         optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
-        state = {"epoch": 0, "step": 0}
+        state = {"epoch": 0, "step": 0, "batch": 0}  # the next step's epoch, and the epoch's batches trained
+        partial = None  # resumed inside an epoch: its loss sums so far
         with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
             if checkpoint is not None:
-                state = _restore(checkpoint, out, run, optimizer, schedule)
+                state, partial = _restore(checkpoint, out, run, optimizer, schedule)
                 if rank == 0:
-                    print(f"resuming {str(out)!r} after epoch {state['epoch'] - 1} (step {state['step']} of {total_steps})")
+                    print(f"resuming {str(out)!r} {_position(state)} (step {state['step']} of {total_steps})")
                 _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
             evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
-            # an earlier run's files (--overwrite) stay until this run's first epoch is saved
+            # an earlier run's files (--overwrite) stay until this run's first checkpoint is saved
             replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
+            loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
+                         functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order),
+                         pipeline if replacing else None, _position(state) if checkpoint is not None else "")
             start = time.perf_counter()
             # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
             # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
@@ -96,24 +105,26 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             loader: Any = transfer
             if t.num_workers > 0 or device.type != "cpu":
                 loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                                    persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed))
-            with data.torch_threads(t.threads), _skipped_steps_allowed():
-                batches = _start_epoch(transfer, loader, state["epoch"]) if state["step"] < total_steps else iter(())
+                                    persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed),
+                                    worker_init_fn=_leave_sigterm_to_the_trainer)
+            with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
+                batches = _start_epoch(transfer, loader, state) if state["step"] < total_steps else iter(())
                 while state["step"] < total_steps:
-                    steps = min(_check_batches(transfer, state["epoch"], t.batch_size), total_steps - state["step"])
+                    count = _check_batches(transfer, state["epoch"], t.batch_size)
+                    steps = min(count - state["batch"], total_steps - state["step"])
                     bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
-                    means = _epoch(run, batches, optimizer, schedule, state, total_steps, bar)
-                    _check_finite(means, state, out)
+                    means, partial = _epoch(run, loop, batches, state, count, bar, partial), None
+                    _check_finite(means, state, out, loop.saved)
                     due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
                     metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
                                **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
-                    state["epoch"] += 1
+                    state.update(epoch=state["epoch"] + 1, batch=0)
                     rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
                     if state["step"] < total_steps:  # streaming, its first buffer is read while this epoch is saved
-                        batches = _start_epoch(transfer, loader, state["epoch"])
-                    if rank == 0:
-                        _save_epoch(out, run, optimizer, schedule, state, metrics, rng, shards, store, pipeline if replacing else None, order)
-                        replacing = False
+                        batches = _start_epoch(transfer, loader, state)
+                    loop.save(state, rng, metrics)
+                    if loop.stopping(state["step"] < total_steps):
+                        raise loop.stopped(state)
             if rank == 0:
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
                 _save(_on_cpu(run.heads.state_dict()), out / "heads.pt")
@@ -177,56 +188,169 @@ def _says(order: dict[str, Any]) -> str:
     return "streamed" + ("" if order["workers"] == "any" else f" by {order['workers']} DataLoader reader(s)")
 
 
-def _check_finite(means: dict[str, float], state: dict[str, int], out: Path) -> None:
-    """Stop a run whose loss became NaN or inf, before its checkpoint is overwritten (one check per epoch: no sync per step)."""
+def _check_finite(means: dict[str, float], state: dict[str, int], out: Path, saved: str) -> None:
+    """Stop a run whose loss became NaN or inf, before its checkpoint is overwritten (checked where one is saved:
+    no sync per step). ``saved``: where the last checkpoint was saved ("" for none)."""
     bad = {k: v for k, v in means.items() if not math.isfinite(v)}
     if bad:
-        kept = f"{str(out / CHECKPOINT)!r} keeps epoch {state['epoch'] - 1}" if state["epoch"] else "no checkpoint was written"
+        kept = f"{str(out / CHECKPOINT)!r} keeps the run {saved}" if saved else "no checkpoint was written"
         raise TrainingError(f"training diverged in epoch {state['epoch']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; "
                             f"lower train.lr, train.weight_decay or the loss weights (train.loss, train.features) and rerun ({kept})")
 
 
-def _start_epoch(transfer: cache.TransferSet, loader: Any, epoch: int) -> Iterator[dict[str, Any]]:
-    """Set the epoch and start its iterator (streaming, a TransferSet starts reading its first buffer at once)."""
-    transfer.set_epoch(epoch)
+def _start_epoch(transfer: cache.TransferSet, loader: Any, state: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Set the epoch, less the batches already trained of it, and start its iterator (streaming, a TransferSet
+    starts reading its first buffer at once)."""
+    transfer.set_epoch(state["epoch"], skip=state["batch"])
     return iter(loader)
 
 
-def _epoch(run: Run, batches: Iterator[dict[str, Any]], optimizer: Any, schedule: Any, state: dict[str, int], total_steps: int,
-           bar: Progress) -> dict[str, float]:
-    """One pass over an epoch's batches (or up to ``total_steps``); returns the mean of each loss term over the rows
-    trained on (a step's loss is its rows' mean: weighted by its rows, a short last batch counts as the rows it holds)."""
-    sums: dict[str, torch.Tensor] = {}
-    seen = 0  # rows
+def _position(state: dict[str, int]) -> str:
+    """Where a run saved at ``state`` is: "after epoch 2", or "in epoch 3 after batch 40"."""
+    return f"in epoch {state['epoch']} after batch {state['batch']}" if state["batch"] else f"after epoch {state['epoch'] - 1}"
+
+
+def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict[str, int], count: int, bar: Progress,
+           partial: dict[str, Any] | None = None) -> dict[str, float]:
+    """The epoch's batches from ``state["batch"]`` on (of ``count``; or up to the plan's last step); returns the mean of
+    each loss term over the rows trained on (a step's loss is its rows' mean: weighted by its rows, a short last batch
+    counts as the rows it holds). ``partial``: the sums of a resumed epoch's batches before. Inside the epoch a
+    checkpoint is saved every ``train.checkpoint_every`` steps and when a stop is asked for (``_Loop.midway``)."""
+    sums, seen = _sums(run, partial)
     run.student.train(), run.heads.train()
     for batch in batches:
         parts = _step_losses(run, batch)
         loss = functools.reduce(operator.add, parts.values())  # not sum(): its start, 0, would add an op per step
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
             loss = loss * batch["scale"]
-        optimizer.zero_grad(set_to_none=True)
+        loop.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
-            distributed.average_gradients([p for g in optimizer.param_groups for p in g["params"]], run.world)
-        run.scaler.step(optimizer)
+            distributed.average_gradients([p for g in loop.optimizer.param_groups for p in g["params"]], run.world)
+        run.scaler.step(loop.optimizer)
         run.scaler.update()
-        schedule.step()
-        state["step"] += 1
+        loop.schedule.step()
+        state.update(step=state["step"] + 1, batch=state["batch"] + 1)
         rows = len(batch["rows"]) if batch.get("share", 1.0) else 0  # under torchrun, an idle rank's one row counts for nothing
         seen += rows
         for k, v in parts.items():  # summed on the device: no sync per step
             sums[k] = sums[k].add_(v.detach(), alpha=rows) if k in sums else v.detach() * rows
         bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
-        if state["step"] >= total_steps:
+        if state["step"] >= loop.total_steps:
             break
+        if state["batch"] < count and loop.midway_due(state, run.world):
+            sums, seen = loop.midway(run, state, sums, seen, bar)
     bar.close()
     if not sums:
         return {"loss": 0.0}
-    # every rank's rows: the loss sums and the row count, in one all-reduce (float64: the count stays exact)
-    counted = [*(v.double() for v in sums.values()), torch.tensor(seen, dtype=torch.float64, device=run.device)]
+    totals = _summed(run, sums, seen, loop.stop)
+    return _means(sums, totals)
+
+
+def _sums(run: Run, partial: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], int]:
+    """The loss sums and rows an epoch starts from: none, or a resumed one's so far (rank 0's: the checkpoint holds every
+    rank's, summed; the others go on from zero)."""
+    if partial is None:
+        return {}, 0
+    mine = distributed.ranks()[0] == 0
+    sums = {k: torch.tensor(v if mine else 0.0, dtype=torch.float32, device=run.device) for k, v in partial["sums"].items()}
+    return sums, int(partial["rows"]) if mine else 0
+
+
+def _summed(run: Run, sums: dict[str, torch.Tensor], seen: int, stop: dict[str, Any]) -> list[float]:
+    """The loss sums and row count of every rank, and the number of ranks asked to stop, in one all-reduce (float64: the
+    count stays exact); the ranks then agree on stopping (``stop["agreed"]``)."""
+    counted = [*(v.double() for v in sums.values()), *torch.tensor([seen, bool(stop["signal"])], dtype=torch.float64, device=run.device)]
     totals = distributed.sum_over_ranks(torch.stack(counted)).tolist()
+    stop["agreed"] = stop["agreed"] or totals[-1] > 0
+    return totals[:-1]
+
+
+def _means(sums: dict[str, torch.Tensor], totals: list[float]) -> dict[str, float]:
     means = {f"loss_{k}": v / max(1.0, totals[-1]) for k, v in zip(sums, totals)}
     return {**means, "loss": sum(means.values())}
+
+
+@dataclass
+class _Loop:
+    """What the epochs of a run share: the optimizer and its schedule, the plan's length, and rank 0's checkpoints of
+    OUT (``save``: ``_save_epoch`` less the state; ``replacing``: the pipeline of an ``--overwrite`` run whose first
+    checkpoint is still to replace the earlier run's files; ``saved``: where the last checkpoint is, for messages)."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    total_steps: int
+    every: int  # train.checkpoint_every
+    out: Path
+    rank: int
+    save_to: Callable[..., None]
+    replacing: Pipeline | None = None
+    saved: str = ""
+    stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
+
+    def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
+        if self.rank == 0:
+            self.save_to(state, metrics, rng, replacing=self.replacing, partial=partial)
+            self.replacing = None
+        self.saved = _position(state)
+
+    def midway_due(self, state: dict[str, int], world: int) -> bool:
+        """A checkpoint inside the epoch now: every ``train.checkpoint_every`` steps, and (one process) as soon as a stop
+        is asked for; under torchrun a stop waits for the ranks' next checkpoint, where they agree on it."""
+        return (self.every > 0 and state["step"] % self.every == 0) or (world == 1 and bool(self.stop["signal"]))
+
+    def midway(self, run: Run, state: dict[str, int], sums: dict[str, torch.Tensor], seen: int,
+               bar: Progress) -> tuple[dict[str, torch.Tensor], int]:
+        """Save a checkpoint inside the epoch, with every rank's loss sums so far (rank 0 goes on from them, the other
+        ranks from zero), and stop there if any rank was asked to (``TrainingStopped``). A loss already NaN or inf stops
+        the run before it overwrites the checkpoint."""
+        totals = _summed(run, sums, seen, self.stop)
+        _check_finite(_means(sums, totals), state, self.out, self.saved)
+        partial = {"sums": dict(zip(sums, totals)), "rows": int(totals[-1])}
+        self.save(state, _rng_state(), None, partial)
+        if self.stop["agreed"]:
+            bar.close()
+            raise self.stopped(state)
+        return _sums(run, partial)
+
+    def stopping(self, more: bool) -> bool:
+        """After an epoch's checkpoint, with ``more`` steps to go: whether the ranks agreed to stop, or (one process) a
+        stop was asked for while the epoch ended."""
+        return more and (self.stop["agreed"] or (distributed.ranks()[1] == 1 and bool(self.stop["signal"])))
+
+    def stopped(self, state: dict[str, int]) -> TrainingStopped:
+        name = signal.Signals(self.stop["signal"]).name if self.stop["signal"] else "SIGTERM to another rank"
+        return TrainingStopped(f"stopped by {name} {_position(state)} (step {state['step']} of {self.total_steps}); "
+                               f"its checkpoint is saved in {str(self.out)!r}: run the same command with --resume to continue")
+
+
+def _leave_sigterm_to_the_trainer(worker: int) -> None:
+    """A DataLoader worker ignores SIGTERM: a scheduler signals every process of the job, and a worker ended by it
+    would fail the step the trainer finishes before it stops (the trainer ends its workers; they also end with it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption or time limit, ``kill``) asks the run to stop: it finishes its step, saves a
+    checkpoint and raises ``TrainingStopped`` (``_Loop.midway``) instead of losing the epoch in progress. A second
+    SIGTERM is handled as it was before (by default, the end at once). Only the main thread takes signals: a run in
+    another thread (a library caller's) leaves SIGTERM as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def requested(signum: int, frame: Any) -> None:
+        stop["signal"] = signum
+        signal.signal(signum, before)
+
+    before = signal.getsignal(signal.SIGTERM)
+    before = before if before is not None else signal.SIG_DFL  # None: set outside Python; the default is the closest
+    signal.signal(signal.SIGTERM, requested)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _step_losses(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -637,11 +761,12 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
         raise _write_error(out, e) from None
 
 
-def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any],
+def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any] | None,
                 rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
-                order: dict[str, Any] | None = None) -> None:
+                order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
-    between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line).
+    between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
+    (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far.
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's
@@ -649,18 +774,20 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     for the few renames it takes to put this one in its place, not for the time a large checkpoint takes.
     """
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "rng": rng,
+            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
-            **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {})}
+            **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
     if replacing is not None:
         _save(ckpt, out / NEXT_CHECKPOINT)
-    lines = [m for m in ([] if replacing else _read_metrics(out)) if m["epoch"] < metrics["epoch"]] + [metrics]
+    lines = [m for m in ([] if replacing else _read_metrics(out)) if m["epoch"] < state["epoch"] - (metrics is not None)]
+    lines += [metrics] if metrics is not None else []
     try:
         if replacing is not None:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             write_pipeline(out, replacing)
-        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
+        if metrics is not None or replacing is not None:
+            _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
         if replacing is not None:
             os.replace(out / NEXT_CHECKPOINT, out / CHECKPOINT)
     except OSError as e:
@@ -680,7 +807,7 @@ def _store_identity(store: layout.Store) -> dict[str, Any]:
 # The values a resumed run may change: where and how fast it runs, what it reports, and how long it lasts (the
 # schedule then follows the new length). Any other value of student.* and train.* would make it another run
 # than the one its checkpoint continues.
-RESUMABLE = {"device", "num_workers", "threads", "memory_budget_mb", "eval_split", "eval_cache", "eval_every",
+RESUMABLE = {"device", "num_workers", "threads", "memory_budget_mb", "eval_split", "eval_cache", "eval_every", "checkpoint_every",
              "fingerprint_check", "fingerprint_recheck", "epochs", "steps"}
 
 
@@ -736,7 +863,9 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
                          "pass --overwrite instead of --resume to start afresh") from None
 
 
-def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> dict[str, int]:
+def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """The run's state from its checkpoint: weights, optimizer, schedule, loss scale and RNG; returns where it was
+    (epoch, step, batch) and, saved inside an epoch, that epoch's loss sums so far."""
     path = str(out / CHECKPOINT)
     try:
         run.student.load_state_dict(ckpt["student"])
@@ -753,7 +882,8 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
     if "scaler" in ckpt:  # fp16: the loss scale the run had reached (train.precision cannot change on --resume)
         run.scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])
-    return {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"])}
+    state = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "batch": int(ckpt.get("batch", 0))}  # none before 0.1.4
+    return state, ckpt.get("partial")
 
 
 def _rng_state() -> Any:

@@ -261,9 +261,10 @@ def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun … kdcache ARGS`` (``script``: that script instead, as tests/fixtures/faults.py)."""
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "kdcache.cli", *args]
+           "--master-port", str(_free_port()), *(["-m", "kdcache.cli"] if script is None else [str(script)]), *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -336,6 +337,34 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
 
         start = with_spare().state_dict()
         assert all(torch.equal(b[k], start[k]) for k in ("fc.weight", "spare.weight")) and not torch.equal(b["conv.weight"], start["conv.weight"])
+
+
+def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigterm(tiny_store, tmp_path):
+    """Rank 1 alone gets SIGTERM as its step 5 begins. Ranks cannot stop at different steps (the others would wait in
+    the next all-reduce), so they agree at the next checkpoint (train.checkpoint_every = 3: step 6, inside epoch 1),
+    save it and stop; rank 0 says so in one line. The resumed run reaches the uninterrupted run's weights and losses."""
+    from conftest import FIXTURES, TINY_TOML
+
+    toml = tmp_path / "tiny.toml"  # 50 rows, 2 ranks of batch 8: 4 steps an epoch
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    sets = [x for s in ("train.epochs=3", "train.checkpoint_every=3", "train.features={}", "train.eval_split=''") for x in ("--set", s)]
+    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "whole"), *sets, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = tmp_path / "cut"
+    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets, cwd=tmp_path, script=FIXTURES / "faults.py",
+                  env={"KDCACHE_FAULT": "term:5", "KDCACHE_FAULT_RANK": "1"})
+    assert r.returncode != 0
+    line = f"Error: stopped by SIGTERM to another rank in epoch 1 after batch 2 (step 6 of 12); its checkpoint is saved in {str(cut)!r}"
+    ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]  # rank 0's; torchrun adds its own summary
+    assert len(ours) == 1 and ours[0].startswith(line) and str(Path(kdcache.__file__).parent) not in r.stderr, r.stderr[-3000:]
+    ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 2, 6) and not (cut / "student.pt").exists()
+    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(tmp_path / "whole" / "student.pt"), torch.load(cut / "student.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "whole", cut)]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
 
 
 def test_torchrun_rank_whose_stream_ran_out_trains_a_batchnorm_student(tmp_path):

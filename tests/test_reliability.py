@@ -50,10 +50,11 @@ def env(**extra: object) -> dict[str, str]:
 
 
 def run_with_fault(fault: str, log: Path, root: Path, *args: object, timeout: float = 120, **zoo: object) -> subprocess.CompletedProcess:
-    """``kdcache ARGS`` in a subprocess with ``fault`` (``kill:N`` / ``enospc:N``) injected."""
+    """``kdcache ARGS`` in a subprocess with ``fault`` (``kill:N`` / ``enospc:N`` / ``termgroup:N``) injected, in a
+    process group of its own (``termgroup`` signals that group)."""
     extra = {f"ZOO_{k}": v for k, v in zoo.items()} | {"KDCACHE_FAULT": fault, "KDCACHE_FAULT_LOG": log, "KDCACHE_FAULT_ROOT": root}
     return subprocess.run([sys.executable, str(FAULTS), *map(str, args), "--no-progress"], env=env(**extra),
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, start_new_session=True)
 
 
 def counted(log: Path, root: Path, *args: object):
@@ -223,6 +224,27 @@ def test_train_killed_at_seeded_moments_resumes_to_the_uninterrupted_weights(tra
         result = invoke(*args, *resume, "--no-progress")
         assert result.exit_code == 0, f"{where}: {result.output}"
         assert_same_training(out, trained["reference"])
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "dataloader-workers"])
+def test_train_sigterm_to_its_process_group_stops_at_a_checkpoint_and_resumes(trained, tmp_path, workers):
+    """SIGTERM to every process of the job (a batch scheduler's preemption or time limit; its DataLoader workers too)
+    as step 10 begins: the run finishes the step, saves a checkpoint inside epoch 1 and exits 143 with one line; the
+    --resume it names reaches the uninterrupted weights and losses (in RAM the batch order is the same for any
+    number of workers)."""
+    step = [n for n, kind, _ in trained["events"] if kind == "step"][9]
+    out = tmp_path / "reference"
+    args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN,
+            "--set", f"train.num_workers={workers}"]
+    proc = run_with_fault(f"termgroup:{step}", tmp_path / "events.log", tmp_path, *args)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert_one_line_error(stderr, f"Error: stopped by SIGTERM in epoch 1 after batch 3 (step 10 of 21); its checkpoint is saved in {str(out)!r}: "
+                                  "run the same command with --resume to continue")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 10 and not (out / "student.pt").exists()
+    result = invoke(*args, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert_same_training(out, trained["reference"])
 
 
 # ------------------------------------------------------------------------------ 2. concurrent readers
