@@ -156,7 +156,7 @@ def _check_resumed_plan(checkpoint: dict[str, Any], order: dict[str, Any], total
                             "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
                             "train.memory_budget_mb and train.num_workers, or start afresh with --overwrite")
     if int(checkpoint["step"]) > total_steps:
-        done, epochs = int(checkpoint["step"]), int(checkpoint["epoch"])
+        done, epochs = int(checkpoint["step"]), int(checkpoint["epoch"]) + (int(checkpoint.get("batch", 0)) > 0)  # begun ones too
         plan = f"train.steps = {t.steps}" if t.steps > 0 else f"train.epochs = {t.epochs} ({total_steps} steps)"
         longer = f"train.steps >= {done}" if t.steps > 0 else f"train.epochs >= {epochs} (or train.steps >= {done})"
         raise PipelineError(f"--resume: this run has trained {done} steps in {epochs} epoch{'s' * (epochs != 1)}, more than {plan} "
@@ -779,14 +779,18 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
     if replacing is not None:
         _save(ckpt, out / NEXT_CHECKPOINT)
-    lines = [m for m in ([] if replacing else _read_metrics(out)) if m["epoch"] < state["epoch"] - (metrics is not None)]
-    lines += [metrics] if metrics is not None else []
+    # the lines of the epochs before this one (a crash between a line and its checkpoint leaves one more) and its own;
+    # inside an epoch there is none to add, and only an --overwrite run's first save rewrites the file (to drop the earlier run's)
+    if metrics is not None:
+        lines = [*([] if replacing else [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]]), metrics]
+    else:
+        lines = [] if replacing else None
     try:
         if replacing is not None:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             write_pipeline(out, replacing)
-        if metrics is not None or replacing is not None:
+        if lines is not None:
             _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
         if replacing is not None:
             os.replace(out / NEXT_CHECKPOINT, out / CHECKPOINT)

@@ -1054,3 +1054,20 @@ def test_a_second_sigterm_is_handled_as_before_the_run(tiny_store, tmp_path):
             assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_loss_gone_nan_inside_an_epoch_stops_before_the_next_checkpoint(tiny_store, tmp_path, monkeypatch):
+    """train.checkpoint_every = 2: step 5's loss is NaN; the checkpoint due at step 6 is not written over the one of
+    step 4, and the error says which one the folder keeps."""
+    calls, losses_of = iter(range(1, 10**9)), Run.losses
+
+    def nan_at_5(self, batch):
+        parts = losses_of(self, batch)
+        return {k: v * float("nan") for k, v in parts.items()} if next(calls) == 5 else parts
+
+    monkeypatch.setattr(Run, "losses", nan_at_5)
+    with pytest.raises(TrainingError, match=re.escape(f"training diverged in epoch 0: loss_kl = nan") + ".*" +
+                       re.escape(f"({str(tmp_path / 'run' / CHECKPOINT)!r} keeps the run in epoch 0 after batch 4)")):
+        train(pipeline(*PLAIN, "train.epochs=2", "train.checkpoint_every=2"), tiny_store, tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert (ckpt["step"], ckpt["batch"]) == (4, 4) and all(torch.isfinite(v).all() for v in ckpt["student"].values())
