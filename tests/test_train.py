@@ -1066,7 +1066,7 @@ def test_a_loss_gone_nan_inside_an_epoch_stops_before_the_next_checkpoint(tiny_s
         return {k: v * float("nan") for k, v in parts.items()} if next(calls) == 5 else parts
 
     monkeypatch.setattr(Run, "losses", nan_at_5)
-    with pytest.raises(TrainingError, match=re.escape(f"training diverged in epoch 0: loss_kl = nan") + ".*" +
+    with pytest.raises(TrainingError, match=re.escape("training diverged in epoch 0: loss_kl = nan") + ".*" +
                        re.escape(f"({str(tmp_path / 'run' / CHECKPOINT)!r} keeps the run in epoch 0 after batch 4)")):
         train(pipeline(*PLAIN, "train.epochs=2", "train.checkpoint_every=2"), tiny_store, tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
