@@ -60,7 +60,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     need("distributed", "dask", "kdcache extract --workers/--scheduler")
     if scheduler is not None:
         _check_address(scheduler)
-    layout.refuse_if_being_written(out)  # before the teacher is built
+    layout.refuse_if_being_written(out, storage_options)  # before the teacher is built
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
@@ -68,7 +68,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
         del run
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
             torch.cuda.empty_cache()
-        with layout.writer_lock(out):  # held by the driver for the whole job: its workers write, no other job does
+        with layout.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
             pending = store.pending_shards()
             if pending:
@@ -301,14 +301,14 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
 
     rank, world, local = ranks()
     pipeline = _on_device(pipeline, local)
-    layout.refuse_if_being_written(out)  # every rank, before its teacher is built (rank 0's lock below decides)
+    layout.refuse_if_being_written(out, storage_options)  # every rank, before its teacher is built (rank 0's lock below decides)
     with process_group(), contextlib.ExitStack() as lock:
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
         manifest = run.manifest(pipeline)
         shared: list[Any] = [None]
         if rank == 0:
             try:
-                lock.enter_context(layout.writer_lock(out))  # held by rank 0 for the whole job
+                lock.enter_context(layout.writer_lock(out, storage_options))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
                 shared[0] = store.pending_shards()
             except KdcacheError as e:

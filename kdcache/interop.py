@@ -133,7 +133,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
         _check_location(location)
         if overwrite and layout.exists(str(location), storage_options):
             _check_readable(f, source, expect, done, digests, location)  # an existing store is replaced only by a file that reads whole
-        with layout.writer_lock(location):  # one writer per store
+        with layout.writer_lock(location, storage_options):  # one writer per store
             store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
             for shard in store.pending_shards():
                 if not done[shard]:

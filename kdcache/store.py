@@ -166,7 +166,7 @@ class Store:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             # a store being created: its manifest is written last. Opened for writing, the lock is our own (taken by
             # writer_lock before create_or_resume): that is not another writer.
-            writer = None if writable else active_writer(location)
+            writer = None if writable else active_writer(location, self.storage_options)
             if writer is not None:
                 raise StoreError(f"{location!r} is being created by {writer} (its manifest is not written yet); try again in a moment")
             if ATTRS not in attrs:
@@ -810,7 +810,7 @@ class Store:
             "bytes_stored": stored,
             "bytes_raw": raw,
             "compression_ratio": (raw / stored) if stored else None,
-            "writer": None if done.all() else active_writer(self.location),
+            "writer": None if done.all() else active_writer(self.location, self.storage_options),
         }
 
 
@@ -1509,17 +1509,22 @@ IDENTITY = {
 
 
 @contextlib.contextmanager
-def writer_lock(location: str | os.PathLike[str]) -> Iterator[None]:
-    """Be the only process writing the local store at ``location`` while the block runs.
+def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Iterator[None]:
+    """Be the only process writing the store at ``location`` while the block runs.
 
     Two writers of one store at once (a forgotten job, a scheduler's retry while the first still runs)
     would interleave their shards, and an ``--overwrite`` from another teacher would leave a store
     whose manifest names one teacher while some shards hold another's targets, and that verifies.
-    The lock is ``flock`` on ``.NAME.kdcache-lock`` beside the store (not in it: ``--overwrite``
+    A local store's lock is ``flock`` on ``.NAME.kdcache-lock`` beside the store (not in it: ``--overwrite``
     empties the store's folder), released when the block ends or the process dies; the file names
-    its holder and is removed at the end. Object stores and zip files are not locked, nor is a store on a
-    file system that refuses ``flock`` (``NO_FLOCK``): written unlocked rather than not at all (FORMAT.md §13).
+    its holder and is removed at the end. An S3 store's lock is an object of that name beside it, made by a
+    conditional PUT (``_object_lock``). Zip files and http(s) are read-only; other object stores, and a file
+    system that refuses ``flock`` (``NO_FLOCK``), are written unlocked rather than not at all (FORMAT.md §13).
     """
+    if location_kind(str(location)) == "url":
+        with _object_lock(str(location), storage_options):
+            yield
+        return
     path = _lock_path(location)
     if path is None:
         yield
@@ -1572,10 +1577,17 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
         os.close(fd)  # removed by the last holder after we opened it: lock the file there now
 
 
-def refuse_if_being_written(location: str | os.PathLike[str]) -> None:
+def refuse_if_being_written(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
     """Fail at once, before a teacher or dataset is built, when another job holds ``location``'s writer lock
-    (``writer_lock``, taken later, is what decides)."""
-    holder = active_writer(location)
+    (``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
+    said now too."""
+    if location_kind(str(location)) == "url":
+        try:
+            holder = _object_writer(str(location), storage_options)
+        except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
+            raise _unreachable(str(location), e) from None
+    else:
+        holder = active_writer(location)
     if holder is not None:
         raise _being_written(location, holder)
 
@@ -1584,9 +1596,15 @@ def _being_written(location: str | os.PathLike[str], holder: str) -> StoreError:
     return StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, then rerun (nothing was changed)")
 
 
-def active_writer(location: str | os.PathLike[str]) -> str | None:
-    """Who holds the writer lock of the local store at ``location`` ("kdcache pid P on HOST since T"), or None:
-    nobody (an incomplete store then is an interrupted one), or not a local store (not known)."""
+def active_writer(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> str | None:
+    """Who holds the writer lock of the store at ``location`` ("kdcache pid P on HOST since T"), or None: nobody
+    (an incomplete store then is an interrupted one; an S3 lock past ``LOCK_STALE_S`` is a dead holder's), or not
+    known (a store that is not locked, a lock that cannot be read)."""
+    if location_kind(str(location)) == "url":
+        try:
+            return _object_writer(str(location), storage_options)
+        except Exception:  # noqa: BLE001 - unreachable, refused credentials (botocore's are not OSErrors): not known
+            return None
     path = _lock_path(location)
     if path is None:
         return None
@@ -1621,6 +1639,194 @@ def _holder(fd: int, kind: int, tries: int) -> str | None:
             if attempt + 1 < tries:
                 time.sleep(0.05)
     return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
+
+
+# An S3 store's lock (FORMAT.md §13): its holder rewrites it every LOCK_HEARTBEAT_S seconds; one not rewritten for
+# LOCK_STALE_S seconds, by the store's own clock, is a dead holder's (killed, its machine gone) and is taken over.
+# Read where used, so tests may shorten them.
+LOCK_HEARTBEAT_S = 30.0
+LOCK_STALE_S = 180.0
+
+
+@contextlib.contextmanager
+def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+    """Hold the lock object ``.NAME.kdcache-lock`` beside the S3 store ``location`` while the block runs.
+
+    S3 has no lock, but a PUT with ``If-None-Match: *`` is refused (412) when the object exists, atomically:
+    of two writers, exactly one creates it. A writer that dies cannot remove it, so a thread rewrites it every
+    ``LOCK_HEARTBEAT_S`` (PUT ``If-Match`` its last ETag) and a lock unchanged for ``LOCK_STALE_S`` is taken over
+    with a PUT ``If-Match`` the ETag seen stale: of two takers, or a taker and a late heartbeat, exactly one wins.
+    Staleness is the store's ``Date`` less the object's ``Last-Modified``: no writer's clock is trusted. A writer
+    whose lock was taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) learns it at its next
+    heartbeat, or at the end of the block, and then fails. Not locked: stores on other fsspec backends, a store at a
+    bucket's root (the lock would be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible
+    ones): tried once after taking it, as a lock that cannot exclude is no lock.
+    """
+    lock = _lock_object(location, storage_options)
+    token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
+    holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+    try:
+        etag = _take_object_lock(*lock, location, holder, token) if lock is not None else None
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
+                         "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
+    if etag is None:
+        yield
+        return
+    held = {"etag": etag, "lost_to": None}
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(*lock, holder, token, held, stop), name="kdcache-lock-heartbeat", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        try:
+            if held["lost_to"] is None:
+                lock[0].call_s3("delete_object", Bucket=lock[1], Key=lock[2], IfMatch=held["etag"])  # only while it is ours
+        except OSError as e:
+            if _lost_race(e):  # taken over since the last heartbeat
+                held["lost_to"] = _taker(*lock)
+        except Exception:  # noqa: BLE001 - unreachable now: left behind, it is taken over once stale
+            pass
+    if held["lost_to"] is not None:
+        raise StoreError(f"{location!r} lost its writer lock while being written: {held['lost_to']} took it over, as this job had not "
+                         f"renewed it for {LOCK_STALE_S:.0f} s (paused, or cut off from the store); both may have written shards: "
+                         "once that job has ended, rerun with --overwrite")
+
+
+def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str) -> str | None:
+    """Create the lock object, or take it over when stale; its ETag (None: this server cannot lock)."""
+    put = functools.partial(fs.call_s3, "put_object", Bucket=bucket, Key=key)
+    seen = None
+    for _ in range(5):  # each turn lost to a writer that changed the lock meanwhile
+        body = _lock_body(holder, token)
+        try:
+            etag = put(Body=body, IfNoneMatch="*")["ETag"]
+        except OSError as e:
+            if e.errno == errno.ENOSYS:  # 501 NotImplemented: no conditional PUT here
+                return None
+            if not _lost_race(e):
+                raise
+        else:
+            try:
+                put(Body=body, IfNoneMatch="*")  # refused by a server that honours the condition
+            except FileExistsError:
+                return etag
+            except BaseException:
+                with contextlib.suppress(Exception):  # noqa: BLE001 - not left behind; the first error is the one to name
+                    fs.call_s3("delete_object", Bucket=bucket, Key=key)
+                raise
+            fs.call_s3("delete_object", Bucket=bucket, Key=key)  # accepted: the server ignores If-None-Match, no lock here
+            return None
+        seen = _read_lock(fs, bucket, key)
+        if seen is None:
+            continue  # removed meanwhile: create it again
+        if token in seen[0].decode(errors="replace"):
+            return seen[1]  # our own PUT, whose answer was lost and the request retried
+        if seen[2] < LOCK_STALE_S:
+            raise _being_written(location, _object_holder(seen))
+        try:
+            return put(Body=body, IfMatch=seen[1])["ETag"]  # taken over: refused if anyone rewrote it since we read it
+        except OSError as e:
+            if not _lost_race(e):
+                raise
+    raise _being_written(location, _object_holder(seen) if seen is not None else "another kdcache process")
+
+
+def _heartbeat(fs: Any, bucket: str, key: str, holder: str, token: str, held: dict[str, Any], stop: threading.Event) -> None:
+    """Rewrite the lock object every ``LOCK_HEARTBEAT_S`` until ``stop``, each PUT ``If-Match`` the last one; a refused
+    PUT means another writer took the lock over (``held["lost_to"]`` names it). Other failures are retried next time."""
+    while not stop.wait(LOCK_HEARTBEAT_S):
+        try:
+            held["etag"] = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=_lock_body(holder, token), IfMatch=held["etag"])["ETag"]
+        except Exception as e:  # noqa: BLE001 - a network error now and then: the lock lasts LOCK_STALE_S without a heartbeat
+            if isinstance(e, OSError) and _lost_race(e):
+                held["lost_to"] = _taker(fs, bucket, key)
+                return
+
+
+def _taker(fs: Any, bucket: str, key: str) -> str:
+    """Who holds a lock object that was ours, for the message that says we lost it."""
+    try:
+        seen = _read_lock(fs, bucket, key)
+    except Exception:  # noqa: BLE001 - only for the message
+        seen = None
+    return _object_holder(seen) if seen is not None else "another writer"
+
+
+def _object_writer(location: str, storage_options: dict[str, Any] | None) -> str | None:
+    """``active_writer`` of an object store, raising what reading its lock raised."""
+    lock = _lock_object(location, storage_options)
+    seen = _read_lock(*lock) if lock is not None else None
+    return _object_holder(seen) if seen is not None and seen[2] < LOCK_STALE_S else None
+
+
+def _lock_object(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str, str] | None:
+    """``(fs, bucket, key)`` of ``.NAME.kdcache-lock`` beside the S3 store ``location`` (None: not locked; see
+    ``_object_lock``). s3fs is the fsspec backend whose PUTs kdcache can make conditional."""
+    if location_kind(location) != "url" or "::" in location:  # zip::s3://... is read-only
+        return None
+    try:
+        fs, path = _filesystem(location, storage_options)
+    except Exception:  # noqa: BLE001 - a missing backend, bad options: named when the store is opened
+        return None
+    bucket, _, key = path.strip("/").partition("/")
+    if not hasattr(fs, "call_s3") or not key:
+        return None
+    parent, _, name = key.rpartition("/")
+    return fs, bucket, f"{parent}/.{name}.kdcache-lock".lstrip("/")
+
+
+def _lock_body(holder: str, token: str) -> bytes:
+    import json
+
+    return json.dumps({"holder": holder, "heartbeat": _now(), "token": token}).encode()
+
+
+def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | None:
+    """The lock object's bytes, ETag and age in seconds by the store's clock (its ``Date`` less the object's
+    ``Last-Modified``; this machine's clock only if the server sends no ``Date``); None when there is none."""
+    from email.utils import parsedate_to_datetime
+
+    from fsspec.asyn import sync
+
+    async def get() -> tuple[dict[str, Any], bytes]:
+        out = await fs._call_s3("get_object", Bucket=bucket, Key=key)  # one GET: body and ETag of the same version
+        try:
+            return out, await out["Body"].read()
+        finally:
+            out["Body"].close()
+
+    try:
+        out, data = sync(fs.loop, get)
+    except FileNotFoundError:
+        return None
+    date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else datetime.datetime.now(datetime.timezone.utc)
+    return data, out["ETag"], (now - out["LastModified"]).total_seconds()
+
+
+def _object_holder(seen: tuple[bytes, str, float]) -> str:
+    """What a lock object names as its holder, with its heartbeat's age (a dead holder's is taken over when stale)."""
+    import json
+
+    try:
+        holder = str(json.loads(seen[0])["holder"])[:200]
+    except (ValueError, TypeError, KeyError):
+        holder = "another kdcache process"
+    return f"{holder}, last heartbeat {max(0, seen[2]):.0f} s ago (taken over after {LOCK_STALE_S:.0f} s without one)"
+
+
+def _lost_race(e: OSError) -> bool:
+    """Whether a conditional PUT was refused because the lock object changed: it exists (``If-None-Match``), it is
+    another version or gone (``If-Match``), or another conditional write of it was under way (409). Not a missing
+    bucket (NoSuchBucket, also a FileNotFoundError)."""
+    code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+    return isinstance(e, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey")
 
 
 def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False,

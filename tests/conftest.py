@@ -93,3 +93,31 @@ def numbered_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("stores") / "numbered.zarr"
     kdcache.extract(from_dict(NUMBERED, root=FIXTURES), str(out))
     return str(out)
+
+
+# ------------------------------------------------------------------ an S3-API server
+
+S3_BUCKET = "kdcache-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """Storage options for the bucket ``S3_BUCKET`` on a real S3-API server on 127.0.0.1 (moto's threaded server,
+    reached through s3fs with dummy credentials; stopped after the module)."""
+    import logging
+    import urllib.request
+
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    # moto keeps its buckets in this process, not in the server: an earlier module's would still be there
+    urllib.request.urlopen(urllib.request.Request(f"{options['endpoint_url']}/moto-api/reset", method="POST"), timeout=30)
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(S3_BUCKET)
+    yield options
+    server.stop()

@@ -21,30 +21,13 @@ from kdcache.errors import StoreError
 from kdcache.interop import pack
 from kdcache.store import open_store
 from kdcache.verify import verify
+from conftest import S3_BUCKET
 from reference import make_pipeline, without_times
 
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
-BUCKET = "kdcache-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """Storage options for a bucket on a real S3-API server on 127.0.0.1 (stopped after the module)."""
-    import logging
-
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
-    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(BUCKET)
-    yield options
-    server.stop()
+BUCKET = S3_BUCKET  # made by the s3 fixture
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""One writer per local store: a second ``extract`` / ``import`` of a store being written is refused.
+"""One writer per store: a second ``extract`` / ``import`` of a store being written is refused.
 
 Before the lock, ``kdcache extract --overwrite`` with another teacher, run while the first extract
 (240 rows) still ran, let both commands report success; when the first finished last, its manifest
 named the first teacher while 136 rows held the second's targets, and ``kdcache verify`` passed it.
-The lock is ``flock`` on a file beside the store (FORMAT.md §13), so it holds across processes and
-dies with its holder.
+A local store's lock is ``flock`` on a file beside the store (FORMAT.md §13), so it holds across processes
+and dies with its holder. An S3 store's is an object beside it made by a conditional PUT, kept fresh by a
+heartbeat and taken over when stale; those tests run against a real S3-API server (conftest's ``s3``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from click.testing import CliRunner
 from kdcache import store as layout
 from kdcache.cli import main
 from kdcache.store import active_writer, writer_lock
+from conftest import S3_BUCKET
 from reference import FIXTURES, file_bytes, read_store, slow_extract, without_times, write_toml
 
 
@@ -120,7 +124,7 @@ def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
     assert not lock_file(a).exists() and not lock_file(b).exists() and active_writer(b) is None
     with writer_lock(a):
         pass
-    with writer_lock("s3://bucket/x.zarr"), writer_lock(tmp_path / "x.zarr.zip"):  # object stores and zips: no lock
+    with writer_lock("zip::s3://bucket/x.zarr.zip"), writer_lock(tmp_path / "x.zarr.zip"):  # zips (read-only): no lock
         pass
     assert list(tmp_path.iterdir()) == []  # "runs", made for b's lock file and left empty, is removed too
 
@@ -222,3 +226,190 @@ def test_a_store_being_created_is_named_so(tmp_path):
         assert "try again in a moment" in result.output
     result = invoke("info", out)
     assert result.exit_code == 1 and "is a zarr group but not a kdcache store" in result.output, result.output
+
+
+# ------------------------------------------------------------------ object stores: a lock object made by a conditional PUT
+
+def s3_files(options: dict):
+    import s3fs
+
+    return s3fs.S3FileSystem(**options, skip_instance_cache=True)
+
+
+def read_object(fs, key: str) -> bytes | None:
+    """The object's bytes, or None: asked of the server, not of s3fs's listing cache."""
+    fs.invalidate_cache()
+    return fs.cat_file(key) if fs.exists(key) else None
+
+
+def objects(fs, prefix: str) -> dict[str, bytes]:
+    fs.invalidate_cache()
+    return {key: fs.cat_file(key) for key in fs.find(prefix)}
+
+
+def stale_holder(fs, key: str) -> None:
+    """A lock object as a writer killed without a word (SIGKILL, a preempted node) leaves it."""
+    fs.pipe_file(key, json.dumps({"holder": "kdcache pid 4242 on gone-host since 2026-01-01T00:00:00+00:00",
+                                  "heartbeat": "2026-01-01T00:00:00+00:00"}).encode())
+
+
+def test_a_second_writer_of_an_s3_store_is_refused_through_the_cli(s3, tmp_path, zoo_env):
+    """Another job holds the lock (a process of its own): ``info`` and ``verify`` name it, ``extract`` (plain and
+    ``--overwrite``) is refused in one line, exit 1, changing nothing; once the holder ends, the extract resumes."""
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/refused.zarr"
+    lock = f"{S3_BUCKET}/.refused.zarr.kdcache-lock"
+    toml = write_toml(tmp_path / "p.toml")
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    zoo_env(FAIL_AT=42)
+    result = invoke("extract", toml, "--out", url, *options)
+    assert result.exit_code == 1 and "simulated crash fetching index 42" in result.output, result.output
+    assert read_object(fs, lock) is None, "a run that failed leaves no lock object"
+    zoo_env(FAIL_AT=None)
+    before = objects(fs, url)
+    holder = subprocess.Popen([sys.executable, "-c", "import json, sys\nfrom kdcache.store import writer_lock\n"
+                               "with writer_lock(sys.argv[1], json.loads(sys.argv[2])):\n    print('held', flush=True)\n"
+                               "    sys.stdin.readline()", url, json.dumps(s3)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        who = f"kdcache pid {holder.pid} on "
+        assert active_writer(url, s3).startswith(who)
+        info = invoke("info", url, "--json", *options)
+        assert info.exit_code == 0 and json.loads(info.stdout)["writer"].startswith(who), info.output
+        verify = invoke("verify", url, *options)
+        assert verify.exit_code == 1 and f"shards done, being written by {who}" in verify.stdout, verify.output
+        for extra in ([], ["--overwrite"]):
+            assert_refused(invoke("extract", toml, "--out", url, *options, *extra), url, who)
+        assert objects(fs, url) == before, "a refused run changes nothing"
+        holder.stdin.close()  # the holder's block ends
+        assert holder.wait(timeout=30) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert read_object(fs, lock) is None, "its holder removes the lock object at the end"
+    result = invoke("extract", toml, "--out", url, *options)
+    assert result.exit_code == 0 and "resumed" in result.output, result.output
+    assert read_object(fs, lock) is None
+
+
+def test_an_s3_store_that_cannot_be_reached_is_named_before_the_teacher_is_built(tmp_path):
+    """Looking for another writer's lock is the first request to the store: one that cannot be reached is said then,
+    not after minutes of building a teacher."""
+    sentinel = tmp_path / "teacher-was-built"
+    (tmp_path / "slow_teacher.py").write_text(f"import pathlib\n\ndef teacher():\n    pathlib.Path({str(sentinel)!r}).touch()\n")
+    toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{tmp_path / "slow_teacher.py"}:teacher"')
+    result = invoke("extract", toml, "--out", f"s3://{S3_BUCKET}/x.zarr", "--storage-option", "endpoint_url=http://127.0.0.1:9",
+                    "--storage-option", "config_kwargs.retries.max_attempts=1", "--storage-option", "key=testing",
+                    "--storage-option", "secret=testing")  # nothing listens there
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: cannot reach 's3://{S3_BUCKET}/x.zarr': ") and "check the URL" in result.output, result.output
+    assert not sentinel.exists()
+
+
+def test_an_s3_lock_is_an_object_beside_the_store_gone_at_the_end(s3):
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/runs/b.zarr"
+    lock = f"{S3_BUCKET}/runs/.b.zarr.kdcache-lock"
+    with writer_lock(url, s3):
+        body = json.loads(read_object(fs, lock))
+        assert body["holder"].startswith(f"kdcache pid {os.getpid()} on ") and body["heartbeat"], body
+        assert active_writer(url, s3).startswith(f"kdcache pid {os.getpid()} on ")
+        with pytest.raises(layout.StoreError, match=rf"^'s3a://{S3_BUCKET}/runs/b.zarr/' is being written by kdcache pid {os.getpid()} on "
+                                                    r".*, last heartbeat \d+ s ago \(taken over after 180 s without one\); "
+                                                    r"wait for it to end or stop it, then rerun \(nothing was changed\)$"):
+            with writer_lock(f"s3a://{S3_BUCKET}/runs/b.zarr/", s3):  # the same store, spelt otherwise
+                pass
+    assert read_object(fs, lock) is None and active_writer(url, s3) is None
+    with pytest.raises(RuntimeError, match="failed while writing"):
+        with writer_lock(url, s3):
+            raise RuntimeError("failed while writing")
+    assert read_object(fs, lock) is None, "removed after an error too"
+    # not locked: a store at a bucket's root (its lock would be inside it), a zip (read-only), other fsspec backends
+    for location, options in ((f"s3://{S3_BUCKET}", s3), (f"zip::s3://{S3_BUCKET}/c.zarr.zip", s3), ("memory://c.zarr", None)):
+        with writer_lock(location, options):
+            assert active_writer(location, options) is None
+    assert not [key for key in objects(fs, S3_BUCKET) if key.endswith(".kdcache-lock")]
+
+
+def test_a_stale_s3_lock_is_taken_over_and_a_live_one_is_not(s3, monkeypatch):
+    """Staleness is judged by the server's clock: the lock object not rewritten for LOCK_STALE_S (shortened here)."""
+    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(layout, "LOCK_STALE_S", 1.5)
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/stale.zarr"
+    lock = f"{S3_BUCKET}/.stale.zarr.kdcache-lock"
+    stale_holder(fs, lock)
+    assert active_writer(url, s3).startswith("kdcache pid 4242 on gone-host since ")  # fresh: its holder may live
+    with pytest.raises(layout.StoreError, match="is being written by kdcache pid 4242 on gone-host since"):
+        with writer_lock(url, s3):
+            pass
+    time.sleep(2.2)
+    assert active_writer(url, s3) is None, "a stale lock names no writer"
+    with writer_lock(url, s3):  # taken over
+        first = json.loads(read_object(fs, lock))
+        assert first["holder"].startswith(f"kdcache pid {os.getpid()} on ")
+        time.sleep(2.2)  # past LOCK_STALE_S: our heartbeat keeps it live
+        assert json.loads(read_object(fs, lock))["heartbeat"] > first["heartbeat"]
+        with pytest.raises(layout.StoreError, match=f"is being written by kdcache pid {os.getpid()} on "):
+            with writer_lock(url, s3):
+                pass
+    assert read_object(fs, lock) is None
+
+
+def test_a_writer_whose_s3_lock_was_taken_over_fails_at_the_end(s3, monkeypatch):
+    """A writer paused (or cut off from the store) past LOCK_STALE_S loses its lock to the next writer: it says so
+    when its block ends, or at its next heartbeat, instead of reporting success; it removes no lock but its own."""
+    monkeypatch.setattr(layout, "LOCK_STALE_S", 1.5)
+    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 60)  # paused: no heartbeat while the test runs
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/lost.zarr"
+    lock = f"{S3_BUCKET}/.lost.zarr.kdcache-lock"
+    paused = writer_lock(url, s3)
+    paused.__enter__()
+    time.sleep(2.2)
+    taker = writer_lock(url, s3)
+    taker.__enter__()
+    with pytest.raises(layout.StoreError, match=rf"^'s3://{S3_BUCKET}/lost.zarr' lost its writer lock while being written: kdcache pid "
+                                                r"\d+ on .* took it over, as this job had not renewed it for 2 s .*once that job has ended, "
+                                                r"rerun with --overwrite$"):
+        paused.__exit__(None, None, None)
+    assert json.loads(read_object(fs, lock))["holder"].startswith(f"kdcache pid {os.getpid()} on "), "the taker's lock stays"
+    taker.__exit__(None, None, None)
+    assert read_object(fs, lock) is None
+
+    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 0.1)
+    with pytest.raises(layout.StoreError, match="lost its writer lock while being written: another writer took it over"):
+        with writer_lock(url, s3):
+            fs.rm_file(lock)  # removed by someone: the next heartbeat's PUT (If-Match) is refused
+            time.sleep(0.5)
+    assert read_object(fs, lock) is None
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["absent", "stale"])
+def test_writers_racing_for_an_s3_lock_exactly_one_wins(s3, monkeypatch, stale):
+    """Eight writers, each with its own S3 client, ask at once for a lock that is absent (the PUT's If-None-Match
+    decides) or stale (the takeover's If-Match decides): one holds it, seven are refused naming it."""
+    monkeypatch.setattr(layout, "LOCK_STALE_S", 1.5)
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/race-{stale}.zarr"
+    lock = f"{S3_BUCKET}/.race-{stale}.zarr.kdcache-lock"
+    if stale:
+        stale_holder(fs, lock)
+        time.sleep(2.2)
+    start, tried = threading.Barrier(8, timeout=60), threading.Barrier(8, timeout=60)
+    won, refused = [], []
+
+    def writer(i: int) -> None:
+        start.wait()
+        try:
+            with writer_lock(url, {**s3, "skip_instance_cache": True}):
+                won.append(i)
+                tried.wait()  # held until every writer has tried
+                return
+        except layout.StoreError as e:
+            refused.append(str(e))
+        tried.wait()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert len(won) == 1 and len(refused) == 7, (won, refused)
+    assert all(f"is being written by kdcache pid {os.getpid()} on " in e for e in refused), refused
+    assert read_object(fs, lock) is None
