@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import errno
 import functools
+import json
 import importlib.util
 import math
 import os
@@ -1782,8 +1783,6 @@ def _lock_object(location: str, storage_options: dict[str, Any] | None) -> tuple
 
 
 def _lock_body(holder: str, token: str) -> bytes:
-    import json
-
     return json.dumps({"holder": holder, "heartbeat": _now(), "token": token}).encode()
 
 
@@ -1812,8 +1811,6 @@ def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | Non
 
 def _object_holder(seen: tuple[bytes, str, float]) -> str:
     """What a lock object names as its holder, with its heartbeat's age (a dead holder's is taken over when stale)."""
-    import json
-
     try:
         holder = str(json.loads(seen[0])["holder"])[:200]
     except (ValueError, TypeError, KeyError):
