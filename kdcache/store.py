@@ -202,7 +202,6 @@ class Store:
         with a layer target, ``targets/layers``; the root's zarr parsed): each must be a zarr v3 group's
         ``zarr.json``. One small read per group, all at once."""
         import asyncio
-        import json
 
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
@@ -1256,8 +1255,6 @@ def _corrupted_member(location: str, what: str) -> StoreError:
 
 def _metadata_problem(target: Any, key: str, e: Exception) -> str:
     """What is wrong with the zarr metadata object ``key`` that zarr failed to parse with ``e``, for a message."""
-    import json
-
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
@@ -1861,8 +1858,6 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
 
 def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> bool:
     """Whether the root ``zarr.json`` at ``location`` parses as zarr metadata without kdcache's manifest (someone else's data)."""
-    import json
-
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
@@ -1877,8 +1872,6 @@ def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> boo
 def _interrupted_creation(location: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a local folder or an object-store prefix holds only what ``create_or_resume`` writes before the
     manifest: zarr metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
-    import json
-
     kind = location_kind(location)
     if kind == "url" and "::" not in location:
         fs, root = _filesystem(location, storage_options)
