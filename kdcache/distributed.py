@@ -422,6 +422,17 @@ def broadcast(value: Any) -> Any:
     return shared[0]
 
 
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank (``[value]`` outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     """Wait for every rank (no-op outside torch.distributed)."""
     import torch.distributed as dist

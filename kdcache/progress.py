@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class Progress:
@@ -17,7 +17,9 @@ class Progress:
         self.start = time.perf_counter()
         self._last = 0.0
 
-    def update(self, n: int, nbytes: int = 0, **fields: float) -> None:
+    def update(self, n: int, nbytes: int = 0, **fields: Any) -> None:
+        """Count ``n`` samples (``nbytes`` bytes); ``fields``: numbers, or 0-d tensors, read only when the line is
+        drawn (every ``every`` s): a GPU's value is not waited for at each step."""
         self.done += n
         self.bytes += nbytes
         now = time.perf_counter()
@@ -26,14 +28,14 @@ class Progress:
             self.stream.write("\r" + self.line(now, fields))
             self.stream.flush()
 
-    def line(self, now: float | None = None, fields: dict[str, float] | None = None) -> str:
+    def line(self, now: float | None = None, fields: dict[str, Any] | None = None) -> str:
         elapsed = max(1e-9, (now or time.perf_counter()) - self.start)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         parts = [f"{self.what} {self.done}/{self.total}", f"{rate:,.0f} samples/s"]
         if self.bytes:
             parts.append(f"{self.bytes / elapsed / 1e6:,.1f} MB/s")
-        parts += [f"{k} {v:.4g}" for k, v in (fields or {}).items()]
+        parts += [f"{k} {float(v):.4g}" for k, v in (fields or {}).items()]
         parts.append(f"ETA {eta:.0f}s" if eta != float("inf") else "ETA ?")
         return " | ".join(parts) + "   "
 

@@ -235,7 +235,7 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
         seen += rows
         for k, v in parts.items():  # summed on the device: no sync per step
             sums[k] = sums[k].add_(v.detach(), alpha=rows) if k in sums else v.detach() * rows
-        bar.update(len(batch["rows"]), **({"loss": float(loss)} if bar.enabled else {}))
+        bar.update(len(batch["rows"]), loss=loss.detach())  # read when the line is drawn: no device sync per step
         if state["step"] >= loop.total_steps:
             break
         if state["batch"] < count and loop.midway_due(state, run.world):
@@ -289,8 +289,11 @@ class _Loop:
     stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
 
     def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
+        """Rank 0 saves the checkpoint (``_save_epoch``) with every rank's RNG state: under torchrun the ranks draw
+        differently (dropout over an uneven last batch, none in an idle rank's step), and each restores its own."""
+        rngs = distributed.gather(rng)
         if self.rank == 0:
-            self.save_to(state, metrics, rng, replacing=self.replacing, partial=partial)
+            self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial)
             self.replacing = None
         self.saved = _position(state)
 
@@ -898,6 +901,9 @@ def _rng_state() -> Any:
 
 
 def _set_rng_state(state: Any) -> None:
+    if isinstance(state, list):  # torchrun: every rank's, in rank order (a checkpoint of another rank count: rank 0's)
+        rank, world, _ = distributed.ranks()
+        state = state[rank if len(state) == world else 0]
     if isinstance(state, dict):
         torch.set_rng_state(state["cpu"])
         if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():

@@ -88,6 +88,27 @@ def test_progress_bar_goes_to_stderr(tmp_path):
     assert "extract 50/50" not in result.stdout
 
 
+def test_a_progress_field_is_read_only_when_the_line_is_drawn():
+    """train's bar shows the step's loss, a tensor on the training device: reading it (float) waits for the device
+    to finish the step, so it is read when the line is drawn (every 0.5 s, and at the end), not at every step."""
+    import io
+
+    from kdcache.progress import Progress
+
+    class Value:
+        reads = 0
+
+        def __float__(self) -> float:
+            Value.reads += 1
+            return 0.25
+
+    stream = io.StringIO()
+    bar = Progress(100, "epoch 0", enabled=True, stream=stream, every=3600)
+    for _ in range(100):
+        bar.update(1, loss=Value())
+    assert Value.reads == 2 and stream.getvalue().count("loss 0.25") == 2  # the first line and the last
+
+
 # ----------------------------------------------------------------------------------- info --json
 
 

@@ -23,6 +23,7 @@ from kdcache.cli import main
 from kdcache.distributed import extract_distributed
 from kdcache.errors import StoreError
 from kdcache.store import open_store, writer_lock
+from conftest import S3_BUCKET as BUCKET
 from reference import make_pipeline, without_times, write_toml
 
 pytest.importorskip("distributed")
@@ -342,12 +343,15 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
 def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigterm(tiny_store, tmp_path):
     """Rank 1 alone gets SIGTERM as its step 5 begins. Ranks cannot stop at different steps (the others would wait in
     the next all-reduce), so they agree at the next checkpoint (train.checkpoint_every = 3: step 6, inside epoch 1),
-    save it and stop; rank 0 says so in one line. The resumed run reaches the uninterrupted run's weights and losses."""
+    save it and stop; rank 0 says so in one line. The resumed run reaches the uninterrupted run's weights and losses:
+    with dropout too, whose RNG the ranks draw from differently (rank 1 idles in epoch 0's last step, drawing nothing),
+    so the checkpoint holds each rank's RNG state."""
     from conftest import FIXTURES, TINY_TOML
 
     toml = tmp_path / "tiny.toml"  # 50 rows, 2 ranks of batch 8: 4 steps an epoch
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
-    sets = [x for s in ("train.epochs=3", "train.checkpoint_every=3", "train.features={}", "train.eval_split=''") for x in ("--set", s)]
+    dropping = f"student.factory='{FIXTURES}/bad_input.py:dropping'"
+    sets = [x for s in ("train.epochs=3", "train.checkpoint_every=3", "train.features={}", "train.eval_split=''", dropping) for x in ("--set", s)]
     r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "whole"), *sets, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     cut = tmp_path / "cut"
@@ -450,25 +454,10 @@ def test_streams_split_the_plan_disjointly_and_join_back(tiny_store):
     assert not shards[0] & shards[1]  # each rank reads its own shards
 
 
-try:  # the S3-API server on loopback (moto) of the remote-storage tests
-    from test_remote import BUCKET, s3  # noqa: F401
-except BaseException:  # pytest.skip.Exception (moto or s3fs missing) is not an Exception
-    s3 = None
 
 
-@pytest.fixture(scope="module")
-def s3_bucket(s3):
-    """test_remote's S3 server; the bucket is removed afterwards (moto's state is per process, and
-    test_remote's fixture creates the bucket afresh)."""
-    import s3fs
-
-    yield s3
-    s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(BUCKET, recursive=True)
-
-
-@pytest.mark.skipif(s3 is None, reason="needs moto[server] and s3fs (tests/test_remote.py)")
-def test_dask_extract_to_s3_equals_local(toml, single, s3_bucket, tmp_path):
+def test_dask_extract_to_s3_equals_local(toml, single, s3, tmp_path):
     url = f"s3://{BUCKET}/dask.zarr"
-    info = extract_distributed(kdcache.load_pipeline(toml), url, workers=2, storage_options=s3_bucket)
+    info = extract_distributed(kdcache.load_pipeline(toml), url, workers=2, storage_options=s3)
     assert info["complete"]
-    assert_same_store(url, single, options_a=s3_bucket)
+    assert_same_store(url, single, options_a=s3)
