@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,13 +28,16 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         started = time.time()
+        term = {"received": False}
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_ctrl_c(term):
+                return fn(*args, **kwargs)
         except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            stop = _Stopped if term["received"] else _Interrupted  # SIGTERM: exit 143, as a process it ended says
             if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank gets the terminal's Ctrl-C; rank 0 says it
-                sys.exit(130)
-            raise _Interrupted(f"interrupted; {_after_interrupt(fn.__name__, kwargs, started)}") from None
+                sys.exit(stop.exit_code)
+            raise stop(f"{'stopped by SIGTERM' if term['received'] else 'interrupted'}; {_after_interrupt(fn.__name__, kwargs, started)}") from None
         except TrainingStopped as e:  # SIGTERM: a checkpoint was saved; exit 143, as a process ended by SIGTERM says
             if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank stopped at the same step; rank 0 says it
                 sys.exit(_Stopped.exit_code)
@@ -51,6 +55,30 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                                        "fix what that one says and rerun") from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(term: dict[str, bool]) -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption or time limit, ``kill``) stops a command as Ctrl-C does, where Python's
+    default would end the process on the spot: what is written is kept, DataLoader workers are stopped, and a writer
+    lock is released (an S3 store's lock object would otherwise refuse a requeued job until it goes stale).
+    ``train`` takes SIGTERM itself while it trains, to save a checkpoint first. A second SIGTERM ends the process at
+    once. Signals reach the main thread only: elsewhere (a caller's thread) SIGTERM is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        term["received"] = True
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 def _peer_gone(e: RuntimeError) -> bool:

@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import hashlib
 import queue
+import signal
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -384,6 +385,13 @@ def stop_making(batches: Any) -> None:
         made.close()
     if hasattr(batches, "_shutdown_workers"):  # torch's DataLoader has no public way to stop its workers
         batches._shutdown_workers()
+
+
+def leave_sigterm_to_the_main_process(worker: int) -> None:
+    """A DataLoader's ``worker_init_fn``: the worker ignores SIGTERM. A scheduler signals every process of a job, and
+    a worker ended by it would fail the batch its main process is still to finish (train's step, extract's shard
+    writes) before that one stops; the main process ends its workers, and they end with it anyway."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextmanager

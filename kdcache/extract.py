@@ -69,6 +69,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
         collate_fn=data.collate,
         num_workers=x.num_workers,
         pin_memory=run.device.type == "cuda",
+        worker_init_fn=data.leave_sigterm_to_the_main_process,
     )
     background = run.device.type != "cpu" if background is None else background
     with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \

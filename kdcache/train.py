@@ -106,7 +106,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             if t.num_workers > 0 or device.type != "cpu":
                 loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
                                     persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed),
-                                    worker_init_fn=_leave_sigterm_to_the_trainer)
+                                    worker_init_fn=data.leave_sigterm_to_the_main_process)
             with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
                 batches = _start_epoch(transfer, loader, state) if state["step"] < total_steps else iter(())
                 while state["step"] < total_steps:
@@ -325,12 +325,6 @@ class _Loop:
         name = signal.Signals(self.stop["signal"]).name if self.stop["signal"] else "SIGTERM to another rank"
         return TrainingStopped(f"stopped by {name} {_position(state)} (step {state['step']} of {self.total_steps}); "
                                f"its checkpoint is saved in {str(self.out)!r}: run the same command with --resume to continue")
-
-
-def _leave_sigterm_to_the_trainer(worker: int) -> None:
-    """A DataLoader worker ignores SIGTERM: a scheduler signals every process of the job, and a worker ended by it
-    would fail the step the trainer finishes before it stops (the trainer ends its workers; they also end with it)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -334,6 +334,24 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path, zoo_env):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True], ids=["kill", "the-whole-job"])
+def test_sigterm_stops_as_ctrl_c_releasing_the_lock_and_a_rerun_resumes(tmp_path, zoo_env, group):
+    """SIGTERM (a scheduler's preemption, to the process or to every process of the job: DataLoader workers too)
+    mid-extract: the shards written are kept, the writer lock is released at once (a requeued job is not refused),
+    one line, exit 143; the rerun completes the store."""
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4", "extract.num_workers=1")
+    out = tmp_path / "s.zarr"
+    proc = slow_extract(toml, out, shards=2, new_session=group)
+    stderr = signal_and_wait(proc, signal.SIGTERM, group=group)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"]
+    assert 2 <= open_store(out).done().sum() < 30
+    assert not (tmp_path / ".s.zarr.kdcache-lock").exists()
+    zoo_env(N=240)
+    assert invoke("extract", toml, "--out", out).exit_code == 0 and open_store(out).complete
+
+
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_env, fetch_log):
     """A real ``kdcache`` process on a slow dataset (240 samples, 30 shards) is killed, re-run, and compared byte for byte."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")

@@ -413,3 +413,38 @@ def test_writers_racing_for_an_s3_lock_exactly_one_wins(s3, monkeypatch, stale):
     assert len(won) == 1 and len(refused) == 7, (won, refused)
     assert all(f"is being written by kdcache pid {os.getpid()} on " in e for e in refused), refused
     assert read_object(fs, lock) is None
+
+
+def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo_env):
+    """A scheduler's preemption (SIGTERM) must not leave the lock object behind: a requeued job would be refused
+    until it went stale (LOCK_STALE_S). The extract stops as Ctrl-C stops it, deleting its lock; the rerun resumes."""
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/preempted.zarr"
+    lock = f"{S3_BUCKET}/.preempted.zarr.kdcache-lock"
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def shards_done() -> int:
+        try:
+            return int(layout.open_store(url, storage_options=s3).done().sum())
+        except layout.StoreError:  # not created yet, or its manifest not yet written
+            return 0
+
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and shards_done() < 2:
+            time.sleep(0.05)
+        assert read_object(fs, lock) is not None, "the job holds its lock"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.stderr.read().strip().splitlines() == [
+        "Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"]
+    assert read_object(fs, lock) is None
+    assert 2 <= layout.open_store(url, storage_options=s3).done().sum() < 30
+    zoo_env(N=240)  # the dataset the store was made from, without the sleep
+    result = invoke("extract", toml, "--out", url, *options)
+    assert result.exit_code == 0 and "resumed" in result.output, result.output
