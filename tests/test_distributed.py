@@ -242,9 +242,11 @@ def test_a_process_with_another_teacher_writes_nothing(toml, tmp_path, zoo_env, 
     assert int(open_store(str(out)).done().sum()) == 0  # the driver's / rank 0's store, created, with no shard of another teacher
 
 
-def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path, sig):
     """Ctrl-C reaches the terminal's whole process group: the dask workers ignore it (the driver starts them with
-    SIGINT ignored), the driver says its one line and exits 130, and the store resumes."""
+    SIGINT ignored), the driver says its one line and exits 130, and the store resumes. A scheduler's SIGTERM to the
+    job's processes stops it the same way, exit 143."""
     from reference import shards_done, signal_and_wait
 
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
@@ -255,9 +257,10 @@ def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path):
     deadline = time.monotonic() + 120
     while shards_done(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    stderr = signal_and_wait(proc, signal.SIGINT, group=True)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines() == ["Error: interrupted; the shards written so far are kept: run the same command again to resume"]
+    stderr = signal_and_wait(proc, sig, group=True)
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
+    assert stderr.strip().splitlines() == [f"Error: {said}; the shards written so far are kept: run the same command again to resume"]
     result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(out)], env={"ZOO_N": "400", "ZOO_SLEEP": "0"})
     assert result.exit_code == 0, result.output
 
