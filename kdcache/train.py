@@ -113,16 +113,18 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                     count = _check_batches(transfer, state["epoch"], t.batch_size)
                     steps = min(count - state["batch"], total_steps - state["step"])
                     bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
-                    means, partial = _epoch(run, loop, batches, state, count, bar, partial), None
+                    means, partial = _epoch(run, loop, batches, state, count, bar, partial)
                     _check_finite(means, state, out, loop.saved)
                     due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
                     metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
                                **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
-                    state.update(epoch=state["epoch"] + 1, batch=0)
+                    if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
+                        state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
+                        partial = None
                     rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
                     if state["step"] < total_steps:  # streaming, its first buffer is read while this epoch is saved
                         batches = _start_epoch(transfer, loader, state)
-                    loop.save(state, rng, metrics)
+                    loop.save(state, rng, metrics, partial)
                     if loop.stopping(state["step"] < total_steps):
                         raise loop.stopped(state)
             if rank == 0:
@@ -130,7 +132,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                 _save(_on_cpu(run.heads.state_dict()), out / "heads.pt")
         distributed.barrier()  # torchrun: every rank returns after rank 0 has written
         lines = _read_metrics(out)  # none: a resumed run with no step left, whose metrics.jsonl was deleted, still writes its weights
-        last = lines[-1] if lines else {"epoch": state["epoch"] - 1, "step": state["step"]}
+        last = lines[-1] if lines else {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"]}
         return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
     finally:
         data.stop_making(batches)
@@ -211,10 +213,11 @@ def _position(state: dict[str, int]) -> str:
 
 
 def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict[str, int], count: int, bar: Progress,
-           partial: dict[str, Any] | None = None) -> dict[str, float]:
+           partial: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
     """The epoch's batches from ``state["batch"]`` on (of ``count``; or up to the plan's last step); returns the mean of
     each loss term over the rows trained on (a step's loss is its rows' mean: weighted by its rows, a short last batch
-    counts as the rows it holds). ``partial``: the sums of a resumed epoch's batches before. Inside the epoch a
+    counts as the rows it holds), and their sums (``_partial``: for a checkpoint where the plan ends inside the epoch).
+    ``partial``: the sums of a resumed epoch's batches before. Inside the epoch a
     checkpoint is saved every ``train.checkpoint_every`` steps and when a stop is asked for (``_Loop.midway``)."""
     sums, seen = _sums(run, partial)
     run.student.train(), run.heads.train()
@@ -242,9 +245,9 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
             sums, seen = loop.midway(run, state, sums, seen, bar)
     bar.close()
     if not sums:
-        return {"loss": 0.0}
+        return {"loss": 0.0}, None
     totals = _summed(run, sums, seen, loop.stop)
-    return _means(sums, totals)
+    return _means(sums, totals), _partial(sums, totals)
 
 
 def _sums(run: Run, partial: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], int]:
@@ -264,6 +267,11 @@ def _summed(run: Run, sums: dict[str, torch.Tensor], seen: int, stop: dict[str, 
     totals = distributed.sum_over_ranks(torch.stack(counted)).tolist()
     stop["agreed"] = stop["agreed"] or totals[-1] > 0
     return totals[:-1]
+
+
+def _partial(sums: dict[str, torch.Tensor], totals: list[float]) -> dict[str, Any]:
+    """A checkpoint's record of the epoch's loss sums so far, every rank's (``_summed``)."""
+    return {"sums": dict(zip(sums, totals)), "rows": int(totals[-1])}
 
 
 def _means(sums: dict[str, torch.Tensor], totals: list[float]) -> dict[str, float]:
@@ -309,7 +317,7 @@ class _Loop:
         the run before it overwrites the checkpoint."""
         totals = _summed(run, sums, seen, self.stop)
         _check_finite(_means(sums, totals), state, self.out, self.saved)
-        partial = {"sums": dict(zip(sums, totals)), "rows": int(totals[-1])}
+        partial = _partial(sums, totals)
         self.save(state, _rng_state(), None, partial)
         if self.stop["agreed"]:
             bar.close()
@@ -763,7 +771,8 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
                 order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
-    (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far.
+    (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
+(where the plan ends inside an epoch, both: its line, and its sums for a longer plan's --resume).
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's

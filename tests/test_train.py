@@ -7,6 +7,7 @@ store copies one first. Steps are observed by wrapping ``Run.losses`` (the real 
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import json
 import os
@@ -1071,3 +1072,17 @@ def test_a_loss_gone_nan_inside_an_epoch_stops_before_the_next_checkpoint(tiny_s
         train(pipeline(*PLAIN, "train.epochs=2", "train.checkpoint_every=2"), tiny_store, tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
     assert (ckpt["step"], ckpt["batch"]) == (4, 4) and all(torch.isfinite(v).all() for v in ckpt["student"].values())
+
+
+def test_a_plan_ending_inside_an_epoch_is_resumed_there_by_a_longer_one(tiny_store, tmp_path):
+    """train.steps = 10 ends in epoch 1 after its batch 3: a --resume with train.steps = 17 trains that epoch's 4 batches
+    left, then 3 of epoch 2, not 7 of epoch 2 (the rest of epoch 1 skipped). With a constant schedule (its lr does not
+    depend on the plan's length) the result is the uninterrupted 17-step run's, per-epoch losses included."""
+    p = functools.partial(pipeline, "student.factory='bad_input.py:dropping'", *PLAIN, "train.schedule='constant'")
+    train(p("train.steps=17"), tiny_store, tmp_path / "whole")
+    train(p("train.steps=10"), tiny_store, tmp_path / "cut")
+    ckpt = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 3, 10)
+    assert [m["step"] for m in metrics(tmp_path / "cut")] == [7, 10]  # the plan's last epoch, cut short, has its line
+    train(p("train.steps=17"), tiny_store, tmp_path / "cut", resume=True)
+    same_run(tmp_path / "cut", tmp_path / "whole")
