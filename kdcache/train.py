@@ -645,7 +645,10 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             dataset = data.load(pipeline, t.eval_split)
         except PipelineError as e:  # named as what asked for the split: pipelines copied from mnist.toml ask for "test"
             raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
-        source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate)
+        # a generator of its own: each iterator draws a seed, which from torch's global RNG would move the dropout that
+        # follows (a run resumed with another train.eval_every would train other weights)
+        source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate,
+                            generator=torch.Generator())
     _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
                       agreement=bool(t.eval_cache))
 

@@ -1086,3 +1086,15 @@ def test_a_plan_ending_inside_an_epoch_is_resumed_there_by_a_longer_one(tiny_sto
     assert [m["step"] for m in metrics(tmp_path / "cut")] == [7, 10]  # the plan's last epoch, cut short, has its line
     train(p("train.steps=17"), tiny_store, tmp_path / "cut", resume=True)
     same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_what_a_run_reports_does_not_change_what_it_trains(tiny_store, tmp_path):
+    """train.eval_every (and eval_split) may change on --resume: evaluating must not draw from the RNG dropout draws
+    from, or a run resumed with another eval_every reaches other weights than the uninterrupted one."""
+    p = functools.partial(pipeline, "student.factory='bad_input.py:dropping'", "train.features={}", "train.epochs=3")
+    train(p("train.eval_every=1"), tiny_store, tmp_path / "whole")
+    train_cut_after_first_epoch(p("train.eval_every=1"), tiny_store, tmp_path / "cut")
+    train(p("train.eval_every=0"), tiny_store, tmp_path / "cut", resume=True)
+    a, b = (torch.load(run / "student.pt", weights_only=True) for run in (tmp_path / "cut", tmp_path / "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
