@@ -97,7 +97,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
             loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
                          functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order),
-                         pipeline if replacing else None, _position(state) if checkpoint is not None else "")
+                         pipeline if replacing else None, _position(state) if checkpoint is not None else "",
+                         "run the same command again" if resume else
+                         "run it again with --resume instead of --overwrite" if overwrite else "run the same command with --resume")
             start = time.perf_counter()
             # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
             # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
@@ -294,6 +296,7 @@ class _Loop:
     save_to: Callable[..., None]
     replacing: Pipeline | None = None
     saved: str = ""
+    again: str = "run the same command with --resume"  # how to resume, for TrainingStopped (the CLI refuses --resume --overwrite)
     stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
 
     def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
@@ -332,7 +335,7 @@ class _Loop:
     def stopped(self, state: dict[str, int]) -> TrainingStopped:
         name = signal.Signals(self.stop["signal"]).name if self.stop["signal"] else "SIGTERM to another rank"
         return TrainingStopped(f"stopped by {name} {_position(state)} (step {state['step']} of {self.total_steps}); "
-                               f"its checkpoint is saved in {str(self.out)!r}: run the same command with --resume to continue")
+                               f"its checkpoint is saved in {str(self.out)!r}: {self.again} to continue")
 
 
 @contextlib.contextmanager

@@ -1098,3 +1098,23 @@ def test_what_a_run_reports_does_not_change_what_it_trains(tiny_store, tmp_path)
     a, b = (torch.load(run / "student.pt", weights_only=True) for run in (tmp_path / "cut", tmp_path / "whole"))
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+
+
+def test_sigterm_to_an_overwrite_run_names_a_command_that_resumes_it(tiny_store, tmp_path, monkeypatch):
+    """--resume and --overwrite together are refused: a run started with --overwrite and stopped by SIGTERM must not
+    be told to run "the same command with --resume"."""
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--no-progress", *(a for s in PLAIN for a in ("--set", s))]
+
+    def stopped(*extra: str) -> str:
+        result = CliRunner().invoke(cli.main, [*args, *extra])
+        assert result.exit_code == 143, result.output
+        [line] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        return line.split(f"is saved in {str(out)!r}: ")[1]
+
+    assert CliRunner().invoke(cli.main, [*args, "--set", "train.epochs=1"]).exit_code == 0
+    sigterm_at_step(monkeypatch, 3)
+    assert stopped("--overwrite") == "run it again with --resume instead of --overwrite to continue"
+    monkeypatch.undo()
+    sigterm_at_step(monkeypatch, 2)
+    assert stopped("--resume") == "run the same command again to continue"
