@@ -77,6 +77,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             distributed.broadcast_parameters([run.student, run.heads])
             run.world = world
         _check_batches(transfer, 0, t.batch_size)
+        rows_per_step = t.batch_size * (transfer.streams if transfer.stream is None else 1)  # streams in one process: joined
         # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
         total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
         if checkpoint is not None:
@@ -114,7 +115,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                 while state["step"] < total_steps:
                     count = _check_batches(transfer, state["epoch"], t.batch_size)
                     steps = min(count - state["batch"], total_steps - state["step"])
-                    bar = Progress(steps * t.batch_size, f"epoch {state['epoch']}", enabled=progress and rank == 0)
+                    bar = Progress(steps * rows_per_step, f"epoch {state['epoch']}", enabled=progress and rank == 0)
                     means, partial = _epoch(run, loop, batches, state, count, bar, partial)
                     _check_finite(means, state, out, loop.saved)
                     due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)

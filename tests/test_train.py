@@ -1118,3 +1118,12 @@ def test_sigterm_to_an_overwrite_run_names_a_command_that_resumes_it(tiny_store,
     monkeypatch.undo()
     sigterm_at_step(monkeypatch, 2)
     assert stopped("--resume") == "run the same command again to continue"
+
+
+def test_the_progress_line_counts_a_joined_steps_rows(tiny_store, tmp_path, capsys):
+    """train.streams = 2 in one process: a step joins two batches. The line's total counts them (else it reads
+    "50/32" and, past its total, is drawn at every step: the loss read from the device each step)."""
+    train(pipeline(*PLAIN, "train.epochs=1", "train.streams=2", "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1"),
+          tiny_store, tmp_path / "run", progress=True)
+    drawn = [tuple(map(int, m)) for m in re.findall(r"epoch 0 (\d+)/(\d+)", capsys.readouterr().err)]
+    assert drawn and all(done <= total for done, total in drawn), drawn
