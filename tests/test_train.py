@@ -1127,3 +1127,15 @@ def test_the_progress_line_counts_a_joined_steps_rows(tiny_store, tmp_path, caps
           tiny_store, tmp_path / "run", progress=True)
     drawn = [tuple(map(int, m)) for m in re.findall(r"epoch 0 (\d+)/(\d+)", capsys.readouterr().err)]
     assert drawn and all(done <= total for done, total in drawn), drawn
+
+
+def test_a_checkpoint_of_kdcache_0_1_3_resumes_to_the_uninterrupted_run(tiny_store, tmp_path):
+    """kdcache 0.1.3 saved checkpoints at epochs' ends only, with no ``batch`` or ``partial`` key and ``rng`` a tensor."""
+    p = pipeline("student.factory='bad_input.py:dropping'", *PLAIN, "train.epochs=3")
+    train(p, tiny_store, tmp_path / "whole")
+    train_cut_after_first_epoch(p, tiny_store, tmp_path / "cut")
+    ckpt = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+    assert ckpt.pop("batch") == 0 and "partial" not in ckpt and isinstance(ckpt["rng"], torch.Tensor)
+    torch.save(ckpt, tmp_path / "cut" / CHECKPOINT)
+    train(p, tiny_store, tmp_path / "cut", resume=True)
+    same_run(tmp_path / "cut", tmp_path / "whole")
