@@ -62,7 +62,6 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
     hooks: list[Any] = []  # the student's feature hooks: removed however the run ends (the factory may return a model it keeps)
-    batches: Any = iter(())  # the epoch's batches, made ahead: stopped however the run ends
     try:
         run = setup(pipeline, store, dataset, device, hooks)
         transfer = cache.TransferSet(
@@ -77,7 +76,6 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             distributed.broadcast_parameters([run.student, run.heads])
             run.world = world
         _check_batches(transfer, 0, t.batch_size)
-        rows_per_step = t.batch_size * (transfer.streams if transfer.stream is None else 1)  # streams in one process: joined
         # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
         total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
         if checkpoint is not None:
@@ -101,46 +99,56 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                          pipeline if replacing else None, _position(state) if checkpoint is not None else "",
                          "run the same command again" if resume else
                          "run it again with --resume instead of --overwrite" if overwrite else "run the same command with --resume")
-            start = time.perf_counter()
-            # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
-            # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
-            # per-batch bookkeeping (a profiler record per batch, ~5 % of a tiny student's epoch).
-            loader: Any = transfer
-            if t.num_workers > 0 or device.type != "cpu":
-                loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                                    persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed),
-                                    worker_init_fn=data.leave_sigterm_to_the_main_process)
-            with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
-                batches = _start_epoch(transfer, loader, state) if state["step"] < total_steps else iter(())
-                while state["step"] < total_steps:
-                    count = _check_batches(transfer, state["epoch"], t.batch_size)
-                    steps = min(count - state["batch"], total_steps - state["step"])
-                    bar = Progress(steps * rows_per_step, f"epoch {state['epoch']}", enabled=progress and rank == 0)
-                    means, partial = _epoch(run, loop, batches, state, count, bar, partial)
-                    _check_finite(means, state, out, loop.saved)
-                    due = state["step"] >= total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
-                    metrics = {"epoch": state["epoch"], "step": state["step"], "lr": schedule.get_last_lr()[0], **means,
-                               **(evaluate() if due else {}), "seconds": time.perf_counter() - start}
-                    if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
-                        state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
-                        partial = None
-                    rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
-                    if state["step"] < total_steps:  # streaming, its first buffer is read while this epoch is saved
-                        batches = _start_epoch(transfer, loader, state)
-                    loop.save(state, rng, metrics, partial)
-                    if loop.stopping(state["step"] < total_steps):
-                        raise loop.stopped(state)
+            _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
             if rank == 0:
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
                 _save(_on_cpu(run.heads.state_dict()), out / "heads.pt")
         distributed.barrier()  # torchrun: every rank returns after rank 0 has written
         lines = _read_metrics(out)  # none: a resumed run with no step left, whose metrics.jsonl was deleted, still writes its weights
         last = lines[-1] if lines else {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"]}
-        return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - start, "out": str(out)}
+        return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - loop.started, "out": str(out)}
     finally:
-        data.stop_making(batches)
         for hook in hooks:
             hook.remove()
+
+
+def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: dict[str, int], partial: dict[str, Any] | None,
+            evaluate: Callable[[], dict[str, float]], progress: bool) -> None:
+    """Train from ``state`` (and a resumed epoch's loss sums, ``partial``) to the plan's end: each epoch's steps,
+    its evaluation when due (``train.eval_every``), its metrics line and checkpoint."""
+    # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
+    # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
+    # per-batch bookkeeping (a profiler record per batch, ~5 % of a tiny student's epoch).
+    loader: Any = transfer
+    if t.num_workers > 0 or run.device.type != "cpu":
+        loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=run.device.type == "cuda",
+                            persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed),
+                            worker_init_fn=data.leave_sigterm_to_the_main_process)
+    rows_per_step = t.batch_size * (transfer.streams if transfer.stream is None else 1)  # streams in one process: joined
+    batches: Any = iter(())  # the epoch's batches, made ahead: stopped however the run ends
+    try:
+        with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
+            batches = _start_epoch(transfer, loader, state) if state["step"] < loop.total_steps else iter(())
+            while state["step"] < loop.total_steps:
+                count = _check_batches(transfer, state["epoch"], t.batch_size)
+                steps = min(count - state["batch"], loop.total_steps - state["step"])
+                bar = Progress(steps * rows_per_step, f"epoch {state['epoch']}", enabled=progress and loop.rank == 0)
+                means, partial = _epoch(run, loop, batches, state, count, bar, partial)
+                _check_finite(means, state, loop.out, loop.saved)
+                due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
+                metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.schedule.get_last_lr()[0], **means,
+                           **(evaluate() if due else {}), "seconds": time.perf_counter() - loop.started}
+                if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
+                    state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
+                    partial = None
+                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
+                if state["step"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved
+                    batches = _start_epoch(transfer, loader, state)
+                loop.save(state, rng, metrics, partial)
+                if loop.stopping(state["step"] < loop.total_steps):
+                    raise loop.stopped(state)
+    finally:
+        data.stop_making(batches)
 
 
 @contextlib.contextmanager
@@ -286,7 +294,8 @@ def _means(sums: dict[str, torch.Tensor], totals: list[float]) -> dict[str, floa
 class _Loop:
     """What the epochs of a run share: the optimizer and its schedule, the plan's length, and rank 0's checkpoints of
     OUT (``save``: ``_save_epoch`` less the state; ``replacing``: the pipeline of an ``--overwrite`` run whose first
-    checkpoint is still to replace the earlier run's files; ``saved``: where the last checkpoint is, for messages)."""
+    checkpoint is still to replace the earlier run's files; ``saved``: where the last checkpoint is, and ``again``: the
+    command that resumes the run, for messages; ``stop``: SIGTERM's request, and the ranks' agreement on it)."""
 
     optimizer: torch.optim.Optimizer
     schedule: Any
@@ -299,6 +308,7 @@ class _Loop:
     saved: str = ""
     again: str = "run the same command with --resume"  # how to resume, for TrainingStopped (the CLI refuses --resume --overwrite)
     stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
+    started: float = field(default_factory=time.perf_counter)  # for the metrics' "seconds"
 
     def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
         """Rank 0 saves the checkpoint (``_save_epoch``) with every rank's RNG state: under torchrun the ranks draw
@@ -779,7 +789,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
     (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
-(where the plan ends inside an epoch, both: its line, and its sums for a longer plan's --resume).
+    (where the plan ends inside an epoch, both: its line, and its sums for a longer plan's --resume).
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's
