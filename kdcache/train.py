@@ -91,7 +91,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                 if rank == 0:
                     print(f"resuming {str(out)!r} {_position(state)} (step {state['step']} of {total_steps})")
                 _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
-            evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
+            with _rng_kept(device):  # made after a resume restored the RNG: its dataset and check draw nothing training would
+                evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
             # an earlier run's files (--overwrite) stay until this run's first checkpoint is saved
             replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
             loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
@@ -673,7 +674,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             source.set_epoch(next(evaluations))  # the first evaluation checks fingerprint_check, later ones the recheck
         run.student.eval()
         correct = agree = teacher_correct = n = 0
-        with torch.no_grad(), data.autocast(device, run.precision):
+        with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
             for batch in source:
                 logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
                 pred = logits.argmax(-1).cpu()
@@ -692,6 +693,13 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         return out
 
     return evaluate
+
+
+def _rng_kept(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """torch's global RNG (and ``device``'s) as it was, after the block: what evaluation draws (a student that samples
+    in eval mode, Monte Carlo dropout; its dataset) must not move what training draws next (dropout), or the weights
+    would depend on train.eval_every, which may change on --resume."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
 
 
 def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, agreement: bool = False) -> None:

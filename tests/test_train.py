@@ -1088,10 +1088,12 @@ def test_a_plan_ending_inside_an_epoch_is_resumed_there_by_a_longer_one(tiny_sto
     same_run(tmp_path / "cut", tmp_path / "whole")
 
 
-def test_what_a_run_reports_does_not_change_what_it_trains(tiny_store, tmp_path):
-    """train.eval_every (and eval_split) may change on --resume: evaluating must not draw from the RNG dropout draws
-    from, or a run resumed with another eval_every reaches other weights than the uninterrupted one."""
-    p = functools.partial(pipeline, "student.factory='bad_input.py:dropping'", "train.features={}", "train.epochs=3")
+@pytest.mark.parametrize("student", ["dropping", "sampled_in_eval"])
+def test_what_a_run_reports_does_not_change_what_it_trains(tiny_store, tmp_path, student):
+    """train.eval_every (and eval_split) may change on --resume: evaluating must not move the RNG dropout draws
+    from, or a run resumed with another eval_every reaches other weights than the uninterrupted one: neither its
+    DataLoader's seed nor a student that samples in evaluation too (Monte Carlo dropout)."""
+    p = functools.partial(pipeline, f"student.factory='bad_input.py:{student}'", "train.features={}", "train.epochs=3")
     train(p("train.eval_every=1"), tiny_store, tmp_path / "whole")
     train_cut_after_first_epoch(p("train.eval_every=1"), tiny_store, tmp_path / "cut")
     train(p("train.eval_every=0"), tiny_store, tmp_path / "cut", resume=True)
