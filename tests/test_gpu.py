@@ -116,6 +116,39 @@ def test_cuda_resume_with_dropout_reaches_the_uninterrupted_weights(tmp_path, ti
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_cuda_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, tiny_store, monkeypatch):
+    """SIGTERM inside an epoch on a GPU (a DataLoader with pinned memory serves the batches): the checkpoint saved
+    there holds the CUDA generator's state and the epoch's loss sums (read off the device once, there); the resumed
+    epoch serves its remaining batches and reaches the uninterrupted run's weights."""
+    import os
+    import signal
+
+    from kdcache.errors import TrainingStopped
+    from kdcache.train import Run
+
+    p = kdcache.load_pipeline(FIXTURES / "tiny.toml", ["train.device='cuda'", "student.factory='bad_input.py:dropping'",
+                                                       "train.features={}", "train.eval_split=''", "train.epochs=3"])
+    kdcache.train(p, tiny_store, tmp_path / "whole")
+    calls, losses_of = iter(range(1, 10**9)), Run.losses
+
+    def step(self, batch):
+        if next(calls) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(Run, "losses", step)
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM in epoch 1 after batch 3 \(step 10 of 21\)"):
+        kdcache.train(p, tiny_store, tmp_path / "cut")
+    monkeypatch.undo()
+    assert isinstance(torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["rng"], dict)  # CPU and CUDA states
+    kdcache.train(p, tiny_store, tmp_path / "cut", resume=True)
+    got, want = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("cut", "whole"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("cut", "whole")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 @pytest.mark.parametrize("select", ["0.0", "0.1:", "0.mean", "0.transpose"], ids=["class-token", "patch-tokens", "mean", "transpose"])
 def test_cuda_select_steps_store_the_cpu_rows(tmp_path, select):
     """Select steps run on the device, before the pinned copy: a slice or a transpose is a view that is not contiguous,
