@@ -96,10 +96,10 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
     if command == "train":
         checkpoint = Path(options["out"]) / "checkpoint.pt"
         if checkpoint.exists() and checkpoint.stat().st_mtime >= started:  # this run saved a checkpoint
-            again = ("run the same command again" if options.get("resume") else
+            again = ("run the same command again" if options.get("resume") or options.get("auto_resume") else
                      "run it again with --resume instead of --overwrite" if options.get("overwrite") else "run it again with --resume")
             return f"its last checkpoint is kept: {again} to continue"
-        if options.get("resume"):
+        if options.get("resume") or (options.get("auto_resume") and checkpoint.exists()):
             return "no new checkpoint was saved: run the same command again to continue from the last one"
         if options.get("overwrite"):
             return "no checkpoint was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
@@ -294,6 +294,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 @click.option("--device", help="Shortcut for --set train.device=DEVICE.")
 @click.option("--eval-cache", help="Shortcut for --set train.eval_cache=STORE (a store of the eval split).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--auto-resume", is_flag=True, help="Continue the run in OUT if it holds a checkpoint, else start one (a job a scheduler requeues).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a run.")
 @click.option("--allow-partial", is_flag=True, help="Train on the completed shards of an incomplete store.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object (training's notes under \"notes\").")
@@ -301,13 +302,15 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 @progress_option
 @_errors
 def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ...], epochs: int | None, batch_size: int | None,
-          device: str | None, eval_cache: str | None, resume: bool, overwrite: bool, allow_partial: bool, as_json: bool,
-          storage_items: tuple[str, ...], progress: bool | None) -> None:
+          device: str | None, eval_cache: str | None, resume: bool, auto_resume: bool, overwrite: bool, allow_partial: bool,
+          as_json: bool, storage_items: tuple[str, ...], progress: bool | None) -> None:
     """Train the student of PIPELINE from the store CACHE alone (the teacher is never built)."""
     from kdcache.train import train as run_training
 
-    if resume and overwrite:
-        raise click.UsageError("--resume continues the run in OUT and --overwrite replaces it; pass one of --resume and --overwrite")
+    if sum((resume, auto_resume, overwrite)) > 1:
+        given = " and ".join(name for name, on in (("--resume", resume), ("--auto-resume", auto_resume), ("--overwrite", overwrite)) if on)
+        raise click.UsageError(f"{given} were given; --resume continues the run in OUT, --auto-resume continues it if it has a "
+                               "checkpoint (else starts it), --overwrite replaces it: pass one of them")
     if epochs is not None and any(o.partition("=")[0].strip() == "train.steps" for o in overrides):
         raise click.UsageError("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them")
     p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.steps": None if epochs is None else 0,
@@ -315,7 +318,7 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
                                       "train.eval_cache": eval_cache})
     # --json: stdout is one JSON object, so the notes training prints (a projection head made, a run resumed) go into it
     with contextlib.redirect_stdout(io.StringIO()) if as_json else contextlib.nullcontext() as notes:
-        result = run_training(p, cache_location, out, resume=resume, overwrite=overwrite, allow_partial=allow_partial,
+        result = run_training(p, cache_location, out, resume="auto" if auto_resume else resume, overwrite=overwrite, allow_partial=allow_partial,
                               progress=_progress(progress), storage_options=_storage_options(storage_items))
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun, rank 0 reports

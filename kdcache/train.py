@@ -38,7 +38,7 @@ from kdcache.progress import Progress
 CHECKPOINT = "checkpoint.pt"
 
 
-def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str | os.PathLike[str], *, resume: bool = False,
+def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str | os.PathLike[str], *, resume: bool | str = False,
           overwrite: bool = False, allow_partial: bool = False, progress: bool = False,
           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``pipeline.student`` from the store at ``cache_location`` (any location, with fsspec
@@ -47,9 +47,16 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``. Seeds torch's global RNG with
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
+    ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues).
     """
     t, out, cache_location = pipeline.train, Path(out), str(cache_location)
     check_values(pipeline)
+    again = "run the same command again" if resume else "run it again with --resume instead of --overwrite" if overwrite else \
+        "run the same command with --resume"  # to continue a run that stops (TrainingStopped)
+    if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
+        resume = (out / CHECKPOINT).is_file()
+    elif resume not in (True, False):
+        raise PipelineError(f"resume must be True, False or \"auto\", got {resume!r}")
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:
         layout.refuse_if_being_written(out)  # before the store, dataset and student are loaded
@@ -97,9 +104,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
             loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
                          functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order),
-                         pipeline if replacing else None, _position(state) if checkpoint is not None else "",
-                         "run the same command again" if resume else
-                         "run it again with --resume instead of --overwrite" if overwrite else "run the same command with --resume")
+                         pipeline if replacing else None, _position(state) if checkpoint is not None else "", again)
             _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
             if rank == 0:
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU

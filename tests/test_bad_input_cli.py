@@ -76,7 +76,7 @@ CASES = [
     Case("import-store-empty", lambda c: ["import", c.tmp / "e.h5", ""], ("'STORE': '' is empty", "(see 'kdcache import --help')"),
          code=2, store=True, prior=exported),
     # -- train's flags
-    Case("train-resume-and-overwrite", lambda c: train(c, "--resume", "--overwrite"), ("pass one of --resume and --overwrite",),
+    Case("train-resume-and-overwrite", lambda c: train(c, "--resume", "--overwrite"), ("--resume and --overwrite were given", "--resume continues the run in OUT", "--overwrite replaces it: pass one of them"),
          code=2, store=True, prior=trained),
     Case("train-epochs-and-steps", lambda c: train(c, "--epochs", "2", "--set", "train.steps=5"),
          ("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them",), code=2, store=True),

@@ -1141,3 +1141,26 @@ def test_a_checkpoint_of_kdcache_0_1_3_resumes_to_the_uninterrupted_run(tiny_sto
     torch.save(ckpt, tmp_path / "cut" / CHECKPOINT)
     train(p, tiny_store, tmp_path / "cut", resume=True)
     same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_auto_resume_starts_a_run_and_continues_it_with_the_same_command(tiny_store, tmp_path, monkeypatch, capsys):
+    """A job a scheduler requeues runs one command each time: --auto-resume starts the run where OUT has no checkpoint
+    and continues it where it has one (a SIGTERM's, inside an epoch), reaching the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--no-progress", "--epochs", "3",
+            *(a for s in PLAIN for a in ("--set", s))]
+    assert CliRunner().invoke(cli.main, [*args[:5], str(tmp_path / "whole"), *args[6:]]).exit_code == 0
+    sigterm_at_step(monkeypatch, 10)
+    first = CliRunner().invoke(cli.main, [*args, "--auto-resume"])
+    assert first.exit_code == 143, first.output
+    assert first.output.strip().endswith(f"its checkpoint is saved in {str(out)!r}: run the same command again to continue"), first.output
+    monkeypatch.undo()
+    again = CliRunner().invoke(cli.main, [*args, "--auto-resume"])
+    assert again.exit_code == 0, again.output
+    assert f"resuming {str(out)!r} in epoch 1 after batch 3 (step 10 of 21)" in again.output
+    same_run(out, tmp_path / "whole")
+    for refused in (["--auto-resume", "--overwrite"], ["--resume", "--auto-resume"]):
+        result = CliRunner().invoke(cli.main, [*args, *refused])
+        assert result.exit_code == 2 and f"{' and '.join(refused)} were given" in result.output, result.output
+    with pytest.raises(PipelineError, match=r'resume must be True, False or "auto", got \'yes\''):
+        train(pipeline(*PLAIN), tiny_store, tmp_path / "other", resume="yes")
