@@ -41,7 +41,8 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except TrainingStopped as e:  # SIGTERM: a checkpoint was saved; exit 143, as a process ended by SIGTERM says
             if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank stopped at the same step; rank 0 says it
                 sys.exit(_Stopped.exit_code)
-            raise _Stopped(str(e)) from None
+            # its advice is train's options'; a command that trains for its own ends (demo) says how to rerun itself
+            raise _Stopped(str(e) if fn.__name__ == "train" else f"stopped by SIGTERM; {_after_interrupt(fn.__name__, kwargs, started)}") from None
         except KdcacheError as e:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each
             # ("Task was destroyed but it is pending!") after the one Error line.
