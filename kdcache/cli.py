@@ -28,16 +28,16 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         started = time.time()
-        term = {"received": False}
         try:
-            with _sigterm_as_ctrl_c(term):
+            with _sigterm_as_ctrl_c():
                 return fn(*args, **kwargs)
-        except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
+        except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-            stop = _Stopped if term["received"] else _Interrupted  # SIGTERM: exit 143, as a process it ended says
+            term = isinstance(e, _Terminated)
+            stop = _Stopped if term else _Interrupted  # SIGTERM: exit 143, as a process it ended says
             if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank gets the terminal's Ctrl-C; rank 0 says it
                 sys.exit(stop.exit_code)
-            raise stop(f"{'stopped by SIGTERM' if term['received'] else 'interrupted'}; {_after_interrupt(fn.__name__, kwargs, started)}") from None
+            raise stop(f"{'stopped by SIGTERM' if term else 'interrupted'}; {_after_interrupt(fn.__name__, kwargs, started)}") from None
         except TrainingStopped as e:  # SIGTERM: a checkpoint was saved; exit 143, as a process ended by SIGTERM says
             if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: every rank stopped at the same step; rank 0 says it
                 sys.exit(_Stopped.exit_code)
@@ -58,8 +58,14 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C is, so that every clean-up for Ctrl-C runs. A subclass, not KeyboardInterrupt itself:
+    CPython remembers a KeyboardInterrupt that left code it ran through ``PyRun_*`` (as C extensions do) and, even
+    when it was handled, ends the process by SIGINT once the command has said its line and exited 143."""
+
+
 @contextlib.contextmanager
-def _sigterm_as_ctrl_c(term: dict[str, bool]) -> Iterator[None]:
+def _sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (a scheduler's preemption or time limit, ``kill``) stops a command as Ctrl-C does, where Python's
     default would end the process on the spot: what is written is kept, DataLoader workers are stopped, and a writer
     lock is released (an S3 store's lock object would otherwise refuse a requeued job until it goes stale).
@@ -70,9 +76,8 @@ def _sigterm_as_ctrl_c(term: dict[str, bool]) -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        term["received"] = True
         signal.signal(signum, signal.SIG_DFL)
-        raise KeyboardInterrupt
+        raise _Terminated
 
     before = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, stop)

@@ -247,6 +247,42 @@ def test_train_sigterm_to_its_process_group_stops_at_a_checkpoint_and_resumes(tr
     assert_same_training(out, trained["reference"])
 
 
+@pytest.mark.slow
+def test_a_job_preempted_at_random_moments_and_requeued_reaches_the_uninterrupted_weights(tiny_store, tmp_path):
+    """A preemptible job: the same `kdcache train … --auto-resume` command, SIGTERMed by wall clock at seeded random
+    moments (while Python starts, while the run is set up, inside and between epochs, while it evaluates or saves,
+    after the last step), run again until it exits 0, reaches the weights and per-epoch losses of one uninterrupted
+    run (a dropout student: the RNG is restored wherever it stopped)."""
+    args = ["train", TINY_TOML, "--cache", tiny_store, "--epochs", "80", "--batch-size", "2", "--set", "train.checkpoint_every=9", "--set",
+            f"student.factory='{FIXTURES}/bad_input.py:dropping'", "--set", "train.features={}", "--no-progress"]
+    whole = invoke(*args, "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    out, rng, ends = tmp_path / "preempted", random.Random(21), Counter()
+    for attempt in range(40):
+        proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *map(str, args), "--out", str(out), "--auto-resume"],
+                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            returncode = proc.wait(timeout=rng.uniform(1.0, 5.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(timeout=60)
+        stderr = proc.stderr.read()
+        ends[returncode] += 1
+        # 143: stopped with its one line; -15: SIGTERM before kdcache's handler was installed (Python starting)
+        assert returncode in (0, 143, -signal.SIGTERM), f"attempt {attempt}: {returncode}: {stderr[-2000:]}"
+        assert returncode != 143 or (len(stderr.strip().splitlines()) == 1 and stderr.startswith("Error: stopped by SIGTERM")), stderr
+        if returncode == 0:
+            break
+    assert returncode == 0 and ends[143] >= 3, ends  # several stops landed, and the job ended
+    for name in ("student.pt", "heads.pt"):
+        a, b = (torch.load(run / name, weights_only=True) for run in (out, tmp_path / "whole"))
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    lines = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (out, tmp_path / "whole")]
+    assert [m["epoch"] for m in lines[0]] == list(range(80))
+    assert [m["loss"] for m in lines[0]] == [m["loss"] for m in lines[1]]
+    assert [m["eval_accuracy"] for m in lines[0]] == [m["eval_accuracy"] for m in lines[1]]
+
+
 # ------------------------------------------------------------------------------ 2. concurrent readers
 
 
