@@ -1670,18 +1670,22 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
         raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
                          "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
+    except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
+        _drop_if_ours(*lock, token)
+        raise
     if etag is None:
         yield
         return
     held = {"etag": etag, "lost_to": None}
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(*lock, holder, token, held, stop), name="kdcache-lock-heartbeat", daemon=True)
-    beat.start()
     try:
+        beat.start()  # inside: a Ctrl-C while it starts removes the lock too
         yield
     finally:
         stop.set()
-        beat.join()
+        with contextlib.suppress(RuntimeError):  # not started
+            beat.join()
         try:
             if held["lost_to"] is None:
                 lock[0].call_s3("delete_object", Bucket=lock[1], Key=lock[2], IfMatch=held["etag"])  # only while it is ours
@@ -1745,6 +1749,14 @@ def _heartbeat(fs: Any, bucket: str, key: str, holder: str, token: str, held: di
             if isinstance(e, OSError) and _lost_race(e):
                 held["lost_to"] = _taker(fs, bucket, key)
                 return
+
+
+def _drop_if_ours(fs: Any, bucket: str, key: str, token: str) -> None:
+    """Delete the lock object if it is the one our ``token`` made (a PUT interrupted after it landed), else leave it."""
+    with contextlib.suppress(Exception):  # noqa: BLE001 - best effort: one left behind is taken over once stale
+        seen = _read_lock(fs, bucket, key)
+        if seen is not None and token in seen[0].decode(errors="replace"):
+            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=seen[1])
 
 
 def _taker(fs: Any, bucket: str, key: str) -> str:

@@ -448,3 +448,74 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
     zoo_env(N=240)  # the dataset the store was made from, without the sleep
     result = invoke("extract", toml, "--out", url, *options)
     assert result.exit_code == 0 and "resumed" in result.output, result.output
+
+
+def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp_path, zoo_env):
+    """A scheduler's SIGTERM reaches every process of the job (Slurm signals the whole step), torchrun among them,
+    and torchrun passes it on to its ranks: each rank gets SIGTERM twice, the second while it is cleaning up. Rank 0
+    still deletes its lock object (a requeued job is not refused for LOCK_STALE_S), and only rank 0 speaks."""
+    import socket
+
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/torchrun-preempted.zarr"
+    lock = f"{S3_BUCKET}/.torchrun-preempted.zarr.kdcache-lock"
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "400", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                             "--master-port", str(port), "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def shards_done() -> int:
+        try:
+            return int(layout.open_store(url, storage_options=s3).done().sum())
+        except layout.StoreError:
+            return 0
+
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and shards_done() < 2:
+            time.sleep(0.05)
+        assert read_object(fs, lock) is not None, "rank 0 holds the lock"
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks, as Slurm does
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = proc.stderr.read()
+    assert read_object(fs, lock) is None, f"rank 0 left its lock object behind: {stderr[-3000:]}"
+    ours = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert ours == ["Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"], stderr[-3000:]
+
+
+@pytest.mark.parametrize("when", ["taking it", "starting its heartbeat"])
+def test_ctrl_c_as_an_s3_lock_is_taken_leaves_no_lock_object(s3, monkeypatch, when):
+    """Ctrl-C (or SIGTERM, which the CLI turns into one) that arrives just as the lock object has been made, before the
+    block that removes it is entered, must not leave it behind: a rerun would be refused for LOCK_STALE_S."""
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/interrupted-{when.split()[0]}.zarr"
+    lock = f"{S3_BUCKET}/.interrupted-{when.split()[0]}.zarr.kdcache-lock"
+    if when == "taking it":
+        take = layout._take_object_lock
+
+        def interrupted(*args):
+            etag = take(*args)  # made: the PUT succeeded
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, raised as KeyboardInterrupt at once
+            return etag
+
+        monkeypatch.setattr(layout, "_take_object_lock", interrupted)
+    else:
+        start = threading.Thread.start
+
+        def interrupted(self):
+            start(self)
+            if self.name == "kdcache-lock-heartbeat":
+                os.kill(os.getpid(), signal.SIGINT)
+
+        monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with writer_lock(url, s3):
+            pytest.fail("the block never runs")
+    assert read_object(fs, lock) is None, "a lock object left behind by an interrupted writer"
+    assert not [t for t in threading.enumerate() if t.name == "kdcache-lock-heartbeat"], "its heartbeat outlives it"
