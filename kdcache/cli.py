@@ -110,7 +110,7 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         if options.get("overwrite"):
             return "no checkpoint was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
         return "no checkpoint was saved: run the same command again"
-    return {"demo": "run kdcache demo again", "pack": "no file was written", "export": "no file was written"}.get(command, "nothing was changed")
+    return {"demo": "run the same command again (the demo starts afresh)", "pack": "no file was written", "export": "no file was written"}.get(command, "nothing was changed")
 
 
 class _Interrupted(click.ClickException):

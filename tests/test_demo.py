@@ -35,3 +35,31 @@ def test_demo_meets_the_transfer_set_targets(tmp_path):
                           capture_output=True, text=True, check=True)
     summary = json.loads(info.stdout)
     assert summary["complete"] and summary["num_samples"] == 50_000
+
+
+def test_sigterm_while_the_demo_trains_names_a_command_demo_takes(tmp_path):
+    """SIGTERM while a demo student trains: train saves a checkpoint and stops, but its message ("run it again with
+    --resume instead of --overwrite") names options kdcache demo does not have; the demo's own line is said, exit 143.
+    A tiny teacher, dataset and student stand in for MNIST's (--set), so it takes seconds."""
+    import os
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    (tmp_path / "big.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('tiny_fixture', {str(fixtures / 'tiny.py')!r})\n"
+        "tiny = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(tiny)\n\n\n"
+        "def dataset(split='train'):\n    return tiny.TinyImages(split, n=1024)  # student A trains on a subset of 1,000\n")
+    args = ["demo", "--out", str(tmp_path / "demo"), "--no-progress", "--set", f"teacher.factory={fixtures / 'tiny.py'}:teacher",
+            "--set", f"data.factory={tmp_path / 'big.py'}:dataset", "--set", f"student.factory={fixtures / 'tiny.py'}:student",
+            "--set", 'targets.layers=["features.3"]', "--set", "train.steps=40", "--set", "train.batch_size=8",
+            "--set", "extract.device=cpu", "--set", "train.device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_FAULT_ROOT": str(tmp_path)}
+    counted = subprocess.run([sys.executable, str(fixtures / "faults.py"), *args], capture_output=True, text=True, timeout=300,
+                             env={**env, "KDCACHE_FAULT": "count:0", "KDCACHE_FAULT_LOG": str(tmp_path / "events.log")})
+    assert counted.returncode == 0, counted.stderr[-3000:]
+    step = [line.split()[0] for line in (tmp_path / "events.log").read_text().splitlines() if line.split()[1] == "step"][4]
+    result = subprocess.run([sys.executable, str(fixtures / "faults.py"), *args], capture_output=True, text=True, timeout=300,
+                            env={**env, "KDCACHE_FAULT": f"term:{step}", "KDCACHE_FAULT_LOG": str(tmp_path / "term.log")})
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["Error: stopped by SIGTERM; run the same command again (the demo starts afresh)"]

@@ -1165,17 +1165,3 @@ def test_auto_resume_starts_a_run_and_continues_it_with_the_same_command(tiny_st
     with pytest.raises(PipelineError, match=r'resume must be True, False or "auto", got \'yes\''):
         train(pipeline(*PLAIN), tiny_store, tmp_path / "other", resume="yes")
 
-
-def test_a_run_stopped_inside_another_command_says_how_to_rerun_that_command(tmp_path):
-    """kdcache demo trains with --overwrite runs of its own: SIGTERM during one stops it with a checkpoint, and the line
-    must name what to rerun (the demo), not train's --resume."""
-    import click
-
-    @cli._errors
-    def demo(out: str) -> None:
-        raise kdcache.errors.TrainingStopped("stopped by SIGTERM in epoch 0 after batch 3 (step 3 of 500); its checkpoint is saved "
-                                             "in 'runs/demo/student-A': run it again with --resume instead of --overwrite to continue")
-
-    with pytest.raises(click.ClickException) as stopped:
-        demo(out=str(tmp_path))
-    assert (stopped.value.exit_code, stopped.value.message) == (143, "stopped by SIGTERM; run kdcache demo again")
