@@ -1164,4 +1164,3 @@ def test_auto_resume_starts_a_run_and_continues_it_with_the_same_command(tiny_st
         assert result.exit_code == 2 and f"{' and '.join(refused)} were given" in result.output, result.output
     with pytest.raises(PipelineError, match=r'resume must be True, False or "auto", got \'yes\''):
         train(pipeline(*PLAIN), tiny_store, tmp_path / "other", resume="yes")
-
