@@ -69,14 +69,16 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (a scheduler's preemption or time limit, ``kill``) stops a command as Ctrl-C does, where Python's
     default would end the process on the spot: what is written is kept, DataLoader workers are stopped, and a writer
     lock is released (an S3 store's lock object would otherwise refuse a requeued job until it goes stale).
-    ``train`` takes SIGTERM itself while it trains, to save a checkpoint first. A second SIGTERM ends the process at
-    once. Signals reach the main thread only: elsewhere (a caller's thread) SIGTERM is left as it is."""
+    ``train`` takes SIGTERM itself while it trains, to save a checkpoint first. Later SIGTERMs are ignored while the
+    command cleans up (a scheduler may send several: Slurm signals every process of a job, and torchrun passes its own
+    on); Ctrl-C or SIGKILL end it at once. Signals reach the main thread only: elsewhere (a caller's thread) SIGTERM
+    is left as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: Any) -> None:
-        signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_IGN)
         raise _Terminated
 
     before = signal.getsignal(signal.SIGTERM)

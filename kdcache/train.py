@@ -358,16 +358,16 @@ class _Loop:
 @contextlib.contextmanager
 def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
     """SIGTERM (a scheduler's preemption or time limit, ``kill``) asks the run to stop: it finishes its step, saves a
-    checkpoint and raises ``TrainingStopped`` (``_Loop.midway``) instead of losing the epoch in progress. A second
-    SIGTERM is handled as it was before (by default, the end at once). Only the main thread takes signals: a run in
-    another thread (a library caller's) leaves SIGTERM as it is."""
+    checkpoint and raises ``TrainingStopped`` (``_Loop.midway``) instead of losing the epoch in progress. More SIGTERMs
+    ask the same (a scheduler may send several: Slurm signals every process of a job, and torchrun passes its own on
+    to the ranks); Ctrl-C or SIGKILL end a run at once. Only the main thread takes signals: a run in another thread
+    (a library caller's) leaves SIGTERM as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def requested(signum: int, frame: Any) -> None:
         stop["signal"] = signum
-        signal.signal(signum, before)
 
     before = signal.getsignal(signal.SIGTERM)
     before = before if before is not None else signal.SIG_DFL  # None: set outside Python; the default is the closest

@@ -351,6 +351,35 @@ def test_sigterm_stops_as_ctrl_c_releasing_the_lock_and_a_rerun_resumes(tmp_path
     assert invoke("extract", toml, "--out", out).exit_code == 0 and open_store(out).complete
 
 
+def test_a_sigterm_during_the_clean_up_of_one_is_ignored(tmp_path):
+    """A scheduler may send SIGTERM more than once (Slurm signals every process of a job; torchrun passes its own on):
+    the first stops the command as Ctrl-C does, and one arriving while it cleans up (writing its last shards, releasing
+    its lock) must not end it there; the handler found before is put back afterwards."""
+    import os
+
+    import click
+
+    from kdcache import cli
+
+    cleaned = []
+
+    @cli._errors
+    def extract(out: str) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: the first SIGTERM is raised here
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second, during the clean-up
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(click.ClickException) as stopped:
+        extract(out=str(tmp_path / "s.zarr"))
+    assert cleaned == [True] and stopped.value.exit_code == 143
+    assert stopped.value.message == "stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_env, fetch_log):
     """A real ``kdcache`` process on a slow dataset (240 samples, 30 shards) is killed, re-run, and compared byte for byte."""
