@@ -259,9 +259,12 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
         return
     if not out:
         raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run")
-    from kdcache.store import open_store
+    from kdcache.store import open_store, refuse_if_being_written
 
     options = _storage_options(storage_items)
+    # First, as extract() does: an S3 endpoint that never answers is named within store.PROBE_* seconds, not after
+    # open_store below has waited out s3fs's retries (minutes) only for its error to be suppressed.
+    refuse_if_being_written(out, options)
     was_complete, done_before = False, 0
     with contextlib.suppress(KdcacheError):  # no store (yet), or one extract refuses in one line below
         existing = None if overwrite else open_store(out, storage_options=options)

@@ -1363,13 +1363,14 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
         raise _unreachable(location, e) from None
 
 
-def _unreachable(location: str, e: BaseException) -> StoreError:
+def _unreachable(location: str, e: BaseException, gave_up: str = "") -> StoreError:
+    """``gave_up``: how long was tried and what to raise for a slow endpoint, said after the cause."""
     cause = one_line(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
     if "range requests" in cause.lower():
         fix = "serve the zip from a server that honours HTTP Range requests, or download it and pass the local file"
     else:
         fix = "check the URL, --storage-option values and credentials"
-    return StoreError(f"cannot reach {location!r}: {cause}; {fix}")
+    return StoreError(f"cannot reach {location!r}: {cause}; {gave_up}{fix}")
 
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -1580,10 +1581,11 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
     (``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
     said now too."""
     if location_kind(str(location)) == "url":
+        started = time.monotonic()
         try:
-            holder = _object_writer(str(location), storage_options)
+            holder = _object_writer(str(location), storage_options, probe=True)
         except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
-            raise _unreachable(str(location), e) from None
+            raise _unreachable(str(location), e, _probe_gave_up(e, time.monotonic() - started, storage_options)) from None
     else:
         holder = active_writer(location)
     if holder is not None:
@@ -1768,20 +1770,26 @@ def _taker(fs: Any, bucket: str, key: str) -> str:
     return _object_holder(seen) if seen is not None else "another writer"
 
 
-def _object_writer(location: str, storage_options: dict[str, Any] | None) -> str | None:
-    """``active_writer`` of an object store, raising what reading its lock raised."""
-    lock = _lock_object(location, storage_options)
+def _object_writer(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> str | None:
+    """``active_writer`` of an object store, raising what reading its lock raised. ``probe``: read it through a
+    filesystem of its own with the short timeouts of ``_probe_options``."""
+    lock = _lock_object(location, storage_options, probe=probe)
     seen = _read_lock(*lock) if lock is not None else None
     return _object_holder(seen) if seen is not None and seen[2] < LOCK_STALE_S else None
 
 
-def _lock_object(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str, str] | None:
+def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> tuple[Any, str, str] | None:
     """``(fs, bucket, key)`` of ``.NAME.kdcache-lock`` beside the S3 store ``location`` (None: not locked; see
-    ``_object_lock``). s3fs is the fsspec backend whose PUTs kdcache can make conditional."""
+    ``_object_lock``). s3fs is the fsspec backend whose PUTs kdcache can make conditional. ``probe``: the fs is a
+    new one (not fsspec's cached instance, which later moves the data) with the short timeouts of ``_probe_options``."""
     if location_kind(location) != "url" or "::" in location:  # zip::s3://... is read-only
         return None
     try:
-        fs, path = _filesystem(location, storage_options)
+        if probe and _is_s3(location):
+            fs, path = _filesystem(location, {**_probe_options(storage_options), "skip_instance_cache": True})
+            fs.retries = 1  # s3fs's own loop around botocore's retries: one pass (not an option s3fs takes, an attribute)
+        else:
+            fs, path = _filesystem(location, storage_options)
     except Exception:  # noqa: BLE001 - a missing backend, bad options: named when the store is opened
         return None
     bucket, _, key = path.strip("/").partition("/")
@@ -1789,6 +1797,58 @@ def _lock_object(location: str, storage_options: dict[str, Any] | None) -> tuple
         return None
     parent, _, name = key.rpartition("/")
     return fs, bucket, f"{parent}/.{name}.kdcache-lock".lstrip("/")
+
+
+# The first look at an S3 store (``refuse_if_being_written``: is another writer's lock object there?) is made through a
+# filesystem of its own that gives up soon: at most PROBE_ATTEMPTS tries, each waiting up to PROBE_CONNECT_S to connect
+# and PROBE_READ_S for an answer. With s3fs's defaults (5 passes of botocore's 5 tries of up to 15 s) an endpoint that
+# accepts connections and never answers (a proxy or firewall that swallows requests) was named after ~7 minutes (832 s
+# through `kdcache extract`, which also opened the store first). The user's own config_kwargs (connect_timeout, read_timeout, retries.max_attempts) win; the data itself moves
+# through fsspec's usual filesystem, with s3fs's defaults (FORMAT.md §13). Read where used, so tests may shorten them.
+PROBE_CONNECT_S = 5.0
+PROBE_READ_S = 10.0
+PROBE_ATTEMPTS = 2
+
+
+def _is_s3(location: str) -> bool:
+    """Whether ``location``'s fsspec backend is s3fs (or one like it), the one ``_probe_options`` are for."""
+    from fsspec.core import split_protocol
+    from fsspec.registry import get_filesystem_class
+
+    try:
+        return hasattr(get_filesystem_class(split_protocol(location)[0] or "file"), "call_s3")
+    except (ImportError, ValueError):
+        return False
+
+
+def _probe_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` with the short timeouts and few tries of the first look at an S3 store (``PROBE_*``)
+    added to botocore's ``config_kwargs``, where the user did not set them."""
+    options = dict(storage_options or {})
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", PROBE_CONNECT_S)
+    config.setdefault("read_timeout", PROBE_READ_S)
+    retries = config.get("retries") or {}
+    if isinstance(retries, dict):  # anything else: botocore names it
+        config["retries"] = {"max_attempts": PROBE_ATTEMPTS - 1, **retries}  # botocore's max_attempts: tries after the first
+    options["config_kwargs"] = config
+    return options
+
+
+def _probe_gave_up(e: BaseException, seconds: float, storage_options: dict[str, Any] | None) -> str:
+    """What ``refuse_if_being_written``'s error says after the cause: how long it tried, and for a timeout, the
+    setting to raise for an endpoint that is slow rather than down."""
+    said = f"gave up after {seconds:.0f} s; "
+    kind = {"ConnectTimeoutError": "connect_timeout", "ReadTimeoutError": "read_timeout"}
+    setting = next((kind[c.__name__] for c in type(e).__mro__ if c.__name__ in kind), None)
+    if setting is None:
+        return said
+    config = _probe_options(storage_options)["config_kwargs"]
+    retries = config["retries"] if isinstance(config.get("retries"), dict) else {}
+    tries = retries.get("total_max_attempts") or 1 + retries.get("max_attempts", 0)  # botocore took them: numbers
+    wait = f"{config[setting]:g}" if isinstance(config[setting], (int, float)) else config[setting]
+    return (f"gave up after {seconds:.0f} s ({tries} {'try' if tries == 1 else 'tries'} of up to {wait} s each); for an "
+            f"endpoint that is slow rather than down raise --storage-option config_kwargs.{setting}=SECONDS; ")
 
 
 def _lock_body(holder: str, token: str) -> bytes:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -303,6 +305,74 @@ def test_an_s3_store_that_cannot_be_reached_is_named_before_the_teacher_is_built
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert result.output.startswith(f"Error: cannot reach 's3://{S3_BUCKET}/x.zarr': ") and "check the URL" in result.output, result.output
     assert not sentinel.exists()
+
+
+@pytest.fixture
+def silent_endpoint():
+    """``(url, held)``: an endpoint on 127.0.0.1 that accepts TCP connections and never answers (a proxy or firewall
+    that swallows requests); ``held`` lists the connections it accepted."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def hold() -> None:
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", held
+    done.set()
+    thread.join()
+    for conn in (*held, server):
+        conn.close()
+
+
+@pytest.mark.parametrize("theirs, tries, wait", [((), 2, 1), (("config_kwargs.read_timeout=2", "config_kwargs.retries.max_attempts=0"), 1, 2)],
+                         ids=["probe-defaults", "user-options-win"])
+def test_an_s3_endpoint_that_never_answers_is_named_within_the_probe_timeouts(tmp_path, monkeypatch, silent_endpoint, theirs, tries, wait):
+    """An endpoint that takes the connection and never answers held extract for minutes (s3fs's passes of botocore's
+    tries of 15 s). The look for another writer's lock gives up after ``PROBE_ATTEMPTS`` tries of ``PROBE_READ_S``, or
+    the user's own config_kwargs, says so in one line and names the setting to raise; no teacher is built."""
+    monkeypatch.setattr(layout, "PROBE_CONNECT_S", 1.0)
+    monkeypatch.setattr(layout, "PROBE_READ_S", 1.0)
+    monkeypatch.setattr(layout, "PROBE_ATTEMPTS", 2)
+    endpoint, held = silent_endpoint
+    sentinel = tmp_path / "teacher-was-built"
+    (tmp_path / "slow_teacher.py").write_text(f"import pathlib\n\ndef teacher():\n    pathlib.Path({str(sentinel)!r}).touch()\n")
+    toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{tmp_path / "slow_teacher.py"}:teacher"')
+    options = [f"--storage-option={o}" for o in (f"endpoint_url={endpoint}", "key=testing", "secret=testing", *theirs)]
+    started = time.monotonic()
+    result = invoke("extract", toml, "--out", f"s3://{S3_BUCKET}/x.zarr", *options)
+    took = time.monotonic() - started
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert re.match(rf"Error: cannot reach 's3://{S3_BUCKET}/x.zarr': Read timeout on endpoint URL: .*; gave up after \d+ s "
+                    rf"\({tries} tr(y|ies) of up to {wait} s each\); for an endpoint that is slow rather than down raise "
+                    r"--storage-option config_kwargs.read_timeout=SECONDS; check the URL", result.output), result.output
+    assert not sentinel.exists()
+    assert len(held) == tries, "one connection a try: s3fs does not try again on top of botocore"
+    assert took < 3 * tries * (wait + 1), f"{took:.1f} s"  # a try waits `wait`; botocore's backoff between tries is under 1 s
+
+
+def test_the_probe_of_an_s3_lock_has_a_filesystem_of_its_own(s3):
+    """The short timeouts are for the first look only: the data moves through fsspec's usual (cached) filesystem."""
+    from kdcache.store import _filesystem, _lock_object
+
+    url = f"s3://{S3_BUCKET}/probed.zarr"
+    usual = _filesystem(url, s3)[0]
+    probe = _lock_object(url, {**s3, "config_kwargs": {"read_timeout": 30}}, probe=True)[0]
+    assert probe is not usual and _filesystem(url, s3)[0] is usual and _lock_object(url, s3)[0] is usual
+    assert probe.retries == 1 and probe.config_kwargs == {"connect_timeout": layout.PROBE_CONNECT_S, "read_timeout": 30,
+                                                          "retries": {"max_attempts": layout.PROBE_ATTEMPTS - 1}}
+    assert usual.retries == 5 and not usual.config_kwargs, "s3fs's defaults for the data"
+    layout.refuse_if_being_written(url, s3)  # a healthy store: nobody writes it
+    with writer_lock(url, s3):
+        with pytest.raises(layout.StoreError, match=r"is being written by kdcache pid"):
+            layout.refuse_if_being_written(url, s3)
 
 
 def test_an_s3_lock_is_an_object_beside_the_store_gone_at_the_end(s3):
