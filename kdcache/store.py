@@ -1803,8 +1803,9 @@ def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe
 # filesystem of its own that gives up soon: at most PROBE_ATTEMPTS tries, each waiting up to PROBE_CONNECT_S to connect
 # and PROBE_READ_S for an answer. With s3fs's defaults (5 passes of botocore's 5 tries of up to 15 s) an endpoint that
 # accepts connections and never answers (a proxy or firewall that swallows requests) was named after ~7 minutes (832 s
-# through `kdcache extract`, which also opened the store first). The user's own config_kwargs (connect_timeout, read_timeout, retries.max_attempts) win; the data itself moves
-# through fsspec's usual filesystem, with s3fs's defaults (FORMAT.md §13). Read where used, so tests may shorten them.
+# through `kdcache extract`, which also opened the store first). The user's own config_kwargs (connect_timeout,
+# read_timeout, retries.max_attempts) win; the data itself moves through fsspec's usual filesystem, with s3fs's
+# defaults (FORMAT.md §13). Read where used, so tests may shorten them.
 PROBE_CONNECT_S = 5.0
 PROBE_READ_S = 10.0
 PROBE_ATTEMPTS = 2
