@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import io
 import json
@@ -99,6 +100,8 @@ def _peer_gone(e: RuntimeError) -> bool:
 def _after_interrupt(command: str, options: dict[str, Any], started: float) -> str:
     """What an interrupted command leaves, and how to go on."""
     if command in ("extract", "import_"):
+        if options.get("overwrite") and _made_before(options.get("out") or options.get("store"), started):
+            return "the store there is unchanged (--overwrite had not replaced it yet): run the same command again to start afresh"
         again = "run it again without --overwrite" if options.get("overwrite") else "run the same command again"
         return f"the shards written so far are kept: {again} to resume"
     if command == "train":
@@ -113,6 +116,20 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
             return "no checkpoint was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
         return "no checkpoint was saved: run the same command again"
     return {"demo": "run the same command again (the demo starts afresh)", "pack": "no file was written", "export": "no file was written"}.get(command, "nothing was changed")
+
+
+def _made_before(location: str | None, started: float) -> bool:
+    """Whether the local store at ``location`` was created before ``started`` (an --overwrite stopped before it replaced
+    the store: nothing of the new one was written). Not known (False) for other locations: no request is made."""
+    from kdcache.store import location_kind, open_store
+
+    if not location or location_kind(location) != "local":
+        return False
+    try:
+        created = datetime.datetime.fromisoformat(open_store(location).manifest["created"])
+    except Exception:  # noqa: BLE001 - no store there, or one without a manifest yet: it was not kept from before
+        return False
+    return created.timestamp() < int(started)  # "created" has whole seconds
 
 
 class _Interrupted(click.ClickException):

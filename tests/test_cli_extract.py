@@ -351,6 +351,32 @@ def test_sigterm_stops_as_ctrl_c_releasing_the_lock_and_a_rerun_resumes(tmp_path
     assert invoke("extract", toml, "--out", out).exit_code == 0 and open_store(out).complete
 
 
+def test_an_overwrite_stopped_before_it_replaced_the_store_says_the_store_is_unchanged(tiny_store, tmp_path, monkeypatch):
+    """extract --overwrite stopped (SIGTERM) while its teacher is built, before the earlier store is replaced: the
+    line must not advise resuming "without --overwrite" (that would finish the earlier store, not make the new one)."""
+    import importlib
+    import os
+    import shutil
+
+    extracting = importlib.import_module("kdcache.extract")  # the module (kdcache.extract is the function)
+    out = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, out)
+    before = file_bytes(out)
+    setup = extracting.setup
+
+    def terminated_while_building(pipeline):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return setup(pipeline)
+
+    monkeypatch.setattr(extracting, "setup", terminated_while_building)
+    time.sleep(1.1)  # the store's "created" has whole seconds: made before this run's second
+    result = invoke("extract", TINY, "--out", out, "--overwrite")
+    assert result.exit_code == 143, result.output
+    assert result.output.strip() == ("Error: stopped by SIGTERM; the store there is unchanged (--overwrite had not replaced it yet): "
+                                     "run the same command again to start afresh")
+    assert file_bytes(out) == before
+
+
 def test_a_sigterm_during_the_clean_up_of_one_is_ignored(tmp_path):
     """A scheduler may send SIGTERM more than once (Slurm signals every process of a job; torchrun passes its own on):
     the first stops the command as Ctrl-C does, and one arriving while it cleans up (writing its last shards, releasing
