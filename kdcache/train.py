@@ -132,8 +132,9 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                             worker_init_fn=data.leave_sigterm_to_the_main_process)
     rows_per_step = t.batch_size * (transfer.streams if transfer.stream is None else 1)  # streams in one process: joined
     batches: Any = iter(())  # the epoch's batches, made ahead: stopped however the run ends
-    try:
-        with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
+    with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
+        # a SIGTERM while the batches are stopped (after a stop: its clean-up) is one more stop request
+        try:
             batches = _start_epoch(transfer, loader, state) if state["step"] < loop.total_steps else iter(())
             while state["step"] < loop.total_steps:
                 count = _check_batches(transfer, state["epoch"], t.batch_size)
@@ -153,8 +154,8 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 loop.save(state, rng, metrics, partial)
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)
-    finally:
-        data.stop_making(batches)
+        finally:
+            data.stop_making(batches)
 
 
 @contextlib.contextmanager
@@ -776,10 +777,10 @@ NEXT_CHECKPOINT = "checkpoint.pt.next"  # an --overwrite run's first checkpoint,
 
 def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
     """Create OUT and, for a new run, write pipeline.json. An earlier run's files (``--overwrite``) are left until
-    this run has saved its first epoch (``_save_epoch``): a run that fails before (a changed dataset, a bad
-    eval split, a diverging loss) leaves them as they were. Returns whether they are still to be replaced.
-    A resumed run keeps its pipeline.json: the record of the values it was started with (written again only
-    if it is gone)."""
+    this run has saved its first checkpoint (``_save_epoch``: at an epoch's end, or inside one): a run that fails
+    before (a changed dataset, a bad eval split, a diverging loss) leaves them as they were. Returns whether they
+    are still to be replaced. A resumed run keeps its pipeline.json: the record of the values it was started with
+    (written again only if it is gone)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         if resume:

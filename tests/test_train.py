@@ -1166,3 +1166,23 @@ def test_auto_resume_starts_a_run_and_continues_it_with_the_same_command(tiny_st
         assert result.exit_code == 2 and f"{' and '.join(refused)} were given" in result.output, result.output
     with pytest.raises(PipelineError, match=r'resume must be True, False or "auto", got \'yes\''):
         train(pipeline(*PLAIN), tiny_store, tmp_path / "other", resume="yes")
+
+
+def test_a_sigterm_while_a_stopped_run_cleans_up_is_ignored(tiny_store, tmp_path, monkeypatch):
+    """A second SIGTERM after the run saved its checkpoint and stopped, while it stops its batches (a scheduler may
+    send several), does not interrupt that clean-up: the command says the stop's own line, exit 143."""
+    from kdcache import data as data_module
+
+    out, stop_making = tmp_path / "run", data_module.stop_making
+
+    def signalled_again(batches):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return stop_making(batches)
+
+    sigterm_at_step(monkeypatch, 3)
+    monkeypatch.setattr(data_module, "stop_making", signalled_again)
+    result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--no-progress",
+                                           *(a for s in PLAIN for a in ("--set", s))])
+    assert result.exit_code == 143, result.output
+    assert result.output.strip().splitlines()[-1] == (f"Error: stopped by SIGTERM in epoch 0 after batch 3 (step 3 of 14); its checkpoint "
+                                                      f"is saved in {str(out)!r}: run the same command with --resume to continue")
