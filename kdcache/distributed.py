@@ -188,7 +188,10 @@ def _local_cluster(pipeline: Pipeline, workers: int) -> Iterator[Any]:
     # daemon=False: a worker may start DataLoader processes (extract.num_workers > 0)
     with dask.config.set({"distributed.worker.daemon": False}):
         with _ctrl_c_to_driver():
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL)
+            # no dashboard; the scheduler's HTTP routes (health, metrics) on a free loopback port, not dask's default
+            # 8787, taken by any other cluster on the machine (a second extract warned "Port 8787 is already in use")
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL,
+                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         with cluster, Client(cluster) as client:
             yield client
 

@@ -242,6 +242,27 @@ def test_a_process_with_another_teacher_writes_nothing(toml, tmp_path, zoo_env, 
     assert int(open_store(str(out)).done().sum()) == 0  # the driver's / rank 0's store, created, with no shard of another teacher
 
 
+def test_a_local_cluster_leaves_dasks_default_port_to_others(toml, tmp_path):
+    """Another dask cluster on the machine holds port 8787 (dask's default for the scheduler's HTTP server): a
+    --workers extract says nothing about it (dask warned "Port 8787 is already in use" on stderr) and writes its store."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        held.bind(("", 8787))
+        held.listen()
+    except OSError:  # in use already: by another cluster, as the test wants
+        pass
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--workers", "2",
+                               "--no-progress"], capture_output=True, text=True, timeout=180,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"OMP_NUM_THREADS": "1"})
+    finally:
+        held.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8787" not in proc.stderr and "already in use" not in proc.stderr, proc.stderr[-3000:]
+    assert open_store(tmp_path / "s.zarr").complete
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path, sig):
     """Ctrl-C reaches the terminal's whole process group: the dask workers ignore it (the driver starts them with
