@@ -73,8 +73,10 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     ``train`` takes SIGTERM itself while it trains, to save a checkpoint first. Later SIGTERMs are ignored while the
     command cleans up (a scheduler may send several: Slurm signals every process of a job, and torchrun passes its own
     on); Ctrl-C or SIGKILL end it at once. Signals reach the main thread only: elsewhere (a caller's thread) SIGTERM
-    is left as it is."""
-    if threading.current_thread() is not threading.main_thread():
+    is left as it is. Under torchrun only rank 0 takes it so (it holds the writer lock and speaks): the other ranks
+    end at once, as before, for torchrun also SIGTERMs them when another rank fails, often while they still import
+    their modules, where an exception raised on the spot would leave a module half made and a traceback."""
+    if threading.current_thread() is not threading.main_thread() or os.environ.get("RANK", "0") not in ("", "0"):
         yield
         return
 
@@ -121,11 +123,11 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
 def _made_before(location: str | None, started: float) -> bool:
     """Whether the local store at ``location`` was created before ``started`` (an --overwrite stopped before it replaced
     the store: nothing of the new one was written). Not known (False) for other locations: no request is made."""
-    from kdcache.store import location_kind, open_store
+    try:  # the import too: an interrupt may have left a module it needs half made
+        from kdcache.store import location_kind, open_store
 
-    if not location or location_kind(location) != "local":
-        return False
-    try:
+        if not location or location_kind(location) != "local":
+            return False
         created = datetime.datetime.fromisoformat(open_store(location).manifest["created"])
     except Exception:  # noqa: BLE001 - no store there, or one without a manifest yet: it was not kept from before
         return False
