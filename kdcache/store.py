@@ -1673,7 +1673,8 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
         raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
                          "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
     except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
-        _drop_if_ours(*lock, token)
+        if lock is not None:
+            _drop_if_ours(*lock, token)
         raise
     if etag is None:
         yield
