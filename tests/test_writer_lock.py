@@ -244,6 +244,14 @@ def read_object(fs, key: str) -> bytes | None:
     return fs.cat_file(key) if fs.exists(key) else None
 
 
+def s3_shards_done(url: str, options: dict) -> int:
+    """Shards done in the S3 store at ``url``: 0 while it is not created yet, or its manifest not yet written."""
+    try:
+        return int(layout.open_store(url, storage_options=options).done().sum())
+    except layout.StoreError:
+        return 0
+
+
 def objects(fs, prefix: str) -> dict[str, bytes]:
     fs.invalidate_cache()
     return {key: fs.cat_file(key) for key in fs.find(prefix)}
@@ -495,15 +503,9 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    def shards_done() -> int:
-        try:
-            return int(layout.open_store(url, storage_options=s3).done().sum())
-        except layout.StoreError:  # not created yet, or its manifest not yet written
-            return 0
-
     try:
         deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and shards_done() < 2:
+        while proc.poll() is None and time.monotonic() < deadline and s3_shards_done(url, s3) < 2:
             time.sleep(0.05)
         assert read_object(fs, lock) is not None, "the job holds its lock"
         proc.send_signal(signal.SIGTERM)
@@ -537,16 +539,9 @@ def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp
     proc = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                              "--master-port", str(port), "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-    def shards_done() -> int:
-        try:
-            return int(layout.open_store(url, storage_options=s3).done().sum())
-        except layout.StoreError:
-            return 0
-
     try:
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and shards_done() < 2:
+        while proc.poll() is None and time.monotonic() < deadline and s3_shards_done(url, s3) < 2:
             time.sleep(0.05)
         assert read_object(fs, lock) is not None, "rank 0 holds the lock"
         os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks, as Slurm does
