@@ -131,6 +131,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
         expect, done, digests = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
         paths = expect.paths()
         _check_location(location)
+        layout.refuse_if_being_written(location, storage_options)  # and an S3 endpoint that never answers: named in seconds
         if overwrite and layout.exists(str(location), storage_options):
             _check_readable(f, source, expect, done, digests, location)  # an existing store is replaced only by a file that reads whole
         with layout.writer_lock(location, storage_options):  # one writer per store

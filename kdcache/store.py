@@ -1351,6 +1351,8 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
                 return "zarr.json" in z.namelist()
         except (OSError, zipfile.BadZipFile):
             return False
+    if "::" not in location and _is_s3(location):
+        return _s3_exists(location, storage_options)
     from zarr.core.sync import sync
 
     try:
@@ -1361,6 +1363,22 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
         raise _unreachable(location, e) from None
+
+
+def _s3_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
+    """``exists`` for an S3 location, the first look at it: through ``_probe_filesystem``, so an endpoint that never
+    answers is named within ``PROBE_*`` seconds (not after s3fs's retries, minutes) by every command that opens one."""
+    zarr_store(location, storage_options)  # a missing backend, options s3fs does not take: named as when opening
+    started = time.monotonic()
+    try:
+        fs, path = _probe_filesystem(location, storage_options)
+        bucket, _, prefix = path.strip("/").partition("/")
+        fs.call_s3("head_object", Bucket=bucket, Key=f"{prefix}/zarr.json".lstrip("/"))
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        raise _unreachable(location, e, _probe_gave_up(e, time.monotonic() - started, storage_options)) from None
 
 
 def _unreachable(location: str, e: BaseException, gave_up: str = "") -> StoreError:
@@ -1786,11 +1804,7 @@ def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe
     if location_kind(location) != "url" or "::" in location:  # zip::s3://... is read-only
         return None
     try:
-        if probe and _is_s3(location):
-            fs, path = _filesystem(location, {**_probe_options(storage_options), "skip_instance_cache": True})
-            fs.retries = 1  # s3fs's own loop around botocore's retries: one pass (not an option s3fs takes, an attribute)
-        else:
-            fs, path = _filesystem(location, storage_options)
+        fs, path = _probe_filesystem(location, storage_options) if probe and _is_s3(location) else _filesystem(location, storage_options)
     except Exception:  # noqa: BLE001 - a missing backend, bad options: named when the store is opened
         return None
     bucket, _, key = path.strip("/").partition("/")
@@ -1821,6 +1835,14 @@ def _is_s3(location: str) -> bool:
         return hasattr(get_filesystem_class(split_protocol(location)[0] or "file"), "call_s3")
     except (ImportError, ValueError):
         return False
+
+
+def _probe_filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """``_filesystem`` for the first look at an S3 location: a new one (not fsspec's cached instance, which later moves
+    the data) with the short timeouts of ``_probe_options`` and no s3fs retry loop of its own."""
+    fs, path = _filesystem(location, {**_probe_options(storage_options), "skip_instance_cache": True})
+    fs.retries = 1  # s3fs's own loop around botocore's retries: one pass (not an option s3fs takes, an attribute)
+    return fs, path
 
 
 def _probe_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:

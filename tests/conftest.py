@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,28 @@ def s3():
     s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(S3_BUCKET)
     yield options
     server.stop()
+
+
+@pytest.fixture
+def silent_endpoint():
+    """``(url, held)``: an endpoint on 127.0.0.1 that accepts TCP connections and never answers (a proxy or firewall
+    that swallows requests); ``held`` lists the connections it accepted."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def hold() -> None:
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", held
+    done.set()
+    thread.join()
+    for conn in (*held, server):
+        conn.close()

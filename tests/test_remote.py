@@ -5,6 +5,7 @@ server, reached through s3fs with dummy credentials), a Range-capable static HTT
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -483,3 +484,37 @@ def test_a_shard_read_whole_from_s3_is_one_get(s3, tiny_store):
     calls.clear()
     assert store.raw_object("targets/logits/c/1/0", at_most=fs.default_block_size + 1) == local.raw_object("targets/logits/c/1/0")
     assert calls == ["HeadObject", "GetObject"], calls  # an object that may be large: s3fs decides, as before
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "stats", "pack", "export", "import", "train"])
+def test_every_command_names_an_s3_endpoint_that_never_answers_within_the_probe_timeouts(command, silent_endpoint, tiny_store, tmp_path, monkeypatch):
+    """An endpoint that takes the connection and never answers (a proxy or firewall that swallows requests) held
+    every command that opens an s3:// store for ~7 minutes (s3fs's 5 passes of botocore's 5 tries of up to 15 s) before
+    its one-line error. The first look at the store now gives up after the probe's tries (``store.PROBE_*``, shortened
+    here), names how long it tried and the setting to raise; nothing is written."""
+    from conftest import TINY_TOML
+    from kdcache import store as layout
+
+    monkeypatch.setattr(layout, "PROBE_CONNECT_S", 1.0)
+    monkeypatch.setattr(layout, "PROBE_READ_S", 1.0)
+    monkeypatch.setattr(layout, "PROBE_ATTEMPTS", 2)
+    endpoint, held = silent_endpoint
+    url = f"s3://{BUCKET}/silent.zarr"
+    if command == "import":
+        kdcache_export = CliRunner().invoke(main, ["export", tiny_store, str(tmp_path / "t.h5")])
+        assert kdcache_export.exit_code == 0, kdcache_export.output
+    args = {"info": [url], "verify": [url], "stats": [url], "pack": [url, tmp_path / "s.zarr.zip"], "export": [url, tmp_path / "s.h5"],
+            "import": [tmp_path / "t.h5", url], "train": [TINY_TOML, "--cache", url, "--out", tmp_path / "run"]}[command]
+    options = [f"--storage-option={o}" for o in (f"endpoint_url={endpoint}", "key=testing", "secret=testing")]
+    started = time.monotonic()
+    result = CliRunner().invoke(main, [command, *map(str, args), *options])
+    took = time.monotonic() - started
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == (4 if command == "verify" else 1), result.output  # verify's report: FAIL open
+    said = lines[2].replace("      - ", "Error: ", 1) if command == "verify" else lines[0]
+    assert re.match(rf"Error: cannot reach '{url}': Read timeout on endpoint URL: .*; gave up after \d+ s \(2 tries of up to 1 s "
+                    r"each\); for an endpoint that is slow rather than down raise --storage-option config_kwargs.read_timeout=SECONDS; "
+                    r"check the URL", said), result.output
+    assert len(held) == 2, "one connection a try: s3fs does not try again on top of botocore"
+    assert took < 12, f"{took:.1f} s"  # two tries of 1 s; botocore's backoff between tries is under 1 s
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["t.h5"] if command == "import" else []), "nothing written"

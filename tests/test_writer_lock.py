@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -313,31 +312,6 @@ def test_an_s3_store_that_cannot_be_reached_is_named_before_the_teacher_is_built
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert result.output.startswith(f"Error: cannot reach 's3://{S3_BUCKET}/x.zarr': ") and "check the URL" in result.output, result.output
     assert not sentinel.exists()
-
-
-@pytest.fixture
-def silent_endpoint():
-    """``(url, held)``: an endpoint on 127.0.0.1 that accepts TCP connections and never answers (a proxy or firewall
-    that swallows requests); ``held`` lists the connections it accepted."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    held: list[socket.socket] = []
-    done = threading.Event()
-
-    def hold() -> None:
-        while not done.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                pass
-
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}", held
-    done.set()
-    thread.join()
-    for conn in (*held, server):
-        conn.close()
 
 
 @pytest.mark.parametrize("theirs, tries, wait", [((), 2, 1), (("config_kwargs.read_timeout=2", "config_kwargs.retries.max_attempts=0"), 1, 2)],
