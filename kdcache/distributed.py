@@ -109,6 +109,11 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     for future in queue:
         shard = futures.pop(future)
         try:
+            layout.check_lease(store.location, store.storage_options)  # the job's S3 lock taken over: no shard more is run
+        except KdcacheError:
+            client.cancel(list(futures))
+            raise
+        try:
             result = future.result()
         except Exception as e:  # noqa: BLE001 - an error in the task, or KilledWorker after repeated worker deaths
             # A KdcacheError is the pipeline's fault and would fail the same way again, unless it is transient

@@ -438,6 +438,7 @@ class Store:
         start, stop = self.shard_rows(shard)
         missing = set(self.paths()) - set(arrays)
         assert not missing, f"shard {shard} lacks {sorted(missing)}"
+        check_lease(self.location, self.storage_options)  # a paused writer whose S3 lock was taken over writes no more
         digests = {}
         try:
             for path, data in arrays.items():
@@ -483,6 +484,7 @@ class Store:
     def finish(self) -> None:
         """Record completion time once every shard is done."""
         if self.complete and not self.manifest.get("completed"):
+            check_lease(self.location, self.storage_options)
             self.manifest["completed"] = _now()
             try:
                 self._remove_stale_temps("zarr.json")
@@ -1661,9 +1663,14 @@ def _holder(fd: int, kind: int, tries: int) -> str | None:
 
 # An S3 store's lock (FORMAT.md §13): its holder rewrites it every LOCK_HEARTBEAT_S seconds; one not rewritten for
 # LOCK_STALE_S seconds, by the store's own clock, is a dead holder's (killed, its machine gone) and is taken over.
-# Read where used, so tests may shorten them.
+# A holder whose last rewrite is older than LOCK_LATE_S (its heartbeat late: the process was paused, the machine
+# asleep, the endpoint failing) rewrites it before it writes anything more, and stops if it cannot. A PUT of the lock
+# object gives up after LOCK_PUT_S. Read where used, so tests may shorten them.
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 180.0
+LOCK_LATE_S = 60.0
+LOCK_PUT_S = 30.0
+_LEASES: dict[str, _Lease] = {}  # the S3 locks this process holds, by "bucket/key" of the lock object
 
 
 @contextlib.contextmanager
@@ -1672,17 +1679,19 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
 
     S3 has no lock, but a PUT with ``If-None-Match: *`` is refused (412) when the object exists, atomically:
     of two writers, exactly one creates it. A writer that dies cannot remove it, so a thread rewrites it every
-    ``LOCK_HEARTBEAT_S`` (PUT ``If-Match`` its last ETag) and a lock unchanged for ``LOCK_STALE_S`` is taken over
-    with a PUT ``If-Match`` the ETag seen stale: of two takers, or a taker and a late heartbeat, exactly one wins.
-    Staleness is the store's ``Date`` less the object's ``Last-Modified``: no writer's clock is trusted. A writer
-    whose lock was taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) learns it at its next
-    heartbeat, or at the end of the block, and then fails. Not locked: stores on other fsspec backends, a store at a
-    bucket's root (the lock would be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible
-    ones): tried once after taking it, as a lock that cannot exclude is no lock.
+    ``LOCK_HEARTBEAT_S`` (PUT ``If-Match`` its last ETag: ``_Lease``) and a lock unchanged for ``LOCK_STALE_S`` is
+    taken over with a PUT ``If-Match`` the ETag seen stale: of two takers, or a taker and a late heartbeat, exactly
+    one wins. Staleness is the store's ``Date`` less the object's ``Last-Modified``: no writer's clock is trusted. A
+    writer whose heartbeat is late renews the lock before its next shard (``check_lease``), and one whose lock was
+    taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) fails there, at its next heartbeat, or at
+    the end of the block. Not locked: stores on other fsspec backends, a store at a bucket's root (the lock would
+    be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible ones): tried once after taking
+    it, as a lock that cannot exclude is no lock.
     """
     lock = _lock_object(location, storage_options)
     token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
     holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+    sent = _clock()
     try:
         etag = _take_object_lock(*lock, location, holder, token) if lock is not None else None
     except StoreError:
@@ -1697,38 +1706,133 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     if etag is None:
         yield
         return
-    held = {"etag": etag, "lost_to": None}
+    lease = _Lease(*lock, holder, token, etag, sent)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(*lock, holder, token, held, stop), name="kdcache-lock-heartbeat", daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(lease, stop), name="kdcache-lock-heartbeat", daemon=True)
+    _LEASES[f"{lock[1]}/{lock[2]}"] = lease
     try:
         beat.start()  # inside: a Ctrl-C while it starts removes the lock too
         yield
     finally:
+        _LEASES.pop(f"{lock[1]}/{lock[2]}", None)
         stop.set()
         with contextlib.suppress(RuntimeError):  # not started
             beat.join()
-        try:
-            if held["lost_to"] is None:
-                lock[0].call_s3("delete_object", Bucket=lock[1], Key=lock[2], IfMatch=held["etag"])  # only while it is ours
-        except OSError as e:
-            if _lost_race(e):  # taken over since the last heartbeat
-                held["lost_to"] = _taker(*lock)
-        except Exception:  # noqa: BLE001 - unreachable now: left behind, it is taken over once stale
-            pass
-    if held["lost_to"] is not None:
-        raise StoreError(f"{location!r} lost its writer lock while being written: {held['lost_to']} took it over, as this job had not "
-                         f"renewed it for {LOCK_STALE_S:.0f} s (paused, or cut off from the store); both may have written shards: "
-                         "once that job has ended, rerun with --overwrite")
+        lease.release()
+    if lease.lost_to is not None:
+        raise _lost_lock(location, lease.lost_to)
+
+
+def _clock() -> float:
+    """Seconds on a clock that runs while the machine sleeps (Linux's CLOCK_BOOTTIME; elsewhere monotonic): a
+    suspended laptop's lock goes stale on the server meanwhile."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+@dataclass
+class _Lease:
+    """Our hold on an S3 lock object: the ETag of its last version, and when the PUT that made it was sent."""
+
+    fs: Any
+    bucket: str
+    key: str
+    holder: str
+    token: str
+    etag: str
+    renewed: float  # _clock() when the PUT that made `etag` was sent: the server's Last-Modified is no earlier
+    lost_to: str | None = None  # who took it over
+    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the heartbeat and check_lease renew it
+
+    def renew(self, unless_within: float = 0.0) -> None:
+        """Rewrite the lock object ``If-Match`` our last ETag (not when renewed within ``unless_within`` s: by another
+        thread meanwhile). Refused, it was taken over (``lost_to`` names who) unless it is still ours: a PUT whose
+        answer was lost and which botocore sent again (the first try landed, the second was refused). Raises what the
+        PUT raised otherwise (unreachable, timed out after ``LOCK_PUT_S``)."""
+        with self.mutex:
+            if self.lost_to is not None or _clock() - self.renewed < unless_within:
+                return
+            sent = _clock()
+            try:
+                self.etag = _put_lock(self.fs, self.bucket, self.key, _lock_body(self.holder, self.token), IfMatch=self.etag)
+            except OSError as e:
+                if not _lost_race(e):
+                    raise
+                seen = _read_lock(self.fs, self.bucket, self.key)
+                if seen is None or self.token not in seen[0].decode(errors="replace"):
+                    self.lost_to = _object_holder(seen) if seen is not None else "another writer"
+                    return
+                self.etag = seen[1]
+            self.renewed = sent
+
+    def check(self, location: str) -> None:
+        """Before anything more is written: renew the lock when its heartbeat is late (``LOCK_LATE_S``), and fail
+        when it was lost, or cannot be renewed and may be stale by now."""
+        if _clock() - self.renewed > LOCK_LATE_S:
+            try:
+                self.renew(unless_within=LOCK_LATE_S)  # the writer threads each find it late: one renews
+            except Exception as e:  # noqa: BLE001 - unreachable now: the data's own writes will say more if it lasts
+                if _clock() - self.renewed > LOCK_STALE_S - LOCK_PUT_S:
+                    raise StoreError(f"{location!r}: cannot renew this job's writer lock (last renewed {_clock() - self.renewed:.0f} s ago, "
+                                     f"taken over by another job after {LOCK_STALE_S:.0f} s): {one_line(e)}; nothing more was written; "
+                                     "check that the store can be reached, then rerun to resume") from None
+        if self.lost_to is not None:
+            raise _lost_lock(location, self.lost_to)
+
+    def release(self) -> None:
+        """Delete the lock object (``If-Match``: only while it is ours); left behind when unreachable (taken over once stale)."""
+        with self.mutex:
+            if self.lost_to is not None:
+                return
+            try:
+                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+            except OSError as e:
+                if _lost_race(e):  # gone (our DELETE sent again after it landed), ours in another version, or taken over
+                    with contextlib.suppress(Exception):  # noqa: BLE001 - unreachable now: left behind, taken over once stale
+                        seen = _read_lock(self.fs, self.bucket, self.key)
+                        if seen is not None and self.token in seen[0].decode(errors="replace"):
+                            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=seen[1])
+                        elif seen is not None:
+                            self.lost_to = _object_holder(seen)
+            except Exception:  # noqa: BLE001 - unreachable now: left behind, it is taken over once stale
+                pass
+
+
+def check_lease(location: str, storage_options: dict[str, Any] | None) -> None:
+    """Fail before the store at ``location`` is written further if this process held its S3 writer lock and lost it
+    (``_Lease.check``). Nothing to do for other stores, or in a process that holds no S3 lock (a dask worker's, a
+    torchrun rank's other than 0: the lock's holder checks its own writes)."""
+    if not _LEASES:
+        return
+    lock = _lock_object(location, storage_options)
+    lease = _LEASES.get(f"{lock[1]}/{lock[2]}") if lock is not None else None
+    if lease is not None:
+        lease.check(location)
+
+
+def _lost_lock(location: str, taker: str) -> StoreError:
+    return StoreError(f"{location!r} lost its writer lock while being written: {taker} took it over, as this job had not "
+                      f"renewed it for {LOCK_STALE_S:.0f} s (paused, or cut off from the store); both may have written shards: "
+                      "once that job has ended, rerun with --overwrite")
+
+
+def _put_lock(fs: Any, bucket: str, key: str, body: bytes, **condition: str) -> str:
+    """PUT the lock object with ``condition`` (``IfNoneMatch`` / ``IfMatch``); its new ETag. Gives up after
+    ``LOCK_PUT_S`` (TimeoutError): aiohttp waits for a silent server's ``100 Continue`` to a PUT without end."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    put = fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+    return str(sync(fs.loop, asyncio.wait_for, put, LOCK_PUT_S)["ETag"])
 
 
 def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str) -> str | None:
     """Create the lock object, or take it over when stale; its ETag (None: this server cannot lock)."""
-    put = functools.partial(fs.call_s3, "put_object", Bucket=bucket, Key=key)
     seen = None
     for _ in range(5):  # each turn lost to a writer that changed the lock meanwhile
         body = _lock_body(holder, token)
         try:
-            etag = put(Body=body, IfNoneMatch="*")["ETag"]
+            etag = _put_lock(fs, bucket, key, body, IfNoneMatch="*")
         except OSError as e:
             if e.errno == errno.ENOSYS:  # 501 NotImplemented: no conditional PUT here
                 return None
@@ -1736,7 +1840,7 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
                 raise
         else:
             try:
-                put(Body=body, IfNoneMatch="*")  # refused by a server that honours the condition
+                _put_lock(fs, bucket, key, body, IfNoneMatch="*")  # refused by a server that honours the condition
             except FileExistsError:
                 return etag
             except BaseException:
@@ -1753,23 +1857,18 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
         if seen[2] < LOCK_STALE_S:
             raise _being_written(location, _object_holder(seen))
         try:
-            return put(Body=body, IfMatch=seen[1])["ETag"]  # taken over: refused if anyone rewrote it since we read it
+            return _put_lock(fs, bucket, key, body, IfMatch=seen[1])  # taken over: refused if anyone rewrote it since we read it
         except OSError as e:
             if not _lost_race(e):
                 raise
     raise _being_written(location, _object_holder(seen) if seen is not None else "another kdcache process")
 
 
-def _heartbeat(fs: Any, bucket: str, key: str, holder: str, token: str, held: dict[str, Any], stop: threading.Event) -> None:
-    """Rewrite the lock object every ``LOCK_HEARTBEAT_S`` until ``stop``, each PUT ``If-Match`` the last one; a refused
-    PUT means another writer took the lock over (``held["lost_to"]`` names it). Other failures are retried next time."""
-    while not stop.wait(LOCK_HEARTBEAT_S):
-        try:
-            held["etag"] = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=_lock_body(holder, token), IfMatch=held["etag"])["ETag"]
-        except Exception as e:  # noqa: BLE001 - a network error now and then: the lock lasts LOCK_STALE_S without a heartbeat
-            if isinstance(e, OSError) and _lost_race(e):
-                held["lost_to"] = _taker(fs, bucket, key)
-                return
+def _heartbeat(lease: _Lease, stop: threading.Event) -> None:
+    """Renew the lease every ``LOCK_HEARTBEAT_S`` until ``stop`` or until it is lost. Failures are retried next time."""
+    while not stop.wait(LOCK_HEARTBEAT_S) and lease.lost_to is None:
+        with contextlib.suppress(Exception):  # noqa: BLE001 - a network error now and then: the lock lasts LOCK_STALE_S without a heartbeat
+            lease.renew()
 
 
 def _drop_if_ours(fs: Any, bucket: str, key: str, token: str) -> None:
@@ -1778,15 +1877,6 @@ def _drop_if_ours(fs: Any, bucket: str, key: str, token: str) -> None:
         seen = _read_lock(fs, bucket, key)
         if seen is not None and token in seen[0].decode(errors="replace"):
             fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=seen[1])
-
-
-def _taker(fs: Any, bucket: str, key: str) -> str:
-    """Who holds a lock object that was ours, for the message that says we lost it."""
-    try:
-        seen = _read_lock(fs, bucket, key)
-    except Exception:  # noqa: BLE001 - only for the message
-        seen = None
-    return _object_holder(seen) if seen is not None else "another writer"
 
 
 def _object_writer(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> str | None:

@@ -24,7 +24,7 @@ from kdcache.distributed import extract_distributed
 from kdcache.errors import StoreError
 from kdcache.store import open_store, writer_lock
 from conftest import S3_BUCKET as BUCKET
-from reference import make_pipeline, without_times, write_toml
+from reference import make_pipeline, shards_done, without_times, write_toml
 
 pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
@@ -183,15 +183,6 @@ def test_a_cluster_rebuilds_a_teacher_whose_checkpoint_changed_since_its_last_jo
             assert_same_store(out, single)
 
 
-def shards_done(location: str) -> int:
-    """Shards done in the store at ``location``; 0 while it does not exist or is being created (the group's
-    zarr.json is written before its manifest, which comes last)."""
-    try:
-        return int(open_store(location).done().sum())
-    except StoreError:
-        return 0
-
-
 def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
     from distributed import Client, LocalCluster
 
@@ -268,7 +259,7 @@ def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path, sig):
     """Ctrl-C reaches the terminal's whole process group: the dask workers ignore it (the driver starts them with
     SIGINT ignored), the driver says its one line and exits 130, and the store resumes. A scheduler's SIGTERM to the
     job's processes stops it the same way, exit 143."""
-    from reference import shards_done, signal_and_wait
+    from reference import signal_and_wait
 
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     out = tmp_path / "s.zarr"
@@ -485,3 +476,34 @@ def test_dask_extract_to_s3_equals_local(toml, single, s3, tmp_path):
     info = extract_distributed(kdcache.load_pipeline(toml), url, workers=2, storage_options=s3)
     assert info["complete"]
     assert_same_store(url, single, options_a=s3)
+
+
+def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_path, zoo_env):
+    """The driver holds the job's S3 lock and its workers write. Once the lock is lost (the driver's heartbeat found
+    it taken over), the driver cancels the shards not yet run and stops with the one-line error, instead of letting
+    its workers write the whole store over the other job's."""
+    from kdcache import store as layout
+
+    zoo_env(N=240, SLEEP=0.01)
+    url = f"s3://{BUCKET}/dask-lost.zarr"
+    pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
+    failed: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            extract_distributed(pipeline, url, workers=1, storage_options=s3)
+        except BaseException as e:  # noqa: BLE001 - the test's to look at
+            failed.append(e)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and time.monotonic() < deadline and (layout._LEASES == {} or shards_done(url, s3) < 2):
+        time.sleep(0.05)
+    lease = layout._LEASES[f"{BUCKET}/.dask-lost.zarr.kdcache-lock"]
+    lease.lost_to = "kdcache pid 4242 on elsewhere"  # what the heartbeat records when a renewal is refused
+    thread.join(timeout=120)
+    assert len(failed) == 1 and isinstance(failed[0], StoreError), failed
+    assert str(failed[0]).startswith(f"{url!r} lost its writer lock while being written: kdcache pid 4242 on elsewhere took it over")
+    assert 2 <= shards_done(url, s3) < 30, "the shards not yet run were cancelled"
+

@@ -27,7 +27,7 @@ from kdcache import store as layout
 from kdcache.cli import main
 from kdcache.store import active_writer, writer_lock
 from conftest import S3_BUCKET
-from reference import FIXTURES, file_bytes, read_store, slow_extract, without_times, write_toml
+from reference import FIXTURES, file_bytes, read_store, shards_done, slow_extract, without_times, write_toml
 
 
 def invoke(*args: object):
@@ -243,14 +243,6 @@ def read_object(fs, key: str) -> bytes | None:
     return fs.cat_file(key) if fs.exists(key) else None
 
 
-def s3_shards_done(url: str, options: dict) -> int:
-    """Shards done in the S3 store at ``url``: 0 while it is not created yet, or its manifest not yet written."""
-    try:
-        return int(layout.open_store(url, storage_options=options).done().sum())
-    except layout.StoreError:
-        return 0
-
-
 def objects(fs, prefix: str) -> dict[str, bytes]:
     fs.invalidate_cache()
     return {key: fs.cat_file(key) for key in fs.find(prefix)}
@@ -433,6 +425,97 @@ def test_a_writer_whose_s3_lock_was_taken_over_fails_at_the_end(s3, monkeypatch)
     assert read_object(fs, lock) is None
 
 
+def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3, tmp_path, zoo_env):
+    """A job suspended past LOCK_STALE_S (Ctrl-Z, a laptop's sleep, a VM paused) lost its lock to another job; resumed,
+    it wrote on to the end of the store over the other job's shards, learning of the loss only at its end. It now
+    renews its late lock before its next shard, finds it taken over, and stops in one line (exit 1): only the shards
+    being written when it was paused are finished."""
+    from kdcache.extract import WRITE_THREADS
+
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/paused.zarr"
+    lock = f"{S3_BUCKET}/.paused.zarr.kdcache-lock"
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
+    shortened = "from kdcache import store; store.LOCK_STALE_S = 1.5; store.LOCK_HEARTBEAT_S = 0.3; store.LOCK_LATE_S = 0.6\n" \
+                "from kdcache.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", shortened, "extract", str(toml), "--out", url, *options, "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)  # paused
+        paused_at = shards_done(url, s3)
+        time.sleep(2.5)  # its lock is stale by the server's clock
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(layout, "LOCK_STALE_S", 1.5)
+            with writer_lock(url, s3):  # another job takes it over
+                taker = json.loads(read_object(fs, lock))["holder"]
+                proc.send_signal(signal.SIGCONT)
+                assert proc.wait(timeout=60) == 1
+                assert json.loads(read_object(fs, lock))["holder"] == taker, "the taker's lock is left alone"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = proc.stderr.read().strip().splitlines()
+    assert len(lines) == 1 and re.match(rf"Error: '{url}' lost its writer lock while being written: kdcache pid {os.getpid()} on .* "
+                                        r"took it over, as this job had not renewed it for 2 s", lines[0]), lines
+    done = shards_done(url, s3)
+    assert paused_at <= done <= paused_at + WRITE_THREADS < 30, (paused_at, done)  # before: all 30
+
+
+def test_a_late_s3_lock_is_renewed_before_the_next_write_and_a_retried_put_is_still_ours(s3, monkeypatch):
+    """A writer whose heartbeat is late (paused, but nobody took its lock) renews it before it writes on, and goes
+    on. A renewal whose answer was lost and which botocore sent again is refused (the first try changed the ETag)
+    though the lock is still ours: that is not a takeover (before, the job failed at its end naming itself as taker)."""
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/late.zarr"
+    lock = f"{S3_BUCKET}/.late.zarr.kdcache-lock"
+    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 60)  # no heartbeat: late
+    monkeypatch.setattr(layout, "LOCK_LATE_S", 0.3)
+    with writer_lock(url, s3):
+        lease = layout._LEASES[lock]
+        before = (lease.etag, lease.renewed)
+        layout.check_lease(url, s3)  # not late yet: nothing sent
+        assert (lease.etag, lease.renewed) == before
+        time.sleep(0.5)
+        layout.check_lease(url, s3)
+        assert lease.renewed > before[1] and lease.lost_to is None  # the ETag is the body's MD5: the same within a second
+        ours = json.dumps({"holder": lease.holder, "heartbeat": "a moment later", "token": lease.token}).encode()
+        landed = fs.call_s3("put_object", Bucket=S3_BUCKET, Key=lock.partition("/")[2], Body=ours)
+        assert landed["ETag"] != lease.etag  # our renewal's first try, whose answer was lost
+        time.sleep(0.5)
+        layout.check_lease(url, s3)  # its retry is refused: still ours
+        assert lease.lost_to is None and lease.etag == landed["ETag"], "the version it made is the one to renew"
+        time.sleep(0.5)
+        layout.check_lease(url, s3)
+        assert lease.lost_to is None and lease.etag == fs.info(lock, refresh=True)["ETag"] != landed["ETag"]
+        fs.call_s3("put_object", Bucket=S3_BUCKET, Key=lock.partition("/")[2], Body=ours.replace(b"a moment", b"two moments"))
+    assert read_object(fs, lock) is None, "ours in a version the writer never saw: deleted at the end, without an error"
+
+
+def test_a_lease_on_an_endpoint_that_stopped_answering_gives_up(silent_endpoint, monkeypatch):
+    """aiohttp waits for a silent server's 100 Continue to a PUT without end: the heartbeat's PUT would hang, and the
+    writer with it once it must renew. A lock PUT gives up after LOCK_PUT_S; a writer that cannot renew a lock that
+    may be stale by now stops, saying so."""
+    monkeypatch.setattr(layout, "LOCK_PUT_S", 1.0)
+    endpoint, held = silent_endpoint
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "skip_instance_cache": True}
+    fs, _ = layout._filesystem(f"s3://{S3_BUCKET}/silent.zarr", options)
+    lease = layout._Lease(fs, S3_BUCKET, ".silent.zarr.kdcache-lock", "me", "token", '"etag"', layout._clock())
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        lease.renew()
+    assert time.monotonic() - started < 10 and held
+    lease.renewed -= layout.LOCK_LATE_S + 1  # late, not yet possibly stale: written on (the data's writes will say more)
+    lease.check("s3://x")
+    lease.renewed -= layout.LOCK_STALE_S
+    with pytest.raises(layout.StoreError, match=r"^'s3://x': cannot renew this job's writer lock \(last renewed \d+ s ago, taken over "
+                                                r"by another job after 180 s\): .*; nothing more was written; check that the store "
+                                                r"can be reached, then rerun to resume$"):
+        lease.check("s3://x")
+
+
 @pytest.mark.parametrize("stale", [False, True], ids=["absent", "stale"])
 def test_writers_racing_for_an_s3_lock_exactly_one_wins(s3, monkeypatch, stale):
     """Eight writers, each with its own S3 client, ask at once for a lock that is absent (the PUT's If-None-Match
@@ -479,7 +562,7 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and s3_shards_done(url, s3) < 2:
+        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
             time.sleep(0.05)
         assert read_object(fs, lock) is not None, "the job holds its lock"
         proc.send_signal(signal.SIGTERM)
@@ -515,7 +598,7 @@ def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and s3_shards_done(url, s3) < 2:
+        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
             time.sleep(0.05)
         assert read_object(fs, lock) is not None, "rank 0 holds the lock"
         os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks, as Slurm does
