@@ -1307,7 +1307,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     if kind == "http" and not read_only:
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
-        return zarr.storage.FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(location, storage_options=_fsspec_options(location, storage_options), read_only=read_only)
     except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
         module = getattr(e.__cause__, "name", None) or e.name or ""
         missing, backend = module.split(".")[0], _backend_package(location)
@@ -1339,7 +1339,30 @@ def _filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[
     """A synchronous fsspec filesystem and root path for a URL location (listing, emptiness)."""
     from fsspec.core import url_to_fs
 
-    return url_to_fs(location, **dict(storage_options or {}))
+    return url_to_fs(location, **_fsspec_options(location, storage_options))
+
+
+def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` as fsspec takes them. For http(s), a ``client_kwargs.timeout`` given as seconds (the
+    whole request) or as a mapping (``{"sock_read": 60}``: what the command line can say) becomes the
+    ``aiohttp.ClientTimeout`` aiohttp takes; anything else there is aiohttp's to name."""
+    options = dict(storage_options or {})
+    client = options.get("client_kwargs")
+    if _http_url(location) is None or not isinstance(client, dict) or "timeout" not in client:
+        return options
+    import aiohttp
+
+    timeout = client["timeout"]
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = aiohttp.ClientTimeout(total=timeout)
+    elif isinstance(timeout, dict):
+        try:
+            timeout = aiohttp.ClientTimeout(**timeout)
+        except TypeError:
+            raise StoreError(f"storage option client_kwargs.timeout = {_short(timeout)} names settings aiohttp does not have; use "
+                             "total, connect, sock_connect or sock_read (seconds), e.g. --storage-option client_kwargs.timeout.sock_read=60") from None
+    options["client_kwargs"] = {**client, "timeout": timeout}
+    return options
 
 
 def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -1355,6 +1378,8 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
             return False
     if "::" not in location and _is_s3(location):
         return _s3_exists(location, storage_options)
+    if kind == "http":
+        return _http_exists(location, storage_options)
     from zarr.core.sync import sync
 
     try:
@@ -1381,6 +1406,34 @@ def _s3_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
         return False
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
         raise _unreachable(location, e, _probe_gave_up(e, time.monotonic() - started, storage_options)) from None
+
+
+def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
+    """``exists`` for an http(s) location, the first look at it: its ``zarr.json`` fetched through a filesystem of its
+    own that waits at most ``PROBE_CONNECT_S`` to connect and ``PROBE_READ_S`` for each answer (the user's own
+    ``client_kwargs.timeout`` wins), so an endpoint that never answers is named in seconds, not after aiohttp's 300 s.
+    Answers other than the store's are False: ``_no_store`` says what they were."""
+    import aiohttp
+    import fsspec
+
+    options = _fsspec_options(location, storage_options)
+    client = dict(options.get("client_kwargs") or {})
+    client.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=PROBE_CONNECT_S, sock_read=PROBE_READ_S))
+    started = time.monotonic()
+    try:
+        fs = fsspec.filesystem(location.split("://", 1)[0].lower(), **{**options, "client_kwargs": client, "skip_instance_cache": True})
+        fs.cat_file(location.rstrip("/") + "/zarr.json")
+        return True
+    except TimeoutError as timed_out:  # aiohttp's connect and read timeouts are TimeoutErrors too; fsspec's wraps them
+        seconds = time.monotonic() - started
+        e = timed_out.__cause__ if isinstance(timed_out.__cause__, TimeoutError) else timed_out
+        setting = {"ConnectionTimeoutError": "sock_connect", "SocketTimeoutError": "sock_read"}.get(type(e).__name__, "total")
+        wait = getattr(client["timeout"], setting, None)
+        raise _unreachable(location, e, f"gave up after {seconds:.0f} s" + (f" (1 try of up to {wait:g} s)" if wait else "") +
+                           "; for an endpoint that is slow rather than down raise --storage-option "
+                           f"client_kwargs.timeout.{setting}=SECONDS; ") from None
+    except Exception:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: _no_store names it
+        return False
 
 
 def _unreachable(location: str, e: BaseException, gave_up: str = "") -> StoreError:
@@ -1485,7 +1538,7 @@ def _http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: bo
     import fsspec
 
     try:
-        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **dict(storage_options or {}))
+        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **_fsspec_options(url, storage_options))
         if whole:
             fs.cat_file(url)
         else:

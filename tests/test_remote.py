@@ -486,12 +486,14 @@ def test_a_shard_read_whole_from_s3_is_one_get(s3, tiny_store):
     assert calls == ["HeadObject", "GetObject"], calls  # an object that may be large: s3fs decides, as before
 
 
-@pytest.mark.parametrize("command", ["info", "verify", "stats", "pack", "export", "import", "train"])
-def test_every_command_names_an_s3_endpoint_that_never_answers_within_the_probe_timeouts(command, silent_endpoint, tiny_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scheme, command", [*(("s3", c) for c in ("info", "verify", "stats", "pack", "export", "import", "train")),
+                                             *(("http", c) for c in ("info", "verify", "stats", "pack", "export", "train"))])
+def test_every_command_names_an_endpoint_that_never_answers_within_the_probe_timeouts(scheme, command, silent_endpoint, tiny_store, tmp_path, monkeypatch):
     """An endpoint that takes the connection and never answers (a proxy or firewall that swallows requests) held
-    every command that opens an s3:// store for ~7 minutes (s3fs's 5 passes of botocore's 5 tries of up to 15 s) before
-    its one-line error. The first look at the store now gives up after the probe's tries (``store.PROBE_*``, shortened
-    here), names how long it tried and the setting to raise; nothing is written."""
+    every command that opens an s3:// store for ~7 minutes (s3fs's 5 passes of botocore's 5 tries of up to 15 s), and
+    one that opens an http(s):// store for 300 s (aiohttp's default), before its one-line error; `import` to S3 waited
+    without end. The first look at the store now gives up after the probe's tries (``store.PROBE_*``, shortened here),
+    names how long it tried and the setting to raise; nothing is written."""
     from conftest import TINY_TOML
     from kdcache import store as layout
 
@@ -499,22 +501,53 @@ def test_every_command_names_an_s3_endpoint_that_never_answers_within_the_probe_
     monkeypatch.setattr(layout, "PROBE_READ_S", 1.0)
     monkeypatch.setattr(layout, "PROBE_ATTEMPTS", 2)
     endpoint, held = silent_endpoint
-    url = f"s3://{BUCKET}/silent.zarr"
+    url = f"s3://{BUCKET}/silent.zarr" if scheme == "s3" else f"{endpoint}/silent.zarr"
     if command == "import":
         kdcache_export = CliRunner().invoke(main, ["export", tiny_store, str(tmp_path / "t.h5")])
         assert kdcache_export.exit_code == 0, kdcache_export.output
     args = {"info": [url], "verify": [url], "stats": [url], "pack": [url, tmp_path / "s.zarr.zip"], "export": [url, tmp_path / "s.h5"],
             "import": [tmp_path / "t.h5", url], "train": [TINY_TOML, "--cache", url, "--out", tmp_path / "run"]}[command]
-    options = [f"--storage-option={o}" for o in (f"endpoint_url={endpoint}", "key=testing", "secret=testing")]
+    options = [f"--storage-option={o}" for o in (f"endpoint_url={endpoint}", "key=testing", "secret=testing")] if scheme == "s3" else []
     started = time.monotonic()
     result = CliRunner().invoke(main, [command, *map(str, args), *options])
     took = time.monotonic() - started
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == (4 if command == "verify" else 1), result.output  # verify's report: FAIL open
     said = lines[2].replace("      - ", "Error: ", 1) if command == "verify" else lines[0]
-    assert re.match(rf"Error: cannot reach '{url}': Read timeout on endpoint URL: .*; gave up after \d+ s \(2 tries of up to 1 s "
-                    r"each\); for an endpoint that is slow rather than down raise --storage-option config_kwargs.read_timeout=SECONDS; "
-                    r"check the URL", said), result.output
-    assert len(held) == 2, "one connection a try: s3fs does not try again on top of botocore"
+    if scheme == "s3":
+        assert re.match(rf"Error: cannot reach '{url}': Read timeout on endpoint URL: .*; gave up after \d+ s \(2 tries of up to 1 s "
+                        r"each\); for an endpoint that is slow rather than down raise --storage-option config_kwargs.read_timeout=SECONDS; "
+                        r"check the URL", said), result.output
+        assert len(held) == 2, "one connection a try: s3fs does not try again on top of botocore"
+    else:
+        assert re.match(rf"Error: cannot reach '{url}': Timeout on reading data from socket; gave up after \d+ s \(1 try of up to 1 s\); "
+                        r"for an endpoint that is slow rather than down raise --storage-option client_kwargs.timeout.sock_read=SECONDS; "
+                        r"check the URL", said), result.output
+        assert len(held) == 1
     assert took < 12, f"{took:.1f} s"  # two tries of 1 s; botocore's backoff between tries is under 1 s
     assert sorted(p.name for p in tmp_path.iterdir()) == (["t.h5"] if command == "import" else []), "nothing written"
+
+
+def test_an_http_timeout_is_given_in_seconds_or_by_setting_from_the_command_line(http_root, tiny_store, silent_endpoint, monkeypatch):
+    """aiohttp takes a ClientTimeout object, which a command line cannot spell: client_kwargs.timeout given as seconds
+    (the whole request) or as settings becomes one. The user's timeout is the first look's too; a setting aiohttp does
+    not have is named in one line."""
+    import shutil
+
+    from kdcache import store as layout
+
+    monkeypatch.setattr(layout, "PROBE_READ_S", 60.0)
+    root, base = http_root
+    shutil.copytree(tiny_store, root / "timeouts.zarr", dirs_exist_ok=True)
+    for given in ("client_kwargs.timeout=30", "client_kwargs.timeout.sock_read=30"):
+        result = CliRunner().invoke(main, ["info", f"{base}/timeouts.zarr", "--json", f"--storage-option={given}"])
+        assert result.exit_code == 0 and json.loads(result.output)["complete"], result.output
+    options = {"client_kwargs": {"timeout": {"sock_read": 2}}}
+    assert layout._fsspec_options(base, options)["client_kwargs"]["timeout"].sock_read == 2 and options["client_kwargs"]["timeout"] == {"sock_read": 2}
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["info", f"{silent_endpoint[0]}/s.zarr", "--storage-option=client_kwargs.timeout.sock_read=2"])
+    assert result.exit_code == 1 and "gave up after 2 s (1 try of up to 2 s)" in result.output and time.monotonic() - started < 10, result.output
+    result = CliRunner().invoke(main, ["info", f"{base}/timeouts.zarr", "--storage-option=client_kwargs.timeout.read=30"])
+    assert result.exit_code == 1 and result.output == (
+        "Error: storage option client_kwargs.timeout = {'read': 30} names settings aiohttp does not have; use total, connect, sock_connect "
+        "or sock_read (seconds), e.g. --storage-option client_kwargs.timeout.sock_read=60\n"), result.output
