@@ -1307,7 +1307,10 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     if kind == "http" and not read_only:
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
-        return zarr.storage.FsspecStore.from_url(location, storage_options=_fsspec_options(location, storage_options), read_only=read_only)
+        options = _fsspec_options(location, storage_options)
+        if not read_only and "::" not in location and _is_s3(location) and "session" not in options:
+            options["session"] = _session_without_expect(options.get("profile"))
+        return zarr.storage.FsspecStore.from_url(location, storage_options=options, read_only=read_only)
     except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
         module = getattr(e.__cause__, "name", None) or e.name or ""
         missing, backend = module.split(".")[0], _backend_package(location)
@@ -1321,6 +1324,19 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
                          "check the --storage-option values") from None
     except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
         raise _unreachable(location, e) from None
+
+
+def _session_without_expect(profile: str | None) -> Any:
+    """An aiobotocore session for writing an S3 store, whose PUTs send no ``Expect: 100-continue``. aiohttp waits for
+    the answer to that header with no timeout at all, so a shard's PUT to an endpoint that stopped answering held the
+    writer for ever; without it botocore's ``read_timeout`` applies, and the write fails and can be resumed. (The
+    header lets a server refuse a large body before it is sent; kdcache's objects are whole shards it means to store.)"""
+    import aiobotocore.session
+    import botocore.handlers
+
+    session = aiobotocore.session.AioSession(profile=profile)
+    session.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    return session
 
 
 def _backend_package(location: str) -> str:

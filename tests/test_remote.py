@@ -5,6 +5,7 @@ server, reached through s3fs with dummy credentials), a Range-capable static HTT
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -551,3 +552,122 @@ def test_an_http_timeout_is_given_in_seconds_or_by_setting_from_the_command_line
     assert result.exit_code == 1 and result.output == (
         "Error: storage option client_kwargs.timeout = {'read': 30} names settings aiohttp does not have; use total, connect, sock_connect "
         "or sock_read (seconds), e.g. --storage-option client_kwargs.timeout.sock_read=60\n"), result.output
+
+
+class SwallowingProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (host, port) that passes everything on until ``swallow()``;
+    from then on it takes what the client sends and answers nothing (an endpoint that stopped answering mid-run)."""
+
+    def __init__(self, target: tuple[str, int]):
+        import threading
+
+        self.target, self.silent, self.conns = target, threading.Event(), []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def swallow(self) -> None:
+        self.silent.set()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client = self.server.accept()[0]
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.silent.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for s in (self.server, *self.conns):
+            s.close()
+
+
+@pytest.mark.slow
+def test_an_s3_endpoint_that_stops_answering_mid_extract_fails_it_in_one_line(s3, tmp_path):
+    """An S3 endpoint that stops answering while an extract writes its shards: the extract fails in one line, exit 1,
+    after botocore's read_timeout and s3fs's retries, and the shards written are kept (the next test: a PUT sent after
+    the endpoint fell silent held the writer for ever)."""
+    from urllib.parse import urlparse
+
+    from reference import shards_done, write_toml
+
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = SwallowingProxy((endpoint.hostname, endpoint.port))
+    url = f"s3://{BUCKET}/swallowed.zarr"
+    options = [f"--storage-option={o}" for o in (f"endpoint_url={proxy.url}", "key=testing", "secret=testing",
+                                                  "config_kwargs.read_timeout=2", "config_kwargs.retries.max_attempts=0")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
+            time.sleep(0.05)
+        proxy.swallow()
+        swallowed_at = time.monotonic()
+        code = proc.wait(timeout=240)
+        took = time.monotonic() - swallowed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    lines = proc.stderr.read().strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and "timeout" in lines[0].lower(), lines
+    assert 2 <= shards_done(url, s3) < 30
+    print(f"failed {took:.0f} s after the endpoint stopped answering: {lines[0][:200]}")
+
+
+def test_a_put_to_an_s3_endpoint_that_stopped_answering_times_out(s3):
+    """botocore sends ``Expect: 100-continue`` with a PUT and aiohttp waits for the server's answer to it with no
+    timeout: a shard's PUT sent after the endpoint stopped answering held the writer for ever (a GPU job's allocation
+    with it; measured: still waiting after 30 s with read_timeout=2, here and with a raw aiohttp PUT). A writable
+    store's PUTs go without that header, so botocore's read_timeout applies."""
+    import threading
+    from urllib.parse import urlparse
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from kdcache.store import zarr_store
+
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = SwallowingProxy((endpoint.hostname, endpoint.port))
+    options = {"endpoint_url": proxy.url, "key": "testing", "secret": "testing", "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 0}}}
+    store = zarr_store(f"s3://{BUCKET}/put-timeout.zarr", options, read_only=False)
+    store.fs.retries = 1  # s3fs's own retries: one pass
+    body = default_buffer_prototype().buffer.from_bytes(b"x" * 1000)
+    sync(store.set("warm", body))  # a live connection in the pool, as mid-run
+    proxy.swallow()
+    outcome: list[BaseException | None] = []
+
+    def put() -> None:
+        try:
+            sync(store.set("after", body))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - the test's to look at
+            outcome.append(e)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=put, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    try:
+        assert outcome, "the PUT still waits 30 s after the endpoint stopped answering"
+        assert type(outcome[0]).__name__ in ("ReadTimeoutError", "OSError", "TimeoutError", "FSTimeoutError"), repr(outcome[0])
+        assert time.monotonic() - started < 15
+    finally:
+        proxy.close()
