@@ -5,7 +5,6 @@ server, reached through s3fs with dummy credentials), a Range-capable static HTT
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -602,21 +601,15 @@ def test_an_s3_endpoint_that_stops_answering_mid_extract_fails_it_in_one_line(s3
     the endpoint fell silent held the writer for ever)."""
     from urllib.parse import urlparse
 
-    from reference import shards_done, write_toml
+    from reference import shards_done, slow_extract, write_toml
 
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     endpoint = urlparse(s3["endpoint_url"])
     proxy = SwallowingProxy((endpoint.hostname, endpoint.port))
     url = f"s3://{BUCKET}/swallowed.zarr"
-    options = [f"--storage-option={o}" for o in (f"endpoint_url={proxy.url}", "key=testing", "secret=testing",
-                                                  "config_kwargs.read_timeout=2", "config_kwargs.retries.max_attempts=0")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = slow_extract(toml, url, storage_options={**s3, "endpoint_url": proxy.url,
+                                                    "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 0}}})
     try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
-            time.sleep(0.05)
         proxy.swallow()
         swallowed_at = time.monotonic()
         code = proc.wait(timeout=240)
@@ -625,7 +618,7 @@ def test_an_s3_endpoint_that_stops_answering_mid_extract_fails_it_in_one_line(s3
         if proc.poll() is None:
             proc.kill()
         proxy.close()
-    lines = proc.stderr.read().strip().splitlines()
+    lines = proc.stderr.read().decode().strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and "timeout" in lines[0].lower(), lines
     assert 2 <= shards_done(url, s3) < 30
     print(f"failed {took:.0f} s after the endpoint stopped answering: {lines[0][:200]}")

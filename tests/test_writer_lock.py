@@ -435,16 +435,10 @@ def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3,
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/paused.zarr"
     lock = f"{S3_BUCKET}/.paused.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
     shortened = "from kdcache import store; store.LOCK_STALE_S = 1.5; store.LOCK_HEARTBEAT_S = 0.3; store.LOCK_LATE_S = 0.6\n" \
                 "from kdcache.cli import main; main()"
-    proc = subprocess.Popen([sys.executable, "-c", shortened, "extract", str(toml), "--out", url, *options, "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = slow_extract(toml, url, storage_options=s3, command=[sys.executable, "-c", shortened])
     try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
-            time.sleep(0.05)
         proc.send_signal(signal.SIGSTOP)  # paused
         paused_at = shards_done(url, s3)
         time.sleep(2.5)  # its lock is stale by the server's clock
@@ -458,7 +452,7 @@ def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3,
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = proc.stderr.read().strip().splitlines()
+    lines = proc.stderr.read().decode().strip().splitlines()
     assert len(lines) == 1 and re.match(rf"Error: '{url}' lost its writer lock while being written: kdcache pid {os.getpid()} on .* "
                                         r"took it over, as this job had not renewed it for 2 s", lines[0]), lines
     done = shards_done(url, s3)
@@ -557,20 +551,15 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
     lock = f"{S3_BUCKET}/.preempted.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     options = [f"--storage-option={k}={v}" for k, v in s3.items()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "240", "ZOO_SLEEP": "0.01", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = slow_extract(toml, url, storage_options=s3)
     try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
-            time.sleep(0.05)
         assert read_object(fs, lock) is not None, "the job holds its lock"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.stderr.read().strip().splitlines() == [
+    assert proc.stderr.read().decode().strip().splitlines() == [
         "Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"]
     assert read_object(fs, lock) is None
     assert 2 <= layout.open_store(url, storage_options=s3).done().sum() < 30
