@@ -99,8 +99,10 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     if layout.location_kind(location) == "local":
         location = str(Path(layout.local_path(location)).absolute())
 
+    lock_token = getattr(store.lease, "token", None)  # the workers check the job's S3 lock before they write: still ours
+
     def submit(shard: int) -> Any:
-        return client.submit(_extract_shard, pipeline, location, shard, store.storage_options,
+        return client.submit(_extract_shard, pipeline, location, shard, store.storage_options, lock_token,
                              key=f"kdcache-shard-{shard}-{tries[shard]}-{token}", pure=False)
 
     futures = {submit(s): s for s in pending}
@@ -109,7 +111,8 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     for future in queue:
         shard = futures.pop(future)
         try:
-            layout.check_lease(store.location, store.storage_options)  # the job's S3 lock taken over: no shard more is run
+            if store.lease is not None:  # the job's S3 lock taken over: no shard more is run
+                store.lease.check(store.location)
         except KdcacheError:
             client.cancel(list(futures))
             raise
@@ -219,13 +222,16 @@ def _ctrl_c_to_driver() -> Iterator[None]:
 _RUNS: dict[str, tuple[Run, dict[str, Any]]] = {}  # per worker process: the teacher and dataset a pipeline built, and their manifest
 
 
-def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """A dask task: extract one whole shard into the existing store (a no-op if it is already done)."""
+def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None,
+                   lock_token: str | None = None) -> dict[str, Any]:
+    """A dask task: extract one whole shard into the existing store (a no-op if it is already done). ``lock_token``: of
+    the job's S3 writer lock (its driver's), which must still be the job's when the shard is written."""
     start = time.perf_counter()
     worker = _worker_index()
     pipeline = _on_device(pipeline, worker)
     key = json.dumps([pipeline.to_dict(), str(pipeline.root)], sort_keys=True)
     store = _open_created(location, storage_options, f"dask worker {worker} (pid {os.getpid()} on {socket.gethostname()})")
+    store.lease = layout.borrowed_lease(location, storage_options, lock_token)
     # the weights hashed once per worker, not per task; but a cluster outlives jobs, and one kept from an earlier job may
     # be out of date (its checkpoint file replaced since, the pipeline the same): rebuilt before it is called different
     if key not in _RUNS or layout.difference(store.manifest, _RUNS[key][1]) is not None:
@@ -318,15 +324,16 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
             try:
                 lock.enter_context(layout.writer_lock(out, storage_options))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
-                shared[0] = store.pending_shards()
+                shared[0] = (store.pending_shards(), getattr(store.lease, "token", None))
             except KdcacheError as e:
                 shared[0] = e  # the other ranks stop with the same error instead of waiting
         dist.broadcast_object_list(shared, src=0)
         if isinstance(shared[0], BaseException):
             raise shared[0]
-        pending: list[int] = shared[0]
+        pending: list[int] = shared[0][0]
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
+            store.lease = layout.borrowed_lease(out, storage_options, shared[0][1])  # rank 0's S3 lock: still the job's
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
         dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
         first = next((m for m in mismatches if m is not None), None)

@@ -161,6 +161,8 @@ class Store:
         self.location = location
         self.writable = writable
         self.storage_options = dict(storage_options or {})  # reopening elsewhere (a DataLoader worker) needs them
+        # the S3 writer lock each write is checked against: this process's (_Lease), or the job's holder's (_Borrowed)
+        self.lease: _Lease | _Borrowed | None = held_lease(location, self.storage_options) if writable else None
         self._temps: dict[Path, dict[Any, list[Path]]] = {}  # _remove_stale_temps: folder -> its temp files
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)
@@ -438,7 +440,8 @@ class Store:
         start, stop = self.shard_rows(shard)
         missing = set(self.paths()) - set(arrays)
         assert not missing, f"shard {shard} lacks {sorted(missing)}"
-        check_lease(self.location, self.storage_options)  # a paused writer whose S3 lock was taken over writes no more
+        if self.lease is not None:  # a paused writer whose S3 lock was taken over writes no more
+            self.lease.check(self.location)
         digests = {}
         try:
             for path, data in arrays.items():
@@ -484,7 +487,8 @@ class Store:
     def finish(self) -> None:
         """Record completion time once every shard is done."""
         if self.complete and not self.manifest.get("completed"):
-            check_lease(self.location, self.storage_options)
+            if self.lease is not None:
+                self.lease.check(self.location)
             self.manifest["completed"] = _now()
             try:
                 self._remove_stale_temps("zarr.json")
@@ -1751,7 +1755,7 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     ``LOCK_HEARTBEAT_S`` (PUT ``If-Match`` its last ETag: ``_Lease``) and a lock unchanged for ``LOCK_STALE_S`` is
     taken over with a PUT ``If-Match`` the ETag seen stale: of two takers, or a taker and a late heartbeat, exactly
     one wins. Staleness is the store's ``Date`` less the object's ``Last-Modified``: no writer's clock is trusted. A
-    writer whose heartbeat is late renews the lock before its next shard (``check_lease``), and one whose lock was
+    writer whose heartbeat is late renews the lock before its next shard (``Store.lease``), and one whose lock was
     taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) fails there, at its next heartbeat, or at
     the end of the block. Not locked: stores on other fsspec backends, a store at a bucket's root (the lock would
     be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible ones): tried once after taking
@@ -1810,7 +1814,7 @@ class _Lease:
     etag: str
     renewed: float  # _clock() when the PUT that made `etag` was sent: the server's Last-Modified is no earlier
     lost_to: str | None = None  # who took it over
-    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the heartbeat and check_lease renew it
+    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the heartbeat and check renew it
 
     def renew(self, unless_within: float = 0.0) -> None:
         """Rewrite the lock object ``If-Match`` our last ETag (not when renewed within ``unless_within`` s: by another
@@ -1866,16 +1870,39 @@ class _Lease:
                 pass
 
 
-def check_lease(location: str, storage_options: dict[str, Any] | None) -> None:
-    """Fail before the store at ``location`` is written further if this process held its S3 writer lock and lost it
-    (``_Lease.check``). Nothing to do for other stores, or in a process that holds no S3 lock (a dask worker's, a
-    torchrun rank's other than 0: the lock's holder checks its own writes)."""
+def held_lease(location: str, storage_options: dict[str, Any] | None) -> _Lease | None:
+    """This process's hold on the S3 writer lock of the store at ``location`` (taken by ``writer_lock``), or None."""
     if not _LEASES:
-        return
+        return None
     lock = _lock_object(location, storage_options)
-    lease = _LEASES.get(f"{lock[1]}/{lock[2]}") if lock is not None else None
-    if lease is not None:
-        lease.check(location)
+    return _LEASES.get(f"{lock[1]}/{lock[2]}") if lock is not None else None
+
+
+@dataclass
+class _Borrowed:
+    """The S3 writer lock of a job, as a process that writes for it without holding it sees it (a dask worker, a
+    torchrun rank other than 0: the driver or rank 0 holds it). Read before each shard is written: still the job's
+    (its ``token``), and renewed within ``LOCK_STALE_S`` (a holder paused or gone may lose it any moment)."""
+
+    fs: Any
+    bucket: str
+    key: str
+    token: str
+
+    def check(self, location: str) -> None:
+        seen = _read_lock(self.fs, self.bucket, self.key)
+        if seen is None or self.token not in seen[0].decode(errors="replace"):
+            raise _lost_lock(location, _object_holder(seen) if seen is not None else "another writer")
+        if seen[2] >= LOCK_STALE_S:
+            raise StoreError(f"{location!r}: this job's writer lock was last renewed {seen[2]:.0f} s ago by its holder (the dask driver "
+                             f"or torchrun rank 0, paused or gone), and another job may take it over after {LOCK_STALE_S:.0f} s; "
+                             "nothing more was written; rerun to resume")
+
+
+def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token: str | None) -> _Borrowed | None:
+    """``_Borrowed`` for the job whose lock holds ``token`` (None: the job holds no S3 lock; see ``_object_lock``)."""
+    lock = _lock_object(location, storage_options) if token is not None else None
+    return _Borrowed(*lock, token) if lock is not None else None
 
 
 def _lost_lock(location: str, taker: str) -> StoreError:

@@ -468,21 +468,22 @@ def test_a_late_s3_lock_is_renewed_before_the_next_write_and_a_retried_put_is_st
     monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 60)  # no heartbeat: late
     monkeypatch.setattr(layout, "LOCK_LATE_S", 0.3)
     with writer_lock(url, s3):
-        lease = layout._LEASES[lock]
+        lease = layout.held_lease(url, s3)
+        assert lease is layout._LEASES[lock]
         before = (lease.etag, lease.renewed)
-        layout.check_lease(url, s3)  # not late yet: nothing sent
+        lease.check(url)  # not late yet: nothing sent
         assert (lease.etag, lease.renewed) == before
         time.sleep(0.5)
-        layout.check_lease(url, s3)
+        lease.check(url)
         assert lease.renewed > before[1] and lease.lost_to is None  # the ETag is the body's MD5: the same within a second
         ours = json.dumps({"holder": lease.holder, "heartbeat": "a moment later", "token": lease.token}).encode()
         landed = fs.call_s3("put_object", Bucket=S3_BUCKET, Key=lock.partition("/")[2], Body=ours)
         assert landed["ETag"] != lease.etag  # our renewal's first try, whose answer was lost
         time.sleep(0.5)
-        layout.check_lease(url, s3)  # its retry is refused: still ours
+        lease.check(url)  # its retry is refused: still ours
         assert lease.lost_to is None and lease.etag == landed["ETag"], "the version it made is the one to renew"
         time.sleep(0.5)
-        layout.check_lease(url, s3)
+        lease.check(url)
         assert lease.lost_to is None and lease.etag == fs.info(lock, refresh=True)["ETag"] != landed["ETag"]
         fs.call_s3("put_object", Bucket=S3_BUCKET, Key=lock.partition("/")[2], Body=ours.replace(b"a moment", b"two moments"))
     assert read_object(fs, lock) is None, "ours in a version the writer never saw: deleted at the end, without an error"
