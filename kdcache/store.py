@@ -1315,6 +1315,8 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         if not read_only and "::" not in location and _is_s3(location) and "session" not in options:
             options["session"] = _session_without_expect(options.get("profile"))
         return zarr.storage.FsspecStore.from_url(location, storage_options=options, read_only=read_only)
+    except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
+        raise
     except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
         module = getattr(e.__cause__, "name", None) or e.name or ""
         missing, backend = module.split(".")[0], _backend_package(location)
@@ -1396,10 +1398,11 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
                 return "zarr.json" in z.namelist()
         except (OSError, zipfile.BadZipFile):
             return False
-    if "::" not in location and _is_s3(location):
-        return _s3_exists(location, storage_options)
-    if kind == "http":
-        return _http_exists(location, storage_options)
+    endpoint = _endpoint(location, storage_options)
+    if "::" not in location and (kind == "http" or _is_s3(location)) and endpoint not in _REACHED:
+        found = _http_exists(location, storage_options) if kind == "http" else _s3_exists(location, storage_options)
+        _REACHED.add(endpoint)  # later looks (a DataLoader worker's, the next open) ride out a slow moment with the usual retries
+        return found
     from zarr.core.sync import sync
 
     try:
@@ -1410,6 +1413,15 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
         raise _unreachable(location, e) from None
+
+
+_REACHED: set[str] = set()  # endpoints (and buckets) that answered a first look in this process, or in the one that forked it
+
+
+def _endpoint(location: str, storage_options: dict[str, Any] | None) -> str:
+    """What a first look reaches: the location's scheme and host (the bucket, for s3://) with the options."""
+    scheme, _, rest = location.partition("://")
+    return json.dumps([scheme.lower(), rest.split("/")[0], storage_options or {}], sort_keys=True, default=repr)
 
 
 def _s3_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
@@ -1433,6 +1445,7 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
     own that waits at most ``PROBE_CONNECT_S`` to connect and ``PROBE_READ_S`` for each answer (the user's own
     ``client_kwargs.timeout`` wins), so an endpoint that never answers is named in seconds, not after aiohttp's 300 s.
     Answers other than the store's are False: ``_no_store`` says what they were."""
+    zarr_store(location, storage_options)  # a missing backend (aiohttp), options it does not take: named as when opening
     import aiohttp
     import fsspec
 
@@ -1737,13 +1750,13 @@ def _holder(fd: int, kind: int, tries: int) -> str | None:
 # An S3 store's lock (FORMAT.md §13): its holder rewrites it every LOCK_HEARTBEAT_S seconds; one not rewritten for
 # LOCK_STALE_S seconds, by the store's own clock, is a dead holder's (killed, its machine gone) and is taken over.
 # A holder whose last rewrite is older than LOCK_LATE_S (its heartbeat late: the process was paused, the machine
-# asleep, the endpoint failing) rewrites it before it writes anything more, and stops if it cannot. A PUT of the lock
-# object gives up after LOCK_PUT_S. Read where used, so tests may shorten them.
+# asleep, the endpoint failing) rewrites it before it writes anything more, and stops if it cannot. A request about
+# the lock object gives up after LOCK_REQUEST_S. Read where used, so tests may shorten them.
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 180.0
 LOCK_LATE_S = 60.0
-LOCK_PUT_S = 30.0
-_LEASES: dict[str, _Lease] = {}  # the S3 locks this process holds, by "bucket/key" of the lock object
+LOCK_REQUEST_S = 30.0
+_LEASES: dict[tuple[str | None, str, str], _Lease] = {}  # the S3 locks this process holds, by endpoint, bucket and key
 
 
 @contextlib.contextmanager
@@ -1770,6 +1783,7 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        _drop_if_ours(*lock, token)  # a PUT that landed, its answer lost (timed out): a rerun would be refused until stale
         raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
                          "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
     except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
@@ -1782,12 +1796,12 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     lease = _Lease(*lock, holder, token, etag, sent)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lease, stop), name="kdcache-lock-heartbeat", daemon=True)
-    _LEASES[f"{lock[1]}/{lock[2]}"] = lease
+    _LEASES[_lease_key(*lock)] = lease
     try:
         beat.start()  # inside: a Ctrl-C while it starts removes the lock too
         yield
     finally:
-        _LEASES.pop(f"{lock[1]}/{lock[2]}", None)
+        _LEASES.pop(_lease_key(*lock), None)
         stop.set()
         with contextlib.suppress(RuntimeError):  # not started
             beat.join()
@@ -1814,16 +1828,29 @@ class _Lease:
     etag: str
     renewed: float  # _clock() when the PUT that made `etag` was sent: the server's Last-Modified is no earlier
     lost_to: str | None = None  # who took it over
+    failed: float = 0.0  # _clock() when a renewal last failed: the writer threads that find it late do not each try again
     mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the heartbeat and check renew it
 
     def renew(self, unless_within: float = 0.0) -> None:
-        """Rewrite the lock object ``If-Match`` our last ETag (not when renewed within ``unless_within`` s: by another
-        thread meanwhile). Refused, it was taken over (``lost_to`` names who) unless it is still ours: a PUT whose
-        answer was lost and which botocore sent again (the first try landed, the second was refused). Raises what the
-        PUT raised otherwise (unreachable, timed out after ``LOCK_PUT_S``)."""
+        """Rewrite the lock object ``If-Match`` our last ETag (``unless_within``: not when renewed within that many
+        seconds, or when a renewal failed within ``LOCK_REQUEST_S``, by another thread meanwhile). Refused, it was
+        taken over (``lost_to`` names who) unless it is still ours: a PUT whose answer was lost and which botocore
+        sent again (the first try landed, the second was refused), whose version is then rewritten. Raises what the
+        request raised otherwise (unreachable, no answer within ``LOCK_REQUEST_S``)."""
         with self.mutex:
-            if self.lost_to is not None or _clock() - self.renewed < unless_within:
-                return
+            now = _clock()
+            failed_just_now = self.failed > self.renewed and now - self.failed < LOCK_REQUEST_S
+            if self.lost_to is not None or now - self.renewed < unless_within or unless_within and failed_just_now:
+                return  # lost; renewed meanwhile; or, for a late writer, failed just now in another thread
+            try:
+                self._renew()
+            except Exception:
+                self.failed = _clock()
+                raise
+
+    def _renew(self) -> None:
+        """``renew``'s PUT, under its mutex."""
+        for _ in range(3):  # refused for a version of ours (an earlier PUT landed, its answer lost): renew that one
             sent = _clock()
             try:
                 self.etag = _put_lock(self.fs, self.bucket, self.key, _lock_body(self.holder, self.token), IfMatch=self.etag)
@@ -1834,20 +1861,25 @@ class _Lease:
                 if seen is None or self.token not in seen[0].decode(errors="replace"):
                     self.lost_to = _object_holder(seen) if seen is not None else "another writer"
                     return
-                self.etag = seen[1]
+                self.etag = seen[1]  # its Last-Modified may be long past: not a renewal by itself
+                self.renewed = max(self.renewed, _clock() - max(0.0, seen[2]))
+                continue
             self.renewed = sent
+            return
 
     def check(self, location: str) -> None:
         """Before anything more is written: renew the lock when its heartbeat is late (``LOCK_LATE_S``), and fail
         when it was lost, or cannot be renewed and may be stale by now."""
         if _clock() - self.renewed > LOCK_LATE_S:
+            failed = "its renewals failed"
             try:
                 self.renew(unless_within=LOCK_LATE_S)  # the writer threads each find it late: one renews
             except Exception as e:  # noqa: BLE001 - unreachable now: the data's own writes will say more if it lasts
-                if _clock() - self.renewed > LOCK_STALE_S - LOCK_PUT_S:
-                    raise StoreError(f"{location!r}: cannot renew this job's writer lock (last renewed {_clock() - self.renewed:.0f} s ago, "
-                                     f"taken over by another job after {LOCK_STALE_S:.0f} s): {one_line(e)}; nothing more was written; "
-                                     "check that the store can be reached, then rerun to resume") from None
+                failed = f"no answer within {LOCK_REQUEST_S:g} s" if isinstance(e, TimeoutError) else one_line(e)
+            if _clock() - self.renewed > LOCK_STALE_S - LOCK_REQUEST_S and self.lost_to is None:
+                raise StoreError(f"{location!r}: cannot renew this job's writer lock (last renewed {_clock() - self.renewed:.0f} s ago, "
+                                 f"taken over by another job after {LOCK_STALE_S:.0f} s): {failed}; nothing more was written; "
+                                 "check that the store can be reached, then rerun to resume")
         if self.lost_to is not None:
             raise _lost_lock(location, self.lost_to)
 
@@ -1857,13 +1889,13 @@ class _Lease:
             if self.lost_to is not None:
                 return
             try:
-                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+                _lock_request(self.fs, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
             except OSError as e:
                 if _lost_race(e):  # gone (our DELETE sent again after it landed), ours in another version, or taken over
                     with contextlib.suppress(Exception):  # noqa: BLE001 - unreachable now: left behind, taken over once stale
                         seen = _read_lock(self.fs, self.bucket, self.key)
                         if seen is not None and self.token in seen[0].decode(errors="replace"):
-                            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=seen[1])
+                            _lock_request(self.fs, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=seen[1])
                         elif seen is not None:
                             self.lost_to = _object_holder(seen)
             except Exception:  # noqa: BLE001 - unreachable now: left behind, it is taken over once stale
@@ -1875,7 +1907,11 @@ def held_lease(location: str, storage_options: dict[str, Any] | None) -> _Lease 
     if not _LEASES:
         return None
     lock = _lock_object(location, storage_options)
-    return _LEASES.get(f"{lock[1]}/{lock[2]}") if lock is not None else None
+    return _LEASES.get(_lease_key(*lock)) if lock is not None else None
+
+
+def _lease_key(fs: Any, bucket: str, key: str) -> tuple[str | None, str, str]:
+    return getattr(fs, "endpoint_url", None), bucket, key
 
 
 @dataclass
@@ -1912,14 +1948,19 @@ def _lost_lock(location: str, taker: str) -> StoreError:
 
 
 def _put_lock(fs: Any, bucket: str, key: str, body: bytes, **condition: str) -> str:
-    """PUT the lock object with ``condition`` (``IfNoneMatch`` / ``IfMatch``); its new ETag. Gives up after
-    ``LOCK_PUT_S`` (TimeoutError): aiohttp waits for a silent server's ``100 Continue`` to a PUT without end."""
+    """PUT the lock object with ``condition`` (``IfNoneMatch`` / ``IfMatch``); its new ETag."""
+    return str(_lock_request(fs, "put_object", Bucket=bucket, Key=key, Body=body, **condition)["ETag"])
+
+
+def _lock_request(fs: Any, method: str, **params: Any) -> Any:
+    """One S3 request about the lock object, giving up after ``LOCK_REQUEST_S`` (TimeoutError) whatever s3fs's and
+    botocore's retries would wait: aiohttp awaits a silent server's ``100 Continue`` to a PUT without end, and a job
+    that stops, or stops writing, must not wait minutes for its lock's last request."""
     import asyncio
 
     from fsspec.asyn import sync
 
-    put = fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
-    return str(sync(fs.loop, asyncio.wait_for, put, LOCK_PUT_S)["ETag"])
+    return sync(fs.loop, asyncio.wait_for, fs._call_s3(method, **params), LOCK_REQUEST_S)
 
 
 def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str) -> str | None:
@@ -1941,9 +1982,9 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
                 return etag
             except BaseException:
                 with contextlib.suppress(Exception):  # noqa: BLE001 - not left behind; the first error is the one to name
-                    fs.call_s3("delete_object", Bucket=bucket, Key=key)
+                    _lock_request(fs, "delete_object", Bucket=bucket, Key=key)
                 raise
-            fs.call_s3("delete_object", Bucket=bucket, Key=key)  # accepted: the server ignores If-None-Match, no lock here
+            _lock_request(fs, "delete_object", Bucket=bucket, Key=key)  # accepted: the server ignores If-None-Match, no lock here
             return None
         seen = _read_lock(fs, bucket, key)
         if seen is None:
@@ -1972,7 +2013,7 @@ def _drop_if_ours(fs: Any, bucket: str, key: str, token: str) -> None:
     with contextlib.suppress(Exception):  # noqa: BLE001 - best effort: one left behind is taken over once stale
         seen = _read_lock(fs, bucket, key)
         if seen is not None and token in seen[0].decode(errors="replace"):
-            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=seen[1])
+            _lock_request(fs, "delete_object", Bucket=bucket, Key=key, IfMatch=seen[1])
 
 
 def _object_writer(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> str | None:
@@ -2068,6 +2109,7 @@ def _lock_body(holder: str, token: str) -> bytes:
 def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | None:
     """The lock object's bytes, ETag and age in seconds by the store's clock (its ``Date`` less the object's
     ``Last-Modified``; this machine's clock only if the server sends no ``Date``); None when there is none."""
+    import asyncio
     from email.utils import parsedate_to_datetime
 
     from fsspec.asyn import sync
@@ -2080,7 +2122,7 @@ def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | Non
             out["Body"].close()
 
     try:
-        out, data = sync(fs.loop, get)
+        out, data = sync(fs.loop, asyncio.wait_for, get(), LOCK_REQUEST_S)
     except FileNotFoundError:
         return None
     date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")

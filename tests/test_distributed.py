@@ -500,7 +500,7 @@ def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_pat
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and (layout._LEASES == {} or shards_done(url, s3) < 2):
         time.sleep(0.05)
-    lease = layout._LEASES[f"{BUCKET}/.dask-lost.zarr.kdcache-lock"]
+    lease = layout.held_lease(url, s3)
     lease.lost_to = "kdcache pid 4242 on elsewhere"  # what the heartbeat records when a renewal is refused
     thread.join(timeout=120)
     assert len(failed) == 1 and isinstance(failed[0], StoreError), failed

@@ -664,3 +664,21 @@ def test_a_put_to_an_s3_endpoint_that_stopped_answering_times_out(s3):
         assert time.monotonic() - started < 15
     finally:
         proxy.close()
+
+
+def test_only_the_first_look_at_an_endpoint_has_the_short_timeouts(s3, monkeypatch):
+    """The probe's short timeouts (and a new S3 client: ~85 ms a call) are for the first look at an endpoint in a
+    process; later looks (the next open, a forked DataLoader worker's) take the usual filesystem with its retries,
+    which ride out a slow moment in the middle of a run."""
+    from kdcache import store as layout
+
+    probes = []
+    real = layout._probe_filesystem
+    monkeypatch.setattr(layout, "_probe_filesystem", lambda *a: probes.append(a) or real(*a))
+    monkeypatch.setattr(layout, "_REACHED", set())
+    options = {**s3, "config_kwargs": {"read_timeout": 20}}  # options of their own: an endpoint not looked at yet
+    for name in ("first.zarr", "second.zarr", "first.zarr"):
+        assert not layout.exists(f"s3://{BUCKET}/{name}", options)
+    assert len(probes) == 1
+    assert not layout.exists(f"s3://{BUCKET}/first.zarr", s3)  # other options: another first look
+    assert len(probes) == 2 and len(layout._REACHED) == 2

@@ -469,7 +469,7 @@ def test_a_late_s3_lock_is_renewed_before_the_next_write_and_a_retried_put_is_st
     monkeypatch.setattr(layout, "LOCK_LATE_S", 0.3)
     with writer_lock(url, s3):
         lease = layout.held_lease(url, s3)
-        assert lease is layout._LEASES[lock]
+        assert lease is not None and list(layout._LEASES.values()) == [lease]
         before = (lease.etag, lease.renewed)
         lease.check(url)  # not late yet: nothing sent
         assert (lease.etag, lease.renewed) == before
@@ -481,7 +481,7 @@ def test_a_late_s3_lock_is_renewed_before_the_next_write_and_a_retried_put_is_st
         assert landed["ETag"] != lease.etag  # our renewal's first try, whose answer was lost
         time.sleep(0.5)
         lease.check(url)  # its retry is refused: still ours
-        assert lease.lost_to is None and lease.etag == landed["ETag"], "the version it made is the one to renew"
+        assert lease.lost_to is None and lease.etag == fs.info(lock, refresh=True)["ETag"] != landed["ETag"], "that version renewed"
         time.sleep(0.5)
         lease.check(url)
         assert lease.lost_to is None and lease.etag == fs.info(lock, refresh=True)["ETag"] != landed["ETag"]
@@ -491,9 +491,10 @@ def test_a_late_s3_lock_is_renewed_before_the_next_write_and_a_retried_put_is_st
 
 def test_a_lease_on_an_endpoint_that_stopped_answering_gives_up(silent_endpoint, monkeypatch):
     """aiohttp waits for a silent server's 100 Continue to a PUT without end: the heartbeat's PUT would hang, and the
-    writer with it once it must renew. A lock PUT gives up after LOCK_PUT_S; a writer that cannot renew a lock that
-    may be stale by now stops, saying so."""
-    monkeypatch.setattr(layout, "LOCK_PUT_S", 1.0)
+    writer with it once it must renew; the lock's DELETE at the end waited out s3fs's retries (still waiting after 300 s).
+    A request about the lock gives up after LOCK_REQUEST_S; a writer that cannot renew a lock that may be stale by now
+    stops, saying so; the lock object is then left behind (taken over once stale)."""
+    monkeypatch.setattr(layout, "LOCK_REQUEST_S", 1.0)
     endpoint, held = silent_endpoint
     options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "skip_instance_cache": True}
     fs, _ = layout._filesystem(f"s3://{S3_BUCKET}/silent.zarr", options)
@@ -503,12 +504,21 @@ def test_a_lease_on_an_endpoint_that_stopped_answering_gives_up(silent_endpoint,
         lease.renew()
     assert time.monotonic() - started < 10 and held
     lease.renewed -= layout.LOCK_LATE_S + 1  # late, not yet possibly stale: written on (the data's writes will say more)
+    lease.failed = 0.0  # not just now
     lease.check("s3://x")
     lease.renewed -= layout.LOCK_STALE_S
+    lease.failed = 0.0
     with pytest.raises(layout.StoreError, match=r"^'s3://x': cannot renew this job's writer lock \(last renewed \d+ s ago, taken over "
-                                                r"by another job after 180 s\): .*; nothing more was written; check that the store "
+                                                r"by another job after 180 s\): no answer within 1 s; nothing more was written; check that the store "
                                                 r"can be reached, then rerun to resume$"):
         lease.check("s3://x")
+    started = time.monotonic()  # another writer thread just after: the failed try is not made again
+    with pytest.raises(layout.StoreError, match=r"\): its renewals failed; nothing more was written"):
+        lease.check("s3://x")
+    assert time.monotonic() - started < 0.5
+    started = time.monotonic()
+    lease.release()
+    assert time.monotonic() - started < 10 and lease.lost_to is None
 
 
 @pytest.mark.parametrize("stale", [False, True], ids=["absent", "stale"])
