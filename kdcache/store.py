@@ -1313,7 +1313,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     try:
         options = _fsspec_options(location, storage_options)
         if not read_only and "::" not in location and _is_s3(location) and "session" not in options:
-            options["session"] = _session_without_expect(options.get("profile"))
+            options["session"] = _session_without_expect(os.getpid(), options.get("profile"))
         return zarr.storage.FsspecStore.from_url(location, storage_options=options, read_only=read_only)
     except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
         raise
@@ -1332,11 +1332,13 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         raise _unreachable(location, e) from None
 
 
-def _session_without_expect(profile: str | None) -> Any:
+@functools.lru_cache(maxsize=None)
+def _session_without_expect(pid: int, profile: str | None) -> Any:
     """An aiobotocore session for writing an S3 store, whose PUTs send no ``Expect: 100-continue``. aiohttp waits for
     the answer to that header with no timeout at all, so a shard's PUT to an endpoint that stopped answering held the
     writer for ever; without it botocore's ``read_timeout`` applies, and the write fails and can be resumed. (The
-    header lets a server refuse a large body before it is sent; kdcache's objects are whole shards it means to store.)"""
+    header lets a server refuse a large body before it is sent; kdcache's objects are whole shards it means to store.)
+    One per process (``pid``) and profile: the same session keeps fsspec's cached filesystem, and its connections, in use."""
     import aiobotocore.session
     import botocore.handlers
 
