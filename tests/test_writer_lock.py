@@ -498,6 +498,7 @@ def test_a_lease_on_an_endpoint_that_stopped_answering_gives_up(silent_endpoint,
     endpoint, held = silent_endpoint
     options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "skip_instance_cache": True}
     fs, _ = layout._filesystem(f"s3://{S3_BUCKET}/silent.zarr", options)
+    fs.connect()  # its client made beforehand: within the 1 s given, the PUT is sent and waits
     lease = layout._Lease(fs, S3_BUCKET, ".silent.zarr.kdcache-lock", "me", "token", '"etag"', layout._clock())
     started = time.monotonic()
     with pytest.raises(TimeoutError):
