@@ -487,16 +487,7 @@ def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_pat
     zoo_env(N=240, SLEEP=0.01)
     url = f"s3://{BUCKET}/dask-lost.zarr"
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
-    failed: list[BaseException] = []
-
-    def job() -> None:
-        try:
-            extract_distributed(pipeline, url, workers=1, storage_options=s3)
-        except BaseException as e:  # noqa: BLE001 - the test's to look at
-            failed.append(e)
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    thread, failed = _extract_in_a_thread(pipeline, url, s3)
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and (layout._LEASES == {} or shards_done(url, s3) < 2):
         time.sleep(0.05)
@@ -508,13 +499,10 @@ def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_pat
     assert 2 <= shards_done(url, s3) < 30, "the shards not yet run were cancelled"
 
 
-
 def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_path, zoo_env, monkeypatch):
     """A driver paused (a laptop asleep while a remote cluster works) cannot notice that its lock was taken over, and
     its workers went on writing every shard handed to them over the other job's. Each worker now reads the lock
     object before it writes a shard: another job's, it writes nothing and the job stops with the one-line error."""
-    import json as json_
-
     import s3fs
 
     from kdcache import store as layout
@@ -524,23 +512,29 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
     zoo_env(N=240, SLEEP=0.01)
     url = f"s3://{BUCKET}/dask-taken.zarr"
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
-    failed: list[BaseException] = []
-
-    def job() -> None:
-        try:
-            extract_distributed(pipeline, url, workers=1, storage_options=s3)
-        except BaseException as e:  # noqa: BLE001 - the test's to look at
-            failed.append(e)
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    thread, failed = _extract_in_a_thread(pipeline, url, s3)
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and shards_done(url, s3) < 2:
         time.sleep(0.05)
     taker = {"holder": "kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00", "heartbeat": "now", "token": "theirs"}
-    s3fs.S3FileSystem(**s3, skip_instance_cache=True).pipe_file(f"{BUCKET}/.dask-taken.zarr.kdcache-lock", json_.dumps(taker).encode())
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).pipe_file(f"{BUCKET}/.dask-taken.zarr.kdcache-lock", json.dumps(taker).encode())
     taken_at = shards_done(url, s3)
     thread.join(timeout=120)
     assert len(failed) == 1 and isinstance(failed[0], StoreError), failed
     assert str(failed[0]).startswith(f"{url!r} lost its writer lock while being written: kdcache pid 4242 on elsewhere since "), failed[0]
     assert taken_at <= shards_done(url, s3) <= taken_at + 1 < 30, "only a shard being written as it was taken over is finished"
+
+
+def _extract_in_a_thread(pipeline, url: str, options: dict) -> tuple[threading.Thread, list[BaseException]]:
+    """A one-worker dask extract of ``url`` running in a thread (started), and the list its error will be put in."""
+    failed: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            extract_distributed(pipeline, url, workers=1, storage_options=options)
+        except BaseException as e:  # noqa: BLE001 - the test's to look at
+            failed.append(e)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    return thread, failed
