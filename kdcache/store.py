@@ -1369,10 +1369,24 @@ def _filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[
 def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """``storage_options`` as fsspec takes them. For http(s), a ``client_kwargs.timeout`` given as seconds (the
     whole request) or as a mapping (``{"sock_read": 60}``: what the command line can say) becomes the
-    ``aiohttp.ClientTimeout`` aiohttp takes; anything else there is aiohttp's to name."""
+    ``aiohttp.ClientTimeout`` aiohttp takes; anything else there is aiohttp's to name. In a chain (``zip::https://…``)
+    the http layer's options are those under its scheme (``https.client_kwargs.timeout``)."""
     options = dict(storage_options or {})
+    http = _http_url(location)
+    if http is None:
+        return options
+    if "::" not in location:
+        return _with_client_timeout(options, "")
+    scheme = http.split("://", 1)[0].lower()
+    if isinstance(options.get(scheme), dict):
+        options[scheme] = _with_client_timeout(options[scheme], f"{scheme}.")
+    return options
+
+
+def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
+    """``_fsspec_options`` for one http layer's ``options`` (``named``: the prefix of its keys, for the message)."""
     client = options.get("client_kwargs")
-    if _http_url(location) is None or not isinstance(client, dict) or "timeout" not in client:
+    if not isinstance(client, dict) or "timeout" not in client:
         return options
     import aiohttp
 
@@ -1383,10 +1397,9 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
         try:
             timeout = aiohttp.ClientTimeout(**timeout)
         except TypeError:
-            raise StoreError(f"storage option client_kwargs.timeout = {_short(timeout)} names settings aiohttp does not have; use "
-                             "total, connect, sock_connect or sock_read (seconds), e.g. --storage-option client_kwargs.timeout.sock_read=60") from None
-    options["client_kwargs"] = {**client, "timeout": timeout}
-    return options
+            raise StoreError(f"storage option {named}client_kwargs.timeout = {_short(timeout)} names settings aiohttp does not have; "
+                             f"use total, connect, sock_connect or sock_read (seconds), e.g. --storage-option {named}client_kwargs.timeout.sock_read=60") from None
+    return {**options, "client_kwargs": {**client, "timeout": timeout}}
 
 
 def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -1400,11 +1413,14 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
                 return "zarr.json" in z.namelist()
         except (OSError, zipfile.BadZipFile):
             return False
-    endpoint = _endpoint(location, storage_options)
-    if "::" not in location and (kind == "http" or _is_s3(location)) and endpoint not in _REACHED:
-        found = _http_exists(location, storage_options) if kind == "http" else _s3_exists(location, storage_options)
+    http = _http_url(location)  # the location, or a chain's last link (zip::https://…)
+    s3 = "::" not in location and _is_s3(location)
+    endpoint = _endpoint(http or location, storage_options)
+    if (http or s3) and endpoint not in _REACHED:  # the first look gives up soon
+        found = _s3_exists(location, storage_options) if s3 else _http_exists(location, storage_options)
         _REACHED.add(endpoint)  # later looks (a DataLoader worker's, the next open) ride out a slow moment with the usual retries
-        return found
+        if s3 or http == location:
+            return found  # a chain's zip layer says whether the store is in the file
     from zarr.core.sync import sync
 
     try:
@@ -1443,32 +1459,42 @@ def _s3_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
 
 
 def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
-    """``exists`` for an http(s) location, the first look at it: its ``zarr.json`` fetched through a filesystem of its
-    own that waits at most ``PROBE_CONNECT_S`` to connect and ``PROBE_READ_S`` for each answer (the user's own
-    ``client_kwargs.timeout`` wins), so an endpoint that never answers is named in seconds, not after aiohttp's 300 s.
-    Answers other than the store's are False: ``_no_store`` says what they were."""
-    zarr_store(location, storage_options)  # a missing backend (aiohttp), options it does not take: named as when opening
+    """``exists`` for an http(s) location, the first look at it: its ``zarr.json`` fetched (for a chain such as
+    ``zip::https://…``, the file's headers) through a filesystem of its own that waits at most ``PROBE_CONNECT_S`` to
+    connect and ``PROBE_READ_S`` for each answer (the user's own ``client_kwargs.timeout`` wins), so an endpoint that
+    never answers is named in seconds, not after aiohttp's 300 s. Answers other than the store's are False:
+    ``_no_store`` says what they were (a chain's are the zip layer's to judge)."""
     import aiohttp
     import fsspec
 
+    url, named = _http_url(location) or location, ""
     options = _fsspec_options(location, storage_options)
+    if url != location:
+        named = f"{url.split('://', 1)[0].lower()}."
+        options = dict(options.get(named[:-1]) or {})  # the http layer's own
+    else:
+        zarr_store(location, storage_options)  # a missing backend (aiohttp), options it does not take: named as when opening
     client = dict(options.get("client_kwargs") or {})
     client.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=PROBE_CONNECT_S, sock_read=PROBE_READ_S))
     started = time.monotonic()
     try:
-        fs = fsspec.filesystem(location.split("://", 1)[0].lower(), **{**options, "client_kwargs": client, "skip_instance_cache": True})
-        fs.cat_file(location.rstrip("/") + "/zarr.json")
+        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **{**options, "client_kwargs": client, "skip_instance_cache": True})
+        if url != location:
+            fs.info(url)
+        else:
+            fs.cat_file(location.rstrip("/") + "/zarr.json")
         return True
-    except TimeoutError as timed_out:  # aiohttp's connect and read timeouts are TimeoutErrors too; fsspec's wraps them
+    except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: _no_store names them
+        # aiohttp's connect and read timeouts are TimeoutErrors; fsspec wraps them in its own, or a FileNotFoundError (info)
+        e = next((c for c in (failed.__cause__, failed) if isinstance(c, TimeoutError)), None)
+        if e is None:
+            return False
         seconds = time.monotonic() - started
-        e = timed_out.__cause__ if isinstance(timed_out.__cause__, TimeoutError) else timed_out
         setting = {"ConnectionTimeoutError": "sock_connect", "SocketTimeoutError": "sock_read"}.get(type(e).__name__, "total")
         wait = getattr(client["timeout"], setting, None)
         raise _unreachable(location, e, f"gave up after {seconds:.0f} s" + (f" (1 try of up to {wait:g} s)" if wait else "") +
                            "; for an endpoint that is slow rather than down raise --storage-option "
-                           f"client_kwargs.timeout.{setting}=SECONDS; ") from None
-    except Exception:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: _no_store names it
-        return False
+                           f"{named}client_kwargs.timeout.{setting}=SECONDS; ") from None
 
 
 def _unreachable(location: str, e: BaseException, gave_up: str = "") -> StoreError:

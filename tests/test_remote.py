@@ -682,3 +682,26 @@ def test_only_the_first_look_at_an_endpoint_has_the_short_timeouts(s3, monkeypat
     assert len(probes) == 1
     assert not layout.exists(f"s3://{BUCKET}/first.zarr", s3)  # other options: another first look
     assert len(probes) == 2 and len(layout._REACHED) == 2
+
+
+def test_a_zip_behind_an_endpoint_that_never_answers_is_named_within_the_probe_timeouts(silent_endpoint, http_root, tiny_store, tmp_path, monkeypatch):
+    """``zip::http(s)://`` reads a packed store by byte range; a server that never answered held it for aiohttp's 300 s.
+    The first look (the file's headers) gives up as a folder's does, naming the chain's own setting (the http layer's
+    options sit under its scheme), which is converted as a folder's is; a live server's zip reads as before."""
+    from kdcache import store as layout
+
+    monkeypatch.setattr(layout, "PROBE_CONNECT_S", 1.0)
+    monkeypatch.setattr(layout, "PROBE_READ_S", 1.0)
+    endpoint, held = silent_endpoint
+    for given, wait in (([], 1), (["--storage-option=http.client_kwargs.timeout.sock_read=2"], 2)):
+        started = time.monotonic()
+        result = CliRunner().invoke(main, ["info", f"zip::{endpoint}/t{wait}.zarr.zip", *given])
+        assert result.exit_code == 1 and time.monotonic() - started < 10, result.output
+        assert re.fullmatch(rf"Error: cannot reach 'zip::{endpoint}/t{wait}.zarr.zip': Timeout on reading data from socket; gave up after "
+                            rf"\d+ s \(1 try of up to {wait} s\); for an endpoint that is slow rather than down raise --storage-option "
+                            r"http.client_kwargs.timeout.sock_read=SECONDS; check the URL, --storage-option values and credentials\n",
+                            result.output), result.output
+    root, base = http_root
+    pack(tiny_store, str(root / "first-look.zarr.zip"))
+    result = CliRunner().invoke(main, ["info", f"zip::{base}/first-look.zarr.zip", "--json", "--storage-option=http.client_kwargs.timeout=30"])
+    assert result.exit_code == 0 and json.loads(result.output)["complete"], result.output
