@@ -1715,11 +1715,13 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
     (``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
     said now too."""
     if location_kind(str(location)) == "url":
-        started = time.monotonic()
+        started, endpoint = time.monotonic(), _endpoint(str(location), storage_options)
         try:
-            holder = _object_writer(str(location), storage_options, probe=True)
+            holder = _object_writer(str(location), storage_options, probe=endpoint not in _REACHED)
         except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
             raise _unreachable(str(location), e, _probe_gave_up(e, time.monotonic() - started, storage_options)) from None
+        if "::" not in str(location) and _is_s3(str(location)):
+            _REACHED.add(endpoint)  # the store's first look (exists) is made: not a second probe client for it
     else:
         holder = active_writer(location)
     if holder is not None:

@@ -682,6 +682,9 @@ def test_only_the_first_look_at_an_endpoint_has_the_short_timeouts(s3, monkeypat
     assert len(probes) == 1
     assert not layout.exists(f"s3://{BUCKET}/first.zarr", s3)  # other options: another first look
     assert len(probes) == 2 and len(layout._REACHED) == 2
+    fresh = {**s3, "config_kwargs": {"read_timeout": 21}}
+    layout.refuse_if_being_written(f"s3://{BUCKET}/third.zarr", fresh)  # extract's first look, at the lock object
+    assert not layout.exists(f"s3://{BUCKET}/third.zarr", fresh) and len(probes) == 3, "the store's own look: not a second probe"
 
 
 def test_a_zip_behind_an_endpoint_that_never_answers_is_named_within_the_probe_timeouts(silent_endpoint, http_root, tiny_store, tmp_path, monkeypatch):
