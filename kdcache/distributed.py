@@ -194,14 +194,36 @@ def _local_cluster(pipeline: Pipeline, workers: int) -> Iterator[Any]:
     if n < 1:
         raise PipelineError(f"--workers must be >= 1, got {workers}")
     # daemon=False: a worker may start DataLoader processes (extract.num_workers > 0)
-    with dask.config.set({"distributed.worker.daemon": False}):
+    with dask.config.set({"distributed.worker.daemon": False}), _quiet_driver():
         with _ctrl_c_to_driver():
             # no dashboard; the scheduler's HTTP routes (health, metrics) on a free loopback port, not dask's default
             # 8787, taken by any other cluster on the machine (a second extract warned "Port 8787 is already in use")
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL,
-                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, preload=[__name__])
         with cluster, Client(cluster) as client:
             yield client
+
+
+# dask's own logging says nothing to a LocalCluster's user: its messages (a worker's comm closed as the job stops) are
+# not theirs to act on, and the one line a command prints is. silence_logs lowers the level of the handler only while
+# each scheduler, nanny and worker lives and puts it back as it closes, before the connections it was using are done:
+# a SIGTERM that ended the workers printed "Batched Comm Closed" and a traceback above that line (seen once in CI).
+# So the "distributed" logger itself is set to CRITICAL, in the driver for the cluster's whole life, its close
+# included, and in each worker process from its start (dask_setup, a preload: also in one its nanny restarts).
+def dask_setup(worker: Any) -> None:
+    """dask's preload hook (``preload=["kdcache.distributed"]``), run in each worker process as it starts."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _quiet_driver() -> Iterator[None]:
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 @contextlib.contextmanager

@@ -277,6 +277,32 @@ def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path, sig):
     assert result.exit_code == 0, result.output
 
 
+def test_a_local_clusters_logging_stays_silent_while_it_closes_and_in_a_restarted_worker():
+    """What made the SIGTERM case above print dask's "Batched Comm Closed" and a traceback above its one line (seen in
+    CI): dask's silence_logs quiets only a handler, for as long as each scheduler and worker lives, and puts it back as
+    it closes, before its connections are done. The "distributed" logger itself is held at CRITICAL instead: in the
+    driver until the cluster is closed (then as it was), and in every worker process, one its nanny restarts too."""
+    import logging
+    from types import SimpleNamespace
+
+    from kdcache.distributed import _local_cluster
+
+    def level() -> int:
+        return logging.getLogger("distributed.batched").getEffectiveLevel()
+
+    before = logging.getLogger("distributed").level
+    with _local_cluster(SimpleNamespace(extract=SimpleNamespace(device="cpu")), 2) as client:
+        assert level() == logging.CRITICAL
+        first = client.run(os.getpid)
+        os.kill(next(iter(first.values())), signal.SIGTERM)  # as a scheduler's SIGTERM to the job does: the nanny restarts it
+        deadline = time.monotonic() + 120
+        while len(now := client.run(os.getpid, on_error="ignore")) < 2 or set(now.values()) <= set(first.values()):
+            assert time.monotonic() < deadline, "the nanny did not restart the worker within 120 s"
+            time.sleep(0.2)
+        assert set(client.run(level).values()) == {logging.CRITICAL}
+    assert logging.getLogger("distributed").level == before
+
+
 def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun … kdcache ARGS`` (``script``: that script instead, as tests/fixtures/faults.py)."""
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
