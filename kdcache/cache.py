@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from kdcache import data, store as layout, threads
+from kdcache import data, storage, store as layout, threads
 from kdcache.errors import AlignmentError, PipelineError, StoreError
 
 
@@ -324,7 +324,7 @@ class TransferSet(IterableDataset):
         offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])
         position = offsets[local] + rows - spans[local, 0]  # row's place in the shards read back to back
         reads = [(p, int(start), int(stop)) for p in self.paths for start, stop in spans]
-        if layout.location_kind(self.location) in ("url", "http") and len(reads) > 1:  # one request each: overlap their latency
+        if storage.location_kind(self.location) in ("url", "http") and len(reads) > 1:  # one request each: overlap their latency
             parts = iter(threads.pool("read", REMOTE_READS).map(lambda r: self._store.read(*r), reads))
         else:
             parts = (self._store.read(*r) for r in reads)

@@ -124,7 +124,8 @@ def _made_before(location: str | None, started: float) -> bool:
     """Whether the local store at ``location`` was created before ``started`` (an --overwrite stopped before it replaced
     the store: nothing of the new one was written). Not known (False) for other locations: no request is made."""
     try:  # the import too: an interrupt may have left a module it needs half made
-        from kdcache.store import location_kind, open_store
+        from kdcache.storage import location_kind
+        from kdcache.store import open_store
 
         if not location or location_kind(location) != "local":
             return False
@@ -278,10 +279,11 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
         return
     if not out:
         raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run")
-    from kdcache.store import open_store, refuse_if_being_written
+    from kdcache.locking import refuse_if_being_written
+    from kdcache.store import open_store
 
     options = _storage_options(storage_items)
-    # First, as extract() does: an S3 endpoint that never answers is named within store.PROBE_* seconds, not after
+    # First, as extract() does: an S3 endpoint that never answers is named within storage.PROBE_* seconds, not after
     # open_store below has waited out s3fs's retries (minutes) only for its error to be suppressed.
     refuse_if_being_written(out, options)
     was_complete, done_before = False, 0

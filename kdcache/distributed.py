@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache import store as layout
+from kdcache import locking, storage, store as layout
 from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
 from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
@@ -60,7 +60,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     need("distributed", "dask", "kdcache extract --workers/--scheduler")
     if scheduler is not None:
         _check_address(scheduler)
-    layout.refuse_if_being_written(out, storage_options)  # before the teacher is built
+    locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
@@ -68,7 +68,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
         del run
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
             torch.cuda.empty_cache()
-        with layout.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
+        with locking.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
             pending = store.pending_shards()
             if pending:
@@ -96,8 +96,8 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     token, tries = uuid.uuid4().hex[:8], {s: 1 for s in pending}
 
     location = store.location  # a relative path is the driver's: a worker started in another folder would find another store
-    if layout.location_kind(location) == "local":
-        location = str(Path(layout.local_path(location)).absolute())
+    if storage.location_kind(location) == "local":
+        location = str(Path(storage.local_path(location)).absolute())
 
     lock_token = getattr(store.lease, "token", None)  # the workers check the job's S3 lock before they write: still ours
 
@@ -253,7 +253,7 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     pipeline = _on_device(pipeline, worker)
     key = json.dumps([pipeline.to_dict(), str(pipeline.root)], sort_keys=True)
     store = _open_created(location, storage_options, f"dask worker {worker} (pid {os.getpid()} on {socket.gethostname()})")
-    store.lease = layout.borrowed_lease(location, storage_options, lock_token)
+    store.lease = locking.borrowed_lease(location, storage_options, lock_token)
     # the weights hashed once per worker, not per task; but a cluster outlives jobs, and one kept from an earlier job may
     # be out of date (its checkpoint file replaced since, the pipeline the same): rebuilt before it is called different
     if key not in _RUNS or layout.difference(store.manifest, _RUNS[key][1]) is not None:
@@ -275,7 +275,7 @@ def _open_created(location: str, storage_options: dict[str, Any] | None, who: st
     try:
         return layout.open_store(location, mode="r+", storage_options=storage_options)
     except StoreError:
-        if layout.exists(location, storage_options):
+        if storage.exists(location, storage_options):
             raise
     raise StoreError(f"{who} finds no store at {location!r}, where the job created it; {REACH}")
 
@@ -337,14 +337,14 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
 
     rank, world, local = ranks()
     pipeline = _on_device(pipeline, local)
-    layout.refuse_if_being_written(out, storage_options)  # every rank, before its teacher is built (rank 0's lock below decides)
+    locking.refuse_if_being_written(out, storage_options)  # every rank, before its teacher is built (rank 0's lock below decides)
     with process_group(), contextlib.ExitStack() as lock:
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
         manifest = run.manifest(pipeline)
         shared: list[Any] = [None]
         if rank == 0:
             try:
-                lock.enter_context(layout.writer_lock(out, storage_options))  # held by rank 0 for the whole job
+                lock.enter_context(locking.writer_lock(out, storage_options))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
                 shared[0] = (store.pending_shards(), getattr(store.lease, "token", None))
             except KdcacheError as e:
@@ -355,7 +355,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         pending: list[int] = shared[0][0]
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
-            store.lease = layout.borrowed_lease(out, storage_options, shared[0][1])  # rank 0's S3 lock: still the job's
+            store.lease = locking.borrowed_lease(out, storage_options, shared[0][1])  # rank 0's S3 lock: still the job's
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
         dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
         first = next((m for m in mismatches if m is not None), None)

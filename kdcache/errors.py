@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 
 class KdcacheError(Exception):
@@ -97,6 +98,12 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message as one line of at most ``limit`` characters."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters: a value from a store or a pipeline, quoted in a message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def raised(e: BaseException) -> str:

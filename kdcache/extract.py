@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import kdcache
-from kdcache import data, store as layout, teacher as teachers
+from kdcache import data, locking, store as layout, teacher as teachers
 from kdcache.errors import AlignmentError, ModelError, PipelineError, TargetError
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
@@ -44,10 +44,10 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     Resumes a partial store made from the same inputs (completed shards are skipped); refuses one
     made from different inputs unless ``overwrite``. Returns the store's ``info()``.
     """
-    layout.refuse_if_being_written(out, storage_options)  # before the teacher is built
+    locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     run = setup(pipeline)
     manifest = run.manifest(pipeline)
-    with layout.writer_lock(out, storage_options):  # one writer per store
+    with locking.writer_lock(out, storage_options):  # one writer per store
         store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
         pending = store.pending_shards()
         bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdcache import store as layout
+from kdcache import locking, storage, store as layout
 from kdcache.errors import StoreError, need, one_line, write_fix
 
 HDF5_LAYOUT_VERSION = 1
@@ -67,8 +67,8 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     _local_out(out)
     out = Path(out)
     _check_out(out, overwrite)
-    source = Path(layout.local_path(location))
-    if layout.location_kind(location) == "zip" and out.exists() and source.exists() and out.samefile(source):
+    source = Path(storage.local_path(location))
+    if storage.location_kind(location) == "zip" and out.exists() and source.exists() and out.samefile(source):
         raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
                          f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
     store = _complete(location, storage_options, "export")
@@ -131,10 +131,10 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
         expect, done, digests = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
         paths = expect.paths()
         _check_location(location)
-        layout.refuse_if_being_written(location, storage_options)  # and an S3 endpoint that never answers: named in seconds
-        if overwrite and layout.exists(str(location), storage_options):
+        locking.refuse_if_being_written(location, storage_options)  # and an S3 endpoint that never answers: named in seconds
+        if overwrite and storage.exists(str(location), storage_options):
             _check_readable(f, source, expect, done, digests, location)  # an existing store is replaced only by a file that reads whole
-        with layout.writer_lock(location, storage_options):  # one writer per store
+        with locking.writer_lock(location, storage_options):  # one writer per store
             store = layout.create_or_resume(location, fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
             for shard in store.pending_shards():
                 if not done[shard]:
@@ -246,9 +246,9 @@ def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, digest
 
 def _check_location(location: str) -> None:
     """Refuse a local STORE that is a file or lies under one, naming the argument (before its lock is taken)."""
-    if layout.location_kind(location) != "local":
+    if storage.location_kind(location) != "local":
         return
-    path = Path(layout.local_path(location))
+    path = Path(storage.local_path(location))
     if path.exists() and not path.is_dir():
         raise StoreError(f"{location!r} is a file, not a store; choose another STORE location for kdcache import or remove it")
     _check_folder(path.parent, f"choose another STORE location for kdcache import than {location!r}")

@@ -1,4 +1,5 @@
-"""The store: the only module that knows the on-disk layout (specified in docs/FORMAT.md).
+"""The store: the only module that knows the on-disk layout (specified in docs/FORMAT.md); where a store lives is
+``storage``'s, who may write it ``locking``'s.
 
 One zarr v3 group. Sample axis first in every array; row ``r`` of every array describes the
 same sample. Rows are grouped into shards of ``rows_per_shard`` rows; every array is sharded on
@@ -11,17 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import errno
 import functools
 import json
-import importlib.util
 import math
 import os
 import re
-import socket
-import stat
 import threading
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +29,9 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, write_fix
-
-try:
-    import fcntl
-except ImportError:  # Windows: stores are not locked there
-    fcntl = None  # type: ignore[assignment]
+from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, short, write_fix
+from kdcache.locking import Borrowed, Lease, active_writer, held_lease
+from kdcache.storage import exists, filesystem, http_problem, http_url, local_object, local_path, location_kind, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -56,7 +49,6 @@ MAX_SHARD_ROWS = 16384
 ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard being written
 MIN_SHARD_ROWS = 16
 MAX_SHARDS = 2**24  # a store of more shards is refused (16,777,216: 2.7e11 rows at MAX_SHARD_ROWS)
-REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (pyproject.toml): s3:// and http(s)://
 # A shard's rows of every data array together, decoded, hold at most this (FORMAT.md §3.1): the writer holds shards
 # whole until written, and a whole-shard read makes a buffer of one array's shard; a received store declaring more is
 # refused as damaged before any such buffer is made.
@@ -161,8 +153,8 @@ class Store:
         self.location = location
         self.writable = writable
         self.storage_options = dict(storage_options or {})  # reopening elsewhere (a DataLoader worker) needs them
-        # the S3 writer lock each write is checked against: this process's (_Lease), or the job's holder's (_Borrowed)
-        self.lease: _Lease | _Borrowed | None = held_lease(location, self.storage_options) if writable else None
+        # the S3 writer lock each write is checked against: this process's (Lease), or the job's holder's (Borrowed)
+        self.lease: Lease | Borrowed | None = held_lease(location, self.storage_options) if writable else None
         self._temps: dict[Path, dict[Any, list[Path]]] = {}  # _remove_stale_temps: folder -> its temp files
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)
@@ -175,13 +167,13 @@ class Store:
             if ATTRS not in attrs:
                 why = f"no {ATTRS!r} root attribute"
             elif not isinstance(manifest, dict):
-                why = f"its {ATTRS!r} root attribute holds {_short(manifest)}, not a JSON object"
+                why = f"its {ATTRS!r} root attribute holds {short(manifest)}, not a JSON object"
             else:
-                why = f"its {ATTRS!r} root attribute has format {_short(manifest.get('format'))}, not {FORMAT!r}"
+                why = f"its {ATTRS!r} root attribute has format {short(manifest.get('format'))}, not {FORMAT!r}"
             raise StoreError(f"{location!r} is a zarr group but not a kdcache store ({why}); pass a store written by kdcache extract")
         version = manifest.get("format_version")
         if type(version) is not int:  # exactly the JSON integer: true and 1.0 compare equal to 1 in Python
-            raise StoreError(f"{location!r} has a damaged manifest: format_version = {_short(version)}, expected the integer "
+            raise StoreError(f"{location!r} has a damaged manifest: format_version = {short(version)}, expected the integer "
                              f"{FORMAT_VERSION}; re-extract or re-import the store")
         if version != FORMAT_VERSION:
             raise StoreError(
@@ -235,9 +227,9 @@ class Store:
                     meta, why = None, f"not JSON: {str(e)[:200]}"
                 else:
                     if not isinstance(meta, dict):
-                        why = f"it holds {_short(meta)}, not a JSON object"
+                        why = f"it holds {short(meta)}, not a JSON object"
                     elif type(meta.get("zarr_format")) is not int or meta["zarr_format"] != 3 or meta.get("node_type") != "group":
-                        why = f"zarr_format {_short(meta.get('zarr_format'))}, node_type {_short(meta.get('node_type'))}"
+                        why = f"zarr_format {short(meta.get('zarr_format'))}, node_type {short(meta.get('node_type'))}"
                     else:
                         continue
             raise StoreError(f"{self.location!r} is damaged: {key!r} is not zarr v3 group metadata ({why}); write "
@@ -383,7 +375,7 @@ class Store:
         except Exception as e:  # noqa: BLE001 - a digest object that does not decode
             if _transport(e):
                 raise self._unreadable(DIGEST, 0, self.num_shards, e) from None
-            raise StoreError(f"{self.location!r} is damaged: {DIGEST} does not decode ({type(e).__name__}: {_short(str(e))}); "
+            raise StoreError(f"{self.location!r} is damaged: {DIGEST} does not decode ({type(e).__name__}: {short(str(e))}); "
                              f"run kdcache verify {self.location}, or re-extract the store") from None
 
     def digest_problem(self, path: str, shard: int, rows: np.ndarray, parts: list[tuple[int, int]] | None = None) -> str | None:
@@ -413,7 +405,7 @@ class Store:
         """
         keys = [f"{DONE}/c/{s}" for s in range(self.num_shards)]
         bad = [(k, raw) for k in keys if (raw := self.raw_object(k)) is not None and raw not in (b"\x00", b"\x01")]
-        named = ", ".join(f"{k!r} (holds {_short(raw[:8])}{'...' if len(raw) > 8 else ''})" for k, raw in bad[:3])
+        named = ", ".join(f"{k!r} (holds {short(raw[:8])}{'...' if len(raw) > 8 else ''})" for k, raw in bad[:3])
         named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         return StoreError(f"{self.location!r} is damaged: done marker {named or '(unreadable)'} is not one byte 0 or 1; "
                           f"run kdcache verify {self.location} for any other damage, then delete the marker and rerun "
@@ -574,7 +566,7 @@ class Store:
                 except Exception as e:  # noqa: BLE001
                     if _transport(e):
                         raise self._unreadable(path, start, stop, e) from None
-                    why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {_short(str(e))}"
+                    why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {short(str(e))}"
                     raise self._damaged(path, shard, f"does not decode ({why})") from None
             raise
 
@@ -686,7 +678,7 @@ class Store:
             return _local_size(root) if root.is_dir() else None
         if kind == "http":
             return None
-        fs, path = _filesystem(self.location, self.storage_options)
+        fs, path = filesystem(self.location, self.storage_options)
         return int(sum(info.get("size") or 0 for info in fs.find(path, detail=True).values()))
 
     def raw_object(self, key: str, *, at_most: int | None = None) -> bytes | None:
@@ -1192,44 +1184,6 @@ _BOUNDED_ZSTD = f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"
 zarr.registry.register_codec("zstd", BoundedZstdCodec)  # chosen only where Store.array sets codecs.zstd to it
 
 
-class _LocalStore(zarr.storage.LocalStore):
-    """zarr's local folder store, reading only regular files inside the folder (``local_object``): a store received
-    from elsewhere may hold a link to any file of the recipient's (which ``pack`` would copy into the zip it hands on),
-    to ``/dev/zero`` (a read that never ends), or a FIFO (a read that waits forever)."""
-
-    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
-        local_object(self.root, key)
-        return await super().get(key, prototype, byte_range)
-
-    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
-        key_ranges = list(key_ranges)
-        for key, _ in key_ranges:
-            local_object(self.root, key)
-        return await super().get_partial_values(prototype, key_ranges)
-
-
-def local_object(root: str | os.PathLike[str], key: str) -> Path:
-    """The file of the object ``key`` of the local store folder ``root``, once it is found to be a regular file inside
-    the folder (or absent: read as missing). A link to a file elsewhere, or a special file (a FIFO, a device, a
-    socket), is a StoreError naming it: nothing of it is read."""
-    path = Path(root, *key.split("/"))
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return path
-    if stat.S_ISDIR(mode):
-        return path  # not an object: zarr reads it as absent
-    real, folder = os.path.realpath(path), os.path.realpath(root)
-    if os.path.commonpath([real, folder]) != folder:
-        why = f"is a link to {_short(real)}, outside the store folder"
-    elif not stat.S_ISREG(mode):
-        why = f"is not a regular file (it leads to {'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'} {_short(real)})"
-    else:
-        return path
-    raise StoreError(f"{str(root)!r} is unsafe to read: object {_short(key)} {why}; kdcache reads only regular files inside a "
-                     "store folder: replace it with the object's own file, or copy the store again from its source")
-
-
 def _shard_file(array: zarr.Array, shard: int) -> Path:
     key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
     return Path(array.store.root, array.path, *key.split("/"))
@@ -1273,240 +1227,6 @@ def _metadata_problem(target: Any, key: str, e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:200]}"
 
 
-# -- locations -----------------------------------------------------------------------------------
-def location_kind(location: str) -> str:
-    """``"local"`` (a folder; also ``file://``), ``"zip"`` (a local ``*.zip`` file, read-only),
-    ``"http"`` (``http(s)://``, read-only) or ``"url"`` (any other fsspec URL: ``s3://``, ``gs://``, ``memory://``...)."""
-    scheme = location.split("://", 1)[0].lower() if "://" in location else ""
-    if scheme in ("http", "https"):
-        return "http"
-    if scheme and scheme != "file":
-        return "url"
-    return "zip" if location.lower().endswith(".zip") else "local"
-
-
-def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any:
-    """The zarr Store object for a location string (see ``location_kind``) and fsspec storage options."""
-    kind = location_kind(location)
-    if kind == "zip":
-        if not read_only:
-            raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
-        try:
-            with zipfile.ZipFile(local_path(location)) as z:
-                packed = next((m for m in z.infolist() if m.compress_type != zipfile.ZIP_STORED), None)
-            if packed is not None:  # FORMAT.md §17; a deflated member of a few MB can hold GBs, all read into memory
-                raise StoreError(f"{location!r}: zip member {_short(packed.filename)} is compressed "
-                                 f"({zipfile.compressor_names.get(packed.compress_type, packed.compress_type)}, "
-                                 f"{packed.file_size:,} bytes); a store's zip holds its members stored, as kdcache pack "
-                                 "writes them (the chunks are compressed already): unzip it into a folder and run kdcache pack FOLDER OUT")
-            return zarr.storage.ZipStore(local_path(location), mode="r")
-        except (OSError, zipfile.BadZipFile) as e:
-            raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
-    if kind == "local":
-        if storage_options:
-            raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
-        return _LocalStore(local_path(location), read_only=read_only)
-    if "::" in location and not read_only:  # zip::s3://..., zip::https://...: a zip is write-once
-        raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
-    if kind == "http" and not read_only:
-        raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
-    try:
-        options = _fsspec_options(location, storage_options)
-        if not read_only and "::" not in location and _is_s3(location) and "session" not in options:
-            options["session"] = _session_without_expect(os.getpid(), options.get("profile"))
-        return zarr.storage.FsspecStore.from_url(location, storage_options=options, read_only=read_only)
-    except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
-        raise
-    except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
-        module = getattr(e.__cause__, "name", None) or e.name or ""
-        missing, backend = module.split(".")[0], _backend_package(location)
-        if backend and missing and missing != backend and importlib.util.find_spec(backend) is not None:  # a dependency of it
-            raise StoreError(f"{location!r} needs the fsspec backend {backend}, which is installed but cannot import {module!r}; "
-                             f"reinstall it with its dependencies: pip install --force-reinstall {backend}") from None
-        fix = f"pip install {missing}" if missing and missing not in REMOTE_EXTRA else "pip install 'kdcache[remote]'"
-        raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); {fix}") from None
-    except TypeError as e:  # an option the filesystem does not take
-        raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {one_line(e)}; "
-                         "check the --storage-option values") from None
-    except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
-        raise _unreachable(location, e) from None
-
-
-@functools.lru_cache(maxsize=None)
-def _session_without_expect(pid: int, profile: str | None) -> Any:
-    """An aiobotocore session for writing an S3 store, whose PUTs send no ``Expect: 100-continue``. aiohttp waits for
-    the answer to that header with no timeout at all, so a shard's PUT to an endpoint that stopped answering held the
-    writer for ever; without it botocore's ``read_timeout`` applies, and the write fails and can be resumed. (The
-    header lets a server refuse a large body before it is sent; kdcache's objects are whole shards it means to store.)
-    One per process (``pid``) and profile: the same session keeps fsspec's cached filesystem, and its connections, in use."""
-    import aiobotocore.session
-    import botocore.handlers
-
-    session = aiobotocore.session.AioSession(profile=profile)
-    session.unregister("before-call.s3", botocore.handlers.add_expect_header)
-    return session
-
-
-def _backend_package(location: str) -> str:
-    """The top-level package of the fsspec filesystem registered for the location's protocol (``gcsfs`` for gs://), or ""."""
-    from fsspec.registry import known_implementations
-
-    spec = known_implementations.get(location.split("://", 1)[0].lower(), {})
-    return str(spec.get("class", "")).split(".")[0]
-
-
-def local_path(location: str) -> str:
-    return location[len("file://"):] if location.lower().startswith("file://") else location
-
-
-def _filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    """A synchronous fsspec filesystem and root path for a URL location (listing, emptiness)."""
-    from fsspec.core import url_to_fs
-
-    return url_to_fs(location, **_fsspec_options(location, storage_options))
-
-
-def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """``storage_options`` as fsspec takes them. For http(s), a ``client_kwargs.timeout`` given as seconds (the
-    whole request) or as a mapping (``{"sock_read": 60}``: what the command line can say) becomes the
-    ``aiohttp.ClientTimeout`` aiohttp takes; anything else there is aiohttp's to name. In a chain (``zip::https://…``)
-    the http layer's options are those under its scheme (``https.client_kwargs.timeout``)."""
-    options = dict(storage_options or {})
-    http = _http_url(location)
-    if http is None:
-        return options
-    if "::" not in location:
-        return _with_client_timeout(options, "")
-    scheme = http.split("://", 1)[0].lower()
-    if isinstance(options.get(scheme), dict):
-        options[scheme] = _with_client_timeout(options[scheme], f"{scheme}.")
-    return options
-
-
-def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
-    """``_fsspec_options`` for one http layer's ``options`` (``named``: the prefix of its keys, for the message)."""
-    client = options.get("client_kwargs")
-    if not isinstance(client, dict) or "timeout" not in client:
-        return options
-    import aiohttp
-
-    timeout = client["timeout"]
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        timeout = aiohttp.ClientTimeout(total=timeout)
-    elif isinstance(timeout, dict):
-        try:
-            timeout = aiohttp.ClientTimeout(**timeout)
-        except TypeError:
-            raise StoreError(f"storage option {named}client_kwargs.timeout = {_short(timeout)} names settings aiohttp does not have; "
-                             f"use total, connect, sock_connect or sock_read (seconds), e.g. --storage-option {named}client_kwargs.timeout.sock_read=60") from None
-    return {**options, "client_kwargs": {**client, "timeout": timeout}}
-
-
-def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Whether a zarr group's ``zarr.json`` is at the location (any kind)."""
-    kind = location_kind(location)
-    if kind == "local":
-        return Path(local_path(location), "zarr.json").is_file()
-    if kind == "zip":
-        try:
-            with zipfile.ZipFile(local_path(location)) as z:
-                return "zarr.json" in z.namelist()
-        except (OSError, zipfile.BadZipFile):
-            return False
-    http = _http_url(location)  # the location, or a chain's last link (zip::https://…)
-    s3 = "::" not in location and _is_s3(location)
-    endpoint = _endpoint(http or location, storage_options)
-    if (http or s3) and endpoint not in _REACHED:  # the first look gives up soon
-        found = _s3_exists(location, storage_options) if s3 else _http_exists(location, storage_options)
-        _REACHED.add(endpoint)  # later looks (a DataLoader worker's, the next open) ride out a slow moment with the usual retries
-        if s3 or http == location:
-            return found  # a chain's zip layer says whether the store is in the file
-    from zarr.core.sync import sync
-
-    try:
-        return bool(sync(zarr_store(location, storage_options).exists("zarr.json")))
-    except FileNotFoundError:
-        return False
-    except StoreError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
-        raise _unreachable(location, e) from None
-
-
-_REACHED: set[str] = set()  # endpoints (and buckets) that answered a first look in this process, or in the one that forked it
-
-
-def _endpoint(location: str, storage_options: dict[str, Any] | None) -> str:
-    """What a first look reaches: the location's scheme and host (the bucket, for s3://) with the options."""
-    scheme, _, rest = location.partition("://")
-    return json.dumps([scheme.lower(), rest.split("/")[0], storage_options or {}], sort_keys=True, default=repr)
-
-
-def _s3_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
-    """``exists`` for an S3 location, the first look at it: through ``_probe_filesystem``, so an endpoint that never
-    answers is named within ``PROBE_*`` seconds (not after s3fs's retries, minutes) by every command that opens one."""
-    zarr_store(location, storage_options)  # a missing backend, options s3fs does not take: named as when opening
-    started = time.monotonic()
-    try:
-        fs, path = _probe_filesystem(location, storage_options)
-        bucket, _, prefix = path.strip("/").partition("/")
-        fs.call_s3("head_object", Bucket=bucket, Key=f"{prefix}/zarr.json".lstrip("/"))
-        return True
-    except FileNotFoundError:
-        return False
-    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
-        raise _unreachable(location, e, _probe_gave_up(e, time.monotonic() - started, storage_options)) from None
-
-
-def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
-    """``exists`` for an http(s) location, the first look at it: its ``zarr.json`` fetched (for a chain such as
-    ``zip::https://…``, the file's headers) through a filesystem of its own that waits at most ``PROBE_CONNECT_S`` to
-    connect and ``PROBE_READ_S`` for each answer (the user's own ``client_kwargs.timeout`` wins), so an endpoint that
-    never answers is named in seconds, not after aiohttp's 300 s. Answers other than the store's are False:
-    ``_no_store`` says what they were (a chain's are the zip layer's to judge)."""
-    import aiohttp
-    import fsspec
-
-    url, named = _http_url(location) or location, ""
-    options = _fsspec_options(location, storage_options)
-    if url != location:
-        named = f"{url.split('://', 1)[0].lower()}."
-        options = dict(options.get(named[:-1]) or {})  # the http layer's own
-    else:
-        zarr_store(location, storage_options)  # a missing backend (aiohttp), options it does not take: named as when opening
-    client = dict(options.get("client_kwargs") or {})
-    client.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=PROBE_CONNECT_S, sock_read=PROBE_READ_S))
-    started = time.monotonic()
-    try:
-        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **{**options, "client_kwargs": client, "skip_instance_cache": True})
-        if url != location:
-            fs.info(url)
-        else:
-            fs.cat_file(location.rstrip("/") + "/zarr.json")
-        return True
-    except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: _no_store names them
-        # aiohttp's connect and read timeouts are TimeoutErrors; fsspec wraps them in its own, or a FileNotFoundError (info)
-        e = next((c for c in (failed.__cause__, failed) if isinstance(c, TimeoutError)), None)
-        if e is None:
-            return False
-        seconds = time.monotonic() - started
-        setting = {"ConnectionTimeoutError": "sock_connect", "SocketTimeoutError": "sock_read"}.get(type(e).__name__, "total")
-        wait = getattr(client["timeout"], setting, None)
-        raise _unreachable(location, e, f"gave up after {seconds:.0f} s" + (f" (1 try of up to {wait:g} s)" if wait else "") +
-                           "; for an endpoint that is slow rather than down raise --storage-option "
-                           f"{named}client_kwargs.timeout.{setting}=SECONDS; ") from None
-
-
-def _unreachable(location: str, e: BaseException, gave_up: str = "") -> StoreError:
-    """``gave_up``: how long was tried and what to raise for a slow endpoint, said after the cause."""
-    cause = one_line(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
-    if "range requests" in cause.lower():
-        fix = "serve the zip from a server that honours HTTP Range requests, or download it and pass the local file"
-    else:
-        fix = "check the URL, --storage-option values and credentials"
-    return StoreError(f"cannot reach {location!r}: {cause}; {gave_up}{fix}")
-
-
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
@@ -1541,12 +1261,12 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
         if ".zgroup" in names:
             return _zarr_v2(location)
         return StoreError(f"no store in {location!r}: the zip holds no zarr.json at its root; pass a .zarr.zip written by kdcache pack")
-    http = _http_url(location)
+    http = http_url(location)
     if http is not None:
         chained = http != location  # zip::http://...: the zip file itself is fetched
         url = http if chained else http.rstrip("/") + "/zarr.json"
         options = None if chained else storage_options
-        problem = _http_problem(url, options, whole=not chained)
+        problem = http_problem(url, options, whole=not chained)
         if problem is not None and problem.startswith("HTTP 5"):  # the server failed: nothing says the store is absent
             return UnreachableError(f"cannot reach {location!r} ({url}: {problem}): the server failed to answer; "
                                     "check that the server is up, then rerun")
@@ -1559,7 +1279,7 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
             if not chained and http.lower().endswith((".h5", ".hdf5")):
                 return StoreError(f"{location!r} names an HDF5 file (a kdcache export?), not a store; download it and run "
                                   "kdcache import FILE STORE, then pass STORE")
-            if not chained and _http_problem(http.rstrip("/") + "/.zgroup", options, whole=True) is None:
+            if not chained and http_problem(http.rstrip("/") + "/.zgroup", options, whole=True) is None:
                 return _zarr_v2(location)
             return StoreError(f"no store at {location!r} ({url}: {problem}); check the URL")
         if problem is not None:
@@ -1573,7 +1293,7 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
             if sync(zarr_store(location, storage_options).exists(".zgroup")):
                 return _zarr_v2(location)
         with contextlib.suppress(Exception):  # a bucket name mistyped: extracting there would fail too, after the teacher is built
-            fs, path = _filesystem(location, storage_options)
+            fs, path = filesystem(location, storage_options)
             bucket = path.split("/")[0]
             if bucket and "/" in path.strip("/") and not fs.exists(bucket):
                 return StoreError(f"no store at {location!r}: there is no bucket {bucket!r} (or these credentials cannot see it); "
@@ -1586,34 +1306,6 @@ def _zarr_v2(location: str) -> StoreError:
     return StoreError(f"{location!r} is a zarr v2 group (it has .zgroup), not a kdcache store (zarr v3); pass a store written by kdcache extract")
 
 
-def _http_url(location: str) -> str | None:
-    """The http(s) URL a location is read through (itself, or the last link of a chain such as ``zip::https://…``)."""
-    url = location.split("::")[-1]
-    return url if url.split("://", 1)[0].lower() in ("http", "https") and "://" in url else None
-
-
-def _http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: bool) -> str | None:
-    """Why ``url`` cannot be read: ``"HTTP 404"`` (the server answered), the connection error (refused, DNS, TLS...),
-    or None when it can. fsspec's ``exists`` says False for all of them alike. ``whole``: GET it all (a small
-    zarr.json), else its first byte."""
-    import fsspec
-
-    try:
-        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **_fsspec_options(url, storage_options))
-        if whole:
-            fs.cat_file(url)
-        else:
-            fs.cat_file(url, start=0, end=1)
-        return None
-    except FileNotFoundError:
-        return "HTTP 404"
-    except Exception as e:  # noqa: BLE001 - aiohttp's connection and response errors, named below
-        status = getattr(e, "status", None)
-        if isinstance(status, int):
-            return f"HTTP {status} {getattr(e, 'message', '')}".rstrip()
-        return f"{type(e).__name__}: {one_line(e)}"
-
-
 def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
     """Whether something that is not a store is at the location (never overwritten)."""
     if location_kind(location) == "local":
@@ -1621,7 +1313,7 @@ def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
         return path.exists() and (not path.is_dir() or any(path.iterdir()))
     if location_kind(location) != "url":
         return False  # zip and http are refused by zarr_store
-    fs, path = _filesystem(location, storage_options)
+    fs, path = filesystem(location, storage_options)
     return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
 
 
@@ -1639,542 +1331,6 @@ IDENTITY = {
     "precision": "teacher precision",
     "fingerprint.algorithm": "fingerprint algorithm",
 }
-
-
-@contextlib.contextmanager
-def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Iterator[None]:
-    """Be the only process writing the store at ``location`` while the block runs.
-
-    Two writers of one store at once (a forgotten job, a scheduler's retry while the first still runs)
-    would interleave their shards, and an ``--overwrite`` from another teacher would leave a store
-    whose manifest names one teacher while some shards hold another's targets, and that verifies.
-    A local store's lock is ``flock`` on ``.NAME.kdcache-lock`` beside the store (not in it: ``--overwrite``
-    empties the store's folder), released when the block ends or the process dies; the file names
-    its holder and is removed at the end. An S3 store's lock is an object of that name beside it, made by a
-    conditional PUT (``_object_lock``). Zip files and http(s) are read-only; other object stores, and a file
-    system that refuses ``flock`` (``NO_FLOCK``), are written unlocked rather than not at all (FORMAT.md §13).
-    """
-    if location_kind(str(location)) == "url":
-        with _object_lock(str(location), storage_options):
-            yield
-        return
-    path = _lock_path(location)
-    if path is None:
-        yield
-        return
-    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if left empty
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _take_lock(path, location)
-    except OSError as e:
-        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(path.parent)!r} is a folder"
-        raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
-    try:
-        yield
-    finally:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # before the lock is released: a waiter that opened it sees another file and retries
-            os.close(fd)
-        for folder in made:  # deepest first: a run that failed before writing leaves no empty folders behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)
-
-
-def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
-    """Lock ``path`` (created if missing) and write our name into it; returns its fd (-1: flock unsupported there)."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            holder = _holder(fd, fcntl.LOCK_EX, tries=20)  # for a second: `kdcache info` may be looking (active_writer)
-            if holder is not None:
-                raise _being_written(location, holder)
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
-                    return fd
-        except OSError as e:
-            os.close(fd)
-            if e.errno in NO_FLOCK:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                return -1
-            raise
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # removed by the last holder after we opened it: lock the file there now
-
-
-def refuse_if_being_written(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
-    """Fail at once, before a teacher or dataset is built, when another job holds ``location``'s writer lock
-    (``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
-    said now too."""
-    if location_kind(str(location)) == "url":
-        started, endpoint = time.monotonic(), _endpoint(str(location), storage_options)
-        try:
-            holder = _object_writer(str(location), storage_options, probe=endpoint not in _REACHED)
-        except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
-            raise _unreachable(str(location), e, _probe_gave_up(e, time.monotonic() - started, storage_options)) from None
-        if "::" not in str(location) and _is_s3(str(location)):
-            _REACHED.add(endpoint)  # the store's first look (exists) is made: not a second probe client for it
-    else:
-        holder = active_writer(location)
-    if holder is not None:
-        raise _being_written(location, holder)
-
-
-def _being_written(location: str | os.PathLike[str], holder: str) -> StoreError:
-    return StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, then rerun (nothing was changed)")
-
-
-def active_writer(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> str | None:
-    """Who holds the writer lock of the store at ``location`` ("kdcache pid P on HOST since T"), or None: nobody
-    (an incomplete store then is an interrupted one; an S3 lock past ``LOCK_STALE_S`` is a dead holder's), or not
-    known (a store that is not locked, a lock that cannot be read)."""
-    if location_kind(str(location)) == "url":
-        try:
-            return _object_writer(str(location), storage_options)
-        except Exception:  # noqa: BLE001 - unreachable, refused credentials (botocore's are not OSErrors): not known
-            return None
-    path = _lock_path(location)
-    if path is None:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # no lock file: no writer
-        return None
-    try:
-        return _holder(fd, fcntl.LOCK_SH, tries=1)  # a shared lock for an instant when free (the writer retries)
-    except OSError:  # a file system without flock: not known
-        return None
-    finally:
-        os.close(fd)
-
-
-def _lock_path(location: str | os.PathLike[str]) -> Path | None:
-    """``.NAME.kdcache-lock`` beside the local store ``location`` (None: not a local store, or no ``flock`` here)."""
-    if location_kind(str(location)) != "local" or fcntl is None:
-        return None
-    root = Path(local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
-    return root.parent / f".{root.name}.kdcache-lock"
-
-
-def _holder(fd: int, kind: int, tries: int) -> str | None:
-    """Take ``flock`` ``kind`` on ``fd`` without waiting (``tries`` times, 50 ms apart): None when taken, else
-    what the holder wrote into the lock file."""
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-            return None
-        except BlockingIOError:
-            if attempt + 1 < tries:
-                time.sleep(0.05)
-    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
-
-
-# An S3 store's lock (FORMAT.md §13): its holder rewrites it every LOCK_HEARTBEAT_S seconds; one not rewritten for
-# LOCK_STALE_S seconds, by the store's own clock, is a dead holder's (killed, its machine gone) and is taken over.
-# A holder whose last rewrite is older than LOCK_LATE_S (its heartbeat late: the process was paused, the machine
-# asleep, the endpoint failing) rewrites it before it writes anything more, and stops if it cannot. A request about
-# the lock object gives up after LOCK_REQUEST_S. Read where used, so tests may shorten them.
-LOCK_HEARTBEAT_S = 30.0
-LOCK_STALE_S = 180.0
-LOCK_LATE_S = 60.0
-LOCK_REQUEST_S = 30.0
-_LEASES: dict[tuple[str | None, str, str], _Lease] = {}  # the S3 locks this process holds, by endpoint, bucket and key
-
-
-@contextlib.contextmanager
-def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
-    """Hold the lock object ``.NAME.kdcache-lock`` beside the S3 store ``location`` while the block runs.
-
-    S3 has no lock, but a PUT with ``If-None-Match: *`` is refused (412) when the object exists, atomically:
-    of two writers, exactly one creates it. A writer that dies cannot remove it, so a thread rewrites it every
-    ``LOCK_HEARTBEAT_S`` (PUT ``If-Match`` its last ETag: ``_Lease``) and a lock unchanged for ``LOCK_STALE_S`` is
-    taken over with a PUT ``If-Match`` the ETag seen stale: of two takers, or a taker and a late heartbeat, exactly
-    one wins. Staleness is the store's ``Date`` less the object's ``Last-Modified``: no writer's clock is trusted. A
-    writer whose heartbeat is late renews the lock before its next shard (``Store.lease``), and one whose lock was
-    taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) fails there, at its next heartbeat, or at
-    the end of the block. Not locked: stores on other fsspec backends, a store at a bucket's root (the lock would
-    be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible ones): tried once after taking
-    it, as a lock that cannot exclude is no lock.
-    """
-    lock = _lock_object(location, storage_options)
-    token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
-    holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
-    sent = _clock()
-    try:
-        etag = _take_object_lock(*lock, location, holder, token) if lock is not None else None
-    except StoreError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
-        _drop_if_ours(*lock, token)  # a PUT that landed, its answer lost (timed out): a rerun would be refused until stale
-        raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
-                         "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
-    except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
-        if lock is not None:
-            _drop_if_ours(*lock, token)
-        raise
-    if etag is None:
-        yield
-        return
-    lease = _Lease(*lock, holder, token, etag, sent)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(lease, stop), name="kdcache-lock-heartbeat", daemon=True)
-    _LEASES[_lease_key(*lock)] = lease
-    try:
-        beat.start()  # inside: a Ctrl-C while it starts removes the lock too
-        yield
-    finally:
-        _LEASES.pop(_lease_key(*lock), None)
-        stop.set()
-        with contextlib.suppress(RuntimeError):  # not started
-            beat.join()
-        lease.release()
-    if lease.lost_to is not None:
-        raise _lost_lock(location, lease.lost_to)
-
-
-def _clock() -> float:
-    """Seconds on a clock that runs while the machine sleeps (Linux's CLOCK_BOOTTIME; elsewhere monotonic): a
-    suspended laptop's lock goes stale on the server meanwhile."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
-
-
-@dataclass
-class _Lease:
-    """Our hold on an S3 lock object: the ETag of its last version, and when the PUT that made it was sent."""
-
-    fs: Any
-    bucket: str
-    key: str
-    holder: str
-    token: str
-    etag: str
-    renewed: float  # _clock() when the PUT that made `etag` was sent: the server's Last-Modified is no earlier
-    lost_to: str | None = None  # who took it over
-    failed: float = 0.0  # _clock() when a renewal last failed: the writer threads that find it late do not each try again
-    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the heartbeat and check renew it
-
-    def renew(self, unless_within: float = 0.0) -> None:
-        """Rewrite the lock object ``If-Match`` our last ETag (``unless_within``: not when renewed within that many
-        seconds, or when a renewal failed within ``LOCK_REQUEST_S``, by another thread meanwhile). Refused, it was
-        taken over (``lost_to`` names who) unless it is still ours: a PUT whose answer was lost and which botocore
-        sent again (the first try landed, the second was refused), whose version is then rewritten. Raises what the
-        request raised otherwise (unreachable, no answer within ``LOCK_REQUEST_S``)."""
-        with self.mutex:
-            now = _clock()
-            failed_just_now = self.failed > self.renewed and now - self.failed < LOCK_REQUEST_S
-            if self.lost_to is not None or now - self.renewed < unless_within or unless_within and failed_just_now:
-                return  # lost; renewed meanwhile; or, for a late writer, failed just now in another thread
-            try:
-                self._renew()
-            except Exception:
-                self.failed = _clock()
-                raise
-
-    def _renew(self) -> None:
-        """``renew``'s PUT, under its mutex."""
-        for _ in range(3):  # refused for a version of ours (an earlier PUT landed, its answer lost): renew that one
-            sent = _clock()
-            try:
-                self.etag = _put_lock(self.fs, self.bucket, self.key, _lock_body(self.holder, self.token), IfMatch=self.etag)
-            except OSError as e:
-                if not _lost_race(e):
-                    raise
-                seen = _read_lock(self.fs, self.bucket, self.key)
-                if seen is None or self.token not in seen[0].decode(errors="replace"):
-                    self.lost_to = _object_holder(seen) if seen is not None else "another writer"
-                    return
-                self.etag = seen[1]  # its Last-Modified may be long past: not a renewal by itself
-                self.renewed = max(self.renewed, _clock() - max(0.0, seen[2]))
-                continue
-            self.renewed = sent
-            return
-
-    def check(self, location: str) -> None:
-        """Before anything more is written: renew the lock when its heartbeat is late (``LOCK_LATE_S``), and fail
-        when it was lost, or cannot be renewed and may be stale by now."""
-        if _clock() - self.renewed > LOCK_LATE_S:
-            failed = "its renewals failed"
-            try:
-                self.renew(unless_within=LOCK_LATE_S)  # the writer threads each find it late: one renews
-            except Exception as e:  # noqa: BLE001 - unreachable now: the data's own writes will say more if it lasts
-                failed = f"no answer within {LOCK_REQUEST_S:g} s" if isinstance(e, TimeoutError) else one_line(e)
-            if _clock() - self.renewed > LOCK_STALE_S - LOCK_REQUEST_S and self.lost_to is None:
-                raise StoreError(f"{location!r}: cannot renew this job's writer lock (last renewed {_clock() - self.renewed:.0f} s ago, "
-                                 f"taken over by another job after {LOCK_STALE_S:.0f} s): {failed}; nothing more was written; "
-                                 "check that the store can be reached, then rerun to resume")
-        if self.lost_to is not None:
-            raise _lost_lock(location, self.lost_to)
-
-    def release(self) -> None:
-        """Delete the lock object (``If-Match``: only while it is ours); left behind when unreachable (taken over once stale)."""
-        with self.mutex:
-            if self.lost_to is not None:
-                return
-            try:
-                _lock_request(self.fs, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-            except OSError as e:
-                if _lost_race(e):  # gone (our DELETE sent again after it landed), ours in another version, or taken over
-                    with contextlib.suppress(Exception):  # noqa: BLE001 - unreachable now: left behind, taken over once stale
-                        seen = _read_lock(self.fs, self.bucket, self.key)
-                        if seen is not None and self.token in seen[0].decode(errors="replace"):
-                            _lock_request(self.fs, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=seen[1])
-                        elif seen is not None:
-                            self.lost_to = _object_holder(seen)
-            except Exception:  # noqa: BLE001 - unreachable now: left behind, it is taken over once stale
-                pass
-
-
-def held_lease(location: str, storage_options: dict[str, Any] | None) -> _Lease | None:
-    """This process's hold on the S3 writer lock of the store at ``location`` (taken by ``writer_lock``), or None."""
-    if not _LEASES:
-        return None
-    lock = _lock_object(location, storage_options)
-    return _LEASES.get(_lease_key(*lock)) if lock is not None else None
-
-
-def _lease_key(fs: Any, bucket: str, key: str) -> tuple[str | None, str, str]:
-    return getattr(fs, "endpoint_url", None), bucket, key
-
-
-@dataclass
-class _Borrowed:
-    """The S3 writer lock of a job, as a process that writes for it without holding it sees it (a dask worker, a
-    torchrun rank other than 0: the driver or rank 0 holds it). Read before each shard is written: still the job's
-    (its ``token``), and renewed within ``LOCK_STALE_S`` (a holder paused or gone may lose it any moment)."""
-
-    fs: Any
-    bucket: str
-    key: str
-    token: str
-
-    def check(self, location: str) -> None:
-        seen = _read_lock(self.fs, self.bucket, self.key)
-        if seen is None or self.token not in seen[0].decode(errors="replace"):
-            raise _lost_lock(location, _object_holder(seen) if seen is not None else "another writer")
-        if seen[2] >= LOCK_STALE_S:
-            raise StoreError(f"{location!r}: this job's writer lock was last renewed {seen[2]:.0f} s ago by its holder (the dask driver "
-                             f"or torchrun rank 0, paused or gone), and another job may take it over after {LOCK_STALE_S:.0f} s; "
-                             "nothing more was written; rerun to resume")
-
-
-def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token: str | None) -> _Borrowed | None:
-    """``_Borrowed`` for the job whose lock holds ``token`` (None: the job holds no S3 lock; see ``_object_lock``)."""
-    lock = _lock_object(location, storage_options) if token is not None else None
-    return _Borrowed(*lock, token) if lock is not None else None
-
-
-def _lost_lock(location: str, taker: str) -> StoreError:
-    return StoreError(f"{location!r} lost its writer lock while being written: {taker} took it over, as this job had not "
-                      f"renewed it for {LOCK_STALE_S:.0f} s (paused, or cut off from the store); both may have written shards: "
-                      "once that job has ended, rerun with --overwrite")
-
-
-def _put_lock(fs: Any, bucket: str, key: str, body: bytes, **condition: str) -> str:
-    """PUT the lock object with ``condition`` (``IfNoneMatch`` / ``IfMatch``); its new ETag."""
-    return str(_lock_request(fs, "put_object", Bucket=bucket, Key=key, Body=body, **condition)["ETag"])
-
-
-def _lock_request(fs: Any, method: str, **params: Any) -> Any:
-    """One S3 request about the lock object, giving up after ``LOCK_REQUEST_S`` (TimeoutError) whatever s3fs's and
-    botocore's retries would wait: aiohttp awaits a silent server's ``100 Continue`` to a PUT without end, and a job
-    that stops, or stops writing, must not wait minutes for its lock's last request."""
-    import asyncio
-
-    from fsspec.asyn import sync
-
-    return sync(fs.loop, asyncio.wait_for, fs._call_s3(method, **params), LOCK_REQUEST_S)
-
-
-def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str) -> str | None:
-    """Create the lock object, or take it over when stale; its ETag (None: this server cannot lock)."""
-    seen = None
-    for _ in range(5):  # each turn lost to a writer that changed the lock meanwhile
-        body = _lock_body(holder, token)
-        try:
-            etag = _put_lock(fs, bucket, key, body, IfNoneMatch="*")
-        except OSError as e:
-            if e.errno == errno.ENOSYS:  # 501 NotImplemented: no conditional PUT here
-                return None
-            if not _lost_race(e):
-                raise
-        else:
-            try:
-                _put_lock(fs, bucket, key, body, IfNoneMatch="*")  # refused by a server that honours the condition
-            except FileExistsError:
-                return etag
-            except BaseException:
-                with contextlib.suppress(Exception):  # noqa: BLE001 - not left behind; the first error is the one to name
-                    _lock_request(fs, "delete_object", Bucket=bucket, Key=key)
-                raise
-            _lock_request(fs, "delete_object", Bucket=bucket, Key=key)  # accepted: the server ignores If-None-Match, no lock here
-            return None
-        seen = _read_lock(fs, bucket, key)
-        if seen is None:
-            continue  # removed meanwhile: create it again
-        if token in seen[0].decode(errors="replace"):
-            return seen[1]  # our own PUT, whose answer was lost and the request retried
-        if seen[2] < LOCK_STALE_S:
-            raise _being_written(location, _object_holder(seen))
-        try:
-            return _put_lock(fs, bucket, key, body, IfMatch=seen[1])  # taken over: refused if anyone rewrote it since we read it
-        except OSError as e:
-            if not _lost_race(e):
-                raise
-    raise _being_written(location, _object_holder(seen) if seen is not None else "another kdcache process")
-
-
-def _heartbeat(lease: _Lease, stop: threading.Event) -> None:
-    """Renew the lease every ``LOCK_HEARTBEAT_S`` until ``stop`` or until it is lost. Failures are retried next time."""
-    while not stop.wait(LOCK_HEARTBEAT_S) and lease.lost_to is None:
-        with contextlib.suppress(Exception):  # noqa: BLE001 - a network error now and then: the lock lasts LOCK_STALE_S without a heartbeat
-            lease.renew()
-
-
-def _drop_if_ours(fs: Any, bucket: str, key: str, token: str) -> None:
-    """Delete the lock object if it is the one our ``token`` made (a PUT interrupted after it landed), else leave it."""
-    with contextlib.suppress(Exception):  # noqa: BLE001 - best effort: one left behind is taken over once stale
-        seen = _read_lock(fs, bucket, key)
-        if seen is not None and token in seen[0].decode(errors="replace"):
-            _lock_request(fs, "delete_object", Bucket=bucket, Key=key, IfMatch=seen[1])
-
-
-def _object_writer(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> str | None:
-    """``active_writer`` of an object store, raising what reading its lock raised. ``probe``: read it through a
-    filesystem of its own with the short timeouts of ``_probe_options``."""
-    lock = _lock_object(location, storage_options, probe=probe)
-    seen = _read_lock(*lock) if lock is not None else None
-    return _object_holder(seen) if seen is not None and seen[2] < LOCK_STALE_S else None
-
-
-def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> tuple[Any, str, str] | None:
-    """``(fs, bucket, key)`` of ``.NAME.kdcache-lock`` beside the S3 store ``location`` (None: not locked; see
-    ``_object_lock``). s3fs is the fsspec backend whose PUTs kdcache can make conditional. ``probe``: the fs is a
-    new one (not fsspec's cached instance, which later moves the data) with the short timeouts of ``_probe_options``."""
-    if location_kind(location) != "url" or "::" in location:  # zip::s3://... is read-only
-        return None
-    try:
-        fs, path = _probe_filesystem(location, storage_options) if probe and _is_s3(location) else _filesystem(location, storage_options)
-    except Exception:  # noqa: BLE001 - a missing backend, bad options: named when the store is opened
-        return None
-    bucket, _, key = path.strip("/").partition("/")
-    if not hasattr(fs, "call_s3") or not key:
-        return None
-    parent, _, name = key.rpartition("/")
-    return fs, bucket, f"{parent}/.{name}.kdcache-lock".lstrip("/")
-
-
-# The first look at an S3 store (``refuse_if_being_written``: is another writer's lock object there?) is made through a
-# filesystem of its own that gives up soon: at most PROBE_ATTEMPTS tries, each waiting up to PROBE_CONNECT_S to connect
-# and PROBE_READ_S for an answer. With s3fs's defaults (5 passes of botocore's 5 tries of up to 15 s) an endpoint that
-# accepts connections and never answers (a proxy or firewall that swallows requests) was named after ~7 minutes (832 s
-# through `kdcache extract`, which also opened the store first). The user's own config_kwargs (connect_timeout,
-# read_timeout, retries.max_attempts) win; the data itself moves through fsspec's usual filesystem, with s3fs's
-# defaults (FORMAT.md §13). Read where used, so tests may shorten them.
-PROBE_CONNECT_S = 5.0
-PROBE_READ_S = 10.0
-PROBE_ATTEMPTS = 2
-
-
-def _is_s3(location: str) -> bool:
-    """Whether ``location``'s fsspec backend is s3fs (or one like it), the one ``_probe_options`` are for."""
-    from fsspec.core import split_protocol
-    from fsspec.registry import get_filesystem_class
-
-    try:
-        return hasattr(get_filesystem_class(split_protocol(location)[0] or "file"), "call_s3")
-    except (ImportError, ValueError):
-        return False
-
-
-def _probe_filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    """``_filesystem`` for the first look at an S3 location: a new one (not fsspec's cached instance, which later moves
-    the data) with the short timeouts of ``_probe_options`` and no s3fs retry loop of its own."""
-    fs, path = _filesystem(location, {**_probe_options(storage_options), "skip_instance_cache": True})
-    fs.retries = 1  # s3fs's own loop around botocore's retries: one pass (not an option s3fs takes, an attribute)
-    return fs, path
-
-
-def _probe_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """``storage_options`` with the short timeouts and few tries of the first look at an S3 store (``PROBE_*``)
-    added to botocore's ``config_kwargs``, where the user did not set them."""
-    options = dict(storage_options or {})
-    config = dict(options.get("config_kwargs") or {})
-    config.setdefault("connect_timeout", PROBE_CONNECT_S)
-    config.setdefault("read_timeout", PROBE_READ_S)
-    retries = config.get("retries") or {}
-    if isinstance(retries, dict):  # anything else: botocore names it
-        config["retries"] = {"max_attempts": PROBE_ATTEMPTS - 1, **retries}  # botocore's max_attempts: tries after the first
-    options["config_kwargs"] = config
-    return options
-
-
-def _probe_gave_up(e: BaseException, seconds: float, storage_options: dict[str, Any] | None) -> str:
-    """What ``refuse_if_being_written``'s error says after the cause: how long it tried, and for a timeout, the
-    setting to raise for an endpoint that is slow rather than down."""
-    said = f"gave up after {seconds:.0f} s; "
-    kind = {"ConnectTimeoutError": "connect_timeout", "ReadTimeoutError": "read_timeout"}
-    setting = next((kind[c.__name__] for c in type(e).__mro__ if c.__name__ in kind), None)
-    if setting is None:
-        return said
-    config = _probe_options(storage_options)["config_kwargs"]
-    retries = config["retries"] if isinstance(config.get("retries"), dict) else {}
-    tries = retries.get("total_max_attempts") or 1 + retries.get("max_attempts", 0)  # botocore took them: numbers
-    wait = f"{config[setting]:g}" if isinstance(config[setting], (int, float)) else config[setting]
-    return (f"gave up after {seconds:.0f} s ({tries} {'try' if tries == 1 else 'tries'} of up to {wait} s each); for an "
-            f"endpoint that is slow rather than down raise --storage-option config_kwargs.{setting}=SECONDS; ")
-
-
-def _lock_body(holder: str, token: str) -> bytes:
-    return json.dumps({"holder": holder, "heartbeat": _now(), "token": token}).encode()
-
-
-def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | None:
-    """The lock object's bytes, ETag and age in seconds by the store's clock (its ``Date`` less the object's
-    ``Last-Modified``; this machine's clock only if the server sends no ``Date``); None when there is none."""
-    import asyncio
-    from email.utils import parsedate_to_datetime
-
-    from fsspec.asyn import sync
-
-    async def get() -> tuple[dict[str, Any], bytes]:
-        out = await fs._call_s3("get_object", Bucket=bucket, Key=key)  # one GET: body and ETag of the same version
-        try:
-            return out, await out["Body"].read()
-        finally:
-            out["Body"].close()
-
-    try:
-        out, data = sync(fs.loop, asyncio.wait_for, get(), LOCK_REQUEST_S)
-    except FileNotFoundError:
-        return None
-    date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    now = parsedate_to_datetime(date) if date else datetime.datetime.now(datetime.timezone.utc)
-    return data, out["ETag"], (now - out["LastModified"]).total_seconds()
-
-
-def _object_holder(seen: tuple[bytes, str, float]) -> str:
-    """What a lock object names as its holder, with its heartbeat's age (a dead holder's is taken over when stale)."""
-    try:
-        holder = str(json.loads(seen[0])["holder"])[:200]
-    except (ValueError, TypeError, KeyError):
-        holder = "another kdcache process"
-    return f"{holder}, last heartbeat {max(0, seen[2]):.0f} s ago (taken over after {LOCK_STALE_S:.0f} s without one)"
-
-
-def _lost_race(e: OSError) -> bool:
-    """Whether a conditional PUT was refused because the lock object changed: it exists (``If-None-Match``), it is
-    another version or gone (``If-Match``), or another conditional write of it was under way (409). Not a missing
-    bucket (NoSuchBucket, also a FileNotFoundError)."""
-    code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
-    return isinstance(e, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey")
 
 
 def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False,
@@ -2228,7 +1384,7 @@ def _interrupted_creation(location: str, storage_options: dict[str, Any] | None 
     manifest: zarr metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
     kind = location_kind(location)
     if kind == "url" and "::" not in location:
-        fs, root = _filesystem(location, storage_options)
+        fs, root = filesystem(location, storage_options)
         root = root.rstrip("/")
         try:
             keys = [k[len(root) + 1 :] for k in fs.find(root)]
@@ -2335,7 +1491,7 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     damaged store must give an error, never a traceback or an array path of its choosing)."""
 
     def bad(key: str, value: Any, want: str) -> StoreError:
-        return StoreError(f"{location!r} has a damaged manifest: {key} = {_short(value)}, expected {want}; re-extract or re-import the store")
+        return StoreError(f"{location!r} has a damaged manifest: {key} = {short(value)}, expected {want}; re-extract or re-import the store")
 
     def integer(key: str, lo: int = 0) -> int:
         value = _get(m, key)
@@ -2429,7 +1585,7 @@ def difference(stored: dict[str, Any], manifest: dict[str, Any]) -> str | None:
         old, new = _get(stored, key), _get(manifest, key)
         if old != new:
             key, old, new = _difference(key, old, new)
-            return f"different {what} ({key}: store has {_short(old)}, now {_short(new)})"
+            return f"different {what} ({key}: store has {short(old)}, now {short(new)})"
     return None
 
 
@@ -2440,11 +1596,6 @@ def _difference(key: str, old: Any, new: Any) -> tuple[str, Any, Any]:
             if old.get(k) != new.get(k):
                 return _difference(f"{key}.{k}", old.get(k), new.get(k))
     return key, old, new
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _now() -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache import cache, data, distributed, losses, store as layout, teacher as teachers
+from kdcache import cache, data, distributed, locking, losses, store as layout, teacher as teachers
 from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
                             raised, write_fix)
 from kdcache.pipeline import Pipeline
@@ -59,7 +59,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         raise PipelineError(f"resume must be True, False or \"auto\", got {resume!r}")
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:
-        layout.refuse_if_being_written(out)  # before the store, dataset and student are loaded
+        locking.refuse_if_being_written(out)  # before the store, dataset and student are loaded
         _check_out(out, resume, overwrite)
     checkpoint = _read_checkpoint(out) if resume else None
     torch.manual_seed(t.seed)
@@ -751,7 +751,7 @@ def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int) -> Iterator[
     if rank != 0:
         yield
         return
-    with layout.writer_lock(out):
+    with locking.writer_lock(out):
         _check_out(out, resume, overwrite)
         yield
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache import store as layout
+from kdcache import locking, store as layout
 from kdcache.errors import DamagedShardError, StoreError, UnreachableError, one_line
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
@@ -88,7 +88,7 @@ def _report(location: str, checks: list[Check], teacher: dict[str, Any] | None) 
 
 def _completeness(store: layout.Store) -> Check:
     done = store.done()
-    writer = None if done.all() else layout.active_writer(store.location, store.storage_options)
+    writer = None if done.all() else locking.active_writer(store.location, store.storage_options)
     check = Check("completeness", f"{int(done.sum())}/{store.num_shards} shards done" + (f", being written by {writer}" if writer else ""))
     fix = "its writer is still running" if writer else "resume kdcache extract"
     for s in np.flatnonzero(~done):

@@ -22,7 +22,8 @@ import kdcache
 from kdcache.cli import main
 from kdcache.distributed import extract_distributed
 from kdcache.errors import StoreError
-from kdcache.store import open_store, writer_lock
+from kdcache.locking import writer_lock
+from kdcache.store import open_store
 from conftest import S3_BUCKET as BUCKET
 from reference import make_pipeline, shards_done, without_times, write_toml
 
@@ -508,16 +509,16 @@ def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_pat
     """The driver holds the job's S3 lock and its workers write. Once the lock is lost (the driver's heartbeat found
     it taken over), the driver cancels the shards not yet run and stops with the one-line error, instead of letting
     its workers write the whole store over the other job's."""
-    from kdcache import store as layout
+    from kdcache import locking
 
     zoo_env(N=240, SLEEP=0.01)
     url = f"s3://{BUCKET}/dask-lost.zarr"
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
     thread, failed = _extract_in_a_thread(pipeline, url, s3)
     deadline = time.monotonic() + 120
-    while thread.is_alive() and time.monotonic() < deadline and (layout._LEASES == {} or shards_done(url, s3) < 2):
+    while thread.is_alive() and time.monotonic() < deadline and (locking._LEASES == {} or shards_done(url, s3) < 2):
         time.sleep(0.05)
-    lease = layout.held_lease(url, s3)
+    lease = locking.held_lease(url, s3)
     lease.lost_to = "kdcache pid 4242 on elsewhere"  # what the heartbeat records when a renewal is refused
     thread.join(timeout=120)
     assert len(failed) == 1 and isinstance(failed[0], StoreError), failed
@@ -531,10 +532,10 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
     object before it writes a shard: another job's, it writes nothing and the job stops with the one-line error."""
     import s3fs
 
-    from kdcache import store as layout
+    from kdcache import locking
 
-    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 600)  # the driver renews nothing and notices nothing: paused
-    monkeypatch.setattr(layout, "LOCK_LATE_S", 600)
+    monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 600)  # the driver renews nothing and notices nothing: paused
+    monkeypatch.setattr(locking, "LOCK_LATE_S", 600)
     zoo_env(N=240, SLEEP=0.01)
     url = f"s3://{BUCKET}/dask-taken.zarr"
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))

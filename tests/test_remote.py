@@ -492,14 +492,14 @@ def test_every_command_names_an_endpoint_that_never_answers_within_the_probe_tim
     """An endpoint that takes the connection and never answers (a proxy or firewall that swallows requests) held
     every command that opens an s3:// store for ~7 minutes (s3fs's 5 passes of botocore's 5 tries of up to 15 s), and
     one that opens an http(s):// store for 300 s (aiohttp's default), before its one-line error; `import` to S3 waited
-    without end. The first look at the store now gives up after the probe's tries (``store.PROBE_*``, shortened here),
+    without end. The first look at the store now gives up after the probe's tries (``storage.PROBE_*``, shortened here),
     names how long it tried and the setting to raise; nothing is written."""
     from conftest import TINY_TOML
-    from kdcache import store as layout
+    from kdcache import storage
 
-    monkeypatch.setattr(layout, "PROBE_CONNECT_S", 1.0)
-    monkeypatch.setattr(layout, "PROBE_READ_S", 1.0)
-    monkeypatch.setattr(layout, "PROBE_ATTEMPTS", 2)
+    monkeypatch.setattr(storage, "PROBE_CONNECT_S", 1.0)
+    monkeypatch.setattr(storage, "PROBE_READ_S", 1.0)
+    monkeypatch.setattr(storage, "PROBE_ATTEMPTS", 2)
     endpoint, held = silent_endpoint
     url = f"s3://{BUCKET}/silent.zarr" if scheme == "s3" else f"{endpoint}/silent.zarr"
     if command == "import":
@@ -534,16 +534,16 @@ def test_an_http_timeout_is_given_in_seconds_or_by_setting_from_the_command_line
     not have is named in one line."""
     import shutil
 
-    from kdcache import store as layout
+    from kdcache import storage
 
-    monkeypatch.setattr(layout, "PROBE_READ_S", 60.0)
+    monkeypatch.setattr(storage, "PROBE_READ_S", 60.0)
     root, base = http_root
     shutil.copytree(tiny_store, root / "timeouts.zarr", dirs_exist_ok=True)
     for given in ("client_kwargs.timeout=30", "client_kwargs.timeout.sock_read=30"):
         result = CliRunner().invoke(main, ["info", f"{base}/timeouts.zarr", "--json", f"--storage-option={given}"])
         assert result.exit_code == 0 and json.loads(result.output)["complete"], result.output
     options = {"client_kwargs": {"timeout": {"sock_read": 2}}}
-    assert layout._fsspec_options(base, options)["client_kwargs"]["timeout"].sock_read == 2 and options["client_kwargs"]["timeout"] == {"sock_read": 2}
+    assert storage._fsspec_options(base, options)["client_kwargs"]["timeout"].sock_read == 2 and options["client_kwargs"]["timeout"] == {"sock_read": 2}
     started = time.monotonic()
     result = CliRunner().invoke(main, ["info", f"{silent_endpoint[0]}/s.zarr", "--storage-option=client_kwargs.timeout.sock_read=2"])
     assert result.exit_code == 1 and "gave up after 2 s (1 try of up to 2 s)" in result.output and time.monotonic() - started < 10, result.output
@@ -635,7 +635,7 @@ def test_a_put_to_an_s3_endpoint_that_stopped_answering_times_out(s3):
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from kdcache.store import zarr_store
+    from kdcache.storage import zarr_store
 
     endpoint = urlparse(s3["endpoint_url"])
     proxy = SwallowingProxy((endpoint.hostname, endpoint.port))
@@ -670,31 +670,31 @@ def test_only_the_first_look_at_an_endpoint_has_the_short_timeouts(s3, monkeypat
     """The probe's short timeouts (and a new S3 client: ~85 ms a call) are for the first look at an endpoint in a
     process; later looks (the next open, a forked DataLoader worker's) take the usual filesystem with its retries,
     which ride out a slow moment in the middle of a run."""
-    from kdcache import store as layout
+    from kdcache import locking, storage
 
     probes = []
-    real = layout._probe_filesystem
-    monkeypatch.setattr(layout, "_probe_filesystem", lambda *a: probes.append(a) or real(*a))
-    monkeypatch.setattr(layout, "_REACHED", set())
+    real = storage.probe_filesystem
+    monkeypatch.setattr(storage, "probe_filesystem", lambda *a: probes.append(a) or real(*a))
+    monkeypatch.setattr(storage, "REACHED", set())
     options = {**s3, "config_kwargs": {"read_timeout": 20}}  # options of their own: an endpoint not looked at yet
     for name in ("first.zarr", "second.zarr", "first.zarr"):
-        assert not layout.exists(f"s3://{BUCKET}/{name}", options)
+        assert not storage.exists(f"s3://{BUCKET}/{name}", options)
     assert len(probes) == 1
-    assert not layout.exists(f"s3://{BUCKET}/first.zarr", s3)  # other options: another first look
-    assert len(probes) == 2 and len(layout._REACHED) == 2
+    assert not storage.exists(f"s3://{BUCKET}/first.zarr", s3)  # other options: another first look
+    assert len(probes) == 2 and len(storage.REACHED) == 2
     fresh = {**s3, "config_kwargs": {"read_timeout": 21}}
-    layout.refuse_if_being_written(f"s3://{BUCKET}/third.zarr", fresh)  # extract's first look, at the lock object
-    assert not layout.exists(f"s3://{BUCKET}/third.zarr", fresh) and len(probes) == 3, "the store's own look: not a second probe"
+    locking.refuse_if_being_written(f"s3://{BUCKET}/third.zarr", fresh)  # extract's first look, at the lock object
+    assert not storage.exists(f"s3://{BUCKET}/third.zarr", fresh) and len(probes) == 3, "the store's own look: not a second probe"
 
 
 def test_a_zip_behind_an_endpoint_that_never_answers_is_named_within_the_probe_timeouts(silent_endpoint, http_root, tiny_store, tmp_path, monkeypatch):
     """``zip::http(s)://`` reads a packed store by byte range; a server that never answered held it for aiohttp's 300 s.
     The first look (the file's headers) gives up as a folder's does, naming the chain's own setting (the http layer's
     options sit under its scheme), which is converted as a folder's is; a live server's zip reads as before."""
-    from kdcache import store as layout
+    from kdcache import storage
 
-    monkeypatch.setattr(layout, "PROBE_CONNECT_S", 1.0)
-    monkeypatch.setattr(layout, "PROBE_READ_S", 1.0)
+    monkeypatch.setattr(storage, "PROBE_CONNECT_S", 1.0)
+    monkeypatch.setattr(storage, "PROBE_READ_S", 1.0)
     endpoint, held = silent_endpoint
     for given, wait in (([], 1), (["--storage-option=http.client_kwargs.timeout.sock_read=2"], 2)):
         started = time.monotonic()

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kdcache import store as layout
+from kdcache import locking, storage, store as layout
 from kdcache.cli import main
-from kdcache.store import active_writer, writer_lock
+from kdcache.locking import active_writer, writer_lock
 from conftest import S3_BUCKET
 from reference import FIXTURES, file_bytes, read_store, shards_done, slow_extract, without_times, write_toml
 
@@ -87,7 +87,7 @@ def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env)
 def test_import_and_extract_are_refused_while_another_holds_the_lock(tiny_store, tmp_path):
     h5, copy = tmp_path / "t.h5", tmp_path / "copy.zarr"
     assert invoke("export", tiny_store, h5).exit_code == 0
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom kdcache.store import writer_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom kdcache.locking import writer_lock\n"
                                "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)", str(copy)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -267,7 +267,7 @@ def test_a_second_writer_of_an_s3_store_is_refused_through_the_cli(s3, tmp_path,
     assert read_object(fs, lock) is None, "a run that failed leaves no lock object"
     zoo_env(FAIL_AT=None)
     before = objects(fs, url)
-    holder = subprocess.Popen([sys.executable, "-c", "import json, sys\nfrom kdcache.store import writer_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import json, sys\nfrom kdcache.locking import writer_lock\n"
                                "with writer_lock(sys.argv[1], json.loads(sys.argv[2])):\n    print('held', flush=True)\n"
                                "    sys.stdin.readline()", url, json.dumps(s3)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -312,9 +312,9 @@ def test_an_s3_endpoint_that_never_answers_is_named_within_the_probe_timeouts(tm
     """An endpoint that takes the connection and never answers held extract for minutes (s3fs's passes of botocore's
     tries of 15 s). The look for another writer's lock gives up after ``PROBE_ATTEMPTS`` tries of ``PROBE_READ_S``, or
     the user's own config_kwargs, says so in one line and names the setting to raise; no teacher is built."""
-    monkeypatch.setattr(layout, "PROBE_CONNECT_S", 1.0)
-    monkeypatch.setattr(layout, "PROBE_READ_S", 1.0)
-    monkeypatch.setattr(layout, "PROBE_ATTEMPTS", 2)
+    monkeypatch.setattr(storage, "PROBE_CONNECT_S", 1.0)
+    monkeypatch.setattr(storage, "PROBE_READ_S", 1.0)
+    monkeypatch.setattr(storage, "PROBE_ATTEMPTS", 2)
     endpoint, held = silent_endpoint
     sentinel = tmp_path / "teacher-was-built"
     (tmp_path / "slow_teacher.py").write_text(f"import pathlib\n\ndef teacher():\n    pathlib.Path({str(sentinel)!r}).touch()\n")
@@ -334,19 +334,20 @@ def test_an_s3_endpoint_that_never_answers_is_named_within_the_probe_timeouts(tm
 
 def test_the_probe_of_an_s3_lock_has_a_filesystem_of_its_own(s3):
     """The short timeouts are for the first look only: the data moves through fsspec's usual (cached) filesystem."""
-    from kdcache.store import _filesystem, _lock_object
+    from kdcache.locking import _lock_object
+    from kdcache.storage import filesystem
 
     url = f"s3://{S3_BUCKET}/probed.zarr"
-    usual = _filesystem(url, s3)[0]
+    usual = filesystem(url, s3)[0]
     probe = _lock_object(url, {**s3, "config_kwargs": {"read_timeout": 30}}, probe=True)[0]
-    assert probe is not usual and _filesystem(url, s3)[0] is usual and _lock_object(url, s3)[0] is usual
-    assert probe.retries == 1 and probe.config_kwargs == {"connect_timeout": layout.PROBE_CONNECT_S, "read_timeout": 30,
-                                                          "retries": {"max_attempts": layout.PROBE_ATTEMPTS - 1}}
+    assert probe is not usual and filesystem(url, s3)[0] is usual and _lock_object(url, s3)[0] is usual
+    assert probe.retries == 1 and probe.config_kwargs == {"connect_timeout": storage.PROBE_CONNECT_S, "read_timeout": 30,
+                                                          "retries": {"max_attempts": storage.PROBE_ATTEMPTS - 1}}
     assert usual.retries == 5 and not usual.config_kwargs, "s3fs's defaults for the data"
-    layout.refuse_if_being_written(url, s3)  # a healthy store: nobody writes it
+    locking.refuse_if_being_written(url, s3)  # a healthy store: nobody writes it
     with writer_lock(url, s3):
         with pytest.raises(layout.StoreError, match=r"is being written by kdcache pid"):
-            layout.refuse_if_being_written(url, s3)
+            locking.refuse_if_being_written(url, s3)
 
 
 def test_an_s3_lock_is_an_object_beside_the_store_gone_at_the_end(s3):
@@ -375,8 +376,8 @@ def test_an_s3_lock_is_an_object_beside_the_store_gone_at_the_end(s3):
 
 def test_a_stale_s3_lock_is_taken_over_and_a_live_one_is_not(s3, monkeypatch):
     """Staleness is judged by the server's clock: the lock object not rewritten for LOCK_STALE_S (shortened here)."""
-    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 0.2)
-    monkeypatch.setattr(layout, "LOCK_STALE_S", 1.5)
+    monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(locking, "LOCK_STALE_S", 1.5)
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/stale.zarr"
     lock = f"{S3_BUCKET}/.stale.zarr.kdcache-lock"
     stale_holder(fs, lock)
@@ -400,8 +401,8 @@ def test_a_stale_s3_lock_is_taken_over_and_a_live_one_is_not(s3, monkeypatch):
 def test_a_writer_whose_s3_lock_was_taken_over_fails_at_the_end(s3, monkeypatch):
     """A writer paused (or cut off from the store) past LOCK_STALE_S loses its lock to the next writer: it says so
     when its block ends, or at its next heartbeat, instead of reporting success; it removes no lock but its own."""
-    monkeypatch.setattr(layout, "LOCK_STALE_S", 1.5)
-    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 60)  # paused: no heartbeat while the test runs
+    monkeypatch.setattr(locking, "LOCK_STALE_S", 1.5)
+    monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 60)  # paused: no heartbeat while the test runs
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/lost.zarr"
     lock = f"{S3_BUCKET}/.lost.zarr.kdcache-lock"
     paused = writer_lock(url, s3)
@@ -417,7 +418,7 @@ def test_a_writer_whose_s3_lock_was_taken_over_fails_at_the_end(s3, monkeypatch)
     taker.__exit__(None, None, None)
     assert read_object(fs, lock) is None
 
-    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 0.1)
     with pytest.raises(layout.StoreError, match="lost its writer lock while being written: another writer took it over"):
         with writer_lock(url, s3):
             fs.rm_file(lock)  # removed by someone: the next heartbeat's PUT (If-Match) is refused
@@ -435,7 +436,7 @@ def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3,
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/paused.zarr"
     lock = f"{S3_BUCKET}/.paused.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    shortened = "from kdcache import store; store.LOCK_STALE_S = 1.5; store.LOCK_HEARTBEAT_S = 0.3; store.LOCK_LATE_S = 0.6\n" \
+    shortened = "from kdcache import locking; locking.LOCK_STALE_S = 1.5; locking.LOCK_HEARTBEAT_S = 0.3; locking.LOCK_LATE_S = 0.6\n" \
                 "from kdcache.cli import main; main()"
     proc = slow_extract(toml, url, storage_options=s3, command=[sys.executable, "-c", shortened])
     try:
@@ -443,7 +444,7 @@ def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3,
         paused_at = shards_done(url, s3)
         time.sleep(2.5)  # its lock is stale by the server's clock
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(layout, "LOCK_STALE_S", 1.5)
+            m.setattr(locking, "LOCK_STALE_S", 1.5)
             with writer_lock(url, s3):  # another job takes it over
                 taker = json.loads(read_object(fs, lock))["holder"]
                 proc.send_signal(signal.SIGCONT)
@@ -465,11 +466,11 @@ def test_a_late_s3_lock_is_renewed_before_the_next_write_and_a_retried_put_is_st
     though the lock is still ours: that is not a takeover (before, the job failed at its end naming itself as taker)."""
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/late.zarr"
     lock = f"{S3_BUCKET}/.late.zarr.kdcache-lock"
-    monkeypatch.setattr(layout, "LOCK_HEARTBEAT_S", 60)  # no heartbeat: late
-    monkeypatch.setattr(layout, "LOCK_LATE_S", 0.3)
+    monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 60)  # no heartbeat: late
+    monkeypatch.setattr(locking, "LOCK_LATE_S", 0.3)
     with writer_lock(url, s3):
-        lease = layout.held_lease(url, s3)
-        assert lease is not None and list(layout._LEASES.values()) == [lease]
+        lease = locking.held_lease(url, s3)
+        assert lease is not None and list(locking._LEASES.values()) == [lease]
         before = (lease.etag, lease.renewed)
         lease.check(url)  # not late yet: nothing sent
         assert (lease.etag, lease.renewed) == before
@@ -494,20 +495,20 @@ def test_a_lease_on_an_endpoint_that_stopped_answering_gives_up(silent_endpoint,
     writer with it once it must renew; the lock's DELETE at the end waited out s3fs's retries (still waiting after 300 s).
     A request about the lock gives up after LOCK_REQUEST_S; a writer that cannot renew a lock that may be stale by now
     stops, saying so; the lock object is then left behind (taken over once stale)."""
-    monkeypatch.setattr(layout, "LOCK_REQUEST_S", 1.0)
+    monkeypatch.setattr(locking, "LOCK_REQUEST_S", 1.0)
     endpoint, held = silent_endpoint
     options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "skip_instance_cache": True}
-    fs, _ = layout._filesystem(f"s3://{S3_BUCKET}/silent.zarr", options)
+    fs, _ = storage.filesystem(f"s3://{S3_BUCKET}/silent.zarr", options)
     fs.connect()  # its client made beforehand: within the 1 s given, the PUT is sent and waits
-    lease = layout._Lease(fs, S3_BUCKET, ".silent.zarr.kdcache-lock", "me", "token", '"etag"', layout._clock())
+    lease = locking.Lease(fs, S3_BUCKET, ".silent.zarr.kdcache-lock", "me", "token", '"etag"', locking._clock())
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         lease.renew()
     assert time.monotonic() - started < 10 and held
-    lease.renewed -= layout.LOCK_LATE_S + 1  # late, not yet possibly stale: written on (the data's writes will say more)
+    lease.renewed -= locking.LOCK_LATE_S + 1  # late, not yet possibly stale: written on (the data's writes will say more)
     lease.failed = 0.0  # not just now
     lease.check("s3://x")
-    lease.renewed -= layout.LOCK_STALE_S
+    lease.renewed -= locking.LOCK_STALE_S
     lease.failed = 0.0
     with pytest.raises(layout.StoreError, match=r"^'s3://x': cannot renew this job's writer lock \(last renewed \d+ s ago, taken over "
                                                 r"by another job after 180 s\): no answer within 1 s; nothing more was written; check that the store "
@@ -526,7 +527,7 @@ def test_a_lease_on_an_endpoint_that_stopped_answering_gives_up(silent_endpoint,
 def test_writers_racing_for_an_s3_lock_exactly_one_wins(s3, monkeypatch, stale):
     """Eight writers, each with its own S3 client, ask at once for a lock that is absent (the PUT's If-None-Match
     decides) or stale (the takeover's If-Match decides): one holds it, seven are refused naming it."""
-    monkeypatch.setattr(layout, "LOCK_STALE_S", 1.5)
+    monkeypatch.setattr(locking, "LOCK_STALE_S", 1.5)
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/race-{stale}.zarr"
     lock = f"{S3_BUCKET}/.race-{stale}.zarr.kdcache-lock"
     if stale:
@@ -620,14 +621,14 @@ def test_ctrl_c_as_an_s3_lock_is_taken_leaves_no_lock_object(s3, monkeypatch, wh
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/interrupted-{when.split()[0]}.zarr"
     lock = f"{S3_BUCKET}/.interrupted-{when.split()[0]}.zarr.kdcache-lock"
     if when == "taking it":
-        take = layout._take_object_lock
+        take = locking._take_object_lock
 
         def interrupted(*args):
             etag = take(*args)  # made: the PUT succeeded
             os.kill(os.getpid(), signal.SIGINT)  # a real signal, raised as KeyboardInterrupt at once
             return etag
 
-        monkeypatch.setattr(layout, "_take_object_lock", interrupted)
+        monkeypatch.setattr(locking, "_take_object_lock", interrupted)
     else:
         start = threading.Thread.start
 

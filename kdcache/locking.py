@@ -1,0 +1,505 @@
+"""One writer per store: ``flock`` on a file beside a local store, a lock object beside an S3 store (a conditional
+PUT, rewritten by a heartbeat, taken over once stale), and the lease through which a writer, its dask workers and its
+torchrun ranks check before each shard that the lock is still the job's (docs/FORMAT.md §13).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from kdcache import storage
+from kdcache.errors import StoreError, one_line, write_fix
+
+try:
+    import fcntl
+except ImportError:  # Windows: stores are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+@contextlib.contextmanager
+def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Iterator[None]:
+    """Be the only process writing the store at ``location`` while the block runs.
+
+    Two writers of one store at once (a forgotten job, a scheduler's retry while the first still runs)
+    would interleave their shards, and an ``--overwrite`` from another teacher would leave a store
+    whose manifest names one teacher while some shards hold another's targets, and that verifies.
+    A local store's lock is ``flock`` on ``.NAME.kdcache-lock`` beside the store (not in it: ``--overwrite``
+    empties the store's folder), released when the block ends or the process dies; the file names
+    its holder and is removed at the end. An S3 store's lock is an object of that name beside it, made by a
+    conditional PUT (``_object_lock``). Zip files and http(s) are read-only; other object stores, and a file
+    system that refuses ``flock`` (``NO_FLOCK``), are written unlocked rather than not at all (FORMAT.md §13).
+    """
+    if storage.location_kind(str(location)) == "url":
+        with _object_lock(str(location), storage_options):
+            yield
+        return
+    path = _lock_path(location)
+    if path is None:
+        yield
+        return
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if left empty
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _take_lock(path, location)
+    except OSError as e:
+        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(path.parent)!r} is a folder"
+        raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # before the lock is released: a waiter that opened it sees another file and retries
+            os.close(fd)
+        for folder in made:  # deepest first: a run that failed before writing leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)
+
+
+def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
+    """Lock ``path`` (created if missing) and write our name into it; returns its fd (-1: flock unsupported there)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            holder = _holder(fd, fcntl.LOCK_EX, tries=20)  # for a second: `kdcache info` may be looking (active_writer)
+            if holder is not None:
+                raise _being_written(location, holder)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+                    return fd
+        except OSError as e:
+            os.close(fd)
+            if e.errno in NO_FLOCK:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return -1
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed by the last holder after we opened it: lock the file there now
+
+
+def refuse_if_being_written(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Fail at once, before a teacher or dataset is built, when another job holds ``location``'s writer lock
+    (``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
+    said now too."""
+    if storage.location_kind(str(location)) == "url":
+        started, endpoint = time.monotonic(), storage.endpoint_of(str(location), storage_options)
+        try:
+            holder = _object_writer(str(location), storage_options, probe=endpoint not in storage.REACHED)
+        except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
+            raise storage.unreachable_error(str(location), e, storage.probe_gave_up(e, time.monotonic() - started, storage_options)) from None
+        if "::" not in str(location) and storage.is_s3(str(location)):
+            storage.REACHED.add(endpoint)  # the store's first look (exists) is made: not a second probe client for it
+    else:
+        holder = active_writer(location)
+    if holder is not None:
+        raise _being_written(location, holder)
+
+
+def _being_written(location: str | os.PathLike[str], holder: str) -> StoreError:
+    return StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, then rerun (nothing was changed)")
+
+
+def active_writer(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> str | None:
+    """Who holds the writer lock of the store at ``location`` ("kdcache pid P on HOST since T"), or None: nobody
+    (an incomplete store then is an interrupted one; an S3 lock past ``LOCK_STALE_S`` is a dead holder's), or not
+    known (a store that is not locked, a lock that cannot be read)."""
+    if storage.location_kind(str(location)) == "url":
+        try:
+            return _object_writer(str(location), storage_options)
+        except Exception:  # noqa: BLE001 - unreachable, refused credentials (botocore's are not OSErrors): not known
+            return None
+    path = _lock_path(location)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: no writer
+        return None
+    try:
+        return _holder(fd, fcntl.LOCK_SH, tries=1)  # a shared lock for an instant when free (the writer retries)
+    except OSError:  # a file system without flock: not known
+        return None
+    finally:
+        os.close(fd)
+
+
+def _lock_path(location: str | os.PathLike[str]) -> Path | None:
+    """``.NAME.kdcache-lock`` beside the local store ``location`` (None: not a local store, or no ``flock`` here)."""
+    if storage.location_kind(str(location)) != "local" or fcntl is None:
+        return None
+    root = Path(storage.local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
+    return root.parent / f".{root.name}.kdcache-lock"
+
+
+def _holder(fd: int, kind: int, tries: int) -> str | None:
+    """Take ``flock`` ``kind`` on ``fd`` without waiting (``tries`` times, 50 ms apart): None when taken, else
+    what the holder wrote into the lock file."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
+
+
+# An S3 store's lock (FORMAT.md §13): its holder rewrites it every LOCK_HEARTBEAT_S seconds; one not rewritten for
+# LOCK_STALE_S seconds, by the store's own clock, is a dead holder's (killed, its machine gone) and is taken over.
+# A holder whose last rewrite is older than LOCK_LATE_S (its heartbeat late: the process was paused, the machine
+# asleep, the endpoint failing) rewrites it before it writes anything more, and stops if it cannot. A request about
+# the lock object gives up after LOCK_REQUEST_S. Read where used, so tests may shorten them.
+LOCK_HEARTBEAT_S = 30.0
+LOCK_STALE_S = 180.0
+LOCK_LATE_S = 60.0
+LOCK_REQUEST_S = 30.0
+_LEASES: dict[tuple[str | None, str, str], Lease] = {}  # the S3 locks this process holds, by endpoint, bucket and key
+
+
+@contextlib.contextmanager
+def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+    """Hold the lock object ``.NAME.kdcache-lock`` beside the S3 store ``location`` while the block runs.
+
+    S3 has no lock, but a PUT with ``If-None-Match: *`` is refused (412) when the object exists, atomically:
+    of two writers, exactly one creates it. A writer that dies cannot remove it, so a thread rewrites it every
+    ``LOCK_HEARTBEAT_S`` (PUT ``If-Match`` its last ETag: ``Lease``) and a lock unchanged for ``LOCK_STALE_S`` is
+    taken over with a PUT ``If-Match`` the ETag seen stale: of two takers, or a taker and a late heartbeat, exactly
+    one wins. Staleness is the store's ``Date`` less the object's ``Last-Modified``: no writer's clock is trusted. A
+    writer whose heartbeat is late renews the lock before its next shard (``Store.lease``), and one whose lock was
+    taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) fails there, at its next heartbeat, or at
+    the end of the block. Not locked: stores on other fsspec backends, a store at a bucket's root (the lock would
+    be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible ones): tried once after taking
+    it, as a lock that cannot exclude is no lock.
+    """
+    lock = _lock_object(location, storage_options)
+    token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
+    holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+    sent = _clock()
+    try:
+        etag = _take_object_lock(*lock, location, holder, token) if lock is not None else None
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        _drop_if_ours(*lock, token)  # a PUT that landed, its answer lost (timed out): a rerun would be refused until stale
+        raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
+                         "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
+    except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
+        if lock is not None:
+            _drop_if_ours(*lock, token)
+        raise
+    if etag is None:
+        yield
+        return
+    lease = Lease(*lock, holder, token, etag, sent)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(lease, stop), name="kdcache-lock-heartbeat", daemon=True)
+    _LEASES[_lease_key(*lock)] = lease
+    try:
+        beat.start()  # inside: a Ctrl-C while it starts removes the lock too
+        yield
+    finally:
+        _LEASES.pop(_lease_key(*lock), None)
+        stop.set()
+        with contextlib.suppress(RuntimeError):  # not started
+            beat.join()
+        lease.release()
+    if lease.lost_to is not None:
+        raise _lost_lock(location, lease.lost_to)
+
+
+def _clock() -> float:
+    """Seconds on a clock that runs while the machine sleeps (Linux's CLOCK_BOOTTIME; elsewhere monotonic): a
+    suspended laptop's lock goes stale on the server meanwhile."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
+@dataclass
+class Lease:
+    """Our hold on an S3 lock object: the ETag of its last version, and when the PUT that made it was sent."""
+
+    fs: Any
+    bucket: str
+    key: str
+    holder: str
+    token: str
+    etag: str
+    renewed: float  # _clock() when the PUT that made `etag` was sent: the server's Last-Modified is no earlier
+    lost_to: str | None = None  # who took it over
+    failed: float = 0.0  # _clock() when a renewal last failed: the writer threads that find it late do not each try again
+    mutex: threading.Lock = field(default_factory=threading.Lock)  # the heartbeat and check renew it
+
+    def renew(self, unless_within: float = 0.0) -> None:
+        """Rewrite the lock object ``If-Match`` our last ETag (``unless_within``: not when renewed within that many
+        seconds, or when a renewal failed within ``LOCK_REQUEST_S``, by another thread meanwhile). Refused, it was
+        taken over (``lost_to`` names who) unless it is still ours: a PUT whose answer was lost and which botocore
+        sent again (the first try landed, the second was refused), whose version is then rewritten. Raises what the
+        request raised otherwise (unreachable, no answer within ``LOCK_REQUEST_S``)."""
+        with self.mutex:
+            now = _clock()
+            failed_just_now = self.failed > self.renewed and now - self.failed < LOCK_REQUEST_S
+            if self.lost_to is not None or now - self.renewed < unless_within or unless_within and failed_just_now:
+                return  # lost; renewed meanwhile; or, for a late writer, failed just now in another thread
+            try:
+                self._renew()
+            except Exception:
+                self.failed = _clock()
+                raise
+
+    def _renew(self) -> None:
+        """``renew``'s PUT, under its mutex."""
+        for _ in range(3):  # refused for a version of ours (an earlier PUT landed, its answer lost): renew that one
+            sent = _clock()
+            try:
+                self.etag = _put_lock(self.fs, self.bucket, self.key, _lock_body(self.holder, self.token), IfMatch=self.etag)
+            except OSError as e:
+                if not _lost_race(e):
+                    raise
+                seen = _read_lock(self.fs, self.bucket, self.key)
+                if seen is None or self.token not in seen[0].decode(errors="replace"):
+                    self.lost_to = _object_holder(seen) if seen is not None else "another writer"
+                    return
+                self.etag = seen[1]  # its Last-Modified may be long past: not a renewal by itself
+                self.renewed = max(self.renewed, _clock() - max(0.0, seen[2]))
+                continue
+            self.renewed = sent
+            return
+
+    def check(self, location: str) -> None:
+        """Before anything more is written: renew the lock when its heartbeat is late (``LOCK_LATE_S``), and fail
+        when it was lost, or cannot be renewed and may be stale by now."""
+        if _clock() - self.renewed > LOCK_LATE_S:
+            failed = "its renewals failed"
+            try:
+                self.renew(unless_within=LOCK_LATE_S)  # the writer threads each find it late: one renews
+            except Exception as e:  # noqa: BLE001 - unreachable now: the data's own writes will say more if it lasts
+                failed = f"no answer within {LOCK_REQUEST_S:g} s" if isinstance(e, TimeoutError) else one_line(e)
+            if _clock() - self.renewed > LOCK_STALE_S - LOCK_REQUEST_S and self.lost_to is None:
+                raise StoreError(f"{location!r}: cannot renew this job's writer lock (last renewed {_clock() - self.renewed:.0f} s ago, "
+                                 f"taken over by another job after {LOCK_STALE_S:.0f} s): {failed}; nothing more was written; "
+                                 "check that the store can be reached, then rerun to resume")
+        if self.lost_to is not None:
+            raise _lost_lock(location, self.lost_to)
+
+    def release(self) -> None:
+        """Delete the lock object (``If-Match``: only while it is ours); left behind when unreachable (taken over once stale)."""
+        with self.mutex:
+            if self.lost_to is not None:
+                return
+            try:
+                _lock_request(self.fs, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+            except OSError as e:
+                if _lost_race(e):  # gone (our DELETE sent again after it landed), ours in another version, or taken over
+                    with contextlib.suppress(Exception):  # noqa: BLE001 - unreachable now: left behind, taken over once stale
+                        seen = _read_lock(self.fs, self.bucket, self.key)
+                        if seen is not None and self.token in seen[0].decode(errors="replace"):
+                            _lock_request(self.fs, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=seen[1])
+                        elif seen is not None:
+                            self.lost_to = _object_holder(seen)
+            except Exception:  # noqa: BLE001 - unreachable now: left behind, it is taken over once stale
+                pass
+
+
+def held_lease(location: str, storage_options: dict[str, Any] | None) -> Lease | None:
+    """This process's hold on the S3 writer lock of the store at ``location`` (taken by ``writer_lock``), or None."""
+    if not _LEASES:
+        return None
+    lock = _lock_object(location, storage_options)
+    return _LEASES.get(_lease_key(*lock)) if lock is not None else None
+
+
+def _lease_key(fs: Any, bucket: str, key: str) -> tuple[str | None, str, str]:
+    return getattr(fs, "endpoint_url", None), bucket, key
+
+
+@dataclass
+class Borrowed:
+    """The S3 writer lock of a job, as a process that writes for it without holding it sees it (a dask worker, a
+    torchrun rank other than 0: the driver or rank 0 holds it). Read before each shard is written: still the job's
+    (its ``token``), and renewed within ``LOCK_STALE_S`` (a holder paused or gone may lose it any moment)."""
+
+    fs: Any
+    bucket: str
+    key: str
+    token: str
+
+    def check(self, location: str) -> None:
+        seen = _read_lock(self.fs, self.bucket, self.key)
+        if seen is None or self.token not in seen[0].decode(errors="replace"):
+            raise _lost_lock(location, _object_holder(seen) if seen is not None else "another writer")
+        if seen[2] >= LOCK_STALE_S:
+            raise StoreError(f"{location!r}: this job's writer lock was last renewed {seen[2]:.0f} s ago by its holder (the dask driver "
+                             f"or torchrun rank 0, paused or gone), and another job may take it over after {LOCK_STALE_S:.0f} s; "
+                             "nothing more was written; rerun to resume")
+
+
+def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token: str | None) -> Borrowed | None:
+    """``Borrowed`` for the job whose lock holds ``token`` (None: the job holds no S3 lock; see ``_object_lock``)."""
+    lock = _lock_object(location, storage_options) if token is not None else None
+    return Borrowed(*lock, token) if lock is not None else None
+
+
+def _lost_lock(location: str, taker: str) -> StoreError:
+    return StoreError(f"{location!r} lost its writer lock while being written: {taker} took it over, as this job had not "
+                      f"renewed it for {LOCK_STALE_S:.0f} s (paused, or cut off from the store); both may have written shards: "
+                      "once that job has ended, rerun with --overwrite")
+
+
+def _put_lock(fs: Any, bucket: str, key: str, body: bytes, **condition: str) -> str:
+    """PUT the lock object with ``condition`` (``IfNoneMatch`` / ``IfMatch``); its new ETag."""
+    return str(_lock_request(fs, "put_object", Bucket=bucket, Key=key, Body=body, **condition)["ETag"])
+
+
+def _lock_request(fs: Any, method: str, **params: Any) -> Any:
+    """One S3 request about the lock object, giving up after ``LOCK_REQUEST_S`` (TimeoutError) whatever s3fs's and
+    botocore's retries would wait: aiohttp awaits a silent server's ``100 Continue`` to a PUT without end, and a job
+    that stops, or stops writing, must not wait minutes for its lock's last request."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    return sync(fs.loop, asyncio.wait_for, fs._call_s3(method, **params), LOCK_REQUEST_S)
+
+
+def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str) -> str | None:
+    """Create the lock object, or take it over when stale; its ETag (None: this server cannot lock)."""
+    seen = None
+    for _ in range(5):  # each turn lost to a writer that changed the lock meanwhile
+        body = _lock_body(holder, token)
+        try:
+            etag = _put_lock(fs, bucket, key, body, IfNoneMatch="*")
+        except OSError as e:
+            if e.errno == errno.ENOSYS:  # 501 NotImplemented: no conditional PUT here
+                return None
+            if not _lost_race(e):
+                raise
+        else:
+            try:
+                _put_lock(fs, bucket, key, body, IfNoneMatch="*")  # refused by a server that honours the condition
+            except FileExistsError:
+                return etag
+            except BaseException:
+                with contextlib.suppress(Exception):  # noqa: BLE001 - not left behind; the first error is the one to name
+                    _lock_request(fs, "delete_object", Bucket=bucket, Key=key)
+                raise
+            _lock_request(fs, "delete_object", Bucket=bucket, Key=key)  # accepted: the server ignores If-None-Match, no lock here
+            return None
+        seen = _read_lock(fs, bucket, key)
+        if seen is None:
+            continue  # removed meanwhile: create it again
+        if token in seen[0].decode(errors="replace"):
+            return seen[1]  # our own PUT, whose answer was lost and the request retried
+        if seen[2] < LOCK_STALE_S:
+            raise _being_written(location, _object_holder(seen))
+        try:
+            return _put_lock(fs, bucket, key, body, IfMatch=seen[1])  # taken over: refused if anyone rewrote it since we read it
+        except OSError as e:
+            if not _lost_race(e):
+                raise
+    raise _being_written(location, _object_holder(seen) if seen is not None else "another kdcache process")
+
+
+def _heartbeat(lease: Lease, stop: threading.Event) -> None:
+    """Renew the lease every ``LOCK_HEARTBEAT_S`` until ``stop`` or until it is lost. Failures are retried next time."""
+    while not stop.wait(LOCK_HEARTBEAT_S) and lease.lost_to is None:
+        with contextlib.suppress(Exception):  # noqa: BLE001 - a network error now and then: the lock lasts LOCK_STALE_S without a heartbeat
+            lease.renew()
+
+
+def _drop_if_ours(fs: Any, bucket: str, key: str, token: str) -> None:
+    """Delete the lock object if it is the one our ``token`` made (a PUT interrupted after it landed), else leave it."""
+    with contextlib.suppress(Exception):  # noqa: BLE001 - best effort: one left behind is taken over once stale
+        seen = _read_lock(fs, bucket, key)
+        if seen is not None and token in seen[0].decode(errors="replace"):
+            _lock_request(fs, "delete_object", Bucket=bucket, Key=key, IfMatch=seen[1])
+
+
+def _object_writer(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> str | None:
+    """``active_writer`` of an object store, raising what reading its lock raised. ``probe``: read it through a
+    filesystem of its own with the short timeouts of ``storage.PROBE_*``."""
+    lock = _lock_object(location, storage_options, probe=probe)
+    seen = _read_lock(*lock) if lock is not None else None
+    return _object_holder(seen) if seen is not None and seen[2] < LOCK_STALE_S else None
+
+
+def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> tuple[Any, str, str] | None:
+    """``(fs, bucket, key)`` of ``.NAME.kdcache-lock`` beside the S3 store ``location`` (None: not locked; see
+    ``_object_lock``). s3fs is the fsspec backend whose PUTs kdcache can make conditional. ``probe``: the fs is a
+    new one (not fsspec's cached instance, which later moves the data) with the short timeouts of ``storage.PROBE_*``."""
+    if storage.location_kind(location) != "url" or "::" in location:  # zip::s3://... is read-only
+        return None
+    try:
+        fs, path = storage.probe_filesystem(location, storage_options) if probe and storage.is_s3(location) else storage.filesystem(location, storage_options)
+    except Exception:  # noqa: BLE001 - a missing backend, bad options: named when the store is opened
+        return None
+    bucket, _, key = path.strip("/").partition("/")
+    if not hasattr(fs, "call_s3") or not key:
+        return None
+    parent, _, name = key.rpartition("/")
+    return fs, bucket, f"{parent}/.{name}.kdcache-lock".lstrip("/")
+
+
+
+def _lock_body(holder: str, token: str) -> bytes:
+    return json.dumps({"holder": holder, "heartbeat": _now(), "token": token}).encode()
+
+
+def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | None:
+    """The lock object's bytes, ETag and age in seconds by the store's clock (its ``Date`` less the object's
+    ``Last-Modified``; this machine's clock only if the server sends no ``Date``); None when there is none."""
+    import asyncio
+    from email.utils import parsedate_to_datetime
+
+    from fsspec.asyn import sync
+
+    async def get() -> tuple[dict[str, Any], bytes]:
+        out = await fs._call_s3("get_object", Bucket=bucket, Key=key)  # one GET: body and ETag of the same version
+        try:
+            return out, await out["Body"].read()
+        finally:
+            out["Body"].close()
+
+    try:
+        out, data = sync(fs.loop, asyncio.wait_for, get(), LOCK_REQUEST_S)
+    except FileNotFoundError:
+        return None
+    date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else datetime.datetime.now(datetime.timezone.utc)
+    return data, out["ETag"], (now - out["LastModified"]).total_seconds()
+
+
+def _object_holder(seen: tuple[bytes, str, float]) -> str:
+    """What a lock object names as its holder, with its heartbeat's age (a dead holder's is taken over when stale)."""
+    try:
+        holder = str(json.loads(seen[0])["holder"])[:200]
+    except (ValueError, TypeError, KeyError):
+        holder = "another kdcache process"
+    return f"{holder}, last heartbeat {max(0, seen[2]):.0f} s ago (taken over after {LOCK_STALE_S:.0f} s without one)"
+
+
+def _lost_race(e: OSError) -> bool:
+    """Whether a conditional PUT was refused because the lock object changed: it exists (``If-None-Match``), it is
+    another version or gone (``If-Match``), or another conditional write of it was under way (409). Not a missing
+    bucket (NoSuchBucket, also a FileNotFoundError)."""
+    code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+    return isinstance(e, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,385 @@
+"""Where a store lives: a local folder, a ``.zip`` file, an object store (``s3://``, any fsspec URL) or a web server
+(``http(s)://``). The zarr Store and the fsspec filesystem for a location and its storage options, the first look at an
+endpoint (short timeouts, so one that never answers is named in seconds), and the error for one that cannot be reached.
+What the store holds is ``store``'s; who may write it, ``locking``'s (docs/FORMAT.md §13, docs/SHARING.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import stat
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import zarr
+
+from kdcache.errors import StoreError, one_line, short
+
+REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (pyproject.toml): s3:// and http(s)://
+
+
+class _LocalStore(zarr.storage.LocalStore):
+    """zarr's local folder store, reading only regular files inside the folder (``local_object``): a store received
+    from elsewhere may hold a link to any file of the recipient's (which ``pack`` would copy into the zip it hands on),
+    to ``/dev/zero`` (a read that never ends), or a FIFO (a read that waits forever)."""
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        local_object(self.root, key)
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            local_object(self.root, key)
+        return await super().get_partial_values(prototype, key_ranges)
+
+
+def local_object(root: str | os.PathLike[str], key: str) -> Path:
+    """The file of the object ``key`` of the local store folder ``root``, once it is found to be a regular file inside
+    the folder (or absent: read as missing). A link to a file elsewhere, or a special file (a FIFO, a device, a
+    socket), is a StoreError naming it: nothing of it is read."""
+    path = Path(root, *key.split("/"))
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return path
+    if stat.S_ISDIR(mode):
+        return path  # not an object: zarr reads it as absent
+    real, folder = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, folder]) != folder:
+        why = f"is a link to {short(real)}, outside the store folder"
+    elif not stat.S_ISREG(mode):
+        why = f"is not a regular file (it leads to {'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'} {short(real)})"
+    else:
+        return path
+    raise StoreError(f"{str(root)!r} is unsafe to read: object {short(key)} {why}; kdcache reads only regular files inside a "
+                     "store folder: replace it with the object's own file, or copy the store again from its source")
+
+
+def location_kind(location: str) -> str:
+    """``"local"`` (a folder; also ``file://``), ``"zip"`` (a local ``*.zip`` file, read-only),
+    ``"http"`` (``http(s)://``, read-only) or ``"url"`` (any other fsspec URL: ``s3://``, ``gs://``, ``memory://``...)."""
+    scheme = location.split("://", 1)[0].lower() if "://" in location else ""
+    if scheme in ("http", "https"):
+        return "http"
+    if scheme and scheme != "file":
+        return "url"
+    return "zip" if location.lower().endswith(".zip") else "local"
+
+
+def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any:
+    """The zarr Store object for a location string (see ``location_kind``) and fsspec storage options."""
+    kind = location_kind(location)
+    if kind == "zip":
+        if not read_only:
+            raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
+        try:
+            with zipfile.ZipFile(local_path(location)) as z:
+                packed = next((m for m in z.infolist() if m.compress_type != zipfile.ZIP_STORED), None)
+            if packed is not None:  # FORMAT.md §17; a deflated member of a few MB can hold GBs, all read into memory
+                raise StoreError(f"{location!r}: zip member {short(packed.filename)} is compressed "
+                                 f"({zipfile.compressor_names.get(packed.compress_type, packed.compress_type)}, "
+                                 f"{packed.file_size:,} bytes); a store's zip holds its members stored, as kdcache pack "
+                                 "writes them (the chunks are compressed already): unzip it into a folder and run kdcache pack FOLDER OUT")
+            return zarr.storage.ZipStore(local_path(location), mode="r")
+        except (OSError, zipfile.BadZipFile) as e:
+            raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
+    if kind == "local":
+        if storage_options:
+            raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
+        return _LocalStore(local_path(location), read_only=read_only)
+    if "::" in location and not read_only:  # zip::s3://..., zip::https://...: a zip is write-once
+        raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
+    if kind == "http" and not read_only:
+        raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
+    try:
+        options = _fsspec_options(location, storage_options)
+        if not read_only and "::" not in location and is_s3(location) and "session" not in options:
+            options["session"] = _session_without_expect(os.getpid(), options.get("profile"))
+        return zarr.storage.FsspecStore.from_url(location, storage_options=options, read_only=read_only)
+    except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
+        raise
+    except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
+        module = getattr(e.__cause__, "name", None) or e.name or ""
+        missing, backend = module.split(".")[0], _backend_package(location)
+        if backend and missing and missing != backend and importlib.util.find_spec(backend) is not None:  # a dependency of it
+            raise StoreError(f"{location!r} needs the fsspec backend {backend}, which is installed but cannot import {module!r}; "
+                             f"reinstall it with its dependencies: pip install --force-reinstall {backend}") from None
+        fix = f"pip install {missing}" if missing and missing not in REMOTE_EXTRA else "pip install 'kdcache[remote]'"
+        raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); {fix}") from None
+    except TypeError as e:  # an option the filesystem does not take
+        raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {one_line(e)}; "
+                         "check the --storage-option values") from None
+    except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
+        raise unreachable_error(location, e) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _session_without_expect(pid: int, profile: str | None) -> Any:
+    """An aiobotocore session for writing an S3 store, whose PUTs send no ``Expect: 100-continue``. aiohttp waits for
+    the answer to that header with no timeout at all, so a shard's PUT to an endpoint that stopped answering held the
+    writer for ever; without it botocore's ``read_timeout`` applies, and the write fails and can be resumed. (The
+    header lets a server refuse a large body before it is sent; kdcache's objects are whole shards it means to store.)
+    One per process (``pid``) and profile: the same session keeps fsspec's cached filesystem, and its connections, in use."""
+    import aiobotocore.session
+    import botocore.handlers
+
+    session = aiobotocore.session.AioSession(profile=profile)
+    session.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    return session
+
+
+def _backend_package(location: str) -> str:
+    """The top-level package of the fsspec filesystem registered for the location's protocol (``gcsfs`` for gs://), or ""."""
+    from fsspec.registry import known_implementations
+
+    spec = known_implementations.get(location.split("://", 1)[0].lower(), {})
+    return str(spec.get("class", "")).split(".")[0]
+
+
+def local_path(location: str) -> str:
+    return location[len("file://"):] if location.lower().startswith("file://") else location
+
+
+def filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """A synchronous fsspec filesystem and root path for a URL location (listing, emptiness)."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(location, **_fsspec_options(location, storage_options))
+
+
+def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` as fsspec takes them. For http(s), a ``client_kwargs.timeout`` given as seconds (the
+    whole request) or as a mapping (``{"sock_read": 60}``: what the command line can say) becomes the
+    ``aiohttp.ClientTimeout`` aiohttp takes; anything else there is aiohttp's to name. In a chain (``zip::https://…``)
+    the http layer's options are those under its scheme (``https.client_kwargs.timeout``)."""
+    options = dict(storage_options or {})
+    http = http_url(location)
+    if http is None:
+        return options
+    if "::" not in location:
+        return _with_client_timeout(options, "")
+    scheme = http.split("://", 1)[0].lower()
+    if isinstance(options.get(scheme), dict):
+        options[scheme] = _with_client_timeout(options[scheme], f"{scheme}.")
+    return options
+
+
+def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
+    """``_fsspec_options`` for one http layer's ``options`` (``named``: the prefix of its keys, for the message)."""
+    client = options.get("client_kwargs")
+    if not isinstance(client, dict) or "timeout" not in client:
+        return options
+    import aiohttp
+
+    timeout = client["timeout"]
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = aiohttp.ClientTimeout(total=timeout)
+    elif isinstance(timeout, dict):
+        try:
+            timeout = aiohttp.ClientTimeout(**timeout)
+        except TypeError:
+            raise StoreError(f"storage option {named}client_kwargs.timeout = {short(timeout)} names settings aiohttp does not have; "
+                             f"use total, connect, sock_connect or sock_read (seconds), e.g. --storage-option {named}client_kwargs.timeout.sock_read=60") from None
+    return {**options, "client_kwargs": {**client, "timeout": timeout}}
+
+
+def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether a zarr group's ``zarr.json`` is at the location (any kind)."""
+    kind = location_kind(location)
+    if kind == "local":
+        return Path(local_path(location), "zarr.json").is_file()
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(local_path(location)) as z:
+                return "zarr.json" in z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
+    http = http_url(location)  # the location, or a chain's last link (zip::https://…)
+    s3 = "::" not in location and is_s3(location)
+    endpoint = endpoint_of(http or location, storage_options)
+    if (http or s3) and endpoint not in REACHED:  # the first look gives up soon
+        found = _s3_exists(location, storage_options) if s3 else _http_exists(location, storage_options)
+        REACHED.add(endpoint)  # later looks (a DataLoader worker's, the next open) ride out a slow moment with the usual retries
+        if s3 or http == location:
+            return found  # a chain's zip layer says whether the store is in the file
+    from zarr.core.sync import sync
+
+    try:
+        return bool(sync(zarr_store(location, storage_options).exists("zarr.json")))
+    except FileNotFoundError:
+        return False
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        raise unreachable_error(location, e) from None
+
+
+REACHED: set[str] = set()  # endpoints (and buckets) that answered a first look in this process, or in the one that forked it
+
+
+def endpoint_of(location: str, storage_options: dict[str, Any] | None) -> str:
+    """What a first look reaches: the location's scheme and host (the bucket, for s3://) with the options."""
+    scheme, _, rest = location.partition("://")
+    return json.dumps([scheme.lower(), rest.split("/")[0], storage_options or {}], sort_keys=True, default=repr)
+
+
+def _s3_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
+    """``exists`` for an S3 location, the first look at it: through ``probe_filesystem``, so an endpoint that never
+    answers is named within ``PROBE_*`` seconds (not after s3fs's retries, minutes) by every command that opens one."""
+    zarr_store(location, storage_options)  # a missing backend, options s3fs does not take: named as when opening
+    started = time.monotonic()
+    try:
+        fs, path = probe_filesystem(location, storage_options)
+        bucket, _, prefix = path.strip("/").partition("/")
+        fs.call_s3("head_object", Bucket=bucket, Key=f"{prefix}/zarr.json".lstrip("/"))
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        raise unreachable_error(location, e, probe_gave_up(e, time.monotonic() - started, storage_options)) from None
+
+
+def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
+    """``exists`` for an http(s) location, the first look at it: its ``zarr.json`` fetched (for a chain such as
+    ``zip::https://…``, the file's headers) through a filesystem of its own that waits at most ``PROBE_CONNECT_S`` to
+    connect and ``PROBE_READ_S`` for each answer (the user's own ``client_kwargs.timeout`` wins), so an endpoint that
+    never answers is named in seconds, not after aiohttp's 300 s. Answers other than the store's are False:
+    ``_no_store`` says what they were (a chain's are the zip layer's to judge)."""
+    import aiohttp
+    import fsspec
+
+    url, named = http_url(location) or location, ""
+    options = _fsspec_options(location, storage_options)
+    if url != location:
+        named = f"{url.split('://', 1)[0].lower()}."
+        options = dict(options.get(named[:-1]) or {})  # the http layer's own
+    else:
+        zarr_store(location, storage_options)  # a missing backend (aiohttp), options it does not take: named as when opening
+    client = dict(options.get("client_kwargs") or {})
+    client.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=PROBE_CONNECT_S, sock_read=PROBE_READ_S))
+    started = time.monotonic()
+    try:
+        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **{**options, "client_kwargs": client, "skip_instance_cache": True})
+        if url != location:
+            fs.info(url)
+        else:
+            fs.cat_file(location.rstrip("/") + "/zarr.json")
+        return True
+    except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: _no_store names them
+        # aiohttp's connect and read timeouts are TimeoutErrors; fsspec wraps them in its own, or a FileNotFoundError (info)
+        e = next((c for c in (failed.__cause__, failed) if isinstance(c, TimeoutError)), None)
+        if e is None:
+            return False
+        seconds = time.monotonic() - started
+        setting = {"ConnectionTimeoutError": "sock_connect", "SocketTimeoutError": "sock_read"}.get(type(e).__name__, "total")
+        wait = getattr(client["timeout"], setting, None)
+        raise unreachable_error(location, e, f"gave up after {seconds:.0f} s" + (f" (1 try of up to {wait:g} s)" if wait else "") +
+                           "; for an endpoint that is slow rather than down raise --storage-option "
+                           f"{named}client_kwargs.timeout.{setting}=SECONDS; ") from None
+
+
+def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> StoreError:
+    """``gave_up``: how long was tried and what to raise for a slow endpoint, said after the cause."""
+    cause = one_line(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
+    if "range requests" in cause.lower():
+        fix = "serve the zip from a server that honours HTTP Range requests, or download it and pass the local file"
+    else:
+        fix = "check the URL, --storage-option values and credentials"
+    return StoreError(f"cannot reach {location!r}: {cause}; {gave_up}{fix}")
+
+
+
+def http_url(location: str) -> str | None:
+    """The http(s) URL a location is read through (itself, or the last link of a chain such as ``zip::https://…``)."""
+    url = location.split("::")[-1]
+    return url if url.split("://", 1)[0].lower() in ("http", "https") and "://" in url else None
+
+
+def http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: bool) -> str | None:
+    """Why ``url`` cannot be read: ``"HTTP 404"`` (the server answered), the connection error (refused, DNS, TLS...),
+    or None when it can. fsspec's ``exists`` says False for all of them alike. ``whole``: GET it all (a small
+    zarr.json), else its first byte."""
+    import fsspec
+
+    try:
+        fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **_fsspec_options(url, storage_options))
+        if whole:
+            fs.cat_file(url)
+        else:
+            fs.cat_file(url, start=0, end=1)
+        return None
+    except FileNotFoundError:
+        return "HTTP 404"
+    except Exception as e:  # noqa: BLE001 - aiohttp's connection and response errors, named below
+        status = getattr(e, "status", None)
+        if isinstance(status, int):
+            return f"HTTP {status} {getattr(e, 'message', '')}".rstrip()
+        return f"{type(e).__name__}: {one_line(e)}"
+
+
+
+# The first look at an S3 store (``refuse_if_being_written``: is another writer's lock object there?) is made through a
+# filesystem of its own that gives up soon: at most PROBE_ATTEMPTS tries, each waiting up to PROBE_CONNECT_S to connect
+# and PROBE_READ_S for an answer. With s3fs's defaults (5 passes of botocore's 5 tries of up to 15 s) an endpoint that
+# accepts connections and never answers (a proxy or firewall that swallows requests) was named after ~7 minutes (832 s
+# through `kdcache extract`, which also opened the store first). The user's own config_kwargs (connect_timeout,
+# read_timeout, retries.max_attempts) win; the data itself moves through fsspec's usual filesystem, with s3fs's
+# defaults (FORMAT.md §13). Read where used, so tests may shorten them.
+PROBE_CONNECT_S = 5.0
+PROBE_READ_S = 10.0
+PROBE_ATTEMPTS = 2
+
+
+def is_s3(location: str) -> bool:
+    """Whether ``location``'s fsspec backend is s3fs (or one like it), the one ``_probe_options`` are for."""
+    from fsspec.core import split_protocol
+    from fsspec.registry import get_filesystem_class
+
+    try:
+        return hasattr(get_filesystem_class(split_protocol(location)[0] or "file"), "call_s3")
+    except (ImportError, ValueError):
+        return False
+
+
+def probe_filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """``filesystem`` for the first look at an S3 location: a new one (not fsspec's cached instance, which later moves
+    the data) with the short timeouts of ``_probe_options`` and no s3fs retry loop of its own."""
+    fs, path = filesystem(location, {**_probe_options(storage_options), "skip_instance_cache": True})
+    fs.retries = 1  # s3fs's own loop around botocore's retries: one pass (not an option s3fs takes, an attribute)
+    return fs, path
+
+
+def _probe_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` with the short timeouts and few tries of the first look at an S3 store (``PROBE_*``)
+    added to botocore's ``config_kwargs``, where the user did not set them."""
+    options = dict(storage_options or {})
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", PROBE_CONNECT_S)
+    config.setdefault("read_timeout", PROBE_READ_S)
+    retries = config.get("retries") or {}
+    if isinstance(retries, dict):  # anything else: botocore names it
+        config["retries"] = {"max_attempts": PROBE_ATTEMPTS - 1, **retries}  # botocore's max_attempts: tries after the first
+    options["config_kwargs"] = config
+    return options
+
+
+def probe_gave_up(e: BaseException, seconds: float, storage_options: dict[str, Any] | None) -> str:
+    """What ``refuse_if_being_written``'s error says after the cause: how long it tried, and for a timeout, the
+    setting to raise for an endpoint that is slow rather than down."""
+    said = f"gave up after {seconds:.0f} s; "
+    kind = {"ConnectTimeoutError": "connect_timeout", "ReadTimeoutError": "read_timeout"}
+    setting = next((kind[c.__name__] for c in type(e).__mro__ if c.__name__ in kind), None)
+    if setting is None:
+        return said
+    config = _probe_options(storage_options)["config_kwargs"]
+    retries = config["retries"] if isinstance(config.get("retries"), dict) else {}
+    tries = retries.get("total_max_attempts") or 1 + retries.get("max_attempts", 0)  # botocore took them: numbers
+    wait = f"{config[setting]:g}" if isinstance(config[setting], (int, float)) else config[setting]
+    return (f"gave up after {seconds:.0f} s ({tries} {'try' if tries == 1 else 'tries'} of up to {wait} s each); for an "
+            f"endpoint that is slow rather than down raise --storage-option config_kwargs.{setting}=SECONDS; ")
