@@ -552,6 +552,42 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
     assert taken_at <= shards_done(url, s3) <= taken_at + 1 < 30, "only a shard being written as it was taken over is finished"
 
 
+def test_torchrun_ranks_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_path):
+    """torchrun to an S3 store: rank 0 holds the job's lock and hands its token to the other ranks, which read the lock
+    object before each shard they write. Rank 0 paused (its heartbeat renews nothing and notices nothing, as on a
+    laptop asleep) cannot see that another job took the lock over: rank 1 finds another job's token there, writes none
+    of its shards more than those already past that check, and the job stops with the one-line error."""
+    import s3fs
+
+    from kdcache.extract import WRITE_THREADS
+    from reference import slow_extract
+
+    paused = tmp_path / "paused.py"  # torchrun runs a script: kdcache's command with rank 0's lock never renewed
+    paused.write_text("from kdcache import locking\nlocking.LOCK_HEARTBEAT_S = locking.LOCK_LATE_S = 600\n"
+                      "from kdcache.cli import main\nmain()\n")
+    url, fs = f"s3://{BUCKET}/torchrun-taken.zarr", s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")  # 30 shards; rank 1's: the odd ones
+    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(paused)]
+
+    def rank_1s() -> int:
+        return int(open_store(url, storage_options=s3).done()[1::2].sum())
+
+    proc = slow_extract(toml, url, sleep=0.05, storage_options=s3, command=torchrun)  # ~0.4 s a shard
+    try:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        taker = {"holder": "kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00", "heartbeat": "now", "token": "theirs"}
+        fs.pipe_file(f"{BUCKET}/.torchrun-taken.zarr.kdcache-lock", json.dumps(taker).encode())
+        taken_at = rank_1s()
+        stderr = proc.communicate(timeout=120)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, stderr[-3000:]
+    assert f"Error: {url!r} lost its writer lock while being written: kdcache pid 4242 on elsewhere since " in stderr, stderr[-3000:]
+    assert taken_at <= rank_1s() <= taken_at + WRITE_THREADS < 15, (taken_at, rank_1s())
+    assert json.loads(fs.cat_file(f"{BUCKET}/.torchrun-taken.zarr.kdcache-lock"))["token"] == "theirs"  # the job left the taker's lock
+
+
 def _extract_in_a_thread(pipeline, url: str, options: dict) -> tuple[threading.Thread, list[BaseException]]:
     """A one-worker dask extract of ``url`` running in a thread (started), and the list its error will be put in."""
     failed: list[BaseException] = []
