@@ -250,7 +250,7 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
     ``zip::https://…``, the file's headers) through a filesystem of its own that waits at most ``PROBE_CONNECT_S`` to
     connect and ``PROBE_READ_S`` for each answer (the user's own ``client_kwargs.timeout`` wins), so an endpoint that
     never answers is named in seconds, not after aiohttp's 300 s. Answers other than the store's are False:
-    ``_no_store`` says what they were (a chain's are the zip layer's to judge)."""
+    ``store._no_store`` says what they were (a chain's are the zip layer's to judge)."""
     import aiohttp
     import fsspec
 
@@ -271,7 +271,7 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
         else:
             fs.cat_file(location.rstrip("/") + "/zarr.json")
         return True
-    except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: _no_store names them
+    except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: store._no_store names them
         # aiohttp's connect and read timeouts are TimeoutErrors; fsspec wraps them in its own, or a FileNotFoundError (info)
         e = next((c for c in (failed.__cause__, failed) if isinstance(c, TimeoutError)), None)
         if e is None:

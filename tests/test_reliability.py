@@ -256,8 +256,9 @@ def test_a_job_preempted_at_random_moments_and_requeued_reaches_the_uninterrupte
 
     The first three stops that land (exit 143) are drawn from Python's start to a quarter of the whole run's time
     after it, both measured here: together they do at most three quarters of the work, so they land on a fast machine
-    too (drawn from a fixed 1-5 s, a CI machine once finished after two). Then anywhere in 1-5 s, the end of the run
-    included."""
+    too (drawn from a fixed 1-5 s, a CI machine once finished after two). The next two anywhere in 1-5 s, the end of
+    the run included; then it runs to its end (each try pays Python's start and the run's setup again: left to
+    chance, a loaded machine took 15 tries)."""
     args = ["train", TINY_TOML, "--cache", tiny_store, "--epochs", "80", "--batch-size", "2", "--set", "train.checkpoint_every=9", "--set",
             f"student.factory='{FIXTURES}/bad_input.py:dropping'", "--set", "train.features={}", "--no-progress"]
     started = time.perf_counter()
@@ -266,12 +267,18 @@ def test_a_job_preempted_at_random_moments_and_requeued_reaches_the_uninterrupte
     run_s, started = time.perf_counter() - started, time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, kdcache.cli"], env=env(), check=True)
     start_s = time.perf_counter() - started
-    out, rng, ends = tmp_path / "preempted", random.Random(21), Counter()
+    out, rng, ends, late = tmp_path / "preempted", random.Random(21), Counter(), 0
     for attempt in range(40):
         proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *map(str, args), "--out", str(out), "--auto-resume"],
                                 env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if ends[143] < 3:
+            wait = rng.uniform(0.3, start_s + run_s / 4)  # lands while work is left
+        elif late < 2:
+            wait, late = rng.uniform(1.0, 5.0), late + 1
+        else:
+            wait = 120.0  # to its end
         try:
-            returncode = proc.wait(timeout=rng.uniform(0.3, start_s + run_s / 4) if ends[143] < 3 else rng.uniform(1.0, 5.0))
+            returncode = proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
             returncode = proc.wait(timeout=60)

@@ -608,7 +608,7 @@ def test_an_s3_endpoint_that_stops_answering_mid_extract_fails_it_in_one_line(s3
     proxy = SwallowingProxy((endpoint.hostname, endpoint.port))
     url = f"s3://{BUCKET}/swallowed.zarr"
     proc = slow_extract(toml, url, storage_options={**s3, "endpoint_url": proxy.url,
-                                                    "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 0}}})
+                                                    "config_kwargs": {"read_timeout": 1, "retries": {"max_attempts": 0}}})
     try:
         proxy.swallow()
         swallowed_at = time.monotonic()
