@@ -25,6 +25,7 @@ try:
 except ImportError:  # Windows: stores are not locked there
     fcntl = None  # type: ignore[assignment]
 
+
 @contextlib.contextmanager
 def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Iterator[None]:
     """Be the only process writing the store at ``location`` while the block runs.
@@ -105,7 +106,7 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
         except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
             raise storage.unreachable_error(str(location), e, storage.probe_gave_up(e, time.monotonic() - started, storage_options)) from None
         if "::" not in str(location) and storage.is_s3(str(location)):
-            storage.REACHED.add(endpoint)  # the store's first look (exists) is made: not a second probe client for it
+            storage.REACHED.add(endpoint)  # the store's first look (storage.exists) is made: not a second probe client for it
     else:
         holder = active_writer(location)
     if holder is not None:
@@ -182,7 +183,7 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     ``LOCK_HEARTBEAT_S`` (PUT ``If-Match`` its last ETag: ``Lease``) and a lock unchanged for ``LOCK_STALE_S`` is
     taken over with a PUT ``If-Match`` the ETag seen stale: of two takers, or a taker and a late heartbeat, exactly
     one wins. Staleness is the store's ``Date`` less the object's ``Last-Modified``: no writer's clock is trusted. A
-    writer whose heartbeat is late renews the lock before its next shard (``Store.lease``), and one whose lock was
+    writer whose heartbeat is late renews the lock before its next shard (``store.Store.lease``), and one whose lock was
     taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) fails there, at its next heartbeat, or at
     the end of the block. Not locked: stores on other fsspec backends, a store at a bucket's root (the lock would
     be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible ones): tried once after taking
@@ -453,7 +454,6 @@ def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe
         return None
     parent, _, name = key.rpartition("/")
     return fs, bucket, f"{parent}/.{name}.kdcache-lock".lstrip("/")
-
 
 
 def _lock_body(holder: str, token: str) -> bytes:

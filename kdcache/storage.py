@@ -280,8 +280,8 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
         setting = {"ConnectionTimeoutError": "sock_connect", "SocketTimeoutError": "sock_read"}.get(type(e).__name__, "total")
         wait = getattr(client["timeout"], setting, None)
         raise unreachable_error(location, e, f"gave up after {seconds:.0f} s" + (f" (1 try of up to {wait:g} s)" if wait else "") +
-                           "; for an endpoint that is slow rather than down raise --storage-option "
-                           f"{named}client_kwargs.timeout.{setting}=SECONDS; ") from None
+                                "; for an endpoint that is slow rather than down raise --storage-option "
+                                f"{named}client_kwargs.timeout.{setting}=SECONDS; ") from None
 
 
 def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> StoreError:
@@ -292,7 +292,6 @@ def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> Sto
     else:
         fix = "check the URL, --storage-option values and credentials"
     return StoreError(f"cannot reach {location!r}: {cause}; {gave_up}{fix}")
-
 
 
 def http_url(location: str) -> str | None:
@@ -323,8 +322,7 @@ def http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: boo
         return f"{type(e).__name__}: {one_line(e)}"
 
 
-
-# The first look at an S3 store (``refuse_if_being_written``: is another writer's lock object there?) is made through a
+# The first look at an S3 store (``locking.refuse_if_being_written``: is another writer's lock object there?) is made through a
 # filesystem of its own that gives up soon: at most PROBE_ATTEMPTS tries, each waiting up to PROBE_CONNECT_S to connect
 # and PROBE_READ_S for an answer. With s3fs's defaults (5 passes of botocore's 5 tries of up to 15 s) an endpoint that
 # accepts connections and never answers (a proxy or firewall that swallows requests) was named after ~7 minutes (832 s
@@ -370,8 +368,8 @@ def _probe_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def probe_gave_up(e: BaseException, seconds: float, storage_options: dict[str, Any] | None) -> str:
-    """What ``refuse_if_being_written``'s error says after the cause: how long it tried, and for a timeout, the
-    setting to raise for an endpoint that is slow rather than down."""
+    """What the error of a first look at an S3 store (``_s3_exists``, ``locking.refuse_if_being_written``) says after
+    the cause: how long it tried, and for a timeout, the setting to raise for an endpoint that is slow rather than down."""
     said = f"gave up after {seconds:.0f} s; "
     kind = {"ConnectTimeoutError": "connect_timeout", "ReadTimeoutError": "read_timeout"}
     setting = next((kind[c.__name__] for c in type(e).__mro__ if c.__name__ in kind), None)
