@@ -78,7 +78,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             stream=rank if world > 1 else None,
         )
         transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
-        order = _order(transfer, t.num_workers)
+        order = _order(transfer, t.num_workers, world)
         if world > 1:
             distributed.broadcast_parameters([run.student, run.heads])
             run.world = world
@@ -169,8 +169,17 @@ def _skipped_steps_allowed() -> Iterator[None]:
 
 def _check_resumed_plan(checkpoint: dict[str, Any], order: dict[str, Any], total_steps: int, t: Any) -> None:
     """A resumed run must serve its batches in the order it began with, and its new length must not end before the
-    steps it has trained (its weights are past that plan's end)."""
-    if "order" in checkpoint and checkpoint["order"] != order:
+    steps it has trained (its weights are past that plan's end). A checkpoint of kdcache <= 0.1.5 has no streams."""
+    then = checkpoint.get("order") or {}
+    if then.get("streams", order["streams"]) != order["streams"]:  # each step would take another share of the epoch
+        k, ranks = then["streams"], then.get("ranks", 1)
+        how = f"under torchrun with {ranks} ranks (or in one process with train.streams = {k})" if ranks > 1 else \
+            f"in one process with train.streams = {k}"
+        now = f"{order['ranks']} torchrun ranks" if order["ranks"] > 1 else "one process"
+        raise PipelineError(f"--resume: this run took a batch from each of {k} streams a step, now {order['streams']} ({now}): "
+                            f"its steps would take other batches than the uninterrupted run's; resume {how}, or start afresh with --overwrite")
+    served = {k: v for k, v in then.items() if k not in ("streams", "ranks")}  # ranks: for the advice (2 ranks = 2 streams in one)
+    if served != {k: order.get(k) for k in served}:
         raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
                             "(train.memory_budget_mb decides whether targets are read into RAM, and DataLoader workers interleave "
                             "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
@@ -194,12 +203,15 @@ def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> 
     return n
 
 
-def _order(transfer: cache.TransferSet, workers: int) -> dict[str, Any]:
+def _order(transfer: cache.TransferSet, workers: int, ranks: int) -> dict[str, Any]:
     """What decides the order batches are served in, beyond the seed and the values a resume checks: targets in RAM or
     streamed, and (streaming, one stream) the number of DataLoader workers, which take turns by buffer of shards. In
-    RAM a buffer is one batch, and with streams worker w serves steps w, w+k, ...: then the order does not depend on k."""
+    RAM a buffer is one batch, and with streams worker w serves steps w, w+k, ...: then the order does not depend on k.
+    And the streams a step takes a batch of each (torchrun's ``ranks``, or train.streams in one process): train.streams
+    = 1 under torchrun means one per rank, which pipeline.json cannot tell from one process's single stream."""
     by_buffer = not transfer.in_memory and transfer.streams == 1
-    return {"in_memory": bool(transfer.in_memory), "workers": max(1, workers) if by_buffer else "any"}
+    return {"in_memory": bool(transfer.in_memory), "workers": max(1, workers) if by_buffer else "any",
+            "streams": transfer.streams, "ranks": ranks}
 
 
 def _says(order: dict[str, Any]) -> str:
@@ -868,14 +880,17 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
     except (OSError, ValueError):
         return  # no record to compare with (a run of an earlier kdcache, or a damaged file)
     current, defaults = pipeline.to_dict(), Pipeline().to_dict()
+    # train.streams may change where the checkpoint records the streams the run took (_check_resumed_plan compares
+    # those): K torchrun ranks of train.streams = 1 resume in one process with train.streams = K
+    resumable = RESUMABLE | ({"streams"} if "streams" in (checkpoint.get("order") or {}) else set())
     for section in ("student", "train"):
         old, new = _flat(recorded.get(section, {}), section), _flat(current[section], section)
         # a value an earlier kdcache did not record (train.drop_last, say) was its default then
         old = {**{k: v for k, v in _flat(defaults[section], section).items() if k in new}, **old}
         for key in sorted(set(old) | set(new)):
-            if key.split(".")[1] not in RESUMABLE and old.get(key) != new.get(key):
+            if key.split(".")[1] not in resumable and old.get(key) != new.get(key):
                 raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({str(out / 'pipeline.json')!r}), now "
-                                    f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(RESUMABLE))}}} "
+                                    f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(resumable))}}} "
                                     "may change), or start afresh with --overwrite")
     length = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in ("train.epochs", "train.steps") if old.get(key) != new.get(key)]
     if length:  # allowed, but not the run its checkpoint began: say so

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -405,12 +406,46 @@ def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigte
     assert len(ours) == 1 and ours[0].startswith(line) and str(Path(kdcache.__file__).parent) not in r.stderr, r.stderr[-3000:]
     ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 2, 6) and not (cut / "student.pt").exists()
+    one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets, "--resume"])  # one process
+    assert one.exit_code == 1 and one.output.strip().splitlines()[-1] == (
+        "Error: --resume: this run took a batch from each of 2 streams a step, now 1 (one process): its steps would take other "
+        "batches than the uninterrupted run's; resume under torchrun with 2 ranks (or in one process with train.streams = 2), or start "
+        "afresh with --overwrite"), one.output
+    shutil.copytree(cut, tmp_path / "copy")  # as it says: one process of 2 streams resumes it (to its end)
+    one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "copy"), *sets, "--resume",
+                                    "--set", "train.streams=2", "--no-progress"])
+    assert one.exit_code == 0 and "in epoch 1 after batch 2 (step 6 of 12)" in one.output, one.output
     r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets, "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(tmp_path / "whole" / "student.pt"), torch.load(cut / "student.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "whole", cut)]
     assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_a_one_process_run_resumed_under_torchrun_is_refused(tiny_store, tmp_path):
+    """A one-process run stopped inside an epoch, resumed by the same command under torchrun with 2 ranks: each step
+    then takes a batch from each rank's stream, and the resumed epoch skipped twice the batches the first run had
+    trained (24 of 100 rows never trained, with no word: pipeline.json says train.streams = 1 either way). Refused,
+    naming how the run began; the checkpoint is left as it was."""
+    from conftest import FIXTURES, TINY_TOML
+
+    toml = tmp_path / "tiny.toml"  # 50 rows in batches of 8: 7 steps an epoch in one process
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    sets = [x for s in ("train.epochs=2", "train.features={}", "train.eval_split=''") for x in ("--set", s)]
+    cut = tmp_path / "cut"
+    r = subprocess.run([sys.executable, str(FIXTURES / "faults.py"), "train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_FAULT": "term:6"})
+    assert r.returncode == 143, r.stderr[-3000:]
+    before = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert before["epoch"] == 0 and 0 < before["batch"] < 7, (before["epoch"], before["batch"])  # inside epoch 0
+    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets, "--resume", cwd=tmp_path)
+    ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    assert r.returncode != 0 and ours and set(ours) == {
+        "Error: --resume: this run took a batch from each of 1 streams a step, now 2 (2 torchrun ranks): its steps would take other "
+        "batches than the uninterrupted run's; resume in one process with train.streams = 1, or start afresh with --overwrite"}, r.stderr[-3000:]
+    after = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert after["step"] == before["step"] and not (cut / "student.pt").exists()
 
 
 def test_torchrun_rank_whose_stream_ran_out_trains_a_batchnorm_student(tmp_path):

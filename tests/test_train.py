@@ -1186,3 +1186,19 @@ def test_a_sigterm_while_a_stopped_run_cleans_up_is_ignored(tiny_store, tmp_path
     assert result.exit_code == 143, result.output
     assert result.output.strip().splitlines()[-1] == (f"Error: stopped by SIGTERM in epoch 0 after batch 3 (step 3 of 14); its checkpoint "
                                                       f"is saved in {str(out)!r}: run the same command with --resume to continue")
+
+
+def test_the_streams_a_run_took_are_checked_only_where_its_checkpoint_records_them():
+    """A checkpoint of kdcache <= 0.1.5 records no streams: resumed as before. One that does: the same streams resume it
+    whether they are ranks or train.streams in one process; other streams, or another batch order, are refused."""
+    from kdcache.pipeline import Pipeline
+    from kdcache.train import _check_resumed_plan
+
+    t, at = Pipeline().train, {"step": 3, "epoch": 0, "batch": 3}
+    two_ranks = {"in_memory": True, "workers": "any", "streams": 2, "ranks": 2}
+    _check_resumed_plan({**at, "order": {"in_memory": True, "workers": "any"}}, two_ranks, 10, t)  # kdcache <= 0.1.5
+    _check_resumed_plan({**at, "order": two_ranks}, {**two_ranks, "ranks": 1}, 10, t)  # 2 streams in one process
+    with pytest.raises(PipelineError, match=r"took a batch from each of 2 streams a step, now 1 \(one process\)"):
+        _check_resumed_plan({**at, "order": two_ranks}, {**two_ranks, "streams": 1, "ranks": 1}, 10, t)
+    with pytest.raises(PipelineError, match=r"served its batches from RAM, now streamed"):
+        _check_resumed_plan({**at, "order": two_ranks}, {**two_ranks, "in_memory": False}, 10, t)
