@@ -227,6 +227,7 @@ def setup(pipeline: Pipeline) -> Run:
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
     _check_item_zero(dataset, [int(f) for f in batch["fingerprint"]], int(run.probe["fingerprints"]["0"], 16))
+    _check_batched_order(dataset, [int(f) for f in batch["fingerprint"]])
     if len(batch["index"]) > 1:
         _check_sequence_first(run, t.layers)
     return run
@@ -248,6 +249,24 @@ def _check_item_zero(dataset: Dataset, batch: list[int], alone: int) -> None:
         raise AlignmentError(data.not_deterministic(0, reads, "then rerun"))
     raise PipelineError(f"the dataset's __getitems__ gives index 0 as another input (fingerprint {in_batch:016x}) than dataset[0] "
                         f"does ({alone:016x}); make __getitems__ return the items dataset[i] returns, in the order asked")
+
+
+def _check_batched_order(dataset: Dataset, batch: list[int]) -> None:
+    """A dataset's own ``__getitems__`` (one call per batch) must serve each index as ``dataset[i]`` does, in the order
+    asked: one that swapped positions 1 and 2 (a pool returning items as they complete) wrote rows whose inputs and
+    targets were other indices' than ``samples/index`` says, each row consistent with itself, so verify passed. Every
+    item of the probe batch (fingerprints ``batch``; item 0 is ``_check_item_zero``'s) is read alone once to compare."""
+    if not hasattr(dataset, "__getitems__"):
+        return  # read item by item, as alone
+    for i in range(1, len(batch)):
+        alone = data.item_fingerprint(dataset, i)
+        if alone == batch[i]:
+            continue
+        reads = [alone, *data.reread(dataset, i)]
+        if len(set(reads)) > 1:
+            raise AlignmentError(data.not_deterministic(i, reads, "then rerun"))
+        raise PipelineError(f"the dataset's __getitems__ gives index {i} as another input (fingerprint {batch[i]:016x}) than "
+                            f"dataset[{i}] does ({alone:016x}); make __getitems__ return the items dataset[i] returns, in the order asked")
 
 
 def _check_sequence_first(run: Run, layers: tuple[str, ...]) -> None:

@@ -242,9 +242,15 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
                     recomputed[path].append(tensor.detach().float().cpu().numpy())
     seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
     stored_fp = _rows(store, layout.FINGERPRINT, rows, check)  # None: unreadable, named in the check's failures
+    # each row read alone too: a __getitems__ that serves a batch's items out of order (as it did when the store was
+    # extracted) gives the stored fingerprints and targets again, in the wrong rows
     for r, a, b in zip(rows, stored_fp if stored_fp is not None else [], seen_fp):
-        if a != b:
-            check.fail(f"row {int(r)}: the dataset's input fingerprint {int(b):016x} differs from the stored {int(a):016x}")
+        alone = data.item_fingerprint(run.dataset, int(r))
+        if a != alone:
+            check.fail(f"row {int(r)}: the dataset's input fingerprint {alone:016x} differs from the stored {int(a):016x}")
+        elif b != alone:
+            check.fail(f"row {int(r)}: the dataset's __getitems__ gives it another input ({int(b):016x}) than dataset[{int(r)}] "
+                       f"({alone:016x}): make __getitems__ return the items dataset[i] returns, in the order asked")
     per_target = {}
     for t in stored_targets.values():
         stored = _rows(store, t.path, rows, check)

@@ -46,6 +46,34 @@ def test_extract_with_getitems_returning_too_few_items_is_an_error(tmp_path):
         kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:one_item_short"}}, root=FIXTURES), str(tmp_path / "s.zarr"))
 
 
+def test_extract_refuses_a_getitems_that_serves_a_batch_out_of_order(tmp_path):
+    """Positions 1 and 2 of each batch swapped, position 0 right: extract wrote rows whose inputs and targets were other
+    indices' than samples/index says, each row consistent with itself, so verify passed (only training noticed, and
+    blamed the dataset as changed since extraction, which re-extracting repeats). The probe batch is compared item by
+    item with the items read alone, before the teacher runs over the data."""
+    out = tmp_path / "s.zarr"
+    with pytest.raises(PipelineError, match=r"^the dataset's __getitems__ gives index 1 as another input \(fingerprint [0-9a-f]{16}\) than "
+                                            r"dataset\[1\] does \([0-9a-f]{16}\); make __getitems__ return the items dataset\[i\] returns, in the order asked$"):
+        kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:swapping"}}, root=FIXTURES), str(out))
+    assert not out.exists()
+
+
+def test_verify_teacher_check_names_rows_that_a_getitems_served_out_of_order(tmp_path):
+    """Out of order only after the first batch (the probe's): the store is extracted mis-paired. verify's teacher check
+    re-read the rows in the extraction's batches, got the same swapped items back and passed; it reads each row alone
+    too now, and names the rows."""
+    from kdcache.verify import verify
+
+    pipeline = from_dict({**NUMBERED, "data": {"factory": "numbered.py:swapping_after_the_first_batch"}}, root=FIXTURES)
+    out = str(tmp_path / "s.zarr")
+    kdcache.extract(pipeline, out)
+    assert kdcache.open_store(out).read(layout.LOGITS, 16, 19)[:, 0].tolist() == [16.0, 18.0, 17.0]  # the premise: rows 17 and 18 mis-paired
+    report = verify(out, teacher_check=N, pipeline=pipeline)
+    teacher = next(c for c in report["checks"] if c["name"] == "teacher")
+    assert not report["ok"] and teacher["problem_count"] == 2 * 6, teacher  # rows 17, 18, 33, 34, ... 97, 98
+    assert teacher["problems"][0].startswith("row 17: the dataset's input fingerprint "), teacher["problems"]
+
+
 # ------------------------------------------------------------------ items that are not deterministic
 
 def test_random_augmentation_is_refused_at_extract_before_the_teacher_runs_over_the_data(tmp_path):
