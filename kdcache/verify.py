@@ -242,10 +242,11 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
                     recomputed[path].append(tensor.detach().float().cpu().numpy())
     seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
     stored_fp = _rows(store, layout.FINGERPRINT, rows, check)  # None: unreadable, named in the check's failures
-    # each row read alone too: a __getitems__ that serves a batch's items out of order (as it did when the store was
-    # extracted) gives the stored fingerprints and targets again, in the wrong rows
+    # a dataset's own __getitems__: each row read alone too, for one that serves a batch's items out of order (as it
+    # did when the store was extracted) gives the stored fingerprints and targets again, in the wrong rows
+    batched = hasattr(run.dataset, "__getitems__")
     for r, a, b in zip(rows, stored_fp if stored_fp is not None else [], seen_fp):
-        alone = data.item_fingerprint(run.dataset, int(r))
+        alone = data.item_fingerprint(run.dataset, int(r)) if batched else int(b)
         if a != alone:
             check.fail(f"row {int(r)}: the dataset's input fingerprint {alone:016x} differs from the stored {int(a):016x}")
         elif b != alone:
