@@ -226,47 +226,32 @@ def setup(pipeline: Pipeline) -> Run:
         "fingerprints": {str(i): f"{data.item_fingerprint(dataset, i):016x}" for i in sorted({0, n - 1})},
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
-    _check_item_zero(dataset, [int(f) for f in batch["fingerprint"]], int(run.probe["fingerprints"]["0"], 16))
-    _check_batched_order(dataset, [int(f) for f in batch["fingerprint"]])
+    _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], int(run.probe["fingerprints"]["0"], 16))
     if len(batch["index"]) > 1:
         _check_sequence_first(run, t.layers)
     return run
 
 
-def _check_item_zero(dataset: Dataset, batch: list[int], alone: int) -> None:
-    """Item 0 was read twice, in the probe batch (whose fingerprints are ``batch``) and alone (for the manifest): two
-    inputs mean random items, whose stored fingerprints no later read would match, items that are one buffer refilled
-    by each read (the batch then holds the last item read), or a ``__getitems__`` that serves other inputs than
-    ``dataset[i]`` (the manifest's fingerprints would not match the rows'). Refused before the teacher runs over the data."""
-    in_batch, last, batched = batch[0], len(batch) - 1, hasattr(dataset, "__getitems__")
-    if in_batch == alone:
-        return
-    rereads = [alone, *data.reread(dataset, 0)]
-    if len(set(rereads)) == 1 and not batched and last and data.item_fingerprint(dataset, last) == in_batch:
-        raise PipelineError(data.reused_buffer(0, last))
-    reads = rereads + ([] if batched else [in_batch])  # reads of dataset[0]
-    if len(set(reads)) > 1:
-        raise AlignmentError(data.not_deterministic(0, reads, "then rerun"))
-    raise PipelineError(f"the dataset's __getitems__ gives index 0 as another input (fingerprint {in_batch:016x}) than dataset[0] "
-                        f"does ({alone:016x}); make __getitems__ return the items dataset[i] returns, in the order asked")
-
-
-def _check_batched_order(dataset: Dataset, batch: list[int]) -> None:
-    """A dataset's own ``__getitems__`` (one call per batch) must serve each index as ``dataset[i]`` does, in the order
-    asked: one that swapped positions 1 and 2 (a pool returning items as they complete) wrote rows whose inputs and
-    targets were other indices' than ``samples/index`` says, each row consistent with itself, so verify passed. Every
-    item of the probe batch (fingerprints ``batch``; item 0 is ``_check_item_zero``'s) is read alone once to compare."""
-    if not hasattr(dataset, "__getitems__"):
-        return  # read item by item, as alone
-    for i in range(1, len(batch)):
-        alone = data.item_fingerprint(dataset, i)
-        if alone == batch[i]:
+def _check_probe_items(dataset: Dataset, batch: list[int], alone: int) -> None:
+    """Each item of the probe batch (fingerprints ``batch``) against the same index read alone (item 0's is ``alone``,
+    the manifest's): two inputs mean random items, whose stored fingerprints no later read would match, items that
+    are one buffer refilled by each read (the batch then holds the last item read), or a ``__getitems__`` that serves
+    other inputs than ``dataset[i]``, or them in another order (one that swapped positions 1 and 2 wrote rows whose
+    inputs and targets were other indices', each row consistent with itself, so verify passed). Read item by item, a
+    batch is its items read alone: item 0 is enough. Refused before the teacher runs over the data."""
+    last, batched = len(batch) - 1, hasattr(dataset, "__getitems__")
+    for i in range(len(batch) if batched else 1):
+        single = alone if i == 0 else data.item_fingerprint(dataset, i)
+        if batch[i] == single:
             continue
-        reads = [alone, *data.reread(dataset, i)]
+        rereads = [single, *data.reread(dataset, i)]
+        if i == 0 and len(set(rereads)) == 1 and not batched and last and data.item_fingerprint(dataset, last) == batch[0]:
+            raise PipelineError(data.reused_buffer(0, last))
+        reads = rereads + ([] if batched else [batch[i]])  # reads of dataset[i]
         if len(set(reads)) > 1:
             raise AlignmentError(data.not_deterministic(i, reads, "then rerun"))
         raise PipelineError(f"the dataset's __getitems__ gives index {i} as another input (fingerprint {batch[i]:016x}) than "
-                            f"dataset[{i}] does ({alone:016x}); make __getitems__ return the items dataset[i] returns, in the order asked")
+                            f"dataset[{i}] does ({single:016x}); make __getitems__ return the items dataset[i] returns, in the order asked")
 
 
 def _check_sequence_first(run: Run, layers: tuple[str, ...]) -> None:
