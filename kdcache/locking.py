@@ -273,7 +273,7 @@ class Lease:
                 if not _lost_race(e):
                     raise
                 seen = _read_lock(self.fs, self.bucket, self.key)
-                if seen is None or self.token not in seen[0].decode(errors="replace"):
+                if not _ours(seen, self.token):
                     self.lost_to = _object_holder(seen) if seen is not None else "another writer"
                     return
                 self.etag = seen[1]  # its Last-Modified may be long past: not a renewal by itself
@@ -309,7 +309,7 @@ class Lease:
                 if _lost_race(e):  # gone (our DELETE sent again after it landed), ours in another version, or taken over
                     with contextlib.suppress(Exception):  # noqa: BLE001 - unreachable now: left behind, taken over once stale
                         seen = _read_lock(self.fs, self.bucket, self.key)
-                        if seen is not None and self.token in seen[0].decode(errors="replace"):
+                        if _ours(seen, self.token):
                             _lock_request(self.fs, "delete_object", Bucket=self.bucket, Key=self.key, IfMatch=seen[1])
                         elif seen is not None:
                             self.lost_to = _object_holder(seen)
@@ -342,7 +342,7 @@ class Borrowed:
 
     def check(self, location: str) -> None:
         seen = _read_lock(self.fs, self.bucket, self.key)
-        if seen is None or self.token not in seen[0].decode(errors="replace"):
+        if not _ours(seen, self.token):
             raise _lost_lock(location, _object_holder(seen) if seen is not None else "another writer")
         if seen[2] >= LOCK_STALE_S:
             raise StoreError(f"{location!r}: this job's writer lock was last renewed {seen[2]:.0f} s ago by its holder (the dask driver "
@@ -404,7 +404,7 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
         seen = _read_lock(fs, bucket, key)
         if seen is None:
             continue  # removed meanwhile: create it again
-        if token in seen[0].decode(errors="replace"):
+        if _ours(seen, token):
             return seen[1]  # our own PUT, whose answer was lost and the request retried
         if seen[2] < LOCK_STALE_S:
             raise _being_written(location, _object_holder(seen))
@@ -427,7 +427,7 @@ def _drop_if_ours(fs: Any, bucket: str, key: str, token: str) -> None:
     """Delete the lock object if it is the one our ``token`` made (a PUT interrupted after it landed), else leave it."""
     with contextlib.suppress(Exception):  # noqa: BLE001 - best effort: one left behind is taken over once stale
         seen = _read_lock(fs, bucket, key)
-        if seen is not None and token in seen[0].decode(errors="replace"):
+        if _ours(seen, token):
             _lock_request(fs, "delete_object", Bucket=bucket, Key=key, IfMatch=seen[1])
 
 
@@ -482,6 +482,11 @@ def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | Non
     date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     now = parsedate_to_datetime(date) if date else datetime.datetime.now(datetime.timezone.utc)
     return data, out["ETag"], (now - out["LastModified"]).total_seconds()
+
+
+def _ours(seen: tuple[bytes, str, float] | None, token: str) -> bool:
+    """Whether the lock object read (``_read_lock``; None: there is none) is a version written with our ``token``."""
+    return seen is not None and token in seen[0].decode(errors="replace")
 
 
 def _object_holder(seen: tuple[bytes, str, float]) -> str:
