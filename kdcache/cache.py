@@ -61,11 +61,11 @@ class TransferSet(IterableDataset):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise PipelineError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         store = layout.open_store(location, storage_options=storage_options)
-        data.check_algorithm(store.manifest, location)
+        algorithm = data.check_algorithm(store.manifest, location)
         n = len(dataset)  # type: ignore[arg-type]
         if n != store.num_samples:  # rows would be paired with the wrong items, or with none
             raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
-        self.location, self.dataset, self.storage_options = location, dataset, storage_options
+        self.location, self.dataset, self.storage_options, self.algorithm = location, dataset, storage_options, algorithm
         self._check_probes(store.manifest)
         self.paths = store.sample_paths() + [_target_path(store, p) for p in paths]
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
@@ -364,7 +364,7 @@ class TransferSet(IterableDataset):
         same = isinstance(batch, torch.Tensor) and all(isinstance(inputs[j], torch.Tensor) and inputs[j].dtype == batch.dtype for j in which)
         fast = data.fingerprint_rows(batch, which) if same else None
         for k, j in enumerate(which):
-            seen = fast[k] if fast is not None else data.fingerprint(inputs[j])
+            seen = fast[k] if fast is not None else data.fingerprint(inputs[j], self.algorithm)
             if seen != int(stored[j]):
                 where = f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r}"
                 raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=hasattr(self.dataset, "__getitems__"),
@@ -382,7 +382,7 @@ class TransferSet(IterableDataset):
         """The inputs whose fingerprints the manifest records (the dataset's first and last) against the dataset: whatever
         the check fractions, a reversed, shifted or other dataset (or random items) is refused before anything is served."""
         for i, recorded in manifest["dataset"]["probe_fingerprints"].items():
-            seen = data.item_fingerprint(self.dataset, int(i))
+            seen = data.item_fingerprint(self.dataset, int(i), self.algorithm)
             if seen != int(recorded, 16):
                 raise self._mismatch(f"dataset index {i} (its fingerprint is in the manifest) of {self.location!r}", int(i),
                                      int(recorded, 16), seen, batched=False)
@@ -392,9 +392,9 @@ class TransferSet(IterableDataset):
         each read (random augmentation), items that are one buffer refilled by each read (``last``: the index read last in
         the input's batch), a batched ``__getitems__`` (``batched``: the input came from one) that served another item in
         its place, or a dataset that changed since extraction. Item ``index`` is read alone a few times."""
-        alone = data.reread(self.dataset, index)
+        alone = data.reread(self.dataset, index, self.algorithm)
         said = f"{where} has input fingerprint {stored:016x} but the dataset now gives {seen:016x}"
-        if not batched and last not in (None, index) and set(alone) == {stored} and data.item_fingerprint(self.dataset, last) == seen:
+        if not batched and last not in (None, index) and set(alone) == {stored} and data.item_fingerprint(self.dataset, last, self.algorithm) == seen:
             return AlignmentError(f"{said}: {data.reused_buffer(index, last)}")
         reads = alone if batched else [seen, *alone]  # a batch's read counts only if it was one of dataset[index]
         if len(set(reads)) > 1:

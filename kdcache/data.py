@@ -24,15 +24,19 @@ from kdcache import threads
 from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreError, raised
 
 LABEL_KEYS = ("label", "labels")
-FINGERPRINT_ALGORITHM = "blake2b-64"
+FINGERPRINT_ALGORITHM = "blake2b-64-v2"  # what a new store records (FORMAT.md §9)
+V1 = "blake2b-64"  # kdcache <= 0.1.6's: numbers and strings fed by repr() without framing, so (1, 23) and (12, 3) were one input
+FINGERPRINT_ALGORITHMS = (FINGERPRINT_ALGORITHM, V1)  # what kdcache computes, to check a store made by either
 
 
-def check_algorithm(manifest: dict[str, Any], location: str) -> None:
-    """Refuse a store whose fingerprints were made by another algorithm: they could not be compared (FORMAT.md §9)."""
+def check_algorithm(manifest: dict[str, Any], location: str) -> str:
+    """The algorithm a store's fingerprints were made with; refused when this kdcache cannot compute it (FORMAT.md §9)."""
     seen = manifest.get("fingerprint", {}).get("algorithm") if isinstance(manifest.get("fingerprint"), Mapping) else None
-    if seen != FINGERPRINT_ALGORITHM:
+    if seen not in FINGERPRINT_ALGORITHMS:
         raise StoreError(f"{location!r} records input fingerprints made with {seen!r}, but this kdcache computes "
-                         f"{FINGERPRINT_ALGORITHM!r} and could not check them; use the kdcache that wrote the store, or re-extract it")
+                         f"{' or '.join(map(repr, FINGERPRINT_ALGORITHMS))} and could not check them; use the kdcache that "
+                         "wrote the store, or re-extract it")
+    return seen
 
 
 def split_item(item: Any) -> tuple[Any, int | None]:
@@ -76,21 +80,23 @@ def _label(value: Any) -> int:
     )
 
 
-def fingerprint(inputs: Any) -> int:
-    """blake2b-64 of the input exactly as the teacher sees it: dtype, shape and bytes of each tensor.
+def fingerprint(inputs: Any, algorithm: str = FINGERPRINT_ALGORITHM) -> int:
+    """BLAKE2b-64 of the input exactly as the teacher sees it: dtype, shape and bytes of each tensor (FORMAT.md §9).
 
-    A dict is hashed in sorted key order with its keys. Returned as an unsigned 64-bit int.
+    A dict is hashed in sorted key order with its keys; a number as the 0-d tensor torch batches it as, a string
+    framed by its length. ``algorithm``: one of ``FINGERPRINT_ALGORITHMS`` (a store's, to check it). Returned as an
+    unsigned 64-bit int.
     """
     h = hashlib.blake2b(digest_size=8)
-    _feed(h, inputs)
+    _feed(h, inputs, algorithm == V1)
     return int.from_bytes(h.digest(), "little")
 
 
 def fingerprint_rows(batch: Any, rows: Any) -> list[int] | None:
     """``fingerprint(batch[i])`` for each ``i`` in ``rows`` of a stacked batch tensor, without per-item tensor work.
 
-    Equal to fingerprinting each item as it was before stacking (same dtype, shape and bytes);
-    None when ``batch`` is not a tensor (dicts and tuples go item by item through ``fingerprint``).
+    Equal to fingerprinting each item as it was before stacking (same dtype, shape and bytes), by either algorithm
+    (they feed a tensor alike); None when ``batch`` is not a tensor (dicts and tuples go item by item through ``fingerprint``).
     """
     if not isinstance(batch, torch.Tensor) or batch.ndim == 0:
         return None
@@ -101,10 +107,10 @@ def fingerprint_rows(batch: Any, rows: Any) -> list[int] | None:
     return [int.from_bytes(d, "little") for d in digests]
 
 
-def fingerprints(inputs: list[Any]) -> list[int]:
+def fingerprints(inputs: list[Any], algorithm: str = FINGERPRINT_ALGORITHM) -> list[int]:
     """``fingerprint`` of each input; large tensors are hashed on several cores."""
     first = inputs[0] if inputs else None
-    return _hash_map(fingerprint, inputs, first.nbytes if isinstance(first, torch.Tensor) else 0)
+    return _hash_map(lambda x: fingerprint(x, algorithm), inputs, first.nbytes if isinstance(first, torch.Tensor) else 0)
 
 
 def _hash_map(fn: Any, items: list[Any], item_bytes: int) -> list[Any]:
@@ -127,25 +133,51 @@ def _digest(prefix: bytes, row: np.ndarray) -> bytes:
     return h.digest()
 
 
-def _feed(h: Any, value: Any) -> None:
+def _feed(h: Any, value: Any, v1: bool) -> None:
+    """Append ``value`` to the stream. Every leaf is framed (a tensor by its dtype and shape, anything else by its type
+    and length), so one structure of leaves has one stream per input; ``v1`` feeds numbers and strings by bare repr()."""
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes; no copy
-    elif isinstance(value, np.ndarray):  # as the tensor of its values in native byte order; 0-d as (1,) (FORMAT.md §9)
+    elif isinstance(value, np.ndarray):  # as the tensor of its values in native byte order (FORMAT.md §9)
         if value.dtype.kind not in "biufc":  # objects, strings: no tensor holds them, so neither the teacher nor the hash can take them
             raise PipelineError(f"a dataset item holds a numpy array of dtype {value.dtype} (shape {list(value.shape)}), which torch cannot "
                                 "batch; make every input a tensor, a number or a numpy array of numbers (e.g. x.astype(np.float32))")
-        _feed(h, torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))))
+        native = value.dtype.newbyteorder("=")  # v1: ascontiguousarray makes a 0-d array (1,)
+        _feed(h, torch.from_numpy(np.ascontiguousarray(value, native) if v1 else np.require(value, native, "C")), v1)
     elif isinstance(value, Mapping):
         for key in sorted(value):
             h.update(f"[{key}]".encode())
-            _feed(h, value[key])
+            _feed(h, value[key], v1)
     elif isinstance(value, tuple | list):
         for v in value:
-            _feed(h, v)
-    else:
+            _feed(h, v, v1)
+    elif v1:
         h.update(repr(value).encode())
+    elif (number := _as_tensor(value)) is not None:
+        _feed(h, number, v1)
+    else:  # a string; or what torch cannot batch (None, bytes, objects), which stack() then names
+        text = value if isinstance(value, str) else repr(value)
+        raw = text.encode("utf-8", "surrogatepass")
+        h.update(f"{type(value).__name__}({len(raw)},)".encode())
+        h.update(raw)
+
+
+def _as_tensor(value: Any) -> torch.Tensor | None:
+    """A number as the 0-d tensor ``default_collate`` batches it as: bool, int64, float64, or a NumPy scalar's own dtype."""
+    if isinstance(value, np.bool_ | np.number):
+        try:
+            return torch.from_numpy(np.asarray(value, value.dtype.newbyteorder("=")))
+        except TypeError:  # a dtype torch has not (float128): not batched either, so framed as "anything else"
+            return None
+    if isinstance(value, bool):
+        return torch.tensor(value)
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return torch.tensor(value, dtype=torch.int64)
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.float64)
+    return None
 
 
 def getitems(dataset: Dataset, indices: list[int], batched: bool = True) -> list[Any]:
@@ -177,14 +209,20 @@ def getitems(dataset: Dataset, indices: list[int], batched: bool = True) -> list
 REREADS = 4  # reads of one item after a fingerprint differed: a random augmentation (a flip half the time) shows in them
 
 
-def item_fingerprint(dataset: Dataset, index: int) -> int:
+def item_inputs(dataset: Dataset, index: int) -> Any:
+    """The model input of ``dataset[index]``, read alone (as the manifest's probe items are). Hash it before the next
+    read: a dataset may return one buffer that each read refills."""
+    return split_item(getitems(dataset, [index], batched=False)[0])[0]
+
+
+def item_fingerprint(dataset: Dataset, index: int, algorithm: str) -> int:
     """The fingerprint of ``dataset[index]`` (read alone, as the manifest's probe fingerprints are)."""
-    return fingerprint(split_item(getitems(dataset, [index], batched=False)[0])[0])
+    return fingerprint(item_inputs(dataset, index), algorithm)
 
 
-def reread(dataset: Dataset, index: int) -> list[int]:
+def reread(dataset: Dataset, index: int, algorithm: str) -> list[int]:
     """The fingerprints of ``REREADS`` reads of ``dataset[index]``: more than one value, and the item is not deterministic."""
-    return [item_fingerprint(dataset, index) for _ in range(REREADS)]
+    return [item_fingerprint(dataset, index, algorithm) for _ in range(REREADS)]
 
 
 def not_deterministic(index: int, reads: list[int], then: str) -> str:
@@ -223,11 +261,12 @@ def check_dataset(dataset: Any, what: str) -> int:
 
 
 class Indexed(Dataset):
-    """Item ``i`` of the wrapped dataset as ``(i, fingerprint, inputs, label)``."""
+    """Item ``i`` of the wrapped dataset as ``(i, fingerprint, inputs, label)``: the fingerprint by ``algorithm``,
+    or 0 where it is None (training, which checks fingerprints in ``cache``)."""
 
-    def __init__(self, dataset: Dataset, with_fingerprint: bool = True):
+    def __init__(self, dataset: Dataset, algorithm: str | None):
         self.dataset = dataset
-        self.with_fingerprint = with_fingerprint
+        self.algorithm = algorithm
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -237,12 +276,12 @@ class Indexed(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[tuple[int, int, Any, int | None]]:
         split = [split_item(item) for item in getitems(self.dataset, indices)]
-        hashes = fingerprints([inputs for inputs, _ in split]) if self.with_fingerprint else [0] * len(split)
+        hashes = fingerprints([inputs for inputs, _ in split], self.algorithm) if self.algorithm else [0] * len(split)
         return [(i, h, inputs, label) for i, h, (inputs, label) in zip(indices, hashes, split)]
 
     def _wrap(self, i: int, item: Any) -> tuple[int, int, Any, int | None]:
         inputs, label = split_item(item)
-        return i, (fingerprint(inputs) if self.with_fingerprint else 0), inputs, label
+        return i, (fingerprint(inputs, self.algorithm) if self.algorithm else 0), inputs, label
 
 
 def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:

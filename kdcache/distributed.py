@@ -38,9 +38,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache import locking, storage, store as layout
+from kdcache import data, locking, storage, store as layout
 from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
-from kdcache.extract import Run, extract_shards, setup
+from kdcache.extract import Run, extract_shards, resumed_algorithm, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -64,11 +64,11 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
-        manifest = run.manifest(pipeline)
-        del run
-        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
-            torch.cuda.empty_cache()
         with locking.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
+            manifest = run.manifest(pipeline, resumed_algorithm(out, storage_options, overwrite))
+            del run
+            if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
+                torch.cuda.empty_cache()
             store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
             pending = store.pending_shards()
             if pending:
@@ -259,7 +259,7 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     if key not in _RUNS or layout.difference(store.manifest, _RUNS[key][1]) is not None:
         _RUNS.clear()
         run = setup(pipeline)
-        _RUNS[key] = (run, run.manifest(pipeline))
+        _RUNS[key] = (run, run.manifest(pipeline, data.check_algorithm(store.manifest, location)))
     run, manifest = _RUNS[key]
     mismatch = _mismatch(store, manifest, f"dask worker {worker} (pid {os.getpid()})")  # every task: a cluster outlives jobs
     if mismatch is not None:
@@ -340,11 +340,11 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
     locking.refuse_if_being_written(out, storage_options)  # every rank, before its teacher is built (rank 0's lock below decides)
     with process_group(), contextlib.ExitStack() as lock:
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
-        manifest = run.manifest(pipeline)
         shared: list[Any] = [None]
         if rank == 0:
             try:
                 lock.enter_context(locking.writer_lock(out, storage_options))  # held by rank 0 for the whole job
+                manifest = run.manifest(pipeline, resumed_algorithm(out, storage_options, overwrite))
                 store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
                 shared[0] = (store.pending_shards(), getattr(store.lease, "token", None))
             except KdcacheError as e:
@@ -356,6 +356,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
             store.lease = locking.borrowed_lease(out, storage_options, shared[0][1])  # rank 0's S3 lock: still the job's
+            manifest = run.manifest(pipeline, data.check_algorithm(store.manifest, out))
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
         dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
         first = next((m for m in mismatches if m is not None), None)

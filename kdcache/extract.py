@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import kdcache
-from kdcache import data, locking, store as layout, teacher as teachers
-from kdcache.errors import AlignmentError, ModelError, PipelineError, TargetError
+from kdcache import data, locking, storage, store as layout, teacher as teachers
+from kdcache.errors import AlignmentError, KdcacheError, ModelError, PipelineError, TargetError
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -46,8 +46,8 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     """
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     run = setup(pipeline)
-    manifest = run.manifest(pipeline)
     with locking.writer_lock(out, storage_options):  # one writer per store
+        manifest = run.manifest(pipeline, resumed_algorithm(out, storage_options, overwrite))
         store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
         pending = store.pending_shards()
         bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)
@@ -57,6 +57,18 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     return store.info()
 
 
+def resumed_algorithm(out: str | os.PathLike[str], storage_options: dict[str, Any] | None, overwrite: bool) -> str:
+    """The fingerprint algorithm of a run writing ``out``: the partial store's that it resumes (all rows of a store are
+    fingerprinted alike; kdcache <= 0.1.6 wrote "blake2b-64"), else the one new stores record. Where no store can be
+    read, ``create_or_resume`` creates one or names the problem."""
+    if not overwrite and storage.exists(out, storage_options):
+        with contextlib.suppress(KdcacheError):
+            recorded = layout.open_store(out, storage_options=storage_options).manifest["fingerprint"]["algorithm"]
+            if recorded in data.FINGERPRINT_ALGORITHMS:
+                return recorded
+    return data.FINGERPRINT_ALGORITHM
+
+
 def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: list[int], bar: Progress,
                    background: bool | None = None) -> None:
     """Run the teacher over whole ``shards`` of an open, writable store and write them (each marked done
@@ -64,7 +76,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
     ``background``: gather shards in a writer thread (None: unless the teacher is on the CPU; see ``ShardWriter``)."""
     x = pipeline.extract
     loader = DataLoader(
-        data.Indexed(run.dataset),
+        data.Indexed(run.dataset, data.check_algorithm(store.manifest, store.location)),  # a resumed store's rows keep its own
         batch_sampler=data.ShardBatches(shards, store.rows_per_shard, store.num_samples, x.batch_size),
         collate_fn=data.collate,
         num_workers=x.num_workers,
@@ -102,7 +114,7 @@ class Run:
 
     def forward(self, rows: list[int], layers: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         """One batch of dataset ``rows`` through the teacher: the batch, the output and the hooked layers' outputs."""
-        batch = data.collate(data.Indexed(self.dataset).__getitems__(rows))
+        batch = data.collate(data.Indexed(self.dataset, data.FINGERPRINT_ALGORITHM).__getitems__(rows))
         with teachers.capture(self.model, layers) as hooked, torch.inference_mode(), self.autocast():
             output = data.call(self.model, data.to_device(batch["inputs"], self.device), "teacher")
         return batch, output, hooked
@@ -119,7 +131,8 @@ class Run:
             out[path] = tensor
         return out
 
-    def manifest(self, pipeline: Pipeline) -> dict[str, Any]:
+    def manifest(self, pipeline: Pipeline, algorithm: str = data.FINGERPRINT_ALGORITHM) -> dict[str, Any]:
+        """The manifest of a store of this run, its inputs fingerprinted by ``algorithm`` (a resumed store's)."""
         x, n = pipeline.extract, len(self.dataset)  # type: ignore[arg-type]
         bytes_per_sample = {layout.INDEX: 8, layout.FINGERPRINT: 8, **({layout.LABEL: 8} if self.has_labels else {})}
         bytes_per_sample |= {p: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for p, t in self.targets.items()}
@@ -148,9 +161,9 @@ class Run:
                 "split": pipeline.data.split,
                 "class": f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}",
                 "length": n,
-                "probe_fingerprints": self.probe["fingerprints"],
+                "probe_fingerprints": self.probe["fingerprints"][algorithm],
             },
-            "fingerprint": {"algorithm": data.FINGERPRINT_ALGORITHM, "of": "dtype, shape and bytes of each input tensor as the teacher saw it"},
+            "fingerprint": {"algorithm": algorithm, "of": "dtype, shape and bytes of each input tensor as the teacher saw it"},
             "num_samples": n,
             "has_labels": self.has_labels,
             "targets": {t.name: t.to_dict() for t in self.targets.values()},
@@ -222,11 +235,15 @@ def setup(pipeline: Pipeline) -> Run:
     unknown = set(t.select) - {name for name, _ in sources}
     if unknown:
         raise PipelineError(f"{pipeline.source}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
+    alone = {}  # the manifest's, by either algorithm (a resumed store's); hashed as read, for an item may be a buffer the next read refills
+    for i in sorted({0, n - 1}):
+        inputs = data.item_inputs(dataset, i)
+        alone[i] = {a: data.fingerprint(inputs, a) for a in data.FINGERPRINT_ALGORITHMS}
     run.probe = {
-        "fingerprints": {str(i): f"{data.item_fingerprint(dataset, i):016x}" for i in sorted({0, n - 1})},
+        "fingerprints": {a: {str(i): f"{fps[a]:016x}" for i, fps in alone.items()} for a in data.FINGERPRINT_ALGORITHMS},
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
-    _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], int(run.probe["fingerprints"]["0"], 16))
+    _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
     if len(batch["index"]) > 1:
         _check_sequence_first(run, t.layers)
     return run
@@ -239,13 +256,13 @@ def _check_probe_items(dataset: Dataset, batch: list[int], alone: int) -> None:
     other inputs than ``dataset[i]``, or them in another order (one that swapped positions 1 and 2 wrote rows whose
     inputs and targets were other indices', each row consistent with itself, so verify passed). Read item by item, a
     batch is its items read alone: item 0 is enough. Refused before the teacher runs over the data."""
-    last, batched = len(batch) - 1, hasattr(dataset, "__getitems__")
+    last, batched, algorithm = len(batch) - 1, hasattr(dataset, "__getitems__"), data.FINGERPRINT_ALGORITHM
     for i in range(len(batch) if batched else 1):
-        single = alone if i == 0 else data.item_fingerprint(dataset, i)
+        single = alone if i == 0 else data.item_fingerprint(dataset, i, algorithm)
         if batch[i] == single:
             continue
-        rereads = [single, *data.reread(dataset, i)]
-        if i == 0 and len(set(rereads)) == 1 and not batched and last and data.item_fingerprint(dataset, last) == batch[0]:
+        rereads = [single, *data.reread(dataset, i, algorithm)]
+        if i == 0 and len(set(rereads)) == 1 and not batched and last and data.item_fingerprint(dataset, last, algorithm) == batch[0]:
             raise PipelineError(data.reused_buffer(0, last))
         reads = rereads + ([] if batched else [batch[i]])  # reads of dataset[i]
         if len(set(reads)) > 1:

@@ -493,7 +493,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     if hooks is not None:
         hooks.extend(handles)
     if features:
-        probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0, min(1, len(dataset) - 1)]))
+        probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
             data.call(student, data.to_device(probe["inputs"], device), "student")
         shapes = {}
@@ -527,7 +527,7 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
     for the teacher. A student that does not take a batch of one is let be."""
     run.hooked.clear()
     try:
-        one = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0]))
+        one = data.collate(data.Indexed(dataset, None).__getitems__([0]))
         with torch.no_grad():
             data.call(run.student, data.to_device(one["inputs"], run.device), "student")
         feats = {path: student_feature(run.hooked, layout.layer_name(path), module, selector)
@@ -663,6 +663,8 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         if t.eval_split and t.eval_split != split:
             raise PipelineError(f"train.eval_split = {t.eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
         same = ("factory", "split", "length", "probe_fingerprints")
+        if trained is not None and store.manifest["fingerprint"]["algorithm"] != trained["fingerprint"]["algorithm"]:
+            same = same[:-1]  # fingerprints of two algorithms cannot be compared: the same factory, split and length are the same data
         if not t.eval_split and trained is not None and all(store.manifest["dataset"][k] == trained["dataset"][k] for k in same):
             raise PipelineError(f"train.eval_cache {t.eval_cache!r} holds the samples the student trains on (split {split!r} of "
                                 f"{trained['dataset']['factory']}): its eval metrics would be measured on training data; extract the eval "
@@ -680,7 +682,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
         # a generator of its own: each iterator draws a seed, which from torch's global RNG would move the dropout that
         # follows (a run resumed with another train.eval_every would train other weights)
-        source = DataLoader(data.Indexed(dataset, with_fingerprint=False), batch_size=max(t.batch_size, 512), collate_fn=data.collate,
+        source = DataLoader(data.Indexed(dataset, None), batch_size=max(t.batch_size, 512), collate_fn=data.collate,
                             generator=torch.Generator())
     _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
                       agreement=bool(t.eval_cache))
@@ -724,7 +726,7 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, a
     """Accuracy compares each sample's label with the student's top class, and agreement (``agreement``: an eval store)
     the teacher's top class with it: refuse a student whose output is not (batch, classes), such as per-token logits or
     a regression's one value per sample, now rather than at the end of the first epoch."""
-    probe = data.collate(data.Indexed(dataset, with_fingerprint=False).__getitems__([0]))
+    probe = data.collate(data.Indexed(dataset, None).__getitems__([0]))
     if probe["label"] is None and not agreement:
         return
     run.student.eval()

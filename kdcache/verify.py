@@ -204,7 +204,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     from kdcache.extract import setup
 
     check = Check("teacher", "")
-    data.check_algorithm(store.manifest, store.location)
+    algorithm = data.check_algorithm(store.manifest, store.location)
     run = setup(pipeline)
     ours = teachers.weights_sha256(run.model)
     if ours != store.manifest["teacher"]["weights_sha256"]:
@@ -226,7 +226,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     available = done_rows(store)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(available, size=min(n, len(available)), replace=False)) if len(available) else available
-    indexed = data.Indexed(run.dataset)
+    indexed = data.Indexed(run.dataset, algorithm)
     recomputed: dict[str, list[np.ndarray]] = {t.path: [] for t in stored_targets.values()}
     fingerprints = []
     batch_size = pipeline.extract.batch_size
@@ -246,7 +246,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     # did when the store was extracted) gives the stored fingerprints and targets again, in the wrong rows
     batched = hasattr(run.dataset, "__getitems__")
     for r, a, b in zip(rows, stored_fp if stored_fp is not None else [], seen_fp):
-        alone = data.item_fingerprint(run.dataset, int(r)) if batched else int(b)
+        alone = data.item_fingerprint(run.dataset, int(r), algorithm) if batched else int(b)
         if a != alone:
             check.fail(f"row {int(r)}: the dataset's input fingerprint {alone:016x} differs from the stored {int(a):016x}")
         elif b != alone:

@@ -7,15 +7,19 @@ with ``i`` and the ``echo`` teacher's logits are ``i + (0, 1, 2, 3)``.
 
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
 import pytest
+import zarr
 
 import kdcache
 from conftest import FIXTURES, NUMBERED
-from kdcache import store as layout
+from kdcache import data, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError
 from kdcache.pipeline import from_dict
-from numbered import Augmented, Numbered, SortedGetitems, WrongCountGetitems
+from numbered import SPANS, Augmented, Numbered, SortedGetitems, Spans, WrongCountGetitems
 
 N = 100
 
@@ -154,3 +158,78 @@ def test_a_label_changed_since_extraction_is_found_where_the_input_is_checked(nu
         list(transfer(numbered_store, Numbered(N, relabeled=every), fingerprint_check=0.05, memory_budget_mb=budget))
     served = list(transfer(numbered_store, Numbered(N, relabeled=(37,)), fingerprint_check=0.0, memory_budget_mb=budget))
     assert sum(len(b["rows"]) for b in served) == N
+
+
+# ------------------------------------------------------------------ inputs holding Python numbers
+
+SPANS_PIPELINE = {"teacher": {"factory": "numbered.py:span_teacher"}, "data": {"factory": "numbered.py:spans", "split": "train"},
+                  "targets": {"logits": True, "dtype": "float32"}, "extract": {"batch_size": 4, "device": "cpu", "rows_per_shard": 8}}
+# written by kdcache 0.1.6 (commit 15ae3aa) from SPANS_PIPELINE: 20 rows in 3 shards, fingerprints "blake2b-64"
+OLD_STORE = FIXTURES / "stores" / "spans-0.1.6.zarr"
+
+
+def served_spans(location: str, dataset) -> dict[int, tuple[float, float]]:
+    """Dataset index -> the (start, end) its served logits name (the span_teacher's first two values)."""
+    rows = {}
+    for batch in TransferSet(location, dataset, [layout.LOGITS], batch_size=4, shuffle=False):
+        for i, logits in zip(batch["index"].tolist(), batch["targets"][layout.LOGITS].tolist()):
+            rows[i] = (logits[0], logits[1])
+    return rows
+
+
+def spans_pipeline(factory: str = "numbered.py:spans") -> kdcache.Pipeline:
+    return from_dict({**SPANS_PIPELINE, "data": {"factory": factory, "split": "train"}}, root=FIXTURES)
+
+
+EXPECTED_SPANS = {i: (float(s), float(e)) for i, (s, e) in enumerate({1: (1, 23), 2: (12, 3)}.get(i, (i, 100 + i)) for i in range(SPANS))}
+
+
+def test_inputs_whose_numbers_read_alike_are_told_apart(tmp_path):
+    """Items 1 and 2 hold spans (1, 23) and (12, 3): kdcache <= 0.1.6 fed numbers to the fingerprint as bare repr(), so
+    both were the stream "123". A dataset whose items 1 and 2 were exchanged after extraction trained each on the
+    other's targets, and training's check and verify's teacher check passed. Each number is now hashed as the tensor
+    the teacher sees (FORMAT.md §9, "blake2b-64-v2")."""
+    from kdcache.verify import verify
+
+    out = str(tmp_path / "s.zarr")
+    kdcache.extract(spans_pipeline(), out)
+    assert kdcache.open_store(out).manifest["fingerprint"]["algorithm"] == "blake2b-64-v2"
+    assert served_spans(out, Spans()) == EXPECTED_SPANS  # the premise: each row's logits name its span
+    with pytest.raises(AlignmentError, match=r"^store row 1 \(dataset index 1\) of .* has input fingerprint [0-9a-f]{16} but the "
+                                            r"dataset now gives [0-9a-f]{16}: the dataset changed since extraction"):
+        served_spans(out, Spans(swapped=True))
+    report = verify(out, teacher_check=SPANS, pipeline=spans_pipeline("numbered.py:swapped_spans"))
+    teacher = next(c for c in report["checks"] if c["name"] == "teacher")
+    assert not report["ok"] and [p.split(":")[0] for p in teacher["problems"][:2]] == ["row 1", "row 2"], teacher
+
+
+def test_a_store_of_kdcache_0_1_6_is_read_verified_and_resumed_by_its_own_fingerprints(tmp_path):
+    """A store made before "blake2b-64-v2" keeps "blake2b-64": training and verify recompute its fingerprints as it
+    made them, and extract resumes it with them (a store's rows are all fingerprinted alike; the new algorithm would
+    call every resumed-from row changed). Only --overwrite makes it anew, with the new algorithm."""
+    from kdcache.verify import verify
+
+    store = tmp_path / "old.zarr"
+    shutil.copytree(OLD_STORE, store)
+    old = kdcache.open_store(store)
+    assert old.manifest["kdcache_version"] == "0.1.6" and old.manifest["fingerprint"]["algorithm"] == data.V1
+    fingerprints = old.read(layout.FINGERPRINT, 0, SPANS).tolist()
+    assert fingerprints == [data.fingerprint(data.split_item(Spans()[i])[0], data.V1) for i in range(SPANS)]
+    assert fingerprints[1] == fingerprints[2]  # the premise: 0.1.6 could not tell (1, 23) from (12, 3)
+    assert served_spans(str(store), Spans()) == EXPECTED_SPANS
+    assert verify(str(store), teacher_check=SPANS, pipeline=spans_pipeline())["ok"]
+
+    zarr.open_array(store / "progress" / "done", mode="r+")[1:] = False  # shards 1 and 2 to write again
+    kdcache.extract(spans_pipeline(), str(store))
+    resumed = kdcache.open_store(store)
+    assert resumed.complete and resumed.manifest["fingerprint"]["algorithm"] == data.V1
+    for path in old.paths():
+        assert np.array_equal(resumed.read(path, 0, SPANS), old.read(path, 0, SPANS)), path
+    assert verify(str(store), teacher_check=SPANS, pipeline=spans_pipeline())["ok"]
+
+    kdcache.extract(spans_pipeline(), str(store), overwrite=True)
+    anew = kdcache.open_store(store)
+    assert anew.manifest["fingerprint"]["algorithm"] == "blake2b-64-v2"
+    assert anew.read(layout.FINGERPRINT, 0, SPANS).tolist() == [data.fingerprint(data.split_item(Spans()[i])[0]) for i in range(SPANS)]
+    with pytest.raises(AlignmentError, match=r"^store row 1 \(dataset index 1\) .*the dataset changed since extraction"):
+        served_spans(str(store), Spans(swapped=True))

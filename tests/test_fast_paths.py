@@ -122,7 +122,7 @@ def test_fingerprints_of_large_and_small_tensors_equal_one_by_one(shape):
     assert data.fingerprints(items) == expected
     assert data.fingerprint_rows(batch, range(len(batch))) == expected
     assert len(set(expected)) == len(expected)
-    indexed = data.Indexed(items)
+    indexed = data.Indexed(items, data.FINGERPRINT_ALGORITHM)
     assert [h for _, h, _, _ in indexed.__getitems__([5, 0, 3])] == [expected[5], expected[0], expected[3]]
 
 

@@ -48,7 +48,12 @@ VECTORS = [
     ("uint8 (0, 3)", "386398ec033feee6"),
     ('{"b": int64 [1, 2], "a": float32 [0.5]}', "4228f605d7779292"),
     ("(float32 [1.0], bool [True, False])", "eef74ca45ea8ddd7"),
+    ("(1, 23)", "bd8cb13dbe6a9f9c"),
+    ("(12, 3)", "c66da72613cfe71d"),
+    ('(True, 2.5, "ab")', "baa2e639760c0015"),
+    ("None", "0d03783d2cc7ef7c"),
 ]
+SCALARS = {"(1, 23)": (1, 23), "(12, 3)": (12, 3), '(True, 2.5, "ab")': (True, 2.5, "ab"), "None": None}
 LINEAR_SHA256 = "71f47d20a275d478dd1e4a288b21d80b2cf617cf508ec3005c3bf9dc906b595b"
 
 
@@ -82,7 +87,7 @@ READER = textwrap.dedent(
     R, S = geo["rows_per_shard"], geo["num_shards"]
     check(N >= 1 and R >= 1 and S == max(1, -(-N // R)), "num_shards = ceil(N / R)")
     check(m["dataset"]["length"] == N, "dataset.length == num_samples")
-    check(m["fingerprint"]["algorithm"] == "blake2b-64", "fingerprint algorithm")
+    check(m["fingerprint"]["algorithm"] == "blake2b-64-v2", "fingerprint algorithm")
 
     # §6 decoding: plain percent-decoding, then UTF-8
     def decode(s):
@@ -169,6 +174,17 @@ READER = textwrap.dedent(
                      "int32": "int32", "int64": "int64", "uint8": "uint8", "bool": "bool"}
             h.update(f"torch.{names[v.dtype.name]}{tuple(v.shape)}".encode())
             h.update(le_bytes(v))
+        elif isinstance(v, (np.bool_, np.number)):  # a NumPy scalar: the 0-d array of its dtype
+            feed(h, np.asarray(v))
+        elif isinstance(v, bool):  # a number: the 0-d tensor torch batches it as
+            feed(h, np.array(v))
+        elif isinstance(v, int) and -2**63 <= v < 2**63:
+            feed(h, np.array(v, np.int64))
+        elif isinstance(v, float):
+            feed(h, np.array(v, np.float64))
+        elif isinstance(v, str):
+            raw = v.encode("utf-8", "surrogatepass")
+            h.update(f"str({len(raw)},)".encode() + raw)
         elif isinstance(v, dict):
             for k in sorted(v):
                 h.update(f"[{k}]".encode())
@@ -177,7 +193,8 @@ READER = textwrap.dedent(
             for x in v:
                 feed(h, x)
         else:
-            h.update(repr(v).encode())
+            raw = repr(v).encode("utf-8", "surrogatepass")
+            h.update(f"{type(v).__name__}({len(raw)},)".encode() + raw)
 
     def fingerprint(inputs):
         h = hashlib.blake2b(digest_size=8)
@@ -217,6 +234,7 @@ READER = textwrap.dedent(
         "uint8 (0, 3)": np.zeros((0, 3), np.uint8),
         '{"b": int64 [1, 2], "a": float32 [0.5]}': {"b": np.array([1, 2], np.int64), "a": np.array([0.5], np.float32)},
         "(float32 [1.0], bool [True, False])": (np.array([1.0], np.float32), np.array([True, False])),
+        "(1, 23)": (1, 23), "(12, 3)": (12, 3), '(True, 2.5, "ab")': (True, 2.5, "ab"), "None": None,
     }
     vectors = {k: f"{fingerprint(v):016x}" for k, v in vectors.items()}
 
@@ -292,14 +310,22 @@ def test_spec_vectors_match_kdcache():
         "uint8 (0, 3)": torch.zeros(0, 3, dtype=torch.uint8),
         '{"b": int64 [1, 2], "a": float32 [0.5]}': {"b": torch.tensor([1, 2]), "a": torch.tensor([0.5])},
         "(float32 [1.0], bool [True, False])": (torch.tensor([1.0]), torch.tensor([True, False])),
+        **SCALARS,
     }
     for label, hexfp in VECTORS:
         assert f"{data.fingerprint(vectors[label]):016x}" == hexfp, label
-    # §9's 0-d example, and a big-endian NumPy array hashed as its values
+        if label not in SCALARS:  # §9.1: blake2b-64 (kdcache <= 0.1.6) differs only in leaves that are not tensors
+            assert f"{data.fingerprint(vectors[label], data.V1):016x}" == hexfp, label
+    # §9's 0-d example: a 0-d tensor, a 0-d array and a NumPy scalar alike; a number as the tensor torch batches it as
     spec = SPEC.read_text()
-    assert "fingerprint `ac7c6efebf53e602`" in spec and "fingerprint `04e05bc5729ac97a`" in spec
-    assert f"{data.fingerprint(torch.tensor(0.5)):016x}" == "ac7c6efebf53e602"
-    assert f"{data.fingerprint(np.array(0.5, np.float32)):016x}" == f"{data.fingerprint(torch.tensor([0.5])):016x}" == "04e05bc5729ac97a"
+    assert "fingerprint `ac7c6efebf53e602`" in spec and "fingerprint `04e05bc5729ac97a`" in spec and "`2934750987465ddf`" in spec
+    for zero_d in (torch.tensor(0.5), np.array(0.5, np.float32), np.float32(0.5), np.array(0.5, ">f4")):
+        assert f"{data.fingerprint(zero_d):016x}" == "ac7c6efebf53e602", zero_d
+    assert data.fingerprint(1) == data.fingerprint(torch.tensor(1)) and data.fingerprint(2.5) == data.fingerprint(torch.tensor(2.5, dtype=torch.float64))
+    assert data.fingerprint(True) == data.fingerprint(torch.tensor(True)) != data.fingerprint(1)
+    # §9.1: blake2b-64 fed numbers by bare repr() and a 0-d array as (1,)
+    assert f"{data.fingerprint(np.array(0.5, np.float32), data.V1):016x}" == f"{data.fingerprint(torch.tensor([0.5])):016x}" == "04e05bc5729ac97a"
+    assert f"{data.fingerprint((1, 23), data.V1):016x}" == f"{data.fingerprint((12, 3), data.V1):016x}" == "2934750987465ddf"
     big = np.array([[0, 1], [2, 3]], dtype=">i2")
     assert f"{data.fingerprint(big):016x}" == f"{data.fingerprint(big.astype('<i2')):016x}" == dict(VECTORS)["int16 [[0, 1], [2, 3]]"]
     linear = torch.nn.Linear(1, 1)
