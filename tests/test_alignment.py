@@ -233,3 +233,19 @@ def test_a_store_of_kdcache_0_1_6_is_read_verified_and_resumed_by_its_own_finger
     assert anew.read(layout.FINGERPRINT, 0, SPANS).tolist() == [data.fingerprint(data.split_item(Spans()[i])[0]) for i in range(SPANS)]
     with pytest.raises(AlignmentError, match=r"^store row 1 \(dataset index 1\) .*the dataset changed since extraction"):
         served_spans(str(store), Spans(swapped=True))
+
+
+def test_an_eval_cache_of_the_training_samples_fingerprinted_by_the_other_algorithm_is_refused(tmp_path):
+    """Whether an eval store holds the training samples was decided by their probe fingerprints too: a store of kdcache
+    0.1.6 and one extracted now from the same split differ in them, so eval_agreement was measured on the training
+    samples without a word. Fingerprints of two algorithms are not compared: the same factory, split and length decide."""
+    store, anew = tmp_path / "old.zarr", str(tmp_path / "new.zarr")
+    shutil.copytree(OLD_STORE, store)
+    kdcache.extract(spans_pipeline(), anew)
+    train = {"epochs": 1, "batch_size": 4, "device": "cpu", "eval_cache": anew}
+    pipeline = from_dict({**SPANS_PIPELINE, "student": {"factory": "numbered.py:span_student"}, "train": train}, root=FIXTURES)
+    with pytest.raises(PipelineError, match=r"holds the samples the student trains on \(split 'train' of numbered.py:spans\)"):
+        kdcache.train(pipeline, str(store), tmp_path / "run")
+    pipeline = from_dict({**SPANS_PIPELINE, "student": {"factory": "numbered.py:span_student"}, "train": {**train, "eval_split": "train"}},
+                         root=FIXTURES)
+    assert "eval_agreement" in kdcache.train(pipeline, str(store), tmp_path / "run")

@@ -25,7 +25,7 @@ from kdcache.distributed import extract_distributed
 from kdcache.errors import StoreError
 from kdcache.locking import writer_lock
 from kdcache.store import open_store
-from conftest import S3_BUCKET as BUCKET
+from conftest import FIXTURES, S3_BUCKET as BUCKET
 from reference import make_pipeline, shards_done, without_times, write_toml
 
 pytest.importorskip("distributed")
@@ -338,6 +338,37 @@ def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, t
     r = _torchrun("extract", toml, "--out", partial, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_store(partial, single)
+
+
+def test_a_store_of_kdcache_0_1_6_is_resumed_by_dask_workers_and_torchrun_ranks_by_its_own_fingerprints(scheduler, tmp_path):
+    """Every worker and rank builds its own manifest and compares it with the store's before it writes: it must
+    fingerprint the probe items, and then its rows, by the store's algorithm ("blake2b-64", kdcache <= 0.1.6's), as
+    the driver and rank 0 resume it. Otherwise each would call the store another dataset's, or write rows that
+    training reads as changed inputs."""
+    import zarr
+
+    from kdcache import data
+
+    old = FIXTURES / "stores" / "spans-0.1.6.zarr"  # its manifest names the factories relative to the pipeline file
+    for name in ("numbered.py", "tiny.py"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    toml = tmp_path / "spans.toml"
+    toml.write_text('[teacher]\nfactory = "numbered.py:span_teacher"\n[data]\nfactory = "numbered.py:spans"\nsplit = "train"\n'
+                    '[targets]\nlogits = true\ndtype = "float32"\n[extract]\nbatch_size = 4\ndevice = "cpu"\nrows_per_shard = 8\n')
+    for how in ("dask", "torchrun"):
+        out = tmp_path / f"{how}.zarr"
+        shutil.copytree(old, out)
+        zarr.open_array(out / "progress" / "done", mode="r+")[1:] = False  # shards 1 and 2 to write again
+        if how == "dask":
+            result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(out), "--scheduler", scheduler])
+            assert result.exit_code == 0, result.output
+        else:
+            r = _torchrun("extract", str(toml), "--out", str(out), cwd=tmp_path)
+            assert r.returncode == 0, r.stderr[-3000:]
+        resumed, original = open_store(out), open_store(old)
+        assert resumed.complete and resumed.manifest["fingerprint"]["algorithm"] == data.V1, how
+        for path in original.paths():
+            assert resumed.read(path, 0, 20).tobytes() == original.read(path, 0, 20).tobytes(), (how, path)
 
 
 STREAMING = ("train.memory_budget_mb=0.0001", "train.shuffle_buffer_shards=1")
