@@ -39,7 +39,7 @@ def fill_random(location: Path, manifest: dict, rand: dict[str, np.ndarray]) -> 
     """The same arrays and codecs as the real store, written by the store code with random data."""
     from kdcache import store as layout
 
-    s = layout.create_or_resume(str(location), manifest, overwrite=True)
+    s = layout.create_or_resume(str(location), lambda _: manifest, overwrite=True)
     n = manifest["num_samples"]
     rng = np.random.default_rng(1)
     index = np.arange(n, dtype=np.int64)

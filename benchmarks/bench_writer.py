@@ -36,7 +36,7 @@ def write_store(location: str, maps: np.ndarray, codec: str, batch: int) -> None
                 "teacher": {"factory": "-", "class": "-", "weights_sha256": "-", "num_parameters": 0},
                 "dataset": {"factory": "-", "split": "-", "length": n},
                 "geometry": layout.plan_geometry(n, bps), "compression": {"codec": codec, "level": 1, "checksum": "crc32c"}}
-    store = layout.create_or_resume(location, manifest, overwrite=True)
+    store = layout.create_or_resume(location, lambda _: manifest, overwrite=True)
     total = torch.zeros(())  # extract.to_host: the batch's float32 sum (finite: no value to look at)
     with kx.ShardWriter(store, 4, Progress(n, "write", enabled=False)) as writer:
         for shard in range(store.num_shards):

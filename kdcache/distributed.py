@@ -40,7 +40,7 @@ import torch
 
 from kdcache import data, locking, storage, store as layout
 from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
-from kdcache.extract import Run, extract_shards, resumed_algorithm, setup
+from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -65,11 +65,10 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
         with locking.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
-            manifest = run.manifest(pipeline, resumed_algorithm(out, storage_options, overwrite))
+            store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
             del run
             if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
                 torch.cuda.empty_cache()
-            store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
             pending = store.pending_shards()
             if pending:
                 with contextlib.nullcontext(remote) if remote is not None else _local_cluster(pipeline, workers) as client:
@@ -344,8 +343,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if rank == 0:
             try:
                 lock.enter_context(locking.writer_lock(out, storage_options))  # held by rank 0 for the whole job
-                manifest = run.manifest(pipeline, resumed_algorithm(out, storage_options, overwrite))
-                store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
+                store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
                 shared[0] = (store.pending_shards(), getattr(store.lease, "token", None))
             except KdcacheError as e:
                 shared[0] = e  # the other ranks stop with the same error instead of waiting
@@ -356,7 +354,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
             store.lease = locking.borrowed_lease(out, storage_options, shared[0][1])  # rank 0's S3 lock: still the job's
-            manifest = run.manifest(pipeline, data.check_algorithm(store.manifest, out))
+        manifest = run.manifest(pipeline, data.check_algorithm(store.manifest, out))  # the store's algorithm: a resumed one keeps its own
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
         dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
         first = next((m for m in mismatches if m is not None), None)

@@ -10,6 +10,7 @@ Memory is bounded by the queue depth in batches plus the shards being gathered.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import queue
@@ -17,15 +18,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 import kdcache
-from kdcache import data, locking, storage, store as layout, teacher as teachers
-from kdcache.errors import AlignmentError, KdcacheError, ModelError, PipelineError, TargetError
+from kdcache import data, locking, store as layout, teacher as teachers
+from kdcache.errors import AlignmentError, ModelError, PipelineError, TargetError
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -47,26 +48,13 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     run = setup(pipeline)
     with locking.writer_lock(out, storage_options):  # one writer per store
-        manifest = run.manifest(pipeline, resumed_algorithm(out, storage_options, overwrite))
-        store = layout.create_or_resume(out, manifest, overwrite=overwrite, storage_options=storage_options)
+        store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
         pending = store.pending_shards()
         bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)
         extract_shards(run, pipeline, store, pending, bar)
         bar.close()
         store.finish()
     return store.info()
-
-
-def resumed_algorithm(out: str | os.PathLike[str], storage_options: dict[str, Any] | None, overwrite: bool) -> str:
-    """The fingerprint algorithm of a run writing ``out``: the partial store's that it resumes (all rows of a store are
-    fingerprinted alike; kdcache <= 0.1.6 wrote "blake2b-64"), else the one new stores record. Where no store can be
-    read, ``create_or_resume`` creates one or names the problem."""
-    if not overwrite and storage.exists(out, storage_options):
-        with contextlib.suppress(KdcacheError):
-            recorded = layout.open_store(out, storage_options=storage_options).manifest["fingerprint"]["algorithm"]
-            if recorded in data.FINGERPRINT_ALGORITHMS:
-                return recorded
-    return data.FINGERPRINT_ALGORITHM
 
 
 def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: list[int], bar: Progress,
@@ -109,6 +97,11 @@ class Run:
     has_labels: bool
     probe: dict[str, Any]
 
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """FORMAT.md §10's hash of the teacher's weights, computed once (a large teacher's takes seconds)."""
+        return teachers.weights_sha256(self.model)
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return data.autocast(self.device, self.precision)
 
@@ -130,6 +123,15 @@ class Run:
                 raise TargetError(f"target {t.name!r} changed shape from {list(t.shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
             out[path] = tensor
         return out
+
+    def manifest_for(self, pipeline: Pipeline) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
+        """``create_or_resume``'s manifest: a store this run resumes keeps its fingerprint algorithm (its rows are all
+        fingerprinted alike; kdcache <= 0.1.6 wrote "blake2b-64"); a new one, or one whose algorithm this kdcache does
+        not compute (refused as different), is given the current one."""
+        def manifest(existing: dict[str, Any] | None) -> dict[str, Any]:
+            recorded = (existing or {}).get("fingerprint", {}).get("algorithm")
+            return self.manifest(pipeline, recorded if recorded in data.FINGERPRINT_ALGORITHMS else data.FINGERPRINT_ALGORITHM)
+        return manifest
 
     def manifest(self, pipeline: Pipeline, algorithm: str = data.FINGERPRINT_ALGORITHM) -> dict[str, Any]:
         """The manifest of a store of this run, its inputs fingerprinted by ``algorithm`` (a resumed store's)."""
@@ -154,7 +156,7 @@ class Run:
                 "factory": pipeline.teacher.factory,
                 "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                 "num_parameters": teachers.num_parameters(self.model),
-                "weights_sha256": teachers.weights_sha256(self.model),
+                "weights_sha256": self.weights_sha256,
             },
             "dataset": {
                 "factory": pipeline.data.factory,

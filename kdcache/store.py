@@ -21,7 +21,7 @@ import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -1333,9 +1333,11 @@ IDENTITY = {
 }
 
 
-def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any], *, overwrite: bool = False,
-                     storage_options: dict[str, Any] | None = None, named: str = "--out") -> Store:
-    """Create a store for ``manifest`` or reopen a partial one made from the same inputs.
+def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[str, Any] | None], dict[str, Any]], *,
+                     overwrite: bool = False, storage_options: dict[str, Any] | None = None, named: str = "--out") -> Store:
+    """Create a store or reopen a partial one made from the same inputs. ``manifest(existing)`` is the run's manifest,
+    given the manifest of the store it would resume (None where it creates one): a resumed store keeps how it was
+    made where the run can match it (its fingerprint algorithm).
 
     Resuming is refused when anything in ``IDENTITY`` differs (naming it); ``overwrite`` starts afresh.
     The arrays are created here, once, before any shard is written. ``named``: how the command that
@@ -1346,7 +1348,7 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
     interrupted = _interrupted_creation(location, storage_options)  # killed before its manifest was written: created again
     if exists(location, storage_options) and not overwrite and not interrupted:
         store = open_store(location, mode="r+", storage_options=storage_options)
-        different = difference(store.manifest, manifest)
+        different = difference(store.manifest, manifest(store.manifest))
         if different:
             same_factory = _get(store.manifest, "teacher.factory") == _get(manifest, "teacher.factory")
             hint = (" (if the pipeline is unchanged, teacher.factory builds other weights on each call: seed it with "
@@ -1361,7 +1363,7 @@ def create_or_resume(location: str | os.PathLike[str], manifest: dict[str, Any],
     if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")
     try:
-        return _create(location, target, manifest, storage_options)
+        return _create(location, target, manifest(None), storage_options)
     except OSError as e:
         raise _write_error(location, "the metadata", e) from None
 

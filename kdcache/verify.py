@@ -206,7 +206,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     check = Check("teacher", "")
     algorithm = data.check_algorithm(store.manifest, store.location)
     run = setup(pipeline)
-    ours = teachers.weights_sha256(run.model)
+    ours = run.weights_sha256
     if ours != store.manifest["teacher"]["weights_sha256"]:
         check.fail(f"the pipeline's teacher weights (sha256 {ours[:16]}…) differ from the store's "
                    f"({store.manifest['teacher']['weights_sha256'][:16]}…)")

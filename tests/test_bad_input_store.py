@@ -306,7 +306,7 @@ def test_overwrite_keeps_the_old_store_when_the_new_one_cannot_be_created(tmp_pa
     edit(manifest)
     before = snapshot(store)
     with pytest.raises(StoreError, match="nothing was written") as e:
-        create_or_resume(str(store), manifest, overwrite=True)
+        create_or_resume(str(store), lambda _: manifest, overwrite=True)
     assert match in str(e.value) and f"cannot create a store at {str(store)!r}" in str(e.value)
     assert snapshot(store) == before
     assert verify(str(store))["ok"]
@@ -315,7 +315,7 @@ def test_overwrite_keeps_the_old_store_when_the_new_one_cannot_be_created(tmp_pa
 def test_overwrite_with_a_valid_manifest_still_replaces_the_store(tmp_path: Path, tiny_store: str) -> None:
     store = tmp_path / TRAIN
     shutil.copytree(tiny_store, store)
-    fresh = create_or_resume(str(store), fresh_manifest(store), overwrite=True)
+    fresh = create_or_resume(str(store), lambda _: fresh_manifest(store), overwrite=True)
     assert not fresh.done().any() and not (store / LOGITS_SHARD_1).exists()
 
 

@@ -161,7 +161,7 @@ def _rewrite(reference: Path, out: Path, order: list[int], batch: int = 4) -> No
 
     kx = importlib.import_module("kdcache.extract")
     ref = open_store(str(reference))
-    store = layout.create_or_resume(str(out), ref.manifest)
+    store = layout.create_or_resume(str(out), lambda _: ref.manifest)
     batches = []
     for shard in range(store.num_shards):
         start, stop = store.shard_rows(shard)
@@ -475,7 +475,7 @@ def test_the_writer_thread_gathers_what_the_loop_does(tmp_path, factory):
     overrides = [f"teacher.factory={factory}", "targets.layers=[]"] if factory else []
     pipeline = make_pipeline(*overrides)
     run = kx.setup(pipeline)
-    store = layout.create_or_resume(str(tmp_path / "thread.zarr"), run.manifest(pipeline))
+    store = layout.create_or_resume(str(tmp_path / "thread.zarr"), run.manifest_for(pipeline))
     write = lambda: kx.extract_shards(run, pipeline, store, store.pending_shards(), Progress(0, "", enabled=False), background=True)  # noqa: E731
     if factory:
         with pytest.raises(TargetError, match=r"the teacher produced NaN in target 'logits' \(rows 24\.\.31\)"):

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,30 @@ def test_a_link_inside_the_store_and_a_linked_store_folder_still_read(tiny_store
         assert np.array_equal(open_store(str(location)).read(LOGITS, 0, 50), open_store(tiny_store).read(LOGITS, 0, 50))
 
 
-def test_a_zip_with_compressed_members_is_refused_before_reading(tiny_store: str, tmp_path: Path) -> None:
+class _DeflatedZeros:
+    """zipfile's compressor for a member written as 16 MiB blocks of zeros: the block deflated once (a full flush resets
+    the compressor, so every block deflates to these bytes), then an empty final block. 4 GiB in a second, not ten."""
+
+    zeros = bytes(2**24)
+    _c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = _c.compress(zeros) + _c.flush(zlib.Z_FULL_FLUSH)
+
+    def compress(self, data: bytes) -> bytes:
+        assert data == self.zeros
+        return self.block
+
+    def flush(self) -> bytes:
+        return zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+
+
+def test_a_zip_with_compressed_members_is_refused_before_reading(tiny_store: str, tmp_path: Path, monkeypatch) -> None:
     """A 4 MB zip whose shard member deflates to 4 GiB made verify allocate it all (MemoryError traceback under a
     limit). FORMAT.md §17: members are stored; a compressed one is refused on opening, naming it."""
     packed = tmp_path / "t.zarr.zip"
     pack(tiny_store, packed)
     bomb = tmp_path / "bomb.zarr.zip"
+    stored = zipfile._get_compressor
+    monkeypatch.setattr(zipfile, "_get_compressor", lambda kind, *args: _DeflatedZeros() if kind == zipfile.ZIP_DEFLATED else stored(kind, *args))
     with zipfile.ZipFile(packed) as src, zipfile.ZipFile(bomb, "w") as out:
         for info in src.infolist():
             if info.filename != SHARD:
@@ -111,7 +130,10 @@ def test_a_zip_with_compressed_members_is_refused_before_reading(tiny_store: str
             member.compress_type = zipfile.ZIP_DEFLATED
             with out.open(member, "w", force_zip64=True) as w:
                 for _ in range(256):
-                    w.write(bytes(2**24))  # 4 GiB of zeros
+                    w.write(_DeflatedZeros.zeros)  # 4 GiB of zeros
+    monkeypatch.undo()
+    with zipfile.ZipFile(bomb) as z, z.open(SHARD) as r:  # a valid member: the first MiB inflates to zeros
+        assert r.read(2**20) == bytes(2**20)
     assert bomb.stat().st_size < 8 * 2**20
     for verb in ("info", "verify", "stats"):
         proc = limited(verb, bomb)
