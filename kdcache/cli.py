@@ -490,7 +490,8 @@ def _info_text(i: dict[str, Any]) -> str:
         f"store       {i['location']}  (format {i['format']} v{i['format_version']}, kdcache {i['kdcache_version']}, "
         + ("shard digests)" if i["shard_digests"] else "no shard digests: positions unchecked)"),
         f"teacher     {t['factory']}  {t['class']}  {t['num_parameters']:,} params  sha256 {t['weights_sha256'][:16]}…",
-        f"dataset     {d['factory']}  split={d['split']!r}  {d['length']:,} samples  labels={'yes' if i['has_labels'] else 'no'}",
+        f"dataset     {d['factory']}  split={d['split']!r}  {d['length']:,} samples  labels={'yes' if i['has_labels'] else 'no'}  "
+        f"fingerprints={i['fingerprint_algorithm']}",
         f"progress    {i['samples_done']:,}/{i['num_samples']:,} samples, {i['shards_done']}/{i['num_shards']} shards of {i['rows_per_shard']} rows"
         + ("  complete" if i["complete"] else f"  INCOMPLETE (being written by {i['writer']})" if i.get("writer")
            else "  INCOMPLETE (re-run extract to resume)"),

@@ -129,7 +129,7 @@ class Run:
         fingerprinted alike; kdcache <= 0.1.6 wrote "blake2b-64"); a new one, or one whose algorithm this kdcache does
         not compute (refused as different), is given the current one."""
         def manifest(existing: dict[str, Any] | None) -> dict[str, Any]:
-            recorded = (existing or {}).get("fingerprint", {}).get("algorithm")
+            recorded = data.recorded_algorithm(existing or {})
             return self.manifest(pipeline, recorded if recorded in data.FINGERPRINT_ALGORITHMS else data.FINGERPRINT_ALGORITHM)
         return manifest
 

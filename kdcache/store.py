@@ -799,6 +799,7 @@ class Store:
             "rows_per_shard": self.rows_per_shard,
             "has_labels": self.has_labels,
             "shard_digests": self.has_digests(),  # FORMAT.md §7.1: false for stores written before kdcache 0.1.1
+            "fingerprint_algorithm": _bounded(m["fingerprint"].get("algorithm") if isinstance(m.get("fingerprint"), dict) else None),
             "teacher": _bounded(m["teacher"]),
             "dataset": _bounded(m["dataset"]),
             "targets": {
@@ -1348,9 +1349,10 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
     interrupted = _interrupted_creation(location, storage_options)  # killed before its manifest was written: created again
     if exists(location, storage_options) and not overwrite and not interrupted:
         store = open_store(location, mode="r+", storage_options=storage_options)
-        different = difference(store.manifest, manifest(store.manifest))
+        ours = manifest(store.manifest)
+        different = difference(store.manifest, ours)
         if different:
-            same_factory = _get(store.manifest, "teacher.factory") == _get(manifest, "teacher.factory")
+            same_factory = _get(store.manifest, "teacher.factory") == _get(ours, "teacher.factory")
             hint = (" (if the pipeline is unchanged, teacher.factory builds other weights on each call: seed it with "
                     "torch.manual_seed or load a checkpoint in it)") if different.startswith("different teacher weights") and same_factory else ""
             fix = ("use the original pipeline to resume, or --overwrite to start afresh" if named == "--out" else  # import has no pipeline
