@@ -158,7 +158,7 @@ def _feed(h: Any, value: Any, v1: bool) -> None:
             _feed(h, value[key], v1)
     elif isinstance(value, tuple | list):
         for v in value:
-            number = None if v1 else _number(v)  # a list of token ids: no call per element
+            number = None if v1 else _number(v)  # a list of token ids: one call per element, not a recursion
             if number is not None:
                 h.update(number)
             else:
@@ -178,7 +178,7 @@ def _feed(h: Any, value: Any, v1: bool) -> None:
 
 def _number(value: Any) -> bytes | None:
     """A Python bool, int or float as the 0-d tensor ``default_collate`` batches it as (bool, int64, float64) feeds:
-    its header and bytes, made without a tensor (512 token ids: 0.25 ms; a tensor per id took 7 ms). A ``numpy.float64``
+    its header and bytes, made without a tensor (2 × 512 token ids: 0.25 ms; a tensor per id took 7 ms). A ``numpy.float64``
     is a float, and feeds what the tensor of its dtype would."""
     if isinstance(value, bool):
         return b"torch.bool()\x01" if value else b"torch.bool()\x00"
