@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
 from kdcache import threads
-from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreError, raised
+from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreError, raised, short
 
 LABEL_KEYS = ("label", "labels")
 FINGERPRINT_ALGORITHM = "blake2b-64-v2"  # what a new store records (FORMAT.md §9)
@@ -140,23 +140,27 @@ def _digest(prefix: bytes, row: np.ndarray) -> bytes:
 
 
 def _feed(h: Any, value: Any, v1: bool) -> None:
-    """Append ``value`` to the stream. Every leaf is framed (a tensor by its dtype and shape, anything else by its type
-    and length), so one structure of leaves has one stream per input; ``v1`` feeds numbers and strings by bare repr()."""
+    """Append ``value`` to the stream (FORMAT.md §9). Every part is framed — a tensor by its dtype and shape, a list or
+    mapping by its length, a string by its byte length, a number as its tensor — so each input of a structure has one
+    stream. ``v1`` (§9.1) feeds lists unframed, mapping keys as ``[key]`` and numbers and strings by bare repr()."""
     if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
+        t = _dense(value).detach().cpu().resolve_conj().resolve_neg().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes; no copy
-    elif isinstance(value, np.ndarray):  # as the tensor of its values in native byte order (FORMAT.md §9)
-        if value.dtype.kind not in "biufc":  # objects, strings: no tensor holds them, so neither the teacher nor the hash can take them
-            raise PipelineError(f"a dataset item holds a numpy array of dtype {value.dtype} (shape {list(value.shape)}), which torch cannot "
-                                "batch; make every input a tensor, a number or a numpy array of numbers (e.g. x.astype(np.float32))")
-        native = value.dtype.newbyteorder("=")  # v1: ascontiguousarray makes a 0-d array (1,)
-        _feed(h, torch.from_numpy(np.ascontiguousarray(value, native) if v1 else np.require(value, native, "C")), v1)
+    elif isinstance(value, np.ndarray):  # as the tensor of its values in native byte order
+        _feed(h, _array_tensor(value, v1), v1)
     elif isinstance(value, Mapping):
-        for key in sorted(value):
-            h.update(f"[{key}]".encode())
+        if not v1:
+            h.update(f"dict({len(value)},)".encode())
+        for key in _sorted_keys(value):
+            if v1:
+                h.update(f"[{key}]".encode())
+            else:
+                _feed(h, key, v1)
             _feed(h, value[key], v1)
     elif isinstance(value, tuple | list):
+        if not v1:
+            h.update(f"list({len(value)},)".encode())  # a tuple too: default_collate batches both as lists
         for v in value:
             number = None if v1 else _number(v)  # a list of token ids: one call per element, not a recursion
             if number is not None:
@@ -169,11 +173,40 @@ def _feed(h: Any, value: Any, v1: bool) -> None:
         h.update(number)
     elif (scalar := _numpy_scalar(value)) is not None:
         _feed(h, scalar, v1)
-    else:  # a string; or what torch cannot batch (None, bytes, objects), which stack() then names
-        text = value if isinstance(value, str) else repr(value)
-        raw = text.encode("utf-8", "surrogatepass")
-        h.update(f"{type(value).__name__}({len(raw)},)".encode())
+    else:  # strings and bytes (default_collate passes them through), or what torch cannot batch (None, objects), which stack() names
+        kind, raw = ("str", value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else \
+            ("bytes", bytes(value)) if isinstance(value, bytes) else (type(value).__name__, repr(value).encode("utf-8", "surrogatepass"))
+        h.update(f"{kind}({len(raw)},)".encode())
         h.update(raw)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A strided tensor, else a PipelineError: a sparse, nested or meta tensor has no plain bytes to fingerprint."""
+    if t.layout == torch.strided and not t.is_nested and t.device.type != "meta":
+        return t
+    kind = "nested" if t.is_nested else "meta" if t.device.type == "meta" else str(t.layout).removeprefix("torch.")
+    raise PipelineError(f"a dataset item holds a {kind} tensor (dtype {str(t.dtype).removeprefix('torch.')}), whose values kdcache cannot "
+                        "fingerprint; return dense tensors (x.to_dense(), or pad nested tensors into one tensor)")
+
+
+def _array_tensor(value: np.ndarray, v1: bool) -> torch.Tensor:
+    """A NumPy array as the tensor of its values in native byte order (a 0-d one 0-d; ``v1``: (1,)), else a PipelineError
+    naming a dtype no tensor holds (objects, strings, float128)."""
+    native = value.dtype.newbyteorder("=") if value.dtype.kind in "biufc" else value.dtype
+    try:
+        return torch.from_numpy(np.ascontiguousarray(value, native) if v1 else np.require(value, native, "C"))
+    except TypeError:
+        raise PipelineError(f"a dataset item holds a numpy array of dtype {value.dtype} (shape {list(value.shape)}), which torch cannot "
+                            "batch; make every input a tensor, a number or a numpy array of numbers (e.g. x.astype(np.float32))") from None
+
+
+def _sorted_keys(mapping: Mapping[Any, Any]) -> list[Any]:
+    """A mapping's keys in sorted order (by type name first: keys of several types), else a PipelineError."""
+    try:
+        return sorted(mapping, key=lambda k: (type(k).__name__, k))
+    except TypeError:
+        raise PipelineError(f"a dataset item holds a dict with keys {short(list(mapping))}, which cannot be put in one order "
+                            "to fingerprint; use string keys") from None
 
 
 def _number(value: Any) -> bytes | None:

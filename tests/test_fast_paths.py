@@ -161,7 +161,20 @@ def test_numbers_feed_the_fingerprint_what_the_tensors_torch_batches_them_as():
     for v in [0, -5, 2**63 - 1, -(2**63), 2.5, -0.0, float("inf"), True, False, Colour.RED,
               np.float64(2.5), np.int64(3), np.float32(0.5), np.bool_(True), np.uint8(7)]:
         batched = default_collate([v, v])[0]
-        assert data.fingerprint(v) == data.fingerprint((v,)) == data.fingerprint(batched), repr(v)
+        assert data.fingerprint(v) == data.fingerprint(batched) and data.fingerprint([v, v]) == data.fingerprint([batched, batched]), repr(v)
     ids = list(range(1000, 1512))
     assert data.fingerprint({"input_ids": ids}) == data.fingerprint({"input_ids": [torch.tensor(i) for i in ids]})
     assert data.fingerprint(2**63) != data.fingerprint(2**63 + 1)  # beyond int64 (torch batches no such int): framed repr
+
+
+def test_inputs_without_plain_values_to_fingerprint_are_named_in_one_line():
+    """A sparse tensor, an array of a dtype no tensor holds: a PipelineError naming it (it was a RuntimeError or
+    TypeError traceback from the hash); a conjugate view is hashed as its values."""
+    from kdcache.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"^a dataset item holds a sparse_coo tensor \(dtype float32\).*x.to_dense\(\)"):
+        data.fingerprint({"x": torch.ones(2, 2).to_sparse()})
+    with pytest.raises(PipelineError, match=r"^a dataset item holds a numpy array of dtype float128 \(shape \[1\]\), which torch cannot batch"):
+        data.fingerprint(np.array([1.0], np.longdouble))
+    z = torch.tensor([1 + 2j])
+    assert data.fingerprint(z.conj()) == data.fingerprint(torch.tensor([1 - 2j]))
