@@ -201,9 +201,9 @@ def _array_tensor(value: np.ndarray, v1: bool) -> torch.Tensor:
 
 
 def _sorted_keys(mapping: Mapping[Any, Any]) -> list[Any]:
-    """A mapping's keys in sorted order (by type name first: keys of several types), else a PipelineError."""
+    """A mapping's keys in sorted order (by type name first, a string's "str": keys of several types), else a PipelineError."""
     try:
-        return sorted(mapping, key=lambda k: (type(k).__name__, k))
+        return sorted(mapping, key=lambda k: ("str" if isinstance(k, str) else type(k).__name__, k))
     except TypeError:
         raise PipelineError(f"a dataset item holds a dict with keys {short(list(mapping))}, which cannot be put in one order "
                             "to fingerprint; use string keys") from None

@@ -35,6 +35,11 @@ FLOAT16_MAX = 65504.0
 # Shards written at once while the next is gathered (each shard has one writer); zstd and file
 # writes release the GIL, so compression scales with cores.
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
+FINGERPRINT_OF = {  # the manifest's fingerprint.of: human-readable (FORMAT.md §9)
+    data.FINGERPRINT_ALGORITHM: "the input as the teacher saw it: each tensor's dtype, shape and bytes, numbers as their tensors, "
+                                "strings, lists and mappings framed by their length",
+    data.V1: "dtype, shape and bytes of each input tensor as the teacher saw it",
+}
 
 
 def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False,
@@ -165,7 +170,7 @@ class Run:
                 "length": n,
                 "probe_fingerprints": self.probe["fingerprints"][algorithm],
             },
-            "fingerprint": {"algorithm": algorithm, "of": "dtype, shape and bytes of each input tensor as the teacher saw it"},
+            "fingerprint": {"algorithm": algorithm, "of": FINGERPRINT_OF.get(algorithm, "")},
             "num_samples": n,
             "has_labels": self.has_labels,
             "targets": {t.name: t.to_dict() for t in self.targets.values()},

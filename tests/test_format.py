@@ -192,7 +192,7 @@ READER = textwrap.dedent(
             h.update(f"bytes({len(v)},)".encode() + v)
         elif isinstance(v, dict):
             h.update(f"dict({len(v)},)".encode())
-            for k in sorted(v, key=lambda k: (type(k).__name__, k)):
+            for k in sorted(v, key=lambda k: ("str" if isinstance(k, str) else type(k).__name__, k)):
                 feed(h, k)
                 feed(h, v[k])
         elif isinstance(v, (tuple, list)):
@@ -349,6 +349,7 @@ def test_inputs_of_one_structure_feed_one_stream_each():
         assert fp(a) != fp(b), (a, b)
     assert fp(([1, 2], [3]), data.V1) == fp(([1], [2, 3]), data.V1)  # the premise
     assert fp(np.str_("ab")) == fp("ab") and fp((1, 2)) == fp([1, 2]) and fp({"a": 1}) == fp({"a": np.int64(1)})
+    assert fp({"x": {np.str_("a"): 1, "b": 2}}) == fp({"x": {"a": 1, "b": 2}})
     big = np.array([[0, 1], [2, 3]], dtype=">i2")
     assert f"{data.fingerprint(big):016x}" == f"{data.fingerprint(big.astype('<i2')):016x}" == dict(VECTORS)["int16 [[0, 1], [2, 3]]"]
     linear = torch.nn.Linear(1, 1)
