@@ -144,7 +144,7 @@ def _feed(h: Any, value: Any, v1: bool) -> None:
     mapping by its length, a string by its byte length, a number as its tensor — so each input of a structure has one
     stream. ``v1`` (§9.1) feeds lists unframed, mapping keys as ``[key]`` and numbers and strings by bare repr()."""
     if isinstance(value, torch.Tensor):
-        t = _dense(value).detach().cpu().resolve_conj().resolve_neg().contiguous()
+        t = _dense(value, v1).detach().cpu().resolve_conj().resolve_neg().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors cannot view as bytes; no copy
     elif isinstance(value, np.ndarray):  # as the tensor of its values in native byte order
@@ -180,13 +180,14 @@ def _feed(h: Any, value: Any, v1: bool) -> None:
         h.update(raw)
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """A strided tensor, else a PipelineError: a sparse, nested or meta tensor has no plain bytes to fingerprint."""
-    if t.layout == torch.strided and not t.is_nested and t.device.type != "meta":
+def _dense(t: torch.Tensor, v1: bool) -> torch.Tensor:
+    """A strided tensor, else a PipelineError: a sparse, nested or meta tensor has no plain bytes to fingerprint, and a
+    quantized one's bytes are not its values (its scale is elsewhere; ``v1`` hashed those bytes)."""
+    if t.layout == torch.strided and not t.is_nested and t.device.type != "meta" and (v1 or not t.is_quantized):
         return t
-    kind = "nested" if t.is_nested else "meta" if t.device.type == "meta" else str(t.layout).removeprefix("torch.")
+    kind = "nested" if t.is_nested else "meta" if t.device.type == "meta" else "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
     raise PipelineError(f"a dataset item holds a {kind} tensor (dtype {str(t.dtype).removeprefix('torch.')}), whose values kdcache cannot "
-                        "fingerprint; return dense tensors (x.to_dense(), or pad nested tensors into one tensor)")
+                        "fingerprint; return dense tensors of values (x.to_dense(), x.dequantize(), or pad nested tensors into one tensor)")
 
 
 def _array_tensor(value: np.ndarray, v1: bool) -> torch.Tensor:

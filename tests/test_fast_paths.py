@@ -170,11 +170,18 @@ def test_numbers_feed_the_fingerprint_what_the_tensors_torch_batches_them_as():
 def test_inputs_without_plain_values_to_fingerprint_are_named_in_one_line():
     """A sparse tensor, an array of a dtype no tensor holds: a PipelineError naming it (it was a RuntimeError or
     TypeError traceback from the hash); a conjugate view is hashed as its values."""
+    import warnings
+
     from kdcache.errors import PipelineError
 
     with pytest.raises(PipelineError, match=r"^a dataset item holds a sparse_coo tensor \(dtype float32\).*x.to_dense\(\)"):
         data.fingerprint({"x": torch.ones(2, 2).to_sparse()})
     with pytest.raises(PipelineError, match=r"^a dataset item holds a numpy array of dtype float128 \(shape \[1\]\), which torch cannot batch"):
         data.fingerprint(np.array([1.0], np.longdouble))
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors
+        warnings.simplefilter("ignore")
+        quantized = torch.quantize_per_tensor(torch.tensor([1.0, 2.0]), 0.1, 0, torch.quint8)
+    with pytest.raises(PipelineError, match=r"^a dataset item holds a quantized tensor \(dtype quint8\).*x.dequantize\(\)"):
+        data.fingerprint(quantized)
     z = torch.tensor([1 + 2j])
     assert data.fingerprint(z.conj()) == data.fingerprint(torch.tensor([1 - 2j]))
