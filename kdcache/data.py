@@ -45,6 +45,21 @@ def check_algorithm(manifest: dict[str, Any], location: str) -> str:
     return seen
 
 
+def v1_blind_spot(inputs: Any) -> str | None:
+    """What in ``inputs`` ``blake2b-64`` (FORMAT.md §9.1) cannot frame, so that another input of the same structure may
+    feed it the same stream: numbers or strings (fed as bare repr()), or lists in a list (fed without their lengths).
+    None for tensors, arrays and mappings and lists of them."""
+    if isinstance(inputs, torch.Tensor | np.ndarray):
+        return None
+    if isinstance(inputs, Mapping):
+        return next(filter(None, map(v1_blind_spot, inputs.values())), None)
+    if isinstance(inputs, tuple | list):
+        if any(isinstance(v, tuple | list) for v in inputs):
+            return "lists in a list"
+        return next(filter(None, map(v1_blind_spot, inputs)), None)
+    return f"{type(inputs).__name__} values"
+
+
 def split_item(item: Any) -> tuple[Any, int | None]:
     """An item is a tensor, an ``(input, label, ...)`` tuple, or a dict of tensors.
 

@@ -78,6 +78,10 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             stream=rank if world > 1 else None,
         )
         transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
+        if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
+            print(f"note: {cache_location!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed {blind} unframed, "
+                  "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and ([1], [2, 3])) "
+                  "pass its check as one; re-extract the store (--overwrite) to have every pairing checked")
         order = _order(transfer, t.num_workers, world)
         if world > 1:
             distributed.broadcast_parameters([run.student, run.heads])
