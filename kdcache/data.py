@@ -104,9 +104,9 @@ def _label(value: Any) -> int:
 def fingerprint(inputs: Any, algorithm: str = FINGERPRINT_ALGORITHM) -> int:
     """BLAKE2b-64 of the input exactly as the teacher sees it: dtype, shape and bytes of each tensor (FORMAT.md §9).
 
-    A dict is hashed in sorted key order with its keys; a number as the 0-d tensor torch batches it as, a string
-    framed by its length. ``algorithm``: one of ``FINGERPRINT_ALGORITHMS`` (a store's, to check it). Returned as an
-    unsigned 64-bit int.
+    Every part is framed: a dict by its size, in sorted key order with its keys; a list by its length; a number as the
+    0-d tensor torch batches it as; a string by its length. ``algorithm``: one of ``FINGERPRINT_ALGORITHMS`` (a
+    store's, to check it). Returned as an unsigned 64-bit int.
     """
     h = hashlib.blake2b(digest_size=8)
     _feed(h, inputs, algorithm == V1)
