@@ -19,7 +19,7 @@ from kdcache import data, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError
 from kdcache.pipeline import from_dict
-from numbered import SPANS, Augmented, Numbered, SortedGetitems, Spans, WrongCountGetitems
+from numbered import SPANS, Augmented, Numbered, Segments, SortedGetitems, Spans, WrongCountGetitems
 
 N = 100
 
@@ -201,6 +201,22 @@ def test_inputs_whose_numbers_read_alike_are_told_apart(tmp_path):
     report = verify(out, teacher_check=SPANS, pipeline=spans_pipeline("numbered.py:swapped_spans"))
     teacher = next(c for c in report["checks"] if c["name"] == "teacher")
     assert not report["ok"] and [p.split(":")[0] for p in teacher["problems"][:2]] == ["row 1", "row 2"], teacher
+
+
+def test_a_sentence_pair_split_elsewhere_is_another_input(tmp_path):
+    """([a, b], [c]) and ([a], [b, c]) fed one stream to the first version of "blake2b-64-v2" (lists unframed, as in
+    blake2b-64): a dataset whose tokenizer moved the segment boundary after extraction was served the old targets
+    without a word (found by a review). Lists are framed by their length now."""
+    pipeline = from_dict({**SPANS_PIPELINE, "teacher": {"factory": "numbered.py:segment_teacher"},
+                          "data": {"factory": "numbered.py:segments", "split": "train"}}, root=FIXTURES)
+    out = str(tmp_path / "s.zarr")
+    kdcache.extract(pipeline, out)
+    assert kdcache.open_store(out).read(layout.LOGITS, 0, 1).tolist() == [[2.0, 1.0, 30.0, 30.0]]  # the premise: lengths 2 and 1
+    old, new = (data.split_item(Segments(resegmented)[0])[0] for resegmented in (False, True))
+    assert data.fingerprint(old, data.V1) == data.fingerprint(new, data.V1) and data.fingerprint(old) != data.fingerprint(new)
+    with pytest.raises(AlignmentError, match=r"^dataset index 0 \(its fingerprint is in the manifest\) of .* the dataset changed since extraction"):
+        TransferSet(out, Segments(resegmented=True), [layout.LOGITS], batch_size=4)
+    assert len(list(TransferSet(out, Segments(), [layout.LOGITS], batch_size=4))) == 2
 
 
 def test_a_store_of_kdcache_0_1_6_is_read_verified_and_resumed_by_its_own_fingerprints(tmp_path):
