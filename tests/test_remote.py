@@ -607,9 +607,12 @@ def test_an_s3_endpoint_that_stops_answering_mid_extract_fails_it_in_one_line(s3
     endpoint = urlparse(s3["endpoint_url"])
     proxy = SwallowingProxy((endpoint.hostname, endpoint.port))
     url = f"s3://{BUCKET}/swallowed.zarr"
+    # read_timeout 2 s, not 1: in one CI run the extract ended before the proxy fell silent, with a timeout (the loaded
+    # S3 server, likely, took over a second to answer); now that would stop here, named
     proc = slow_extract(toml, url, storage_options={**s3, "endpoint_url": proxy.url,
-                                                    "config_kwargs": {"read_timeout": 1, "retries": {"max_attempts": 0}}})
+                                                    "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 0}}})
     try:
+        assert proc.poll() is None and shards_done(url, s3) >= 2, f"the extract ended (or stalled) before the endpoint fell silent: {proc.poll()}"
         proxy.swallow()
         swallowed_at = time.monotonic()
         code = proc.wait(timeout=240)
