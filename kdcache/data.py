@@ -21,28 +21,33 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
-from kdcache import threads
+from kdcache import store as layout, threads
 from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreError, raised, short
 
 LABEL_KEYS = ("label", "labels")
 FINGERPRINT_ALGORITHM = "blake2b-64-v2"  # what a new store records (FORMAT.md §9)
 V1 = "blake2b-64"  # kdcache <= 0.1.6's: numbers and strings fed by repr() without framing, so (1, 23) and (12, 3) were one input
-FINGERPRINT_ALGORITHMS = (FINGERPRINT_ALGORITHM, V1)  # what kdcache computes, to check a store made by either
+FINGERPRINT_ALGORITHMS = {  # what kdcache computes, to check a store made by either, and its manifest's fingerprint.of
+    FINGERPRINT_ALGORITHM: "the input as the teacher saw it: each tensor's dtype, shape and bytes, numbers as their tensors, "
+                           "strings, lists and mappings framed by their length",
+    V1: "dtype, shape and bytes of each input tensor as the teacher saw it",
+}
 
 
-def recorded_algorithm(manifest: dict[str, Any]) -> Any:
-    """The fingerprint algorithm a manifest records (None where a damaged one has none)."""
-    return manifest["fingerprint"].get("algorithm") if isinstance(manifest.get("fingerprint"), Mapping) else None
+def known_algorithm(manifest: dict[str, Any]) -> str | None:
+    """The algorithm a store's fingerprints were made with, where this kdcache computes it (FORMAT.md §9); else None."""
+    seen = layout.fingerprint_algorithm(manifest)
+    return seen if isinstance(seen, str) and seen in FINGERPRINT_ALGORITHMS else None
 
 
 def check_algorithm(manifest: dict[str, Any], location: str) -> str:
-    """The algorithm a store's fingerprints were made with; refused when this kdcache cannot compute it (FORMAT.md §9)."""
-    seen = recorded_algorithm(manifest)
-    if seen not in FINGERPRINT_ALGORITHMS:
-        raise StoreError(f"{location!r} records input fingerprints made with {seen!r}, but this kdcache computes "
-                         f"{' or '.join(map(repr, FINGERPRINT_ALGORITHMS))} and could not check them; use the kdcache that "
-                         "wrote the store, or re-extract it")
-    return seen
+    """``known_algorithm``, refused where there is none: the store's fingerprints could not be checked."""
+    known = known_algorithm(manifest)
+    if known is None:
+        raise StoreError(f"{location!r} records input fingerprints made with {layout.fingerprint_algorithm(manifest)!r}, but this "
+                         f"kdcache computes {' or '.join(map(repr, FINGERPRINT_ALGORITHMS))} and could not check them; use the "
+                         "kdcache that wrote the store, or re-extract it")
+    return known
 
 
 def v1_blind_spot(inputs: Any) -> str | None:

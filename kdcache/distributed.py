@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache import data, locking, storage, store as layout
+from kdcache import locking, storage, store as layout
 from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
 from kdcache.extract import Run, extract_shards, setup
 from kdcache.pipeline import Pipeline
@@ -258,7 +258,7 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     if key not in _RUNS or layout.difference(store.manifest, _RUNS[key][1]) is not None:
         _RUNS.clear()
         run = setup(pipeline)
-        _RUNS[key] = (run, run.manifest(pipeline, data.check_algorithm(store.manifest, location)))
+        _RUNS[key] = (run, run.manifest_for(pipeline)(store.manifest))
     run, manifest = _RUNS[key]
     mismatch = _mismatch(store, manifest, f"dask worker {worker} (pid {os.getpid()})")  # every task: a cluster outlives jobs
     if mismatch is not None:
@@ -354,7 +354,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
             store.lease = locking.borrowed_lease(out, storage_options, shared[0][1])  # rank 0's S3 lock: still the job's
-        manifest = run.manifest(pipeline, data.check_algorithm(store.manifest, out))  # the store's algorithm: a resumed one keeps its own
+        manifest = run.manifest_for(pipeline)(store.manifest)  # as rank 0 resumed or created it: the store's fingerprint algorithm
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
         dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
         first = next((m for m in mismatches if m is not None), None)

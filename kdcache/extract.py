@@ -35,11 +35,6 @@ FLOAT16_MAX = 65504.0
 # Shards written at once while the next is gathered (each shard has one writer); zstd and file
 # writes release the GIL, so compression scales with cores.
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
-FINGERPRINT_OF = {  # the manifest's fingerprint.of: human-readable (FORMAT.md §9)
-    data.FINGERPRINT_ALGORITHM: "the input as the teacher saw it: each tensor's dtype, shape and bytes, numbers as their tensors, "
-                                "strings, lists and mappings framed by their length",
-    data.V1: "dtype, shape and bytes of each input tensor as the teacher saw it",
-}
 
 
 def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False,
@@ -134,8 +129,7 @@ class Run:
         fingerprinted alike; kdcache <= 0.1.6 wrote "blake2b-64"); a new one, or one whose algorithm this kdcache does
         not compute (refused as different), is given the current one."""
         def manifest(existing: dict[str, Any] | None) -> dict[str, Any]:
-            recorded = data.recorded_algorithm(existing or {})
-            return self.manifest(pipeline, recorded if recorded in data.FINGERPRINT_ALGORITHMS else data.FINGERPRINT_ALGORITHM)
+            return self.manifest(pipeline, data.known_algorithm(existing or {}) or data.FINGERPRINT_ALGORITHM)
         return manifest
 
     def manifest(self, pipeline: Pipeline, algorithm: str = data.FINGERPRINT_ALGORITHM) -> dict[str, Any]:
@@ -170,7 +164,7 @@ class Run:
                 "length": n,
                 "probe_fingerprints": self.probe["fingerprints"][algorithm],
             },
-            "fingerprint": {"algorithm": algorithm, "of": FINGERPRINT_OF.get(algorithm, "")},
+            "fingerprint": {"algorithm": algorithm, "of": data.FINGERPRINT_ALGORITHMS[algorithm]},
             "num_samples": n,
             "has_labels": self.has_labels,
             "targets": {t.name: t.to_dict() for t in self.targets.values()},

@@ -799,7 +799,7 @@ class Store:
             "rows_per_shard": self.rows_per_shard,
             "has_labels": self.has_labels,
             "shard_digests": self.has_digests(),  # FORMAT.md §7.1: false for stores written before kdcache 0.1.1
-            "fingerprint_algorithm": _bounded(m["fingerprint"].get("algorithm") if isinstance(m.get("fingerprint"), dict) else None),
+            "fingerprint_algorithm": _bounded(fingerprint_algorithm(m)),
             "teacher": _bounded(m["teacher"]),
             "dataset": _bounded(m["dataset"]),
             "targets": {
@@ -1423,6 +1423,11 @@ def _only_creation_metadata(keys: Iterable[str]) -> bool:
             return False
         found = True
     return found
+
+
+def fingerprint_algorithm(manifest: dict[str, Any]) -> Any:
+    """The fingerprint algorithm a manifest records (FORMAT.md §9; None where a damaged one has none)."""
+    return manifest["fingerprint"].get("algorithm") if isinstance(manifest.get("fingerprint"), dict) else None
 
 
 def check_layer_names(names: list[str]) -> None:

@@ -667,7 +667,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         if t.eval_split and t.eval_split != split:
             raise PipelineError(f"train.eval_split = {t.eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
         same = ("factory", "split", "length", "probe_fingerprints")
-        if trained is not None and data.recorded_algorithm(store.manifest) != data.recorded_algorithm(trained):
+        if trained is not None and layout.fingerprint_algorithm(store.manifest) != layout.fingerprint_algorithm(trained):
             same = same[:-1]  # fingerprints of two algorithms cannot be compared: the same factory, split and length are the same data
         if not t.eval_split and trained is not None and all(store.manifest["dataset"][k] == trained["dataset"][k] for k in same):
             raise PipelineError(f"train.eval_cache {t.eval_cache!r} holds the samples the student trains on (split {split!r} of "
