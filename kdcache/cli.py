@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from kdcache import __version__
 from kdcache.errors import KdcacheError, TrainingStopped
 from kdcache.threads import MAX_PARALLEL
 
@@ -242,7 +243,9 @@ def _storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
 
 
 @click.group(name="kdcache", cls=_Group)
-@click.version_option(package_name="kdcache")
+# the running code's version, as the stores it writes record it (kdcache_version): an installed distribution's
+# metadata is the version at install time, stale in an editable install (pip install -e .) after a pull
+@click.version_option(version=__version__, package_name="kdcache")
 def main() -> None:
     """Offline knowledge distillation: run the teacher once, train students from its cached outputs."""
 

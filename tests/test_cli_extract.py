@@ -275,6 +275,15 @@ def test_python_dash_m_kdcache_is_the_command(tiny_store):
     assert r.returncode == 2 and r.stderr.strip() == "Error: No such command 'nope' (see 'kdcache --help')"
 
 
+def test_version_is_the_running_code_s_as_stores_record_it():
+    """``kdcache --version`` names the version of the code that runs, which a store's manifest records as
+    ``kdcache_version``, not the distribution metadata of the install (stale in an editable install after a pull)."""
+    import kdcache
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output == f"kdcache, version {kdcache.__version__}\n", result.output
+
+
 def test_the_api_names_are_the_functions_whatever_module_was_imported_first():
     """kdcache.extract and kdcache.train are functions in modules of the same names; importing those modules (as
     kdcache's own do, first) must not put the module where the function is."""
