@@ -207,6 +207,9 @@ def setup(pipeline: Pipeline) -> Run:
         raise PipelineError(f"{pipeline.source}: nothing to store; set targets.logits = true or list targets.layers")
     if x.batch_size < 1:
         raise PipelineError(f"{pipeline.source}: extract.batch_size must be >= 1, got {x.batch_size}")
+    if x.queue_depth < 1:
+        raise PipelineError(f"{pipeline.source}: extract.queue_depth must be >= 1 (batches in flight to the writer), got {x.queue_depth}; "
+                            "use e.g. 4 (the default)")
     if not (0 < x.chunk_mb <= x.shard_mb):
         raise PipelineError(f"{pipeline.source}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
                             "and an inner chunk no larger than its shard; e.g. chunk_mb = 1.0, shard_mb = 64.0")

@@ -753,6 +753,9 @@ def check_values(pipeline: Pipeline) -> None:
     t = pipeline.train
     if t.batch_size < 1:
         raise PipelineError(f"{pipeline.source}: train.batch_size must be >= 1, got {t.batch_size}")
+    if t.shuffle_buffer_shards < 1:
+        raise PipelineError(f"{pipeline.source}: train.shuffle_buffer_shards must be >= 1 (shards read per shuffle buffer), "
+                            f"got {t.shuffle_buffer_shards}; use e.g. 4 (the default), or 1 to hold the fewest shards")
     if t.epochs < 1 and t.steps < 1:
         raise PipelineError(f"{pipeline.source}: train.epochs must be >= 1 (or train.steps > 0), got {t.epochs}")
     if (t.loss.kl or t.loss.mse and t.loss.mse_on == "probabilities") and not t.loss.temperature >= MIN_TEMPERATURE:
