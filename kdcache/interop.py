@@ -146,7 +146,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
                         arrays[path] = f[path][start:stop]
                     except (OSError, ValueError, RuntimeError) as e:  # a damaged chunk (a filter or checksum that fails)
                         raise _unreadable(source, path, shard, start, stop, f"cannot be read ({_why(e)})", store) from None
-                    problem = _digest_problem(expect, digests, path, shard, arrays[path])
+                    problem = _digest_problem(expect, digests, path, shard, arrays[path]) or _value_problem(path, start, arrays[path])
                     if problem:
                         raise _unreadable(source, path, shard, start, stop, problem, store)
                 store.write_shard(shard, arrays)
@@ -228,6 +228,25 @@ def _digest_problem(expect: layout.Store, digests: np.ndarray | None, path: str,
     return None
 
 
+def _value_problem(path: str, start: int, rows: np.ndarray) -> str | None:
+    """What in rows ``start..`` of dataset ``path`` no store may hold (FORMAT.md §5, §7: what kdcache verify's values check
+    refuses), where a file's digests agree with them: a target that is not finite (extract refuses the teacher's NaN and
+    float16 overflow; training would end "diverged"), ``index[r] != r``, a row without a fingerprint. None: none."""
+    from kdcache.verify import all_finite
+
+    if path == layout.INDEX:
+        wrong = np.flatnonzero(rows != np.arange(start, start + len(rows)))
+        return f"hold index[r] != r at {len(wrong)} rows (first row {start + int(wrong[0])}: {int(rows[wrong[0]])})" if len(wrong) else None
+    if path == layout.FINGERPRINT:
+        zero = np.flatnonzero(rows == 0)
+        return f"hold {len(zero)} rows without a fingerprint (0; first row {start + int(zero[0])})" if len(zero) else None
+    if path.startswith("targets/") and not all_finite(rows):
+        bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
+        return (f"hold NaN or inf in {len(bad)} rows (first row {start + int(bad[0])}); a store holds only finite targets "
+                "(FORMAT.md §5)")
+    return None
+
+
 def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, digests: np.ndarray | None, location: str) -> None:
     """Read every done shard of every dataset once (one shard in memory at a time): a damaged chunk is only
     found by reading, and an ``--overwrite`` must not delete the store it would replace for a file that fails."""
@@ -235,7 +254,8 @@ def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, digest
         start, stop = expect.shard_rows(shard)
         for path in expect.paths():
             try:
-                why = _digest_problem(expect, digests, path, shard, f[path][start:stop])
+                rows = f[path][start:stop]
+                why = _digest_problem(expect, digests, path, shard, rows) or _value_problem(path, start, rows)
             except (OSError, ValueError, RuntimeError) as e:
                 why = f"cannot be read ({_why(e)})"
             if why:

@@ -55,8 +55,9 @@ MAX_SHARDS = 2**24  # a store of more shards is refused (16,777,216: 2.7e11 rows
 MAX_SHARD_BYTES = 4 * 2**30
 
 # What zarr raises on metadata that parses as JSON but not as zarr metadata: ``[]`` as a zarr.json gives a
-# TypeError, ``"x"`` an AttributeError, a missing field a KeyError or ValueError (zarr's MetadataValidationError).
-BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError, RecursionError)
+# TypeError, ``"x"`` an AttributeError, a missing field a KeyError or ValueError (zarr's MetadataValidationError), an
+# inner chunk of 0 rows a ZeroDivisionError (zarr's sharding codec validates the shard grid by it).
+BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError, RecursionError, ArithmeticError)
 
 
 def layer_path(name: str) -> str:
@@ -293,7 +294,7 @@ class Store:
                 raise self._bad_metadata(path, "it describes a group, not an array")
             other = _other_codec(node.metadata.codecs)
             if other is not None:
-                raise self._bad_metadata(path, f"its codec {other!r} is not one of the format's: sharding_indexed, bytes, zstd, crc32c")
+                raise self._bad_metadata(path, other)
             self._arrays[path] = node
         return self._arrays[path]
 
@@ -1166,7 +1167,7 @@ class BoundedZstdCodec(ZstdCodec):
 
 
 def _other_codec(codecs: Iterable[Any]) -> str | None:
-    """The name of the first codec (inner and index codecs of a shard included) that is not one of FORMAT.md §3.1's, else
+    """What is wrong with the first codec (inner and index codecs of a shard included) that is not one of FORMAT.md §3.1's, else
     None: a received store's zarr.json may name any codec zarr knows, and gzip or blosc decompress a chunk to whatever
     size its bytes say, unbounded (only zstd is decoded into the chunk's size, ``BoundedZstdCodec``)."""
     from zarr.codecs import BytesCodec, ShardingCodec
@@ -1177,7 +1178,12 @@ def _other_codec(codecs: Iterable[Any]) -> str | None:
             if inner is not None:
                 return inner
         elif not isinstance(codec, (BytesCodec, BoundedZstdCodec, Crc32cCodec)):
-            return str(codec.to_dict().get("name", type(codec).__name__))
+            name = str(codec.to_dict().get("name", type(codec).__name__))
+            return f"its codec {name!r} is not one of the format's: sharding_indexed, bytes, zstd, crc32c"
+        elif isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value != "little":
+            # FORMAT.md §3.1: little-endian. kdcache's own shard reader and writer (_read_whole_shard) take the bytes as
+            # little-endian, zarr as the metadata says: a store whose values depended on the path that reads them
+            return f"its bytes codec is {codec.endian.value}-endian; the format's is little-endian"
     return None
 
 
@@ -1491,7 +1497,7 @@ def write_layout(group: zarr.Group, manifest: dict[str, Any], location: str) -> 
                            fill_value=0, compressors=None)
         what = "the manifest"
         group.attrs[ATTRS] = manifest  # last: a store without its manifest is never mistaken for one
-    except (*BAD_METADATA, ArithmeticError) as e:  # zarr's checks of what it is given: a chunk of 0 rows divides by zero
+    except BAD_METADATA as e:  # zarr's checks of what it is given: a chunk of 0 rows divides by zero
         raise StoreError(f"cannot create a store at {location!r}: {what}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
@@ -1525,6 +1531,16 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
             raise bad(key, _get(m, key), "a string")
     if m.get("completed") is not None and not isinstance(m["completed"], str):
         raise bad("completed", m["completed"], "an ISO-8601 time string or null")
+    if "compression" in m and not isinstance(m["compression"], dict):  # has_digests reads compression.shard_digests
+        raise bad("compression", m["compression"], "an object")
+    if "precision" in m and not isinstance(m["precision"], str):  # verify --teacher-check looks its tolerance up by it
+        raise bad("precision", m["precision"], "'fp32', 'bf16' or 'fp16'")
+    probes = _get(m, "dataset.probe_fingerprints")  # training fingerprints these dataset items before anything is served
+    if not isinstance(probes, dict) or not probes:
+        raise bad("dataset.probe_fingerprints", probes, '{"0": "<16 hex digits>", "<N-1>": ...}')
+    for i, fp in probes.items():
+        if not (i.isascii() and i.isdecimal() and int(i) < n) or not (isinstance(fp, str) and re.fullmatch("[0-9a-f]{16}", fp)):
+            raise bad(f"dataset.probe_fingerprints.{str(i)[:80]}", fp, f"16 lowercase hex digits under a row number below {n}")
     targets, chunk_rows = m.get("targets"), _get(m, "geometry.chunk_rows")
     if not isinstance(targets, dict) or not targets:
         raise bad("targets", targets, "a non-empty object")
@@ -1533,6 +1549,8 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     for name, t in targets.items():
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t.get("name"):
             raise bad(f"targets.{str(name)[:80]}", t, "a target object")
+        if t["name"] != name:  # FORMAT.md §8: readers look a target up by its key, and read the array of its name
+            raise bad(f"targets.{str(name)[:80]}.name", t["name"], repr(name))
         for key in ("source", "select"):  # read by every command (Target.from_dict): a missing one was a KeyError traceback
             if not isinstance(t.get(key), str):
                 raise bad(f"targets.{str(name)[:80]}.{key}", t.get(key), "a string")

@@ -53,6 +53,20 @@ def array_shards(path: str, rows: int) -> Callable[[Path], None]:
     return damage
 
 
+def inner_chunk(store: Path, path: str, rows: int) -> None:
+    """Damage: the array at ``path`` declares inner chunks of ``rows`` rows."""
+    meta = json.loads((store / path / "zarr.json").read_text())
+    meta["codecs"][0]["configuration"]["chunk_shape"][0] = rows
+    (store / path / "zarr.json").write_text(json.dumps(meta))
+
+
+def big_endian(store: Path, path: str, index: bool) -> None:
+    """Damage: the array at ``path`` declares its inner chunks' (``index``: its shard index's) bytes big-endian."""
+    meta = json.loads((store / path / "zarr.json").read_text())
+    meta["codecs"][0]["configuration"]["index_codecs" if index else "codecs"][0]["configuration"]["endian"] = "big"
+    (store / path / "zarr.json").write_text(json.dumps(meta))
+
+
 def geometry(rows: int) -> Callable[[Path], None]:
     """Damage: the manifest and every array's zarr.json made to agree on one shard of ``rows`` rows (inner chunks too),
     as a received store's could: every other check of the manifest and of the arrays' layout holds."""
@@ -113,6 +127,24 @@ def edit_target(name: str, **fields: Any) -> Callable[[Path], None]:
         (store / "zarr.json").write_text(json.dumps(meta))
 
     return damage
+
+
+def edit_manifest_key(store: Path, key: str, **fields: Any) -> None:
+    """Damage: set ``fields`` of the manifest's object ``key`` (a field set to None is removed)."""
+    meta = json.loads((store / "zarr.json").read_text())
+    obj = meta["attributes"]["kdcache"][key]
+    obj.update(fields)
+    for k in [k for k, v in fields.items() if v is None]:
+        del obj[k]
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def swap_targets(store: Path) -> None:
+    """Damage: the manifest's two target objects exchanged under their keys (``logits`` holds features.3's)."""
+    meta = json.loads((store / "zarr.json").read_text())
+    t = meta["attributes"]["kdcache"]["targets"]
+    t["logits"], t["features.3"] = t["features.3"], t["logits"]
+    (store / "zarr.json").write_text(json.dumps(meta))
 
 
 def group_damaged(key: str, why: str) -> tuple[str, ...]:
@@ -204,6 +236,21 @@ CASES = [
          store=True, report=True, damage=edit_target("features.3", source=None)),
     Case("stats-target-select-a-number", stats, ("targets.features.3.select = 0, expected a string",), store=True,
          damage=edit_target("features.3", select=0)),
+    # -- a manifest key that every command, or training, reads: of the wrong type, once an AttributeError/KeyError traceback
+    Case("info-compression-a-string", info, ("has a damaged manifest: compression = 'zstd', expected an object",
+                                             "re-extract or re-import the store"), store=True,
+         damage=lambda s: edit_manifest(s, compression="zstd")),
+    Case("verify-compression-a-list", verify_cli, ("has a damaged manifest: compression = [1], expected an object",), store=True,
+         report=True, damage=lambda s: edit_manifest(s, compression=[1])),
+    Case("verify-precision-a-list", verify_cli, ("has a damaged manifest: precision = ['fp32']",), store=True, report=True,
+         damage=lambda s: edit_manifest(s, precision=["fp32"])),
+    *[Case(f"train-probe-fingerprints-{name}", train, (f"has a damaged manifest: dataset.probe_fingerprints{key} = {shown}",
+                                                       "re-extract or re-import the store"), store=True,
+           damage=lambda s, v=value: edit_manifest_key(s, "dataset", probe_fingerprints=v))
+      for name, value, key, shown in (("missing", None, "", "None"), ("a-list", [1, 2], "", "[1, 2]"),
+                                      ("a-number", {"0": 12}, ".0", "12"), ("past-the-end", {"50": "0" * 16}, ".50", "'" + "0" * 16 + "'"))],
+    Case("info-target-name-not-its-key", info, ("has a damaged manifest: targets.logits.name = 'features.3', expected 'logits'",),
+         store=True, damage=swap_targets),
     Case("info-format-other", info, ("not a kdcache store (its 'kdcache' root attribute has format 'other', not 'kdcache-store')",),
          store=True, damage=lambda s: edit_manifest(s, format="other")),
     Case("info-manifest-not-an-object", info, ("not a kdcache store (its 'kdcache' root attribute holds [1], not a JSON object)",),
@@ -228,6 +275,17 @@ CASES = [
     Case("train-array-meta-list", train, BAD_LOGITS_META, store=True, damage=write(LOGITS_META, "[]")),
     Case("info-array-meta-a-group", info, (*BAD_LOGITS_META, "it describes a group, not an array"), store=True,
          damage=write(LOGITS_META, '{"zarr_format": 3, "node_type": "group"}')),
+    *[Case(f"{verb}-array-meta-inner-chunk-of-0-rows", args, (*BAD_LOGITS_META, "ZeroDivisionError"), store=True,
+           damage=lambda s: inner_chunk(s, LOGITS, 0))  # once a ZeroDivisionError traceback from zarr's sharding codec
+      for verb, args in (("info", info), ("train", train))],
+    Case("verify-array-meta-inner-chunk-of-0-rows", verify_cli, ("targets/logits/zarr.json is not valid zarr metadata", "ZeroDivisionError"),
+         store=True, report=True, damage=lambda s: inner_chunk(s, LOGITS, 0)),
+    # big-endian bytes: kdcache's whole-shard reader took the bytes as little-endian and zarr (a part of a shard: verify
+    # --teacher-check, a zip) as big-endian, so verify passed a store whose rows read two ways
+    *[Case(f"{verb}-array-meta-big-endian{part}", args, (f"'{LOGITS_META}' is not valid zarr metadata (its bytes codec is big-endian; "
+                                                         "the format's is little-endian)",), store=True, report=verb == "verify",
+           damage=lambda s, i=index: big_endian(s, LOGITS, i))
+      for verb, args in (("verify", verify_cli), ("train", train)) for part, index in (("", False), ("-index", True))],
     Case("info-array-meta-bad-codecs", info, (*BAD_LOGITS_META, "TypeError"), store=True, damage=edit_metadata(LOGITS, codecs=7)),
     Case("train-array-meta-wrong-rows", train, (*BAD_LOGITS_META, "it says [40, 4] float16, the manifest says [50, 4] float16"),
          store=True, damage=edit_metadata(LOGITS, shape=[40, 4])),

@@ -225,6 +225,43 @@ def test_a_digest_row_of_zeros_in_the_file_is_damage_not_unchecked(exported, tin
     assert snapshot(victim) == before
 
 
+def set_rows(h5: Path, path: str, shard: int, edit) -> None:
+    """Change rows of dataset ``path`` in shard ``shard`` (16 rows) by ``edit``, with the file's digest made to agree,
+    as another tool writing the file (or a hand) would: only the values say what is wrong."""
+    from kdcache.store import shard_digest
+
+    with h5py.File(h5, "r+") as f:
+        rows = f[path][shard * 16 : shard * 16 + 16]
+        edit(rows)
+        f[path][shard * 16 : shard * 16 + 16] = rows
+        digests = f["progress/digest"][:]
+        paths = sorted(["samples/index", "samples/fingerprint", "samples/label", "targets/logits", "targets/layers/features.3"])
+        digests[shard, paths.index(path)] = shard_digest(path, shard, [rows])
+        f["progress/digest"][:] = digests
+
+
+@pytest.mark.parametrize("path, edit, match", [
+    ("targets/logits", lambda r: r.__setitem__((4, 1), np.nan), "dataset 'targets/logits' rows 16-31 hold NaN or inf in 1 rows (first row 20)"),
+    ("targets/layers/features.3", lambda r: r.__setitem__((3, 0, 0, 0), np.inf),
+     "dataset 'targets/layers/features.3' rows 16-31 hold NaN or inf in 1 rows (first row 19)"),
+    ("samples/index", lambda r: r.__setitem__(5, 7), "dataset 'samples/index' rows 16-31 hold index[r] != r at 1 rows (first row 21: 7)"),
+    ("samples/fingerprint", lambda r: r.__setitem__(2, 0), "dataset 'samples/fingerprint' rows 16-31 hold 1 rows without a fingerprint"),
+])
+def test_import_refuses_values_no_store_may_hold(exported, tiny_store, tmp_path, path, edit, match):
+    """FORMAT.md §5/§7: a store holds finite targets, index[r] == r and a fingerprint per row (extract refuses the
+    teacher's NaN). import wrote such rows from a file whose digests agreed with them: the store then failed verify,
+    and training from it ended "training diverged ... lower train.lr" for a NaN target."""
+    h5 = copy_of(exported, tmp_path / "values.h5")
+    set_rows(h5, path, 1, edit)
+    _, line = cli("import", h5, tmp_path / "new.zarr")
+    assert match in line and "left partial (1/4 shards imported)" in line, line
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert match in line and "nothing was changed" in line, line
+    assert snapshot(victim) == before
+
+
 def test_import_names_its_store_argument(exported, tmp_path):
     (tmp_path / "afile").write_text("keep")
     for store in ("afile", "afile/x.zarr"):
