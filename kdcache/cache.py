@@ -26,15 +26,15 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, storage, store as layout, threads
-from kdcache.errors import AlignmentError, PipelineError, StoreError
+from kdcache.errors import AlignmentError, PipelineError, StoreError, short
 
 
 class TransferSet(IterableDataset):
     """Batches ``{"rows", "index", "inputs", "targets": {path: tensor}, "label"}`` for one epoch.
 
-    ``rows``: the store rows to use (default: every row of a done shard). ``paths``: the targets to read, by name
-    (``"logits"``, a layer's name) or array path (``"targets/logits"``); ``batch["targets"]`` is keyed by array path
-    (``store.targets[name].path``); ``samples/*`` columns are always read. ``shuffle=False`` keeps store order.
+    ``rows``: the store rows to use, of done shards (default: every row of a done shard; others are refused). ``paths``:
+    the targets to read, by name (``"logits"``, a layer's name) or array path (``"targets/logits"``); ``batch["targets"]``
+    is keyed by array path (``store.targets[name].path``); ``samples/*`` columns are always read. ``shuffle=False`` keeps store order.
     Public as ``kdcache.TransferSet``, for a training loop of one's own (README).
     """
 
@@ -73,7 +73,7 @@ class TransferSet(IterableDataset):
         self.fingerprint_check, self.fingerprint_recheck = fingerprint_check, fingerprint_recheck
         self.streams, self.stream = max(1, streams), stream  # see _stream_steps
         self.rows_per_shard = store.rows_per_shard
-        self.rows = np.asarray(rows if rows is not None else done_rows(store), dtype=np.int64)
+        self.rows = done_rows(store) if rows is None else _checked_rows(rows, store)
         self.groups = ShardGroups.of(self.rows, self.rows_per_shard)
         self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent DataLoader workers see set_epoch
         self._skip = multiprocessing.RawValue("q", 0)  # and its batches to leave out
@@ -449,6 +449,31 @@ def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:
 def local_ranks() -> int:
     """How many of torchrun's ranks run on this machine (``LOCAL_WORLD_SIZE``), each reading its own targets; 1 outside it."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 1
+
+
+def _checked_rows(rows: Any, store: layout.Store) -> np.ndarray:
+    """``rows`` as int64 store rows, else an error naming the first that is not one: a row of a shard not done (in RAM its
+    fill values, index 0 and zero targets, were served with dataset item 0's input, or called a changed dataset), one
+    outside the store (a traceback, or in RAM a negative row read from the end), or a number that is not an integer."""
+    given = np.asarray(rows)
+    if given.ndim == 1 and given.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if given.ndim != 1 or given.dtype.kind not in "iu":  # a float would be cut to another row, a boolean mask read as rows 0 and 1
+        raise PipelineError(f"rows must be a 1-D sequence of integer store rows, got {short(rows)}; e.g. np.array([0, 5, 9])")
+    outside = np.flatnonzero((given < 0) | (given >= store.num_samples))
+    if len(outside):
+        raise PipelineError(f"rows must be store rows from 0 to {store.num_samples - 1} of {store.location!r}, got {int(given[outside[0]])}")
+    out = given.astype(np.int64)
+    done = store.done()
+    undone = np.flatnonzero(~done[out // store.rows_per_shard])
+    if len(undone):
+        row = int(out[undone[0]])
+        shard = row // store.rows_per_shard
+        lo, hi = store.shard_rows(shard)
+        raise StoreError(f"rows include row {row} of shard {shard} (rows {lo}-{hi - 1}), which is not done: {store.location!r} is "
+                         f"incomplete ({int(done.sum())}/{store.num_shards} shards done) and a shard not done holds no targets; pass rows "
+                         "of done shards only (kdcache.cache.done_rows(store)), or finish the store with kdcache extract")
+    return out
 
 
 def _target_path(store: layout.Store, target: str) -> str:

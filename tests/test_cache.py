@@ -426,6 +426,35 @@ def test_incomplete_store_serves_done_shards_only(numbered_store, tmp_path):
 
 
 @pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_rows_of_a_shard_not_done_are_refused_when_asked_for(numbered_store, tmp_path, budget):
+    """rows= naming rows of a shard not yet written (a store still being extracted): in RAM they read as the fill values,
+    index 0 and zero logits, and were served as dataset item 0's targets (fingerprint_check = 0: without a word; else an
+    AlignmentError blaming a changed dataset); streamed, the first read of the shard failed. Refused up front now."""
+    location = tmp_path / "partial.zarr"
+    shutil.copytree(numbered_store, location)
+    zarr.open_group(location, mode="r+")[layout.DONE][2] = False  # rows 32..47, never written:
+    for chunk in [*location.glob("samples/*/c/2"), *location.glob("targets/*/c/2"), location / "progress" / "digest" / "c" / "2"]:
+        shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+    with pytest.raises(StoreError, match=r"^rows include row 32 of shard 2 \(rows 32-47\), which is not done: .* is incomplete "
+                                         r"\(6/7 shards done\).*pass rows of done shards only"):
+        transfer(str(location), rows=np.arange(N), memory_budget_mb=budget, fingerprint_check=0.0)
+    ok = np.setdiff1d(np.arange(0, N, 3), np.arange(32, 48))
+    for batch in serve(transfer(str(location), rows=ok, memory_budget_mb=budget), 0):
+        check_aligned(batch)
+
+
+@pytest.mark.parametrize("rows, said", [([5, N], rf"store rows from 0 to {N - 1} .*, got {N}$"), ([-1, 5], r"got -1$"),
+                                        ([2.7, 5.0], r"integer store rows, got \[2\.7, 5\.0\]"),
+                                        (np.arange(N) % 3 == 0, r"integer store rows, got array\(\[ True"), ([[1, 2]], r"1-D")])
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_rows_that_are_not_store_rows_are_refused(numbered_store, rows, said, budget):
+    """Out of range was an IndexError at the first batch; -1 was the last row in RAM and left out streamed; 2.7 was row 2;
+    a boolean mask (the labeled rows) was rows 0 and 1 over and over."""
+    with pytest.raises(PipelineError, match=said):
+        transfer(numbered_store, rows=rows, memory_budget_mb=budget)
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
 def test_an_epoch_started_early_keeps_its_own_plan_and_check(numbered_store, budget):
     """``train`` starts epoch e+1's batches before it saves epoch e, then sets no epoch until they are
     served; an iterator made before a later ``set_epoch`` must still serve its own epoch, fully checked."""
