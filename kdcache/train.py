@@ -201,9 +201,9 @@ def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> 
     n = transfer.batches_per_epoch(epoch)
     if n == 0:
         where = "" if transfer.in_memory else f" (streamed in buffers of {', '.join(map(str, transfer.buffer_sizes(epoch)))} rows)"
+        buffers = "" if transfer.in_memory else " (or raise train.shuffle_buffer_shards)"  # in RAM a buffer is one batch
         raise PipelineError(f"train.drop_last = true leaves no batch in epoch {epoch}: {len(transfer.rows)} rows{where} and "
-                            f"train.batch_size = {batch_size}; lower train.batch_size (or raise train.shuffle_buffer_shards), "
-                            "or set train.drop_last = false")
+                            f"train.batch_size = {batch_size}; lower train.batch_size{buffers}, or set train.drop_last = false")
     return n
 
 

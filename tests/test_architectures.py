@@ -114,9 +114,11 @@ def test_drop_last_that_leaves_no_batch_is_refused_before_training(tmp_path, bud
     p = pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0})
     store = extracted(p, tmp_path)
     for steps in (0, 5):  # epochs (nothing to train), steps (a loop that would never reach them)
-        with pytest.raises(PipelineError, match=r"train.drop_last = true leaves no batch in epoch 0: 17 rows.*batch_size = 32"):
+        with pytest.raises(PipelineError, match=r"train.drop_last = true leaves no batch in epoch 0: 17 rows.*batch_size = 32") as e:
             kdcache.train(pipeline(student="batchnorm_student", data="images_17", loss={"kl": 1.0}, drop_last=True, batch_size=32,
                                    steps=steps, memory_budget_mb=budget), store.location, tmp_path / "run")
+        # in RAM a buffer is one batch: more shards a buffer would change nothing
+        assert ("train.shuffle_buffer_shards" in str(e.value)) == (budget == 0), str(e.value)
         assert not (tmp_path / "run").exists()
 
 
