@@ -415,6 +415,7 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
                         seed=seed, tolerance=tolerance)
     click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
     if not report["ok"]:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's reads still running when one failed: see _errors
         sys.exit(1)
 
 

@@ -23,31 +23,49 @@ from kdcache.errors import StoreError, one_line, short
 REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (pyproject.toml): s3:// and http(s)://
 
 
+MAX_METADATA_BYTES = 128 * 2**20  # a zarr.json larger than this is refused unread (a kdcache manifest takes a few KB)
+
+
 class _LocalStore(zarr.storage.LocalStore):
     """zarr's local folder store, reading only regular files inside the folder (``local_object``): a store received
     from elsewhere may hold a link to any file of the recipient's (which ``pack`` would copy into the zip it hands on),
-    to ``/dev/zero`` (a read that never ends), or a FIFO (a read that waits forever)."""
+    to ``/dev/zero`` (a read that never ends), or a FIFO (a read that waits forever). Nor does it read an object larger
+    than it can be (``at_most``): a sparse file of 100 GB takes 4 KB on disk and survives a tarball, and zarr reads an
+    object (a shard's inner chunk: any range its index names) whole into memory."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.object_bounds: dict[str, int] = {}  # array path → most bytes one of its chunk objects holds (Store.array sets it)
+
+    def at_most(self, key: str) -> int | None:
+        """The most bytes the object ``key`` may hold; None: not known (an array not opened through ``Store.array``)."""
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            return MAX_METADATA_BYTES
+        path, sep, _ = key.rpartition("/c/")  # a chunk's key: its array's path, "/c/", the chunk's grid coordinates
+        return self.object_bounds.get(path) if sep else None
 
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
-        local_object(self.root, key)
+        local_object(self.root, key, self.at_most(key))
         return await super().get(key, prototype, byte_range)
 
     async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
         key_ranges = list(key_ranges)
         for key, _ in key_ranges:
-            local_object(self.root, key)
+            local_object(self.root, key, self.at_most(key))
         return await super().get_partial_values(prototype, key_ranges)
 
 
-def local_object(root: str | os.PathLike[str], key: str) -> Path:
+def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = None) -> Path:
     """The file of the object ``key`` of the local store folder ``root``, once it is found to be a regular file inside
-    the folder (or absent: read as missing). A link to a file elsewhere, or a special file (a FIFO, a device, a
-    socket), is a StoreError naming it: nothing of it is read."""
+    the folder (or absent: read as missing) of at most ``at_most`` bytes (when given). A link to a file elsewhere, a
+    special file (a FIFO, a device, a socket) or a file larger than the object can be is a StoreError naming it:
+    nothing of it is read."""
     path = Path(root, *key.split("/"))
     try:
-        mode = os.stat(path).st_mode
+        found = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return path
+    mode = found.st_mode
     if stat.S_ISDIR(mode):
         return path  # not an object: zarr reads it as absent
     real, folder = os.path.realpath(path), os.path.realpath(root)
@@ -55,6 +73,9 @@ def local_object(root: str | os.PathLike[str], key: str) -> Path:
         why = f"is a link to {short(real)}, outside the store folder"
     elif not stat.S_ISREG(mode):
         why = f"is not a regular file (it leads to {'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'} {short(real)})"
+    elif at_most is not None and found.st_size > at_most:
+        raise StoreError(f"{str(root)!r} is damaged: object {short(key)} holds {found.st_size:,} bytes, more than it can "
+                         f"({at_most:,}: FORMAT.md §13), and is not read; run kdcache verify {str(root)}, and copy the store again from its source")
     else:
         return path
     raise StoreError(f"{str(root)!r} is unsafe to read: object {short(key)} {why}; kdcache reads only regular files inside a "

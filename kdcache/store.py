@@ -295,6 +295,9 @@ class Store:
             other = _other_codec(node.metadata.codecs)
             if other is not None:
                 raise self._bad_metadata(path, other)
+            bounds = getattr(self.group.store, "object_bounds", None)  # a local folder's: an object larger is refused unread
+            if bounds is not None:
+                bounds[path] = object_bound(node)
             self._arrays[path] = node
         return self._arrays[path]
 
@@ -373,6 +376,8 @@ class Store:
             raise self._bad_metadata(DIGEST, f"it says {list(array.shape)} {array.dtype}, expected {list(want)} uint32")
         try:
             return np.asarray(array[:])
+        except StoreError:  # an object refused unread (storage.local_object): it names itself
+            raise
         except Exception as e:  # noqa: BLE001 - a digest object that does not decode
             if _transport(e):
                 raise self._unreadable(DIGEST, 0, self.num_shards, e) from None
@@ -600,7 +605,7 @@ class Store:
             sums = found.setdefault(s, []) if crcs is not None else None
             if fetch:
                 try:
-                    raw = self._get(self.shard_key(path, s), at_most=self._shard_bound(array))
+                    raw = self._get(self.shard_key(path, s), at_most=object_bound(array))
                 except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
                     if _on_the_way(e):
                         raise self._unreadable(path, start, stop, e) from None
@@ -614,13 +619,6 @@ class Store:
         if crcs is not None:
             crcs.update(found)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def _shard_bound(self, array: zarr.Array) -> int:
-        """At most how many bytes one shard object of ``array`` holds (FORMAT.md §3.1): its rows uncompressed, a crc32c
-        per inner chunk and the index. zstd only makes it smaller (or, on incompressible data, larger by a few bytes
-        per KB: a shard near the bound is fetched in parts all the same)."""
-        rows, chunk = self.rows_per_shard, array.chunks[0]
-        return rows * math.prod(array.shape[1:]) * array.dtype.itemsize + (-(-rows // chunk)) * 20 + 4
 
     def _object_problems(self, keys: list[str]) -> list[str | None]:
         """``"missing"`` or ``"empty"`` for each storage object that should hold data, else None; the objects
@@ -1065,7 +1063,9 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     count = -(-rows // chunk)  # inner chunks holding rows; those past the array's end are never written
     if raw is None:
         file = _shard_file(array, shard)
-        local_object(array.store.root, file.relative_to(array.store.root).as_posix())  # never a link out, a FIFO or a device
+        key = file.relative_to(array.store.root).as_posix()
+        bound = array.store.at_most(key) if hasattr(array.store, "at_most") else None
+        local_object(array.store.root, key, bound)  # never a link out, a FIFO, a device or a sparse giant
         try:
             raw = np.fromfile(file, dtype=np.uint8)
         except OSError:
@@ -1111,6 +1111,16 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     if crcs is not None:
         crcs.extend((crc, size) for crc in found)
     return out[:rows]
+
+
+def object_bound(array: zarr.Array) -> int:
+    """At most how many bytes one storage object of ``array`` holds (FORMAT.md §3.1, §13): each of its inner chunks at
+    zstd's worst case with room to spare (``ZSTD_compressBound``: n + n/256 + 64 bytes for incompressible data; its
+    checksum, 4) with its crc32c, and a shard's index. A chunk past the array's end is not stored; a partial one is
+    stored whole."""
+    slots = array.shards[0] // array.chunks[0] if array.shards else 1
+    chunk = math.prod(array.chunks) * array.dtype.itemsize
+    return slots * (chunk + chunk // 128 + 128) + (slots * 16 + 4 if array.shards else 0)
 
 
 def _direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | None:

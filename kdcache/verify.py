@@ -299,7 +299,7 @@ def report_text(report: dict[str, Any]) -> str:
     """The human form of a verify report: one line per check, its problems indented under it."""
     lines = [f"store       {report['location']}"]
     for c in report["checks"]:
-        lines.append(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<13} {c['summary']}" + ("" if c["ok"] else f"  ({c['problem_count']} problems)"))
+        lines.append(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<13} {c['summary']}" + ("" if c["ok"] else f"  ({c['problem_count']} problem{'s' * (c['problem_count'] != 1)})"))
         lines += [f"      - {p}" for p in c["problems"]]
         if c["problem_count"] > len(c["problems"]):
             lines.append(f"      ... and {c['problem_count'] - len(c['problems'])} more")

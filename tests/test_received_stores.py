@@ -259,18 +259,21 @@ def with_chunk(raw: bytes, slots: int, i: int, body: bytes) -> bytes:
 
 
 def bombed(tiny_store: str, tmp_path: Path, size: int) -> Path:
-    """A copy of the tiny store whose logits shard 1 has a first inner chunk that decompresses to ``size`` bytes."""
+    """A copy of the tiny store whose logits shard 1 has a first inner chunk whose zstd frame declares ``size`` bytes (a
+    decoder that trusts it allocates them). The frame is cut to its first 32 blocks (4 MiB, 141 bytes): an object larger
+    than its array's chunks can compress to is refused unread (``test_safety``), and 1 GiB of zeros takes 32 KB; in an
+    array of larger chunks (1 MiB: up to 32 GiB declared) the whole frame fits."""
     import json
 
     store = copy(tiny_store, tmp_path)
     meta = json.loads((store / LOGITS / "zarr.json").read_text())
     slots = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // meta["codecs"][0]["configuration"]["chunk_shape"][0]
-    (store / SHARD).write_bytes(with_chunk((store / SHARD).read_bytes(), slots, 0, zstd_bomb(size)))
+    (store / SHARD).write_bytes(with_chunk((store / SHARD).read_bytes(), slots, 0, zstd_bomb(size)[: 13 + 4 * 32]))
     return store
 
 
 def test_a_compression_bomb_in_a_checksum_valid_chunk_is_refused_without_decompressing_it(tiny_store, tmp_path):
-    """32 KB of a received store's chunk (its crc32c made to agree) that decompress to 1 GiB: every read allocated the
+    """A received store's chunk (its crc32c made to agree) whose zstd frame declares 1 GiB: every read allocated the
     gigabyte (the direct reader and then zarr's, twice), and a few MB of such chunks took more than the machine's memory
     before the size mismatch was seen. Decoding is bounded by the chunk's size: named as damage, nothing allocated."""
     import tracemalloc
@@ -293,7 +296,7 @@ def test_a_compression_bomb_in_a_checksum_valid_chunk_is_refused_without_decompr
 
 @pytest.mark.parametrize("packed", [False, True], ids=["folder", "zip"])
 def test_verify_and_train_of_a_store_with_a_compression_bomb_end_in_one_line(tiny_store, tmp_path, packed):
-    """8 GiB declared in 256 KB, under a 2 GiB memory limit: verify names the shard (a MemoryError or an OOM kill before),
+    """8 GiB declared in a chunk's frame, under a 2 GiB memory limit: verify names the shard (a MemoryError or an OOM kill before),
     a zipped copy too (read through zarr, not the direct reader), and train stops on one line."""
     store = bombed(tiny_store, tmp_path, 2**33)
     if packed:

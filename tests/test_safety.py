@@ -148,3 +148,42 @@ def test_damaged_manifests_are_refused_with_the_key(tiny_store, tmp_path, edit, 
         open_store(str(store))
     r = CliRunner().invoke(main, ["verify", str(store), "--json"])
     assert r.exit_code == 1 and "damaged manifest" in r.output
+
+
+GIANT = 64 * 2**30  # a sparse file: 4 KB on disk (it survives a tarball), 64 GiB to whoever reads it
+
+
+@pytest.mark.parametrize("command, target", [
+    ("verify", "targets/logits/c/1/0"),  # a shard object (read whole by kdcache's own reader, in ranges by zarr's)
+    ("verify", "samples/index/c/0"),
+    ("verify", "progress/done/c/1"),  # a one-byte done marker
+    ("verify", "progress/digest/c/2/0"),  # a digest row
+    ("info", "zarr.json"),  # the manifest's object
+    ("info", "targets/logits/zarr.json"),
+    ("pack", "targets/logits/c/0/0"),
+    ("train", "targets/layers/features.3/c/1/0/0/0"),
+])
+def test_an_object_larger_than_it_can_be_is_refused_unread(tiny_store, tmp_path, command, target):
+    """A received store's object may be a sparse file of any size: kdcache reads no object larger than the format lets it
+    be (a shard: its chunks at zstd's worst case and its index; a marker, a digest row; metadata: 128 MiB), so memory
+    stays flat and the damage is named in one line, where a whole read took 8 GB for 2 GiB and a 100 GiB one ended in
+    a MemoryError traceback."""
+    import os
+    import subprocess
+
+    store = tmp_path / "giant.zarr"
+    shutil.copytree(tiny_store, store)
+    os.truncate(store / target, GIANT)
+    fixtures = Path(__file__).parent / "fixtures"
+    args = {"verify": ["verify", str(store)], "info": ["info", str(store)], "pack": ["pack", str(store), str(tmp_path / "p.zarr.zip")],
+            "train": ["train", str(fixtures / "tiny.toml"), "--cache", str(store), "--out", str(tmp_path / "run")]}[command]
+    with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "kdcache", *args], stdout=out, stderr=err, cwd=fixtures)
+        _, status, usage = os.wait4(p.pid, 0)  # its own peak memory, not the test process's
+        said_out, said = Path(out.name).read_text(), Path(err.name).read_text()
+    assert os.waitstatus_to_exitcode(status) == 1, (said_out, said)
+    assert f"object '{target}' holds {GIANT:,} bytes, more than it can" in said_out + said and "Traceback" not in said, (said_out, said)
+    if command != "verify":  # verify lists it among its checks' FAIL lines
+        assert said.count("\n") == 1 and said.startswith("Error: "), said
+    assert usage.ru_maxrss < 1024 * 2**10, usage.ru_maxrss  # KiB: well under 1 GiB, whatever the object claims
+    assert not (tmp_path / "p.zarr.zip").exists() and not (tmp_path / "run").exists()
