@@ -476,8 +476,10 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
     if w.ce and not store.has_labels:
         raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
-    if not (needs_logits or w.ce or t.features):
-        raise PipelineError(f"{pipeline.source}: every loss weight is 0 and train.features is empty; nothing to learn from")
+    if not (needs_logits or w.ce or any(spec.get("weight", 1.0) for spec in t.features.values())):
+        features = "train.features is empty" if not t.features else "every train.features entry has weight 0"
+        raise PipelineError(f"{pipeline.source}: every loss weight is 0 and {features}; nothing to learn from: "
+                            "set a weight above 0 (train.loss.kl, mse, ce or a train.features weight), e.g. train.loss.kl = 1.0")
     stored = {tg.name: tg for tg in store.targets.values()}
     features: dict[str, tuple[str, float, str]] = {}
     for layer, spec in t.features.items():

@@ -339,6 +339,14 @@ def test_feature_layer_missing_from_store_is_a_pipeline_error(store32, tmp_path)
         train(pipeline(*PLAIN, "train.loss.kl=0", "train.loss.ce=0"), store32, tmp_path / "run")
 
 
+def test_feature_weights_all_zero_with_every_loss_weight_zero_is_nothing_to_learn(tiny_store, tmp_path):
+    """A train.features entry of weight 0 is no loss either: the run would train on a loss of 0 (weight decay alone)."""
+    p = pipeline("train.eval_split=''", "train.loss.kl=0", "train.loss.ce=0", 'train.features."features.3".weight=0')
+    with pytest.raises(PipelineError, match=r"every loss weight is 0 and every train.features entry has weight 0; nothing to learn"):
+        train(p, tiny_store, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------- outputs
 
 
