@@ -895,7 +895,7 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
     # those): K torchrun ranks of train.streams = 1 resume in one process with train.streams = K
     resumable = RESUMABLE | ({"streams"} if "streams" in (checkpoint.get("order") or {}) else set())
     for section in ("student", "train"):
-        old, new = _flat(recorded.get(section, {}), section), _flat(current[section], section)
+        old, new = (_flat(_feature_defaults(values, section), section) for values in (recorded.get(section, {}), current[section]))
         # a value an earlier kdcache did not record (train.drop_last, say) was its default then
         old = {**{k: v for k, v in _flat(defaults[section], section).items() if k in new}, **old}
         for key in sorted(set(old) | set(new)):
@@ -907,6 +907,19 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
     if length:  # allowed, but not the run its checkpoint began: say so
         print(f"--resume: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
               "here on, so the result is neither the earlier plan's nor a fresh run's (pipeline.json keeps the run's values)")
+
+
+FEATURE_DEFAULTS = {"weight": 1.0, "select": "auto"}  # what a train.features entry that leaves them out has
+
+
+def _feature_defaults(values: Any, section: str) -> Any:
+    """A section of pipeline.json with each train.features entry's omitted keys at their defaults: an entry that spells
+    out ``weight = 1.0`` or ``select = "auto"`` is the same run as one that leaves them out."""
+    features = values.get("features") if section == "train" and isinstance(values, dict) else None
+    if not isinstance(features, dict):
+        return values
+    return {**values, "features": {layer: {**FEATURE_DEFAULTS, **spec} if isinstance(spec, dict) else spec
+                                   for layer, spec in features.items()}}
 
 
 def _brief(value: Any) -> str:

@@ -559,6 +559,19 @@ def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tiny_s
     assert [m["epoch"] for m in metrics(out)] == [0, 1]
 
 
+def test_a_feature_entry_that_spells_out_its_defaults_resumes_the_run_that_left_them_out(tiny_store, tmp_path):
+    """weight = 1.0 and select = "auto" in a train.features entry are what leaving them out means: a resume that
+    writes them (or drops them) continues the same run; another value is still refused."""
+    out, bare = tmp_path / "run", "train.features={ 'features.3' = { student = 'conv' } }"
+    train_cut_after_first_epoch(pipeline("train.epochs=2", bare), tiny_store, out)
+    with pytest.raises(PipelineError, match=r"--resume: train.features.features.3.weight was 1.0 in this run .* now 0.5"):
+        train(pipeline("train.epochs=2", "train.features={ 'features.3' = { student = 'conv', weight = 0.5 } }"), tiny_store, out,
+              resume=True)
+    train(pipeline("train.epochs=2", "train.features={ 'features.3' = { student = 'conv', weight = 1.0, select = 'auto' } }"),
+          tiny_store, out, resume=True)
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]
+
+
 def test_two_teacher_layers_may_be_distilled_into_one_student_module(tmp_path):
     """One student module, two feature losses: its output is captured once per forward (not taken for a shared module)."""
     store = extract_tiny(tmp_path / "two.zarr", "targets.layers=['features.1', 'features.3']")
