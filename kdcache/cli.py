@@ -196,8 +196,17 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 def _load(pipeline: str, overrides: tuple[str, ...], **flags: Any) -> Any:
     from kdcache.pipeline import load
 
-    extra = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    extra = [f"{key}={_toml(value)}" for key, value in flags.items() if value is not None]
     return load(pipeline, list(overrides) + extra)
+
+
+def _toml(value: Any) -> str:
+    """A flag's value as TOML text that reads back as the value. JSON's ASCII escapes are not TOML's for a character
+    beyond the BMP (a surrogate pair, which TOML refuses: the override then took the JSON text, quotes and all, as
+    the value), and TOML wants DEL escaped, which JSON leaves as is."""
+    if isinstance(value, list):
+        return f"[{', '.join(map(_toml, value))}]"
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _progress(flag: bool | None) -> bool:

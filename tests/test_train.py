@@ -192,6 +192,19 @@ def test_eval_cache_without_labels_reports_agreement_only(tiny_store, tmp_path):
     assert "eval_agreement" in line and "eval_accuracy" not in line and "eval_teacher_accuracy" not in line
 
 
+def test_the_shortcut_flags_take_any_text_as_it_is(tiny_store, test_store, tmp_path):
+    """--eval-cache (and --device, --layers) reach the pipeline as TOML text: a path holding a character beyond the BMP
+    (an emoji) or DEL is that path, not the JSON text it was written as ('"\\ud83d..."': no store there)."""
+    evaluated = tmp_path / "t\u00e9st \U0001f600\x7f.zarr"
+    shutil.copytree(test_store, evaluated)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", "1",
+                                           "--eval-cache", str(evaluated)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "pipeline.json").read_text())["train"]["eval_cache"] == str(evaluated)
+    assert "eval_agreement" in metrics(out)[-1]
+
+
 def test_a_failed_overwrite_leaves_the_earlier_run(tiny_store, tmp_path, monkeypatch):
     """--overwrite replaces the earlier run's files only once the new run has saved its first epoch: one that
     fails before (here, a dataset that changed since extraction) leaves them as they were."""
