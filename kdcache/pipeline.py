@@ -101,8 +101,11 @@ class TrainSection:
     drop_last: bool = False  # leave out the incomplete last batch of each buffer (BatchNorm cannot train on one sample)
     precision: str = "fp32"  # bf16 / fp16: autocast for the student's forward (fp16 with a dynamic loss scale)
     loss: LossSection = field(default_factory=LossSection)
-    # teacher layer -> {"student": module name, "weight": float, "select": part of the module's output (default "auto")}
+    # teacher layer -> {"student": module name, "weight": float, "select": part of the module's output} (FEATURE_DEFAULTS)
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+FEATURE_DEFAULTS = {"weight": 1.0, "select": "auto"}  # what a train.features entry that leaves them out has
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
                 raise PipelineError(
                     f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {spec!r}"
                 )
-            _check(spec.get("weight", 1.0), "float", f"train.features.{layer!r}.weight", source)
+            _check(spec.get("weight", FEATURE_DEFAULTS["weight"]), "float", f"train.features.{layer!r}.weight", source)
             if "select" in spec:
                 spec["select"] = _selector(spec["select"], f"train.features.{layer!r}.select", source)
     return cls(**kwargs)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from kdcache import cache, data, distributed, locking, losses, store as layout, teacher as teachers
 from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
                             raised, write_fix)
-from kdcache.pipeline import Pipeline
+from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline
 from kdcache.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -476,13 +476,14 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
     if w.ce and not store.has_labels:
         raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
-    if not (needs_logits or w.ce or any(spec.get("weight", 1.0) for spec in t.features.values())):
+    specs = {layer: {**FEATURE_DEFAULTS, **spec} for layer, spec in t.features.items()}
+    if not (needs_logits or w.ce or any(spec["weight"] for spec in specs.values())):
         features = "train.features is empty" if not t.features else "every train.features entry has weight 0"
         raise PipelineError(f"{pipeline.source}: every loss weight is 0 and {features}; nothing to learn from: "
                             "set a weight above 0 (train.loss.kl, mse, ce or a train.features weight), e.g. train.loss.kl = 1.0")
     stored = {tg.name: tg for tg in store.targets.values()}
     features: dict[str, tuple[str, float, str]] = {}
-    for layer, spec in t.features.items():
+    for layer, spec in specs.items():
         if layer not in stored:
             layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
             raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store (its layers: "
@@ -490,7 +491,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         if stored[layer].path == layout.LOGITS:
             raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
                                 "train.loss.mse, and list only layers from targets.layers under train.features")
-        features[stored[layer].path] = (spec["student"], float(spec.get("weight", 1.0)), spec.get("select", "auto"))
+        features[stored[layer].path] = (spec["student"], float(spec["weight"]), spec["select"])
     teachers.check_layers(student, tuple(m for m, _, _ in features.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
               select=pipeline.student.select, precision=t.precision)
@@ -907,9 +908,6 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
     if length:  # allowed, but not the run its checkpoint began: say so
         print(f"--resume: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
               "here on, so the result is neither the earlier plan's nor a fresh run's (pipeline.json keeps the run's values)")
-
-
-FEATURE_DEFAULTS = {"weight": 1.0, "select": "auto"}  # what a train.features entry that leaves them out has
 
 
 def _feature_defaults(values: Any, section: str) -> Any:
