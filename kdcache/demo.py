@@ -13,13 +13,14 @@ Only the public API is used, with the same pipeline file users copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
-from kdcache.errors import StoreError, write_fix
+from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.train import check_values, train
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "mnist.toml"
@@ -31,10 +32,14 @@ STUDENTS = {  # name -> (description, overrides)
 }
 
 
+OWN_KEYS = ("data.split", "train.loss.kl", "train.loss.ce", "train.subset", "train.eval_cache")  # set per extract and student
+
+
 def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, overrides: tuple[str, ...] = (),
          progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the figures."""
     out = Path(out)
+    _refuse_own_keys(pipeline, overrides)
     base = ["train.eval_every=0"] + list(overrides)  # evaluate each student once, after its last step
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
     # Every pipeline (the students' too, with train's own checks) and the folder are validated before anything is
@@ -83,6 +88,21 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
         raise StoreError(f"cannot write {str(out / 'summary.json')!r}: {e.strerror or e}; {write_fix(e)} and rerun kdcache demo") from None
     echo(table(summary))
     return summary
+
+
+def _refuse_own_keys(pipeline: str | Path, overrides: tuple[str, ...]) -> None:
+    """Refuse overrides that change a value the demo sets itself for each extract and student (OWN_KEYS), in any form
+    (``train.subset=100``, ``train={subset=100}``): the student's own value would win, silently, and the table would
+    still describe the demo's (``--set train.subset=100`` trained B and C on 100 rows under "all 50,000")."""
+    if not overrides:
+        return
+    given, default = kdcache.load_pipeline(pipeline, list(overrides)), kdcache.load_pipeline(pipeline, [])
+    for key in OWN_KEYS:
+        value = functools.reduce(getattr, key.split("."), given)
+        if value != functools.reduce(getattr, key.split("."), default):
+            raise PipelineError(f"demo --set {key}={value!r}: the demo sets {key} itself, for each of its extracts and students "
+                                "(the table describes them); leave it out, or run kdcache extract and kdcache train with "
+                                f"{PIPELINE.name} and your values")
 
 
 def _make_out(out: Path) -> None:

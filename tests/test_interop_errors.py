@@ -357,6 +357,12 @@ def test_demo_out_is_a_file(tmp_path):
     ("train.epochs=abc", "train.epochs must be a whole number >= 0, got 'abc'"),
     ("train.lr=0", "train.lr must be > 0"),  # train's own check, once only after both extracts
     ("train.loss.temperature=0", "train.loss.temperature must be at least"),
+    # a value the demo sets itself for each student or extract (was silently overridden: the table described its own)
+    ("train.subset=100", "demo --set train.subset=100: the demo sets train.subset itself, for each of its extracts and students"),
+    ("train={subset=100}", "demo --set train.subset=100: the demo sets train.subset itself"),
+    ("train.loss.kl=0.5", "demo --set train.loss.kl=0.5: the demo sets train.loss.kl itself"),
+    ("data.split=test", "demo --set data.split='test': the demo sets data.split itself"),
+    ("train.eval_cache=x.zarr", "demo --set train.eval_cache='x.zarr': the demo sets train.eval_cache itself"),
 ])
 def test_demo_values_are_checked_before_anything_is_made(tmp_path, monkeypatch, override, match):
     monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran before the values were checked"))
