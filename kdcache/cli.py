@@ -355,7 +355,8 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
         given = " and ".join(name for name, on in (("--resume", resume), ("--auto-resume", auto_resume), ("--overwrite", overwrite)) if on)
         raise click.UsageError(f"{given} were given; --resume continues the run in OUT, --auto-resume continues it if it has a "
                                "checkpoint (else starts it), --overwrite replaces it: pass one of them")
-    if epochs is not None and any(o.partition("=")[0].strip() == "train.steps" for o in overrides):
+    if epochs is not None and (any(o.partition("=")[0].strip() == "train.steps" for o in overrides)  # also in a table: train={steps=5}
+                               or overrides and _load(pipeline, overrides).train.steps != _load(pipeline, ()).train.steps):
         raise click.UsageError("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them")
     p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.steps": None if epochs is None else 0,
                                       "train.batch_size": batch_size, "train.device": device,
@@ -419,6 +420,9 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
 
     if teacher_check and not pipeline:
         raise click.UsageError("--teacher-check needs --pipeline PIPELINE (the pipeline the store was extracted with)")
+    if overrides and not pipeline:
+        raise click.UsageError(f"--set {overrides[0]} changes a value of --pipeline PIPELINE, which was not given; pass --pipeline "
+                               "with --teacher-check N, or leave --set out")
     p = _load(pipeline, overrides) if pipeline else None
     report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
                         seed=seed, tolerance=tolerance)

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -310,7 +311,8 @@ def _table(value: Any, key: str, source: str) -> dict[str, Any]:
 
 def _check(value: Any, annotation: str, key: str, source: str) -> Any:
     """Coerce/check one value against its field annotation (a string, from __future__ annotations)."""
-    bad = PipelineError(f"{source}: {key} must be {_USE.get(annotation, 'a table, e.g. { key = value }')}, got {value!r}")
+    bad = PipelineError(f"{source}: {key} must be {_USE.get(annotation, 'a table, e.g. { key = value }')}, got {value!r}"
+                        f"{_as_text(value) if annotation in ('int', 'float') else ''}")
     if annotation == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -342,6 +344,14 @@ def _check(value: Any, annotation: str, key: str, source: str) -> Any:
             raise bad
         return value
     raise AssertionError(f"no check for annotation {annotation!r}")
+
+
+def _as_text(value: Any) -> str:
+    """For a number TOML reads as text (``.001``, ``1.``: a --set value that is not TOML is taken as a string), how to
+    write it; else nothing."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\.\d+|\d+\.)([eE][+-]?\d+)?", value.strip()):
+        return " (text: a TOML number has digits on both sides of its point, e.g. 0.001 or 1.0)"
+    return ""
 
 
 _USE = {"bool": "true or false", "int": "a whole number >= 0", "float": "a finite number >= 0", "str": "a quoted string",

@@ -80,6 +80,11 @@ CASES = [
          code=2, store=True, prior=trained),
     Case("train-epochs-and-steps", lambda c: train(c, "--epochs", "2", "--set", "train.steps=5"),
          ("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them",), code=2, store=True),
+    Case("train-epochs-and-steps-in-a-table", lambda c: train(c, "--epochs", "2", "--set", "train={steps=5}"),
+         ("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them",), code=2, store=True),
+    Case("verify-set-without-pipeline", lambda c: ["verify", c.store, "--set", "extract.batch_size=8"],
+         ("--set extract.batch_size=8 changes a value of --pipeline PIPELINE, which was not given", "(see 'kdcache verify --help')"),
+         code=2, store=True),
     # -- click's own usage errors, one line each
     Case("usage-no-such-command", lambda c: ["extrakt"], ("No such command 'extrakt'", "(see 'kdcache --help')"), code=2),
     Case("usage-no-such-option", lambda c: extract("--out", c.new, "--batchsize", "4"),
