@@ -42,8 +42,9 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
     _refuse_own_keys(pipeline, overrides)
     base = ["train.eval_every=0"] + list(overrides)  # evaluate each student once, after its last step
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
-    # Every pipeline (the students' too, with train's own checks) and the folder are validated before anything is
-    # created or extracted: a mistake in --set or --out fails in a second, not after the extracts.
+    # Every pipeline (the students' too, with train's own checks of values) and the folder are validated before anything
+    # is created or extracted: such a mistake in --set or --out fails in a second, not after the extracts. What needs a
+    # store (a student's layers against the stored targets, the eval split) is checked when each student starts.
     extracts = [kdcache.load_pipeline(pipeline, base + [f"data.split={split}"]) for split in ("train", "test")]
     students = {name: kdcache.load_pipeline(pipeline, base + student_overrides + [f"train.eval_cache={json.dumps(str(test_store))}"])
                 for name, (_, student_overrides) in STUDENTS.items()}
