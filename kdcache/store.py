@@ -297,7 +297,7 @@ class Store:
                 raise self._bad_metadata(path, other)
             bounds = getattr(self.group.store, "object_bounds", None)  # a local folder's: an object larger is refused unread
             if bounds is not None:
-                bounds[path] = object_bound(node)
+                bounds[path] = _object_bound(node)
             self._arrays[path] = node
         return self._arrays[path]
 
@@ -605,7 +605,7 @@ class Store:
             sums = found.setdefault(s, []) if crcs is not None else None
             if fetch:
                 try:
-                    raw = self._get(self.shard_key(path, s), at_most=object_bound(array))
+                    raw = self._get(self.shard_key(path, s), at_most=_object_bound(array))
                 except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
                     if _on_the_way(e):
                         raise self._unreadable(path, start, stop, e) from None
@@ -1113,7 +1113,7 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     return out[:rows]
 
 
-def object_bound(array: zarr.Array) -> int:
+def _object_bound(array: zarr.Array) -> int:
     """At most how many bytes one storage object of ``array`` holds (FORMAT.md §3.1, §13): each of its inner chunks at
     zstd's worst case with room to spare (``ZSTD_compressBound``: n + n/256 + 64 bytes for incompressible data; its
     checksum, 4) with its crc32c, and a shard's index. A chunk past the array's end is not stored; a partial one is
