@@ -229,22 +229,12 @@ def _digest_problem(expect: layout.Store, digests: np.ndarray | None, path: str,
 
 
 def _value_problem(path: str, start: int, rows: np.ndarray) -> str | None:
-    """What in rows ``start..`` of dataset ``path`` no store may hold (FORMAT.md §5, §7: what kdcache verify's values check
-    refuses), where a file's digests agree with them: a target that is not finite (extract refuses the teacher's NaN and
-    float16 overflow; training would end "diverged"), ``index[r] != r``, a row without a fingerprint. None: none."""
-    from kdcache.verify import all_finite
+    """What in rows ``start..`` of dataset ``path`` no store may hold, where a file's digests agree with them (a file
+    written by another tool): what ``kdcache verify``'s values check refuses. None: none."""
+    from kdcache.verify import value_problem
 
-    if path == layout.INDEX:
-        wrong = np.flatnonzero(rows != np.arange(start, start + len(rows)))
-        return f"hold index[r] != r at {len(wrong)} rows (first row {start + int(wrong[0])}: {int(rows[wrong[0]])})" if len(wrong) else None
-    if path == layout.FINGERPRINT:
-        zero = np.flatnonzero(rows == 0)
-        return f"hold {len(zero)} rows without a fingerprint (0; first row {start + int(zero[0])})" if len(zero) else None
-    if path.startswith("targets/") and not all_finite(rows):
-        bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
-        return (f"hold NaN or inf in {len(bad)} rows (first row {start + int(bad[0])}); a store holds only finite targets "
-                "(FORMAT.md §5)")
-    return None
+    problem = value_problem(path, start, rows)
+    return f"hold {problem}" if problem else None
 
 
 def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, digests: np.ndarray | None, location: str) -> None:

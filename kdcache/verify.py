@@ -167,20 +167,27 @@ def _contents(store: layout.Store) -> list[Check]:
             misplaced = store.digest_problem(path, shard, block)
             if misplaced:
                 values.fail(f"{path}: shard {shard} (rows {start}-{stop - 1}) {misplaced}")
-            if path == layout.INDEX:
-                wrong = np.flatnonzero(block != np.arange(start, stop))
-                if len(wrong):
-                    values.fail(f"{path}: shard {shard}: index[r] != r at {len(wrong)} rows (first row {start + int(wrong[0])})")
-            elif path == layout.FINGERPRINT:
-                zero = np.flatnonzero(block == 0)
-                if len(zero):
-                    values.fail(f"{path}: shard {shard}: {len(zero)} rows without a fingerprint (first row {start + int(zero[0])})")
-            elif path.startswith("targets/") and not all_finite(block):
-                bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-                if bad.any():
-                    first = start + int(np.flatnonzero(bad)[0])
-                    values.fail(f"{path}: shard {shard}: {int(bad.sum())} rows hold NaN or inf (first row {first})")
+            problem = value_problem(path, start, block)
+            if problem:
+                values.fail(f"{path}: shard {shard}: {problem}")
     return [sums, values]
+
+
+def value_problem(path: str, start: int, rows: np.ndarray) -> str | None:
+    """What in rows ``start..`` of the data array ``path`` no store may hold (FORMAT.md §4, §5), whatever its checksums
+    and digests say: ``index[r] != r``, a row without a fingerprint (0), a target that is not finite (extract refuses the
+    teacher's NaN and float16 overflow; training on one would end "diverged"). None: none. ``values``' check, and
+    ``import``'s of each shard of an HDF5 file."""
+    if path == layout.INDEX:
+        wrong = np.flatnonzero(rows != np.arange(start, start + len(rows)))
+        return f"index[r] != r at {len(wrong)} rows (first row {start + int(wrong[0])}: {int(rows[wrong[0]])})" if len(wrong) else None
+    if path == layout.FINGERPRINT:
+        zero = np.flatnonzero(rows == 0)
+        return f"{len(zero)} rows without a fingerprint (first row {start + int(zero[0])})" if len(zero) else None
+    if path.startswith("targets/") and not all_finite(rows):
+        bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
+        return f"NaN or inf in {len(bad)} rows (first row {start + int(bad[0])})"
+    return None
 
 
 _EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000)}

@@ -113,9 +113,9 @@ def test_values_nan_zero_fingerprint_and_wrong_index_are_named(copy):
         "samples/fingerprint: shard 0 (rows 0-15) " + MOVED,
         "samples/fingerprint: shard 0: 1 rows without a fingerprint (first row 3)",
         "samples/index: shard 1 (rows 16-31) " + MOVED,
-        "samples/index: shard 1: index[r] != r at 1 rows (first row 20)",
+        "samples/index: shard 1: index[r] != r at 1 rows (first row 20: 7)",
         "targets/logits: shard 2 (rows 32-47) " + MOVED,
-        "targets/logits: shard 2: 1 rows hold NaN or inf (first row 35)",
+        "targets/logits: shard 2: NaN or inf in 1 rows (first row 35)",
     ]
 
 
@@ -230,7 +230,7 @@ def test_a_shard_object_out_of_its_place_is_found_by_verify_and_refused_by_train
     else:  # the label shard where the index shard was: both [16] int64
         shutil.copyfile(copy / "samples" / "label" / "c" / "2", copy / "samples" / "index" / "c" / "2")
         first = "shard 2 of samples/index (rows 32-47)"
-        expect = [f"samples/index: shard 2 (rows 32-47) {MOVED}", "samples/index: shard 2: index[r] != r at 16 rows (first row 32)"]
+        expect = [f"samples/index: shard 2 (rows 32-47) {MOVED}", "samples/index: shard 2: index[r] != r at 16 rows (first row 32: 3)"]  # 3: row 32's label
     report = verify(str(copy))
     assert not report["ok"] and problems(report, "checksums") == []
     assert sorted(problems(report, "values")) == expect
