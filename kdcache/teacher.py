@@ -5,7 +5,7 @@ Which part of a structured output is kept (``select``):
 - ``auto`` (default): a tensor is kept as is; a tuple/list gives its first element; a dict or an
   object (e.g. a Hugging Face ``ModelOutput``) gives the first of ``logits``, ``pooler_output``,
   ``last_hidden_state`` that is present. Applied again until a tensor is reached.
-- otherwise a dotted path of indices and names, e.g. ``"1"``, ``"hidden_states.3"``,
+- otherwise a dotted path of indices and names (a namedtuple's fields by either), e.g. ``"1"``, ``"hidden_states.3"``,
   ``"last_hidden_state"``, set per target in the pipeline's ``[targets.select]`` table. On a tensor a
   step works on each sample's first axis (the one after the batch axis): an index (``"last_hidden_state.0"``,
   a ViT's class token), a slice (``"last_hidden_state.1:"``, its patch tokens), ``mean`` (mean-pooled tokens) or
@@ -14,6 +14,9 @@ Which part of a structured output is kept (``select``):
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import difflib
 import hashlib
 import re
@@ -64,6 +67,11 @@ def select(output: Any, selector: str, target: str, label: str = "", setting: st
     steps = [] if selector in ("auto", "tensor") else selector.split(".")
     value = output
     while True:
+        if isinstance(value, torch.Tensor) and value.is_nested:  # no shape: its .shape raises a RuntimeError (a traceback)
+            where = f"element {'.'.join(path)!r} of the output" if path else "the output"
+            raise TargetError(f"{label}: {where} is a nested tensor (samples of different lengths, as torch.nn.TransformerEncoder passes "
+                              "between its layers when given a src_key_padding_mask in eval mode), which has no per-sample shape to store; "
+                              "take a padded tensor instead: the encoder's own output, or its layers' with enable_nested_tensor=False")
         if isinstance(value, torch.Tensor) and not steps:
             return value, ".".join(path) or "tensor"
         step = steps.pop(0) if steps else _auto_step(value, label, setting)
@@ -100,13 +108,20 @@ def _step(value: Any, step: str, label: str, setting: str) -> Any:
         return _tensor_step(value, step, label, setting)
     if isinstance(value, tuple | list) and _INDEX.fullmatch(step) and -len(value) <= int(step) < len(value):
         return value[int(step)]
-    found = None if isinstance(value, tuple | list) else _get(value, step)
+    named = isinstance(value, tuple) and step in _fields(value)  # a namedtuple's field, by name
+    found = getattr(value, step) if named else None if isinstance(value, tuple | list) else _get(value, step)
     if found is None:
         raise TargetError(
             f"{label}: output of type {type(value).__name__} has no element {step!r}; "
             f"fix {setting} (e.g. \"0\", \"logits\", \"last_hidden_state\")"
         )
     return found
+
+
+def _fields(value: tuple[Any, ...]) -> tuple[str, ...]:
+    """A namedtuple's field names (``typing.NamedTuple`` too); () for a plain tuple."""
+    fields = getattr(type(value), "_fields", ())
+    return fields if isinstance(fields, tuple) and all(isinstance(f, str) for f in fields) else ()
 
 
 _INDEX = re.compile(r"-?\d+")  # what int() reads: not "--1", nor "²" (str.isdigit() takes both)
@@ -186,14 +201,27 @@ def hook(model: torch.nn.Module, layers: Iterable[str], outputs: dict[str, Any])
 def own(out: Any) -> Any:
     """A hooked output as it is now: tensors are cloned, as a later in-place op (``ReLU(inplace=True)``) would change them.
 
-    Tuples/lists/mappings become plain ones, which ``select`` reads the same way.
+    Tuples/lists/mappings become plain ones, which ``select`` reads the same way; a namedtuple stays one (its fields are
+    selected by name) and a dataclass a copy of itself with owned fields.
     """
     if isinstance(out, torch.Tensor):
         return out.clone()
     if isinstance(out, tuple | list):
-        return type(out)(own(o) for o in out) if type(out) in (tuple, list) else tuple(own(o) for o in out)
+        if type(out) in (tuple, list):
+            return type(out)(own(o) for o in out)
+        owned = tuple(own(o) for o in out)
+        if _fields(out):
+            with contextlib.suppress(TypeError):  # a namedtuple whose constructor takes other arguments: a plain tuple
+                return type(out)(*owned)
+        return owned
     if isinstance(out, Mapping):
         return {k: own(v) for k, v in out.items()}
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        copied = copy.copy(out)
+        for field in dataclasses.fields(out):
+            if hasattr(out, field.name):
+                object.__setattr__(copied, field.name, own(getattr(out, field.name)))  # a frozen dataclass's too
+        return copied
     return out
 
 

@@ -333,6 +333,40 @@ def test_hooked_module_followed_by_an_inplace_op_keeps_its_own_output(tmp_path):
     assert_close(arrays["targets/layers/conv"], conv, "float32")
 
 
+@pytest.mark.parametrize("factory", ["namedtuple_out", "dataclass_inner"])
+def test_hooked_structured_output_followed_by_an_inplace_op_keeps_its_own_output(tmp_path, factory):
+    """A hooked module's namedtuple or dataclass output keeps its values as the module returned them (a dataclass's
+    tensors were not copied: the store held what a later in-place op made of them), and a namedtuple's fields are
+    chosen by name, on a hooked module and on the model's own output (they were refused: 'has no element')."""
+    _, arrays = extract(tmp_path, f"teacher.factory=extract_zoo.py:{factory}", "targets.layers=['inner']",
+                        'targets.select={inner = "hidden", logits = "hidden"}', "targets.dtype=float32")
+    model, x = getattr(zoo, factory)(), zoo.images().x
+    with torch.no_grad():
+        hidden = model.inner.conv(x).flatten(1)
+    assert (hidden < 0).any()
+    assert_close(arrays["targets/layers/inner"], hidden, "float32")
+    assert_close(arrays["targets/logits"], hidden.clamp(min=0), "float32")
+
+
+def test_hooked_layer_of_a_padded_transformer_encoder_is_named_not_a_traceback(tmp_path):
+    """With a padding mask, nn.TransformerEncoder's eval fast path hands its layers nested tensors, which have no shape
+    (``.shape`` raised 'NestedTensorImpl doesn't support sizes', a traceback); the encoder's own output is padded."""
+    tokens = ["teacher.factory=extract_zoo.py:padded_encoder", "data.factory=extract_zoo.py:tokens", "targets.dtype=float32"]
+    out = tmp_path / "store.zarr"
+    with pytest.raises(TargetError, match=r"^target 'encoder.layers.0': the output is a nested tensor .*enable_nested_tensor=False$"):
+        kdcache.extract(make_pipeline(*tokens, "targets.layers=['encoder.layers.0']"), str(out))
+    assert not out.exists()
+    dataset, model = zoo.tokens(), zoo.padded_encoder()
+    for factory, layer in (("padded_encoder", "encoder"), ("padded_encoder_dense", "encoder.layers.0")):
+        _, arrays = extract(tmp_path, *tokens, f"teacher.factory=extract_zoo.py:{factory}", f"targets.layers=['{layer}']",
+                            name=f"{factory}.zarr")
+        model = getattr(zoo, factory)()
+        with torch.no_grad():  # each sample alone
+            logits = torch.cat([model(**{k: v[None] for k, v in dataset[i].items() if k != "label"}) for i in range(len(dataset))])
+        np.testing.assert_allclose(arrays["targets/logits"], logits.numpy(), rtol=1e-4, atol=1e-5)
+        assert arrays[f"targets/layers/{layer}"].shape == (len(dataset), 6, 16)
+
+
 def test_hooked_module_that_runs_twice_per_forward_is_ambiguous(tmp_path):
     out = tmp_path / "store.zarr"
     with pytest.raises(TargetError, match=r"layer 'act' ran more than once in one forward pass .*hook a module that runs once"):
