@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import queue
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
@@ -249,7 +250,7 @@ def setup(pipeline: Pipeline) -> Run:
     }
     _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
     if len(batch["index"]) > 1:
-        _check_sequence_first(run, t.layers)
+        _check_alone(run, t.layers)
     return run
 
 
@@ -275,20 +276,42 @@ def _check_probe_items(dataset: Dataset, batch: list[int], alone: int) -> None:
                             f"dataset[{i}] does ({single:016x}); make __getitems__ return the items dataset[i] returns, in the order asked")
 
 
-def _check_sequence_first(run: Run, layers: tuple[str, ...]) -> None:
-    """Refuse a target whose first axis is as long as the probe batch but is not the samples (a sequence-first
-    layer with as many time steps as the batch has samples): a batch of one sample shows it, as a first axis
-    that keeps its length. A model that does not take a batch of one, or drops its batch axis (a squeeze),
-    is let be: every batch of the run is checked as it comes (``samples_first``)."""
+def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
+    """Sample 0 through the teacher alone, against its row of the probe batch.
+
+    Refuse a target whose first axis is as long as the probe batch but is not the samples (a sequence-first layer with
+    as many time steps as the batch has samples): a batch of one sample shows it, as a first axis that keeps its length.
+    Say so (stderr; not refused: a GPU's kernels for one sample may round otherwise) where the outputs differ beyond
+    ``BATCH_RTOL``: the teacher mixes the samples of a batch (BatchNorm on batch statistics: ``track_running_stats=False``
+    or a module left in training mode), so a stored row depends on its batch, ``extract.batch_size`` and where a resumed
+    run began, and ``verify --teacher-check`` fails. A model that does not take a batch of one, or drops its batch axis
+    (a squeeze), is let be: every batch of the run is checked as it comes (``samples_first``)."""
     try:
         _, output, hooked = run.forward([0], layers)
         one = {t.name: teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
                for t in run.targets.values()}
     except (ModelError, TargetError):
         return
-    for t in run.targets.values():
-        if one[t.name].ndim == len(t.shape) + 1:
-            samples_first(one[t.name], 1, t.name, probe=True)
+    mixed = []
+    for path, t in run.targets.items():
+        if one[t.name].ndim != len(t.shape) + 1:
+            continue
+        samples_first(one[t.name], 1, t.name, probe=True)
+        alone, batched = one[t.name][0].double().cpu(), run.probe["outputs"][path][0].double().cpu()
+        if alone.shape == batched.shape and alone.numel():
+            scale = alone.abs() + alone.abs().mean()
+            worst = float(((alone - batched).abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)).max())
+            if worst > BATCH_RTOL.get(run.precision, BATCH_RTOL["fp32"]):
+                mixed.append(f"{t.name!r} by {worst:.2g}")
+    if mixed and os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0 says it
+        print(f"note: the teacher's output for sample 0 differs between its probe batch and a batch of itself alone ({', '.join(mixed)}, "
+              "relative): it mixes the samples of a batch (BatchNorm on batch statistics: track_running_stats=False, or a module "
+              "left in training mode), so each stored row depends on the other samples of its batch and on extract.batch_size, "
+              "and verify --teacher-check will fail; put every such module in eval mode with running statistics if per-sample "
+              "targets are meant", file=sys.stderr)
+
+
+BATCH_RTOL = {"fp32": 1e-2, "fp16": 2e-2, "bf16": 5e-2}  # far above a kernel's rounding for another batch size (TF32: ~1e-3)
 
 
 def dry_run(pipeline: Pipeline) -> dict[str, Any]:

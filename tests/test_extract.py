@@ -75,6 +75,19 @@ def test_teacher_with_batchnorm_round_trips(tmp_path):
     assert len(manifest["teacher"]["weights_sha256"]) == 64
 
 
+@pytest.mark.parametrize("factory, said", [("batch_statistics", True), ("with_batchnorm", False)])
+def test_a_teacher_that_mixes_the_samples_of_a_batch_is_named(tmp_path, capfd, factory, said):
+    """A teacher whose outputs depend on the other samples of its batch (BatchNorm on batch statistics) stored rows that
+    depend on extract.batch_size and on where a resumed run began, exit 0, and verify --teacher-check then failed
+    without a reason. Sample 0 alone against its probe batch names it (on stderr), before any row is written; a
+    BatchNorm with running statistics in eval mode gives each sample its own output and says nothing."""
+    extract(tmp_path, f"teacher.factory=extract_zoo.py:{factory}", "targets.layers=['bn']", "targets.dtype=float32")
+    err = capfd.readouterr().err
+    note = "note: the teacher's output for sample 0 differs between its probe batch and a batch of itself alone ('bn' by "
+    assert (note in err and "track_running_stats=False" in err and "extract.batch_size" in err) == said, err
+    assert "'logits'" not in err  # its logits are the index's, whatever the batch
+
+
 def test_store_is_readable_through_open_store(tmp_path):
     out = tmp_path / "store.zarr"
     kdcache.extract(make_pipeline(), str(out))
