@@ -676,6 +676,14 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             raise PipelineError(f"train.eval_cache {t.eval_cache!r} holds the samples the student trains on (split {split!r} of "
                                 f"{trained['dataset']['factory']}): its eval metrics would be measured on training data; extract the eval "
                                 f"split into its own store (--set data.split=...), or set train.eval_split = {split!r} to measure it on purpose")
+        stored = next(tg for tg in store.targets.values() if tg.path == layout.LOGITS)
+        ours = next((tg for tg in map(layout.Target.from_dict, (trained or {"targets": {}})["targets"].values())
+                     if tg.path == layout.LOGITS), None)  # None: a run of features and labels alone
+        if ours is not None and (ours.shape, ours.select) != (stored.shape, stored.select):  # another part of the teacher's output
+            raise PipelineError(f"train.eval_cache {t.eval_cache!r} stores the teacher's logits as select {stored.select!r}, per-sample shape "
+                                f"{list(stored.shape)}, but the store trained from as select {ours.select!r}, shape {list(ours.shape)}: "
+                                "eval_agreement would compare the student with another part of the teacher's output; extract the eval "
+                                f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
         source = cache.TransferSet(t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False,
                                    memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards,
@@ -692,7 +700,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         source = DataLoader(data.Indexed(dataset, None), batch_size=max(t.batch_size, 512), collate_fn=data.collate,
                             generator=torch.Generator())
     _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
-                      agreement=bool(t.eval_cache))
+                      agreement=stored.shape if t.eval_cache else None)
 
     evaluations = itertools.count()
 
@@ -729,12 +737,13 @@ def _rng_kept(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
 
 
-def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, agreement: bool = False) -> None:
-    """Accuracy compares each sample's label with the student's top class, and agreement (``agreement``: an eval store)
-    the teacher's top class with it: refuse a student whose output is not (batch, classes), such as per-token logits or
-    a regression's one value per sample, now rather than at the end of the first epoch."""
+def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, agreement: tuple[int, ...] | None = None) -> None:
+    """Accuracy compares each sample's label with the student's top class, and agreement (``agreement``: an eval store's
+    per-sample logits shape) the teacher's top class with it: refuse a student whose output is not (batch, classes), such
+    as per-token logits or a regression's one value per sample, or not of the eval store's classes, now rather than at
+    the end of the first epoch."""
     probe = data.collate(data.Indexed(dataset, None).__getitems__([0]))
-    if probe["label"] is None and not agreement:
+    if probe["label"] is None and agreement is None:
         return
     run.student.eval()
     try:
@@ -746,6 +755,10 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, a
         raise PipelineError(f"{what}: eval_accuracy and eval_agreement compare one class per sample with the student's top class, but the student's "
                             f"output has shape {list(logits.shape)} for one sample, not (batch, classes); set train.eval_split and "
                             "train.eval_cache to \"\" (no evaluation), or evaluate the student outside kdcache")
+    if agreement is not None and tuple(logits.shape[1:]) != tuple(agreement):
+        raise PipelineError(f"{what}: eval_agreement compares the student's top class with the teacher's, but the eval store's logits "
+                            f"have per-sample shape {list(agreement)} and the student's output {list(logits.shape[1:])}; extract the "
+                            "eval split with the targets.select of the student's classes, or drop train.eval_cache")
 
 
 MIN_TEMPERATURE = 0.01

@@ -321,6 +321,48 @@ def test_a_language_model_s_last_position_is_distilled_with_student_select(tmp_p
         kdcache.train(from_dict(raw, root=FIXTURES), store.location, tmp_path / "bad")
 
 
+def test_an_eval_cache_of_another_part_of_the_teacher_s_output_is_refused_before_training(tmp_path):
+    """eval_agreement compares the student's top class with the eval store's teacher's: an eval store extracted with another
+    targets.select (the first position of a causal LM, not the last the student learns) was accepted and reported the
+    agreement with that position's predictions; one of per-token logits (no select) ended the first epoch in a RuntimeError
+    traceback, the epoch lost. Both are refused before the first step, as is one whose classes the student does not give
+    (a run whose store holds no logits)."""
+    p = pipeline(teacher="tagger_teacher", student="tagger_student", select={"logits": "-1"}, loss={"kl": 1.0})
+    store = extracted(p, tmp_path)
+    raw = p.to_dict()
+    raw["student"]["select"] = "-1"
+
+    def eval_store(name: str, select: dict[str, str], **targets) -> str:
+        evaluated = p.to_dict()
+        evaluated["data"]["split"] = "test"
+        evaluated["targets"] = {**evaluated["targets"], "select": select, **targets}
+        kdcache.extract(from_dict(evaluated, root=FIXTURES), str(tmp_path / name))
+        return str(tmp_path / name)
+
+    first, every = eval_store("first.zarr", {"logits": "0"}), eval_store("every.zarr", {})
+    for evaluated, seen in ((first, r"select '0', per-sample shape \[5\]"), (every, r"select 'tensor', per-sample shape \[16, 5\]")):
+        raw["train"]["eval_cache"] = evaluated
+        with pytest.raises(PipelineError, match=rf"train.eval_cache '.*' stores the teacher's logits as {seen}, but the store trained "
+                                                r"from as select '-1', shape \[5\]: eval_agreement would compare the student with "
+                                                r"another part of the teacher's output; extract the eval split with the training "
+                                                r"store's targets.select \(logits = '-1'\)"):
+            kdcache.train(from_dict(raw, root=FIXTURES), store.location, tmp_path / "run")
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    raw["train"]["eval_cache"] = eval_store("last.zarr", {"logits": "-1"})
+    result = kdcache.train(from_dict(raw, root=FIXTURES), store.location, tmp_path / "run")
+    assert 0 <= result["eval_agreement"] <= 1
+    # a store of features alone, nothing to compare the eval store's logits with: the student's output is
+    features = pipeline(teacher="tagger_teacher", student="tagger_student", layers=("patch",), loss={"kl": 0.0},
+                        features={"patch": {"student": "patch"}}).to_dict()
+    features["targets"]["logits"] = False
+    features["student"]["select"] = "-1"
+    kdcache.extract(from_dict(features, root=FIXTURES), str(tmp_path / "features.zarr"))
+    features["train"]["eval_cache"] = every
+    with pytest.raises(PipelineError, match=r"eval_agreement compares the student's top class with the teacher's, but the eval store's "
+                                            r"logits have per-sample shape \[16, 5\] and the student's output \[5\]"):
+        kdcache.train(from_dict(features, root=FIXTURES), str(tmp_path / "features.zarr"), tmp_path / "features")
+
+
 def test_slice_bounds_past_the_axis_are_clamped_as_python_slices_are():
     """Python's slice semantics, without torch's "Truncating ... saved old models" UserWarning for bounds past 2**63."""
     import warnings
