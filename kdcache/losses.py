@@ -159,12 +159,15 @@ def feature_mse(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy against hard labels, computed in float32.
+    """Mean cross-entropy against hard labels, computed in float32. A label below 0 (torchvision's ``-1`` for STL-10's
+    unlabeled split, Hugging Face's ``-100``) is no label: its position adds 0, so the mean is the labeled positions'
+    sum over every position (a batch without a label gives 0; K equal parts averaged give the whole batch's value, so
+    torchrun's ranks and ``train.streams`` agree).
 
     Args:
         student_logits: (B, C) or (B, ..., C).
         labels: int64 class indices of shape ``student_logits.shape[:-1]``, i.e. (B,)
-            for (B, C) logits.
+            for (B, C) logits; < 0 for none.
 
     Returns:
         0-dim float32 tensor, mean over all positions.
@@ -181,7 +184,9 @@ def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
             "convert with labels.long()"
         )
     num_classes = student_logits.shape[-1]
-    return F.cross_entropy(student_logits.float().reshape(-1, num_classes), labels.reshape(-1))
+    labels = labels.reshape(-1)
+    # ignore_index takes one value, and "mean" divides by the labeled positions; both below are any negative and all
+    return F.cross_entropy(student_logits.float().reshape(-1, num_classes), labels.clamp_min(0), reduction="none").mul(labels >= 0).mean()
 
 
 @torch.no_grad()

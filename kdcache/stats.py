@@ -65,28 +65,29 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
         log_p = shifted - da.log(da.exp(shifted).sum(axis=-1, keepdims=True))
         lazy["entropy"] = (-(da.exp(log_p) * log_p).sum(axis=-1)).mean()
         if labels is not None and len(logits_target.shape) == 1:  # [N, classes] against [N] labels
-            correct = (x.argmax(axis=-1) == labels)
-            lazy["accuracy"] = correct.mean()
-            lazy["label_min"], lazy["label_max"] = labels.min(), labels.max()
-            lazy["_correct"], lazy["_labels"] = correct, labels
+            known = labels >= 0  # below 0: no label (STL-10's unlabeled rows, -1; -100), left out of the accuracies
+            correct = (x.argmax(axis=-1) == labels) & known
+            lazy["hits"], lazy["labelled"], lazy["label_max"] = correct.sum(), known.sum(), labels.max()
+            lazy["_correct"], lazy["_labels"], lazy["_known"] = correct, da.where(known, labels, 0), known
     for t in store.targets.values():
         if t.source and rows:
             v = column(t.path).astype(np.float64)
             lazy[f"mean:{t.name}"], lazy[f"std:{t.name}"] = v.mean(), v.std()
     with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers is not None else {})):
-        correct, labels_ = lazy.pop("_correct", None), lazy.pop("_labels", None)
+        correct, labels_, known = (lazy.pop(k, None) for k in ("_correct", "_labels", "_known"))
         values = dict(zip(lazy, dask.compute(*lazy.values()))) if lazy else {}
         per_class = None
-        if correct is not None and 0 <= int(values["label_min"]) and int(values["label_max"]) < MAX_CLASSES:
+        if correct is not None and values["labelled"] and int(values["label_max"]) < MAX_CLASSES:
             k = int(values["label_max"]) + 1  # bincount over chunks: bounded by the number of classes
-            counts, hits = dask.compute(da.bincount(labels_, minlength=k), da.bincount(labels_, weights=correct.astype(np.float64), minlength=k))
+            counts, hits = dask.compute(da.bincount(labels_, weights=known.astype(np.float64), minlength=k),
+                                        da.bincount(labels_, weights=correct.astype(np.float64), minlength=k))
             per_class = {str(c): {"count": int(counts[c]), "accuracy": float(hits[c] / counts[c])} for c in range(k) if counts[c]}
     return {
         "location": location,
         "rows": int(rows),
         "shards_done": len(done),
         "num_shards": store.num_shards,
-        "teacher_accuracy": float(values["accuracy"]) if "accuracy" in values else None,
+        "teacher_accuracy": int(values["hits"]) / int(values["labelled"]) if values.get("labelled") else None,
         "mean_entropy": float(values["entropy"]) if "entropy" in values else None,
         "per_class": per_class,
         "layers": {t.name: {"path": t.path, "mean": float(values[f"mean:{t.name}"]), "std": float(values[f"std:{t.name}"])}

@@ -581,12 +581,11 @@ def _check_labels(label: torch.Tensor, shape: tuple[int, ...]) -> None:
                                  "not (batch, classes); set train.loss.ce = 0 (train.loss.kl and mse distill per-token logits), "
                                  "or make the student output one row of class scores per sample")
     classes = shape[-1]
-    low, high = (int(label.min()), int(label.max())) if len(label) else (0, 0)
-    if not (0 <= low and high < classes):
-        bad = high if high >= classes else low
-        raise ShapeMismatchError(f"train.loss.ce: the store holds label {bad} but the student's output has {classes} classes "
-                                 f"(labels must be 0..{classes - 1}); make student.factory's model output as many classes as "
-                                 "the dataset has, or set train.loss.ce = 0")
+    high = int(label.max()) if len(label) else 0  # below 0: no label (losses.cross_entropy)
+    if high >= classes:
+        raise ShapeMismatchError(f"train.loss.ce: the store holds label {high} but the student's output has {classes} classes "
+                                 f"(labels must be 0..{classes - 1}, or below 0 for none); make student.factory's model output as "
+                                 "many classes as the dataset has, or set train.loss.ce = 0")
 
 
 def _key(path: str) -> str:
@@ -708,23 +707,22 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         if isinstance(source, cache.TransferSet):
             source.set_epoch(next(evaluations))  # the first evaluation checks fingerprint_check, later ones the recheck
         run.student.eval()
-        correct = agree = teacher_correct = n = 0
+        correct = agree = teacher_correct = n = labelled = 0
         with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
             for batch in source:
                 logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
                 pred = logits.argmax(-1).cpu()
-                label = batch["label"]
-                if label is not None:
-                    correct += int((pred == torch.as_tensor(label)).sum())
+                label = None if batch["label"] is None else torch.as_tensor(batch["label"])
+                known = label >= 0 if label is not None else torch.zeros_like(pred, dtype=torch.bool)  # below 0: no label
+                correct += int(((pred == label) & known).sum()) if label is not None else 0
                 if "targets" in batch:
                     tl = batch["targets"][layout.LOGITS].float().argmax(-1)
                     agree += int((pred == tl).sum())
-                    teacher_correct += int((tl == torch.as_tensor(label)).sum()) if label is not None else 0
-                n += len(pred)
-        labelled = n and batch["label"] is not None  # no labels: no accuracies (never a 0 that reads as one)
-        out = {"eval_accuracy": correct / n} if labelled else {}
+                    teacher_correct += int(((tl == label) & known).sum()) if label is not None else 0
+                n, labelled = n + len(pred), labelled + int(known.sum())
+        out = {"eval_accuracy": correct / labelled} if labelled else {}  # no labels: no accuracies (never a 0 that reads as one)
         if isinstance(source, cache.TransferSet) and n:
-            out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / n} if labelled else {})}
+            out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / labelled} if labelled else {})}
         return out
 
     return evaluate

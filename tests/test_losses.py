@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdcache.errors import KdcacheError, ShapeMismatchError
 from kdcache.losses import (
@@ -360,3 +361,21 @@ def test_trained_head_reduces_feature_mse() -> None:
         opt.step()
     after = feature_mse(head(student), teacher).item()
     assert after < before
+
+
+def test_cross_entropy_leaves_out_positions_without_a_label():
+    """A label below 0 (-1: STL-10's unlabeled split; -100: Hugging Face's) adds 0; the mean is over every position, so
+    the means of K equal parts average to the whole batch's (torchrun's ranks, train.streams), and a batch without a
+    label gives 0 with a gradient of 0 rather than NaN."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 5, requires_grad=True)
+    labels = torch.tensor([0, -1, 3, -100, 4, 1, -1, 2])
+    labelled = labels >= 0
+    expected = F.cross_entropy(logits[labelled], labels[labelled], reduction="sum") / len(labels)
+    torch.testing.assert_close(cross_entropy(logits, labels), expected)
+    halves = (cross_entropy(logits[:4], labels[:4]) + cross_entropy(logits[4:], labels[4:])) / 2
+    torch.testing.assert_close(halves, cross_entropy(logits, labels))
+    none = cross_entropy(logits, torch.full((8,), -1))
+    none.backward()
+    assert none.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    torch.testing.assert_close(cross_entropy(logits.detach(), labels.clamp_min(0)), F.cross_entropy(logits.detach(), labels.clamp_min(0)))

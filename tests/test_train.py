@@ -393,6 +393,47 @@ def test_outputs(tiny_store, test_store, tmp_path):
     assert len(metrics(out)) == 1 and "eval_accuracy" not in metrics(out)[0]
 
 
+def test_rows_without_a_label_train_on_the_others_and_are_left_out_of_the_accuracies(tmp_path):
+    """A label below 0 is no label (STL-10's unlabeled split: -1; Hugging Face: -100): train.loss.ce trains on the labeled
+    rows (it refused the store: "holds label -1 but the student's output has 4 classes"), and eval_accuracy,
+    eval_teacher_accuracy and kdcache stats count labeled rows only (they counted -1 as a wrong answer); an eval split
+    without any label reports no accuracy, never a 0 that reads as one."""
+    from kdcache.stats import stats
+
+    labelled = ["data.factory=tiny.py:partly_labelled"]
+    store = extract_tiny(tmp_path / "part.zarr", *labelled)
+    unlabelled = extract_tiny(tmp_path / "none.zarr", *labelled, 'data.split="test"')
+    out, seen = tmp_path / "run", []
+    ce_of = losses.cross_entropy
+
+    def ce(logits, labels):
+        seen.append(labels.clone())
+        return ce_of(logits, labels)
+
+    p = pipeline(*labelled, "train.eval_split=train", f'train.eval_cache="{store}"', "train.epochs=1")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(losses, "cross_entropy", ce)
+        last = train(p, store, out)
+    assert torch.cat(seen).lt(0).sum() == 25  # every unlabeled row was trained on (kl, features), with no ce
+    student = tiny.student()
+    student.load_state_dict(torch.load(out / "student.pt", weights_only=True))
+    images = tiny.partly_labelled("train")
+    known = images.y >= 0
+    teacher_pred = torch.from_numpy(layout.open_store(store).array(layout.LOGITS)[:].astype(np.float32)).argmax(-1)
+    with torch.no_grad():
+        pred = student.eval()(images.x).argmax(-1)
+    assert last["eval_accuracy"] == pytest.approx(float((pred == images.y)[known].float().mean()))
+    assert last["eval_teacher_accuracy"] == pytest.approx(float((teacher_pred == images.y)[known].float().mean()))
+    assert last["eval_agreement"] == pytest.approx(float((pred == teacher_pred).float().mean()))  # every row
+    summary = stats(store)
+    assert summary["teacher_accuracy"] == pytest.approx(last["eval_teacher_accuracy"])
+    assert sum(c["count"] for c in summary["per_class"].values()) == 25
+
+    last = train(pipeline(*labelled, "train.eval_split=test", f'train.eval_cache="{unlabelled}"', "train.epochs=1"), store, tmp_path / "b")
+    assert "eval_agreement" in last and "eval_accuracy" not in last and "eval_teacher_accuracy" not in last
+    assert stats(unlabelled)["teacher_accuracy"] is None and stats(unlabelled)["per_class"] is None
+
+
 def test_eval_cache_of_another_split_is_a_pipeline_error(tiny_store, tmp_path):
     with pytest.raises(PipelineError, match=r"train.eval_split = 'test' but train.eval_cache holds split 'train'"):
         train(pipeline(f'train.eval_cache="{tiny_store}"'), tiny_store, tmp_path / "run")
