@@ -713,13 +713,14 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                 logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
                 pred = logits.argmax(-1).cpu()
                 label = None if batch["label"] is None else torch.as_tensor(batch["label"])
-                known = label >= 0 if label is not None else torch.zeros_like(pred, dtype=torch.bool)  # below 0: no label
-                correct += int(((pred == label) & known).sum()) if label is not None else 0
+                if label is not None:
+                    known = label >= 0  # below 0: no label (losses.cross_entropy)
+                    correct, labelled = correct + int(((pred == label) & known).sum()), labelled + int(known.sum())
                 if "targets" in batch:
                     tl = batch["targets"][layout.LOGITS].float().argmax(-1)
                     agree += int((pred == tl).sum())
                     teacher_correct += int(((tl == label) & known).sum()) if label is not None else 0
-                n, labelled = n + len(pred), labelled + int(known.sum())
+                n += len(pred)
         out = {"eval_accuracy": correct / labelled} if labelled else {}  # no labels: no accuracies (never a 0 that reads as one)
         if isinstance(source, cache.TransferSet) and n:
             out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / labelled} if labelled else {})}
