@@ -6,7 +6,7 @@ Public API (the CLI is thin glue over these):
 - ``extract(pipeline, out)`` / ``dry_run(pipeline)`` — score a dataset into a store.
 - ``open_store(location)`` — open a store read-only; ``store.info()`` summarises it.
 - ``train(pipeline, cache, out)`` — train a student from a store alone.
-- ``TransferSet(store, dataset, targets, batch_size=...)`` — the store's targets joined with the dataset's inputs,
+- ``TransferSet(location, dataset, paths, batch_size=...)`` — the store's targets joined with the dataset's inputs,
   alignment checked, for a training loop of one's own.
 
 The names are imported on first use: ``kdcache info``, ``verify`` or ``--help`` never import torch

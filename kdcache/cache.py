@@ -57,7 +57,9 @@ class TransferSet(IterableDataset):
         streams: int = 1,
         stream: int | None = None,
     ):
-        location = str(location)  # a Path too: the streaming reads look at its scheme, and messages name it as a string
+        location = storage.location_arg(location, "location")  # a Path too: the streaming reads look at its scheme, and messages name it as a string
+        if isinstance(paths, str):  # one target, not a list of them: each character would be read as a target's name
+            raise PipelineError(f"paths is the string {paths!r}, not a list of targets' names or array paths; pass [{paths!r}]")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise PipelineError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         store = layout.open_store(location, storage_options=storage_options)

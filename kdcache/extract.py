@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
 from kdcache.errors import AlignmentError, ModelError, PipelineError, TargetError
-from kdcache.pipeline import Pipeline
+from kdcache.pipeline import Pipeline, check_pipeline
+from kdcache.storage import location_arg
 from kdcache.progress import Progress
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -46,6 +47,7 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     Resumes a partial store made from the same inputs (completed shards are skipped); refuses one
     made from different inputs unless ``overwrite``. Returns the store's ``info()``.
     """
+    pipeline, out = check_pipeline(pipeline), location_arg(out, "out")
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     run = setup(pipeline)
     with locking.writer_lock(out, storage_options):  # one writer per store
@@ -318,6 +320,7 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     """Validate the pipeline, run one batch, and report target shapes, bytes per sample and store size."""
     import numcodecs
 
+    pipeline = check_pipeline(pipeline)
     start = time.perf_counter()
     run = setup(pipeline)
     seconds = time.perf_counter() - start

@@ -13,6 +13,8 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import json
+import os
 import re
 import sys
 import tomllib
@@ -184,9 +186,36 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
         raise PipelineError(f"pipeline file {str(path)!r} cannot be read as UTF-8 text ({e}); pass the path of a .toml file") from None
     if isinstance(overrides, str):  # one override, not a list of them: each character would be read as an override
         raise PipelineError(f"overrides is the string {overrides!r}, not a list of section.key=value strings; pass [{overrides!r}]")
+    if overrides is None:
+        overrides = ()
+    if isinstance(overrides, dict):  # {"extract.batch_size": 64}: iterating it would give the keys alone
+        flat = not any(isinstance(v, dict) for v in overrides.values())
+        example = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if flat else ["extract.batch_size=64"]
+        raise PipelineError(f"overrides is a dict, {_short(overrides)}, not a list of section.key=value strings; pass {_short(example)}")
     for item in overrides:
+        if not isinstance(item, str):
+            raise PipelineError(f"override {_short(item)} is a {type(item).__name__}, not a section.key=value string (e.g. 'extract.batch_size=64')")
         apply_override(raw, item)
     return from_dict(raw, root=path.resolve().parent, source=str(path))
+
+
+def check_pipeline(value: Any) -> Pipeline:
+    """The ``pipeline`` argument of ``extract``/``dry_run``/``train``: a loaded Pipeline, not the path of its file or a dict
+    (which failed deep inside with an AttributeError)."""
+    if isinstance(value, Pipeline):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        fix = f"load it first: kdcache.load_pipeline({os.fspath(value)!r})"
+    elif isinstance(value, dict):
+        fix = "load a pipeline file with kdcache.load_pipeline(PATH), or validate a dict with kdcache.pipeline.from_dict(raw, root=FOLDER)"
+    else:
+        fix = "load one with kdcache.load_pipeline(PATH)"
+    raise TypeError(f"pipeline must be a kdcache.Pipeline, got {type(value).__name__} {_short(value)}; {fix}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

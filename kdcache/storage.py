@@ -82,6 +82,21 @@ def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = N
                      "store folder: replace it with the object's own file, or copy the store again from its source")
 
 
+def location_arg(value: Any, name: str) -> str:
+    """A location argument of the Python API (a path or URL as ``str``, or an ``os.PathLike``) as a string; anything else
+    (``None``, a number, an opened ``Store``) is a TypeError naming the argument, before ``str()`` makes it a folder name
+    (``extract(p, None)`` wrote a store named ``None`` in the working directory)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "location") and hasattr(value, "manifest"):  # an opened kdcache Store
+        fix = f"pass its location, {name}=store.location ({value.location!r})"
+    else:
+        fix = "pass a path or URL as a str or pathlib.Path"
+    raise TypeError(f"{name} must be the location of a store or folder, got {type(value).__name__} {value!r}; {fix}")
+
+
 def location_kind(location: str) -> str:
     """``"local"`` (a folder; also ``file://``), ``"zip"`` (a local ``*.zip`` file, read-only),
     ``"http"`` (``http(s)://``, read-only) or ``"url"`` (any other fsspec URL: ``s3://``, ``gs://``, ``memory://``...)."""

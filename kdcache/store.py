@@ -31,7 +31,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, short, write_fix
 from kdcache.locking import Borrowed, Lease, active_writer, held_lease
-from kdcache.storage import exists, filesystem, http_problem, http_url, local_object, local_path, location_kind, zarr_store
+from kdcache.storage import exists, filesystem, http_problem, http_url, local_object, local_path, location_arg, location_kind, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -1207,8 +1207,12 @@ def _shard_file(array: zarr.Array, shard: int) -> Path:
 
 
 def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Store:
-    """Open an existing store (read-only by default) at any location (``zarr_store``). Never runs code: the manifest is JSON."""
-    location = str(location)
+    """Open an existing store (read-only by default; ``mode="r+"``: read and write it) at any location (``zarr_store``).
+    Never runs code: the manifest is JSON."""
+    location = location_arg(location, "location")
+    if mode not in ("r", "r+"):  # zarr's "w" deletes the store's every array before this function sees it
+        raise StoreError(f"mode must be 'r' (read only) or 'r+' (read and write an existing store), got {mode!r}; "
+                         "kdcache extract creates and writes stores")
     if not exists(location, storage_options):
         raise _no_store(location, storage_options)
     target = zarr_store(location, storage_options, read_only=mode == "r")

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from kdcache import cache, data, distributed, locking, losses, store as layout, teacher as teachers
 from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
                             raised, write_fix)
-from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline
+from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
+from kdcache.storage import location_arg
 from kdcache.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,7 +50,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
     ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues).
     """
-    t, out, cache_location = pipeline.train, Path(out), str(cache_location)
+    pipeline = check_pipeline(pipeline)
+    t, out, cache_location = pipeline.train, Path(location_arg(out, "out")), location_arg(cache_location, "cache_location")
     check_values(pipeline)
     again = "run the same command again" if resume else "run it again with --resume instead of --overwrite" if overwrite else \
         "run the same command with --resume"  # to continue a run that stops (TrainingStopped)

@@ -373,6 +373,16 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_refused_at_once(numbered
         transfer(numbered_store, batch_size=batch_size)
 
 
+def test_targets_given_as_one_string_or_a_location_given_as_a_store_are_refused(numbered_store):
+    """``TransferSet(loc, ds, "logits", ...)`` read each character as a target (``stores no target 'l'``); an opened Store
+    as the location was named as ``no store at '<kdcache.store.Store object at 0x...>'``."""
+    with pytest.raises(PipelineError, match=r"^paths is the string 'logits', not a list of targets' names or array paths; pass \['logits'\]$"):
+        TransferSet(numbered_store, Numbered(N), "logits", batch_size=BATCH)
+    with pytest.raises(TypeError, match=rf"^location must be the location of a store or folder, got Store .*; pass its location, "
+                                        rf"location=store.location \({re.escape(repr(numbered_store))}\)$"):
+        TransferSet(layout.open_store(numbered_store), Numbered(N), ["logits"], batch_size=BATCH)
+
+
 def test_dataset_of_another_length_is_refused(numbered_store):
     with pytest.raises(StoreError, match=r"90 samples.*100"):
         transfer(numbered_store, Numbered(90))

@@ -123,6 +123,45 @@ def test_overrides_given_as_one_string_are_refused_naming_the_list():
         kdcache.load_pipeline(TINY, "train.epochs=1")
 
 
+def test_overrides_given_as_a_dict_or_not_as_strings_are_refused_naming_the_fix():
+    """``load_pipeline(path, {"extract.batch_size": 4})`` read the dict's keys alone (``override 'extract.batch_size' is not
+    of the form ...``); a tuple item failed with an AttributeError from ``str.partition``; ``None`` with a TypeError."""
+    with pytest.raises(PipelineError, match=r"^overrides is a dict, .* not a list of section.key=value strings; pass "
+                                            r"\['extract.batch_size=4', 'data.split=\"test\"', 'extract.compression=false'\]$"):
+        kdcache.load_pipeline(TINY, {"extract.batch_size": 4, "data.split": "test", "extract.compression": False})
+    with pytest.raises(PipelineError, match=r"^override \('extract.batch_size', 4\) is a tuple, not a section.key=value string"):
+        kdcache.load_pipeline(TINY, [("extract.batch_size", 4)])
+    assert kdcache.load_pipeline(TINY, None) == kdcache.load_pipeline(TINY)
+
+
+@pytest.mark.parametrize("given", [str(TINY), TINY, {"teacher": {"factory": "tiny.py:teacher"}}, None])
+@pytest.mark.parametrize("function", ["extract", "dry_run", "train"])
+def test_api_functions_refuse_a_pipeline_not_loaded(given, function, tmp_path, monkeypatch):
+    """``kdcache.extract("pipelines/mnist.toml", out)`` failed deep inside with ``AttributeError: 'str' object has no
+    attribute 'targets'``; now a TypeError names the argument, the value and the fix, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    args = {"extract": (given, "s.zarr"), "dry_run": (given,), "train": (given, "s.zarr", "run")}[function]
+    fix = f"load it first: kdcache.load_pipeline\\({str(given)!r}\\)" if isinstance(given, (str, Path)) else "kdcache.load_pipeline\\(PATH\\)"
+    with pytest.raises(TypeError, match=rf"^pipeline must be a kdcache.Pipeline, got {type(given).__name__} .*{fix}"):
+        getattr(kdcache, function)(*args)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("function, argument", [("extract", "out"), ("train", "cache_location"), ("train", "out")])
+def test_api_functions_refuse_a_location_that_is_not_a_path(function, argument, tiny_store, tmp_path, monkeypatch):
+    """``kdcache.extract(p, None)`` wrote a store in a folder named ``None`` of the working directory (``str(None)``), and
+    ``train(p, None, out)`` trained from it; an opened Store was named as ``no store at '<kdcache.store.Store object ...>'``."""
+    monkeypatch.chdir(tmp_path)
+    p = load(TINY)
+    for wrong, fix in [(None, "pass a path or URL as a str or pathlib.Path"), (3, "pass a path or URL"),
+                       (kdcache.open_store(tiny_store), f"pass its location, {argument}=store.location \\({tiny_store!r}\\)")]:
+        args = {"out": "run", "cache_location": tiny_store} if function == "train" else {"out": "s.zarr"}
+        args[argument] = wrong
+        with pytest.raises(TypeError, match=rf"^{argument} must be the location of a store or folder, got {type(wrong).__name__} .*; {fix}"):
+            getattr(kdcache, function)(p, *args.values()) if function == "extract" else kdcache.train(p, args["cache_location"], args["out"])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

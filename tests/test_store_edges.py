@@ -170,6 +170,19 @@ def test_pack_and_export_refuse_a_url_as_out(tiny_store: str, tmp_path: Path, mo
     assert list(tmp_path.iterdir()) == []  # no folder named 's3:'
 
 
+@pytest.mark.parametrize("mode", ["w", "a", "rw", "w-"])
+def test_open_store_refuses_a_mode_other_than_reading_it(tiny_store: str, tmp_path: Path, mode: str) -> None:
+    """``open_store(path, mode="w")`` (meant: writable) passed zarr's "w" on, which deleted every array and the manifest of
+    the store before kdcache saw it was no longer a kdcache store; "rw" was an AssertionError from zarr's internals."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    before = sorted(p.relative_to(store).as_posix() for p in store.rglob("*"))
+    with pytest.raises(StoreError, match=rf"^mode must be 'r' \(read only\) or 'r\+' \(read and write an existing store\), got '{mode}'"):
+        open_store(store, mode=mode)
+    assert sorted(p.relative_to(store).as_posix() for p in store.rglob("*")) == before and open_store(store).complete
+    assert open_store(store, mode="r+").complete
+
+
 @pytest.mark.parametrize(("path", "start", "stop", "message"), [
     ("logits", 0, 4, "'logits' is not a data array of .*; read one of 'samples/index', .*'targets/logits'.* store.targets\\[name\\].path"),
     ("progress/done", 0, 1, "'progress/done' is not a data array of"),
