@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdcache.errors import KdcacheError, PipelineError, raised
+from kdcache.errors import KdcacheError, PipelineError, raised, short
 from kdcache.threads import CORES, MAX_PARALLEL
 
 
@@ -191,10 +191,10 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
     if isinstance(overrides, dict):  # {"extract.batch_size": 64}: iterating it would give the keys alone
         flat = not any(isinstance(v, dict) for v in overrides.values())
         example = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if flat else ["extract.batch_size=64"]
-        raise PipelineError(f"overrides is a dict, {_short(overrides)}, not a list of section.key=value strings; pass {_short(example)}")
+        raise PipelineError(f"overrides is a dict, {short(overrides)}, not a list of section.key=value strings; pass {short(example)}")
     for item in overrides:
         if not isinstance(item, str):
-            raise PipelineError(f"override {_short(item)} is a {type(item).__name__}, not a section.key=value string (e.g. 'extract.batch_size=64')")
+            raise PipelineError(f"override {short(item)} is a {type(item).__name__}, not a section.key=value string (e.g. 'extract.batch_size=64')")
         apply_override(raw, item)
     return from_dict(raw, root=path.resolve().parent, source=str(path))
 
@@ -210,12 +210,7 @@ def check_pipeline(value: Any) -> Pipeline:
         fix = "load a pipeline file with kdcache.load_pipeline(PATH), or validate a dict with kdcache.pipeline.from_dict(raw, root=FOLDER)"
     else:
         fix = "load one with kdcache.load_pipeline(PATH)"
-    raise TypeError(f"pipeline must be a kdcache.Pipeline, got {type(value).__name__} {_short(value)}; {fix}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+    raise TypeError(f"pipeline must be a kdcache.Pipeline, got {type(value).__name__} {short(value)}; {fix}")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
