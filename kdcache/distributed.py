@@ -98,7 +98,9 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     if storage.location_kind(location) == "local":
         location = str(Path(storage.local_path(location)).absolute())
 
-    lock_token = getattr(store.lease, "token", None)  # the workers check the job's S3 lock before they write: still ours
+    # the workers check the job's lock before each shard they write: still ours (a remote cluster's worker runs on after
+    # its driver stopped and released the lock, and must not write into a store another job has made there since)
+    lock_token = getattr(store.lease, "token", None) or locking.local_token(location)
 
     def submit(shard: int) -> Any:
         return client.submit(_extract_shard, pipeline, location, shard, store.storage_options, lock_token,

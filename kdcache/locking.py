@@ -58,12 +58,48 @@ def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any
         yield
     finally:
         if fd >= 0:
+            _LOCAL_HOLDERS.pop(path, None)
             with contextlib.suppress(OSError):
                 os.unlink(path)  # before the lock is released: a waiter that opened it sees another file and retries
             os.close(fd)
         for folder in made:  # deepest first: a run that failed before writing leaves no empty folders behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+_LOCAL_HOLDERS: dict[Path, str] = {}  # the local locks this process holds: what it wrote into each lock file
+
+
+def local_token(location: str | os.PathLike[str]) -> str | None:
+    """What this process wrote into the local writer lock it holds on ``location`` (None: it holds none there, or the
+    file system has no ``flock``): handed to the job's dask workers, which check it before each shard (``LocalBorrowed``)."""
+    path = _lock_path(location)
+    return _LOCAL_HOLDERS.get(path) if path is not None else None
+
+
+@dataclass
+class LocalBorrowed:
+    """A local store's writer lock as a dask worker writing for the job that holds it sees it. Read before each shard is
+    written: the lock file must still name the job's holder. A worker of a cluster of one's own (``--scheduler``) goes
+    on running its task after the driver stopped (Ctrl-C, SIGTERM, another shard's error) and released the lock; without
+    this it wrote the shard and its done marker into whatever store another job (``--overwrite``, another teacher) had
+    made there since, and that store verified."""
+
+    path: Path
+    holder: str
+
+    def check(self, location: str) -> None:
+        try:
+            seen: str | None = self.path.read_bytes()[:200].decode(errors="replace").strip()
+        except FileNotFoundError:
+            seen = None
+        except OSError:  # not readable from here: not known
+            return
+        if seen == self.holder:
+            return
+        now = "has ended (its lock is released)" if seen is None else f"no longer holds its lock ({seen or 'another kdcache process'} does)"
+        raise StoreError(f"{location!r}: the job this dask worker writes for ({self.holder}) {now}; this worker wrote nothing more "
+                         "there; run the extract again to resume")
 
 
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)
@@ -80,7 +116,9 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
                     os.ftruncate(fd, 0)
-                    os.pwrite(fd, f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+                    holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+                    os.pwrite(fd, holder.encode(), 0)
+                    _LOCAL_HOLDERS[path] = holder
                     return fd
         except OSError as e:
             os.close(fd)
@@ -350,8 +388,12 @@ class Borrowed:
                              "nothing more was written; rerun to resume")
 
 
-def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token: str | None) -> Borrowed | None:
-    """``Borrowed`` for the job whose lock holds ``token`` (None: the job holds no S3 lock; see ``_object_lock``)."""
+def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token: str | None) -> Borrowed | LocalBorrowed | None:
+    """``Borrowed`` for the job whose lock holds ``token`` (None: the job holds no S3 lock; see ``_object_lock``); for a
+    local store, ``LocalBorrowed`` (``token``: ``local_token``'s)."""
+    if token is not None and storage.location_kind(str(location)) == "local":
+        path = _lock_path(location)
+        return LocalBorrowed(path, token) if path is not None else None
     lock = _lock_object(location, storage_options) if token is not None else None
     return Borrowed(*lock, token) if lock is not None else None
 

@@ -30,7 +30,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
 from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, short, write_fix
-from kdcache.locking import Borrowed, Lease, active_writer, held_lease
+from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
 from kdcache.storage import exists, filesystem, http_problem, http_url, local_object, local_path, location_arg, location_kind, zarr_store
 
 FORMAT = "kdcache-store"
@@ -155,7 +155,7 @@ class Store:
         self.writable = writable
         self.storage_options = dict(storage_options or {})  # reopening elsewhere (a DataLoader worker) needs them
         # the S3 writer lock each write is checked against: this process's (Lease), or the job's holder's (Borrowed)
-        self.lease: Lease | Borrowed | None = held_lease(location, self.storage_options) if writable else None
+        self.lease: Lease | Borrowed | LocalBorrowed | None = held_lease(location, self.storage_options) if writable else None
         self._temps: dict[Path, dict[Any, list[Path]]] = {}  # _remove_stale_temps: folder -> its temp files
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)

@@ -618,6 +618,28 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
     assert taken_at <= shards_done(url, s3) <= taken_at + 1 < 30, "only a shard being written as it was taken over is finished"
 
 
+def test_dask_workers_write_no_shard_once_the_jobs_local_lock_is_gone_or_anothers(tmp_path, zoo_env):
+    """A worker of a cluster of one's own (``--scheduler``) runs its task on after the driver stopped (Ctrl-C, SIGTERM,
+    another shard's error) and released the local lock: it wrote its shard and done marker into the store an
+    ``--overwrite`` with another teacher had made there meanwhile (seen: 2 of 4 shards of the new store held the old
+    teacher's targets, and it verified). Each worker now reads the lock file before it writes a shard: gone, or another
+    job's, it writes nothing and the job stops with one line."""
+    zoo_env(N=240, SLEEP=0.01)
+    out = tmp_path / "local-taken.zarr"
+    pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
+    thread, failed = _extract_in_a_thread(pipeline, str(out), None)
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and time.monotonic() < deadline and shards_done(out) < 2:
+        time.sleep(0.05)
+    (tmp_path / ".local-taken.zarr.kdcache-lock").write_text("kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00")
+    taken_at = shards_done(out)
+    thread.join(timeout=120)
+    assert len(failed) == 1 and isinstance(failed[0], StoreError), failed
+    assert str(failed[0]).startswith(f"{str(out)!r}: the job this dask worker writes for (kdcache pid {os.getpid()} on "), failed[0]
+    assert "no longer holds its lock (kdcache pid 4242 on elsewhere since " in str(failed[0]), failed[0]
+    assert taken_at <= shards_done(out) <= taken_at + 1 < 30, "only a shard being written as it was taken over is finished"
+
+
 def test_torchrun_ranks_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_path):
     """torchrun to an S3 store: rank 0 holds the job's lock and hands its token to the other ranks, which read the lock
     object before each shard they write. Rank 0 paused (its heartbeat renews nothing and notices nothing, as on a
