@@ -259,7 +259,11 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     # be out of date (its checkpoint file replaced since, the pipeline the same): rebuilt before it is called different
     if key not in _RUNS or layout.difference(store.manifest, _RUNS[key][1]) is not None:
         _RUNS.clear()
-        run = setup(pipeline)
+        try:
+            run = setup(pipeline)
+        except KdcacheError as e:  # the driver built them: this worker's machine lacks a file, a package, a GPU...
+            e.args = (f"dask worker {worker} (pid {os.getpid()} on {socket.gethostname()}): {e}",)
+            raise
         _RUNS[key] = (run, run.manifest_for(pipeline)(store.manifest))
     run, manifest = _RUNS[key]
     mismatch = _mismatch(store, manifest, f"dask worker {worker} (pid {os.getpid()})")  # every task: a cluster outlives jobs

@@ -214,6 +214,19 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
     assert_same_store(out, reference)
 
 
+def test_a_worker_that_cannot_build_the_teacher_is_named(tmp_path):
+    """The driver built the teacher; a worker whose machine lacks its checkpoint (or a package it imports) failed with the
+    driver's own words for it, and its user, running the factory on the driver, found nothing wrong there. The one line
+    now names the worker and its host."""
+    toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{FIXTURES / "driver_only.py"}:teacher"')
+    result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--workers", "2"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"Error: dask worker ") and f" on {socket.gethostname()}): " in lines[0], lines[0]
+    assert "no such file: checkpoints/teacher.pt" in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("how", ["dask", "torchrun"])
 def test_a_process_with_another_teacher_writes_nothing(toml, tmp_path, zoo_env, how):
     """A teacher factory that gives each process other weights (here: seeded by the pid) would fill the store
