@@ -657,7 +657,8 @@ class Store:
     def _damaged(self, path: str, shard: int, problem: str) -> DamagedShardError:
         lo, hi = self.shard_rows(shard)
         return DamagedShardError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
-                                 f"kdcache verify {self.location} lists every damaged chunk; re-extract the store or copy it again", problem)
+                                 f"kdcache verify {self.location} lists every damaged chunk; copy the store again, or redo the shard: delete its "
+                                 f"done marker {DONE}/c/{shard} and rerun kdcache extract (which skips done shards)", problem)
 
     def iter_blocks(self, shards: list[int] | None = None) -> Iterator[tuple[int, int]]:
         """Aligned ``(start, stop)`` row ranges of whole inner chunks, shard by shard."""

@@ -344,6 +344,22 @@ def test_deleting_a_damaged_done_marker_lets_extract_redo_its_shard(tmp_path: Pa
     assert verify(str(store))["ok"]
 
 
+@pytest.mark.parametrize("lost", [LOGITS_SHARD_1, "progress/digest/c/1/0"], ids=["shard-object", "digest-row"])
+def test_the_fix_a_damaged_shards_error_names_lets_extract_redo_it(tmp_path: Path, tiny_store: str, lost: str) -> None:
+    """A done shard that lost an object (an incomplete copy): extract took the store as complete ("nothing to do
+    (--overwrite to redo it)") and the error said "re-extract the store", i.e. redo every shard to mend one. It now names
+    the shard's done marker to delete; extract then redoes that shard alone and the store verifies."""
+    store = tmp_path / TRAIN
+    shutil.copytree(tiny_store, store)
+    (store / lost).unlink()
+    damaged = CliRunner().invoke(main, ["train", str(extract()[1]), "--cache", str(store), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert damaged.exit_code == 1 and f"delete its done marker {DONE}/c/1 and rerun kdcache extract" in damaged.output, damaged.output
+    (store / DONE / "c" / "1").unlink()
+    result = CliRunner().invoke(main, [str(a) for a in extract("--out", store)])
+    assert result.exit_code == 0, result.output
+    assert "1 of 4 shards were already done" not in result.output and verify(str(store))["ok"]
+
+
 def fresh_manifest(store: Path) -> dict[str, Any]:
     """The manifest extract would pass to create_or_resume for ``store`` (what _create adds, removed)."""
     manifest = open_store(store).manifest
