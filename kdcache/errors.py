@@ -29,9 +29,11 @@ class StoreError(KdcacheError, ValueError):
 class DamagedShardError(StoreError):
     """A done shard of a store reads back wrong; ``problem`` says how (``"does not decode (...)"``)."""
 
-    def __init__(self, message: str, problem: str):
+    def __init__(self, message: str, problem: str | None = None):
         super().__init__(message)
-        self.problem = problem
+        # None: rebuilt from its message alone, as torch re-raises an error of a DataLoader worker (with one argument:
+        # a class that cannot be made so reached the main process as a RuntimeError, a traceback)
+        self.problem = message if problem is None else problem
 
 
 class StoreMismatchError(StoreError):

@@ -142,6 +142,25 @@ def test_train_streams_from_s3_in_dataloader_workers(s3, tiny_store, tmp_path):
     assert result["step"] == 7 and np.isfinite(result["loss"])
 
 
+def test_a_shard_missing_from_s3_is_one_line_when_dataloader_workers_read_it(s3, tmp_path):
+    """A shard object that never arrived in the bucket, found by a DataLoader worker while streaming: torch re-raises a
+    worker's error by calling its class with the message alone, which DamagedShardError did not take, so it reached
+    the command as a RuntimeError: a 100-line traceback instead of the one "is damaged" line."""
+    import s3fs
+
+    from conftest import TINY_TOML
+
+    url = f"s3://{BUCKET}/missing-shard.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(f"{BUCKET}/missing-shard.zarr/targets/logits/c/2/0")
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", url, "--out", str(tmp_path / "run"), "--epochs", "1",
+                                  "--set", "train.memory_budget_mb=0", "--set", "train.num_workers=2", *options])
+    last = r.output.strip().splitlines()[-1]  # after the projection head's line
+    assert r.exit_code == 1 and last.startswith(f"Error: {url!r} is damaged: shard 2 of targets/logits (rows 32-47) is missing"), r.output
+    assert "Traceback" not in r.output and "Caught" not in r.output, r.output
+
+
 def test_s3_refuses_to_overwrite_foreign_objects(s3):
     import s3fs
 
