@@ -137,6 +137,7 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
     """Fail at once, before a teacher or dataset is built, when another job holds ``location``'s writer lock
     (``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
     said now too."""
+    storage.refuse_empty_segments(str(location))
     if storage.location_kind(str(location)) == "url":
         started, endpoint = time.monotonic(), storage.endpoint_of(str(location), storage_options)
         try:

@@ -108,8 +108,24 @@ def location_kind(location: str) -> str:
     return "zip" if location.lower().endswith(".zip") else "local"
 
 
+def refuse_empty_segments(location: str) -> None:
+    """Refuse an object-store URL with an empty path segment (``s3://bucket//t.zarr``, ``s3://bucket/a//t.zarr``; a
+    trailing ``/`` is fine). Its keys are not what every call takes them to be: s3fs reads and writes
+    ``/t.zarr/...`` for ``s3://bucket//t.zarr`` but lists (and so deletes, for zarr's ``mode="w"``) ``t.zarr/...``:
+    an extract there wiped the complete store ``s3://bucket/t.zarr``, no ``--overwrite`` given, and wrote another."""
+    if location_kind(location) != "url" or "::" in location:
+        return
+    scheme, _, rest = location.partition("://")
+    path = rest.split("?", 1)[0].rstrip("/")
+    if "//" in path:
+        fixed = f"{scheme}://{'/'.join(part for part in path.split('/') if part)}"
+        raise StoreError(f"{location!r} has an empty path segment ('//'), which object stores do not read, write and list "
+                         f"alike; pass {fixed!r}")
+
+
 def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any:
     """The zarr Store object for a location string (see ``location_kind``) and fsspec storage options."""
+    refuse_empty_segments(location)
     kind = location_kind(location)
     if kind == "zip":
         if not read_only:
@@ -186,6 +202,7 @@ def filesystem(location: str, storage_options: dict[str, Any] | None) -> tuple[A
     """A synchronous fsspec filesystem and root path for a URL location (listing, emptiness)."""
     from fsspec.core import url_to_fs
 
+    refuse_empty_segments(location)
     return url_to_fs(location, **_fsspec_options(location, storage_options))
 
 

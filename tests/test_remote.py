@@ -161,6 +161,27 @@ def test_a_shard_missing_from_s3_is_one_line_when_dataloader_workers_read_it(s3,
     assert "Traceback" not in r.output and "Caught" not in r.output, r.output
 
 
+def test_an_s3_url_with_an_empty_path_segment_is_refused_before_anything_is_written(s3, tiny_store):
+    """s3fs reads and writes ``/kept.zarr/...`` for ``s3://bucket//kept.zarr`` but lists, and so deletes, ``kept.zarr/...``:
+    an extract to that URL (a doubled slash, typed or joined) wiped the complete store at ``s3://bucket/kept.zarr``
+    without --overwrite and wrote another under ``/kept.zarr``, which no command then found at either spelling."""
+    import s3fs
+
+    from conftest import TINY_TOML
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), f"s3://{BUCKET}/kept.zarr", storage_options=s3)
+    before = fs.find(f"{BUCKET}/kept.zarr")
+    for url in (f"s3://{BUCKET}//kept.zarr", f"s3://{BUCKET}/runs//kept.zarr"):
+        with pytest.raises(StoreError, match=rf"^'{re.escape(url)}' has an empty path segment \('//'\), .*; pass 's3://{BUCKET}/(runs/)?kept.zarr'$"):
+            kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    r = CliRunner().invoke(main, ["info", f"s3://{BUCKET}//kept.zarr", *(f"--storage-option={k}={v}" for k, v in s3.items())])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "pass 's3://" in r.output and len(r.output.splitlines()) == 1, r.output
+    assert fs.find(f"{BUCKET}/kept.zarr", refresh=True) == before and len(before) == 40
+    assert not [k for k in fs.find(BUCKET, refresh=True) if "//" in k or k.startswith(f"{BUCKET}/runs")]
+    assert_same_store(f"s3://{BUCKET}/kept.zarr/", tiny_store, options_a=s3)  # a trailing slash is fine
+
+
 def test_s3_refuses_to_overwrite_foreign_objects(s3):
     import s3fs
 
