@@ -327,6 +327,9 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
     except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: store._no_store names them
         # aiohttp's connect and read timeouts are TimeoutErrors; fsspec wraps them in its own, or a FileNotFoundError (info)
         e = next((c for c in (failed.__cause__, failed) if isinstance(c, TimeoutError)), None)
+        bad = next((c for c in (failed, failed.__cause__) if isinstance(c, TypeError)), None)  # fsspec's info wraps it
+        if bad is not None:  # an option aiohttp does not take: raised at the first request
+            raise unreachable_error(location, bad) from None
         if e is None:
             return False
         seconds = time.monotonic() - started
@@ -339,6 +342,9 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
 
 def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> StoreError:
     """``gave_up``: how long was tried and what to raise for a slow endpoint, said after the cause."""
+    if isinstance(e, TypeError) and "keyword argument" in str(e):  # s3fs makes its client at the first request, not in zarr_store
+        return StoreError(f"cannot open {location!r}: a storage option the filesystem does not take ({one_line(e)}); check the "
+                          "--storage-option values against the filesystem's own arguments (s3fs: S3FileSystem's, e.g. default_block_size)")
     cause = one_line(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
     if "range requests" in cause.lower():
         fix = "serve the zip from a server that honours HTTP Range requests, or download it and pass the local file"
@@ -370,8 +376,8 @@ def http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: boo
         return "HTTP 404"
     except Exception as e:  # noqa: BLE001 - aiohttp's connection and response errors, named below
         status = getattr(e, "status", None)
-        if isinstance(status, int):
-            return f"HTTP {status} {getattr(e, 'message', '')}".rstrip()
+        if isinstance(status, int):  # one line, cut: aiohttp's message for a response it cannot parse quotes the body
+            return one_line(Exception(f"HTTP {status} {getattr(e, 'message', '')}"), 200)
         return f"{type(e).__name__}: {one_line(e)}"
 
 
