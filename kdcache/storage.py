@@ -153,7 +153,10 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         options = _fsspec_options(location, storage_options)
         if not read_only and "::" not in location and is_s3(location) and "session" not in options:
             options["session"] = _session_without_expect(os.getpid(), options.get("profile"))
-        return zarr.storage.FsspecStore.from_url(location, storage_options=options, read_only=read_only)
+        # without a trailing "/": zarr lists a store by its path plus "/" (http://host/t.zarr/ listed full URLs as keys: pack
+        # wrote a zip of members named http://..., "no zarr.json at its root")
+        url = location if "::" in location else location.rstrip("/")
+        return zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
     except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
         raise
     except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own

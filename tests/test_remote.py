@@ -361,6 +361,23 @@ def test_pack_over_http_skips_writer_temp_files(http_root, tiny_store, tmp_path)
     assert len(keys) == 40 and not [k for k in keys if k.endswith((".tmp", ".partial"))]
 
 
+def test_pack_of_a_url_with_a_trailing_slash_is_the_same_zip(http_root, s3, tiny_store, tmp_path):
+    """zarr lists a store by its path plus "/": for http://host/t.zarr/ it listed every object under its full URL, so
+    pack wrote a zip of members named http://..., then refused it as "no store in 'OUT.part.zip'"."""
+    import shutil
+
+    import s3fs
+
+    root, base = http_root
+    shutil.copytree(tiny_store, root / "slash.zarr", dirs_exist_ok=True)
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/slash.zarr", recursive=True)
+    pack(tiny_store, tmp_path / "local.zarr.zip")
+    for i, (url, options) in enumerate(((f"{base}/slash.zarr/", None), (f"{base}/slash.zarr//", None), (f"s3://{BUCKET}/slash.zarr/", s3))):
+        assert open_store(url, storage_options=options).object_keys() == open_store(tiny_store).object_keys(), url
+        pack(url, tmp_path / f"{i}.zarr.zip", storage_options=options)
+        assert (tmp_path / f"{i}.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes(), url
+
+
 def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
     """A read that fails on the way (the server went away, a refused connection) says the location could not be
     read and that nothing says the store is damaged: never "re-extract", never a traceback."""
