@@ -412,7 +412,15 @@ def probe_filesystem(location: str, storage_options: dict[str, Any] | None) -> t
     the data) with the short timeouts of ``_probe_options`` and no s3fs retry loop of its own."""
     fs, path = filesystem(location, {**_probe_options(storage_options), "skip_instance_cache": True})
     fs.retries = 1  # s3fs's own loop around botocore's retries: one pass (not an option s3fs takes, an attribute)
+    _PROBES.append(fs)
     return fs, path
+
+
+# The probe filesystems, kept: s3fs closes a filesystem's client when it is garbage-collected, on the event loop running
+# in the thread that collects it. Collected in zarr's loop thread (any time later), the close ran on the wrong loop, and
+# with a connection kept alive (any real S3 endpoint; moto closes each) every command printed "Task exception was never
+# retrieved ... attached to a different loop" and a traceback as it ended. Kept, they are closed at exit on their own loop.
+_PROBES: list[Any] = []
 
 
 def _probe_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:

@@ -636,8 +636,12 @@ class Store:
                 return "empty" if await store.getsize(key) == 0 else None
             except FileNotFoundError as e:
                 if e.__cause__ is not None and _transport(e.__cause__) and getattr(e.__cause__, "status", None) != 404:
+                    e.add_note(key)
                     raise  # fsspec's http _info turns a refused connection or a 5xx into FileNotFoundError
                 return "missing"
+            except Exception as e:  # noqa: BLE001 - s3fs's OSErrors (a 403, a 5xx), botocore's own: the caller's to name
+                e.add_note(key)
+                raise
 
         async def every() -> list[str | None]:
             return list(await asyncio.gather(*(problem(k) for k in keys)))
@@ -650,9 +654,14 @@ class Store:
         done = [int(s) for s in np.flatnonzero(self.done())]
         pairs = [(path, s) for path in self.paths() for s in done]
         keys = [self.shard_key(path, s) for path, s in pairs]
+        try:
+            problems = self._object_problems(keys)
+        except Exception as e:  # noqa: BLE001 - a HEAD refused (403), a 5xx, a lost connection: s3fs's OSErrors, botocore's own
+            key = next((k for k in getattr(e, "__notes__", ()) if k in keys), None)  # s3fs says "Forbidden", not which object
+            raise self._unreachable(f"object {key!r}" if key else f"the objects of the {len(done)} done shards", e) from None
         return [f"shard {s} of {path} (rows {self.shard_rows(s)[0]}-{self.shard_rows(s)[1] - 1}): object {key!r} is {problem} "
                 "although the shard is marked done"
-                for (path, s), key, problem in zip(pairs, keys, self._object_problems(keys)) if problem]
+                for (path, s), key, problem in zip(pairs, keys, problems) if problem]
 
     def _damaged(self, path: str, shard: int, problem: str) -> DamagedShardError:
         lo, hi = self.shard_rows(shard)
