@@ -419,7 +419,7 @@ def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
 class KeepAliveS3:
     """An S3 endpoint on 127.0.0.1 in front of the moto server at ``upstream`` that keeps its connections alive, as a
     real one does (moto closes each: ``Connection: close``), and answers ``faults[KEY_PART]`` (403, 500...) to the GETs
-    and HEADs whose path holds KEY_PART."""
+    and HEADs whose path holds KEY_PART. For reads: a request body sent chunked (botocore's PUTs) is not forwarded."""
 
     def __init__(self, upstream: str):
         import http.server
