@@ -155,7 +155,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
             options["session"] = _session_without_expect(os.getpid(), options.get("profile"))
         # without a trailing "/": zarr lists a store by its path plus "/" (http://host/t.zarr/ listed full URLs as keys: pack
         # wrote a zip of members named http://..., "no zarr.json at its root")
-        url = location if "::" in location else location.rstrip("/")
+        url = location.rstrip("/") if "::" not in location and location.rstrip("/").partition("://")[2] else location
         return zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
     except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
         raise
