@@ -200,6 +200,16 @@ def _load(pipeline: str, overrides: tuple[str, ...], **flags: Any) -> Any:
     return load(pipeline, list(overrides) + extra)
 
 
+def _sets(override: str, section: str, key: str) -> bool:
+    """Whether ``override`` gives ``section.key`` a value, dotted (``train.steps=5``) or in a table (``train={steps=5}``);
+    a table that leaves the key out (``train={lr=0.1}``, which resets it to its default) does not."""
+    from kdcache.pipeline import apply_override
+
+    raw: dict[str, Any] = {}
+    apply_override(raw, override)
+    return isinstance(raw.get(section), dict) and key in raw[section]
+
+
 def _toml(value: Any) -> str:
     """A flag's value as TOML text that reads back as the value. JSON's ASCII escapes are not TOML's for a character
     beyond the BMP (a surrogate pair, which TOML refuses: the override then took the JSON text, quotes and all, as
@@ -355,8 +365,7 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
         given = " and ".join(name for name, on in (("--resume", resume), ("--auto-resume", auto_resume), ("--overwrite", overwrite)) if on)
         raise click.UsageError(f"{given} were given; --resume continues the run in OUT, --auto-resume continues it if it has a "
                                "checkpoint (else starts it), --overwrite replaces it: pass one of them")
-    if epochs is not None and (any(o.partition("=")[0].strip() == "train.steps" for o in overrides)  # also in a table: train={steps=5}
-                               or overrides and _load(pipeline, overrides).train.steps != _load(pipeline, ()).train.steps):
+    if epochs is not None and any(_sets(o, "train", "steps") for o in overrides):
         raise click.UsageError("--epochs N trains N epochs and --set train.steps=S exactly S steps; pass one of them")
     p = _load(pipeline, overrides, **{"train.epochs": epochs, "train.steps": None if epochs is None else 0,
                                       "train.batch_size": batch_size, "train.device": device,

@@ -510,6 +510,12 @@ def test_the_epochs_flag_trains_that_many_epochs_where_the_pipeline_sets_steps(t
     assert result.exit_code == 0, result.output
     assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0]
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["train"]["steps"] == 0
+    # a --set of the [train] table that leaves steps out sets no steps (its reset to the default is not a --set of them)
+    table = 'train={batch_size=8, lr=0.01, device="cpu"}'
+    result = CliRunner().invoke(cli.main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "table"), "--epochs", "1",
+                                           "--set", table])
+    assert result.exit_code == 0, result.output
+    assert [m["epoch"] for m in metrics(tmp_path / "table")] == [0]
 
 
 @pytest.mark.parametrize("workers", [0, 1], ids=["no-workers", "a-dataloader-worker"])
