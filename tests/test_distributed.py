@@ -631,7 +631,8 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
     assert taken_at <= shards_done(url, s3) <= taken_at + 1 < 30, "only a shard being written as it was taken over is finished"
 
 
-def test_dask_workers_write_no_shard_once_the_jobs_local_lock_is_gone_or_anothers(tmp_path, zoo_env):
+@pytest.mark.parametrize("taken", [True, False], ids=["anothers", "gone"])
+def test_dask_workers_write_no_shard_once_the_jobs_local_lock_is_gone_or_anothers(tmp_path, zoo_env, taken):
     """A worker of a cluster of one's own (``--scheduler``) runs its task on after the driver stopped (Ctrl-C, SIGTERM,
     another shard's error) and released the local lock: it wrote its shard and done marker into the store an
     ``--overwrite`` with another teacher had made there meanwhile (seen: 2 of 4 shards of the new store held the old
@@ -644,12 +645,17 @@ def test_dask_workers_write_no_shard_once_the_jobs_local_lock_is_gone_or_another
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and shards_done(out) < 2:
         time.sleep(0.05)
-    (tmp_path / ".local-taken.zarr.kdcache-lock").write_text("kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00")
+    lock = tmp_path / ".local-taken.zarr.kdcache-lock"
+    if taken:
+        lock.write_text("kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00")
+    else:  # as the driver leaves it when it stops
+        lock.unlink()
     taken_at = shards_done(out)
     thread.join(timeout=120)
     assert len(failed) == 1 and isinstance(failed[0], StoreError), failed
     assert str(failed[0]).startswith(f"{str(out)!r}: the job this dask worker writes for (kdcache pid {os.getpid()} on "), failed[0]
-    assert "no longer holds its lock (kdcache pid 4242 on elsewhere since " in str(failed[0]), failed[0]
+    now = "no longer holds its lock (kdcache pid 4242 on elsewhere since " if taken else "has ended (its lock is released); "
+    assert now in str(failed[0]), failed[0]
     assert taken_at <= shards_done(out) <= taken_at + 1 < 30, "only a shard being written as it was taken over is finished"
 
 
