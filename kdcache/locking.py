@@ -90,14 +90,14 @@ class LocalBorrowed:
 
     def check(self, location: str) -> None:
         try:
-            seen: str | None = self.path.read_bytes()[:200].decode(errors="replace").strip()
+            seen: str | None = self.path.read_bytes()[:4096].decode(errors="replace").strip()
         except FileNotFoundError:
             seen = None
         except OSError:  # not readable from here: not known
             return
         if seen == self.holder:
             return
-        now = "has ended (its lock is released)" if seen is None else f"no longer holds its lock ({seen or 'another kdcache process'} does)"
+        now = "has ended (its lock is released)" if seen is None else f"no longer holds its lock ({seen[:200] or 'another kdcache process'} does)"
         raise StoreError(f"{location!r}: the job this dask worker writes for ({self.holder}) {now}; this worker wrote nothing more "
                          "there; run the extract again to resume")
 

@@ -660,7 +660,8 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     if t.eval_cache:
         store = open_for_training(t.eval_cache, allow_partial=False, storage_options=storage_options)
         split = store.manifest["dataset"]["split"]
-        if layout.LOGITS not in {tg.path for tg in store.targets.values()}:
+        stored = next((tg for tg in store.targets.values() if tg.path == layout.LOGITS), None)
+        if stored is None:
             raise PipelineError(f"train.eval_cache {t.eval_cache!r} stores no logits to compare with; extract it with targets.logits = true")
         theirs, teacher = store.manifest["teacher"]["weights_sha256"], (trained or store.manifest)["teacher"]
         if theirs != teacher["weights_sha256"]:  # agreement with another teacher than the one distilled
@@ -677,7 +678,6 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             raise PipelineError(f"train.eval_cache {t.eval_cache!r} holds the samples the student trains on (split {split!r} of "
                                 f"{trained['dataset']['factory']}): its eval metrics would be measured on training data; extract the eval "
                                 f"split into its own store (--set data.split=...), or set train.eval_split = {split!r} to measure it on purpose")
-        stored = next(tg for tg in store.targets.values() if tg.path == layout.LOGITS)
         ours = next((tg for tg in map(layout.Target.from_dict, (trained or {"targets": {}})["targets"].values())
                      if tg.path == layout.LOGITS), None)  # None: a run of features and labels alone
         if ours is not None and (ours.shape, ours.select) != (stored.shape, stored.select):  # another part of the teacher's output
