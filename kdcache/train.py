@@ -17,6 +17,7 @@ import math
 import operator
 import os
 import re
+import sys
 import signal
 import threading
 import time
@@ -94,7 +95,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         if checkpoint is not None:
             _check_resumed_plan(checkpoint, order, total_steps, t)
         params = list(run.student.parameters()) + list(run.heads.parameters())
-        optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay)
+        optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay, _decays_all(checkpoint, params, rank))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
         state = {"epoch": 0, "step": 0, "batch": 0}  # the next step's epoch, and the epoch's batches trained
         partial = None  # resumed inside an epoch: its loss sums so far
@@ -637,10 +638,29 @@ def _rows(store: layout.Store, shards: np.ndarray, subset: int, seed: int) -> np
     return np.sort(np.random.default_rng(seed).permutation(rows)[:subset])
 
 
-def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+               decay_all: bool = False) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) or AdamW. Weight decay applies to matrices and kernels only (ndim >= 2); biases, norm scales and
+    other vectors or scalars are not pulled toward 0 (timm's and nanoGPT's rule), unless `decay_all` (runs of <= 0.1.8)."""
+    decayed = params if decay_all else [p for p in params if p.ndim >= 2]
+    kept = [] if decay_all else [p for p in params if p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _decays_all(checkpoint: dict[str, Any] | None, params: list[torch.nn.Parameter], rank: int) -> bool:
+    """Whether a resumed run was started by kdcache <= 0.1.8, which decayed every parameter (one group): it keeps doing so,
+    so that its optimizer state still fits and the run ends as it would have."""
+    if checkpoint is None or len(checkpoint["optimizer"]["param_groups"]) != 1 or all(p.ndim >= 2 for p in params) \
+            or all(p.ndim < 2 for p in params):
+        return False
+    if rank == 0:
+        print("note: this run was started by kdcache <= 0.1.8, which applies train.weight_decay to biases and norm weights "
+              "too; the resumed run keeps doing so (a new run decays matrices and kernels only)", file=sys.stderr)
+    return True
 
 
 def _schedule(name: str, total_steps: int) -> Any:

@@ -843,7 +843,9 @@ def live_teacher_losses(p: kdcache.Pipeline, location: str) -> list[float]:
                        memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards)
     torch.manual_seed(t.seed)
     student = tiny.student()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    decayed = [p for p in student.parameters() if p.ndim >= 2]  # biases are not decayed
+    rest = [p for p in student.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=t.lr)
     batches = [rows[lo : lo + t.batch_size] for e in range(t.epochs) for rows in plan.plan(e) for lo in range(0, len(rows), t.batch_size)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, len(batches)) / len(batches))))
     curve = []
@@ -1224,6 +1226,39 @@ def test_a_checkpoint_of_kdcache_0_1_3_resumes_to_the_uninterrupted_run(tiny_sto
     torch.save(ckpt, tmp_path / "cut" / CHECKPOINT)
     train(p, tiny_store, tmp_path / "cut", resume=True)
     same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_weight_decay_pulls_matrices_and_kernels_toward_zero_but_not_biases_or_norm_weights(name):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(5),
+                                torch.nn.LayerNorm(5))
+    model(torch.zeros(2, 3, 5, 5))
+    params = list(model.parameters())
+    optimizer = importlib.import_module("kdcache.train")._optimizer(name, params, 0.1, 0.5)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(decay) == len(params) == 8
+    assert [decay[id(p)] for p in params] == [0.5 if p.ndim >= 2 else 0.0 for p in params]
+    assert [p.ndim for p in params] == [4, 1, 1, 1, 2, 1, 1, 1]
+
+
+def test_a_checkpoint_of_kdcache_0_1_8_keeps_decaying_every_parameter_on_resume(tiny_store, tmp_path, monkeypatch, capsys):
+    """kdcache <= 0.1.8 decayed biases too (one parameter group): its run resumes to the run it would have been."""
+    p = pipeline(*PLAIN, "train.epochs=3", "train.weight_decay=0.5")
+    trainer = importlib.import_module("kdcache.train")
+    optimizer = trainer._optimizer
+    with monkeypatch.context() as m:  # kdcache 0.1.8's optimizer
+        m.setattr(trainer, "_optimizer", lambda name, params, lr, wd, decay_all=False: optimizer(name, params, lr, wd, True))
+        train(p, tiny_store, tmp_path / "whole")
+        train_cut_after_first_epoch(p, tiny_store, tmp_path / "cut")
+    assert len(torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["optimizer"]["param_groups"]) == 1
+    train(p, tiny_store, tmp_path / "new")
+    capsys.readouterr()
+    train(p, tiny_store, tmp_path / "cut", resume=True)
+    assert "started by kdcache <= 0.1.8" in capsys.readouterr().err
+    same_run(tmp_path / "cut", tmp_path / "whole")
+    new = torch.load(tmp_path / "new" / "student.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)
+    assert not all(torch.equal(new[k], whole[k]) for k in whole)  # the rule changed what a new run learns
 
 
 def test_auto_resume_starts_a_run_and_continues_it_with_the_same_command(tiny_store, tmp_path, monkeypatch, capsys):
