@@ -2,8 +2,8 @@
 
 Row ``r`` of the store is paired with dataset item ``samples/index[r]``, and the input's
 fingerprint is recomputed and compared with ``samples/fingerprint[r]``: for a seeded fraction
-``fingerprint_check`` of the rows (default every row) in the first epoch this object serves, and
-``fingerprint_recheck`` of them in each later epoch. Targets are never read row by row:
+``fingerprint_check`` of the rows (default every row) in the first epoch this object serves (and the next, where the
+first was resumed inside: its first batches were not served), and ``fingerprint_recheck`` of them in each later epoch. Targets are never read row by row:
 
 - in memory: when the arrays needed fit under ``memory_budget_mb`` they are read whole, once,
   with sequential whole-chunk reads, and batches take random rows from RAM;
@@ -80,6 +80,7 @@ class TransferSet(IterableDataset):
         self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent DataLoader workers see set_epoch
         self._skip = multiprocessing.RawValue("q", 0)  # and its batches to leave out
         self.first_epoch: int | None = None  # the first epoch set: its rows are checked at fingerprint_check
+        self.first_skipped = False  # the first epoch set was resumed inside (skip): the next one is checked so too
         # decoded bytes of one row of the arrays read: what decides RAM or streaming, and what streaming's buffers hold (footprint)
         self.row_bytes = sum(int(np.prod(store.array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
         self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
@@ -99,14 +100,19 @@ class TransferSet(IterableDataset):
         were already trained on (a run resumed mid-epoch): the rest are the uninterrupted epoch's, and buffers
         holding only skipped batches are not read."""
         if self.first_epoch is None:
-            self.first_epoch = epoch
+            self.first_epoch, self.first_skipped = epoch, skip > 0
         self._epoch.value = epoch
         self._skip.value = skip
 
     def check_fraction(self) -> float:
         """The fraction of rows whose fingerprint this epoch checks: every epoch is a first one until
-        ``set_epoch`` is called; after that only the first epoch set is."""
-        return self.fingerprint_check if self.first_epoch in (None, self.epoch) else self.fingerprint_recheck
+        ``set_epoch`` is called; after that the first epoch set is, and the one after it where the first was resumed
+        inside (``skip``): the rows of the batches it left out (served before the interruption, perhaps from another
+        dataset than now) would otherwise be checked only at ``fingerprint_recheck`` from then on."""
+        first = self.first_epoch
+        if first is None or self.epoch == first or (self.first_skipped and self.epoch == first + 1):
+            return self.fingerprint_check
+        return self.fingerprint_recheck
 
     # -- the plan: which rows, in which buffers, in which order -----------------------------
     def plan(self, epoch: int) -> Iterator[np.ndarray]:

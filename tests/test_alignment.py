@@ -122,6 +122,28 @@ def test_train_with_checks_switched_off_refuses_a_reversed_dataset(numbered_stor
     assert not (tmp_path / "run" / "student.pt").exists()
 
 
+# ------------------------------------------------------------------ a run resumed inside an epoch
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_a_run_resumed_inside_an_epoch_checks_every_row_of_the_next_epoch(numbered_store, budget):
+    """A run resumed after batch B of an epoch checked the rest of that epoch at fingerprint_check and every later epoch
+    at fingerprint_recheck (train: 5 %): a sample changed between the interruption and the resume, served in the first
+    B batches, was paired with its old target in every later epoch unless the recheck drew it (found by a review). The
+    epoch after a partial first one is checked as a first one: its rows include those the resumed run has not checked."""
+    uninterrupted = transfer(numbered_store, Numbered(N), memory_budget_mb=budget)
+    uninterrupted.set_epoch(1)
+    served = [int(i) for b in list(uninterrupted)[:5] for i in b["index"]]
+    changed = next(i for i in served if i not in (0, N - 1))  # not one of the two the manifest records, checked at the start
+    resumed = transfer(numbered_store, Numbered(N, changed=(changed,)), memory_budget_mb=budget, fingerprint_recheck=0.0)
+    resumed.set_epoch(1, skip=5)
+    assert changed not in {int(i) for b in resumed for i in b["index"]}  # the premise: the rest of epoch 1 does not serve it
+    resumed.set_epoch(2)
+    with pytest.raises(AlignmentError, match=rf"^store row {changed} \(dataset index {changed}\) .*the dataset changed since extraction"):
+        list(resumed)
+    resumed.set_epoch(3)  # later epochs: the recheck fraction
+    assert sum(len(b["rows"]) for b in resumed) == N
+
+
 # ------------------------------------------------------------------ an eval store of another teacher
 
 def test_eval_cache_of_another_teacher_is_refused(numbered_store, tmp_path):
