@@ -375,8 +375,9 @@ class TransferSet(IterableDataset):
             seen = fast[k] if fast is not None else data.fingerprint(inputs[j], self.algorithm)
             if seen != int(stored[j]):
                 where = f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r}"
-                raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=hasattr(self.dataset, "__getitems__"),
-                                     last=int(index[-1]))
+                batched = hasattr(self.dataset, "__getitems__")  # torch's Subset has one
+                raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=batched, last=int(index[-1]),
+                                     one_input=batched and _one_input(inputs, self.algorithm))
         labels = columns.get(layout.LABEL)
         for j in which if labels is not None else ():
             label = data.split_item(items[j])[1]
@@ -395,14 +396,16 @@ class TransferSet(IterableDataset):
                 raise self._mismatch(f"dataset index {i} (its fingerprint is in the manifest) of {self.location!r}", int(i),
                                      int(recorded, 16), seen, batched=False)
 
-    def _mismatch(self, where: str, index: int, stored: int, seen: int, batched: bool, last: int | None = None) -> AlignmentError:
+    def _mismatch(self, where: str, index: int, stored: int, seen: int, batched: bool, last: int | None = None,
+                  one_input: bool = False) -> AlignmentError:
         """The error for an input whose fingerprint is not the stored one, naming the cause: an item that is another input at
         each read (random augmentation), items that are one buffer refilled by each read (``last``: the index read last in
-        the input's batch), a batched ``__getitems__`` (``batched``: the input came from one) that served another item in
-        its place, or a dataset that changed since extraction. Item ``index`` is read alone a few times."""
+        the input's batch; ``one_input``: a batched read gave one input in every place, as torch's ``Subset`` reading such
+        items does), a batched ``__getitems__`` (``batched``: the input came from one) that served another item in its
+        place, or a dataset that changed since extraction. Item ``index`` is read alone a few times."""
         alone = data.reread(self.dataset, index, self.algorithm)
         said = f"{where} has input fingerprint {stored:016x} but the dataset now gives {seen:016x}"
-        if not batched and last not in (None, index) and set(alone) == {stored} and data.item_fingerprint(self.dataset, last, self.algorithm) == seen:
+        if (not batched or one_input) and last not in (None, index) and set(alone) == {stored} and data.item_fingerprint(self.dataset, last, self.algorithm) == seen:
             return AlignmentError(f"{said}: {data.reused_buffer(index, last)}")
         reads = alone if batched else [seen, *alone]  # a batch's read counts only if it was one of dataset[index]
         if len(set(reads)) > 1:
@@ -413,6 +416,13 @@ class TransferSet(IterableDataset):
                                   "in its place; make it return one item per index, in the order asked")
         return AlignmentError(f"{said}: the dataset changed since extraction (order, content or preprocessing); use the dataset "
                               "the store was made from, or re-extract")
+
+
+def _one_input(inputs: list[Any], algorithm: str) -> bool:
+    """Whether a batch's items (more than one) are all one input: items that are one buffer refilled by each read, read
+    in a batch, hold the last item read in every place, whether read one by one or by a ``__getitems__`` that reads them
+    so (torch's ``Subset``). Looked at only when a fingerprint differed."""
+    return len(inputs) > 1 and len({data.fingerprint(x, algorithm) for x in inputs}) == 1
 
 
 PREFETCH = 2  # batches made ahead of the consumer

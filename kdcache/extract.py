@@ -269,7 +269,8 @@ def _check_probe_items(dataset: Dataset, batch: list[int], alone: int) -> None:
         if batch[i] == single:
             continue
         rereads = [single, *data.reread(dataset, i, algorithm)]
-        if i == 0 and len(set(rereads)) == 1 and not batched and last and data.item_fingerprint(dataset, last, algorithm) == batch[0]:
+        refilled = not batched or len(set(batch)) == 1  # a batched read (torch's Subset has one) of one buffer: the last item everywhere
+        if i == 0 and len(set(rereads)) == 1 and refilled and last and data.item_fingerprint(dataset, last, algorithm) == batch[0]:
             raise PipelineError(data.reused_buffer(0, last))
         reads = rereads + ([] if batched else [batch[i]])  # reads of dataset[i]
         if len(set(reads)) > 1:

@@ -19,7 +19,7 @@ from kdcache import data, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError
 from kdcache.pipeline import from_dict
-from numbered import SPANS, Augmented, Numbered, Segments, SortedGetitems, Spans, WrongCountGetitems
+from numbered import SPANS, Augmented, Numbered, Segments, SortedGetitems, Spans, WrongCountGetitems, refilled_buffer_subset
 
 N = 100
 
@@ -60,6 +60,19 @@ def test_extract_refuses_a_getitems_that_serves_a_batch_out_of_order(tmp_path):
                                             r"dataset\[1\] does \([0-9a-f]{16}\); make __getitems__ return the items dataset\[i\] returns, in the order asked$"):
         kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:swapping"}}, root=FIXTURES), str(out))
     assert not out.exists()
+
+
+def test_a_refilled_buffer_behind_torch_s_subset_is_named_as_such(tmp_path, numbered_store):
+    """torch's Subset has a __getitems__ of its own: items that are one buffer refilled by each read, behind a Subset, were
+    called a __getitems__ that serves other inputs than dataset[i] ("make __getitems__ return the items dataset[i]
+    returns"), a method the user did not write, by extract and by training (found by a review)."""
+    out = tmp_path / "s.zarr"
+    refilled = r"dataset index {0}, read in a batch, was the input of index {1}, the batch's last item .*__getitem__ returns one buffer"
+    with pytest.raises(PipelineError, match="^" + refilled.format(0, 15)):
+        kdcache.extract(from_dict({**NUMBERED, "data": {"factory": "numbered.py:refilled_buffer_subset"}}, root=FIXTURES), str(out))
+    assert not out.exists()
+    with pytest.raises(AlignmentError, match=r"^store row \d+ \(dataset index \d+\) .*: " + refilled.format(r"\d+", r"\d+")):
+        list(transfer(numbered_store, refilled_buffer_subset()))
 
 
 def test_verify_teacher_check_names_rows_that_a_getitems_served_out_of_order(tmp_path):
