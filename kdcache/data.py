@@ -79,8 +79,8 @@ def split_item(item: Any) -> tuple[Any, int | None]:
         return item[0], (_label(item[1]) if len(item) > 1 else None)
     if isinstance(item, Mapping):
         inputs = {k: v for k, v in item.items() if k not in LABEL_KEYS}
-        label = next((item[k] for k in LABEL_KEYS if k in item), None)
-        return inputs, (_label(label) if label is not None else None)
+        key = next((k for k in LABEL_KEYS if k in item), None)
+        return inputs, (_label(item[key], key) if key is not None and item[key] is not None else None)
     raise PipelineError(
         f"dataset item of type {type(item).__name__} is not supported; return a tensor, (input, label) or a dict of tensors"
     )
@@ -96,14 +96,27 @@ def inputs_of(item: Any) -> Any:
     return split_item(item)[0]
 
 
-def _label(value: Any) -> int:
+def _label(value: Any, key: str | None = None) -> int:
+    """An item's label as an int, else a PipelineError; ``key``: the dict entry it came from (``label``/``labels``)."""
     if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         return int(value)
+    if key is not None:  # per-token labels (a causal language model's copy of input_ids), a one-hot vector: not a class index
+        raise PipelineError(
+            f"dataset item's {key!r} entry ({_shown(value)}) is not an integer class index: kdcache takes an item's 'label' or 'labels' "
+            "entry as its one class label and passes the other entries to the model; leave the entry out of the item (to distil a "
+            "language model it is not needed), or make it one int per item"
+        )
     raise PipelineError(
-        f"dataset label {value!r} is not an integer class index; return (input, int label) or only the input"
+        f"dataset label {_shown(value)} is not an integer class index; return (input, int label) or only the input"
     )
+
+
+def _shown(value: Any) -> str:
+    """A value in a message, on one line: a tensor, array or list by its type and shape (a 2-D tensor's repr has several
+    lines), anything else by its repr, cut short."""
+    return describe(value) if isinstance(value, torch.Tensor | np.ndarray | tuple | list | Mapping) else short(value)
 
 
 def fingerprint(inputs: Any, algorithm: str = FINGERPRINT_ALGORITHM) -> int:

@@ -278,6 +278,10 @@ CASES = [
     # -- the dataset
     Case("item-unsupported-type", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:string_items"),
          ("dataset item of type str is not supported", "return a tensor, (input, label) or a dict of tensors")),
+    # a dict's 'labels' of one label per position (a causal language model's copy of its input ids) was told to "return
+    # (input, int label)", with the tensor's repr (several lines for a 2-D one)
+    Case("item-dict-with-per-position-labels", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:per_position_labels"),
+         ("dataset item's 'labels' entry (int64[8]) is not an integer class index", "leave the entry out of the item")),
     Case("item-dict-with-a-string", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:with_ids"),
          ("the teacher model raised TypeError: ", "got an unexpected keyword argument 'id'",
           "on a batch of {'x': float32[8, 1, 8, 8], 'id': [8 x str]}; make teacher.factory's model take")),
