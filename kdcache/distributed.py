@@ -40,7 +40,7 @@ import torch
 
 from kdcache import locking, storage, store as layout
 from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
-from kdcache.extract import Run, extract_shards, setup
+from kdcache.extract import Run, check_done_rows, extract_shards, setup
 from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
@@ -66,6 +66,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
         with locking.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
+            check_done_rows(run.dataset, store, store.pending_shards())
             del run
             if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
                 torch.cuda.empty_cache()
@@ -353,6 +354,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
                 lock.enter_context(locking.writer_lock(out, storage_options))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
                 shared[0] = (store.pending_shards(), getattr(store.lease, "token", None))
+                check_done_rows(run.dataset, store, shared[0][0])
             except KdcacheError as e:
                 shared[0] = e  # the other ranks stop with the same error instead of waiting
         dist.broadcast_object_list(shared, src=0)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
-from kdcache.errors import AlignmentError, ModelError, PipelineError, TargetError
+from kdcache.errors import AlignmentError, ModelError, PipelineError, StoreMismatchError, TargetError
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.storage import location_arg
 from kdcache.progress import Progress
@@ -53,11 +53,39 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     with locking.writer_lock(out, storage_options):  # one writer per store
         store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
         pending = store.pending_shards()
+        check_done_rows(run.dataset, store, pending)
         bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)
         extract_shards(run, pipeline, store, pending, bar)
         bar.close()
         store.finish()
     return store.info()
+
+
+RESUMED_SHARDS, RESUMED_ROWS = 8, 4  # a resumed store's done rows read again: rows in each of at most this many done shards
+
+
+def check_done_rows(dataset: Dataset, store: layout.Store, pending: list[int]) -> None:
+    """Refuse to resume a store whose done rows are not the dataset's inputs now, before the teacher runs: a seeded choice of
+    ``RESUMED_ROWS`` rows in each of up to ``RESUMED_SHARDS`` done shards is read from the dataset and fingerprinted. The
+    manifest's identity compares the dataset's length and items 0 and N-1 only; a folder regenerated, listed in another
+    order or transformed otherwise since the shards were written would make a store of two datasets (which training
+    refuses, row by row, once the teacher's time is spent). A change of a few items is left to training's check."""
+    done = np.setdiff1d(np.arange(store.num_shards), np.asarray(pending, dtype=np.int64))
+    if len(done) == 0:
+        return
+    algorithm = data.check_algorithm(store.manifest, store.location)
+    rng = np.random.default_rng(len(done))
+    for shard in np.sort(rng.choice(done, size=min(len(done), RESUMED_SHARDS), replace=False)):
+        start, stop = store.shard_rows(int(shard))
+        index, stored = store.array(layout.INDEX)[start:stop], store.array(layout.FINGERPRINT)[start:stop]
+        for j in np.sort(rng.choice(stop - start, size=min(stop - start, RESUMED_ROWS), replace=False)):
+            seen = data.item_fingerprint(dataset, int(index[j]), algorithm)
+            if seen != int(stored[j]):
+                raise StoreMismatchError(
+                    f"{store.location!r} was made from another dataset than data.factory's now: its done row {start + int(j)} "
+                    f"(dataset index {int(index[j])}) has input fingerprint {int(stored[j]):016x}, the dataset now gives {seen:016x} "
+                    "(regenerated, listed in another order or transformed otherwise since that shard was written); restore the "
+                    "dataset the store was made from to resume it, or pass --overwrite (or another --out) to extract afresh")
 
 
 def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: list[int], bar: Progress,

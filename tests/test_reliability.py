@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 import faults
 from conftest import TINY_TOML
+from kdcache.extract import RESUMED_ROWS, RESUMED_SHARDS
 from kdcache.cli import main
 from kdcache.store import open_store
 from reference import FIXTURES, file_bytes, read_store, without_times, write_toml
@@ -167,7 +168,8 @@ def test_extract_killed_at_ten_moments_resumes_to_the_uninterrupted_store(zoo, t
         done_rows = {r for s in np.flatnonzero(done) for r in range(s * ROWS, min(s * ROWS + ROWS, N))}
         probe = set(range(8)) | {N - 1}  # the probe batch and the last item (identity check)
         fetched = Counter(fetch_log())
-        assert not (set(fetched) & done_rows) - probe, f"{where}: rows of shards marked done were fetched again"
+        rechecked = (set(fetched) & done_rows) - probe  # the resume's check of a few done rows' inputs (no teacher work)
+        assert len(rechecked) <= RESUMED_SHARDS * RESUMED_ROWS, f"{where}: rows of shards marked done were fetched again"
         assert all(c == 1 for r, c in fetched.items() if r not in probe), f"{where}: a row was fetched twice"
 
 
