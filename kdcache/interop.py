@@ -33,10 +33,11 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
     out = Path(out)
     if not out.name.endswith(".zip"):
         raise StoreError(f"pack writes a zip file; name it *.zarr.zip, not {str(out)!r}")
+    _check_not_inside(location, out)
     _check_out(out, overwrite)
     store = _complete(location, storage_options, "pack")
     _check_objects(store, "pack")
-    keys = store.object_keys()
+    keys = sorted(set(store.object_keys()) | _layout_keys(store))  # a listing may lack some (an http server without index pages)
     part = out.with_name(out.name[: -len(".zip")] + ".part.zip")  # a *.zip name: it opens as a zip store
     nbytes = 0
     with _writing(part, out):
@@ -66,6 +67,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
         raise StoreError(f"unknown HDF5 compression {compression!r}; choose one of {', '.join(HDF5_COMPRESSION)}")
     _local_out(out)
     out = Path(out)
+    _check_not_inside(location, out)
     _check_out(out, overwrite)
     source = Path(storage.local_path(location))
     if storage.location_kind(location) == "zip" and out.exists() and source.exists() and out.samefile(source):
@@ -282,6 +284,22 @@ def _complete(location: str, storage_options: dict[str, Any] | None, verb: str) 
     return store
 
 
+def _layout_keys(store: layout.Store) -> set[str]:
+    """The key of every object a complete store of this layout holds (FORMAT.md §3), from its manifest alone: the
+    groups' and arrays' ``zarr.json``, every shard of every data array, every done marker and digest row."""
+    arrays = store.paths() + [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])
+    keys = {"zarr.json"}
+    for path in arrays:
+        parts = path.split("/")
+        keys.update("/".join(parts[:i]) + "/zarr.json" for i in range(1, len(parts) + 1))
+    for shard in range(store.num_shards):
+        keys.update(store.shard_key(path, shard) for path in store.paths())
+        keys.add(f"{layout.DONE}/c/{shard}")
+        if layout.DIGEST in arrays:
+            keys.add(f"{layout.DIGEST}/c/{shard}/0")
+    return keys
+
+
 def _check_objects(store: layout.Store, verb: str) -> None:
     """Refuse a store whose arrays do not open or whose done shards lack their storage object or their digest (a copy
     would claim to be complete without them: an absent object reads as zeros, a shard without its digest is refused)."""
@@ -343,6 +361,17 @@ def _local_out(out: str | os.PathLike[str]) -> None:
     if "://" in str(out) or "::" in str(out):
         raise StoreError(f"OUT {str(out)!r} is a URL; pack and export write a local file: write it here, then upload it "
                          "(e.g. aws s3 cp FILE s3://...)")
+
+
+def _check_not_inside(location: str, out: Path) -> None:
+    """Refuse an OUT inside the local store folder being read: with --overwrite, ``export STORE STORE/zarr.json``
+    replaced the store's own manifest with the HDF5 file; without, the file would become an object of the store."""
+    if storage.location_kind(location) != "local":
+        return
+    folder = Path(storage.local_path(location))
+    if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+        raise StoreError(f"OUT {str(out)!r} is inside the store {location!r} being read (it would replace or add one of its "
+                         f"objects); write it outside the store folder (e.g. {str(folder.resolve().parent / out.name)!r})")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

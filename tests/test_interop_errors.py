@@ -333,6 +333,18 @@ def test_export_over_the_zip_it_reads_is_refused(tiny_store, tmp_path):
     assert "missing.zarr.zip" in line and "Traceback" not in line and packed.read_bytes() == before, line
 
 
+@pytest.mark.parametrize("verb, name", [("export", "zarr.json"), ("export", "sub/t.h5"), ("pack", "t.zarr.zip")])
+def test_output_inside_the_store_it_reads_is_refused(tiny_store, tmp_path, verb, name):
+    """export STORE STORE/zarr.json --overwrite replaced the store's manifest with the HDF5 file (the store no longer
+    opened); an OUT anywhere in the store folder would become one of its objects: refused, --overwrite or not."""
+    store = tmp_path / "t.zarr"
+    shutil.copytree(tiny_store, store)
+    before = snapshot(store)
+    code, line = cli(verb, store, store / name, "--overwrite")
+    assert f"OUT {str(store / name)!r} is inside the store {str(store)!r}" in line and "outside the store folder" in line, line
+    assert snapshot(store) == before
+
+
 def test_export_overwrite_failure_keeps_the_old_file(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "x.h5"
     out.write_text("old")

@@ -538,6 +538,24 @@ def test_a_server_failing_one_object_is_one_line_not_damage(faulty_http_root, ti
     assert CliRunner().invoke(main, [command, f"{base}/tiny.zarr"]).exit_code == 0  # the server answers again: all is well
 
 
+def test_pack_over_http_without_index_pages_is_the_same_zip(faulty_http_root, tiny_store, tmp_path):
+    """A server that lists no folder (no index pages) still serves every object: pack takes the keys of the store's
+    layout, not only the listing's (it wrote a zip without them and said "no store in 'OUT.part.zip'")."""
+    import shutil
+
+    root, base = faulty_http_root
+    if not (root / "tiny.zarr").exists():
+        shutil.copytree(tiny_store, root / "tiny.zarr")
+    (root / ".faults").write_text(json.dumps({"/": "404"}))
+    try:
+        assert open_store(f"{base}/tiny.zarr").object_keys() == []  # nothing listed
+        pack(f"{base}/tiny.zarr", tmp_path / "http.zarr.zip")
+    finally:
+        (root / ".faults").unlink()
+    pack(tiny_store, tmp_path / "local.zarr.zip")
+    assert (tmp_path / "http.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
+
+
 def test_a_server_asking_for_credentials_is_named_and_headers_pass_them(faulty_http_root, tiny_store):
     """A 401/403 for the root zarr.json says the server refuses access and how to pass credentials (it said "no store
     at ...; check the URL"); the --storage-option the message names is the one that works."""
