@@ -6,6 +6,7 @@ largest shard whatever the store's size. The HDF5 layout is specified in docs/FO
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
@@ -108,8 +109,9 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
     source = str(source)
     try:
         f = h5py.File(source, "r")
-    except OSError as e:
-        raise StoreError(f"cannot read {source!r} as HDF5 ({e}); pass a file written by kdcache export") from None
+    except OSError as e:  # h5py's message repeats the name, flags and errno: the errno's words say it
+        fix = "check the path" if getattr(e, "errno", None) == errno.ENOENT else "pass a file written by kdcache export"
+        raise StoreError(f"cannot read {source!r} as HDF5 ({_why(e)}); {fix}") from None
     with f:
         raw = f.attrs.get(layout.ATTRS)
         try:

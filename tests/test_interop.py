@@ -111,3 +111,7 @@ def test_import_refuses_foreign_or_damaged_hdf5(tiny_store, tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(StoreError, match="cannot read"):
         import_hdf5(tmp_path / "junk.h5", str(tmp_path / "c.zarr"))
+    missing = tmp_path / "missing.h5"  # h5py's message repeats the name, flags and errno: only the errno's words are kept
+    with pytest.raises(StoreError) as e:
+        import_hdf5(missing, str(tmp_path / "d.zarr"))
+    assert str(e.value) == f"cannot read {str(missing)!r} as HDF5 (No such file or directory); check the path"
