@@ -70,8 +70,8 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     out = Path(out)
     _check_not_inside(location, out)
     _check_out(out, overwrite)
-    source = Path(storage.local_path(location))
-    if storage.location_kind(location) == "zip" and out.exists() and source.exists() and out.samefile(source):
+    source = _local_file(location)
+    if source is not None and out.exists() and source.exists() and out.samefile(source):
         raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
                          f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
     store = _complete(location, storage_options, "export")
@@ -363,6 +363,15 @@ def _local_out(out: str | os.PathLike[str]) -> None:
     if "://" in str(out) or "::" in str(out):
         raise StoreError(f"OUT {str(out)!r} is a URL; pack and export write a local file: write it here, then upload it "
                          "(e.g. aws s3 cp FILE s3://...)")
+
+
+def _local_file(location: str) -> Path | None:
+    """The local file or folder a location reads: PATH, file://PATH, and a zip chain over one (zip::file://PATH, which
+    fsspec opens); None for a remote location."""
+    inner = location[len("zip::"):] if location.lower().startswith("zip::") else location
+    if "://" in inner and not inner.lower().startswith("file://"):
+        return None
+    return Path(storage.local_path(inner))
 
 
 def _check_not_inside(location: str, out: Path) -> None:

@@ -329,6 +329,8 @@ def test_export_over_the_zip_it_reads_is_refused(tiny_store, tmp_path):
     code, line = cli("export", packed, packed, "--overwrite")
     assert code == 1 and f"OUT {str(packed)!r} is the store being exported" in line and "t.h5" in line, line
     assert packed.read_bytes() == before
+    code, line = cli("export", f"zip::file://{packed}", packed, "--overwrite")  # the same zip through fsspec's chain
+    assert f"OUT {str(packed)!r} is the store being exported" in line and packed.read_bytes() == before, line
     code, line = cli("export", tmp_path / "missing.zarr.zip", packed, "--overwrite")  # a mistyped STORE: no store, no traceback
     assert "missing.zarr.zip" in line and "Traceback" not in line and packed.read_bytes() == before, line
 
