@@ -62,8 +62,6 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     store's inner chunks, compressed with ``compression`` (gzip, lzf or none); the manifest as the
     JSON string root attribute ``kdcache``."""
     need("h5py", "hdf5", "kdcache export")
-    import h5py
-
     if compression not in HDF5_COMPRESSION:
         raise StoreError(f"unknown HDF5 compression {compression!r}; choose one of {', '.join(HDF5_COMPRESSION)}")
     _local_out(out)
@@ -77,7 +75,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     store = _complete(location, storage_options, "export")
     part = out.with_name(out.name + ".part")
     with _writing(part, out):
-        with h5py.File(part, "w") as f:
+        with _hdf5_file(part) as (f, check):
             f.attrs[layout.ATTRS] = json.dumps(store.manifest)
             f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
             progress = [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])  # digests: checked again on import
@@ -88,13 +86,15 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
                                       compression=None if compression == "none" or path in progress else compression)
                 if path in progress:
                     with _reading(store, path):
-                        ds[:] = arr[:]
+                        values = arr[:]
+                    ds[:] = values
                     continue
                 for shard in range(store.num_shards):  # one shard in memory at a time
                     start, stop = store.shard_rows(shard)
                     with _reading(store, path):
                         rows = store.read(path, start, stop)
                     ds[start:stop] = rows
+                    check()  # a full disk stops the export at once
         os.replace(part, out)
     return {"out": str(out), "arrays": len(store.paths()) + len(progress), "file_bytes": out.stat().st_size, "compression": compression}
 
@@ -329,6 +329,73 @@ def _reading(store: layout.Store, what: str) -> Iterator[None]:
     except OSError as e:
         raise StoreError(f"cannot read {what!r} of {store.location!r}: {e.strerror or e}; check that the store is readable "
                          f"(kdcache verify {store.location}) and rerun") from None
+
+
+class _Sink:
+    """The file h5py writes an export through (its ``fileobj`` driver), unbuffered. A write that fails is never
+    HDF5's to see: HDF5 does not recover from a failed write (a dataset whose flush failed, freed later, crashed the
+    process), so the first error is kept for ``check`` to raise, and from then on every write is dropped, so that
+    HDF5 goes on and closes the file (which is then removed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by _hdf5_file
+        self.error: OSError | None = None
+
+    def check(self) -> None:
+        """Raise the first failed write's error, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self.file.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        end = self.file.tell() + len(view)
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # a raw write may store part of it
+                    done += self.file.write(view[done:])
+            except OSError as e:
+                self.error = e
+        self.file.seek(end)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.file.truncate(size)
+            except OSError as e:
+                self.error = e
+        return self.file.tell() if size is None else size
+
+    def flush(self) -> None:
+        pass  # unbuffered: nothing is held here
+
+
+@contextmanager
+def _hdf5_file(part: Path) -> Iterator[tuple[Any, Any]]:
+    """``(h5py.File writing part, check)``: ``check()`` raises the error of a write that failed (a full disk: ENOSPC,
+    EFBIG), which HDF5 never sees (_Sink); the file is closed whatever happens, and a failed write raised."""
+    import h5py
+
+    sink = _Sink(part)
+    try:
+        with h5py.File(sink, "w") as f:
+            yield f, sink.check
+        sink.check()  # the last flush, as the file closed
+    finally:
+        sink.file.close()
 
 
 @contextmanager

@@ -347,6 +347,26 @@ def test_output_inside_the_store_it_reads_is_refused(tiny_store, tmp_path, verb,
     assert snapshot(store) == before
 
 
+def test_export_onto_a_full_disk_is_one_line_not_a_crash(tiny_store, tmp_path):
+    """A write that fails (here EFBIG, past RLIMIT_FSIZE, as ENOSPC on a full disk) left HDF5 unable to close the file,
+    whose every flush failed: the process crashed (a segmentation fault, exit 139) after printing its one-line error."""
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.h5"
+    out.write_text("old")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))  # the export is about 120 KB
+
+    r = subprocess.run([sys.executable, "-m", "kdcache", "export", tiny_store, str(out), "--overwrite"],
+                       capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert r.returncode == 1 and r.stderr == f"Error: cannot write {str(out)!r}: File too large; fix the cause and rerun " \
+        "(nothing was written)\n", (r.returncode, r.stderr)
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+
+
 def test_export_overwrite_failure_keeps_the_old_file(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "x.h5"
     out.write_text("old")
