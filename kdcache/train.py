@@ -150,7 +150,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 means, partial = _epoch(run, loop, batches, state, count, bar, partial)
                 _check_finite(means, state, loop.out, loop.saved)
                 due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
-                metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.schedule.get_last_lr()[0], **means,
+                metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.lr, **means,
                            **(evaluate() if due else {}), "seconds": time.perf_counter() - loop.started}
                 if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
                     state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
@@ -264,6 +264,7 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
             loss = loss * batch["scale"]
         loop.optimizer.zero_grad(set_to_none=True)
+        loop.lr = loop.optimizer.param_groups[0]["lr"]  # the rate this step takes (a float: no sync), for the epoch's line
         run.scaler.scale(loss).backward()
         if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
             distributed.average_gradients([p for g in loop.optimizer.param_groups for p in g["params"]], run.world)
@@ -335,6 +336,7 @@ class _Loop:
     again: str = "run the same command with --resume"  # how to resume, for TrainingStopped (the CLI refuses --resume --overwrite)
     stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
     started: float = field(default_factory=time.perf_counter)  # for the metrics' "seconds"
+    lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
 
     def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
         """Rank 0 saves the checkpoint (``_save_epoch``) with every rank's RNG state: under torchrun the ranks draw

@@ -781,7 +781,21 @@ def test_steps_overrides_epochs(tiny_store, tmp_path, steps, n, epochs):
     train(pipeline(*PLAIN, f"train.steps={n}", "train.epochs=50"), tiny_store, tmp_path / "run")  # 7 batches an epoch
     lines = metrics(tmp_path / "run")
     assert len(steps) == n and lines[-1]["step"] == n and len(lines) == epochs
-    assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule spans the N steps
+    # the cosine schedule spans the N steps: the last one takes the rate of step N - 1 of N (it reaches 0 after it)
+    assert lines[-1]["lr"] == pytest.approx(0.01 * 0.5 * (1 + np.cos(np.pi * (n - 1) / n)), rel=1e-12)
+
+
+def test_an_epoch_s_logged_lr_is_the_rate_its_last_step_took(tiny_store, tmp_path, monkeypatch):
+    """metrics.jsonl's lr is the learning rate the epoch's last step was taken with (it was the next step's: the rate of
+    a step the line does not count, 0 at the end of a cosine schedule), a resumed epoch's too."""
+    lrs, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    train_cut_after_first_epoch(pipeline(*PLAIN, "train.epochs=3"), tiny_store, tmp_path / "run")
+    train(pipeline(*PLAIN, "train.epochs=3"), tiny_store, tmp_path / "run", resume=True)
+    lines = metrics(tmp_path / "run")
+    assert [m["step"] for m in lines] == [7, 14, 21] and len(lrs) == 21
+    assert [m["lr"] for m in lines] == [lrs[m["step"] - 1] for m in lines]
+    assert lines[-1]["lr"] > 0
 
 
 @pytest.mark.parametrize("extra", [(), ("train.streams=2",), ("train.subset=20",)], ids=["uneven-last-batch", "streams", "subset"])
