@@ -90,7 +90,13 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+        # the kdcache program: the command has ended (its files written, its exit status decided) and the process only
+        # says so and exits; a SIGTERM now is ignored, not Python's default that would end it by the signal (-15, with
+        # "Terminated" where a shell said it finished or gave its Error line). A caller of main() in-process gets its handler back.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if _PROGRAM else before if before is not None else signal.SIG_DFL)
+
+
+_PROGRAM = False  # set by _Group.main when it runs as the kdcache program (argv, then exit), not for a caller's args (CliRunner)
 
 
 def _peer_gone(e: RuntimeError) -> bool:
@@ -169,6 +175,12 @@ def _one_line_usage() -> Iterator[None]:
 
 class _Group(click.Group):
     """The ``kdcache`` group: every usage error of it and its commands is one line (exit 2)."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        global _PROGRAM
+        # the console script and ``python -m kdcache``: the process's arguments, and click ends the process after the command
+        _PROGRAM = args is None and kwargs.get("standalone_mode", True) and threading.current_thread() is threading.main_thread()
+        return super().main(args, *rest, **kwargs)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         with _one_line_usage():

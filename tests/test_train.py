@@ -1156,6 +1156,39 @@ def test_more_sigterms_are_the_same_request_and_the_handler_is_put_back(tiny_sto
         signal.signal(signal.SIGTERM, before)
 
 
+LATE_SIGTERM = """
+import atexit, importlib, os, runpy, signal, time
+trainer = importlib.import_module("kdcache.train")  # the module (kdcache.train is the function)
+if os.environ.get("SIGTERM_AT_STEP"):  # a first SIGTERM as that step begins
+    losses, steps = trainer.Run.losses, iter(range(1, 10**9))
+    def step(self, batch):
+        if next(steps) == int(os.environ["SIGTERM_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses(self, batch)
+    trainer.Run.losses = step
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)))  # as the interpreter exits
+runpy.run_module("kdcache.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(("case", "code"), [("finished", 0), ("refused", 1), ("stopped", 143)])
+def test_a_sigterm_once_the_command_has_ended_leaves_its_exit_status(tiny_store, tmp_path, case, code):
+    """A SIGTERM that comes once `kdcache train` has ended (its weights written and said, its Error line given, or a
+    first SIGTERM's checkpoint saved: a scheduler may send several) while the process exits: the exit status is the
+    command's, 0, 1 or 143, not -15 (the kdcache program put Python's default back and was ended by the signal)."""
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", "2", "--no-progress",
+            *(a for s in PLAIN for a in ("--set", s)), *(["--resume"] if case == "refused" else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SIGTERM_AT_STEP": "3"} if case == "stopped" else {})}
+    proc = subprocess.run([sys.executable, "-c", LATE_SIGTERM, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [] if case == "finished" else len(errors) == 1, proc.stderr
+    assert (out / "student.pt").exists() == (case == "finished")
+    if case == "stopped":
+        assert errors[0].startswith("Error: stopped by SIGTERM in epoch 0 after batch 3 (step 3 of 14)"), errors
+
+
 def test_a_loss_gone_nan_inside_an_epoch_stops_before_the_next_checkpoint(tiny_store, tmp_path, monkeypatch):
     """train.checkpoint_every = 2: step 5's loss is NaN; the checkpoint due at step 6 is not written over the one of
     step 4, and the error says which one the folder keeps."""
