@@ -453,18 +453,49 @@ class Run:
                 feats[path] = self.heads[_key(path)](feat) if _key(path) in self.heads else feat
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}
-        if w.kl:
-            parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature))
-        if w.mse:
-            mse = (losses.logit_mse(logits, targets[layout.LOGITS]) if w.mse_on == "logits"
-                   else losses.probability_mse(logits, targets[layout.LOGITS], w.temperature))
-            parts["mse"] = _weighted(w.mse, mse)
+        try:
+            if w.kl:
+                parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature))
+            if w.mse:
+                mse = (losses.logit_mse(logits, targets[layout.LOGITS]) if w.mse_on == "logits"
+                       else losses.probability_mse(logits, targets[layout.LOGITS], w.temperature))
+                parts["mse"] = _weighted(w.mse, mse)
+        except ShapeMismatchError as e:
+            raise _output_mismatch(e, logits, targets[layout.LOGITS], len(batch["rows"]), self.select) from None
         if w.ce:
             _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
             parts["ce"] = _weighted(w.ce, losses.cross_entropy(logits, batch["label"].to(self.device)))
         for path, (_, weight, _) in self.features.items():
             parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feats[path], targets[path]))
         return parts
+
+
+def _output_mismatch(e: ShapeMismatchError, logits: torch.Tensor, stored: torch.Tensor, rows: int, selector: str) -> Exception:
+    """A loss's shape error, with the setting that fixes it in ``kdcache train``: a first axis that is not the batch's
+    samples (``samples_first_error``), or a batch-first output with more axes than the stored logits (per-token logits
+    against one row per sample: ``student.select`` picks the part); other errors (the classes) as they are."""
+    if logits.ndim == 0 or logits.shape[0] != rows:
+        return samples_first_error(tuple(logits.shape), rows, selector)
+    if logits.ndim > stored.ndim:
+        what = str(e).split("; ", 1)[0]
+        setting = f"student.select = {selector!r} picks" if selector != "auto" else "student.select picks"
+        return ShapeMismatchError(f"{what}: the student's output has more axes than the stored logits (per-sample shape "
+                                  f"{list(stored.shape[1:])}); {setting} the part of the student's output compared with them: set it "
+                                  "to the part that matches, e.g. \"-1\" (the last position: a causal LM's next token), \"0\" (the "
+                                  "first: a class token) or \"mean\" (the mean over positions), as targets.select did for the teacher")
+    return e
+
+
+def samples_first_error(shape: tuple[int, ...], rows: int, selector: str, probe: bool = False) -> TargetError:
+    """The student's output does not have the batch's samples on its first axis (a sequence-first output)."""
+    part = "" if selector == "auto" else f" (student.select = {selector!r})"
+    seen = f" (kdcache runs {rows} sample{'s' * (rows != 1)} through the student to see this)" if probe else ""
+    return TargetError(f"the student's output{part} has shape {list(shape)} for a batch of {rows} sample{'s' * (rows != 1)}, but its "
+                       f"first axis must be the samples{seen}: a sequence-first output ((time, batch, ...), from an RNN or "
+                       "attention layer with batch_first=False, PyTorch's default) would have each sample's targets compared with "
+                       "other samples' outputs; make the model student.factory builds return its output batch first "
+                       "(batch_first=True, or a permute to (batch, ...)); student.select's steps work on each sample's axes after "
+                       "the batch and cannot move it")
 
 
 def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
@@ -527,6 +558,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                 if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
                     part = "" if selector == "auto" else f" (select {selector!r})"
                     print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
+    if needs_logits or w.ce:
+        _check_output_samples_first(run, dataset)
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
@@ -555,6 +588,35 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
                               "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
                               "RNN/attention layers, or a module that permutes to (batch, ...)); a select step works on each "
                               "sample's first axis, the one after the batch")
+
+
+def _check_output_samples_first(run: Run, dataset: Any) -> None:
+    """The student's output (``student.select``'s part) must have the samples on its first axis: a sequence-first one,
+    ``(time, batch, classes)``, would be compared with the stored ``(batch, ...)`` logits sample for time step, and
+    silently where the time axis is as long as the batch (per-token logits). Two samples, then one (a first axis that
+    keeps its length is not the samples), in eval mode, with the RNG and every module's mode as they were: the run trains
+    as without this check. A student that does not take them is let be: the first step says what is wrong."""
+    modes = {module: module.training for module in run.student.modules()}
+    run.student.eval()
+    shapes = []
+    try:
+        for rows in ([0, min(1, len(dataset) - 1)], [0]):
+            probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
+            run.hooked.clear()
+            with torch.no_grad(), _rng_kept(run.device):
+                output = data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
+                shapes.append(tuple(select_student(output, "student output", run.select).shape))
+    except (ModelError, TargetError):
+        return
+    finally:
+        run.hooked.clear()
+        for module, mode in modes.items():
+            module.training = mode
+    two, one = shapes
+    if not two or two[0] != 2:
+        raise samples_first_error(two, 2, run.select, probe=True)
+    if len(one) == len(two) and one[0] != 1:
+        raise samples_first_error(one, 1, run.select, probe=True)
 
 
 def select_student(output: Any, what: str, selector: str = "auto") -> torch.Tensor:

@@ -80,6 +80,27 @@ def test_a_sequence_first_student_module_is_named_not_read_as_two_tokens(tmp_pat
         setup(p, store, architectures.images(), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("batch_size", [16, 8], ids=["time-as-long-as-the-batch", "another-batch"])
+def test_a_sequence_first_student_output_is_refused_before_a_step_naming_what_to_change(tmp_path, batch_size):
+    """A token tagger student returning its logits (T, B, C), T = 16 tokens, against the teacher's per-token (B, T, C):
+    with batches of 16 (train.drop_last: no short batch) the shapes were equal and every sample's targets were compared
+    with other samples' outputs, silently; with batches of 8 the first step failed asking for "the student's output
+    layer" to produce 5 classes, which it does. setup's probes of two samples and one refuse it before a step, naming
+    the model to change (student.select cannot move the batch axis)."""
+    p = pipeline(teacher="tagger_teacher", student="sequence_first_tagger", loss={"kl": 1.0}, batch_size=batch_size, drop_last=True)
+    store = extracted(p, tmp_path)
+    with pytest.raises(TargetError, match=r"^the student's output has shape \[16, 2, 5\] for a batch of 2 samples, but its first axis "
+                                          r"must be the samples .* make the model student.factory builds return its output batch first "
+                                          r".*student.select's steps .* cannot move it$"):
+        kdcache.train(p, store.location, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    selected = pipeline(teacher="tagger_teacher", student="sequence_first_tagger", loss={"kl": 1.0}, batch_size=batch_size)
+    raw = selected.to_dict()
+    raw["student"]["select"] = "-1"  # on the batch axis: (T, C) for any batch, its first axis the tokens
+    with pytest.raises(TargetError, match=r"^the student's output \(student.select = '-1'\) has shape \[16, 5\] for a batch of 2"):
+        kdcache.train(from_dict(raw, root=FIXTURES), store.location, tmp_path / "run")
+
+
 @pytest.mark.parametrize("select", ["1.0", "1.0.-1"], ids=["h_n", "a-step-on-its-batch-axis"])
 def test_a_student_module_output_whose_first_axis_is_not_the_samples_is_named_even_as_long_as_the_probe(tmp_path, select):
     """A 2-layer LSTM's h_n is (2, B, H): for setup's probe of two samples its first axis has the probe's length, so it
@@ -302,7 +323,8 @@ def test_a_language_model_s_last_position_is_distilled_with_student_select(tmp_p
     with torch.no_grad():
         teacher = architectures.tagger_teacher()(x)[:, -1]
     torch.testing.assert_close(torch.from_numpy(store.read(layout.LOGITS, 0, 20)), teacher)
-    with pytest.raises(ShapeMismatchError, match=r"student shape \(8, 16, 5\) does not match teacher shape \(8, 5\)"):
+    with pytest.raises(ShapeMismatchError, match=r"student shape \(8, 16, 5\) does not match teacher shape \(8, 5\): the student's output "
+                                                 r"has more axes .* \[5\]\); student.select picks the part .* e.g. \"-1\""):
         kdcache.train(p, store.location, tmp_path / "unselected")
     raw = p.to_dict()
     raw["student"]["select"] = "-1"
