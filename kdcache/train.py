@@ -108,9 +108,12 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             with _rng_kept(device):  # made after a resume restored the RNG: its dataset and check draw nothing training would
                 evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
             # an earlier run's files (--overwrite) stay until this run's first checkpoint is saved
-            replacing = _prepare_out(out, pipeline, resume) if rank == 0 else False
+            # the values the run began with (a resumed run's own, where its pipeline.json or checkpoint records them)
+            values = (_recorded(out, checkpoint)[0] if checkpoint is not None else None) or pipeline.to_dict()
+            replacing = _prepare_out(out, pipeline, resume, values) if rank == 0 else False
             loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
-                         functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order),
+                         functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order,
+                                           values=values),
                          pipeline if replacing else None, _position(state) if checkpoint is not None else "", again)
             _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
             if rank == 0:
@@ -897,17 +900,17 @@ RUN_FILES = (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl")
 NEXT_CHECKPOINT = "checkpoint.pt.next"  # an --overwrite run's first checkpoint, before the earlier run's files go
 
 
-def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
+def _prepare_out(out: Path, pipeline: Pipeline, resume: bool, values: dict[str, Any] | None = None) -> bool:
     """Create OUT and, for a new run, write pipeline.json. An earlier run's files (``--overwrite``) are left until
     this run has saved its first checkpoint (``_save_epoch``: at an epoch's end, or inside one): a run that fails
     before (a changed dataset, a bad eval split, a diverging loss) leaves them as they were. Returns whether they
     are still to be replaced. A resumed run keeps its pipeline.json: the record of the values it was started with
-    (written again only if it is gone)."""
+    (written again only if it is gone: ``values``, those its checkpoint recorded)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             if not (out / "pipeline.json").is_file():
-                write_pipeline(out, pipeline)
+                _atomic_write_text(out / "pipeline.json", json.dumps(values if values is not None else pipeline.to_dict(), indent=2) + "\n")
             return False
         if any((out / name).exists() for name in RUN_FILES):
             os.close(os.open(out / ".kdcache-write-test", os.O_CREAT | os.O_WRONLY, 0o600))  # writable: known now, not after an epoch
@@ -921,11 +924,12 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool) -> bool:
 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any] | None,
                 rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
-                order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
+                order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
     (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
-    (where the plan ends inside an epoch, both: its line, and its sums for a longer plan's --resume).
+    (where the plan ends inside an epoch, both: its line, and its sums for a longer plan's --resume). ``values``: the
+    run's pipeline values, as its pipeline.json records them (a --resume compares with them where that file is lost).
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's
@@ -935,6 +939,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
+            **({"pipeline": values} if values is not None else {}),
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
     if replacing is not None:
         _save(ckpt, out / NEXT_CHECKPOINT)
@@ -985,10 +990,9 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
             key, old, new = f"{key}.{sub}", old.get(sub), new.get(sub)
         raise StoreError(f"--resume: this run trained from another store ({key}: {_brief(old)} then, {_brief(new)} in "
                          f"{store.location!r}); resume with the run's own --cache, or start afresh with --overwrite")
-    try:
-        recorded = json.loads((out / "pipeline.json").read_text())
-    except (OSError, ValueError):
-        return  # no record to compare with (a run of an earlier kdcache, or a damaged file)
+    recorded, source = _recorded(out, checkpoint)
+    if recorded is None:
+        return  # no record to compare with (a run of an earlier kdcache whose pipeline.json is lost or damaged)
     current, defaults = pipeline.to_dict(), Pipeline().to_dict()
     # train.streams may change where the checkpoint records the streams the run took (_check_resumed_plan compares
     # those): K torchrun ranks of train.streams = 1 resume in one process with train.streams = K
@@ -999,13 +1003,27 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
         old = {**{k: v for k, v in _flat(defaults[section], section).items() if k in new}, **old}
         for key in sorted(set(old) | set(new)):
             if key.split(".")[1] not in resumable and old.get(key) != new.get(key):
-                raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({str(out / 'pipeline.json')!r}), now "
+                raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({source!r}), now "
                                     f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(resumable))}}} "
                                     "may change), or start afresh with --overwrite")
     length = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in ("train.epochs", "train.steps") if old.get(key) != new.get(key)]
     if length:  # allowed, but not the run its checkpoint began: say so
         print(f"--resume: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
               "here on, so the result is neither the earlier plan's nor a fresh run's (pipeline.json keeps the run's values)")
+
+
+def _recorded(out: Path, checkpoint: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The values the run began with, and where they were read: its pipeline.json or, where that is lost or damaged, the
+    copy its checkpoint holds (none in a checkpoint of kdcache <= 0.1.7: then None)."""
+    path = out / "pipeline.json"
+    try:
+        values = json.loads(path.read_text())
+        if isinstance(values, dict):
+            return values, str(path)
+    except (OSError, ValueError):
+        pass
+    values = checkpoint.get("pipeline")
+    return (values, str(out / CHECKPOINT)) if isinstance(values, dict) else (None, "")
 
 
 def _feature_defaults(values: Any, section: str) -> Any:

@@ -605,6 +605,26 @@ def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tin
     assert lrs == pytest.approx([0.01 * 0.5 * (1 + np.cos(np.pi * s / 14)) for s in range(7, 14)], rel=1e-12)
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_resume_whose_pipeline_json_is_lost_compares_with_the_values_its_checkpoint_records(tiny_store, tmp_path, damage):
+    """pipeline.json deleted or damaged: a --resume with another train.lr or seed was let through, and (deleted) wrote its
+    own values as the run's record. The checkpoint records the run's values too: the resume is refused naming it, the
+    same values resume, and pipeline.json is written again with the run's values."""
+    out = tmp_path / "run"
+    train_cut_after_first_epoch(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out)
+    recorded = (out / "pipeline.json").read_text()
+    if damage == "deleted":
+        (out / "pipeline.json").unlink()
+    else:
+        (out / "pipeline.json").write_text(recorded[: len(recorded) // 2])
+    with pytest.raises(PipelineError, match=re.escape(f"--resume: train.lr was 0.01 in this run ({str(out / CHECKPOINT)!r}), now 0.5")):
+        train(pipeline(*PLAIN, "train.epochs=2", "train.lr=0.5"), tiny_store, out, resume=True)
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]
+    if damage == "deleted":
+        assert json.loads((out / "pipeline.json").read_text()) == json.loads(recorded)
+
+
 def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tiny_store, tmp_path):
     """pipeline.json of a run an earlier kdcache began lacks settings added since (train.drop_last): the run had their
     defaults, so it resumes with them, and a resume that sets another value is still refused."""
