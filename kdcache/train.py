@@ -1014,7 +1014,7 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
 
 def _recorded(out: Path, checkpoint: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     """The values the run began with, and where they were read: its pipeline.json or, where that is lost or damaged, the
-    copy its checkpoint holds (none in a checkpoint of kdcache <= 0.1.7: then None)."""
+    copy its checkpoint holds (none in a checkpoint of an earlier kdcache: then None)."""
     path = out / "pipeline.json"
     try:
         values = json.loads(path.read_text())
