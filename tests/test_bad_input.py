@@ -130,6 +130,14 @@ def trained(ctx: Ctx) -> Path:
     return ctx.run
 
 
+def unrecorded(run: Path) -> None:
+    """A run of an earlier kdcache that lost its pipeline.json: its checkpoint records no values either."""
+    (run / "pipeline.json").unlink()
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    del checkpoint["pipeline"]
+    torch.save(checkpoint, run / "checkpoint.pt")
+
+
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``root``: its bytes and mtime (ns)."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
@@ -521,7 +529,10 @@ CASES = [
           "resume with the run's values", "or start afresh with --overwrite"), store=True, prior=lambda c: trained(c)),
     Case("resume-another-student-no-record", lambda c: train(c, "--resume", "--set", "student.factory=bad_input.py:three_classes"),
          ("--resume:", "checkpoint.pt' holds another student", "size mismatch for fc.weight", "its pipeline.json"), store=True,
-         prior=lambda c: (trained(c) / "pipeline.json").unlink()),
+         prior=lambda c: unrecorded(trained(c))),
+    Case("resume-another-student-pipeline-json-lost", lambda c: train(c, "--resume", "--set", "student.factory=bad_input.py:three_classes"),
+         ("--resume: student.factory was 'tiny.py:student' in this run (", "checkpoint.pt'), now 'bad_input.py:three_classes'"),
+         store=True, prior=lambda c: (trained(c) / "pipeline.json").unlink()),
     Case("resume-targets-streamed-not-in-ram", lambda c: train(c, "--resume", "--set", "train.memory_budget_mb=0.0001"),
          ("--resume: this run served its batches from RAM, now streamed by 1 DataLoader reader(s)",
           "resume with the run's train.memory_budget_mb and train.num_workers"), store=True, prior=lambda c: trained(c)),
