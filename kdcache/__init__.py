@@ -5,7 +5,7 @@ Public API (the CLI is thin glue over these):
 - ``load_pipeline(path, overrides)`` — read a pipeline TOML file.
 - ``extract(pipeline, out)`` / ``dry_run(pipeline)`` — score a dataset into a store.
 - ``open_store(location)`` — open a store read-only; ``store.info()`` summarises it.
-- ``train(pipeline, cache, out)`` — train a student from a store alone.
+- ``train(pipeline, cache_location, out)`` — train a student from a store alone.
 - ``TransferSet(location, dataset, paths, batch_size=...)`` — the store's targets joined with the dataset's inputs,
   alignment checked, for a training loop of one's own.
 

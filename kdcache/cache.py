@@ -34,8 +34,11 @@ class TransferSet(IterableDataset):
 
     ``rows``: the store rows to use, of done shards (default: every row of a done shard; others are refused). ``paths``:
     the targets to read, by name (``"logits"``, a layer's name) or array path (``"targets/logits"``); ``batch["targets"]``
-    is keyed by array path (``store.targets[name].path``); ``samples/*`` columns are always read. ``shuffle=False`` keeps store order.
-    Public as ``kdcache.TransferSet``, for a training loop of one's own (README).
+    is keyed by array path (``store.targets[name].path``); ``samples/*`` columns are always read (``[]``: inputs, indices and
+    labels alone, a labels-only loop). ``shuffle=False`` keeps store order. ``memory_budget_mb`` (MiB, >= 0): targets whose
+    rows fit are read into RAM once, others streamed by whole shards, ``buffer_shards`` (>= 1) at a time. ``fingerprint_check``
+    and ``fingerprint_recheck``: the fractions (0 to 1) of rows whose input fingerprint is checked in the first epoch set
+    and in later ones. Public as ``kdcache.TransferSet``, for a training loop of one's own (README).
     """
 
     def __init__(
@@ -60,8 +63,24 @@ class TransferSet(IterableDataset):
         location = storage.location_arg(location, "location")  # a Path too: the streaming reads look at its scheme, and messages name it as a string
         if isinstance(paths, str):  # one target, not a list of them: each character would be read as a target's name
             raise PipelineError(f"paths is the string {paths!r}, not a list of targets' names or array paths; pass [{paths!r}]")
+        if not hasattr(paths, "__iter__"):  # None: "every target"? a TypeError deep inside said nothing
+            raise PipelineError(f"paths must be a list of targets' names or array paths, got {short(paths)}; pass e.g. ['logits'] "
+                                "(or [] for inputs and labels alone)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise PipelineError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        for name, value in (("fingerprint_check", fingerprint_check), ("fingerprint_recheck", fingerprint_recheck)):
+            if not _number(value) or not 0 <= value <= 1:  # above 1 was every row, below 0 or NaN none: a typo passed as a check
+                raise PipelineError(f"{name} is a fraction of rows, from 0 to 1, got {short(value)}; use e.g. 1.0 (every row) or 0.05")
+        if not _number(memory_budget_mb) or not memory_budget_mb >= 0:  # a negative budget (or NaN) streamed without a word
+            raise PipelineError(f"memory_budget_mb must be a number of MiB >= 0, got {short(memory_budget_mb)}; use e.g. 2048 (the "
+                                "default: targets that fit are read into RAM), or 0 to stream them")
+        for name, value in (("buffer_shards", buffer_shards), ("streams", streams)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:  # 0 or less was taken as 1
+                raise PipelineError(f"{name} must be an integer >= 1, got {short(value)}")
+        if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int | np.integer) or not 0 <= stream < streams):
+            raise PipelineError(f"stream must be None (every stream) or a stream from 0 to {streams - 1}, got {short(stream)}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise PipelineError(f"seed must be an integer >= 0, got {short(seed)}; the order of every epoch is drawn from it")
         store = layout.open_store(location, storage_options=storage_options)
         algorithm = data.check_algorithm(store.manifest, location)
         n = len(dataset)  # type: ignore[arg-type]
@@ -71,9 +90,9 @@ class TransferSet(IterableDataset):
         self._check_probes(store.manifest)
         self.paths = store.sample_paths() + [_target_path(store, p) for p in paths]
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.buffer_shards = max(1, buffer_shards)
-        self.fingerprint_check, self.fingerprint_recheck = fingerprint_check, fingerprint_recheck
-        self.streams, self.stream = max(1, streams), stream  # see _stream_steps
+        self.buffer_shards = int(buffer_shards)
+        self.fingerprint_check, self.fingerprint_recheck = float(fingerprint_check), float(fingerprint_recheck)
+        self.streams, self.stream = int(streams), stream  # see _stream_steps
         self.rows_per_shard = store.rows_per_shard
         self.rows = done_rows(store) if rows is None else _checked_rows(rows, store)
         self.groups = ShardGroups.of(self.rows, self.rows_per_shard)
@@ -450,6 +469,11 @@ def taken_in_turn(totals: list[int], n: int) -> tuple[list[int], int]:
         if rest > 0 and t > lo:
             taken[w], rest, following = taken[w] + 1, rest - 1, (w + 1) % len(totals)
     return taken, following
+
+
+def _number(value: Any) -> bool:
+    """A real number (an int, float or numpy scalar), not a bool or a string."""
+    return not isinstance(value, bool | np.bool_) and isinstance(value, int | float | np.integer | np.floating)
 
 
 def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from kdcache import __version__
-from kdcache.errors import KdcacheError, TrainingStopped
+from kdcache.errors import KdcacheError, TrainingStopped, command_line
 from kdcache.threads import MAX_PARALLEL
 
 
@@ -31,7 +31,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         started = time.time()
         try:
-            with _sigterm_as_ctrl_c():
+            with _sigterm_as_ctrl_c(), command_line():  # messages name the command's flags (--out), not the API's arguments
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache import locking, storage, store as layout
+from kdcache import errors, locking, storage, store as layout
 from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
 from kdcache.extract import Run, check_done_rows, extract_shards, setup
 from kdcache.pipeline import Pipeline
@@ -104,7 +104,7 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
     lock_token = getattr(store.lease, "token", None) or locking.local_token(location)
 
     def submit(shard: int) -> Any:
-        return client.submit(_extract_shard, pipeline, location, shard, store.storage_options, lock_token,
+        return client.submit(_extract_shard, pipeline, location, shard, store.storage_options, lock_token, errors.COMMAND_LINE,
                              key=f"kdcache-shard-{shard}-{tries[shard]}-{token}", pure=False)
 
     futures = {submit(s): s for s in pending}
@@ -247,9 +247,16 @@ _RUNS: dict[str, tuple[Run, dict[str, Any]]] = {}  # per worker process: the tea
 
 
 def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None,
-                   lock_token: str | None = None) -> dict[str, Any]:
+                   lock_token: str | None = None, command_line: bool = False) -> dict[str, Any]:
     """A dask task: extract one whole shard into the existing store (a no-op if it is already done). ``lock_token``: of
-    the job's S3 writer lock (its driver's), which must still be the job's when the shard is written."""
+    the job's S3 writer lock (its driver's), which must still be the job's when the shard is written. ``command_line``:
+    the driver runs a ``kdcache`` command, whose flags the worker's messages name (``errors.option``)."""
+    with errors.command_line() if command_line else contextlib.nullcontext():
+        return _extract_one(pipeline, location, shard, storage_options, lock_token)
+
+
+def _extract_one(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None,
+                 lock_token: str | None) -> dict[str, Any]:
     start = time.perf_counter()
     worker = _worker_index()
     pipeline = _on_device(pipeline, worker)

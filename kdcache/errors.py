@@ -6,12 +6,13 @@ Messages say what was wrong, the value seen, and the fix. The CLI turns a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 class KdcacheError(Exception):
@@ -94,6 +95,31 @@ def need(module: str, extra: str, what: str) -> None:
 
 
 TRANSIENT = (DataError, DeviceMemoryError)  # may not happen again: dask retries a shard that raised one
+
+
+# How a message names an option the user gave: the command line's flag while a ``kdcache`` command runs (the CLI sets
+# COMMAND_LINE, see ``command_line``), else the argument of the Python function called (``kdcache.train(..., resume=True)``),
+# so that the fix a message names is one its reader can type. Other options are the CLI's alone.
+COMMAND_LINE = False
+OPTIONS = {"--out": "out", "--cache": "cache_location", "--resume": "resume=True", "--overwrite": "overwrite=True",
+           "--allow-partial": "allow_partial=True", "--teacher-check": "teacher_check"}
+
+
+def option(flag: str, argument: str | None = None) -> str:
+    """``flag`` (``"--resume"``) as the caller names it: itself under the CLI, else the Python argument (``argument``, by
+    default ``OPTIONS[flag]``: ``"resume=True"``)."""
+    return flag if COMMAND_LINE else argument or OPTIONS[flag]
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """While a CLI command runs: messages name its flags (``option``). Threads and forked processes see it too."""
+    global COMMAND_LINE
+    before, COMMAND_LINE = COMMAND_LINE, True
+    try:
+        yield
+    finally:
+        COMMAND_LINE = before
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

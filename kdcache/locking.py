@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kdcache import storage
-from kdcache.errors import StoreError, one_line, write_fix
+from kdcache.errors import StoreError, one_line, option, write_fix
 
 try:
     import fcntl
@@ -52,7 +52,8 @@ def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _take_lock(path, location)
     except OSError as e:
-        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else f"choose an --out whose parent {str(path.parent)!r} is a folder"
+        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else \
+            f"choose an {option('--out')} whose parent {str(path.parent)!r} is a folder"
         raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
     try:
         yield
@@ -402,7 +403,7 @@ def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token:
 def _lost_lock(location: str, taker: str) -> StoreError:
     return StoreError(f"{location!r} lost its writer lock while being written: {taker} took it over, as this job had not "
                       f"renewed it for {LOCK_STALE_S:.0f} s (paused, or cut off from the store); both may have written shards: "
-                      "once that job has ended, rerun with --overwrite")
+                      f"once that job has ended, rerun with {option('--overwrite')}")
 
 
 def _put_lock(fs: Any, bucket: str, key: str, body: bytes, **condition: str) -> str:

@@ -97,6 +97,14 @@ def location_arg(value: Any, name: str) -> str:
     raise TypeError(f"{name} must be the location of a store or folder, got {type(value).__name__} {value!r}; {fix}")
 
 
+def options_arg(value: Any) -> None:
+    """Refuse ``storage_options`` that are not a dict (or None): a string was read as its characters (``storage options
+    ['=', 'a', 'e', ...]``), a list of ``KEY=VALUE`` strings (the CLI's ``--storage-option``) as option names."""
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"storage_options must be a dict of fsspec options, got {type(value).__name__} {short(value)}; pass e.g. "
+                        "{'anon': True} (the CLI's --storage-option KEY=VALUE is {'KEY': VALUE} in Python)")
+
+
 def location_kind(location: str) -> str:
     """``"local"`` (a folder; also ``file://``), ``"zip"`` (a local ``*.zip`` file, read-only),
     ``"http"`` (``http(s)://``, read-only) or ``"url"`` (any other fsspec URL: ``s3://``, ``gs://``, ``memory://``...)."""
@@ -125,6 +133,7 @@ def refuse_empty_segments(location: str) -> None:
 
 def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any:
     """The zarr Store object for a location string (see ``location_kind``) and fsspec storage options."""
+    options_arg(storage_options)
     refuse_empty_segments(location)
     kind = location_kind(location)
     if kind == "zip":

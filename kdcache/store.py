@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, short, write_fix
+from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
 from kdcache.storage import exists, filesystem, http_problem, http_url, local_object, local_path, location_arg, location_kind, zarr_store
 
@@ -1365,16 +1365,17 @@ IDENTITY = {
 
 
 def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[str, Any] | None], dict[str, Any]], *,
-                     overwrite: bool = False, storage_options: dict[str, Any] | None = None, named: str = "--out") -> Store:
+                     overwrite: bool = False, storage_options: dict[str, Any] | None = None, named: str | None = None) -> Store:
     """Create a store or reopen a partial one made from the same inputs. ``manifest(existing)`` is the run's manifest,
     given the manifest of the store it would resume (None where it creates one): a resumed store keeps how it was
     made where the run can match it (its fingerprint algorithm).
 
     Resuming is refused when anything in ``IDENTITY`` differs (naming it); ``overwrite`` starts afresh.
     The arrays are created here, once, before any shard is written. ``named``: how the command that
-    called names the location, for its messages.
+    called names the location, for its messages (None: extract's, ``--out`` or ``out``).
     """
-    location = str(location)
+    location, extract = str(location), named is None
+    named = option("--out") if named is None else named
     target = zarr_store(location, storage_options, read_only=False)  # refuses read-only kinds (zip, http)
     interrupted = _interrupted_creation(location, storage_options)  # killed before its manifest was written: created again
     if exists(location, storage_options) and not overwrite and not interrupted:
@@ -1385,12 +1386,12 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
             same_factory = _get(store.manifest, "teacher.factory") == _get(ours, "teacher.factory")
             hint = (" (if the pipeline is unchanged, teacher.factory builds other weights on each call: seed it with "
                     "torch.manual_seed or load a checkpoint in it)") if different.startswith("different teacher weights") and same_factory else ""
-            fix = ("use the original pipeline to resume, or --overwrite to start afresh" if named == "--out" else  # import has no pipeline
-                   f"import the file it was made from to resume it, choose another {named}, or pass --overwrite to replace it")
+            fix = (f"use the original pipeline to resume, or {option('--overwrite')} to start afresh" if extract else  # import has no pipeline
+                   f"import the file it was made from to resume it, choose another {named}, or pass {option('--overwrite')} to replace it")
             raise StoreMismatchError(f"{location!r} was made with {different}{hint}; {fix}")
         return store
     if overwrite and not interrupted and exists(location, storage_options) and _foreign_group(location, storage_options):
-        raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); --overwrite "
+        raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
                          f"replaces only a kdcache store: choose another {named} or remove it")
     if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")

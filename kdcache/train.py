@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, store as layout, teacher as teachers
 from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
-                            raised, write_fix)
+                            option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
-from kdcache.storage import location_arg
+from kdcache.storage import location_arg, options_arg
 from kdcache.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -54,8 +54,11 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     pipeline = check_pipeline(pipeline)
     t, out, cache_location = pipeline.train, Path(location_arg(out, "out")), location_arg(cache_location, "cache_location")
     check_values(pipeline)
-    again = "run the same command again" if resume else "run it again with --resume instead of --overwrite" if overwrite else \
-        "run the same command with --resume"  # to continue a run that stops (TrainingStopped)
+    options_arg(storage_options)
+    again = (option("run the same command again", "call kdcache.train again") if resume else  # to continue a run that stops
+             option("run it again with --resume instead of --overwrite", "call kdcache.train again with resume=True instead of "
+                    "overwrite=True") if overwrite else  # (TrainingStopped), as the caller does it
+             option("run the same command with --resume", "call kdcache.train again with resume=True"))
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
         resume = (out / CHECKPOINT).is_file()
     elif resume not in (True, False):
@@ -84,7 +87,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
             print(f"note: {cache_location!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed {blind} unframed, "
                   "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and ([1], [2, 3])) "
-                  "pass its check as one; re-extract the store (--overwrite) to have every pairing checked")
+                  f"pass its check as one; re-extract the store ({option('--overwrite')}) to have every pairing checked")
         order = _order(transfer, t.num_workers, world)
         if world > 1:
             distributed.broadcast_parameters([run.student, run.heads])
@@ -186,20 +189,22 @@ def _check_resumed_plan(checkpoint: dict[str, Any], order: dict[str, Any], total
         how = f"under torchrun with {ranks} ranks (or in one process with train.streams = {k})" if ranks > 1 else \
             f"in one process with train.streams = {k}"
         now = f"{order['ranks']} torchrun ranks" if order["ranks"] > 1 else "one process"
-        raise PipelineError(f"--resume: this run took a batch from each of {k} streams a step, now {order['streams']} ({now}): "
-                            f"its steps would take other batches than the uninterrupted run's; resume {how}, or start afresh with --overwrite")
+        raise PipelineError(f"{option('--resume')}: this run took a batch from each of {k} streams a step, now {order['streams']} ({now}): "
+                            f"its steps would take other batches than the uninterrupted run's; resume {how}, or start afresh with "
+                            f"{option('--overwrite')}")
     served = {k: v for k, v in then.items() if k not in ("streams", "ranks")}  # ranks: for the advice (2 ranks = 2 streams in one)
     if served != {k: order.get(k) for k in served}:
-        raise PipelineError(f"--resume: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
+        raise PipelineError(f"{option('--resume')}: this run served its batches {_says(checkpoint['order'])}, now {_says(order)} "
                             "(train.memory_budget_mb decides whether targets are read into RAM, and DataLoader workers interleave "
                             "their batches): the batch order would differ from the uninterrupted run's; resume with the run's "
-                            "train.memory_budget_mb and train.num_workers, or start afresh with --overwrite")
+                            f"train.memory_budget_mb and train.num_workers, or start afresh with {option('--overwrite')}")
     if int(checkpoint["step"]) > total_steps:
         done, epochs = int(checkpoint["step"]), int(checkpoint["epoch"]) + (int(checkpoint.get("batch", 0)) > 0)  # begun ones too
         plan = f"train.steps = {t.steps}" if t.steps > 0 else f"train.epochs = {t.epochs} ({total_steps} steps)"
         longer = f"train.steps >= {done}" if t.steps > 0 else f"train.epochs >= {epochs} (or train.steps >= {done})"
-        raise PipelineError(f"--resume: this run has trained {done} steps in {epochs} epoch{'s' * (epochs != 1)}, more than {plan} "
-                            f"plans; resume with {longer} to go on (no more: only the weights are written), or start afresh with --overwrite")
+        raise PipelineError(f"{option('--resume')}: this run has trained {done} steps in {epochs} epoch{'s' * (epochs != 1)}, more than {plan} "
+                            f"plans; resume with {longer} to go on (no more: only the weights are written), or start afresh with "
+                            f"{option('--overwrite')}")
 
 
 def _check_batches(transfer: cache.TransferSet, epoch: int, batch_size: int) -> int:
@@ -667,7 +672,8 @@ def open_for_training(location: str, allow_partial: bool, storage_options: dict[
     if not store.complete:
         done, total = store.samples_done(), store.num_samples
         if not allow_partial:
-            raise StoreError(f"{location!r} is incomplete ({done}/{total} samples); resume kdcache extract, or pass --allow-partial to train on completed shards only")
+            raise StoreError(f"{location!r} is incomplete ({done}/{total} samples); resume kdcache extract, or pass "
+                             f"{option('--allow-partial')} to train on completed shards only")
         if done == 0:
             raise StoreError(f"{location!r} has no completed shard yet; nothing to train on")
     return store
@@ -690,8 +696,8 @@ def _shards(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict
     if checkpoint is not None and "shards" in checkpoint:
         shards = np.asarray(checkpoint["shards"], dtype=np.int64)
         if len(shards) and (shards.max() >= len(store.done()) or not store.done()[shards].all()):
-            raise StoreError(f"--resume: this run trained on shards {store.location!r} no longer has completed; "
-                             "resume with the run's own store, or start afresh with --overwrite")
+            raise StoreError(f"{option('--resume')}: this run trained on shards {store.location!r} no longer has completed; "
+                             f"resume with the run's own store, or start afresh with {option('--overwrite')}")
         return shards
     return distributed.broadcast(np.flatnonzero(store.done()))
 
@@ -884,16 +890,17 @@ def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int) -> Iterator[
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an OUT that is a file, a --resume without a checkpoint, a finished run without --overwrite (writes nothing)."""
     if out.exists() and not out.is_dir():
-        raise StoreError(f"--out {str(out)!r} is a file, not a folder; choose another --out or remove the file")
+        raise StoreError(f"{option('--out')} {str(out)!r} is a file, not a folder; choose another {option('--out')} or remove the file")
     if (out / "zarr.json").exists():  # a store (--cache itself, say): its files would be mixed with the run's
-        raise StoreError(f"--out {str(out)!r} is a zarr store, not a training run's folder; choose another --out")
+        raise StoreError(f"{option('--out')} {str(out)!r} is a zarr store, not a training run's folder; choose another {option('--out')}")
     if resume:
         if not (out / CHECKPOINT).is_file():
-            raise StoreError(f"--resume: no {CHECKPOINT} in {str(out)!r}; run without --resume to start training")
+            raise StoreError(f"{option('--resume')}: no {CHECKPOINT} in {str(out)!r}; run without {option('--resume')} to start training")
         return
     if (out / CHECKPOINT).exists() or (out / "student.pt").exists():
         if not overwrite:
-            raise StoreError(f"{str(out)!r} already holds a training run; pass --resume to continue it or --overwrite to start afresh")
+            raise StoreError(f"{str(out)!r} already holds a training run; pass {option('--resume')} to continue it or "
+                             f"{option('--overwrite')} to start afresh")
 
 
 RUN_FILES = (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl")
@@ -988,8 +995,8 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
         while isinstance(old, dict) and isinstance(new, dict):  # down to the first leaf that differs
             sub = next(k for k in [*old, *new] if old.get(k) != new.get(k))
             key, old, new = f"{key}.{sub}", old.get(sub), new.get(sub)
-        raise StoreError(f"--resume: this run trained from another store ({key}: {_brief(old)} then, {_brief(new)} in "
-                         f"{store.location!r}); resume with the run's own --cache, or start afresh with --overwrite")
+        raise StoreError(f"{option('--resume')}: this run trained from another store ({key}: {_brief(old)} then, {_brief(new)} in "
+                         f"{store.location!r}); resume with the run's own {option('--cache')}, or start afresh with {option('--overwrite')}")
     recorded, source = _recorded(out, checkpoint)
     if recorded is None:
         return  # no record to compare with (a run of an earlier kdcache whose pipeline.json is lost or damaged)
@@ -1003,12 +1010,12 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
         old = {**{k: v for k, v in _flat(defaults[section], section).items() if k in new}, **old}
         for key in sorted(set(old) | set(new)):
             if key.split(".")[1] not in resumable and old.get(key) != new.get(key):
-                raise PipelineError(f"--resume: {key} was {old.get(key)!r} in this run ({source!r}), now "
+                raise PipelineError(f"{option('--resume')}: {key} was {old.get(key)!r} in this run ({source!r}), now "
                                     f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(resumable))}}} "
-                                    "may change), or start afresh with --overwrite")
+                                    f"may change), or start afresh with {option('--overwrite')}")
     length = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in ("train.epochs", "train.steps") if old.get(key) != new.get(key)]
     if length:  # allowed, but not the run its checkpoint began: say so
-        print(f"--resume: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
+        print(f"{option('--resume')}: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
               "here on, so the result is neither the earlier plan's nor a fresh run's (pipeline.json keeps the run's values)")
 
 
@@ -1053,8 +1060,8 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
         detail = " ".join(str(e).split())[:160] or "empty or truncated"
-        raise StoreError(f"--resume: {path!r} cannot be read ({type(e).__name__}: {detail}); "
-                         "pass --overwrite instead of --resume to start afresh") from None
+        raise StoreError(f"{option('--resume')}: {path!r} cannot be read ({type(e).__name__}: {detail}); "
+                         f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh") from None
 
 
 def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> tuple[dict[str, int], dict[str, Any] | None]:
@@ -1066,8 +1073,8 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
         run.heads.load_state_dict(ckpt["heads"])
     except (RuntimeError, KeyError) as e:
         detail = " ".join(str(e).split())
-        raise StoreError(f"--resume: {path!r} holds another student or projection heads than this pipeline builds "
-                         f"({detail[:200]}); resume with the run's own pipeline (its pipeline.json) or pass --overwrite") from None
+        raise StoreError(f"{option('--resume')}: {path!r} holds another student or projection heads than this pipeline builds "
+                         f"({detail[:200]}); resume with the run's own pipeline (its pipeline.json) or pass {option('--overwrite')}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     # the next step's lr from this run's plan: the checkpoint's is the earlier plan's where train.epochs/steps changed
@@ -1108,10 +1115,10 @@ def _read_metrics(out: Path) -> list[dict[str, Any]]:
             metrics.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise StoreError(f"{str(path)!r} line {i} is not JSON ({e.msg}: {line[:60]!r}); delete that line, "
-                             "or pass --overwrite instead of --resume to start afresh") from None
+                             f"or pass {option('--overwrite')} instead of {option('--resume')} to start afresh") from None
         if not isinstance(metrics[-1], dict) or not isinstance(metrics[-1].get("epoch"), int):
             raise StoreError(f"{str(path)!r} line {i} is not an epoch's metrics ({line[:60]!r}); delete that line, "
-                             "or pass --overwrite instead of --resume to start afresh")
+                             f"or pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
     return metrics
 
 
@@ -1170,7 +1177,7 @@ def _save(obj: Any, path: Path) -> None:
 def _write_error(path: Path, e: OSError) -> StoreError:
     """A failed write of the output folder (disk full, quota, I/O error) as a one-line error."""
     fix = write_fix(e)
-    again = "rerun with --resume to continue from the last checkpoint" if (path.parent / CHECKPOINT).is_file() else "rerun"
+    again = f"rerun with {option('--resume')} to continue from the last checkpoint" if (path.parent / CHECKPOINT).is_file() else "rerun"
     return StoreError(f"cannot write {str(path)!r}: {e.strerror or e}; {fix} and {again}")
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import locking, store as layout
-from kdcache.errors import DamagedShardError, StoreError, UnreachableError, one_line
+from kdcache.errors import DamagedShardError, PipelineError, StoreError, UnreachableError, one_line, option, short
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
 
@@ -59,10 +59,16 @@ class Check:
 def verify(location: str, *, storage_options: dict[str, Any] | None = None, teacher_check: int = 0, pipeline: Any = None,
            seed: int = 0, tolerance: float | None = None) -> dict[str, Any]:
     """Check the store at ``location``; returns a report whose ``ok`` is true only when every check holds."""
-    if teacher_check < 0 or seed < 0:
-        raise ValueError(f"teacher_check and seed must be >= 0, got {teacher_check} and {seed}")
-    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    for name, value in (("teacher_check", teacher_check), ("seed", seed)):  # 2.5 or None was a TypeError deep in numpy
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise PipelineError(f"{name} must be an integer >= 0, got {short(value)}")
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, int | float | np.floating)
+                                  or not (math.isfinite(tolerance) and tolerance >= 0)):
+        raise PipelineError(f"tolerance must be a finite number >= 0, got {short(tolerance)}")
+    if teacher_check > 0 and pipeline is not None:  # a path or dict failed after every other check, as an AttributeError
+        from kdcache.pipeline import check_pipeline
+
+        pipeline = check_pipeline(pipeline)
     try:
         store = layout.open_store(location, storage_options=storage_options)
         store.done()  # a damaged done marker fails here, as an "open" problem: every check below reads them
@@ -76,7 +82,8 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
     teacher = None
     if teacher_check > 0:
         if pipeline is None:
-            raise StoreError("--teacher-check needs the pipeline that built the teacher; pass --pipeline PIPELINE")
+            raise StoreError(f"{option('--teacher-check')} needs the pipeline that built the teacher; pass "
+                             f"{option('--pipeline PIPELINE', 'pipeline=kdcache.load_pipeline(PATH)')}")
         check, teacher = _teacher(store, pipeline, teacher_check, seed, tolerance)
         checks.append(check)
     return _report(location, checks, teacher)

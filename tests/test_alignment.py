@@ -314,7 +314,7 @@ def test_training_from_a_0_1_6_store_of_inputs_it_cannot_tell_apart_says_so(tmp_
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
     assert notes == [f"note: {str(store)!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed int values unframed, "
                      "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and "
-                     "([1], [2, 3])) pass its check as one; re-extract the store (--overwrite) to have every pairing checked"], notes
+                     "([1], [2, 3])) pass its check as one; re-extract the store (overwrite=True) to have every pairing checked"], notes
     kdcache.train(pipeline, anew, tmp_path / "new-run")
     assert "note: " not in capsys.readouterr().out
     assert data.v1_blind_spot({"ids": Numbered()[0][0], "mask": np.ones(3)}) is None  # tensors and arrays: both algorithms alike

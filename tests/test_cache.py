@@ -383,6 +383,36 @@ def test_targets_given_as_one_string_or_a_location_given_as_a_store_are_refused(
         TransferSet(layout.open_store(numbered_store), Numbered(N), ["logits"], batch_size=BATCH)
 
 
+@pytest.mark.parametrize("arguments, said", [
+    (dict(fingerprint_check=2), r"^fingerprint_check is a fraction of rows, from 0 to 1, got 2; use e.g. 1.0 \(every row\) or 0.05$"),
+    (dict(fingerprint_recheck=-0.5), r"^fingerprint_recheck is a fraction of rows, from 0 to 1, got -0.5;"),
+    (dict(fingerprint_check=float("nan")), r"^fingerprint_check is a fraction of rows, from 0 to 1, got nan;"),
+    (dict(fingerprint_check="0.5"), r"^fingerprint_check is a fraction of rows, from 0 to 1, got '0.5';"),
+    (dict(memory_budget_mb=-1), r"^memory_budget_mb must be a number of MiB >= 0, got -1; use e.g. 2048 .* or 0 to stream them$"),
+    (dict(memory_budget_mb=float("nan")), r"^memory_budget_mb must be a number of MiB >= 0, got nan;"),
+    (dict(buffer_shards=0), r"^buffer_shards must be an integer >= 1, got 0$"),
+    (dict(streams=0), r"^streams must be an integer >= 1, got 0$"),
+    (dict(streams=2, stream=2), r"^stream must be None \(every stream\) or a stream from 0 to 1, got 2$"),
+    (dict(seed=None), r"^seed must be an integer >= 0, got None;"),
+    (dict(seed=-1), r"^seed must be an integer >= 0, got -1;"),
+])
+def test_values_outside_their_range_are_refused_at_once(numbered_store, arguments, said):
+    """A fraction above 1 checked every row and one below 0 (or NaN) none, a negative budget streamed, buffer_shards and
+    streams of 0 were taken as 1, all without a word; a stream outside the streams (IndexError) and a seed of None or
+    below 0 (TypeError, ValueError) failed at the first batch."""
+    with pytest.raises(PipelineError, match=said):
+        transfer(numbered_store, **arguments)
+
+
+def test_targets_given_as_none_are_refused_and_none_serves_inputs_and_labels(numbered_store):
+    """``paths=None`` was a TypeError (``'NoneType' object is not iterable``); ``[]`` is a labels-only loop's reader
+    (``kdcache train`` with train.loss.ce alone builds one)."""
+    with pytest.raises(PipelineError, match=r"^paths must be a list of targets' names or array paths, got None; pass e.g. \['logits'\]"):
+        TransferSet(numbered_store, Numbered(N), None, batch_size=BATCH)
+    for batch in serve(TransferSet(numbered_store, Numbered(N), [], batch_size=BATCH), 0):
+        assert batch["targets"] == {} and torch.equal(batch["label"], batch["index"] % 4)
+
+
 def test_dataset_of_another_length_is_refused(numbered_store):
     with pytest.raises(StoreError, match=r"90 samples.*100"):
         transfer(numbered_store, Numbered(90))

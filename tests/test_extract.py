@@ -635,7 +635,7 @@ def test_resume_with_different_inputs_is_refused_naming_the_difference(tmp_path,
     zoo_env(**env)
     with pytest.raises(StoreMismatchError, match=match) as caught:
         kdcache.extract(make_pipeline(*overrides), str(out))
-    assert "--overwrite to start afresh" in str(caught.value)
+    assert "or overwrite=True to start afresh" in str(caught.value)  # the Python argument, not the CLI's --overwrite
     assert mtimes(out) == before
 
     info = kdcache.extract(make_pipeline(*overrides), str(out), overwrite=True)

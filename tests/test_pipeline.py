@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -159,6 +160,25 @@ def test_api_functions_refuse_a_location_that_is_not_a_path(function, argument, 
         args[argument] = wrong
         with pytest.raises(TypeError, match=rf"^{argument} must be the location of a store or folder, got {type(wrong).__name__} .*; {fix}"):
             getattr(kdcache, function)(p, *args.values()) if function == "extract" else kdcache.train(p, args["cache_location"], args["out"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("function", ["extract", "train", "open_store", "TransferSet"])
+def test_api_functions_refuse_storage_options_that_are_not_a_dict(function, tiny_store, tmp_path, monkeypatch):
+    """``storage_options="anon=true"`` was read as its characters (``storage options ['=', 'a', 'e', ...] apply to URL
+    locations``), after extract had built its teacher; a list of the CLI's KEY=VALUE strings as option names."""
+    import tiny
+
+    monkeypatch.chdir(tmp_path)
+    p = load(TINY)
+    call = {"extract": lambda o: kdcache.extract(p, "s.zarr", storage_options=o),
+            "train": lambda o: kdcache.train(p, tiny_store, "run", storage_options=o),
+            "open_store": lambda o: kdcache.open_store(tiny_store, storage_options=o),
+            "TransferSet": lambda o: kdcache.TransferSet(tiny_store, tiny.dataset(), ["logits"], batch_size=8, storage_options=o)}[function]
+    for wrong in ("anon=true", ["anon=true"]):
+        with pytest.raises(TypeError, match=rf"^storage_options must be a dict of fsspec options, got {type(wrong).__name__} "
+                                            rf"{re.escape(repr(wrong))}; pass e.g. \{{'anon': True\}}"):
+            call(wrong)
     assert list(tmp_path.iterdir()) == []
 
 

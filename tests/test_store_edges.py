@@ -57,7 +57,7 @@ def test_overwrite_never_replaces_a_zarr_group_that_is_not_a_kdcache_store(tmp_p
 
     foreign = tmp_path / "foreign.zarr"
     zarr.open_group(str(foreign), mode="w").create_array("precious", shape=(3,), dtype="int8")[:] = [1, 2, 3]
-    with pytest.raises(StoreError, match="is a zarr group but not a kdcache store .*--overwrite replaces only a kdcache store"):
+    with pytest.raises(StoreError, match="is a zarr group but not a kdcache store .*overwrite=True replaces only a kdcache store"):
         kdcache.extract(make_pipeline(), str(foreign), overwrite=True)
     with pytest.raises(StoreError) as e:
         kdcache.extract(make_pipeline(), str(foreign))

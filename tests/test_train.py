@@ -128,7 +128,7 @@ def test_dataset_of_another_length_is_a_store_error(tiny_store, tmp_path):
 def test_incomplete_store_needs_allow_partial(tiny_store, tmp_path, steps):
     location = copy_store(tiny_store, tmp_path)
     zarr.open_group(location, mode="r+")[layout.DONE][1] = False  # rows 16..31 unwritten
-    with pytest.raises(StoreError, match=r"incomplete \(34/50 samples\).*--allow-partial"):
+    with pytest.raises(StoreError, match=r"incomplete \(34/50 samples\).*pass allow_partial=True to train"):
         train(pipeline(*PLAIN), location, tmp_path / "refused")
     result = train(pipeline(*PLAIN), location, tmp_path / "run", allow_partial=True)
     assert result["epoch"] == 1
@@ -387,7 +387,7 @@ def test_outputs(tiny_store, test_store, tmp_path):
     assert lines[-1]["eval_agreement"] == pytest.approx(float((pred == teacher_pred).float().mean()))
     assert lines[-1]["eval_teacher_accuracy"] == pytest.approx(float((teacher_pred == labels).float().mean()))
 
-    with pytest.raises(StoreError, match=r"already holds a training run; pass --resume .* or --overwrite"):
+    with pytest.raises(StoreError, match=r"already holds a training run; pass resume=True to continue it or overwrite=True to start afresh$"):
         train(p, tiny_store, out)
     train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, out, overwrite=True)
     assert len(metrics(out)) == 1 and "eval_accuracy" not in metrics(out)[0]
@@ -446,8 +446,15 @@ def test_eval_split_without_eval_cache_reports_accuracy_only(tiny_store, tmp_pat
 
 
 def test_resume_needs_a_checkpoint(tiny_store, tmp_path):
-    with pytest.raises(StoreError, match=r"--resume: no checkpoint.pt"):
+    """Said as the caller says it: kdcache.train's arguments from Python (it named the CLI's --resume, which a Python
+    caller cannot pass), the command's flags from kdcache train, and Python's again after a command ran in-process."""
+    with pytest.raises(StoreError, match=r"^resume=True: no checkpoint.pt in .*; run without resume=True to start training$"):
         train(pipeline(*PLAIN), tiny_store, tmp_path / "run", resume=True)
+    result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(tmp_path / "run"), "--resume"])
+    assert result.exit_code == 1 and result.output.strip() == (f"Error: --resume: no checkpoint.pt in {str(tmp_path / 'run')!r}; run "
+                                                               "without --resume to start training"), result.output
+    with pytest.raises(StoreError, match=rf"^out {re.escape(repr(tiny_store))} is a zarr store, not a training run's folder; choose another out$"):
+        train(pipeline(*PLAIN), tiny_store, tiny_store)
 
 
 @pytest.mark.slow
@@ -599,7 +606,7 @@ def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tin
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
     train(pipeline("train.epochs=2"), tiny_store, tmp_path / "run", resume=True)
     out = capsys.readouterr().out
-    assert "--resume: train.epochs was 4, now 2: the learning-rate schedule is planned again over the new length" in out, out
+    assert "resume=True: train.epochs was 4, now 2: the learning-rate schedule is planned again over the new length" in out, out
     assert [m["epoch"] for m in metrics(tmp_path / "run")] == [0, 1]
     # steps 7..13 of 14 follow the new plan from the first one (not the 28-step plan's lr at step 7)
     assert lrs == pytest.approx([0.01 * 0.5 * (1 + np.cos(np.pi * s / 14)) for s in range(7, 14)], rel=1e-12)
@@ -633,7 +640,7 @@ def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tiny_s
     recorded = json.loads((out / "pipeline.json").read_text())
     del recorded["train"]["drop_last"]
     (out / "pipeline.json").write_text(json.dumps(recorded))
-    with pytest.raises(PipelineError, match=r"--resume: train.drop_last was False in this run .* now True"):
+    with pytest.raises(PipelineError, match=r"^resume=True: train.drop_last was False in this run .* now True"):
         train(pipeline("train.epochs=2", "train.drop_last=true"), tiny_store, out, resume=True)
     train(pipeline("train.epochs=2"), tiny_store, out, resume=True)
     assert [m["epoch"] for m in metrics(out)] == [0, 1]
@@ -644,7 +651,7 @@ def test_a_feature_entry_that_spells_out_its_defaults_resumes_the_run_that_left_
     writes them (or drops them) continues the same run; another value is still refused."""
     out, bare = tmp_path / "run", "train.features={ 'features.3' = { student = 'conv' } }"
     train_cut_after_first_epoch(pipeline("train.epochs=2", bare), tiny_store, out)
-    with pytest.raises(PipelineError, match=r"--resume: train.features.features.3.weight was 1.0 in this run .* now 0.5"):
+    with pytest.raises(PipelineError, match=r"^resume=True: train.features.features.3.weight was 1.0 in this run .* now 0.5"):
         train(pipeline("train.epochs=2", "train.features={ 'features.3' = { student = 'conv', weight = 0.5 } }"), tiny_store, out,
               resume=True)
     train(pipeline("train.epochs=2", "train.features={ 'features.3' = { student = 'conv', weight = 1.0, select = 'auto' } }"),
@@ -1124,7 +1131,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_uninterrupted_
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (10, len(done), 10 - done[-1]["step"]) and ckpt["batch"] > 0
     assert str(stopped.value) == (f"stopped by SIGTERM in epoch {len(done)} after batch {ckpt['batch']} (step 10 of "
                                   f"{metrics(tmp_path / 'whole')[-1]['step']}); "
-                       f"its checkpoint is saved in {str(tmp_path / 'cut')!r}: run the same command with --resume to continue")
+                       f"its checkpoint is saved in {str(tmp_path / 'cut')!r}: call kdcache.train again with resume=True to continue")
     assert not (tmp_path / "cut" / "student.pt").exists()
     monkeypatch.undo()
     train(p, tiny_store, tmp_path / "cut", resume=True)

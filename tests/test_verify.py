@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import kdcache
 from conftest import TINY_TOML, extract_tiny
 from kdcache.cli import main
-from kdcache.errors import StoreError, StoreMismatchError
+from kdcache.errors import PipelineError, StoreError, StoreMismatchError
 from kdcache.store import create_or_resume
 from kdcache.verify import verify
 from reference import crash_at, without_the_digest_key
@@ -176,6 +176,23 @@ def test_all_finite_agrees_with_isfinite_on_every_kind_of_value(dtype):
 def test_teacher_check_needs_a_pipeline(tiny_store):
     r = CliRunner().invoke(main, ["verify", tiny_store, "--teacher-check", "3"])
     assert r.exit_code == 2 and "--pipeline" in r.output
+
+
+def test_the_python_verify_names_its_arguments(tiny_store):
+    """From Python, a teacher check without a pipeline named the CLI's flags (--teacher-check, --pipeline); the path of a
+    pipeline file was an AttributeError once the other checks had run, a teacher_check of 2.5 or a seed of None a
+    TypeError from numpy."""
+    with pytest.raises(StoreError, match=r"^teacher_check needs the pipeline that built the teacher; pass "
+                                         r"pipeline=kdcache.load_pipeline\(PATH\)$"):
+        verify(tiny_store, teacher_check=3)
+    with pytest.raises(TypeError, match=r"^pipeline must be a kdcache.Pipeline, got PosixPath .*load it first"):
+        verify(tiny_store, teacher_check=3, pipeline=TINY_TOML)
+    for arguments, said in [(dict(teacher_check=2.5), "teacher_check must be an integer >= 0, got 2.5"),
+                            (dict(seed=None), "seed must be an integer >= 0, got None"),
+                            (dict(teacher_check=-1), "teacher_check must be an integer >= 0, got -1"),
+                            (dict(tolerance=float("nan")), "tolerance must be a finite number >= 0, got nan")]:
+        with pytest.raises(PipelineError, match=f"^{re.escape(said)}$"):
+            verify(tiny_store, **arguments)
 
 
 def test_not_a_store(tmp_path):

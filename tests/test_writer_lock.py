@@ -137,7 +137,7 @@ def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
 
 def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(layout.StoreError, match=r"cannot lock .*s\.zarr' for writing: its lock file .*file/\.s\.zarr\.kdcache-lock': .*; choose an --out whose parent .*file' is a folder and rerun"):
+    with pytest.raises(layout.StoreError, match=r"cannot lock .*s\.zarr' for writing: its lock file .*file/\.s\.zarr\.kdcache-lock': .*; choose an out whose parent .*file' is a folder and rerun"):
         with writer_lock(tmp_path / "file" / "s.zarr"):
             pass
     result = invoke("extract", FIXTURES / "tiny.toml", "--out", tmp_path / "file" / "s.zarr")  # through the CLI: one line, exit 1
@@ -412,7 +412,7 @@ def test_a_writer_whose_s3_lock_was_taken_over_fails_at_the_end(s3, monkeypatch)
     taker.__enter__()
     with pytest.raises(layout.StoreError, match=rf"^'s3://{S3_BUCKET}/lost.zarr' lost its writer lock while being written: kdcache pid "
                                                 r"\d+ on .* took it over, as this job had not renewed it for 2 s .*once that job has ended, "
-                                                r"rerun with --overwrite$"):
+                                                r"rerun with overwrite=True$"):
         paused.__exit__(None, None, None)
     assert json.loads(read_object(fs, lock))["holder"].startswith(f"kdcache pid {os.getpid()} on "), "the taker's lock stays"
     taker.__exit__(None, None, None)
