@@ -323,7 +323,10 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     was_complete, done_before = False, 0
     with contextlib.suppress(KdcacheError):  # no store (yet), or one extract refuses in one line below
         existing = None if overwrite else open_store(out, storage_options=options)
-        was_complete, done_before = (existing.complete, int(existing.done().sum())) if existing is not None else (False, 0)
+        if existing is not None:  # a done shard that lost objects is redone (Store.resume_pending): not counted as done
+            done = existing.done()
+            done_before = int(done.sum()) - len(existing.unbacked_shards(done))
+            was_complete = done_before == existing.num_shards
     # checks identity even when complete
     info = _scaled_extract(p, out, workers, scheduler)(p, out, overwrite=overwrite, progress=_progress(progress), storage_options=options)
     if int(os.environ.get("RANK", 0)) != 0:

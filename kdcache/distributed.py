@@ -66,11 +66,11 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
         with locking.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
-            check_done_rows(run.dataset, store, store.pending_shards())
+            pending = store.resume_pending()  # done shards whose objects are missing too
+            check_done_rows(run.dataset, store, pending)
             del run
             if torch.cuda.is_available() and torch.cuda.is_initialized():  # the driver's teacher and probe: GPU 0's memory is the workers'
                 torch.cuda.empty_cache()
-            pending = store.pending_shards()
             if pending:
                 with contextlib.nullcontext(remote) if remote is not None else _local_cluster(pipeline, workers) as client:
                     _run_shards(client, pipeline, store, pending, progress, attempts)
@@ -360,7 +360,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
             try:
                 lock.enter_context(locking.writer_lock(out, storage_options))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
-                shared[0] = (store.pending_shards(), getattr(store.lease, "token", None))
+                shared[0] = (store.resume_pending(), getattr(store.lease, "token", None))
                 check_done_rows(run.dataset, store, shared[0][0])
             except KdcacheError as e:
                 shared[0] = e  # the other ranks stop with the same error instead of waiting

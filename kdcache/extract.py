@@ -53,7 +53,7 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     run = setup(pipeline)
     with locking.writer_lock(out, storage_options):  # one writer per store
         store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
-        pending = store.pending_shards()
+        pending = store.resume_pending()  # done shards whose objects are missing too
         check_done_rows(run.dataset, store, pending)
         bar = Progress(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending), "extract", enabled=progress)
         extract_shards(run, pipeline, store, pending, bar)

@@ -140,7 +140,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
             _check_readable(f, source, expect, done, digests, location)  # an existing store is replaced only by a file that reads whole
         with locking.writer_lock(location, storage_options):  # one writer per store
             store = layout.create_or_resume(location, lambda _: fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
-            for shard in store.pending_shards():
+            for shard in store.resume_pending():
                 if not done[shard]:
                     continue  # not done in the source either: stays not done here
                 start, stop = store.shard_rows(shard)

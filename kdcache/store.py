@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -427,6 +428,80 @@ class Store:
 
     def pending_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.done())]
+
+    def unbacked_shards(self, done: np.ndarray | None = None) -> dict[int, str]:
+        """Done shards whose storage objects are not all there (deleted, an incomplete copy): shard -> what its first
+        such object is, as ``"object 'targets/logits/c/1/0' is missing (…)"`` (or ``is empty``). Every data array's shard object
+        is looked for, and the shard's ``progress/digest`` row where the store has digests. No object is read or asked
+        for one by one on an object store: one listing per array (``_object_sizes``)."""
+        done = self.done() if done is None else done
+        shards = [int(s) for s in np.flatnonzero(done)]
+        if not shards:
+            return {}
+        paths = self.paths() + ([DIGEST] if self.has_digests() else [])
+        lost: dict[int, str] = {}
+        for path in paths:
+            head, tail = (f"{DIGEST}/c/", "/0") if path == DIGEST else (f"{path}/c/", "/0" * (self.array(path).ndim - 1))  # shard_key's
+            keys = [f"{head}{s}{tail}" for s in shards]
+            sizes = self._object_sizes(f"{path}/c", keys)
+            for s, key in zip(shards, keys):
+                size = sizes.get(key, -1)
+                if s not in lost and size <= 0:
+                    lost[s] = f"object {key!r} is {'missing (deleted, or an incomplete copy)' if size < 0 else 'empty'}"
+        return dict(sorted(lost.items()))
+
+    def _object_sizes(self, prefix: str, keys: list[str]) -> dict[str, int]:
+        """The bytes of each of ``keys`` (all under ``prefix``, a folder of keys, e.g. ``targets/logits/c``) that exists.
+        An object store's are listed, one LIST (paginated) for the prefix, not asked for one by one (a HEAD each); a
+        local folder's files are stat'ed (cheaper than walking the folder: a target's shard is a nest of folders).
+        Where the location lists no sizes (a chained ``zip::`` URL: read-only, never resumed) an object counts as 1 byte."""
+        from zarr.core.sync import sync
+
+        kind = location_kind(self.location)
+        if kind == "local":
+            root, found = local_path(self.location), {}
+            for key in keys:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    found[key] = os.stat(os.path.join(root, *key.split("/"))).st_size
+            return found
+        try:
+            if kind == "url" and "::" not in self.location:
+                fs, root = filesystem(self.location, self.storage_options)
+                root = root.rstrip("/")
+                listed = fs.find(f"{root}/{prefix}", detail=True)
+                return {k[len(root) + 1 :]: int(info.get("size") or 0) for k, info in listed.items() if k.startswith(root + "/")}
+
+            async def collect() -> list[str]:
+                return [key async for key in self.group.store.list_prefix(prefix + "/")]
+
+            return {key: 1 for key in sync(collect())}
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+            if _on_the_way(e):
+                raise self._unreachable(f"the list of the objects under {prefix!r}", e) from None
+            raise
+
+    def resume_pending(self) -> list[int]:
+        """The shards a writer resuming this store writes: those not done, and those marked done whose objects are not
+        all there (``unbacked_shards``: deleted, an incomplete copy), which are made pending again, named in a note on
+        stderr. Such a shard's marker is cleared before any of its objects is written again, so a writer stopped on the
+        way leaves it pending, never done with objects of two attempts (a teacher not bit-for-bit deterministic
+        writes other rows each time; the digest row is of one). Only the store's writer (holding its lock) calls this."""
+        assert self.writable, "store opened read-only"
+        done = self.done()
+        lost = self.unbacked_shards(done)
+        if lost:
+            if self.lease is not None:  # a paused writer whose S3 lock was taken over writes no more
+                self.lease.check(self.location)
+            try:
+                for s in lost:
+                    self._remove_stale_temps(f"{DONE}/c/{s}")
+                    if not _write_uncompressed_chunk(self.array(DONE), (s,), np.zeros(1, dtype=bool)):
+                        self.array(DONE)[s] = False
+            except OSError as e:
+                raise self._write_error("the done markers", e) from None
+            done[list(lost)] = False
+            _say_redone(self, lost)
+        return [int(s) for s in np.flatnonzero(~done)]
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray | list[np.ndarray]]) -> None:
         """Write one whole shard of every array, then mark it done (never the other way round).
@@ -1399,6 +1474,20 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
         return _create(location, target, manifest(None), storage_options)
     except OSError as e:
         raise _write_error(location, "the metadata", e) from None
+
+
+REDONE_NAMED = 5  # shards named, one line each, in the note on done shards whose objects are missing
+
+
+def _say_redone(store: Store, lost: dict[int, str]) -> None:
+    """The note (stderr, one line per shard, the first ``REDONE_NAMED``) on done shards ``resume_pending`` made pending."""
+    for s, why in list(lost.items())[:REDONE_NAMED]:
+        lo, hi = store.shard_rows(s)
+        print(f"note: {store.location!r}: shard {s} (rows {lo}-{hi - 1}) was marked done but its {why}; it is pending "
+              "again (rewritten whole, as a shard not done)", file=sys.stderr)
+    if len(lost) > REDONE_NAMED:
+        print(f"note: {store.location!r}: {len(lost) - REDONE_NAMED} more shards marked done miss objects; they are pending "
+              "again too", file=sys.stderr)
 
 
 def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> bool:

@@ -360,6 +360,21 @@ def test_the_fix_a_damaged_shards_error_names_lets_extract_redo_it(tmp_path: Pat
     assert "3 of 4 shards were already done" in result.output and verify(str(store))["ok"], result.output
 
 
+@pytest.mark.parametrize("lost", [LOGITS_SHARD_1, "samples/index/c/1", "progress/digest/c/1/0"], ids=["target", "index", "digest-row"])
+def test_extract_redoes_a_done_shard_that_lost_an_object_without_the_marker_deleted(tmp_path: Path, tiny_store: str, lost: str) -> None:
+    """The same, with nothing deleted by hand: extract took the store as complete ("nothing to do") and left it damaged.
+    It now says which done shard lost which object, redoes it alone, and counts it as not done before the run."""
+    store = tmp_path / TRAIN
+    shutil.copytree(tiny_store, store)
+    (store / lost).unlink()
+    result = CliRunner().invoke(main, [str(a) for a in extract("--out", store)])
+    assert result.exit_code == 0, result.output
+    assert f"shard 1 (rows 16-31) was marked done but its object {lost!r} is missing" in result.output, result.output
+    assert "3 of 4 shards were already done" in result.output and "already complete" not in result.output, result.output
+    assert verify(str(store))["ok"]
+    assert {k: v[0] for k, v in snapshot(store).items() if k != "zarr.json"} == {k: v[0] for k, v in snapshot(Path(tiny_store)).items() if k != "zarr.json"}
+
+
 def fresh_manifest(store: Path) -> dict[str, Any]:
     """The manifest extract would pass to create_or_resume for ``store`` (what _create adds, removed)."""
     manifest = open_store(store).manifest

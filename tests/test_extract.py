@@ -19,7 +19,7 @@ import kdcache
 from kdcache import data
 from kdcache.errors import DataError, PipelineError, StoreError, StoreMismatchError, TargetError
 from kdcache.store import open_store
-from reference import crash_at, make_pipeline, mtimes, read_store, without_times
+from reference import crash_at, file_bytes, make_pipeline, mtimes, read_store, without_times
 
 TOL = {"float16": {"rtol": 2e-3, "atol": 1e-3}, "float32": {"rtol": 1e-5, "atol": 1e-6}}
 NP = {"float16": np.float16, "float32": np.float32}
@@ -569,6 +569,65 @@ def test_interrupted_run_leaves_whole_shards_and_resume_fetches_only_the_rest(tm
     for path in reference:
         assert resumed[path].dtype == reference[path].dtype
         np.testing.assert_array_equal(resumed[path], reference[path], err_msg=path)
+
+
+@pytest.mark.parametrize("lost", ["targets/layers/conv/c/1/0/0/0", "samples/fingerprint/c/1", "progress/digest/c/1/0", "empty"])
+def test_resume_redoes_a_done_shard_whose_object_is_missing(tmp_path, zoo_env, fetch_log, capfd, lost):
+    """A shard marked done whose object is gone (deleted, an incomplete copy of the store) or empty: resume skipped it
+    as done, and the store stayed damaged (every read of it refused) until the user deleted its marker by hand. Resume
+    now takes it as pending (a note names it), fetches its rows again and writes them whole: the store equals a fresh
+    extract's, row for row, and the other done shard is left as it was."""
+    out = crash_at(tmp_path, zoo_env, 42)  # shards 0 and 1 done
+    if lost == "empty":
+        lost = "targets/logits/c/1/0"
+        (out / lost).write_bytes(b"")
+    else:
+        (out / lost).unlink()
+    shard_0 = {k: t for k, t in mtimes(out).items() if "/c/0" in k}
+    assert len(shard_0) == 8  # 6 data arrays, the digest row, the marker
+    fetch_log(clear=True)
+    info = kdcache.extract(make_pipeline(), str(out))
+    assert info["complete"] and info["samples_done"] == 50
+    err = capfd.readouterr().err
+    assert f"note: {str(out)!r}: shard 1 (rows 16-31) was marked done but its object {lost!r} is " in err, err
+    assert "it is pending again" in err and "shard 0" not in err, err
+    fetched = Counter(fetch_log())
+    probe = set(range(8)) | {49}
+    assert not [i for i in fetched if i < 16 and i not in probe], "rows of the intact done shard were fetched again"
+    assert all(fetched[i] == 1 for i in range(16, 49))
+    assert {k: t for k, t in mtimes(out).items() if "/c/0" in k} == shard_0
+
+    manifest, resumed = read_store(out)
+    reference_manifest, reference = extract(tmp_path, name="reference.zarr")
+    assert without_times(manifest) == without_times(reference_manifest) and resumed.keys() == reference.keys()
+    for path in reference:
+        np.testing.assert_array_equal(resumed[path], reference[path], err_msg=path)
+    np.testing.assert_array_equal(resumed["targets/logits"][:, 0], np.arange(50, dtype=np.float16))  # each row its sample's
+    assert file_bytes(out) == file_bytes(tmp_path / "reference.zarr")
+
+
+def test_a_redo_stopped_on_the_way_leaves_its_shard_pending(tmp_path, zoo_env):
+    """The marker of a done shard that lost an object is cleared before the shard is written again: a run stopped
+    while redoing it leaves it pending (never done with the objects of two attempts), and the next run completes it."""
+    out = crash_at(tmp_path, zoo_env, 42)
+    (out / "samples/index/c/1").unlink()
+    crash_at(tmp_path, zoo_env, 20)  # the redo of shard 1 (rows 16-31) dies fetching row 20
+    assert open_store(out).done().tolist() == [True, False, False, False]
+    assert kdcache.extract(make_pipeline(), str(out))["complete"]
+    extract(tmp_path, name="reference.zarr")
+    assert file_bytes(out) == file_bytes(tmp_path / "reference.zarr")
+
+
+def test_resume_with_every_object_there_lists_and_rewrites_nothing(tmp_path, zoo_env, capfd):
+    """The check for missing objects costs one listing per array at most, and a stat per object locally: no object is
+    read, and a store whose done shards are whole resumes as before (no note, nothing of them rewritten)."""
+    out = crash_at(tmp_path, zoo_env, 42)
+    store = open_store(out, mode="r+")
+    assert store.unbacked_shards() == {}
+    before = {k: t for k, t in mtimes(out).items() if "/c/0" in k or "/c/1" in k}
+    kdcache.extract(make_pipeline(), str(out))
+    assert {k: t for k, t in mtimes(out).items() if "/c/0" in k or "/c/1" in k} == before
+    assert "note:" not in capfd.readouterr().err
 
 
 def test_resume_lists_each_folder_once_and_removes_the_dead_writers_temp_files(tmp_path, zoo_env, monkeypatch):

@@ -162,6 +162,33 @@ def test_a_shard_missing_from_s3_is_one_line_when_dataloader_workers_read_it(s3,
     assert "Traceback" not in r.output and "Caught" not in r.output, r.output
 
 
+def test_extract_on_s3_redoes_a_done_shard_whose_object_is_missing_found_by_one_list_per_array(s3, tiny_store, capfd):
+    """A done shard that lost an object in the bucket (deleted, a copy that stopped short) is redone by the next
+    extract, as for a local folder: the store then equals the local one. Finding it lists each array's objects (one
+    ListObjectsV2 each: 4 shards fit one page) and asks for no object one by one (no HeadObject per shard)."""
+    import s3fs
+
+    from conftest import TINY_TOML
+    from kdcache.storage import filesystem
+
+    url = f"s3://{BUCKET}/lost-object.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(f"{BUCKET}/lost-object.zarr/targets/layers/features.3/c/2/0/0/0")
+    store = open_store(url, storage_options=s3)
+    fs = filesystem(url, s3)[0]  # the instance the listing uses (fsspec caches it)
+    fs.ls(BUCKET)  # connected: its client exists
+    calls: list[str] = []
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    assert list(store.unbacked_shards()) == [2]
+    assert calls == ["ListObjectsV2"] * 6, calls  # 5 data arrays and progress/digest
+    capfd.readouterr()
+    info = kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    assert info["complete"]
+    assert "shard 2 (rows 32-47) was marked done but its object 'targets/layers/features.3/c/2/0/0/0' is missing" in capfd.readouterr().err
+    assert_same_store(url, tiny_store, options_a=s3)
+    assert verify(url, storage_options=s3)["ok"]
+
+
 def test_an_s3_url_with_an_empty_path_segment_is_refused_before_anything_is_written(s3, tiny_store):
     """s3fs reads and writes ``/kept.zarr/...`` for ``s3://bucket//kept.zarr`` but lists, and so deletes, ``kept.zarr/...``:
     an extract to that URL (a doubled slash, typed or joined) wiped the complete store at ``s3://bucket/kept.zarr``
