@@ -119,6 +119,18 @@ def test_cli_on_an_existing_scheduler_resumes_a_partial_store(toml, single, sche
     assert_same_store(out, single)
 
 
+def test_dask_workers_redo_a_done_shard_whose_object_is_missing(toml, single, scheduler, tmp_path):
+    """The driver clears the marker of a done shard that lost an object before handing out the pending shards: a worker
+    skips a shard marked done (a resubmitted task's), so that shard would stay damaged."""
+    out = tmp_path / "lost.zarr"
+    shutil.copytree(single, out)
+    (out / "targets" / "logits" / "c" / "1" / "0").unlink()
+    result = CliRunner().invoke(main, ["extract", toml, "--out", str(out), "--scheduler", scheduler])
+    assert result.exit_code == 0, result.output
+    assert "shard 1 (rows 16-31) was marked done but its object 'targets/logits/c/1/0' is missing" in result.output, result.output
+    assert_same_store(str(out), single)
+
+
 def test_a_relative_out_is_the_drivers_folder_not_the_workers(toml, single, scheduler, tmp_path, monkeypatch):
     """Workers started in another folder than the driver's resolved a relative --out there: they found no store
     ("no store at 'rel.zarr'; run kdcache extract ... first", after the driver had created it), or wrote another one."""
