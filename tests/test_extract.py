@@ -593,7 +593,9 @@ def test_resume_redoes_a_done_shard_whose_object_is_missing(tmp_path, zoo_env, f
     assert "it is pending again" in err and "shard 0" not in err, err
     fetched = Counter(fetch_log())
     probe = set(range(8)) | {49}
-    assert not [i for i in fetched if i < 16 and i not in probe], "rows of the intact done shard were fetched again"
+    rechecked = [i for i in fetched if i < 16 and i not in probe]  # the resume's check of a few done rows' inputs (no teacher work)
+    assert len(rechecked) <= importlib.import_module("kdcache.extract").RESUMED_ROWS and all(fetched[i] == 1 for i in rechecked), \
+        "rows of the intact done shard were fetched again"
     assert all(fetched[i] == 1 for i in range(16, 49))
     assert {k: t for k, t in mtimes(out).items() if "/c/0" in k} == shard_0
 
