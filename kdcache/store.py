@@ -1469,7 +1469,14 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
                          f"replaces only a kdcache store: choose another {named} or remove it")
     if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
-        raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")
+        # a store an --overwrite (or a removal) was deleting when it was killed: its root zarr.json may be gone first
+        remains = _interrupted_creation(location, storage_options, remains=True)
+        if not remains:
+            raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")
+        if not overwrite:
+            raise StoreError(f"{location!r} holds what is left of a kdcache store whose deletion was stopped (its root zarr.json is "
+                             f"gone: an {option('--overwrite')} killed while it replaced the store?); pass {option('--overwrite')} "
+                             f"to replace it, or choose another {named}")
     try:
         return _create(location, target, manifest(None), storage_options)
     except OSError as e:
@@ -1503,9 +1510,11 @@ def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> boo
     return isinstance(meta, dict) and isinstance(meta.get("attributes", {}), dict) and ATTRS not in meta.get("attributes", {})
 
 
-def _interrupted_creation(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+def _interrupted_creation(location: str, storage_options: dict[str, Any] | None = None, *, remains: bool = False) -> bool:
     """Whether a local folder or an object-store prefix holds only what ``create_or_resume`` writes before the
-    manifest: zarr metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute."""
+    manifest: zarr metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute.
+    ``remains``: or the chunks of kdcache's arrays too (and their temp files) — what is left of a store whose deletion
+    (zarr's recursive delete of an ``--overwrite``, which may remove the root ``zarr.json`` early) was stopped."""
     kind = location_kind(location)
     if kind == "url" and "::" not in location:
         fs, root = filesystem(location, storage_options)
@@ -1515,7 +1524,7 @@ def _interrupted_creation(location: str, storage_options: dict[str, Any] | None 
             attrs = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {}) if "zarr.json" in keys else {}
         except (OSError, ValueError, AttributeError):
             return False
-        return ATTRS not in attrs and _only_creation_metadata(keys)
+        return ATTRS not in attrs and _only_creation_metadata(keys, remains)
     if kind != "local":
         return False
     folder = Path(local_path(location))
@@ -1526,20 +1535,48 @@ def _interrupted_creation(location: str, storage_options: dict[str, Any] | None 
     if ATTRS in attrs or not folder.is_dir():
         return False  # a store (the usual case: answered without listing it)
     # a generator: stops listing at the first file that is not such metadata
-    return _only_creation_metadata(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    return _only_creation_metadata(_folder_keys(folder, remains), remains)
 
 
-def _only_creation_metadata(keys: Iterable[str]) -> bool:
-    """Whether ``keys`` (at least one) are all zarr metadata (or zarr's temp files of it) of kdcache's nodes."""
+def _folder_keys(folder: Path, folders: bool = False) -> Iterator[str]:
+    """The keys of the files under ``folder`` (``folders``: and of its folders, ending in ``/``), not following links
+    (a link, to a file or a folder, is yielded as a key that is no store's: ``KEY (a link)``)."""
+    for parent, dirs, files in os.walk(folder):  # a link to a folder is in dirs, not walked into
+        here = Path(parent)
+        for name in [*files, *dirs]:
+            key = (here / name).relative_to(folder).as_posix()
+            if (here / name).is_symlink():
+                yield f"{key} (a link)"
+            elif name in files or folders:
+                yield key if name in files else f"{key}/"
+
+
+# kdcache's arrays (FORMAT.md §3) and the folders of their chunk keys, which name a chunk of each dimension (``c/0``, ``c/3/0/0``)
+_ARRAY_FOLDER = re.compile(r"(samples/(index|fingerprint|label)|targets/logits|targets/layers/[^/]+|progress/done|progress/digest)/c(/[0-9]+)*")
+
+
+def _only_creation_metadata(keys: Iterable[str], remains: bool = False) -> bool:
+    """Whether ``keys`` (at least one) are all zarr metadata (or zarr's temp files of it) of kdcache's nodes.
+    ``remains``: or chunks of kdcache's arrays or their temp files (``.NAME.PID.tmp``, ``NAME.UUID.partial``), or folders
+    (keys ending in ``/``) of kdcache's nodes and chunks."""
     import fnmatch
 
     nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE, DIGEST)
+
+    def node(path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/") for pattern in nodes)
+
     found = False
     for key in keys:
         parent, _, name = key.rpartition("/")
-        if not (name == "zarr.json" or (name.startswith("zarr.") and name.endswith(".partial"))):
-            return False
-        if not any(fnmatch.fnmatchcase(parent, pattern) and parent.count("/") == pattern.count("/") for pattern in nodes):
+        if remains and key.endswith("/"):  # a folder
+            ok = node(parent) or bool(_ARRAY_FOLDER.fullmatch(parent))
+        elif remains and _ARRAY_FOLDER.fullmatch(parent):  # a chunk, or a chunk's temp file: .NAME.PID.tmp, NAME.UUID.partial
+            m = _TMP.fullmatch(name) or _PARTIAL.fullmatch(name)
+            ok = bool(re.fullmatch("[0-9]+", m.group(1) if m else name))
+        else:
+            ok = (name == "zarr.json" or (name.startswith("zarr.") and name.endswith(".partial"))) and node(parent)
+        if not ok:
             return False
         found = True
     return found

@@ -23,7 +23,7 @@ from kdcache.errors import StoreError
 from kdcache.interop import pack
 from kdcache.store import open_store
 from kdcache.verify import verify
-from conftest import S3_BUCKET
+from conftest import S3_BUCKET, TINY_TOML
 from reference import make_pipeline, without_times
 
 pytest.importorskip("moto.server")
@@ -220,6 +220,29 @@ def test_s3_refuses_to_overwrite_foreign_objects(s3):
     assert fs.cat(f"{BUCKET}/foreign/data.bin") == b"not a store"
     with pytest.raises(StoreError, match="no store at"):
         open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)
+
+
+def test_s3_overwrite_replaces_what_is_left_of_a_store_whose_deletion_was_stopped(s3, tiny_store):
+    """s3fs deletes a prefix in concurrent batches of 1000 keys: an --overwrite stopped there can leave chunks without the
+    root zarr.json. --overwrite replaces such remains (it was refused as "not a kdcache store"); an object of anything
+    else among them is never deleted."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    for name, extra in (("left.zarr", None), ("left-other.zarr", "samples/index/c/notes.txt")):
+        fs.put(str(tiny_store), f"{BUCKET}/{name}", recursive=True)
+        fs.rm([f"{BUCKET}/{name}/zarr.json", f"{BUCKET}/{name}/samples/index/c/1"])
+        fs.rm(f"{BUCKET}/{name}/targets/logits", recursive=True)
+        if extra:
+            fs.pipe(f"{BUCKET}/{name}/{extra}", b"keep me")
+    url, tiny = f"s3://{BUCKET}/left.zarr", kdcache.load_pipeline(TINY_TOML)
+    with pytest.raises(StoreError, match=r"holds what is left of a kdcache store whose deletion was stopped .*overwrite=True to replace it"):
+        kdcache.extract(tiny, url, storage_options=s3)
+    assert kdcache.extract(tiny, url, storage_options=s3, overwrite=True)["complete"]
+    assert_same_store(url, tiny_store, options_a=s3)
+    with pytest.raises(StoreError, match="exists and is not a kdcache store"):
+        kdcache.extract(tiny, f"s3://{BUCKET}/left-other.zarr", storage_options=s3, overwrite=True)
+    assert fs.cat(f"{BUCKET}/left-other.zarr/samples/index/c/notes.txt") == b"keep me"
 
 
 def test_a_mistyped_bucket_is_named_not_sent_to_extract(s3):

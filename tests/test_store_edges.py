@@ -65,6 +65,58 @@ def test_overwrite_never_replaces_a_zarr_group_that_is_not_a_kdcache_store(tmp_p
     assert zarr.open_group(str(foreign), mode="r")["precious"][:].tolist() == [1, 2, 3]
 
 
+def test_overwrite_replaces_what_is_left_of_a_store_whose_deletion_was_stopped(tiny_store: str, tmp_path: Path) -> None:
+    """zarr deletes the store an --overwrite replaces recursively, in directory order: killed there, it can leave chunks
+    and metadata without the root zarr.json. Such a folder was "exists and is not a kdcache store" even with --overwrite
+    (the advertised recovery failed). Only kdcache's nodes, chunks, their temp files and folders: --overwrite replaces
+    it and a run without it says so; one file (or link) of anything else keeps it refused, with --overwrite too."""
+    from click.testing import CliRunner
+
+    from conftest import TINY_TOML
+    from kdcache.cli import main
+    from reference import read_store, without_times
+
+    def remains(name: str) -> Path:
+        out = tmp_path / name
+        shutil.copytree(tiny_store, out)
+        (out / "zarr.json").unlink()
+        (out / "samples/index/c/1").unlink()
+        shutil.rmtree(out / "targets/logits")
+        (out / "progress/done/c/.2.4242.tmp").write_bytes(b"\0")  # a killed writer's temp files: ours, zarr's
+        (out / "samples/label/c/0.0123456789abcdef0123456789abcdef.partial").write_bytes(b"\0")
+        (out / "targets/layers/features.3/c/3/0/0").mkdir(exist_ok=True)
+        return out
+
+    def extract(out: Path, *more: str):
+        return CliRunner().invoke(main, ["extract", str(TINY_TOML), "--out", str(out), *more])
+
+    out = remains("g.zarr")
+    r = extract(out)
+    assert r.exit_code == 1 and r.output.startswith(f"Error: '{out}' holds what is left of a kdcache store whose deletion was stopped") \
+        and "pass --overwrite to replace it" in r.output and len(r.output.splitlines()) == 1, r.output
+    assert (out / "samples/index/c/0").is_file()  # nothing deleted
+    r = extract(out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    (got_manifest, got), (want_manifest, want) = read_store(out), read_store(tiny_store)
+    assert without_times(got_manifest) == without_times(want_manifest) and got.keys() == want.keys()
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+
+    # anything else in it: never deleted
+    for i, (extra, make) in enumerate([("notes.txt", lambda p: p.write_text("keep me")),
+                                       ("samples/index/c/1.bak", lambda p: p.write_text("keep me")),
+                                       ("targets/layers/features.3/zarr.json.orig", lambda p: p.write_text("keep me")),
+                                       ("photos", lambda p: p.mkdir()),  # even an empty folder not of the layout
+                                       ("targets/layers/x", lambda p: p.symlink_to(tiny_store))]):
+        out = remains(f"other{i}.zarr")
+        make(out / extra)
+        r = extract(out, "--overwrite")
+        assert r.exit_code == 1 and r.output.strip() == f"Error: '{out}' exists and is not a kdcache store; choose another --out or " \
+            "remove it", (extra, r.output)
+        assert (out / extra).is_symlink() or (out / extra).exists() and (out / "samples/index/c/0").is_file(), extra
+    assert open_store(tiny_store).complete  # a link was never followed
+
+
 def test_a_corrupted_zip_member_is_a_verify_failure_and_a_one_line_error(tiny_store: str, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
