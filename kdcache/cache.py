@@ -66,6 +66,7 @@ class TransferSet(IterableDataset):
         if not hasattr(paths, "__iter__"):  # None: "every target"? a TypeError deep inside said nothing
             raise PipelineError(f"paths must be a list of targets' names or array paths, got {short(paths)}; pass e.g. ['logits'] "
                                 "(or [] for inputs and labels alone)")
+        shuffle, drop_last = storage.flag_arg(shuffle, "shuffle"), storage.flag_arg(drop_last, "drop_last")  # "False" shuffled
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise PipelineError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         for name, value in (("fingerprint_check", fingerprint_check), ("fingerprint_recheck", fingerprint_recheck)):

@@ -58,6 +58,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     when there are GPUs, otherwise ``workers`` single-threaded processes) or the cluster at ``scheduler``
     (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
     need("distributed", "dask", "kdcache extract --workers/--scheduler")
+    overwrite, progress = storage.flag_arg(overwrite, "overwrite"), storage.flag_arg(progress, "progress")
     if scheduler is not None:
         _check_address(scheduler)
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
@@ -350,6 +351,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
     pending shards r, r+K, ..., rank 0 finishes the manifest after all are done. Every rank returns ``info()``."""
     import torch.distributed as dist
 
+    overwrite, progress = storage.flag_arg(overwrite, "overwrite"), storage.flag_arg(progress, "progress")
     rank, world, local = ranks()
     pipeline = _on_device(pipeline, local)
     locking.refuse_if_being_written(out, storage_options)  # every rank, before its teacher is built (rank 0's lock below decides)

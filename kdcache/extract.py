@@ -29,7 +29,7 @@ import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
 from kdcache.errors import AlignmentError, ModelError, PipelineError, StoreMismatchError, TargetError
 from kdcache.pipeline import Pipeline, check_pipeline
-from kdcache.storage import location_arg, options_arg
+from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -49,6 +49,7 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     """
     pipeline, out = check_pipeline(pipeline), location_arg(out, "out")
     options_arg(storage_options)  # before the teacher is built
+    overwrite, progress = flag_arg(overwrite, "overwrite"), flag_arg(progress, "progress")
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     run = setup(pipeline)
     with locking.writer_lock(out, storage_options):  # one writer per store

@@ -30,6 +30,7 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
     A zip is write-once, so only a complete store whose done shards all have their objects is packed. The
     file appears only once whole and read back as a store (written beside it as ``*.part.zip`` and renamed).
     """
+    overwrite = storage.flag_arg(overwrite, "overwrite")
     _local_out(out)
     out = Path(out)
     if not out.name.endswith(".zip"):
@@ -62,6 +63,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     store's inner chunks, compressed with ``compression`` (gzip, lzf or none); the manifest as the
     JSON string root attribute ``kdcache``."""
     need("h5py", "hdf5", "kdcache export")
+    overwrite = storage.flag_arg(overwrite, "overwrite")
     if compression not in HDF5_COMPRESSION:
         raise StoreError(f"unknown HDF5 compression {compression!r}; choose one of {', '.join(HDF5_COMPRESSION)}")
     _local_out(out)
@@ -104,6 +106,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
     """Convert an HDF5 file written by ``export_hdf5`` back into a store at ``location`` (any writable
     location), with the manifest's geometry; resumable like extract (only shards not yet done are written)."""
     need("h5py", "hdf5", "kdcache import")
+    overwrite = storage.flag_arg(overwrite, "overwrite")
     import h5py
 
     source = str(source)

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import zarr
 
 from kdcache.errors import StoreError, one_line, short
@@ -103,6 +104,17 @@ def options_arg(value: Any) -> None:
     if value is not None and not isinstance(value, dict):
         raise TypeError(f"storage_options must be a dict of fsspec options, got {type(value).__name__} {short(value)}; pass e.g. "
                         "{'anon': True} (the CLI's --storage-option KEY=VALUE is {'KEY': VALUE} in Python)")
+
+
+def flag_arg(value: Any, name: str, also: str = "") -> bool:
+    """A flag of the Python API (``overwrite``, ``progress``, ``shuffle``...): True or False, a numpy bool too; anything
+    else is a TypeError naming it, where any truthy value counted as True (``overwrite="no"`` replaced the store). An
+    int (0, 1) is refused as well, as it is for the pipeline's flags (``train.drop_last = 1``). ``also``: another value
+    the argument takes (checked by the caller), for the message."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    choices = f"True, False or {also}" if also else "True or False"
+    raise TypeError(f"{name} must be {choices}, got {type(value).__name__} {short(value)}")
 
 
 def location_kind(location: str) -> str:

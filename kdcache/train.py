@@ -34,7 +34,7 @@ from kdcache import cache, data, distributed, locking, losses, store as layout, 
 from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
                             option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
-from kdcache.storage import location_arg, options_arg
+from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -55,14 +55,16 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     t, out, cache_location = pipeline.train, Path(location_arg(out, "out")), location_arg(cache_location, "cache_location")
     check_values(pipeline)
     options_arg(storage_options)
+    if not (isinstance(resume, str) and resume == "auto"):  # 1 or "yes" passed as resume=True (a numpy bool is one)
+        resume = flag_arg(resume, "resume", '"auto"')
+    overwrite, allow_partial = flag_arg(overwrite, "overwrite"), flag_arg(allow_partial, "allow_partial")
+    progress = flag_arg(progress, "progress")
     again = (option("run the same command again", "call kdcache.train again") if resume else  # to continue a run that stops
              option("run it again with --resume instead of --overwrite", "call kdcache.train again with resume=True instead of "
                     "overwrite=True") if overwrite else  # (TrainingStopped), as the caller does it
              option("run the same command with --resume", "call kdcache.train again with resume=True"))
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
         resume = (out / CHECKPOINT).is_file()
-    elif resume not in (True, False):
-        raise PipelineError(f"resume must be True, False or \"auto\", got {resume!r}")
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:
         locking.refuse_if_being_written(out)  # before the store, dataset and student are loaded

@@ -182,6 +182,32 @@ def test_api_functions_refuse_storage_options_that_are_not_a_dict(function, tiny
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("function, argument", [("extract", "overwrite"), ("extract", "progress"), ("train", "overwrite"),
+                                                ("train", "allow_partial"), ("train", "progress"), ("train", "resume"),
+                                                ("TransferSet", "shuffle"), ("TransferSet", "drop_last"), ("pack", "overwrite"),
+                                                ("export_hdf5", "overwrite"), ("import_hdf5", "overwrite")])
+def test_api_flags_refuse_what_is_not_a_bool(function, argument, tiny_store, tmp_path, monkeypatch):
+    """Any truthy value was taken as True: ``kdcache.extract(p, out, overwrite="no")`` replaced the store, ``allow_partial="no"``
+    trained on a partial one, ``shuffle="False"`` shuffled. A numpy bool is a bool; an int is not (nor is it in a pipeline)."""
+    import numpy as np
+    import tiny
+    from kdcache import interop
+
+    monkeypatch.chdir(tmp_path)
+    p = load(TINY)
+    call = {"extract": lambda **f: kdcache.extract(p, "s.zarr", **f), "train": lambda **f: kdcache.train(p, tiny_store, "run", **f),
+            "TransferSet": lambda **f: kdcache.TransferSet(tiny_store, tiny.dataset(), ["logits"], batch_size=8, **f),
+            "pack": lambda **f: interop.pack(tiny_store, "t.zarr.zip", **f), "export_hdf5": lambda **f: interop.export_hdf5(tiny_store, "t.h5", **f),
+            "import_hdf5": lambda **f: interop.import_hdf5("t.h5", "s.zarr", **f)}[function]
+    choices = 'True, False or "auto"' if argument == "resume" else "True or False"
+    for wrong in ("no", "False", 1, 0, None, [True]):
+        with pytest.raises(TypeError, match=rf"^{argument} must be {choices}, got {type(wrong).__name__} {re.escape(repr(wrong))}$"):
+            call(**{argument: wrong})
+    assert list(tmp_path.iterdir()) == []
+    if function == "TransferSet":  # a numpy bool is one (what numpy's comparisons and reductions give)
+        assert getattr(call(**{argument: np.bool_(False)}), argument) is False
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
