@@ -273,7 +273,11 @@ class Store:
         return max(self.manifest["geometry"]["chunk_rows"].values())
 
     def array(self, path: str) -> zarr.Array:
-        if path not in self._arrays:
+        """The zarr array at ``path``: a data array (``paths()``), ``progress/done`` or ``progress/digest``."""
+        if not isinstance(path, str) or path not in self._arrays:
+            if not isinstance(path, str) or path not in (DONE, DIGEST) and path not in self.paths():  # else "missing" (damaged)
+                raise StoreError(f"{short(path)} is not an array of {self.location!r}; open one of "
+                                 f"{', '.join(map(repr, [*self.paths(), DONE, DIGEST]))} (a target's array is store.targets[name].path)")
             try:
                 with _CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
                     node = self.group[path]
@@ -576,9 +580,15 @@ class Store:
         (``digests``) a shard read whole whose rows are not the ones written there (``digest_problem``). Rows of a
         shard not done are a StoreError too (FORMAT.md §7: they are not data), unless ``pending``: the caller uses
         only the done rows of what it reads."""
-        if path not in self.paths():  # else named as a damaged store: an array its manifest lists, missing or of another shape
-            raise StoreError(f"{path!r} is not a data array of {self.location!r}; read one of {', '.join(map(repr, self.paths()))} "
+        # else named as a damaged store: an array its manifest lists, missing or of another shape
+        if not isinstance(path, str) or path not in self.paths():
+            raise StoreError(f"{short(path)} is not a data array of {self.location!r}; read one of {', '.join(map(repr, self.paths()))} "
                              "(a target's array is store.targets[name].path)")
+        for name, value in (("start", start), ("stop", stop)):  # a float was numpy's TypeError, True read as row 1
+            if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+                raise StoreError(f"{name} must be an integer row, got {type(value).__name__} {short(value)}; read rows start:stop "
+                                 f"with integers 0 <= start <= stop <= {self.num_samples}")
+        start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.num_samples:  # else a negative start reads as a missing shard, a stop past the end as an IndexError
             raise StoreError(f"rows {start}:{stop} of {path!r} are not within the {self.num_samples} samples of {self.location!r}; "
                              f"read rows start:stop with 0 <= start <= stop <= {self.num_samples}")

@@ -4,6 +4,7 @@ and the refusal of layer names that differ only in case (§6)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -241,14 +242,34 @@ def test_open_store_refuses_a_mode_other_than_reading_it(tiny_store: str, tmp_pa
     ("targets/logits", -3, 50, "rows -3:50 of 'targets/logits' are not within the 50 samples of .*; read rows start:stop with 0 <= start <= stop <= 50"),
     ("targets/logits", 0, 51, "rows 0:51 of 'targets/logits' are not within the 50 samples"),
     ("targets/logits", 5, 2, "rows 5:2 of 'targets/logits' are not within"),
-], ids=["target-name", "progress-array", "negative-start", "stop-past-the-end", "start-after-stop"])
+    ("targets/logits", 0.0, 4.0, "^start must be an integer row, got float 0.0; read rows start:stop with integers 0 <= start <= stop <= 50$"),
+    ("targets/logits", 0, "4", "^stop must be an integer row, got str '4'"),
+    ("targets/logits", None, 4, "^start must be an integer row, got NoneType None"),
+    ("targets/logits", False, True, "^start must be an integer row, got bool False"),
+    (None, 0, 4, "^None is not a data array of"),
+], ids=["target-name", "progress-array", "negative-start", "stop-past-the-end", "start-after-stop", "floats", "a-string", "none",
+        "bools", "no-path"])
 def test_read_refuses_a_path_or_rows_outside_the_store(tiny_store: str, path: str, start: int, stop: int, message: str) -> None:
     """Store.read (the README's Python API) names the argument that was wrong: not a damaged store ('missing the array',
-    'shard -1 ... missing'), and not numpy's IndexError."""
+    'shard -1 ... missing'), and not numpy's IndexError or TypeError (floats), nor True read as row 1."""
+    import numpy as np
+
     store = open_store(tiny_store)
     with pytest.raises(StoreError, match=message):
         store.read(path, start, stop)
     assert store.read("targets/logits", 48, 50).shape == (2, 4) and store.read("samples/index", 3, 3).shape == (0,)
+    assert store.read("targets/logits", np.int64(48), np.uint8(50)).shape == (2, 4)  # numpy integers are rows
+
+
+@pytest.mark.parametrize("path", ["logits", "nope", None, ["targets/logits"]])
+def test_array_refuses_a_path_that_is_not_an_array_of_the_store(tiny_store: str, path) -> None:
+    """Store.array("nope") blamed the store ("is missing the array 'nope' its manifest lists (deleted, or an incomplete
+    copy)"), None or a list raised Python's TypeError: a path the store has no array at is named as the caller's."""
+    store = open_store(tiny_store)
+    with pytest.raises(StoreError, match=rf"^{re.escape(repr(path))} is not an array of .*; open one of 'samples/index', .*'progress/done', "
+                                         r"'progress/digest' \(a target's array is store.targets\[name\].path\)$"):
+        store.array(path)
+    assert store.array("progress/done").shape == (4,) and store.array("targets/logits").shape == (50, 4)
 
 
 def test_read_refuses_rows_of_a_shard_not_done(tiny_store: str, tmp_path: Path) -> None:
