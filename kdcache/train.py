@@ -46,7 +46,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     """Train ``pipeline.student`` from the store at ``cache_location`` (any location, with fsspec
     ``storage_options`` for URLs; they apply to ``train.eval_cache`` too); write results to ``out``.
 
-    Returns the last epoch's metrics plus ``params``, ``seconds`` and ``out``. Seeds torch's global RNG with
+    Returns the last epoch's metrics plus ``params``, ``seconds`` (the run's training time, a resumed run's earlier
+    processes' included) and ``out``. Seeds torch's global RNG with
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
     ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues).
@@ -119,7 +120,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
                          functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order,
                                            values=values),
-                         pipeline if replacing else None, _position(state) if checkpoint is not None else "", again)
+                         pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
+                         before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0)
             _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
             if rank == 0:
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
@@ -127,7 +129,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         distributed.barrier()  # torchrun: every rank returns after rank 0 has written
         lines = _read_metrics(out)  # none: a resumed run with no step left, whose metrics.jsonl was deleted, still writes its weights
         last = lines[-1] if lines else {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"]}
-        return {**last, "params": teachers.num_parameters(run.student), "seconds": time.perf_counter() - loop.started, "out": str(out)}
+        return {**last, "params": teachers.num_parameters(run.student), "seconds": loop.elapsed(), "out": str(out)}
     finally:
         for hook in hooks:
             hook.remove()
@@ -159,7 +161,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 _check_finite(means, state, loop.out, loop.saved)
                 due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
                 metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.lr, **means,
-                           **(evaluate() if due else {}), "seconds": time.perf_counter() - loop.started}
+                           **(evaluate() if due else {}), "seconds": loop.elapsed()}
                 if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
                     state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
                     partial = None
@@ -346,14 +348,19 @@ class _Loop:
     again: str = "run the same command with --resume"  # how to resume, for TrainingStopped (the CLI refuses --resume --overwrite)
     stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
     started: float = field(default_factory=time.perf_counter)  # for the metrics' "seconds"
+    before: float = 0.0  # a resumed run's training seconds before this process (its checkpoint's)
     lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
+
+    def elapsed(self) -> float:
+        """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it."""
+        return self.before + time.perf_counter() - self.started
 
     def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
         """Rank 0 saves the checkpoint (``_save_epoch``) with every rank's RNG state: under torchrun the ranks draw
         differently (dropout over an uneven last batch, none in an idle rank's step), and each restores its own."""
         rngs = distributed.gather(rng)
         if self.rank == 0:
-            self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial)
+            self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed())
             self.replacing = None
         self.saved = _position(state)
 
@@ -933,12 +940,14 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool, values: dict[str, 
 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any] | None,
                 rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
-                order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> None:
+                order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
+                seconds: float | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
     (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
     (where the plan ends inside an epoch, both: its line, and its sums for a longer plan's --resume). ``values``: the
     run's pipeline values, as its pipeline.json records them (a --resume compares with them where that file is lost).
+    ``seconds``: the run's training time so far (``_Loop.elapsed``), which a resumed run's metrics count on from.
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's
@@ -948,7 +957,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
-            **({"pipeline": values} if values is not None else {}),
+            **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
     if replacing is not None:
         _save(ckpt, out / NEXT_CHECKPOINT)
@@ -1087,6 +1096,18 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
     _set_rng_state(ckpt["rng"])
     state = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "batch": int(ckpt.get("batch", 0))}  # none before 0.1.4
     return state, ckpt.get("partial")
+
+
+def _trained_seconds(ckpt: dict[str, Any], out: Path, state: dict[str, int]) -> float:
+    """The training time a run had when its checkpoint was saved: the checkpoint's ``seconds``, or (a checkpoint of
+    kdcache <= 0.1.9, which has none) the most of the metrics lines the resumed run keeps (its epochs before ``state``'s)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    if number(ckpt.get("seconds")):
+        return float(ckpt["seconds"])
+    kept = [m.get("seconds") for m in _read_metrics(out) if m["epoch"] < state["epoch"]]
+    return max((float(s) for s in kept if number(s)), default=0.0)
 
 
 def _rng_state() -> Any:

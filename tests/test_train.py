@@ -1302,6 +1302,28 @@ def test_a_checkpoint_of_kdcache_0_1_3_resumes_to_the_uninterrupted_run(tiny_sto
     same_run(tmp_path / "cut", tmp_path / "whole")
 
 
+def test_metrics_seconds_count_the_run_s_training_time_across_a_resume(tiny_store, tmp_path):
+    """``seconds`` in metrics.jsonl counted from the start of the process: after a --resume it began again from zero, so a
+    plot of loss against time folded back. It is the run's training time: the checkpoint records it, and a checkpoint
+    of kdcache <= 0.1.9, without it, counts on from the last metrics line the resumed run keeps."""
+    p = pipeline(*PLAIN, "train.epochs=3")
+    for old in (False, True):
+        out = tmp_path / f"run-{old}"
+        train_cut_after_first_epoch(p, tiny_store, out)
+        ckpt = torch.load(out / CHECKPOINT, weights_only=True)
+        assert ckpt["seconds"] >= metrics(out)[0]["seconds"] > 0
+        if old:
+            del ckpt["seconds"]
+            (out / "metrics.jsonl").write_text(json.dumps({**metrics(out)[0], "seconds": 500.0}) + "\n")
+        else:
+            ckpt["seconds"] = 1000.0  # well past what this process takes
+        torch.save(ckpt, out / CHECKPOINT)
+        result = train(p, tiny_store, out, resume=True)
+        seconds = [m["seconds"] for m in metrics(out)]
+        earlier = 500.0 if old else 1000.0
+        assert earlier < seconds[1] < seconds[2] <= result["seconds"] < earlier + 600, seconds
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_weight_decay_pulls_matrices_and_kernels_toward_zero_but_not_biases_or_norm_weights(name):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(5),
