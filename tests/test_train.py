@@ -624,7 +624,7 @@ def test_a_resume_whose_pipeline_json_is_lost_compares_with_the_values_its_check
         (out / "pipeline.json").unlink()
     else:
         (out / "pipeline.json").write_text(recorded[: len(recorded) // 2])
-    with pytest.raises(PipelineError, match=re.escape(f"--resume: train.lr was 0.01 in this run ({str(out / CHECKPOINT)!r}), now 0.5")):
+    with pytest.raises(PipelineError, match=re.escape(f"resume=True: train.lr was 0.01 in this run ({str(out / CHECKPOINT)!r}), now 0.5")):
         train(pipeline(*PLAIN, "train.epochs=2", "train.lr=0.5"), tiny_store, out, resume=True)
     train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
     assert [m["epoch"] for m in metrics(out)] == [0, 1]
