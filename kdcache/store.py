@@ -386,8 +386,31 @@ class Store:
         except Exception as e:  # noqa: BLE001 - a digest object that does not decode
             if _transport(e):
                 raise self._unreadable(DIGEST, 0, self.num_shards, e) from None
+            bad = self._bad_digest_rows(4 * want[1])
+            if bad:  # named, with the marker whose deletion has extract redo that shard (FORMAT.md §13)
+                named = ", ".join(f"{DIGEST}/c/{s}/0 (shard {s}: {size} bytes)" for s, size in bad[:3])
+                named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                raise StoreError(f"{self.location!r} is damaged: digest row {named} is not the {4 * want[1]} bytes of one row "
+                                 f"(truncated or corrupted); delete the done marker {' '.join(f'{DONE}/c/{s}' for s, _ in bad[:3])} of "
+                                 "its shard and rerun kdcache extract (which redoes the shard), or re-extract the store") from None
             raise StoreError(f"{self.location!r} is damaged: {DIGEST} does not decode ({type(e).__name__}: {short(str(e))}); "
                              f"run kdcache verify {self.location}, or re-extract the store") from None
+
+    def _bad_digest_rows(self, width: int) -> list[tuple[int, int]]:
+        """The digest row objects (``progress/digest/c/S/0``, uncompressed, FORMAT.md §3.1) present whose size is not
+        ``width`` bytes: (shard, size). Sizes are listed where the location lists them, else the objects are read."""
+        keys = [f"{DIGEST}/c/{s}/0" for s in range(self.num_shards)]
+        sizes = self._object_sizes(f"{DIGEST}/c", keys)
+        kind = location_kind(self.location)
+        listed = kind == "local" or (kind == "url" and "::" not in self.location)
+        bad = []
+        for s, key in enumerate(keys):
+            if key not in sizes:
+                continue
+            size = sizes[key] if listed else len(self.raw_object(key) or b"")
+            if size != width:
+                bad.append((s, size))
+        return bad
 
     def digest_problem(self, path: str, shard: int, rows: np.ndarray, parts: list[tuple[int, int]] | None = None) -> str | None:
         """What is wrong with done shard ``shard``'s ``rows`` of ``path``, read whole, by the digest its writer recorded

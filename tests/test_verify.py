@@ -347,6 +347,22 @@ def test_a_done_shard_whose_digest_object_is_lost_is_damage_not_unchecked(copy, 
     assert r.exit_code == 1 and "Traceback" not in r.output and "has no digest in progress/digest" in r.output, r.output
 
 
+def test_a_truncated_digest_row_is_named_with_the_marker_that_redoes_its_shard(copy, tmp_path):
+    """A digest row object cut short (or grown) made the whole digest array fail to decode: verify and every read said
+    'progress/digest does not decode' and 'run kdcache verify', never which object, so the documented fix (FORMAT.md §13:
+    delete that shard's done marker, rerun extract) could not be followed. Now the object and the marker are named."""
+    row = copy / "progress" / "digest" / "c" / "2" / "0"
+    row.write_bytes(row.read_bytes()[:10])
+    named = "digest row progress/digest/c/2/0 (shard 2: 10 bytes) is not the 20 bytes of one row"
+    report = verify(str(copy))
+    assert not report["ok"] and any(named in p and "progress/done/c/2" in p for p in problems(report, "layout")), report
+    r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "Traceback" not in r.output and named in r.output, r.output
+    (copy / "progress" / "done" / "c" / "2").unlink()  # the fix the error names
+    extract_tiny(copy)
+    assert verify(str(copy))["ok"]
+
+
 def test_a_store_whose_digest_array_is_gone_is_damage_not_a_store_from_before_digests(copy, tmp_path):
     """progress/digest deleted whole from a store whose manifest says it keeps digests: verify named it a store written
     before kdcache 0.1.1 and passed, pack and export copied it, training read it with the digest check off (and import
