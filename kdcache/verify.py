@@ -12,7 +12,8 @@ Checks, each reported with every problem it found (named: array, shard, inner ch
   match (the raw bytes are checked, so a truncated or emptied shard is caught, not read as zeros);
 - ``values``: every done shard decodes; targets are finite; ``index[r] == r``; fingerprints non-zero;
 - ``teacher`` (``teacher_check=N``): the pipeline's teacher recomputes N random stored rows; max
-  abs/rel error and KL per target must stay within a float16-appropriate tolerance.
+  abs/rel error and KL per target must stay within a float16-appropriate tolerance; each row's input
+  fingerprint, and its label where the store and the dataset have labels, must be the stored one.
 
 One shard of one array is in memory at a time.
 """
@@ -242,12 +243,13 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     rows = np.sort(rng.choice(available, size=min(n, len(available)), replace=False)) if len(available) else available
     indexed = data.Indexed(run.dataset, algorithm)
     recomputed: dict[str, list[np.ndarray]] = {t.path: [] for t in stored_targets.values()}
-    fingerprints = []
+    fingerprints, labels = [], []
     batch_size = pipeline.extract.batch_size
     with teachers.capture(run.model, pipeline.targets.layers) as hooked:
         for lo in range(0, len(rows), batch_size):
             batch = data.collate(indexed.__getitems__([int(r) for r in rows[lo : lo + batch_size]]))
             fingerprints.append(batch["fingerprint"])
+            labels.append(batch["label"])  # None: the dataset's items have no label
             hooked.clear()
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
@@ -259,13 +261,19 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     # a dataset's own __getitems__: each row read alone too, for one that serves a batch's items out of order (as it
     # did when the store was extracted) gives the stored fingerprints and targets again, in the wrong rows
     batched = hasattr(run.dataset, "__getitems__")
-    for r, a, b in zip(rows, stored_fp if stored_fp is not None else [], seen_fp):
+    # the same input with another label (a new class mapping): training refuses it (ce would learn the stored label)
+    seen_labels = np.concatenate(labels) if labels and all(y is not None for y in labels) else None
+    stored_labels = _rows(store, layout.LABEL, rows, check) if store.has_labels and seen_labels is not None and len(rows) else None
+    for k, (r, a, b) in enumerate(zip(rows, stored_fp if stored_fp is not None else [], seen_fp)):
         alone = data.item_fingerprint(run.dataset, int(r), algorithm) if batched else int(b)
         if a != alone:
             check.fail(f"row {int(r)}: the dataset's input fingerprint {alone:016x} differs from the stored {int(a):016x}")
         elif b != alone:
             check.fail(f"row {int(r)}: the dataset's __getitems__ gives it another input ({int(b):016x}) than dataset[{int(r)}] "
                        f"({alone:016x}): make __getitems__ return the items dataset[i] returns, in the order asked")
+        elif stored_labels is not None and int(seen_labels[k]) != int(stored_labels[k]):
+            check.fail(f"row {int(r)}: the dataset gives label {int(seen_labels[k])}, the store holds {int(stored_labels[k])}: its "
+                       "labels changed since extraction (another class mapping?); use the dataset the store was made from, or re-extract")
     per_target = {}
     for t in stored_targets.values():
         stored = _rows(store, t.path, rows, check)

@@ -154,6 +154,24 @@ def test_teacher_check_finds_other_weights(tiny_store, zoo_env):
     assert stored.attrs["kdcache"]["teacher"]["factory"] == "tiny.py:teacher"
 
 
+def test_teacher_check_finds_a_dataset_whose_labels_changed(tiny_store, monkeypatch):
+    """The same inputs with other labels (a new class mapping): training refuses such a dataset row by row, but
+    verify --teacher-check compared only fingerprints and targets, and said 'verified'."""
+    import tiny
+
+    def relabeled(split: str = "train"):
+        images = tiny.TinyImages(split)
+        images.y[[3, 20]] = (images.y[[3, 20]] + 1) % 4
+        return images
+
+    monkeypatch.setattr(tiny, "dataset", relabeled)
+    report = verify(tiny_store, teacher_check=50, pipeline=kdcache.load_pipeline(TINY_TOML))
+    teacher = problems(report, "teacher")
+    assert not report["ok"] and len(teacher) == 2, teacher
+    assert teacher[0].startswith("row 3: the dataset gives label") and "its labels changed since extraction" in teacher[0]
+    assert teacher[1].startswith("row 20: ") and report["teacher_check"]["targets"]["logits"]["ok"]
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", ">f4", "float64"])
 def test_all_finite_agrees_with_isfinite_on_every_kind_of_value(dtype):
     """The exponent-bits test of verify's values check against np.isfinite: NaN (quiet, signalling, negative), ±inf,
