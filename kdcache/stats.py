@@ -20,6 +20,7 @@ from kdcache import store as layout
 from kdcache.errors import need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
+SHOWN_CLASSES = 50  # classes the text form lists (the JSON form: all)
 
 
 class _Checked:
@@ -102,10 +103,13 @@ def stats_text(s: dict[str, Any]) -> str:
     lines = [
         f"store       {s['location']}  ({s['rows']:,} rows in {s['shards_done']}/{s['num_shards']} done shards)",
         f"teacher     top-1 accuracy {pct(s['teacher_accuracy'])} against stored labels",
-        f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits)" if s["mean_entropy"] is not None else "entropy     n/a (no logits with a class axis)",
+        f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits)" if s["mean_entropy"] is not None
+        else "entropy     n/a (no done shards)" if not s["rows"] else "entropy     n/a (no logits with a class axis)",
     ]
     if s["per_class"]:
-        lines.append("per class   " + "  ".join(f"{c}: {pct(v['accuracy'])} (n={v['count']})" for c, v in list(s["per_class"].items())[:50]))
+        classes = list(s["per_class"].items())
+        more = f"  ... and {len(classes) - SHOWN_CLASSES} more classes (--json lists every one)" if len(classes) > SHOWN_CLASSES else ""
+        lines.append("per class   " + "  ".join(f"{c}: {pct(v['accuracy'])} (n={v['count']})" for c, v in classes[:SHOWN_CLASSES]) + more)
     for name, v in s["layers"].items():
         lines.append(f"layer       {name:<24} mean {v['mean']:.4g}  std {v['std']:.4g}")
     return "\n".join(layout.printable(line) for line in lines)

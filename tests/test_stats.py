@@ -85,3 +85,16 @@ def test_a_regression_teacher_has_no_entropy_or_accuracy(tmp_path):
     assert s["mean_entropy"] is None and s["teacher_accuracy"] is None and s["rows"] == 50 and "base.features.3" in s["layers"]
     r = CliRunner().invoke(main, ["stats", store])
     assert r.exit_code == 0 and "entropy     n/a (no logits with a class axis)" in r.output, r.output
+
+
+def test_the_text_says_how_many_classes_it_leaves_out_and_why_there_is_no_entropy():
+    """The text lists 50 classes: a teacher of 1,000 showed classes 0-49 as if they were all. A store with no done shard
+    said 'no logits with a class axis' of logits that have one."""
+    from kdcache.stats import stats_text
+
+    s = {"location": "s.zarr", "rows": 2000, "shards_done": 2, "num_shards": 2, "teacher_accuracy": 0.5, "mean_entropy": 1.0,
+         "per_class": {str(c): {"count": 2, "accuracy": 0.5} for c in range(1000)}, "layers": {}}
+    text = stats_text(s)
+    assert "49: 50.00% (n=2)  ... and 950 more classes (--json lists every one)" in text and "50: " not in text
+    empty = stats_text({**s, "rows": 0, "shards_done": 0, "teacher_accuracy": None, "mean_entropy": None, "per_class": None})
+    assert "entropy     n/a (no done shards)" in empty
