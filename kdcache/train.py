@@ -1100,7 +1100,7 @@ def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule
 
 def _trained_seconds(ckpt: dict[str, Any], out: Path, state: dict[str, int]) -> float:
     """The training time a run had when its checkpoint was saved: the checkpoint's ``seconds``, or (a checkpoint of
-    kdcache <= 0.1.9, which has none) the most of the metrics lines the resumed run keeps (its epochs before ``state``'s)."""
+    kdcache <= 0.1.8, which has none) the most of the metrics lines the resumed run keeps (its epochs before ``state``'s)."""
     def number(value: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 

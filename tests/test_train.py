@@ -1305,7 +1305,7 @@ def test_a_checkpoint_of_kdcache_0_1_3_resumes_to_the_uninterrupted_run(tiny_sto
 def test_metrics_seconds_count_the_run_s_training_time_across_a_resume(tiny_store, tmp_path):
     """``seconds`` in metrics.jsonl counted from the start of the process: after a --resume it began again from zero, so a
     plot of loss against time folded back. It is the run's training time: the checkpoint records it, and a checkpoint
-    of kdcache <= 0.1.9, without it, counts on from the last metrics line the resumed run keeps."""
+    of kdcache <= 0.1.8, without it, counts on from the last metrics line the resumed run keeps."""
     p = pipeline(*PLAIN, "train.epochs=3")
     for old in (False, True):
         out = tmp_path / f"run-{old}"
