@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache import locking, storage, store as layout
-from kdcache.errors import StoreError, need, one_line, write_fix
+from kdcache.errors import StoreError, need, one_line, short, write_fix
 
 HDF5_LAYOUT_VERSION = 1
 HDF5_COMPRESSION = ("gzip", "lzf", "none")
@@ -128,10 +128,14 @@ def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_option
                              f"version {layout.FORMAT_VERSION}: upgrade kdcache")
         version = f.attrs.get("kdcache_hdf5_version")
         version = version.item() if isinstance(version, np.generic) else version  # h5py gives an int attribute as np.int64
-        if type(version) is not int or version != HDF5_LAYOUT_VERSION:  # another layout would be read as this one's
-            raise StoreError(f"{source!r} has no root attribute 'kdcache_hdf5_version' (FORMAT.md §16); pass a file written by kdcache export"
-                             if version is None else
-                             f"{source!r} holds HDF5 layout version {version!r} (root attribute 'kdcache_hdf5_version'); this kdcache "
+        if version is None:
+            raise StoreError(f"{source!r} has no root attribute 'kdcache_hdf5_version' (FORMAT.md §16); pass a file written by kdcache export")
+        if type(version) is not int:  # "1", 1.0, True: no kdcache writes it so; a newer kdcache would not read it either
+            raise StoreError(f"{source!r}: root attribute 'kdcache_hdf5_version' is {short(version)} ({type(version).__name__}), "
+                             f"not an integer (FORMAT.md §16: {HDF5_LAYOUT_VERSION}); the file was not written by kdcache export: "
+                             "export the store again (kdcache export STORE FILE)")
+        if version != HDF5_LAYOUT_VERSION:  # another layout would be read as this one's
+            raise StoreError(f"{source!r} holds HDF5 layout version {version!r} (root attribute 'kdcache_hdf5_version'); this kdcache "
                              f"reads version {HDF5_LAYOUT_VERSION}: upgrade kdcache, or export the store again with this one")
         layout.check_manifest(manifest, source)
         fresh = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "completed")}

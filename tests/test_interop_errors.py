@@ -94,9 +94,11 @@ def test_import_overwrite_of_a_malformed_file_keeps_the_store(exported, tiny_sto
 
 @pytest.mark.parametrize("version, match", [
     (2, "holds HDF5 layout version 2 (root attribute 'kdcache_hdf5_version'); this kdcache reads version 1: upgrade kdcache"),
-    ("1", "holds HDF5 layout version '1'"),
+    ("1", "root attribute 'kdcache_hdf5_version' is '1' (str), not an integer (FORMAT.md §16: 1); the file was not written "
+          "by kdcache export: export the store again"),  # was "upgrade kdcache", which cannot help
+    (1.0, "root attribute 'kdcache_hdf5_version' is 1.0 (float), not an integer"),
     (None, "has no root attribute 'kdcache_hdf5_version' (FORMAT.md §16); pass a file written by kdcache export"),
-], ids=["2", "a-string", "missing"])
+], ids=["2", "a-string", "a-float", "missing"])
 def test_import_refuses_another_hdf5_layout_version(exported, tiny_store, tmp_path, version, match):
     """FORMAT.md §16's layout version was written by export and never read: a file of another layout was imported as this one."""
     h5 = copy_of(exported, tmp_path / "other.h5")
