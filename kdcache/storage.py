@@ -118,8 +118,11 @@ def flag_arg(value: Any, name: str, also: str = "") -> bool:
 
 
 def location_kind(location: str) -> str:
-    """``"local"`` (a folder; also ``file://``), ``"zip"`` (a local ``*.zip`` file, read-only),
+    """``"local"`` (a folder; also ``file://``), ``"zip"`` (a local ``*.zip`` file, read-only; also ``zip::PATH`` and
+    ``zip::file://PATH``, whatever its name),
     ``"http"`` (``http(s)://``, read-only) or ``"url"`` (any other fsspec URL: ``s3://``, ``gs://``, ``memory://``...)."""
+    if _local_zip(location) is not None:  # zip::PATH, zip::file://PATH: the local zip PATH
+        return "zip"
     scheme = location.split("://", 1)[0].lower() if "://" in location else ""
     if scheme in ("http", "https"):
         return "http"
@@ -153,12 +156,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
             raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
         try:
             with zipfile.ZipFile(local_path(location)) as z:
-                packed = next((m for m in z.infolist() if m.compress_type != zipfile.ZIP_STORED), None)
-            if packed is not None:  # FORMAT.md §17; a deflated member of a few MB can hold GBs, all read into memory
-                raise StoreError(f"{location!r}: zip member {short(packed.filename)} is compressed "
-                                 f"({zipfile.compressor_names.get(packed.compress_type, packed.compress_type)}, "
-                                 f"{packed.file_size:,} bytes); a store's zip holds its members stored, as kdcache pack "
-                                 "writes them (the chunks are compressed already): unzip it into a folder and run kdcache pack FOLDER OUT")
+                check_zip_members(location, z.infolist())
             return zarr.storage.ZipStore(local_path(location), mode="r")
         except (OSError, zipfile.BadZipFile) as e:
             raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
@@ -177,7 +175,11 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         # without a trailing "/": zarr lists a store by its path plus "/" (http://host/t.zarr/ listed full URLs as keys: pack
         # wrote a zip of members named http://..., "no zarr.json at its root")
         url = location.rstrip("/") if "::" not in location and location.rstrip("/").partition("://")[2] else location
-        return zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+        opened = zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+        chained = getattr(getattr(opened.fs, "sync_fs", opened.fs), "zip", None)  # zip::https://…: the file's zipfile.ZipFile
+        if isinstance(chained, zipfile.ZipFile):
+            check_zip_members(location, chained.infolist())
+        return opened
     except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
         raise
     except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
@@ -218,7 +220,39 @@ def _backend_package(location: str) -> str:
     return str(spec.get("class", "")).split(".")[0]
 
 
+def check_zip_members(location: str, members: list[zipfile.ZipInfo]) -> None:
+    """Refuse a store's zip (local or behind a URL) with a compressed member (FORMAT.md §17: a deflated member of a few
+    MB can hold GBs, all read into memory) or a member name that appears twice (readers disagree on which is the
+    object: Python's zipfile reads the last, other tools the first, and ``verify`` checks only one)."""
+    packed = next((m for m in members if m.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise StoreError(f"{location!r}: zip member {short(packed.filename)} is compressed "
+                         f"({zipfile.compressor_names.get(packed.compress_type, packed.compress_type)}, "
+                         f"{packed.file_size:,} bytes); a store's zip holds its members stored, as kdcache pack "
+                         "writes them (the chunks are compressed already): unzip it into a folder and run kdcache pack FOLDER OUT")
+    seen: set[str] = set()
+    for m in members:
+        if m.filename in seen:
+            raise StoreError(f"{location!r}: zip member {short(m.filename)} appears more than once (which one is the object "
+                             "is up to the reader); pack the store again from its folder (kdcache pack FOLDER OUT)")
+        seen.add(m.filename)
+
+
+def _local_zip(location: str) -> str | None:
+    """The path of a local zip file named through fsspec's chain, ``zip::PATH`` or ``zip::file://PATH`` (read as
+    the plain ``PATH`` is); None for any other location."""
+    if not location.lower().startswith("zip::"):
+        return None
+    inner = location[len("zip::"):]
+    if inner.lower().startswith("file://"):
+        inner = inner[len("file://"):]
+    return None if "::" in inner or "://" in inner or not inner else inner
+
+
 def local_path(location: str) -> str:
+    zipped = _local_zip(location)
+    if zipped is not None:
+        return zipped
     return location[len("file://"):] if location.lower().startswith("file://") else location
 
 

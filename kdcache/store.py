@@ -789,7 +789,7 @@ class Store:
         """Bytes stored: on disk (a folder or a zip file) or by listing object sizes; None where unlistable (http)."""
         kind = location_kind(self.location)
         if kind == "zip":
-            return os.path.getsize(self.location)
+            return os.path.getsize(local_path(self.location))
         if kind == "local":
             root = Path(self.location)
             return _local_size(root) if root.is_dir() else None
@@ -1391,7 +1391,7 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
     if kind == "zip":
         path = Path(local_path(location))
         if not path.exists():
-            return StoreError(f"no store at {location!r} (no such file); check the path, or write it with kdcache pack STORE {location}")
+            return StoreError(f"no store at {location!r} (no such file); check the path, or write it with kdcache pack STORE {path}")
         try:
             with zipfile.ZipFile(path) as z:
                 names = set(z.namelist())
