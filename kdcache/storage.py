@@ -56,6 +56,18 @@ class _LocalStore(zarr.storage.LocalStore):
         return await super().get_partial_values(prototype, key_ranges)
 
 
+class _ZipStore(zarr.storage.ZipStore):
+    """zarr's zip store, whose read of a member that ends before the size the zip's central directory gives it (a
+    damaged or crafted zip) is a ``BadZipFile`` naming it, as a member failing its CRC-32 is, not zipfile's bare
+    ``EOFError`` (which click's command line took for an aborted prompt: every command said only "Aborted!")."""
+
+    def _get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        try:
+            return super()._get(key, prototype, byte_range)
+        except EOFError:
+            raise zipfile.BadZipFile(f"member {key!r} is cut short (the zip's central directory gives it more bytes)") from None
+
+
 def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = None) -> Path:
     """The file of the object ``key`` of the local store folder ``root``, once it is found to be a regular file inside
     the folder (or absent: read as missing) of at most ``at_most`` bytes (when given). A link to a file elsewhere, a
@@ -157,7 +169,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         try:
             with zipfile.ZipFile(local_path(location)) as z:
                 check_zip_members(location, z.infolist())
-            return zarr.storage.ZipStore(local_path(location), mode="r")
+            return _ZipStore(local_path(location), mode="r")
         except (OSError, zipfile.BadZipFile) as e:
             raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
     if kind == "local":

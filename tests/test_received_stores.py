@@ -191,6 +191,38 @@ def test_a_zip_naming_a_member_twice_is_refused(tiny_store: str, tmp_path: Path)
         assert r.exit_code == 1 and f"zip member '{SHARD}' appears more than once" in r.output, (verb, r.output)
 
 
+def claiming_more(packed: Path, member: str, out: Path) -> Path:
+    """``packed`` with ``member``'s sizes in the central directory set far past the file's end (a damaged or crafted zip)."""
+    import struct
+
+    data = bytearray(packed.read_bytes())
+    with zipfile.ZipFile(packed) as z:
+        pos = z.start_dir
+    while True:
+        n, m, k = struct.unpack("<HHH", data[pos + 28 : pos + 34])
+        if data[pos + 46 : pos + 46 + n].decode() == member:
+            data[pos + 20 : pos + 28] = struct.pack("<II", 0x7FFFFFF0, 0x7FFFFFF0)
+            out.write_bytes(data)
+            return out
+        pos += 46 + n + m + k
+
+
+@pytest.mark.parametrize("verb, member", [(verb, member) for verb in ("info", "verify", "pack") for member in ("zarr.json", "progress/done/c/1")]
+                         + [("verify", SHARD), ("pack", SHARD), ("stats", SHARD)])
+def test_a_zip_member_shorter_than_its_central_directory_says_is_damage_not_aborted(tiny_store, tmp_path, member, verb):
+    """zipfile raises a bare EOFError for a member that ends before its size in the central directory, which click takes
+    for an aborted prompt: info, verify, stats and pack said only "Aborted!" (exit 1). Now a corrupted zip member, named."""
+    packed = tmp_path / "t.zarr.zip"
+    pack(tiny_store, packed)
+    lying = claiming_more(packed, member, tmp_path / "lying.zarr.zip")
+    r = CliRunner().invoke(main, [verb, str(lying)] + ([str(tmp_path / "re.zarr.zip")] if verb == "pack" else []))
+    assert r.exit_code == 1 and "Aborted" not in r.output and "Traceback" not in r.output, r.output
+    said = (f"object '{member}' is a corrupted zip member" if (verb, member) == ("verify", SHARD) else  # its checksums line
+            f"member '{member}' is cut short")
+    assert said in r.output, r.output
+    assert not (tmp_path / "re.zarr.zip").exists()
+
+
 @pytest.fixture
 def exported(tiny_store: str, tmp_path: Path) -> Path:
     out = tmp_path / "t.h5"
