@@ -7,8 +7,12 @@ largest shard whatever the store's size. The HDF5 layout is specified in docs/FO
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
+import secrets
+import sys
 import zipfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -27,8 +31,12 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
          overwrite: bool = False) -> dict[str, Any]:
     """Copy a finished store, object by object, into one uncompressed zip file ``out`` (read back as a store).
 
-    A zip is write-once, so only a complete store whose done shards all have their objects is packed. The
-    file appears only once whole and read back as a store (written beside it as ``*.part.zip`` and renamed).
+    A zip is write-once, so only a complete store whose done shards all have their objects is packed. Only the
+    store's objects are copied (FORMAT.md §17: the zarr metadata of its groups and arrays, the chunk objects of its
+    arrays); any other file found in it (a notebook's checkpoints, notes, an old export) is left out, named in a
+    note on stderr and in the result's ``left_out``. Each object is streamed from a local folder (read whole, at most
+    its array's object bound, from elsewhere). The file appears only once whole and read back as a store (written
+    beside it as ``OUT.TOKEN.part`` and renamed; one a killed pack left is removed by the next pack or export to OUT).
     """
     overwrite = storage.flag_arg(overwrite, "overwrite")
     _local_out(out)
@@ -39,22 +47,189 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
     _check_out(out, overwrite)
     store = _complete(location, storage_options, "pack")
     _check_objects(store, "pack")
-    keys = sorted(set(store.object_keys()) | _layout_keys(store))  # a listing may lack some (an http server without index pages)
-    part = out.with_name(out.name[: -len(".zip")] + ".part.zip")  # a *.zip name: it opens as a zip store
+    keys, strays, bounds = _store_objects(store)
+    part = _part_name(out)
     nbytes = 0
-    with _writing(part, out):
+    with _writing(part, out), _part_file(part, out) as fd, open(fd, "w+b", closefd=False) as f:
         # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
-        with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
             for key in keys:
-                with _reading(store, key):
-                    data = store.raw_object(key)
-                if data is None:
-                    continue  # listed but gone: an absent object reads as fill, as in the source
-                z.writestr(zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0)), data)
-                nbytes += len(data)
-        _check_objects(_complete(str(part), None, "pack"), "pack")  # it opens as a complete store, with every shard object
+                nbytes += _copy_object(store, key, bounds, z)
+        f.flush()
+        _check_objects(_complete(f"zip::{part}", None, "pack"), "pack")  # it opens as a complete store, with every shard object
         os.replace(part, out)
-    return {"out": str(out), "objects": len(keys), "bytes": nbytes, "file_bytes": out.stat().st_size}
+    if strays:
+        named = ", ".join(repr(k) for k in strays[:STRAYS_NAMED]) + (f" and {len(strays) - STRAYS_NAMED} more" if len(strays) > STRAYS_NAMED else "")
+        print(f"note: left out {len(strays)} {'file' if len(strays) == 1 else 'files'} of {store.location!r} that "
+              f"{'is not an object' if len(strays) == 1 else 'are not objects'} of the store (FORMAT.md §17): {named}", file=sys.stderr)
+    return {"out": str(out), "objects": len(keys), "bytes": nbytes, "file_bytes": out.stat().st_size, "left_out": strays}
+
+
+STRAYS_NAMED = 5  # files left out by pack named in its note
+
+
+def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str, int | None]]:
+    """``(objects, strays, bounds)``: the keys of the store's objects (FORMAT.md §17), sorted; the other keys listed at
+    its location (sorted); and for each array path the most bytes one of its chunk objects may hold (None: an array
+    that is not kdcache's, whose objects are copied unbounded, streamed from a local folder).
+
+    An object is the ``zarr.json`` of a node of the zarr hierarchy (the root group, and any group or array whose
+    parent is a group of it: an array a later kdcache adds, FORMAT.md §14, is one), or a chunk object of an array of it
+    (a key its chunk key encoding gives for a chunk of its grid). The objects kdcache's layout names are always copied
+    (a location without a listing: an http server without index pages)."""
+    listed = set(store.object_keys())
+    named = _layout_keys(store)
+    kdcache_arrays = store.paths() + [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])
+    bounds: dict[str, int | None] = {path: layout._object_bound(store.array(path)) for path in kdcache_arrays}
+    nodes: dict[str, dict[str, Any]] = {key[: -len("zarr.json")].rstrip("/"): {"node_type": "group"}  # the store opened: they are
+                                        for key in named if key.endswith("zarr.json")}  # groups, whatever their zarr.json says
+    nodes.update({path: store.array(path).metadata.to_dict() for path in kdcache_arrays})
+    for key in sorted((k for k in listed if k == "zarr.json" or k.endswith("/zarr.json")), key=lambda k: k.count("/")):
+        path = key[: -len("zarr.json")].rstrip("/")
+        if path in nodes or nodes.get(path.rpartition("/")[0], {}).get("node_type") != "group":
+            continue  # kdcache's own, or not under a group of the hierarchy (root's parent: none)
+        meta = _metadata(store, key)
+        if meta is not None:
+            nodes[path] = meta
+            if meta["node_type"] == "array":
+                bounds[path] = None
+    arrays = [path for path, meta in nodes.items() if meta["node_type"] == "array"]
+    objects, strays = set(named), []
+    for key in sorted(listed - named):
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            found = key[: -len("zarr.json")].rstrip("/") in nodes
+        else:
+            owner = next((a for a in arrays if key.startswith(a + "/")), None)
+            found = owner is not None and _is_chunk_key(key[len(owner) + 1:], nodes[owner])
+        if found:
+            objects.add(key)
+        else:
+            strays.append(key)
+    return sorted(objects), strays, bounds
+
+
+def _metadata(store: layout.Store, key: str) -> dict[str, Any] | None:
+    """The zarr v3 metadata of a group or array (``node_type`` ``group``/``array``) in the object ``key``; None for
+    anything else (not JSON, another zarr version, unreadable): not a node of the store."""
+    try:
+        raw = store.raw_object(key, at_most=storage.MAX_METADATA_BYTES)
+        meta = json.loads(raw) if raw is not None else None
+    except (StoreError, ValueError, RecursionError):
+        return None
+    if isinstance(meta, dict) and meta.get("zarr_format") == 3 and meta.get("node_type") in ("group", "array"):
+        return meta
+    return None
+
+
+def _is_chunk_key(suffix: str, meta: dict[str, Any] | None) -> bool:
+    """Whether ``suffix`` (a key less its array's path and ``/``) names a chunk object of the array whose zarr v3
+    metadata is ``meta``: the key its chunk key encoding (``default`` or ``v2``) gives for a chunk of its regular grid.
+    An array on another chunk grid or key encoding (not kdcache's) owns every key under it."""
+    try:
+        shape, encoding = list(meta["shape"]), meta["chunk_key_encoding"]  # type: ignore[index]
+        name = encoding["name"] if isinstance(encoding, dict) else encoding
+        separator = (encoding.get("configuration") or {}).get("separator") if isinstance(encoding, dict) else None
+        separator = separator or ("/" if name == "default" else ".")
+        if meta["chunk_grid"]["name"] != "regular" or name not in ("default", "v2"):  # type: ignore[index]
+            return True
+        chunk = list(meta["chunk_grid"]["configuration"]["chunk_shape"])  # type: ignore[index]
+        parts = suffix.split(separator)
+        if name == "default":
+            if parts[0] != "c":
+                return False
+            parts = parts[1:] if shape else (parts[1:] if len(parts) > 1 else [])
+        elif not shape:
+            return suffix == "0"
+        return (len(parts) == len(shape) == len(chunk) and all(p.isdigit() and p == str(int(p)) for p in parts)
+                and all(int(p) < max(1, -(-n // c)) for p, n, c in zip(parts, shape, chunk)))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError):
+        return False
+
+
+def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z: zipfile.ZipFile) -> int:
+    """Copy the object ``key`` into the zip ``z`` as a stored member; returns its bytes (0: absent, not copied).
+    From a local folder it is streamed (a MiB at a time), from elsewhere read whole; either way an object larger than
+    it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied."""
+    path, sep, _ = key.rpartition("/c/")
+    metadata = key == "zarr.json" or key.endswith("/zarr.json")
+    bound = storage.MAX_METADATA_BYTES if metadata else bounds.get(path) if sep else None
+    member = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
+    member.external_attr = 0o100644 << 16  # a regular file, -rw-r--r-- as unzip extracts it (zipfile wrote -rw-------)
+    if storage.location_kind(store.location) != "local":
+        with _reading(store, key):
+            data = store.raw_object(key, at_most=bound)
+        if data is None:
+            return 0  # listed but gone: an absent object reads as fill, as in the source
+        if bound is not None and len(data) > bound:
+            raise _too_large(store, key, len(data), bound)
+        z.writestr(member, data)
+        return len(data)
+    file = storage.local_object(storage.local_path(store.location), key, bound)  # a link out, a FIFO, a size past its bound: refused
+    with _reading(store, key):  # an error reading is the store's, one writing (a full disk) OUT's
+        try:
+            source = open(file, "rb")  # noqa: SIM115 - closed below
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return 0  # listed but gone: an absent object reads as fill, as in the source
+        member.file_size = os.fstat(source.fileno()).st_size  # zipfile writes ZIP64 extensions from it where needed
+    copied = 0
+    with source, z.open(member, "w") as w:
+        while True:
+            with _reading(store, key):
+                block = source.read(2**20)
+            if not block:
+                return copied
+            copied += len(block)
+            if bound is not None and copied > bound:  # grown since it was checked
+                raise _too_large(store, key, copied, bound)
+            w.write(block)
+
+
+def _too_large(store: layout.Store, key: str, size: int, bound: int) -> StoreError:
+    return StoreError(f"{store.location!r} is damaged: object {short(key)} holds {size:,} bytes or more, more than it can "
+                      f"({bound:,}: FORMAT.md §13), and is not packed; run kdcache verify {store.location}, and copy the store again from its source")
+
+
+def _part_name(out: Path) -> Path:
+    """A temporary file beside ``out`` of its own (``OUT.TOKEN.part``): two packs or exports to one OUT never share one."""
+    return out.with_name(f"{out.name}.{secrets.token_hex(6)}.part")
+
+
+@contextmanager
+def _part_file(part: Path, out: Path) -> Iterator[int]:
+    """Create ``part`` (never an existing file) and hold ``flock`` on it while the block writes it through the fd
+    yielded; first remove the temporary files of ``out`` that writers killed on the way left (``OUT.TOKEN.part``
+    whose flock can be taken: its writer is gone; on a file system without flock none is removed)."""
+    pattern = re.compile(re.escape(out.name) + r"\.[0-9a-f]{12}\.part")
+    with suppress(OSError):
+        for left in sorted(out.parent.iterdir()):
+            if pattern.fullmatch(left.name) and left != part:
+                _remove_if_abandoned(left)
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: only a file system without flock refuses
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _remove_if_abandoned(left: Path) -> None:
+    """Remove ``left``, a temporary file of pack/export, if no writer holds its flock, saying so on stderr."""
+    try:
+        fd = os.open(left, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # being written (or flock unsupported): an OSError, kept
+        if os.path.samestat(os.fstat(fd), os.stat(left, follow_symlinks=False)):
+            size = os.fstat(fd).st_size
+            left.unlink()
+            print(f"note: removed {str(left)!r} ({size:,} bytes), the temporary file of a pack or export that was killed "
+                  "before it finished", file=sys.stderr)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str = "gzip", storage_options: dict[str, Any] | None = None,
@@ -75,9 +250,9 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
         raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
                          f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
     store = _complete(location, storage_options, "export")
-    part = out.with_name(out.name + ".part")
-    with _writing(part, out):
-        with _hdf5_file(part) as (f, check):
+    part = _part_name(out)
+    with _writing(part, out), _part_file(part, out) as fd:
+        with _hdf5_file(fd) as (f, check):
             f.attrs[layout.ATTRS] = json.dumps(store.manifest)
             f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
             progress = [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])  # digests: checked again on import
@@ -344,8 +519,8 @@ class _Sink:
     process), so the first error is kept for ``check`` to raise, and from then on every write is dropped, so that
     HDF5 goes on and closes the file (which is then removed)."""
 
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by _hdf5_file
+    def __init__(self, fd: int) -> None:
+        self.file = open(fd, "w+b", buffering=0, closefd=False)  # noqa: SIM115 - closed by _hdf5_file
         self.error: OSError | None = None
 
     def check(self) -> None:
@@ -391,12 +566,12 @@ class _Sink:
 
 
 @contextmanager
-def _hdf5_file(part: Path) -> Iterator[tuple[Any, Any]]:
-    """``(h5py.File writing part, check)``: ``check()`` raises the error of a write that failed (a full disk: ENOSPC,
-    EFBIG), which HDF5 never sees (_Sink); the file is closed whatever happens, and a failed write raised."""
+def _hdf5_file(fd: int) -> Iterator[tuple[Any, Any]]:
+    """``(h5py.File writing the file open as fd, check)``: ``check()`` raises the error of a write that failed (a full
+    disk: ENOSPC, EFBIG), which HDF5 never sees (_Sink); the file is closed whatever happens, and a failed write raised."""
     import h5py
 
-    sink = _Sink(part)
+    sink = _Sink(fd)
     try:
         with h5py.File(sink, "w") as f:
             yield f, sink.check

@@ -115,3 +115,104 @@ def test_import_refuses_foreign_or_damaged_hdf5(tiny_store, tmp_path):
     with pytest.raises(StoreError) as e:
         import_hdf5(missing, str(tmp_path / "d.zarr"))
     assert str(e.value) == f"cannot read {str(missing)!r} as HDF5 (No such file or directory); check the path"
+
+
+def test_pack_copies_the_stores_objects_only_streamed(tiny_store, tmp_path):
+    """pack copied every file in the store folder (a notebook's checkpoints, notes, an old export) into the zip,
+    each read whole into memory (a 300 MB stray file: a 640 MB peak). Now the zip holds
+    the store's objects (FORMAT.md §17), an array someone added with zarr included (§14), streamed; the rest is
+    left out, named in a note."""
+    import shutil
+    import tracemalloc
+
+    import zarr
+
+    store = tmp_path / "t.zarr"
+    shutil.copytree(tiny_store, store)
+    extra = zarr.open_group(store, mode="r+").create_array("targets/extra", shape=(2**25,), chunks=(2**25,), dtype="uint8",
+                                                            compressors=None)
+    extra[:] = np.random.default_rng(0).integers(0, 256, 2**25, dtype=np.uint8)  # one 32 MiB object
+    (store / ".ipynb_checkpoints").mkdir()
+    (store / ".ipynb_checkpoints" / "a-checkpoint.ipynb").write_text("{}")
+    (store / "NOTES.txt").write_text("mine")
+    (store / "targets" / "logits" / "c" / "9").mkdir()
+    (store / "targets" / "logits" / "c" / "9" / "0").write_bytes(b"a shard past the array's 4")
+    (store / "targets" / "logits" / "c.txt").write_bytes(b"x")
+    (store / "old-export.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    out = tmp_path / "t.zarr.zip"
+    tracemalloc.start()
+    try:
+        r = CliRunner().invoke(main, ["pack", str(store), str(out)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.exit_code == 0, r.output
+    assert peak < 16 * 2**20, peak  # the 32 MiB object streamed, not read whole
+    assert r.stderr == (f"note: left out 5 files of {str(store)!r} that are not objects of the store (FORMAT.md §17): "
+                        "'.ipynb_checkpoints/a-checkpoint.ipynb', 'NOTES.txt', 'old-export.h5', 'targets/logits/c.txt', "
+                        "'targets/logits/c/9/0'\n")
+    with zipfile.ZipFile(out) as z:
+        names = z.namelist()
+        assert {i.external_attr >> 16 for i in z.infolist()} == {0o100644}  # unzip makes -rw-r--r-- files, not -rw-------
+    assert "targets/extra/zarr.json" in names and "targets/extra/c/0" in names
+    assert not any("NOTES" in n or "ipynb" in n or "export" in n or "c/9" in n or n.endswith(".txt") for n in names)
+    assert_same(str(store), str(out))
+    np.testing.assert_array_equal(zarr.open_group(zarr.storage.ZipStore(out, mode="r"), mode="r")["targets/extra"][:], extra[:])
+
+
+def test_two_packs_to_one_out_at_once_do_not_share_a_temp_file(tiny_store, tmp_path, monkeypatch):
+    """Both wrote OUT.part.zip: the second truncated the first's file and renamed it to OUT while the first still
+    wrote into it (OUT corrupted, or the first failed). Each now writes a temp file of its own."""
+    import threading
+
+    out, paused, resume = tmp_path / "t.zarr.zip", threading.Event(), threading.Event()
+    close = zipfile.ZipFile.close
+
+    def slow_close(self):  # the first pack's zip is written but for its central directory: wait for the second
+        if self.mode == "w" and threading.current_thread().name == "first":
+            paused.set()
+            assert resume.wait(60)
+        close(self)
+
+    monkeypatch.setattr(zipfile.ZipFile, "close", slow_close)
+    failed = []
+    first = threading.Thread(target=lambda: _pack_or_keep(tiny_store, out, failed), name="first")
+    first.start()
+    assert paused.wait(60)
+    pack(tiny_store, out)
+    resume.set()
+    first.join()
+    assert not failed, failed
+    assert_same(tiny_store, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.zarr.zip"]
+
+
+def _pack_or_keep(store, out, failed):
+    try:
+        pack(store, out, overwrite=True)
+    except Exception as e:  # noqa: BLE001 - the test reports it
+        failed.append(e)
+
+
+@pytest.mark.parametrize("verb, name", [("pack", "t.zarr.zip"), ("export", "t.h5")])
+def test_a_killed_packs_temp_file_is_removed_by_the_next_pack_but_a_running_ones_kept(tiny_store, tmp_path, verb, name):
+    """A pack or export killed (kill -9, a lost machine) left OUT.part.zip / OUT.part (as large as it had got), which
+    looked like a store and stayed; the next one to OUT removes it, not the file of one still writing."""
+    import fcntl
+    import os
+
+    out = tmp_path / name
+    killed, running = tmp_path / f"{name}.0123456789ab.part", tmp_path / f"{name}.ba9876543210.part"
+    killed.write_bytes(b"PK" * 1000)
+    running.write_bytes(b"PK")
+    fd = os.open(running, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a pack writing it holds it
+    try:
+        r = CliRunner().invoke(main, [verb, tiny_store, str(out)])
+    finally:
+        os.close(fd)
+    assert r.exit_code == 0, r.output
+    assert r.stderr == (f"note: removed {str(killed)!r} (2,000 bytes), the temporary file of a pack or export that was killed "
+                        "before it finished\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, running.name])
+    assert running.read_bytes() == b"PK"
