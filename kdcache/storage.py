@@ -68,6 +68,25 @@ class _ZipStore(zarr.storage.ZipStore):
             raise zipfile.BadZipFile(f"member {key!r} is cut short (the zip's central directory gives it more bytes)") from None
 
 
+class _ZipChainStore(zarr.storage.FsspecStore):
+    """zarr's fsspec store for a zip behind a URL (``zip::https://…``), whose read of a member cut short is a
+    ``BadZipFile`` naming it, as ``_ZipStore``'s is."""
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        try:
+            return await super().get(key, prototype, byte_range)
+        except EOFError:
+            raise zipfile.BadZipFile(f"member {key!r} is cut short (the zip's central directory gives it more bytes)") from None
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
+        key_ranges = list(key_ranges)
+        try:
+            return await super().get_partial_values(prototype, key_ranges)
+        except EOFError:
+            keys = sorted({key for key, _ in key_ranges})
+            raise zipfile.BadZipFile(f"member {short(keys[0])} is cut short (the zip's central directory gives it more bytes)") from None
+
+
 def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = None) -> Path:
     """The file of the object ``key`` of the local store folder ``root``, once it is found to be a regular file inside
     the folder (or absent: read as missing) of at most ``at_most`` bytes (when given). A link to a file elsewhere, a
@@ -187,7 +206,8 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         # without a trailing "/": zarr lists a store by its path plus "/" (http://host/t.zarr/ listed full URLs as keys: pack
         # wrote a zip of members named http://..., "no zarr.json at its root")
         url = location.rstrip("/") if "::" not in location and location.rstrip("/").partition("://")[2] else location
-        opened = zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+        kind_of_store = _ZipChainStore if location.lower().startswith("zip::") else zarr.storage.FsspecStore
+        opened = kind_of_store.from_url(url, storage_options=options, read_only=read_only)
         chained = getattr(getattr(opened.fs, "sync_fs", opened.fs), "zip", None)  # zip::https://…: the file's zipfile.ZipFile
         if isinstance(chained, zipfile.ZipFile):
             check_zip_members(location, chained.infolist())

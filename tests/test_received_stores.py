@@ -227,6 +227,20 @@ def test_a_zip_member_shorter_than_its_central_directory_says_is_damage_not_abor
     assert not (tmp_path / "re.zarr.zip").exists()
 
 
+@pytest.mark.parametrize("verb, member", [("info", "zarr.json"), ("verify", "progress/done/c/1"), ("stats", SHARD)])
+def test_a_zip_behind_a_url_whose_member_is_cut_short_is_damage_not_aborted(tiny_store, tmp_path, verb, member):
+    """The same through a chain (zip::https://…, here memory://): fsspec's zip filesystem raised zipfile's EOFError too."""
+    import fsspec
+
+    packed = tmp_path / "t.zarr.zip"
+    pack(tiny_store, packed)
+    with fsspec.open(f"memory://{tmp_path.name}/lying.zarr.zip", "wb") as f:
+        f.write(claiming_more(packed, member, tmp_path / "lying.zarr.zip").read_bytes())
+    r = CliRunner().invoke(main, [verb, f"zip::memory://{tmp_path.name}/lying.zarr.zip"])
+    assert r.exit_code == 1 and "Aborted" not in r.output and "Traceback" not in r.output, r.output
+    assert f"member '{member}' is cut short" in r.output, r.output
+
+
 @pytest.fixture
 def exported(tiny_store: str, tmp_path: Path) -> Path:
     out = tmp_path / "t.h5"
