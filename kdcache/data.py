@@ -387,21 +387,49 @@ def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
 
 
 def stack(inputs: list[Any], indices: list[int]) -> Any:
-    """``default_collate`` of the items' inputs; items that cannot be batched (shapes differ) are a PipelineError naming two,
-    and so are entries torch cannot batch at all (``None``, an object or big-endian numpy array)."""
+    """``default_collate`` of the items' inputs, as values: a tensor that requires grad (inputs computed by a module outside
+    ``torch.no_grad()``) is detached, as the teacher saw it, so the student's backward does not run into the dataset's graph
+    (freed after the first step) and a DataLoader worker can batch it (its ``torch.stack(out=...)`` refuses autograd). Items
+    that cannot be batched (shapes differ) are a PipelineError naming two, and so are entries torch cannot batch at all
+    (``None``, an object or big-endian numpy array)."""
     try:
-        return default_collate(inputs)
+        try:
+            return _detached(default_collate(inputs))
+        except RuntimeError:
+            if not any(_detached(x) is not x for x in inputs):
+                raise
+            return default_collate([_detached(x) for x in inputs])
     except (RuntimeError, TypeError, ValueError) as e:
         first = describe(inputs[0])
         other = next(((i, describe(x)) for i, x in zip(indices, inputs) if describe(x) != first), None)
         if other is None and isinstance(e, TypeError | ValueError):  # alike, but of a kind default_collate does not take
             raise PipelineError(f"dataset items cannot be batched (index {indices[0]} is {first}): {raised(e)}; make every input "
-                                "a tensor, a number or a numpy array of numbers in native byte order (x.astype(x.dtype.newbyteorder('='))), "
+                                "a tensor, a number or a numpy array of numbers in native byte order (x.astype(x.dtype.newbyteorder('='))) "
+                                "and without negative strides (np.ascontiguousarray(x) of a flipped view such as x[:, ::-1]), "
                                 "and leave None entries out of the item") from None
         if other is None:  # the items look alike: not theirs to fix (shared memory full in a DataLoader worker, say)
             raise
         raise PipelineError(f"dataset items cannot be batched (index {indices[0]} is {first}, index {other[0]} is {other[1]}); "
                             "make every input the same shape and type (pad, crop or resize in the dataset)") from None
+
+
+def _detached(value: Any) -> Any:
+    """``value`` with each tensor that requires grad detached; ``value`` itself where none does (no container is rebuilt)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.requires_grad else value
+    if isinstance(value, Mapping):
+        parts = {k: _detached(v) for k, v in value.items()}
+        return value if all(parts[k] is v for k, v in value.items()) else parts
+    if isinstance(value, tuple | list):
+        items = [_detached(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(*items) if _is_namedtuple(value) else items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and isinstance(getattr(type(value), "_fields", None), tuple)
 
 
 class ShardBatches(Sampler[list[int]]):

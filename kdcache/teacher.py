@@ -72,6 +72,10 @@ def select(output: Any, selector: str, target: str, label: str = "", setting: st
             raise TargetError(f"{label}: {where} is a nested tensor (samples of different lengths, as torch.nn.TransformerEncoder passes "
                               "between its layers when given a src_key_padding_mask in eval mode), which has no per-sample shape to store; "
                               "take a padded tensor instead: the encoder's own output, or its layers' with enable_nested_tensor=False")
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:  # no rows to copy; the probe's comparison raised
+            where = f"element {'.'.join(path)!r} of the output" if path else "the output"
+            raise TargetError(f"{label}: {where} is a {str(value.layout).removeprefix('torch.')} tensor, which kdcache cannot store "
+                              "as rows of values; return x.to_dense() from the model (or from a module to hook)")
         if isinstance(value, torch.Tensor) and not steps:
             return value, ".".join(path) or "tensor"
         step = steps.pop(0) if steps else _auto_step(value, label, setting)
@@ -140,7 +144,8 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
         if not axis:  # the mean of no entries is NaN, stored as if the teacher had produced it
             raise TargetError(f"{label}: 'mean' averages the sample's first axis, which has no entries (per-sample shape "
                               f"{list(per_sample)}); fix {setting}")
-        return value.mean(dim=1) if value.is_floating_point() else value.float().mean(dim=1)
+        # complex values keep their imaginary part (refused where stored); integers and booleans have no mean of their own
+        return value.mean(dim=1) if value.is_floating_point() or value.is_complex() else value.float().mean(dim=1)
     if step == "transpose":
         if len(per_sample) < 2:
             raise TargetError(f"{label}: 'transpose' swaps the sample's first two axes, but the per-sample shape is {list(per_sample)}; "

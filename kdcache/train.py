@@ -425,7 +425,7 @@ def _step_losses(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     if idle:
         run.student.eval(), run.heads.eval()
     try:
-        return run.losses(batch)
+        parts = run.losses(batch)
     except ModelError as e:
         if len(batch["rows"]) != 1 or e.__cause__ is None:
             raise
@@ -435,6 +435,19 @@ def _step_losses(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     finally:
         if idle:
             run.student.train(), run.heads.train()
+    for name, part in parts.items():
+        if not part.requires_grad:  # backward() would raise "element 0 of tensors does not require grad" (a traceback)
+            raise _without_gradient(run, name)
+    return parts
+
+
+def _without_gradient(run: Run, term: str) -> ModelError:
+    """The error for loss term ``term`` through which no gradient reaches the student's parameters (nor a projection head's)."""
+    what = f"the output of student module {run.features[layout.layer_path(term[5:])][0]!r}" if term.startswith("feat:") else "the student's output"
+    return ModelError(f"loss term {term!r} does not depend on the student's parameters: {what} carries no gradient (an integer or "
+                      "boolean tensor, such as an argmax or a one-hot of it, a .detach(), a forward run under torch.no_grad() or "
+                      "torch.inference_mode(), or parameters all frozen with requires_grad=False), so its weight trains nothing; "
+                      "return the logits (or features) the student computes, as floating-point tensors, or set that term's weight to 0")
 
 
 @dataclass

@@ -272,6 +272,13 @@ CASES = [
          ("target 'logits' is int64 (per-sample shape [])", "not integers or booleans", "the logits before an argmax")),
     Case("dry-run-target-complex", lambda c: extract("--dry-run", "--set", "teacher.factory=bad_input.py:spectral", "--layers", ""),
          ("target 'logits' is complex64 (per-sample shape [4])", "would drop the imaginary part", "torch.view_as_real")),
+    # a mean step cast complex values to float32 first: the real part was stored, without a word
+    Case("target-complex-mean", lambda c: extract("--dry-run", "--set", "teacher.factory=bad_input.py:spectral", "--layers", "",
+                                                  "--set", "targets.select={ logits = 'mean' }"),
+         ("target 'logits' is complex64 (per-sample shape [])", "would drop the imaginary part", "torch.view_as_real")),
+    # was a NotImplementedError traceback from the probe's comparison of sample 0 alone (a sparse tensor has no mean)
+    Case("target-sparse", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:sparse_output", "--layers", ""),
+         ("target 'logits': the output is a sparse_coo tensor", "x.to_dense()")),
     Case("float16-overflow", lambda c: ["extract", zoo(c, "teacher.factory=extract_zoo.py:overflow_logits", "targets.layers=[]"), "--out", c.new],
          ("target 'logits' (rows 16..23) has values beyond the float16 range", 'set targets.dtype = "float32"'), writes=True),
     # the dry run's one batch is the run's first: the float16 overflow or NaN the run would stop on there, the dry run names
@@ -307,6 +314,9 @@ CASES = [
           "leave None entries out of the item")),
     Case("items-big-endian-arrays", lambda c: extract("--dry-run", "--set", "data.factory=bad_input.py:big_endian"),
          ("(index 0 is ndarray >f4[1, 8, 8]): ValueError: given numpy array has byte order different", "native byte order")),
+    Case("items-negative-stride-arrays", lambda c: extract("--dry-run", "--set", "data.factory=bad_input.py:flipped"),
+         ("(index 0 is ndarray float32[1, 8, 8]): ValueError: At least one stride in the given numpy array is negative",
+          "np.ascontiguousarray(x)")),
     Case("item-object-array", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:object_array"),
          ("a dataset item holds a numpy array of dtype object (shape [1, 8, 8])", "x.astype(np.float32)")),
     # the probe batch (0..7) decides whether the store holds labels; a later batch that disagrees was a traceback (labels stop)
@@ -460,6 +470,10 @@ CASES = [
     Case("train-no-store", lambda c: ["train", TINY, "--cache", c.tmp / "nothing.zarr", "--out", c.run], ("no store at",)),
     Case("eval-cache-no-store", lambda c: train(c, "--eval-cache", c.tmp / "nothing.zarr"), ("no store at", "nothing.zarr"), store=True),
     # -- the student and the losses
+    # was a RuntimeError traceback from backward(): "element 0 of tensors does not require grad"
+    Case("student-output-without-gradient", lambda c: train(c, "--set", "student.factory=bad_input.py:one_hot_student",
+                                                            "--set", "train.features={}"),
+         ("loss term 'kl' does not depend on the student's parameters", "an integer or boolean tensor", "return the logits"), store=True),
     Case("student-output-shape", lambda c: train(c, "--set", "student.factory=bad_input.py:three_classes"),
          ("kl_divergence: student shape (8, 3) does not match teacher shape (8, 4)", "produce 4 classes"), store=True),
     Case("feature-cannot-be-projected", lambda c: train(c, "--set", "train.features={ 'features.3' = { student = 'fc' } }"),

@@ -139,6 +139,49 @@ def test_rows_belong_to_their_samples(tmp_path, zoo_env, n, batch_size, rows_per
     assert arrays["progress/done"].all() and len(arrays["progress/done"]) == geometry["num_shards"] == -(-n // geometry["rows_per_shard"])
 
 
+@pytest.mark.parametrize("layout, num_workers", [("transposed", 0), ("shared", 2), ("fortran", 0), ("embedded", 0), ("embedded", 2)])
+def test_inputs_in_another_memory_layout_are_the_same_inputs_at_extract_and_train(tmp_path, zoo_env, layout, num_workers):
+    """FORMAT.md §9: a fingerprint is of the input's values, not of its memory: items that are non-contiguous views, views
+    of one buffer at a storage offset, column-major arrays or views of a tensor that requires grad (inputs computed outside
+    torch.no_grad()) make the store their contiguous copies make, byte for byte, and training pairs every row of either
+    store with either dataset. Items requiring grad were a RuntimeError traceback in a DataLoader worker (its
+    torch.stack(out=) refuses autograd)."""
+    zoo_env(N=20)
+    _, plain = extract(tmp_path, "targets.layers=['conv']", name="plain.zarr")
+    zoo_env(N=20, LAYOUT=layout)
+    _, laid = extract(tmp_path, "data.factory=extract_zoo.py:laid_out", "targets.layers=['conv']", f"extract.num_workers={num_workers}",
+                      name="laid.zarr")
+    assert laid.keys() == plain.keys()
+    for path in plain:
+        np.testing.assert_array_equal(laid[path], plain[path], err_msg=path)
+    for store in ("plain.zarr", "laid.zarr"):
+        for dataset in (zoo.images(), zoo.laid_out()):
+            served = kdcache.TransferSet(tmp_path / store, dataset, ["logits"], batch_size=6, seed=0)
+            for batch in served:
+                assert not batch["inputs"].requires_grad
+                np.testing.assert_array_equal(batch["targets"]["targets/logits"][:, 0].numpy(), batch["index"].numpy().astype(np.float16))
+
+
+def test_hooked_outputs_in_unusual_layouts_are_stored_as_their_values(tmp_path, zoo_env):
+    """Layers whose outputs are channels_last, a transposed view, an expanded view (stride 0), float64, or two views of one
+    buffer are stored as the values the teacher produced, row r for sample r."""
+    zoo_env(N=20)
+    layers = ["nhwc", "swapped", "pooled", "wide", "left", "right"]
+    _, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:odd_layouts", f"targets.layers={layers}", "targets.dtype=float32",
+                        "extract.batch_size=6")
+    model, x = zoo.odd_layouts(), zoo.images().x
+    hooked = {}
+    for name in layers:
+        getattr(model, name).register_forward_hook(lambda _m, _i, out, name=name: hooked.__setitem__(name, out.clone()))
+    with torch.no_grad():
+        logits = model(x)
+    np.testing.assert_array_equal(arrays["targets/logits"], logits.numpy())
+    for name in layers:
+        assert_close(arrays[f"targets/layers/{name}"], hooked[name], "float32")
+    np.testing.assert_array_equal(arrays["targets/layers/left"], arrays["targets/layers/nhwc"][:, :2])
+    np.testing.assert_array_equal(arrays["targets/layers/right"], arrays["targets/layers/nhwc"][:, 1:].transpose(0, 1, 3, 2))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_a_model_that_reuses_its_output_buffer_still_stores_each_batch(tmp_path, zoo_env, dtype):
     """The writer keeps each batch's host arrays until the shard is written: they must not be the model's own

@@ -112,6 +112,37 @@ def test_fingerprint_rows_equal_item_fingerprints(batch: torch.Tensor):
     assert data.fingerprint_rows({"x": batch}, range(5)) is None
 
 
+def test_a_fingerprint_is_of_the_values_not_of_their_memory_layout():
+    """FORMAT.md §9: the same values in any layout are one input (a dataset that gives channels_last items at extraction
+    and contiguous ones at training is not refused), also as rows of a batch; other values, dtypes or shapes are not."""
+    rows = torch.randn(2, 3, 1, 5, generator=torch.Generator().manual_seed(0))
+    x = rows.expand(2, 3, 4, 5).clone()  # equal rows along H: an expanded view (stride 0) holds the same values
+    item = x[0].clone()
+    flat = torch.cat([torch.zeros(3), x.reshape(-1)])
+    laid = {
+        "channels_last": x.contiguous(memory_format=torch.channels_last)[0],
+        "transposed": item.transpose(1, 2).contiguous().transpose(1, 2),
+        "slice-of-a-buffer": x[0],
+        "storage-offset": flat[3 : 3 + item.numel()].view(3, 4, 5),
+        "expanded": rows[0].expand(3, 4, 5),
+        "requires-grad": item.clone().requires_grad_() * 1,
+        "numpy": item.numpy().copy(),
+        "numpy-column-major": np.asfortranarray(item.numpy()),
+        "numpy-negative-strides": np.ascontiguousarray(item.numpy()[:, ::-1])[:, ::-1],
+        "numpy-big-endian": item.numpy().astype(">f4"),
+    }
+    expected = data.fingerprint(item)
+    for name, value in laid.items():
+        assert data.fingerprint(value) == expected, name
+        if isinstance(value, torch.Tensor):
+            assert data.fingerprint_rows(torch.stack([value.detach(), value.detach()]), [1]) == [expected], name
+    stride0 = torch.tensor(0.5).expand(3, 4)
+    assert data.fingerprint(stride0) == data.fingerprint(torch.full((3, 4), 0.5))
+    assert data.fingerprint(torch.tensor(0.5)) == data.fingerprint_rows(torch.tensor([0.25, 0.5]), [1])[0]
+    others = [item.double(), item.reshape(5, 4, 3), item.transpose(1, 2), item + 1e-7, item.bool(), item.to(torch.uint8)]
+    assert len({expected, *map(data.fingerprint, others)}) == 1 + len(others)
+
+
 @pytest.mark.parametrize("shape", [(7, 3, 96, 96), (7, 3, 64, 64), (7, 10)], ids=["large-rows-in-threads", "48KB-rows-in-threads", "small-rows-inline"])
 def test_fingerprints_of_large_and_small_tensors_equal_one_by_one(shape):
     """Rows of 16 KB and more are hashed in the thread pool (in uneven groups: 7 rows), rows of 40 B inline;

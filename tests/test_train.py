@@ -110,6 +110,21 @@ def test_changed_dataset_is_an_alignment_error(tiny_store, tmp_path, factory, ma
     assert not (tmp_path / "run" / "student.pt").exists()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_inputs_that_require_grad_train_as_their_values(tiny_store, tmp_path, workers, steps):
+    """Inputs computed outside torch.no_grad() (views of one tensor with a graph behind it) are the store's inputs, and the
+    student learns from their values: the second step's backward ran into the dataset's graph, freed by the first
+    ("Trying to backward through the graph a second time"), and a DataLoader worker could not batch them at all
+    (torch.stack(out=) refuses autograd); both were RuntimeError tracebacks."""
+    p = pipeline(*PLAIN, 'data.factory="numbered.py:tiny_embedded"', f"train.num_workers={workers}", "train.epochs=1")
+    train(p, tiny_store, tmp_path / "run")
+    assert len(steps) == 7  # 50 rows in batches of 8
+    plain = [s["loss"] for s in steps]
+    steps.clear()
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "plain")
+    assert [s["loss"] for s in steps] == plain
+
+
 def test_quarter_fingerprint_check_catches_a_shuffled_dataset(tiny_store, tmp_path):
     p = pipeline(*PLAIN, 'data.factory="numbered.py:tiny_shuffled"', "train.fingerprint_check=0.25")
     with pytest.raises(AlignmentError, match=r"store row \d+ \(dataset index \d+\)"):
