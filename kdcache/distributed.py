@@ -65,7 +65,7 @@ def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, sched
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
-        with locking.writer_lock(out, storage_options):  # held by the driver for the whole job: its workers write, no other job does
+        with locking.writer_lock(out, storage_options, helpers=True):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
             pending = store.resume_pending()  # done shards whose objects are missing too
             check_done_rows(run.dataset, store, pending)
@@ -360,7 +360,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         shared: list[Any] = [None]
         if rank == 0:
             try:
-                lock.enter_context(locking.writer_lock(out, storage_options))  # held by rank 0 for the whole job
+                lock.enter_context(locking.writer_lock(out, storage_options, helpers=world > 1))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
                 shared[0] = (store.resume_pending(), getattr(store.lease, "token", None))
                 check_done_rows(run.dataset, store, shared[0][0])

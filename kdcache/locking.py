@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ except ImportError:  # Windows: stores are not locked there
 
 
 @contextlib.contextmanager
-def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Iterator[None]:
+def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, helpers: bool = False) -> Iterator[None]:
     """Be the only process writing the store at ``location`` while the block runs.
 
     Two writers of one store at once (a forgotten job, a scheduler's retry while the first still runs)
@@ -38,9 +39,11 @@ def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any
     its holder and is removed at the end. An S3 store's lock is an object of that name beside it, made by a
     conditional PUT (``_object_lock``). Zip files and http(s) are read-only; other object stores, and a file
     system that refuses ``flock`` (``NO_FLOCK``), are written unlocked rather than not at all (FORMAT.md §13).
+    ``helpers``: other processes write for this one (its dask workers, its torchrun ranks): its S3 lock is then not
+    taken over at once when this process is found dead (``_holder_ended``), as they may still be writing a shard.
     """
     if storage.location_kind(str(location)) == "url":
-        with _object_lock(str(location), storage_options):
+        with _object_lock(str(location), storage_options, helpers):
             yield
         return
     path = _lock_path(location)
@@ -91,11 +94,23 @@ class LocalBorrowed:
 
     def check(self, location: str) -> None:
         try:
-            seen: str | None = self.path.read_bytes()[:4096].decode(errors="replace").strip()
+            fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            seen = None
+            seen: str | None = None
         except OSError:  # not readable from here: not known
             return
+        else:
+            try:
+                # the lock file outlives a driver killed without a word (kill -9, the OOM killer), its text unchanged;
+                # its flock does not: free, nobody holds the lock. Probed and read through one fd: the same file.
+                seen = None if _holder(fd, fcntl.LOCK_SH, tries=1) is None else os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            except OSError:  # a file system without flock: the text alone says
+                try:
+                    seen = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                except OSError:
+                    return
+            finally:
+                os.close(fd)
         if seen == self.holder:
             return
         now = "has ended (its lock is released)" if seen is None else f"no longer holds its lock ({seen[:200] or 'another kdcache process'} does)"
@@ -215,7 +230,7 @@ _LEASES: dict[tuple[str | None, str, str], Lease] = {}  # the S3 locks this proc
 
 
 @contextlib.contextmanager
-def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers: bool = False) -> Iterator[None]:
     """Hold the lock object ``.NAME.kdcache-lock`` beside the S3 store ``location`` while the block runs.
 
     S3 has no lock, but a PUT with ``If-None-Match: *`` is refused (412) when the object exists, atomically:
@@ -227,14 +242,18 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     taken over (paused, or cut off from the store, for ``LOCK_STALE_S``) fails there, at its next heartbeat, or at
     the end of the block. Not locked: stores on other fsspec backends, a store at a bucket's root (the lock would
     be inside it), and a server that ignores ``If-None-Match`` (some S3-compatible ones): tried once after taking
-    it, as a lock that cannot exclude is no lock.
+    it, as a lock that cannot exclude is no lock. The lock names its holder's process as the kernel knows it
+    (``_identity``): a lock whose holder is certainly dead (``_holder_ended``: it ran on this machine, in this PID
+    namespace, and its process is gone) is taken over at once, unless other processes wrote for it (``helpers``).
     """
     lock = _lock_object(location, storage_options)
     token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
     holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+    process = _identity()
+    process = {**process, "alone": not helpers} if process else {}
     sent = _clock()
     try:
-        etag = _take_object_lock(*lock, location, holder, token) if lock is not None else None
+        etag = _take_object_lock(*lock, location, holder, token, process) if lock is not None else None
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
@@ -248,7 +267,7 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     if etag is None:
         yield
         return
-    lease = Lease(*lock, holder, token, etag, sent)
+    lease = Lease(*lock, holder, token, etag, sent, process=process)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lease, stop), name="kdcache-lock-heartbeat", daemon=True)
     _LEASES[_lease_key(*lock)] = lease
@@ -285,6 +304,7 @@ class Lease:
     lost_to: str | None = None  # who took it over
     failed: float = 0.0  # _clock() when a renewal last failed: the writer threads that find it late do not each try again
     mutex: threading.Lock = field(default_factory=threading.Lock)  # the heartbeat and check renew it
+    process: dict[str, Any] = field(default_factory=dict)  # the holder's process, as its lock body records it (_identity)
 
     def renew(self, unless_within: float = 0.0) -> None:
         """Rewrite the lock object ``If-Match`` our last ETag (``unless_within``: not when renewed within that many
@@ -308,7 +328,7 @@ class Lease:
         for _ in range(3):  # refused for a version of ours (an earlier PUT landed, its answer lost): renew that one
             sent = _clock()
             try:
-                self.etag = _put_lock(self.fs, self.bucket, self.key, _lock_body(self.holder, self.token), IfMatch=self.etag)
+                self.etag = _put_lock(self.fs, self.bucket, self.key, _lock_body(self.holder, self.token, self.process), IfMatch=self.etag)
             except OSError as e:
                 if not _lost_race(e):
                     raise
@@ -384,6 +404,9 @@ class Borrowed:
         seen = _read_lock(self.fs, self.bucket, self.key)
         if not _ours(seen, self.token):
             raise _lost_lock(location, _object_holder(seen) if seen is not None else "another writer")
+        if _holder_ended(seen, lone=False):
+            raise StoreError(f"{location!r}: the job this process writes for ({_object_holder(seen, age=False)}) has ended: its process is "
+                             "gone from this machine (killed); nothing more was written; rerun to resume")
         if seen[2] >= LOCK_STALE_S:
             raise StoreError(f"{location!r}: this job's writer lock was last renewed {seen[2]:.0f} s ago by its holder (the dask driver "
                              f"or torchrun rank 0, paused or gone), and another job may take it over after {LOCK_STALE_S:.0f} s; "
@@ -422,11 +445,13 @@ def _lock_request(fs: Any, method: str, **params: Any) -> Any:
     return sync(fs.loop, asyncio.wait_for, fs._call_s3(method, **params), LOCK_REQUEST_S)
 
 
-def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str) -> str | None:
-    """Create the lock object, or take it over when stale; its ETag (None: this server cannot lock)."""
+def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str,
+                      process: dict[str, Any] | None = None) -> str | None:
+    """Create the lock object, or take it over when stale or its holder is certainly dead (``_holder_ended``); its
+    ETag (None: this server cannot lock)."""
     seen = None
     for _ in range(5):  # each turn lost to a writer that changed the lock meanwhile
-        body = _lock_body(holder, token)
+        body = _lock_body(holder, token, process)
         try:
             etag = _put_lock(fs, bucket, key, body, IfNoneMatch="*")
         except OSError as e:
@@ -450,10 +475,15 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
             continue  # removed meanwhile: create it again
         if _ours(seen, token):
             return seen[1]  # our own PUT, whose answer was lost and the request retried
-        if seen[2] < LOCK_STALE_S:
+        ended = seen[2] < LOCK_STALE_S and _holder_ended(seen, lone=True)
+        if seen[2] < LOCK_STALE_S and not ended:
             raise _being_written(location, _object_holder(seen))
         try:
-            return _put_lock(fs, bucket, key, body, IfMatch=seen[1])  # taken over: refused if anyone rewrote it since we read it
+            etag = _put_lock(fs, bucket, key, body, IfMatch=seen[1])  # taken over: refused if anyone rewrote it since we read it
+            if ended:
+                print(f"note: {location!r}: its writer lock's holder ({_object_holder(seen, age=False)}) has ended: it ran on this machine "
+                      f"and its process is gone (killed); the lock is taken over now, not after {LOCK_STALE_S:.0f} s", file=sys.stderr, flush=True)
+            return etag
         except OSError as e:
             if not _lost_race(e):
                 raise
@@ -480,7 +510,7 @@ def _object_writer(location: str, storage_options: dict[str, Any] | None, *, pro
     filesystem of its own with the short timeouts of ``storage.PROBE_*``."""
     lock = _lock_object(location, storage_options, probe=probe)
     seen = _read_lock(*lock) if lock is not None else None
-    return _object_holder(seen) if seen is not None and seen[2] < LOCK_STALE_S else None
+    return _object_holder(seen) if seen is not None and seen[2] < LOCK_STALE_S and not _holder_ended(seen, lone=True) else None
 
 
 def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe: bool = False) -> tuple[Any, str, str] | None:
@@ -500,8 +530,8 @@ def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe
     return fs, bucket, f"{parent}/.{name}.kdcache-lock".lstrip("/")
 
 
-def _lock_body(holder: str, token: str) -> bytes:
-    return json.dumps({"holder": holder, "heartbeat": _now(), "token": token}).encode()
+def _lock_body(holder: str, token: str, process: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({"holder": holder, "heartbeat": _now(), "token": token, **({"process": process} if process else {})}).encode()
 
 
 def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | None:
@@ -533,12 +563,14 @@ def _ours(seen: tuple[bytes, str, float] | None, token: str) -> bool:
     return seen is not None and token in seen[0].decode(errors="replace")
 
 
-def _object_holder(seen: tuple[bytes, str, float]) -> str:
+def _object_holder(seen: tuple[bytes, str, float], age: bool = True) -> str:
     """What a lock object names as its holder, with its heartbeat's age (a dead holder's is taken over when stale)."""
     try:
         holder = str(json.loads(seen[0])["holder"])[:200]
     except (ValueError, TypeError, KeyError):
         holder = "another kdcache process"
+    if not age:
+        return holder
     return f"{holder}, last heartbeat {max(0, seen[2]):.0f} s ago (taken over after {LOCK_STALE_S:.0f} s without one)"
 
 
@@ -552,3 +584,77 @@ def _lost_race(e: OSError) -> bool:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# A holder killed without a word (kill -9, the OOM killer) cannot delete its S3 lock object; where the next job runs on
+# the same machine, it can know that holder is dead instead of waiting out LOCK_STALE_S. Not by host name and pid alone:
+# containers share the host's name (--net=host) and have PID namespaces of their own, so "pid P is not running here"
+# says nothing of a P in another container, and a pid is reused. The lock records the kernel's boot id, the holder's
+# PID namespace (the device and inode of /proc/self/ns/pid), its pid there and its start time (field 22 of
+# /proc/PID/stat); when boot and namespace are ours and that pid is gone, or is another process (another start time),
+# the holder is certainly dead. Anything else (another machine, another namespace, a lock of an older kdcache without
+# the record, no /proc as on macOS, a /proc of another PID namespace than ours) is not known: LOCK_STALE_S decides.
+
+def _identity() -> dict[str, Any]:
+    """This process as its lock records it (``{}``: not known here)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.stat("/proc/self/ns/pid")
+        start = _start_time(os.getpid()) if _own_proc() else None
+    except (OSError, ValueError, IndexError):
+        return {}
+    if not boot or start is None:
+        return {}
+    return {"pid": os.getpid(), "boot_id": boot, "pid_ns": [ns.st_dev, ns.st_ino], "start": start}
+
+
+def _own_proc() -> bool:
+    """Whether /proc shows this process's own PID namespace (not a parent's: ``unshare --pid`` without a /proc of its
+    own), so that /proc/PID is the process this namespace calls PID: /proc/self/status then lists one pid, ours."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return line.split()[1:] == [str(os.getpid())]
+    except OSError:
+        pass
+    return False  # no NSpid (Linux before 4.1): not known
+
+
+def _start_time(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks after boot (field 22 of /proc/PID/stat)."""
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(data[data.rindex(b")") + 2:].split()[19])  # after the command name, which may hold spaces and parentheses
+
+
+def _holder_ended(seen: tuple[bytes, str, float], *, lone: bool) -> bool:
+    """Whether the process the lock object ``seen`` names as its holder has certainly ended (see above). ``lone``: and
+    no other process wrote for it (its dask workers, its torchrun ranks may be writing a shard still)."""
+    try:
+        record = json.loads(seen[0]).get("process")
+        pid, boot, ns, start = record["pid"], record["boot_id"], record["pid_ns"], record["start"]
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return False  # an older kdcache's lock, or not a kdcache lock
+    if lone and record.get("alone") is not True:
+        return False
+    if type(pid) is not int or pid <= 0 or type(start) is not int or not isinstance(ns, list) or not all(type(n) is int for n in ns):
+        return False
+    mine = _identity()
+    if not mine or mine["boot_id"] != boot or mine["pid_ns"] != ns:
+        return False  # another machine, another boot, another PID namespace: not known
+    if not _running(pid):
+        return True
+    try:
+        return _start_time(pid) != start  # the pid is another process's now
+    except (OSError, ValueError, IndexError):  # hidden (/proc's hidepid), or ended just now
+        return not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists in this PID namespace (a zombie, killed but not yet waited for, counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's
+        return True
+    return True

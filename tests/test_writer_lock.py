@@ -646,3 +646,105 @@ def test_ctrl_c_as_an_s3_lock_is_taken_leaves_no_lock_object(s3, monkeypatch, wh
             pytest.fail("the block never runs")
     assert read_object(fs, lock) is None, "a lock object left behind by an interrupted writer"
     assert not [t for t in threading.enumerate() if t.name == "kdcache-lock-heartbeat"], "its heartbeat outlives it"
+
+
+# ------------------------------------------------------------------ a holder killed without a word (kill -9) on this machine
+
+def hold_lock(location: str, options: dict | None = None, **kwargs) -> subprocess.Popen:
+    """A real process holding ``location``'s writer lock (``writer_lock(location, options, **kwargs)``) until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import json, sys\nfrom kdcache.locking import writer_lock\n"
+                               "with writer_lock(sys.argv[1], json.loads(sys.argv[2]), **json.loads(sys.argv[3])):\n"
+                               "    print('held', flush=True)\n    sys.stdin.readline()",
+                               location, json.dumps(options), json.dumps(kwargs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.kill()  # SIGKILL: no finally block runs, the lock object stays
+    proc.wait(timeout=30)  # and waited for, as a shell or a scheduler does (a zombie counts as running)
+
+
+@pytest.mark.slow
+def test_an_s3_lock_of_an_extract_killed_on_this_machine_is_taken_over_at_once(s3, tmp_path, zoo_env):
+    """``kill -9`` (the OOM killer, a hung job killed) leaves the lock object behind: rerunning the job on the same machine
+    was refused for LOCK_STALE_S (180 s). The lock records its holder's boot, PID namespace, pid and start time; that
+    process gone from this machine, the rerun takes the lock over at once, says so in a note, and resumes."""
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/killed.zarr"
+    lock = f"{S3_BUCKET}/.killed.zarr.kdcache-lock"
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    proc = slow_extract(toml, url, storage_options=s3)
+    try:
+        record = json.loads(read_object(fs, lock))["process"]
+        assert record["pid"] == proc.pid and record["alone"] is True and set(record) == {"pid", "boot_id", "pid_ns", "start", "alone"}
+        assert active_writer(url, s3).startswith(f"kdcache pid {proc.pid} on "), "alive: it is the writer"
+    finally:
+        kill_9(proc)
+    assert read_object(fs, lock) is not None, "left behind"
+    assert active_writer(url, s3) is None, "its holder is gone: nobody writes the store"
+    zoo_env(N=240)
+    started = time.monotonic()
+    result = invoke("extract", toml, "--out", url, *[f"--storage-option={k}={v}" for k, v in s3.items()])
+    assert result.exit_code == 0 and "resumed" in result.output, result.output
+    assert time.monotonic() - started < locking.LOCK_STALE_S
+    assert re.search(rf"^note: '{url}': its writer lock's holder \(kdcache pid {proc.pid} on .*\) has ended: it ran on this machine "
+                     r"and its process is gone \(killed\); the lock is taken over now, not after 180 s$", result.stderr, re.M), result.stderr
+    assert read_object(fs, lock) is None and layout.open_store(url, storage_options=s3).complete
+
+
+def test_a_dead_s3_holder_is_taken_over_at_once_only_when_certainly_dead(s3, capfd):
+    """Only a holder known dead is not waited for: it ran on this boot of this machine, in this PID namespace (containers
+    share the host's name under --net=host, and pids: another namespace's live holder may have any pid), and its pid
+    is gone or another process's (another start time). A lock from another namespace or boot, without the record (an
+    older kdcache), or of a job whose dask workers or torchrun ranks may still be writing (``helpers``) keeps the wait."""
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/dead.zarr"
+    lock = f"{S3_BUCKET}/.dead.zarr.kdcache-lock"
+    holder = hold_lock(url, s3)
+    with pytest.raises(layout.StoreError, match=f"is being written by kdcache pid {holder.pid} on "):
+        with writer_lock(url, s3):  # alive
+            pass
+    kill_9(holder)
+    dead = json.loads(read_object(fs, lock))
+    record = dead["process"]
+    for other in ({"pid_ns": [record["pid_ns"][0], record["pid_ns"][1] + 1]}, {"boot_id": "0" + record["boot_id"][1:]},
+                  {"alone": False}, {"pid_ns": None}, {"start": str(record["start"])}, None):
+        fs.pipe_file(lock, json.dumps({**dead, "process": {**record, **other}} if other else {"holder": dead["holder"]}).encode())
+        with pytest.raises(layout.StoreError, match=f"is being written by kdcache pid {holder.pid} on "):
+            with writer_lock(url, s3):
+                pass
+    fs.pipe_file(lock, json.dumps({**dead, "process": {**record, "pid": os.getpid()}}).encode())  # a pid running now: reused
+    capfd.readouterr()
+    with writer_lock(url, s3):
+        assert json.loads(read_object(fs, lock))["holder"].startswith(f"kdcache pid {os.getpid()} on ")
+    assert f"note: '{url}': its writer lock's holder (kdcache pid {holder.pid} on " in capfd.readouterr().err
+
+    holder = hold_lock(url, s3, helpers=True)  # a --workers driver: its workers may be writing a shard still
+    kill_9(holder)
+    assert json.loads(read_object(fs, lock))["process"]["alone"] is False
+    with pytest.raises(layout.StoreError, match=f"is being written by kdcache pid {holder.pid} on "):
+        with writer_lock(url, s3):
+            pass
+    token = json.loads(read_object(fs, lock))["token"]
+    with pytest.raises(layout.StoreError, match=rf"^'{url}': the job this process writes for \(kdcache pid {holder.pid} on .*\) has ended: "
+                                                r"its process is gone from this machine \(killed\); nothing more was written; rerun to resume$"):
+        locking.borrowed_lease(url, s3, token).check(url)  # its workers stop before their next shard
+    fs.rm_file(lock)
+
+
+def test_a_dask_worker_stops_once_its_driver_was_killed_leaving_its_lock_file(tmp_path):
+    """A driver killed with ``kill -9`` leaves its lock file with its own text (its flock released with it): the job's
+    workers, which read that text before each shard, wrote on until another job took the lock. The lock file's flock,
+    free, says the driver has ended."""
+    out = tmp_path / "s.zarr"
+    holder = hold_lock(str(out))
+    text = lock_file(out).read_text()
+    borrowed = locking.borrowed_lease(str(out), None, text)
+    borrowed.check(str(out))  # the driver lives: go on
+    kill_9(holder)
+    assert lock_file(out).read_text() == text
+    with pytest.raises(layout.StoreError, match=rf"^{re.escape(repr(str(out)))}: the job this dask worker writes for \(kdcache pid {holder.pid} "
+                                                r"on .*\) has ended \(its lock is released\); this worker wrote nothing more there"):
+        borrowed.check(str(out))
+    with writer_lock(out):  # a new job: the worker sees it as another's
+        with pytest.raises(layout.StoreError, match=rf"no longer holds its lock \(kdcache pid {os.getpid()} on "):
+            borrowed.check(str(out))
