@@ -124,12 +124,24 @@ NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system witho
 def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
     """Lock ``path`` (created if missing) and write our name into it; returns its fd (-1: flock unsupported there)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, theirs = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+        except PermissionError:  # another user's lock file (a folder shared by a group): flock needs no write access
+            fd, theirs = os.open(path, os.O_RDONLY), True
         try:
             holder = _holder(fd, fcntl.LOCK_EX, tries=20)  # for a second: `kdcache info` may be looking (active_writer)
             if holder is not None:
                 raise _being_written(location, holder)
             with contextlib.suppress(FileNotFoundError):
+                if theirs and os.path.samestat(os.fstat(fd), os.stat(path)):  # its holder killed (kill -9) left it:
+                    try:
+                        path.unlink()  # replaced by one of ours
+                    except PermissionError:  # a folder with the sticky bit: only its owner may
+                        raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r} was left by a kdcache "
+                                         f"of another user (uid {os.fstat(fd).st_uid}) that has ended, and this folder (sticky) lets "
+                                         "only that user delete it; have it deleted, and rerun") from None
+                    os.close(fd)
+                    continue
                 if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
                     os.ftruncate(fd, 0)
                     holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"

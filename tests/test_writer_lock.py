@@ -135,6 +135,71 @@ def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
     assert not (tmp_path / "new").exists(), "folders made for the lock are removed when left empty"
 
 
+def as_user(uid: int, gid: int, store: Path, *, stay: bool = False) -> tuple[int, str]:
+    """Take ``store``'s writer lock in a forked process of user ``uid`` (group ``gid``, umask 002, as in a folder a team
+    shares): its pid and what it said ("held", or the error). ``stay``: it keeps the lock until killed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.setgroups([gid]), os.setgid(gid), os.setuid(uid), os.umask(0o002)
+            with writer_lock(store):
+                os.write(w, b"held\n")
+                while stay:
+                    time.sleep(1)
+        except BaseException as e:  # noqa: BLE001
+            os.write(w, f"{type(e).__name__}: {e}\n".encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        said = f.readline().strip()
+    if not stay:
+        os.waitpid(pid, 0)
+    return pid, said
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="runs jobs as two other users")
+def test_a_lock_file_left_by_another_users_killed_job_is_taken_over(tmp_path):
+    """A folder a team shares (group-writable, setgid): the lock file is made 0644, so a teammate's job killed with
+    ``kill -9`` left one nobody else could open for writing. Every later job of another member was refused, for ever,
+    with "Permission denied; make the folder writable" (it is), and while the first job ran, refused so instead of
+    naming it. flock needs no write access: such a file is locked read-only, and replaced once free."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # not under pytest's folders, which only root may enter
+    try:
+        base.chmod(0o755)
+        shared = base / "shared"
+        shared.mkdir()
+        os.chown(shared, 0, 54321)
+        shared.chmod(0o2775)
+        store = shared / "s.zarr"
+        first, said = as_user(54322, 54321, store, stay=True)
+        try:
+            assert said == "held" and lock_file(store).stat().st_uid == 54322
+            _, said = as_user(54323, 54321, store)  # a teammate, while it runs: refused, naming it
+            assert said.startswith(f"StoreError: {str(store)!r} is being written by kdcache pid {first} on "), said
+        finally:
+            os.kill(first, signal.SIGKILL)
+            os.waitpid(first, 0)
+        assert lock_file(store).stat().st_uid == 54322, "left behind"
+        assert as_user(54323, 54321, store)[1] == "held"
+        assert not lock_file(store).exists()
+
+        shared.chmod(0o3775)  # sticky (a scratch folder like /tmp): only the file's owner may delete it
+        first, said = as_user(54322, 54321, store, stay=True)
+        os.kill(first, signal.SIGKILL)
+        os.waitpid(first, 0)
+        said = as_user(54323, 54321, store)[1]
+        assert said == (f"StoreError: cannot lock {str(store)!r} for writing: its lock file {str(lock_file(store))!r} was left by a kdcache "
+                        "of another user (uid 54322) that has ended, and this folder (sticky) lets only that user delete it; have it "
+                        "deleted, and rerun"), said
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(layout.StoreError, match=r"cannot lock .*s\.zarr' for writing: its lock file .*file/\.s\.zarr\.kdcache-lock': .*; choose an out whose parent .*file' is a folder and rerun"):
