@@ -414,8 +414,11 @@ class Borrowed:
 
     def check(self, location: str) -> None:
         seen = _read_lock(self.fs, self.bucket, self.key)
+        if seen is None:  # deleted by its holder as it ended (an error, Ctrl-C, SIGTERM): not taken over by anyone
+            raise StoreError(f"{location!r}: the job this process writes for has ended (its writer lock is released); nothing more "
+                             "was written; rerun to resume")
         if not _ours(seen, self.token):
-            raise _lost_lock(location, _object_holder(seen) if seen is not None else "another writer")
+            raise _lost_lock(location, _object_holder(seen))
         if _holder_ended(seen, lone=False):
             raise StoreError(f"{location!r}: the job this process writes for ({_object_holder(seen, age=False)}) has ended: its process is "
                              "gone from this machine (killed); nothing more was written; rerun to resume")

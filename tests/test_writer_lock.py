@@ -795,6 +795,14 @@ def test_a_dead_s3_holder_is_taken_over_at_once_only_when_certainly_dead(s3, cap
         locking.borrowed_lease(url, s3, token).check(url)  # its workers stop before their next shard
     fs.rm_file(lock)
 
+    holder = hold_lock(url, s3, helpers=True)  # a driver that ends as it should (an error, Ctrl-C, SIGTERM) deletes its lock:
+    token = json.loads(read_object(fs, lock))["token"]  # its workers were told that another job took it over and to --overwrite
+    holder.stdin.close()
+    assert holder.wait(timeout=30) == 0 and read_object(fs, lock) is None
+    with pytest.raises(layout.StoreError, match=rf"^'{url}': the job this process writes for has ended \(its writer lock is released\); "
+                                                r"nothing more was written; rerun to resume$"):
+        locking.borrowed_lease(url, s3, token).check(url)
+
 
 def test_a_dask_worker_stops_once_its_driver_was_killed_leaving_its_lock_file(tmp_path):
     """A driver killed with ``kill -9`` leaves its lock file with its own text (its flock released with it): the job's
