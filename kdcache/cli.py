@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,11 +52,15 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise click.ClickException(_message(e)) from None
         except RuntimeError as e:
-            if not _peer_gone(e):
-                raise
             rank = os.environ.get("RANK", "?")
-            raise click.ClickException(f"rank {rank} stopped because another rank ended first (its own error is printed above); "
-                                       "fix what that one says and rerun") from None
+            if _peer_gone(e):
+                raise click.ClickException(f"rank {rank} stopped because another rank ended first (its own error, or how torchrun saw it "
+                                           "end, is printed above); fix what that one says and rerun") from None
+            if _peer_silent(e):
+                raise click.ClickException(f"rank {rank} gave up waiting for the other ranks in a collective ({_gloo_text(e)}): a rank is "
+                                           "hung (a stalled read, a stopped process) or its machine is unreachable; find that one, then "
+                                           "rerun (train: with --resume, from the last checkpoint)") from None
+            raise
 
     return wrapper
 
@@ -104,6 +109,17 @@ def _peer_gone(e: RuntimeError) -> bool:
     text = str(e)
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and any(
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing"))
+
+
+def _peer_silent(e: RuntimeError) -> bool:
+    """Under torchrun: a gloo collective gave up waiting for another rank (``distributed.TIMEOUT``), which neither ended
+    nor answered: gloo's RuntimeError was a traceback."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and re.search(r"Timed out waiting \d+ ?ms for (recv|send) operation", str(e)) is not None
+
+
+def _gloo_text(e: RuntimeError) -> str:
+    """gloo's message without the source location it starts with (``[/path/unbound_buffer.cc:78] Timed out …``)."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0])
 
 
 def _after_interrupt(command: str, options: dict[str, Any], started: float) -> str:

@@ -479,6 +479,33 @@ def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigte
     assert logs[0] == logs[1] and len(logs[0]) == 3
 
 
+def test_a_rank_that_stops_answering_ends_the_others_in_one_line_when_the_collective_times_out(tiny_store, tmp_path):
+    """Rank 1 hangs before its third step (a stalled read, a stopped process, a lost node: it neither ends nor
+    answers), so rank 0 waits in that step's all-reduce until the collectives' timeout (12 h; here 2 s). It ended with
+    gloo's RuntimeError traceback ("Timed out waiting 2000ms for recv operation"); now one line naming what happened.
+    Rank 1, once it wakes, finds rank 0 gone and says so in its own line."""
+    from conftest import TINY_TOML
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    hung = tmp_path / "hung.py"  # kdcache's command with a short timeout, rank 1 asleep before its third step
+    hung.write_text("import datetime, importlib, os, time\n"
+                    "importlib.import_module('kdcache.distributed').TIMEOUT = datetime.timedelta(seconds=2)\n"
+                    "train = importlib.import_module('kdcache.train')\nlosses, steps = train.Run.losses, []\n"
+                    "def slow(self, batch):\n    steps.append(1)\n"
+                    "    if os.environ['RANK'] == '1' and len(steps) == 3:\n        time.sleep(12)\n    return losses(self, batch)\n"
+                    "train.Run.losses = slow\nfrom kdcache.cli import main\nmain()\n")
+    sets = [x for s in ("train.epochs=1", "train.features={}", "train.eval_split=''") for x in ("--set", s)]
+    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "out"), *sets, cwd=tmp_path, script=hung)
+    assert r.returncode != 0
+    ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    assert ours and ours[0] == (
+        "Error: rank 0 gave up waiting for the other ranks in a collective (Timed out waiting 2000ms for recv operation to complete): "
+        "a rank is hung (a stalled read, a stopped process) or its machine is unreachable; find that one, then rerun (train: with "
+        "--resume, from the last checkpoint)"), r.stderr[-3000:]
+    assert str(Path(kdcache.__file__).parent) not in r.stderr and r.stderr.count("Timed out waiting") == 1, r.stderr[-3000:]  # no frame
+
+
 def test_a_one_process_run_resumed_under_torchrun_is_refused(tiny_store, tmp_path):
     """A one-process run stopped inside an epoch, resumed by the same command under torchrun with 2 ranks: each step
     then takes a batch from each rank's stream, and the resumed epoch skipped twice the batches the first run had
