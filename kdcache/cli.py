@@ -59,7 +59,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _peer_silent(e):
                 raise click.ClickException(f"rank {rank} gave up waiting for the other ranks in a collective ({_gloo_text(e)}): a rank is "
                                            "hung (a stalled read, a stopped process) or its machine is unreachable; find that one, then "
-                                           "rerun (train: with --resume, from the last checkpoint)") from None
+                                           "rerun (train: with --resume, from the last checkpoint; a training step waits train.rank_timeout_s for a rank)") from None
             raise
 
     return wrapper

@@ -45,7 +45,14 @@ from kdcache.pipeline import Pipeline
 from kdcache.progress import Progress
 
 ATTEMPTS = 3  # tries per shard on dask (a task that raises, or whose worker keeps dying)
-TIMEOUT = datetime.timedelta(hours=12)  # torch.distributed collectives: ranks wait at most this long for each other
+# torch.distributed: ranks wait at most this long for each other in extract's collectives (its last barrier waits for the
+# slowest rank's shards) and, training, wherever one rank may work while the others wait (joining, start-up, rank 0's
+# checkpoints and final weights: ``barrier``, ``broadcast``, ``gather``); a training step's collectives (``average_gradients``,
+# ``sum_over_ranks``) wait train.rank_timeout_s, so that a hung or lost rank stops the others soon (``join_training``)
+TIMEOUT = datetime.timedelta(hours=12)
+# training under torchrun (``join_training``): the default group they were made with, the gloo group of the collectives
+# that may wait up to TIMEOUT, and the group of a step's collectives (gloo, or nccl on GPUs), which waits train.rank_timeout_s
+_GROUPS: tuple[Any, Any, Any] = (None, None, None)
 REACH = ("every worker and rank must reach --out where the driver or rank 0 created it: a path on a filesystem they share, "
          "or an object store URL (s3://...); fix that, then rerun to resume")  # docs/CLUSTER.md
 
@@ -362,7 +369,8 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
             try:
                 lock.enter_context(locking.writer_lock(out, storage_options, helpers=world > 1))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
-                shared[0] = (store.resume_pending(), getattr(store.lease, "token", None))
+                # the job's lock, which the other ranks check before each shard: its S3 token, or what the local lock file says
+                shared[0] = (store.resume_pending(), getattr(store.lease, "token", None) or locking.local_token(out))
                 check_done_rows(run.dataset, store, shared[0][0])
             except KdcacheError as e:
                 shared[0] = e  # the other ranks stop with the same error instead of waiting
@@ -372,7 +380,9 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         pending: list[int] = shared[0][0]
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
-            store.lease = locking.borrowed_lease(out, storage_options, shared[0][1])  # rank 0's S3 lock: still the job's
+            store.lease = locking.borrowed_lease(out, storage_options, shared[0][1], f"rank {rank}")  # rank 0's lock: still the job's
+            if isinstance(store.lease, locking.LocalBorrowed):  # rank 0 holds it now: a flock this rank cannot see is not checked
+                store.lease.flock = store.lease.sees_flock()
         manifest = run.manifest_for(pipeline)(store.manifest)  # as rank 0 resumed or created it: the store's fingerprint algorithm
         mismatches: list[Any] = [None] * world  # every rank's teacher and dataset must be the store's; all stop if one is not
         dist.all_gather_object(mismatches, _mismatch(store, manifest, f"rank {rank}"))
@@ -419,7 +429,7 @@ def broadcast_parameters(modules: list[torch.nn.Module]) -> None:
 
     for m in modules:
         for t in itertools.chain(m.parameters(), m.buffers()):
-            dist.broadcast(t.data, src=0)
+            dist.broadcast(t.data, src=0, group=_group(steps=True))
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
@@ -434,7 +444,7 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     used = torch.tensor(local, dtype=grads[0].dtype, device=grads[0].device)
     flat = torch.cat([g.reshape(-1) for g in grads] + [used])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=_group(steps=True))
     flat /= world
     # what this rank reached, every rank reached in part: only a rank that left a parameter unreached reads the flags
     # (a wait for the all-reduce on a GPU; the common step, every parameter reached, queues the optimizer's kernels behind it)
@@ -446,11 +456,15 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         offset += n
 
 
-def join_training(streams: int, device: torch.device) -> int:
-    """The number of streams (``cache.TransferSet``) to train with; under torchrun, join its process group first."""
+def join_training(streams: int, device: torch.device, timeout_s: float = TIMEOUT.total_seconds()) -> int:
+    """The number of streams (``cache.TransferSet``) to train with; under torchrun, join its process group first: its
+    collectives (a step's all-reduce) wait ``timeout_s`` for a rank, those of a second, gloo group (``barrier``,
+    ``broadcast``, ``gather``: where one rank may work long while the others wait) ``TIMEOUT``."""
     import atexit
 
     import torch.distributed as dist
+
+    global _GROUPS
 
     _, world, _ = ranks()
     if streams < 1 or (world > 1 and streams not in (1, world)):
@@ -461,9 +475,22 @@ def join_training(streams: int, device: torch.device) -> int:
     if not dist.is_initialized():
         if device.type == "cuda":  # NCCL's object collectives use the current device: every rank's would be cuda:0
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=TIMEOUT)  # joining waits for every rank's start (a large checkpoint read)
+        # nccl: the default group runs no collective, so makes no communicator; the steps' group is the one
+        _GROUPS = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=TIMEOUT),
+                   dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s)))
         atexit.register(dist.destroy_process_group)
     return world
+
+
+def _group(steps: bool = False) -> Any:
+    """``join_training``'s group of a step's collectives (``steps``) or of those that may wait long; None (the default
+    group) where it made none, or the process group was made again since."""
+    import torch.distributed as dist
+
+    world, waits, step = _GROUPS
+    return (step if steps else waits) if world is not None and world is dist.group.WORLD else None
 
 
 def broadcast(value: Any) -> Any:
@@ -473,7 +500,7 @@ def broadcast(value: Any) -> Any:
     if not (dist.is_available() and dist.is_initialized()):
         return value
     shared = [value]
-    dist.broadcast_object_list(shared, src=0)
+    dist.broadcast_object_list(shared, src=0, group=_group())
     return shared[0]
 
 
@@ -484,7 +511,7 @@ def gather(value: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [value]
     values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=_group())
     return values
 
 
@@ -493,7 +520,7 @@ def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_group())
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -502,7 +529,7 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
     if dist.is_initialized():
         values = values.clone()
-        dist.all_reduce(values)
+        dist.all_reduce(values, group=_group(steps=True))
     return values
 
 

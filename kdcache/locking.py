@@ -83,38 +83,60 @@ def local_token(location: str | os.PathLike[str]) -> str | None:
 
 @dataclass
 class LocalBorrowed:
-    """A local store's writer lock as a dask worker writing for the job that holds it sees it. Read before each shard is
-    written: the lock file must still name the job's holder. A worker of a cluster of one's own (``--scheduler``) goes
-    on running its task after the driver stopped (Ctrl-C, SIGTERM, another shard's error) and released the lock; without
-    this it wrote the shard and its done marker into whatever store another job (``--overwrite``, another teacher) had
-    made there since, and that store verified."""
+    """A local store's writer lock as a process writing for the job that holds it sees it (a dask worker, a torchrun rank
+    other than 0: the driver or rank 0 holds it). Read before each shard is written: the lock file must still name the
+    job's holder, and still be locked. A worker of a cluster of one's own (``--scheduler``) goes on running its task
+    after the driver stopped (Ctrl-C, SIGTERM, another shard's error) and released the lock; without this it wrote the
+    shard and its done marker into whatever store another job (``--overwrite``, another teacher) had made there since,
+    and that store verified. ``who``: the process, for the message. ``flock``: whether this process sees the holder's
+    ``flock`` (``sees_flock``); where it does not (a network file system whose flock is each machine's own), the
+    file's text alone says."""
 
     path: Path
     holder: str
+    who: str = "this dask worker"
+    flock: bool = True
 
-    def check(self, location: str) -> None:
+    def _look(self) -> tuple[bool, str | None] | None:
+        """(locked, the file's text: None where there is no file), or None: not known (not readable from here)."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            seen: str | None = None
-        except OSError:  # not readable from here: not known
-            return
-        else:
-            try:
-                # the lock file outlives a driver killed without a word (kill -9, the OOM killer), its text unchanged;
-                # its flock does not: free, nobody holds the lock. Probed and read through one fd: the same file.
-                seen = None if _holder(fd, fcntl.LOCK_SH, tries=1) is None else os.pread(fd, 4096, 0).decode(errors="replace").strip()
-            except OSError:  # a file system without flock: the text alone says
+            return False, None
+        except OSError:
+            return None
+        try:
+            locked = True
+            if self.flock:
                 try:
-                    seen = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                except OSError:
-                    return
-            finally:
-                os.close(fd)
+                    # the lock file outlives a driver killed without a word (kill -9, the OOM killer), its text unchanged;
+                    # its flock does not: free, nobody holds the lock. Probed and read through one fd: the same file.
+                    locked = _holder(fd, fcntl.LOCK_SH, tries=1) is not None
+                except OSError:  # a file system without flock: the text alone says
+                    pass
+            return locked, os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def sees_flock(self) -> bool:
+        """Whether this process sees the lock's ``flock`` held, asked while its holder certainly holds it (a torchrun rank,
+        once rank 0 has told it the job's lock). Not seen: a file system whose flock is not shared between machines
+        (a node-local flock): every later check would call the job ended, so the file's text alone is checked then."""
+        look = self._look()
+        return look is None or look[0] or look[1] != self.holder
+
+    def check(self, location: str) -> None:
+        look = self._look()
+        if look is None:
+            return
+        locked, text = look
+        seen = text if locked else None
         if seen == self.holder:
             return
         now = "has ended (its lock is released)" if seen is None else f"no longer holds its lock ({seen[:200] or 'another kdcache process'} does)"
-        raise StoreError(f"{location!r}: the job this dask worker writes for ({self.holder}) {now}; this worker wrote nothing more "
+        raise StoreError(f"{location!r}: the job {self.who} writes for ({self.holder}) {now}; {self.who} wrote nothing more "
                          "there; run the extract again to resume")
 
 
@@ -428,12 +450,13 @@ class Borrowed:
                              "nothing more was written; rerun to resume")
 
 
-def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token: str | None) -> Borrowed | LocalBorrowed | None:
+def borrowed_lease(location: str, storage_options: dict[str, Any] | None, token: str | None,
+                   who: str = "this dask worker") -> Borrowed | LocalBorrowed | None:
     """``Borrowed`` for the job whose lock holds ``token`` (None: the job holds no S3 lock; see ``_object_lock``); for a
-    local store, ``LocalBorrowed`` (``token``: ``local_token``'s)."""
+    local store, ``LocalBorrowed`` (``token``: ``local_token``'s; ``who``: the process that borrows it, for messages)."""
     if token is not None and storage.location_kind(str(location)) == "local":
         path = _lock_path(location)
-        return LocalBorrowed(path, token) if path is not None else None
+        return LocalBorrowed(path, token, who) if path is not None else None
     lock = _lock_object(location, storage_options) if token is not None else None
     return Borrowed(*lock, token) if lock is not None else None
 

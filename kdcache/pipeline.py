@@ -103,6 +103,9 @@ class TrainSection:
     streams: int = 1
     drop_last: bool = False  # leave out the incomplete last batch of each buffer (BatchNorm cannot train on one sample)
     precision: str = "fp32"  # bf16 / fp16: autocast for the student's forward (fp16 with a dynamic loss scale)
+    # under torchrun: how long a rank waits for the others in a training step's collectives (a hung or lost rank), in
+    # seconds; start-up, checkpoints and the run's end wait up to distributed.TIMEOUT (docs/CLUSTER.md)
+    rank_timeout_s: float = 1800.0
     loss: LossSection = field(default_factory=LossSection)
     # teacher layer -> {"student": module name, "weight": float, "select": part of the module's output} (FEATURE_DEFAULTS)
     features: dict[str, dict[str, Any]] = field(default_factory=dict)

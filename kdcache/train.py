@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -65,15 +66,23 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                     "overwrite=True") if overwrite else  # (TrainingStopped), as the caller does it
              option("run the same command with --resume", "call kdcache.train again with resume=True"))
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
-        resume = (out / CHECKPOINT).is_file()
+        resume = (out / CHECKPOINT).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:
         locking.refuse_if_being_written(out)  # before the store, dataset and student are loaded
         _check_out(out, resume, overwrite)
-    checkpoint = _read_checkpoint(out) if resume else None
+    unread = None  # another rank than 0 that cannot read the checkpoint: said once every rank has joined
+    try:
+        checkpoint = _read_checkpoint(out) if resume else None
+    except StoreError as e:
+        if rank == 0:
+            raise
+        checkpoint, unread = None, e if (out / CHECKPOINT).is_file() else None  # none there: _check_same_out says so
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device))
-    streams = distributed.join_training(t.streams, device)
+    streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
+    if world > 1:
+        _check_same_out(out, checkpoint, unread)
     store = open_for_training(cache_location, allow_partial, storage_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
@@ -93,6 +102,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                   f"pass its check as one; re-extract the store ({option('--overwrite')}) to have every pairing checked")
         order = _order(transfer, t.num_workers, world)
         if world > 1:
+            distributed.barrier()  # every rank has loaded its store and built its student, however long it took
             distributed.broadcast_parameters([run.student, run.heads])
             run.world = world
         _check_batches(transfer, 0, t.batch_size)
@@ -122,6 +132,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                                            values=values),
                          pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
                          before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0)
+            distributed.barrier()  # every rank is ready to train: from here a step's collectives wait train.rank_timeout_s
             _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
             if rank == 0:
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
@@ -362,6 +373,7 @@ class _Loop:
         if self.rank == 0:
             self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed())
             self.replacing = None
+        distributed.barrier()  # the other ranks wait for the save here (up to distributed.TIMEOUT), not in the next step's all-reduce
         self.saved = _position(state)
 
     def midway_due(self, state: dict[str, int], world: int) -> bool:
@@ -895,6 +907,9 @@ def check_values(pipeline: Pipeline) -> None:
                             f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
     if not t.lr > 0:
         raise PipelineError(f"{pipeline.source}: train.lr must be > 0, got {t.lr:g}; use e.g. 1e-3 (adamw) or 0.05 (sgd)")
+    if not t.rank_timeout_s > 0:
+        raise PipelineError(f"{pipeline.source}: train.rank_timeout_s must be > 0, got {t.rank_timeout_s:g}; use e.g. 1800 (the default: "
+                            "a rank waits 30 minutes for a hung or lost one in a training step)")
 
 
 @contextlib.contextmanager
@@ -907,6 +922,37 @@ def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int) -> Iterator[
     with locking.writer_lock(out):
         _check_out(out, resume, overwrite)
         yield
+
+
+def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreError | None) -> None:
+    """Under torchrun, once every rank has joined: refuse a run whose ranks see another OUT than rank 0 (a folder on each
+    machine's own disk, a stale copy: docs/CLUSTER.md wants one every rank sees), with one line naming the first rank
+    that does and what each sees. Each rank decides ``--auto-resume`` and reads the checkpoint for itself: rank 0 would
+    resume while another started from step 0, or the ranks load different checkpoints, and train different students
+    under one name until their steps no longer match. Compared: the checkpoint each loaded (its epoch, batch, step and
+    training time), else whether each sees one, and a finished run's ``student.pt``."""
+    if checkpoint is not None:
+        view: tuple[Any, ...] = ("loaded", int(checkpoint["epoch"]), int(checkpoint.get("batch", 0)), int(checkpoint["step"]),
+                                 checkpoint.get("seconds"))
+    elif unread is not None:
+        view = ("unread", getattr(unread, "detail", str(unread)[:160]))
+    else:
+        view = ("files", (out / CHECKPOINT).is_file(), (out / "student.pt").is_file())
+    views = distributed.gather((view, socket.gethostname()))
+    other = next((r for r, (v, _) in enumerate(views) if v != views[0][0]), None)
+    if other is None:
+        return
+
+    def sees(v: tuple[Any, ...]) -> str:
+        if v[0] == "loaded":
+            return f"{CHECKPOINT} saved {_position({'epoch': v[1], 'batch': v[2]})} (step {v[3]})"
+        if v[0] == "unread":
+            return f"a {CHECKPOINT} it cannot read ({v[1]})"
+        return f"{CHECKPOINT}" if v[1] else f"no {CHECKPOINT}" + (" but student.pt" if v[2] else "")
+
+    raise StoreError(f"rank {other} (on {views[other][1]}) sees another {option('--out')} than rank 0 (on {views[0][1]}): "
+                     f"{sees(views[other][0])} in {str(out)!r}, where rank 0 sees {sees(views[0][0])}; every rank must see the same "
+                     f"{option('--out')}, a folder on a filesystem they share (docs/CLUSTER.md): fix that, then rerun (nothing was changed)")
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -1007,7 +1053,7 @@ def _store_identity(store: layout.Store) -> dict[str, Any]:
 # schedule then follows the new length). Any other value of student.* and train.* would make it another run
 # than the one its checkpoint continues.
 RESUMABLE = {"device", "num_workers", "threads", "memory_budget_mb", "eval_split", "eval_cache", "eval_every", "checkpoint_every",
-             "fingerprint_check", "fingerprint_recheck", "epochs", "steps"}
+             "fingerprint_check", "fingerprint_recheck", "epochs", "steps", "rank_timeout_s"}
 
 
 def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict[str, Any]) -> None:
@@ -1084,8 +1130,10 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
         detail = " ".join(str(e).split())[:160] or "empty or truncated"
-        raise StoreError(f"{option('--resume')}: {path!r} cannot be read ({type(e).__name__}: {detail}); "
-                         f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh") from None
+        error = StoreError(f"{option('--resume')}: {path!r} cannot be read ({type(e).__name__}: {detail}); "
+                           f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
+        error.detail = f"{type(e).__name__}: {detail}"
+        raise error from None
 
 
 def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> tuple[dict[str, int], dict[str, Any] | None]:

@@ -481,29 +481,32 @@ def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigte
 
 def test_a_rank_that_stops_answering_ends_the_others_in_one_line_when_the_collective_times_out(tiny_store, tmp_path):
     """Rank 1 hangs before its third step (a stalled read, a stopped process, a lost node: it neither ends nor
-    answers), so rank 0 waits in that step's all-reduce until the collectives' timeout (12 h; here 2 s). It ended with
-    gloo's RuntimeError traceback ("Timed out waiting 2000ms for recv operation"); now one line naming what happened.
-    Rank 1, once it wakes, finds rank 0 gone and says so in its own line."""
+    answers), so rank 0 waits in that step's all-reduce until train.rank_timeout_s (30 min; here 2 s: every collective
+    waited 12 h before). It ended with gloo's RuntimeError traceback ("Timed out waiting 2000ms for recv operation"); now
+    one line naming what happened. Rank 1, once it wakes, finds rank 0 gone and says so in its own line. Where one rank
+    legitimately works while the others wait (rank 0 saving a checkpoint: here 4 s, at epoch 0's end), they wait
+    longer (distributed.TIMEOUT, 12 h), and the run goes on."""
     from conftest import TINY_TOML
 
-    toml = tmp_path / "tiny.toml"
+    toml = tmp_path / "tiny.toml"  # 50 rows, 2 ranks of batch 8: 4 steps an epoch
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
-    hung = tmp_path / "hung.py"  # kdcache's command with a short timeout, rank 1 asleep before its third step
-    hung.write_text("import datetime, importlib, os, time\n"
-                    "importlib.import_module('kdcache.distributed').TIMEOUT = datetime.timedelta(seconds=2)\n"
-                    "train = importlib.import_module('kdcache.train')\nlosses, steps = train.Run.losses, []\n"
+    hung = tmp_path / "hung.py"  # kdcache's command, rank 0's first checkpoint slow, rank 1 asleep before its seventh step
+    hung.write_text("import importlib, os, time\n"
+                    "train = importlib.import_module('kdcache.train')\nlosses, steps, save = train.Run.losses, [], train._save_epoch\n"
                     "def slow(self, batch):\n    steps.append(1)\n"
-                    "    if os.environ['RANK'] == '1' and len(steps) == 3:\n        time.sleep(12)\n    return losses(self, batch)\n"
-                    "train.Run.losses = slow\nfrom kdcache.cli import main\nmain()\n")
-    sets = [x for s in ("train.epochs=1", "train.features={}", "train.eval_split=''") for x in ("--set", s)]
+                    "    if os.environ['RANK'] == '1' and len(steps) == 7:\n        time.sleep(12)\n    return losses(self, batch)\n"
+                    "def slow_save(*args, **kwargs):\n    time.sleep(4)\n    return save(*args, **kwargs)\n"
+                    "train.Run.losses, train._save_epoch = slow, slow_save\nfrom kdcache.cli import main\nmain()\n")
+    sets = [x for s in ("train.epochs=2", "train.features={}", "train.eval_split=''", "train.rank_timeout_s=2") for x in ("--set", s)]
     r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "out"), *sets, cwd=tmp_path, script=hung)
     assert r.returncode != 0
     ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
     assert ours and ours[0] == (
         "Error: rank 0 gave up waiting for the other ranks in a collective (Timed out waiting 2000ms for recv operation to complete): "
         "a rank is hung (a stalled read, a stopped process) or its machine is unreachable; find that one, then rerun (train: with "
-        "--resume, from the last checkpoint)"), r.stderr[-3000:]
+        "--resume, from the last checkpoint; a training step waits train.rank_timeout_s for a rank)"), r.stderr[-3000:]
     assert str(Path(kdcache.__file__).parent) not in r.stderr and r.stderr.count("Timed out waiting") == 1, r.stderr[-3000:]  # no frame
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 0's slow save waited for
 
 
 def test_a_one_process_run_resumed_under_torchrun_is_refused(tiny_store, tmp_path):
@@ -529,6 +532,43 @@ def test_a_one_process_run_resumed_under_torchrun_is_refused(tiny_store, tmp_pat
         "batches than the uninterrupted run's; resume in one process with train.streams = 1, or start afresh with --overwrite"}, r.stderr[-3000:]
     after = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert after["step"] == before["step"] and not (cut / "student.pt").exists()
+
+
+def test_ranks_that_see_another_out_than_rank_0_are_refused_in_one_line(tiny_store, tmp_path):
+    """--out must be one folder every rank sees (docs/CLUSTER.md). Where rank 1 sees another (its machine's own disk, a
+    stale copy: here it is handed another path), each rank decided --auto-resume and read checkpoint.pt for itself: rank 0
+    resumed while rank 1 started from step 0, or (--resume) each loaded another checkpoint, and they trained on, with
+    different weights and optimizer states, until their steps no longer matched (then hung in a collective). Now the
+    ranks compare what they see once they have joined, and all stop before anything is written, naming the rank, the
+    paths and what each sees; --overwrite too."""
+    from conftest import TINY_TOML
+
+    toml = tmp_path / "tiny.toml"  # 50 rows, 2 streams of batch 8: 4 steps an epoch
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    sets = [x for s in ("train.features={}", "train.eval_split=''", "train.streams=2") for x in ("--set", s)]
+    run, copy, elsewhere = tmp_path / "run", tmp_path / "copy", tmp_path / "elsewhere"
+    for epochs, more in ((1, []), (2, ["--resume"])):  # one process of 2 streams, as 2 ranks: a copy is left one epoch behind
+        one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(run), *sets, "--epochs", str(epochs), *more])
+        assert one.exit_code == 0, one.output
+        if epochs == 1:
+            shutil.copytree(run, copy)
+    elsewhere.mkdir()
+    script = tmp_path / "rank1.py"  # rank 1 is handed another --out
+    script.write_text("import os, sys\nif os.environ['RANK'] == '1':\n    sys.argv[sys.argv.index('--out') + 1] = os.environ['RANK1_OUT']\n"
+                      "from kdcache.cli import main\nmain()\n")
+    before = (run / "checkpoint.pt").read_bytes()
+    host = socket.gethostname()
+    for flag, theirs, sees in (("--auto-resume", elsewhere, "no checkpoint.pt"), ("--resume", copy, "checkpoint.pt saved after epoch 0 (step 4)"),
+                               ("--overwrite", elsewhere, "no checkpoint.pt")):
+        r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(run), *sets, "--epochs", "3", flag, cwd=tmp_path,
+                      script=script, env={"RANK1_OUT": str(theirs)})
+        ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+        mine = "checkpoint.pt saved after epoch 1 (step 8)" if flag != "--overwrite" else "checkpoint.pt"
+        line = (f"Error: rank 1 (on {host}) sees another --out than rank 0 (on {host}): {sees} in {str(run)!r}, where rank 0 sees {mine}; "
+                "every rank must see the same --out, a folder on a filesystem they share (docs/CLUSTER.md): fix that, then rerun (nothing was changed)")
+        assert r.returncode != 0 and line in ours and len(ours) == 2, (flag, r.stderr[-3000:])  # each rank's (rank 1's names its path)
+        assert str(Path(kdcache.__file__).parent) not in r.stderr, r.stderr[-3000:]
+        assert (run / "checkpoint.pt").read_bytes() == before and not list(elsewhere.iterdir()), flag
 
 
 def test_torchrun_rank_whose_stream_ran_out_trains_a_batchnorm_student(tmp_path):
@@ -732,6 +772,43 @@ def test_torchrun_ranks_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp
     assert f"Error: {url!r} lost its writer lock while being written: kdcache pid 4242 on elsewhere since " in stderr, stderr[-3000:]
     assert taken_at <= rank_1s() <= taken_at + WRITE_THREADS < 15, (taken_at, rank_1s())
     assert json.loads(fs.cat_file(f"{BUCKET}/.torchrun-taken.zarr.kdcache-lock"))["token"] == "theirs"  # the job left the taker's lock
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["anothers", "gone"])
+def test_torchrun_ranks_write_no_shard_once_the_jobs_local_lock_is_gone_or_anothers(tmp_path, taken):
+    """torchrun to a local (or shared) folder: rank 0 holds the job's lock file and tells the other ranks what it wrote
+    there; they read it before each shard they write, as dask workers do. They were handed rank 0's S3 token alone (None
+    here) and never looked: a rank on another machine whose rank 0 was killed (kill -9 leaves the file, its flock
+    released) wrote on until the final barrier, into whatever store another job had made there meanwhile. Rank 1 finds
+    another job's name there (rank 0 still holding its flock), or the file gone, writes none of its shards more than the
+    one past that check, and the job stops with one line."""
+    from reference import slow_extract
+
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")  # 30 shards; rank 1's: the odd ones
+    out = tmp_path / "local-taken.zarr"
+    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                "-m", "kdcache.cli"]
+
+    def rank_1s() -> int:
+        return int(open_store(out).done()[1::2].sum())
+
+    proc = slow_extract(toml, out, sleep=0.05, command=torchrun)  # ~0.4 s a shard
+    try:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        lock = tmp_path / ".local-taken.zarr.kdcache-lock"
+        if taken:  # rewritten in place: rank 0's flock on it stays
+            lock.write_text("kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00")
+        else:
+            lock.unlink()
+        taken_at = rank_1s()
+        stderr = proc.communicate(timeout=120)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, stderr[-3000:]
+    now = "no longer holds its lock (kdcache pid 4242 on elsewhere since " if taken else "has ended (its lock is released); "
+    assert f"Error: {str(out)!r}: the job rank 1 writes for (kdcache pid " in stderr and now in stderr, stderr[-3000:]
+    assert taken_at <= rank_1s() <= taken_at + 1 < 15, (taken_at, rank_1s())
 
 
 def _extract_in_a_thread(pipeline, url: str, options: dict) -> tuple[threading.Thread, list[BaseException]]:

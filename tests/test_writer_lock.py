@@ -816,8 +816,32 @@ def test_a_dask_worker_stops_once_its_driver_was_killed_leaving_its_lock_file(tm
     kill_9(holder)
     assert lock_file(out).read_text() == text
     with pytest.raises(layout.StoreError, match=rf"^{re.escape(repr(str(out)))}: the job this dask worker writes for \(kdcache pid {holder.pid} "
-                                                r"on .*\) has ended \(its lock is released\); this worker wrote nothing more there"):
+                                                r"on .*\) has ended \(its lock is released\); this dask worker wrote nothing more there"):
         borrowed.check(str(out))
     with writer_lock(out):  # a new job: the worker sees it as another's
         with pytest.raises(layout.StoreError, match=rf"no longer holds its lock \(kdcache pid {os.getpid()} on "):
             borrowed.check(str(out))
+
+
+def test_a_rank_that_cannot_see_its_jobs_flock_checks_the_lock_files_text_alone(tmp_path):
+    """A torchrun rank other than 0 asks, while rank 0 certainly holds the lock, whether it sees its flock. On a network
+    file system whose flock is each machine's own (a node-local flock), a rank on another machine would not: every check
+    would call the job ended and stop it at its first shard. It then checks the file's text alone (gone, or another
+    job's name), as on a file system without flock."""
+    out = tmp_path / "s.zarr"
+    holder = hold_lock(str(out))
+    text = lock_file(out).read_text()
+    try:
+        assert locking.LocalBorrowed(lock_file(out), text, "rank 1").sees_flock()  # held where this process sees it
+    finally:
+        kill_9(holder)
+    unseen = locking.LocalBorrowed(lock_file(out), text, "rank 1")  # the text, with no flock seen: as on a node-local flock
+    assert not unseen.sees_flock()
+    unseen.flock = False
+    unseen.check(str(out))  # the job's name still there: go on
+    lock_file(out).write_text("kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00")
+    with pytest.raises(layout.StoreError, match=r"the job rank 1 writes for \(kdcache pid .*\) no longer holds its lock \(kdcache pid 4242 "):
+        unseen.check(str(out))
+    lock_file(out).unlink()
+    with pytest.raises(layout.StoreError, match=r"has ended \(its lock is released\); rank 1 wrote nothing more there"):
+        unseen.check(str(out))
