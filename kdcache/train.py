@@ -66,7 +66,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                     "overwrite=True") if overwrite else  # (TrainingStopped), as the caller does it
              option("run the same command with --resume", "call kdcache.train again with resume=True"))
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
-        resume = (out / CHECKPOINT).is_file()  # by each rank: they must agree (_check_same_out)
+        resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:
         locking.refuse_if_being_written(out)  # before the store, dataset and student are loaded
@@ -116,6 +116,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         state = {"epoch": 0, "step": 0, "batch": 0}  # the next step's epoch, and the epoch's batches trained
         partial = None  # resumed inside an epoch: its loss sums so far
         with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
+            if checkpoint is not None and rank == 0 and checkpoint.get(_FILE) == NEXT_CHECKPOINT:
+                _finish_replacing(out, checkpoint)  # before the run's metrics.jsonl is read: the earlier run's may be there
             if checkpoint is not None:
                 state, partial = _restore(checkpoint, out, run, optimizer, schedule)
                 if rank == 0:
@@ -962,10 +964,10 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if (out / "zarr.json").exists():  # a store (--cache itself, say): its files would be mixed with the run's
         raise StoreError(f"{option('--out')} {str(out)!r} is a zarr store, not a training run's folder; choose another {option('--out')}")
     if resume:
-        if not (out / CHECKPOINT).is_file():
+        if not _checkpoint_file(out).is_file():
             raise StoreError(f"{option('--resume')}: no {CHECKPOINT} in {str(out)!r}; run without {option('--resume')} to start training")
         return
-    if (out / CHECKPOINT).exists() or (out / "student.pt").exists():
+    if any((out / name).exists() for name in (CHECKPOINT, NEXT_CHECKPOINT, "student.pt")):
         if not overwrite:
             raise StoreError(f"{str(out)!r} already holds a training run; pass {option('--resume')} to continue it or "
                              f"{option('--overwrite')} to start afresh")
@@ -973,6 +975,16 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 RUN_FILES = (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl")
 NEXT_CHECKPOINT = "checkpoint.pt.next"  # an --overwrite run's first checkpoint, before the earlier run's files go
+_FILE = "_file"  # set by _read_checkpoint: the file a checkpoint was read from (CHECKPOINT, or NEXT_CHECKPOINT)
+
+
+def _checkpoint_file(out: Path) -> Path:
+    """The checkpoint a --resume continues: ``checkpoint.pt``, or where there is none but ``checkpoint.pt.next`` (an
+    ``--overwrite`` run stopped while it replaced the earlier run's files: ``_save_epoch``), that one, the run's newest
+    state. Beside a ``checkpoint.pt``, a ``.next`` is not used: the earlier run's files were still whole."""
+    if not (out / CHECKPOINT).is_file() and (out / NEXT_CHECKPOINT).is_file():
+        return out / NEXT_CHECKPOINT
+    return out / CHECKPOINT
 
 
 def _prepare_out(out: Path, pipeline: Pipeline, resume: bool, values: dict[str, Any] | None = None) -> bool:
@@ -987,7 +999,7 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool, values: dict[str, 
             if not (out / "pipeline.json").is_file():
                 _atomic_write_text(out / "pipeline.json", json.dumps(values if values is not None else pipeline.to_dict(), indent=2) + "\n")
             return False
-        if any((out / name).exists() for name in RUN_FILES):
+        if any((out / name).exists() for name in (*RUN_FILES, NEXT_CHECKPOINT)):  # a .next: replaced by this run's first save
             os.close(os.open(out / ".kdcache-write-test", os.O_CREAT | os.O_WRONLY, 0o600))  # writable: known now, not after an epoch
             (out / ".kdcache-write-test").unlink()
             return True
@@ -1010,35 +1022,62 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's
-    pipeline.json and metrics written, and the checkpoint renamed into place: the earlier run is lost only
-    for the few renames it takes to put this one in its place, not for the time a large checkpoint takes.
+    pipeline.json and metrics written, and the checkpoint renamed into place (``_replace_run``): the earlier run is
+    lost only for the few renames it takes to put this one in its place, not for the time a large checkpoint takes.
+    The ``.next`` checkpoint holds what those steps write (``pipeline``, ``first_metrics``): a run stopped among them
+    is resumed from it, and its --resume takes the same steps again first (``_finish_replacing``).
     """
     ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
-    if replacing is not None:
-        _save(ckpt, out / NEXT_CHECKPOINT)
     # the lines of the epochs before this one (a crash between a line and its checkpoint leaves one more) and its own;
     # inside an epoch there is none to add, and only an --overwrite run's first save rewrites the file (to drop the earlier run's)
     if metrics is not None:
         lines = [*([] if replacing else [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]]), metrics]
     else:
         lines = [] if replacing else None
+    if replacing is not None:
+        _save({**ckpt, "pipeline": replacing.to_dict(), "first_metrics": lines}, out / NEXT_CHECKPOINT)
+        _replace_run(out, replacing.to_dict(), lines or [])
+        return
     try:
-        if replacing is not None:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            write_pipeline(out, replacing)
         if lines is not None:
             _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
-        if replacing is not None:
-            os.replace(out / NEXT_CHECKPOINT, out / CHECKPOINT)
     except OSError as e:
         raise _write_error(out, e) from None
-    if replacing is None:
-        _save(ckpt, out / CHECKPOINT)
+    _save(ckpt, out / CHECKPOINT)
+
+
+def _replace_run(out: Path, values: dict[str, Any] | None, lines: list[dict[str, Any]]) -> None:
+    """Put an ``--overwrite`` run whose first checkpoint is saved whole as ``checkpoint.pt.next`` in the earlier run's
+    place: its files go, this run's pipeline.json (``values``) and metrics.jsonl (``lines``) are written, and the
+    checkpoint is renamed into place, last. Each step may be taken again: a run stopped among them (killed, a full
+    disk) is resumed from the ``.next`` checkpoint, which holds both, after the steps are taken again."""
+    try:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        if values is None:  # not recorded (a checkpoint of an earlier kdcache): written again by _prepare_out
+            (out / "pipeline.json").unlink(missing_ok=True)
+        else:
+            _atomic_write_text(out / "pipeline.json", json.dumps(values, indent=2) + "\n")
+        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
+        os.replace(out / NEXT_CHECKPOINT, out / CHECKPOINT)
+    except OSError as e:
+        raise _write_error(out, e) from None
+
+
+def _finish_replacing(out: Path, checkpoint: dict[str, Any]) -> None:
+    """A --resume of an ``--overwrite`` run stopped while it replaced the earlier run's files (its checkpoint read from
+    ``checkpoint.pt.next``): the rest of ``_replace_run``, under OUT's lock, before anything reads pipeline.json or
+    metrics.jsonl (the earlier run's may still be there). A ``.next`` of an earlier kdcache records no metrics: none are kept."""
+    if (out / CHECKPOINT).exists() or not (out / NEXT_CHECKPOINT).is_file():
+        raise StoreError(f"{str(out)!r} changed while this run started (another run wrote it); run the same command again")
+    values = checkpoint.get("pipeline")
+    lines = checkpoint.get("first_metrics")
+    _replace_run(out, values if isinstance(values, dict) else None,
+                 [m for m in lines if isinstance(m, dict)] if isinstance(lines, list) else [])
 
 
 def _store_identity(store: layout.Store) -> dict[str, Any]:
@@ -1091,16 +1130,20 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
 
 def _recorded(out: Path, checkpoint: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     """The values the run began with, and where they were read: its pipeline.json or, where that is lost or damaged, the
-    copy its checkpoint holds (none in a checkpoint of an earlier kdcache: then None)."""
-    path = out / "pipeline.json"
+    copy its checkpoint holds (none in a checkpoint of an earlier kdcache: then None). A checkpoint read from
+    ``checkpoint.pt.next`` (an --overwrite run stopped while it replaced the earlier run) has its own copy read first:
+    pipeline.json may still be the earlier run's."""
+    path, values = out / "pipeline.json", checkpoint.get("pipeline")
+    source = str(out / checkpoint.get(_FILE, CHECKPOINT))
+    if checkpoint.get(_FILE) == NEXT_CHECKPOINT and isinstance(values, dict):
+        return values, source
     try:
-        values = json.loads(path.read_text())
-        if isinstance(values, dict):
-            return values, str(path)
+        recorded = json.loads(path.read_text())
+        if isinstance(recorded, dict):
+            return recorded, str(path)
     except (OSError, ValueError):
         pass
-    values = checkpoint.get("pipeline")
-    return (values, str(out / CHECKPOINT)) if isinstance(values, dict) else (None, "")
+    return (values, source) if isinstance(values, dict) else (None, "")
 
 
 def _feature_defaults(values: Any, section: str) -> Any:
@@ -1125,9 +1168,14 @@ def _flat(d: Any, prefix: str) -> dict[str, Any]:
 
 
 def _read_checkpoint(out: Path) -> dict[str, Any]:
-    path = str(out / CHECKPOINT)
+    """The checkpoint a --resume continues (``_checkpoint_file``), with the name of its file under ``_FILE``."""
+    file = _checkpoint_file(out)
+    path = str(file)
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        if isinstance(checkpoint, dict):
+            checkpoint[_FILE] = file.name
+        return checkpoint
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
         detail = " ".join(str(e).split())[:160] or "empty or truncated"
         error = StoreError(f"{option('--resume')}: {path!r} cannot be read ({type(e).__name__}: {detail}); "
@@ -1139,7 +1187,7 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
 def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> tuple[dict[str, int], dict[str, Any] | None]:
     """The run's state from its checkpoint: weights, optimizer, schedule, loss scale and RNG; returns where it was
     (epoch, step, batch) and, saved inside an epoch, that epoch's loss sums so far."""
-    path = str(out / CHECKPOINT)
+    path = str(out / CHECKPOINT)  # a checkpoint read from checkpoint.pt.next was renamed to it (_finish_replacing)
     try:
         run.student.load_state_dict(ckpt["student"])
         run.heads.load_state_dict(ckpt["heads"])
@@ -1261,7 +1309,8 @@ def _save(obj: Any, path: Path) -> None:
 def _write_error(path: Path, e: OSError) -> StoreError:
     """A failed write of the output folder (disk full, quota, I/O error) as a one-line error."""
     fix = write_fix(e)
-    again = f"rerun with {option('--resume')} to continue from the last checkpoint" if (path.parent / CHECKPOINT).is_file() else "rerun"
+    folder = path if path.is_dir() else path.parent  # OUT itself, or a file in it
+    again = f"rerun with {option('--resume')} to continue from the last checkpoint" if _checkpoint_file(folder).is_file() else "rerun"
     return StoreError(f"cannot write {str(path)!r}: {e.strerror or e}; {fix} and {again}")
 
 

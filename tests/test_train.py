@@ -248,6 +248,57 @@ def test_a_failed_overwrite_leaves_the_earlier_run(tiny_store, tmp_path, monkeyp
     assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "student.pt"])
 
 
+@pytest.mark.parametrize("killed_at", ["pipeline.json", "metrics.jsonl", "rename"])
+def test_an_overwrite_killed_while_it_replaces_the_earlier_run_resumes_from_its_first_checkpoint(tiny_store, tmp_path, monkeypatch,
+                                                                                                 killed_at):
+    """An --overwrite run killed after its first checkpoint (checkpoint.pt.next) was saved whole and the earlier run's
+    files were removed, before the checkpoint was renamed into place: --resume (and --auto-resume) continue from it to
+    the weights of an uninterrupted run, with its own pipeline.json and metrics (was 'no checkpoint.pt'); a new run
+    needs --overwrite and leaves no .next behind (a fresh run wrote checkpoint.pt beside it, for a later --resume)."""
+    module = importlib.import_module("kdcache.train")
+    new = (*PLAIN, "train.epochs=2", "train.lr=0.02")
+    train(pipeline(*new), tiny_store, tmp_path / "whole")
+    whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)
+
+    class Killed(Exception):
+        pass
+
+    write, replace = module._atomic_write_text, os.replace
+
+    def killed_writing(path, text):
+        if path.name == killed_at:
+            raise Killed
+        write(path, text)
+
+    def killed_renaming(src, dst):
+        if Path(src).name == module.NEXT_CHECKPOINT:
+            raise Killed
+        replace(src, dst)
+
+    for how in ("resume", "auto"):
+        out = tmp_path / how
+        train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, out)  # the earlier run
+        with monkeypatch.context() as m:
+            m.setattr(module, "_atomic_write_text", killed_writing)
+            m.setattr(module.os, "replace", killed_renaming if killed_at == "rename" else replace)
+            with pytest.raises(Killed):
+                train(pipeline(*new), tiny_store, out, overwrite=True)
+        assert not (out / CHECKPOINT).exists() and (out / module.NEXT_CHECKPOINT).is_file()
+        shutil.copytree(out, tmp_path / f"{how}-fresh")
+        with pytest.raises(StoreError, match=r"already holds a training run; pass resume=True"):
+            train(pipeline(*new), tiny_store, out)
+        train(pipeline(*new), tiny_store, out, resume=True if how == "resume" else "auto")
+        resumed = torch.load(out / "student.pt", weights_only=True)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+        assert [m["epoch"] for m in metrics(out)] == [0, 1] and json.loads((out / "pipeline.json").read_text())["train"]["lr"] == 0.02
+        assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "student.pt"])
+    # a new run in their place replaces the stopped one's checkpoint.pt.next with its own, and renames it
+    fresh = tmp_path / "resume-fresh"
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, fresh, overwrite=True)
+    assert [m["epoch"] for m in metrics(fresh)] == [0] and json.loads((fresh / "pipeline.json").read_text())["train"]["epochs"] == 1
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(["checkpoint.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "student.pt"])
+
+
 def test_store_with_no_done_shard_is_refused_even_when_partial_allowed(tiny_store, tmp_path):
     location = copy_store(tiny_store, tmp_path)
     zarr.open_group(location, mode="r+")[layout.DONE][:] = False
