@@ -650,6 +650,8 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
             with torch.no_grad(), _rng_kept(run.device):
                 output = data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
                 shapes.append(tuple(select_student(output, "student output", run.select).shape))
+    except ComplexOutputError:
+        raise
     except (ModelError, TargetError):
         return
     finally:
@@ -663,13 +665,31 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
         raise samples_first_error(one, 1, run.select, probe=True)
 
 
-def select_student(output: Any, what: str, selector: str = "auto") -> torch.Tensor:
+class ComplexOutputError(TargetError):
+    """A complex student output or feature: the losses would compare its real part only."""
+
+
+def _real(tensor: torch.Tensor, what: str, setting: str) -> torch.Tensor:
+    """Refuse a complex ``tensor`` (``what``: the student's output, or a student module's): the losses cast to float32,
+    which drops the imaginary part with only torch's UserWarning, as extract refuses a complex teacher output."""
+    if tensor.is_complex():
+        raise ComplexOutputError(f"{what} is {str(tensor.dtype).removeprefix('torch.')} (shape {list(tensor.shape)}), but the losses "
+                                 "compare real values and would drop its imaginary part; return torch.view_as_real(...) of it (or its "
+                                 f"abs()) from the student, or pick a real part with {setting}")
+    return tensor
+
+
+def select_student(output: Any, what: str, selector: str = "auto",
+                   real: tuple[str, str] = ("the student's output", "student.select")) -> torch.Tensor:
     """The student's tensor in ``output`` (its logits: ``student.select``; default auto), with errors naming the fix that
-    applies to the student."""
+    applies to the student; a complex one is refused (``_real``, with ``real``'s name of it and the setting to change)."""
+    label, setting = real
     if selector != "auto":
-        return teachers.select(output, selector, what, label=f"the {what}", setting="student.select")[0]
+        return _real(teachers.select(output, selector, what, label=f"the {what}", setting="student.select")[0], label, setting)
     try:
-        return teachers.select(output, "auto", what)[0]
+        return _real(teachers.select(output, "auto", what)[0], label, setting)
+    except ComplexOutputError:
+        raise
     except TargetError:
         raise TargetError(f"{what!r} of the student is a {type(output).__name__} kdcache cannot pick a tensor from (it takes a "
                           f"tensor, the first element of a tuple/list, or the first of {', '.join(teachers.AUTO_KEYS)} of a dict); "
@@ -680,10 +700,11 @@ def select_student(output: Any, what: str, selector: str = "auto") -> torch.Tens
 def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: str) -> torch.Tensor:
     """The part of student ``module``'s output (``train.features`` ``select``; default auto) distilled into teacher ``layer``."""
     output = teachers.hooked_output(hooked, module, "student")
+    real = (f"train.features {layer!r}: student module {module!r}'s output", f"train.features.{layer!r}.select")
     if selector == "auto":
-        return select_student(output, module)
-    return teachers.select(output, selector, module, label=f"train.features {layer!r}: student module {module!r}",
-                           setting=f"train.features.{layer!r}.select")[0]
+        return select_student(output, module, real=real)
+    return _real(teachers.select(output, selector, module, label=f"train.features {layer!r}: student module {module!r}",
+                                 setting=f"train.features.{layer!r}.select")[0], *real)
 
 
 def _check_labels(label: torch.Tensor, shape: tuple[int, ...]) -> None:
