@@ -105,17 +105,20 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
         worker_init_fn=data.leave_sigterm_to_the_main_process,
     )
     background = run.device.type != "cpu" if background is None else background
-    with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
-            teachers.capture(run.model, pipeline.targets.layers) as hooked, data.stopped(iter(loader)) as batches:
-        for batch in batches:
-            if (batch["label"] is not None) != run.has_labels:  # the probe batch decided whether the store holds labels
-                first, last = int(batch["index"][0]), int(batch["index"][-1])
-                raise PipelineError(f"dataset indices {first}..{last} have {'no label' if run.has_labels else 'a label'}, but the first "
-                                    f"batch's items {'have one' if run.has_labels else 'do not'}; return labels for all items or none")
-            hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
-            with torch.inference_mode(), run.autocast():
-                output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
-            writer.put(batch, *to_host(run.select(output, hooked, len(batch["index"])), run.targets, run.device))
+    try:
+        with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
+                teachers.capture(run.model, pipeline.targets.layers) as hooked, data.stopped(iter(loader)) as batches:
+            for batch in batches:
+                if (batch["label"] is not None) != run.has_labels:  # the probe batch decided whether the store holds labels
+                    first, last = int(batch["index"][0]), int(batch["index"][-1])
+                    raise PipelineError(f"dataset indices {first}..{last} have {'no label' if run.has_labels else 'a label'}, but the "
+                                        f"first batch's items {'have one' if run.has_labels else 'do not'}; return labels for all items or none")
+                hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
+                with torch.inference_mode(), run.autocast():
+                    output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
+                writer.put(batch, *to_host(run.select(output, hooked, len(batch["index"])), run.targets, run.device))
+    except StoredInf as e:
+        raise e.explained(run) from None
 
 
 @dataclass
@@ -360,7 +363,10 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     if copied is not None:  # CUDA: the copies into pinned memory are asynchronous
         copied.synchronize()
     rows = len(host[next(iter(run.targets))])
-    _check_finite(host, run.targets, 0, rows - 1)  # what the first batch of the run would stop on (float16 overflow, NaN)
+    try:
+        _check_finite(host, run.targets, 0, rows - 1)  # what the first batch of the run would stop on (float16 overflow, NaN)
+    except StoredInf as e:
+        raise e.explained(run) from None
     host = {p: h for p, h in host.items() if p in run.targets}  # the values, not their sums
     raw = sum(h.numpy().nbytes for h in host.values())
     packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
@@ -520,16 +526,62 @@ def _joined(pieces: list[tuple[int, dict[str, np.ndarray]]], rows: int) -> dict[
 def _check_finite(host: dict[str, torch.Tensor], targets: dict[str, layout.Target], first: int, last: int) -> None:
     """Refuse a batch (dataset rows ``first..last``) whose targets hold NaN or inf, float16 overflow included: a target's
     values are looked at only where their float32 sum (``to_host``'s ``path#sum``) is not finite, which a non-finite
-    value makes it, and an overflow of the sum alone too."""
+    value makes it, and an overflow of the sum alone too. An inf is raised as ``StoredInf``, which its catcher turns
+    into the cause (``StoredInf.explained``): only the converted values reach the host."""
     for path, target in targets.items():
         if not math.isfinite(host[path + "#sum"].item()) and not torch.isfinite(host[path]).all():
-            raise _nonfinite(target, bool(host[path].isnan().any()), first, last)
+            if host[path].isnan().any():
+                raise TargetError(f"the teacher produced NaN in {_where(target, first, last)}; check the model and its inputs "
+                                  "(nothing was written for this shard)")
+            raise StoredInf(target, first, last)
 
 
-def _nonfinite(target: layout.Target, nan: bool, first: int, last: int) -> TargetError:
-    where = f"target {target.name!r} (rows {first}..{last})"
-    if nan:
-        return TargetError(f"the teacher produced NaN in {where}; check the model and its inputs (nothing was written for this shard)")
-    if target.dtype == "float16":
-        return TargetError(f"{where} has values beyond the float16 range (±{FLOAT16_MAX:g}); set targets.dtype = \"float32\"")
-    return TargetError(f"the teacher produced inf in {where}; check the model and its inputs (nothing was written for this shard)")
+def _where(target: layout.Target, first: int, last: int) -> str:
+    return f"target {target.name!r} (rows {first}..{last})"
+
+
+class StoredInf(TargetError):
+    """A target of dataset rows ``first..last`` holds inf once converted to ``targets.dtype``: the teacher produced inf,
+    or a finite value beyond that dtype's range (a float64 output of 1e300 stored as float32, 1e5 as float16). The
+    host holds the converted values only, so which one is told by running the batch through the teacher again, once
+    found (``explained``): no cost while values are finite. Its own text, where that cannot tell, names both."""
+
+    def __init__(self, target: layout.Target, first: int, last: int):
+        self.target, self.first, self.last = target, first, last
+        biggest = torch.finfo(DTYPES[target.dtype]).max
+        super().__init__(f"{_where(target, first, last)} holds inf once stored as {target.dtype}: the teacher produced inf, or finite "
+                         f"values beyond the {target.dtype} range (±{biggest:.6g}); check the model and its inputs, or "
+                         f"{_fix(target.dtype, 0.0)} (nothing was written for this shard)")
+
+    def __reduce__(self) -> Any:  # pickled as it was made (a dask worker's error)
+        return StoredInf, (self.target, self.first, self.last)
+
+    def explained(self, run: Run) -> TargetError:
+        """The error naming the cause: the batch's rows through the teacher again, this target's values before conversion."""
+        t = self.target
+        try:
+            _, output, hooked = run.forward(list(range(self.first, self.last + 1)), [t.source] if t.source else [])
+            values = teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
+        except Exception:  # noqa: BLE001 - the teacher does not run again as it did: this error's own text stands
+            return self
+        if not values.is_floating_point():
+            return self
+        where = _where(t, self.first, self.last)
+        if not torch.isfinite(values).all():
+            autocast = (f"; under extract.precision = \"fp16\" its float16 activations overflow at ±{FLOAT16_MAX:g}: "
+                        "\"bf16\" or \"fp32\" avoids that" if run.precision == "fp16" else "")
+            return TargetError(f"the teacher produced inf in {where}; check the model and its inputs{autocast} "
+                               "(nothing was written for this shard)")
+        if torch.isfinite(values.to(DTYPES[t.dtype])).all():  # another value than the run saw: not known which
+            return self
+        biggest, limit = float(values.abs().max()), torch.finfo(DTYPES[t.dtype]).max
+        return TargetError(f"{where} has values beyond the {t.dtype} range (±{limit:.6g}) of targets.dtype: the "
+                           f"teacher's {str(values.dtype).removeprefix('torch.')} output is finite but reaches ±{biggest:.3g}; "
+                           f"{_fix(t.dtype, biggest)} (nothing was written for this shard)")
+
+
+def _fix(dtype: str, biggest: float) -> str:
+    """What stores finite values up to ±``biggest`` that overflow ``dtype``."""
+    if dtype == "float16" and biggest <= torch.finfo(torch.float32).max:
+        return 'set targets.dtype = "float32"'
+    return "scale them into range in the model (kdcache stores float16 or float32 targets)"

@@ -546,6 +546,41 @@ def test_nan_from_the_teacher_is_an_error(tmp_path, dtype, logits, layers, targe
     assert not any(np.isnan(v).any() for v in arrays.values() if v.dtype.kind == "f")
 
 
+@pytest.mark.parametrize("factory, dtype, message", [
+    ("huge_float64", "float32", r"has values beyond the float32 range \(±3\.40282e\+38\) of targets\.dtype: the teacher's float64 output "
+                                r"is finite but reaches ±1e\+300; scale them into range in the model"),
+    ("huge_float64", "float16", r"has values beyond the float16 range \(±65504\) of targets\.dtype: the teacher's float64 output "
+                                r"is finite but reaches ±1e\+300; scale them"),
+    ("beyond_float16_in_float64", "float16", r"has values beyond the float16 range \(±65504\) of targets\.dtype: the teacher's "
+                                             r"float64 output is finite but reaches ±1e\+05; set targets\.dtype = \"float32\""),
+    ("inf_at_17", "float16", r"the teacher produced inf in target 'logits' \(rows {rows}\); check the model and its inputs"),
+    ("inf_at_17", "float32", r"the teacher produced inf in target 'logits' \(rows {rows}\); check the model and its inputs"),
+])
+def test_inf_once_stored_is_named_as_the_teacher_s_or_as_beyond_targets_dtype(tmp_path, factory, dtype, message):
+    """An inf among the converted values is the teacher's own, or a finite value beyond targets.dtype (a float64 1e300
+    stored as float32 was 'the teacher produced inf', a float32 inf stored as float16 'set targets.dtype = float32'):
+    the batch is run through the teacher again to say which, in the run (either writer) and the dry run."""
+    import importlib
+
+    from kdcache import store as layout
+    from kdcache.progress import Progress
+
+    match = (message if message.startswith("the teacher") else r"target 'logits' \(rows {rows}\) " + message).format
+    overrides = (f"teacher.factory=extract_zoo.py:{factory}", "targets.layers=[]", f"targets.dtype={dtype}")
+    with pytest.raises(TargetError, match=match(rows=r"16\.\.23")):
+        kdcache.extract(make_pipeline(*overrides), str(tmp_path / "store.zarr"))
+    _, arrays = read_store(tmp_path / "store.zarr")
+    assert arrays["progress/done"].tolist() == [True, False, False, False]
+    assert all(np.isfinite(v).all() for v in arrays.values() if v.dtype.kind == "f")
+    kx = importlib.import_module("kdcache.extract")
+    run = kx.setup(make_pipeline(*overrides))
+    store = layout.create_or_resume(str(tmp_path / "thread.zarr"), run.manifest_for(make_pipeline(*overrides)))
+    with pytest.raises(TargetError, match=match(rows=r"16\.\.23")):
+        kx.extract_shards(run, make_pipeline(*overrides), store, store.pending_shards(), Progress(0, "", enabled=False), background=True)
+    with pytest.raises(TargetError, match=match(rows=r"0\.\.31")):
+        kdcache.dry_run(make_pipeline(*overrides, "extract.batch_size=32"))
+
+
 def test_finite_values_whose_sum_overflows_are_stored(tmp_path):
     # to_host's quick check is a float32 sum per batch; inf there must lead to a look at the values, not an error
     _, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:huge_float32", "targets.layers=[]", "targets.dtype=float32")
