@@ -89,6 +89,7 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
         "shards_done": len(done),
         "num_shards": store.num_shards,
         "teacher_accuracy": int(values["hits"]) / int(values["labelled"]) if values.get("labelled") else None,
+        "labeled_rows": int(values["labelled"]) if "labelled" in values else None,  # the rows teacher_accuracy is over
         "mean_entropy": float(values["entropy"]) if "entropy" in values else None,
         "per_class": per_class,
         "layers": {t.name: {"path": t.path, "mean": float(values[f"mean:{t.name}"]), "std": float(values[f"std:{t.name}"])}
@@ -100,9 +101,17 @@ def stats_text(s: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
+    labeled = s.get("labeled_rows")
+    if s["teacher_accuracy"] is not None and labeled is not None:
+        left_out = f" (of {s['rows']:,}: rows labeled below 0 are left out)" if labeled < s["rows"] else ""
+        teacher = f"top-1 accuracy {pct(s['teacher_accuracy'])} against {labeled:,} labeled rows{left_out}"
+    elif labeled == 0:
+        teacher = f"top-1 accuracy n/a: none of the {s['rows']:,} rows has a label (every stored label is below 0)"
+    else:
+        teacher = f"top-1 accuracy {pct(s['teacher_accuracy'])} against stored labels"
     lines = [
         f"store       {s['location']}  ({s['rows']:,} rows in {s['shards_done']}/{s['num_shards']} done shards)",
-        f"teacher     top-1 accuracy {pct(s['teacher_accuracy'])} against stored labels",
+        f"teacher     {teacher}",
         f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits)" if s["mean_entropy"] is not None
         else "entropy     n/a (no done shards)" if not s["rows"] else "entropy     n/a (no logits with a class axis)",
     ]

@@ -33,7 +33,7 @@ def naive(location: str, rows: np.ndarray | None = None) -> dict:
 
 def test_stats_match_a_naive_computation(tiny_store):
     s, want = stats(tiny_store, num_workers=2), naive(tiny_store)
-    assert s["rows"] == 50 and s["shards_done"] == 4
+    assert s["rows"] == 50 and s["shards_done"] == 4 and s["labeled_rows"] == 50
     assert s["teacher_accuracy"] == pytest.approx(want["accuracy"])
     assert s["mean_entropy"] == pytest.approx(want["entropy"])
     assert {c: v["accuracy"] for c, v in s["per_class"].items()} == pytest.approx(want["per_class"])
@@ -75,6 +75,28 @@ def test_stats_read_whole_shards_checked_against_their_digests(tiny_store, tmp_p
                      r"writer wrote there", r.output), r.output  # whichever of the two dask read first
 
 
+def test_the_accuracy_says_over_how_many_labeled_rows(tmp_path):
+    """Rows labeled below 0 (STL-10's 100k unlabeled of 105k) are left out of the accuracy: the text and --json say over how
+    many rows it is (an accuracy over 5k of 105k rows read as the whole store's)."""
+    from conftest import extract_tiny
+
+    store = extract_tiny(tmp_path / "partly.zarr", "data.factory='tiny.py:partly_labelled'", "targets.layers=[]")
+    labels = open_store(store).array("samples/label")[:]
+    s = stats(store)
+    assert s["labeled_rows"] == int((labels >= 0).sum()) == 25 and s["rows"] == 50
+    assert s["teacher_accuracy"] == pytest.approx(naive_accuracy(store, labels >= 0))
+    r = CliRunner().invoke(main, ["stats", store])
+    assert r.exit_code == 0 and "against 25 labeled rows (of 50: rows labeled below 0 are left out)" in r.output, r.output
+    assert json.loads(CliRunner().invoke(main, ["stats", store, "--json"]).output)["labeled_rows"] == 25
+    unlabeled = extract_tiny(tmp_path / "unlabeled.zarr", "data.factory='numbered.py:tiny_unlabelled'", "targets.layers=[]")
+    assert stats(unlabeled)["labeled_rows"] is None
+
+
+def naive_accuracy(location: str, rows: np.ndarray) -> float:
+    s = open_store(location)
+    return float((s.array("targets/logits")[:][rows].argmax(1) == s.array("samples/label")[:][rows]).mean())
+
+
 def test_a_regression_teacher_has_no_entropy_or_accuracy(tmp_path):
     """Logits of one value per sample (a regression head) have no classes: no softmax across the rows for an entropy
     (it gave ln(N)-ish numbers), no top-1 accuracy; the layers' figures as ever."""
@@ -98,3 +120,5 @@ def test_the_text_says_how_many_classes_it_leaves_out_and_why_there_is_no_entrop
     assert "49: 50.00% (n=2)  ... and 950 more classes (--json lists every one)" in text and "50: " not in text
     empty = stats_text({**s, "rows": 0, "shards_done": 0, "teacher_accuracy": None, "mean_entropy": None, "per_class": None})
     assert "entropy     n/a (no done shards)" in empty
+    none_labeled = stats_text({**s, "teacher_accuracy": None, "labeled_rows": 0, "per_class": None})
+    assert "top-1 accuracy n/a: none of the 2,000 rows has a label (every stored label is below 0)" in none_labeled
