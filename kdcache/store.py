@@ -787,16 +787,30 @@ class Store:
 
     def nbytes_stored(self) -> int | None:
         """Bytes stored: on disk (a folder or a zip file) or by listing object sizes; None where unlistable (http)."""
+        if location_kind(self.location) == "zip":
+            return os.path.getsize(local_path(self.location))
+        sizes = self._stored_sizes()
+        return None if sizes is None else sum(sizes.values())
+
+    def _stored_sizes(self) -> dict[str, int] | None:
+        """Every stored object's bytes by key (relative to the root; a writer's temp files too), listed once: a folder's
+        files, a zip's members, an object store's objects; None where sizes cannot be listed (http)."""
         kind = location_kind(self.location)
         if kind == "zip":
-            return os.path.getsize(local_path(self.location))
+            try:
+                with zipfile.ZipFile(local_path(self.location)) as z:
+                    return {info.filename: info.compress_size for info in z.infolist() if not info.is_dir()}
+            except (OSError, zipfile.BadZipFile):  # replaced or damaged since it was opened
+                return None
         if kind == "local":
             root = Path(self.location)
-            return _local_size(root) if root.is_dir() else None
+            return _local_sizes(root) if root.is_dir() else None
         if kind == "http":
             return None
         fs, path = filesystem(self.location, self.storage_options)
-        return int(sum(info.get("size") or 0 for info in fs.find(path, detail=True).values()))
+        root = path.rstrip("/")
+        return {(name[len(root) + 1:] if root and name.startswith(root + "/") else name.lstrip("/")): int(info.get("size") or 0)
+                for name, info in fs.find(path, detail=True).items()}
 
     def raw_object(self, key: str, *, at_most: int | None = None) -> bytes | None:
         """The bytes of one storage object (``key`` relative to the root, e.g. ``targets/logits/c/1/0``), None if absent
@@ -900,7 +914,14 @@ class Store:
         m = self.manifest
         done = self.done()  # one snapshot: a writer may mark more shards done meanwhile
         samples_done = self.samples_done(done)
-        stored, raw = self.nbytes_stored(), self.nbytes_raw(samples_done)
+        sizes, raw = self._stored_sizes(), self.nbytes_raw(samples_done)
+        stored = os.path.getsize(local_path(self.location)) if location_kind(self.location) == "zip" else \
+            None if sizes is None else sum(sizes.values())
+        # the ratio compares like with like: the done rows decoded against the done shards' objects, not the metadata nor
+        # the objects of shards not done (being written, or left by a killed writer), which a partial store has
+        ndim = {path: self.array(path).ndim for path in self.paths()}
+        packed = None if sizes is None else sum(sizes.get(f"{path}/c/{int(shard)}" + "/0" * (n - 1), 0)
+                                                for path, n in ndim.items() for shard in np.flatnonzero(done))
         return {
             "location": self.location,
             "format": FORMAT,
@@ -925,7 +946,7 @@ class Store:
             },
             "bytes_stored": stored,
             "bytes_raw": raw,
-            "compression_ratio": (raw / stored) if stored else None,
+            "compression_ratio": (raw / packed) if packed else None,
             "writer": None if done.all() else active_writer(self.location, self.storage_options),
         }
 
@@ -982,15 +1003,17 @@ def _write_error(location: str, what: str, e: OSError) -> StoreError:
                       f"{fix} and rerun the same command to resume (shards already done are kept)")
 
 
-def _local_size(root: Path) -> int:
-    """Bytes of the files under ``root``; a file renamed or removed while listed (a writer's temp file) counts 0."""
-    total = 0
+def _local_sizes(root: Path) -> dict[str, int]:
+    """Bytes of each file under ``root``, by its path relative to it; a file renamed or removed while listed (a writer's
+    temp file) counts 0."""
+    sizes = {}
     for f in root.rglob("*"):
         try:
-            total += f.stat().st_size if f.is_file() else 0
+            if f.is_file():
+                sizes[f.relative_to(root).as_posix()] = f.stat().st_size
         except FileNotFoundError:
             pass
-    return total
+    return sizes
 
 
 def shard_digest(path: str, shard: int, pieces: list[np.ndarray], parts: list[tuple[int, int]] | None = None) -> int:

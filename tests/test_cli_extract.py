@@ -148,6 +148,35 @@ def test_info_json_schema_on_complete_and_partial_stores(tmp_path, zoo_env):
     check_info_schema(json.loads(invoke("info", partial, "--json").stdout), complete=True, samples_done=50)
 
 
+def test_info_compression_ratio_is_of_the_done_rows_and_the_done_shards_objects(tiny_store, tmp_path):
+    """compression_ratio compares the done rows decoded with the stored bytes of the done shards' objects: it counted the
+    metadata, and the objects of shards not done (being written, or left by a killed writer: here shards 2 and 3 unmarked),
+    against the done rows alone (a quarter of the ratio here). bytes_stored stays everything on disk."""
+    import shutil
+
+    from kdcache.interop import pack
+
+    store = tmp_path / "partial.zarr"
+    shutil.copytree(tiny_store, store)
+    for shard in (2, 3):
+        (store / "progress/done/c" / str(shard)).unlink()
+    s = open_store(str(store))
+    objects = {p: [store / s.shard_key(p, shard) for shard in (0, 1)] for p in s.paths()}
+    packed = sum(f.stat().st_size for files in objects.values() for f in files)
+    info = json.loads(invoke("info", store, "--json").stdout)
+    assert info["samples_done"] == 32 and info["bytes_raw"] == s.nbytes_raw(32)
+    assert info["compression_ratio"] == pytest.approx(info["bytes_raw"] / packed)
+    assert info["bytes_stored"] == sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    assert f"compression {info['bytes_raw'] / packed:.2f}x" in invoke("info", store).stdout
+    # a zip's members: the same objects
+    zipped = tmp_path / "whole.zip"
+    pack(tiny_store, str(zipped))
+    whole = open_store(tiny_store)
+    packed = sum((Path(tiny_store) / whole.shard_key(p, shard)).stat().st_size for p in whole.paths() for shard in range(4))
+    assert open_store(str(zipped)).info()["compression_ratio"] == pytest.approx(whole.nbytes_raw() / packed)
+    assert whole.info()["compression_ratio"] == pytest.approx(whole.nbytes_raw() / packed)
+
+
 # ----------------------------------------------------------------------------------- dry run
 
 

@@ -104,6 +104,8 @@ def test_extract_to_s3_resumes_and_matches_local(s3, tmp_path, zoo_env):
     local = tmp_path / "local.zarr"
     kdcache.extract(make_pipeline(), str(local))
     assert_same_store(url, str(local), options_a=s3)
+    # the same objects listed from the bucket: the done rows against the done shards' objects, as from a folder
+    assert info["compression_ratio"] == pytest.approx(open_store(str(local)).info()["compression_ratio"])
 
 
 @pytest.mark.slow
