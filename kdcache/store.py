@@ -839,8 +839,10 @@ class Store:
             whole = OffsetByteRequest(0) if at_most <= getattr(self.group.store.fs, "default_block_size", 0) else None
         try:
             buf = sync(self.group.store.get(key, prototype=default_buffer_prototype(), byte_range=whole))
-        except zipfile.BadZipFile as e:  # a stored zip member whose bytes fail the zip's own CRC-32
-            raise _corrupted_member(self.location, f"object {key!r} {e}") from None
+        except zipfile.BadZipFile as e:  # a stored zip member whose bytes fail the zip's own CRC-32, or one cut short
+            error = _corrupted_member(self.location, f"object {key!r} {e}")
+            error.zip_problem = _zip_problem(str(e))  # type: ignore[attr-defined] - verify's words for it
+            raise error from None
         return None if buf is None else buf.to_bytes()
 
     def object_keys(self) -> list[str]:
@@ -871,10 +873,11 @@ class Store:
             raw = self.raw_object(self.shard_key(path, shard))
         except UnreachableError:
             raise
-        except StoreError as e:  # a zip member whose bytes fail the zip's CRC-32, or a local object that is not read
-            if location_kind(self.location) == "local":
+        except StoreError as e:  # a zip member that fails the zip's CRC-32 or is cut short, or a local object that is not read
+            problem = getattr(e, "zip_problem", None)
+            if problem is None:
                 return [f"shard {shard}: {e}"]
-            return [f"shard {shard} object {self.shard_key(path, shard)!r} is a corrupted zip member (its bytes fail the zip's CRC-32)"]
+            return [f"shard {shard} object {self.shard_key(path, shard)!r} is a corrupted zip member ({problem})"]
         if not raw:
             return [f"shard {shard} object {self.shard_key(path, shard)!r} is {'missing' if raw is None else 'empty'}"]
         start, stop = self.shard_rows(shard)
@@ -1367,6 +1370,15 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except zipfile.BadZipFile as e:
         raise _corrupted_member(location, str(e)) from None
     return Store(group, location, writable=mode != "r", storage_options=storage_options)
+
+
+def _zip_problem(said: str) -> str:
+    """What is wrong with a zip member, from zipfile's (or ``storage._ZipStore``'s) ``BadZipFile`` text ``said``."""
+    if said.startswith("Bad CRC-32"):
+        return "its bytes fail the zip's CRC-32"
+    if "is cut short" in said:
+        return "cut short: the zip's central directory gives it more bytes than the file holds"
+    return f"zipfile: {said}"  # a header that does not match the directory, overlapping entries, ...
 
 
 def _corrupted_member(location: str, what: str) -> StoreError:
