@@ -131,6 +131,8 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         return f"the shards written so far are kept: {again} to resume"
     if command == "train":
         checkpoint = Path(options["out"]) / "checkpoint.pt"
+        if not checkpoint.exists() and checkpoint.with_name("checkpoint.pt.next").exists():  # stopped while an --overwrite
+            checkpoint = checkpoint.with_name("checkpoint.pt.next")  # replaced the earlier run's files: --resume continues it
         if checkpoint.exists() and checkpoint.stat().st_mtime >= started:  # this run saved a checkpoint
             again = ("run the same command again" if options.get("resume") or options.get("auto_resume") else
                      "run it again with --resume instead of --overwrite" if options.get("overwrite") else "run it again with --resume")

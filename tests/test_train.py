@@ -866,6 +866,17 @@ def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_an_interrupt_while_an_overwrite_replaces_the_earlier_run_says_resume(tmp_path):
+    """Ctrl-C after an --overwrite run removed the earlier run's files, before its first checkpoint (saved whole as
+    checkpoint.pt.next) was renamed into place: --resume continues it, not 'OUT still holds the earlier run, unchanged'."""
+    out = tmp_path / "run"
+    out.mkdir()
+    started = time.time() - 5
+    (out / "checkpoint.pt.next").write_bytes(b"saved by this run")
+    assert cli._after_interrupt("train", {"out": str(out), "overwrite": True}, started) == \
+        "its last checkpoint is kept: run it again with --resume instead of --overwrite to continue"
+
+
 # ---------------------------------------------------------------------------------------------- steps
 
 
