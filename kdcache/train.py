@@ -77,7 +77,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     except StoreError as e:
         if rank == 0:
             raise
-        checkpoint, unread = None, e if (out / CHECKPOINT).is_file() else None  # none there: _check_same_out says so
+        checkpoint, unread = None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device))
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
@@ -960,7 +960,7 @@ def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
     elif unread is not None:
         view = ("unread", getattr(unread, "detail", str(unread)[:160]))
     else:
-        view = ("files", (out / CHECKPOINT).is_file(), (out / "student.pt").is_file())
+        view = ("files", _checkpoint_file(out).is_file(), (out / "student.pt").is_file())
     views = distributed.gather((view, socket.gethostname()))
     other = next((r for r, (v, _) in enumerate(views) if v != views[0][0]), None)
     if other is None:
