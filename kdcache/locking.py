@@ -10,6 +10,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -132,12 +133,20 @@ class LocalBorrowed:
         if look is None:
             return
         locked, text = look
-        seen = text if locked else None
+        # a free flock says the holder ended only for a holder on this machine: a network file system may keep flock per
+        # machine (NFS local_lock, Lustre localflock), where another machine's holder's lock always looks free (FORMAT.md §13)
+        seen = text if locked or (text is not None and _holder_host(self.holder) != socket.gethostname()) else None
         if seen == self.holder:
             return
         now = "has ended (its lock is released)" if seen is None else f"no longer holds its lock ({seen[:200] or 'another kdcache process'} does)"
         raise StoreError(f"{location!r}: the job {self.who} writes for ({self.holder}) {now}; {self.who} wrote nothing more "
                          "there; run the extract again to resume")
+
+
+def _holder_host(holder: str) -> str | None:
+    """The machine a local lock file's text (``kdcache pid P on HOST since T``) names."""
+    m = re.fullmatch(r"kdcache pid \d+ on (.*) since \S+", holder)
+    return m.group(1) if m else None
 
 
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)

@@ -845,3 +845,21 @@ def test_a_rank_that_cannot_see_its_jobs_flock_checks_the_lock_files_text_alone(
     lock_file(out).unlink()
     with pytest.raises(layout.StoreError, match=r"has ended \(its lock is released\); rank 1 wrote nothing more there"):
         unseen.check(str(out))
+
+
+def test_a_dask_worker_on_another_machine_does_not_take_a_free_flock_for_its_driver_ended(tmp_path):
+    """A network file system may keep flock per machine (NFS with local_lock, Lustre's localflock): a driver on another
+    machine holds its lock where the worker cannot see it, so the lock file always looks free from the worker's machine.
+    Every worker of a --scheduler cluster on another machine stopped every shard with "has ended": only the text of the
+    lock file says, for a driver elsewhere (a driver on this machine killed with kill -9 is still found by its flock)."""
+    out = tmp_path / "s.zarr"
+    text = "kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00"  # its flock held there, not seen here
+    lock_file(out).write_text(text)
+    borrowed = locking.borrowed_lease(str(out), None, text)
+    borrowed.check(str(out))  # the driver's text: go on
+    lock_file(out).write_text("kdcache pid 4343 on elsewhere since 2026-11-30T00:00:00+00:00")
+    with pytest.raises(layout.StoreError, match=r"no longer holds its lock \(kdcache pid 4343 on elsewhere "):
+        borrowed.check(str(out))
+    lock_file(out).unlink()
+    with pytest.raises(layout.StoreError, match=r"has ended \(its lock is released\)"):
+        borrowed.check(str(out))
