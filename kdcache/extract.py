@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
-from kdcache.errors import AlignmentError, ModelError, PipelineError, StoreMismatchError, TargetError
+from kdcache.errors import AlignmentError, ModelError, PipelineError, StoreMismatchError, TargetError, option
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -87,7 +87,8 @@ def check_done_rows(dataset: Dataset, store: layout.Store, pending: list[int]) -
                     f"{store.location!r} was made from another dataset than data.factory's now: its done row {start + int(j)} "
                     f"(dataset index {int(index[j])}) has input fingerprint {int(stored[j]):016x}, the dataset now gives {seen:016x} "
                     "(regenerated, listed in another order or transformed otherwise since that shard was written); restore the "
-                    "dataset the store was made from to resume it, or pass --overwrite (or another --out) to extract afresh")
+                    f"dataset the store was made from to resume it, or pass {option('--overwrite')} (or another {option('--out')}) to "
+                    "extract afresh")
 
 
 def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: list[int], bar: Progress,

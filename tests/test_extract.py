@@ -792,7 +792,7 @@ def test_resume_on_a_dataset_whose_middle_changed_is_refused_before_the_teacher_
     with pytest.raises(StoreMismatchError, match=r"was made from another dataset than data.factory's now: its done row (\d+) "
                                                  r"\(dataset index \1\) has input fingerprint [0-9a-f]{16}, the dataset now gives") as caught:
         kdcache.extract(make_pipeline(), str(out))
-    assert "pass --overwrite" in str(caught.value) and "\n" not in str(caught.value)
+    assert "pass overwrite=True (or another out)" in str(caught.value) and "\n" not in str(caught.value)  # the Python arguments
     assert mtimes(out) == before
     assert not [i for i in fetch_log() if 32 <= i < 49], "the teacher ran before the check"  # 49: setup's probe item
     zoo_env(REVERSE_MIDDLE=None)
