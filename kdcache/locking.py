@@ -157,8 +157,11 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
     while True:
         try:
             fd, theirs = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
-        except PermissionError:  # another user's lock file (a folder shared by a group): flock needs no write access
-            fd, theirs = os.open(path, os.O_RDONLY), True
+        except PermissionError as denied:  # another user's lock file (a folder shared by a group): flock needs no write access
+            try:
+                fd, theirs = os.open(path, os.O_RDONLY), True
+            except FileNotFoundError:  # none there: a folder this user may not write, which the error names
+                raise denied from None
         try:
             holder = _holder(fd, fcntl.LOCK_EX, tries=20)  # for a second: `kdcache info` may be looking (active_writer)
             if holder is not None:

@@ -200,6 +200,25 @@ def test_a_lock_file_left_by_another_users_killed_job_is_taken_over(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="runs a job as another user")
+def test_a_lock_in_a_folder_the_user_may_not_write_names_that(tmp_path):
+    """A folder the user may not write (no lock file in it): the read-only open that takes over another user's lock
+    file found none, and the error said "No such file or directory; fix the cause" instead of the permission and its fix."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # not under pytest's folders, which only root may enter
+    try:
+        base.chmod(0o755)
+        store = base / "s.zarr"
+        said = as_user(54323, 54321, store)[1]
+        assert said == (f"StoreError: cannot lock {str(store)!r} for writing: its lock file {str(lock_file(store))!r}: Permission denied; "
+                         "make the folder writable (or choose another location) and rerun"), said
+        assert not lock_file(store).exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(layout.StoreError, match=r"cannot lock .*s\.zarr' for writing: its lock file .*file/\.s\.zarr\.kdcache-lock': .*; choose an out whose parent .*file' is a folder and rerun"):
