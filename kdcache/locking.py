@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import stat
 import sys
 import threading
 import time
@@ -170,10 +171,13 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
                 if theirs and os.path.samestat(os.fstat(fd), os.stat(path)):  # its holder killed (kill -9) left it:
                     try:
                         path.unlink()  # replaced by one of ours
-                    except PermissionError:  # a folder with the sticky bit: only its owner may
-                        raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r} was left by a kdcache "
-                                         f"of another user (uid {os.fstat(fd).st_uid}) that has ended, and this folder (sticky) lets "
-                                         "only that user delete it; have it deleted, and rerun") from None
+                    except PermissionError:  # a folder with the sticky bit (only its owner may), or one this user may not write
+                        left = (f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r} was left by a kdcache "
+                                f"of another user (uid {os.fstat(fd).st_uid}) that has ended, and ")
+                        if os.stat(path.parent).st_mode & stat.S_ISVTX:
+                            raise StoreError(f"{left}this folder (sticky) lets only that user delete it; have it deleted, and rerun") from None
+                        raise StoreError(f"{left}this user may not write its folder {str(path.parent)!r}; make the folder writable "
+                                         "(or choose another location) and rerun") from None
                     os.close(fd)
                     continue
                 if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours

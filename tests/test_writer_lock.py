@@ -215,6 +215,11 @@ def test_a_lock_in_a_folder_the_user_may_not_write_names_that(tmp_path):
         assert said == (f"StoreError: cannot lock {str(store)!r} for writing: its lock file {str(lock_file(store))!r}: Permission denied; "
                          "make the folder writable (or choose another location) and rerun"), said
         assert not lock_file(store).exists()
+        lock_file(store).write_text("kdcache pid 4242 on here since 2026-11-29T00:00:00+00:00")  # root's job, killed: not locked
+        said = as_user(54323, 54321, store)[1]
+        assert said == (f"StoreError: cannot lock {str(store)!r} for writing: its lock file {str(lock_file(store))!r} was left by a "
+                        f"kdcache of another user (uid 0) that has ended, and this user may not write its folder {str(base)!r}; make "
+                        "the folder writable (or choose another location) and rerun"), said  # not "this folder (sticky)"
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
