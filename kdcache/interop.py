@@ -576,6 +576,9 @@ def _hdf5_file(fd: int) -> Iterator[tuple[Any, Any]]:
         with h5py.File(sink, "w") as f:
             yield f, sink.check
         sink.check()  # the last flush, as the file closed
+    except Exception:
+        sink.check()  # a failed write is the cause of what HDF5 (or the block) raised after it: say that
+        raise
     finally:
         sink.file.close()
 

@@ -698,14 +698,21 @@ def test_a_redo_stopped_on_the_way_leaves_its_shard_pending(tmp_path, zoo_env):
     assert file_bytes(out) == file_bytes(tmp_path / "reference.zarr")
 
 
-def test_resume_with_every_object_there_lists_and_rewrites_nothing(tmp_path, zoo_env, capfd):
-    """The check for missing objects costs one listing per array at most, and a stat per object locally: no object is
-    read, and a store whose done shards are whole resumes as before (no note, nothing of them rewritten)."""
+def test_resume_with_every_object_there_looks_once_per_array_and_rewrites_nothing(tmp_path, zoo_env, capfd, monkeypatch):
+    """The check for missing objects looks at each array's objects once (one listing on an object store, a stat per
+    object locally), and a store whose done shards are whole resumes as before (no note, nothing of them rewritten)."""
+    from kdcache import store as layout
+
     out = crash_at(tmp_path, zoo_env, 42)
     store = open_store(out, mode="r+")
     assert store.unbacked_shards() == {}
     before = {k: t for k, t in mtimes(out).items() if "/c/0" in k or "/c/1" in k}
+    looked: list[str] = []
+    sizes = layout.Store._object_sizes
+    monkeypatch.setattr(layout.Store, "_object_sizes", lambda self, prefix, keys: looked.append(prefix) or sizes(self, prefix, keys))
     kdcache.extract(make_pipeline(), str(out))
+    arrays = store.paths() + [layout.DIGEST]
+    assert sorted(looked) == sorted(f"{path}/c" for path in arrays), looked
     assert {k: t for k, t in mtimes(out).items() if "/c/0" in k or "/c/1" in k} == before
     assert "note:" not in capfd.readouterr().err
 
