@@ -91,13 +91,14 @@ class LocalBorrowed:
     after the driver stopped (Ctrl-C, SIGTERM, another shard's error) and released the lock; without this it wrote the
     shard and its done marker into whatever store another job (``--overwrite``, another teacher) had made there since,
     and that store verified. ``who``: the process, for the message. ``flock``: whether this process sees the holder's
-    ``flock`` (``sees_flock``); where it does not (a network file system whose flock is each machine's own), the
-    file's text alone says."""
+    ``flock`` (``sees_flock``): True, a free one says the holder ended, wherever it ran; False (a network file system
+    whose flock is each machine's own), the file's text alone says; None, not asked (a dask worker): a free one says
+    so for a holder on this machine only."""
 
     path: Path
     holder: str
     who: str = "this dask worker"
-    flock: bool = True
+    flock: bool | None = None
 
     def _look(self) -> tuple[bool, str | None] | None:
         """(locked, the file's text: None where there is no file), or None: not known (not readable from here)."""
@@ -109,7 +110,7 @@ class LocalBorrowed:
             return None
         try:
             locked = True
-            if self.flock:
+            if self.flock is not False:
                 try:
                     # the lock file outlives a driver killed without a word (kill -9, the OOM killer), its text unchanged;
                     # its flock does not: free, nobody holds the lock. Probed and read through one fd: the same file.
@@ -122,21 +123,27 @@ class LocalBorrowed:
         finally:
             os.close(fd)
 
-    def sees_flock(self) -> bool:
+    def sees_flock(self) -> bool | None:
         """Whether this process sees the lock's ``flock`` held, asked while its holder certainly holds it (a torchrun rank,
         once rank 0 has told it the job's lock). Not seen: a file system whose flock is not shared between machines
-        (a node-local flock): every later check would call the job ended, so the file's text alone is checked then."""
+        (a node-local flock): every later check would call the job ended, so the file's text alone is checked then.
+        Seen: a free flock later says the holder ended, on another machine too. None: not told (the file unreadable,
+        or naming another holder already)."""
         look = self._look()
-        return look is None or look[0] or look[1] != self.holder
+        if look is None or look[1] != self.holder:
+            return None
+        return look[0]
 
     def check(self, location: str) -> None:
         look = self._look()
         if look is None:
             return
         locked, text = look
-        # a free flock says the holder ended only for a holder on this machine: a network file system may keep flock per
-        # machine (NFS local_lock, Lustre localflock), where another machine's holder's lock always looks free (FORMAT.md §13)
-        seen = text if locked or (text is not None and _holder_host(self.holder) != socket.gethostname()) else None
+        # not asked (flock None), a free flock says the holder ended only for a holder on this machine: a network file system
+        # may keep flock per machine (NFS local_lock, Lustre localflock), where another machine's holder's lock always looks
+        # free (FORMAT.md §13); one seen held (sees_flock) says it wherever the holder ran
+        elsewhere = self.flock is None and _holder_host(self.holder) != socket.gethostname()
+        seen = text if locked or (text is not None and elsewhere) else None
         if seen == self.holder:
             return
         now = "has ended (its lock is released)" if seen is None else f"no longer holds its lock ({seen[:200] or 'another kdcache process'} does)"

@@ -871,6 +871,30 @@ def test_a_rank_that_cannot_see_its_jobs_flock_checks_the_lock_files_text_alone(
         unseen.check(str(out))
 
 
+def test_a_rank_that_sees_its_jobs_flock_takes_it_freed_for_the_job_ended_whatever_machine_holds_it(tmp_path):
+    """A torchrun rank on another machine than rank 0, on a file system whose flock every machine sees: it saw rank 0's
+    flock held (sees_flock), so a free one later says rank 0 ended (kill -9, the OOM killer: the file left with its
+    text). The rule for a dask worker, which never asked (a free flock says so only for a holder on its machine), made
+    it go on writing its shards on the file's unchanged text, into a store no job held, until the job's last barrier."""
+    import fcntl
+
+    out = tmp_path / "s.zarr"
+    text = "kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00"  # rank 0, on another machine
+    lock_file(out).write_text(text)
+    fd = os.open(lock_file(out), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held by rank 0, seen from here
+        rank = locking.borrowed_lease(str(out), None, text, "rank 1")
+        rank.flock = rank.sees_flock()
+        assert rank.flock is True
+        rank.check(str(out))  # held: go on
+    finally:
+        os.close(fd)  # rank 0 killed: its flock released, its file left
+    assert lock_file(out).read_text() == text
+    with pytest.raises(layout.StoreError, match=r"the job rank 1 writes for \(kdcache pid 4242 on elsewhere .*\) has ended \(its lock is released\)"):
+        rank.check(str(out))
+
+
 def test_a_dask_worker_on_another_machine_does_not_take_a_free_flock_for_its_driver_ended(tmp_path):
     """A network file system may keep flock per machine (NFS with local_lock, Lustre's localflock): a driver on another
     machine holds its lock where the worker cannot see it, so the lock file always looks free from the worker's machine.
