@@ -930,9 +930,14 @@ def check_values(pipeline: Pipeline) -> None:
                             f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
     if not t.lr > 0:
         raise PipelineError(f"{pipeline.source}: train.lr must be > 0, got {t.lr:g}; use e.g. 1e-3 (adamw) or 0.05 (sgd)")
-    if not t.rank_timeout_s > 0:
-        raise PipelineError(f"{pipeline.source}: train.rank_timeout_s must be > 0, got {t.rank_timeout_s:g}; use e.g. 1800 (the default: "
-                            "a rank waits 30 minutes for a hung or lost one in a training step)")
+    if not 0 < t.rank_timeout_s <= MAX_RANK_TIMEOUT_S:  # torch.distributed counts a wait's end in nanoseconds from now:
+        # beyond ~9.2e9 s it wraps (gloo: every step's all-reduce timed out at once), then is refused (a traceback)
+        raise PipelineError(f"{pipeline.source}: train.rank_timeout_s must be > 0 and at most {MAX_RANK_TIMEOUT_S:g} (seconds; torch.distributed's "
+                            f"clock overflows beyond), got {t.rank_timeout_s:g}; use e.g. 1800 (the default: a rank waits 30 minutes "
+                            "for a hung or lost one in a training step)")
+
+
+MAX_RANK_TIMEOUT_S = 1e9  # about 31 years: the longest train.rank_timeout_s (check_values)
 
 
 @contextlib.contextmanager

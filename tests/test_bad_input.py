@@ -519,6 +519,13 @@ CASES = [
                          "--set", "train.loss.temperature=0"),
          ("train.loss.temperature must be at least 0.01", "got 0;"), store=True),
     Case("lr-0", lambda c: train(c, "--set", "train.lr=0"), ("train.lr must be > 0, got 0", "use e.g. 1e-3"), store=True),
+    Case("rank-timeout-0", lambda c: train(c, "--set", "train.rank_timeout_s=0"),
+         ("train.rank_timeout_s must be > 0 and at most 1e+09 (seconds; torch.distributed's clock overflows beyond), got 0", "use e.g. 1800"),
+         store=True),
+    # 'never': torch.distributed's deadline, in nanoseconds from now, wrapped: under torchrun every step's all-reduce timed
+    # out at once (gloo: "Timed out waiting 10000000000000ms" after 10 ms), said as a hung rank; 1e13 a traceback
+    Case("rank-timeout-beyond-the-clock", lambda c: train(c, "--set", "train.rank_timeout_s=1e10"),
+         ("train.rank_timeout_s must be > 0 and at most 1e+09", "got 1e+10"), store=True),
     Case("lr-without-a-leading-digit", lambda c: train(c, "--set", "train.lr=.001"),
          ("train.lr must be a finite number >= 0, got '.001' (text: a TOML number has digits on both sides of its point, e.g. 0.001",),
          store=True),
