@@ -116,8 +116,10 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         state = {"epoch": 0, "step": 0, "batch": 0}  # the next step's epoch, and the epoch's batches trained
         partial = None  # resumed inside an epoch: its loss sums so far
         with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
-            if checkpoint is not None and rank == 0 and checkpoint.get(_FILE) == NEXT_CHECKPOINT:
-                _finish_replacing(out, checkpoint)  # before the run's metrics.jsonl is read: the earlier run's may be there
+            if checkpoint is not None and checkpoint.get(_FILE) == NEXT_CHECKPOINT:
+                if rank == 0:
+                    _finish_replacing(out, checkpoint)  # before the run's metrics.jsonl is read: the earlier run's may be there
+                distributed.barrier()  # torchrun: the other ranks read metrics.jsonl once rank 0 has written it again
             if checkpoint is not None:
                 state, partial = _restore(checkpoint, out, run, optimizer, schedule)
                 if rank == 0:
