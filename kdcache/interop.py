@@ -476,11 +476,7 @@ def _layout_keys(store: layout.Store) -> set[str]:
     for path in arrays:
         parts = path.split("/")
         keys.update("/".join(parts[:i]) + "/zarr.json" for i in range(1, len(parts) + 1))
-    for shard in range(store.num_shards):
-        keys.update(store.shard_key(path, shard) for path in store.paths())
-        keys.add(f"{layout.DONE}/c/{shard}")
-        if layout.DIGEST in arrays:
-            keys.add(f"{layout.DIGEST}/c/{shard}/0")
+    keys.update(store.shard_key(path, shard) for path in arrays for shard in range(store.num_shards))
     return keys
 
 

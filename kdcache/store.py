@@ -468,8 +468,7 @@ class Store:
         paths = self.paths() + ([DIGEST] if self.has_digests() else [])
         lost: dict[int, str] = {}
         for path in paths:
-            head, tail = (f"{DIGEST}/c/", "/0") if path == DIGEST else (f"{path}/c/", "/0" * (self.array(path).ndim - 1))  # shard_key's
-            keys = [f"{head}{s}{tail}" for s in shards]
+            keys = [self.shard_key(path, s) for s in shards]
             sizes = self._object_sizes(f"{path}/c", keys)
             for s, key in zip(shards, keys):
                 size = sizes.get(key, -1)
@@ -861,7 +860,8 @@ class Store:
         return sorted(sync(collect()))
 
     def shard_key(self, path: str, shard: int) -> str:
-        """Storage key of shard ``shard`` of the data array at ``path`` (FORMAT.md §3.1)."""
+        """Storage key of shard ``shard`` of the array at ``path`` (FORMAT.md §3.1): a data array, ``progress/done`` or
+        ``progress/digest`` (one chunk per shard: its row)."""
         return f"{path}/c/{shard}" + "/0" * (self.array(path).ndim - 1)
 
     def check_shard(self, path: str, shard: int) -> list[str]:
@@ -922,9 +922,8 @@ class Store:
             None if sizes is None else sum(sizes.values())
         # the ratio compares like with like: the done rows decoded against the done shards' objects, not the metadata nor
         # the objects of shards not done (being written, or left by a killed writer), which a partial store has
-        ndim = {path: self.array(path).ndim for path in self.paths()}
-        packed = None if sizes is None else sum(sizes.get(f"{path}/c/{int(shard)}" + "/0" * (n - 1), 0)
-                                                for path, n in ndim.items() for shard in np.flatnonzero(done))
+        packed = None if sizes is None else sum(sizes.get(self.shard_key(path, int(shard)), 0)
+                                                for path in self.paths() for shard in np.flatnonzero(done))
         return {
             "location": self.location,
             "format": FORMAT,

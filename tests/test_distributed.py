@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -758,16 +759,13 @@ def test_torchrun_ranks_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp
     def rank_1s() -> int:
         return int(open_store(url, storage_options=s3).done()[1::2].sum())
 
-    proc = slow_extract(toml, url, sleep=0.05, storage_options=s3, command=torchrun)  # ~0.4 s a shard
-    try:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    def take() -> int:
         taker = {"holder": "kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00", "heartbeat": "now", "token": "theirs"}
         fs.pipe_file(f"{BUCKET}/.torchrun-taken.zarr.kdcache-lock", json.dumps(taker).encode())
-        taken_at = rank_1s()
-        stderr = proc.communicate(timeout=120)[1].decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        return rank_1s()
+
+    proc = slow_extract(toml, url, sleep=0.05, storage_options=s3, command=torchrun)  # ~0.4 s a shard
+    taken_at, stderr = _while_running(proc, take)
     assert proc.returncode != 0, stderr[-3000:]
     assert f"Error: {url!r} lost its writer lock while being written: kdcache pid 4242 on elsewhere since " in stderr, stderr[-3000:]
     assert taken_at <= rank_1s() <= taken_at + WRITE_THREADS < 15, (taken_at, rank_1s())
@@ -792,23 +790,32 @@ def test_torchrun_ranks_write_no_shard_once_the_jobs_local_lock_is_gone_or_anoth
     def rank_1s() -> int:
         return int(open_store(out).done()[1::2].sum())
 
-    proc = slow_extract(toml, out, sleep=0.05, command=torchrun)  # ~0.4 s a shard
-    try:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    def take() -> int:
         lock = tmp_path / ".local-taken.zarr.kdcache-lock"
         if taken:  # rewritten in place: rank 0's flock on it stays
             lock.write_text("kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00")
         else:
             lock.unlink()
-        taken_at = rank_1s()
-        stderr = proc.communicate(timeout=120)[1].decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        return rank_1s()
+
+    proc = slow_extract(toml, out, sleep=0.05, command=torchrun)  # ~0.4 s a shard
+    taken_at, stderr = _while_running(proc, take)
     assert proc.returncode != 0, stderr[-3000:]
     now = "no longer holds its lock (kdcache pid 4242 on elsewhere since " if taken else "has ended (its lock is released); "
     assert f"Error: {str(out)!r}: the job rank 1 writes for (kdcache pid " in stderr and now in stderr, stderr[-3000:]
     assert taken_at <= rank_1s() <= taken_at + 1 < 15, (taken_at, rank_1s())
+
+
+def _while_running(proc: subprocess.Popen, act: Callable[[], Any]) -> tuple[Any, str]:
+    """``act()`` while ``proc`` (a slow extract) runs, then its stderr once it has ended (killed if the wait fails)."""
+    try:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        result = act()
+        stderr = proc.communicate(timeout=120)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return result, stderr
 
 
 def _extract_in_a_thread(pipeline, url: str, options: dict) -> tuple[threading.Thread, list[BaseException]]:
