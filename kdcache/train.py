@@ -1003,6 +1003,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 RUN_FILES = (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl")
 NEXT_CHECKPOINT = "checkpoint.pt.next"  # an --overwrite run's first checkpoint, before the earlier run's files go
+_CHECKPOINT_KEYS = ("student", "heads", "optimizer", "schedule", "rng", "epoch", "step", "shards")  # _save's, since 0.1.0
 _FILE = "_file"  # set by _read_checkpoint: the file a checkpoint was read from (CHECKPOINT, or NEXT_CHECKPOINT)
 
 
@@ -1201,15 +1202,19 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
     path = str(file)
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-        if isinstance(checkpoint, dict):
-            checkpoint[_FILE] = file.name
-        return checkpoint
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
         detail = " ".join(str(e).split())[:160] or "empty or truncated"
         error = StoreError(f"{option('--resume')}: {path!r} cannot be read ({type(e).__name__}: {detail}); "
                            f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
         error.detail = f"{type(e).__name__}: {detail}"
         raise error from None
+    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(_CHECKPOINT_KEYS)
+    if missing:  # a bare state_dict, a model saved whole by another tool
+        seen = f"a dict without {missing}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise StoreError(f"{option('--resume')}: {path!r} is not a kdcache checkpoint ({seen}); "
+                         f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
+    checkpoint[_FILE] = file.name
+    return checkpoint
 
 
 def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> tuple[dict[str, int], dict[str, Any] | None]:
