@@ -120,6 +120,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                 if rank == 0:
                     _finish_replacing(out, checkpoint)  # before the run's metrics.jsonl is read: the earlier run's may be there
                 distributed.barrier()  # torchrun: the other ranks read metrics.jsonl once rank 0 has written it again
+            elif checkpoint is not None and rank == 0:
+                _drop_abandoned_next(out)
             if checkpoint is not None:
                 state, partial = _restore(checkpoint, out, run, optimizer, schedule)
                 if rank == 0:
@@ -1107,6 +1109,20 @@ def _finish_replacing(out: Path, checkpoint: dict[str, Any]) -> None:
     lines = checkpoint.get("first_metrics")
     _replace_run(out, values if isinstance(values, dict) else None,
                  [m for m in lines if isinstance(m, dict)] if isinstance(lines, list) else [])
+
+
+def _drop_abandoned_next(out: Path) -> None:
+    """A ``checkpoint.pt.next`` beside the ``checkpoint.pt`` this --resume continues: the first checkpoint of an
+    ``--overwrite`` run stopped before it replaced the earlier run (``_save_epoch``), which this --resume goes on
+    with instead; nothing would read it again (a checkpoint's size, left for ever): removed, with a note."""
+    try:
+        (out / NEXT_CHECKPOINT).unlink()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise _write_error(out, e) from None
+    print(f"note: removed {str(out / NEXT_CHECKPOINT)!r}, the first checkpoint of an {option('--overwrite')} run stopped before "
+          f"it replaced this one, which {option('--resume')} continues")
 
 
 def _store_identity(store: layout.Store) -> dict[str, Any]:

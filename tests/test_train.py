@@ -299,6 +299,36 @@ def test_an_overwrite_killed_while_it_replaces_the_earlier_run_resumes_from_its_
     assert sorted(p.name for p in fresh.iterdir()) == sorted(["checkpoint.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "student.pt"])
 
 
+def test_a_resume_of_the_earlier_run_removes_the_first_checkpoint_of_an_overwrite_stopped_before_it_replaced_it(
+        tiny_store, tmp_path, monkeypatch, capsys):
+    """An --overwrite run stopped after saving checkpoint.pt.next, before it removed the earlier run's files: a
+    --resume continues the earlier run (its checkpoint.pt) and removes the .next, which nothing would read again
+    (it stayed for ever, a checkpoint's size; a later loss of checkpoint.pt made --resume take it up)."""
+    module = importlib.import_module("kdcache.train")
+    out = tmp_path / "run"
+    for folder in (out, tmp_path / "whole"):
+        train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, folder)
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, tmp_path / "whole", resume=True)  # the same, never stopped
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(module, "_replace_run", killed)
+        with pytest.raises(Killed):
+            train(pipeline(*PLAIN, "train.lr=0.02"), tiny_store, out, overwrite=True)
+    assert (out / CHECKPOINT).is_file() and (out / module.NEXT_CHECKPOINT).is_file()
+    capsys.readouterr()
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert "note: removed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "student.pt"])
+    whole, resumed = (torch.load(d / "student.pt", weights_only=True) for d in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_store_with_no_done_shard_is_refused_even_when_partial_allowed(tiny_store, tmp_path):
     location = copy_store(tiny_store, tmp_path)
     zarr.open_group(location, mode="r+")[layout.DONE][:] = False
