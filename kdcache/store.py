@@ -30,7 +30,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import DamagedShardError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
+from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
 from kdcache.storage import exists, filesystem, http_problem, http_url, local_object, local_path, location_arg, location_kind, zarr_store
 
@@ -459,22 +459,44 @@ class Store:
     def unbacked_shards(self, done: np.ndarray | None = None) -> dict[int, str]:
         """Done shards whose storage objects are not all there (deleted, an incomplete copy): shard -> what its first
         such object is, as ``"object 'targets/logits/c/1/0' is missing (…)"`` (or ``is empty``). Every data array's shard object
-        is looked for, and the shard's ``progress/digest`` row where the store has digests. No object is read or asked
-        for one by one on an object store: one listing per array (``_object_sizes``)."""
+        is looked for, and the shard's ``progress/digest`` row where the store has digests (``missing_shard_objects``)."""
         done = self.done() if done is None else done
-        shards = [int(s) for s in np.flatnonzero(done)]
-        if not shards:
-            return {}
-        paths = self.paths() + ([DIGEST] if self.has_digests() else [])
         lost: dict[int, str] = {}
-        for path in paths:
-            keys = [self.shard_key(path, s) for s in shards]
-            sizes = self._object_sizes(f"{path}/c", keys)
-            for s, key in zip(shards, keys):
-                size = sizes.get(key, -1)
-                if s not in lost and size <= 0:
-                    lost[s] = f"object {key!r} is {'missing (deleted, or an incomplete copy)' if size < 0 else 'empty'}"
+        for _, s, key, problem in self.missing_shard_objects(self.paths() + ([DIGEST] if self.has_digests() else []),
+                                                             [int(s) for s in np.flatnonzero(done)]):
+            lost.setdefault(s, f"object {key!r} is {'missing (deleted, or an incomplete copy)' if problem == 'missing' else 'empty'}")
         return dict(sorted(lost.items()))
+
+    def damaged_shards(self) -> list[str]:
+        """Every (array, done shard) whose storage object is missing or empty, as ``"shard 1 of targets/logits
+        (rows 16-31): object 'targets/logits/c/1/0' is missing although the shard is marked done"``; no object is read."""
+        return [f"shard {s} of {path} (rows {self.shard_rows(s)[0]}-{self.shard_rows(s)[1] - 1}): object {key!r} is {problem} "
+                "although the shard is marked done"
+                for path, s, key, problem in self.missing_shard_objects(self.paths(), [int(s) for s in np.flatnonzero(self.done())])]
+
+    def missing_shard_objects(self, paths: list[str], shards: list[int]) -> list[tuple[str, int, str, str]]:
+        """``(path, shard, key, "missing" or "empty")`` for each shard object of ``paths`` and ``shards`` that is not there;
+        no object is read. Where the location lists its objects with their sizes (a folder, an object store) they are
+        listed (``_object_sizes``: one LIST per array on S3, not a HEAD per object); elsewhere (http, a zip) all are
+        asked for at once (``_object_problems``)."""
+        kind = location_kind(self.location)
+        listed = kind == "local" or (kind == "url" and "::" not in self.location)
+        found = []
+        for path in paths if shards else []:
+            keys = [self.shard_key(path, s) for s in shards]
+            try:
+                if listed:
+                    sizes = self._object_sizes(f"{path}/c", keys)
+                    problems = [None if sizes.get(key, 0) > 0 else "empty" if key in sizes else "missing" for key in keys]
+                else:
+                    problems = self._object_problems(keys)
+            except KdcacheError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a request refused (403), a 5xx, a lost connection: botocore/aiohttp errors
+                key = next((k for k in getattr(e, "__notes__", ()) if k in keys), None)  # s3fs says "Forbidden", not which
+                raise self._unreachable(f"object {key!r}" if key else f"the objects of {path} of {len(shards)} done shards", e) from None
+            found += [(path, s, key, problem) for s, key, problem in zip(shards, keys, problems) if problem]
+        return found
 
     def _object_sizes(self, prefix: str, keys: list[str]) -> dict[str, int]:
         """The bytes of each of ``keys`` (all under ``prefix``, a folder of keys, e.g. ``targets/logits/c``) that exists.
@@ -754,21 +776,6 @@ class Store:
             return list(await asyncio.gather(*(problem(k) for k in keys)))
 
         return sync(every()) if keys else []
-
-    def damaged_shards(self) -> list[str]:
-        """Every (array, done shard) whose storage object is missing or empty, as ``"shard 1 of targets/logits
-        (rows 16-31): object 'targets/logits/c/1/0' is missing although the shard is marked done"``; no object is read."""
-        done = [int(s) for s in np.flatnonzero(self.done())]
-        pairs = [(path, s) for path in self.paths() for s in done]
-        keys = [self.shard_key(path, s) for path, s in pairs]
-        try:
-            problems = self._object_problems(keys)
-        except Exception as e:  # noqa: BLE001 - a HEAD refused (403), a 5xx, a lost connection: s3fs's OSErrors, botocore's own
-            key = next((k for k in getattr(e, "__notes__", ()) if k in keys), None)  # s3fs says "Forbidden", not which object
-            raise self._unreachable(f"object {key!r}" if key else f"the objects of the {len(done)} done shards", e) from None
-        return [f"shard {s} of {path} (rows {self.shard_rows(s)[0]}-{self.shard_rows(s)[1] - 1}): object {key!r} is {problem} "
-                "although the shard is marked done"
-                for (path, s), key, problem in zip(pairs, keys, problems) if problem]
 
     def _damaged(self, path: str, shard: int, problem: str) -> DamagedShardError:
         lo, hi = self.shard_rows(shard)
