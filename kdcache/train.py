@@ -453,9 +453,12 @@ def _step_losses(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     finally:
         if idle:
             run.student.train(), run.heads.train()
-    for name, part in parts.items():
-        if not part.requires_grad:  # backward() would raise "element 0 of tensors does not require grad" (a traceback)
+    for name, part in parts.items():  # backward() would raise "element 0 of tensors does not require grad" (a traceback)
+        if not part.requires_grad and not name.startswith("feat:"):
             raise _without_gradient(run, name)
+    for path, (_, weight, _) in run.features.items():  # a feature term's gradient must reach the student, not its head alone
+        if weight and not run.graded[path]:  # a weight of 0 trains nothing anyway (the message's fix)
+            raise _without_gradient(run, f"feat:{layout.layer_name(path)}")
     return parts
 
 
@@ -464,7 +467,9 @@ def _without_gradient(run: Run, term: str) -> ModelError:
     what = f"the output of student module {run.features[layout.layer_path(term[5:])][0]!r}" if term.startswith("feat:") else "the student's output"
     return ModelError(f"loss term {term!r} does not depend on the student's parameters: {what} carries no gradient (an integer or "
                       "boolean tensor, such as an argmax or a one-hot of it, a .detach(), a forward run under torch.no_grad() or "
-                      "torch.inference_mode(), or parameters all frozen with requires_grad=False), so its weight trains nothing; "
+                      "torch.inference_mode(), a module run inside torch.utils.checkpoint with use_reentrant=True, whose first forward "
+                      "keeps no gradient: use_reentrant=False, e.g. Hugging Face's gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                      "{'use_reentrant': False}), or parameters all frozen with requires_grad=False), so its weight trains nothing; "
                       "return the logits (or features) the student computes, as floating-point tensors, or set that term's weight to 0")
 
 
@@ -483,6 +488,7 @@ class Run:
     select: str = "auto"  # student.select: the part of the student's output compared with the stored logits
     precision: str = "fp32"  # train.precision: autocast of the student's forward and heads
     scaler: Any = field(init=False, default=None)
+    graded: dict[str, bool] = field(init=False, default_factory=dict)  # the last losses(): each student feature carries a gradient
 
     def __post_init__(self) -> None:
         # fp16: a dynamic loss scale keeps small gradients from flushing to zero; a step whose gradients overflow is
@@ -498,6 +504,7 @@ class Run:
             feats = {}
             for path, (module, _, selector) in self.features.items():
                 feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
+                self.graded[path] = feat.requires_grad  # before its head, whose parameters would give the term a gradient
                 feats[path] = self.heads[_key(path)](feat) if _key(path) in self.heads else feat
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         w, parts = self.loss, {}

@@ -858,6 +858,29 @@ def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
     torch.testing.assert_close(distilled, conv)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_feature_without_gradient_is_refused_though_its_head_has_one(tiny_store, reentrant):
+    """A student module run inside a reentrant torch.utils.checkpoint (Hugging Face's gradient checkpointing) gives its
+    hook an output without gradient: with a projection head the feature term still had one, the head's, so the run trained
+    the head alone against the teacher's layer and never the student, silently. Refused in one line; not reentrant, trained."""
+    trainer = importlib.import_module("kdcache.train")
+    p = pipeline(f"student.factory='bad_input.py:checkpointed{'' if reentrant else '_not_reentrant'}'")
+    store = layout.open_store(tiny_store)
+    run = trainer_setup(p, store)
+    assert list(run.heads)  # conv's 4 channels onto the teacher's 16
+    run.student.train()
+    x = torch.stack([tiny.dataset()[i][0] for i in range(8)])
+    batch = {"inputs": x, "label": torch.zeros(8, dtype=torch.int64), "rows": np.arange(8),
+             "targets": {path: torch.from_numpy(store.read(path, 0, 8)) for path in run.paths}}
+    if reentrant:
+        with pytest.raises(kdcache.errors.ModelError, match=r"loss term 'feat:features.3' does not depend on the student's parameters: "
+                           r"the output of student module 'conv' carries no gradient .*use_reentrant=True"):
+            trainer._step_losses(run, batch)
+        return
+    trainer._step_losses(run, batch)["feat:features.3"].backward()
+    assert run.student.conv.weight.grad.abs().sum() > 0
+
+
 def trainer_setup(p: kdcache.Pipeline, store: layout.Store) -> Run:
     trainer = importlib.import_module("kdcache.train")
     torch.manual_seed(0)
