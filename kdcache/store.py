@@ -297,7 +297,7 @@ class Store:
                 raise
             if not isinstance(node, zarr.Array):
                 raise self._bad_metadata(path, "it describes a group, not an array")
-            other = _other_codec(node.metadata.codecs)
+            other = _other_codec(node.metadata.codecs) or _other_key_encoding(node.metadata.chunk_key_encoding)
             if other is not None:
                 raise self._bad_metadata(path, other)
             bounds = getattr(self.group.store, "object_bounds", None)  # a local folder's: an object larger is refused unread
@@ -1345,6 +1345,18 @@ def _other_codec(codecs: Iterable[Any]) -> str | None:
             # little-endian, zarr as the metadata says: a store whose values depended on the path that reads them
             return f"its bytes codec is {codec.endian.value}-endian; the format's is little-endian"
     return None
+
+
+def _other_key_encoding(encoding: Any) -> str | None:
+    """What is wrong with an array's ``chunk_key_encoding`` when it is not FORMAT.md §3.1's (``default``, separator ``/``),
+    else None. Another encoding (``v2``, or a ``.`` separator) names other objects than the store's chunks: zarr reads
+    every chunk of the array as absent, i.e. as the fill value, and a store without digests served all-zero targets
+    that verified."""
+    name, separator = getattr(encoding, "name", None), getattr(encoding, "separator", None)
+    if name == "default" and separator == "/":
+        return None
+    return (f"its chunk_key_encoding is {short(name)} with separator {short(separator)}; the format's is 'default' with '/', "
+            "so its chunks would be looked for under other keys than the store's and read as the fill value")
 
 
 _BOUNDED_ZSTD = f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"

@@ -67,6 +67,22 @@ def big_endian(store: Path, path: str, index: bool) -> None:
     (store / path / "zarr.json").write_text(json.dumps(meta))
 
 
+def key_encoding(path: str, encoding: dict[str, Any], digests: bool = True) -> Callable[[Path], None]:
+    """Damage: the array at ``path`` declares another chunk key encoding than the format's (``default``, ``/``), so zarr
+    looks for its chunks under other keys and reads the fill value; ``digests=False``: in a store without
+    ``progress/digest`` (one written before kdcache 0.1.1), where nothing else would tell the zeros from the rows."""
+
+    def damage(store: Path) -> None:
+        edit_metadata(path, chunk_key_encoding=encoding)(store)
+        if not digests:
+            shutil.rmtree(store / "progress/digest")
+            meta = json.loads((store / "zarr.json").read_text())
+            del meta["attributes"]["kdcache"]["compression"]["shard_digests"]
+            (store / "zarr.json").write_text(json.dumps(meta))
+
+    return damage
+
+
 def geometry(rows: int) -> Callable[[Path], None]:
     """Damage: the manifest and every array's zarr.json made to agree on one shard of ``rows`` rows (inner chunks too),
     as a received store's could: every other check of the manifest and of the arrays' layout holds."""
@@ -99,6 +115,8 @@ HUGE_LOGITS = ("'targets/logits/zarr.json' is not valid zarr metadata (its shard
 ROOT_NOT_OBJECT = ("is not a zarr v3 group", "not a JSON object", "pass a store written by kdcache extract")
 LOGITS_META = f"{LOGITS}/zarr.json"
 BAD_LOGITS_META = (f"'{LOGITS_META}' is not valid zarr metadata", "run kdcache verify", "re-extract the store")
+DOT_KEYS = (f"'{LOGITS_META}' is not valid zarr metadata (its chunk_key_encoding is 'default' with separator '.'; the format's is "
+            "'default' with '/'", "read as the fill value", "re-extract the store")
 MARKER = f"{DONE}/c/1"
 BAD_MARKER = (f"done marker '{MARKER}' (holds b'zz') is not one byte 0 or 1", "run kdcache verify",
               "delete the marker and rerun kdcache extract")
@@ -295,6 +313,16 @@ CASES = [
          store=True, damage=edit_metadata(LOGITS, data_type="float32")),
     Case("pack-array-meta-wrong-shape", pack, (*BAD_LOGITS_META, "it says [50, 3] float16"), store=True,
          damage=edit_metadata(LOGITS, shape=[50, 3])),
+    # -- another chunk key encoding: every chunk read as the fill value; without digests train and verify took the zeros
+    *[Case(f"{verb}-array-meta-key-encoding-dot{'' if digests else '-no-digests'}", args, DOT_KEYS[:1] if verb == "verify" else DOT_KEYS,
+           store=True, report=verb == "verify",
+           damage=key_encoding(LOGITS, {"name": "default", "configuration": {"separator": "."}}, digests))
+      for verb, args in (("verify", verify_cli), ("train", train)) for digests in (True, False)],
+    Case("stats-array-meta-key-encoding-v2", stats, (f"'{LOGITS_META}' is not valid zarr metadata (its chunk_key_encoding is 'v2'",),
+         store=True, damage=key_encoding(LOGITS, {"name": "v2", "configuration": {"separator": "/"}}, digests=False)),
+    Case("info-done-meta-key-encoding-dot", info, (f"'{DONE}/zarr.json' is not valid zarr metadata (its chunk_key_encoding is 'default' "
+                                                   "with separator '.'",), store=True,
+         damage=edit_metadata(DONE, chunk_key_encoding={"name": "default", "configuration": {"separator": "."}})),
     # -- shards larger than the format allows, in a manifest made to agree with the arrays, or in an array's zarr.json alone
     *[Case(f"{verb}-geometry-shards-too-large", args, HUGE, store=True, report=verb == "verify", damage=geometry(HUGE_ROWS))
       for verb, args in (("info", info), ("train", train), ("verify", verify_cli))],
