@@ -338,8 +338,12 @@ class Store:
     def done(self) -> np.ndarray:
         """``[num_shards]`` bool: which shards are completely written. A damaged marker is a StoreError naming it."""
         array = self.array(DONE)
-        if tuple(array.shape) != (self.num_shards,) or array.dtype != np.dtype(bool):
-            raise self._bad_metadata(DONE, f"it says {list(array.shape)} {array.dtype}, expected [{self.num_shards}] bool")
+        if tuple(array.shape) != (self.num_shards,) or array.dtype != np.dtype(bool) or tuple(array.chunks) != (1,):
+            # chunks: one marker object per shard (FORMAT.md §3.1); a chunk of 2**32 was "done marker (unreadable)", whose
+            # fix (delete the marker) could not help
+            chunks = "" if tuple(array.chunks) == (1,) else f" in chunks of {list(array.chunks)}"
+            raise self._bad_metadata(DONE, f"it says {list(array.shape)} {array.dtype}{chunks}, expected [{self.num_shards}] bool"
+                                           f"{' in chunks of [1]: one marker object per shard' if chunks else ''}")
         try:
             done = np.asarray(array[:])
         except Exception as e:  # noqa: BLE001 - a marker that does not decode; named below

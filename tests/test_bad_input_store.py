@@ -337,6 +337,10 @@ CASES = [
                          ("pack", pack), ("extract-resume", resume))],
     Case("info-done-marker-not-a-bool", info, ("done marker 'progress/done/c/2' (holds b'z') is not one byte 0 or 1",), store=True,
          damage=write(f"{DONE}/c/2", "z")),
+    # a marker chunk of 2**32 flags: once "done marker (unreadable) is not one byte 0 or 1", whose fix (delete it) could not help
+    Case("info-done-meta-huge-chunk", info, (f"'{DONE}/zarr.json' is not valid zarr metadata", "it says [4] bool in chunks of "
+                                             f"[{2**32}], expected [4] bool in chunks of [1]"), store=True,
+         damage=edit_metadata(DONE, chunk_grid={"name": "regular", "configuration": {"chunk_shape": [2**32]}})),
     Case("info-done-meta-wrong-shape", info, (f"'{DONE}/zarr.json' is not valid zarr metadata", "it says [5] bool, expected [4] bool"),
          store=True, damage=edit_metadata(DONE, shape=[5])),
     # -- pack of a store a done shard's object is missing from
