@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one device run (see benchmarks/README.md): the CUDA tests (tests/test_gpu.py) and the extract tests, a ResNet extract on CUDA with bf16
 # autocast and pinned copies, where an extract with layer1 spends its time (profile_extract.py), and
-# benchmarks 1-4 with --device cuda. JSON and logs go to $OUT.
+# benchmarks 1-4 with --device cuda (--check: a missed goal fails its step and the run). JSON and logs go to $OUT.
 # Needs the wheels in .whl (zarr, numcodecs, donfig, google-crc32c for Python 3.12; README says how).
 set -u -o pipefail
 OUT=${OUT:-/tmp/kdcache-gpu}
@@ -24,7 +24,7 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
 step tests 110 python3 -m pytest -q -x -p no:cacheprovider -rs tests/test_gpu.py tests/test_extract.py
 step gpu_extract 60 python3 benchmarks/gpu_extract.py --out "$OUT/gpu_extract.json"
 step profile_extract 60 python3 benchmarks/profile_extract.py --device cuda --out "$OUT/profile_extract.json" --workdir /tmp/kb
-step bench_extract 180 python3 benchmarks/bench_extract.py --device cuda --n 8192 --repeats 5 --out "$OUT/extract.json" --workdir /tmp/kb
-step bench_writer 50 python3 benchmarks/bench_writer.py --out "$OUT/writer.json" --workdir /tmp/kb
-step bench_train 120 python3 benchmarks/bench_train.py --device cuda --out "$OUT/train.json" --workdir /tmp/kb
+step bench_extract 180 python3 benchmarks/bench_extract.py --device cuda --n 8192 --repeats 5 --check --out "$OUT/extract.json" --workdir /tmp/kb
+step bench_writer 50 python3 benchmarks/bench_writer.py --check --out "$OUT/writer.json" --workdir /tmp/kb
+step bench_train 120 python3 benchmarks/bench_train.py --device cuda --check --out "$OUT/train.json" --workdir /tmp/kb
 exit $rc
