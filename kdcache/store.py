@@ -1766,7 +1766,8 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
         if not isinstance(m.get(key), dict):
             raise bad(key, m.get(key), "an object")
     integer("teacher.num_parameters")
-    integer("dataset.length")
+    if integer("dataset.length") != n:  # FORMAT.md §4: row r is dataset item index[r], and every item is a row
+        raise bad("dataset.length", _get(m, "dataset.length"), f"num_samples ({n})")
     for key in ("teacher.factory", "teacher.class", "teacher.weights_sha256", "dataset.factory", "dataset.split", "kdcache_version", "created"):
         if not isinstance(_get(m, key), str):
             raise bad(key, _get(m, key), "a string")

@@ -246,6 +246,9 @@ CASES = [
       for name, value, shown in (("true", True, "True"), ("float", 1.0, "1.0"), ("string", "1", "'1'"), ("missing", None, "None"))],
     Case("info-completed-a-number", info, ("has a damaged manifest: completed = 123", "an ISO-8601 time string or null"), store=True,
          damage=lambda s: edit_manifest(s, completed=123)),
+    Case("verify-dataset-length-not-num-samples", verify_cli, ("has a damaged manifest: dataset.length = 1000000, expected num_samples (50)",
+                                                               "re-extract or re-import the store"),
+         store=True, report=True, damage=lambda s: edit_manifest_key(s, "dataset", length=10**6)),
     Case("train-completed-a-list", train, ("completed = []",), store=True, damage=lambda s: edit_manifest(s, completed=[])),
     # -- a target object lacks a key every command reads (FORMAT.md §8): once a KeyError traceback
     Case("info-target-select-missing", info, ("has a damaged manifest: targets.logits.select = None, expected a string",
