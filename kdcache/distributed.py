@@ -523,14 +523,23 @@ def barrier() -> None:
         dist.barrier(group=_group())
 
 
-def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """``values`` summed element-wise over every rank (``values`` itself outside torch.distributed)."""
+def sum_over_ranks(values: torch.Tensor, waits: bool = False) -> torch.Tensor:
+    """``values`` summed element-wise over every rank (``values`` itself outside torch.distributed): in the steps' group
+    (on the training device), or (``waits``: where ranks may finish their work far apart, as an evaluation) in the
+    gloo group that waits ``TIMEOUT``, for CPU tensors."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         values = values.clone()
-        dist.all_reduce(values, group=_group(steps=True))
+        dist.all_reduce(values, group=_group(steps=not waits))
     return values
+
+
+def my_part(n: int) -> np.ndarray:
+    """The items ``0 .. n-1`` this rank takes of work the ranks share out (an evaluation): a contiguous ``1 / world``
+    of them, in rank order (all of them outside torchrun)."""
+    rank, world, _ = ranks()
+    return np.array_split(np.arange(n), world)[rank]
 
 
 def training_device(name: str) -> str:

@@ -847,11 +847,14 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                                 "eval_agreement would compare the student with another part of the teacher's output; extract the eval "
                                 f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
-        source = cache.TransferSet(t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False,
-                                   memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards,
-                                   fingerprint_check=t.fingerprint_check, fingerprint_recheck=t.fingerprint_recheck,
-                                   storage_options=storage_options)
-        source.check_memory(0, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
+        shards = distributed.my_part(store.num_shards)  # torchrun: each rank evaluates its whole shards, the counts are summed
+        rows = np.concatenate([np.arange(*store.shard_rows(int(s))) for s in shards]) if len(shards) else None
+        source = None if rows is None else cache.TransferSet(
+            t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=rows,
+            memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+            fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
+        if source is not None:
+            source.check_memory(0, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
     else:
         try:
             dataset = data.load(pipeline, t.eval_split)
@@ -859,8 +862,9 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
         # a generator of its own: each iterator draws a seed, which from torch's global RNG would move the dropout that
         # follows (a run resumed with another train.eval_every would train other weights)
-        source = DataLoader(data.Indexed(dataset, None), batch_size=max(t.batch_size, 512), collate_fn=data.collate,
-                            generator=torch.Generator())
+        part = distributed.my_part(len(dataset))  # torchrun: each rank evaluates its part, the counts are summed
+        source = DataLoader(torch.utils.data.Subset(data.Indexed(dataset, None), part.tolist()), batch_size=max(t.batch_size, 512),
+                            collate_fn=data.collate, generator=torch.Generator()) if len(part) else None
     _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
                       agreement=stored.shape if t.eval_cache else None)
 
@@ -872,7 +876,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         run.student.eval()
         correct = agree = teacher_correct = n = labelled = 0
         with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
-            for batch in source:
+            for batch in source if source is not None else ():  # None: a rank with no part (more ranks than shards)
                 logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
                 pred = logits.argmax(-1).cpu()
                 label = None if batch["label"] is None else torch.as_tensor(batch["label"])
@@ -884,8 +888,10 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                     agree += int((pred == tl).sum())
                     teacher_correct += int(((tl == label) & known).sum()) if label is not None else 0
                 n += len(pred)
+        counts = torch.tensor([correct, agree, teacher_correct, n, labelled], dtype=torch.float64)  # exact below 2**53
+        correct, agree, teacher_correct, n, labelled = (int(c) for c in distributed.sum_over_ranks(counts, waits=True).tolist())
         out = {"eval_accuracy": correct / labelled} if labelled else {}  # no labels: no accuracies (never a 0 that reads as one)
-        if isinstance(source, cache.TransferSet) and n:
+        if t.eval_cache and n:
             out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / labelled} if labelled else {})}
         return out
 

@@ -409,6 +409,10 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
     toml = tmp_path / "tiny.toml"  # tiny.toml with absolute factory paths; 50 rows: the last step is uneven
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
     sets = [x for s in ("train.epochs=2", *extra) for x in ("--set", s.replace("'bad_input.py:", f"'{TINY_TOML.parent}/bad_input.py:"))]
+    if extra == STREAMING:  # evaluated against an eval store too: each rank its shards (the others, the eval split's part)
+        evaluated = CliRunner().invoke(main, ["extract", str(toml), "--out", str(tmp_path / "test.zarr"), "--set", 'data.split="test"'])
+        assert evaluated.exit_code == 0, evaluated.output
+        sets += ["--set", f'train.eval_cache="{tmp_path / "test.zarr"}"']
     one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "one"),
                                     "--set", "train.streams=2", *sets])
     assert one.exit_code == 0, one.output
@@ -430,6 +434,10 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
         assert len(losses) >= (2 if extra == UNUSED else 3) and losses == [k for k in ddp_epoch if k.startswith("loss")]
         for k in losses:
             assert ddp_epoch[k] == pytest.approx(one_epoch[k], rel=1e-5, abs=1e-7), k
+        # the eval metrics: each rank evaluates its part, the counts summed over the ranks are the whole split's
+        evals = [k for k in one_epoch if k.startswith("eval_")]
+        assert evals == [k for k in ddp_epoch if k.startswith("eval_")] and "eval_accuracy" in evals, (one_epoch, ddp_epoch)
+        assert len(evals) == (3 if extra == STREAMING else 1) and all(ddp_epoch[k] == one_epoch[k] for k in evals), (one_epoch, ddp_epoch)
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"]
     if extra == UNUSED:  # what no loss reached is never stepped (AdamW's weight decay included), on every rank alike

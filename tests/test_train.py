@@ -29,7 +29,7 @@ import kdcache
 import tiny
 from conftest import FIXTURES, TINY_TOML, extract_tiny
 from reference import signal_and_wait, train_cut_after_first_epoch
-from kdcache import cache, cli, losses, store as layout
+from kdcache import cache, cli, data, losses, store as layout
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError, TrainingError
 from kdcache.train import CHECKPOINT, Run, train
@@ -1544,3 +1544,43 @@ def test_the_streams_a_run_took_are_checked_only_where_its_checkpoint_records_th
         _check_resumed_plan({**at, "order": two_ranks}, {**two_ranks, "streams": 1, "ranks": 1}, 10, t)
     with pytest.raises(PipelineError, match=r"served its batches from RAM, now streamed"):
         _check_resumed_plan({**at, "order": two_ranks}, {**two_ranks, "in_memory": False}, 10, t)
+
+
+@pytest.mark.parametrize("source", ["eval_split", "eval_cache"])
+def test_torchrun_ranks_each_evaluate_their_part_and_the_counts_are_summed(tiny_store, test_store, monkeypatch, source):
+    """Under torchrun each rank evaluates a contiguous 1/world of the eval split (of the eval store's shards, for
+    train.eval_cache) and the counts are summed over the ranks (``distributed.sum_over_ranks``: here, outside a process
+    group, each rank's own): every rank evaluated the whole split before, K ranks taking the time of one process. A rank
+    left without a part (more ranks than shards) counts nothing."""
+    module = importlib.import_module("kdcache.train")
+    p = pipeline("train.features={}", *([f'train.eval_cache="{test_store}"'] if source == "eval_cache" else []))
+    store = layout.open_store(tiny_store)
+    run = module.setup(p, store, tiny.dataset("train"), torch.device("cpu"))
+    rows = len(tiny.dataset("test"))
+    per_shard = layout.open_store(test_store).rows_per_shard
+    shards = -(-rows // per_shard)
+
+    getitems = data.getitems
+
+    def evaluated(rank: int, world: int) -> tuple[dict[str, float], int]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        part = np.array_split(np.arange(shards if source == "eval_cache" else rows), world)[rank]
+        if source == "eval_cache":
+            part = np.concatenate([np.arange(s * per_shard, min(rows, s * per_shard + per_shard)) for s in part] or [part])
+        evaluate, read = module._evaluator(p, run, torch.device("cpu"), trained=store.manifest), []
+        with monkeypatch.context() as m:  # the eval items this rank reads
+            m.setattr(data, "getitems", lambda dataset, indices, *args, **kw: (read.extend(indices), getitems(dataset, indices, *args, **kw))[1])
+            metrics = evaluate()
+        assert sorted(set(read)) == part.tolist(), (rank, world)
+        return metrics, len(part)
+
+    whole, n = evaluated(0, 1)
+    assert n == rows and set(whole) == ({"eval_accuracy", "eval_agreement", "eval_teacher_accuracy"} if source == "eval_cache"
+                                        else {"eval_accuracy"})
+    parts = [evaluated(rank, 2) for rank in (0, 1)]
+    assert all(0 < m < rows for _, m in parts) and sum(m for _, m in parts) == rows
+    for key, value in whole.items():  # each part's counts add up to the whole's
+        assert sum(metrics[key] * m for metrics, m in parts) == pytest.approx(value * rows), key
+    if source == "eval_cache":
+        assert evaluated(shards, shards + 1)[0] == {}  # a rank with no shard of its own: no rows, no metrics (0 of 0)
