@@ -399,6 +399,8 @@ def test_demo_out_is_a_file(tmp_path):
     ("train.loss.kl=0.5", "demo --set train.loss.kl=0.5: the demo sets train.loss.kl itself"),
     ("data.split=test", "demo --set data.split='test': the demo sets data.split itself"),
     ("train.eval_cache=x.zarr", "demo --set train.eval_cache='x.zarr': the demo sets train.eval_cache itself"),
+    # the students measure the test store: another split was refused only after both extracts had run
+    ("train.eval_split=val", "demo --set train.eval_split='val': the demo sets train.eval_split itself"),
 ])
 def test_demo_values_are_checked_before_anything_is_made(tmp_path, monkeypatch, override, match):
     monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran before the values were checked"))
