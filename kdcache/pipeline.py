@@ -9,6 +9,7 @@ resolves ``teacher.factory``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import importlib
@@ -339,7 +340,7 @@ def _table(value: Any, key: str, source: str) -> dict[str, Any]:
 def _check(value: Any, annotation: str, key: str, source: str) -> Any:
     """Coerce/check one value against its field annotation (a string, from __future__ annotations)."""
     bad = PipelineError(f"{source}: {key} must be {_USE.get(annotation, 'a table, e.g. { key = value }')}, got {value!r}"
-                        f"{_as_text(value) if annotation in ('int', 'float') else ''}")
+                        f"{_as_text(value) if annotation in ('int', 'float') else _unquoted(value, key) if annotation == 'str' else ''}")
     if annotation == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -379,6 +380,22 @@ def _as_text(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\.\d+|\d+\.)([eE][+-]?\d+)?", value.strip()):
         return " (text: a TOML number has digits on both sides of its point, e.g. 0.001 or 1.0)"
     return ""
+
+
+def _unquoted(value: Any, key: str) -> str:
+    """For a string value TOML read as another scalar (a split named ``1``, a date), how to quote it: in the file, and
+    with ``--set``, where the shell would strip the quotes of ``--set key="1"`` (the same error again) unless the whole
+    override is quoted too."""
+    if isinstance(value, bool):
+        text, kind = ("true" if value else "false"), "a boolean"
+    elif isinstance(value, int | float):
+        text, kind = str(value), "a number"
+    elif isinstance(value, datetime.date | datetime.time):  # a datetime is a date
+        text, kind = value.isoformat(), "a date or time"
+    else:
+        return ""
+    quoted = json.dumps(text)
+    return f" (TOML reads {text} unquoted as {kind}: write {key} = {quoted}; on a command line, quote it for the shell too: --set '{key}={quoted}')"
 
 
 _USE = {"bool": "true or false", "int": "a whole number >= 0", "float": "a finite number >= 0", "str": "a quoted string",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -280,6 +281,22 @@ def test_bad_choices_list_the_valid_ones(override, match):
 def test_wrong_types_name_the_key_and_the_value(override, match):
     with pytest.raises(PipelineError, match=match):
         load(TINY, [override])
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("data.split=1", "data.split", "1"), ("train.eval_split=true", "train.eval_split", "true"),
+    ("data.split=2024-01-01", "data.split", "2024-01-01"), ("train.eval_split=0.5", "train.eval_split", "0.5"),
+])
+def test_a_string_read_as_another_value_names_the_quoting_that_works_on_a_command_line(override, key, value):
+    """``--set data.split=1`` (a split named by number) is the number 1: "a quoted string" alone led to ``--set
+    data.split="1"``, whose quotes the shell strips (the same error again). The fix the message names works as printed."""
+    with pytest.raises(PipelineError) as e:
+        load(TINY, [override])
+    fix = re.search(r"--set ('[^']*')\)$", str(e.value))
+    assert fix, str(e.value)
+    section, name = key.split(".")
+    (given,) = shlex.split(fix.group(1))  # as a shell passes it
+    assert getattr(getattr(load(TINY, [given]), section), name) == value
 
 
 def test_loading_runs_no_code(tmp_path):
