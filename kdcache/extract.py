@@ -389,8 +389,21 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "probe_batch": rows,
         "probe_seconds": seconds,
         "warnings": [f"train.features names {name!r}, which targets.layers does not list: kdcache train would refuse this store; "
-                     "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers],
+                     "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers]
+        + _loss_warnings(pipeline, run.has_labels),
     }
+
+
+def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
+    """What ``train`` (train.setup) would refuse in this store for the pipeline's loss weights, said before the extract."""
+    w, warnings = pipeline.train.loss, []
+    if (w.kl or w.mse) and not pipeline.targets.logits:
+        warnings.append("train.loss.kl/mse need stored logits, which targets.logits = false leaves out: kdcache train would refuse "
+                        "this store; set targets.logits = true (or those weights to 0)")
+    if w.ce and not has_labels:
+        warnings.append("train.loss.ce needs labels, which this dataset's items do not have: kdcache train would refuse this store; "
+                        "set train.loss.ce = 0")
+    return warnings
 
 
 def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target], device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:

@@ -210,6 +210,17 @@ def test_dry_run_prints_shapes_and_bytes_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert ("warning     train.features names 'features.3', which targets.layers does not list: kdcache train would refuse "
             "this store; add it to targets.layers (or --layers)") in result.stdout, result.stdout
+    # the loss weights' needs too (train.setup refuses such a store): logits left out for kl, no labels for ce
+    result = invoke("extract", TINY, "--dry-run", "--set", "targets.logits=false")
+    assert result.exit_code == 0, result.output
+    assert ("warning     train.loss.kl/mse need stored logits, which targets.logits = false leaves out: kdcache train would "
+            "refuse this store; set targets.logits = true (or those weights to 0)") in result.stdout, result.stdout
+    assert "train.loss.ce" not in result.stdout  # tiny's items are labeled
+    result = invoke("extract", TINY, "--dry-run", "--set", "data.factory=extract_zoo.py:images", "--set", "data.split=unlabeled",
+                    "--set", "targets.layers=[]", "--set", "train.features={}")
+    assert result.exit_code == 0, result.output
+    assert "warning     train.loss.ce needs labels, which this dataset's items do not have" in result.stdout, result.stdout
+    assert "train.loss.kl" not in result.stdout
 
 
 # ----------------------------------------------------------------------------------- existing stores
