@@ -224,10 +224,23 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 
 
 def _load(pipeline: str, overrides: tuple[str, ...], **flags: Any) -> Any:
+    """The pipeline with its ``--set`` overrides, then the shortcut flags' values (``flags``: pipeline key -> value, None
+    where the flag was not given), which messages about them name as the flag (``--epochs 0``), not as a --set."""
     from kdcache.pipeline import load
 
-    extra = [f"{key}={_toml(value)}" for key, value in flags.items() if value is not None]
-    return load(pipeline, list(overrides) + extra)
+    extra = {f"{key}={_toml(value)}": key for key, value in flags.items() if value is not None}
+    given = {item: f"{FLAGS[key]} {_flag_value(flags, key)}" for item, key in extra.items()}
+    return load(pipeline, list(overrides) + list(extra), given=given)
+
+
+FLAGS = {"extract.batch_size": "--batch-size", "extract.device": "--device", "targets.layers": "--layers", "train.epochs": "--epochs",
+         "train.steps": "--epochs", "train.batch_size": "--batch-size", "train.device": "--device", "train.eval_cache": "--eval-cache"}
+
+
+def _flag_value(flags: dict[str, Any], key: str) -> str:
+    """The value a shortcut flag was given, as typed (``train.steps`` is set to 0 by ``--epochs N``: N)."""
+    value = flags["train.epochs"] if key == "train.steps" else flags[key]
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 def _sets(override: str, section: str, key: str) -> bool:

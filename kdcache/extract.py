@@ -183,7 +183,7 @@ class Run:
                                     f"extract.shard_mb chooses ({geometry['rows_per_shard']} rows) would be {shard_bytes / 2**30:.3g} GiB, above "
                                     f"the 4 GiB a shard may hold (it is held in memory until complete); set extract.rows_per_shard = {most} "
                                     "or fewer, or store less per sample (targets.select, fewer targets.layers, targets.dtype = \"float16\")")
-            raise PipelineError(f"{pipeline.source}: extract.rows_per_shard = {x.rows_per_shard} makes shards of {shard_bytes / 2**30:.3g} GiB "
+            raise PipelineError(f"{pipeline.where('extract.rows_per_shard')}: extract.rows_per_shard = {x.rows_per_shard} makes shards of {shard_bytes / 2**30:.3g} GiB "
                                 f"({sum(bytes_per_sample.values())} bytes per sample), but a shard is held in memory until complete; "
                                 f"use at most {most} rows, or 0 to choose from extract.shard_mb")
         return {
@@ -243,12 +243,13 @@ def setup(pipeline: Pipeline) -> Run:
     if not t.logits and not t.layers:
         raise PipelineError(f"{pipeline.source}: nothing to store; set targets.logits = true or list targets.layers")
     if x.batch_size < 1:
-        raise PipelineError(f"{pipeline.source}: extract.batch_size must be >= 1, got {x.batch_size}")
+        raise PipelineError(f"{pipeline.where('extract.batch_size')}: extract.batch_size must be >= 1, got {x.batch_size}")
     if x.queue_depth < 1:
-        raise PipelineError(f"{pipeline.source}: extract.queue_depth must be >= 1 (batches in flight to the writer), got {x.queue_depth}; "
+        raise PipelineError(f"{pipeline.where('extract.queue_depth')}: extract.queue_depth must be >= 1 (batches in flight to the writer), got {x.queue_depth}; "
                             "use e.g. 4 (the default)")
     if not (0 < x.chunk_mb <= x.shard_mb):
-        raise PipelineError(f"{pipeline.source}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
+        key = "extract.chunk_mb" if pipeline.where("extract.chunk_mb") != pipeline.source else "extract.shard_mb"  # the one set last
+        raise PipelineError(f"{pipeline.where(key)}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
                             "and an inner chunk no larger than its shard; e.g. chunk_mb = 1.0, shard_mb = 64.0")
     layout.check_layer_names(list(t.layers))  # names that collide on a case-insensitive file system
     device = data.pick_device(x.device)
@@ -275,7 +276,7 @@ def setup(pipeline: Pipeline) -> Run:
         run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
     unknown = set(t.select) - {name for name, _ in sources}
     if unknown:
-        raise PipelineError(f"{pipeline.source}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
+        raise PipelineError(f"{pipeline.where('targets.select')}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
     alone = {}  # the manifest's, by either algorithm (a resumed store's); hashed as read, for an item may be a buffer the next read refills
     for i in sorted({0, n - 1}):
         inputs = data.item_inputs(dataset, i)

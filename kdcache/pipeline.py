@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdcache.errors import KdcacheError, PipelineError, raised, short
+from kdcache.errors import KdcacheError, PipelineError, option, raised, short
 from kdcache.threads import CORES, MAX_PARALLEL
 
 
@@ -125,12 +125,21 @@ class Pipeline:
     train: TrainSection = field(default_factory=TrainSection)
     root: Path = Path(".")  # folder that relative import paths are resolved against
     source: str = "<dict>"  # where the values came from, for messages
+    # the overrides applied over source, in order: (the key each sets, as messages spell it; how the user gave it)
+    set_by: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The values as plain JSON-able data (what a store and a checkpoint record)."""
         out = dataclasses.asdict(self)
-        out.pop("root"), out.pop("source")
+        out.pop("root"), out.pop("source"), out.pop("set_by")
         return _jsonable(out)
+
+    def where(self, key: str) -> str:
+        """Where the value of ``key`` (``"train.lr"``) came from, to begin a message about it: the override that set it
+        (or a table holding it: ``train={lr=0}``), as the user gave it (``--set train.lr=0``, ``--epochs 0``), else the
+        pipeline file, whose value the message would otherwise seem to quote."""
+        return next((given for set_key, given in reversed(self.set_by) if key == set_key or key.startswith(set_key + ".")),
+                    self.source)
 
     def resolve(self, import_path: str) -> Callable[..., Any]:
         return resolve(import_path, self.root)
@@ -177,8 +186,9 @@ LIMITS = {  # upper bounds (inclusive), with what to use instead
 FLOAT32_MAX = 3.4028234663852886e38  # torch computes in float32: a larger value overflows
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
-    """Read a pipeline TOML file and apply ``section.key=value`` overrides."""
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, given: dict[str, str] | None = None) -> Pipeline:
+    """Read a pipeline TOML file and apply ``section.key=value`` overrides. ``given``: how the user gave an override, where
+    not as ``--set`` (the CLI's shortcut flags: ``{"train.epochs=0": "--epochs 0"}``), for messages about its value."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (some Windows editors) is not TOML
@@ -196,11 +206,28 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
         flat = not any(isinstance(v, dict) for v in overrides.values())
         example = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if flat else ["extract.batch_size=64"]
         raise PipelineError(f"overrides is a dict, {short(overrides)}, not a list of section.key=value strings; pass {short(example)}")
+    set_by = []
     for item in overrides:
         if not isinstance(item, str):
             raise PipelineError(f"override {short(item)} is a {type(item).__name__}, not a section.key=value string (e.g. 'extract.batch_size=64')")
-        apply_override(raw, item)
-    return from_dict(raw, root=path.resolve().parent, source=str(path))
+        set_by.append((_spelled(apply_override(raw, item)), (given or {}).get(item) or option(f"--set {item}", f"override {item!r}")))
+    source = str(path)
+    try:
+        pipeline = from_dict(raw, root=path.resolve().parent, source=source)
+    except PipelineError as e:  # a value an override set is named as the override, not as the file's (which it replaced)
+        text = str(e).removeprefix(f"{source}: ")
+        where = Pipeline(source=source, set_by=tuple(set_by)).where(text.split(" ", 1)[0])
+        if where == source or text == str(e):
+            raise
+        raise type(e)(f"{where}: {text}") from None
+    return dataclasses.replace(pipeline, set_by=tuple(set_by))
+
+
+def _spelled(parts: list[str]) -> str:
+    """A key's parts as messages spell the key: a layer's name under ``train.features`` or ``targets.select`` quoted
+    (``train.features.'features.3'.weight``), every other part as it is."""
+    return ".".join(repr(part) if tuple(parts[:i]) in (("train", "features"), ("targets", "select")) else part
+                    for i, part in enumerate(parts))
 
 
 def check_pipeline(value: Any) -> Pipeline:
@@ -217,8 +244,8 @@ def check_pipeline(value: Any) -> Pipeline:
     raise TypeError(f"pipeline must be a kdcache.Pipeline, got {type(value).__name__} {short(value)}; {fix}")
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as TOML, else taken as a string.
+def apply_override(raw: dict[str, Any], item: str) -> list[str]:
+    """Apply one ``a.b.c=value`` override in place (returns the key's parts); the value is parsed as TOML, else taken as a string.
 
     The key is a TOML dotted key, so a part holding dots is quoted: ``targets.select."encoder.layers.1"=0``.
     """
@@ -229,13 +256,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    *parents, leaf = _key_parts(key.strip(), item)
+    *parents, leaf = parts = _key_parts(key.strip(), item)
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PipelineError(f"override {item!r}: {part!r} is a value, not a section")
     node[leaf] = value
+    return parts
 
 
 def _key_parts(key: str, item: str) -> list[str]:
@@ -254,7 +282,7 @@ def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>
     """Validate plain values (as read from TOML) into a ``Pipeline``; unknown keys are errors."""
     sections: dict[str, Any] = {}
     for f in dataclasses.fields(Pipeline):
-        if f.name in ("root", "source"):
+        if f.name in ("root", "source", "set_by"):
             continue
         value = raw.get(f.name, {})
         if not isinstance(value, dict):

@@ -936,20 +936,20 @@ def check_values(pipeline: Pipeline) -> None:
     """Refuse values the pipeline loader accepts (numbers >= 0) but training cannot use, before anything is written."""
     t = pipeline.train
     if t.batch_size < 1:
-        raise PipelineError(f"{pipeline.source}: train.batch_size must be >= 1, got {t.batch_size}")
+        raise PipelineError(f"{pipeline.where('train.batch_size')}: train.batch_size must be >= 1, got {t.batch_size}")
     if t.shuffle_buffer_shards < 1:
-        raise PipelineError(f"{pipeline.source}: train.shuffle_buffer_shards must be >= 1 (shards read per shuffle buffer), "
+        raise PipelineError(f"{pipeline.where('train.shuffle_buffer_shards')}: train.shuffle_buffer_shards must be >= 1 (shards read per shuffle buffer), "
                             f"got {t.shuffle_buffer_shards}; use e.g. 4 (the default), or 1 to hold the fewest shards")
     if t.epochs < 1 and t.steps < 1:
-        raise PipelineError(f"{pipeline.source}: train.epochs must be >= 1 (or train.steps > 0), got {t.epochs}")
+        raise PipelineError(f"{pipeline.where('train.epochs')}: train.epochs must be >= 1 (or train.steps > 0), got {t.epochs}")
     if (t.loss.kl or t.loss.mse and t.loss.mse_on == "probabilities") and not t.loss.temperature >= MIN_TEMPERATURE:
-        raise PipelineError(f"{pipeline.source}: train.loss.temperature must be at least {MIN_TEMPERATURE:g} (logits / T overflows below), "
+        raise PipelineError(f"{pipeline.where('train.loss.temperature')}: train.loss.temperature must be at least {MIN_TEMPERATURE:g} (logits / T overflows below), "
                             f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
     if not t.lr > 0:
-        raise PipelineError(f"{pipeline.source}: train.lr must be > 0, got {t.lr:g}; use e.g. 1e-3 (adamw) or 0.05 (sgd)")
+        raise PipelineError(f"{pipeline.where('train.lr')}: train.lr must be > 0, got {t.lr:g}; use e.g. 1e-3 (adamw) or 0.05 (sgd)")
     if not 0 < t.rank_timeout_s <= MAX_RANK_TIMEOUT_S:  # torch.distributed counts a wait's end in nanoseconds from now:
         # beyond ~9.2e9 s it wraps (gloo: every step's all-reduce timed out at once), then is refused (a traceback)
-        raise PipelineError(f"{pipeline.source}: train.rank_timeout_s must be > 0 and at most {MAX_RANK_TIMEOUT_S:g} (seconds; torch.distributed's "
+        raise PipelineError(f"{pipeline.where('train.rank_timeout_s')}: train.rank_timeout_s must be > 0 and at most {MAX_RANK_TIMEOUT_S:g} (seconds; torch.distributed's "
                             f"clock overflows beyond), got {t.rank_timeout_s:g}; use e.g. 1800 (the default: a rank waits 30 minutes "
                             "for a hung or lost one in a training step)")
 

@@ -34,6 +34,15 @@ def teacher_check(ctx: Ctx, *args: str) -> list:
 
 
 CASES = [
+    # -- a value a flag or --set gave is named as that flag or --set, not as the pipeline file (whose value is another)
+    Case("flag-value-named-as-the-flag", lambda c: extract("--out", c.new, "--batch-size", "0"),
+         ("Error: --batch-size 0: extract.batch_size must be >= 1, got 0",)),
+    Case("set-table-named-as-the-set", lambda c: extract("--out", c.new, "--set", "extract={batch_size=0}"),
+         ("Error: --set extract={batch_size=0}: extract.batch_size must be >= 1, got 0",)),
+    Case("epochs-flag-named-as-the-flag", lambda c: train(c, "--epochs", "0"), ("Error: --epochs 0: train.epochs must be >= 1",), store=True),
+    Case("set-layer-key-named-as-the-set", lambda c: train(c, "--set", 'train.features."features.3".weight=-1'),
+         ("""Error: --set train.features."features.3".weight=-1: train.features.'features.3'.weight must be a finite number >= 0, got -1""",),
+         store=True),
     # -- --scheduler: an address that does not parse is refused before the store is created; one that parses but
     #    does not answer is refused before it too: test_scheduler_that_does_not_answer
     Case("workers-above-limit", lambda c: extract("--out", c.new, "--workers", "100000"), ("'--workers': 100000 is not in the range",), code=2),

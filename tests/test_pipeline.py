@@ -12,6 +12,7 @@ import pytest
 
 import kdcache
 from kdcache.errors import PipelineError
+from conftest import TINY_TOML
 from kdcache.pipeline import Pipeline, apply_override, from_dict, load, resolve
 from reference import FIXTURES, write_toml
 
@@ -427,3 +428,16 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
     path = tmp_path / "p.toml"
     path.write_bytes(b"\xef\xbb\xbf" + b'[extract]\nbatch_size = 7\n')
     assert kdcache.load_pipeline(path).extract.batch_size == 7
+
+
+def test_a_value_an_override_set_is_named_as_the_override_not_as_the_file():
+    """tiny.toml says train.batch_size = 8: an error about the value an override gave began 'tiny.toml: train.batch_size
+    must be ..., got -2', sending the reader to a file that says 8. It names the override (the last one that set the
+    key, or a table holding it); a value from the file is still named as the file's."""
+    with pytest.raises(PipelineError, match=r"^override 'train.batch_size=-2': train.batch_size must be a whole number >= 0, got -2$"):
+        load(TINY_TOML, ["train.batch_size=4", "train.batch_size=-2"])
+    with pytest.raises(PipelineError, match=r"^override 'train=\{lr=-1\}': train.lr must be"):
+        load(TINY_TOML, ["train.batch_size=4", "train={lr=-1}"])
+    p = load(TINY_TOML, ["train.lr=0"])
+    assert p.where("train.lr") == "override 'train.lr=0'" and p.where("train.batch_size") == str(TINY_TOML)
+    assert p == load(TINY_TOML, ["train.lr=0.0"])  # where a value came from is not part of the pipeline
