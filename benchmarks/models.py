@@ -6,6 +6,8 @@ teacher without downloading one. Stored targets the benchmarks use:
 
 - ``logits`` [1000] (2 KB/sample as float16), ``pool`` [512] (1 KB/sample, the pooled features),
 - ``layer1`` [64, 32, 32] (128 KB/sample as float16: the large activation map).
+
+``mnist_rows`` and ``mnist_conv_student`` serve bench_memory's train half (the real MNIST teacher and data).
 """
 
 from __future__ import annotations
@@ -97,3 +99,25 @@ def mnist_rows(split: str) -> Dataset:
     import mnist
 
     return torch.utils.data.Subset(mnist.dataset("train"), range(int(split)))
+
+
+class ConvStudent(nn.Module):
+    """A small MNIST CNN student: conv 1->8 (3x3, stride 2) -> ReLU [8, 14, 14] -> linear 1568 -> 10.
+
+    Its ``relu`` map has the teacher's ``features.4`` grid (the MNIST CNN's second ReLU, [64, 14, 14]), so
+    ``train.features`` can distil that 24.5 KB/sample (float16) map through a 1x1 conv head (bench_memory.py).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8 * 14 * 14, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).flatten(start_dim=1))
+
+
+def mnist_conv_student() -> nn.Module:
+    """A fresh ``ConvStudent`` (initialised by the current torch RNG, which ``kdcache.train`` seeds)."""
+    return ConvStudent()
