@@ -313,6 +313,8 @@ CASES = [
     # a per-sample shape of 2**62: once named as streaming buffers too large for memory ("lower train.shuffle_buffer_shards")
     Case("train-array-meta-huge-sample-shape", train, (*BAD_LOGITS_META, f"it says [50, {2**62}] float16, the manifest says [50, 4] float16"),
          store=True, damage=edit_metadata(LOGITS, shape=[50, 2**62])),
+    Case("info-array-meta-huge-sample-shape", info, (*BAD_LOGITS_META, f"it says [50, {2**62}] float16, the manifest says [50, 4] float16"),
+         store=True, damage=edit_metadata(LOGITS, shape=[50, 2**62])),  # was exit 0, with bytes_raw counted from it
     Case("export-array-meta-wrong-shape", export, (*BAD_LOGITS_META, "it says [50, 3] float16, the manifest says [50, 4] float16"),
          store=True, damage=edit_metadata(LOGITS, shape=[50, 3])),
     Case("stats-array-meta-wrong-dtype", stats, (*BAD_LOGITS_META, "it says [50, 4] float32, the manifest says [50, 4] float16"),
