@@ -252,6 +252,10 @@ def _ctrl_c_to_driver() -> Iterator[None]:
 
 
 _RUNS: dict[str, tuple[Run, dict[str, Any]]] = {}  # per worker process: the teacher and dataset a pipeline built, and their manifest
+# A worker started with several threads (``dask worker``'s default: one per core) runs one shard at a time: its tasks share
+# one teacher, whose forward hooks saw every thread's batches (a hooked layer "ran more than once", or held another
+# shard's rows), and factories seeded the one global RNG at once (their weights differed from the store's)
+_ONE_SHARD_AT_A_TIME = threading.Lock()
 
 
 def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None,
@@ -259,7 +263,7 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
     """A dask task: extract one whole shard into the existing store (a no-op if it is already done). ``lock_token``: of
     the job's S3 writer lock (its driver's), which must still be the job's when the shard is written. ``command_line``:
     the driver runs a ``kdcache`` command, whose flags the worker's messages name (``errors.option``)."""
-    with errors.command_line() if command_line else contextlib.nullcontext():
+    with _ONE_SHARD_AT_A_TIME, errors.command_line() if command_line else contextlib.nullcontext():  # a global: set by one task at a time
         return _extract_one(pipeline, location, shard, storage_options, lock_token)
 
 

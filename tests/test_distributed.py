@@ -227,6 +227,24 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
     assert_same_store(out, reference)
 
 
+def test_a_worker_with_several_threads_writes_the_single_process_store(tmp_path):
+    """``dask worker`` starts one thread per core unless told ``--nthreads 1``: its tasks ran shards at once on the one
+    teacher the worker keeps, whose forward hooks then saw every thread's batches ("layer 'conv' ran more than once in
+    one forward pass", or another shard's rows kept as this one's), and whose factories seeded the one global RNG at once
+    ("different teacher weights ... seed the initialisation"). A worker now runs one shard at a time."""
+    from distributed import Client, LocalCluster
+
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
+    single = str(tmp_path / "single.zarr")
+    kdcache.extract(kdcache.load_pipeline(toml), single)
+    out = str(tmp_path / "threads.zarr")
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster):
+        info = extract_distributed(kdcache.load_pipeline(toml), out, scheduler=cluster.scheduler_address)
+    assert info["complete"]
+    assert_same_store(out, single)
+
+
 def test_a_worker_that_cannot_build_the_teacher_is_named(tmp_path):
     """The driver built the teacher; a worker whose machine lacks its checkpoint (or a package it imports) failed with the
     driver's own words for it, and its user, running the factory on the driver, found nothing wrong there. The one line
