@@ -183,7 +183,10 @@ def _connect(scheduler: str) -> Iterator[Any]:
 
     local = "or use --workers N for a local cluster"
     try:
+        _handshake(scheduler)
         client = Client(scheduler)
+    except SchedulerError:
+        raise
     except ValueError as e:
         raise _bad_address(scheduler, e) from e
     except OSError as e:
@@ -191,6 +194,35 @@ def _connect(scheduler: str) -> Iterator[Any]:
                              f"start one there (dask scheduler --port PORT), {local}") from e
     with client:
         yield client
+
+
+def _handshake(scheduler: str) -> None:
+    """Connect to ``scheduler`` and wait for dask's handshake, each within ``distributed.comm.timeouts.connect``. dask's own
+    ``Client`` waits for the handshake for good: a server there that is not a dask scheduler (the dashboard's HTTP port,
+    another service) accepted the connection and the job hung, silent, until it was killed."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+    from distributed.comm.core import connect
+    from distributed.security import Security
+    from dask.utils import parse_timedelta
+
+    if scheduler.startswith("inproc://"):  # this process's own scheduler
+        return
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+
+    async def shake() -> None:
+        comm = await asyncio.wait_for(connect(scheduler, timeout=timeout, **Security().get_connection_args("client")), 2 * timeout)
+        await comm.close()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="kdcache-handshake") as pool:  # a loop of its own: the caller's may run one
+        try:
+            pool.submit(asyncio.run, shake()).result()
+        except TimeoutError:  # ours, on the handshake: where nothing answers, connect's own is an OSError
+            raise SchedulerError(f"something at {scheduler!r} accepted the connection but did not answer as a dask scheduler within "
+                                 f"{2 * timeout:g} s (the dashboard's HTTP port, 8787 by default, or another service); pass the address "
+                                 "dask scheduler prints (tcp://HOST:PORT), or use --workers N for a local cluster") from None
 
 
 @contextlib.contextmanager
