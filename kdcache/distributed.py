@@ -301,6 +301,8 @@ def _extract_shard(pipeline: Pipeline, location: str, shard: int, storage_option
 
 def _extract_one(pipeline: Pipeline, location: str, shard: int, storage_options: dict[str, Any] | None,
                  lock_token: str | None) -> dict[str, Any]:
+    from distributed import get_worker
+
     start = time.perf_counter()
     worker = _worker_index()
     pipeline = _on_device(pipeline, worker)
@@ -325,7 +327,8 @@ def _extract_one(pipeline: Pipeline, location: str, shard: int, storage_options:
         raise mismatch
     if not store.array(layout.DONE)[shard]:  # a resubmitted task whose first try finished after all
         extract_shards(run, pipeline, store, [shard], Progress(0, "", enabled=False))
-    return {"shard": shard, "worker": os.getpid(), "seconds": time.perf_counter() - start}
+    # the worker by its name, which a nanny's restart keeps (a LocalCluster's 0..N-1): counted by pid, a restarted worker was two
+    return {"shard": shard, "worker": str(get_worker().name), "seconds": time.perf_counter() - start}
 
 
 def _open_created(location: str, storage_options: dict[str, Any] | None, who: str) -> layout.Store:

@@ -198,7 +198,9 @@ def test_a_cluster_rebuilds_a_teacher_whose_checkpoint_changed_since_its_last_jo
             assert_same_store(out, single)
 
 
-def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
+def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log, capfd):
+    """The killed worker's shard is retried and the store equals the single-process one; the progress line counts the
+    2 workers (by name: counted by pid, the one the nanny restarted was a third)."""
     from distributed import Client, LocalCluster
 
     zoo_env(N=96, SLEEP=0.03)  # 6 shards of 16 rows, ~0.5 s each; read by the workers when they start
@@ -209,7 +211,8 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
             Client(cluster) as client:
         result: dict = {}
-        job = threading.Thread(target=lambda: result.update(info=extract_distributed(make_pipeline(), out, scheduler=cluster.scheduler_address)))
+        job = threading.Thread(target=lambda: result.update(info=extract_distributed(make_pipeline(), out, scheduler=cluster.scheduler_address,
+                                                                                    progress=True)))
         job.start()
         deadline = time.monotonic() + 60
         while not shards_done(out):
@@ -225,6 +228,8 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log):
     assert sorted(set(fetched)) == list(range(96)) and len(fetched) > 96  # the killed worker's shard was fetched again
     assert result["info"]["complete"]
     assert_same_store(out, reference)
+    err = capfd.readouterr().err
+    assert "shards, 2 workers]" in err and "3 workers" not in err, err[-2000:]
 
 
 def test_a_worker_with_several_threads_writes_the_single_process_store(tmp_path):
