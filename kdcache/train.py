@@ -1240,8 +1240,10 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
     missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(_CHECKPOINT_KEYS)
     if missing:  # a bare state_dict, a model saved whole by another tool
         seen = f"a dict without {missing}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise StoreError(f"{option('--resume')}: {path!r} is not a kdcache checkpoint ({seen}); "
-                         f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
+        error = StoreError(f"{option('--resume')}: {path!r} is not a kdcache checkpoint ({seen}); "
+                           f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
+        error.detail = f"not a kdcache checkpoint: {seen}"  # torchrun: what another rank than 0 saw (_check_same_out)
+        raise error
     checkpoint[_FILE] = file.name
     return checkpoint
 
