@@ -248,7 +248,7 @@ def setup(pipeline: Pipeline) -> Run:
         raise PipelineError(f"{pipeline.where('extract.queue_depth')}: extract.queue_depth must be >= 1 (batches in flight to the writer), got {x.queue_depth}; "
                             "use e.g. 4 (the default)")
     if not (0 < x.chunk_mb <= x.shard_mb):
-        key = "extract.chunk_mb" if pipeline.where("extract.chunk_mb") != pipeline.source else "extract.shard_mb"  # the one set last
+        key = "extract.chunk_mb" if pipeline.where("extract.chunk_mb") != pipeline.source else "extract.shard_mb"  # an override of either
         raise PipelineError(f"{pipeline.where(key)}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
                             "and an inner chunk no larger than its shard; e.g. chunk_mb = 1.0, shard_mb = 64.0")
     layout.check_layer_names(list(t.layers))  # names that collide on a case-insensitive file system
