@@ -8,6 +8,7 @@ resolves ``teacher.factory``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import difflib
@@ -136,10 +137,11 @@ class Pipeline:
 
     def where(self, key: str) -> str:
         """Where the value of ``key`` (``"train.lr"``) came from, to begin a message about it: the override that set it
-        (or a table holding it: ``train={lr=0}``), as the user gave it (``--set train.lr=0``, ``--epochs 0``), else the
-        pipeline file, whose value the message would otherwise seem to quote."""
-        return next((given for set_key, given in reversed(self.set_by) if key == set_key or key.startswith(set_key + ".")),
-                    self.source)
+        (or a table holding it: ``train={lr=0}``; or, for a table, a key in it: ``--set train.features.conv.weight=1``
+        made the entry ``'conv'``), as the user gave it (``--set train.lr=0``, ``--epochs 0``), else the pipeline file,
+        whose value the message would otherwise seem to quote."""
+        return next((given for set_key, given in reversed(self.set_by)
+                     if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".")), self.source)
 
     def resolve(self, import_path: str) -> Callable[..., Any]:
         return resolve(import_path, self.root)
@@ -216,11 +218,23 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, given
         pipeline = from_dict(raw, root=path.resolve().parent, source=source)
     except PipelineError as e:  # a value an override set is named as the override, not as the file's (which it replaced)
         text = str(e).removeprefix(f"{source}: ")
-        where = Pipeline(source=source, set_by=tuple(set_by)).where(text.split(" ", 1)[0])
+        where = Pipeline(source=source, set_by=tuple(set_by)).where(_subject(text))
         if where == source or text == str(e):
             raise
         raise type(e)(f"{where}: {text}") from None
     return dataclasses.replace(pipeline, set_by=tuple(set_by))
+
+
+def _subject(text: str) -> str:
+    """The key a ``from_dict`` message (less its source) is about: its first word (``train.lr must be ...``), a
+    section's (``[train] must be a table``), or an unknown key's (``unknown key 'train.lrr'; ...``: a --set's typo)."""
+    if text.startswith("unknown key "):
+        spelled = text.removeprefix("unknown key ").split(";", 1)[0]
+        try:
+            return str(ast.literal_eval(spelled))
+        except (ValueError, SyntaxError):
+            return ""
+    return text.split(" ", 1)[0].removeprefix("[").removesuffix("]")
 
 
 def _spelled(parts: list[str]) -> str:

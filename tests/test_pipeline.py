@@ -441,3 +441,22 @@ def test_a_value_an_override_set_is_named_as_the_override_not_as_the_file():
     p = load(TINY_TOML, ["train.lr=0"])
     assert p.where("train.lr") == "override 'train.lr=0'" and p.where("train.batch_size") == str(TINY_TOML)
     assert p == load(TINY_TOML, ["train.lr=0.0"])  # where a value came from is not part of the pipeline
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key 'train.lrr'; did you mean train.lr?"),
+    ("trian.lr=1", "unknown key 'trian'; did you mean train?"),
+    ('train.features."features.3".wieght=1', "unknown key \"train.features.'features.3'.wieght\"; did you mean"),
+    ("train=5", "[train] must be a table, got 5"),
+    ("train.features.conv.weight=1", "train.features.'conv' needs student"),  # the entry the override made
+])
+def test_an_error_about_a_key_an_override_gave_names_the_override_not_the_file(override, message, tmp_path):
+    """A typo in --set (an unknown key), a section it replaced by a value, an entry it made: each began with the pipeline
+    file's name ('tiny.toml: unknown key 'train.lrr''), which holds no such key. A key the file holds is still the file's."""
+    with pytest.raises(PipelineError) as e:
+        load(TINY_TOML, [override])
+    assert str(e.value).startswith(f"override {override!r}: {message}"), str(e.value)
+    file = tmp_path / "typo.toml"  # the same typo in the file, beside an override of another key: the file's
+    file.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:').replace("lr = 0.01", "lrr = 0.01"))
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(file))}: unknown key 'train.lrr'"):
+        load(file, ["train.epochs=3"])
