@@ -43,6 +43,8 @@ CASES = [
     Case("set-layer-key-named-as-the-set", lambda c: train(c, "--set", 'train.features."features.3".weight=-1'),
          ("""Error: --set train.features."features.3".weight=-1: train.features.'features.3'.weight must be a finite number >= 0, got -1""",),
          store=True),
+    Case("set-typo-named-as-the-set", lambda c: extract("--out", c.new, "--set", "extract.batch_sise=4"),
+         ("Error: --set extract.batch_sise=4: unknown key 'extract.batch_sise'; did you mean extract.batch_size?",)),
     # -- --scheduler: an address that does not parse is refused before the store is created; one that parses but
     #    does not answer is refused before it too: test_scheduler_that_does_not_answer
     Case("workers-above-limit", lambda c: extract("--out", c.new, "--workers", "100000"), ("'--workers': 100000 is not in the range",), code=2),
