@@ -569,8 +569,13 @@ def sum_over_ranks(values: torch.Tensor, waits: bool = False) -> torch.Tensor:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        group = _group(steps=not waits)
+        if group is None and dist.get_backend() == "nccl" and values.device.type == "cpu":  # a caller's own NCCL group (no
+            reduced = values.to(f"cuda:{torch.cuda.current_device()}")  # gloo group of kdcache's): reduced on the device
+            dist.all_reduce(reduced)
+            return reduced.cpu()
         values = values.clone()
-        dist.all_reduce(values, group=_group(steps=not waits))
+        dist.all_reduce(values, group=group)
     return values
 
 
