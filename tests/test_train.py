@@ -858,6 +858,7 @@ def test_a_hooked_student_module_is_distilled_as_it_ran(tiny_store):
     torch.testing.assert_close(distilled, conv)
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")  # torch's, on the reentrant case
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_a_feature_without_gradient_is_refused_though_its_head_has_one(tiny_store, reentrant):
     """A student module run inside a reentrant torch.utils.checkpoint (Hugging Face's gradient checkpointing) gives its
