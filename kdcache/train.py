@@ -941,7 +941,8 @@ def check_values(pipeline: Pipeline) -> None:
         raise PipelineError(f"{pipeline.where('train.shuffle_buffer_shards')}: train.shuffle_buffer_shards must be >= 1 (shards read per shuffle buffer), "
                             f"got {t.shuffle_buffer_shards}; use e.g. 4 (the default), or 1 to hold the fewest shards")
     if t.epochs < 1 and t.steps < 1:
-        raise PipelineError(f"{pipeline.where('train.epochs')}: train.epochs must be >= 1 (or train.steps > 0), got {t.epochs}")
+        where = pipeline.where("train.epochs")  # --epochs sets train.steps = 0 too: steps are no way out of it
+        raise PipelineError(f"{where}: train.epochs must be >= 1{'' if where.startswith('--epochs') else ' (or train.steps > 0)'}, got {t.epochs}")
     if (t.loss.kl or t.loss.mse and t.loss.mse_on == "probabilities") and not t.loss.temperature >= MIN_TEMPERATURE:
         raise PipelineError(f"{pipeline.where('train.loss.temperature')}: train.loss.temperature must be at least {MIN_TEMPERATURE:g} (logits / T overflows below), "
                             f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")

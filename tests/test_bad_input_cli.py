@@ -39,7 +39,7 @@ CASES = [
          ("Error: --batch-size 0: extract.batch_size must be >= 1, got 0",)),
     Case("set-table-named-as-the-set", lambda c: extract("--out", c.new, "--set", "extract={batch_size=0}"),
          ("Error: --set extract={batch_size=0}: extract.batch_size must be >= 1, got 0",)),
-    Case("epochs-flag-named-as-the-flag", lambda c: train(c, "--epochs", "0"), ("Error: --epochs 0: train.epochs must be >= 1",), store=True),
+    Case("epochs-flag-named-as-the-flag", lambda c: train(c, "--epochs", "0"), ("Error: --epochs 0: train.epochs must be >= 1, got 0",), store=True),
     Case("set-layer-key-named-as-the-set", lambda c: train(c, "--set", 'train.features."features.3".weight=-1'),
          ("""Error: --set train.features."features.3".weight=-1: train.features.'features.3'.weight must be a finite number >= 0, got -1""",),
          store=True),
