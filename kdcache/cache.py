@@ -366,7 +366,7 @@ class TransferSet(IterableDataset):
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
         index = columns[layout.INDEX].tolist()
         items = data.getitems(self.dataset, index)
-        inputs = [data.inputs_of(item) for item in items]
+        inputs = [data.inputs_of(item, i) for i, item in zip(index, items)]
         batch = data.stack(inputs, index)
         self._check(rows, columns, items, inputs, batch, check)
         return {
@@ -401,7 +401,7 @@ class TransferSet(IterableDataset):
                                      one_input=batched and _one_input(inputs, self.algorithm))
         labels = columns.get(layout.LABEL)
         for j in which if labels is not None else ():
-            label = data.split_item(items[j])[1]
+            label = data.split_item(items[j], int(index[j]))[1]
             if label is not None and label != int(labels[j]):  # the same input, another label: ce trains on the stored one, eval scores this
                 raise AlignmentError(
                     f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r} holds label {int(labels[j])} but the "

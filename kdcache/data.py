@@ -25,6 +25,7 @@ from kdcache import store as layout, threads
 from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreError, raised, short
 
 LABEL_KEYS = ("label", "labels")
+NO_LABEL = "an item without a label may give -1: a label below 0 is no label"
 FINGERPRINT_ALGORITHM = "blake2b-64-v2"  # what a new store records (FORMAT.md §9)
 V1 = "blake2b-64"  # kdcache <= 0.1.6's: numbers and strings fed by repr() without framing, so (1, 23) and (12, 3) were one input
 FINGERPRINT_ALGORITHMS = {  # what kdcache computes, to check a store made by either, and its manifest's fingerprint.of
@@ -65,51 +66,65 @@ def v1_blind_spot(inputs: Any) -> str | None:
     return f"{type(inputs).__name__} values"
 
 
-def split_item(item: Any) -> tuple[Any, int | None]:
+def split_item(item: Any, index: int | None = None) -> tuple[Any, int | None]:
     """An item is a tensor, an ``(input, label, ...)`` tuple, or a dict of tensors.
 
     A dict's ``label``/``labels`` entry is the label and is not passed to the model.
-    Returns ``(inputs, label or None)``.
+    Returns ``(inputs, label or None)``. ``index``: the dataset index the item was read at, which an error names.
     """
     if isinstance(item, torch.Tensor):
         return item, None
     if isinstance(item, tuple | list):
         if not item:
-            raise PipelineError("dataset item is an empty tuple; return a tensor, (input, label) or a dict of tensors")
-        return item[0], (_label(item[1]) if len(item) > 1 else None)
+            raise PipelineError(f"{_item(index)} is an empty tuple; return a tensor, (input, label) or a dict of tensors")
+        if len(item) > 2 and all(_is_number(v) for v in item):  # token ids, a row of features: not (input, label, ...)
+            raise PipelineError(
+                f"{_item(index)} is a {type(item).__name__} of {len(item)} numbers ({short(list(item))}): kdcache reads a tuple or list "
+                "item as (input, label, ...), which would give the teacher its first number alone and take the second as the label; "
+                "return the values as one tensor (token ids: torch.tensor(ids)), as (tensor, label), or as a dict of tensors")
+        return item[0], (_label(item[1], None, index) if len(item) > 1 else None)
     if isinstance(item, Mapping):
         inputs = {k: v for k, v in item.items() if k not in LABEL_KEYS}
         key = next((k for k in LABEL_KEYS if k in item), None)
-        return inputs, (_label(item[key], key) if key is not None and item[key] is not None else None)
+        return inputs, (_label(item[key], key, index) if key is not None and item[key] is not None else None)
     raise PipelineError(
-        f"dataset item of type {type(item).__name__} is not supported; return a tensor, (input, label) or a dict of tensors"
+        f"{_item(index)} of type {type(item).__name__} is not supported; return a tensor, (input, label) or a dict of tensors"
     )
 
 
-def inputs_of(item: Any) -> Any:
+def _item(index: int | None) -> str:
+    return "dataset item" if index is None else f"dataset item {index}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+
+
+def inputs_of(item: Any, index: int | None = None) -> Any:
     """``split_item(item)[0]`` without parsing the label: the per-item hot path of training,
     whose labels come from the store."""
     if isinstance(item, torch.Tensor):
         return item
-    if type(item) is tuple and item:
+    if type(item) is tuple and 0 < len(item) <= 2:
         return item[0]
-    return split_item(item)[0]
+    return split_item(item, index)[0]
 
 
-def _label(value: Any, key: str | None = None) -> int:
-    """An item's label as an int, else a PipelineError; ``key``: the dict entry it came from (``label``/``labels``)."""
+def _label(value: Any, key: str | None = None, index: int | None = None) -> int:
+    """An item's label as an int, else a PipelineError; ``key``: the dict entry it came from (``label``/``labels``);
+    ``index``: the dataset index of the item."""
     if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         return int(value)
     if key is not None:  # per-token labels (a causal language model's copy of input_ids), a one-hot vector: not a class index
         raise PipelineError(
-            f"dataset item's {key!r} entry ({_shown(value)}) is not an integer class index: kdcache takes an item's 'label' or 'labels' "
+            f"{_item(index)}'s {key!r} entry ({_shown(value)}) is not an integer class index: kdcache takes an item's 'label' or 'labels' "
             "entry as its one class label and passes the other entries to the model; leave the entry out of the item (to distil a "
             "language model it is not needed), or make it one int per item"
         )
     raise PipelineError(
-        f"dataset label {_shown(value)} is not an integer class index; return (input, int label) or only the input"
+        f"{_item(index)}'s label {_shown(value)} is not an integer class index; return (input, int label) or only the input"
     )
 
 
@@ -299,7 +314,7 @@ REREADS = 4  # reads of one item after a fingerprint differed: a random augmenta
 def item_inputs(dataset: Dataset, index: int) -> Any:
     """The model input of ``dataset[index]``, read alone (as the manifest's probe items are). Hash it before the next
     read: a dataset may return one buffer that each read refills."""
-    return split_item(getitems(dataset, [index], batched=False)[0])[0]
+    return split_item(getitems(dataset, [index], batched=False)[0], index)[0]
 
 
 def item_fingerprint(dataset: Dataset, index: int, algorithm: str) -> int:
@@ -319,10 +334,11 @@ def not_deterministic(index: int, reads: list[int], then: str) -> str:
             f"remove random augmentation (random crops, flips, noise) from data.factory's dataset, or seed it by the index, {then}")
 
 
-def reused_buffer(index: int, last: int) -> str:
+def reused_buffer(index: int, last: int, batch_end: bool = True) -> str:
     """The message for items that are one buffer refilled by each read: read in a batch, item ``index`` was the input of
-    ``last``, the batch's last item (read alone, it is its own)."""
-    return (f"dataset index {index}, read in a batch, was the input of index {last}, the batch's last item (alone it is its own): "
+    ``last``, the batch's last item (``batch_end``; else an item read after it) (read alone, it is its own)."""
+    which = "the batch's last item" if batch_end else "read after it"
+    return (f"dataset index {index}, read in a batch, was the input of index {last}, {which} (alone it is its own): "
             "__getitem__ returns one buffer that it refills for each item (a view of a shared tensor or array), so a batch would "
             "hold the last item read in every place; return a new tensor or array per item (e.g. buffer.clone(), np.array(buffer))")
 
@@ -362,13 +378,30 @@ class Indexed(Dataset):
         return self._wrap(i, self.dataset[i])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[int, int, Any, int | None]]:
-        split = [split_item(item) for item in getitems(self.dataset, indices)]
+        split = [split_item(item, i) for i, item in zip(indices, getitems(self.dataset, indices))]
         hashes = fingerprints([inputs for inputs, _ in split], self.algorithm) if self.algorithm else [0] * len(split)
+        if self.algorithm and len(set(hashes)) < len(hashes):
+            _check_repeats(self.dataset, indices, hashes, self.algorithm)
         return [(i, h, inputs, label) for i, h, (inputs, label) in zip(indices, hashes, split)]
 
     def _wrap(self, i: int, item: Any) -> tuple[int, int, Any, int | None]:
-        inputs, label = split_item(item)
+        inputs, label = split_item(item, i)
         return i, (fingerprint(inputs, self.algorithm) if self.algorithm else 0), inputs, label
+
+
+def _check_repeats(dataset: Dataset, indices: list[int], hashes: list[int], algorithm: str) -> None:
+    """A batch in which some indices gave one input: real duplicates, or items that are one buffer each read refills (or a
+    few, taken in turn), which the batch holds as the last item read into it in every place: then every such row would be
+    stored with that item's fingerprint and targets, each consistent with the other, under other indices (and labels).
+    The probe batch shows a dataset that does so everywhere; this, one that does so only for some items (a reader behind
+    a ``ConcatDataset``). Each repeated input's first index is read alone once: another input means a buffer."""
+    last = {h: i for i, h in zip(indices, hashes)}  # the last index read of each input
+    checked = set()
+    for i, h in zip(indices, hashes):
+        if last[h] != i and h not in checked:  # the first of a repeated input's indices
+            checked.add(h)
+            if item_fingerprint(dataset, i, algorithm) != h:
+                raise PipelineError(reused_buffer(i, last[h], batch_end=last[h] == indices[-1]))
 
 
 def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
@@ -377,7 +410,7 @@ def collate(items: list[tuple[int, int, Any, int | None]]) -> dict[str, Any]:
     if any(label is None for label in labels) and not all(label is None for label in labels):
         has, lacks = (next(it[0] for it in items if (it[3] is None) == missing) for missing in (False, True))
         raise PipelineError(f"some dataset items have a label and some do not (index {has} has one, index {lacks} has none); "
-                            "return labels for all items or none")
+                            f"return labels for all items or none ({NO_LABEL})")
     return {
         "index": np.array([it[0] for it in items], dtype=np.int64),
         "fingerprint": np.array([it[1] for it in items], dtype=np.uint64),
@@ -582,7 +615,20 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
             error, fix = DeviceMemoryError, f"lower {'extract' if role == 'teacher' else 'train'}.batch_size"
         else:
             error, fix = ModelError, f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)"
+            if (listed := _per_position(inputs)) is not None:
+                fix = (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
+                       "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or " + fix)
         raise error(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
+
+
+def _per_position(inputs: Any) -> str | None:
+    """Where a batch holds an entry that ``default_collate`` made of per-item Python lists (a list of 1-D tensors, one per
+    position), its name (``'input_ids'``, or ``the input``); else None."""
+    def listed(value: Any) -> bool:  # nested lists too (an image as x.tolist(), read from JSON)
+        return isinstance(value, list) and len(value) > 0 and all(isinstance(v, torch.Tensor) and v.ndim == 1 or listed(v) for v in value)
+    if isinstance(inputs, Mapping):
+        return next((f"entry {k!r}" for k, v in inputs.items() if listed(v)), None)
+    return "the input" if listed(inputs) else None
 
 
 def describe(inputs: Any) -> str:

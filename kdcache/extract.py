@@ -113,7 +113,8 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
                 if (batch["label"] is not None) != run.has_labels:  # the probe batch decided whether the store holds labels
                     first, last = int(batch["index"][0]), int(batch["index"][-1])
                     raise PipelineError(f"dataset indices {first}..{last} have {'no label' if run.has_labels else 'a label'}, but the "
-                                        f"first batch's items {'have one' if run.has_labels else 'do not'}; return labels for all items or none")
+                                        f"first batch's items {'have one' if run.has_labels else 'do not'}; return labels for all items or none "
+                                        f"({data.NO_LABEL})")
                 hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
                 with torch.inference_mode(), run.autocast():
                     output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
@@ -133,6 +134,7 @@ class Run:
     targets: dict[str, layout.Target]  # by array path
     has_labels: bool
     probe: dict[str, Any]
+    num_samples: int = 0  # len(dataset) when the probe items were chosen: the store's rows
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -171,7 +173,12 @@ class Run:
 
     def manifest(self, pipeline: Pipeline, algorithm: str = data.FINGERPRINT_ALGORITHM) -> dict[str, Any]:
         """The manifest of a store of this run, its inputs fingerprinted by ``algorithm`` (a resumed store's)."""
-        x, n = pipeline.extract, len(self.dataset)  # type: ignore[arg-type]
+        x, n = pipeline.extract, self.num_samples
+        now = data.check_dataset(self.dataset, f"data.factory {pipeline.data.factory!r}({pipeline.data.split!r})")
+        if now != n:  # the probes' last index (n - 1) and the store's rows would disagree: a store its own reader calls damaged
+            raise PipelineError(f"len() of data.factory {pipeline.data.factory!r}({pipeline.data.split!r})'s dataset gave {n}, then {now}: "
+                                "its length changed between two calls (files still arriving? a __len__ that counts anew each time); "
+                                "make __len__ return one number (list the items once, in the dataset's __init__), then rerun")
         bytes_per_sample = {layout.INDEX: 8, layout.FINGERPRINT: 8, **({layout.LABEL: 8} if self.has_labels else {})}
         bytes_per_sample |= {p: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for p, t in self.targets.items()}
         geometry = layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard)
@@ -260,7 +267,7 @@ def setup(pipeline: Pipeline) -> Run:
     if n == 0:
         raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract (check data.factory and data.split)")
     model.to(device)
-    run = Run(model, dataset, device, x.precision, {}, False, {})
+    run = Run(model, dataset, device, x.precision, {}, False, {}, n)
     batch, output, hooked = run.forward(list(range(min(x.batch_size, n))), t.layers)
     run.has_labels = batch["label"] is not None
     if t.logits and teachers.LOGITS in t.layers:

@@ -292,18 +292,34 @@ CASES = [
          ("the teacher produced NaN in target 'logits' (rows 24..31)",), writes=True),
     # -- the dataset
     Case("item-unsupported-type", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:string_items"),
-         ("dataset item of type str is not supported", "return a tensor, (input, label) or a dict of tensors")),
+         ("dataset item 0 of type str is not supported", "return a tensor, (input, label) or a dict of tensors")),
     # a dict's 'labels' of one label per position (a causal language model's copy of its input ids) was told to "return
     # (input, int label)", with the tensor's repr (several lines for a 2-D one)
     Case("item-dict-with-per-position-labels", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:per_position_labels"),
-         ("dataset item's 'labels' entry (int64[8]) is not an integer class index", "leave the entry out of the item")),
+         ("dataset item 0's 'labels' entry (int64[8]) is not an integer class index", "leave the entry out of the item")),
     Case("item-dict-with-a-string", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:with_ids"),
          ("the teacher model raised TypeError: ", "got an unexpected keyword argument 'id'",
           "on a batch of {'x': float32[8, 1, 8, 8], 'id': [8 x str]}; make teacher.factory's model take")),
     # raised in a DataLoader worker: torch re-raises it with the worker's traceback as its text; still one line
     Case("item-unsupported-type-in-a-worker", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:late_string_item",
                                                                 "--set", "extract.num_workers=2"),
-         ("Error: dataset item of type str is not supported",), writes=True),
+         ("Error: dataset item 40 of type str is not supported",), writes=True),
+    # a label found wrong after the probe batch did not say which item's it was
+    Case("item-label-a-float-in-a-later-batch", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:float_label_at_40"),
+         ("Error: dataset item 40's label 2.0 is not an integer class index", "return (input, int label)"), writes=True),
+    # a list of token ids was read as (input, label, ...): the first id went to the teacher alone, the second was stored as its label
+    Case("item-a-list-of-token-ids", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:token_lists"),
+         ("dataset item 0 is a list of 6 numbers ([", "first number alone and take the second as the label", "torch.tensor(ids)")),
+    Case("item-entry-a-nested-list", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:nested_lists"),
+         ("the teacher model raised TypeError", "entry 'x' is a list of tensors, one per position", "with_format('torch')")),
+    # items refilling one buffer only after the probe batch were written under other indices, each row consistent with
+    # its fingerprint (verify --teacher-check passed); training found them, naming random augmentation
+    Case("items-refill-one-buffer-after-the-probe-batch", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:partly_refilled"),
+         ("dataset index 16, read in a batch, was the input of index 23, the batch's last item (alone it is its own)",
+          "return a new tensor or array per item"), writes=True),
+    # a length that changed between two len() calls wrote a store whose own manifest was then refused as damaged
+    Case("dataset-length-changes-between-calls", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:changing_length"),
+         ("dataset gave 50, then 49: its length changed between two calls", "make __len__ return one number")),
     Case("dataset-changed-in-a-worker", lambda c: train(c, "--set", "data.factory=numbered.py:tiny_modified", "--set", "train.num_workers=2"),
          ("Error: store row 17 (dataset index 17) of ", "the dataset changed since extraction"), store=True),
     Case("items-ragged-arrays", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:ragged_arrays"),
