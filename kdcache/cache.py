@@ -84,7 +84,7 @@ class TransferSet(IterableDataset):
             raise PipelineError(f"seed must be an integer >= 0, got {short(seed)}; the order of every epoch is drawn from it")
         store = layout.open_store(location, storage_options=storage_options)
         algorithm = data.check_algorithm(store.manifest, location)
-        n = len(dataset)  # type: ignore[arg-type]
+        n = data.check_dataset(dataset, "dataset", "is")  # an IterableDataset was "object of type ... has no len()", a dict "1 samples"
         if n != store.num_samples:  # rows would be paired with the wrong items, or with none
             raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
         self.location, self.dataset, self.storage_options, self.algorithm = location, dataset, storage_options, algorithm

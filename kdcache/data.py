@@ -350,12 +350,13 @@ def load(pipeline: Any, split: str) -> Dataset:
     return dataset
 
 
-def check_dataset(dataset: Any, what: str) -> int:
-    """The length of a map-style dataset (``__len__`` and ``__getitem__``), else a PipelineError naming what it is."""
+def check_dataset(dataset: Any, what: str, verb: str = "returned") -> int:
+    """The length of a map-style dataset (``__len__`` and ``__getitem__``), else a PipelineError naming what it is:
+    ``f"{what} {verb} {kind}"`` (``verb``: "returned" for a factory's, "is" for an argument)."""
     indexable = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
     if isinstance(dataset, IterableDataset | Mapping | str | bytes) or not indexable:  # a dict (of splits?) is keyed, not indexed
         kind = "an IterableDataset" if isinstance(dataset, IterableDataset) else type(dataset).__name__
-        raise PipelineError(f"{what} returned {kind}, not a map-style dataset; return an object with __len__ and "
+        raise PipelineError(f"{what} {verb} {kind}, not a map-style dataset; return an object with __len__ and "
                             "__getitem__ (e.g. a torch.utils.data.Dataset): kdcache reads items by index")
     try:
         return len(dataset)

@@ -418,6 +418,17 @@ def test_dataset_of_another_length_is_refused(numbered_store):
         transfer(numbered_store, Numbered(90))
 
 
+def test_a_dataset_that_is_not_map_style_is_refused(numbered_store):
+    """An IterableDataset was a bare ``TypeError: object of type ... has no len()``; a dict of splits "has 1 samples"."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from ()
+
+    for dataset, kind in ((Stream(), "an IterableDataset"), ({"train": Numbered(N)}, "dict")):
+        with pytest.raises(PipelineError, match=rf"^dataset is {kind}, not a map-style dataset; return an object with __len__ and __getitem__"):
+            transfer(numbered_store, dataset)
+
+
 @pytest.mark.parametrize("buffer_shards", [1, 3])
 def test_streaming_reads_only_whole_shards(numbered_store, monkeypatch, buffer_shards):
     """Every Store.read is one whole shard of one array, and each shard is read once per array per epoch."""
