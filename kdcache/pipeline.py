@@ -349,6 +349,13 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
     if where == "train":
         for layer, spec in _table(values.get("features", {}), "train.features", source).items():
             spec = _table(spec, f"train.features.{layer!r}", source)
+            split = next((k for k, v in spec.items() if k not in ("student", "weight", "select") and isinstance(v, dict)), None)
+            if split is not None:  # train.features.features.3.weight: TOML splits the layer's name at its dot
+                leaf, value = next(iter(spec[split].items()), ("weight", 1.0))
+                given = f"{leaf}={json.dumps(value) if isinstance(value, int | float | str) else '...'}"
+                raise PipelineError(f"{source}: unknown key {f'train.features.{layer!r}.{split}'!r}; a layer name holding dots is "
+                                    f"one quoted key: train.features.\"{layer}.{split}\" (on a command line: "
+                                    f"--set 'train.features.\"{layer}.{split}\".{given}')")
             _unknown(spec, ["student", "weight", "select"], f"train.features.{layer!r}.", source)
             if not isinstance(spec.get("student"), str):
                 raise PipelineError(

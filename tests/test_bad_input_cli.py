@@ -40,6 +40,9 @@ CASES = [
     Case("set-table-named-as-the-set", lambda c: extract("--out", c.new, "--set", "extract={batch_size=0}"),
          ("Error: --set extract={batch_size=0}: extract.batch_size must be >= 1, got 0",)),
     Case("epochs-flag-named-as-the-flag", lambda c: train(c, "--epochs", "0"), ("Error: --epochs 0: train.epochs must be >= 1, got 0",), store=True),
+    Case("set-dotted-layer-unquoted", lambda c: extract("--out", c.new, "--dry-run", "--set", "train.features.features.3.weight=2"),
+         ("""Error: --set train.features.features.3.weight=2: unknown key "train.features.'features'.3"; a layer name holding dots is """
+          """one quoted key: train.features."features.3" (on a command line: --set 'train.features."features.3".weight=2')""",)),
     Case("set-layer-key-named-as-the-set", lambda c: train(c, "--set", 'train.features."features.3".weight=-1'),
          ("""Error: --set train.features."features.3".weight=-1: train.features.'features.3'.weight must be a finite number >= 0, got -1""",),
          store=True),
