@@ -100,7 +100,11 @@ def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = N
     mode = found.st_mode
     if stat.S_ISDIR(mode):
         return path  # not an object: zarr reads it as absent
-    real, folder = os.path.realpath(path), os.path.realpath(root)
+    real = os.path.realpath(path)
+    # no link on the way (the path resolves to itself, and the key has no "." or ".." part): the object is inside the folder,
+    # whose own path resolved to itself on the way; else the folder's real path is worked out to compare with
+    plain = real == os.path.abspath(path) and all(part not in ("", ".", "..") for part in key.split("/"))
+    folder = os.path.abspath(root) if plain else os.path.realpath(root)
     if os.path.commonpath([real, folder]) != folder:
         why = f"is a link to {short(real)}, outside the store folder"
     elif not stat.S_ISREG(mode):

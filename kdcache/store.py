@@ -1216,10 +1216,9 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     rows = min(array.shards[0], array.shape[0] - start)
     count = -(-rows // chunk)  # inner chunks holding rows; those past the array's end are never written
     if raw is None:
-        file = _shard_file(array, shard)
-        key = file.relative_to(array.store.root).as_posix()
+        key = _shard_key(array, shard)
         bound = array.store.at_most(key) if hasattr(array.store, "at_most") else None
-        local_object(array.store.root, key, bound)  # never a link out, a FIFO, a device or a sparse giant
+        file = local_object(array.store.root, key, bound)  # never a link out, a FIFO, a device or a sparse giant
         try:
             raw = np.fromfile(file, dtype=np.uint8)
         except OSError:
@@ -1277,7 +1276,23 @@ def _object_bound(array: zarr.Array) -> int:
     return slots * (chunk + chunk // 128 + 128) + (slots * 16 + 4 if array.shards else 0)
 
 
+_LAYOUTS: dict[int, tuple[Any, bool, tuple[Any] | None]] = {}  # id(array.metadata) -> (that metadata, any_store, _direct_layout's answer)
+
+
 def _direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | None:
+    """``_find_direct_layout``, worked out once per array metadata (and store kind): a read of one shard asks for it each time."""
+    metadata, local = array.metadata, any_store or isinstance(array.store, zarr.storage.LocalStore)
+    known = _LAYOUTS.get(id(metadata))
+    if known is not None and known[0] is metadata and known[1] == local:
+        return known[2]
+    found = _find_direct_layout(array, any_store)
+    if len(_LAYOUTS) >= 1024:  # arrays of many stores opened in turn: forget them all, rather than hold every metadata
+        _LAYOUTS.clear()
+    _LAYOUTS[id(metadata)] = (metadata, local, found)  # the metadata is held: its id is not another's while the entry lasts
+    return found
+
+
+def _find_direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | None:
     """``(zstd codec or None,)`` where a shard of ``array`` can be read and written straight from its file
     (docs/FORMAT.md §3.1): a local (``any_store``: any) row-sharded array with bytes [→ zstd] → crc32c chunks and
     a crc32c index at the end; None for anything else (other stores, codecs or key encodings go through zarr)."""
@@ -1365,6 +1380,12 @@ def _other_key_encoding(encoding: Any) -> str | None:
 
 _BOUNDED_ZSTD = f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"
 zarr.registry.register_codec("zstd", BoundedZstdCodec)  # chosen only where Store.array sets codecs.zstd to it
+
+
+def _shard_key(array: zarr.Array, shard: int) -> str:
+    """The store key of shard ``shard``'s object (``_shard_file``'s path below the store's root, as a string)."""
+    key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+    return f"{array.path}/{key}" if array.path else key
 
 
 def _shard_file(array: zarr.Array, shard: int) -> Path:
