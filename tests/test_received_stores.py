@@ -101,6 +101,27 @@ def test_a_link_inside_the_store_and_a_linked_store_folder_still_read(tiny_store
         assert np.array_equal(open_store(str(location)).read(LOGITS, 0, 50), open_store(tiny_store).read(LOGITS, 0, 50))
 
 
+def test_local_object_needs_the_folders_real_path_only_where_no_link_is_on_the_way(tmp_path: Path) -> None:
+    """local_object skips resolving the folder's own path where the object's resolves to itself; a key with "." or
+    "..", a link in the folder's path or under it still has it compared with the folder's real path."""
+    from kdcache.storage import local_object
+
+    store = tmp_path / "s.zarr"
+    (store / "a").mkdir(parents=True)
+    (store / "a" / "x").write_bytes(b"1")
+    (tmp_path / "x").write_bytes(b"2")
+    (tmp_path / "link.zarr").symlink_to(store)
+    (store / "b").symlink_to(tmp_path)
+    assert local_object(store, "a/x") == store / "a" / "x"
+    assert local_object(tmp_path / "link.zarr", "a/x") == tmp_path / "link.zarr" / "a" / "x"
+    assert local_object(store, "a/./x") == store / "a" / "x"
+    for key in ("../x", "a/../../x", "b/x", "b/s.zarr/../x"):
+        with pytest.raises(StoreError, match="outside the store folder"):
+            local_object(store, key)
+    with pytest.raises(StoreError, match="outside the store folder"):
+        local_object(tmp_path / "link.zarr", "../x")
+
+
 class _DeflatedZeros:
     """zipfile's compressor for a member written as 16 MiB blocks of zeros: the block deflated once (a full flush resets
     the compressor, so every block deflates to these bytes), then an empty final block. 4 GiB in a second, not ten."""
