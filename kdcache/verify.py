@@ -221,6 +221,8 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
     check = Check("teacher", "")
     algorithm = data.check_algorithm(store.manifest, store.location)
     run = setup(pipeline)
+    if store.manifest.get("precision") in data.AUTOCAST:  # recomputed as stored (the rtol is the store's precision's)
+        run.precision = store.manifest["precision"]
     ours = run.weights_sha256
     if ours != store.manifest["teacher"]["weights_sha256"]:
         check.fail(f"the pipeline's teacher weights (sha256 {ours[:16]}…) differ from the store's "

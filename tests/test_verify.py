@@ -154,6 +154,15 @@ def test_teacher_check_finds_other_weights(tiny_store, zoo_env):
     assert stored.attrs["kdcache"]["teacher"]["factory"] == "tiny.py:teacher"
 
 
+def test_teacher_check_recomputes_in_the_stores_precision(tiny_store):
+    """The rows are recomputed under the autocast the store records (its rtol is looked up by it too), not the
+    pipeline's extract.precision: an fp32 store checked with a bf16 pipeline (a --set left over) failed with
+    thousands of values "beyond tolerance", naming no cause."""
+    report = verify(tiny_store, teacher_check=12, pipeline=kdcache.load_pipeline(TINY_TOML, ["extract.precision=bf16"]))
+    assert report["ok"], problems(report, "teacher")
+    assert report["teacher_check"]["targets"]["features.3"]["max_rel_error"] < 1e-2
+
+
 def test_teacher_check_finds_a_dataset_whose_labels_changed(tiny_store, monkeypatch):
     """The same inputs with other labels (a new class mapping): training refuses such a dataset row by row, but
     verify --teacher-check compared only fingerprints and targets, and said 'verified'."""
