@@ -594,7 +594,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
         with torch.no_grad():
             data.call(student, data.to_device(probe["inputs"], device), "student")
-        shapes = {}
+        shapes, dtypes = {}, {}
         for path, (module, _, selector) in features.items():
             name = layout.layer_name(path)
             feat = student_feature(run.hooked, name, module, selector)
@@ -603,13 +603,14 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                                   f"{len(probe['index'])} samples, but its first axis must be the samples (kdcache runs two samples "
                                   "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
                                   "RNN/attention layers, or a module that permutes to (batch, ...))")
-            shapes[path] = tuple(feat.shape)
+            shapes[path], dtypes[path] = tuple(feat.shape), feat.dtype
         _check_samples_first(run, dataset, {path: len(shape) for path, shape in shapes.items()})
         for path, (module, _, selector) in features.items():
             name = layout.layer_name(path)
             head = losses.projection_head(shapes[path][1:], stored[name].shape, name=name)
             if head is not None:
-                run.heads[_key(path)] = head.to(device)
+                # in the student feature's dtype: a float64 student's head is float64 (autocast casts a float32 one's input)
+                run.heads[_key(path)] = head.to(device, dtype=dtypes[path] if dtypes[path].is_floating_point else None)
                 if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
                     part = "" if selector == "auto" else f" (select {selector!r})"
                     print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")

@@ -10,6 +10,7 @@ import errno
 import functools
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -399,6 +400,16 @@ def test_feature_loss_with_projection_head(tiny_store, tmp_path, capsys):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert torch.equal(ckpt["heads"][key], heads[key])
     assert "loss_feat:features.3" in metrics(out)[-1]
+
+
+def test_a_float64_student_gets_a_float64_projection_head(tiny_store, tmp_path):
+    """A float64 student's feature went through a float32 head: a RuntimeError traceback ("Input type (double) and bias
+    type (float)") at the first step. The head takes the dtype of the student module's output; the losses stay float32."""
+    out = tmp_path / "run"
+    train(pipeline("train.eval_split=''", "student.factory='tiny.py:double_student'", "train.epochs=1"), tiny_store, out)
+    heads = torch.load(out / "heads.pt", weights_only=True)
+    assert heads and all(h.dtype == torch.float64 for h in heads.values())
+    assert math.isfinite(metrics(out)[-1]["loss_feat:features.3"])
 
 
 def test_train_json_prints_one_json_object_when_it_makes_a_projection_head(tiny_store, tmp_path):
