@@ -562,6 +562,11 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     appended to ``hooks`` as they are made (the caller removes them, also when this raises)."""
     t, w = pipeline.train, pipeline.train.loss
     student = teachers.build(pipeline, "student.factory").to(device)
+    half = next((name for name, p in student.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
+    if half is not None and t.precision == "fp16":  # GradScaler unscales float32 gradients only: a traceback at the first step
+        raise PipelineError(f"{pipeline.where('train.precision')}: train.precision = \"fp16\" keeps float32 weights (autocast runs the "
+                            f"forward in float16, a loss scale guards the gradients), but {pipeline.student.factory!r} builds a student "
+                            f"with float16 parameters (e.g. {half!r}); return the model in float32 (drop its .half())")
     needs_logits = bool(w.kl or w.mse)
     if needs_logits and layout.LOGITS not in {tg.path for tg in store.targets.values()}:
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
