@@ -567,6 +567,10 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         raise PipelineError(f"{pipeline.where('train.precision')}: train.precision = \"fp16\" keeps float32 weights (autocast runs the "
                             f"forward in float16, a loss scale guards the gradients), but {pipeline.student.factory!r} builds a student "
                             f"with float16 parameters (e.g. {half!r}); return the model in float32 (drop its .half())")
+    if half is not None and t.optimizer == "adamw":  # its squared gradients and eps (1e-8) are 0 in float16: NaN weights at step 1
+        raise PipelineError(f"{pipeline.student.factory!r} builds a student with float16 parameters (e.g. {half!r}), whose AdamW state "
+                            "underflows in float16 (its eps 1e-8 and small squared gradients are 0): the first step makes NaN weights; "
+                            "return the model in float32 (drop its .half()) and set train.precision = \"fp16\" for float16 compute")
     needs_logits = bool(w.kl or w.mse)
     if needs_logits and layout.LOGITS not in {tg.path for tg in store.targets.values()}:
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")

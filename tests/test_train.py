@@ -667,7 +667,7 @@ def test_reduced_precision_trains_the_student_in_autocast_and_keeps_float32_weig
     assert metrics(tmp_path / precision)[-1]["eval_accuracy"] == pytest.approx(metrics(tmp_path / "fp32")[-1]["eval_accuracy"], abs=0.1)
 
 
-def test_fp16_training_of_a_float16_student_is_one_line(tiny_store, tmp_path):
+def test_training_a_float16_student_is_one_line(tiny_store, tmp_path):
     """train.precision = "fp16" with a student of float16 parameters (a .half() model): GradScaler's "Attempting to
     unscale FP16 gradients." was a traceback at the first step. One line naming the setting and the fix."""
     result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(tmp_path / "run"),
@@ -675,6 +675,12 @@ def test_fp16_training_of_a_float16_student_is_one_line(tiny_store, tmp_path):
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert result.output.startswith("Error: --set train.precision='fp16': train.precision = \"fp16\" keeps float32 weights"), result.output
     assert "builds a student with float16 parameters (e.g. 'conv.weight'); return the model in float32" in result.output
+    # AdamW (the default) in float16 makes NaN weights at the first step: that was "training diverged ... lower train.lr"
+    for precision in ("bf16", "fp32"):
+        result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(tmp_path / precision), "--set",
+                                               "student.factory='tiny.py:half_student'", "--set", f"train.precision='{precision}'"])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "float16 parameters (e.g. 'conv.weight'), whose AdamW state underflows" in result.output, result.output
 
 
 def test_an_fp16_run_resumes_with_its_loss_scale(tiny_store, tmp_path):
