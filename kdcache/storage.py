@@ -306,6 +306,7 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     ``aiohttp.ClientTimeout`` aiohttp takes; anything else there is aiohttp's to name. In a chain (``zip::https://…``)
     the http layer's options are those under its scheme (``https.client_kwargs.timeout``)."""
     options = dict(storage_options or {})
+    _refuse_zip_layer_options(location, options)
     http = http_url(location)
     if http is None:
         return options
@@ -315,6 +316,24 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     if isinstance(options.get(scheme), dict):
         options[scheme] = _with_client_timeout(options[scheme], f"{scheme}.")
     return options
+
+
+def _refuse_zip_layer_options(location: str, options: dict[str, Any]) -> None:
+    """Refuse options of a zip behind a URL (``zip::s3://…``, ``zip::https://…``) not under a layer's scheme: fsspec gives
+    them to the zip layer, which drops them unused, so ``endpoint_url``, credentials or ``headers`` never reached the
+    layer that fetches the file ("Unable to locate credentials", or a 401 whose message asked for the very headers given)."""
+    if not location.lower().startswith("zip::") or _local_zip(location) is not None:
+        return
+    layers = {part.split("://", 1)[0].lower() for part in location.split("::")}
+    stray = sorted(key for key in options if str(key).lower() not in layers)
+    if stray:
+        inner = location.split("::")[-1].split("://", 1)[0].lower()
+        key, value = str(stray[0]), options[stray[0]]
+        while isinstance(value, dict) and value:  # headers.Authorization, as the command line spells it
+            key, value = f"{key}.{next(iter(value))}", next(iter(value.values()))
+        raise StoreError(f"storage options {stray} of {location!r} would go to its zip layer, which does not use them; the "
+                         f"{inner} layer that fetches the file takes its options under its scheme: --storage-option "
+                         f"{inner}.{key}=VALUE (storage_options={{{inner!r}: {{...}}}} from Python)")
 
 
 def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
@@ -333,6 +352,10 @@ def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
         except TypeError:
             raise StoreError(f"storage option {named}client_kwargs.timeout = {short(timeout)} names settings aiohttp does not have; "
                              f"use total, connect, sock_connect or sock_read (seconds), e.g. --storage-option {named}client_kwargs.timeout.sock_read=60") from None
+    elif timeout is not None and not isinstance(timeout, aiohttp.ClientTimeout):  # aiohttp's own ValueError was named as an endpoint not reached
+        raise StoreError(f"storage option {named}client_kwargs.timeout must be seconds or settings, got {type(timeout).__name__} "
+                         f"{short(timeout)}; pass e.g. --storage-option {named}client_kwargs.timeout=60 (the whole request) or "
+                         f"{named}client_kwargs.timeout.sock_read=60")
     return {**options, "client_kwargs": {**client, "timeout": timeout}}
 
 

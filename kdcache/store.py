@@ -1498,6 +1498,8 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
                                   "kdcache import FILE STORE, then pass STORE")
             if not chained and http_problem(http.rstrip("/") + "/.zgroup", options, whole=True) is None:
                 return _zarr_v2(location)
+            if not chained and http.rstrip("/").lower().endswith(".zip"):
+                return _zip_behind_url(location, f"({url}: {problem})")
             return StoreError(f"no store at {location!r} ({url}: {problem}); check the URL")
         if problem is not None:
             return StoreError(f"cannot reach {location!r} ({problem}); check the URL and that the server is up")
@@ -1515,8 +1517,19 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
             if bucket and "/" in path.strip("/") and not fs.exists(bucket):
                 return StoreError(f"no store at {location!r}: there is no bucket {bucket!r} (or these credentials cannot see it); "
                                   "check the bucket name, --storage-option values and credentials")
+        if "::" not in location and location.rstrip("/").lower().endswith(".zip"):
+            return _zip_behind_url(location, "")
         return StoreError(f"no store at {location!r}; {extract}")
     return StoreError(f"no store at {location!r}: {url} holds no zarr v3 group metadata; check the URL")
+
+
+def _zip_behind_url(location: str, seen: str) -> StoreError:
+    """No store at a URL that names a zip (``https://host/t.zarr.zip``): a local ``.zip`` is read as one by its name, a
+    URL only through fsspec's chain (SHARING.md), so the fix is ``zip::URL``, not an extract."""
+    scheme = location.split("://", 1)[0].lower()
+    return StoreError(f"no store at {location!r} {seen + ' ' if seen else ''}and it names a zip file; a zip behind a URL is read as "
+                      f"'zip::{location}' (storage options of the {scheme} layer then go under its scheme, e.g. "
+                      f"--storage-option {scheme}.KEY=VALUE)")
 
 
 def _zarr_v2(location: str) -> StoreError:

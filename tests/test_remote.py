@@ -780,6 +780,35 @@ def test_a_storage_option_the_filesystem_does_not_take_is_named_as_such(s3, http
     assert r.exit_code == 1 and "no store at" in r.output, r.output  # the option s3fs takes: it opens (nothing is there)
 
 
+def test_storage_options_of_a_zip_behind_a_url_go_under_its_fetching_layer_and_a_zip_url_is_named_as_such(s3, http_root, tiny_store):
+    """fsspec gives a chain's options not under a scheme to its zip layer, which dropped them unused: `zip::s3://...
+    --storage-option endpoint_url=...` said "Unable to locate credentials", and `headers.Authorization` never reached
+    the server. A `.zip` URL without `zip::` said "no store" ("run kdcache extract" on S3);
+    a `client_kwargs.timeout` that is neither seconds nor settings was "cannot reach ...; check that the server is up"."""
+    import s3fs
+
+    root, base = http_root
+    pack(tiny_store, root / "chain.zarr.zip")
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(str(root / "chain.zarr.zip"), f"{BUCKET}/chain.zarr.zip")
+    plain = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    layered = [f"--storage-option=s3.{k}={v}" for k, v in s3.items()]
+    cases = [(f"zip::s3://{BUCKET}/chain.zarr.zip", plain, "storage options ['endpoint_url', 'key', 'secret'] of "
+              f"'zip::s3://{BUCKET}/chain.zarr.zip' would go to its zip layer, which does not use them; the s3 layer that fetches "
+              "the file takes its options under its scheme: --storage-option s3.endpoint_url=VALUE"),
+             (f"zip::{base}/chain.zarr.zip", ["--storage-option=headers.Authorization=Bearer secret"], "--storage-option http.headers.Authorization=VALUE"),
+             (f"s3://{BUCKET}/chain.zarr.zip", plain, f"and it names a zip file; a zip behind a URL is read as 'zip::s3://{BUCKET}/chain.zarr.zip'"),
+             (f"{base}/chain.zarr.zip", [], f"HTTP 404) and it names a zip file; a zip behind a URL is read as 'zip::{base}/chain.zarr.zip'"),
+             (f"{base}/chain.zarr.zip", ["--storage-option=client_kwargs.timeout=60s"], "storage option client_kwargs.timeout must be "
+              "seconds or settings, got str '60s'; pass e.g. --storage-option client_kwargs.timeout=60")]
+    for location, given, said in cases:
+        r = CliRunner().invoke(main, ["info", location, *given])
+        assert r.exit_code == 1 and r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+        assert said in r.output and "Traceback" not in r.output, r.output
+    for location, given in ((f"zip::s3://{BUCKET}/chain.zarr.zip", layered), (f"zip::{base}/chain.zarr.zip", [])):
+        r = CliRunner().invoke(main, ["info", location, "--json", *given])
+        assert r.exit_code == 0 and json.loads(r.output)["complete"], r.output
+
+
 def test_an_http_answer_that_quotes_a_long_text_is_cut_to_one_line():
     """The HTTP status's reason (aiohttp's message; for a response it cannot parse, the bytes it got) went into the error
     whole: a server answering with a long one printed it all (a misparsed 206 of a zip: tens of KB of its bytes)."""
