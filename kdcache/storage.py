@@ -307,6 +307,10 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     the http layer's options are those under its scheme (``https.client_kwargs.timeout``)."""
     options = dict(storage_options or {})
     _refuse_zip_layer_options(location, options)
+    size = options.get("default_block_size")  # s3fs and gcsfs compare it with sizes at the first read: a TypeError that
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):  # read as "not a zarr v3 group"
+        raise StoreError(f"storage option default_block_size must be a number of bytes, got {type(size).__name__} {short(size)}; "
+                         "pass e.g. --storage-option default_block_size=5242880 (5 MiB)")
     http = http_url(location)
     if http is None:
         return options

@@ -778,6 +778,14 @@ def test_a_storage_option_the_filesystem_does_not_take_is_named_as_such(s3, http
                                                                           "own arguments (s3fs: S3FileSystem's, e.g. default_block_size)"), r.output
     r = CliRunner().invoke(main, ["info", f"s3://{BUCKET}/options.zarr", *s3_options, "--storage-option=default_block_size=5242880"])
     assert r.exit_code == 1 and "no store at" in r.output, r.output  # the option s3fs takes: it opens (nothing is there)
+    # of the type s3fs does not take: it failed at the first read, as "'s3://...' is not a zarr v3 group ('>' not supported ...)"
+    shutil.copytree(tiny_store, root / "sized.zarr", dirs_exist_ok=True)
+    s3fs = pytest.importorskip("s3fs")
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(str(root / "sized.zarr"), f"{BUCKET}/sized.zarr", recursive=True)
+    assert CliRunner().invoke(main, ["info", f"s3://{BUCKET}/sized.zarr", *s3_options]).exit_code == 0
+    r = CliRunner().invoke(main, ["info", f"s3://{BUCKET}/sized.zarr", *s3_options, "--storage-option=default_block_size=5MB"])
+    assert r.exit_code == 1 and r.output == ("Error: storage option default_block_size must be a number of bytes, got str '5MB'; pass "
+                                             "e.g. --storage-option default_block_size=5242880 (5 MiB)\n"), r.output
 
 
 def test_storage_options_of_a_zip_behind_a_url_go_under_its_fetching_layer_and_a_zip_url_is_named_as_such(s3, http_root, tiny_store):
