@@ -858,9 +858,8 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                                 f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
         shards = distributed.my_part(store.num_shards)  # torchrun: each rank evaluates its whole shards, the counts are summed
-        rows = np.concatenate([np.arange(*store.shard_rows(int(s))) for s in shards]) if len(shards) else None
-        source = None if rows is None else cache.TransferSet(
-            t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=rows,
+        source = None if not len(shards) else cache.TransferSet(
+            t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=cache.done_rows(store, shards),
             memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
             fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
         if source is not None:
