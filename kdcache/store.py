@@ -795,11 +795,12 @@ class Store:
             for lo in range(start, stop, step):
                 yield lo, min(lo + step, stop)
 
-    def nbytes_stored(self) -> int | None:
-        """Bytes stored: on disk (a folder or a zip file) or by listing object sizes; None where unlistable (http)."""
+    def nbytes_stored(self, sizes: dict[str, int] | None = None) -> int | None:
+        """Bytes stored: on disk (a folder or a zip file) or by listing object sizes (``sizes``: ``_stored_sizes``'s,
+        listed already); None where unlistable (http)."""
         if location_kind(self.location) == "zip":
             return os.path.getsize(local_path(self.location))
-        sizes = self._stored_sizes()
+        sizes = self._stored_sizes() if sizes is None else sizes
         return None if sizes is None else sum(sizes.values())
 
     def _stored_sizes(self) -> dict[str, int] | None:
@@ -929,8 +930,7 @@ class Store:
         done = self.done()  # one snapshot: a writer may mark more shards done meanwhile
         samples_done = self.samples_done(done)
         sizes, raw = self._stored_sizes(), self.nbytes_raw(samples_done)
-        stored = os.path.getsize(local_path(self.location)) if location_kind(self.location) == "zip" else \
-            None if sizes is None else sum(sizes.values())
+        stored = self.nbytes_stored(sizes)
         # the ratio compares like with like: the done rows decoded against the done shards' objects, not the metadata nor
         # the objects of shards not done (being written, or left by a killed writer), which a partial store has
         packed = None if sizes is None else sum(sizes.get(self.shard_key(path, int(shard)), 0)
@@ -1389,8 +1389,7 @@ def _shard_key(array: zarr.Array, shard: int) -> str:
 
 
 def _shard_file(array: zarr.Array, shard: int) -> Path:
-    key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
-    return Path(array.store.root, array.path, *key.split("/"))
+    return Path(array.store.root, *_shard_key(array, shard).split("/"))
 
 
 def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Store:
