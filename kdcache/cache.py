@@ -103,7 +103,7 @@ class TransferSet(IterableDataset):
         self.first_skipped = False  # the first epoch set was resumed inside (skip): the next one is checked so too
         # decoded bytes of one row of the arrays read: what decides RAM or streaming, and what streaming's buffers hold (footprint)
         # (checked against the manifest first: a damaged zarr.json's shape is named as such, not as a buffer too large to stream)
-        self.row_bytes = sum(int(np.prod(store.checked_array(p).shape[1:], dtype=np.int64)) * store.array(p).dtype.itemsize for p in self.paths)
+        self.row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in map(store.checked_array, self.paths))
         self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
         if self.in_memory:
             _check_ram(self.row_bytes * store.num_samples, memory_budget_mb, location)
