@@ -130,9 +130,11 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         again = "run it again without --overwrite" if options.get("overwrite") else "run the same command again"
         return f"the shards written so far are kept: {again} to resume"
     if command == "train":
-        from kdcache.train import checkpoint_file
-
-        checkpoint = checkpoint_file(Path(options["out"]))  # checkpoint.pt.next where an --overwrite stopped while replacing the earlier run
+        # train.checkpoint_file's rule, spelled here: importing kdcache.train (torch) in a signal's handler may land inside
+        # torch's own import, which an early SIGTERM interrupted
+        checkpoint = Path(options["out"]) / "checkpoint.pt"
+        if not checkpoint.exists() and checkpoint.with_name("checkpoint.pt.next").exists():  # stopped while an --overwrite
+            checkpoint = checkpoint.with_name("checkpoint.pt.next")  # replaced the earlier run's files: --resume continues it
         if checkpoint.exists() and checkpoint.stat().st_mtime >= started:  # this run saved a checkpoint
             again = ("run the same command again" if options.get("resume") or options.get("auto_resume") else
                      "run it again with --resume instead of --overwrite" if options.get("overwrite") else "run it again with --resume")
