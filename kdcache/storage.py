@@ -118,6 +118,67 @@ def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = N
                      "store folder: replace it with the object's own file, or copy the store again from its source")
 
 
+def read_local_object(root: str | os.PathLike[str], key: str, at_most: int | None = None) -> np.ndarray | None:
+    """The bytes (uint8) of the object ``key`` of the local store folder ``root``, or None where it is absent (or a
+    folder): ``local_object``'s checks, made on the very file read. Each folder below ``root`` is opened without
+    following a link and the file is checked (a regular file, at most ``at_most`` bytes) and read through its own
+    descriptor, so nothing can be swapped in between the check and the read, at a tenth of ``local_object``'s cost
+    (a streaming epoch reads every shard of every column again). A link on the way, or anything else this path
+    does not settle, goes through ``local_object``: a link inside the folder is read, any other is refused by name."""
+    parts = key.split("/")
+    if not _DIR_FD or any(part in ("", ".", "..") for part in parts):
+        return _read_file(local_object(root, key, at_most))
+    try:
+        folder = os.open(root, _FOLDER)  # the user's own path, links and all (local_object resolves it too)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _read_file(local_object(root, key, at_most))
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, _FOLDER | os.O_NOFOLLOW, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        found = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
+        if stat.S_ISDIR(found.st_mode):
+            return None  # not an object: zarr reads it as absent
+        if not stat.S_ISREG(found.st_mode) or at_most is not None and found.st_size > at_most:
+            return _read_file(local_object(root, key, at_most))  # refused there, by name
+        file = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except FileNotFoundError:
+        return None
+    except OSError:  # ELOOP: a link on the way; ENOTDIR: a file where a folder should be; EACCES...
+        return _read_file(local_object(root, key, at_most))
+    finally:
+        os.close(folder)
+    try:
+        opened = os.fstat(file)
+        if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino) or opened.st_size != found.st_size:
+            return _read_file(local_object(root, key, at_most))  # replaced since it was looked at: looked at again
+        out = np.empty(opened.st_size, dtype=np.uint8)
+        done = 0
+        while done < len(out):
+            n = os.preadv(file, [out[done:]], done)
+            if n == 0:  # cut short since: what was read (its checksums fail)
+                return out[:done]
+            done += n
+        return out
+    finally:
+        os.close(file)
+
+
+_DIR_FD = os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and hasattr(os, "preadv") and hasattr(os, "O_NOFOLLOW")
+_FOLDER = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_file(path: Path) -> np.ndarray | None:
+    """The bytes of a file ``local_object`` let through, None where it is absent (or a folder)."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
 def location_arg(value: Any, name: str) -> str:
     """A location argument of the Python API (a path or URL as ``str``, or an ``os.PathLike``) as a string; anything else
     (``None``, a number, an opened ``Store``) is a TypeError naming the argument, before ``str()`` makes it a folder name

@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import exists, filesystem, http_problem, http_url, local_object, local_path, location_arg, location_kind, zarr_store
+from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, read_local_object, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -1218,10 +1218,11 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     if raw is None:
         key = _shard_key(array, shard)
         bound = array.store.at_most(key) if hasattr(array.store, "at_most") else None
-        file = local_object(array.store.root, key, bound)  # never a link out, a FIFO, a device or a sparse giant
         try:
-            raw = np.fromfile(file, dtype=np.uint8)
+            raw = read_local_object(array.store.root, key, bound)  # never a link out, a FIFO, a device or a sparse giant
         except OSError:
+            return None
+        if raw is None:
             return None
     slots = array.shards[0] // chunk
     tail = slots * 16 + 4

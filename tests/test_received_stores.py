@@ -122,6 +122,45 @@ def test_local_object_needs_the_folders_real_path_only_where_no_link_is_on_the_w
         local_object(tmp_path / "link.zarr", "../x")
 
 
+def test_read_local_object_reads_what_local_object_lets_through_and_refuses_the_rest(tmp_path: Path) -> None:
+    """The whole-shard reads' path (a folder opened at a time, never through a link, the file checked on its own
+    descriptor) answers as ``local_object`` followed by a read: bytes of a regular file inside the folder (through a
+    link inside it, or a linked store folder, too), None for an absent object or a folder, and the same refusals for a
+    link out (as the object or as a folder on the way), a FIFO (never waited on), a device and a file past its bound."""
+    from kdcache.storage import read_local_object
+
+    store = tmp_path / "s.zarr"
+    (store / "a" / "c" / "0").mkdir(parents=True)
+    (store / "a" / "c" / "0" / "0").write_bytes(b"shard")
+    (store / "a" / "c" / "1").mkdir()
+    (store / "a" / "c" / "1" / "0").symlink_to(store / "a" / "c" / "0" / "0")  # inside: read
+    (tmp_path / "link.zarr").symlink_to(store)
+    outside = tmp_path / "outside"
+    (outside / "0").mkdir(parents=True)
+    (outside / "0" / "0").write_bytes(b"secret")
+    (store / "a" / "c" / "2").symlink_to(outside / "0")  # a folder on the way leads out
+    (store / "a" / "c" / "3").mkdir()
+    (store / "a" / "c" / "3" / "0").symlink_to(outside / "0" / "0")
+    (store / "a" / "c" / "4").mkdir()
+    os.mkfifo(store / "a" / "c" / "4" / "0")
+    (store / "a" / "c" / "5").mkdir()
+    (store / "a" / "c" / "5" / "0").symlink_to("/dev/zero")
+    for root in (store, tmp_path / "link.zarr"):
+        for key in ("a/c/0/0", "a/c/1/0", "a/./c/0/0"):
+            assert read_local_object(root, key).tobytes() == b"shard", key
+        assert read_local_object(root, "a/c/9/0") is None and read_local_object(root, "a/c/0") is None
+        assert read_local_object(root, "a/c/0/0/x") is None  # a file where a folder should be: absent, as zarr reads it
+        for key in ("a/c/2/0", "a/c/3/0", "a/c/5/0", "../outside/0/0"):
+            with pytest.raises(StoreError, match="outside the store folder"):
+                read_local_object(root, key)
+        with pytest.raises(StoreError, match="is not a regular file .*a FIFO"):
+            read_local_object(root, "a/c/4/0")
+        with pytest.raises(StoreError, match="holds 5 bytes, more than it can"):
+            read_local_object(root, "a/c/0/0", at_most=4)
+        assert read_local_object(root, "a/c/0/0", at_most=5).tobytes() == b"shard"
+    assert read_local_object(tmp_path / "nowhere", "a/c/0/0") is None
+
+
 class _DeflatedZeros:
     """zipfile's compressor for a member written as 16 MiB blocks of zeros: the block deflated once (a full flush resets
     the compressor, so every block deflates to these bytes), then an empty final block. 4 GiB in a second, not ten."""
