@@ -120,51 +120,91 @@ def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = N
 
 def read_local_object(root: str | os.PathLike[str], key: str, at_most: int | None = None) -> np.ndarray | None:
     """The bytes (uint8) of the object ``key`` of the local store folder ``root``, or None where it is absent (or a
-    folder): ``local_object``'s checks, made on the very file read. Each folder below ``root`` is opened without
-    following a link and the file is checked (a regular file, at most ``at_most`` bytes) and read through its own
-    descriptor, so nothing can be swapped in between the check and the read, at a tenth of ``local_object``'s cost
-    (a streaming epoch reads every shard of every column again). A link on the way, or anything else this path
-    does not settle, goes through ``local_object``: a link inside the folder is read, any other is refused by name."""
-    parts = key.split("/")
-    if not _DIR_FD or any(part in ("", ".", "..") for part in parts):
-        return _read_file(local_object(root, key, at_most))
+    folder): ``local_object``'s checks, made on the very file read (``LocalObjects``)."""
+    with LocalObjects(root) as objects:
+        return objects.read(key, at_most)
+
+
+class LocalObjects:
+    """Reads objects of the local store folder ``root`` as ``local_object`` followed by a read would, with the checks
+    made on the very file read and a few system calls each. Each folder below ``root`` is opened without following a
+    link, and kept open for the next read below it until ``close()`` (a buffer's shards share their array's folders);
+    the file is checked (a regular file, at most ``at_most`` bytes) and read through its own descriptor, so nothing can
+    be swapped in between the check and the read. A link on the way, or anything else this does not settle, goes
+    through ``local_object``: a link inside the folder is read, any other is refused by name. A streaming epoch reads
+    every shard of every column again: system calls release and retake the GIL, each a hand-off to the threads making
+    batches and training, and ``local_object`` makes a dozen (``realpath``'s ``lstat`` of every part of the path)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = root
+        self._folders: dict[str, int | None] = {}  # a folder's key ("" the root) -> its descriptor (None: absent)
+
+    def __enter__(self) -> LocalObjects:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        folders, self._folders = self._folders, {}
+        for fd in folders.values():
+            if fd is not None:
+                os.close(fd)
+
+    def read(self, key: str, at_most: int | None = None) -> np.ndarray | None:
+        folder_key, _, name = key.rpartition("/")
+        if not _DIR_FD or any(part in ("", ".", "..") for part in key.split("/")):
+            return _read_file(local_object(self.root, key, at_most))
+        try:
+            folder = self._folder(folder_key)
+            if folder is None:
+                return None
+            found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            if stat.S_ISDIR(found.st_mode):
+                return None  # not an object: zarr reads it as absent
+            if not stat.S_ISREG(found.st_mode) or at_most is not None and found.st_size > at_most:
+                return _read_file(local_object(self.root, key, at_most))  # refused there, by name
+            file = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+        except FileNotFoundError:
+            return None
+        except OSError:  # ELOOP: a link on the way; ENOTDIR: a file where a folder should be; EACCES...
+            return _read_file(local_object(self.root, key, at_most))
+        try:
+            opened = os.fstat(file)
+            if (opened.st_dev, opened.st_ino, opened.st_size) != (found.st_dev, found.st_ino, found.st_size):
+                return _read_file(local_object(self.root, key, at_most))  # replaced since it was looked at: looked at again
+            out = np.empty(opened.st_size, dtype=np.uint8)
+            done = 0
+            while done < len(out):
+                n = os.preadv(file, [out[done:]], done)
+                if n == 0:  # cut short since: what was read (its checksums fail)
+                    return out[:done]
+                done += n
+            return out
+        finally:
+            os.close(file)
+
+    def _folder(self, key: str) -> int | None:
+        """The descriptor of the folder ``key`` below the root, opened part by part without following links (the root
+        itself as the user named it, links and all: ``local_object`` resolves it too); None where it is absent.
+        OSError (ELOOP, ENOTDIR) where something on the way is not a plain folder."""
+        if key in self._folders:
+            return self._folders[key]
+        parent_key, _, name = key.rpartition("/")
+        if not key:
+            fd = _open_absent(lambda: os.open(self.root, _FOLDER))
+        else:
+            parent = self._folder(parent_key)
+            fd = None if parent is None else _open_absent(lambda: os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=parent))
+        self._folders[key] = fd
+        return fd
+
+
+def _open_absent(opening: Any) -> int | None:
     try:
-        folder = os.open(root, _FOLDER)  # the user's own path, links and all (local_object resolves it too)
+        return opening()
     except FileNotFoundError:
         return None
-    except OSError:
-        return _read_file(local_object(root, key, at_most))
-    try:
-        for part in parts[:-1]:
-            inner = os.open(part, _FOLDER | os.O_NOFOLLOW, dir_fd=folder)
-            os.close(folder)
-            folder = inner
-        found = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
-        if stat.S_ISDIR(found.st_mode):
-            return None  # not an object: zarr reads it as absent
-        if not stat.S_ISREG(found.st_mode) or at_most is not None and found.st_size > at_most:
-            return _read_file(local_object(root, key, at_most))  # refused there, by name
-        file = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
-    except FileNotFoundError:
-        return None
-    except OSError:  # ELOOP: a link on the way; ENOTDIR: a file where a folder should be; EACCES...
-        return _read_file(local_object(root, key, at_most))
-    finally:
-        os.close(folder)
-    try:
-        opened = os.fstat(file)
-        if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino) or opened.st_size != found.st_size:
-            return _read_file(local_object(root, key, at_most))  # replaced since it was looked at: looked at again
-        out = np.empty(opened.st_size, dtype=np.uint8)
-        done = 0
-        while done < len(out):
-            n = os.preadv(file, [out[done:]], done)
-            if n == 0:  # cut short since: what was read (its checksums fail)
-                return out[:done]
-            done += n
-        return out
-    finally:
-        os.close(file)
 
 
 _DIR_FD = os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and hasattr(os, "preadv") and hasattr(os, "O_NOFOLLOW")

@@ -22,7 +22,7 @@ import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, read_local_object, zarr_store
+from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, read_local_object, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -184,6 +184,10 @@ class Store:
             )
         check_manifest(manifest, location)
         self.manifest: dict[str, Any] = manifest
+        # what every read looks up, made once: the manifest's targets and data arrays do not change while a store is open
+        self._targets = {name: Target.from_dict(d) for name, d in manifest["targets"].items()}
+        self._paths = (*self.sample_paths(), *(t.path for t in self._targets.values()))
+        self._kind = location_kind(location)
         self._check_groups()
         self._arrays: dict[str, zarr.Array] = {}
         self._done: np.ndarray | None = None  # read() of a read-only store: done() read once
@@ -252,7 +256,7 @@ class Store:
 
     @property
     def targets(self) -> dict[str, Target]:
-        return {name: Target.from_dict(d) for name, d in self.manifest["targets"].items()}
+        return dict(self._targets)
 
     @property
     def has_labels(self) -> bool:
@@ -262,7 +266,7 @@ class Store:
         return [INDEX, FINGERPRINT] + ([LABEL] if self.has_labels else [])
 
     def paths(self) -> list[str]:
-        return self.sample_paths() + [t.path for t in self.targets.values()]
+        return list(self._paths)
 
     def shard_rows(self, shard: int) -> tuple[int, int]:
         start = shard * self.rows_per_shard
@@ -629,7 +633,7 @@ class Store:
         shard not done are a StoreError too (FORMAT.md §7: they are not data), unless ``pending``: the caller uses
         only the done rows of what it reads."""
         # else named as a damaged store: an array its manifest lists, missing or of another shape
-        if not isinstance(path, str) or path not in self.paths():
+        if not isinstance(path, str) or path not in self._paths:
             raise StoreError(f"{short(path)} is not a data array of {self.location!r}; read one of {', '.join(map(repr, self.paths()))} "
                              "(a target's array is store.targets[name].path)")
         for name, value in (("start", start), ("stop", stop)):  # a float was numpy's TypeError, True read as row 1
@@ -664,6 +668,29 @@ class Store:
                     raise self._damaged(path, shard, problem)
         return rows
 
+    def read_shards(self, path: str, shards: list[int]) -> np.ndarray:
+        """The rows of shards ``shards`` of ``path``, back to back in the order given: what ``read`` of each shard's rows
+        gives, with the same checks and errors, and the work a call makes once made once for them all (the streaming
+        reader's call, for a buffer's shards of one column: a local store's folders are opened once for them)."""
+        array = self.checked_array(path) if isinstance(path, str) and path in self._paths else None
+        direct = array is not None and self._kind == "local" and _direct_layout(array) is not None
+        if direct:
+            self._take_snapshot()
+        parts = []
+        with LocalObjects(array.store.root) if direct else contextlib.nullcontext() as objects:
+            for shard in shards:
+                rows = None
+                if direct and isinstance(shard, int | np.integer) and 0 <= shard < self.num_shards and self._done[shard]:
+                    sums: list[tuple[int, int]] | None = [] if self._digests is not None else None
+                    rows = _read_whole_shard(array, int(shard), None, sums, objects)
+                    problem = rows is not None and sums is not None and self.digest_problem(path, int(shard), rows, sums)
+                    if problem:
+                        raise self._damaged(path, int(shard), problem)
+                if rows is None:  # not read here: read() names what is wrong (a shard not done, damage), or reads it through zarr
+                    rows = self.read(path, *self.shard_rows(shard)) if isinstance(shard, int | np.integer) else self.read(path, shard, shard)
+                parts.append(rows)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else self.read(path, 0, 0)
+
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
         read of a store being written."""
@@ -678,7 +705,7 @@ class Store:
         direct = self._read_direct(path, start, stop, shards, crcs)
         if direct is not None:
             return direct
-        if location_kind(self.location) == "http" and "::" not in self.location:
+        if self._kind == "http" and "::" not in self.location:
             # a plain static server ignores Range (SHARING.md: objects are fetched whole): rows are sliced from whole shards
             lo, hi = shards[0] * self.rows_per_shard, min(shards[-1] * self.rows_per_shard + self.rows_per_shard, self.num_samples)
             whole = self._read_direct(path, lo, hi, shards, None) if (lo, hi) != (start, stop) else None
@@ -733,7 +760,7 @@ class Store:
         array = self.array(path)
         if array.shards is None or array.shards[0] != self.rows_per_shard:
             return None
-        fetch = location_kind(self.location) in ("url", "http") and "::" not in self.location
+        fetch = self._kind in ("url", "http") and "::" not in self.location
         for s in shards:
             sums = found.setdefault(s, []) if crcs is not None else None
             if fetch:
@@ -1195,7 +1222,7 @@ def _chunk_bytes(pieces: list[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
 
 
 def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = None,
-                      crcs: list[tuple[int, int]] | None = None) -> np.ndarray | None:
+                      crcs: list[tuple[int, int]] | None = None, objects: LocalObjects | None = None) -> np.ndarray | None:
     """The rows of shard ``shard`` of a local array, read straight from its file (or decoded from ``raw``, the
     object's bytes fetched whole from any store): one read, each inner chunk's crc32c checked and decoded into
     one buffer. None (nothing decided) where this does not apply or anything is off (no file, an empty inner
@@ -1204,33 +1231,34 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     The mirror of ``_write_whole_shard``; zarr 3.1 makes two calls through its event loop per read and
     assembles inner chunks one by one (~2.3 ms per column of a small shard, a tenth of that here).
     ``crcs``: given each inner chunk's ``(crc32c, length)`` of its rows' bytes (codec none: the stored checksum;
-    zstd: computed right after decoding, while the chunk is in the CPU's cache), for ``shard_digest``.
+    zstd: computed right after decoding, while the chunk is in the CPU's cache), for ``shard_digest``. ``objects``: the
+    local store's folders, kept open across the reads of several shards (``Store.read_shards``).
     """
     from google_crc32c import value as crc32c
 
     layout = _direct_layout(array, any_store=raw is not None)
-    if not layout or not (np.little_endian and array.dtype.byteorder in "<=|"):
+    if not layout or not (np.little_endian and layout.dtype.byteorder in "<=|"):
         return None
-    zstd, chunk = layout[0], array.chunks[0]
-    start = shard * array.shards[0]
-    rows = min(array.shards[0], array.shape[0] - start)
+    zstd, chunk, shape = layout.zstd, layout.chunk_rows, layout.shape
+    start = shard * layout.shard_rows
+    rows = min(layout.shard_rows, shape[0] - start)
     count = -(-rows // chunk)  # inner chunks holding rows; those past the array's end are never written
     if raw is None:
-        key = _shard_key(array, shard)
+        key = layout.key(shard)
         bound = array.store.at_most(key) if hasattr(array.store, "at_most") else None
-        try:
-            raw = read_local_object(array.store.root, key, bound)  # never a link out, a FIFO, a device or a sparse giant
+        try:  # never a link out, a FIFO, a device or a sparse giant
+            raw = objects.read(key, bound) if objects is not None else read_local_object(array.store.root, key, bound)
         except OSError:
             return None
         if raw is None:
             return None
-    slots = array.shards[0] // chunk
+    slots = layout.shard_rows // chunk
     tail = slots * 16 + 4
-    if len(raw) < tail or crc32c(raw[-tail:-4].tobytes()) != int(raw[-4:].view("<u4")[0]):
+    if len(raw) < tail or crc32c(raw[-tail:-4]) != int(raw[-4:].view("<u4")[0]):
         return None
     index = raw[-tail:-4].view("<u8").reshape(slots, 2)
     try:
-        out = np.empty((count * chunk, *array.shape[1:]), dtype=array.dtype)
+        out = np.empty((count * chunk, *shape[1:]), dtype=layout.dtype)
     except MemoryError:  # a chunk grid larger than memory (a received zarr.json): zarr reads it and names the shard
         return None
     size = out[:chunk].nbytes
@@ -1277,10 +1305,10 @@ def _object_bound(array: zarr.Array) -> int:
     return slots * (chunk + chunk // 128 + 128) + (slots * 16 + 4 if array.shards else 0)
 
 
-_LAYOUTS: dict[int, tuple[Any, bool, tuple[Any] | None]] = {}  # id(array.metadata) -> (that metadata, any_store, _direct_layout's answer)
+_LAYOUTS: dict[int, tuple[Any, bool, Direct | None]] = {}  # id(array.metadata) -> (that metadata, any_store, _direct_layout's answer)
 
 
-def _direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | None:
+def _direct_layout(array: zarr.Array, any_store: bool = False) -> Direct | None:
     """``_find_direct_layout``, worked out once per array metadata (and store kind): a read of one shard asks for it each time."""
     metadata, local = array.metadata, any_store or isinstance(array.store, zarr.storage.LocalStore)
     known = _LAYOUTS.get(id(metadata))
@@ -1293,8 +1321,8 @@ def _direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | N
     return found
 
 
-def _find_direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any] | None:
-    """``(zstd codec or None,)`` where a shard of ``array`` can be read and written straight from its file
+def _find_direct_layout(array: zarr.Array, any_store: bool = False) -> Direct | None:
+    """The ``Direct`` layout where a shard of ``array`` can be read and written straight from its file
     (docs/FORMAT.md §3.1): a local (``any_store``: any) row-sharded array with bytes [→ zstd] → crc32c chunks and
     a crc32c index at the end; None for anything else (other stores, codecs or key encodings go through zarr)."""
     from zarr.codecs import BytesCodec, ShardingCodec
@@ -1307,9 +1335,27 @@ def _find_direct_layout(array: zarr.Array, any_store: bool = False) -> tuple[Any
     zstd = inner.pop(1) if len(inner) == 3 and isinstance(inner[1], ZstdCodec) else None
     if not (array.shards[1:] == array.shape[1:] == array.chunks[1:] and array.shards[0] % array.chunks[0] == 0
             and [type(c) for c in inner] == [BytesCodec, Crc32cCodec] and [type(c) for c in index_codecs] == [BytesCodec, Crc32cCodec]
-            and codec.index_location.value == "end" and array.metadata.chunk_key_encoding.name == "default"):
+            and codec.index_location.value == "end" and array.metadata.chunk_key_encoding.name == "default"
+            and getattr(array.metadata.chunk_key_encoding, "separator", None) == "/"):
         return None
-    return (zstd,)
+    key = f"{array.path}/c/" if array.path else "c/"
+    return Direct(zstd, array.shards[0], array.chunks[0], tuple(array.shape), array.dtype, key, "/0" * (array.ndim - 1))
+
+
+class Direct(NamedTuple):
+    """How a shard of an array is read and written straight from its file (``_find_direct_layout``): its zstd codec (or
+    None), rows per shard and per inner chunk, the array's shape and dtype, and a shard's key around its number."""
+
+    zstd: Any
+    shard_rows: int
+    chunk_rows: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    key_head: str
+    key_tail: str
+
+    def key(self, shard: int) -> str:
+        return f"{self.key_head}{shard}{self.key_tail}"
 
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -1330,7 +1376,9 @@ def decode_zstd(body: Any, out: np.ndarray) -> np.ndarray:
             declared = int.from_bytes(body[at : at + width], "little") + (256 if width == 2 else 0)
             if declared != len(out):
                 raise ValueError(f"its zstd frame declares {declared:,} bytes where the inner chunk holds {len(out):,}")
-    return __import__("numcodecs").Zstd().decode(body, out=out)  # numcodecs refuses more than ``out`` holds, unallocated
+    from numcodecs.zstd import decompress
+
+    return decompress(body, out)  # numcodecs refuses more than ``out`` holds, unallocated
 
 
 class BoundedZstdCodec(ZstdCodec):

@@ -429,17 +429,30 @@ def test_a_dataset_that_is_not_map_style_is_refused(numbered_store):
             transfer(numbered_store, dataset)
 
 
-@pytest.mark.parametrize("buffer_shards", [1, 3])
-def test_streaming_reads_only_whole_shards(numbered_store, monkeypatch, buffer_shards):
-    """Every Store.read is one whole shard of one array, and each shard is read once per array per epoch."""
+def record_reads(monkeypatch) -> list[tuple[str, int, int]]:
+    """A list that each store read made from now on adds itself to, as ``(path, start, stop)``: a ``Store.read`` as it is
+    asked, a ``Store.read_shards`` (the streaming reader's: a column's shards of a buffer in one call) as each shard's rows."""
     calls: list[tuple[str, int, int]] = []
-    read = layout.Store.read
+    read, read_shards = layout.Store.read, layout.Store.read_shards
 
-    def recording_read(self, path, start, stop):
+    def recording_read(self, path, start, stop, **kwargs):
         calls.append((path, start, stop))
-        return read(self, path, start, stop)
+        return read(self, path, start, stop, **kwargs)
+
+    def recording_read_shards(self, path, shards):
+        calls.extend((path, *self.shard_rows(s)) for s in shards)
+        return read_shards(self, path, shards)
 
     monkeypatch.setattr(layout.Store, "read", recording_read)
+    monkeypatch.setattr(layout.Store, "read_shards", recording_read_shards)
+    return calls
+
+
+@pytest.mark.parametrize("buffer_shards", [1, 3])
+def test_streaming_reads_only_whole_shards(numbered_store, monkeypatch, buffer_shards):
+    """Every read (Store.read, or Store.read_shards: a column's shards of a buffer in one call) is of whole shards of one
+    array, and each shard is read once per array per epoch."""
+    calls = record_reads(monkeypatch)
     ts = transfer(numbered_store, seed=4, rows=SUBSET, memory_budget_mb=0, buffer_shards=buffer_shards)
     store = layout.open_store(numbered_store)
     for epoch in range(2):
@@ -698,15 +711,13 @@ def test_taken_in_turn_is_a_dataloaders_round_robin():
 
 
 def test_a_resumed_epoch_does_not_read_the_buffers_it_skips(numbered_store, monkeypatch):
-    calls: list[int] = []
-    read = layout.Store.read
-    monkeypatch.setattr(layout.Store, "read", lambda self, path, start, stop: (calls.append(start // ROWS_PER_SHARD), read(self, path, start, stop))[1])
+    reads = record_reads(monkeypatch)
     ts = transfer(numbered_store, seed=3, memory_budget_mb=0.0, buffer_shards=1, batch_size=4)  # a buffer: one shard
     plan = [np.unique(rows // ROWS_PER_SHARD).tolist() for rows in ts.plan(0)]
     ends = np.cumsum(ts._batch_counts(0))  # 4 batches a shard, 1 for the last (rows 96-99)
     for skip in (ends[0], ends[1] + 1, ends[2], ends[2] + 3):
         unread = int(np.searchsorted(ends, skip, side="right"))  # buffers wholly served
-        calls.clear()
+        reads.clear()
         served = serve_from(ts, 0, int(skip))
-        assert sorted(set(calls)) == sorted(s for shards in plan[unread:] for s in shards), skip
+        assert sorted({start // ROWS_PER_SHARD for _, start, _ in reads}) == sorted(s for shards in plan[unread:] for s in shards), skip
         assert len(served) == ts.batches_per_epoch(0) - skip

@@ -216,3 +216,44 @@ def test_inputs_without_plain_values_to_fingerprint_are_named_in_one_line():
         data.fingerprint(quantized)
     z = torch.tensor([1 + 2j])
     assert data.fingerprint(z.conj()) == data.fingerprint(torch.tensor([1 - 2j]))
+
+
+def test_read_shards_is_read_of_each_shard_with_its_errors(tiny_store: str, tmp_path: Path):
+    """``Store.read_shards`` (the streaming reader's call for a buffer's shards of a column) gives each shard's rows as
+    ``read`` does, in the order asked, and for a shard that is damaged, not done, or not a shard, ``read``'s error."""
+    import shutil
+
+    from kdcache.errors import StoreError
+
+    store = layout.open_store(tiny_store)
+    for path in store.paths():
+        for shards in ([0], [3], [2, 0, 3], [1, 2, 3, 0], []):
+            want = [store.read(path, *store.shard_rows(s)) for s in shards]
+            got = store.read_shards(path, shards)
+            np.testing.assert_array_equal(got, np.concatenate(want) if want else store.read(path, 0, 0))
+            assert got.dtype == store.array(path).dtype
+
+    def error(call) -> str:
+        with pytest.raises(StoreError) as caught:
+            call()
+        return str(caught.value)
+
+    logits = layout.LOGITS
+    for damage in ("swapped", "truncated", "missing", "not done"):
+        copy = tmp_path / damage
+        shutil.copytree(tiny_store, copy)
+        shard1, shard2 = (copy / logits / "c" / str(s) / "0" for s in (1, 2))
+        if damage == "swapped":  # valid checksums, another shard's rows: the digest tells
+            shard1.write_bytes(shard2.read_bytes())
+        elif damage == "truncated":
+            shard1.write_bytes(shard1.read_bytes()[:-9])
+        elif damage == "missing":
+            shard1.unlink()
+        else:
+            (copy / layout.DONE / "c" / "1").unlink()
+        damaged = layout.open_store(str(copy))
+        said = error(lambda: damaged.read(logits, 16, 32))
+        assert error(lambda: layout.open_store(str(copy)).read_shards(logits, [0, 1, 2])) == said, damage
+        np.testing.assert_array_equal(damaged.read_shards(logits, [2, 0]), store.read_shards(logits, [2, 0]))
+    assert "not within the 50 samples" in error(lambda: store.read_shards(logits, [4]))
+    assert "is not a data array" in error(lambda: store.read_shards("targets/nothing", [0]))
