@@ -15,7 +15,8 @@ class Progress:
         self.done = 0
         self.bytes = 0
         self.start = time.perf_counter()
-        self._last = 0.0
+        self._last = float("-inf")  # the first update draws its line (0.0 did only where perf_counter's clock, the time since
+        # boot on Linux, had passed ``every``: a bar of every=3600 on a machine up for less than an hour drew no first line)
 
     def update(self, n: int, nbytes: int = 0, **fields: Any) -> None:
         """Count ``n`` samples (``nbytes`` bytes); ``fields``: numbers, or 0-d tensors, read only when the line is
