@@ -408,6 +408,7 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     the http layer's options are those under its scheme (``https.client_kwargs.timeout``)."""
     options = dict(storage_options or {})
     _refuse_zip_layer_options(location, options)
+    _refuse_string_flags(location, options)
     size = options.get("default_block_size")  # s3fs and gcsfs compare it with sizes at the first read: a TypeError that
     if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):  # read as "not a zarr v3 group"
         raise StoreError(f"storage option default_block_size must be a number of bytes, got {type(size).__name__} {short(size)}; "
@@ -421,6 +422,40 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     if isinstance(options.get(scheme), dict):
         options[scheme] = _with_client_timeout(options[scheme], f"{scheme}.")
     return options
+
+
+def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
+    """Refuse a string given to an option its filesystem takes as true or false (s3fs's ``anon``, ``use_ssl``,
+    ``requester_pays``...; fsspec's ``use_listings_cache``): any non-empty string is true to it, so ``anon=False``
+    (Python's spelling: the command line reads true and false as JSON, and keeps ``False`` a string) or ``anon=no`` made
+    every request anonymous. A layer of a chain (``zip::s3://…``) is checked in the options under its scheme."""
+    parts = location.split("::")
+    layers = [(parts[0], options, "")] if len(parts) == 1 else \
+        [(part, options.get(scheme), f"{scheme}.") for part in parts if (scheme := part.split("://", 1)[0].lower()) in options]
+    for url, given, prefix in layers:
+        if not isinstance(given, dict):
+            continue
+        flags = _flag_options(url.split("://", 1)[0].lower() if "://" in url else "file")
+        for key, value in given.items():
+            if key in flags and isinstance(value, str):
+                raise StoreError(f"storage option {prefix}{key} is true or false, got the string {short(value)}, which the "
+                                 f"filesystem would take as true (any non-empty string is); pass --storage-option {prefix}{key}=false "
+                                 f"or {prefix}{key}=true (JSON's spelling: Python's False stays a string), or {{{key!r}: False}} from Python")
+
+
+@functools.lru_cache(maxsize=None)
+def _flag_options(protocol: str) -> frozenset[str]:
+    """The options the fsspec filesystem of ``protocol`` takes as true or false: its ``__init__``'s parameters whose
+    default is a bool, and fsspec's own caching flags; none where it is not installed."""
+    import inspect
+
+    from fsspec.registry import get_filesystem_class
+
+    try:
+        parameters = inspect.signature(get_filesystem_class(protocol).__init__).parameters
+    except (ImportError, ValueError, TypeError):
+        return frozenset()
+    return frozenset({name for name, p in parameters.items() if isinstance(p.default, bool)} | {"use_listings_cache", "skip_instance_cache"})
 
 
 def _refuse_zip_layer_options(location: str, options: dict[str, Any]) -> None:

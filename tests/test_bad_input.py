@@ -627,6 +627,11 @@ CASES = [
     # -- click usage errors (exit 2)
     Case("storage-option-on-a-local-path", lambda c: ["info", c.store, "--storage-option", "anon=true"],
          ("storage options ['anon'] apply to URL locations", "not the local path"), store=True),
+    Case("storage-option-flag-spelled-as-python", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "anon=False"],
+         ("storage option anon is true or false, got the string 'False', which the filesystem would take as true",
+          "pass --storage-option anon=false or anon=true")),
+    Case("storage-option-flag-in-a-chain", lambda c: ["info", "zip::s3://bucket/t.zarr.zip", "--storage-option", "s3.use_ssl=no"],
+         ("storage option s3.use_ssl is true or false, got the string 'no'", "--storage-option s3.use_ssl=false")),
     Case("usage-missing-out", lambda c: extract(), ("Missing option '--out'",), code=2),
     Case("usage-not-an-integer", lambda c: extract("--out", c.new, "--batch-size", "many"), ("'many' is not a valid integer",), code=2),
     Case("usage-pipeline-is-a-folder", lambda c: ["extract", FIXTURES, "--out", c.new], ("is a directory",), code=2),

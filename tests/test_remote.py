@@ -1027,3 +1027,22 @@ def test_a_zip_behind_an_endpoint_that_never_answers_is_named_within_the_probe_t
     pack(tiny_store, str(root / "first-look.zarr.zip"))
     result = CliRunner().invoke(main, ["info", f"zip::{base}/first-look.zarr.zip", "--json", "--storage-option=http.client_kwargs.timeout=30"])
     assert result.exit_code == 0 and json.loads(result.output)["complete"], result.output
+
+
+@pytest.mark.parametrize("location, options", [
+    ("s3://bucket/t.zarr", {"anon": "False"}),
+    ("s3://bucket/t.zarr", {"use_listings_cache": "no"}),
+    ("https://example.invalid/t.zarr", {"simple_links": "false"}),
+    ("zip::s3://bucket/t.zarr.zip", {"s3": {"requester_pays": "0"}}),
+], ids=["s3-anon", "fsspec-cache-flag", "https", "zip-chain"])
+def test_a_flag_option_given_as_a_string_is_refused_before_any_request(location, options, tmp_path):
+    """Any non-empty string is true to s3fs and fsspec: storage_options={"anon": "False"} (or the command line's
+    --storage-option anon=False, which JSON does not read as false) made every request anonymous. Refused, naming the
+    option, before a request is made (nothing listens at these locations) and before anything is written."""
+    key = next(iter(options))
+    named = f"{key}.{next(iter(options[key]))}" if isinstance(options[key], dict) else key
+    writable = location.startswith("s3://")  # http(s) and zip stores are read-only: extract says so first
+    for call in (lambda: open_store(location, storage_options=options),
+                 *([lambda: kdcache.extract(make_pipeline(), location, storage_options=options)] if writable else [])):
+        with pytest.raises(StoreError, match=rf"^storage option {re.escape(named)} is true or false, got the string '"):
+            call()
