@@ -89,6 +89,7 @@ class TransferSet(IterableDataset):
             raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
         self.location, self.dataset, self.storage_options, self.algorithm = location, dataset, storage_options, algorithm
         self._check_probes(store.manifest)
+        self._manifest = _identity(store.manifest)  # what a streaming read's own opening of the store must find (_read)
         self.paths = store.sample_paths() + [_target_path(store, p) for p in paths]
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.buffer_shards = int(buffer_shards)
@@ -347,7 +348,7 @@ class TransferSet(IterableDataset):
         if self.memory is not None:
             return {p: a[rows] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
-            self._store = layout.open_store(self.location, storage_options=self.storage_options)
+            self._store = self._reopened()
         shards, local = np.unique(rows // self.rows_per_shard, return_inverse=True)
         spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
         offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])
@@ -361,6 +362,21 @@ class TransferSet(IterableDataset):
             mine = [next(parts) for _ in range(len(spans))]
             out[p] = (mine[0] if len(mine) == 1 else np.concatenate(mine))[position]
         return out
+
+    def _reopened(self) -> layout.Store:
+        """The store opened again (streaming: by each DataLoader worker, or by this process at its first read), refused
+        unless it is the store this reader was made for: one replaced at the same location since (another ``kdcache extract
+        --overwrite``, a copy synced over it) would serve its rows beside the first store's (in RAM, or read by another
+        worker), targets of another teacher or run, checked only by the fingerprints of the rows the re-check picks."""
+        store = layout.open_store(self.location, storage_options=self.storage_options)
+        now = _identity(store.manifest)
+        if now != self._manifest:
+            key = next(k for k in sorted(set(now) | set(self._manifest)) if now.get(k) != self._manifest.get(k))
+            raise StoreError(f"{self.location!r} was replaced while this reader used it: its manifest's {key} was "
+                             f"{short(self._manifest.get(key))} when the reader was made and is {short(now.get(key))} now (another "
+                             "kdcache extract --overwrite, or a copy over it?); rerun against the store as it is now, and keep a "
+                             "store in place while a run reads it (its rows would mix with the other store's)")
+        return store
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
         index = columns[layout.INDEX].tolist()
@@ -436,6 +452,12 @@ class TransferSet(IterableDataset):
                                   "in its place; make it return one item per index, in the order asked")
         return AlignmentError(f"{said}: the dataset changed since extraction (order, content or preprocessing); use the dataset "
                               "the store was made from, or re-extract")
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What makes a store the one it is: its manifest, but for ``completed`` (set when a store being written is finished:
+    a reader of a partial store reads only shards done when it began)."""
+    return {k: v for k, v in manifest.items() if k != "completed"}
 
 
 def _one_input(inputs: list[Any], algorithm: str) -> bool:

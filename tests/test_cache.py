@@ -721,3 +721,36 @@ def test_a_resumed_epoch_does_not_read_the_buffers_it_skips(numbered_store, monk
         served = serve_from(ts, 0, int(skip))
         assert sorted({start // ROWS_PER_SHARD for _, start, _ in reads}) == sorted(s for shards in plan[unread:] for s in shards), skip
         assert len(served) == ts.batches_per_epoch(0) - skip
+
+
+def _edit_manifest(location: str, **values) -> None:
+    """Set manifest keys of the store at ``location`` in its root zarr.json, as a replaced store would hold them."""
+    import json
+    from pathlib import Path
+
+    meta_file = Path(location, "zarr.json")
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"][layout.ATTRS].update(values)
+    meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_store_replaced_under_a_streaming_reader_is_refused(numbered_store, tmp_path, workers):
+    """Streaming opens the store again at its first read (in each DataLoader worker, and in the process itself): a store
+    replaced at the location since the reader was made (another extract --overwrite, made later) would have served its
+    rows beside the first's. Refused, naming what changed; a store being written that is finished meanwhile (only its
+    ``completed`` set) is the same store, and serves."""
+    location = str(tmp_path / "s.zarr")
+    shutil.copytree(numbered_store, location)
+    _edit_manifest(location, completed=None)  # being written when the reader was made
+    ts = transfer(location, memory_budget_mb=0)
+    _edit_manifest(location, completed="2030-01-01T00:00:01+00:00")  # finished since: the same store
+    for batch in serve(ts, 0, workers):
+        check_aligned(batch)
+    replaced = transfer(location, memory_budget_mb=0)
+    _edit_manifest(location, created="2030-01-02T00:00:00+00:00")
+    with pytest.raises(StoreError) as raised:
+        serve(replaced, 0, workers)
+    assert re.search(r"s\.zarr' was replaced while this reader used it: its manifest's created was '[^']+' when the reader was "
+                     r"made and is '2030-01-02T00:00:00\+00:00' now \(another kdcache extract --overwrite, or a copy over it\?\); "
+                     "rerun against the store as it is now", str(raised.value)), str(raised.value)
