@@ -672,22 +672,26 @@ class Store:
         """The rows of shards ``shards`` of ``path``, back to back in the order given: what ``read`` of each shard's rows
         gives, with the same checks and errors, and the work a call makes once made once for them all (the streaming
         reader's call, for a buffer's shards of one column: a local store's folders are opened once for them)."""
+        for shard in shards:
+            if isinstance(shard, bool | np.bool_) or not isinstance(shard, int | np.integer) or not 0 <= shard < self.num_shards:
+                raise StoreError(f"shard {short(shard)} is not a shard of {self.location!r}; read shards 0 to {self.num_shards - 1} "
+                                 "(shard s holds rows s * rows_per_shard onwards: store.shard_rows(s))")
         array = self.checked_array(path) if isinstance(path, str) and path in self._paths else None
         direct = array is not None and self._kind == "local" and _direct_layout(array) is not None
         if direct:
             self._take_snapshot()
         parts = []
         with LocalObjects(array.store.root) if direct else contextlib.nullcontext() as objects:
-            for shard in shards:
+            for shard in map(int, shards):
                 rows = None
-                if direct and isinstance(shard, int | np.integer) and 0 <= shard < self.num_shards and self._done[shard]:
+                if direct and self._done[shard]:
                     sums: list[tuple[int, int]] | None = [] if self._digests is not None else None
-                    rows = _read_whole_shard(array, int(shard), None, sums, objects)
-                    problem = rows is not None and sums is not None and self.digest_problem(path, int(shard), rows, sums)
+                    rows = _read_whole_shard(array, shard, None, sums, objects)
+                    problem = rows is not None and sums is not None and self.digest_problem(path, shard, rows, sums)
                     if problem:
-                        raise self._damaged(path, int(shard), problem)
+                        raise self._damaged(path, shard, problem)
                 if rows is None:  # not read here: read() names what is wrong (a shard not done, damage), or reads it through zarr
-                    rows = self.read(path, *self.shard_rows(shard)) if isinstance(shard, int | np.integer) else self.read(path, shard, shard)
+                    rows = self.read(path, *self.shard_rows(shard))
                 parts.append(rows)
         return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else self.read(path, 0, 0)
 

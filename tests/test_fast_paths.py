@@ -255,5 +255,6 @@ def test_read_shards_is_read_of_each_shard_with_its_errors(tiny_store: str, tmp_
         said = error(lambda: damaged.read(logits, 16, 32))
         assert error(lambda: layout.open_store(str(copy)).read_shards(logits, [0, 1, 2])) == said, damage
         np.testing.assert_array_equal(damaged.read_shards(logits, [2, 0]), store.read_shards(logits, [2, 0]))
-    assert "not within the 50 samples" in error(lambda: store.read_shards(logits, [4]))
+    for shard in (4, -1, 1.0, True):
+        assert error(lambda: store.read_shards(logits, [0, shard])).startswith(f"shard {shard!r} is not a shard of {tiny_store!r}; read shards 0 to 3")
     assert "is not a data array" in error(lambda: store.read_shards("targets/nothing", [0]))
