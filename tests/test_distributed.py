@@ -522,11 +522,19 @@ def test_a_rank_that_stops_answering_ends_the_others_in_one_line_when_the_collec
 
     toml = tmp_path / "tiny.toml"  # 50 rows, 2 ranks of batch 8: 4 steps an epoch
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
-    hung = tmp_path / "hung.py"  # kdcache's command, rank 0's first checkpoint slow (4 s), rank 1 asleep (7 s) before its seventh step
+    # kdcache's command, rank 0's first checkpoint slow (4 s), rank 1 asleep before its seventh step until rank 0's process
+    # has ended (it slept a fixed 7 s, most of it after rank 0 had gone; at most 60 s now, so a loaded box cannot wake it early)
+    hung, pid = tmp_path / "hung.py", tmp_path / "rank0.pid"
     hung.write_text("import importlib, os, time\n"
+                    f"pid = {str(pid)!r}\n"
+                    "if os.environ['RANK'] == '0':\n    open(pid, 'w').write(str(os.getpid()))\n"
+                    "def gone():  # rank 0's process has ended (a zombie until torchrun reaps it)\n    try:\n        stat = f'/proc/{open(pid).read()}/stat'\n"
+                    "    except FileNotFoundError:\n        return False\n    try:\n        return open(stat).read().rsplit(')', 1)[1].split()[0] in 'ZX'\n"
+                    "    except (FileNotFoundError, ProcessLookupError):\n        return True\n"
                     "train = importlib.import_module('kdcache.train')\nlosses, steps, save = train.Run.losses, [], train._save_epoch\n"
                     "def slow(self, batch):\n    steps.append(1)\n"
-                    "    if os.environ['RANK'] == '1' and len(steps) == 7:\n        time.sleep(7)\n    return losses(self, batch)\n"
+                    "    if os.environ['RANK'] == '1' and len(steps) == 7:\n        end = time.monotonic() + 60\n"
+                    "        while not gone() and time.monotonic() < end:\n            time.sleep(0.05)\n    return losses(self, batch)\n"
                     "def slow_save(*args, **kwargs):\n    time.sleep(4)\n    return save(*args, **kwargs)\n"
                     "train.Run.losses, train._save_epoch = slow, slow_save\nfrom kdcache.cli import main\nmain()\n")
     sets = [x for s in ("train.epochs=2", "train.features={}", "train.eval_split=''", "train.rank_timeout_s=2") for x in ("--set", s)]
