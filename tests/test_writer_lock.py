@@ -656,7 +656,7 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
     lock = f"{S3_BUCKET}/.preempted.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     options = [f"--storage-option={k}={v}" for k, v in s3.items()]
-    proc = slow_extract(toml, url, storage_options=s3)
+    proc = slow_extract(toml, url, n=80, sleep=0.03, storage_options=s3)  # 10 shards of 0.24 s: as long a run as 30 of 0.08 s, a third of the rerun
     try:
         assert read_object(fs, lock) is not None, "the job holds its lock"
         proc.send_signal(signal.SIGTERM)
@@ -667,8 +667,8 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
     assert proc.stderr.read().decode().strip().splitlines() == [
         "Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"]
     assert read_object(fs, lock) is None
-    assert 2 <= layout.open_store(url, storage_options=s3).done().sum() < 30
-    zoo_env(N=240)  # the dataset the store was made from, without the sleep
+    assert 2 <= layout.open_store(url, storage_options=s3).done().sum() < 10
+    zoo_env(N=80)  # the dataset the store was made from, without the sleep
     result = invoke("extract", toml, "--out", url, *options)
     assert result.exit_code == 0 and "resumed" in result.output, result.output
 
@@ -762,7 +762,7 @@ def test_an_s3_lock_of_an_extract_killed_on_this_machine_is_taken_over_at_once(s
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/killed.zarr"
     lock = f"{S3_BUCKET}/.killed.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    proc = slow_extract(toml, url, storage_options=s3)
+    proc = slow_extract(toml, url, n=80, sleep=0.03, storage_options=s3)  # 10 shards of 0.24 s: as long a run as 30 of 0.08 s, a third of the rerun
     try:
         record = json.loads(read_object(fs, lock))["process"]
         assert record["pid"] == proc.pid and record["alone"] is True and set(record) == {"pid", "boot_id", "pid_ns", "start", "alone"}
@@ -771,7 +771,7 @@ def test_an_s3_lock_of_an_extract_killed_on_this_machine_is_taken_over_at_once(s
         kill_9(proc)
     assert read_object(fs, lock) is not None, "left behind"
     assert active_writer(url, s3) is None, "its holder is gone: nobody writes the store"
-    zoo_env(N=240)
+    zoo_env(N=80)
     started = time.monotonic()
     result = invoke("extract", toml, "--out", url, *[f"--storage-option={k}={v}" for k, v in s3.items()])
     assert result.exit_code == 0 and "resumed" in result.output, result.output
