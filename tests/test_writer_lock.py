@@ -395,14 +395,14 @@ def test_an_s3_store_that_cannot_be_reached_is_named_before_the_teacher_is_built
     assert not sentinel.exists()
 
 
-@pytest.mark.parametrize("theirs, tries, wait", [((), 2, 1), (("config_kwargs.read_timeout=2", "config_kwargs.retries.max_attempts=0"), 1, 2)],
+@pytest.mark.parametrize("theirs, tries, wait", [((), 2, 0.5), (("config_kwargs.read_timeout=1", "config_kwargs.retries.max_attempts=0"), 1, 1)],
                          ids=["probe-defaults", "user-options-win"])
 def test_an_s3_endpoint_that_never_answers_is_named_within_the_probe_timeouts(tmp_path, monkeypatch, silent_endpoint, theirs, tries, wait):
     """An endpoint that takes the connection and never answers held extract for minutes (s3fs's passes of botocore's
     tries of 15 s). The look for another writer's lock gives up after ``PROBE_ATTEMPTS`` tries of ``PROBE_READ_S``, or
     the user's own config_kwargs, says so in one line and names the setting to raise; no teacher is built."""
     monkeypatch.setattr(storage, "PROBE_CONNECT_S", 1.0)
-    monkeypatch.setattr(storage, "PROBE_READ_S", 1.0)
+    monkeypatch.setattr(storage, "PROBE_READ_S", 0.5)  # the endpoint never answers: any wait gives up
     monkeypatch.setattr(storage, "PROBE_ATTEMPTS", 2)
     endpoint, held = silent_endpoint
     sentinel = tmp_path / "teacher-was-built"
