@@ -171,17 +171,14 @@ class Run:
             return self.manifest(pipeline, data.known_algorithm(existing or {}) or data.FINGERPRINT_ALGORITHM)
         return manifest
 
-    def manifest(self, pipeline: Pipeline, algorithm: str = data.FINGERPRINT_ALGORITHM) -> dict[str, Any]:
-        """The manifest of a store of this run, its inputs fingerprinted by ``algorithm`` (a resumed store's)."""
-        x, n = pipeline.extract, self.num_samples
-        now = data.check_dataset(self.dataset, f"data.factory {pipeline.data.factory!r}({pipeline.data.split!r})")
-        if now != n:  # the probes' last index (n - 1) and the store's rows would disagree: a store its own reader calls damaged
-            raise PipelineError(f"len() of data.factory {pipeline.data.factory!r}({pipeline.data.split!r})'s dataset gave {n}, then {now}: "
-                                "its length changed between two calls (files still arriving? a __len__ that counts anew each time); "
-                                "make __len__ return one number (list the items once, in the dataset's __init__), then rerun")
+    def geometry(self, pipeline: Pipeline) -> dict[str, Any]:
+        """The store's shard and chunk geometry for these targets (``layout.plan_geometry``), refused where a shard would
+        take more than a shard may hold (the writer holds shards in memory until complete)."""
+        x = pipeline.extract
         bytes_per_sample = {layout.INDEX: 8, layout.FINGERPRINT: 8, **({layout.LABEL: 8} if self.has_labels else {})}
         bytes_per_sample |= {p: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for p, t in self.targets.items()}
-        geometry = layout.plan_geometry(n, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb, rows_per_shard=x.rows_per_shard)
+        geometry = layout.plan_geometry(self.num_samples, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb,
+                                        rows_per_shard=x.rows_per_shard)
         shard_bytes = geometry["rows_per_shard"] * sum(bytes_per_sample.values())
         if shard_bytes > layout.MAX_SHARD_BYTES:  # the writer holds up to WRITE_THREADS + 1 shards in memory
             most = layout.MAX_SHARD_BYTES // sum(bytes_per_sample.values())
@@ -193,6 +190,17 @@ class Run:
             raise PipelineError(f"{pipeline.where('extract.rows_per_shard')}: extract.rows_per_shard = {x.rows_per_shard} makes shards of {shard_bytes / 2**30:.3g} GiB "
                                 f"({sum(bytes_per_sample.values())} bytes per sample), but a shard is held in memory until complete; "
                                 f"use at most {most} rows, or 0 to choose from extract.shard_mb")
+        return geometry
+
+    def manifest(self, pipeline: Pipeline, algorithm: str = data.FINGERPRINT_ALGORITHM) -> dict[str, Any]:
+        """The manifest of a store of this run, its inputs fingerprinted by ``algorithm`` (a resumed store's)."""
+        x, n = pipeline.extract, self.num_samples
+        now = data.check_dataset(self.dataset, f"data.factory {pipeline.data.factory!r}({pipeline.data.split!r})")
+        if now != n:  # the probes' last index (n - 1) and the store's rows would disagree: a store its own reader calls damaged
+            raise PipelineError(f"len() of data.factory {pipeline.data.factory!r}({pipeline.data.split!r})'s dataset gave {n}, then {now}: "
+                                "its length changed between two calls (files still arriving? a __len__ that counts anew each time); "
+                                "make __len__ return one number (list the items once, in the dataset's __init__), then rerun")
+        geometry = self.geometry(pipeline)
         return {
             "kdcache_version": kdcache.__version__,
             "teacher": {
@@ -293,6 +301,7 @@ def setup(pipeline: Pipeline) -> Run:
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
     _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
+    run.geometry(pipeline)  # targets too large for any shard: refused before the teacher runs again (_check_alone's copies)
     if len(batch["index"]) > 1:
         _check_alone(run, t.layers)
     return run
