@@ -677,7 +677,8 @@ class Store:
                 raise StoreError(f"shard {short(shard)} is not a shard of {self.location!r}; read shards 0 to {self.num_shards - 1} "
                                  "(shard s holds rows s * rows_per_shard onwards: store.shard_rows(s))")
         array = self.checked_array(path) if isinstance(path, str) and path in self._paths else None
-        direct = array is not None and self._kind == "local" and _direct_layout(array) is not None
+        direct = (array is not None and self._kind == "local" and _direct_layout(array) is not None
+                  and array.shards[0] == self.rows_per_shard)  # else its shards are not the manifest's: read() reads through zarr
         if direct:
             self._take_snapshot()
         parts = []

@@ -258,3 +258,26 @@ def test_read_shards_is_read_of_each_shard_with_its_errors(tiny_store: str, tmp_
     for shard in (4, -1, 1.0, True):
         assert error(lambda: store.read_shards(logits, [0, shard])).startswith(f"shard {shard!r} is not a shard of {tiny_store!r}; read shards 0 to 3")
     assert "is not a data array" in error(lambda: store.read_shards("targets/nothing", [0]))
+
+
+def test_read_shards_of_an_array_sharded_otherwise_than_the_manifest_reads_as_read(tiny_store: str, tmp_path: Path):
+    """An array whose zarr.json shards its rows otherwise than the manifest's rows_per_shard (rewritten by another
+    zarr tool: zarr reads it, and ``read`` does) is read by ``read_shards`` as by ``read``: a shard is the manifest's
+    rows, never the array's own shard of that number (half the rows, then called damaged by its digest)."""
+    import json
+    import shutil
+
+    copy = tmp_path / "resharded.zarr"
+    shutil.copytree(tiny_store, copy)
+    logits = layout.LOGITS
+    rows = layout.open_store(tiny_store).read(logits, 0, 50)
+    meta = json.loads((copy / logits / "zarr.json").read_text())
+    meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 8
+    meta["codecs"][0]["configuration"]["chunk_shape"][0] = 8
+    shutil.rmtree(copy / logits / "c")
+    (copy / logits / "zarr.json").write_text(json.dumps(meta))
+    zarr.open_array(zarr.storage.LocalStore(copy), path=logits, mode="r+")[:] = rows
+    store = layout.open_store(str(copy))
+    for shards in ([0], [3], [2, 0]):
+        want = np.concatenate([store.read(logits, *store.shard_rows(s)) for s in shards])
+        np.testing.assert_array_equal(store.read_shards(logits, shards), want)
