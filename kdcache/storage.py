@@ -156,6 +156,7 @@ class LocalObjects:
         if not _DIR_FD or any(part in ("", ".", "..") for part in key.split("/")):
             return _read_file(local_object(self.root, key, at_most))
         try:
+            self._keep_only(folder_key)
             folder = self._folder(folder_key)
             if folder is None:
                 return None
@@ -183,6 +184,15 @@ class LocalObjects:
             return out
         finally:
             os.close(file)
+
+    def _keep_only(self, key: str) -> None:
+        """Close the folders not on the way to the folder ``key``: one chain held open at a time (each shard has a
+        folder of its own: a buffer of a thousand shards held a thousand descriptors, and ran out of them, EMFILE)."""
+        on_the_way = {"", key} | {key[:i] for i, c in enumerate(key) if c == "/"}
+        for other in [k for k in self._folders if k not in on_the_way]:
+            fd = self._folders.pop(other)
+            if fd is not None:
+                os.close(fd)
 
     def _folder(self, key: str) -> int | None:
         """The descriptor of the folder ``key`` below the root, opened part by part without following links (the root

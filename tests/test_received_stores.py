@@ -619,3 +619,22 @@ def test_the_json_of_info_stats_and_verify_has_the_documented_keys(tiny_store: s
         keys = set(report) | ({k for t in report["targets"].values() for k in t} if command == "info" else set())
         keys |= {k for c in report.get("checks", []) for k in c}
         assert not [k for k in sorted(keys) if f"`{k}`" not in section], (command, sorted(keys))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the process's descriptors in /proc/self/fd")
+def test_local_objects_holds_one_chain_of_folders_open(tmp_path: Path) -> None:
+    """``LocalObjects`` reading the shards of a buffer (each in a folder of its own: ``a/c/<shard>/0``) keeps open only
+    the folders on the way to the last one read, not one per shard: a buffer of a thousand shards ran out of
+    descriptors (EMFILE), and the read of the shard that met it said the store was damaged."""
+    from kdcache.storage import LocalObjects
+
+    for shard in range(200):
+        (tmp_path / "a" / "c" / str(shard)).mkdir(parents=True)
+        (tmp_path / "a" / "c" / str(shard) / "0").write_bytes(b"shard")
+    before = len(os.listdir("/proc/self/fd"))
+    with LocalObjects(tmp_path) as objects:
+        for shard in range(200):
+            assert objects.read(f"a/c/{shard}/0").tobytes() == b"shard"
+        assert objects.read("a/c/7/0").tobytes() == b"shard" and objects.read("zarr.json") is None
+        assert len(os.listdir("/proc/self/fd")) - before < 10
+    assert len(os.listdir("/proc/self/fd")) == before
