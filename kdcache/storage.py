@@ -462,10 +462,18 @@ def _flag_options(protocol: str) -> frozenset[str]:
     from fsspec.registry import get_filesystem_class
 
     try:
-        parameters = inspect.signature(get_filesystem_class(protocol).__init__).parameters
+        cls = get_filesystem_class(protocol)
+        parameters = inspect.signature(cls.__init__).parameters
     except (ImportError, ValueError, TypeError):
         return frozenset()
-    return frozenset({name for name, p in parameters.items() if isinstance(p.default, bool)} | {"use_listings_cache", "skip_instance_cache"})
+    strings_too = _FLAGS_OR_STRINGS.get(cls.__name__, frozenset())
+    return frozenset({name for name, p in parameters.items() if isinstance(p.default, bool) and name not in strings_too}
+                     | {"use_listings_cache", "skip_instance_cache"})
+
+
+# options defaulting to a bool that their filesystem documents as taking a string too: gcsfs's requester_pays (the
+# project to bill), fsspec WebHDFS's session_verify (requests' verify: a CA bundle's path)
+_FLAGS_OR_STRINGS = {"GCSFileSystem": frozenset({"requester_pays"}), "WebHDFS": frozenset({"session_verify"})}
 
 
 def _refuse_zip_layer_options(location: str, options: dict[str, Any]) -> None:

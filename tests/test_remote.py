@@ -1050,3 +1050,29 @@ def test_a_flag_option_given_as_a_string_is_refused_before_any_request(location,
                  *([lambda: kdcache.extract(make_pipeline(), location, storage_options=options)] if writable else [])):
         with pytest.raises(StoreError, match=rf"^storage option {re.escape(named)} is true or false, got the string '"):
             call()
+
+
+def test_a_flag_option_its_filesystem_takes_as_a_string_too_is_not_refused(monkeypatch):
+    """An option defaulting to a bool that its filesystem also takes as a string is passed on: fsspec WebHDFS's
+    session_verify (a CA bundle's path, given to requests' verify) and gcsfs's requester_pays (the project to bill;
+    gcsfs is not installed here: a class of its name and signature stands in for it)."""
+    from fsspec import AbstractFileSystem
+    from fsspec.registry import _registry
+
+    from kdcache import storage
+
+    class GCSFileSystem(AbstractFileSystem):
+        def __init__(self, project=None, token=None, requester_pays=False, version_aware=False, **kwargs):
+            super().__init__(**kwargs)
+
+    storage._flag_options.cache_clear()
+    monkeypatch.setitem(_registry, "gcs", GCSFileSystem)
+    try:
+        storage._refuse_string_flags("webhdfs://namenode/t.zarr", {"session_verify": "/etc/ssl/certs/ca.pem"})
+        storage._refuse_string_flags("gcs://bucket/t.zarr", {"requester_pays": "my-billing-project"})
+        with pytest.raises(StoreError, match=r"^storage option version_aware is true or false, got the string 'no'"):
+            storage._refuse_string_flags("gcs://bucket/t.zarr", {"version_aware": "no"})
+        with pytest.raises(StoreError, match=r"^storage option requester_pays is true or false"):  # s3fs's is a bool alone
+            storage._refuse_string_flags("s3://bucket/t.zarr", {"requester_pays": "False"})
+    finally:
+        storage._flag_options.cache_clear()
