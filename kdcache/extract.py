@@ -252,8 +252,10 @@ def _check_floating(tensor: torch.Tensor, name: str, dtype: str) -> None:
                       f"floating-point output they come from (the logits before an argmax), or pick another part with [targets.select] {name!r}")
 
 
-def setup(pipeline: Pipeline) -> Run:
-    """Validate, build the teacher and dataset, and run one probe batch to learn the target shapes."""
+def setup(pipeline: Pipeline, writing: bool = True) -> Run:
+    """Validate, build the teacher and dataset, and run one probe batch to learn the target shapes. ``writing``: the run
+    writes a store, whose shard geometry for these targets is checked before the teacher runs again (``verify
+    --teacher-check`` recomputes rows of a store that has its own)."""
     t, x = pipeline.targets, pipeline.extract
     if not t.logits and not t.layers:
         raise PipelineError(f"{pipeline.source}: nothing to store; set targets.logits = true or list targets.layers")
@@ -301,7 +303,8 @@ def setup(pipeline: Pipeline) -> Run:
         "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
     _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
-    run.geometry(pipeline)  # targets too large for any shard: refused before the teacher runs again (_check_alone's copies)
+    if writing:  # targets too large for any shard: refused before the teacher runs again (_check_alone's copies)
+        run.geometry(pipeline)
     if len(batch["index"]) > 1:
         _check_alone(run, t.layers)
     return run

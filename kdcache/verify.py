@@ -220,7 +220,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
 
     check = Check("teacher", "")
     algorithm = data.check_algorithm(store.manifest, store.location)
-    run = setup(pipeline)
+    run = setup(pipeline, writing=False)  # the store has its geometry: the pipeline's extract.rows_per_shard is not used
     if store.manifest.get("precision") in data.AUTOCAST:  # recomputed as stored (the rtol is the store's precision's)
         run.precision = store.manifest["precision"]
     ours = run.weights_sha256

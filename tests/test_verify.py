@@ -419,3 +419,12 @@ def test_a_damaged_compression_in_the_stored_manifest_is_named_not_a_crash(tmp_p
     with pytest.raises(StoreError, match=rf"has a damaged manifest: compression = {re.escape(repr(compression))}, expected an object"):
         extract_tiny(out)
     assert not verify(str(out))["ok"]
+
+
+def test_the_teacher_check_does_not_judge_the_pipelines_shard_geometry(tiny_store):
+    """The store has its own geometry: a pipeline whose extract.rows_per_shard would make shards larger than a shard may
+    hold (an override the verify command kept from elsewhere) still recomputes the store's rows; extract refuses it."""
+    r = CliRunner().invoke(main, ["verify", tiny_store, "--teacher-check", "4", "--pipeline", str(TINY_TOML),
+                                  "--set", "extract.rows_per_shard=100000000", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ok"] and len(json.loads(r.stdout)["teacher_check"]["rows"]) == 4
