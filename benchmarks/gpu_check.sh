@@ -20,11 +20,12 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; local r=${PIPESTATUS[0]}
   echo "=== $name: exit $r in $((SECONDS - t0)) s"; [ "$r" = 0 ] || rc=1; }
 # Limits sum to 580 s (a device command may run 600 s); bench_extract's rounds run 7 loops (the forward
-# pair brackets the extract pair), hence 5 rounds there on this steadier box.
+# pair brackets the extract pair), hence 5 rounds there on this steadier box; bench_train 3 (each round trains 3
+# kdcache runs, one on a second store of small shards, and 4 RAM loops).
 step tests 110 python3 -m pytest -q -x -p no:cacheprovider -rs tests/test_gpu.py tests/test_extract.py
 step gpu_extract 60 python3 benchmarks/gpu_extract.py --out "$OUT/gpu_extract.json"
 step profile_extract 60 python3 benchmarks/profile_extract.py --device cuda --out "$OUT/profile_extract.json" --workdir /tmp/kb
 step bench_extract 180 python3 benchmarks/bench_extract.py --device cuda --n 8192 --repeats 5 --check --out "$OUT/extract.json" --workdir /tmp/kb
 step bench_writer 50 python3 benchmarks/bench_writer.py --check --out "$OUT/writer.json" --workdir /tmp/kb
-step bench_train 120 python3 benchmarks/bench_train.py --device cuda --check --out "$OUT/train.json" --workdir /tmp/kb
+step bench_train 120 python3 benchmarks/bench_train.py --device cuda --repeats 3 --check --out "$OUT/train.json" --workdir /tmp/kb
 exit $rc
