@@ -656,9 +656,14 @@ class Store:
             raise StoreError(f"rows {start}:{stop} of {path!r} include shard {undone[0]} (rows {lo}-{hi - 1}), which is not done: "
                              f"{self.location!r} is incomplete ({int(self._done.sum())}/{self.num_shards} shards done) and a shard "
                              "not done holds no data; read the rows of done shards (store.done()), or finish the store with kdcache extract")
+        return self._read_checked(path, start, stop, shards, digests)
+
+    def _read_checked(self, path: str, start: int, stop: int, shards: range, digests: bool = True,
+                      objects: LocalObjects | None = None) -> np.ndarray:
+        """``read`` of rows its checks let through (``objects``: a local store's folders kept open, ``read_shards``)."""
         check = digests and self._digests is not None
         crcs: dict[int, list[tuple[int, int]]] | None = {} if check else None  # each whole shard's inner chunks' crc32c
-        rows = self._read_rows(path, start, stop, shards, crcs)
+        rows = self._read_rows(path, start, stop, shards, crcs, objects)
         if check:
             for shard in shards:
                 lo, hi = self.shard_rows(shard)
@@ -676,25 +681,18 @@ class Store:
             if isinstance(shard, bool | np.bool_) or not isinstance(shard, int | np.integer) or not 0 <= shard < self.num_shards:
                 raise StoreError(f"shard {short(shard)} is not a shard of {self.location!r}; read shards 0 to {self.num_shards - 1} "
                                  "(shard s holds rows s * rows_per_shard onwards: store.shard_rows(s))")
-        array = self.checked_array(path) if isinstance(path, str) and path in self._paths else None
-        direct = (array is not None and self._kind == "local" and _direct_layout(array) is not None
-                  and array.shards[0] == self.rows_per_shard)  # else its shards are not the manifest's: read() reads through zarr
-        if direct:
-            self._take_snapshot()
+        if not isinstance(path, str) or path not in self._paths or not shards:
+            return self.read(path, 0, 0)  # names a path that is not a data array; else no rows
+        array = self.checked_array(path)
+        self._take_snapshot()
         parts = []
-        with LocalObjects(array.store.root) if direct else contextlib.nullcontext() as objects:
+        with LocalObjects(array.store.root) if self._kind == "local" else contextlib.nullcontext() as objects:
             for shard in map(int, shards):
-                rows = None
-                if direct and self._done[shard]:
-                    sums: list[tuple[int, int]] | None = [] if self._digests is not None else None
-                    rows = _read_whole_shard(array, shard, None, sums, objects)
-                    problem = rows is not None and sums is not None and self.digest_problem(path, shard, rows, sums)
-                    if problem:
-                        raise self._damaged(path, shard, problem)
-                if rows is None:  # not read here: read() names what is wrong (a shard not done, damage), or reads it through zarr
-                    rows = self.read(path, *self.shard_rows(shard))
-                parts.append(rows)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else self.read(path, 0, 0)
+                lo, hi = self.shard_rows(shard)
+                # a shard not done in this reader's snapshot: read() takes another, or names it
+                parts.append(self._read_checked(path, lo, hi, range(shard, shard + 1), objects=objects) if self._done[shard]
+                             else self.read(path, lo, hi))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
@@ -706,8 +704,9 @@ class Store:
                     self._digests = None if self.writable else self.digests()
                     self._done = done
 
-    def _read_rows(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None) -> np.ndarray:
-        direct = self._read_direct(path, start, stop, shards, crcs)
+    def _read_rows(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None,
+                   objects: LocalObjects | None = None) -> np.ndarray:
+        direct = self._read_direct(path, start, stop, shards, crcs, objects)
         if direct is not None:
             return direct
         if self._kind == "http" and "::" not in self.location:
@@ -751,12 +750,13 @@ class Store:
                                 f"{one_line(cause, 200)}; nothing says the store is damaged: check the connection, endpoint, "
                                 "credentials and that the server is up, then rerun")
 
-    def _read_direct(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None) -> np.ndarray | None:
+    def _read_direct(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None,
+                     objects: LocalObjects | None = None) -> np.ndarray | None:
         """Rows ``start:stop`` when they are whole done shards, read by ``_read_whole_shard`` (the streaming reader's
         and the in-memory load's case): from the file of a local array, or (object stores, http) from the object
         fetched whole, one request, where zarr asks for the shard's index and then its chunks. None: zarr reads
         them (and names any damage). ``crcs`` (not None: the digests will be checked): given each shard's inner
-        chunks' ``(crc32c, length)`` of their rows (``_read_whole_shard``)."""
+        chunks' ``(crc32c, length)`` of their rows (``_read_whole_shard``). ``objects``: see ``_read_whole_shard``."""
         spans = [self.shard_rows(s) for s in shards]
         if not spans or not all(self._done[s] and start <= lo and hi <= stop for s, (lo, hi) in zip(shards, spans)):
             return None
@@ -777,7 +777,7 @@ class Store:
                     return None
                 rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), sums) if raw else None
             else:
-                rows = _read_whole_shard(array, s, None, sums)
+                rows = _read_whole_shard(array, s, None, sums, objects)
             if rows is None:
                 return None
             parts.append(rows)
