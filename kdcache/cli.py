@@ -130,7 +130,7 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         again = "run it again without --overwrite" if options.get("overwrite") else "run the same command again"
         return f"the shards written so far are kept: {again} to resume"
     if command == "train":
-        # train.checkpoint_file's rule, spelled here: importing kdcache.train (torch) in a signal's handler may land inside
+        # train._checkpoint_file's rule, spelled here: importing kdcache.train (torch) in a signal's handler may land inside
         # torch's own import, which an early SIGTERM interrupted
         checkpoint = Path(options["out"]) / "checkpoint.pt"
         if not checkpoint.exists() and checkpoint.with_name("checkpoint.pt.next").exists():  # stopped while an --overwrite

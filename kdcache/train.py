@@ -66,7 +66,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                     "overwrite=True") if overwrite else  # (TrainingStopped), as the caller does it
              option("run the same command with --resume", "call kdcache.train again with resume=True"))
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
-        resume = checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
+        resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     if rank == 0:
         locking.refuse_if_being_written(out)  # before the store, dataset and student are loaded
@@ -77,7 +77,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     except StoreError as e:
         if rank == 0:
             raise
-        checkpoint, unread = None, e if checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
+        checkpoint, unread = None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device))
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
@@ -992,7 +992,7 @@ def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
     elif unread is not None:
         view = ("unread", getattr(unread, "detail", str(unread)[:160]))
     else:
-        view = ("files", checkpoint_file(out).is_file(), (out / "student.pt").is_file())
+        view = ("files", _checkpoint_file(out).is_file(), (out / "student.pt").is_file())
     views = distributed.gather((view, socket.gethostname()))
     other = next((r for r, (v, _) in enumerate(views) if v != views[0][0]), None)
     if other is None:
@@ -1017,7 +1017,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if (out / "zarr.json").exists():  # a store (--cache itself, say): its files would be mixed with the run's
         raise StoreError(f"{option('--out')} {str(out)!r} is a zarr store, not a training run's folder; choose another {option('--out')}")
     if resume:
-        if not checkpoint_file(out).is_file():
+        if not _checkpoint_file(out).is_file():
             raise StoreError(f"{option('--resume')}: no {CHECKPOINT} in {str(out)!r}; run without {option('--resume')} to start training")
         return
     if any((out / name).exists() for name in (CHECKPOINT, NEXT_CHECKPOINT, "student.pt")):
@@ -1032,7 +1032,7 @@ _CHECKPOINT_KEYS = ("student", "heads", "optimizer", "schedule", "rng", "epoch",
 _FILE = "_file"  # set by _read_checkpoint: the file a checkpoint was read from (CHECKPOINT, or NEXT_CHECKPOINT)
 
 
-def checkpoint_file(out: Path) -> Path:
+def _checkpoint_file(out: Path) -> Path:
     """The checkpoint a --resume continues: ``checkpoint.pt``, or where there is none but ``checkpoint.pt.next`` (an
     ``--overwrite`` run stopped while it replaced the earlier run's files: ``_save_epoch``), that one, the run's newest
     state. Beside a ``checkpoint.pt``, a ``.next`` is not used: the earlier run's files were still whole."""
@@ -1236,8 +1236,8 @@ def _flat(d: Any, prefix: str) -> dict[str, Any]:
 
 
 def _read_checkpoint(out: Path) -> dict[str, Any]:
-    """The checkpoint a --resume continues (``checkpoint_file``), with the name of its file under ``_FILE``."""
-    file = checkpoint_file(out)
+    """The checkpoint a --resume continues (``_checkpoint_file``), with the name of its file under ``_FILE``."""
+    file = _checkpoint_file(out)
     path = str(file)
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
@@ -1384,7 +1384,7 @@ def _write_error(path: Path, e: OSError) -> StoreError:
     """A failed write of the output folder (disk full, quota, I/O error) as a one-line error."""
     fix = write_fix(e)
     folder = path if path.is_dir() else path.parent  # OUT itself, or a file in it
-    again = f"rerun with {option('--resume')} to continue from the last checkpoint" if checkpoint_file(folder).is_file() else "rerun"
+    again = f"rerun with {option('--resume')} to continue from the last checkpoint" if _checkpoint_file(folder).is_file() else "rerun"
     return StoreError(f"cannot write {str(path)!r}: {e.strerror or e}; {fix} and {again}")
 
 
