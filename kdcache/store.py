@@ -1310,19 +1310,20 @@ def _object_bound(array: zarr.Array) -> int:
     return slots * (chunk + chunk // 128 + 128) + (slots * 16 + 4 if array.shards else 0)
 
 
-_LAYOUTS: dict[int, tuple[Any, bool, Direct | None]] = {}  # id(array.metadata) -> (that metadata, any_store, _direct_layout's answer)
+_LAYOUTS: dict[int, tuple[Any, bool, str, Direct | None]] = {}  # id(array.metadata) -> (that metadata, any_store, path, the answer)
 
 
 def _direct_layout(array: zarr.Array, any_store: bool = False) -> Direct | None:
-    """``_find_direct_layout``, worked out once per array metadata (and store kind): a read of one shard asks for it each time."""
+    """``_find_direct_layout``, worked out once per array metadata (and store kind, and path: the answer holds the shard
+    keys): a read of one shard asks for it each time."""
     metadata, local = array.metadata, any_store or isinstance(array.store, zarr.storage.LocalStore)
     known = _LAYOUTS.get(id(metadata))
-    if known is not None and known[0] is metadata and known[1] == local:
-        return known[2]
+    if known is not None and known[0] is metadata and known[1] == local and known[2] == array.path:
+        return known[3]
     found = _find_direct_layout(array, any_store)
     if len(_LAYOUTS) >= 1024:  # arrays of many stores opened in turn: forget them all, rather than hold every metadata
         _LAYOUTS.clear()
-    _LAYOUTS[id(metadata)] = (metadata, local, found)  # the metadata is held: its id is not another's while the entry lasts
+    _LAYOUTS[id(metadata)] = (metadata, local, array.path, found)  # the metadata is held: its id is not another's while the entry lasts
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,16 @@ def test_read_shards_of_an_array_sharded_otherwise_than_the_manifest_reads_as_re
     for shards in ([0], [3], [2, 0]):
         want = np.concatenate([store.read(logits, *store.shard_rows(s)) for s in shards])
         np.testing.assert_array_equal(store.read_shards(logits, shards), want)
+
+
+def test_the_direct_layout_of_one_metadata_at_two_paths_keys_each_path(tmp_path: Path):
+    """The direct layout, worked out once per array metadata, holds the shard keys: two arrays of one metadata object
+    at two paths (zarr may share it) each read their own file."""
+    group = zarr.open_group(tmp_path, mode="w")
+    a = group.create_array("a", shape=(8,), chunks=(8,), shards=(8,), dtype="int64", compressors=[Crc32cCodec()], fill_value=0)
+    b = group.create_array("b", shape=(8,), chunks=(8,), shards=(8,), dtype="int64", compressors=[Crc32cCodec()], fill_value=0)
+    a[:], b[:] = np.arange(8), np.arange(8) + 100
+    twin = zarr.Array(dataclasses.replace(b._async_array, metadata=a.metadata))  # b's path, a's metadata object
+    assert twin.metadata is a.metadata and twin.path == "b"
+    np.testing.assert_array_equal(layout._read_whole_shard(a, 0), np.arange(8))
+    np.testing.assert_array_equal(layout._read_whole_shard(twin, 0), np.arange(8) + 100)
