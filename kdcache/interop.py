@@ -57,7 +57,7 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
                 nbytes += _copy_object(store, key, bounds, z)
         f.flush()
         _check_objects(_complete(f"zip::{part}", None, "pack"), "pack")  # it opens as a complete store, with every shard object
-        os.replace(part, out)
+        _put_in_place(fd, part, out)
     if strays:
         named = ", ".join(repr(k) for k in strays[:STRAYS_NAMED]) + (f" and {len(strays) - STRAYS_NAMED} more" if len(strays) > STRAYS_NAMED else "")
         print(f"note: left out {len(strays)} {'file' if len(strays) == 1 else 'files'} of {store.location!r} that "
@@ -213,6 +213,14 @@ def _part_file(part: Path, out: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def _put_in_place(fd: int, part: Path, out: Path) -> None:
+    """Rename the written ``part`` (open as ``fd``) to ``out``, flushed to the disk first and its folder after: after a power
+    loss ``out`` is the whole new file or what was there before, never one renamed into place empty."""
+    storage.sync(fd)
+    os.replace(part, out)
+    storage.sync_folder(out.parent)
+
+
 def _remove_if_abandoned(left: Path) -> None:
     """Remove ``left``, a temporary file of pack/export, if no writer holds its flock, saying so on stderr."""
     try:
@@ -272,7 +280,7 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
                         rows = store.read(path, start, stop)
                     ds[start:stop] = rows
                     check()  # a full disk stops the export at once
-        os.replace(part, out)
+        _put_in_place(fd, part, out)
     return {"out": str(out), "arrays": len(store.paths()) + len(progress), "file_bytes": out.stat().st_size, "compression": compression}
 
 

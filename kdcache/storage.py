@@ -6,12 +6,15 @@ What the store holds is ``store``'s; who may write it, ``locking``'s (docs/FORMA
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import functools
 import importlib.util
 import json
 import os
 import stat
 import time
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,6 +47,28 @@ class _LocalStore(zarr.storage.LocalStore):
             return MAX_METADATA_BYTES
         path, sep, _ = key.rpartition("/c/")  # a chunk's key: its array's path, "/c/", the chunk's grid coordinates
         return self.object_bounds.get(path) if sep else None
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._write(key, value, exclusive=False)
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        try:
+            await self._write(key, value, exclusive=True)
+        except FileExistsError:
+            pass
+
+    async def _write(self, key: str, value: Any, exclusive: bool) -> None:
+        """zarr's write of an object (into ``STEM.UUID.partial`` beside it, renamed over it), its bytes flushed to the disk
+        before the rename (``write_file``): a power loss leaves the metadata and the manifest whole, old or new. The
+        root's ``zarr.json`` (the manifest) also has its folder flushed after: the store is one once it is written."""
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        file = self.root / key
+        tmp = file.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's own temp name (FORMAT.md §13.1)
+        await asyncio.to_thread(write_file, file, [value.as_buffer_like()], tmp, exclusive=exclusive)
+        if key == "zarr.json":
+            await asyncio.to_thread(sync_folder, self.root)
 
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         local_object(self.root, key, self.at_most(key))
@@ -219,6 +244,58 @@ def _open_absent(opening: Any) -> int | None:
 
 _DIR_FD = os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and hasattr(os, "preadv") and hasattr(os, "O_NOFOLLOW")
 _FOLDER = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def write_file(file: Path, parts: list[Any], tmp: Path, *, exclusive: bool = False) -> None:
+    """Write ``parts`` (buffers, in order) as the file ``file``: into ``tmp`` beside it with ``writev``, flushed to the
+    disk (``sync``), then renamed over it (``exclusive``: linked in place, FileExistsError if ``file`` exists). A reader
+    never sees a half-written file, and after a power loss or an OS crash ``file`` is the old one or the whole new one:
+    a rename alone orders nothing on disk (a done marker could survive the shard it vouches for, or a file be renamed
+    into place empty). On failure ``tmp`` is removed (a full disk gets its space back)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)  # less the umask, as open() makes files
+    try:
+        try:
+            views = [memoryview(p).cast("B") for p in parts]
+            while views:  # writev may write less than asked; an iovec list is capped (IOV_MAX)
+                done = os.writev(fd, views[:1024])
+                while views and done >= len(views[0]):
+                    done -= len(views.pop(0))
+                if done:
+                    views[0] = views[0][done:]
+            sync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, file)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sync(fd: int) -> None:
+    """Flush what was written to the open file ``fd`` (or the names made in the folder ``fd``) to its disk (fsync). A file
+    system that cannot (EINVAL, ENOTSUP: some FUSE and network mounts) is left as it is: there is nothing better to do."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_SYNC:
+            raise
+
+
+def sync_folder(folder: str | os.PathLike[str]) -> None:
+    """``sync`` a folder: the names renamed into it (or removed from it) survive a power loss in the order they were made."""
+    fd = os.open(folder, _FOLDER)
+    try:
+        sync(fd)
+    finally:
+        os.close(fd)
+
+
+_CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def _read_file(path: Path) -> np.ndarray | None:

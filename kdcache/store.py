@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, read_local_object, zarr_store
+from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, read_local_object, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -1183,26 +1183,9 @@ def _write_uncompressed_chunk(array: zarr.Array, chunk: tuple[int, ...], value: 
 
 
 def _replace_file(file: Path, parts: list[Any]) -> None:
-    """Write ``parts`` (buffers, in order) as the file ``file``: into ``.NAME.PID.tmp`` beside it with ``writev``, then
-    renamed over it, so that readers never see a half-written object."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        try:
-            views = [memoryview(p).cast("B") for p in parts]
-            while views:  # writev may write less than asked; an iovec list is capped (IOV_MAX)
-                done = os.writev(fd, views[:1024])
-                while views and done >= len(views[0]):
-                    done -= len(views.pop(0))
-                if done:
-                    views[0] = views[0][done:]
-        finally:
-            os.close(fd)
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk gets its space back
-        raise
+    """Write ``parts`` (buffers, in order) as the file ``file`` through ``.NAME.PID.tmp`` beside it (``write_file``:
+    readers never see a half-written object, and a power loss never leaves a done marker whose shard is not on disk)."""
+    write_file(file, parts, file.with_name(f".{file.name}.{os.getpid()}.tmp"))
 
 
 def _chunk_bytes(pieces: list[np.ndarray], chunk: int) -> Iterator[np.ndarray]:

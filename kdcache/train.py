@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache import cache, data, distributed, locking, losses, store as layout, teacher as teachers
+from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers
 from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
                             option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
@@ -1118,6 +1118,7 @@ def _replace_run(out: Path, values: dict[str, Any] | None, lines: list[dict[str,
             _atomic_write_text(out / "pipeline.json", json.dumps(values, indent=2) + "\n")
         _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
         os.replace(out / NEXT_CHECKPOINT, out / CHECKPOINT)
+        storage.sync_folder(out)
     except OSError as e:
         raise _write_error(out, e) from None
 
@@ -1329,13 +1330,10 @@ def _read_metrics(out: Path) -> list[dict[str, Any]]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, or Ctrl-C: no temp file is left
-        tmp.unlink(missing_ok=True)
-        raise
+    """``text`` as the file ``path``, through a temp file flushed to the disk and renamed over it (``storage.write_file``),
+    then the folder flushed: after a power loss the run's files are each whole, and as new as the order they were written in."""
+    storage.write_file(path, [text.encode()], path.with_suffix(path.suffix + ".tmp"))  # a full disk or Ctrl-C leaves no temp file
+    storage.sync_folder(path.parent)
 
 
 class _Recorded:
@@ -1372,7 +1370,10 @@ def _save(obj: Any, path: Path) -> None:
                 if recorded.error is None:
                     raise
                 raise recorded.error from None
+            f.flush()
+            storage.sync(f.fileno())  # on the disk before it replaces the last one: a power loss leaves one of them whole
         os.replace(tmp, path)
+        storage.sync_folder(path.parent)
     except BaseException as e:  # a full disk, or Ctrl-C: no temp file is left
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):

@@ -1,7 +1,7 @@
 """Reliability (issue 8): kill -9 at exact write moments, readers during a write, a full disk.
 
 Faults are injected by ``tests/fixtures/faults.py``, which wraps the calls every write goes through
-(``os.writev`` / ``os.replace``, zarr's local temp-file write, ``torch.save``, ``Path.write_text``)
+(``os.writev`` / ``os.replace``: kdcache's temp files and zarr's, which ``storage.write_file`` writes; ``torch.save``)
 and counts them as events; a run is killed (SIGKILL) or made to fail (ENOSPC) at event N. An
 uninterrupted run, with the same wrappers only counting, gives both the reference result and the
 list of events the N are drawn from (seeded), so each kill lands on a known moment.
@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import sys
 import time
 from collections import Counter
@@ -113,7 +114,7 @@ def kill_moments(events: list[tuple[int, str, str]], seed: int = 8) -> list[tupl
     """Ten seeded kill points (category, event number), spread over the phases of a run."""
     rng = random.Random(seed)
     first_shard = min(n for n, kind, p in events if "/c/" in p)
-    manifest = [n for n, kind, p in events if p == "reference.zarr/zarr.json" and kind == "write"]
+    manifest = [n for n, kind, p in events if p == "reference.zarr/zarr.UUID.partial" and kind == "write"]
     creation_manifest, final_manifest = max(n for n in manifest if n < first_shard), manifest[-1]
     data = [e for e in events if "/c/" in e[2] and "progress/done" not in e[2]]
     early = [n for n, _, _ in events if n < creation_manifest]
@@ -367,7 +368,7 @@ def test_extract_on_a_full_disk_fails_with_one_line_and_resumes(zoo, tmp_path, m
     events = zoo["events"]
     n = {"shard data": first_event(events, "write", "targets/layers/conv/c/2"),
          "done flag": next(n for n, k, p in events if k == "write" and "progress/done/c/" in p and shard_of(p) == 1),  # its file or its temp
-         "final manifest": [e for e in events if e[2] == "reference.zarr/zarr.json" and e[1] == "write"][-1][0]}[moment]
+         "final manifest": [e for e in events if e[2] == "reference.zarr/zarr.UUID.partial" and e[1] == "write"][-1][0]}[moment]
     out = tmp_path / "reference.zarr"
     f = faults.install("enospc", n, None, str(tmp_path))
     try:
@@ -489,3 +490,68 @@ def test_train_on_a_full_disk_fails_with_one_line_and_resumes(trained, tmp_path,
     result = invoke(*args, "--resume")
     assert result.exit_code == 0, result.output
     assert_same_training(out, trained["reference"])
+
+
+def recorded_disk_order(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Every ``os.fsync`` (as ``("sync", the path its fd has open)``) and ``os.replace`` (``("rename", src, dst)``), real
+    paths, in the order they are done, from every thread: the real calls, recorded once each returns."""
+    events: list[tuple[str, ...]] = []
+    lock = threading.Lock()
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        fsync(fd)
+        with lock:
+            events.append(("sync", path))
+
+    def replaced(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        names = os.path.realpath(src), os.path.realpath(dst)
+        replace(src, dst, *args, **kwargs)
+        with lock:
+            events.append(("rename", *names))
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", replaced)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsync'd file through /proc")
+def test_every_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, zoo_env):
+    """A power loss or an OS crash keeps a rename and the renamed file's bytes in no order of their own: a done flag could
+    outlive its shard's bytes, a checkpoint be renamed over the last one empty. Every file kdcache renames into place (shard
+    objects, done flags, zarr's metadata and the manifest, train's files, pack's zip, export's HDF5) is fsynced first; the
+    folders whose names must last are fsynced after (the manifest's, the run's after each of its files, pack's and export's)."""
+    pytest.importorskip("h5py")
+    from conftest import extract_tiny
+    from kdcache.interop import export_hdf5, pack
+
+    root = Path(os.path.realpath(tmp_path))
+    events = recorded_disk_order(monkeypatch)
+    store = extract_tiny(root / "s.zarr")
+    run = root / "run"
+    result = invoke("train", TINY_TOML, "--cache", store, "--out", run, "--epochs", 2, *PLAIN, "--no-progress")
+    assert result.exit_code == 0, result.output
+    pack(store, root / "s.zarr.zip")
+    export_hdf5(store, root / "s.h5")
+
+    renames = [(i, Path(e[2]), e[1]) for i, e in enumerate(events) if e[0] == "rename"]
+    synced: dict[str, list[int]] = {}
+    for i, e in enumerate(events):
+        if e[0] == "sync":
+            synced.setdefault(e[1], []).append(i)
+    named = {str(dst.relative_to(root)) for _, dst, _ in renames}
+    assert {"s.zarr/zarr.json", "s.zarr/progress/done/c/0", "s.zarr/progress/done/c/3", "s.zarr/targets/logits/c/3/0",
+            "s.zarr/progress/digest/c/3/0", "run/checkpoint.pt", "run/metrics.jsonl", "run/pipeline.json", "run/student.pt",
+            "s.zarr.zip", "s.h5"} <= named, sorted(named)
+    for i, dst, src in renames:
+        assert any(j < i for j in synced.get(src, [])), f"{dst} was renamed into place from {src} before that was fsynced"
+    folders = {root / "s.zarr": "zarr.json", run: None, root: None}  # folder -> the name whose rename needs it synced after (None: any)
+    for k, (i, dst, _) in enumerate(renames):
+        if dst.parent in folders and folders[dst.parent] in (None, dst.name):
+            following = next((j for j, d, _ in renames[k + 1:] if d.parent == dst.parent), len(events))
+            assert any(i < j < following for j in synced.get(str(dst.parent), [])), f"{dst.parent} not fsynced after {dst.name} was renamed into it"
+    for shard in range(4):  # 50 rows: 3 shards written whole, the last (2 rows) through zarr
+        flag = max(i for i, dst, _ in renames if str(dst.relative_to(root)) == f"s.zarr/progress/done/c/{shard}")
+        data = [i for i, dst, _ in renames if "/c/" in str(dst) and "progress/done" not in str(dst) and shard_of(str(dst)) == shard]
+        assert data and max(data) < flag, f"shard {shard}'s done flag was renamed into place before its objects"
