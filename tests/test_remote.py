@@ -216,6 +216,48 @@ def test_an_s3_url_with_an_empty_path_segment_is_refused_before_anything_is_writ
     assert_same_store(f"s3://{BUCKET}/kept.zarr/", tiny_store, options_a=s3)  # a trailing slash is fine
 
 
+def test_a_process_that_listed_an_s3_store_sees_what_another_process_writes_there_since(s3, tiny_store):
+    """fsspec keeps an instance's listings (instances are shared per options) and answered later looks from them for
+    the life of the process: once a store had been listed (pack's listing of its objects), a done marker another process
+    wrote since was never seen (open_store of a store being extracted stayed as done as it was), and a prefix emptied
+    since was still "not a zarr v3 group" to an extract there."""
+    from pathlib import Path
+
+    import s3fs
+
+    other = s3fs.S3FileSystem(**s3, skip_instance_cache=True)  # another process's
+    prefix, held = f"{BUCKET}/being-written.zarr", {}
+    for f in Path(tiny_store).rglob("*"):
+        key = f.relative_to(tiny_store).as_posix()
+        if f.is_file():
+            if key.startswith("progress/done/c/") and key != "progress/done/c/0":
+                held[key] = f.read_bytes()
+            else:
+                other.pipe(f"{prefix}/{key}", f.read_bytes())
+    url = f"s3://{prefix}"
+    store = open_store(url, storage_options=s3)
+    assert store.done().tolist() == [True, False, False, False]
+    store.object_keys()  # pack's listing
+    assert store.info()["shards_done"] == 1  # a listing of sizes
+    other.pipe({f"{prefix}/{key}": body for key, body in held.items()})  # the other process marks shards 1-3 done
+    assert open_store(url, storage_options=s3).done().all()  # was [True, False, False, False]
+    assert open_store(url, storage_options=s3).info()["complete"]
+    other.rm(prefix, recursive=True)  # the other process deletes the store: the prefix may be written again
+    assert kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)["complete"]  # was "not a zarr v3 group"
+    assert_same_store(url, tiny_store, options_a=s3)
+
+
+def test_a_listings_cache_asked_for_is_kept(s3):
+    """kdcache opens its filesystems without fsspec's listings cache; one the user asks for is theirs."""
+    from kdcache.storage import filesystem
+
+    url = f"s3://{BUCKET}/any.zarr"
+    assert filesystem(url, s3)[0].dircache.use_listings_cache is False
+    assert filesystem(url, {**s3, "use_listings_cache": True})[0].dircache.use_listings_cache is True
+    assert filesystem(url, {**s3, "listings_expiry_time": 60})[0].dircache.listings_expiry_time == 60
+    assert filesystem(url, {**s3, "listings_expiry_time": 60})[0].dircache.use_listings_cache is True
+
+
 def test_s3_refuses_to_overwrite_foreign_objects(s3):
     import s3fs
 
