@@ -500,7 +500,8 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):  # read as "not a zarr v3 group"
         raise StoreError(f"storage option default_block_size must be a number of bytes, got {type(size).__name__} {short(size)}; "
                          "pass e.g. --storage-option default_block_size=5242880 (5 MiB)")
-    if "::" not in location and not {"use_listings_cache", "listings_expiry_time"} & set(options) and _lists_cached(location):
+    if "::" not in location and not {"use_listings_cache", "listings_expiry_time"} & set(options) and \
+            _lists_cached(location.split("://", 1)[0].lower() if "://" in location else "file"):
         options["use_listings_cache"] = False  # the user's own setting wins; see _lists_cached
     http = http_url(location)
     if http is None:
@@ -513,8 +514,9 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     return options
 
 
-def _lists_cached(location: str) -> bool:
-    """Whether kdcache opens ``location``'s filesystem with ``use_listings_cache=False``: fsspec keeps each listing an
+@functools.lru_cache(maxsize=None)
+def _lists_cached(protocol: str) -> bool:
+    """Whether kdcache opens the filesystem of ``protocol`` with ``use_listings_cache=False``: fsspec keeps each listing an
     instance makes (s3fs's ``find``, zarr's ``list``) and answers later ``exists``, ``info`` and the size a whole read
     asks first from it, for the life of the process (instances are shared per options). A process that had listed a
     store (``pack``, a zarr listing of its own) never saw a done marker another process wrote since (a store being
@@ -522,11 +524,10 @@ def _lists_cached(location: str) -> bool:
     filesystem whose constructor passes options on to fsspec's (s3fs, gcsfs, http...) takes it."""
     import inspect
 
-    from fsspec.core import split_protocol
     from fsspec.registry import get_filesystem_class
 
     try:
-        parameters = inspect.signature(get_filesystem_class(split_protocol(location)[0] or "file").__init__).parameters
+        parameters = inspect.signature(get_filesystem_class(protocol).__init__).parameters
     except (ImportError, ValueError, TypeError):
         return False  # named when the store is opened
     return "use_listings_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
