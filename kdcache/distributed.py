@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -199,30 +200,79 @@ def _connect(scheduler: str) -> Iterator[Any]:
 def _handshake(scheduler: str) -> None:
     """Connect to ``scheduler`` and wait for dask's handshake, each within ``distributed.comm.timeouts.connect``. dask's own
     ``Client`` waits for the handshake for good: a server there that is not a dask scheduler (the dashboard's HTTP port,
-    another service) accepted the connection and the job hung, silent, until it was killed."""
+    another service) accepted the connection and the job hung, silent, until it was killed. At a ``tcp://`` address
+    what answers is looked at first (``_first_words``): one that answers otherwise than dask is named at once (it was
+    dask's read of a text answer as the length of a message: "MemoryError: Unable to allocate 3.01 EiB"), one that says
+    nothing within the timeout is named then (it was twice the timeout)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
     import dask
+    from dask.utils import parse_timedelta
+    from distributed.comm.addressing import parse_address
     from distributed.comm.core import connect
     from distributed.security import Security
-    from dask.utils import parse_timedelta
 
     if scheduler.startswith("inproc://"):  # this process's own scheduler
         return
     timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+    scheme, loc = parse_address(scheduler)
 
-    async def shake() -> None:
-        comm = await asyncio.wait_for(connect(scheduler, timeout=timeout, **Security().get_connection_args("client")), 2 * timeout)
+    async def shake() -> float:
+        """0.0, or the seconds waited for an answer that did not come."""
+        if scheme == "tcp":
+            silent = await _first_words(scheduler, loc, timeout)
+            if silent:
+                return silent
+        try:
+            comm = await asyncio.wait_for(connect(scheduler, timeout=timeout, **Security().get_connection_args("client")), 2 * timeout)
+        except TimeoutError:  # ours, on the handshake: where nothing answers, connect's own is an OSError
+            return 2 * timeout
         await comm.close()
+        return 0.0
 
     with ThreadPoolExecutor(1, thread_name_prefix="kdcache-handshake") as pool:  # a loop of its own: the caller's may run one
-        try:
-            pool.submit(asyncio.run, shake()).result()
-        except TimeoutError:  # ours, on the handshake: where nothing answers, connect's own is an OSError
-            raise SchedulerError(f"something at {scheduler!r} accepted the connection but did not answer as a dask scheduler within "
-                                 f"{2 * timeout:g} s (the dashboard's HTTP port, 8787 by default, or another service); pass the address "
-                                 "dask scheduler prints (tcp://HOST:PORT), or use --workers N for a local cluster") from None
+        silent = pool.submit(asyncio.run, shake()).result()
+    if silent:
+        raise SchedulerError(f"something at {scheduler!r} accepted the connection but did not answer as a dask scheduler within "
+                             f"{silent:g} s (the dashboard's HTTP port, 8787 by default, or another service); pass the address "
+                             "dask scheduler prints (tcp://HOST:PORT), or use --workers N for a local cluster")
+
+
+async def _first_words(scheduler: str, loc: str, timeout: float) -> float | None:
+    """Look at what answers at ``scheduler``, a ``tcp://`` address (``loc``: its host and port): dask's client handshake
+    is sent (by dask's own comm, as ``Client`` sends it) and the first 8 bytes of the answer read, within ``timeout``. A
+    dask scheduler's begin with its handshake's length (a uint64 of a few hundred); text (``HTTP/1.1 400 Bad Request``,
+    a banner) or a closed connection is a SchedulerError naming it. Returns ``timeout`` when nothing answered within it,
+    0.0 when a dask scheduler did, None when the connection was refused (dask's ``connect`` retries it and names it)."""
+    import asyncio
+
+    from distributed.comm.registry import get_backend
+    from tornado.iostream import StreamClosedError
+
+    try:
+        comm = await asyncio.wait_for(get_backend("tcp").get_connector().connect(loc, deserialize=False), timeout)
+    except OSError:
+        return None
+    except TimeoutError:  # as dask's connect says it (an OSError: no dask scheduler answered)
+        raise OSError(f"Timed out trying to connect to {scheduler} after {timeout:g} s") from None
+    try:
+        await comm.write(comm.handshake_info())
+        stream, head = comm.stream, b""
+        while len(head) < 8:  # what has come, at least 8 bytes: an answer's first line, to name it
+            head += await asyncio.wait_for(stream.read_bytes(256, partial=True), timeout)
+        if struct.unpack("Q", head[:8])[0] < 2**24:  # a dask message: its frames' length first (as dask's TCP.read reads it)
+            return 0.0
+        said = "answered " + repr(head.split(b"\n")[0].strip().decode("latin-1")[:80])
+    except TimeoutError:
+        return timeout
+    except (OSError, StreamClosedError):  # dask's CommClosedError is an OSError
+        said = "closed the connection"
+    finally:
+        comm.abort()
+    raise SchedulerError(f"something at {scheduler!r} accepted the connection but {said}, not a dask scheduler's handshake (the "
+                         "dashboard's HTTP port, 8787 by default, or another service); pass the address dask scheduler prints "
+                         "(tcp://HOST:PORT), or use --workers N for a local cluster")
 
 
 @contextlib.contextmanager

@@ -137,15 +137,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_stopped_before_anything(tmp_path: Path, tiny_store: str, name: str, address: str, expected: tuple[str, ...]) -> None:
-    """``extract --scheduler address`` (dask's connect timeout 1 s) stops in one line naming ``expected``, before the
-    teacher is built (its factory marks a file) or anything is written (no store, no lock file)."""
+def check_stopped_before_anything(tmp_path: Path, tiny_store: str, name: str, address: str, expected: tuple[str, ...],
+                                  connect: str = "1s") -> None:
+    """``extract --scheduler address`` (dask's connect timeout ``connect``) stops in one line naming ``expected``, before
+    the teacher is built (its factory marks a file) or anything is written (no store, no lock file)."""
     built = tmp_path / "teacher-was-built"
     (tmp_path / "teacher.py").write_text(f"import pathlib\n\ndef teacher():\n    pathlib.Path({str(built)!r}).touch()\n")
     never = f'teacher.factory="{tmp_path / "teacher.py"}:teacher"'
     case = Case(name, lambda c: extract("--out", c.new, "--scheduler", address, "--set", never), expected)
     run = prepare(case, tmp_path, tiny_store)
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+    with dask.config.set({"distributed.comm.timeouts.connect": connect}):
         result = CliRunner().invoke(main, run.args)
     assert not isinstance(result.exception, OSError), "".join(traceback.format_exception(result.exception))
     check_one_line(case, result.exit_code, result.stdout, result.stderr)
@@ -164,16 +165,76 @@ def test_scheduler_that_does_not_answer(tmp_path: Path, tiny_store: str) -> None
 
 
 def test_a_server_that_is_not_a_dask_scheduler(tmp_path: Path, tiny_store: str) -> None:
-    """A server that accepts the connection and never answers dask's handshake (the scheduler's dashboard port, 8787,
-    given for its 8786; another service): dask's Client waits for the handshake for good, and the job hung, silent, until
-    killed. It stops after twice ``distributed.comm.timeouts.connect`` (1 s here), before anything is built or written."""
+    """A server that accepts the connection and never answers dask's handshake (another service): dask's Client waits
+    for the handshake for good, and the job hung, silent, until killed. It stops after ``distributed.comm.timeouts.connect``
+    (1 s here; it was twice that), before anything is built or written."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
         check_stopped_before_anything(tmp_path, tiny_store, "scheduler-not-dask", address,
                                       (f"something at '{address}' accepted the connection but did not answer as a dask scheduler "
-                                       "within 2 s", "the dashboard's HTTP port", "pass the address dask scheduler prints (tcp://HOST:PORT)"))
+                                       "within 1 s", "the dashboard's HTTP port", "pass the address dask scheduler prints (tcp://HOST:PORT)"))
+
+
+@pytest.fixture
+def http_server(request):
+    """``tcp://HOST:PORT`` of a real HTTP server on 127.0.0.1, in a thread: Python's ``http.server`` (which waits for a
+    request's first line, and so says nothing to dask's handshake) or aiohttp's (which answers the bytes at once with
+    ``HTTP/1.x 400 Bad Request`` and closes)."""
+    import asyncio
+    import http.server
+    import threading
+
+    if request.param == "http.server":
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        server.RequestHandlerClass.log_message = lambda *_: None
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"tcp://127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+        server.server_close()
+        return
+    web = pytest.importorskip("aiohttp.web")
+    loop, ready, runner = asyncio.new_event_loop(), threading.Event(), None
+    ports: list[int] = []
+
+    def serve() -> None:
+        nonlocal runner
+        runner = web.AppRunner(web.Application())
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        ports.append(site._server.sockets[0].getsockname()[1])
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield f"tcp://127.0.0.1:{ports[0]}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+@pytest.mark.parametrize("http_server, said, at_most", [
+    ("aiohttp", ("accepted the connection but answered 'HTTP/1.", " 400 Bad Request', not a dask scheduler's handshake"), 1.5),
+    ("http.server", ("accepted the connection but did not answer as a dask scheduler within 2 s",), 3.5),
+], indirect=["http_server"])
+def test_an_http_server_given_as_the_scheduler_is_named_as_soon_as_it_answers(http_server: str, said: tuple[str, ...], at_most: float,
+                                                                              tmp_path: Path, tiny_store: str) -> None:
+    """An HTTP server (the dashboard's port, 8787, given for the scheduler's 8786) that answers dask's handshake
+    (aiohttp: "HTTP/1.0 400 Bad Request") is named at once by its answer: dask read its first 8 bytes as a message's
+    length ("MemoryError: Unable to allocate 3.01 EiB", a traceback). One that waits for a request's first line
+    (http.server) is named after the connect timeout (2 s here), not twice it."""
+    import time
+
+    started = time.monotonic()
+    check_stopped_before_anything(tmp_path, tiny_store, "scheduler-http", http_server,
+                                  (f"Error: something at '{http_server}' ", *said, "the dashboard's HTTP port",
+                                   "pass the address dask scheduler prints (tcp://HOST:PORT)"), connect="2s")
+    took = time.monotonic() - started
+    assert took < at_most, f"{took:.1f} s"
 
 
 @pytest.mark.parametrize("args, code", [(["--help"], 0), (["extract", "--help"], 0), ([], 2)], ids=["help", "extract-help", "no-args"])
