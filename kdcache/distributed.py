@@ -203,9 +203,8 @@ def _handshake(scheduler: str) -> None:
     another service) accepted the connection and the job hung, silent, until it was killed. At a ``tcp://`` address
     what answers is looked at first (``_first_words``): one that answers otherwise than dask is named at once (it was
     dask's read of a text answer as the length of a message: "MemoryError: Unable to allocate 3.01 EiB"), one that says
-    nothing within the timeout is named then (it was twice the timeout)."""
+    nothing within the timeout is named then (it was twice the timeout). Ctrl-C stops the wait at once."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
 
     import dask
     from dask.utils import parse_timedelta
@@ -231,8 +230,7 @@ def _handshake(scheduler: str) -> None:
         await comm.close()
         return 0.0
 
-    with ThreadPoolExecutor(1, thread_name_prefix="kdcache-handshake") as pool:  # a loop of its own: the caller's may run one
-        silent = pool.submit(asyncio.run, shake()).result()
+    silent = _run_stoppable(shake())  # a loop of its own: the caller's may run one
     if silent:
         raise SchedulerError(f"something at {scheduler!r} accepted the connection but did not answer as a dask scheduler within "
                              f"{silent:g} s (the dashboard's HTTP port, 8787 by default, or another service); pass the address "
@@ -273,6 +271,34 @@ async def _first_words(scheduler: str, loc: str, timeout: float) -> float | None
     raise SchedulerError(f"something at {scheduler!r} accepted the connection but {said}, not a dask scheduler's handshake (the "
                          "dashboard's HTTP port, 8787 by default, or another service); pass the address dask scheduler prints "
                          "(tcp://HOST:PORT), or use --workers N for a local cluster")
+
+
+def _run_stoppable(coroutine: Any) -> Any:
+    """Run ``coroutine`` on an event loop of its own in a thread and return what it returns (raise what it raises). A
+    KeyboardInterrupt while it runs cancels it and is raised at once: a ThreadPoolExecutor's shutdown waited for the
+    handshake's timeout (2 x 30 s by default) before Ctrl-C took effect."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coroutine)
+
+    def run() -> None:  # as asyncio.run does, on this loop
+        try:
+            loop.run_until_complete(asyncio.wait([task]))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())  # getaddrinfo's thread
+            loop.close()
+
+    thread = threading.Thread(target=run, name="kdcache-handshake", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(1.0)  # cancelled, it ends within moments; a daemon thread never holds up the exit
+        raise
+    return task.result()
 
 
 @contextlib.contextmanager

@@ -329,6 +329,32 @@ def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path, sig):
     assert result.exit_code == 0, result.output
 
 
+def test_ctrl_c_while_waiting_for_a_schedulers_handshake_stops_at_once(tmp_path):
+    """Ctrl-C while ``--scheduler``'s address has accepted the connection and says nothing: the command stops with its
+    one line at once. It waited for the handshake's thread, twice dask's connect timeout (2 x 30 s here)."""
+    from reference import signal_and_wait
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)
+        proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(FIXTURES / "tiny.toml"), "--out", str(tmp_path / "s.zarr"),
+                                 "--scheduler", f"tcp://127.0.0.1:{server.getsockname()[1]}"],
+                                env=os.environ | {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "30s"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            held, _ = server.accept()  # the command waits for the handshake now
+        except BaseException:
+            proc.kill()
+            raise
+        with held:
+            time.sleep(0.2)
+            started = time.monotonic()
+            stderr = signal_and_wait(proc, signal.SIGINT, timeout=10)
+            took = time.monotonic() - started
+    assert proc.returncode == 130 and took < 5, (proc.returncode, f"{took:.1f} s", stderr[-3000:])
+    assert stderr.strip().splitlines() == ["Error: interrupted; the shards written so far are kept: run the same command again to resume"]
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_a_local_clusters_logging_stays_silent_while_it_closes_and_in_a_restarted_worker():
     """What made the SIGTERM case above print dask's "Batched Comm Closed" and a traceback above its one line (seen in
     CI): dask's silence_logs quiets only a handler, for as long as each scheduler and worker lives, and puts it back as
