@@ -295,7 +295,8 @@ def _run_stoppable(coroutine: Any) -> Any:
     try:
         thread.join()
     except BaseException:
-        loop.call_soon_threadsafe(task.cancel)
+        with contextlib.suppress(RuntimeError):  # the loop closed already: it had just finished
+            loop.call_soon_threadsafe(task.cancel)
         thread.join(1.0)  # cancelled, it ends within moments; a daemon thread never holds up the exit
         raise
     return task.result()
