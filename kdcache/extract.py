@@ -307,6 +307,7 @@ def setup(pipeline: Pipeline, writing: bool = True) -> Run:
         run.geometry(pipeline)
     if len(batch["index"]) > 1:
         _check_alone(run, t.layers)
+        _check_order(run, t.layers)
     return run
 
 
@@ -341,7 +342,8 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
     Say so (stderr; not refused: a GPU's kernels for one sample may round otherwise) where the outputs differ beyond
     ``BATCH_RTOL``: the teacher mixes the samples of a batch (BatchNorm on batch statistics: ``track_running_stats=False``
     or a module left in training mode), so a stored row depends on its batch, ``extract.batch_size`` and where a resumed
-    run began, and ``verify --teacher-check`` fails. A model that does not take a batch of one, or drops its batch axis
+    run began, and ``verify --teacher-check`` fails. Refuse (``_reordered``) where sample 0 alone is, within that tolerance,
+    another row of the probe batch: the teacher moved the rows. A model that does not take a batch of one, or drops its batch axis
     (a squeeze), is let be: every batch of the run is checked as it comes (``samples_first``)."""
     try:
         _, output, hooked = run.forward([0], layers)
@@ -349,16 +351,18 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
                for t in run.targets.values()}
     except (ModelError, TargetError):
         return
-    mixed = []
+    mixed, tolerance = [], BATCH_RTOL.get(run.precision, BATCH_RTOL["fp32"])
     for path, t in run.targets.items():
         if one[t.name].ndim != len(t.shape) + 1:
             continue
         samples_first(one[t.name], 1, t.name, probe=True)
-        alone, batched = one[t.name][0].double().cpu(), run.probe["outputs"][path][0].double().cpu()
-        if alone.shape == batched.shape and alone.numel():
-            scale = alone.abs() + alone.abs().mean()
-            worst = float(((alone - batched).abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)).max())
-            if worst > BATCH_RTOL.get(run.precision, BATCH_RTOL["fp32"]):
+        alone, batched = one[t.name][0], run.probe["outputs"][path]
+        if alone.shape == batched[0].shape and alone.numel():
+            worst = _distance(alone, batched[0])
+            if worst > tolerance:
+                other = _row_like(alone, batched, tolerance, but=0)  # the row of another sample: not mixed, moved
+                if other is not None:
+                    raise _reordered(t.name, f"sample 0 read alone gives the probe batch's row {other}, not its row 0")
                 mixed.append(f"{t.name!r} by {worst:.2g}")
     if mixed and os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0 says it
         print(f"note: the teacher's output for sample 0 differs between its probe batch and a batch of itself alone ({', '.join(mixed)}, "
@@ -369,6 +373,55 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
 
 
 BATCH_RTOL = {"fp32": 1e-2, "fp16": 2e-2, "bf16": 5e-2}  # far above a kernel's rounding for another batch size (TF32: ~1e-3)
+
+
+def _check_order(run: Run, layers: tuple[str, ...]) -> None:
+    """The probe batch again with every sample moved one place (samples 1, 2, ..., 0): each row of every target must be
+    the row the sample had in the probe batch. Refuse a teacher that returns its rows in another order than its inputs
+    (it sorts its batch, by length for packed sequences, and never puts the rows back): every stored row would hold
+    another sample's targets under the right input's fingerprint, which no later check sees. A row found at another
+    sample's place is that; one found nowhere is not (a teacher that mixes the samples of a batch is order-free; one that
+    is not deterministic matches no row), and is left to ``_check_alone``. Two samples are one swap either way:
+    ``_check_alone``'s sample 0 alone tells those."""
+    rows = len(next(iter(run.probe["outputs"].values())))
+    if rows < 3:
+        return
+    moved = [*range(1, rows), 0]
+    try:
+        _, output, hooked = run.forward(moved, layers)
+        again = run.select(output, hooked, rows)
+    except (ModelError, TargetError):  # as _check_alone: the run's own batches say what is wrong
+        return
+    tolerance = BATCH_RTOL.get(run.precision, BATCH_RTOL["fp32"])
+    for path, t in run.targets.items():
+        before = run.probe["outputs"][path]
+        for i, sample in enumerate(moved):
+            if not again[path][i].numel() or _distance(before[sample], again[path][i]) <= tolerance:
+                continue
+            other = _row_like(again[path][i], before, tolerance, but=sample)
+            if other is not None:
+                raise _reordered(t.name, f"with the probe batch's samples moved one place, row {i} (sample {sample}) holds sample "
+                                         f"{other}'s output")
+            break  # found nowhere: not a reordering
+
+
+def _distance(row: torch.Tensor, other: torch.Tensor) -> float:
+    """How far ``other`` is from ``row``: the largest difference relative to ``row``'s magnitude (``BATCH_RTOL``'s measure)."""
+    row, other = row.double().cpu(), other.double().cpu()
+    scale = row.abs() + row.abs().mean()
+    return float(((row - other).abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)).max())
+
+
+def _row_like(row: torch.Tensor, rows: torch.Tensor, tolerance: float, but: int) -> int | None:
+    """The first of ``rows`` (other than row ``but``) within ``tolerance`` of ``row``; None if none is."""
+    return next((j for j in range(len(rows)) if j != but and _distance(row, rows[j]) <= tolerance), None)
+
+
+def _reordered(name: str, seen: str) -> TargetError:
+    return TargetError(f"target {name!r}: {seen}: the teacher returns the rows of its output in another order than its inputs, "
+                       "so each stored row would hold another sample's targets (nothing was written); make the model return row i "
+                       "for input i (a model that sorts its batch, e.g. by length for packed sequences, must put its output back "
+                       "in the input order: output[order.argsort()])")
 
 
 def dry_run(pipeline: Pipeline) -> dict[str, Any]:

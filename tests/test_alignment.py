@@ -17,7 +17,7 @@ import kdcache
 from conftest import FIXTURES, NUMBERED
 from kdcache import data, store as layout
 from kdcache.cache import TransferSet
-from kdcache.errors import AlignmentError, PipelineError
+from kdcache.errors import AlignmentError, PipelineError, TargetError
 from kdcache.pipeline import from_dict
 from numbered import SPANS, Augmented, Numbered, Segments, SortedGetitems, Spans, WrongCountGetitems, refilled_buffer_subset
 
@@ -89,6 +89,24 @@ def test_verify_teacher_check_names_rows_that_a_getitems_served_out_of_order(tmp
     teacher = next(c for c in report["checks"] if c["name"] == "teacher")
     assert not report["ok"] and teacher["problem_count"] == 2 * 6, teacher  # rows 17, 18, 33, 34, ... 97, 98
     assert teacher["problems"][0].startswith("row 17: the dataset's input fingerprint "), teacher["problems"]
+
+
+@pytest.mark.parametrize("teacher, batch_size, seen", [
+    ("sorting_echo", 16, "sample 0 read alone gives the probe batch's row 15, not its row 0"),
+    ("sorting_echo", 2, "sample 0 read alone gives the probe batch's row 1, not its row 0"),
+    ("remainder_sorting_echo", 16, r"with the probe batch's samples moved one place, row 3 \(sample 4\) holds sample 0's output"),
+], ids=["reversed", "swapped", "first-row-in-place"])
+def test_a_teacher_that_returns_its_rows_in_another_order_is_refused_before_the_store_is_made(tmp_path, teacher, batch_size, seen):
+    """A teacher that sorts its batch (by length, for packed sequences) and never puts the rows back: each row's targets
+    were another sample's, stored under the right input's fingerprint, so training's check passed them all (exit 0, with a
+    note blaming BatchNorm). Sample 0 alone, and the probe batch with its samples moved one place, show the rows moved."""
+    out = tmp_path / "s.zarr"
+    pipeline = from_dict({**NUMBERED, "teacher": {"factory": f"numbered.py:{teacher}"},
+                          "extract": {**NUMBERED["extract"], "batch_size": batch_size}}, root=FIXTURES)
+    with pytest.raises(TargetError, match=rf"^target 'logits': {seen}: the teacher returns the rows of its output in another order "
+                                          r"than its inputs, .*nothing was written.*output\[order\.argsort\(\)\]\)$"):
+        kdcache.extract(pipeline, str(out))
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ items that are not deterministic
