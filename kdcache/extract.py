@@ -358,9 +358,9 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
         samples_first(one[t.name], 1, t.name, probe=True)
         alone, batched = one[t.name][0], run.probe["outputs"][path]
         if alone.shape == batched[0].shape and alone.numel():
-            worst = _distance(alone, batched[0])
+            worst = teachers.row_distance(alone, batched[0])
             if worst > tolerance:
-                other = _row_like(alone, batched, tolerance, but=0)  # the row of another sample: not mixed, moved
+                other = teachers.moved_row(alone, batched, 0, tolerance)  # the row of another sample: not mixed, moved
                 if other is not None:
                     raise _reordered(t.name, f"sample 0 read alone gives the probe batch's row {other}, not its row 0")
                 mixed.append(f"{t.name!r} by {worst:.2g}")
@@ -396,25 +396,13 @@ def _check_order(run: Run, layers: tuple[str, ...]) -> None:
     for path, t in run.targets.items():
         before = run.probe["outputs"][path]
         for i, sample in enumerate(moved):
-            if not again[path][i].numel() or _distance(before[sample], again[path][i]) <= tolerance:
+            if not again[path][i].numel() or teachers.row_distance(before[sample], again[path][i]) <= tolerance:
                 continue
-            other = _row_like(again[path][i], before, tolerance, but=sample)
+            other = teachers.moved_row(again[path][i], before, sample, tolerance)
             if other is not None:
                 raise _reordered(t.name, f"with the probe batch's samples moved one place, row {i} (sample {sample}) holds sample "
                                          f"{other}'s output")
             break  # found nowhere: not a reordering
-
-
-def _distance(row: torch.Tensor, other: torch.Tensor) -> float:
-    """How far ``other`` is from ``row``: the largest difference relative to ``row``'s magnitude (``BATCH_RTOL``'s measure)."""
-    row, other = row.double().cpu(), other.double().cpu()
-    scale = row.abs() + row.abs().mean()
-    return float(((row - other).abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)).max())
-
-
-def _row_like(row: torch.Tensor, rows: torch.Tensor, tolerance: float, but: int) -> int | None:
-    """The first of ``rows`` (other than row ``but``) within ``tolerance`` of ``row``; None if none is."""
-    return next((j for j in range(len(rows)) if j != but and _distance(row, rows[j]) <= tolerance), None)
 
 
 def _reordered(name: str, seen: str) -> TargetError:

@@ -245,3 +245,24 @@ def hooked_output(hooked: dict[str, Any], name: str, model: str = "teacher") -> 
         raise TargetError(f"{what} {name!r} ran more than once in one forward pass (a shared module, like the relu of a "
                           f"torchvision ResNet block), so which output to {use} is ambiguous; {fix} that runs once, e.g. its parent")
     return hooked[name]
+
+
+def row_distance(row: torch.Tensor, other: torch.Tensor) -> float:
+    """How far ``other`` is from ``row`` (one sample's output each): the largest difference relative to ``row``'s magnitude.
+    On ``row``'s device, in float32 (enough for tolerances of 1e-2; a float64 copy of a 2**26-value output took seconds)."""
+    row, other = row.float(), other.to(row.device).float()
+    scale = row.abs() + row.abs().mean()
+    return float(((row - other).abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)).max())
+
+
+def moved_row(row: torch.Tensor, rows: torch.Tensor, own: int, tolerance: float) -> int | None:
+    """Another of ``rows`` (a batch's output) that ``row`` (a sample's output, whose row there is ``own``) is, within
+    ``tolerance``, where it is clearly not its own row (``MOVED`` times that apart): the model returned its rows in another
+    order than its inputs. None otherwise: its own row, or none of them (a model that mixes the samples of a batch, or
+    that is not deterministic, which a row near both its own and another's is not told from)."""
+    if row_distance(row, rows[own]) <= MOVED * tolerance:
+        return None
+    return next((j for j in range(len(rows)) if j != own and row_distance(row, rows[j]) <= tolerance), None)
+
+
+MOVED = 4  # how much farther than the tolerance a sample's output must be from its own row to be called moved

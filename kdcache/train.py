@@ -660,17 +660,19 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
     ``(time, batch, classes)``, would be compared with the stored ``(batch, ...)`` logits sample for time step, and
     silently where the time axis is as long as the batch (per-token logits). Two samples, then one (a first axis that
     keeps its length is not the samples), in eval mode, with the RNG and every module's mode as they were: the run trains
-    as without this check. A student that does not take them is let be: the first step says what is wrong."""
+    as without this check. Each sample's output must be its own row (``_reordered_student``): sample 0 alone is not the
+    pair's second row, and the pair in the other order gives its rows swapped. A student that does not take them is let
+    be: the first step says what is wrong."""
     modes = {module: module.training for module in run.student.modules()}
     run.student.eval()
-    shapes = []
+    outputs = []
     try:
-        for rows in ([0, min(1, len(dataset) - 1)], [0]):
+        for rows in ([0, min(1, len(dataset) - 1)], [0], [min(1, len(dataset) - 1), 0]):
             probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
             run.hooked.clear()
             with torch.no_grad(), _rng_kept(run.device):
                 output = data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
-                shapes.append(tuple(select_student(output, "student output", run.select).shape))
+                outputs.append(select_student(output, "student output", run.select))
     except ComplexOutputError:
         raise
     except (ModelError, TargetError):
@@ -679,11 +681,34 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
         run.hooked.clear()
         for module, mode in modes.items():
             module.training = mode
-    two, one = shapes
+    two, one = (tuple(o.shape) for o in outputs[:2])
     if not two or two[0] != 2:
         raise samples_first_error(two, 2, run.select, probe=True)
     if len(one) == len(two) and one[0] != 1:
         raise samples_first_error(one, 1, run.select, probe=True)
+    pair, alone, swapped = outputs
+    if one[1:] == two[1:] and alone.numel() and _moved(alone[0], pair, 0):
+        raise _reordered_student(run.select, "for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, not its row 0")
+    if swapped.shape == pair.shape and pair.numel() and _moved(swapped[0], pair, 1):
+        raise _reordered_student(run.select, "for a batch of samples 1 and 0 holds sample 0's row at row 0 (sample 1's place), "
+                                             "as for samples 0 and 1")
+
+
+STUDENT_RTOL = 1e-2  # a student's output for one sample, alone and in a batch of two (eval mode, float32): rounding apart
+
+
+def _moved(row: torch.Tensor, pair: torch.Tensor, own: int) -> bool:
+    """Whether ``row``, a sample's output, is not its ``own`` row of the batch of two ``pair`` but the other one."""
+    return teachers.moved_row(row, pair, own, STUDENT_RTOL) is not None
+
+
+def _reordered_student(selector: str, seen: str) -> TargetError:
+    """The student returns its output rows in another order than its inputs (``seen``: how setup's probe shows it)."""
+    part = "" if selector == "auto" else f" (student.select = {selector!r})"
+    return TargetError(f"the student's output{part} {seen}: the student returns the rows of its output in another order than its "
+                       "inputs, so each sample's stored targets would be compared with another sample's output; make the model "
+                       "student.factory builds return row i for input i (a model that sorts its batch, e.g. by length for packed "
+                       "sequences, must put its output back in the input order: output[order.argsort()])")
 
 
 class ComplexOutputError(TargetError):

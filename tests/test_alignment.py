@@ -109,6 +109,22 @@ def test_a_teacher_that_returns_its_rows_in_another_order_is_refused_before_the_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("student, seen", [
+    ("sorting_student", r"for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, not its row 0"),
+    ("ascending_sorting_student", r"for a batch of samples 1 and 0 holds sample 0's row at row 0 \(sample 1's place\), as for samples 0 and 1"),
+], ids=["reversed", "samples-0-and-1-in-order"])
+def test_a_student_that_returns_its_rows_in_another_order_is_refused_before_training(numbered_store, tmp_path, student, seen):
+    """The same mistake in the student: each sample's stored targets were compared with another sample's output (a
+    loss that fell, on a mapping of the wrong pairs), without a word. Setup's probe of samples 0 and 1 shows it: sample 0
+    alone is the second row, or the pair in the other order gives the same rows."""
+    out = tmp_path / "run"
+    with pytest.raises(TargetError, match=rf"^the student's output {seen}: the student returns the rows of its output in another order "
+                                          r"than its inputs, .*another sample's output; .*output\[order\.argsort\(\)\]\)$"):
+        kdcache.train(numbered(student={"factory": f"numbered.py:{student}"}), numbered_store, out)
+    assert not (out / "checkpoint.pt").exists()
+    kdcache.train(numbered(), numbered_store, tmp_path / "plain")  # the same student, rows in order
+
+
 # ------------------------------------------------------------------ items that are not deterministic
 
 def test_random_augmentation_is_refused_at_extract_before_the_teacher_runs_over_the_data(tmp_path):
