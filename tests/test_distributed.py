@@ -260,7 +260,7 @@ def test_a_worker_that_cannot_build_the_teacher_is_named(tmp_path):
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith(f"Error: dask worker ") and f" on {socket.gethostname()}): " in lines[0], lines[0]
+    assert lines[0].startswith("Error: dask worker ") and f" on {socket.gethostname()}): " in lines[0], lines[0]
     assert "no such file: checkpoints/teacher.pt" in lines[0], lines[0]
 
 
