@@ -694,7 +694,7 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
     try:
         fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **{**options, "client_kwargs": client, "skip_instance_cache": True})
         if url != location:
-            fs.info(url)
+            _file_info(fs, url)
         else:
             fs.cat_file(location.rstrip("/") + "/zarr.json")
         return True
@@ -712,6 +712,21 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
         raise unreachable_error(location, e, f"gave up after {seconds:.0f} s" + (f" (1 try of up to {wait:g} s)" if wait else "") +
                                 "; for an endpoint that is slow rather than down raise --storage-option "
                                 f"{named}client_kwargs.timeout.{setting}=SECONDS; ") from None
+
+
+def _file_info(fs: Any, url: str) -> dict[str, Any]:
+    """``fs.info(url)`` of an http filesystem in one request where the server answers HEAD, or does not answer at all:
+    fsspec's asks again with a GET after any failed HEAD, so a server that never answers held the probe twice its
+    wait. A HEAD the server refused (405, an error status) still gets fsspec's GET."""
+    from fsspec.asyn import sync
+    from fsspec.implementations.http import _file_info as head
+
+    try:
+        return sync(fs.loop, head, fs.encode_url(url), session=sync(fs.loop, fs.set_session), size_policy="head", **fs.kwargs)
+    except TimeoutError:
+        raise
+    except Exception:  # noqa: BLE001 - a refused HEAD: fsspec's own HEAD, then GET, say what the server answers
+        return fs.info(url)
 
 
 def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> StoreError:
