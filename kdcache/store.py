@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 ATTRS = "kdcache"  # root attribute holding the manifest
 
 INDEX = "samples/index"  # [N] int64: dataset index of row r
-FINGERPRINT = "samples/fingerprint"  # [N] uint64: blake2b-64 of the input as the teacher saw it
+FINGERPRINT = "samples/fingerprint"  # [N] uint64: the input's fingerprint as the teacher saw it (manifest fingerprint.algorithm)
 LABEL = "samples/label"  # [N] int64: the dataset's label, when it has one
 LOGITS = "targets/logits"  # [N, ...] the model's output
 LAYERS = "targets/layers/"  # + encoded module name: [N, ...] a hooked module's output
