@@ -401,6 +401,9 @@ def test_demo_out_is_a_file(tmp_path):
     ("train.eval_cache=x.zarr", "demo --set train.eval_cache='x.zarr': the demo sets train.eval_cache itself"),
     # the students measure the test store: another split was refused only after both extracts had run
     ("train.eval_split=val", "demo --set train.eval_split='val': the demo sets train.eval_split itself"),
+    # named with the value mnist.toml has: A and C still trained with kl = 0 and the eval split stayed the demo's
+    ("train.loss.kl=1", "demo --set train.loss.kl=1.0: the demo sets train.loss.kl itself"),
+    ("train.eval_split=test", "demo --set train.eval_split='test': the demo sets train.eval_split itself"),
 ])
 def test_demo_values_are_checked_before_anything_is_made(tmp_path, monkeypatch, override, match):
     monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran before the values were checked"))
