@@ -258,7 +258,7 @@ def setup(pipeline: Pipeline, writing: bool = True) -> Run:
     --teacher-check`` recomputes rows of a store that has its own)."""
     t, x = pipeline.targets, pipeline.extract
     if not t.logits and not t.layers:
-        raise PipelineError(f"{pipeline.source}: nothing to store; set targets.logits = true or list targets.layers")
+        raise PipelineError(f"{pipeline.where('targets.logits')}: nothing to store; set targets.logits = true or list targets.layers")
     if x.batch_size < 1:
         raise PipelineError(f"{pipeline.where('extract.batch_size')}: extract.batch_size must be >= 1, got {x.batch_size}")
     if x.queue_depth < 1:
@@ -281,7 +281,7 @@ def setup(pipeline: Pipeline, writing: bool = True) -> Run:
     batch, output, hooked = run.forward(list(range(min(x.batch_size, n))), t.layers)
     run.has_labels = batch["label"] is not None
     if t.logits and teachers.LOGITS in t.layers:
-        raise PipelineError(f"{pipeline.source}: a layer named {teachers.LOGITS!r} would clash with the model's output target; "
+        raise PipelineError(f"{pipeline.where('targets.layers')}: a layer named {teachers.LOGITS!r} would clash with the model's output target; "
                             "set targets.logits = false to store that module as the only 'logits', or rename the module")
     sources = ([(teachers.LOGITS, "")] if t.logits else []) + [(name, name) for name in t.layers]
     for name, source in sources:

@@ -19,7 +19,7 @@ import kdcache
 from kdcache import data
 from kdcache.errors import DataError, PipelineError, StoreError, StoreMismatchError, TargetError
 from kdcache.store import open_store
-from reference import crash_at, file_bytes, make_pipeline, mtimes, read_store, without_times
+from reference import crash_at, file_bytes, make_pipeline, mtimes, read_store, without_times, write_toml
 
 TOL = {"float16": {"rtol": 2e-3, "atol": 1e-3}, "float32": {"rtol": 1e-5, "atol": 1e-6}}
 NP = {"float16": np.float16, "float32": np.float32}
@@ -489,6 +489,22 @@ def test_invalid_pipeline_fails_before_a_store_exists(tmp_path, zoo_env, overrid
     with pytest.raises(PipelineError, match=match):
         kdcache.extract(make_pipeline(*overrides), str(out))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["targets.logits=false", "targets.layers=[]"], r"^override 'targets.logits=false': nothing to store"),
+    (["targets.layers=['logits']"], r"^override \"targets.layers=\['logits'\]\": a layer named 'logits' would clash"),
+], ids=["nothing-to-store", "layer-named-logits"])
+def test_a_targets_error_names_the_override_that_gave_the_value(tmp_path, overrides, match):
+    """README (Pipeline files): an error about a value names where it came from. These two named the pipeline file, which
+    set neither value (``--layers logits``: "mnist.toml: a layer named 'logits' would clash ...")."""
+    (tmp_path / "named.py").write_text("import torch\n\nclass Named(torch.nn.Module):\n    def __init__(self):\n"
+                                       "        super().__init__()\n        self.logits = torch.nn.Flatten()\n\n"
+                                       "    def forward(self, x):\n        return self.logits(x)[:, :3]\n\n"
+                                       "def teacher():\n    return Named()\n")
+    toml = write_toml(tmp_path / "p.toml", f"teacher.factory={tmp_path / 'named.py'}:teacher", "targets.layers=[]")
+    with pytest.raises(PipelineError, match=match):
+        kdcache.dry_run(kdcache.load_pipeline(toml, overrides))
 
 
 def test_out_that_is_a_file_or_a_foreign_folder_is_refused(tmp_path):
