@@ -546,5 +546,5 @@ def _import_file(file: Path) -> Any:
 def require(value: str, key: str, pipeline: Pipeline) -> str:
     """Return a required string value or fail naming the key."""
     if not value:
-        raise PipelineError(f"{pipeline.source}: {key} is required (e.g. {key} = \"file.py:attr\")")
+        raise PipelineError(f"{pipeline.where(key)}: {key} is required (e.g. {key} = \"file.py:attr\")")
     return value

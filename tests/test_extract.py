@@ -494,7 +494,8 @@ def test_invalid_pipeline_fails_before_a_store_exists(tmp_path, zoo_env, overrid
 @pytest.mark.parametrize("overrides, match", [
     (["targets.logits=false", "targets.layers=[]"], r"^override 'targets.logits=false': nothing to store"),
     (["targets.layers=['logits']"], r"^override \"targets.layers=\['logits'\]\": a layer named 'logits' would clash"),
-], ids=["nothing-to-store", "layer-named-logits"])
+    (["teacher.factory="], r"^override 'teacher.factory=': teacher.factory is required"),
+], ids=["nothing-to-store", "layer-named-logits", "factory-required"])
 def test_a_targets_error_names_the_override_that_gave_the_value(tmp_path, overrides, match):
     """README (Pipeline files): an error about a value names where it came from. These two named the pipeline file, which
     set neither value (``--layers logits``: "mnist.toml: a layer named 'logits' would clash ...")."""
