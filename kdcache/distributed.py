@@ -42,7 +42,7 @@ import torch
 from kdcache import errors, locking, storage, store as layout
 from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
 from kdcache.extract import Run, check_done_rows, extract_shards, setup
-from kdcache.pipeline import Pipeline
+from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
 
 ATTEMPTS = 3  # tries per shard on dask (a task that raises, or whose worker keeps dying)
@@ -59,13 +59,15 @@ REACH = ("every worker and rank must reach --out where the driver or rank 0 crea
 
 
 # -- dask.distributed ----------------------------------------------------------------------------
-def extract_distributed(pipeline: Pipeline, out: str, *, workers: int = 2, scheduler: str | None = None,
+def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, workers: int = 2, scheduler: str | None = None,
                         overwrite: bool = False, progress: bool = False, storage_options: dict[str, Any] | None = None,
                         attempts: int = ATTEMPTS) -> dict[str, Any]:
     """``extract`` with the shards spread over dask workers: a new ``LocalCluster`` (one worker per GPU
     when there are GPUs, otherwise ``workers`` single-threaded processes) or the cluster at ``scheduler``
     (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
     need("distributed", "dask", "kdcache extract --workers/--scheduler")
+    pipeline, out = check_pipeline(pipeline), storage.location_arg(out, "out")
+    storage.options_arg(storage_options)
     overwrite, progress = storage.flag_arg(overwrite, "overwrite"), storage.flag_arg(progress, "progress")
     if scheduler is not None:
         _check_address(scheduler)

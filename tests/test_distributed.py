@@ -144,6 +144,17 @@ def test_a_relative_out_is_the_drivers_folder_not_the_workers(toml, single, sche
     assert not (tmp_path / "workers" / "rel.zarr").exists()
 
 
+def test_extract_distributed_refuses_a_location_or_pipeline_of_another_type(tmp_path, monkeypatch):
+    """README: a location that is not a str or Path, or a pipeline that is not loaded, is a TypeError naming the argument,
+    as for kdcache.extract; extract_distributed(p, None) wrote a store named 'None' in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=r"out must be the location of a store or folder, got NoneType None"):
+        extract_distributed(make_pipeline(), None)
+    with pytest.raises(TypeError, match=r"pipeline must be a kdcache.Pipeline, got str .*load it first"):
+        extract_distributed(str(FIXTURES / "tiny.toml"), str(tmp_path / "s.zarr"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_workers_that_cannot_reach_the_drivers_store_stop_the_job(toml, tmp_path):
     """A location each process has its own of (memory://: the process's memory; a folder on each machine's local disk):
     the workers found no store and said to run kdcache extract first, the command just run; or, where each had one of
