@@ -27,7 +27,7 @@ HDF5_LAYOUT_VERSION = 1
 HDF5_COMPRESSION = ("gzip", "lzf", "none")
 
 
-def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
          overwrite: bool = False) -> dict[str, Any]:
     """Copy a finished store, object by object, into one uncompressed zip file ``out`` (read back as a store).
 
@@ -38,6 +38,8 @@ def pack(location: str, out: str | os.PathLike[str], *, storage_options: dict[st
     its array's object bound, from elsewhere). The file appears only once whole and read back as a store (written
     beside it as ``OUT.TOKEN.part`` and renamed; one a killed pack left is removed by the next pack or export to OUT).
     """
+    location, out = storage.location_arg(location, "location"), storage.location_arg(out, "out")
+    storage.options_arg(storage_options)
     overwrite = storage.flag_arg(overwrite, "overwrite")
     _local_out(out)
     out = Path(out)
@@ -240,12 +242,14 @@ def _remove_if_abandoned(left: Path) -> None:
         os.close(fd)
 
 
-def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str = "gzip", storage_options: dict[str, Any] | None = None,
+def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *, compression: str = "gzip", storage_options: dict[str, Any] | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
     """Write a complete store as one HDF5 file: the same paths as groups/datasets, chunked like the
     store's inner chunks, compressed with ``compression`` (gzip, lzf or none); the manifest as the
     JSON string root attribute ``kdcache``."""
     need("h5py", "hdf5", "kdcache export")
+    location, out = storage.location_arg(location, "location"), storage.location_arg(out, "out")
+    storage.options_arg(storage_options)
     overwrite = storage.flag_arg(overwrite, "overwrite")
     if compression not in HDF5_COMPRESSION:
         raise StoreError(f"unknown HDF5 compression {compression!r}; choose one of {', '.join(HDF5_COMPRESSION)}")
@@ -284,15 +288,16 @@ def export_hdf5(location: str, out: str | os.PathLike[str], *, compression: str 
     return {"out": str(out), "arrays": len(store.paths()) + len(progress), "file_bytes": out.stat().st_size, "compression": compression}
 
 
-def import_hdf5(source: str | os.PathLike[str], location: str, *, storage_options: dict[str, Any] | None = None,
+def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
     """Convert an HDF5 file written by ``export_hdf5`` back into a store at ``location`` (any writable
     location), with the manifest's geometry; resumable like extract (only shards not yet done are written)."""
     need("h5py", "hdf5", "kdcache import")
+    source, location = storage.location_arg(source, "source"), storage.location_arg(location, "location")
+    storage.options_arg(storage_options)
     overwrite = storage.flag_arg(overwrite, "overwrite")
     import h5py
 
-    source = str(source)
     try:
         f = h5py.File(source, "r")
     except OSError as e:  # h5py's message repeats the name, flags and errno: the errno's words say it

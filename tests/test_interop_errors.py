@@ -72,6 +72,25 @@ def no_done(f: h5py.File) -> None:
     del f["progress/done"]
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda store, h5: interop.pack(None, "t.zarr.zip"), r"^location must be the location of a store or folder, got NoneType None"),
+    (lambda store, h5: interop.pack(store, None), r"^out must be .* got NoneType None"),
+    (lambda store, h5: interop.pack(open_store(store), "t.zarr.zip"), r"^location must be .* got Store .*pass its location"),
+    (lambda store, h5: interop.export_hdf5(None, "t.h5"), r"^location must be .* got NoneType None"),
+    (lambda store, h5: interop.export_hdf5(store, None), r"^out must be .* got NoneType None"),
+    (lambda store, h5: interop.import_hdf5(None, "t.zarr"), r"^source must be .* got NoneType None"),
+    (lambda store, h5: interop.import_hdf5(h5, None), r"^location must be .* got NoneType None"),
+], ids=["pack-store", "pack-out", "pack-opened-store", "export-store", "export-out", "import-source", "import-store"])
+def test_pack_export_and_import_refuse_a_location_of_another_type(exported, tiny_store, tmp_path, monkeypatch, call, match):
+    """README: a location that is not a str or Path (None, an opened Store) is a TypeError naming the argument, as for
+    kdcache.extract; pack and export raised an AttributeError or TypeError from inside ('NoneType' object has no attribute
+    'lower'), and import read None as a file named 'None'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=match):
+        call(tiny_store, str(exported))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("edit, match", [
     (missing, "dataset 'targets/logits' is missing, the manifest says (50, 4) float16"),
     (wrong_shape, "dataset 'targets/logits' is (50, 3) float16, the manifest says (50, 4) float16"),
