@@ -311,8 +311,10 @@ class Store:
         return self._arrays[path]
 
     def _bad_metadata(self, path: str, why: str) -> StoreError:
-        return StoreError(f"{self.location!r} is damaged: {path + '/zarr.json'!r} is not valid zarr metadata ({why}); "
-                          f"run kdcache verify {self.location}, or re-extract the store")
+        error = StoreError(f"{self.location!r} is damaged: {path + '/zarr.json'!r} is not valid zarr metadata ({why}); "
+                           f"run kdcache verify {self.location}, or re-extract the store")
+        error.metadata_problem = why  # type: ignore[attr-defined] - verify's words for it, without "run kdcache verify"
+        return error
 
     def checked_array(self, path: str) -> zarr.Array:
         """``array(path)`` once its shape and dtype are found to be the manifest's (a damaged or edited zarr.json

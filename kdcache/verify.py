@@ -122,8 +122,7 @@ def _layout(store: layout.Store) -> Check:
             except StoreError as unreadable:  # a zip member failing its CRC-32 (named, with the fix): a problem, not verify's end
                 check.fail(f"{path}: {unreadable}")
                 continue
-            why = f": {one_line(e, 300)}" if isinstance(e, StoreError) else ""  # the reason the store's own check gave
-            check.fail(f"{path}: {path}/zarr.json is not valid zarr metadata{why}" if present else f"{path}: missing ({type(e).__name__})")
+            check.fail(_bad_metadata(path, e) if present else f"{path}: missing ({type(e).__name__})")
             continue
         if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
             check.fail(f"{path}: is {list(arr.shape)} {arr.dtype}, the manifest says {list(shape)} {dtype}")
@@ -144,8 +143,15 @@ def _layout(store: layout.Store) -> Check:
     except UnreachableError:
         raise
     except StoreError as e:
-        check.fail(f"{layout.DIGEST}: {e}")
+        check.fail(_bad_metadata(layout.DIGEST, e) if hasattr(e, "metadata_problem") else f"{layout.DIGEST}: {e}")
     return check
+
+
+def _bad_metadata(path: str, e: Exception) -> str:
+    """The layout check's line for the array ``path`` whose ``zarr.json`` zarr or the store's own check refused with
+    ``e``: the reason, once, and the fix (the store's message says "run kdcache verify", which is where this is)."""
+    why = getattr(e, "metadata_problem", None) or (one_line(e, 300) if isinstance(e, StoreError) else "")
+    return f"{path}: {path + '/zarr.json'!r} is not valid zarr metadata{f' ({why})' if why else ''}; re-extract the store"
 
 
 def _contents(store: layout.Store) -> list[Check]:

@@ -290,7 +290,9 @@ CASES = [
     *[Case(f"{verb}-array-meta-not-json", args, (*BAD_LOGITS_META, "Expecting property name"), store=True,
            damage=write(LOGITS_META, "{bad"))
       for verb, args in (("info", info), ("train", train), ("stats", stats), ("export", export), ("pack", pack), ("extract-resume", resume))],
-    Case("verify-array-meta-not-json", verify_cli, ("targets/logits: targets/logits/zarr.json is not valid zarr metadata",), store=True, report=True,
+    # once "... is not valid zarr metadata: '…' is damaged: '…' is not valid zarr metadata (…); run kdcache verify …", from inside verify
+    Case("verify-array-meta-not-json", verify_cli, (f"targets/logits: '{LOGITS_META}' is not valid zarr metadata (Expecting property name",
+                                                    "char 1)); re-extract the store\n"), store=True, report=True,
          damage=write(LOGITS_META, "{bad")),
     Case("info-array-meta-list", info, (*BAD_LOGITS_META, "it holds [], not a JSON object"), store=True, damage=write(LOGITS_META, "[]")),
     Case("train-array-meta-list", train, BAD_LOGITS_META, store=True, damage=write(LOGITS_META, "[]")),
@@ -299,7 +301,7 @@ CASES = [
     *[Case(f"{verb}-array-meta-inner-chunk-of-0-rows", args, (*BAD_LOGITS_META, "ZeroDivisionError"), store=True,
            damage=lambda s: inner_chunk(s, LOGITS, 0))  # once a ZeroDivisionError traceback from zarr's sharding codec
       for verb, args in (("info", info), ("train", train))],
-    Case("verify-array-meta-inner-chunk-of-0-rows", verify_cli, ("targets/logits/zarr.json is not valid zarr metadata", "ZeroDivisionError"),
+    Case("verify-array-meta-inner-chunk-of-0-rows", verify_cli, (f"'{LOGITS_META}' is not valid zarr metadata", "ZeroDivisionError"),
          store=True, report=True, damage=lambda s: inner_chunk(s, LOGITS, 0)),
     # big-endian bytes: kdcache's whole-shard reader took the bytes as little-endian and zarr (a part of a shard: verify
     # --teacher-check, a zip) as big-endian, so verify passed a store whose rows read two ways
