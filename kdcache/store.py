@@ -158,6 +158,9 @@ class Store:
         # the S3 writer lock each write is checked against: this process's (Lease), or the job's holder's (Borrowed)
         self.lease: Lease | Borrowed | LocalBorrowed | None = held_lease(location, self.storage_options) if writable else None
         self._temps: dict[Path, dict[Any, list[Path]]] = {}  # _remove_stale_temps: folder -> its temp files
+        # verify's (a dict): done() takes a damaged done marker as not done and names it here (shard -> "'progress/done/c/1'
+        # (holds b'zz')"), instead of refusing the store
+        self.damaged_markers: dict[int, str] | None = None
         attrs = dict(group.attrs)
         manifest = attrs.get(ATTRS)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -357,7 +360,11 @@ class Store:
                 raise self._unreadable(DONE, 0, self.num_shards, e) from None
             done = None
         if done is None or (done.view(np.uint8) > 1).any():  # a one-byte marker other than 0/1 decodes, as garbage
-            raise self._damaged_markers()
+            done, bad = self._read_markers()
+            if self.damaged_markers is None or not bad:
+                raise self._damaged_markers(bad)
+            self.damaged_markers.clear()
+            self.damaged_markers.update((int(key.rsplit("/", 1)[1]), _marker(key, raw)) for key, raw in bad)
         return done
 
     def digest_paths(self) -> list[str]:
@@ -439,7 +446,15 @@ class Store:
                     "a shard object swapped with another, or copied from another store)")
         return None
 
-    def _damaged_markers(self) -> StoreError:
+    def _read_markers(self) -> tuple[np.ndarray, list[tuple[str, bytes]]]:
+        """Each done marker's object read alone: ``[num_shards]`` bool, done where it is the byte 1, and the damaged
+        ones (not one byte 0 or 1) with their bytes."""
+        keys = [f"{DONE}/c/{s}" for s in range(self.num_shards)]
+        raws = [self.raw_object(k) for k in keys]
+        bad = [(k, raw) for k, raw in zip(keys, raws) if raw is not None and raw not in (b"\x00", b"\x01")]
+        return np.array([raw == b"\x01" for raw in raws], dtype=bool), bad
+
+    def _damaged_markers(self, bad: list[tuple[str, bytes]]) -> StoreError:
         """The done markers that are not one byte 0 or 1, named.
 
         Every command refuses such a store, extract's resume too. Taking the marker as not done would be safe
@@ -447,9 +462,7 @@ class Store:
         written says the store was damaged, so more of it may be: the user should run verify first, and
         deleting the marker is a one-step way to have extract redo that shard.
         """
-        keys = [f"{DONE}/c/{s}" for s in range(self.num_shards)]
-        bad = [(k, raw) for k in keys if (raw := self.raw_object(k)) is not None and raw not in (b"\x00", b"\x01")]
-        named = ", ".join(f"{k!r} (holds {short(raw[:8])}{'...' if len(raw) > 8 else ''})" for k, raw in bad[:3])
+        named = ", ".join(_marker(key, raw) for key, raw in bad[:3])
         named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         return StoreError(f"{self.location!r} is damaged: done marker {named or '(unreadable)'} is not one byte 0 or 1; "
                           f"run kdcache verify {self.location} for any other damage, then delete the marker and rerun "
@@ -1467,6 +1480,11 @@ def _corrupted_member(location: str, what: str) -> StoreError:
     """A zip member whose bytes fail the zip's own CRC-32 (``what``: zipfile's words, naming it)."""
     return StoreError(f"{location!r} is damaged: {what} (a corrupted zip member); kdcache verify {location} lists every "
                       "damaged chunk; pack the store again or copy the zip again")
+
+
+def _marker(key: str, raw: bytes) -> str:
+    """A damaged done marker, named with what it holds: ``'progress/done/c/1' (holds b'zz')``."""
+    return f"{key!r} (holds {short(raw[:8])}{'...' if len(raw) > 8 else ''})"
 
 
 def _metadata_problem(target: Any, key: str, e: Exception) -> str:

@@ -5,8 +5,8 @@ Checks, each reported with every problem it found (named: array, shard, inner ch
 
 - ``open`` (reported only when it fails): the store opens: its root and group metadata (``samples``,
   ``targets``, ``targets/layers``, ``progress``: zarr v3 group ``zarr.json`` objects), its manifest's
-  header and types, and its done markers;
-- ``completeness``: every shard done;
+  header and types, and its done markers' array;
+- ``completeness``: every shard done, every done marker one byte 0 or 1 (a damaged one's shard is not checked);
 - ``layout``: every array of the manifest exists with its shape, dtype and chunk/shard geometry;
 - ``checksums``: every done shard's object exists, its shard index and each inner chunk's crc32c
   match (the raw bytes are checked, so a truncated or emptied shard is caught, not read as zeros);
@@ -72,7 +72,8 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
         pipeline = check_pipeline(pipeline)
     try:
         store = layout.open_store(location, storage_options=storage_options)
-        store.done()  # a damaged done marker fails here, as an "open" problem: every check below reads them
+        store.damaged_markers = {}  # a damaged done marker is completeness's problem, its shard taken as not done
+        store.done()  # a done marker array that cannot be read fails here, as an "open" problem: every check below reads them
     except StoreError as e:
         check = Check("open")
         check.fail(str(e))
@@ -99,7 +100,13 @@ def _completeness(store: layout.Store) -> Check:
     writer = None if done.all() else locking.active_writer(store.location, store.storage_options)
     check = Check("completeness", f"{int(done.sum())}/{store.num_shards} shards done" + (f", being written by {writer}" if writer else ""))
     fix = "its writer is still running" if writer else "resume kdcache extract"
+    damaged = store.damaged_markers or {}  # their shards are taken as not done: the checks below pass them by
+    for marker in damaged.values():
+        check.fail(f"done marker {marker} is not one byte 0 or 1 (its shard is not checked); delete the marker and rerun "
+                   "kdcache extract to redo its shard, or re-extract the store")
     for s in np.flatnonzero(~done):
+        if int(s) in damaged:
+            continue
         start, stop = store.shard_rows(int(s))
         check.fail(f"shard {int(s)} (rows {start}-{stop - 1}) is not done; {fix}")
     return check

@@ -87,6 +87,25 @@ def test_missing_shard_object_is_named(copy):
     assert problems(verify(str(copy)), "checksums") == [f"targets/logits: shard 1 object {LOGITS_SHARD_1!r} is missing"]
 
 
+def test_a_damaged_done_marker_is_one_problem_and_verify_checks_the_rest(copy):
+    """A done marker that is not one byte 0 or 1 once stopped verify at its open check, though the store's error (every
+    other command's) says to run kdcache verify for any other damage: it is completeness's problem now, its shard taken
+    as not done, and the other checks go on (here finding a flipped byte in another shard)."""
+    (copy / "progress/done/c/2").write_bytes(b"zz")
+    p = copy / LOGITS_SHARD_1
+    data = bytearray(p.read_bytes())
+    data[5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    report = verify(str(copy))
+    assert [c["name"] for c in report["checks"]] == ["completeness", "layout", "checksums", "values"] and not report["ok"]
+    assert problems(report, "completeness") == [
+        "done marker 'progress/done/c/2' (holds b'zz') is not one byte 0 or 1 (its shard is not checked); delete the marker "
+        "and rerun kdcache extract to redo its shard, or re-extract the store"]
+    assert problems(report, "checksums") == ["targets/logits: shard 1 inner chunk 0 (rows 16-31): crc32c checksum mismatch"]
+    with pytest.raises(StoreError, match=r"done marker 'progress/done/c/2' \(holds b'zz'\) is not one byte 0 or 1; run kdcache verify"):
+        kdcache.open_store(str(copy)).done()  # every other reader still refuses the store
+
+
 def test_incomplete_store_fails_completeness(tmp_path, zoo_env):
     out = crash_at(tmp_path, zoo_env, 42, name="partial.zarr")
     report = verify(str(out))
