@@ -1516,7 +1516,11 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
                 if f.read(8) == HDF5_MAGIC or path.suffix.lower() in (".h5", ".hdf5"):
                     return StoreError(f"{location!r} is an HDF5 file (a kdcache export?), not a store; run kdcache import "
                                       f"{location} STORE first, then pass STORE")
-            return StoreError(f"{location!r} is a file, not a store; pass a store folder or a .zarr.zip written by kdcache pack")
+            if zipfile.is_zipfile(path):  # read as a zip by its name alone: SHARING.md's zip:: takes one of any name
+                return StoreError(f"{location!r} is a zip file not named .zip; pass it as zip::{location} (a zip of any name is "
+                                  "read through zip::), or rename it to .zarr.zip")
+            return StoreError(f"{location!r} is a file, not a store; pass a store folder, a .zarr.zip written by kdcache pack, "
+                              "or zip::PATH for such a zip of another name")
         if (path / ".zgroup").is_file():
             return _zarr_v2(location)
         if path.is_dir() and any(path.iterdir()):

@@ -226,6 +226,20 @@ def test_a_local_zip_named_through_fsspecs_chain_is_the_zip_itself(tiny_store: s
             open_store(str(location))
 
 
+def test_a_zip_of_another_name_is_named_with_zip_colons(tiny_store: str, tmp_path: Path) -> None:
+    """A packed store named without .zip ('any.bin') was "a file, not a store; pass ... a .zarr.zip": zip::any.bin reads
+    it (SHARING.md), and the error says so."""
+    packed = tmp_path / "any.bin"
+    pack(tiny_store, tmp_path / "t.zarr.zip")
+    (tmp_path / "t.zarr.zip").rename(packed)
+    r = CliRunner().invoke(main, ["info", str(packed)])
+    assert r.exit_code == 1 and f"'{packed}' is a zip file not named .zip; pass it as zip::{packed} (a zip of any name" in r.output, r.output
+    assert CliRunner().invoke(main, ["info", f"zip::{packed}"]).exit_code == 0
+    (tmp_path / "notes.txt").write_text("x")
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "notes.txt")])
+    assert r.exit_code == 1 and "is a file, not a store; pass a store folder, a .zarr.zip written by kdcache pack, or zip::PATH" in r.output
+
+
 def test_a_zip_behind_a_url_with_a_compressed_member_is_refused(tiny_store: str, tmp_path: Path) -> None:
     """The compressed-member check held for a local zip only: through a chain (zip::https://…, here memory://) a
     deflated member was read whole, however large it inflates."""
