@@ -458,7 +458,11 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
 def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
     """What ``train`` (train.setup) would refuse in this store for the pipeline's loss weights, said before the extract."""
     w, warnings = pipeline.train.loss, []
-    if (w.kl or w.mse) and not pipeline.targets.logits:
+    if (w.kl or w.mse) and not pipeline.targets.logits and teachers.LOGITS in pipeline.targets.layers:  # the clash's fix
+        warnings.append("train.loss.kl/mse need the teacher's stored output, which targets.logits = false leaves out (the layer "
+                        "'logits' is the module of that name): kdcache train would refuse this store; set those weights to 0 and "
+                        "distill the layer with train.features.logits")
+    elif (w.kl or w.mse) and not pipeline.targets.logits:
         warnings.append("train.loss.kl/mse need stored logits, which targets.logits = false leaves out: kdcache train would refuse "
                         "this store; set targets.logits = true (or those weights to 0)")
     if w.ce and not has_labels:

@@ -573,6 +573,11 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                             "return the model in float32 (drop its .half()) and set train.precision = \"fp16\" for float16 compute")
     needs_logits = bool(w.kl or w.mse)
     if needs_logits and layout.LOGITS not in {tg.path for tg in store.targets.values()}:
+        if teachers.LOGITS in store.targets:  # targets.logits = false with a module named 'logits' (extract's fix for the clash)
+            raise PipelineError(f"train.loss.kl/mse need the teacher's stored output ({layout.LOGITS}), but {store.location!r} stores "
+                                f"none: its target 'logits' is the teacher module of that name, stored as a layer "
+                                f"({store.targets[teachers.LOGITS].path}); set train.loss.kl and mse to 0 and distill it with "
+                                "train.features.logits = {student = \"MODULE\"} (a student module giving outputs of its shape)")
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
     if w.ce and not store.has_labels:
         raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")

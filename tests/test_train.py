@@ -141,6 +141,24 @@ def test_dataset_of_another_length_is_a_store_error(tiny_store, tmp_path):
 # ------------------------------------------------------------------------------------------ refusals
 
 
+def test_a_store_whose_logits_are_a_layer_named_logits_says_to_distill_it_as_a_feature(tmp_path):
+    """extract's fix for a teacher module named 'logits' (it would clash with the output) is targets.logits = false; train
+    then said the store has no logits and to "extract with targets.logits = true", which clashes again. It names the
+    layer and the setting that distills it (train.features.logits), which trains."""
+    (tmp_path / "named.py").write_text("import torch\nimport tiny\n\nclass Named(torch.nn.Module):\n    def __init__(self):\n"
+                                       "        super().__init__()\n        self.body = tiny.teacher()\n        self.logits = torch.nn.Identity()\n\n"
+                                       "    def forward(self, x):\n        return self.logits(self.body(x))\n\ndef teacher():\n    return Named()\n")
+    named = (f"teacher.factory='{tmp_path / 'named.py'}:teacher'", "targets.logits=false", "targets.layers=['logits']")
+    assert any("distill the layer with train.features.logits" in w for w in kdcache.dry_run(pipeline(*named))["warnings"])
+    store = extract_tiny(tmp_path / "named.zarr", *named)
+    with pytest.raises(PipelineError, match=r"its target 'logits' is the teacher module of that name, stored as a layer "
+                                            r"\(targets/layers/logits\); set train.loss.kl and mse to 0 and distill it with "
+                                            r'train.features.logits = \{student = "MODULE"\}'):
+        train(pipeline(*named, *PLAIN), store, str(tmp_path / "run"))
+    fixed = ("train.loss.kl=0", "train.features={logits={student='fc'}}", "train.epochs=1", "train.eval_split=''")
+    train(pipeline(*named, *fixed), store, str(tmp_path / "run"))
+
+
 def test_incomplete_store_needs_allow_partial(tiny_store, tmp_path, steps):
     location = copy_store(tiny_store, tmp_path)
     zarr.open_group(location, mode="r+")[layout.DONE][1] = False  # rows 16..31 unwritten
