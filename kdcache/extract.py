@@ -427,8 +427,9 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     rows = len(host[next(iter(run.targets))])
     try:
         _check_finite(host, run.targets, 0, rows - 1)  # what the first batch of the run would stop on (float16 overflow, NaN)
-    except StoredInf as e:
-        raise e.explained(run) from None
+    except TargetError as e:  # the run's words say what it left unwritten: a dry run writes nothing
+        error = e.explained(run) if isinstance(e, StoredInf) else e
+        raise TargetError(str(error).replace(UNWRITTEN, "(kdcache extract would stop at this first batch; the dry run wrote nothing)")) from None
     host = {p: h for p, h in host.items() if p in run.targets}  # the values, not their sums
     raw = sum(h.numpy().nbytes for h in host.values())
     packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
@@ -602,6 +603,9 @@ def _joined(pieces: list[tuple[int, dict[str, np.ndarray]]], rows: int) -> dict[
     return {path: [piece[path] for _, piece in pieces] for path in pieces[0][1]}
 
 
+UNWRITTEN = "(nothing was written for this shard)"  # how a refused batch's error ends in a run
+
+
 def _check_finite(host: dict[str, torch.Tensor], targets: dict[str, layout.Target], first: int, last: int) -> None:
     """Refuse a batch (dataset rows ``first..last``) whose targets hold NaN or inf, float16 overflow included: a target's
     values are looked at only where their float32 sum (``to_host``'s ``path#sum``) is not finite, which a non-finite
@@ -611,7 +615,7 @@ def _check_finite(host: dict[str, torch.Tensor], targets: dict[str, layout.Targe
         if not math.isfinite(host[path + "#sum"].item()) and not torch.isfinite(host[path]).all():
             if host[path].isnan().any():
                 raise TargetError(f"the teacher produced NaN in {_where(target, first, last)}; check the model and its inputs "
-                                  "(nothing was written for this shard)")
+                                  f"{UNWRITTEN}")
             raise StoredInf(target, first, last)
 
 
@@ -630,7 +634,7 @@ class StoredInf(TargetError):
         biggest = torch.finfo(DTYPES[target.dtype]).max
         super().__init__(f"{_where(target, first, last)} holds inf once stored as {target.dtype}: the teacher produced inf, or finite "
                          f"values beyond the {target.dtype} range (±{biggest:.6g}); check the model and its inputs, or "
-                         f"{_fix(target.dtype, 0.0)} (nothing was written for this shard)")
+                         f"{_fix(target.dtype, 0.0)} {UNWRITTEN}")
 
     def __reduce__(self) -> Any:  # pickled as it was made (a dask worker's error)
         return StoredInf, (self.target, self.first, self.last)
@@ -650,13 +654,13 @@ class StoredInf(TargetError):
             autocast = (f"; under extract.precision = \"fp16\" its float16 activations overflow at ±{FLOAT16_MAX:g}: "
                         "\"bf16\" or \"fp32\" avoids that" if run.precision == "fp16" else "")
             return TargetError(f"the teacher produced inf in {where}; check the model and its inputs{autocast} "
-                               "(nothing was written for this shard)")
+                               f"{UNWRITTEN}")
         if torch.isfinite(values.to(DTYPES[t.dtype])).all():  # another value than the run saw: not known which
             return self
         biggest, limit = float(values.abs().max()), torch.finfo(DTYPES[t.dtype]).max
         return TargetError(f"{where} has values beyond the {t.dtype} range (±{limit:.6g}) of targets.dtype: the "
                            f"teacher's {str(values.dtype).removeprefix('torch.')} output is finite but reaches ±{biggest:.3g}; "
-                           f"{_fix(t.dtype, biggest)} (nothing was written for this shard)")
+                           f"{_fix(t.dtype, biggest)} {UNWRITTEN}")
 
 
 def _fix(dtype: str, biggest: float) -> str:

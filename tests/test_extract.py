@@ -866,6 +866,19 @@ def test_dry_run_reports_shapes_and_bytes_and_writes_nothing(tmp_path, monkeypat
     assert report["geometry"]["rows_per_shard"] == 16 and report["geometry"]["num_shards"] == 4
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["teacher.factory=extract_zoo.py:nan_at_30", "targets.layers=[]"], r"the teacher produced NaN in target 'logits' \(rows 0\.\.31\)"),
+    (["teacher.factory=extract_zoo.py:overflow_layer", "targets.layers=['amp']"], r"target 'amp' \(rows 0\.\.31\) has values beyond"),
+], ids=["nan", "float16-overflow"])
+def test_a_dry_run_that_finds_a_bad_batch_says_it_wrote_nothing(tmp_path, monkeypatch, overrides, match):
+    """The dry run's error for the batch the run would stop on ended as the run's, "(nothing was written for this shard)",
+    where a dry run writes nothing and has no shard."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TargetError, match=rf"^{match}.*\(kdcache extract would stop at this first batch; the dry run wrote nothing\)$"):
+        kdcache.dry_run(make_pipeline(*overrides, "extract.batch_size=32"))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------- precision and compression
 
 
