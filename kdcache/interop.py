@@ -47,6 +47,7 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
         raise StoreError(f"pack writes a zip file; name it *.zarr.zip, not {str(out)!r}")
     _check_not_inside(location, out)
     _check_out(out, overwrite)
+    locking.refuse_if_being_written(location, storage_options)  # an extract --overwrite: the zip would hold objects of two stores
     store = _complete(location, storage_options, "pack")
     _check_objects(store, "pack")
     keys, strays, bounds = _store_objects(store)
@@ -261,6 +262,7 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
     if source is not None and out.exists() and source.exists() and out.samefile(source):
         raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
                          f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
+    locking.refuse_if_being_written(location, storage_options)  # an extract --overwrite: the file would hold rows of two stores
     store = _complete(location, storage_options, "export")
     part = _part_name(out)
     with _writing(part, out), _part_file(part, out) as fd:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,18 @@ def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
             pass
     result = invoke("extract", FIXTURES / "tiny.toml", "--out", tmp_path / "file" / "s.zarr")  # through the CLI: one line, exit 1
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "lock file" in result.output, result.output
+
+
+def test_pack_and_export_of_a_store_being_written_are_refused(tiny_store, tmp_path):
+    """pack and export read a store without looking at its writer lock: one racing an extract --overwrite of the store
+    could copy objects of two stores into one file. They are refused at the start, as the writers are."""
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    with writer_lock(copy):  # another job writing the store
+        assert_refused(invoke("pack", copy, tmp_path / "t.zarr.zip"), copy, f"kdcache pid {os.getpid()} on ")
+        assert_refused(invoke("export", copy, tmp_path / "t.h5"), copy, f"kdcache pid {os.getpid()} on ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.zarr"], "a refused pack or export writes nothing"
+    assert invoke("pack", copy, tmp_path / "t.zarr.zip").exit_code == 0
 
 
 def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path):
