@@ -316,7 +316,7 @@ class Store:
     def _bad_metadata(self, path: str, why: str) -> StoreError:
         error = StoreError(f"{self.location!r} is damaged: {path + '/zarr.json'!r} is not valid zarr metadata ({why}); "
                            f"run kdcache verify {self.location}, or re-extract the store")
-        error.metadata_problem = why  # type: ignore[attr-defined] - verify's words for it, without "run kdcache verify"
+        error.metadata_problem = (path, why)  # type: ignore[attr-defined] - verify's words for it, without "run kdcache verify"
         return error
 
     def checked_array(self, path: str) -> zarr.Array:

@@ -76,7 +76,7 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
         store.done()  # a done marker array that cannot be read fails here, as an "open" problem: every check below reads them
     except StoreError as e:
         check = Check("open")
-        check.fail(str(e))
+        check.fail(f"{location!r} is damaged: {_invalid(*e.metadata_problem)}" if hasattr(e, "metadata_problem") else str(e))
         return _report(location, [check], None)
     checks = [_completeness(store), _layout(store)]
     if checks[1].ok:
@@ -157,8 +157,12 @@ def _layout(store: layout.Store) -> Check:
 def _bad_metadata(path: str, e: Exception) -> str:
     """The layout check's line for the array ``path`` whose ``zarr.json`` zarr or the store's own check refused with
     ``e``: the reason, once, and the fix (the store's message says "run kdcache verify", which is where this is)."""
-    why = getattr(e, "metadata_problem", None) or (one_line(e, 300) if isinstance(e, StoreError) else "")
-    return f"{path}: {path + '/zarr.json'!r} is not valid zarr metadata{f' ({why})' if why else ''}; re-extract the store"
+    why = getattr(e, "metadata_problem", (None, None))[1] or (one_line(e, 300) if isinstance(e, StoreError) else "")
+    return f"{path}: {_invalid(path, why)}"
+
+
+def _invalid(path: str, why: str) -> str:
+    return f"{path + '/zarr.json'!r} is not valid zarr metadata{f' ({why})' if why else ''}; re-extract the store"
 
 
 def _contents(store: layout.Store) -> list[Check]:

@@ -87,6 +87,14 @@ def test_missing_shard_object_is_named(copy):
     assert problems(verify(str(copy)), "checksums") == [f"targets/logits: shard 1 object {LOGITS_SHARD_1!r} is missing"]
 
 
+def test_damaged_done_metadata_is_named_once_without_sending_the_user_to_verify(copy):
+    """verify's open check gave the store's error whole, which ends "run kdcache verify STORE, or re-extract the store"."""
+    meta = copy / "progress/done/zarr.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "shape": [5]}))
+    assert problems(verify(str(copy)), "open") == [f"{str(copy)!r} is damaged: 'progress/done/zarr.json' is not valid zarr metadata "
+                                                   "(it says [5] bool, expected [4] bool); re-extract the store"]
+
+
 def test_a_damaged_done_marker_is_one_problem_and_verify_checks_the_rest(copy):
     """A done marker that is not one byte 0 or 1 once stopped verify at its open check, though the store's error (every
     other command's) says to run kdcache verify for any other damage: it is completeness's problem now, its shard taken
