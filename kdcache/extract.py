@@ -343,13 +343,12 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
     ``BATCH_RTOL``: the teacher mixes the samples of a batch (BatchNorm on batch statistics: ``track_running_stats=False``
     or a module left in training mode), so a stored row depends on its batch, ``extract.batch_size`` and where a resumed
     run began, and ``verify --teacher-check`` fails. Refuse (``_reordered``) where sample 0 alone is, within that tolerance,
-    another row of the probe batch: the teacher moved the rows. A model that does not take a batch of one, or drops its batch axis
-    (a squeeze), is let be: every batch of the run is checked as it comes (``samples_first``)."""
-    try:
-        _, output, hooked = run.forward([0], layers)
-        one = {t.name: teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
-               for t in run.targets.values()}
-    except (ModelError, TargetError):
+    another row J of the probe batch, and sample J alone is another row than its own too: the teacher moved the rows.
+    Sample 0's alone does not tell that from a teacher that mixes its batch (a confident softmax on batch statistics puts
+    it in the class of another row, which that row's sample alone is in as well). A model that does not take a batch of
+    one, or drops its batch axis (a squeeze), is let be: every batch of the run is checked as it comes (``samples_first``)."""
+    one = _alone(run, layers, 0)
+    if one is None:
         return
     mixed, tolerance = [], BATCH_RTOL.get(run.precision, BATCH_RTOL["fp32"])
     for path, t in run.targets.items():
@@ -361,7 +360,7 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
             worst = teachers.row_distance(alone, batched[0])
             if worst > tolerance:
                 other = teachers.moved_row(alone, batched, 0, tolerance)  # the row of another sample: not mixed, moved
-                if other is not None:
+                if other is not None and _moved_too(run, layers, t, other, tolerance):
                     raise _reordered(t.name, f"sample 0 read alone gives the probe batch's row {other}, not its row 0")
                 mixed.append(f"{t.name!r} by {worst:.2g}")
     if mixed and os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0 says it
@@ -370,6 +369,25 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
               "left in training mode), so each stored row depends on the other samples of its batch and on extract.batch_size, "
               "and verify --teacher-check will fail; put every such module in eval mode with running statistics if per-sample "
               "targets are meant", file=sys.stderr)
+
+
+def _alone(run: Run, layers: tuple[str, ...], sample: int) -> dict[str, torch.Tensor] | None:
+    """Each target's output for dataset ``sample`` through the teacher alone, by name; None where the teacher refuses."""
+    try:
+        _, output, hooked = run.forward([sample], layers)
+        return {t.name: teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
+                for t in run.targets.values()}
+    except (ModelError, TargetError):
+        return None
+
+
+def _moved_too(run: Run, layers: tuple[str, ...], t: layout.Target, row: int, tolerance: float) -> bool:
+    """Whether the probe batch's sample ``row`` (where sample 0 alone was found) alone is, for target ``t``, another row
+    of the probe batch than its own too: a teacher that moved the rows, not one that mixes them."""
+    one = _alone(run, layers, row)
+    alone, batched = (one or {}).get(t.name), run.probe["outputs"][t.path]
+    return alone is not None and alone.ndim == batched.ndim and alone.shape[1:] == batched.shape[1:] and \
+        teachers.moved_row(alone[0], batched, row, tolerance) is not None
 
 
 BATCH_RTOL = {"fp32": 1e-2, "fp16": 2e-2, "bf16": 5e-2}  # far above a kernel's rounding for another batch size (TF32: ~1e-3)

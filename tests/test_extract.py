@@ -89,6 +89,15 @@ def test_a_teacher_that_mixes_the_samples_of_a_batch_is_named(tmp_path, capfd, f
     assert "'logits'" not in err  # its logits are the index's, whatever the batch
 
 
+def test_a_teacher_that_mixes_its_batch_is_not_taken_for_one_that_moves_its_rows(tmp_path, capfd):
+    """A teacher on batch statistics whose layer is a confident softmax: sample 0 alone landed on another sample's class,
+    within the tolerance of that sample's row, and extract refused it as returning its rows in another order, where a
+    teacher that mixes its batch is named in a note (README). Its rows follow their samples when the batch is reordered."""
+    extract(tmp_path, "teacher.factory=extract_zoo.py:confident_batch_statistics", "targets.layers=['probs']", "targets.dtype=float32")
+    assert "note: the teacher's output for sample 0 differs between its probe batch and a batch of itself alone ('probs' by " \
+        in capfd.readouterr().err
+
+
 def test_store_is_readable_through_open_store(tmp_path):
     out = tmp_path / "store.zarr"
     kdcache.extract(make_pipeline(), str(out))
