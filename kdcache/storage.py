@@ -520,17 +520,25 @@ def _lists_cached(protocol: str) -> bool:
     instance makes (s3fs's ``find``, zarr's ``list``) and answers later ``exists``, ``info`` and the size a whole read
     asks first from it, for the life of the process (instances are shared per options). A process that had listed a
     store (``pack``, a zarr listing of its own) never saw a done marker another process wrote since (a store being
-    extracted stayed as done as it was), and took a prefix emptied since for a store ("not a zarr v3 group"). Any
-    filesystem whose constructor passes options on to fsspec's (s3fs, gcsfs, http...) takes it."""
+    extracted stayed as done as it was), and took a prefix emptied since for a store ("not a zarr v3 group"). A
+    filesystem that names it takes it, and those of ``PASS_ON``, whose constructors pass their options on to fsspec's;
+    a ``**kwargs`` alone does not say where they go (fsspec's sftp gives them to paramiko's connect, webdav4's to an
+    httpx client: a TypeError there), and such a filesystem keeps fsspec's default."""
     import inspect
 
     from fsspec.registry import get_filesystem_class
 
     try:
-        parameters = inspect.signature(get_filesystem_class(protocol).__init__).parameters
+        cls = get_filesystem_class(protocol)
+        parameters = inspect.signature(cls.__init__).parameters
     except (ImportError, ValueError, TypeError):
         return False  # named when the store is opened
-    return "use_listings_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return "use_listings_cache" in parameters or cls.__module__ in PASS_ON or cls.__module__.split(".")[0] in PASS_ON
+
+
+# the modules of filesystems whose constructors pass use_listings_cache on to fsspec's (its listing cache's users)
+PASS_ON = {"s3fs", "gcsfs", "adlfs", "huggingface_hub", "fsspec.implementations.http", "fsspec.implementations.local",
+           "fsspec.implementations.memory", "fsspec.implementations.ftp"}
 
 
 def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:

@@ -258,6 +258,30 @@ def test_a_listings_cache_asked_for_is_kept(s3):
     assert filesystem(url, {**s3, "listings_expiry_time": 60})[0].dircache.use_listings_cache is True
 
 
+def test_a_filesystem_that_gives_its_options_to_a_client_is_opened_without_a_listings_cache_option():
+    """fsspec's sftp gives its options to paramiko's connect, webdav4's to an httpx client: use_listings_cache=False, added
+    to any filesystem whose constructor takes **kwargs, was a TypeError there ('unexpected keyword argument
+    'use_listings_cache''), so a store at such a URL, which README says any fsspec URL is, no longer opened."""
+    import fsspec
+    from fsspec.spec import AbstractFileSystem
+
+    from kdcache.storage import filesystem
+
+    def connect(port: int = 22, username: str | None = None) -> dict:  # a client that takes its own options only
+        return {"port": port, "username": username}
+
+    class ClientBacked(AbstractFileSystem):
+        protocol = "kdclientbacked"
+
+        def __init__(self, **client_kwargs):
+            super().__init__(**client_kwargs)
+            self.client = connect(**client_kwargs)
+
+    fsspec.register_implementation("kdclientbacked", ClientBacked, clobber=True)
+    assert filesystem("kdclientbacked://host/t.zarr", None)[0].client == {"port": 22, "username": None}
+    assert filesystem("kdclientbacked://host/t.zarr", {"port": 2222})[0].client["port"] == 2222
+
+
 def test_s3_refuses_to_overwrite_foreign_objects(s3):
     import s3fs
 
