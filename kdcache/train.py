@@ -666,13 +666,14 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
     silently where the time axis is as long as the batch (per-token logits). Two samples, then one (a first axis that
     keeps its length is not the samples), in eval mode, with the RNG and every module's mode as they were: the run trains
     as without this check. Each sample's output must be its own row (``_reordered_student``): sample 0 alone is not the
-    pair's second row, and the pair in the other order gives its rows swapped. A student that does not take them is let
-    be: the first step says what is wrong."""
+    pair's second row where sample 1 alone is not its own either (a student on batch statistics whose output saturates
+    gives sample 0 alone sample 1's row, and keeps each row in place), and the pair in the other order gives its rows
+    swapped. A student that does not take them is let be: the first step says what is wrong."""
     modes = {module: module.training for module in run.student.modules()}
     run.student.eval()
     outputs = []
     try:
-        for rows in ([0, min(1, len(dataset) - 1)], [0], [min(1, len(dataset) - 1), 0]):
+        for rows in ([0, min(1, len(dataset) - 1)], [0], [min(1, len(dataset) - 1), 0], [min(1, len(dataset) - 1)]):
             probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
             run.hooked.clear()
             with torch.no_grad(), _rng_kept(run.device):
@@ -691,8 +692,8 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
         raise samples_first_error(two, 2, run.select, probe=True)
     if len(one) == len(two) and one[0] != 1:
         raise samples_first_error(one, 1, run.select, probe=True)
-    pair, alone, swapped = outputs
-    if one[1:] == two[1:] and alone.numel() and _moved(alone[0], pair, 0):
+    pair, alone, swapped, second = outputs
+    if one[1:] == two[1:] and alone.numel() and _moved(alone[0], pair, 0) and second.shape == alone.shape and _moved(second[0], pair, 1):
         raise _reordered_student(run.select, "for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, not its row 0")
     if swapped.shape == pair.shape and pair.numel() and _moved(swapped[0], pair, 1):
         raise _reordered_student(run.select, "for a batch of samples 1 and 0 holds sample 0's row at row 0 (sample 1's place), "

@@ -125,6 +125,13 @@ def test_a_student_that_returns_its_rows_in_another_order_is_refused_before_trai
     kdcache.train(numbered(), numbered_store, tmp_path / "plain")  # the same student, rows in order
 
 
+def test_a_student_that_mixes_its_batch_is_not_taken_for_one_that_moves_its_rows(numbered_store, tmp_path):
+    """A student on batch statistics whose output saturates: sample 0 alone gave sample 1's row of the pair, and train
+    refused it as returning its rows in another order, where its rows follow their samples (sample 1 alone is its own)."""
+    student = {"factory": "numbered.py:confident_batch_statistics_student"}
+    assert kdcache.train(numbered(student=student), numbered_store, tmp_path / "run")
+
+
 # ------------------------------------------------------------------ items that are not deterministic
 
 def test_random_augmentation_is_refused_at_extract_before_the_teacher_runs_over_the_data(tmp_path):
