@@ -7,7 +7,9 @@ What the store holds is ``store``'s; who may write it, ``locking``'s (docs/FORMA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import functools
 import importlib.util
 import json
@@ -280,6 +282,10 @@ def sync(fd: int) -> None:
     """Flush what was written to the open file ``fd`` (or the names made in the folder ``fd``) to its disk (fsync). A file
     system that cannot (EINVAL, ENOTSUP: some FUSE and network mounts) is left as it is: there is nothing better to do."""
     try:
+        if _FULL_FSYNC is not None:  # macOS: fsync leaves the bytes in the drive's cache, F_FULLFSYNC has the drive write them
+            with contextlib.suppress(OSError):  # a file system without it: fsync
+                fcntl.fcntl(fd, _FULL_FSYNC)
+                return
         os.fsync(fd)
     except OSError as e:
         if e.errno not in _CANNOT_SYNC:
@@ -296,6 +302,7 @@ def sync_folder(folder: str | os.PathLike[str]) -> None:
 
 
 _CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+_FULL_FSYNC = getattr(fcntl, "F_FULLFSYNC", None)  # macOS only
 
 
 def _read_file(path: Path) -> np.ndarray | None:
