@@ -86,20 +86,30 @@ def test_local_cluster_store_equals_single_process(toml, single, tmp_path, worke
     assert_same_store(out, single)
 
 
-@pytest.fixture
-def scheduler(tmp_path):
-    """``dask scheduler`` and ``dask worker`` (2 single-threaded processes) as subprocesses on 127.0.0.1."""
+@pytest.fixture(scope="module")
+def workers_folder(tmp_path_factory) -> Path:
+    """The folder ``scheduler``'s workers run in: not the driver's (a relative --out must not resolve there)."""
+    return tmp_path_factory.mktemp("workers")
+
+
+@pytest.fixture(scope="module")
+def scheduler(workers_folder):
+    """``dask scheduler`` and ``dask worker`` (2 single-threaded processes) as subprocesses on 127.0.0.1, shared by the
+    module's tests (a cluster outlives jobs: each job's store and pipeline are its own; started per test, 0.8-1.3 s
+    each). The workers run in ``workers_folder``."""
     from distributed import Client
 
     address = f"tcp://127.0.0.1:{_free_port()}"
-    log = open(tmp_path / "dask.log", "w")
-    (tmp_path / "workers").mkdir()  # the workers' folder, not the driver's (a relative --out must not resolve there)
+    log = open(workers_folder.parent / f"{workers_folder.name}-dask.log", "w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}  # started before any test's zoo_env: no knob leaks in
+    # its HTTP server, on even without the dashboard, on a free port: 8787 is left to the module's LocalClusters
     procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                               "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
+                               "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, env=env)]
     try:
         procs.append(subprocess.Popen([BIN / "dask", "worker", address, "--nworkers", "2", "--nthreads", "1",
                                        "--no-dashboard", "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=tmp_path / "workers", start_new_session=True))
+                                      cwd=workers_folder, start_new_session=True, env=env))
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=60)
         yield address
@@ -133,7 +143,7 @@ def test_dask_workers_redo_a_done_shard_whose_object_is_missing(toml, single, sc
     assert_same_store(str(out), single)
 
 
-def test_a_relative_out_is_the_drivers_folder_not_the_workers(toml, single, scheduler, tmp_path, monkeypatch):
+def test_a_relative_out_is_the_drivers_folder_not_the_workers(toml, single, scheduler, workers_folder, tmp_path, monkeypatch):
     """Workers started in another folder than the driver's resolved a relative --out there: they found no store
     ("no store at 'rel.zarr'; run kdcache extract ... first", after the driver had created it), or wrote another one."""
     (tmp_path / "driver").mkdir()
@@ -141,7 +151,7 @@ def test_a_relative_out_is_the_drivers_folder_not_the_workers(toml, single, sche
     result = CliRunner().invoke(main, ["extract", toml, "--out", "rel.zarr", "--scheduler", scheduler])
     assert result.exit_code == 0, result.output
     assert_same_store(str(tmp_path / "driver" / "rel.zarr"), single)
-    assert not (tmp_path / "workers" / "rel.zarr").exists()
+    assert workers_folder.is_dir() and not (workers_folder / "rel.zarr").exists()
 
 
 def test_extract_distributed_refuses_a_location_or_pipeline_of_another_type(tmp_path, monkeypatch):
