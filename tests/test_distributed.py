@@ -27,7 +27,7 @@ from kdcache.errors import StoreError
 from kdcache.locking import writer_lock
 from kdcache.store import open_store
 from conftest import FIXTURES, S3_BUCKET as BUCKET
-from reference import make_pipeline, shards_done, without_times, write_toml
+from reference import done_at_least, make_pipeline, shards_done, without_times, write_toml
 
 pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
@@ -762,7 +762,7 @@ def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_pat
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
     thread, failed = _extract_in_a_thread(pipeline, url, s3)
     deadline = time.monotonic() + 120
-    while thread.is_alive() and time.monotonic() < deadline and (locking._LEASES == {} or shards_done(url, s3) < 2):
+    while thread.is_alive() and time.monotonic() < deadline and (locking._LEASES == {} or not done_at_least(url, 2, s3)):
         time.sleep(0.05)
     lease = locking.held_lease(url, s3)
     lease.lost_to = "kdcache pid 4242 on elsewhere"  # what the heartbeat records when a renewal is refused
@@ -787,7 +787,7 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
     thread, failed = _extract_in_a_thread(pipeline, url, s3)
     deadline = time.monotonic() + 120
-    while thread.is_alive() and time.monotonic() < deadline and shards_done(url, s3) < 2:
+    while thread.is_alive() and time.monotonic() < deadline and not done_at_least(url, 2, s3):
         time.sleep(0.05)
     taker = {"holder": "kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00", "heartbeat": "now", "token": "theirs"}
     s3fs.S3FileSystem(**s3, skip_instance_cache=True).pipe_file(f"{BUCKET}/.dask-taken.zarr.kdcache-lock", json.dumps(taker).encode())

@@ -28,7 +28,7 @@ from kdcache import locking, storage, store as layout
 from kdcache.cli import main
 from kdcache.locking import active_writer, writer_lock
 from conftest import S3_BUCKET
-from reference import FIXTURES, file_bytes, read_store, shards_done, slow_extract, without_times, write_toml
+from reference import FIXTURES, done_at_least, file_bytes, read_store, shards_done, slow_extract, without_times, write_toml
 
 
 def invoke(*args: object):
@@ -705,7 +705,7 @@ def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and shards_done(url, s3) < 2:
+        while proc.poll() is None and time.monotonic() < deadline and not done_at_least(url, 2, s3):
             time.sleep(0.05)
         assert read_object(fs, lock) is not None, "rank 0 holds the lock"
         os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks, as Slurm does
