@@ -185,8 +185,10 @@ def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
         )
     num_classes = student_logits.shape[-1]
     labels = labels.reshape(-1)
-    # ignore_index takes one value, and "mean" divides by the labeled positions; both below are any negative and all
-    return F.cross_entropy(student_logits.float().reshape(-1, num_classes), labels.clamp_min(0), reduction="none").mul(labels >= 0).mean()
+    # ignore_index takes one value, and "mean" divides by the labeled positions; below, any negative is that value and the
+    # sum is divided by all. An ignored position adds exactly 0 (not 0 * its loss: inf where its class 0 logit is -inf)
+    ignored = labels.where(labels >= 0, -100)
+    return F.cross_entropy(student_logits.float().reshape(-1, num_classes), ignored, ignore_index=-100, reduction="sum") / labels.numel()
 
 
 @torch.no_grad()

@@ -379,3 +379,17 @@ def test_cross_entropy_leaves_out_positions_without_a_label():
     none.backward()
     assert none.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
     torch.testing.assert_close(cross_entropy(logits.detach(), labels.clamp_min(0)), F.cross_entropy(logits.detach(), labels.clamp_min(0)))
+
+
+def test_cross_entropy_row_without_a_label_adds_0_where_its_class_0_is_minus_inf():
+    """A row without a label adds 0 whatever its logits: a student that rules out class 0 with a -inf logit (a padding
+    or background class) gave inf * 0 = NaN for each unlabeled row, the loss and every gradient NaN."""
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    logits[:, 0] = float("-inf")
+    logits.requires_grad_()
+    labels = torch.tensor([2, -1, 4, -100])
+    got = cross_entropy(logits, labels)
+    got.backward()
+    expected = F.cross_entropy(logits.detach()[[0, 2]].double(), labels[[0, 2]], reduction="sum") / 4
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.isfinite(logits.grad).all() and torch.equal(logits.grad[[1, 3]], torch.zeros(2, 5))
