@@ -221,9 +221,9 @@ def _check_input(x: Tensor, expected: tuple[int, ...], description: str) -> None
 class MapHead(nn.Module):
     """(B, C, H, W) -> (B, C', H', W'): optional 1x1 conv, then spatial resampling.
 
-    Spatial resampling is ``adaptive_avg_pool2d`` when the student map is larger
-    in both dimensions, bilinear interpolation (align_corners=False) otherwise,
-    and nothing when the sizes already agree.
+    A dimension larger than the teacher's is pooled (``adaptive_avg_pool2d``), then one smaller is interpolated
+    (bilinear, align_corners=False): interpolating a dimension down by 3 or more would read a few of its positions and
+    leave the others out of the loss. Nothing where the sizes already agree.
     """
 
     def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]) -> None:
@@ -233,26 +233,23 @@ class MapHead(nn.Module):
         self.teacher_shape = tuple(teacher_shape)
         self.out_size = (h_out, w_out)
         self.conv: nn.Module = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
-        if (h_in, w_in) == (h_out, w_out):
-            self.resample = "none"
-        elif h_in > h_out and w_in > w_out:
-            self.resample = "pool"
-        else:
-            self.resample = "interpolate"
+        self.pool_size = (min(h_in, h_out), min(w_in, w_out))  # each larger dimension pooled to the teacher's size
+        self.pool = self.pool_size != (h_in, w_in)
+        self.interpolate = self.pool_size != (h_out, w_out)  # then each smaller one interpolated up
         parts = [f"1x1 conv {c_in}->{c_out}"] if c_in != c_out else []
-        if self.resample == "pool":
-            parts.append(f"adaptive avg pool {h_in}x{w_in}->{h_out}x{w_out}")
-        elif self.resample == "interpolate":
-            parts.append(f"interpolate {h_in}x{w_in}->{h_out}x{w_out}")
+        if self.pool:
+            parts.append(f"adaptive avg pool {h_in}x{w_in}->{self.pool_size[0]}x{self.pool_size[1]}")
+        if self.interpolate:
+            parts.append(f"interpolate {self.pool_size[0]}x{self.pool_size[1]}->{h_out}x{w_out}")
         self.description = " + ".join(parts)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C', H', W')."""
         _check_input(x, self.student_shape, self.description)
         x = self.conv(x)
-        if self.resample == "pool":
-            x = F.adaptive_avg_pool2d(x, self.out_size)
-        elif self.resample == "interpolate":
+        if self.pool:
+            x = F.adaptive_avg_pool2d(x, self.pool_size)
+        if self.interpolate:
             x = F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False)
         return x
 

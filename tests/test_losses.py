@@ -234,7 +234,7 @@ def test_top1_agreement() -> None:
     [
         ((32, 7, 7), (64, 14, 14), "1x1 conv 32->64 + interpolate 7x7->14x14"),
         ((32, 14, 14), (64, 7, 7), "1x1 conv 32->64 + adaptive avg pool 14x14->7x7"),
-        ((8, 14, 6), (8, 7, 7), "interpolate 14x6->7x7"),  # larger in one dim only
+        ((8, 14, 6), (8, 7, 7), "adaptive avg pool 14x6->7x6 + interpolate 7x6->7x7"),  # larger in one dim only
         ((8, 14, 14), (8, 7, 7), "adaptive avg pool 14x14->7x7"),
         ((8, 7, 7), (16, 7, 7), "1x1 conv 8->16"),
         ((16,), (24,), "linear 16->24"),
@@ -393,3 +393,15 @@ def test_cross_entropy_row_without_a_label_adds_0_where_its_class_0_is_minus_inf
     expected = F.cross_entropy(logits.detach()[[0, 2]].double(), labels[[0, 2]], reduction="sum") / 4
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert torch.isfinite(logits.grad).all() and torch.equal(logits.grad[[1, 3]], torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize(("student", "teacher"), [((2, 12, 4), (2, 4, 4)), ((2, 12, 3), (2, 4, 6))])
+def test_map_head_pools_a_dimension_that_shrinks_though_the_other_does_not(student, teacher) -> None:
+    """A map larger than the teacher's in one dimension only was resampled bilinearly: 12 rows onto 4 read rows 1, 4,
+    7, 10 and left the others out of the loss (no gradient); a shrinking dimension is pooled, a growing one interpolated."""
+    x = torch.randn(1, *student, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    head = projection_head(student, teacher)
+    head(x).sum().backward()
+    assert (x.grad != 0).all()
+    pooled = F.adaptive_avg_pool2d(x.detach(), (4, min(student[2], teacher[2])))
+    torch.testing.assert_close(head(x.detach()), F.interpolate(pooled, size=teacher[1:], mode="bilinear", align_corners=False))
