@@ -550,6 +550,21 @@ def broadcast_parameters(modules: list[torch.nn.Module]) -> None:
             dist.broadcast(t.data, src=0, group=_group(steps=True))
 
 
+def broadcast_buffers(modules: list[torch.nn.Module]) -> None:
+    """Rank 0's buffers of its state dict on every rank (no-op outside torch.distributed): each rank updates BatchNorm's
+    running statistics from its own rows, so an evaluation would otherwise score another student on each rank than the
+    one rank 0 saves. Non-persistent buffers (masks, caches a forward may size by its batch) are left as they are."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    for m in modules:
+        params = {id(p) for p in m.parameters()}
+        for t in m.state_dict(keep_vars=True).values():
+            if isinstance(t, torch.Tensor) and id(t) not in params:
+                dist.broadcast(t.data, src=0, group=_group(steps=True))
+
+
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """After ``backward`` on every rank: each gradient becomes the mean over the ranks (what DDP gives), in one flat
     all-reduce. A parameter no rank's loss reached (an auxiliary output, a features-only run's classifier) keeps no

@@ -913,6 +913,8 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     def evaluate() -> dict[str, float]:
         if isinstance(source, cache.TransferSet):
             source.set_epoch(next(evaluations))  # the first evaluation checks fingerprint_check, later ones the recheck
+        if run.world > 1:  # torchrun: every rank scores rank 0's student (its BatchNorm statistics), the one saved
+            distributed.broadcast_buffers([run.student])
         run.student.eval()
         correct = agree = teacher_correct = n = labelled = 0
         with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):

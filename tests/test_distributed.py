@@ -519,6 +519,33 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
         assert all(torch.equal(b[k], start[k]) for k in ("fc.weight", "spare.weight")) and not torch.equal(b["conv.weight"], start["conv.weight"])
 
 
+def test_torchrun_ranks_evaluate_the_student_rank_0_saves(tiny_store, tmp_path):
+    """Each rank updates BatchNorm's running statistics from its own rows, and each evaluated its part of the eval split
+    with its own: eval_accuracy mixed the ranks' students, none of them the student.pt written (rank 0's). Every rank
+    evaluates with rank 0's buffers: the reported accuracy is the saved student's."""
+    import tiny
+    from conftest import TINY_TOML
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    sets = [x for s in ("train.epochs=1", "train.features={}", f"student.factory='{TINY_TOML.parent}/tiny.py:normed_student'")
+            for x in ("--set", s)]
+    log = tmp_path / "norm"
+    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "ddp"), *sets, cwd=tmp_path,
+                  env={"TINY_NORM_LOG": str(log)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    student = tiny.normed_student()
+    student.load_state_dict(torch.load(tmp_path / "ddp" / "student.pt", weights_only=True))
+    test = tiny.dataset("test")
+    with torch.no_grad():
+        accuracy = float((student.eval()(test.x).argmax(-1) == test.y).float().mean())
+    (line,) = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert line["eval_accuracy"] == pytest.approx(accuracy)
+    saved = student.norm.running_mean.tolist()
+    evaluated = [json.loads(Path(f"{log}.{rank}").read_text().splitlines()[-1]) for rank in (0, 1)]  # each rank's last eval batch
+    assert evaluated == [pytest.approx(saved), pytest.approx(saved)]
+
+
 def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigterm(tiny_store, tmp_path):
     """Rank 1 alone gets SIGTERM as its step 5 begins. Ranks cannot stop at different steps (the others would wait in
     the next all-reduce), so they agree at the next checkpoint (train.checkpoint_every = 3: step 6, inside epoch 1),
