@@ -860,7 +860,11 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     if not t.eval_split and not t.eval_cache:
         return dict
     if t.eval_cache:
-        store = open_for_training(t.eval_cache, allow_partial=False, storage_options=storage_options)
+        store = layout.open_store(t.eval_cache, storage_options=storage_options)
+        if not store.complete:  # allow_partial is the training store's: an eval store's metrics are the whole split's
+            raise StoreError(f"train.eval_cache {t.eval_cache!r} is incomplete ({store.samples_done()}/{store.num_samples} samples): its "
+                             f"metrics would leave out the rest; resume its kdcache extract ({option('--allow-partial')} applies to the "
+                             "training store alone), or drop train.eval_cache")
         split = store.manifest["dataset"]["split"]
         stored = next((tg for tg in store.targets.values() if tg.path == layout.LOGITS), None)
         if stored is None:

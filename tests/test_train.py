@@ -564,6 +564,17 @@ def test_eval_cache_of_another_split_is_a_pipeline_error(tiny_store, tmp_path):
         train(pipeline(f'train.eval_cache="{tiny_store}"'), tiny_store, tmp_path / "run")
 
 
+def test_an_incomplete_eval_cache_names_its_own_fix(test_store, tiny_store, tmp_path):
+    """An eval store being extracted was refused with the training store's words, 'pass allow_partial=True to train on
+    completed shards only', which changes nothing for it: the eval store must be whole, even with allow_partial."""
+    evaluated = copy_store(test_store, tmp_path)
+    (Path(evaluated) / "progress/done/c/1").unlink()
+    with pytest.raises(StoreError, match=r"^train.eval_cache '.*copy.zarr' is incomplete \(34/50 samples\): its metrics would leave out "
+                                         r"the rest; resume its kdcache extract \(allow_partial=True applies to the training store alone\), "
+                                         r"or drop train.eval_cache$"):
+        train(pipeline(*PLAIN, f'train.eval_cache="{evaluated}"'), tiny_store, tmp_path / "run", allow_partial=True)
+
+
 def test_eval_split_without_eval_cache_reports_accuracy_only(tiny_store, tmp_path):
     train(pipeline("train.features={}", "train.epochs=1"), tiny_store, tmp_path / "run")
     (line,) = metrics(tmp_path / "run")
