@@ -32,8 +32,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers
-from kdcache.errors import (ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError, TrainingStopped,
-                            option, raised, write_fix)
+from kdcache.errors import (KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError,
+                            TrainingStopped, option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -892,6 +892,11 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
                                 "eval_agreement would compare the student with another part of the teacher's output; extract the eval "
                                 f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
         dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
+        if trained is not None and split != trained["dataset"]["split"] and _training_samples(dataset, trained):
+            raise PipelineError(f"train.eval_cache {t.eval_cache!r} (split {split!r}) holds the samples the student trains on: its "
+                                f"{len(dataset)} samples begin and end as split {trained['dataset']['split']!r} of the store trained from "
+                                "does (data.factory gives one split whatever the split asked?); make data.factory return the split it "
+                                "is asked for and extract the eval split again, or drop train.eval_cache")
         shards = distributed.my_part(store.num_shards)  # torchrun: each rank evaluates its whole shards, the counts are summed
         source = None if not len(shards) else cache.TransferSet(
             t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=cache.done_rows(store, shards),
@@ -904,6 +909,11 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
             dataset = data.load(pipeline, t.eval_split)
         except PipelineError as e:  # named as what asked for the split: pipelines copied from mnist.toml ask for "test"
             raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
+        if trained is not None and t.eval_split != (ours := trained["dataset"]["split"]) and _training_samples(dataset, trained):
+            raise PipelineError(f"train.eval_split = {t.eval_split!r} gives the samples the student trains on: its {len(dataset)} items "
+                                f"begin and end as split {ours!r} of the store trained from does (data.factory gives one split whatever "
+                                "the split asked?); make data.factory return the split it is asked for, or set train.eval_split = "
+                                f"{ours!r} to measure training data on purpose")
         # a generator of its own: each iterator draws a seed, which from torch's global RNG would move the dropout that
         # follows (a run resumed with another train.eval_every would train other weights)
         part = distributed.my_part(len(dataset))  # torchrun: each rank evaluates its part, the counts are summed
@@ -942,6 +952,18 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         return out
 
     return evaluate
+
+
+def _training_samples(dataset: Any, trained: dict[str, Any]) -> bool:
+    """Whether ``dataset`` is the store trained from's (``trained``: its manifest) under another split's name: as long, and
+    its items at the manifest's probe rows (the first and last) fingerprinted alike."""
+    d, algorithm = trained["dataset"], data.known_algorithm(trained)
+    if algorithm is None or len(dataset) != d["length"]:
+        return False
+    try:
+        return all(data.item_fingerprint(dataset, int(i), algorithm) == int(fp, 16) for i, fp in d["probe_fingerprints"].items())
+    except KdcacheError:  # items the training store's fingerprints cannot be of
+        return False
 
 
 def _rng_kept(device: torch.device) -> contextlib.AbstractContextManager[Any]:

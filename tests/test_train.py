@@ -575,6 +575,25 @@ def test_an_incomplete_eval_cache_names_its_own_fix(test_store, tiny_store, tmp_
         train(pipeline(*PLAIN, f'train.eval_cache="{evaluated}"'), tiny_store, tmp_path / "run", allow_partial=True)
 
 
+def test_an_eval_split_of_the_training_samples_under_another_name_is_refused(tiny_store, tmp_path):
+    """A data.factory that ignores its split (train=True whatever it is asked) gave the training samples as split 'test':
+    eval_accuracy and eval_agreement were measured on training data, under the eval split's name, without a word. Its
+    items are fingerprinted as the store's first and last ones are; a store of the eval split is refused as well."""
+    one = "data.factory='tiny.py:one_split'"
+    with pytest.raises(PipelineError, match=r"^train.eval_split = 'test' gives the samples the student trains on: its 50 items begin and end "
+                                            r"as split 'train' of the store trained from does \(data.factory gives one split whatever the split "
+                                            r"asked\?\); make data.factory return the split it is asked for, or set train.eval_split = 'train' "
+                                            r"to measure training data on purpose$"):
+        train(pipeline(one, "train.features={}"), tiny_store, tmp_path / "run")
+    evaluated = extract_tiny(tmp_path / "test.zarr", one, 'data.split="test"')
+    with pytest.raises(PipelineError, match=r"^train.eval_cache '.*test.zarr' \(split 'test'\) holds the samples the student trains on: its 50 "
+                                            r"samples begin and end as split 'train' of the store trained from does \(data.factory gives one split "
+                                            r"whatever the split asked\?\); make data.factory return the split it is asked for and extract the "
+                                            r"eval split again, or drop train.eval_cache$"):
+        train(pipeline(one, *PLAIN, f'train.eval_cache="{evaluated}"'), tiny_store, tmp_path / "run")
+    train(pipeline(one, "train.features={}", "train.eval_split=train", "train.epochs=1"), tiny_store, tmp_path / "run")  # on purpose
+
+
 def test_eval_split_without_eval_cache_reports_accuracy_only(tiny_store, tmp_path):
     train(pipeline("train.features={}", "train.epochs=1"), tiny_store, tmp_path / "run")
     (line,) = metrics(tmp_path / "run")
