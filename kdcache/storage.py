@@ -531,15 +531,10 @@ def _lists_cached(protocol: str) -> bool:
     filesystem that names it takes it, and those of ``PASS_ON``, whose constructors pass their options on to fsspec's;
     a ``**kwargs`` alone does not say where they go (fsspec's sftp gives them to paramiko's connect, webdav4's to an
     httpx client: a TypeError there), and such a filesystem keeps fsspec's default."""
-    import inspect
-
-    from fsspec.registry import get_filesystem_class
-
-    try:
-        cls = get_filesystem_class(protocol)
-        parameters = inspect.signature(cls.__init__).parameters
-    except (ImportError, ValueError, TypeError):
+    found = _constructor(protocol)
+    if found is None:
         return False  # named when the store is opened
+    cls, parameters = found
     return "use_listings_cache" in parameters or cls.__module__ in PASS_ON or cls.__module__.split(".")[0] in PASS_ON
 
 
@@ -571,18 +566,27 @@ def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
 def _flag_options(protocol: str) -> frozenset[str]:
     """The options the fsspec filesystem of ``protocol`` takes as true or false: its ``__init__``'s parameters whose
     default is a bool, and fsspec's own caching flags; none where it is not installed."""
+    found = _constructor(protocol)
+    if found is None:
+        return frozenset()
+    cls, parameters = found
+    strings_too = _FLAGS_OR_STRINGS.get(cls.__name__, frozenset())
+    return frozenset({name for name, p in parameters.items() if isinstance(p.default, bool) and name not in strings_too}
+                     | {"use_listings_cache", "skip_instance_cache"})
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor(protocol: str) -> tuple[type, Any] | None:
+    """The fsspec filesystem class of ``protocol`` and its ``__init__``'s parameters; None where it is not installed."""
     import inspect
 
     from fsspec.registry import get_filesystem_class
 
     try:
         cls = get_filesystem_class(protocol)
-        parameters = inspect.signature(cls.__init__).parameters
+        return cls, inspect.signature(cls.__init__).parameters
     except (ImportError, ValueError, TypeError):
-        return frozenset()
-    strings_too = _FLAGS_OR_STRINGS.get(cls.__name__, frozenset())
-    return frozenset({name for name, p in parameters.items() if isinstance(p.default, bool) and name not in strings_too}
-                     | {"use_listings_cache", "skip_instance_cache"})
+        return None
 
 
 # options defaulting to a bool that their filesystem documents as taking a string too: gcsfs's requester_pays (the
@@ -733,11 +737,11 @@ def _file_info(fs: Any, url: str) -> dict[str, Any]:
     """``fs.info(url)`` of an http filesystem in one request where the server answers HEAD, or does not answer at all:
     fsspec's asks again with a GET after any failed HEAD, so a server that never answers held the probe twice its
     wait. A HEAD the server refused (405, an error status) still gets fsspec's GET."""
-    from fsspec.asyn import sync
+    from fsspec.asyn import sync as run_on  # not this module's sync (a flush)
     from fsspec.implementations.http import _file_info as head
 
     try:
-        return sync(fs.loop, head, fs.encode_url(url), session=sync(fs.loop, fs.set_session), size_policy="head", **fs.kwargs)
+        return run_on(fs.loop, head, fs.encode_url(url), session=run_on(fs.loop, fs.set_session), size_policy="head", **fs.kwargs)
     except TimeoutError:
         raise
     except Exception:  # noqa: BLE001 - a refused HEAD: fsspec's own HEAD, then GET, say what the server answers
