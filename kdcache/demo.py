@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import kdcache
 from kdcache.errors import PipelineError, StoreError, write_fix
+from kdcache.pipeline import apply_override
 from kdcache.train import check_values, train
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "mnist.toml"
@@ -96,18 +97,25 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
 
 def _refuse_own_keys(pipeline: str | Path, overrides: tuple[str, ...]) -> None:
     """Refuse overrides that change a value the demo sets itself for each extract and student (OWN_KEYS), in any form
-    (``train.subset=100``, ``train={subset=100}``), or name one (``train.loss.kl=1``, the file's value: A and C still
-    trained with 0): the student's own value would win, silently, and the table would still describe the demo's
-    (``--set train.subset=100`` trained B and C on 100 rows under "all 50,000")."""
+    (``train.subset=100``, ``train={subset=100}``), or name one (``train.loss.kl=1`` or ``train.loss={kl=1, ce=0}``,
+    the file's values: A and C still trained with kl = 0): the student's own value would win, silently, and the table
+    would still describe the demo's (``--set train.subset=100`` trained B and C on 100 rows under "all 50,000")."""
     if not overrides:
         return
     given, default = kdcache.load_pipeline(pipeline, list(overrides)), kdcache.load_pipeline(pipeline, [])
+    named: dict[str, Any] = {}  # what the overrides name, applied alone: train.loss={kl=1} names train.loss.kl
+    for item in overrides:
+        apply_override(named, item)
     for key in OWN_KEYS:
         value = functools.reduce(getattr, key.split("."), given)
-        if value != functools.reduce(getattr, key.split("."), default) or any(set_key == key for set_key, _ in given.set_by):
+        if value != functools.reduce(getattr, key.split("."), default) or _names(named, key.split(".")):
             raise PipelineError(f"demo --set {key}={value!r}: the demo sets {key} itself, for each of its extracts and students "
                                 "(the table describes them); leave it out, or run kdcache extract and kdcache train with "
                                 f"{PIPELINE.name} and your values")
+
+
+def _names(table: Any, parts: list[str]) -> bool:
+    return not parts or isinstance(table, dict) and parts[0] in table and _names(table[parts[0]], parts[1:])
 
 
 def _make_out(out: Path) -> None:

@@ -423,6 +423,9 @@ def test_demo_out_is_a_file(tmp_path):
     # named with the value mnist.toml has: A and C still trained with kl = 0 and the eval split stayed the demo's
     ("train.loss.kl=1", "demo --set train.loss.kl=1.0: the demo sets train.loss.kl itself"),
     ("train.eval_split=test", "demo --set train.eval_split='test': the demo sets train.eval_split itself"),
+    # a table naming them, with the file's values (kl = 1 was overridden with 0 for A and C, silently)
+    ("train.loss={kl=1.0, ce=0.0}", "demo --set train.loss.kl=1.0: the demo sets train.loss.kl itself"),
+    ("train={loss={ce=0.0}}", "demo --set train.loss.ce=0.0: the demo sets train.loss.ce itself"),
 ])
 def test_demo_values_are_checked_before_anything_is_made(tmp_path, monkeypatch, override, match):
     monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran before the values were checked"))
