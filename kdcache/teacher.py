@@ -21,7 +21,7 @@ import difflib
 import hashlib
 import re
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -34,11 +34,14 @@ AUTO_KEYS = ("logits", "pooler_output", "last_hidden_state")
 LOGITS = "logits"  # target name of the model's own output
 
 
-def build(pipeline: Pipeline, key: str) -> torch.nn.Module:
-    """Call the model factory at ``key`` (``"teacher.factory"``, ``"student.factory"``); the model in eval mode."""
+def build(pipeline: Pipeline, key: str, before: Callable[[torch.nn.Module], Any] | None = None) -> torch.nn.Module:
+    """Call the model factory at ``key`` (``"teacher.factory"``, ``"student.factory"``); the model in eval mode.
+    ``before``: called with the model as the factory returned it, before it is put in eval mode."""
     model = pipeline.call(key)
     if not isinstance(model, torch.nn.Module):
         raise PipelineError(f"{key} returned {type(model).__name__}, not a torch.nn.Module; make the factory return the model")
+    if before is not None:
+        before(model)
     return model.eval()
 
 

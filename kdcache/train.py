@@ -86,7 +86,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     store = open_for_training(cache_location, allow_partial, storage_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
     dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
-    hooks: list[Any] = []  # the student's feature hooks: removed however the run ends (the factory may return a model it keeps)
+    # what the run changes on the student: its feature hooks, and its modules' training modes (evaluation leaves them in
+    # eval mode), undone however the run ends: the factory may return a model it keeps, and train or fine-tune it after
+    hooks: list[Any] = []
     try:
         run = setup(pipeline, store, dataset, device, hooks)
         transfer = cache.TransferSet(
@@ -558,10 +560,12 @@ def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
 
 
 def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device, hooks: list[Any] | None = None) -> Run:
-    """Build the student, hook its feature layers, and create projection heads from a probe batch. The hooks' handles are
-    appended to ``hooks`` as they are made (the caller removes them, also when this raises)."""
+    """Build the student, hook its feature layers, and create projection heads from a probe batch. The hooks' handles, and
+    the student's and heads' training modes as built (``_Modes``), are appended to ``hooks`` as they are made (the caller
+    removes them, also when this raises)."""
     t, w = pipeline.train, pipeline.train.loss
-    student = teachers.build(pipeline, "student.factory").to(device)
+    student = teachers.build(pipeline, "student.factory", None if hooks is None else lambda model: hooks.append(_Modes(model)))
+    student = student.to(device)
     half = next((name for name, p in student.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
     if half is not None and t.precision == "fp16":  # GradScaler unscales float32 gradients only: a traceback at the first step
         raise PipelineError(f"{pipeline.where('train.precision')}: train.precision = \"fp16\" keeps float32 weights (autocast runs the "
@@ -628,12 +632,26 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                 if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
                     part = "" if selector == "auto" else f" (select {selector!r})"
                     print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
+    if hooks is not None:
+        hooks.append(_Modes(run.heads))
     if needs_logits or w.ce:
         _check_output_samples_first(run, dataset)
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
     return run
+
+
+class _Modes:
+    """Each of ``module``'s modules' training mode (``train()``/``eval()``) as it is now; ``remove()`` puts them back
+    (named as a hook's handle: ``train`` undoes both the same way however it ends)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.modes = {m: m.training for m in module.modules()}
+
+    def remove(self) -> None:
+        for m, mode in self.modes.items():
+            m.training = mode
 
 
 def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
@@ -669,7 +687,7 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
     pair's second row where sample 1 alone is not its own either (a student on batch statistics whose output saturates
     gives sample 0 alone sample 1's row, and keeps each row in place), and the pair in the other order gives its rows
     swapped. A student that does not take them is let be: the first step says what is wrong."""
-    modes = {module: module.training for module in run.student.modules()}
+    modes = _Modes(run.student)
     run.student.eval()
     outputs = []
     try:
@@ -685,8 +703,7 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
         return
     finally:
         run.hooked.clear()
-        for module, mode in modes.items():
-            module.training = mode
+        modes.remove()
     two, one = (tuple(o.shape) for o in outputs[:2])
     if not two or two[0] != 2:
         raise samples_first_error(two, 2, run.select, probe=True)

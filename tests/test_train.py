@@ -850,6 +850,29 @@ def test_a_student_the_factory_keeps_is_left_without_hooks(tiny_store, tmp_path)
     assert [name for name, m in student.named_modules() if m._forward_hooks] == []
 
 
+def test_a_student_the_factory_keeps_is_left_in_the_modes_train_found_it_in(tiny_store, tmp_path, monkeypatch):
+    """train evaluates at the end (eval mode): a student the factory keeps (a notebook's, fine-tuned after) was left with
+    dropout off and BatchNorm frozen. Each module's mode is put back as train found it, when it returns and when it raises."""
+    kept = ["student.factory='tiny.py:kept_student'", "train.features={}", "train.epochs=1"]
+    student = tiny.kept_student()
+    student.train()
+    train(pipeline(*kept), tiny_store, tmp_path / "run", overwrite=True)
+    assert [name for name, m in student.named_modules() if not m.training] == []
+    student.eval(), student.conv.train()  # in eval mode but one module: a step that raises, after training began
+    losses_of, calls = Run.losses, iter(range(10**9))
+
+    def raising(self, batch):
+        if next(calls) == 3:
+            raise RuntimeError("a step that fails")
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(Run, "losses", raising)
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        train(pipeline(*kept), tiny_store, tmp_path / "run", overwrite=True)
+    assert [name for name, m in student.named_modules() if m.training] == ["conv"]
+    student.train()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_run_that_raises_stops_making_batches_at_once(tiny_store, tmp_path, monkeypatch, workers):
     """The error's traceback (a notebook keeps it) holds the epoch's iterator: the TransferSet's thread making batches
