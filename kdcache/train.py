@@ -48,7 +48,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     ``storage_options`` for URLs; they apply to ``train.eval_cache`` too); write results to ``out``.
 
     Returns the last epoch's metrics plus ``params``, ``seconds`` (the run's training time, a resumed run's earlier
-    processes' included) and ``out``. Seeds torch's global RNG with
+    processes' included, its evaluations' left out: ``eval_seconds``) and ``out``. Seeds torch's global RNG with
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
     ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues).
@@ -180,7 +180,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 _check_finite(means, state, loop.out, loop.saved)
                 due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
                 metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.lr, **means,
-                           **(evaluate() if due else {}), "seconds": loop.elapsed()}
+                           **(loop.evaluation(evaluate) if due else {}), "seconds": loop.elapsed()}
                 if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
                     state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
                     partial = None
@@ -366,13 +366,23 @@ class _Loop:
     saved: str = ""
     again: str = "run the same command with --resume"  # how to resume, for TrainingStopped (the CLI refuses --resume --overwrite)
     stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
-    started: float = field(default_factory=time.perf_counter)  # for the metrics' "seconds"
+    started: float = field(default_factory=time.perf_counter)  # for the metrics' "seconds" (moved on past each evaluation)
     before: float = 0.0  # a resumed run's training seconds before this process (its checkpoint's)
     lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
 
     def elapsed(self) -> float:
-        """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it."""
+        """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it (evaluations
+        left out: ``evaluation``)."""
         return self.before + time.perf_counter() - self.started
+
+    def evaluation(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """``evaluate()``'s metrics and, where it gives any, ``eval_seconds``: the time it took, which the training clock
+        (``elapsed``) leaves out."""
+        began = time.perf_counter()
+        metrics = evaluate()
+        took = time.perf_counter() - began
+        self.started += took
+        return {**metrics, "eval_seconds": took} if metrics else metrics
 
     def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
         """Rank 0 saves the checkpoint (``_save_epoch``) with every rank's RNG state: under torchrun the ranks draw

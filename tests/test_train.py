@@ -1553,6 +1553,32 @@ def test_metrics_seconds_count_the_run_s_training_time_across_a_resume(tiny_stor
         assert earlier < seconds[1] < seconds[2] <= result["seconds"] < earlier + 600, seconds
 
 
+def test_metrics_seconds_leave_out_evaluation_which_eval_seconds_counts(tiny_store, tmp_path, monkeypatch):
+    """``seconds`` is the run's training time (README): it counted each evaluation too, so a run evaluated every epoch on
+    a large eval split read as slow to train. Each evaluation's time is its line's ``eval_seconds``."""
+    trainer = importlib.import_module("kdcache.train")  # the module (kdcache.train is the function)
+    evaluator, pause = trainer._evaluator, 1.5
+
+    def slow(*args, **kwargs):
+        evaluate = evaluator(*args, **kwargs)
+
+        def slowly():
+            time.sleep(pause)
+            return evaluate()
+        return slowly
+
+    monkeypatch.setattr(trainer, "_evaluator", slow)
+    started = time.perf_counter()
+    result = train(pipeline("train.features={}", "train.epochs=2"), tiny_store, tmp_path / "run")
+    wall = time.perf_counter() - started
+    lines = metrics(tmp_path / "run")
+    assert [list(m)[-2:] for m in lines] == [["eval_seconds", "seconds"]] * 2 and all(m["eval_seconds"] >= pause for m in lines)
+    assert 0 < lines[0]["seconds"] < lines[1]["seconds"] <= result["seconds"] <= wall - 2 * pause, (lines, wall)
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["seconds"] <= wall - 2 * pause
+    plain = train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "plain")  # no evaluation: no eval_seconds
+    assert "eval_seconds" not in plain and "eval_seconds" not in metrics(tmp_path / "plain")[0]
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_weight_decay_pulls_matrices_and_kernels_toward_zero_but_not_biases_or_norm_weights(name):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(5),
