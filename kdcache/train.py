@@ -139,7 +139,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                          functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order,
                                            values=values),
                          pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
-                         before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0)
+                         before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0,
+                         lr=_last_lr(checkpoint, schedule) if checkpoint is not None else 0.0)
             distributed.barrier()  # every rank is ready to train: from here a step's collectives wait train.rank_timeout_s
             _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
             if rank == 0:
@@ -157,7 +158,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
 def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: dict[str, int], partial: dict[str, Any] | None,
             evaluate: Callable[[], dict[str, float]], progress: bool) -> None:
     """Train from ``state`` (and a resumed epoch's loss sums, ``partial``) to the plan's end: each epoch's steps,
-    its evaluation when due (``train.eval_every``), its metrics line and checkpoint."""
+    its evaluation when due (``train.eval_every``), its metrics line and checkpoint (resumed at the plan's end: its last
+    line, ``_complete_last_line``)."""
     # One loader for the run: its worker processes (if any) persist across epochs and follow set_epoch.
     # On the CPU with no workers the TransferSet is iterated directly: a DataLoader would add only its
     # per-batch bookkeeping (a profiler record per batch, ~5 % of a tiny student's epoch).
@@ -171,7 +173,10 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
     with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
         # a SIGTERM while the batches are stopped (after a stop: its clean-up) is one more stop request
         try:
-            batches = _start_epoch(transfer, loader, state) if state["step"] < loop.total_steps else iter(())
+            if state["step"] >= loop.total_steps:  # resumed where its plan ends
+                _complete_last_line(loop, t, state, partial, evaluate)
+                return
+            batches = _start_epoch(transfer, loader, state)
             while state["step"] < loop.total_steps:
                 count = _check_batches(transfer, state["epoch"], t.batch_size)
                 steps = min(count - state["batch"], loop.total_steps - state["step"])
@@ -192,6 +197,27 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                     raise loop.stopped(state)
         finally:
             data.stop_making(batches)
+
+
+def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dict[str, Any] | None,
+                        evaluate: Callable[[], dict[str, float]]) -> None:
+    """A run resumed with no step left (a --resume's train.steps/epochs end where its checkpoint was saved) ends with
+    the line an uninterrupted run of that plan ends with: the epoch it stopped inside gets its line (its means from the
+    checkpoint's loss sums so far), and the evaluation due at a plan's end (its line was saved where the plan went on,
+    with none due); saved with the checkpoint again. Nothing where that line is there whole, or none can be made (an
+    epoch's end whose metrics.jsonl was deleted)."""
+    epoch, lines = state["epoch"] - (state["batch"] == 0), _read_metrics(loop.out)
+    line = lines[-1] if lines and (lines[-1]["epoch"], lines[-1]["step"]) == (epoch, state["step"]) else None
+    if line is None and partial is None:
+        return
+    if line is not None and (not (t.eval_split or t.eval_cache) or any(k.startswith("eval_") for k in line)):
+        return
+    if line is None:
+        line = {"epoch": epoch, "step": state["step"], "lr": loop.lr,
+                **_means(partial["sums"], [*partial["sums"].values(), partial["rows"]]), "seconds": loop.elapsed()}
+    seconds = line.pop("seconds", None)  # the line's own: the training time when its epoch ended
+    loop.save(state, _rng_state(), {**line, **loop.evaluation(evaluate), "seconds": loop.elapsed() if seconds is None else seconds},
+              partial)
 
 
 @contextlib.contextmanager
@@ -389,7 +415,8 @@ class _Loop:
         differently (dropout over an uneven last batch, none in an idle rank's step), and each restores its own."""
         rngs = distributed.gather(rng)
         if self.rank == 0:
-            self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed())
+            self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed(),
+                         lr=self.lr)
             self.replacing = None
         distributed.barrier()  # the other ranks wait for the save here (up to distributed.TIMEOUT), not in the next step's all-reduce
         self.saved = _position(state)
@@ -1152,13 +1179,14 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool, values: dict[str, 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any] | None,
                 rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
                 order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
-                seconds: float | None = None) -> None:
+                seconds: float | None = None, lr: float | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
     (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
     (where the plan ends inside an epoch, both: its line, and its sums for a longer plan's --resume). ``values``: the
     run's pipeline values, as its pipeline.json records them (a --resume compares with them where that file is lost).
-    ``seconds``: the run's training time so far (``_Loop.elapsed``), which a resumed run's metrics count on from.
+    ``seconds``: the run's training time so far (``_Loop.elapsed``), which a resumed run's metrics count on from; ``lr``:
+    the rate its last step took (a resumed run's line of the epoch it stopped inside, where it has no step left).
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's
@@ -1171,6 +1199,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
+            **({"lr": lr} if lr is not None else {}),
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
     # the lines of the epochs before this one (a crash between a line and its checkpoint leaves one more) and its own;
     # inside an epoch there is none to add, and only an --overwrite run's first save rewrites the file (to drop the earlier run's)
@@ -1378,6 +1407,14 @@ def _trained_seconds(ckpt: dict[str, Any], out: Path, state: dict[str, int]) -> 
         return float(ckpt["seconds"])
     kept = [m.get("seconds") for m in _read_metrics(out) if m["epoch"] < state["epoch"]]
     return max((float(s) for s in kept if number(s)), default=0.0)
+
+
+def _last_lr(ckpt: dict[str, Any], schedule: Any) -> float:
+    """The rate a resumed run's last step took: its checkpoint's ``lr``, or (kdcache <= 0.1.12 recorded none) the
+    schedule's for that step (the same where train.epochs/steps did not change)."""
+    if isinstance(ckpt.get("lr"), float):
+        return ckpt["lr"]
+    return schedule.base_lrs[0] * schedule.lr_lambdas[0](max(0, schedule.last_epoch - 1))
 
 
 def _rng_state() -> Any:

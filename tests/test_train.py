@@ -1476,6 +1476,37 @@ def test_a_plan_ending_inside_an_epoch_is_resumed_there_by_a_longer_one(tiny_sto
     same_run(tmp_path / "cut", tmp_path / "whole")
 
 
+@pytest.mark.parametrize("cut", ["inside-an-epoch", "at-an-epoch-s-end"])
+def test_a_resume_with_no_step_left_ends_with_the_uninterrupted_run_s_last_line(tiny_store, tmp_path, monkeypatch, cut):
+    """A --resume whose plan (train.steps/epochs) ends where the checkpoint was saved trains no step: it wrote the weights
+    but no line for the epoch it stopped inside, and no evaluation where its line was saved with none due (train.eval_every
+    = 0 evaluates at a plan's end only): the run's last metrics lacked eval_accuracy. Its lines are now the uninterrupted
+    run's (a constant schedule: the same steps whatever the plan's length), timings aside."""
+    p = functools.partial(pipeline, "student.factory='bad_input.py:dropping'", "train.features={}", "train.schedule='constant'",
+                          "train.eval_every=0")
+    if cut == "inside-an-epoch":  # SIGTERM as step 10 of 21 begins: saved in epoch 1 after its batch 3, no line of its own
+        sigterm_at_step(monkeypatch, 10)
+        with pytest.raises(kdcache.errors.TrainingStopped):
+            train(p("train.epochs=3"), tiny_store, tmp_path / "cut")
+        monkeypatch.undo()
+        plan = p("train.steps=10")
+    else:  # after epoch 0 of 3: its line has no evaluation (not due)
+        train_cut_after_first_epoch(p("train.epochs=3"), tiny_store, tmp_path / "cut")
+        plan = p("train.epochs=1")
+    assert "eval_accuracy" not in metrics(tmp_path / "cut")[-1]
+    train(plan, tiny_store, tmp_path / "whole")
+    result = train(plan, tiny_store, tmp_path / "cut", resume=True)
+    timing = ("seconds", "eval_seconds")
+    got, want = ([{k: v for k, v in m.items() if k not in timing} for m in metrics(tmp_path / run)] for run in ("cut", "whole"))
+    assert got == want and "eval_accuracy" in got[-1]
+    assert [list(m) for m in metrics(tmp_path / "cut")] == [list(m) for m in metrics(tmp_path / "whole")]
+    assert {k: v for k, v in result.items() if k in got[-1]} == got[-1]
+    same_run(tmp_path / "cut", tmp_path / "whole")
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    train(plan, tiny_store, tmp_path / "cut", resume=True)  # complete now: nothing is evaluated or written again
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == lines
+
+
 @pytest.mark.parametrize("student", ["dropping", "sampled_in_eval"])
 def test_what_a_run_reports_does_not_change_what_it_trains(tiny_store, tmp_path, student):
     """train.eval_every (and eval_split) may change on --resume: evaluating must not move the RNG dropout draws
