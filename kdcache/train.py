@@ -90,7 +90,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     # eval mode), undone however the run ends: the factory may return a model it keeps, and train or fine-tune it after
     hooks: list[Any] = []
     try:
-        run = setup(pipeline, store, dataset, device, hooks)
+        run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
         transfer = cache.TransferSet(
             cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
             memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
@@ -596,8 +596,11 @@ def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
     return loss if weight == 1 else weight * loss  # a weight of 1 adds no op to each step's graph
 
 
-def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device, hooks: list[Any] | None = None) -> Run:
-    """Build the student, hook its feature layers, and create projection heads from a probe batch. The hooks' handles, and
+def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device, hooks: list[Any] | None = None,
+          keep_zero: bool = False) -> Run:
+    """Build the student, hook its feature layers, and create projection heads from a probe batch. A ``train.features``
+    entry of weight 0 is checked (its layer stored, its student module there) but off: no hook, no head, its layer not
+    read (``keep_zero``: on, with a term of 0, as kdcache <= 0.1.12 had it: ``_keeps_zero_terms``). The hooks' handles, and
     the student's and heads' training modes as built (``_Modes``), are appended to ``hooks`` as they are made (the caller
     removes them, also when this raises)."""
     t, w = pipeline.train, pipeline.train.loss
@@ -637,8 +640,9 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         if stored[layer].path == layout.LOGITS:
             raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
                                 "train.loss.mse, and list only layers from targets.layers under train.features")
-        features[stored[layer].path] = (spec["student"], float(spec["weight"]), spec["select"])
-    teachers.check_layers(student, tuple(m for m, _, _ in features.values()), what="student")
+        if spec["weight"] or keep_zero:
+            features[stored[layer].path] = (spec["student"], float(spec["weight"]), spec["select"])
+    teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
               select=pipeline.student.select, precision=t.precision)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
@@ -689,6 +693,22 @@ class _Modes:
     def remove(self) -> None:
         for m, mode in self.modes.items():
             m.training = mode
+
+
+def _keeps_zero_terms(checkpoint: dict[str, Any] | None, pipeline: Pipeline, rank: int) -> bool:
+    """Whether a resumed run was started by kdcache <= 0.1.12 with a projection head for a ``train.features`` entry of
+    weight 0 (its term 0 at every step): it keeps those terms on, so that its checkpoint's heads and optimizer state
+    still fit (a new run leaves them off)."""
+    if checkpoint is None:
+        return False
+    heads = {key.split(".", 1)[0] for key in checkpoint["heads"]}
+    zero = [layer for layer, spec in pipeline.train.features.items() if not {**FEATURE_DEFAULTS, **spec}["weight"]]
+    kept = [layer for layer in zero if _key(layout.layer_path(layer)) in heads]
+    if kept and rank == 0:
+        print(f"note: this run was started by kdcache <= 0.1.12, which built a projection head for a train.features entry of "
+              f"weight 0; the resumed run keeps the term of train.features {', '.join(map(repr, kept))} (weight 0), its loss_feat "
+              "0 (a new run leaves such an entry off: its layer not read, no head)", file=sys.stderr)
+    return bool(kept)
 
 
 def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:

@@ -485,6 +485,46 @@ def test_feature_weights_all_zero_with_every_loss_weight_zero_is_nothing_to_lear
     assert not (tmp_path / "run").exists()
 
 
+def test_a_feature_entry_of_weight_0_is_off_but_still_checked(tiny_store, store32, tmp_path, monkeypatch, capsys):
+    """Weight 0 turns a train.features term off: its layer was read from the store every epoch, its student module
+    hooked (its output cloned at every forward) and a projection head built (in heads.pt, trained by weight decay
+    alone), for a loss_feat of 0. Now none of that, and no loss_feat; the entry is still checked (its layer stored,
+    its student module there)."""
+    zero = 'train.features."features.3".weight=0'
+    losses_of, seen = Run.losses, []
+
+    def observed(self, batch):
+        seen.append((sorted(batch["targets"]), [n for n, m in self.student.named_modules() if m._forward_hooks]))
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(Run, "losses", observed)
+    out = tmp_path / "run"
+    result = train(pipeline(zero, "train.eval_split=''", "train.epochs=1"), tiny_store, out)
+    assert "projection head" not in capsys.readouterr().out
+    assert seen and set(map(str, seen)) == {str((["targets/logits"], []))}
+    assert torch.load(out / "heads.pt", weights_only=True) == {}
+    assert not any(k.startswith("loss_feat") for k in [*result, *metrics(out)[0]])
+    with pytest.raises(PipelineError, match=r"'features.3', which .* does not store \(its layers: \[\]\)"):
+        train(pipeline(zero), store32, tmp_path / "other")
+    with pytest.raises(kdcache.errors.TargetError, match=r"layer 'nope' is not a module of the student"):
+        train(pipeline('train.features."features.3"={student="nope", weight=0}'), tiny_store, tmp_path / "other")
+
+
+def test_a_run_begun_with_a_head_for_a_feature_of_weight_0_resumes_with_it(tiny_store, tmp_path, capsys):
+    """kdcache <= 0.1.12 built a projection head for an entry of weight 0: such a run's checkpoint holds it (and its
+    optimizer state), so its --resume keeps the term, with a note, rather than refusing its checkpoint."""
+    out = tmp_path / "run"
+    train_cut_after_first_epoch(pipeline("train.eval_split=''", "train.epochs=2"), tiny_store, out)
+    for file in (out / CHECKPOINT, out / "pipeline.json"):  # as such a run records it: an entry of weight 0
+        recorded = torch.load(file, weights_only=True) if file.suffix == ".pt" else {"pipeline": json.loads(file.read_text())}
+        recorded["pipeline"]["train"]["features"]["features.3"]["weight"] = 0.0
+        torch.save(recorded, file) if file.suffix == ".pt" else file.write_text(json.dumps(recorded["pipeline"]))
+    capsys.readouterr()
+    train(pipeline("train.eval_split=''", "train.epochs=2", 'train.features."features.3".weight=0'), tiny_store, out, resume=True)
+    assert "keeps the term of train.features 'features.3' (weight 0)" in capsys.readouterr().err
+    assert [m["loss_feat:features.3"] for m in metrics(out)][1] == 0 and torch.load(out / "heads.pt", weights_only=True)
+
+
 # --------------------------------------------------------------------------------------------- outputs
 
 
