@@ -300,8 +300,9 @@ def setup(pipeline: Pipeline, writing: bool = True) -> Run:
         alone[i] = {a: data.fingerprint(inputs, a) for a in data.FINGERPRINT_ALGORITHMS}
     run.probe = {
         "fingerprints": {a: {str(i): f"{fps[a]:016x}" for i, fps in alone.items()} for a in data.FINGERPRINT_ALGORITHMS},
-        "outputs": {p: v for p, v in run.select(output, hooked, len(batch["index"])).items()},
+        "outputs": {p: _kept(v) for p, v in run.select(output, hooked, len(batch["index"])).items()},
     }
+    del output, hooked  # the checks below run the teacher again: of this batch's output, only its targets are kept meanwhile
     _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
     if writing:  # targets too large for any shard: refused before the teacher runs again (_check_alone's copies)
         run.geometry(pipeline)
@@ -309,6 +310,14 @@ def setup(pipeline: Pipeline, writing: bool = True) -> Run:
         _check_alone(run, t.layers)
         _check_order(run, t.layers)
     return run
+
+
+def _kept(target: torch.Tensor) -> torch.Tensor:
+    """A target of the probe batch as the setup checks keep it: on the host, so that the device holds no more than one batch's
+    output when the teacher runs again (as in the run), and in memory of its own (a view, e.g. one position of a hidden
+    state, would keep the whole of it)."""
+    kept = target.to("cpu")
+    return kept.clone() if kept.untyped_storage().nbytes() > kept.nbytes else kept
 
 
 def _check_probe_items(dataset: Dataset, batch: list[int], alone: int) -> None:
@@ -410,13 +419,14 @@ def _check_order(run: Run, layers: tuple[str, ...]) -> None:
         again = run.select(output, hooked, rows)
     except (ModelError, TargetError):  # as _check_alone: the run's own batches say what is wrong
         return
+    del output, hooked  # only the targets are compared: the rest of the output is freed first
     tolerance = BATCH_RTOL.get(run.precision, BATCH_RTOL["fp32"])
     for path, t in run.targets.items():
-        before = run.probe["outputs"][path]
+        before, after = run.probe["outputs"][path], again.pop(path)  # each target freed once compared
         for i, sample in enumerate(moved):
-            if not again[path][i].numel() or teachers.row_distance(before[sample], again[path][i]) <= tolerance:
+            if not after[i].numel() or teachers.row_distance(before[sample], after[i]) <= tolerance:
                 continue
-            other = teachers.moved_row(again[path][i], before, sample, tolerance)
+            other = teachers.moved_row(after[i], before, sample, tolerance)
             if other is not None:
                 raise _reordered(t.name, f"with the probe batch's samples moved one place, row {i} (sample {sample}) holds sample "
                                          f"{other}'s output")

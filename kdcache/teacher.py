@@ -252,10 +252,15 @@ def hooked_output(hooked: dict[str, Any], name: str, model: str = "teacher") -> 
 
 def row_distance(row: torch.Tensor, other: torch.Tensor) -> float:
     """How far ``other`` is from ``row`` (one sample's output each): the largest difference relative to ``row``'s magnitude.
-    On ``row``'s device, in float32 (enough for tolerances of 1e-2; a float64 copy of a 2**26-value output took seconds)."""
-    row, other = row.float(), other.to(row.device).float()
-    scale = row.abs() + row.abs().mean()
-    return float(((row - other).abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)).max())
+    On the device of whichever of the two is not on the CPU (a row the setup checks keep on the host is copied there), in
+    float32 (enough for tolerances of 1e-2; a float64 copy of a 2**26-value output took seconds), with two temporaries of
+    a row's size beside the float32 copies (a large activation map's row is hundreds of MB)."""
+    device = other.device if row.device.type == "cpu" else row.device
+    row, other = row.to(device).float(), other.to(device).float()
+    diff = (row - other).abs_()
+    scale = row.abs()
+    scale.add_(scale.mean()).clamp_min_(torch.finfo(torch.float32).tiny)
+    return float(diff.div_(scale).max())
 
 
 def moved_row(row: torch.Tensor, rows: torch.Tensor, own: int, tolerance: float) -> int | None:

@@ -15,11 +15,11 @@ import zarr
 
 import kdcache
 from conftest import FIXTURES, NUMBERED
-from kdcache import data, store as layout
+from kdcache import data, store as layout, teacher as teachers
 from kdcache.cache import TransferSet
 from kdcache.errors import AlignmentError, PipelineError, TargetError
 from kdcache.pipeline import from_dict
-from numbered import SPANS, Augmented, Numbered, Segments, SortedGetitems, Spans, WrongCountGetitems, refilled_buffer_subset
+from numbered import SPANS, Augmented, BulkyEcho, Numbered, Segments, SortedGetitems, Spans, WrongCountGetitems, live_tensor_bytes, refilled_buffer_subset
 
 N = 100
 
@@ -107,6 +107,23 @@ def test_a_teacher_that_returns_its_rows_in_another_order_is_refused_before_the_
                                           r"than its inputs, .*nothing was written.*output\[order\.argsort\(\)\]\)$"):
         kdcache.extract(pipeline, str(out))
     assert not out.exists()
+
+
+def test_the_setup_checks_keep_only_the_probe_batchs_targets_while_the_teacher_runs_again(monkeypatch):
+    """The probe batch's whole output (here an activation map no target stores; a large teacher's hidden states) stayed
+    alive while sample 0 alone and the probe batch with its samples moved ran, and the moved batch's too while the rows
+    were compared: two batches of it at once, at setup, before any work (an out-of-memory where the run fits). Only the
+    probe batch's targets are kept now, and the moved batch's targets alone are compared."""
+    from kdcache.extract import setup
+
+    compared, row_distance = [], teachers.row_distance
+    monkeypatch.setattr(teachers, "row_distance", lambda row, other: compared.append(live_tensor_bytes()) or row_distance(row, other))
+    run = setup(from_dict({**NUMBERED, "teacher": {"factory": "numbered.py:bulky_echo"}}, root=FIXTURES))
+    sample = BulkyEcho.BULK * 4  # one sample's activation map: 256 KiB
+    (probe, before), *again = run.model.calls
+    assert probe == 16 and [rows for rows, _ in again] == [1, 16], run.model.calls  # sample 0 alone; the moved batch
+    assert all(live - before < sample for _, live in again) and compared, run.model.calls
+    assert max(compared) - before < sample, f"{(max(compared) - before) / sample:.1f} samples' activation maps alive while comparing"
 
 
 @pytest.mark.parametrize("student, seen", [
