@@ -47,20 +47,23 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
         raise StoreError(f"pack writes a zip file; name it *.zarr.zip, not {str(out)!r}")
     _check_not_inside(location, out)
     _check_out(out, overwrite)
-    locking.refuse_if_being_written(location, storage_options)  # an extract --overwrite: the zip would hold objects of two stores
-    store = _complete(location, storage_options, "pack")
-    _check_objects(store, "pack")
-    keys, strays, bounds = _store_objects(store)
-    part = _part_name(out)
-    nbytes = 0
-    with _writing(part, out), _part_file(part, out) as fd, open(fd, "w+b", closefd=False) as f:
-        # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-            for key in keys:
-                nbytes += _copy_object(store, key, bounds, z)
-        f.flush()
-        _check_objects(_complete(f"zip::{part}", None, "pack"), "pack")  # it opens as a complete store, with every shard object
-        _put_in_place(fd, part, out)
+    # writers kept out from before the manifest is read until the zip is in place: an extract resuming the store, or an
+    # --overwrite with another teacher, started meanwhile would put the manifest of one moment and the shards of another in it
+    with locking.reading_lock(location, storage_options, "pack") as held:
+        store = _complete(location, storage_options, "pack")
+        _check_objects(store, "pack")
+        keys, strays, bounds = _store_objects(store)
+        part = _part_name(out)
+        nbytes = 0
+        with _writing(part, out), _part_file(part, out) as fd, open(fd, "w+b", closefd=False) as f:
+            # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+                for key in keys:
+                    nbytes += _copy_object(store, key, bounds, z)
+            f.flush()
+            _check_objects(_complete(f"zip::{part}", None, "pack"), "pack")  # it opens as a complete store, with every shard object
+            held()
+            _put_in_place(fd, part, out)
     if strays:
         named = ", ".join(repr(k) for k in strays[:STRAYS_NAMED]) + (f" and {len(strays) - STRAYS_NAMED} more" if len(strays) > STRAYS_NAMED else "")
         print(f"note: left out {len(strays)} {'file' if len(strays) == 1 else 'files'} of {store.location!r} that "
@@ -262,32 +265,40 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
     if source is not None and out.exists() and source.exists() and out.samefile(source):
         raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
                          f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
-    locking.refuse_if_being_written(location, storage_options)  # an extract --overwrite: the file would hold rows of two stores
-    store = _complete(location, storage_options, "export")
-    part = _part_name(out)
-    with _writing(part, out), _part_file(part, out) as fd:
-        with _hdf5_file(fd) as (f, check):
-            f.attrs[layout.ATTRS] = json.dumps(store.manifest)
-            f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
-            progress = [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])  # digests: checked again on import
-            for path in store.paths() + progress:
-                arr = store.array(path) if path in progress else store.checked_array(path)  # its layout checked before it shapes the file
-                chunks = (min(int(arr.chunks[0]), arr.shape[0]), *arr.shape[1:]) if path not in progress else None  # h5py: never past N
-                ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                                      compression=None if compression == "none" or path in progress else compression)
-                if path in progress:
-                    with _reading(store, path):
-                        values = arr[:]
-                    ds[:] = values
-                    continue
-                for shard in range(store.num_shards):  # one shard in memory at a time
-                    start, stop = store.shard_rows(shard)
-                    with _reading(store, path):
-                        rows = store.read(path, start, stop)
-                    ds[start:stop] = rows
-                    check()  # a full disk stops the export at once
-        _put_in_place(fd, part, out)
-    return {"out": str(out), "arrays": len(store.paths()) + len(progress), "file_bytes": out.stat().st_size, "compression": compression}
+    with locking.reading_lock(location, storage_options, "export") as held:  # writers kept out until the file is in place (pack)
+        store = _complete(location, storage_options, "export")
+        part = _part_name(out)
+        with _writing(part, out), _part_file(part, out) as fd:
+            with _hdf5_file(fd) as (f, check):
+                arrays = _write_hdf5(store, f, check, compression)
+            held()
+            _put_in_place(fd, part, out)
+    return {"out": str(out), "arrays": arrays, "file_bytes": out.stat().st_size, "compression": compression}
+
+
+def _write_hdf5(store: layout.Store, f: Any, check: Any, compression: str) -> int:
+    """Write ``store`` into the open HDF5 file ``f`` (FORMAT.md §16), one shard of a dataset in memory at a time, calling
+    ``check`` (``_hdf5_file``'s) after each; returns how many datasets it wrote."""
+    f.attrs[layout.ATTRS] = json.dumps(store.manifest)
+    f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
+    progress = [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])  # digests: checked again on import
+    for path in store.paths() + progress:
+        arr = store.array(path) if path in progress else store.checked_array(path)  # its layout checked before it shapes the file
+        chunks = (min(int(arr.chunks[0]), arr.shape[0]), *arr.shape[1:]) if path not in progress else None  # h5py: never past N
+        ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                              compression=None if compression == "none" or path in progress else compression)
+        if path in progress:
+            with _reading(store, path):
+                values = arr[:]
+            ds[:] = values
+            continue
+        for shard in range(store.num_shards):  # one shard in memory at a time
+            start, stop = store.shard_rows(shard)
+            with _reading(store, path):
+                rows = store.read(path, start, stop)
+            ds[start:stop] = rows
+            check()  # a full disk stops the export at once
+    return len(store.paths()) + len(progress)
 
 
 def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kdcache import storage
 from kdcache.errors import StoreError, one_line, option, write_fix
@@ -189,7 +189,7 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
                     continue
                 if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
                     os.ftruncate(fd, 0)
-                    holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+                    holder = _holder_name()
                     os.pwrite(fd, holder.encode(), 0)
                     _LOCAL_HOLDERS[path] = holder
                     return fd
@@ -220,13 +220,121 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
         if "::" not in str(location) and storage.is_s3(str(location)):
             storage.REACHED.add(endpoint)  # the store's first look (storage.exists) is made: not a second probe client for it
     else:
-        holder = active_writer(location)
+        holder = _local_holder(location, fcntl.LOCK_EX, tries=20) if fcntl is not None else None  # a copy (reading_lock) too
     if holder is not None:
         raise _being_written(location, holder)
 
 
 def _being_written(location: str | os.PathLike[str], holder: str) -> StoreError:
     return StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, then rerun (nothing was changed)")
+
+
+def _holder_name(verb: str = "") -> str:
+    """What a lock names as its holder: this process (``verb``: the command of a copy reading the store, ``reading_lock``)."""
+    return f"kdcache {verb + ' ' if verb else ''}pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+
+
+@contextlib.contextmanager
+def reading_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None, verb: str) -> Iterator[Callable[[], None]]:
+    """Keep writers out of the store at ``location`` while ``kdcache VERB`` (pack, export) copies it whole.
+
+    A check at the start alone let a writer that started during the copy (an extract resuming the store, or
+    ``--overwrite`` with another teacher) change it under the copy: a file with the manifest of one moment and the
+    shards of another. Refused at once while a writer holds the store; a writer that starts meanwhile is refused
+    (``_being_written``, naming this process and ``verb``). A local store's: a shared ``flock`` on its writer lock file,
+    so that copies do not exclude each other; an S3 store's: its writer lock object (S3 has no shared lock: two copies
+    of one S3 store run one after the other). A zip or http(s) store has no writer. Where the lock cannot be taken (a
+    folder or bucket this user may not write), the store is copied after the check alone, as a note says. Yields
+    ``held``, to call before the copy is put in place: it raises when the lock was lost meanwhile (an S3 lock taken over
+    once stale), as the store may have changed."""
+    location = str(location)
+    if storage.location_kind(location) != "url":
+        with _shared_lock(location, _holder_name(verb), verb):
+            yield lambda: None
+        return
+    refuse_if_being_written(location, storage_options)  # an endpoint that never answers named in seconds, as for a writer
+    with _object_lock(location, storage_options, reader=verb):
+        yield lambda: _check_reading(location, storage_options, verb)
+
+
+@contextlib.contextmanager
+def _shared_lock(location: str, holder: str, verb: str) -> Iterator[None]:
+    """A shared ``flock`` on the lock file of the local store ``location`` while the block runs (``reading_lock``); the last
+    holder to end removes the file, as a writer does."""
+    path = _lock_path(location)
+    fd = _take_shared(path, location, holder, verb) if path is not None else -1
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # had at once: no other copy holds it
+                if _same_file(fd, path):  # type: ignore[arg-type]
+                    os.unlink(path)  # type: ignore[arg-type]
+            except OSError:  # another copy holds it still: the file is left to it
+                pass
+            os.close(fd)
+
+
+def _take_shared(path: Path, location: str, holder: str, verb: str) -> int:
+    """Lock ``path`` (created if missing) shared, ``holder`` written into it for a writer refused meanwhile to name; its fd,
+    or -1: not locked (no lock file, and none can be made: a folder this user may not write; a file system without flock)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # another user's lock file: flock needs no write access (its text is then left as it is)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                _unlocked(location, verb, f"its lock file {str(path)!r} cannot be made here")
+                return -1
+        except OSError:  # no folder there: opening the store names it
+            return -1
+        try:
+            seen = _holder(fd, fcntl.LOCK_SH, tries=20)  # for a second: a writer may be looking (refuse_if_being_written)
+            ours = seen is None and _same_file(fd, path)  # still the file at that path: not removed by its last holder meanwhile
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, OSError) and e.errno in NO_FLOCK:
+                return -1
+            raise
+        if seen is not None:
+            os.close(fd)
+            raise _being_written(location, seen)
+        if ours:
+            with contextlib.suppress(OSError):  # padded: copies write it in turn, and a shorter text would keep a tail
+                os.pwrite(fd, holder.encode().ljust(HOLDER_BYTES), 0)
+            return fd
+        os.close(fd)  # removed by its last holder after we opened it: lock the file there now
+
+
+HOLDER_BYTES = 200  # of a lock file, what is read as its holder's name
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is the file at ``path`` now."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _unlocked(location: str, verb: str, why: str) -> None:
+    """Say that ``verb`` reads the store at ``location`` without its lock (``why``), as a writer may start meanwhile."""
+    print(f"note: {location!r} is read by {verb} without keeping writers out ({why}): a writer that starts meanwhile is "
+          "not refused", file=sys.stderr, flush=True)
+
+
+def _check_reading(location: str, storage_options: dict[str, Any] | None, verb: str) -> None:
+    """Raise if the S3 lock ``reading_lock`` took for ``verb`` was lost (taken over, or not renewed for so long that it may be)."""
+    lease = held_lease(location, storage_options)
+    if lease is None:
+        return
+    if lease.lost_to is None and _clock() - lease.renewed <= LOCK_STALE_S - LOCK_REQUEST_S:
+        return
+    taker = f"{lease.lost_to} took it over" if lease.lost_to else f"not renewed for {_clock() - lease.renewed:.0f} s"
+    raise StoreError(f"{location!r}: {verb} lost its hold on the store's writer lock while copying it ({taker}), so a writer may "
+                     f"have changed it meanwhile; nothing was written; rerun kdcache {verb}")
 
 
 def active_writer(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> str | None:
@@ -238,15 +346,20 @@ def active_writer(location: str | os.PathLike[str], storage_options: dict[str, A
             return _object_writer(str(location), storage_options)
         except Exception:  # noqa: BLE001 - unreachable, refused credentials (botocore's are not OSErrors): not known
             return None
+    return _local_holder(location, fcntl.LOCK_SH, tries=1) if fcntl is not None else None  # for an instant when free (the writer retries)
+
+
+def _local_holder(location: str | os.PathLike[str], kind: int, tries: int) -> str | None:
+    """Who holds the local lock of ``location`` against ``flock`` ``kind`` (taken for an instant when free), or None."""
     path = _lock_path(location)
     if path is None:
         return None
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # no lock file: no writer
+    except OSError:  # no lock file: no holder
         return None
     try:
-        return _holder(fd, fcntl.LOCK_SH, tries=1)  # a shared lock for an instant when free (the writer retries)
+        return _holder(fd, kind, tries)
     except OSError:  # a file system without flock: not known
         return None
     finally:
@@ -271,7 +384,7 @@ def _holder(fd: int, kind: int, tries: int) -> str | None:
         except BlockingIOError:
             if attempt + 1 < tries:
                 time.sleep(0.05)
-    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another kdcache process"
+    return os.pread(fd, HOLDER_BYTES, 0).decode(errors="replace").strip() or "another kdcache process"
 
 
 # An S3 store's lock (FORMAT.md §13): its holder rewrites it every LOCK_HEARTBEAT_S seconds; one not rewritten for
@@ -287,7 +400,7 @@ _LEASES: dict[tuple[str | None, str, str], Lease] = {}  # the S3 locks this proc
 
 
 @contextlib.contextmanager
-def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers: bool = False) -> Iterator[None]:
+def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers: bool = False, reader: str = "") -> Iterator[None]:
     """Hold the lock object ``.NAME.kdcache-lock`` beside the S3 store ``location`` while the block runs.
 
     S3 has no lock, but a PUT with ``If-None-Match: *`` is refused (412) when the object exists, atomically:
@@ -302,10 +415,12 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
     it, as a lock that cannot exclude is no lock. The lock names its holder's process as the kernel knows it
     (``_identity``): a lock whose holder is certainly dead (``_holder_ended``: it ran on this machine, in this PID
     namespace, and its process is gone) is taken over at once, unless other processes wrote for it (``helpers``).
+    ``reader``: the command of a copy that holds it to keep writers out (``reading_lock``), named in it; one that
+    cannot write it copies the store unlocked, and one that lost it says so itself (``_check_reading``).
     """
     lock = _lock_object(location, storage_options)
     token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
-    holder = f"kdcache pid {os.getpid()} on {socket.gethostname()} since {_now()}"
+    holder = _holder_name(reader)
     process = _identity()
     process = {**process, "alone": not helpers} if process else {}
     sent = _clock()
@@ -315,8 +430,11 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
         _drop_if_ours(*lock, token)  # a PUT that landed, its answer lost (timed out): a rerun would be refused until stale
-        raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
-                         "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
+        if not reader:
+            raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
+                             "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
+        _unlocked(location, reader, f"its lock object 's3://{lock[1]}/{lock[2]}' cannot be written: {one_line(e, 200)}")
+        etag = None
     except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
         if lock is not None:
             _drop_if_ours(*lock, token)
@@ -337,7 +455,7 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
         with contextlib.suppress(RuntimeError):  # not started
             beat.join()
         lease.release()
-    if lease.lost_to is not None:
+    if lease.lost_to is not None and not reader:
         raise _lost_lock(location, lease.lost_to)
 
 

@@ -10,11 +10,13 @@ heartbeat and taken over when stale; those tests run against a real S3-API serve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kdcache import locking, storage, store as layout
+from kdcache import interop, locking, storage, store as layout
 from kdcache.cli import main
 from kdcache.locking import active_writer, writer_lock
 from conftest import S3_BUCKET
@@ -244,6 +246,94 @@ def test_pack_and_export_of_a_store_being_written_are_refused(tiny_store, tmp_pa
         assert_refused(invoke("export", copy, tmp_path / "t.h5"), copy, f"kdcache pid {os.getpid()} on ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.zarr"], "a refused pack or export writes nothing"
     assert invoke("pack", copy, tmp_path / "t.zarr.zip").exit_code == 0
+
+
+class PausedCopy(threading.Thread):
+    """``copy()`` (a pack or export, in this process) in a thread of its own, held as it reads the store's first object
+    until ``finish()``; ``finish()`` returns what it returned (raises what it raised)."""
+
+    def __init__(self, monkeypatch, copy):
+        super().__init__(daemon=True)
+        self.copy, self.reading, self.go, self.result, self.error = copy, threading.Event(), threading.Event(), None, None
+        real = interop._reading
+
+        @contextlib.contextmanager
+        def paused(store, what):
+            if threading.current_thread() is self and not self.reading.is_set():
+                self.reading.set()
+                assert self.go.wait(120)
+            with real(store, what):
+                yield
+
+        monkeypatch.setattr(interop, "_reading", paused)
+        self.start()
+        assert self.reading.wait(60), "the copy never began reading the store"
+
+    def run(self):
+        try:
+            self.result = self.copy()
+        except BaseException as e:  # noqa: BLE001 - raised by finish()
+            self.error = e
+
+    def finish(self):
+        self.go.set()
+        self.join(120)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.mark.parametrize("verb, name", [("pack", "t.zarr.zip"), ("export", "t.h5")])
+def test_a_writer_that_starts_while_a_store_is_packed_or_exported_is_refused(tiny_store, tmp_path, monkeypatch, verb, name):
+    """pack and export looked at the writer lock only as they began: an extract --overwrite of the store (float32 targets
+    now) started while they copied it, a real second process, rewrote the store under them, and the file held the manifest
+    of one moment and the shards of another. They hold the lock, shared, until the file is in place: the writer is refused
+    in one line naming the copy; another copy of the store, and `info`, run alongside; the file is the store's."""
+    import kdcache
+
+    copy, out = tmp_path / "copy.zarr", tmp_path / name
+    shutil.copytree(tiny_store, copy)
+    before = kdcache.open_store(str(copy)).manifest
+    paused = PausedCopy(monkeypatch, lambda: interop.pack(copy, out) if verb == "pack" else interop.export_hdf5(copy, out))
+    try:
+        writer = subprocess.run([sys.executable, "-m", "kdcache.cli", "extract", FIXTURES / "tiny.toml", "--out", copy, "--overwrite",
+                                 "--set", "targets.dtype=float32", "--no-progress"], capture_output=True, text=True, timeout=300)
+        assert writer.returncode == 1 and "Traceback" not in writer.stderr, writer.stderr
+        assert writer.stderr.strip() == (f"Error: {str(copy)!r} is being written by kdcache {verb} pid {os.getpid()} on "
+                                         f"{socket.gethostname()} since {writer.stderr.split(' since ')[1].split(';')[0]}; wait for it "
+                                         "to end or stop it, then rerun (nothing was changed)"), writer.stderr
+        assert active_writer(copy) is None and invoke("pack", copy, tmp_path / "other.zarr.zip").exit_code == 0  # copies run alongside
+    finally:
+        result = paused.finish()
+    assert result["out"] == str(out) and not lock_file(copy).exists(), "the last copy removes the lock file"
+    assert kdcache.open_store(str(copy)).manifest == before, "the store was not rewritten"
+    imported = tmp_path / "back.zarr"
+    assert invoke("import", out, imported).exit_code == 0 if verb == "export" else True
+    back = kdcache.open_store(str(imported if verb == "export" else out))
+    assert without_times(back.manifest) == without_times(before)
+    assert read_store(copy)[1][layout.LOGITS].tolist() == back.read(layout.LOGITS, 0, back.num_samples).tolist()
+    with writer_lock(copy):  # writers start again once the copy ended
+        pass
+
+
+def test_a_writer_that_starts_while_an_s3_store_is_packed_is_refused(s3, tiny_store, tmp_path, monkeypatch):
+    """An S3 store has no shared lock: pack holds its writer lock object, under its own name, until the zip is in place."""
+    import kdcache
+
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/packed.zarr"
+    fs.put(str(tiny_store), f"{S3_BUCKET}/packed.zarr", recursive=True)
+    lock = f"{S3_BUCKET}/.packed.zarr.kdcache-lock"
+    paused = PausedCopy(monkeypatch, lambda: interop.pack(url, tmp_path / "t.zarr.zip", storage_options=s3))
+    try:
+        assert json.loads(read_object(fs, lock))["holder"].startswith(f"kdcache pack pid {os.getpid()} on ")
+        with pytest.raises(layout.StoreError, match=rf"^{url!r} is being written by kdcache pack pid {os.getpid()} on .*; "
+                                                    r"wait for it to end or stop it, then rerun \(nothing was changed\)$"):
+            with writer_lock(url, s3):
+                pass
+    finally:
+        paused.finish()
+    assert read_object(fs, lock) is None, "removed once the zip is in place"
+    assert kdcache.open_store(str(tmp_path / "t.zarr.zip")).complete
 
 
 def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path):
