@@ -207,8 +207,8 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
 
 
 def refuse_if_being_written(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
-    """Fail at once, before a teacher or dataset is built, when another job holds ``location``'s writer lock
-    (``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
+    """Fail at once, before a teacher or dataset is built, when another job holds ``location``'s writer lock, or a pack
+    or export holds it shared (``reading_lock``; ``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
     said now too."""
     storage.refuse_empty_segments(str(location))
     if storage.location_kind(str(location)) == "url":
