@@ -1,7 +1,8 @@
 """Distillation losses and projection heads.
 
 The loss functions are pure tensor functions: they compute in float32 whatever
-the input dtype (a cached teacher may arrive as float16), treat the teacher as a
+the input dtype (a cached teacher may arrive as float16; ``kl_divergence`` at a
+high temperature over many classes in float64, see ``_kl_cast``), treat the teacher as a
 fixed target (no gradient flows into it) and return a 0-dim float32 tensor.
 
 ``projection_head`` builds the small trainable module that maps a student
@@ -12,6 +13,7 @@ when the shapes already agree.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,7 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
         temperature: T > 0.
 
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor, computed in float64 where T² · ln C > 1000 (float32 would lose it; ``_kl_cast``).
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(
@@ -91,12 +93,28 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
         )
     _require_logits(student_logits, teacher_logits, "kl_divergence")
     num_classes = student_logits.shape[-1]
-    log_p_s = F.log_softmax(student_logits.float().reshape(-1, num_classes) / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float().reshape(-1, num_classes) / temperature, dim=-1)
+    cast = _kl_cast(num_classes, temperature)
+    log_p_s = F.log_softmax(cast(student_logits).reshape(-1, num_classes) / temperature, dim=-1)
+    log_p_t = F.log_softmax(cast(teacher_logits.detach()).reshape(-1, num_classes) / temperature, dim=-1)
     p_t = log_p_t.exp()
     # Classes the teacher gives zero probability (e.g. -inf logits) contribute 0, not 0 * inf = nan.
     terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
-    return terms.sum(dim=-1).mean() * (temperature**2)
+    return (terms.sum(dim=-1).mean() * (temperature**2)).float()
+
+
+# T² · ln C above which kl_divergence computes in float64: float32's absolute error stays of order 1e-5 up to here
+# (measured: 2e-5 for logits of spread 1-20 over 10 to 22,000 classes, 6e-5 over 50,000).
+_KL_FLOAT32_LIMIT = 1000.0
+
+
+def _kl_cast(num_classes: int, temperature: float) -> Callable[[Tensor], Tensor]:
+    """``Tensor.double`` where float32 would lose the divergence, else ``Tensor.float`` (as fast as ever).
+
+    ``log p_t - log p_s`` is the difference of two numbers near ``-ln C``, each rounded by about 6e-8 · ln C, while a
+    high temperature flattens both distributions and leaves a divergence of order 1/T²: the error of ``T² · KL`` grows
+    as 6e-8 · T² · ln C (off by 3 % at T = 1000 over 50,000 classes, the gradient by 1e-4 to 1e-2).
+    """
+    return Tensor.double if temperature**2 * math.log(max(num_classes, 1)) > _KL_FLOAT32_LIMIT else Tensor.float
 
 
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

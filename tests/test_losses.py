@@ -112,6 +112,28 @@ def test_kl_gradients_flow_to_student_only() -> None:
     assert te.grad is None
 
 
+def _ref_kl_and_grad(student: torch.Tensor, teacher: torch.Tensor, t: float) -> tuple[float, torch.Tensor]:
+    """The divergence and its gradient to the student's logits, in float64 (vectorised: 50,000 classes)."""
+    s = student.double().requires_grad_()
+    log_p_s, log_p_t = F.log_softmax(s / t, -1), F.log_softmax(teacher.double() / t, -1)
+    value = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * t * t
+    value.backward()
+    return value.item(), s.grad
+
+
+@pytest.mark.parametrize(("classes", "t", "spread"), [(50_000, 1000.0, 2.0), (1000, 1000.0, 0.02), (50_000, 100.0, 0.2)])
+def test_kl_of_nearly_uniform_distributions_is_accurate(classes: int, t: float, spread: float) -> None:
+    # softmax(logits / T) of many classes at a high T is nearly uniform: float32's log p_t - log p_s (two numbers near
+    # -ln C) lost the divergence (3 % to 10x off, the gradient up to 3 %); float64 there keeps both to float32's precision
+    te = _logits(4, classes, seed=20)
+    s = (te + _logits(4, classes, seed=21) * spread).requires_grad_()
+    want, want_grad = _ref_kl_and_grad(s.detach(), te.half().float(), t)
+    got = kl_divergence(s, te.half(), t)
+    got.backward()
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=1e-5)
+    assert s.grad.dtype == torch.float32 and ((s.grad.double() - want_grad).norm() / want_grad.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
 def test_kl_rejects_bad_temperature(t: float) -> None:
     x = _logits(2, 3, seed=0)
@@ -187,6 +209,15 @@ def test_feature_mse_shape_mismatch_is_error() -> None:
     with pytest.raises(ShapeMismatchError, match=r"\(2, 8\).*\(2, 4, 2\).*projection_head") as info:
         feature_mse(torch.zeros(2, 8), torch.zeros(2, 4, 2))
     assert isinstance(info.value, KdcacheError) and isinstance(info.value, ValueError)
+
+
+def test_mse_of_float16_targets_is_computed_in_float32() -> None:
+    # stored targets may be float16: their squared differences (300^2 here) would overflow float16's 65504
+    te = (_logits(4, 64, seed=22) * 150).half()
+    s = (te.float() + _logits(4, 64, seed=23) * 150).half()
+    for loss in (logit_mse, feature_mse):
+        got = loss(s, te)
+        assert got.dtype == torch.float32 and got.item() == pytest.approx(_ref_mse(s, te), rel=1e-6)
 
 
 def test_mse_gradients_flow_to_student_only() -> None:
