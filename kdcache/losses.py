@@ -27,6 +27,8 @@ __all__ = [
     "probability_mse",
     "feature_mse",
     "cross_entropy",
+    "top1_matches",
+    "top1_correct",
     "top1_agreement",
     "projection_head",
     "MapHead",
@@ -209,9 +211,55 @@ def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(student_logits.float().reshape(-1, num_classes), ignored, ignore_index=-100, reduction="sum") / labels.numel()
 
 
+# Top-1 metrics. Stored float16 teacher logits tie at the top far more often than float32 ones (float16 keeps 11 bits), and
+# argmax gives a tie's lowest class, so a metric counted by argmax would depend on how the classes are numbered. Each
+# metric below is instead its expected value when every tie is broken uniformly at random: a position whose top class
+# is one of k tied ones counts 1/k where the other side names it (both sides tied: shared / (k_student · k_teacher)).
+
+
+def _top_classes(logits: Tensor) -> Tensor:
+    """(..., C) -> bool (..., C): the classes tied at each position's maximum (none where the maximum is NaN)."""
+    return logits == logits.amax(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def top1_matches(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Per position, how far the student's top class is the teacher's: ``|S ∩ T| / (|S| · |T|)`` for the sets S and T of
+    classes tied at each side's maximum, the chance that they agree when ties are broken at random (1 or 0 without ties).
+
+    Args:
+        student_logits: (B, C) or (B, ..., C).
+        teacher_logits: same shape; may be float16 (its ties as stored).
+
+    Returns:
+        float64 tensor of shape ``student_logits.shape[:-1]``, values in [0, 1] (no gradient).
+    """
+    _require_logits(student_logits, teacher_logits, "top1_matches")
+    s, t = _top_classes(student_logits), _top_classes(teacher_logits.to(student_logits.device))
+    return (s & t).sum(-1).double() / (s.sum(-1) * t.sum(-1)).clamp(min=1)
+
+
+@torch.no_grad()
+def top1_correct(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per position, how far the top class is the label: ``1/k`` where the label is one of the k classes tied at the
+    maximum, else 0 (and 0 for a label outside ``[0, C)``, such as ``-1`` for none).
+
+    Args:
+        logits: (B, C) or (B, ..., C).
+        labels: int64 class indices of shape ``logits.shape[:-1]``.
+
+    Returns:
+        float64 tensor of the labels' shape (no gradient).
+    """
+    top, labels = _top_classes(logits), labels.to(logits.device, torch.int64)
+    inside = (labels >= 0) & (labels < logits.shape[-1])
+    hit = top.gather(-1, labels.where(inside, 0).unsqueeze(-1)).squeeze(-1) & inside
+    return hit.double() / top.sum(-1).clamp(min=1)
+
+
 @torch.no_grad()
 def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Fraction of positions whose student and teacher argmax agree.
+    """Fraction of positions whose student and teacher top classes agree, a tie counted as ``top1_matches`` does.
 
     Args:
         student_logits: (B, C) or (B, ..., C).
@@ -220,8 +268,7 @@ def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     Returns:
         0-dim float32 tensor in [0, 1] (no gradient).
     """
-    _require_logits(student_logits, teacher_logits, "top1_agreement")
-    return (student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).float().mean()
+    return top1_matches(student_logits, teacher_logits).mean().float()
 
 
 # --------------------------------------------------------------------------- heads

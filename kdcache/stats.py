@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
+from kdcache import losses
 from kdcache import store as layout
 from kdcache.errors import need
 
@@ -35,6 +37,13 @@ class _Checked:
         key = key if isinstance(key, tuple) else (key,)
         start, stop, _ = key[0].indices(self.shape[0])
         return self.store.read(self.path, start, stop)[(slice(None), *key[1:])]
+
+
+def _top1_correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One block's (rows, classes) logits and (rows, 1) labels -> (rows,) ``losses.top1_correct``, float64."""
+    # np.require copies a read-only block (torch.from_numpy warns of those)
+    logits_t, labels_t = (torch.from_numpy(np.require(a, requirements="W")) for a in (logits, labels[:, 0]))
+    return losses.top1_correct(logits_t, labels_t).numpy()
 
 
 def stats(location: str, *, storage_options: dict[str, Any] | None = None, scheduler: str = "threads",
@@ -67,7 +76,8 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
         lazy["entropy"] = (-(da.exp(log_p) * log_p).sum(axis=-1)).mean()
         if labels is not None and len(logits_target.shape) == 1:  # [N, classes] against [N] labels
             known = labels >= 0  # below 0: no label (STL-10's unlabeled rows, -1; -100), left out of the accuracies
-            correct = (x.argmax(axis=-1) == labels) & known
+            # 1/k where the label is one of k classes tied at the top (float16 ties), as train's eval_teacher_accuracy
+            correct = da.map_blocks(_top1_correct, x, labels[:, None], drop_axis=1, dtype=np.float64)
             lazy["hits"], lazy["labelled"], lazy["label_max"] = correct.sum(), known.sum(), labels.max()
             lazy["_correct"], lazy["_labels"], lazy["_known"] = correct, da.where(known, labels, 0), known
     for t in store.targets.values():
@@ -81,14 +91,14 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
         if correct is not None and values["labelled"] and int(values["label_max"]) < MAX_CLASSES:
             k = int(values["label_max"]) + 1  # bincount over chunks: bounded by the number of classes
             counts, hits = dask.compute(da.bincount(labels_, weights=known.astype(np.float64), minlength=k),
-                                        da.bincount(labels_, weights=correct.astype(np.float64), minlength=k))
+                                        da.bincount(labels_, weights=correct, minlength=k))
             per_class = {str(c): {"count": int(counts[c]), "accuracy": float(hits[c] / counts[c])} for c in range(k) if counts[c]}
     return {
         "location": location,
         "rows": int(rows),
         "shards_done": len(done),
         "num_shards": store.num_shards,
-        "teacher_accuracy": int(values["hits"]) / int(values["labelled"]) if values.get("labelled") else None,
+        "teacher_accuracy": float(values["hits"]) / int(values["labelled"]) if values.get("labelled") else None,
         "labeled_rows": int(values["labelled"]) if "labelled" in values else None,  # the rows teacher_accuracy is over
         "mean_entropy": float(values["entropy"]) if "entropy" in values else None,
         "per_class": per_class,

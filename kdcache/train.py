@@ -1008,18 +1008,17 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
         with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
             for batch in source if source is not None else ():  # None: a rank with no part (more ranks than shards)
                 logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
-                pred = logits.argmax(-1).cpu()
+                # a tie at the top (float16 logits tie often) counts 1/k, not argmax's lowest class (losses.top1_matches)
                 label = None if batch["label"] is None else torch.as_tensor(batch["label"])
-                if label is not None:
-                    known = label >= 0  # below 0: no label (losses.cross_entropy)
-                    correct, labelled = correct + int(((pred == label) & known).sum()), labelled + int(known.sum())
+                if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
+                    correct, labelled = correct + float(losses.top1_correct(logits, label).sum()), labelled + int((label >= 0).sum())
                 if "targets" in batch:
-                    tl = batch["targets"][layout.LOGITS].float().argmax(-1)
-                    agree += int((pred == tl).sum())
-                    teacher_correct += int(((tl == label) & known).sum()) if label is not None else 0
-                n += len(pred)
-        counts = torch.tensor([correct, agree, teacher_correct, n, labelled], dtype=torch.float64)  # exact below 2**53
-        correct, agree, teacher_correct, n, labelled = (int(c) for c in distributed.sum_over_ranks(counts, waits=True).tolist())
+                    tl = batch["targets"][layout.LOGITS]
+                    agree += float(losses.top1_matches(logits, tl).sum())
+                    teacher_correct += float(losses.top1_correct(tl, label).sum()) if label is not None else 0
+                n += len(logits)
+        counts = torch.tensor([correct, agree, teacher_correct, n, labelled], dtype=torch.float64)  # sums of 1/k; n exact below 2**53
+        correct, agree, teacher_correct, n, labelled = distributed.sum_over_ranks(counts, waits=True).tolist()
         out = {"eval_accuracy": correct / labelled} if labelled else {}  # no labels: no accuracies (never a 0 that reads as one)
         if t.eval_cache and n:
             out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / labelled} if labelled else {})}

@@ -20,6 +20,8 @@ from kdcache.losses import (
     probability_mse,
     projection_head,
     top1_agreement,
+    top1_correct,
+    top1_matches,
 )
 
 # --------------------------------------------------------------------------- references
@@ -255,6 +257,46 @@ def test_top1_agreement() -> None:
     rows = zip(a.reshape(-1, 4).tolist(), b.reshape(-1, 4).tolist())
     ref = sum(r.index(max(r)) == q.index(max(q)) for r, q in rows) / 6
     assert top1_agreement(a, b).item() == pytest.approx(ref)
+
+
+def _tops(row: list[float]) -> set[int]:
+    return {c for c, x in enumerate(row) if x == max(row)}
+
+
+def _ref_matches(student: torch.Tensor, teacher: torch.Tensor) -> list[float]:
+    """|S ∩ T| / (|S| |T|) per row, by sets: the chance of agreeing when each side breaks its ties at random."""
+    rows = zip(student.reshape(-1, student.shape[-1]).tolist(), teacher.float().reshape(-1, teacher.shape[-1]).tolist())
+    return [len(_tops(r) & _tops(q)) / (len(_tops(r)) * len(_tops(q))) for r, q in rows]
+
+
+def test_a_tie_at_the_top_counts_by_its_share_not_by_the_lowest_class() -> None:
+    # float32 teacher logits 5.0001 and 5.0002 are both 5.0 in float16: argmax said class 0 (the float32 teacher's top is 1)
+    teacher = torch.tensor([[5.0001, 5.0002, 1.0], [5.0001, 5.0002, 1.0], [0.0, 2.0, 2.0], [3.0, 3.0, 3.0]]).half()
+    student = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 4.0, 4.0]])
+    assert top1_matches(student, teacher).tolist() == [0.5, 0.5, 0.5, 1 / 3] == _ref_matches(student, teacher)
+    assert top1_agreement(student, teacher).item() == pytest.approx((0.5 * 3 + 1 / 3) / 4)
+    labels = torch.tensor([1, 2, 2, 0])
+    assert top1_correct(teacher, labels).tolist() == [0.5, 0.0, 0.5, 1 / 3]
+    # a label below 0 (none) or beyond the classes, and a NaN row (no top class), count 0
+    odd = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [float("nan"), 1.0, 0.0]])
+    assert top1_correct(odd, torch.tensor([-1, 3, 1])).tolist() == [0.0, 0.0, 0.0]
+    assert top1_matches(odd, odd).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_top1_metrics_do_not_depend_on_how_the_classes_are_numbered() -> None:
+    # coarse float16 logits (steps of 0.5 over 6 classes) tie at the top in most rows; a permutation of the class axis
+    # (the same for student, teacher and labels) must leave every metric as it was
+    g = torch.Generator().manual_seed(24)
+    teacher = (torch.randint(0, 4, (64, 6), generator=g) * 0.5).half()
+    student = (torch.randint(0, 4, (64, 6), generator=g) * 0.5).float()
+    labels = torch.randint(0, 6, (64,), generator=g)
+    order = torch.randperm(6, generator=g)
+    renumbered = torch.empty_like(order)
+    renumbered[order] = torch.arange(6)  # class order[i] is class i in the permuted numbering
+    assert sum(len(_tops(r)) > 1 for r in teacher.float().tolist()) > 20
+    assert top1_matches(student, teacher).tolist() == pytest.approx(_ref_matches(student, teacher))
+    assert top1_agreement(student[:, order], teacher[:, order]).item() == pytest.approx(top1_agreement(student, teacher).item())
+    assert top1_correct(teacher[:, order], renumbered[labels]).tolist() == pytest.approx(top1_correct(teacher, labels).tolist())
 
 
 # --------------------------------------------------------------------------- projection_head

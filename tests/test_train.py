@@ -558,6 +558,28 @@ def test_outputs(tiny_store, test_store, tmp_path):
     assert len(metrics(out)) == 1 and "eval_accuracy" not in metrics(out)[0]
 
 
+def test_eval_metrics_count_a_tie_at_the_teacher_s_top_by_its_share(tmp_path):
+    """float16 teacher logits tie at the top where float32 ones differ in the 4th digit: eval_agreement and
+    eval_teacher_accuracy took argmax's lowest tied class, so they depended on how the classes are numbered. A tie of k
+    classes counts 1/k where the student's top class (the label) is one of them (losses.top1_matches), in kdcache stats too."""
+    from kdcache.stats import stats
+
+    tied = ["teacher.factory=tiny.py:tied_teacher", "targets.layers=[]"]
+    store, evaluated = extract_tiny(tmp_path / "train.zarr", *tied), extract_tiny(tmp_path / "test.zarr", *tied, 'data.split="test"')
+    last = train(pipeline(*tied, "train.features={}", f'train.eval_cache="{evaluated}"', "train.epochs=1"), store, tmp_path / "run")
+    teacher = layout.open_store(evaluated).array(layout.LOGITS)[:].astype(np.float32)
+    tops = [set(np.flatnonzero(row == row.max())) for row in teacher]
+    assert sum(len(t) == 2 for t in tops) > 5  # the stored ties this test is about
+    student = tiny.student()
+    student.load_state_dict(torch.load(tmp_path / "run" / "student.pt", weights_only=True))
+    with torch.no_grad():
+        pred = student.eval()(tiny.dataset("test").x).argmax(-1).tolist()  # float32: no tie
+    labels = tiny.dataset("test").y.tolist()
+    assert last["eval_agreement"] == pytest.approx(np.mean([(p in t) / len(t) for p, t in zip(pred, tops)]))
+    assert last["eval_teacher_accuracy"] == pytest.approx(np.mean([(y in t) / len(t) for y, t in zip(labels, tops)]))
+    assert stats(evaluated)["teacher_accuracy"] == pytest.approx(last["eval_teacher_accuracy"])
+
+
 def test_rows_without_a_label_train_on_the_others_and_are_left_out_of_the_accuracies(tmp_path):
     """A label below 0 is no label (STL-10's unlabeled split: -1; Hugging Face: -100): train.loss.ce trains on the labeled
     rows (it refused the store: "holds label -1 but the student's output has 4 classes"), and eval_accuracy,
