@@ -56,28 +56,11 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     pipeline = check_pipeline(pipeline)
     t, out, cache_location = pipeline.train, Path(location_arg(out, "out")), location_arg(cache_location, "cache_location")
     check_values(pipeline)
-    options_arg(storage_options)
-    if not (isinstance(resume, str) and resume == "auto"):  # 1 or "yes" passed as resume=True (a numpy bool is one)
-        resume = flag_arg(resume, "resume", '"auto"')
-    overwrite, allow_partial = flag_arg(overwrite, "overwrite"), flag_arg(allow_partial, "allow_partial")
-    progress = flag_arg(progress, "progress")
-    again = (option("run the same command again", "call kdcache.train again") if resume else  # to continue a run that stops
-             option("run it again with --resume instead of --overwrite", "call kdcache.train again with resume=True instead of "
-                    "overwrite=True") if overwrite else  # (TrainingStopped), as the caller does it
-             option("run the same command with --resume", "call kdcache.train again with resume=True"))
+    resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
         resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
-    if rank == 0:
-        locking.refuse_if_being_written(out)  # before the store, dataset and student are loaded
-        _check_out(out, resume, overwrite)
-    unread = None  # another rank than 0 that cannot read the checkpoint: said once every rank has joined
-    try:
-        checkpoint = _read_checkpoint(out) if resume else None
-    except StoreError as e:
-        if rank == 0:
-            raise
-        checkpoint, unread = None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
+    checkpoint, unread = _checked_out(out, resume, overwrite, rank)
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device))
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
@@ -91,17 +74,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     hooks: list[Any] = []
     try:
         run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
-        transfer = cache.TransferSet(
-            cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
-            memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-            fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
-            stream=rank if world > 1 else None,
-        )
-        transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
-        if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
-            print(f"note: {cache_location!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed {blind} unframed, "
-                  "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and ([1], [2, 3])) "
-                  f"pass its check as one; re-extract the store ({option('--overwrite')}) to have every pairing checked")
+        transfer = _transfer_set(t, cache_location, store, shards, dataset, run.paths, storage_options, streams)
         order = _order(transfer, t.num_workers, world)
         if world > 1:
             distributed.barrier()  # every rank has loaded its store and built its student, however long it took
@@ -115,20 +88,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         params = list(run.student.parameters()) + list(run.heads.parameters())
         optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay, _decays_all(checkpoint, params, rank))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
-        state = {"epoch": 0, "step": 0, "batch": 0}  # the next step's epoch, and the epoch's batches trained
-        partial = None  # resumed inside an epoch: its loss sums so far
         with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
-            if checkpoint is not None and checkpoint.get(_FILE) == NEXT_CHECKPOINT:
-                if rank == 0:
-                    _finish_replacing(out, checkpoint)  # before the run's metrics.jsonl is read: the earlier run's may be there
-                distributed.barrier()  # torchrun: the other ranks read metrics.jsonl once rank 0 has written it again
-            elif checkpoint is not None and rank == 0:
-                _drop_abandoned_next(out)
-            if checkpoint is not None:
-                state, partial = _restore(checkpoint, out, run, optimizer, schedule)
-                if rank == 0:
-                    print(f"resuming {str(out)!r} {_position(state)} (step {state['step']} of {total_steps})")
-                _read_metrics(out)  # refuse a damaged metrics.jsonl now, not after the first epoch
+            # the next step's epoch and the epoch's batches trained; resumed inside an epoch, its loss sums so far
+            state, partial = _resumed(out, checkpoint, run, optimizer, schedule, total_steps, rank)
             with _rng_kept(device):  # made after a resume restored the RNG: its dataset and check draw nothing training would
                 evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
             # an earlier run's files (--overwrite) stay until this run's first checkpoint is saved
@@ -147,12 +109,87 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
                 _save(_on_cpu(run.heads.state_dict()), out / "heads.pt")
         distributed.barrier()  # torchrun: every rank returns after rank 0 has written
-        lines = _read_metrics(out)  # none: a resumed run with no step left, whose metrics.jsonl was deleted, still writes its weights
-        last = lines[-1] if lines else {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"]}
-        return {**last, "params": teachers.num_parameters(run.student), "seconds": loop.elapsed(), "out": str(out)}
+        return _result(out, state, run, loop)
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _flags(storage_options: Any, resume: Any, overwrite: Any, allow_partial: Any, progress: Any) -> tuple[Any, bool, bool, bool, str]:
+    """train's keyword arguments checked (``resume`` may also be "auto"), and how to continue a run that stops
+    (``TrainingStopped``: ``_Loop.again``), as the caller does it: the command line's options, or the call's."""
+    options_arg(storage_options)
+    if not (isinstance(resume, str) and resume == "auto"):  # 1 or "yes" passed as resume=True (a numpy bool is one)
+        resume = flag_arg(resume, "resume", '"auto"')
+    overwrite, allow_partial = flag_arg(overwrite, "overwrite"), flag_arg(allow_partial, "allow_partial")
+    again = (option("run the same command again", "call kdcache.train again") if resume else
+             option("run it again with --resume instead of --overwrite", "call kdcache.train again with resume=True instead of "
+                    "overwrite=True") if overwrite else
+             option("run the same command with --resume", "call kdcache.train again with resume=True"))
+    return resume, overwrite, allow_partial, flag_arg(progress, "progress"), again
+
+
+def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int) -> tuple[dict[str, Any] | None, StoreError | None]:
+    """OUT checked by rank 0 before the store, dataset and student are loaded (``_check_out``), and the checkpoint a
+    --resume continues, read by every rank; with, for another rank than 0 that cannot read it, why (said once every rank
+    has joined: ``_check_same_out``)."""
+    if rank == 0:
+        locking.refuse_if_being_written(out)
+        _check_out(out, resume, overwrite)
+    try:
+        return (_read_checkpoint(out) if resume else None), None
+    except StoreError as e:
+        if rank == 0:
+            raise
+        return None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
+
+
+def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, paths: list[str],
+                  storage_options: dict[str, Any] | None, streams: int) -> cache.TransferSet:
+    """The run's batches of ``paths`` from the store (this rank's share under torchrun), its memory checked against the
+    machine's; noted where the store's fingerprints cannot tell this dataset's inputs apart (kdcache <= 0.1.6)."""
+    rank, world, _ = distributed.ranks()
+    transfer = cache.TransferSet(
+        cache_location, dataset, paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
+        memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+        fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
+        stream=rank if world > 1 else None,
+    )
+    transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
+    if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
+        print(f"note: {cache_location!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed {blind} unframed, "
+              "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and ([1], [2, 3])) "
+              f"pass its check as one; re-extract the store ({option('--overwrite')}) to have every pairing checked")
+    return transfer
+
+
+def _resumed(out: Path, checkpoint: dict[str, Any] | None, run: Run, optimizer: Any, schedule: Any, total_steps: int,
+             rank: int) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """The run's position and (resumed inside an epoch) loss sums: a new run's start, or a resumed run's, its checkpoint
+    loaded into the student, heads, optimizer and schedule, under OUT's lock: an --overwrite's replacement of the
+    earlier run finished first where it was under way (``_finish_replacing``), an abandoned one's files dropped, and a
+    damaged metrics.jsonl refused now, not after the first epoch."""
+    if checkpoint is None:
+        return {"epoch": 0, "step": 0, "batch": 0}, None
+    if checkpoint.get(_FILE) == NEXT_CHECKPOINT:
+        if rank == 0:
+            _finish_replacing(out, checkpoint)  # before the run's metrics.jsonl is read: the earlier run's may be there
+        distributed.barrier()  # torchrun: the other ranks read metrics.jsonl once rank 0 has written it again
+    elif rank == 0:
+        _drop_abandoned_next(out)
+    state, partial = _restore(checkpoint, out, run, optimizer, schedule)
+    if rank == 0:
+        print(f"resuming {str(out)!r} {_position(state)} (step {state['step']} of {total_steps})")
+    _read_metrics(out)
+    return state, partial
+
+
+def _result(out: Path, state: dict[str, int], run: Run, loop: _Loop) -> dict[str, Any]:
+    """train's return: the run's last metrics line (none: a resumed run with no step left whose metrics.jsonl was
+    deleted still writes its weights), its student's parameter count, training time and OUT."""
+    lines = _read_metrics(out)
+    last = lines[-1] if lines else {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"]}
+    return {**last, "params": teachers.num_parameters(run.student), "seconds": loop.elapsed(), "out": str(out)}
 
 
 def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: dict[str, int], partial: dict[str, Any] | None,
