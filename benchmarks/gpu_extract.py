@@ -30,7 +30,7 @@ def main() -> None:
     n = 8192
     assert torch.cuda.is_available(), "needs CUDA"
     pipe = harness.bench_pipeline("resnet", n, ["pool", "layer1"], "cuda", precision="bf16", batch_size=256, num_workers=8)
-    run = kx.setup(pipe)
+    run = kx.setup(pipe, keep_probe=True)
     host, event = kx.to_host(run.probe["outputs"], run.targets, run.device)
     pinned = all(t.is_pinned() for t in host.values())
     location = tempfile.mkdtemp() + "/resnet.zarr"

@@ -252,10 +252,12 @@ def _check_floating(tensor: torch.Tensor, name: str, dtype: str) -> None:
                       f"floating-point output they come from (the logits before an argmax), or pick another part with [targets.select] {name!r}")
 
 
-def setup(pipeline: Pipeline, writing: bool = True) -> Run:
+def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) -> Run:
     """Validate, build the teacher and dataset, and run one probe batch to learn the target shapes. ``writing``: the run
     writes a store, whose shard geometry for these targets is checked before the teacher runs again (``verify
-    --teacher-check`` recomputes rows of a store that has its own)."""
+    --teacher-check`` recomputes rows of a store that has its own). ``keep_probe``: the probe batch's targets stay in
+    ``run.probe["outputs"]`` (a dry run's figures), else they are freed once the setup checks have used them (one batch
+    of every target, held on the host for the whole run otherwise)."""
     t, x = pipeline.targets, pipeline.extract
     if not t.logits and not t.layers:
         raise PipelineError(f"{pipeline.where('targets.logits')}: nothing to store; set targets.logits = true or list targets.layers")
@@ -309,6 +311,8 @@ def setup(pipeline: Pipeline, writing: bool = True) -> Run:
     if len(batch["index"]) > 1:
         _check_alone(run, t.layers)
         _check_order(run, t.layers)
+    if not keep_probe:
+        del run.probe["outputs"]
     return run
 
 
@@ -446,7 +450,7 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
 
     pipeline = check_pipeline(pipeline)
     start = time.perf_counter()
-    run = setup(pipeline)
+    run = setup(pipeline, keep_probe=True)
     seconds = time.perf_counter() - start
     manifest = run.manifest(pipeline)
     host, copied = to_host(run.probe["outputs"], run.targets, run.device)

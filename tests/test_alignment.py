@@ -124,6 +124,8 @@ def test_the_setup_checks_keep_only_the_probe_batchs_targets_while_the_teacher_r
     assert probe == 16 and [rows for rows, _ in again] == [1, 16], run.model.calls  # sample 0 alone; the moved batch
     assert all(live - before < sample for _, live in again) and compared, run.model.calls
     assert max(compared) - before < sample, f"{(max(compared) - before) / sample:.1f} samples' activation maps alive while comparing"
+    # and once setup returns, not even the probe batch's targets: the run holds no batch of them beside its own
+    assert "outputs" not in run.probe and setup(from_dict(NUMBERED, root=FIXTURES), keep_probe=True).probe["outputs"]
 
 
 @pytest.mark.parametrize("student, seen", [

@@ -478,3 +478,17 @@ def test_map_head_pools_a_dimension_that_shrinks_though_the_other_does_not(stude
     assert (x.grad != 0).all()
     pooled = F.adaptive_avg_pool2d(x.detach(), (4, min(student[2], teacher[2])))
     torch.testing.assert_close(head(x.detach()), F.interpolate(pooled, size=teacher[1:], mode="bilinear", align_corners=False))
+
+
+def test_stats_counts_a_tie_as_top1_correct_does_without_torch() -> None:
+    # kdcache stats reads stores without importing torch: its numpy rule must be losses.top1_correct's, ties, NaN rows,
+    # labels below 0 and beyond the classes included
+    from kdcache.stats import _top1_correct
+
+    g = torch.Generator().manual_seed(5)
+    teacher = (torch.randint(0, 4, (64, 6), generator=g) * 0.5).half()
+    teacher[3, 2] = float("nan")
+    labels = torch.randint(-1, 7, (64,), generator=g)
+    assert sum(len(_tops(r)) > 1 for r in teacher.float().tolist()) > 20 and {-1, 6} <= set(labels.tolist())
+    numpy_rule = _top1_correct(teacher.numpy(), labels.numpy()[:, None])
+    assert numpy_rule.tolist() == top1_correct(teacher, labels).tolist() and numpy_rule[3] == 0
