@@ -33,6 +33,9 @@ _API = {  # name -> (module, attribute)
     "open_store": ("kdcache.store", "open_store"),
     "train": ("kdcache.train", "train"),
 }
+# modules the docs name by their dotted path (kdcache.losses.kl_divergence, except kdcache.errors.AlignmentError,
+# kdcache.distributed.extract_distributed): reachable after a bare ``import kdcache``, imported on first use too
+_MODULES = ("distributed", "errors", "losses")
 __all__ = ["KdcacheError", "Pipeline", "Store", "TransferSet", "dry_run", "extract", "load_pipeline", "open_store", "train", "__version__"]
 
 if TYPE_CHECKING:
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"kdcache.{name}")  # which binds it here
     if name not in _API:
         raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
     module, attribute = _API[name]
@@ -54,7 +59,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_API) | set(_MODULES))
 
 
 class _Package(types.ModuleType):

@@ -339,6 +339,19 @@ def test_the_api_names_are_the_functions_whatever_module_was_imported_first():
     assert r.returncode == 0 and r.stdout == "module 'kdcache' has no attribute 'nothing'\n", r.stderr
 
 
+def test_the_modules_the_docs_name_are_reached_from_a_bare_import():
+    """README names ``kdcache.losses`` (a loop of one's own: ``kdcache.losses.kl_divergence``) and
+    ``kdcache.errors.AlignmentError``, CLUSTER.md ``kdcache.distributed.extract_distributed``: after ``import kdcache``
+    alone each raised "module 'kdcache' has no attribute ..." (a fresh process: the suite's imports bind them)."""
+    code = ("import sys, kdcache\n"
+            "assert 'torch' not in sys.modules\n"
+            "assert callable(kdcache.losses.kl_divergence) and callable(kdcache.distributed.extract_distributed)\n"
+            "assert issubclass(kdcache.errors.AlignmentError, kdcache.KdcacheError)\n"
+            "assert {'losses', 'errors', 'distributed'} <= set(dir(kdcache))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
