@@ -962,6 +962,16 @@ def _schedule(name: str, total_steps: int) -> Any:
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
+def _open_eval_store(location: str, split: str, storage_options: dict[str, Any] | None) -> layout.Store:
+    """``train.eval_cache``, opened. Where nothing is at a local path, the error names the setting and the split to extract:
+    open_store's own fix, "run kdcache extract PIPELINE --out X first", read as the training store's (--cache), and that
+    extract wrote the training split, which the eval store is then refused for."""
+    if storage.location_kind(location) == "local" and not Path(storage.local_path(location)).exists():
+        raise StoreError(f"train.eval_cache: no store at {location!r}; extract the eval split there first (kdcache extract PIPELINE "
+                         f"--out {location} --set data.split={split or 'SPLIT'}), or drop train.eval_cache")
+    return layout.open_store(location, storage_options=storage_options)
+
+
 def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_options: dict[str, Any] | None = None,
                trained: dict[str, Any] | None = None) -> Any:
     """A function returning eval metrics: accuracy on the eval split, and teacher agreement with an eval store
@@ -971,7 +981,7 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     if not t.eval_split and not t.eval_cache:
         return dict
     if t.eval_cache:
-        store = layout.open_store(t.eval_cache, storage_options=storage_options)
+        store = _open_eval_store(t.eval_cache, t.eval_split, storage_options)
         if not store.complete:  # allow_partial is the training store's: an eval store's metrics are the whole split's
             raise StoreError(f"train.eval_cache {t.eval_cache!r} is incomplete ({store.samples_done()}/{store.num_samples} samples): its "
                              f"metrics would leave out the rest; resume its kdcache extract ({option('--allow-partial')} applies to the "

@@ -637,6 +637,17 @@ def test_an_incomplete_eval_cache_names_its_own_fix(test_store, tiny_store, tmp_
         train(pipeline(*PLAIN, f'train.eval_cache="{evaluated}"'), tiny_store, tmp_path / "run", allow_partial=True)
 
 
+def test_a_missing_eval_cache_names_the_setting_and_the_split_to_extract(tiny_store, tmp_path):
+    """It was 'no store at X; run kdcache extract PIPELINE --out X first', the training store's words: that extract
+    wrote the training split, which an eval store is then refused for. Nothing is written to the run's folder."""
+    missing = tmp_path / "test.zarr"
+    with pytest.raises(StoreError, match=rf"^train.eval_cache: no store at '{re.escape(str(missing))}'; extract the eval split there "
+                                         rf"first \(kdcache extract PIPELINE --out {re.escape(str(missing))} --set data.split=test\), "
+                                         r"or drop train.eval_cache$"):
+        train(pipeline("train.features={}", f'train.eval_cache="{missing}"'), tiny_store, tmp_path / "run")
+    assert not missing.exists() and not any((tmp_path / "run").glob("*.pt"))
+
+
 def test_an_eval_split_of_the_training_samples_under_another_name_is_refused(tiny_store, tmp_path):
     """A data.factory that ignores its split (train=True whatever it is asked) gave the training samples as split 'test':
     eval_accuracy and eval_agreement were measured on training data, under the eval split's name, without a word. Its
