@@ -480,6 +480,7 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
     if overrides and not pipeline:
         raise click.UsageError(f"--set {overrides[0]} changes a value of --pipeline PIPELINE, which was not given; pass --pipeline "
                                "with --teacher-check N, or leave --set out")
+    _refuse_without_teacher_check(pipeline=pipeline, seed=seed, tolerance=tolerance)
     p = _load(pipeline, overrides) if pipeline else None
     report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
                         seed=seed, tolerance=tolerance)
@@ -487,6 +488,19 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
     if not report["ok"]:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's reads still running when one failed: see _errors
         sys.exit(1)
+
+
+def _refuse_without_teacher_check(**given: Any) -> None:
+    """verify's --pipeline, --seed and --tolerance serve --teacher-check alone: given without it (not even 0), the
+    teacher was not checked and the report said "every check holds", as if it had been."""
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("teacher_check") is not click.core.ParameterSource.DEFAULT:
+        return
+    for name in given:
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            flag = "--" + name
+            raise click.UsageError(f"{flag} serves --teacher-check N, which was not given: the teacher would not be checked; pass "
+                                   f"--teacher-check N (the rows to recompute), or leave {flag} out")
 
 
 @main.command()

@@ -99,6 +99,14 @@ CASES = [
     Case("verify-set-without-pipeline", lambda c: ["verify", c.store, "--set", "extract.batch_size=8"],
          ("--set extract.batch_size=8 changes a value of --pipeline PIPELINE, which was not given", "(see 'kdcache verify --help')"),
          code=2, store=True),
+    # --teacher-check's own options alone: the teacher was not checked and the report said "every check holds"
+    Case("verify-pipeline-without-teacher-check", lambda c: ["verify", c.store, "--pipeline", TINY],
+         ("--pipeline serves --teacher-check N, which was not given: the teacher would not be checked; pass --teacher-check N "
+          "(the rows to recompute), or leave --pipeline out", "(see 'kdcache verify --help')"), code=2, store=True),
+    Case("verify-seed-without-teacher-check", lambda c: ["verify", c.store, "--seed", "3"],
+         ("--seed serves --teacher-check N, which was not given", "or leave --seed out"), code=2, store=True),
+    Case("verify-tolerance-without-teacher-check", lambda c: ["verify", c.store, "--tolerance", "0.1"],
+         ("--tolerance serves --teacher-check N, which was not given", "or leave --tolerance out"), code=2, store=True),
     # -- click's own usage errors, one line each
     Case("usage-no-such-command", lambda c: ["extrakt"], ("No such command 'extrakt'", "(see 'kdcache --help')"), code=2),
     Case("usage-no-such-option", lambda c: extract("--out", c.new, "--batchsize", "4"),
