@@ -674,17 +674,19 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str, where: str) -> torch.device:
+    """The torch device ``name``, the value of ``key`` (``"train.device"``) that ``where`` gave (Pipeline.where)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    said = f"{where}: {key} = {name!r}"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise PipelineError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+        raise PipelineError(f"{said} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: their copies to the host are not tested here
-        raise PipelineError(f"device {name!r} is not supported; kdcache runs on the CPU or CUDA GPUs: use auto, cpu, cuda or cuda:N")
+        raise PipelineError(f"{said} is not supported; kdcache runs on the CPU or CUDA GPUs: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {name!r} asked for but CUDA is not available here; use device = \"cpu\" or \"auto\"")
+        raise PipelineError(f"{said} asked for but CUDA is not available here; use \"cpu\" or \"auto\"")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise PipelineError(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1} or \"auto\"")
+        raise PipelineError(f"{said} asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1} or \"auto\"")
     return device

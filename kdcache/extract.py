@@ -271,7 +271,7 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
         raise PipelineError(f"{pipeline.where(key)}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
                             "and an inner chunk no larger than its shard; e.g. chunk_mb = 1.0, shard_mb = 64.0")
     layout.check_layer_names(list(t.layers))  # names that collide on a case-insensitive file system
-    device = data.pick_device(x.device)
+    device = data.pick_device(x.device, "extract.device", pipeline.where("extract.device"))
     model = teachers.build(pipeline, "teacher.factory")
     teachers.check_layers(model, t.layers)
     dataset = data.load(pipeline, pipeline.data.split)

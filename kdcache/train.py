@@ -62,7 +62,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     checkpoint, unread = _checked_out(out, resume, overwrite, rank)
     torch.manual_seed(t.seed)
-    device = data.pick_device(distributed.training_device(t.device))
+    device = data.pick_device(distributed.training_device(t.device), "train.device", pipeline.where("train.device"))
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
     if world > 1:
         _check_same_out(out, checkpoint, unread)

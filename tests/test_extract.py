@@ -489,7 +489,7 @@ def test_unknown_layer_lists_close_matches_and_creates_nothing(tmp_path, factory
         ([], {"N": 0}, r"extract_zoo.py:images\('train'\) is empty"),
         (["teacher.factory=extract_zoo.py:not_a_module"], {}, r"teacher.factory returned str, not a torch.nn.Module"),
         (["teacher.factory="], {}, r"teacher.factory is required"),
-        (["extract.device=tpu"], {}, r"device 'tpu' is not a torch device"),
+        (["extract.device=tpu"], {}, r"^<test>: extract.device = 'tpu' is not a torch device"),
     ],
 )
 def test_invalid_pipeline_fails_before_a_store_exists(tmp_path, zoo_env, overrides, env, match):
