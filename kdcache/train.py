@@ -99,7 +99,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             replacing = _prepare_out(out, pipeline, resume, values) if rank == 0 else False
             loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
                          functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order,
-                                           values=values),
+                                           values=values, plan={"epochs": t.epochs, "steps": t.steps}),
                          pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
                          before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0,
                          lr=_last_lr(checkpoint, schedule) if checkpoint is not None else 0.0)
@@ -1245,7 +1245,7 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool, values: dict[str, 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any] | None,
                 rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
                 order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
-                seconds: float | None = None, lr: float | None = None) -> None:
+                seconds: float | None = None, lr: float | None = None, plan: dict[str, int] | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
     (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
@@ -1253,6 +1253,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     run's pipeline values, as its pipeline.json records them (a --resume compares with them where that file is lost).
     ``seconds``: the run's training time so far (``_Loop.elapsed``), which a resumed run's metrics count on from; ``lr``:
     the rate its last step took (a resumed run's line of the epoch it stopped inside, where it has no step left).
+    ``plan``: the train.epochs and train.steps it was trained under (a --resume may have changed them since pipeline.json).
 
     ``replacing`` (the first save of an ``--overwrite`` run, with its pipeline): the new checkpoint is written
     whole under another name first, and only then are the earlier run's files removed, this run's
@@ -1265,7 +1266,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
             "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
-            **({"lr": lr} if lr is not None else {}),
+            **({"lr": lr} if lr is not None else {}), **({"plan": plan} if plan is not None else {}),
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
     # the lines of the epochs before this one (a crash between a line and its checkpoint leaves one more) and its own;
     # inside an epoch there is none to add, and only an --overwrite run's first save rewrites the file (to drop the earlier run's)
@@ -1372,6 +1373,8 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
                 raise PipelineError(f"{option('--resume')}: {key} was {old.get(key)!r} in this run ({source!r}), now "
                                     f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(resumable))}}} "
                                     f"may change), or start afresh with {option('--overwrite')}")
+    # the length its checkpoint was trained under: an earlier --resume may have changed it since pipeline.json
+    old.update({f"train.{k}": v for k, v in (checkpoint.get("plan") or {}).items() if k in ("epochs", "steps")})
     length = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in ("train.epochs", "train.steps") if old.get(key) != new.get(key)]
     if length:  # allowed, but not the run its checkpoint began: say so
         print(f"{option('--resume')}: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "

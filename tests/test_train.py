@@ -856,6 +856,22 @@ def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tin
     assert lrs == pytest.approx([0.01 * 0.5 * (1 + np.cos(np.pi * s / 14)) for s in range(7, 14)], rel=1e-12)
 
 
+def test_a_second_resume_compares_the_length_with_the_plan_its_checkpoint_was_trained_under(tiny_store, tmp_path, capsys):
+    """The length was compared with pipeline.json, which keeps the run's first values: after a --resume to 2 epochs, one
+    to 3 said "was 1, now 3" and one to 2 again said the schedule was planned again when nothing changed (and a --resume
+    back to the first length, whose plan had ended, said nothing while the learning rate rose again)."""
+    def resumed(epochs: int) -> str:
+        capsys.readouterr()
+        train(pipeline(*PLAIN, f"train.epochs={epochs}"), tiny_store, tmp_path / "run", resume=epochs > 0)
+        return capsys.readouterr().out
+
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run")
+    assert "resume=True: train.epochs was 1, now 2: the learning-rate schedule is planned again" in resumed(2)
+    assert "planned again" not in resumed(2)
+    assert "resume=True: train.epochs was 2, now 3: the learning-rate schedule is planned again" in resumed(3)
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["train"]["epochs"] == 1  # the run's first values
+
+
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
 def test_a_resume_whose_pipeline_json_is_lost_compares_with_the_values_its_checkpoint_records(tiny_store, tmp_path, damage):
     """pipeline.json deleted or damaged: a --resume with another train.lr or seed was let through, and (deleted) wrote its
