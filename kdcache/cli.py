@@ -583,7 +583,7 @@ def _info_text(i: dict[str, Any]) -> str:
         f"progress    {i['samples_done']:,}/{i['num_samples']:,} samples, {i['shards_done']}/{i['num_shards']} shards of {i['rows_per_shard']} rows"
         + ("  complete" if i["complete"] else f"  INCOMPLETE (being written by {i['writer']})" if i.get("writer")
            else "  INCOMPLETE (re-run extract to resume)"),
-        f"size        {_size(i['bytes_stored'])} on disk, {_size(i['bytes_raw'])} raw"
+        f"size        {_size(i['bytes_stored'])} stored, {_size(i['bytes_raw'])} raw"
         + (f", compression {i['compression_ratio']:.2f}x" if i["compression_ratio"] else ""),
         "targets",
     ]
