@@ -58,6 +58,9 @@ MAX_SHARD_BYTES = 4 * 2**30
 # What zarr raises on metadata that parses as JSON but not as zarr metadata: ``[]`` as a zarr.json gives a
 # TypeError, ``"x"`` an AttributeError, a missing field a KeyError or ValueError (zarr's MetadataValidationError), an
 # inner chunk of 0 rows a ZeroDivisionError (zarr's sharding codec validates the shard grid by it).
+# Store.digest_problem of a done shard without a digest row: its digest object lost (extract redoes such a shard itself)
+NO_DIGEST = ("has no digest in progress/digest although the store records them (its digest object is missing: an incomplete copy, "
+             "or a writer that does not know digests resumed the store)")
 BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError, RecursionError, ArithmeticError)
 
 
@@ -438,8 +441,7 @@ class Store:
         if self._digest_columns is None:
             self._digest_columns = {p: i for i, p in enumerate(self.digest_paths())}
         if not self._digests[shard].any():  # written before the marker: a done shard without one lost its digest object
-            return ("has no digest in progress/digest although the store records them (its digest object is missing: an "
-                    "incomplete copy, or a writer that does not know digests resumed the store)")
+            return NO_DIGEST
         recorded = int(self._digests[shard, self._digest_columns[path]])
         if recorded and shard_digest(path, shard, [rows], parts) != recorded:
             return ("holds other rows than its writer wrote there (their digest is not the one recorded in progress/digest: "
@@ -685,7 +687,7 @@ class Store:
                 whole = self._done[shard] and start <= lo and hi <= stop  # a part of a shard is not checked
                 problem = whole and self.digest_problem(path, shard, rows[lo - start : hi - start], crcs and crcs.get(shard))
                 if problem:
-                    raise self._damaged(path, shard, problem)
+                    raise self._damaged(path, shard, problem, missing=problem == NO_DIGEST)
         return rows
 
     def read_shards(self, path: str, shards: list[int]) -> np.ndarray:
@@ -737,7 +739,7 @@ class Store:
             raise self._unreadable(path, start, stop, e) from None
         for shard, problem in zip(checked, problems):
             if problem:
-                raise self._damaged(path, shard, f"is {problem} although the shard is marked done")
+                raise self._damaged(path, shard, f"is {problem} although the shard is marked done", missing=True)
         array = self.array(path)
         try:
             return array[start:stop]
@@ -828,11 +830,15 @@ class Store:
 
         return sync(every()) if keys else []
 
-    def _damaged(self, path: str, shard: int, problem: str) -> DamagedShardError:
+    def _damaged(self, path: str, shard: int, problem: str, missing: bool = False) -> DamagedShardError:
+        """``missing``: the problem is an object missing or empty, which extract redoes by itself (``resume_pending``);
+        bytes that are there but wrong it takes as done: the shard's done marker must go first."""
         lo, hi = self.shard_rows(shard)
+        redo = ("rerun kdcache extract (which redoes a done shard whose objects are missing or empty)" if missing else
+                f"delete its done marker {DONE}/c/{shard} and rerun kdcache extract (which skips done shards)")
         return DamagedShardError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
-                                 f"kdcache verify {self.location} lists every damaged chunk; copy the store again, or redo the shard: delete its "
-                                 f"done marker {DONE}/c/{shard} and rerun kdcache extract (which skips done shards)", problem)
+                                 f"kdcache verify {self.location} lists every damaged chunk; copy the store again, or redo the shard: {redo}",
+                                 problem)
 
     def iter_blocks(self, shards: list[int] | None = None) -> Iterator[tuple[int, int]]:
         """Aligned ``(start, stop)`` row ranges of whole inner chunks, shard by shard."""

@@ -393,17 +393,34 @@ def test_deleting_a_damaged_done_marker_lets_extract_redo_its_shard(tmp_path: Pa
 @pytest.mark.parametrize("lost", [LOGITS_SHARD_1, "progress/digest/c/1/0"], ids=["shard-object", "digest-row"])
 def test_the_fix_a_damaged_shards_error_names_lets_extract_redo_it(tmp_path: Path, tiny_store: str, lost: str) -> None:
     """A done shard that lost an object (an incomplete copy): extract took the store as complete ("nothing to do
-    (--overwrite to redo it)") and the error said "re-extract the store", i.e. redo every shard to mend one. It now names
-    the shard's done marker to delete; extract then redoes that shard alone and the store verifies."""
+    (--overwrite to redo it)") and the error said "re-extract the store", i.e. redo every shard to mend one. It now says
+    that a rerun of extract redoes it (it named the done marker to delete, a step extract takes itself since); extract then
+    redoes that shard alone and the store verifies. Bytes there but wrong still name the marker to delete."""
     store = tmp_path / TRAIN
     shutil.copytree(tiny_store, store)
     (store / lost).unlink()
     damaged = CliRunner().invoke(main, ["train", str(extract()[1]), "--cache", str(store), "--out", str(tmp_path / "run"), "--epochs", "1"])
-    assert damaged.exit_code == 1 and f"delete its done marker {DONE}/c/1 and rerun kdcache extract" in damaged.output, damaged.output
-    (store / DONE / "c" / "1").unlink()
+    assert damaged.exit_code == 1 and "redo the shard: rerun kdcache extract (which redoes a done shard whose objects are missing" \
+        in damaged.output and "done marker" not in damaged.output, damaged.output
     result = CliRunner().invoke(main, [str(a) for a in extract("--out", store)])
     assert result.exit_code == 0, result.output
     assert "3 of 4 shards were already done" in result.output and verify(str(store))["ok"], result.output
+
+
+def test_a_done_shard_with_wrong_bytes_names_its_done_marker_to_delete(tmp_path: Path, tiny_store: str) -> None:
+    """Bytes that are there but wrong (a flipped bit: a checksum mismatch) are taken as done by extract, which redoes
+    only a shard whose objects are missing or empty: the error names the done marker to delete, and that fix works."""
+    store = tmp_path / TRAIN
+    shutil.copytree(tiny_store, store)
+    data = bytearray((store / LOGITS_SHARD_1).read_bytes())
+    data[len(data) // 3] ^= 0x40
+    (store / LOGITS_SHARD_1).write_bytes(bytes(data))
+    damaged = CliRunner().invoke(main, ["train", str(extract()[1]), "--cache", str(store), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert damaged.exit_code == 1 and f"delete its done marker {DONE}/c/1 and rerun kdcache extract" in damaged.output, damaged.output
+    (store / DONE / "c" / "1").unlink()
+    result = CliRunner().invoke(main, [str(a) for a in extract("--out", store)])
+    assert result.exit_code == 0 and "3 of 4 shards were already done" in result.output, result.output
+    assert verify(str(store))["ok"]
 
 
 @pytest.mark.parametrize("lost", [LOGITS_SHARD_1, "samples/index/c/1", "progress/digest/c/1/0"], ids=["target", "index", "digest-row"])

@@ -564,7 +564,7 @@ def test_eval_metrics_count_a_tie_at_the_teacher_s_top_by_its_share(tmp_path):
     classes counts 1/k where the student's top class (the label) is one of them (losses.top1_matches), in kdcache stats too."""
     from kdcache.stats import stats
 
-    tied = ["teacher.factory=tiny.py:tied_teacher", "targets.layers=[]"]
+    tied = ["teacher.factory=tiny.py:ties_in_float16", "targets.layers=[]"]
     store, evaluated = extract_tiny(tmp_path / "train.zarr", *tied), extract_tiny(tmp_path / "test.zarr", *tied, 'data.split="test"')
     last = train(pipeline(*tied, "train.features={}", f'train.eval_cache="{evaluated}"', "train.epochs=1"), store, tmp_path / "run")
     teacher = layout.open_store(evaluated).array(layout.LOGITS)[:].astype(np.float32)
