@@ -14,10 +14,16 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import sys, torch, zarr, numcodecs; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zarr', zarr.__version__, 'numcodecs', numcodecs.__version__)"
+# Stop here, in seconds, where the steps could only fail or skip: without zarr every step fails on its import, and
+# without CUDA tests/test_gpu.py skips every test and exits 0 (a check that passed nothing).
+python3 -c "import sys, torch, zarr, numcodecs; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zarr', zarr.__version__, 'numcodecs', numcodecs.__version__)" \
+  || { echo "gpu_check.sh: cannot import zarr/numcodecs; carry the wheels in .whl (benchmarks/README.md says which)"; exit 1; }
+python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \
+  || { echo "gpu_check.sh: CUDA is not available here (torch.cuda.is_available() is False); run this on the GPU machine"; exit 1; }
 rc=0
+# -k: a step still running 10 s after its SIGTERM (a stop that waits for its writes) is killed, so the limits hold
 step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; local r=${PIPESTATUS[0]}
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; local r=${PIPESTATUS[0]}
   echo "=== $name: exit $r in $((SECONDS - t0)) s"; [ "$r" = 0 ] || rc=1; }
 # Limits sum to 580 s (a device command may run 600 s); bench_extract's rounds run 7 loops (the forward
 # pair brackets the extract pair), hence 5 rounds there on this steadier box; bench_train 3 (each round trains 3
@@ -28,4 +34,5 @@ step profile_extract 60 python3 benchmarks/profile_extract.py --device cuda --ou
 step bench_extract 180 python3 benchmarks/bench_extract.py --device cuda --n 8192 --repeats 5 --check --out "$OUT/extract.json" --workdir /tmp/kb
 step bench_writer 50 python3 benchmarks/bench_writer.py --check --out "$OUT/writer.json" --workdir /tmp/kb
 step bench_train 120 python3 benchmarks/bench_train.py --device cuda --repeats 3 --check --out "$OUT/train.json" --workdir /tmp/kb
+echo "=== gpu_check.sh: exit $rc in $SECONDS s"
 exit $rc

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = {  # script: arguments for a run of a few seconds (the others extract real MNIST or a ResNet's maps: a minute each)
@@ -58,3 +61,14 @@ def test_a_script_of_the_device_run_runs_on_the_cpu(script, tmp_path):
         assert report["pass"] and report["complete"] and report["host_copies_equal_device_values"], report
     else:
         assert report["stages"] and report["wall_s"] > 0, report
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or torch.cuda.is_available(), reason="needs bash, and a machine without CUDA")
+def test_the_device_run_stops_at_once_without_cuda(tmp_path):
+    """Without CUDA tests/test_gpu.py skips every test and exits 0, and each benchmark fails after its setup: gpu_check.sh
+    says so and stops in seconds, not after minutes of steps that can only fail or pass nothing."""
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          cwd=BENCHMARKS.parent, env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check.sh: CUDA is not available here" in proc.stdout
+    assert "=== tests" not in proc.stdout  # no step ran
