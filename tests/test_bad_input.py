@@ -237,6 +237,13 @@ CASES = [
     Case("student-wrong-input", lambda c: train(c, "--set", "student.factory=bad_input.py:wrong_input", "--set", "train.features={}"),
          (f"the student model raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x64 and 10x4) (at bad_input.py:{WRONG_INPUT_LINE})",
           "make student.factory's model take data.factory's items"), store=True),
+    # a GPU's out-of-memory error (raised here by the model on any device): one line naming the batch and the fix
+    Case("teacher-out-of-device-memory", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:out_of_device_memory", "--layers", ""),
+         ("the teacher model raised OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (at bad_input.py:",
+          "on a batch of float32[8, 1, 8, 8]; lower extract.batch_size")),
+    Case("student-out-of-device-memory", lambda c: train(c, "--set", "student.factory=bad_input.py:out_of_device_memory", "--set", "train.features={}"),
+         ("the student model raised OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (at bad_input.py:",
+          "lower train.batch_size"), store=True),
     Case("teacher-not-a-module", lambda c: extract("--out", c.new, "--set", "teacher.factory=extract_zoo.py:not_a_module"),
          ("teacher.factory returned str, not a torch.nn.Module", "make the factory return the model")),
     Case("student-without-parameters", lambda c: train(c, "--set", "student.factory=bad_input.py:no_parameters", "--set", "train.features={}"),
