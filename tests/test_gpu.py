@@ -102,6 +102,24 @@ def test_cuda_train_in_autocast_follows_the_cpu_curve(tmp_path, tiny_store, prec
     check_train_matches_cpu("cuda", tmp_path, tiny_store, precision, rtol=0.15)
 
 
+def test_cuda_eval_against_an_eval_store_scores_as_the_cpu(tmp_path, tiny_store):
+    """train.eval_cache on a GPU: the student's logits are on the device, the stored teacher logits on the host
+    (losses.top1_matches moves them to the student's device), the counts summed on the host. The teacher's accuracy
+    is the stored logits' alone: equal to the CPU run's; the student's figures within the device's arithmetic."""
+    from conftest import extract_tiny
+
+    test_store = extract_tiny(tmp_path / "test.zarr", 'data.split="test"')
+    lines = {}
+    for where in ("cpu", "cuda"):
+        p = kdcache.load_pipeline(FIXTURES / "tiny.toml", [f"train.device='{where}'", f"train.eval_cache='{test_store}'", "train.epochs=2"])
+        kdcache.train(p, tiny_store, tmp_path / where)
+        lines[where] = json.loads((tmp_path / where / "metrics.jsonl").read_text().splitlines()[-1])
+    cpu, gpu = lines["cpu"], lines["cuda"]
+    assert gpu["eval_teacher_accuracy"] == cpu["eval_teacher_accuracy"]
+    for key in ("eval_accuracy", "eval_agreement"):
+        assert isinstance(gpu[key], float) and gpu[key] == pytest.approx(cpu[key], abs=0.1), key
+
+
 def test_cuda_resume_with_dropout_reaches_the_uninterrupted_weights(tmp_path, tiny_store):
     """Dropout on a GPU draws from the CUDA generator: a checkpoint saves its state and a resume restores it."""
     p = kdcache.load_pipeline(FIXTURES / "tiny.toml", ["train.device='cuda'", "student.factory='bad_input.py:dropping'",
