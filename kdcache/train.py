@@ -32,8 +32,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers
-from kdcache.errors import (KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError, TrainingError,
-                            TrainingStopped, option, raised, write_fix)
+from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError,
+                            TrainingError, TrainingStopped, option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -359,10 +359,11 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
             loss = loss * batch["scale"]
         loop.optimizer.zero_grad(set_to_none=True)
         loop.lr = loop.optimizer.param_groups[0]["lr"]  # the rate this step takes (a float: no sync), for the epoch's line
-        run.scaler.scale(loss).backward()
-        if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
-            distributed.average_gradients([p for g in loop.optimizer.param_groups for p in g["params"]], run.world)
-        run.scaler.step(loop.optimizer)
+        with _device_memory(batch):
+            run.scaler.scale(loss).backward()
+            if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
+                distributed.average_gradients([p for g in loop.optimizer.param_groups for p in g["params"]], run.world)
+            run.scaler.step(loop.optimizer)
         run.scaler.update()
         loop.schedule.step()
         state.update(step=state["step"] + 1, batch=state["batch"] + 1)
@@ -509,6 +510,18 @@ def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def _device_memory(batch: dict[str, Any]) -> Iterator[None]:
+    """A GPU's out-of-memory error in a step's backward pass or optimizer step (the forward's is ``data.call``'s) as a
+    ``DeviceMemoryError`` naming the batch and the fix, not a traceback: the backward holds the forward's activations
+    and their gradients, so it is where a batch too large for the device most often runs out."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise DeviceMemoryError(f"the student's backward pass or optimizer step raised {raised(e)} on a batch of "
+                                f"{data.describe(batch['inputs'])}; lower train.batch_size") from e
 
 
 def _step_losses(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
