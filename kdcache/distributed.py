@@ -567,26 +567,32 @@ def broadcast_buffers(modules: list[torch.nn.Module]) -> None:
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """After ``backward`` on every rank: each gradient becomes the mean over the ranks (what DDP gives), in one flat
-    all-reduce. A parameter no rank's loss reached (an auxiliary output, a features-only run's classifier) keeps no
-    gradient, so the optimizer skips it, as in one process; one that some rank reached gets the mean on every rank
-    (zeros from the others), so the ranks never diverge. Unlike ``DistributedDataParallel``, whose reducer stops a run
-    at the first parameter a step leaves unused, and which cannot see the projection heads used outside its forward."""
+    all-reduce per parameter dtype (one for the usual float32 student; a float64 head or bfloat16 weights beside it get
+    their own: one buffer would promote every gradient to the widest dtype, which a parameter refuses as its grad). A
+    parameter no rank's loss reached (an auxiliary output, a features-only run's classifier) keeps no gradient, so the
+    optimizer skips it, as in one process; one that some rank reached gets the mean on every rank (zeros from the
+    others), so the ranks never diverge. Unlike ``DistributedDataParallel``, whose reducer stops a run at the first
+    parameter a step leaves unused, and which cannot see the projection heads used outside its forward."""
     import torch.distributed as dist
 
     local = [p.grad is not None for p in params]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    used = torch.tensor(local, dtype=grads[0].dtype, device=grads[0].device)
-    flat = torch.cat([g.reshape(-1) for g in grads] + [used])
-    dist.all_reduce(flat, group=_group(steps=True))
-    flat /= world
-    # what this rank reached, every rank reached in part: only a rank that left a parameter unreached reads the flags
-    # (a wait for the all-reduce on a GPU; the common step, every parameter reached, queues the optimizer's kernels behind it)
-    reached = local if all(local) else flat[-len(params):].tolist()
-    offset = 0
-    for p, g, r in zip(params, grads, reached):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p) if r else None  # views of one buffer, as DDP's gradient_as_bucket_view
-        offset += n
+    reached, views = local, {}
+    for k, dtype in enumerate(dict.fromkeys(g.dtype for g in grads)):  # the parameters' order: the same on every rank
+        members = [i for i, g in enumerate(grads) if g.dtype == dtype]
+        flags = [torch.tensor(local, dtype=dtype, device=grads[0].device)] if k == 0 else []  # which parameters each rank reached
+        flat = torch.cat([grads[i].reshape(-1) for i in members] + flags)
+        dist.all_reduce(flat, group=_group(steps=True))
+        flat /= world
+        # what this rank reached, every rank reached in part: only a rank that left a parameter unreached reads the flags
+        # (a wait for the all-reduce on a GPU; the common step, every parameter reached, queues the optimizer's kernels behind it)
+        if flags and not all(local):
+            reached = flat[-len(params):].tolist()
+        offset = 0
+        for i in members:  # views of one buffer, as DDP's gradient_as_bucket_view
+            views[i], offset = flat[offset : offset + grads[i].numel()].view_as(params[i]), offset + grads[i].numel()
+    for i, p in enumerate(params):
+        p.grad = views[i] if reached[i] else None
 
 
 def join_training(streams: int, device: torch.device, timeout_s: float = TIMEOUT.total_seconds()) -> int:

@@ -469,8 +469,9 @@ def test_a_store_of_kdcache_0_1_6_is_resumed_by_dask_workers_and_torchrun_ranks_
 
 
 STREAMING = ("train.memory_budget_mb=0.0001", "train.shuffle_buffer_shards=1")
-# features only: the student's classifier (and its unused module 'spare') get no gradient, which stops DDP's reducer
-UNUSED = ("train.loss.kl=0", "train.loss.ce=0", "student.factory='bad_input.py:with_spare'")
+# features only: the student's classifier (and its unused module 'spare') get no gradient, which stops DDP's reducer; its
+# spare is float64 (one flat all-reduce of every gradient promoted them all to float64: a traceback at the first step)
+UNUSED = ("train.loss.kl=0", "train.loss.ce=0", "student.factory='bad_input.py:with_float64_spare'")
 
 
 @pytest.mark.parametrize("extra", [(), STREAMING, UNUSED], ids=["in-memory", "streaming", "parameters-the-loss-leaves-unused"])
@@ -514,9 +515,9 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
     assert ckpt["step"] == torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"]
     if extra == UNUSED:  # what no loss reached is never stepped (AdamW's weight decay included), on every rank alike
         torch.manual_seed(0)  # train.seed: the student every rank started from
-        from bad_input import with_spare
+        from bad_input import with_float64_spare
 
-        start = with_spare().state_dict()
+        start = with_float64_spare().state_dict()
         assert all(torch.equal(b[k], start[k]) for k in ("fc.weight", "spare.weight")) and not torch.equal(b["conv.weight"], start["conv.weight"])
 
 
