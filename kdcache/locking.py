@@ -282,14 +282,14 @@ def _take_shared(path: Path, location: str, holder: str, verb: str) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:  # another user's lock file: flock needs no write access (its text is then left as it is)
-            try:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # no folder there: opening the store names it
+                return -1
+            try:  # another user's lock file, a read-only mount: flock needs no write access (its text is then left as it is)
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
                 _unlocked(location, verb, f"its lock file {str(path)!r} cannot be made here")
                 return -1
-        except OSError:  # no folder there: opening the store names it
-            return -1
         try:
             seen = _holder(fd, fcntl.LOCK_SH, tries=20)  # for a second: a writer may be looking (refuse_if_being_written)
             ours = seen is None and _same_file(fd, path)  # still the file at that path: not removed by its last holder meanwhile

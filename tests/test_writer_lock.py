@@ -316,6 +316,39 @@ def test_a_writer_that_starts_while_a_store_is_packed_or_exported_is_refused(tin
         pass
 
 
+def read_only_run(folder: Path, mount: Path, *args: object) -> subprocess.CompletedProcess:
+    """``python -m kdcache.cli ARGS`` with ``folder`` mounted read-only at ``mount`` (a bind mount in a mount namespace of
+    its own, as a container sees a dataset volume mounted ``:ro``); skipped where such a namespace cannot be made."""
+    mount.mkdir(exist_ok=True)
+    script = 'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"'
+    mounted = ["unshare", "-rm", "sh", "-c", script, "sh", str(folder), str(mount)]
+    probe = subprocess.run([*mounted, "true"], capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {probe.stderr.strip() if probe else 'no unshare'}")
+    return subprocess.run([*mounted, sys.executable, "-m", "kdcache.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_a_store_on_a_read_only_mount_is_not_packed_while_being_written(tiny_store, tmp_path):
+    """A store mounted read-only where pack runs (a container's ``:ro`` volume) and written where it is mounted writable:
+    opening the lock file to create it failed (read-only file system, not 'permission denied'), and pack copied the store
+    without looking at the lock at all, while the writer wrote (before reading_lock, the check at its start refused it).
+    The lock file is now locked read-only; with none there, pack says that writers are not kept out."""
+    folder = tmp_path / "rw"
+    shutil.copytree(tiny_store, folder / "s.zarr")
+    holder = hold_lock(str(folder / "s.zarr"))
+    try:
+        refused = read_only_run(folder, tmp_path / "ro", "pack", tmp_path / "ro" / "s.zarr", tmp_path / "a.zarr.zip")
+        assert refused.returncode == 1 and refused.stderr.startswith(f"Error: {str(tmp_path / 'ro' / 's.zarr')!r} is being written by "
+                                                                     f"kdcache pid {holder.pid} on "), refused.stderr
+        assert not (tmp_path / "a.zarr.zip").exists()
+    finally:
+        kill_9(holder)
+    lock_file(folder / "s.zarr").unlink()  # none there, and none can be made: a note
+    packed = read_only_run(folder, tmp_path / "ro", "pack", tmp_path / "ro" / "s.zarr", tmp_path / "a.zarr.zip")
+    assert packed.returncode == 0 and packed.stderr.startswith(f"note: {str(tmp_path / 'ro' / 's.zarr')!r} is read by pack without "
+                                                               "keeping writers out (its lock file "), packed.stderr
+
+
 def test_a_writer_that_starts_while_an_s3_store_is_packed_is_refused(s3, tiny_store, tmp_path, monkeypatch):
     """An S3 store has no shared lock: pack holds its writer lock object, under its own name, until the zip is in place."""
     import kdcache
