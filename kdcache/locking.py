@@ -18,10 +18,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from kdcache import storage
 from kdcache.errors import StoreError, one_line, option, write_fix
+
+_T = TypeVar("_T")
 
 try:
     import fcntl
@@ -171,9 +173,9 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
             except FileNotFoundError:  # none there: a folder this user may not write, which the error names
                 raise denied from None
         try:
-            holder = _holder(fd, fcntl.LOCK_EX, tries=20)  # for a second: `kdcache info` may be looking (active_writer)
-            if holder is not None:
-                raise _being_written(location, holder)
+            refused = _refusal(fd, location)
+            if refused is not None:
+                raise refused
             with contextlib.suppress(FileNotFoundError):
                 if theirs and os.path.samestat(os.fstat(fd), os.stat(path)):  # its holder killed (kill -9) left it:
                     try:
@@ -211,22 +213,42 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
     or export holds it shared (``reading_lock``; ``writer_lock``, taken later, is what decides). An S3 store whose lock cannot be read is not reached at all:
     said now too."""
     storage.refuse_empty_segments(str(location))
-    if storage.location_kind(str(location)) == "url":
-        started, endpoint = time.monotonic(), storage.endpoint_of(str(location), storage_options)
-        try:
-            holder = _object_writer(str(location), storage_options, probe=endpoint not in storage.REACHED)
-        except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
-            raise storage.unreachable_error(str(location), e, storage.probe_gave_up(e, time.monotonic() - started, storage_options)) from None
-        if "::" not in str(location) and storage.is_s3(str(location)):
-            storage.REACHED.add(endpoint)  # the store's first look (storage.exists) is made: not a second probe client for it
-    else:
-        holder = _local_holder(location, fcntl.LOCK_EX, tries=20) if fcntl is not None else None  # a copy (reading_lock) too
+    if storage.location_kind(str(location)) != "url":
+        refused = _opened_lock(location, lambda fd: _refusal(fd, location)) if fcntl is not None else None  # a copy (reading_lock) too
+        if refused is not None:
+            raise refused
+        return
+    started, endpoint = time.monotonic(), storage.endpoint_of(str(location), storage_options)
+    try:
+        holder = _object_writer(str(location), storage_options, probe=endpoint not in storage.REACHED)
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
+        raise storage.unreachable_error(str(location), e, storage.probe_gave_up(e, time.monotonic() - started, storage_options)) from None
+    if "::" not in str(location) and storage.is_s3(str(location)):
+        storage.REACHED.add(endpoint)  # the store's first look (storage.exists) is made: not a second probe client for it
     if holder is not None:
         raise _being_written(location, holder)
 
 
 def _being_written(location: str | os.PathLike[str], holder: str) -> StoreError:
     return StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, then rerun (nothing was changed)")
+
+
+def _refusal(fd: int, location: str | os.PathLike[str]) -> StoreError | None:
+    """Take ``flock`` LOCK_EX on the local lock file ``fd`` for a second (``kdcache info`` may be looking: ``active_writer``);
+    None when taken, else the error naming who holds it: a writer, or copies (``reading_lock``), whose shared hold lets a
+    shared lock be had. The file of copies names the last to start, which may have ended (or been killed) since while
+    others go on: named as such, not as the store's writer."""
+    holder = _holder(fd, fcntl.LOCK_EX, tries=20)
+    if holder is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # a writer's
+        return _being_written(location, holder)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    last = f" (the last to start: {holder})" if holder.startswith(("kdcache pack ", "kdcache export ")) else ""  # not a dead writer's text
+    return StoreError(f"{str(location)!r} is being copied by kdcache pack or export{last}; wait for the copies to end, then rerun "
+                      "(nothing was changed)")
 
 
 def _holder_name(verb: str = "") -> str:
@@ -346,11 +368,13 @@ def active_writer(location: str | os.PathLike[str], storage_options: dict[str, A
             return _object_writer(str(location), storage_options)
         except Exception:  # noqa: BLE001 - unreachable, refused credentials (botocore's are not OSErrors): not known
             return None
-    return _local_holder(location, fcntl.LOCK_SH, tries=1) if fcntl is not None else None  # for an instant when free (the writer retries)
+    # shared, for an instant when free (the writer retries): copies (reading_lock) are no writer
+    return _opened_lock(location, lambda fd: _holder(fd, fcntl.LOCK_SH, tries=1)) if fcntl is not None else None
 
 
-def _local_holder(location: str | os.PathLike[str], kind: int, tries: int) -> str | None:
-    """Who holds the local lock of ``location`` against ``flock`` ``kind`` (taken for an instant when free), or None."""
+def _opened_lock(location: str | os.PathLike[str], look: Callable[[int], _T]) -> _T | None:
+    """``look(fd)`` at the local lock file of ``location`` opened read-only, or None: no lock file (no holder), or a file
+    system without flock (not known)."""
     path = _lock_path(location)
     if path is None:
         return None
@@ -359,7 +383,7 @@ def _local_holder(location: str | os.PathLike[str], kind: int, tries: int) -> st
     except OSError:  # no lock file: no holder
         return None
     try:
-        return _holder(fd, kind, tries)
+        return look(fd)
     except OSError:  # a file system without flock: not known
         return None
     finally:

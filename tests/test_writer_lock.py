@@ -299,9 +299,9 @@ def test_a_writer_that_starts_while_a_store_is_packed_or_exported_is_refused(tin
         writer = subprocess.run([sys.executable, "-m", "kdcache.cli", "extract", FIXTURES / "tiny.toml", "--out", copy, "--overwrite",
                                  "--set", "targets.dtype=float32", "--no-progress"], capture_output=True, text=True, timeout=300)
         assert writer.returncode == 1 and "Traceback" not in writer.stderr, writer.stderr
-        assert writer.stderr.strip() == (f"Error: {str(copy)!r} is being written by kdcache {verb} pid {os.getpid()} on "
-                                         f"{socket.gethostname()} since {writer.stderr.split(' since ')[1].split(';')[0]}; wait for it "
-                                         "to end or stop it, then rerun (nothing was changed)"), writer.stderr
+        assert writer.stderr.strip() == (f"Error: {str(copy)!r} is being copied by kdcache pack or export (the last to start: kdcache {verb} "
+                                         f"pid {os.getpid()} on {socket.gethostname()} since {writer.stderr.split(' since ')[1].split(')')[0]}); "
+                                         "wait for the copies to end, then rerun (nothing was changed)"), writer.stderr
         assert active_writer(copy) is None and invoke("pack", copy, tmp_path / "other.zarr.zip").exit_code == 0  # copies run alongside
     finally:
         result = paused.finish()
@@ -313,6 +313,29 @@ def test_a_writer_that_starts_while_a_store_is_packed_or_exported_is_refused(tin
     assert without_times(back.manifest) == without_times(before)
     assert read_store(copy)[1][layout.LOGITS].tolist() == back.read(layout.LOGITS, 0, back.num_samples).tolist()
     with writer_lock(copy):  # writers start again once the copy ended
+        pass
+
+
+def test_a_writer_refused_by_copies_is_not_told_that_one_which_ended_writes_the_store(tmp_path):
+    """Copies of a store write their names into its lock file in turn: once the last to start had ended (or was killed,
+    here) while another copy went on, a writer was refused as if that dead process wrote the store ('is being written by
+    kdcache export pid P ...; stop it'). A shared hold is told from a writer's: the copies are named as such."""
+    store = tmp_path / "s.zarr"
+    pack = hold_lock(str(store), verb="pack")
+    export = hold_lock(str(store), verb="export")
+    try:
+        kill_9(export)
+        copied = (rf"^{str(store)!r} is being copied by kdcache pack or export \(the last to start: kdcache export pid {export.pid} on "
+                  r".*\); wait for the copies to end, then rerun \(nothing was changed\)$")
+        with pytest.raises(layout.StoreError, match=copied):
+            with writer_lock(store):
+                pass
+        result = invoke("extract", FIXTURES / "tiny.toml", "--out", store)  # its check before the teacher is built
+        assert result.exit_code == 1 and re.match(copied, result.stderr.strip().removeprefix("Error: ")), result.output
+        assert active_writer(store) is None, "copies are no writer"
+    finally:
+        kill_9(pack)
+    with writer_lock(store):
         pass
 
 
@@ -875,12 +898,14 @@ def test_ctrl_c_as_an_s3_lock_is_taken_leaves_no_lock_object(s3, monkeypatch, wh
 
 # ------------------------------------------------------------------ a holder killed without a word (kill -9) on this machine
 
-def hold_lock(location: str, options: dict | None = None, **kwargs) -> subprocess.Popen:
-    """A real process holding ``location``'s writer lock (``writer_lock(location, options, **kwargs)``) until killed."""
-    holder = subprocess.Popen([sys.executable, "-c", "import json, sys\nfrom kdcache.locking import writer_lock\n"
-                               "with writer_lock(sys.argv[1], json.loads(sys.argv[2]), **json.loads(sys.argv[3])):\n"
+def hold_lock(location: str, options: dict | None = None, verb: str | None = None, **kwargs) -> subprocess.Popen:
+    """A real process holding ``location``'s writer lock (``writer_lock(location, options, **kwargs)``), or holding it as
+    ``kdcache VERB`` does while it copies the store (``reading_lock``), until killed."""
+    take = "reading_lock(sys.argv[1], json.loads(sys.argv[2]), sys.argv[4])" if verb else \
+        "writer_lock(sys.argv[1], json.loads(sys.argv[2]), **json.loads(sys.argv[3]))"
+    holder = subprocess.Popen([sys.executable, "-c", f"import json, sys\nfrom kdcache.locking import reading_lock, writer_lock\nwith {take}:\n"
                                "    print('held', flush=True)\n    sys.stdin.readline()",
-                               location, json.dumps(options), json.dumps(kwargs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                               location, json.dumps(options), json.dumps(kwargs), str(verb)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 
