@@ -348,10 +348,14 @@ def _unlocked(location: str, verb: str, why: str) -> None:
 
 
 def _check_reading(location: str, storage_options: dict[str, Any] | None, verb: str) -> None:
-    """Raise if the S3 lock ``reading_lock`` took for ``verb`` was lost (taken over, or not renewed for so long that it may be)."""
+    """Raise if the S3 lock ``reading_lock`` took for ``verb`` was lost (taken over, or not renewed for so long that it may
+    be), renewing it first when late (as a writer does before its next shard: ``Lease.check``)."""
     lease = held_lease(location, storage_options)
     if lease is None:
         return
+    if _clock() - lease.renewed > LOCK_LATE_S:  # paused, asleep: renewed as it was (If-Match), no writer took it meanwhile
+        with contextlib.suppress(Exception):  # noqa: BLE001 - unreachable now: judged by its age below
+            lease.renew(unless_within=LOCK_LATE_S)
     if lease.lost_to is None and _clock() - lease.renewed <= LOCK_STALE_S - LOCK_REQUEST_S:
         return
     taker = f"{lease.lost_to} took it over" if lease.lost_to else f"not renewed for {_clock() - lease.renewed:.0f} s"

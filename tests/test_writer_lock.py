@@ -392,6 +392,37 @@ def test_a_writer_that_starts_while_an_s3_store_is_packed_is_refused(s3, tiny_st
     assert kdcache.open_store(str(tmp_path / "t.zarr.zip")).complete
 
 
+def test_an_s3_pack_whose_lock_was_late_but_kept_is_put_in_place_and_one_taken_over_is_not(s3, tiny_store, tmp_path, monkeypatch):
+    """A pack paused past the point where its lock may be taken over (Ctrl-Z, a laptop asleep: its heartbeat late) failed
+    at its end ('lost its hold ... not renewed for N s') though nobody had taken the lock, the whole copy thrown away: the
+    lock, renewed as it was (If-Match its last version), shows that no writer came meanwhile, as a writer's late lock is
+    renewed before its next shard. One taken over meanwhile, by a real second process, still fails, the taker's lock left."""
+    monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 60)  # paused: no heartbeat while the test runs
+    monkeypatch.setattr(locking, "LOCK_LATE_S", 0.5)
+    monkeypatch.setattr(locking, "LOCK_STALE_S", 5.6)  # less LOCK_REQUEST_S: taken over, as this process fears, after 0.6 s
+    monkeypatch.setattr(locking, "LOCK_REQUEST_S", 5.0)
+    fs, url = s3_files(s3), f"s3://{S3_BUCKET}/late.zarr"
+    fs.put(str(tiny_store), f"{S3_BUCKET}/late.zarr", recursive=True)
+    lock = f"{S3_BUCKET}/.late.zarr.kdcache-lock"
+    paused = PausedCopy(monkeypatch, lambda: interop.pack(url, tmp_path / "kept.zarr.zip", storage_options=s3))
+    time.sleep(0.8)
+    assert paused.finish()["out"] == str(tmp_path / "kept.zarr.zip") and read_object(fs, lock) is None
+
+    paused = PausedCopy(monkeypatch, lambda: interop.pack(url, tmp_path / "lost.zarr.zip", storage_options=s3))
+    time.sleep(2.2)
+    taker = hold_lock(url, s3, stale_s=1.5)  # a writer that finds the lock stale
+    try:
+        with pytest.raises(layout.StoreError, match=rf"^{url!r}: pack lost its hold on the store's writer lock while copying it \(kdcache "
+                                                    rf"pid {taker.pid} on .* took it over\), so a writer may have changed it meanwhile; "
+                                                    r"nothing was written; rerun kdcache pack$"):
+            paused.finish()
+        assert json.loads(read_object(fs, lock))["holder"].startswith(f"kdcache pid {taker.pid} on "), "the taker's lock stays"
+    finally:
+        taker.stdin.close()  # the taker's block ends: its lock removed
+        assert taker.wait(timeout=30) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.zarr.zip"] and read_object(fs, lock) is None
+
+
 def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path):
     out = tmp_path / "run"
     args = ("train", FIXTURES / "tiny.toml", "--cache", tiny_store, "--out", out, "--set", "train.epochs=1", "--no-progress")
@@ -898,14 +929,16 @@ def test_ctrl_c_as_an_s3_lock_is_taken_leaves_no_lock_object(s3, monkeypatch, wh
 
 # ------------------------------------------------------------------ a holder killed without a word (kill -9) on this machine
 
-def hold_lock(location: str, options: dict | None = None, verb: str | None = None, **kwargs) -> subprocess.Popen:
+def hold_lock(location: str, options: dict | None = None, verb: str | None = None, stale_s: float = locking.LOCK_STALE_S,
+              **kwargs) -> subprocess.Popen:
     """A real process holding ``location``'s writer lock (``writer_lock(location, options, **kwargs)``), or holding it as
-    ``kdcache VERB`` does while it copies the store (``reading_lock``), until killed."""
-    take = "reading_lock(sys.argv[1], json.loads(sys.argv[2]), sys.argv[4])" if verb else \
-        "writer_lock(sys.argv[1], json.loads(sys.argv[2]), **json.loads(sys.argv[3]))"
-    holder = subprocess.Popen([sys.executable, "-c", f"import json, sys\nfrom kdcache.locking import reading_lock, writer_lock\nwith {take}:\n"
-                               "    print('held', flush=True)\n    sys.stdin.readline()",
-                               location, json.dumps(options), json.dumps(kwargs), str(verb)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ``kdcache VERB`` does while it copies the store (``reading_lock``), until killed. ``stale_s``: its LOCK_STALE_S."""
+    take = "locking.reading_lock(sys.argv[1], json.loads(sys.argv[2]), sys.argv[4])" if verb else \
+        "locking.writer_lock(sys.argv[1], json.loads(sys.argv[2]), **json.loads(sys.argv[3]))"
+    holder = subprocess.Popen([sys.executable, "-c", f"import json, sys\nfrom kdcache import locking\nlocking.LOCK_STALE_S = float(sys.argv[5])\n"
+                               f"with {take}:\n    print('held', flush=True)\n    sys.stdin.readline()",
+                               location, json.dumps(options), json.dumps(kwargs), str(verb), str(stale_s)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 
