@@ -3,7 +3,8 @@
 The loss functions are pure tensor functions: they compute in float32 whatever
 the input dtype (a cached teacher may arrive as float16; ``kl_divergence`` at a
 high temperature over many classes in float64, see ``_kl_cast``), treat the teacher as a
-fixed target (no gradient flows into it) and return a 0-dim float32 tensor.
+fixed target (no gradient flows into it) and return a 0-dim float32 tensor. ``kl_divergence``, ``logit_mse``,
+``probability_mse`` and ``feature_mse`` take an optional padding ``mask`` for per-token tensors (``_position_mean``).
 
 ``projection_head`` builds the small trainable module that maps a student
 feature batch onto the shape of a stored teacher feature, or returns ``None``
@@ -69,10 +70,41 @@ def _require_logits(student_logits: Tensor, teacher_logits: Tensor, what: str) -
     )
 
 
+# --------------------------------------------------------------------------- padding masks
+
+
+def _outside_zeroed(student: Tensor, teacher: Tensor, mask: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``student`` and ``teacher`` (B, T, C) with every position the (B, T) ``mask`` leaves out set to 0, and the mask as
+    bool: a pad position then gives a loss of exactly 0 and no gradient, whatever it held (a huge, inf or NaN logit)."""
+    if student.ndim != 3 or tuple(mask.shape) != tuple(student.shape[:2]):
+        raise ShapeMismatchError(
+            f"{what}: mask shape {tuple(mask.shape)} does not fit shape {tuple(student.shape)}; a mask is (B, T), true where a "
+            "position counts, for per-token (B, T, C) logits or (B, T, D) features"
+        )
+    valid = mask.to(student.device, torch.bool)
+    keep = valid.unsqueeze(-1)
+    return torch.where(keep, student, 0), torch.where(keep, teacher.detach(), 0), valid
+
+
+def _position_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of per-position losses: over every position without ``mask``; with a (B, T) ``mask``, each row's mean
+    over its valid positions (a row with none adds 0), then the mean over the B rows. Rows are the unit torchrun's ranks
+    and ``train.streams`` average over, so K equal parts of a batch averaged give the whole batch's value.
+
+    Args:
+        per_position: (B·T,) or (B, T) losses, 0 at positions outside ``mask`` (``_outside_zeroed``).
+        mask: bool (B, T), or None.
+    """
+    if mask is None:
+        return per_position.mean()
+    valid = mask.to(per_position.dtype)
+    return ((per_position.reshape(mask.shape) * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+
 # --------------------------------------------------------------------------- losses
 
 
-def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
     """Temperature-scaled KL(p_teacher || p_student) (Hinton et al. 2015).
 
     ``p = softmax(logits / T)`` over the last dimension; the divergence is summed
@@ -84,6 +116,8 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
         teacher_logits: same shape as ``student_logits``; may be float16. Treated
             as a constant target (detached).
         temperature: T > 0.
+        mask: optional (B, T) bool or 0/1 for (B, T, C) per-token logits, true where a position counts: each row's
+            mean over its valid positions, then the mean over rows (``_position_mean``).
 
     Returns:
         0-dim float32 tensor, computed in float64 where T² · ln C > 1000 (float32 would lose it; ``_kl_cast``).
@@ -94,6 +128,8 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
             "use e.g. temperature=1.0 (plain KL) or 2.0-4.0 (softer targets)"
         )
     _require_logits(student_logits, teacher_logits, "kl_divergence")
+    if mask is not None:
+        student_logits, teacher_logits, mask = _outside_zeroed(student_logits, teacher_logits, mask, "kl_divergence")
     num_classes = student_logits.shape[-1]
     cast = _kl_cast(num_classes, temperature)
     log_p_s = F.log_softmax(cast(student_logits).reshape(-1, num_classes) / temperature, dim=-1)
@@ -101,7 +137,7 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     p_t = log_p_t.exp()
     # Classes the teacher gives zero probability (e.g. -inf logits) contribute 0, not 0 * inf = nan.
     terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
-    return (terms.sum(dim=-1).mean() * (temperature**2)).float()
+    return (_position_mean(terms.sum(dim=-1), mask) * (temperature**2)).float()
 
 
 # T² · ln C above which kl_divergence computes in float64: float32's absolute error stays of order 1e-5 up to here
@@ -119,24 +155,34 @@ def _kl_cast(num_classes: int, temperature: float) -> Callable[[Tensor], Tensor]
     return Tensor.double if temperature**2 * math.log(max(num_classes, 1)) > _KL_FLOAT32_LIMIT else Tensor.float
 
 
-def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared error between logits, computed in float32.
 
     Args:
         student_logits: (B, C) or (B, ..., C); or (B,) for a regression output, one value per sample.
         teacher_logits: same shape; detached.
+        mask: optional (B, T) bool or 0/1 for (B, T, C) per-token logits, true where a position counts.
 
     Returns:
-        0-dim float32 tensor, mean over all elements.
+        0-dim float32 tensor, mean over all elements; with ``mask``, each position's mean over classes averaged as
+        ``_position_mean`` does.
     """
     if student_logits.ndim == 1 and teacher_logits.ndim == 1:  # regression: squared error needs no class axis
         _require_same_shape(student_logits, teacher_logits, "logit_mse", "make the student give one value per sample of the batch")
     else:
         _require_logits(student_logits, teacher_logits, "logit_mse")
-    return F.mse_loss(student_logits.float(), teacher_logits.detach().float())
+    return _squared_error(student_logits, teacher_logits, mask, "logit_mse")
 
 
-def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def _squared_error(student: Tensor, teacher: Tensor, mask: Tensor | None, what: str) -> Tensor:
+    """The mean squared error in float32 of two tensors of equal shape, masked as ``_position_mean`` says where ``mask``."""
+    if mask is None:
+        return F.mse_loss(student.float(), teacher.detach().float())
+    student, teacher, mask = _outside_zeroed(student, teacher, mask, what)
+    return _position_mean((student.float() - teacher.float()).square().mean(dim=-1), mask)
+
+
+def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
     """Squared error between the softened class probabilities ``p = softmax(logits / T)``, summed over classes and
     averaged over every other position (a Brier score against the teacher's distribution), computed in float32.
     Unlike ``logit_mse`` it ignores what softmax ignores (a constant added to a row's logits) and, unlike
@@ -146,6 +192,8 @@ def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature:
         student_logits: (B, C) or (B, ..., C).
         teacher_logits: same shape; detached.
         temperature: T > 0.
+        mask: optional (B, T) bool or 0/1 for (B, T, C) per-token logits, true where a position counts
+            (``_position_mean``).
 
     Returns:
         0-dim float32 tensor.
@@ -153,21 +201,25 @@ def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"probability_mse: temperature must be a finite number > 0, got {temperature!r}; use e.g. 1.0 or 4.0")
     _require_logits(student_logits, teacher_logits, "probability_mse")
+    if mask is not None:
+        student_logits, teacher_logits, mask = _outside_zeroed(student_logits, teacher_logits, mask, "probability_mse")
     num_classes = student_logits.shape[-1]
     p_s = F.softmax(student_logits.float().reshape(-1, num_classes) / temperature, dim=-1)
     p_t = F.softmax(teacher_logits.detach().float().reshape(-1, num_classes) / temperature, dim=-1)
-    return (p_s - p_t).square().sum(dim=-1).mean()
+    return _position_mean((p_s - p_t).square().sum(dim=-1), mask)
 
 
-def feature_mse(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+def feature_mse(student_features: Tensor, teacher_features: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared error between feature tensors, computed in float32.
 
     Args:
         student_features: (B, *shape), already projected to the teacher's shape.
         teacher_features: (B, *shape), exactly the same shape; detached.
+        mask: optional (B, T) bool or 0/1 for (B, T, D) per-token features, true where a position counts.
 
     Returns:
-        0-dim float32 tensor, mean over all elements.
+        0-dim float32 tensor, mean over all elements; with ``mask``, each position's mean over D averaged as
+        ``_position_mean`` does.
     """
     _require_same_shape(
         student_features,
@@ -175,7 +227,7 @@ def feature_mse(student_features: Tensor, teacher_features: Tensor) -> Tensor:
         "feature_mse",
         "pass the student features through projection_head(student_shape, teacher_shape) first",
     )
-    return F.mse_loss(student_features.float(), teacher_features.detach().float())
+    return _squared_error(student_features, teacher_features, mask, "feature_mse")
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:

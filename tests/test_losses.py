@@ -492,3 +492,80 @@ def test_stats_counts_a_tie_as_top1_correct_does_without_torch() -> None:
     assert sum(len(_tops(r)) > 1 for r in teacher.float().tolist()) > 20 and {-1, 6} <= set(labels.tolist())
     numpy_rule = _top1_correct(teacher.numpy(), labels.numpy()[:, None])
     assert numpy_rule.tolist() == top1_correct(teacher, labels).tolist() and numpy_rule[3] == 0
+
+
+# --------------------------------------------------------------------------- padding masks
+
+
+def _ref_masked(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, per_position) -> float:
+    """Each row's mean of ``per_position(student[b, t], teacher[b, t])`` over its valid positions (0 for a row with
+    none), then the mean over rows: python loops."""
+    rows = []
+    for b in range(mask.shape[0]):
+        values = [per_position(student[b, t], teacher[b, t]) for t in range(mask.shape[1]) if mask[b, t]]
+        rows.append(sum(values) / len(values) if values else 0.0)
+    return sum(rows) / len(rows)
+
+
+MASKED_LOSSES = {
+    "kl": (lambda s, te, m: kl_divergence(s, te, 2.0, mask=m), lambda s, te: _ref_kl(s[None], te[None], 2.0)),
+    "logit_mse": (lambda s, te, m: logit_mse(s, te, mask=m), _ref_mse),
+    "probability_mse": (lambda s, te, m: probability_mse(s, te, 2.0, mask=m),
+                        lambda s, te: sum((a - b) ** 2 for a, b in zip(_ref_softmax(s.tolist(), 2.0), _ref_softmax(te.tolist(), 2.0)))),
+    "feature_mse": (lambda s, te, m: feature_mse(s, te, mask=m), _ref_mse),
+}
+PADDED = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])  # row 2: no valid position
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float32])
+def test_a_masked_loss_is_the_mean_over_rows_of_each_row_s_mean_over_its_valid_positions(name: str, dtype: torch.dtype) -> None:
+    loss, per_position = MASKED_LOSSES[name]
+    s, te = _logits(4, 5, 3, seed=30), _logits(4, 5, 3, seed=31)
+    got = loss(s, te, PADDED.to(dtype))
+    assert got.dtype == torch.float32 and got.ndim == 0
+    assert got.item() == pytest.approx(_ref_masked(s, te, PADDED, per_position), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+def test_pad_positions_change_neither_a_masked_loss_nor_its_gradient(name: str) -> None:
+    loss = MASKED_LOSSES[name][0]
+    s, te = _logits(4, 5, 3, seed=32), _logits(4, 5, 3, seed=33)
+    pad = ~PADDED.bool()
+    s_wild, te_wild = s.clone(), te.clone()
+    s_wild[pad], te_wild[pad] = 1e30, float("nan")  # the student's pad outputs are its own; the stored ones anything
+    if name in ("kl", "probability_mse"):  # and at valid positions, -inf (a class the teacher rules out) as it was
+        te[3:, :, 0] = te_wild[3:, :, 0] = float("-inf")
+    values, grads = [], []
+    for student, teacher in ((s, te), (s_wild, te_wild)):
+        student = student.clone().requires_grad_()
+        value = loss(student, teacher, PADDED.bool())
+        value.backward()
+        values.append(value.detach()), grads.append(student.grad)
+    assert torch.isfinite(values[0])
+    torch.testing.assert_close(values[1], values[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert not grads[1][pad].any()
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+def test_an_all_true_mask_gives_the_unmasked_loss(name: str) -> None:
+    loss = MASKED_LOSSES[name][0]
+    s, te = _logits(3, 4, 6, seed=34), _logits(3, 4, 6, seed=35)
+    torch.testing.assert_close(loss(s, te, torch.ones(3, 4, dtype=torch.bool)), loss(s, te, None))
+
+
+def test_a_masked_loss_of_equal_parts_averages_to_the_whole_batch_s() -> None:
+    """Rows are the unit torchrun's ranks and train.streams average over: the mean of two halves' losses is the batch's."""
+    s, te = _logits(4, 5, 3, seed=36), _logits(4, 5, 3, seed=37)
+    halves = [kl_divergence(s[i:i + 2], te[i:i + 2], mask=PADDED[i:i + 2]) for i in (0, 2)]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, kl_divergence(s, te, mask=PADDED))
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+@pytest.mark.parametrize(("shape", "mask_shape"), [((4, 5, 3), (4, 4)), ((4, 5, 3), (5,)), ((4, 5, 3), (4, 5, 3)), ((4, 15), (4, 15))])
+def test_a_mask_that_does_not_fit_is_a_shape_error(name: str, shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
+    loss = MASKED_LOSSES[name][0]
+    with pytest.raises(ShapeMismatchError, match=rf"mask shape {re.escape(str(mask_shape))} does not fit shape "
+                                                 rf"{re.escape(str(shape))}; a mask is \(B, T\)"):
+        loss(_logits(*shape, seed=38), _logits(*shape, seed=39), torch.ones(mask_shape, dtype=torch.bool))
