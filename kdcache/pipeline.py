@@ -105,6 +105,9 @@ class TrainSection:
     streams: int = 1
     drop_last: bool = False  # leave out the incomplete last batch of each buffer (BatchNorm cannot train on one sample)
     precision: str = "fp32"  # bf16 / fp16: autocast for the student's forward (fp16 with a dynamic loss scale)
+    # the key of the dataset's dict inputs holding each item's (tokens,) padding mask, true where a position counts: kl,
+    # mse and per-token feature terms average each row over its valid positions ("": every position counts)
+    mask: str = ""
     # under torchrun: how long a rank waits for the others in a training step's collectives (a hung or lost rank), in
     # seconds; start-up, checkpoints and the run's end wait up to distributed.TIMEOUT (docs/CLUSTER.md)
     rank_timeout_s: float = 1800.0

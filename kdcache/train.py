@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -576,6 +577,8 @@ class Run:
     world: int = 1  # under torchrun: the number of ranks whose gradients each step averages
     select: str = "auto"  # student.select: the part of the student's output compared with the stored logits
     precision: str = "fp32"  # train.precision: autocast of the student's forward and heads
+    mask: str = ""  # train.mask: the key of the batch's dict inputs holding its (B, T) padding mask
+    masked: tuple[str, ...] = ()  # the target paths whose terms take that mask (per-token ones: _mask_paths)
     scaler: Any = field(init=False, default=None)
     graded: dict[str, bool] = field(init=False, default_factory=dict)  # the last losses(): each student feature carries a gradient
 
@@ -587,8 +590,9 @@ class Run:
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
         self.hooked.clear()  # this forward's outputs only: never a stale one from an earlier batch
+        inputs = data.to_device(batch["inputs"], self.device)
         with data.autocast(self.device, self.precision):  # the student and its heads; the losses compute in float32
-            logits = data.call(self.student, data.to_device(batch["inputs"], self.device), "student")
+            logits = data.call(self.student, inputs, "student")
             logits = select_student(logits, "student output", self.select)
             feats = {}
             for path, (module, _, selector) in self.features.items():
@@ -596,13 +600,14 @@ class Run:
                 self.graded[path] = feat.requires_grad  # before its head, whose parameters would give the term a gradient
                 feats[path] = self.heads[_key(path)](feat) if _key(path) in self.heads else feat
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
-        w, parts = self.loss, {}
+        masks = {path: inputs[self.mask] for path in self.masked}  # the batch's own items' padding mask, for per-token terms
+        w, parts, mask = self.loss, {}, masks.get(layout.LOGITS)
         try:
             if w.kl:
-                parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature))
+                parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature, mask))
             if w.mse:
-                mse = (losses.logit_mse(logits, targets[layout.LOGITS]) if w.mse_on == "logits"
-                       else losses.probability_mse(logits, targets[layout.LOGITS], w.temperature))
+                mse = (losses.logit_mse(logits, targets[layout.LOGITS], mask) if w.mse_on == "logits"
+                       else losses.probability_mse(logits, targets[layout.LOGITS], w.temperature, mask))
                 parts["mse"] = _weighted(w.mse, mse)
         except ShapeMismatchError as e:
             raise _output_mismatch(e, logits, targets[layout.LOGITS], len(batch["rows"]), self.select) from None
@@ -610,7 +615,7 @@ class Run:
             _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
             parts["ce"] = _weighted(w.ce, losses.cross_entropy(logits, batch["label"].to(self.device)))
         for path, (_, weight, _) in self.features.items():
-            parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feats[path], targets[path]))
+            parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feats[path], targets[path], masks.get(path)))
         return parts
 
 
@@ -694,7 +699,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
             features[stored[layer].path] = (spec["student"], float(spec["weight"]), spec["select"])
     teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
-              select=pipeline.student.select, precision=t.precision)
+              select=pipeline.student.select, precision=t.precision, mask=t.mask)
+    run.masked = _mask_paths(pipeline, store, run, dataset)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     handles = teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
     if hooks is not None:
@@ -759,6 +765,54 @@ def _keeps_zero_terms(checkpoint: dict[str, Any] | None, pipeline: Pipeline, ran
               f"weight 0; the resumed run keeps the term of train.features {', '.join(map(repr, kept))} (weight 0), its loss_feat "
               "0 (a new run leaves such an entry off: its layer not read, no head)", file=sys.stderr)
     return bool(kept)
+
+
+def _mask_paths(pipeline: Pipeline, store: layout.Store, run: Run, dataset: Any) -> tuple[str, ...]:
+    """The target paths whose terms ``train.mask`` applies to: per-token logits and features, ``(tokens, classes)`` or
+    ``(tokens, dim)`` per sample. The mask is checked on two dataset items first (``_checked_mask``): an entry of their
+    dict inputs, ``(tokens,)`` each, as many tokens as those targets, of bool or 0/1 values."""
+    key, where = pipeline.train.mask, pipeline.where("train.mask")
+    if not key:
+        return ()
+    shapes, names = {tg.path: tuple(tg.shape) for tg in store.targets.values()}, {tg.path: tg.name for tg in store.targets.values()}
+    paths = ([layout.LOGITS] if run.loss.kl or run.loss.mse else []) + list(run.features)
+    tokens = {path: shapes[path][0] for path in paths if len(shapes[path]) == 2}
+    if not tokens:
+        seen = ", ".join(f"{names[path]} {list(shapes[path])}" for path in paths) or "none: ce alone"
+        raise PipelineError(f"{where}: train.mask = {key!r} masks per-token terms (kl and mse on (tokens, classes) logits, train.features "
+                            f"of (tokens, dim)), but no term of this run is per-token (per-sample shapes: {seen}), so it would change "
+                            "nothing; set train.mask = \"\"")
+    mask = _checked_mask(dataset, key, where)
+    wrong = next((path for path, count in tokens.items() if count != mask.shape[1]), None)
+    if wrong is not None:
+        raise ShapeMismatchError(f"{where}: train.mask {key!r} has {mask.shape[1]} positions per item, but the stored "
+                                 f"{names[wrong]!r} has {tokens[wrong]} tokens (per-sample shape {list(shapes[wrong])}); "
+                                 "give the mask one value per token of the per-token logits and features, or set train.mask = \"\"")
+    return tuple(tokens)
+
+
+def _checked_mask(dataset: Any, key: str, where: str) -> torch.Tensor:
+    """The batched ``train.mask`` entry of dataset items 0 and 1 (the first two), refused unless it is a (2, tokens) tensor of
+    bool or 0/1 values."""
+    probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
+    inputs, rows = probe["inputs"], len(probe["index"])
+    if not isinstance(inputs, Mapping):
+        raise PipelineError(f"{where}: train.mask = {key!r} names an entry of the dataset's dict inputs, but its items' inputs are "
+                            f"{data.describe(inputs)} (batched), not a dict; return each item as a dict of tensors holding the mask "
+                            f"(e.g. {{'input_ids': ..., {key!r}: ...}}), or set train.mask = \"\"")
+    if key not in inputs:
+        raise PipelineError(f"{where}: train.mask = {key!r} is not an entry of the dataset's inputs (their keys: {list(inputs)}); "
+                            "name the entry holding each item's padding mask, or set train.mask = \"\"")
+    mask = inputs[key]
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or len(mask) != rows:
+        raise ShapeMismatchError(f"{where}: train.mask {key!r} must be one (tokens,) tensor per item, got {data.describe(mask)} for a "
+                                 f"batch of {rows} items; return it with one value per token (e.g. mask[0] of a (1, tokens) one)")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        odd = mask[(mask != 0) & (mask != 1)][0].item()
+        raise PipelineError(f"{where}: train.mask {key!r} must hold bool or 0/1 values (true where a position counts), got "
+                            f"{odd!r} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
+                            "before each item's length")
+    return mask
 
 
 def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:

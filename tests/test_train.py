@@ -1829,3 +1829,104 @@ def test_torchrun_ranks_each_evaluate_their_part_and_the_counts_are_summed(tiny_
         assert sum(metrics[key] * m for metrics, m in parts) == pytest.approx(value * rows), key
     if source == "eval_cache":
         assert evaluated(shards, shards + 1)[0] == {}  # a rank with no shard of its own: no rows, no metrics (0 of 0)
+
+
+# ------------------------------------------------------------------------------------------ padding mask (train.mask)
+
+
+def token_pipeline(teacher: str = "token_lm", dataset: str = "padded_tokens", **train_values) -> kdcache.Pipeline:
+    """A per-token LM (extract_zoo.TokenLM) over dict items {tokens, attention_mask}: kl and mse on its (6, 12) logits per
+    sample and feature MSE on its (6, 16) hidden states, through a per-token projection head from the student's (6, 8)."""
+    from kdcache.pipeline import from_dict
+
+    values = {"epochs": 2, "batch_size": 8, "lr": 0.01, "device": "cpu", "loss": {"kl": 1.0, "mse": 0.5},
+              "features": {"hidden": {"student": "hidden", "weight": 0.1}}, **train_values}
+    return from_dict({"teacher": {"factory": f"extract_zoo.py:{teacher}"}, "data": {"factory": f"extract_zoo.py:{dataset}"},
+                      "targets": {"layers": ["hidden"], "dtype": "float32"}, "extract": {"batch_size": 10, "device": "cpu", "rows_per_shard": 10},
+                      "student": {"factory": "extract_zoo.py:token_lm_student"}, "train": values}, root=FIXTURES)
+
+
+@pytest.fixture(scope="module")
+def token_stores(tmp_path_factory) -> dict[str, str]:
+    """Stores of extract_zoo.TokenLM over 50 items: padded (the last i % 3 tokens of item i), as the teacher computes them
+    ("padded") and with its stored logits and hidden states 1e4 at every pad position ("wild"); over unpadded items; and
+    over items with wrong masks beside theirs ("odd")."""
+    folder, stores = tmp_path_factory.mktemp("token-stores"), {}
+    for name, teacher, dataset in (("padded", "token_lm", "padded_tokens"), ("wild", "token_lm_wild_pad", "padded_tokens"),
+                                   ("unpadded", "token_lm", "unpadded_tokens"), ("odd", "token_lm", "odd_masks")):
+        stores[name] = str(folder / f"{name}.zarr")
+        kdcache.extract(token_pipeline(teacher, dataset), stores[name])
+    return stores
+
+
+def trained(out: Path) -> dict[str, torch.Tensor]:
+    return {**torch.load(out / "student.pt"), **{f"head.{k}": v for k, v in torch.load(out / "heads.pt").items()}}
+
+
+@pytest.mark.parametrize("mse_on", ["logits", "probabilities"])
+def test_a_padding_mask_leaves_what_the_teacher_stored_at_padding_out_of_the_losses_and_the_weights(token_stores, tmp_path, mse_on):
+    """Without train.mask, every position counted: the student was trained to give the teacher's outputs at padding (here
+    1e4); with it, the stored pad positions change neither a loss term nor a trained weight (the mask read with each
+    batch's own items: another batch's would let the 1e4 in)."""
+    runs = {}
+    for store in ("padded", "wild"):
+        for mask in ("attention_mask", ""):
+            out = tmp_path / f"{store}-{mask or 'none'}"
+            train(token_pipeline(mask=mask, loss={"kl": 1.0, "mse": 0.5, "mse_on": mse_on}), token_stores[store], out)
+            runs[store, mask] = metrics(out), trained(out)
+    masked, wild = runs["padded", "attention_mask"], runs["wild", "attention_mask"]
+    assert [{k: v for k, v in m.items() if k.startswith("loss")} for m in masked[0]] == [
+        {k: v for k, v in m.items() if k.startswith("loss")} for m in wild[0]]
+    assert {"loss_kl", "loss_mse", "loss_feat:hidden"} <= set(masked[0][-1])
+    assert all(torch.equal(masked[1][k], wild[1][k]) for k in masked[1])
+    unmasked, wild_unmasked = runs["padded", ""], runs["wild", ""]
+    assert wild_unmasked[0][-1]["loss_feat:hidden"] > 1e3 * unmasked[0][-1]["loss_feat:hidden"]
+    assert not all(torch.equal(unmasked[1][k], wild_unmasked[1][k]) for k in unmasked[1])
+
+
+def test_a_mask_of_items_without_padding_trains_as_no_mask(token_stores, tmp_path):
+    """Equal up to rounding (the masked mean sums each row first): SGD, as AdamW would make steps of lr out of the rounding of
+    a gradient that is 0 (attention's key bias, to which softmax is blind)."""
+    for mask in ("attention_mask", ""):
+        train(token_pipeline(dataset="unpadded_tokens", mask=mask, optimizer="sgd", lr=0.05), token_stores["unpadded"],
+              tmp_path / (mask or "none"))
+    with_mask, without = trained(tmp_path / "attention_mask"), trained(tmp_path / "none")
+    for key, value in without.items():
+        torch.testing.assert_close(with_mask[key], value)
+    for a, b in zip(metrics(tmp_path / "attention_mask"), metrics(tmp_path / "none")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("mask", "error", "match"), [
+    ("mask", PipelineError, r"train.mask = 'mask' is not an entry of the dataset's inputs \(their keys: \['tokens', 'attention_mask', "
+                            r"'long_mask', 'length', 'weights'\]\); name the entry"),
+    ("long_mask", ShapeMismatchError, r"train.mask 'long_mask' has 7 positions per item, but the stored 'logits' has 6 tokens "
+                                      r"\(per-sample shape \[6, 12\]\)"),
+    ("length", ShapeMismatchError, r"train.mask 'length' must be one \(tokens,\) tensor per item, got int64\[2\] for a batch of 2 items"),
+    ("weights", PipelineError, r"train.mask 'weights' must hold bool or 0/1 values \(true where a position counts\), got 0.5 \(float32\)"),
+])
+def test_a_train_mask_that_is_not_the_items_padding_mask_is_refused_before_training(token_stores, tmp_path, mask, error, match):
+    with pytest.raises(error, match=match):
+        train(token_pipeline(dataset="odd_masks", mask=mask), token_stores["odd"], tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_train_mask_where_no_term_is_per_token_is_refused(tiny_store, tmp_path):
+    with pytest.raises(PipelineError, match=r"train.mask = 'attention_mask' masks per-token terms .* no term of this run is per-token "
+                                            r"\(per-sample shapes: logits \[4\], features.3 \[\d+, \d+, \d+\]\), so it would change nothing; "
+                                            r"set train.mask = \"\""):
+        train(pipeline("train.eval_split=''", "train.mask='attention_mask'"), tiny_store, tmp_path / "run")
+
+
+def test_a_train_mask_of_inputs_that_are_not_a_dict_is_refused(tmp_path):
+    """A token tagger of images: per-token (16, 5) logits, its inputs a tensor, where no mask can be."""
+    from kdcache.pipeline import from_dict
+
+    p = from_dict({"teacher": {"factory": "architectures.py:tagger_teacher"}, "data": {"factory": "architectures.py:images"},
+                   "targets": {"dtype": "float32"}, "extract": {"batch_size": 8, "device": "cpu"},
+                   "student": {"factory": "architectures.py:tagger_student"},
+                   "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "mask": "attention_mask"}}, root=FIXTURES)
+    kdcache.extract(p, str(tmp_path / "tagger.zarr"))
+    with pytest.raises(PipelineError, match=r"train.mask = 'attention_mask' names an entry of the dataset's dict inputs, but its items' "
+                                            r"inputs are float32\[2, 3, 8, 8\] \(batched\), not a dict"):
+        train(p, str(tmp_path / "tagger.zarr"), tmp_path / "run")
