@@ -521,6 +521,34 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
         assert all(torch.equal(b[k], start[k]) for k in ("fc.weight", "spare.weight")) and not torch.equal(b["conv.weight"], start["conv.weight"])
 
 
+def test_torchrun_train_with_a_padding_mask_equals_one_process_with_as_many_streams(tmp_path):
+    """train.mask: a masked loss is the mean over rows of each row's mean over its valid positions, so two ranks' scaled
+    losses average to the joined batch's, the uneven last step's too (50 rows, per-token logits and features of
+    extract_zoo.TokenLM). SGD: AdamW would make steps of lr out of the rounding of a gradient that is 0 (attention's
+    key bias), which the two ways of summing round differently."""
+    toml = write_toml(tmp_path / "lm.toml", 'teacher.factory="extract_zoo.py:token_lm"', 'data.factory="extract_zoo.py:padded_tokens"',
+                      'targets.layers=["hidden"]', 'targets.dtype="float32"', f'student.factory="{FIXTURES}/extract_zoo.py:token_lm_student"',
+                      'train={epochs=2, batch_size=8, device="cpu", optimizer="sgd", lr=0.05, mask="attention_mask", '
+                      'loss={kl=1.0, mse=0.5}, features={hidden={student="hidden", weight=0.1}}}')
+    store = str(tmp_path / "lm.zarr")
+    extracted = CliRunner().invoke(main, ["extract", str(toml), "--out", store])
+    assert extracted.exit_code == 0, extracted.output
+    one = CliRunner().invoke(main, ["train", str(toml), "--cache", store, "--out", str(tmp_path / "one"), "--set", "train.streams=2"])
+    assert one.exit_code == 0, one.output
+    r = _torchrun("train", str(toml), "--cache", store, "--out", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for file in ("student.pt", "heads.pt"):
+        a, b = torch.load(tmp_path / "one" / file), torch.load(tmp_path / "ddp" / file)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "ddp")]
+    for one_epoch, ddp_epoch in zip(*logs):
+        assert {"loss_kl", "loss_mse", "loss_feat:hidden"} <= set(one_epoch)
+        for k in (k for k in one_epoch if k.startswith("loss")):
+            assert ddp_epoch[k] == pytest.approx(one_epoch[k], rel=1e-5), k
+
+
 def test_torchrun_ranks_evaluate_the_student_rank_0_saves(tiny_store, tmp_path):
     """Each rank updates BatchNorm's running statistics from its own rows, and each evaluated its part of the eval split
     with its own: eval_accuracy mixed the ranks' students, none of them the student.pt written (rank 0's). Every rank
