@@ -53,8 +53,11 @@ def env(**extra: object) -> dict[str, str]:
 
 def run_with_fault(fault: str, log: Path, root: Path, *args: object, timeout: float = 120, **zoo: object) -> subprocess.CompletedProcess:
     """``kdcache ARGS`` in a subprocess with ``fault`` (``kill:N`` / ``enospc:N`` / ``termgroup:N``) injected, in a
-    process group of its own (``termgroup`` signals that group)."""
+    process group of its own (``termgroup`` signals that group). A ``kill`` lands on a write or a step, long after
+    Python's start: that process is forked with torch and kdcache imported already (``faults.run_forked``)."""
     extra = {f"ZOO_{k}": v for k, v in zoo.items()} | {"KDCACHE_FAULT": fault, "KDCACHE_FAULT_LOG": log, "KDCACHE_FAULT_ROOT": root}
+    if fault.startswith("kill:"):
+        return faults.run_forked([*map(str, args), "--no-progress"], env(**extra), timeout=timeout, new_session=True)
     return subprocess.run([sys.executable, str(FAULTS), *map(str, args), "--no-progress"], env=env(**extra),
                           capture_output=True, timeout=timeout, start_new_session=True)
 
