@@ -238,7 +238,7 @@ def _refusal(fd: int, location: str | os.PathLike[str]) -> StoreError | None:
     None when taken, else the error naming who holds it: a writer, or copies (``reading_lock``), whose shared hold lets a
     shared lock be had. The file of copies names the last to start, which may have ended (or been killed) since while
     others go on: named as such, not as the store's writer."""
-    holder = _holder(fd, fcntl.LOCK_EX, tries=20)
+    holder = _holder(fd, fcntl.LOCK_EX, tries=LOOK_TRIES)
     if holder is None:
         return None
     try:
@@ -313,7 +313,7 @@ def _take_shared(path: Path, location: str, holder: str, verb: str) -> int:
                 _unlocked(location, verb, f"its lock file {str(path)!r} cannot be made here")
                 return -1
         try:
-            seen = _holder(fd, fcntl.LOCK_SH, tries=20)  # for a second: a writer may be looking (refuse_if_being_written)
+            seen = _holder(fd, fcntl.LOCK_SH, tries=LOOK_TRIES)  # for a second: a writer may be looking (refuse_if_being_written)
             ours = seen is None and _same_file(fd, path)  # still the file at that path: not removed by its last holder meanwhile
         except BaseException as e:
             os.close(fd)
@@ -400,6 +400,11 @@ def _lock_path(location: str | os.PathLike[str]) -> Path | None:
         return None
     root = Path(storage.local_path(str(location))).resolve()  # one lock whatever the path: through a symlink, relative, with ..
     return root.parent / f".{root.name}.kdcache-lock"
+
+
+# How often a lock taken by another process is tried again, 50 ms apart, before it is called held: for a second, as
+# another process may be looking at it for an instant (``active_writer``, ``refuse_if_being_written``).
+LOOK_TRIES = 20
 
 
 def _holder(fd: int, kind: int, tries: int) -> str | None:

@@ -49,6 +49,13 @@ def assert_refused(result, store: Path, holder: str) -> None:
     assert f"{str(store)!r} is being written by {holder}" in lines[0] and "nothing was changed" in lines[0], lines[0]
 
 
+@pytest.fixture
+def brief_looks(monkeypatch):
+    """A writer refused in this process is told in 0.15 s, not after a second of retries (``locking.LOOK_TRIES``): the
+    holder in these tests is a writer that keeps the lock throughout, not a look that lasts an instant."""
+    monkeypatch.setattr(locking, "LOOK_TRIES", 4)
+
+
 @pytest.mark.slow
 def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env):
     """A real ``kdcache extract`` (240 samples at 20 ms: ~5 s) holds the lock; ``--overwrite`` with another teacher, and
@@ -87,7 +94,7 @@ def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env)
     assert result.exit_code == 0, result.output
 
 
-def test_import_and_extract_are_refused_while_another_holds_the_lock(tiny_store, tmp_path):
+def test_import_and_extract_are_refused_while_another_holds_the_lock(tiny_store, tmp_path, brief_looks):
     h5, copy = tmp_path / "t.h5", tmp_path / "copy.zarr"
     assert invoke("export", tiny_store, h5).exit_code == 0
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom kdcache.locking import writer_lock\n"
@@ -111,7 +118,7 @@ def test_import_and_extract_are_refused_while_another_holds_the_lock(tiny_store,
     assert arrays.keys() == original.keys() and all((arrays[k] == original[k]).all() for k in arrays)
 
 
-def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path):
+def test_lock_is_per_store_and_held_only_inside_the_block(tmp_path, brief_looks):
     a, b = tmp_path / "a.zarr", tmp_path / "runs" / "b.zarr"
     with writer_lock(a), writer_lock(b):  # two stores: independent locks; a missing parent folder is made
         assert lock_file(a).read_text().startswith(f"kdcache pid {os.getpid()} on ")
@@ -236,7 +243,7 @@ def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "lock file" in result.output, result.output
 
 
-def test_pack_and_export_of_a_store_being_written_are_refused(tiny_store, tmp_path):
+def test_pack_and_export_of_a_store_being_written_are_refused(tiny_store, tmp_path, brief_looks):
     """pack and export read a store without looking at its writer lock: one racing an extract --overwrite of the store
     could copy objects of two stores into one file. They are refused at the start, as the writers are."""
     copy = tmp_path / "copy.zarr"
@@ -423,7 +430,7 @@ def test_an_s3_pack_whose_lock_was_late_but_kept_is_put_in_place_and_one_taken_o
     assert [p.name for p in tmp_path.iterdir()] == ["kept.zarr.zip"] and read_object(fs, lock) is None
 
 
-def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path):
+def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path, brief_looks):
     out = tmp_path / "run"
     args = ("train", FIXTURES / "tiny.toml", "--cache", tiny_store, "--out", out, "--set", "train.epochs=1", "--no-progress")
     assert invoke(*args).exit_code == 0
@@ -474,7 +481,7 @@ def test_a_file_system_without_flock_is_written_unlocked(tmp_path, tiny_store, m
     assert arrays["samples/index"].tolist() == list(range(50))
 
 
-def test_a_refused_job_builds_no_teacher(tmp_path, tiny_store):
+def test_a_refused_job_builds_no_teacher(tmp_path, tiny_store, brief_looks):
     """The refusal comes before the teacher (minutes for a large one) is built: a teacher factory that would
     fail is never called while another job holds the store."""
     sentinel = tmp_path / "teacher-was-built"
