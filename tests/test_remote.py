@@ -791,7 +791,7 @@ def test_every_command_names_an_endpoint_that_never_answers_within_the_probe_tim
     from kdcache import storage
 
     monkeypatch.setattr(storage, "PROBE_CONNECT_S", 1.0)
-    monkeypatch.setattr(storage, "PROBE_READ_S", 0.5)  # the endpoint never answers: any wait gives up, and 13 cases pay it
+    monkeypatch.setattr(storage, "PROBE_READ_S", 0.2)  # the endpoint never answers: any wait gives up, and 13 cases pay it
     monkeypatch.setattr(storage, "PROBE_ATTEMPTS", 2)
     endpoint, held = silent_endpoint
     url = f"s3://{BUCKET}/silent.zarr" if scheme == "s3" else f"{endpoint}/silent.zarr"
@@ -808,16 +808,16 @@ def test_every_command_names_an_endpoint_that_never_answers_within_the_probe_tim
     assert result.exit_code == 1 and len(lines) == (4 if command == "verify" else 1), result.output  # verify's report: FAIL open
     said = lines[2].replace("      - ", "Error: ", 1) if command == "verify" else lines[0]
     if scheme == "s3":
-        assert re.match(rf"Error: cannot reach '{url}': Read timeout on endpoint URL: .*; gave up after \d+ s \(2 tries of up to 0\.5 s "
+        assert re.match(rf"Error: cannot reach '{url}': Read timeout on endpoint URL: .*; gave up after \d+ s \(2 tries of up to 0\.2 s "
                         r"each\); for an endpoint that is slow rather than down raise --storage-option config_kwargs.read_timeout=SECONDS; "
                         r"check the URL", said), result.output
         assert len(held) == 2, "one connection a try: s3fs does not try again on top of botocore"
     else:
-        assert re.match(rf"Error: cannot reach '{url}': Timeout on reading data from socket; gave up after \d+ s \(1 try of up to 0\.5 s\); "
+        assert re.match(rf"Error: cannot reach '{url}': Timeout on reading data from socket; gave up after \d+ s \(1 try of up to 0\.2 s\); "
                         r"for an endpoint that is slow rather than down raise --storage-option client_kwargs.timeout.sock_read=SECONDS; "
                         r"check the URL", said), result.output
         assert len(held) == 1
-    assert took < 12, f"{took:.1f} s"  # two tries of 0.5 s; botocore's backoff between tries is under 1 s
+    assert took < 12, f"{took:.1f} s"  # two tries of 0.2 s; botocore's backoff between tries is under 1 s
     assert sorted(p.name for p in tmp_path.iterdir()) == (["t.h5"] if command == "import" else []), "nothing written"
 
 
