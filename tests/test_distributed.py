@@ -225,10 +225,11 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log, capfd)
     2 workers (by name: counted by pid, the one the nanny restarted was a third)."""
     from distributed import Client, LocalCluster
 
-    zoo_env(N=96, SLEEP=0.03)  # 6 shards of 16 rows, ~0.5 s each; read by the workers when they start
+    zoo_env(N=96)  # 6 shards of 16 rows
     reference = str(tmp_path / "single.zarr")
-    kdcache.extract(make_pipeline(), reference)
+    kdcache.extract(make_pipeline(), reference)  # at full speed: the items' sleep is no part of the store
     fetch_log(clear=True)
+    zoo_env(SLEEP=0.03)  # ~0.5 s a shard from here on; read by the workers when they start
     out = str(tmp_path / "killed.zarr")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
             Client(cluster) as client:
