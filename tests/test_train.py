@@ -1511,7 +1511,9 @@ if os.environ.get("SIGTERM_AT_STEP"):  # a first SIGTERM as that step begins
             os.kill(os.getpid(), signal.SIGTERM)
         return losses(self, batch)
     trainer.Run.losses = step
-atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)))  # as the interpreter exits
+# as the interpreter exits; a handler runs as os.kill returns (the default one ends the process there), the sleep only
+# keeps the interpreter from ending before it
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.1)))
 runpy.run_module("kdcache.cli", run_name="__main__")
 """
 
