@@ -608,18 +608,27 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
     ``ModelError`` naming the model, the exception, the line that raised it and the batch it was given.
     """
     try:
-        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+        with device_memory(f"the {role} model", inputs, f"lower {'extract' if role == 'teacher' else 'train'}.batch_size"):
+            return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     except KdcacheError:
         raise
     except Exception as e:
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            error, fix = DeviceMemoryError, f"lower {'extract' if role == 'teacher' else 'train'}.batch_size"
-        else:
-            error, fix = ModelError, f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)"
-            if (listed := _per_position(inputs)) is not None:
-                fix = (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
-                       "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or " + fix)
-        raise error(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
+        fix = f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)"
+        if (listed := _per_position(inputs)) is not None:
+            fix = (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
+                   "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or " + fix)
+        raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
+
+
+@contextmanager
+def device_memory(step: str, inputs: Any, fix: str) -> Iterator[None]:
+    """A GPU's out-of-memory error in ``step`` (a model's forward, the student's backward, the teacher's targets converted
+    for the store) on a batch of ``inputs`` as a one-line ``DeviceMemoryError`` naming the batch and the ``fix`` (lower the
+    batch size), not a traceback."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise DeviceMemoryError(f"{step} raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
 
 
 def _per_position(inputs: Any) -> str | None:

@@ -118,7 +118,9 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
                 hooked.clear()  # a module that does not run for this batch must not leave the last batch's output
                 with torch.inference_mode(), run.autocast():
                     output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
-                writer.put(batch, *to_host(run.select(output, hooked, len(batch["index"])), run.targets, run.device))
+                with run.device_memory("storing the teacher's targets (select steps, conversion to targets.dtype)", batch):
+                    host = to_host(run.select(output, hooked, len(batch["index"])), run.targets, run.device)
+                writer.put(batch, *host)
     except StoredInf as e:
         raise e.explained(run) from None
 
@@ -143,6 +145,11 @@ class Run:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return data.autocast(self.device, self.precision)
+
+    def device_memory(self, step: str, batch: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """A GPU's out-of-memory error in ``step`` on ``batch``, after the forward (``data.call`` names the forward's), as one
+        line naming the batch and the fix."""
+        return data.device_memory(step, batch["inputs"], "lower extract.batch_size")
 
     def forward(self, rows: list[int], layers: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         """One batch of dataset ``rows`` through the teacher: the batch, the output and the hooked layers' outputs."""
@@ -285,32 +292,34 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
     if t.logits and teachers.LOGITS in t.layers:
         raise PipelineError(f"{pipeline.where('targets.layers')}: a layer named {teachers.LOGITS!r} would clash with the model's output target; "
                             "set targets.logits = false to store that module as the only 'logits', or rename the module")
-    sources = ([(teachers.LOGITS, "")] if t.logits else []) + [(name, name) for name in t.layers]
-    for name, source in sources:
-        select = t.select.get(name, "auto")
-        tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name)
-        samples_first(tensor, len(batch["index"]), name)
-        _check_floating(tensor, name, t.dtype)
-        path = layout.LOGITS if source == "" else layout.layer_path(name)
-        run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
-    unknown = set(t.select) - {name for name, _ in sources}
-    if unknown:
-        raise PipelineError(f"{pipeline.where('targets.select')}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
-    alone = {}  # the manifest's, by either algorithm (a resumed store's); hashed as read, for an item may be a buffer the next read refills
-    for i in sorted({0, n - 1}):
-        inputs = data.item_inputs(dataset, i)
-        alone[i] = {a: data.fingerprint(inputs, a) for a in data.FINGERPRINT_ALGORITHMS}
-    run.probe = {
-        "fingerprints": {a: {str(i): f"{fps[a]:016x}" for i, fps in alone.items()} for a in data.FINGERPRINT_ALGORITHMS},
-        "outputs": {p: _kept(v) for p, v in run.select(output, hooked, len(batch["index"])).items()},
-    }
-    del output, hooked  # the checks below run the teacher again: of this batch's output, only its targets are kept meanwhile
-    _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
-    if writing:  # targets too large for any shard: refused before the teacher runs again (_check_alone's copies)
-        run.geometry(pipeline)
-    if len(batch["index"]) > 1:
-        _check_alone(run, t.layers)
-        _check_order(run, t.layers)
+    # the probe batch's targets (select steps) and the checks that run the teacher again, where a GPU may run out of memory too
+    with run.device_memory("the teacher's probe batch (its targets' select steps, the setup checks)", batch):
+        sources = ([(teachers.LOGITS, "")] if t.logits else []) + [(name, name) for name in t.layers]
+        for name, source in sources:
+            select = t.select.get(name, "auto")
+            tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name)
+            samples_first(tensor, len(batch["index"]), name)
+            _check_floating(tensor, name, t.dtype)
+            path = layout.LOGITS if source == "" else layout.layer_path(name)
+            run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
+        unknown = set(t.select) - {name for name, _ in sources}
+        if unknown:
+            raise PipelineError(f"{pipeline.where('targets.select')}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
+        alone = {}  # the manifest's, by either algorithm (a resumed store's); hashed as read, for an item may be a buffer the next read refills
+        for i in sorted({0, n - 1}):
+            inputs = data.item_inputs(dataset, i)
+            alone[i] = {a: data.fingerprint(inputs, a) for a in data.FINGERPRINT_ALGORITHMS}
+        run.probe = {
+            "fingerprints": {a: {str(i): f"{fps[a]:016x}" for i, fps in alone.items()} for a in data.FINGERPRINT_ALGORITHMS},
+            "outputs": {p: _kept(v) for p, v in run.select(output, hooked, len(batch["index"])).items()},
+        }
+        del output, hooked  # the checks below run the teacher again: of this batch's output, only its targets are kept meanwhile
+        _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
+        if writing:  # targets too large for any shard: refused before the teacher runs again (_check_alone's copies)
+            run.geometry(pipeline)
+        if len(batch["index"]) > 1:
+            _check_alone(run, t.layers)
+            _check_order(run, t.layers)
     if not keep_probe:
         del run.probe["outputs"]
     return run

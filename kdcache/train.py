@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers
-from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError,
+from kdcache.errors import (KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError,
                             TrainingError, TrainingStopped, option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
@@ -360,7 +360,8 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
             loss = loss * batch["scale"]
         loop.optimizer.zero_grad(set_to_none=True)
         loop.lr = loop.optimizer.param_groups[0]["lr"]  # the rate this step takes (a float: no sync), for the epoch's line
-        with _device_memory(batch):
+        # the backward holds the forward's activations and their gradients: where a batch too large for the device most often runs out
+        with data.device_memory("the student's backward pass or optimizer step", batch["inputs"], "lower train.batch_size"):
             run.scaler.scale(loss).backward()
             if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
                 distributed.average_gradients([p for g in loop.optimizer.param_groups for p in g["params"]], run.world)
@@ -511,18 +512,6 @@ def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
-
-
-@contextlib.contextmanager
-def _device_memory(batch: dict[str, Any]) -> Iterator[None]:
-    """A GPU's out-of-memory error in a step's backward pass or optimizer step (the forward's is ``data.call``'s) as a
-    ``DeviceMemoryError`` naming the batch and the fix, not a traceback: the backward holds the forward's activations
-    and their gradients, so it is where a batch too large for the device most often runs out."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as e:
-        raise DeviceMemoryError(f"the student's backward pass or optimizer step raised {raised(e)} on a batch of "
-                                f"{data.describe(batch['inputs'])}; lower train.batch_size") from e
 
 
 def _step_losses(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

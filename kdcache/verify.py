@@ -272,9 +272,10 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
             hooked.clear()
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
-            for path, tensor in run.select(output, hooked, len(batch["index"])).items():
-                if path in recomputed:
-                    recomputed[path].append(tensor.detach().float().cpu().numpy())
+            with run.device_memory("the teacher's recomputed targets (select steps, float32 copies)", batch):
+                for path, tensor in run.select(output, hooked, len(batch["index"])).items():
+                    if path in recomputed:
+                        recomputed[path].append(tensor.detach().float().cpu().numpy())
     seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
     stored_fp = _rows(store, layout.FINGERPRINT, rows, check)  # None: unreadable, named in the check's failures
     # a dataset's own __getitems__: each row read alone too, for one that serves a batch's items out of order (as it
