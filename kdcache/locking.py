@@ -266,7 +266,8 @@ def reading_lock(location: str | os.PathLike[str], storage_options: dict[str, An
     (``_being_written``, naming this process and ``verb``). A local store's: a shared ``flock`` on its writer lock file,
     so that copies do not exclude each other; an S3 store's: its writer lock object (S3 has no shared lock: two copies
     of one S3 store run one after the other). A zip or http(s) store has no writer. Where the lock cannot be taken (a
-    folder or bucket this user may not write), the store is copied after the check alone, as a note says. Yields
+    folder or bucket this user may not write), the store is copied after the check alone, as a note says; an S3 lock request
+    that fails otherwise (no answer, a 5xx) stops the copy. Yields
     ``held``, to call before the copy is put in place: it raises when the lock was lost meanwhile (an S3 lock taken over
     once stale), as the store may have changed."""
     location = str(location)
@@ -449,7 +450,8 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
     (``_identity``): a lock whose holder is certainly dead (``_holder_ended``: it ran on this machine, in this PID
     namespace, and its process is gone) is taken over at once, unless other processes wrote for it (``helpers``).
     ``reader``: the command of a copy that holds it to keep writers out (``reading_lock``), named in it; one that
-    cannot write it copies the store unlocked, and one that lost it says so itself (``_check_reading``).
+    may not write it (403: s3fs's PermissionError) copies the store unlocked, one whose lock request fails otherwise (no
+    answer, a 5xx) stops, and one that lost it says so itself (``_check_reading``).
     """
     lock = _lock_object(location, storage_options)
     token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
@@ -464,8 +466,12 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
         _drop_if_ours(*lock, token)  # a PUT that landed, its answer lost (timed out): a rerun would be refused until stale
         if not reader:
-            raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {one_line(e)}; "
+            raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {_failure(e)}; "
                              "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
+        if not isinstance(e, PermissionError):  # s3fs's for 403 AccessDenied; a timeout or 5xx says nothing of who may write
+            raise StoreError(f"cannot keep writers out of {location!r} while kdcache {reader} copies it: its lock object "
+                             f"'s3://{lock[1]}/{lock[2]}': {_failure(e)}; check that the endpoint is up and answers, and rerun "
+                             "(a user not allowed to write there copies it without the lock)") from None
         _unlocked(location, reader, f"its lock object 's3://{lock[1]}/{lock[2]}' cannot be written: {one_line(e, 200)}")
         etag = None
     except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
@@ -490,6 +496,11 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
         lease.release()
     if lease.lost_to is not None and not reader:
         raise _lost_lock(location, lease.lost_to)
+
+
+def _failure(e: BaseException) -> str:
+    """A failed request about the lock object in a few words (a request given up after ``LOCK_REQUEST_S`` has no message)."""
+    return f"no answer within {LOCK_REQUEST_S:g} s" if isinstance(e, TimeoutError) else one_line(e)
 
 
 def _clock() -> float:
@@ -558,7 +569,7 @@ class Lease:
             try:
                 self.renew(unless_within=LOCK_LATE_S)  # the writer threads each find it late: one renews
             except Exception as e:  # noqa: BLE001 - unreachable now: the data's own writes will say more if it lasts
-                failed = f"no answer within {LOCK_REQUEST_S:g} s" if isinstance(e, TimeoutError) else one_line(e)
+                failed = _failure(e)
             if _clock() - self.renewed > LOCK_STALE_S - LOCK_REQUEST_S and self.lost_to is None:
                 raise StoreError(f"{location!r}: cannot renew this job's writer lock (last renewed {_clock() - self.renewed:.0f} s ago, "
                                  f"taken over by another job after {LOCK_STALE_S:.0f} s): {failed}; nothing more was written; "

@@ -541,7 +541,8 @@ def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
 class KeepAliveS3:
     """An S3 endpoint on 127.0.0.1 in front of the moto server at ``upstream`` that keeps its connections alive, as a
     real one does (moto closes each: ``Connection: close``), and answers ``faults[KEY_PART]`` (403, 500...) to the GETs
-    and HEADs whose path holds KEY_PART. For reads: a request body sent chunked (botocore's PUTs) is not forwarded."""
+    and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, else InternalError) and
+    ``unanswered`` PUTs it never answers. For reads: a request body sent chunked (botocore's PUTs) is not forwarded."""
 
     def __init__(self, upstream: str):
         import http.server
@@ -549,6 +550,9 @@ class KeepAliveS3:
         import urllib.error
 
         self.faults: dict[str, int] = {}
+        self.put_faults: dict[str, int] = {}
+        self.unanswered: set[str] = set()
+        self.closed = threading.Event()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -561,8 +565,15 @@ class KeepAliveS3:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = next((code for part, code in outer.faults.items() if part in self.path and self.command in ("GET", "HEAD")), None)
+                put_fault = next((code for part, code in outer.put_faults.items() if part in self.path and self.command == "PUT"), None)
+                if self.command == "PUT" and any(part in self.path for part in outer.unanswered):
+                    outer.closed.wait()
+                    return
                 if fault is not None:
                     status, headers, data = fault, {"Content-Type": "application/xml"}, b"<Error><Code>AccessDenied</Code></Error>"
+                elif put_fault is not None:
+                    code = b"AccessDenied" if put_fault == 403 else b"InternalError"
+                    status, headers, data = put_fault, {"Content-Type": "application/xml"}, b"<Error><Code>" + code + b"</Code></Error>"
                 else:
                     request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
                                                      headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
@@ -588,6 +599,7 @@ class KeepAliveS3:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self.closed.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -630,6 +642,41 @@ def test_pack_names_an_object_an_s3_endpoint_refuses(s3, keep_alive_s3, tiny_sto
                                                     "PermissionError: "), r.output
     assert r.output.endswith("; nothing says the store is damaged: check the connection, endpoint, credentials and that the server is "
                              "up, then rerun\n") and r.output.count("\n") == 1, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fault, seen", [
+    ("403", None),  # not allowed to write the lock: copied without it, as a note says
+    ("500", "InternalError"),  # was: copied without the lock, only a note saying so
+    ("unanswered", "no answer within 1 s"),
+])
+def test_pack_of_an_s3_store_whose_lock_cannot_be_made_stops_unless_writing_it_is_refused(fault, seen, s3, keep_alive_s3, tiny_store,
+                                                                                        tmp_path, monkeypatch):
+    """Any failure of the lock object's PUT (a timeout, a 5xx, a refused connection) was taken as "this user may not write
+    the lock": the store was copied without keeping writers out, with a note. Only a refusal (403 AccessDenied: s3fs's
+    PermissionError) means that; any other failure stops the pack in one line naming the lock object and the cause."""
+    import s3fs
+
+    from kdcache import locking
+    from reference import _dotted
+
+    monkeypatch.setattr(locking, "LOCK_REQUEST_S", 1.0)
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/lockless.zarr", recursive=True)
+    options = {**s3, "endpoint_url": keep_alive_s3.url, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    if fault == "unanswered":
+        keep_alive_s3.unanswered.add(".lockless.zarr.kdcache-lock")
+    else:
+        keep_alive_s3.put_faults[".lockless.zarr.kdcache-lock"] = int(fault)
+    out = tmp_path / "l.zarr.zip"
+    r = CliRunner().invoke(main, ["pack", f"s3://{BUCKET}/lockless.zarr", str(out), *(f"--storage-option={k}={v}" for k, v in _dotted(options))])
+    if seen is None:
+        assert r.exit_code == 0 and out.exists(), r.output
+        assert f"note: 's3://{BUCKET}/lockless.zarr' is read by pack without keeping writers out (its lock object " in r.stderr, r.stderr
+        return
+    assert r.exit_code == 1 and r.stderr.startswith(
+        f"Error: cannot keep writers out of 's3://{BUCKET}/lockless.zarr' while kdcache pack copies it: its lock object "
+        f"'s3://{BUCKET}/.lockless.zarr.kdcache-lock': "), r.stderr
+    assert seen in r.stderr and r.stderr.count("\n") == 1 and "note:" not in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
