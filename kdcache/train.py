@@ -782,7 +782,7 @@ def _mask_paths(pipeline: Pipeline, store: layout.Store, run: Run, dataset: Any)
 
 def _checked_mask(dataset: Any, key: str, where: str) -> torch.Tensor:
     """The batched ``train.mask`` entry of dataset items 0 and 1 (the first two), refused unless it is a (2, tokens) tensor of
-    bool or 0/1 values."""
+    bool or 0/1 values keeping at least one position of each item."""
     probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
     inputs, rows = probe["inputs"], len(probe["index"])
     if not isinstance(inputs, Mapping):
@@ -801,6 +801,12 @@ def _checked_mask(dataset: Any, key: str, where: str) -> torch.Tensor:
         raise PipelineError(f"{where}: train.mask {key!r} must hold bool or 0/1 values (true where a position counts), got "
                             f"{odd!r} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
                             "before each item's length")
+    empty = ~mask.to(torch.bool).any(dim=1)  # a mask true at padding keeps nothing of an unpadded item: its loss 0, silently
+    if empty.any():
+        item = int(probe["index"][int(empty.nonzero()[0])])
+        raise PipelineError(f"{where}: train.mask {key!r} keeps no position of item {item} (its {mask.shape[1]} values all false); it "
+                            "must be true where a position counts, as a Hugging Face attention_mask is: a mask true at padding "
+                            "(PyTorch's key_padding_mask, tokens == pad_id) is the opposite, return ~mask")
     return mask
 
 

@@ -1901,11 +1901,14 @@ def test_a_mask_of_items_without_padding_trains_as_no_mask(token_stores, tmp_pat
 
 @pytest.mark.parametrize(("mask", "error", "match"), [
     ("mask", PipelineError, r"train.mask = 'mask' is not an entry of the dataset's inputs \(their keys: \['tokens', 'attention_mask', "
-                            r"'long_mask', 'length', 'weights'\]\); name the entry"),
+                            r"'long_mask', 'length', 'weights', 'key_padding_mask'\]\); name the entry"),
     ("long_mask", ShapeMismatchError, r"train.mask 'long_mask' has 7 positions per item, but the stored 'logits' has 6 tokens "
                                       r"\(per-sample shape \[6, 12\]\)"),
     ("length", ShapeMismatchError, r"train.mask 'length' must be one \(tokens,\) tensor per item, got int64\[2\] for a batch of 2 items"),
     ("weights", PipelineError, r"train.mask 'weights' must hold bool or 0/1 values \(true where a position counts\), got 0.5 \(float32\)"),
+    # true at padding: item 0 has none, so its mask keeps no position (the run's loss would be 0 on every unpadded item)
+    ("key_padding_mask", PipelineError, r"train.mask 'key_padding_mask' keeps no position of item 0 \(its 6 values all false\); it must "
+                                        r"be true where a position counts, as a Hugging Face attention_mask is: .* return ~mask"),
 ])
 def test_a_train_mask_that_is_not_the_items_padding_mask_is_refused_before_training(token_stores, tmp_path, mask, error, match):
     with pytest.raises(error, match=match):
