@@ -774,9 +774,13 @@ def _mask_paths(pipeline: Pipeline, store: layout.Store, run: Run, dataset: Any)
     mask = _checked_mask(dataset, key, where)
     wrong = next((path for path, count in tokens.items() if count != mask.shape[1]), None)
     if wrong is not None:
+        target = next(tg for tg in store.targets.values() if tg.path == wrong)
+        chosen = "" if target.select in ("tensor", "auto") else f", targets.select {target.select!r}"
         raise ShapeMismatchError(f"{where}: train.mask {key!r} has {mask.shape[1]} positions per item, but the stored "
-                                 f"{names[wrong]!r} has {tokens[wrong]} tokens (per-sample shape {list(shapes[wrong])}); "
-                                 "give the mask one value per token of the per-token logits and features, or set train.mask = \"\"")
+                                 f"{target.name!r} has {tokens[wrong]} tokens (per-sample shape {list(shapes[wrong])}{chosen}); "
+                                 "give the mask one value per token of the per-token logits and features (a select that keeps part of "
+                                 "the tokens, \"1:\", needs a mask of that part under a key of its own, e.g. attention_mask[1:], which the "
+                                 "models are passed too), or set train.mask = \"\"")
     return tuple(tokens)
 
 

@@ -1836,16 +1836,18 @@ def test_torchrun_ranks_each_evaluate_their_part_and_the_counts_are_summed(tiny_
 # ------------------------------------------------------------------------------------------ padding mask (train.mask)
 
 
-def token_pipeline(teacher: str = "token_lm", dataset: str = "padded_tokens", **train_values) -> kdcache.Pipeline:
+def token_pipeline(teacher: str = "token_lm", dataset: str = "padded_tokens", select: str = "auto", **train_values) -> kdcache.Pipeline:
     """A per-token LM (extract_zoo.TokenLM) over dict items {tokens, attention_mask}: kl and mse on its (6, 12) logits per
-    sample and feature MSE on its (6, 16) hidden states, through a per-token projection head from the student's (6, 8)."""
+    sample and feature MSE on its (6, 16) hidden states, through a per-token projection head from the student's (6, 8).
+    ``select``: the part of both outputs stored and compared, on teacher and student alike (e.g. "1:", 5 tokens)."""
     from kdcache.pipeline import from_dict
 
     values = {"epochs": 2, "batch_size": 8, "lr": 0.01, "device": "cpu", "loss": {"kl": 1.0, "mse": 0.5},
-              "features": {"hidden": {"student": "hidden", "weight": 0.1}}, **train_values}
+              "features": {"hidden": {"student": "hidden", "weight": 0.1, "select": select}}, **train_values}
+    targets = {"layers": ["hidden"], "dtype": "float32", **({"select": {"logits": select, "hidden": select}} if select != "auto" else {})}
     return from_dict({"teacher": {"factory": f"extract_zoo.py:{teacher}"}, "data": {"factory": f"extract_zoo.py:{dataset}"},
-                      "targets": {"layers": ["hidden"], "dtype": "float32"}, "extract": {"batch_size": 10, "device": "cpu", "rows_per_shard": 10},
-                      "student": {"factory": "extract_zoo.py:token_lm_student"}, "train": values}, root=FIXTURES)
+                      "targets": targets, "extract": {"batch_size": 10, "device": "cpu", "rows_per_shard": 10},
+                      "student": {"factory": "extract_zoo.py:token_lm_student", "select": select}, "train": values}, root=FIXTURES)
 
 
 @pytest.fixture(scope="module")
@@ -1901,7 +1903,7 @@ def test_a_mask_of_items_without_padding_trains_as_no_mask(token_stores, tmp_pat
 
 @pytest.mark.parametrize(("mask", "error", "match"), [
     ("mask", PipelineError, r"train.mask = 'mask' is not an entry of the dataset's inputs \(their keys: \['tokens', 'attention_mask', "
-                            r"'long_mask', 'length', 'weights', 'key_padding_mask'\]\); name the entry"),
+                            r"'long_mask', 'length', 'weights', 'key_padding_mask', 'stored_mask'\]\); name the entry"),
     ("long_mask", ShapeMismatchError, r"train.mask 'long_mask' has 7 positions per item, but the stored 'logits' has 6 tokens "
                                       r"\(per-sample shape \[6, 12\]\)"),
     ("length", ShapeMismatchError, r"train.mask 'length' must be one \(tokens,\) tensor per item, got int64\[2\] for a batch of 2 items"),
@@ -1914,6 +1916,18 @@ def test_a_train_mask_that_is_not_the_items_padding_mask_is_refused_before_train
     with pytest.raises(error, match=match):
         train(token_pipeline(dataset="odd_masks", mask=mask), token_stores["odd"], tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_mask_of_the_input_tokens_against_targets_stored_with_part_of_them_names_the_select_and_a_mask_of_that_part_trains(tmp_path):
+    """targets.select "1:" (a class token dropped) stores 5 of the 6 tokens the items' attention_mask covers: the error names
+    the select, and a mask of the stored tokens under a key of its own (``stored_mask``, attention_mask[1:]) trains."""
+    store = str(tmp_path / "selected.zarr")
+    kdcache.extract(token_pipeline(dataset="odd_masks", select="1:"), store)
+    with pytest.raises(ShapeMismatchError, match=r"train.mask 'attention_mask' has 6 positions per item, but the stored 'logits' has 5 "
+                                                 r"tokens \(per-sample shape \[5, 12\], targets.select '1:'\); .* e.g. attention_mask\[1:\]"):
+        train(token_pipeline(dataset="odd_masks", select="1:", mask="attention_mask"), store, tmp_path / "run")
+    train(token_pipeline(dataset="odd_masks", select="1:", mask="stored_mask", epochs=1), store, tmp_path / "run")
+    assert {"loss_kl", "loss_mse", "loss_feat:hidden"} <= set(metrics(tmp_path / "run")[-1])
 
 
 def test_a_train_mask_where_no_term_is_per_token_is_refused(tiny_store, tmp_path):
