@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
-from kdcache.errors import AlignmentError, ModelError, PipelineError, StoreMismatchError, TargetError, option
-from kdcache.pipeline import Pipeline, check_pipeline
+from kdcache.errors import AlignmentError, KdcacheError, ModelError, PipelineError, StoreMismatchError, TargetError, option
+from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
 
@@ -493,7 +493,7 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "probe_seconds": seconds,
         "warnings": [f"train.features names {name!r}, which targets.layers does not list: kdcache train would refuse this store; "
                      "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers]
-        + _loss_warnings(pipeline, run.has_labels),
+        + _loss_warnings(pipeline, run.has_labels) + _mask_warnings(pipeline, run),
     }
 
 
@@ -511,6 +511,23 @@ def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
         warnings.append("train.loss.ce needs labels, which this dataset's items do not have: kdcache train would refuse this store; "
                         "set train.loss.ce = 0")
     return warnings
+
+
+def _mask_warnings(pipeline: Pipeline, run: Run) -> list[str]:
+    """What ``train`` would refuse of ``train.mask`` with these targets and items (``kdcache.train.mask_paths``), said before the
+    extract: e.g. a mask of the items' tokens against per-token targets a select keeps part of."""
+    if not pipeline.train.mask:
+        return []
+    from kdcache.train import mask_paths  # the training side's check, in its words; imported only where a mask is set
+
+    w = pipeline.train.loss
+    weighted = {name for name, spec in pipeline.train.features.items() if {**FEATURE_DEFAULTS, **spec}["weight"]}
+    paths = [path for path, t in run.targets.items() if (path == layout.LOGITS and (w.kl or w.mse)) or t.name in weighted]
+    try:
+        mask_paths(pipeline, run.targets.values(), paths, run.dataset)
+    except KdcacheError as e:
+        return [f"kdcache train would refuse this store: {e}"]
+    return []
 
 
 def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target], device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -689,7 +689,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
               select=pipeline.student.select, precision=t.precision, mask=t.mask)
-    run.masked = _mask_paths(pipeline, store, run, dataset)
+    run.masked = mask_paths(pipeline, store.targets.values(), run.paths, dataset)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     handles = teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
     if hooks is not None:
@@ -756,15 +756,16 @@ def _keeps_zero_terms(checkpoint: dict[str, Any] | None, pipeline: Pipeline, ran
     return bool(kept)
 
 
-def _mask_paths(pipeline: Pipeline, store: layout.Store, run: Run, dataset: Any) -> tuple[str, ...]:
-    """The target paths whose terms ``train.mask`` applies to: per-token logits and features, ``(tokens, classes)`` or
-    ``(tokens, dim)`` per sample. The mask is checked on two dataset items first (``_checked_mask``): an entry of their
-    dict inputs, ``(tokens,)`` each, as many tokens as those targets, of bool or 0/1 values."""
+def mask_paths(pipeline: Pipeline, targets: Iterable[layout.Target], paths: list[str], dataset: Any) -> tuple[str, ...]:
+    """Of ``paths`` (the run's terms' targets, among ``targets``: a store's, or extract's dry run's), those whose terms
+    ``train.mask`` applies to: per-token logits and features, ``(tokens, classes)`` or ``(tokens, dim)`` per sample. The
+    mask is checked on two dataset items first (``_checked_mask``): an entry of their dict inputs, ``(tokens,)`` each, as
+    many tokens as those targets, of bool or 0/1 values."""
     key, where = pipeline.train.mask, pipeline.where("train.mask")
     if not key:
         return ()
-    shapes, names = {tg.path: tuple(tg.shape) for tg in store.targets.values()}, {tg.path: tg.name for tg in store.targets.values()}
-    paths = ([layout.LOGITS] if run.loss.kl or run.loss.mse else []) + list(run.features)
+    by_path = {tg.path: tg for tg in targets}
+    shapes, names = {path: tuple(tg.shape) for path, tg in by_path.items()}, {path: tg.name for path, tg in by_path.items()}
     tokens = {path: shapes[path][0] for path in paths if len(shapes[path]) == 2}
     if not tokens:
         seen = ", ".join(f"{names[path]} {list(shapes[path])}" for path in paths) or "none: ce alone"
@@ -774,7 +775,7 @@ def _mask_paths(pipeline: Pipeline, store: layout.Store, run: Run, dataset: Any)
     mask = _checked_mask(dataset, key, where)
     wrong = next((path for path, count in tokens.items() if count != mask.shape[1]), None)
     if wrong is not None:
-        target = next(tg for tg in store.targets.values() if tg.path == wrong)
+        target = by_path[wrong]
         chosen = "" if target.select in ("tensor", "auto") else f", targets.select {target.select!r}"
         raise ShapeMismatchError(f"{where}: train.mask {key!r} has {mask.shape[1]} positions per item, but the stored "
                                  f"{target.name!r} has {tokens[wrong]} tokens (per-sample shape {list(shapes[wrong])}{chosen}); "

@@ -1930,6 +1930,17 @@ def test_a_mask_of_the_input_tokens_against_targets_stored_with_part_of_them_nam
     assert {"loss_kl", "loss_mse", "loss_feat:hidden"} <= set(metrics(tmp_path / "run")[-1])
 
 
+def test_extract_dry_run_warns_of_a_train_mask_that_train_would_refuse():
+    """Before the extract: a mask of the items' 6 tokens against logits stored with select "1:" (5 tokens), or a key the
+    items do not have; a mask that fits says nothing."""
+    assert kdcache.dry_run(token_pipeline(mask="attention_mask"))["warnings"] == []
+    warnings = kdcache.dry_run(token_pipeline(select="1:", mask="attention_mask"))["warnings"]
+    assert len(warnings) == 1 and re.fullmatch(r"kdcache train would refuse this store: <dict>: train.mask 'attention_mask' has 6 positions "
+                                               r"per item, but the stored 'logits' has 5 tokens .*", warnings[0])
+    assert re.search(r"train.mask = 'mask' is not an entry of the dataset's inputs",
+                     kdcache.dry_run(token_pipeline(mask="mask"))["warnings"][0])
+
+
 def test_a_train_mask_where_no_term_is_per_token_is_refused(tiny_store, tmp_path):
     with pytest.raises(PipelineError, match=r"train.mask = 'attention_mask' masks per-token terms .* no term of this run is per-token "
                                             r"\(per-sample shapes: logits \[4\], features.3 \[\d+, \d+, \d+\]\), so it would change nothing; "
