@@ -398,7 +398,7 @@ def test_mse_on_probabilities_trains_the_softened_distributions(tiny_store, tmp_
     (at most 2), and the student learns the teacher's distribution from it."""
     temperatures: list[float] = []
     real = losses.probability_mse
-    monkeypatch.setattr(losses, "probability_mse", lambda s, t, T: temperatures.append(T) or real(s, t, T))
+    monkeypatch.setattr(losses, "probability_mse", lambda s, t, T, mask=None: temperatures.append(T) or real(s, t, T, mask))
     p = pipeline(*PLAIN, "train.loss.kl=0", "train.loss.mse=1", "train.loss.mse_on=probabilities", "train.loss.temperature=3",
                  "train.epochs=3", "train.lr=0.01")
     train(p, tiny_store, tmp_path / "run")
