@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
 from kdcache.errors import AlignmentError, KdcacheError, ModelError, PipelineError, StoreMismatchError, TargetError, option
-from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
+from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
 
@@ -287,6 +287,17 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
         raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract (check data.factory and data.split)")
     model.to(device)
     run = Run(model, dataset, device, x.precision, {}, False, {}, n)
+    _probe_targets(run, pipeline, writing)
+    if not keep_probe:
+        del run.probe["outputs"]
+    return run
+
+
+def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
+    """One batch through the teacher (the probe): each target's per-sample shape and resolved select into ``run.targets``,
+    whether the items have labels, the manifest's fingerprints of items 0 and N-1 and the probe batch's targets (``run.probe``);
+    then the setup checks, which run the teacher again (``writing``: the store's geometry is checked first)."""
+    t, x, dataset, n = pipeline.targets, pipeline.extract, run.dataset, run.num_samples
     batch, output, hooked = run.forward(list(range(min(x.batch_size, n))), t.layers)
     run.has_labels = batch["label"] is not None
     if t.logits and teachers.LOGITS in t.layers:
@@ -320,9 +331,6 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
         if len(batch["index"]) > 1:
             _check_alone(run, t.layers)
             _check_order(run, t.layers)
-    if not keep_probe:
-        del run.probe["outputs"]
-    return run
 
 
 def _kept(target: torch.Tensor) -> torch.Tensor:
@@ -518,11 +526,9 @@ def _mask_warnings(pipeline: Pipeline, run: Run) -> list[str]:
     extract: e.g. a mask of the items' tokens against per-token targets a select keeps part of."""
     if not pipeline.train.mask:
         return []
-    from kdcache.train import mask_paths  # the training side's check, in its words; imported only where a mask is set
+    from kdcache.train import loss_targets, mask_paths  # the training side's rule and check, in its words; only where a mask is set
 
-    w = pipeline.train.loss
-    weighted = {name for name, spec in pipeline.train.features.items() if {**FEATURE_DEFAULTS, **spec}["weight"]}
-    paths = [path for path, t in run.targets.items() if (path == layout.LOGITS and (w.kl or w.mse)) or t.name in weighted]
+    paths = list(loss_targets(pipeline, {t.name: t for t in run.targets.values()}))
     try:
         mask_paths(pipeline, run.targets.values(), paths, run.dataset)
     except KdcacheError as e:

@@ -675,8 +675,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         raise PipelineError(f"{pipeline.source}: every loss weight is 0 and {features}; nothing to learn from: "
                             "set a weight above 0 (train.loss.kl, mse, ce or a train.features weight), e.g. train.loss.kl = 1.0")
     stored = {tg.name: tg for tg in store.targets.values()}
-    features: dict[str, tuple[str, float, str]] = {}
-    for layer, spec in specs.items():
+    for layer in specs:
         if layer not in stored:
             layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
             raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store (its layers: "
@@ -684,11 +683,11 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         if stored[layer].path == layout.LOGITS:
             raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
                                 "train.loss.mse, and list only layers from targets.layers under train.features")
-        if spec["weight"] or keep_zero:
-            features[stored[layer].path] = (spec["student"], float(spec["weight"]), spec["select"])
+    terms = loss_targets(pipeline, stored, keep_zero)
+    features = {path: (spec["student"], float(spec["weight"]), spec["select"]) for path, spec in terms.items() if path != layout.LOGITS}
     teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
-    run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, ([layout.LOGITS] if needs_logits else []) + list(features),
-              select=pipeline.student.select, precision=t.precision, mask=t.mask)
+    run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, list(terms), select=pipeline.student.select, precision=t.precision,
+              mask=t.mask)
     run.masked = mask_paths(pipeline, store.targets.values(), run.paths, dataset)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     handles = teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
@@ -754,6 +753,19 @@ def _keeps_zero_terms(checkpoint: dict[str, Any] | None, pipeline: Pipeline, ran
               f"weight 0; the resumed run keeps the term of train.features {', '.join(map(repr, kept))} (weight 0), its loss_feat "
               "0 (a new run leaves such an entry off: its layer not read, no head)", file=sys.stderr)
     return bool(kept)
+
+
+def loss_targets(pipeline: Pipeline, stored: Mapping[str, layout.Target], keep_zero: bool = False) -> dict[str, dict[str, Any]]:
+    """The stored targets the run's loss terms read, by path: the logits where train.loss.kl or mse is above 0, then each
+    train.features layer of weight above 0 (``keep_zero``: of any weight, ``_keeps_zero_terms``) with its entry, FEATURE_DEFAULTS
+    filled in. ``stored``: the targets by name (a store's, or extract's dry run's); a layer it lacks is left out."""
+    w = pipeline.train.loss
+    terms: dict[str, dict[str, Any]] = {layout.LOGITS: {}} if w.kl or w.mse else {}
+    for layer, spec in pipeline.train.features.items():
+        spec = {**FEATURE_DEFAULTS, **spec}
+        if layer in stored and (spec["weight"] or keep_zero):
+            terms[stored[layer].path] = spec
+    return terms
 
 
 def mask_paths(pipeline: Pipeline, targets: Iterable[layout.Target], paths: list[str], dataset: Any) -> tuple[str, ...]:
