@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import itertools
 import queue
 import signal
 import struct
@@ -629,6 +630,18 @@ def device_memory(step: str, inputs: Any, fix: str) -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError as e:
         raise DeviceMemoryError(f"{step} raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
+
+
+def move_model(model: torch.nn.Module, name: str, device: torch.device, fix: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """``model.to(device, dtype)``; a GPU's out-of-memory error (a model larger than the device's free memory) as a one-line
+    ``DeviceMemoryError`` naming the model (``name``: "the teacher (teacher.factory 'x.py:f')"), the device, the model's
+    size (its parameters and buffers) and the ``fix``, not a traceback."""
+    try:
+        return model.to(device, dtype=dtype)
+    except torch.cuda.OutOfMemoryError as e:
+        size = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+        raise DeviceMemoryError(f"{name}, {size / 1e9:.2f} GB of parameters and buffers, does not fit in the memory of {device}: "
+                                f"moving it there raised {raised(e)}; use a device with more free memory, or {fix}") from e
 
 
 def _per_position(inputs: Any) -> str | None:

@@ -285,7 +285,9 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
     n = len(dataset)
     if n == 0:
         raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract (check data.factory and data.split)")
-    model.to(device)
+    model = data.move_model(model, f"the teacher (teacher.factory {pipeline.teacher.factory!r})", device,
+                            'set extract.device = "cpu" (extract --device cpu) to run it on the CPU, or return it from teacher.factory '
+                            "in a lower precision (model.to(torch.bfloat16); extract.precision casts only its forward)")
     run = Run(model, dataset, device, x.precision, {}, False, {}, n)
     _probe_targets(run, pipeline, writing)
     if not keep_probe:

@@ -640,6 +640,10 @@ def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
     return loss if weight == 1 else weight * loss  # a weight of 1 adds no op to each step's graph
 
 
+# the fix a student or head too large for its device names: train.precision autocasts the forward only
+STUDENT_FIX = 'set train.device = "cpu" (train --device cpu) to train on the CPU (train.precision does not shrink the weights: they stay float32)'
+
+
 def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.device, hooks: list[Any] | None = None,
           keep_zero: bool = False) -> Run:
     """Build the student, hook its feature layers, and create projection heads from a probe batch. A ``train.features``
@@ -649,7 +653,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     removes them, also when this raises)."""
     t, w = pipeline.train, pipeline.train.loss
     student = teachers.build(pipeline, "student.factory", None if hooks is None else lambda model: hooks.append(_Modes(model)))
-    student = student.to(device)
+    student = data.move_model(student, f"the student (student.factory {pipeline.student.factory!r})", device, STUDENT_FIX)
     half = next((name for name, p in student.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
     if half is not None and t.precision == "fp16":  # GradScaler unscales float32 gradients only: a traceback at the first step
         raise PipelineError(f"{pipeline.where('train.precision')}: train.precision = \"fp16\" keeps float32 weights (autocast runs the "
@@ -713,7 +717,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
             head = losses.projection_head(shapes[path][1:], stored[name].shape, name=name)
             if head is not None:
                 # in the student feature's dtype: a float64 student's head is float64 (autocast casts a float32 one's input)
-                run.heads[_key(path)] = head.to(device, dtype=dtypes[path] if dtypes[path].is_floating_point else None)
+                run.heads[_key(path)] = data.move_model(head, f"the projection head for {name!r}", device, STUDENT_FIX,
+                                                        dtypes[path] if dtypes[path].is_floating_point else None)
                 if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
                     part = "" if selector == "auto" else f" (select {selector!r})"
                     print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
