@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
-from kdcache.errors import AlignmentError, KdcacheError, ModelError, PipelineError, StoreMismatchError, TargetError, option
+from kdcache.errors import (AlignmentError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreMismatchError,
+                            TargetError, option, raised)
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -409,8 +410,20 @@ def _alone(run: Run, layers: tuple[str, ...], sample: int) -> dict[str, torch.Te
         _, output, hooked = run.forward([sample], layers)
         return {t.name: teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
                 for t in run.targets.values()}
+    except DeviceMemoryError as e:
+        _skipped(f"the check of sample {sample} alone against its row of the probe batch", e)
+        return None
     except (ModelError, TargetError):
         return None
+
+
+def _skipped(check: str, e: DeviceMemoryError) -> None:
+    """Say (stderr, one line) that a setup check that runs the teacher again was skipped: its forward ran out of device memory
+    (``e``). Not refused: the probe batch fitted, and so may the run's; not silent: the check did not run."""
+    if os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0 says it
+        print(f"warning: {check} (a teacher that mixes or reorders the samples of a batch) was skipped: the teacher ran out of "
+              f"device memory ({raised(e.__cause__ or e)}); the run's batches are still checked as they come, and kdcache verify "
+              "--teacher-check N recomputes stored rows afterwards", file=sys.stderr)
 
 
 def _moved_too(run: Run, layers: tuple[str, ...], t: layout.Target, row: int, tolerance: float) -> bool:
@@ -440,6 +453,8 @@ def _check_order(run: Run, layers: tuple[str, ...]) -> None:
     try:
         _, output, hooked = run.forward(moved, layers)
         again = run.select(output, hooked, rows)
+    except DeviceMemoryError as e:
+        return _skipped("the check of the probe batch with its samples moved one place", e)
     except (ModelError, TargetError):  # as _check_alone: the run's own batches say what is wrong
         return
     del output, hooked  # only the targets are compared: the rest of the output is freed first

@@ -89,6 +89,22 @@ def test_a_teacher_that_mixes_the_samples_of_a_batch_is_named(tmp_path, capfd, f
     assert "'logits'" not in err  # its logits are the index's, whatever the batch
 
 
+@pytest.mark.parametrize("factory, check", [("out_of_device_memory_alone", "the check of sample 0 alone against its row of the probe batch"),
+                                            ("out_of_device_memory_again", "the check of the probe batch with its samples moved one place")],
+                         ids=["alone", "reordered"])
+def test_a_setup_check_skipped_for_device_memory_says_so(capfd, factory, check):
+    """A setup check that runs the teacher again (sample 0 alone; the probe batch reordered) and ran out of device memory
+    was skipped in silence (its DeviceMemoryError is a ModelError, which it lets be): a teacher that mixes or reorders
+    its batch then went unnoticed. It is still not refused (the probe batch fitted), but said in one warning line."""
+    report = kdcache.dry_run(make_pipeline(f"teacher.factory=bad_input.py:{factory}", "data.factory=tiny.py:dataset", "targets.layers=[]"))
+    assert report["probe_batch"] == 8
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: {check} (a teacher that mixes or reorders the samples of a batch) was skipped: the teacher "
+                               "ran out of device memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB (at bad_input.py:")
+    assert "kdcache verify --teacher-check N" in lines[0]
+
+
 def test_a_teacher_that_mixes_its_batch_is_not_taken_for_one_that_moves_its_rows(tmp_path, capfd):
     """A teacher on batch statistics whose layer is a confident softmax: sample 0 alone landed on another sample's class,
     within the tolerance of that sample's row, and extract refused it as returning its rows in another order, where a
