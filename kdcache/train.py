@@ -10,6 +10,7 @@ input fingerprint checked (``kdcache.cache``). Output folder: ``student.pt`` (st
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import json
@@ -1346,8 +1347,9 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     The ``.next`` checkpoint holds what those steps write (``pipeline``, ``first_metrics``): a run stopped among them
     is resumed from it, and its --resume takes the same steps again first (``_finish_replacing``).
     """
-    ckpt = {"student": run.student.state_dict(), "heads": run.heads.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
+    # on the host, as student.pt is (a GPU run's resumes onto the GPU: load_state_dict moves the optimizer's state to its parameters)
+    ckpt = {"student": _on_cpu(run.student.state_dict()), "heads": _on_cpu(run.heads.state_dict()),
+            "optimizer": _on_cpu(optimizer.state_dict()), "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
             **({"lr": lr} if lr is not None else {}), **({"plan": plan} if plan is not None else {}),
@@ -1630,8 +1632,20 @@ class _Recorded:
         self.file.flush()
 
 
-def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in state.items()}
+def _on_cpu(state: Any) -> Any:
+    """``state`` (a state dict, or an optimizer's nested one) with its tensors on the host: loadable where there is no GPU,
+    without map_location. A dict keeps its type and attributes (a module state dict's ``_metadata``, which load_state_dict
+    reads); a tensor already on the host is not copied."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        copied = copy.copy(state)
+        for key, value in state.items():
+            copied[key] = _on_cpu(value)
+        return copied
+    if type(state) in (list, tuple):
+        return type(state)(_on_cpu(value) for value in state)
+    return state
 
 
 def _save(obj: Any, path: Path) -> None:

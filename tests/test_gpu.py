@@ -74,6 +74,14 @@ def test_cuda_dry_run_sees_the_overflow_of_its_batch():
                                       "extract.batch_size=32"))
 
 
+def tensors_in(value: object) -> list[torch.Tensor]:
+    """Every tensor in a checkpoint's nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    return [t for item in items for t in tensors_in(item)]
+
+
 def check_train_matches_cpu(device: str, tmp_path: Path, tiny_store: str, precision: str = "fp32", rtol: float = 5e-2) -> None:
     """``precision``: the device run's train.precision (the CPU run's is fp32)."""
     losses = {}
@@ -87,6 +95,9 @@ def check_train_matches_cpu(device: str, tmp_path: Path, tiny_store: str, precis
         losses[out.name] = [m["loss_kl"] for m in lines]
         state = torch.load(out / "student.pt", weights_only=True)
         assert all(t.device.type == "cpu" for t in state.values())  # saved loadable anywhere
+        checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)  # no map_location: CUDA tensors would load onto the GPU
+        assert tensors_in(checkpoint["optimizer"]["state"]) and all(t.device.type == "cpu" for t in tensors_in(checkpoint)), \
+            "checkpoint.pt holds device tensors: torch.load fails on a machine without a GPU"  # a --resume moves them back
     np.testing.assert_allclose(losses["run-device"], losses["run-cpu"], rtol=rtol)  # same batches, same seed: the same curve
     if precision == "fp16":  # the loss scale is saved for a resume
         assert "scaler" in torch.load(tmp_path / "run-device" / "checkpoint.pt", weights_only=True)
