@@ -75,7 +75,8 @@ class ModelError(KdcacheError, RuntimeError):
 
 
 class DeviceMemoryError(ModelError):
-    """A forward pass ran out of device memory: a smaller batch, or a less loaded device, may do."""
+    """A forward pass, or a model moved to its device, ran out of device memory: a smaller batch, or a less loaded (or larger)
+    device, may do."""
 
 
 class MissingDependencyError(KdcacheError, ImportError):
