@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
 from kdcache import store as layout, threads
-from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreError, raised, short
+from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, raised, short
 
 LABEL_KEYS = ("label", "labels")
 NO_LABEL = "an item without a label may give -1: a label below 0 is no label"
@@ -669,6 +669,36 @@ def describe(inputs: Any) -> str:
             return f"[{len(parts)} x {parts[0]}]"
         return "(" + ", ".join(parts) + ")"
     return type(inputs).__name__
+
+
+def padding_mask(inputs: Any, index: Any, key: str, setting: str, where: str) -> torch.Tensor:
+    """The padding mask of a batch (dataset rows ``index``) under ``key`` of its dict ``inputs``, as ``setting``
+    (``train.mask``, ``targets.mask``) names it: refused unless a (rows, tokens) tensor of bool or 0/1 values keeping at
+    least one position of each item (a mask true at padding keeps none of an unpadded item). ``where``: what begins a message."""
+    rows = len(index)
+    if not isinstance(inputs, Mapping):
+        raise PipelineError(f"{where}: {setting} = {key!r} names an entry of the dataset's dict inputs, but its items' inputs are "
+                            f"{describe(inputs)} (batched), not a dict; return each item as a dict of tensors holding the mask "
+                            f"(e.g. {{'input_ids': ..., {key!r}: ...}}), or set {setting} = \"\"")
+    if key not in inputs:
+        raise PipelineError(f"{where}: {setting} = {key!r} is not an entry of the dataset's inputs (their keys: {list(inputs)}); "
+                            f"name the entry holding each item's padding mask, or set {setting} = \"\"")
+    mask = inputs[key]
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or len(mask) != rows:
+        raise ShapeMismatchError(f"{where}: {setting} {key!r} must be one (tokens,) tensor per item, got {describe(mask)} for a "
+                                 f"batch of {rows} items; return it with one value per token (e.g. mask[0] of a (1, tokens) one)")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        odd = mask[(mask != 0) & (mask != 1)][0].item()
+        raise PipelineError(f"{where}: {setting} {key!r} must hold bool or 0/1 values (true where a position counts), got "
+                            f"{odd!r} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
+                            "before each item's length")
+    empty = ~mask.to(torch.bool).any(dim=1)  # a mask true at padding keeps nothing of an unpadded item
+    if empty.any():
+        item = int(index[int(empty.nonzero()[0])])
+        raise PipelineError(f"{where}: {setting} {key!r} keeps no position of item {item} (its {mask.shape[1]} values all false); it "
+                            "must be true where a position counts, as a Hugging Face attention_mask is: a mask true at padding "
+                            "(PyTorch's key_padding_mask, tokens == pad_id) is the opposite, return ~mask")
+    return mask
 
 
 @contextmanager

@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -804,33 +803,10 @@ def mask_paths(pipeline: Pipeline, targets: Iterable[layout.Target], paths: list
 
 
 def _checked_mask(dataset: Any, key: str, where: str) -> torch.Tensor:
-    """The batched ``train.mask`` entry of dataset items 0 and 1 (the first two), refused unless it is a (2, tokens) tensor of
-    bool or 0/1 values keeping at least one position of each item."""
+    """The batched ``train.mask`` entry of dataset items 0 and 1 (the first two), checked as ``data.padding_mask`` checks
+    extract's ``targets.mask`` of every batch."""
     probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
-    inputs, rows = probe["inputs"], len(probe["index"])
-    if not isinstance(inputs, Mapping):
-        raise PipelineError(f"{where}: train.mask = {key!r} names an entry of the dataset's dict inputs, but its items' inputs are "
-                            f"{data.describe(inputs)} (batched), not a dict; return each item as a dict of tensors holding the mask "
-                            f"(e.g. {{'input_ids': ..., {key!r}: ...}}), or set train.mask = \"\"")
-    if key not in inputs:
-        raise PipelineError(f"{where}: train.mask = {key!r} is not an entry of the dataset's inputs (their keys: {list(inputs)}); "
-                            "name the entry holding each item's padding mask, or set train.mask = \"\"")
-    mask = inputs[key]
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or len(mask) != rows:
-        raise ShapeMismatchError(f"{where}: train.mask {key!r} must be one (tokens,) tensor per item, got {data.describe(mask)} for a "
-                                 f"batch of {rows} items; return it with one value per token (e.g. mask[0] of a (1, tokens) one)")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        odd = mask[(mask != 0) & (mask != 1)][0].item()
-        raise PipelineError(f"{where}: train.mask {key!r} must hold bool or 0/1 values (true where a position counts), got "
-                            f"{odd!r} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
-                            "before each item's length")
-    empty = ~mask.to(torch.bool).any(dim=1)  # a mask true at padding keeps nothing of an unpadded item: its loss 0, silently
-    if empty.any():
-        item = int(probe["index"][int(empty.nonzero()[0])])
-        raise PipelineError(f"{where}: train.mask {key!r} keeps no position of item {item} (its {mask.shape[1]} values all false); it "
-                            "must be true where a position counts, as a Hugging Face attention_mask is: a mask true at padding "
-                            "(PyTorch's key_padding_mask, tokens == pad_id) is the opposite, return ~mask")
-    return mask
+    return data.padding_mask(probe["inputs"], probe["index"], key, "train.mask", where)
 
 
 def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
