@@ -601,7 +601,8 @@ def _dry_run_text(r: dict[str, Any]) -> str:
         "targets",
     ]
     for name, t in r["targets"].items():
-        lines.append(f"  {name:<24} {str(tuple(t['shape'])):<20} {t['dtype']:<8} {t['bytes_per_sample']:>10,} B/sample  ({t['select']})")
+        pooled = f", targets.mask {t['mask']!r}" if "mask" in t else ""
+        lines.append(f"  {name:<24} {str(tuple(t['shape'])):<20} {t['dtype']:<8} {t['bytes_per_sample']:>10,} B/sample  ({t['select']}{pooled})")
     lines += [
         f"per sample  {r['bytes_per_sample']:,} B (with index, fingerprint{', label' if r['has_labels'] else ''})",
         f"store       ~{_size(r['estimated_bytes'])} ({_size(r['estimated_bytes_raw'])} raw, ~{r['estimated_compression_ratio']:.2f}x from the probe batch)",

@@ -120,7 +120,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
                 with torch.inference_mode(), run.autocast():
                     output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
                 with run.device_memory("storing the teacher's targets (select steps, conversion to targets.dtype)", batch):
-                    host = to_host(run.select(output, hooked, len(batch["index"])), run.targets, run.device)
+                    host = to_host(run.select(output, hooked, batch), run.targets, run.device)
                 writer.put(batch, *host)
     except StoredInf as e:
         raise e.explained(run) from None
@@ -138,6 +138,8 @@ class Run:
     has_labels: bool
     probe: dict[str, Any]
     num_samples: int = 0  # len(dataset) when the probe items were chosen: the store's rows
+    mask: str = ""  # targets.mask: the key of the batches' dict inputs holding their padding mask ("": none)
+    mask_where: str = ""  # where targets.mask was set, to begin messages about it
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -159,12 +161,24 @@ class Run:
             output = data.call(self.model, data.to_device(batch["inputs"], self.device), "teacher")
         return batch, output, hooked
 
-    def select(self, output: Any, hooked: dict[str, Any], rows: int) -> dict[str, torch.Tensor]:
-        """The tensors to store for one batch of ``rows`` samples, by array path."""
-        out = {}
+    def padding(self, batch: dict[str, Any]) -> teachers.Padding | None:
+        """``targets.mask``'s padding mask of ``batch``, checked (``data.padding_mask``) and kept on the host; None where
+        it is not set."""
+        if not self.mask:
+            return None
+        valid = data.padding_mask(batch["inputs"], batch["index"], self.mask, "targets.mask", self.mask_where)
+        return teachers.Padding(valid.to("cpu", torch.bool), self.mask)
+
+    def target(self, t: layout.Target, output: Any, hooked: dict[str, Any], padding: teachers.Padding | None) -> torch.Tensor:
+        """Target ``t`` of one batch's ``output`` (and ``hooked`` layers), pooled by ``padding`` where ``t`` records a mask."""
+        raw = output if t.source == "" else teachers.hooked_output(hooked, t.source)
+        return teachers.select(raw, t.select, t.name, mask=padding if t.mask else None)[0]
+
+    def select(self, output: Any, hooked: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The tensors to store for one ``batch``, by array path."""
+        out, padding, rows = {}, self.padding(batch), len(batch["index"])
         for path, t in self.targets.items():
-            raw = output if t.source == "" else teachers.hooked_output(hooked, t.source)
-            tensor, _ = teachers.select(raw, t.select, t.name)
+            tensor = self.target(t, output, hooked, padding)
             samples_first(tensor, rows, t.name)
             if tuple(tensor.shape[1:]) != t.shape:
                 raise TargetError(f"target {t.name!r} changed shape from {list(t.shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
@@ -289,7 +303,7 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
     model = data.move_model(model, f"the teacher (teacher.factory {pipeline.teacher.factory!r})", device,
                             'set extract.device = "cpu" (extract --device cpu) to run it on the CPU, or return it from teacher.factory '
                             "in a lower precision (model.to(torch.bfloat16); extract.precision casts only its forward)")
-    run = Run(model, dataset, device, x.precision, {}, False, {}, n)
+    run = Run(model, dataset, device, x.precision, {}, False, {}, n, t.mask, pipeline.where("targets.mask"))
     _probe_targets(run, pipeline, writing)
     if not keep_probe:
         del run.probe["outputs"]
@@ -309,13 +323,17 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
     # the probe batch's targets (select steps) and the checks that run the teacher again, where a GPU may run out of memory too
     with run.device_memory("the teacher's probe batch (its targets' select steps, the setup checks)", batch):
         sources = ([(teachers.LOGITS, "")] if t.logits else []) + [(name, name) for name in t.layers]
+        padding = run.padding(batch)
         for name, source in sources:
             select = t.select.get(name, "auto")
-            tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name)
+            pooled = padding if pools(select) else None
+            tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name, mask=pooled)
             samples_first(tensor, len(batch["index"]), name)
             _check_floating(tensor, name, t.dtype)
             path = layout.LOGITS if source == "" else layout.layer_path(name)
-            run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved)
+            run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved,
+                                              t.mask if pooled else "")
+        _check_mask_used(run)
         unknown = set(t.select) - {name for name, _ in sources}
         if unknown:
             raise PipelineError(f"{pipeline.where('targets.select')}: targets.select names {sorted(unknown)}, which are not stored targets; use 'logits' or a name in targets.layers")
@@ -325,7 +343,7 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
             alone[i] = {a: data.fingerprint(inputs, a) for a in data.FINGERPRINT_ALGORITHMS}
         run.probe = {
             "fingerprints": {a: {str(i): f"{fps[a]:016x}" for i, fps in alone.items()} for a in data.FINGERPRINT_ALGORITHMS},
-            "outputs": {p: _kept(v) for p, v in run.select(output, hooked, len(batch["index"])).items()},
+            "outputs": {p: _kept(v) for p, v in run.select(output, hooked, batch).items()},
         }
         del output, hooked  # the checks below run the teacher again: of this batch's output, only its targets are kept meanwhile
         _check_probe_items(dataset, [int(f) for f in batch["fingerprint"]], alone[0][data.FINGERPRINT_ALGORITHM])
@@ -334,6 +352,22 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
         if len(batch["index"]) > 1:
             _check_alone(run, t.layers)
             _check_order(run, t.layers)
+
+
+def pools(select: str) -> bool:
+    """Whether a ``[targets.select]`` value has a step that pools by ``targets.mask`` (``mean``, ``last``)."""
+    return any(step in ("mean", "last") for step in select.split("."))
+
+
+def _check_mask_used(run: Run) -> None:
+    """Refuse a ``targets.mask`` that no target's select pools by: it would change nothing (the targets are stored at every
+    position; ``train.mask`` leaves padding out of per-token losses)."""
+    if run.mask and not any(t.mask for t in run.targets.values()):
+        selects = ", ".join(f"{t.name} {t.select!r}" for t in run.targets.values())
+        raise PipelineError(f"{run.mask_where}: targets.mask = {run.mask!r} pools the select steps 'mean' and 'last', but no target's "
+                            f"select has one ({selects}), so it would change nothing; end a target's [targets.select] with one (e.g. "
+                            "logits = \"mean\", or \"last_hidden_state.last\"), or set targets.mask = \"\" (train.mask leaves padding "
+                            "out of per-token losses)")
 
 
 def _kept(target: torch.Tensor) -> torch.Tensor:
@@ -407,9 +441,9 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
 def _alone(run: Run, layers: tuple[str, ...], sample: int) -> dict[str, torch.Tensor] | None:
     """Each target's output for dataset ``sample`` through the teacher alone, by name; None where the teacher refuses."""
     try:
-        _, output, hooked = run.forward([sample], layers)
-        return {t.name: teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
-                for t in run.targets.values()}
+        batch, output, hooked = run.forward([sample], layers)
+        padding = run.padding(batch)
+        return {t.name: run.target(t, output, hooked, padding) for t in run.targets.values()}
     except DeviceMemoryError as e:
         _skipped(f"the check of sample {sample} alone against its row of the probe batch", e)
         return None
@@ -451,8 +485,8 @@ def _check_order(run: Run, layers: tuple[str, ...]) -> None:
         return
     moved = [*range(1, rows), 0]
     try:
-        _, output, hooked = run.forward(moved, layers)
-        again = run.select(output, hooked, rows)
+        batch, output, hooked = run.forward(moved, layers)
+        again = run.select(output, hooked, batch)
     except DeviceMemoryError as e:
         return _skipped("the check of the probe batch with its samples moved one place", e)
     except (ModelError, TargetError):  # as _check_alone: the run's own batches say what is wrong
@@ -508,6 +542,7 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "teacher": manifest["teacher"],
         "has_labels": run.has_labels,
         "targets": {t.name: {"path": p, "shape": [n, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select,
+                             **({"mask": t.mask} if t.mask else {}),
                              "bytes_per_sample": int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize} for p, t in run.targets.items()},
         "bytes_per_sample": per_sample,
         "estimated_bytes_raw": per_sample * n,
@@ -724,8 +759,8 @@ class StoredInf(TargetError):
         """The error naming the cause: the batch's rows through the teacher again, this target's values before conversion."""
         t = self.target
         try:
-            _, output, hooked = run.forward(list(range(self.first, self.last + 1)), [t.source] if t.source else [])
-            values = teachers.select(output if t.source == "" else teachers.hooked_output(hooked, t.source), t.select, t.name)[0]
+            batch, output, hooked = run.forward(list(range(self.first, self.last + 1)), [t.source] if t.source else [])
+            values = run.target(t, output, hooked, run.padding(batch))
         except Exception:  # noqa: BLE001 - the teacher does not run again as it did: this error's own text stands
             return self
         if not values.is_floating_point():

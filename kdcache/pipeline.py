@@ -46,6 +46,9 @@ class TargetsSection:
     dtype: str = "float16"
     # target name ("logits" or a layer name) -> which part of a structured output to keep
     select: dict[str, str] = field(default_factory=dict)
+    # the key of the dataset's dict inputs holding each item's (tokens,) padding mask, true where a position counts: a
+    # select's mean averages the valid positions only, its last takes the last valid one ("": mean pools every position)
+    mask: str = ""
 
 
 @dataclass(frozen=True)

@@ -96,15 +96,18 @@ class Target:
     dtype: str
     source: str  # "" for the model's output, else the module name
     select: str  # which part of a structured output was kept ("tensor", "0", "logits", ...)
+    mask: str = ""  # targets.mask, where the select's mean/last steps pooled by it ("": none did; not written then)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
+        if not self.mask:  # a store without one reads as before, and is resumed by a run without one
+            del d["mask"]
         return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Target:
-        return Target(d["name"], d["path"], tuple(d["shape"]), d["dtype"], d["source"], d["select"])
+        return Target(d["name"], d["path"], tuple(d["shape"]), d["dtype"], d["source"], d["select"], d.get("mask", ""))
 
 
 def plan_geometry(
@@ -1007,7 +1010,8 @@ class Store:
             "teacher": _bounded(m["teacher"]),
             "dataset": _bounded(m["dataset"]),
             "targets": {
-                name: {"path": t.path, "shape": [self.num_samples, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select}
+                name: {"path": t.path, "shape": [self.num_samples, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select,
+                       **({"mask": t.mask} if t.mask else {})}
                 for name, t in self.targets.items()
             },
             "bytes_stored": stored,
@@ -1897,6 +1901,8 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
         for key in ("source", "select"):  # read by every command (Target.from_dict): a missing one was a KeyError traceback
             if not isinstance(t.get(key), str):
                 raise bad(f"targets.{str(name)[:80]}.{key}", t.get(key), "a string")
+        if not isinstance(t.get("mask", ""), str):  # optional: written where targets.mask pooled the target (FORMAT.md §8)
+            raise bad(f"targets.{str(name)[:80]}.mask", t["mask"], "a string")
         want = LOGITS if t.get("source") == "" else layer_path(t["name"])
         legacy = want.replace("%7E", "~")  # the first 0.1.0 commit left ``~`` unencoded (FORMAT.md §6); only that differs
         if t.get("path") not in (want, legacy) or (t["source"] != "" and t["source"] != t["name"]):

@@ -8,8 +8,10 @@ Which part of a structured output is kept (``select``):
 - otherwise a dotted path of indices and names (a namedtuple's fields by either), e.g. ``"1"``, ``"hidden_states.3"``,
   ``"last_hidden_state"``, set per target in the pipeline's ``[targets.select]`` table. On a tensor a
   step works on each sample's first axis (the one after the batch axis): an index (``"last_hidden_state.0"``,
-  a ViT's class token), a slice (``"last_hidden_state.1:"``, its patch tokens), ``mean`` (mean-pooled tokens) or
+  a ViT's class token), a slice (``"last_hidden_state.1:"``, its patch tokens), ``mean`` (mean-pooled tokens),
+  ``last`` (each sample's last valid position by its padding mask: a causal LM's sentence feature) or
   ``transpose`` (the sample's first two axes swapped: a Conv1d's ``(channels, length)`` read as ``length`` tokens).
+  With a padding mask (extract's ``targets.mask``: ``Padding``), ``mean`` averages only the valid positions.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from kdcache.errors import PipelineError, TargetError
+from kdcache.errors import PipelineError, ShapeMismatchError, TargetError
 
 if TYPE_CHECKING:
     from kdcache.pipeline import Pipeline
@@ -60,8 +62,32 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def select(output: Any, selector: str, target: str, label: str = "", setting: str = "") -> tuple[torch.Tensor, str]:
-    """Pick the tensor to store from a model/module output; returns it and the resolved selector.
+@dataclasses.dataclass(frozen=True)
+class Padding:
+    """A batch's padding mask, for the ``mean`` and ``last`` steps: ``valid`` (B, T) bool on the host (the positions are
+    read there, with no wait for the device), true where a position counts, the entry ``key`` of the batch's dict inputs
+    that ``setting`` names (for messages)."""
+
+    valid: torch.Tensor
+    key: str
+    setting: str = "targets.mask"
+
+    def fitted(self, value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
+        """``valid`` for a step pooling ``value``'s (B, T, ...) sample axis 1, refused where it has another count of positions;
+        on the host, as bool."""
+        if tuple(self.valid.shape) != tuple(value.shape[:2]):
+            raise ShapeMismatchError(
+                f"{label}: {self.setting} {self.key!r} has {self.valid.shape[1]} positions per item, but step {step!r} pools the sample's "
+                f"first axis of {value.shape[1]} entries (per-sample shape {list(value.shape[1:])}); give the mask one value per entry of "
+                "that axis (a select keeping part of the tokens, \"1:\", needs a mask of that part under a key of its own, e.g. "
+                f"attention_mask[1:]), fix {setting}, or set {self.setting} = \"\"")
+        return self.valid.to("cpu", torch.bool)
+
+
+def select(output: Any, selector: str, target: str, label: str = "", setting: str = "",
+           mask: Padding | None = None) -> tuple[torch.Tensor, str]:
+    """Pick the tensor to store from a model/module output; returns it and the resolved selector. ``mask``: the batch's
+    padding mask, which ``mean`` and ``last`` steps pool by (``last`` needs one).
 
     Errors begin with ``label`` (default: ``target 'NAME'``) and name ``setting`` to fix (default: ``[targets.select] 'NAME'``).
     """
@@ -82,7 +108,7 @@ def select(output: Any, selector: str, target: str, label: str = "", setting: st
         if isinstance(value, torch.Tensor) and not steps:
             return value, ".".join(path) or "tensor"
         step = steps.pop(0) if steps else _auto_step(value, label, setting)
-        value = _step(value, step, label, setting)
+        value = _step(value, step, label, setting, mask)
         path.append(step)
         if value is None:
             raise TargetError(f"{label}: element {'.'.join(path)!r} of the output is None (the module returned no tensor "
@@ -110,9 +136,9 @@ def _get(value: Any, key: str) -> Any:
     return getattr(value, key, None)
 
 
-def _step(value: Any, step: str, label: str, setting: str) -> Any:
+def _step(value: Any, step: str, label: str, setting: str, mask: Padding | None = None) -> Any:
     if isinstance(value, torch.Tensor):
-        return _tensor_step(value, step, label, setting)
+        return _tensor_step(value, step, label, setting, mask)
     if isinstance(value, tuple | list) and _INDEX.fullmatch(step) and -len(value) <= int(step) < len(value):
         return value[int(step)]
     named = isinstance(value, tuple) and step in _fields(value)  # a namedtuple's field, by name
@@ -135,9 +161,10 @@ _INDEX = re.compile(r"-?\d+")  # what int() reads: not "--1", nor "²" (str.isdi
 _SLICE = re.compile(r"(-?\d+)?:(-?\d+)?")  # a bound is an integer or absent: not a "-" alone
 
 
-def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
+def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask: Padding | None = None) -> torch.Tensor:
     """``step`` applied to each sample of a batch ``value``: an index or a slice of the sample's first axis, ``mean``
-    over it, or ``transpose`` (its first two axes swapped). The result keeps the batch axis."""
+    over it (over its valid positions, by ``mask``), its ``last`` valid position, or ``transpose`` (its first two axes
+    swapped). The result keeps the batch axis."""
     per_sample = tuple(value.shape[1:])
     if not per_sample:
         raise TargetError(f"{label}: the output is one value per sample (a tensor of shape {tuple(value.shape)}), "
@@ -148,7 +175,16 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
             raise TargetError(f"{label}: 'mean' averages the sample's first axis, which has no entries (per-sample shape "
                               f"{list(per_sample)}); fix {setting}")
         # complex values keep their imaginary part (refused where stored); integers and booleans have no mean of their own
-        return value.mean(dim=1) if value.is_floating_point() or value.is_complex() else value.float().mean(dim=1)
+        value = value if value.is_floating_point() or value.is_complex() else value.float()
+        return value.mean(dim=1) if mask is None else _valid_mean(value, mask.fitted(value, step, label, setting))
+    if step == "last":
+        if mask is None:
+            raise TargetError(f"{label}: step 'last' picks each sample's last valid position by its padding mask, and none is "
+                              f"given here (extract's targets.mask names it); set targets.mask = \"attention_mask\" (the key of "
+                              f"the inputs holding it), or fix {setting} (\"-1\": the last position, padding or not)")
+        valid = mask.fitted(value, step, label, setting)
+        last = torch.where(valid, torch.arange(valid.shape[1]), -1).amax(dim=1)  # (B,): -1 where none (data.padding_mask refuses it)
+        return value[torch.arange(len(value), device=value.device), last.to(value.device)]
     if step == "transpose":
         if len(per_sample) < 2:
             raise TargetError(f"{label}: 'transpose' swaps the sample's first two axes, but the per-sample shape is {list(per_sample)}; "
@@ -170,8 +206,21 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str) -> to
         return part
     raise TargetError(
         f"{label}: output of type Tensor (per-sample shape {list(per_sample)}) has no element {step!r}; fix {setting}: "
-        f"on a tensor a step is an index of the sample's first axis (\"0\"), a slice (\"1:\"), \"mean\" or \"transpose\""
+        f"on a tensor a step is an index of the sample's first axis (\"0\"), a slice (\"1:\"), \"mean\", \"last\" or \"transpose\""
     )
+
+
+def _valid_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean of ``value`` (B, T, ...) over the positions ``valid`` (B, T, on the host) keeps, reduced over those
+    positions alone, as if the sample had no padding: the same bits whatever padding and batch it came with (a sum with
+    zeros at the padding rounds otherwise for another T). One reduction per sample; a span (left or right padding) is a view."""
+    rows = []
+    for i, keep in enumerate(valid):
+        (at,) = keep.nonzero(as_tuple=True)
+        lo, hi = int(at[0]), int(at[-1]) + 1
+        part = value[i, lo:hi] if hi - lo == len(at) else value[i].index_select(0, at.to(value.device))
+        rows.append(part.contiguous().mean(dim=0))
+    return torch.stack(rows)
 
 
 def check_layers(model: torch.nn.Module, layers: tuple[str, ...], what: str = "teacher") -> None:

@@ -253,6 +253,9 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
         if ours_t.shape != t.shape:
             raise StoreError(f"the pipeline stores target {t.name!r} as select {ours_t.select!r}, per-sample shape {list(ours_t.shape)}; "
                              f"the store holds select {t.select!r}, shape {list(t.shape)}; pass the pipeline the store was extracted with")
+        if ours_t.mask != t.mask:  # the same shape, pooled over other positions
+            raise StoreError(f"the pipeline pools target {t.name!r} (select {ours_t.select!r}) with targets.mask = {ours_t.mask!r}, the store "
+                             f"was pooled with {t.mask!r}; pass the pipeline the store was extracted with")
     if len(run.dataset) != store.num_samples:  # type: ignore[arg-type]
         raise StoreError(f"the pipeline's dataset has {len(run.dataset)} samples, the store {store.num_samples}; pass the pipeline the store was extracted with")  # type: ignore[arg-type]
     from kdcache.cache import done_rows
@@ -273,7 +276,7 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
             with torch.inference_mode(), run.autocast():
                 output = data.call(run.model, data.to_device(batch["inputs"], run.device), "teacher")
             with run.device_memory("the teacher's recomputed targets (select steps, float32 copies)", batch):
-                for path, tensor in run.select(output, hooked, len(batch["index"])).items():
+                for path, tensor in run.select(output, hooked, batch).items():
                     if path in recomputed:
                         recomputed[path].append(tensor.detach().float().cpu().numpy())
     seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)

@@ -343,7 +343,8 @@ def test_output_auto_cannot_pick_from_names_it_does_not_know(tmp_path):
         (['targets.select.logits="5"', "teacher.factory=extract_zoo.py:tuple_out", "targets.layers=[]"],
          TargetError, r"output of type tuple has no element '5'"),
         (['targets.select.logits="99"'], TargetError, r"target 'logits': index 99 is outside the \d+ entries of the sample's first axis"),
-        (['targets.select.logits="last"'], TargetError, r"output of type Tensor \(per-sample shape \[\d+\]\) has no element 'last'"),
+        (['targets.select.logits="final"'], TargetError, r"output of type Tensor \(per-sample shape \[\d+\]\) has no element 'final'; .* "
+                                                         r"\"mean\", \"last\" or \"transpose\""),
         (['targets.select.conv2="0"'], PipelineError, r"targets.select names \['conv2'\], which are not stored targets"),
     ],
 )

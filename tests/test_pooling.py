@@ -1,0 +1,127 @@
+"""Pooled targets that ignore padding (``targets.mask``): a select's ``mean`` averages each item's valid positions
+only, ``last`` takes its last valid one, so a sentence's stored targets do not depend on how it was padded or batched.
+
+The teacher (extract_zoo.TokenBag) computes each token alone, and the datasets (extract_zoo.RepaddedTokens) hold the same
+sentences padded to 6, 8 (at the start) or 11 positions: every store of them must hold the same pooled targets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import extract_zoo as zoo
+import kdcache
+from conftest import FIXTURES
+from kdcache import store as layout
+from kdcache.errors import PipelineError, ShapeMismatchError, StoreError, StoreMismatchError, TargetError
+from kdcache.pipeline import from_dict
+from kdcache.verify import verify
+
+POOLED = {"logits": "mean", "embed": "last"}  # a text model's mean-pooled output, a causal LM's last-token feature
+
+
+def pooled(dataset: str = "repadded_tokens", mask: str = "attention_mask", select: dict | None = None, batch_size: int = 10) -> kdcache.Pipeline:
+    """TokenBag over ``dataset``'s 50 items, its logits mean-pooled and its ``embed`` features at the last token (``select``),
+    by ``mask``; a student of both (kl on the logits, feature MSE on ``embed``)."""
+    return from_dict({"teacher": {"factory": "extract_zoo.py:token_bag"}, "data": {"factory": f"extract_zoo.py:{dataset}"},
+                      "targets": {"layers": ["embed"], "dtype": "float32", "select": POOLED if select is None else select, "mask": mask},
+                      "extract": {"batch_size": batch_size, "device": "cpu", "rows_per_shard": 20},
+                      "student": {"factory": "extract_zoo.py:pooled_student"},
+                      "train": {"epochs": 2, "batch_size": 8, "lr": 0.01, "device": "cpu", "loss": {"kl": 1.0},
+                                "features": {"embed": {"student": "embed", "weight": 0.5}}}}, root=FIXTURES)
+
+
+def stored(location: Path) -> dict[str, np.ndarray]:
+    s = layout.open_store(str(location))
+    return {name: s.array(t.path)[:] for name, t in s.targets.items()}
+
+
+def expected() -> dict[str, np.ndarray]:
+    """Each sentence's mean logits and last token's features, computed from its tokens alone (no padding)."""
+    teacher, items = zoo.token_bag(), zoo.RepaddedTokens()
+    with torch.no_grad():
+        sentences = [items[i]["tokens"][items[i]["attention_mask"]] for i in range(len(items))]
+        return {"logits": np.stack([teacher.head(teacher.embed(s)).mean(0).numpy() for s in sentences]),
+                "embed": np.stack([teacher.embed(s)[-1].numpy() for s in sentences])}
+
+
+@pytest.mark.parametrize(("dataset", "batch_size"), [("repadded_tokens_wide", 7), ("repadded_tokens_left", 16)])
+def test_the_same_sentences_padded_and_batched_otherwise_store_the_same_pooled_targets(tmp_path, dataset, batch_size):
+    """With targets.mask, the stores of the sentences padded to 6 positions (batches of 10), and to 11 (batches of 7) or at
+    the start to 8 (batches of 16), hold the same values: each sentence's own. Without it, mean pooled the pad tokens'
+    logits and -1 took a pad token's features (under right padding), which differ with the padding."""
+    kdcache.extract(pooled(), tmp_path / "six.zarr")
+    kdcache.extract(pooled(dataset, batch_size=batch_size), tmp_path / "other.zarr")
+    six, other, own = stored(tmp_path / "six.zarr"), stored(tmp_path / "other.zarr"), expected()
+    for name in ("logits", "embed"):
+        assert np.array_equal(six[name], other[name])
+        np.testing.assert_allclose(six[name], own[name], rtol=1e-6, atol=1e-6)
+    unmasked = {"logits": "mean", "embed": "-1"}
+    kdcache.extract(pooled(mask="", select=unmasked), tmp_path / "six-unmasked.zarr")
+    kdcache.extract(pooled(dataset, mask="", select=unmasked, batch_size=batch_size), tmp_path / "other-unmasked.zarr")
+    six, other = stored(tmp_path / "six-unmasked.zarr"), stored(tmp_path / "other-unmasked.zarr")
+    padded = np.arange(50) % 3 != 0  # items with padding
+    assert not np.allclose(six["logits"][padded], other["logits"][padded])
+    np.testing.assert_allclose(six["logits"][~padded], own["logits"][~padded], rtol=1e-6, atol=1e-6)  # unpadded: right either way
+    assert not np.allclose(six["embed"][padded], own["embed"][padded])
+
+
+def test_a_store_pooled_by_a_mask_records_it_shows_it_and_trains(tmp_path):
+    """The manifest's targets record the mask where a select pooled by it (FORMAT.md §8), as do info and the dry run;
+    verify --teacher-check recomputes the rows with it; a store of the same pipeline without a mask is made as before
+    (no "mask" written) and is not resumed by a run with one; the pooled store trains."""
+    location = tmp_path / "pooled.zarr"
+    kdcache.extract(pooled(), location)
+    manifest = layout.open_store(str(location)).manifest
+    assert {name: t.get("mask") for name, t in manifest["targets"].items()} == {"logits": "attention_mask", "embed": "attention_mask"}
+    assert layout.open_store(str(location)).info()["targets"]["embed"]["mask"] == "attention_mask"
+    assert kdcache.dry_run(pooled())["targets"]["logits"]["mask"] == "attention_mask"
+    assert verify(str(location), teacher_check=10, pipeline=pooled())["ok"]
+    with pytest.raises(StoreError, match=r"the pipeline pools target 'logits' \(select 'mean'\) with targets.mask = '', the store was "
+                                         r"pooled with 'attention_mask'; pass the pipeline the store was extracted with"):
+        verify(str(location), teacher_check=10, pipeline=pooled(mask="", select={"logits": "mean", "embed": "-1"}))
+    plain = tmp_path / "plain.zarr"
+    kdcache.extract(pooled(mask="", select={"logits": "mean", "embed": "-1"}), plain)
+    assert all("mask" not in t for t in layout.open_store(str(plain)).manifest["targets"].values())
+    with pytest.raises(StoreMismatchError, match=r"different targets \(targets\.logits\.mask: store has None, now 'attention_mask'\)"):
+        kdcache.extract(pooled(select={"logits": "mean", "embed": "-1"}), plain)
+    result = kdcache.train(pooled(), location, tmp_path / "run")
+    assert np.isfinite(result["loss"])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_kl", "loss_feat:embed"} <= set(lines[-1])
+
+
+@pytest.mark.parametrize(("dataset", "mask", "select", "error", "match"), [
+    ("repadded_tokens", "mask", POOLED, PipelineError, r"^<dict>: targets.mask = 'mask' is not an entry of the dataset's inputs \(their "
+                                                       r"keys: \['tokens', 'attention_mask'\]\); name the entry .* or set targets.mask = \"\"$"),
+    # "1:" keeps 5 of the 6 positions the mask covers
+    ("repadded_tokens", "attention_mask", {"logits": "1:.mean"}, ShapeMismatchError,
+     r"^target 'logits': targets.mask 'attention_mask' has 6 positions per item, but step 'mean' pools the sample's first axis of 5 "
+     r"entries \(per-sample shape \[5, 12\]\); give the mask one value per entry of that axis .* fix \[targets.select\] 'logits'"),
+    # true at padding: item 0 (unpadded) keeps no position
+    ("repadded_tokens_inverted", "attention_mask", POOLED, PipelineError,
+     r"^<dict>: targets.mask 'attention_mask' keeps no position of item 0 \(its 6 values all false\); it must be true where a "
+     r"position counts, .* return ~mask$"),
+    ("repadded_tokens", "", {"embed": "last"}, TargetError,
+     r"^target 'embed': step 'last' picks each sample's last valid position by its padding mask, and none is given here .* "
+     r"set targets.mask = \"attention_mask\" .* \(\"-1\": the last position, padding or not\)$"),
+    ("repadded_tokens", "attention_mask", {"embed": "-1"}, PipelineError,
+     r"^<dict>: targets.mask = 'attention_mask' pools the select steps 'mean' and 'last', but no target's select has one \(logits "
+     r"'tensor', embed '-1'\), so it would change nothing; .* or set targets.mask = \"\""),
+], ids=["missing-key", "wrong-shape", "inverted", "last-without-mask", "mask-unused"])
+def test_a_mask_that_does_not_fit_is_refused_before_a_store_exists(tmp_path, dataset, mask, select, error, match):
+    with pytest.raises(error, match=match):
+        kdcache.extract(pooled(dataset, mask, select), tmp_path / "store.zarr")
+    assert not (tmp_path / "store.zarr").exists()
+
+
+def test_an_item_with_no_valid_position_later_in_the_run_is_refused(tmp_path):
+    """Item 23 is all padding, in the run's third batch (the probe batch is items 0-9): its mean would be 0/0."""
+    with pytest.raises(PipelineError, match=r"^<dict>: targets.mask 'attention_mask' keeps no position of item 23 \(its 6 values all "
+                                            r"false\)"):
+        kdcache.extract(pooled("repadded_tokens_empty"), tmp_path / "store.zarr")
