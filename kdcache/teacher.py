@@ -75,7 +75,11 @@ class Padding:
     def fitted(self, value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
         """``valid`` for a step pooling ``value``'s (B, T, ...) sample axis 1, refused where it has another count of positions;
         on the host, as bool."""
-        if tuple(self.valid.shape) != tuple(value.shape[:2]):
+        if len(value) != len(self.valid):  # a sequence-first output: its rows are not the items the mask is of
+            raise TargetError(f"{label}: step {step!r} pools by {self.setting} {self.key!r}, the mask of the batch's {len(self.valid)} "
+                              f"items, but the output has shape {list(value.shape)}, whose first axis is not those items; store a "
+                              "batch-first output (e.g. batch_first=True for RNN/attention layers)")
+        if self.valid.shape[1] != value.shape[1]:
             raise ShapeMismatchError(
                 f"{label}: {self.setting} {self.key!r} has {self.valid.shape[1]} positions per item, but step {step!r} pools the sample's "
                 f"first axis of {value.shape[1]} entries (per-sample shape {list(value.shape[1:])}); give the mask one value per entry of "
@@ -180,8 +184,9 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask:
     if step == "last":
         if mask is None:
             raise TargetError(f"{label}: step 'last' picks each sample's last valid position by its padding mask, and none is "
-                              f"given here (extract's targets.mask names it); set targets.mask = \"attention_mask\" (the key of "
-                              f"the inputs holding it), or fix {setting} (\"-1\": the last position, padding or not)")
+                              f"given here (only the teacher's targets have one: extract's targets.mask); set targets.mask = "
+                              f"\"attention_mask\" (the key of the inputs holding it), or fix {setting} (\"-1\": the last "
+                              "position, padding or not)")
         valid = mask.fitted(value, step, label, setting)
         last = torch.where(valid, torch.arange(valid.shape[1]), -1).amax(dim=1)  # (B,): -1 where none (data.padding_mask refuses it)
         return value[torch.arange(len(value), device=value.device), last.to(value.device)]
