@@ -230,14 +230,33 @@ def all_finite(block: np.ndarray) -> bool:
 
 def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: float | None) -> tuple[Check, dict[str, Any]]:
     """Rebuild the teacher and recompute ``n`` random done rows (sorted; read whole chunks via oindex)."""
-    import torch
-
-    from kdcache import data, teacher as teachers
-    from kdcache.extract import setup
+    from kdcache import data
 
     check = Check("teacher", "")
     algorithm = data.check_algorithm(store.manifest, store.location)
-    run = setup(pipeline, writing=False)  # the store has its geometry: the pipeline's extract.rows_per_shard is not used
+    run = _teacher_run(store, pipeline, check)
+    stored_targets = store.targets
+    rows = _random_rows(store, n, seed)
+    recomputed, seen_fp, seen_labels = _recompute(run, pipeline, rows, algorithm, [t.path for t in stored_targets.values()])
+    _check_inputs(store, run, rows, seen_fp, seen_labels, algorithm, check)
+    per_target = {}
+    for t in stored_targets.values():
+        entry = _compare_target(store, t, rows, recomputed[t.path], run.targets[t.path].select, tolerance, check)
+        if entry is not None:  # None: the stored rows are unreadable, named in the check's failures
+            per_target[t.name] = entry
+    check.summary = f"{len(rows)} random rows recomputed with {pipeline.teacher.factory}"
+    return check, {"rows": [int(r) for r in rows], "targets": per_target, "weights_sha256": run.weights_sha256}
+
+
+def _teacher_run(store: layout.Store, pipeline: Any, check: Check) -> Any:
+    """The pipeline's extract run, set up to read (the store has its geometry: the pipeline's extract.rows_per_shard is not
+    used) in the store's precision. Other teacher weights than the store's are a failure of ``check``; stored targets the
+    pipeline does not produce, or produces in another shape (another select), and a dataset of another length are refused:
+    no row could be compared."""
+    from kdcache import data
+    from kdcache.extract import setup
+
+    run = setup(pipeline, writing=False)
     if store.manifest.get("precision") in data.AUTOCAST:  # recomputed as stored (the rtol is the store's precision's)
         run.precision = store.manifest["precision"]
     ours = run.weights_sha256
@@ -258,13 +277,28 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
                              f"was pooled with {t.mask!r}; pass the pipeline the store was extracted with")
     if len(run.dataset) != store.num_samples:  # type: ignore[arg-type]
         raise StoreError(f"the pipeline's dataset has {len(run.dataset)} samples, the store {store.num_samples}; pass the pipeline the store was extracted with")  # type: ignore[arg-type]
+    return run
+
+
+def _random_rows(store: layout.Store, n: int, seed: int) -> np.ndarray:
+    """``n`` done rows of ``store`` drawn with ``seed`` (every done row where fewer are done), ascending."""
     from kdcache.cache import done_rows
 
     available = done_rows(store)
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(available, size=min(n, len(available)), replace=False)) if len(available) else available
+    return np.sort(rng.choice(available, size=min(n, len(available)), replace=False)) if len(available) else available
+
+
+def _recompute(run: Any, pipeline: Any, rows: np.ndarray, algorithm: Any,
+               paths: list[str]) -> tuple[dict[str, list[np.ndarray]], np.ndarray, np.ndarray | None]:
+    """The teacher's output for dataset items ``rows``, in batches of extract.batch_size as extract ran it: per stored
+    target path its float32 batches, the items' input fingerprints, and their labels (None: the items have none)."""
+    import torch
+
+    from kdcache import data, teacher as teachers
+
     indexed = data.Indexed(run.dataset, algorithm)
-    recomputed: dict[str, list[np.ndarray]] = {t.path: [] for t in stored_targets.values()}
+    recomputed: dict[str, list[np.ndarray]] = {path: [] for path in paths}
     fingerprints, labels = [], []
     batch_size = pipeline.extract.batch_size
     with teachers.capture(run.model, pipeline.targets.layers) as hooked:
@@ -280,12 +314,21 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
                     if path in recomputed:
                         recomputed[path].append(tensor.detach().float().cpu().numpy())
     seen_fp = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
+    # the same input with another label (a new class mapping): training refuses it (ce would learn the stored label)
+    seen_labels = np.concatenate(labels) if labels and all(y is not None for y in labels) else None
+    return recomputed, seen_fp, seen_labels
+
+
+def _check_inputs(store: layout.Store, run: Any, rows: np.ndarray, seen_fp: np.ndarray, seen_labels: np.ndarray | None,
+                  algorithm: Any, check: Check) -> None:
+    """Each of ``rows`` is still the input it was: the dataset's fingerprint of item ``r`` (read alone), and its label where
+    the store and the dataset have labels, must be the stored one; a failure of ``check`` names the row."""
+    from kdcache import data
+
     stored_fp = _rows(store, layout.FINGERPRINT, rows, check)  # None: unreadable, named in the check's failures
     # a dataset's own __getitems__: each row read alone too, for one that serves a batch's items out of order (as it
     # did when the store was extracted) gives the stored fingerprints and targets again, in the wrong rows
     batched = hasattr(run.dataset, "__getitems__")
-    # the same input with another label (a new class mapping): training refuses it (ce would learn the stored label)
-    seen_labels = np.concatenate(labels) if labels and all(y is not None for y in labels) else None
     stored_labels = _rows(store, layout.LABEL, rows, check) if store.has_labels and seen_labels is not None and len(rows) else None
     for k, (r, a, b) in enumerate(zip(rows, stored_fp if stored_fp is not None else [], seen_fp)):
         alone = data.item_fingerprint(run.dataset, int(r), algorithm) if batched else int(b)
@@ -297,37 +340,38 @@ def _teacher(store: layout.Store, pipeline: Any, n: int, seed: int, tolerance: f
         elif stored_labels is not None and int(seen_labels[k]) != int(stored_labels[k]):
             check.fail(f"row {int(r)}: the dataset gives label {int(seen_labels[k])}, the store holds {int(stored_labels[k])}: its "
                        "labels changed since extraction (another class mapping?); use the dataset the store was made from, or re-extract")
-    per_target = {}
-    for t in stored_targets.values():
-        stored = _rows(store, t.path, rows, check)
-        if stored is None:  # named in the check's failures
-            continue
-        stored = stored.astype(np.float64) if len(rows) else np.zeros((0, *t.shape))
-        fresh = np.concatenate(recomputed[t.path]).astype(np.float64) if recomputed[t.path] else np.zeros_like(stored)
-        fresh_stored = fresh.astype(t.dtype).astype(np.float64)  # the value a fresh extract would store
-        err = np.abs(stored - fresh_stored)
-        rtol = tolerance if tolerance is not None else RTOL.get((store.manifest.get("precision", "fp32"), t.dtype), 5e-2)
-        scale = float(np.mean(np.abs(fresh))) if fresh.size else 0.0
-        limit = rtol * (np.abs(fresh) + scale)
-        bad = err > limit
-        entry = {
-            "rows": int(len(rows)),
-            "max_abs_error": float(err.max()) if err.size else 0.0,
-            "max_rel_error": float((err / np.maximum(np.abs(fresh), scale or 1.0)).max()) if err.size else 0.0,
-            "kl": _kl(stored, fresh) if t.source == "" and t.shape and err.size else None,  # no class axis: no softmax
-            "rtol": rtol,
-            "ok": not bad.any(),
-        }
-        per_target[t.name] = entry
-        if bad.any():
-            worst = np.unravel_index(int(np.argmax(err - limit)), err.shape)
-            # the store's select is provenance, which another writer may spell its own way: named as a likely cause, not refused
-            other = run.targets[t.path].select
-            hint = f" (the pipeline selects {other!r}, the store recorded {t.select!r})" if other != t.select else ""
-            check.fail(f"target {t.name!r}: {int(bad.sum())} values beyond tolerance (rtol {rtol:g}); worst at row "
-                       f"{int(rows[worst[0]])}: stored {stored[worst]:.6g}, recomputed {fresh[worst]:.6g}{hint}")
-    check.summary = f"{len(rows)} random rows recomputed with {pipeline.teacher.factory}"
-    return check, {"rows": [int(r) for r in rows], "targets": per_target, "weights_sha256": ours}
+
+
+def _compare_target(store: layout.Store, t: layout.Target, rows: np.ndarray, recomputed: list[np.ndarray], select: str,
+                    tolerance: float | None, check: Check) -> dict[str, Any] | None:
+    """Target ``t``'s stored ``rows`` against their ``recomputed`` batches (``select``: the pipeline's): errors, KL and
+    the tolerance, for the report; values beyond it are a failure of ``check`` naming the worst. None: the stored rows
+    are unreadable, named in the check's failures."""
+    stored = _rows(store, t.path, rows, check)
+    if stored is None:
+        return None
+    stored = stored.astype(np.float64) if len(rows) else np.zeros((0, *t.shape))
+    fresh = np.concatenate(recomputed).astype(np.float64) if recomputed else np.zeros_like(stored)
+    fresh_stored = fresh.astype(t.dtype).astype(np.float64)  # the value a fresh extract would store
+    err = np.abs(stored - fresh_stored)
+    rtol = tolerance if tolerance is not None else RTOL.get((store.manifest.get("precision", "fp32"), t.dtype), 5e-2)
+    scale = float(np.mean(np.abs(fresh))) if fresh.size else 0.0
+    limit = rtol * (np.abs(fresh) + scale)
+    bad = err > limit
+    if bad.any():
+        worst = np.unravel_index(int(np.argmax(err - limit)), err.shape)
+        # the store's select is provenance, which another writer may spell its own way: named as a likely cause, not refused
+        hint = f" (the pipeline selects {select!r}, the store recorded {t.select!r})" if select != t.select else ""
+        check.fail(f"target {t.name!r}: {int(bad.sum())} values beyond tolerance (rtol {rtol:g}); worst at row "
+                   f"{int(rows[worst[0]])}: stored {stored[worst]:.6g}, recomputed {fresh[worst]:.6g}{hint}")
+    return {
+        "rows": int(len(rows)),
+        "max_abs_error": float(err.max()) if err.size else 0.0,
+        "max_rel_error": float((err / np.maximum(np.abs(fresh), scale or 1.0)).max()) if err.size else 0.0,
+        "kl": _kl(stored, fresh) if t.source == "" and t.shape and err.size else None,  # no class axis: no softmax
+        "rtol": rtol,
+        "ok": not bad.any(),
+    }
 
 
 def _kl(stored: np.ndarray, fresh: np.ndarray) -> float:
