@@ -1042,65 +1042,9 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     if not t.eval_split and not t.eval_cache:
         return dict
     if t.eval_cache:
-        store = _open_eval_store(t.eval_cache, t.eval_split, storage_options)
-        if not store.complete:  # allow_partial is the training store's: an eval store's metrics are the whole split's
-            raise StoreError(f"train.eval_cache {t.eval_cache!r} is incomplete ({store.samples_done()}/{store.num_samples} samples): its "
-                             f"metrics would leave out the rest; resume its kdcache extract ({option('--allow-partial')} applies to the "
-                             "training store alone), or drop train.eval_cache")
-        split = store.manifest["dataset"]["split"]
-        stored = next((tg for tg in store.targets.values() if tg.path == layout.LOGITS), None)
-        if stored is None:
-            raise PipelineError(f"train.eval_cache {t.eval_cache!r} stores no logits to compare with; extract it with targets.logits = true")
-        theirs, teacher = store.manifest["teacher"]["weights_sha256"], (trained or store.manifest)["teacher"]
-        if theirs != teacher["weights_sha256"]:  # agreement with another teacher than the one distilled
-            raise PipelineError(f"train.eval_cache {t.eval_cache!r} was made by another teacher ({store.manifest['teacher']['factory']}, "
-                                f"weights sha256 {theirs[:12]}...) than the store trained from ({teacher['factory']}, weights sha256 "
-                                f"{teacher['weights_sha256'][:12]}...): eval_agreement would compare the student with another teacher; "
-                                "extract the eval split with the same teacher (--set data.split=...), or drop train.eval_cache")
-        if t.eval_split and t.eval_split != split:
-            raise PipelineError(f"train.eval_split = {t.eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
-        same = ("factory", "split", "length", "probe_fingerprints")
-        if trained is not None and layout.fingerprint_algorithm(store.manifest) != layout.fingerprint_algorithm(trained):
-            same = same[:-1]  # fingerprints of two algorithms cannot be compared: the same factory, split and length are the same data
-        if not t.eval_split and trained is not None and all(store.manifest["dataset"][k] == trained["dataset"][k] for k in same):
-            raise PipelineError(f"train.eval_cache {t.eval_cache!r} holds the samples the student trains on (split {split!r} of "
-                                f"{trained['dataset']['factory']}): its eval metrics would be measured on training data; extract the eval "
-                                f"split into its own store (--set data.split=...), or set train.eval_split = {split!r} to measure it on purpose")
-        ours = next((tg for tg in map(layout.Target.from_dict, (trained or {"targets": {}})["targets"].values())
-                     if tg.path == layout.LOGITS), None)  # None: a run of features and labels alone
-        if ours is not None and (ours.shape, ours.select) != (stored.shape, stored.select):  # another part of the teacher's output
-            raise PipelineError(f"train.eval_cache {t.eval_cache!r} stores the teacher's logits as select {stored.select!r}, per-sample shape "
-                                f"{list(stored.shape)}, but the store trained from as select {ours.select!r}, shape {list(ours.shape)}: "
-                                "eval_agreement would compare the student with another part of the teacher's output; extract the eval "
-                                f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
-        dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
-        if trained is not None and split != trained["dataset"]["split"] and _training_samples(dataset, trained):
-            raise PipelineError(f"train.eval_cache {t.eval_cache!r} (split {split!r}) holds the samples the student trains on: its "
-                                f"{len(dataset)} samples begin and end as split {trained['dataset']['split']!r} of the store trained from "
-                                "does (data.factory gives one split whatever the split asked?); make data.factory return the split it "
-                                "is asked for and extract the eval split again, or drop train.eval_cache")
-        shards = distributed.my_part(store.num_shards)  # torchrun: each rank evaluates its whole shards, the counts are summed
-        source = None if not len(shards) else cache.TransferSet(
-            t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=cache.done_rows(store, shards),
-            memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-            fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
-        if source is not None:
-            source.check_memory(0, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
+        dataset, source, stored = _eval_cache_source(pipeline, storage_options, trained)
     else:
-        try:
-            dataset = data.load(pipeline, t.eval_split)
-        except PipelineError as e:  # named as what asked for the split: pipelines copied from mnist.toml ask for "test"
-            raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
-        if trained is not None and t.eval_split != (ours := trained["dataset"]["split"]) and _training_samples(dataset, trained):
-            raise PipelineError(f"train.eval_split = {t.eval_split!r} gives the samples the student trains on: its {len(dataset)} items "
-                                f"begin and end as split {ours!r} of the store trained from does (data.factory gives one split whatever "
-                                "the split asked?); make data.factory return the split it is asked for, or set train.eval_split = "
-                                f"{ours!r} to measure training data on purpose")
-        # a generator of its own: each iterator draws a seed, which from torch's global RNG would move the dropout that
-        # follows (a run resumed with another train.eval_every would train other weights)
-        part = distributed.my_part(len(dataset))  # torchrun: each rank evaluates its part, the counts are summed
-        source = DataLoader(torch.utils.data.Subset(data.Indexed(dataset, None), part.tolist()), batch_size=max(t.batch_size, 512),
-                            collate_fn=data.collate, generator=torch.Generator()) if len(part) else None
+        dataset, source = _eval_split_source(pipeline, trained)
     _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
                       agreement=stored.shape if t.eval_cache else None)
 
@@ -1109,30 +1053,131 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     def evaluate() -> dict[str, float]:
         if isinstance(source, cache.TransferSet):
             source.set_epoch(next(evaluations))  # the first evaluation checks fingerprint_check, later ones the recheck
-        if run.world > 1:  # torchrun: every rank scores rank 0's student (its BatchNorm statistics), the one saved
-            distributed.broadcast_buffers([run.student])
-        run.student.eval()
-        correct = agree = teacher_correct = n = labelled = 0
-        with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
-            for batch in source if source is not None else ():  # None: a rank with no part (more ranks than shards)
-                logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
-                # a tie at the top (float16 logits tie often) counts 1/k, not argmax's lowest class (losses.top1_matches)
-                label = None if batch["label"] is None else torch.as_tensor(batch["label"])
-                if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
-                    correct, labelled = correct + float(losses.top1_correct(logits, label).sum()), labelled + int((label >= 0).sum())
-                if "targets" in batch:
-                    tl = batch["targets"][layout.LOGITS]
-                    agree += float(losses.top1_matches(logits, tl).sum())
-                    teacher_correct += float(losses.top1_correct(tl, label).sum()) if label is not None else 0
-                n += len(logits)
-        counts = torch.tensor([correct, agree, teacher_correct, n, labelled], dtype=torch.float64)  # sums of 1/k; n exact below 2**53
-        correct, agree, teacher_correct, n, labelled = distributed.sum_over_ranks(counts, waits=True).tolist()
+        correct, agree, teacher_correct, n, labelled = _eval_counts(run, device, source)
         out = {"eval_accuracy": correct / labelled} if labelled else {}  # no labels: no accuracies (never a 0 that reads as one)
         if t.eval_cache and n:
             out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / labelled} if labelled else {})}
         return out
 
     return evaluate
+
+
+def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | None,
+                       trained: dict[str, Any] | None) -> tuple[Any, cache.TransferSet | None, layout.Target]:
+    """``train.eval_cache``'s dataset, the batches of this rank's whole shards of it (None: no shard left to this rank) and
+    its stored logits, once the store is found fit to measure the student against the teacher it distils."""
+    t = pipeline.train
+    store, stored = _eval_store(t.eval_cache, t.eval_split, storage_options, trained)
+    split = store.manifest["dataset"]["split"]
+    _check_eval_split(t.eval_cache, t.eval_split, store.manifest, trained)
+    _check_eval_logits(t.eval_cache, stored, trained)
+    dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
+    if trained is not None and split != trained["dataset"]["split"] and _training_samples(dataset, trained):
+        raise PipelineError(f"train.eval_cache {t.eval_cache!r} (split {split!r}) holds the samples the student trains on: its "
+                            f"{len(dataset)} samples begin and end as split {trained['dataset']['split']!r} of the store trained from "
+                            "does (data.factory gives one split whatever the split asked?); make data.factory return the split it "
+                            "is asked for and extract the eval split again, or drop train.eval_cache")
+    shards = distributed.my_part(store.num_shards)  # torchrun: each rank evaluates its whole shards, the counts are summed
+    source = None if not len(shards) else cache.TransferSet(
+        t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=cache.done_rows(store, shards),
+        memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+        fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
+    if source is not None:
+        source.check_memory(0, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
+    return dataset, source, stored
+
+
+def _eval_store(location: str, split: str, storage_options: dict[str, Any] | None,
+                trained: dict[str, Any] | None) -> tuple[layout.Store, layout.Target]:
+    """``train.eval_cache`` (``location``; ``split``: train.eval_split) opened, and its stored logits: it must be complete,
+    store logits, and have been made by the teacher of the store trained from (``trained``: its manifest)."""
+    store = _open_eval_store(location, split, storage_options)
+    if not store.complete:  # allow_partial is the training store's: an eval store's metrics are the whole split's
+        raise StoreError(f"train.eval_cache {location!r} is incomplete ({store.samples_done()}/{store.num_samples} samples): its "
+                         f"metrics would leave out the rest; resume its kdcache extract ({option('--allow-partial')} applies to the "
+                         "training store alone), or drop train.eval_cache")
+    stored = next((tg for tg in store.targets.values() if tg.path == layout.LOGITS), None)
+    if stored is None:
+        raise PipelineError(f"train.eval_cache {location!r} stores no logits to compare with; extract it with targets.logits = true")
+    theirs, teacher = store.manifest["teacher"]["weights_sha256"], (trained or store.manifest)["teacher"]
+    if theirs != teacher["weights_sha256"]:  # agreement with another teacher than the one distilled
+        raise PipelineError(f"train.eval_cache {location!r} was made by another teacher ({store.manifest['teacher']['factory']}, "
+                            f"weights sha256 {theirs[:12]}...) than the store trained from ({teacher['factory']}, weights sha256 "
+                            f"{teacher['weights_sha256'][:12]}...): eval_agreement would compare the student with another teacher; "
+                            "extract the eval split with the same teacher (--set data.split=...), or drop train.eval_cache")
+    return store, stored
+
+
+def _check_eval_split(location: str, eval_split: str, manifest: dict[str, Any], trained: dict[str, Any] | None) -> None:
+    """Refuse an eval store (``location``, ``manifest``) of another split than train.eval_split names, or, where that names
+    none, one holding the samples of the store trained from (``trained``: its manifest): the same factory, split and length,
+    and probe fingerprints where both use one algorithm."""
+    split = manifest["dataset"]["split"]
+    if eval_split and eval_split != split:
+        raise PipelineError(f"train.eval_split = {eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
+    same = ("factory", "split", "length", "probe_fingerprints")
+    if trained is not None and layout.fingerprint_algorithm(manifest) != layout.fingerprint_algorithm(trained):
+        same = same[:-1]  # fingerprints of two algorithms cannot be compared: the same factory, split and length are the same data
+    if not eval_split and trained is not None and all(manifest["dataset"][k] == trained["dataset"][k] for k in same):
+        raise PipelineError(f"train.eval_cache {location!r} holds the samples the student trains on (split {split!r} of "
+                            f"{trained['dataset']['factory']}): its eval metrics would be measured on training data; extract the eval "
+                            f"split into its own store (--set data.split=...), or set train.eval_split = {split!r} to measure it on purpose")
+
+
+def _check_eval_logits(location: str, stored: layout.Target, trained: dict[str, Any] | None) -> None:
+    """Refuse an eval store (``location``) whose logits (``stored``) are another part of the teacher's output (another
+    select) than the store trained from holds (``trained``: its manifest; a run of features and labels alone has none)."""
+    ours = next((tg for tg in map(layout.Target.from_dict, (trained or {"targets": {}})["targets"].values())
+                 if tg.path == layout.LOGITS), None)  # None: a run of features and labels alone
+    if ours is not None and (ours.shape, ours.select) != (stored.shape, stored.select):  # another part of the teacher's output
+        raise PipelineError(f"train.eval_cache {location!r} stores the teacher's logits as select {stored.select!r}, per-sample shape "
+                            f"{list(stored.shape)}, but the store trained from as select {ours.select!r}, shape {list(ours.shape)}: "
+                            "eval_agreement would compare the student with another part of the teacher's output; extract the eval "
+                            f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
+
+
+def _eval_split_source(pipeline: Pipeline, trained: dict[str, Any] | None) -> tuple[Any, DataLoader | None]:
+    """``train.eval_split``'s dataset (no store: labels alone) and the batches of this rank's part of it (None: no part left
+    to this rank); refused where it gives the samples of the store trained from (``trained``: its manifest)."""
+    t = pipeline.train
+    try:
+        dataset = data.load(pipeline, t.eval_split)
+    except PipelineError as e:  # named as what asked for the split: pipelines copied from mnist.toml ask for "test"
+        raise PipelineError(f"train.eval_split = {t.eval_split!r}: {e}; or set train.eval_split = \"\" (no evaluation)") from None
+    if trained is not None and t.eval_split != (ours := trained["dataset"]["split"]) and _training_samples(dataset, trained):
+        raise PipelineError(f"train.eval_split = {t.eval_split!r} gives the samples the student trains on: its {len(dataset)} items "
+                            f"begin and end as split {ours!r} of the store trained from does (data.factory gives one split whatever "
+                            "the split asked?); make data.factory return the split it is asked for, or set train.eval_split = "
+                            f"{ours!r} to measure training data on purpose")
+    # a generator of its own: each iterator draws a seed, which from torch's global RNG would move the dropout that
+    # follows (a run resumed with another train.eval_every would train other weights)
+    part = distributed.my_part(len(dataset))  # torchrun: each rank evaluates its part, the counts are summed
+    source = DataLoader(torch.utils.data.Subset(data.Indexed(dataset, None), part.tolist()), batch_size=max(t.batch_size, 512),
+                        collate_fn=data.collate, generator=torch.Generator()) if len(part) else None
+    return dataset, source
+
+
+def _eval_counts(run: Run, device: torch.device, source: Any) -> list[float]:
+    """The student (rank 0's, under torchrun) scored on ``source``'s batches (None: none), summed over ranks: ``[correct,
+    agree, teacher_correct, n, labelled]``, each top-1 tie of k classes counting 1/k."""
+    if run.world > 1:  # torchrun: every rank scores rank 0's student (its BatchNorm statistics), the one saved
+        distributed.broadcast_buffers([run.student])
+    run.student.eval()
+    correct = agree = teacher_correct = n = labelled = 0
+    with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
+        for batch in source if source is not None else ():  # None: a rank with no part (more ranks than shards)
+            logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
+            # a tie at the top (float16 logits tie often) counts 1/k, not argmax's lowest class (losses.top1_matches)
+            label = None if batch["label"] is None else torch.as_tensor(batch["label"])
+            if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
+                correct, labelled = correct + float(losses.top1_correct(logits, label).sum()), labelled + int((label >= 0).sum())
+            if "targets" in batch:
+                tl = batch["targets"][layout.LOGITS]
+                agree += float(losses.top1_matches(logits, tl).sum())
+                teacher_correct += float(losses.top1_correct(tl, label).sum()) if label is not None else 0
+            n += len(logits)
+    counts = torch.tensor([correct, agree, teacher_correct, n, labelled], dtype=torch.float64)  # sums of 1/k; n exact below 2**53
+    return distributed.sum_over_ranks(counts, waits=True).tolist()
 
 
 def _training_samples(dataset: Any, trained: dict[str, Any]) -> bool:
