@@ -1520,78 +1520,101 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
     kind = location_kind(location)
     extract = f"run kdcache extract PIPELINE --out {location} first"
     if kind == "local":
-        path = Path(local_path(location))
-        if path.is_file():
-            with contextlib.suppress(OSError), path.open("rb") as f:
-                if f.read(8) == HDF5_MAGIC or path.suffix.lower() in (".h5", ".hdf5"):
-                    return StoreError(f"{location!r} is an HDF5 file (a kdcache export?), not a store; run kdcache import "
-                                      f"{location} STORE first, then pass STORE")
-            if zipfile.is_zipfile(path):  # read as a zip by its name alone: SHARING.md's zip:: takes one of any name
-                return StoreError(f"{location!r} is a zip file not named .zip; pass it as zip::{location} (a zip of any name is "
-                                  "read through zip::), or rename it to .zarr.zip")
-            return StoreError(f"{location!r} is a file, not a store; pass a store folder, a .zarr.zip written by kdcache pack, "
-                              "or zip::PATH for such a zip of another name")
-        if (path / ".zgroup").is_file():
-            return _zarr_v2(location)
-        if path.is_dir() and any(path.iterdir()):
-            return StoreError(f"no store at {location!r}: the folder holds no zarr.json; pass the folder of a store "
-                              "(kdcache extract PIPELINE --out NEW writes one)")
-        return StoreError(f"no store at {location!r}; {extract}")
+        return _no_local_store(location, extract)
     if kind == "zip":
-        path = Path(local_path(location))
-        if not path.exists():
-            return StoreError(f"no store at {location!r} (no such file); check the path, or write it with kdcache pack STORE {path}")
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = set(z.namelist())
-        except (OSError, zipfile.BadZipFile) as e:
-            return StoreError(f"{location!r} is not a readable zip file ({e}); pass a .zarr.zip written by kdcache pack")
-        if ".zgroup" in names:
-            return _zarr_v2(location)
-        return StoreError(f"no store in {location!r}: the zip holds no zarr.json at its root; pass a .zarr.zip written by kdcache pack")
+        return _no_zip_store(location)
     http = http_url(location)
-    if http is not None:
-        chained = http != location  # zip::http://...: the zip file itself is fetched
-        url = http if chained else http.rstrip("/") + "/zarr.json"
-        options = None if chained else storage_options
-        problem = http_problem(url, options, whole=not chained)
-        if problem is not None and problem.startswith("HTTP 5"):  # the server failed: nothing says the store is absent
-            return UnreachableError(f"cannot reach {location!r} ({url}: {problem}): the server failed to answer; "
-                                    "check that the server is up, then rerun")
-        if problem is not None and problem.startswith(("HTTP 401", "HTTP 403")):  # the store may well be there
-            # a bucket served over HTTP(S) that may not be listed answers a missing key 403 too
-            maybe = ", or there is no store there (a bucket answers 403 for a missing key): check the URL, or" if "403" in problem[:8] else ";"
-            return StoreError(f"{location!r} refuses access ({url}: {problem}){maybe} pass the credentials the server expects, e.g. "
-                              "--storage-option 'headers.Authorization=Bearer TOKEN' (storage_options={'headers': {...}} from Python)")
-        if problem is not None and problem.startswith("HTTP "):
-            if not chained and http.lower().endswith((".h5", ".hdf5")):
-                return StoreError(f"{location!r} names an HDF5 file (a kdcache export?), not a store; download it and run "
-                                  "kdcache import FILE STORE, then pass STORE")
-            if not chained and http_problem(http.rstrip("/") + "/.zgroup", options, whole=True) is None:
-                return _zarr_v2(location)
-            if not chained and http.rstrip("/").lower().endswith(".zip"):
-                return _zip_behind_url(location, f"({url}: {problem})")
-            return StoreError(f"no store at {location!r} ({url}: {problem}); check the URL")
-        if problem is not None:
-            return StoreError(f"cannot reach {location!r} ({problem}); check the URL and that the server is up")
-        if chained:
-            return StoreError(f"no store in {location!r}: the zip holds no zarr.json at its root; pass the URL of a .zarr.zip written by kdcache pack")
-    if kind == "url":
-        from zarr.core.sync import sync
+    if http is not None:  # http(s)://, or a chain ending in one (zip::https://...)
+        return _no_http_store(location, http, storage_options)
+    return _no_url_store(location, storage_options, extract)
 
-        with contextlib.suppress(Exception):
-            if sync(zarr_store(location, storage_options).exists(".zgroup")):
-                return _zarr_v2(location)
-        with contextlib.suppress(Exception):  # a bucket name mistyped: extracting there would fail too, after the teacher is built
-            fs, path = filesystem(location, storage_options)
-            bucket = path.split("/")[0]
-            if bucket and "/" in path.strip("/") and not fs.exists(bucket):
-                return StoreError(f"no store at {location!r}: there is no bucket {bucket!r} (or these credentials cannot see it); "
-                                  "check the bucket name, --storage-option values and credentials")
-        if "::" not in location and location.rstrip("/").lower().endswith(".zip"):
-            return _zip_behind_url(location, "")
-        return StoreError(f"no store at {location!r}; {extract}")
+
+def _no_local_store(location: str, extract: str) -> StoreError:
+    """Why no store is at the local path ``location``: a file (an HDF5 export, a zip of another name), a zarr v2 store,
+    a folder of other things, or nothing (``extract``: the fix)."""
+    path = Path(local_path(location))
+    if path.is_file():
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            if f.read(8) == HDF5_MAGIC or path.suffix.lower() in (".h5", ".hdf5"):
+                return StoreError(f"{location!r} is an HDF5 file (a kdcache export?), not a store; run kdcache import "
+                                  f"{location} STORE first, then pass STORE")
+        if zipfile.is_zipfile(path):  # read as a zip by its name alone: SHARING.md's zip:: takes one of any name
+            return StoreError(f"{location!r} is a zip file not named .zip; pass it as zip::{location} (a zip of any name is "
+                              "read through zip::), or rename it to .zarr.zip")
+        return StoreError(f"{location!r} is a file, not a store; pass a store folder, a .zarr.zip written by kdcache pack, "
+                          "or zip::PATH for such a zip of another name")
+    if (path / ".zgroup").is_file():
+        return _zarr_v2(location)
+    if path.is_dir() and any(path.iterdir()):
+        return StoreError(f"no store at {location!r}: the folder holds no zarr.json; pass the folder of a store "
+                          "(kdcache extract PIPELINE --out NEW writes one)")
+    return StoreError(f"no store at {location!r}; {extract}")
+
+
+def _no_zip_store(location: str) -> StoreError:
+    """Why no store is in the local zip file ``location``: no such file, not a zip, a zarr v2 store, or no root zarr.json."""
+    path = Path(local_path(location))
+    if not path.exists():
+        return StoreError(f"no store at {location!r} (no such file); check the path, or write it with kdcache pack STORE {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (OSError, zipfile.BadZipFile) as e:
+        return StoreError(f"{location!r} is not a readable zip file ({e}); pass a .zarr.zip written by kdcache pack")
+    if ".zgroup" in names:
+        return _zarr_v2(location)
+    return StoreError(f"no store in {location!r}: the zip holds no zarr.json at its root; pass a .zarr.zip written by kdcache pack")
+
+
+def _no_http_store(location: str, http: str, storage_options: dict[str, Any] | None) -> StoreError:
+    """Why no store is at ``location``, read through the http(s) URL ``http`` (itself, or the zip file a ``zip::`` chain
+    fetches): what the server answered (a failure, a refusal, a missing key: an HDF5 file, a zarr v2 store, a zip named
+    without ``zip::``), an unreachable server, or a zip or a folder without a root zarr.json."""
+    chained = http != location  # zip::http://...: the zip file itself is fetched
+    url = http if chained else http.rstrip("/") + "/zarr.json"
+    options = None if chained else storage_options
+    problem = http_problem(url, options, whole=not chained)
+    if problem is not None and problem.startswith("HTTP 5"):  # the server failed: nothing says the store is absent
+        return UnreachableError(f"cannot reach {location!r} ({url}: {problem}): the server failed to answer; "
+                                "check that the server is up, then rerun")
+    if problem is not None and problem.startswith(("HTTP 401", "HTTP 403")):  # the store may well be there
+        # a bucket served over HTTP(S) that may not be listed answers a missing key 403 too
+        maybe = ", or there is no store there (a bucket answers 403 for a missing key): check the URL, or" if "403" in problem[:8] else ";"
+        return StoreError(f"{location!r} refuses access ({url}: {problem}){maybe} pass the credentials the server expects, e.g. "
+                          "--storage-option 'headers.Authorization=Bearer TOKEN' (storage_options={'headers': {...}} from Python)")
+    if problem is not None and problem.startswith("HTTP "):
+        if not chained and http.lower().endswith((".h5", ".hdf5")):
+            return StoreError(f"{location!r} names an HDF5 file (a kdcache export?), not a store; download it and run "
+                              "kdcache import FILE STORE, then pass STORE")
+        if not chained and http_problem(http.rstrip("/") + "/.zgroup", options, whole=True) is None:
+            return _zarr_v2(location)
+        if not chained and http.rstrip("/").lower().endswith(".zip"):
+            return _zip_behind_url(location, f"({url}: {problem})")
+        return StoreError(f"no store at {location!r} ({url}: {problem}); check the URL")
+    if problem is not None:
+        return StoreError(f"cannot reach {location!r} ({problem}); check the URL and that the server is up")
+    if chained:
+        return StoreError(f"no store in {location!r}: the zip holds no zarr.json at its root; pass the URL of a .zarr.zip written by kdcache pack")
     return StoreError(f"no store at {location!r}: {url} holds no zarr v3 group metadata; check the URL")
+
+
+def _no_url_store(location: str, storage_options: dict[str, Any] | None, extract: str) -> StoreError:
+    """Why no store is at the fsspec URL ``location`` (s3://, gs://, ...): a zarr v2 store, no such bucket, a zip named
+    without ``zip::``, or nothing (``extract``: the fix)."""
+    from zarr.core.sync import sync
+
+    with contextlib.suppress(Exception):
+        if sync(zarr_store(location, storage_options).exists(".zgroup")):
+            return _zarr_v2(location)
+    with contextlib.suppress(Exception):  # a bucket name mistyped: extracting there would fail too, after the teacher is built
+        fs, path = filesystem(location, storage_options)
+        bucket = path.split("/")[0]
+        if bucket and "/" in path.strip("/") and not fs.exists(bucket):
+            return StoreError(f"no store at {location!r}: there is no bucket {bucket!r} (or these credentials cannot see it); "
+                              "check the bucket name, --storage-option values and credentials")
+    if "::" not in location and location.rstrip("/").lower().endswith(".zip"):
+        return _zip_behind_url(location, "")
+    return StoreError(f"no store at {location!r}; {extract}")
 
 
 def _zip_behind_url(location: str, seen: str) -> StoreError:
