@@ -1247,8 +1247,6 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     zstd: computed right after decoding, while the chunk is in the CPU's cache), for ``shard_digest``. ``objects``: the
     local store's folders, kept open across the reads of several shards (``Store.read_shards``).
     """
-    from google_crc32c import value as crc32c
-
     layout = _direct_layout(array, any_store=raw is not None)
     if not layout or not (np.little_endian and layout.dtype.byteorder in "<=|"):
         return None
@@ -1257,46 +1255,19 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     rows = min(layout.shard_rows, shape[0] - start)
     count = -(-rows // chunk)  # inner chunks holding rows; those past the array's end are never written
     if raw is None:
-        key = layout.key(shard)
-        bound = array.store.at_most(key) if hasattr(array.store, "at_most") else None
-        try:  # never a link out, a FIFO, a device or a sparse giant
-            raw = objects.read(key, bound) if objects is not None else read_local_object(array.store.root, key, bound)
-        except OSError:
-            return None
+        raw = _local_shard_object(array, layout.key(shard), objects)
         if raw is None:
             return None
-    slots = layout.shard_rows // chunk
-    tail = slots * 16 + 4
-    if len(raw) < tail or crc32c(raw[-tail:-4]) != int(raw[-4:].view("<u4")[0]):
+    extents = _inner_extents(raw, layout.shard_rows // chunk, count)
+    if extents is None:
         return None
-    index = raw[-tail:-4].view("<u8").reshape(slots, 2)
     try:
         out = np.empty((count * chunk, *shape[1:]), dtype=layout.dtype)
     except MemoryError:  # a chunk grid larger than memory (a received zarr.json): zarr reads it and names the shard
         return None
-    size = out[:chunk].nbytes
-    extents = [(int(offset), int(length)) for offset, length in index[:count]]
-    if any(length < 4 or offset + length > len(raw) - tail for offset, length in extents):
-        return None  # empty (2**64 - 1) or out of range
 
     def chunk_crc(i: int) -> int | None:
-        """Inner chunk ``i`` checked and decoded into its rows of ``out``: the crc32c of those rows, None if it is off."""
-        offset, length = extents[i]
-        body = raw[offset : offset + length - 4]
-        crc = crc32c(body)
-        if crc != int(raw[offset + length - 4 : offset + length].view("<u4")[0]):
-            return None
-        target = out[i * chunk : (i + 1) * chunk].reshape(-1).view(np.uint8)
-        if zstd is None:
-            if len(body) != size:
-                return None
-            target[:] = body
-            return crc
-        try:
-            decode_zstd(body, target)
-        except Exception:  # noqa: BLE001 - a body that does not decompress to the chunk: zarr names it
-            return None
-        return crc32c(target) if crcs is not None else 0  # while the chunk is in the CPU's cache, not in a pass later
+        return _decode_inner_chunk(raw, *extents[i], out[i * chunk : (i + 1) * chunk].reshape(-1).view(np.uint8), zstd, crcs is not None)
 
     # zstd releases the GIL: a shard's chunks decode on every core (training's reader, verify, export, stats)
     parallel = zstd is not None and count > 1 and ENCODE_THREADS > 1
@@ -1304,8 +1275,55 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     if any(crc is None for crc in found):
         return None
     if crcs is not None:
-        crcs.extend((crc, size) for crc in found)
+        crcs.extend((crc, out[:chunk].nbytes) for crc in found)
     return out[:rows]
+
+
+def _local_shard_object(array: zarr.Array, key: str, objects: LocalObjects | None) -> np.ndarray | None:
+    """The bytes of the local object ``key`` of ``array`` (through ``objects``, the store's folders kept open, where
+    given), at most the store's bound for it; None where it is missing or not a plain file of that size."""
+    bound = array.store.at_most(key) if hasattr(array.store, "at_most") else None
+    try:  # never a link out, a FIFO, a device or a sparse giant
+        return objects.read(key, bound) if objects is not None else read_local_object(array.store.root, key, bound)
+    except OSError:
+        return None
+
+
+def _inner_extents(raw: np.ndarray, slots: int, count: int) -> list[tuple[int, int]] | None:
+    """The ``(offset, length)`` of the first ``count`` inner chunks of a shard object ``raw`` whose index (at its end,
+    FORMAT.md §3.1) has ``slots`` entries; None where the index's crc32c is off, or an extent is empty (2**64 - 1), shorter
+    than its checksum or out of range."""
+    from google_crc32c import value as crc32c
+
+    tail = slots * 16 + 4
+    if len(raw) < tail or crc32c(raw[-tail:-4]) != int(raw[-4:].view("<u4")[0]):
+        return None
+    index = raw[-tail:-4].view("<u8").reshape(slots, 2)
+    extents = [(int(offset), int(length)) for offset, length in index[:count]]
+    if any(length < 4 or offset + length > len(raw) - tail for offset, length in extents):
+        return None
+    return extents
+
+
+def _decode_inner_chunk(raw: np.ndarray, offset: int, length: int, target: np.ndarray, zstd: Any, checked: bool) -> int | None:
+    """The inner chunk at ``raw[offset : offset + length]`` checked and decoded into ``target`` (its rows' bytes): the crc32c
+    of those rows (``checked``; else 0 for a zstd chunk), None if it is off (checksum, size, a body that does not decompress)."""
+    from google_crc32c import value as crc32c
+
+    body = raw[offset : offset + length - 4]
+    crc = crc32c(body)
+    if crc != int(raw[offset + length - 4 : offset + length].view("<u4")[0]):
+        return None
+    if zstd is None:
+        if len(body) != len(target):
+            return None
+        target[:] = body
+        return crc
+    try:
+        decode_zstd(body, target)
+    except Exception:  # noqa: BLE001 - a body that does not decompress to the chunk: zarr names it
+        return None
+    return crc32c(target) if checked else 0  # while the chunk is in the CPU's cache, not in a pass later
 
 
 def _object_bound(array: zarr.Array) -> int:
