@@ -61,32 +61,11 @@ class TransferSet(IterableDataset):
         stream: int | None = None,
     ):
         location = storage.location_arg(location, "location")  # a Path too: the streaming reads look at its scheme, and messages name it as a string
-        if isinstance(paths, str):  # one target, not a list of them: each character would be read as a target's name
-            raise PipelineError(f"paths is the string {paths!r}, not a list of targets' names or array paths; pass [{paths!r}]")
-        if not hasattr(paths, "__iter__"):  # None: "every target"? a TypeError deep inside said nothing
-            raise PipelineError(f"paths must be a list of targets' names or array paths, got {short(paths)}; pass e.g. ['logits'] "
-                                "(or [] for inputs and labels alone)")
+        _check_paths(paths)
         shuffle, drop_last = storage.flag_arg(shuffle, "shuffle"), storage.flag_arg(drop_last, "drop_last")  # "False" shuffled
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise PipelineError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        for name, value in (("fingerprint_check", fingerprint_check), ("fingerprint_recheck", fingerprint_recheck)):
-            if not _number(value) or not 0 <= value <= 1:  # above 1 was every row, below 0 or NaN none: a typo passed as a check
-                raise PipelineError(f"{name} is a fraction of rows, from 0 to 1, got {short(value)}; use e.g. 1.0 (every row) or 0.05")
-        if not _number(memory_budget_mb) or not memory_budget_mb >= 0:  # a negative budget (or NaN) streamed without a word
-            raise PipelineError(f"memory_budget_mb must be a number of MiB >= 0, got {short(memory_budget_mb)}; use e.g. 2048 (the "
-                                "default: targets that fit are read into RAM), or 0 to stream them")
-        for name, value in (("buffer_shards", buffer_shards), ("streams", streams)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:  # 0 or less was taken as 1
-                raise PipelineError(f"{name} must be an integer >= 1, got {short(value)}")
-        if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int | np.integer) or not 0 <= stream < streams):
-            raise PipelineError(f"stream must be None (every stream) or a stream from 0 to {streams - 1}, got {short(stream)}")
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise PipelineError(f"seed must be an integer >= 0, got {short(seed)}; the order of every epoch is drawn from it")
-        store = layout.open_store(location, storage_options=storage_options)
-        algorithm = data.check_algorithm(store.manifest, location)
-        n = data.check_dataset(dataset, "dataset", "is")  # an IterableDataset was "object of type ... has no len()", a dict "1 samples"
-        if n != store.num_samples:  # rows would be paired with the wrong items, or with none
-            raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
+        _check_options(batch_size=batch_size, fingerprint_check=fingerprint_check, fingerprint_recheck=fingerprint_recheck,
+                       memory_budget_mb=memory_budget_mb, buffer_shards=buffer_shards, streams=streams, stream=stream, seed=seed)
+        store, algorithm = _open_for(location, dataset, storage_options)
         self.location, self.dataset, self.storage_options, self.algorithm = location, dataset, storage_options, algorithm
         self._check_probes(store.manifest)
         self._manifest = _identity(store.manifest)  # what a streaming read's own opening of the store must find (_read)
@@ -106,11 +85,7 @@ class TransferSet(IterableDataset):
         # (checked against the manifest first: a damaged zarr.json's shape is named as such, not as a buffer too large to stream)
         self.row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in map(store.checked_array, self.paths))
         self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
-        if self.in_memory:
-            _check_ram(self.row_bytes * store.num_samples, memory_budget_mb, location)
-        # In memory: read every needed array whole, once, here (workers inherit it); of a partial store only the rows of
-        # done shards (self.rows) are ever served.
-        self.memory = {p: store.read(p, 0, store.num_samples, pending=True) for p in self.paths} if self.in_memory else None
+        self.memory = _read_whole(store, self.paths, self.row_bytes, memory_budget_mb, location) if self.in_memory else None
         self._store: layout.Store | None = None
 
     @property
@@ -452,6 +427,53 @@ class TransferSet(IterableDataset):
                                   "in its place; make it return one item per index, in the order asked")
         return AlignmentError(f"{said}: the dataset changed since extraction (order, content or preprocessing); use the dataset "
                               "the store was made from, or re-extract")
+
+
+def _check_paths(paths: Any) -> None:
+    """Refuse ``paths`` that is not a list of targets' names or array paths (one string, None)."""
+    if isinstance(paths, str):  # one target, not a list of them: each character would be read as a target's name
+        raise PipelineError(f"paths is the string {paths!r}, not a list of targets' names or array paths; pass [{paths!r}]")
+    if not hasattr(paths, "__iter__"):  # None: "every target"? a TypeError deep inside said nothing
+        raise PipelineError(f"paths must be a list of targets' names or array paths, got {short(paths)}; pass e.g. ['logits'] "
+                            "(or [] for inputs and labels alone)")
+
+
+def _check_options(*, batch_size: Any, fingerprint_check: Any, fingerprint_recheck: Any, memory_budget_mb: Any,
+                   buffer_shards: Any, streams: Any, stream: Any, seed: Any) -> None:
+    """Refuse a ``TransferSet`` option of the wrong type or out of its range, naming it, the value seen and what fits."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise PipelineError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for name, value in (("fingerprint_check", fingerprint_check), ("fingerprint_recheck", fingerprint_recheck)):
+        if not _number(value) or not 0 <= value <= 1:  # above 1 was every row, below 0 or NaN none: a typo passed as a check
+            raise PipelineError(f"{name} is a fraction of rows, from 0 to 1, got {short(value)}; use e.g. 1.0 (every row) or 0.05")
+    if not _number(memory_budget_mb) or not memory_budget_mb >= 0:  # a negative budget (or NaN) streamed without a word
+        raise PipelineError(f"memory_budget_mb must be a number of MiB >= 0, got {short(memory_budget_mb)}; use e.g. 2048 (the "
+                            "default: targets that fit are read into RAM), or 0 to stream them")
+    for name, value in (("buffer_shards", buffer_shards), ("streams", streams)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:  # 0 or less was taken as 1
+            raise PipelineError(f"{name} must be an integer >= 1, got {short(value)}")
+    if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int | np.integer) or not 0 <= stream < streams):
+        raise PipelineError(f"stream must be None (every stream) or a stream from 0 to {streams - 1}, got {short(stream)}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise PipelineError(f"seed must be an integer >= 0, got {short(seed)}; the order of every epoch is drawn from it")
+
+
+def _open_for(location: str, dataset: Dataset, storage_options: dict[str, Any] | None) -> tuple[layout.Store, str]:
+    """The store at ``location`` and its fingerprint algorithm, refused unless ``dataset`` has as many samples as it has rows."""
+    store = layout.open_store(location, storage_options=storage_options)
+    algorithm = data.check_algorithm(store.manifest, location)
+    n = data.check_dataset(dataset, "dataset", "is")  # an IterableDataset was "object of type ... has no len()", a dict "1 samples"
+    if n != store.num_samples:  # rows would be paired with the wrong items, or with none
+        raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
+    return store, algorithm
+
+
+def _read_whole(store: layout.Store, paths: list[str], row_bytes: int, budget_mb: float, location: str) -> dict[str, np.ndarray]:
+    """Every array of ``paths`` read whole, once (DataLoader workers inherit it), once the machine is found to have room
+    for it (``location``: the store's, as the user named it); of a partial store only the rows of done shards
+    (``TransferSet.rows``) are ever served."""
+    _check_ram(row_bytes * store.num_samples, budget_mb, location)
+    return {p: store.read(p, 0, store.num_samples, pending=True) for p in paths}
 
 
 def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
