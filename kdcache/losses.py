@@ -525,20 +525,7 @@ def projection_head(
     if ranks == (3, 1):
         return PooledLinearHead(student_shape, teacher_shape)
     if ranks in ((3, 2), (2, 3)):
-        (tokens, _), (_, h, w) = (teacher_shape, student_shape) if ranks == (3, 2) else (student_shape, teacher_shape)
-        grid = _token_grid(tokens, (h, w))
-        if grid is None:
-            if ranks == (3, 2):
-                side, fix = "teacher's", "extract the teacher's patch tokens alone ([targets.select] step \"1:\" drops a leading class token)"
-            else:
-                side, fix = "student's", "select the student's patch tokens alone (train.features select step \"1:\" drops a leading class token)"
-            raise ShapeMismatchError(
-                f"{label}: no projection from student shape {student_shape} to teacher shape {teacher_shape}: the {side} "
-                f"{tokens} tokens are neither the map's {h}x{w} positions nor a square patch grid; {fix}"
-            )
-        if ranks == (3, 2):
-            return MapToTokensHead(student_shape, teacher_shape, grid)
-        return TokensToMapHead(student_shape, teacher_shape, grid)
+        return _grid_head(student_shape, teacher_shape, label)
     fix = _FIX_BY_TEACHER_RANK.get(
         len(teacher_shape),
         "capture a teacher layer whose output is a (C, H, W) map, a (D,) vector or a (T, D) token sequence",
@@ -546,3 +533,24 @@ def projection_head(
     raise ShapeMismatchError(
         f"{label}: no projection from student shape {student_shape} to teacher shape {teacher_shape}; {fix}"
     )
+
+
+def _grid_head(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], label: str) -> nn.Module:
+    """``MapToTokensHead`` for a (C, H, W) student onto (T, D) teacher tokens, ``TokensToMapHead`` for (T, D) student tokens
+    onto a (C, H, W) teacher: the tokens laid on the map's H·W positions, else a square grid. ``ShapeMismatchError``
+    (``label``: the target) when T is neither, naming the select step that keeps the patch tokens alone."""
+    ranks = (len(student_shape), len(teacher_shape))
+    (tokens, _), (_, h, w) = (teacher_shape, student_shape) if ranks == (3, 2) else (student_shape, teacher_shape)
+    grid = _token_grid(tokens, (h, w))
+    if grid is None:
+        if ranks == (3, 2):
+            side, fix = "teacher's", "extract the teacher's patch tokens alone ([targets.select] step \"1:\" drops a leading class token)"
+        else:
+            side, fix = "student's", "select the student's patch tokens alone (train.features select step \"1:\" drops a leading class token)"
+        raise ShapeMismatchError(
+            f"{label}: no projection from student shape {student_shape} to teacher shape {teacher_shape}: the {side} "
+            f"{tokens} tokens are neither the map's {h}x{w} positions nor a square patch grid; {fix}"
+        )
+    if ranks == (3, 2):
+        return MapToTokensHead(student_shape, teacher_shape, grid)
+    return TokensToMapHead(student_shape, teacher_shape, grid)
