@@ -1897,11 +1897,11 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     targets = _check_targets(m, location, rows)
     row = 8 * (3 if m["has_labels"] else 2) + sum(math.prod(t["shape"]) * (2 if t["dtype"] == "float16" else 4) for t in targets.values())
     if rows * row > MAX_SHARD_BYTES:  # a whole-shard read's buffer would be larger: a kdcache writer never makes such a store
-        raise _damaged(location, "geometry.rows_per_shard", rows, f"at most {MAX_SHARD_BYTES // row} ({row} bytes per row in all the data "
+        raise _bad_manifest(location, "geometry.rows_per_shard", rows, f"at most {MAX_SHARD_BYTES // row} ({row} bytes per row in all the data "
                        f"arrays; a shard holds at most {MAX_SHARD_BYTES // 2**30} GiB of them decoded, FORMAT.md §3.1)")
 
 
-def _damaged(location: str, key: str, value: Any, want: str) -> StoreError:
+def _bad_manifest(location: str, key: str, value: Any, want: str) -> StoreError:
     """The error for the manifest of the store at ``location``: ``key`` holds ``value``, where ``want`` belongs."""
     return StoreError(f"{location!r} has a damaged manifest: {key} = {short(value)}, expected {want}; re-extract or re-import the store")
 
@@ -1910,7 +1910,7 @@ def _manifest_int(m: dict[str, Any], location: str, key: str, lo: int = 0) -> in
     """The manifest's integer at the dotted ``key``, refused unless ``lo <= value < 2**62`` (not a bool)."""
     value = _get(m, key)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < 2**62:
-        raise _damaged(location, key, value, f"an integer >= {lo}")
+        raise _bad_manifest(location, key, value, f"an integer >= {lo}")
     return value
 
 
@@ -1920,17 +1920,17 @@ def _check_counts(m: dict[str, Any], location: str) -> tuple[int, int]:
     integer = functools.partial(_manifest_int, m, location)
     n, rows, shards = integer("num_samples", 1), integer("geometry.rows_per_shard", 1), integer("geometry.num_shards", 1)
     if shards != max(1, math.ceil(n / rows)):
-        raise _damaged(location, "geometry.num_shards", shards, f"ceil({n} / {rows})")
+        raise _bad_manifest(location, "geometry.num_shards", shards, f"ceil({n} / {rows})")
     if shards > MAX_SHARDS:  # one done marker each, read whole: 2**30 of them would take every byte of memory
-        raise _damaged(location, "geometry.num_shards", shards, f"at most {MAX_SHARDS} (a store that large has larger shards)")
+        raise _bad_manifest(location, "geometry.num_shards", shards, f"at most {MAX_SHARDS} (a store that large has larger shards)")
     if not isinstance(m.get("has_labels"), bool):
-        raise _damaged(location, "has_labels", m.get("has_labels"), "true or false")
+        raise _bad_manifest(location, "has_labels", m.get("has_labels"), "true or false")
     for key in ("teacher", "dataset"):
         if not isinstance(m.get(key), dict):
-            raise _damaged(location, key, m.get(key), "an object")
+            raise _bad_manifest(location, key, m.get(key), "an object")
     integer("teacher.num_parameters")
     if integer("dataset.length") != n:  # FORMAT.md §4: row r is dataset item index[r], and every item is a row
-        raise _damaged(location, "dataset.length", _get(m, "dataset.length"), f"num_samples ({n})")
+        raise _bad_manifest(location, "dataset.length", _get(m, "dataset.length"), f"num_samples ({n})")
     return n, rows
 
 
@@ -1938,23 +1938,23 @@ def _check_provenance(m: dict[str, Any], location: str) -> None:
     """Refuse a manifest whose teacher, dataset, version and time strings, ``compression`` or ``precision`` have the wrong type."""
     for key in ("teacher.factory", "teacher.class", "teacher.weights_sha256", "dataset.factory", "dataset.split", "kdcache_version", "created"):
         if not isinstance(_get(m, key), str):
-            raise _damaged(location, key, _get(m, key), "a string")
+            raise _bad_manifest(location, key, _get(m, key), "a string")
     if m.get("completed") is not None and not isinstance(m["completed"], str):
-        raise _damaged(location, "completed", m["completed"], "an ISO-8601 time string or null")
+        raise _bad_manifest(location, "completed", m["completed"], "an ISO-8601 time string or null")
     if "compression" in m and not isinstance(m["compression"], dict):  # has_digests reads compression.shard_digests
-        raise _damaged(location, "compression", m["compression"], "an object")
+        raise _bad_manifest(location, "compression", m["compression"], "an object")
     if "precision" in m and not isinstance(m["precision"], str):  # verify --teacher-check looks its tolerance up by it
-        raise _damaged(location, "precision", m["precision"], "'fp32', 'bf16' or 'fp16'")
+        raise _bad_manifest(location, "precision", m["precision"], "'fp32', 'bf16' or 'fp16'")
 
 
 def _check_probes(m: dict[str, Any], location: str, n: int) -> None:
     """Refuse ``dataset.probe_fingerprints`` unless it maps row numbers below ``n`` to 16 lowercase hex digits."""
     probes = _get(m, "dataset.probe_fingerprints")  # training fingerprints these dataset items before anything is served
     if not isinstance(probes, dict) or not probes:
-        raise _damaged(location, "dataset.probe_fingerprints", probes, '{"0": "<16 hex digits>", "<N-1>": ...}')
+        raise _bad_manifest(location, "dataset.probe_fingerprints", probes, '{"0": "<16 hex digits>", "<N-1>": ...}')
     for i, fp in probes.items():
         if not (i.isascii() and i.isdecimal() and int(i) < n) or not (isinstance(fp, str) and re.fullmatch("[0-9a-f]{16}", fp)):
-            raise _damaged(location, f"dataset.probe_fingerprints.{str(i)[:80]}", fp, f"16 lowercase hex digits under a row number below {n}")
+            raise _bad_manifest(location, f"dataset.probe_fingerprints.{str(i)[:80]}", fp, f"16 lowercase hex digits under a row number below {n}")
 
 
 def _check_targets(m: dict[str, Any], location: str, rows: int) -> dict[str, Any]:
@@ -1962,14 +1962,14 @@ def _check_targets(m: dict[str, Any], location: str, rows: int) -> dict[str, Any
     integer in 1..``rows``) out of place; returns the targets."""
     targets, chunk_rows = m.get("targets"), _get(m, "geometry.chunk_rows")
     if not isinstance(targets, dict) or not targets:
-        raise _damaged(location, "targets", targets, "a non-empty object")
+        raise _bad_manifest(location, "targets", targets, "a non-empty object")
     if not isinstance(chunk_rows, dict):
-        raise _damaged(location, "geometry.chunk_rows", chunk_rows, "an object")
+        raise _bad_manifest(location, "geometry.chunk_rows", chunk_rows, "an object")
     for name, t in targets.items():
         _check_target(location, name, t)
     for path, c in chunk_rows.items():
         if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= rows:
-            raise _damaged(location, f"geometry.chunk_rows.{str(path)[:80]}", c, f"an integer in 1..{rows}")
+            raise _bad_manifest(location, f"geometry.chunk_rows.{str(path)[:80]}", c, f"an integer in 1..{rows}")
     return targets
 
 
@@ -1978,23 +1978,23 @@ def _check_target(location: str, name: str, t: Any) -> None:
     array path its name gives (never one of its choosing), a list of sizes and a stored dtype."""
     at = f"targets.{str(name)[:80]}"
     if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t.get("name"):
-        raise _damaged(location, at, t, "a target object")
+        raise _bad_manifest(location, at, t, "a target object")
     if t["name"] != name:  # FORMAT.md §8: readers look a target up by its key, and read the array of its name
-        raise _damaged(location, f"{at}.name", t["name"], repr(name))
+        raise _bad_manifest(location, f"{at}.name", t["name"], repr(name))
     for key in ("source", "select"):  # read by every command (Target.from_dict): a missing one was a KeyError traceback
         if not isinstance(t.get(key), str):
-            raise _damaged(location, f"{at}.{key}", t.get(key), "a string")
+            raise _bad_manifest(location, f"{at}.{key}", t.get(key), "a string")
     if not isinstance(t.get("mask", ""), str):  # optional: written where targets.mask pooled the target (FORMAT.md §8)
-        raise _damaged(location, f"{at}.mask", t["mask"], "a string")
+        raise _bad_manifest(location, f"{at}.mask", t["mask"], "a string")
     want = LOGITS if t.get("source") == "" else layer_path(t["name"])
     legacy = want.replace("%7E", "~")  # the first 0.1.0 commit left ``~`` unencoded (FORMAT.md §6); only that differs
     if t.get("path") not in (want, legacy) or (t["source"] != "" and t["source"] != t["name"]):
-        raise _damaged(location, f"{at}.path", t.get("path"), repr(want))
+        raise _bad_manifest(location, f"{at}.path", t.get("path"), repr(want))
     shape = t.get("shape")
     if not isinstance(shape, list) or len(shape) > 32 or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
-        raise _damaged(location, f"{at}.shape", shape, "a list of sizes")
+        raise _bad_manifest(location, f"{at}.shape", shape, "a list of sizes")
     if t.get("dtype") not in ("float16", "float32"):
-        raise _damaged(location, f"{at}.dtype", t.get("dtype"), "'float16' or 'float32'")
+        raise _bad_manifest(location, f"{at}.dtype", t.get("dtype"), "'float16' or 'float32'")
 
 
 def _bounded(value: Any, limit: int = 1000, depth: int = 6) -> Any:
