@@ -724,8 +724,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                     print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
     if hooks is not None:
         hooks.append(_Modes(run.heads))
-    if needs_logits or w.ce:
-        _check_output_samples_first(run, dataset)
+    if needs_logits or w.ce or features:
+        _check_student_rows(run, dataset, output=needs_logits or bool(w.ce))
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
@@ -833,25 +833,26 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
                               "sample's first axis, the one after the batch")
 
 
-def _check_output_samples_first(run: Run, dataset: Any) -> None:
-    """The student's output (``student.select``'s part) must have the samples on its first axis: a sequence-first one,
-    ``(time, batch, classes)``, would be compared with the stored ``(batch, ...)`` logits sample for time step, and
-    silently where the time axis is as long as the batch (per-token logits). Two samples, then one (a first axis that
-    keeps its length is not the samples), in eval mode, with the RNG and every module's mode as they were: the run trains
-    as without this check. Each sample's output must be its own row (``_reordered_student``): sample 0 alone is not the
-    pair's second row where sample 1 alone is not its own either (a student on batch statistics whose output saturates
-    gives sample 0 alone sample 1's row, and keeps each row in place), and the pair in the other order gives its rows
-    swapped. A student that does not take them is let be: the first step says what is wrong."""
+def _check_student_rows(run: Run, dataset: Any, output: bool) -> None:
+    """The student's output (``student.select``'s part; where ``output``: a loss compares it) must have the samples on its
+    first axis: a sequence-first one, ``(time, batch, classes)``, would be compared with the stored ``(batch, ...)`` logits
+    sample for time step, and silently where the time axis is as long as the batch (per-token logits). Two samples, then
+    one (a first axis that keeps its length is not the samples), in eval mode, with the RNG and every module's mode as
+    they were: the run trains as without this check. Each sample's output, and each ``train.features`` module's, must be
+    its own row (``_check_rows_in_place``): a student that sorts its batch and puts back only its output leaves its
+    modules' rows sorted. A student that does not take them is let be: the first step says what is wrong."""
     modes = _Modes(run.student)
     run.student.eval()
-    outputs = []
+    probes: list[dict[str, torch.Tensor]] = []  # per probe batch: the output ("") and each feature (by target path)
     try:
         for rows in ([0, min(1, len(dataset) - 1)], [0], [min(1, len(dataset) - 1), 0], [min(1, len(dataset) - 1)]):
             probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
             run.hooked.clear()
             with torch.no_grad(), _rng_kept(run.device):
-                output = data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
-                outputs.append(select_student(output, "student output", run.select))
+                out = data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
+                parts = {"": select_student(out, "student output", run.select)} if output else {}
+                probes.append(parts | {path: student_feature(run.hooked, layout.layer_name(path), module, selector)
+                                       for path, (module, _, selector) in run.features.items()})
     except ComplexOutputError:
         raise
     except (ModelError, TargetError):
@@ -859,17 +860,26 @@ def _check_output_samples_first(run: Run, dataset: Any) -> None:
     finally:
         run.hooked.clear()
         modes.remove()
-    two, one = (tuple(o.shape) for o in outputs[:2])
-    if not two or two[0] != 2:
-        raise samples_first_error(two, 2, run.select, probe=True)
-    if len(one) == len(two) and one[0] != 1:
-        raise samples_first_error(one, 1, run.select, probe=True)
-    pair, alone, swapped, second = outputs
-    if one[1:] == two[1:] and alone.numel() and _moved(alone[0], pair, 0) and second.shape == alone.shape and _moved(second[0], pair, 1):
-        raise _reordered_student(run.select, "for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, not its row 0")
+    if output:
+        two, one = (tuple(p[""].shape) for p in probes[:2])
+        if not two or two[0] != 2:
+            raise samples_first_error(two, 2, run.select, probe=True)
+        if len(one) == len(two) and one[0] != 1:
+            raise samples_first_error(one, 1, run.select, probe=True)
+    for key in probes[0]:
+        _check_rows_in_place(run, key, *(p[key] for p in probes))
+
+
+def _check_rows_in_place(run: Run, key: str, pair: torch.Tensor, alone: torch.Tensor, swapped: torch.Tensor, second: torch.Tensor) -> None:
+    """Refuse (``_reordered_student``) a student whose output (``key`` "") or ``train.features`` module (``key``: its target
+    path) gives setup's probes of samples 0 and 1 (``pair``, ``alone``: 0, ``swapped``: 1 and 0, ``second``: 1) in another
+    order: sample 0 alone is the pair's second row where sample 1 alone is not its own either (a student on batch
+    statistics whose output saturates gives sample 0 alone sample 1's row, and keeps each row in place), or the pair in the
+    other order gives its rows swapped."""
+    if alone.shape[1:] == pair.shape[1:] and alone.numel() and _moved(alone[0], pair, 0) and second.shape == alone.shape and _moved(second[0], pair, 1):
+        raise _reordered_student(run, key, "for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, not its row 0")
     if swapped.shape == pair.shape and pair.numel() and _moved(swapped[0], pair, 1):
-        raise _reordered_student(run.select, "for a batch of samples 1 and 0 holds sample 0's row at row 0 (sample 1's place), "
-                                             "as for samples 0 and 1")
+        raise _reordered_student(run, key, "for a batch of samples 1 and 0 holds sample 0's row at row 0 (sample 1's place), as for samples 0 and 1")
 
 
 STUDENT_RTOL = 1e-2  # a student's output for one sample, alone and in a batch of two (eval mode, float32): rounding apart
@@ -880,13 +890,21 @@ def _moved(row: torch.Tensor, pair: torch.Tensor, own: int) -> bool:
     return teachers.moved_row(row, pair, own, STUDENT_RTOL) is not None
 
 
-def _reordered_student(selector: str, seen: str) -> TargetError:
-    """The student returns its output rows in another order than its inputs (``seen``: how setup's probe shows it)."""
-    part = "" if selector == "auto" else f" (student.select = {selector!r})"
-    return TargetError(f"the student's output{part} {seen}: the student returns the rows of its output in another order than its "
-                       "inputs, so each sample's stored targets would be compared with another sample's output; make the model "
-                       "student.factory builds return row i for input i (a model that sorts its batch, e.g. by length for packed "
-                       "sequences, must put its output back in the input order: output[order.argsort()])")
+def _reordered_student(run: Run, key: str, seen: str) -> TargetError:
+    """The student returns the rows of its output (``key`` "") or of a ``train.features`` module (``key``: its target path)
+    in another order than its inputs (``seen``: how setup's probe shows it)."""
+    if key == "":
+        part = "" if run.select == "auto" else f" (student.select = {run.select!r})"
+        return TargetError(f"the student's output{part} {seen}: the student returns the rows of its output in another order than its "
+                           "inputs, so each sample's stored targets would be compared with another sample's output; make the model "
+                           "student.factory builds return row i for input i (a model that sorts its batch, e.g. by length for packed "
+                           "sequences, must put its output back in the input order: output[order.argsort()])")
+    layer, module = layout.layer_name(key), run.features[key][0]
+    return TargetError(f"train.features {layer!r}: student module {module!r}'s output {seen}: the module gets the student's batch in "
+                       f"another order than its inputs (a student that sorts its batch, e.g. by length for packed sequences, and puts "
+                       f"back only its output), so each sample's stored {layer!r} targets would be compared with another sample's "
+                       "features; distill a module whose rows follow the inputs (one the student runs after it puts its rows back in "
+                       "the input order: output[order.argsort()])")
 
 
 class ComplexOutputError(TargetError):

@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import kdcache
@@ -142,6 +143,34 @@ def test_a_student_that_returns_its_rows_in_another_order_is_refused_before_trai
         kdcache.train(numbered(student={"factory": f"numbered.py:{student}"}), numbered_store, out)
     assert not (out / "checkpoint.pt").exists()
     kdcache.train(numbered(), numbered_store, tmp_path / "plain")  # the same student, rows in order
+
+
+@pytest.mark.parametrize("loss", [{"kl": 1.0}, {"kl": 0.0, "ce": 0.0}], ids=["with-logits", "features-only"])
+def test_a_student_module_that_sees_the_batch_sorted_is_refused_as_a_feature(tmp_path, loss):
+    """A student that sorts its batch (by length, for packed sequences), runs a module on it and puts back only its
+    output: its output passed setup's order check, and the module's rows, which train.features distills, stayed sorted,
+    so each sample's stored layer was compared with another sample's features, without a word (found by a review). Each
+    train.features module's rows are checked as the output's are, also where no loss compares the output."""
+    from numbered import SortedBodyStudent
+
+    store = str(tmp_path / "s.zarr")
+    kdcache.extract(from_dict({**NUMBERED, "teacher": {"factory": "numbered.py:layered_echo"},
+                               "targets": {**NUMBERED["targets"], "layers": ["body"]}}, root=FIXTURES), store)
+    seen = []
+    student = SortedBodyStudent()
+    student.body.register_forward_hook(lambda module, args, out: seen.append(args[0][:, 0].tolist()))
+    student(torch.stack([Numbered()[i][0] for i in range(3)]))
+    assert seen == [[2.0, 1.0, 0.0]]  # the premise: the module's rows are the samples sorted, not in the batch's order
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "loss": loss, "features": {"body": {"student": "body"}}}
+    out = tmp_path / "run"
+    with pytest.raises(TargetError, match=r"^train.features 'body': student module 'body''s output for dataset sample 0 alone is its "
+                                          r"row 1 in a batch of samples 0 and 1, not its row 0: the module gets the student's batch in "
+                                          r"another order than its inputs .*another sample's features; distill a module whose rows "
+                                          r"follow the inputs .*output\[order\.argsort\(\)\]\)$"):
+        kdcache.train(numbered(student={"factory": "numbered.py:sorted_body_student"}, train=train), store, out)
+    assert not (out / "checkpoint.pt").exists()
+    kdcache.train(numbered(student={"factory": "numbered.py:flat_student"}, train={**train, "features": {"body": {"student": "fc"}}}),
+                  store, tmp_path / "plain")  # a module whose rows follow the inputs
 
 
 def test_a_student_that_mixes_its_batch_is_not_taken_for_one_that_moves_its_rows(numbered_store, tmp_path):
