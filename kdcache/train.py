@@ -724,8 +724,9 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
                     print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
     if hooks is not None:
         hooks.append(_Modes(run.heads))
-    if needs_logits or w.ce or features:
-        _check_student_rows(run, dataset, output=needs_logits or bool(w.ce))
+    compared = needs_logits or bool(w.ce or t.eval_split or t.eval_cache)  # the output: by a loss, or by the evaluation
+    if compared or features:
+        _check_student_rows(run, dataset, output=compared)
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
@@ -834,7 +835,7 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
 
 
 def _check_student_rows(run: Run, dataset: Any, output: bool) -> None:
-    """The student's output (``student.select``'s part; where ``output``: a loss compares it) must have the samples on its
+    """The student's output (``student.select``'s part; where ``output``: a loss or the evaluation compares it) must have the samples on its
     first axis: a sequence-first one, ``(time, batch, classes)``, would be compared with the stored ``(batch, ...)`` logits
     sample for time step, and silently where the time axis is as long as the batch (per-token logits). Two samples, then
     one (a first axis that keeps its length is not the samples), in eval mode, with the RNG and every module's mode as

@@ -145,17 +145,23 @@ def test_a_student_that_returns_its_rows_in_another_order_is_refused_before_trai
     kdcache.train(numbered(), numbered_store, tmp_path / "plain")  # the same student, rows in order
 
 
+@pytest.fixture(scope="module")
+def layered_store(tmp_path_factory) -> str:
+    """The numbered store with the teacher layer ``body`` (``layered_echo``: 16 values ``i`` per sample) beside its logits."""
+    store = str(tmp_path_factory.mktemp("stores") / "layered.zarr")
+    kdcache.extract(from_dict({**NUMBERED, "teacher": {"factory": "numbered.py:layered_echo"},
+                               "targets": {**NUMBERED["targets"], "layers": ["body"]}}, root=FIXTURES), store)
+    return store
+
+
 @pytest.mark.parametrize("loss", [{"kl": 1.0}, {"kl": 0.0, "ce": 0.0}], ids=["with-logits", "features-only"])
-def test_a_student_module_that_sees_the_batch_sorted_is_refused_as_a_feature(tmp_path, loss):
+def test_a_student_module_that_sees_the_batch_sorted_is_refused_as_a_feature(layered_store, tmp_path, loss):
     """A student that sorts its batch (by length, for packed sequences), runs a module on it and puts back only its
     output: its output passed setup's order check, and the module's rows, which train.features distills, stayed sorted,
     so each sample's stored layer was compared with another sample's features, without a word (found by a review). Each
     train.features module's rows are checked as the output's are, also where no loss compares the output."""
     from numbered import SortedBodyStudent
 
-    store = str(tmp_path / "s.zarr")
-    kdcache.extract(from_dict({**NUMBERED, "teacher": {"factory": "numbered.py:layered_echo"},
-                               "targets": {**NUMBERED["targets"], "layers": ["body"]}}, root=FIXTURES), store)
     seen = []
     student = SortedBodyStudent()
     student.body.register_forward_hook(lambda module, args, out: seen.append(args[0][:, 0].tolist()))
@@ -167,10 +173,28 @@ def test_a_student_module_that_sees_the_batch_sorted_is_refused_as_a_feature(tmp
                                           r"row 1 in a batch of samples 0 and 1, not its row 0: the module gets the student's batch in "
                                           r"another order than its inputs .*another sample's features; distill a module whose rows "
                                           r"follow the inputs .*output\[order\.argsort\(\)\]\)$"):
-        kdcache.train(numbered(student={"factory": "numbered.py:sorted_body_student"}, train=train), store, out)
+        kdcache.train(numbered(student={"factory": "numbered.py:sorted_body_student"}, train=train), layered_store, out)
     assert not (out / "checkpoint.pt").exists()
     kdcache.train(numbered(student={"factory": "numbered.py:flat_student"}, train={**train, "features": {"body": {"student": "fc"}}}),
-                  store, tmp_path / "plain")  # a module whose rows follow the inputs
+                  layered_store, tmp_path / "plain")  # a module whose rows follow the inputs
+
+
+def test_a_student_whose_output_rows_move_is_refused_where_only_the_evaluation_compares_them(layered_store, tmp_path):
+    """Features alone (kl = ce = 0) left the output's row order unchecked, and eval_accuracy (eval_agreement, with an eval
+    store) compared each sample's label (stored logits) with another sample's output, without a word (found by a review).
+    The output is checked wherever the evaluation compares it."""
+    from numbered import SortingHeadStudent
+
+    x = torch.stack([Numbered()[i][0] for i in range(3)])
+    student = SortingHeadStudent()
+    assert torch.equal(student(x), student.fc(student.body(x.flatten(1)))[[2, 1, 0]])  # the premise: the output's rows reversed
+    features = {"epochs": 1, "batch_size": 8, "device": "cpu", "loss": {"kl": 0.0, "ce": 0.0}, "features": {"body": {"student": "body"}}}
+    pipeline = numbered(student={"factory": "numbered.py:sorting_head_student"}, train={**features, "eval_split": "train"})
+    with pytest.raises(TargetError, match=r"^the student's output for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, "
+                                          r"not its row 0: the student returns the rows of its output in another order"):
+        kdcache.train(pipeline, layered_store, tmp_path / "run")
+    pipeline = numbered(student={"factory": "numbered.py:sorting_head_student"}, train=features)
+    assert "eval_accuracy" not in kdcache.train(pipeline, layered_store, tmp_path / "no-eval")  # nothing compares the output
 
 
 def test_a_student_that_mixes_its_batch_is_not_taken_for_one_that_moves_its_rows(numbered_store, tmp_path):
