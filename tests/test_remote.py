@@ -348,6 +348,38 @@ def test_http_store_is_read_only_and_reads_like_local(http_root, tiny_store, tmp
         open_store(f"{base}/absent.zarr")
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "zip"])
+def test_targets_streamed_over_http_stay_with_their_rows(http_root, numbered_store, packed):
+    """Streaming from an http store (a request per shard of each column, in parallel) or a zip over http (fsspec's chain,
+    an object store's path) puts the shards back in each buffer's row order: every row's input, targets and label must
+    still be its own item's, through buffers of several shards, rows in no order, joined streams, a rank's stream, a last
+    short batch and an epoch resumed inside. A column put back in another order than the index would pass the
+    fingerprint check (the index and fingerprint columns agree) with another row's targets."""
+    import shutil
+
+    from kdcache.cache import TransferSet
+    from numbered import Numbered
+    from test_cache import check_aligned
+
+    root, base = http_root
+    shutil.copytree(numbered_store, root / "numbered.zarr", dirs_exist_ok=True)
+    if packed:
+        pack(numbered_store, root / "numbered.zarr.zip", overwrite=True)
+    url = f"zip::{base}/numbered.zarr.zip" if packed else f"{base}/numbered.zarr"
+    rows = np.random.default_rng(4).permutation(100)[:61]  # 61 rows of all 7 shards, in no order
+    for streams, stream in ((2, None), (2, 1)):
+        ts = TransferSet(url, Numbered(), ["logits"], batch_size=7, seed=2, rows=rows, memory_budget_mb=0.0, buffer_shards=3,
+                         streams=streams, stream=stream)
+        ts.set_epoch(1)
+        whole = list(ts)
+        for batch in whole:
+            check_aligned(batch)
+        if stream is None:
+            assert sorted(int(r) for b in whole for r in b["rows"]) == sorted(rows.tolist())
+        ts.set_epoch(1, skip=3)
+        assert [b["rows"].tolist() for b in ts] == [b["rows"].tolist() for b in whole[3:]]
+
+
 def test_http_server_honours_byte_ranges(http_root):
     """Sharded arrays are read by byte range: the server the HTTP tests rely on must answer 206."""
     root, base = http_root
