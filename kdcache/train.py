@@ -835,11 +835,11 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
 
 
 def _check_student_rows(run: Run, dataset: Any, output: bool) -> None:
-    """The student's output (``student.select``'s part; where ``output``: a loss or the evaluation compares it) must have the samples on its
-    first axis: a sequence-first one, ``(time, batch, classes)``, would be compared with the stored ``(batch, ...)`` logits
-    sample for time step, and silently where the time axis is as long as the batch (per-token logits). Two samples, then
-    one (a first axis that keeps its length is not the samples), in eval mode, with the RNG and every module's mode as
-    they were: the run trains as without this check. Each sample's output, and each ``train.features`` module's, must be
+    """The student's output (``student.select``'s part; where ``output``: a loss or the evaluation compares it) must have
+    the samples on its first axis: a sequence-first one, ``(time, batch, classes)``, would be compared with the stored
+    ``(batch, ...)`` logits sample for time step, and silently where the time axis is as long as the batch (per-token
+    logits). Two samples, then one (a first axis that keeps its length is not the samples), in eval mode, with the RNG
+    and every module's mode as they were: the run trains as without this check. Each sample's output, and each ``train.features`` module's, must be
     its own row (``_check_rows_in_place``): a student that sorts its batch and puts back only its output leaves its
     modules' rows sorted. A student that does not take them is let be: the first step says what is wrong."""
     modes = _Modes(run.student)
@@ -871,16 +871,19 @@ def _check_student_rows(run: Run, dataset: Any, output: bool) -> None:
         _check_rows_in_place(run, key, *(p[key] for p in probes))
 
 
-def _check_rows_in_place(run: Run, key: str, pair: torch.Tensor, alone: torch.Tensor, swapped: torch.Tensor, second: torch.Tensor) -> None:
+def _check_rows_in_place(run: Run, key: str, pair: torch.Tensor, alone: torch.Tensor, swapped: torch.Tensor,
+                         second: torch.Tensor) -> None:
     """Refuse (``_reordered_student``) a student whose output (``key`` "") or ``train.features`` module (``key``: its target
     path) gives setup's probes of samples 0 and 1 (``pair``, ``alone``: 0, ``swapped``: 1 and 0, ``second``: 1) in another
     order: sample 0 alone is the pair's second row where sample 1 alone is not its own either (a student on batch
     statistics whose output saturates gives sample 0 alone sample 1's row, and keeps each row in place), or the pair in the
     other order gives its rows swapped."""
-    if alone.shape[1:] == pair.shape[1:] and alone.numel() and _moved(alone[0], pair, 0) and second.shape == alone.shape and _moved(second[0], pair, 1):
+    if alone.shape[1:] == pair.shape[1:] and alone.numel() and _moved(alone[0], pair, 0) and second.shape == alone.shape \
+            and _moved(second[0], pair, 1):
         raise _reordered_student(run, key, "for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, not its row 0")
     if swapped.shape == pair.shape and pair.numel() and _moved(swapped[0], pair, 1):
-        raise _reordered_student(run, key, "for a batch of samples 1 and 0 holds sample 0's row at row 0 (sample 1's place), as for samples 0 and 1")
+        raise _reordered_student(run, key, "for a batch of samples 1 and 0 holds sample 0's row at row 0 (sample 1's place), "
+                                           "as for samples 0 and 1")
 
 
 STUDENT_RTOL = 1e-2  # a student's output for one sample, alone and in a batch of two (eval mode, float32): rounding apart
