@@ -588,7 +588,8 @@ def _info_text(i: dict[str, Any]) -> str:
         "targets",
     ]
     for name, tgt in i["targets"].items():
-        lines.append(f"  {name:<24} {tgt['path']:<32} {str(tuple(tgt['shape'])):<20} {tgt['dtype']}")
+        pooled = f", targets.mask {tgt['mask']!r}" if "mask" in tgt else ""
+        lines.append(f"  {name:<24} {tgt['path']:<32} {str(tuple(tgt['shape'])):<20} {tgt['dtype']:<8} ({tgt['select']}{pooled})")
     return "\n".join(printable(line) for line in lines)
 
 

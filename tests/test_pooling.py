@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import extract_zoo as zoo
 import kdcache
 from conftest import FIXTURES
 from kdcache import store as layout
+from kdcache.cli import main
 from kdcache.errors import PipelineError, ShapeMismatchError, StoreError, StoreMismatchError, TargetError
 from kdcache.pipeline import from_dict
 from kdcache.verify import verify
@@ -80,6 +82,8 @@ def test_a_store_pooled_by_a_mask_records_it_shows_it_and_trains(tmp_path):
     manifest = layout.open_store(str(location)).manifest
     assert {name: t.get("mask") for name, t in manifest["targets"].items()} == {"logits": "attention_mask", "embed": "attention_mask"}
     assert layout.open_store(str(location)).info()["targets"]["embed"]["mask"] == "attention_mask"
+    shown = CliRunner().invoke(main, ["info", str(location)])
+    assert shown.exit_code == 0 and "(mean, targets.mask 'attention_mask')" in shown.stdout and "(last, targets.mask 'attention_mask')" in shown.stdout
     assert kdcache.dry_run(pooled())["targets"]["logits"]["mask"] == "attention_mask"
     assert verify(str(location), teacher_check=10, pipeline=pooled())["ok"]
     with pytest.raises(StoreError, match=r"the pipeline pools target 'logits' \(select 'mean'\) with targets.mask = '', the store was "
