@@ -344,14 +344,14 @@ class TransferSet(IterableDataset):
         --overwrite``, a copy synced over it) would serve its rows beside the first store's (in RAM, or read by another
         worker), targets of another teacher or run, checked only by the fingerprints of the rows the re-check picks."""
         store = layout.open_store(self.location, storage_options=self.storage_options)
-        now = _identity(store.manifest)
-        if now != self._manifest:
-            key = next(k for k in sorted(set(now) | set(self._manifest)) if now.get(k) != self._manifest.get(k))
-            raise StoreError(f"{self.location!r} was replaced while this reader used it: its manifest's {key} was "
-                             f"{short(self._manifest.get(key))} when the reader was made and is {short(now.get(key))} now (another "
-                             "kdcache extract --overwrite, or a copy over it?); rerun against the store as it is now, and keep a "
-                             "store in place while a run reads it (its rows would mix with the other store's)")
+        _check_same_store(self.location, self._manifest, _identity(store.manifest), "while this reader used it", "the reader was made")
         return store
+
+    def check_made_from(self, manifest: dict[str, Any]) -> None:
+        """Refuse this reader unless its store is the one whose ``manifest`` the caller read (training's setup, which opened
+        the store before): one replaced at the same location in between would serve another teacher's or run's targets
+        where the caller checked, and its checkpoint records, the first."""
+        _check_same_store(self.location, _identity(manifest), self._manifest, "between its first opening and this reader's", "first opened")
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
         index = columns[layout.INDEX].tolist()
@@ -474,6 +474,15 @@ def _read_whole(store: layout.Store, paths: list[str], row_bytes: int, budget_mb
     (``TransferSet.rows``) are ever served."""
     _check_ram(row_bytes * store.num_samples, budget_mb, location)
     return {p: store.read(p, 0, store.num_samples, pending=True) for p in paths}
+
+
+def _check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], when: str, then: str) -> None:
+    """Refuse the store at ``location`` unless its identity ``now`` is ``was`` (``_identity``): it was replaced ``when``."""
+    if now != was:
+        key = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
+        raise StoreError(f"{location!r} was replaced {when}: its manifest's {key} was {short(was.get(key))} when {then} and is "
+                         f"{short(now.get(key))} now (another kdcache extract --overwrite, or a copy over it?); rerun against the "
+                         "store as it is now, and keep a store in place while a run reads it (its rows would mix with the other store's)")
 
 
 def _identity(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -156,6 +156,7 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
         fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
         stream=rank if world > 1 else None,
     )
+    transfer.check_made_from(store.manifest)  # the store setup checked, not one put in its place since
     transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
     if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
         print(f"note: {cache_location!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed {blind} unframed, "
@@ -1105,6 +1106,7 @@ def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | Non
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
         fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
     if source is not None:
+        source.check_made_from(store.manifest)
         source.check_memory(0, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
     return dataset, source, stored
 

@@ -7,6 +7,7 @@ with ``i`` and the ``echo`` teacher's logits are ``i + (0, 1, 2, 3)``.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -18,7 +19,7 @@ import kdcache
 from conftest import FIXTURES, NUMBERED
 from kdcache import data, store as layout, teacher as teachers
 from kdcache.cache import TransferSet
-from kdcache.errors import AlignmentError, PipelineError, TargetError
+from kdcache.errors import AlignmentError, PipelineError, StoreError, TargetError
 from kdcache.pipeline import from_dict
 from numbered import SPANS, Augmented, BulkyEcho, Numbered, Segments, SortedGetitems, Spans, WrongCountGetitems, live_tensor_bytes, refilled_buffer_subset
 
@@ -290,6 +291,25 @@ def test_eval_cache_of_the_training_samples_is_refused_unless_eval_split_names_t
         kdcache.train(numbered(train=train), numbered_store, tmp_path / "run")
     result = kdcache.train(numbered(train={**train, "eval_split": "train"}), numbered_store, tmp_path / "run")
     assert "eval_agreement" in result
+
+
+# ------------------------------------------------------------------ a store replaced while training starts
+
+@pytest.mark.parametrize("which", ["training", "eval_cache"])
+def test_a_store_replaced_between_setup_and_its_reader_is_refused(numbered_store, tmp_path, monkeypatch, which):
+    """train opens a store for its setup checks, and its reader (TransferSet) opens it again after data.factory and
+    student.factory ran: a store replaced in between (another extract --overwrite) was trained or scored from without a
+    word, where setup checked, and the checkpoint records, the first. Both stores are refused so."""
+    trained, scored = str(tmp_path / "trained.zarr"), str(tmp_path / "scored.zarr")
+    shutil.copytree(numbered_store, trained)
+    shutil.copytree(numbered_store, scored)
+    monkeypatch.setenv("KDCACHE_TEST_REPLACED", trained if which == "training" else scored)
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "eval_cache": scored, "eval_split": "train"}
+    with pytest.raises(StoreError, match=rf"^'{re.escape(trained if which == 'training' else scored)}' was replaced between its first "
+                                         r"opening and this reader's: its manifest's created was '[^']+' when first opened and is "
+                                         r"'2030-01-\d\dT00:00:00\+00:00' now \(another kdcache extract --overwrite"):
+        kdcache.train(numbered(data={"factory": "numbered.py:replacing_a_store", "split": "train"}, train=train), trained, tmp_path / "run")
+    assert not (tmp_path / "run" / "student.pt").exists()
 
 
 # ------------------------------------------------------------------ labels changed since extraction
