@@ -162,12 +162,9 @@ class Run:
         return batch, output, hooked
 
     def padding(self, batch: dict[str, Any]) -> teachers.Padding | None:
-        """``targets.mask``'s padding mask of ``batch``, checked (``data.padding_mask``) and kept on the host; None where
-        it is not set."""
-        if not self.mask:
-            return None
-        valid = data.padding_mask(batch["inputs"], batch["index"], self.mask, "targets.mask", self.mask_where)
-        return teachers.Padding(valid.to("cpu", torch.bool), self.mask)
+        """``targets.mask``'s padding mask of ``batch``, checked and kept on the host (``teachers.Padding.of``); None where
+        no mask is set."""
+        return teachers.Padding.of(batch, self.mask, "targets.mask", self.mask_where) if self.mask else None
 
     def target(self, t: layout.Target, output: Any, hooked: dict[str, Any], padding: teachers.Padding | None) -> torch.Tensor:
         """Target ``t`` of one batch's ``output`` (and ``hooked`` layers), pooled by ``padding`` where ``t`` records a mask."""
@@ -326,7 +323,7 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
         padding = run.padding(batch)
         for name, source in sources:
             select = t.select.get(name, "auto")
-            pooled = padding if pools(select) else None
+            pooled = padding if teachers.pools(select) else None
             tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name, mask=pooled)
             samples_first(tensor, len(batch["index"]), name)
             _check_floating(tensor, name, t.dtype)
@@ -352,11 +349,6 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
         if len(batch["index"]) > 1:
             _check_alone(run, t.layers)
             _check_order(run, t.layers)
-
-
-def pools(select: str) -> bool:
-    """Whether a ``[targets.select]`` value has a step that pools by ``targets.mask`` (``mean``, ``last``)."""
-    return any(step in ("mean", "last") for step in select.split("."))
 
 
 def _check_mask_used(run: Run) -> None:
@@ -575,8 +567,9 @@ def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
 
 def _mask_warnings(pipeline: Pipeline, run: Run) -> list[str]:
     """What ``train`` would refuse of ``train.mask`` with these targets and items (``kdcache.train.mask_paths``), said before the
-    extract: e.g. a mask of the items' tokens against per-token targets a select keeps part of."""
-    if not pipeline.train.mask:
+    extract: e.g. a mask of the items' tokens against per-token targets a select keeps part of, or a student select pooled
+    otherwise than the targets it is compared with."""
+    if not (pipeline.train.mask or run.mask):
         return []
     from kdcache.train import loss_targets, mask_paths  # the training side's rule and check, in its words; only where a mask is set
 

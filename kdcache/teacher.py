@@ -11,7 +11,8 @@ Which part of a structured output is kept (``select``):
   a ViT's class token), a slice (``"last_hidden_state.1:"``, its patch tokens), ``mean`` (mean-pooled tokens),
   ``last`` (each sample's last valid position by its padding mask: a causal LM's sentence feature) or
   ``transpose`` (the sample's first two axes swapped: a Conv1d's ``(channels, length)`` read as ``length`` tokens).
-  With a padding mask (extract's ``targets.mask``: ``Padding``), ``mean`` averages only the valid positions.
+  With a padding mask (extract's ``targets.mask``, training's ``train.mask`` for the student: ``Padding``), ``mean``
+  averages only the valid positions.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from kdcache import data
 from kdcache.errors import PipelineError, ShapeMismatchError, TargetError
 
 if TYPE_CHECKING:
@@ -71,6 +73,12 @@ class Padding:
     valid: torch.Tensor
     key: str
     setting: str = "targets.mask"
+
+    @classmethod
+    def of(cls, batch: Mapping[str, Any], key: str, setting: str, where: str) -> Padding:
+        """The mask under ``key`` of ``batch``'s dict inputs (dataset rows ``batch["index"]``), as ``setting`` names it, checked
+        by ``data.padding_mask`` (``where`` begins its messages): extract's of every batch, the student's of every batch it pools."""
+        return cls(data.padding_mask(batch["inputs"], batch["index"], key, setting, where).to("cpu", torch.bool), key, setting)
 
     def fitted(self, value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
         """``valid`` for a step pooling ``value``'s (B, T, ...) sample axis 1, refused where it has another count of positions;
@@ -117,6 +125,12 @@ def select(output: Any, selector: str, target: str, label: str = "", setting: st
         if value is None:
             raise TargetError(f"{label}: element {'.'.join(path)!r} of the output is None (the module returned no tensor "
                               f"there, e.g. attention weights with need_weights=False); choose another {setting}")
+
+
+def pools(selector: str) -> bool:
+    """Whether a select (``[targets.select]``, ``student.select``, a ``train.features`` one) has a step that pools by a
+    padding mask (``mean``, ``last``)."""
+    return any(step in ("mean", "last") for step in selector.split("."))
 
 
 def _auto_step(value: Any, label: str, setting: str) -> str:
@@ -184,7 +198,7 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask:
     if step == "last":
         if mask is None:
             raise TargetError(f"{label}: step 'last' picks each sample's last valid position by its padding mask, and none is "
-                              f"given here (only the teacher's targets have one: extract's targets.mask); set targets.mask = "
+                              f"given here (the teacher's targets pool by extract's targets.mask); set targets.mask = "
                               f"\"attention_mask\" (the key of the inputs holding it), or fix {setting} (\"-1\": the last "
                               "position, padding or not)")
         valid = mask.fitted(value, step, label, setting)

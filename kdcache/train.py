@@ -569,6 +569,7 @@ class Run:
     precision: str = "fp32"  # train.precision: autocast of the student's forward and heads
     mask: str = ""  # train.mask: the key of the batch's dict inputs holding its (B, T) padding mask
     masked: tuple[str, ...] = ()  # the target paths whose terms take that mask (per-token ones: _mask_paths)
+    mask_where: str = ""  # where train.mask was set, to begin messages about it
     scaler: Any = field(init=False, default=None)
     graded: dict[str, bool] = field(init=False, default_factory=dict)  # the last losses(): each student feature carries a gradient
 
@@ -577,16 +578,25 @@ class Run:
         # skipped and the scale halved (bf16 has float32's range and needs none). Disabled, it passes calls through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
+    def padding(self, batch: dict[str, Any]) -> teachers.Padding | None:
+        """``train.mask``'s padding mask of ``batch`` (a training, probe or eval batch), checked and on the host
+        (``teachers.Padding.of``, as extract's), which the student's select steps ``mean`` and ``last`` pool by; None where
+        no mask is set or no select of the student pools: those selects run as without a mask."""
+        selects = (self.select, *(selector for _, _, selector in self.features.values()))
+        if not (self.mask and any(teachers.pools(s) for s in selects)):
+            return None
+        return teachers.Padding.of(batch, self.mask, "train.mask", self.mask_where)
+
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
         self.hooked.clear()  # this forward's outputs only: never a stale one from an earlier batch
-        inputs = data.to_device(batch["inputs"], self.device)
+        inputs, padding = data.to_device(batch["inputs"], self.device), self.padding(batch)
         with data.autocast(self.device, self.precision):  # the student and its heads; the losses compute in float32
             logits = data.call(self.student, inputs, "student")
-            logits = select_student(logits, "student output", self.select)
+            logits = select_student(logits, "student output", self.select, mask=padding)
             feats = {}
             for path, (module, _, selector) in self.features.items():
-                feat = student_feature(self.hooked, layout.layer_name(path), module, selector)
+                feat = student_feature(self.hooked, layout.layer_name(path), module, selector, padding)
                 self.graded[path] = feat.requires_grad  # before its head, whose parameters would give the term a gradient
                 feats[path] = self.heads[_key(path)](feat) if _key(path) in self.heads else feat
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
@@ -692,7 +702,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     features = {path: (spec["student"], float(spec["weight"]), spec["select"]) for path, spec in terms.items() if path != layout.LOGITS}
     teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, list(terms), select=pipeline.student.select, precision=t.precision,
-              mask=t.mask)
+              mask=t.mask, mask_where=pipeline.where("train.mask"))
     run.masked = mask_paths(pipeline, store.targets.values(), run.paths, dataset)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     handles = teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
@@ -705,7 +715,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         shapes, dtypes = {}, {}
         for path, (module, _, selector) in features.items():
             name = layout.layer_name(path)
-            feat = student_feature(run.hooked, name, module, selector)
+            feat = student_feature(run.hooked, name, module, selector, run.padding(probe))
             if feat.ndim == 0 or feat.shape[0] != len(probe["index"]):  # as extract refuses for the teacher's layers
                 raise TargetError(f"train.features {name!r}: student module {module!r} gives shape {list(feat.shape)} for a batch of "
                                   f"{len(probe['index'])} samples, but its first axis must be the samples (kdcache runs two samples "
@@ -779,18 +789,21 @@ def mask_paths(pipeline: Pipeline, targets: Iterable[layout.Target], paths: list
     """Of ``paths`` (the run's terms' targets, among ``targets``: a store's, or extract's dry run's), those whose terms
     ``train.mask`` applies to: per-token logits and features, ``(tokens, classes)`` or ``(tokens, dim)`` per sample. The
     mask is checked on two dataset items first (``_checked_mask``): an entry of their dict inputs, ``(tokens,)`` each, as
-    many tokens as those targets, of bool or 0/1 values."""
+    many tokens as those targets, of bool or 0/1 values. The student's selects are checked first (``_check_student_pooling``).
+    """
+    by_path = {tg.path: tg for tg in targets}
+    pooled = _check_student_pooling(pipeline, by_path, paths)
     key, where = pipeline.train.mask, pipeline.where("train.mask")
     if not key:
         return ()
-    by_path = {tg.path: tg for tg in targets}
     shapes, names = {path: tuple(tg.shape) for path, tg in by_path.items()}, {path: tg.name for path, tg in by_path.items()}
     tokens = {path: shapes[path][0] for path in paths if len(shapes[path]) == 2}
-    if not tokens:
+    if not tokens and not pooled:
         seen = ", ".join(f"{names[path]} {list(shapes[path])}" for path in paths) or "none: ce alone"
         raise PipelineError(f"{where}: train.mask = {key!r} masks per-token terms (kl and mse on (tokens, classes) logits, train.features "
-                            f"of (tokens, dim)), but no term of this run is per-token (per-sample shapes: {seen}), so it would change "
-                            "nothing; set train.mask = \"\"")
+                            f"of (tokens, dim)) and pools the student's select steps 'mean' and 'last', but no term of this run is "
+                            f"per-token (per-sample shapes: {seen}) and no student select pools, so it would change nothing; set "
+                            "train.mask = \"\"")
     mask = _checked_mask(dataset, key, where)
     wrong = next((path for path, count in tokens.items() if count != mask.shape[1]), None)
     if wrong is not None:
@@ -802,6 +815,46 @@ def mask_paths(pipeline: Pipeline, targets: Iterable[layout.Target], paths: list
                                  "the tokens, \"1:\", needs a mask of that part under a key of its own, e.g. attention_mask[1:], which the "
                                  "models are passed too), or set train.mask = \"\"")
     return tuple(tokens)
+
+
+def _student_selects(pipeline: Pipeline, targets: Mapping[str, layout.Target],
+                     paths: list[str]) -> list[tuple[str, str, str, layout.Target | None]]:
+    """The selects this run applies to the student (``paths``: its terms' targets, in ``targets`` by path): each one's key
+    (for ``Pipeline.where``), its name in messages, its value, and the stored target its term compares it with (None:
+    ``student.select`` where neither kl nor mse reads the stored logits)."""
+    features = {targets[path].name: targets[path] for path in paths if path != layout.LOGITS}
+    return [("student.select", "student.select", pipeline.student.select, targets.get(layout.LOGITS) if layout.LOGITS in paths else None)] + [
+        (f"train.features.{name}", f"train.features.{name!r}.select", {**FEATURE_DEFAULTS, **spec}["select"], features[name])
+        for name, spec in pipeline.train.features.items() if name in features]
+
+
+def _check_student_pooling(pipeline: Pipeline, targets: Mapping[str, layout.Target], paths: list[str]) -> bool:
+    """Refuse a student select (``_student_selects``) that pools otherwise than it must: ``last`` without ``train.mask``, and
+    a term whose student select and stored target both pool (``mean``, ``last``), one by a padding mask and the other over
+    every position, padding included (they differ for every padded item). A pooling step on one side only (the student's
+    ``mean`` against the teacher's class token or pooler output), or masks under two keys, is a choice let be. Returns
+    whether a student select pools by ``train.mask``."""
+    key, pooled = pipeline.train.mask, False
+    for at, setting, selector, target in _student_selects(pipeline, targets, paths):
+        pooled = pooled or bool(key) and teachers.pools(selector)
+        said = f"{setting} = {selector!r}"
+        if not key and "last" in selector.split("."):
+            raise PipelineError(f"{pipeline.where(at)}: {said} takes each item's last valid position by the padding mask train.mask "
+                                "names, but train.mask is not set; set train.mask = \"attention_mask\" (the key of the dataset's dict "
+                                "inputs holding each item's mask), or use \"-1\" there (the last position, padding or not)")
+        if target is None or not (teachers.pools(selector) and teachers.pools(target.select)) or bool(key) == bool(target.mask):
+            continue
+        stored = f"the stored target {target.name!r} (targets.select {target.select!r})"
+        if key:
+            raise PipelineError(f"{pipeline.where('train.mask')}: {said} pools the student's output by train.mask {key!r} (each item's "
+                                f"valid positions), but {stored} was pooled over every position, padding included (the store records no "
+                                f"targets.{target.name}.mask): the two differ for every padded item; extract the store with "
+                                f"targets.mask = {key!r}, or set train.mask = \"\" (both pooled over padding)")
+        raise PipelineError(f"{pipeline.where(at)}: {said} averages the student's output over every position, padding included "
+                            f"(train.mask is not set), but {stored} was pooled by the padding mask {target.mask!r} (targets."
+                            f"{target.name}.mask): the two differ for every padded item; set train.mask to the key of the items' "
+                            f"padding mask (the store's: {target.mask!r})")
+    return pooled
 
 
 def _checked_mask(dataset: Any, key: str, where: str) -> torch.Tensor:
@@ -820,7 +873,7 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
         one = data.collate(data.Indexed(dataset, None).__getitems__([0]))
         with torch.no_grad():
             data.call(run.student, data.to_device(one["inputs"], run.device), "student")
-        feats = {path: student_feature(run.hooked, layout.layer_name(path), module, selector)
+        feats = {path: student_feature(run.hooked, layout.layer_name(path), module, selector, run.padding(one))
                  for path, (module, _, selector) in run.features.items()}
     except (ModelError, TargetError):
         return
@@ -851,9 +904,9 @@ def _check_student_rows(run: Run, dataset: Any, output: bool) -> None:
             probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
             run.hooked.clear()
             with torch.no_grad(), _rng_kept(run.device):
-                out = data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
-                parts = {"": select_student(out, "student output", run.select)} if output else {}
-                probes.append(parts | {path: student_feature(run.hooked, layout.layer_name(path), module, selector)
+                out, padding = data.call(run.student, data.to_device(probe["inputs"], run.device), "student"), run.padding(probe)
+                parts = {"": select_student(out, "student output", run.select, mask=padding)} if output else {}
+                probes.append(parts | {path: student_feature(run.hooked, layout.layer_name(path), module, selector, padding)
                                        for path, (module, _, selector) in run.features.items()})
     except ComplexOutputError:
         raise
@@ -927,12 +980,13 @@ def _real(tensor: torch.Tensor, what: str, setting: str) -> torch.Tensor:
 
 
 def select_student(output: Any, what: str, selector: str = "auto",
-                   real: tuple[str, str] = ("the student's output", "student.select")) -> torch.Tensor:
+                   real: tuple[str, str] = ("the student's output", "student.select"), mask: teachers.Padding | None = None) -> torch.Tensor:
     """The student's tensor in ``output`` (its logits: ``student.select``; default auto), with errors naming the fix that
-    applies to the student; a complex one is refused (``_real``, with ``real``'s name of it and the setting to change)."""
+    applies to the student; a complex one is refused (``_real``, with ``real``'s name of it and the setting to change).
+    ``mask``: the batch's ``train.mask`` (``Run.padding``), which ``mean`` and ``last`` steps pool by, as extract's do."""
     label, setting = real
     if selector != "auto":
-        return _real(teachers.select(output, selector, what, label=f"the {what}", setting="student.select")[0], label, setting)
+        return _real(teachers.select(output, selector, what, label=f"the {what}", setting="student.select", mask=mask)[0], label, setting)
     try:
         return _real(teachers.select(output, "auto", what)[0], label, setting)
     except ComplexOutputError:
@@ -944,14 +998,15 @@ def select_student(output: Any, what: str, selector: str = "auto",
                           "student.select") from None
 
 
-def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: str) -> torch.Tensor:
-    """The part of student ``module``'s output (``train.features`` ``select``; default auto) distilled into teacher ``layer``."""
+def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: str, mask: teachers.Padding | None = None) -> torch.Tensor:
+    """The part of student ``module``'s output (``train.features`` ``select``; default auto, pooled by ``mask`` as
+    ``select_student``) distilled into teacher ``layer``."""
     output = teachers.hooked_output(hooked, module, "student")
     real = (f"train.features {layer!r}: student module {module!r}'s output", f"train.features.{layer!r}.select")
     if selector == "auto":
         return select_student(output, module, real=real)
     return _real(teachers.select(output, selector, module, label=f"train.features {layer!r}: student module {module!r}",
-                                 setting=f"train.features.{layer!r}.select")[0], *real)
+                                 setting=f"train.features.{layer!r}.select", mask=mask)[0], *real)
 
 
 def _check_labels(label: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -1190,7 +1245,8 @@ def _eval_counts(run: Run, device: torch.device, source: Any) -> list[float]:
     correct = agree = teacher_correct = n = labelled = 0
     with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
         for batch in source if source is not None else ():  # None: a rank with no part (more ranks than shards)
-            logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select)
+            logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select,
+                                    mask=run.padding(batch))
             # a tie at the top (float16 logits tie often) counts 1/k, not argmax's lowest class (losses.top1_matches)
             label = None if batch["label"] is None else torch.as_tensor(batch["label"])
             if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
@@ -1234,7 +1290,8 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, a
     run.student.eval()
     try:
         with torch.no_grad():
-            logits = select_student(data.call(run.student, data.to_device(probe["inputs"], device), "student"), "student output", run.select)
+            logits = select_student(data.call(run.student, data.to_device(probe["inputs"], device), "student"), "student output", run.select,
+                                    mask=run.padding(probe))
     except (ModelError, TargetError):
         return  # the first training step says what is wrong with the model or its output, on a batch of its own
     if logits.ndim != 2:

@@ -18,24 +18,34 @@ from click.testing import CliRunner
 import extract_zoo as zoo
 import kdcache
 from conftest import FIXTURES
-from kdcache import store as layout
+from kdcache import data, store as layout
 from kdcache.cli import main
 from kdcache.errors import PipelineError, ShapeMismatchError, StoreError, StoreMismatchError, TargetError
 from kdcache.pipeline import from_dict
+from kdcache.train import select_student, setup, student_feature
 from kdcache.verify import verify
 
 POOLED = {"logits": "mean", "embed": "last"}  # a text model's mean-pooled output, a causal LM's last-token feature
 
 
-def pooled(dataset: str = "repadded_tokens", mask: str = "attention_mask", select: dict | None = None, batch_size: int = 10) -> kdcache.Pipeline:
+def pooled(dataset: str = "repadded_tokens", mask: str = "attention_mask", select: dict | None = None, batch_size: int = 10,
+           student: dict | None = None, train: dict | None = None) -> kdcache.Pipeline:
     """TokenBag over ``dataset``'s 50 items, its logits mean-pooled and its ``embed`` features at the last token (``select``),
-    by ``mask``; a student of both (kl on the logits, feature MSE on ``embed``)."""
+    by ``mask``; a student of both (kl on the logits, feature MSE on ``embed``), its sections updated by ``student``, ``train``."""
     return from_dict({"teacher": {"factory": "extract_zoo.py:token_bag"}, "data": {"factory": f"extract_zoo.py:{dataset}"},
                       "targets": {"layers": ["embed"], "dtype": "float32", "select": POOLED if select is None else select, "mask": mask},
                       "extract": {"batch_size": batch_size, "device": "cpu", "rows_per_shard": 20},
-                      "student": {"factory": "extract_zoo.py:pooled_student"},
+                      "student": {"factory": "extract_zoo.py:pooled_student", **(student or {})},
                       "train": {"epochs": 2, "batch_size": 8, "lr": 0.01, "device": "cpu", "loss": {"kl": 1.0},
-                                "features": {"embed": {"student": "embed", "weight": 0.5}}}}, root=FIXTURES)
+                                "features": {"embed": {"student": "embed", "weight": 0.5}}, **(train or {})}}, root=FIXTURES)
+
+
+def student_pooling(dataset: str = "repadded_tokens", mask: str = "attention_mask", select: str = "mean", feature: str = "last",
+                    **train) -> kdcache.Pipeline:
+    """``pooled``'s, with a student that pools by its selects (extract_zoo.token_bag_student): its logits by ``select``, its
+    ``embed`` features by ``feature``; train.mask = ``mask``."""
+    return pooled(dataset, student={"factory": "extract_zoo.py:token_bag_student", "select": select},
+                  train={"mask": mask, "features": {"embed": {"student": "embed", "weight": 0.5, "select": feature}}, **train})
 
 
 def stored(location: Path) -> dict[str, np.ndarray]:
@@ -129,3 +139,94 @@ def test_an_item_with_no_valid_position_later_in_the_run_is_refused(tmp_path):
     with pytest.raises(PipelineError, match=r"^<dict>: targets.mask 'attention_mask' keeps no position of item 23 \(its 6 values all "
                                             r"false\)"):
         kdcache.extract(pooled("repadded_tokens_empty"), tmp_path / "store.zarr")
+
+
+def student_outputs(location: Path, dataset: str, batches: list[list[int]]) -> dict[str, np.ndarray]:
+    """The pooled logits and ``embed`` features (``student_pooling``'s selects, by train.mask) of a freshly set up student
+    for ``dataset``'s items in ``batches``, by item."""
+    pipeline = student_pooling(dataset)
+    items = data.load(pipeline, "train")
+    run = setup(pipeline, layout.open_store(str(location)), items, torch.device("cpu"))
+    out: dict[str, dict[int, np.ndarray]] = {"logits": {}, "embed": {}}
+    for rows in batches:
+        batch = data.collate(data.Indexed(items, None).__getitems__(rows))
+        run.hooked.clear()
+        with torch.no_grad():
+            padding = run.padding(batch)
+            logits = select_student(data.call(run.student, batch["inputs"], "student"), "student output", run.select, mask=padding)
+            embed = student_feature(run.hooked, "embed", "embed", "last", padding)
+        for i, row in enumerate(rows):
+            out["logits"][row], out["embed"][row] = logits[i].numpy(), embed[i].numpy()
+    return {name: np.stack([by_row[i] for i in range(10)]) for name, by_row in out.items()}
+
+
+def test_a_student_pooled_by_train_mask_gives_a_sentence_the_same_output_whatever_its_padding_and_batch(tmp_path):
+    """student.select = "mean" and a train.features select "last" pool the student's per-token outputs by train.mask, as
+    targets.mask pools the teacher's: the sentences padded to 6 positions in one batch, to 11 in reverse order, and at the
+    start to 8 in two interleaved batches, give each sentence the same values, those of its tokens alone. Before, the
+    student's mean averaged the pad tokens and its last was refused."""
+    kdcache.extract(pooled(), tmp_path / "six.zarr")
+    six = student_outputs(tmp_path / "six.zarr", "repadded_tokens", [list(range(10))])
+    wide = student_outputs(tmp_path / "six.zarr", "repadded_tokens_wide", [list(range(9, -1, -1))])
+    left = student_outputs(tmp_path / "six.zarr", "repadded_tokens_left", [list(range(0, 10, 2)), list(range(1, 10, 2))])
+    student, items = zoo.token_bag_student(), zoo.RepaddedTokens()
+    with torch.no_grad():
+        sentences = [items[i]["tokens"][items[i]["attention_mask"]] for i in range(10)]
+        alone = {"logits": np.stack([student.head(student.embed(s)).mean(0).numpy() for s in sentences]),
+                 "embed": np.stack([student.embed(s)[-1].numpy() for s in sentences])}
+    for name in ("logits", "embed"):
+        assert np.array_equal(six[name], wide[name]) and np.array_equal(six[name], left[name])
+        np.testing.assert_allclose(six[name], alone[name], rtol=1e-6, atol=1e-6)
+
+
+def test_a_pooled_student_trains_alike_on_the_sentences_padded_otherwise_with_streams_and_shuffling(tmp_path):
+    """Two streams of shuffled rows, batches of 6: each batch's train.mask is its own rows' (the same sentences padded at the
+    end to 6 positions or at the start to 8 train the same losses and weights, where another row's mask would pool other
+    tokens of the two layouts)."""
+    runs = {}
+    for name, dataset in (("right", "repadded_tokens"), ("left", "repadded_tokens_left")):
+        kdcache.extract(pooled(dataset), tmp_path / f"{name}.zarr")
+        pipeline = student_pooling(dataset, batch_size=6, streams=2, shuffle_buffer_shards=2)
+        kdcache.train(pipeline, tmp_path / f"{name}.zarr", tmp_path / name)
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([[line[k] for k in ("loss", "loss_kl", "loss_feat:embed")] for line in lines if "loss_kl" in line],
+                      torch.load(tmp_path / name / "student.pt"))
+    (right, right_weights), (left, left_weights) = runs["right"], runs["left"]
+    assert len(right) == 2 and np.all(np.isfinite(right))
+    np.testing.assert_allclose(right, left, rtol=1e-5)
+    for key, value in right_weights.items():
+        torch.testing.assert_close(value, left_weights[key], rtol=1e-5, atol=1e-6)
+
+
+UNMASKED = {"logits": "mean", "embed": "-1"}  # a store pooled over every position (targets.mask = "")
+
+
+@pytest.mark.parametrize(("stored", "pipeline", "match"), [
+    (POOLED, student_pooling(mask="", select="0"),
+     r"^<dict>: train.features.'embed'.select = 'last' takes each item's last valid position by the padding mask train.mask names, "
+     r"but train.mask is not set; set train.mask = \"attention_mask\" .* or use \"-1\" there"),
+    (UNMASKED, student_pooling(feature="-1"),
+     r"^<dict>: student.select = 'mean' pools the student's output by train.mask 'attention_mask' \(each item's valid positions\), but "
+     r"the stored target 'logits' \(targets.select 'mean'\) was pooled over every position, padding included \(the store records no "
+     r"targets.logits.mask\): the two differ for every padded item; extract the store with targets.mask = 'attention_mask', or set "
+     r"train.mask = \"\""),
+    (POOLED, student_pooling(mask="", feature="-1"),
+     r"^<dict>: student.select = 'mean' averages the student's output over every position, padding included \(train.mask is not "
+     r"set\), but the stored target 'logits' \(targets.select 'mean'\) was pooled by the padding mask 'attention_mask' "
+     r"\(targets.logits.mask\): .* set train.mask to the key of the items' padding mask \(the store's: 'attention_mask'\)$"),
+], ids=["last-without-train-mask", "student-masked-store-not", "store-masked-student-not"])
+def test_a_student_pooled_otherwise_than_its_targets_is_refused_before_training(tmp_path, stored, pipeline, match):
+    kdcache.extract(pooled(mask="attention_mask" if stored is POOLED else "", select=stored), tmp_path / "store.zarr")
+    with pytest.raises(PipelineError, match=match):
+        kdcache.train(pipeline, tmp_path / "store.zarr", tmp_path / "run")
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_a_student_pooled_where_its_target_is_not_trains_and_the_dry_run_warns_of_a_mismatch(tmp_path):
+    """A pooling step on the student's side alone is a choice (its mean-pooled features against the teacher's last position,
+    "-1", of a store pooled by no mask): trained, the mask pooling it. The dry run says what train would refuse."""
+    kdcache.extract(pooled(mask="", select=UNMASKED), tmp_path / "store.zarr")
+    result = kdcache.train(student_pooling(select="0", feature="mean"), tmp_path / "store.zarr", tmp_path / "run")
+    assert np.isfinite(result["loss"])
+    warnings = kdcache.dry_run(pooled(student={"factory": "extract_zoo.py:token_bag_student", "select": "mean"}))["warnings"]
+    assert any("kdcache train would refuse this store: <dict>: student.select = 'mean' averages the student's output" in w for w in warnings)
