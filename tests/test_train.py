@@ -1943,8 +1943,8 @@ def test_extract_dry_run_warns_of_a_train_mask_that_train_would_refuse():
 
 def test_a_train_mask_where_no_term_is_per_token_is_refused(tiny_store, tmp_path):
     with pytest.raises(PipelineError, match=r"train.mask = 'attention_mask' masks per-token terms .* no term of this run is per-token "
-                                            r"\(per-sample shapes: logits \[4\], features.3 \[\d+, \d+, \d+\]\), so it would change nothing; "
-                                            r"set train.mask = \"\""):
+                                            r"\(per-sample shapes: logits \[4\], features.3 \[\d+, \d+, \d+\]\) and no student select pools, so it would "
+                                            r"change nothing; set train.mask = \"\""):
         train(pipeline("train.eval_split=''", "train.mask='attention_mask'"), tiny_store, tmp_path / "run")
 
 
