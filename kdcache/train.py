@@ -822,8 +822,9 @@ def _student_selects(pipeline: Pipeline, targets: Mapping[str, layout.Target],
     """The selects this run applies to the student (``paths``: its terms' targets, in ``targets`` by path): each one's key
     (for ``Pipeline.where``), its name in messages, its value, and the stored target its term compares it with (None:
     ``student.select`` where neither kl nor mse reads the stored logits)."""
+    logits = targets.get(layout.LOGITS) if layout.LOGITS in paths else None
     features = {targets[path].name: targets[path] for path in paths if path != layout.LOGITS}
-    return [("student.select", "student.select", pipeline.student.select, targets.get(layout.LOGITS) if layout.LOGITS in paths else None)] + [
+    return [("student.select", "student.select", pipeline.student.select, logits)] + [
         (f"train.features.{name}", f"train.features.{name!r}.select", {**FEATURE_DEFAULTS, **spec}["select"], features[name])
         for name, spec in pipeline.train.features.items() if name in features]
 
