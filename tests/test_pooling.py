@@ -182,14 +182,15 @@ def test_a_student_pooled_by_train_mask_gives_a_sentence_the_same_output_whateve
 def test_a_pooled_student_trains_alike_on_the_sentences_padded_otherwise_with_streams_and_shuffling(tmp_path):
     """Two streams of shuffled rows, batches of 6: each batch's train.mask is its own rows' (the same sentences padded at the
     end to 6 positions or at the start to 8 train the same losses and weights, where another row's mask would pool other
-    tokens of the two layouts)."""
+    tokens of the two layouts); the evaluation (eval_agreement with the stored logits) pools the student's output alike."""
     runs = {}
     for name, dataset in (("right", "repadded_tokens"), ("left", "repadded_tokens_left")):
         kdcache.extract(pooled(dataset), tmp_path / f"{name}.zarr")
-        pipeline = student_pooling(dataset, batch_size=6, streams=2, shuffle_buffer_shards=2)
+        pipeline = student_pooling(dataset, batch_size=6, streams=2, shuffle_buffer_shards=2, eval_cache=str(tmp_path / f"{name}.zarr"),
+                                   eval_split="train")
         kdcache.train(pipeline, tmp_path / f"{name}.zarr", tmp_path / name)
         lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = ([[line[k] for k in ("loss", "loss_kl", "loss_feat:embed")] for line in lines if "loss_kl" in line],
+        runs[name] = ([[line[k] for k in ("loss", "loss_kl", "loss_feat:embed", "eval_agreement")] for line in lines if "loss_kl" in line],
                       torch.load(tmp_path / name / "student.pt"))
     (right, right_weights), (left, left_weights) = runs["right"], runs["left"]
     assert len(right) == 2 and np.all(np.isfinite(right))
