@@ -232,12 +232,14 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask:
 def _valid_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Each sample's mean of ``value`` (B, T, ...) over the positions ``valid`` (B, T, on the host) keeps, reduced over those
     positions alone, as if the sample had no padding: the same bits whatever padding and batch it came with (a sum with
-    zeros at the padding rounds otherwise for another T). One reduction per sample; a span (left or right padding) is a view."""
+    zeros at the padding rounds otherwise for another T). One reduction per sample; a span (left or right padding) is a view.
+    The samples are ``unbind``'s views: a student's backward through ``value[i]`` made a zero gradient of the whole batch per
+    sample (quadratic in the batch: 6.4 s against 34 ms for 256 x 128 x 256)."""
     rows = []
-    for i, keep in enumerate(valid):
+    for item, keep in zip(value.unbind(0), valid):
         (at,) = keep.nonzero(as_tuple=True)
         lo, hi = int(at[0]), int(at[-1]) + 1
-        part = value[i, lo:hi] if hi - lo == len(at) else value[i].index_select(0, at.to(value.device))
+        part = item[lo:hi] if hi - lo == len(at) else item.index_select(0, at.to(value.device))
         rows.append(part.contiguous().mean(dim=0))
     return torch.stack(rows)
 
