@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache import locking, storage, store as layout
-from kdcache.errors import StoreError, need, one_line, short, write_fix
+from kdcache.errors import StoreError, need, one_line, option, short, write_fix
 
 HDF5_LAYOUT_VERSION = 1
 HDF5_COMPRESSION = ("gzip", "lzf", "none")
@@ -343,6 +343,8 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
         expect, done, digests = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
         paths = expect.paths()
         _check_location(location)
+        if overwrite:
+            _check_source_outside(source, location)
         locking.refuse_if_being_written(location, storage_options)  # and an S3 endpoint that never answers: named in seconds
         if overwrite and storage.exists(str(location), storage_options):
             _check_readable(f, source, expect, done, digests, location)  # an existing store is replaced only by a file that reads whole
@@ -474,6 +476,17 @@ def _check_location(location: str) -> None:
     if path.exists() and not path.is_dir():
         raise StoreError(f"{location!r} is a file, not a store; choose another STORE location for kdcache import or remove it")
     _check_folder(path.parent, f"choose another STORE location for kdcache import than {location!r}")
+
+
+def _check_source_outside(source: str, location: str) -> None:
+    """Refuse an ``--overwrite`` of a local STORE folder that holds SOURCE (an old export kept in the store): replacing
+    the store deleted the very file being imported."""
+    if storage.location_kind(location) != "local":
+        return
+    folder = Path(storage.local_path(location))
+    if folder.is_dir() and Path(source).resolve().is_relative_to(folder.resolve()):
+        raise StoreError(f"{source!r} is inside the store {location!r} that {option('--overwrite')} replaces (the file would be deleted with "
+                         f"it); move it out of the store folder first (e.g. to {str(folder.resolve().parent / Path(source).name)!r})")
 
 
 def _unreadable(source: str, path: str, shard: int, start: int, stop: int, why: str, store: layout.Store) -> StoreError:

@@ -307,6 +307,21 @@ def test_import_into_a_store_made_from_another_file_says_how_to_go_on(exported, 
     assert snapshot(other) == before
 
 
+
+def test_import_overwrite_of_the_store_that_holds_the_file_is_refused(exported, tiny_store, tmp_path):
+    """An old export kept inside the store folder (FORMAT.md §17 names it a stray), imported with --overwrite over that
+    store: the store's removal deleted the file being imported (read on through its open handle, exit 0, file gone)."""
+    store = copy_of(tiny_store, tmp_path / "s.zarr")
+    source = copy_of(exported, store / "old.h5")
+    before = snapshot(store)
+    _, line = cli("import", source, store, "--overwrite")
+    assert f"{str(source)!r} is inside the store {str(store)!r} that --overwrite replaces" in line, line
+    assert f"move it out of the store folder first (e.g. to {str(tmp_path / 'old.h5')!r})" in line, line
+    assert snapshot(store) == before and source.exists()
+    copy_of(exported, tmp_path / "old.h5")  # the fix named
+    assert CliRunner().invoke(main, ["import", str(tmp_path / "old.h5"), str(store), "--overwrite"]).exit_code == 0
+
+
 # ------------------------------------------------------------------------------------- export, pack
 
 
