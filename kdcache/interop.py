@@ -386,9 +386,9 @@ def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layo
             ds = f.get(path)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise StoreError(f"{source!r} is damaged: dataset {path!r} cannot be opened ({_why(e)}); {fix}") from None
-        if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != shape or ds.dtype != np.dtype(dtype):
+        if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype != np.dtype(dtype):  # shape None: a null dataspace
             seen = ("missing" if ds is None else "a group, not a dataset" if not isinstance(ds, h5py.Dataset)
-                    else f"{tuple(ds.shape)} {ds.dtype}")
+                    else "an empty dataset (HDF5 null dataspace)" if ds.shape is None else f"{ds.shape} {ds.dtype}")
             raise StoreError(f"{source!r}: dataset {path!r} is {seen}, the manifest says {shape} {dtype}; {fix}")
         elsewhere = ("an external link to " + repr(ds.file.filename) if ds.file.filename != f.filename
                      else "a virtual dataset" if ds.is_virtual else "external storage" if ds.external else None)
@@ -421,7 +421,7 @@ def _digests(f: Any, source: str, expect: layout.Store, fix: str) -> np.ndarray 
                              f"(compression.shard_digests = {kept!r}); {fix}")
         return None
     ds, shape = f[layout.DIGEST], (expect.num_shards, len(expect.paths()))
-    if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != shape or ds.dtype != np.dtype("uint32") or ds.is_virtual or ds.external:
+    if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype != np.dtype("uint32") or ds.is_virtual or ds.external:
         raise StoreError(f"{source!r}: dataset {layout.DIGEST!r} is not {list(shape)} uint32 stored in the file; {fix}")
     try:
         return np.asarray(ds[:])

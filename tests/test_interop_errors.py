@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -72,6 +73,15 @@ def no_done(f: h5py.File) -> None:
     del f["progress/done"]
 
 
+def empty(path: str) -> Callable[[h5py.File], None]:
+    """``path`` replaced by a dataset of HDF5's null dataspace (no shape: h5py's ``shape`` is None; was a TypeError traceback)."""
+    def edit(f: h5py.File) -> None:
+        dtype = f[path].dtype
+        del f[path]
+        f.create_dataset(path, shape=None, dtype=dtype)
+    return edit
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda store, h5: interop.pack(None, "t.zarr.zip"), r"^location must be the location of a store or folder, got NoneType None"),
     (lambda store, h5: interop.pack(store, None), r"^out must be .* got NoneType None"),
@@ -97,6 +107,9 @@ def test_pack_export_and_import_refuse_a_location_of_another_type(exported, tiny
     (wrong_dtype, "dataset 'samples/index' is (50,) int32, the manifest says (50,) int64"),
     (group_not_dataset, "dataset 'targets/layers/features.3' is a group, not a dataset"),
     (no_done, "dataset 'progress/done' is missing, the manifest says (4,) bool"),
+    (empty("progress/done"), "dataset 'progress/done' is an empty dataset (HDF5 null dataspace), the manifest says (4,) bool"),
+    (empty("targets/logits"), "dataset 'targets/logits' is an empty dataset (HDF5 null dataspace), the manifest says (50, 4) float16"),
+    (empty("progress/digest"), "dataset 'progress/digest' is not [4, 5] uint32 stored in the file"),
 ])
 def test_import_overwrite_of_a_malformed_file_keeps_the_store(exported, tiny_store, tmp_path, edit, match):
     h5 = copy_of(exported, tmp_path / "bad.h5")
