@@ -314,8 +314,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
     try:
         f = h5py.File(source, "r")
     except OSError as e:  # h5py's message repeats the name, flags and errno: the errno's words say it
-        fix = "check the path" if getattr(e, "errno", None) == errno.ENOENT else "pass a file written by kdcache export"
-        raise StoreError(f"cannot read {source!r} as HDF5 ({_why(e)}); {fix}") from None
+        raise StoreError(f"cannot read {source!r} as HDF5 ({_why(e)}){_open_fix(e)}") from None
     with f:
         raw = f.attrs.get(layout.ATTRS)
         try:
@@ -366,6 +365,16 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
                 store.write_shard(shard, arrays)
             store.finish()
     return store.info()
+
+
+def _open_fix(e: OSError) -> str:
+    """What to do about an HDF5 file that did not open (``e``), after its reason."""
+    code = getattr(e, "errno", None)
+    if code == errno.ENOENT:
+        return "; check the path"
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK):  # HDF5's flock of the file, held by a writer
+        return ": another process has it open for writing (HDF5 locks the file); close it there and rerun"
+    return "; pass a file written by kdcache export"
 
 
 def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layout.Store, Any, np.ndarray | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -319,6 +321,23 @@ def test_import_into_a_store_made_from_another_file_says_how_to_go_on(exported, 
     assert line.endswith("; import the file it was made from to resume it, choose another STORE, or pass --overwrite to replace it"), line
     assert snapshot(other) == before
 
+
+
+def test_import_of_a_file_another_process_holds_open_for_writing_says_so(exported, tmp_path):
+    """HDF5 locks a file it opens (flock): one open for writing elsewhere (a notebook's h5py.File(..., "a")) is refused with
+    EAGAIN, which was 'pass a file written by kdcache export' although the file was one."""
+    h5 = copy_of(exported, tmp_path / "busy.h5")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); "
+                               "sys.stdin.read()", str(h5)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        _, line = cli("import", h5, tmp_path / "new.zarr")
+    finally:
+        holder.communicate("")
+    assert line == (f"Error: cannot read {str(h5)!r} as HDF5 (Resource temporarily unavailable): another process has it open for "
+                    "writing (HDF5 locks the file); close it there and rerun"), line
+    assert not (tmp_path / "new.zarr").exists()
+    assert CliRunner().invoke(main, ["import", str(h5), str(tmp_path / "new.zarr")]).exit_code == 0  # once closed
 
 
 def test_import_overwrite_of_the_store_that_holds_the_file_is_refused(exported, tiny_store, tmp_path):
