@@ -339,19 +339,17 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
                              f"reads version {HDF5_LAYOUT_VERSION}: upgrade kdcache, or export the store again with this one")
         layout.check_manifest(manifest, source)
         fresh = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "completed")}
-        expect, done, digests = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
+        expect, digests = _check_datasets(f, source, manifest)  # all of it before the store is created (or an old one replaced)
         paths = expect.paths()
         _check_location(location)
         if overwrite:
             _check_source_outside(source, location)
         locking.refuse_if_being_written(location, storage_options)  # and an S3 endpoint that never answers: named in seconds
         if overwrite and storage.exists(str(location), storage_options):
-            _check_readable(f, source, expect, done, digests, location)  # an existing store is replaced only by a file that reads whole
+            _check_readable(f, source, expect, digests, location)  # an existing store is replaced only by a file that reads whole
         with locking.writer_lock(location, storage_options):  # one writer per store
             store = layout.create_or_resume(location, lambda _: fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
             for shard in store.resume_pending():
-                if not done[shard]:
-                    continue  # not done in the source either: stays not done here
                 start, stop = store.shard_rows(shard)
                 arrays = {}
                 for path in paths:
@@ -377,10 +375,10 @@ def _open_fix(e: OSError) -> str:
     return "; pass a file written by kdcache export"
 
 
-def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layout.Store, Any, np.ndarray | None]:
+def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layout.Store, np.ndarray | None]:
     """Every dataset the manifest needs, with its shape, dtype and filters, checked from the file's metadata alone
-    (and the small done list read): a file that cannot be imported is refused before any store is touched.
-    Returns the manifest's layout (an empty store in memory), the done list and the digests (None if it has none)."""
+    (and the small done list read: every shard done): a file that cannot be imported is refused before any store is
+    touched. Returns the manifest's layout (an empty store in memory) and the digests (None if it has none)."""
     import h5py
     import zarr
 
@@ -415,7 +413,13 @@ def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layo
         done = np.asarray(f[layout.DONE][:], dtype=bool)
     except (OSError, ValueError, RuntimeError) as e:
         raise StoreError(f"{source!r} is damaged: dataset {layout.DONE!r} cannot be read ({_why(e)}); {fix}") from None
-    return expect, done, _digests(f, source, expect, fix)
+    if not done.all():  # its shards' rows would be left out: a partial store, made with exit 0 (over a whole one, with --overwrite)
+        shards = [int(s) for s in np.flatnonzero(~done)]
+        start, stop = expect.shard_rows(shards[0])
+        first = f"shard {shards[0]}, rows {start}-{stop - 1}" + (f", and {len(shards) - 1} more" if len(shards) > 1 else "")
+        raise StoreError(f"{source!r}: dataset {layout.DONE!r} marks {len(shards)} of {expect.num_shards} shards not done ({first}), "
+                         f"but kdcache export writes complete stores only (FORMAT.md §16: all true); {fix}")
+    return expect, _digests(f, source, expect, fix)
 
 
 def _digests(f: Any, source: str, expect: layout.Store, fix: str) -> np.ndarray | None:
@@ -460,10 +464,10 @@ def _value_problem(path: str, start: int, rows: np.ndarray) -> str | None:
     return f"hold {problem}" if problem else None
 
 
-def _check_readable(f: Any, source: str, expect: layout.Store, done: Any, digests: np.ndarray | None, location: str) -> None:
-    """Read every done shard of every dataset once (one shard in memory at a time): a damaged chunk is only
+def _check_readable(f: Any, source: str, expect: layout.Store, digests: np.ndarray | None, location: str) -> None:
+    """Read every shard of every dataset once (one shard in memory at a time): a damaged chunk is only
     found by reading, and an ``--overwrite`` must not delete the store it would replace for a file that fails."""
-    for shard in (int(s) for s in np.flatnonzero(done)):
+    for shard in range(expect.num_shards):
         start, stop = expect.shard_rows(shard)
         for path in expect.paths():
             try:

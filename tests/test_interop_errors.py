@@ -75,6 +75,10 @@ def no_done(f: h5py.File) -> None:
     del f["progress/done"]
 
 
+def shard_2_not_done(f: h5py.File) -> None:
+    f["progress/done"][2] = False  # imported as a store without shard 2's rows, exit 0 (its info said INCOMPLETE)
+
+
 def empty(path: str) -> Callable[[h5py.File], None]:
     """``path`` replaced by a dataset of HDF5's null dataspace (no shape: h5py's ``shape`` is None; was a TypeError traceback)."""
     def edit(f: h5py.File) -> None:
@@ -109,6 +113,8 @@ def test_pack_export_and_import_refuse_a_location_of_another_type(exported, tiny
     (wrong_dtype, "dataset 'samples/index' is (50,) int32, the manifest says (50,) int64"),
     (group_not_dataset, "dataset 'targets/layers/features.3' is a group, not a dataset"),
     (no_done, "dataset 'progress/done' is missing, the manifest says (4,) bool"),
+    (shard_2_not_done, "dataset 'progress/done' marks 1 of 4 shards not done (shard 2, rows 32-47), but kdcache export writes "
+                       "complete stores only (FORMAT.md §16: all true)"),
     (empty("progress/done"), "dataset 'progress/done' is an empty dataset (HDF5 null dataspace), the manifest says (4,) bool"),
     (empty("targets/logits"), "dataset 'targets/logits' is an empty dataset (HDF5 null dataspace), the manifest says (50, 4) float16"),
     (empty("progress/digest"), "dataset 'progress/digest' is not [4, 5] uint32 stored in the file"),
