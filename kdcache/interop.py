@@ -313,8 +313,8 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
 
     try:
         f = h5py.File(source, "r")
-    except OSError as e:  # h5py's message repeats the name, flags and errno: the errno's words say it
-        raise StoreError(f"cannot read {source!r} as HDF5 ({_why(e)}){_open_fix(e)}") from None
+    except OSError as e:
+        raise _open_error(source, e) from None
     with f:
         raw = f.attrs.get(layout.ATTRS)
         try:
@@ -365,14 +365,19 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
     return store.info()
 
 
-def _open_fix(e: OSError) -> str:
-    """What to do about an HDF5 file that did not open (``e``), after its reason."""
+def _open_error(source: str, e: OSError) -> StoreError:
+    """The error for an HDF5 file that did not open (``e``): its reason in a few words (h5py's message repeats the name,
+    flags and errno: the errno's words say it), and what to do."""
+    cut = re.search(r"truncated file: eof = (\d+),.* stored_eof = (\d+)", str(e))  # HDF5's own words, no errno
+    if cut:
+        return StoreError(f"cannot read {source!r} as HDF5: it is truncated, {int(cut[1]):,} of the {int(cut[2]):,} bytes it was "
+                          "written with (an incomplete copy or download); copy it again")
     code = getattr(e, "errno", None)
-    if code == errno.ENOENT:
-        return "; check the path"
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK):  # HDF5's flock of the file, held by a writer
-        return ": another process has it open for writing (HDF5 locks the file); close it there and rerun"
-    return "; pass a file written by kdcache export"
+    fix = ("; check the path" if code == errno.ENOENT
+           else ": another process has it open for writing (HDF5 locks the file); close it there and rerun"
+           if code in (errno.EAGAIN, errno.EWOULDBLOCK)  # HDF5's flock of the file, held by a writer
+           else "; pass a file written by kdcache export")
+    return StoreError(f"cannot read {source!r} as HDF5 ({_why(e)}){fix}")
 
 
 def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layout.Store, np.ndarray | None]:

@@ -346,6 +346,16 @@ def test_import_of_a_file_another_process_holds_open_for_writing_says_so(exporte
     assert CliRunner().invoke(main, ["import", str(h5), str(tmp_path / "new.zarr")]).exit_code == 0  # once closed
 
 
+def test_import_of_a_truncated_file_says_to_copy_it_again(exported, tmp_path):
+    """A copy or download cut short: HDF5 opens none of it, and the fix was 'pass a file written by kdcache export'."""
+    h5 = tmp_path / "cut.h5"
+    h5.write_bytes(exported.read_bytes()[:30000])
+    _, line = cli("import", h5, tmp_path / "new.zarr")
+    assert line == (f"Error: cannot read {str(h5)!r} as HDF5: it is truncated, {30000:,} of the {exported.stat().st_size:,} bytes it "
+                    "was written with (an incomplete copy or download); copy it again"), line
+    assert not (tmp_path / "new.zarr").exists()
+
+
 def test_import_overwrite_of_the_store_that_holds_the_file_is_refused(exported, tiny_store, tmp_path):
     """An old export kept inside the store folder (FORMAT.md §17 names it a stray), imported with --overwrite over that
     store: the store's removal deleted the file being imported (read on through its open handle, exit 0, file gone)."""
