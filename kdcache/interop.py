@@ -402,18 +402,9 @@ def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layo
             seen = ("missing" if ds is None else "a group, not a dataset" if not isinstance(ds, h5py.Dataset)
                     else "an empty dataset (HDF5 null dataspace)" if ds.shape is None else f"{ds.shape} {ds.dtype}")
             raise StoreError(f"{source!r}: dataset {path!r} is {seen}, the manifest says {shape} {dtype}; {fix}")
-        elsewhere = ("an external link to " + repr(ds.file.filename) if ds.file.filename != f.filename
-                     else "a virtual dataset" if ds.is_virtual else "external storage" if ds.external else None)
-        if elsewhere:  # an import would copy another file's bytes (any file of the recipient's) into the store
-            raise StoreError(f"{source!r}: dataset {path!r} keeps its data in another file ({elsewhere}); kdcache import reads "
-                             f"only data stored in the file itself: {fix}")
-        plist = ds.id.get_create_plist()
-        for i in range(plist.get_nfilters()):
-            code, _, _, name = plist.get_filter(i)
-            if not h5py.h5z.filter_avail(code):
-                name = name.decode(errors="replace") if isinstance(name, bytes) else name
-                raise StoreError(f"{source!r}: dataset {path!r} needs the HDF5 filter {name or code!r}, which this h5py lacks; "
-                                 "re-export the store with --compression gzip (or install the filter plugin)")
+        _check_storage(f, ds, path, source, fix)
+        if path != layout.DONE:
+            _check_chunks(ds, path, source, expect)
     try:
         done = np.asarray(f[layout.DONE][:], dtype=bool)
     except (OSError, ValueError, RuntimeError) as e:
@@ -425,6 +416,37 @@ def _check_datasets(f: Any, source: str, manifest: dict[str, Any]) -> tuple[layo
         raise StoreError(f"{source!r}: dataset {layout.DONE!r} marks {len(shards)} of {expect.num_shards} shards not done ({first}), "
                          f"but kdcache export writes complete stores only (FORMAT.md §16: all true); {fix}")
     return expect, _digests(f, source, expect, fix)
+
+
+def _check_storage(f: Any, ds: Any, path: str, source: str, fix: str) -> None:
+    """Refuse a dataset whose data is in another file, or that needs a filter this h5py lacks."""
+    import h5py
+
+    elsewhere = ("an external link to " + repr(ds.file.filename) if ds.file.filename != f.filename
+                 else "a virtual dataset" if ds.is_virtual else "external storage" if ds.external else None)
+    if elsewhere:  # an import would copy another file's bytes (any file of the recipient's) into the store
+        raise StoreError(f"{source!r}: dataset {path!r} keeps its data in another file ({elsewhere}); kdcache import reads "
+                         f"only data stored in the file itself: {fix}")
+    plist = ds.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        code, _, _, name = plist.get_filter(i)
+        if not h5py.h5z.filter_avail(code):
+            name = name.decode(errors="replace") if isinstance(name, bytes) else name
+            raise StoreError(f"{source!r}: dataset {path!r} needs the HDF5 filter {name or code!r}, which this h5py lacks; "
+                             "re-export the store with --compression gzip (or install the filter plugin)")
+
+
+def _check_chunks(ds: Any, path: str, source: str, expect: layout.Store) -> None:
+    """Refuse a data dataset chunked in more rows than a shard (rechunked by another tool): HDF5 decompresses a whole
+    chunk for each shard read from it, so one chunk of the whole dataset took memory and time growing with the file."""
+    rows = expect.rows_per_shard
+    if ds.chunks is None or ds.chunks[0] <= rows:  # contiguous: read by byte range
+        return
+    inner = (expect.manifest["geometry"]["chunk_rows"].get(path) or rows, *ds.shape[1:])
+    raise StoreError(f"{source!r}: dataset {path!r} is chunked in {ds.chunks[0]:,} rows, more than a shard's {rows:,} (FORMAT.md "
+                     f"§16: the store's inner chunk, {inner[0]:,} rows): each shard read would decompress whole chunks, memory and "
+                     f"time growing with the file; re-export it from the store (kdcache export STORE FILE) or rechunk it "
+                     f"(h5repack -l {path}:CHUNK={'x'.join(map(str, inner))})")
 
 
 def _digests(f: Any, source: str, expect: layout.Store, fix: str) -> np.ndarray | None:

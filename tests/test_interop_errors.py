@@ -356,6 +356,32 @@ def test_import_of_a_truncated_file_says_to_copy_it_again(exported, tmp_path):
     assert not (tmp_path / "new.zarr").exists()
 
 
+def rechunk(f: h5py.File, path: str, rows: int) -> None:
+    data, compression = f[path][:], f[path].compression
+    del f[path]
+    f.create_dataset(path, data=data, chunks=(rows, *data.shape[1:]), compression=compression)
+
+
+def test_import_refuses_chunks_larger_than_a_shard_and_takes_smaller_ones(exported, tiny_store, tmp_path):
+    """A file rechunked by another tool (h5repack, a copy with chunks=shape): each shard read decompressed whole chunks,
+    so a file of one chunk per dataset took memory and time growing with the file (8,000 rows of 4,096 float32 logits, 32
+    shards: 312 MB and 40 s against 84 MB and 3 s as exported). Chunks of at most a shard's rows cost at most a shard."""
+    big = copy_of(exported, tmp_path / "one_chunk.h5")
+    with h5py.File(big, "a") as f:
+        rechunk(f, "targets/logits", 50)
+    _, line = cli("import", big, tmp_path / "new.zarr")
+    assert line == (f"Error: {str(big)!r}: dataset 'targets/logits' is chunked in 50 rows, more than a shard's 16 (FORMAT.md §16: "
+                    "the store's inner chunk, 16 rows): each shard read would decompress whole chunks, memory and time growing "
+                    "with the file; re-export it from the store (kdcache export STORE FILE) or rechunk it "
+                    "(h5repack -l targets/logits:CHUNK=16x4)"), line
+    assert not (tmp_path / "new.zarr").exists()
+    small = copy_of(exported, tmp_path / "small_chunks.h5")
+    with h5py.File(small, "a") as f:
+        rechunk(f, "targets/logits", 5)  # straddles shards: read twice at most
+    interop.import_hdf5(small, str(tmp_path / "back.zarr"))
+    assert_same(tiny_store, str(tmp_path / "back.zarr"))
+
+
 def test_import_overwrite_of_the_store_that_holds_the_file_is_refused(exported, tiny_store, tmp_path):
     """An old export kept inside the store folder (FORMAT.md §17 names it a stray), imported with --overwrite over that
     store: the store's removal deleted the file being imported (read on through its open handle, exit 0, file gone)."""
