@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -118,6 +119,7 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
         return client.submit(_extract_shard, pipeline, location, shard, store.storage_options, lock_token, errors.COMMAND_LINE,
                              key=f"kdcache-shard-{shard}-{tries[shard]}-{token}", pure=False)
 
+    _say_if_no_workers(client)
     futures = {submit(s): s for s in pending}
     done, workers = 0, set()
     queue = as_completed(list(futures))
@@ -152,6 +154,16 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
         bar.what = f"extract [{done}/{len(pending)} shards, {len(workers)} workers]"
         bar.update(rows[shard], rows[shard] * row_bytes)
     bar.close()
+
+
+def _say_if_no_workers(client: Any) -> None:
+    """A note on stderr where no worker has joined the scheduler (yet: a batch queue's workers, or ones started with
+    another address): the shards wait for one, which looked like a hang."""
+    if client.nthreads():  # worker address -> threads, asked of the scheduler now
+        return
+    address = client.scheduler.address
+    print(f"note: no dask worker is connected to the scheduler at {address!r}; the shards wait for one to join (start one: "
+          f"dask worker {address} --nworkers 1 --nthreads 1)", file=sys.stderr, flush=True)
 
 
 class ShardError(KdcacheError, RuntimeError):

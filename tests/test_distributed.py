@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -129,6 +130,31 @@ def test_cli_on_an_existing_scheduler_resumes_a_partial_store(toml, single, sche
     assert result.exit_code == 0, result.output
     assert "4/4 shards" in result.output
     assert_same_store(out, single)
+
+
+def test_a_scheduler_without_workers_is_said_and_the_job_waits_for_one(toml, single, tmp_path):
+    """A scheduler no worker has joined (yet: a batch queue's, or a worker started with a wrong address): the job waited
+    for one with no word (exit 124 under timeout, nothing printed); it now says so on stderr, then runs once one joins."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                               "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], **quiet)]
+    try:
+        out = str(tmp_path / "late.zarr")
+        job = subprocess.Popen([sys.executable, "-m", "kdcache", "extract", toml, "--out", out, "--scheduler", address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(job)
+        ready, _, _ = select.select([job.stderr], [], [], 90)  # the old job said nothing, ever
+        line = job.stderr.readline() if ready else "(nothing within 90 s)"
+        assert line == (f"note: no dask worker is connected to the scheduler at {address!r}; the shards wait for one to join (start "
+                        f"one: dask worker {address} --nworkers 1 --nthreads 1)\n"), line
+        procs.append(subprocess.Popen([BIN / "dask", "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                                       "--host", "127.0.0.1"], **quiet))
+        _, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err
+        assert_same_store(out, single)
+    finally:
+        _stop(procs[::-1])
 
 
 def test_dask_workers_redo_a_done_shard_whose_object_is_missing(toml, single, scheduler, tmp_path):
