@@ -537,9 +537,13 @@ def _watch(store: layout.Store, bar: Progress, every: float = 1.0) -> Iterator[N
         return
     stop, before = threading.Event(), store.samples_done()
 
+    def look() -> None:
+        with contextlib.suppress(KdcacheError):  # a read that failed (an S3 request on the way): the next look tells
+            bar.update(store.samples_done() - before - bar.done)
+
     def poll() -> None:
         while not stop.wait(every):
-            bar.update(store.samples_done() - before - bar.done)
+            look()
 
     thread = threading.Thread(target=poll, name="kdcache-progress", daemon=True)
     thread.start()
@@ -548,7 +552,7 @@ def _watch(store: layout.Store, bar: Progress, every: float = 1.0) -> Iterator[N
     finally:
         stop.set()
         thread.join()
-        bar.update(store.samples_done() - before - bar.done)
+        look()  # never hides the block's error
         bar.close()
 
 
