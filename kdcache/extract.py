@@ -257,6 +257,15 @@ def samples_first(tensor: torch.Tensor, rows: int, name: str, probe: bool = Fals
                           "(e.g. batch_first=True for RNN/attention layers, or a module that permutes to (batch, ...))")
 
 
+def _check_values(tensor: torch.Tensor, name: str) -> None:
+    """Refuse a target with no values per sample (an axis of size 0): a store of it has no chunks to shape (a
+    ZeroDivisionError named as a store that cannot be created) and nothing to distil."""
+    if 0 in tensor.shape[1:]:
+        raise TargetError(f"target {name!r} has no values per sample (per-sample shape {list(tensor.shape[1:])}), so there is "
+                          f"nothing to store or distil; pick a part of the output that holds values with [targets.select] {name!r}, "
+                          "or leave the target out (targets.logits = false, or drop the layer from targets.layers)")
+
+
 def _check_floating(tensor: torch.Tensor, name: str, dtype: str) -> None:
     """Refuse a target that is not real floating-point: converted to ``dtype`` it would lose its imaginary part (complex),
     or its integers (class or token ids, codebook indices) would be rounded (float16 holds integers exactly only to 2048)."""
@@ -326,6 +335,7 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
             pooled = padding if teachers.pools(select) else None
             tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name, mask=pooled)
             samples_first(tensor, len(batch["index"]), name)
+            _check_values(tensor, name)
             _check_floating(tensor, name, t.dtype)
             path = layout.LOGITS if source == "" else layout.layer_path(name)
             run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved,

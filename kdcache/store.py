@@ -1991,8 +1991,8 @@ def _check_target(location: str, name: str, t: Any) -> None:
     if t.get("path") not in (want, legacy) or (t["source"] != "" and t["source"] != t["name"]):
         raise _bad_manifest(location, f"{at}.path", t.get("path"), repr(want))
     shape = t.get("shape")
-    if not isinstance(shape, list) or len(shape) > 32 or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
-        raise _bad_manifest(location, f"{at}.shape", shape, "a list of sizes")
+    if not isinstance(shape, list) or len(shape) > 32 or not all(isinstance(d, int) and 1 <= d < 2**40 for d in shape):
+        raise _bad_manifest(location, f"{at}.shape", shape, "a list of sizes of at least 1")
     if t.get("dtype") not in ("float16", "float32"):
         raise _bad_manifest(location, f"{at}.dtype", t.get("dtype"), "'float16' or 'float32'")
 

@@ -346,6 +346,9 @@ def test_output_auto_cannot_pick_from_names_it_does_not_know(tmp_path):
         (['targets.select.logits="final"'], TargetError, r"output of type Tensor \(per-sample shape \[\d+\]\) has no element 'final'; .* "
                                                          r"\"mean\", \"last\" or \"transpose\""),
         (['targets.select.conv2="0"'], PipelineError, r"targets.select names \['conv2'\], which are not stored targets"),
+        # a ZeroDivisionError named as a store that cannot be created
+        (["teacher.factory=extract_zoo.py:empty_out", "targets.layers=[]"], TargetError,
+         r"^target 'logits' has no values per sample \(per-sample shape \[0\]\), so there is nothing to store or distil; .*"),
     ],
 )
 def test_bad_select_fails_before_a_store_exists(tmp_path, overrides, error, match):

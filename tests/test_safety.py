@@ -138,6 +138,8 @@ def test_deeply_nested_json_is_an_error_not_a_crash(tiny_store, tmp_path):
         (lambda m: m["geometry"].update(num_shards=1), "geometry.num_shards"),
         (lambda m: m["targets"]["logits"].update(dtype="object"), "dtype"),
         (lambda m: m["targets"]["logits"].update(shape=[10**15]), "shape"),
+        # no values per sample: zarr's chunk shape divided by 0 (a ZeroDivisionError named as a store that cannot be made)
+        (lambda m: m["targets"]["features.3"].update(shape=[16, 0, 8]), r"targets.features.3.shape = \[16, 0, 8\], expected a list of sizes of at least 1"),
         (lambda m: m["teacher"].update(num_parameters="many"), "teacher.num_parameters"),
         (lambda m: m.update(targets=[]), "targets"),
     ],
