@@ -184,8 +184,7 @@ class Store:
             raise StoreError(f"{location!r} is a zarr group but not a kdcache store ({why}); pass a store written by kdcache extract")
         version = manifest.get("format_version")
         if type(version) is not int:  # exactly the JSON integer: true and 1.0 compare equal to 1 in Python
-            raise StoreError(f"{location!r} has a damaged manifest: format_version = {short(version)}, expected the integer "
-                             f"{FORMAT_VERSION}; re-extract or re-import the store")
+            raise _bad_manifest(location, "format_version", version, f"the integer {FORMAT_VERSION}")
         if version != FORMAT_VERSION:
             raise StoreError(
                 f"{location!r} has store format version {version!r}; this kdcache reads version {FORMAT_VERSION}: "
