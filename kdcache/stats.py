@@ -52,48 +52,81 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
     """Statistics over the done shards of the store at ``location`` (``scheduler``: a dask scheduler name)."""
     need("dask.array", "dask", "kdcache stats")
     import dask
-    import dask.array as da
 
     store = layout.open_store(location, storage_options=storage_options)
     done = [int(s) for s in np.flatnonzero(store.done())]
-
-    def column(path: str) -> Any:
-        arr = store.checked_array(path)
-        # a block per shard: one whole-object read each (kdcache's direct reader, one request from object storage),
-        # checked against the shard's digest; name=False: a random dask name, nothing of the store hashed
-        full = da.from_array(_Checked(store, path), chunks=(store.rows_per_shard, *arr.shape[1:]), name=False)
-        if len(done) == store.num_shards:
-            return full
-        return da.concatenate([full[slice(*store.shard_rows(s))] for s in done]) if done else full[:0]
-
-    lazy: dict[str, Any] = {}
     rows = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in done)
-    labels = column(layout.LABEL) if store.has_labels else None
+    lazy = _lazy_figures(store, done, rows)
+    with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers is not None else {})):
+        correct, labels, known = (lazy.pop(k, None) for k in ("_correct", "_labels", "_known"))
+        values = dict(zip(lazy, dask.compute(*lazy.values()))) if lazy else {}
+        per_class = _per_class(values, correct, labels, known) if correct is not None else None
+    return _summary(location, store, done, rows, values, per_class)
+
+
+def _column(store: layout.Store, done: list[int], path: str) -> Any:
+    """The array at ``path`` over the ``done`` shards, as a dask array of one block per shard."""
+    import dask.array as da
+
+    arr = store.checked_array(path)
+    # a block per shard: one whole-object read each (kdcache's direct reader, one request from object storage),
+    # checked against the shard's digest; name=False: a random dask name, nothing of the store hashed
+    full = da.from_array(_Checked(store, path), chunks=(store.rows_per_shard, *arr.shape[1:]), name=False)
+    if len(done) == store.num_shards:
+        return full
+    return da.concatenate([full[slice(*store.shard_rows(s))] for s in done]) if done else full[:0]
+
+
+def _lazy_figures(store: layout.Store, done: list[int], rows: int) -> dict[str, Any]:
+    """What ``stats`` computes, as dask values by name: the logits' entropy and the teacher's accuracy, each layer's
+    mean and std (``_correct``, ``_labels``, ``_known``: the per-class figures' inputs, for ``_per_class``)."""
+    lazy: dict[str, Any] = {}
+    labels = _column(store, done, layout.LABEL) if store.has_labels else None
     logits_target = next((t for t in store.targets.values() if t.source == ""), None)
     if logits_target is not None and rows and logits_target.shape:  # a regression's one value per sample has no classes
-        x = column(logits_target.path).astype(np.float64)
-        shifted = x - x.max(axis=-1, keepdims=True)
-        log_p = shifted - da.log(da.exp(shifted).sum(axis=-1, keepdims=True))
-        lazy["entropy"] = (-(da.exp(log_p) * log_p).sum(axis=-1)).mean()
-        if labels is not None and len(logits_target.shape) == 1:  # [N, classes] against [N] labels
-            known = labels >= 0  # below 0: no label (STL-10's unlabeled rows, -1; -100), left out of the accuracies
-            # 1/k where the label is one of k classes tied at the top (float16 ties), as train's eval_teacher_accuracy
-            correct = da.map_blocks(_top1_correct, x, labels[:, None], drop_axis=1, dtype=np.float64)
-            lazy["hits"], lazy["labelled"], lazy["label_max"] = correct.sum(), known.sum(), labels.max()
-            lazy["_correct"], lazy["_labels"], lazy["_known"] = correct, da.where(known, labels, 0), known
+        x = _column(store, done, logits_target.path).astype(np.float64)
+        lazy.update(_logits_figures(x, labels if len(logits_target.shape) == 1 else None))  # [N, classes] against [N] labels
     for t in store.targets.values():
         if t.source and rows:
-            v = column(t.path).astype(np.float64)
+            v = _column(store, done, t.path).astype(np.float64)
             lazy[f"mean:{t.name}"], lazy[f"std:{t.name}"] = v.mean(), v.std()
-    with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers is not None else {})):
-        correct, labels_, known = (lazy.pop(k, None) for k in ("_correct", "_labels", "_known"))
-        values = dict(zip(lazy, dask.compute(*lazy.values()))) if lazy else {}
-        per_class = None
-        if correct is not None and values["labelled"] and int(values["label_max"]) < MAX_CLASSES:
-            k = int(values["label_max"]) + 1  # bincount over chunks: bounded by the number of classes
-            counts, hits = dask.compute(da.bincount(labels_, weights=known.astype(np.float64), minlength=k),
-                                        da.bincount(labels_, weights=correct, minlength=k))
-            per_class = {str(c): {"count": int(counts[c]), "accuracy": float(hits[c] / counts[c])} for c in range(k) if counts[c]}
+    return lazy
+
+
+def _logits_figures(x: Any, labels: Any) -> dict[str, Any]:
+    """The mean entropy of (rows, classes) float64 logits ``x``, and with (rows,) ``labels`` (None: none) the teacher's
+    hits and labelled rows, as dask values by name."""
+    import dask.array as da
+
+    shifted = x - x.max(axis=-1, keepdims=True)
+    log_p = shifted - da.log(da.exp(shifted).sum(axis=-1, keepdims=True))
+    lazy = {"entropy": (-(da.exp(log_p) * log_p).sum(axis=-1)).mean()}
+    if labels is not None:
+        known = labels >= 0  # below 0: no label (STL-10's unlabeled rows, -1; -100), left out of the accuracies
+        # 1/k where the label is one of k classes tied at the top (float16 ties), as train's eval_teacher_accuracy
+        correct = da.map_blocks(_top1_correct, x, labels[:, None], drop_axis=1, dtype=np.float64)
+        lazy["hits"], lazy["labelled"], lazy["label_max"] = correct.sum(), known.sum(), labels.max()
+        lazy["_correct"], lazy["_labels"], lazy["_known"] = correct, da.where(known, labels, 0), known
+    return lazy
+
+
+def _per_class(values: dict[str, Any], correct: Any, labels: Any, known: Any) -> dict[str, dict[str, Any]] | None:
+    """Per true class, its labelled rows and the teacher's accuracy on them (None: no labelled rows, or a label of
+    ``MAX_CLASSES`` or more); ``correct``, ``labels``, ``known``: ``_logits_figures``'s."""
+    import dask
+    import dask.array as da
+
+    if not values["labelled"] or int(values["label_max"]) >= MAX_CLASSES:
+        return None
+    k = int(values["label_max"]) + 1  # bincount over chunks: bounded by the number of classes
+    counts, hits = dask.compute(da.bincount(labels, weights=known.astype(np.float64), minlength=k),
+                                da.bincount(labels, weights=correct, minlength=k))
+    return {str(c): {"count": int(counts[c]), "accuracy": float(hits[c] / counts[c])} for c in range(k) if counts[c]}
+
+
+def _summary(location: str, store: layout.Store, done: list[int], rows: int, values: dict[str, Any],
+             per_class: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """``stats``'s result, from the computed ``values``."""
     return {
         "location": location,
         "rows": int(rows),
