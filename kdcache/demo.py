@@ -42,18 +42,8 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
          progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the figures."""
     out = Path(out)
-    _refuse_own_keys(pipeline, overrides)
-    base = ["train.eval_every=0"] + list(overrides)  # evaluate each student once, after its last step
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
-    # Every pipeline (the students' too, with train's own checks of values) and the folder are validated before anything
-    # is created or extracted: such a mistake in --set or --out fails in a second, not after the extracts. What needs a
-    # store (a student's layers against the stored targets, the eval split) is checked when each student starts.
-    extracts = [kdcache.load_pipeline(pipeline, base + [f"data.split={split}"]) for split in ("train", "test")]
-    evaluation = [f"train.eval_cache={json.dumps(str(test_store))}", "train.eval_split=test"]  # the table's "test accuracy"
-    students = {name: kdcache.load_pipeline(pipeline, base + student_overrides + evaluation)
-                for name, (_, student_overrides) in STUDENTS.items()}
-    for p in students.values():
-        check_values(p)
+    extracts, students = _pipelines(pipeline, overrides, test_store)
     _make_out(out)
 
     start = time.perf_counter()
@@ -69,9 +59,34 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
         results[name] = train(students[name], str(train_store), out / f"student-{name}", overwrite=True, progress=progress)
     train_seconds = time.perf_counter() - start
 
+    summary = _summary(info, results, train_store, extract_seconds, train_seconds)
+    _write_summary(out, summary)
+    echo(table(summary))
+    return summary
+
+
+def _pipelines(pipeline: str | Path, overrides: tuple[str, ...], test_store: Path) -> tuple[list[Any], dict[str, Any]]:
+    """The two extracts' pipelines (train, test) and each student's, by name, all validated."""
+    _refuse_own_keys(pipeline, overrides)
+    base = ["train.eval_every=0"] + list(overrides)  # evaluate each student once, after its last step
+    # Every pipeline (the students' too, with train's own checks of values) and the folder are validated before anything
+    # is created or extracted: such a mistake in --set or --out fails in a second, not after the extracts. What needs a
+    # store (a student's layers against the stored targets, the eval split) is checked when each student starts.
+    extracts = [kdcache.load_pipeline(pipeline, base + [f"data.split={split}"]) for split in ("train", "test")]
+    evaluation = [f"train.eval_cache={json.dumps(str(test_store))}", "train.eval_split=test"]  # the table's "test accuracy"
+    students = {name: kdcache.load_pipeline(pipeline, base + student_overrides + evaluation)
+                for name, (_, student_overrides) in STUDENTS.items()}
+    for p in students.values():
+        check_values(p)
+    return extracts, students
+
+
+def _summary(info: dict[str, Any], results: dict[str, dict[str, Any]], train_store: Path, extract_seconds: float,
+             train_seconds: float) -> dict[str, Any]:
+    """The demo's figures, from the training store's extract ``info`` and each student's ``train`` result."""
     teacher_acc = results["B"]["eval_teacher_accuracy"]
     a, b, c = (results[k]["eval_accuracy"] for k in "ABC")
-    summary = {
+    return {
         "teacher_accuracy": teacher_acc,
         "baseline_accuracy": a,
         "student_accuracy": b,
@@ -87,12 +102,14 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
         "train_seconds": train_seconds,
         "students": {k: {"description": STUDENTS[k][0], **v} for k, v in results.items()},
     }
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary`` to ``out/summary.json``."""
     try:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as e:
         raise StoreError(f"cannot write {str(out / 'summary.json')!r}: {e.strerror or e}; {write_fix(e)} and rerun kdcache demo") from None
-    echo(table(summary))
-    return summary
 
 
 def _refuse_own_keys(pipeline: str | Path, overrides: tuple[str, ...]) -> None:
