@@ -382,14 +382,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     refuse_empty_segments(location)
     kind = location_kind(location)
     if kind == "zip":
-        if not read_only:
-            raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
-        try:
-            with zipfile.ZipFile(local_path(location)) as z:
-                check_zip_members(location, z.infolist())
-            return _ZipStore(local_path(location), mode="r")
-        except (OSError, zipfile.BadZipFile) as e:
-            raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
+        return _zip_store(location, read_only)
     if kind == "local":
         if storage_options:
             raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
@@ -399,33 +392,56 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     if kind == "http" and not read_only:
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
-        options = _fsspec_options(location, storage_options)
-        if not read_only and "::" not in location and is_s3(location) and "session" not in options:
-            options["session"] = _session_without_expect(os.getpid(), options.get("profile"))
-        # without a trailing "/": zarr lists a store by its path plus "/" (http://host/t.zarr/ listed full URLs as keys: pack
-        # wrote a zip of members named http://..., "no zarr.json at its root")
-        url = location.rstrip("/") if "::" not in location and location.rstrip("/").partition("://")[2] else location
-        kind_of_store = _ZipChainStore if location.lower().startswith("zip::") else zarr.storage.FsspecStore
-        opened = kind_of_store.from_url(url, storage_options=options, read_only=read_only)
-        chained = getattr(getattr(opened.fs, "sync_fs", opened.fs), "zip", None)  # zip::https://…: the file's zipfile.ZipFile
-        if isinstance(chained, zipfile.ZipFile):
-            check_zip_members(location, chained.infolist())
-        return opened
+        return _url_store(location, storage_options, read_only)
     except StoreError:  # a ValueError: not the ValueError of a zip:: chain below
         raise
     except ImportError as e:  # fsspec names the backend's package (gcsfs, adlfs, ...): kdcache[remote] installs only its own
-        module = getattr(e.__cause__, "name", None) or e.name or ""
-        missing, backend = module.split(".")[0], _backend_package(location)
-        if backend and missing and missing != backend and importlib.util.find_spec(backend) is not None:  # a dependency of it
-            raise StoreError(f"{location!r} needs the fsspec backend {backend}, which is installed but cannot import {module!r}; "
-                             f"reinstall it with its dependencies: pip install --force-reinstall {backend}") from None
-        fix = f"pip install {missing}" if missing and missing not in REMOTE_EXTRA else "pip install 'kdcache[remote]'"
-        raise StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); {fix}") from None
+        raise _missing_backend(location, e) from None
     except TypeError as e:  # an option the filesystem does not take
         raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {one_line(e)}; "
                          "check the --storage-option values") from None
     except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
         raise unreachable_error(location, e) from None
+
+
+def _zip_store(location: str, read_only: bool) -> Any:
+    """The zarr Store of the local zip file ``location``, read-only, its members checked (``check_zip_members``)."""
+    if not read_only:
+        raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
+    try:
+        with zipfile.ZipFile(local_path(location)) as z:
+            check_zip_members(location, z.infolist())
+        return _ZipStore(local_path(location), mode="r")
+    except (OSError, zipfile.BadZipFile) as e:
+        raise StoreError(f"{location!r} is not a readable zip file ({e})") from None
+
+
+def _url_store(location: str, storage_options: dict[str, Any] | None, read_only: bool) -> Any:
+    """The fsspec zarr Store of the URL ``location`` (a ``zip::`` chain: its file's members checked); raises what
+    fsspec raises, which ``zarr_store`` names."""
+    options = _fsspec_options(location, storage_options)
+    if not read_only and "::" not in location and is_s3(location) and "session" not in options:
+        options["session"] = _session_without_expect(os.getpid(), options.get("profile"))
+    # without a trailing "/": zarr lists a store by its path plus "/" (http://host/t.zarr/ listed full URLs as keys: pack
+    # wrote a zip of members named http://..., "no zarr.json at its root")
+    url = location.rstrip("/") if "::" not in location and location.rstrip("/").partition("://")[2] else location
+    kind_of_store = _ZipChainStore if location.lower().startswith("zip::") else zarr.storage.FsspecStore
+    opened = kind_of_store.from_url(url, storage_options=options, read_only=read_only)
+    chained = getattr(getattr(opened.fs, "sync_fs", opened.fs), "zip", None)  # zip::https://…: the file's zipfile.ZipFile
+    if isinstance(chained, zipfile.ZipFile):
+        check_zip_members(location, chained.infolist())
+    return opened
+
+
+def _missing_backend(location: str, e: ImportError) -> StoreError:
+    """The error for a URL ``location`` whose fsspec backend, or a package that backend needs, cannot be imported (``e``)."""
+    module = getattr(e.__cause__, "name", None) or e.name or ""
+    missing, backend = module.split(".")[0], _backend_package(location)
+    if backend and missing and missing != backend and importlib.util.find_spec(backend) is not None:  # a dependency of it
+        return StoreError(f"{location!r} needs the fsspec backend {backend}, which is installed but cannot import {module!r}; "
+                          f"reinstall it with its dependencies: pip install --force-reinstall {backend}")
+    fix = f"pip install {missing}" if missing and missing not in REMOTE_EXTRA else "pip install 'kdcache[remote]'"
+    return StoreError(f"{location!r} needs an fsspec backend that is not installed ({e}); {fix}")
 
 
 @functools.lru_cache(maxsize=None)
