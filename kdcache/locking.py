@@ -165,28 +165,14 @@ NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system witho
 def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
     """Lock ``path`` (created if missing) and write our name into it; returns its fd (-1: flock unsupported there)."""
     while True:
-        try:
-            fd, theirs = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
-        except PermissionError as denied:  # another user's lock file (a folder shared by a group): flock needs no write access
-            try:
-                fd, theirs = os.open(path, os.O_RDONLY), True
-            except FileNotFoundError:  # none there: a folder this user may not write, which the error names
-                raise denied from None
+        fd, theirs = _open_lock_file(path)
         try:
             refused = _refusal(fd, location)
             if refused is not None:
                 raise refused
             with contextlib.suppress(FileNotFoundError):
                 if theirs and os.path.samestat(os.fstat(fd), os.stat(path)):  # its holder killed (kill -9) left it:
-                    try:
-                        path.unlink()  # replaced by one of ours
-                    except PermissionError:  # a folder with the sticky bit (only its owner may), or one this user may not write
-                        left = (f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r} was left by a kdcache "
-                                f"of another user (uid {os.fstat(fd).st_uid}) that has ended, and ")
-                        if os.stat(path.parent).st_mode & stat.S_ISVTX:
-                            raise StoreError(f"{left}this folder (sticky) lets only that user delete it; have it deleted, and rerun") from None
-                        raise StoreError(f"{left}this user may not write its folder {str(path.parent)!r}; make the folder writable "
-                                         "(or choose another location) and rerun") from None
+                    _remove_left_lock(path, location, fd)  # replaced by one of ours
                     os.close(fd)
                     continue
                 if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
@@ -206,6 +192,32 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
             os.close(fd)
             raise
         os.close(fd)  # removed by the last holder after we opened it: lock the file there now
+
+
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """The local lock file ``path`` opened (created if missing) for ``_take_lock``, and whether it is another user's
+    (opened read-only)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+    except PermissionError as denied:  # another user's lock file (a folder shared by a group): flock needs no write access
+        try:
+            return os.open(path, os.O_RDONLY), True
+        except FileNotFoundError:  # none there: a folder this user may not write, which the error names
+            raise denied from None
+
+
+def _remove_left_lock(path: Path, location: str | os.PathLike[str], fd: int) -> None:
+    """Delete the lock file ``path`` (open as ``fd``, locked by us) that a kdcache of another user left as it ended, or
+    say why this user may not."""
+    try:
+        path.unlink()
+    except PermissionError:  # a folder with the sticky bit (only its owner may), or one this user may not write
+        left = (f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r} was left by a kdcache "
+                f"of another user (uid {os.fstat(fd).st_uid}) that has ended, and ")
+        if os.stat(path.parent).st_mode & stat.S_ISVTX:
+            raise StoreError(f"{left}this folder (sticky) lets only that user delete it; have it deleted, and rerun") from None
+        raise StoreError(f"{left}this user may not write its folder {str(path.parent)!r}; make the folder writable "
+                         "(or choose another location) and rerun") from None
 
 
 def refuse_if_being_written(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
