@@ -471,43 +471,65 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
     process = _identity()
     process = {**process, "alone": not helpers} if process else {}
     sent = _clock()
-    try:
-        etag = _take_object_lock(*lock, location, holder, token, process) if lock is not None else None
-    except StoreError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
-        _drop_if_ours(*lock, token)  # a PUT that landed, its answer lost (timed out): a rerun would be refused until stale
-        if not reader:
-            raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {_failure(e)}; "
-                             "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
-        if not isinstance(e, PermissionError):  # s3fs's for 403 AccessDenied; a timeout or 5xx says nothing of who may write
-            raise StoreError(f"cannot keep writers out of {location!r} while kdcache {reader} copies it: its lock object "
-                             f"'s3://{lock[1]}/{lock[2]}': {_failure(e)}; check that the endpoint is up and answers, and rerun "
-                             "(a user not allowed to write there copies it without the lock)") from None
-        _unlocked(location, reader, f"its lock object 's3://{lock[1]}/{lock[2]}' cannot be written: {one_line(e, 200)}")
-        etag = None
-    except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
-        if lock is not None:
-            _drop_if_ours(*lock, token)
-        raise
+    etag = _first_etag(lock, location, holder, token, process, reader)
     if etag is None:
         yield
         return
     lease = Lease(*lock, holder, token, etag, sent, process=process)
+    with _renewed(lease):
+        yield
+    if lease.lost_to is not None and not reader:
+        raise _lost_lock(location, lease.lost_to)
+
+
+def _first_etag(lock: tuple[Any, str, str] | None, location: str, holder: str, token: str, process: dict[str, Any],
+                reader: str) -> str | None:
+    """Take the lock object ``lock`` for ``_object_lock``: its ETag, or None: not held (no lock object, a server that
+    cannot lock, a copy that may not write it: ``_not_taken``). One our PUT may have made is deleted when taking it fails."""
+    try:
+        return _take_object_lock(*lock, location, holder, token, process) if lock is not None else None
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        _drop_if_ours(*lock, token)  # a PUT that landed, its answer lost (timed out): a rerun would be refused until stale
+        _not_taken(location, lock, reader, e)
+        return None
+    except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
+        if lock is not None:
+            _drop_if_ours(*lock, token)
+        raise
+
+
+def _not_taken(location: str, lock: tuple[Any, str, str], reader: str, e: Exception) -> None:
+    """Raise the error for the lock object ``lock`` whose request failed (``e``), unless ``reader``'s copy may not write
+    it (403: s3fs's PermissionError): that copy goes on without it, as a note says."""
+    if not reader:
+        raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {_failure(e)}; "
+                         "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None
+    if not isinstance(e, PermissionError):  # s3fs's for 403 AccessDenied; a timeout or 5xx says nothing of who may write
+        raise StoreError(f"cannot keep writers out of {location!r} while kdcache {reader} copies it: its lock object "
+                         f"'s3://{lock[1]}/{lock[2]}': {_failure(e)}; check that the endpoint is up and answers, and rerun "
+                         "(a user not allowed to write there copies it without the lock)") from None
+    _unlocked(location, reader, f"its lock object 's3://{lock[1]}/{lock[2]}' cannot be written: {one_line(e, 200)}")
+
+
+@contextlib.contextmanager
+def _renewed(lease: Lease) -> Iterator[None]:
+    """Renew ``lease`` every ``LOCK_HEARTBEAT_S`` in a thread (``_heartbeat``), and list it as held (``held_lease``),
+    while the block runs; then release it."""
+    key = _lease_key(lease.fs, lease.bucket, lease.key)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lease, stop), name="kdcache-lock-heartbeat", daemon=True)
-    _LEASES[_lease_key(*lock)] = lease
+    _LEASES[key] = lease
     try:
         beat.start()  # inside: a Ctrl-C while it starts removes the lock too
         yield
     finally:
-        _LEASES.pop(_lease_key(*lock), None)
+        _LEASES.pop(key, None)
         stop.set()
         with contextlib.suppress(RuntimeError):  # not started
             beat.join()
         lease.release()
-    if lease.lost_to is not None and not reader:
-        raise _lost_lock(location, lease.lost_to)
 
 
 def _failure(e: BaseException) -> str:
@@ -695,16 +717,7 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
             if not _lost_race(e):
                 raise
         else:
-            try:
-                _put_lock(fs, bucket, key, body, IfNoneMatch="*")  # refused by a server that honours the condition
-            except FileExistsError:
-                return etag
-            except BaseException:
-                with contextlib.suppress(Exception):  # noqa: BLE001 - not left behind; the first error is the one to name
-                    _lock_request(fs, "delete_object", Bucket=bucket, Key=key)
-                raise
-            _lock_request(fs, "delete_object", Bucket=bucket, Key=key)  # accepted: the server ignores If-None-Match, no lock here
-            return None
+            return _honoured(fs, bucket, key, body, etag)
         seen = _read_lock(fs, bucket, key)
         if seen is None:
             continue  # removed meanwhile: create it again
@@ -713,16 +726,40 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
         ended = seen[2] < LOCK_STALE_S and _holder_ended(seen, lone=True)
         if seen[2] < LOCK_STALE_S and not ended:
             raise _being_written(location, _object_holder(seen))
-        try:
-            etag = _put_lock(fs, bucket, key, body, IfMatch=seen[1])  # taken over: refused if anyone rewrote it since we read it
-            if ended:
-                print(f"note: {location!r}: its writer lock's holder ({_object_holder(seen, age=False)}) has ended: it ran on this machine "
-                      f"and its process is gone (killed); the lock is taken over now, not after {LOCK_STALE_S:.0f} s", file=sys.stderr, flush=True)
+        etag = _take_over(fs, bucket, key, body, seen, location, ended)
+        if etag is not None:
             return etag
-        except OSError as e:
-            if not _lost_race(e):
-                raise
     raise _being_written(location, _object_holder(seen) if seen is not None else "another kdcache process")
+
+
+def _honoured(fs: Any, bucket: str, key: str, body: bytes, etag: str) -> str | None:
+    """``etag``, of the lock object just created, when the server refuses a second ``If-None-Match: *`` PUT of it; else
+    None: the server ignores the condition, no lock here (the object is deleted)."""
+    try:
+        _put_lock(fs, bucket, key, body, IfNoneMatch="*")  # refused by a server that honours the condition
+    except FileExistsError:
+        return etag
+    except BaseException:
+        with contextlib.suppress(Exception):  # noqa: BLE001 - not left behind; the first error is the one to name
+            _lock_request(fs, "delete_object", Bucket=bucket, Key=key)
+        raise
+    _lock_request(fs, "delete_object", Bucket=bucket, Key=key)  # accepted: the server ignores If-None-Match, no lock here
+    return None
+
+
+def _take_over(fs: Any, bucket: str, key: str, body: bytes, seen: tuple[bytes, str, float], location: str, ended: bool) -> str | None:
+    """Take over the lock object ``seen``, stale or its holder ``ended``: its new ETag, or None: lost to a writer that
+    rewrote it since it was read."""
+    try:
+        etag = _put_lock(fs, bucket, key, body, IfMatch=seen[1])  # refused if anyone rewrote it since we read it
+        if ended:
+            print(f"note: {location!r}: its writer lock's holder ({_object_holder(seen, age=False)}) has ended: it ran on this machine "
+                  f"and its process is gone (killed); the lock is taken over now, not after {LOCK_STALE_S:.0f} s", file=sys.stderr, flush=True)
+        return etag
+    except OSError as e:
+        if not _lost_race(e):
+            raise
+        return None
 
 
 def _heartbeat(lease: Lease, stop: threading.Event) -> None:
