@@ -306,8 +306,10 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
     n = len(dataset)
     if n == 0:
         raise PipelineError(f"{pipeline.data.factory}({pipeline.data.split!r}) is empty; nothing to extract (check data.factory and data.split)")
+    # verify --teacher-check (not writing) has no --device: its --set sets the pipeline's extract.device, which it runs on
+    cpu = "extract --device cpu" if writing else "verify --set extract.device=cpu"
     model = data.move_model(model, f"the teacher (teacher.factory {pipeline.teacher.factory!r})", device,
-                            'set extract.device = "cpu" (extract --device cpu) to run it on the CPU, or return it from teacher.factory '
+                            f'set extract.device = "cpu" ({cpu}) to run it on the CPU, or return it from teacher.factory '
                             "in a lower precision (model.to(torch.bfloat16); extract.precision casts only its forward)")
     run = Run(model, dataset, device, x.precision, {}, False, {}, n, t.mask, pipeline.where("targets.mask"))
     _probe_targets(run, pipeline, writing)

@@ -264,7 +264,8 @@ CASES = [
          damage=lambda s: unmark(s, 3)),
     Case("verify-teacher-check-teacher-too-large-for-device",
          lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "teacher.factory=bad_input.py:too_large_for_device"],
-         ("the teacher (teacher.factory 'bad_input.py:too_large_for_device')", "does not fit in the memory of cpu", "extract.device"), store=True),
+         ("the teacher (teacher.factory 'bad_input.py:too_large_for_device')", "does not fit in the memory of cpu",
+          'set extract.device = "cpu" (verify --set extract.device=cpu)'), store=True),  # verify has no --device (extract's flag)
     Case("student-too-large-for-device", lambda c: train(c, "--set", "student.factory=bad_input.py:too_large_for_device", "--set", "train.features={}"),
          ("the student (student.factory 'bad_input.py:too_large_for_device'), 0.00 GB of parameters and buffers", "does not fit in the memory of cpu: moving it there "
           "raised OutOfMemoryError", 'set train.device = "cpu" (train --device cpu)'), store=True),
