@@ -418,9 +418,25 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
     Sample 0's alone does not tell that from a teacher that mixes its batch (a confident softmax on batch statistics puts
     it in the class of another row, which that row's sample alone is in as well). A model that does not take a batch of
     one, or drops its batch axis (a squeeze), is let be: every batch of the run is checked as it comes (``samples_first``)."""
+    try:
+        mixed = _mixed(run, layers)
+    except DeviceMemoryError as e:  # sample 0 alone, or the sample whose row it gave: the check concludes nothing
+        return _skipped("the check of sample 0 alone against its row of the probe batch", e)
+    if mixed and os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0 says it
+        print(f"note: the teacher's output for sample 0 differs between its probe batch and a batch of itself alone ({', '.join(mixed)}, "
+              "relative): it mixes the samples of a batch (BatchNorm on batch statistics: track_running_stats=False, or a module "
+              "left in training mode), so each stored row depends on the other samples of its batch and on extract.batch_size, "
+              "and verify --teacher-check will fail; put every such module in eval mode with running statistics if per-sample "
+              "targets are meant", file=sys.stderr)
+
+
+def _mixed(run: Run, layers: tuple[str, ...]) -> list[str]:
+    """The targets (``'name' by 0.1``) whose output for sample 0 alone is not its row of the probe batch, for
+    ``_check_alone`` to name; refused (``_reordered``) where the teacher moved the rows. A ``DeviceMemoryError`` of a
+    batch of one is let through: the check is skipped, not concluded."""
     one = _alone(run, layers, 0)
     if one is None:
-        return
+        return []
     mixed, tolerance = [], BATCH_RTOL.get(run.precision, BATCH_RTOL["fp32"])
     for path, t in run.targets.items():
         if one[t.name].ndim != len(t.shape) + 1:
@@ -434,23 +450,18 @@ def _check_alone(run: Run, layers: tuple[str, ...]) -> None:
                 if other is not None and _moved_too(run, layers, t, other, tolerance):
                     raise _reordered(t.name, f"sample 0 read alone gives the probe batch's row {other}, not its row 0")
                 mixed.append(f"{t.name!r} by {worst:.2g}")
-    if mixed and os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0 says it
-        print(f"note: the teacher's output for sample 0 differs between its probe batch and a batch of itself alone ({', '.join(mixed)}, "
-              "relative): it mixes the samples of a batch (BatchNorm on batch statistics: track_running_stats=False, or a module "
-              "left in training mode), so each stored row depends on the other samples of its batch and on extract.batch_size, "
-              "and verify --teacher-check will fail; put every such module in eval mode with running statistics if per-sample "
-              "targets are meant", file=sys.stderr)
+    return mixed
 
 
 def _alone(run: Run, layers: tuple[str, ...], sample: int) -> dict[str, torch.Tensor] | None:
-    """Each target's output for dataset ``sample`` through the teacher alone, by name; None where the teacher refuses."""
+    """Each target's output for dataset ``sample`` through the teacher alone, by name; None where the teacher refuses (a
+    ``DeviceMemoryError`` is raised: out of memory is no refusal)."""
     try:
         batch, output, hooked = run.forward([sample], layers)
         padding = run.padding(batch)
         return {t.name: run.target(t, output, hooked, padding) for t in run.targets.values()}
-    except DeviceMemoryError as e:
-        _skipped(f"the check of sample {sample} alone against its row of the probe batch", e)
-        return None
+    except DeviceMemoryError:
+        raise  # _check_alone says it skipped its check
     except (ModelError, TargetError):
         return None
 

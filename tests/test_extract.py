@@ -19,6 +19,8 @@ import kdcache
 from kdcache import data
 from kdcache.errors import DataError, PipelineError, StoreError, StoreMismatchError, TargetError
 from kdcache.store import open_store
+from conftest import FIXTURES, NUMBERED
+from kdcache.pipeline import from_dict
 from reference import crash_at, file_bytes, make_pipeline, mtimes, read_store, without_times, write_toml
 
 TOL = {"float16": {"rtol": 2e-3, "atol": 1e-3}, "float32": {"rtol": 1e-5, "atol": 1e-6}}
@@ -103,6 +105,19 @@ def test_a_setup_check_skipped_for_device_memory_says_so(capfd, factory, check):
     assert lines[0].startswith(f"warning: {check} (a teacher that mixes or reorders the samples of a batch) was skipped: the teacher "
                                "ran out of device memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB (at bad_input.py:")
     assert "kdcache verify --teacher-check N" in lines[0]
+
+
+def test_a_setup_check_skipped_for_device_memory_concludes_nothing(capfd):
+    """Sample 0 alone gave another sample's row, and that sample alone ran out of device memory: the check said it was
+    skipped and, in the same breath, named the teacher as one that mixes its batch (a note on 'logits'), a conclusion of
+    the check that did not run (here wrong too: the teacher sorts its batch). Now it only says it was skipped."""
+    report = kdcache.dry_run(from_dict({**NUMBERED, "teacher": {"factory": "numbered.py:sorting_echo_out_of_memory_again"}}, root=FIXTURES))
+    assert report["probe_batch"] == 16
+    err = capfd.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("note:")] == [], err
+    skipped = [line for line in err if line.startswith("warning:")]
+    assert len(skipped) == 1 and skipped[0].startswith("warning: the check of sample 0 alone against its row of the probe batch "
+                                                       "(a teacher that mixes or reorders the samples of a batch) was skipped"), err
 
 
 def test_a_teacher_that_mixes_its_batch_is_not_taken_for_one_that_moves_its_rows(tmp_path, capfd):
