@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
 from kdcache.errors import (AlignmentError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreMismatchError,
-                            TargetError, option, raised)
+                            TargetError, option)
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -467,12 +467,10 @@ def _alone(run: Run, layers: tuple[str, ...], sample: int) -> dict[str, torch.Te
 
 
 def _skipped(check: str, e: DeviceMemoryError) -> None:
-    """Say (stderr, one line) that a setup check that runs the teacher again was skipped: its forward ran out of device memory
-    (``e``). Not refused: the probe batch fitted, and so may the run's; not silent: the check did not run."""
-    if os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0 says it
-        print(f"warning: {check} (a teacher that mixes or reorders the samples of a batch) was skipped: the teacher ran out of "
-              f"device memory ({raised(e.__cause__ or e)}); the run's batches are still checked as they come, and kdcache verify "
-              "--teacher-check N recomputes stored rows afterwards", file=sys.stderr)
+    """Say that a setup check that runs the teacher again was skipped (``teachers.skipped_check``)."""
+    teachers.skipped_check(f"{check} (a teacher that mixes or reorders the samples of a batch)", "teacher", e,
+                           "the run's batches are still checked as they come, and kdcache verify --teacher-check N recomputes stored "
+                           "rows afterwards")
 
 
 def _moved_too(run: Run, layers: tuple[str, ...], t: layout.Target, row: int, tolerance: float) -> bool:

@@ -22,14 +22,16 @@ import copy
 import dataclasses
 import difflib
 import hashlib
+import os
 import re
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from kdcache import data
-from kdcache.errors import PipelineError, ShapeMismatchError, TargetError
+from kdcache.errors import DeviceMemoryError, PipelineError, ShapeMismatchError, TargetError, raised
 
 if TYPE_CHECKING:
     from kdcache.pipeline import Pipeline
@@ -344,3 +346,11 @@ def moved_row(row: torch.Tensor, rows: torch.Tensor, own: int, tolerance: float)
 
 
 MOVED = 4  # how much farther than the tolerance a sample's output must be from its own row to be called moved
+
+
+def skipped_check(check: str, model: str, e: DeviceMemoryError, still: str) -> None:
+    """Say (stderr, one line, by torchrun's rank 0) that a setup ``check`` that runs the ``model`` ("teacher", "student") again
+    was skipped: its forward ran out of device memory (``e``); ``still``: what checks it otherwise. Not refused: the probe
+    batch fitted, and so may the run's; not silent: the check did not run, and concludes nothing."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(f"warning: {check} was skipped: the {model} ran out of device memory ({raised(e.__cause__ or e)}); {still}", file=sys.stderr)
