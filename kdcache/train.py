@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers
-from kdcache.errors import (KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError,
+from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError,
                             TrainingError, TrainingStopped, option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
@@ -737,7 +737,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
         hooks.append(_Modes(run.heads))
     compared = needs_logits or bool(w.ce or t.eval_split or t.eval_cache)  # the output: by a loss, or by the evaluation
     if compared or features:
-        _check_student_rows(run, dataset, output=compared)
+        _check_student_rows(run, dataset, output=compared, batch_size=t.batch_size)
     if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
@@ -889,64 +889,110 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
                               "sample's first axis, the one after the batch")
 
 
-def _check_student_rows(run: Run, dataset: Any, output: bool) -> None:
+def _check_student_rows(run: Run, dataset: Any, output: bool, batch_size: int) -> None:
     """The student's output (``student.select``'s part; where ``output``: a loss or the evaluation compares it) must have
     the samples on its first axis: a sequence-first one, ``(time, batch, classes)``, would be compared with the stored
     ``(batch, ...)`` logits sample for time step, and silently where the time axis is as long as the batch (per-token
-    logits). Two samples, then one (a first axis that keeps its length is not the samples), in eval mode, with the RNG
-    and every module's mode as they were: the run trains as without this check. Each sample's output, and each ``train.features`` module's, must be
-    its own row (``_check_rows_in_place``): a student that sorts its batch and puts back only its output leaves its
-    modules' rows sorted. A student that does not take them is let be: the first step says what is wrong."""
+    logits). A probe batch of samples 0 to N-1 (N: ``batch_size``, at most the dataset's length, at least 2), then sample
+    0 alone (a first axis that keeps its length is not the samples), then the probe batch with every sample moved one
+    place, in eval mode, with the RNG and every module's mode as they were: the run trains as without this check. Each
+    sample's output, and each ``train.features`` module's, must be its own row (``_check_rows_in_place``): a student that
+    sorts its batch and puts back only its output leaves its modules' rows sorted. A student that does not take them is
+    let be: the first step says what is wrong. One whose probes run out of device memory is let be too, with a warning."""
+    n = len(dataset)
+    rows = [i % n for i in range(max(2, min(batch_size, n)))]  # a dataset of one item: that item twice
     modes = _Modes(run.student)
     run.student.eval()
-    probes: list[dict[str, torch.Tensor]] = []  # per probe batch: the output ("") and each feature (by target path)
     try:
-        for rows in ([0, min(1, len(dataset) - 1)], [0], [min(1, len(dataset) - 1), 0], [min(1, len(dataset) - 1)]):
-            probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
-            run.hooked.clear()
-            with torch.no_grad(), _rng_kept(run.device):
-                out, padding = data.call(run.student, data.to_device(probe["inputs"], run.device), "student"), run.padding(probe)
-                parts = {"": select_student(out, "student output", run.select, mask=padding)} if output else {}
-                probes.append(parts | {path: student_feature(run.hooked, layout.layer_name(path), module, selector, padding)
-                                       for path, (module, _, selector) in run.features.items()})
-    except ComplexOutputError:
+        batch = _student_rows(run, dataset, rows, output)  # out of device memory: so is the first step, said as it would be
+        if batch is not None:
+            _check_probes(run, dataset, output, rows, batch)
+    finally:
+        modes.remove()
+
+
+def _check_probes(run: Run, dataset: Any, output: bool, rows: list[int], batch: dict[str, torch.Tensor]) -> None:
+    """``_check_student_rows``'s probes after the probe batch of dataset ``rows`` (``batch``: ``_student_rows``), and its
+    refusals; where one runs out of device memory, a warning that the check was skipped (the probe batch fitted, and so
+    may the run's)."""
+    alone = functools.cache(lambda sample: _student_rows(run, dataset, [sample], output))
+    try:
+        one, again = alone(0), _student_rows(run, dataset, [*rows[1:], rows[0]], output)
+        if one is None or again is None:
+            return
+        if output:
+            _check_output_samples_first(run, len(rows), batch[""].shape, one[""].shape)
+        for key in batch:
+            _check_rows_in_place(run, key, batch[key], one[key], again[key], lambda sample, key=key: (alone(sample) or {}).get(key))
+    except DeviceMemoryError as e:
+        teachers.skipped_check("the check of the student's rows (a student that returns its rows, or a train.features module's, in "
+                               "another order than its inputs)", "student", e,
+                               "nothing else checks it: make the student return row i for input i (one that sorts its batch puts its "
+                               "output back: output[order.argsort()]), or train where its probes fit")
+
+
+def _student_rows(run: Run, dataset: Any, rows: list[int], output: bool) -> dict[str, torch.Tensor] | None:
+    """For a batch of dataset ``rows`` through the student (no gradients, the RNG kept): its output (key "", where
+    ``output``) and each ``train.features`` module's (key: its target path); None where the student refuses the batch
+    (a ``DeviceMemoryError`` is raised: out of memory is no refusal)."""
+    probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
+    run.hooked.clear()
+    try:
+        with torch.no_grad(), _rng_kept(run.device), data.device_memory("the student's setup probe", probe["inputs"], "lower train.batch_size"):
+            out, padding = data.call(run.student, data.to_device(probe["inputs"], run.device), "student"), run.padding(probe)
+            parts = {"": select_student(out, "student output", run.select, mask=padding)} if output else {}
+            return parts | {path: student_feature(run.hooked, layout.layer_name(path), module, selector, padding)
+                            for path, (module, _, selector) in run.features.items()}
+    except (ComplexOutputError, DeviceMemoryError):
         raise
     except (ModelError, TargetError):
-        return
+        return None
     finally:
         run.hooked.clear()
-        modes.remove()
-    if output:
-        two, one = (tuple(p[""].shape) for p in probes[:2])
-        if not two or two[0] != 2:
-            raise samples_first_error(two, 2, run.select, probe=True)
-        if len(one) == len(two) and one[0] != 1:
-            raise samples_first_error(one, 1, run.select, probe=True)
-    for key in probes[0]:
-        _check_rows_in_place(run, key, *(p[key] for p in probes))
 
 
-def _check_rows_in_place(run: Run, key: str, pair: torch.Tensor, alone: torch.Tensor, swapped: torch.Tensor,
-                         second: torch.Tensor) -> None:
+def _check_output_samples_first(run: Run, rows: int, batch: torch.Size, one: torch.Size) -> None:
+    """Refuse a student output whose first axis is not the samples: the probe batch's (shape ``batch``) is not as long as
+    the batch (``rows`` samples), or sample 0's alone (``one``) keeps a first axis longer than one."""
+    if not batch or batch[0] != rows:
+        raise samples_first_error(tuple(batch), rows, run.select, probe=True)
+    if len(one) == len(batch) and one[0] != 1:
+        raise samples_first_error(tuple(one), 1, run.select, probe=True)
+
+
+def _check_rows_in_place(run: Run, key: str, pair: torch.Tensor, alone: torch.Tensor, again: torch.Tensor,
+                         alone_of: Callable[[int], torch.Tensor | None]) -> None:
     """Refuse (``_reordered_student``) a student whose output (``key`` "") or ``train.features`` module (``key``: its target
-    path) gives setup's probes of samples 0 and 1 (``pair``, ``alone``: 0, ``swapped``: 1 and 0, ``second``: 1) in another
-    order: sample 0 alone is the pair's second row where sample 1 alone is not its own either (a student on batch
-    statistics whose output saturates gives sample 0 alone sample 1's row, and keeps each row in place), or the pair in the
-    other order gives its rows swapped."""
-    if alone.shape[1:] == pair.shape[1:] and alone.numel() and _moved(alone[0], pair, 0) and second.shape == alone.shape \
-            and _moved(second[0], pair, 1):
-        raise _reordered_student(run, key, "for dataset sample 0 alone is its row 1 in a batch of samples 0 and 1, not its row 0")
-    if swapped.shape == pair.shape and pair.numel() and _moved(swapped[0], pair, 1):
-        raise _reordered_student(run, key, "for a batch of samples 1 and 0 holds sample 0's row at row 0 (sample 1's place), "
-                                           "as for samples 0 and 1")
+    path) gives setup's probes (``pair``: samples 0 to N-1, ``alone``: sample 0, ``again``: samples 1 to N-1, then 0) in
+    another order: sample 0 alone is the probe batch's row J where sample J alone (``alone_of(J)``) is not its own row
+    either (a student on batch statistics whose output saturates gives sample 0 alone another sample's row, and keeps each
+    row in place), or a row of the batch moved one place is another sample's row of the probe batch (the whole batch moved:
+    a student that stably sorts by a key samples 0 and 1 share, their lengths, is seen there)."""
+    if alone.shape[1:] == pair.shape[1:] and alone.numel():
+        j = teachers.moved_row(alone[0], pair, 0, STUDENT_RTOL)
+        other = None if j is None else alone_of(j)
+        if other is not None and other.shape == alone.shape and teachers.moved_row(other[0], pair, j, STUDENT_RTOL) is not None:
+            raise _reordered_student(run, key, f"for dataset sample 0 alone is its row {j} in a batch of {_probe_samples(len(pair))}, "
+                                               "not its row 0")
+    if again.shape != pair.shape or not pair.numel():
+        return
+    for i in range(len(pair)):
+        own = (i + 1) % len(pair)  # again's row i is the probe batch's sample i + 1
+        j = teachers.moved_row(again[i], pair, own, STUDENT_RTOL)
+        if j is not None:
+            raise _reordered_student(run, key, f"for a batch of {_probe_samples(len(pair), moved=True)} holds at row {i} (sample "
+                                               f"{own}'s place) sample {j}'s row of a batch of {_probe_samples(len(pair))}")
 
 
-STUDENT_RTOL = 1e-2  # a student's output for one sample, alone and in a batch of two (eval mode, float32): rounding apart
+def _probe_samples(count: int, moved: bool = False) -> str:
+    """Setup's probe batch of ``count`` samples in words ("samples 0 to 7"), or (``moved``) with each moved one place
+    ("samples 1 to 7, then 0")."""
+    if moved:
+        return "samples 1 and 0" if count == 2 else f"samples 1 to {count - 1}, then 0"
+    return "samples 0 and 1" if count == 2 else f"samples 0 to {count - 1}"
 
 
-def _moved(row: torch.Tensor, pair: torch.Tensor, own: int) -> bool:
-    """Whether ``row``, a sample's output, is not its ``own`` row of the batch of two ``pair`` but the other one."""
-    return teachers.moved_row(row, pair, own, STUDENT_RTOL) is not None
+STUDENT_RTOL = 1e-2  # a student's output for one sample, alone and in setup's probe batch (eval mode, float32): rounding apart
 
 
 def _reordered_student(run: Run, key: str, seen: str) -> TargetError:

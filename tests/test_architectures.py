@@ -80,16 +80,17 @@ def test_a_sequence_first_student_module_is_named_not_read_as_two_tokens(tmp_pat
         setup(p, store, architectures.images(), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("batch_size", [16, 8], ids=["time-as-long-as-the-batch", "another-batch"])
-def test_a_sequence_first_student_output_is_refused_before_a_step_naming_what_to_change(tmp_path, batch_size):
+@pytest.mark.parametrize("batch_size, seen", [(16, "1 sample"), (8, "8 samples")], ids=["time-as-long-as-the-batch", "another-batch"])
+def test_a_sequence_first_student_output_is_refused_before_a_step_naming_what_to_change(tmp_path, batch_size, seen):
     """A token tagger student returning its logits (T, B, C), T = 16 tokens, against the teacher's per-token (B, T, C):
     with batches of 16 (train.drop_last: no short batch) the shapes were equal and every sample's targets were compared
     with other samples' outputs, silently; with batches of 8 the first step failed asking for "the student's output
-    layer" to produce 5 classes, which it does. setup's probes of two samples and one refuse it before a step, naming
-    the model to change (student.select cannot move the batch axis)."""
+    layer" to produce 5 classes, which it does. setup's probes of a batch (train.batch_size samples) and of one sample
+    refuse it before a step, naming the model to change (student.select cannot move the batch axis): a time axis as long
+    as the batch is seen in the sample alone."""
     p = pipeline(teacher="tagger_teacher", student="sequence_first_tagger", loss={"kl": 1.0}, batch_size=batch_size, drop_last=True)
     store = extracted(p, tmp_path)
-    with pytest.raises(TargetError, match=r"^the student's output has shape \[16, 2, 5\] for a batch of 2 samples, but its first axis "
+    with pytest.raises(TargetError, match=rf"^the student's output has shape \[16, {seen[0]}, 5\] for a batch of {seen}, but its first axis "
                                           r"must be the samples .* make the model student.factory builds return its output batch first "
                                           r".*student.select's steps .* cannot move it$"):
         kdcache.train(p, store.location, tmp_path / "run")
@@ -97,7 +98,7 @@ def test_a_sequence_first_student_output_is_refused_before_a_step_naming_what_to
     selected = pipeline(teacher="tagger_teacher", student="sequence_first_tagger", loss={"kl": 1.0}, batch_size=batch_size)
     raw = selected.to_dict()
     raw["student"]["select"] = "-1"  # on the batch axis: (T, C) for any batch, its first axis the tokens
-    with pytest.raises(TargetError, match=r"^the student's output \(student.select = '-1'\) has shape \[16, 5\] for a batch of 2"):
+    with pytest.raises(TargetError, match=rf"^the student's output \(student.select = '-1'\) has shape \[16, 5\] for a batch of {seen}"):
         kdcache.train(from_dict(raw, root=FIXTURES), store.location, tmp_path / "run")
 
 
