@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
 from kdcache import store as layout, threads
-from kdcache.errors import DataError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, raised, short
+from kdcache.errors import (DataError, DeviceMemoryError, KdcacheError, ModelError, ModelTooLargeError, PipelineError, ShapeMismatchError,
+                            StoreError, raised, short)
 
 LABEL_KEYS = ("label", "labels")
 NO_LABEL = "an item without a label may give -1: a label below 0 is no label"
@@ -635,12 +636,12 @@ def device_memory(step: str, inputs: Any, fix: str) -> Iterator[None]:
 def move_model(model: torch.nn.Module, name: str, device: torch.device, fix: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """``model.to(device, dtype)``; a GPU's out-of-memory error (a model larger than the device's free memory) as a one-line
     ``DeviceMemoryError`` naming the model (``name``: "the teacher (teacher.factory 'x.py:f')"), the device, the model's
-    size (its parameters and buffers) and the ``fix``, not a traceback."""
+    size (its parameters and buffers) and the ``fix``, not a traceback (a ``ModelTooLargeError``: dask does not retry it)."""
     try:
         return model.to(device, dtype=dtype)
     except torch.cuda.OutOfMemoryError as e:
         size = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
-        raise DeviceMemoryError(f"{name}, {size / 1e9:.2f} GB of parameters and buffers, does not fit in the memory of {device}: "
+        raise ModelTooLargeError(f"{name}, {size / 1e9:.2f} GB of parameters and buffers, does not fit in the memory of {device}: "
                                 f"moving it there raised {raised(e)}; use a device with more free memory, or {fix}") from e
 
 

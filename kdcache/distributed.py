@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from kdcache import errors, locking, storage, store as layout
-from kdcache.errors import TRANSIENT, KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line
+from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line, transient
 from kdcache.extract import Run, check_done_rows, extract_shards, setup
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
@@ -135,8 +135,8 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
             result = future.result()
         except Exception as e:  # noqa: BLE001 - an error in the task, or KilledWorker after repeated worker deaths
             # A KdcacheError is the pipeline's fault and would fail the same way again, unless it is transient
-            # (the dataset's read, the device's memory); anything else may be the machine's and is retried.
-            final = isinstance(e, KdcacheError) and not isinstance(e, TRANSIENT)
+            # (the dataset's read, a batch out of device memory); anything else may be the machine's and is retried.
+            final = isinstance(e, KdcacheError) and not transient(e)
             if final or tries[shard] >= attempts:
                 client.cancel(list(futures))
                 if isinstance(e, KdcacheError):

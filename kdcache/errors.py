@@ -79,6 +79,11 @@ class DeviceMemoryError(ModelError):
     device, may do."""
 
 
+class ModelTooLargeError(DeviceMemoryError):
+    """A model moved to its device ran out of its memory (``data.move_model``): it does so again on every try there, where
+    a smaller batch does not help."""
+
+
 class MissingDependencyError(KdcacheError, ImportError):
     """An optional dependency that a command needs (an extra of kdcache's package) is not installed."""
 
@@ -95,7 +100,11 @@ def need(module: str, extra: str, what: str) -> None:
                                      f"installed; pip install 'kdcache[{extra}]'") from None
 
 
-TRANSIENT = (DataError, DeviceMemoryError)  # may not happen again: dask retries a shard that raised one
+def transient(e: BaseException) -> bool:
+    """Whether ``e`` may not happen again, so that dask retries the shard that raised it: the dataset's read, or a batch
+    out of device memory (a GPU another process also uses, a batch of longer items than the probe's). Not a model larger
+    than its device's free memory: it fails at once, before any batch, and would on every try."""
+    return isinstance(e, (DataError, DeviceMemoryError)) and not isinstance(e, ModelTooLargeError)
 
 
 # How a message names an option the user gave: the command line's flag while a ``kdcache`` command runs (the CLI sets

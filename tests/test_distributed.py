@@ -312,6 +312,20 @@ def test_a_worker_that_cannot_build_the_teacher_is_named(tmp_path):
     assert "no such file: checkpoints/teacher.pt" in lines[0], lines[0]
 
 
+def test_a_worker_whose_device_is_too_small_for_the_teacher_stops_the_job_at_once(tmp_path, zoo_env):
+    """A teacher that does not fit a worker's GPU at all (its move to the device runs out of memory) was retried as a
+    transient error: the shard was built and failed 3 times before the job stopped with the same line. It fails the same
+    way on every try: the job stops at the first (a batch out of device memory is still retried)."""
+    builds = tmp_path / "builds.log"
+    zoo_env(N=16, BUILDS=builds)  # one shard: one task, its tries one after another
+    toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{FIXTURES / "driver_only.py"}:too_large_for_the_workers"', "targets.layers=[]")
+    result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: dask worker ") and "does not fit in the memory of cpu" in lines[0], lines
+    assert len(builds.read_text().splitlines()) == 1
+
+
 @pytest.mark.parametrize("how", ["dask", "torchrun"])
 def test_a_process_with_another_teacher_writes_nothing(toml, tmp_path, zoo_env, how):
     """A teacher factory that gives each process other weights (here: seeded by the pid) would fill the store
