@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers
-from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, TargetError,
-                            TrainingError, TrainingStopped, option, raised, write_fix)
+from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError,
+                            TargetError, TrainingError, TrainingStopped, option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -938,7 +938,8 @@ def _student_rows(run: Run, dataset: Any, rows: list[int], output: bool) -> dict
     probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
     run.hooked.clear()
     try:
-        with torch.no_grad(), _rng_kept(run.device), data.device_memory("the student's setup probe", probe["inputs"], "lower train.batch_size"):
+        with torch.no_grad(), _rng_kept(run.device), \
+                data.device_memory("the student's setup probe (select steps)", probe["inputs"], "lower train.batch_size"):
             out, padding = data.call(run.student, data.to_device(probe["inputs"], run.device), "student"), run.padding(probe)
             parts = {"": select_student(out, "student output", run.select, mask=padding)} if output else {}
             return parts | {path: student_feature(run.hooked, layout.layer_name(path), module, selector, padding)
@@ -960,28 +961,28 @@ def _check_output_samples_first(run: Run, rows: int, batch: torch.Size, one: tor
         raise samples_first_error(tuple(one), 1, run.select, probe=True)
 
 
-def _check_rows_in_place(run: Run, key: str, pair: torch.Tensor, alone: torch.Tensor, again: torch.Tensor,
+def _check_rows_in_place(run: Run, key: str, batch: torch.Tensor, alone: torch.Tensor, again: torch.Tensor,
                          alone_of: Callable[[int], torch.Tensor | None]) -> None:
     """Refuse (``_reordered_student``) a student whose output (``key`` "") or ``train.features`` module (``key``: its target
-    path) gives setup's probes (``pair``: samples 0 to N-1, ``alone``: sample 0, ``again``: samples 1 to N-1, then 0) in
+    path) gives setup's probes (``batch``: samples 0 to N-1, ``alone``: sample 0, ``again``: samples 1 to N-1, then 0) in
     another order: sample 0 alone is the probe batch's row J where sample J alone (``alone_of(J)``) is not its own row
     either (a student on batch statistics whose output saturates gives sample 0 alone another sample's row, and keeps each
     row in place), or a row of the batch moved one place is another sample's row of the probe batch (the whole batch moved:
     a student that stably sorts by a key samples 0 and 1 share, their lengths, is seen there)."""
-    if alone.shape[1:] == pair.shape[1:] and alone.numel():
-        j = teachers.moved_row(alone[0], pair, 0, STUDENT_RTOL)
+    if alone.shape[1:] == batch.shape[1:] and alone.numel():
+        j = teachers.moved_row(alone[0], batch, 0, STUDENT_RTOL)
         other = None if j is None else alone_of(j)
-        if other is not None and other.shape == alone.shape and teachers.moved_row(other[0], pair, j, STUDENT_RTOL) is not None:
-            raise _reordered_student(run, key, f"for dataset sample 0 alone is its row {j} in a batch of {_probe_samples(len(pair))}, "
+        if other is not None and other.shape == alone.shape and teachers.moved_row(other[0], batch, j, STUDENT_RTOL) is not None:
+            raise _reordered_student(run, key, f"for dataset sample 0 alone is its row {j} in a batch of {_probe_samples(len(batch))}, "
                                                "not its row 0")
-    if again.shape != pair.shape or not pair.numel():
+    if again.shape != batch.shape or not batch.numel():
         return
-    for i in range(len(pair)):
-        own = (i + 1) % len(pair)  # again's row i is the probe batch's sample i + 1
-        j = teachers.moved_row(again[i], pair, own, STUDENT_RTOL)
+    for i in range(len(batch)):
+        own = (i + 1) % len(batch)  # again's row i is the probe batch's sample i + 1
+        j = teachers.moved_row(again[i], batch, own, STUDENT_RTOL)
         if j is not None:
-            raise _reordered_student(run, key, f"for a batch of {_probe_samples(len(pair), moved=True)} holds at row {i} (sample "
-                                               f"{own}'s place) sample {j}'s row of a batch of {_probe_samples(len(pair))}")
+            raise _reordered_student(run, key, f"for a batch of {_probe_samples(len(batch), moved=True)} holds at row {i} (sample "
+                                               f"{own}'s place) sample {j}'s row of a batch of {_probe_samples(len(batch))}")
 
 
 def _probe_samples(count: int, moved: bool = False) -> str:
