@@ -235,8 +235,8 @@ def test_a_student_pooled_where_its_target_is_not_trains_and_the_dry_run_warns_o
 
 def test_a_students_masked_mean_backward_grows_with_the_batch_not_its_square():
     """The student's ``mean`` by train.mask reduces each sample alone; its backward through ``value[i]`` once made a zero
-    gradient of the whole batch per sample: 4x the batch took ~16x the time (6.4 s a step at 256 x 128 x 256). Timed as a
-    ratio within one run (medians of 5), never in seconds."""
+    gradient of the whole batch per sample (6.4 s a step at 256 x 128 x 256): 8x the batch took 30-210x the time, now
+    5-14x on a loaded 2-core box. Timed as a ratio within one run (the fastest of 7 each), never in seconds."""
     import time
 
     from kdcache.teacher import _valid_mean
@@ -245,12 +245,12 @@ def test_a_students_masked_mean_backward_grows_with_the_batch_not_its_square():
         value = torch.randn(batch, 32, 256, requires_grad=True)
         valid = torch.arange(32) < torch.randint(1, 33, (batch, 1))
         times = []
-        for _ in range(5):
+        for _ in range(7):
             start = time.perf_counter()
             _valid_mean(value, valid).sum().backward()
             times.append(time.perf_counter() - start)
-        return sorted(times)[2]
+        return min(times)
 
-    seconds(64)  # warm-up
-    ratio = seconds(256) / seconds(64)
-    assert ratio < 8, f"4x the batch took {ratio:.1f}x the time (linear: ~4x)"
+    seconds(32)  # warm-up
+    ratio = seconds(256) / seconds(32)
+    assert ratio < 24, f"8x the batch took {ratio:.1f}x the time (linear: ~8x)"
