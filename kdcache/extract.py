@@ -589,10 +589,8 @@ def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
 def _mask_warnings(pipeline: Pipeline, run: Run) -> list[str]:
     """What ``train`` would refuse of ``train.mask`` with these targets and items (``kdcache.train.mask_paths``), said before the
     extract: e.g. a mask of the items' tokens against per-token targets a select keeps part of, or a student select pooled
-    otherwise than the targets it is compared with."""
-    if not (pipeline.train.mask or run.mask):
-        return []
-    from kdcache.train import loss_targets, mask_paths  # the training side's rule and check, in its words; only where a mask is set
+    otherwise than the targets it is compared with, or a student ``last`` with no train.mask (with no mask set anywhere too)."""
+    from kdcache.train import loss_targets, mask_paths  # the training side's rule and check, in its words
 
     paths = list(loss_targets(pipeline, {t.name: t for t in run.targets.values()}))
     try:

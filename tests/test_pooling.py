@@ -8,6 +8,7 @@ sentences padded to 6, 8 (at the start) or 11 positions: every store of them mus
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,19 @@ def test_a_student_pooled_where_its_target_is_not_trains_and_the_dry_run_warns_o
     assert np.isfinite(result["loss"])
     warnings = kdcache.dry_run(pooled(student={"factory": "extract_zoo.py:token_bag_student", "select": "mean"}))["warnings"]
     assert any("kdcache train would refuse this store: <dict>: student.select = 'mean' averages the student's output" in w for w in warnings)
+
+
+def test_the_dry_run_warns_of_a_student_last_with_no_mask_anywhere(tmp_path):
+    """student.select = "last" with neither train.mask nor targets.mask set is refused by train; the dry run said nothing of
+    it, since it checked the student's selects only where a mask was set."""
+    pipeline = pooled(mask="", select=UNMASKED, student={"factory": "extract_zoo.py:token_bag_student", "select": "last"})
+    said = (r"<dict>: student.select = 'last' takes each item's last valid position by the padding mask train.mask names, but "
+            r"train.mask is not set; set train.mask = \"attention_mask\"")
+    warnings = kdcache.dry_run(pipeline)["warnings"]
+    assert any(re.match("kdcache train would refuse this store: " + said, w) for w in warnings), warnings
+    kdcache.extract(pipeline, tmp_path / "store.zarr")
+    with pytest.raises(PipelineError, match="^" + said):
+        kdcache.train(pipeline, tmp_path / "store.zarr", tmp_path / "run")
 
 
 def test_a_students_masked_mean_backward_grows_with_the_batch_not_its_square():
