@@ -99,9 +99,10 @@ class Padding:
 
 
 def select(output: Any, selector: str, target: str, label: str = "", setting: str = "",
-           mask: Padding | None = None) -> tuple[torch.Tensor, str]:
+           mask: Padding | None = None, pooled_by: str = "targets.mask") -> tuple[torch.Tensor, str]:
     """Pick the tensor to store from a model/module output; returns it and the resolved selector. ``mask``: the batch's
-    padding mask, which ``mean`` and ``last`` steps pool by (``last`` needs one).
+    padding mask, which ``mean`` and ``last`` steps pool by (``last`` needs one); ``pooled_by``: the setting that gives it
+    (the teacher's ``targets.mask``, the student's ``train.mask``), named where ``last`` has none.
 
     Errors begin with ``label`` (default: ``target 'NAME'``) and name ``setting`` to fix (default: ``[targets.select] 'NAME'``).
     """
@@ -122,7 +123,7 @@ def select(output: Any, selector: str, target: str, label: str = "", setting: st
         if isinstance(value, torch.Tensor) and not steps:
             return value, ".".join(path) or "tensor"
         step = steps.pop(0) if steps else _auto_step(value, label, setting)
-        value = _step(value, step, label, setting, mask)
+        value = _step(value, step, label, setting, mask, pooled_by)
         path.append(step)
         if value is None:
             raise TargetError(f"{label}: element {'.'.join(path)!r} of the output is None (the module returned no tensor "
@@ -156,9 +157,9 @@ def _get(value: Any, key: str) -> Any:
     return getattr(value, key, None)
 
 
-def _step(value: Any, step: str, label: str, setting: str, mask: Padding | None = None) -> Any:
+def _step(value: Any, step: str, label: str, setting: str, mask: Padding | None = None, pooled_by: str = "targets.mask") -> Any:
     if isinstance(value, torch.Tensor):
-        return _tensor_step(value, step, label, setting, mask)
+        return _tensor_step(value, step, label, setting, mask, pooled_by)
     if isinstance(value, tuple | list) and _INDEX.fullmatch(step) and -len(value) <= int(step) < len(value):
         return value[int(step)]
     named = isinstance(value, tuple) and step in _fields(value)  # a namedtuple's field, by name
@@ -181,10 +182,11 @@ _INDEX = re.compile(r"-?\d+")  # what int() reads: not "--1", nor "²" (str.isdi
 _SLICE = re.compile(r"(-?\d+)?:(-?\d+)?")  # a bound is an integer or absent: not a "-" alone
 
 
-def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask: Padding | None = None) -> torch.Tensor:
+def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask: Padding | None = None,
+                 pooled_by: str = "targets.mask") -> torch.Tensor:
     """``step`` applied to each sample of a batch ``value``: an index or a slice of the sample's first axis, ``mean``
-    over it (over its valid positions, by ``mask``), its ``last`` valid position, or ``transpose`` (its first two axes
-    swapped). The result keeps the batch axis."""
+    over it (over its valid positions, by ``mask``, which ``pooled_by`` gives), its ``last`` valid position, or
+    ``transpose`` (its first two axes swapped). The result keeps the batch axis."""
     per_sample = tuple(value.shape[1:])
     if not per_sample:
         raise TargetError(f"{label}: the output is one value per sample (a tensor of shape {tuple(value.shape)}), "
@@ -199,10 +201,10 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask:
         return value.mean(dim=1) if mask is None else _valid_mean(value, mask.fitted(value, step, label, setting))
     if step == "last":
         if mask is None:
+            whose = "the teacher's targets pool by extract's" if pooled_by == "targets.mask" else "the student's selects pool by"
             raise TargetError(f"{label}: step 'last' picks each sample's last valid position by its padding mask, and none is "
-                              f"given here (the teacher's targets pool by extract's targets.mask); set targets.mask = "
-                              f"\"attention_mask\" (the key of the inputs holding it), or fix {setting} (\"-1\": the last "
-                              "position, padding or not)")
+                              f"given here ({whose} {pooled_by}); set {pooled_by} = \"attention_mask\" (the key of the inputs "
+                              f"holding it), or fix {setting} (\"-1\": the last position, padding or not)")
         valid = mask.fitted(value, step, label, setting)
         last = torch.where(valid, torch.arange(valid.shape[1]), -1).amax(dim=1)  # (B,): -1 where none (data.padding_mask refuses it)
         return value[torch.arange(len(value), device=value.device), last.to(value.device)]

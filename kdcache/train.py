@@ -1034,7 +1034,8 @@ def select_student(output: Any, what: str, selector: str = "auto",
     ``mask``: the batch's ``train.mask`` (``Run.padding``), which ``mean`` and ``last`` steps pool by, as extract's do."""
     label, setting = real
     if selector != "auto":
-        return _real(teachers.select(output, selector, what, label=f"the {what}", setting="student.select", mask=mask)[0], label, setting)
+        return _real(teachers.select(output, selector, what, label=f"the {what}", setting="student.select", mask=mask,
+                                     pooled_by="train.mask")[0], label, setting)
     try:
         return _real(teachers.select(output, "auto", what)[0], label, setting)
     except ComplexOutputError:
@@ -1054,7 +1055,7 @@ def student_feature(hooked: dict[str, Any], layer: str, module: str, selector: s
     if selector == "auto":
         return select_student(output, module, real=real)
     return _real(teachers.select(output, selector, module, label=f"train.features {layer!r}: student module {module!r}",
-                                 setting=f"train.features.{layer!r}.select", mask=mask)[0], *real)
+                                 setting=f"train.features.{layer!r}.select", mask=mask, pooled_by="train.mask")[0], *real)
 
 
 def _check_labels(label: torch.Tensor, shape: tuple[int, ...]) -> None:

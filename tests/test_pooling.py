@@ -247,6 +247,19 @@ def test_the_dry_run_warns_of_a_student_last_with_no_mask_anywhere(tmp_path):
         kdcache.train(pipeline, tmp_path / "store.zarr", tmp_path / "run")
 
 
+def test_a_student_last_given_no_mask_names_train_mask_not_targets_mask():
+    """select_student and student_feature (the student's selects) with a "last" step and no mask told the user to set
+    targets.mask, extract's setting, which does not pool the student's outputs; they now name train.mask."""
+    output = torch.randn(2, 5, 12)
+    with pytest.raises(TargetError, match=r"^the student output: step 'last' picks each sample's last valid position by its padding "
+                                          r"mask, and none is given here \(the student's selects pool by train.mask\); set train.mask = "
+                                          r"\"attention_mask\" .* or fix student.select \(\"-1\""):
+        select_student(output, "student output", "last")
+    with pytest.raises(TargetError, match=r"^train.features 'embed': student module 'embed': step 'last' .* set train.mask = .* "
+                                          r"fix train.features.'embed'.select"):
+        student_feature({"embed": output}, "embed", "embed", "last")
+
+
 def test_a_students_masked_mean_backward_grows_with_the_batch_not_its_square():
     """The student's ``mean`` by train.mask reduces each sample alone; its backward through ``value[i]`` once made a zero
     gradient of the whole batch per sample (6.4 s a step at 256 x 128 x 256): 8x the batch took 30-210x the time, now
