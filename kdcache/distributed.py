@@ -520,7 +520,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if first is not None:
             raise first
         total = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in pending)
-        with _watch(store, Progress(total, f"extract [{world} ranks]", enabled=progress and rank == 0)):
+        with _watch(store, pending, Progress(total, f"extract [{world} ranks]", enabled=progress and rank == 0)):
             extract_shards(run, pipeline, store, pending[rank::world], Progress(0, "", enabled=False))
             dist.barrier()
         if rank == 0:
@@ -530,16 +530,22 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
 
 
 @contextlib.contextmanager
-def _watch(store: layout.Store, bar: Progress, every: float = 1.0) -> Iterator[None]:
-    """Show the whole job's progress (shards done by every rank, read from the store) while the block runs."""
+def _watch(store: layout.Store, shards: list[int], bar: Progress, every: float = 1.0) -> Iterator[None]:
+    """Show the whole job's progress (its ``shards`` done by every rank, read from the store) while the block runs.
+    Each look reads only the markers not yet seen done (within a run a marker only goes from not done to done, FORMAT.md
+    §12.3; a resuming writer clears one before the run, §12.4): on S3 one GET per shard still to write, not one per
+    shard of the store every second."""
     if not bar.enabled:
         yield
         return
-    stop, before = threading.Event(), store.samples_done()
+    stop, waiting = threading.Event(), list(shards)
 
     def look() -> None:
+        nonlocal waiting
         with contextlib.suppress(KdcacheError):  # a read that failed (an S3 request on the way): the next look tells
-            bar.update(store.samples_done() - before - bar.done)
+            newly = [s for s, d in zip(waiting, store.done(waiting)) if d] if waiting else []
+            bar.update(sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in newly))
+            waiting = [s for s in waiting if s not in newly]
 
     def poll() -> None:
         while not stop.wait(every):

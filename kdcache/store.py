@@ -349,8 +349,9 @@ class Store:
         return (n,), "uint64" if path == FINGERPRINT else "int64"
 
     # -- progress ---------------------------------------------------------------------------
-    def done(self) -> np.ndarray:
-        """``[num_shards]`` bool: which shards are completely written. A damaged marker is a StoreError naming it."""
+    def done(self, shards: list[int] | None = None) -> np.ndarray:
+        """``[num_shards]`` bool: which shards are completely written. A damaged marker is a StoreError naming it.
+        ``shards``: only their markers are read (one object each), ``[len(shards)]`` bool in their order."""
         array = self.array(DONE)
         if tuple(array.shape) != (self.num_shards,) or array.dtype != np.dtype(bool) or tuple(array.chunks) != (1,):
             # chunks: one marker object per shard (FORMAT.md §3.1); a chunk of 2**32 was "done marker (unreadable)", whose
@@ -359,13 +360,13 @@ class Store:
             raise self._bad_metadata(DONE, f"it says {list(array.shape)} {array.dtype}{chunks}, expected [{self.num_shards}] bool"
                                            f"{' in chunks of [1]: one marker object per shard' if chunks else ''}")
         try:
-            done = np.asarray(array[:])
+            done = np.asarray(array[:] if shards is None else array.get_orthogonal_selection(np.asarray(shards, dtype=np.intp)))
         except Exception as e:  # noqa: BLE001 - a marker that does not decode; named below
             if _on_the_way(e):
                 raise self._unreadable(DONE, 0, self.num_shards, e) from None
             done = None
         if done is None or (done.view(np.uint8) > 1).any():  # a one-byte marker other than 0/1 decodes, as garbage
-            done, bad = self._read_markers()
+            done, bad = self._read_markers(shards)
             if self.damaged_markers is None or not bad:
                 raise self._damaged_markers(bad)
             self.damaged_markers.clear()
@@ -450,10 +451,10 @@ class Store:
                     "a shard object swapped with another, or copied from another store)")
         return None
 
-    def _read_markers(self) -> tuple[np.ndarray, list[tuple[str, bytes]]]:
-        """Each done marker's object read alone: ``[num_shards]`` bool, done where it is the byte 1, and the damaged
-        ones (not one byte 0 or 1) with their bytes."""
-        keys = [f"{DONE}/c/{s}" for s in range(self.num_shards)]
+    def _read_markers(self, shards: list[int] | None = None) -> tuple[np.ndarray, list[tuple[str, bytes]]]:
+        """Each done marker's object (of ``shards``, default all) read alone: bool in their order, done where it is the
+        byte 1, and the damaged ones (not one byte 0 or 1) with their bytes."""
+        keys = [f"{DONE}/c/{s}" for s in (range(self.num_shards) if shards is None else shards)]
         raws = [self.raw_object(k) for k in keys]
         bad = [(k, raw) for k, raw in zip(keys, raws) if raw is not None and raw not in (b"\x00", b"\x01")]
         return np.array([raw == b"\x01" for raw in raws], dtype=bool), bad

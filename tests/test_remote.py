@@ -1225,3 +1225,50 @@ def test_a_flag_option_its_filesystem_takes_as_a_string_too_is_not_refused(monke
             storage._refuse_string_flags("s3://bucket/t.zarr", {"requester_pays": "False"})
     finally:
         storage._flag_options.cache_clear()
+
+
+def test_torchrun_progress_reads_only_the_markers_of_shards_not_yet_seen_done(s3):
+    """``extract --progress`` under torchrun: rank 0 looks at the store once a second for the shards every rank has done.
+    Each look read every done marker: on S3 one GET per shard of the store per look (1,000 shards: ~1,000 GETs/s for the
+    whole job). A marker only goes from not done to done within a run, so now each look reads the markers of the job's
+    shards not yet seen done, and none once all are: counted on the S3 client (botocore's events)."""
+    import io
+
+    import s3fs
+
+    from kdcache.distributed import _watch
+    from kdcache.progress import Progress
+
+    url = f"s3://{BUCKET}/watched.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)  # 4 shards: rows 0-15, 16-31, 32-47, 48-49
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    marker = f"{BUCKET}/watched.zarr/progress/done/c/{{}}"
+    for s in (2, 3):
+        fs.pipe(marker.format(s), b"\x00")  # the job's shards, still to write
+    store = open_store(url, storage_options=s3)
+    store.done()  # opening: the marker array's metadata
+    read: list[str] = []
+    store.group.store.fs.s3.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: read.append(params["Key"]))
+    markers = lambda: [k.rsplit("/", 1)[1] for k in read if "/progress/done/c/" in k]  # noqa: E731
+
+    def wait_for(what) -> None:
+        deadline = time.monotonic() + 30
+        while not what():
+            assert time.monotonic() < deadline, markers()
+            time.sleep(0.01)
+
+    bar = Progress(18, "extract", enabled=True, stream=io.StringIO())
+    with _watch(store, [2, 3], bar, every=0.02):
+        wait_for(lambda: markers().count("3") >= 3)
+        fs.pipe(marker.format(2), b"\x01")  # one rank wrote shard 2
+        wait_for(lambda: bar.done == 16)
+        seen = len(markers())
+        wait_for(lambda: markers().count("3") >= 3 + markers()[:seen].count("3"))  # three looks more: shard 3's marker alone
+        assert markers()[seen:] == ["3"] * (len(markers()) - seen), markers()
+        fs.pipe(marker.format(3), b"\x01")
+        wait_for(lambda: bar.done == 18)
+        seen = len(markers())
+        time.sleep(0.2)  # ten looks: every shard of the job is done, none is read
+        assert len(markers()) == seen, markers()[seen:]
+    assert set(markers()) == {"2", "3"}, markers()  # shards 0 and 1 were done before the job: never read
+    assert bar.done == 18
