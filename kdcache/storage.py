@@ -376,19 +376,21 @@ def refuse_empty_segments(location: str) -> None:
                          f"alike; pass {fixed!r}")
 
 
-def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any:
-    """The zarr Store object for a location string (see ``location_kind``) and fsspec storage options."""
+def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True,
+               command: str = "extract") -> Any:
+    """The zarr Store object for a location string (see ``location_kind``) and fsspec storage options. ``command``:
+    the kdcache command writing it (``extract``, ``import``), named in the error for a read-only zip."""
     options_arg(storage_options)
     refuse_empty_segments(location)
     kind = location_kind(location)
     if kind == "zip":
-        return _zip_store(location, read_only)
+        return _zip_store(location, read_only, command)
     if kind == "local":
         if storage_options:
             raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
         return _LocalStore(local_path(location), read_only=read_only)
     if "::" in location and not read_only:  # zip::s3://..., zip::https://...: a zip is write-once
-        raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
+        raise _write_once(location, command)
     if kind == "http" and not read_only:
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
@@ -404,10 +406,15 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         raise unreachable_error(location, e) from None
 
 
-def _zip_store(location: str, read_only: bool) -> Any:
+def _write_once(location: str, command: str) -> StoreError:
+    return StoreError(f"{location!r}: a zip store is write-once and opened read-only; {command} to a folder or an object store, "
+                      "then kdcache pack it")
+
+
+def _zip_store(location: str, read_only: bool, command: str) -> Any:
     """The zarr Store of the local zip file ``location``, read-only, its members checked (``check_zip_members``)."""
     if not read_only:
-        raise StoreError(f"{location!r}: a zip store is write-once and opened read-only; extract to a folder or an object store, then kdcache pack it")
+        raise _write_once(location, command)
     try:
         with zipfile.ZipFile(local_path(location)) as z:
             check_zip_members(location, z.infolist())

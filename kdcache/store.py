@@ -1687,7 +1687,7 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
     """
     location, extract = str(location), named is None
     named = option("--out") if named is None else named
-    target = zarr_store(location, storage_options, read_only=False)  # refuses read-only kinds (zip, http)
+    target = zarr_store(location, storage_options, read_only=False, command="extract" if extract else "import")  # refuses zip, http
     interrupted = _interrupted_creation(location, storage_options)  # killed before its manifest was written: created again
     if exists(location, storage_options) and not overwrite and not interrupted:
         store = open_store(location, mode="r+", storage_options=storage_options)

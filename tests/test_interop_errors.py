@@ -21,7 +21,7 @@ from kdcache.cli import main
 from kdcache.demo import demo
 from kdcache.errors import StoreError
 from kdcache.store import open_store
-from conftest import extract_tiny
+from conftest import TINY_TOML, extract_tiny
 from test_bad_input import read_only_dir, snapshot
 from test_interop import assert_same
 
@@ -327,6 +327,19 @@ def test_import_into_a_store_made_from_another_file_says_how_to_go_on(exported, 
     assert line.endswith("; import the file it was made from to resume it, choose another STORE, or pass --overwrite to replace it"), line
     assert snapshot(other) == before
 
+
+
+@pytest.mark.parametrize("zip_at", ["zip::{tmp}/t.zip", "{tmp}/t.zarr.zip", "zip::memory://t.zarr.zip"])
+def test_import_into_a_zip_says_to_import_to_a_folder_then_pack_it(exported, tmp_path, zip_at):
+    """A zip is write-once: ``import`` into one said extract's fix ('extract to a folder …, then kdcache pack it');
+    it names import's own, and extract's stays."""
+    location = zip_at.format(tmp=tmp_path)
+    _, line = cli("import", exported, location)
+    assert line == (f"Error: {location!r}: a zip store is write-once and opened read-only; import to a folder or an object store, "
+                    "then kdcache pack it"), line
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(StoreError, match="; extract to a folder or an object store, then kdcache pack it$"):
+        kdcache.extract(kdcache.load_pipeline(TINY_TOML), location)
 
 
 def test_import_of_a_file_another_process_holds_open_for_writing_says_so(exported, tmp_path):
