@@ -165,7 +165,7 @@ def corrupt_chunk(h5: Path, path: str = "targets/logits", chunk: int = 1) -> Non
     h5.write_bytes(bytes(data))
 
 
-def test_import_of_a_corrupt_chunk_is_one_line_and_a_rerun_resumes(exported, tiny_store, tmp_path):
+def test_import_of_a_corrupt_chunk_is_one_line_and_a_rerun_resumes_and_says_so(exported, tiny_store, tmp_path):
     h5 = copy_of(exported, tmp_path / "corrupt.h5")
     corrupt_chunk(h5)
     out = tmp_path / "new.zarr"
@@ -177,6 +177,12 @@ def test_import_of_a_corrupt_chunk_is_one_line_and_a_rerun_resumes(exported, tin
     r = CliRunner().invoke(main, ["import", str(exported), str(out)])  # a good copy: resumes the other shards
     assert r.exit_code == 0, r.output
     assert_same(tiny_store, str(out))
+    # said as extract says it (no line at all before)
+    assert r.stderr == f"resumed {out}: 1 of 4 shards were already done; this run wrote the others\n", r.stderr
+    r = CliRunner().invoke(main, ["import", str(exported), str(out)])
+    assert r.exit_code == 0 and r.stderr == f"{out} is already complete (50 samples); nothing to do (--overwrite to redo it)\n", r.stderr
+    r = CliRunner().invoke(main, ["import", str(exported), str(out), "--overwrite"])
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
 
 
 def test_import_overwrite_of_a_corrupt_chunk_keeps_the_store(exported, tiny_store, tmp_path):
