@@ -365,6 +365,16 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
     return store.info()
 
 
+_BUSY = ": another process has it open for writing (HDF5 locks the file); close it there and rerun"
+_NO_LOCKS = (": its file system does not support the file lock HDF5 takes on opening (NFS, Lustre); set the environment "
+             "variable HDF5_USE_FILE_LOCKING=FALSE and rerun")
+_OPEN_FIXES = {  # what to do about an HDF5 file that did not open, by the errno h5py gives
+    errno.ENOENT: "; check the path",
+    errno.EAGAIN: _BUSY, errno.EWOULDBLOCK: _BUSY,  # HDF5's flock of the file, held by a writer
+    errno.ENOLCK: _NO_LOCKS, errno.ENOSYS: _NO_LOCKS,  # "unable to lock file": flock refused by the file system
+}
+
+
 def _open_error(source: str, e: OSError) -> StoreError:
     """The error for an HDF5 file that did not open (``e``): its reason in a few words (h5py's message repeats the name,
     flags and errno: the errno's words say it), and what to do."""
@@ -372,11 +382,7 @@ def _open_error(source: str, e: OSError) -> StoreError:
     if cut:
         return StoreError(f"cannot read {source!r} as HDF5: it is truncated, {int(cut[1]):,} of the {int(cut[2]):,} bytes it was "
                           "written with (an incomplete copy or download); copy it again")
-    code = getattr(e, "errno", None)
-    fix = ("; check the path" if code == errno.ENOENT
-           else ": another process has it open for writing (HDF5 locks the file); close it there and rerun"
-           if code in (errno.EAGAIN, errno.EWOULDBLOCK)  # HDF5's flock of the file, held by a writer
-           else "; pass a file written by kdcache export")
+    fix = _OPEN_FIXES.get(getattr(e, "errno", None), "; pass a file written by kdcache export")
     return StoreError(f"cannot read {source!r} as HDF5 ({_why(e)}){fix}")
 
 
