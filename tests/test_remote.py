@@ -1272,3 +1272,30 @@ def test_torchrun_progress_reads_only_the_markers_of_shards_not_yet_seen_done(s3
         assert len(markers()) == seen, markers()[seen:]
     assert set(markers()) == {"2", "3"}, markers()  # shards 0 and 1 were done before the job: never read
     assert bar.done == 18
+
+
+def test_torchrun_progress_looks_no_more_often_than_its_read_rate_allows(s3):
+    """Early in a job nearly every shard is still to write, so reading only those still read one marker per shard per
+    look: a 10,000-shard job's bar made 10,000 GETs a second. Looks now come as often as ``reads_per_s`` markers a
+    second allow (here 10 for 2 markers: a look every 0.2 s, where ``every`` asks 0.02 s)."""
+    import io
+
+    import s3fs
+
+    from kdcache.distributed import _watch
+    from kdcache.progress import Progress
+
+    url = f"s3://{BUCKET}/rated.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    for s in (2, 3):
+        fs.pipe(f"{BUCKET}/rated.zarr/progress/done/c/{s}", b"\x00")  # the job's shards, still to write
+    store = open_store(url, storage_options=s3)
+    store.done()
+    read: list[str] = []
+    store.group.store.fs.s3.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: read.append(params["Key"]))
+    bar = Progress(18, "extract", enabled=True, stream=io.StringIO())
+    with _watch(store, [2, 3], bar, every=0.02, reads_per_s=10):
+        time.sleep(1.0)
+        looked = len([k for k in read if "/progress/done/c/" in k])
+    assert 2 <= looked <= 14, looked  # 5 looks of 2 markers, give or take one; unlimited, 32 here (the server's answers pace it)
