@@ -663,41 +663,13 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     the student's and heads' training modes as built (``_Modes``), are appended to ``hooks`` as they are made (the caller
     removes them, also when this raises)."""
     t, w = pipeline.train, pipeline.train.loss
-    student = teachers.build(pipeline, "student.factory", None if hooks is None else lambda model: hooks.append(_Modes(model)))
-    student = data.move_model(student, f"the student (student.factory {pipeline.student.factory!r})", device, STUDENT_FIX)
-    half = next((name for name, p in student.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
-    if half is not None and t.precision == "fp16":  # GradScaler unscales float32 gradients only: a traceback at the first step
-        raise PipelineError(f"{pipeline.where('train.precision')}: train.precision = \"fp16\" keeps float32 weights (autocast runs the "
-                            f"forward in float16, a loss scale guards the gradients), but {pipeline.student.factory!r} builds a student "
-                            f"with float16 parameters (e.g. {half!r}); return the model in float32 (drop its .half())")
-    if half is not None and t.optimizer == "adamw":  # its squared gradients and eps (1e-8) are 0 in float16: NaN weights at step 1
-        raise PipelineError(f"{pipeline.student.factory!r} builds a student with float16 parameters (e.g. {half!r}), whose AdamW state "
-                            "underflows in float16 (its eps 1e-8 and small squared gradients are 0): the first step makes NaN weights; "
-                            "return the model in float32 (drop its .half()) and set train.precision = \"fp16\" for float16 compute")
-    needs_logits = bool(w.kl or w.mse)
-    if needs_logits and layout.LOGITS not in {tg.path for tg in store.targets.values()}:
-        if teachers.LOGITS in store.targets:  # targets.logits = false with a module named 'logits' (extract's fix for the clash)
-            raise PipelineError(f"train.loss.kl/mse need the teacher's stored output ({layout.LOGITS}), but {store.location!r} stores "
-                                f"none: its target 'logits' is the teacher module of that name, stored as a layer "
-                                f"({store.targets[teachers.LOGITS].path}); set train.loss.kl and mse to 0 and distill it with "
-                                "train.features.logits = {student = \"MODULE\"} (a student module giving outputs of its shape)")
-        raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
-    if w.ce and not store.has_labels:
-        raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
+    student = _build_student(pipeline, device, hooks)
+    _check_float16_student(pipeline, student)
+    _check_stored_for_loss(pipeline, store)
     specs = {layer: {**FEATURE_DEFAULTS, **spec} for layer, spec in t.features.items()}
-    if not (needs_logits or w.ce or any(spec["weight"] for spec in specs.values())):
-        features = "train.features is empty" if not t.features else "every train.features entry has weight 0"
-        raise PipelineError(f"{pipeline.source}: every loss weight is 0 and {features}; nothing to learn from: "
-                            "set a weight above 0 (train.loss.kl, mse, ce or a train.features weight), e.g. train.loss.kl = 1.0")
+    _check_something_to_learn(pipeline, specs)
     stored = {tg.name: tg for tg in store.targets.values()}
-    for layer in specs:
-        if layer not in stored:
-            layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
-            raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store (its layers: "
-                                f"{layers}); name one of them, or extract a store with {layer!r} in targets.layers (--layers)")
-        if stored[layer].path == layout.LOGITS:
-            raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
-                                "train.loss.mse, and list only layers from targets.layers under train.features")
+    _check_feature_layers(specs, store, stored)
     terms = loss_targets(pipeline, stored, keep_zero)
     features = {path: (spec["student"], float(spec["weight"]), spec["select"]) for path, spec in terms.items() if path != layout.LOGITS}
     teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
@@ -709,39 +681,114 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     if hooks is not None:
         hooks.extend(handles)
     if features:
-        probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
-        with torch.no_grad():
-            data.call(student, data.to_device(probe["inputs"], device), "student")
-        shapes, dtypes = {}, {}
-        for path, (module, _, selector) in features.items():
-            name = layout.layer_name(path)
-            feat = student_feature(run.hooked, name, module, selector, run.padding(probe))
-            if feat.ndim == 0 or feat.shape[0] != len(probe["index"]):  # as extract refuses for the teacher's layers
-                raise TargetError(f"train.features {name!r}: student module {module!r} gives shape {list(feat.shape)} for a batch of "
-                                  f"{len(probe['index'])} samples, but its first axis must be the samples (kdcache runs two samples "
-                                  "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
-                                  "RNN/attention layers, or a module that permutes to (batch, ...))")
-            shapes[path], dtypes[path] = tuple(feat.shape), feat.dtype
+        shapes, dtypes = _probe_features(run, dataset)
         _check_samples_first(run, dataset, {path: len(shape) for path, shape in shapes.items()})
-        for path, (module, _, selector) in features.items():
-            name = layout.layer_name(path)
-            head = losses.projection_head(shapes[path][1:], stored[name].shape, name=name)
-            if head is not None:
-                # in the student feature's dtype: a float64 student's head is float64 (autocast casts a float32 one's input)
-                run.heads[_key(path)] = data.move_model(head, f"the projection head for {name!r}", device, STUDENT_FIX,
-                                                        dtypes[path] if dtypes[path].is_floating_point else None)
-                if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
-                    part = "" if selector == "auto" else f" (select {selector!r})"
-                    print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
+        _add_heads(run, stored, shapes, dtypes)
     if hooks is not None:
         hooks.append(_Modes(run.heads))
-    compared = needs_logits or bool(w.ce or t.eval_split or t.eval_cache)  # the output: by a loss, or by the evaluation
+    compared = bool(w.kl or w.mse or w.ce or t.eval_split or t.eval_cache)  # the output: by a loss, or by the evaluation
     if compared or features:
         _check_student_rows(run, dataset, output=compared, batch_size=t.batch_size)
-    if not any(True for _ in itertools.chain(student.parameters(), run.heads.parameters())):
+    _check_trainable(pipeline, run)
+    return run
+
+
+def _build_student(pipeline: Pipeline, device: torch.device, hooks: list[Any] | None) -> torch.nn.Module:
+    """The student ``student.factory`` builds, in eval mode on ``device``; its modules' training modes as the factory
+    returned them are appended to ``hooks`` (``_Modes``), for the caller to put back."""
+    student = teachers.build(pipeline, "student.factory", None if hooks is None else lambda model: hooks.append(_Modes(model)))
+    return data.move_model(student, f"the student (student.factory {pipeline.student.factory!r})", device, STUDENT_FIX)
+
+
+def _check_float16_student(pipeline: Pipeline, student: torch.nn.Module) -> None:
+    """Refuse a student with trainable float16 parameters where ``train.precision = "fp16"`` or AdamW would fail on them."""
+    t = pipeline.train
+    half = next((name for name, p in student.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
+    if half is not None and t.precision == "fp16":  # GradScaler unscales float32 gradients only: a traceback at the first step
+        raise PipelineError(f"{pipeline.where('train.precision')}: train.precision = \"fp16\" keeps float32 weights (autocast runs the "
+                            f"forward in float16, a loss scale guards the gradients), but {pipeline.student.factory!r} builds a student "
+                            f"with float16 parameters (e.g. {half!r}); return the model in float32 (drop its .half())")
+    if half is not None and t.optimizer == "adamw":  # its squared gradients and eps (1e-8) are 0 in float16: NaN weights at step 1
+        raise PipelineError(f"{pipeline.student.factory!r} builds a student with float16 parameters (e.g. {half!r}), whose AdamW state "
+                            "underflows in float16 (its eps 1e-8 and small squared gradients are 0): the first step makes NaN weights; "
+                            "return the model in float32 (drop its .half()) and set train.precision = \"fp16\" for float16 compute")
+
+
+def _check_stored_for_loss(pipeline: Pipeline, store: layout.Store) -> None:
+    """Refuse loss weights that read what ``store`` lacks: kl and mse its logits, ce its labels."""
+    w = pipeline.train.loss
+    if (w.kl or w.mse) and layout.LOGITS not in {tg.path for tg in store.targets.values()}:
+        if teachers.LOGITS in store.targets:  # targets.logits = false with a module named 'logits' (extract's fix for the clash)
+            raise PipelineError(f"train.loss.kl/mse need the teacher's stored output ({layout.LOGITS}), but {store.location!r} stores "
+                                f"none: its target 'logits' is the teacher module of that name, stored as a layer "
+                                f"({store.targets[teachers.LOGITS].path}); set train.loss.kl and mse to 0 and distill it with "
+                                "train.features.logits = {student = \"MODULE\"} (a student module giving outputs of its shape)")
+        raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
+    if w.ce and not store.has_labels:
+        raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
+
+
+def _check_something_to_learn(pipeline: Pipeline, specs: dict[str, dict[str, Any]]) -> None:
+    """Refuse a run whose every loss weight is 0, ``train.features`` entries (``specs``, FEATURE_DEFAULTS filled in) included."""
+    t, w = pipeline.train, pipeline.train.loss
+    if not (w.kl or w.mse or w.ce or any(spec["weight"] for spec in specs.values())):
+        features = "train.features is empty" if not t.features else "every train.features entry has weight 0"
+        raise PipelineError(f"{pipeline.source}: every loss weight is 0 and {features}; nothing to learn from: "
+                            "set a weight above 0 (train.loss.kl, mse, ce or a train.features weight), e.g. train.loss.kl = 1.0")
+
+
+def _check_feature_layers(specs: dict[str, dict[str, Any]], store: layout.Store, stored: dict[str, layout.Target]) -> None:
+    """Refuse a ``train.features`` layer that ``store`` (its targets by name: ``stored``) does not hold, or that is the
+    teacher's output rather than a layer."""
+    for layer in specs:
+        if layer not in stored:
+            layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
+            raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store (its layers: "
+                                f"{layers}); name one of them, or extract a store with {layer!r} in targets.layers (--layers)")
+        if stored[layer].path == layout.LOGITS:
+            raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
+                                "train.loss.mse, and list only layers from targets.layers under train.features")
+
+
+def _probe_features(run: Run, dataset: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """Each hooked student feature's shape and dtype for a probe batch of dataset items 0 and 1 (the first two), by
+    target path; a feature whose first axis is not the probe's samples is refused."""
+    probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
+    with torch.no_grad():
+        data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
+    shapes, dtypes = {}, {}
+    for path, (module, _, selector) in run.features.items():
+        name = layout.layer_name(path)
+        feat = student_feature(run.hooked, name, module, selector, run.padding(probe))
+        if feat.ndim == 0 or feat.shape[0] != len(probe["index"]):  # as extract refuses for the teacher's layers
+            raise TargetError(f"train.features {name!r}: student module {module!r} gives shape {list(feat.shape)} for a batch of "
+                              f"{len(probe['index'])} samples, but its first axis must be the samples (kdcache runs two samples "
+                              "through the student to see this); distill a batch-first output (e.g. batch_first=True for "
+                              "RNN/attention layers, or a module that permutes to (batch, ...))")
+        shapes[path], dtypes[path] = tuple(feat.shape), feat.dtype
+    return shapes, dtypes
+
+
+def _add_heads(run: Run, stored: dict[str, layout.Target], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> None:
+    """A projection head in ``run.heads`` for each student feature (probed ``shapes`` and ``dtypes``) whose shape is not
+    its stored layer's (``stored``: by name), on the run's device; each said once (rank 0)."""
+    for path, (module, _, selector) in run.features.items():
+        name = layout.layer_name(path)
+        head = losses.projection_head(shapes[path][1:], stored[name].shape, name=name)
+        if head is not None:
+            # in the student feature's dtype: a float64 student's head is float64 (autocast casts a float32 one's input)
+            run.heads[_key(path)] = data.move_model(head, f"the projection head for {name!r}", run.device, STUDENT_FIX,
+                                                    dtypes[path] if dtypes[path].is_floating_point else None)
+            if distributed.ranks()[0] == 0:  # said once, not by every torchrun rank
+                part = "" if selector == "auto" else f" (select {selector!r})"
+                print(f"projection head for {name!r} <- student {module!r}{part}: {head.description}")
+
+
+def _check_trainable(pipeline: Pipeline, run: Run) -> None:
+    """Refuse a run with no parameters to train: none in the student, and no projection head."""
+    if not any(True for _ in itertools.chain(run.student.parameters(), run.heads.parameters())):
         raise PipelineError(f"{pipeline.student.factory!r} builds a student with no parameters (and no projection heads): "
                             "nothing to train; make student.factory return a model with trainable parameters")
-    return run
 
 
 class _Modes:
