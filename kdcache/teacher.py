@@ -191,46 +191,72 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask:
     if not per_sample:
         raise TargetError(f"{label}: the output is one value per sample (a tensor of shape {tuple(value.shape)}), "
                           f"which step {step!r} cannot index; fix {setting} (drop the step)")
-    axis = per_sample[0]
     if step == "mean":
-        if not axis:  # the mean of no entries is NaN, stored as if the teacher had produced it
-            raise TargetError(f"{label}: 'mean' averages the sample's first axis, which has no entries (per-sample shape "
-                              f"{list(per_sample)}); fix {setting}")
-        # complex values keep their imaginary part (refused where stored); integers and booleans have no mean of their own
-        value = value if value.is_floating_point() or value.is_complex() else value.float()
-        return value.mean(dim=1) if mask is None else _valid_mean(value, mask.fitted(value, step, label, setting))
+        return _mean_step(value, label, setting, mask)
     if step == "last":
-        if mask is None:
-            whose = "the teacher's targets pool by extract's" if pooled_by == "targets.mask" else "the student's selects pool by"
-            raise TargetError(f"{label}: step 'last' picks each sample's last valid position by its padding mask, and none is "
-                              f"given here ({whose} {pooled_by}); set {pooled_by} = \"attention_mask\" (the key of the inputs "
-                              f"holding it), or fix {setting} (\"-1\": the last position, padding or not)")
-        valid = mask.fitted(value, step, label, setting)
-        last = torch.where(valid, torch.arange(valid.shape[1]), -1).amax(dim=1)  # (B,): -1 where none (data.padding_mask refuses it)
-        return value[torch.arange(len(value), device=value.device), last.to(value.device)]
+        return _last_step(value, label, setting, mask, pooled_by)
     if step == "transpose":
         if len(per_sample) < 2:
             raise TargetError(f"{label}: 'transpose' swaps the sample's first two axes, but the per-sample shape is {list(per_sample)}; "
                               f"fix {setting} (drop the step)")
         return value.transpose(1, 2)
     if _INDEX.fullmatch(step):
-        if not -axis <= int(step) < axis:
-            valid = f"an index from {-axis} to {axis - 1}" if axis else "it has no entry to index"
-            raise TargetError(f"{label}: index {step} is outside the {axis} entries of the sample's first axis (per-sample "
-                              f"shape {list(per_sample)}); fix {setting} ({valid})")
-        return value[:, int(step)]
+        return _index_step(value, step, label, setting)
     sliced = _SLICE.fullmatch(step)
     if sliced:
-        start, stop, _ = slice(*(int(b) if b else None for b in sliced.groups())).indices(axis)  # huge bounds clamped
-        part = value[:, start:stop]
-        if part.shape[1] == 0:
-            raise TargetError(f"{label}: slice {step!r} of the sample's first axis ({axis} entries, per-sample shape "
-                              f"{list(per_sample)}) is empty; fix {setting}")
-        return part
+        return _slice_step(value, step, sliced, label, setting)
     raise TargetError(
         f"{label}: output of type Tensor (per-sample shape {list(per_sample)}) has no element {step!r}; fix {setting}: "
         f"on a tensor a step is an index of the sample's first axis (\"0\"), a slice (\"1:\"), \"mean\", \"last\" or \"transpose\""
     )
+
+
+def _mean_step(value: torch.Tensor, label: str, setting: str, mask: Padding | None) -> torch.Tensor:
+    """Step ``mean``: each sample's mean over its first axis, or over its valid positions by ``mask``; an integer or
+    boolean ``value`` averaged as float32."""
+    per_sample = tuple(value.shape[1:])
+    if not per_sample[0]:  # the mean of no entries is NaN, stored as if the teacher had produced it
+        raise TargetError(f"{label}: 'mean' averages the sample's first axis, which has no entries (per-sample shape "
+                          f"{list(per_sample)}); fix {setting}")
+    # complex values keep their imaginary part (refused where stored); integers and booleans have no mean of their own
+    value = value if value.is_floating_point() or value.is_complex() else value.float()
+    return value.mean(dim=1) if mask is None else _valid_mean(value, mask.fitted(value, "mean", label, setting))
+
+
+def _last_step(value: torch.Tensor, label: str, setting: str, mask: Padding | None, pooled_by: str) -> torch.Tensor:
+    """Step ``last``: each sample's last valid position by ``mask`` (required: ``pooled_by`` is the setting that gives it)."""
+    if mask is None:
+        whose = "the teacher's targets pool by extract's" if pooled_by == "targets.mask" else "the student's selects pool by"
+        raise TargetError(f"{label}: step 'last' picks each sample's last valid position by its padding mask, and none is "
+                          f"given here ({whose} {pooled_by}); set {pooled_by} = \"attention_mask\" (the key of the inputs "
+                          f"holding it), or fix {setting} (\"-1\": the last position, padding or not)")
+    valid = mask.fitted(value, "last", label, setting)
+    last = torch.where(valid, torch.arange(valid.shape[1]), -1).amax(dim=1)  # (B,): -1 where none (data.padding_mask refuses it)
+    return value[torch.arange(len(value), device=value.device), last.to(value.device)]
+
+
+def _index_step(value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
+    """An index step (``"0"``, ``"-1"``): that entry of each sample's first axis, which must have it."""
+    per_sample = tuple(value.shape[1:])
+    axis = per_sample[0]
+    if not -axis <= int(step) < axis:
+        valid = f"an index from {-axis} to {axis - 1}" if axis else "it has no entry to index"
+        raise TargetError(f"{label}: index {step} is outside the {axis} entries of the sample's first axis (per-sample "
+                          f"shape {list(per_sample)}); fix {setting} ({valid})")
+    return value[:, int(step)]
+
+
+def _slice_step(value: torch.Tensor, step: str, sliced: re.Match[str], label: str, setting: str) -> torch.Tensor:
+    """A slice step (``"1:"``, its bounds matched in ``sliced``) of each sample's first axis, bounds past its ends clamped
+    as Python's are; an empty slice is refused."""
+    per_sample = tuple(value.shape[1:])
+    axis = per_sample[0]
+    start, stop, _ = slice(*(int(b) if b else None for b in sliced.groups())).indices(axis)  # huge bounds clamped
+    part = value[:, start:stop]
+    if part.shape[1] == 0:
+        raise TargetError(f"{label}: slice {step!r} of the sample's first axis ({axis} entries, per-sample shape "
+                          f"{list(per_sample)}) is empty; fix {setting}")
+    return part
 
 
 def _valid_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
