@@ -1552,12 +1552,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
             **({"lr": lr} if lr is not None else {}), **({"plan": plan} if plan is not None else {}),
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
-    # the lines of the epochs before this one (a crash between a line and its checkpoint leaves one more) and its own;
-    # inside an epoch there is none to add, and only an --overwrite run's first save rewrites the file (to drop the earlier run's)
-    if metrics is not None:
-        lines = [*([] if replacing else [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]]), metrics]
-    else:
-        lines = [] if replacing else None
+    lines = _metrics_lines(out, metrics, replacing)
     if replacing is not None:
         _save({**ckpt, "pipeline": replacing.to_dict(), "first_metrics": lines}, out / NEXT_CHECKPOINT)
         _replace_run(out, replacing.to_dict(), lines or [])
@@ -1568,6 +1563,16 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     except OSError as e:
         raise _write_error(out, e) from None
     _save(ckpt, out / CHECKPOINT)
+
+
+def _metrics_lines(out: Path, metrics: dict[str, Any] | None, replacing: Pipeline | None) -> list[dict[str, Any]] | None:
+    """metrics.jsonl's lines as ``_save_epoch`` writes them: the lines of the epochs before this one (a crash between a line
+    and its checkpoint leaves one more) and its own, ``metrics``; None inside an epoch, where there is none to add and the
+    file is left as it is, but for an --overwrite run's first save (``replacing``), which rewrites it to drop the earlier
+    run's (its lines only, none inside an epoch)."""
+    if metrics is not None:
+        return [*([] if replacing else [m for m in _read_metrics(out) if m["epoch"] < metrics["epoch"]]), metrics]
+    return [] if replacing else None
 
 
 def _replace_run(out: Path, values: dict[str, Any] | None, lines: list[dict[str, Any]]) -> None:
