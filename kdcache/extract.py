@@ -527,27 +527,14 @@ def _reordered(name: str, seen: str) -> TargetError:
 
 def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     """Validate the pipeline, run one batch, and report target shapes, bytes per sample and store size."""
-    import numcodecs
-
     pipeline = check_pipeline(pipeline)
     start = time.perf_counter()
     run = setup(pipeline, keep_probe=True)
     seconds = time.perf_counter() - start
     manifest = run.manifest(pipeline)
-    host, copied = to_host(run.probe["outputs"], run.targets, run.device)
-    if copied is not None:  # CUDA: the copies into pinned memory are asynchronous
-        copied.synchronize()
-    rows = len(host[next(iter(run.targets))])
-    try:
-        _check_finite(host, run.targets, 0, rows - 1)  # what the first batch of the run would stop on (float16 overflow, NaN)
-    except TargetError as e:  # the run's words say what it left unwritten: a dry run writes nothing
-        error = e.explained(run) if isinstance(e, StoredInf) else e
-        raise TargetError(str(error).replace(UNWRITTEN, "(kdcache extract would stop at this first batch; the dry run wrote nothing)")) from None
-    host = {p: h for p, h in host.items() if p in run.targets}  # the values, not their sums
-    raw = sum(h.numpy().nbytes for h in host.values())
-    packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
+    host, rows = _probe_values(run)
     per_sample = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
-    ratio = raw / packed if pipeline.extract.compression == "zstd" and packed else 1.0
+    ratio = _compression_ratio(pipeline, host)
     n = manifest["num_samples"]
     return {
         "num_samples": n,
@@ -564,10 +551,39 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "geometry": manifest["geometry"],
         "probe_batch": rows,
         "probe_seconds": seconds,
-        "warnings": [f"train.features names {name!r}, which targets.layers does not list: kdcache train would refuse this store; "
-                     "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers]
-        + _loss_warnings(pipeline, run.has_labels) + _mask_warnings(pipeline, run),
+        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run.has_labels) + _mask_warnings(pipeline, run),
     }
+
+
+def _probe_values(run: Run) -> tuple[dict[str, torch.Tensor], int]:
+    """The probe batch's targets on the host, as extract stores them, by path, and its number of rows; refused where the
+    run's first batch would be, in words that say the dry run wrote nothing."""
+    host, copied = to_host(run.probe["outputs"], run.targets, run.device)
+    if copied is not None:  # CUDA: the copies into pinned memory are asynchronous
+        copied.synchronize()
+    rows = len(host[next(iter(run.targets))])
+    try:
+        _check_finite(host, run.targets, 0, rows - 1)  # what the first batch of the run would stop on (float16 overflow, NaN)
+    except TargetError as e:  # the run's words say what it left unwritten: a dry run writes nothing
+        error = e.explained(run) if isinstance(e, StoredInf) else e
+        raise TargetError(str(error).replace(UNWRITTEN, "(kdcache extract would stop at this first batch; the dry run wrote nothing)")) from None
+    return {p: h for p, h in host.items() if p in run.targets}, rows  # the values, not their sums
+
+
+def _compression_ratio(pipeline: Pipeline, host: dict[str, torch.Tensor]) -> float:
+    """The probe's values' raw bytes over their bytes zstd-compressed at ``extract.compression_level``; 1.0 where
+    ``extract.compression`` is not zstd."""
+    import numcodecs
+
+    raw = sum(h.numpy().nbytes for h in host.values())
+    packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
+    return raw / packed if pipeline.extract.compression == "zstd" and packed else 1.0
+
+
+def _layer_warnings(pipeline: Pipeline) -> list[str]:
+    """What ``train`` (train.setup) would refuse in this store for the pipeline's ``train.features``: a layer it does not store."""
+    return [f"train.features names {name!r}, which targets.layers does not list: kdcache train would refuse this store; "
+            "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers]
 
 
 def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
