@@ -753,7 +753,7 @@ def _check_feature_layers(specs: dict[str, dict[str, Any]], store: layout.Store,
 def _probe_features(run: Run, dataset: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
     """Each hooked student feature's shape and dtype for a probe batch of dataset items 0 and 1 (the first two), by
     target path; a feature whose first axis is not the probe's samples is refused."""
-    probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
+    probe = _probe_batch(dataset, [0, min(1, len(dataset) - 1)])
     with torch.no_grad():
         data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
     shapes, dtypes = {}, {}
@@ -908,7 +908,7 @@ def _check_student_pooling(pipeline: Pipeline, targets: Mapping[str, layout.Targ
 def _checked_mask(dataset: Any, key: str, where: str) -> torch.Tensor:
     """The batched ``train.mask`` entry of dataset items 0 and 1 (the first two), checked as ``data.padding_mask`` checks
     extract's ``targets.mask`` of every batch."""
-    probe = data.collate(data.Indexed(dataset, None).__getitems__([0, min(1, len(dataset) - 1)]))
+    probe = _probe_batch(dataset, [0, min(1, len(dataset) - 1)])
     return data.padding_mask(probe["inputs"], probe["index"], key, "train.mask", where)
 
 
@@ -918,7 +918,7 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
     for the teacher. A student that does not take a batch of one is let be."""
     run.hooked.clear()
     try:
-        one = data.collate(data.Indexed(dataset, None).__getitems__([0]))
+        one = _probe_batch(dataset, [0])
         with torch.no_grad():
             data.call(run.student, data.to_device(one["inputs"], run.device), "student")
         feats = {path: student_feature(run.hooked, layout.layer_name(path), module, selector, run.padding(one))
@@ -978,11 +978,16 @@ def _check_probes(run: Run, dataset: Any, output: bool, rows: list[int], batch: 
                                "output back: output[order.argsort()]), or train where its probes fit")
 
 
+def _probe_batch(dataset: Any, rows: list[int]) -> dict[str, Any]:
+    """A batch of dataset ``rows`` as training makes its batches (inputs, index, label), for setup's probes."""
+    return data.collate(data.Indexed(dataset, None).__getitems__(rows))
+
+
 def _student_rows(run: Run, dataset: Any, rows: list[int], output: bool) -> dict[str, torch.Tensor] | None:
     """For a batch of dataset ``rows`` through the student (no gradients, the RNG kept): its output (key "", where
     ``output``) and each ``train.features`` module's (key: its target path); None where the student refuses the batch
     (a ``DeviceMemoryError`` is raised: out of memory is no refusal)."""
-    probe = data.collate(data.Indexed(dataset, None).__getitems__(rows))
+    probe = _probe_batch(dataset, rows)
     run.hooked.clear()
     try:
         with torch.no_grad(), _rng_kept(run.device), \
@@ -1380,7 +1385,7 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, a
     per-sample logits shape) the teacher's top class with it: refuse a student whose output is not (batch, classes), such
     as per-token logits or a regression's one value per sample, or not of the eval store's classes, now rather than at
     the end of the first epoch."""
-    probe = data.collate(data.Indexed(dataset, None).__getitems__([0]))
+    probe = _probe_batch(dataset, [0])
     if probe["label"] is None and agreement is None:
         return
     run.student.eval()
