@@ -8,6 +8,10 @@ teacher without downloading one. Stored targets the benchmarks use:
 - ``layer1`` [64, 32, 32] (128 KB/sample as float16: the large activation map).
 
 ``mnist_rows`` and ``mnist_conv_student`` serve bench_memory's train half (the real MNIST teacher and data).
+
+``text_teacher``, ``text_student`` and ``sentences`` serve bench_pooling: the text example's language model
+(pipelines/text.py ``TinyLM``) at the sizes in ``TEXT`` (which bench_pooling sets before building; a pipeline's
+``models.py:...`` import path resolves to this same module) over seeded right-padded random sentences.
 """
 
 from __future__ import annotations
@@ -121,3 +125,54 @@ class ConvStudent(nn.Module):
 def mnist_conv_student() -> nn.Module:
     """A fresh ``ConvStudent`` (initialised by the current torch RNG, which ``kdcache.train`` seeds)."""
     return ConvStudent()
+
+
+TEXT = {"width": 256, "tokens": 128}  # bench_pooling's --width and --tokens
+
+
+def _tiny_lm(width: int, layers: int) -> nn.Module:
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parent.parent / "pipelines")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import text
+
+    return text.TinyLM(d_model=width, layers=layers, heads=4, max_positions=TEXT["tokens"])
+
+
+def text_teacher() -> nn.Module:
+    """The text example's LM, 2 layers of ``TEXT["width"]``, seeded, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = _tiny_lm(TEXT["width"], 2)
+    return model.eval()
+
+
+def text_student() -> nn.Module:
+    """1 layer of half the teacher's width (initialised by the current torch RNG)."""
+    return _tiny_lm(TEXT["width"] // 2, 1)
+
+
+class Sentences(Dataset):
+    """``n`` seeded sentences of random tokens, ``TEXT["tokens"] // 8`` to ``TEXT["tokens"]`` long, right-padded to
+    ``TEXT["tokens"]`` positions: items ``{"input_ids", "attention_mask"}`` as pipelines/text.py's."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(n)
+        tokens = TEXT["tokens"]
+        lengths = torch.randint(max(1, tokens // 8), tokens + 1, (n, 1), generator=g)
+        self.mask = (torch.arange(tokens) < lengths).long()  # (n, tokens)
+        self.ids = torch.randint(1, 64, (n, tokens), generator=g) * self.mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "attention_mask": self.mask[index]}
+
+
+def sentences(split: str) -> Dataset:
+    """The split is the number of sentences, e.g. ``"512"``."""
+    return Sentences(int(split))

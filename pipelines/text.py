@@ -42,10 +42,10 @@ __all__ = ["teacher", "student", "dataset", "dataset_padded_wider", "TinyLM", "S
 class TinyLM(nn.Module):
     """Token + position embeddings, a batch-first TransformerEncoder, ``final_norm`` and a per-token LM head."""
 
-    def __init__(self, d_model: int, layers: int, heads: int) -> None:
+    def __init__(self, d_model: int, layers: int, heads: int, max_positions: int = MAX_POSITIONS) -> None:
         super().__init__()
         self.tokens = nn.Embedding(VOCAB, d_model)
-        self.positions = nn.Embedding(MAX_POSITIONS, d_model)
+        self.positions = nn.Embedding(max_positions, d_model)  # items of up to max_positions tokens
         layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True)
         # enable_nested_tensor=False: in eval mode with a padding mask the encoder would otherwise pass a nested tensor
         # (no per-sample shape) between its layers, which kdcache refuses to store from a hooked layer.
