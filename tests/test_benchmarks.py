@@ -22,6 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = {  # script: arguments for a run of a few seconds (the others extract real MNIST or a ResNet's maps: a minute each)
     "bench_writer.py": ["--n", "64"],
     "bench_digest.py": ["--n", "64"],
+    "bench_pooling.py": ["--quick", "--steps", "2"],  # the text LM at width 64, 32 tokens, batch 16
 }
 
 

@@ -281,3 +281,100 @@ def test_a_students_masked_mean_backward_grows_with_the_batch_not_its_square():
     seconds(32)  # warm-up
     ratio = seconds(256) / seconds(32)
     assert ratio < 24, f"8x the batch took {ratio:.1f}x the time (linear: ~8x)"
+
+
+def per_sample_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The masked mean as it was: one ``mean`` per sample over its valid positions (the reference for values and gradients)."""
+    return torch.stack([item[keep.to(value.device)].mean(dim=0) for item, keep in zip(value.unbind(0), valid)])
+
+
+def padded(sentences: list[torch.Tensor], width: int, left: bool = False, holes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sentences`` ((L, ...) each) in one batch of ``width`` positions, right or ``left`` padded, or spread over every
+    other position (``holes``: a mask with gaps); the padding holds other values (a model's outputs there are not zero)."""
+    value, valid = torch.randn(len(sentences), width, *sentences[0].shape[1:], dtype=torch.float64).to(sentences[0].dtype), \
+        torch.zeros(len(sentences), width, dtype=torch.bool)
+    for i, s in enumerate(sentences):
+        at = torch.arange(len(s)) * 2 if holes else torch.arange(width - len(s), width) if left else torch.arange(len(s))
+        value[i, at], valid[i, at] = s, True
+    return value, valid
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])  # -0.0 differs from 0.0 here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_masked_mean_gives_each_sentence_the_same_bits_whatever_its_padding_batch_and_neighbours(dtype):
+    """teacher._valid_mean (targets.mask's and train.mask's ``mean``) reduces the whole batch at once: each sentence's mean is
+    the same bits alone, right padded to 40 or 97 positions, left padded, with gaps in its mask, in batches of 3 or 12 in
+    another order; within rounding of a mean of its positions alone. All -0.0 values give +0.0 however padded."""
+    from kdcache.teacher import _valid_mean
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 40]
+    sentences = [torch.randn(n, 4, 3, generator=g).to(dtype) * 10 for n in lengths]
+    sentences[0] = torch.full((1, 4, 3), -0.0, dtype=dtype)
+    sentences[3][:, 0] = -0.0
+    alone = [_valid_mean(s[None], torch.ones(1, len(s), dtype=torch.bool))[0] for s in sentences]
+    for width, left, holes, order in [(40, False, False, range(12)), (97, False, False, range(11, -1, -1)), (40, True, False, range(12)),
+                                      (80, False, True, [5, 0, 11, 3, 7, 1, 9, 2, 10, 4, 8, 6])]:
+        order = list(order)
+        for group in (order, order[:3], order[3:]):
+            value, valid = padded([sentences[i] for i in group], width, left, holes)
+            pooled = _valid_mean(value, valid)
+            assert pooled.dtype == dtype and pooled.shape == (len(group), 4, 3)
+            for row, i in enumerate(group):
+                assert torch.equal(bits(pooled[row]), bits(alone[i])), (width, left, holes, i)
+    for s, mean in zip(sentences, alone):
+        torch.testing.assert_close(mean.double(), s.double().mean(dim=0), rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6,
+                                   atol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6)
+    assert torch.equal(bits(alone[0]), bits(torch.zeros(4, 3, dtype=dtype)))
+
+
+def test_a_masked_mean_passes_the_gradients_a_mean_per_sample_does():
+    """The batched reduction's backward gives each valid position the upstream gradient / its sample's length and the padding
+    zero, as the per-sample means did: the same bits."""
+    from kdcache.teacher import _valid_mean
+
+    g = torch.Generator().manual_seed(1)
+    valid = torch.rand(9, 23, generator=g) < 0.6
+    valid[:, 4] = True
+    valid[2] = torch.arange(23) >= 20  # left padded
+    upstream = torch.randn(9, 5, generator=g)
+    grads = []
+    for pool in (_valid_mean, per_sample_mean):
+        value = torch.randn(9, 23, 5, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        pooled = pool(value, valid)
+        torch.testing.assert_close(pooled, per_sample_mean(value.detach(), valid), rtol=1e-6, atol=1e-6)
+        pooled.backward(upstream)
+        grads.append(value.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert not grads[0][~valid].any()
+
+
+def test_a_masked_mean_runs_as_many_ops_for_a_batch_of_256_as_for_one_of_4():
+    """The masked mean ran one reduction per sample (a ``mean`` forward, four ops backward, a Python iteration each): on a
+    GPU ~1,000 kernel launches for a batch of 256, most of a small student's step. Counted as aten ops dispatched in the
+    forward and backward: the same for 4 samples as for 256."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kdcache.teacher import _valid_mean
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(batch: int) -> int:
+        value = torch.randn(batch, 64, 8, requires_grad=True)
+        valid = torch.arange(64) < torch.randint(1, 65, (batch, 1), generator=torch.Generator().manual_seed(batch))
+        valid[0] = True  # the longest sample fills the 64 positions: the same tree depth for both batches
+        Count.ops = 0
+        with Count():
+            _valid_mean(value, valid).sum().backward()
+        return Count.ops
+
+    small, large = ops(4), ops(256)
+    assert large == small, f"{large} ops for 256 samples, {small} for 4"
