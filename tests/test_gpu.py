@@ -196,3 +196,28 @@ def test_cuda_select_steps_store_the_cpu_rows(tmp_path, select):
     cpu, gpu = extracted("cpu"), extracted("cuda")
     assert gpu.shape == cpu.shape
     np.testing.assert_allclose(gpu, cpu, rtol=1e-2, atol=1e-3)
+
+
+def test_a_masked_mean_on_cuda_is_the_cpus_bits_in_any_batch():
+    """teacher._valid_mean (targets.mask's, train.mask's ``mean``) on the device: gathers, zeros, float32 adds of two values
+    and one division per sample, each exact IEEE arithmetic whatever the kernel's shape: a sentence's mean is the same bits
+    on the GPU, in a batch of 64 or of 3, right or left padded, as on the CPU, and so is its gradient."""
+    from kdcache.teacher import _valid_mean
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 100, (64,), generator=g)
+    right = torch.arange(100) < lengths[:, None]
+    value = torch.randn(64, 100, 48, generator=g)
+    left = torch.stack([row.roll(100 - int(n), dims=0) for row, n in zip(value, lengths)])  # each row's tokens at the end
+    cpu = _valid_mean(value, right)
+    assert torch.equal(_valid_mean(value.cuda(), right).cpu(), cpu)
+    assert torch.equal(_valid_mean(value[:3].cuda(), right[:3]).cpu(), cpu[:3])
+    assert torch.equal(_valid_mean(left.cuda(), right.flip(1)).cpu(), cpu)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(_valid_mean(value.to(dtype).cuda(), right).cpu(), _valid_mean(value.to(dtype), right))
+    weights, grads = torch.randn(64, 48, generator=g), []
+    for device in ("cpu", "cuda"):
+        leaf = value.to(device).requires_grad_()
+        (_valid_mean(leaf, right) * weights.to(device)).sum().backward()
+        grads.append(leaf.grad.cpu())
+    assert torch.equal(grads[0], grads[1])
