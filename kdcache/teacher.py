@@ -232,7 +232,7 @@ def _last_step(value: torch.Tensor, label: str, setting: str, mask: Padding | No
                           f"holding it), or fix {setting} (\"-1\": the last position, padding or not)")
     valid = mask.fitted(value, "last", label, setting)
     last = torch.where(valid, torch.arange(valid.shape[1]), -1).amax(dim=1)  # (B,): -1 where none (data.padding_mask refuses it)
-    return value[torch.arange(len(value), device=value.device), last.to(value.device)]
+    return value[torch.arange(len(value), device=value.device), _to(last, value.device)]
 
 
 def _index_step(value: torch.Tensor, step: str, label: str, setting: str) -> torch.Tensor:
@@ -275,11 +275,18 @@ def _valid_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         fronted = value[:, :width]
     else:  # each sample's valid positions first, in order (a stable sort of "is padding"), as rows of the flattened batch
         order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :width] + positions * torch.arange(batch)[:, None]
-        fronted = value.flatten(0, 1).index_select(0, order.flatten().to(value.device)).unflatten(0, (batch, width))
-    front = front.view(batch, width, *[1] * (value.ndim - 2)).to(value.device)
+        fronted = value.flatten(0, 1).index_select(0, _to(order.flatten(), value.device)).unflatten(0, (batch, width))
+    front = _to(front.view(batch, width, *[1] * (value.ndim - 2)), value.device)
     total = _pairwise_sum(torch.where(front, fronted.to(torch.promote_types(value.dtype, torch.float32)), 0))
     # + 0.0: a sum of -0.0s is +0.0 however many zeros (past the sample's length) it met
-    return ((total + 0.0) / lengths.view(batch, *[1] * (total.ndim - 1)).to(total.device, total.real.dtype)).to(value.dtype)
+    return ((total + 0.0) / _to(lengths.view(batch, *[1] * (total.ndim - 1)).to(total.real.dtype), total.device)).to(value.dtype)
+
+
+def _to(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small ``host`` tensor (a mask's positions) on ``device``: to a GPU from pinned memory without blocking, since a
+    blocking copy waits for every kernel queued before it (the forward), and the GPU then idles while the host enqueues the
+    rest of the step."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def _pairwise_sum(rows: torch.Tensor) -> torch.Tensor:
