@@ -290,9 +290,11 @@ def per_sample_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def padded(sentences: list[torch.Tensor], width: int, left: bool = False, holes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``sentences`` ((L, ...) each) in one batch of ``width`` positions, right or ``left`` padded, or spread over every
-    other position (``holes``: a mask with gaps); the padding holds other values (a model's outputs there are not zero)."""
-    value, valid = torch.randn(len(sentences), width, *sentences[0].shape[1:], dtype=torch.float64).to(sentences[0].dtype), \
+    other position (``holes``: a mask with gaps); the padding holds NaN and inf (a model's outputs there are not zero, and
+    the batched reduction reads them before zeroing them)."""
+    value, valid = torch.full((len(sentences), width, *sentences[0].shape[1:]), float("nan"), dtype=sentences[0].dtype), \
         torch.zeros(len(sentences), width, dtype=torch.bool)
+    value[:, 1::3] = float("inf")
     for i, s in enumerate(sentences):
         at = torch.arange(len(s)) * 2 if holes else torch.arange(width - len(s), width) if left else torch.arange(len(s))
         value[i, at], valid[i, at] = s, True
