@@ -589,8 +589,7 @@ class Store:
         start, stop = self.shard_rows(shard)
         missing = set(self.paths()) - set(arrays)
         assert not missing, f"shard {shard} lacks {sorted(missing)}"
-        if self.lease is not None:  # a paused writer whose S3 lock was taken over writes no more
-            self.lease.check(self.location)
+        self._check_still_ours(shard)
         digests = {}
         try:
             for path, data in arrays.items():
@@ -606,11 +605,52 @@ class Store:
                 row = np.array([[digests[p] for p in self.digest_paths()]], dtype=np.uint32)
                 if not _write_uncompressed_chunk(self.array(DIGEST), (shard, 0), row):
                     self.array(DIGEST)[shard] = row[0]
+            self._check_still_ours(shard)  # again at the commit point: the shard's writing took a while
             self._remove_stale_temps(f"{DONE}/c/{shard}")
             if not _write_uncompressed_chunk(self.array(DONE), (shard,), np.ones(1, dtype=bool)):
                 self.array(DONE)[shard] = True
         except OSError as e:
             raise self._write_error(f"shard {shard}", e) from None
+
+    def _check_still_ours(self, shard: int) -> None:
+        """Before shard ``shard``'s data and again right before its done marker: the job's writer lock is still its own
+        (``lease``), and the store at the location is still the one this Store opened (``_replaced``). A dask worker or
+        torchrun rank writes on after its job stopped (Ctrl-C, a crash), and an ``--overwrite`` may have made another
+        store there meanwhile, where a shard of the old teacher marked done would be served as the new one's targets
+        (docs/CLUSTER.md). What is left is the moment between the last look and the marker's write: no object store
+        swaps one object on the condition of another."""
+        if self.lease is not None:  # a paused writer whose S3 lock was taken over writes no more
+            self.lease.check(self.location)
+        replaced = self._replaced()
+        if replaced is not None:
+            raise StoreError(f"{self.location!r} was replaced since this job created it ({replaced}): another job (an "
+                             f"{option('--overwrite')}) made a new store there while this process wrote shard {shard}, which "
+                             "is not marked done there; this job writes nothing more; rerun it once that job has ended")
+
+    def _replaced(self) -> str | None:
+        """How the store at the location is not the one this Store opened (its manifest but ``completed``, read again
+        now: one small read), in words; None when it is."""
+        try:
+            raw = self._get("zarr.json")
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+            if _on_the_way(e):
+                raise self._unreachable("zarr.json", e) from None
+            raise
+        try:
+            now = json.loads(raw)["attributes"][ATTRS] if raw is not None else None
+        except (ValueError, TypeError, KeyError):  # being created again: its manifest is written last
+            now = None
+        if not isinstance(now, dict):
+            return "its manifest is gone"
+
+        def same(m: dict[str, Any]) -> str:
+            return json.dumps({k: v for k, v in m.items() if k != "completed"}, sort_keys=True, default=str)
+
+        if same(now) == same(self.manifest):
+            return None
+        if now.get("created") != self.manifest.get("created"):
+            return f"created {short(self.manifest.get('created'))}, now {short(now.get('created'))}"
+        return difference(now, self.manifest) or "its manifest differs"
 
     def _remove_stale_temps(self, key: str) -> None:
         """Remove temp files a killed writer left beside the object ``key`` of a local store: ours

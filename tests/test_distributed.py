@@ -1039,3 +1039,70 @@ def _extract_in_a_thread(pipeline, url: str, options: dict) -> tuple[threading.T
     thread = threading.Thread(target=job)
     thread.start()
     return thread, failed
+
+
+class _ThenAnotherJob:
+    """A worker's borrowed lease, and ``then()``, the worker's job stopping and another recreating the store, at the
+    moment ``when`` names: right after the look before the shard's rows (``rows``: the lock still the job's, the rows
+    then written) or right before the look at its commit point (``marker``: while its rows were written). The race of a
+    cluster of one's own, made deterministic; every read and write is of the real store and lock."""
+
+    def __init__(self, lease: Any, then: Callable[[], None], when: str):
+        self.lease, self.then, self.when, self.looks = lease, then, when, 0
+
+    def check(self, location: str) -> None:
+        self.looks += 1
+        if self.when == "marker" and self.looks == 2:
+            self.then()
+        self.lease.check(location)
+        if self.when == "rows" and self.looks == 1:
+            self.then()
+
+
+@pytest.mark.parametrize("when", ["rows", "marker"], ids=["before-its-rows", "while-its-rows-are-written"])
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_stale_workers_shard_never_lands_done_in_the_store_another_job_made_since(tmp_path, zoo_env, request, kind, when):
+    """A dask worker looked at its job's lock before writing a shard, never after: its driver stopped (Ctrl-C) and an
+    ``extract --overwrite`` with another teacher recreated the store as the worker began writing, and the shard landed
+    in the new store marked done, with a digest of its rows (seen: shard 1 of the new store held the old teacher's
+    targets, the new job skipped it as done, and the store verified). The worker now looks before the rows and again
+    right before its done marker, each time at the lock (on S3: the new job's token is there) and at the store (its
+    manifest: still the one its job created; locally this test's two jobs are one process, whose lock files may read
+    alike): the shard is not marked done, the worker stops with one line, and the new job writes the shard."""
+    from contextlib import ExitStack
+
+    from kdcache.distributed import _open_created
+    from kdcache.extract import extract_shards, setup
+    from kdcache.locking import borrowed_lease, local_token
+    from kdcache.progress import Progress
+    from kdcache.store import create_or_resume
+
+    options = request.getfixturevalue("s3") if kind == "s3" else None
+    out = f"s3://{BUCKET}/recreated-{when}.zarr" if kind == "s3" else str(tmp_path / "recreated.zarr")
+    pipeline = make_pipeline()  # 50 samples, 4 shards
+    zoo_env(SEED=1)
+    reference = str(tmp_path / "b.zarr")  # job B's store, written alone
+    kdcache.extract(pipeline, reference)
+    run_b = setup(pipeline)
+    zoo_env(SEED=0)
+    run_a = setup(pipeline)
+    job_a, job_b = ExitStack(), ExitStack()
+    job_a.enter_context(writer_lock(out, options, helpers=True))  # job A's driver: the lock, the store, its workers' token
+    store_a = create_or_resume(out, run_a.manifest_for(pipeline), storage_options=options)
+    token = getattr(store_a.lease, "token", None) or local_token(out)
+    worker = _open_created(out, options, "dask worker 0")
+
+    def a_stops_and_b_recreates() -> None:
+        job_a.close()
+        job_b.enter_context(writer_lock(out, options, helpers=True))
+        create_or_resume(out, run_b.manifest_for(pipeline), overwrite=True, storage_options=options)
+
+    worker.lease = _ThenAnotherJob(borrowed_lease(out, options, token), a_stops_and_b_recreates, when)
+    with job_b:
+        with pytest.raises(StoreError, match="was replaced since this job created it|no longer holds its lock|lost its writer lock"):
+            extract_shards(run_a, pipeline, worker, [1], Progress(0, "", enabled=False))
+        store_b = open_store(out, mode="r+", storage_options=options)
+        assert store_b.resume_pending() == [0, 1, 2, 3], "job A's shard is not done in job B's store"
+        extract_shards(run_b, pipeline, store_b, store_b.resume_pending(), Progress(0, "", enabled=False))
+        store_b.finish()
+    assert_same_store(out, reference, options_a=options)  # every row job B's teacher's
