@@ -650,7 +650,7 @@ class Store:
             return None
         if now.get("created") != self.manifest.get("created"):
             return f"created {short(self.manifest.get('created'))}, now {short(now.get('created'))}"
-        return difference(now, self.manifest) or "its manifest differs"
+        return difference(self.manifest, now) or "its manifest differs"  # "store has" what it had, "now" what it has
 
     def _remove_stale_temps(self, key: str) -> None:
         """Remove temp files a killed writer left beside the object ``key`` of a local store: ours
