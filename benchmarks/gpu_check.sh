@@ -30,11 +30,12 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
 # may run 600 s (expected: ~300 s; the second session's steps took 7 s of tests, ~3 s per extract call); bench_extract's rounds run 7 loops (the forward
 # pair brackets the extract pair), hence 5 rounds there on this steadier box; bench_train 3 (each round trains 3
 # kdcache runs, one on a second store of small shards, and 4 RAM loops).
-step tests 100 python3 -m pytest -q -x -p no:cacheprovider -rs tests/test_gpu.py tests/test_extract.py
+step tests 75 python3 -m pytest -q -x -p no:cacheprovider -rs tests/test_gpu.py tests/test_extract.py
 step gpu_extract 50 python3 benchmarks/gpu_extract.py --out "$OUT/gpu_extract.json"
 step profile_extract 50 python3 benchmarks/profile_extract.py --device cuda --out "$OUT/profile_extract.json" --workdir /tmp/kb
 step bench_extract 175 python3 benchmarks/bench_extract.py --device cuda --n 8192 --repeats 5 --check --out "$OUT/extract.json" --workdir /tmp/kb
-step bench_writer 45 python3 benchmarks/bench_writer.py --check --out "$OUT/writer.json" --workdir /tmp/kb
+step bench_writer 40 python3 benchmarks/bench_writer.py --check --out "$OUT/writer.json" --workdir /tmp/kb
 step bench_train 115 python3 benchmarks/bench_train.py --device cuda --repeats 3 --check --out "$OUT/train.json" --workdir /tmp/kb
+step bench_pooling 30 python3 benchmarks/bench_pooling.py --device cuda --batch-size 256 --tokens 512 --width 512 --check --out "$OUT/pooling.json" --workdir /tmp/kb
 echo "=== gpu_check.sh: exit $rc in $SECONDS s"
 exit $rc
