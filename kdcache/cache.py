@@ -68,7 +68,7 @@ class TransferSet(IterableDataset):
         store, algorithm = _open_for(location, dataset, storage_options)
         self.location, self.dataset, self.storage_options, self.algorithm = location, dataset, storage_options, algorithm
         self._check_probes(store.manifest)
-        self._manifest = _identity(store.manifest)  # what a streaming read's own opening of the store must find (_read)
+        self._manifest = layout.identity(store.manifest)  # what a streaming read's own opening of the store must find (_read)
         self.paths = store.sample_paths() + [_target_path(store, p) for p in paths]
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.buffer_shards = int(buffer_shards)
@@ -344,14 +344,14 @@ class TransferSet(IterableDataset):
         --overwrite``, a copy synced over it) would serve its rows beside the first store's (in RAM, or read by another
         worker), targets of another teacher or run, checked only by the fingerprints of the rows the re-check picks."""
         store = layout.open_store(self.location, storage_options=self.storage_options)
-        _check_same_store(self.location, self._manifest, _identity(store.manifest), "while this reader used it", "the reader was made")
+        _check_same_store(self.location, self._manifest, layout.identity(store.manifest), "while this reader used it", "the reader was made")
         return store
 
     def check_made_from(self, manifest: dict[str, Any]) -> None:
         """Refuse this reader unless its store is the one whose ``manifest`` the caller read (training's setup, which opened
         the store before): one replaced at the same location in between would serve another teacher's or run's targets
         where the caller checked, and its checkpoint records, the first."""
-        _check_same_store(self.location, _identity(manifest), self._manifest, "between its first opening and this reader's", "first opened")
+        _check_same_store(self.location, layout.identity(manifest), self._manifest, "between its first opening and this reader's", "first opened")
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
         index = columns[layout.INDEX].tolist()
@@ -477,18 +477,12 @@ def _read_whole(store: layout.Store, paths: list[str], row_bytes: int, budget_mb
 
 
 def _check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], when: str, then: str) -> None:
-    """Refuse the store at ``location`` unless its identity ``now`` is ``was`` (``_identity``): it was replaced ``when``."""
+    """Refuse the store at ``location`` unless its identity ``now`` is ``was`` (``store.identity``): it was replaced ``when``."""
     if now != was:
         key = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
         raise StoreError(f"{location!r} was replaced {when}: its manifest's {key} was {short(was.get(key))} when {then} and is "
                          f"{short(now.get(key))} now (another kdcache extract --overwrite, or a copy over it?); rerun against the "
                          "store as it is now, and keep a store in place while a run reads it (its rows would mix with the other store's)")
-
-
-def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What makes a store the one it is: its manifest, but for ``completed`` (set when a store being written is finished:
-    a reader of a partial store reads only shards done when it began)."""
-    return {k: v for k, v in manifest.items() if k != "completed"}
 
 
 def _one_input(inputs: list[Any], algorithm: str) -> bool:

@@ -642,12 +642,8 @@ class Store:
             now = None
         if not isinstance(now, dict):
             return "its manifest is gone"
-
-        def same(m: dict[str, Any]) -> str:
-            return json.dumps({k: v for k, v in m.items() if k != "completed"}, sort_keys=True, default=str)
-
-        if same(now) == same(self.manifest):
-            return None
+        if json.dumps(identity(now), sort_keys=True, default=str) == json.dumps(identity(self.manifest), sort_keys=True, default=str):
+            return None  # compared as JSON: this Store's manifest may hold the tuples its writer put there
         if now.get("created") != self.manifest.get("created"):
             return f"created {short(self.manifest.get('created'))}, now {short(now.get('created'))}"
         return difference(self.manifest, now) or "its manifest differs"  # "store has" what it had, "now" what it has
@@ -2063,6 +2059,12 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
     return d
+
+
+def identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What makes a store the one it is: its manifest, but for ``completed`` (set when a store being written is finished:
+    a reader of a partial store reads only shards done when it began, a writer of one goes on writing it)."""
+    return {k: v for k, v in manifest.items() if k != "completed"}
 
 
 def difference(stored: dict[str, Any], manifest: dict[str, Any]) -> str | None:
