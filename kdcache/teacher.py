@@ -95,7 +95,7 @@ class Padding:
                 f"first axis of {value.shape[1]} entries (per-sample shape {list(value.shape[1:])}); give the mask one value per entry of "
                 "that axis (a select keeping part of the tokens, \"1:\", needs a mask of that part under a key of its own, e.g. "
                 f"attention_mask[1:]), fix {setting}, or set {self.setting} = \"\"")
-        return self.valid.to("cpu", torch.bool)
+        return self.valid
 
 
 def select(output: Any, selector: str, target: str, label: str = "", setting: str = "",

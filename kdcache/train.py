@@ -578,14 +578,16 @@ class Run:
         # skipped and the scale halved (bf16 has float32's range and needs none). Disabled, it passes calls through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
+    @functools.cached_property
+    def pools(self) -> bool:
+        """Whether ``train.mask`` is set and a select of the student (``student.select``, a feature's) pools by it."""
+        return bool(self.mask) and any(teachers.pools(s) for s in (self.select, *(sel for _, _, sel in self.features.values())))
+
     def padding(self, batch: dict[str, Any]) -> teachers.Padding | None:
         """``train.mask``'s padding mask of ``batch`` (a training, probe or eval batch), checked and on the host
         (``teachers.Padding.of``, as extract's), which the student's select steps ``mean`` and ``last`` pool by; None where
-        no mask is set or no select of the student pools: those selects run as without a mask."""
-        selects = (self.select, *(selector for _, _, selector in self.features.values()))
-        if not (self.mask and any(teachers.pools(s) for s in selects)):
-            return None
-        return teachers.Padding.of(batch, self.mask, "train.mask", self.mask_where)
+        no mask is set or no select of the student pools (``pools``: decided once): those selects run as without a mask."""
+        return teachers.Padding.of(batch, self.mask, "train.mask", self.mask_where) if self.pools else None
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
