@@ -925,6 +925,10 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
             data.call(run.student, data.to_device(one["inputs"], run.device), "student")
         feats = {path: student_feature(run.hooked, layout.layer_name(path), module, selector, run.padding(one))
                  for path, (module, _, selector) in run.features.items()}
+    except DeviceMemoryError as e:
+        teachers.skipped_check("the check that each train.features module's first axis is the samples", "student", e,
+                               "nothing else checks it: distill a batch-first output, or train where a batch of one sample fits")
+        return
     except (ModelError, TargetError):
         return
     finally:

@@ -223,6 +223,22 @@ def test_a_student_row_check_skipped_for_device_memory_says_so(numbered_store, t
     assert "output[order.argsort()]" in lines[0]
 
 
+def test_a_student_feature_check_skipped_for_device_memory_says_so(layered_store, tmp_path, capfd):
+    """The check that a ``train.features`` module's first axis is the samples runs the student on sample 0 alone; one that
+    ran out of device memory there was skipped in silence (a ModelError, which that check lets be as a student refusing a
+    batch of one). Not refused (its batches fit), but said, before the row checks' own warning."""
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "features": {"body": {"student": "fc"}}}
+    assert kdcache.train(numbered(student={"factory": "numbered.py:out_of_memory_alone_student"}, train=train), layered_store,
+                         tmp_path / "run")
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("warning: the check that each train.features module's first axis is the samples was skipped: the "
+                               "student ran out of device memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB "
+                               "(at numbered.py:"), lines[0]
+    assert lines[0].endswith("distill a batch-first output, or train where a batch of one sample fits"), lines[0]
+    assert lines[1].startswith("warning: the check of the student's rows"), lines[1]
+
+
 # ------------------------------------------------------------------ items that are not deterministic
 
 def test_random_augmentation_is_refused_at_extract_before_the_teacher_runs_over_the_data(tmp_path):
