@@ -6,7 +6,8 @@ whatever the store's size.
 
 - teacher top-1 accuracy against the stored labels, and per true class (the agreement of the
   teacher with each class);
-- mean entropy (nats) of softmax(logits) over the last axis;
+- mean entropy (nats) of softmax(logits) over the last axis (per-token logits: over every stored position, padding
+  included);
 - per layer target: mean and standard deviation of every stored value.
 """
 
@@ -135,10 +136,27 @@ def _summary(location: str, store: layout.Store, done: list[int], rows: int, val
         "teacher_accuracy": float(values["hits"]) / int(values["labelled"]) if values.get("labelled") else None,
         "labeled_rows": int(values["labelled"]) if "labelled" in values else None,  # the rows teacher_accuracy is over
         "mean_entropy": float(values["entropy"]) if "entropy" in values else None,
+        "entropy_positions": _positions(store, rows) if "entropy" in values else None,  # the distributions it averages
         "per_class": per_class,
         "layers": {t.name: {"path": t.path, "mean": float(values[f"mean:{t.name}"]), "std": float(values[f"std:{t.name}"])}
                    for t in store.targets.values() if t.source and f"mean:{t.name}" in values},
     }
+
+
+def _positions(store: layout.Store, rows: int) -> int:
+    """How many softmax distributions the mean entropy averages: one per row of ``[N, classes]`` logits, one per stored
+    position of per-token ``[N, T, classes]`` ones (their padding included: a store keeps no mask for unpooled targets)."""
+    logits = next(t for t in store.targets.values() if t.source == "")
+    return rows * int(np.prod(logits.shape[:-1], dtype=np.int64))
+
+
+def _entropy_line(s: dict[str, Any]) -> str:
+    if s["mean_entropy"] is None:
+        return "entropy     n/a (no done shards)" if not s["rows"] else "entropy     n/a (no logits with a class axis)"
+    positions = s.get("entropy_positions") or s["rows"]
+    over = (f" over {positions:,} positions of per-token logits (every stored position: padding included, a store keeps no "
+            "mask for them)") if positions != s["rows"] else ""
+    return f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits){over}"
 
 
 def stats_text(s: dict[str, Any]) -> str:
@@ -156,8 +174,7 @@ def stats_text(s: dict[str, Any]) -> str:
     lines = [
         f"store       {s['location']}  ({s['rows']:,} rows in {s['shards_done']}/{s['num_shards']} done shards)",
         f"teacher     {teacher}",
-        f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits)" if s["mean_entropy"] is not None
-        else "entropy     n/a (no done shards)" if not s["rows"] else "entropy     n/a (no logits with a class axis)",
+        _entropy_line(s),
     ]
     if s["per_class"]:
         classes = list(s["per_class"].items())

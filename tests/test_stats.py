@@ -122,3 +122,29 @@ def test_the_text_says_how_many_classes_it_leaves_out_and_why_there_is_no_entrop
     assert "entropy     n/a (no done shards)" in empty
     none_labeled = stats_text({**s, "teacher_accuracy": None, "labeled_rows": 0, "per_class": None})
     assert "top-1 accuracy n/a: none of the 2,000 rows has a label (every stored label is below 0)" in none_labeled
+
+
+def test_the_entropy_of_per_token_logits_says_it_averages_every_stored_position(tmp_path):
+    """Per-token logits ``[N, T, classes]`` (a text model's, unpooled) have one distribution per position, the padding's too
+    (a store keeps no mask for unpooled targets): the figure was printed as if it were one per sample."""
+    import kdcache
+    from test_pooling import pooled
+
+    location = tmp_path / "tokens.zarr"
+    kdcache.extract(pooled(select={}, mask=""), location)
+    logits = open_store(str(location)).array("targets/logits")[:].astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    s = stats(str(location))
+    assert s["mean_entropy"] == pytest.approx(float(-(p * np.log(p)).sum(-1).mean()))
+    assert s["entropy_positions"] == logits.shape[0] * logits.shape[1] != s["rows"]
+    r = CliRunner().invoke(main, ["stats", str(location)])
+    assert r.exit_code == 0 and (f"nats of softmax(logits) over {s['entropy_positions']:,} positions of per-token logits (every "
+                                 "stored position: padding included") in r.output, r.output
+
+
+def test_the_entropy_of_logits_per_sample_is_over_the_rows(tiny_store):
+    s = stats(tiny_store)
+    assert s["entropy_positions"] == s["rows"] == 50
+    r = CliRunner().invoke(main, ["stats", tiny_store])
+    assert r.exit_code == 0 and "nats of softmax(logits)\n" in r.output, r.output
