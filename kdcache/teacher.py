@@ -263,9 +263,10 @@ def _valid_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Each sample's mean of ``value`` (B, T, ...) over the positions ``valid`` (B, T, on the host) keeps: the same bits
     whatever padding and batch the sample came with, as if it had none (a sum with zeros at the padding, or one reduction
     kernel given another shape, rounds otherwise). Batched, in an order fixed by each sample alone: its valid positions
-    brought to the front, in order (a view under right padding, else one ``index_select``), the rest zeroed, summed by a
-    pairwise tree (``_pairwise_sum``) in float32 at least and divided by its length. Device ops (a GPU's kernel launches),
-    whatever B: ~log2(T) + 6 forward, ~6 more backward (15 and 21 at T = 512); the per-sample loop this replaced ran B + 1
+    brought to the front, in order (a view under right padding, else one ``index_select``), copied into one buffer of the
+    tree's leaves (float32 at least; its only copy of them: 2x an fp16 B x T x D at most, summed in place where no
+    gradient is needed), the rest zeroed, summed by a pairwise tree (``_pairwise_sum``) and divided by its length. Device
+    ops (a GPU's kernel launches), whatever B: ~log2(T) + 6 forward, ~6 more backward (15 and 21 at T = 512); the per-sample loop this replaced ran B + 1
     forward and 3B + 4 with its backward (772 at B = 256), each with a Python iteration and an autograd node."""
     lengths = valid.sum(dim=1)  # (B,) on the host; data.padding_mask refused a sample with none
     batch, positions = valid.shape
@@ -276,8 +277,10 @@ def _valid_mean(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     else:  # each sample's valid positions first, in order (a stable sort of "is padding"), as rows of the flattened batch
         order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :width] + positions * torch.arange(batch)[:, None]
         fronted = value.flatten(0, 1).index_select(0, _to(order.flatten(), value.device)).unflatten(0, (batch, width))
-    front = _to(front.view(batch, width, *[1] * (value.ndim - 2)), value.device)
-    total = _pairwise_sum(torch.where(front, fronted.to(torch.promote_types(value.dtype, torch.float32)), 0))
+    # the tree's leaves: one float32-or-wider copy, zero past each sample's length (its only copy of the values)
+    leaves = fronted.to(torch.promote_types(value.dtype, torch.float32), copy=True)
+    leaves.masked_fill_(~_to(front.view(batch, width, *[1] * (value.ndim - 2)), value.device), 0)
+    total = _pairwise_sum(leaves)
     # + 0.0: a sum of -0.0s is +0.0 however many zeros (past the sample's length) it met
     return ((total + 0.0) / _to(lengths.view(batch, *[1] * (total.ndim - 1)).to(total.real.dtype), total.device)).to(value.dtype)
 
@@ -290,18 +293,21 @@ def _to(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _pairwise_sum(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` (B, n, ...) summed over axis 1 by a pairwise tree over a power of two of positions (zeros past n), folded
-    in half at each level: node i adds nodes i and i + half of the level below. A sample's zeros past its length (and past
-    n) add exactly nothing (x + 0 == x), so the order its values are summed in depends on their positions alone, not on n
-    or B; a sum of two values is the same bits in whatever order a kernel takes them."""
-    leaves = 1 << (rows.shape[1] - 1).bit_length()
-    if leaves > rows.shape[1]:
-        rows = torch.nn.functional.pad(rows, (0, 0) * (rows.ndim - 2) + (0, leaves - rows.shape[1]))
+    """``rows`` (B, n, ...) summed over axis 1 by a pairwise tree over a power of two of positions, ``n`` of them given (the
+    rest are zeros, never made), folded in half at each level: node i adds nodes i and i + half of the level below. A
+    sample's zeros past its length add exactly nothing (x + 0 == x; the sign of a zero total aside, which the caller's
+    ``+ 0.0`` makes +0.0), so the order its values are summed in depends on their positions alone, not on n or B; a sum of
+    two values is the same bits in whatever order a kernel takes them."""
     while rows.shape[1] > 1:
-        if rows.requires_grad:  # a sum over an outer axis of 2: vectorised as an add, its backward an expand
+        half = 1 << (rows.shape[1] - 1).bit_length() - 1
+        paired = rows.shape[1] - half  # nodes 0 to paired - 1 have a partner in the given positions; the rest add a zero
+        if rows.requires_grad and paired == half:  # a sum over an outer axis of 2: vectorised as an add, its backward an expand
             rows = rows.unflatten(1, (2, -1)).sum(dim=1)
-        else:  # the same adds, into the first half of this function's own buffer (extract's forward: no new memory)
-            rows = rows[:, :rows.shape[1] // 2].add_(rows[:, rows.shape[1] // 2:])
+        elif rows.requires_grad:  # the first level of n not a power of two
+            rows = torch.cat([rows[:, :paired] + rows[:, half:], rows[:, paired:half]], dim=1)
+        else:  # the same adds, into the first half of the caller's buffer (extract's forward: no new memory)
+            rows[:, :paired].add_(rows[:, half:])
+            rows = rows[:, :half]
     return rows[:, 0]
 
 
