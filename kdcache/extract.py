@@ -551,7 +551,7 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "geometry": manifest["geometry"],
         "probe_batch": rows,
         "probe_seconds": seconds,
-        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run.has_labels) + _mask_warnings(pipeline, run),
+        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run) + _mask_warnings(pipeline, run),
     }
 
 
@@ -586,8 +586,10 @@ def _layer_warnings(pipeline: Pipeline) -> list[str]:
             "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers]
 
 
-def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
+def _loss_warnings(pipeline: Pipeline, run: Run) -> list[str]:
     """What ``train`` (train.setup) would refuse in this store for the pipeline's loss weights, said before the extract."""
+    from kdcache.train import check_classes  # the training side's check, in its words
+
     w, warnings = pipeline.train.loss, []
     if (w.kl or w.mse) and not pipeline.targets.logits and teachers.LOGITS in pipeline.targets.layers:  # the clash's fix
         warnings.append("train.loss.kl/mse need the teacher's stored output, which targets.logits = false leaves out (the layer "
@@ -596,9 +598,13 @@ def _loss_warnings(pipeline: Pipeline, has_labels: bool) -> list[str]:
     elif (w.kl or w.mse) and not pipeline.targets.logits:
         warnings.append("train.loss.kl/mse need stored logits, which targets.logits = false leaves out: kdcache train would refuse "
                         "this store; set targets.logits = true (or those weights to 0)")
-    if w.ce and not has_labels:
+    if w.ce and not run.has_labels:
         warnings.append("train.loss.ce needs labels, which this dataset's items do not have: kdcache train would refuse this store; "
                         "set train.loss.ce = 0")
+    try:
+        check_classes(pipeline, run.targets.values())
+    except KdcacheError as e:
+        warnings.append(f"kdcache train would refuse this store: {e}")
     return warnings
 
 

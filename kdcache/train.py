@@ -728,6 +728,22 @@ def _check_stored_for_loss(pipeline: Pipeline, store: layout.Store) -> None:
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
     if w.ce and not store.has_labels:
         raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
+    check_classes(pipeline, store.targets.values())
+
+
+def check_classes(pipeline: Pipeline, targets: Iterable[layout.Target]) -> None:
+    """Refuse train.loss.kl, and mse on probabilities, over stored logits of one class (per-sample shape (1,) or (T, 1): a
+    regression head's ``Linear(d, 1)``, a binary classifier's one sigmoid logit): softmax over one class is 1 whatever the
+    logit, so the term is 0 at every step and the student learns nothing from it. ``targets``: a store's, or extract's dry run's."""
+    w = pipeline.train.loss
+    shape = next((tg.shape for tg in targets if tg.path == layout.LOGITS), ())
+    term = "kl" if w.kl else "mse" if w.mse and w.mse_on == "probabilities" else ""
+    if shape and shape[-1] == 1 and term:
+        setting = f"train.loss.{term}" + (' with mse_on = "probabilities"' if term == "mse" else "")
+        raise PipelineError(f"{pipeline.where('train.loss.' + term)}: {setting} compares softmax distributions over classes, but the stored "
+                            f"logits have one class (per-sample shape {list(shape)}): softmax over one class is 1 whatever the logit, so "
+                            "the term is 0 and trains nothing; distil one value per output by its squared error: train.loss.mse > 0 with "
+                            'mse_on = "logits", and train.loss.kl = 0')
 
 
 def _check_something_to_learn(pipeline: Pipeline, specs: dict[str, dict[str, Any]]) -> None:

@@ -843,6 +843,24 @@ def test_a_regression_teacher_is_distilled_with_the_squared_error(tmp_path):
                        f"train.eval_cache='{evaluated}'"), str(tmp_path / "train.zarr"), tmp_path / "evaluated")
 
 
+@pytest.mark.parametrize("loss", ["kl=1.0", 'mse=1.0, mse_on="probabilities", kl=0.0'], ids=["kl", "probabilities"])
+def test_kl_or_probabilities_over_logits_of_one_class_are_refused_before_training(tmp_path, loss):
+    """A regression head's Linear(d, 1) stores (N, 1) logits: softmax over one class is 1 whatever the logit, so kl (on by
+    default) and mse on probabilities were 0 at every step and a run trained on nothing (loss_kl 0.0 every epoch, no error);
+    refused in one line naming the fix, which trains, and said by extract's dry run before any extract."""
+    one = ("teacher.factory='bad_input.py:one_logit_teacher'", "student.factory='bad_input.py:one_logit_student'", "targets.layers=[]")
+    store = extract_tiny(tmp_path / "one.zarr", *one)
+    assert kdcache.open_store(store).targets["logits"].shape == (1,)
+    refused = rf"train.loss.{loss[:2]}.* the stored logits have one class \(per-sample shape \[1\]\): softmax over one class is 1 .*" \
+              r'train.loss.mse > 0 with mse_on = "logits", and train.loss.kl = 0'
+    with pytest.raises(PipelineError, match=refused):
+        train(pipeline(*one, *PLAIN, f"train.loss={{{loss}}}"), store, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert re.search(refused, " ".join(kdcache.dry_run(pipeline(*one, f"train.loss={{{loss}}}"))["warnings"]))
+    train(pipeline(*one, *PLAIN, "train.loss={mse=1.0, kl=0.0}", "train.epochs=4"), store, tmp_path / "mse")
+    assert metrics(tmp_path / "mse")[-1]["loss_mse"] < 0.5 * metrics(tmp_path / "mse")[0]["loss_mse"]
+
+
 def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tiny_store, tmp_path, capsys, monkeypatch):
     train_cut_after_first_epoch(pipeline("train.epochs=4"), tiny_store, tmp_path / "run")
     capsys.readouterr()
