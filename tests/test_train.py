@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import zarr
 from click.testing import CliRunner
+from torch.utils.data import default_collate
 
 import kdcache
 import tiny
@@ -67,6 +69,42 @@ def steps(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(Run, "losses", recording)
     return seen
+
+
+@pytest.fixture
+def graded(monkeypatch) -> list[dict]:
+    """One entry per optimizer step of any train() in the test: its batch, the weighted loss terms, the student's and heads'
+    parameters before the step ("heads:" + the heads' own names) and the gradient of the step's loss with respect to each."""
+    seen: list[dict] = []
+    losses_of = Run.losses
+
+    def recording(self, batch):
+        named = [*self.student.named_parameters(), *(("heads:" + k, v) for k, v in self.heads.named_parameters())]
+        before = {k: v.detach().clone() for k, v in named}
+        parts = losses_of(self, batch)
+        grads = torch.autograd.grad(sum(parts.values()), [v for _, v in named], retain_graph=True)  # the step's own backward follows
+        seen.append({"batch": batch, "parts": {k: float(v.detach()) for k, v in parts.items()}, "params": before,
+                     "grads": {k: g for (k, _), g in zip(named, grads)}})
+        return parts
+
+    monkeypatch.setattr(Run, "losses", recording)
+    return seen
+
+
+def row_means(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A reference of a masked term: each row's mean over its valid positions, one by one, then the mean over the rows."""
+    return torch.stack([row[keep].mean() for row, keep in zip(per_position, mask.bool())]).mean()
+
+
+def same_as_reference(step: dict, reference: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """The step's weighted loss terms are ``reference``'s (float64), and its gradients those of their sum with respect to
+    ``params``: to float32's precision (README: kl's absolute error is of order 1e-5 where T² · ln(classes) <= 1000, the
+    difference of two log-probabilities near -ln(classes) rounded; its gradient, p_s - p_t, of two nearly equal floats)."""
+    assert step["parts"] == pytest.approx({k: float(v.detach()) for k, v in reference.items()}, rel=1e-5, abs=1e-5)
+    want = dict(zip(params, torch.autograd.grad(sum(reference.values()), list(params.values()))))
+    assert want.keys() == step["grads"].keys()
+    for name, grad in want.items():  # relative to the largest entry
+        assert (step["grads"][name].double() - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-12, name
 
 
 def metrics(out: Path) -> list[dict]:
@@ -1210,6 +1248,56 @@ def test_subset_uses_exactly_k_seeded_rows(tiny_store, tmp_path, steps):
 # ------------------------------------------------------------------------------------------- fidelity
 
 
+@pytest.fixture(scope="module")
+def features32(tmp_path_factory) -> str:
+    """tiny.toml with float32 targets: logits and features.3."""
+    return extract_tiny(tmp_path_factory.mktemp("stores") / "tiny32-features.zarr", 'targets.dtype="float32"')
+
+
+@pytest.mark.parametrize(("store", "temperature", "mse_on"), [("tiny_store", 1, "logits"), ("tiny_store", 2, "probabilities"),
+                                                             ("tiny_store", 4, "logits"), ("tiny_store", 10, "logits"),
+                                                             ("features32", 4, "probabilities")])
+def test_each_loss_term_of_each_step_and_its_gradient_are_the_textbook_formulas_on_the_stored_rows(request, tmp_path, graded, store,
+                                                                                                  temperature, mse_on):
+    """Each step's kl (Hinton et al.: T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over rows), mse (on logits, or Σ_c of
+    squared softmax differences), ce and feature MSE through the 1x1-conv head, times their weights, and the gradient of
+    their sum with respect to every student and head parameter, against plain-torch float64 formulas of the live teacher's
+    outputs (rounded to the store's dtype) for the step's rows; the epoch's logged terms are their means over its 50 rows
+    (the last batch of 2 weighing 2), and the head is trained (in the optimizer) and saved."""
+    location = request.getfixturevalue(store)
+    dtype = torch.float16 if store == "tiny_store" else torch.float32
+    p = pipeline("train.eval_split=''", "train.epochs=1", f"train.loss={{kl=1.0, temperature={temperature}, mse=0.5, "
+                 f'mse_on="{mse_on}", ce=0.25}}')
+    out = tmp_path / "run"
+    train(p, location, out)
+    teacher, hooked = tiny.teacher().eval(), {}
+    teacher.features[3].register_forward_hook(lambda m, i, o: hooked.update(feature=o))
+    images = tiny.dataset()
+    with torch.no_grad():
+        logits = teacher(images.x).to(dtype).double()
+    feature = hooked["feature"].to(dtype).double()
+    index, T = layout.open_store(location).array(layout.INDEX)[:], float(temperature)
+    head = "heads:targets/layers/features%2E3.conv"
+    for step in graded:
+        items = index[step["batch"]["rows"].numpy()]
+        x, y, t = images.x[items].double(), images.y[items], logits[items]
+        w = {k: v.double().requires_grad_() for k, v in step["params"].items()}
+        conv = F.conv2d(x, w["conv.weight"], w["conv.bias"], padding=1)  # TinyStudent, written out
+        s = F.linear(F.relu(conv).flatten(1), w["fc.weight"], w["fc.bias"])
+        p_t, p_s = F.softmax(t / T, -1), F.softmax(s / T, -1)
+        mse = (s - t).square().mean() if mse_on == "logits" else (p_s - p_t).square().sum(-1).mean()
+        reference = {"kl": T * T * (p_t * (p_t.log() - p_s.log())).sum(-1).mean(), "mse": 0.5 * mse,
+                     "ce": 0.25 * -F.log_softmax(s, -1)[torch.arange(len(y)), y].mean(),
+                     "feat:features.3": 0.1 * (F.conv2d(conv, w[head + ".weight"], w[head + ".bias"]) - feature[items]).square().mean()}
+        same_as_reference(step, reference, w)
+    line, rows = metrics(out)[-1], [len(s["batch"]["rows"]) for s in graded]
+    assert sorted(rows) == [2] + [8] * 6
+    for term in graded[0]["parts"]:
+        assert line[f"loss_{term}"] == pytest.approx(sum(s["parts"][term] * n for s, n in zip(graded, rows)) / 50, rel=1e-6)
+    saved = torch.load(out / "heads.pt", weights_only=True)
+    assert not torch.equal(saved["targets/layers/features%2E3.conv.weight"], graded[0]["params"][head + ".weight"])
+
+
 def live_teacher_losses(p: kdcache.Pipeline, location: str) -> list[float]:
     """The same student trained against the live teacher: same seed, batches and order (TransferSet's plan)."""
     t = p.train
@@ -1904,6 +1992,36 @@ def test_a_padding_mask_leaves_what_the_teacher_stored_at_padding_out_of_the_los
     unmasked, wild_unmasked = runs["padded", ""], runs["wild", ""]
     assert wild_unmasked[0][-1]["loss_feat:hidden"] > 1e3 * unmasked[0][-1]["loss_feat:hidden"]
     assert not all(torch.equal(unmasked[1][k], wild_unmasked[1][k]) for k in unmasked[1])
+
+
+@pytest.mark.parametrize("mse_on", ["logits", "probabilities"])
+def test_masked_per_token_terms_are_each_row_s_mean_over_its_valid_tokens_then_the_mean_over_rows(token_stores, tmp_path, graded, mse_on):
+    """train.mask on per-token logits (6, 12) and features (6, 16) through a per-token linear head: each step's kl, mse and
+    feature MSE, and their gradient, are the mean over rows of each row's mean over its valid tokens (README: per sample,
+    not per token: a row of 4 valid tokens weighs as one of 6), computed token by token in float64 from the live teacher,
+    whose values at padding the store ("wild") holds as 1e4 instead."""
+    from extract_zoo import padded_tokens, token_lm, token_lm_student
+
+    train(token_pipeline(mask="attention_mask", epochs=1, loss={"kl": 1.0, "temperature": 2.0, "mse": 0.5, "mse_on": mse_on}),
+          token_stores["wild"], tmp_path / "run")
+    teacher, student, hooked = token_lm().eval(), token_lm_student().double(), {}
+    teacher.hidden.register_forward_hook(lambda m, i, o: hooked.update(teacher=o))
+    student.hidden.register_forward_hook(lambda m, i, o: hooked.update(student=o))
+    items, index = padded_tokens(), layout.open_store(token_stores["wild"]).array(layout.INDEX)[:]
+    T = 2.0
+    for step in graded:
+        batch = default_collate([items[int(i)] for i in index[step["batch"]["rows"].numpy()]])
+        with torch.no_grad():
+            t = teacher(**batch).double()
+        w = {k: v.double().requires_grad_() for k, v in step["params"].items()}
+        s = torch.func.functional_call(student, {k: v for k, v in w.items() if not k.startswith("heads:")}, kwargs=batch)
+        head = F.linear(hooked["student"], w["heads:targets/layers/hidden.linear.weight"], w["heads:targets/layers/hidden.linear.bias"])
+        p_t, p_s, mask = F.softmax(t / T, -1), F.softmax(s / T, -1), batch["attention_mask"]
+        mse = (s - t).square().mean(-1) if mse_on == "logits" else (p_s - p_t).square().sum(-1)
+        reference = {"kl": row_means(T * T * (p_t * (p_t.log() - p_s.log())).sum(-1), mask), "mse": 0.5 * row_means(mse, mask),
+                     "feat:hidden": 0.1 * row_means((head - hooked["teacher"].double()).square().mean(-1), mask)}
+        same_as_reference(step, reference, w)
+    assert any(not m.all() for s in graded for m in s["batch"]["inputs"]["attention_mask"])  # the premise: padded rows
 
 
 def test_a_mask_of_items_without_padding_trains_as_no_mask(token_stores, tmp_path):
