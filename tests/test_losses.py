@@ -136,6 +136,34 @@ def test_kl_of_nearly_uniform_distributions_is_accurate(classes: int, t: float, 
     assert s.grad.dtype == torch.float32 and ((s.grad.double() - want_grad).norm() / want_grad.norm()).item() < 1e-5
 
 
+LOGIT_LOSSES = {  # each with its float64 reference (torch ops, vectorised: _ref_kl's loops would be slow over the grid below)
+    "kl": (kl_divergence, lambda s, te, t: t * t * (F.softmax(te / t, -1) * (F.log_softmax(te / t, -1) - F.log_softmax(s / t, -1))).sum(-1).mean()),
+    "logit_mse": (lambda s, te, t: logit_mse(s, te), lambda s, te, t: (s - te).square().mean()),
+    "probability_mse": (probability_mse, lambda s, te, t: (F.softmax(s / t, -1) - F.softmax(te / t, -1)).square().sum(-1).mean()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale", [3.0, 6e4], ids=["plain", "near-float16-max"])
+def test_logit_losses_and_their_gradients_match_float64_over_temperatures_classes_and_teacher_dtypes(name, dtype, scale) -> None:
+    """T 1 to 10, 1, 2 or 10 classes, a teacher of float16 / bfloat16 / float32 logits up to ±6e4 (float16's range): the
+    value and the gradient to a float64 student's logits are the float64 formula's of the same (rounded) teacher."""
+    loss, reference = LOGIT_LOSSES[name]
+    # a gradient's error, to its largest entry: float32's own; near ±6e4, s / T rounds to float32's step there (5e-4 at 6e3),
+    # which a difference of two such logits (p_s of two close classes) keeps: 1.5e-4 seen at T = 10
+    tol = 1e-5 if scale < 100 else 1e-3
+    for t in (1.0, 2.0, 4.0, 10.0):
+        for classes in (1, 2, 10):
+            s = (_logits(6, classes, seed=classes) * scale / 2).clamp(-6e4, 6e4).requires_grad_()
+            te = (_logits(6, classes, seed=classes + 1) * scale / 2).clamp(-6e4, 6e4).to(dtype)
+            s64 = s.detach().double().requires_grad_()
+            got, want = loss(s, te, t), reference(s64, te.double(), t)
+            assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6), (t, classes)
+            (got_grad,), (want_grad,) = torch.autograd.grad(got, s), torch.autograd.grad(want, s64)
+            assert (got_grad.double() - want_grad).abs().max() <= tol * want_grad.abs().max() + 1e-12, (t, classes)
+
+
 @pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
 def test_kl_rejects_bad_temperature(t: float) -> None:
     x = _logits(2, 3, seed=0)
