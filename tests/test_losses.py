@@ -577,6 +577,15 @@ def test_pad_positions_change_neither_a_masked_loss_nor_its_gradient(name: str) 
 
 
 @pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
+@pytest.mark.parametrize("mask", [None, PADDED], ids=["unmasked", "masked"])
+def test_no_gradient_reaches_a_teacher_that_requires_one(name: str, mask: torch.Tensor | None) -> None:
+    """The stored targets are constants: a teacher tensor that requires grad (a live teacher's output) is detached."""
+    s, te = _logits(4, 5, 3, seed=40).requires_grad_(), _logits(4, 5, 3, seed=41).requires_grad_()
+    MASKED_LOSSES[name][0](s, te, mask).backward()
+    assert te.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LOSSES))
 def test_an_all_true_mask_gives_the_unmasked_loss(name: str) -> None:
     loss = MASKED_LOSSES[name][0]
     s, te = _logits(3, 4, 6, seed=34), _logits(3, 4, 6, seed=35)
