@@ -801,6 +801,10 @@ class StoredInf(TargetError):
             return self
         where = _where(t, self.first, self.last)
         if not torch.isfinite(values).all():
+            if not t.source and not (values == math.inf).any():  # logits: a class masked with -inf
+                return TargetError(f"the teacher produced -inf in {where}: a class masked with -inf (probability zero) cannot be "
+                                   "stored; give it a large finite negative instead, e.g. logits.masked_fill(mask, -1e4) in the "
+                                   f"model's forward (softmax still gives it 0), or check the model and its inputs {UNWRITTEN}")
             autocast = (f"; under extract.precision = \"fp16\" its float16 activations overflow at ±{FLOAT16_MAX:g}: "
                         "\"bf16\" or \"fp32\" avoids that" if run.precision == "fp16" else "")
             return TargetError(f"the teacher produced inf in {where}; check the model and its inputs{autocast} "

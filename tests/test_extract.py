@@ -615,7 +615,11 @@ def test_nan_from_the_teacher_is_an_error(tmp_path, dtype, logits, layers, targe
     ("beyond_float16_in_float64", "float16", r"has values beyond the float16 range \(±65504\) of targets\.dtype: the teacher's "
                                              r"float64 output is finite but reaches ±1e\+05; set targets\.dtype = \"float32\""),
     ("inf_at_17", "float16", r"the teacher produced inf in target 'logits' \(rows {rows}\); check the model and its inputs"),
-    ("inf_at_17", "float32", r"the teacher produced inf in target 'logits' \(rows {rows}\); check the model and its inputs"),
+    ("inf_at_17", "float32", r"the teacher produced inf in target 'logits' \(rows {rows}\); check the model and its inputs \("),
+    ("minus_inf_at_17", "float16", r"the teacher produced -inf in target 'logits' \(rows {rows}\): a class masked with -inf "
+                                   r"\(probability zero\) cannot be stored; give it a large finite negative instead, e.g\. "
+                                   r"logits\.masked_fill\(mask, -1e4\) in the model's forward \(softmax still gives it 0\), or "
+                                   r"check the model and its inputs \("),
 ])
 def test_inf_once_stored_is_named_as_the_teacher_s_or_as_beyond_targets_dtype(tmp_path, factory, dtype, message):
     """An inf among the converted values is the teacher's own, or a finite value beyond targets.dtype (a float64 1e300
