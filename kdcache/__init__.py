@@ -20,7 +20,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.14"
+__version__ = "0.1.15"
 
 _API = {  # name -> (module, attribute)
     "KdcacheError": ("kdcache.errors", "KdcacheError"),

@@ -34,7 +34,7 @@ class TransferSet(IterableDataset):
 
     ``rows``: the store rows to use, of done shards (default: every row of a done shard; others are refused). ``paths``:
     the targets to read, by name (``"logits"``, a layer's name) or array path (``"targets/logits"``); ``batch["targets"]``
-    is keyed by array path (``store.targets[name].path``); ``samples/*`` columns are always read (``[]``: inputs, indices and
+    is keyed by array path (``store.targets[name].path``; a top-k target adds its classes, ``targets/logits_indices``); ``samples/*`` columns are always read (``[]``: inputs, indices and
     labels alone, a labels-only loop). ``shuffle=False`` keeps store order. ``memory_budget_mb`` (MiB, >= 0): targets whose
     rows fit are read into RAM once, others streamed by whole shards, ``buffer_shards`` (>= 1) at a time. ``fingerprint_check``
     and ``fingerprint_recheck``: the fractions (0 to 1) of rows whose input fingerprint is checked in the first epoch set
@@ -69,7 +69,7 @@ class TransferSet(IterableDataset):
         self.location, self.dataset, self.storage_options, self.algorithm = location, dataset, storage_options, algorithm
         self._check_probes(store.manifest)
         self._manifest = layout.identity(store.manifest)  # what a streaming read's own opening of the store must find (_read)
-        self.paths = store.sample_paths() + [_target_path(store, p) for p in paths]
+        self.paths = store.sample_paths() + [a for p in paths for a in _target_arrays(store, p)]
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.buffer_shards = int(buffer_shards)
         self.fingerprint_check, self.fingerprint_recheck = float(fingerprint_check), float(fingerprint_recheck)
@@ -566,13 +566,13 @@ def _checked_rows(rows: Any, store: layout.Store) -> np.ndarray:
     return out
 
 
-def _target_path(store: layout.Store, target: str) -> str:
-    """The array path of a stored target named by its name (``"logits"``, a layer's) or its path (``"targets/logits"``)."""
+def _target_arrays(store: layout.Store, target: str) -> list[str]:
+    """The array paths of a stored target named by its name (``"logits"``, a layer's) or its path (``"targets/logits"``):
+    its own, and a top-k target's classes (``targets/logits_indices``)."""
     targets = store.targets
-    if target in targets:
-        return targets[target].path
-    if target in {t.path for t in targets.values()}:
-        return target
+    found = targets.get(target) or next((t for t in targets.values() if t.path == target), None)  # a name first
+    if found is not None:
+        return list(found.arrays)
     raise StoreError(f"{store.location!r} stores no target {target!r}; name one of its targets: {', '.join(map(repr, targets))}")
 
 

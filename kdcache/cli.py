@@ -603,7 +603,19 @@ def _info_text(i: dict[str, Any]) -> str:
     for name, tgt in i["targets"].items():
         pooled = f", targets.mask {tgt['mask']!r}" if "mask" in tgt else ""
         lines.append(f"  {name:<24} {tgt['path']:<32} {str(tuple(tgt['shape'])):<20} {tgt['dtype']:<8} ({tgt['select']}{pooled})")
+        lines += _topk_lines(tgt)
     return "\n".join(printable(line) for line in lines)
+
+
+def _topk_lines(t: dict[str, Any]) -> list[str]:
+    """A top-k target's line under its own in ``info`` and the dry run: K of how many classes, where they are, and the bytes
+    per sample they save against the full logits."""
+    if "topk" not in t:
+        return []
+    saved, full = t["bytes_per_sample_saved"], t["bytes_per_sample_full"]
+    return [f"  {'':<24} top {t['topk']} of {t['classes']:,} classes, their classes in {t['indices_path']}: "
+            f"{full - saved:,} B/sample, the full logits {full:,} B "
+            + (f"({saved:,} B saved, {full / (full - saved):.1f}x less)" if saved > 0 else f"({-saved:,} B more: a K this close to the class count saves nothing)")]
 
 
 def _dry_run_text(r: dict[str, Any]) -> str:
@@ -617,6 +629,7 @@ def _dry_run_text(r: dict[str, Any]) -> str:
     for name, t in r["targets"].items():
         pooled = f", targets.mask {t['mask']!r}" if "mask" in t else ""
         lines.append(f"  {name:<24} {str(tuple(t['shape'])):<20} {t['dtype']:<8} {t['bytes_per_sample']:>10,} B/sample  ({t['select']}{pooled})")
+        lines += _topk_lines(t)
     lines += [
         f"per sample  {r['bytes_per_sample']:,} B (with index, fingerprint{', label' if r['has_labels'] else ''})",
         f"store       ~{_size(r['estimated_bytes'])} ({_size(r['estimated_bytes_raw'])} raw, ~{r['estimated_compression_ratio']:.2f}x from the probe batch)",

@@ -177,8 +177,8 @@ class Run:
         for path, t in self.targets.items():
             tensor = self.target(t, output, hooked, padding)
             samples_first(tensor, rows, t.name)
-            if tuple(tensor.shape[1:]) != t.shape:
-                raise TargetError(f"target {t.name!r} changed shape from {list(t.shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
+            if tuple(tensor.shape[1:]) != t.output_shape:
+                raise TargetError(f"target {t.name!r} changed shape from {list(t.output_shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
             out[path] = tensor
         return out
 
@@ -195,7 +195,7 @@ class Run:
         take more than a shard may hold (the writer holds shards in memory until complete)."""
         x = pipeline.extract
         bytes_per_sample = {layout.INDEX: 8, layout.FINGERPRINT: 8, **({layout.LABEL: 8} if self.has_labels else {})}
-        bytes_per_sample |= {p: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for p, t in self.targets.items()}
+        bytes_per_sample |= {p: math.prod(shape) * np.dtype(dtype).itemsize for t in self.targets.values() for p, (shape, dtype) in t.arrays.items()}
         geometry = layout.plan_geometry(self.num_samples, bytes_per_sample, shard_mb=x.shard_mb, chunk_mb=x.chunk_mb,
                                         rows_per_shard=x.rows_per_shard)
         shard_bytes = geometry["rows_per_shard"] * sum(bytes_per_sample.values())
@@ -298,6 +298,9 @@ def setup(pipeline: Pipeline, writing: bool = True, keep_probe: bool = False) ->
         key = "extract.chunk_mb" if pipeline.where("extract.chunk_mb") != pipeline.source else "extract.shard_mb"  # an override of either
         raise PipelineError(f"{pipeline.where(key)}: extract.chunk_mb = {x.chunk_mb:g} and extract.shard_mb = {x.shard_mb:g}: both must be > 0 "
                             "and an inner chunk no larger than its shard; e.g. chunk_mb = 1.0, shard_mb = 64.0")
+    if t.topk and not t.logits:
+        raise PipelineError(f"{pipeline.where('targets.topk')}: targets.topk = {t.topk} keeps the largest logits, but targets.logits = "
+                            "false stores none; set targets.logits = true, or targets.topk = 0")
     layout.check_layer_names(list(t.layers))  # names that collide on a case-insensitive file system
     device = data.pick_device(x.device, "extract.device", pipeline.where("extract.device"))
     model = teachers.build(pipeline, "teacher.factory")
@@ -335,13 +338,19 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
         for name, source in sources:
             select = t.select.get(name, "auto")
             pooled = padding if teachers.pools(select) else None
-            tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name, mask=pooled)
+            on_tensor: list[tuple[str, int]] = []
+            tensor, resolved = teachers.select(output if source == "" else teachers.hooked_output(hooked, source), select, name,
+                                               mask=pooled, on_tensor=on_tensor)
             samples_first(tensor, len(batch["index"]), name)
             _check_values(tensor, name)
             _check_floating(tensor, name, t.dtype)
             path = layout.LOGITS if source == "" else layout.layer_path(name)
-            run.targets[path] = layout.Target(name, path, tuple(tensor.shape[1:]), t.dtype, source, select if select != "auto" else resolved,
-                                              t.mask if pooled else "")
+            shape, topk = tuple(tensor.shape[1:]), t.topk if source == "" else 0
+            if topk:
+                _check_topk(pipeline, shape, select if select != "auto" else resolved, on_tensor)
+            run.targets[path] = layout.Target(name, path, (*shape[:-1], topk) if topk else shape, t.dtype, source,
+                                              select if select != "auto" else resolved, t.mask if pooled else "", topk,
+                                              shape[-1] if topk else 0)
         _check_mask_used(run)
         unknown = set(t.select) - {name for name, _ in sources}
         if unknown:
@@ -361,6 +370,24 @@ def _probe_targets(run: Run, pipeline: Pipeline, writing: bool) -> None:
         if len(batch["index"]) > 1:
             _check_alone(run, t.layers)
             _check_order(run, t.layers)
+
+
+def _check_topk(pipeline: Pipeline, shape: tuple[int, ...], select: str, on_tensor: list[tuple[str, int]]) -> None:
+    """Refuse ``targets.topk`` where the logits (per-sample ``shape``, reached by ``select``, whose steps on a tensor are
+    ``on_tensor``) have no class axis last to take the K largest of, fewer classes than K, or a select step that took
+    part of, pooled or moved their class axis (a step on a sample of one axis, or ``transpose`` of two)."""
+    k, where = pipeline.targets.topk, pipeline.where("targets.topk")
+    if not shape:
+        raise PipelineError(f"{where}: targets.topk = {k} keeps the largest values of the logits' class axis, but the logits are one "
+                            f"value per sample (per-sample shape [], select {select!r}); set targets.topk = 0 to store them whole")
+    touched = next((step for step, axes in on_tensor if axes == 1 or (step == "transpose" and axes == 2)), None)
+    if touched is not None:
+        raise PipelineError(f"{where}: targets.topk = {k} keeps the largest values along the logits' last (class) axis, but "
+                            f"[targets.select] 'logits' = {select!r} applies step {touched!r} to that axis (it takes part of, pools "
+                            "or moves the classes); select the logits with their classes last and whole, or set targets.topk = 0")
+    if k > shape[-1]:
+        raise PipelineError(f"{where}: targets.topk = {k} is more than the {shape[-1]} classes of the logits (per-sample shape "
+                            f"{list(shape)}); use at most {shape[-1]}, or 0 to store every class")
 
 
 def _check_mask_used(run: Run) -> None:
@@ -533,7 +560,7 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     manifest = run.manifest(pipeline)
     host, rows = _probe_values(run)
-    per_sample = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
+    per_sample = sum(t.row_bytes for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
     ratio = _compression_ratio(pipeline, host)
     n = manifest["num_samples"]
     return {
@@ -542,8 +569,8 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "teacher": manifest["teacher"],
         "has_labels": run.has_labels,
         "targets": {t.name: {"path": p, "shape": [n, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select,
-                             **({"mask": t.mask} if t.mask else {}),
-                             "bytes_per_sample": int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize} for p, t in run.targets.items()},
+                             **({"mask": t.mask} if t.mask else {}), **layout.topk_info(t),
+                             "bytes_per_sample": t.row_bytes} for p, t in run.targets.items()},
         "bytes_per_sample": per_sample,
         "estimated_bytes_raw": per_sample * n,
         "estimated_compression_ratio": ratio,
@@ -567,7 +594,7 @@ def _probe_values(run: Run) -> tuple[dict[str, torch.Tensor], int]:
     except TargetError as e:  # the run's words say what it left unwritten: a dry run writes nothing
         error = e.explained(run) if isinstance(e, StoredInf) else e
         raise TargetError(str(error).replace(UNWRITTEN, "(kdcache extract would stop at this first batch; the dry run wrote nothing)")) from None
-    return {p: h for p, h in host.items() if p in run.targets}, rows  # the values, not their sums
+    return {p: h for p, h in host.items() if not p.endswith("#sum")}, rows  # the values (and top-k classes), not their sums
 
 
 def _compression_ratio(pipeline: Pipeline, host: dict[str, torch.Tensor]) -> float:
@@ -628,8 +655,9 @@ def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target],
     Each target also gets a 0-d float32 sum of its converted values (NaN stays NaN, overflow became
     inf), copied alongside under ``path + "#sum"``: a finite sum proves every value finite, so the
     writer looks at the values only when it is not (``_check_finite``). One reduction pass, a sixth
-    of ``isfinite().all()``'s cost on a CPU float16 map. Returns the host tensors and a CUDA event
-    to wait on (None on CPU).
+    of ``isfinite().all()``'s cost on a CPU float16 map. A top-k target (``targets.topk``) keeps its K largest
+    values per position, under its path, and their classes under ``layout.LOGITS_INDICES`` (``teachers.top_k``).
+    Returns the host tensors and a CUDA event to wait on (None on CPU).
     """
     host: dict[str, torch.Tensor] = {}
     cuda = device.type == "cuda"
@@ -637,8 +665,11 @@ def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target],
         # On the CPU the writer keeps this tensor until its shard is written: it must own its memory
         # (a model may hand out the same buffer every call) and be contiguous (its rows are written as they are).
         converted = t.detach().to(DTYPES[targets[path].dtype], copy=not cuda, memory_format=torch.contiguous_format)
-        total = converted.sum(dtype=torch.float32)  # float32: 4M float16 ReLU values overflow a float16 sum
-        for key, value in ((path, converted), (path + "#sum", total)):
+        kept = {path: converted}
+        if targets[path].topk:  # of the values as stored: their ties are the stored values' (teachers.top_k orders them)
+            kept[path], kept[layout.LOGITS_INDICES] = teachers.top_k(converted, targets[path].topk)
+        kept[path + "#sum"] = kept[path].sum(dtype=torch.float32)  # float32: 4M float16 ReLU values overflow a float16 sum
+        for key, value in kept.items():
             if cuda:
                 host[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
             else:

@@ -323,9 +323,9 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
             manifest = None
         if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT:
             raise StoreError(f"{source!r} has no kdcache manifest (root attribute {layout.ATTRS!r}); pass a file written by kdcache export")
-        if type(manifest.get("format_version")) is not int or manifest["format_version"] != layout.FORMAT_VERSION:  # true == 1 in Python
+        if type(manifest.get("format_version")) is not int or manifest["format_version"] not in layout.FORMAT_VERSIONS:  # true == 1 in Python
             raise StoreError(f"{source!r} holds store format version {manifest.get('format_version')!r}; this kdcache reads "
-                             f"version {layout.FORMAT_VERSION}: upgrade kdcache")
+                             f"version {' or '.join(map(str, layout.FORMAT_VERSIONS))}: upgrade kdcache")
         version = f.attrs.get("kdcache_hdf5_version")
         version = version.item() if isinstance(version, np.generic) else version  # h5py gives an int attribute as np.int64
         if version is None:

@@ -49,6 +49,8 @@ class TargetsSection:
     # the key of the dataset's dict inputs holding each item's (tokens,) padding mask, true where a position counts: a
     # select's mean averages the valid positions only, its last takes the last valid one ("": mean pools every position)
     mask: str = ""
+    # > 0: the logits keep only their K largest values per position (and their classes), not every class's (0: all of them)
+    topk: int = 0
 
 
 @dataclass(frozen=True)

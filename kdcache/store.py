@@ -36,12 +36,15 @@ from kdcache.storage import exists, filesystem, http_problem, http_url, local_pa
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
+TOPK_FORMAT_VERSION = 2  # a store with a top-k logits target (FORMAT.md §2, §5.1): version-1 readers refuse it
+FORMAT_VERSIONS = (FORMAT_VERSION, TOPK_FORMAT_VERSION)  # what this kdcache reads
 ATTRS = "kdcache"  # root attribute holding the manifest
 
 INDEX = "samples/index"  # [N] int64: dataset index of row r
 FINGERPRINT = "samples/fingerprint"  # [N] uint64: the input's fingerprint as the teacher saw it (manifest fingerprint.algorithm)
 LABEL = "samples/label"  # [N] int64: the dataset's label, when it has one
-LOGITS = "targets/logits"  # [N, ...] the model's output
+LOGITS = "targets/logits"  # [N, ...] the model's output; with targets.topk = K, its K largest values per position, descending
+LOGITS_INDICES = "targets/logits_indices"  # [N, ..., K] int32: the class of each top-k value (only with targets.topk)
 LAYERS = "targets/layers/"  # + encoded module name: [N, ...] a hooked module's output
 DONE = "progress/done"  # [num_shards] bool, chunk 1: shard s fully written
 DIGEST = "progress/digest"  # [num_shards, data arrays] uint32, chunk 1 shard: shard_digest of each array's rows
@@ -97,17 +100,37 @@ class Target:
     source: str  # "" for the model's output, else the module name
     select: str  # which part of a structured output was kept ("tensor", "0", "logits", ...)
     mask: str = ""  # targets.mask, where the select's mean/last steps pooled by it ("": none did; not written then)
+    topk: int = 0  # targets.topk: the logits keep their K largest values per position, with their classes (0: all of them)
+    classes: int = 0  # with topk: the full class count of the teacher's logits (the student's)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
-        if not self.mask:  # a store without one reads as before, and is resumed by a run without one
-            del d["mask"]
+        for key in ("mask", "topk", "classes"):
+            if not d[key]:  # a store without one reads as before, and is resumed by a run without one
+                del d[key]
         return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Target:
-        return Target(d["name"], d["path"], tuple(d["shape"]), d["dtype"], d["source"], d["select"], d.get("mask", ""))
+        return Target(d["name"], d["path"], tuple(d["shape"]), d["dtype"], d["source"], d["select"], d.get("mask", ""),
+                      d.get("topk", 0), d.get("classes", 0))
+
+    @property
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The data arrays holding this target, by path: per-sample shape and dtype (a top-k target's classes too)."""
+        own = {self.path: (self.shape, self.dtype)}
+        return own | ({LOGITS_INDICES: (self.shape, "int32")} if self.topk else {})
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The per-sample shape of the teacher's output this target holds: a top-k target's with every class."""
+        return (*self.shape[:-1], self.classes) if self.topk else self.shape
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one sample's rows of this target's arrays."""
+        return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self.arrays.values())
 
 
 def plan_geometry(
@@ -185,16 +208,16 @@ class Store:
         version = manifest.get("format_version")
         if type(version) is not int:  # exactly the JSON integer: true and 1.0 compare equal to 1 in Python
             raise _bad_manifest(location, "format_version", version, f"the integer {FORMAT_VERSION}")
-        if version != FORMAT_VERSION:
+        if version not in FORMAT_VERSIONS:
             raise StoreError(
-                f"{location!r} has store format version {version!r}; this kdcache reads version {FORMAT_VERSION}: "
+                f"{location!r} has store format version {version!r}; this kdcache reads version {FORMAT_VERSION} or {TOPK_FORMAT_VERSION}: "
                 "upgrade kdcache or re-extract the store"
             )
         check_manifest(manifest, location)
         self.manifest: dict[str, Any] = manifest
         # what every read looks up, made once: the manifest's targets and data arrays do not change while a store is open
         self._targets = {name: Target.from_dict(d) for name, d in manifest["targets"].items()}
-        self._paths = (*self.sample_paths(), *(t.path for t in self._targets.values()))
+        self._paths = (*self.sample_paths(), *(path for t in self._targets.values() for path in t.arrays))
         self._kind = location_kind(location)
         self._check_groups()
         self._arrays: dict[str, zarr.Array] = {}
@@ -343,9 +366,9 @@ class Store:
     def expected(self, path: str) -> tuple[tuple[int, ...], str]:
         """Shape and dtype the manifest gives the data array at ``path``."""
         n = self.num_samples
-        targets = {t.path: t for t in self.targets.values()}
-        if path in targets:
-            return (n, *targets[path].shape), targets[path].dtype
+        arrays = {p: a for t in self.targets.values() for p, a in t.arrays.items()}
+        if path in arrays:
+            return (n, *arrays[path][0]), arrays[path][1]
         return (n,), "uint64" if path == FINGERPRINT else "int64"
 
     # -- progress ---------------------------------------------------------------------------
@@ -1047,7 +1070,7 @@ class Store:
             "dataset": _bounded(m["dataset"]),
             "targets": {
                 name: {"path": t.path, "shape": [self.num_samples, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select,
-                       **({"mask": t.mask} if t.mask else {})}
+                       **({"mask": t.mask} if t.mask else {}), **topk_info(t)}
                 for name, t in self.targets.items()
             },
             "bytes_stored": stored,
@@ -1824,7 +1847,7 @@ def _folder_keys(folder: Path, folders: bool = False) -> Iterator[str]:
 
 
 # kdcache's arrays (FORMAT.md §3) and the folders of their chunk keys, which name a chunk of each dimension (``c/0``, ``c/3/0/0``)
-_ARRAY_FOLDER = re.compile(r"(samples/(index|fingerprint|label)|targets/logits|targets/layers/[^/]+|progress/done|progress/digest)/c(/[0-9]+)*")
+_ARRAY_FOLDER = re.compile(r"(samples/(index|fingerprint|label)|targets/logits|targets/logits_indices|targets/layers/[^/]+|progress/done|progress/digest)/c(/[0-9]+)*")
 
 
 def _only_creation_metadata(keys: Iterable[str], remains: bool = False) -> bool:
@@ -1833,7 +1856,7 @@ def _only_creation_metadata(keys: Iterable[str], remains: bool = False) -> bool:
     (keys ending in ``/``) of kdcache's nodes and chunks."""
     import fnmatch
 
-    nodes = ("", "samples", "samples/*", "targets", "targets/logits", "targets/layers", "targets/layers/*", "progress", DONE, DIGEST)
+    nodes = ("", "samples", "samples/*", "targets", "targets/logits", LOGITS_INDICES, "targets/layers", "targets/layers/*", "progress", DONE, DIGEST)
 
     def node(path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/") for pattern in nodes)
@@ -1872,8 +1895,9 @@ def check_layer_names(names: list[str]) -> None:
 
 
 def _create(location: str, target: Any, manifest: dict[str, Any], storage_options: dict[str, Any] | None) -> Store:
-    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, created=_now(), completed=None)
     targets = manifest.get("targets")
+    topk = isinstance(targets, dict) and any(isinstance(t, dict) and t.get("topk") for t in targets.values())
+    manifest = dict(manifest, format=FORMAT, format_version=TOPK_FORMAT_VERSION if topk else FORMAT_VERSION, created=_now(), completed=None)
     if isinstance(targets, dict):  # before anything is written (extract checks its pipeline's names earlier still)
         check_layer_names([t["name"] for t in targets.values() if isinstance(t, dict) and t.get("source")])
     # The whole layout is built in memory first: whatever zarr refuses (a codec setting, a shape, a manifest
@@ -1897,7 +1921,7 @@ def write_layout(group: zarr.Group, manifest: dict[str, Any], location: str) -> 
         if manifest["has_labels"]:
             columns[LABEL] = ((), "int64")
         for t in manifest["targets"].values():
-            columns[t["path"]] = (tuple(t["shape"]), t["dtype"])
+            columns |= {path: (tuple(shape), dtype) for path, (shape, dtype) in Target.from_dict(t).arrays.items()}
         what = "the compression"
         level = manifest["compression"]["level"]
         compressors = [ZstdCodec(level=level), Crc32cCodec()] if manifest["compression"]["codec"] == "zstd" else [Crc32cCodec()]
@@ -1931,7 +1955,7 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
     _check_provenance(m, location)
     _check_probes(m, location, n)
     targets = _check_targets(m, location, rows)
-    row = 8 * (3 if m["has_labels"] else 2) + sum(math.prod(t["shape"]) * (2 if t["dtype"] == "float16" else 4) for t in targets.values())
+    row = 8 * (3 if m["has_labels"] else 2) + sum(Target.from_dict(t).row_bytes for t in targets.values())
     if rows * row > MAX_SHARD_BYTES:  # a whole-shard read's buffer would be larger: a kdcache writer never makes such a store
         raise _bad_manifest(location, "geometry.rows_per_shard", rows, f"at most {MAX_SHARD_BYTES // row} ({row} bytes per row in all the data "
                        f"arrays; a shard holds at most {MAX_SHARD_BYTES // 2**30} GiB of them decoded, FORMAT.md §3.1)")
@@ -2003,6 +2027,7 @@ def _check_targets(m: dict[str, Any], location: str, rows: int) -> dict[str, Any
         raise _bad_manifest(location, "geometry.chunk_rows", chunk_rows, "an object")
     for name, t in targets.items():
         _check_target(location, name, t)
+        _check_topk(location, name, t, m.get("format_version"))
     for path, c in chunk_rows.items():
         if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= rows:
             raise _bad_manifest(location, f"geometry.chunk_rows.{str(path)[:80]}", c, f"an integer in 1..{rows}")
@@ -2031,6 +2056,31 @@ def _check_target(location: str, name: str, t: Any) -> None:
         raise _bad_manifest(location, f"{at}.shape", shape, "a list of sizes of at least 1")
     if t.get("dtype") not in ("float16", "float32"):
         raise _bad_manifest(location, f"{at}.dtype", t.get("dtype"), "'float16' or 'float32'")
+
+
+def _check_topk(location: str, name: str, t: dict[str, Any], version: int) -> None:
+    """Refuse a target's ``topk`` / ``classes`` (FORMAT.md §5.1) unless both are absent, or the model's output holds its
+    ``topk`` largest values of ``classes`` (topk <= classes, the last axis of its shape) in a store of format version 2."""
+    at = f"targets.{str(name)[:80]}"
+    topk, classes = t.get("topk", 0), t.get("classes", 0)
+    if not topk and not classes:
+        return
+    if type(topk) is not int or topk < 1 or t["source"] != "" or not t["shape"] or topk != t["shape"][-1]:
+        raise _bad_manifest(location, f"{at}.topk", topk, f"the last size of its shape {t['shape']} (top-k values of the model's output only)")
+    if type(classes) is not int or not topk <= classes < 2**40:
+        raise _bad_manifest(location, f"{at}.classes", classes, f"an integer >= topk ({topk})")
+    if version != TOPK_FORMAT_VERSION:
+        raise _bad_manifest(location, "format_version", version, f"{TOPK_FORMAT_VERSION} in a store of top-k logits")
+
+
+def topk_info(t: Target) -> dict[str, Any]:
+    """What ``info`` and a dry run add for a top-k target: K, the class count, the classes' array, and the bytes per sample
+    it saves against the full logits (the values and classes stored, against every class's value)."""
+    if not t.topk:
+        return {}
+    full = math.prod(t.output_shape) * np.dtype(t.dtype).itemsize
+    return {"topk": t.topk, "classes": t.classes, "indices_path": LOGITS_INDICES, "bytes_per_sample_full": full,
+            "bytes_per_sample_saved": full - t.row_bytes}
 
 
 def _bounded(value: Any, limit: int = 1000, depth: int = 6) -> Any:

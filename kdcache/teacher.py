@@ -99,10 +99,12 @@ class Padding:
 
 
 def select(output: Any, selector: str, target: str, label: str = "", setting: str = "",
-           mask: Padding | None = None, pooled_by: str = "targets.mask") -> tuple[torch.Tensor, str]:
+           mask: Padding | None = None, pooled_by: str = "targets.mask",
+           on_tensor: list[tuple[str, int]] | None = None) -> tuple[torch.Tensor, str]:
     """Pick the tensor to store from a model/module output; returns it and the resolved selector. ``mask``: the batch's
     padding mask, which ``mean`` and ``last`` steps pool by (``last`` needs one); ``pooled_by``: the setting that gives it
-    (the teacher's ``targets.mask``, the student's ``train.mask``), named where ``last`` has none.
+    (the teacher's ``targets.mask``, the student's ``train.mask``), named where ``last`` has none. ``on_tensor``: each
+    step applied to a tensor is appended to it, with the per-sample number of axes it was applied to (``top_k``'s check).
 
     Errors begin with ``label`` (default: ``target 'NAME'``) and name ``setting`` to fix (default: ``[targets.select] 'NAME'``).
     """
@@ -123,11 +125,31 @@ def select(output: Any, selector: str, target: str, label: str = "", setting: st
         if isinstance(value, torch.Tensor) and not steps:
             return value, ".".join(path) or "tensor"
         step = steps.pop(0) if steps else _auto_step(value, label, setting)
+        if on_tensor is not None and isinstance(value, torch.Tensor):
+            on_tensor.append((step, value.ndim - 1))
         value = _step(value, step, label, setting, mask, pooled_by)
         path.append(step)
         if value is None:
             raise TargetError(f"{label}: element {'.'.join(path)!r} of the output is None (the module returned no tensor "
                               f"there, e.g. attention weights with need_weights=False); choose another {setting}")
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values along the last (class) axis, in descending order, and their classes as int32: (..., C) ->
+    (..., k) twice. Equal values are ordered by class, the lower first, and where equal values straddle the k-th place the
+    lower classes are kept: the result depends on the values alone, never on the device, the batch or ``torch.topk``'s
+    own order of ties (``verify --teacher-check`` and a resumed extract compare rows)."""
+    values, classes = logits.topk(k, dim=-1)
+    # equal values straddle the k-th place where the whole row has more of the k-th value than were kept
+    kth = values[..., -1:]
+    straddled = ((logits == kth).sum(-1) > (values == kth).sum(-1)).nonzero(as_tuple=True)
+    if len(straddled[0]):  # rare: those rows again by a stable sort, which keeps equal values in class order
+        again = logits[straddled].sort(dim=-1, descending=True, stable=True)
+        values[straddled], classes[straddled] = again.values[..., :k], again.indices[..., :k]
+    order = classes.argsort(dim=-1, stable=True)  # by class, then by value (stable): ties in class order
+    values, classes = values.gather(-1, order), classes.gather(-1, order)
+    order = values.argsort(dim=-1, descending=True, stable=True)
+    return values.gather(-1, order), classes.gather(-1, order).to(torch.int32)
 
 
 def pools(selector: str) -> bool:

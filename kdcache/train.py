@@ -726,6 +726,9 @@ def _check_stored_for_loss(pipeline: Pipeline, store: layout.Store) -> None:
                                 f"({store.targets[teachers.LOGITS].path}); set train.loss.kl and mse to 0 and distill it with "
                                 "train.features.logits = {student = \"MODULE\"} (a student module giving outputs of its shape)")
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
+    if any(tg.topk for tg in store.targets.values()):
+        raise PipelineError(f"{store.location!r} stores top-k logits (targets.topk), which this kdcache cannot train from yet; "
+                            "extract with targets.topk = 0")
     if w.ce and not store.has_labels:
         raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
     check_classes(pipeline, store.targets.values())

@@ -352,6 +352,11 @@ def _compare_target(store: layout.Store, t: layout.Target, rows: np.ndarray, rec
         return None
     stored = stored.astype(np.float64) if len(rows) else np.zeros((0, *t.shape))
     fresh = np.concatenate(recomputed).astype(np.float64) if recomputed else np.zeros_like(stored)
+    if t.topk and len(rows):
+        pairs = _topk_pairs(store, t, rows, stored, fresh, check)
+        if pairs is None:
+            return None
+        stored, fresh = pairs
     fresh_stored = fresh.astype(t.dtype).astype(np.float64)  # the value a fresh extract would store
     err = np.abs(stored - fresh_stored)
     rtol = tolerance if tolerance is not None else RTOL.get((store.manifest.get("precision", "fp32"), t.dtype), 5e-2)
@@ -368,10 +373,30 @@ def _compare_target(store: layout.Store, t: layout.Target, rows: np.ndarray, rec
         "rows": int(len(rows)),
         "max_abs_error": float(err.max()) if err.size else 0.0,
         "max_rel_error": float((err / np.maximum(np.abs(fresh), scale or 1.0)).max()) if err.size else 0.0,
-        "kl": _kl(stored, fresh) if t.source == "" and t.shape and err.size else None,  # no class axis: no softmax
+        # no class axis: no softmax; top-k: over the K stored classes (renormalised), the stored values against the teacher's there
+        "kl": _kl(stored[..., :t.shape[-1]], fresh[..., :t.shape[-1]]) if t.source == "" and t.shape and err.size else None,
         "rtol": rtol,
         "ok": not bad.any(),
     }
+
+
+def _topk_pairs(store: layout.Store, t: layout.Target, rows: np.ndarray, stored: np.ndarray, fresh: np.ndarray,
+                check: Check) -> tuple[np.ndarray, np.ndarray] | None:
+    """A top-k target's stored values (K per position) twice, and what they are compared with: the ``fresh`` logits (every
+    class) at the stored classes, then the fresh K largest. A stored class whose value is not the teacher's there, or values
+    that are not its K largest, are then beyond tolerance, while two classes of near-equal values that a recomputation on
+    another device ranks the other way round are not (values are compared, not the order of classes). None: the stored
+    classes are unreadable or out of range, a failure of ``check``."""
+    classes = _rows(store, layout.LOGITS_INDICES, rows, check)
+    if classes is None:
+        return None
+    if classes.min() < 0 or classes.max() >= t.classes:
+        check.fail(f"target {t.name!r}: {layout.LOGITS_INDICES} holds class {int(classes.min() if classes.min() < 0 else classes.max())}, "
+                   f"outside the {t.classes} classes of the manifest")
+        return None
+    at = np.take_along_axis(fresh, classes.astype(np.int64), axis=-1)
+    largest = -np.sort(-fresh, axis=-1)[..., :t.topk]
+    return np.concatenate([stored, stored], axis=-1), np.concatenate([at, largest], axis=-1)
 
 
 def _kl(stored: np.ndarray, fresh: np.ndarray) -> float:

@@ -420,9 +420,9 @@ def test_unknown_version_and_foreign_groups_are_refused(built, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(built, copy)
     g = zarr.open_group(str(copy), mode="r+", zarr_format=3)
-    manifest = dict(g.attrs["kdcache"], format_version=2, some_future_key={"x": 1})
+    manifest = dict(g.attrs["kdcache"], format_version=3, some_future_key={"x": 1})  # 2: a store of top-k logits (§5.1)
     g.attrs["kdcache"] = manifest
-    with pytest.raises(StoreError, match="version 2"):
+    with pytest.raises(StoreError, match="version 3"):
         kdcache.open_store(copy)
     g.attrs["kdcache"] = dict(manifest, format_version=1)  # unknown extra keys are ignored
     assert kdcache.open_store(copy).complete

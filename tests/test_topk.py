@@ -1,0 +1,186 @@
+"""Top-k logits (``targets.topk``): the store keeps each position's K largest logits, descending, and their classes
+(int32, ``targets/logits_indices``); training distils against them (``losses.topk_kl_divergence``). Real stores on disk,
+tiny seeded teachers: ``topk_zoo``'s peaked logits over ``extract_zoo.images`` (whose first pixel is the index), and the
+text example's per-token LM (pipelines/text.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+import kdcache
+from kdcache import store as layout
+from kdcache.cli import main
+from kdcache.errors import PipelineError
+from kdcache.pipeline import from_dict, resolve
+from kdcache.verify import verify
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TEXT = Path(__file__).resolve().parent.parent / "pipelines" / "text.toml"
+PEAKED = {
+    "teacher": {"factory": "topk_zoo.py:peaked"},
+    "data": {"factory": "extract_zoo.py:images", "split": "train"},
+    "targets": {"logits": True, "dtype": "float16", "topk": 3},
+    "extract": {"batch_size": 8, "device": "cpu", "rows_per_shard": 16},
+    "student": {"factory": "topk_zoo.py:student"},
+    "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "loss": {"kl": 1.0, "temperature": 1.0}},
+}
+
+
+def peaked(**sections: dict) -> kdcache.Pipeline:
+    raw = {k: dict(v) for k, v in PEAKED.items()}
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return from_dict(raw, root=FIXTURES)
+
+
+def peaked_top3(i: int) -> list[int]:
+    """The stored classes of sample i: its peak i % 16, then the classes beside it (both -1: the lower first), then the next."""
+    p = i % 16
+    return [p, 1, 2] if p == 0 else [p, 14, 13] if p == 15 else [p, p - 1, p + 1]
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("topk") / "text.zarr"
+    kdcache.extract(kdcache.load_pipeline(TEXT, ["targets.topk=8", "extract.device=cpu"]), str(out))
+    return str(out)
+
+
+def test_a_text_store_keeps_the_teachers_topk_logits_and_classes_readable_by_plain_zarr(text_store):
+    """The values and classes are torch.topk's of the teacher's logits as stored (float16), every position, ties in class
+    order; plain zarr reads both arrays and the manifest says K and the class count (format version 2)."""
+    import text
+
+    g = zarr.open_group(text_store, mode="r", zarr_format=3)
+    m = g.attrs["kdcache"]
+    assert m["format_version"] == 2
+    assert {k: m["targets"]["logits"][k] for k in ("path", "shape", "topk", "classes")} == {
+        "path": "targets/logits", "shape": [24, 8], "topk": 8, "classes": 64}
+    values, classes = g["targets/logits"][:], g["targets/logits_indices"][:]
+    assert values.shape == classes.shape == (192, 24, 8) and values.dtype == np.float16 and classes.dtype == np.int32
+    data = text.dataset("train")
+    batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in ("input_ids", "attention_mask")}
+    with torch.inference_mode():
+        logits = text.teacher()(**batch).to(torch.float16)  # (192, 24, 64) as a full-logits store would hold them
+    np.testing.assert_array_equal(values, logits.topk(8, dim=-1).values.numpy())
+    np.testing.assert_array_equal(np.take_along_axis(logits.numpy(), classes.astype(np.int64), -1), values)
+    tied = values[..., 1:] == values[..., :-1]
+    assert (classes[..., 1:][tied] > classes[..., :-1][tied]).all()
+    info = kdcache.open_store(text_store).info()["targets"]["logits"]
+    assert (info["bytes_per_sample_full"], info["bytes_per_sample_saved"]) == (24 * 64 * 2, 24 * 64 * 2 - 24 * 8 * (2 + 4))
+
+
+def test_topk_ties_are_broken_by_class_whatever_the_batch():
+    """Equal values: the lower class first, and where they straddle the K-th place the lower classes are kept; a row's
+    result does not depend on the rows batched with it."""
+    from kdcache.teacher import top_k
+
+    row = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 0.0, 3.0])
+    values, classes = top_k(row[None], 3)
+    assert values.tolist() == [[3.0, 3.0, 3.0]] and classes.tolist() == [[1, 2, 4]] and classes.dtype == torch.int32
+    many = torch.randn(40, 7).round()  # many ties
+    many[17] = row
+    assert top_k(many, 3)[1][17].tolist() == [1, 2, 4]
+    for k in (1, 4, 7):
+        v, c = top_k(many, k)
+        for r in range(40):
+            want = sorted(range(7), key=lambda j: (-float(many[r, j]), j))[:k]
+            assert c[r].tolist() == want and v[r].tolist() == many[r, want].tolist()
+
+
+def test_topk_classes_follow_their_samples_through_a_shuffled_streamed_epoch(tmp_path):
+    """Each served row's stored classes are its own sample's (the peak at index % 16), read in RAM or streamed shard by
+    shard in shuffled order; verify, with --teacher-check, passes."""
+    out = str(tmp_path / "peaked.zarr")
+    kdcache.extract(peaked(), out)
+    store = kdcache.open_store(out)
+    assert store.paths() == [layout.INDEX, layout.FINGERPRINT, layout.LABEL, layout.LOGITS, layout.LOGITS_INDICES]
+    dataset = resolve("extract_zoo.py:images", FIXTURES)("train")
+    for budget in (2048.0, 0.0):
+        transfer = kdcache.TransferSet(out, dataset, ["logits"], batch_size=8, seed=3, memory_budget_mb=budget, buffer_shards=2)
+        transfer.set_epoch(0)
+        seen = []
+        for batch in transfer:
+            index = batch["index"].tolist()
+            assert batch["targets"][layout.LOGITS_INDICES].tolist() == [peaked_top3(i) for i in index]
+            assert batch["targets"][layout.LOGITS][:, 0].tolist() == [0.0] * len(index)
+            seen += index
+        assert sorted(seen) == list(range(50)) and seen != sorted(seen)
+    report = verify(out, teacher_check=10, pipeline=peaked())
+    assert report["ok"], report
+
+
+def test_an_interrupted_topk_extract_resumes_to_the_uninterrupted_store(tmp_path, zoo_env):
+    out, reference = str(tmp_path / "resumed.zarr"), str(tmp_path / "reference.zarr")
+    zoo_env(FAIL_AT=42)
+    with pytest.raises(kdcache.KdcacheError, match="simulated crash"):
+        kdcache.extract(peaked(), out)
+    assert kdcache.open_store(out).done().tolist() == [True, True, False, False]
+    zoo_env(FAIL_AT=None)
+    kdcache.extract(peaked(extract={"batch_size": 5}), out)
+    kdcache.extract(peaked(), reference)
+    a, b = zarr.open_group(out, mode="r"), zarr.open_group(reference, mode="r")
+    for path in (layout.LOGITS, layout.LOGITS_INDICES, layout.DIGEST):
+        np.testing.assert_array_equal(a[path][:], b[path][:], err_msg=path)
+    assert verify(out)["ok"]
+
+
+def rewrite_classes(out: str, classes: np.ndarray) -> None:
+    """Write ``classes`` over the store's top-k classes, with shard 1's digest made again for them (as a writer that
+    computed them so would)."""
+    g = zarr.open_group(out, mode="r+")
+    g[layout.LOGITS_INDICES][:] = classes
+    column = kdcache.open_store(out).digest_paths().index(layout.LOGITS_INDICES)
+    g[layout.DIGEST][1, column] = layout.shard_digest(layout.LOGITS_INDICES, 1, [classes[16:32]])
+
+
+def test_verify_teacher_check_names_a_stored_class_that_is_not_the_teachers(tmp_path):
+    """Two tied classes swapped hold the teacher's values still (ties may order either way on another device); the peak's
+    class replaced by another does not."""
+    out = str(tmp_path / "peaked.zarr")
+    kdcache.extract(peaked(), out)
+    classes = zarr.open_group(out, mode="r")[layout.LOGITS_INDICES][:]
+    classes[20, [1, 2]] = classes[20, [2, 1]]
+    rewrite_classes(out, classes)
+    assert verify(out, teacher_check=50, pipeline=peaked())["ok"]
+    classes[20, 0] = 7
+    rewrite_classes(out, classes)
+    report = verify(out, teacher_check=50, pipeline=peaked())
+    teacher = {c["name"]: c for c in report["checks"]}["teacher"]
+    assert not report["ok"] and teacher["problems"] == [
+        "target 'logits': 1 values beyond tolerance (rtol 0.01); worst at row 20: stored -0, recomputed -3"]
+
+
+@pytest.mark.parametrize("sections, match", [
+    ({"targets": {"topk": 17}}, r"^.*targets.topk = 17 is more than the 16 classes of the logits \(per-sample shape \[16\]\); use at most 16"),
+    ({"targets": {"topk": 2, "select": {"logits": "0"}}}, r"targets.topk = 2 .* one value per sample .*targets.topk = 0"),
+    ({"targets": {"topk": 2, "select": {"logits": "0:8"}}}, r"targets.topk = 2 .* applies step '0:8' to that axis"),
+    ({"teacher": {"factory": "topk_zoo.py:per_token"}, "targets": {"topk": 2, "select": {"logits": "transpose"}}},
+     r"applies step 'transpose' to that axis"),
+    ({"targets": {"topk": 2, "logits": False, "layers": ["scale"]}}, r"targets.topk = 2 keeps the largest logits, but targets.logits = false"),
+])
+def test_topk_that_cannot_apply_is_refused_at_setup_in_one_line(sections, match, tmp_path):
+    with pytest.raises(PipelineError, match=match) as e:
+        kdcache.dry_run(peaked(**sections))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_dry_run_and_info_show_k_and_the_bytes_saved(tmp_path):
+    result = CliRunner().invoke(main, ["extract", str(FIXTURES / "tiny.toml"), "--dry-run", "--set", "targets.topk=2",
+                                       "--set", "targets.layers=[]"])
+    assert result.exit_code == 0, result.output
+    assert "top 2 of 4 classes, their classes in targets/logits_indices: 12 B/sample, the full logits 8 B" in result.output
+    out = str(tmp_path / "peaked.zarr")
+    kdcache.extract(peaked(), out)
+    result = CliRunner().invoke(main, ["info", out])
+    assert "v2" in result.output and "top 3 of 16 classes" in result.output and "(14 B saved, 1.8x less)" in result.output
+    info = json.loads(CliRunner().invoke(main, ["info", out, "--json"]).output)["targets"]["logits"]
+    assert (info["topk"], info["classes"], info["indices_path"]) == (3, 16, "targets/logits_indices")
