@@ -24,6 +24,7 @@ from kdcache.errors import ShapeMismatchError
 
 __all__ = [
     "kl_divergence",
+    "topk_logits",
     "logit_mse",
     "probability_mse",
     "feature_mse",
@@ -138,6 +139,31 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     # Classes the teacher gives zero probability (e.g. -inf logits) contribute 0, not 0 * inf = nan.
     terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
     return (_position_mean(terms.sum(dim=-1), mask) * (temperature**2)).float()
+
+
+def topk_logits(values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
+    """Top-k teacher logits (a store's ``targets.topk``) as full logits: each position's K stored values at their stored
+    classes, ``-inf`` at every other class. ``kl_divergence`` against them is KL(p || q) with p = softmax(values / T) over
+    the K stored classes alone (the teacher's mass outside its top K taken as zero, p renormalised over the K) and
+    log q = log_softmax(student / T) over every class, at those classes; with K = C it is the full logits' divergence,
+    bit for bit (the same values in class order). Top-1 metrics count the stored classes' ties.
+
+    Args:
+        values: (B, ..., K), any float dtype.
+        classes: int tensor of ``values``' shape, each in ``[0, num_classes)``, distinct per position.
+        num_classes: C >= K, the teacher's (and the student's) class count.
+
+    Returns:
+        (B, ..., C) tensor of ``values``' dtype.
+    """
+    if values.shape != classes.shape or values.ndim < 2:
+        raise ShapeMismatchError(f"topk_logits: values {tuple(values.shape)} and classes {tuple(classes.shape)} must be one shape "
+                                 "(B, ..., K)")
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+        raise ShapeMismatchError(f"topk_logits: stored classes run from {int(classes.min())} to {int(classes.max())}, outside the "
+                                 f"{num_classes} classes; the store is damaged (kdcache verify names it) or not of this teacher")
+    full = values.new_full((*values.shape[:-1], num_classes), float("-inf"))
+    return full.scatter(-1, classes.long(), values)
 
 
 # T² · ln C above which kl_divergence computes in float64: float32's absolute error stays of order 1e-5 up to here

@@ -569,6 +569,7 @@ class Run:
     precision: str = "fp32"  # train.precision: autocast of the student's forward and heads
     mask: str = ""  # train.mask: the key of the batch's dict inputs holding its (B, T) padding mask
     masked: tuple[str, ...] = ()  # the target paths whose terms take that mask (per-token ones: _mask_paths)
+    classes: int = 0  # a store of top-k logits (targets.topk): the teacher's class count, which they are spread over (0: full logits)
     mask_where: str = ""  # where train.mask was set, to begin messages about it
     scaler: Any = field(init=False, default=None)
     graded: dict[str, bool] = field(init=False, default_factory=dict)  # the last losses(): each student feature carries a gradient
@@ -604,6 +605,8 @@ class Run:
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         masks = {path: inputs[self.mask] for path in self.masked}  # the batch's own items' padding mask, for per-token terms
         w, parts, mask = self.loss, {}, masks.get(layout.LOGITS)
+        if layout.LOGITS in targets:
+            targets[layout.LOGITS] = teacher_logits(targets, self.classes)
         try:
             if w.kl:
                 parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature, mask))
@@ -619,6 +622,15 @@ class Run:
         for path, (_, weight, _) in self.features.items():
             parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feats[path], targets[path], masks.get(path)))
         return parts
+
+
+def teacher_logits(targets: Mapping[str, torch.Tensor], classes: int) -> torch.Tensor:
+    """A batch's stored logits (``targets``: its tensors by array path) as full logits, (B, ..., C): as stored, or, from a
+    store of top-k logits (``classes``: the teacher's class count), their K values spread over the C classes
+    (``losses.topk_logits``: -inf at the classes not stored)."""
+    if not classes:
+        return targets[layout.LOGITS]
+    return losses.topk_logits(targets[layout.LOGITS], targets[layout.LOGITS_INDICES], classes)
 
 
 def _output_mismatch(e: ShapeMismatchError, logits: torch.Tensor, stored: torch.Tensor, rows: int, selector: str) -> Exception:
@@ -676,7 +688,7 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     features = {path: (spec["student"], float(spec["weight"]), spec["select"]) for path, spec in terms.items() if path != layout.LOGITS}
     teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, list(terms), select=pipeline.student.select, precision=t.precision,
-              mask=t.mask, mask_where=pipeline.where("train.mask"))
+              mask=t.mask, mask_where=pipeline.where("train.mask"), classes=stored[teachers.LOGITS].classes if layout.LOGITS in terms else 0)
     run.masked = mask_paths(pipeline, store.targets.values(), run.paths, dataset)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     handles = teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
@@ -726,8 +738,10 @@ def _check_stored_for_loss(pipeline: Pipeline, store: layout.Store) -> None:
                                 f"({store.targets[teachers.LOGITS].path}); set train.loss.kl and mse to 0 and distill it with "
                                 "train.features.logits = {student = \"MODULE\"} (a student module giving outputs of its shape)")
         raise PipelineError(f"train.loss.kl/mse need stored logits but {store.location!r} has none; set them to 0 or extract with targets.logits = true")
-    if any(tg.topk for tg in store.targets.values()):
-        raise PipelineError(f"{store.location!r} stores top-k logits (targets.topk), which this kdcache cannot train from yet; "
+    topk = next((tg for tg in store.targets.values() if tg.path == layout.LOGITS and tg.topk), None)
+    if w.mse and topk is not None:  # the other classes' logits are not stored: there is nothing to square their error against
+        raise PipelineError(f"train.loss.mse = {w.mse:g} compares every class's logit, but {store.location!r} stores the teacher's top "
+                            f"{topk.topk} of {topk.classes} (targets.topk); set train.loss.mse = 0 and distil with train.loss.kl, or "
                             "extract with targets.topk = 0")
     if w.ce and not store.has_labels:
         raise PipelineError(f"train.loss.ce needs labels but {store.location!r} stores none (its dataset has no labels); set train.loss.ce = 0")
@@ -1250,14 +1264,14 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     else:
         dataset, source = _eval_split_source(pipeline, trained)
     _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
-                      agreement=stored.shape if t.eval_cache else None)
+                      agreement=stored.output_shape if t.eval_cache else None)
 
     evaluations = itertools.count()
 
     def evaluate() -> dict[str, float]:
         if isinstance(source, cache.TransferSet):
             source.set_epoch(next(evaluations))  # the first evaluation checks fingerprint_check, later ones the recheck
-        correct, agree, teacher_correct, n, labelled = _eval_counts(run, device, source)
+        correct, agree, teacher_correct, n, labelled = _eval_counts(run, device, source, stored.classes if t.eval_cache else 0)
         out = {"eval_accuracy": correct / labelled} if labelled else {}  # no labels: no accuracies (never a 0 that reads as one)
         if t.eval_cache and n:
             out |= {"eval_agreement": agree / n, **({"eval_teacher_accuracy": teacher_correct / labelled} if labelled else {})}
@@ -1334,9 +1348,9 @@ def _check_eval_logits(location: str, stored: layout.Target, trained: dict[str, 
     select) than the store trained from holds (``trained``: its manifest; a run of features and labels alone has none)."""
     ours = next((tg for tg in map(layout.Target.from_dict, (trained or {"targets": {}})["targets"].values())
                  if tg.path == layout.LOGITS), None)  # None: a run of features and labels alone
-    if ours is not None and (ours.shape, ours.select) != (stored.shape, stored.select):  # another part of the teacher's output
+    if ours is not None and (ours.output_shape, ours.select) != (stored.output_shape, stored.select):  # another part of the teacher's output
         raise PipelineError(f"train.eval_cache {location!r} stores the teacher's logits as select {stored.select!r}, per-sample shape "
-                            f"{list(stored.shape)}, but the store trained from as select {ours.select!r}, shape {list(ours.shape)}: "
+                            f"{list(stored.output_shape)}, but the store trained from as select {ours.select!r}, shape {list(ours.output_shape)}: "
                             "eval_agreement would compare the student with another part of the teacher's output; extract the eval "
                             f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
 
@@ -1362,9 +1376,10 @@ def _eval_split_source(pipeline: Pipeline, trained: dict[str, Any] | None) -> tu
     return dataset, source
 
 
-def _eval_counts(run: Run, device: torch.device, source: Any) -> list[float]:
+def _eval_counts(run: Run, device: torch.device, source: Any, classes: int = 0) -> list[float]:
     """The student (rank 0's, under torchrun) scored on ``source``'s batches (None: none), summed over ranks: ``[correct,
-    agree, teacher_correct, n, labelled]``, each top-1 tie of k classes counting 1/k."""
+    agree, teacher_correct, n, labelled]``, each top-1 tie of k classes counting 1/k (``classes``: an eval store of top-k
+    logits, their class count: the teacher's top class is a stored class of the largest stored value)."""
     if run.world > 1:  # torchrun: every rank scores rank 0's student (its BatchNorm statistics), the one saved
         distributed.broadcast_buffers([run.student])
     run.student.eval()
@@ -1378,7 +1393,7 @@ def _eval_counts(run: Run, device: torch.device, source: Any) -> list[float]:
             if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
                 correct, labelled = correct + float(losses.top1_correct(logits, label).sum()), labelled + int((label >= 0).sum())
             if "targets" in batch:
-                tl = batch["targets"][layout.LOGITS]
+                tl = teacher_logits(batch["targets"], classes)
                 agree += float(losses.top1_matches(logits, tl).sum())
                 teacher_correct += float(losses.top1_correct(tl, label).sum()) if label is not None else 0
             n += len(logits)

@@ -184,3 +184,90 @@ def test_dry_run_and_info_show_k_and_the_bytes_saved(tmp_path):
     assert "v2" in result.output and "top 3 of 16 classes" in result.output and "(14 B saved, 1.8x less)" in result.output
     info = json.loads(CliRunner().invoke(main, ["info", out, "--json"]).output)["targets"]["logits"]
     assert (info["topk"], info["classes"], info["indices_path"]) == (3, 16, "targets/logits_indices")
+
+
+# -- training --------------------------------------------------------------------------------------------------------
+
+
+def reference_topk_kl(student: torch.Tensor, values: torch.Tensor, classes: torch.Tensor, t: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition, in plain torch: p over the K stored classes, log q over all classes gathered there, KL(p || q) T²,
+    averaged over positions (with a mask: each row over its valid positions, then over rows)."""
+    log_p = torch.log_softmax(values.double() / t, -1)
+    log_q = torch.log_softmax(student.double() / t, -1).gather(-1, classes.long())
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1) * t * t
+    if mask is None:
+        return per_position.mean()
+    m = mask.double()
+    return ((per_position * m).sum(1) / m.sum(1)).mean()
+
+
+@pytest.mark.parametrize("shape, k, t", [((6, 10), 3, 2.0), ((4, 5, 12), 4, 1.0), ((3, 7, 40), 1, 4.0)])
+def test_kl_against_topk_logits_is_the_definition(shape, k, t):
+    from kdcache import losses
+
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    student, teacher = torch.randn(shape, generator=g) * 3, (torch.randn(shape, generator=g) * 3).half()
+    values, classes = teacher.topk(k, dim=-1)
+    mask = (torch.rand(shape[:2], generator=g) > 0.3) if len(shape) == 3 else None
+    if mask is not None:
+        mask[:, 0] = True
+    got = losses.kl_divergence(student, losses.topk_logits(values, classes.int(), shape[-1]), t, mask)
+    torch.testing.assert_close(got.double(), reference_topk_kl(student, values, classes, t, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_kl_against_every_class_as_topk_is_exactly_the_full_logits_kl():
+    from kdcache import losses
+    from kdcache.teacher import top_k
+
+    g = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(3, 6, 50, generator=g), (torch.randn(3, 6, 50, generator=g) * 2).half()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    values, classes = top_k(teacher, 50)
+    for m in (None, mask):
+        full = losses.kl_divergence(student, teacher, 3.0, m)
+        assert torch.equal(losses.kl_divergence(student, losses.topk_logits(values, classes, 50), 3.0, m), full)
+
+
+def test_topk_logits_refuses_classes_outside_the_class_count():
+    from kdcache import losses
+    from kdcache.errors import ShapeMismatchError
+
+    with pytest.raises(ShapeMismatchError, match="stored classes run from 0 to 9, outside the 8 classes"):
+        losses.topk_logits(torch.zeros(2, 3), torch.tensor([[0, 1, 9], [2, 3, 4]]), 8)
+
+
+def test_training_from_a_topk_store_scores_the_stored_top_class(tmp_path):
+    """kl trains from the K stored logits; eval_teacher_accuracy counts the stored top-1 class (here i % 16) against the
+    label (3 i % 5): the same count as a full-logits store's."""
+    out = str(tmp_path / "peaked.zarr")
+    kdcache.extract(peaked(), out)
+    result = kdcache.train(peaked(train={"eval_cache": out, "eval_split": "train"}), out, tmp_path / "run")
+    assert np.isfinite(result["loss_kl"])
+    assert result["eval_teacher_accuracy"] == sum(i % 16 == (3 * i) % 5 for i in range(50)) / 50
+    assert 0 <= result["eval_agreement"] <= 1
+
+
+def test_mse_on_a_topk_store_is_refused_in_one_line(tmp_path):
+    out = str(tmp_path / "peaked.zarr")
+    kdcache.extract(peaked(), out)
+    with pytest.raises(PipelineError, match=r"^train.loss.mse = 0.5 compares every class's logit, but .* stores the teacher's "
+                                            r"top 3 of 16 \(targets.topk\); set train.loss.mse = 0") as e:
+        kdcache.train(peaked(train={"loss": {"kl": 1.0, "mse": 0.5}}), out, tmp_path / "run")
+    assert "\n" not in str(e.value)
+
+
+def test_a_per_token_text_store_of_every_class_as_topk_trains_exactly_as_the_full_logits(tmp_path):
+    """The text example (per-token logits, train.mask leaving the padding out) from a store of its 64 classes as top-k
+    trains to the very losses of its full-logits store, and from a top-8 store to finite, falling ones."""
+    runs = {}
+    for name, k in (("full", 0), ("all", 64), ("top8", 8)):
+        overrides = ["extract.device=cpu", "train.device=cpu", "train.epochs=2", f"targets.topk={k}"]
+        pipeline = kdcache.load_pipeline(TEXT, overrides)
+        kdcache.extract(pipeline, str(tmp_path / f"{name}.zarr"))
+        kdcache.train(pipeline, str(tmp_path / f"{name}.zarr"), tmp_path / name)
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    terms = ("loss", "loss_kl", "loss_feat:final_norm")
+    assert [[line[t] for t in terms] for line in runs["all"]] == [[line[t] for t in terms] for line in runs["full"]]
+    kl = [line["loss_kl"] for line in runs["top8"]]
+    assert np.all(np.isfinite(kl)) and kl[-1] < kl[0] and kl != [line["loss_kl"] for line in runs["full"]]
