@@ -7,7 +7,8 @@ whatever the store's size.
 - teacher top-1 accuracy against the stored labels, and per true class (the agreement of the
   teacher with each class);
 - mean entropy (nats) of softmax(logits) over the last axis (per-token logits: over every stored position, padding
-  included);
+  included; top-k logits, ``targets.topk``: over the K stored values, renormalised, which leaves out the mass of the
+  other classes and so reads lower than the full distribution's);
 - per layer target: mean and standard deviation of every stored value.
 """
 
@@ -38,11 +39,14 @@ class _Checked:
         return self.store.read(self.path, start, stop)[(slice(None), *key[1:])]
 
 
-def _top1_correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _top1_correct(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
     """One block's (rows, classes) logits and (rows, 1) labels -> (rows,) float64: ``losses.top1_correct``'s rule (1/k where
     the label is one of the k classes tied at the top, else 0; a label outside the classes 0) in numpy: reading a store
-    never imports torch (the CLI's reading commands start in a fraction of a second)."""
+    never imports torch (the CLI's reading commands start in a fraction of a second). Top-k logits: ``logits`` are the
+    (rows, K) stored values, ``classes`` their classes: the label is looked for among the stored classes tied at the top."""
     top, labels = logits == logits.max(axis=-1, keepdims=True), labels[:, 0].astype(np.int64)
+    if classes is not None:
+        return (top & (classes == labels[:, None])).any(axis=-1) / np.maximum(top.sum(axis=-1), 1)
     inside = (labels >= 0) & (labels < logits.shape[-1])
     hit = np.take_along_axis(top, np.where(inside, labels, 0)[:, None], axis=-1)[:, 0] & inside
     return hit / np.maximum(top.sum(axis=-1), 1)
@@ -86,7 +90,8 @@ def _lazy_figures(store: layout.Store, done: list[int], rows: int) -> dict[str, 
     logits_target = next((t for t in store.targets.values() if t.source == ""), None)
     if logits_target is not None and rows and logits_target.shape:  # a regression's one value per sample has no classes
         x = _column(store, done, logits_target.path).astype(np.float64)
-        lazy.update(_logits_figures(x, labels if len(logits_target.shape) == 1 else None))  # [N, classes] against [N] labels
+        classes = _column(store, done, layout.LOGITS_INDICES) if logits_target.topk else None  # top-k: the values' classes
+        lazy.update(_logits_figures(x, labels if len(logits_target.shape) == 1 else None, classes))  # [N, classes] against [N] labels
     for t in store.targets.values():
         if t.source and rows:
             v = _column(store, done, t.path).astype(np.float64)
@@ -94,9 +99,9 @@ def _lazy_figures(store: layout.Store, done: list[int], rows: int) -> dict[str, 
     return lazy
 
 
-def _logits_figures(x: Any, labels: Any) -> dict[str, Any]:
+def _logits_figures(x: Any, labels: Any, classes: Any = None) -> dict[str, Any]:
     """The mean entropy of (rows, classes) float64 logits ``x``, and with (rows,) ``labels`` (None: none) the teacher's
-    hits and labelled rows, as dask values by name."""
+    hits and labelled rows, as dask values by name (``classes``: top-k logits' classes, ``x`` their values)."""
     import dask.array as da
 
     shifted = x - x.max(axis=-1, keepdims=True)
@@ -105,7 +110,8 @@ def _logits_figures(x: Any, labels: Any) -> dict[str, Any]:
     if labels is not None:
         known = labels >= 0  # below 0: no label (STL-10's unlabeled rows, -1; -100), left out of the accuracies
         # 1/k where the label is one of k classes tied at the top (float16 ties), as train's eval_teacher_accuracy
-        correct = da.map_blocks(_top1_correct, x, labels[:, None], drop_axis=1, dtype=np.float64)
+        blocks = (x, labels[:, None]) + (() if classes is None else (classes,))
+        correct = da.map_blocks(_top1_correct, *blocks, drop_axis=1, dtype=np.float64)
         lazy["hits"], lazy["labelled"], lazy["label_max"] = correct.sum(), known.sum(), labels.max()
         lazy["_correct"], lazy["_labels"], lazy["_known"] = correct, da.where(known, labels, 0), known
     return lazy
@@ -137,6 +143,8 @@ def _summary(location: str, store: layout.Store, done: list[int], rows: int, val
         "labeled_rows": int(values["labelled"]) if "labelled" in values else None,  # the rows teacher_accuracy is over
         "mean_entropy": float(values["entropy"]) if "entropy" in values else None,
         "entropy_positions": _positions(store, rows) if "entropy" in values else None,  # the distributions it averages
+        # top-k logits: the entropy is over the K stored values' softmax (renormalised over them), not every class's
+        "entropy_topk": next((t.topk for t in store.targets.values() if t.source == "" and t.topk), None) if "entropy" in values else None,
         "per_class": per_class,
         "layers": {t.name: {"path": t.path, "mean": float(values[f"mean:{t.name}"]), "std": float(values[f"std:{t.name}"])}
                    for t in store.targets.values() if t.source and f"mean:{t.name}" in values},
@@ -156,7 +164,9 @@ def _entropy_line(s: dict[str, Any]) -> str:
     positions = s.get("entropy_positions") or s["rows"]
     over = (f" over {positions:,} positions of per-token logits (every stored position: padding included, a store keeps no "
             "mask for them)") if positions != s["rows"] else ""
-    return f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits){over}"
+    topk = (f" over the top {s['entropy_topk']} stored logits, renormalised (the other classes' mass left out: lower than the "
+            "full distribution's)") if s.get("entropy_topk") else ""
+    return f"entropy     mean {s['mean_entropy']:.4f} nats of softmax(logits){topk}{over}"
 
 
 def stats_text(s: dict[str, Any]) -> str:

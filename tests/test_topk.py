@@ -6,6 +6,7 @@ text example's per-token LM (pipelines/text.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,79 @@ def test_a_per_token_text_store_of_every_class_as_topk_trains_exactly_as_the_ful
     assert [[line[t] for t in terms] for line in runs["all"]] == [[line[t] for t in terms] for line in runs["full"]]
     kl = [line["loss_kl"] for line in runs["top8"]]
     assert np.all(np.isfinite(kl)) and kl[-1] < kl[0] and kl != [line["loss_kl"] for line in runs["full"]]
+
+
+# -- stats, interchange, scale-out ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peaked_store(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("topk") / "peaked.zarr")
+    kdcache.extract(peaked(), out)
+    return out
+
+
+def assert_same_arrays(a: str, b: str) -> None:
+    sa, sb = kdcache.open_store(a), kdcache.open_store(b)
+    assert sa.paths() == sb.paths() and layout.LOGITS_INDICES in sa.paths()
+    for path in sa.paths() + [layout.DONE, layout.DIGEST]:
+        x, y = sa.array(path), sb.array(path)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.chunks == y.chunks, path
+        np.testing.assert_array_equal(x[:], y[:], err_msg=path)
+    assert {k: v for k, v in sa.manifest.items() if k not in ("created", "completed")} == \
+        {k: v for k, v in sb.manifest.items() if k not in ("created", "completed")}
+
+
+def test_stats_take_the_stored_top_class_and_the_entropy_of_the_renormalised_top_k(peaked_store):
+    from kdcache.stats import stats, stats_text
+
+    s = stats(peaked_store)
+    assert s["teacher_accuracy"] == sum(i % 16 == (3 * i) % 5 for i in range(50)) / 50
+    values = np.array([[0.0, -1.0, -1.0]] * 50)  # peaks at 1..14; 0 and 15 have one neighbour: (0, -1, -2)
+    values[[0, 15, 16, 31, 32, 47, 48]] = [0.0, -1.0, -2.0]
+    p = np.exp(values) / np.exp(values).sum(-1, keepdims=True)
+    assert s["mean_entropy"] == pytest.approx(float((-(p * np.log(p)).sum(-1)).mean()))
+    assert s["entropy_topk"] == 3 and "over the top 3 stored logits, renormalised" in stats_text(s)
+
+
+def test_hdf5_export_import_and_pack_carry_the_topk_classes(peaked_store, tmp_path):
+    import h5py
+
+    from kdcache.interop import export_hdf5, import_hdf5, pack
+
+    h5 = tmp_path / "peaked.h5"
+    export_hdf5(peaked_store, h5)
+    with h5py.File(h5) as f:
+        assert f[layout.LOGITS_INDICES].dtype == np.int32 and f[layout.LOGITS_INDICES].shape == (50, 3)
+    import_hdf5(h5, str(tmp_path / "back.zarr"))
+    assert_same_arrays(peaked_store, str(tmp_path / "back.zarr"))
+    assert kdcache.open_store(str(tmp_path / "back.zarr")).manifest["format_version"] == 2
+    pack(peaked_store, tmp_path / "peaked.zarr.zip")
+    assert_same_arrays(peaked_store, str(tmp_path / "peaked.zarr.zip"))
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_writes_the_single_process_topk_store(peaked_store, tmp_path):
+    pytest.importorskip("distributed")
+    from kdcache.distributed import extract_distributed
+
+    out = str(tmp_path / "dask.zarr")
+    extract_distributed(peaked(), out, workers=1)
+    assert_same_arrays(peaked_store, out)
+
+
+def test_an_older_reader_refuses_a_topk_store_by_its_format_version(peaked_store, tmp_path):
+    """kdcache <= 0.1.14 (and FORMAT.md's version-1 reader) checks format_version == 1 before anything else: a top-k store,
+    whose values at targets/logits would otherwise read as every class's logits, is version 2. A version-1 manifest with a
+    top-k target is refused as damaged."""
+    m = kdcache.open_store(peaked_store).manifest
+    assert m["format_version"] == 2
+    copy = tmp_path / "v1.zarr"
+    shutil.copytree(peaked_store, copy)
+    g = zarr.open_group(str(copy), mode="r+")
+    g.attrs["kdcache"] = {**m, "format_version": 1}
+    with pytest.raises(kdcache.KdcacheError, match=r"damaged manifest: format_version = 1, expected 2 in a store of top-k logits"):
+        kdcache.open_store(str(copy))
+    g.attrs["kdcache"] = {**m, "targets": {"logits": {**m["targets"]["logits"], "topk": 2}}}
+    with pytest.raises(kdcache.KdcacheError, match=r"targets.logits.topk = 2, expected the last size of its shape \[3\]"):
+        kdcache.open_store(str(copy))
