@@ -625,6 +625,9 @@ def _loss_warnings(pipeline: Pipeline, run: Run) -> list[str]:
     elif (w.kl or w.mse) and not pipeline.targets.logits:
         warnings.append("train.loss.kl/mse need stored logits, which targets.logits = false leaves out: kdcache train would refuse "
                         "this store; set targets.logits = true (or those weights to 0)")
+    if w.mse and pipeline.targets.logits and pipeline.targets.topk:
+        warnings.append(f"train.loss.mse compares every class's logit, which targets.topk = {pipeline.targets.topk} leaves out: kdcache "
+                        "train would refuse this store; set train.loss.mse = 0 (kl trains from the top-k logits), or targets.topk = 0")
     if w.ce and not run.has_labels:
         warnings.append("train.loss.ce needs labels, which this dataset's items do not have: kdcache train would refuse this store; "
                         "set train.loss.ce = 0")

@@ -256,6 +256,9 @@ def test_mse_on_a_topk_store_is_refused_in_one_line(tmp_path):
                                             r"top 3 of 16 \(targets.topk\); set train.loss.mse = 0") as e:
         kdcache.train(peaked(train={"loss": {"kl": 1.0, "mse": 0.5}}), out, tmp_path / "run")
     assert "\n" not in str(e.value)
+    warnings = kdcache.dry_run(peaked(train={"loss": {"kl": 1.0, "mse": 0.5}}))["warnings"]
+    assert warnings == ["train.loss.mse compares every class's logit, which targets.topk = 3 leaves out: kdcache train would refuse "
+                        "this store; set train.loss.mse = 0 (kl trains from the top-k logits), or targets.topk = 0"]
 
 
 def test_a_per_token_text_store_of_every_class_as_topk_trains_exactly_as_the_full_logits(tmp_path):
