@@ -753,7 +753,7 @@ def check_classes(pipeline: Pipeline, targets: Iterable[layout.Target]) -> None:
     regression head's ``Linear(d, 1)``, a binary classifier's one sigmoid logit): softmax over one class is 1 whatever the
     logit, so the term is 0 at every step and the student learns nothing from it. ``targets``: a store's, or extract's dry run's."""
     w = pipeline.train.loss
-    shape = next((tg.shape for tg in targets if tg.path == layout.LOGITS), ())
+    shape = next((tg.output_shape for tg in targets if tg.path == layout.LOGITS), ())
     term = "kl" if w.kl else "mse" if w.mse and w.mse_on == "probabilities" else ""
     if shape and shape[-1] == 1 and term:
         setting = f"train.loss.{term}" + (' with mse_on = "probabilities"' if term == "mse" else "")

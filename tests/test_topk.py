@@ -249,6 +249,16 @@ def test_training_from_a_topk_store_scores_the_stored_top_class(tmp_path):
     assert 0 <= result["eval_agreement"] <= 1
 
 
+def test_kl_against_the_top_1_of_many_classes_trains_and_is_not_taken_for_one_class(tmp_path):
+    """A store of targets.topk = 1 holds one value per position, of the teacher's 16 classes: kl against it is the student's
+    cross-entropy at the teacher's top class, not 0. The check refusing kl over logits of one class (softmax of one is 1)
+    looked at the stored width and refused it, in the run and in the dry run's warnings."""
+    out = str(tmp_path / "top1.zarr")
+    kdcache.extract(peaked(targets={"topk": 1}), out)
+    assert not kdcache.dry_run(peaked(targets={"topk": 1}))["warnings"]
+    assert kdcache.train(peaked(targets={"topk": 1}), out, tmp_path / "run")["loss_kl"] > 0
+
+
 def test_mse_on_a_topk_store_is_refused_in_one_line(tmp_path):
     out = str(tmp_path / "peaked.zarr")
     kdcache.extract(peaked(), out)
