@@ -84,6 +84,8 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
     (a key its chunk key encoding gives for a chunk of its grid). The objects kdcache's layout names are always copied
     (a location without a listing: an http server without index pages)."""
     listed = set(store.object_keys())
+    outside = {key for key in listed if not _plain_key(key)}
+    listed -= outside
     named = _layout_keys(store)
     kdcache_arrays = store.paths() + [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])
     bounds: dict[str, int | None] = {path: layout._object_bound(store.array(path)) for path in kdcache_arrays}
@@ -100,7 +102,7 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
             if meta["node_type"] == "array":
                 bounds[path] = None
     arrays = [path for path, meta in nodes.items() if meta["node_type"] == "array"]
-    objects, strays = set(named), []
+    objects, strays = set(named), sorted(outside)
     for key in sorted(listed - named):
         if key == "zarr.json" or key.endswith("/zarr.json"):
             found = key[: -len("zarr.json")].rstrip("/") in nodes
@@ -111,7 +113,15 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
             objects.add(key)
         else:
             strays.append(key)
-    return sorted(objects), strays, bounds
+    return sorted(objects), sorted(strays), bounds
+
+
+def _plain_key(key: str) -> bool:
+    """Whether ``key`` is a relative path of named parts (no empty, ``.`` or ``..`` part, no ``\\``), as every key of a
+    store object is. A listing may give any other (a received zip's member names, an S3 key, an http index page's
+    links): taken for an object, it became a member of the zip pack writes that unzips outside its folder
+    (``../zarr.json``, ``/abs/zarr.json``) or over another member (``./zarr.json``, ``targets//zarr.json``)."""
+    return "\\" not in key and all(part not in ("", ".", "..") for part in key.split("/"))
 
 
 def _metadata(store: layout.Store, key: str) -> dict[str, Any] | None:

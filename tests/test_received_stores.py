@@ -269,6 +269,30 @@ def test_a_zip_naming_a_member_twice_is_refused(tiny_store: str, tmp_path: Path)
         assert r.exit_code == 1 and f"zip member '{SHARD}' appears more than once" in r.output, (verb, r.output)
 
 
+GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+def test_pack_never_copies_a_member_named_outside_the_folder_it_is_unzipped_into(tiny_store: str, tmp_path: Path) -> None:
+    """A listing may name keys no store object has: a received zip any member name, an S3 key any string, an http index
+    page any link (``../zarr.json`` fetched the server's file above the store). Taken as the zarr.json of a group under
+    the root, pack copied them into the zip it hands on, where unzipping writes ``../zarr.json`` beside the folder,
+    ``/abs/zarr.json`` at the root, and ``./zarr.json`` over the store's manifest. Now they are left out, named."""
+    packed = tmp_path / "t.zarr.zip"
+    pack(tiny_store, packed)
+    odd = ["../zarr.json", "/abs/zarr.json", "./zarr.json", "targets//zarr.json"]
+    with zipfile.ZipFile(packed, "a") as z:
+        for name in odd:
+            z.writestr(name, GROUP)
+    again = tmp_path / "again.zarr.zip"
+    r = CliRunner().invoke(main, ["pack", str(packed), str(again)])
+    assert r.exit_code == 0, r.output
+    with zipfile.ZipFile(again) as z:
+        names = z.namelist()
+    assert not [n for n in names if n.startswith("/") or any(part in ("", ".", "..") for part in n.split("/"))], names
+    assert f"note: left out {len(odd)} files" in r.output and all(repr(name) in r.output for name in odd[:3]), r.output
+    assert open_store(f"zip::{again}").complete
+
+
 def claiming_more(packed: Path, member: str, out: Path) -> Path:
     """``packed`` with ``member``'s sizes in the central directory set far past the file's end (a damaged or crafted zip)."""
     import struct
