@@ -173,11 +173,15 @@ class _Stopped(click.ClickException):
 def _message(e: KdcacheError) -> str:
     """The error's one line. An error raised in a DataLoader worker process reaches the main process as the
     same class holding torch's text (``Caught X in DataLoader worker process N.`` and the worker's traceback):
-    its last line, less the class name, is the worker's own message."""
+    its last line, less the class name, is the worker's own message. Characters that are not printable are shown
+    escaped (``\\x1b``, ``\\n``): a message may quote a store's strings (a target's name, zarr's words for a damaged
+    zarr.json quote its value), whose escape sequences and line breaks would reach the terminal raw."""
+    from kdcache.store import printable
+
     text = str(e)
     if text.startswith("Caught ") and "\nOriginal Traceback (most recent call last):" in text:
-        return text.rstrip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
-    return text
+        text = text.rstrip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+    return printable(text)
 
 
 @contextlib.contextmanager

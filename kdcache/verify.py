@@ -410,7 +410,7 @@ def _kl(stored: np.ndarray, fresh: np.ndarray) -> float:
 
 
 def report_text(report: dict[str, Any]) -> str:
-    """The human form of a verify report: one line per check, its problems indented under it."""
+    """The human form of a verify report: one line per check, its problems indented under it (control characters escaped)."""
     lines = [f"store       {report['location']}"]
     for c in report["checks"]:
         lines.append(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<13} {c['summary']}" + ("" if c["ok"] else f"  ({c['problem_count']} problem{'s' * (c['problem_count'] != 1)})"))
@@ -423,7 +423,7 @@ def report_text(report: dict[str, Any]) -> str:
             kl = f"  kl {e['kl']:.3g}" if e["kl"] is not None else ""
             lines.append(f"      {name:<24} max abs {e['max_abs_error']:.3g}  max rel {e['max_rel_error']:.3g}{kl}  (rtol {e['rtol']:g})")
     lines.append("verified: every check holds" if report["ok"] else "NOT verified: see the FAIL lines above")
-    return "\n".join(lines)
+    return "\n".join(layout.printable(line) for line in lines)  # a problem may quote the store's strings (zarr's words do)
 
 
 def _rows(store: layout.Store, path: str, rows: np.ndarray, check: Check) -> np.ndarray | None:

@@ -397,6 +397,37 @@ def test_info_prints_no_terminal_control_characters(tiny_store: str, tmp_path: P
     assert json.loads(r.output)["teacher"]["class"] == evil  # JSON escapes them itself, and keeps the value
 
 
+FAKE = "\x1b]0;owned\x07\x1b[2J\nverified: every check holds\r"  # set the title, clear the screen, add a line of verify's
+
+
+@pytest.mark.parametrize("damage", ["fill-value", "target-name"])
+@pytest.mark.parametrize("verb", ["info", "verify", "stats", "pack"])
+def test_errors_and_verify_print_no_terminal_control_characters_of_a_store(tiny_store: str, tmp_path: Path, damage: str, verb: str) -> None:
+    """zarr's words for a damaged zarr.json quote the value (``Invalid type: VALUE``), and a damaged manifest's key holds the
+    target's name: a store's escape sequences and line breaks reached the terminal raw in the one-line error, and in
+    verify's report (a line ``verified: every check holds`` of the store's making under its FAIL line). Shown escaped."""
+    import json
+
+    store = copy(tiny_store, tmp_path)
+    if damage == "fill-value":
+        meta_file = store / LOGITS / "zarr.json"
+        meta = json.loads(meta_file.read_text())
+        meta["fill_value"] = FAKE
+    else:
+        meta_file = store / "zarr.json"
+        meta = json.loads(meta_file.read_text())
+        targets = meta["attributes"]["kdcache"]["targets"]
+        targets[FAKE] = targets["logits"]
+    meta_file.write_text(json.dumps(meta))
+    args = [verb, str(store)] + ([str(tmp_path / "t.zarr.zip")] if verb == "pack" else [])
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert not any(ord(c) < 32 and c != "\n" or 127 <= ord(c) < 160 for c in r.output), repr(r.output)
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\nverified" in r.output, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 1 if verb != "verify" else lines[-1] == "NOT verified: see the FAIL lines above", lines
+
+
 def test_a_store_claiming_billions_of_shards_is_refused_before_they_are_counted(tiny_store, tmp_path):
     """A manifest (and array metadata, made to agree) claiming 2**34 samples in 16-row shards: reading its 2**30 done
     markers took every byte of memory (a MemoryError traceback under a 2 GiB limit). More shards than any store has
