@@ -794,15 +794,16 @@ class Store:
             whole = self._read_direct(path, lo, hi, shards, None) if (lo, hi) != (start, stop) else None
             if whole is not None:
                 return whole[start - lo : stop - lo]
-        checked = [shard for shard in shards if self._done[shard]]
+        array = self.array(path)
+        checked = [(shard, key) for shard in shards if self._done[shard] for key in self._row_objects(array, path, shard, start, stop)]
         try:
-            problems = self._object_problems([self.shard_key(path, s) for s in checked])
+            problems = self._object_problems([key for _, key in checked])
         except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
             raise self._unreadable(path, start, stop, e) from None
-        for shard, problem in zip(checked, problems):
+        for (shard, key), problem in zip(checked, problems):
             if problem:
-                raise self._damaged(path, shard, f"is {problem} although the shard is marked done", missing=True)
-        array = self.array(path)
+                what = f"is {problem}" if key == self.shard_key(path, shard) else f"has the object of its rows {key!r} {problem}"
+                raise self._damaged(path, shard, f"{what} although the shard is marked done", missing=True)
         try:
             return array[start:stop]
         except Exception as first:  # noqa: BLE001 - any failure to decode stored bytes; named by shard below
@@ -818,6 +819,17 @@ class Store:
                     why = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {short(str(e))}"
                     raise self._damaged(path, shard, f"does not decode ({why})") from None
             raise
+
+    def _row_objects(self, array: zarr.Array, path: str, shard: int, start: int, stop: int) -> list[str]:
+        """The keys of the storage objects zarr reads the rows ``start:stop`` of shard ``shard`` of ``array`` (at ``path``)
+        from: the shard's own object, or, where the array's zarr.json shards its rows otherwise than the manifest (rewritten
+        by another zarr tool, which ``read`` reads through zarr), those of the array's own shards that hold them. Each
+        must be there: zarr reads an absent one as zeros, and the shard's done marker says it holds rows."""
+        own = (array.shards or array.chunks)[0]
+        if own == self.rows_per_shard:
+            return [self.shard_key(path, shard)]
+        lo, hi = self.shard_rows(shard)
+        return [self.shard_key(path, s) for s in range(max(lo, start) // own, -(-min(hi, stop) // own))]
 
     def _unreadable(self, path: str, start: int, stop: int, e: BaseException) -> UnreachableError:
         return self._unreachable(f"rows {start}-{stop - 1} of {path}", e)

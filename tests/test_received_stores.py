@@ -428,6 +428,36 @@ def test_errors_and_verify_print_no_terminal_control_characters_of_a_store(tiny_
     assert len(lines) == 1 if verb != "verify" else lines[-1] == "NOT verified: see the FAIL lines above", lines
 
 
+def test_a_missing_object_of_an_array_sharded_otherwise_than_the_manifest_is_damage_not_zeros(tiny_store: str, tmp_path: Path) -> None:
+    """A store without digests (kdcache < 0.1.1) whose manifest says shards of 32 rows where its arrays hold 16 (which
+    ``read`` reads through zarr: an array rewritten by another zarr tool): shard 1's done marker was checked against
+    the object ``c/1`` (rows 16-31), zarr read rows 32-49 from ``c/2`` and ``c/3``, and a missing ``c/3`` came back as
+    zeros for rows 48-49, by ``read``, ``stats`` and training alike. The objects zarr reads the rows from are checked."""
+    import json
+
+    store = copy(tiny_store, tmp_path)
+    shutil.rmtree(store / "progress/digest")
+    root = json.loads((store / "zarr.json").read_text())
+    manifest = root["attributes"]["kdcache"]
+    del manifest["compression"]["shard_digests"]
+    manifest["geometry"].update(rows_per_shard=32, num_shards=2)
+    (store / "zarr.json").write_text(json.dumps(root))
+    done = json.loads((store / "progress/done/zarr.json").read_text())
+    done["shape"] = [2]
+    (store / "progress/done/zarr.json").write_text(json.dumps(done))
+    for shard in (2, 3):
+        (store / f"progress/done/c/{shard}").unlink()
+    rows = open_store(tiny_store).read(LOGITS, 0, 50)
+    np.testing.assert_array_equal(open_store(str(store)).read(LOGITS, 0, 50), rows)  # whole, it reads as zarr reads it
+    (store / f"{LOGITS}/c/3/0").unlink()
+    with pytest.raises(StoreError, match=r"shard 1 of targets/logits \(rows 32-49\) has the object of its rows 'targets/logits/c/3/0' "
+                                         "missing although the shard is marked done"):
+        open_store(str(store)).read(LOGITS, 32, 50)
+    np.testing.assert_array_equal(open_store(str(store)).read(LOGITS, 32, 48), rows[32:48])  # rows of the objects there
+    r = CliRunner().invoke(main, ["stats", str(store)])
+    assert r.exit_code == 1 and "'targets/logits/c/3/0' missing" in r.output and len(r.output.splitlines()) == 1, r.output
+
+
 def test_a_store_claiming_billions_of_shards_is_refused_before_they_are_counted(tiny_store, tmp_path):
     """A manifest (and array metadata, made to agree) claiming 2**34 samples in 16-row shards: reading its 2**30 done
     markers took every byte of memory (a MemoryError traceback under a 2 GiB limit). More shards than any store has
