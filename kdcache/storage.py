@@ -66,7 +66,7 @@ class _LocalStore(zarr.storage.LocalStore):
         if not self._is_open:
             await self._open()
         self._check_writable()
-        file = self.root / key
+        file = object_to_write(self.root, key)
         tmp = file.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's own temp name (FORMAT.md §13.1)
         await asyncio.to_thread(write_file, file, [value.as_buffer_like()], tmp, exclusive=exclusive)
         if key == "zarr.json":
@@ -143,6 +143,20 @@ def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = N
         return path
     raise StoreError(f"{str(root)!r} is unsafe to read: object {short(key)} {why}; kdcache reads only regular files inside a "
                      "store folder: replace it with the object's own file, or copy the store again from its source")
+
+
+def object_to_write(root: str | os.PathLike[str], key: str) -> Path:
+    """The file to write the object ``key`` of the local store folder ``root`` as, once the folder it goes in is found
+    to be inside the store folder (a link to a folder elsewhere on the way is a StoreError naming it, before anything
+    is written or removed): an incomplete store received from elsewhere, finished by extract or import, may hold
+    ``targets/logits/c`` linked to any folder of yours, where its shards, done markers and temp files would go."""
+    path = Path(root, *key.split("/"))
+    folder, real = os.path.realpath(root), os.path.realpath(path.parent)  # the parts not there yet are taken as named
+    if os.path.commonpath([real, folder]) != folder:
+        raise StoreError(f"{str(root)!r} is unsafe to write: {key.rpartition('/')[0]!r} leads to {real!r}, outside the store "
+                         "folder; kdcache writes only inside a store folder: replace the link with a copy of what it names, "
+                         "or copy the store again from its source")
+    return path
 
 
 def read_local_object(root: str | os.PathLike[str], key: str, at_most: int | None = None) -> np.ndarray | None:

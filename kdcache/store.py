@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, read_local_object, write_file, zarr_store
+from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, read_local_object, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -680,7 +680,7 @@ class Store:
         """
         if location_kind(self.location) != "local":
             return
-        file = Path(local_path(self.location), *key.split("/"))
+        file = object_to_write(local_path(self.location), key)
         with _TEMPS_LOCK:
             if file.parent not in self._temps:
                 self._temps[file.parent] = _temp_files(file.parent)
@@ -1274,7 +1274,7 @@ def _write_uncompressed_chunk(array: zarr.Array, chunk: tuple[int, ...], value: 
             and value.dtype == array.dtype and np.little_endian):
         return False
     key = array.metadata.encode_chunk_key(chunk)
-    _replace_file(Path(array.store.root, array.path, *key.split("/")), [np.ascontiguousarray(value)])
+    _replace_file(object_to_write(array.store.root, f"{array.path}/{key}"), [np.ascontiguousarray(value)])
     return True
 
 
@@ -1541,7 +1541,7 @@ def _shard_key(array: zarr.Array, shard: int) -> str:
 
 
 def _shard_file(array: zarr.Array, shard: int) -> Path:
-    return Path(array.store.root, *_shard_key(array, shard).split("/"))
+    return object_to_write(array.store.root, _shard_key(array, shard))
 
 
 def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Store:

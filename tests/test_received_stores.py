@@ -458,6 +458,26 @@ def test_a_missing_object_of_an_array_sharded_otherwise_than_the_manifest_is_dam
     assert r.exit_code == 1 and "'targets/logits/c/3/0' missing" in r.output and len(r.output.splitlines()) == 1, r.output
 
 
+def test_resuming_a_store_never_writes_through_a_link_out_of_its_folder(tiny_store: str, tmp_path: Path) -> None:
+    """An incomplete store received from elsewhere, finished with extract (or import), whose ``targets/logits/c`` is a
+    link to a folder elsewhere (any of yours: the link names it): the resumed extract wrote the missing shard there
+    (``3/0``, overwriting a file of that name), and removed files named like kdcache's temp files there (the done markers,
+    read first, were refused already). Refused before anything is written there, naming the folder."""
+    store = copy(tiny_store, tmp_path)
+    (store / "progress/done/c/3").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(store / LOGITS / "c", elsewhere)
+    (store / LOGITS / "c").symlink_to(elsewhere)
+    shutil.rmtree(elsewhere / "3")  # the shard not done lost its object: written again by the resumed extract
+    (elsewhere / ".3.1.tmp").write_text("a file of yours")
+    before = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
+    r = CliRunner().invoke(main, ["extract", str(ROOT / "tests/fixtures/tiny.toml"), "--out", str(store)])
+    assert r.exit_code == 1, r.output
+    assert f"is unsafe to write: '{LOGITS}/c/3' leads to {str(elsewhere / '3')!r}, outside the store folder" in r.output, r.output
+    assert len(r.output.splitlines()) == 1, r.output
+    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before
+
+
 def test_a_store_claiming_billions_of_shards_is_refused_before_they_are_counted(tiny_store, tmp_path):
     """A manifest (and array metadata, made to agree) claiming 2**34 samples in 16-row shards: reading its 2**30 done
     markers took every byte of memory (a MemoryError traceback under a 2 GiB limit). More shards than any store has
