@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, storage, store as layout, threads
-from kdcache.errors import AlignmentError, PipelineError, StoreError, short
+from kdcache.errors import AlignmentError, DamagedShardError, PipelineError, StoreError, short
 
 
 class TransferSet(IterableDataset):
@@ -354,6 +354,7 @@ class TransferSet(IterableDataset):
         _check_same_store(self.location, layout.identity(manifest), self._manifest, "between its first opening and this reader's", "first opened")
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
+        _check_index(rows, columns[layout.INDEX], self.location)
         index = columns[layout.INDEX].tolist()
         items = data.getitems(self.dataset, index)
         inputs = [data.inputs_of(item, i) for i, item in zip(index, items)]
@@ -427,6 +428,17 @@ class TransferSet(IterableDataset):
                                   "in its place; make it return one item per index, in the order asked")
         return AlignmentError(f"{said}: the dataset changed since extraction (order, content or preprocessing); use the dataset "
                               "the store was made from, or re-extract")
+
+
+def _check_index(rows: np.ndarray, index: np.ndarray, location: str) -> None:
+    """A batch's store ``rows`` must hold dataset ``index`` ``rows`` (FORMAT.md §4: ``index[r] == r``): a damaged index of a
+    store without digests (which would otherwise catch it) is named as such, not paired with another sample (``-1`` read
+    as the dataset's last item) or called a changed dataset by the fingerprint check."""
+    if not np.array_equal(index, rows):
+        j = int(np.flatnonzero(index != rows)[0])
+        raise DamagedShardError(f"{location!r} is damaged: store row {int(rows[j])} holds dataset index {int(index[j])} in samples/index, "
+                                f"where a store's row r holds index r (FORMAT.md §4); run kdcache verify {location}, and re-extract "
+                                "or copy the store again from its source")
 
 
 def _check_paths(paths: Any) -> None:

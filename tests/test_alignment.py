@@ -486,3 +486,25 @@ def test_training_from_a_0_1_6_store_of_inputs_it_cannot_tell_apart_says_so(tmp_
     assert "note: " not in capsys.readouterr().out
     assert data.v1_blind_spot({"ids": Numbered()[0][0], "mask": np.ones(3)}) is None  # tensors and arrays: both algorithms alike
     assert data.v1_blind_spot(([Numbered()[0][0]], [Numbered()[1][0]])) == "lists in a list"
+
+
+# ------------------------------------------------------------------ a damaged samples/index
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+def test_a_damaged_index_of_a_store_without_digests_is_named_as_damage_not_read_as_another_sample(numbered_store, tmp_path, budget):
+    """Row r holds dataset index r (FORMAT.md §4). A store without digests (kdcache < 0.1.1), whose samples/index says -1
+    at row 5: the reader fetched the dataset's item -1 (its last) for row 5's targets, and the fingerprint check (where it
+    looked at that row) called the dataset changed. Every batch's index is checked against its rows: named as damage."""
+    import json
+
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(numbered_store, store)
+    shutil.rmtree(store / "progress/digest")
+    root = json.loads((store / "zarr.json").read_text())
+    del root["attributes"]["kdcache"]["compression"]["shard_digests"]
+    (store / "zarr.json").write_text(json.dumps(root))
+    index = zarr.open_array(str(store / layout.INDEX), mode="r+", zarr_format=3)
+    index[5] = -1
+    with pytest.raises(StoreError, match=rf"^'{re.escape(str(store))}' is damaged: store row 5 holds dataset index -1 in samples/index, "
+                                         r"where a store's row r holds index r \(FORMAT.md §4\); run kdcache verify"):
+        list(transfer(str(store), Numbered(N), memory_budget_mb=budget, fingerprint_check=0.0))
