@@ -187,11 +187,36 @@ def _step(value: Any, step: str, label: str, setting: str, mask: Padding | None 
     named = isinstance(value, tuple) and step in _fields(value)  # a namedtuple's field, by name
     found = getattr(value, step) if named else None if isinstance(value, tuple | list) else _get(value, step)
     if found is None:
-        raise TargetError(
-            f"{label}: output of type {type(value).__name__} has no element {step!r}; "
-            f"fix {setting} (e.g. \"0\", \"logits\", \"last_hidden_state\")"
-        )
+        raise _no_element(value, step, label, setting)
     return found
+
+
+def _no_element(value: Any, step: str, label: str, setting: str) -> TargetError:
+    """The error for a ``step`` that names nothing in ``value``: the elements it holds, and where ``step`` is one it declares
+    but holds None (a Hugging Face ``ModelOutput`` leaves ``hidden_states`` None without ``output_hidden_states=True``), that."""
+    held, empty = _elements(value)
+    holds = f" (it holds {', '.join(held[:12])}{', …' if len(held) > 12 else ''})" if held else ""
+    why = f"; its {step!r} is None: the model returned nothing there" if step in empty else ""
+    if why and step.endswith(("hidden_states", "attentions")):
+        flag = "output_hidden_states" if step.endswith("hidden_states") else "output_attentions"
+        why += f" (a Hugging Face model fills {step} only with {flag}=True in its config or call)"
+    example = held[0] if held else '"0", "logits", "last_hidden_state"'
+    return TargetError(f"{label}: output of type {type(value).__name__} has no element {step!r}{holds}{why}; fix {setting} (e.g. {example})")
+
+
+def _elements(value: Any) -> tuple[list[str], set[str]]:
+    """What a step can name in ``value``, quoted (a tuple's indices, a namedtuple's fields, a mapping's keys, a dataclass's
+    fields), and the names it declares that hold None (a dataclass's fields, a mapping's keys)."""
+    if isinstance(value, tuple | list):
+        count = len(value)
+        indices = [f'"{i}"' for i in range(count)] if count <= 12 else [f'"0" to "{count - 1}"']
+        return indices + [repr(f) for f in _fields(value)], set()
+    names: dict[str, Any] = {}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names.update((f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value))
+    if isinstance(value, Mapping):
+        names.update((str(k), v) for k, v in value.items())
+    return [repr(n) for n, v in names.items() if v is not None], {n for n, v in names.items() if v is None}
 
 
 def _fields(value: tuple[Any, ...]) -> tuple[str, ...]:

@@ -320,6 +320,7 @@ def test_dict_items_are_keyword_arguments_and_label_is_not_an_input(tmp_path):
         ("tuple_out", None, "logits", "0"),
         ("dataclass_out", None, "logits", "logits"),
         ("dict_out", None, "logits", "logits"),
+        ("model_output_out", None, "logits", "logits"),  # a Hugging Face ModelOutput's None fields are passed over
         ("encoder_out", None, "pooled", "pooler_output"),  # no logits: auto takes pooler_output
         ("encoder_out", "last_hidden_state", "hidden", "last_hidden_state"),
         ("tuple_out", "1", "hidden", "1"),
@@ -354,9 +355,15 @@ def test_output_auto_cannot_pick_from_names_it_does_not_know(tmp_path):
     "overrides, error, match",
     [
         (['targets.select.logits="nope"', "teacher.factory=extract_zoo.py:dict_out", "targets.layers=[]"],
-         TargetError, r"target 'logits': output of type dict has no element 'nope'"),
+         TargetError, r"target 'logits': output of type dict has no element 'nope' \(it holds 'logits', 'hidden'\); "
+                      r"fix \[targets.select\] 'logits' \(e.g. 'logits'\)$"),
         (['targets.select.logits="5"', "teacher.factory=extract_zoo.py:tuple_out", "targets.layers=[]"],
-         TargetError, r"output of type tuple has no element '5'"),
+         TargetError, r"output of type tuple has no element '5' \(it holds \"0\", \"1\"\)"),
+        # a Hugging Face ModelOutput without output_hidden_states=True: its hidden_states is None, which the error names
+        (['targets.select.logits="hidden_states.0"', "teacher.factory=extract_zoo.py:model_output_out", "targets.layers=[]"],
+         TargetError, r"^target 'logits': output of type ModelOutputLike has no element 'hidden_states' \(it holds 'logits'\); "
+                      r"its 'hidden_states' is None: the model returned nothing there \(.*output_hidden_states=True.*\); "
+                      r"fix \[targets.select\] 'logits' \(e.g. 'logits'\)$"),
         (['targets.select.logits="99"'], TargetError, r"target 'logits': index 99 is outside the \d+ entries of the sample's first axis"),
         (['targets.select.logits="final"'], TargetError, r"output of type Tensor \(per-sample shape \[\d+\]\) has no element 'final'; .* "
                                                          r"\"mean\", \"last\" or \"transpose\""),
