@@ -619,6 +619,11 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
         if (listed := _per_position(inputs)) is not None:
             fix = (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
                    "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or " + fix)
+        elif (lower := _lower_precision(model, inputs)) is not None:
+            section, autocast = "extract" if role == "teacher" else "train", "bf16" if lower == "bfloat16" else "fp16"
+            fix = (f"its parameters are {lower} and the inputs float32, which a model that does not cast its inputs (Hugging Face "
+                   f"models do) cannot take: return it in float32 and set {section}.precision = \"{autocast}\" (autocast), "
+                   f"or give it {lower} inputs; else " + fix)
         raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
 
 
@@ -653,6 +658,23 @@ def _per_position(inputs: Any) -> str | None:
     if isinstance(inputs, Mapping):
         return next((f"entry {k!r}" for k, v in inputs.items() if listed(v)), None)
     return "the input" if listed(inputs) else None
+
+
+def _lower_precision(model: torch.nn.Module, inputs: Any) -> str | None:
+    """The dtype of ``model``'s floating parameters where they are all one other than float32 (a model returned as
+    ``.half()`` or ``.to(torch.bfloat16)``) and the batch's floating tensors are float32; None otherwise."""
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(params) != 1 or params == {torch.float32} or _float_dtypes(inputs) != {torch.float32}:
+        return None
+    return str(params.pop()).removeprefix("torch.")
+
+
+def _float_dtypes(value: Any) -> set[torch.dtype]:
+    """The dtypes of the floating tensors in a batch (a tensor, or a dict, tuple or list of them)."""
+    if isinstance(value, torch.Tensor):
+        return {value.dtype} if value.is_floating_point() else set()
+    parts = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
+    return set().union(*(_float_dtypes(v) for v in parts))
 
 
 def describe(inputs: Any) -> str:

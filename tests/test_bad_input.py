@@ -237,6 +237,10 @@ CASES = [
     Case("student-wrong-input", lambda c: train(c, "--set", "student.factory=bad_input.py:wrong_input", "--set", "train.features={}"),
          (f"the student model raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x64 and 10x4) (at bad_input.py:{WRONG_INPUT_LINE})",
           "make student.factory's model take data.factory's items"), store=True),
+    # a model of bfloat16 parameters given float32 inputs: the error says so, and how to run it (autocast, or such inputs)
+    Case("teacher-bfloat16-float32-inputs", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:bfloat16_teacher", "--layers", ""),
+         ("the teacher model raised RuntimeError:", "on a batch of float32[8, 1, 8, 8]; its parameters are bfloat16 and the inputs float32",
+          'return it in float32 and set extract.precision = "bf16" (autocast), or give it bfloat16 inputs; else make teacher.factory')),
     # a GPU's out-of-memory error (raised here by the model on any device): one line naming the batch and the fix
     Case("teacher-out-of-device-memory", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:out_of_device_memory", "--layers", ""),
          ("the teacher model raised OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (at bad_input.py:",
