@@ -619,6 +619,9 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
         if (listed := _per_position(inputs)) is not None:
             fix = (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
                    "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or " + fix)
+        elif (row := _one_row_each(inputs)) is not None:
+            fix = (f"every entry of the items is one row of shape {row}, as a tokenizer's return_tensors=\"pt\" gives one sentence: "
+                   "give each entry's row in the dataset (tokenizer(text, ...)[\"input_ids\"][0], or .squeeze(0) on each), or " + fix)
         elif (lower := _lower_precision(model, inputs)) is not None:
             section, autocast = "extract" if role == "teacher" else "train", "bf16" if lower == "bfloat16" else "fp16"
             fix = (f"its parameters are {lower} and the inputs float32, which a model that does not cast its inputs (Hugging Face "
@@ -658,6 +661,15 @@ def _per_position(inputs: Any) -> str | None:
     if isinstance(inputs, Mapping):
         return next((f"entry {k!r}" for k, v in inputs.items() if listed(v)), None)
     return "the input" if listed(inputs) else None
+
+
+def _one_row_each(inputs: Any) -> list[int] | None:
+    """Where a dict batch's tensors are all (B, 1, T), token ids among them (each item a tokenizer's ``return_tensors="pt"``
+    output for one sentence), an item's entry shape ``[1, T]``; None otherwise."""
+    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)] if isinstance(inputs, Mapping) else []
+    if not tensors or any(t.ndim != 3 or t.shape[1] != 1 for t in tensors) or all(t.is_floating_point() for t in tensors):
+        return None
+    return list(tensors[0].shape[1:])
 
 
 def _lower_precision(model: torch.nn.Module, inputs: Any) -> str | None:

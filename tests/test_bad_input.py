@@ -359,6 +359,11 @@ CASES = [
          ("dataset item 0 is a list of 6 numbers ([", "first number alone and take the second as the label", "torch.tensor(ids)")),
     Case("item-entry-a-nested-list", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:nested_lists"),
          ("the teacher model raised TypeError", "entry 'x' is a list of tensors, one per position", "with_format('torch')")),
+    # a tokenizer's return_tensors="pt" output per item: every entry a (1, tokens) row, batched to (B, 1, tokens)
+    Case("item-entries-tokenizer-rows", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:tokenizer_rows",
+                                                          "--set", "teacher.factory=bad_input.py:token_teacher", "--layers", ""),
+         ("the teacher model raised ValueError: too many values to unpack", "on a batch of {'input_ids': int64[8, 1, 6]",
+          "every entry of the items is one row of shape [1, 6]", 'return_tensors="pt"', ".squeeze(0)")),
     # items refilling one buffer only after the probe batch were written under other indices, each row consistent with
     # its fingerprint (verify --teacher-check passed); training found them, naming random augmentation
     Case("items-refill-one-buffer-after-the-probe-batch", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:partly_refilled"),
