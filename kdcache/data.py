@@ -616,18 +616,24 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
         raise
     except Exception as e:
         fix = f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)"
-        if (listed := _per_position(inputs)) is not None:
-            fix = (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
-                   "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or " + fix)
-        elif (row := _one_row_each(inputs)) is not None:
-            fix = (f"every entry of the items is one row of shape {row}, as a tokenizer's return_tensors=\"pt\" gives one sentence: "
-                   "give each entry's row in the dataset (tokenizer(text, ...)[\"input_ids\"][0], or .squeeze(0) on each), or " + fix)
-        elif (lower := _lower_precision(model, inputs)) is not None:
-            section, autocast = "extract" if role == "teacher" else "train", "bf16" if lower == "bfloat16" else "fp16"
-            fix = (f"its parameters are {lower} and the inputs float32, which a model that does not cast its inputs (Hugging Face "
-                   f"models do) cannot take: return it in float32 and set {section}.precision = \"{autocast}\" (autocast), "
-                   f"or give it {lower} inputs; else " + fix)
-        raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {fix}") from e
+        raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {_likely_cause(model, inputs, role)}{fix}") from e
+
+
+def _likely_cause(model: torch.nn.Module, inputs: Any, role: str) -> str:
+    """What a batch that the ``role`` model raised on shows of a common cause, with its fix, ending in "or "/"else "; ""
+    where it shows none."""
+    if (listed := _per_position(inputs)) is not None:
+        return (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
+                "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or ")
+    if (row := _one_row_each(inputs)) is not None:
+        return (f"every entry of the items is one row of shape {row}, as a tokenizer's return_tensors=\"pt\" gives one sentence: "
+                "give each entry's row in the dataset (tokenizer(text, ...)[\"input_ids\"][0], or .squeeze(0) on each), or ")
+    if (lower := _lower_precision(model, inputs)) is not None:
+        section, autocast = "extract" if role == "teacher" else "train", "bf16" if lower == "bfloat16" else "fp16"
+        return (f"its parameters are {lower} and the inputs float32, which a model that does not cast its inputs (Hugging Face "
+                f"models do) cannot take: return it in float32 and set {section}.precision = \"{autocast}\" (autocast), "
+                f"or give it {lower} inputs; else ")
+    return ""
 
 
 @contextmanager
