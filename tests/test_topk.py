@@ -1,5 +1,5 @@
 """Top-k logits (``targets.topk``): the store keeps each position's K largest logits, descending, and their classes
-(int32, ``targets/logits_indices``); training distils against them (``losses.topk_kl_divergence``). Real stores on disk,
+(int32, ``targets/logits_indices``); training distils against them (``losses.topk_logits`` spread over the classes, then ``kl_divergence``). Real stores on disk,
 tiny seeded teachers: ``topk_zoo``'s peaked logits over ``extract_zoo.images`` (whose first pixel is the index), and the
 text example's per-token LM (pipelines/text.py)."""
 
