@@ -25,6 +25,8 @@ from kdcache.errors import ShapeMismatchError
 __all__ = [
     "kl_divergence",
     "topk_logits",
+    "topk_kl_divergence",
+    "check_topk_classes",
     "logit_mse",
     "probability_mse",
     "feature_mse",
@@ -156,14 +158,62 @@ def topk_logits(values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
     Returns:
         (B, ..., C) tensor of ``values``' dtype.
     """
-    if values.shape != classes.shape or values.ndim < 2:
-        raise ShapeMismatchError(f"topk_logits: values {tuple(values.shape)} and classes {tuple(classes.shape)} must be one shape "
-                                 "(B, ..., K)")
-    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
-        raise ShapeMismatchError(f"topk_logits: stored classes run from {int(classes.min())} to {int(classes.max())}, outside the "
-                                 f"{num_classes} classes; the store is damaged (kdcache verify names it) or not of this teacher")
+    _require_topk(values, classes, "topk_logits")
+    check_topk_classes(classes, num_classes, "topk_logits")
     full = values.new_full((*values.shape[:-1], num_classes), float("-inf"))
     return full.scatter(-1, classes.long(), values)
+
+
+def topk_kl_divergence(student_logits: Tensor, values: Tensor, classes: Tensor, temperature: float = 1.0,
+                       mask: Tensor | None = None) -> Tensor:
+    """``kl_divergence`` against top-k teacher logits (a store's ``targets.topk``) without spreading them over the classes:
+    KL(p || q), p = softmax(values / T) over the K stored classes (renormalised: the teacher's mass outside its top K taken
+    as zero), log q = log_softmax(student / T) over all C classes, gathered at those K. The same value as ``kl_divergence``
+    against ``topk_logits(values, classes, C)``, and bit for bit the full logits' divergence when K = C (the K terms are
+    summed in class order), while the teacher's side holds (B, ..., K), not (B, ..., C): for a language model's 128k
+    vocabulary, the full-logits path's teacher temporaries are several student-logit-sized tensors.
+
+    Args:
+        student_logits: (B, ..., C), any float dtype.
+        values, classes: (B, ..., K) the stored top-k values (any float dtype; detached) and their classes (int), each in
+            ``[0, C)`` and distinct per position (``check_topk_classes`` checks the range: on a CUDA tensor an index out of
+            it is a device-side assert, so check the host copy first).
+        temperature, mask: as ``kl_divergence``'s.
+
+    Returns:
+        0-dim float32 tensor (float64 inside where ``kl_divergence`` would be).
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"topk_kl_divergence: temperature must be a finite number > 0, got {temperature!r}; use e.g. 1.0")
+    _require_topk(values, classes, "topk_kl_divergence")
+    if student_logits.ndim < 2 or student_logits.shape[:-1] != values.shape[:-1] or student_logits.shape[-1] < values.shape[-1]:
+        raise ShapeMismatchError(f"topk_kl_divergence: student shape {tuple(student_logits.shape)} does not fit the teacher's top-k "
+                                 f"values {tuple(values.shape)}: make the student's output layer produce the teacher's classes over the "
+                                 "same batch/token positions")
+    if mask is not None:
+        student_logits, values, mask = _outside_zeroed(student_logits, values, mask, "topk_kl_divergence")
+    order = classes.argsort(dim=-1)  # the K terms in class order: K = C sums them as kl_divergence does
+    values, classes = values.gather(-1, order), classes.gather(-1, order).long()
+    num_classes, k = student_logits.shape[-1], values.shape[-1]
+    cast = _kl_cast(num_classes, temperature)
+    log_q = F.log_softmax(cast(student_logits).reshape(-1, num_classes) / temperature, dim=-1).gather(-1, classes.reshape(-1, k))
+    log_p = F.log_softmax(cast(values.detach()).reshape(-1, k) / temperature, dim=-1)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return (_position_mean(terms.sum(dim=-1), mask) * (temperature**2)).float()
+
+
+def _require_topk(values: Tensor, classes: Tensor, what: str) -> None:
+    if values.shape != classes.shape or values.ndim < 2:
+        raise ShapeMismatchError(f"{what}: values {tuple(values.shape)} and classes {tuple(classes.shape)} must be one shape (B, ..., K)")
+
+
+def check_topk_classes(classes: Tensor, num_classes: int, what: str = "top-k logits") -> None:
+    """Refuse stored top-k ``classes`` outside ``[0, num_classes)`` (a damaged store, or one of another teacher). Two
+    reductions: on a GPU tensor, a device sync."""
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+        raise ShapeMismatchError(f"{what}: stored classes run from {int(classes.min())} to {int(classes.max())}, outside the "
+                                 f"{num_classes} classes; the store is damaged (kdcache verify names it) or not of this teacher")
 
 
 # T² · ln C above which kl_divergence computes in float64: float32's absolute error stays of order 1e-5 up to here

@@ -602,13 +602,16 @@ class Run:
                 feat = student_feature(self.hooked, layout.layer_name(path), module, selector, padding)
                 self.graded[path] = feat.requires_grad  # before its head, whose parameters would give the term a gradient
                 feats[path] = self.heads[_key(path)](feat) if _key(path) in self.heads else feat
+        if self.classes:  # on the host copy: no device sync, and no device-side assert of an index out of range
+            losses.check_topk_classes(batch["targets"][layout.LOGITS_INDICES], self.classes, "the store's top-k logits")
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         masks = {path: inputs[self.mask] for path in self.masked}  # the batch's own items' padding mask, for per-token terms
         w, parts, mask = self.loss, {}, masks.get(layout.LOGITS)
-        if layout.LOGITS in targets:
-            targets[layout.LOGITS] = teacher_logits(targets, self.classes)
         try:
-            if w.kl:
+            if w.kl and self.classes:  # top-k logits (train refuses mse on them)
+                kl = losses.topk_kl_divergence(logits, targets[layout.LOGITS], targets[layout.LOGITS_INDICES], w.temperature, mask)
+                parts["kl"] = _weighted(w.kl, kl)
+            elif w.kl:
                 parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature, mask))
             if w.mse:
                 mse = (losses.logit_mse(logits, targets[layout.LOGITS], mask) if w.mse_on == "logits"

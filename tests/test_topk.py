@@ -213,8 +213,15 @@ def test_kl_against_topk_logits_is_the_definition(shape, k, t):
     mask = (torch.rand(shape[:2], generator=g) > 0.3) if len(shape) == 3 else None
     if mask is not None:
         mask[:, 0] = True
+    want = reference_topk_kl(student, values, classes, t, mask)
     got = losses.kl_divergence(student, losses.topk_logits(values, classes.int(), shape[-1]), t, mask)
-    torch.testing.assert_close(got.double(), reference_topk_kl(student, values, classes, t, mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    student.requires_grad_(True)
+    sparse = losses.topk_kl_divergence(student, values, classes.int(), t, mask)  # what train runs: (B, ..., K) on the teacher's side
+    torch.testing.assert_close(sparse.double(), want, rtol=1e-5, atol=1e-6)
+    grad, = torch.autograd.grad(sparse, student)
+    want_grad, = torch.autograd.grad(reference_topk_kl(student, values, classes, t, mask), student)
+    torch.testing.assert_close(grad, want_grad.to(grad.dtype), rtol=1e-4, atol=1e-6)
 
 
 def test_kl_against_every_class_as_topk_is_exactly_the_full_logits_kl():
@@ -228,6 +235,7 @@ def test_kl_against_every_class_as_topk_is_exactly_the_full_logits_kl():
     for m in (None, mask):
         full = losses.kl_divergence(student, teacher, 3.0, m)
         assert torch.equal(losses.kl_divergence(student, losses.topk_logits(values, classes, 50), 3.0, m), full)
+        assert torch.equal(losses.topk_kl_divergence(student, values, classes, 3.0, m), full)
 
 
 def test_topk_logits_refuses_classes_outside_the_class_count():
@@ -236,6 +244,40 @@ def test_topk_logits_refuses_classes_outside_the_class_count():
 
     with pytest.raises(ShapeMismatchError, match="stored classes run from 0 to 9, outside the 8 classes"):
         losses.topk_logits(torch.zeros(2, 3), torch.tensor([[0, 1, 9], [2, 3, 4]]), 8)
+    with pytest.raises(ShapeMismatchError, match=r"student shape \(2, 2\) does not fit the teacher's top-k values \(2, 3\)"):
+        losses.topk_kl_divergence(torch.zeros(2, 2), torch.zeros(2, 3), torch.tensor([[0, 1, 2], [2, 3, 4]]))
+
+
+def test_kl_against_a_topk_store_holds_no_teacher_tensor_of_every_class():
+    """The teacher's side of the top-k kl is (B, ..., K): spread over the classes first (topk_logits, then kl_divergence)
+    it held tensors as large as the student's logits, several of them, for a language model's vocabulary. Counted as the
+    elements of every tensor the loss's ops make, forward and backward, at 32,000 classes and K = 8."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kdcache import losses
+
+    class Made(TorchDispatchMode):
+        storages: dict[int, int] = {}  # new memory only: a view shares its base's
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Made.storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return out
+
+    def made(loss) -> float:
+        student = torch.randn(2, 4, 32_000, requires_grad=True)
+        values, classes = torch.randn(2, 4, 32_000).half().topk(8, dim=-1)
+        Made.storages = {}
+        with Made():
+            loss(student, values, classes).backward()
+        return sum(Made.storages.values()) / student.nbytes
+
+    sparse = made(lambda s, v, c: losses.topk_kl_divergence(s, v, c, 2.0))
+    spread = made(lambda s, v, c: losses.kl_divergence(s, losses.topk_logits(v, c, 32_000), 2.0))
+    print(f"student-logit-sized tensors made: {sparse:.2f} top-k, {spread:.2f} spread over the classes")
+    assert sparse * 2 < spread, (sparse, spread)
 
 
 def test_training_from_a_topk_store_scores_the_stored_top_class(tmp_path):
