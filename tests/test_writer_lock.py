@@ -815,13 +815,26 @@ def test_a_lease_on_an_endpoint_that_stopped_answering_gives_up(silent_endpoint,
 @pytest.mark.parametrize("stale", [False, True], ids=["absent", "stale"])
 def test_writers_racing_for_an_s3_lock_exactly_one_wins(s3, monkeypatch, stale):
     """Eight writers, each with its own S3 client, ask at once for a lock that is absent (the PUT's If-None-Match
-    decides) or stale (the takeover's If-Match decides): one holds it, seven are refused naming it."""
-    monkeypatch.setattr(locking, "LOCK_STALE_S", 1.5)
+    decides) or stale (the takeover's If-Match decides): one holds it, seven are refused naming it.
+
+    Only the stale holder's lock may look stale: a LOCK_STALE_S of 1.5 s left for the whole race let a writer that
+    looked late (a loaded box) find the winner's lock 2 s old, by the server's whole seconds, and take it over too. So
+    each writer takes the stale lock over once all eight have judged it stale (all eight race on its If-Match), and
+    from then on a lock is stale after the usual LOCK_STALE_S."""
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/race-{stale}.zarr"
     lock = f"{S3_BUCKET}/.race-{stale}.zarr.kdcache-lock"
     if stale:
+        usual, take_over = locking.LOCK_STALE_S, locking._take_over
+        monkeypatch.setattr(locking, "LOCK_STALE_S", 1.5)
         stale_holder(fs, lock)
         time.sleep(2.2)
+        judged = threading.Barrier(8, timeout=60, action=lambda: monkeypatch.setattr(locking, "LOCK_STALE_S", usual))
+
+        def once_all_judged_it_stale(*args):
+            judged.wait()
+            return take_over(*args)
+
+        monkeypatch.setattr(locking, "_take_over", once_all_judged_it_stale)
     start, tried = threading.Barrier(8, timeout=60), threading.Barrier(8, timeout=60)
     won, refused = [], []
 
