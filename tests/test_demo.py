@@ -8,6 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
+
+import faults
+from kdcache.cli import main
 
 
 @pytest.mark.slow
@@ -31,8 +35,8 @@ def test_demo_meets_the_transfer_set_targets(tmp_path):
     assert {students[k]["step"] for k in "ABC"} == {s["steps"]}  # the same number of steps for all three
     assert "teacher (pretrained CNN)" in result.stdout and "gap closed" in result.stdout
     # the demo used only the public CLI/API: its stores are ordinary complete stores
-    info = subprocess.run([sys.executable, "-m", "kdcache.cli", "info", str(out / "teacher-train.zarr"), "--json"],
-                          capture_output=True, text=True, check=True)
+    info = CliRunner().invoke(main, ["info", str(out / "teacher-train.zarr"), "--json"])
+    assert info.exit_code == 0, info.output
     summary = json.loads(info.stdout)
     assert summary["complete"] and summary["num_samples"] == 50_000
 
@@ -54,12 +58,16 @@ def test_sigterm_while_the_demo_trains_names_a_command_demo_takes(tmp_path):
             "--set", f"data.factory={tmp_path / 'big.py'}:dataset", "--set", f"student.factory={fixtures / 'tiny.py'}:student",
             "--set", 'targets.layers=["features.3"]', "--set", "train.steps=40", "--set", "train.batch_size=8",
             "--set", "extract.device=cpu", "--set", "train.device=cpu"]
+    counting = faults.install("count", 0, str(tmp_path / "events.log"), str(tmp_path))  # in this process: the same events
+    try:
+        counted = CliRunner().invoke(main, args)
+    finally:
+        counting.uninstall()
+    assert counted.exit_code == 0, counted.output[-3000:]
+    step = [n for n, kind, _ in faults.read_log(tmp_path / "events.log") if kind == "step"][4]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_FAULT_ROOT": str(tmp_path)}
-    counted = subprocess.run([sys.executable, str(fixtures / "faults.py"), *args], capture_output=True, text=True, timeout=300,
-                             env={**env, "KDCACHE_FAULT": "count:0", "KDCACHE_FAULT_LOG": str(tmp_path / "events.log")})
-    assert counted.returncode == 0, counted.stderr[-3000:]
-    step = [line.split()[0] for line in (tmp_path / "events.log").read_text().splitlines() if line.split()[1] == "step"][4]
     result = subprocess.run([sys.executable, str(fixtures / "faults.py"), *args], capture_output=True, text=True, timeout=300,
                             env={**env, "KDCACHE_FAULT": f"term:{step}", "KDCACHE_FAULT_LOG": str(tmp_path / "term.log")})
     assert result.returncode == 143, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == ["Error: stopped by SIGTERM; run the same command again (the demo starts afresh)"]
+    assert (step, "step") in [(n, kind) for n, kind, _ in faults.read_log(tmp_path / "term.log")]  # it landed on the counted step
