@@ -145,6 +145,7 @@ def silent_endpoint():
     thread.start()
     yield f"http://127.0.0.1:{server.getsockname()[1]}", held
     done.set()
+    socket.create_connection(server.getsockname()).close()  # its accept() returns now, not at its next timeout
     thread.join()
     for conn in (*held, server):
         conn.close()

@@ -197,7 +197,7 @@ def http_server(request):
     if request.param == "http.server":
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
         server.RequestHandlerClass.log_message = lambda *_: None
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()  # shutdown() waits one
         yield f"tcp://127.0.0.1:{server.server_address[1]}"
         server.shutdown()
         server.server_close()
