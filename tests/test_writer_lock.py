@@ -58,11 +58,13 @@ def brief_looks(monkeypatch):
 
 @pytest.mark.slow
 def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env):
-    """A real ``kdcache extract`` (240 samples at 20 ms: ~5 s) holds the lock; ``--overwrite`` with another teacher, and
-    the same command again, are refused while it runs; the first run's store equals an undisturbed one."""
+    """A real ``kdcache extract`` (240 samples, held at row 24 until the others have tried: it ran 5 s at 20 ms a sample,
+    most of it after they had) holds the lock; ``--overwrite`` with another teacher, and the same command again, are
+    refused while it runs; the first run's store equals an undisturbed one."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    out, reference = tmp_path / "s.zarr", tmp_path / "reference.zarr"
-    first = slow_extract(toml, out, sleep=0.02)
+    out, reference, hold = tmp_path / "s.zarr", tmp_path / "reference.zarr", tmp_path / "hold"
+    hold.touch()
+    first = slow_extract(toml, out, sleep=0, held=(hold, 24))
     try:
         assert first.poll() is None and lock_file(out).exists(), "the first run ended too soon to be interrupted"
         holder = f"kdcache pid {first.pid} on "
@@ -77,6 +79,8 @@ def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env)
         zoo_env(SEED=None)
         assert_refused(invoke("extract", toml, "--out", out), out, holder)
         assert_refused(invoke("extract", toml, "--out", out, "--workers", 2), out, holder)  # dask's driver takes it too
+        assert first.poll() is None, "the first run ended while held"
+        hold.unlink()
         assert first.wait(timeout=120) == 0, first.stderr.read().decode()[-2000:]
     finally:
         if first.poll() is None:
