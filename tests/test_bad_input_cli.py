@@ -14,6 +14,9 @@ import traceback
 from pathlib import Path
 
 import dask
+# distributed's config defaults loaded before a test's dask.config.set of a distributed.* key: that set's exit deletes the
+# whole tree it found absent, and the next test's connect failed on KeyError 'tcp' (this file run alone, not in the suite)
+import distributed  # noqa: F401
 import pytest
 from click.testing import CliRunner
 
