@@ -1459,6 +1459,9 @@ def check_values(pipeline: Pipeline) -> None:
     if t.shuffle_buffer_shards < 1:
         raise PipelineError(f"{pipeline.where('train.shuffle_buffer_shards')}: train.shuffle_buffer_shards must be >= 1 (shards read per shuffle buffer), "
                             f"got {t.shuffle_buffer_shards}; use e.g. 4 (the default), or 1 to hold the fewest shards")
+    if t.streams < 1:
+        raise PipelineError(f"{pipeline.where('train.streams')}: train.streams must be >= 1, got {t.streams}; use 1 (the default), or K "
+                            "to reproduce a K-rank torchrun run in one process")
     if t.epochs < 1 and t.steps < 1:
         where = pipeline.where("train.epochs")  # --epochs sets train.steps = 0 too: steps are no way out of it
         raise PipelineError(f"{where}: train.epochs must be >= 1{'' if where.startswith('--epochs') else ' (or train.steps > 0)'}, got {t.epochs}")
