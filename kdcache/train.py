@@ -69,7 +69,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         _check_same_out(out, checkpoint, unread)
     store = open_for_training(cache_location, allow_partial, storage_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
-    dataset = _dataset(pipeline, store.manifest["dataset"]["split"], store.num_samples, "the store")
+    dataset = _dataset(pipeline, store, "the store")
     # what the run changes on the student: its feature hooks, and its modules' training modes (evaluation leaves them in
     # eval mode), undone however the run ends: the factory may return a model it keeps, and train or fine-tune it after
     hooks: list[Any] = []
@@ -1181,10 +1181,15 @@ def open_for_training(location: str, allow_partial: bool, storage_options: dict[
     return store
 
 
-def _dataset(pipeline: Pipeline, split: str, length: int, what: str) -> Any:
+def _dataset(pipeline: Pipeline, store: layout.Store, what: str) -> Any:
+    """The pipeline's dataset of the split ``store`` was extracted from, refused where its length is not the store's
+    (naming the factory the store records where it is another: a store of another pipeline's run)."""
+    split, made_by = store.manifest["dataset"]["split"], store.manifest["dataset"].get("factory")
     dataset = data.load(pipeline, split)
-    if len(dataset) != length:
-        raise StoreError(f"dataset {pipeline.data.factory}({split!r}) has {len(dataset)} samples but {what} has {length}; use the dataset the store was made from")
+    if len(dataset) != store.num_samples:
+        other = f" (extracted from {made_by}({split!r}), another data.factory)" if made_by != pipeline.data.factory else ""
+        raise StoreError(f"dataset {pipeline.data.factory}({split!r}) has {len(dataset)} samples but {what} has {store.num_samples}"
+                         f"{other}; use the dataset the store was made from")
     return dataset
 
 
@@ -1292,7 +1297,7 @@ def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | Non
     split = store.manifest["dataset"]["split"]
     _check_eval_split(t.eval_cache, t.eval_split, store.manifest, trained)
     _check_eval_logits(t.eval_cache, stored, trained)
-    dataset = _dataset(pipeline, split, store.num_samples, "train.eval_cache")
+    dataset = _dataset(pipeline, store, "train.eval_cache")
     if trained is not None and split != trained["dataset"]["split"] and _training_samples(dataset, trained):
         raise PipelineError(f"train.eval_cache {t.eval_cache!r} (split {split!r}) holds the samples the student trains on: its "
                             f"{len(dataset)} samples begin and end as split {trained['dataset']['split']!r} of the store trained from "

@@ -406,7 +406,8 @@ CASES = [
     Case("empty-dataset", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:empty"),
          ("bad_input.py:empty('train') is empty", "check data.factory and data.split")),
     Case("dataset-length-differs", lambda c: train(c, "--set", "data.factory=numbered.py:tiny_short"),
-         ("dataset numbered.py:tiny_short('train') has 40 samples but the store has 50", "use the dataset the store was made from"),
+         ("dataset numbered.py:tiny_short('train') has 40 samples but the store has 50 (extracted from tiny.py:dataset('train'), "
+          "another data.factory); use the dataset the store was made from",),
          store=True),
     Case("eval-split-missing", lambda c: train(c, "--set", "train.eval_split=valid"),
          ("train.eval_split = 'valid': data.factory 'tiny.py:dataset' raised ValueError: unknown split 'valid'",
