@@ -463,12 +463,15 @@ def _unknown(values: dict[str, Any], known: list[str], prefix: str, source: str)
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
-            elsewhere = [f"{name}.{key}" for name, cls in _SECTIONS.items()  # the right key in the wrong section
-                         if prefix and f"{name}." != prefix and key in {f.name for f in dataclasses.fields(cls)}]
+            elsewhere = [f"{name}.{key}" for name, cls in _SECTIONS.items()  # the right key in the wrong section, or in none
+                         if f"{name}." != prefix and key in {f.name for f in dataclasses.fields(cls)}]
             if close:
                 hint = f"; did you mean {' or '.join(prefix + c for c in close)}?"
             elif elsewhere:
-                hint = f"; did you mean {' or '.join(elsewhere)}? ({prefix.rstrip('.')} has no {key!r})"
+                section, _ = elsewhere[0].split(".")
+                where = f"{prefix.rstrip('.')} has no {key!r}" if prefix else \
+                    f"every key sits in a section: [{section}] {key} = … in a file, --set {elsewhere[0]}=… on a command line"
+                hint = f"; did you mean {' or '.join(elsewhere)}? ({where})"
             else:
                 hint = f"; known keys: {', '.join(known)}"
             raise PipelineError(f"{source}: unknown key {prefix + key!r}{hint}")

@@ -198,6 +198,9 @@ CASES = [
     Case("key-of-another-section", lambda c: extract("--out", c.new, "--set", "extract.dtype=float32"),
          ("unknown key 'extract.dtype'; did you mean targets.dtype? (extract has no 'dtype')",)),
     Case("unknown-key-root", lambda c: extract("--out", c.new, "--set", 'root="/etc"'), ("unknown key 'root'",)),
+    Case("key-without-its-section", lambda c: extract("--out", c.new, "--set", "batch_size=64"),
+         ("--set batch_size=64: unknown key 'batch_size'; did you mean extract.batch_size or train.batch_size? (every key sits "
+          "in a section: [extract] batch_size = … in a file, --set extract.batch_size=… on a command line)",)),
     Case("layer-listed-twice", lambda c: extract("--out", c.new, "--layers", "features.3,features.3"),
          ("targets.layers lists 'features.3' twice; list each layer once",)),
     Case("layers-differ-in-case", lambda c: extract("--dry-run", "--layers", "features.3,Features.3"),
