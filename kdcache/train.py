@@ -1173,8 +1173,10 @@ def open_for_training(location: str, allow_partial: bool, storage_options: dict[
     store = layout.open_store(location, storage_options=storage_options)
     if not store.complete:
         done, total = store.samples_done(), store.num_samples
-        if not allow_partial:
-            raise StoreError(f"{location!r} is incomplete ({done}/{total} samples); resume kdcache extract, or pass "
+        if not allow_partial:  # a store still being extracted is not an interrupted one (info and verify say so too)
+            writer = locking.active_writer(location, storage_options)
+            going_on = f"being written by {writer}: wait for it to end" if writer else "resume kdcache extract"
+            raise StoreError(f"{location!r} is incomplete ({done}/{total} samples); {going_on}, or pass "
                              f"{option('--allow-partial')} to train on completed shards only")
         if done == 0:
             raise StoreError(f"{location!r} has no completed shard yet; nothing to train on")

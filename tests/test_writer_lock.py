@@ -1129,3 +1129,19 @@ def test_a_dask_worker_on_another_machine_does_not_take_a_free_flock_for_its_dri
     lock_file(out).unlink()
     with pytest.raises(layout.StoreError, match=r"has ended \(its lock is released\)"):
         borrowed.check(str(out))
+
+
+def test_train_on_a_store_being_written_names_its_writer(tmp_path, tiny_store):
+    """``train`` of an incomplete store that an extract still writes says who writes it, not "resume kdcache extract"
+    (which that writer's lock would refuse); an interrupted store, nobody holding it, still says to resume."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    (store / "progress/done/c/2").unlink()  # shard 2 not done yet
+    args = ["train", FIXTURES / "tiny.toml", "--cache", store, "--out", tmp_path / "run"]
+    with writer_lock(store):
+        result = invoke(*args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"is incomplete (34/50 samples); being written by kdcache pid {os.getpid()} on " in result.output, result.output
+    assert "wait for it to end, or pass --allow-partial" in result.output and "resume kdcache extract" not in result.output
+    assert "resume kdcache extract, or pass --allow-partial" in invoke(*args).output
+    assert not (tmp_path / "run").exists()
