@@ -503,6 +503,10 @@ def _first_etag(lock: tuple[Any, str, str] | None, location: str, holder: str, t
 def _not_taken(location: str, lock: tuple[Any, str, str], reader: str, e: Exception) -> None:
     """Raise the error for the lock object ``lock`` whose request failed (``e``), unless ``reader``'s copy may not write
     it (403: s3fs's PermissionError): that copy goes on without it, as a note says."""
+    if isinstance(e, FileNotFoundError):  # s3fs's for NoSuchBucket: what else a PUT could not find
+        raise StoreError(f"{'no store at' if reader else 'cannot write'} {location!r}: there is no bucket {lock[1]!r} (or these "
+                         f"credentials cannot see it); {'' if reader else 'create it, or '}check the bucket name, --storage-option "
+                         "values and credentials") from None
     if not reader:
         raise StoreError(f"cannot lock {location!r} for writing: its lock object 's3://{lock[1]}/{lock[2]}': {_failure(e)}; "
                          "check the URL, --storage-option values and credentials (writing there must be allowed), and rerun") from None

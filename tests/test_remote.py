@@ -328,6 +328,21 @@ def test_a_mistyped_bucket_is_named_not_sent_to_extract(s3):
         open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)  # the bucket is there: the store is not
 
 
+def test_writing_or_copying_in_a_mistyped_bucket_names_it(s3, tmp_path):
+    """extract (and import) into a bucket that does not exist said "cannot lock ...: its lock object ...: The specified
+    bucket does not exist", and pack or export of a store there "cannot keep writers out ...; check that the endpoint is
+    up": both now name the bucket, as info does."""
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    url = "s3://kdcache-tset/t.zarr"
+    for args, said in ((["extract", TINY_TOML, "--out", url], f"cannot write {url!r}: there is no bucket 'kdcache-tset' (or these "
+                        "credentials cannot see it); create it, or check the bucket name, --storage-option values and credentials"),
+                       (["pack", url, tmp_path / "t.zarr.zip"], f"no store at {url!r}: there is no bucket 'kdcache-tset' (or these "
+                        "credentials cannot see it); check the bucket name, --storage-option values and credentials")):
+        r = CliRunner().invoke(main, [*map(str, args), *options])
+        assert r.exit_code == 1 and r.output.strip() == f"Error: {said}", r.output
+    assert not (tmp_path / "t.zarr.zip").exists()
+
+
 def test_http_store_is_read_only_and_reads_like_local(http_root, tiny_store, tmp_path):
     from conftest import TINY_TOML
 
