@@ -1627,6 +1627,9 @@ def _no_local_store(location: str, extract: str) -> StoreError:
             if f.read(8) == HDF5_MAGIC or path.suffix.lower() in (".h5", ".hdf5"):
                 return StoreError(f"{location!r} is an HDF5 file (a kdcache export?), not a store; run kdcache import "
                                   f"{location} STORE first, then pass STORE")
+        if zipfile.is_zipfile(path) and not _zip_holds_store(path):  # torch.save's .pt files are zips too
+            return StoreError(f"{location!r} is a zip file that holds no store (no zarr.json at its root: a PyTorch checkpoint, "
+                              "another archive); pass a store folder, or a .zarr.zip written by kdcache pack")
         if zipfile.is_zipfile(path):  # read as a zip by its name alone: SHARING.md's zip:: takes one of any name
             return StoreError(f"{location!r} is a zip file not named .zip; pass it as zip::{location} (a zip of any name is "
                               "read through zip::), or rename it to .zarr.zip")
@@ -1634,10 +1637,20 @@ def _no_local_store(location: str, extract: str) -> StoreError:
                           "or zip::PATH for such a zip of another name")
     if (path / ".zgroup").is_file():
         return _zarr_v2(location)
+    if (path / "pipeline.json").is_file() and any((path / name).is_file() for name in ("student.pt", "checkpoint.pt")):
+        return StoreError(f"no store at {location!r}: it is a training run's folder (kdcache train --out: student.pt, "
+                          "pipeline.json); pass the store kdcache extract wrote (train --cache takes it)")
     if path.is_dir() and any(path.iterdir()):
         return StoreError(f"no store at {location!r}: the folder holds no zarr.json; pass the folder of a store "
                           "(kdcache extract PIPELINE --out NEW writes one)")
     return StoreError(f"no store at {location!r}; {extract}")
+
+
+def _zip_holds_store(path: Path) -> bool:
+    """Whether the zip file at ``path`` has a root ``zarr.json`` member (a store's, as kdcache pack writes it)."""
+    with contextlib.suppress(OSError, zipfile.BadZipFile), zipfile.ZipFile(path) as z:
+        return "zarr.json" in z.namelist()
+    return False
 
 
 def _no_zip_store(location: str) -> StoreError:

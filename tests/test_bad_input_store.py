@@ -21,7 +21,7 @@ from kdcache.cli import main
 from kdcache.errors import StoreError
 from kdcache.store import DONE, LOGITS, create_or_resume, open_store
 from kdcache.verify import verify
-from test_bad_input import (LOGITS_SHARD_1, TRAIN, Case, Ctx, check_output, edit_manifest, extract, factory_file, invoke, snapshot,
+from test_bad_input import (LOGITS_SHARD_1, TINY, TRAIN, Case, Ctx, check_output, edit_manifest, extract, factory_file, invoke, snapshot,
                              text_file, train, truncate)
 
 OUT = "out"  # export / pack write out.h5 / out.zarr.zip in the case's folder: a failed one leaves nothing named out*
@@ -282,6 +282,11 @@ CASES = [
     Case("info-zarr-v2-group", lambda c: ["info", zarr_v2_group(c)], ("v2.zarr' is a zarr v2 group", "not a kdcache store (zarr v3)")),
     Case("info-zip-missing", lambda c: ["info", c.tmp / "none.zarr.zip"], ("none.zarr.zip' (no such file)", "kdcache pack STORE")),
     Case("info-plain-file", lambda c: ["info", text_file(c, "notes.txt", "x")], ("notes.txt' is a file, not a store",)),
+    Case("info-torch-checkpoint", lambda c: ["info", torch_checkpoint(c)],
+         ("student.pt' is a zip file that holds no store (no zarr.json at its root: a PyTorch checkpoint", "a .zarr.zip written by kdcache pack")),
+    Case("train-cache-a-training-run", lambda c: ["train", TINY, "--cache", training_run(c), "--out", c.tmp / "next"],
+         ("/run': it is a training run's folder (kdcache train --out: student.pt, pipeline.json)",
+          "pass the store kdcache extract wrote (train --cache takes it)")),
     # -- a new store whose layer names differ only in case (FORMAT.md §6)
     Case("extract-layers-differ-in-case", lambda c: extract("--out", c.new, "--set", factory_file(c, "twins.py", CASE_TWINS),
                                                             "--set", 'targets.layers=["Conv", "conv"]'),
@@ -364,6 +369,23 @@ CASES = [
                                               "missing or all 0 although the shard is marked done", "run kdcache verify"),
          store=True, damage=lambda s: (s / "progress/digest/c/1/0").unlink()),
 ]
+
+
+def torch_checkpoint(ctx: Ctx) -> Path:
+    """A state dict saved by torch.save (a zip file, of another name than .zip)."""
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, ctx.tmp / "student.pt")
+    return ctx.tmp / "student.pt"
+
+
+def training_run(ctx: Ctx) -> Path:
+    """A folder as kdcache train --out leaves it (its files' names are what tell it)."""
+    run = ctx.tmp / "run"
+    run.mkdir()
+    for name in ("student.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "checkpoint.pt"):
+        (run / name).write_bytes(b"")
+    return run
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
