@@ -476,7 +476,9 @@ def _open_for(location: str, dataset: Dataset, storage_options: dict[str, Any] |
     algorithm = data.check_algorithm(store.manifest, location)
     n = data.check_dataset(dataset, "dataset", "is")  # an IterableDataset was "object of type ... has no len()", a dict "1 samples"
     if n != store.num_samples:  # rows would be paired with the wrong items, or with none
-        raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples}; use the dataset the store was made from")
+        made = store.manifest["dataset"]
+        raise StoreError(f"the dataset has {n} samples but {location!r} has {store.num_samples} (extracted from "
+                         f"{made.get('factory')}({made.get('split')!r})); use the dataset the store was made from")
     return store, algorithm
 
 

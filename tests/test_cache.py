@@ -414,7 +414,9 @@ def test_targets_given_as_none_are_refused_and_none_serves_inputs_and_labels(num
 
 
 def test_dataset_of_another_length_is_refused(numbered_store):
-    with pytest.raises(StoreError, match=r"90 samples.*100"):
+    """The error names what the store was extracted from (another split or factory is the usual mistake)."""
+    with pytest.raises(StoreError, match=r"^the dataset has 90 samples but '.*' has 100 \(extracted from numbered\.py:numbered\('train'\)\); "
+                                         r"use the dataset the store was made from$"):
         transfer(numbered_store, Numbered(90))
 
 
