@@ -144,7 +144,8 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         if options.get("resume") or (options.get("auto_resume") and checkpoint.exists()):
             return "no new checkpoint was saved: run the same command again to continue from the last one"
         if options.get("overwrite"):
-            return "no checkpoint was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
+            return (f"no checkpoint was saved, so {str(options['out'])!r} still holds the earlier run, unchanged: run the same command "
+                    "again to start afresh")
         return "no checkpoint was saved: run the same command again"
     return {"demo": "run the same command again (the demo starts afresh)", "pack": "no file was written", "export": "no file was written"}.get(command, "nothing was changed")
 

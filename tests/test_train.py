@@ -1159,7 +1159,8 @@ def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
     lock = tmp_path / ".run.kdcache-lock"
     assert not lock.exists()  # the interrupted run let go of it
     line = interrupted("--overwrite", "--set", 'data.factory="numbered.py:tiny_slower"', when=lock.exists)
-    assert line == "Error: interrupted; no checkpoint was saved, so OUT still holds the earlier run, unchanged: run the same command again to start afresh"
+    assert line == (f"Error: interrupted; no checkpoint was saved, so {str(out)!r} still holds the earlier run, unchanged: run the same "
+                    "command again to start afresh")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
