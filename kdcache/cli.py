@@ -627,12 +627,27 @@ def _topk_lines(t: dict[str, Any]) -> list[str]:
             + (f"({saved:,} B saved, {full / (full - saved):.1f}x less)" if saved > 0 else f"({-saved:,} B more: a K this close to the class count saves nothing)")]
 
 
+def _inputs_lines(inputs: dict[str, list[str]]) -> list[str]:
+    """The dry run's line of the dict items' keys each model is called with (none for items that are not dicts)."""
+    if not inputs:
+        return []
+    teacher, student = inputs["teacher"], inputs.get("student")
+    if student is None:
+        said = "student: refused (see the warning)"
+    elif student == teacher:
+        said = "student: the same"
+    else:
+        said = f"student (student.inputs): {', '.join(student)}"
+    return [f"inputs      teacher: {', '.join(teacher)}; {said}"]
+
+
 def _dry_run_text(r: dict[str, Any]) -> str:
     g = r["geometry"]
     lines = [
         f"teacher     {r['teacher']['class']}  {r['teacher']['num_parameters']:,} params on {r['device']}",
         f"dataset     {r['num_samples']:,} samples  labels={'yes' if r['has_labels'] else 'no'}",
         f"probe       one batch of {r['probe_batch']} in {r['probe_seconds']:.2f}s",
+        *_inputs_lines(r["inputs"]),
         "targets",
     ]
     for name, t in r["targets"].items():

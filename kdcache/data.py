@@ -603,6 +603,22 @@ def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> A
     return inputs
 
 
+def picked(inputs: Any, keys: tuple[str, ...], where: str) -> Any:
+    """The entries of dict ``inputs`` (an item's, or a batch's) that ``student.inputs`` (``keys``) names, in its order; all
+    of ``inputs`` where it names none. Refused in one line (``where`` begins it) where ``inputs`` is not a dict or lacks a key."""
+    if not keys:
+        return inputs
+    if not isinstance(inputs, Mapping):
+        raise PipelineError(f"{where}: student.inputs = {list(keys)} applies to dict items only, but the dataset's items' inputs "
+                            f"are {describe(inputs)}, which the student is given whole; set student.inputs = [] (the default)")
+    missing = next((key for key in keys if key not in inputs), None)
+    if missing is not None:
+        label = " (the items' label, which no model is given)" if missing in LABEL_KEYS else ""
+        raise PipelineError(f"{where}: student.inputs names {missing!r}{label}, which the dataset's items do not have (their "
+                            f"entries: {', '.join(map(repr, inputs))}); list some of those, or set student.inputs = [] for all")
+    return {key: inputs[key] for key in keys}
+
+
 def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
     """Run the ``role`` (``"teacher"`` or ``"student"``) model on a batch: a dict is passed as keyword arguments.
 
@@ -616,12 +632,15 @@ def call(model: torch.nn.Module, inputs: Any, role: str) -> Any:
         raise
     except Exception as e:
         fix = f"make {role}.factory's model take data.factory's items as they come (call it in Python to see the full traceback)"
-        raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {_likely_cause(model, inputs, role)}{fix}") from e
+        raise ModelError(f"the {role} model raised {raised(e)} on a batch of {describe(inputs)}; {_likely_cause(model, inputs, role, e)}{fix}") from e
 
 
-def _likely_cause(model: torch.nn.Module, inputs: Any, role: str) -> str:
-    """What a batch that the ``role`` model raised on shows of a common cause, with its fix, ending in "or "/"else "; ""
-    where it shows none."""
+def _likely_cause(model: torch.nn.Module, inputs: Any, role: str, error: Exception) -> str:
+    """What a batch that the ``role`` model raised ``error`` on shows of a common cause, with its fix, ending in "or "/"else ";
+    "" where it shows none."""
+    if role == "student" and isinstance(inputs, Mapping) and isinstance(error, TypeError) and "keyword argument" in str(error):
+        return (f"it was called with the items' entries {', '.join(map(repr, inputs))} as keyword arguments: set "
+                "student.inputs to the keys it takes (e.g. [\"input_ids\", \"attention_mask\"]), or ")
     if (listed := _per_position(inputs)) is not None:
         return (f"{listed} is a list of tensors, one per position, as torch batches a Python list per item: return a tensor per item "
                 "(torch.tensor(ids); a Hugging Face dataset: dataset.with_format('torch')), or ")

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -563,11 +563,13 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
     per_sample = sum(t.row_bytes for t in run.targets.values()) + 8 * (3 if run.has_labels else 2)
     ratio = _compression_ratio(pipeline, host)
     n = manifest["num_samples"]
+    inputs, input_warnings = _model_inputs(pipeline, run)
     return {
         "num_samples": n,
         "device": str(run.device),
         "teacher": manifest["teacher"],
         "has_labels": run.has_labels,
+        "inputs": inputs,
         "targets": {t.name: {"path": p, "shape": [n, *t.shape], "dtype": t.dtype, "source": t.source, "select": t.select,
                              **({"mask": t.mask} if t.mask else {}), **layout.topk_info(t),
                              "bytes_per_sample": t.row_bytes} for p, t in run.targets.items()},
@@ -578,8 +580,21 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "geometry": manifest["geometry"],
         "probe_batch": rows,
         "probe_seconds": seconds,
-        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run) + _mask_warnings(pipeline, run),
+        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run) + _mask_warnings(pipeline, run) + input_warnings,
     }
+
+
+def _model_inputs(pipeline: Pipeline, run: Run) -> tuple[dict[str, list[str]], list[str]]:
+    """The keys of item 0's dict inputs each model is called with (the teacher every one, the student those
+    ``student.inputs`` names; {} for inputs that are not a dict), and what ``train`` would refuse of ``student.inputs``
+    (``data.picked``: a key the items lack, inputs that are not a dict), said before the extract."""
+    inputs = data.item_inputs(run.dataset, 0)
+    shown = {"teacher": list(inputs)} if isinstance(inputs, Mapping) else {}
+    try:
+        student = data.picked(inputs, pipeline.student.inputs, pipeline.where("student.inputs"))
+    except KdcacheError as e:
+        return shown, [f"kdcache train would refuse this store: {e}"]
+    return (shown | {"student": list(student)} if shown else shown), []
 
 
 def _probe_values(run: Run) -> tuple[dict[str, torch.Tensor], int]:

@@ -72,6 +72,8 @@ class ExtractSection:
 class StudentSection:
     factory: str = ""
     select: str = "auto"  # which part of the student's output is its logits, as [targets.select] for the teacher's
+    # the keys of the dataset's dict items the student is called with ((): every entry but the label, as the teacher is)
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -347,11 +349,12 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
         choices = CHOICES.get((where, f.name))
         if choices and kwargs[f.name] not in choices:
             raise PipelineError(f"{source}: {key} = {value!r} is not one of {', '.join(choices)}")
-    if where == "targets":
-        layers = list(kwargs.get("layers", ()))
-        twice = next((name for i, name in enumerate(layers) if name in layers[:i]), None)
+    if where in ("targets", "student"):  # targets.layers, student.inputs: each name once
+        listed, what = ("layers", "layer") if where == "targets" else ("inputs", "key")
+        names = list(kwargs.get(listed, ()))
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
         if twice is not None:
-            raise PipelineError(f"{source}: targets.layers lists {twice!r} twice; list each layer once")
+            raise PipelineError(f"{source}: {where}.{listed} lists {twice!r} twice; list each {what} once")
     if where == "targets" and "select" in kwargs:
         kwargs["select"] = {name: _selector(v, f"targets.select.{name!r}", source) for name, v in kwargs["select"].items()}
     if where == "train":

@@ -571,6 +571,8 @@ class Run:
     masked: tuple[str, ...] = ()  # the target paths whose terms take that mask (per-token ones: _mask_paths)
     classes: int = 0  # a store of top-k logits (targets.topk): the teacher's class count, which they are spread over (0: full logits)
     mask_where: str = ""  # where train.mask was set, to begin messages about it
+    inputs: tuple[str, ...] = ()  # student.inputs: the keys of the batch's dict inputs the student is called with ((): all)
+    inputs_where: str = ""  # where student.inputs was set, to begin messages about it
     scaler: Any = field(init=False, default=None)
     graded: dict[str, bool] = field(init=False, default_factory=dict)  # the last losses(): each student feature carries a gradient
 
@@ -590,12 +592,17 @@ class Run:
         no mask is set or no select of the student pools (``pools``: decided once): those selects run as without a mask."""
         return teachers.Padding.of(batch, self.mask, "train.mask", self.mask_where) if self.pools else None
 
+    def forward(self, inputs: Any) -> Any:
+        """The student's output for a batch's ``inputs`` (on the host): the entries ``student.inputs`` names (every one where
+        it names none) moved to the device and passed to it (``data.call``)."""
+        return data.call(self.student, data.to_device(data.picked(inputs, self.inputs, self.inputs_where), self.device), "student")
+
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch; only terms with a non-zero weight appear."""
         self.hooked.clear()  # this forward's outputs only: never a stale one from an earlier batch
-        inputs, padding = data.to_device(batch["inputs"], self.device), self.padding(batch)
+        padding = self.padding(batch)
         with data.autocast(self.device, self.precision):  # the student and its heads; the losses compute in float32
-            logits = data.call(self.student, inputs, "student")
+            logits = self.forward(batch["inputs"])
             logits = select_student(logits, "student output", self.select, mask=padding)
             feats = {}
             for path, (module, _, selector) in self.features.items():
@@ -605,7 +612,8 @@ class Run:
         if self.classes:  # on the host copy: no device sync, and no device-side assert of an index out of range
             losses.check_topk_classes(batch["targets"][layout.LOGITS_INDICES], self.classes, "the store's top-k logits")
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
-        masks = {path: inputs[self.mask] for path in self.masked}  # the batch's own items' padding mask, for per-token terms
+        # the batch's own items' padding mask, for per-token terms (read from the whole item: student.inputs need not list it)
+        masks = dict.fromkeys(self.masked, batch["inputs"][self.mask].to(self.device, non_blocking=True)) if self.masked else {}
         w, parts, mask = self.loss, {}, masks.get(layout.LOGITS)
         try:
             if w.kl and self.classes:  # top-k logits (train refuses mse on them)
@@ -680,6 +688,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     the student's and heads' training modes as built (``_Modes``), are appended to ``hooks`` as they are made (the caller
     removes them, also when this raises)."""
     t, w = pipeline.train, pipeline.train.loss
+    if pipeline.student.inputs:  # keys the items have, before the student is built
+        data.picked(data.item_inputs(dataset, 0), pipeline.student.inputs, pipeline.where("student.inputs"))
     student = _build_student(pipeline, device, hooks)
     _check_float16_student(pipeline, student)
     _check_stored_for_loss(pipeline, store)
@@ -691,7 +701,8 @@ def setup(pipeline: Pipeline, store: layout.Store, dataset: Any, device: torch.d
     features = {path: (spec["student"], float(spec["weight"]), spec["select"]) for path, spec in terms.items() if path != layout.LOGITS}
     teachers.check_layers(student, tuple(spec["student"] for spec in specs.values()), what="student")
     run = Run(student, torch.nn.ModuleDict(), features, {}, w, device, list(terms), select=pipeline.student.select, precision=t.precision,
-              mask=t.mask, mask_where=pipeline.where("train.mask"), classes=stored[teachers.LOGITS].classes if layout.LOGITS in terms else 0)
+              mask=t.mask, mask_where=pipeline.where("train.mask"), classes=stored[teachers.LOGITS].classes if layout.LOGITS in terms else 0,
+              inputs=pipeline.student.inputs, inputs_where=pipeline.where("student.inputs"))
     run.masked = mask_paths(pipeline, store.targets.values(), run.paths, dataset)
     # owned as the teacher's are: a later in-place op (ReLU(inplace=True)) must not change what is distilled
     handles = teachers.hook(student, [module for module, _, _ in features.values()], run.hooked)
@@ -793,7 +804,7 @@ def _probe_features(run: Run, dataset: Any) -> tuple[dict[str, tuple[int, ...]],
     target path; a feature whose first axis is not the probe's samples is refused."""
     probe = _probe_batch(dataset, [0, min(1, len(dataset) - 1)])
     with torch.no_grad():
-        data.call(run.student, data.to_device(probe["inputs"], run.device), "student")
+        run.forward(probe["inputs"])
     shapes, dtypes = {}, {}
     for path, (module, _, selector) in run.features.items():
         name = layout.layer_name(path)
@@ -958,7 +969,7 @@ def _check_samples_first(run: Run, dataset: Any, ndim: dict[str, int]) -> None:
     try:
         one = _probe_batch(dataset, [0])
         with torch.no_grad():
-            data.call(run.student, data.to_device(one["inputs"], run.device), "student")
+            run.forward(one["inputs"])
         feats = {path: student_feature(run.hooked, layout.layer_name(path), module, selector, run.padding(one))
                  for path, (module, _, selector) in run.features.items()}
     except DeviceMemoryError as e:
@@ -1034,7 +1045,7 @@ def _student_rows(run: Run, dataset: Any, rows: list[int], output: bool) -> dict
     try:
         with torch.no_grad(), _rng_kept(run.device), \
                 data.device_memory("the student's setup probe (select steps)", probe["inputs"], "lower train.batch_size"):
-            out, padding = data.call(run.student, data.to_device(probe["inputs"], run.device), "student"), run.padding(probe)
+            out, padding = run.forward(probe["inputs"]), run.padding(probe)
             parts = {"": select_student(out, "student output", run.select, mask=padding)} if output else {}
             return parts | {path: student_feature(run.hooked, layout.layer_name(path), module, selector, padding)
                             for path, (module, _, selector) in run.features.items()}
@@ -1396,7 +1407,7 @@ def _eval_counts(run: Run, device: torch.device, source: Any, classes: int = 0) 
     correct = agree = teacher_correct = n = labelled = 0
     with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
         for batch in source if source is not None else ():  # None: a rank with no part (more ranks than shards)
-            logits = select_student(data.call(run.student, data.to_device(batch["inputs"], device), "student"), "student output", run.select,
+            logits = select_student(run.forward(batch["inputs"]), "student output", run.select,
                                     mask=run.padding(batch))
             # a tie at the top (float16 logits tie often) counts 1/k, not argmax's lowest class (losses.top1_matches)
             label = None if batch["label"] is None else torch.as_tensor(batch["label"])
@@ -1441,7 +1452,7 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, a
     run.student.eval()
     try:
         with torch.no_grad():
-            logits = select_student(data.call(run.student, data.to_device(probe["inputs"], device), "student"), "student output", run.select,
+            logits = select_student(run.forward(probe["inputs"]), "student output", run.select,
                                     mask=run.padding(probe))
     except (ModelError, TargetError):
         return  # the first training step says what is wrong with the model or its output, on a batch of its own
