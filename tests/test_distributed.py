@@ -562,15 +562,19 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
         assert all(torch.equal(b[k], start[k]) for k in ("fc.weight", "spare.weight")) and not torch.equal(b["conv.weight"], start["conv.weight"])
 
 
-def test_torchrun_train_with_a_padding_mask_equals_one_process_with_as_many_streams(tmp_path):
+@pytest.mark.parametrize(("dataset", "student", "module", "inputs"), [
+    ("padded_tokens", "token_lm_student", "hidden", "[]"),
+    ("typed_tokens", "tokens_only_student", "embed", '["tokens"]'),  # called with its tokens alone, the mask read from the item
+], ids=["all-inputs", "student-inputs"])
+def test_torchrun_train_with_a_padding_mask_equals_one_process_with_as_many_streams(tmp_path, dataset, student, module, inputs):
     """train.mask: a masked loss is the mean over rows of each row's mean over its valid positions, so two ranks' scaled
     losses average to the joined batch's, the uneven last step's too (50 rows, per-token logits and features of
-    extract_zoo.TokenLM). SGD: AdamW would make steps of lr out of the rounding of a gradient that is 0 (attention's
-    key bias), which the two ways of summing round differently."""
-    toml = write_toml(tmp_path / "lm.toml", 'teacher.factory="extract_zoo.py:token_lm"', 'data.factory="extract_zoo.py:padded_tokens"',
-                      'targets.layers=["hidden"]', 'targets.dtype="float32"', f'student.factory="{FIXTURES}/extract_zoo.py:token_lm_student"',
-                      'train={epochs=2, batch_size=8, device="cpu", optimizer="sgd", lr=0.05, mask="attention_mask", '
-                      'loss={kl=1.0, mse=0.5}, features={hidden={student="hidden", weight=0.1}}}')
+    extract_zoo.TokenLM), also for a student called with student.inputs. SGD: AdamW would make steps of lr out of the
+    rounding of a gradient that is 0 (attention's key bias), which the two ways of summing round differently."""
+    toml = write_toml(tmp_path / "lm.toml", 'teacher.factory="extract_zoo.py:token_lm"', f'data.factory="extract_zoo.py:{dataset}"',
+                      'targets.layers=["hidden"]', 'targets.dtype="float32"', f'student.factory="{FIXTURES}/extract_zoo.py:{student}"',
+                      f'student.inputs={inputs}', 'train={epochs=2, batch_size=8, device="cpu", optimizer="sgd", lr=0.05, mask="attention_mask", '
+                      f'loss={{kl=1.0, mse=0.5}}, features={{hidden={{student="{module}", weight=0.1}}}}}}')
     store = str(tmp_path / "lm.zarr")
     extracted = CliRunner().invoke(main, ["extract", str(toml), "--out", store])
     assert extracted.exit_code == 0, extracted.output
