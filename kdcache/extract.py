@@ -594,7 +594,9 @@ def _model_inputs(pipeline: Pipeline, run: Run) -> tuple[dict[str, list[str]], l
         student = data.picked(inputs, pipeline.student.inputs, pipeline.where("student.inputs"))
     except KdcacheError as e:
         return shown, [f"kdcache train would refuse this store: {e}"]
-    return (shown | {"student": list(student)} if shown else shown), []
+    if shown:
+        shown["student"] = list(student)
+    return shown, []
 
 
 def _probe_values(run: Run) -> tuple[dict[str, torch.Tensor], int]:
