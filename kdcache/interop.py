@@ -367,7 +367,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
                         arrays[path] = f[path][start:stop]
                     except (OSError, ValueError, RuntimeError) as e:  # a damaged chunk (a filter or checksum that fails)
                         raise _unreadable(source, path, shard, start, stop, f"cannot be read ({_why(e)})", store) from None
-                    problem = _digest_problem(expect, digests, path, shard, arrays[path]) or _value_problem(path, start, arrays[path])
+                    problem = _digest_problem(expect, digests, path, shard, arrays[path]) or _value_problem(expect, path, start, arrays[path])
                     if problem:
                         raise _unreadable(source, path, shard, start, stop, problem, store)
                 store.write_shard(shard, arrays)
@@ -498,12 +498,13 @@ def _digest_problem(expect: layout.Store, digests: np.ndarray | None, path: str,
     return None
 
 
-def _value_problem(path: str, start: int, rows: np.ndarray) -> str | None:
+def _value_problem(expect: layout.Store, path: str, start: int, rows: np.ndarray) -> str | None:
     """What in rows ``start..`` of dataset ``path`` no store may hold, where a file's digests agree with them (a file
-    written by another tool): what ``kdcache verify``'s values check refuses. None: none."""
-    from kdcache.verify import value_problem
+    written by another tool; ``expect``: the store its manifest describes): what ``kdcache verify``'s values check
+    refuses. None: none."""
+    from kdcache.verify import topk_classes, value_problem
 
-    problem = value_problem(path, start, rows)
+    problem = value_problem(path, start, rows, topk_classes(expect.targets.values()))
     return f"hold {problem}" if problem else None
 
 
@@ -515,7 +516,7 @@ def _check_readable(f: Any, source: str, expect: layout.Store, digests: np.ndarr
         for path in expect.paths():
             try:
                 rows = f[path][start:stop]
-                why = _digest_problem(expect, digests, path, shard, rows) or _value_problem(path, start, rows)
+                why = _digest_problem(expect, digests, path, shard, rows) or _value_problem(expect, path, start, rows)
             except (OSError, ValueError, RuntimeError) as e:
                 why = f"cannot be read ({_why(e)})"
             if why:

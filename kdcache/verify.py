@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -176,6 +177,7 @@ def _contents(store: layout.Store) -> list[Check]:
     except StoreError:  # missing although the manifest says it is kept: the layout check names it
         digests = f"no shard digests ({layout.DIGEST} is missing)"
     values = Check("values", f"finite targets, index[r] == r, non-zero fingerprints, {digests}")
+    classes = topk_classes(store.targets.values())
     for path in store.paths():
         for shard in done:
             start, stop = store.shard_rows(shard)
@@ -192,17 +194,23 @@ def _contents(store: layout.Store) -> list[Check]:
             misplaced = store.digest_problem(path, shard, block)
             if misplaced:
                 values.fail(f"{path}: shard {shard} (rows {start}-{stop - 1}) {misplaced}")
-            problem = value_problem(path, start, block)
+            problem = value_problem(path, start, block, classes)
             if problem:
                 values.fail(f"{path}: shard {shard}: {problem}")
     return [sums, values]
 
 
-def value_problem(path: str, start: int, rows: np.ndarray) -> str | None:
-    """What in rows ``start..`` of the data array ``path`` no store may hold (FORMAT.md §4, §5), whatever its checksums
+def value_problem(path: str, start: int, rows: np.ndarray, classes: int = 0) -> str | None:
+    """What in rows ``start..`` of the data array ``path`` no store may hold (FORMAT.md §4, §5, §5.1), whatever its checksums
     and digests say: ``index[r] != r``, a row without a fingerprint (0), a target that is not finite (extract refuses the
-    teacher's NaN and float16 overflow; training on one would end "diverged"). None: none. ``values``' check, and
-    ``import``'s of each shard of an HDF5 file."""
+    teacher's NaN and float16 overflow; training on one would end "diverged"); with top-k logits of ``classes`` classes
+    (``topk_classes``; 0: none), values not in descending order, or stored classes out of ``[0, classes)`` or repeated
+    within a position (kl would count that class twice). None: none. ``values``' check, and ``import``'s of each shard
+    of an HDF5 file."""
+    if classes and path in (layout.LOGITS, layout.LOGITS_INDICES):
+        problem = _topk_problem(path, start, rows, classes)
+        if problem:
+            return problem
     if path == layout.INDEX:
         wrong = np.flatnonzero(rows != np.arange(start, start + len(rows)))
         return f"index[r] != r at {len(wrong)} rows (first row {start + int(wrong[0])}: {int(rows[wrong[0]])})" if len(wrong) else None
@@ -213,6 +221,29 @@ def value_problem(path: str, start: int, rows: np.ndarray) -> str | None:
         bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
         return f"NaN or inf in {len(bad)} rows (first row {start + int(bad[0])})"
     return None
+
+
+def topk_classes(targets: Iterable[layout.Target]) -> int:
+    """The class count of a store's top-k logits (``targets``: its targets), which ``value_problem`` checks; 0: none."""
+    return next((t.classes for t in targets if t.path == layout.LOGITS and t.topk), 0)
+
+
+def _topk_problem(path: str, start: int, rows: np.ndarray, classes: int) -> str | None:
+    """Top-k logits' rows (FORMAT.md §5.1) that break its rules: values not descending, or classes out of range or
+    repeated within a position; None: none."""
+    flat, per_row = rows.reshape(-1, rows.shape[-1]), math.prod(rows.shape[1:-1])  # (positions, K); positions per row
+    if path == layout.LOGITS:
+        bad = np.flatnonzero((np.diff(flat, axis=-1) > 0).any(-1))
+        what = "top-k values not in descending order"
+    else:
+        outside = (flat < 0) | (flat >= classes)
+        if outside.any():
+            first = int(np.flatnonzero(outside.any(-1))[0])
+            return (f"a class outside the manifest's {classes} classes (first row {start + first // per_row}: class "
+                    f"{int(flat[first][outside[first]][0])})")
+        bad = np.flatnonzero((np.diff(np.sort(flat, axis=-1), axis=-1) == 0).any(-1))
+        what = "a class repeated within a position"
+    return f"{what} at {len(bad)} positions (first row {start + int(bad[0]) // per_row})" if len(bad) else None
 
 
 _EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000)}

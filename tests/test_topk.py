@@ -6,6 +6,7 @@ text example's per-token LM (pipelines/text.py)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -133,13 +134,13 @@ def test_an_interrupted_topk_extract_resumes_to_the_uninterrupted_store(tmp_path
     assert verify(out)["ok"]
 
 
-def rewrite_classes(out: str, classes: np.ndarray) -> None:
-    """Write ``classes`` over the store's top-k classes, with shard 1's digest made again for them (as a writer that
-    computed them so would)."""
+def rewrite_classes(out: str, classes: np.ndarray, path: str = layout.LOGITS_INDICES) -> None:
+    """Write ``classes`` over the store's top-k classes (or the array at ``path``), with shard 1's digest made again for
+    them (as a writer that computed them so would)."""
     g = zarr.open_group(out, mode="r+")
-    g[layout.LOGITS_INDICES][:] = classes
-    column = kdcache.open_store(out).digest_paths().index(layout.LOGITS_INDICES)
-    g[layout.DIGEST][1, column] = layout.shard_digest(layout.LOGITS_INDICES, 1, [classes[16:32]])
+    g[path][:] = classes
+    column = kdcache.open_store(out).digest_paths().index(path)
+    g[layout.DIGEST][1, column] = layout.shard_digest(path, 1, [classes[16:32]])
 
 
 def test_verify_teacher_check_names_a_stored_class_that_is_not_the_teachers(tmp_path):
@@ -157,6 +158,30 @@ def test_verify_teacher_check_names_a_stored_class_that_is_not_the_teachers(tmp_
     teacher = {c["name"]: c for c in report["checks"]}["teacher"]
     assert not report["ok"] and teacher["problems"] == [
         "target 'logits': 1 values beyond tolerance (rtol 0.01); worst at row 20: stored -0, recomputed -3"]
+
+
+@pytest.mark.parametrize("path, row, match", [
+    (layout.LOGITS_INDICES, [3, 2, 16], "targets/logits_indices: shard 1: a class outside the manifest's 16 classes (first row 20: class 16)"),
+    (layout.LOGITS_INDICES, [3, -1, 4], "targets/logits_indices: shard 1: a class outside the manifest's 16 classes (first row 20: class -1)"),
+    (layout.LOGITS_INDICES, [3, 2, 2], "targets/logits_indices: shard 1: a class repeated within a position at 1 positions (first row 20)"),
+    (layout.LOGITS, [-1.0, 0.0, -1.0], "targets/logits: shard 1: top-k values not in descending order at 1 positions (first row 20)"),
+])
+def test_plain_verify_names_topk_rows_that_break_the_format(peaked_store, tmp_path, path, row, match):
+    """FORMAT.md §5.1 (a hand-made store, its digests made for what it holds): classes in [0, C), distinct per position,
+    values descending. Plain verify passed all three (--teacher-check named the range alone, and passed a repeated tied
+    class: kl counted it twice); training names verify for classes out of range, and HDF5 import refuses the same rows."""
+    from kdcache.interop import export_hdf5, import_hdf5
+
+    out = str(tmp_path / "hand.zarr")
+    shutil.copytree(peaked_store, out)
+    rows = zarr.open_group(out, mode="r")[path][:]
+    rows[20] = row
+    rewrite_classes(out, rows, path)
+    report = verify(out)
+    assert not report["ok"] and {c["name"]: c for c in report["checks"]}["values"]["problems"] == [match]
+    export_hdf5(out, tmp_path / "hand.h5")
+    with pytest.raises(kdcache.KdcacheError, match=re.escape(f"dataset '{path}' rows 16-31 hold {match.split(': ', 2)[2]}")):
+        import_hdf5(tmp_path / "hand.h5", str(tmp_path / "back.zarr"))
 
 
 @pytest.mark.parametrize("sections, match", [
