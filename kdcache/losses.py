@@ -165,7 +165,7 @@ def topk_logits(values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
 
 
 def topk_kl_divergence(student_logits: Tensor, values: Tensor, classes: Tensor, temperature: float = 1.0,
-                       mask: Tensor | None = None) -> Tensor:
+                       mask: Tensor | None = None, num_classes: int | None = None) -> Tensor:
     """``kl_divergence`` against top-k teacher logits (a store's ``targets.topk``) without spreading them over the classes:
     KL(p || q), p = softmax(values / T) over the K stored classes (renormalised: the teacher's mass outside its top K taken
     as zero), log q = log_softmax(student / T) over all C classes, gathered at those K. The same value as ``kl_divergence``
@@ -179,6 +179,8 @@ def topk_kl_divergence(student_logits: Tensor, values: Tensor, classes: Tensor, 
             ``[0, C)`` and distinct per position (``check_topk_classes`` checks the range: on a CUDA tensor an index out of
             it is a device-side assert, so check the host copy first).
         temperature, mask: as ``kl_divergence``'s.
+        num_classes: the teacher's class count C (a store's ``Target.classes``), which the student's last axis must
+            match; None: not checked (a student of fewer classes than a stored class fails in the gather).
 
     Returns:
         0-dim float32 tensor (float64 inside where ``kl_divergence`` would be).
@@ -190,6 +192,10 @@ def topk_kl_divergence(student_logits: Tensor, values: Tensor, classes: Tensor, 
         raise ShapeMismatchError(f"topk_kl_divergence: student shape {tuple(student_logits.shape)} does not fit the teacher's top-k "
                                  f"values {tuple(values.shape)}: make the student's output layer produce the teacher's classes over the "
                                  "same batch/token positions")
+    if num_classes is not None and student_logits.shape[-1] != num_classes:  # fewer: an index error; more: never trained
+        raise ShapeMismatchError(f"topk_kl_divergence: student shape {tuple(student_logits.shape)} does not match the teacher's "
+                                 f"{num_classes} classes (top {values.shape[-1]} stored per position); make the student's output "
+                                 f"layer produce {num_classes} classes over the same batch/token positions as the teacher")
     if mask is not None:
         student_logits, values, mask = _outside_zeroed(student_logits, values, mask, "topk_kl_divergence")
     order = classes.argsort(dim=-1)  # the K terms in class order: K = C sums them as kl_divergence does

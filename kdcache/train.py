@@ -617,7 +617,8 @@ class Run:
         w, parts, mask = self.loss, {}, masks.get(layout.LOGITS)
         try:
             if w.kl and self.classes:  # top-k logits (train refuses mse on them)
-                kl = losses.topk_kl_divergence(logits, targets[layout.LOGITS], targets[layout.LOGITS_INDICES], w.temperature, mask)
+                kl = losses.topk_kl_divergence(logits, targets[layout.LOGITS], targets[layout.LOGITS_INDICES], w.temperature, mask,
+                                               self.classes)
                 parts["kl"] = _weighted(w.kl, kl)
             elif w.kl:
                 parts["kl"] = _weighted(w.kl, losses.kl_divergence(logits, targets[layout.LOGITS], w.temperature, mask))

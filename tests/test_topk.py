@@ -326,6 +326,19 @@ def test_kl_against_the_top_1_of_many_classes_trains_and_is_not_taken_for_one_cl
     assert kdcache.train(peaked(targets={"topk": 1}), out, tmp_path / "run")["loss_kl"] > 0
 
 
+@pytest.mark.parametrize("classes", [10, 20])
+def test_a_student_of_another_class_count_is_refused_in_one_line(peaked_store, tmp_path, classes):
+    """The stored classes run to 15: a student of 10 classes failed in the gather (IndexError on the CPU, a device-side
+    assert on a GPU), one of 20 trained its extra classes from nothing; both are named as the full logits' kl names them."""
+    from kdcache.errors import ShapeMismatchError
+
+    with pytest.raises(ShapeMismatchError, match=re.escape(
+            f"student shape (8, {classes}) does not match the teacher's 16 classes (top 3 stored per position); make the "
+            "student's output layer produce 16 classes")) as e:
+        kdcache.train(peaked(student={"factory": f"topk_zoo.py:student_of_{classes}"}), peaked_store, tmp_path / "run")
+    assert "\n" not in str(e.value)
+
+
 def test_mse_on_a_topk_store_is_refused_in_one_line(tmp_path):
     out = str(tmp_path / "peaked.zarr")
     kdcache.extract(peaked(), out)
