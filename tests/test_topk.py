@@ -316,6 +316,16 @@ def test_training_from_a_topk_store_scores_the_stored_top_class(tmp_path):
     assert 0 <= result["eval_agreement"] <= 1
 
 
+def test_an_eval_store_of_topk_logits_scores_a_run_of_full_logits_and_the_other_way(peaked_store, tmp_path):
+    """train.eval_cache need not store the logits as the training store does: the teacher's top class is the same."""
+    full = str(tmp_path / "full.zarr")
+    kdcache.extract(peaked(targets={"topk": 0}), full)
+    for trained, evaluated, k in ((full, peaked_store, 0), (peaked_store, full, 3)):
+        result = kdcache.train(peaked(targets={"topk": k}, train={"eval_cache": evaluated, "eval_split": "train"}), trained,
+                               tmp_path / f"run{k}")
+        assert result["eval_teacher_accuracy"] == sum(i % 16 == (3 * i) % 5 for i in range(50)) / 50
+
+
 def test_kl_against_the_top_1_of_many_classes_trains_and_is_not_taken_for_one_class(tmp_path):
     """A store of targets.topk = 1 holds one value per position, of the teacher's 16 classes: kl against it is the student's
     cross-entropy at the teacher's top class, not 0. The check refusing kl over logits of one class (softmax of one is 1)
