@@ -436,6 +436,20 @@ def test_a_dask_cluster_writes_the_single_process_topk_store(peaked_store, tmp_p
     assert_same_arrays(peaked_store, out)
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_write_the_single_process_topk_store(tmp_path):
+    """Two gloo ranks on the CPU, each writing its shards' values and classes: the one-process store, digests included."""
+    from test_distributed import _torchrun
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text((FIXTURES / "tiny.toml").read_text().replace('"tiny.py:', f'"{FIXTURES}/tiny.py:'))
+    sets = ["--set", "targets.topk=2", "--set", "targets.layers=[]"]
+    kdcache.extract(kdcache.load_pipeline(toml, [s for s in sets if s != "--set"]), str(tmp_path / "one.zarr"))
+    r = _torchrun("extract", str(toml), "--out", str(tmp_path / "ranks.zarr"), *sets, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_arrays(str(tmp_path / "one.zarr"), str(tmp_path / "ranks.zarr"))
+
+
 def test_an_older_reader_refuses_a_topk_store_by_its_format_version(peaked_store, tmp_path):
     """kdcache <= 0.1.14 (and FORMAT.md's version-1 reader) checks format_version == 1 before anything else: a top-k store,
     whose values at targets/logits would otherwise read as every class's logits, is version 2. A version-1 manifest with a
