@@ -725,14 +725,18 @@ def test_a_received_store_declaring_8_gib_shards_is_refused_in_one_line_before_r
     assert all(part in str(raised.value) for part in HUGE_LOGITS), raised.value
 
 
-def test_the_json_of_info_stats_and_verify_has_the_documented_keys(tiny_store: str) -> None:
-    """SHARING.md names every key ``info``, ``stats`` and ``verify`` print with --json (they were not documented)."""
+def test_the_json_of_info_stats_and_verify_has_the_documented_keys(tiny_store: str, tmp_path: Path) -> None:
+    """SHARING.md names every key ``info``, ``stats`` and ``verify`` print with --json (they were not documented; nor were
+    a top-k store's: info's K and bytes saved, stats' entropy_topk)."""
     import json
+
+    from conftest import extract_tiny
 
     doc = (ROOT / "docs/SHARING.md").read_text()
     section = doc[doc.index("## What `--json` prints") : doc.index("## Safety model")]
-    for command in ("info", "stats", "verify"):
-        r = CliRunner().invoke(main, [command, tiny_store, "--json"])
+    topk = extract_tiny(tmp_path / "topk.zarr", "targets.topk=2")
+    for command, store in [(c, s) for c in ("info", "stats", "verify") for s in (tiny_store, topk)]:
+        r = CliRunner().invoke(main, [command, store, "--json"])
         assert r.exit_code == 0, r.output
         report = json.loads(r.stdout)
         keys = set(report) | ({k for t in report["targets"].values() for k in t} if command == "info" else set())
