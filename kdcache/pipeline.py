@@ -533,7 +533,7 @@ def _import_file(file: Path) -> Any:
     """Import a Python file once per process, under its own stem when that name is free.
 
     Using the stem keeps objects defined there picklable by DataLoader/dask workers that import
-    the same file; the file's folder goes on ``sys.path`` so it can import its siblings.
+    the same file; the file's folder goes on ``sys.path`` (at its end) so it can import its siblings.
     """
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
@@ -543,8 +543,8 @@ def _import_file(file: Path) -> Any:
     found = None if name in sys.modules else importlib.util.find_spec(name)
     if name in sys.modules or (found is not None and not (found.origin and Path(found.origin).resolve() == file)):  # taken by another module
         name = f"{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
-    if str(file.parent) not in sys.path:
-        sys.path.insert(0, str(file.parent))
+    if str(file.parent) not in sys.path:  # last: a file there named like a module (json.py) must not shadow it for the
+        sys.path.append(str(file.parent))  # rest of the process, or in the workers it spawns, which inherit sys.path
     spec = importlib.util.spec_from_file_location(name, file)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -340,11 +340,18 @@ def test_a_file_is_imported_once(tmp_path):
 
 
 def test_a_file_named_like_an_installed_module_is_still_the_file(tmp_path):
+    """And the folder's files do not shadow those modules for the rest of the process: the folder went first on sys.path,
+    so a module imported later (or by a spawned dask worker, which inherits sys.path: 'json' has no attribute 'load')
+    was the folder's file of that name."""
+    import importlib.util
+
     write(tmp_path / "json.py", "def make():\n    return 'local json.py'\n")
+    write(tmp_path / "tabnanny.py", "")  # a standard library module nothing here has imported
     assert resolve("json.py:make", tmp_path)() == "local json.py"
     import json
 
     assert hasattr(json, "dumps")  # the standard library module is untouched
+    assert Path(importlib.util.find_spec("tabnanny").origin).parent != tmp_path
 
 
 def test_a_file_importable_under_its_own_name_keeps_that_name(tmp_path, monkeypatch):
