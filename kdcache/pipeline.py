@@ -186,6 +186,10 @@ CHOICES = {
     ("train.loss", "mse_on"): ("logits", "probabilities"),
 }
 FRACTIONS = {("train", "fingerprint_check"), ("train", "fingerprint_recheck")}
+# whole numbers whose least value is 1, not 0 (train.epochs: 0 too where train.steps > 0, which overrides it): a negative
+# one is refused here naming that minimum, 0 by extract.setup and train.check_values, with their hints
+COUNTS = {("extract", "batch_size"), ("extract", "queue_depth"), ("train", "batch_size"), ("train", "shuffle_buffer_shards"),
+          ("train", "streams"), ("train", "epochs")}
 _THREADS = (MAX_PARALLEL, f"use at most the number of cores ({CORES} here), or 0 for torch's default")
 _WORKERS = (MAX_PARALLEL, f"a few per core is plenty ({CORES} cores here); 0 loads in the main process")
 LIMITS = {  # upper bounds (inclusive), with what to use instead
@@ -340,7 +344,7 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
         if f.name == "loss":
             kwargs[f.name] = _section(LossSection, _table(value, key, source), key, source)
             continue
-        kwargs[f.name] = _check(value, f.type, key, source)
+        kwargs[f.name] = _check(value, f.type, key, source, "a whole number >= 1" if (where, f.name) in COUNTS else None)
         limit, use = LIMITS.get((*where.split("."), f.name), (None, ""))
         if limit is not None and kwargs[f.name] > limit:
             raise PipelineError(f"{source}: {key} = {value!r} is above its limit of {limit:g}; {use}")
@@ -397,9 +401,10 @@ def _table(value: Any, key: str, source: str) -> dict[str, Any]:
     return value
 
 
-def _check(value: Any, annotation: str, key: str, source: str) -> Any:
-    """Coerce/check one value against its field annotation (a string, from __future__ annotations)."""
-    bad = PipelineError(f"{source}: {key} must be {_USE.get(annotation, 'a table, e.g. { key = value }')}, got {value!r}"
+def _check(value: Any, annotation: str, key: str, source: str, use: str | None = None) -> Any:
+    """Coerce/check one value against its field annotation (a string, from __future__ annotations); ``use``: what the
+    value must be, where not what its type's ``_USE`` says."""
+    bad = PipelineError(f"{source}: {key} must be {use or _USE.get(annotation, 'a table, e.g. { key = value }')}, got {value!r}"
                         f"{_as_text(value) if annotation in ('int', 'float') else _unquoted(value, key) if annotation == 'str' else ''}")
     if annotation == "bool":
         if not isinstance(value, bool):

@@ -551,7 +551,7 @@ def test_demo_out_is_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("train.epochs=abc", "train.epochs must be a whole number >= 0, got 'abc'"),
+    ("train.epochs=abc", "train.epochs must be a whole number >= 1, got 'abc'"),
     ("train.lr=0", "train.lr must be > 0"),  # train's own check, once only after both extracts
     ("train.loss.temperature=0", "train.loss.temperature must be at least"),
     # a value the demo sets itself for each student or extract (was silently overridden: the table described its own)

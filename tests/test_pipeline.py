@@ -13,7 +13,9 @@ import pytest
 import kdcache
 from kdcache.errors import PipelineError
 from conftest import TINY_TOML
-from kdcache.pipeline import Pipeline, apply_override, from_dict, load, resolve
+from kdcache.extract import setup as extract_setup
+from kdcache.pipeline import COUNTS, Pipeline, apply_override, from_dict, load, resolve
+from kdcache.train import check_values
 from reference import FIXTURES, write_toml
 
 TINY = FIXTURES / "tiny.toml"
@@ -259,10 +261,10 @@ def test_bad_choices_list_the_valid_ones(override, match):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("extract.batch_size=-1", r"extract.batch_size must be a whole number >= 0, got -1"),
-        ("extract.batch_size=true", r"extract.batch_size must be a whole number >= 0, got True"),
-        ("extract.batch_size=1.5", r"extract.batch_size must be a whole number >= 0, got 1.5"),
-        ("extract.batch_size=many", r"extract.batch_size must be a whole number >= 0, got 'many'"),
+        ("extract.batch_size=-1", r"extract.batch_size must be a whole number >= 1, got -1"),
+        ("extract.batch_size=true", r"extract.batch_size must be a whole number >= 1, got True"),
+        ("extract.batch_size=1.5", r"extract.batch_size must be a whole number >= 1, got 1.5"),
+        ("extract.batch_size=many", r"extract.batch_size must be a whole number >= 1, got 'many'"),
         ("extract.shard_mb=-2", r"extract.shard_mb must be a finite number >= 0, got -2"),
         ("targets.logits=1", r"targets.logits must be true or false, got 1"),
         ("targets.layers=[1, 2]", r'targets.layers must be a list of names, e\.g\. \["a", "b"\], got \[1, 2\]'),
@@ -282,6 +284,19 @@ def test_bad_choices_list_the_valid_ones(override, match):
 def test_wrong_types_name_the_key_and_the_value(override, match):
     with pytest.raises(PipelineError, match=match):
         load(TINY, [override])
+
+
+@pytest.mark.parametrize("key", sorted(".".join(k) for k in COUNTS))
+def test_a_count_whose_least_value_is_1_names_1_whether_it_is_negative_or_0(key):
+    """--batch-size -3 said "a whole number >= 0", then --batch-size 0 said ">= 1": the first message named a minimum
+    that did not hold. Both name 1; another whole number still says >= 0."""
+    with pytest.raises(PipelineError, match=rf"^override '{key}=-3': {key} must be a whole number >= 1, got -3$"):
+        load(TINY, [f"{key}=-3"])
+    zero = load(TINY, [f"{key}=0"])
+    with pytest.raises(PipelineError, match=rf"^override '{key}=0': {key} must be >= 1\b.*got 0"):
+        check_values(zero) if key.startswith("train.") else extract_setup(zero)
+    with pytest.raises(PipelineError, match=r"train.subset must be a whole number >= 0, got -3$"):
+        load(TINY, ["train.subset=-3"])
 
 
 @pytest.mark.parametrize("override, key, value", [
@@ -441,7 +456,7 @@ def test_a_value_an_override_set_is_named_as_the_override_not_as_the_file():
     """tiny.toml says train.batch_size = 8: an error about the value an override gave began 'tiny.toml: train.batch_size
     must be ..., got -2', sending the reader to a file that says 8. It names the override (the last one that set the
     key, or a table holding it); a value from the file is still named as the file's."""
-    with pytest.raises(PipelineError, match=r"^override 'train.batch_size=-2': train.batch_size must be a whole number >= 0, got -2$"):
+    with pytest.raises(PipelineError, match=r"^override 'train.batch_size=-2': train.batch_size must be a whole number >= 1, got -2$"):
         load(TINY_TOML, ["train.batch_size=4", "train.batch_size=-2"])
     with pytest.raises(PipelineError, match=r"^override 'train=\{lr=-1\}': train.lr must be"):
         load(TINY_TOML, ["train.batch_size=4", "train={lr=-1}"])
