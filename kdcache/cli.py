@@ -220,11 +220,19 @@ class _Group(click.Group):
             return super().invoke(ctx)
 
 
-def _not_blank(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A location to write must name something: an empty one would write into the current folder."""
-    if value is not None and not value.strip():
-        raise click.BadParameter(f"{value!r} is empty; name the folder or file to write")
-    return value
+def _named(what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A callback refusing an empty location, naming ``what`` it must name: an empty one would be the current folder (a
+    store written into it, or read from it: "no store at ''")."""
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise click.BadParameter(f"{value!r} is empty; name {what}")
+        return value
+    return check
+
+
+_not_blank = _named("the folder or file to write")
+_a_store = _named("a store to read: a folder, a .zarr.zip file or a URL")
+_a_pipeline = _named("a pipeline file (.toml)")
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -324,7 +332,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline)
 @click.option("--out", callback=_not_blank, help="Store to write: a folder (by convention ending in .zarr) or an fsspec URL (s3://bucket/run.zarr).")
 @set_option("extract.batch_size=64")
 @click.option("--batch-size", type=int, help="Shortcut for --set extract.batch_size=N.")
@@ -406,14 +414,14 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 
 
 @main.command()
-@click.argument("pipeline", type=click.Path(dir_okay=False))
-@click.option("--cache", "cache_location", required=True, help="Store written by kdcache extract (the only source of targets).")
+@click.argument("pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline)
+@click.option("--cache", "cache_location", required=True, callback=_a_store, help="Store written by kdcache extract (the only source of targets).")
 @click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, pipeline.json, checkpoint.pt.")
 @set_option("train.lr=0.001")
 @click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N --set train.steps=0 (N epochs, even where the pipeline sets steps).")
 @click.option("--batch-size", type=int, help="Shortcut for --set train.batch_size=N.")
 @click.option("--device", help="Shortcut for --set train.device=DEVICE.")
-@click.option("--eval-cache", help="Shortcut for --set train.eval_cache=STORE (a store of the eval split).")
+@click.option("--eval-cache", callback=_named("a store of the eval split (leave --eval-cache out for none)"), help="Shortcut for --set train.eval_cache=STORE (a store of the eval split).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--auto-resume", is_flag=True, help="Continue the run in OUT if it holds a checkpoint, else start one (a job a scheduler requeues).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a run.")
@@ -465,7 +473,7 @@ def demo(out: str, overrides: tuple[str, ...], progress: bool | None) -> None:
 
 
 @main.command()
-@click.argument("store")
+@click.argument("store", callback=_a_store)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @storage_option
 @_errors
@@ -480,9 +488,9 @@ def info(store: str, as_json: bool, storage_items: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("store")
+@click.argument("store", callback=_a_store)
 @click.option("--teacher-check", type=click.IntRange(min=0), default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
-@click.option("--pipeline", type=click.Path(dir_okay=False), help="Pipeline whose teacher and dataset --teacher-check uses.")
+@click.option("--pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline, help="Pipeline whose teacher and dataset --teacher-check uses.")
 @set_option("extract.batch_size=64")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed choosing the --teacher-check rows.")
 @click.option("--tolerance", type=click.FloatRange(min=0), callback=_finite, help="Relative tolerance of --teacher-check (default by precision and dtype).")
@@ -523,7 +531,7 @@ def _refuse_without_teacher_check(**given: Any) -> None:
 
 
 @main.command()
-@click.argument("store")
+@click.argument("store", callback=_a_store)
 @click.argument("out", type=click.Path(dir_okay=False), callback=_not_blank)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @storage_option
@@ -537,7 +545,7 @@ def pack(store: str, out: str, overwrite: bool, storage_items: tuple[str, ...]) 
 
 
 @main.command("export")
-@click.argument("store")
+@click.argument("store", callback=_a_store)
 @click.argument("out", type=click.Path(dir_okay=False), callback=_not_blank)
 @click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -552,7 +560,7 @@ def export(store: str, out: str, compression: str, overwrite: bool, storage_item
 
 
 @main.command("import")
-@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("source", type=click.Path(dir_okay=False), callback=_named("an HDF5 file written by kdcache export"))
 @click.argument("store", callback=_not_blank)
 @click.option("--overwrite", is_flag=True, help="Start afresh even if STORE holds a store.")
 @storage_option
@@ -569,7 +577,7 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
 
 
 @main.command()
-@click.argument("store")
+@click.argument("store", callback=_a_store)
 @click.option("--workers", type=click.IntRange(min=1, max=MAX_PARALLEL), help="dask worker threads (default: one per core).")
 @json_option
 @storage_option
