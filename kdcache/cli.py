@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from kdcache import __version__
-from kdcache.errors import KdcacheError, TrainingStopped, command_line
+from kdcache.errors import KdcacheError, TrainingStopped, command_line, count
 from kdcache.threads import MAX_PARALLEL
 
 
@@ -393,9 +393,10 @@ def _done_before(out: str, overwrite: bool, options: dict[str, Any]) -> int | No
 def _say_resumed(out: str, info: dict[str, Any], done_before: int | None) -> None:
     """The line (stderr) on a run that found OUT complete, or resumed it."""
     if done_before == info["num_shards"]:
-        click.echo(f"{out} is already complete ({info['num_samples']} samples); nothing to do (--overwrite to redo it)", err=True)
+        click.echo(f"{out} is already complete ({count(info['num_samples'], 'sample')}); nothing to do (--overwrite to redo it)", err=True)
     elif done_before:
-        click.echo(f"resumed {out}: {done_before} of {info['num_shards']} shards were already done; this run wrote the others", err=True)
+        click.echo(f"resumed {out}: {count(done_before, 'shard')} of {info['num_shards']} {'was' if done_before == 1 else 'were'} already done; "
+                   "this run wrote the others", err=True)
 
 
 def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str | None) -> Callable[..., dict[str, Any]]:
@@ -541,7 +542,7 @@ def pack(store: str, out: str, overwrite: bool, storage_items: tuple[str, ...]) 
     from kdcache.interop import pack as run_pack
 
     r = run_pack(store, out, storage_options=_storage_options(storage_items), overwrite=overwrite)
-    click.echo(f"packed {r['objects']} objects ({_size(r['bytes'])}) into {r['out']}")
+    click.echo(f"packed {count(r['objects'], 'object')} ({_size(r['bytes'])}) into {r['out']}")
 
 
 @main.command("export")
@@ -556,7 +557,7 @@ def export(store: str, out: str, compression: str, overwrite: bool, storage_item
     from kdcache.interop import export_hdf5
 
     r = export_hdf5(store, out, compression=compression, storage_options=_storage_options(storage_items), overwrite=overwrite)
-    click.echo(f"exported {r['arrays']} arrays into {r['out']} ({_size(r['file_bytes'])}, {compression})")
+    click.echo(f"exported {count(r['arrays'], 'array')} into {r['out']} ({_size(r['file_bytes'])}, {compression})")
 
 
 @main.command("import")
@@ -608,9 +609,10 @@ def _info_text(i: dict[str, Any]) -> str:
         f"store       {i['location']}  (format {i['format']} v{i['format_version']}, kdcache {i['kdcache_version']}, "
         + ("shard digests)" if i["shard_digests"] else "no shard digests: positions unchecked)"),
         f"teacher     {t['factory']}  {t['class']}  {t['num_parameters']:,} params  sha256 {t['weights_sha256'][:16]}…",
-        f"dataset     {d['factory']}  split={d['split']!r}  {d['length']:,} samples  labels={'yes' if i['has_labels'] else 'no'}  "
+        f"dataset     {d['factory']}  split={d['split']!r}  {count(d['length'], 'sample')}  labels={'yes' if i['has_labels'] else 'no'}  "
         f"fingerprints={i['fingerprint_algorithm']}",
-        f"progress    {i['samples_done']:,}/{i['num_samples']:,} samples, {i['shards_done']}/{i['num_shards']} shards of {i['rows_per_shard']} rows"
+        f"progress    {i['samples_done']:,}/{count(i['num_samples'], 'sample')}, {i['shards_done']}/{count(i['num_shards'], 'shard')} "
+        f"of {count(i['rows_per_shard'], 'row')}"
         + ("  complete" if i["complete"] else f"  INCOMPLETE (being written by {i['writer']})" if i.get("writer")
            else "  INCOMPLETE (re-run extract to resume)"),
         f"size        {_size(i['bytes_stored'])} stored, {_size(i['bytes_raw'])} raw"
@@ -653,7 +655,7 @@ def _dry_run_text(r: dict[str, Any]) -> str:
     g = r["geometry"]
     lines = [
         f"teacher     {r['teacher']['class']}  {r['teacher']['num_parameters']:,} params on {r['device']}",
-        f"dataset     {r['num_samples']:,} samples  labels={'yes' if r['has_labels'] else 'no'}",
+        f"dataset     {count(r['num_samples'], 'sample')}  labels={'yes' if r['has_labels'] else 'no'}",
         f"probe       one batch of {r['probe_batch']} in {r['probe_seconds']:.2f}s",
         *_inputs_lines(r["inputs"]),
         "targets",
@@ -665,7 +667,7 @@ def _dry_run_text(r: dict[str, Any]) -> str:
     lines += [
         f"per sample  {r['bytes_per_sample']:,} B (with index, fingerprint{', label' if r['has_labels'] else ''})",
         f"store       ~{_size(r['estimated_bytes'])} ({_size(r['estimated_bytes_raw'])} raw, ~{r['estimated_compression_ratio']:.2f}x from the probe batch)",
-        f"geometry    {g['num_shards']} shards of {g['rows_per_shard']} rows",
+        f"geometry    {count(g['num_shards'], 'shard')} of {count(g['rows_per_shard'], 'row')}",
     ]
     lines += [f"warning     {w}" for w in r["warnings"]]
     return "\n".join(lines)

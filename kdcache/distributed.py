@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from kdcache import errors, locking, storage, store as layout
-from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, need, one_line, transient
+from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, transient
 from kdcache.extract import Run, check_done_rows, extract_shards, setup
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
@@ -151,7 +151,7 @@ def _run_shards(client: Any, pipeline: Pipeline, store: layout.Store, pending: l
             continue
         done += 1
         workers.add(result["worker"])
-        bar.what = f"extract [{done}/{len(pending)} shards, {len(workers)} workers]"
+        bar.what = f"extract [{done}/{count(len(pending), 'shard')}, {count(len(workers), 'worker')}]"
         bar.update(rows[shard], rows[shard] * row_bytes)
     bar.close()
 

@@ -144,6 +144,11 @@ def short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def count(n: int, noun: str, plural: str = "") -> str:
+    """``n`` and its noun, plural unless ``n`` is 1 (``1 shard``, ``1,024 samples``; ``plural``: where not noun + "s")."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def raised(e: BaseException) -> str:
     """``Type: message (at file.py:line)`` for an exception from the user's code, in one line of at most ~300
     characters. The line is the innermost frame outside torch and kdcache (in the user's code, or in another

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import store as layout
-from kdcache.errors import need
+from kdcache.errors import count, need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
 SHOWN_CLASSES = 50  # classes the text form lists (the JSON form: all)
@@ -182,7 +182,7 @@ def stats_text(s: dict[str, Any]) -> str:
     else:
         teacher = f"top-1 accuracy {pct(s['teacher_accuracy'])} against stored labels"
     lines = [
-        f"store       {s['location']}  ({s['rows']:,} rows in {s['shards_done']}/{s['num_shards']} done shards)",
+        f"store       {s['location']}  ({count(s['rows'], 'row')} in {s['shards_done']}/{count(s['num_shards'], 'done shard')})",
         f"teacher     {teacher}",
         _entropy_line(s),
     ]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import locking, store as layout
-from kdcache.errors import DamagedShardError, PipelineError, StoreError, UnreachableError, one_line, option, short
+from kdcache.errors import DamagedShardError, PipelineError, StoreError, UnreachableError, count, one_line, option, short
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
 
@@ -99,7 +99,7 @@ def _report(location: str, checks: list[Check], teacher: dict[str, Any] | None) 
 def _completeness(store: layout.Store) -> Check:
     done = store.done()
     writer = None if done.all() else locking.active_writer(store.location, store.storage_options)
-    check = Check("completeness", f"{int(done.sum())}/{store.num_shards} shards done" + (f", being written by {writer}" if writer else ""))
+    check = Check("completeness", f"{int(done.sum())}/{count(store.num_shards, 'shard')} done" + (f", being written by {writer}" if writer else ""))
     fix = "its writer is still running" if writer else "resume kdcache extract"
     damaged = store.damaged_markers or {}  # their shards are taken as not done: the checks below pass them by
     for marker in damaged.values():
@@ -169,7 +169,7 @@ def _invalid(path: str, why: str) -> str:
 def _contents(store: layout.Store) -> list[Check]:
     """Checksums of the raw bytes and the decoded values, shard by shard, over every done shard."""
     done = [int(s) for s in np.flatnonzero(store.done())]
-    sums = Check("checksums", f"{len(done)} shards x {len(store.paths())} arrays")
+    sums = Check("checksums", f"{count(len(done), 'shard')} x {count(len(store.paths()), 'array')}")
     try:
         digests = "shard digests" if store.has_digests() else f"no shard digests (no {layout.DIGEST}: written before kdcache 0.1.1)"
     except UnreachableError:
@@ -213,13 +213,13 @@ def value_problem(path: str, start: int, rows: np.ndarray, classes: int = 0) -> 
             return problem
     if path == layout.INDEX:
         wrong = np.flatnonzero(rows != np.arange(start, start + len(rows)))
-        return f"index[r] != r at {len(wrong)} rows (first row {start + int(wrong[0])}: {int(rows[wrong[0]])})" if len(wrong) else None
+        return f"index[r] != r at {count(len(wrong), 'row')} (first row {start + int(wrong[0])}: {int(rows[wrong[0]])})" if len(wrong) else None
     if path == layout.FINGERPRINT:
         zero = np.flatnonzero(rows == 0)
-        return f"{len(zero)} rows without a fingerprint (first row {start + int(zero[0])})" if len(zero) else None
+        return f"{count(len(zero), 'row')} without a fingerprint (first row {start + int(zero[0])})" if len(zero) else None
     if path.startswith("targets/") and not all_finite(rows):
         bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
-        return f"NaN or inf in {len(bad)} rows (first row {start + int(bad[0])})"
+        return f"NaN or inf in {count(len(bad), 'row')} (first row {start + int(bad[0])})"
     return None
 
 

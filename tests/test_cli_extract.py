@@ -180,6 +180,21 @@ def test_info_compression_ratio_is_of_the_done_rows_and_the_done_shards_objects(
 # ----------------------------------------------------------------------------------- dry run
 
 
+def test_counts_of_one_are_singular(tmp_path):
+    """A store of one shard: the dry run said "geometry    1 shards of 64 rows", info "1/1 shards", verify "1 shards x 5 arrays"."""
+    one = ("--set", "extract.rows_per_shard=64")
+    dry = invoke("extract", TINY, "--dry-run", *one)
+    assert dry.exit_code == 0, dry.output
+    assert "geometry    1 shard of 64 rows\n" in dry.stdout, dry.stdout
+    out = tmp_path / "one.zarr"
+    made = invoke("extract", TINY, "--out", out, *one)
+    assert made.exit_code == 0, made.output
+    assert "50/50 samples, 1/1 shard of 64 rows  complete" in made.stdout, made.stdout
+    checked = invoke("verify", out)
+    assert checked.exit_code == 0, checked.output
+    assert "1/1 shard done" in checked.stdout and "1 shard x 5 arrays" in checked.stdout, checked.stdout
+
+
 def test_dry_run_prints_shapes_and_bytes_and_writes_nothing(tmp_path):
     out = tmp_path / "never.zarr"
     result = invoke("extract", TINY, "--out", out, "--dry-run")

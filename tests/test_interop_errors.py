@@ -291,11 +291,11 @@ def set_rows(h5: Path, path: str, shard: int, edit) -> None:
 
 
 @pytest.mark.parametrize("path, edit, match", [
-    ("targets/logits", lambda r: r.__setitem__((4, 1), np.nan), "dataset 'targets/logits' rows 16-31 hold NaN or inf in 1 rows (first row 20)"),
+    ("targets/logits", lambda r: r.__setitem__((4, 1), np.nan), "dataset 'targets/logits' rows 16-31 hold NaN or inf in 1 row (first row 20)"),
     ("targets/layers/features.3", lambda r: r.__setitem__((3, 0, 0, 0), np.inf),
-     "dataset 'targets/layers/features.3' rows 16-31 hold NaN or inf in 1 rows (first row 19)"),
-    ("samples/index", lambda r: r.__setitem__(5, 7), "dataset 'samples/index' rows 16-31 hold index[r] != r at 1 rows (first row 21: 7)"),
-    ("samples/fingerprint", lambda r: r.__setitem__(2, 0), "dataset 'samples/fingerprint' rows 16-31 hold 1 rows without a fingerprint"),
+     "dataset 'targets/layers/features.3' rows 16-31 hold NaN or inf in 1 row (first row 19)"),
+    ("samples/index", lambda r: r.__setitem__(5, 7), "dataset 'samples/index' rows 16-31 hold index[r] != r at 1 row (first row 21: 7)"),
+    ("samples/fingerprint", lambda r: r.__setitem__(2, 0), "dataset 'samples/fingerprint' rows 16-31 hold 1 row without a fingerprint"),
 ])
 def test_import_refuses_values_no_store_may_hold(exported, tiny_store, tmp_path, path, edit, match):
     """FORMAT.md §5/§7: a store holds finite targets, index[r] == r and a fingerprint per row (extract refuses the

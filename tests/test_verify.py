@@ -138,11 +138,11 @@ def test_values_nan_zero_fingerprint_and_wrong_index_are_named(copy):
     report = verify(str(copy))
     assert sorted(problems(report, "values")) == [  # each value named, beside its shard's digest no longer matching
         "samples/fingerprint: shard 0 (rows 0-15) " + MOVED,
-        "samples/fingerprint: shard 0: 1 rows without a fingerprint (first row 3)",
+        "samples/fingerprint: shard 0: 1 row without a fingerprint (first row 3)",
         "samples/index: shard 1 (rows 16-31) " + MOVED,
-        "samples/index: shard 1: index[r] != r at 1 rows (first row 20: 7)",
+        "samples/index: shard 1: index[r] != r at 1 row (first row 20: 7)",
         "targets/logits: shard 2 (rows 32-47) " + MOVED,
-        "targets/logits: shard 2: NaN or inf in 1 rows (first row 35)",
+        "targets/logits: shard 2: NaN or inf in 1 row (first row 35)",
     ]
 
 
