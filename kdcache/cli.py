@@ -129,8 +129,12 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
     if command in ("extract", "import_"):
         if options.get("overwrite") and _made_before(options.get("out") or options.get("store"), started):
             return "the store there is unchanged (--overwrite had not replaced it yet): run the same command again to start afresh"
+        done = _shards_done(options.get("out") or options.get("store"))
+        if done == 0:
+            return "no shard was written: run the same command again"
         again = "run it again without --overwrite" if options.get("overwrite") else "run the same command again"
-        return f"the shards written so far are kept: {again} to resume"
+        kept = "any shards written are kept" if done is None else f"the {count(done, 'shard')} done so far {'is' if done == 1 else 'are'} kept"
+        return f"{kept}: {again} to resume"
     if command == "train":
         # train._checkpoint_file's rule, spelled here: importing kdcache.train (torch) in a signal's handler may land inside
         # torch's own import, which an early SIGTERM interrupted
@@ -163,6 +167,22 @@ def _made_before(location: str | None, started: float) -> bool:
     except Exception:  # noqa: BLE001 - no store there, or one without a manifest yet: it was not kept from before
         return False
     return created.timestamp() < int(started)  # "created" has whole seconds
+
+
+def _shards_done(location: str | None) -> int | None:
+    """The shards done in the local store at ``location``, 0 where there is no store yet (what an interrupted extract or
+    import leaves); None where not known: another kind of location (no request is made) or a store that cannot be read."""
+    try:  # the import too: an interrupt may have left a module it needs half made
+        from kdcache.storage import location_kind
+        from kdcache.store import open_store
+
+        if not location or location_kind(location) != "local":
+            return None
+        if not (Path(location) / "zarr.json").exists():
+            return 0
+        return int(open_store(location).done().sum())
+    except Exception:  # noqa: BLE001 - a store begun without its arrays yet, or damaged: not known
+        return None
 
 
 class _Interrupted(click.ClickException):

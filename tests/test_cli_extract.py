@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -405,8 +406,9 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path, zoo_env):
     proc = slow_extract(toml, out, shards=2)
     stderr = signal_and_wait(proc, signal.SIGINT)
     assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines() == ["Error: interrupted; the shards written so far are kept: run the same command again to resume"]
-    assert 2 <= open_store(out).done().sum() < 30
+    done = int(open_store(out).done().sum())
+    assert stderr.strip().splitlines() == [f"Error: interrupted; the {done} shards done so far are kept: run the same command again to resume"]
+    assert 2 <= done < 30
     zoo_env(N=240)
     assert invoke("extract", toml, "--out", out).exit_code == 0 and open_store(out).complete
 
@@ -422,8 +424,9 @@ def test_sigterm_stops_as_ctrl_c_releasing_the_lock_and_a_rerun_resumes(tmp_path
     proc = slow_extract(toml, out, shards=2, new_session=group)
     stderr = signal_and_wait(proc, signal.SIGTERM, group=group)
     assert proc.returncode == 143, stderr
-    assert stderr.strip().splitlines() == ["Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"]
-    assert 2 <= open_store(out).done().sum() < 30
+    done = int(open_store(out).done().sum())
+    assert stderr.strip().splitlines() == [f"Error: stopped by SIGTERM; the {done} shards done so far are kept: run the same command again to resume"]
+    assert 2 <= done < 30
     assert not (tmp_path / ".s.zarr.kdcache-lock").exists()
     zoo_env(N=240)
     assert invoke("extract", toml, "--out", out).exit_code == 0 and open_store(out).complete
@@ -433,7 +436,6 @@ def test_an_overwrite_stopped_before_it_replaced_the_store_says_the_store_is_unc
     """extract --overwrite stopped (SIGTERM) while its teacher is built, before the earlier store is replaced: the
     line must not advise resuming "without --overwrite" (that would finish the earlier store, not make the new one)."""
     import importlib
-    import os
     import shutil
 
     extracting = importlib.import_module("kdcache.extract")  # the module (kdcache.extract is the function)
@@ -455,11 +457,33 @@ def test_an_overwrite_stopped_before_it_replaced_the_store_says_the_store_is_unc
     assert file_bytes(out) == before
 
 
+@pytest.mark.parametrize("crash, said", [
+    (None, "no shard was written: run the same command again"),
+    (20, "the 1 shard done so far is kept: run the same command again to resume"),
+    (36, "the 2 shards done so far are kept: run the same command again to resume"),
+], ids=["no-store", "one-shard", "two-shards"])
+def test_a_stopped_extract_says_how_many_shards_it_kept(tmp_path, zoo_env, monkeypatch, crash, said):
+    """extract stopped (SIGTERM) while its teacher is built: with no store there yet, the line said "the shards written
+    so far are kept" of shards that were never written; it names the shards the store holds done."""
+    extracting = importlib.import_module("kdcache.extract")
+    toml = write_toml(tmp_path / "p.toml")
+    out = tmp_path / "s.zarr" if crash is None else crash_at(tmp_path, zoo_env, crash, toml)
+    setup = extracting.setup
+
+    def terminated_while_building(pipeline):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return setup(pipeline)
+
+    monkeypatch.setattr(extracting, "setup", terminated_while_building)
+    result = invoke("extract", toml, "--out", out)
+    assert result.exit_code == 143, result.output
+    assert result.output.strip() == f"Error: stopped by SIGTERM; {said}"
+
+
 def test_a_sigterm_during_the_clean_up_of_one_is_ignored(tmp_path):
     """A scheduler may send SIGTERM more than once (Slurm signals every process of a job; torchrun passes its own on):
     the first stops the command as Ctrl-C does, and one arriving while it cleans up (writing its last shards, releasing
     its lock) must not end it there; the handler found before is put back afterwards."""
-    import os
 
     import click
 
@@ -480,7 +504,7 @@ def test_a_sigterm_during_the_clean_up_of_one_is_ignored(tmp_path):
     with pytest.raises(click.ClickException) as stopped:
         extract(out=str(tmp_path / "s.zarr"))
     assert cleaned == [True] and stopped.value.exit_code == 143
-    assert stopped.value.message == "stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"
+    assert stopped.value.message == "stopped by SIGTERM; no shard was written: run the same command again"
     assert signal.getsignal(signal.SIGTERM) is before
 
 

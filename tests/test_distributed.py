@@ -386,7 +386,8 @@ def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path, sig):
     stderr = signal_and_wait(proc, sig, group=True)
     assert proc.returncode == 128 + sig, stderr[-3000:]
     said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
-    assert stderr.strip().splitlines() == [f"Error: {said}; the shards written so far are kept: run the same command again to resume"]
+    kept = f"the {shards_done(out)} shards done so far are kept"
+    assert stderr.strip().splitlines() == [f"Error: {said}; {kept}: run the same command again to resume"]
     result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(out)], env={"ZOO_N": "400", "ZOO_SLEEP": "0"})
     assert result.exit_code == 0, result.output
 
@@ -413,7 +414,7 @@ def test_ctrl_c_while_waiting_for_a_schedulers_handshake_stops_at_once(tmp_path)
             stderr = signal_and_wait(proc, signal.SIGINT, timeout=10)
             took = time.monotonic() - started
     assert proc.returncode == 130 and took < 5, (proc.returncode, f"{took:.1f} s", stderr[-3000:])
-    assert stderr.strip().splitlines() == ["Error: interrupted; the shards written so far are kept: run the same command again to resume"]
+    assert stderr.strip().splitlines() == ["Error: interrupted; no shard was written: run the same command again"]
     assert not (tmp_path / "s.zarr").exists()
 
 

@@ -879,7 +879,7 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
         if proc.poll() is None:
             proc.kill()
     assert proc.stderr.read().decode().strip().splitlines() == [
-        "Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"]
+        "Error: stopped by SIGTERM; any shards written are kept: run the same command again to resume"]
     assert read_object(fs, lock) is None
     assert 2 <= layout.open_store(url, storage_options=s3).done().sum() < 10
     zoo_env(N=80)  # the dataset the store was made from, without the sleep
@@ -917,7 +917,7 @@ def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp
     stderr = proc.stderr.read()
     assert read_object(fs, lock) is None, f"rank 0 left its lock object behind: {stderr[-3000:]}"
     ours = [line for line in stderr.splitlines() if line.startswith("Error: ")]
-    assert ours == ["Error: stopped by SIGTERM; the shards written so far are kept: run the same command again to resume"], stderr[-3000:]
+    assert ours == ["Error: stopped by SIGTERM; any shards written are kept: run the same command again to resume"], stderr[-3000:]
 
 
 @pytest.mark.parametrize("when", ["taking it", "starting its heartbeat"])
