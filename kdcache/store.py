@@ -2130,9 +2130,10 @@ def printable(line: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
-def _get(d: dict[str, Any], dotted: str) -> Any:
+def _get(d: dict[str, Any], dotted: str, absent: Any = None) -> Any:
+    """The value at ``dotted`` in nested dicts; ``absent`` where a key on the way is missing."""
     for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
+        d = d.get(part, absent) if isinstance(d, dict) else absent  # type: ignore[assignment]
     return d
 
 
@@ -2151,19 +2152,23 @@ def difference(stored: dict[str, Any], manifest: dict[str, Any]) -> str | None:
     if isinstance(compression, dict) and isinstance(was, dict) and "shard_digests" not in was:  # a damaged one: named below
         manifest = {**manifest, "compression": {k: v for k, v in compression.items() if k != "shard_digests"}}
     for key, what in IDENTITY.items():
-        old, new = _get(stored, key), _get(manifest, key)
-        if old != new:
-            key, old, new = _difference(key, old, new)
-            return f"different {what} ({key}: store has {short(old)}, now {short(new)})"
+        if _get(stored, key) != _get(manifest, key):
+            key, old, new = _difference(key, _get(stored, key, _ABSENT), _get(manifest, key, _ABSENT))
+            if old is _ABSENT:  # a key one of them lacks (a full-logits store resumed with targets.topk): "store has None" said
+                return f"different {what} (the store has no {key}, now {short(new)})"
+            return f"different {what} ({key}: store has {short(old)}, now {'none' if new is _ABSENT else short(new)})"
     return None
 
 
+_ABSENT = object()  # a manifest key one manifest has and the other lacks, as difference() names it
+
+
 def _difference(key: str, old: Any, new: Any) -> tuple[str, Any, Any]:
-    """The dotted key and values of the first leaf where two manifest values differ."""
+    """The dotted key and values of the first leaf where two manifest values differ (``_ABSENT`` for a missing key)."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in [*old, *(k for k in new if k not in old)]:
             if old.get(k) != new.get(k):
-                return _difference(f"{key}.{k}", old.get(k), new.get(k))
+                return _difference(f"{key}.{k}", old.get(k, _ABSENT), new.get(k, _ABSENT))
     return key, old, new
 
 

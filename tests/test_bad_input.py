@@ -472,6 +472,12 @@ CASES = [
          store=True, damage=lambda s: unmark(s, 3)),
     Case("store-of-other-targets", lambda c: extract("--out", c.store, "--set", "targets.dtype=float32"),
          ("different targets (targets.logits.dtype: store has 'float16', now 'float32')",), store=True, damage=lambda s: unmark(s, 3)),
+    # a key one manifest lacks was named "store has None, now 4" (and "store has 4, now None"): top-k of all 4 classes keeps the shape
+    Case("store-of-full-logits-resumed-with-topk", lambda c: extract("--out", c.store, "--set", "targets.topk=4"),
+         ("different targets (the store has no targets.logits.topk, now 4)",), store=True, damage=lambda s: unmark(s, 3)),
+    Case("store-of-topk-logits-resumed-without", lambda c: extract("--out", c.tmp / "k.zarr"),
+         ("different targets (targets.logits.topk: store has 4, now none)",),
+         prior=lambda c: (invoke_ok(extract("--out", c.tmp / "k.zarr", "--set", "targets.topk=4")), unmark(c.tmp / "k.zarr", 3))),
     Case("store-of-another-precision", lambda c: extract("--out", c.store, "--set", 'extract.precision="bf16"'),
          ("different teacher precision (precision: store has 'fp32', now 'bf16')",), store=True, damage=lambda s: unmark(s, 3)),
     Case("train-other-fingerprint-algorithm", lambda c: train(c),

@@ -103,7 +103,7 @@ def test_a_store_pooled_by_a_mask_records_it_shows_it_and_trains(tmp_path):
     plain = tmp_path / "plain.zarr"
     kdcache.extract(pooled(mask="", select={"logits": "mean", "embed": "-1"}), plain)
     assert all("mask" not in t for t in layout.open_store(str(plain)).manifest["targets"].values())
-    with pytest.raises(StoreMismatchError, match=r"different targets \(targets\.logits\.mask: store has None, now 'attention_mask'\)"):
+    with pytest.raises(StoreMismatchError, match=r"different targets \(the store has no targets\.logits\.mask, now 'attention_mask'\)"):
         kdcache.extract(pooled(select={"logits": "mean", "embed": "-1"}), plain)
     result = kdcache.train(pooled(), location, tmp_path / "run")
     assert np.isfinite(result["loss"])

@@ -371,7 +371,7 @@ def test_writers_that_do_not_say_shard_digests_never_resume_a_store_that_does(tm
     assert manifest["compression"] == {"codec": "zstd", "level": 1, "checksum": "crc32c", "shard_digests": "crc32c"}
     old_writer = {**manifest, "compression": {k: v for k, v in manifest["compression"].items() if k != "shard_digests"}}
     with pytest.raises(StoreMismatchError, match=r"was made with different compression \(compression.shard_digests: store has "
-                       r"'crc32c', now None\); use the original pipeline to resume"):
+                       r"'crc32c', now none\); use the original pipeline to resume"):
         create_or_resume(out, lambda _: old_writer)
     assert kdcache.open_store(out).manifest == manifest
 
