@@ -32,7 +32,8 @@ except ImportError:  # Windows: stores are not locked there
 
 
 @contextlib.contextmanager
-def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, helpers: bool = False) -> Iterator[None]:
+def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, helpers: bool = False,
+                verb: str = "") -> Iterator[None]:
     """Be the only process writing the store at ``location`` while the block runs.
 
     Two writers of one store at once (a forgotten job, a scheduler's retry while the first still runs)
@@ -45,6 +46,8 @@ def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any
     system that refuses ``flock`` (``NO_FLOCK``), are written unlocked rather than not at all (FORMAT.md §13).
     ``helpers``: other processes write for this one (its dask workers, its torchrun ranks): its S3 lock is then not
     taken over at once when this process is found dead (``_holder_ended``), as they may still be writing a shard.
+    ``verb``: the command holding a local lock, named in it (``train``: a training run's OUT, which ``_being_written`` words
+    as such).
     """
     if storage.location_kind(str(location)) == "url":
         with _object_lock(str(location), storage_options, helpers):
@@ -57,7 +60,7 @@ def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any
     made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again if left empty
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _take_lock(path, location)
+        fd = _take_lock(path, location, verb)
     except OSError as e:
         fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else \
             f"choose an {option('--out')} whose parent {str(path.parent)!r} is a folder"
@@ -162,7 +165,7 @@ def _holder_host(holder: str) -> str | None:
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)
 
 
-def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
+def _take_lock(path: Path, location: str | os.PathLike[str], verb: str = "") -> int:
     """Lock ``path`` (created if missing) and write our name into it; returns its fd (-1: flock unsupported there)."""
     while True:
         fd, theirs = _open_lock_file(path)
@@ -177,7 +180,7 @@ def _take_lock(path: Path, location: str | os.PathLike[str]) -> int:
                     continue
                 if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file at that path: the lock is ours
                     os.ftruncate(fd, 0)
-                    holder = _holder_name()
+                    holder = _holder_name(verb)
                     os.pwrite(fd, holder.encode(), 0)
                     _LOCAL_HOLDERS[path] = holder
                     return fd
@@ -242,6 +245,9 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
 
 
 def _being_written(location: str | os.PathLike[str], holder: str) -> StoreError:
+    if holder.startswith("kdcache train "):  # a training run's OUT: no store is written there
+        return StoreError(f"{str(location)!r} is the output folder of a training run still going ({holder}); wait for it to end or "
+                          "stop it, then rerun (nothing was changed)")
     return StoreError(f"{str(location)!r} is being written by {holder}; wait for it to end or stop it, then rerun (nothing was changed)")
 
 

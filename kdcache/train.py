@@ -1506,7 +1506,7 @@ def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int) -> Iterator[
     if rank != 0:
         yield
         return
-    with locking.writer_lock(out):
+    with locking.writer_lock(out, verb="train"):
         _check_out(out, resume, overwrite)
         yield
 

@@ -434,14 +434,26 @@ def test_an_s3_pack_whose_lock_was_late_but_kept_is_put_in_place_and_one_taken_o
     assert [p.name for p in tmp_path.iterdir()] == ["kept.zarr.zip"] and read_object(fs, lock) is None
 
 
-def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path, brief_looks):
+def test_a_second_train_into_the_same_out_is_refused(tiny_store, tmp_path, brief_looks, monkeypatch):
+    """A second run into the OUT of a run still going was told the folder "is being written by kdcache pid …", as a store
+    is: a training run's lock names it as train, and the refusal says the folder is a training run's."""
+    import importlib
+
+    training = importlib.import_module("kdcache.train")  # the module (kdcache.train is the function)
+    check_out, holders = training._check_out, []
+    monkeypatch.setattr(training, "_check_out", lambda out, *a: (holders.append(lock_file(out).read_text() if lock_file(out).exists()
+                                                                                else None), check_out(out, *a))[1])
     out = tmp_path / "run"
     args = ("train", FIXTURES / "tiny.toml", "--cache", tiny_store, "--out", out, "--set", "train.epochs=1", "--no-progress")
     assert invoke(*args).exit_code == 0
+    assert holders[-1].startswith(f"kdcache train pid {os.getpid()} on "), holders  # checked again under its lock
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with writer_lock(out):  # another run of that OUT
-        assert_refused(invoke(*args, "--overwrite"), out, f"kdcache pid {os.getpid()} on ")
-        assert_refused(invoke(*args, "--resume", "--set", "train.epochs=2"), out, f"kdcache pid {os.getpid()} on ")
+    with writer_lock(out, verb="train"):  # another run of that OUT
+        for result in (invoke(*args, "--overwrite"), invoke(*args, "--resume", "--set", "train.epochs=2")):
+            assert result.exit_code == 1, result.output
+            assert re.fullmatch(rf"Error: {re.escape(repr(str(out)))} is the output folder of a training run still going \(kdcache "
+                                rf"train pid {os.getpid()} on {re.escape(socket.gethostname())} since [^)]+\); wait for it to end or "
+                                r"stop it, then rerun \(nothing was changed\)\n", result.stderr), result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refused run changes nothing"
     result = invoke(*args, "--resume", "--set", "train.epochs=2")
     assert result.exit_code == 0, result.output
