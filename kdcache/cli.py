@@ -415,7 +415,7 @@ def _say_resumed(out: str, info: dict[str, Any], done_before: int | None) -> Non
     if done_before == info["num_shards"]:
         click.echo(f"{out} is already complete ({count(info['num_samples'], 'sample')}); nothing to do (--overwrite to redo it)", err=True)
     elif done_before:
-        click.echo(f"resumed {out}: {count(done_before, 'shard')} of {info['num_shards']} {'was' if done_before == 1 else 'were'} already done; "
+        click.echo(f"resumed {out}: {done_before} of {count(info['num_shards'], 'shard')} {'was' if done_before == 1 else 'were'} already done; "
                    "this run wrote the others", err=True)
 
 
