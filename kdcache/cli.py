@@ -635,8 +635,7 @@ def _info_text(i: dict[str, Any]) -> str:
         f"of {count(i['rows_per_shard'], 'row')}"
         + ("  complete" if i["complete"] else f"  INCOMPLETE (being written by {i['writer']})" if i.get("writer")
            else "  INCOMPLETE (re-run extract to resume)"),
-        f"size        {_size(i['bytes_stored'])} stored, {_size(i['bytes_raw'])} raw"
-        + (f", compression {i['compression_ratio']:.2f}x" if i["compression_ratio"] else ""),
+        _size_line(i),
         "targets",
     ]
     for name, tgt in i["targets"].items():
@@ -644,6 +643,19 @@ def _info_text(i: dict[str, Any]) -> str:
         lines.append(f"  {name:<24} {tgt['path']:<32} {str(tuple(tgt['shape'])):<20} {tgt['dtype']:<8} ({tgt['select']}{pooled})")
         lines += _topk_lines(tgt)
     return "\n".join(printable(line) for line in lines)
+
+
+def _size_line(i: dict[str, Any]) -> str:
+    """``info``'s size: the bytes stored in all, then the done rows' data alone, stored and decoded, whose ratio is the
+    compression; the rest is metadata (and a partial store's shards not done). "12.7 KB stored, 2.1 KB raw, compression
+    1.20x" read as if 2.1 KB had become 12.7 KB."""
+    stored, raw, ratio = i["bytes_stored"], i["bytes_raw"], i["compression_ratio"]
+    if not ratio:  # nothing done, or sizes not listable (http)
+        return f"size        {_size(stored)} stored in all; the done rows' data {_size(raw)} decoded"
+    data = raw / ratio
+    rest = "metadata" if i["complete"] else "metadata, shards not done"
+    return (f"size        {_size(stored)} stored in all: the done rows' data {_size(round(data))} ({_size(raw)} decoded, "
+            f"compression {ratio:.2f}x), the rest ({rest}) {_size(round(stored - data))}")
 
 
 def _topk_lines(t: dict[str, Any]) -> list[str]:

@@ -134,6 +134,24 @@ def check_info_schema(info: dict, *, complete: bool, samples_done: int) -> None:
     assert len(info["teacher"]["weights_sha256"]) == 64 and info["dataset"]["length"] == 50
 
 
+def test_info_s_size_line_says_what_each_figure_covers(tmp_path, zoo_env, tiny_store):
+    """"12.7 KB stored, 2.1 KB raw, compression 1.20x" on a tiny store: the ratio is the done rows' data alone, decoded
+    over stored, while "stored" counted the metadata too. The line names the data's stored bytes and the rest."""
+    from kdcache.cli import _size
+
+    partial = crash_at(tmp_path, zoo_env, 36, write_toml(tmp_path / "p.toml"))
+    for location, rest in [(tiny_store, "metadata"), (partial, "metadata, shards not done")]:
+        store = open_store(location)
+        i = store.info()
+        data = i["bytes_raw"] / i["compression_ratio"]
+        assert data == pytest.approx(sum((Path(location) / store.shard_key(path, int(shard))).stat().st_size
+                                         for path in store.paths() for shard in np.flatnonzero(store.done())))
+        line = next(line for line in invoke("info", location).stdout.splitlines() if line.startswith("size"))
+        assert line == (f"size        {_size(i['bytes_stored'])} stored in all: the done rows' data {_size(round(data))} "
+                        f"({_size(i['bytes_raw'])} decoded, compression {i['compression_ratio']:.2f}x), the rest ({rest}) "
+                        f"{_size(round(i['bytes_stored'] - data))}"), line
+
+
 def test_info_json_schema_on_complete_and_partial_stores(tmp_path, zoo_env):
     toml = write_toml(tmp_path / "p.toml")
     partial = crash_at(tmp_path, zoo_env, 36, toml)
