@@ -580,7 +580,8 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "geometry": manifest["geometry"],
         "probe_batch": rows,
         "probe_seconds": seconds,
-        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run) + _mask_warnings(pipeline, run) + input_warnings,
+        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run) + _mask_warnings(pipeline, run) + input_warnings
+                    + _eval_warnings(pipeline),
     }
 
 
@@ -628,6 +629,17 @@ def _layer_warnings(pipeline: Pipeline) -> list[str]:
     """What ``train`` (train.setup) would refuse in this store for the pipeline's ``train.features``: a layer it does not store."""
     return [f"train.features names {name!r}, which targets.layers does not list: kdcache train would refuse this store; "
             "add it to targets.layers (or --layers)" for name in pipeline.train.features if name not in pipeline.targets.layers]
+
+
+def _eval_warnings(pipeline: Pipeline) -> list[str]:
+    """What ``train`` would warn of: ``train.eval_split`` naming the split this store holds, the split a student trained
+    from it trains on (allowed, not refused: kdcache train says it in a ``warning:`` line)."""
+    split = pipeline.train.eval_split
+    if not split or split != pipeline.data.split:
+        return []
+    return [f"train.eval_split = {split!r} is the split this store holds: kdcache train from it would evaluate the student on "
+            "the split it trains on (its eval metrics would measure training data); train from another split's store, and use "
+            "this one as train.eval_cache"]
 
 
 def _loss_warnings(pipeline: Pipeline, run: Run) -> list[str]:

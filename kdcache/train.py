@@ -1309,7 +1309,8 @@ def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | Non
     t = pipeline.train
     store, stored = _eval_store(t.eval_cache, t.eval_split, storage_options, trained)
     split = store.manifest["dataset"]["split"]
-    _check_eval_split(t.eval_cache, t.eval_split, store.manifest, trained)
+    if _check_eval_split(t.eval_cache, t.eval_split, store.manifest, trained):
+        _say_evaluated_on_training_data(f"train.eval_cache {t.eval_cache!r}", split)
     _check_eval_logits(t.eval_cache, stored, trained)
     dataset = _dataset(pipeline, store, "train.eval_cache")
     if trained is not None and split != trained["dataset"]["split"] and _training_samples(dataset, trained):
@@ -1349,20 +1350,32 @@ def _eval_store(location: str, split: str, storage_options: dict[str, Any] | Non
     return store, stored
 
 
-def _check_eval_split(location: str, eval_split: str, manifest: dict[str, Any], trained: dict[str, Any] | None) -> None:
+def _check_eval_split(location: str, eval_split: str, manifest: dict[str, Any], trained: dict[str, Any] | None) -> bool:
     """Refuse an eval store (``location``, ``manifest``) of another split than train.eval_split names, or, where that names
     none, one holding the samples of the store trained from (``trained``: its manifest): the same factory, split and length,
-    and probe fingerprints where both use one algorithm."""
+    and probe fingerprints where both use one algorithm. Returns whether it holds them (train.eval_split names their split:
+    measured on purpose)."""
     split = manifest["dataset"]["split"]
     if eval_split and eval_split != split:
         raise PipelineError(f"train.eval_split = {eval_split!r} but train.eval_cache holds split {split!r}; make them agree or drop eval_split")
     same = ("factory", "split", "length", "probe_fingerprints")
     if trained is not None and layout.fingerprint_algorithm(manifest) != layout.fingerprint_algorithm(trained):
         same = same[:-1]  # fingerprints of two algorithms cannot be compared: the same factory, split and length are the same data
-    if not eval_split and trained is not None and all(manifest["dataset"][k] == trained["dataset"][k] for k in same):
+    held = trained is not None and all(manifest["dataset"][k] == trained["dataset"][k] for k in same)
+    if held and not eval_split:
         raise PipelineError(f"train.eval_cache {location!r} holds the samples the student trains on (split {split!r} of "
                             f"{trained['dataset']['factory']}): its eval metrics would be measured on training data; extract the eval "
                             f"split into its own store (--set data.split=...), or set train.eval_split = {split!r} to measure it on purpose")
+    return held
+
+
+def _say_evaluated_on_training_data(what: str, split: str) -> None:
+    """One ``warning:`` line on stderr (by torchrun's rank 0) where the evaluation (``what``) measures the split the student
+    trains on: allowed (train.eval_split names it on purpose), but its eval metrics are then no held-out measure."""
+    if distributed.ranks()[0] == 0:
+        print(f"warning: {what} evaluates the student on split {split!r}, the split it trains on: its eval metrics measure "
+              "training data, not held-out data; extract another split to evaluate on (train.eval_split, train.eval_cache)",
+              file=sys.stderr)
 
 
 def _check_eval_logits(location: str, stored: layout.Target, trained: dict[str, Any] | None) -> None:
@@ -1390,6 +1403,8 @@ def _eval_split_source(pipeline: Pipeline, trained: dict[str, Any] | None) -> tu
                             f"begin and end as split {ours!r} of the store trained from does (data.factory gives one split whatever "
                             "the split asked?); make data.factory return the split it is asked for, or set train.eval_split = "
                             f"{ours!r} to measure training data on purpose")
+    if trained is not None and t.eval_split == trained["dataset"]["split"]:
+        _say_evaluated_on_training_data(f"train.eval_split = {t.eval_split!r}", t.eval_split)
     # a generator of its own: each iterator draws a seed, which from torch's global RNG would move the dropout that
     # follows (a run resumed with another train.eval_every would train other weights)
     part = distributed.my_part(len(dataset))  # torchrun: each rank evaluates its part, the counts are summed

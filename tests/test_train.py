@@ -705,6 +705,29 @@ def test_an_eval_split_of_the_training_samples_under_another_name_is_refused(tin
     train(pipeline(one, "train.features={}", "train.eval_split=train", "train.epochs=1"), tiny_store, tmp_path / "run")  # on purpose
 
 
+def test_evaluating_on_the_split_trained_on_is_one_warning_line(tiny_store, test_store, tmp_path, capsys):
+    """A store of the test split trained with train.eval_split = "test" (tiny.toml's) evaluated the student on the rows it
+    trained on without a word. Allowed (eval_split names the split on purpose), it is now one warning line on stderr,
+    as is an eval store of the training samples with eval_split naming their split, and the extract's dry run says so;
+    a held-out split says nothing."""
+    def warnings(*overrides: str, cache: str = test_store) -> list[str]:
+        train(pipeline("train.features={}", "train.epochs=1", *overrides), cache, tmp_path / "run", overwrite=True)
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+
+    assert warnings() == ["warning: train.eval_split = 'test' evaluates the student on split 'test', the split it trains on: its "
+                          "eval metrics measure training data, not held-out data; extract another split to evaluate on "
+                          "(train.eval_split, train.eval_cache)"]
+    assert warnings(f'train.eval_cache="{test_store}"') == [
+        f"warning: train.eval_cache {test_store!r} evaluates the student on split 'test', the split it trains on: its eval metrics "
+        "measure training data, not held-out data; extract another split to evaluate on (train.eval_split, train.eval_cache)"]
+    assert warnings(cache=tiny_store) == [] and warnings(f'train.eval_cache="{test_store}"', cache=tiny_store) == []
+    assert kdcache.dry_run(pipeline('data.split="test"'))["warnings"] == [
+        "train.eval_split = 'test' is the split this store holds: kdcache train from it would evaluate the student on the split "
+        "it trains on (its eval metrics would measure training data); train from another split's store, and use this one as "
+        "train.eval_cache"]
+    assert kdcache.dry_run(pipeline())["warnings"] == []
+
+
 def test_eval_split_without_eval_cache_reports_accuracy_only(tiny_store, tmp_path):
     train(pipeline("train.features={}", "train.epochs=1"), tiny_store, tmp_path / "run")
     (line,) = metrics(tmp_path / "run")
