@@ -180,7 +180,7 @@ def test_import_of_a_corrupt_chunk_is_one_line_and_a_rerun_resumes_and_says_so(e
     assert r.exit_code == 0, r.output
     assert_same(tiny_store, str(out))
     # said as extract says it (no line at all before)
-    assert r.stderr == f"resumed {out}: 1 of 4 shards were already done; this run wrote the others\n", r.stderr
+    assert r.stderr == f"resumed {out}: 1 of 4 shards was already done; this run wrote the others\n", r.stderr
     r = CliRunner().invoke(main, ["import", str(exported), str(out)])
     assert r.exit_code == 0 and r.stderr == f"{out} is already complete (50 samples); nothing to do (--overwrite to redo it)\n", r.stderr
     r = CliRunner().invoke(main, ["import", str(exported), str(out), "--overwrite"])
