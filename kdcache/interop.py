@@ -177,7 +177,7 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z
         if data is None:
             return 0  # listed but gone: an absent object reads as fill, as in the source
         if bound is not None and len(data) > bound:
-            raise _too_large(store, key, len(data), bound)
+            raise storage.too_large(store.location, key, len(data), bound, "packed")
         z.writestr(member, data)
         return len(data)
     file = storage.local_object(storage.local_path(store.location), key, bound)  # a link out, a FIFO, a size past its bound: refused
@@ -196,13 +196,8 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z
                 return copied
             copied += len(block)
             if bound is not None and copied > bound:  # grown since it was checked
-                raise _too_large(store, key, copied, bound)
+                raise storage.too_large(store.location, key, None, bound, "packed")
             w.write(block)
-
-
-def _too_large(store: layout.Store, key: str, size: int, bound: int) -> StoreError:
-    return StoreError(f"{store.location!r} is damaged: object {short(key)} holds {size:,} bytes or more, more than it can "
-                      f"({bound:,}: FORMAT.md §13), and is not packed; run kdcache verify {store.location}, and copy the store again from its source")
 
 
 def _part_name(out: Path) -> Path:

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import stat
+import sys
 import time
 import uuid
 import zipfile
@@ -32,6 +33,23 @@ REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (p
 MAX_METADATA_BYTES = 128 * 2**20  # a zarr.json larger than this is refused unread (a kdcache manifest takes a few KB)
 
 
+def object_at_most(bounds: dict[str, int], key: str) -> int | None:
+    """The most bytes the object ``key`` of a store may hold (FORMAT.md §13): a ``zarr.json``, ``MAX_METADATA_BYTES``; a
+    chunk object, its array's bound in ``bounds`` (array path → bound: ``Store.array`` sets it); None: not known."""
+    if key == "zarr.json" or key.endswith("/zarr.json"):
+        return MAX_METADATA_BYTES
+    path, sep, _ = key.rpartition("/c/")  # a chunk's key: its array's path, "/c/", the chunk's grid coordinates
+    return bounds.get(path) if sep else None
+
+
+def too_large(location: str, key: str, size: int | None, bound: int, done: str = "read") -> StoreError:
+    """The error for the object ``key`` of the store at ``location`` holding ``size`` bytes (None: more than ``bound``,
+    where the read stopped), more than it can (``bound``): it is not ``done`` (read, packed)."""
+    holds = f"{size:,} bytes, more than it can ({bound:,}" if size is not None else f"more than {bound:,} bytes, the most it can (the read stopped there"
+    return StoreError(f"{location!r} is damaged: object {short(key)} holds {holds}: FORMAT.md §13), and is not {done}; "
+                      f"run kdcache verify {location}, and copy the store again from its source")
+
+
 class _LocalStore(zarr.storage.LocalStore):
     """zarr's local folder store, reading only regular files inside the folder (``local_object``): a store received
     from elsewhere may hold a link to any file of the recipient's (which ``pack`` would copy into the zip it hands on),
@@ -44,11 +62,7 @@ class _LocalStore(zarr.storage.LocalStore):
         self.object_bounds: dict[str, int] = {}  # array path → most bytes one of its chunk objects holds (Store.array sets it)
 
     def at_most(self, key: str) -> int | None:
-        """The most bytes the object ``key`` may hold; None: not known (an array not opened through ``Store.array``)."""
-        if key == "zarr.json" or key.endswith("/zarr.json"):
-            return MAX_METADATA_BYTES
-        path, sep, _ = key.rpartition("/c/")  # a chunk's key: its array's path, "/c/", the chunk's grid coordinates
-        return self.object_bounds.get(path) if sep else None
+        return object_at_most(self.object_bounds, key)
 
     async def set(self, key: str, value: Any) -> None:
         await self._write(key, value, exclusive=False)
@@ -95,7 +109,113 @@ class _ZipStore(zarr.storage.ZipStore):
             raise zipfile.BadZipFile(f"member {key!r} is cut short (the zip's central directory gives it more bytes)") from None
 
 
-class _ZipChainStore(zarr.storage.FsspecStore):
+class _RemoteStore(zarr.storage.FsspecStore):
+    """zarr's fsspec store (object storage, ``http(s)://``), reading no object larger than it can be (``at_most``, as
+    ``_LocalStore``): a server may send any number of bytes for an object (a crafted or broken store's multi-GB
+    ``zarr.json`` or shard; fsspec reads a body whole, and its http ignores a Range the server did not honour), so an
+    object of s3 or http(s) is streamed and the read stops past its bound (``read_bounded``); one of another backend
+    (a zip behind a URL: its member's size in the zip's directory) is refused by the size its filesystem gives first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.object_bounds: dict[str, int] = {}  # array path → most bytes one of its chunk objects holds (Store.array sets it)
+        self.location = ""  # the store's location as the user named it, for errors (``_url_store`` sets it)
+
+    def at_most(self, key: str) -> int | None:
+        return object_at_most(self.object_bounds, key)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        return await self.get_at_most(key, prototype, byte_range, self.at_most(key))
+
+    async def get_at_most(self, key: str, prototype: Any, byte_range: Any, at_most: int | None) -> Any:
+        """``get`` of an object known to hold at most ``at_most`` bytes (None: zarr's own read)."""
+        if at_most is None:
+            return await super().get(key, prototype, byte_range)
+        if not self._is_open:
+            await self._open()
+        from zarr.storage._fsspec import _dereference_path
+
+        path = _dereference_path(self.path, key)
+        refuse = functools.partial(too_large, self.location or self.path, key, bound=at_most)
+        try:
+            if _streamed(self.fs):
+                return prototype.buffer.from_bytes(await read_bounded(self.fs, path, byte_range, at_most, refuse))
+            size = (await self.fs._info(path)).get("size")
+        except self.allowed_exceptions:
+            return None
+        except OSError as e:
+            if "not satisfiable" in str(e):  # zarr's words: s3's answer to a range of an empty object
+                return prototype.buffer.from_bytes(b"")
+            raise
+        if isinstance(size, int) and size > at_most:
+            raise refuse(size)
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
+        return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
+
+
+READ_BLOCK = 2**20  # a bounded read's step: an object past its bound is refused after at most this many bytes more
+
+
+def _streamed(fs: Any) -> bool:
+    """Whether ``read_bounded`` reads from the filesystem ``fs``: s3fs's, or fsspec's http(s)."""
+    return hasattr(fs, "call_s3") or "http" in (getattr(fs, "protocol", ()) or ())
+
+
+async def read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any) -> bytes:
+    """The bytes of ``path`` (s3fs or fsspec's http; ``byte_range``: a zarr ``ByteRequest`` or None) of an object of at
+    most ``at_most`` bytes, read in blocks: a Content-Length past the bound, or more bytes than it, is ``refuse(seen)``
+    (a StoreError; ``seen``: the size, None where the read stopped), after at most ``READ_BLOCK`` bytes more. A server that ignores the Range sends the whole object:
+    the range is cut from it, its bytes read only as far as the range ends."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    if isinstance(byte_range, RangeByteRequest) and byte_range.start >= byte_range.end:
+        return b""
+    asked = {RangeByteRequest: lambda r: f"bytes={r.start}-{r.end - 1}", OffsetByteRequest: lambda r: f"bytes={r.offset}-",
+             SuffixByteRequest: lambda r: f"bytes=-{r.suffix}"}
+    header = None if byte_range is None else asked[type(byte_range)](byte_range)
+    async with _response(fs, path, header) as (status, length, read):
+        whole = header is None or status != 206  # 206: the range alone came
+        if length is not None and length > at_most:
+            raise refuse(length)
+        enough = byte_range.end if whole and isinstance(byte_range, RangeByteRequest) else at_most + 1
+        blocks, got = [], 0
+        while got < enough and (block := await read(min(READ_BLOCK, enough - got) if enough <= at_most else READ_BLOCK)):
+            blocks.append(block)
+            got += len(block)
+        if got > at_most:
+            raise refuse(None)
+    data = b"".join(blocks)
+    if not whole or byte_range is None:
+        return data
+    if isinstance(byte_range, RangeByteRequest):
+        return data[byte_range.start : byte_range.end]
+    return data[byte_range.offset :] if isinstance(byte_range, OffsetByteRequest) else data[len(data) - min(byte_range.suffix, len(data)) :]
+
+
+@contextlib.asynccontextmanager
+async def _response(fs: Any, path: str, byte_range: str | None) -> Any:
+    """A GET of ``path`` through ``fs`` (s3fs, or fsspec's http), ``byte_range`` its Range header (or none): ``(HTTP
+    status, Content-Length or None, read(n))``, the body unread. A missing object is FileNotFoundError, as fsspec says."""
+    ranged = {} if byte_range is None else {"Range": byte_range}
+    if hasattr(fs, "call_s3"):
+        bucket, key, version = fs.split_path(path)
+        r = await fs._call_s3("get_object", Bucket=bucket, Key=key, **({"VersionId": version} if version else {}), **ranged)
+        try:
+            yield r["ResponseMetadata"]["HTTPStatusCode"], r.get("ContentLength"), r["Body"].read
+        finally:
+            r["Body"].close()
+        return
+    kwargs = dict(fs.kwargs)
+    kwargs["headers"] = {**(kwargs.get("headers") or {}), **ranged}
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(path), **kwargs) as r:
+        fs._raise_not_found_for_status(r, path)
+        yield r.status, r.content_length, r.content.read
+
+
+class _ZipChainStore(_RemoteStore):
     """zarr's fsspec store for a zip behind a URL (``zip::https://…``), whose read of a member cut short is a
     ``BadZipFile`` naming it, as ``_ZipStore``'s is."""
 
@@ -137,8 +257,7 @@ def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = N
     elif not stat.S_ISREG(mode):
         why = f"is not a regular file (it leads to {'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'} {short(real)})"
     elif at_most is not None and found.st_size > at_most:
-        raise StoreError(f"{str(root)!r} is damaged: object {short(key)} holds {found.st_size:,} bytes, more than it can "
-                         f"({at_most:,}: FORMAT.md §13), and is not read; run kdcache verify {str(root)}, and copy the store again from its source")
+        raise too_large(str(root), key, found.st_size, at_most)
     else:
         return path
     raise StoreError(f"{str(root)!r} is unsafe to read: object {short(key)} {why}; kdcache reads only regular files inside a "
@@ -446,8 +565,9 @@ def _url_store(location: str, storage_options: dict[str, Any] | None, read_only:
     # without a trailing "/": zarr lists a store by its path plus "/" (http://host/t.zarr/ listed full URLs as keys: pack
     # wrote a zip of members named http://..., "no zarr.json at its root")
     url = location.rstrip("/") if "::" not in location and location.rstrip("/").partition("://")[2] else location
-    kind_of_store = _ZipChainStore if location.lower().startswith("zip::") else zarr.storage.FsspecStore
+    kind_of_store = _ZipChainStore if location.lower().startswith("zip::") else _RemoteStore
     opened = kind_of_store.from_url(url, storage_options=options, read_only=read_only)
+    opened.location = location
     chained = getattr(getattr(opened.fs, "sync_fs", opened.fs), "zip", None)  # zip::https://…: the file's zipfile.ZipFile
     if isinstance(chained, zipfile.ZipFile):
         check_zip_members(location, chained.infolist())
@@ -752,8 +872,10 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
         if url != location:
             _file_info(fs, url)
         else:
-            fs.cat_file(location.rstrip("/") + "/zarr.json")
+            read_http(fs, location.rstrip("/") + "/zarr.json", location)
         return True
+    except StoreError:  # a zarr.json larger than metadata can be
+        raise
     except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: store._no_store names them
         # aiohttp's connect and read timeouts are TimeoutErrors; fsspec wraps them in its own, or a FileNotFoundError (info)
         e = next((c for c in (failed.__cause__, failed) if isinstance(c, TimeoutError)), None)
@@ -768,6 +890,19 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
         raise unreachable_error(location, e, f"gave up after {seconds:.0f} s" + (f" (1 try of up to {wait:g} s)" if wait else "") +
                                 "; for an endpoint that is slow rather than down raise --storage-option "
                                 f"{named}client_kwargs.timeout.{setting}=SECONDS; ") from None
+
+
+def read_http(fs: Any, url: str, location: str, *, whole: bool = True) -> bytes:
+    """The bytes of the ``zarr.json`` at ``url`` (fsspec's http filesystem ``fs``) of the store at ``location``, read
+    by ``read_bounded``: one larger than ``MAX_METADATA_BYTES`` is a StoreError naming it. Not ``whole``: the first
+    byte of any file (a zip's), read as far as that byte where the server ignores the Range."""
+    from fsspec.asyn import sync as run_on  # not this module's sync (a flush)
+    from zarr.abc.store import RangeByteRequest
+
+    refuse = functools.partial(too_large, location, url.rpartition("/")[2], bound=MAX_METADATA_BYTES)
+    if not whole:
+        return run_on(fs.loop, read_bounded, fs, url, RangeByteRequest(0, 1), sys.maxsize, refuse)
+    return run_on(fs.loop, read_bounded, fs, url, None, MAX_METADATA_BYTES, refuse)
 
 
 def _file_info(fs: Any, url: str) -> dict[str, Any]:
@@ -812,11 +947,10 @@ def http_problem(url: str, storage_options: dict[str, Any] | None, *, whole: boo
 
     try:
         fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **_fsspec_options(url, storage_options))
-        if whole:
-            fs.cat_file(url)
-        else:
-            fs.cat_file(url, start=0, end=1)
+        read_http(fs, url, url.rpartition("/")[0], whole=whole)
         return None
+    except StoreError:
+        raise
     except FileNotFoundError:
         return "HTTP 404"
     except Exception as e:  # noqa: BLE001 - aiohttp's connection and response errors, named below

@@ -335,7 +335,7 @@ class Store:
             other = _other_codec(node.metadata.codecs) or _other_key_encoding(node.metadata.chunk_key_encoding)
             if other is not None:
                 raise self._bad_metadata(path, other)
-            bounds = getattr(self.group.store, "object_bounds", None)  # a local folder's: an object larger is refused unread
+            bounds = getattr(self.group.store, "object_bounds", None)  # a folder's, a remote store's: an object larger is refused
             if bounds is not None:
                 bounds[path] = _object_bound(node)
             self._arrays[path] = node
@@ -806,6 +806,8 @@ class Store:
                 raise self._damaged(path, shard, f"{what} although the shard is marked done", missing=True)
         try:
             return array[start:stop]
+        except StoreError:  # an object larger than it can be (storage._RemoteStore), named
+            raise
         except Exception as first:  # noqa: BLE001 - any failure to decode stored bytes; named by shard below
             if _transport(first):
                 raise self._unreadable(path, start, stop, first) from None
@@ -862,6 +864,8 @@ class Store:
             if fetch:
                 try:
                     raw = self._get(self.shard_key(path, s), at_most=_object_bound(array))
+                except StoreError:  # an object larger than it can be, named
+                    raise
                 except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
                     if _on_the_way(e):
                         raise self._unreadable(path, start, stop, e) from None
@@ -964,19 +968,15 @@ class Store:
     def _get(self, key: str, *, at_most: int | None = None) -> bytes | None:
         """``raw_object`` raising what the read raised.
 
-        ``at_most``: the object is known to hold at most this many bytes. Where its object store would fetch such an
-        object in one GET anyway (at most the file system's ``default_block_size``: s3fs splits larger objects into
-        parallel parts), it is asked with one ranged GET from byte 0, without the HEAD s3fs sends first to learn the
-        size: one request per object instead of two."""
-        from zarr.abc.store import OffsetByteRequest
+        ``at_most``: the object is known to hold at most this many bytes (else the bound its store knows, if any). A
+        remote store's object is read in one GET (no HEAD first), and refused once it holds more (``storage._RemoteStore``)."""
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        whole = None
-        if at_most is not None and location_kind(self.location) == "url" and "::" not in self.location:
-            whole = OffsetByteRequest(0) if at_most <= getattr(self.group.store.fs, "default_block_size", 0) else None
+        store, prototype = self.group.store, default_buffer_prototype()
+        bounded = at_most is not None and hasattr(store, "get_at_most")
         try:
-            buf = sync(self.group.store.get(key, prototype=default_buffer_prototype(), byte_range=whole))
+            buf = sync(store.get_at_most(key, prototype, None, at_most) if bounded else store.get(key, prototype=prototype))
         except zipfile.BadZipFile as e:  # a stored zip member whose bytes fail the zip's own CRC-32, or one cut short
             error = _corrupted_member(self.location, f"object {key!r} {e}")
             error.zip_problem = _zip_problem(str(e))  # type: ignore[attr-defined] - verify's words for it
