@@ -1315,3 +1315,112 @@ def test_torchrun_progress_looks_no_more_often_than_its_read_rate_allows(s3):
         time.sleep(1.0)
         looked = len([k for k in read if "/progress/done/c/" in k])
     assert 2 <= looked <= 14, looked  # 5 looks of 2 markers, give or take one; unlimited, 32 here (the server's answers pace it)
+
+
+# A child process reading one shard of a store, after opening it (metadata, markers, digests read): what its peak resident
+# memory (VmHWM: this process's own, not carried over exec as ru_maxrss is) grew by, and what the read said. At most
+# 2 GiB of address space: an object read whole is a MemoryError, not a slow swap.
+SHARD_READER = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+from kdcache.errors import StoreError
+from kdcache.store import open_store
+
+def peak():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+url, options, path, shard = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+store = open_store(url, storage_options=options)
+store.read(path, 0, 1)
+before = peak()
+try:
+    store.read_shards(path, [shard])
+    said = "read whole"
+except (StoreError, MemoryError) as e:
+    said = f"{type(e).__name__}: {e}"
+print(json.dumps({"grew": peak() - before, "said": said}))
+"""
+
+
+def read_in_a_child(url: str, options: dict | None, path: str, shard: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", SHARD_READER, url, json.dumps(options or {}), path, str(shard)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("fault", ["giant", "lying"])
+def test_a_shard_a_server_sends_larger_than_it_can_be_is_refused_in_memory_far_below_it(faulty_http_root, tiny_store, fault):
+    """A server may send any number of bytes for an object: 64 GiB with a Content-Length saying so (refused by it, unread)
+    or with none, its HEAD giving the object's true size (read in blocks, the read stopped past the shard's bound), and
+    either way whatever Range was asked. The whole body was read into memory (fsspec's http reads a body whole)."""
+    import shutil
+
+    root, base = faulty_http_root
+    name = f"sent-{fault}.zarr"
+    shutil.copytree(tiny_store, root / name, dirs_exist_ok=True)
+    (root / ".faults").write_text(json.dumps({f"{name}/targets/logits/c/1/0": fault}))
+    try:
+        seen = read_in_a_child(f"{base}/{name}", None, "targets/logits", 1)
+    finally:
+        (root / ".faults").unlink()
+    size = f"{64 * 2**30:,} bytes, more than it can" if fault == "giant" else "more than"
+    assert seen["said"].startswith(f"StoreError: '{base}/{name}' is damaged: object 'targets/logits/c/1/0' holds {size}"), seen
+    assert "\n" not in seen["said"] and "FORMAT.md §13" in seen["said"] and "copy the store again" in seen["said"], seen
+    assert seen["grew"] < 16 * 2**20, seen  # the object: 64 GiB
+
+
+def test_a_shard_object_on_s3_larger_than_it_can_be_is_refused_unread(s3, tiny_store):
+    """The same on object storage: a 64 MiB object where a shard of the array holds at most a few hundred bytes is
+    refused by the size the GET answers with, its body unread (it was read whole, 64 MiB, into memory)."""
+    from pathlib import Path
+
+    import s3fs
+
+    url, fs = f"s3://{BUCKET}/giant-shard.zarr", s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    for f in Path(tiny_store).rglob("*"):
+        if f.is_file():
+            fs.pipe(f"{BUCKET}/giant-shard.zarr/{f.relative_to(tiny_store).as_posix()}", f.read_bytes())
+    fs.pipe(f"{BUCKET}/giant-shard.zarr/targets/logits/c/1/0", bytes(64 * 2**20))
+    seen = read_in_a_child(url, s3, "targets/logits", 1)
+    assert seen["said"].startswith(f"StoreError: '{url}' is damaged: object 'targets/logits/c/1/0' holds {64 * 2**20:,} bytes, "
+                                   "more than it can ("), seen
+    assert seen["grew"] < 16 * 2**20, seen
+
+
+@pytest.mark.parametrize("command, key, fault", [
+    ("info", "zarr.json", "giant"),  # the manifest, refused by its Content-Length
+    ("info", "zarr.json", "lying"),  # read as far as 128 MiB, the most a zarr.json may hold
+    ("verify", "targets/logits/c/1/0", "lying"),
+    ("stats", "progress/done/c/1", "giant"),  # a done marker: a byte
+    ("export", "targets/layers/features.3/c/2/0/0/0", "lying"),
+    ("pack", "targets/logits/zarr.json", "giant"),
+    ("train", "targets/logits/c/0/0", "giant"),
+])
+def test_every_command_refuses_an_object_a_server_sends_larger_than_it_can_be_in_one_line(faulty_http_root, tiny_store, tmp_path,
+                                                                                          command, key, fault):
+    """Through the command line, as test_safety's local objects larger than they can be: one line, exit 1, no traceback,
+    nothing written, in at most 2 GiB of address space (the object: 64 GiB)."""
+    import resource
+    import shutil
+    from pathlib import Path
+
+    root, base = faulty_http_root
+    name = f"{command}-{fault}.zarr"
+    shutil.copytree(tiny_store, root / name, dirs_exist_ok=True)
+    (root / ".faults").write_text(json.dumps({f"/{name}/{key}": fault}))
+    url, fixtures = f"{base}/{name}", Path(__file__).parent / "fixtures"
+    args = {"info": [url], "verify": [url], "stats": [url], "export": [url, str(tmp_path / "out.h5")],
+            "pack": [url, str(tmp_path / "p.zarr.zip")], "train": [str(fixtures / "tiny.toml"), "--cache", url, "--out", str(tmp_path / "run")]}
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))  # noqa: E731
+    try:
+        r = subprocess.run([sys.executable, "-m", "kdcache", command, *args[command]], capture_output=True, text=True, cwd=fixtures,
+                           preexec_fn=limit, timeout=300)
+    finally:
+        (root / ".faults").unlink()
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "MemoryError" not in r.stdout + r.stderr, (r.stdout, r.stderr)
+    said = f"object '{key}' holds " + (f"{64 * 2**30:,} bytes, more than it can" if fault == "giant" else "more than")
+    assert said in r.stdout + r.stderr and "FORMAT.md §13" in r.stdout + r.stderr, (r.stdout, r.stderr)
+    if command != "verify":  # verify lists it among its checks' FAIL lines
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
+    assert not any(tmp_path.iterdir())
