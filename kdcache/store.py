@@ -53,6 +53,10 @@ MAX_SHARD_ROWS = 16384
 ENCODE_THREADS = min(8, threads.CORES)  # per process, shared by every shard being written
 MIN_SHARD_ROWS = 16
 MAX_SHARDS = 2**24  # a store of more shards is refused (16,777,216: 2.7e11 rows at MAX_SHARD_ROWS)
+# A manifest declaring more targets is refused (FORMAT.md §8, a reader's limit), as a writer's is before it writes: every
+# command opens each target's array (its zarr.json, one read each; verify ~1.5 ms a target), so a received manifest of
+# 300,000 targets (a 60 MB zarr.json) held verify for 8 minutes. A teacher hooked at every layer has hundreds.
+MAX_TARGETS = 4096
 # A shard's rows of every data array together, decoded, hold at most this (FORMAT.md §3.1): the writer holds shards
 # whole until written, and a whole-shard read makes a buffer of one array's shard; a received store declaring more is
 # refused as damaged before any such buffer is made.
@@ -1925,6 +1929,9 @@ def _create(location: str, target: Any, manifest: dict[str, Any], storage_option
     manifest = dict(manifest, format=FORMAT, format_version=TOPK_FORMAT_VERSION if topk else FORMAT_VERSION, created=_now(), completed=None)
     if isinstance(targets, dict):  # before anything is written (extract checks its pipeline's names earlier still)
         check_layer_names([t["name"] for t in targets.values() if isinstance(t, dict) and t.get("source")])
+        if len(targets) > MAX_TARGETS:
+            raise StoreError(f"{len(targets):,} targets to write to {location!r}, more than a store may hold ({MAX_TARGETS:,}: "
+                             "FORMAT.md §8); hook fewer layers (targets.layers); nothing was written")
     # The whole layout is built in memory first: whatever zarr refuses (a codec setting, a shape, a manifest
     # that is not JSON) fails there, before mode="w" deletes the store an --overwrite replaces.
     try:
@@ -2050,6 +2057,9 @@ def _check_targets(m: dict[str, Any], location: str, rows: int) -> dict[str, Any
         raise _bad_manifest(location, "targets", targets, "a non-empty object")
     if not isinstance(chunk_rows, dict):
         raise _bad_manifest(location, "geometry.chunk_rows", chunk_rows, "an object")
+    if len(targets) > MAX_TARGETS:
+        raise StoreError(f"{location!r} has a damaged manifest: targets declares {len(targets):,} targets, expected at most "
+                         f"{MAX_TARGETS:,} (a reader's limit, FORMAT.md §8); re-extract the store hooking fewer layers")
     for name, t in targets.items():
         _check_target(location, name, t)
         _check_topk(location, name, t, m.get("format_version"))

@@ -767,3 +767,37 @@ def test_local_objects_holds_one_chain_of_folders_open(tmp_path: Path) -> None:
         assert objects.read("a/c/7/0").tobytes() == b"shard" and objects.read("zarr.json") is None
         assert len(os.listdir("/proc/self/fd")) - before < 10
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_manifest_declaring_more_targets_than_a_reader_takes_is_refused_at_once(tiny_store, tmp_path):
+    """A manifest may declare any number of targets: every command opens each one's array (verify ~1.5 ms a target),
+    so 300,000 held verify for 8 minutes. More than MAX_TARGETS is a damaged manifest, named before any is opened;
+    and no writer makes such a store (refused before anything is written)."""
+    import json
+    import time
+
+    from kdcache.store import MAX_TARGETS, create_or_resume
+
+    store = copy(tiny_store, tmp_path)
+    root = json.loads((store / "zarr.json").read_text())
+    manifest = root["attributes"]["kdcache"]
+    shape = next(iter(manifest["targets"].values()))["shape"]
+    for i in range(20_000):
+        name = f"extra{i}"
+        manifest["targets"][name] = {"name": name, "path": f"targets/layers/{name}", "shape": shape, "dtype": "float16",
+                                     "source": name, "select": "auto"}
+    (store / "zarr.json").write_text(json.dumps(root))
+    n = len(manifest["targets"])
+    for command in ("info", "verify"):
+        started = time.monotonic()
+        r = limited(command, store, timeout=120)
+        output = r.stdout + r.stderr  # info: an Error line; verify: its FAIL line, then NOT verified
+        assert r.returncode == 1 and "Traceback" not in output, output[-2000:]
+        assert f"damaged manifest: targets declares {n:,} targets, expected at most {MAX_TARGETS:,}" in output, output[-2000:]
+        assert time.monotonic() - started < 30  # verify took 30 s (1.5 ms a target), and went on to name each array missing
+    fresh = dict(manifest, targets=dict(list(manifest["targets"].items())[: MAX_TARGETS + 1]))
+    for key in ("format", "format_version", "created", "completed"):
+        fresh.pop(key, None)
+    with pytest.raises(StoreError, match=rf"{MAX_TARGETS + 1:,} targets to write to .*, more than a store may hold .*nothing was written"):
+        create_or_resume(tmp_path / "new.zarr", lambda existing: fresh)
+    assert not (tmp_path / "new.zarr").exists()
