@@ -155,7 +155,7 @@ class _RemoteStore(zarr.storage.FsspecStore):
         return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
 
 
-READ_BLOCK = 2**20  # a bounded read's step: an object past its bound is refused after at most this many bytes more
+READ_BLOCK = 2**20  # a bounded read's step (what it asks the body for at a time)
 
 
 def _streamed(fs: Any) -> bool:
@@ -165,9 +165,9 @@ def _streamed(fs: Any) -> bool:
 
 async def read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any) -> bytes:
     """The bytes of ``path`` (s3fs or fsspec's http; ``byte_range``: a zarr ``ByteRequest`` or None) of an object of at
-    most ``at_most`` bytes, read in blocks: a Content-Length past the bound, or more bytes than it, is ``refuse(seen)``
-    (a StoreError; ``seen``: the size, None where the read stopped), after at most ``READ_BLOCK`` bytes more. A server that ignores the Range sends the whole object:
-    the range is cut from it, its bytes read only as far as the range ends."""
+    most ``at_most`` bytes, read in blocks of ``READ_BLOCK``: a Content-Length past the bound is ``refuse(size)``, a
+    body past it ``refuse(None)`` once one byte more is read (both StoreErrors). A server that ignores the Range sends
+    the whole object: the range is cut from it, its bytes read only as far as the range ends."""
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
     if isinstance(byte_range, RangeByteRequest) and byte_range.start >= byte_range.end:
@@ -179,9 +179,9 @@ async def read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse
         whole = header is None or status != 206  # 206: the range alone came
         if length is not None and length > at_most:
             raise refuse(length)
-        enough = byte_range.end if whole and isinstance(byte_range, RangeByteRequest) else at_most + 1
+        enough = min(byte_range.end, at_most + 1) if whole and isinstance(byte_range, RangeByteRequest) else at_most + 1
         blocks, got = [], 0
-        while got < enough and (block := await read(min(READ_BLOCK, enough - got) if enough <= at_most else READ_BLOCK)):
+        while got < enough and (block := await read(min(READ_BLOCK, enough - got))):
             blocks.append(block)
             got += len(block)
         if got > at_most:
