@@ -167,7 +167,16 @@ async def read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse
     """The bytes of ``path`` (s3fs or fsspec's http; ``byte_range``: a zarr ``ByteRequest`` or None) of an object of at
     most ``at_most`` bytes, read in blocks of ``READ_BLOCK``: a Content-Length past the bound is ``refuse(size)``, a
     body past it ``refuse(None)`` once one byte more is read (both StoreErrors). A server that ignores the Range sends
-    the whole object: the range is cut from it, its bytes read only as far as the range ends."""
+    the whole object: the range is cut from it, its bytes read only as far as the range ends. On s3, a read whose body
+    fails part way (a dropped connection, a timeout) is made again, up to s3fs's ``retries``, as its own reads are."""
+    if hasattr(fs, "call_s3"):
+        from s3fs.core import _error_wrapper
+
+        return await _error_wrapper(_read_bounded, args=(fs, path, byte_range, at_most, refuse), retries=fs.retries)
+    return await _read_bounded(fs, path, byte_range, at_most, refuse)
+
+
+async def _read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any) -> bytes:
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
     if isinstance(byte_range, RangeByteRequest) and byte_range.start >= byte_range.end:

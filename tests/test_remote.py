@@ -589,7 +589,8 @@ class KeepAliveS3:
     """An S3 endpoint on 127.0.0.1 in front of the moto server at ``upstream`` that keeps its connections alive, as a
     real one does (moto closes each: ``Connection: close``), and answers ``faults[KEY_PART]`` (403, 500...) to the GETs
     and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, else InternalError) and
-    ``unanswered`` PUTs it never answers. For reads: a request body sent chunked (botocore's PUTs) is not forwarded."""
+    ``unanswered`` PUTs it never answers; ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
+    closed: a connection dropped mid-read). For reads: a request body sent chunked (botocore's PUTs) is not forwarded."""
 
     def __init__(self, upstream: str):
         import http.server
@@ -599,6 +600,7 @@ class KeepAliveS3:
         self.faults: dict[str, int] = {}
         self.put_faults: dict[str, int] = {}
         self.unanswered: set[str] = set()
+        self.cut: dict[str, int] = {}
         self.closed = threading.Event()
         outer = self
 
@@ -635,7 +637,12 @@ class KeepAliveS3:
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                cut = next((part for part, left in outer.cut.items() if part in self.path and left and self.command == "GET"), None)
+                if cut is not None:
+                    outer.cut[cut] -= 1
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
@@ -691,6 +698,20 @@ def test_pack_names_an_object_an_s3_endpoint_refuses(s3, keep_alive_s3, tiny_sto
     assert r.output.endswith("; nothing says the store is damaged: check the connection, endpoint, credentials and that the server is "
                              "up, then rerun\n") and r.output.count("\n") == 1, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_s3_read_whose_body_is_cut_short_is_asked_again_as_s3fs_asks_it(s3, keep_alive_s3, tiny_store):
+    """A connection dropped part way through an object's body (aiohttp's ClientPayloadError) is one s3fs retries (its
+    cat_file reads again, up to its retries): the bounded read asked only the request again, and a shard or manifest
+    whose body was cut once failed the command."""
+    import s3fs
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/cut.zarr", recursive=True)
+    keep_alive_s3.cut.update({"cut.zarr/zarr.json": 1, "cut.zarr/targets/logits/c/1/0": 2})
+    store = open_store(f"s3://{BUCKET}/cut.zarr", storage_options={**s3, "endpoint_url": keep_alive_s3.url})
+    lo, hi = store.shard_rows(1)
+    np.testing.assert_array_equal(store.read("targets/logits", lo, hi), open_store(tiny_store).read("targets/logits", lo, hi))
+    assert keep_alive_s3.cut == {"cut.zarr/zarr.json": 0, "cut.zarr/targets/logits/c/1/0": 0}
 
 
 @pytest.mark.parametrize("fault, seen", [
