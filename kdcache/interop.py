@@ -166,9 +166,7 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z
     """Copy the object ``key`` into the zip ``z`` as a stored member; returns its bytes (0: absent, not copied).
     From a local folder it is streamed (a MiB at a time), from elsewhere read whole; either way an object larger than
     it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied."""
-    path, sep, _ = key.rpartition("/c/")
-    metadata = key == "zarr.json" or key.endswith("/zarr.json")
-    bound = storage.MAX_METADATA_BYTES if metadata else bounds.get(path) if sep else None
+    bound = storage.object_at_most(bounds, key)
     member = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
     member.external_attr = 0o100644 << 16  # a regular file, -rw-r--r-- as unzip extracts it (zipfile wrote -rw-------)
     if storage.location_kind(store.location) != "local":

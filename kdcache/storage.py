@@ -33,7 +33,7 @@ REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (p
 MAX_METADATA_BYTES = 128 * 2**20  # a zarr.json larger than this is refused unread (a kdcache manifest takes a few KB)
 
 
-def object_at_most(bounds: dict[str, int], key: str) -> int | None:
+def object_at_most(bounds: dict[str, int] | dict[str, int | None], key: str) -> int | None:
     """The most bytes the object ``key`` of a store may hold (FORMAT.md §13): a ``zarr.json``, ``MAX_METADATA_BYTES``; a
     chunk object, its array's bound in ``bounds`` (array path → bound: ``Store.array`` sets it); None: not known."""
     if key == "zarr.json" or key.endswith("/zarr.json"):
