@@ -696,7 +696,9 @@ def to_host(tensors: dict[str, torch.Tensor], targets: dict[str, layout.Target],
     for path, t in tensors.items():
         # On the CPU the writer keeps this tensor until its shard is written: it must own its memory
         # (a model may hand out the same buffer every call) and be contiguous (its rows are written as they are).
-        converted = t.detach().to(DTYPES[targets[path].dtype], copy=not cuda, memory_format=torch.contiguous_format)
+        # A top-k target keeps teachers.top_k's new tensors instead: its logits are only read, never copied whole.
+        copy = not cuda and not targets[path].topk
+        converted = t.detach().to(DTYPES[targets[path].dtype], copy=copy, memory_format=torch.contiguous_format)
         kept = {path: converted}
         if targets[path].topk:  # of the values as stored: their ties are the stored values' (teachers.top_k orders them)
             kept[path], kept[layout.LOGITS_INDICES] = teachers.top_k(converted, targets[path].topk)

@@ -1,5 +1,5 @@
 """Top-k logits (``targets.topk``): the store keeps each position's K largest logits, descending, and their classes
-(int32, ``targets/logits_indices``); training distils against them (``losses.topk_logits`` spread over the classes, then ``kl_divergence``). Real stores on disk,
+(int32, ``targets/logits_indices``); training distils against them (``losses.topk_kl_divergence``, on the K stored classes). Real stores on disk,
 tiny seeded teachers: ``topk_zoo``'s peaked logits over ``extract_zoo.images`` (whose first pixel is the index), and the
 text example's per-token LM (pipelines/text.py)."""
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdcache
 from kdcache import store as layout
@@ -273,22 +274,41 @@ def test_topk_logits_refuses_classes_outside_the_class_count():
         losses.topk_kl_divergence(torch.zeros(2, 2), torch.zeros(2, 3), torch.tensor([[0, 1, 2], [2, 3, 4]]))
 
 
+class Made(TorchDispatchMode):
+    """Counts the bytes of every new tensor the ops run under it make: a view's and an in-place op's output is memory
+    made before."""
+
+    nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            Made.nbytes += sum(t.nbytes for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_extract_keeps_the_topk_of_the_teachers_logits_without_copying_them_whole():
+    """On the CPU, to_host copied every target before its shard is written (a model may hand out one buffer each call);
+    a top-k target keeps only top_k's new K-sized tensors, so its logits were copied whole for nothing (float32 logits
+    stored as float32: 1.25 times their bytes made, now 0.25: top_k's comparison with the K-th value)."""
+    import importlib
+
+    to_host = importlib.import_module("kdcache.extract").to_host
+    logits = torch.randn(2, 4, 32_000)
+    target = layout.Target("logits", layout.LOGITS, (4, 8), "float32", "", "tensor", topk=8, classes=32_000)
+    Made.nbytes = 0
+    with Made():
+        host, _ = to_host({layout.LOGITS: logits}, {layout.LOGITS: target}, torch.device("cpu"))
+    assert Made.nbytes < logits.nbytes / 2, Made.nbytes / logits.nbytes
+    values, classes = logits.topk(8, dim=-1)
+    assert torch.equal(host[layout.LOGITS], values) and torch.equal(host[layout.LOGITS_INDICES], classes.int())
+
+
 def test_kl_against_a_topk_store_holds_no_teacher_tensor_of_every_class():
     """The teacher's side of the top-k kl is (B, ..., K): spread over the classes first (topk_logits, then kl_divergence)
     it held tensors as large as the student's logits, several of them, for a language model's vocabulary. Counted as the
     elements of every tensor the loss's ops make, forward and backward, at 32,000 classes and K = 8."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from kdcache import losses
-
-    class Made(TorchDispatchMode):
-        nbytes = 0  # of every new tensor: a view's and an in-place op's output is memory made before
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view and not func._schema.is_mutable:
-                Made.nbytes += sum(t.nbytes for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-            return out
 
     def made(loss) -> float:
         student = torch.randn(2, 4, 32_000, requires_grad=True)
