@@ -298,11 +298,13 @@ def _teacher_run(store: layout.Store, pipeline: Any, check: Check) -> Any:
     missing = [t.name for t in stored_targets.values() if t.path not in run.targets]
     if missing:
         raise StoreError(f"the pipeline does not produce stored targets {missing}; pass the pipeline the store was extracted with")
-    for t in stored_targets.values():  # another select keeps another part of the output: rows of another shape cannot be compared
+    # another select keeps another part of the output: rows of another shape cannot be compared. The teacher's output
+    # is compared (recomputed whole: the store's own targets.topk decides how), not the arrays the pipeline would write
+    for t in stored_targets.values():
         ours_t = run.targets[t.path]
-        if ours_t.shape != t.shape:
-            raise StoreError(f"the pipeline stores target {t.name!r} as select {ours_t.select!r}, per-sample shape {list(ours_t.shape)}; "
-                             f"the store holds select {t.select!r}, shape {list(t.shape)}; pass the pipeline the store was extracted with")
+        if ours_t.output_shape != t.output_shape:
+            raise StoreError(f"the pipeline stores target {t.name!r} as select {ours_t.select!r}, per-sample shape {list(ours_t.output_shape)}; "
+                             f"the store holds select {t.select!r}, shape {list(t.output_shape)}; pass the pipeline the store was extracted with")
         if ours_t.mask != t.mask:  # the same shape, pooled over other positions
             raise StoreError(f"the pipeline pools target {t.name!r} (select {ours_t.select!r}) with targets.mask = {ours_t.mask!r}, the store "
                              f"was pooled with {t.mask!r}; pass the pipeline the store was extracted with")

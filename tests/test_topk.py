@@ -161,6 +161,20 @@ def test_verify_teacher_check_names_a_stored_class_that_is_not_the_teachers(tmp_
         "target 'logits': 1 values beyond tolerance (rtol 0.01); worst at row 20: stored -0, recomputed -3"]
 
 
+@pytest.mark.parametrize("topk", [0, 2])
+def test_verify_teacher_check_of_a_topk_store_takes_a_pipeline_of_another_targets_topk(peaked_store, topk):
+    """The teacher's output is recomputed whole and compared as the store holds it (its own K), so the pipeline's
+    targets.topk does not matter: a pipeline without it (the store made with --set targets.topk=3) was refused as a
+    target of another shape ([16] against [3]), though only the stored K differed."""
+    assert verify(peaked_store, teacher_check=20, pipeline=peaked(targets={"topk": topk}))["ok"]
+
+
+def test_verify_teacher_check_of_a_full_logits_store_takes_a_pipeline_of_topk(tmp_path):
+    out = str(tmp_path / "full.zarr")
+    kdcache.extract(peaked(targets={"topk": 0}), out)
+    assert verify(out, teacher_check=20, pipeline=peaked())["ok"]
+
+
 @pytest.mark.parametrize("path, row, match", [
     (layout.LOGITS_INDICES, [3, 2, 16], "targets/logits_indices: shard 1: a class outside the manifest's 16 classes (first row 20: class 16)"),
     (layout.LOGITS_INDICES, [3, -1, 4], "targets/logits_indices: shard 1: a class outside the manifest's 16 classes (first row 20: class -1)"),
