@@ -2102,8 +2102,8 @@ def _check_topk(location: str, name: str, t: dict[str, Any], version: int) -> No
         return
     if type(topk) is not int or topk < 1 or t["source"] != "" or not t["shape"] or topk != t["shape"][-1]:
         raise _bad_manifest(location, f"{at}.topk", topk, f"the last size of its shape {t['shape']} (top-k values of the model's output only)")
-    if type(classes) is not int or not topk <= classes < 2**40:
-        raise _bad_manifest(location, f"{at}.classes", classes, f"an integer >= topk ({topk})")
+    if type(classes) is not int or not topk <= classes < 2**31:  # the classes are stored as int32
+        raise _bad_manifest(location, f"{at}.classes", classes, f"an integer from topk ({topk}) to 2**31 - 1 (its classes are int32)")
     if version != TOPK_FORMAT_VERSION:
         raise _bad_manifest(location, "format_version", version, f"{TOPK_FORMAT_VERSION} in a store of top-k logits")
 

@@ -498,3 +498,7 @@ def test_an_older_reader_refuses_a_topk_store_by_its_format_version(peaked_store
     g.attrs["kdcache"] = {**m, "targets": {"logits": {**m["targets"]["logits"], "topk": 2}}}
     with pytest.raises(kdcache.KdcacheError, match=r"targets.logits.topk = 2, expected the last size of its shape \[3\]"):
         kdcache.open_store(str(copy))
+    g.attrs["kdcache"] = {**m, "targets": {"logits": {**m["targets"]["logits"], "classes": 2**31}}}  # beyond an int32 class
+    with pytest.raises(kdcache.KdcacheError, match=r"targets.logits.classes = 2147483648, expected an integer from topk \(3\) to "
+                                                   r"2\*\*31 - 1 \(its classes are int32\)"):
+        kdcache.open_store(str(copy))
