@@ -87,7 +87,7 @@ def _lazy_figures(store: layout.Store, done: list[int], rows: int) -> dict[str, 
     mean and std (``_correct``, ``_labels``, ``_known``: the per-class figures' inputs, for ``_per_class``)."""
     lazy: dict[str, Any] = {}
     labels = _column(store, done, layout.LABEL) if store.has_labels else None
-    logits_target = next((t for t in store.targets.values() if t.source == ""), None)
+    logits_target = _logits(store)
     if logits_target is not None and rows and logits_target.shape:  # a regression's one value per sample has no classes
         x = _column(store, done, logits_target.path).astype(np.float64)
         classes = _column(store, done, layout.LOGITS_INDICES) if logits_target.topk else None  # top-k: the values' classes
@@ -134,6 +134,7 @@ def _per_class(values: dict[str, Any], correct: Any, labels: Any, known: Any) ->
 def _summary(location: str, store: layout.Store, done: list[int], rows: int, values: dict[str, Any],
              per_class: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     """``stats``'s result, from the computed ``values``."""
+    logits = _logits(store) if "entropy" in values else None  # the entropy's: there are logits with a class axis
     return {
         "location": location,
         "rows": int(rows),
@@ -142,19 +143,23 @@ def _summary(location: str, store: layout.Store, done: list[int], rows: int, val
         "teacher_accuracy": float(values["hits"]) / int(values["labelled"]) if values.get("labelled") else None,
         "labeled_rows": int(values["labelled"]) if "labelled" in values else None,  # the rows teacher_accuracy is over
         "mean_entropy": float(values["entropy"]) if "entropy" in values else None,
-        "entropy_positions": _positions(store, rows) if "entropy" in values else None,  # the distributions it averages
+        "entropy_positions": _positions(logits, rows) if logits else None,  # the distributions it averages
         # top-k logits: the entropy is over the K stored values' softmax (renormalised over them), not every class's
-        "entropy_topk": next((t.topk for t in store.targets.values() if t.source == "" and t.topk), None) if "entropy" in values else None,
+        "entropy_topk": (logits.topk or None) if logits else None,
         "per_class": per_class,
         "layers": {t.name: {"path": t.path, "mean": float(values[f"mean:{t.name}"]), "std": float(values[f"std:{t.name}"])}
                    for t in store.targets.values() if t.source and f"mean:{t.name}" in values},
     }
 
 
-def _positions(store: layout.Store, rows: int) -> int:
+def _logits(store: layout.Store) -> layout.Target | None:
+    """The store's target of the model's output (None: it stores none)."""
+    return next((t for t in store.targets.values() if t.source == ""), None)
+
+
+def _positions(logits: layout.Target, rows: int) -> int:
     """How many softmax distributions the mean entropy averages: one per row of ``[N, classes]`` logits, one per stored
     position of per-token ``[N, T, classes]`` ones (their padding included: a store keeps no mask for unpooled targets)."""
-    logits = next(t for t in store.targets.values() if t.source == "")
     return rows * int(np.prod(logits.shape[:-1], dtype=np.int64))
 
 
