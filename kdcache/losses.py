@@ -176,8 +176,8 @@ def topk_kl_divergence(student_logits: Tensor, values: Tensor, classes: Tensor, 
     Args:
         student_logits: (B, ..., C), any float dtype.
         values, classes: (B, ..., K) the stored top-k values (any float dtype; detached) and their classes (int), each in
-            ``[0, C)`` and distinct per position (``check_topk_classes`` checks the range: on a CUDA tensor an index out of
-            it is a device-side assert, so check the host copy first).
+            ``[0, C)`` and distinct per position (``check_topk_classes`` checks both: on a CUDA tensor an index out of
+            range is a device-side assert, so check the host copy first).
         temperature, mask: as ``kl_divergence``'s.
         num_classes: the teacher's class count C (a store's ``Target.classes``), which the student's last axis must
             match; None: not checked (a student of fewer classes than a stored class fails in the gather).
@@ -215,11 +215,16 @@ def _require_topk(values: Tensor, classes: Tensor, what: str) -> None:
 
 
 def check_topk_classes(classes: Tensor, num_classes: int, what: str = "top-k logits") -> None:
-    """Refuse stored top-k ``classes`` outside ``[0, num_classes)`` (a damaged store, or one of another teacher). Two
-    reductions: on a GPU tensor, a device sync."""
+    """Refuse stored top-k ``classes`` outside ``[0, num_classes)`` (a damaged store, or one of another teacher), or a class
+    repeated within a position (its probability would count twice). Meant for the host copy: on a GPU tensor, device syncs."""
     if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
         raise ShapeMismatchError(f"{what}: stored classes run from {int(classes.min())} to {int(classes.max())}, outside the "
                                  f"{num_classes} classes; the store is damaged (kdcache verify names it) or not of this teacher")
+    repeated = (classes.sort(dim=-1).values.diff(dim=-1) == 0).any(dim=-1)
+    if bool(repeated.any()):
+        raise ShapeMismatchError(f"{what}: a class repeated within a position at {int(repeated.sum())} positions (a position's "
+                                 "top-k classes are distinct: its probability would count twice); the store is damaged "
+                                 "(kdcache verify names its rows)")
 
 
 # T² · ln C above which kl_divergence computes in float64: float32's absolute error stays of order 1e-5 up to here

@@ -184,7 +184,7 @@ def test_verify_teacher_check_of_a_full_logits_store_takes_a_pipeline_of_topk(tm
 def test_plain_verify_names_topk_rows_that_break_the_format(peaked_store, tmp_path, path, row, match):
     """FORMAT.md §5.1 (a hand-made store, its digests made for what it holds): classes in [0, C), distinct per position,
     values descending. Plain verify passed all three (--teacher-check named the range alone, and passed a repeated tied
-    class: kl counted it twice); training names verify for classes out of range, and HDF5 import refuses the same rows."""
+    class: kl counted it twice); training refuses classes out of range or repeated (next test), and HDF5 import refuses the same rows."""
     from kdcache.interop import export_hdf5, import_hdf5
 
     out = str(tmp_path / "hand.zarr")
@@ -197,6 +197,23 @@ def test_plain_verify_names_topk_rows_that_break_the_format(peaked_store, tmp_pa
     export_hdf5(out, tmp_path / "hand.h5")
     with pytest.raises(kdcache.KdcacheError, match=re.escape(f"dataset '{path}' rows 16-31 hold {match.split(': ', 2)[2]}")):
         import_hdf5(tmp_path / "hand.h5", str(tmp_path / "back.zarr"))
+
+
+@pytest.mark.parametrize("row, match", [
+    ([3, 2, 16], "stored classes run from 0 to 16, outside the 16 classes"),
+    ([3, 2, 2], "a class repeated within a position at 1 positions"),
+])
+def test_training_names_topk_classes_that_break_the_format(peaked_store, tmp_path, row, match):
+    """A hand-made store whose digests match what it holds: a class out of range failed in the gather, a repeated one
+    (a tie stored twice) trained with that class's probability counted twice."""
+    out = str(tmp_path / "hand.zarr")
+    shutil.copytree(peaked_store, out)
+    classes = zarr.open_group(out, mode="r")[layout.LOGITS_INDICES][:]
+    classes[20] = row
+    rewrite_classes(out, classes)
+    with pytest.raises(kdcache.KdcacheError, match=re.escape(f"the store's top-k logits: {match}")) as e:
+        kdcache.train(peaked(), out, tmp_path / "run")
+    assert "\n" not in str(e.value) and "kdcache verify names" in str(e.value)
 
 
 @pytest.mark.parametrize("sections, match", [
