@@ -190,7 +190,7 @@ def topk_kl_divergence(student_logits: Tensor, values: Tensor, classes: Tensor, 
     _require_topk(values, classes, "topk_kl_divergence")
     if student_logits.ndim < 2 or student_logits.shape[:-1] != values.shape[:-1] or student_logits.shape[-1] < values.shape[-1]:
         raise ShapeMismatchError(f"topk_kl_divergence: student shape {tuple(student_logits.shape)} does not fit the teacher's top-k "
-                                 f"values {tuple(values.shape)}: make the student's output layer produce the teacher's classes over the "
+                                 f"values {tuple(values.shape)}; make the student's output layer produce the teacher's classes over the "
                                  "same batch/token positions")
     if num_classes is not None and student_logits.shape[-1] != num_classes:  # fewer: an index error; more: never trained
         raise ShapeMismatchError(f"topk_kl_divergence: student shape {tuple(student_logits.shape)} does not match the teacher's "

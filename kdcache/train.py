@@ -627,13 +627,18 @@ class Run:
                        else losses.probability_mse(logits, targets[layout.LOGITS], w.temperature, mask))
                 parts["mse"] = _weighted(w.mse, mse)
         except ShapeMismatchError as e:
-            raise _output_mismatch(e, logits, targets[layout.LOGITS], len(batch["rows"]), self.select) from None
+            raise _output_mismatch(e, logits, self.stored_shape(targets), len(batch["rows"]), self.select) from None
         if w.ce:
             _check_labels(batch["label"], tuple(logits.shape))  # on the CPU copy: no device sync
             parts["ce"] = _weighted(w.ce, losses.cross_entropy(logits, batch["label"].to(self.device)))
         for path, (_, weight, _) in self.features.items():
             parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feats[path], targets[path], masks.get(path)))
         return parts
+
+    def stored_shape(self, targets: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        """The stored logits' per-sample shape over every class: a top-k store's with the teacher's class count for K."""
+        shape = tuple(targets[layout.LOGITS].shape[1:])
+        return (*shape[:-1], self.classes) if self.classes else shape
 
 
 def teacher_logits(targets: Mapping[str, torch.Tensor], classes: int) -> torch.Tensor:
@@ -645,17 +650,18 @@ def teacher_logits(targets: Mapping[str, torch.Tensor], classes: int) -> torch.T
     return losses.topk_logits(targets[layout.LOGITS], targets[layout.LOGITS_INDICES], classes)
 
 
-def _output_mismatch(e: ShapeMismatchError, logits: torch.Tensor, stored: torch.Tensor, rows: int, selector: str) -> Exception:
+def _output_mismatch(e: ShapeMismatchError, logits: torch.Tensor, stored: tuple[int, ...], rows: int, selector: str) -> Exception:
     """A loss's shape error, with the setting that fixes it in ``kdcache train``: a first axis that is not the batch's
-    samples (``samples_first_error``), or a batch-first output with more axes than the stored logits (per-token logits
-    against one row per sample: ``student.select`` picks the part); other errors (the classes) as they are."""
+    samples (``samples_first_error``), or a batch-first output with more axes than the stored logits (``stored``: their
+    per-sample shape, over every class; per-token logits against one row per sample: ``student.select`` picks the part);
+    other errors (the classes) as they are."""
     if logits.ndim == 0 or logits.shape[0] != rows:
         return samples_first_error(tuple(logits.shape), rows, selector)
-    if logits.ndim > stored.ndim:
+    if logits.ndim > len(stored) + 1:
         what = str(e).split("; ", 1)[0]
         setting = f"student.select = {selector!r} picks" if selector != "auto" else "student.select picks"
         return ShapeMismatchError(f"{what}: the student's output has more axes than the stored logits (per-sample shape "
-                                  f"{list(stored.shape[1:])}); {setting} the part of the student's output compared with them: set it "
+                                  f"{list(stored)}); {setting} the part of the student's output compared with them: set it "
                                   "to the part that matches, e.g. \"-1\" (the last position: a causal LM's next token), \"0\" (the "
                                   "first: a class token) or \"mean\" (the mean over positions), as targets.select did for the teacher")
     return e

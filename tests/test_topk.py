@@ -399,6 +399,17 @@ def test_a_student_of_another_class_count_is_refused_in_one_line(peaked_store, t
     assert "\n" not in str(e.value)
 
 
+def test_a_per_token_student_of_a_per_sample_topk_store_is_told_the_stored_shape_over_every_class(peaked_store, tmp_path):
+    """The stored logits' shape a per-token student is told is the teacher's, [16], not the K values stored of it ([3])."""
+    from kdcache.errors import ShapeMismatchError
+
+    with pytest.raises(ShapeMismatchError, match=re.escape(
+            "topk_kl_divergence: student shape (8, 5, 16) does not fit the teacher's top-k values (8, 3): the student's output "
+            "has more axes than the stored logits (per-sample shape [16]); student.select picks")) as e:
+        kdcache.train(peaked(student={"factory": "topk_zoo.py:per_token"}), peaked_store, tmp_path / "run")
+    assert "\n" not in str(e.value)
+
+
 def test_mse_on_a_topk_store_is_refused_in_one_line(tmp_path):
     out = str(tmp_path / "peaked.zarr")
     kdcache.extract(peaked(), out)
