@@ -350,6 +350,32 @@ def test_python_dash_m_kdcache_is_the_command(tiny_store):
     assert r.returncode == 2 and r.stderr.strip() == "Error: No such command 'nope' (see 'kdcache --help')"
 
 
+def _console_script() -> list[str]:
+    """The ``kdcache`` console script as pyproject.toml declares it, run as pip's wrapper runs it (the installed one may
+    be of an older install of this tree)."""
+    import tomllib
+
+    module, function = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["kdcache"].split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+
+
+@pytest.mark.parametrize("program", ["console-script", "python-m"])
+def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, program):
+    """Ctrl-C before the command runs, while click and kdcache.cli import: one line and exit 130, as during a command,
+    not a traceback from the middle of an import. The import is from source (an empty bytecode cache, as after a fresh
+    checkout): the SIGINT is sent once click's bytecode is written there, while kdcache.cli imports it."""
+    cache = tmp_path / "pycache"
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(cache), "PYTHONDONTWRITEBYTECODE": ""}
+    args = _console_script() if program == "console-script" else [sys.executable, "-m", "kdcache"]
+    proc = subprocess.Popen([*args, "info", str(tmp_path / "missing.zarr")], stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob("**/click/core.*.pyc")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stderr = signal_and_wait(proc, signal.SIGINT)
+    assert stderr.splitlines() == ["Error: interrupted before the command started; nothing was done"], stderr
+    assert proc.returncode == 130
+
+
 def test_version_is_the_running_code_s_as_stores_record_it():
     """``kdcache --version`` names the version of the code that runs, which a store's manifest records as
     ``kdcache_version``, not the distribution metadata of the install (stale in an editable install after a pull)."""
