@@ -520,7 +520,8 @@ def resolve(import_path: str, root: str | Path = ".") -> Callable[..., Any]:
     try:
         return getattr(module, attr)
     except AttributeError:
-        names = [n for n in dir(module) if not n.startswith("_")]
+        # a factory is called: a module the file imports (np) or a constant is no name to offer for one
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
         close = difflib.get_close_matches(attr, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise PipelineError(f"import path {import_path!r}: {module.__name__!r} has no attribute {attr!r}{hint}") from None

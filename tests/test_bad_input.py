@@ -36,6 +36,7 @@ TINY = FIXTURES / "tiny.toml"
 KDCACHE = Path(sys.executable).with_name("kdcache")  # the console script of this environment
 LOGITS_SHARD_1 = "targets/logits/c/1/0"
 FEATURES_SHARD_2 = "targets/layers/features.3/c/2/0/0/0"
+NEAR_A_MODULE = "import numpy as np\nfrom torch import nn\nnets = [64, 4]\n\ndef net():\n    return nn.Linear(64, 4)\n"
 TRAIN = "tiny.zarr"  # name of the private copy of the tiny store a case trains from / inspects
 
 
@@ -228,6 +229,8 @@ CASES = [
          ("importing it raised ModuleNotFoundError: No module named 'no_such_dep_xyz' (at dep.py:1)",)),
     Case("attribute-missing", lambda c: extract("--out", c.new, "--set", "teacher.factory=tiny.py:teachr"),
          ("has no attribute 'teachr'", "did you mean teacher?")),
+    Case("attribute-missing-near-a-module", lambda c: extract("--out", c.new, "--set", f"teacher.factory={text_file(c, 'm.py', NEAR_A_MODULE)}:nett"),
+         ("has no attribute 'nett'; did you mean net?",)),  # not nn, a module (nor nets, a list): a factory is called
     Case("teacher-factory-raises", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:raising_teacher"),
          ("teacher.factory 'bad_input.py:raising_teacher' raised RuntimeError: weights file teacher.pt not found",)),
     Case("data-factory-raises", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:raising_dataset"),
