@@ -192,31 +192,42 @@ def _step(value: Any, step: str, label: str, setting: str, mask: Padding | None 
 
 
 def _no_element(value: Any, step: str, label: str, setting: str) -> TargetError:
-    """The error for a ``step`` that names nothing in ``value``: the elements it holds, and where ``step`` is one it declares
-    but holds None (a Hugging Face ``ModelOutput`` leaves ``hidden_states`` None without ``output_hidden_states=True``), that."""
-    held, empty = _elements(value)
+    """The error for a ``step`` that names nothing in ``value``: the elements it holds, the names close to ``step`` (a typo:
+    ``last_hiden_state``), and where ``step`` is one it declares but holds None (a Hugging Face ``ModelOutput`` leaves
+    ``hidden_states`` None without ``output_hidden_states=True``), that."""
+    named = _named(value)
+    held = _indices(value) + [repr(n) for n, v in named.items() if v is not None]
     holds = f" (it holds {', '.join(held[:12])}{', …' if len(held) > 12 else ''})" if held else ""
-    why = f"; its {step!r} is None: the model returned nothing there" if step in empty else ""
+    why = f"; its {step!r} is None: the model returned nothing there" if step in named and named[step] is None else ""
     if why and step.endswith(("hidden_states", "attentions")):
         flag = "output_hidden_states" if step.endswith("hidden_states") else "output_attentions"
         why += f" (a Hugging Face model fills {step} only with {flag}=True in its config or call)"
-    example = held[0] if held else '"0", "logits", "last_hidden_state"'
-    return TargetError(f"{label}: output of type {type(value).__name__} has no element {step!r}{holds}{why}; fix {setting} (e.g. {example})")
+    close = difflib.get_close_matches(step, [n for n in named if n != step], n=3)
+    example = f"did you mean {', '.join(map(repr, close))}?" if close else f"e.g. {held[0] if held else _EXAMPLES}"
+    return TargetError(f"{label}: output of type {type(value).__name__} has no element {step!r}{holds}{why}; fix {setting} ({example})")
 
 
-def _elements(value: Any) -> tuple[list[str], set[str]]:
-    """What a step can name in ``value``, quoted (a tuple's indices, a namedtuple's fields, a mapping's keys, a dataclass's
-    fields), and the names it declares that hold None (a dataclass's fields, a mapping's keys)."""
+_EXAMPLES = '"0", "logits", "last_hidden_state"'
+
+
+def _indices(value: Any) -> list[str]:
+    """The indices a step can name in a tuple or list ``value``, quoted; none in another value."""
+    if not isinstance(value, tuple | list):
+        return []
+    return [f'"{i}"' for i in range(len(value))] if len(value) <= 12 else [f'"0" to "{len(value) - 1}"']
+
+
+def _named(value: Any) -> dict[str, Any]:
+    """What a step can name in ``value`` by name, with what each holds (None for a name declared but empty): a namedtuple's
+    fields, a dataclass's fields, a mapping's keys."""
     if isinstance(value, tuple | list):
-        count = len(value)
-        indices = [f'"{i}"' for i in range(count)] if count <= 12 else [f'"0" to "{count - 1}"']
-        return indices + [repr(f) for f in _fields(value)], set()
+        return {f: getattr(value, f, None) for f in _fields(value)}
     names: dict[str, Any] = {}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         names.update((f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value))
     if isinstance(value, Mapping):
         names.update((str(k), v) for k, v in value.items())
-    return [repr(n) for n, v in names.items() if v is not None], {n for n, v in names.items() if v is None}
+    return names
 
 
 def _fields(value: tuple[Any, ...]) -> tuple[str, ...]:
