@@ -42,7 +42,7 @@ import torch
 
 from kdcache import errors, locking, storage, store as layout
 from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, transient
-from kdcache.extract import Run, check_done_rows, extract_shards, setup
+from kdcache.extract import Run, check_done_rows, extract_shards, say_headless, setup
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
 
@@ -76,6 +76,7 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
+        say_headless(pipeline, run)
         with locking.writer_lock(out, storage_options, helpers=True):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
             pending = store.resume_pending()  # done shards whose objects are missing too
@@ -496,6 +497,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
         shared: list[Any] = [None]
         if rank == 0:
+            say_headless(pipeline, run)
             try:
                 lock.enter_context(locking.writer_lock(out, storage_options, helpers=world > 1))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)

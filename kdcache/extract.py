@@ -53,6 +53,7 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     overwrite, progress = flag_arg(overwrite, "overwrite"), flag_arg(progress, "progress")
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     run = setup(pipeline)
+    say_headless(pipeline, run)
     with locking.writer_lock(out, storage_options):  # one writer per store
         store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
         pending = store.resume_pending()  # done shards whose objects are missing too
@@ -580,8 +581,8 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "geometry": manifest["geometry"],
         "probe_batch": rows,
         "probe_seconds": seconds,
-        "warnings": _layer_warnings(pipeline) + _loss_warnings(pipeline, run) + _mask_warnings(pipeline, run) + input_warnings
-                    + _eval_warnings(pipeline),
+        "warnings": _headless_warnings(pipeline, run) + _layer_warnings(pipeline) + _loss_warnings(pipeline, run)
+                    + _mask_warnings(pipeline, run) + input_warnings + _eval_warnings(pipeline),
     }
 
 
@@ -623,6 +624,27 @@ def _compression_ratio(pipeline: Pipeline, host: dict[str, torch.Tensor]) -> flo
     raw = sum(h.numpy().nbytes for h in host.values())
     packed = sum(len(numcodecs.Zstd(level=pipeline.extract.compression_level).encode(h.numpy())) for h in host.values())
     return raw / packed if pipeline.extract.compression == "zstd" and packed else 1.0
+
+
+def _headless_warnings(pipeline: Pipeline, run: Run) -> list[str]:
+    """A teacher whose output has no ``logits`` (a model without a head: a Hugging Face ``*Model``, BertModel) has another
+    field of it stored as ``logits`` by the default select (``pooler_output``, ``last_hidden_state``), which kl and mse
+    would compare as logits: said where ``targets.select`` leaves the logits' select to that default."""
+    logits = run.targets.get(layout.LOGITS)
+    if logits is None or teachers.LOGITS in pipeline.targets.select:
+        return []
+    field = next((step for step in logits.select.split(".") if step in teachers.AUTO_KEYS and step != teachers.LOGITS), None)
+    if field is None:
+        return []
+    return [f"the teacher's output has no 'logits' (a model without a head, e.g. a Hugging Face *Model): its {field!r} is stored "
+            f"as 'logits', which train.loss.kl and mse compare as logits; for feature KD set targets.logits = false and hook "
+            f"modules in targets.layers, or set targets.select.logits = {field!r} to store it so on purpose"]
+
+
+def say_headless(pipeline: Pipeline, run: Run) -> None:
+    """``_headless_warnings`` as ``warning:`` lines on stderr, as a real extract starts (a dry run lists them)."""
+    for warning in _headless_warnings(pipeline, run):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _layer_warnings(pipeline: Pipeline) -> list[str]:

@@ -344,6 +344,49 @@ def test_teacher_output_kinds(tmp_path, factory, select, part, resolved):
     assert manifest["targets"]["logits"]["shape"] == list(expected.shape[1:])
 
 
+HEADLESS = "the teacher's output has no 'logits' (a model without a head, e.g. a Hugging Face *Model): its {!r} is stored as 'logits'"
+
+
+@pytest.mark.parametrize("factory, select, field", [
+    ("encoder_out", None, "pooler_output"),  # a model without a head (BertModel): the default took a field that is no logits
+    ("encoder_out", "pooler_output", None),  # chosen on purpose: not said
+    ("dict_out", None, None),  # its logits
+    ("tuple_out", None, None),  # element "0": no field of a named output
+])
+def test_a_headless_teacher_s_field_stored_as_logits_is_said(tmp_path, capsys, factory, select, field):
+    """A teacher whose output has no logits has its ``pooler_output`` (or ``last_hidden_state``) stored as ``logits`` by the
+    default select, which kl and mse compare as logits: the dry run's warnings and a real extract's stderr say so, naming the
+    field and the settings (targets.logits = false with targets.layers, or targets.select); a select set to it is not said."""
+    overrides = [f"teacher.factory=extract_zoo.py:{factory}", "targets.layers=[]", *([f'targets.select.logits="{select}"'] if select else [])]
+    said = [w for w in kdcache.dry_run(make_pipeline(*overrides))["warnings"] if "has no 'logits'" in w]
+    kdcache.extract(make_pipeline(*overrides), str(tmp_path / "s.zarr"))
+    printed = [line for line in capsys.readouterr().err.splitlines() if "has no 'logits'" in line]
+    if field is None:
+        assert said == printed == []
+        return
+    assert len(said) == 1 and said[0].startswith(HEADLESS.format(field)), said
+    assert "set targets.logits = false and hook modules in targets.layers" in said[0]
+    assert f"or set targets.select.logits = {field!r}" in said[0]
+    assert printed == [f"warning: {said[0]}"]
+
+
+def test_a_hugging_face_model_without_a_head_is_said(tmp_path):
+    """transformers' BertModel (no head: pooler_output and last_hidden_state, no logits), built from a config."""
+    tf = pytest.importorskip("transformers")
+    toml = tmp_path / "p.toml"
+    (tmp_path / "bert.py").write_text(
+        "import torch\nimport transformers as tf\n\n"
+        "def teacher():\n    torch.manual_seed(0)\n"
+        "    return tf.BertModel(tf.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, "
+        "intermediate_size=32, max_position_embeddings=16))\n\n"
+        "def dataset(split):\n    ids = torch.arange(24).remainder(31).add(1).reshape(4, 6)\n"
+        "    return [{'input_ids': i, 'attention_mask': torch.ones_like(i)} for i in ids]\n")
+    toml.write_text('[teacher]\nfactory = "bert.py:teacher"\n[data]\nfactory = "bert.py:dataset"\n[extract]\ndevice = "cpu"\n')
+    report = kdcache.dry_run(kdcache.load_pipeline(toml))
+    assert report["targets"]["logits"]["select"] == "pooler_output", tf.__version__
+    assert any(w.startswith(HEADLESS.format("pooler_output")) for w in report["warnings"]), report["warnings"]
+
+
 def test_output_auto_cannot_pick_from_names_it_does_not_know(tmp_path):
     out = tmp_path / "store.zarr"
     with pytest.raises(TargetError, match=r"target 'logits': cannot pick a tensor from an output of type dict \(its keys: 'feats'\); set \[targets.select\]"):
