@@ -1749,7 +1749,7 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
         # a value an earlier kdcache did not record (train.drop_last, say) was its default then
         old = {**{k: v for k, v in _flat(defaults[section], section).items() if k in new}, **old}
         for key in sorted(set(old) | set(new)):
-            if key.split(".")[1] not in resumable and old.get(key) != new.get(key):
+            if key.split(".")[1] not in resumable and not _same_value(key, old.get(key), new.get(key)):
                 raise PipelineError(f"{option('--resume')}: {key} was {old.get(key)!r} in this run ({source!r}), now "
                                     f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(resumable))}}} "
                                     f"may change), or start afresh with {option('--overwrite')}")
@@ -1759,6 +1759,14 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
     if length:  # allowed, but not the run its checkpoint began: say so
         print(f"{option('--resume')}: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
               "here on, so the result is neither the earlier plan's nor a fresh run's (pipeline.json keeps the run's values)")
+
+
+def _same_value(key: str, then: Any, now: Any) -> bool:
+    """Whether a value a resumed run was recorded with (``then``, pipeline.json's) is ``now``'s. ``student.inputs`` names
+    the keyword arguments the student is called with: listed in another order, the same call."""
+    if key == "student.inputs" and isinstance(then, list) and isinstance(now, list):
+        return sorted(map(repr, then)) == sorted(map(repr, now))
+    return then == now
 
 
 def _recorded(out: Path, checkpoint: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
