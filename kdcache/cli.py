@@ -126,6 +126,8 @@ def _gloo_text(e: RuntimeError) -> str:
 
 def _after_interrupt(command: str, options: dict[str, Any], started: float) -> str:
     """What an interrupted command leaves, and how to go on."""
+    if options.get("dry_run"):  # extract --dry-run writes nothing, whatever --out names
+        return "a dry run writes nothing: run the same command again"
     if command in ("extract", "import_"):
         if options.get("overwrite") and _made_before(options.get("out") or options.get("store"), started):
             return "the store there is unchanged (--overwrite had not replaced it yet): run the same command again to start afresh"

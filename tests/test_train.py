@@ -1198,6 +1198,14 @@ def test_an_interrupt_while_an_overwrite_replaces_the_earlier_run_says_resume(tm
         "its last checkpoint is kept: run it again with --resume instead of --overwrite to continue"
 
 
+def test_an_interrupted_dry_run_says_it_wrote_nothing(tmp_path):
+    """extract --dry-run stopped by Ctrl-C was told 'any shards written are kept: run the same command again to resume'
+    (no store there to count) or 'no shard was written', as if it were an extract."""
+    for out in (None, str(tmp_path / "none.zarr")):
+        assert cli._after_interrupt("extract", {"out": out, "dry_run": True}, time.time()) == \
+            "a dry run writes nothing: run the same command again"
+
+
 # ---------------------------------------------------------------------------------------------- steps
 
 
