@@ -164,7 +164,10 @@ class Pipeline:
         """
         section, name = key.split(".")
         path = require(getattr(getattr(self, section), name), key, self)
-        factory = self.resolve(path)
+        try:
+            factory = self.resolve(path)
+        except PipelineError as e:  # named as every value's error is: where it came from, and its key
+            raise PipelineError(f"{self.where(key)}: {key}: {e}") from e
         try:
             return factory(*args)
         except KdcacheError:

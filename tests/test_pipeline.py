@@ -427,6 +427,16 @@ def test_import_path_errors_from_a_pipeline(tmp_path):
         p.resolve(p.teacher.factory)
 
 
+def test_a_factory_that_cannot_be_imported_is_named_by_its_key_and_where_it_was_given(tmp_path):
+    """The import error quoted the path alone: with a teacher, a student and a dataset factory, which one was it?"""
+    path = write(tmp_path / "p.toml", '[teacher]\nfactory = "nets.py:make"\n')
+    with pytest.raises(PipelineError, match=re.escape(f"{path}: teacher.factory: import path 'nets.py:make': file ")):
+        load(path).call("teacher.factory")
+    with pytest.raises(PipelineError, match=re.escape("override 'data.factory=\"kdcache.pipeline:laod\"': data.factory: import path "
+                                                      "'kdcache.pipeline:laod': 'kdcache.pipeline' has no attribute 'laod'")):
+        load(path, ['data.factory="kdcache.pipeline:laod"']).call("data.factory", "train")
+
+
 def test_defaults_need_no_file():
     p = Pipeline()
     assert p.extract.batch_size == 256 and p.targets.dtype == "float16" and p.source == "<dict>"
