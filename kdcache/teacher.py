@@ -263,10 +263,15 @@ def _tensor_step(value: torch.Tensor, step: str, label: str, setting: str, mask:
     sliced = _SLICE.fullmatch(step)
     if sliced:
         return _slice_step(value, step, sliced, label, setting)
+    close = difflib.get_close_matches(step, _TENSOR_STEPS, n=1)
     raise TargetError(
-        f"{label}: output of type Tensor (per-sample shape {list(per_sample)}) has no element {step!r}; fix {setting}: "
-        f"on a tensor a step is an index of the sample's first axis (\"0\"), a slice (\"1:\"), \"mean\", \"last\" or \"transpose\""
+        f"{label}: output of type Tensor (per-sample shape {list(per_sample)}) has no element {step!r}"
+        f"{f' (did you mean {close[0]!r}?)' if close else ''}; fix {setting}: on a tensor a step is an index of the sample's "
+        f"first axis (\"0\"), a slice (\"1:\"), \"mean\", \"last\" or \"transpose\""
     )
+
+
+_TENSOR_STEPS = ("mean", "last", "transpose")  # the named steps of a tensor (_tensor_step)
 
 
 def _mean_step(value: torch.Tensor, label: str, setting: str, mask: Padding | None) -> torch.Tensor:

@@ -206,6 +206,7 @@ def test_a_select_step_on_a_tensor_stores_that_part_of_every_sample(tmp_path, se
     ("--1", r"output of type tuple has no element '--1'"),
     ("0.-:", r"output of type Tensor .* has no element '-:'"),  # a bound of "-" alone was int('-'): a ValueError traceback
     ("0.:-", r"output of type Tensor .* has no element ':-'"),
+    ("0.mena", r"output of type Tensor .* has no element 'mena' \(did you mean 'mean'\?\); fix"),  # a typo: no hint was given
 ])
 def test_a_select_step_a_tensor_cannot_take_is_named_before_a_store_exists(tmp_path, select, match):
     p = pipeline(teacher="vit_teacher", layers=("blocks.1.attn",), select={"blocks.1.attn": select})
