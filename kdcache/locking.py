@@ -236,6 +236,8 @@ def refuse_if_being_written(location: str | os.PathLike[str], storage_options: d
     started, endpoint = time.monotonic(), storage.endpoint_of(str(location), storage_options)
     try:
         holder = _object_writer(str(location), storage_options, probe=endpoint not in storage.REACHED)
+    except StoreError:  # a lock object larger than one can be
+        raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials (botocore's are not OSErrors)
         raise storage.unreachable_error(str(location), e, storage.probe_gave_up(e, time.monotonic() - started, storage_options)) from None
     if "::" not in str(location) and storage.is_s3(str(location)):
@@ -448,6 +450,7 @@ LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 180.0
 LOCK_LATE_S = 60.0
 LOCK_REQUEST_S = 30.0
+LOCK_MAX_BYTES = 2**16  # a lock object larger than this is refused, read no further (kdcache's bodies take a few hundred bytes)
 _LEASES: dict[tuple[str | None, str, str], Lease] = {}  # the S3 locks this process holds, by endpoint, bucket and key
 
 
@@ -826,8 +829,9 @@ def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | Non
 
     async def get() -> tuple[dict[str, Any], bytes]:
         out = await fs._call_s3("get_object", Bucket=bucket, Key=key)  # one GET: body and ETag of the same version
-        try:
-            return out, await out["Body"].read()
+        try:  # read on every check of a lease: a server may send any number of bytes (storage.read_body)
+            return out, await storage.read_body(out.get("ContentLength"), out["Body"].read, LOCK_MAX_BYTES,
+                                                lambda size: _lock_too_large(bucket, key, size))
         finally:
             out["Body"].close()
 
@@ -838,6 +842,15 @@ def _read_lock(fs: Any, bucket: str, key: str) -> tuple[bytes, str, float] | Non
     date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     now = parsedate_to_datetime(date) if date else datetime.datetime.now(datetime.timezone.utc)
     return data, out["ETag"], (now - out["LastModified"]).total_seconds()
+
+
+def _lock_too_large(bucket: str, key: str, size: int | None) -> StoreError:
+    """The error for the lock object ``s3://bucket/key`` holding ``size`` bytes (None: more than ``LOCK_MAX_BYTES``, where
+    the read stopped): no kdcache process wrote it."""
+    holds = f"{size:,} bytes" if size is not None else f"more than {LOCK_MAX_BYTES:,} bytes (the read stopped there)"
+    return StoreError(f"the writer lock object 's3://{bucket}/{key}' holds {holds}; a lock object holds at most {LOCK_MAX_BYTES:,} "
+                      f"bytes (kdcache's take a few hundred), so no kdcache job wrote it: once no job writes the store, delete it "
+                      f"(aws s3 rm s3://{bucket}/{key}) and rerun")
 
 
 def _ours(seen: tuple[bytes, str, float] | None, token: str) -> bool:

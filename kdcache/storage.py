@@ -186,21 +186,29 @@ async def _read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refus
     header = None if byte_range is None else asked[type(byte_range)](byte_range)
     async with _response(fs, path, header) as (status, length, read):
         whole = header is None or status != 206  # 206: the range alone came
-        if length is not None and length > at_most:
-            raise refuse(length)
-        enough = min(byte_range.end, at_most + 1) if whole and isinstance(byte_range, RangeByteRequest) else at_most + 1
-        blocks, got = [], 0
-        while got < enough and (block := await read(min(READ_BLOCK, enough - got))):
-            blocks.append(block)
-            got += len(block)
-        if got > at_most:
-            raise refuse(None)
-    data = b"".join(blocks)
+        enough = byte_range.end if whole and isinstance(byte_range, RangeByteRequest) else None
+        data = await read_body(length, read, at_most, refuse, enough)
     if not whole or byte_range is None:
         return data
     if isinstance(byte_range, RangeByteRequest):
         return data[byte_range.start : byte_range.end]
     return data[byte_range.offset :] if isinstance(byte_range, OffsetByteRequest) else data[len(data) - min(byte_range.suffix, len(data)) :]
+
+
+async def read_body(length: int | None, read: Any, at_most: int, refuse: Any, enough: int | None = None) -> bytes:
+    """The body of a response (``length``: its Content-Length, or None; ``read(n)``: its next bytes) of at most
+    ``at_most`` bytes, read in blocks of ``READ_BLOCK``: a Content-Length past the bound is ``refuse(size)``, a body
+    past it ``refuse(None)`` once one byte more is read. ``enough``: read no further than this many bytes."""
+    if length is not None and length > at_most:
+        raise refuse(length)
+    enough = at_most + 1 if enough is None else min(enough, at_most + 1)
+    blocks, got = [], 0
+    while got < enough and (block := await read(min(READ_BLOCK, enough - got))):
+        blocks.append(block)
+        got += len(block)
+    if got > at_most:
+        raise refuse(None)
+    return b"".join(blocks)
 
 
 @contextlib.asynccontextmanager

@@ -590,7 +590,9 @@ class KeepAliveS3:
     real one does (moto closes each: ``Connection: close``), and answers ``faults[KEY_PART]`` (403, 500...) to the GETs
     and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, else InternalError) and
     ``unanswered`` PUTs it never answers; ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
-    closed: a connection dropped mid-read). For reads: a request body sent chunked (botocore's PUTs) is not forwarded."""
+    closed: a connection dropped mid-read); ``endless`` GETs it answers with zeros and no ``Content-Length`` until the
+    client hangs up (a broken or hostile server's endless body). For reads: a request body sent chunked (botocore's PUTs)
+    is not forwarded."""
 
     def __init__(self, upstream: str):
         import http.server
@@ -601,6 +603,7 @@ class KeepAliveS3:
         self.put_faults: dict[str, int] = {}
         self.unanswered: set[str] = set()
         self.cut: dict[str, int] = {}
+        self.endless: set[str] = set()
         self.closed = threading.Event()
         outer = self
 
@@ -618,6 +621,8 @@ class KeepAliveS3:
                 if self.command == "PUT" and any(part in self.path for part in outer.unanswered):
                     outer.closed.wait()
                     return
+                if self.command == "GET" and any(part in self.path for part in outer.endless):
+                    return self.send_endless()
                 if fault is not None:
                     status, headers, data = fault, {"Content-Type": "application/xml"}, b"<Error><Code>AccessDenied</Code></Error>"
                 elif put_fault is not None:
@@ -644,6 +649,15 @@ class KeepAliveS3:
                     self.close_connection = True
                 elif self.command != "HEAD":
                     self.wfile.write(data)
+
+            def send_endless(self) -> None:
+                self.send_response(200)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                with contextlib.suppress(OSError):  # the client hung up
+                    while not outer.closed.is_set():
+                        self.wfile.write(bytes(2**20))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
 
@@ -1445,3 +1459,29 @@ def test_every_command_refuses_an_object_a_server_sends_larger_than_it_can_be_in
     if command != "verify":  # verify lists it among its checks' FAIL lines
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_writer_lock_object_a_server_sends_endlessly_is_refused_in_one_line(s3, keep_alive_s3, tiny_store, tmp_path):
+    """The S3 writer lock object is read on every check of a lease and by every first look at a store (``pack`` keeps
+    writers out with it): a server may send any number of bytes for it. Its body was read whole (2 GiB of address
+    space: a MemoryError traceback); it is read as far as 64 KiB, the most a lock object holds, and refused in one line
+    naming it, what it holds, the bound and the fix."""
+    import resource
+
+    import s3fs
+
+    from reference import _dotted
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/endless-lock.zarr", recursive=True)
+    keep_alive_s3.endless.add(".endless-lock.zarr.kdcache-lock")
+    options = {**s3, "endpoint_url": keep_alive_s3.url, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))  # noqa: E731
+    r = subprocess.run([sys.executable, "-m", "kdcache", "pack", f"s3://{BUCKET}/endless-lock.zarr", str(tmp_path / "p.zarr.zip"),
+                        *(f"--storage-option={k}={v}" for k, v in _dotted(options))], capture_output=True, text=True, preexec_fn=limit,
+                       timeout=300)
+    lock = f"s3://{BUCKET}/.endless-lock.zarr.kdcache-lock"
+    assert r.returncode == 1 and r.stderr == (
+        f"Error: the writer lock object {lock!r} holds more than 65,536 bytes (the read stopped there); a lock object holds at most "
+        f"65,536 bytes (kdcache's take a few hundred), so no kdcache job wrote it: once no job writes the store, delete it "
+        f"(aws s3 rm {lock}) and rerun\n"), (r.stdout, r.stderr)
+    assert list(tmp_path.iterdir()) == []
