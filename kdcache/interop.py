@@ -76,8 +76,8 @@ STRAYS_NAMED = 5  # files left out by pack named in its note
 
 def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str, int | None]]:
     """``(objects, strays, bounds)``: the keys of the store's objects (FORMAT.md §17), sorted; the other keys listed at
-    its location (sorted); and for each array path the most bytes one of its chunk objects may hold (None: an array
-    that is not kdcache's, whose objects are copied unbounded, streamed from a local folder).
+    its location (sorted); and for each array path the most bytes one of its chunk objects may hold (an array that is
+    not kdcache's: ``_foreign_bound``).
 
     An object is the ``zarr.json`` of a node of the zarr hierarchy (the root group, and any group or array whose
     parent is a group of it: an array a later kdcache adds, FORMAT.md §14, is one), or a chunk object of an array of it
@@ -100,7 +100,7 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
         if meta is not None:
             nodes[path] = meta
             if meta["node_type"] == "array":
-                bounds[path] = None
+                bounds[path] = _foreign_bound(meta)
     arrays = [path for path, meta in nodes.items() if meta["node_type"] == "array"]
     objects, strays = set(named), sorted(outside)
     for key in sorted(listed - named):
@@ -137,6 +137,26 @@ def _metadata(store: layout.Store, key: str) -> dict[str, Any] | None:
     return None
 
 
+def _foreign_bound(meta: dict[str, Any]) -> int:
+    """At most how many bytes a chunk object of an array kdcache did not write holds (FORMAT.md §13), by its zarr v3
+    metadata ``meta``: each inner chunk (the chunk itself, unsharded) of ``c`` bytes decoded at most ``2c + 128``
+    encoded (any codec's worst case, with room to spare), and a shard's index; ``layout.MAX_SHARD_BYTES`` where the
+    metadata gives no fixed size (a data type of variable size, another chunk grid). A server may send any number of
+    bytes for it, and from elsewhere than a local folder it is read whole."""
+    try:
+        chunk = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        itemsize = np.dtype(meta["data_type"]).itemsize
+        sharding = next((c["configuration"] for c in meta["codecs"] if c.get("name") == "sharding_indexed"), None)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return layout.MAX_SHARD_BYTES
+    inner = [int(n) for n in sharding["chunk_shape"]] if isinstance(sharding, dict) else chunk
+    if itemsize == 0 or len(inner) != len(chunk) or min(inner, default=1) < 1:
+        return layout.MAX_SHARD_BYTES
+    slots = int(np.prod([-(-n // i) for n, i in zip(chunk, inner)]))
+    c = int(np.prod(inner)) * itemsize
+    return slots * (2 * c + 128) + (16 * slots + 4 if sharding is not None else 0)
+
+
 def _is_chunk_key(suffix: str, meta: dict[str, Any] | None) -> bool:
     """Whether ``suffix`` (a key less its array's path and ``/``) names a chunk object of the array whose zarr v3
     metadata is ``meta``: the key its chunk key encoding (``default`` or ``v2``) gives for a chunk of its regular grid.
@@ -167,6 +187,8 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z
     From a local folder it is streamed (a MiB at a time), from elsewhere read whole; either way an object larger than
     it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied."""
     bound = storage.object_at_most(bounds, key)
+    if bound is None:  # a chunk object of an array of another key encoding ("0.0"), or of its every key (another grid)
+        bound = next((most for path, most in bounds.items() if key.startswith(f"{path}/")), None)
     member = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
     member.external_attr = 0o100644 << 16  # a regular file, -rw-r--r-- as unzip extracts it (zipfile wrote -rw-------)
     if storage.location_kind(store.location) != "local":

@@ -1485,3 +1485,42 @@ def test_a_writer_lock_object_a_server_sends_endlessly_is_refused_in_one_line(s3
         f"65,536 bytes (kdcache's take a few hundred), so no kdcache job wrote it: once no job writes the store, delete it "
         f"(aws s3 rm {lock}) and rerun\n"), (r.stdout, r.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def pack_in_a_child(url: str, out, options: dict | None = None) -> subprocess.CompletedProcess:
+    """``kdcache pack URL OUT`` in a child process with at most 2 GiB of address space: anything read whole of a 64 GiB
+    answer is a MemoryError there."""
+    import resource
+
+    from reference import _dotted
+
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))  # noqa: E731
+    return subprocess.run([sys.executable, "-m", "kdcache", "pack", url, str(out), *(f"--storage-option={k}={v}" for k, v in _dotted(options or {}))],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+
+
+@pytest.mark.parametrize("encoding, chunk", [("default", "c/0"), ("v2", "0")])
+def test_pack_refuses_a_chunk_of_a_foreign_array_a_server_sends_larger_than_it_can_be(faulty_http_root, tiny_store, tmp_path,
+                                                                                      encoding, chunk):
+    """An array someone added to the store with zarr (FORMAT.md §14) is packed with it, its chunk objects read whole
+    from a server: they had no bound (64 GiB sent: a MemoryError traceback under 2 GiB). Its metadata bounds them
+    (its 8 float32 values: 2 × 32 + 128 bytes), whatever its chunk key encoding, and the pack stops in one line."""
+    import shutil
+
+    import zarr
+
+    root, base = faulty_http_root
+    name = f"foreign-{encoding}.zarr"
+    shutil.copytree(tiny_store, root / name, dirs_exist_ok=True)
+    zarr.open_group(root / name, mode="r+").create_array("targets/extra", shape=(8,), chunks=(8,), dtype="float32",
+                                                         chunk_key_encoding={"name": encoding})[:] = 1.0
+    key = f"targets/extra/{chunk}"
+    assert (root / name / key).is_file()
+    (root / ".faults").write_text(json.dumps({f"/{name}/{key}": "lying"}))
+    try:
+        r = pack_in_a_child(f"{base}/{name}", tmp_path / "p.zarr.zip")
+    finally:
+        (root / ".faults").unlink()
+    assert r.returncode == 1 and r.stderr.startswith(f"Error: '{base}/{name}' is damaged: object {key!r} holds more than 192 bytes, "
+                                                     "the most it can (the read stopped there: FORMAT.md §13)"), (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
