@@ -154,13 +154,82 @@ class _RemoteStore(zarr.storage.FsspecStore):
     async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
         return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
 
+    async def list(self) -> Any:
+        async for key in (self.list_prefix("") if _http(self.fs) else super().list()):
+            yield key
+
+    async def list_prefix(self, prefix: str) -> Any:
+        """zarr's, but an http(s) folder's index pages are read bounded (``_http_files``)."""
+        if not _http(self.fs):
+            async for key in super().list_prefix(prefix):
+                yield key
+            return
+        for url in sorted(await self._http_files(f"{self.path}/{prefix}".rstrip("/"))):
+            yield url.removeprefix(f"{self.path}/")
+
+    async def _http_files(self, url: str, depth: int = 0) -> list[str]:
+        """The URLs of the files below the http(s) folder ``url``, as fsspec's http lists them (the links below it on
+        its index page, one ending in ``/`` a folder listed in turn; a folder that cannot be listed has none), each page
+        read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's listing read it whole.
+        A folder ``MAX_LISTING_DEPTH`` deep, or named ``.``, is not listed: a server may link folders without end."""
+        key = url.removeprefix(self.path).strip("/") + "/"
+        refuse = functools.partial(_listing_too_large, self.location or self.path, key.lstrip("/") or "/")
+        try:
+            page = await read_bounded(self.fs, url + "/", None, MAX_LISTING_BYTES, refuse)
+        except OSError:  # a folder without an index page (a 404), or none to be had: fsspec's walk lists nothing there
+            return []
+        files = []
+        for link in _links(page.decode(errors="ignore"), url + "/", self.fs.simple_links):
+            if not link.endswith("/"):
+                files.append(link)
+            elif depth < MAX_LISTING_DEPTH and link.rstrip("/").rpartition("/")[2] not in ("", ".", ".."):
+                files += await self._http_files(link.rstrip("/"), depth + 1)
+        return files
+
+
+MAX_LISTING_BYTES = 256 * 2**20  # an http(s) folder's index page larger than this is refused (one of 100,000 shards: 4-30 MB)
+MAX_LISTING_DEPTH = 32  # http(s) folders below a store's root listed (a store's keys are at most 8 + its arrays' dimensions deep)
+
+
+def _links(page: str, folder: str, simple: bool) -> set[str]:
+    """The URLs below ``folder`` (ending in ``/``) that its http index ``page`` links to, as fsspec's http finds them
+    (``href``s; with ``simple``, any URL in the text): relative, absolute on the server, or full."""
+    from urllib.parse import urlparse
+
+    from fsspec.implementations.http import ex, ex2
+
+    server = "{0.scheme}://{0.netloc}".format(urlparse(folder))
+    found = set()
+    for link in [u[2] for u in ex.findall(page)] + (ex2.findall(page) if simple else []):
+        link = server + link if link.startswith("/") and len(link) > 1 else link
+        if not link.startswith("http"):
+            if link not in ("..", "../"):
+                found.add(folder + link.lstrip("/"))
+        elif link.replace("https", "http").startswith(folder.replace("https", "http")) and link.rstrip("/") != folder.rstrip("/"):
+            found.add(link)
+    return found
+
+
+def _listing_too_large(location: str, folder: str, size: int | None) -> StoreError:
+    """The error for the index page of the http(s) folder ``folder`` of the store at ``location`` holding ``size`` bytes
+    (None: more than ``MAX_LISTING_BYTES``, where the read stopped)."""
+    holds = f"{size:,} bytes" if size is not None else f"more than {MAX_LISTING_BYTES:,} bytes (the read stopped there)"
+    return StoreError(f"{location!r}: the index page of its folder {short(folder)} holds {holds}, more than kdcache reads of one "
+                      f"({MAX_LISTING_BYTES:,}); it lists no store's objects: serve the store without index pages (kdcache reads "
+                      "the objects its layout names), or pack it where it is stored (kdcache pack FOLDER OUT) and serve the zip")
+
 
 READ_BLOCK = 2**20  # a bounded read's step (what it asks the body for at a time)
 
 
 def _streamed(fs: Any) -> bool:
     """Whether ``read_bounded`` reads from the filesystem ``fs``: s3fs's, or fsspec's http(s)."""
-    return hasattr(fs, "call_s3") or "http" in (getattr(fs, "protocol", ()) or ())
+    return hasattr(fs, "call_s3") or _http(fs)
+
+
+def _http(fs: Any) -> bool:
+    """Whether ``fs`` is fsspec's http(s) filesystem."""
+    return "http" in (getattr(fs, "protocol", ()) or ())
 
 
 async def read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any) -> bytes:

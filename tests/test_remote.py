@@ -1524,3 +1524,26 @@ def test_pack_refuses_a_chunk_of_a_foreign_array_a_server_sends_larger_than_it_c
     assert r.returncode == 1 and r.stderr.startswith(f"Error: '{base}/{name}' is damaged: object {key!r} holds more than 192 bytes, "
                                                      "the most it can (the read stopped there: FORMAT.md §13)"), (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fault", ["giant", "lying"])
+def test_pack_refuses_an_http_index_page_a_server_sends_endlessly(faulty_http_root, tiny_store, tmp_path, fault):
+    """pack lists an http(s) store through its folders' index pages (for the arrays someone added, and strays): fsspec's
+    http read each page whole, so a server sending a 64 GiB page (with a Content-Length saying so, or none) ran the pack
+    out of memory (a MemoryError traceback under 2 GiB). Each page is read as far as 256 MiB and refused in one line."""
+    import shutil
+
+    root, base = faulty_http_root
+    name = f"listed-{fault}.zarr"
+    shutil.copytree(tiny_store, root / name, dirs_exist_ok=True)
+    (root / ".faults").write_text(json.dumps({"/": fault}))  # every folder's index page, and nothing else
+    try:
+        r = pack_in_a_child(f"{base}/{name}", tmp_path / "p.zarr.zip")
+    finally:
+        (root / ".faults").unlink()
+    holds = f"{64 * 2**30:,} bytes" if fault == "giant" else f"more than {256 * 2**20:,} bytes (the read stopped there)"
+    assert r.returncode == 1 and r.stderr == (
+        f"Error: '{base}/{name}': the index page of its folder '/' holds {holds}, more than kdcache reads of one (268,435,456); it "
+        "lists no store's objects: serve the store without index pages (kdcache reads the objects its layout names), or pack it "
+        "where it is stored (kdcache pack FOLDER OUT) and serve the zip\n"), (r.stdout, r.stderr)
+    assert list(tmp_path.iterdir()) == []
