@@ -652,12 +652,39 @@ def _url_store(location: str, storage_options: dict[str, Any] | None, read_only:
     # wrote a zip of members named http://..., "no zarr.json at its root")
     url = location.rstrip("/") if "::" not in location and location.rstrip("/").partition("://")[2] else location
     kind_of_store = _ZipChainStore if location.lower().startswith("zip::") else _RemoteStore
+    if kind_of_store is _ZipChainStore:
+        _check_zip_url_directory(location, options)
     opened = kind_of_store.from_url(url, storage_options=options, read_only=read_only)
     opened.location = location
     chained = getattr(getattr(opened.fs, "sync_fs", opened.fs), "zip", None)  # zip::https://…: the file's zipfile.ZipFile
     if isinstance(chained, zipfile.ZipFile):
         check_zip_members(location, chained.infolist())
     return opened
+
+
+MAX_ZIP_DIRECTORY_BYTES = 256 * 2**20  # a zip behind a URL whose central directory is larger is refused (~2.5 million members)
+
+
+def _check_zip_url_directory(location: str, options: dict[str, Any]) -> None:
+    """Refuse the zip behind the URL ``location`` (``zip::https://…``) whose central directory, which zipfile reads whole
+    into memory as the zip layer opens it, is larger than ``MAX_ZIP_DIRECTORY_BYTES``: its end record may say any size
+    (gigabytes of a file a server claims to hold). The end record alone is read (by zipfile's own reader of it), through
+    the filesystem of the layer that fetches the file; a file that cannot be read so is left to the zip layer to name."""
+    from fsspec.core import url_to_fs
+
+    inner = location.split("::", 1)[1]
+    layer = options if "::" in inner else options.get(inner.split("://", 1)[0].lower()) or {}
+    try:
+        fs, path = url_to_fs(inner, **{k: v for k, v in layer.items() if k != "zip"})
+        with fs.open(path, "rb") as f:
+            end = zipfile._EndRecData(f)  # type: ignore[attr-defined] - (…, size, offset, …) of the central directory
+    except Exception:  # noqa: BLE001 - no such file, no Range support, an error status: the zip layer names them
+        return
+    size = end[zipfile._ECD_SIZE] if end is not None else 0  # type: ignore[attr-defined]
+    if size > MAX_ZIP_DIRECTORY_BYTES:
+        raise StoreError(f"{location!r} is damaged: its zip's central directory holds {size:,} bytes (its end record says), more "
+                         f"than kdcache reads of one ({MAX_ZIP_DIRECTORY_BYTES:,}: about 2.5 million members of a store), and is "
+                         "not read; copy the zip again from its source (kdcache pack FOLDER OUT writes one)")
 
 
 def _missing_backend(location: str, e: ImportError) -> StoreError:
