@@ -635,7 +635,7 @@ def _zip_store(location: str, read_only: bool, command: str) -> Any:
     if not read_only:
         raise _write_once(location, command)
     try:
-        with zipfile.ZipFile(local_path(location)) as z:
+        with open_zip(location) as z:
             check_zip_members(location, z.infolist())
         return _ZipStore(local_path(location), mode="r")
     except (OSError, zipfile.BadZipFile) as e:
@@ -662,23 +662,42 @@ def _url_store(location: str, storage_options: dict[str, Any] | None, read_only:
     return opened
 
 
-MAX_ZIP_DIRECTORY_BYTES = 256 * 2**20  # a zip behind a URL whose central directory is larger is refused (~2.5 million members)
+MAX_ZIP_DIRECTORY_BYTES = 256 * 2**20  # a zip whose central directory is larger is refused unread (~2.5 million members)
+
+
+def open_zip(location: str) -> zipfile.ZipFile:
+    """zipfile's ZipFile of the local zip file ``location``, once ``check_zip_directory`` let it through (a missing
+    file: the OSError zipfile would raise)."""
+    path = local_path(location)
+    with open(path, "rb") as f:
+        check_zip_directory(location, f)
+    return zipfile.ZipFile(path)
 
 
 def _check_zip_url_directory(location: str, options: dict[str, Any]) -> None:
-    """Refuse the zip behind the URL ``location`` (``zip::https://…``) whose central directory, which zipfile reads whole
-    into memory as the zip layer opens it, is larger than ``MAX_ZIP_DIRECTORY_BYTES``: its end record may say any size
-    (gigabytes of a file a server claims to hold). The end record alone is read (by zipfile's own reader of it), through
-    the filesystem of the layer that fetches the file; a file that cannot be read so is left to the zip layer to name."""
+    """``check_zip_directory`` of the zip behind the URL ``location`` (``zip::https://…``), through the filesystem of the
+    layer that fetches the file, before the zip layer opens it; a file that cannot be opened is left to that layer to name."""
     from fsspec.core import url_to_fs
 
     inner = location.split("::", 1)[1]
     layer = options if "::" in inner else options.get(inner.split("://", 1)[0].lower()) or {}
     try:
         fs, path = url_to_fs(inner, **{k: v for k, v in layer.items() if k != "zip"})
-        with fs.open(path, "rb") as f:
-            end = zipfile._EndRecData(f)  # type: ignore[attr-defined] - (…, size, offset, …) of the central directory
+        file = fs.open(path, "rb")
     except Exception:  # noqa: BLE001 - no such file, no Range support, an error status: the zip layer names them
+        return
+    with file:
+        check_zip_directory(location, file)
+
+
+def check_zip_directory(location: str, file: Any) -> None:
+    """Refuse the zip ``file`` (open, binary: a local file, or fsspec's of a URL) of the store at ``location`` whose
+    central directory, which zipfile reads whole into memory as it opens a zip, is larger than
+    ``MAX_ZIP_DIRECTORY_BYTES``: its end record may say any size (a sparse file's, or gigabytes a server claims a file
+    holds). Only the end record is read, by zipfile's own reader of it; one that cannot be read is zipfile's to name."""
+    try:
+        end = zipfile._EndRecData(file)  # type: ignore[attr-defined] - (…, size, offset, …) of the central directory
+    except Exception:  # noqa: BLE001 - not seekable, an error status, not a zip: zipfile names them as it opens it
         return
     size = end[zipfile._ECD_SIZE] if end is not None else 0  # type: ignore[attr-defined]
     if size > MAX_ZIP_DIRECTORY_BYTES:
@@ -912,7 +931,7 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
         return Path(local_path(location), "zarr.json").is_file()
     if kind == "zip":
         try:
-            with zipfile.ZipFile(local_path(location)) as z:
+            with open_zip(location) as z:
                 return "zarr.json" in z.namelist()
         except (OSError, zipfile.BadZipFile):
             return False

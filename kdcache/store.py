@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, read_local_object, write_file, zarr_store
+from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_zip, read_local_object, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -944,7 +944,7 @@ class Store:
         kind = location_kind(self.location)
         if kind == "zip":
             try:
-                with zipfile.ZipFile(local_path(self.location)) as z:
+                with open_zip(self.location) as z:
                     return {info.filename: info.compress_size for info in z.infolist() if not info.is_dir()}
             except (OSError, zipfile.BadZipFile):  # replaced or damaged since it was opened
                 return None
@@ -1652,7 +1652,7 @@ def _no_local_store(location: str, extract: str) -> StoreError:
 
 def _zip_holds_store(path: Path) -> bool:
     """Whether the zip file at ``path`` has a root ``zarr.json`` member (a store's, as kdcache pack writes it)."""
-    with contextlib.suppress(OSError, zipfile.BadZipFile), zipfile.ZipFile(path) as z:
+    with contextlib.suppress(OSError, zipfile.BadZipFile), open_zip(str(path)) as z:
         return "zarr.json" in z.namelist()
     return False
 
@@ -1663,7 +1663,7 @@ def _no_zip_store(location: str) -> StoreError:
     if not path.exists():
         return StoreError(f"no store at {location!r} (no such file); check the path, or write it with kdcache pack STORE {path}")
     try:
-        with zipfile.ZipFile(path) as z:
+        with open_zip(str(path)) as z:
             names = set(z.namelist())
     except (OSError, zipfile.BadZipFile) as e:
         return StoreError(f"{location!r} is not a readable zip file ({e}); pass a .zarr.zip written by kdcache pack")

@@ -1549,25 +1549,28 @@ def test_pack_refuses_an_http_index_page_a_server_sends_endlessly(faulty_http_ro
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_zip_behind_a_url_whose_central_directory_claims_gigabytes_is_refused_unread(http_root, tmp_path):
-    """zipfile reads a zip's central directory whole as it opens it, as long as its end record says: a zip behind a URL of
-    3 GiB (a sparse file here; a server may claim any size) whose end record gives its directory 3 GiB was read into
-    memory (a MemoryError traceback under 2 GiB). The end record alone is read, and the zip refused in one line."""
+@pytest.mark.parametrize("where", ["url", "local"])
+def test_a_zip_whose_central_directory_claims_gigabytes_is_refused_unread(http_root, tmp_path, where):
+    """zipfile reads a zip's central directory whole as it opens it, as long as its end record says: a zip of 3 GiB (a
+    sparse file: 4 KB on disk, it survives a tarball; behind a URL a server may claim any size) whose end record gives
+    its directory 3 GiB was read into memory (a MemoryError under 2 GiB). The end record alone is read, and the zip
+    refused in one line."""
     import resource
     import struct
 
     root, base = http_root
+    folder = root if where == "url" else tmp_path
     directory = 3 * 2**30
-    with open(root / "huge-directory.zarr.zip", "wb") as f:
+    with open(folder / "huge-directory.zarr.zip", "wb") as f:
         f.truncate(directory)  # a sparse file: nothing on disk
         f.seek(directory)
         f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, directory, 0, 0))  # the end record: 1 member, 3 GiB of directory at 0
-    url = f"zip::{base}/huge-directory.zarr.zip"
+    url = f"zip::{base}/huge-directory.zarr.zip" if where == "url" else str(folder / "huge-directory.zarr.zip")
     limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))  # noqa: E731
     try:
         r = subprocess.run([sys.executable, "-m", "kdcache", "info", url], capture_output=True, text=True, preexec_fn=limit, timeout=300)
     finally:
-        (root / "huge-directory.zarr.zip").unlink()
+        (folder / "huge-directory.zarr.zip").unlink()
     assert r.returncode == 1 and r.stderr == (
         f"Error: {url!r} is damaged: its zip's central directory holds {directory:,} bytes (its end record says), more than kdcache "
         "reads of one (268,435,456: about 2.5 million members of a store), and is not read; copy the zip again from its source "
