@@ -211,7 +211,7 @@ class Store:
             raise StoreError(f"{location!r} is a zarr group but not a kdcache store ({why}); pass a store written by kdcache extract")
         version = manifest.get("format_version")
         if type(version) is not int:  # exactly the JSON integer: true and 1.0 compare equal to 1 in Python
-            raise _bad_manifest(location, "format_version", version, f"the integer {FORMAT_VERSION}")
+            raise _bad_manifest(location, "format_version", version, f"the integer {FORMAT_VERSION} or {TOPK_FORMAT_VERSION}")
         if version not in FORMAT_VERSIONS:
             raise StoreError(
                 f"{location!r} has store format version {version!r}; this kdcache reads version {FORMAT_VERSION} or {TOPK_FORMAT_VERSION}: "

@@ -241,9 +241,10 @@ CASES = [
     Case("pack-group-progress-zarr-v2", pack, group_damaged("progress/zarr.json", "zarr_format 2, node_type 'group'"), store=True,
          damage=write("progress/zarr.json", '{"zarr_format": 2, "node_type": "group"}')),
     # -- the manifest's header is of the wrong type (FORMAT.md §2, §8)
-    *[Case(f"info-format-version-{name}", info, ("has a damaged manifest: format_version = " + shown, "expected the integer 1"),
+    *[Case(f"info-format-version-{name}", info, ("has a damaged manifest: format_version = " + shown, "expected the integer 1 or 2"),
            store=True, damage=lambda s, v=value: edit_manifest(s, format_version=v))
-      for name, value, shown in (("true", True, "True"), ("float", 1.0, "1.0"), ("string", "1", "'1'"), ("missing", None, "None"))],
+      for name, value, shown in (("true", True, "True"), ("float", 1.0, "1.0"), ("string", "1", "'1'"), ("missing", None, "None"),
+                                  ("string-2", "2", "'2'"))],
     Case("info-completed-a-number", info, ("has a damaged manifest: completed = 123", "an ISO-8601 time string or null"), store=True,
          damage=lambda s: edit_manifest(s, completed=123)),
     Case("verify-dataset-length-not-num-samples", verify_cli, ("has a damaged manifest: dataset.length = 1000000, expected num_samples (50)",
