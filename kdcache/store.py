@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_zip, read_local_object, write_file, zarr_store
+from kdcache.storage import MAX_METADATA_BYTES, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_zip, read_local_object, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -203,6 +203,9 @@ class Store:
             if writer is not None:
                 raise StoreError(f"{location!r} is being created by {writer} (its manifest is not written yet); try again in a moment")
             if ATTRS not in attrs:
+                inside = _inside_a_store(location)
+                if inside is not None:
+                    raise inside
                 why = f"no {ATTRS!r} root attribute"
             elif not isinstance(manifest, dict):
                 why = f"its {ATTRS!r} root attribute holds {short(manifest)}, not a JSON object"
@@ -1563,7 +1566,7 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except StoreError:
         raise
     except (FileNotFoundError, *BAD_METADATA) as e:
-        raise StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
+        raise _inside_a_store(location) or StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None
     except zipfile.BadZipFile as e:
         raise _corrupted_member(location, str(e)) from None
@@ -1622,10 +1625,31 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
     return _no_url_store(location, storage_options, extract)
 
 
+def _inside_a_store(location: str) -> StoreError | None:
+    """The error for a local path inside a store folder (its ``targets`` group, an array, a shard, its ``zarr.json``: what
+    an unpacked hand-over shows first), naming the store folder to pass; None where no folder above holds one."""
+    if location_kind(location) != "local":
+        return None
+    path = Path(local_path(location))
+    for above in path.parents:
+        try:
+            raw = read_local_object(above, "zarr.json", MAX_METADATA_BYTES)
+            manifest = None if raw is None else json.loads(raw.tobytes()).get("attributes", {}).get(ATTRS)
+        except (OSError, ValueError, AttributeError, StoreError):  # not a store's root: look further up
+            continue
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+            return StoreError(f"{location!r} is {path.relative_to(above).as_posix()!r} inside the store {str(above)!r}, not a "
+                              f"store itself; pass {str(above)!r}")
+    return None
+
+
 def _no_local_store(location: str, extract: str) -> StoreError:
     """Why no store is at the local path ``location``: a file (an HDF5 export, a zip of another name), a zarr v2 store,
     a folder of other things, or nothing (``extract``: the fix)."""
     path = Path(local_path(location))
+    inside = _inside_a_store(location)
+    if inside is not None:
+        return inside
     if path.is_file():
         with contextlib.suppress(OSError), path.open("rb") as f:
             if f.read(8) == HDF5_MAGIC or path.suffix.lower() in (".h5", ".hdf5"):

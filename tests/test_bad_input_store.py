@@ -288,6 +288,13 @@ CASES = [
     Case("train-cache-a-training-run", lambda c: ["train", TINY, "--cache", training_run(c), "--out", c.tmp / "next"],
          ("/run': it is a training run's folder (kdcache train --out: student.pt, pipeline.json)",
           "pass the store kdcache extract wrote (train --cache takes it)")),
+    # a part of a store (what an unpacked hand-over shows first): once "a zarr group but not a kdcache store", "not a zarr v3
+    # group (ContainsArrayError ...)", "the folder holds no zarr.json" or "a file, not a store", none naming the store
+    *[Case(f"{verb}-a-part-of-a-store-{part.replace('/', '-')}", lambda c, a=args, p=part: a(c, c.store / p),
+           (f"is '{part}' inside the store '", f"{TRAIN}', not a store itself; pass '"), store=True, report=verb == "verify")
+      for verb, args, part in (("info", lambda c, s: ["info", s], "targets"), ("verify", lambda c, s: ["verify", s], "targets/logits"),
+                               ("pack", lambda c, s: ["pack", s, c.tmp / f"{OUT}.zarr.zip"], "samples/index/c"),
+                               ("train", lambda c, s: ["train", TINY, "--cache", s, "--out", c.tmp / "next"], "zarr.json"))],
     # -- a new store whose layer names differ only in case (FORMAT.md §6)
     Case("extract-layers-differ-in-case", lambda c: extract("--out", c.new, "--set", factory_file(c, "twins.py", CASE_TWINS),
                                                             "--set", 'targets.layers=["Conv", "conv"]'),
