@@ -581,10 +581,11 @@ def location_kind(location: str) -> str:
 
 
 def refuse_empty_segments(location: str) -> None:
-    """Refuse an object-store URL with an empty path segment (``s3://bucket//t.zarr``, ``s3://bucket/a//t.zarr``; a
-    trailing ``/`` is fine). Its keys are not what every call takes them to be: s3fs reads and writes
+    """Refuse a URL that lost a slash after its scheme (``_refuse_collapsed_url``), and an object-store URL with an
+    empty path segment (``s3://bucket//t.zarr``, ``s3://bucket/a//t.zarr``; a trailing ``/`` is fine). Its keys are not what every call takes them to be: s3fs reads and writes
     ``/t.zarr/...`` for ``s3://bucket//t.zarr`` but lists (and so deletes, for zarr's ``mode="w"``) ``t.zarr/...``:
     an extract there wiped the complete store ``s3://bucket/t.zarr``, no ``--overwrite`` given, and wrote another."""
+    _refuse_collapsed_url(location)
     if location_kind(location) != "url" or "::" in location:
         return
     scheme, _, rest = location.partition("://")
@@ -593,6 +594,23 @@ def refuse_empty_segments(location: str) -> None:
         fixed = f"{scheme}://{'/'.join(part for part in path.split('/') if part)}"
         raise StoreError(f"{location!r} has an empty path segment ('//'), which object stores do not read, write and list "
                          f"alike; pass {fixed!r}")
+
+
+# schemes read as a URL's even where fsspec is not installed (the error then names the missing backend)
+URL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "http", "https", "file", "zip", "memory", "hf"})
+
+
+def _refuse_collapsed_url(location: str) -> None:
+    """Refuse ``s3:/bucket/t.zarr``, a URL whose ``//`` lost a slash (``pathlib.Path`` and ``os.path.normpath`` merge
+    them): it is a local path to kdcache, and ``extract`` wrote a folder ``s3:`` in the working directory. A local folder
+    of that name that exists is taken as meant. Each link of a chain (``zip::s3:/…``) is looked at."""
+    for link in location.split("::"):
+        scheme, sep, rest = link.partition(":/")
+        if not sep or rest.startswith("/") or scheme.lower() not in URL_SCHEMES or os.path.exists(f"{scheme}:"):
+            continue
+        fixed = location.replace(link, f"{scheme}:///{rest}" if scheme.lower() == "file" else f"{scheme}://{rest}", 1)
+        raise StoreError(f"{location!r} is a local path under a folder {scheme + ':'!r}, not a URL: a URL has two slashes after "
+                         f"its scheme (pathlib.Path and os.path.normpath merge them into one); pass {fixed!r}")
 
 
 def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True,
@@ -927,6 +945,7 @@ def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
 def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a zarr group's ``zarr.json`` is at the location (any kind)."""
     kind = location_kind(location)
+    _refuse_collapsed_url(location)
     if kind == "local":
         return Path(local_path(location), "zarr.json").is_file()
     if kind == "zip":

@@ -379,6 +379,21 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("command", [["extract", str(TINY), "--out"], ["info"], ["import", "t.h5"], ["train", str(TINY), "--out", "run", "--cache"]])
+@pytest.mark.parametrize("url", ["s3:/bucket/t.zarr", "zip::https:/host/t.zarr.zip"])
+def test_a_url_that_lost_a_slash_is_named_and_nothing_is_written(command: list[Any], url: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``s3:/bucket/t.zarr`` (``pathlib.Path("s3://bucket/t.zarr")`` gives it) was a local path: extract wrote a folder
+    ``s3:`` in the working directory and every reader said "no store ...; run kdcache extract ... first"."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [*command, url])
+    fixed = url.replace(":/", "://", 2 if url.startswith("zip") else 1).replace("zip:://", "zip::")
+    assert r.exit_code == 1 and r.output == (f"Error: {url!r} is a local path under a folder '{url.split(':/')[0].split('::')[-1]}:', "
+                                             "not a URL: a URL has two slashes after its scheme (pathlib.Path and os.path.normpath "
+                                             f"merge them into one); pass {fixed!r}\n"), r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def torch_checkpoint(ctx: Ctx) -> Path:
     """A state dict saved by torch.save (a zip file, of another name than .zip)."""
     import torch
