@@ -582,9 +582,10 @@ def location_kind(location: str) -> str:
 
 def refuse_empty_segments(location: str) -> None:
     """Refuse a URL that lost a slash after its scheme (``_refuse_collapsed_url``), and an object-store URL with an
-    empty path segment (``s3://bucket//t.zarr``, ``s3://bucket/a//t.zarr``; a trailing ``/`` is fine). Its keys are not what every call takes them to be: s3fs reads and writes
-    ``/t.zarr/...`` for ``s3://bucket//t.zarr`` but lists (and so deletes, for zarr's ``mode="w"``) ``t.zarr/...``:
-    an extract there wiped the complete store ``s3://bucket/t.zarr``, no ``--overwrite`` given, and wrote another."""
+    empty path segment (``s3://bucket//t.zarr``, ``s3://bucket/a//t.zarr``; a trailing ``/`` is fine). Its keys are not
+    what every call takes them to be: s3fs reads and writes ``/t.zarr/...`` for ``s3://bucket//t.zarr`` but lists (and
+    so deletes, for zarr's ``mode="w"``) ``t.zarr/...``: an extract there wiped the complete store
+    ``s3://bucket/t.zarr``, no ``--overwrite`` given, and wrote another."""
     _refuse_collapsed_url(location)
     if location_kind(location) != "url" or "::" in location:
         return
