@@ -851,11 +851,19 @@ PASS_ON = {"s3fs", "gcsfs", "adlfs", "huggingface_hub", "fsspec.implementations.
            "fsspec.implementations.memory", "fsspec.implementations.ftp"}
 
 
+# options that fsspec's filesystems pass on as mappings (s3fs's to botocore, http's to aiohttp), each with an example
+# setting: a string or number there failed at the first request as "'str' object has no attribute 'copy'"
+MAPPINGS = {"client_kwargs": "client_kwargs.region_name=eu-west-1", "config_kwargs": "config_kwargs.read_timeout=60",
+            "s3_additional_kwargs": "s3_additional_kwargs.ServerSideEncryption=AES256",
+            "headers": "headers.Authorization=VALUE"}
+
+
 def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
     """Refuse a string given to an option its filesystem takes as true or false (s3fs's ``anon``, ``use_ssl``,
     ``requester_pays``...; fsspec's ``use_listings_cache``): any non-empty string is true to it, so ``anon=False``
     (Python's spelling: the command line reads true and false as JSON, and keeps ``False`` a string) or ``anon=no`` made
-    every request anonymous. A layer of a chain (``zip::s3://…``) is checked in the options under its scheme."""
+    every request anonymous. So is anything but a mapping given to one of ``MAPPINGS``. A layer of a chain
+    (``zip::s3://…``) is checked in the options under its scheme."""
     parts = location.split("::")
     layers = [(parts[0], options, "")] if len(parts) == 1 else \
         [(part, options.get(scheme), f"{scheme}.") for part in parts if (scheme := part.split("://", 1)[0].lower()) in options]
@@ -864,6 +872,10 @@ def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
             continue
         flags = _flag_options(url.split("://", 1)[0].lower() if "://" in url else "file")
         for key, value in given.items():
+            if key in MAPPINGS and not isinstance(value, dict):
+                raise StoreError(f"storage option {prefix}{key} is a mapping of settings, got {type(value).__name__} {short(value)}; "
+                                 f"pass each setting as --storage-option {prefix}{key}.NAME=VALUE (e.g. {prefix}{MAPPINGS[key]}), "
+                                 f"or {{{key!r}: {{...}}}} from Python")
             if key in flags and isinstance(value, str):
                 raise StoreError(f"storage option {prefix}{key} is true or false, got the string {short(value)}, which the "
                                  f"filesystem would take as true (any non-empty string is); pass --storage-option {prefix}{key}=false "
@@ -1075,14 +1087,31 @@ def _file_info(fs: Any, url: str) -> dict[str, Any]:
 def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> StoreError:
     """``gave_up``: how long was tried and what to raise for a slow endpoint, said after the cause."""
     if isinstance(e, TypeError) and "keyword argument" in str(e):  # s3fs makes its client at the first request, not in zarr_store
-        return StoreError(f"cannot open {location!r}: a storage option the filesystem does not take ({one_line(e)}); check the "
-                          "--storage-option values against the filesystem's own arguments (s3fs: S3FileSystem's, e.g. default_block_size)")
+        return StoreError(f"cannot open {location!r}: a storage option the filesystem does not take ({one_line(e)}); "
+                          f"{_closest_option(location, str(e))}check the --storage-option values against the filesystem's own "
+                          "arguments (s3fs: S3FileSystem's, e.g. default_block_size)")
     cause = one_line(e).split(" Open with block_size=0")[0].rstrip(".")  # less fsspec's advice for streaming: a zip cannot stream
     if "range requests" in cause.lower():
         fix = "serve the zip from a server that honours HTTP Range requests, or download it and pass the local file"
     else:
         fix = "check the URL, --storage-option values and credentials"
     return StoreError(f"cannot reach {location!r}: {cause}; {gave_up}{fix}")
+
+
+def _closest_option(location: str, said: str) -> str:
+    """``did you mean endpoint_url? `` where the keyword argument a filesystem refused (``said``: its TypeError) is
+    close to one its constructor takes (``endpoint-url``, ``ENDPOINT_URL``, ``endpont_url``); else ``""``."""
+    import difflib
+    import re
+
+    refused = re.search(r"unexpected keyword argument '([^']+)'", said)
+    found = _constructor(location.split("::")[-1].split("://", 1)[0].lower())
+    if refused is None or found is None:
+        return ""
+    names = [name for name, p in found[1].items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+    names += ["headers"] if http_url(location) else []  # aiohttp's, passed on to each request
+    close = difflib.get_close_matches(refused[1].lower().replace("-", "_"), names, n=1)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 def http_url(location: str) -> str | None:
