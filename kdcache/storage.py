@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -872,7 +873,7 @@ def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
             continue
         flags = _flag_options(url.split("://", 1)[0].lower() if "://" in url else "file")
         for key, value in given.items():
-            if key in MAPPINGS and not isinstance(value, dict):
+            if key in MAPPINGS and value is not None and not isinstance(value, Mapping):
                 raise StoreError(f"storage option {prefix}{key} is a mapping of settings, got {type(value).__name__} {short(value)}; "
                                  f"pass each setting as --storage-option {prefix}{key}.NAME=VALUE (e.g. {prefix}{MAPPINGS[key]}), "
                                  f"or {{{key!r}: {{...}}}} from Python")

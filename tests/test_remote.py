@@ -985,6 +985,19 @@ def test_a_storage_option_the_filesystem_does_not_take_is_named_as_such(s3, http
                                              "e.g. --storage-option default_block_size=5242880 (5 MiB)\n"), r.output
 
 
+def test_a_mapping_storage_option_takes_none_and_any_mapping(http_root, tiny_store):
+    """The options that hold settings (``client_kwargs``, ``headers``…) refuse one value (tests/test_bad_input.py) but
+    take what the filesystems take: None (s3fs's default) and any mapping (aiohttp's ``CIMultiDict`` of headers)."""
+    import shutil
+
+    from multidict import CIMultiDict
+
+    root, base = http_root
+    shutil.copytree(tiny_store, root / "mapped.zarr", dirs_exist_ok=True)
+    for options in ({"client_kwargs": None}, {"headers": CIMultiDict(Accept="*/*")}):
+        assert open_store(f"{base}/mapped.zarr", storage_options=options).complete, options
+
+
 def test_storage_options_of_a_zip_behind_a_url_go_under_its_fetching_layer_and_a_zip_url_is_named_as_such(s3, http_root, tiny_store):
     """fsspec gives a chain's options not under a scheme to its zip layer, which dropped them unused: `zip::s3://...
     --storage-option endpoint_url=...` said "Unable to locate credentials", and `headers.Authorization` never reached
