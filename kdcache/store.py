@@ -1650,6 +1650,8 @@ def _no_local_store(location: str, extract: str) -> StoreError:
     inside = _inside_a_store(location)
     if inside is not None:
         return inside
+    if path.is_file() and location.endswith("/"):  # a file named as a folder: zip:: of it would look inside a folder
+        return StoreError(f"{location!r} is a file, named with a trailing '/'; pass {location.rstrip('/')!r}")
     if path.is_file():
         with contextlib.suppress(OSError), path.open("rb") as f:
             if f.read(8) == HDF5_MAGIC or path.suffix.lower() in (".h5", ".hdf5"):

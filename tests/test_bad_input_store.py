@@ -283,6 +283,9 @@ CASES = [
     Case("info-zarr-v2-group", lambda c: ["info", zarr_v2_group(c)], ("v2.zarr' is a zarr v2 group", "not a kdcache store (zarr v3)")),
     Case("info-zip-missing", lambda c: ["info", c.tmp / "none.zarr.zip"], ("none.zarr.zip' (no such file)", "kdcache pack STORE")),
     Case("info-plain-file", lambda c: ["info", text_file(c, "notes.txt", "x")], ("notes.txt' is a file, not a store",)),
+    # once "a zip file not named .zip; pass it as zip::PATH/", which read no store either
+    Case("info-zip-named-as-a-folder", lambda c: ["info", f"{text_file(c, 't.zarr.zip', 'PK')}/"],
+         ("t.zarr.zip/' is a file, named with a trailing '/'; pass '", "t.zarr.zip'")),
     Case("info-torch-checkpoint", lambda c: ["info", torch_checkpoint(c)],
          ("student.pt' is a zip file that holds no store (no zarr.json at its root: a PyTorch checkpoint", "a .zarr.zip written by kdcache pack")),
     Case("train-cache-a-training-run", lambda c: ["train", TINY, "--cache", training_run(c), "--out", c.tmp / "next"],
