@@ -816,6 +816,9 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):  # read as "not a zarr v3 group"
         raise StoreError(f"storage option default_block_size must be a number of bytes, got {type(size).__name__} {short(size)}; "
                          "pass e.g. --storage-option default_block_size=5242880 (5 MiB)")
+    config = options.get("config_kwargs")
+    for key in ("read_timeout", "connect_timeout"):  # botocore's, the settings an endpoint's error names to raise
+        _refuse_not_seconds(f"config_kwargs.{key}", config.get(key) if isinstance(config, dict) else None)
     if "::" not in location and not {"use_listings_cache", "listings_expiry_time"} & set(options) and \
             _lists_cached(location.split("://", 1)[0].lower() if "://" in location else "file"):
         options["use_listings_cache"] = False  # the user's own setting wins; see _lists_cached
@@ -933,6 +936,14 @@ def _refuse_zip_layer_options(location: str, options: dict[str, Any]) -> None:
                          f"{inner}.{key}=VALUE (storage_options={{{inner!r}: {{...}}}} from Python)")
 
 
+def _refuse_not_seconds(option: str, value: Any) -> None:
+    """Refuse a timeout ``option`` set to anything but seconds (or None): ``60s`` failed at the first request as
+    "cannot reach …: unsupported operand type(s) for +: 'float' and 'str'"."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise StoreError(f"storage option {option} is seconds, got {type(value).__name__} {short(value)}; pass a number, e.g. "
+                         f"--storage-option {option}=60")
+
+
 def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
     """``_fsspec_options`` for one http layer's ``options`` (``named``: the prefix of its keys, for the message)."""
     client = options.get("client_kwargs")
@@ -944,6 +955,8 @@ def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
     if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
         timeout = aiohttp.ClientTimeout(total=timeout)
     elif isinstance(timeout, dict):
+        for key, value in timeout.items():
+            _refuse_not_seconds(f"{named}client_kwargs.timeout.{key}", value)
         try:
             timeout = aiohttp.ClientTimeout(**timeout)
         except TypeError:

@@ -711,6 +711,13 @@ CASES = [
           "pass each setting as --storage-option client_kwargs.NAME=VALUE (e.g. client_kwargs.region_name=eu-west-1)")),
     Case("storage-option-mapping-in-a-chain", lambda c: ["info", "zip::http://127.0.0.1:9/t.zarr.zip", "--storage-option", "http.headers=TOKEN"],
          ("storage option http.headers is a mapping of settings, got str 'TOKEN'", "--storage-option http.headers.NAME=VALUE")),
+    # the timeouts an unreachable endpoint's error says to raise, given with a unit: once "unsupported operand type(s) for +"
+    Case("storage-option-timeout-with-a-unit", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "config_kwargs.read_timeout=60s"],
+         ("storage option config_kwargs.read_timeout is seconds, got str '60s'; pass a number, e.g. --storage-option "
+          "config_kwargs.read_timeout=60",)),
+    Case("storage-option-http-timeout-with-a-unit", lambda c: ["info", "http://127.0.0.1:9/t.zarr", "--storage-option",
+                                                               "client_kwargs.timeout.sock_read=1m"],
+         ("storage option client_kwargs.timeout.sock_read is seconds, got str '1m'",)),
     Case("storage-option-misspelt", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "endpoint-url=http://127.0.0.1:9"],
          ("a storage option the filesystem does not take", "unexpected keyword argument 'endpoint-url'); did you mean endpoint_url? check")),
     Case("storage-option-misspelt-over-http", lambda c: ["info", "http://127.0.0.1:9/t.zarr", "--storage-option", "header.Authorization=x"],
