@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import errno
 import fcntl
 import functools
 import importlib.util
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -1115,9 +1117,6 @@ def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> Sto
 def _closest_option(location: str, said: str) -> str:
     """``did you mean endpoint_url? `` where the keyword argument a filesystem refused (``said``: its TypeError) is
     close to one its constructor takes (``endpoint-url``, ``ENDPOINT_URL``, ``endpont_url``); else ``""``."""
-    import difflib
-    import re
-
     refused = re.search(r"unexpected keyword argument '([^']+)'", said)
     found = _constructor(location.split("::")[-1].split("://", 1)[0].lower())
     if refused is None or found is None:
