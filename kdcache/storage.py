@@ -881,11 +881,17 @@ def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
             if key in MAPPINGS and value is not None and not isinstance(value, Mapping):
                 raise StoreError(f"storage option {prefix}{key} is a mapping of settings, got {type(value).__name__} {short(value)}; "
                                  f"pass each setting as --storage-option {prefix}{key}.NAME=VALUE (e.g. {prefix}{MAPPINGS[key]}), "
-                                 f"or {{{key!r}: {{...}}}} from Python")
+                                 f"or {_from_python(prefix, key, '{...}')} from Python")
             if key in flags and isinstance(value, str):
                 raise StoreError(f"storage option {prefix}{key} is true or false, got the string {short(value)}, which the "
                                  f"filesystem would take as true (any non-empty string is); pass --storage-option {prefix}{key}=false "
-                                 f"or {prefix}{key}=true (JSON's spelling: Python's False stays a string), or {{{key!r}: False}} from Python")
+                                 f"or {prefix}{key}=true (JSON's spelling: Python's False stays a string), or {_from_python(prefix, key, 'False')} from Python")
+
+
+def _from_python(prefix: str, key: str, value: str) -> str:
+    """How storage_options from Python spell option ``key`` of the chain layer ``prefix`` (``"s3."``; ``""``: not a chain)."""
+    inner = f"{{{key!r}: {value}}}"
+    return f"{{{prefix.rstrip('.')!r}: {inner}}}" if prefix else inner
 
 
 @functools.lru_cache(maxsize=None)

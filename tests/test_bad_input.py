@@ -704,13 +704,15 @@ CASES = [
          ("storage option anon is true or false, got the string 'False', which the filesystem would take as true",
           "pass --storage-option anon=false or anon=true")),
     Case("storage-option-flag-in-a-chain", lambda c: ["info", "zip::s3://bucket/t.zarr.zip", "--storage-option", "s3.use_ssl=no"],
-         ("storage option s3.use_ssl is true or false, got the string 'no'", "--storage-option s3.use_ssl=false")),
+         ("storage option s3.use_ssl is true or false, got the string 'no'", "--storage-option s3.use_ssl=false",
+          "or {'s3': {'use_ssl': False}} from Python")),  # the chain's layer: once {'use_ssl': False}, the outer layer's
     # a mapping given one value (the setting's name left out): once "cannot reach ...: 'str' object has no attribute 'copy'"
     Case("storage-option-mapping-given-a-string", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "client_kwargs=eu-west-1"],
          ("storage option client_kwargs is a mapping of settings, got str 'eu-west-1'",
           "pass each setting as --storage-option client_kwargs.NAME=VALUE (e.g. client_kwargs.region_name=eu-west-1)")),
     Case("storage-option-mapping-in-a-chain", lambda c: ["info", "zip::http://127.0.0.1:9/t.zarr.zip", "--storage-option", "http.headers=TOKEN"],
-         ("storage option http.headers is a mapping of settings, got str 'TOKEN'", "--storage-option http.headers.NAME=VALUE")),
+         ("storage option http.headers is a mapping of settings, got str 'TOKEN'", "--storage-option http.headers.NAME=VALUE",
+          "or {'http': {'headers': {...}}} from Python")),
     # the timeouts an unreachable endpoint's error says to raise, given with a unit: once "unsupported operand type(s) for +"
     Case("storage-option-timeout-with-a-unit", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "config_kwargs.read_timeout=60s"],
          ("storage option config_kwargs.read_timeout is seconds, got str '60s'; pass a number, e.g. --storage-option "
