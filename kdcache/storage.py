@@ -1129,8 +1129,20 @@ def _closest_option(location: str, said: str) -> str:
         return ""
     names = [name for name, p in found[1].items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
     names += ["headers"] if http_url(location) else []  # aiohttp's, passed on to each request
-    close = difflib.get_close_matches(refused[1].lower().replace("-", "_"), names, n=1)
+    wanted = refused[1].lower().replace("-", "_")
+    close = difflib.get_close_matches(wanted, names, n=1) or \
+        [f"config_kwargs.{n}" for n in difflib.get_close_matches(wanted, _botocore_settings(), n=1)]
     return f"did you mean {close[0]}? " if close else ""
+
+
+def _botocore_settings() -> list[str]:
+    """The settings botocore's ``Config`` takes (s3fs's ``config_kwargs``, which it refuses as the filesystem's own keyword
+    arguments would be refused: ``Got unexpected keyword argument``); none where botocore is not installed."""
+    try:
+        from botocore.config import Config
+    except ImportError:
+        return []
+    return sorted(Config.OPTION_DEFAULTS)
 
 
 def http_url(location: str) -> str | None:

@@ -724,6 +724,8 @@ CASES = [
          ("a storage option the filesystem does not take", "unexpected keyword argument 'endpoint-url'); did you mean endpoint_url? check")),
     Case("storage-option-misspelt-over-http", lambda c: ["info", "http://127.0.0.1:9/t.zarr", "--storage-option", "header.Authorization=x"],
          ("unexpected keyword argument 'header'); did you mean headers? check",)),
+    Case("storage-option-botocore-setting-misspelt", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "config_kwargs.read_timout=60"],
+         ("unexpected keyword argument 'read_timout'); did you mean config_kwargs.read_timeout? check",)),
     Case("usage-missing-out", lambda c: extract(), ("Missing option '--out'",), code=2),
     Case("usage-not-an-integer", lambda c: extract("--out", c.new, "--batch-size", "many"), ("'many' is not a valid integer",), code=2),
     Case("usage-pipeline-is-a-folder", lambda c: ["extract", FIXTURES, "--out", c.new], ("is a directory",), code=2),
