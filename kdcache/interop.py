@@ -16,8 +16,9 @@ import sys
 import zipfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
+import google_crc32c
 import numpy as np
 
 from kdcache import locking, storage, store as layout
@@ -52,14 +53,14 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
     with locking.reading_lock(location, storage_options, "pack") as held:
         store = _complete(location, storage_options, "pack")
         _check_objects(store, "pack")
-        keys, strays, bounds = _store_objects(store)
+        keys, strays, bounds, sharded = _store_objects(store)
         part = _part_name(out)
         nbytes = 0
         with _writing(part, out), _part_file(part, out) as fd, open(fd, "w+b", closefd=False) as f:
             # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
                 for key in keys:
-                    nbytes += _copy_object(store, key, bounds, z)
+                    nbytes += _copy_object(store, key, bounds, sharded, z)
             f.flush()
             _check_objects(_complete(f"zip::{part}", None, "pack"), "pack")  # it opens as a complete store, with every shard object
             held()
@@ -74,10 +75,10 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
 STRAYS_NAMED = 5  # files left out by pack named in its note
 
 
-def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str, int | None]]:
-    """``(objects, strays, bounds)``: the keys of the store's objects (FORMAT.md §17), sorted; the other keys listed at
-    its location (sorted); and for each array path the most bytes one of its chunk objects may hold (an array that is
-    not kdcache's: ``_foreign_bound``).
+def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str, int | None], dict[str, _Sharded]]:
+    """``(objects, strays, bounds, sharded)``: the keys of the store's objects (FORMAT.md §17), sorted; the other keys
+    listed at its location (sorted); for each array path the most bytes one of its chunk objects may hold (an array
+    that is not kdcache's: ``_foreign_bound``); and the arrays whose chunk objects' checksums pack checks (``_sharded``).
 
     An object is the ``zarr.json`` of a node of the zarr hierarchy (the root group, and any group or array whose
     parent is a group of it: an array a later kdcache adds, FORMAT.md §14, is one), or a chunk object of an array of it
@@ -113,7 +114,8 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
             objects.add(key)
         else:
             strays.append(key)
-    return sorted(objects), sorted(strays), bounds
+    sharded = {path: found for path in arrays if (found := _sharded(nodes[path])) is not None}
+    return sorted(objects), sorted(strays), bounds, sharded
 
 
 def _plain_key(key: str) -> bool:
@@ -182,13 +184,17 @@ def _is_chunk_key(suffix: str, meta: dict[str, Any] | None) -> bool:
         return False
 
 
-def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z: zipfile.ZipFile) -> int:
+def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], sharded: dict[str, _Sharded],
+                 z: zipfile.ZipFile) -> int:
     """Copy the object ``key`` into the zip ``z`` as a stored member; returns its bytes (0: absent, not copied).
     From a local folder it is streamed (a MiB at a time), from elsewhere read whole; either way an object larger than
-    it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied."""
+    it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied, and so is a chunk object of an array in
+    ``sharded`` whose checksums do not match (``_Checksums``), found on the bytes as they are copied."""
+    owner = max((path for path in bounds if key.startswith(f"{path}/")), key=len, default=None)
     bound = storage.object_at_most(bounds, key)
-    if bound is None:  # a chunk object of an array of another key encoding ("0.0"), or of its every key (another grid)
-        bound = next((most for path, most in bounds.items() if key.startswith(f"{path}/")), None)
+    if bound is None and owner is not None:  # a chunk object of an array of another key encoding ("0.0"), or of its every key (another grid)
+        bound = bounds[owner]
+    check = sharded.get(owner) if owner is not None and not key.endswith("/zarr.json") else None
     member = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
     member.external_attr = 0o100644 << 16  # a regular file, -rw-r--r-- as unzip extracts it (zipfile wrote -rw-------)
     if storage.location_kind(store.location) != "local":
@@ -198,6 +204,9 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z
             return 0  # listed but gone: an absent object reads as fill, as in the source
         if bound is not None and len(data) > bound:
             raise storage.too_large(store.location, key, len(data), bound, "packed")
+        if check is not None:
+            checksums = _Checksums(check, store.location, owner, key, len(data), lambda n: data[-n:])  # type: ignore[arg-type]
+            checksums.feed(data)
         z.writestr(member, data)
         return len(data)
     file = storage.local_object(storage.local_path(store.location), key, bound)  # a link out, a FIFO, a size past its bound: refused
@@ -206,18 +215,134 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], z
             source = open(file, "rb")  # noqa: SIM115 - closed below
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return 0  # listed but gone: an absent object reads as fill, as in the source
-        member.file_size = os.fstat(source.fileno()).st_size  # zipfile writes ZIP64 extensions from it where needed
+    with source:
+        with _reading(store, key):
+            size = member.file_size = os.fstat(source.fileno()).st_size  # zipfile writes ZIP64 extensions from it where needed
+            checksums = None if check is None else _Checksums(check, store.location, owner, key, size,  # type: ignore[arg-type]
+                                                              lambda n: os.pread(source.fileno(), n, size - n))
+        return _stream(source, store, key, bound, checksums, z.open(member, "w"))
+
+
+def _stream(source: Any, store: layout.Store, key: str, bound: int | None, checksums: _Checksums | None, w: Any) -> int:
+    """Copy the object ``key`` from the open file ``source`` into the zip member ``w`` (closed here) a MiB at a time,
+    refusing it once it holds more than ``bound`` bytes or fails ``checksums``; returns its bytes."""
     copied = 0
-    with source, z.open(member, "w") as w:
+    with w:
         while True:
             with _reading(store, key):
                 block = source.read(2**20)
             if not block:
+                if checksums is not None:
+                    checksums.finish()
                 return copied
             copied += len(block)
             if bound is not None and copied > bound:  # grown since it was checked
                 raise storage.too_large(store.location, key, None, bound, "packed")
+            if checksums is not None:
+                checksums.feed(block)
             w.write(block)
+
+
+class _Sharded(NamedTuple):
+    """The shape of an array's chunk objects whose bytes pack checks (``_sharded``): ``slots`` inner chunks per object
+    (its index's entries); the array's ``rows``, ``shard_rows`` per object and ``chunk_rows`` per inner chunk (None
+    where an inner chunk is not a range of whole rows of its shard), which name the rows of a damaged inner chunk."""
+
+    slots: int
+    rows: int
+    shard_rows: int
+    chunk_rows: int | None
+
+
+def _sharded(meta: dict[str, Any]) -> _Sharded | None:
+    """How the chunk objects of the array whose zarr v3 metadata is ``meta`` are checked without decoding them, or None
+    where they are not: the one codec is ``sharding_indexed``, its index at the end encoded ``bytes`` (little endian)
+    then ``crc32c``, and its inner chunks' last codec ``crc32c`` (FORMAT.md §3.1: every data array kdcache writes; an
+    array another tool added is checked alike where it has this shape, whatever its codecs before ``crc32c``)."""
+    try:
+        (codec,) = meta["codecs"]
+        config = codec["configuration"]
+        index = config["index_codecs"]
+        shard = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        inner = [int(n) for n in config["chunk_shape"]]
+        if (codec["name"] != "sharding_indexed" or config.get("index_location", "end") != "end"
+                or [c["name"] for c in index] != ["bytes", "crc32c"] or (index[0].get("configuration") or {}).get("endian") != "little"
+                or config["codecs"][-1]["name"] != "crc32c" or meta["chunk_grid"]["name"] != "regular"):
+            return None
+        rows = int(meta["shape"][0])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    if not shard or len(inner) != len(shard) or any(i < 1 or n % i for n, i in zip(shard, inner)):
+        return None  # not a sharding zarr reads
+    slots = int(np.prod([n // i for n, i in zip(shard, inner)]))
+    return _Sharded(slots, rows, shard[0], inner[0] if inner[1:] == shard[1:] else None)
+
+
+class _Checksums:
+    """The crc32c checksums of one shard object (FORMAT.md §3.1) checked on its bytes as they are copied, never decoded:
+    the index's (read first from the object's end, where it tells where the inner chunks lie) and every stored inner
+    chunk's (its last 4 bytes: the crc32c of the rest). A mismatch raises a StoreError naming the array, shard, inner
+    chunk and the fix, as soon as the bytes are there. ``tail(n)``: the object's last ``n`` bytes."""
+
+    def __init__(self, shape: _Sharded, location: str, path: str, key: str, size: int, tail: Callable[[int], bytes]) -> None:
+        self.shape, self.location, self.path, self.key, self.size = shape, location, path, key, size
+        index_bytes = 16 * shape.slots + 4
+        if size < index_bytes:
+            raise self.damaged(None, f"it holds {size:,} bytes, fewer than its shard index ({index_bytes:,})")
+        index = np.frombuffer(tail(index_bytes), dtype=np.uint8)
+        if google_crc32c.value(index[:-4]) != int(index[-4:].view("<u4")[0]):
+            raise self.damaged(None, "its shard index fails its crc32c checksum")
+        # (start, end, inner chunk): the byte ranges ending in the crc32c of the rest; None: the index, checked again as copied
+        self.spans: list[tuple[int, int, int | None]] = [(size - index_bytes, size, None)]
+        for chunk, (offset, length) in enumerate(index[:-4].view("<u8").reshape(-1, 2).tolist()):
+            if offset == length == 2**64 - 1:
+                continue  # an absent inner chunk: the fill value, nothing stored
+            if length < 4 or offset + length > size - index_bytes:
+                raise self.damaged(chunk, f"lies at bytes {offset}+{length}, outside the object's {size - index_bytes:,} bytes of chunks")
+            self.spans.append((offset, offset + length, chunk))
+        self.spans.sort(key=lambda span: span[0])
+        self.crcs, self.stored, self.first, self.at = [0] * len(self.spans), [b""] * len(self.spans), 0, 0
+
+    def feed(self, block: bytes) -> None:
+        """Check the object's next bytes ``block``: extend the checksum of every range it covers, and compare those whose end it holds."""
+        data, start, end = np.frombuffer(block, dtype=np.uint8), self.at, self.at + len(block)
+        self.at = end
+        while self.first < len(self.spans) and self.spans[self.first][1] <= start:
+            self.first += 1  # whole already
+        for i in range(self.first, len(self.spans)):
+            lo, hi, chunk = self.spans[i]
+            if lo >= end:
+                break  # sorted by start: none further is in this block
+            if hi <= start:
+                continue
+            body = data[max(lo, start) - start : max(min(hi - 4, end) - start, 0)]
+            if len(body):
+                self.crcs[i] = google_crc32c.extend(self.crcs[i], body)
+            if hi - 4 < end:
+                self.stored[i] += data[max(hi - 4, start) - start : min(hi, end) - start].tobytes()
+            if hi <= end and self.crcs[i] != int.from_bytes(self.stored[i], "little"):
+                raise self.damaged(chunk, "fails its crc32c checksum" if chunk is not None else "its shard index fails its crc32c checksum")
+
+    def finish(self) -> None:
+        """Refuse an object that ended before the bytes its size and index promised (every range was compared then)."""
+        if self.at < self.size:
+            raise self.damaged(None, f"it was cut short as it was copied ({self.at:,} of {self.size:,} bytes)")
+
+    def damaged(self, chunk: int | None, why: str) -> StoreError:
+        """The error for the inner chunk ``chunk`` that ``why`` (None: the object, ``why`` naming what of it)."""
+        shape, suffix = self.shape, self.key[len(self.path) + 1:]
+        coords = [int(p) for p in re.split(r"[./]", suffix.removeprefix("c/").removeprefix("c.")) if p.isdigit()]
+        shard = "" if not coords else f" shard {coords[0] if not any(coords[1:]) else tuple(coords)}"
+        where = f"array {self.path!r}{shard} (object {self.key!r})"
+        if chunk is None:
+            where += ":"
+        else:
+            where += f" inner chunk {chunk}"
+            if shape.chunk_rows is not None and coords:
+                first = coords[0] * shape.shard_rows + chunk * shape.chunk_rows
+                where += f" (rows {first}-{min(first + shape.chunk_rows, shape.rows) - 1})"
+        return StoreError(f"cannot pack {self.location!r}: {where} {why}, damaged on disk or on the way; re-extract the store "
+                          f"or copy it again (kdcache verify {self.location} lists every damaged shard); nothing was written")
 
 
 def _part_name(out: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -158,6 +159,19 @@ def test_pack_copies_the_stores_objects_only_streamed(tiny_store, tmp_path):
     assert not any("NOTES" in n or "ipynb" in n or "export" in n or "c/9" in n or n.endswith(".txt") for n in names)
     assert_same(str(store), str(out))
     np.testing.assert_array_equal(zarr.open_group(zarr.storage.ZipStore(out, mode="r"), mode="r")["targets/extra"][:], extra[:])
+
+
+def test_pack_of_an_intact_store_is_the_zip_of_its_objects_byte_for_byte(tiny_store, tmp_path):
+    """pack checks each shard object's checksums as it copies it: the zip is still the objects' bytes as they are, byte
+    for byte the zip of kdcache before the check (stored members, sorted, dated 1980-01-01, -rw-r--r--)."""
+    out = tmp_path / "t.zarr.zip"
+    result = pack(tiny_store, out)
+    with zipfile.ZipFile(tmp_path / "ref.zip", "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for key in open_store(tiny_store).object_keys():
+            member = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
+            member.external_attr = 0o100644 << 16
+            z.writestr(member, (Path(tiny_store) / key).read_bytes())
+    assert result["objects"] == 40 and out.read_bytes() == (tmp_path / "ref.zip").read_bytes()
 
 
 def test_two_packs_to_one_out_at_once_do_not_share_a_temp_file(tiny_store, tmp_path, monkeypatch):

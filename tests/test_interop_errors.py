@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -496,6 +497,69 @@ def test_export_over_the_zip_it_reads_is_refused(tiny_store, tmp_path):
     assert f"OUT {str(packed)!r} is the store being exported" in line and packed.read_bytes() == before, line
     code, line = cli("export", tmp_path / "missing.zarr.zip", packed, "--overwrite")  # a mistyped STORE: no store, no traceback
     assert "missing.zarr.zip" in line and "Traceback" not in line and packed.read_bytes() == before, line
+
+
+@pytest.fixture(scope="module")
+def chunked_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny store with 2-row inner chunks of ``features.3`` (8 per shard). Read-only: copy it to change it."""
+    return extract_tiny(tmp_path_factory.mktemp("stores") / "chunked.zarr", "extract.chunk_mb=0.004")
+
+
+def flip(file: Path, at: int) -> None:
+    """Flip one bit of byte ``at`` of ``file`` (negative: from its end)."""
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def inner_chunk_offset(file: Path, slots: int, chunk: int) -> int:
+    """Where inner chunk ``chunk`` of the shard object ``file`` (an index of ``slots`` entries) begins."""
+    index = np.frombuffer(file.read_bytes()[-(16 * slots + 4):-4], dtype="<u8").reshape(slots, 2)
+    return int(index[chunk, 0])
+
+
+@pytest.mark.parametrize("where, what", [
+    ("chunk", "array 'targets/layers/features.3' shard 1 (object 'targets/layers/features.3/c/1/0/0/0') inner chunk 2 "
+              "(rows 20-21) fails its crc32c checksum"),
+    ("index", "array 'targets/layers/features.3' shard 1 (object 'targets/layers/features.3/c/1/0/0/0'): its shard index "
+              "fails its crc32c checksum"),
+])
+def test_pack_refuses_a_done_shard_whose_checksums_fail_and_leaves_out_as_it_was(chunked_store, tmp_path, where, what):
+    """pack copied a shard object's bytes unread: a byte flipped on disk or on the way (inside an inner chunk, or in the
+    shard index) went into the zip without a word, to be found by whoever received it. Each object's shard index and
+    inner chunks' crc32c are now checked as it is copied (never decoded): refused naming the array, shard, inner chunk
+    and rows, leaving no zip and no temp file, and an existing OUT as it was."""
+    store = copy_of(chunked_store, tmp_path / "s.zarr")
+    shard = store / "targets/layers/features.3/c/1/0/0/0"
+    flip(shard, inner_chunk_offset(shard, 8, 2) + 5 if where == "chunk" else -20)
+    out = tmp_path / "out" / "t.zarr.zip"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier zip")
+    _, line = cli("pack", store, out, "--overwrite")
+    assert line == (f"Error: cannot pack {str(store)!r}: {what}, damaged on disk or on the way; re-extract the store or copy "
+                    f"it again (kdcache verify {store} lists every damaged shard); nothing was written"), line
+    assert sorted(out.parent.iterdir()) == [out] and out.read_bytes() == b"an earlier zip"
+    with pytest.raises(StoreError, match=re.escape(what)):
+        interop.pack(store, tmp_path / "new.zarr.zip")
+    assert not (tmp_path / "new.zarr.zip").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_pack_checks_an_added_array_whose_chunks_carry_crc32c_and_copies_others_as_they_are(tiny_store, tmp_path):
+    """An array another tool added (FORMAT.md §14) is checked where its chunk objects have the format's shape (sharded, a
+    crc32c index at the end, inner chunks ending in their crc32c), whatever its codecs before the crc32c; any other
+    (no crc32c to check) is copied as it is."""
+    import zarr
+
+    store = copy_of(tiny_store, tmp_path / "s.zarr")
+    group = zarr.open_group(store, mode="r+")
+    for name, compressors in (("checked", [zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec()]), ("unchecked", [zarr.codecs.GzipCodec()])):
+        group.create_array(f"extra/{name}", shape=(8, 6), shards=(4, 6), chunks=(2, 3), dtype="int32", compressors=compressors)[:] = 7
+    flip(store / "extra/unchecked/c/1/0", 3)
+    interop.pack(store, tmp_path / "a.zarr.zip")  # the unchecked array's damage is the receiver's to find
+    flip(store / "extra/checked/c/1/0", 3)
+    with pytest.raises(StoreError, match=r"^cannot pack .*: array 'extra/checked' shard 1 \(object 'extra/checked/c/1/0'\) "
+                                         r"inner chunk 0 fails its crc32c checksum"):
+        interop.pack(store, tmp_path / "b.zarr.zip")
 
 
 @pytest.mark.parametrize("verb, name", [("export", "zarr.json"), ("export", "sub/t.h5"), ("pack", "t.zarr.zip")])

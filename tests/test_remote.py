@@ -1436,6 +1436,26 @@ def test_a_shard_object_on_s3_larger_than_it_can_be_is_refused_unread(s3, tiny_s
     assert seen["grew"] < 16 * 2**20, seen
 
 
+def test_pack_of_an_s3_store_refuses_a_shard_whose_inner_chunk_fails_its_crc32c(s3, tiny_store, tmp_path):
+    """pack read an object of S3 whole and copied it unchecked: a shard damaged in the bucket went into the zip. Its
+    checksums are checked on the bytes read, as from a local folder."""
+    from pathlib import Path
+
+    import s3fs
+
+    url, fs = f"s3://{BUCKET}/flipped.zarr", s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    for f in Path(tiny_store).rglob("*"):
+        if f.is_file():
+            data = bytearray(f.read_bytes())
+            if f.relative_to(tiny_store).as_posix() == "targets/logits/c/1/0":
+                data[5] ^= 0x10  # inside inner chunk 0, the shard's only one
+            fs.pipe(f"{BUCKET}/flipped.zarr/{f.relative_to(tiny_store).as_posix()}", bytes(data))
+    with pytest.raises(StoreError, match=re.escape(f"cannot pack {url!r}: array 'targets/logits' shard 1 (object 'targets/logits/c/1/0') "
+                                                   "inner chunk 0 (rows 16-31) fails its crc32c checksum")):
+        pack(url, tmp_path / "t.zarr.zip", storage_options=s3)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command, key, fault", [
     ("info", "zarr.json", "giant"),  # the manifest, refused by its Content-Length
     ("info", "zarr.json", "lying"),  # read as far as 128 MiB, the most a zarr.json may hold
