@@ -532,8 +532,13 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
                                "with --teacher-check N, or leave --set out")
     _refuse_without_teacher_check(pipeline=pipeline, seed=seed, tolerance=tolerance)
     p = _load(pipeline, overrides) if pipeline else None
-    report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
-                        seed=seed, tolerance=tolerance)
+    try:
+        report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
+                            seed=seed, tolerance=tolerance)
+    except KdcacheError as e:  # nothing checked (no store there, ...): the Error line, and for --json a report saying why
+        if as_json:
+            click.echo(json.dumps({"location": store, "ok": False, "error": _message(e), "checks": [], "teacher_check": None}, indent=2))
+        raise
     click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
     if not report["ok"]:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's reads still running when one failed: see _errors

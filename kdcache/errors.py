@@ -27,7 +27,13 @@ class StoreError(KdcacheError, ValueError):
     """A store is missing, unreadable, of an unknown format, or not what was asked for."""
 
 
-class DamagedShardError(StoreError):
+class DamagedStoreError(StoreError):
+    """A store is there but damaged: its metadata (root, group or array ``zarr.json``, the manifest), a done marker, a
+    zip member or a shard does not read back as the format says. ``kdcache verify`` reports it among its checks; any
+    other StoreError (no store there, a newer format version, an option refused) is its one Error line."""
+
+
+class DamagedShardError(DamagedStoreError):
     """A done shard of a store reads back wrong; ``problem`` says how (``"does not decode (...)"``)."""
 
     def __init__(self, message: str, problem: str | None = None):

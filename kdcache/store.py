@@ -30,7 +30,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import DamagedShardError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
+from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
 from kdcache.storage import MAX_METADATA_BYTES, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_zip, read_local_object, write_file, zarr_store
 
@@ -276,7 +276,7 @@ class Store:
                         why = f"zarr_format {short(meta.get('zarr_format'))}, node_type {short(meta.get('node_type'))}"
                     else:
                         continue
-            raise StoreError(f"{self.location!r} is damaged: {key!r} is not zarr v3 group metadata ({why}); write "
+            raise DamagedStoreError(f"{self.location!r} is damaged: {key!r} is not zarr v3 group metadata ({why}); write "
                              '{"zarr_format": 3, "node_type": "group", "attributes": {}} to it, or re-extract the store')
 
     # -- layout -----------------------------------------------------------------------------
@@ -326,7 +326,7 @@ class Store:
             except StoreError:
                 raise
             except (KeyError, FileNotFoundError):
-                raise StoreError(f"{self.location!r} is missing the array {path!r} its manifest lists (deleted, or an incomplete copy); "
+                raise DamagedStoreError(f"{self.location!r} is missing the array {path!r} its manifest lists (deleted, or an incomplete copy); "
                                  f"kdcache verify {self.location} lists what is damaged; re-extract or copy the store again") from None
             except BAD_METADATA as e:
                 why = _metadata_problem(self.group.store, f"{path}/zarr.json", e)
@@ -349,7 +349,7 @@ class Store:
         return self._arrays[path]
 
     def _bad_metadata(self, path: str, why: str) -> StoreError:
-        error = StoreError(f"{self.location!r} is damaged: {path + '/zarr.json'!r} is not valid zarr metadata ({why}); "
+        error = DamagedStoreError(f"{self.location!r} is damaged: {path + '/zarr.json'!r} is not valid zarr metadata ({why}); "
                            f"run kdcache verify {self.location}, or re-extract the store")
         error.metadata_problem = (path, why)  # type: ignore[attr-defined] - verify's words for it, without "run kdcache verify"
         return error
@@ -499,7 +499,7 @@ class Store:
         """
         named = ", ".join(_marker(key, raw) for key, raw in bad[:3])
         named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        return StoreError(f"{self.location!r} is damaged: done marker {named or '(unreadable)'} is not one byte 0 or 1; "
+        return DamagedStoreError(f"{self.location!r} is damaged: done marker {named or '(unreadable)'} is not one byte 0 or 1; "
                           f"run kdcache verify {self.location} for any other damage, then delete the marker and rerun "
                           "kdcache extract to redo its shard, or re-extract the store")
 
@@ -1566,7 +1566,7 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except StoreError:
         raise
     except (FileNotFoundError, *BAD_METADATA) as e:
-        raise _inside_a_store(location) or StoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
+        raise _inside_a_store(location) or DamagedStoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None
     except zipfile.BadZipFile as e:
         raise _corrupted_member(location, str(e)) from None
@@ -1584,7 +1584,7 @@ def _zip_problem(said: str) -> str:
 
 def _corrupted_member(location: str, what: str) -> StoreError:
     """A zip member whose bytes fail the zip's own CRC-32 (``what``: zipfile's words, naming it)."""
-    return StoreError(f"{location!r} is damaged: {what} (a corrupted zip member); kdcache verify {location} lists every "
+    return DamagedStoreError(f"{location!r} is damaged: {what} (a corrupted zip member); kdcache verify {location} lists every "
                       "damaged chunk; pack the store again or copy the zip again")
 
 
@@ -2021,7 +2021,7 @@ def check_manifest(m: dict[str, Any], location: str) -> None:
 
 def _bad_manifest(location: str, key: str, value: Any, want: str) -> StoreError:
     """The error for the manifest of the store at ``location``: ``key`` holds ``value``, where ``want`` belongs."""
-    return StoreError(f"{location!r} has a damaged manifest: {key} = {short(value)}, expected {want}; re-extract or re-import the store")
+    return DamagedStoreError(f"{location!r} has a damaged manifest: {key} = {short(value)}, expected {want}; re-extract or re-import the store")
 
 
 def _manifest_int(m: dict[str, Any], location: str, key: str, lo: int = 0) -> int:
@@ -2084,7 +2084,7 @@ def _check_targets(m: dict[str, Any], location: str, rows: int) -> dict[str, Any
     if not isinstance(chunk_rows, dict):
         raise _bad_manifest(location, "geometry.chunk_rows", chunk_rows, "an object")
     if len(targets) > MAX_TARGETS:
-        raise StoreError(f"{location!r} has a damaged manifest: targets declares {len(targets):,} targets, expected at most "
+        raise DamagedStoreError(f"{location!r} has a damaged manifest: targets declares {len(targets):,} targets, expected at most "
                          f"{MAX_TARGETS:,} (a reader's limit, FORMAT.md §8); re-extract the store hooking fewer layers")
     for name, t in targets.items():
         _check_target(location, name, t)

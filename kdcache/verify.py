@@ -5,7 +5,9 @@ Checks, each reported with every problem it found (named: array, shard, inner ch
 
 - ``open`` (reported only when it fails): the store opens: its root and group metadata (``samples``,
   ``targets``, ``targets/layers``, ``progress``: zarr v3 group ``zarr.json`` objects), its manifest's
-  header and types, and its done markers' array;
+  header and types, and its done markers' array, where they are damaged (``DamagedStoreError``). Anything else that
+  stops it opening (no store there, a newer format version, a refused option, a read that fails on the way) is
+  raised, as every command does: nothing was checked;
 - ``completeness``: every shard done, every done marker one byte 0 or 1 (a damaged one's shard is not checked);
 - ``layout``: every array of the manifest exists with its shape, dtype and chunk/shard geometry;
 - ``checksums``: every done shard's object exists, its shard index and each inner chunk's crc32c
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import locking, store as layout
-from kdcache.errors import DamagedShardError, PipelineError, StoreError, UnreachableError, count, one_line, option, short
+from kdcache.errors import DamagedShardError, DamagedStoreError, PipelineError, StoreError, UnreachableError, count, one_line, option, short
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
 
@@ -75,7 +77,8 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
         store = layout.open_store(location, storage_options=storage_options)
         store.damaged_markers = {}  # a damaged done marker is completeness's problem, its shard taken as not done
         store.done()  # a done marker array that cannot be read fails here, as an "open" problem: every check below reads them
-    except StoreError as e:
+    except DamagedStoreError as e:  # any other error (no store there, a newer format, a read failed on the way) is raised:
+        # nothing was checked, so no check failed
         check = Check("open")
         check.fail(f"{location!r} is damaged: {_invalid(*e.metadata_problem)}" if hasattr(e, "metadata_problem") else str(e))
         return _report(location, [check], None)

@@ -249,11 +249,39 @@ def test_the_python_verify_names_its_arguments(tiny_store):
             verify(tiny_store, **arguments)
 
 
-def test_not_a_store(tmp_path):
-    r = CliRunner().invoke(main, ["verify", str(tmp_path / "nothing.zarr"), "--json"])
-    assert r.exit_code == 1
-    report = json.loads(r.output)
-    assert not report["ok"] and "no store at" in report["checks"][0]["problems"][0]
+def newer_format(tiny_store: str, tmp_path) -> str:
+    """A copy of the tiny store whose manifest says format version 99 (a later kdcache's)."""
+    copy = tmp_path / "newer.zarr"
+    shutil.copytree(tiny_store, copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["attributes"]["kdcache"]["format_version"] = 99
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    return str(copy)
+
+
+@pytest.mark.parametrize("location, said", [
+    (lambda s, t: str(t / "nothing.zarr"), "no store at '{t}/nothing.zarr'; run kdcache extract PIPELINE --out {t}/nothing.zarr first"),
+    (lambda s, t: "memory://nothing.zarr", "no store at 'memory://nothing.zarr'; run kdcache extract PIPELINE --out memory://nothing.zarr first"),
+    (lambda s, t: (t / "notes.txt").write_text("x") and str(t / "notes.txt"), "'{t}/notes.txt' is a file, not a store; pass a store folder"),
+    (lambda s, t: f"{s}/targets", "'{s}/targets' is 'targets' inside the store '{s}', not a store itself; pass '{s}'"),
+    (newer_format, "'{t}/newer.zarr' has store format version 99; this kdcache reads version 1 or 2: upgrade kdcache or re-extract the store"),
+], ids=["missing", "url", "a-file", "part-of-a-store", "newer-format"])
+def test_verify_of_what_is_no_store_is_one_error_line_and_json_says_so(tiny_store, tmp_path, location, said):
+    """verify of something that cannot be opened at all printed a report of one failed "open" check (exit 1), where every
+    other command prints one Error line: nothing was checked, so nothing failed a check. It is the Error line now (exit
+    1); with --json, stdout still holds one JSON object, with ``ok`` false, no checks and the ``error``. A store that
+    opens but is damaged (its group metadata, its manifest's types) is still the open check's failure."""
+    where = location(tiny_store, tmp_path)
+    said = said.format(s=tiny_store, t=tmp_path)
+    r = CliRunner().invoke(main, ["verify", where])
+    assert r.exit_code == 1 and r.stdout == "" and r.stderr.startswith(f"Error: {said}") and r.stderr.count("\n") == 1, r.output
+    r = CliRunner().invoke(main, ["verify", where, "--json"])
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: {said}"), r.output
+    report = json.loads(r.stdout)
+    assert report == {"location": where, "ok": False, "error": r.stderr.removeprefix("Error: ").rstrip("\n"), "checks": [],
+                      "teacher_check": None}
+    with pytest.raises(StoreError, match=f"^{re.escape(said)}"):
+        verify(where)
 
 
 # ----------------------------------------------------------------------------------- shard digests (FORMAT.md §7.1)
