@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers
+from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers, threads
 from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError,
                             TargetError, TrainingError, TrainingStopped, option, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
@@ -236,6 +236,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                     raise loop.stopped(state)
         finally:
             data.stop_making(batches)
+            loop.writes.wait()  # the last checkpoint whole on the disk (or its write's error) before train returns or raises
 
 
 def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dict[str, Any] | None,
@@ -415,6 +416,23 @@ def _means(sums: dict[str, torch.Tensor], totals: list[float]) -> dict[str, floa
     return {**means, "loss": sum(means.values())}
 
 
+class _Writes:
+    """A run's checkpoint write under way in a thread of its own (``_save_epoch``'s ``background``): its files reach the
+    disk (their fsyncs, milliseconds each) while the next steps train. ``wait`` returns once it is done, and raises its error."""
+
+    def __init__(self) -> None:
+        self.future: Any = None
+
+    def start(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self.future = threads.pool("checkpoint", 1).submit(write)
+
+    def wait(self) -> None:
+        future, self.future = self.future, None
+        if future is not None:
+            future.result()
+
+
 @dataclass
 class _Loop:
     """What the epochs of a run share: the optimizer and its schedule, the plan's length, and rank 0's checkpoints of
@@ -436,6 +454,7 @@ class _Loop:
     started: float = field(default_factory=time.perf_counter)  # for the metrics' "seconds" (moved on past each evaluation)
     before: float = 0.0  # a resumed run's training seconds before this process (its checkpoint's)
     lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
+    writes: _Writes = field(default_factory=_Writes)  # the last checkpoint's write, while the next steps train
 
     def elapsed(self) -> float:
         """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it (evaluations
@@ -455,9 +474,13 @@ class _Loop:
         """Rank 0 saves the checkpoint (``_save_epoch``) with every rank's RNG state: under torchrun the ranks draw
         differently (dropout over an uneven last batch, none in an idle rank's step), and each restores its own."""
         rngs = distributed.gather(rng)
+        self.writes.wait()  # one write at a time, in order: the next reads the metrics the last wrote
         if self.rank == 0:
+            # one process: the files are written (and flushed to the disk) while the next steps train; under torchrun the
+            # other ranks wait for them at the barrier below, as a resumed run's ranks must find them whole
+            background = self.writes if distributed.ranks()[1] == 1 else None
             self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed(),
-                         lr=self.lr)
+                         lr=self.lr, background=background)
             self.replacing = None
         distributed.barrier()  # the other ranks wait for the save here (up to distributed.TIMEOUT), not in the next step's all-reduce
         self.saved = _position(state)
@@ -1619,7 +1642,8 @@ def _prepare_out(out: Path, pipeline: Pipeline, resume: bool, values: dict[str, 
 def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[str, int], metrics: dict[str, Any] | None,
                 rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
                 order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
-                seconds: float | None = None, lr: float | None = None, plan: dict[str, int] | None = None) -> None:
+                seconds: float | None = None, lr: float | None = None, plan: dict[str, int] | None = None,
+                background: _Writes | None = None) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
     (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
@@ -1635,10 +1659,14 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     lost only for the few renames it takes to put this one in its place, not for the time a large checkpoint takes.
     The ``.next`` checkpoint holds what those steps write (``pipeline``, ``first_metrics``): a run stopped among them
     is resumed from it, and its --resume takes the same steps again first (``_finish_replacing``).
+
+    ``background`` (one process, not ``replacing``): the files are written by its thread, from copies of the state taken
+    now (the next steps change the tensors in place), while the caller trains on (``_Loop.save`` waits for the last one).
     """
+    copied = background is not None and replacing is None
     # on the host, as student.pt is (a GPU run's resumes onto the GPU: load_state_dict moves the optimizer's state to its parameters)
-    ckpt = {"student": _on_cpu(run.student.state_dict()), "heads": _on_cpu(run.heads.state_dict()),
-            "optimizer": _on_cpu(optimizer.state_dict()), "schedule": schedule.state_dict(), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
+    ckpt = {"student": _on_cpu(run.student.state_dict(), copied), "heads": _on_cpu(run.heads.state_dict(), copied),
+            "optimizer": _on_cpu(optimizer.state_dict(), copied), "schedule": copy.deepcopy(schedule.state_dict()), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
             **({"lr": lr} if lr is not None else {}), **({"plan": plan} if plan is not None else {}),
@@ -1648,12 +1676,19 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
         _save({**ckpt, "pipeline": replacing.to_dict(), "first_metrics": lines}, out / NEXT_CHECKPOINT)
         _replace_run(out, replacing.to_dict(), lines or [])
         return
-    try:
-        if lines is not None:
-            _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
-    except OSError as e:
-        raise _write_error(out, e) from None
-    _save(ckpt, out / CHECKPOINT)
+
+    def write() -> None:
+        try:
+            if lines is not None:
+                _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
+        except OSError as e:
+            raise _write_error(out, e) from None
+        _save(ckpt, out / CHECKPOINT)
+
+    if copied:
+        background.start(write)
+    else:
+        write()
 
 
 def _metrics_lines(out: Path, metrics: dict[str, Any] | None, replacing: Pipeline | None) -> list[dict[str, Any]] | None:
@@ -1934,19 +1969,19 @@ class _Recorded:
         self.file.flush()
 
 
-def _on_cpu(state: Any) -> Any:
+def _on_cpu(state: Any, copied: bool = False) -> Any:
     """``state`` (a state dict, or an optimizer's nested one) with its tensors on the host: loadable where there is no GPU,
     without map_location. A dict keeps its type and attributes (a module state dict's ``_metadata``, which load_state_dict
-    reads); a tensor already on the host is not copied."""
+    reads); a tensor already on the host is not copied, unless ``copied`` (every tensor a copy of its own)."""
     if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
+        return state.detach().to("cpu", copy=copied)
     if isinstance(state, dict):
-        copied = copy.copy(state)
+        out = copy.copy(state)
         for key, value in state.items():
-            copied[key] = _on_cpu(value)
-        return copied
+            out[key] = _on_cpu(value, copied)
+        return out
     if type(state) in (list, tuple):
-        return type(state)(_on_cpu(value) for value in state)
+        return type(state)(_on_cpu(value, copied) for value in state)
     return state
 
 

@@ -1620,6 +1620,54 @@ def test_checkpoint_every_saves_inside_epochs_and_a_crash_after_one_resumes_ther
     same_run(tmp_path / "cut", tmp_path / "plain")
 
 
+def test_an_epochs_checkpoint_reaches_the_disk_while_the_next_epoch_trains(tiny_store, tmp_path, monkeypatch):
+    """An epoch's checkpoint files are written and flushed to the disk (fsyncs: milliseconds each, tens on a busy disk)
+    while the next epoch's steps train, from copies of the state taken at the epoch's end: the run is the one saved
+    in turn (its weights, metrics and checkpoint), and a write's error still ends the run in one line (was: every step
+    waited for the disk at each epoch's end)."""
+    train(pipeline(*PLAIN, "train.epochs=3"), tiny_store, tmp_path / "plain")
+    trainer = importlib.import_module("kdcache.train")
+    save, save_epoch, losses, steps, saved_at, overlapped = trainer._save, trainer._save_epoch, Run.losses, [], [], []
+
+    def counted(self, batch):
+        steps.append(1)
+        return losses(self, batch)
+
+    def asked(*args, **kwargs):  # the steps taken when the save was asked for
+        saved_at.append(len(steps))
+        save_epoch(*args, **kwargs)
+
+    def slow(obj, path):  # epoch 0's checkpoint: waits (up to 5 s) for a step of epoch 1 before it is written
+        if path.name == CHECKPOINT and obj["epoch"] == 1:
+            deadline = time.monotonic() + 5
+            while len(steps) == saved_at[0] and time.monotonic() < deadline:
+                time.sleep(0.005)
+            overlapped.append(len(steps) > saved_at[0])
+        save(obj, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(Run, "losses", counted)
+        m.setattr(trainer, "_save_epoch", asked)
+        m.setattr(trainer, "_save", slow)
+        train(pipeline(*PLAIN, "train.epochs=3"), tiny_store, tmp_path / "run")
+    assert overlapped == [True]
+    same_run(tmp_path / "run", tmp_path / "plain")
+    a, b = (torch.load(run / CHECKPOINT, weights_only=True) for run in (tmp_path / "run", tmp_path / "plain"))
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in b["student"]) and a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert all(torch.equal(a["optimizer"]["state"][i][k], v) for i, s in b["optimizer"]["state"].items() for k, v in s.items())
+
+    def full_disk(obj, path):
+        if path.name == CHECKPOINT and obj["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_save", full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            train(pipeline(*PLAIN, "train.epochs=3"), tiny_store, tmp_path / "full")
+    assert [m["epoch"] for m in metrics(tmp_path / "full")] == [0, 1]  # the checkpoint failed after its line was written
+
+
 def test_more_sigterms_are_the_same_request_and_the_handler_is_put_back(tiny_store, tmp_path):
     """A scheduler may send SIGTERM more than once (Slurm signals every process of a job, torchrun passes its own on to
     the ranks): each only asks for the checkpoint-and-stop again, none ends the run mid-step; the handler found before
