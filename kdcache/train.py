@@ -416,6 +416,9 @@ def _means(sums: dict[str, torch.Tensor], totals: list[float]) -> dict[str, floa
     return {**means, "loss": sum(means.values())}
 
 
+WRITE_IN_BACKGROUND = True  # one process writes its checkpoints while it trains on (tests/fixtures/faults.py: off, for one event order)
+
+
 class _Writes:
     """A run's checkpoint write under way in a thread of its own (``_save_epoch``'s ``background``): its files reach the
     disk (their fsyncs, milliseconds each) while the next steps train. ``wait`` returns once it is done, and raises its error."""
@@ -478,7 +481,7 @@ class _Loop:
         if self.rank == 0:
             # one process: the files are written (and flushed to the disk) while the next steps train; under torchrun the
             # other ranks wait for them at the barrier below, as a resumed run's ranks must find them whole
-            background = self.writes if distributed.ranks()[1] == 1 else None
+            background = self.writes if distributed.ranks()[1] == 1 and WRITE_IN_BACKGROUND else None
             self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed(),
                          lr=self.lr, background=background)
             self.replacing = None
