@@ -141,22 +141,31 @@ def _metadata(store: layout.Store, key: str) -> dict[str, Any] | None:
 
 def _foreign_bound(meta: dict[str, Any]) -> int:
     """At most how many bytes a chunk object of an array kdcache did not write holds (FORMAT.md §13), by its zarr v3
-    metadata ``meta``: each inner chunk (the chunk itself, unsharded) of ``c`` bytes decoded at most ``2c + 128``
-    encoded (any codec's worst case, with room to spare), and a shard's index; ``layout.MAX_SHARD_BYTES`` where the
-    metadata gives no fixed size (a data type of variable size, another chunk grid). A server may send any number of
-    bytes for it, and from elsewhere than a local folder it is read whole."""
+    metadata ``meta`` (``_encoded_bound``); ``layout.MAX_SHARD_BYTES`` where the metadata gives no fixed size (a data
+    type of variable size, another chunk grid). A server may send any number of bytes for it, and from elsewhere than a
+    local folder it is read whole."""
     try:
         chunk = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
-        itemsize = np.dtype(meta["data_type"]).itemsize
-        sharding = next((c["configuration"] for c in meta["codecs"] if c.get("name") == "sharding_indexed"), None)
+        bound = _encoded_bound(chunk, np.dtype(meta["data_type"]).itemsize, meta["codecs"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return layout.MAX_SHARD_BYTES
-    inner = [int(n) for n in sharding["chunk_shape"]] if isinstance(sharding, dict) else chunk
-    if itemsize == 0 or len(inner) != len(chunk) or min(inner, default=1) < 1:
-        return layout.MAX_SHARD_BYTES
-    slots = int(np.prod([-(-n // i) for n, i in zip(chunk, inner)]))
-    c = int(np.prod(inner)) * itemsize
-    return slots * (2 * c + 128) + (16 * slots + 4 if sharding is not None else 0)
+    return layout.MAX_SHARD_BYTES if bound is None else bound
+
+
+def _encoded_bound(chunk: list[int], itemsize: int, codecs: list[dict[str, Any]]) -> int | None:
+    """At most how many bytes a chunk of shape ``chunk`` (items of ``itemsize`` bytes) takes encoded by ``codecs``: ``2c
+    + 128`` for its ``c`` bytes (any codec's worst case, with room to spare); sharded, each inner chunk's bound (a
+    shard itself, where the inner codecs shard again) and the shard's index. None: no fixed size."""
+    sharding = next((c["configuration"] for c in codecs if c.get("name") == "sharding_indexed"), None)
+    if itemsize == 0 or min(chunk, default=1) < 1:
+        return None
+    if sharding is None:
+        return 2 * int(np.prod(chunk)) * itemsize + 128
+    inner = [int(n) for n in sharding["chunk_shape"]]
+    each = _encoded_bound(inner, itemsize, sharding["codecs"]) if len(inner) == len(chunk) else None
+    if each is None:
+        return None
+    return int(np.prod([-(-n // i) for n, i in zip(chunk, inner)])) * (each + 16) + 4  # inner chunks, 16 index bytes each
 
 
 def _is_chunk_key(suffix: str, meta: dict[str, Any] | None) -> bool:

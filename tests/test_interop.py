@@ -174,6 +174,37 @@ def test_pack_of_an_intact_store_is_the_zip_of_its_objects_byte_for_byte(tiny_st
     assert result["objects"] == 40 and out.read_bytes() == (tmp_path / "ref.zip").read_bytes()
 
 
+@pytest.mark.filterwarnings("ignore:Combining a `sharding_indexed` codec")
+def test_pack_copies_an_added_array_sharded_within_shards_and_one_of_malformed_sharding(tiny_store, tmp_path):
+    """An array someone added with zarr (FORMAT.md §14) whose inner chunks are shards themselves (zarr writes them: 64
+    one-byte chunks and a 1,028-byte index in each of 4) was refused by pack as damage ('holds 4,434 bytes, more than it
+    can (1,092)'): its bound counted an inner chunk's bytes, not its index. A shard within a shard is bounded as a shard;
+    an added array whose sharding configuration has no chunk_shape was a KeyError traceback, it is copied as any object."""
+    import shutil
+
+    import zarr
+    from zarr.codecs import BytesCodec, ShardingCodec
+
+    store = tmp_path / "t.zarr"
+    shutil.copytree(tiny_store, store)
+    nested = ShardingCodec(chunk_shape=(64,), codecs=[ShardingCodec(chunk_shape=(1,), codecs=[BytesCodec()])])
+    extra = zarr.open_group(store, mode="r+").create_array("targets/extra", shape=(256,), chunks=(256,), dtype="uint8",
+                                                            serializer=nested, compressors=None)
+    extra[:] = np.arange(256) % 251
+    assert (store / "targets/extra/c/0").stat().st_size == 4434  # 4 × (64 + 64 × 16 + 4) + 4 × 16 + 4, less the two zeros
+    odd = zarr.open_group(store, mode="r+").create_array("targets/odd", shape=(4,), chunks=(4,), dtype="uint8", shards=(4,))
+    odd[:] = 7
+    meta = json.loads((store / "targets/odd/zarr.json").read_text())
+    del meta["codecs"][0]["configuration"]["chunk_shape"]
+    (store / "targets/odd/zarr.json").write_text(json.dumps(meta))
+    out = tmp_path / "t.zarr.zip"
+    r = CliRunner().invoke(main, ["pack", str(store), str(out)])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    with zipfile.ZipFile(out) as z:
+        assert {"targets/extra/c/0", "targets/odd/c/0"} <= set(z.namelist())
+    np.testing.assert_array_equal(zarr.open_group(zarr.storage.ZipStore(out, mode="r"), mode="r")["targets/extra"][:], extra[:])
+
+
 def test_two_packs_to_one_out_at_once_do_not_share_a_temp_file(tiny_store, tmp_path, monkeypatch):
     """Both wrote OUT.part.zip: the second truncated the first's file and renamed it to OUT while the first still
     wrote into it (OUT corrupted, or the first failed). Each now writes a temp file of its own."""
