@@ -818,9 +818,10 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
     if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):  # read as "not a zarr v3 group"
         raise StoreError(f"storage option default_block_size must be a number of bytes, got {type(size).__name__} {short(size)}; "
                          "pass e.g. --storage-option default_block_size=5242880 (5 MiB)")
-    config = options.get("config_kwargs")
-    for key in ("read_timeout", "connect_timeout"):  # botocore's, the settings an endpoint's error names to raise
-        _refuse_not_seconds(f"config_kwargs.{key}", config.get(key) if isinstance(config, dict) else None)
+    for _, given, prefix in _option_layers(location, options):
+        config = given.get("config_kwargs")
+        for key in ("read_timeout", "connect_timeout"):  # botocore's, the settings an endpoint's error names to raise
+            _refuse_not_seconds(f"{prefix}config_kwargs.{key}", config.get(key) if isinstance(config, Mapping) else None)
     if "::" not in location and not {"use_listings_cache", "listings_expiry_time"} & set(options) and \
             _lists_cached(location.split("://", 1)[0].lower() if "://" in location else "file"):
         options["use_listings_cache"] = False  # the user's own setting wins; see _lists_cached
@@ -870,12 +871,7 @@ def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
     (Python's spelling: the command line reads true and false as JSON, and keeps ``False`` a string) or ``anon=no`` made
     every request anonymous. So is anything but a mapping given to one of ``MAPPINGS``. A layer of a chain
     (``zip::s3://…``) is checked in the options under its scheme."""
-    parts = location.split("::")
-    layers = [(parts[0], options, "")] if len(parts) == 1 else \
-        [(part, options.get(scheme), f"{scheme}.") for part in parts if (scheme := part.split("://", 1)[0].lower()) in options]
-    for url, given, prefix in layers:
-        if not isinstance(given, dict):
-            continue
+    for url, given, prefix in _option_layers(location, options):
         flags = _flag_options(url.split("://", 1)[0].lower() if "://" in url else "file")
         for key, value in given.items():
             if key in MAPPINGS and value is not None and not isinstance(value, Mapping):
@@ -886,6 +882,15 @@ def _refuse_string_flags(location: str, options: dict[str, Any]) -> None:
                 raise StoreError(f"storage option {prefix}{key} is true or false, got the string {short(value)}, which the "
                                  f"filesystem would take as true (any non-empty string is); pass --storage-option {prefix}{key}=false "
                                  f"or {prefix}{key}=true (JSON's spelling: Python's False stays a string), or {_from_python(prefix, key, 'False')} from Python")
+
+
+def _option_layers(location: str, options: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """``(url, its options, the prefix that names them)`` for each layer of ``location`` given options: the URL's own
+    (prefix ``""``), or in a chain (``zip::s3://…``) each layer's under its scheme (``"s3."``)."""
+    parts = location.split("::")
+    layers = [(parts[0], options, "")] if len(parts) == 1 else \
+        [(part, options.get(scheme), f"{scheme}.") for part in parts if (scheme := part.split("://", 1)[0].lower()) in options]
+    return [(url, given, prefix) for url, given, prefix in layers if isinstance(given, dict)]
 
 
 def _from_python(prefix: str, key: str, value: str) -> str:

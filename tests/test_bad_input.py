@@ -717,6 +717,10 @@ CASES = [
     Case("storage-option-timeout-with-a-unit", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "config_kwargs.read_timeout=60s"],
          ("storage option config_kwargs.read_timeout is seconds, got str '60s'; pass a number, e.g. --storage-option "
           "config_kwargs.read_timeout=60",)),
+    Case("storage-option-timeout-with-a-unit-in-a-chain", lambda c: ["info", "zip::s3://bucket/t.zarr.zip", "--storage-option",
+                                                                      "s3.config_kwargs.read_timeout=60s"],
+         ("storage option s3.config_kwargs.read_timeout is seconds, got str '60s'; pass a number, e.g. --storage-option "
+          "s3.config_kwargs.read_timeout=60",)),  # the chain's layer: once "cannot reach ...: unsupported operand type(s) for +"
     Case("storage-option-http-timeout-with-a-unit", lambda c: ["info", "http://127.0.0.1:9/t.zarr", "--storage-option",
                                                                "client_kwargs.timeout.sock_read=1m"],
          ("storage option client_kwargs.timeout.sock_read is seconds, got str '1m'",)),
