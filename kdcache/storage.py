@@ -642,7 +642,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         raise _missing_backend(location, e) from None
     except TypeError as e:  # an option the filesystem does not take
         raise StoreError(f"cannot open {location!r} with storage options {sorted(storage_options or {})}: {one_line(e)}; "
-                         "check the --storage-option values") from None
+                         f"{_closest_option(location, str(e))}check the --storage-option values") from None
     except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
         raise unreachable_error(location, e) from None
 
@@ -1127,9 +1127,11 @@ def unreachable_error(location: str, e: BaseException, gave_up: str = "") -> Sto
 
 def _closest_option(location: str, said: str) -> str:
     """``did you mean endpoint_url? `` where the keyword argument a filesystem refused (``said``: its TypeError) is
-    close to one its constructor takes (``endpoint-url``, ``ENDPOINT_URL``, ``endpont_url``); else ``""``."""
+    close to one its constructor takes (``endpoint-url``, ``ENDPOINT_URL``, ``endpont_url``); else ``""``. In a chain
+    (``zip::s3://…``), the layer that fetches the file's, named under its scheme (``s3.endpoint_url``)."""
     refused = re.search(r"unexpected keyword argument '([^']+)'", said)
-    found = _constructor(location.split("::")[-1].split("://", 1)[0].lower())
+    scheme = location.split("::")[-1].split("://", 1)[0].lower()
+    found = _constructor(scheme)
     if refused is None or found is None:
         return ""
     names = [name for name, p in found[1].items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -1137,7 +1139,7 @@ def _closest_option(location: str, said: str) -> str:
     wanted = refused[1].lower().replace("-", "_")
     close = difflib.get_close_matches(wanted, names, n=1) or \
         [f"config_kwargs.{n}" for n in difflib.get_close_matches(wanted, _botocore_settings(), n=1)]
-    return f"did you mean {close[0]}? " if close else ""
+    return f"did you mean {scheme + '.' if '::' in location else ''}{close[0]}? " if close else ""
 
 
 def _botocore_settings() -> list[str]:
