@@ -1627,11 +1627,17 @@ def _no_store(location: str, storage_options: dict[str, Any] | None) -> StoreErr
 
 def _inside_a_store(location: str) -> StoreError | None:
     """The error for a local path inside a store folder (its ``targets`` group, an array, a shard, its ``zarr.json``: what
-    an unpacked hand-over shows first), naming the store folder to pass; None where no folder above holds one."""
+    an unpacked hand-over shows first) or inside a store's zip (a member's path), naming the store to pass; None where
+    nothing above holds one."""
     if location_kind(location) != "local":
         return None
     path = Path(local_path(location))
     for above in path.parents:
+        if above.is_file():  # t.zarr.zip/targets: "no store there; run kdcache extract --out t.zarr.zip/targets"
+            if _zip_holds_store(above):
+                return StoreError(f"{location!r} is {path.relative_to(above).as_posix()!r} inside the store {str(above)!r} (a zip), "
+                                  f"not a store itself; pass {str(above)!r}")
+            continue
         try:
             raw = read_local_object(above, "zarr.json", MAX_METADATA_BYTES)
             manifest = None if raw is None else json.loads(raw.tobytes()).get("attributes", {}).get(ATTRS)

@@ -382,6 +382,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("member", ["targets", "targets/logits/c/0/0", "zarr.json"])
+def test_a_path_inside_a_packed_store_names_the_zip(tiny_store, tmp_path, member):
+    """A member's path under a store's zip (what ``unzip -l`` lists) was 'no store at …; run kdcache extract PIPELINE
+    --out t.zarr.zip/targets first', which cannot write there; it is named as that part of the zip, which the error says to pass."""
+    packed = tmp_path / "t.zarr.zip"
+    assert CliRunner().invoke(main, ["pack", tiny_store, str(packed)]).exit_code == 0
+    result = CliRunner().invoke(main, ["info", f"{packed}/{member}"])
+    assert result.exit_code == 1 and result.stderr == (f"Error: '{packed}/{member}' is '{member}' inside the store '{packed}' (a zip), "
+                                                       f"not a store itself; pass '{packed}'\n"), result.output
+
+
 @pytest.mark.parametrize("command", [["extract", str(TINY), "--out"], ["info"], ["import", "t.h5"], ["train", str(TINY), "--out", "run", "--cache"]])
 @pytest.mark.parametrize("url", ["s3:/bucket/t.zarr", "zip::https:/host/t.zarr.zip"])
 def test_a_url_that_lost_a_slash_is_named_and_nothing_is_written(command: list[Any], url: str, tmp_path: Path,
