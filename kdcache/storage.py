@@ -172,17 +172,23 @@ class _RemoteStore(zarr.storage.FsspecStore):
 
     async def _http_files(self, url: str, depth: int = 0) -> list[str]:
         """The URLs of the files below the http(s) folder ``url``, as fsspec's http lists them (the links below it on
-        its index page, one ending in ``/`` a folder listed in turn; a folder that cannot be listed has none), each page
+        its index page, at ``url/`` or, where that lists nothing, at ``url``: a server may serve a folder's page without
+        the ``/`` alone; one ending in ``/`` a folder listed in turn; a folder that cannot be listed has none), each page
         read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's listing read it whole.
         A folder ``MAX_LISTING_DEPTH`` deep, or named ``.``, is not listed: a server may link folders without end."""
         key = url.removeprefix(self.path).strip("/") + "/"
         refuse = functools.partial(_listing_too_large, self.location or self.path, key.lstrip("/") or "/")
-        try:
-            page = await read_bounded(self.fs, url + "/", None, MAX_LISTING_BYTES, refuse)
-        except OSError:  # a folder without an index page (a 404), or none to be had: fsspec's walk lists nothing there
-            return []
+        links: set[str] = set()
+        for asked in (url + "/", url):  # as fsspec's: a folder whose page lists nothing with the '/' is asked without it
+            try:
+                page = await read_bounded(self.fs, asked, None, MAX_LISTING_BYTES, refuse)
+            except OSError:  # no index page there (a 404), or none to be had: fsspec's walk lists nothing there
+                continue
+            links = _links(page.decode(errors="ignore"), url + "/", self.fs.simple_links)
+            if links:
+                break
         files = []
-        for link in _links(page.decode(errors="ignore"), url + "/", self.fs.simple_links):
+        for link in sorted(links):
             if not link.endswith("/"):
                 files.append(link)
             elif depth < MAX_LISTING_DEPTH and link.rstrip("/").rpartition("/")[2] not in ("", ".", ".."):

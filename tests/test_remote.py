@@ -810,6 +810,30 @@ def test_pack_over_http_without_index_pages_is_the_same_zip(faulty_http_root, ti
     assert (tmp_path / "http.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
 
 
+def test_pack_over_http_lists_folders_a_server_pages_only_without_the_slash(faulty_http_root, tiny_store, tmp_path):
+    """kdcache walks an http store's index pages itself, asking for a folder's at ``folder/``: a server that serves it at
+    ``folder`` alone (a 404 with the '/') listed nothing, where fsspec's walk, which asks without the '/' (and again
+    without it for a page that lists nothing), listed it all; pack then left out an array someone added (FORMAT.md
+    §14) without a word. Such a folder is asked for again without the '/', as fsspec does."""
+    import shutil
+    import zipfile
+
+    import zarr
+
+    root, base = faulty_http_root
+    shutil.copytree(tiny_store, root / "unslashed.zarr")
+    zarr.open_group(root / "unslashed.zarr", mode="r+").create_array("targets/extra", shape=(4,), dtype="int8")[:] = [1, 2, 3, 4]
+    (root / ".faults").write_text(json.dumps({"/": "unslashed"}))
+    try:
+        listed = open_store(f"{base}/unslashed.zarr").object_keys()
+        pack(f"{base}/unslashed.zarr", tmp_path / "http.zarr.zip")
+    finally:
+        (root / ".faults").unlink()
+    assert "targets/extra/c/0" in listed and "targets/logits/c/0/0" in listed, listed
+    with zipfile.ZipFile(tmp_path / "http.zarr.zip") as z:
+        assert {"targets/extra/zarr.json", "targets/extra/c/0"} <= set(z.namelist())
+
+
 def test_a_server_asking_for_credentials_is_named_and_headers_pass_them(faulty_http_root, tiny_store):
     """A 401/403 for the root zarr.json says the server refuses access and how to pass credentials (it said "no store
     at ...; check the URL"); the --storage-option the message names is the one that works."""
