@@ -618,7 +618,8 @@ def _refuse_collapsed_url(location: str) -> None:
         scheme, sep, rest = link.partition(":/")
         if not sep or rest.startswith("/") or scheme.lower() not in URL_SCHEMES or os.path.exists(f"{scheme}:"):
             continue
-        fixed = location.replace(link, f"{scheme}:///{rest}" if scheme.lower() == "file" else f"{scheme}://{rest}", 1)
+        lost = {"file": f"{scheme}:///{rest}", "zip": f"{scheme}::/{rest}"}  # zip:/x.zip: kdcache's zip::PATH (zip:// needs a chain)
+        fixed = location.replace(link, lost.get(scheme.lower(), f"{scheme}://{rest}"), 1)
         raise StoreError(f"{location!r} is a local path under a folder {scheme + ':'!r}, not a URL: a URL has two slashes after "
                          f"its scheme (pathlib.Path and os.path.normpath merge them into one); pass {fixed!r}")
 

@@ -408,6 +408,16 @@ def test_a_url_that_lost_a_slash_is_named_and_nothing_is_written(command: list[A
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_zip_path_that_lost_a_colon_is_named_with_the_location_that_reads_it(tiny_store, tmp_path):
+    """``zip:/PATH`` was told to pass ``zip://PATH``, which fsspec reads as a member of a zip chained to nothing ("cannot
+    reach 'zip://…': Is a directory"); the location that reads the zip is kdcache's ``zip::PATH``."""
+    packed = tmp_path / "t.zarr.zip"
+    assert CliRunner().invoke(main, ["pack", tiny_store, str(packed)]).exit_code == 0
+    r = CliRunner().invoke(main, ["info", f"zip:{packed}"])
+    assert r.exit_code == 1 and r.output.endswith(f"; pass 'zip::{packed}'\n"), r.output
+    assert CliRunner().invoke(main, ["info", f"zip::{packed}"]).exit_code == 0
+
+
 def torch_checkpoint(ctx: Ctx) -> Path:
     """A state dict saved by torch.save (a zip file, of another name than .zip)."""
     import torch
