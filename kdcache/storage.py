@@ -959,7 +959,7 @@ def _refuse_zip_layer_options(location: str, options: dict[str, Any]) -> None:
 def _refuse_not_seconds(option: str, value: Any) -> None:
     """Refuse a timeout ``option`` set to anything but seconds (or None): ``60s`` failed at the first request as
     "cannot reach …: unsupported operand type(s) for +: 'float' and 'str'"."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+    if value is not None and (isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating)):
         raise StoreError(f"storage option {option} is seconds, got {type(value).__name__} {short(value)}; pass a number, e.g. "
                          f"--storage-option {option}=60")
 

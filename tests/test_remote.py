@@ -1018,7 +1018,8 @@ def test_a_mapping_storage_option_takes_none_and_any_mapping(http_root, tiny_sto
 
     root, base = http_root
     shutil.copytree(tiny_store, root / "mapped.zarr", dirs_exist_ok=True)
-    for options in ({"client_kwargs": None}, {"headers": CIMultiDict(Accept="*/*")}):
+    for options in ({"client_kwargs": None}, {"headers": CIMultiDict(Accept="*/*")},
+                    {"client_kwargs": {"timeout": {"sock_read": np.int64(60)}}}):  # numpy's seconds: once refused as not a number
         assert open_store(f"{base}/mapped.zarr", storage_options=options).complete, options
 
 
