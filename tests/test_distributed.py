@@ -4,6 +4,7 @@ single-process store (arrays byte-equal, manifest equal but for timestamps)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -98,21 +99,39 @@ def scheduler(workers_folder):
     """``dask scheduler`` and ``dask worker`` (2 single-threaded processes) as subprocesses on 127.0.0.1, shared by the
     module's tests (a cluster outlives jobs: each job's store and pipeline are its own; started per test, 0.8-1.3 s
     each). The workers run in ``workers_folder``."""
+    with _dask_cluster(workers_folder, 2) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def slow_scheduler(workers_folder):
+    """As ``scheduler``, one worker, whose zoo datasets have 240 items of 10 ms each (30 shards of 8 rows: a job long
+    enough to be stopped midway), for the tests of a job that loses its lock: one cluster for them all, not a
+    LocalCluster each (4-6 s to start and close)."""
+    with _dask_cluster(workers_folder, 1, N="240", SLEEP="0.01") as address:
+        yield address
+
+
+@contextlib.contextmanager
+def _dask_cluster(folder: Path, workers: int, **zoo: str) -> Iterator[str]:
+    """The address of ``dask scheduler`` and ``dask worker`` (``workers`` single-threaded processes, run in ``folder``,
+    with the ``ZOO_*`` knobs ``zoo`` and no other) started as subprocesses on 127.0.0.1; killed at the block's end."""
     from distributed import Client
 
     address = f"tcp://127.0.0.1:{_free_port()}"
-    log = open(workers_folder.parent / f"{workers_folder.name}-dask.log", "w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}  # started before any test's zoo_env: no knob leaks in
+    log = open(folder.parent / f"{folder.name}-dask-{workers}.log", "w")
+    # started before any test's zoo_env: no knob leaks in but those given
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {f"ZOO_{k}": v for k, v in zoo.items()}
     # its HTTP server, on even without the dashboard, on a free port: 8787 is left to the module's LocalClusters
     procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
                                "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True, env=env)]
     try:
-        procs.append(subprocess.Popen([BIN / "dask", "worker", address, "--nworkers", "2", "--nthreads", "1",
+        procs.append(subprocess.Popen([BIN / "dask", "worker", address, "--nworkers", str(workers), "--nthreads", "1",
                                        "--no-dashboard", "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=workers_folder, start_new_session=True, env=env))
+                                      cwd=folder, start_new_session=True, env=env))
         with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
+            client.wait_for_workers(workers, timeout=60)
         yield address
     finally:
         _stop(procs[::-1])
@@ -870,23 +889,23 @@ def test_streams_split_the_plan_disjointly_and_join_back(tiny_store):
 
 
 
-def test_dask_extract_to_s3_equals_local(toml, single, s3, tmp_path):
+def test_dask_extract_to_s3_equals_local(toml, single, s3, scheduler, tmp_path):
     url = f"s3://{BUCKET}/dask.zarr"
-    info = extract_distributed(kdcache.load_pipeline(toml), url, workers=2, storage_options=s3)
+    info = extract_distributed(kdcache.load_pipeline(toml), url, scheduler=scheduler, storage_options=s3)
     assert info["complete"]
     assert_same_store(url, single, options_a=s3)
 
 
-def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_path, zoo_env):
+def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, slow_scheduler, tmp_path, zoo_env):
     """The driver holds the job's S3 lock and its workers write. Once the lock is lost (the driver's heartbeat found
     it taken over), the driver cancels the shards not yet run and stops with the one-line error, instead of letting
     its workers write the whole store over the other job's."""
     from kdcache import locking
 
-    zoo_env(N=240, SLEEP=0.01)
+    zoo_env(N=240, SLEEP=0.01)  # slow_scheduler's worker's dataset
     url = f"s3://{BUCKET}/dask-lost.zarr"
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
-    thread, failed = _extract_in_a_thread(pipeline, url, s3)
+    thread, failed = _extract_in_a_thread(pipeline, url, s3, slow_scheduler)
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and (locking._LEASES == {} or not done_at_least(url, 2, s3)):
         time.sleep(0.05)
@@ -898,7 +917,7 @@ def test_a_dask_job_whose_s3_lock_was_taken_over_runs_no_more_shards(s3, tmp_pat
     assert 2 <= shards_done(url, s3) < 30, "the shards not yet run were cancelled"
 
 
-def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_path, zoo_env, monkeypatch):
+def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, slow_scheduler, tmp_path, zoo_env, monkeypatch):
     """A driver paused (a laptop asleep while a remote cluster works) cannot notice that its lock was taken over, and
     its workers went on writing every shard handed to them over the other job's. Each worker now reads the lock
     object before it writes a shard: another job's, it writes nothing and the job stops with the one-line error."""
@@ -908,10 +927,10 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
 
     monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 600)  # the driver renews nothing and notices nothing: paused
     monkeypatch.setattr(locking, "LOCK_LATE_S", 600)
-    zoo_env(N=240, SLEEP=0.01)
+    zoo_env(N=240, SLEEP=0.01)  # slow_scheduler's worker's dataset
     url = f"s3://{BUCKET}/dask-taken.zarr"
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
-    thread, failed = _extract_in_a_thread(pipeline, url, s3)
+    thread, failed = _extract_in_a_thread(pipeline, url, s3, slow_scheduler)
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and not done_at_least(url, 2, s3):
         time.sleep(0.05)
@@ -925,16 +944,16 @@ def test_dask_workers_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp_p
 
 
 @pytest.mark.parametrize("taken", [True, False], ids=["anothers", "gone"])
-def test_dask_workers_write_no_shard_once_the_jobs_local_lock_is_gone_or_anothers(tmp_path, zoo_env, taken):
+def test_dask_workers_write_no_shard_once_the_jobs_local_lock_is_gone_or_anothers(slow_scheduler, tmp_path, zoo_env, taken):
     """A worker of a cluster of one's own (``--scheduler``) runs its task on after the driver stopped (Ctrl-C, SIGTERM,
     another shard's error) and released the local lock: it wrote its shard and done marker into the store an
     ``--overwrite`` with another teacher had made there meanwhile (seen: 2 of 4 shards of the new store held the old
     teacher's targets, and it verified). Each worker now reads the lock file before it writes a shard: gone, or another
     job's, it writes nothing and the job stops with one line."""
-    zoo_env(N=240, SLEEP=0.01)
+    zoo_env(N=240, SLEEP=0.01)  # slow_scheduler's worker's dataset
     out = tmp_path / "local-taken.zarr"
     pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4"))
-    thread, failed = _extract_in_a_thread(pipeline, str(out), None)
+    thread, failed = _extract_in_a_thread(pipeline, str(out), None, slow_scheduler)
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and shards_done(out) < 2:
         time.sleep(0.05)
@@ -1031,13 +1050,14 @@ def _while_running(proc: subprocess.Popen, act: Callable[[], Any]) -> tuple[Any,
     return result, stderr
 
 
-def _extract_in_a_thread(pipeline, url: str, options: dict) -> tuple[threading.Thread, list[BaseException]]:
-    """A one-worker dask extract of ``url`` running in a thread (started), and the list its error will be put in."""
+def _extract_in_a_thread(pipeline, url: str, options: dict, scheduler: str) -> tuple[threading.Thread, list[BaseException]]:
+    """A dask extract of ``url`` on the cluster at ``scheduler`` running in a thread (started), and the list its error
+    will be put in."""
     failed: list[BaseException] = []
 
     def job() -> None:
         try:
-            extract_distributed(pipeline, url, workers=1, storage_options=options)
+            extract_distributed(pipeline, url, scheduler=scheduler, storage_options=options)
         except BaseException as e:  # noqa: BLE001 - the test's to look at
             failed.append(e)
 
