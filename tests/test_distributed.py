@@ -210,29 +210,30 @@ def test_extract_distributed_refuses_a_location_or_pipeline_of_another_type(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_workers_that_cannot_reach_the_drivers_store_stop_the_job(toml, tmp_path):
+def test_workers_that_cannot_reach_the_drivers_store_stop_the_job(toml, scheduler, tmp_path):
     """A location each process has its own of (memory://: the process's memory; a folder on each machine's local disk):
     the workers found no store and said to run kdcache extract first, the command just run; or, where each had one of
     its own, wrote that and the job ended with exit 0 and the driver's store empty."""
     import fsspec
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from kdcache.distributed import ShardError
 
-    out = f"memory://kdcache-test-{os.getpid()}/unshared.zarr"
-    try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
-                Client(cluster) as client:
+    folder = f"kdcache-test-{os.getpid()}"
+    out = f"memory://{folder}/unshared.zarr"
+    with Client(scheduler) as client:
+        try:
             with pytest.raises(StoreError) as e:
-                extract_distributed(kdcache.load_pipeline(toml), out, scheduler=cluster.scheduler_address)
+                extract_distributed(kdcache.load_pipeline(toml), out, scheduler=scheduler)
             assert str(e.value).startswith("dask worker ") and f"finds no store at {out!r}, where the job created it" in str(e.value)
             assert "a filesystem they share, or an object store URL" in str(e.value)
             client.run(kdcache.extract, kdcache.load_pipeline(toml), out)  # each worker's own store
             with pytest.raises(ShardError, match=rf"reported shards 0, 1, 2, 3 written, but {out!r} does not have them"):
-                extract_distributed(kdcache.load_pipeline(toml), out, scheduler=cluster.scheduler_address)
-        assert not open_store(out).done().any()
-    finally:
-        fsspec.filesystem("memory").rm(f"kdcache-test-{os.getpid()}", recursive=True)
+                extract_distributed(kdcache.load_pipeline(toml), out, scheduler=scheduler)
+            assert not open_store(out).done().any()
+        finally:  # the driver's store, and each worker's: the module's later jobs run on them
+            client.run(lambda: fsspec.filesystem("memory").rm(folder, recursive=True) if fsspec.filesystem("memory").exists(folder) else None)
+            fsspec.filesystem("memory").rm(folder, recursive=True)
 
 
 def test_a_cluster_rebuilds_a_teacher_whose_checkpoint_changed_since_its_last_job(tmp_path):
