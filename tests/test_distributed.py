@@ -319,12 +319,12 @@ def test_a_worker_with_several_threads_writes_the_single_process_store(tmp_path)
     assert_same_store(out, single)
 
 
-def test_a_worker_that_cannot_build_the_teacher_is_named(tmp_path):
+def test_a_worker_that_cannot_build_the_teacher_is_named(scheduler, tmp_path):
     """The driver built the teacher; a worker whose machine lacks its checkpoint (or a package it imports) failed with the
     driver's own words for it, and its user, running the factory on the driver, found nothing wrong there. The one line
     now names the worker and its host."""
     toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{FIXTURES / "driver_only.py"}:teacher"')
-    result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--workers", "2"])
+    result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--scheduler", scheduler])
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
