@@ -466,10 +466,28 @@ def test_a_local_clusters_logging_stays_silent_while_it_closes_and_in_a_restarte
 
 def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun … kdcache ARGS`` (``script``: that script instead, as tests/fixtures/faults.py)."""
+    return _ended(_start_torchrun(*args, nproc=nproc, cwd=cwd, env=env, script=script))
+
+
+def _start_torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.Popen:
+    """``_torchrun`` started, not waited for (``_ended``): independent jobs run at once, each on its own port. A job is
+    mostly Python and torch starting (the agent's, then its ranks') and ranks waiting for one another, which leaves a
+    core idle that another job's processes take."""
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), *(["-m", "kdcache.cli"] if script is None else [str(script)]), *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _ended(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The ended torchrun job ``proc`` (killed past ``timeout`` s, as subprocess.run does)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, tmp_path, zoo_env):
@@ -654,9 +672,8 @@ def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigte
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
     dropping = f"student.factory='{FIXTURES}/bad_input.py:dropping'"
     sets = [x for s in ("train.epochs=3", "train.checkpoint_every=3", "train.features={}", "train.eval_split=''", dropping) for x in ("--set", s)]
-    r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "whole"), *sets, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
     cut = tmp_path / "cut"
+    whole = _start_torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "whole"), *sets, cwd=tmp_path)  # meanwhile
     r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets, cwd=tmp_path, script=FIXTURES / "faults.py",
                   env={"KDCACHE_FAULT": "term:5", "KDCACHE_FAULT_RANK": "1"})
     assert r.returncode != 0
@@ -675,6 +692,8 @@ def test_torchrun_ranks_stop_together_at_the_next_checkpoint_when_one_gets_sigte
                                     "--set", "train.streams=2", "--no-progress"])
     assert one.exit_code == 0 and "in epoch 1 after batch 2 (step 6 of 12)" in one.output, one.output
     r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _ended(whole)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(tmp_path / "whole" / "student.pt"), torch.load(cut / "student.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -769,10 +788,12 @@ def test_ranks_that_see_another_out_than_rank_0_are_refused_in_one_line(tiny_sto
                       "from kdcache.cli import main\nmain()\n")
     before = (run / "checkpoint.pt").read_bytes()
     host = socket.gethostname()
-    for flag, theirs, sees in (("--auto-resume", elsewhere, "no checkpoint.pt"), ("--resume", copy, "checkpoint.pt saved after epoch 0 (step 4)"),
-                               ("--overwrite", elsewhere, "no checkpoint.pt")):
-        r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(run), *sets, "--epochs", "3", flag, cwd=tmp_path,
-                      script=script, env={"RANK1_OUT": str(theirs)})
+    cases = (("--auto-resume", elsewhere, "no checkpoint.pt"), ("--resume", copy, "checkpoint.pt saved after epoch 0 (step 4)"),
+             ("--overwrite", elsewhere, "no checkpoint.pt"))
+    jobs = [_start_torchrun("train", str(toml), "--cache", tiny_store, "--out", str(run), *sets, "--epochs", "3", flag, cwd=tmp_path,
+                            script=script, env={"RANK1_OUT": str(theirs)}) for flag, theirs, _ in cases]  # at once: each writes nothing
+    for (flag, theirs, sees), job in zip(cases, jobs):
+        r = _ended(job)
         ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
         mine = "checkpoint.pt saved after epoch 1 (step 8)" if flag != "--overwrite" else "checkpoint.pt"
         line = (f"Error: rank 1 (on {host}) sees another --out than rank 0 (on {host}): {sees} in {str(run)!r}, where rank 0 sees {mine}; "
@@ -810,15 +831,18 @@ device = "cpu"
 """)
     store = str(tmp_path / "bn.zarr")
     assert CliRunner().invoke(main, ["extract", str(toml), "--out", store]).exit_code == 0
-    r = _torchrun("train", str(toml), "--cache", store, "--out", str(tmp_path / "ddp"), cwd=tmp_path)
+    # Batches of 8 without drop_last: rank 0's second batch is the one row left over, which its BatchNorm cannot
+    # take. Rank 0 says so; rank 1, whose all-reduce then loses its peer, says one line too (was gloo's traceback).
+    toml8 = tmp_path / "bn8.toml"
+    toml8.write_text(toml.read_text().replace("batch_size = 5\ndrop_last = true", "batch_size = 8"))
+    jobs = [_start_torchrun("train", str(t), "--cache", store, "--out", str(tmp_path / out), cwd=tmp_path)
+            for t, out in ((toml, "ddp"), (toml8, "bn8"))]  # at once: each its own OUT
+    r = _ended(jobs[0])
     assert r.returncode == 0, r.stderr[-3000:]
     (line,) = (json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines())
     assert line["step"] == 2 and line["loss"] > 0
 
-    # Batches of 8 without drop_last: rank 0's second batch is the one row left over, which its BatchNorm cannot
-    # take. Rank 0 says so; rank 1, whose all-reduce then loses its peer, says one line too (was gloo's traceback).
-    toml.write_text(toml.read_text().replace("batch_size = 5\ndrop_last = true", "batch_size = 8"))
-    r = _torchrun("train", str(toml), "--cache", store, "--out", str(tmp_path / "bn8"), cwd=tmp_path)
+    r = _ended(jobs[1])
     output = r.stdout + r.stderr
     assert r.returncode != 0 and "on a batch of one sample" in output and "set train.drop_last = true" in output, output[-3000:]
     assert "Connection closed by peer" not in output and "RuntimeError" not in output, output[-3000:]
