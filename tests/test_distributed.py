@@ -706,14 +706,15 @@ def test_a_rank_that_stops_answering_ends_the_others_in_one_line_when_the_collec
     answers), so rank 0 waits in that step's all-reduce until train.rank_timeout_s (30 min; here 2 s: every collective
     waited 12 h before). It ended with gloo's RuntimeError traceback ("Timed out waiting 2000ms for recv operation"); now
     one line naming what happened. Rank 1, once it wakes, finds rank 0 gone and says so in its own line. Where one rank
-    legitimately works while the others wait (rank 0 saving a checkpoint: here 4 s, at epoch 0's end), they wait
+    legitimately works while the others wait (rank 0 saving a checkpoint: here 3 s, at epoch 0's end), they wait
     longer (distributed.TIMEOUT, 12 h), and the run goes on."""
     from conftest import TINY_TOML
 
     toml = tmp_path / "tiny.toml"  # 50 rows, 2 ranks of batch 8: 4 steps an epoch
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
-    # kdcache's command, rank 0's first checkpoint slow (4 s), rank 1 asleep before its seventh step until rank 0's process
-    # has ended (it slept a fixed 7 s, most of it after rank 0 had gone; at most 60 s now, so a loaded box cannot wake it early)
+    # kdcache's command, rank 0's first checkpoint slow (3 s: the ranks meet in its gather of their RNG states just before,
+    # so the others wait all of it, past 2 s), rank 1 asleep before its seventh step until rank 0's process has ended (it
+    # slept a fixed 7 s, most of it after rank 0 had gone; at most 60 s now, so a loaded box cannot wake it early)
     hung, pid = tmp_path / "hung.py", tmp_path / "rank0.pid"
     hung.write_text("import importlib, os, time\n"
                     f"pid = {str(pid)!r}\n"
@@ -725,7 +726,7 @@ def test_a_rank_that_stops_answering_ends_the_others_in_one_line_when_the_collec
                     "def slow(self, batch):\n    steps.append(1)\n"
                     "    if os.environ['RANK'] == '1' and len(steps) == 7:\n        end = time.monotonic() + 60\n"
                     "        while not gone() and time.monotonic() < end:\n            time.sleep(0.05)\n    return losses(self, batch)\n"
-                    "def slow_save(*args, **kwargs):\n    time.sleep(4)\n    return save(*args, **kwargs)\n"
+                    "def slow_save(*args, **kwargs):\n    time.sleep(3)\n    return save(*args, **kwargs)\n"
                     "train.Run.losses, train._save_epoch = slow, slow_save\nfrom kdcache.cli import main\nmain()\n")
     sets = [x for s in ("train.epochs=2", "train.features={}", "train.eval_split=''", "train.rank_timeout_s=2") for x in ("--set", s)]
     r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "out"), *sets, cwd=tmp_path, script=hung)
