@@ -231,9 +231,13 @@ def test_workers_that_cannot_reach_the_drivers_store_stop_the_job(toml, schedule
             with pytest.raises(ShardError, match=rf"reported shards 0, 1, 2, 3 written, but {out!r} does not have them"):
                 extract_distributed(kdcache.load_pipeline(toml), out, scheduler=scheduler)
             assert not open_store(out).done().any()
-        finally:  # the driver's store, and each worker's: the module's later jobs run on them
-            client.run(lambda: fsspec.filesystem("memory").rm(folder, recursive=True) if fsspec.filesystem("memory").exists(folder) else None)
-            fsspec.filesystem("memory").rm(folder, recursive=True)
+        finally:  # the driver's store, and each worker's: the module's later jobs run on those workers
+            def forget() -> None:
+                if fsspec.filesystem("memory").exists(folder):
+                    fsspec.filesystem("memory").rm(folder, recursive=True)
+
+            client.run(forget)
+            forget()
 
 
 def test_a_cluster_rebuilds_a_teacher_whose_checkpoint_changed_since_its_last_job(tmp_path):
@@ -470,9 +474,8 @@ def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None 
 
 
 def _start_torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.Popen:
-    """``_torchrun`` started, not waited for (``_ended``): independent jobs run at once, each on its own port. A job is
-    mostly Python and torch starting (the agent's, then its ranks') and ranks waiting for one another, which leaves a
-    core idle that another job's processes take."""
+    """``_torchrun`` started, not waited for (``_ended``): independent jobs of a test run at once, each on its own port
+    (a job is mostly Python and torch starting, the agent's then its ranks', and ranks waiting for one another)."""
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), *(["-m", "kdcache.cli"] if script is None else [str(script)]), *args]
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
