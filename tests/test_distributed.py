@@ -470,27 +470,10 @@ def test_a_local_clusters_logging_stays_silent_while_it_closes_and_in_a_restarte
 
 def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun … kdcache ARGS`` (``script``: that script instead, as tests/fixtures/faults.py)."""
-    return _ended(_start_torchrun(*args, nproc=nproc, cwd=cwd, env=env, script=script))
-
-
-def _start_torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.Popen:
-    """``_torchrun`` started, not waited for (``_ended``): independent jobs of a test run at once, each on its own port
-    (a job is mostly Python and torch starting, the agent's then its ranks', and ranks waiting for one another)."""
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), *(["-m", "kdcache.cli"] if script is None else [str(script)]), *args]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def _ended(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The ended torchrun job ``proc`` (killed past ``timeout`` s, as subprocess.run does)."""
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, tmp_path, zoo_env):
@@ -791,12 +774,10 @@ def test_ranks_that_see_another_out_than_rank_0_are_refused_in_one_line(tiny_sto
                       "from kdcache.cli import main\nmain()\n")
     before = (run / "checkpoint.pt").read_bytes()
     host = socket.gethostname()
-    cases = (("--auto-resume", elsewhere, "no checkpoint.pt"), ("--resume", copy, "checkpoint.pt saved after epoch 0 (step 4)"),
-             ("--overwrite", elsewhere, "no checkpoint.pt"))
-    jobs = [_start_torchrun("train", str(toml), "--cache", tiny_store, "--out", str(run), *sets, "--epochs", "3", flag, cwd=tmp_path,
-                            script=script, env={"RANK1_OUT": str(theirs)}) for flag, theirs, _ in cases]  # at once: each writes nothing
-    for (flag, theirs, sees), job in zip(cases, jobs):
-        r = _ended(job)
+    for flag, theirs, sees in (("--auto-resume", elsewhere, "no checkpoint.pt"), ("--resume", copy, "checkpoint.pt saved after epoch 0 (step 4)"),
+                               ("--overwrite", elsewhere, "no checkpoint.pt")):
+        r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(run), *sets, "--epochs", "3", flag, cwd=tmp_path,
+                      script=script, env={"RANK1_OUT": str(theirs)})
         ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
         mine = "checkpoint.pt saved after epoch 1 (step 8)" if flag != "--overwrite" else "checkpoint.pt"
         line = (f"Error: rank 1 (on {host}) sees another --out than rank 0 (on {host}): {sees} in {str(run)!r}, where rank 0 sees {mine}; "
