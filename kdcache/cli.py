@@ -81,7 +81,8 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     ``train`` takes SIGTERM itself while it trains, to save a checkpoint first. Later SIGTERMs are ignored while the
     command cleans up (a scheduler may send several: Slurm signals every process of a job, and torchrun passes its own
     on); Ctrl-C or SIGKILL end it at once. Signals reach the main thread only: elsewhere (a caller's thread) SIGTERM
-    is left as it is. Under torchrun only rank 0 takes it so (it holds the writer lock and speaks): the other ranks
+    is left as it is. A SIGTERM while the command ends with its own error (in the clean-up after it) leaves that error to be
+    said. Under torchrun only rank 0 takes it so (it holds the writer lock and speaks): the other ranks
     end at once, as before, for torchrun also SIGTERMs them when another rank fails, often while they still import
     their modules, where an exception raised on the spot would leave a module half made and a traceback."""
     if threading.current_thread() is not threading.main_thread() or os.environ.get("RANK", "0") not in ("", "0"):
@@ -90,6 +91,8 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
 
     def stop(signum: int, frame: Any) -> None:
         signal.signal(signum, signal.SIG_IGN)
+        if isinstance(sys.exc_info()[1], KdcacheError):  # it came while the command cleans up after its own error, which it
+            return  # goes on to say: torchrun SIGTERMs rank 0 once another rank has said the same refusal and ended
         raise _Terminated
 
     before = signal.getsignal(signal.SIGTERM)

@@ -552,6 +552,29 @@ def test_a_sigterm_during_the_clean_up_of_one_is_ignored(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sigterm_during_the_clean_up_after_an_error_leaves_the_error_said(tmp_path):
+    """torchrun SIGTERMs rank 0 once rank 1 has said the refusal they share and ended: rank 0, cleaning up after that same
+    refusal, said 'stopped by SIGTERM; the store there is unchanged' instead (two Error lines of a job that was refused)."""
+    import click
+
+    from kdcache import cli
+    from kdcache.errors import StoreError
+
+    @cli._errors
+    def extract(out: str) -> None:
+        try:
+            raise StoreError(f"{out!r} is being written by another job; wait for it")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # while the refusal goes up through the clean-up
+            time.sleep(0.05)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(click.ClickException) as refused:
+        extract(out="s.zarr")
+    assert refused.value.exit_code == 1 and refused.value.message == "'s.zarr' is being written by another job; wait for it"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_env, fetch_log):
     """A real ``kdcache`` process on a slow dataset (240 samples, 30 shards) is killed, re-run, and compared byte for byte."""
