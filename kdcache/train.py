@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import warnings
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -425,15 +426,28 @@ class _Writes:
 
     def __init__(self) -> None:
         self.future: Any = None
+        self.abandoned = threading.Event()  # set by a Ctrl-C while the run waits for the write (``_save`` stops writing)
 
     def start(self, write: Callable[[], None]) -> None:
         self.wait()
         self.future = threads.pool("checkpoint", 1).submit(write)
 
     def wait(self) -> None:
+        """A Ctrl-C while it waits abandons the write, as a Ctrl-C during a write in the main thread does (its temp file
+        removed, the last checkpoint kept), and waits for its thread to stop at its next chunk: the run raises once what it
+        leaves on the disk is settled (the CLI's after-interrupt line reads it). The future is kept until it is done, so a
+        wait that a Ctrl-C cut short is waited for again (``_epochs``' finally) rather than left writing after train raises."""
+        if self.future is None:
+            return
+        try:
+            futures.wait([self.future])
+        except KeyboardInterrupt:
+            self.abandoned.set()
+            futures.wait([self.future])  # another Ctrl-C ends this wait, and _epochs' finally waits again
+            self.future = None
+            raise
         future, self.future = self.future, None
-        if future is not None:
-            future.result()
+        future.result()
 
 
 @dataclass
@@ -1686,7 +1700,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
                 _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
         except OSError as e:
             raise _write_error(out, e) from None
-        _save(ckpt, out / CHECKPOINT)
+        _save(ckpt, out / CHECKPOINT, background.abandoned if copied else None)
 
     if copied:
         background.start(write)
@@ -1955,16 +1969,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class _Recorded:
-    """A file whose write errors are kept: ``torch.save`` turns them into a bare RuntimeError."""
+    """A file whose write errors are kept: ``torch.save`` turns them into a bare RuntimeError. ``abandoned`` (a background
+    write's, ``_Writes``): once set, the next chunk raises KeyboardInterrupt, as a Ctrl-C in the main thread would."""
 
-    def __init__(self, file: Any):
-        self.file, self.error = file, None
+    def __init__(self, file: Any, abandoned: threading.Event | None = None):
+        self.file, self.error, self.abandoned = file, None, abandoned
         self.name = file.name
 
     def write(self, data: Any) -> int:
         try:
+            if self.abandoned is not None and self.abandoned.is_set():
+                raise KeyboardInterrupt
             return self.file.write(data)
-        except OSError as e:
+        except (OSError, KeyboardInterrupt) as e:
             self.error = e
             raise
 
@@ -1988,12 +2005,13 @@ def _on_cpu(state: Any, copied: bool = False) -> Any:
     return state
 
 
-def _save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file renamed over ``path``: a crash or a full disk leaves the previous file whole."""
+def _save(obj: Any, path: Path, abandoned: threading.Event | None = None) -> None:
+    """``torch.save`` to a temp file renamed over ``path``: a crash or a full disk leaves the previous file whole (and so
+    does ``abandoned``, set: ``_Recorded``)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            recorded = _Recorded(f)
+            recorded = _Recorded(f, abandoned)
             try:
                 torch.save(obj, recorded)
             except RuntimeError:

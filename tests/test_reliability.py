@@ -253,6 +253,53 @@ def test_train_sigterm_to_its_process_group_stops_at_a_checkpoint_and_resumes(tr
     assert_same_training(out, trained["reference"])
 
 
+def waiting(pid: int, within: float = 60.0) -> None:
+    """Return once process ``pid``'s main thread has slept (state S: blocked, not training) for a second on end."""
+    deadline, since = time.monotonic() + within, None
+    while time.monotonic() < deadline:
+        asleep = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+        since = (since or time.monotonic()) if asleep else None
+        if since is not None and time.monotonic() - since > 1.0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never waited")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the main thread's state in /proc")
+def test_train_ctrl_c_while_it_waits_for_a_checkpoint_write_says_what_is_kept(trained, tmp_path):
+    """A checkpoint write slower than the next epoch (its temp file a FIFO: a slow disk whose pace the test sets): the run
+    waits for it, and a Ctrl-C there ends the run with a line that is true of OUT and a rerun that reaches the
+    uninterrupted weights (was: the wait forgot the write, train raised with it under way, the CLI said 'no checkpoint
+    was saved' and the checkpoint landed after, as the process exited)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / "checkpoint.pt.tmp")
+    args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *map(str, args)], env=env(), stderr=subprocess.PIPE, text=True)
+    drained: list[bytes] = []
+    try:
+        waiting(proc.pid)  # epoch 0's write is stuck opening the FIFO, and the run waits for it after epoch 1
+        proc.send_signal(signal.SIGINT)
+        reader = threading.Thread(target=lambda: drained.append((out / "checkpoint.pt.tmp").read_bytes()))
+        reader.start()  # the disk moves on
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    reader.join(timeout=60)
+    stderr = proc.stderr.read()
+    if (out / "checkpoint.pt").exists():  # the FIFO renamed into place: the bytes a slow disk would have kept
+        (out / "checkpoint.pt").unlink()
+        (out / "checkpoint.pt").write_bytes(drained[0])
+        assert_one_line_error(stderr, "Error: interrupted; its last checkpoint is kept: run it again with --resume to continue")
+        again = ["--resume"]
+    else:
+        assert_one_line_error(stderr, "Error: interrupted; no checkpoint was saved: run the same command again")
+        again = []
+    result = invoke(*args, *again)
+    assert result.exit_code == 0, result.output
+    assert_same_training(out, trained["reference"])
+
+
 @pytest.mark.slow
 def test_a_job_preempted_at_random_moments_and_requeued_reaches_the_uninterrupted_weights(tiny_store, tmp_path):
     """A preemptible job: the same `kdcache train … --auto-resume` command, SIGTERMed by wall clock at seeded random
