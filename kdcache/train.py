@@ -1989,20 +1989,34 @@ class _Recorded:
         self.file.flush()
 
 
-def _on_cpu(state: Any, copied: bool = False) -> Any:
+def _on_cpu(state: Any, copied: bool = False, copies: dict[Any, Any] | None = None) -> Any:
     """``state`` (a state dict, or an optimizer's nested one) with its tensors on the host: loadable where there is no GPU,
     without map_location. A dict keeps its type and attributes (a module state dict's ``_metadata``, which load_state_dict
-    reads); a tensor already on the host is not copied, unless ``copied`` (every tensor a copy of its own)."""
+    reads); a tensor already on the host is not copied, unless ``copied`` (every tensor a copy of its own: ``_copied``)."""
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=copied)
+        return _copied(state.detach(), {} if copies is None else copies) if copied else state.detach().cpu()
+    copies = {} if copies is None else copies
     if isinstance(state, dict):
         out = copy.copy(state)
         for key, value in state.items():
-            out[key] = _on_cpu(value, copied)
+            out[key] = _on_cpu(value, copied, copies)
         return out
     if type(state) in (list, tuple):
-        return type(state)(_on_cpu(value, copied) for value in state)
+        return type(state)(_on_cpu(value, copied, copies) for value in state)
     return state
+
+
+def _copied(tensor: torch.Tensor, copies: dict[Any, Any]) -> torch.Tensor:
+    """``tensor`` on the host, in a copy of its storage made once per storage (``copies``): tensors that share one (a
+    student's tied weights) share their copy's, and are saved once, as torch.save keeps the tensors themselves."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a sparse tensor, or a subclass with no storage of its own
+        return tensor.to("cpu", copy=True)
+    key = (storage.device, storage.data_ptr(), storage.nbytes())
+    if key not in copies:
+        copies[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+    return torch.empty(0, dtype=tensor.dtype).set_(copies[key], tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _save(obj: Any, path: Path, abandoned: threading.Event | None = None) -> None:

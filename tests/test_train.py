@@ -1637,13 +1637,13 @@ def test_an_epochs_checkpoint_reaches_the_disk_while_the_next_epoch_trains(tiny_
         saved_at.append(len(steps))
         save_epoch(*args, **kwargs)
 
-    def slow(obj, path):  # epoch 0's checkpoint: waits (up to 5 s) for a step of epoch 1 before it is written
+    def slow(obj, path, *abandoned):  # epoch 0's checkpoint: waits (up to 5 s) for a step of epoch 1 before it is written
         if path.name == CHECKPOINT and obj["epoch"] == 1:
             deadline = time.monotonic() + 5
             while len(steps) == saved_at[0] and time.monotonic() < deadline:
                 time.sleep(0.005)
             overlapped.append(len(steps) > saved_at[0])
-        save(obj, path)
+        save(obj, path, *abandoned)
 
     with monkeypatch.context() as m:
         m.setattr(Run, "losses", counted)
@@ -1656,16 +1656,30 @@ def test_an_epochs_checkpoint_reaches_the_disk_while_the_next_epoch_trains(tiny_
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in b["student"]) and a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert all(torch.equal(a["optimizer"]["state"][i][k], v) for i, s in b["optimizer"]["state"].items() for k, v in s.items())
 
-    def full_disk(obj, path):
+    def full_disk(obj, path, *abandoned):
         if path.name == CHECKPOINT and obj["epoch"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        save(obj, path)
+        save(obj, path, *abandoned)
 
     with monkeypatch.context() as m:
         m.setattr(trainer, "_save", full_disk)
         with pytest.raises(OSError, match="No space left on device"):
             train(pipeline(*PLAIN, "train.epochs=3"), tiny_store, tmp_path / "full")
     assert [m["epoch"] for m in metrics(tmp_path / "full")] == [0, 1]  # the checkpoint failed after its line was written
+
+
+def test_a_checkpoint_written_in_the_background_keeps_tied_weights_one_tensor(tiny_store, tmp_path, monkeypatch):
+    """A student's tied weights (one tensor under two names) stay one tensor in a checkpoint written from copies, as in one
+    written in the main thread (was: each name copied apart, the tied weights saved twice and held twice in RAM)."""
+    args = (*PLAIN, "train.epochs=1", "student.factory='tiny.py:tied_student'")
+    train(pipeline(*args), tiny_store, tmp_path / "background")
+    monkeypatch.setattr(importlib.import_module("kdcache.train"), "WRITE_IN_BACKGROUND", False)
+    train(pipeline(*args), tiny_store, tmp_path / "main")
+    a, b = (torch.load(tmp_path / run / CHECKPOINT, weights_only=True) for run in ("background", "main"))
+    assert a["student"].keys() == b["student"].keys() and all(torch.equal(a["student"][k], v) for k, v in b["student"].items())
+    for ckpt in (a, b):
+        assert ckpt["student"]["tied.weight"].untyped_storage().data_ptr() == ckpt["student"]["fc.weight"].untyped_storage().data_ptr()
+    assert (tmp_path / "background" / CHECKPOINT).stat().st_size == (tmp_path / "main" / CHECKPOINT).stat().st_size
 
 
 def test_more_sigterms_are_the_same_request_and_the_handler_is_put_back(tiny_store, tmp_path):
