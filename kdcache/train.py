@@ -2009,10 +2009,9 @@ def _on_cpu(state: Any, copied: bool = False, copies: dict[Any, Any] | None = No
 def _copied(tensor: torch.Tensor, copies: dict[Any, Any]) -> torch.Tensor:
     """``tensor`` on the host, in a copy of its storage made once per storage (``copies``): tensors that share one (a
     student's tied weights) share their copy's, and are saved once, as torch.save keeps the tensors themselves."""
-    try:
-        storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # a sparse tensor, or a subclass with no storage of its own
-        return tensor.to("cpu", copy=True)
+    if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        return tensor.to("cpu", copy=True)  # sparse, quantized, nested, a subclass: a storage of another make, or none
+    storage = tensor.untyped_storage()
     key = (storage.device, storage.data_ptr(), storage.nbytes())
     if key not in copies:
         copies[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
