@@ -278,7 +278,10 @@ def test_train_ctrl_c_while_it_waits_for_a_checkpoint_write_says_what_is_kept(tr
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *map(str, args)], env=env(), stderr=subprocess.PIPE, text=True)
     drained: list[bytes] = []
     try:
-        waiting(proc.pid)  # epoch 0's write is stuck opening the FIFO, and the run waits for it after epoch 1
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:  # epoch 0's write began: its line first
+            time.sleep(0.02)
+        waiting(proc.pid)  # that write is stuck opening the FIFO, and the run waits for it after epoch 1
         proc.send_signal(signal.SIGINT)
         reader = threading.Thread(target=lambda: drained.append((out / "checkpoint.pt.tmp").read_bytes()))
         reader.start()  # the disk moves on
