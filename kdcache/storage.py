@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
-from kdcache.errors import StoreError, one_line, short
+from kdcache.errors import DamagedStoreError, StoreError, one_line, short
 
 REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp")  # what kdcache[remote] installs (pyproject.toml): s3:// and http(s)://
 
@@ -49,7 +49,7 @@ def too_large(location: str, key: str, size: int | None, bound: int, done: str =
     """The error for the object ``key`` of the store at ``location`` holding ``size`` bytes (None: more than ``bound``,
     where the read stopped), more than it can (``bound``): it is not ``done`` (read, packed)."""
     holds = f"{size:,} bytes, more than it can ({bound:,}" if size is not None else f"more than {bound:,} bytes, the most it can (the read stopped there"
-    return StoreError(f"{location!r} is damaged: object {short(key)} holds {holds}: FORMAT.md §13), and is not {done}; "
+    return DamagedStoreError(f"{location!r} is damaged: object {short(key)} holds {holds}: FORMAT.md §13), and is not {done}; "
                       f"run kdcache verify {location}, and copy the store again from its source")
 
 
@@ -355,7 +355,7 @@ def local_object(root: str | os.PathLike[str], key: str, at_most: int | None = N
         raise too_large(str(root), key, found.st_size, at_most)
     else:
         return path
-    raise StoreError(f"{str(root)!r} is unsafe to read: object {short(key)} {why}; kdcache reads only regular files inside a "
+    raise DamagedStoreError(f"{str(root)!r} is unsafe to read: object {short(key)} {why}; kdcache reads only regular files inside a "
                      "store folder: replace it with the object's own file, or copy the store again from its source")
 
 
@@ -730,7 +730,7 @@ def check_zip_directory(location: str, file: Any) -> None:
         return
     size = end[zipfile._ECD_SIZE] if end is not None else 0  # type: ignore[attr-defined]
     if size > MAX_ZIP_DIRECTORY_BYTES:
-        raise StoreError(f"{location!r} is damaged: its zip's central directory holds {size:,} bytes (its end record says), more "
+        raise DamagedStoreError(f"{location!r} is damaged: its zip's central directory holds {size:,} bytes (its end record says), more "
                          f"than kdcache reads of one ({MAX_ZIP_DIRECTORY_BYTES:,}: about 2.5 million members of a store), and is "
                          "not read; copy the zip again from its source (kdcache pack FOLDER OUT writes one)")
 
@@ -775,14 +775,14 @@ def check_zip_members(location: str, members: list[zipfile.ZipInfo]) -> None:
     object: Python's zipfile reads the last, other tools the first, and ``verify`` checks only one)."""
     packed = next((m for m in members if m.compress_type != zipfile.ZIP_STORED), None)
     if packed is not None:
-        raise StoreError(f"{location!r}: zip member {short(packed.filename)} is compressed "
+        raise DamagedStoreError(f"{location!r}: zip member {short(packed.filename)} is compressed "
                          f"({zipfile.compressor_names.get(packed.compress_type, packed.compress_type)}, "
                          f"{packed.file_size:,} bytes); a store's zip holds its members stored, as kdcache pack "
                          "writes them (the chunks are compressed already): unzip it into a folder and run kdcache pack FOLDER OUT")
     seen: set[str] = set()
     for m in members:
         if m.filename in seen:
-            raise StoreError(f"{location!r}: zip member {short(m.filename)} appears more than once (which one is the object "
+            raise DamagedStoreError(f"{location!r}: zip member {short(m.filename)} appears more than once (which one is the object "
                              "is up to the reader); pack the store again from its folder (kdcache pack FOLDER OUT)")
         seen.add(m.filename)
 

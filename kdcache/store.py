@@ -211,7 +211,9 @@ class Store:
                 why = f"its {ATTRS!r} root attribute holds {short(manifest)}, not a JSON object"
             else:
                 why = f"its {ATTRS!r} root attribute has format {short(manifest.get('format'))}, not {FORMAT!r}"
-            raise StoreError(f"{location!r} is a zarr group but not a kdcache store ({why}); pass a store written by kdcache extract")
+            # a manifest that is no JSON object is damage (verify's open check); no manifest, or another format's, is another group
+            error = DamagedStoreError if ATTRS in attrs and not isinstance(manifest, dict) else StoreError
+            raise error(f"{location!r} is a zarr group but not a kdcache store ({why}); pass a store written by kdcache extract")
         version = manifest.get("format_version")
         if type(version) is not int:  # exactly the JSON integer: true and 1.0 compare equal to 1 in Python
             raise _bad_manifest(location, "format_version", version, f"the integer {FORMAT_VERSION} or {TOPK_FORMAT_VERSION}")
@@ -419,7 +421,7 @@ class Store:
                 raise
         kept = (self.manifest.get("compression") or {}).get("shard_digests")
         if not self._digested and kept:  # every kdcache that writes the key makes the array: deleted, no read would check rows' places
-            raise StoreError(f"{self.location!r} is damaged: {DIGEST} is missing although its manifest says the store keeps shard "
+            raise DamagedStoreError(f"{self.location!r} is damaged: {DIGEST} is missing although its manifest says the store keeps shard "
                              f"digests (compression.shard_digests = {kept!r}): an incomplete copy; copy the whole store again, or re-extract it")
         return self._digested
 
@@ -443,10 +445,10 @@ class Store:
             if bad:  # named, with the marker whose deletion has extract redo that shard (FORMAT.md §13)
                 named = ", ".join(f"{DIGEST}/c/{s}/0 (shard {s}: {size} bytes)" for s, size in bad[:3])
                 named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-                raise StoreError(f"{self.location!r} is damaged: digest row {named} is not the {4 * want[1]} bytes of one row "
+                raise DamagedStoreError(f"{self.location!r} is damaged: digest row {named} is not the {4 * want[1]} bytes of one row "
                                  f"(truncated or corrupted); delete the done marker {' '.join(f'{DONE}/c/{s}' for s, _ in bad[:3])} of "
                                  "its shard and rerun kdcache extract (which redoes the shard), or re-extract the store") from None
-            raise StoreError(f"{self.location!r} is damaged: {DIGEST} does not decode ({type(e).__name__}: {short(str(e))}); "
+            raise DamagedStoreError(f"{self.location!r} is damaged: {DIGEST} does not decode ({type(e).__name__}: {short(str(e))}); "
                              f"run kdcache verify {self.location}, or re-extract the store") from None
 
     def _bad_digest_rows(self, width: int) -> list[tuple[int, int]]:
@@ -1565,6 +1567,9 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
         group = zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)
     except StoreError:
         raise
+    except zarr.errors.ContainsArrayError:  # someone's zarr array, not a store's root damaged (verify's open check)
+        raise _inside_a_store(location) or StoreError(f"{location!r} is a zarr array, not a store (a zarr group); pass a store "
+                                                      "written by kdcache extract") from None
     except (FileNotFoundError, *BAD_METADATA) as e:
         raise _inside_a_store(location) or DamagedStoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None

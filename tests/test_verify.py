@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +287,80 @@ def test_verify_of_what_is_no_store_is_one_error_line_and_json_says_so(tiny_stor
 
 
 # ----------------------------------------------------------------------------------- shard digests (FORMAT.md §7.1)
+
+
+def _giant(path: str):
+    def damage(store: Path) -> Path:
+        os.truncate(store / path, 64 * 2**30)  # a sparse file: nothing is written
+        return store
+    return damage
+
+
+def _fifo_marker(store: Path) -> Path:
+    (store / "progress/done/c/1").unlink()
+    os.mkfifo(store / "progress/done/c/1")
+    return store
+
+
+def _root_linked_out(store: Path) -> Path:
+    (store / "zarr.json").rename(store.parent / "elsewhere.json")
+    (store / "zarr.json").symlink_to(store.parent / "elsewhere.json")
+    return store
+
+
+def _manifest_a_list(store: Path) -> Path:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["kdcache"] = [1]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    return store
+
+
+def _rezipped(compressed: str = "", twice: str = ""):
+    """Damage: the store as a zip (as pack writes it) whose member ``compressed`` is deflated, or ``twice`` appears twice."""
+    def damage(store: Path) -> Path:
+        out = store.parent / "t.zarr.zip"
+        with zipfile.ZipFile(out, "w") as z:
+            for f in sorted(p for p in store.rglob("*") if p.is_file()):
+                name = f.relative_to(store).as_posix()
+                z.write(f, name, compress_type=zipfile.ZIP_DEFLATED if name == compressed else zipfile.ZIP_STORED)
+                if name == twice:
+                    with pytest.warns(UserWarning, match="Duplicate name"):
+                        z.write(f, name)
+        return out
+    return damage
+
+
+@pytest.mark.parametrize("damage, said", [
+    (_giant("zarr.json"), "is damaged: object 'zarr.json' holds 68,719,476,736 bytes, more than it can"),
+    (_giant("samples/zarr.json"), "is damaged: object 'samples/zarr.json' holds 68,719,476,736 bytes"),
+    (_giant("progress/done/c/1"), "is damaged: object 'progress/done/c/1' holds 68,719,476,736 bytes, more than it can (129"),
+    (_fifo_marker, "is unsafe to read: object 'progress/done/c/1' is not a regular file (it leads to a FIFO"),
+    (_root_linked_out, "is unsafe to read: object 'zarr.json' is a link to "),
+    (_rezipped(compressed="progress/done/c/1"), "zip member 'progress/done/c/1' is compressed (deflate, 1 bytes)"),
+    (_rezipped(twice="zarr.json"), "zip member 'zarr.json' appears more than once"),
+    (_manifest_a_list, "not a kdcache store (its 'kdcache' root attribute holds [1], not a JSON object)"),
+], ids=["giant-root-zarr-json", "giant-group-zarr-json", "giant-done-marker", "fifo-done-marker", "root-linked-out",
+        "zip-member-compressed", "zip-member-twice", "manifest-a-list"])
+def test_damage_found_as_the_store_opens_is_the_open_checks_failure(copy, damage, said):
+    """Since verify's Error line for what is no store, damage that other modules than the store's metadata checks name (an
+    object larger than it can be, one that is no regular file or a link out of the store, a zip member compressed or
+    twice, a manifest that is no object) was that Error line too, saying "run kdcache verify" of verify itself: it is
+    the report's failed open check again, as every damage found on opening is."""
+    location = str(damage(copy))
+    r = CliRunner().invoke(main, ["verify", location, "--json"])
+    report = json.loads(r.stdout)
+    assert r.exit_code == 1 and r.stderr == "" and "error" not in report, r.output
+    assert [c["name"] for c in report["checks"]] == ["open"] and said in report["checks"][0]["problems"][0], report
+
+
+def test_a_zarr_array_is_no_store_not_a_damaged_one(tmp_path):
+    """A zarr v3 array (someone's, not a store) was verify's failed open check, "not a zarr v3 group (ContainsArrayError:
+    ...)": a store passed wrongly, not one damaged. It is the Error line naming what it is."""
+    zarr.create_array(store=str(tmp_path / "a.zarr"), shape=(4,), dtype="int8")
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "a.zarr"), "--json"])
+    said = f"'{tmp_path}/a.zarr' is a zarr array, not a store (a zarr group); pass a store written by kdcache extract"
+    assert r.exit_code == 1 and r.stderr == f"Error: {said}\n", r.output
+    assert json.loads(r.stdout) == {"location": str(tmp_path / "a.zarr"), "ok": False, "error": said, "checks": [], "teacher_check": None}
 
 
 @pytest.mark.parametrize("codec", ["zstd", "none"])
