@@ -198,7 +198,7 @@ class _Stopped(click.ClickException):
     exit_code = 128 + signal.SIGTERM
 
 
-def _message(e: KdcacheError) -> str:
+def _message(e: BaseException) -> str:
     """The error's one line. An error raised in a DataLoader worker process reaches the main process as the
     same class holding torch's text (``Caught X in DataLoader worker process N.`` and the worker's traceback):
     its last line, less the class name, is the worker's own message. Characters that are not printable are shown
@@ -528,24 +528,41 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
     """Check a store: completeness, layout, checksums, values, fingerprints (and the teacher). Exit 0 only if all hold."""
     from kdcache.verify import report_text, verify as run_verify
 
-    if teacher_check and not pipeline:
-        raise click.UsageError("--teacher-check needs --pipeline PIPELINE (the pipeline the store was extracted with)")
-    if overrides and not pipeline:
-        raise click.UsageError(f"--set {overrides[0]} changes a value of --pipeline PIPELINE, which was not given; pass --pipeline "
-                               "with --teacher-check N, or leave --set out")
-    _refuse_without_teacher_check(pipeline=pipeline, seed=seed, tolerance=tolerance)
-    p = _load(pipeline, overrides) if pipeline else None
     try:
+        if teacher_check and not pipeline:
+            raise click.UsageError("--teacher-check needs --pipeline PIPELINE (the pipeline the store was extracted with)")
+        if overrides and not pipeline:
+            raise click.UsageError(f"--set {overrides[0]} changes a value of --pipeline PIPELINE, which was not given; pass --pipeline "
+                                   "with --teacher-check N, or leave --set out")
+        _refuse_without_teacher_check(pipeline=pipeline, seed=seed, tolerance=tolerance)
+        p = _load(pipeline, overrides) if pipeline else None
         report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
                             seed=seed, tolerance=tolerance)
-    except KdcacheError as e:  # nothing checked (no store there, ...): the Error line, and for --json a report saying why
-        if as_json:
-            click.echo(json.dumps({"location": store, "ok": False, "error": _message(e), "checks": [], "teacher_check": None}, indent=2))
+    except (Exception, KeyboardInterrupt) as e:  # raised on, as every command's error (its Error line)
+        _verify_stopped(store, e, as_json)
         raise
     click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
     if not report["ok"]:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's reads still running when one failed: see _errors
         sys.exit(1)
+
+
+def _verify_stopped(store: str, e: BaseException, as_json: bool) -> None:
+    """verify stopped by ``e`` before its checks ended (no store there, a bad option, a read failed on the way, the teacher
+    raised, Ctrl-C): with --json, its one object on stdout still, ``ok`` false, the ``error`` and the checks done before it
+    (``e.report``; none where the store did not open). The error's own line follows on stderr, as every command's."""
+    if not as_json:
+        return
+    if isinstance(e, KdcacheError):
+        said = _message(e)
+    elif isinstance(e, click.ClickException):
+        said = e.format_message()
+    elif isinstance(e, KeyboardInterrupt):
+        said = "stopped by SIGTERM" if isinstance(e, _Terminated) else "interrupted"
+    else:
+        said = f"{type(e).__name__}: {_message(e)}"  # a teacher's or dataset's own error: its traceback follows
+    done = getattr(e, "report", None) or {"checks": []}
+    click.echo(json.dumps({"location": store, "ok": False, "error": said, "checks": done["checks"], "teacher_check": None}, indent=2))
 
 
 def _refuse_without_teacher_check(**given: Any) -> None:

@@ -62,14 +62,19 @@ class Check:
 
 def verify(location: str, *, storage_options: dict[str, Any] | None = None, teacher_check: int = 0, pipeline: Any = None,
            seed: int = 0, tolerance: float | None = None) -> dict[str, Any]:
-    """Check the store at ``location``; returns a report whose ``ok`` is true only when every check holds."""
+    """Check the store at ``location``; returns a report whose ``ok`` is true only when every check holds. What stops the
+    checks before they end (a read failed on the way, the teacher raised) is raised, holding the checks done before it in
+    its ``report`` (its ``ok`` false)."""
     for name, value in (("teacher_check", teacher_check), ("seed", seed)):  # 2.5 or None was a TypeError deep in numpy
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
             raise PipelineError(f"{name} must be an integer >= 0, got {short(value)}")
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, int | float | np.floating)
                                   or not (math.isfinite(tolerance) and tolerance >= 0)):
         raise PipelineError(f"tolerance must be a finite number >= 0, got {short(tolerance)}")
-    if teacher_check > 0 and pipeline is not None:  # a path or dict failed after every other check, as an AttributeError
+    if teacher_check > 0 and pipeline is None:  # refused before anything is read (it was, after every other check had run)
+        raise StoreError(f"{option('--teacher-check')} needs the pipeline that built the teacher; pass "
+                         f"{option('--pipeline PIPELINE', 'pipeline=kdcache.load_pipeline(PATH)')}")
+    if teacher_check > 0:  # a path or dict failed after every other check, as an AttributeError
         from kdcache.pipeline import check_pipeline
 
         pipeline = check_pipeline(pipeline)
@@ -82,17 +87,27 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
         check = Check("open")
         check.fail(f"{location!r} is damaged: {_invalid(*e.metadata_problem)}" if hasattr(e, "metadata_problem") else str(e))
         return _report(location, [check], None)
-    checks = [_completeness(store), _layout(store)]
+    checks: list[Check] = []
+    try:
+        teacher = _run_checks(store, checks, teacher_check, pipeline, seed, tolerance)
+    except (Exception, KeyboardInterrupt) as e:  # a read failed on the way, the teacher raised, Ctrl-C: the checks done are
+        e.report = {**_report(location, checks, None), "ok": False}  # type: ignore[attr-defined] - kept (verify --json prints them)
+        raise
+    return _report(location, checks, teacher)
+
+
+def _run_checks(store: layout.Store, checks: list[Check], teacher_check: int, pipeline: Any, seed: int,
+                tolerance: float | None) -> dict[str, Any] | None:
+    """Run the checks in order, each appended to ``checks`` once done; returns the teacher check's figures (None: not run)."""
+    checks.append(_completeness(store))
+    checks.append(_layout(store))
     if checks[1].ok:
         checks += _contents(store)
-    teacher = None
-    if teacher_check > 0:
-        if pipeline is None:
-            raise StoreError(f"{option('--teacher-check')} needs the pipeline that built the teacher; pass "
-                             f"{option('--pipeline PIPELINE', 'pipeline=kdcache.load_pipeline(PATH)')}")
-        check, teacher = _teacher(store, pipeline, teacher_check, seed, tolerance)
-        checks.append(check)
-    return _report(location, checks, teacher)
+    if teacher_check == 0:
+        return None
+    check, teacher = _teacher(store, pipeline, teacher_check, seed, tolerance)
+    checks.append(check)
+    return teacher
 
 
 def _report(location: str, checks: list[Check], teacher: dict[str, Any] | None) -> dict[str, Any]:

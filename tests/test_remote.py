@@ -792,6 +792,25 @@ def test_a_server_failing_one_object_is_one_line_not_damage(faulty_http_root, ti
     assert CliRunner().invoke(main, [command, f"{base}/tiny.zarr"]).exit_code == 0  # the server answers again: all is well
 
 
+def test_verify_json_of_a_server_failing_mid_verify_keeps_the_checks_done(faulty_http_root, tiny_store):
+    """A server that fails a shard's read once verify's completeness and layout checks are done: --json said checks []
+    (nothing checked) and lost them. Its one object holds them, ok false and the error; the Error line is on stderr."""
+    import shutil
+
+    root, base = faulty_http_root
+    if not (root / "tiny.zarr").exists():
+        shutil.copytree(tiny_store, root / "tiny.zarr")
+    (root / ".faults").write_text(json.dumps({"targets/logits/c/1/0": "500"}))
+    try:
+        r = CliRunner().invoke(main, ["verify", f"{base}/tiny.zarr", "--json"])
+    finally:
+        (root / ".faults").unlink()
+    assert r.exit_code == 1 and r.stderr.startswith("Error: cannot read ") and r.stderr.count("\n") == 1, r.output
+    report = json.loads(r.stdout)
+    assert report["ok"] is False and report["error"] == r.stderr.removeprefix("Error: ").rstrip("\n"), report
+    assert [(c["name"], c["ok"]) for c in report["checks"]] == [("completeness", True), ("layout", True)], report
+
+
 def test_pack_over_http_without_index_pages_is_the_same_zip(faulty_http_root, tiny_store, tmp_path):
     """A server that lists no folder (no index pages) still serves every object: pack takes the keys of the store's
     layout, not only the listing's (it wrote a zip without them and said "no store in 'OUT.part.zip'")."""

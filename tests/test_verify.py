@@ -363,6 +363,37 @@ def test_a_zarr_array_is_no_store_not_a_damaged_one(tmp_path):
     assert json.loads(r.stdout) == {"location": str(tmp_path / "a.zarr"), "ok": False, "error": said, "checks": [], "teacher_check": None}
 
 
+def test_verify_json_stopped_by_the_teacher_keeps_the_checks_done(tiny_store):
+    """--teacher-check whose teacher raises stops verify after its other checks: --json said checks [] (nothing checked)
+    and lost them. The object holds the checks done and the error; the Error line follows on stderr, as before."""
+    raising = ["--teacher-check", "4", "--pipeline", str(TINY_TOML), "--set", "teacher.factory='bad_input.py:raising_teacher'"]
+    r = CliRunner().invoke(main, ["verify", tiny_store, *raising, "--json"])
+    said = "teacher.factory 'bad_input.py:raising_teacher' raised RuntimeError: weights file teacher.pt not found"
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: {said}") and r.stderr.count("\n") == 1, r.output
+    report = json.loads(r.stdout)
+    assert report["ok"] is False and report["error"] == r.stderr.removeprefix("Error: ").rstrip("\n") and report["teacher_check"] is None
+    assert [(c["name"], c["ok"]) for c in report["checks"]] == [(n, True) for n in ("completeness", "layout", "checksums", "values")]
+    r = CliRunner().invoke(main, ["verify", tiny_store, *raising])  # the text form: the one Error line, as every command's
+    assert r.exit_code == 1 and r.stdout == "" and r.stderr.startswith(f"Error: {said}"), r.output
+    with pytest.raises(PipelineError, match=re.escape(said)) as raised:
+        verify(tiny_store, teacher_check=4, pipeline=kdcache.load_pipeline(TINY_TOML, ["teacher.factory='bad_input.py:raising_teacher'"]))
+    assert [c["name"] for c in raised.value.report["checks"]] == ["completeness", "layout", "checksums", "values"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--teacher-check", "4", "--pipeline", str(TINY_TOML), "--set", "extract.bogus=1"], "--set extract.bogus=1: unknown key 'extract.bogus'"),
+    (["--teacher-check", "4"], "--teacher-check needs --pipeline PIPELINE"),
+    (["--seed", "3"], "--seed serves --teacher-check N, which was not given"),
+], ids=["bad-set", "no-pipeline", "seed-alone"])
+def test_verify_json_of_a_refused_option_is_one_object(tiny_store, args, said):
+    """An option refused before the store was read (a --set the pipeline does not have, --teacher-check without --pipeline)
+    printed its Error line and nothing on stdout, where --json promises one object."""
+    r = CliRunner().invoke(main, ["verify", tiny_store, *args, "--json"])
+    assert r.exit_code in (1, 2) and r.stderr.startswith(f"Error: {said}"), r.output
+    report = json.loads(r.stdout)
+    assert report["ok"] is False and report["error"].startswith(said) and report["checks"] == [], report
+
+
 @pytest.mark.parametrize("codec", ["zstd", "none"])
 def test_every_shard_digest_is_the_crc32c_of_its_path_number_and_rows(tiny_store, tmp_path, codec):
     """Recomputed with plain zarr and google_crc32c from the definition, not through kdcache. Codec none: the writer
