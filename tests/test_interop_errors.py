@@ -567,6 +567,29 @@ def test_pack_names_an_index_entry_that_cannot_be_an_inner_chunk(chunked_store, 
         interop.pack(store, tmp_path / "t.zarr.zip")
 
 
+@pytest.mark.parametrize("overrides, path", [
+    (["targets.topk=2", "extract.chunk_mb=0.0001"], "targets/logits_indices"),  # int32 classes
+    (["extract.compression=none", "extract.chunk_mb=0.0001"], "targets/logits"),  # inner chunks: bytes, then crc32c
+], ids=["topk-classes", "uncompressed"])
+def test_pack_checks_every_kind_of_store_and_takes_inner_chunks_in_any_order(tmp_path, overrides, path):
+    """A top-k store's int32 classes and an uncompressed store (8-row inner chunks, 2 a shard) pack when
+    intact, their inner chunks stored in any order (a writer other than zarr may), and are refused with a byte flipped."""
+    from google_crc32c import value as crc32c
+
+    store = Path(extract_tiny(tmp_path / "s.zarr", *overrides))
+    shard = store / path / "c/1/0"
+    raw = shard.read_bytes()
+    index = np.frombuffer(raw[-36:-4], "<u8").reshape(2, 2).copy()  # 2 inner chunks of 8 rows per 16-row shard
+    (o0, n0), (o1, n1) = index.tolist()
+    index[:] = [(n1, n0), (0, n1)]  # the second inner chunk first
+    shard.write_bytes(raw[o1 : o1 + n1] + raw[o0 : o0 + n0] + index.tobytes() + crc32c(index.tobytes()).to_bytes(4, "little"))
+    interop.pack(store, tmp_path / "a.zarr.zip")
+    np.testing.assert_array_equal(open_store(tmp_path / "a.zarr.zip").read(path, 0, 50), open_store(store).read(path, 0, 50))
+    flip(shard, 2)
+    with pytest.raises(StoreError, match=rf"array '{path}' shard 1 \(object '{path}/c/1/0'\) inner chunk 1 \(rows 24-31\) fails its crc32c"):
+        interop.pack(store, tmp_path / "b.zarr.zip")
+
+
 def test_pack_checks_an_added_array_whose_chunks_carry_crc32c_and_copies_others_as_they_are(tiny_store, tmp_path):
     """An array another tool added (FORMAT.md §14) is checked where its chunk objects have the format's shape (sharded, a
     crc32c index at the end, inner chunks ending in their crc32c), whatever its codecs before the crc32c; any other
