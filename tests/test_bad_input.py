@@ -513,7 +513,8 @@ CASES = [
          damage=lambda s: edit_manifest(s, format_version=3)),
     Case("train-newer-format", lambda c: train(c), ("has store format version 3",), store=True,
          damage=lambda s: edit_manifest(s, format_version=3)),
-    Case("verify-newer-format", lambda c: ["verify", c.store], ("has store format version 3",), store=True, report=True,
+    # a later kdcache's store is not damaged: verify's one Error line, as every command's (once its failed open check)
+    Case("verify-newer-format", lambda c: ["verify", c.store], ("has store format version 3",), store=True,
          damage=lambda s: edit_manifest(s, format_version=3)),
     Case("extract-resume-newer-format", lambda c: extract("--out", c.store), ("has store format version 3",), store=True,
          damage=lambda s: edit_manifest(s, format_version=3)),
