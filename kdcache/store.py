@@ -1703,6 +1703,10 @@ def _no_zip_store(location: str) -> StoreError:
         with open_zip(str(path)) as z:
             names = set(z.namelist())
     except (OSError, zipfile.BadZipFile) as e:
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            if isinstance(e, zipfile.BadZipFile) and f.read(4) == b"PK\x03\x04":  # a zip's first member, no end: damage (verify's open check)
+                return DamagedStoreError(f"{location!r} is damaged: it begins as a zip file but has no end (its central directory): "
+                                         f"a copy or download cut short ({path.stat().st_size:,} bytes); copy it again from its source")
         return StoreError(f"{location!r} is not a readable zip file ({e}); pass a .zarr.zip written by kdcache pack")
     if ".zgroup" in names:
         return _zarr_v2(location)

@@ -330,6 +330,12 @@ def _rezipped(compressed: str = "", twice: str = ""):
     return damage
 
 
+def _zip_cut_short(store: Path) -> Path:
+    out = _rezipped()(store)
+    out.write_bytes(out.read_bytes()[: out.stat().st_size // 2])  # a download stopped half way
+    return out
+
+
 @pytest.mark.parametrize("damage, said", [
     (_giant("zarr.json"), "is damaged: object 'zarr.json' holds 68,719,476,736 bytes, more than it can"),
     (_giant("samples/zarr.json"), "is damaged: object 'samples/zarr.json' holds 68,719,476,736 bytes"),
@@ -339,13 +345,15 @@ def _rezipped(compressed: str = "", twice: str = ""):
     (_rezipped(compressed="progress/done/c/1"), "zip member 'progress/done/c/1' is compressed (deflate, 1 bytes)"),
     (_rezipped(twice="zarr.json"), "zip member 'zarr.json' appears more than once"),
     (_manifest_a_list, "not a kdcache store (its 'kdcache' root attribute holds [1], not a JSON object)"),
+    (_zip_cut_short, "t.zarr.zip' is damaged: it begins as a zip file but has no end (its central directory): a copy or download cut short"),
 ], ids=["giant-root-zarr-json", "giant-group-zarr-json", "giant-done-marker", "fifo-done-marker", "root-linked-out",
-        "zip-member-compressed", "zip-member-twice", "manifest-a-list"])
+        "zip-member-compressed", "zip-member-twice", "manifest-a-list", "zip-cut-short"])
 def test_damage_found_as_the_store_opens_is_the_open_checks_failure(copy, damage, said):
     """Since verify's Error line for what is no store, damage that other modules than the store's metadata checks name (an
     object larger than it can be, one that is no regular file or a link out of the store, a zip member compressed or
     twice, a manifest that is no object) was that Error line too, saying "run kdcache verify" of verify itself: it is
-    the report's failed open check again, as every damage found on opening is."""
+    the report's failed open check again, as every damage found on opening is. A zip cut short (no end) was "not a
+    readable zip file; pass a .zarr.zip written by kdcache pack": it is damage, named."""
     location = str(damage(copy))
     r = CliRunner().invoke(main, ["verify", location, "--json"])
     report = json.loads(r.stdout)
