@@ -304,11 +304,11 @@ class _Checksums:
         entries = index[:-4].view("<u8").reshape(-1, 2)  # (slots, 2): each inner chunk's offset and length
         stored = np.flatnonzero(~(entries == 2**64 - 1).all(axis=1))  # an absent inner chunk (both 2**64 - 1) is the fill value
         offset, length, limit = entries[stored, 0], entries[stored, 1], size - index_bytes
-        short_, outside = length < 4, (length > limit) | (offset > limit - np.minimum(length, limit))
-        if short_.any() or outside.any():
-            first = int(np.flatnonzero(short_ | outside)[0])
+        too_short, outside = length < 4, (length > limit) | (offset > limit - np.minimum(length, limit))
+        if too_short.any() or outside.any():
+            first = int(np.flatnonzero(too_short | outside)[0])
             chunk = int(stored[first])
-            raise self.damaged(chunk, f"is {int(length[first])} bytes (at byte {int(offset[first])}), fewer than its 4-byte crc32c" if short_[first] else
+            raise self.damaged(chunk, f"is {int(length[first])} bytes (at byte {int(offset[first])}), fewer than its 4-byte crc32c" if too_short[first] else
                                f"lies at bytes {int(offset[first])}+{int(length[first])}, outside the object's {limit:,} bytes of chunks")
         order = np.argsort(offset, kind="stable")
         # the byte ranges ending in the crc32c of the rest, by where they begin (int64: each lies within the object), the
