@@ -1457,7 +1457,7 @@ def test_a_shard_a_server_sends_larger_than_it_can_be_is_refused_in_memory_far_b
     finally:
         (root / ".faults").unlink()
     size = f"{64 * 2**30:,} bytes, more than it can" if fault == "giant" else "more than"
-    assert seen["said"].startswith(f"StoreError: '{base}/{name}' is damaged: object 'targets/logits/c/1/0' holds {size}"), seen
+    assert seen["said"].startswith(f"DamagedStoreError: '{base}/{name}' is damaged: object 'targets/logits/c/1/0' holds {size}"), seen
     assert "\n" not in seen["said"] and "FORMAT.md §13" in seen["said"] and "copy the store again" in seen["said"], seen
     assert seen["grew"] < 16 * 2**20, seen  # the object: 64 GiB
 
@@ -1475,7 +1475,7 @@ def test_a_shard_object_on_s3_larger_than_it_can_be_is_refused_unread(s3, tiny_s
             fs.pipe(f"{BUCKET}/giant-shard.zarr/{f.relative_to(tiny_store).as_posix()}", f.read_bytes())
     fs.pipe(f"{BUCKET}/giant-shard.zarr/targets/logits/c/1/0", bytes(64 * 2**20))
     seen = read_in_a_child(url, s3, "targets/logits", 1)
-    assert seen["said"].startswith(f"StoreError: '{url}' is damaged: object 'targets/logits/c/1/0' holds {64 * 2**20:,} bytes, "
+    assert seen["said"].startswith(f"DamagedStoreError: '{url}' is damaged: object 'targets/logits/c/1/0' holds {64 * 2**20:,} bytes, "
                                    "more than it can ("), seen
     assert seen["grew"] < 16 * 2**20, seen
 
