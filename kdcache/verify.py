@@ -148,7 +148,7 @@ def _layout(store: layout.Store) -> Check:
             except StoreError as unreadable:  # a zip member failing its CRC-32 (named, with the fix): a problem, not verify's end
                 check.fail(f"{path}: {unreadable}")
                 continue
-            check.fail(_bad_metadata(path, e) if present else f"{path}: missing ({type(e).__name__})")
+            check.fail(_bad_metadata(path, e) if present else f"{path}: missing (no {path}/zarr.json)")
             continue
         if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
             check.fail(f"{path}: is {list(arr.shape)} {arr.dtype}, the manifest says {list(shape)} {dtype}")

@@ -89,6 +89,12 @@ def test_missing_shard_object_is_named(copy):
     assert problems(verify(str(copy)), "checksums") == [f"targets/logits: shard 1 object {LOGITS_SHARD_1!r} is missing"]
 
 
+def test_a_missing_array_is_named_by_what_is_missing(copy):
+    """The problem named the exception behind it ('missing (KeyError)', then 'missing (DamagedStoreError)')."""
+    (copy / "samples/label/zarr.json").unlink()
+    assert problems(verify(str(copy)), "layout") == ["samples/label: missing (no samples/label/zarr.json)"]
+
+
 def test_damaged_done_metadata_is_named_once_without_sending_the_user_to_verify(copy):
     """verify's open check gave the store's error whole, which ends "run kdcache verify STORE, or re-extract the store"."""
     meta = copy / "progress/done/zarr.json"
