@@ -530,3 +530,29 @@ def test_an_older_reader_refuses_a_topk_store_by_its_format_version(peaked_store
     with pytest.raises(kdcache.KdcacheError, match=r"targets.logits.classes = 2147483648, expected an integer from topk \(3\) to "
                                                    r"2\*\*31 - 1 \(its classes are int32\)"):
         kdcache.open_store(str(copy))
+
+
+def test_a_topk_run_of_dict_items_cut_inside_an_epoch_resumes_to_the_uninterrupted_run(tmp_path):
+    """Top-k per-token logits of dict items (extract_zoo.TokenLM over items with an entry the student does not take:
+    student.inputs, train.mask), streamed in shuffled buffers by 2 DataLoader workers over a subset, cut inside the
+    second epoch (train.steps) and resumed: the resumed epoch serves the batches the uninterrupted run had left, their
+    values and classes with them, so weights and losses are the uninterrupted run's."""
+    from test_student_inputs import TAKES, token_pipeline
+
+    store = str(tmp_path / "typed.zarr")
+    kdcache.extract(from_dict({**token_pipeline().to_dict(), "targets": {"dtype": "float32", "topk": 4}}, root=FIXTURES), store)
+    assert kdcache.open_store(store).targets["logits"].topk == 4
+
+    def run(out: str, **values) -> list[dict]:
+        pipeline = token_pipeline(inputs=TAKES, epochs=3, subset=37, mask="attention_mask", schedule="constant", memory_budget_mb=0,
+                                  shuffle_buffer_shards=2, num_workers=2, **values)
+        kdcache.train(pipeline, store, tmp_path / out, resume=(tmp_path / out / "checkpoint.pt").exists())
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = run("whole")
+    run("cut", steps=6)  # 37 rows, batches of 8 in buffers of 20 rows: 5 batches an epoch
+    resumed = run("cut")
+    terms = [[line[k] for k in ("epoch", "step", "loss_kl")] for line in whole]
+    assert [[line[k] for k in ("epoch", "step", "loss_kl")] for line in resumed] == terms and len(terms) == 3
+    a, b = torch.load(tmp_path / "whole" / "student.pt"), torch.load(tmp_path / "cut" / "student.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
