@@ -15,6 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import kdcache
@@ -363,24 +364,32 @@ def test_http_store_is_read_only_and_reads_like_local(http_root, tiny_store, tmp
         open_store(f"{base}/absent.zarr")
 
 
+@pytest.mark.parametrize("topk", [False, True], ids=["logits", "topk"])
 @pytest.mark.parametrize("packed", [False, True], ids=["folder", "zip"])
-def test_targets_streamed_over_http_stay_with_their_rows(http_root, numbered_store, packed):
+def test_targets_streamed_over_http_stay_with_their_rows(http_root, numbered_store, packed, topk, tmp_path):
     """Streaming from an http store (a request per shard of each column, in parallel) or a zip over http (fsspec's chain,
     an object store's path) puts the shards back in each buffer's row order: every row's input, targets and label must
     still be its own item's, through buffers of several shards, rows in no order, joined streams, a rank's stream, a last
     short batch and an epoch resumed inside. A column put back in another order than the index would pass the
-    fingerprint check (the index and fingerprint columns agree) with another row's targets."""
+    fingerprint check (the index and fingerprint columns agree) with another row's targets. A store of top-k logits
+    (topk_zoo.index_peaked's) has two target columns, its values and its classes, each naming the row's sample."""
     import shutil
 
     from kdcache.cache import TransferSet
+    from kdcache.pipeline import from_dict
+    from conftest import FIXTURES, NUMBERED
     from numbered import Numbered
     from test_cache import check_aligned
 
     root, base = http_root
-    shutil.copytree(numbered_store, root / "numbered.zarr", dirs_exist_ok=True)
+    name, store = ("topk", str(tmp_path / "topk.zarr")) if topk else ("numbered", numbered_store)
+    if topk:
+        kdcache.extract(from_dict({**NUMBERED, "teacher": {"factory": "topk_zoo.py:index_peaked"},
+                                   "targets": {"logits": True, "dtype": "float32", "topk": 3}}, root=FIXTURES), store)
+    shutil.copytree(store, root / f"{name}.zarr", dirs_exist_ok=True)
     if packed:
-        pack(numbered_store, root / "numbered.zarr.zip", overwrite=True)
-    url = f"zip::{base}/numbered.zarr.zip" if packed else f"{base}/numbered.zarr"
+        pack(store, root / f"{name}.zarr.zip", overwrite=True)
+    url = f"zip::{base}/{name}.zarr.zip" if packed else f"{base}/{name}.zarr"
     rows = np.random.default_rng(4).permutation(100)[:61]  # 61 rows of all 7 shards, in no order
     for streams, stream in ((2, None), (2, 1)):
         ts = TransferSet(url, Numbered(), ["logits"], batch_size=7, seed=2, rows=rows, memory_budget_mb=0.0, buffer_shards=3,
@@ -388,11 +397,22 @@ def test_targets_streamed_over_http_stay_with_their_rows(http_root, numbered_sto
         ts.set_epoch(1)
         whole = list(ts)
         for batch in whole:
-            check_aligned(batch)
+            (check_topk_aligned if topk else check_aligned)(batch)
         if stream is None:
             assert sorted(int(r) for b in whole for r in b["rows"]) == sorted(rows.tolist())
         ts.set_epoch(1, skip=3)
         assert [b["rows"].tolist() for b in ts] == [b["rows"].tolist() for b in whole[3:]]
+
+
+def check_topk_aligned(batch: dict) -> None:
+    """``test_cache.check_aligned`` for a store of topk_zoo.index_peaked's top 3: the values and the classes of every row
+    name the row's own dataset item (i at class i, then i - 1 at classes i - 1 and i + 1)."""
+    index = batch["index"]
+    assert torch.equal(index, batch["rows"]) and torch.equal(batch["inputs"][:, 0, 0, 0], index.float())
+    assert torch.equal(batch["label"], index % 4)
+    values, classes = batch["targets"]["targets/logits"], batch["targets"]["targets/logits_indices"]
+    assert values.tolist() == [[i, i - 1, i - 1 - (i == 0)] for i in index.tolist()]
+    assert classes.tolist() == [[i, *([1, 2] if i == 0 else [i - 1, i + 1])] for i in index.tolist()]
 
 
 def test_http_server_honours_byte_ranges(http_root):
