@@ -16,7 +16,7 @@ import kdcache
 from conftest import FIXTURES, TINY_TOML
 from reference import train_cut_after_first_epoch
 from kdcache import cli
-from kdcache.errors import ModelError, PipelineError
+from kdcache.errors import AlignmentError, ModelError, PipelineError
 from kdcache.pipeline import from_dict
 from kdcache.train import train
 
@@ -137,3 +137,11 @@ def test_the_dry_run_shows_the_inputs_each_model_is_called_with_and_warns_of_a_k
     result = CliRunner().invoke(cli.main, ["extract", str(toml), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "inputs      teacher: tokens, attention_mask, token_type_ids; student (student.inputs): tokens\n" in result.output
+
+
+def test_an_entry_the_student_is_not_given_that_changed_since_extraction_is_refused(stores, tmp_path):
+    """The fingerprints that pair the stored rows with the items are of the whole item, as the teacher was given it: an
+    entry student.inputs leaves out (token_type_ids) that changed since extraction is a changed input, named by its row."""
+    with pytest.raises(AlignmentError, match=r"^store row 30 \(dataset index 30\) of .* has input fingerprint "
+                                                         r"[0-9a-f]{16} but the dataset now gives [0-9a-f]{16}: the dataset changed"):
+        train(token_pipeline("retyped_tokens", inputs=TAKES, epochs=1), stores["typed"], tmp_path / "run")
