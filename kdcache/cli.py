@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from kdcache import __version__
-from kdcache.errors import KdcacheError, TrainingStopped, command_line, count
+from kdcache.errors import KdcacheError, TrainingStopped, command_line, count, worker_message
 from kdcache.threads import MAX_PARALLEL
 
 
@@ -199,17 +199,12 @@ class _Stopped(click.ClickException):
 
 
 def _message(e: BaseException) -> str:
-    """The error's one line. An error raised in a DataLoader worker process reaches the main process as the
-    same class holding torch's text (``Caught X in DataLoader worker process N.`` and the worker's traceback):
-    its last line, less the class name, is the worker's own message. Characters that are not printable are shown
-    escaped (``\\x1b``, ``\\n``): a message may quote a store's strings (a target's name, zarr's words for a damaged
-    zarr.json quote its value), whose escape sequences and line breaks would reach the terminal raw."""
+    """The error's one line (a DataLoader worker's: its own message, ``worker_message``). Characters that are not
+    printable are shown escaped (``\\x1b``, ``\\n``): a message may quote a store's strings (a target's name, zarr's
+    words for a damaged zarr.json quote its value), whose escape sequences and line breaks would reach the terminal raw."""
     from kdcache.store import printable
 
-    text = str(e)
-    if text.startswith("Caught ") and "\nOriginal Traceback (most recent call last):" in text:
-        text = text.rstrip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
-    return printable(text)
+    return printable(worker_message(e))
 
 
 @contextlib.contextmanager

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class KdcacheError(Exception):
@@ -111,6 +112,31 @@ def transient(e: BaseException) -> bool:
     out of device memory (a GPU another process also uses, a batch of longer items than the probe's). Not a model larger
     than its device's free memory: it fails at once, before any batch, and would on every try."""
     return isinstance(e, (DataError, DeviceMemoryError)) and not isinstance(e, ModelTooLargeError)
+
+
+def worker_message(e: BaseException) -> str:
+    """``e``'s message. An error raised in a DataLoader worker process reaches the main process as the same class holding
+    torch's text (``Caught X in DataLoader worker process N.`` and the worker's traceback): its last line, less the class
+    name, is the worker's own message."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback (most recent call last):" in text:
+        text = text.rstrip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+    return text
+
+
+def own_messages(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` raising a KdcacheError that a DataLoader worker raised with its own message again (``worker_message``):
+    ``kdcache.train(...)`` raises what ``kdcache train`` prints, not torch's text around it."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except KdcacheError as e:
+            e.args = (worker_message(e), *e.args[1:])
+            raise
+
+    return call
 
 
 # How a message names an option the user gave: the command line's flag while a ``kdcache`` command runs (the CLI sets

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 import kdcache
 from kdcache import data, locking, store as layout, teacher as teachers
 from kdcache.errors import (AlignmentError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreMismatchError,
-                            TargetError, option)
+                            TargetError, option, own_messages)
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -40,6 +40,7 @@ FLOAT16_MAX = 65504.0
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
+@own_messages
 def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False,
             storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the teacher once over the pipeline's dataset and write its targets into the store ``out``

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers, threads
 from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError,
-                            TargetError, TrainingError, TrainingStopped, option, raised, write_fix)
+                            TargetError, TrainingError, TrainingStopped, option, own_messages, raised, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -43,6 +43,7 @@ from kdcache.progress import Progress
 CHECKPOINT = "checkpoint.pt"
 
 
+@own_messages
 def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str | os.PathLike[str], *, resume: bool | str = False,
           overwrite: bool = False, allow_partial: bool = False, progress: bool = False,
           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

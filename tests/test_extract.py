@@ -862,7 +862,7 @@ def test_resume_with_another_batch_size_and_workers(tmp_path, zoo_env):
 
 def test_a_failed_extract_stops_its_dataloader_workers_at_once(tmp_path, zoo_env):
     """An error raised in a worker keeps the DataLoader's iterator in its traceback (which a notebook keeps): the worker
-    processes stop when extract raises, not when the traceback is dropped."""
+    processes stop when extract raises, not when the traceback is dropped. The error has the worker's own message."""
     import multiprocessing
     import time
 
@@ -874,6 +874,7 @@ def test_a_failed_extract_stops_its_dataloader_workers_at_once(tmp_path, zoo_env
     while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert raised.value.__traceback__ is not None and set(multiprocessing.active_children()) - before == set()
+    assert "\n" not in str(raised.value)  # the worker's own message, not torch's text and the worker's traceback around it
 
 
 @pytest.mark.parametrize(
