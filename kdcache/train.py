@@ -237,8 +237,10 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)
         finally:
-            data.stop_making(batches)
-            loop.writes.wait()  # the last checkpoint whole on the disk (or its write's error) before train returns or raises
+            try:
+                data.stop_making(batches)
+            finally:  # the last checkpoint whole on the disk before train returns or raises, or its write's error raised
+                loop.writes.wait(during=sys.exc_info()[1])  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
 
 
 def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dict[str, Any] | None,
@@ -433,22 +435,40 @@ class _Writes:
         self.wait()
         self.future = threads.pool("checkpoint", 1).submit(write)
 
-    def wait(self) -> None:
+    def wait(self, during: BaseException | None = None) -> None:
         """A Ctrl-C while it waits abandons the write, as a Ctrl-C during a write in the main thread does (its temp file
         removed, the last checkpoint kept), and waits for its thread to stop at its next chunk: the run raises once what it
         leaves on the disk is settled (the CLI's after-interrupt line reads it). The future is kept until it is done, so a
-        wait that a Ctrl-C cut short is waited for again (``_epochs``' finally) rather than left writing after train raises."""
-        if self.future is None:
+        wait that a Ctrl-C cut short is waited for again (``_epochs``' finally) rather than left writing after train raises.
+
+        A write that failed raises its error (``_write_error``: what the disk keeps, how to resume) in the place of
+        ``during`` (the run's own error as it ends: a stop, a NaN loss) or of that Ctrl-C, which its line names
+        (``_stopped_too``): the checkpoint those would call saved is not."""
+        future = self.future
+        if future is None:
             return
+        interrupted = None
         try:
-            futures.wait([self.future])
-        except KeyboardInterrupt:
+            futures.wait([future])
+        except KeyboardInterrupt as e:
             self.abandoned.set()
-            futures.wait([self.future])  # another Ctrl-C ends this wait, and _epochs' finally waits again
-            self.future = None
-            raise
-        future, self.future = self.future, None
-        future.result()
+            futures.wait([future])  # another Ctrl-C ends this wait, and _epochs' finally waits again
+            interrupted = e
+        self.future = None
+        error, during = future.exception(), interrupted or during
+        if error is not None and not isinstance(error, KeyboardInterrupt):  # that: the abandoned write's stop, as asked
+            raise _stopped_too(error, during) from during
+        if interrupted is not None:
+            raise interrupted
+
+
+def _stopped_too(error: BaseException, during: BaseException | None) -> BaseException:
+    """A checkpoint write's ``error``, its line naming the error the run was ending with (``during``), if any."""
+    if during is None or not isinstance(error, KdcacheError):
+        return error
+    what = "interrupted" if isinstance(during, KeyboardInterrupt) else str(during).split("; ", 1)[0]
+    what = what if isinstance(during, KdcacheError | KeyboardInterrupt) else f"{type(during).__name__}: {what}"
+    return type(error)(f"{error} (the run was ending already: {what})")
 
 
 @dataclass

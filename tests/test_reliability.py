@@ -545,6 +545,58 @@ def test_train_on_a_full_disk_fails_with_one_line_and_resumes(trained, tmp_path,
     assert_same_training(out, trained["reference"])
 
 
+def test_train_with_background_writes_on_a_full_disk_fails_with_one_line_and_resumes(trained, tmp_path):
+    """As above with the checkpoints written in their thread, as a real run writes them (the fault fixture's default is
+    the main thread): ENOSPC from epoch 1's checkpoint on (its metrics line may fail first, as the steps of epoch 2 run
+    meanwhile). The run ends with the write's one line, epoch 0's checkpoint is whole, and --resume reaches the
+    uninterrupted weights."""
+    n = [e for e in trained["events"] if e[1] == "write" and "checkpoint.pt" in e[2]][1][0]
+    out = tmp_path / "reference"
+    args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress"]
+    f = faults.install("enospc", n, None, str(tmp_path), background=True)
+    try:
+        result = invoke(*args)
+    finally:
+        f.uninstall()
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.output, "No space left on device", str(out), "--resume to continue from the last checkpoint")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1, "the last checkpoint is intact"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert_same_training(out, trained["reference"])
+
+
+@pytest.mark.parametrize("ending", ["nan", "ctrl-c"])
+def test_a_background_write_failing_as_the_run_ends_otherwise_is_the_error_said(trained, tmp_path, monkeypatch, ending):
+    """Epoch 0's checkpoint fails in its thread (ENOSPC) while epoch 1 ends the run otherwise (its loss NaN, a Ctrl-C):
+    the write's error is the line said, which names what the disk keeps and how to go on, and it names the run's own
+    end too (was: the write's line alone, the NaN or Ctrl-C lost; a NaN message would have called the failed checkpoint
+    kept)."""
+    from kdcache.train import Run
+
+    n = [e for e in trained["events"] if e[1] == "write" and "checkpoint.pt" in e[2]][0][0]
+    calls, losses = iter(range(1, 10**9)), Run.losses
+
+    def ends_in_epoch_1(self, batch):  # 7 steps an epoch: step 8 is epoch 1's first
+        parts, call = losses(self, batch), next(calls)
+        if call == 8 and ending == "ctrl-c":
+            raise KeyboardInterrupt
+        return {k: v * float("nan") for k, v in parts.items()} if call == 8 else parts
+
+    monkeypatch.setattr(Run, "losses", ends_in_epoch_1)
+    out = tmp_path / "reference"
+    f = faults.install("enospc", n, None, str(tmp_path), background=True)
+    try:
+        result = invoke("train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress")
+    finally:
+        f.uninstall()
+    assert result.exit_code == 1, result.output
+    said = {"nan": "(the run was ending already: training diverged in epoch 1: ", "ctrl-c": "(the run was ending already: interrupted)"}
+    assert_one_line_error(result.output, "No space left on device", str(out), said[ending])
+    assert not (out / "checkpoint.pt").exists() and not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 def recorded_disk_order(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """Every ``os.fsync`` (as ``("sync", the path its fd has open)``) and ``os.replace`` (``("rename", src, dst)``), real
     paths, in the order they are done, from every thread: the real calls, recorded once each returns."""

@@ -1682,6 +1682,33 @@ def test_a_checkpoint_written_in_the_background_keeps_tied_weights_one_tensor(ti
     assert (tmp_path / "background" / CHECKPOINT).stat().st_size == (tmp_path / "main" / CHECKPOINT).stat().st_size
 
 
+def test_a_ctrl_c_while_a_checkpoint_write_fails_keeps_the_write_error(tmp_path):
+    """A Ctrl-C while the run waits for a checkpoint write, which then fails (a full disk): the write's error is raised,
+    naming the Ctrl-C (was: the Ctrl-C alone, and the write's error lost without a word)."""
+    import _thread
+    import threading
+
+    from kdcache.train import _write_error, _Writes
+
+    writes, started = _Writes(), threading.Event()
+
+    def write():
+        started.set()
+        writes.abandoned.wait(30)  # a write under way until the Ctrl-C; it fails at its next chunk
+        raise _write_error(tmp_path / CHECKPOINT, OSError(errno.ENOSPC, "No space left on device"))
+
+    writes.start(write)
+    started.wait(30)
+    threading.Timer(0.1, _thread.interrupt_main).start()
+    try:
+        writes.wait()
+    except BaseException as e:  # noqa: BLE001 - a KeyboardInterrupt raised here is the failure looked for
+        raised = e
+    assert isinstance(raised, StoreError), repr(raised)
+    assert str(raised).endswith("No space left on device; free space and rerun (the run was ending already: interrupted)")
+    assert writes.future is None
+
+
 def test_more_sigterms_are_the_same_request_and_the_handler_is_put_back(tiny_store, tmp_path):
     """A scheduler may send SIGTERM more than once (Slurm signals every process of a job, torchrun passes its own on to
     the ranks): each only asks for the checkpoint-and-stop again, none ends the run mid-step; the handler found before
