@@ -77,7 +77,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     hooks: list[Any] = []
     try:
         run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
-        transfer = _transfer_set(t, cache_location, store, shards, dataset, run.paths, storage_options, streams)
+        transfer = _transfer_set(t, cache_location, store, shards, dataset, run, storage_options, streams)
         order = _order(transfer, t.num_workers, world)
         if world > 1:
             distributed.barrier()  # every rank has loaded its store and built its student, however long it took
@@ -147,13 +147,13 @@ def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int) -> tuple[d
         return None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
 
 
-def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, paths: list[str],
+def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, run: Run,
                   storage_options: dict[str, Any] | None, streams: int) -> cache.TransferSet:
-    """The run's batches of ``paths`` from the store (this rank's share under torchrun), its memory checked against the
+    """The run's batches of its targets (``run.paths``) from the store (this rank's share under torchrun), its memory checked against the
     machine's; noted where the store's fingerprints cannot tell this dataset's inputs apart (kdcache <= 0.1.6)."""
     rank, world, _ = distributed.ranks()
     transfer = cache.TransferSet(
-        cache_location, dataset, paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
+        cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
         fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
         stream=rank if world > 1 else None,
@@ -493,6 +493,7 @@ class _Loop:
     before: float = 0.0  # a resumed run's training seconds before this process (its checkpoint's)
     lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
     writes: _Writes = field(default_factory=_Writes)  # the last checkpoint's write, while the next steps train
+    appending: bool = False  # metrics.jsonl was written whole by this process: its next lines are appended (_save_epoch)
 
     def elapsed(self) -> float:
         """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it (evaluations
@@ -518,8 +519,8 @@ class _Loop:
             # other ranks wait for them at the barrier below, as a resumed run's ranks must find them whole
             background = self.writes if distributed.ranks()[1] == 1 and WRITE_IN_BACKGROUND else None
             self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed(),
-                         lr=self.lr, background=background)
-            self.replacing = None
+                         lr=self.lr, background=background, append=self.appending)
+            self.replacing, self.appending = None, self.appending or metrics is not None
         distributed.barrier()  # the other ranks wait for the save here (up to distributed.TIMEOUT), not in the next step's all-reduce
         self.saved = _position(state)
 
@@ -1681,7 +1682,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
                 rng: Any, shards: np.ndarray, store: layout.Store, replacing: Pipeline | None = None,
                 order: dict[str, Any] | None = None, partial: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
                 seconds: float | None = None, lr: float | None = None, plan: dict[str, int] | None = None,
-                background: _Writes | None = None) -> None:
+                background: _Writes | None = None, append: bool = False) -> None:
     """Append the epoch's metrics, then atomically replace the checkpoint (metrics first: a crash in
     between leaves a checkpoint one epoch behind, and resume rewrites that epoch's line). Inside an epoch
     (``train.checkpoint_every``, a stop) there are no metrics yet: ``partial`` holds the epoch's loss sums so far
@@ -1700,6 +1701,9 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
 
     ``background`` (one process, not ``replacing``): the files are written by its thread, from copies of the state taken
     now (the next steps change the tensors in place), while the caller trains on (``_Loop.save`` waits for the last one).
+
+    ``append`` (metrics.jsonl was written whole by this process, ``_Loop.appending``): the epoch's line is appended, not the
+    file rewritten (``_metrics_lines``: each save would read and write every line before it, quadratic in the epochs).
     """
     copied = background is not None and replacing is None
     # on the host, as student.pt is (a GPU run's resumes onto the GPU: load_state_dict moves the optimizer's state to its parameters)
@@ -1709,7 +1713,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
             **({"lr": lr} if lr is not None else {}), **({"plan": plan} if plan is not None else {}),
             **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}), **({"partial": partial} if partial else {})}
-    lines = _metrics_lines(out, metrics, replacing)
+    lines = None if append else _metrics_lines(out, metrics, replacing)
     if replacing is not None:
         _save({**ckpt, "pipeline": replacing.to_dict(), "first_metrics": lines}, out / NEXT_CHECKPOINT)
         _replace_run(out, replacing.to_dict(), lines or [])
@@ -1717,7 +1721,9 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
 
     def write() -> None:
         try:
-            if lines is not None:
+            if append and metrics is not None:
+                _append_line(out / "metrics.jsonl", metrics)
+            elif lines is not None:
                 _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
         except OSError as e:
             raise _write_error(out, e) from None
@@ -1967,8 +1973,12 @@ def _set_rng_state(state: Any) -> None:
 
 
 def _read_metrics(out: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's lines, less a last one cut short as it was appended (``_append_line``: a crash, a full disk)."""
     path = out / "metrics.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n") and not _is_json(lines[-1]):
+        lines.pop()
     metrics = []
     for i, line in enumerate(lines, 1):
         try:
@@ -1980,6 +1990,28 @@ def _read_metrics(out: Path) -> list[dict[str, Any]]:
             raise StoreError(f"{str(path)!r} line {i} is not an epoch's metrics ({line[:60]!r}); delete that line, "
                              f"or pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
     return metrics
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _append_line(path: Path, line: dict[str, Any]) -> None:
+    """``line`` added to the metrics file ``path`` and flushed to the disk (before the checkpoint that follows it). Its
+    newline ends it: a crash in the write leaves a last line cut short, which ``_read_metrics`` leaves out, and the
+    first save of a resumed run writes the file whole again (``_Loop.appending``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        data = memoryview((json.dumps(line) + "\n").encode())
+        while data:  # writev may write less than asked
+            data = data[os.writev(fd, [data]):]
+        storage.sync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

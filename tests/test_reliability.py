@@ -232,6 +232,22 @@ def test_train_killed_at_seeded_moments_resumes_to_the_uninterrupted_weights(tra
         assert_same_training(out, trained["reference"])
 
 
+def test_train_killed_while_it_appends_a_metrics_line_resumes_to_the_uninterrupted_run(trained, tmp_path):
+    """metrics.jsonl is written whole (a temp file renamed) once per process, and each later epoch's line appended (was:
+    read and written whole at every epoch, quadratic in the epochs). A kill in the middle of an append leaves half a
+    line; --resume leaves it out and reaches the uninterrupted weights and metrics."""
+    appends = [n for n, kind, p in trained["events"] if kind == "write" and p.endswith("metrics.jsonl")]
+    assert len(appends) == TRAIN_EPOCHS - 1, appends
+    out = tmp_path / "reference"
+    args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN]
+    proc = run_with_fault(f"kill:{appends[0]}", tmp_path / "events.log", tmp_path, *args)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (out / "metrics.jsonl").read_text().endswith("\n"), "half a line was left"
+    result = invoke(*args, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert_same_training(out, trained["reference"])
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "dataloader-workers"])
 def test_train_sigterm_to_its_process_group_stops_at_a_checkpoint_and_resumes(trained, tmp_path, workers):
     """SIGTERM to every process of the job (a batch scheduler's preemption or time limit; its DataLoader workers too)
