@@ -38,7 +38,9 @@ class TransferSet(IterableDataset):
     labels alone, a labels-only loop). ``shuffle=False`` keeps store order. ``memory_budget_mb`` (MiB, >= 0): targets whose
     rows fit are read into RAM once, others streamed by whole shards, ``buffer_shards`` (>= 1) at a time. ``fingerprint_check``
     and ``fingerprint_recheck``: the fractions (0 to 1) of rows whose input fingerprint is checked in the first epoch set
-    and in later ones. Public as ``kdcache.TransferSet``, for a training loop of one's own (README).
+    and in later ones. ``checkpoint_bytes``: what the process holds besides, counted with the targets in the memory checks
+    (``kdcache train``: the host copy of a checkpoint written while the next steps train). Public as
+    ``kdcache.TransferSet``, for a training loop of one's own (README).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class TransferSet(IterableDataset):
         storage_options: dict[str, Any] | None = None,
         streams: int = 1,
         stream: int | None = None,
+        checkpoint_bytes: int = 0,
     ):
         location = storage.location_arg(location, "location")  # a Path too: the streaming reads look at its scheme, and messages name it as a string
         _check_paths(paths)
@@ -85,7 +88,8 @@ class TransferSet(IterableDataset):
         # (checked against the manifest first: a damaged zarr.json's shape is named as such, not as a buffer too large to stream)
         self.row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in map(store.checked_array, self.paths))
         self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
-        self.memory = _read_whole(store, self.paths, self.row_bytes, memory_budget_mb, location) if self.in_memory else None
+        self.checkpoint_bytes = int(checkpoint_bytes)
+        self.memory = _read_whole(store, self.paths, self.row_bytes, memory_budget_mb, location, self.checkpoint_bytes) if self.in_memory else None
         self._store: layout.Store | None = None
 
     @property
@@ -165,7 +169,7 @@ class TransferSet(IterableDataset):
         the targets, as the message names them; ``readers``: who reads them (``train.num_workers = 2``)."""
         processes = local_ranks()
         f, memory = self.footprint(workers, processes), memory_limit()
-        if f is None or memory is None or f.nbytes <= MEMORY_SHARE * memory:
+        if f is None or memory is None or f.nbytes + self.checkpoint_bytes <= MEMORY_SHARE * memory:
             return
         served = "the one served" if self.streams == 1 or self.stream is not None else f"one served per stream (train.streams = {self.streams})"
         readers += f" in each of {processes} ranks on this machine" if processes > 1 else ""
@@ -174,7 +178,7 @@ class TransferSet(IterableDataset):
             f"this process may use: {_count(f.buffers, 'buffer')} of {_count(f.shards, 'shard')} (train.shuffle_buffer_shards = "
             f"{self.buffer_shards}) of {_binary_size(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays "
             f"read, decoded), {f.per_reader} per reader ({served} and the next, read ahead) and {_count(f.readers, 'reader')} "
-            f"({readers}); lower train.shuffle_buffer_shards or train.num_workers, or re-extract the store with a smaller extract.shard_mb")
+            f"({readers}){_with_checkpoint(self.checkpoint_bytes)}; lower train.shuffle_buffer_shards or train.num_workers, or re-extract the store with a smaller extract.shard_mb")
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Batches (streams: steps) the epoch serves: counted from the buffer sizes, nothing drawn or listed."""
@@ -482,11 +486,12 @@ def _open_for(location: str, dataset: Dataset, storage_options: dict[str, Any] |
     return store, algorithm
 
 
-def _read_whole(store: layout.Store, paths: list[str], row_bytes: int, budget_mb: float, location: str) -> dict[str, np.ndarray]:
+def _read_whole(store: layout.Store, paths: list[str], row_bytes: int, budget_mb: float, location: str,
+                checkpoint_bytes: int = 0) -> dict[str, np.ndarray]:
     """Every array of ``paths`` read whole, once (DataLoader workers inherit it), once the machine is found to have room
     for it (``location``: the store's, as the user named it); of a partial store only the rows of done shards
     (``TransferSet.rows``) are ever served."""
-    _check_ram(row_bytes * store.num_samples, budget_mb, location)
+    _check_ram(row_bytes * store.num_samples, budget_mb, location, checkpoint_bytes)
     return {p: store.read(p, 0, store.num_samples, pending=True) for p in paths}
 
 
@@ -538,16 +543,24 @@ def _number(value: Any) -> bool:
     return not isinstance(value, bool | np.bool_) and isinstance(value, int | float | np.integer | np.floating)
 
 
-def _check_ram(nbytes: int, budget_mb: float, location: str) -> None:
-    """Refuse targets that fit ``memory_budget_mb`` but not ``MEMORY_SHARE`` of the memory this process may use, before
-    they are read: the read would be killed (a budget set for a larger machine, or a container's limit). Under torchrun
-    every rank on the machine reads its own copy."""
+def _check_ram(nbytes: int, budget_mb: float, location: str, checkpoint_bytes: int = 0) -> None:
+    """Refuse targets that fit ``memory_budget_mb`` but not ``MEMORY_SHARE`` of the memory this process may use (with
+    ``checkpoint_bytes``, a background checkpoint's copy: ``TransferSet``), before they are read: the read would be killed
+    (a budget set for a larger machine, or a container's limit), or the run later. Under torchrun every rank on the
+    machine reads its own copy."""
     limit, copies = memory_limit(), local_ranks()
-    if limit is not None and nbytes * copies > MEMORY_SHARE * limit:
+    if limit is not None and nbytes * copies + checkpoint_bytes > MEMORY_SHARE * limit:
         ranks = f" in each of {copies} ranks on this machine" if copies > 1 else ""
-        raise PipelineError(f"the targets of {location!r} take {_binary_size(nbytes)} in RAM{ranks}, under train.memory_budget_mb = "
+        raise PipelineError(f"the targets of {location!r} take {_binary_size(nbytes)} in RAM{ranks}{_with_checkpoint(checkpoint_bytes)}, "
+                            f"under train.memory_budget_mb = "
                             f"{budget_mb:g} but more than half of the {_binary_size(limit)} of memory this process may use; lower "
                             f"train.memory_budget_mb below {nbytes / 2**20:.4g} to stream them (whole shards, a few at a time)")
+
+
+def _with_checkpoint(nbytes: int) -> str:
+    """The part of a memory refusal that names a background checkpoint's copy (``TransferSet``'s ``checkpoint_bytes``)."""
+    return (f", and each checkpoint, written while the next steps train, holds a copy of {_binary_size(nbytes)} (the student, "
+            "its heads and the optimizer's state)") if nbytes else ""
 
 
 def local_ranks() -> int:

@@ -156,7 +156,7 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
         cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
         fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
-        stream=rank if world > 1 else None,
+        stream=rank if world > 1 else None, checkpoint_bytes=_checkpoint_copy_bytes(run, t.optimizer) if world == 1 else 0,
     )
     transfer.check_made_from(store.manifest)  # the store setup checked, not one put in its place since
     transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
@@ -165,6 +165,19 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
               "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and ([1], [2, 3])) "
               f"pass its check as one; re-extract the store ({option('--overwrite')}) to have every pairing checked")
     return transfer
+
+
+def _checkpoint_copy_bytes(run: Run, optimizer: str) -> int:
+    """The host copy a checkpoint written in the background holds until it is written (``_save_epoch``'s ``copied``), in
+    one process: the student's and heads' state, one copy per storage, and the optimizer's, per parameter AdamW's two
+    moments or SGD's momentum; 0 where checkpoints are written in the main thread (``WRITE_IN_BACKGROUND``)."""
+    if not WRITE_IN_BACKGROUND:
+        return 0
+    modules = (run.student, run.heads)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for m in modules for t in m.state_dict().values() if isinstance(t, torch.Tensor)}
+    params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return sum(storages.values()) + params * (2 if optimizer == "adamw" else 1)
 
 
 def _resumed(out: Path, checkpoint: dict[str, Any] | None, run: Run, optimizer: Any, schedule: Any, total_steps: int,

@@ -1389,8 +1389,26 @@ def test_dataloader_workers_serve_every_row_once_an_epoch(tiny_store, tmp_path, 
 
 
 def small_machine(monkeypatch, nbytes: int) -> None:
-    """This machine, as training sees it, has ``nbytes`` of physical memory."""
+    """This machine, as training sees it, has ``nbytes`` of physical memory; checkpoints are written in the main thread, so
+    the targets alone are counted (a background checkpoint's copy: test_a_background_checkpoints_copy_counts_...)."""
     monkeypatch.setattr(cache, "memory_limit", lambda: nbytes)
+    monkeypatch.setattr(importlib.import_module("kdcache.train"), "WRITE_IN_BACKGROUND", False)
+
+
+def test_a_background_checkpoints_copy_counts_with_targets_in_ram(tiny_store, tmp_path, monkeypatch, steps):
+    """Targets in RAM (50 rows of 32 bytes) on a machine with room for them, but not for them and the copy a checkpoint
+    written in the background holds (the student's 1,068 float32 parameters, AdamW's two moments of each: 12,816 bytes):
+    refused before the first step, naming that copy; with checkpoints written in the main thread it trains (was: the
+    copy left out, and a large student near the machine's memory killed by the OOM killer at its first checkpoint)."""
+    monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 + 2 * 12816 - 2)
+    with pytest.raises(PipelineError, match=re.escape(f"the targets of {tiny_store!r} take 1.562 KiB in RAM, and each checkpoint, written "
+                                                      "while the next steps train, holds a copy of 12.52 KiB (the student, its heads and "
+                                                      "the optimizer's state), under train.memory_budget_mb = 2048 but more than half")):
+        train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run")
+    assert steps == []
+    monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 + 2 * 12816)
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run")
+    assert len(steps) == 7
 
 
 STREAMED = ["train.memory_budget_mb=0", "train.num_workers=2", "train.shuffle_buffer_shards=1"]
