@@ -523,11 +523,20 @@ def resolve(import_path: str, root: str | Path = ".") -> Callable[..., Any]:
     try:
         return getattr(module, attr)
     except AttributeError:
-        # a factory is called: a module the file imports (np) or a constant is no name to offer for one
-        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
-        close = difflib.get_close_matches(attr, names, n=3)
+        # a factory is called: a module the file imports (np) or a constant is no name to offer for one. Only names close to
+        # it are looked at: in a lazy module (transformers') each getattr imports a submodule, which may fail
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = [n for n in difflib.get_close_matches(attr, names, n=10) if _callable_attr(module, n)][:3]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise PipelineError(f"import path {import_path!r}: {module.__name__!r} has no attribute {attr!r}{hint}") from None
+
+
+def _callable_attr(module: Any, name: str) -> bool:
+    """Whether ``module.name`` is callable; False where getting it fails (a lazy module's submodule that cannot import)."""
+    try:
+        return callable(getattr(module, name))
+    except Exception:  # noqa: BLE001 - any failure: not a name to offer
+        return False
 
 
 def _import_error(import_path: str, e: Exception) -> KdcacheError:

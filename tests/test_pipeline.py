@@ -427,6 +427,33 @@ def test_import_path_errors_from_a_pipeline(tmp_path):
         p.resolve(p.teacher.factory)
 
 
+def test_a_misspelt_name_in_a_lazy_module_gets_its_suggestion_without_importing_the_rest(tmp_path):
+    """A lazy module (transformers': each name imports its submodule on first use, which may fail for want of a backend):
+    the suggestion looks only at names close to the one asked for (was: every name of the module got, each an import,
+    and the first that failed to import ended the command in a traceback)."""
+    write(tmp_path / "lazy.py", textwrap.dedent("""\
+        import torch
+
+        NAMES = ["AutoModel", "AutoModelForCausalLM", *(f"Model{i}" for i in range(1000)), "BrokenBackendModel"]
+        got = []
+
+        def __dir__():
+            return NAMES
+
+        def __getattr__(name):
+            got.append(name)
+            if name == "BrokenBackendModel":
+                raise RuntimeError("Failed to import lazy.broken: no backend")
+            if name in NAMES:
+                return torch.nn.Linear
+            raise AttributeError(name)
+        """))
+    with pytest.raises(PipelineError, match=re.escape("has no attribute 'AutoModl'; did you mean AutoModel")):
+        resolve("lazy.py:AutoModl", tmp_path)
+    module = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str((tmp_path / "lazy.py").resolve()))
+    assert len(module.got) <= 11, len(module.got)
+
+
 def test_a_factory_that_cannot_be_imported_is_named_by_its_key_and_where_it_was_given(tmp_path):
     """The import error quoted the path alone: with a teacher, a student and a dataset factory, which one was it?"""
     path = write(tmp_path / "p.toml", '[teacher]\nfactory = "nets.py:make"\n')
