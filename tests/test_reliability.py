@@ -561,6 +561,16 @@ def test_train_on_a_full_disk_fails_with_one_line_and_resumes(trained, tmp_path,
     assert_same_training(out, trained["reference"])
 
 
+def on_a_full_disk_from(n: int, root: Path, *args: object):
+    """``kdcache ARGS`` in this process, its checkpoints written in their thread, every write from event ``n`` on failing
+    with ENOSPC; returns the CliRunner result."""
+    f = faults.install("enospc", n, None, str(root), background=True)
+    try:
+        return invoke(*args)
+    finally:
+        f.uninstall()
+
+
 def test_train_with_background_writes_on_a_full_disk_fails_with_one_line_and_resumes(trained, tmp_path):
     """As above with the checkpoints written in their thread, as a real run writes them (the fault fixture's default is
     the main thread): ENOSPC from epoch 1's checkpoint on (its metrics line may fail first, as the steps of epoch 2 run
@@ -569,11 +579,7 @@ def test_train_with_background_writes_on_a_full_disk_fails_with_one_line_and_res
     n = [e for e in trained["events"] if e[1] == "write" and "checkpoint.pt" in e[2]][1][0]
     out = tmp_path / "reference"
     args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress"]
-    f = faults.install("enospc", n, None, str(tmp_path), background=True)
-    try:
-        result = invoke(*args)
-    finally:
-        f.uninstall()
+    result = on_a_full_disk_from(n, tmp_path, *args)
     assert result.exit_code == 1, result.output
     assert_one_line_error(result.output, "No space left on device", str(out), "--resume to continue from the last checkpoint")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1, "the last checkpoint is intact"
@@ -602,11 +608,8 @@ def test_a_background_write_failing_as_the_run_ends_otherwise_is_the_error_said(
 
     monkeypatch.setattr(Run, "losses", ends_in_epoch_1)
     out = tmp_path / "reference"
-    f = faults.install("enospc", n, None, str(tmp_path), background=True)
-    try:
-        result = invoke("train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress")
-    finally:
-        f.uninstall()
+    result = on_a_full_disk_from(n, tmp_path, "train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS,
+                                 *PLAIN, "--no-progress")
     assert result.exit_code == 1, result.output
     said = {"nan": "(the run was ending already: training diverged in epoch 1: ", "ctrl-c": "(the run was ending already: interrupted)"}
     assert_one_line_error(result.output, "No space left on device", str(out), said[ending])
