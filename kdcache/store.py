@@ -398,11 +398,12 @@ class Store:
                 raise self._unreadable(DONE, 0, self.num_shards, e) from None
             done = None
         if done is None or (done.view(np.uint8) > 1).any():  # a one-byte marker other than 0/1 decodes, as garbage
-            done, bad = self._read_markers(shards)
-            if self.damaged_markers is None or not bad:
+            done, bad, corrupted = self._read_markers(shards)
+            if self.damaged_markers is None or not bad + corrupted:
                 raise self._damaged_markers(bad)
             self.damaged_markers.clear()
-            self.damaged_markers.update((int(key.rsplit("/", 1)[1]), _marker(key, raw)) for key, raw in bad)
+            self.damaged_markers.update((int(key.rsplit("/", 1)[1]), f"{_marker(key, raw)} is not one byte 0 or 1") for key, raw in bad)
+            self.damaged_markers.update((int(key.rsplit("/", 1)[1]), problem) for key, problem in corrupted)
         return done
 
     def digest_paths(self) -> list[str]:
@@ -483,13 +484,24 @@ class Store:
                     "a shard object swapped with another, or copied from another store)")
         return None
 
-    def _read_markers(self, shards: list[int] | None = None) -> tuple[np.ndarray, list[tuple[str, bytes]]]:
+    def _read_markers(self, shards: list[int] | None = None) -> tuple[np.ndarray, list[tuple[str, bytes]], list[tuple[str, str]]]:
         """Each done marker's object (of ``shards``, default all) read alone: bool in their order, done where it is the
-        byte 1, and the damaged ones (not one byte 0 or 1) with their bytes."""
+        byte 1; the damaged ones (not one byte 0 or 1) with their bytes; and, where verify reads them
+        (``damaged_markers`` set), the zip members among them that fail the zip's CRC-32 or are cut short, each named
+        with what is wrong (elsewhere such a member is the error naming it, as any other member is)."""
         keys = [f"{DONE}/c/{s}" for s in (range(self.num_shards) if shards is None else shards)]
-        raws = [self.raw_object(k) for k in keys]
+        raws: list[bytes | None] = []
+        corrupted = []
+        for key in keys:
+            try:
+                raws.append(self.raw_object(key))
+            except DamagedStoreError as e:
+                if self.damaged_markers is None or not hasattr(e, "zip_problem"):
+                    raise
+                raws.append(None)
+                corrupted.append((key, f"{key!r} is a corrupted zip member ({e.zip_problem})"))
         bad = [(k, raw) for k, raw in zip(keys, raws) if raw is not None and raw not in (b"\x00", b"\x01")]
-        return np.array([raw == b"\x01" for raw in raws], dtype=bool), bad
+        return np.array([raw == b"\x01" for raw in raws], dtype=bool), bad, corrupted
 
     def _damaged_markers(self, bad: list[tuple[str, bytes]]) -> StoreError:
         """The done markers that are not one byte 0 or 1, named.

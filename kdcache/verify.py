@@ -8,7 +8,8 @@ Checks, each reported with every problem it found (named: array, shard, inner ch
   header and types, and its done markers' array, where they are damaged (``DamagedStoreError``). Anything else that
   stops it opening (no store there, a newer format version, a refused option, a read that fails on the way) is
   raised, as every command does: nothing was checked;
-- ``completeness``: every shard done, every done marker one byte 0 or 1 (a damaged one's shard is not checked);
+- ``completeness``: every shard done, every done marker one byte 0 or 1 and, in a zip, a sound member (a damaged
+  one's shard is not checked);
 - ``layout``: every array of the manifest exists with its shape, dtype and chunk/shard geometry;
 - ``checksums``: every done shard's object exists, its shard index and each inner chunk's crc32c
   match (the raw bytes are checked, so a truncated or emptied shard is caught, not read as zeros);
@@ -23,13 +24,14 @@ One shard of one array is in memory at a time.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from kdcache import locking, store as layout
+from kdcache import locking, storage, store as layout
 from kdcache.errors import DamagedShardError, DamagedStoreError, PipelineError, StoreError, UnreachableError, count, one_line, option, short
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
@@ -111,7 +113,16 @@ def _run_checks(store: layout.Store, checks: list[Check], teacher_check: int, pi
 
 
 def _report(location: str, checks: list[Check], teacher: dict[str, Any] | None) -> dict[str, Any]:
-    return {"location": location, "ok": all(c.ok for c in checks), "checks": [c.to_dict() for c in checks], "teacher_check": teacher}
+    listed = [{**c.to_dict(), "problems": [_here(location, p) for p in c.problems]} for c in checks]
+    return {"location": location, "ok": all(c.ok for c in checks), "checks": listed, "teacher_check": teacher}
+
+
+def _here(location: str, problem: str) -> str:
+    """``problem`` less the store's advice to run ``kdcache verify`` (its errors, which verify lists, send every other
+    command's user here), leaving the next step: ``…; run kdcache verify STORE, and copy the store again from its
+    source`` is ``…; copy the store again from its source``."""
+    verify = rf"(?:run )?kdcache verify {re.escape(location)}(?: lists [^;]*;| for any other damage, then|, and|, or) "
+    return re.sub(verify, "", problem)
 
 
 def _completeness(store: layout.Store) -> Check:
@@ -121,14 +132,20 @@ def _completeness(store: layout.Store) -> Check:
     fix = "its writer is still running" if writer else "resume kdcache extract"
     damaged = store.damaged_markers or {}  # their shards are taken as not done: the checks below pass them by
     for marker in damaged.values():
-        check.fail(f"done marker {marker} is not one byte 0 or 1 (its shard is not checked); delete the marker and rerun "
-                   "kdcache extract to redo its shard, or re-extract the store")
+        check.fail(f"done marker {marker} (its shard is not checked); {_marker_fix(store.location)}")
     for s in np.flatnonzero(~done):
         if int(s) in damaged:
             continue
         start, stop = store.shard_rows(int(s))
         check.fail(f"shard {int(s)} (rows {start}-{stop - 1}) is not done; {fix}")
     return check
+
+
+def _marker_fix(location: str) -> str:
+    """What redoes the shard of a damaged done marker of the store at ``location``: a zip's members cannot be changed."""
+    if storage.location_kind(location) == "zip" or "::" in location:
+        return "copy the zip again, or pack the store again from its folder (kdcache pack FOLDER OUT)"
+    return "delete the marker and rerun kdcache extract to redo its shard, or re-extract the store"
 
 
 def _layout(store: layout.Store) -> Check:

@@ -604,3 +604,76 @@ def test_the_teacher_check_does_not_judge_the_pipelines_shard_geometry(tiny_stor
                                   "--set", "extract.rows_per_shard=100000000", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["ok"] and len(json.loads(r.stdout)["teacher_check"]["rows"]) == 4
+
+
+# ----------------------------------------------------------------------------------- verify's own lines
+
+
+def _flipped_member(packed: Path, member: str, out: Path) -> Path:
+    """``packed`` with the first byte of ``member``'s data flipped: its bytes fail the zip's CRC-32."""
+    data = bytearray(packed.read_bytes())
+    with zipfile.ZipFile(packed) as z:
+        info = z.getinfo(member)
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)] ^= 0xFF
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_done_marker_of_a_zip_that_fails_its_crc32_is_completeness_problem_and_the_checks_go_on(tiny_store, tmp_path):
+    """A done marker whose zip member fails the zip's CRC-32 was the open check's failure, nothing else checked, though
+    SHARING.md names a damaged done marker under completeness (its shard taken as not done, the checks going on), as
+    a shard's damaged member is named under checksums. Its fix fits a zip: a member cannot be deleted from it."""
+    from kdcache.interop import pack
+
+    pack(tiny_store, tmp_path / "t.zarr.zip")
+    location = str(_flipped_member(tmp_path / "t.zarr.zip", "progress/done/c/1", tmp_path / "m.zarr.zip"))
+    report = verify(location)
+    assert [c["name"] for c in report["checks"]] == ["completeness", "layout", "checksums", "values"] and not report["ok"]
+    assert problems(report, "completeness") == [
+        "done marker 'progress/done/c/1' is a corrupted zip member (its bytes fail the zip's CRC-32) (its shard is not "
+        "checked); copy the zip again, or pack the store again from its folder (kdcache pack FOLDER OUT)"]
+    assert report["checks"][2]["summary"] == "3 shards x 5 arrays" and report["checks"][2]["ok"], report
+    with pytest.raises(StoreError, match=r"Bad CRC-32 for file 'progress/done/c/1' \(a corrupted zip member\)"):
+        kdcache.open_store(location).done()  # every other reader still refuses the store
+
+
+def _oversized_shard(store: Path) -> str:
+    os.truncate(store / LOGITS_SHARD_1, 2**30)  # sparse: nothing is written
+    return str(store)
+
+
+def _oversized_marker(store: Path) -> str:
+    os.truncate(store / "progress/done/c/1", 2**20)
+    return str(store)
+
+
+def _oversized_array_metadata(store: Path) -> str:
+    os.truncate(store / "targets/logits/zarr.json", 2**28)
+    return str(store)
+
+
+def _zip_member_failing_crc(member: str):
+    def damage(store: Path) -> str:
+        from kdcache.interop import pack
+
+        pack(str(store), store.parent / "t.zarr.zip")
+        return str(_flipped_member(store.parent / "t.zarr.zip", member, store.parent / "damaged.zarr.zip"))
+    return damage
+
+
+@pytest.mark.parametrize("damage, check, fix", [
+    (_oversized_shard, "checksums", "and is not read; copy the store again from its source"),
+    (_oversized_marker, "open", "and is not read; copy the store again from its source"),
+    (_oversized_array_metadata, "layout", "and is not read; copy the store again from its source"),
+    (_zip_member_failing_crc("targets/logits/zarr.json"), "layout", "(a corrupted zip member); pack the store again or copy the zip again"),
+    (_zip_member_failing_crc("progress/digest/c/1/0"), "layout", "(a corrupted zip member); pack the store again or copy the zip again"),
+], ids=["oversized-shard", "oversized-marker", "oversized-array-metadata", "zip-metadata-crc", "zip-digest-row-crc"])
+def test_verify_never_tells_its_user_to_run_kdcache_verify(copy, damage, check, fix):
+    """The store's errors send every other command's user to kdcache verify ("run kdcache verify STORE, and copy the
+    store again", "kdcache verify STORE lists every damaged chunk; …"); verify listed them as they were, telling its
+    user to run what they were running. Its lines keep the next step alone."""
+    location = damage(copy)
+    report = verify(location)
+    said = problems(report, check)
+    assert len(said) == 1 and said[0].endswith(fix), said
+    assert "kdcache verify" not in json.dumps(report), report
