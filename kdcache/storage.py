@@ -991,6 +991,27 @@ def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
 
 def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a zarr group's ``zarr.json`` is at the location (any kind)."""
+    found = _first_look(location, storage_options)
+    return found if found is not None else _root_store(location, storage_options) is not None
+
+
+def open_existing(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any | None:
+    """``zarr_store(location, …)`` where ``exists(location)``, else None. Read-only, the store ``exists`` opened to look
+    for the root ``zarr.json`` is the one returned: a ``zip::`` chain's file (``zip::https://…``) is opened once, its
+    central directory read and checked once, not once to look and again to read."""
+    found = _first_look(location, storage_options)
+    if found is None:
+        opened = _root_store(location, storage_options)
+        if opened is None or read_only:
+            return opened
+    elif not found:
+        return None
+    return zarr_store(location, storage_options, read_only=read_only)
+
+
+def _first_look(location: str, storage_options: dict[str, Any] | None) -> bool | None:
+    """``exists`` where it is decided without opening the location's zarr Store (a folder, a local zip, the first look
+    at an endpoint); None: ``_root_store`` decides."""
     kind = location_kind(location)
     _refuse_collapsed_url(location)
     if kind == "local":
@@ -1009,12 +1030,18 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
         REACHED.add(endpoint)  # later looks (a DataLoader worker's, the next open) ride out a slow moment with the usual retries
         if s3 or http == location:
             return found  # a chain's zip layer says whether the store is in the file
+    return None
+
+
+def _root_store(location: str, storage_options: dict[str, Any] | None) -> Any | None:
+    """The read-only zarr Store of the URL ``location`` where a zarr group's ``zarr.json`` is at its root, else None."""
     from zarr.core.sync import sync
 
     try:
-        return bool(sync(zarr_store(location, storage_options).exists("zarr.json")))
+        opened = zarr_store(location, storage_options)
+        return opened if sync(opened.exists("zarr.json")) else None
     except FileNotFoundError:
-        return False
+        return None
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)

@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import MAX_METADATA_BYTES, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_zip, read_local_object, write_file, zarr_store
+from kdcache.storage import MAX_METADATA_BYTES, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -1572,9 +1572,9 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     if mode not in ("r", "r+"):  # zarr's "w" deletes the store's every array before this function sees it
         raise StoreError(f"mode must be 'r' (read only) or 'r+' (read and write an existing store), got {mode!r}; "
                          "kdcache extract creates and writes stores")
-    if not exists(location, storage_options):
+    target = open_existing(location, storage_options, read_only=mode == "r")
+    if target is None:
         raise _no_store(location, storage_options)
-    target = zarr_store(location, storage_options, read_only=mode == "r")
     try:  # never consolidated metadata (kdcache writes none): arrays parsed at open would miss Store.array's bounded zstd
         group = zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)
     except StoreError:

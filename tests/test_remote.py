@@ -1672,3 +1672,49 @@ def test_a_zip_whose_central_directory_claims_gigabytes_is_refused_unread(http_r
         f"Error: {url!r} is damaged: its zip's central directory holds {directory:,} bytes (its end record says), more than kdcache "
         "reads of one (268,435,456: about 2.5 million members of a store), and is not read; copy the zip again from its source "
         "(kdcache pack FOLDER OUT writes one)\n"), (r.stdout, r.stderr)
+
+
+@pytest.fixture
+def counted_http_root(tmp_path):
+    """``(folder, base_url, log)``: ``folder`` served by RangeHTTPServer's handler in a thread on 127.0.0.1, ``log`` each
+    request it answered as ``(method, path, Range header or None)``."""
+    import functools
+    import http.server
+    import threading
+
+    handler = pytest.importorskip("RangeHTTPServer").RangeRequestHandler
+    log: list[tuple[str, str, str | None]] = []
+
+    class Counted(handler):  # type: ignore[misc, valid-type]
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def send_head(self):  # type: ignore[no-untyped-def]
+            log.append((self.command, self.path, self.headers.get("Range")))
+            return super().send_head()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counted, directory=str(tmp_path)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}", log
+    server.shutdown()
+    server.server_close()
+
+
+def test_opening_a_zip_over_http_reads_its_central_directory_once(counted_http_root, tiny_store):
+    """open_store looked for the root zarr.json through one zarr Store of the chain and read the store through
+    another: the zip was opened twice, its end record checked twice (check_zip_directory) and its central directory read
+    twice, 18 requests to open a zip over http where 11 do. Its end record is read by the check and by zipfile, once
+    each, its central directory once."""
+    import zipfile
+
+    root, base, log = counted_http_root
+    pack(tiny_store, root / "t.zarr.zip")
+    with zipfile.ZipFile(root / "t.zarr.zip") as z:
+        start, size = z.start_dir, (root / "t.zarr.zip").stat().st_size
+    store = open_store(f"zip::{base}/t.zarr.zip")
+    assert store.num_samples == 50
+    ranges = [r for method, path, r in log if method == "GET" and path == "/t.zarr.zip"]
+    assert sum(r.endswith(f"-{size - 1}") for r in ranges) == 2, log  # the end record: the check's read, zipfile's
+    assert sum(r.startswith(f"bytes={start}-") for r in ranges) == 1, log  # the central directory
+    assert len(log) <= 11, log
