@@ -22,7 +22,7 @@ import google_crc32c
 import numpy as np
 
 from kdcache import locking, storage, store as layout
-from kdcache.errors import StoreError, need, one_line, option, short, write_fix
+from kdcache.errors import DamagedShardError, DamagedStoreError, StoreError, need, one_line, option, short, write_fix
 
 HDF5_LAYOUT_VERSION = 1
 HDF5_COMPRESSION = ("gzip", "lzf", "none")
@@ -88,7 +88,7 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
     outside = {key for key in listed if not _plain_key(key)}
     listed -= outside
     named = _layout_keys(store)
-    kdcache_arrays = store.paths() + [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])
+    kdcache_arrays = _kdcache_arrays(store)
     bounds: dict[str, int | None] = {path: layout._object_bound(store.array(path)) for path in kdcache_arrays}
     nodes: dict[str, dict[str, Any]] = {key[: -len("zarr.json")].rstrip("/"): {"node_type": "group"}  # the store opened: they are
                                         for key in named if key.endswith("zarr.json")}  # groups, whatever their zarr.json says
@@ -116,6 +116,47 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
             strays.append(key)
     sharded = {path: found for path in arrays if (found := _sharded(nodes[path])) is not None}
     return sorted(objects), sorted(strays), bounds, sharded
+
+
+def _kdcache_arrays(store: layout.Store) -> list[str]:
+    """The paths of the arrays of kdcache's layout in ``store`` (FORMAT.md §3): its data arrays, its done markers' and digests'."""
+    return store.paths() + [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])
+
+
+def check_added_arrays(store: layout.Store) -> tuple[list[str], list[str], list[str]]:
+    """``(checked, unchecked, problems)`` for the arrays added to the store (FORMAT.md §14: not kdcache's), found as
+    ``pack`` finds them (``_store_objects``): those whose chunk objects have the shape pack checks (``_sharded``), each
+    object's checksums checked as pack checks them as it copies it (``_Checksums``, on the object read whole, at most its
+    bound); the others, not checked (pack copies them as they are); and each damaged object, named (``kdcache verify``)."""
+    keys, _, bounds, sharded = _store_objects(store)
+    added = sorted(path for path in bounds if path not in _kdcache_arrays(store))
+    problems = []
+    for key in keys:
+        owner, bound = _owner(bounds, key)
+        if owner not in added or owner not in sharded or key.endswith("/zarr.json"):
+            continue
+        try:
+            data = store.raw_object(key, at_most=bound)
+            if data is not None:  # absent: the fill value, as an array's every reader reads it
+                checksums = _Checksums(sharded[owner], store.location, owner, key, len(data), lambda n: data[-n:])  # type: ignore[index]
+                checksums.feed(data)
+                checksums.finish()
+        except DamagedShardError as e:
+            problems.append(e.problem)
+        except DamagedStoreError as e:  # larger than it can be, a zip member failing its CRC-32: the error names it
+            problems.append(f"array {owner!r}: {one_line(e)}")
+    return [p for p in added if p in sharded], [p for p in added if p not in sharded], problems
+
+
+def _owner(bounds: dict[str, int | None], key: str) -> tuple[str | None, int | None]:
+    """``(array, bound)``: the array of ``bounds`` (array path → bound) whose object ``key`` is (None: no array's) and
+    the most bytes the object may hold (``storage.object_at_most``; an array's chunk object of any key encoding or grid:
+    its array's bound)."""
+    owner = max((path for path in bounds if key.startswith(f"{path}/")), key=len, default=None)
+    bound = storage.object_at_most(bounds, key)
+    if bound is None and owner is not None:  # a chunk object of an array of another key encoding ("0.0"), or of its every key (another grid)
+        bound = bounds[owner]
+    return owner, bound
 
 
 def _plain_key(key: str) -> bool:
@@ -199,10 +240,7 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], s
     From a local folder it is streamed (a MiB at a time), from elsewhere read whole; either way an object larger than
     it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied, and so is a chunk object of an array in
     ``sharded`` whose checksums do not match (``_Checksums``), found on the bytes as they are copied."""
-    owner = max((path for path in bounds if key.startswith(f"{path}/")), key=len, default=None)
-    bound = storage.object_at_most(bounds, key)
-    if bound is None and owner is not None:  # a chunk object of an array of another key encoding ("0.0"), or of its every key (another grid)
-        bound = bounds[owner]
+    owner, bound = _owner(bounds, key)
     check = sharded.get(owner) if owner is not None and not key.endswith("/zarr.json") else None
     member = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
     member.external_attr = 0o100644 << 16  # a regular file, -rw-r--r-- as unzip extracts it (zipfile wrote -rw-------)
@@ -290,7 +328,7 @@ def _sharded(meta: dict[str, Any]) -> _Sharded | None:
 class _Checksums:
     """The crc32c checksums of one shard object (FORMAT.md §3.1) checked on its bytes as they are copied, never decoded:
     the index's (read first from the object's end, where it tells where the inner chunks lie) and every stored inner
-    chunk's (its last 4 bytes: the crc32c of the rest). A mismatch raises a StoreError naming the array, shard, inner
+    chunk's (its last 4 bytes: the crc32c of the rest). A mismatch raises a DamagedShardError naming the array, shard, inner
     chunk and the fix, as soon as the bytes are there. ``tail(n)``: the object's last ``n`` bytes."""
 
     def __init__(self, shape: _Sharded, location: str, path: str, key: str, size: int, tail: Callable[[int], bytes]) -> None:
@@ -352,7 +390,7 @@ class _Checksums:
         if crc != int.from_bytes(stored, "little"):
             raise self._mismatch(int(self.chunk[i]))
 
-    def _mismatch(self, chunk: int) -> StoreError:
+    def _mismatch(self, chunk: int) -> DamagedShardError:
         return self.damaged(chunk, "fails its crc32c checksum") if chunk >= 0 else self.damaged(None, "its shard index fails its crc32c checksum")
 
     def finish(self) -> None:
@@ -360,8 +398,9 @@ class _Checksums:
         if self.at < self.size:
             raise self.damaged(None, f"it was cut short as it was copied ({self.at:,} of {self.size:,} bytes)")
 
-    def damaged(self, chunk: int | None, why: str) -> StoreError:
-        """The error for the inner chunk ``chunk`` that ``why`` (None: the object, ``why`` naming what of it)."""
+    def damaged(self, chunk: int | None, why: str) -> DamagedShardError:
+        """The error for the inner chunk ``chunk`` that ``why`` (None: the object, ``why`` naming what of it); its
+        ``problem``, that alone (``kdcache verify``'s line)."""
         shape, suffix = self.shape, self.key[len(self.path) + 1:]
         coords = [int(p) for p in re.split(r"[./]", suffix.removeprefix("c/").removeprefix("c.")) if p.isdigit()]
         shard = "" if not coords else f" shard {coords[0] if not any(coords[1:]) else tuple(coords)}"
@@ -373,8 +412,9 @@ class _Checksums:
             first = coords[0] * shape.shard_rows + chunk * shape.chunk_rows if shape.chunk_rows is not None and coords else shape.rows
             if first < shape.rows:  # past the array's end (its last shard's absent inner chunks): no rows to name
                 where += f" (rows {first}-{min(first + shape.chunk_rows, shape.rows) - 1})"  # type: ignore[operator] - not None here
-        return StoreError(f"cannot pack {self.location!r}: {where} {why}, damaged on disk or on the way; re-extract the store "
-                          f"or copy it again (kdcache verify {self.location} lists every damaged shard); nothing was written")
+        return DamagedShardError(f"cannot pack {self.location!r}: {where} {why}, damaged on disk or on the way; re-extract the store "
+                                 f"or copy it again (kdcache verify {self.location} lists every damaged shard); nothing was written",
+                                 f"{where} {why}")
 
 
 def _part_name(out: Path) -> Path:
@@ -739,7 +779,7 @@ def _complete(location: str, storage_options: dict[str, Any] | None, verb: str) 
 def _layout_keys(store: layout.Store) -> set[str]:
     """The key of every object a complete store of this layout holds (FORMAT.md §3), from its manifest alone: the
     groups' and arrays' ``zarr.json``, every shard of every data array, every done marker and digest row."""
-    arrays = store.paths() + [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])
+    arrays = _kdcache_arrays(store)
     keys = {"zarr.json"}
     for path in arrays:
         parts = path.split("/")

@@ -12,7 +12,8 @@ Checks, each reported with every problem it found (named: array, shard, inner ch
   one's shard is not checked);
 - ``layout``: every array of the manifest exists with its shape, dtype and chunk/shard geometry;
 - ``checksums``: every done shard's object exists, its shard index and each inner chunk's crc32c
-  match (the raw bytes are checked, so a truncated or emptied shard is caught, not read as zeros);
+  match (the raw bytes are checked, so a truncated or emptied shard is caught, not read as zeros); an added array's
+  chunk objects are checked as ``kdcache pack`` checks them (``interop.check_added_arrays``);
 - ``values``: every done shard decodes; targets are finite; ``index[r] == r``; fingerprints non-zero;
 - ``teacher`` (``teacher_check=N``): the pipeline's teacher recomputes N random stored rows; max
   abs/rel error and KL per target must stay within a float16-appropriate tolerance; each row's input
@@ -232,7 +233,26 @@ def _contents(store: layout.Store) -> list[Check]:
             problem = value_problem(path, start, block, classes)
             if problem:
                 values.fail(f"{path}: shard {shard}: {problem}")
+    _added_arrays(store, sums)
     return [sums, values]
+
+
+def _added_arrays(store: layout.Store, sums: Check) -> None:
+    """The checksums of the chunk objects of arrays added to the store (FORMAT.md §14), checked as ``kdcache pack``
+    checks them (FORMAT.md §17: where they have its shape; the others are named in the summary as not checked)."""
+    from kdcache.interop import check_added_arrays
+
+    try:
+        checked, unchecked, problems = check_added_arrays(store)
+    except PermissionError:  # a bucket that grants reads alone refuses its listing: no added array can be found
+        sums.summary += "; added arrays not looked for (listing the location was refused)"
+        return
+    for problem in problems:
+        sums.fail(problem)
+    if checked:
+        sums.summary += f" + added {', '.join(map(repr, checked))}"
+    if unchecked:
+        sums.summary += f"; not checked: added {', '.join(map(repr, unchecked))} (not sharded with crc32c checksums)"
 
 
 def value_problem(path: str, start: int, rows: np.ndarray, classes: int = 0) -> str | None:

@@ -1718,3 +1718,15 @@ def test_opening_a_zip_over_http_reads_its_central_directory_once(counted_http_r
     assert sum(r.endswith(f"-{size - 1}") for r in ranges) == 2, log  # the end record: the check's read, zipfile's
     assert sum(r.startswith(f"bytes={start}-") for r in ranges) == 1, log  # the central directory
     assert len(log) <= 11, log
+
+
+def test_verify_of_a_bucket_that_refuses_listing_checks_the_store_and_says_added_arrays_were_not_looked_for(s3, keep_alive_s3, tiny_store):
+    """verify finds arrays added to a store by listing it (as pack does); a bucket that grants GetObject alone answers
+    that listing 403. The store's own arrays are still checked, and the summary says added arrays were not looked for."""
+    import s3fs
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/unlisted.zarr", recursive=True)
+    keep_alive_s3.faults["list-type"] = 403  # ListObjectsV2: GET /BUCKET?list-type=2&...
+    report = verify(f"s3://{BUCKET}/unlisted.zarr", storage_options={**s3, "endpoint_url": keep_alive_s3.url})
+    assert report["ok"], report
+    assert report["checks"][2]["summary"] == "4 shards x 5 arrays; added arrays not looked for (listing the location was refused)", report

@@ -677,3 +677,35 @@ def test_verify_never_tells_its_user_to_run_kdcache_verify(copy, damage, check, 
     said = problems(report, check)
     assert len(said) == 1 and said[0].endswith(fix), said
     assert "kdcache verify" not in json.dumps(report), report
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_checks_an_added_arrays_checksums_as_pack_does_and_names_the_others_unchecked(copy, tmp_path):
+    """pack checks the crc32c of an added array's chunk objects where they have the format's shape (FORMAT.md §17) and
+    refuses a mismatch saying "kdcache verify STORE lists every damaged shard"; verify did not look at added arrays at
+    all: a received store it passed did not pack. It checks them as pack does (the same code), in a folder and in the
+    zip pack wrote, and names in its summary those it cannot check (no crc32c)."""
+    from kdcache.interop import pack
+
+    group = zarr.open_group(copy, mode="r+")
+    for name, compressors in (("checked", [zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec()]), ("unchecked", [zarr.codecs.GzipCodec()])):
+        group.create_array(f"extra/{name}", shape=(8, 6), shards=(4, 6), chunks=(2, 3), dtype="int32", compressors=compressors)[:] = 7
+    pack(str(copy), tmp_path / "t.zarr.zip")
+    for location in (str(copy), str(tmp_path / "t.zarr.zip")):
+        report = verify(location)
+        assert report["ok"], report
+        assert report["checks"][2]["summary"] == ("4 shards x 5 arrays + added 'extra/checked'; not checked: added "
+                                                  "'extra/unchecked' (not sharded with crc32c checksums)"), report
+    _flip_byte(copy / "extra/unchecked/c/1/0", 3)
+    assert verify(str(copy))["ok"]  # nothing to check it by
+    _flip_byte(copy / "extra/checked/c/1/0", 3)
+    report = verify(str(copy))
+    assert not report["ok"] and problems(report, "checksums") == [
+        "array 'extra/checked' shard 1 (object 'extra/checked/c/1/0') inner chunk 0 fails its crc32c checksum"], report
+    with pytest.raises(StoreError, match=r"inner chunk 0 fails its crc32c checksum, damaged on disk or on the way"):
+        pack(str(copy), tmp_path / "again.zarr.zip")  # pack and verify agree
