@@ -514,8 +514,7 @@ class Store:
         named = ", ".join(_marker(key, raw) for key, raw in bad[:3])
         named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         return DamagedStoreError(f"{self.location!r} is damaged: done marker {named or '(unreadable)'} is not one byte 0 or 1; "
-                          f"run kdcache verify {self.location} for any other damage, then delete the marker and rerun "
-                          "kdcache extract to redo its shard, or re-extract the store")
+                                 f"run kdcache verify {self.location} for any other damage, then {marker_fix(self.location)}")
 
     @property
     def complete(self) -> bool:
@@ -1603,6 +1602,17 @@ def _corrupted_member(location: str, what: str) -> StoreError:
     """A zip member whose bytes fail the zip's own CRC-32 (``what``: zipfile's words, naming it)."""
     return DamagedStoreError(f"{location!r} is damaged: {what} (a corrupted zip member); kdcache verify {location} lists every "
                       "damaged chunk; pack the store again or copy the zip again")
+
+
+def marker_fix(location: str) -> str:
+    """What redoes the shard of a damaged done marker of the store at ``location``: a zip's members cannot be changed,
+    nor can an http server's files by their reader."""
+    kind = location_kind(location)
+    if kind == "zip" or "::" in location:
+        return "copy the zip again, or pack the store again from its folder (kdcache pack FOLDER OUT)"
+    if kind == "http":
+        return "ask the store's owner to delete the marker and rerun kdcache extract to redo its shard, or copy the store again"
+    return "delete the marker and rerun kdcache extract to redo its shard, or re-extract the store"
 
 
 def _marker(key: str, raw: bytes) -> str:

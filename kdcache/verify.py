@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache import locking, storage, store as layout
+from kdcache import locking, store as layout
 from kdcache.errors import DamagedShardError, DamagedStoreError, PipelineError, StoreError, UnreachableError, count, one_line, option, short
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
@@ -133,20 +133,13 @@ def _completeness(store: layout.Store) -> Check:
     fix = "its writer is still running" if writer else "resume kdcache extract"
     damaged = store.damaged_markers or {}  # their shards are taken as not done: the checks below pass them by
     for marker in damaged.values():
-        check.fail(f"done marker {marker} (its shard is not checked); {_marker_fix(store.location)}")
+        check.fail(f"done marker {marker} (its shard is not checked); {layout.marker_fix(store.location)}")
     for s in np.flatnonzero(~done):
         if int(s) in damaged:
             continue
         start, stop = store.shard_rows(int(s))
         check.fail(f"shard {int(s)} (rows {start}-{stop - 1}) is not done; {fix}")
     return check
-
-
-def _marker_fix(location: str) -> str:
-    """What redoes the shard of a damaged done marker of the store at ``location``: a zip's members cannot be changed."""
-    if storage.location_kind(location) == "zip" or "::" in location:
-        return "copy the zip again, or pack the store again from its folder (kdcache pack FOLDER OUT)"
-    return "delete the marker and rerun kdcache extract to redo its shard, or re-extract the store"
 
 
 def _layout(store: layout.Store) -> Check:

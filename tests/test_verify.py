@@ -18,6 +18,7 @@ import kdcache
 from conftest import TINY_TOML, extract_tiny
 from kdcache.cli import main
 from kdcache.errors import PipelineError, StoreError, StoreMismatchError
+from kdcache import store as layout
 from kdcache.store import create_or_resume
 from kdcache.verify import verify
 from reference import crash_at, without_the_digest_key
@@ -635,6 +636,25 @@ def test_a_done_marker_of_a_zip_that_fails_its_crc32_is_completeness_problem_and
     assert report["checks"][2]["summary"] == "3 shards x 5 arrays" and report["checks"][2]["ok"], report
     with pytest.raises(StoreError, match=r"Bad CRC-32 for file 'progress/done/c/1' \(a corrupted zip member\)"):
         kdcache.open_store(location).done()  # every other reader still refuses the store
+
+
+def test_a_damaged_done_marker_of_a_zip_names_a_fix_a_zip_allows(tiny_store, tmp_path):
+    """Every reader refuses a store whose done marker is not one byte 0 or 1; for a folder the fix is to delete the marker
+    and resume extract, which a zip's (or an http server's) reader cannot do: theirs is to copy the store again."""
+    from kdcache.interop import pack
+
+    pack(tiny_store, tmp_path / "t.zarr.zip")
+    damaged = tmp_path / "m.zarr.zip"
+    with zipfile.ZipFile(tmp_path / "t.zarr.zip") as z, zipfile.ZipFile(damaged, "w") as w:
+        for info in z.infolist():
+            w.writestr(info, b"zz" if info.filename == "progress/done/c/1" else z.read(info))
+    with pytest.raises(StoreError, match=r"'progress/done/c/1' \(holds b'zz'\) is not one byte 0 or 1; run kdcache verify .*, then "
+                                         r"copy the zip again, or pack the store again from its folder \(kdcache pack FOLDER OUT\)$"):
+        kdcache.open_store(str(damaged)).done()
+    assert problems(verify(str(damaged)), "completeness") == [
+        "done marker 'progress/done/c/1' (holds b'zz') is not one byte 0 or 1 (its shard is not checked); copy the zip "
+        "again, or pack the store again from its folder (kdcache pack FOLDER OUT)"]
+    assert layout.marker_fix("https://example.org/t.zarr").startswith("ask the store's owner to delete the marker")
 
 
 def _oversized_shard(store: Path) -> str:
