@@ -114,7 +114,7 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
             objects.add(key)
         else:
             strays.append(key)
-    sharded = {path: found for path in arrays if (found := _sharded(nodes[path])) is not None}
+    sharded = {path: found._replace(added=path not in kdcache_arrays) for path in arrays if (found := _sharded(nodes[path])) is not None}
     return sorted(objects), sorted(strays), bounds, sharded
 
 
@@ -293,12 +293,14 @@ def _stream(source: Any, store: layout.Store, key: str, bound: int | None, check
 class _Sharded(NamedTuple):
     """The shape of an array's chunk objects whose bytes pack checks (``_sharded``): ``slots`` inner chunks per object
     (its index's entries); the array's ``rows``, ``shard_rows`` per object and ``chunk_rows`` per inner chunk (None
-    where an inner chunk is not a range of whole rows of its shard), which name the rows of a damaged inner chunk."""
+    where an inner chunk is not a range of whole rows of its shard), which name the rows of a damaged inner chunk; whether
+    the array was ``added`` to the store (the fix for its damage is not re-extracting it)."""
 
     slots: int
     rows: int
     shard_rows: int
     chunk_rows: int | None
+    added: bool = False  # an array added to the store (FORMAT.md §14): kdcache's extract cannot write it again
 
 
 def _sharded(meta: dict[str, Any]) -> _Sharded | None:
@@ -412,8 +414,9 @@ class _Checksums:
             first = coords[0] * shape.shard_rows + chunk * shape.chunk_rows if shape.chunk_rows is not None and coords else shape.rows
             if first < shape.rows:  # past the array's end (its last shard's absent inner chunks): no rows to name
                 where += f" (rows {first}-{min(first + shape.chunk_rows, shape.rows) - 1})"  # type: ignore[operator] - not None here
-        return DamagedShardError(f"cannot pack {self.location!r}: {where} {why}, damaged on disk or on the way; re-extract the store "
-                                 f"or copy it again (kdcache verify {self.location} lists every damaged shard); nothing was written",
+        fix = "copy the store again, or write the array again with the tool that added it" if shape.added else "re-extract the store or copy it again"
+        return DamagedShardError(f"cannot pack {self.location!r}: {where} {why}, damaged on disk or on the way; {fix} "
+                                 f"(kdcache verify {self.location} lists every damaged shard); nothing was written",
                                  f"{where} {why}")
 
 
