@@ -224,6 +224,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                             worker_init_fn=data.leave_sigterm_to_the_main_process)
     rows_per_step = t.batch_size * (transfer.streams if transfer.stream is None else 1)  # streams in one process: joined
     batches: Any = iter(())  # the epoch's batches, made ahead: stopped however the run ends
+    ending: BaseException | None = None  # the error the run ends with, which a failed checkpoint write names
     with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
         # a SIGTERM while the batches are stopped (after a stop: its clean-up) is one more stop request
         try:
@@ -249,11 +250,14 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 loop.save(state, rng, metrics, partial)
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)
+        except BaseException as e:
+            ending = e
+            raise
         finally:
             try:
                 data.stop_making(batches)
             finally:  # the last checkpoint whole on the disk before train returns or raises, or its write's error raised
-                loop.writes.wait(during=sys.exc_info()[1])  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
+                loop.writes.wait(during=ending)  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
 
 
 def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dict[str, Any] | None,

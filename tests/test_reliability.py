@@ -589,6 +589,22 @@ def test_train_with_background_writes_on_a_full_disk_fails_with_one_line_and_res
     assert_same_training(out, trained["reference"])
 
 
+def test_a_last_background_write_failing_names_no_error_its_caller_was_handling(trained, tmp_path):
+    """The last epoch's checkpoint fails in its thread (ENOSPC) as the run ends normally, train having been called while
+    its caller handled an error of its own: the write's line names no end of the run (was: the caller's error, read
+    from sys.exc_info(), named as the error the run was ending with)."""
+    n = [e for e in trained["events"] if e[1] == "write" and "checkpoint.pt" in e[2]][-1][0]
+    out = tmp_path / "run"
+    try:
+        raise LookupError("the caller's own")
+    except LookupError:
+        result = on_a_full_disk_from(n, tmp_path, "train", TINY_TOML, "--cache", trained["store"], "--out", out,
+                                     "--epochs", TRAIN_EPOCHS, *PLAIN, "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.output, "No space left on device", str(out), "--resume to continue from the last checkpoint")
+    assert "was ending already" not in result.output
+
+
 @pytest.mark.parametrize("ending", ["nan", "ctrl-c"])
 def test_a_background_write_failing_as_the_run_ends_otherwise_is_the_error_said(trained, tmp_path, monkeypatch, ending):
     """Epoch 0's checkpoint fails in its thread (ENOSPC) while epoch 1 ends the run otherwise (its loss NaN, a Ctrl-C):
