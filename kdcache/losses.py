@@ -35,6 +35,8 @@ __all__ = [
     "top1_matches",
     "top1_correct",
     "top1_agreement",
+    "topk_top1_matches",
+    "topk_top1_correct",
     "projection_head",
     "MapHead",
     "LinearHead",
@@ -396,6 +398,53 @@ def top1_correct(logits: Tensor, labels: Tensor) -> Tensor:
     inside = (labels >= 0) & (labels < logits.shape[-1])
     hit = top.gather(-1, labels.where(inside, 0).unsqueeze(-1)).squeeze(-1) & inside
     return hit.double() / top.sum(-1).clamp(min=1)
+
+
+def _require_topk_of(student_logits: Tensor, values: Tensor, classes: Tensor, num_classes: int, what: str) -> None:
+    """Top-k teacher logits (``values``, ``classes``: (B, ..., K) of ``num_classes``) against ``student_logits``: as
+    ``_require_logits`` against the full logits they stand for, (B, ..., num_classes); their classes checked."""
+    _require_topk(values, classes, what)
+    _require_logits(student_logits, values.new_empty(()).expand(*values.shape[:-1], num_classes), what)
+    check_topk_classes(classes, num_classes, what)
+
+
+@torch.no_grad()
+def topk_top1_matches(student_logits: Tensor, values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
+    """``top1_matches`` against top-k teacher logits (a store's ``targets.topk``) without spreading them over the classes:
+    equal to ``top1_matches(student_logits, topk_logits(values, classes, num_classes))``, T the stored classes tied at the
+    largest stored value, with no (B, ..., C) teacher tensor made (a language model's vocabulary per token).
+
+    Args:
+        student_logits: (B, ..., C), C = ``num_classes``.
+        values, classes: (B, ..., K), as ``topk_logits`` takes them (``classes`` on the host: checked there).
+
+    Returns:
+        float64 tensor of shape ``student_logits.shape[:-1]``, values in [0, 1] (no gradient).
+    """
+    _require_topk_of(student_logits, values, classes, num_classes, "topk_top1_matches")
+    values, classes = values.to(student_logits.device), classes.to(student_logits.device, torch.int64)
+    t, top = _top_classes(values), student_logits.amax(dim=-1, keepdim=True)
+    both = (t & (student_logits.gather(-1, classes) == top)).sum(-1)
+    return both.double() / ((student_logits == top).sum(-1) * t.sum(-1)).clamp(min=1)
+
+
+@torch.no_grad()
+def topk_top1_correct(values: Tensor, classes: Tensor, labels: Tensor) -> Tensor:
+    """``top1_correct`` of top-k teacher logits, equal to ``top1_correct(topk_logits(values, classes, C), labels)``
+    (``classes`` checked by the caller: ``check_topk_classes``): ``1/k`` where the label is one of the k stored classes
+    tied at the largest stored value, else 0.
+
+    Args:
+        values, classes: (B, ..., K).
+        labels: int64 class indices of shape ``values.shape[:-1]``.
+
+    Returns:
+        float64 tensor of the labels' shape (no gradient).
+    """
+    _require_topk(values, classes, "topk_top1_correct")
+    t = _top_classes(values)
+    hit = (t & (classes.to(torch.int64) == labels.to(classes.device, torch.int64).unsqueeze(-1))).any(-1)
+    return hit.double() / t.sum(-1).clamp(min=1)
 
 
 @torch.no_grad()

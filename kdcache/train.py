@@ -720,15 +720,6 @@ class Run:
         return (*shape[:-1], self.classes) if self.classes else shape
 
 
-def teacher_logits(targets: Mapping[str, torch.Tensor], classes: int) -> torch.Tensor:
-    """A batch's stored logits (``targets``: its tensors by array path) as full logits, (B, ..., C): as stored, or, from a
-    store of top-k logits (``classes``: the teacher's class count), their K values spread over the C classes
-    (``losses.topk_logits``: -inf at the classes not stored)."""
-    if not classes:
-        return targets[layout.LOGITS]
-    return losses.topk_logits(targets[layout.LOGITS], targets[layout.LOGITS_INDICES], classes)
-
-
 def _output_mismatch(e: ShapeMismatchError, logits: torch.Tensor, stored: tuple[int, ...], rows: int, selector: str) -> Exception:
     """A loss's shape error, with the setting that fixes it in ``kdcache train``: a first axis that is not the batch's
     samples (``samples_first_error``), or a batch-first output with more axes than the stored logits (``stored``: their
@@ -1515,12 +1506,26 @@ def _eval_counts(run: Run, device: torch.device, source: Any, classes: int = 0) 
             if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
                 correct, labelled = correct + float(losses.top1_correct(logits, label).sum()), labelled + int((label >= 0).sum())
             if "targets" in batch:
-                tl = teacher_logits(batch["targets"], classes)
-                agree += float(losses.top1_matches(logits, tl).sum())
-                teacher_correct += float(losses.top1_correct(tl, label).sum()) if label is not None else 0
+                agree += float(_agreement(logits, batch["targets"], classes).sum())
+                teacher_correct += float(_teacher_correct(batch["targets"], classes, label).sum()) if label is not None else 0
             n += len(logits)
     counts = torch.tensor([correct, agree, teacher_correct, n, labelled], dtype=torch.float64)  # sums of 1/k; n exact below 2**53
     return distributed.sum_over_ranks(counts, waits=True).tolist()
+
+
+def _agreement(logits: torch.Tensor, targets: Mapping[str, torch.Tensor], classes: int) -> torch.Tensor:
+    """``losses.top1_matches`` of the student's ``logits`` with a batch's stored logits (``targets``; ``classes``: of a
+    top-k store, the teacher's class count), top-k ones compared as stored (``losses.topk_top1_matches``)."""
+    if not classes:
+        return losses.top1_matches(logits, targets[layout.LOGITS])
+    return losses.topk_top1_matches(logits, targets[layout.LOGITS], targets[layout.LOGITS_INDICES], classes)
+
+
+def _teacher_correct(targets: Mapping[str, torch.Tensor], classes: int, label: torch.Tensor) -> torch.Tensor:
+    """``losses.top1_correct`` of a batch's stored logits (top-k ones: ``losses.topk_top1_correct``), as ``_agreement``."""
+    if not classes:
+        return losses.top1_correct(targets[layout.LOGITS], label)
+    return losses.topk_top1_correct(targets[layout.LOGITS], targets[layout.LOGITS_INDICES], label)
 
 
 def _training_samples(dataset: Any, trained: dict[str, Any]) -> bool:

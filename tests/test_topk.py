@@ -295,6 +295,38 @@ def test_kl_against_every_class_as_topk_is_exactly_the_full_logits_kl():
         assert torch.equal(losses.topk_kl_divergence(student, values, classes, 3.0, m), full)
 
 
+@pytest.mark.parametrize("shape, k", [((64, 10), 3), ((8, 6, 12), 4), ((16, 5), 5), ((32, 9), 1)])
+def test_top1_metrics_of_topk_logits_equal_those_of_them_spread_over_the_classes(shape, k):
+    """Evaluation scores a student against a top-k store's logits as stored, (B, ..., K) (losses.topk_top1_matches,
+    topk_top1_correct), never spreading them over the C classes (a language model's vocabulary per token): equal to the
+    full-logits rules on topk_logits' spread, ties within the stored values and in the student's (coarse values), NaN
+    rows and labels outside [0, C) included."""
+    from kdcache import losses
+    from kdcache.teacher import top_k
+
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    student = torch.randint(0, 3, shape, generator=g).float()  # ties at the top in most positions
+    student.view(-1, shape[-1])[0] = float("nan")
+    values, classes = top_k(torch.randint(0, 4, shape, generator=g).half(), k)
+    spread = losses.topk_logits(values, classes, shape[-1])
+    labels = torch.randint(-1, shape[-1] + 1, shape[:-1], generator=g)
+    assert torch.equal(losses.topk_top1_matches(student, values, classes, shape[-1]), losses.top1_matches(student, spread))
+    assert torch.equal(losses.topk_top1_correct(values, classes, labels), losses.top1_correct(spread, labels))
+    assert 0 < float(losses.topk_top1_matches(student, values, classes, shape[-1]).sum()) < student[..., 0].numel()
+
+
+def test_topk_top1_matches_refuses_what_the_spread_logits_would():
+    from kdcache import losses
+    from kdcache.errors import ShapeMismatchError
+
+    values, classes = torch.zeros(2, 3), torch.tensor([[0, 1, 2], [2, 3, 4]])
+    with pytest.raises(ShapeMismatchError, match=r"student shape \(2, 6\) does not match teacher shape \(2, 8\); make the "
+                                                 r"student's output layer produce 8 classes"):
+        losses.topk_top1_matches(torch.zeros(2, 6), values, classes, 8)
+    with pytest.raises(ShapeMismatchError, match=r"stored classes run from 0 to 9, outside the 8 classes"):
+        losses.topk_top1_matches(torch.zeros(2, 8), values, torch.tensor([[0, 1, 9], [2, 3, 4]]), 8)
+
+
 def test_topk_logits_refuses_classes_outside_the_class_count():
     from kdcache import losses
     from kdcache.errors import ShapeMismatchError
