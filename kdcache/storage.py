@@ -12,9 +12,11 @@ import difflib
 import errno
 import fcntl
 import functools
+import html
 import importlib.util
 import json
 import os
+import posixpath
 import re
 import stat
 import sys
@@ -24,6 +26,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import quote
 
 import numpy as np
 import zarr
@@ -130,15 +133,21 @@ class _RemoteStore(zarr.storage.FsspecStore):
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         return await self.get_at_most(key, prototype, byte_range, self.at_most(key))
 
+    def _key(self, key: str) -> str:
+        """``key`` as it goes into its object's URL: percent-encoded over http(s), where a store's keys hold ``%``
+        (FORMAT.md §6: the layer ``a/b`` is the folder ``targets/layers/a%2Fb``, at ``…/a%252Fb``; sent as it was, the
+        server read ``a/b`` and the array was "missing"), a space, ``~``; as it is elsewhere."""
+        return quote(key, safe="/") if _http(self.fs) else key
+
     async def get_at_most(self, key: str, prototype: Any, byte_range: Any, at_most: int | None) -> Any:
         """``get`` of an object known to hold at most ``at_most`` bytes (None: zarr's own read)."""
         if at_most is None:
-            return await super().get(key, prototype, byte_range)
+            return await super().get(self._key(key), prototype, byte_range)
         if not self._is_open:
             await self._open()
         from zarr.storage._fsspec import _dereference_path
 
-        path = _dereference_path(self.path, key)
+        path = _dereference_path(self.path, self._key(key))
         refuse = functools.partial(too_large, self.location or self.path, key, bound=at_most)
         try:
             if _streamed(self.fs):
@@ -152,7 +161,13 @@ class _RemoteStore(zarr.storage.FsspecStore):
             raise
         if isinstance(size, int) and size > at_most:
             raise refuse(size)
-        return await super().get(key, prototype, byte_range)
+        return await super().get(self._key(key), prototype, byte_range)
+
+    async def exists(self, key: str) -> bool:
+        return await super().exists(self._key(key))
+
+    async def getsize(self, key: str) -> int:
+        return await super().getsize(self._key(key))
 
     async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
         return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
@@ -162,61 +177,87 @@ class _RemoteStore(zarr.storage.FsspecStore):
             yield key
 
     async def list_prefix(self, prefix: str) -> Any:
-        """zarr's, but an http(s) folder's index pages are read bounded (``_http_files``)."""
+        """zarr's, but an http(s) store's index pages are walked by kdcache (``_http_keys``)."""
         if not _http(self.fs):
             async for key in super().list_prefix(prefix):
                 yield key
             return
-        for url in sorted(await self._http_files(f"{self.path}/{prefix}".rstrip("/"))):
-            yield url.removeprefix(f"{self.path}/")
+        for key in sorted(await self._http_keys(prefix.strip("/"))):
+            yield key
 
-    async def _http_files(self, url: str, depth: int = 0) -> list[str]:
-        """The URLs of the files below the http(s) folder ``url``, as fsspec's http lists them (the links below it on
-        its index page, at ``url/`` or, where that lists nothing, at ``url``: a server may serve a folder's page without
-        the ``/`` alone; one ending in ``/`` a folder listed in turn; a folder that cannot be listed has none), each page
-        read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's listing read it whole.
-        A folder ``MAX_LISTING_DEPTH`` deep, or named ``.``, is not listed: a server may link folders without end."""
-        key = url.removeprefix(self.path).strip("/") + "/"
-        refuse = functools.partial(_listing_too_large, self.location or self.path, key.lstrip("/") or "/")
-        links: set[str] = set()
-        for asked in (url + "/", url):  # as fsspec's: a folder whose page lists nothing with the '/' is asked without it
+    async def _http_keys(self, folder: str) -> set[str]:
+        """The keys of the objects below the folder ``folder`` (``""``: the store's root) of an http(s) store, as its
+        index pages link to them (``_index_links``). Each folder a page links below it is listed in turn, once however
+        many spellings link to it, down to ``MAX_LISTING_DEPTH`` below ``folder``; more than ``MAX_LISTING_FOLDERS``
+        folders in all is a StoreError: a server may link folders without end, and each is a request or two."""
+        files: set[str] = set()
+        pending, seen = [folder], {folder}
+        while pending:
+            links = await self._index_links(pending.pop())
+            files |= {link for link in links if not link.endswith("/")}
+            for sub in sorted(link.rstrip("/") for link in links if link.endswith("/")):
+                if sub not in seen and sub.count("/") - folder.count("/") + (not folder) <= MAX_LISTING_DEPTH:
+                    seen.add(sub)
+                    pending.append(sub)
+            if len(seen) > MAX_LISTING_FOLDERS:
+                raise _listing_too_long(self.location or self.path, folder)
+        return files
+
+    async def _index_links(self, folder: str) -> set[str]:
+        """The keys of the objects and folders (ending in ``/``) below the folder ``folder`` that its index page links to
+        (``_links``), the page at ``folder/`` or, where that lists nothing, at ``folder``, as fsspec's walk asks (a server
+        may serve a folder's page without the ``/`` alone); a folder that cannot be listed (a 404) has none. Each page is
+        read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's listing read it whole."""
+        url = f"{self.path}/{self._key(folder)}".rstrip("/")
+        refuse = functools.partial(_listing_too_large, self.location or self.path, f"{folder}/" if folder else "/")
+        for asked in (url + "/", url):
             try:
                 page = await read_bounded(self.fs, asked, None, MAX_LISTING_BYTES, refuse)
             except OSError:  # no index page there (a 404), or none to be had: fsspec's walk lists nothing there
                 continue
             links = _links(page.decode(errors="ignore"), url + "/", self.fs.simple_links)
             if links:
-                break
-        files = []
-        for link in sorted(links):
-            if not link.endswith("/"):
-                files.append(link)
-            elif depth < MAX_LISTING_DEPTH and link.rstrip("/").rpartition("/")[2] not in ("", ".", ".."):
-                files += await self._http_files(link.rstrip("/"), depth + 1)
-        return files
+                return {f"{folder}/{link}" if folder else link for link in links}
+        return set()
 
 
 MAX_LISTING_BYTES = 256 * 2**20  # an http(s) folder's index page larger than this is refused (one of 100,000 shards: 4-30 MB)
 MAX_LISTING_DEPTH = 32  # http(s) folders below a store's root listed (a store's keys are at most 8 + its arrays' dimensions deep)
+MAX_LISTING_FOLDERS = 2**20  # http(s) folders of a store listed in all (a store of 10 arrays of 100,000 shards has ~3 million
+# objects, in ~300,000 folders to 1,000,000 for arrays of 4 dimensions or more; a store that large is packed where it lives)
 
 
 def _links(page: str, folder: str, simple: bool) -> set[str]:
-    """The URLs below ``folder`` (ending in ``/``) that its http index ``page`` links to, as fsspec's http finds them
-    (``href``s; with ``simple``, any URL in the text): relative, absolute on the server, or full."""
-    from urllib.parse import urlparse
+    """The paths below the http(s) folder ``folder`` (a URL ending in ``/``) that its index ``page`` links to, as
+    fsspec's http finds links (``href``s; with ``simple``, any URL in the text): percent-decoded (a server encodes
+    every name it links: ``a%252Fb/`` for the folder ``a%2Fb``), relative to the folder, a folder's ending in ``/``.
+    A link is resolved as a browser resolves it (``./x``, ``../x``, ``/t.zarr/x``, ``//host/x``, a full URL); one that
+    does not lead below the folder is left out: to the folder itself under another spelling, its parent or anywhere
+    else outside it, another scheme, host or port, a query or fragment (Apache's sort links, ``?C=N;O=D``)."""
+    from urllib.parse import unquote, urljoin, urlsplit
 
     from fsspec.implementations.http import ex, ex2
 
-    server = "{0.scheme}://{0.netloc}".format(urlparse(folder))
+    base = urlsplit(folder)
+    inside = posixpath.normpath(unquote(base.path)).rstrip("/") + "/"
     found = set()
-    for link in [u[2] for u in ex.findall(page)] + (ex2.findall(page) if simple else []):
-        link = server + link if link.startswith("/") and len(link) > 1 else link
-        if not link.startswith("http"):
-            if link not in ("..", "../"):
-                found.add(folder + link.lstrip("/"))
-        elif link.replace("https", "http").startswith(folder.replace("https", "http")) and link.rstrip("/") != folder.rstrip("/"):
-            found.add(link)
+    for link in [html.unescape(u[2]) for u in ex.findall(page)] + (ex2.findall(page) if simple else []):
+        url = urlsplit(urljoin(folder, link))
+        if (url.scheme.lower(), url.netloc.lower(), url.query, url.fragment) != (base.scheme.lower(), base.netloc.lower(), "", ""):
+            continue
+        path = posixpath.normpath(unquote(url.path))
+        if path.startswith(inside) and path != inside:
+            found.add(path[len(inside):] + "/" * url.path.endswith("/"))
     return found
+
+
+def _listing_too_long(location: str, folder: str) -> StoreError:
+    """The error for an http(s) store at ``location`` whose index pages below its folder ``folder`` link to more than
+    ``MAX_LISTING_FOLDERS`` folders."""
+    return StoreError(f"{location!r}: the index pages below its folder {short(folder + '/' if folder else '/')} link to more than "
+                      f"{MAX_LISTING_FOLDERS:,} folders, more than kdcache lists of a store; serve the store without index pages "
+                      "(kdcache reads the objects its layout names), or pack it where it is stored (kdcache pack FOLDER OUT) and "
+                      "serve the zip")
 
 
 def _listing_too_large(location: str, folder: str, size: int | None) -> StoreError:

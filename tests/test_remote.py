@@ -1730,3 +1730,179 @@ def test_verify_of_a_bucket_that_refuses_listing_checks_the_store_and_says_added
     report = verify(f"s3://{BUCKET}/unlisted.zarr", storage_options={**s3, "endpoint_url": keep_alive_s3.url})
     assert report["ok"], report
     assert report["checks"][2]["summary"] == "4 shards x 5 arrays; added arrays not looked for (listing the location was refused)", report
+
+
+# ------------------------------------------------------------------ http(s) stores: names, index pages, redirects
+
+
+@pytest.fixture(scope="module")
+def odd_store(tmp_path_factory):
+    """tiny.toml extracted from ``tiny.py:odd_names``, whose two layer targets (``features.blöck 3%2F~`` and its ``.3``)
+    are stored under FORMAT.md §6's encoding: ``targets/layers/features.bl%C3%B6ck%203%252F%7E`` (a ``%`` in the path)."""
+    from conftest import extract_tiny
+    from tiny import ODD_NAME
+
+    layers = json.dumps([f"features.{ODD_NAME}", f"features.{ODD_NAME}.3"])
+    return extract_tiny(tmp_path_factory.mktemp("odd") / "odd.zarr", "teacher.factory=tiny.py:odd_names", f"targets.layers={layers}")
+
+
+@pytest.mark.parametrize("served", ["plain_http_root", "http_root"])
+def test_a_store_whose_paths_need_percent_encoding_reads_over_http_as_it_does_locally(served, odd_store, tmp_path, request):
+    """A store's keys hold ``%`` (a layer's encoded name, FORMAT.md §6), and a server's index pages percent-encode every
+    name they link (``bl%25C3%25B6ck%25203%25252F%257E/``): each object's URL encodes its key, and each link is decoded
+    to the key it names. Both were taken as they were: the layer's array was "missing" (the server decoded
+    ``%252F`` to ``%2F`` and found no such folder), and the listing gave the links' encoded names as keys. Served
+    from a folder whose own name needs encoding too (``my store 100%``), with and without Range support."""
+    import shutil
+
+    root, base = request.getfixturevalue(served)
+    shutil.copytree(odd_store, root / "my store 100%" / "odd.zarr", dirs_exist_ok=True)
+    local = open_store(odd_store)
+    assert "targets/layers/features.bl%C3%B6ck%203%252F%7E.3" in local.paths()
+    pack(odd_store, tmp_path / "local.zarr.zip")
+    for i, url in enumerate((f"{base}/my%20store%20100%25/odd.zarr", f"{base}/my store 100%25/odd.zarr/")):
+        assert open_store(url).object_keys() == local.object_keys(), url
+        assert_same_store(url, odd_store)
+        assert verify(url)["ok"], url
+        pack(url, tmp_path / f"{i}.zarr.zip")
+        assert (tmp_path / f"{i}.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes(), url
+
+
+class LoggedHTTP:
+    """A static HTTP server on 127.0.0.1, in this process: ``root`` served as ``python -m http.server`` serves it (a
+    folder's ``index.html`` is its index page), except for a path ``pages(path)`` answers (a page's HTML, not None), and
+    a path under a key of ``moved`` (301 to the value in its place). Each request is logged: ``(Host header, path)``;
+    past ``MAX_REQUESTS`` every one is a 404, so that a walk that does not end does, and its test fails instead."""
+
+    MAX_REQUESTS = 2000
+
+    def __init__(self, root, pages=None, moved: dict[str, str] | None = None):
+        import functools
+        import http.server
+        import threading
+
+        self.log: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.log.append((self.headers.get("Host"), self.path))
+                old = next((old for old in moved or {} if self.path.startswith(old)), None)
+                if len(outer.log) > outer.MAX_REQUESTS:
+                    self.send_error(404)
+                elif old is not None:
+                    self.send_response(301)
+                    self.send_header("Location", moved[old] + self.path[len(old):])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif pages is not None and (page := pages(self.path)) is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(page.encode())))
+                    self.end_headers()
+                    self.wfile.write(page.encode())
+                else:
+                    super().do_GET()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def logged_http(root, pages=None, moved=None):
+    server = LoggedHTTP(root, pages, moved)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def write_index_pages(folder, url_path: str, style: str, port: int) -> None:
+    """An ``index.html`` in ``folder`` and each folder below it (served at ``url_path``), as Apache's or nginx's
+    ``autoindex`` writes one: every entry percent-encoded, and links that lead nowhere new. Apache's parent and sort
+    links (``/PARENT/``, ``?C=N;O=D``), nginx's ``../``; the folder itself as ``./``, ``.//``, its full and
+    protocol-relative URLs, with ``/./``; its subfolders again as ``./NAME/`` and by full URL; ``%2E%2E/``, the server's
+    root, a sibling store's object, another host, ``https://``, a fragment, a query, ``mailto:``."""
+    from urllib.parse import quote
+
+    entries = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if p.name != "index.html")
+    here, server = quote(url_path), f"127.0.0.1:{port}"
+    links = [quote(e) for e in entries] + [f"./{quote(e)}" for e in entries if e.endswith("/")]
+    links += [f"http://{server}{here}{quote(e)}" for e in entries if e.endswith("/")]
+    links += ["./", ".//", f"http://{server}{here}", f"//{server}{here}./", "%2E%2E/", "/", "/sibling.zarr/zarr.json",
+              f"http://localhost:{port}{here}", f"https://{server}{here}", "#top", "zarr.json?download=1", "mailto:a@b.c"]
+    if style == "apache":
+        links += ["?C=N;O=D", "?C=M&amp;O=A", quote(url_path.rstrip("/").rpartition("/")[0] + "/")]
+    else:
+        links += ["../"]
+    (folder / "index.html").write_text("<html><body><pre>\n" + "".join(f'<a href="{link}">{link}</a>\n' for link in links) + "</pre></body></html>\n")
+    for sub in folder.iterdir():
+        if sub.is_dir():
+            write_index_pages(sub, f"{url_path}{sub.name}/", style, port)
+
+
+@pytest.mark.parametrize("style", ["apache", "nginx"])
+def test_an_http_store_is_listed_through_index_pages_that_link_anywhere_each_folder_once(style, odd_store, tmp_path):
+    """kdcache walks an http store's index pages itself: a link is resolved as a browser would and followed only where
+    it leads below the folder whose page it is on, and each folder is asked for once, however many spellings link to
+    it. Before, ``?C=N;O=D`` (Apache's sort links) was listed as an object, ``./NAME/`` and full URLs listed a folder
+    again under each spelling (a page linking to its folder twice so doubled the requests at each level, 2^32 at
+    MAX_LISTING_DEPTH), ``%2E%2E/`` left the store, and ``https://`` links to the same host were followed as ``http``."""
+    import shutil
+
+    local = open_store(odd_store)
+    pack(odd_store, tmp_path / "local.zarr.zip")
+    with logged_http(tmp_path / "www") as server:
+        shutil.copytree(odd_store, tmp_path / "www/t.zarr")
+        shutil.copytree(odd_store, tmp_path / "www/sibling.zarr")
+        write_index_pages(tmp_path / "www", "/", style, server.port)
+        url = f"{server.url}/t.zarr"
+        assert open_store(url).object_keys() == local.object_keys()
+        pages = [path for _, path in server.log if path.endswith("/")]
+        assert sorted(pages) == sorted(set(pages)) and len(pages) == 1 + len(local_folders(odd_store)), pages
+        assert {host for host, _ in server.log} == {f"127.0.0.1:{server.port}"}
+        assert all(path.startswith("/t.zarr/") for _, path in server.log), server.log
+        pack(url, tmp_path / "http.zarr.zip")
+    assert (tmp_path / "http.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
+
+
+def local_folders(store: str) -> list:
+    from pathlib import Path
+
+    return [p for p in Path(store).rglob("*") if p.is_dir()]
+
+
+@pytest.mark.parametrize("links, said", [
+    (["a/", "b/", "./", "../"], "the index pages below its folder '/' link to more than 100 folders"),
+    (["a/", "./a/", "../a/"], None),  # one folder a level, ever deeper: the walk stops MAX_LISTING_DEPTH below the store
+])
+def test_index_pages_that_link_folders_without_end_are_walked_in_bounded_requests(links, said, tiny_store, tmp_path, monkeypatch):
+    """A server whose every folder page links new folders below it (a generated tree, a loop through a symlink) is
+    walked in at most two requests a folder, at most MAX_LISTING_FOLDERS folders (then refused in one line) and
+    MAX_LISTING_DEPTH deep. Before, a page linking two folders doubled the requests at each level, to 2^32."""
+    import shutil
+
+    from kdcache import storage
+
+    monkeypatch.setattr(storage, "MAX_LISTING_FOLDERS", 100)
+    shutil.copytree(tiny_store, tmp_path / "t.zarr")
+    page = "".join(f'<a href="{link}">{link}</a>' for link in links)
+    with logged_http(tmp_path, pages=lambda path: page if path.endswith("/") else None) as server:
+        url = f"{server.url}/t.zarr"
+        r = CliRunner().invoke(main, ["pack", url, str(tmp_path / "out.zarr.zip")])
+        folders = [path for _, path in server.log if path.endswith("/")]
+    if said:
+        assert r.exit_code == 1 and r.output.startswith(f"Error: '{url}': {said}"), r.output
+        assert len(r.output.strip().splitlines()) == 1 and len(folders) <= 101, (r.output, len(folders))
+    else:
+        assert r.exit_code == 0, r.output
+        assert len(folders) == 1 + storage.MAX_LISTING_DEPTH and max(folders) == "/t.zarr/" + "a/" * storage.MAX_LISTING_DEPTH
