@@ -651,18 +651,36 @@ def refuse_empty_segments(location: str) -> None:
 URL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "http", "https", "file", "zip", "memory", "hf"})
 
 
+def _refuse_scheme_case(location: str) -> None:
+    """Refuse a URL whose scheme is not in lower case (``HTTP://host/t.zarr``, ``S3://…``, ``zip::HTTPS://…``), naming
+    the URL to pass: fsspec knows schemes in lower case alone (it said "cannot reach 'HTTP://…': Protocol not known:
+    HTTP; check the URL, --storage-option values and credentials"). A local path (``FILE:///x``, ``ZIP::PATH``) is
+    read as its lower-case spelling is."""
+    if location_kind(location) not in ("http", "url"):
+        return
+    links = location.split("::")
+    schemes = [link.partition("://")[0] if "://" in link else link for link in links[:-1]] + [links[-1].partition("://")[0]]
+    fixed = "::".join(link.replace(scheme, scheme.lower(), 1) if scheme.lower() in URL_SCHEMES else link
+                      for link, scheme in zip(links, schemes))
+    if fixed != location:
+        raise StoreError(f"{location!r}: a URL's scheme is written in lower case for fsspec, which knows no "
+                         f"{next(s for s in schemes if s != s.lower() and s.lower() in URL_SCHEMES)!r}; pass {fixed!r}")
+
+
 def _refuse_collapsed_url(location: str) -> None:
     """Refuse ``s3:/bucket/t.zarr``, a URL whose ``//`` lost a slash (``pathlib.Path`` and ``os.path.normpath`` merge
     them): it is a local path to kdcache, and ``extract`` wrote a folder ``s3:`` in the working directory. A local folder
-    of that name that exists is taken as meant. Each link of a chain (``zip::s3:/…``) is looked at."""
+    of that name that exists is taken as meant. Each link of a chain (``zip::s3:/…``) is looked at. Then a URL's scheme
+    that is not in lower case (``_refuse_scheme_case``)."""
     for link in location.split("::"):
         scheme, sep, rest = link.partition(":/")
         if not sep or rest.startswith("/") or scheme.lower() not in URL_SCHEMES or os.path.exists(f"{scheme}:"):
             continue
         lost = {"file": f"{scheme}:///{rest}", "zip": f"{scheme}::/{rest}"}  # zip:/x.zip: kdcache's zip::PATH (zip:// needs a chain)
-        fixed = location.replace(link, lost.get(scheme.lower(), f"{scheme}://{rest}"), 1)
+        fixed = location.replace(link, lost.get(scheme.lower(), f"{scheme.lower()}://{rest}"), 1)
         raise StoreError(f"{location!r} is a local path under a folder {scheme + ':'!r}, not a URL: a URL has two slashes after "
                          f"its scheme (pathlib.Path and os.path.normpath merge them into one); pass {fixed!r}")
+    _refuse_scheme_case(location)
 
 
 def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True,

@@ -1906,3 +1906,30 @@ def test_index_pages_that_link_folders_without_end_are_walked_in_bounded_request
     else:
         assert r.exit_code == 0, r.output
         assert len(folders) == 1 + storage.MAX_LISTING_DEPTH and max(folders) == "/t.zarr/" + "a/" * storage.MAX_LISTING_DEPTH
+
+
+@pytest.mark.parametrize("location, fixed", [
+    ("HTTP://127.0.0.1:9/t.zarr", "http://127.0.0.1:9/t.zarr"),
+    ("Https://127.0.0.1:9/t.zarr", "https://127.0.0.1:9/t.zarr"),
+    ("S3://bucket/t.zarr", "s3://bucket/t.zarr"),
+    ("zip::HTTP://127.0.0.1:9/t.zarr.zip", "zip::http://127.0.0.1:9/t.zarr.zip"),
+    ("ZIP::https://127.0.0.1:9/t.zarr.zip", "zip::https://127.0.0.1:9/t.zarr.zip"),
+])
+def test_a_url_whose_scheme_is_not_in_lower_case_is_refused_naming_the_url_to_pass(location, fixed, tiny_store, tmp_path, monkeypatch):
+    """fsspec knows schemes in lower case alone: ``HTTP://host/t.zarr`` was "cannot reach …: Protocol not known: HTTP;
+    check the URL, --storage-option values and credentials". It is refused before any request, naming the URL to pass,
+    by every command, and never written as a local folder (``S3:``); ``HTTP:/host/t.zarr`` (a slash lost) is told the
+    lower-case URL too."""
+    monkeypatch.chdir(tmp_path)
+    said = f"Error: {location!r}: a URL's scheme is written in lower case for fsspec, which knows no "
+    commands = [["info", location], ["verify", location], ["pack", location, "out.zarr.zip"],
+                ["train", str(TINY_TOML), "--cache", location, "--out", "run"]]
+    commands += [] if "zip" in location.lower() else [["extract", str(TINY_TOML), "--out", location]]
+    for args in commands:
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and r.output.startswith(said) and r.output.endswith(f"; pass {fixed!r}\n"), (args, r.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    collapsed = location.replace("://", ":/")
+    if "::" not in location:
+        r = CliRunner().invoke(main, ["info", collapsed])
+        assert r.exit_code == 1 and r.output.endswith(f"; pass {fixed!r}\n"), r.output
