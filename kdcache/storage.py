@@ -141,8 +141,9 @@ class _RemoteStore(zarr.storage.FsspecStore):
 
     async def get_at_most(self, key: str, prototype: Any, byte_range: Any, at_most: int | None) -> Any:
         """``get`` of an object known to hold at most ``at_most`` bytes (None: zarr's own read)."""
-        if at_most is None:
+        if at_most is None and not _http(self.fs):  # over http(s), every GET is kdcache's own (``_response``: its redirects)
             return await super().get(self._key(key), prototype, byte_range)
+        at_most = sys.maxsize if at_most is None else at_most
         if not self._is_open:
             await self._open()
         from zarr.storage._fsspec import _dereference_path
@@ -164,7 +165,17 @@ class _RemoteStore(zarr.storage.FsspecStore):
         return await super().get(self._key(key), prototype, byte_range)
 
     async def exists(self, key: str) -> bool:
-        return await super().exists(self._key(key))
+        """zarr's; over http(s) fsspec's GET (an answer below 400), but kdcache's own (``_response``: its redirects)."""
+        if not _http(self.fs):
+            return await super().exists(key)
+        import aiohttp
+        from zarr.storage._fsspec import _dereference_path
+
+        try:
+            async with _response(self.fs, _dereference_path(self.path, self._key(key)), None):
+                return True
+        except (FileNotFoundError, aiohttp.ClientError):
+            return False
 
     async def getsize(self, key: str) -> int:
         return await super().getsize(self._key(key))
@@ -333,7 +344,8 @@ async def read_body(length: int | None, read: Any, at_most: int, refuse: Any, en
 @contextlib.asynccontextmanager
 async def _response(fs: Any, path: str, byte_range: str | None) -> Any:
     """A GET of ``path`` through ``fs`` (s3fs, or fsspec's http), ``byte_range`` its Range header (or none): ``(HTTP
-    status, Content-Length or None, read(n))``, the body unread. A missing object is FileNotFoundError, as fsspec says."""
+    status, Content-Length or None, read(n))``, the body unread. A missing object is FileNotFoundError, as fsspec says.
+    Over http(s), a redirect is followed only on the same server (``_redirect``)."""
     ranged = {} if byte_range is None else {"Range": byte_range}
     if hasattr(fs, "call_s3"):
         bucket, key, version = fs.split_path(path)
@@ -343,12 +355,41 @@ async def _response(fs: Any, path: str, byte_range: str | None) -> Any:
         finally:
             r["Body"].close()
         return
-    kwargs = dict(fs.kwargs)
+    kwargs = dict(fs.kwargs, allow_redirects=False)
     kwargs["headers"] = {**(kwargs.get("headers") or {}), **ranged}
     session = await fs.set_session()
-    async with session.get(fs.encode_url(path), **kwargs) as r:
-        fs._raise_not_found_for_status(r, path)
-        yield r.status, r.content_length, r.content.read
+    url = path
+    for _ in range(MAX_REDIRECTS + 1):
+        async with session.get(fs.encode_url(url), **kwargs) as r:
+            if r.status in (301, 302, 303, 307, 308) and "Location" in r.headers:
+                url = _redirect(path, url, r.headers["Location"])
+                continue
+            fs._raise_not_found_for_status(r, path)
+            yield r.status, r.content_length, r.content.read
+            return
+    raise StoreError(f"{path!r} redirects more than {MAX_REDIRECTS} times (last to {short(url)}): a redirect loop; check the URL "
+                     "and the server's redirect rules")
+
+
+MAX_REDIRECTS = 10  # an http(s) object's redirects followed (aiohttp's default)
+
+
+def _redirect(path: str, url: str, location: str) -> str:
+    """Where the answer to a GET of ``url`` (asked for the object ``path``) redirects to, its ``Location`` header
+    ``location``: a URL on the same server (scheme, host and port) alone. One on another server is a StoreError naming
+    the URL the store would be at there: its objects would come from a server the user did not name, and the request
+    headers given (credentials among them: aiohttp drops only ``Authorization``) would go to it."""
+    from urllib.parse import urljoin, urlsplit
+
+    target = urljoin(url, location)
+    if urlsplit(target)[:2] == urlsplit(url)[:2] and urlsplit(target).scheme in ("http", "https"):
+        return target
+    asked, there = path.split("/"), target.split("/")
+    same = next(i for i in range(min(len(asked), len(there)) + 1) if i == min(len(asked), len(there)) or asked[-1 - i] != there[-1 - i])
+    moved = "/".join(there[: len(there) - same]) if same and urlsplit(target).scheme in ("http", "https") else None
+    fix = f"pass the URL it is at there, {moved!r}, if you trust that server" if moved else "check the URL"
+    raise StoreError(f"{path!r} redirects to {short(target)}, on another server: kdcache follows redirects on the store's "
+                     f"server alone; {fix}")
 
 
 class _ZipChainStore(_RemoteStore):

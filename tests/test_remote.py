@@ -1933,3 +1933,36 @@ def test_a_url_whose_scheme_is_not_in_lower_case_is_refused_naming_the_url_to_pa
     if "::" not in location:
         r = CliRunner().invoke(main, ["info", collapsed])
         assert r.exit_code == 1 and r.output.endswith(f"; pass {fixed!r}\n"), r.output
+
+
+def test_an_http_store_is_read_through_redirects_on_its_server_and_refuses_them_to_another(odd_store, tmp_path):
+    """A redirect on the store's own server (a store moved: 301 to ``/t.zarr/…``) is followed: the store reads, verifies
+    and packs as it does locally. One to another server (scheme, host or port: here ``localhost`` for ``127.0.0.1``) is
+    refused before anything is asked of it, naming the URL to pass if that server is trusted: its objects would come
+    from a server the user did not name, with the headers given (aiohttp drops only ``Authorization``; here
+    ``X-Token``). Before, it was followed for every object. A redirect loop and one to ``file://`` are one line each
+    (the loop was "no store at … (HTTP 0)")."""
+    import shutil
+
+    shutil.copytree(odd_store, tmp_path / "www/t.zarr")
+    pack(odd_store, tmp_path / "local.zarr.zip")
+    moved = {"/moved.zarr/": "/t.zarr/", "/loop.zarr/": "/loop.zarr/", "/etc.zarr/": "file:///etc/"}
+    with logged_http(tmp_path / "www", moved=moved) as server:
+        moved["/away.zarr/"] = f"http://localhost:{server.port}/t.zarr/"
+        assert_same_store(f"{server.url}/moved.zarr", odd_store)
+        assert verify(f"{server.url}/moved.zarr")["ok"]
+        pack(f"{server.url}/moved.zarr", tmp_path / "moved.zarr.zip")
+        assert (tmp_path / "moved.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
+        url, there = f"{server.url}/away.zarr", f"http://localhost:{server.port}/t.zarr"
+        server.log.clear()
+        for args in (["info", url, "--storage-option", "headers.X-Token=secret"], ["verify", url], ["pack", url, str(tmp_path / "a.zip")],
+                     ["train", str(TINY_TOML), "--cache", url, "--out", str(tmp_path / "run")]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 1 and r.output == (
+                f"Error: '{url}/zarr.json' redirects to '{there}/zarr.json', on another server: kdcache follows redirects on the "
+                f"store's server alone; pass the URL it is at there, '{there}', if you trust that server\n"), (args, r.output)
+        assert {host for host, _ in server.log} == {f"127.0.0.1:{server.port}"}, server.log
+        for name, said in (("loop", f"'{server.url}/loop.zarr/zarr.json' redirects more than 10 times"),
+                           ("etc", f"'{server.url}/etc.zarr/zarr.json' redirects to 'file:///etc/zarr.json', on another server")):
+            r = CliRunner().invoke(main, ["info", f"{server.url}/{name}.zarr"])
+            assert r.exit_code == 1 and r.output.startswith(f"Error: {said}") and len(r.output.splitlines()) == 1, r.output
