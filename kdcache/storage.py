@@ -384,8 +384,8 @@ def _redirect(path: str, url: str, location: str) -> str:
     target = urljoin(url, location)
     if urlsplit(target)[:2] == urlsplit(url)[:2] and urlsplit(target).scheme in ("http", "https"):
         return target
-    asked, there = path.split("/"), target.split("/")
-    same = next(i for i in range(min(len(asked), len(there)) + 1) if i == min(len(asked), len(there)) or asked[-1 - i] != there[-1 - i])
+    there = target.split("/")
+    same = len(os.path.commonprefix([path.split("/")[::-1], there[::-1]]))  # the key's segments, kept by the redirect
     moved = "/".join(there[: len(there) - same]) if same and urlsplit(target).scheme in ("http", "https") else None
     fix = f"pass the URL it is at there, {moved!r}, if you trust that server" if moved else "check the URL"
     raise StoreError(f"{path!r} redirects to {short(target)}, on another server: kdcache follows redirects on the store's "
