@@ -16,7 +16,7 @@ import sys
 import zipfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Collection, Iterator, NamedTuple
 
 import google_crc32c
 import numpy as np
@@ -75,7 +75,7 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
 STRAYS_NAMED = 5  # files left out by pack named in its note
 
 
-def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str, int | None], dict[str, _Sharded]]:
+def _store_objects(store: layout.Store, skip: Collection[str] = ()) -> tuple[list[str], list[str], dict[str, int | None], dict[str, _Sharded]]:
     """``(objects, strays, bounds, sharded)``: the keys of the store's objects (FORMAT.md §17), sorted; the other keys
     listed at its location (sorted); for each array path the most bytes one of its chunk objects may hold (an array
     that is not kdcache's: ``_foreign_bound``); and the arrays whose chunk objects' checksums pack checks (``_sharded``).
@@ -83,8 +83,9 @@ def _store_objects(store: layout.Store) -> tuple[list[str], list[str], dict[str,
     An object is the ``zarr.json`` of a node of the zarr hierarchy (the root group, and any group or array whose
     parent is a group of it: an array a later kdcache adds, FORMAT.md §14, is one), or a chunk object of an array of it
     (a key its chunk key encoding gives for a chunk of its grid). The objects kdcache's layout names are always copied
-    (a location without a listing: an http server without index pages)."""
-    listed = set(store.object_keys())
+    (a location without a listing: an http server without index pages). ``skip``: folders not listed (``Store.object_keys``),
+    whose objects are those kdcache's layout names alone."""
+    listed = set(store.object_keys(skip))
     outside = {key for key in listed if not _plain_key(key)}
     listed -= outside
     named = _layout_keys(store)
@@ -128,7 +129,8 @@ def check_added_arrays(store: layout.Store) -> tuple[list[str], list[str], list[
     ``pack`` finds them (``_store_objects``): those whose chunk objects have the shape pack checks (``_sharded``), each
     object's checksums checked as pack checks them as it copies it (``_Checksums``, on the object read whole, at most its
     bound); the others, not checked (pack copies them as they are); and each damaged object, named (``kdcache verify``)."""
-    keys, _, bounds, sharded = _store_objects(store)
+    # kdcache's arrays' chunk folders are not listed: an added array is not in them, and over http each is an index page
+    keys, _, bounds, sharded = _store_objects(store, skip={f"{path}/c" for path in _kdcache_arrays(store)})
     added = sorted(path for path in bounds if path not in _kdcache_arrays(store))
     problems = []
     for key in keys:

@@ -22,7 +22,7 @@ import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -1003,18 +1003,26 @@ class Store:
             raise error from None
         return None if buf is None else buf.to_bytes()
 
-    def object_keys(self) -> list[str]:
-        """Every storage object's key, sorted (listed from the location; ``http`` lists through index pages).
-        A writer's temp files (FORMAT.md §13.1) are not objects."""
+    def object_keys(self, skip: Collection[str] = ()) -> list[str]:
+        """Every storage object's key, sorted (listed from the location; ``http`` lists through index pages), but those
+        below the folders ``skip`` names (``targets/logits/c``), which a local folder's or an http store's listing does
+        not walk. A writer's temp files (FORMAT.md §13.1) are not objects."""
         from zarr.core.sync import sync
 
         if location_kind(self.location) == "local":  # zarr 3.1's LocalStore.list mangles keys under a relative root ("s")
             root = Path(local_path(self.location))
-            files = (f for f in root.rglob("*") if f.is_file() and not _is_temp(f.name))
-            return sorted(f.relative_to(root).as_posix() for f in files)
+            keys = []
+            for folder, subfolders, files in os.walk(root):
+                here = Path(folder).relative_to(root).as_posix()
+                here = "" if here == "." else f"{here}/"
+                subfolders[:] = [d for d in subfolders if here + d not in skip]
+                keys += [here + f for f in files if not _is_temp(f) and (Path(folder) / f).is_file()]
+            return sorted(keys)
+        store = self.group.store
 
         async def collect() -> list[str]:
-            return [key async for key in self.group.store.list() if not _is_temp(key.rpartition("/")[2])]
+            listed = store.list_except(skip) if hasattr(store, "list_except") else store.list()
+            return [key async for key in listed if not _is_temp(key.rpartition("/")[2])]
 
         return sorted(sync(collect()))
 

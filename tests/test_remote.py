@@ -1966,3 +1966,68 @@ def test_an_http_store_is_read_through_redirects_on_its_server_and_refuses_them_
                            ("etc", f"'{server.url}/etc.zarr/zarr.json' redirects to 'file:///etc/zarr.json', on another server")):
             r = CliRunner().invoke(main, ["info", f"{server.url}/{name}.zarr"])
             assert r.exit_code == 1 and r.output.startswith(f"Error: {said}") and len(r.output.splitlines()) == 1, r.output
+
+
+def test_verify_over_http_lists_no_chunk_folder_of_kdcaches_arrays_and_finds_an_added_arrays_damage(counted_http_root, tiny_store):
+    """verify lists a store to find the arrays added to it; over http each folder is an index page, and each shard of a
+    2-d array is a folder (c/S/0): its listing cost a page per shard of each array, as many requests as its checks. It
+    does not walk kdcache's arrays' chunk folders (an added array cannot be inside an array), and finds the added one."""
+    import shutil
+
+    import zarr
+
+    root, base, log = counted_http_root
+    shutil.copytree(tiny_store, root / "t.zarr")
+    group = zarr.open_group(root / "t.zarr", mode="r+")
+    group.create_array("extra/checked", shape=(8, 6), shards=(4, 6), chunks=(2, 3), dtype="int32",
+                       compressors=[zarr.codecs.Crc32cCodec()])[:] = 7
+    shard = root / "t.zarr/extra/checked/c/1/0"
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify(f"{base}/t.zarr")
+    assert [p for c in report["checks"] for p in c["problems"]] == [
+        "array 'extra/checked' shard 1 (object 'extra/checked/c/1/0') inner chunk 0 fails its crc32c checksum"], report
+    pages = {path for method, path, _ in log if method == "GET" and path.endswith("/")}
+    assert "/t.zarr/extra/checked/c/" in pages and not [p for p in pages if "/c/" in p and "/extra/" not in p], sorted(pages)
+
+
+def test_an_http_stores_index_pages_are_asked_for_several_at_once(tmp_path, tiny_store):
+    """pack (and verify) list an http store through its index pages: one at a time, a store of 2,000 shards (~10,000
+    folders) took 10,000 round trips in a row; up to storage.LISTING_PAGES_AT_ONCE are asked for at once."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    handler = pytest.importorskip("RangeHTTPServer").RangeRequestHandler
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Slow(handler):  # type: ignore[misc, valid-type]
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def send_head(self):  # type: ignore[no-untyped-def]
+            if not self.path.endswith("/"):
+                return super().send_head()
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.02)  # an index page's round trip
+            with lock:
+                state["now"] -= 1
+            return super().send_head()
+
+    shutil.copytree(tiny_store, tmp_path / "t.zarr")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(tmp_path)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        pack(f"http://127.0.0.1:{server.server_address[1]}/t.zarr", tmp_path / "h.zarr.zip")
+    finally:
+        server.shutdown()
+        server.server_close()
+    pack(str(tmp_path / "t.zarr"), tmp_path / "l.zarr.zip")
+    assert (tmp_path / "h.zarr.zip").read_bytes() == (tmp_path / "l.zarr.zip").read_bytes()
+    assert state["most"] > 1, state
