@@ -57,7 +57,7 @@ def brief_looks(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env):
+def test_a_second_extract_of_a_store_being_written_is_refused(tmp_path, zoo_env, brief_looks):
     """A real ``kdcache extract`` (240 samples, held at row 24 until the others have tried: it ran 5 s at 20 ms a sample,
     most of it after they had) holds the lock; ``--overwrite`` with another teacher, and the same command again, are
     refused while it runs; the first run's store equals an undisturbed one."""
@@ -327,7 +327,7 @@ def test_a_writer_that_starts_while_a_store_is_packed_or_exported_is_refused(tin
         pass
 
 
-def test_a_writer_refused_by_copies_is_not_told_that_one_which_ended_writes_the_store(tmp_path):
+def test_a_writer_refused_by_copies_is_not_told_that_one_which_ended_writes_the_store(tmp_path, brief_looks):
     """Copies of a store write their names into its lock file in turn: once the last to start had ended (or was killed,
     here) while another copy went on, a writer was refused as if that dead process wrote the store ('is being written by
     kdcache export pid P ...; stop it'). A shared hold is told from a writer's: the copies are named as such."""
