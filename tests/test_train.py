@@ -1703,7 +1703,6 @@ def test_a_checkpoint_written_in_the_background_keeps_tied_weights_one_tensor(ti
 def test_a_ctrl_c_while_a_checkpoint_write_fails_keeps_the_write_error(tmp_path):
     """A Ctrl-C while the run waits for a checkpoint write, which then fails (a full disk): the write's error is raised,
     naming the Ctrl-C (was: the Ctrl-C alone, and the write's error lost without a word)."""
-    import _thread
     import threading
 
     from kdcache.train import _write_error, _Writes
@@ -1717,7 +1716,9 @@ def test_a_ctrl_c_while_a_checkpoint_write_fails_keeps_the_write_error(tmp_path)
 
     writes.start(write)
     started.wait(30)
-    threading.Timer(0.1, _thread.interrupt_main).start()
+    # a real SIGINT to the main thread, as a Ctrl-C is: it ends the wait (_thread.interrupt_main only sets Python's flag,
+    # which a thread blocked in that wait sees once the write is done: after the write's 30 s)
+    threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
     try:
         writes.wait()
     except BaseException as e:  # noqa: BLE001 - a KeyboardInterrupt raised here is the failure looked for
