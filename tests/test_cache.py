@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import store as layout
 from kdcache.cache import Check, ShardGroups, TransferSet, done_rows
-from kdcache.data import Prefetch
+from kdcache.data import Prefetch, stop_making
 from kdcache.errors import AlignmentError, PipelineError, StoreError
 from numbered import Numbered
 
@@ -45,8 +45,12 @@ def transfer(location: str, dataset=None, **kwargs) -> TransferSet:
 
 def serve(ts: TransferSet, epoch: int, workers: int = 0) -> list[dict]:
     ts.set_epoch(epoch)
-    if workers:
-        return list(DataLoader(ts, batch_size=None, num_workers=workers))
+    if workers:  # its workers stopped however it ends, as train stops them (a failed iterator's, left to the garbage
+        batches = iter(DataLoader(ts, batch_size=None, num_workers=workers))  # collector, cost the next test torch's 5 s join)
+        try:
+            return list(batches)
+        finally:
+            stop_making(batches)
     return list(ts)
 
 
