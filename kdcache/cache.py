@@ -581,7 +581,7 @@ def _checked_rows(rows: Any, store: layout.Store) -> np.ndarray:
     if len(outside):
         raise PipelineError(f"rows must be store rows from 0 to {store.num_samples - 1} of {store.location!r}, got {int(given[outside[0]])}")
     out = given.astype(np.int64)
-    done = store.done()
+    done = store.done_snapshot()  # the markers the rows' reads are checked against: read once for both
     undone = np.flatnonzero(~done[out // store.rows_per_shard])
     if len(undone):
         row = int(out[undone[0]])
@@ -714,5 +714,5 @@ class ShardGroups(NamedTuple):
 
 def done_rows(store: layout.Store, shards: np.ndarray | None = None) -> np.ndarray:
     """Every row of every completed shard (or of ``shards``, ascending shard numbers), ascending."""
-    parts = [np.arange(*store.shard_rows(int(s))) for s in (np.flatnonzero(store.done()) if shards is None else shards)]
+    parts = [np.arange(*store.shard_rows(int(s))) for s in (np.flatnonzero(store.done_snapshot()) if shards is None else shards)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -231,6 +231,7 @@ class Store:
         self._check_groups()
         self._arrays: dict[str, zarr.Array] = {}
         self._done: np.ndarray | None = None  # read() of a read-only store: done() read once
+        self._markers: np.ndarray | None = None  # done() read by done_snapshot() before any read: the snapshot's, when taken
         self._digests: np.ndarray | None = None  # and digests() after it (a shard's digest is written before its marker)
         self._digested: bool | None = None  # whether the store has progress/digest (stores written before it have none)
         self._digest_columns: dict[str, int] | None = None
@@ -516,6 +517,17 @@ class Store:
         return DamagedStoreError(f"{self.location!r} is damaged: done marker {named or '(unreadable)'} is not one byte 0 or 1; "
                                  f"run kdcache verify {self.location} for any other damage, then {marker_fix(self.location)}")
 
+    def done_snapshot(self) -> np.ndarray:
+        """``done()`` as this reader's reads check rows against: of a store opened read-only, the markers read once (by
+        the first read, or the first call of this), each marker one object; a writable store's, read anew. A reader
+        choosing its rows (train, ``TransferSet``) and then reading them read every marker two to five times."""
+        if self.writable:
+            return self.done()
+        with self._snapshot:
+            if self._done is None and self._markers is None:
+                self._markers = self.done()
+            return self._markers if self._done is None else self._done
+
     @property
     def complete(self) -> bool:
         return bool(self.done().all())
@@ -799,7 +811,9 @@ class Store:
         if again or self._done is None or self.writable:
             with self._snapshot:  # concurrent first reads (remote streaming) take one pair, never one's markers with the other's digests
                 if again or self._done is None or self.writable:
-                    done = self.done()  # first: every shard done in it has its digest written (§7.1)
+                    # first: every shard done in it has its digest written (§7.1); done_snapshot's markers were read first too
+                    kept = self._markers is not None and not again and not self.writable
+                    done, self._markers = (self._markers if kept else self.done()), None
                     self._digests = None if self.writable else self.digests()
                     self._done = done
 

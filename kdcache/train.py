@@ -1259,8 +1259,8 @@ def _key(path: str) -> str:
 
 def open_for_training(location: str, allow_partial: bool, storage_options: dict[str, Any] | None = None) -> layout.Store:
     store = layout.open_store(location, storage_options=storage_options)
-    if not store.complete:
-        done, total = store.samples_done(), store.num_samples
+    if not store.done_snapshot().all():  # read once for the run's setup (_shards), each marker an object
+        done, total = store.samples_done(store.done_snapshot()), store.num_samples
         if not allow_partial:  # a store still being extracted is not an interrupted one (info and verify say so too)
             writer = locking.active_writer(location, storage_options)
             going_on = f"being written by {writer}: wait for it to end" if writer else "resume kdcache extract"
@@ -1292,11 +1292,11 @@ def _shards(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict
         _check_resume(out, pipeline, store, checkpoint)
     if checkpoint is not None and "shards" in checkpoint:
         shards = np.asarray(checkpoint["shards"], dtype=np.int64)
-        if len(shards) and (shards.max() >= len(store.done()) or not store.done()[shards].all()):
+        if len(shards) and (shards.max() >= store.num_shards or not store.done_snapshot()[shards].all()):
             raise StoreError(f"{option('--resume')}: this run trained on shards {store.location!r} no longer has completed; "
                              f"resume with the run's own store, or start afresh with {option('--overwrite')}")
         return shards
-    return distributed.broadcast(np.flatnonzero(store.done()))
+    return distributed.broadcast(np.flatnonzero(store.done_snapshot()))
 
 
 def _rows(store: layout.Store, shards: np.ndarray, subset: int, seed: int) -> np.ndarray:
@@ -1410,8 +1410,8 @@ def _eval_store(location: str, split: str, storage_options: dict[str, Any] | Non
     """``train.eval_cache`` (``location``; ``split``: train.eval_split) opened, and its stored logits: it must be complete,
     store logits, and have been made by the teacher of the store trained from (``trained``: its manifest)."""
     store = _open_eval_store(location, split, storage_options)
-    if not store.complete:  # allow_partial is the training store's: an eval store's metrics are the whole split's
-        raise StoreError(f"train.eval_cache {location!r} is incomplete ({store.samples_done()}/{store.num_samples} samples): its "
+    if not store.done_snapshot().all():  # allow_partial is the training store's: an eval store's metrics are the whole split's
+        raise StoreError(f"train.eval_cache {location!r} is incomplete ({store.samples_done(store.done_snapshot())}/{store.num_samples} samples): its "
                          f"metrics would leave out the rest; resume its kdcache extract ({option('--allow-partial')} applies to the "
                          "training store alone), or drop train.eval_cache")
     stored = next((tg for tg in store.targets.values() if tg.path == layout.LOGITS), None)

@@ -9,21 +9,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
-from kdcache import interop
+from kdcache import interop, store as layout
 from kdcache.pipeline import from_dict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-def deep_pipeline(depth: int, rows_per_shard: int = 2) -> Any:
-    """scaled.py's teacher of ``depth`` layers, each layer a stored target beside the logits."""
+def deep_pipeline(depth: int, rows_per_shard: int = 2, **train: Any) -> Any:
+    """scaled.py's teacher of ``depth`` layers, each layer a stored target beside the logits (``train``: train's values)."""
     return from_dict({
         "teacher": {"factory": "scaled.py:teacher"},
         "data": {"factory": "scaled.py:dataset", "split": "train"},
         "targets": {"logits": True, "layers": [f"layers.{i}" for i in range(depth)], "dtype": "float32"},
         "extract": {"batch_size": 2, "device": "cpu", "rows_per_shard": rows_per_shard},
         "student": {"factory": "scaled.py:student"},
-        "train": {"epochs": 1, "batch_size": 4, "device": "cpu"},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu", **train},
     }, root=FIXTURES)
 
 
@@ -49,3 +49,32 @@ def test_pack_and_verify_look_up_each_objects_array_in_steps_that_do_not_grow_wi
     # 4x the arrays: per object, old code made 1.3x (pack) and 1.7x (the check) the calls, new 1.05x and 1.04x
     assert per_object[32][0] < 1.15 * per_object[8][0], per_object
     assert per_object[32][1] < 1.15 * per_object[8][1], per_object
+
+
+def count_done_reads(monkeypatch) -> list[str]:
+    """Each ``Store.done()`` call (every done marker read, one object per shard) from now on, by the store's location."""
+    seen: list[str] = []
+    done = layout.Store.done
+
+    def counted(self: layout.Store, shards: list[int] | None = None) -> Any:
+        seen.append(self.location)
+        return done(self, shards)
+
+    monkeypatch.setattr(layout.Store, "done", counted)
+    return seen
+
+
+def test_train_reads_each_stores_done_markers_once_per_opening(tmp_path: Path, zoo_env, monkeypatch):
+    """A run's setup read every done marker of the store four times (its completeness, the shards it trains on, the
+    rows' check and the rows' read), five on --resume, and the eval store's three times: 1.2 s each at 4,000 shards.
+    Now once per store opened: the run's own and its reader's (TransferSet opens the store again)."""
+    zoo_env(N=16)
+    store, evals = str(tmp_path / "s.zarr"), str(tmp_path / "e.zarr")
+    kdcache.extract(deep_pipeline(1), store)
+    kdcache.extract(deep_pipeline(1), evals)
+    seen = count_done_reads(monkeypatch)
+    kdcache.train(deep_pipeline(1, eval_cache=evals, eval_split="train"), store, str(tmp_path / "run"))
+    assert seen.count(store) == 2 and seen.count(evals) == 2, seen
+    seen.clear()
+    kdcache.train(deep_pipeline(1, eval_cache=evals, eval_split="train", epochs=2), store, str(tmp_path / "run"), resume=True)
+    assert seen.count(store) == 2 and seen.count(evals) == 2, seen
