@@ -163,8 +163,8 @@ def _owner(bounds: dict[str, int | None], key: str) -> tuple[str | None, int | N
 
 def _array_of(paths: Collection[str], key: str) -> str | None:
     """The longest of ``paths`` (array paths) that ``key`` lies under (``PATH/...``), None: none. Looked up by the key's
-    own parent folders, a few each, not by trying every path: a store of many targets has many arrays and many objects
-    (pack and verify ask for each object: trying every array was objects x arrays, 4 s at 200 arrays of 100 shards)."""
+    own parent folders, a few each, not by trying every path: pack and verify ask it for each object, and trying every
+    array was objects x arrays (0.6 s of pack's 7.2 s at 200 arrays of 100 shards, growing with the arrays squared)."""
     parent = key
     while "/" in parent:
         parent = parent.rpartition("/")[0]

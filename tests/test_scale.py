@@ -37,7 +37,7 @@ def calls_from(module: str, fn: Callable[..., Any], *args: Any) -> tuple[int, An
 
 def test_pack_and_verify_look_up_each_objects_array_in_steps_that_do_not_grow_with_the_arrays(tmp_path: Path, zoo_env):
     """pack and verify's added-arrays check found each object's array by trying every array of the store: objects x
-    arrays (a store of 200 layers of 100 shards spent 4 s on it, growing with the square of its targets)."""
+    arrays (0.6 s of pack's 7.2 s at 200 layers of 100 shards, growing with the square of the targets)."""
     per_object = {}
     for depth in (8, 32):
         zoo_env(DEPTH=depth, N=4)
