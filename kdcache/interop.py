@@ -588,6 +588,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
             _check_readable(f, source, expect, digests, location)  # an existing store is replaced only by a file that reads whole
         with locking.writer_lock(location, storage_options):  # one writer per store
             store = layout.create_or_resume(location, lambda _: fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
+            classes = _topk_classes(expect)
             for shard in store.resume_pending():
                 start, stop = store.shard_rows(shard)
                 arrays = {}
@@ -596,7 +597,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
                         arrays[path] = f[path][start:stop]
                     except (OSError, ValueError, RuntimeError) as e:  # a damaged chunk (a filter or checksum that fails)
                         raise _unreadable(source, path, shard, start, stop, f"cannot be read ({_why(e)})", store) from None
-                    problem = _digest_problem(expect, digests, path, shard, arrays[path]) or _value_problem(expect, path, start, arrays[path])
+                    problem = _digest_problem(expect, digests, path, shard, arrays[path]) or _value_problem(path, start, arrays[path], classes)
                     if problem:
                         raise _unreadable(source, path, shard, start, stop, problem, store)
                 store.write_shard(shard, arrays)
@@ -721,31 +722,40 @@ def _digest_problem(expect: layout.Store, digests: np.ndarray | None, path: str,
         return None
     if not digests[shard].any():  # as in a store (Store.digest_problem): a done shard's row is written whole, never all 0
         return f"have no digest in {layout.DIGEST} (its row for shard {shard} is all 0, so their place could not be checked)"
-    recorded = int(digests[shard, expect.digest_paths().index(path)])
+    recorded = int(digests[shard, expect.digest_column(path)])
     if recorded and layout.shard_digest(path, shard, [rows]) != recorded:
         return f"are not the rows the store held there (their digest is not the one in {layout.DIGEST})"
     return None
 
 
-def _value_problem(expect: layout.Store, path: str, start: int, rows: np.ndarray) -> str | None:
-    """What in rows ``start..`` of dataset ``path`` no store may hold, where a file's digests agree with them (a file
-    written by another tool; ``expect``: the store its manifest describes): what ``kdcache verify``'s values check
-    refuses. None: none."""
-    from kdcache.verify import topk_classes, value_problem
+def _topk_classes(expect: layout.Store) -> int:
+    """The class count of the top-k logits of the store a file's manifest describes (``expect``), 0: none; found once per
+    file, not for each shard of each dataset (a store of many targets: shards x targets, looked through each time)."""
+    from kdcache.verify import topk_classes
 
-    problem = value_problem(path, start, rows, topk_classes(expect.targets.values()))
+    return topk_classes(expect.targets.values())
+
+
+def _value_problem(path: str, start: int, rows: np.ndarray, classes: int) -> str | None:
+    """What in rows ``start..`` of dataset ``path`` no store may hold, where a file's digests agree with them (a file
+    written by another tool; ``classes``: ``_topk_classes`` of the store its manifest describes): what ``kdcache
+    verify``'s values check refuses. None: none."""
+    from kdcache.verify import value_problem
+
+    problem = value_problem(path, start, rows, classes)
     return f"hold {problem}" if problem else None
 
 
 def _check_readable(f: Any, source: str, expect: layout.Store, digests: np.ndarray | None, location: str) -> None:
     """Read every shard of every dataset once (one shard in memory at a time): a damaged chunk is only
     found by reading, and an ``--overwrite`` must not delete the store it would replace for a file that fails."""
+    classes = _topk_classes(expect)
     for shard in range(expect.num_shards):
         start, stop = expect.shard_rows(shard)
         for path in expect.paths():
             try:
                 rows = f[path][start:stop]
-                why = _digest_problem(expect, digests, path, shard, rows) or _value_problem(expect, path, start, rows)
+                why = _digest_problem(expect, digests, path, shard, rows) or _value_problem(path, start, rows, classes)
             except (OSError, ValueError, RuntimeError) as e:
                 why = f"cannot be read ({_why(e)})"
             if why:

@@ -411,6 +411,13 @@ class Store:
         """The data arrays in the order of ``progress/digest``'s columns: sorted."""
         return sorted(self.paths())
 
+    def digest_column(self, path: str) -> int:
+        """The column of ``progress/digest`` that holds the data array ``path``'s digests (its place in ``digest_paths()``),
+        looked up, not found by sorting the paths again: a reader asks it for each shard of each array."""
+        if self._digest_columns is None:
+            self._digest_columns = {p: i for i, p in enumerate(self.digest_paths())}
+        return self._digest_columns[path]
+
     def has_digests(self) -> bool:
         if self._digested is None:
             try:
@@ -475,11 +482,9 @@ class Store:
         another store of the same layout, has valid checksums but other rows. ``parts``: see ``shard_digest``."""
         if self._digests is None:  # none recorded, or not loaded: read() loads them with the done markers, for readers
             return None
-        if self._digest_columns is None:
-            self._digest_columns = {p: i for i, p in enumerate(self.digest_paths())}
         if not self._digests[shard].any():  # written before the marker: a done shard without one lost its digest object
             return NO_DIGEST
-        recorded = int(self._digests[shard, self._digest_columns[path]])
+        recorded = int(self._digests[shard, self.digest_column(path)])
         if recorded and shard_digest(path, shard, [rows], parts) != recorded:
             return ("holds other rows than its writer wrote there (their digest is not the one recorded in progress/digest: "
                     "a shard object swapped with another, or copied from another store)")

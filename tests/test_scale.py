@@ -8,6 +8,8 @@ import pstats
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
 import kdcache
 from kdcache import interop, store as layout
 from kdcache.pipeline import from_dict
@@ -27,10 +29,10 @@ def deep_pipeline(depth: int, rows_per_shard: int = 2, **train: Any) -> Any:
     }, root=FIXTURES)
 
 
-def calls_from(module: str, fn: Callable[..., Any], *args: Any) -> tuple[int, Any]:
-    """(calls made from the file ``module`` while ``fn(*args)`` runs, counted by cProfile, builtins too; fn's result)."""
+def calls_from(module: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
+    """(calls made from the file ``module`` while ``fn(*args, **kwargs)`` runs, counted by cProfile, builtins too; fn's result)."""
     profile = cProfile.Profile()
-    result = profile.runcall(fn, *args)
+    result = profile.runcall(fn, *args, **kwargs)
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     return sum(counts[0] for *_, callers in stats.values() for caller, counts in callers.items() if caller[0].endswith(module)), result
 
@@ -78,3 +80,22 @@ def test_train_reads_each_stores_done_markers_once_per_opening(tmp_path: Path, z
     seen.clear()
     kdcache.train(deep_pipeline(1, eval_cache=evals, eval_split="train", epochs=2), store, str(tmp_path / "run"), resume=True)
     assert seen.count(store) == 2 and seen.count(evals) == 2, seen
+
+
+def test_import_looks_up_a_datasets_digest_column_and_the_topk_classes_once_per_file(tmp_path: Path, zoo_env):
+    """import sorted the store's data arrays (``digest_paths``) to find a dataset's digest column, and looked through its
+    targets for top-k logits (``topk_classes``), for every shard of every dataset: shards x arrays x arrays (with
+    --overwrite, twice: the file is read whole first). Now each is done once per file."""
+    pytest.importorskip("h5py")
+    zoo_env(DEPTH=8, N=8)
+    store, h5, back = str(tmp_path / "deep.zarr"), str(tmp_path / "deep.h5"), str(tmp_path / "back.zarr")
+    kdcache.extract(deep_pipeline(8), store)
+    interop.export_hdf5(store, h5)
+    for overwrite in (False, True):  # 4 shards x 12 datasets each time
+        profile = cProfile.Profile()
+        profile.runcall(interop.import_hdf5, h5, back, overwrite=overwrite)
+        calls = {name: n for (_, _, name), (_, n, *_) in pstats.Stats(profile).stats.items()}  # type: ignore[attr-defined]
+        # digest_paths: once per shard written (the writer's digest row) and the lookup's one; topk_classes: once per read of
+        # the file (twice with --overwrite). Old: 52 and 48
+        seen = (calls.get("digest_paths", 0), calls.get("topk_classes", 0))
+        assert seen[0] <= 4 + 1 and seen[1] <= 2, (overwrite, seen)
