@@ -152,7 +152,7 @@ class _RemoteStore(zarr.storage.FsspecStore):
         refuse = functools.partial(too_large, self.location or self.path, key, bound=at_most)
         try:
             if _streamed(self.fs):
-                return prototype.buffer.from_bytes(await read_bounded(self.fs, path, byte_range, at_most, refuse))
+                return prototype.buffer.from_bytes(await read_bounded(self.fs, path, byte_range, at_most, refuse, root=self.path))
             size = (await self.fs._info(path)).get("size")
         except self.allowed_exceptions:
             return None
@@ -172,7 +172,7 @@ class _RemoteStore(zarr.storage.FsspecStore):
         from zarr.storage._fsspec import _dereference_path
 
         try:
-            async with _response(self.fs, _dereference_path(self.path, self._key(key)), None):
+            async with _response(self.fs, _dereference_path(self.path, self._key(key)), None, self.path):
                 return True
         except (FileNotFoundError, aiohttp.ClientError):
             return False
@@ -236,7 +236,7 @@ class _RemoteStore(zarr.storage.FsspecStore):
         refuse = functools.partial(_listing_too_large, self.location or self.path, f"{folder}/" if folder else "/")
         for asked in (url + "/", url):
             try:
-                page = await read_bounded(self.fs, asked, None, MAX_LISTING_BYTES, refuse)
+                page = await read_bounded(self.fs, asked, None, MAX_LISTING_BYTES, refuse, root=self.path)
             except OSError:  # no index page there (a 404), or none to be had: fsspec's walk lists nothing there
                 continue
             links = _links(page.decode(errors="ignore"), url + "/", self.fs.simple_links)
@@ -310,20 +310,21 @@ def _http(fs: Any) -> bool:
     return "http" in (getattr(fs, "protocol", ()) or ())
 
 
-async def read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any) -> bytes:
+async def read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any, *, root: str) -> bytes:
     """The bytes of ``path`` (s3fs or fsspec's http; ``byte_range``: a zarr ``ByteRequest`` or None) of an object of at
     most ``at_most`` bytes, read in blocks of ``READ_BLOCK``: a Content-Length past the bound is ``refuse(size)``, a
     body past it ``refuse(None)`` once one byte more is read (both StoreErrors). A server that ignores the Range sends
     the whole object: the range is cut from it, its bytes read only as far as the range ends. On s3, a read whose body
-    fails part way (a dropped connection, a timeout) is made again, up to s3fs's ``retries``, as its own reads are."""
+    fails part way (a dropped connection, a timeout) is made again, up to s3fs's ``retries``, as its own reads are.
+    ``root``: the URL of the store ``path`` is in (``_redirect``'s error names where the store is on another server)."""
     if hasattr(fs, "call_s3"):
         from s3fs.core import _error_wrapper
 
-        return await _error_wrapper(_read_bounded, args=(fs, path, byte_range, at_most, refuse), retries=fs.retries)
-    return await _read_bounded(fs, path, byte_range, at_most, refuse)
+        return await _error_wrapper(_read_bounded, args=(fs, path, byte_range, at_most, refuse, root), retries=fs.retries)
+    return await _read_bounded(fs, path, byte_range, at_most, refuse, root)
 
 
-async def _read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any) -> bytes:
+async def _read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refuse: Any, root: str) -> bytes:
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
     if isinstance(byte_range, RangeByteRequest) and byte_range.start >= byte_range.end:
@@ -331,7 +332,7 @@ async def _read_bounded(fs: Any, path: str, byte_range: Any, at_most: int, refus
     asked = {RangeByteRequest: lambda r: f"bytes={r.start}-{r.end - 1}", OffsetByteRequest: lambda r: f"bytes={r.offset}-",
              SuffixByteRequest: lambda r: f"bytes=-{r.suffix}"}
     header = None if byte_range is None else asked[type(byte_range)](byte_range)
-    async with _response(fs, path, header) as (status, length, read):
+    async with _response(fs, path, header, root) as (status, length, read):
         whole = header is None or status != 206  # 206: the range alone came
         enough = byte_range.end if whole and isinstance(byte_range, RangeByteRequest) else None
         data = await read_body(length, read, at_most, refuse, enough)
@@ -359,10 +360,11 @@ async def read_body(length: int | None, read: Any, at_most: int, refuse: Any, en
 
 
 @contextlib.asynccontextmanager
-async def _response(fs: Any, path: str, byte_range: str | None) -> Any:
+async def _response(fs: Any, path: str, byte_range: str | None, root: str) -> Any:
     """A GET of ``path`` through ``fs`` (s3fs, or fsspec's http), ``byte_range`` its Range header (or none): ``(HTTP
     status, Content-Length or None, read(n))``, the body unread. A missing object is FileNotFoundError, as fsspec says.
-    Over http(s), a redirect is followed only on the same server (``_redirect``)."""
+    Over http(s), a redirect is followed only on the same server (``_redirect``; ``root``: the URL of the store ``path``
+    is in)."""
     ranged = {} if byte_range is None else {"Range": byte_range}
     if hasattr(fs, "call_s3"):
         bucket, key, version = fs.split_path(path)
@@ -379,7 +381,7 @@ async def _response(fs: Any, path: str, byte_range: str | None) -> Any:
     for _ in range(MAX_REDIRECTS + 1):
         async with session.get(fs.encode_url(url), **kwargs) as r:
             if r.status in (301, 302, 303, 307, 308) and "Location" in r.headers:
-                url = _redirect(path, url, r.headers["Location"])
+                url = _redirect(path, url, r.headers["Location"], root)
                 continue
             fs._raise_not_found_for_status(r, path)
             yield r.status, r.content_length, r.content.read
@@ -391,22 +393,36 @@ async def _response(fs: Any, path: str, byte_range: str | None) -> Any:
 MAX_REDIRECTS = 10  # an http(s) object's redirects followed (aiohttp's default)
 
 
-def _redirect(path: str, url: str, location: str) -> str:
-    """Where the answer to a GET of ``url`` (asked for the object ``path``) redirects to, its ``Location`` header
-    ``location``: a URL on the same server (scheme, host and port) alone. One on another server is a StoreError naming
-    the URL the store would be at there: its objects would come from a server the user did not name, and the request
-    headers given (credentials among them: aiohttp drops only ``Authorization``) would go to it."""
+def _redirect(path: str, url: str, location: str, root: str) -> str:
+    """Where the answer to a GET of ``url`` (asked for the object ``path`` of the store at the URL ``root``) redirects
+    to, its ``Location`` header ``location``: a URL on the same server (``_server``) alone. One on another server is a
+    StoreError naming the URL the store would be at there (``path``'s key kept by the redirect: ``…/t.zarr/zarr.json`` →
+    ``https://other/t.zarr/zarr.json`` is ``https://other/t.zarr``): its objects would come from a server the user did
+    not name, and the request headers given (credentials among them: aiohttp drops only ``Authorization``) would go to it."""
     from urllib.parse import urljoin, urlsplit
 
     target = urljoin(url, location)
-    if urlsplit(target)[:2] == urlsplit(url)[:2] and urlsplit(target).scheme in ("http", "https"):
+    web = urlsplit(target).scheme.lower() in ("http", "https")
+    if web and _server(target) == _server(url):
         return target
-    there = target.split("/")
-    same = len(os.path.commonprefix([path.split("/")[::-1], there[::-1]]))  # the key's segments, kept by the redirect
-    moved = "/".join(there[: len(there) - same]) if same and urlsplit(target).scheme in ("http", "https") else None
+    key = path[len(root.rstrip("/")):] if path.startswith(root.rstrip("/")) else None  # "/zarr.json"; "": the store's file
+    moved = target[: len(target) - len(key)] if web and key is not None and target.endswith(key) else None
     fix = f"pass the URL it is at there, {moved!r}, if you trust that server" if moved else "check the URL"
     raise StoreError(f"{path!r} redirects to {short(target)}, on another server: kdcache follows redirects on the store's "
                      f"server alone; {fix}")
+
+
+def _server(url: str) -> tuple[str, str | None, int | None]:
+    """The server of the http(s) URL ``url`` as a redirect is judged: its scheme and host, in any case, and its port
+    (the scheme's own where none is written: ``https://host`` is ``https://HOST:443``)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # a port that is none ("host:x"): no server's
+        port = -1
+    return parts.scheme.lower(), parts.hostname, port
 
 
 class _ZipChainStore(_RemoteStore):
@@ -1243,8 +1259,8 @@ def read_http(fs: Any, url: str, location: str, *, whole: bool = True) -> bytes:
 
     refuse = functools.partial(too_large, location, url.rpartition("/")[2], bound=MAX_METADATA_BYTES)
     if not whole:
-        return run_on(fs.loop, read_bounded, fs, url, RangeByteRequest(0, 1), sys.maxsize, refuse)
-    return run_on(fs.loop, read_bounded, fs, url, None, MAX_METADATA_BYTES, refuse)
+        return run_on(fs.loop, read_bounded, fs, url, RangeByteRequest(0, 1), sys.maxsize, refuse, root=url)
+    return run_on(fs.loop, read_bounded, fs, url, None, MAX_METADATA_BYTES, refuse, root=location)
 
 
 def _file_info(fs: Any, url: str) -> dict[str, Any]:

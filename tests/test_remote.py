@@ -1968,6 +1968,43 @@ def test_an_http_store_is_read_through_redirects_on_its_server_and_refuses_them_
             assert r.exit_code == 1 and r.output.startswith(f"Error: {said}") and len(r.output.splitlines()) == 1, r.output
 
 
+@pytest.mark.parametrize("to", ["http://localhost:{port}", "https://127.0.0.1:{port}"])
+def test_a_redirect_of_a_store_to_the_same_path_on_another_server_names_the_store_url_there(to, tiny_store, tmp_path):
+    """The most common redirects keep the store's path: another host for the same ``/t.zarr/…``, ``http://`` →
+    ``https://``. The error names the store's URL there by the key the redirect kept (``zarr.json``), and that URL
+    opens. Before, it was found as the segments the two URLs end in alike, the store's own folder and host among them:
+    ``pass the URL it is at there, 'http://localhost:PORT'`` (no store there), or ``'https:'`` for ``http://`` →
+    ``https://``."""
+    import shutil
+
+    shutil.copytree(tiny_store, tmp_path / "www/t.zarr")
+    moved: dict[str, str] = {}
+    with logged_http(tmp_path / "www", moved=moved) as server:
+        there = to.format(port=server.port) + "/t.zarr"
+        moved["/t.zarr/"] = there + "/"
+        for url in (f"{server.url}/t.zarr", f"{server.url}/t.zarr/"):
+            r = CliRunner().invoke(main, ["info", url])
+            assert r.exit_code == 1 and r.output == (
+                f"Error: '{server.url}/t.zarr/zarr.json' redirects to '{there}/zarr.json', on another server: kdcache follows "
+                f"redirects on the store's server alone; pass the URL it is at there, '{there}', if you trust that server\n"), r.output
+        if there.startswith("http://"):
+            moved.clear()
+            assert CliRunner().invoke(main, ["info", there]).exit_code == 0
+
+
+def test_a_redirect_to_the_stores_server_spelled_otherwise_is_followed(tiny_store, tmp_path):
+    """A server's ``Location`` spells its host as it will (``localhost`` for the ``LocalHost`` a user typed: a host name
+    has no case) and may leave out the scheme's own port: the same server, followed. Before, the host was compared as
+    written, and the redirect refused as one to another server."""
+    import shutil
+
+    shutil.copytree(tiny_store, tmp_path / "www/t.zarr")
+    moved: dict[str, str] = {}
+    with logged_http(tmp_path / "www", moved=moved) as server:
+        moved["/moved.zarr/"] = f"http://localhost:{server.port}/t.zarr/"
+        assert_same_store(f"http://LocalHost:{server.port}/moved.zarr", tiny_store)
+
+
 def test_verify_over_http_lists_no_chunk_folder_of_kdcaches_arrays_and_finds_an_added_arrays_damage(counted_http_root, tiny_store):
     """verify lists a store to find the arrays added to it; over http each folder is an index page, and each shard of a
     2-d array is a folder (c/S/0): its listing cost a page per shard of each array, as many requests as its checks. It
