@@ -25,6 +25,7 @@ One shard of one array is in memory at a time.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from collections.abc import Iterable
@@ -114,7 +115,7 @@ def _run_checks(store: layout.Store, checks: list[Check], teacher_check: int, pi
 
 
 def _report(location: str, checks: list[Check], teacher: dict[str, Any] | None) -> dict[str, Any]:
-    listed = [{**c.to_dict(), "problems": [_here(location, p) for p in c.problems]} for c in checks]
+    listed = [{**c.to_dict(), "problems": [_here(os.fspath(location), p) for p in c.problems]} for c in checks]  # a Path too
     return {"location": location, "ok": all(c.ok for c in checks), "checks": listed, "teacher_check": teacher}
 
 

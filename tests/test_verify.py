@@ -123,6 +123,13 @@ def test_a_damaged_done_marker_is_one_problem_and_verify_checks_the_rest(copy):
         kdcache.open_store(str(copy)).done()  # every other reader still refuses the store
 
 
+def test_verify_of_a_path_object_lists_its_problems_as_of_its_string(copy):
+    """``verify(Path(...))`` (open_store and pack take one) of a store with a problem raised ``TypeError: decoding to
+    str: need a bytes-like object, PosixPath found`` from the report's clean-up of each problem's advice."""
+    (copy / "progress/done/c/2").write_bytes(b"zz")
+    assert problems(verify(copy), "completeness") == problems(verify(str(copy)), "completeness")
+
+
 def test_incomplete_store_fails_completeness(tmp_path, zoo_env):
     out = crash_at(tmp_path, zoo_env, 42, name="partial.zarr")
     report = verify(str(out))
