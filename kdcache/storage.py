@@ -230,14 +230,21 @@ class _RemoteStore(zarr.storage.FsspecStore):
     async def _index_links(self, folder: str) -> set[str]:
         """The keys of the objects and folders (ending in ``/``) below the folder ``folder`` that its index page links to
         (``_links``), the page at ``folder/`` or, where that lists nothing, at ``folder``, as fsspec's walk asks (a server
-        may serve a folder's page without the ``/`` alone); a folder that cannot be listed (a 404) has none. Each page is
-        read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's listing read it whole."""
+        may serve a folder's page without the ``/`` alone); a folder that cannot be listed (a 404, a 403: any 4xx answer)
+        has none. Each page is read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's
+        listing read it whole."""
+        import aiohttp
+
         url = f"{self.path}/{self._key(folder)}".rstrip("/")
         refuse = functools.partial(_listing_too_large, self.location or self.path, f"{folder}/" if folder else "/")
         for asked in (url + "/", url):
             try:
                 page = await read_bounded(self.fs, asked, None, MAX_LISTING_BYTES, refuse, root=self.path)
             except OSError:  # no index page there (a 404), or none to be had: fsspec's walk lists nothing there
+                continue
+            except aiohttp.ClientResponseError as e:  # a folder the server will not list (nginx without autoindex: 403)
+                if e.status >= 500:
+                    raise
                 continue
             links = _links(page.decode(errors="ignore"), url + "/", self.fs.simple_links)
             if links:

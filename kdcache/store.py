@@ -1043,7 +1043,12 @@ class Store:
             listed = store.list_except(skip) if hasattr(store, "list_except") else store.list()
             return [key async for key in listed if not _is_temp(key.rpartition("/")[2])]
 
-        return sorted(sync(collect()))
+        try:
+            return sorted(sync(collect()))
+        except Exception as e:  # noqa: BLE001 - aiohttp's errors are not OSErrors
+            if _on_the_way(e) and not isinstance(e, PermissionError):  # a listing refused: its callers' to judge
+                raise self._unreachable("the list of its objects", e) from None
+            raise
 
     def shard_key(self, path: str, shard: int) -> str:
         """Storage key of shard ``shard`` of the array at ``path`` (FORMAT.md §3.1): a data array, ``progress/done`` or

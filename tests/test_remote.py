@@ -873,6 +873,34 @@ def test_pack_over_http_lists_folders_a_server_pages_only_without_the_slash(faul
         assert {"targets/extra/zarr.json", "targets/extra/c/0"} <= set(z.namelist())
 
 
+@pytest.mark.parametrize("status", ["403", "401", "500"])
+def test_a_server_that_answers_a_folders_page_with_an_error_status_is_listed_without_it_or_named(status, faulty_http_root, tiny_store,
+                                                                                                 tmp_path):
+    """nginx without ``autoindex`` answers a folder's page 403 (a server asking credentials for it alone, 401): no
+    index pages, as a 404 says, so verify checks and pack copies the objects the layout names. A 5xx is a one-line
+    error saying the listing could not be read. Before, each was aiohttp's ClientResponseError raised through every
+    command that lists a store: ``verify`` (which lists it to find added arrays) and ``pack`` failed with a traceback."""
+    import shutil
+
+    root, base = faulty_http_root
+    shutil.copytree(tiny_store, root / f"pages{status}.zarr")
+    url = f"{base}/pages{status}.zarr"
+    (root / ".faults").write_text(json.dumps({"/": status}))
+    try:
+        runs = [CliRunner().invoke(main, args) for args in (["verify", url], ["pack", url, str(tmp_path / "http.zarr.zip")])]
+    finally:
+        (root / ".faults").unlink()
+    if status == "500":
+        for r in runs:
+            assert r.exit_code == 1 and r.output.startswith(f"Error: cannot read the list of its objects from {url!r}: "
+                                                            "ClientResponseError: 500"), r.output
+            assert "nothing says the store is damaged" in r.output and len(r.output.splitlines()) == 1, r.output
+        return
+    assert [r.exit_code for r in runs] == [0, 0], [r.output for r in runs]
+    pack(tiny_store, tmp_path / "local.zarr.zip")
+    assert (tmp_path / "http.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
+
+
 def test_a_server_asking_for_credentials_is_named_and_headers_pass_them(faulty_http_root, tiny_store):
     """A 401/403 for the root zarr.json says the server refuses access and how to pass credentials (it said "no store
     at ...; check the URL"); the --storage-option the message names is the one that works."""
