@@ -240,8 +240,8 @@ class _RemoteStore(zarr.storage.FsspecStore):
         for asked in (url + "/", url):
             try:
                 page = await read_bounded(self.fs, asked, None, MAX_LISTING_BYTES, refuse, root=self.path)
-            except OSError:  # no index page there (a 404), or none to be had: fsspec's walk lists nothing there
-                continue
+            except FileNotFoundError:  # no index page there (a 404): fsspec's walk lists nothing there. Not a page that
+                continue  # could not be read (a timeout, a connection reset): its objects would be left out of pack's zip
             except aiohttp.ClientResponseError as e:  # a folder the server will not list (nginx without autoindex: 403)
                 if e.status >= 500:
                     raise

@@ -901,6 +901,31 @@ def test_a_server_that_answers_a_folders_page_with_an_error_status_is_listed_wit
     assert (tmp_path / "http.zarr.zip").read_bytes() == (tmp_path / "local.zarr.zip").read_bytes()
 
 
+def test_an_index_page_that_cannot_be_read_stops_pack_in_one_line_not_a_zip_without_its_objects(faulty_http_root,
+                                                                                                    tiny_store, tmp_path):
+    """An index page that cannot be read (here its read times out; a connection refused or reset alike) is not a folder
+    without a page: the listing skipped it as it skips a 404, and pack wrote a zip without the objects below it (an added
+    array's chunks: its every reader then reads fill values), and verify passed. Both stop with the listing's one line."""
+    import shutil
+
+    import zarr
+
+    root, base = faulty_http_root
+    shutil.copytree(tiny_store, root / "stalled.zarr")
+    zarr.open_group(root / "stalled.zarr", mode="r+").create_array("extra/a", shape=(8, 6), chunks=(4, 6), dtype="int32")[:] = 7
+    url = f"{base}/stalled.zarr"
+    (root / ".faults").write_text(json.dumps({"stalled.zarr/extra/a/c/": "stall"}))
+    timeout = ["--storage-option", "client_kwargs.timeout.sock_read=1"]
+    try:
+        runs = [CliRunner().invoke(main, [*args, *timeout]) for args in (["pack", url, str(tmp_path / "http.zarr.zip")], ["verify", url])]
+    finally:
+        (root / ".faults").unlink()
+    for r in runs:
+        assert r.exit_code == 1 and r.output.startswith(f"Error: cannot read the list of its objects from {url!r}: "), r.output
+        assert len(r.output.splitlines()) == 1, r.output
+    assert not (tmp_path / "http.zarr.zip").exists()
+
+
 def test_a_server_asking_for_credentials_is_named_and_headers_pass_them(faulty_http_root, tiny_store):
     """A 401/403 for the root zarr.json says the server refuses access and how to pass credentials (it said "no store
     at ...; check the URL"); the --storage-option the message names is the one that works."""
