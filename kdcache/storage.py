@@ -275,10 +275,11 @@ def _links(page: str, folder: str, simple: bool) -> set[str]:
 
     base = urlsplit(folder)
     inside = posixpath.normpath(unquote(base.path)).rstrip("/") + "/"
-    found = set()
+    found = set()  # a link's server as a redirect's is judged (_server): http://host/ and http://HOST:80/ are one
     for link in [html.unescape(u[2]) for u in ex.findall(page)] + (ex2.findall(page) if simple else []):
-        url = urlsplit(urljoin(folder, link))
-        if (url.scheme.lower(), url.netloc.lower(), url.query, url.fragment) != (base.scheme.lower(), base.netloc.lower(), "", ""):
+        joined = urljoin(folder, link)
+        url = urlsplit(joined)
+        if (_server(joined), url.query, url.fragment) != (_server(folder), "", ""):
             continue
         path = posixpath.normpath(unquote(url.path))
         if path.startswith(inside) and path != inside:
