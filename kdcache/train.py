@@ -185,7 +185,7 @@ def _resumed(out: Path, checkpoint: dict[str, Any] | None, run: Run, optimizer: 
     """The run's position and (resumed inside an epoch) loss sums: a new run's start, or a resumed run's, its checkpoint
     loaded into the student, heads, optimizer and schedule, under OUT's lock: an --overwrite's replacement of the
     earlier run finished first where it was under way (``_finish_replacing``), an abandoned one's files dropped, and a
-    damaged metrics.jsonl refused now, not after the first epoch."""
+    damaged metrics.jsonl refused now, not after the first epoch (its lines beyond the checkpoint dropped: ``_beyond``)."""
     if checkpoint is None:
         return {"epoch": 0, "step": 0, "batch": 0}, None
     if checkpoint.get(_FILE) == NEXT_CHECKPOINT:
@@ -197,8 +197,21 @@ def _resumed(out: Path, checkpoint: dict[str, Any] | None, run: Run, optimizer: 
     state, partial = _restore(checkpoint, out, run, optimizer, schedule)
     if rank == 0:
         print(f"resuming {str(out)!r} {_position(state)} (step {state['step']} of {total_steps})")
-    _read_metrics(out)
+    lines = _read_metrics(out)
+    if rank == 0 and any(_beyond(m, state) for m in lines):
+        try:
+            _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines if not _beyond(m, state)))
+        except OSError as e:
+            raise _write_error(out, e) from None
     return state, partial
+
+
+def _beyond(line: dict[str, Any], state: dict[str, int]) -> bool:
+    """Whether a metrics line is of an epoch the checkpoint saved at ``state`` has not ended (a crash between the line and
+    its checkpoint): the resumed run trains it again, and a run with no step left must not end on it (``_result``). The
+    line of a plan that ended inside the epoch, at the checkpoint's step, is not."""
+    here = bool(state["batch"]) and line["epoch"] == state["epoch"] and line.get("step") == state["step"]
+    return line["epoch"] >= state["epoch"] and not here
 
 
 def _result(out: Path, state: dict[str, int], run: Run, loop: _Loop) -> dict[str, Any]:
