@@ -185,7 +185,8 @@ def _resumed(out: Path, checkpoint: dict[str, Any] | None, run: Run, optimizer: 
     """The run's position and (resumed inside an epoch) loss sums: a new run's start, or a resumed run's, its checkpoint
     loaded into the student, heads, optimizer and schedule, under OUT's lock: an --overwrite's replacement of the
     earlier run finished first where it was under way (``_finish_replacing``), an abandoned one's files dropped, and a
-    damaged metrics.jsonl refused now, not after the first epoch (its lines beyond the checkpoint dropped: ``_beyond``)."""
+    damaged metrics.jsonl refused now, not after the first epoch (its lines beyond the checkpoint dropped, ``_beyond``, and
+    a last one cut short)."""
     if checkpoint is None:
         return {"epoch": 0, "step": 0, "batch": 0}, None
     if checkpoint.get(_FILE) == NEXT_CHECKPOINT:
@@ -198,7 +199,7 @@ def _resumed(out: Path, checkpoint: dict[str, Any] | None, run: Run, optimizer: 
     if rank == 0:
         print(f"resuming {str(out)!r} {_position(state)} (step {state['step']} of {total_steps})")
     lines = _read_metrics(out)
-    if rank == 0 and any(_beyond(m, state) for m in lines):
+    if rank == 0 and (any(_beyond(m, state) for m in lines) or _cut_short(out / "metrics.jsonl")):
         try:
             _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines if not _beyond(m, state)))
         except OSError as e:
@@ -2025,6 +2026,15 @@ def _read_metrics(out: Path) -> list[dict[str, Any]]:
             raise StoreError(f"{str(path)!r} line {i} is not an epoch's metrics ({line[:60]!r}); delete that line, "
                              f"or pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
     return metrics
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether the file ``path`` ends inside a line (an append cut short: ``_append_line``)."""
+    try:
+        with open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _is_json(line: str) -> bool:

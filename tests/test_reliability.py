@@ -248,18 +248,22 @@ def test_train_killed_while_it_appends_a_metrics_line_resumes_to_the_uninterrupt
     assert_same_training(out, trained["reference"])
 
 
-def test_train_killed_between_a_metrics_line_and_its_checkpoint_resumed_with_no_step_left_drops_that_line(trained, tmp_path):
-    """Killed as epoch 1's checkpoint is written, its metrics line appended already: the checkpoint is epoch 0's. A
-    --resume whose plan ends there (--epochs 1) trains no step: it kept epoch 1's line, which the weights it wrote never
-    trained, and returned it as the run's last metrics (epoch 1, step 14). The line is dropped as the run resumes."""
+@pytest.mark.parametrize("killed", ["writing-the-checkpoint", "appending-the-line"])
+def test_train_killed_between_a_metrics_line_and_its_checkpoint_resumed_with_no_step_left_drops_that_line(trained, tmp_path, killed):
+    """Killed as epoch 1's checkpoint is written, its metrics line appended already (or as that line is appended: half of
+    it): the checkpoint is epoch 0's. A --resume whose plan ends there (--epochs 1) trains no step: it kept epoch 1's
+    line, which the weights it wrote never trained, and returned it as the run's last metrics (epoch 1, step 14), or kept
+    the half line in the file. Both are dropped as the run resumes."""
     import kdcache
 
-    n = [e for e in trained["events"] if e[1] == "write" and "checkpoint.pt" in e[2]][1][0]
+    ckpt = [n for n, kind, p in trained["events"] if kind == "write" and "checkpoint.pt" in p]
+    appends = [n for n, kind, p in trained["events"] if kind == "write" and p.endswith("metrics.jsonl")]  # epoch 1's first
+    n = ckpt[1] if killed == "writing-the-checkpoint" else appends[0]
     out = tmp_path / "reference"
     args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN]
     proc = run_with_fault(f"kill:{n}", tmp_path / "events.log", tmp_path, *args)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (out / "metrics.jsonl").read_text().count("\n") == (2 if killed == "writing-the-checkpoint" else 1)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # saved after epoch 0
     p = kdcache.load_pipeline(TINY_TOML, ["train.features={}", "train.eval_split=''", "train.epochs=1"])
     result = kdcache.train(p, trained["store"], out, resume=True)
@@ -267,6 +271,7 @@ def test_train_killed_between_a_metrics_line_and_its_checkpoint_resumed_with_no_
     ref = [json.loads(x) for x in (trained["reference"] / "metrics.jsonl").read_text().splitlines()]
     assert [(m["epoch"], m["step"], m["loss"]) for m in lines] == [(0, ref[0]["step"], ref[0]["loss"])]
     assert (result["epoch"], result["step"], result["loss"]) == (0, ref[0]["step"], ref[0]["loss"])
+    assert (out / "metrics.jsonl").read_text().endswith("\n")
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "dataloader-workers"])
