@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers, threads
 from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError,
-                            TargetError, TrainingError, TrainingStopped, option, own_messages, raised, write_fix)
+                            TargetError, TrainingError, TrainingStopped, option, own_messages, raised, worker_message, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -497,7 +497,8 @@ def _stopped_too(error: BaseException, during: BaseException | None) -> BaseExce
     """A checkpoint write's ``error``, its line naming the error the run was ending with (``during``), if any."""
     if during is None or not isinstance(error, KdcacheError):
         return error
-    what = "interrupted" if isinstance(during, KeyboardInterrupt) else str(during).split("; ", 1)[0]
+    # a DataLoader worker's error: its own message, not torch's text and the worker's traceback around it
+    what = "interrupted" if isinstance(during, KeyboardInterrupt) else worker_message(during).split("; ", 1)[0]
     what = what if isinstance(during, KdcacheError | KeyboardInterrupt) else f"{type(during).__name__}: {what}"
     return type(error)(f"{error} (the run was ending already: {what})")
 

@@ -662,6 +662,34 @@ def test_a_background_write_failing_as_the_run_ends_otherwise_is_the_error_said(
     assert not (out / "checkpoint.pt").exists() and not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_background_write_failing_as_a_dataloader_worker_s_error_ends_the_run_names_that_error_s_own_message(
+        trained, tmp_path, monkeypatch):
+    """Epoch 0's checkpoint fails in its thread (ENOSPC) while a DataLoader worker's read of epoch 1 raises: the write's
+    line names the worker's own message (was: torch's "Caught DataError in DataLoader worker process 1." and the worker's
+    traceback, up to the first "; " in it)."""
+    from kdcache.train import Run
+
+    n = [e for e in trained["events"] if e[1] == "write" and "checkpoint.pt" in e[2]][0][0]
+    flag, calls, losses = tmp_path / "unmounted", iter(range(1, 10**9)), Run.losses
+    monkeypatch.setenv("KDCACHE_TEST_FLAG", str(flag))
+
+    def unmounted_after_epoch_0(self, batch):  # 7 steps an epoch: epoch 1's batches are read after step 7
+        parts = losses(self, batch)
+        if next(calls) == 7:
+            flag.touch()
+        return parts
+
+    monkeypatch.setattr(Run, "losses", unmounted_after_epoch_0)
+    out = tmp_path / "run"
+    result = on_a_full_disk_from(n, tmp_path, "train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS,
+                                 *PLAIN, "--set", "train.num_workers=2", "--set", "data.factory='bad_input.py:raising_once_flagged'",
+                                 "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.output, "No space left on device", str(out), "(the run was ending already: the dataset raised "
+                          "OSError: share unmounted reading image ")
+    assert "Caught" not in result.output and "Original Traceback" not in result.output, result.output
+
+
 def recorded_disk_order(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """Every ``os.fsync`` (as ``("sync", the path its fd has open)``) and ``os.replace`` (``("rename", src, dst)``), real
     paths, in the order they are done, from every thread: the real calls, recorded once each returns."""
