@@ -126,14 +126,20 @@ def worker_message(e: BaseException) -> str:
 
 def own_messages(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` raising a KdcacheError that a DataLoader worker raised with its own message again (``worker_message``):
-    ``kdcache.train(...)`` raises what ``kdcache train`` prints, not torch's text around it."""
+    ``kdcache.train(...)`` raises what ``kdcache train`` prints, not torch's text around it. An attribute torch's text
+    was given to (torch rebuilds the error from it alone: ``DamagedShardError.problem``) gets the worker's message too."""
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except KdcacheError as e:
-            e.args = (worker_message(e), *e.args[1:])
+            torch_text, own = str(e), worker_message(e)
+            if own != torch_text:  # a worker's (else left as raised: an error of several arguments keeps them)
+                e.args = (own,)
+                for name, value in vars(e).items():
+                    if isinstance(value, str) and value == torch_text:
+                        setattr(e, name, own)
             raise
 
     return call

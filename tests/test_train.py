@@ -149,6 +149,20 @@ def test_changed_dataset_is_an_alignment_error(tiny_store, tmp_path, factory, ma
     assert not (tmp_path / "run" / "student.pt").exists()
 
 
+def test_a_damaged_shard_a_dataloader_worker_finds_is_raised_with_its_own_problem(tiny_store, tmp_path):
+    """A shard object gone from a done shard, found by a DataLoader worker as it streams: torch rebuilds the
+    DamagedShardError from its own text alone (the worker's traceback in it), which ``problem`` took. train raised it with
+    the worker's message but kept that text as its ``problem`` (how the shard reads wrong, as verify lists it)."""
+    from kdcache.errors import DamagedShardError
+
+    damaged = copy_store(tiny_store, tmp_path)
+    (Path(damaged) / "targets" / "logits" / "c" / "2" / "0").unlink()
+    p = pipeline(*PLAIN, "train.memory_budget_mb=0", "train.num_workers=2", "train.epochs=1")
+    with pytest.raises(DamagedShardError, match=r"^'.*' is damaged: shard 2 of targets/logits \(rows 32-47\) is missing") as e:
+        train(p, damaged, tmp_path / "run")
+    assert e.value.problem == str(e.value) and "Caught" not in e.value.problem and "\n" not in e.value.problem
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_inputs_that_require_grad_train_as_their_values(tiny_store, tmp_path, workers, steps):
     """Inputs computed outside torch.no_grad() (views of one tensor with a graph behind it) are the store's inputs, and the
