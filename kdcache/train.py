@@ -105,7 +105,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                                            values=values, plan={"epochs": t.epochs, "steps": t.steps}),
                          pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
                          before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0,
-                         lr=_last_lr(checkpoint, schedule) if checkpoint is not None else 0.0)
+                         lr=_last_lr(checkpoint, schedule) if checkpoint is not None else 0.0,
+                         background=transfer.checkpoint_bytes > 0)
             distributed.barrier()  # every rank is ready to train: from here a step's collectives wait train.rank_timeout_s
             _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
             if rank == 0:
@@ -150,16 +151,34 @@ def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int) -> tuple[d
 def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, run: Run,
                   storage_options: dict[str, Any] | None, streams: int) -> cache.TransferSet:
     """The run's batches of its targets (``run.paths``) from the store (this rank's share under torchrun), its memory checked against the
-    machine's; noted where the store's fingerprints cannot tell this dataset's inputs apart (kdcache <= 0.1.6)."""
+    machine's; noted where the store's fingerprints cannot tell this dataset's inputs apart (kdcache <= 0.1.6).
+
+    Counted with the targets: the copy a checkpoint written in the background holds (``_checkpoint_copy_bytes``). Where the
+    two do not fit together but the targets alone do, the checkpoints are written in the main thread, from the state itself
+    (the transfer set's ``checkpoint_bytes`` 0: ``_Loop.background``): refused, the run had no setting of its targets that
+    would do (a student whose copy alone is more than half the memory), and it ran so before the copy was made."""
     rank, world, _ = distributed.ranks()
-    transfer = cache.TransferSet(
-        cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
-        memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-        fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
-        stream=rank if world > 1 else None, checkpoint_bytes=_checkpoint_copy_bytes(run, t.optimizer) if world == 1 else 0,
-    )
+
+    def made(checkpoint_bytes: int) -> cache.TransferSet:
+        transfer = cache.TransferSet(
+            cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
+            memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+            fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
+            stream=rank if world > 1 else None, checkpoint_bytes=checkpoint_bytes)
+        transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
+        return transfer
+
+    copy = _checkpoint_copy_bytes(run, t.optimizer) if world == 1 else 0
+    try:
+        transfer = made(copy)
+    except PipelineError:
+        if not copy:
+            raise
+        transfer = made(0)  # refused again (the targets alone do not fit): that refusal, whose fixes are the targets'
+        print(f"note: checkpoints are written in the main thread, training paused meanwhile: one written while the next steps "
+              f"train holds a copy of the student, heads and optimizer state ({copy / 2**20:.4g} MiB), which with the targets "
+              "would take more than half of the memory this process may use")
     transfer.check_made_from(store.manifest)  # the store setup checked, not one put in its place since
-    transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
     if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
         print(f"note: {cache_location!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed {blind} unframed, "
               "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and ([1], [2, 3])) "
@@ -526,6 +545,7 @@ class _Loop:
     lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
     writes: _Writes = field(default_factory=_Writes)  # the last checkpoint's write, while the next steps train
     appending: bool = False  # metrics.jsonl was written whole by this process: its next lines are appended (_save_epoch)
+    background: bool = True  # one process writes its checkpoints in a thread, while it trains on (_transfer_set: unless no room)
 
     def elapsed(self) -> float:
         """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it (evaluations
@@ -549,7 +569,7 @@ class _Loop:
         if self.rank == 0:
             # one process: the files are written (and flushed to the disk) while the next steps train; under torchrun the
             # other ranks wait for them at the barrier below, as a resumed run's ranks must find them whole
-            background = self.writes if distributed.ranks()[1] == 1 and WRITE_IN_BACKGROUND else None
+            background = self.writes if distributed.ranks()[1] == 1 and WRITE_IN_BACKGROUND and self.background else None
             self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed(),
                          lr=self.lr, background=background, append=self.appending)
             self.replacing, self.appending = None, self.appending or metrics is not None

@@ -1409,20 +1409,39 @@ def small_machine(monkeypatch, nbytes: int) -> None:
     monkeypatch.setattr(importlib.import_module("kdcache.train"), "WRITE_IN_BACKGROUND", False)
 
 
-def test_a_background_checkpoints_copy_counts_with_targets_in_ram(tiny_store, tmp_path, monkeypatch, steps):
+@pytest.mark.parametrize("memory", [2 * 1600 + 2 * 12816 - 2, 2 * 12816 - 2], ids=["with-the-targets", "alone"])
+def test_a_background_checkpoints_copy_that_does_not_fit_is_not_made(tiny_store, tmp_path, monkeypatch, steps, capsys, memory):
     """Targets in RAM (50 rows of 32 bytes) on a machine with room for them, but not for them and the copy a checkpoint
-    written in the background holds (the student's 1,068 float32 parameters, AdamW's two moments of each: 12,816 bytes):
-    refused before the first step, naming that copy; with checkpoints written in the main thread it trains (was: the
-    copy left out, and a large student near the machine's memory killed by the OOM killer at its first checkpoint)."""
-    monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 + 2 * 12816 - 2)
-    with pytest.raises(PipelineError, match=re.escape(f"the targets of {tiny_store!r} take 1.562 KiB in RAM, and each checkpoint, written "
-                                                      "while the next steps train, holds a copy of 12.52 KiB (the student, its heads and "
-                                                      "the optimizer's state), under train.memory_budget_mb = 2048 but more than half")):
+    written in the background holds (the student's 1,068 float32 parameters, AdamW's two moments of each: 12,816 bytes),
+    or not for that copy alone: the checkpoints are written in the main thread, from the state itself, with a note, and
+    the run trains as it did before that copy was made (was: refused, naming lower train.memory_budget_mb to stream the
+    targets, then train.shuffle_buffer_shards or num_workers, none of which made the copy fit: no setting ran it)."""
+    import threading
+
+    writers, replace = [], os.replace
+
+    def replaced(src, dst, *args, **kwargs):  # the thread that puts each checkpoint in place
+        replace(src, dst, *args, **kwargs)
+        if str(dst).endswith(CHECKPOINT):
+            writers.append(threading.current_thread().name)
+
+    monkeypatch.setattr(os, "replace", replaced)
+    monkeypatch.setattr(cache, "memory_limit", lambda: memory)
+    result = train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run")
+    assert "note: checkpoints are written in the main thread, training paused meanwhile: one written while the next steps train " \
+           "holds a copy of the student, heads and optimizer state (0.01222 MiB)" in capsys.readouterr().out
+    assert len(steps) == 7 and result["step"] == 7 and writers == ["MainThread"]
+    monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 + 2 * 12816)  # room for both: written in the background
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run2")
+    assert "note: checkpoints" not in capsys.readouterr().out and writers[1].startswith("kdcache-checkpoint")
+
+
+def test_targets_that_do_not_fit_without_a_checkpoint_copy_are_refused_naming_the_targets_fix(tiny_store, tmp_path, monkeypatch):
+    """Where the targets alone do not fit, the refusal is theirs, with their fix (no checkpoint copy named: it is not made)."""
+    monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 - 2)
+    with pytest.raises(PipelineError, match=re.escape(f"the targets of {tiny_store!r} take 1.562 KiB in RAM, under "
+                                                      "train.memory_budget_mb = 2048 but more than half")):
         train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run")
-    assert steps == []
-    monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 + 2 * 12816)
-    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run")
-    assert len(steps) == 7
 
 
 STREAMED = ["train.memory_budget_mb=0", "train.num_workers=2", "train.shuffle_buffer_shards=1"]
