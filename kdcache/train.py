@@ -176,7 +176,7 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
             raise
         transfer = made(0)  # refused again (the targets alone do not fit): that refusal, whose fixes are the targets'
         print(f"note: checkpoints are written in the main thread, training paused meanwhile: one written while the next steps "
-              f"train holds a copy of the student, heads and optimizer state ({copy / 2**20:.4g} MiB), which with the targets "
+              f"train holds a copy of the student, heads and optimizer state ({copy:,} bytes), which with the targets "
               "would take more than half of the memory this process may use")
     transfer.check_made_from(store.manifest)  # the store setup checked, not one put in its place since
     if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
