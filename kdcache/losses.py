@@ -411,8 +411,10 @@ def _require_topk_of(student_logits: Tensor, values: Tensor, classes: Tensor, nu
 @torch.no_grad()
 def topk_top1_matches(student_logits: Tensor, values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
     """``top1_matches`` against top-k teacher logits (a store's ``targets.topk``) without spreading them over the classes:
-    equal to ``top1_matches(student_logits, topk_logits(values, classes, num_classes))``, T the stored classes tied at the
-    largest stored value, with no (B, ..., C) teacher tensor made (a language model's vocabulary per token).
+    equal to ``top1_matches(student_logits, topk_logits(values, classes, num_classes))`` where the stored values are
+    finite (a store's are: extract refuses others; a position's K values all -inf tie its K classes here, every class
+    there), T the stored classes tied at the largest stored value, with no (B, ..., C) teacher tensor made (a language
+    model's vocabulary per token).
 
     Args:
         student_logits: (B, ..., C), C = ``num_classes``.
@@ -430,9 +432,9 @@ def topk_top1_matches(student_logits: Tensor, values: Tensor, classes: Tensor, n
 
 @torch.no_grad()
 def topk_top1_correct(values: Tensor, classes: Tensor, labels: Tensor) -> Tensor:
-    """``top1_correct`` of top-k teacher logits, equal to ``top1_correct(topk_logits(values, classes, C), labels)``
-    (``classes`` checked by the caller: ``check_topk_classes``): ``1/k`` where the label is one of the k stored classes
-    tied at the largest stored value, else 0.
+    """``top1_correct`` of top-k teacher logits, equal to ``top1_correct(topk_logits(values, classes, C), labels)`` where
+    the values are finite (as ``topk_top1_matches``; ``classes`` checked by the caller: ``check_topk_classes``): ``1/k``
+    where the label is one of the k stored classes tied at the largest stored value, else 0.
 
     Args:
         values, classes: (B, ..., K).
