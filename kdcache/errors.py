@@ -117,10 +117,11 @@ def transient(e: BaseException) -> bool:
 def worker_message(e: BaseException) -> str:
     """``e``'s message. An error raised in a DataLoader worker process reaches the main process as the same class holding
     torch's text (``Caught X in DataLoader worker process N.`` and the worker's traceback): its last line, less the class
-    name, is the worker's own message."""
+    name (``kdcache.errors.DataError: ``; a builtin's bare: ``RuntimeError: ``), is the worker's own message."""
     text = str(e)
     if text.startswith("Caught ") and "\nOriginal Traceback (most recent call last):" in text:
-        text = text.rstrip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+        name = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+        text = text.rstrip().splitlines()[-1].removeprefix(f"{name}: ")
     return text
 
 

@@ -566,6 +566,35 @@ def test_unknown_layer_lists_close_matches_and_creates_nothing(tmp_path, factory
         kdcache.dry_run(pipeline)
 
 
+class _Raising(torch.utils.data.Dataset):
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [DataError("dataset index 0: simulated; fix the dataset"), RuntimeError("boom; a builtin's")])
+def test_a_dataloader_workers_error_has_its_own_message_back(error):
+    """torch's DataLoader re-raises a worker's error as its class holding "Caught X in DataLoader worker process N." and
+    the worker's traceback; errors.worker_message gives back its own message, a builtin's too (torch writes its class
+    bare: "RuntimeError: ...", which was left in, "RuntimeError: RuntimeError: ..." once a message named its class)."""
+    from kdcache.data import stop_making
+    from kdcache.errors import worker_message
+
+    batches = iter(torch.utils.data.DataLoader(_Raising(error), num_workers=1))
+    with pytest.raises(type(error)) as raised:
+        try:
+            list(batches)
+        finally:
+            stop_making(batches)  # not left to the garbage collector: torch's 5 s join, paid by a later test
+    assert str(raised.value).startswith("Caught ") and worker_message(raised.value) == str(error)
+    assert worker_message(error) == str(error)  # not a worker's: as it is
+
+
 @pytest.mark.parametrize(
     "overrides, env, match",
     [
