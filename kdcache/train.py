@@ -188,14 +188,15 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
 
 def _checkpoint_copy_bytes(run: Run, optimizer: str) -> int:
     """The host copy a checkpoint written in the background holds until it is written (``_save_epoch``'s ``copied``), in
-    one process: the student's and heads' state, one copy per storage, and the optimizer's, per parameter AdamW's two
-    moments or SGD's momentum; 0 where checkpoints are written in the main thread (``WRITE_IN_BACKGROUND``)."""
+    one process: the student's and heads' state, one copy per storage, and the optimizer's, per trained parameter AdamW's
+    two moments or SGD's momentum (a frozen one has none); 0 where checkpoints are written in the main thread
+    (``WRITE_IN_BACKGROUND``)."""
     if not WRITE_IN_BACKGROUND:
         return 0
     modules = (run.student, run.heads)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for m in modules for t in m.state_dict().values() if isinstance(t, torch.Tensor)}
-    params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad)
     return sum(storages.values()) + params * (2 if optimizer == "adamw" else 1)
 
 

@@ -1436,6 +1436,20 @@ def test_a_background_checkpoints_copy_that_does_not_fit_is_not_made(tiny_store,
     assert "note: checkpoints" not in capsys.readouterr().out and writers[1].startswith("kdcache-checkpoint")
 
 
+def test_a_checkpoint_copys_size_counts_optimizer_state_of_trained_parameters_alone():
+    """The host copy a background checkpoint holds: the student's and heads' state (tied weights once) and the optimizer's
+    per trained parameter (AdamW: two moments; SGD: its momentum); a frozen parameter has no optimizer state."""
+    import types
+
+    from kdcache.train import _checkpoint_copy_bytes
+
+    student = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))  # 110 + 22 float32 parameters
+    run = types.SimpleNamespace(student=student, heads=torch.nn.ModuleDict())
+    assert _checkpoint_copy_bytes(run, "adamw") == 4 * 132 * 3 and _checkpoint_copy_bytes(run, "sgd") == 4 * 132 * 2
+    student[0].requires_grad_(False)
+    assert _checkpoint_copy_bytes(run, "adamw") == 4 * 132 + 4 * 22 * 2
+
+
 def test_targets_that_do_not_fit_without_a_checkpoint_copy_are_refused_naming_the_targets_fix(tiny_store, tmp_path, monkeypatch):
     """Where the targets alone do not fit, the refusal is theirs, with their fix (no checkpoint copy named: it is not made)."""
     monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 - 2)
