@@ -392,6 +392,9 @@ class Store:
             chunks = "" if tuple(array.chunks) == (1,) else f" in chunks of {list(array.chunks)}"
             raise self._bad_metadata(DONE, f"it says {list(array.shape)} {array.dtype}{chunks}, expected [{self.num_shards}] bool"
                                            f"{' in chunks of [1]: one marker object per shard' if chunks else ''}")
+        done = self._local_markers(array, shards)
+        if done is not None:
+            return done
         try:
             done = np.asarray(array[:] if shards is None else array.get_orthogonal_selection(np.asarray(shards, dtype=np.intp)))
         except Exception as e:  # noqa: BLE001 - a marker that does not decode; named below
@@ -405,6 +408,29 @@ class Store:
             self.damaged_markers.clear()
             self.damaged_markers.update((int(key.rsplit("/", 1)[1]), f"{_marker(key, raw)} is not one byte 0 or 1") for key, raw in bad)
             self.damaged_markers.update((int(key.rsplit("/", 1)[1]), problem) for key, problem in corrupted)
+        return done
+
+    def _local_markers(self, array: zarr.Array, shards: list[int] | None) -> np.ndarray | None:
+        """``done()`` of a local folder's markers, each one-byte file read straight (``LocalObjects``: a link out of the
+        store, a file that is not regular or larger than a marker can be is refused; a missing one is not done): zarr
+        took ~170 µs a marker, 8.5 s at 50,000 shards, paid by every command opening a store. None (zarr reads them
+        all, and names any damage) where one is not the byte 0 or 1, or anything is off, or the array is not the
+        plain one of FORMAT.md §3.1 (``[bytes]``, fill value false, keys ``progress/done/c/S``)."""
+        if self._kind != "local" or not _plain_markers(array):
+            return None
+        numbers = range(self.num_shards) if shards is None else [int(s) for s in shards]
+        if shards is not None and not all(0 <= s < self.num_shards for s in numbers):
+            return None  # zarr's selection: counted from the end, or refused
+        bound, done = array.store.at_most(f"{DONE}/c/0"), np.zeros(len(numbers), dtype=bool)
+        try:
+            with LocalObjects(array.store.root) as objects:
+                for i, s in enumerate(numbers):
+                    raw = objects.read(f"{DONE}/c/{s}", bound)
+                    if raw is not None and (len(raw) != 1 or raw[0] > 1):
+                        return None
+                    done[i] = raw is not None and raw[0] == 1
+        except (OSError, KdcacheError):  # a link out, a FIFO, a marker too large: zarr's read names it
+            return None
         return done
 
     def digest_paths(self) -> list[str]:
@@ -1410,6 +1436,17 @@ def _local_shard_object(array: zarr.Array, key: str, objects: LocalObjects | Non
         return objects.read(key, bound) if objects is not None else read_local_object(array.store.root, key, bound)
     except OSError:
         return None
+
+
+def _plain_markers(array: zarr.Array) -> bool:
+    """Whether ``progress/done``'s objects are its markers' bytes as they are (FORMAT.md §3.1: codecs ``[bytes]``, fill
+    value false, keys ``progress/done/c/S``) in a kdcache folder store (which bounds its objects' sizes)."""
+    from zarr.codecs import BytesCodec
+
+    meta, encoding = array.metadata, array.metadata.chunk_key_encoding
+    return (isinstance(array.store, zarr.storage.LocalStore) and hasattr(array.store, "at_most") and array.path == DONE
+            and [type(c) for c in meta.codecs] == [BytesCodec] and meta.fill_value is not None and not bool(meta.fill_value)
+            and encoding.name == "default" and getattr(encoding, "separator", None) == "/")
 
 
 def _inner_extents(raw: np.ndarray, slots: int, count: int) -> list[tuple[int, int]] | None:

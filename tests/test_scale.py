@@ -4,6 +4,7 @@ of targets. Measured by counting calls or reads, never by time (benchmarks/RESUL
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import pytest
 
 import kdcache
 from kdcache import interop, store as layout
+from kdcache.errors import StoreError
 from kdcache.pipeline import from_dict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -99,3 +101,79 @@ def test_import_looks_up_a_datasets_digest_column_and_the_topk_classes_once_per_
         # the file (twice with --overwrite). Old: 52 and 48
         seen = (calls.get("digest_paths", 0), calls.get("topk_classes", 0))
         assert seen[0] <= 4 + 1 and seen[1] <= 2, (overwrite, seen)
+
+
+def zarr_gets(fn: Callable[..., Any], *args: Any) -> tuple[int, Any]:
+    """(objects zarr's local store read while ``fn(*args)`` runs: calls of its ``get``; fn's result)."""
+    profile = cProfile.Profile()
+    result = profile.runcall(fn, *args)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    return sum(n for (file, _, name), (_, n, *_) in stats.items() if name == "get" and file.endswith("storage/_local.py")), result
+
+
+def test_done_reads_a_folders_markers_without_zarr(tmp_path: Path, zoo_env):
+    """``Store.done()`` read each done marker of a folder store through zarr, ~170 µs a marker (8.5 s at 50,000 shards,
+    paid by every command opening a store): now each one-byte file is read straight, zarr reading none."""
+    zoo_env(N=16)
+    location = str(tmp_path / "s.zarr")
+    kdcache.extract(deep_pipeline(1), location)
+    store = kdcache.open_store(location)
+    store.array(layout.DONE)  # its metadata: read once, by any command
+    gets, done = zarr_gets(store.done)
+    assert done.tolist() == [True] * 8 and gets == 0, gets  # old: 8, one per marker
+    gets, done = zarr_gets(store.done, [5, 1])
+    assert done.tolist() == [True, True] and gets == 0, gets
+
+
+def _marker(raw: bytes) -> Callable[[Path], None]:
+    return lambda f: f.write_bytes(raw)
+
+
+def _linked(inside: bool) -> Callable[[Path], None]:
+    def damage(f: Path) -> None:
+        target = f.parent / "0" if inside else f.parents[4] / "elsewhere"
+        if not inside:
+            target.write_bytes(b"\x01")
+        f.unlink()
+        f.symlink_to(target)
+    return damage
+
+
+def _replaced(make: Callable[[Path], Any]) -> Callable[[Path], None]:
+    def damage(f: Path) -> None:
+        f.unlink()
+        make(f)
+    return damage
+
+
+MARKERS = {  # what shard 2's marker becomes: every case the direct read must answer as zarr does
+    "not-done": _marker(b"\x00"), "missing": lambda f: f.unlink(), "byte-2": _marker(b"\x02"), "two-bytes": _marker(b"\x01\x01"),
+    "empty": _marker(b""), "too-large": _marker(b"\x01" * 200), "fifo": _replaced(os.mkfifo), "folder": _replaced(Path.mkdir),
+    "link-inside": _linked(True), "link-out": _linked(False),
+}
+
+
+def _outcome(store: layout.Store, shards: list[int] | None) -> tuple[Any, ...]:
+    try:
+        return "done", store.done(shards).tolist(), store.damaged_markers
+    except StoreError as e:
+        return type(e).__name__, str(e), store.damaged_markers
+
+
+@pytest.mark.parametrize("verifying", [False, True], ids=["reader", "verify"])
+@pytest.mark.parametrize("case", list(MARKERS))
+def test_done_read_straight_is_zarrs_answer_for_every_marker(tmp_path: Path, zoo_env, monkeypatch, case: str, verifying: bool):
+    """The direct read of a folder's markers answers as zarr's read does, damage included (named by zarr's path):
+    for a reader and for verify (``damaged_markers``), all markers or some (a negative shard counts from the end)."""
+    zoo_env(N=8)
+    location = tmp_path / "s.zarr"
+    kdcache.extract(deep_pipeline(1), str(location))
+    MARKERS[case](location / "progress/done/c/2")
+    seen = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(layout.Store, "_local_markers", lambda *a: None)
+        store = kdcache.open_store(str(location))
+        store.damaged_markers = {} if verifying else None
+        seen.append([_outcome(store, shards) for shards in (None, [2, 0], [-1, 2], [3])])
+    assert seen[0] == seen[1], seen
