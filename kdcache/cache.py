@@ -89,7 +89,8 @@ class TransferSet(IterableDataset):
         self.row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in map(store.checked_array, self.paths))
         self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
         self.checkpoint_bytes = int(checkpoint_bytes)
-        self.memory = _read_whole(store, self.paths, self.row_bytes, memory_budget_mb, location, self.checkpoint_bytes) if self.in_memory else None
+        self.memory = (_read_whole(store, self.paths, self.groups.shards, self.row_bytes, memory_budget_mb, location, self.checkpoint_bytes)
+                       if self.in_memory else None)  # the rows of the shards holding self.rows, back to back
         self._store: layout.Store | None = None
 
     @property
@@ -324,8 +325,9 @@ class TransferSet(IterableDataset):
 
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads."""
-        if self.memory is not None:
-            return {p: a[rows] for p, a in self.memory.items()}
+        if self.memory is not None:  # every shard held but the store's last has rows_per_shard rows, and that one is held last
+            held = np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard
+            return {p: a[held] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
             self._store = self._reopened()
         shards, local = np.unique(rows // self.rows_per_shard, return_inverse=True)
@@ -486,13 +488,20 @@ def _open_for(location: str, dataset: Dataset, storage_options: dict[str, Any] |
     return store, algorithm
 
 
-def _read_whole(store: layout.Store, paths: list[str], row_bytes: int, budget_mb: float, location: str,
+def _read_whole(store: layout.Store, paths: list[str], shards: np.ndarray, row_bytes: int, budget_mb: float, location: str,
                 checkpoint_bytes: int = 0) -> dict[str, np.ndarray]:
-    """Every array of ``paths`` read whole, once (DataLoader workers inherit it), once the machine is found to have room
-    for it (``location``: the store's, as the user named it); of a partial store only the rows of done shards
-    (``TransferSet.rows``) are ever served."""
+    """Every array of ``paths`` over the ``shards`` (ascending: those holding the rows served, ``TransferSet.groups``), their
+    rows back to back, read once (DataLoader workers inherit them), once the machine is found to have room for the whole
+    store (``location``: the store's, as the user named it). Each run of consecutive shards is one read: all of a complete
+    store's rows in one; a ``train.subset`` of a few shards' rows, those shards only (every shard was read)."""
     _check_ram(row_bytes * store.num_samples, budget_mb, location, checkpoint_bytes)
-    return {p: store.read(p, 0, store.num_samples, pending=True) for p in paths}
+    runs = np.split(shards, np.flatnonzero(np.diff(shards) != 1) + 1) if len(shards) else []
+    spans = [(store.shard_rows(int(run[0]))[0], store.shard_rows(int(run[-1]))[1]) for run in runs] or [(0, 0)]
+    columns = {}
+    for p in paths:
+        parts = [store.read(p, lo, hi) for lo, hi in spans]
+        columns[p] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return columns
 
 
 def _check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], when: str, then: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 import kdcache
-from kdcache import interop, store as layout
+from kdcache import interop, storage, store as layout
 from kdcache.errors import StoreError
 from kdcache.pipeline import from_dict
 
@@ -103,15 +103,20 @@ def test_import_looks_up_a_datasets_digest_column_and_the_topk_classes_once_per_
         assert seen[0] <= 4 + 1 and seen[1] <= 2, (overwrite, seen)
 
 
-def zarr_gets(fn: Callable[..., Any], *args: Any) -> tuple[int, Any]:
-    """(objects zarr's local store read while ``fn(*args)`` runs: calls of its ``get``; fn's result)."""
-    profile = cProfile.Profile()
-    result = profile.runcall(fn, *args)
-    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-    return sum(n for (file, _, name), (_, n, *_) in stats.items() if name == "get" and file.endswith("storage/_local.py")), result
+def zarr_gets(monkeypatch) -> list[str]:
+    """The keys zarr reads from a folder store from now on (its store's ``get``, run in zarr's own event loop thread)."""
+    seen: list[str] = []
+    get = storage._LocalStore.get
+
+    async def counted(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(storage._LocalStore, "get", counted)
+    return seen
 
 
-def test_done_reads_a_folders_markers_without_zarr(tmp_path: Path, zoo_env):
+def test_done_reads_a_folders_markers_without_zarr(tmp_path: Path, zoo_env, monkeypatch):
     """``Store.done()`` read each done marker of a folder store through zarr, ~170 µs a marker (8.5 s at 50,000 shards,
     paid by every command opening a store): now each one-byte file is read straight, zarr reading none."""
     zoo_env(N=16)
@@ -119,10 +124,9 @@ def test_done_reads_a_folders_markers_without_zarr(tmp_path: Path, zoo_env):
     kdcache.extract(deep_pipeline(1), location)
     store = kdcache.open_store(location)
     store.array(layout.DONE)  # its metadata: read once, by any command
-    gets, done = zarr_gets(store.done)
-    assert done.tolist() == [True] * 8 and gets == 0, gets  # old: 8, one per marker
-    gets, done = zarr_gets(store.done, [5, 1])
-    assert done.tolist() == [True, True] and gets == 0, gets
+    gets = zarr_gets(monkeypatch)
+    assert store.done().tolist() == [True] * 8 and store.done([5, 1]).tolist() == [True, True]
+    assert gets == [], gets  # old: each marker, 8 then 2
 
 
 def _marker(raw: bytes) -> Callable[[Path], None]:
@@ -177,3 +181,22 @@ def test_done_read_straight_is_zarrs_answer_for_every_marker(tmp_path: Path, zoo
         store.damaged_markers = {} if verifying else None
         seen.append([_outcome(store, shards) for shards in (None, [2, 0], [-1, 2], [3])])
     assert seen[0] == seen[1], seen
+
+
+def test_a_subset_in_ram_reads_only_the_shards_holding_its_rows(tmp_path: Path, zoo_env, monkeypatch):
+    """``train.subset`` with the targets in RAM read every shard of the store (each array whole), however few shards its
+    rows lie in: now those shards only. Every row served is still checked against its input's fingerprint."""
+    zoo_env(N=32)
+    store = str(tmp_path / "s.zarr")
+    kdcache.extract(deep_pipeline(1), store)  # 16 shards of 2 rows
+    reads: list[tuple[str, int]] = []
+    whole = layout._read_whole_shard
+
+    def counted(array: Any, shard: int, *args: Any, **kwargs: Any) -> Any:
+        reads.append((array.path, shard))
+        return whole(array, shard, *args, **kwargs)
+
+    monkeypatch.setattr(layout, "_read_whole_shard", counted)
+    kdcache.train(deep_pipeline(1, subset=3, fingerprint_check=1.0), store, str(tmp_path / "run"))
+    read = {path: sorted(s for p, s in reads if p == path) for path, _ in reads}
+    assert read and all(len(shards) <= 3 for shards in read.values()), read  # old: all 16 of each array
