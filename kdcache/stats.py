@@ -1,8 +1,8 @@
 """``kdcache stats``: what the teacher's stored outputs say, computed with dask over the store.
 
-One dask block per done shard, read whole (one request from object storage, as training reads it) and
-checked against its digest; reduced in parallel, memory stays bounded by a few shards per worker
-whatever the store's size.
+Each done shard read whole (one request from object storage, as training reads it) and checked against its
+digest, its sums added to its block's: ``BLOCKS`` dask tasks share the shards, reduced in parallel. Memory stays
+bounded by a shard per worker, and the graph by ``BLOCKS`` tasks, whatever the store's size.
 
 - teacher top-1 accuracy against the stored labels, and per true class (the agreement of the
   teacher with each class);
@@ -14,7 +14,7 @@ whatever the store's size.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,21 +22,8 @@ from kdcache import store as layout
 from kdcache.errors import count, need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
+BLOCKS = 64  # dask tasks a run's shards are shared among, whatever their number
 SHOWN_CLASSES = 50  # classes the text form lists (the JSON form: all)
-
-
-class _Checked:
-    """One array of a store as dask reads it, block by block, through ``Store.read``: a damaged shard is
-    an error naming it, never zeros."""
-
-    def __init__(self, store: layout.Store, path: str):
-        arr = store.checked_array(path)  # its shape and dtype are the manifest's
-        self.store, self.path, self.shape, self.dtype, self.ndim = store, path, arr.shape, arr.dtype, arr.ndim
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        start, stop, _ = key[0].indices(self.shape[0])
-        return self.store.read(self.path, start, stop)[(slice(None), *key[1:])]
 
 
 def _top1_correct(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
@@ -55,80 +42,136 @@ def _top1_correct(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray | 
 def stats(location: str, *, storage_options: dict[str, Any] | None = None, scheduler: str = "threads",
           num_workers: int | None = None) -> dict[str, Any]:
     """Statistics over the done shards of the store at ``location`` (``scheduler``: a dask scheduler name)."""
-    need("dask.array", "dask", "kdcache stats")
+    need("dask", "dask", "kdcache stats")
     import dask
 
     store = layout.open_store(location, storage_options=storage_options)
     done = [int(s) for s in np.flatnonzero(store.done())]
     rows = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in done)
-    lazy = _lazy_figures(store, done, rows)
     with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers is not None else {})):
-        correct, labels, known = (lazy.pop(k, None) for k in ("_correct", "_labels", "_known"))
-        values = dict(zip(lazy, dask.compute(*lazy.values()))) if lazy else {}
-        per_class = _per_class(values, correct, labels, known) if correct is not None else None
+        sums = dask.compute(_lazy_sums(store, done))[0] if rows else None
+    values, per_class = _values(sums, _What.of(store)) if sums else ({}, None)
     return _summary(location, store, done, rows, values, per_class)
 
 
-def _column(store: layout.Store, done: list[int], path: str) -> Any:
-    """The array at ``path`` over the ``done`` shards, as a dask array of one block per shard."""
-    import dask.array as da
-
-    arr = store.checked_array(path)
-    # a block per shard: one whole-object read each (kdcache's direct reader, one request from object storage),
-    # checked against the shard's digest; name=False: a random dask name, nothing of the store hashed
-    full = da.from_array(_Checked(store, path), chunks=(store.rows_per_shard, *arr.shape[1:]), name=False)
-    if len(done) == store.num_shards:
-        return full
-    return da.concatenate([full[slice(*store.shard_rows(s))] for s in done]) if done else full[:0]
-
-
-def _lazy_figures(store: layout.Store, done: list[int], rows: int) -> dict[str, Any]:
-    """What ``stats`` computes, as dask values by name: the logits' entropy and the teacher's accuracy, each layer's
-    mean and std (``_correct``, ``_labels``, ``_known``: the per-class figures' inputs, for ``_per_class``)."""
-    lazy: dict[str, Any] = {}
-    labels = _column(store, done, layout.LABEL) if store.has_labels else None
-    logits_target = _logits(store)
-    if logits_target is not None and rows and logits_target.shape:  # a regression's one value per sample has no classes
-        x = _column(store, done, logits_target.path).astype(np.float64)
-        classes = _column(store, done, layout.LOGITS_INDICES) if logits_target.topk else None  # top-k: the values' classes
-        lazy.update(_logits_figures(x, labels if len(logits_target.shape) == 1 else None, classes))  # [N, classes] against [N] labels
-    for t in store.targets.values():
-        if t.source and rows:
-            v = _column(store, done, t.path).astype(np.float64)
-            lazy[f"mean:{t.name}"], lazy[f"std:{t.name}"] = v.mean(), v.std()
-    return lazy
-
-
-def _logits_figures(x: Any, labels: Any, classes: Any = None) -> dict[str, Any]:
-    """The mean entropy of (rows, classes) float64 logits ``x``, and with (rows,) ``labels`` (None: none) the teacher's
-    hits and labelled rows, as dask values by name (``classes``: top-k logits' classes, ``x`` their values)."""
-    import dask.array as da
-
-    shifted = x - x.max(axis=-1, keepdims=True)
-    log_p = shifted - da.log(da.exp(shifted).sum(axis=-1, keepdims=True))
-    lazy = {"entropy": (-(da.exp(log_p) * log_p).sum(axis=-1)).mean()}
-    if labels is not None:
-        known = labels >= 0  # below 0: no label (STL-10's unlabeled rows, -1; -100), left out of the accuracies
-        # 1/k where the label is one of k classes tied at the top (float16 ties), as train's eval_teacher_accuracy
-        blocks = (x, labels[:, None]) + (() if classes is None else (classes,))
-        correct = da.map_blocks(_top1_correct, *blocks, drop_axis=1, dtype=np.float64)
-        lazy["hits"], lazy["labelled"], lazy["label_max"] = correct.sum(), known.sum(), labels.max()
-        lazy["_correct"], lazy["_labels"], lazy["_known"] = correct, da.where(known, labels, 0), known
-    return lazy
-
-
-def _per_class(values: dict[str, Any], correct: Any, labels: Any, known: Any) -> dict[str, dict[str, Any]] | None:
-    """Per true class, its labelled rows and the teacher's accuracy on them (None: no labelled rows, or a label of
-    ``MAX_CLASSES`` or more); ``correct``, ``labels``, ``known``: ``_logits_figures``'s."""
+def _lazy_sums(store: layout.Store, done: list[int]) -> Any:
+    """``Sums`` over the ``done`` shards as one dask value: ``BLOCKS`` tasks at most, each adding up its share of the
+    shards one shard at a time, and their sums added. The graph does not grow with the store (a dask block per shard
+    held ~60 KB of graph each, 504 MB at 8,000 shards), nor does what a task holds (one shard of each column read)."""
     import dask
-    import dask.array as da
 
-    if not values["labelled"] or int(values["label_max"]) >= MAX_CLASSES:
+    what = _What.of(store)
+    blocks = [dask.delayed(_block_sums, pure=False)(store, what, block.tolist())
+              for block in np.array_split(np.asarray(done, dtype=np.int64), min(BLOCKS, len(done)))]
+    return dask.delayed(_added, pure=False)(blocks)
+
+
+class _What(NamedTuple):
+    """The columns ``stats`` reads: the logits with a class axis (None: none), their top-k classes, the labels the
+    accuracy is against (logits ``[N, classes]`` only), and each layer target's (name, path)."""
+
+    logits: str | None
+    classes: str | None
+    labels: str | None
+    layers: tuple[tuple[str, str], ...]
+
+    @staticmethod
+    def of(store: layout.Store) -> _What:
+        t = _logits(store)
+        logits = t.path if t is not None and t.shape else None  # a regression's one value per sample has no classes
+        return _What(logits, layout.LOGITS_INDICES if logits and t.topk else None,
+                     layout.LABEL if logits and store.has_labels and len(t.shape) == 1 else None,
+                     tuple((t.name, t.path) for t in store.targets.values() if t.source))
+
+
+class Sums(NamedTuple):
+    """What ``stats`` adds up over shards: the entropies and their count; the teacher's hits, labelled rows, largest
+    label and per class (labelled rows, hits: None past ``MAX_CLASSES``); per layer (values, mean, squared deviations
+    from it), added as Chan et al.'s parallel variance. Fields of absent columns are 0 / empty."""
+
+    entropy: float
+    positions: int
+    hits: float
+    labelled: int
+    label_max: int
+    per_class: tuple[np.ndarray, np.ndarray] | None
+    layers: dict[str, tuple[int, float, float]]
+
+
+def _block_sums(store: layout.Store, what: _What, shards: list[int]) -> Sums:
+    """``Sums`` of the ``shards``, read one at a time (whole, checked against their digests: a damaged shard is an error
+    naming it, never zeros)."""
+    return _added([_shard_sums(store, what, s) for s in shards])  # one shard's sums held each, not its rows
+
+
+def _shard_sums(store: layout.Store, what: _What, shard: int) -> Sums:
+    lo, hi = store.shard_rows(shard)
+    entropy, positions, hits, labelled, label_max, per_class = 0.0, 0, 0.0, 0, -(2**63), None
+    if what.logits:
+        x = store.read(what.logits, lo, hi).astype(np.float64)
+        shifted = x - x.max(axis=-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        each = -(np.exp(log_p) * log_p).sum(axis=-1)
+        entropy, positions = float(each.sum()), each.size
+    if what.labels:
+        labels = store.read(what.labels, lo, hi).astype(np.int64)
+        classes = store.read(what.classes, lo, hi) if what.classes else None
+        # 1/k where the label is one of k classes tied at the top (float16 ties), as train's eval_teacher_accuracy
+        correct, known = _top1_correct(x, labels[:, None], classes), labels >= 0  # below 0: no label (STL-10's -1), left out
+        hits, labelled, label_max = float(correct.sum()), int(known.sum()), int(labels.max())
+        if label_max < MAX_CLASSES:  # bincount: bounded by the number of classes
+            at = np.where(known, labels, 0)
+            per_class = (np.bincount(at, weights=known.astype(np.float64)), np.bincount(at, weights=correct))
+    layers = {}
+    for name, path in what.layers:
+        v = store.read(path, lo, hi).astype(np.float64)
+        mean = float(v.mean()) if v.size else 0.0
+        layers[name] = (v.size, mean, float(((v - mean) ** 2).sum()))
+    return Sums(entropy, positions, hits, labelled, label_max, per_class, layers)
+
+
+def _added(parts: list[Sums]) -> Sums:
+    """The ``Sums`` of ``parts`` together (at least one)."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = Sums(out.entropy + p.entropy, out.positions + p.positions, out.hits + p.hits, out.labelled + p.labelled,
+                   max(out.label_max, p.label_max), _classes_added(out.per_class, p.per_class),
+                   {name: _moments_added(m, p.layers[name]) for name, m in out.layers.items()})
+    return out
+
+
+def _classes_added(a: tuple[np.ndarray, np.ndarray] | None, b: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    if a is None or b is None:
         return None
-    k = int(values["label_max"]) + 1  # bincount over chunks: bounded by the number of classes
-    counts, hits = dask.compute(da.bincount(labels, weights=known.astype(np.float64), minlength=k),
-                                da.bincount(labels, weights=correct, minlength=k))
-    return {str(c): {"count": int(counts[c]), "accuracy": float(hits[c] / counts[c])} for c in range(k) if counts[c]}
+    k = max(len(a[0]), len(b[0]))
+    return tuple(np.pad(x, (0, k - len(x))) + np.pad(y, (0, k - len(y))) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def _moments_added(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    """Two parts' (count, mean, sum of squared deviations from the mean) as one's (Chan, Golub and LeVeque)."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    if not n:
+        return a
+    delta = mb - ma
+    return n, ma + delta * nb / n, sa + sb + delta * delta * na * nb / n
+
+
+def _values(s: Sums, what: _What) -> tuple[dict[str, Any], dict[str, dict[str, Any]] | None]:
+    """``_summary``'s figures by name from the sums over the done shards (some rows) of the columns ``what``, and the
+    per-class accuracies (None: no labelled rows, or a label of ``MAX_CLASSES`` or more)."""
+    values: dict[str, Any] = {}
+    if what.logits:
+        values["entropy"] = s.entropy / s.positions
+    if what.labels:
+        values.update(hits=s.hits, labelled=s.labelled, label_max=s.label_max)
+    for name, (n, mean, squares) in s.layers.items():
+        values[f"mean:{name}"], values[f"std:{name}"] = mean, float(np.sqrt(squares / n))
+    per_class = None
+    if s.labelled and s.label_max < MAX_CLASSES and s.per_class is not None:
+        counts, hits = s.per_class
+        per_class = {str(c): {"count": int(counts[c]), "accuracy": float(hits[c] / counts[c])} for c in range(s.label_max + 1) if counts[c]}
+    return values, per_class
 
 
 def _summary(location: str, store: layout.Store, done: list[int], rows: int, values: dict[str, Any],

@@ -200,3 +200,29 @@ def test_a_subset_in_ram_reads_only_the_shards_holding_its_rows(tmp_path: Path, 
     kdcache.train(deep_pipeline(1, subset=3, fingerprint_check=1.0), store, str(tmp_path / "run"))
     read = {path: sorted(s for p, s in reads if p == path) for path, _ in reads}
     assert read and all(len(shards) <= 3 for shards in read.values()), read  # old: all 16 of each array
+
+
+def test_stats_graph_does_not_grow_with_the_shards(tmp_path: Path, zoo_env, monkeypatch):
+    """``kdcache stats`` made a dask block per shard of every column read: ~60 KB of graph a shard, held while it ran (504 MB
+    at 8,000 shards). Now ``stats.BLOCKS`` tasks share the shards, each reading one at a time: as many tasks at 4x the shards."""
+    import dask
+
+    from kdcache import stats
+
+    monkeypatch.setattr(stats, "BLOCKS", 4, raising=False)  # tasks of a few shards each, at these sizes
+    compute, tasks = dask.compute, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tasks.append(sum(len(dict(a.__dask_graph__())) for a in args if dask.is_dask_collection(a)))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(dask, "compute", counted)
+    per_size = {}
+    for shards in (16, 64):
+        zoo_env(N=2 * shards, DEPTH=2)
+        location = str(tmp_path / f"s{shards}.zarr")
+        kdcache.extract(deep_pipeline(2), location)
+        tasks.clear()
+        assert stats.stats(location)["shards_done"] == shards
+        per_size[shards] = sum(tasks)
+    assert 0 < per_size[64] <= 1.1 * per_size[16], per_size  # old: 936 and 3,720 tasks
