@@ -55,7 +55,7 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
 
 
 def _lazy_sums(store: layout.Store, done: list[int]) -> Any:
-    """``Sums`` over the ``done`` shards as one dask value: ``BLOCKS`` tasks at most, each adding up its share of the
+    """``_Sums`` over the ``done`` shards as one dask value: ``BLOCKS`` tasks at most, each adding up its share of the
     shards one shard at a time, and their sums added. The graph does not grow with the store (a dask block per shard
     held ~60 KB of graph each, 504 MB at 8,000 shards), nor does what a task holds (one shard of each column read)."""
     import dask
@@ -84,7 +84,7 @@ class _What(NamedTuple):
                      tuple((t.name, t.path) for t in store.targets.values() if t.source))
 
 
-class Sums(NamedTuple):
+class _Sums(NamedTuple):
     """What ``stats`` adds up over shards: the entropies and their count; the teacher's hits, labelled rows, largest
     label and per class (labelled rows, hits: None past ``MAX_CLASSES``); per layer (values, mean, squared deviations
     from it), added as Chan et al.'s parallel variance. Fields of absent columns are 0 / empty."""
@@ -98,13 +98,13 @@ class Sums(NamedTuple):
     layers: dict[str, tuple[int, float, float]]
 
 
-def _block_sums(store: layout.Store, what: _What, shards: list[int]) -> Sums:
-    """``Sums`` of the ``shards``, read one at a time (whole, checked against their digests: a damaged shard is an error
+def _block_sums(store: layout.Store, what: _What, shards: list[int]) -> _Sums:
+    """``_Sums`` of the ``shards``, read one at a time (whole, checked against their digests: a damaged shard is an error
     naming it, never zeros)."""
     return _added([_shard_sums(store, what, s) for s in shards])  # one shard's sums held each, not its rows
 
 
-def _shard_sums(store: layout.Store, what: _What, shard: int) -> Sums:
+def _shard_sums(store: layout.Store, what: _What, shard: int) -> _Sums:
     lo, hi = store.shard_rows(shard)
     entropy, positions, hits, labelled, label_max, per_class = 0.0, 0, 0.0, 0, -(2**63), None
     if what.logits:
@@ -127,14 +127,14 @@ def _shard_sums(store: layout.Store, what: _What, shard: int) -> Sums:
         v = store.read(path, lo, hi).astype(np.float64)
         mean = float(v.mean()) if v.size else 0.0
         layers[name] = (v.size, mean, float(((v - mean) ** 2).sum()))
-    return Sums(entropy, positions, hits, labelled, label_max, per_class, layers)
+    return _Sums(entropy, positions, hits, labelled, label_max, per_class, layers)
 
 
-def _added(parts: list[Sums]) -> Sums:
-    """The ``Sums`` of ``parts`` together (at least one)."""
+def _added(parts: list[_Sums]) -> _Sums:
+    """The ``_Sums`` of ``parts`` together (at least one)."""
     out = parts[0]
     for p in parts[1:]:
-        out = Sums(out.entropy + p.entropy, out.positions + p.positions, out.hits + p.hits, out.labelled + p.labelled,
+        out = _Sums(out.entropy + p.entropy, out.positions + p.positions, out.hits + p.hits, out.labelled + p.labelled,
                    max(out.label_max, p.label_max), _classes_added(out.per_class, p.per_class),
                    {name: _moments_added(m, p.layers[name]) for name, m in out.layers.items()})
     return out
@@ -157,7 +157,7 @@ def _moments_added(a: tuple[int, float, float], b: tuple[int, float, float]) -> 
     return n, ma + delta * nb / n, sa + sb + delta * delta * na * nb / n
 
 
-def _values(s: Sums, what: _What) -> tuple[dict[str, Any], dict[str, dict[str, Any]] | None]:
+def _values(s: _Sums, what: _What) -> tuple[dict[str, Any], dict[str, dict[str, Any]] | None]:
     """``_summary``'s figures by name from the sums over the done shards (some rows) of the columns ``what``, and the
     per-class accuracies (None: no labelled rows, or a label of ``MAX_CLASSES`` or more)."""
     values: dict[str, Any] = {}
