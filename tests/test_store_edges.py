@@ -287,3 +287,22 @@ def test_read_refuses_rows_of_a_shard_not_done(tiny_store: str, tmp_path: Path) 
     assert store.read("targets/logits", 0, 50, pending=True).shape == (50, 4)  # the caller keeps the done rows only
     zarr.open_group(location, mode="r+")[DONE][1] = True  # the writer finished it
     assert (store.read("targets/logits", 16, 32) == open_store(tiny_store).read("targets/logits", 16, 32)).all()
+
+
+def test_a_folders_sizes_count_regular_files_and_links_to_them_alone(tmp_path):
+    """info's bytes on disk (store._local_sizes, an os.walk: 2.3x rglob's speed at 24,000 files): a regular file's size,
+    a link to one counted as its target, a folder linked to not walked, and a dangling link, a link loop or a FIFO left
+    out, as Path.rglob + is_file counted them."""
+    import os
+
+    from kdcache.store import _local_sizes
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/f").write_bytes(b"123")
+    (tmp_path / "g").write_bytes(b"1")
+    os.symlink(tmp_path / "a", tmp_path / "linked_folder")
+    os.symlink(tmp_path / "g", tmp_path / "linked_file")
+    os.symlink(tmp_path / "nothing", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    os.mkfifo(tmp_path / "fifo")
+    assert _local_sizes(tmp_path) == {"a/f": 3, "g": 1, "linked_file": 1}
