@@ -156,7 +156,8 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
     Counted with the targets: the copy a checkpoint written in the background holds (``_checkpoint_copy_bytes``). Where the
     two do not fit together but the targets alone do, the checkpoints are written in the main thread, from the state itself
     (the transfer set's ``checkpoint_bytes`` 0: ``_Loop.background``): refused, the run had no setting of its targets that
-    would do (a student whose copy alone is more than half the memory), and it ran so before the copy was made."""
+    would do (a student whose copy alone is more than half the memory), and it ran so before the copy was made. Not on a
+    GPU: there each write, in the main thread too, copies the state to the host (``_on_cpu``), and the refusal stands."""
     rank, world, _ = distributed.ranks()
 
     def made(checkpoint_bytes: int) -> cache.TransferSet:
@@ -172,7 +173,7 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
     try:
         transfer = made(copy)
     except PipelineError:
-        if not copy:
+        if not copy or run.device.type != "cpu":  # a GPU's: a write in the main thread copies the state to the host too
             raise
         transfer = made(0)  # refused again (the targets alone do not fit): that refusal, whose fixes are the targets'
         print(f"note: checkpoints are written in the main thread, training paused meanwhile: one written while the next steps "

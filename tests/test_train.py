@@ -1450,6 +1450,34 @@ def test_a_checkpoint_copys_size_counts_optimizer_state_of_trained_parameters_al
     assert _checkpoint_copy_bytes(run, "adamw") == 4 * 132 + 4 * 22 * 2
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_checkpoint_copy_that_does_not_fit_is_refused_on_a_gpu(tiny_store, monkeypatch, capsys, device):
+    """Targets in RAM with room for them but not with a checkpoint's copy: on the CPU the checkpoints are written in the
+    main thread, from the state itself; on a GPU the run is refused, naming that copy: each write copies the state to the
+    host there, in the main thread too (was: written in the main thread with a note, holding the same copy at each save
+    as the background write would, past the half of the memory the check keeps). The student stays on the CPU: the
+    device is what the choice looks at (none is here)."""
+    import types
+
+    from kdcache.train import _checkpoint_copy_bytes, _dataset, _transfer_set, open_for_training
+
+    p = pipeline(*PLAIN, "train.epochs=1")
+    store = open_for_training(tiny_store, False)
+    run = types.SimpleNamespace(student=torch.nn.Linear(10, 10), heads=torch.nn.ModuleDict(), device=torch.device(device),
+                                paths=["logits"])
+    copy = _checkpoint_copy_bytes(run, "adamw")
+    monkeypatch.setattr(cache, "memory_limit", lambda: 2 * (1600 + copy) - 2)
+    made = functools.partial(_transfer_set, p.train, tiny_store, store, np.arange(store.num_shards), _dataset(p, store, "the store"),
+                             run, None, 1)
+    if device == "cpu":
+        assert made().checkpoint_bytes == 0 and "note: checkpoints are written in the main thread" in capsys.readouterr().out
+        return
+    with pytest.raises(PipelineError, match=re.escape(f"take 1.562 KiB in RAM, and each checkpoint, written while the next steps "
+                                                      f"train, holds a copy of {copy / 1024:.4g} KiB")):
+        made()
+    assert "note: checkpoints" not in capsys.readouterr().out
+
+
 def test_targets_that_do_not_fit_without_a_checkpoint_copy_are_refused_naming_the_targets_fix(tiny_store, tmp_path, monkeypatch):
     """Where the targets alone do not fit, the refusal is theirs, with their fix (no checkpoint copy named: it is not made)."""
     monkeypatch.setattr(cache, "memory_limit", lambda: 2 * 1600 - 2)
