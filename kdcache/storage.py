@@ -230,8 +230,8 @@ class _RemoteStore(zarr.storage.FsspecStore):
     async def _index_links(self, folder: str) -> set[str]:
         """The keys of the objects and folders (ending in ``/``) below the folder ``folder`` that its index page links to
         (``_links``), the page at ``folder/`` or, where that lists nothing, at ``folder``, as fsspec's walk asks (a server
-        may serve a folder's page without the ``/`` alone); a folder that cannot be listed (a 404, a 403: any 4xx answer)
-        has none. Each page is read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's
+        may serve a folder's page without the ``/`` alone); a folder that cannot be listed (a 404, a 403: any 4xx answer
+        but 408 and 429, a page refused for now) has none. Each page is read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's
         listing read it whole."""
         import aiohttp
 
@@ -243,8 +243,8 @@ class _RemoteStore(zarr.storage.FsspecStore):
             except FileNotFoundError:  # no index page there (a 404): fsspec's walk lists nothing there. Not a page that
                 continue  # could not be read (a timeout, a connection reset): its objects would be left out of pack's zip
             except aiohttp.ClientResponseError as e:  # a folder the server will not list (nginx without autoindex: 403)
-                if e.status >= 500:
-                    raise
+                if e.status >= 500 or e.status in (408, 429):  # not a folder without a page: one not had this time (a
+                    raise  # request timeout, too many requests at once), whose objects pack's zip would leave out
                 continue
             links = _links(page.decode(errors="ignore"), url + "/", self.fs.simple_links)
             if links:

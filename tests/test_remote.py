@@ -926,6 +926,32 @@ def test_an_index_page_that_cannot_be_read_stops_pack_in_one_line_not_a_zip_with
     assert not (tmp_path / "http.zarr.zip").exists()
 
 
+@pytest.mark.parametrize("status", ["429", "408"])
+def test_an_index_page_refused_for_now_stops_pack_in_one_line_not_a_zip_without_its_objects(status, faulty_http_root, tiny_store,
+                                                                                            tmp_path):
+    """A folder's page answered 429 (too many requests: the listing asks for 4 pages at once) or 408 (a request
+    timeout) is a page not had this time, not a folder without one (a 404, a 403): it was skipped as those are, and pack
+    wrote a zip without the objects below it (an added array's chunks), exit 0. Both stop with the listing's one line."""
+    import shutil
+
+    import zarr
+
+    root, base = faulty_http_root
+    shutil.copytree(tiny_store, root / f"busy{status}.zarr")
+    zarr.open_group(root / f"busy{status}.zarr", mode="r+").create_array("extra/a", shape=(8, 6), chunks=(4, 6), dtype="int32")[:] = 7
+    url = f"{base}/busy{status}.zarr"
+    (root / ".faults").write_text(json.dumps({f"busy{status}.zarr/extra/a/c/": status}))
+    try:
+        runs = [CliRunner().invoke(main, args) for args in (["pack", url, str(tmp_path / "http.zarr.zip")], ["verify", url])]
+    finally:
+        (root / ".faults").unlink()
+    for r in runs:
+        assert r.exit_code == 1 and r.output.startswith(f"Error: cannot read the list of its objects from {url!r}: "
+                                                        f"ClientResponseError: {status}"), r.output
+        assert len(r.output.splitlines()) == 1, r.output
+    assert not (tmp_path / "http.zarr.zip").exists()
+
+
 def test_a_server_asking_for_credentials_is_named_and_headers_pass_them(faulty_http_root, tiny_store):
     """A 401/403 for the root zarr.json says the server refuses access and how to pass credentials (it said "no store
     at ...; check the URL"); the --storage-option the message names is the one that works."""
