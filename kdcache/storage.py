@@ -277,8 +277,11 @@ def _links(page: str, folder: str, simple: bool) -> set[str]:
     inside = posixpath.normpath(unquote(base.path)).rstrip("/") + "/"
     found = set()  # a link's server as a redirect's is judged (_server): http://host/ and http://HOST:80/ are one
     for link in [html.unescape(u[2]) for u in ex.findall(page)] + (ex2.findall(page) if simple else []):
-        joined = urljoin(folder, link)
-        url = urlsplit(joined)
+        try:
+            joined = urljoin(folder, link)
+            url = urlsplit(joined)
+        except ValueError:  # no URL ("http://[bad"): a link to nothing
+            continue
         if (_server(joined), url.query, url.fragment) != (_server(folder), "", ""):
             continue
         path = posixpath.normpath(unquote(url.path))

@@ -1957,11 +1957,13 @@ def test_an_http_store_is_listed_through_index_pages_that_link_anywhere_each_fol
 def test_an_index_pages_full_url_links_name_the_stores_server_as_a_redirect_does():
     """A page's full-URL links are followed where they lead to the store's server however it is written: the scheme's
     port written or not (``http://host/`` is ``http://HOST:80/``), as a redirect is judged (storage._server); before,
-    the netloc was compared as written and a store given as ``http://host:80/t.zarr`` listed none of them."""
+    the netloc was compared as written and a store given as ``http://host:80/t.zarr`` listed none of them. A link that
+    is no URL (``http://[bad``) is none (was: urlsplit's ValueError, a traceback)."""
     from kdcache.storage import _links
 
     page = "".join(f'<a href="{link}">x</a>' for link in ("http://host/t.zarr/a/", "http://HOST:80/t.zarr/b", "https://host/t.zarr/c",
-                                                          "http://host:8080/t.zarr/d", "http://other/t.zarr/e"))
+                                                          "http://host:8080/t.zarr/d", "http://other/t.zarr/e", "http://[bad",
+                                                          "http://host:x/t.zarr/f"))
     for store in ("http://host/t.zarr/", "http://host:80/t.zarr/", "HTTP://Host/t.zarr/"):
         assert _links(page, store, False) == {"a/", "b"}, store
 
