@@ -87,7 +87,8 @@ class TransferSet(IterableDataset):
         # decoded bytes of one row of the arrays read: what decides RAM or streaming, and what streaming's buffers hold (footprint)
         # (checked against the manifest first: a damaged zarr.json's shape is named as such, not as a buffer too large to stream)
         self.row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in map(store.checked_array, self.paths))
-        self.in_memory = self.row_bytes * store.num_samples <= memory_budget_mb * 2**20
+        held = _rows_of_shards(store, self.groups.shards)  # in RAM: the shards holding the rows (a train.subset's, not the store's)
+        self.in_memory = self.row_bytes * held <= memory_budget_mb * 2**20
         self.checkpoint_bytes = int(checkpoint_bytes)
         self.memory = (_read_whole(store, self.paths, self.groups.shards, self.row_bytes, memory_budget_mb, location, self.checkpoint_bytes)
                        if self.in_memory else None)  # the rows of the shards holding self.rows, back to back
@@ -488,13 +489,21 @@ def _open_for(location: str, dataset: Dataset, storage_options: dict[str, Any] |
     return store, algorithm
 
 
+def _rows_of_shards(store: layout.Store, shards: np.ndarray) -> int:
+    """The rows the ``shards`` (ascending, distinct) hold: ``rows_per_shard`` each, the store's last its own."""
+    if not len(shards):
+        return 0
+    lo, hi = store.shard_rows(int(shards[-1]))
+    return (len(shards) - 1) * store.rows_per_shard + hi - lo
+
+
 def _read_whole(store: layout.Store, paths: list[str], shards: np.ndarray, row_bytes: int, budget_mb: float, location: str,
                 checkpoint_bytes: int = 0) -> dict[str, np.ndarray]:
     """Every array of ``paths`` over the ``shards`` (ascending: those holding the rows served, ``TransferSet.groups``), their
-    rows back to back, read once (DataLoader workers inherit them), once the machine is found to have room for the whole
-    store (``location``: the store's, as the user named it). Each run of consecutive shards is one read: all of a complete
+    rows back to back, read once (DataLoader workers inherit them), once the machine is found to have room for them
+    (``location``: the store's, as the user named it). Each run of consecutive shards is one read: all of a complete
     store's rows in one; a ``train.subset`` of a few shards' rows, those shards only (every shard was read)."""
-    _check_ram(row_bytes * store.num_samples, budget_mb, location, checkpoint_bytes)
+    _check_ram(row_bytes * _rows_of_shards(store, shards), budget_mb, location, checkpoint_bytes)
     runs = np.split(shards, np.flatnonzero(np.diff(shards) != 1) + 1) if len(shards) else []
     spans = [(store.shard_rows(int(run[0]))[0], store.shard_rows(int(run[-1]))[1]) for run in runs] or [(0, 0)]
     columns = {}
