@@ -183,6 +183,66 @@ def test_done_read_straight_is_zarrs_answer_for_every_marker(tmp_path: Path, zoo
     assert seen[0] == seen[1], seen
 
 
+def test_digests_reads_a_folders_rows_without_zarr(tmp_path: Path, zoo_env, monkeypatch):
+    """``Store.digests()`` read each shard's digest row (FORMAT.md §7.1, one object a shard) through zarr, ~300 µs a row
+    (2.5 s at 8,000 shards, paid by every reader: train, stats, export, verify): now each file is read straight."""
+    zoo_env(N=16)
+    location = str(tmp_path / "s.zarr")
+    kdcache.extract(deep_pipeline(1), location)
+    store = kdcache.open_store(location)
+    store.has_digests() and store.array(layout.DIGEST)  # its metadata: read once, by any reader
+    gets = zarr_gets(monkeypatch)
+    rows = store.digests()
+    assert gets == [], gets  # old: each row, 8
+    monkeypatch.setattr(layout.Store, "_local_rows", lambda *a: None)
+    assert rows.dtype == "uint32" and rows.tolist() == store.digests().tolist() and rows.all()
+
+
+def _row(change: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    return lambda f: f.write_bytes(change(f.read_bytes()))
+
+
+def _row_linked(inside: bool) -> Callable[[Path], None]:
+    def damage(f: Path) -> None:
+        target = f.parents[1] / "1" / "0" if inside else f.parents[5] / "elsewhere"  # shard 1's row, or one out of the store
+        if not inside:
+            target.write_bytes(f.read_bytes())
+        f.unlink()
+        f.symlink_to(target)
+    return damage
+
+
+DIGEST_ROWS = {  # what shard 2's digest row becomes: every case the direct read must answer as zarr does
+    "missing": lambda f: f.unlink(), "zeros": _row(lambda b: bytes(len(b))), "short": _row(lambda b: b[:10]),
+    "long": _row(lambda b: b + b"\0\0\0\0"), "empty": _row(lambda b: b""), "too-large": _row(lambda b: b * 100),
+    "fifo": _replaced(os.mkfifo), "folder": _replaced(Path.mkdir), "link-inside": _row_linked(True), "link-out": _row_linked(False),
+}
+
+
+def _digests_outcome(location: Path) -> tuple[Any, ...]:
+    from kdcache.verify import verify
+
+    report = verify(str(location))
+    checks = [(c["name"], c["problems"]) for c in report["checks"]]
+    try:
+        return "read", kdcache.open_store(str(location)).digests().tolist(), checks
+    except StoreError as e:
+        return type(e).__name__, str(e), checks
+
+
+@pytest.mark.parametrize("case", list(DIGEST_ROWS))
+def test_digests_read_straight_are_zarrs_answer_for_every_row(tmp_path: Path, zoo_env, monkeypatch, case: str):
+    """The direct read of a folder's digest rows answers as zarr's read does, damage included (named by zarr's path,
+    ``Store._bad_digest_rows``): for a reader (``digests()``) and for verify."""
+    zoo_env(N=8)
+    location = tmp_path / "s.zarr"
+    kdcache.extract(deep_pipeline(1), str(location))
+    DIGEST_ROWS[case](location / "progress/digest/c/2/0")
+    direct = _digests_outcome(location)
+    monkeypatch.setattr(layout.Store, "_local_rows", lambda *a: None)
+    assert direct == _digests_outcome(location)
+
+
 def test_a_subset_in_ram_reads_only_the_shards_holding_its_rows(tmp_path: Path, zoo_env, monkeypatch):
     """``train.subset`` with the targets in RAM read every shard of the store (each array whole), however few shards its
     rows lie in: now those shards only. Every row served is still checked against its input's fingerprint."""
@@ -200,6 +260,31 @@ def test_a_subset_in_ram_reads_only_the_shards_holding_its_rows(tmp_path: Path, 
     kdcache.train(deep_pipeline(1, subset=3, fingerprint_check=1.0), store, str(tmp_path / "run"))
     read = {path: sorted(s for p, s in reads if p == path) for path, _ in reads}
     assert read and all(len(shards) <= 3 for shards in read.values()), read  # old: all 16 of each array
+
+
+def test_a_subsets_ram_check_counts_the_shards_it_reads(tmp_path: Path, zoo_env, monkeypatch):
+    """A ``train.subset``'s RAM check (RAM or streaming under ``memory_budget_mb``, and the refusal past half the machine's
+    memory) counted every row of the store though only the shards holding its rows are read: a few rows of a large
+    store streamed, or were refused. Now the rows of those shards are counted."""
+    import numpy as np
+
+    from kdcache import cache
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    zoo_env(N=32)
+    location = str(tmp_path / "s.zarr")
+    kdcache.extract(deep_pipeline(1), location)  # 16 shards of 2 rows
+    import scaled
+
+    rows = np.array([0, 1, 5])  # shards 0 and 2: 4 rows of the store's 32
+    made = lambda **kw: cache.TransferSet(location, scaled.dataset(), ["logits"], batch_size=2, rows=rows, **kw)  # noqa: E731
+    row_bytes = made().row_bytes
+    subset = made(memory_budget_mb=5 * row_bytes / 2**20)
+    assert subset.in_memory and sorted(subset.memory) == sorted(subset.paths), "streamed"  # old: 32 rows counted, streamed
+    monkeypatch.setattr(cache, "memory_limit", lambda: 10 * row_bytes)  # room for the 4 rows, not the store's 32
+    assert made().in_memory  # old: refused, "take 1.5 KiB in RAM"
+    monkeypatch.setattr(cache, "memory_limit", lambda: 6 * row_bytes)
+    with pytest.raises(kdcache.errors.PipelineError, match=rf"take {4 * row_bytes} B in RAM"):
+        made()
 
 
 def test_stats_graph_does_not_grow_with_the_shards(tmp_path: Path, zoo_env, monkeypatch):
