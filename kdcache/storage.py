@@ -978,13 +978,27 @@ def _fsspec_options(location: str, storage_options: dict[str, Any] | None) -> di
         options["use_listings_cache"] = False  # the user's own setting wins; see _lists_cached
     http = http_url(location)
     if http is None:
-        return options
+        return _with_s3_pool(location, options)
     if "::" not in location:
         return _with_client_timeout(options, "")
     scheme = http.split("://", 1)[0].lower()
     if isinstance(options.get(scheme), dict):
         options[scheme] = _with_client_timeout(options[scheme], f"{scheme}.")
     return options
+
+
+# s3fs's connections to an endpoint (botocore's max_pool_connections, 10 by default) where the user sets none: the pool, not
+# zarr's async.concurrency, held a store's done markers and digest rows to 10 GETs at once (store.PROGRESS_READS_AT_ONCE)
+S3_POOL = 64
+
+
+def _with_s3_pool(location: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of an S3 location with ``config_kwargs.max_pool_connections = S3_POOL`` where the user set none."""
+    config = options.get("config_kwargs")
+    if "::" in location or not is_s3(location) or not (config is None or isinstance(config, Mapping)) \
+            or "max_pool_connections" in (config or {}):
+        return options
+    return {**options, "config_kwargs": {"max_pool_connections": S3_POOL, **(config or {})}}
 
 
 @functools.lru_cache(maxsize=None)

@@ -311,3 +311,74 @@ def test_stats_graph_does_not_grow_with_the_shards(tmp_path: Path, zoo_env, monk
         assert stats.stats(location)["shards_done"] == shards
         per_size[shards] = sum(tasks)
     assert 0 < per_size[64] <= 1.1 * per_size[16], per_size  # old: 936 and 3,720 tasks
+
+
+class LatencyProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (host, port) that holds each request ``delay`` seconds before
+    passing it on (a round trip to a bucket far away), counting the most held at once (``peak``)."""
+
+    def __init__(self, target: tuple[str, int], delay: float):
+        import socket
+        import threading
+
+        self.target, self.delay, self.held, self.peak, self.lock = target, delay, 0, 0, threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client = self.server.accept()[0]
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, request: bool) -> None:
+        import time
+
+        try:
+            while data := src.recv(65536):
+                if request:
+                    with self.lock:
+                        self.held += 1
+                        self.peak = max(self.peak, self.held)
+                    time.sleep(self.delay)
+                    with self.lock:
+                        self.held -= 1
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_an_s3_stores_markers_and_digest_rows_are_asked_for_more_than_ten_at_once(s3, tmp_path: Path, zoo_env):
+    """``done()`` and ``digests()`` of an S3 store sent one GET a shard at zarr's ``async.concurrency``, 10 at once, and
+    s3fs's pool (``max_pool_connections``, 10) held them there too: at ~20 ms a GET, 100 s at 50,000 shards for every
+    command opening the store. Now ``PROGRESS_READS_AT_ONCE`` at once, through a pool as large, zarr's config untouched."""
+    import zarr
+    from urllib.parse import urlparse
+
+    from conftest import S3_BUCKET
+
+    zoo_env(N=80)
+    url = f"s3://{S3_BUCKET}/many.zarr"
+    kdcache.extract(deep_pipeline(1), url, storage_options=s3)  # 40 shards
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05)
+    try:
+        store = kdcache.open_store(url, storage_options={**s3, "endpoint_url": proxy.url})
+        for read in (store.done, store.digests):
+            proxy.peak = 0
+            assert read().all()
+            assert proxy.peak > 10, (read.__name__, proxy.peak)  # old: 10
+    finally:
+        proxy.close()
+    assert zarr.config.get("async.concurrency") == 10
