@@ -15,6 +15,7 @@ import kdcache
 from kdcache import interop, storage, store as layout
 from kdcache.errors import StoreError
 from kdcache.pipeline import from_dict
+from test_remote import SwallowingProxy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -313,35 +314,20 @@ def test_stats_graph_does_not_grow_with_the_shards(tmp_path: Path, zoo_env, monk
     assert 0 < per_size[64] <= 1.1 * per_size[16], per_size  # old: 936 and 3,720 tasks
 
 
-class LatencyProxy:
-    """A TCP proxy on 127.0.0.1 in front of ``target`` (host, port) that holds each request ``delay`` seconds before
-    passing it on (a round trip to a bucket far away), counting the most held at once (``peak``)."""
+class LatencyProxy(SwallowingProxy):
+    """test_remote's proxy, holding each request ``delay`` seconds before passing it on (a round trip to a bucket far
+    away), counting the most held at once (``peak``)."""
 
     def __init__(self, target: tuple[str, int], delay: float):
-        import socket
         import threading
 
-        self.target, self.delay, self.held, self.peak, self.lock = target, delay, 0, 0, threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.delay, self.held, self.peak, self.lock = delay, 0, 0, threading.Lock()
+        super().__init__(target)
 
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client = self.server.accept()[0]
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: Any, dst: Any, request: bool) -> None:
+    def _pump(self, src: Any, dst: Any) -> None:
         import time
 
+        request = src.getsockname() == self.server.getsockname()  # the client's side of the proxy
         try:
             while data := src.recv(65536):
                 if request:
@@ -354,9 +340,6 @@ class LatencyProxy:
                 dst.sendall(data)
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.server.close()
 
 
 def test_an_s3_stores_markers_and_digest_rows_are_asked_for_more_than_ten_at_once(s3, tmp_path: Path, zoo_env):
