@@ -77,7 +77,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     hooks: list[Any] = []
     try:
         run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
-        transfer = _transfer_set(t, cache_location, store, shards, dataset, run, storage_options, streams)
+        streamed = checkpoint is not None and (checkpoint.get("order") or {}).get("in_memory") is False
+        transfer = _transfer_set(t, cache_location, store, shards, dataset, run, storage_options, streams, streamed)
         order = _order(transfer, t.num_workers, world)
         if world > 1:
             distributed.barrier()  # every rank has loaded its store and built its student, however long it took
@@ -149,9 +150,11 @@ def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int) -> tuple[d
 
 
 def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, run: Run,
-                  storage_options: dict[str, Any] | None, streams: int) -> cache.TransferSet:
+                  storage_options: dict[str, Any] | None, streams: int, streamed: bool = False) -> cache.TransferSet:
     """The run's batches of its targets (``run.paths``) from the store (this rank's share under torchrun), its memory checked against the
-    machine's; noted where the store's fingerprints cannot tell this dataset's inputs apart (kdcache <= 0.1.6).
+    machine's; noted where the store's fingerprints cannot tell this dataset's inputs apart (kdcache <= 0.1.6). ``streamed``
+    (a resumed run's checkpoint streamed its targets): streamed again, whatever train.memory_budget_mb decides now, so its
+    batches come in the order they began in (a subset's RAM check counted the store's every row up to kdcache 0.1.15).
 
     Counted with the targets: the copy a checkpoint written in the background holds (``_checkpoint_copy_bytes``). Where the
     two do not fit together but the targets alone do, the checkpoints are written in the main thread, from the state itself
@@ -163,7 +166,7 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
     def made(checkpoint_bytes: int) -> cache.TransferSet:
         transfer = cache.TransferSet(
             cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
-            memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
+            memory_budget_mb=0 if streamed else t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
             fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
             stream=rank if world > 1 else None, checkpoint_bytes=checkpoint_bytes)
         transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")

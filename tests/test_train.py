@@ -2098,6 +2098,20 @@ def test_a_sigterm_while_a_stopped_run_cleans_up_is_ignored(tiny_store, tmp_path
                                                       f"is saved in {str(out)!r}: run the same command with --resume to continue")
 
 
+def test_a_run_that_streamed_is_resumed_streaming_whatever_the_budget_says_now(tiny_store, tmp_path):
+    """A run whose targets streamed (train.memory_budget_mb below them; or, up to kdcache 0.1.15, a subset whose store
+    was larger than the budget: its RAM check counted every row of the store) resumes streaming, though the budget now
+    holds them in RAM: its batches come in the order they began in, as the uninterrupted run's (was: refused, "served
+    its batches streamed, now from RAM", naming a budget that did not stream them)."""
+    streamed = ["train.memory_budget_mb=0", "train.schedule=\"constant\"", *PLAIN]  # constant: the longer plan keeps the rate
+    whole = train(pipeline(*streamed, "train.epochs=2"), tiny_store, tmp_path / "whole")
+    train(pipeline(*streamed, "train.epochs=1"), tiny_store, tmp_path / "run")
+    again = train(pipeline(*streamed[1:], "train.epochs=2"), tiny_store, tmp_path / "run", resume=True)  # the budget holds them now
+    assert again["loss"] == whole["loss"]
+    a, b = (torch.load(run / "student.pt", weights_only=True) for run in (tmp_path / "run", tmp_path / "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_the_streams_a_run_took_are_checked_only_where_its_checkpoint_records_them():
     """A checkpoint of kdcache <= 0.1.5 records no streams: resumed as before. One that does: the same streams resume it
     whether they are ranks or train.streams in one process; other streams, or another batch order, are refused."""
