@@ -577,7 +577,7 @@ def _check_ram(nbytes: int, budget_mb: float, location: str, checkpoint_bytes: i
 
 def _with_checkpoint(nbytes: int) -> str:
     """The part of a memory refusal that names a background checkpoint's copy (``TransferSet``'s ``checkpoint_bytes``)."""
-    return (f", and each checkpoint, written while the next steps train, holds a copy of {_binary_size(nbytes)} (the student, "
+    return (f", and each checkpoint's write holds a host copy of {_binary_size(nbytes)} (the student, "
             "its heads and the optimizer's state)") if nbytes else ""
 
 

@@ -1472,8 +1472,8 @@ def test_a_checkpoint_copy_that_does_not_fit_is_refused_on_a_gpu(tiny_store, mon
     if device == "cpu":
         assert made().checkpoint_bytes == 0 and "note: checkpoints are written in the main thread" in capsys.readouterr().out
         return
-    with pytest.raises(PipelineError, match=re.escape(f"take 1.562 KiB in RAM, and each checkpoint, written while the next steps "
-                                                      f"train, holds a copy of {copy / 1024:.4g} KiB")):
+    with pytest.raises(PipelineError, match=re.escape(f"take 1.562 KiB in RAM, and each checkpoint's write holds a host copy of "
+                                                      f"{copy / 1024:.4g} KiB")):
         made()
     assert "note: checkpoints" not in capsys.readouterr().out
 
