@@ -472,7 +472,9 @@ class Store:
 
         async def get_all() -> list[bytes | None]:
             slots = asyncio.Semaphore(gate)
-            return await asyncio.gather(*(get(f"{path}/c/{s}{rest}", slots) for s in shards))
+            async with asyncio.TaskGroup() as group:  # a failed GET calls off those not yet answered (zarr reads them after)
+                asked = [group.create_task(get(f"{path}/c/{s}{rest}", slots)) for s in shards]
+            return [task.result() for task in asked]
 
         try:
             got = sync(get_all())

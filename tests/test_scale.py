@@ -316,24 +316,25 @@ def test_stats_graph_does_not_grow_with_the_shards(tmp_path: Path, zoo_env, monk
 
 class LatencyProxy(SwallowingProxy):
     """test_remote's proxy, holding each request ``delay`` seconds before passing it on (a round trip to a bucket far
-    away), counting the most held at once (``peak``)."""
+    away), counting the most held at once (``peak``) and keeping each request's first line (``requests``)."""
 
     def __init__(self, target: tuple[str, int], delay: float):
         import threading
 
-        self.delay, self.held, self.peak, self.lock = delay, 0, 0, threading.Lock()
+        self.delay, self.held, self.peak, self.lock, self.requests = delay, 0, 0, threading.Lock(), []
         super().__init__(target)
 
     def _pump(self, src: Any, dst: Any) -> None:
         import time
 
-        request = src.getsockname() == self.server.getsockname()  # the client's side of the proxy
         try:
+            request = src.getsockname() == self.server.getsockname()  # the client's side of the proxy (closed: OSError)
             while data := src.recv(65536):
                 if request:
                     with self.lock:
                         self.held += 1
                         self.peak = max(self.peak, self.held)
+                        self.requests.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
                     time.sleep(self.delay)
                     with self.lock:
                         self.held -= 1
@@ -365,3 +366,39 @@ def test_an_s3_stores_markers_and_digest_rows_are_asked_for_more_than_ten_at_onc
     finally:
         proxy.close()
     assert zarr.config.get("async.concurrency") == 10
+
+
+def test_a_failed_get_of_an_s3_stores_markers_stops_the_gets_not_yet_sent(s3, tmp_path: Path, zoo_env, monkeypatch):
+    """``done()`` of an S3 store asks for its markers ``PROGRESS_READS_AT_ONCE`` at a time; where one GET fails (here a
+    marker larger than a marker can be) zarr reads them all again and names the damage. The GETs not yet sent went on
+    being sent meanwhile, every shard's (a store of 50,000 shards: 50,000 GETs for nothing, beside zarr's): now they
+    are called off."""
+    import time
+    from urllib.parse import urlparse
+
+    import s3fs
+    from conftest import S3_BUCKET
+
+    zoo_env(N=300)
+    location = tmp_path / "s.zarr"
+    kdcache.extract(deep_pipeline(1, rows_per_shard=1), str(location))  # 300 shards
+    (location / "progress/done/c/0").write_bytes(b"\1" * 200)
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(str(location), f"{S3_BUCKET}/failed.zarr", recursive=True)
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05)
+    gets = {}
+    try:
+        for way in ("direct", "zarr"):
+            store = kdcache.open_store(f"s3://{S3_BUCKET}/failed.zarr", storage_options={**s3, "endpoint_url": proxy.url})
+            proxy.requests.clear()
+            with pytest.raises(StoreError, match="progress/done/c/0' holds 200 bytes"):
+                store.done()
+            seen = -1
+            while seen != len(proxy.requests):  # GETs still sent after done() has answered count too (zarr's go on as well)
+                seen = len(proxy.requests)
+                time.sleep(0.5)
+            gets[way] = sum("/progress/done/c/" in r for r in proxy.requests)
+            monkeypatch.setattr(layout.Store, "_remote_rows", lambda *a: None)
+    finally:
+        proxy.close()
+    assert gets["direct"] - gets["zarr"] < 200, gets  # old: 300, every marker's; now ~100
