@@ -643,9 +643,10 @@ def test_the_probe_of_an_s3_lock_has_a_filesystem_of_its_own(s3):
     usual = filesystem(url, s3)[0]
     probe = _lock_object(url, {**s3, "config_kwargs": {"read_timeout": 30}}, probe=True)[0]
     assert probe is not usual and filesystem(url, s3)[0] is usual and _lock_object(url, s3)[0] is usual
+    pool = {"max_pool_connections": storage.S3_POOL}  # kdcache's where the user sets none (Store._remote_rows)
     assert probe.retries == 1 and probe.config_kwargs == {"connect_timeout": storage.PROBE_CONNECT_S, "read_timeout": 30,
-                                                          "retries": {"max_attempts": storage.PROBE_ATTEMPTS - 1}}
-    assert usual.retries == 5 and not usual.config_kwargs, "s3fs's defaults for the data"
+                                                          "retries": {"max_attempts": storage.PROBE_ATTEMPTS - 1}, **pool}
+    assert usual.retries == 5 and usual.config_kwargs == pool, "s3fs's defaults for the data, but its pool of connections"
     locking.refuse_if_being_written(url, s3)  # a healthy store: nobody writes it
     with writer_lock(url, s3):
         with pytest.raises(layout.StoreError, match=r"is being written by kdcache pid"):
