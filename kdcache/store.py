@@ -399,7 +399,7 @@ class Store:
             chunks = "" if tuple(array.chunks) == (1,) else f" in chunks of {list(array.chunks)}"
             raise self._bad_metadata(DONE, f"it says {list(array.shape)} {array.dtype}{chunks}, expected [{self.num_shards}] bool"
                                            f"{' in chunks of [1]: one marker object per shard' if chunks else ''}")
-        done = self._local_markers(array, shards)
+        done = self._straight_markers(array, shards)
         if done is not None:
             return done
         try:
@@ -417,24 +417,25 @@ class Store:
             self.damaged_markers.update((int(key.rsplit("/", 1)[1]), problem) for key, problem in corrupted)
         return done
 
-    def _local_markers(self, array: zarr.Array, shards: list[int] | None) -> np.ndarray | None:
-        """``done()`` of a local folder's markers, each one-byte file read straight (``_local_rows``): zarr took ~170 µs
-        a marker, 8.5 s at 50,000 shards, paid by every command opening a store. None (zarr reads them all, and names
-        any damage) where one is not the byte 0 or 1, or ``_local_rows`` answers None."""
+    def _straight_markers(self, array: zarr.Array, shards: list[int] | None) -> np.ndarray | None:
+        """``done()``'s markers, each one-byte object read straight (``_progress_rows``: a folder's files, an object
+        store's GETs): zarr took ~170 µs a local marker, 8.5 s at 50,000 shards, paid by every command opening a store.
+        None (zarr reads them all, and names any damage) where one is not the byte 0 or 1, or ``_progress_rows`` answers
+        None."""
         numbers = range(self.num_shards) if shards is None else [int(s) for s in shards]
         if shards is not None and not all(0 <= s < self.num_shards for s in numbers):
             return None  # zarr's selection: counted from the end, or refused
-        rows = self._local_rows(array, DONE, numbers, 1)
+        rows = self._progress_rows(array, DONE, numbers, 1)
         if rows is None or (rows > 1).any():
             return None
         return rows[:, 0] == 1
 
-    def _local_rows(self, array: zarr.Array, path: str, shards: Sequence[int], width: int) -> np.ndarray | None:
-        """``[len(shards), width]`` uint8: the object of each of ``shards`` of the progress array ``path`` of a local
-        folder (one row each, FORMAT.md §7) read straight (``LocalObjects``: a link out of the store, a file that is not
-        regular or larger than the array's objects can be is refused), 0 where it is missing (the fill value). None
-        (zarr reads them, and names any damage) where one is not ``width`` bytes, or anything is off, or the array is
-        not the plain one of FORMAT.md §3.1 (``_plain_progress``)."""
+    def _progress_rows(self, array: zarr.Array, path: str, shards: Sequence[int], width: int) -> np.ndarray | None:
+        """``[len(shards), width]`` uint8: the object of each of ``shards`` of the progress array ``path`` (one row each,
+        FORMAT.md §7) read straight: an object store's or http(s) server's by ``_remote_rows``; a local folder's through
+        ``LocalObjects`` (a link out of the store, a file that is not regular or larger than the array's objects can be
+        is refused), 0 where it is missing (the fill value). None (zarr reads them, and names any damage) where one is
+        not ``width`` bytes, or anything is off, or the array is not the plain one of FORMAT.md §3.1 (``_plain_progress``)."""
         if self._kind in ("url", "http"):
             return self._remote_rows(array, path, shards, width)
         if self._kind != "local" or not isinstance(array.store, zarr.storage.LocalStore) or not _plain_progress(array, path):
@@ -454,7 +455,7 @@ class Store:
         return rows
 
     def _remote_rows(self, array: zarr.Array, path: str, shards: Sequence[int], width: int) -> np.ndarray | None:
-        """``_local_rows`` of an object store's or http(s) server's progress array: its objects asked for
+        """``_progress_rows`` of an object store's or http(s) server's progress array: its objects asked for
         ``PROGRESS_READS_AT_ONCE[kind]`` at a time, not at zarr's ``async.concurrency`` (10, which the user's own code
         may set): one GET each, so a round trip of 20 ms was ~2 ms a shard, 100 s at 50,000 shards. None (zarr reads
         them, naming any damage or failure) where one is not ``width`` bytes or a GET fails."""
@@ -524,7 +525,7 @@ class Store:
         want = (self.num_shards, len(self.paths()))
         if tuple(array.shape) != want or array.dtype != np.dtype("uint32"):
             raise self._bad_metadata(DIGEST, f"it says {list(array.shape)} {array.dtype}, expected {list(want)} uint32")
-        rows = self._local_rows(array, DIGEST, range(self.num_shards), 4 * want[1])
+        rows = self._progress_rows(array, DIGEST, range(self.num_shards), 4 * want[1])
         if rows is not None:  # zarr took ~300 µs a row, 2.5 s at 8,000 shards, paid by every reader
             return rows.view("<u4").astype(np.uint32, copy=False)
         try:
@@ -1113,14 +1114,7 @@ class Store:
         from zarr.core.sync import sync
 
         if location_kind(self.location) == "local":  # zarr 3.1's LocalStore.list mangles keys under a relative root ("s")
-            root = Path(local_path(self.location))
-            keys = []
-            for folder, subfolders, files in os.walk(root):
-                here = Path(folder).relative_to(root).as_posix()
-                here = "" if here == "." else f"{here}/"
-                subfolders[:] = [d for d in subfolders if here + d not in skip]
-                keys += [here + f for f in files if not _is_temp(f) and (Path(folder) / f).is_file()]
-            return sorted(keys)
+            return sorted(k for k in _local_sizes(Path(local_path(self.location)), skip) if not _is_temp(k.rpartition("/")[2]))
         store = self.group.store
 
         async def collect() -> list[str]:
@@ -1280,14 +1274,16 @@ def _write_error(location: str, what: str, e: OSError) -> StoreError:
                       f"{fix} and rerun the same command to resume (shards already done are kept)")
 
 
-def _local_sizes(root: Path) -> dict[str, int]:
+def _local_sizes(root: Path, skip: Collection[str] = ()) -> dict[str, int]:
     """Bytes of each regular file under ``root`` (a link to one: its target's), by its path relative to it, folders
-    linked to not walked (as ``Path.rglob``); a file renamed or removed while listed (a writer's temp file), or a link
-    to nothing, is left out. ``os.walk`` and one ``stat`` a file: 24,000 files in 0.2 s where rglob's took 1.0 s."""
+    linked to not walked (as ``Path.rglob``), nor those ``skip`` names (relative paths: ``targets/logits/c``); a file
+    renamed or removed while listed (a writer's temp file), or a link to nothing, is left out. ``os.walk`` and one
+    ``stat`` a file: 24,000 files in 0.2 s where rglob's took 1.0 s."""
     sizes = {}
-    for folder, _, files in os.walk(root):
+    for folder, subfolders, files in os.walk(root):
         here = Path(folder).relative_to(root).as_posix()
         prefix = "" if here == "." else f"{here}/"
+        subfolders[:] = [d for d in subfolders if prefix + d not in skip]
         for name in files:
             try:
                 st = os.stat(os.path.join(folder, name))

@@ -177,7 +177,7 @@ def test_done_read_straight_is_zarrs_answer_for_every_marker(tmp_path: Path, zoo
     seen = []
     for direct in (True, False):
         if not direct:
-            monkeypatch.setattr(layout.Store, "_local_markers", lambda *a: None)
+            monkeypatch.setattr(layout.Store, "_straight_markers", lambda *a: None)
         store = kdcache.open_store(str(location))
         store.damaged_markers = {} if verifying else None
         seen.append([_outcome(store, shards) for shards in (None, [2, 0], [-1, 2], [3])])
@@ -195,7 +195,7 @@ def test_digests_reads_a_folders_rows_without_zarr(tmp_path: Path, zoo_env, monk
     gets = zarr_gets(monkeypatch)
     rows = store.digests()
     assert gets == [], gets  # old: each row, 8
-    monkeypatch.setattr(layout.Store, "_local_rows", lambda *a: None)
+    monkeypatch.setattr(layout.Store, "_progress_rows", lambda *a: None)
     assert rows.dtype == "uint32" and rows.tolist() == store.digests().tolist() and rows.all()
 
 
@@ -240,7 +240,7 @@ def test_digests_read_straight_are_zarrs_answer_for_every_row(tmp_path: Path, zo
     kdcache.extract(deep_pipeline(1), str(location))
     DIGEST_ROWS[case](location / "progress/digest/c/2/0")
     direct = _digests_outcome(location)
-    monkeypatch.setattr(layout.Store, "_local_rows", lambda *a: None)
+    monkeypatch.setattr(layout.Store, "_progress_rows", lambda *a: None)
     assert direct == _digests_outcome(location)
 
 
