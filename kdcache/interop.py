@@ -130,8 +130,9 @@ def check_added_arrays(store: layout.Store) -> tuple[list[str], list[str], list[
     object's checksums checked as pack checks them as it copies it (``_Checksums``, on the object read whole, at most its
     bound); the others, not checked (pack copies them as they are); and each damaged object, named (``kdcache verify``)."""
     # kdcache's arrays' chunk folders are not listed: an added array is not in them, and over http each is an index page
-    keys, _, bounds, sharded = _store_objects(store, skip={f"{path}/c" for path in _kdcache_arrays(store)})
-    added = sorted(path for path in bounds if path not in _kdcache_arrays(store))
+    ours = _kdcache_arrays(store)
+    keys, _, bounds, sharded = _store_objects(store, skip={f"{path}/c" for path in ours})
+    added = sorted(path for path in bounds if path not in ours)
     problems = []
     for key in keys:
         owner, bound = _owner(bounds, key)
@@ -140,9 +141,7 @@ def check_added_arrays(store: layout.Store) -> tuple[list[str], list[str], list[
         try:
             data = store.raw_object(key, at_most=bound)
             if data is not None:  # absent: the fill value, as an array's every reader reads it
-                checksums = _Checksums(sharded[owner], store.location, owner, key, len(data), lambda n: data[-n:])  # type: ignore[index]
-                checksums.feed(data)
-                checksums.finish()
+                _check_whole(sharded[owner], store.location, owner, key, data)
         except DamagedShardError as e:
             problems.append(e.problem)
         except DamagedStoreError as e:  # larger than it can be, a zip member failing its CRC-32: the error names it
@@ -266,8 +265,7 @@ def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], s
         if bound is not None and len(data) > bound:
             raise storage.too_large(store.location, key, len(data), bound, "packed")
         if check is not None:
-            checksums = _Checksums(check, store.location, owner, key, len(data), lambda n: data[-n:])  # type: ignore[arg-type]
-            checksums.feed(data)
+            _check_whole(check, store.location, owner, key, data)  # type: ignore[arg-type]
         z.writestr(member, data)
         return len(data)
     file = storage.local_object(storage.local_path(store.location), key, bound)  # a link out, a FIFO, a size past its bound: refused
@@ -339,6 +337,11 @@ def _sharded(meta: dict[str, Any]) -> _Sharded | None:
         return None  # not a sharding zarr reads
     slots = int(np.prod([n // i for n, i in zip(shard, inner)]))
     return _Sharded(slots, rows, shard[0], inner[0] if inner[1:] == shard[1:] else None)
+
+
+def _check_whole(shape: _Sharded, location: str, path: str, key: str, data: bytes) -> None:
+    """``_Checksums`` of a chunk object read whole, ``data``: a DamagedShardError where one does not match."""
+    _Checksums(shape, location, path, key, len(data), lambda n: data[-n:]).feed(data)
 
 
 class _Checksums:

@@ -231,8 +231,8 @@ class _RemoteStore(zarr.storage.FsspecStore):
         """The keys of the objects and folders (ending in ``/``) below the folder ``folder`` that its index page links to
         (``_links``), the page at ``folder/`` or, where that lists nothing, at ``folder``, as fsspec's walk asks (a server
         may serve a folder's page without the ``/`` alone); a folder that cannot be listed (a 404, a 403: any 4xx answer
-        but 408 and 429, a page refused for now) has none. Each page is read by ``read_bounded``: a server may send any number of bytes for it, and fsspec's
-        listing read it whole."""
+        but 408 and 429, a page refused for now) has none. Each page is read by ``read_bounded``: a server may send any
+        number of bytes for it, and fsspec's listing read it whole."""
         import aiohttp
 
         url = f"{self.path}/{self._key(folder)}".rstrip("/")
