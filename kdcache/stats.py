@@ -48,19 +48,20 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
     store = layout.open_store(location, storage_options=storage_options)
     done = [int(s) for s in np.flatnonzero(store.done())]
     rows = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in done)
+    what = _What.of(store)
     with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers is not None else {})):
-        sums = dask.compute(_lazy_sums(store, done))[0] if rows else None
-    values, per_class = _values(sums, _What.of(store)) if sums else ({}, None)
+        sums = dask.compute(_lazy_sums(store, what, done))[0] if rows else None
+    values, per_class = _values(sums, what) if sums else ({}, None)
     return _summary(location, store, done, rows, values, per_class)
 
 
-def _lazy_sums(store: layout.Store, done: list[int]) -> Any:
-    """``_Sums`` over the ``done`` shards as one dask value: ``BLOCKS`` tasks at most, each adding up its share of the
-    shards one shard at a time, and their sums added. The graph does not grow with the store (a dask block per shard
-    held ~60 KB of graph each, 504 MB at 8,000 shards), nor does what a task holds (one shard of each column read)."""
+def _lazy_sums(store: layout.Store, what: _What, done: list[int]) -> Any:
+    """``_Sums`` of the columns ``what`` over the ``done`` shards as one dask value: ``BLOCKS`` tasks at most, each adding
+    up its share of the shards one shard at a time, and their sums added. The graph does not grow with the store (a dask
+    block per shard held ~60 KB of graph each, 504 MB at 8,000 shards), nor does what a task holds (one shard of each
+    column read)."""
     import dask
 
-    what = _What.of(store)
     blocks = [dask.delayed(_block_sums, pure=False)(store, what, block.tolist())
               for block in np.array_split(np.asarray(done, dtype=np.int64), min(BLOCKS, len(done)))]
     return dask.delayed(_added, pure=False)(blocks)
