@@ -550,7 +550,8 @@ class _Loop:
     lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
     writes: _Writes = field(default_factory=_Writes)  # the last checkpoint's write, while the next steps train
     appending: bool = False  # metrics.jsonl was written whole by this process: its next lines are appended (_save_epoch)
-    background: bool = True  # one process writes its checkpoints in a thread, while it trains on (_transfer_set: unless no room)
+    background: bool = False  # checkpoints written in a thread while the next steps train: train's TransferSet counted their
+    # copy (one process, WRITE_IN_BACKGROUND, room for it: _transfer_set)
 
     def elapsed(self) -> float:
         """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it (evaluations
@@ -574,7 +575,7 @@ class _Loop:
         if self.rank == 0:
             # one process: the files are written (and flushed to the disk) while the next steps train; under torchrun the
             # other ranks wait for them at the barrier below, as a resumed run's ranks must find them whole
-            background = self.writes if distributed.ranks()[1] == 1 and WRITE_IN_BACKGROUND and self.background else None
+            background = self.writes if self.background else None
             self.save_to(state, metrics, rngs if len(rngs) > 1 else rng, replacing=self.replacing, partial=partial, seconds=self.elapsed(),
                          lr=self.lr, background=background, append=self.appending)
             self.replacing, self.appending = None, self.appending or metrics is not None
