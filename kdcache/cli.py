@@ -82,7 +82,7 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     command cleans up (a scheduler may send several: Slurm signals every process of a job, and torchrun passes its own
     on); Ctrl-C or SIGKILL end it at once. Signals reach the main thread only: elsewhere (a caller's thread) SIGTERM
     is left as it is. A SIGTERM while the command ends with its own error (in the clean-up after it) leaves that error to be
-    said. Under torchrun only rank 0 takes it so (it holds the writer lock and speaks): the other ranks
+    said; one while it handles an error it recovers from stops it just after. Under torchrun only rank 0 takes it so (it holds the writer lock and speaks): the other ranks
     end at once, as before, for torchrun also SIGTERMs them when another rank fails, often while they still import
     their modules, where an exception raised on the spot would leave a module half made and a traceback."""
     if threading.current_thread() is not threading.main_thread() or os.environ.get("RANK", "0") not in ("", "0"):
@@ -90,9 +90,14 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        signal.signal(signum, signal.SIG_IGN)
         if isinstance(sys.exc_info()[1], KdcacheError):  # it came while the command cleans up after its own error, which it
-            return  # goes on to say: torchrun SIGTERMs rank 0 once another rank has said the same refusal and ended
+            # goes on to say (torchrun SIGTERMs rank 0 once another rank has said the same refusal and ended); or while it
+            # handles one it recovers from (a probe's), and goes on: sent again shortly, it stops the command then
+            again = threading.Timer(0.1, _send_again, (signum, stop))
+            again.daemon = True
+            again.start()
+            return
+        signal.signal(signum, signal.SIG_IGN)
         raise _Terminated
 
     before = signal.getsignal(signal.SIGTERM)
@@ -104,6 +109,12 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         # says so and exits; a SIGTERM now is ignored, not Python's default that would end it by the signal (-15, with
         # "Terminated" where a shell said it finished or gave its Error line). A caller of main() in-process gets its handler back.
         signal.signal(signal.SIGTERM, signal.SIG_IGN if _PROGRAM else before if before is not None else signal.SIG_DFL)
+
+
+def _send_again(signum: int, handler: Any) -> None:
+    """A signal the main thread put off, sent to it again while ``handler`` still takes it (not once the command has ended)."""
+    if signal.getsignal(signum) is handler:
+        signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 _PROGRAM = False  # set by _Group.main when it runs as the kdcache program (argv, then exit), not for a caller's args (CliRunner)

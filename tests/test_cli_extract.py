@@ -575,6 +575,48 @@ def test_a_sigterm_during_the_clean_up_after_an_error_leaves_the_error_said(tmp_
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sigterm_while_a_command_handles_an_error_it_recovers_from_still_stops_it(tmp_path):
+    """A SIGTERM that lands while the command handles a KdcacheError is put off: the error may be the command's own, said
+    next (above). Where the command recovers from it instead (a probe's error, a lock object read again) and goes on,
+    the SIGTERM was lost: the command ran to its end, holding its writer lock, until the scheduler's SIGKILL. Now it is
+    sent again once the error is handled, and stops the command; once a command has ended it is not sent."""
+    import click
+
+    from kdcache import cli
+    from kdcache.errors import StoreError
+
+    went_on = []
+
+    @cli._errors
+    def extract(out: str) -> None:
+        try:
+            raise StoreError("a probe's refusal")
+        except StoreError:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this except block
+        for _ in range(100):  # the command goes on: 5 s unless stopped
+            went_on.append(True)
+            time.sleep(0.05)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(click.ClickException) as stopped:
+        extract(out=str(tmp_path / "s.zarr"))
+    assert stopped.value.exit_code == 143 and len(went_on) < 100, len(went_on)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    @cli._errors
+    def refused(out: str) -> None:
+        try:
+            raise StoreError("refused")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+
+    with pytest.raises(click.ClickException, match="refused"):
+        refused(out="s.zarr")
+    time.sleep(0.3)  # had it been sent again once the handler before was back, this process would have ended
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_env, fetch_log):
     """A real ``kdcache`` process on a slow dataset (240 samples, 30 shards) is killed, re-run, and compared byte for byte."""
