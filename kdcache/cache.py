@@ -79,6 +79,9 @@ class TransferSet(IterableDataset):
         self.streams, self.stream = int(streams), stream  # see _stream_steps
         self.rows_per_shard = store.rows_per_shard
         self.rows = done_rows(store) if rows is None else _checked_rows(rows, store)
+        if self.streams > max(1, len(self.rows)):  # each epoch lists every stream's batches: 10**12 streams never began
+            raise PipelineError(f"streams = {self.streams} (train.streams, or the ranks under torchrun) is more than the {len(self.rows)} "
+                                f"rows trained on, so a stream would serve no row; use at most {len(self.rows)}, e.g. 1 (the default)")
         self.groups = ShardGroups.of(self.rows, self.rows_per_shard)
         self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent DataLoader workers see set_epoch
         self._skip = multiprocessing.RawValue("q", 0)  # and its batches to leave out

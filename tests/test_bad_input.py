@@ -608,6 +608,10 @@ CASES = [
          ("train.loss.temperature must be at least 0.01", "got 0;"), store=True),
     Case("streams-0", lambda c: train(c, "--set", "train.streams=0"),
          ("--set train.streams=0: train.streams must be >= 1, got 0", "use 1 (the default)"), store=True),
+    # more streams than rows: each epoch listed every stream's batches (10**12 of them: a run that never began)
+    Case("streams-beyond-the-rows", lambda c: train(c, "--set", "train.streams=1000000000000"),
+         ("streams = 1000000000000 (train.streams, or the ranks under torchrun) is more than the 50 rows trained on",
+          "use at most 50, e.g. 1 (the default)"), store=True),
     Case("lr-0", lambda c: train(c, "--set", "train.lr=0"), ("train.lr must be > 0, got 0", "use e.g. 1e-3"), store=True),
     Case("rank-timeout-0", lambda c: train(c, "--set", "train.rank_timeout_s=0"),
          ("train.rank_timeout_s must be > 0 and at most 1e+09 (seconds; torch.distributed's clock overflows beyond), got 0", "use e.g. 1800"),
