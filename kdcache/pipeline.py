@@ -317,7 +317,7 @@ def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>
             continue
         value = raw.get(f.name, {})
         if not isinstance(value, dict):
-            raise PipelineError(f"{source}: [{f.name}] must be a table, got {value!r}; write a [{f.name}] section header and its keys below it")
+            raise PipelineError(f"{source}: [{f.name}] must be a table, got {_seen(value)}; write a [{f.name}] section header and its keys below it")
         sections[f.name] = _section(_SECTIONS[f.name], value, f.name, source)
     _unknown(raw, list(_SECTIONS), "", source)
     return Pipeline(**sections, root=Path(root), source=source)
@@ -392,7 +392,7 @@ def _selector(value: Any, key: str, source: str) -> str:
         return str(value)
     if not isinstance(value, str) or not value:
         raise PipelineError(
-            f"{source}: {key} must be a string such as \"0\", \"logits\" or \"hidden_states.3\", got {value!r} "
+            f"{source}: {key} must be a string such as \"0\", \"logits\" or \"hidden_states.3\", got {_seen(value)} "
             "(quote a layer name holding dots: [targets.select] \"encoder.layers.1\" = \"0\")"
         )
     return value
@@ -400,14 +400,14 @@ def _selector(value: Any, key: str, source: str) -> str:
 
 def _table(value: Any, key: str, source: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise PipelineError(f"{source}: {key} must be a table, got {value!r}; use {{ key = value, ... }} or a [{key}] section")
+        raise PipelineError(f"{source}: {key} must be a table, got {_seen(value)}; use {{ key = value, ... }} or a [{key}] section")
     return value
 
 
 def _check(value: Any, annotation: str, key: str, source: str, use: str | None = None) -> Any:
     """Coerce/check one value against its field annotation (a string, from __future__ annotations); ``use``: what the
     value must be, where not what its type's ``_USE`` says."""
-    bad = PipelineError(f"{source}: {key} must be {use or _USE.get(annotation, 'a table, e.g. { key = value }')}, got {value!r}"
+    bad = PipelineError(f"{source}: {key} must be {use or _USE.get(annotation, 'a table, e.g. { key = value }')}, got {_seen(value)}"
                         f"{_as_text(value) if annotation in ('int', 'float') else _unquoted(value, key) if annotation == 'str' else ''}")
     if annotation == "bool":
         if not isinstance(value, bool):
@@ -440,6 +440,14 @@ def _check(value: Any, annotation: str, key: str, source: str, use: str | None =
             raise bad
         return value
     raise AssertionError(f"no check for annotation {annotation!r}")
+
+
+def _seen(value: Any) -> str:
+    """A value a message quotes, as the pipeline file spells it where Python's repr would not: a TOML date or time
+    (``1979-05-27``, which Python shows as ``datetime.date(1979, 5, 27)``)."""
+    if isinstance(value, datetime.date | datetime.time):  # a datetime is a date
+        return value.isoformat()
+    return repr(value)
 
 
 def _as_text(value: Any) -> str:

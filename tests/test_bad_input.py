@@ -192,6 +192,11 @@ CASES = [
          ("bin.toml' cannot be read as UTF-8 text", "pass the path of a .toml file")),
     Case("section-not-table", lambda c: ["extract", text_file(c, "p.toml", 'teacher = "tiny.py:teacher"\n'), "--out", c.new],
          ("[teacher] must be a table, got 'tiny.py:teacher'", "write a [teacher] section header")),
+    # a TOML date where a number or a table goes: once quoted as Python shows it, datetime.date(1979, 5, 27)
+    Case("date-for-a-number", lambda c: extract("--out", c.new, "--set", "extract.batch_size=1979-05-27"),
+         ("--set extract.batch_size=1979-05-27: extract.batch_size must be a whole number >= 1, got 1979-05-27",)),
+    Case("date-for-a-section", lambda c: ["extract", text_file(c, "p.toml", "teacher = 1979-05-27\n"), "--out", c.new],
+         ("[teacher] must be a table, got 1979-05-27; write a [teacher] section header",)),
     Case("unknown-section", lambda c: ["extract", tiny_plus(c, "[trian]\nepochs = 1"), "--out", c.new],
          ("unknown key 'trian'", "did you mean train?")),
     Case("unknown-key-in-file", lambda c: ["extract", text_file(c, "p.toml", '[teacher]\nfactroy = "tiny.py:teacher"\n'), "--out", c.new],
