@@ -6,7 +6,7 @@ TCP proxy that holds each request for ``--latency-ms`` (20 ms: a cloud bucket fr
 answers a GET in ~10-30 ms). Each round reads every target column of every shard once, as a streaming
 ``kdcache train`` epoch does (``cache.TransferSet`` with ``memory_budget_mb = 0``, fingerprint checks off: the
 inputs are the same either way), from the local folder, from S3 through the proxy, and from S3 without the added
-latency. Goal: the latency is hidden (whole-shard reads, many in flight: ``cache.REMOTE_READS``): an epoch with it
+latency. Goal: the latency is hidden (whole-shard reads, many in flight: ``storage.REMOTE_READS``): an epoch with it
 takes at most 1.5x one without it; and one request per shard and column read (one GET, streamed and stopped past the
 object's bound: s3fs's own read sent a HEAD first, to learn the size, so two). Reported without a goal: S3 ÷ local (moto is a Python server
 on these cores, much slower than S3).

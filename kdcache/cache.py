@@ -341,7 +341,7 @@ class TransferSet(IterableDataset):
         if storage.location_kind(self.location) not in ("url", "http"):  # a column's shards in one call (its checks made once)
             return {p: self._store.read_shards(p, shards.tolist())[position] for p in self.paths}
         reads = [(p, int(start), int(stop)) for p in self.paths for start, stop in spans]  # one request each: overlap their latency
-        parts = iter(threads.pool("read", REMOTE_READS).map(lambda r: self._store.read(*r), reads))
+        parts = iter(threads.pool("read", storage.REMOTE_READS).map(lambda r: self._store.read(*r), reads))
         out = {}
         for p in self.paths:
             mine = [next(parts) for _ in range(len(spans))]
@@ -533,7 +533,6 @@ def _one_input(inputs: list[Any], algorithm: str) -> bool:
 
 
 PREFETCH = 2  # batches made ahead of the consumer
-REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
 
 
 # What training's targets may take of the memory the process may use: in RAM, or in streaming's buffers (at most; reading

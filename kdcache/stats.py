@@ -1,8 +1,9 @@
 """``kdcache stats``: what the teacher's stored outputs say, computed with dask over the store.
 
-Each done shard read whole (one request from object storage, as training reads it) and checked against its
-digest, its sums added to its block's: ``BLOCKS`` dask tasks share the shards, reduced in parallel. Memory stays
-bounded by a shard per worker, and the graph by ``BLOCKS`` tasks, whatever the store's size.
+Each done shard's columns read whole (one request each from object storage, as training reads them, a shard's at
+once with the next shard's) and checked against their digests, its sums added to its block's: ``BLOCKS`` dask tasks
+share the shards, reduced in parallel. Memory stays bounded by a shard per worker (two from object storage), and the
+graph by ``BLOCKS`` tasks, whatever the store's size.
 
 - teacher top-1 accuracy against the stored labels, and per true class (the agreement of the
   teacher with each class);
@@ -14,11 +15,11 @@ bounded by a shard per worker, and the graph by ``BLOCKS`` tasks, whatever the s
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from kdcache import store as layout
+from kdcache import storage, store as layout, threads
 from kdcache.errors import count, need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
@@ -100,23 +101,42 @@ class _Sums(NamedTuple):
 
 
 def _block_sums(store: layout.Store, what: _What, shards: list[int]) -> _Sums:
-    """``_Sums`` of the ``shards``, read one at a time (whole, checked against their digests: a damaged shard is an error
-    naming it, never zeros)."""
-    return _added([_shard_sums(store, what, s) for s in shards])  # one shard's sums held each, not its rows
+    """``_Sums`` of the ``shards``, one at a time (each column read whole, checked against its digest: a damaged shard
+    is an error naming it, never zeros)."""
+    return _added([_shard_sums(what, columns) for columns in _shards_read(store, what, shards)])  # one shard's sums held each
 
 
-def _shard_sums(store: layout.Store, what: _What, shard: int) -> _Sums:
-    lo, hi = store.shard_rows(shard)
+def _shards_read(store: layout.Store, what: _What, shards: list[int]) -> Iterator[dict[str, np.ndarray]]:
+    """Each of the ``shards``' columns ``what`` by path, in turn. From object storage or http each column is a request of
+    its own, all of a shard's sent at once with the next shard's while this one's sums are added (``storage.REMOTE_READS``
+    in flight in the process): the network's latency overlapped, not paid per column and shard (two shards held)."""
+    paths = [p for p in (what.logits, what.labels, what.classes, *(path for _, path in what.layers)) if p]
+    if storage.location_kind(store.location) not in ("url", "http"):
+        for shard in shards:
+            yield {p: store.read(p, *store.shard_rows(shard)) for p in paths}
+        return
+    reads = threads.pool("read", storage.REMOTE_READS)
+
+    def ask(shard: int) -> dict[str, Any]:
+        return {p: reads.submit(store.read, p, *store.shard_rows(shard)) for p in paths}
+
+    following = ask(shards[0]) if shards else {}
+    for i in range(len(shards)):
+        reading, following = following, ask(shards[i + 1]) if i + 1 < len(shards) else {}
+        yield {p: read.result() for p, read in reading.items()}
+
+
+def _shard_sums(what: _What, columns: dict[str, np.ndarray]) -> _Sums:
     entropy, positions, hits, labelled, label_max, per_class = 0.0, 0, 0.0, 0, -(2**63), None
     if what.logits:
-        x = store.read(what.logits, lo, hi).astype(np.float64)
+        x = columns[what.logits].astype(np.float64)
         shifted = x - x.max(axis=-1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
         each = -(np.exp(log_p) * log_p).sum(axis=-1)
         entropy, positions = float(each.sum()), each.size
     if what.labels:
-        labels = store.read(what.labels, lo, hi).astype(np.int64)
-        classes = store.read(what.classes, lo, hi) if what.classes else None
+        labels = columns[what.labels].astype(np.int64)
+        classes = columns[what.classes] if what.classes else None
         # 1/k where the label is one of k classes tied at the top (float16 ties), as train's eval_teacher_accuracy
         correct, known = _top1_correct(x, labels[:, None], classes), labels >= 0  # below 0: no label (STL-10's -1), left out
         hits, labelled, label_max = float(correct.sum()), int(known.sum()), int(labels.max())
@@ -125,7 +145,7 @@ def _shard_sums(store: layout.Store, what: _What, shard: int) -> _Sums:
             per_class = (np.bincount(at, weights=known.astype(np.float64)), np.bincount(at, weights=correct))
     layers = {}
     for name, path in what.layers:
-        v = store.read(path, lo, hi).astype(np.float64)
+        v = columns[path].astype(np.float64)
         mean = float(v.mean()) if v.size else 0.0
         layers[name] = (v.size, mean, float(((v - mean) ** 2).sum()))
     return _Sums(entropy, positions, hits, labelled, label_max, per_class, layers)

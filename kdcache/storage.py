@@ -252,6 +252,7 @@ class _RemoteStore(zarr.storage.FsspecStore):
         return set()
 
 
+REMOTE_READS = 16  # whole-shard reads in flight at once from an object store or http server (each waits on the network)
 MAX_LISTING_BYTES = 256 * 2**20  # an http(s) folder's index page larger than this is refused (one of 100,000 shards: 4-30 MB)
 MAX_LISTING_DEPTH = 32  # http(s) folders below a store's root listed (a store's keys are at most 8 + its arrays' dimensions deep)
 LISTING_PAGES_AT_ONCE = 4  # http(s) index pages asked for at once (a store of 2,000 shards has ~10,000 folders: at 20 ms a
