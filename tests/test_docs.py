@@ -1,0 +1,193 @@
+"""The documentation against the code: every command option, pipeline key, ``--set``, constant, environment variable
+and test the docs name exists as named, the figures quoted beside a constant are its value, and FORMAT.md's plain-zarr
+reader runs on a store written now. Cheap (no network, no model built) so that a renamed option or key fails here,
+not in a user's terminal."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import re
+import textwrap
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import kdcache
+from kdcache import pipeline
+from kdcache.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["README.md", "docs/FORMAT.md", "docs/SHARING.md", "docs/CLUSTER.md", "benchmarks/RESULTS.md"]
+USER_DOCS = DOCS[:4]  # RESULTS.md also names private functions and benchmark knobs, which are not the user's surface
+
+# options the docs give to other tools (torchrun, dask's CLI, Slurm, docker, the benchmarks, kdcache itself)
+OTHER_OPTIONS = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--host", "--port", "--nworkers",
+                 "--nthreads", "--requeue", "--net", "--version", "--check"}
+# dotted names in backticks that look like pipeline keys and are not: manifest keys (FORMAT.md §8), placeholders
+NOT_PIPELINE_KEYS = {"teacher.class", "teacher.num_parameters", "teacher.weights_sha256",
+                     "teacher.inputs",  # README: "there is no `teacher.inputs`"
+                     "teacher.layer", "student.module",  # the train.features row's placeholder names
+                     "targets.final_norm.mask"}  # the manifest's targets.<name>.mask of the text example
+# environment variables the docs name that other libraries read (botocore, CUDA, dask, OpenMP)
+READ_ELSEWHERE = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_ENDPOINT_URL", "CUDA_VISIBLE_DEVICES",
+                  "DASK_DISTRIBUTED__WORKER__DAEMON", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "HDF5_USE_FILE_LOCKING"}
+LIBRARY_CONSTANTS = {"F_FULLFSYNC", "ZIP_STORED"}  # os's and zipfile's
+FILE_NAME = re.compile(r"\.(zarr|zip|h5|pt|py|toml|json)\b")  # student.pt, teacher.zarr.zip
+PLACEHOLDER = re.compile(r"\b(?i:section|key|value|layer)\b|\b[KN]\b")  # --set SECTION.KEY=VALUE, train.streams=K
+
+
+@cache
+def text(doc: str) -> str:
+    return (ROOT / doc).read_text(encoding="utf-8")
+
+
+def spans(doc: str) -> list[str]:
+    """Every fenced block (continuation lines joined) and every inline code span of ``doc``, whitespace collapsed."""
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text(doc), re.S | re.M)
+    rest = re.sub(r"^```.*?^```", "", text(doc), flags=re.S | re.M)
+    inline = re.findall(r"`([^`]+)`", rest)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [re.sub(r"\s+", " ", s) for s in lines + inline]
+
+
+@cache
+def help_options(command: str) -> frozenset[str]:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    return frozenset(re.findall(r"(?<![\w-])--[a-z][a-z-]*", result.output))
+
+
+def command_uses(doc: str) -> list[tuple[str, str]]:
+    """(command, option) for each option a span gives a kdcache command: `kdcache train … --resume`, `verify --seed`."""
+    found = []
+    for span in spans(doc):
+        for m in re.finditer(rf"(?<![\w/.-])({'|'.join(main.commands)}) ((?:[^\s|;,()#]+ )*?)(--[a-z][a-z-]*)", span):
+            found.append((m.group(1), m.group(3)))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_option_the_docs_give_a_command_is_in_its_help(doc):
+    unknown = sorted({f"kdcache {c} {o}" for c, o in command_uses(doc) if o not in help_options(c)})
+    assert not unknown, f"{doc} names options these commands do not have: {unknown}"
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_every_option_the_docs_name_belongs_to_a_command(doc):
+    known = set().union(*(help_options(c) for c in main.commands)) | OTHER_OPTIONS
+    unknown = sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", text(doc))) - known)
+    assert not unknown, f"{doc} names options no kdcache command has: {unknown}"
+
+
+def pipeline_keys() -> set[str]:
+    keys = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in pipeline.dataclasses.fields(cls):
+            keys.add(prefix + f.name)
+            if f.default_factory is not pipeline.dataclasses.MISSING and pipeline.dataclasses.is_dataclass(f.default_factory):
+                walk(f.default_factory, prefix + f.name + ".")
+
+    for name, cls in pipeline._SECTIONS.items():
+        walk(cls, name + ".")
+    return keys
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_every_pipeline_key_the_docs_name_exists(doc):
+    keys = pipeline_keys()
+    named = {m.group(0) for span in spans(doc) for m in re.finditer(
+        rf"(?<![\w./-])(?:{'|'.join(pipeline._SECTIONS)})\.[a-z_]+(?:\.[a-z_]+)?\b(?![/(])", span)}
+    # a key's sub-key (train.loss.kl) or a name under a table value (targets.select.logits) counts as its key
+    unknown = sorted(k for k in named - NOT_PIPELINE_KEYS if k not in keys and k.rsplit(".", 1)[0] not in keys and not FILE_NAME.search(k))
+    assert not unknown, f"{doc} names pipeline keys the parser does not know: {unknown}"
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_every_toml_block_of_the_docs_is_a_valid_pipeline(doc):
+    blocks = re.findall(r"^```toml\n(.*?)^```", text(doc), re.S | re.M)
+    for block in blocks:
+        pipeline.from_dict(tomllib.loads(block), root=ROOT / "pipelines", source=f"{doc}'s TOML block")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_set_the_docs_give_is_accepted(doc):
+    items = [next(g for g in m.groups() if g)
+             for m in re.finditer(r"--set\s+(?:'([^']+)'|\"([^\"]+)\"|([^\s`)]+))", text(doc))]
+    for item in items:
+        if not PLACEHOLDER.search(item):
+            kdcache.load_pipeline(ROOT / "pipelines" / "mnist.toml", [item])
+
+
+def constant(name: str) -> object:
+    """``NAME`` or ``module.NAME`` (``kdcache.`` optional) as a kdcache module holds it; KeyError where none does."""
+    *module, attr = name.removeprefix("kdcache.").split(".")
+    modules = [".".join(module)] if module else [p.stem for p in (ROOT / "kdcache").glob("*.py") if p.stem != "__main__"]
+    for m in modules:
+        held = importlib.import_module(f"kdcache.{m}")
+        if hasattr(held, attr):
+            return getattr(held, attr)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_every_constant_and_environment_variable_the_docs_name_exists(doc):
+    source = "\n".join(p.read_text() for p in (ROOT / "kdcache").glob("*.py"))
+    missing = []
+    for span in spans(doc):
+        for name in re.findall(r"^(?:kdcache\.)?(?:[a-z]+\.)?[A-Z][A-Z0-9]*_[A-Z0-9_]+$", span):
+            bare = name.rsplit(".", 1)[-1]
+            if bare in READ_ELSEWHERE | LIBRARY_CONSTANTS or re.search(rf"environ(?:\.get)?[(\[]\"{bare}\"", source):
+                continue
+            try:
+                constant(name)
+            except KeyError:
+                missing.append(name)
+    assert not missing, f"{doc} names constants or environment variables kdcache has not: {missing}"
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_the_figure_quoted_beside_a_constant_is_its_value(doc):
+    flat = re.sub(r"\s+", " ", text(doc))
+    for m in re.finditer(r"(\d[\d,]*(?:\.\d+)?) (s|hours|tries)\b[^`(]{0,30}\(`((?:kdcache\.)?(?:[a-z]+\.)?[A-Z][A-Z0-9_]+)`(?! less)", flat):
+        value = constant(m.group(3))
+        if isinstance(value, datetime.timedelta):
+            value = value.total_seconds() / (3600 if m.group(2) == "hours" else 1)
+        assert float(m.group(1).replace(",", "")) == value, f"{doc}: {m.group(0)!r}, but {m.group(3)} is {value}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_test_the_docs_name_exists(doc):
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
+    named = set(re.findall(r"\btest_[a-z0-9_]+\b(?!\.py)", text(doc)))
+    missing = sorted(n for n in named if not re.search(rf"def {n}\(", tests) and not (ROOT / "tests" / f"{n}.py").exists())
+    assert not missing, f"{doc} names tests that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_every_python_name_the_docs_give_resolves(doc):
+    for name in sorted({m for span in spans(doc) for m in re.findall(r"\bkdcache(?:\.[A-Za-z_]\w*)+", span)}):
+        module, attr = name, []
+        while True:
+            try:
+                held = importlib.import_module(module)
+                break
+            except ModuleNotFoundError:
+                module, last = module.rsplit(".", 1)
+                attr.insert(0, last)
+        for part in attr:
+            held = getattr(held, part)
+
+
+def test_formats_plain_zarr_reader_and_digest_check_run_on_a_store_written_now(tiny_store):
+    """FORMAT.md §15's two snippets, as written but for the store's path, read every done shard and check its digests."""
+    blocks = re.findall(r"^```python\n(.*?)^```", text("docs/FORMAT.md"), re.S | re.M)
+    reader = next(b for b in blocks if "zarr.open_group(\"/tmp/fmt.zarr\"" in b)
+    digests = next(b for b in blocks if "google_crc32c.value" in b)
+    scope: dict = {}
+    exec(reader.replace("/tmp/fmt.zarr", tiny_store) + textwrap.indent(digests, "    "), scope)  # checked for every shard
+    assert set(scope["targets"]) == {"logits", "features.3"} and scope["s"] == 3 and len(scope["fp"]) == 50 - 3 * 16
