@@ -191,3 +191,34 @@ def test_formats_plain_zarr_reader_and_digest_check_run_on_a_store_written_now(t
     scope: dict = {}
     exec(reader.replace("/tmp/fmt.zarr", tiny_store) + textwrap.indent(digests, "    "), scope)  # checked for every shard
     assert set(scope["targets"]) == {"logits", "features.3"} and scope["s"] == 3 and len(scope["fp"]) == 50 - 3 * 16
+
+
+def json_keys(value: object) -> set[str]:
+    """Every key of a JSON object and of the objects in it, but the keys that are data (class numbers, layer names)."""
+    if isinstance(value, list):
+        return set().union(*map(json_keys, value)) if value else set()
+    if not isinstance(value, dict):
+        return set()
+    keys = {k for k in value if not k.isdigit() and k not in ("logits", "features.3")}
+    return keys.union(*map(json_keys, value.values())) if value else keys
+
+
+def test_every_field_info_stats_and_verify_print_as_json_is_in_sharing_md(tiny_store):
+    """SHARING.md's "What --json prints" names each field of `info --json`, `stats --json` and `verify --json`: a field
+    added or renamed in the code and not in the doc fails here."""
+    from kdcache.stats import stats
+    from kdcache.verify import verify
+
+    section = text("docs/SHARING.md").split("## What `--json` prints", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z_]+)`", section))
+    info = kdcache.open_store(tiny_store).info()
+    info_fields = json_keys({k: v for k, v in info.items() if k not in ("teacher", "dataset")})  # the manifest's (FORMAT.md §8)
+    for command, fields in {"info": info_fields, "stats": json_keys(stats(tiny_store)), "verify": json_keys(verify(tiny_store))}.items():
+        assert fields <= documented, f"kdcache {command} --json prints fields SHARING.md does not name: {sorted(fields - documented)}"
+
+
+def test_the_keys_readme_says_the_demo_sets_itself_are_the_ones_it_refuses():
+    from kdcache.demo import OWN_KEYS
+
+    said = re.search(r"except\s+the ones the demo sets itself \((.*?), also inside a table", text("README.md"), re.S)
+    assert said and set(re.findall(r"`([a-z_.]+)`", said.group(1))) == set(OWN_KEYS)
