@@ -222,3 +222,34 @@ def test_the_keys_readme_says_the_demo_sets_itself_are_the_ones_it_refuses():
 
     said = re.search(r"except\s+the ones the demo sets itself \((.*?), also inside a table", text("README.md"), re.S)
     assert said and set(re.findall(r"`([a-z_.]+)`", said.group(1))) == set(OWN_KEYS)
+
+
+def format_tables(section: str) -> list[dict[str, list[str]]]:
+    """The tables of FORMAT.md's ``section``, each as its first column's keys (backticks dropped) -> the other cells."""
+    body = text("docs/FORMAT.md").split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+    tables = re.findall(r"^\|.*\|\n\|[-|]+\|\n(?:\|.*\|\n)+", body, re.M)
+    return [{cells[0].strip("`"): cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                                           for line in table.splitlines()[2:])} for table in tables]
+
+
+def test_formats_layout_and_manifest_tables_are_what_a_store_written_now_holds(tiny_store):
+    """FORMAT.md §3's paths and data types, and §8's manifest keys, against tiny_store's zarr.json files."""
+    import json
+
+    root = Path(tiny_store)
+    layout, = format_tables("3. Layout")
+    for path, (_, dtypes, present) in layout.items():
+        array = "targets/layers/features.3" if "<" in path else path  # targets/layers/<encoded name>
+        if present != "always" and not (root / array / "zarr.json").exists():
+            continue  # targets/logits_indices: a top-k store's
+        written = json.loads((root / array / "zarr.json").read_text())["data_type"]
+        assert written in re.findall(r"`(\w+)`", dtypes), f"FORMAT.md §3: {path} is {dtypes}, a store holds {written}"
+    manifest = json.loads((root / "zarr.json").read_text())["attributes"]["kdcache"]
+    flat = set()
+    for key, value in manifest.items():  # §8 spells the keys of teacher, dataset, fingerprint, geometry, compression dotted
+        flat |= {f"{key}.{sub}" for sub in value} if isinstance(value, dict) and key not in ("targets", "pipeline") else {key}
+    keys, target_keys = format_tables("8. The manifest")
+    assert flat == set(keys), f"FORMAT.md §8's manifest keys differ from a store's: {sorted(flat ^ set(keys))}"
+    required = {k for k, (kind, _) in target_keys.items() if "optional" not in kind}
+    for name, target in manifest["targets"].items():
+        assert required <= set(target) <= required | set(target_keys), f"FORMAT.md §8's target object differs from {name}'s"
