@@ -10,6 +10,7 @@ that same row grid, so a shard is written whole, by one writer, and only then ma
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -23,6 +24,7 @@ import stat
 import sys
 import threading
 import zipfile
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple, Sequence
@@ -35,7 +37,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import MAX_METADATA_BYTES, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, write_file, zarr_store
+from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -917,6 +919,27 @@ class Store:
                 parts.append(self._read_checked(path, lo, hi, range(shard, shard + 1), objects=objects) if self._done[shard]
                              else self.read(path, lo, hi))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def read_ahead(self, wanted: Iterable[tuple[str, int]], ahead: int, *, digests: bool = True) -> Iterator[Future[np.ndarray]]:
+        """``read`` of each ``(path, shard)``'s rows in turn, as a future (its result, or the error the read raised).
+        From object storage or http the next ``ahead`` reads are asked for while the caller uses this one (in the
+        process's pool of ``REMOTE_READS``): the network's latency is overlapped, not paid read after read, and at most
+        ``ahead`` + 1 results are held. Elsewhere each read is made when its turn comes."""
+        if self._kind not in ("url", "http"):
+            for path, shard in wanted:
+                read: Future[np.ndarray] = Future()
+                try:
+                    read.set_result(self.read(path, *self.shard_rows(shard), digests=digests))
+                except Exception as e:  # noqa: BLE001 - the caller's to handle, as from a remote read
+                    read.set_exception(e)
+                yield read
+            return
+        pool, asked = threads.pool("read", REMOTE_READS), collections.deque()
+        for path, shard in wanted:
+            asked.append(pool.submit(self.read, path, *self.shard_rows(shard), digests=digests))
+            if len(asked) > ahead:
+                yield asked.popleft()
+        yield from asked
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every

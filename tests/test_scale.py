@@ -465,3 +465,36 @@ def test_an_extract_to_s3_puts_a_shards_columns_at_once_and_asks_for_none_first(
     fs, here = s3fs.S3FileSystem(**s3, skip_instance_cache=True), tmp_path / "here.zarr"
     written = sorted(str(f.relative_to(here)) for f in here.rglob("*") if f.is_file() and re.search(shard_object, f"/{f.relative_to(here)}"))
     assert len(written) == 6 * 8 and all(fs.cat(f"{S3_BUCKET}/put.zarr/{key}") == (here / key).read_bytes() for key in written)
+
+
+def test_verify_over_s3_asks_for_the_next_shards_while_it_checks_one(s3, tmp_path: Path, zoo_env):
+    """``kdcache verify`` read each array's shards one after another: a bucket's latency per array and shard (a store of
+    10,000 shards of 6 arrays at 20 ms a GET: 20 minutes of waiting). Now the next reads are asked for while one is
+    checked (``storage.REMOTE_READS`` ahead); the report is the one the same store in a folder gets, a damaged shard's too."""
+    import re
+    from urllib.parse import urlparse
+
+    import s3fs
+    from conftest import S3_BUCKET
+    from kdcache.verify import verify
+
+    zoo_env(N=16, DEPTH=2)
+    url, here = f"s3://{S3_BUCKET}/verify-ahead.zarr", tmp_path / "here.zarr"
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), url, storage_options=s3)
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(here))
+    key = "targets/layers/layers.1/c/5/0"
+    damaged = bytearray((here / key).read_bytes())
+    damaged[3] ^= 0xFF
+    (here / key).write_bytes(bytes(damaged))
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).pipe(f"{S3_BUCKET}/verify-ahead.zarr/{key}", bytes(damaged))
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"/(targets|samples)/.*/c/")
+    try:
+        remote = verify(url, storage_options={**s3, "endpoint_url": proxy.url})
+    finally:
+        proxy.close()
+    local = verify(str(here))
+    assert proxy.peak > 1, proxy.peak  # old: 1
+    said = [[re.sub(re.escape(url) + "|" + re.escape(str(here)), "STORE", p) for p in c["problems"]] for c in remote["checks"]]
+    assert not remote["ok"] and said == [[re.sub(re.escape(str(here)), "STORE", p) for p in c["problems"]] for c in local["checks"]]
+    assert any("layers.1" in p and "shard 5" in p for p in sum(said, [])), said
