@@ -534,10 +534,11 @@ def _write_hdf5(store: layout.Store, f: Any, check: Any, compression: str) -> in
                 values = arr[:]
             ds[:] = values
             continue
-        for shard in range(store.num_shards):  # one shard in memory at a time
+        wanted = [(path, shard) for shard in range(store.num_shards)]
+        for shard, read in enumerate(store.read_ahead(wanted)):  # one shard in memory at a time (from object storage: a few)
             start, stop = store.shard_rows(shard)
             with _reading(store, path):
-                rows = store.read(path, start, stop)
+                rows = read.result()
             ds[start:stop] = rows
             check()  # a full disk stops the export at once
     return len(store.paths()) + len(progress)

@@ -920,11 +920,12 @@ class Store:
                              else self.read(path, lo, hi))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def read_ahead(self, wanted: Iterable[tuple[str, int]], ahead: int, *, digests: bool = True) -> Iterator[Future[np.ndarray]]:
+    def read_ahead(self, wanted: Sequence[tuple[str, int]], *, digests: bool = True) -> Iterator[Future[np.ndarray]]:
         """``read`` of each ``(path, shard)``'s rows in turn, as a future (its result, or the error the read raised).
-        From object storage or http the next ``ahead`` reads are asked for while the caller uses this one (in the
-        process's pool of ``REMOTE_READS``): the network's latency is overlapped, not paid read after read, and at most
-        ``ahead`` + 1 results are held. Elsewhere each read is made when its turn comes."""
+        From object storage or http the next reads are asked for while the caller uses this one (in the process's pool
+        of ``REMOTE_READS``): the network's latency is overlapped, not paid read after read. As many are asked for
+        ahead as there are threads in that pool, fewer where that many shards of the largest array wanted, decoded,
+        would hold more than ``READ_AHEAD_BYTES``. Elsewhere each read is made when its turn comes."""
         if self._kind not in ("url", "http"):
             for path, shard in wanted:
                 read: Future[np.ndarray] = Future()
@@ -934,6 +935,8 @@ class Store:
                     read.set_exception(e)
                 yield read
             return
+        largest = max((math.prod(self.array(p).shape[1:]) * self.array(p).dtype.itemsize for p, _ in wanted), default=1)
+        ahead = max(1, min(REMOTE_READS, READ_AHEAD_BYTES // max(1, largest * self.rows_per_shard)))
         pool, asked = threads.pool("read", REMOTE_READS), collections.deque()
         for path, shard in wanted:
             asked.append(pool.submit(self.read, path, *self.shard_rows(shard), digests=digests))
@@ -1275,6 +1278,9 @@ _TEMPS_LOCK = threading.Lock()  # Store._temps is filled by several writer threa
 _CONFIG_LOCK = threading.Lock()
 _PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the object STEM
 _TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
+
+
+READ_AHEAD_BYTES = 256 * 2**20  # the most decoded bytes Store.read_ahead holds ahead of its caller
 
 
 def _transport(e: BaseException) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache import locking, storage, store as layout
+from kdcache import locking, store as layout
 from kdcache.errors import DamagedShardError, DamagedStoreError, PipelineError, StoreError, UnreachableError, count, one_line, option, short
 
 MAX_LISTED = 20  # problems listed per check; the count is always exact
@@ -209,7 +209,7 @@ def _contents(store: layout.Store) -> list[Check]:
     values = Check("values", f"finite targets, index[r] == r, non-zero fingerprints, {digests}")
     classes = topk_classes(store.targets.values())
     wanted = [(path, shard) for path in store.paths() for shard in done]
-    for (path, shard), read in zip(wanted, store.read_ahead(wanted, _reads_ahead(store), digests=False)):
+    for (path, shard), read in zip(wanted, store.read_ahead(wanted, digests=False)):
         start, stop = store.shard_rows(shard)
         try:  # a shard that decodes passed every checksum on the way (the direct reader's and zarr's crc32c codec)
             block = read.result()  # its digest is checked here, beside the values
@@ -229,16 +229,6 @@ def _contents(store: layout.Store) -> list[Check]:
             values.fail(f"{path}: shard {shard}: {problem}")
     _added_arrays(store, sums)
     return [sums, values]
-
-
-def _reads_ahead(store: layout.Store) -> int:
-    """How many shard reads ``_contents`` asks for ahead from object storage or http: ``storage.REMOTE_READS``, fewer
-    where that many of the largest array's shards, decoded, would hold more than ``AHEAD_BYTES``."""
-    largest = max(math.prod(store.array(p).shape[1:]) * store.array(p).dtype.itemsize for p in store.paths()) * store.rows_per_shard
-    return max(1, min(storage.REMOTE_READS, AHEAD_BYTES // max(1, largest)))
-
-
-AHEAD_BYTES = 256 * 2**20
 
 
 def _added_arrays(store: layout.Store, sums: Check) -> None:

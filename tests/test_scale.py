@@ -10,6 +10,7 @@ import pstats
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 import kdcache
@@ -498,3 +499,30 @@ def test_verify_over_s3_asks_for_the_next_shards_while_it_checks_one(s3, tmp_pat
     said = [[re.sub(re.escape(url) + "|" + re.escape(str(here)), "STORE", p) for p in c["problems"]] for c in remote["checks"]]
     assert not remote["ok"] and said == [[re.sub(re.escape(str(here)), "STORE", p) for p in c["problems"]] for c in local["checks"]]
     assert any("layers.1" in p and "shard 5" in p for p in sum(said, [])), said
+
+
+def test_export_over_s3_asks_for_the_next_shards_while_it_writes_one(s3, tmp_path: Path, zoo_env):
+    """``kdcache export`` of an S3 store read each array's shards one after another, a bucket's latency each; now the
+    next are asked for while one is written to the HDF5 file, which holds what the same store in a folder exports."""
+    from urllib.parse import urlparse
+
+    import h5py
+    from conftest import S3_BUCKET
+    from kdcache.interop import export_hdf5
+
+    zoo_env(N=16, DEPTH=2)
+    url, here = f"s3://{S3_BUCKET}/export-ahead.zarr", tmp_path / "here.zarr"
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), url, storage_options=s3)
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(here))
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"/(targets|samples)/.*/c/")
+    try:
+        export_hdf5(url, tmp_path / "remote.h5", storage_options={**s3, "endpoint_url": proxy.url})
+    finally:
+        proxy.close()
+    export_hdf5(str(here), tmp_path / "here.h5")
+    assert proxy.peak > 1, proxy.peak  # old: 1
+    with h5py.File(tmp_path / "remote.h5") as remote, h5py.File(tmp_path / "here.h5") as local:
+        paths = []
+        local.visititems(lambda name, item: paths.append(name) if isinstance(item, h5py.Dataset) else None)
+        assert len(paths) >= 6 and all(np.array_equal(remote[p][:], local[p][:]) for p in paths), paths
