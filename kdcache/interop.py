@@ -14,6 +14,7 @@ import re
 import secrets
 import sys
 import zipfile
+from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, NamedTuple
@@ -21,7 +22,7 @@ from typing import Any, Callable, Collection, Iterator, NamedTuple
 import google_crc32c
 import numpy as np
 
-from kdcache import locking, storage, store as layout
+from kdcache import locking, storage, store as layout, threads
 from kdcache.errors import DamagedShardError, DamagedStoreError, StoreError, need, one_line, option, short, write_fix
 
 HDF5_LAYOUT_VERSION = 1
@@ -59,8 +60,8 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
         with _writing(part, out), _part_file(part, out) as fd, open(fd, "w+b", closefd=False) as f:
             # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-                for key in keys:
-                    nbytes += _copy_object(store, key, bounds, sharded, z)
+                for key, fetched in zip(keys, _fetched(store, keys, bounds)):
+                    nbytes += _copy_object(store, key, bounds, sharded, z, fetched)
             f.flush()
             _check_objects(_complete(f"zip::{part}", None, "pack"), "pack")  # it opens as a complete store, with every shard object
             held()
@@ -247,19 +248,38 @@ def _is_chunk_key(suffix: str, meta: dict[str, Any] | None) -> bool:
         return False
 
 
+def _fetched(store: layout.Store, keys: list[str], bounds: dict[str, int | None]) -> Iterator[Future[bytes | None] | None]:
+    """For each of ``keys`` of a store not in a local folder, its bytes (``raw_object``, at most its bound) as a future:
+    from object storage or http the next objects are asked for while one is copied (``layout.ahead_for`` the largest
+    bound); None for each key of a local folder (streamed from its file, ``_copy_object``)."""
+    kind = storage.location_kind(store.location)
+    if kind == "local":
+        return (None for _ in keys)
+    calls = ((key, _owner(bounds, key)[1]) for key in keys)
+
+    def read(key: str, bound: int | None) -> bytes | None:
+        return store.raw_object(key, at_most=bound)
+
+    if kind not in ("url", "http"):
+        return (threads.now(read, *call) for call in calls)
+    largest = max((bound for bound in bounds.values() if bound is not None), default=layout.READ_AHEAD_BYTES)
+    return threads.ahead("read", storage.REMOTE_READS, read, calls, layout.ahead_for(largest))
+
+
 def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], sharded: dict[str, _Sharded],
-                 z: zipfile.ZipFile) -> int:
+                 z: zipfile.ZipFile, fetched: Future[bytes | None] | None = None) -> int:
     """Copy the object ``key`` into the zip ``z`` as a stored member; returns its bytes (0: absent, not copied).
-    From a local folder it is streamed (a MiB at a time), from elsewhere read whole; either way an object larger than
-    it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied, and so is a chunk object of an array in
-    ``sharded`` whose checksums do not match (``_Checksums``), found on the bytes as they are copied."""
+    From a local folder it is streamed (a MiB at a time), from elsewhere read whole (``fetched``: ``_fetched``'s);
+    either way an object larger than it can be (``bounds``, FORMAT.md §13) is refused as damage, not copied, and so is a
+    chunk object of an array in ``sharded`` whose checksums do not match (``_Checksums``), found on the bytes as they
+    are copied."""
     owner, bound = _owner(bounds, key)
     check = sharded.get(owner) if owner is not None and not key.endswith("/zarr.json") else None
     member = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
     member.external_attr = 0o100644 << 16  # a regular file, -rw-r--r-- as unzip extracts it (zipfile wrote -rw-------)
-    if storage.location_kind(store.location) != "local":
+    if fetched is not None:
         with _reading(store, key):
-            data = store.raw_object(key, at_most=bound)
+            data = fetched.result()
         if data is None:
             return 0  # listed but gone: an absent object reads as fill, as in the source
         if bound is not None and len(data) > bound:

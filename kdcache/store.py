@@ -10,7 +10,6 @@ that same row grid, so a shard is written whole, by one writer, and only then ma
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import datetime
@@ -926,23 +925,12 @@ class Store:
         of ``REMOTE_READS``): the network's latency is overlapped, not paid read after read. As many are asked for
         ahead as there are threads in that pool, fewer where that many shards of the largest array wanted, decoded,
         would hold more than ``READ_AHEAD_BYTES``. Elsewhere each read is made when its turn comes."""
+        read = functools.partial(self.read, digests=digests)
+        calls = ((path, *self.shard_rows(shard)) for path, shard in wanted)
         if self._kind not in ("url", "http"):
-            for path, shard in wanted:
-                read: Future[np.ndarray] = Future()
-                try:
-                    read.set_result(self.read(path, *self.shard_rows(shard), digests=digests))
-                except Exception as e:  # noqa: BLE001 - the caller's to handle, as from a remote read
-                    read.set_exception(e)
-                yield read
-            return
+            return (threads.now(read, *call) for call in calls)
         largest = max((math.prod(self.array(p).shape[1:]) * self.array(p).dtype.itemsize for p, _ in wanted), default=1)
-        ahead = max(1, min(REMOTE_READS, READ_AHEAD_BYTES // max(1, largest * self.rows_per_shard)))
-        pool, asked = threads.pool("read", REMOTE_READS), collections.deque()
-        for path, shard in wanted:
-            asked.append(pool.submit(self.read, path, *self.shard_rows(shard), digests=digests))
-            if len(asked) > ahead:
-                yield asked.popleft()
-        yield from asked
+        return threads.ahead("read", REMOTE_READS, read, calls, ahead_for(largest * self.rows_per_shard))
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
@@ -1280,7 +1268,13 @@ _PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the
 _TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
 
 
-READ_AHEAD_BYTES = 256 * 2**20  # the most decoded bytes Store.read_ahead holds ahead of its caller
+READ_AHEAD_BYTES = 256 * 2**20  # the most bytes reads ahead of their caller hold (Store.read_ahead, pack's copies)
+
+
+def ahead_for(nbytes: int) -> int:
+    """How many reads of ``nbytes`` each to ask for ahead of their caller from object storage or http: ``REMOTE_READS``,
+    fewer where they would hold more than ``READ_AHEAD_BYTES``."""
+    return max(1, min(REMOTE_READS, READ_AHEAD_BYTES // max(1, nbytes)))
 
 
 def _transport(e: BaseException) -> bool:

@@ -6,9 +6,11 @@ without its parent's threads, so it makes its own.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAX_PARALLEL = max(64, 4 * CORES)  # threads or worker processes beyond this are a typo, and hang or exhaust the machine
@@ -22,6 +24,28 @@ def pool(name: str, threads: int) -> ThreadPoolExecutor:
         if name not in _POOLS:
             _POOLS[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"kdcache-{name}")
         return _POOLS[name]
+
+
+def ahead(name: str, threads: int, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]], window: int) -> Iterator[Future[Any]]:
+    """``fn(*args)`` of each of ``calls`` in turn, as futures, run by the pool ``name`` (of ``threads``): up to ``window``
+    beyond the one the caller waits on are started ahead, so at most ``window`` + 1 results are held. Calls that wait on
+    the network (an object store's GETs) overlap their latency."""
+    running, asked = pool(name, threads), collections.deque()
+    for args in calls:
+        asked.append(running.submit(fn, *args))
+        if len(asked) > window:
+            yield asked.popleft()
+    yield from asked
+
+
+def now(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``fn(*args)`` made in this thread, as a future holding its result or the error it raised (``ahead``'s, in turn)."""
+    made: Future[Any] = Future()
+    try:
+        made.set_result(fn(*args))
+    except Exception as e:  # noqa: BLE001 - the caller's to handle, as from ``ahead``
+        made.set_exception(e)
+    return made
 
 
 def _forget() -> None:

@@ -526,3 +526,29 @@ def test_export_over_s3_asks_for_the_next_shards_while_it_writes_one(s3, tmp_pat
         paths = []
         local.visititems(lambda name, item: paths.append(name) if isinstance(item, h5py.Dataset) else None)
         assert len(paths) >= 6 and all(np.array_equal(remote[p][:], local[p][:]) for p in paths), paths
+
+
+def test_pack_of_an_s3_store_asks_for_the_next_objects_while_it_copies_one(s3, tmp_path: Path, zoo_env):
+    """``kdcache pack`` of an S3 store read its objects one after another, a bucket's latency each; now the next are asked
+    for while one is copied into the zip, whose members are those of the same store in a folder packed."""
+    import zipfile
+    from urllib.parse import urlparse
+
+    from conftest import S3_BUCKET
+
+    zoo_env(N=16, DEPTH=2)
+    url, here = f"s3://{S3_BUCKET}/pack-ahead.zarr", tmp_path / "here.zarr"
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), url, storage_options=s3)
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(here))
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"/(targets|samples)/.*/c/")
+    try:
+        interop.pack(url, tmp_path / "remote.zip", storage_options={**s3, "endpoint_url": proxy.url})
+    finally:
+        proxy.close()
+    interop.pack(str(here), tmp_path / "here.zip")
+    assert proxy.peak > 1, proxy.peak  # old: 1
+    with zipfile.ZipFile(tmp_path / "remote.zip") as remote, zipfile.ZipFile(tmp_path / "here.zip") as local:
+        names = [n for n in local.namelist() if n != "zarr.json"]  # the manifest names its location: not compared
+        assert len(names) > 6 * 8 and remote.namelist() == local.namelist()
+        assert all(remote.read(n) == local.read(n) for n in names)
