@@ -1014,32 +1014,42 @@ class Store:
         spans = [self.shard_rows(s) for s in shards]
         if not spans or not all(self._done[s] and start <= lo and hi <= stop for s, (lo, hi) in zip(shards, spans)):
             return None
-        parts: list[np.ndarray] = []
         found: dict[int, list[tuple[int, int]]] = {}
         array = self.array(path)
         if array.shards is None or array.shards[0] != self.rows_per_shard:
             return None
         fetch = self._kind in ("url", "http") and "::" not in self.location
-        for s in shards:
+        layout = _direct_layout(array, any_store=fetch)
+        if layout is None:
+            return None
+        # several shards are decoded into one array, not each into its own and then joined: held once, not twice
+        out = np.empty((stop - start, *layout.shape[1:]), dtype=layout.dtype) if len(shards) > 1 else None
+        if fetch:  # the next shards' objects asked for while one is decoded (a bucket's latency overlapped); a pool of
+            # its own: this read may run in the "read" pool (read_ahead, streaming), whose threads would wait on each other
+            bound = _object_bound(array)
+            get = functools.partial(self._get, at_most=bound)
+            keys = [(self.shard_key(path, s),) for s in shards]
+            raws = threads.ahead("fetch", REMOTE_READS, get, keys, ahead_for(bound)) if len(shards) > 1 else (threads.now(get, *k) for k in keys)
+        for s, (lo, hi) in zip(shards, spans):
             sums = found.setdefault(s, []) if crcs is not None else None
+            into = out[lo - start : hi - start] if out is not None else None
             if fetch:
                 try:
-                    raw = self._get(self.shard_key(path, s), at_most=_object_bound(array))
+                    raw = next(raws).result()
                 except StoreError:  # an object larger than it can be, named
                     raise
                 except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
                     if _on_the_way(e):
                         raise self._unreadable(path, start, stop, e) from None
                     return None
-                rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), sums) if raw else None
+                rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), sums, into=into) if raw else None
             else:
-                rows = _read_whole_shard(array, s, None, sums, objects)
+                rows = _read_whole_shard(array, s, None, sums, objects, into=into)
             if rows is None:
                 return None
-            parts.append(rows)
         if crcs is not None:
             crcs.update(found)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out if out is not None else rows
 
     def _object_problems(self, keys: list[str]) -> list[str | None]:
         """``"missing"`` or ``"empty"`` for each storage object that should hold data, else None; the objects
@@ -1500,8 +1510,8 @@ def _chunk_bytes(pieces: list[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
     assert not pending, "the pieces end inside an inner chunk"
 
 
-def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = None,
-                      crcs: list[tuple[int, int]] | None = None, objects: LocalObjects | None = None) -> np.ndarray | None:
+def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = None, crcs: list[tuple[int, int]] | None = None,
+                      objects: LocalObjects | None = None, into: np.ndarray | None = None) -> np.ndarray | None:
     """The rows of shard ``shard`` of a local array, read straight from its file (or decoded from ``raw``, the
     object's bytes fetched whole from any store): one read, each inner chunk's crc32c checked and decoded into
     one buffer. None (nothing decided) where this does not apply or anything is off (no file, an empty inner
@@ -1511,7 +1521,9 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     assembles inner chunks one by one (~2.3 ms per column of a small shard, a tenth of that here).
     ``crcs``: given each inner chunk's ``(crc32c, length)`` of its rows' bytes (codec none: the stored checksum;
     zstd: computed right after decoding, while the chunk is in the CPU's cache), for ``shard_digest``. ``objects``: the
-    local store's folders, kept open across the reads of several shards (``Store.read_shards``).
+    local store's folders, kept open across the reads of several shards (``Store.read_shards``). ``into``: the rows'
+    place in an array the caller holds, decoded there and returned (a shard's rows that end inside an inner chunk, the
+    last shard's, are copied there).
     """
     layout = _direct_layout(array, any_store=raw is not None)
     if not layout or not (np.little_endian and layout.dtype.byteorder in "<=|"):
@@ -1528,7 +1540,7 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
     if extents is None:
         return None
     try:
-        out = np.empty((count * chunk, *shape[1:]), dtype=layout.dtype)
+        out = into if into is not None and len(into) == count * chunk else np.empty((count * chunk, *shape[1:]), dtype=layout.dtype)
     except MemoryError:  # a chunk grid larger than memory (a received zarr.json): zarr reads it and names the shard
         return None
 
@@ -1542,7 +1554,9 @@ def _read_whole_shard(array: zarr.Array, shard: int, raw: np.ndarray | None = No
         return None
     if crcs is not None:
         crcs.extend((crc, out[:chunk].nbytes) for crc in found)
-    return out[:rows]
+    if into is not None and out is not into:
+        into[:] = out[:rows]
+    return out[:rows] if into is None else into
 
 
 def _local_shard_object(array: zarr.Array, key: str, objects: LocalObjects | None) -> np.ndarray | None:

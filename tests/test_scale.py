@@ -552,3 +552,46 @@ def test_pack_of_an_s3_store_asks_for_the_next_objects_while_it_copies_one(s3, t
         names = [n for n in local.namelist() if n != "zarr.json"]  # the manifest names its location: not compared
         assert len(names) > 6 * 8 and remote.namelist() == local.namelist()
         assert all(remote.read(n) == local.read(n) for n in names)
+
+
+def test_a_read_of_many_shards_holds_their_rows_once(tmp_path: Path, zoo_env):
+    """``Store.read`` of whole shards (training's in-memory load reads a complete store in one call per column) decoded
+    each shard into an array of its own and joined them: twice the rows held at the end of the read. Now they are
+    decoded into the one array returned (numpy's allocations, counted by tracemalloc)."""
+    import tracemalloc
+
+    zoo_env(N=4096, DEPTH=1)
+    kdcache.extract(deep_pipeline(1, rows_per_shard=256), str(tmp_path / "s.zarr"))  # 16 shards
+    store = kdcache.open_store(str(tmp_path / "s.zarr"))
+    expected = np.concatenate([store.read(layout.LOGITS, *store.shard_rows(s)) for s in range(store.num_shards)])
+    store.read(layout.LOGITS, 0, 256)  # the first read's snapshot and metadata, not counted
+    tracemalloc.start()
+    try:
+        rows = store.read(layout.LOGITS, 0, store.num_samples)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(rows, expected)
+    assert peak < 1.5 * rows.nbytes, peak / rows.nbytes  # old: 2.3
+
+
+def test_a_read_of_many_shards_of_an_s3_store_asks_for_the_next_while_it_decodes_one(s3, tmp_path: Path, zoo_env):
+    """``Store.read`` of whole shards of an S3 store (training's in-memory load of a store in a bucket) fetched each
+    shard's object in turn; now the next are asked for while one is decoded, the rows those of the folder copy."""
+    from urllib.parse import urlparse
+
+    from conftest import S3_BUCKET
+
+    zoo_env(N=16, DEPTH=1)
+    url = f"s3://{S3_BUCKET}/many-ahead.zarr"
+    kdcache.extract(deep_pipeline(1, rows_per_shard=2), url, storage_options=s3)
+    kdcache.extract(deep_pipeline(1, rows_per_shard=2), str(tmp_path / "here.zarr"))
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"/targets/.*/c/")
+    try:
+        store = kdcache.open_store(url, storage_options={**s3, "endpoint_url": proxy.url})
+        rows = store.read(layout.LOGITS, 0, store.num_samples)
+    finally:
+        proxy.close()
+    assert proxy.peak > 1, proxy.peak  # old: 1
+    assert np.array_equal(rows, kdcache.open_store(str(tmp_path / "here.zarr")).read(layout.LOGITS, 0, 16))
