@@ -102,6 +102,11 @@ class _LocalStore(zarr.storage.LocalStore):
             local_object(self.root, key, self.at_most(key))
         return await super().get_partial_values(prototype, key_ranges)
 
+    async def getsize(self, key: str) -> int:
+        if Path(self.root, *key.split("/")).is_dir():  # a folder is no object: read as absent (get), so missing, not 4,096 bytes
+            raise FileNotFoundError(key)
+        return await super().getsize(key)
+
 
 class _ZipStore(zarr.storage.ZipStore):
     """zarr's zip store, whose read of a member that ends before the size the zip's central directory gives it (a

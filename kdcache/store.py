@@ -684,7 +684,9 @@ class Store:
             root, found = local_path(self.location), {}
             for key in keys:
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                    found[key] = os.stat(os.path.join(root, *key.split("/"))).st_size
+                    info = os.stat(os.path.join(root, *key.split("/")))
+                    if not stat.S_ISDIR(info.st_mode):  # a folder is no object: zarr reads it as absent (missing)
+                        found[key] = info.st_size
             return found
         try:
             if kind == "url" and "::" not in self.location:

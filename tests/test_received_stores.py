@@ -801,3 +801,27 @@ def test_a_manifest_declaring_more_targets_than_a_reader_takes_is_refused_at_onc
     with pytest.raises(StoreError, match=rf"{MAX_TARGETS + 1:,} targets to write to .*, more than a store may hold .*nothing was written"):
         create_or_resume(tmp_path / "new.zarr", lambda existing: fresh)
     assert not (tmp_path / "new.zarr").exists()
+
+
+@pytest.mark.parametrize("digests", [True, False], ids=["with-digests", "before-digests"])
+def test_a_folder_where_a_shard_object_should_be_is_a_missing_object_not_zeros(tiny_store, tmp_path, digests):
+    """A folder where a done shard's object should be passed the check that every done shard's object is there and
+    non-empty (a folder's size is 4,096 bytes) and zarr read it as absent: the shard's fill value, zeros. In a store
+    written before shard digests (readable as is), verify said "every check holds" and train trained on zero targets;
+    with digests, it was "a shard object swapped with another, or copied from another store"."""
+    from reference import without_the_digest_key
+
+    store = copy(tiny_store, tmp_path)
+    if not digests:
+        shutil.rmtree(store / "progress" / "digest")
+        without_the_digest_key(store)
+    (store / SHARD).unlink()
+    (store / SHARD).mkdir()
+    r = CliRunner().invoke(main, ["verify", str(store)])
+    assert r.exit_code == 1 and f"targets/logits: shard 1 object '{SHARD}' is missing" in r.output, r.output
+    for args in (["train", str(ROOT / "tests" / "fixtures" / "tiny.toml"), "--cache", str(store), "--out", str(tmp_path / "run")],
+                 ["stats", str(store)]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert "shard 1 of targets/logits (rows 16-31) is missing although the shard is marked done" in r.output, r.output
+    assert not (tmp_path / "run" / "student.pt").exists()
