@@ -14,7 +14,8 @@ Checks, each reported with every problem it found (named: array, shard, inner ch
 - ``checksums``: every done shard's object exists, its shard index and each inner chunk's crc32c
   match (the raw bytes are checked, so a truncated or emptied shard is caught, not read as zeros); an added array's
   chunk objects are checked as ``kdcache pack`` checks them (``interop.check_added_arrays``);
-- ``values``: every done shard decodes; targets are finite; ``index[r] == r``; fingerprints non-zero;
+- ``values``: every done shard decodes; targets are finite; ``index[r] == r``; fingerprints non-zero, and those of the
+  manifest's ``dataset.probe_fingerprints`` (rows 0 and N-1) the stored ones;
 - ``teacher`` (``teacher_check=N``): the pipeline's teacher recomputes N random stored rows; max
   abs/rel error and KL per target must stay within a float16-appropriate tolerance; each row's input
   fingerprint, and its label where the store and the dataset have labels, must be the stored one.
@@ -227,6 +228,9 @@ def _contents(store: layout.Store) -> list[Check]:
         problem = value_problem(path, start, block, classes)
         if problem:
             values.fail(f"{path}: shard {shard}: {problem}")
+        if path == layout.FINGERPRINT:
+            for problem in _probe_problems(store.manifest, start, block):
+                values.fail(f"{path}: {problem}")
     _added_arrays(store, sums)
     return [sums, values]
 
@@ -270,6 +274,20 @@ def value_problem(path: str, start: int, rows: np.ndarray, classes: int = 0) -> 
         bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
         return f"NaN or inf in {count(len(bad), 'row')} (first row {start + int(bad[0])})"
     return None
+
+
+def _probe_problems(manifest: dict[str, Any], start: int, fingerprints: np.ndarray) -> list[str]:
+    """The manifest's ``dataset.probe_fingerprints`` (its first and last items') that rows ``start..`` of
+    ``samples/fingerprint`` do not hold: a manifest that is not these rows' (another store's ``zarr.json`` copied over
+    this one's), which no checksum or digest covers and which training takes for a dataset that changed."""
+    found = []
+    for i, recorded in manifest["dataset"]["probe_fingerprints"].items():
+        r = int(i) - start
+        if 0 <= r < len(fingerprints) and int(fingerprints[r]) != int(recorded, 16):
+            found.append(f"row {i} holds fingerprint {int(fingerprints[r]):016x}, the manifest's dataset.probe_fingerprints "
+                         f"says {recorded}: the manifest (zarr.json) is not these rows' (another store's copied over it?); "
+                         "copy the store again from its source")
+    return found
 
 
 def topk_classes(targets: Iterable[layout.Target]) -> int:

@@ -736,3 +736,19 @@ def test_verify_checks_an_added_arrays_checksums_as_pack_does_and_names_the_othe
         "array 'extra/checked' shard 1 (object 'extra/checked/c/1/0') inner chunk 0 fails its crc32c checksum"], report
     with pytest.raises(StoreError, match=r"inner chunk 0 fails its crc32c checksum, damaged on disk or on the way"):
         pack(str(copy), tmp_path / "again.zarr.zip")  # pack and verify agree
+
+
+def test_a_manifest_copied_from_another_store_is_named_by_its_probe_fingerprints(copy, tmp_path):
+    """Another store's zarr.json (same layout, other samples) over this one's: no checksum or digest covers the manifest,
+    and verify said "every check holds", while training refused the store as "the dataset changed since extraction".
+    The manifest's probe fingerprints (rows 0 and N-1) are now checked against the stored ones."""
+    other = Path(extract_tiny(tmp_path / "other.zarr", "data.split=test"))
+    shutil.copyfile(other / "zarr.json", copy / "zarr.json")
+    report = verify(str(copy))
+    assert not report["ok"] and problems(report, "checksums") == []
+    found = problems(report, "values")
+    assert len(found) == 2 and all(p.startswith("samples/fingerprint: row ") for p in found), found
+    assert re.search(r"row 0 holds fingerprint [0-9a-f]{16}, the manifest's dataset.probe_fingerprints says [0-9a-f]{16}: the "
+                     r"manifest \(zarr.json\) is not these rows'", found[0]), found
+    assert "row 49 holds" in found[1]
+    assert verify(str(other))["ok"]
