@@ -1786,6 +1786,10 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except zarr.errors.ContainsArrayError:  # someone's zarr array, not a store's root damaged (verify's open check)
         raise _inside_a_store(location) or StoreError(f"{location!r} is a zarr array, not a store (a zarr group); pass a store "
                                                       "written by kdcache extract") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # bytes no writer makes: a copy cut short, a byte flipped
+        raise _inside_a_store(location) or DamagedStoreError(f"{location!r} is not a zarr v3 group: its 'zarr.json' is not valid "
+                                                             f"JSON ({str(e)[:200]}), a damaged copy; copy the store again from its "
+                                                             "source, or re-extract it") from None
     except (FileNotFoundError, *BAD_METADATA) as e:
         raise _inside_a_store(location) or DamagedStoreError(f"{location!r} is not a zarr v3 group ({_metadata_problem(target, 'zarr.json', e)}); "
                          "pass a store written by kdcache extract") from None

@@ -825,3 +825,18 @@ def test_a_folder_where_a_shard_object_should_be_is_a_missing_object_not_zeros(t
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert "shard 1 of targets/logits (rows 16-31) is missing although the shard is marked done" in r.output, r.output
     assert not (tmp_path / "run" / "student.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "flipped-byte"])
+def test_a_root_zarr_json_that_is_not_json_is_named_as_a_damaged_copy(tiny_store, tmp_path, damage):
+    """The root zarr.json (the manifest) cut short or with a byte flipped was "is not a zarr v3 group (Expecting ',' delimiter:
+    line 157 column 1 (char 4077)); pass a store written by kdcache extract": the user had passed one, and the line named
+    neither the object nor the damage."""
+    store = copy(tiny_store, tmp_path)
+    text = (store / "zarr.json").read_bytes()
+    (store / "zarr.json").write_bytes(text[: len(text) // 2] if damage == "cut-short" else text[:5] + b"\xff" + text[6:])
+    for verb in ("info", "verify", "stats"):
+        r = CliRunner().invoke(main, [verb, str(store)])
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert "is not a zarr v3 group: its 'zarr.json' is not valid JSON (" in r.output, r.output
+        assert "a damaged copy; copy the store again from its source, or re-extract it" in r.output, r.output
