@@ -337,6 +337,9 @@ class Store:
             except StoreError:
                 raise
             except (KeyError, FileNotFoundError):
+                not_v3 = self._not_v3(path)
+                if not_v3:
+                    raise self._bad_metadata(path, not_v3) from None
                 raise DamagedStoreError(f"{self.location!r} is missing the array {path!r} its manifest lists (deleted, or an incomplete copy); "
                                  f"kdcache verify {self.location} lists what is damaged; re-extract or copy the store again") from None
             except BAD_METADATA as e:
@@ -358,6 +361,18 @@ class Store:
                 bounds[path] = _object_bound(node)
             self._arrays[path] = node
         return self._arrays[path]
+
+    def _not_v3(self, path: str) -> str | None:
+        """Why zarr found no array at ``path`` although its ``zarr.json`` is there (its ``zarr_format`` is not 3: zarr then
+        looks for another format's metadata, and finds none); None where it is not there."""
+        raw = self.raw_object(f"{path}/zarr.json", at_most=MAX_METADATA_BYTES)
+        if raw is None:
+            return None
+        with contextlib.suppress(ValueError, AttributeError):
+            found = json.loads(raw).get("zarr_format")
+            if found != 3:
+                return f"its zarr_format is {short(found)}, not 3"
+        return "zarr reads no array from it"
 
     def _bad_metadata(self, path: str, why: str) -> StoreError:
         error = DamagedStoreError(f"{self.location!r} is damaged: {path + '/zarr.json'!r} is not valid zarr metadata ({why}); "

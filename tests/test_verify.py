@@ -752,3 +752,16 @@ def test_a_manifest_copied_from_another_store_is_named_by_its_probe_fingerprints
                      r"manifest \(zarr.json\) is not these rows'", found[0]), found
     assert "row 49 holds" in found[1]
     assert verify(str(other))["ok"]
+
+
+def test_an_array_zarr_json_whose_zarr_format_is_damaged_is_named_as_such_not_missing(copy):
+    """An array's zarr.json whose "zarr_format" key had a flipped byte ("{arr_format"): zarr looks for another format's
+    metadata and finds none, and the array was "missing (deleted, or an incomplete copy)", which verify nested in its
+    line as "'targets/logits/zarr.json' is not valid zarr metadata ('...' is missing the array 'targets/logits' ...)"."""
+    meta = copy / "targets" / "logits" / "zarr.json"
+    meta.write_bytes(meta.read_bytes().replace(b'"zarr_format"', b'"{arr_format"'))
+    found = problems(verify(str(copy)), "layout")
+    assert found == ["targets/logits: 'targets/logits/zarr.json' is not valid zarr metadata (its zarr_format is None, not 3); "
+                     "re-extract the store"], found
+    r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(copy.parent / "run")])
+    assert r.exit_code == 1 and "'targets/logits/zarr.json' is not valid zarr metadata (its zarr_format is None, not 3)" in r.output, r.output
