@@ -611,8 +611,8 @@ class KeepAliveS3:
     and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, else InternalError) and
     ``unanswered`` PUTs it never answers; ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
     closed: a connection dropped mid-read); ``endless`` GETs it answers with zeros and no ``Content-Length`` until the
-    client hangs up (a broken or hostile server's endless body). For reads: a request body sent chunked (botocore's PUTs)
-    is not forwarded."""
+    client hangs up (a broken or hostile server's endless body). A request body sent chunked is not forwarded (botocore's
+    PUTs give their length)."""
 
     def __init__(self, upstream: str):
         import http.server
@@ -649,8 +649,10 @@ class KeepAliveS3:
                     code = b"AccessDenied" if put_fault == 403 else b"InternalError"
                     status, headers, data = put_fault, {"Content-Type": "application/xml"}, b"<Error><Code>" + code + b"</Code></Error>"
                 else:
+                    # a body's Content-Type as sent: urllib's default (a form) has moto's server read it as one, storing nothing
                     request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
-                                                     headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                                                     headers={"Content-Type": "application/octet-stream",
+                                                              **{k: v for k, v in self.headers.items() if k.lower() != "host"}})
                     try:
                         response = urllib.request.urlopen(request, timeout=30)
                     except urllib.error.HTTPError as e:
@@ -713,6 +715,27 @@ def test_a_command_on_an_s3_endpoint_that_keeps_connections_alive_ends_without_a
         proc = subprocess.run([sys.executable, "-m", "kdcache.cli", command, f"s3://{BUCKET}/alive.zarr", *options],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("status, said", [(403, "AccessDenied"), (500, "InternalError")])
+def test_an_extract_whose_shard_put_an_s3_endpoint_refuses_fails_in_one_line_and_resumes(status, said, s3, keep_alive_s3, tmp_path):
+    """A whole shard's columns are PUT at once (``Store._put_at_once``): one column's PUT refused (403) or failed (5xx)
+    ends the extract in the one line zarr's column-by-column writes gave, that shard not marked done; rerun, it resumes."""
+    from reference import _dotted
+
+    url = f"s3://{BUCKET}/refused{status}.zarr"
+    options = {**s3, "endpoint_url": keep_alive_s3.url, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    keep_alive_s3.put_faults[f"refused{status}.zarr/targets/logits/c/1/"] = status
+    command = ["extract", str(TINY_TOML), "--out", url, *(f"--storage-option={k}={v}" for k, v in _dotted(options))]
+    r = CliRunner().invoke(main, command)
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"Error: cannot write shard 1 of {url!r}: ") and said in r.stderr, r.stderr
+    assert "rerun the same command to resume" in r.stderr, r.stderr
+    assert not open_store(url, storage_options=s3).done()[1]
+    keep_alive_s3.put_faults.clear()
+    r = CliRunner().invoke(main, command)
+    assert r.exit_code == 0, r.stderr
+    assert open_store(url, storage_options=s3).done().all() and verify(url, storage_options=s3)["ok"]
 
 
 def test_pack_names_an_object_an_s3_endpoint_refuses(s3, keep_alive_s3, tiny_store, tmp_path):
