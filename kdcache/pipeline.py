@@ -201,8 +201,6 @@ LIMITS = {  # upper bounds (inclusive), with what to use instead
     ("extract", "threads"): _THREADS, ("train", "threads"): _THREADS,
     ("extract", "num_workers"): _WORKERS, ("train", "num_workers"): _WORKERS,
     ("train", "loss", "temperature"): (1000.0, "use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)"),
-    # train counts every epoch's batches before its first step (10**12 epochs: a run that never began)
-    ("train", "epochs"): (1_000_000, "train.steps counts a longer run in optimizer steps, without that limit"),
 }
 FLOAT32_MAX = 3.4028234663852886e38  # torch computes in float32: a larger value overflows
 

@@ -1630,6 +1630,9 @@ def check_values(pipeline: Pipeline) -> None:
     if t.epochs < 1 and t.steps < 1:
         where = pipeline.where("train.epochs")  # --epochs sets train.steps = 0 too: steps are no way out of it
         raise PipelineError(f"{where}: train.epochs must be >= 1{'' if where.startswith('--epochs') else ' (or train.steps > 0)'}, got {t.epochs}")
+    if t.epochs > MAX_EPOCHS and t.steps < 1:  # train.steps > 0 overrides the epochs: then they are not counted
+        raise PipelineError(f"{pipeline.where('train.epochs')}: train.epochs = {t.epochs} is above its limit of {MAX_EPOCHS:,}; "
+                            "train.steps counts a longer run in optimizer steps, without that limit")
     if (t.loss.kl or t.loss.mse and t.loss.mse_on == "probabilities") and not t.loss.temperature >= MIN_TEMPERATURE:
         raise PipelineError(f"{pipeline.where('train.loss.temperature')}: train.loss.temperature must be at least {MIN_TEMPERATURE:g} (logits / T overflows below), "
                             f"got {t.loss.temperature:g}; use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)")
@@ -1642,6 +1645,7 @@ def check_values(pipeline: Pipeline) -> None:
                             "for a hung or lost one in a training step)")
 
 
+MAX_EPOCHS = 1_000_000  # train counts every epoch's batches before its first step (10**12 epochs: a run that never began)
 MAX_RANK_TIMEOUT_S = 1e9  # about 31 years: the longest train.rank_timeout_s (check_values)
 
 

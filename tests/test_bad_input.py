@@ -615,7 +615,7 @@ CASES = [
          ("--set train.streams=0: train.streams must be >= 1, got 0", "use 1 (the default)"), store=True),
     # train counted the batches of every epoch before its first step: 10**12 epochs never began
     Case("epochs-beyond-the-limit", lambda c: train(c, "--epochs", "1000000000000"),
-         ("--epochs 1000000000000: train.epochs = 1000000000000 is above its limit of 1e+06; train.steps counts a longer run",),
+         ("--epochs 1000000000000: train.epochs = 1000000000000 is above its limit of 1,000,000; train.steps counts a longer run",),
          store=True),
     # more streams than rows: each epoch listed every stream's batches (10**12 of them: a run that never began)
     Case("streams-beyond-the-rows", lambda c: train(c, "--set", "train.streams=1000000000000"),

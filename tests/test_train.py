@@ -1232,6 +1232,13 @@ def test_steps_overrides_epochs(tiny_store, tmp_path, steps, n, epochs):
     assert lines[-1]["lr"] == pytest.approx(0.01 * 0.5 * (1 + np.cos(np.pi * (n - 1) / n)), rel=1e-12)
 
 
+def test_epochs_beyond_their_limit_are_taken_where_steps_override_them(tiny_store, tmp_path, steps):
+    """train.epochs' limit (1,000,000: each epoch's batches are counted before the first step) refused a pipeline whose
+    train.steps > 0 overrides its epochs, which are then not counted, pointing to train.steps, which it gave."""
+    train(pipeline(*PLAIN, "train.steps=3", "train.epochs=1000000000000"), tiny_store, tmp_path / "run")
+    assert len(steps) == 3 and metrics(tmp_path / "run")[-1]["step"] == 3
+
+
 def test_an_epoch_s_logged_lr_is_the_rate_its_last_step_took(tiny_store, tmp_path, monkeypatch):
     """metrics.jsonl's lr is the learning rate the epoch's last step was taken with (it was the next step's: the rate of
     a step the line does not count, 0 at the end of a cosine schedule), a resumed epoch's too."""
