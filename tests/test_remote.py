@@ -55,24 +55,22 @@ def faulty_http_root(tmp_path_factory):
 
 
 def _served(root, module: str):
-    """``python -m MODULE PORT`` (or ``python SCRIPT.py PORT``) serving ``root`` on 127.0.0.1 while the caller's fixture
-    lasts: yields ``(root, base_url)``."""
-    port = free_port()
-    command = [module, str(port)] if module.endswith(".py") else ["-m", module, str(port), "--bind", "127.0.0.1"]
-    proc = subprocess.Popen([sys.executable, *command], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base + "/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
+    """``python -m MODULE 0`` (or ``python SCRIPT.py 0``) serving ``root`` on 127.0.0.1 while the caller's fixture
+    lasts, on the port it bound and printed: yields ``(root, base_url)``. Not a port found free here and bound later by
+    the server: under pytest-xdist another worker's connection or server may take it meanwhile (this server then fails
+    to start, or the fixture yields the other worker's)."""
+    command = [module, "0"] if module.endswith(".py") else ["-m", module, "0", "--bind", "127.0.0.1"]
+    proc = subprocess.Popen([sys.executable, "-u", *command], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    said = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port PORT (http://127.0.0.1:PORT/) ..."; "" if it ended
+    port = re.search(r" port (\d+) ", said)
+    if port is None:
         proc.kill()
-        pytest.fail(f"{module} did not start")
+        pytest.fail(f"{module} did not start: {said!r}")
+    base = f"http://127.0.0.1:{port.group(1)}"
     yield root, base
     proc.terminate()
     proc.wait(timeout=10)
+    proc.stdout.close()
 
 
 def free_port() -> int:
@@ -413,6 +411,26 @@ def check_topk_aligned(batch: dict) -> None:
     values, classes = batch["targets"]["targets/logits"], batch["targets"]["targets/logits_indices"]
     assert values.tolist() == [[i, i - 1, i - 1 - (i == 0)] for i in index.tolist()]
     assert classes.tolist() == [[i, *([1, 2] if i == 0 else [i - 1, i + 1])] for i in index.tolist()]
+
+
+def test_a_served_folder_is_the_one_its_server_was_started_over(tmp_path, monkeypatch):
+    """``_served`` took a port found free, which the server bound later: under pytest-xdist another worker's server or
+    connection could take it meanwhile, and the fixture yielded that worker's server. Here such a port is held."""
+    import http.server
+    import threading
+
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)  # serves the cwd
+    threading.Thread(target=impostor.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: impostor.server_address[1])
+    (tmp_path / "mine").write_text("mine")
+    served = _served(tmp_path, "http.server")
+    _, base = next(served)
+    try:
+        assert urllib.request.urlopen(f"{base}/mine", timeout=10).read() == b"mine"
+    finally:
+        next(served, None)
+        impostor.shutdown()
+        impostor.server_close()
 
 
 def test_http_server_honours_byte_ranges(http_root):
