@@ -377,7 +377,7 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
             _unknown(spec, ["student", "weight", "select"], f"train.features.{layer!r}.", source)
             if not isinstance(spec.get("student"), str):
                 raise PipelineError(
-                    f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {spec!r}"
+                    f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {_seen(spec)}"
                 )
             _check(spec.get("weight", FEATURE_DEFAULTS["weight"]), "float", f"train.features.{layer!r}.weight", source)
             if "select" in spec:
@@ -444,9 +444,13 @@ def _check(value: Any, annotation: str, key: str, source: str, use: str | None =
 
 def _seen(value: Any) -> str:
     """A value a message quotes, as the pipeline file spells it where Python's repr would not: a TOML date or time
-    (``1979-05-27``, which Python shows as ``datetime.date(1979, 5, 27)``)."""
+    (``1979-05-27``, which Python shows as ``datetime.date(1979, 5, 27)``), in a list or table too."""
     if isinstance(value, datetime.date | datetime.time):  # a datetime is a date
         return value.isoformat()
+    if isinstance(value, list):
+        return f"[{', '.join(map(_seen, value))}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{k!r}: {_seen(v)}' for k, v in value.items())}}}"
     return repr(value)
 
 
