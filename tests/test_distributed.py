@@ -118,14 +118,12 @@ def _dask_cluster(folder: Path, workers: int, **zoo: str) -> Iterator[str]:
     with the ``ZOO_*`` knobs ``zoo`` and no other) started as subprocesses on 127.0.0.1; killed at the block's end."""
     from distributed import Client
 
-    address = f"tcp://127.0.0.1:{_free_port()}"
     log = open(folder.parent / f"{folder.name}-dask-{workers}.log", "w")
     # started before any test's zoo_env: no knob leaks in but those given
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {f"ZOO_{k}": v for k, v in zoo.items()}
-    # its HTTP server, on even without the dashboard, on a free port: 8787 is left to the module's LocalClusters
-    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                               "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True, env=env)]
+    scheduler, address = _scheduler(folder.parent / f"{folder.name}-dask-{workers}.json", stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env)
+    procs = [scheduler]
     try:
         procs.append(subprocess.Popen([BIN / "dask", "worker", address, "--nworkers", str(workers), "--nthreads", "1",
                                        "--no-dashboard", "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT,
@@ -136,6 +134,38 @@ def _dask_cluster(folder: Path, workers: int, **zoo: str) -> Iterator[str]:
     finally:
         _stop(procs[::-1])
         log.close()
+
+
+def _scheduler(file: Path, **popen: Any) -> tuple[subprocess.Popen, str]:
+    """``dask scheduler`` on 127.0.0.1, on the port it binds (0: any free one), and its address, read from the scheduler
+    file it writes: not a port found free here and bound later, which under pytest-xdist another worker may take meanwhile
+    (this scheduler then fails to start, and the test runs on the other worker's). Its HTTP server, on even without the
+    dashboard, on a free port too: 8787 is left to the module's LocalClusters."""
+    file.unlink(missing_ok=True)  # a file of an earlier scheduler's would give its address
+    proc = subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", str(file),
+                             "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], **popen)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or half
+            return proc, json.loads(file.read_text())["address"]
+        time.sleep(0.05)
+    _stop([proc])
+    pytest.fail(f"dask scheduler did not write its address to {file} (exit status {proc.poll()})")
+
+
+def test_a_tests_dask_cluster_is_the_one_it_started(tmp_path, monkeypatch):
+    """``_dask_cluster`` took a port found free for its scheduler to bind later: under pytest-xdist another worker may
+    take it meanwhile, and the scheduler did not start (the test then waited on the other's port). Here such a port is held."""
+    from distributed import Client
+
+    held = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: held.getsockname()[1])
+    (tmp_path / "w").mkdir()
+    try:
+        with _dask_cluster(tmp_path / "w", 1) as address, Client(address, timeout=30) as client:
+            assert client.submit(sum, [1, 2]).result() == 3
+    finally:
+        held.close()
 
 
 def test_cli_on_an_existing_scheduler_resumes_a_partial_store(toml, single, scheduler, tmp_path, zoo_env):
@@ -154,10 +184,9 @@ def test_cli_on_an_existing_scheduler_resumes_a_partial_store(toml, single, sche
 def test_a_scheduler_without_workers_is_said_and_the_job_waits_for_one(toml, single, tmp_path):
     """A scheduler no worker has joined (yet: a batch queue's, or a worker started with a wrong address): the job waited
     for one with no word (exit 124 under timeout, nothing printed); it now says so on stderr, then runs once one joins."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                               "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], **quiet)]
+    scheduler, address = _scheduler(tmp_path / "scheduler.json", **quiet)
+    procs = [scheduler]
     try:
         out = str(tmp_path / "late.zarr")
         job = subprocess.Popen([sys.executable, "-m", "kdcache", "extract", toml, "--out", out, "--scheduler", address],
