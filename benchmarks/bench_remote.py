@@ -1,17 +1,28 @@
-"""7. Training input from object storage: a streaming epoch read from an S3-API server ÷ the same epoch read locally.
+"""7. Object storage: a streaming epoch, extract's writes and stats, each from an S3-API server with latency ÷ without.
 
 The store (real MNIST ``val``, 10,000 rows: logits and the ReLU map ``features.4``, 25 KB per row, in shards of
 ``--rows-per-shard`` rows) is uploaded to a moto S3 server run in its own process on loopback, reached through a
-TCP proxy that holds each request for ``--latency-ms`` (20 ms: a cloud bucket from a VM in the same region
-answers a GET in ~10-30 ms). Each round reads every target column of every shard once, as a streaming
-``kdcache train`` epoch does (``cache.TransferSet`` with ``memory_budget_mb = 0``, fingerprint checks off: the
-inputs are the same either way), from the local folder, from S3 through the proxy, and from S3 without the added
-latency. Goal: the latency is hidden (whole-shard reads, many in flight: ``storage.REMOTE_READS``): an epoch with it
-takes at most 1.5x one without it; and one request per shard and column read (one GET, streamed and stopped past the
-object's bound: s3fs's own read sent a HEAD first, to learn the size, so two). Reported without a goal: S3 ÷ local (moto is a Python server
-on these cores, much slower than S3).
+TCP proxy that holds each HTTP request for ``--latency-ms`` (20 ms: a cloud bucket from a VM in the same region
+answers a GET in ~10-30 ms), once as it begins (a PUT's body is not held again). Each round reads every target column
+of every shard once, as a streaming ``kdcache train`` epoch does (``cache.TransferSet`` with ``memory_budget_mb = 0``,
+fingerprint checks off: the inputs are the same either way), from the local folder, from S3 through the proxy, and
+from S3 without the added latency. Goal: the latency is hidden (whole-shard reads, many in flight:
+``storage.REMOTE_READS``): an epoch with it takes at most 1.5x one without it; and one request per shard and column
+read (one GET, streamed and stopped past the object's bound: s3fs's own read sent a HEAD first, to learn the size, so
+two). Reported without a goal: S3 ÷ local (moto is a Python server on these cores, much slower than S3).
 
-    python benchmarks/bench_remote.py [--latency-ms 20] [--check] [--out remote.json]
+(a) Extract's writes: the same rows (``--quick``: the first 2,000) in shards of ``--copy-rows-per-shard`` (100: 100
+shards, so that a store's fixed requests are not most of them) written to a new S3 store as ``kdcache extract`` writes
+them once the teacher has run (``write_copy``: writer lock, ``create_or_resume``, ``extract.ShardWriter``, ``finish``;
+the teacher's forward, 9 s on this box's CPU, left out: it would hide the writes), with the latency ÷ without. Goals:
+each shard object PUT once and never asked for (zarr asked for each with a GET first); requests ÷ shard objects at most
+1 + (5 per shard + 120) / objects (``EXTRACT_REQUESTS_PER_SHARD``); and the latency's cost per shard, in round trips a
+write thread waits, (with - without) x ``extract.WRITE_THREADS`` / (latency x shards), at most 9 (new 6 in theory, old
+15: a column's GET then PUT in turn). The plain ratio is reported without a goal: its denominator is moto's CPU, which
+the old code's slower encoding and extra GETs raise too. (b) ``kdcache.stats`` of the store (a) kept, with the latency
+÷ without: at most 1.55 (a shard's columns read at once with the next shard's; old: each column in turn).
+
+    python benchmarks/bench_remote.py [--latency-ms 20] [--copy-rows-per-shard 100] [--quick] [--check] [--out remote.json]
 """
 
 from __future__ import annotations
@@ -42,7 +53,9 @@ BUCKET = "kdcache-bench"
 # (Store._check_still_ours: still the store this job made, before the data and before the marker), the digest row's
 # PUT, and zarr's GET then PUT of the done marker; the store's lock, creation and finish take ~100 more (96 seen).
 EXTRACT_REQUESTS_PER_SHARD, EXTRACT_REQUESTS_PER_STORE = 5, 120
-EXTRACT_LATENCY = 1.8  # seen at 20 ms, 100 shards: old 2.17 (each column GET then PUT, in turn), new 1.53
+# A write thread waits per shard the round trips it sends in turn: new 6 (manifest, the columns' PUTs at once, digest row,
+# manifest, the marker's GET and PUT), old 5 + 2 per column (each column's GET then PUT in turn): 15 here.
+EXTRACT_ROUND_TRIPS = 9.0
 STATS_LATENCY = 1.55  # seen at 20 ms, 100 shards: old 1.76 (each column a GET in turn), new 1.36
 QUICK_COPY_ROWS = 2_000  # --quick: extract's writes and stats take the first rows only (20 shards of 100)
 BATCH = 256  # rows a batch handed to the extract's writer (extract.batch_size of pipelines/mnist.toml)
@@ -250,13 +263,15 @@ def bench_extract(report: harness.Report, proxy: DelayProxy, fs: Any, options: d
                                  args.repeats, warmup=0, cleanup=remove)
     for key in ("extract_s3", "extract_s3_latency"):
         report.figure(f"extract_s.{key.removeprefix('extract_')}", harness.median_of(rounds, lambda r, k=key: r[k]))
-    latency_goal(report, rounds, "extract_s3", "extract_latency_vs_none", f"extract's writes to S3 with {args.latency_ms:g} ms per request / without",
-                 EXTRACT_LATENCY)
+    ratio = harness.median_of(rounds, lambda r: r["extract_s3_latency"] / r["extract_s3"])
+    report.figure("extract_latency_vs_none", ratio, f"{harness.spread(rounds, lambda r: r['extract_s3_latency'] / r['extract_s3'])} (no goal: ÷ moto's CPU)")
     phase = [{"none": none, "latency": lat} for none, lat in zip(shards_s[0.0], shards_s[args.latency_ms])]
 
     def waited(r: dict[str, float]) -> float:  # the latency's cost of the shards' writes, in round trips a write thread waits
         return (r["latency"] - r["none"]) * WRITE_THREADS / (args.latency_ms / 1000 * shards)
-    report.figure("extract_round_trips_per_shard", harness.median_of(phase, waited), f"{harness.spread(phase, waited)} (no goal)")
+    report.figure("extract_round_trips_per_shard", harness.median_of(phase, waited), harness.spread(phase, waited))
+    report.goal(f"extract's round trips waited per shard at {args.latency_ms:g} ms ((with - without) x {WRITE_THREADS} threads / latency x shards)",
+                harness.median_of(phase, waited), "<=", EXTRACT_ROUND_TRIPS)
     return written[0]
 
 
