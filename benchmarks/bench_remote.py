@@ -51,7 +51,8 @@ from kdcache.stats import stats
 BUCKET = "kdcache-bench"
 # (a) A shard's write sends one PUT per column (its object, whole) and, beside them, 5 requests: the manifest read twice
 # (Store._check_still_ours: still the store this job made, before the data and before the marker), the digest row's
-# PUT, and zarr's GET then PUT of the done marker; the store's lock, creation and finish take ~100 more (96 seen).
+# PUT, the done marker's PUT, and a GET of the marker by a done() snapshot (the run reads every marker ~3 times, 64 at once);
+# the store's lock, creation and finish take ~100 more (96 seen).
 EXTRACT_REQUESTS_PER_SHARD, EXTRACT_REQUESTS_PER_STORE = 5, 120
 # A write thread waits per shard the round trips it sends in turn: new 6 (manifest, the columns' PUTs at once, digest row,
 # manifest, the marker's GET and PUT), old 5 + 2 per column (each column's GET then PUT in turn): 15 here.
