@@ -111,19 +111,13 @@ def _shards_read(store: layout.Store, what: _What, shards: list[int]) -> Iterato
     its own, all of a shard's sent at once with the next shard's while this one's sums are added (``storage.REMOTE_READS``
     in flight in the process): the network's latency overlapped, not paid per column and shard (two shards held)."""
     paths = [p for p in (what.logits, what.labels, what.classes, *(path for _, path in what.layers)) if p]
-    if storage.location_kind(store.location) not in ("url", "http"):
-        for shard in shards:
-            yield {p: store.read(p, *store.shard_rows(shard)) for p in paths}
-        return
-    reads = threads.pool("read", storage.REMOTE_READS)
-
-    def ask(shard: int) -> dict[str, Any]:
-        return {p: reads.submit(store.read, p, *store.shard_rows(shard)) for p in paths}
-
-    following = ask(shards[0]) if shards else {}
-    for i in range(len(shards)):
-        reading, following = following, ask(shards[i + 1]) if i + 1 < len(shards) else {}
-        yield {p: read.result() for p, read in reading.items()}
+    calls = ((p, *store.shard_rows(shard)) for shard in shards for p in paths)
+    if storage.location_kind(store.location) in ("url", "http"):  # this shard's other columns and the next shard's ahead
+        reads = threads.ahead("read", storage.REMOTE_READS, store.read, calls, 2 * len(paths) - 1)
+    else:
+        reads = (threads.now(store.read, *call) for call in calls)
+    for _ in shards:
+        yield {p: next(reads).result() for p in paths}
 
 
 def _shard_sums(what: _What, columns: dict[str, np.ndarray]) -> _Sums:

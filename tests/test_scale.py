@@ -3,12 +3,13 @@ of targets. Measured by counting calls or reads, never by time (benchmarks/RESUL
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import importlib
 import os
 import pstats
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -468,32 +469,49 @@ def test_an_extract_to_s3_puts_a_shards_columns_at_once_and_asks_for_none_first(
     assert len(written) == 6 * 8 and all(fs.cat(f"{S3_BUCKET}/put.zarr/{key}") == (here / key).read_bytes() for key in written)
 
 
+def _one_store_in_s3_and_a_folder(s3: dict[str, Any], tmp_path: Path, name: str) -> tuple[str, Path]:
+    """The same store (``deep_pipeline(2)``'s, of the ``zoo_env`` set) extracted to ``s3://BUCKET/name`` and to a folder."""
+    from conftest import S3_BUCKET
+
+    url, here = f"s3://{S3_BUCKET}/{name}", tmp_path / "here.zarr"
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), url, storage_options=s3)
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(here))
+    return url, here
+
+
+@contextlib.contextmanager
+def _far_s3(s3: dict[str, Any], counted: str = r"/(targets|samples)/.*/c/") -> Iterator[tuple[LatencyProxy, dict[str, Any]]]:
+    """Storage options reaching ``s3``'s endpoint through a ``LatencyProxy`` holding each request 50 ms, with the proxy
+    (counting the shard objects' requests held at once)."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=counted)
+    try:
+        yield proxy, {**s3, "endpoint_url": proxy.url}
+    finally:
+        proxy.close()
+
+
 def test_verify_over_s3_asks_for_the_next_shards_while_it_checks_one(s3, tmp_path: Path, zoo_env):
     """``kdcache verify`` read each array's shards one after another: a bucket's latency per array and shard (a store of
     10,000 shards of 6 arrays at 20 ms a GET: 20 minutes of waiting). Now the next reads are asked for while one is
     checked (``storage.REMOTE_READS`` ahead); the report is the one the same store in a folder gets, a damaged shard's too."""
     import re
-    from urllib.parse import urlparse
 
     import s3fs
     from conftest import S3_BUCKET
     from kdcache.verify import verify
 
     zoo_env(N=16, DEPTH=2)
-    url, here = f"s3://{S3_BUCKET}/verify-ahead.zarr", tmp_path / "here.zarr"
-    kdcache.extract(deep_pipeline(2, rows_per_shard=2), url, storage_options=s3)
-    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(here))
+    url, here = _one_store_in_s3_and_a_folder(s3, tmp_path, "verify-ahead.zarr")
     key = "targets/layers/layers.1/c/5/0"
     damaged = bytearray((here / key).read_bytes())
     damaged[3] ^= 0xFF
     (here / key).write_bytes(bytes(damaged))
     s3fs.S3FileSystem(**s3, skip_instance_cache=True).pipe(f"{S3_BUCKET}/verify-ahead.zarr/{key}", bytes(damaged))
-    endpoint = urlparse(s3["endpoint_url"])
-    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"/(targets|samples)/.*/c/")
-    try:
-        remote = verify(url, storage_options={**s3, "endpoint_url": proxy.url})
-    finally:
-        proxy.close()
+    with _far_s3(s3) as (proxy, far):
+        remote = verify(url, storage_options=far)
     local = verify(str(here))
     assert proxy.peak > 1, proxy.peak  # old: 1
     said = [[re.sub(re.escape(url) + "|" + re.escape(str(here)), "STORE", p) for p in c["problems"]] for c in remote["checks"]]
@@ -504,22 +522,13 @@ def test_verify_over_s3_asks_for_the_next_shards_while_it_checks_one(s3, tmp_pat
 def test_export_over_s3_asks_for_the_next_shards_while_it_writes_one(s3, tmp_path: Path, zoo_env):
     """``kdcache export`` of an S3 store read each array's shards one after another, a bucket's latency each; now the
     next are asked for while one is written to the HDF5 file, which holds what the same store in a folder exports."""
-    from urllib.parse import urlparse
-
     import h5py
-    from conftest import S3_BUCKET
     from kdcache.interop import export_hdf5
 
     zoo_env(N=16, DEPTH=2)
-    url, here = f"s3://{S3_BUCKET}/export-ahead.zarr", tmp_path / "here.zarr"
-    kdcache.extract(deep_pipeline(2, rows_per_shard=2), url, storage_options=s3)
-    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(here))
-    endpoint = urlparse(s3["endpoint_url"])
-    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"/(targets|samples)/.*/c/")
-    try:
-        export_hdf5(url, tmp_path / "remote.h5", storage_options={**s3, "endpoint_url": proxy.url})
-    finally:
-        proxy.close()
+    url, here = _one_store_in_s3_and_a_folder(s3, tmp_path, "export-ahead.zarr")
+    with _far_s3(s3) as (proxy, far):
+        export_hdf5(url, tmp_path / "remote.h5", storage_options=far)
     export_hdf5(str(here), tmp_path / "here.h5")
     assert proxy.peak > 1, proxy.peak  # old: 1
     with h5py.File(tmp_path / "remote.h5") as remote, h5py.File(tmp_path / "here.h5") as local:
@@ -532,20 +541,11 @@ def test_pack_of_an_s3_store_asks_for_the_next_objects_while_it_copies_one(s3, t
     """``kdcache pack`` of an S3 store read its objects one after another, a bucket's latency each; now the next are asked
     for while one is copied into the zip, whose members are those of the same store in a folder packed."""
     import zipfile
-    from urllib.parse import urlparse
-
-    from conftest import S3_BUCKET
 
     zoo_env(N=16, DEPTH=2)
-    url, here = f"s3://{S3_BUCKET}/pack-ahead.zarr", tmp_path / "here.zarr"
-    kdcache.extract(deep_pipeline(2, rows_per_shard=2), url, storage_options=s3)
-    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(here))
-    endpoint = urlparse(s3["endpoint_url"])
-    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"/(targets|samples)/.*/c/")
-    try:
-        interop.pack(url, tmp_path / "remote.zip", storage_options={**s3, "endpoint_url": proxy.url})
-    finally:
-        proxy.close()
+    url, here = _one_store_in_s3_and_a_folder(s3, tmp_path, "pack-ahead.zarr")
+    with _far_s3(s3) as (proxy, far):
+        interop.pack(url, tmp_path / "remote.zip", storage_options=far)
     interop.pack(str(here), tmp_path / "here.zip")
     assert proxy.peak > 1, proxy.peak  # old: 1
     with zipfile.ZipFile(tmp_path / "remote.zip") as remote, zipfile.ZipFile(tmp_path / "here.zip") as local:
