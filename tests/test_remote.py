@@ -1071,6 +1071,43 @@ def test_rows_of_a_folder_over_plain_http_are_read_from_whole_shards(plain_http_
     assert {k: v for k, v in remote.items() if k != "location"} == {k: v for k, v in here.items() if k != "location"}
 
 
+@pytest.mark.parametrize("damage", [None, "flip", "cut", "gone"])
+def test_a_read_of_several_shards_over_plain_http_is_the_folders_a_damaged_one_named_alike(plain_http_root, tmp_path, zoo_env, damage):
+    """A read of several whole shards over http fetches the next objects while one is decoded into the one array returned
+    (the last shard partial, its inner chunk too): the folder's rows, and a damaged middle shard the folder's error."""
+    import shutil
+
+    from kdcache.store import LOGITS
+    from test_scale import deep_pipeline
+
+    root, base = plain_http_root
+    zoo_env(N=11, DEPTH=1)
+    here, there = tmp_path / "s.zarr", root / f"several-{damage}.zarr"
+    kdcache.extract(deep_pipeline(1, rows_per_shard=4), str(here))
+    shutil.copytree(here, there)
+    for folder in (here, there):
+        shard = folder / LOGITS / "c/1/0"
+        raw = shard.read_bytes()
+        if damage == "flip":
+            shard.write_bytes(raw[:5] + bytes([raw[5] ^ 0xFF]) + raw[6:])
+        elif damage == "cut":
+            shard.write_bytes(raw[: len(raw) // 2])
+        elif damage == "gone":
+            shard.unlink()
+    local, remote = open_store(str(here)), open_store(f"{base}/{there.name}")
+    for start, stop in ((0, 11), (1, 11), (4, 11), (0, 8)):
+        said = []
+        for store in (local, remote):
+            try:
+                said.append(store.read(LOGITS, start, stop))
+            except StoreError as e:
+                said.append(f"{type(e).__name__}: {str(e).replace(store.location, 'STORE')}")
+        if damage is None:
+            np.testing.assert_array_equal(said[0], said[1])
+        else:
+            assert said[0] == said[1] and "shard 1 of targets/logits" in said[0], said
+
+
 def test_a_shard_read_whole_from_s3_is_one_get(s3, tiny_store):
     """Counted on the S3 client itself (botocore's before-call events): each whole-shard read is one GetObject. A plain
     GET made s3fs send a HeadObject first, to learn the size (it fetches objects over its block size in parallel
