@@ -1341,9 +1341,13 @@ def _temp_files(folder: Path) -> dict[Any, list[Path]]:
 
 
 def _write_error(location: str, what: str, e: OSError) -> StoreError:
-    """A failed write (disk full, quota, I/O error) as a one-line error; the store stays resumable."""
-    fix = write_fix(e)
-    return StoreError(f"cannot write {what} of {location!r}: {e.strerror or e}; "
+    """A failed write (disk full, quota, I/O error, a folder where an object goes) as a one-line error; the store stays
+    resumable."""
+    fix, said = write_fix(e), e.strerror or e
+    folder = e.filename2 or e.filename  # a rename's target, else the file opened
+    if e.errno == errno.EISDIR and folder:
+        fix, said = "remove that folder", f"{os.fspath(folder)!r} is a folder where the object of {what} goes"
+    return StoreError(f"cannot write {what} of {location!r}: {said}; "
                       f"{fix} and rerun the same command to resume (shards already done are kept)")
 
 

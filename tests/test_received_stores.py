@@ -840,3 +840,16 @@ def test_a_root_zarr_json_that_is_not_json_is_named_as_a_damaged_copy(tiny_store
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert "is not a zarr v3 group: its 'zarr.json' is not valid JSON (" in r.output, r.output
         assert "a damaged copy; copy the store again from its source, or re-extract it" in r.output, r.output
+
+
+def test_a_resumed_extract_names_a_folder_where_a_shard_object_goes(tiny_store, tmp_path):
+    """An extract resuming a store whose shard not done has a folder where its object goes said "cannot write shard 1 of
+    'S': Is a directory; fix the cause", naming neither the folder nor what to do; nothing else of the store is lost."""
+    store = copy(tiny_store, tmp_path)
+    (store / "progress/done/c/1").unlink()  # shard 1 not done: the resume writes it
+    (store / SHARD).unlink()
+    (store / SHARD).mkdir()
+    r = CliRunner().invoke(main, ["extract", str(ROOT / "tests" / "fixtures" / "tiny.toml"), "--out", str(store)])
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("\n") == 1, r.output
+    assert f"{str(store / SHARD)!r} is a folder where the object of shard 1 goes; remove that folder" in r.output, r.output
+    assert (store / "progress/done/c/0").exists() and (store / SHARD).is_dir()
