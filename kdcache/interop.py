@@ -260,10 +260,9 @@ def _fetched(store: layout.Store, keys: list[str], bounds: dict[str, int | None]
     def read(key: str, bound: int | None) -> bytes | None:
         return store.raw_object(key, at_most=bound)
 
-    if kind not in ("url", "http"):
-        return (threads.now(read, *call) for call in calls)
     largest = max((bound for bound in bounds.values() if bound is not None), default=layout.READ_AHEAD_BYTES)
-    return threads.ahead("read", storage.REMOTE_READS, read, calls, layout.ahead_for(largest))
+    window = layout.ahead_for(largest) if kind in ("url", "http") else 0  # a zip's members: read in turn
+    return threads.ahead("read", storage.REMOTE_READS, read, calls, window)
 
 
 def _copy_object(store: layout.Store, key: str, bounds: dict[str, int | None], sharded: dict[str, _Sharded],

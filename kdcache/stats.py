@@ -19,7 +19,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from kdcache import storage, store as layout, threads
+from kdcache import store as layout
 from kdcache.errors import count, need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
@@ -108,14 +108,10 @@ def _block_sums(store: layout.Store, what: _What, shards: list[int]) -> _Sums:
 
 def _shards_read(store: layout.Store, what: _What, shards: list[int]) -> Iterator[dict[str, np.ndarray]]:
     """Each of the ``shards``' columns ``what`` by path, in turn. From object storage or http each column is a request of
-    its own, all of a shard's sent at once with the next shard's while this one's sums are added (``storage.REMOTE_READS``
-    in flight in the process): the network's latency overlapped, not paid per column and shard (two shards held)."""
+    its own, a shard's asked for with the next shard's while this one's sums are added (``Store.read_ahead``): the
+    network's latency overlapped, not paid per column and shard (two shards held, fewer where they are large)."""
     paths = [p for p in (what.logits, what.labels, what.classes, *(path for _, path in what.layers)) if p]
-    calls = ((p, *store.shard_rows(shard)) for shard in shards for p in paths)
-    if storage.location_kind(store.location) in ("url", "http"):  # this shard's other columns and the next shard's ahead
-        reads = threads.ahead("read", storage.REMOTE_READS, store.read, calls, 2 * len(paths) - 1)
-    else:
-        reads = (threads.now(store.read, *call) for call in calls)
+    reads = store.read_ahead([(p, shard) for shard in shards for p in paths], most=2 * len(paths) - 1)
     for _ in shards:
         yield {p: next(reads).result() for p in paths}
 

@@ -936,18 +936,19 @@ class Store:
                              else self.read(path, lo, hi))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def read_ahead(self, wanted: Sequence[tuple[str, int]], *, digests: bool = True) -> Iterator[Future[np.ndarray]]:
+    def read_ahead(self, wanted: Sequence[tuple[str, int]], *, digests: bool = True, most: int = REMOTE_READS) -> Iterator[Future[np.ndarray]]:
         """``read`` of each ``(path, shard)``'s rows in turn, as a future (its result, or the error the read raised).
         From object storage or http the next reads are asked for while the caller uses this one (in the process's pool
-        of ``REMOTE_READS``): the network's latency is overlapped, not paid read after read. As many are asked for
-        ahead as there are threads in that pool, fewer where that many shards of the largest array wanted, decoded,
-        would hold more than ``READ_AHEAD_BYTES``. Elsewhere each read is made when its turn comes."""
+        of ``REMOTE_READS``): the network's latency is overlapped, not paid read after read. At most ``most`` are asked
+        for ahead, fewer where that many shards of the largest array wanted, decoded, would hold more than
+        ``READ_AHEAD_BYTES``. Elsewhere each read is made when its turn comes."""
         read = functools.partial(self.read, digests=digests)
         calls = ((path, *self.shard_rows(shard)) for path, shard in wanted)
-        if self._kind not in ("url", "http"):
-            return (threads.now(read, *call) for call in calls)
-        largest = max((math.prod(self.array(p).shape[1:]) * self.array(p).dtype.itemsize for p, _ in wanted), default=1)
-        return threads.ahead("read", REMOTE_READS, read, calls, ahead_for(largest * self.rows_per_shard))
+        window = 0
+        if self._kind in ("url", "http"):
+            largest = max((math.prod(self.array(p).shape[1:]) * self.array(p).dtype.itemsize for p, _ in wanted), default=1)
+            window = min(most, ahead_for(largest * self.rows_per_shard))
+        return threads.ahead("read", REMOTE_READS, read, calls, window)
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
@@ -1044,9 +1045,9 @@ class Store:
         if fetch:  # the next shards' objects asked for while one is decoded (a bucket's latency overlapped); a pool of
             # its own: this read may run in the "read" pool (read_ahead, streaming), whose threads would wait on each other
             bound = _object_bound(array)
-            get = functools.partial(self._get, at_most=bound)
-            keys = [(self.shard_key(path, s),) for s in shards]
-            raws = threads.ahead("fetch", REMOTE_READS, get, keys, ahead_for(bound)) if len(shards) > 1 else (threads.now(get, *k) for k in keys)
+            keys = [(self.shard_key(path, s),) for s in shards]  # one shard (the streaming reader's): in this thread
+            raws = threads.ahead("fetch", REMOTE_READS, functools.partial(self._get, at_most=bound), keys,
+                                 ahead_for(bound) if len(shards) > 1 else 0)
         for s, (lo, hi) in zip(shards, spans):
             sums = found.setdefault(s, []) if crcs is not None else None
             into = out[lo - start : hi - start] if out is not None else None

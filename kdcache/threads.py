@@ -29,7 +29,11 @@ def pool(name: str, threads: int) -> ThreadPoolExecutor:
 def ahead(name: str, threads: int, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]], window: int) -> Iterator[Future[Any]]:
     """``fn(*args)`` of each of ``calls`` in turn, as futures, run by the pool ``name`` (of ``threads``): up to ``window``
     beyond the one the caller waits on are started ahead, so at most ``window`` + 1 results are held. Calls that wait on
-    the network (an object store's GETs) overlap their latency."""
+    the network (an object store's GETs) overlap their latency. ``window`` 0: each made in the caller's thread (``now``)
+    when its turn comes."""
+    if window <= 0:
+        yield from (now(fn, *args) for args in calls)
+        return
     running, asked = pool(name, threads), collections.deque()
     for args in calls:
         asked.append(running.submit(fn, *args))
