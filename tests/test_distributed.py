@@ -61,12 +61,6 @@ def single(toml, tmp_path_factory) -> str:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(procs: list[subprocess.Popen]) -> None:
     """Kill each process's whole group (each started in a session of its own: a ``dask worker``'s worker processes
     with it). A graceful stop is no part of what is tested here: SIGTERM took 1-3 s a cluster (``dask worker`` outlived
@@ -153,17 +147,18 @@ def _scheduler(file: Path, **popen: Any) -> tuple[subprocess.Popen, str]:
     pytest.fail(f"dask scheduler did not write its address to {file} (exit status {proc.poll()})")
 
 
-def test_a_tests_dask_cluster_is_the_one_it_started(tmp_path, monkeypatch):
+def test_a_tests_dask_cluster_is_the_one_it_started(tmp_path):
     """``_dask_cluster`` took a port found free for its scheduler to bind later: under pytest-xdist another worker may
-    take it meanwhile, and the scheduler did not start (the test then waited on the other's port). Here such a port is held."""
+    take it meanwhile, and the scheduler did not start (the test then waited on the other's port). Its scheduler binds
+    port 0 and writes the address it got; here a port that was free a moment ago is held while the cluster starts."""
     from distributed import Client
 
     held = socket.create_server(("127.0.0.1", 0))
-    monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: held.getsockname()[1])
     (tmp_path / "w").mkdir()
     try:
         with _dask_cluster(tmp_path / "w", 1) as address, Client(address, timeout=30) as client:
             assert client.submit(sum, [1, 2]).result() == 3
+            assert not address.endswith(f":{held.getsockname()[1]}")
     finally:
         held.close()
 
@@ -499,8 +494,7 @@ def test_a_local_clusters_logging_stays_silent_while_it_closes_and_in_a_restarte
 
 def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun … kdcache ARGS`` (``script``: that script instead, as tests/fixtures/faults.py)."""
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), *(["-m", "kdcache.cli"] if script is None else [str(script)]), *args]
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--standalone", *(["-m", "kdcache.cli"] if script is None else [str(script)]), *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -1023,7 +1017,7 @@ def test_torchrun_ranks_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp
                       "from kdcache.cli import main\nmain()\n")
     url, fs = f"s3://{BUCKET}/torchrun-taken.zarr", s3fs.S3FileSystem(**s3, skip_instance_cache=True)
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")  # 30 shards; rank 1's: the odd ones
-    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(paused)]
+    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--standalone", str(paused)]
 
     def rank_1s() -> int:
         return int(open_store(url, storage_options=s3).done()[1::2].sum())
@@ -1053,7 +1047,7 @@ def test_torchrun_ranks_write_no_shard_once_the_jobs_local_lock_is_gone_or_anoth
 
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")  # 30 shards; rank 1's: the odd ones
     out = tmp_path / "local-taken.zarr"
-    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--standalone",
                 "-m", "kdcache.cli"]
 
     def rank_1s() -> int:

@@ -904,18 +904,13 @@ def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp
     """A scheduler's SIGTERM reaches every process of the job (Slurm signals the whole step), torchrun among them,
     and torchrun passes it on to its ranks: each rank gets SIGTERM twice, the second while it is cleaning up. Rank 0
     still deletes its lock object (a requeued job is not refused for LOCK_STALE_S), and only rank 0 speaks."""
-    import socket
 
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/torchrun-preempted.zarr"
     lock = f"{S3_BUCKET}/.torchrun-preempted.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     options = [f"--storage-option={k}={v}" for k, v in s3.items()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "400", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                             "--master-port", str(port), "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--standalone", "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
