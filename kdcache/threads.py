@@ -30,16 +30,22 @@ def ahead(name: str, threads: int, fn: Callable[..., Any], calls: Iterable[tuple
     """``fn(*args)`` of each of ``calls`` in turn, as futures, run by the pool ``name`` (of ``threads``): up to ``window``
     beyond the one the caller waits on are started ahead, so at most ``window`` + 1 results are held. Calls that wait on
     the network (an object store's GETs) overlap their latency. ``window`` 0: each made in the caller's thread (``now``)
-    when its turn comes."""
+    when its turn comes. A caller that stops early (an error, a loop left) by closing the iterator, or dropping it,
+    cancels the calls asked for that have not started: they neither run nor keep the process from exiting."""
     if window <= 0:
         yield from (now(fn, *args) for args in calls)
         return
     running, asked = pool(name, threads), collections.deque()
-    for args in calls:
-        asked.append(running.submit(fn, *args))
-        if len(asked) > window:
+    try:
+        for args in calls:
+            asked.append(running.submit(fn, *args))
+            if len(asked) > window:
+                yield asked.popleft()
+        while asked:
             yield asked.popleft()
-    yield from asked
+    finally:
+        for future in asked:
+            future.cancel()
 
 
 def now(fn: Callable[..., Any], *args: Any) -> Future[Any]:
