@@ -25,7 +25,7 @@ DOCS = ["README.md", "docs/FORMAT.md", "docs/SHARING.md", "docs/CLUSTER.md", "be
 USER_DOCS = DOCS[:4]  # RESULTS.md also names private functions and benchmark knobs, which are not the user's surface
 
 # options the docs give to other tools (torchrun, dask's CLI, Slurm, docker, the benchmarks, kdcache itself)
-OTHER_OPTIONS = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--host", "--port", "--nworkers",
+OTHER_OPTIONS = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--standalone", "--master-port", "--host", "--port", "--nworkers",
                  "--nthreads", "--requeue", "--net", "--version", "--check"}
 # dotted names in backticks that look like pipeline keys and are not: manifest keys (FORMAT.md §8), placeholders
 NOT_PIPELINE_KEYS = {"teacher.class", "teacher.num_parameters", "teacher.weights_sha256",
