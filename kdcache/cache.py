@@ -504,16 +504,10 @@ def _read_whole(store: layout.Store, paths: list[str], shards: np.ndarray, row_b
                 checkpoint_bytes: int = 0) -> dict[str, np.ndarray]:
     """Every array of ``paths`` over the ``shards`` (ascending: those holding the rows served, ``TransferSet.groups``), their
     rows back to back, read once (DataLoader workers inherit them), once the machine is found to have room for them
-    (``location``: the store's, as the user named it). Each run of consecutive shards is one read: all of a complete
-    store's rows in one; a ``train.subset`` of a few shards' rows, those shards only (every shard was read)."""
+    (``location``: the store's, as the user named it). Each column is one ``Store.read_shards``, its shards decoded into
+    the one array kept: a ``train.subset`` of a few shards' rows reads those shards only, and holds them once."""
     _check_ram(row_bytes * _rows_of_shards(store, shards), budget_mb, location, checkpoint_bytes)
-    runs = np.split(shards, np.flatnonzero(np.diff(shards) != 1) + 1) if len(shards) else []
-    spans = [(store.shard_rows(int(run[0]))[0], store.shard_rows(int(run[-1]))[1]) for run in runs] or [(0, 0)]
-    columns = {}
-    for p in paths:
-        parts = [store.read(p, lo, hi) for lo, hi in spans]
-        columns[p] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return columns
+    return {p: store.read_shards(p, shards.tolist()) for p in paths}
 
 
 def _check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], when: str, then: str) -> None:
@@ -536,7 +530,7 @@ PREFETCH = 2  # batches made ahead of the consumer
 
 
 # What training's targets may take of the memory the process may use: in RAM, or in streaming's buffers (at most; reading
-# a buffer also holds its shards as decoded and their concatenation until the shuffled copy is made, for a moment). The
+# a buffer also holds its shards as decoded, one array a column, until the shuffled copy is made, for a moment). The
 # student, its optimizer, the dataset, the batches made ahead, other processes and the page cache need the rest. Half
 # keeps a run that passes clear of the OOM killer, which gives no message.
 MEMORY_SHARE = 0.5

@@ -901,11 +901,15 @@ class Store:
         return self._read_checked(path, start, stop, shards, digests)
 
     def _read_checked(self, path: str, start: int, stop: int, shards: range, digests: bool = True,
-                      objects: LocalObjects | None = None) -> np.ndarray:
-        """``read`` of rows its checks let through (``objects``: a local store's folders kept open, ``read_shards``)."""
+                      objects: LocalObjects | None = None, into: np.ndarray | None = None) -> np.ndarray:
+        """``read`` of rows its checks let through (``objects``: a local store's folders kept open, ``read_shards``;
+        ``into``: the rows' place in an array the caller holds, filled and returned)."""
         check = digests and self._digests is not None
         crcs: dict[int, list[tuple[int, int]]] | None = {} if check else None  # each whole shard's inner chunks' crc32c
-        rows = self._read_rows(path, start, stop, shards, crcs, objects)
+        rows = self._read_rows(path, start, stop, shards, crcs, objects, into)
+        if into is not None and rows is not into:  # read by zarr: copied to its place
+            into[:] = rows
+            rows = into
         if check:
             for shard in shards:
                 lo, hi = self.shard_rows(shard)
@@ -917,8 +921,11 @@ class Store:
 
     def read_shards(self, path: str, shards: list[int]) -> np.ndarray:
         """The rows of shards ``shards`` of ``path``, back to back in the order given: what ``read`` of each shard's rows
-        gives, with the same checks and errors, and the work a call makes once made once for them all (the streaming
-        reader's call, for a buffer's shards of one column: a local store's folders are opened once for them)."""
+        gives, with the same checks and errors, decoded into the one array returned (not each into its own, then joined:
+        the rows are held once), and the work a call makes once made once for them all (the streaming reader's call, for
+        a buffer's shards of one column: a local store's folders are opened once for them). From object storage or http
+        the next shards are asked for while one is decoded (``REMOTE_READS`` at once, fewer where their objects would
+        hold more than ``READ_AHEAD_BYTES``): the network's latency is overlapped, not paid shard after shard."""
         for shard in shards:
             if isinstance(shard, bool | np.bool_) or not isinstance(shard, int | np.integer) or not 0 <= shard < self.num_shards:
                 raise StoreError(f"shard {short(shard)} is not a shard of {self.location!r}; read shards 0 to {self.num_shards - 1} "
@@ -927,14 +934,24 @@ class Store:
             return self.read(path, 0, 0)  # names a path that is not a data array; else no rows
         array = self.checked_array(path)
         self._take_snapshot()
-        parts = []
+        spans = [self.shard_rows(int(s)) for s in shards]
+        ends = np.cumsum([hi - lo for lo, hi in spans]).tolist()
+        out = np.empty((ends[-1], *array.shape[1:]), dtype=array.dtype)
+        places = ((int(s), out[end - (hi - lo) : end]) for s, (lo, hi), end in zip(shards, spans, ends))
+        window = ahead_for(_object_bound(array)) if self._kind in ("url", "http") and len(shards) > 1 else 0
         with LocalObjects(array.store.root) if self._kind == "local" else contextlib.nullcontext() as objects:
-            for shard in map(int, shards):
-                lo, hi = self.shard_rows(shard)
-                # a shard not done in this reader's snapshot: read() takes another, or names it
-                parts.append(self._read_checked(path, lo, hi, range(shard, shard + 1), objects=objects) if self._done[shard]
-                             else self.read(path, lo, hi))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            # a pool of its own: this call may run in the "read" pool (the streaming reader's columns, read at once)
+            for read in threads.ahead("shards", REMOTE_READS, functools.partial(self._read_shard, path, objects=objects), places, window):
+                read.result()
+        return out
+
+    def _read_shard(self, path: str, shard: int, into: np.ndarray, objects: LocalObjects | None = None) -> None:
+        """``read_shards``' read of one shard's rows, decoded into ``into``."""
+        lo, hi = self.shard_rows(shard)
+        if self._done[shard]:
+            self._read_checked(path, lo, hi, range(shard, shard + 1), objects=objects, into=into)
+        else:  # not done in this reader's snapshot: read() takes another, or names it
+            into[:] = self.read(path, lo, hi)
 
     def read_ahead(self, wanted: Sequence[tuple[str, int]], *, digests: bool = True, most: int = REMOTE_READS) -> Iterator[Future[np.ndarray]]:
         """``read`` of each ``(path, shard)``'s rows in turn, as a future (its result, or the error the read raised).
@@ -963,8 +980,8 @@ class Store:
                     self._done = done
 
     def _read_rows(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None,
-                   objects: LocalObjects | None = None) -> np.ndarray:
-        direct = self._read_direct(path, start, stop, shards, crcs, objects)
+                   objects: LocalObjects | None = None, into: np.ndarray | None = None) -> np.ndarray:
+        direct = self._read_direct(path, start, stop, shards, crcs, objects, into)
         if direct is not None:
             return direct
         if self._kind == "http" and "::" not in self.location:
@@ -1023,12 +1040,13 @@ class Store:
                                 "credentials and that the server is up, then rerun")
 
     def _read_direct(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None,
-                     objects: LocalObjects | None = None) -> np.ndarray | None:
+                     objects: LocalObjects | None = None, into: np.ndarray | None = None) -> np.ndarray | None:
         """Rows ``start:stop`` when they are whole done shards, read by ``_read_whole_shard`` (the streaming reader's
         and the in-memory load's case): from the file of a local array, or (object stores, http) from the object
         fetched whole, one request, where zarr asks for the shard's index and then its chunks. None: zarr reads
         them (and names any damage). ``crcs`` (not None: the digests will be checked): given each shard's inner
-        chunks' ``(crc32c, length)`` of their rows (``_read_whole_shard``). ``objects``: see ``_read_whole_shard``."""
+        chunks' ``(crc32c, length)`` of their rows (``_read_whole_shard``). ``objects``: see ``_read_whole_shard``. ``into``:
+        where the rows go (``_read_checked``)."""
         spans = [self.shard_rows(s) for s in shards]
         if not spans or not all(self._done[s] and start <= lo and hi <= stop for s, (lo, hi) in zip(shards, spans)):
             return None
@@ -1040,8 +1058,8 @@ class Store:
         layout = _direct_layout(array, any_store=fetch)
         if layout is None:
             return None
-        # several shards are decoded into one array, not each into its own and then joined: held once, not twice
-        out = np.empty((stop - start, *layout.shape[1:]), dtype=layout.dtype) if len(shards) > 1 else None
+        # several shards are decoded into one array (the caller's, ``into``), not each into its own and then joined: held once
+        out = into if into is not None or len(shards) == 1 else np.empty((stop - start, *layout.shape[1:]), dtype=layout.dtype)
         if fetch:  # the next shards' objects asked for while one is decoded (a bucket's latency overlapped); a pool of
             # its own: this read may run in the "read" pool (read_ahead, streaming), whose threads would wait on each other
             bound = _object_bound(array)
@@ -1050,7 +1068,7 @@ class Store:
                                  ahead_for(bound) if len(shards) > 1 else 0)
         for s, (lo, hi) in zip(shards, spans):
             sums = found.setdefault(s, []) if crcs is not None else None
-            into = out[lo - start : hi - start] if out is not None else None
+            place = out[lo - start : hi - start] if out is not None else None
             if fetch:
                 try:
                     raw = next(raws).result()
@@ -1060,9 +1078,9 @@ class Store:
                     if _on_the_way(e):
                         raise self._unreadable(path, start, stop, e) from None
                     return None
-                rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), sums, into=into) if raw else None
+                rows = _read_whole_shard(array, s, np.frombuffer(raw, np.uint8), sums, into=place) if raw else None
             else:
-                rows = _read_whole_shard(array, s, None, sums, objects, into=into)
+                rows = _read_whole_shard(array, s, None, sums, objects, into=place)
             if rows is None:
                 return None
         if crcs is not None:

@@ -575,6 +575,51 @@ def test_a_read_of_many_shards_holds_their_rows_once(tmp_path: Path, zoo_env):
     assert peak < 1.5 * rows.nbytes, peak / rows.nbytes  # old: 2.3
 
 
+def traced(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()`` and tracemalloc's peak during it (numpy's allocations are counted)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def relu_map_pipeline(rows_per_shard: int) -> Any:
+    """extract_zoo's first_pixel teacher storing its ReLU map ``act`` (3x4x4 float32, 192 bytes a row: most of a row read)."""
+    return from_dict({
+        "teacher": {"factory": "extract_zoo.py:first_pixel"}, "data": {"factory": "extract_zoo.py:images", "split": "train"},
+        "targets": {"logits": True, "layers": ["act"], "dtype": "float32"},
+        "extract": {"batch_size": 256, "device": "cpu", "rows_per_shard": rows_per_shard},
+    }, root=FIXTURES)
+
+
+SCATTERED = [12, 3, 8, 1, 9]  # shards of a buffer, or of a train.subset: not consecutive
+
+
+@pytest.mark.parametrize("read", ["read_shards", "in_memory"])
+def test_shards_not_consecutive_are_read_into_one_array(tmp_path: Path, zoo_env, read):
+    """``Store.read_shards`` (the streaming reader's call, a buffer's shards of a column) read each shard into an array of
+    its own and joined them, as training's in-memory load (``cache._read_whole``) did with each run of consecutive shards
+    of a ``train.subset``: twice the rows held at the end of the read. Now they are decoded into the one array returned."""
+    from kdcache import cache
+
+    zoo_env(N=8192)
+    kdcache.extract(relu_map_pipeline(512), str(tmp_path / "s.zarr"))  # 16 shards
+    store, act = kdcache.open_store(str(tmp_path / "s.zarr")), layout.layer_path("act")
+    expected = np.concatenate([store.read(act, *store.shard_rows(s)) for s in SCATTERED])
+    store.read_shards(act, [0])  # the first read's snapshot and metadata, not counted
+    if read == "read_shards":
+        rows, peak = traced(lambda: store.read_shards(act, SCATTERED))
+    else:
+        rows, peak = traced(lambda: cache._read_whole(store, [act], np.array(sorted(SCATTERED)), 192, 2048, "s.zarr"))
+        rows, expected = rows[act], expected[np.argsort(np.repeat(SCATTERED, 512), kind="stable")]
+    assert np.array_equal(rows, expected)
+    assert peak < 1.5 * rows.nbytes, peak / rows.nbytes  # old: 2.0
+
+
 def test_a_read_of_many_shards_of_an_s3_store_asks_for_the_next_while_it_decodes_one(s3, tmp_path: Path, zoo_env):
     """``Store.read`` of whole shards of an S3 store (training's in-memory load of a store in a bucket) fetched each
     shard's object in turn; now the next are asked for while one is decoded, the rows those of the folder copy."""
