@@ -338,15 +338,12 @@ class TransferSet(IterableDataset):
         spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
         offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])
         position = offsets[local] + rows - spans[local, 0]  # row's place in the shards read back to back
-        if storage.location_kind(self.location) not in ("url", "http"):  # a column's shards in one call (its checks made once)
-            return {p: self._store.read_shards(p, shards.tolist())[position] for p in self.paths}
-        reads = [(p, int(start), int(stop)) for p in self.paths for start, stop in spans]  # one request each: overlap their latency
-        parts = iter(threads.pool("read", storage.REMOTE_READS).map(lambda r: self._store.read(*r), reads))
-        out = {}
-        for p in self.paths:
-            mine = [next(parts) for _ in range(len(spans))]
-            out[p] = (mine[0] if len(mine) == 1 else np.concatenate(mine))[position]
-        return out
+        # a column's shards in one call (its checks made once), decoded into one array, then put in the buffer's order; from
+        # object storage or http every column's call is made at once, each asking for its next shards while it decodes one
+        remote = storage.location_kind(self.location) in ("url", "http")
+        calls = [(p, shards.tolist()) for p in self.paths]
+        reads = threads.ahead("read", storage.REMOTE_READS, self._store.read_shards, calls, len(calls) - 1 if remote else 0)
+        return {p: read.result()[position] for p, read in zip(self.paths, reads)}
 
     def _reopened(self) -> layout.Store:
         """The store opened again (streaming: by each DataLoader worker, or by this process at its first read), refused

@@ -18,7 +18,7 @@ import kdcache
 from kdcache import interop, storage, store as layout
 from kdcache.errors import StoreError
 from kdcache.pipeline import from_dict
-from test_remote import SwallowingProxy
+from test_remote import SwallowingProxy, _served
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -618,6 +618,46 @@ def test_shards_not_consecutive_are_read_into_one_array(tmp_path: Path, zoo_env,
         rows, expected = rows[act], expected[np.argsort(np.repeat(SCATTERED, 512), kind="stable")]
     assert np.array_equal(rows, expected)
     assert peak < 1.5 * rows.nbytes, peak / rows.nbytes  # old: 2.0
+
+
+@pytest.fixture(scope="module")
+def http_folder(tmp_path_factory):
+    """A folder served by ``python -m http.server`` in a process of its own: ``(folder, base_url)``."""
+    yield from _served(tmp_path_factory.mktemp("www"), "http.server")
+
+
+def test_a_streaming_buffer_over_http_holds_its_shards_once_and_asks_for_every_column_at_once(http_folder, tmp_path: Path, zoo_env):
+    """The streaming reader's buffer from object storage or http (``TransferSet._read``) kept every shard of every column
+    in an array of its own, then joined a column's and put them in the buffer's order: three copies of the largest
+    column at once. Now each column's shards are decoded into one array (``Store.read_shards``), as from a folder, while
+    every column's and shard's object is still asked for at once: the rows those of the folder. (A server in a process
+    of its own: tracemalloc counts this one's allocations only.)"""
+    import shutil
+    from urllib.parse import urlparse
+
+    from kdcache.cache import TransferSet
+
+    root, base = http_folder
+    zoo_env(N=13 * 2048)  # a buffer of 1.3 MB: asyncio's socket reads of 256 KiB, which tracemalloc sees, are a small part
+    kdcache.extract(relu_map_pipeline(2048), str(tmp_path / "here.zarr"))  # 13 shards
+    shutil.copytree(tmp_path / "here.zarr", Path(root) / "buffer.zarr")
+    dataset = relu_map_pipeline(2048).resolve("extract_zoo.py:images")("train")
+    served = urlparse(base)
+    proxy = LatencyProxy((served.hostname, served.port), delay=0.05, counted=r"/(targets|samples)/.*/c/")
+    buffer = np.random.default_rng(0).permutation(np.concatenate([np.arange(s * 2048, s * 2048 + 2048) for s in SCATTERED[:3]]))
+    ts = TransferSet(f"{base}/buffer.zarr", dataset, ["act"], batch_size=64, memory_budget_mb=0)
+    ts._read(buffer[:1])  # the store's opening, markers and digests: not counted
+    columns, peak = traced(lambda: ts._read(buffer))  # the server straight: the proxy's own reads would be counted
+    try:
+        TransferSet(f"{proxy.url}/buffer.zarr", dataset, ["act"], batch_size=64, memory_budget_mb=0)._read(buffer)
+    finally:
+        proxy.close()
+    here = TransferSet(str(tmp_path / "here.zarr"), dataset, ["act"], batch_size=64, memory_budget_mb=0)._read(buffer)
+    assert columns.keys() == here.keys() and all(np.array_equal(columns[p], here[p]) for p in here)
+    # more than one column's 3 shards at once, and more than one shard of each of the 4 columns: both overlapped (old too)
+    assert proxy.peak > max(3, len(columns)), proxy.peak
+    returned = sum(c.nbytes for c in columns.values())
+    assert peak < 2.5 * returned, peak / returned  # the shards decoded once and the shuffled copy; old: 2.9
 
 
 def test_a_read_of_many_shards_of_an_s3_store_asks_for_the_next_while_it_decodes_one(s3, tmp_path: Path, zoo_env):
