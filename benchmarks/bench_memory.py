@@ -22,12 +22,20 @@ read is loaded first). The bytes read per row (``TransferSet.row_bytes``: target
 the mode each run took are recorded from the run itself; a run that did not take the mode asked for (or did not
 read ``features.4``) FAILs the setup check.
 
+Reads (``--reads``: these alone, ~15 s): tracemalloc's peak ÷ the bytes returned of training's reads of a store
+(real MNIST ``val``, logits + ``features.4``, 20 shards of 500 rows, shards 1, 3, 6 and 8 read: not consecutive, as a
+shuffled buffer's or a ``train.subset``'s are), each after a warm-up call: (i) the in-memory load of those shards
+(``cache._read_whole``), (ii) ``Store.read_shards`` of ``features.4`` over them, (iii) a streaming buffer of their rows,
+shuffled (``TransferSet._read``), from the folder and from S3 (moto in its own process, on loopback). Goals: (i) and
+(ii) hold the rows once (<= 1.25; joining each shard's or run's own array held them twice), (iii) from S3 no more than
+the shards decoded once and the shuffled copy (<= 2.25), as from the folder (reported).
+
 Goals: extract's and streaming train's 4N peak within 10% of their N peak (memory does not grow with the dataset).
 In-memory train grows with the targets by design; its 4N/N is the setup check: it must be >= 1.25, well above the
 1.10 that streaming must stay under, or the store is too small per row to tell streaming from a reader that holds
 every target in RAM (which the streaming goal would then pass) and the run FAILs.
 
-    python benchmarks/bench_memory.py [--check] [--out memory.json] [--n 1024] [--train-n 10000]
+    python benchmarks/bench_memory.py [--check] [--out memory.json] [--n 1024] [--train-n 10000] [--reads]
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
 
 import harness
 
@@ -42,6 +55,8 @@ EXTRACT_ROWS = 64  # rows per shard of the extract half (8.3 MB of layer1 + logi
 TRAIN_ROWS = 500  # rows per shard of the train half's stores (12 MB of features.4 + logits)
 BUFFER_SHARDS = 2  # train.shuffle_buffer_shards: a streaming reader holds 2 buffers of 2 shards
 SETUP_MIN = 1.25  # in-memory train 4N / N must reach this: else the setup cannot show a reader that keeps every target
+READ_SHARDS = [1, 3, 6, 8]  # the reads' shards, of 20 of 500 rows: not consecutive, as a shuffled buffer's are
+ONCE, SHUFFLED = 1.25, 2.25  # the reads' peaks ÷ the bytes returned: the rows held once; and a shuffled copy beside them
 
 CHILD = r"""
 import json, resource, sys
@@ -97,10 +112,59 @@ def train_peak(kind: str, n: int, work: str, wrong: list[str]) -> tuple[float, i
     return r["maxrss_mb"], r["row_bytes"]
 
 
+def held(fn: Callable[[], Any]) -> float:
+    """tracemalloc's peak during ``fn()`` ÷ the bytes of the array (or dict of arrays) it returns; a warm-up call first
+    (the store's metadata, done markers and digests, thread pools)."""
+    fn()
+    tracemalloc.start()
+    try:
+        out = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak / sum(a.nbytes for a in (out.values() if isinstance(out, dict) else [out]))
+
+
+def reads(report: harness.Report, work: Path) -> None:
+    """Training's reads of ``READ_SHARDS``: tracemalloc's peak ÷ the bytes returned (the module's docstring)."""
+    import s3fs
+
+    import kdcache
+    from bench_remote import BUCKET, moto_server
+    from kdcache import cache, store as layout
+
+    pipe = harness.mnist_pipeline(data={"split": "val"}, targets={"layers": ["features.4"]}, extract={"device": "cpu", "rows_per_shard": 500})
+    local = str(work / "reads.zarr")
+    kdcache.extract(pipe, local, overwrite=True)
+    dataset, feature = pipe.resolve(pipe.data.factory)("val"), layout.layer_path("features.4")
+    store, shards = layout.open_store(local), np.array(READ_SHARDS)
+    rows = np.random.default_rng(0).permutation(cache.done_rows(store, shards))  # a shuffled buffer of those shards
+
+    def reader(location: str, **options: Any) -> cache.TransferSet:
+        return cache.TransferSet(location, dataset, [layout.LOGITS, feature], batch_size=256, memory_budget_mb=0,
+                                 fingerprint_check=0, fingerprint_recheck=0, **options)
+
+    ts = reader(local)
+    print(f"reads: MNIST val, logits + features.4, shards {READ_SHARDS} of {store.num_shards} ({len(rows):,} rows, "
+          f"{ts.row_bytes * len(rows) / 2**20:.1f} MiB decoded; kdcache from {Path(kdcache.__file__).parent})", flush=True)
+    whole = held(lambda: cache._read_whole(store, ts.paths, shards, ts.row_bytes, 2048, local))
+    report.goal("in-memory load of shards not consecutive: peak / bytes returned", whole, "<=", ONCE)
+    report.goal("Store.read_shards of features.4: peak / bytes returned", held(lambda: store.read_shards(feature, READ_SHARDS)), "<=", ONCE)
+    report.figure("streaming_buffer_local_peak_over_returned", held(lambda: ts._read(rows)), "(the folder's: no goal)")
+    with moto_server() as endpoint:
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        fs.put(local, f"{BUCKET}/reads.zarr", recursive=True)
+        remote = reader(f"s3://{BUCKET}/reads.zarr", storage_options=options)
+        report.goal("streaming buffer from S3: peak / bytes returned", held(lambda: remote._read(rows)), "<=", SHUFFLED)
+
+
 def main() -> None:
     p = harness.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=0, help="N for extract (default 1024: 4N = 512 MiB of maps)")
     p.add_argument("--train-n", type=int, default=0, help="N for train (default 10000, --quick 5000; 4N <= 50000, the MNIST train split)")
+    p.add_argument("--reads", action="store_true", help="only the reads' tracemalloc peaks (about a minute)")
     args = p.parse_args()
     n = args.n or (256 if args.quick else 1024)  # --quick: a quarter (the flat-memory check at a smaller scale)
     tn = args.train_n or (5000 if args.quick else 10000)  # --quick: at least 10 shards (5 buffers) still
@@ -108,6 +172,10 @@ def main() -> None:
         p.error(f"--n must be >= 1 and --train-n from 1 to 12500 (4N rows of the 50,000 of MNIST train), got {n} and {tn}")
     work = harness.workdir(args)
     report = harness.Report("memory", args)
+    reads(report, work)
+    if args.reads:
+        report.finish()
+        return
     print(f"memory: extract resnet+layer1 at {n} and {4 * n} ({EXTRACT_ROWS}-row shards); train (streaming and in memory, "
           f"logits + features.4, {TRAIN_ROWS}-row shards) on MNIST train[:{tn}] and [:{4 * tn}]", flush=True)
     image_mb = 3 * 64 * 64 * 4 / 2**20  # the in-RAM synthetic dataset, per image
