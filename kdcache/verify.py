@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Iterable
 from typing import Any
 
@@ -350,11 +350,13 @@ def _teacher_run(store: layout.Store, pipeline: Any, check: Check) -> Any:
     """The pipeline's extract run, set up to read (the store has its geometry: the pipeline's extract.rows_per_shard is not
     used) in the store's precision. Other teacher weights than the store's are a failure of ``check``; stored targets the
     pipeline does not produce, or produces in another shape (another select), and a dataset of another length are refused:
-    no row could be compared."""
+    no row could be compared. The dataset is of the split the store records, as train reads it, whatever the pipeline's
+    data.split (a store of another split was recomputed from that split's items: every row named as a changed input)."""
     from kdcache import data
     from kdcache.extract import setup
 
-    run = setup(pipeline, writing=False)
+    split = store.manifest["dataset"]["split"]
+    run = setup(replace(pipeline, data=replace(pipeline.data, split=split)), writing=False)
     if store.manifest.get("precision") in data.AUTOCAST:  # recomputed as stored (the rtol is the store's precision's)
         run.precision = store.manifest["precision"]
     ours = run.weights_sha256

@@ -614,6 +614,17 @@ def test_the_teacher_check_does_not_judge_the_pipelines_shard_geometry(tiny_stor
     assert json.loads(r.stdout)["ok"] and len(json.loads(r.stdout)["teacher_check"]["rows"]) == 4
 
 
+
+def test_the_teacher_check_recomputes_the_split_the_store_was_extracted_from(tmp_path):
+    """A store of the test split checked with the pipeline that extracted it through --set data.split=test, given
+    without that --set (its file says "train", as train reads the store's split whatever the pipeline's): every row
+    was recomputed from the train split and named as a changed input, each target beyond tolerance."""
+    store = extract_tiny(tmp_path / "test.zarr", "data.split='test'")
+    r = CliRunner().invoke(main, ["verify", store, "--teacher-check", "6", "--pipeline", str(TINY_TOML), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["teacher_check"]["targets"]["logits"]["max_abs_error"] < 1e-2
+
 # ----------------------------------------------------------------------------------- verify's own lines
 
 
