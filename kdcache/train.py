@@ -57,7 +57,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues).
     """
     pipeline = check_pipeline(pipeline)
-    t, out, cache_location = pipeline.train, Path(location_arg(out, "out")), location_arg(cache_location, "cache_location")
+    t, out, cache_location = pipeline.train, _local_folder(location_arg(out, "out")), location_arg(cache_location, "cache_location")
     check_values(pipeline)
     resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
@@ -1690,6 +1690,15 @@ def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
     raise StoreError(f"rank {other} (on {views[other][1]}) sees another {option('--out')} than rank 0 (on {views[0][1]}): "
                      f"{sees(views[other][0])} in {str(out)!r}, where rank 0 sees {sees(views[0][0])}; every rank must see the same "
                      f"{option('--out')}, a folder on a filesystem they share (docs/CLUSTER.md): fix that, then rerun (nothing was changed)")
+
+
+def _local_folder(out: str) -> Path:
+    """``out`` as a local folder; a URL is refused (Path merged ``s3://b/run``'s slashes into ``s3:/b/run``, which was then
+    refused as a URL that lost a slash, its fix the very ``s3://b/run`` given)."""
+    if "://" in out or "::" in out:
+        raise StoreError(f"{option('--out')} {out!r} is a URL; train writes its run to a local folder (every torchrun rank's, "
+                         "a filesystem they share): train into a folder, then upload it (e.g. aws s3 cp --recursive FOLDER s3://...)")
+    return Path(out)
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
