@@ -22,7 +22,7 @@ from typing import Any, Callable
 import kdcache
 from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
-from kdcache.train import check_values, train
+from kdcache.train import check_values, local_folder, train
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "mnist.toml"
 LABEL_BUDGET = 1000
@@ -41,7 +41,7 @@ OWN_KEYS = ("data.split", "train.loss.kl", "train.loss.ce", "train.subset", "tra
 def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, overrides: tuple[str, ...] = (),
          progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the figures."""
-    out = Path(out)
+    out = local_folder(str(out), "demo")
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
     extracts, students = _pipelines(pipeline, overrides, test_store)
     _make_out(out)

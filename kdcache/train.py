@@ -57,7 +57,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues).
     """
     pipeline = check_pipeline(pipeline)
-    t, out, cache_location = pipeline.train, _local_folder(location_arg(out, "out")), location_arg(cache_location, "cache_location")
+    t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
     check_values(pipeline)
     resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
@@ -1692,12 +1692,12 @@ def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
                      f"{option('--out')}, a folder on a filesystem they share (docs/CLUSTER.md): fix that, then rerun (nothing was changed)")
 
 
-def _local_folder(out: str) -> Path:
-    """``out`` as a local folder; a URL is refused (Path merged ``s3://b/run``'s slashes into ``s3:/b/run``, which was then
-    refused as a URL that lost a slash, its fix the very ``s3://b/run`` given)."""
+def local_folder(out: str, command: str) -> Path:
+    """``out`` as the local folder kdcache ``command`` writes; a URL is refused (Path merged ``s3://b/run``'s slashes into
+    ``s3:/b/run``: train refused it as a URL that lost a slash, its fix the very URL given, and demo wrote a folder ``s3:``)."""
     if "://" in out or "::" in out:
-        raise StoreError(f"{option('--out')} {out!r} is a URL; train writes its run to a local folder (every torchrun rank's, "
-                         "a filesystem they share): train into a folder, then upload it (e.g. aws s3 cp --recursive FOLDER s3://...)")
+        raise StoreError(f"{option('--out')} {out!r} is a URL; kdcache {command} writes a local folder (train's: every torchrun "
+                         "rank's, a filesystem they share): write it there, then upload it (e.g. aws s3 cp --recursive FOLDER s3://...)")
     return Path(out)
 
 

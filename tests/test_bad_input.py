@@ -305,8 +305,6 @@ CASES = [
          ("'bad_input.py:no_parameters' builds a student with no parameters", "return a model with trainable parameters"), store=True),
     Case("train-out-is-the-store", lambda c: ["train", TINY, "--cache", c.store, "--out", c.store],
          ("is a zarr store, not a training run's folder; choose another --out",), store=True),
-    Case("train-out-is-a-url", lambda c: ["train", TINY, "--cache", c.store, "--out", "s3://bucket/run"],
-         ("--out 's3://bucket/run' is a URL; train writes its run to a local folder", "then upload it"), store=True),
     Case("student-not-a-module", lambda c: train(c, "--set", "student.factory=extract_zoo.py:not_a_module"),
          ("student.factory returned str, not a torch.nn.Module",), store=True),
     Case("student-factory-missing", lambda c: train(c, "--set", 'student.factory=""'),

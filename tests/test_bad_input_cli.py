@@ -92,6 +92,11 @@ CASES = [
     Case("export-out-blank", lambda c: ["export", c.store, " "], ("'OUT': ' ' is empty",), code=2, store=True),
     Case("import-store-empty", lambda c: ["import", c.tmp / "e.h5", ""], ("'STORE': '' is empty", "(see 'kdcache import --help')"),
          code=2, store=True, prior=exported),
+    # -- a URL where a command writes a local folder (Path merged its slashes: demo wrote the folder 's3:' here)
+    Case("train-out-url", lambda c: ["train", TINY, "--cache", c.store, "--out", "s3://bucket/run"],
+         ("--out 's3://bucket/run' is a URL; kdcache train writes a local folder", "then upload it"), store=True),
+    Case("demo-out-url", lambda c: ["demo", "--out", "s3://bucket/demo"],
+         ("--out 's3://bucket/demo' is a URL; kdcache demo writes a local folder", "then upload it"),),
     # -- an empty location to read: it read the current folder ("no store at ''"; pack: "OUT ... is inside the store ''")
     Case("train-cache-empty", lambda c: ["train", TINY, "--cache", "", "--out", c.new],
          ("Invalid value for '--cache': '' is empty; name a store to read: a folder, a .zarr.zip file or a URL",
