@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, storage, store as layout, threads
-from kdcache.errors import AlignmentError, DamagedShardError, PipelineError, StoreError, short
+from kdcache.errors import AlignmentError, DamagedShardError, DamagedStoreError, PipelineError, StoreError, short
 
 
 class TransferSet(IterableDataset):
@@ -334,6 +334,14 @@ class TransferSet(IterableDataset):
             return {p: a[held] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
             self._store = self._reopened()
+        try:
+            return self._read_shards(rows)
+        except DamagedStoreError:  # a store replaced since (another extract --overwrite) fails so too: named as replaced
+            self._reopened()
+            raise
+
+    def _read_shards(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every needed column for ``rows`` (in that order), read by whole shards from the opened store."""
         shards, local = np.unique(rows // self.rows_per_shard, return_inverse=True)
         spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
         offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])

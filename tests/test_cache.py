@@ -740,6 +740,31 @@ def _edit_manifest(location: str, **values) -> None:
     meta_file.write_text(json.dumps(meta))
 
 
+def test_a_store_replaced_while_a_streaming_reader_reads_it_is_named_as_replaced_not_damaged(numbered_store, tmp_path):
+    """Another extract --overwrite (here of float16 logits) replaced the store while a streaming reader served it: its
+    next shards, read by the arrays' metadata and shard digests of the store it opened, failed as damage ("does not
+    decode", "holds other rows than its writer wrote there"), whose fix was to delete a done marker of the new store
+    and re-extract that shard. It is named as the replacement it is."""
+    import time
+
+    import kdcache
+    from conftest import FIXTURES, NUMBERED
+    from kdcache.pipeline import from_dict
+
+    location = tmp_path / "s.zarr"
+    shutil.copytree(numbered_store, location)
+    batches = iter(transfer(str(location), memory_budget_mb=0, buffer_shards=1, batch_size=ROWS_PER_SHARD, shuffle=False))
+    check_aligned(next(batches))
+    time.sleep(0.3)  # the next buffer, read ahead meanwhile, is of the first store
+    other = {**NUMBERED, "targets": {**NUMBERED["targets"], "dtype": "float16"}}
+    kdcache.extract(from_dict(other, root=FIXTURES), str(tmp_path / "new.zarr"))
+    location.rename(tmp_path / "old.zarr")
+    (tmp_path / "new.zarr").rename(location)
+    with pytest.raises(StoreError, match=r"s\.zarr' was replaced while this reader used it: its manifest's ") as raised:
+        for batch in batches:
+            check_aligned(batch)
+    assert "damaged" not in str(raised.value)
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_store_replaced_under_a_streaming_reader_is_refused(numbered_store, tmp_path, workers):
     """Streaming opens the store again at its first read (in each DataLoader worker, and in the process itself): a store
