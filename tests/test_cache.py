@@ -716,11 +716,15 @@ def test_taken_in_turn_is_a_dataloaders_round_robin():
             assert rest == turns[n:], (totals, n)
 
 
-def test_a_resumed_epoch_does_not_read_the_buffers_it_skips(numbered_store, monkeypatch):
+@pytest.mark.parametrize("batch_size, drop_last", [(4, False), (5, True)])
+def test_a_resumed_epoch_does_not_read_the_buffers_it_skips(numbered_store, monkeypatch, batch_size, drop_last):
+    """Buffers whose batches were all served before the interruption are not read again; with drop_last such a buffer
+    still holds rows (a shard's 16th row, in no batch of 5), which must not bring its read back either."""
     reads = record_reads(monkeypatch)
-    ts = transfer(numbered_store, seed=3, memory_budget_mb=0.0, buffer_shards=1, batch_size=4)  # a buffer: one shard
-    plan = [np.unique(rows // ROWS_PER_SHARD).tolist() for rows in ts.plan(0)]
-    ends = np.cumsum(ts._batch_counts(0))  # 4 batches a shard, 1 for the last (rows 96-99)
+    whole = np.arange(96) if drop_last else None  # drop_last: whole shards only, 3 batches each (the last shard's 4 rows make none)
+    ts = transfer(numbered_store, seed=3, memory_budget_mb=0.0, buffer_shards=1, batch_size=batch_size, drop_last=drop_last, rows=whole)
+    plan = [np.unique(rows // ROWS_PER_SHARD).tolist() for rows in ts.plan(0)]  # a buffer: one shard
+    ends = np.cumsum(ts._batch_counts(0))  # batch_size 4: 4 batches a shard, 1 for the last (rows 96-99)
     for skip in (ends[0], ends[1] + 1, ends[2], ends[2] + 3):
         unread = int(np.searchsorted(ends, skip, side="right"))  # buffers wholly served
         reads.clear()

@@ -269,6 +269,22 @@ def test_resume_on_a_store_that_gained_shards_keeps_the_run_s_rows(tiny_store, t
     assert set(np.concatenate([s["rows"] for s in steps]).tolist()) == set(range(50))
 
 
+def test_a_checkpoint_one_epoch_behind_its_metrics_ends_a_resumed_run_on_its_own_epoch(tiny_store, tmp_path):
+    """_save_epoch appends the epoch's metrics line, then replaces the checkpoint: a crash in between leaves metrics.jsonl
+    a line ahead of checkpoint.pt. Resumed where the plan now ends at the checkpoint (train.epochs lowered), the run ends
+    on the checkpoint's epoch, its line the last: never on the line of an epoch whose weights were not saved. Resumed
+    with the epoch to go, it is trained again and its line replaces the earlier one."""
+    out = tmp_path / "run"
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out)
+    behind = (out / "checkpoint.pt").read_bytes()  # saved at the end of epoch 1
+    train(pipeline(*PLAIN, "train.epochs=3"), tiny_store, out, resume=True)
+    (out / "checkpoint.pt").write_bytes(behind)  # epoch 2's line written, its checkpoint not: the crash in between
+    result = train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert result["epoch"] == 1 and [m["epoch"] for m in metrics(out)] == [0, 1]
+    train(pipeline(*PLAIN, "train.epochs=3"), tiny_store, out, resume=True)
+    assert [m["epoch"] for m in metrics(out)] == [0, 1, 2]
+
+
 def test_eval_cache_without_labels_reports_agreement_only(tiny_store, tmp_path):
     """An eval store of an unlabeled dataset has no accuracies to report: none is written (not a 0)."""
     unlabeled = extract_tiny(tmp_path / "unlabeled-test.zarr", 'data.split="test"', 'data.factory="numbered.py:tiny_unlabelled"')
