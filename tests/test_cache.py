@@ -417,11 +417,14 @@ def test_targets_given_as_none_are_refused_and_none_serves_inputs_and_labels(num
         assert batch["targets"] == {} and torch.equal(batch["label"], batch["index"] % 4)
 
 
-def test_dataset_of_another_length_is_refused(numbered_store):
-    """The error names what the store was extracted from (another split or factory is the usual mistake)."""
-    with pytest.raises(StoreError, match=r"^the dataset has 90 samples but '.*' has 100 \(extracted from numbered\.py:numbered\('train'\)\); "
+@pytest.mark.parametrize("n", [90, 120])
+def test_dataset_of_another_length_is_refused(numbered_store, n):
+    """The error names what the store was extracted from (another split or factory is the usual mistake). A longer
+    dataset is refused too, though each store row finds an item at its index (here even its own, checks all pass): a
+    split that grew since is not the dataset the store was made from."""
+    with pytest.raises(StoreError, match=rf"^the dataset has {n} samples but '.*' has 100 \(extracted from numbered\.py:numbered\('train'\)\); "
                                          r"use the dataset the store was made from$"):
-        transfer(numbered_store, Numbered(90))
+        transfer(numbered_store, Numbered(n))
 
 
 def test_a_dataset_that_is_not_map_style_is_refused(numbered_store):
