@@ -1,0 +1,211 @@
+"""Mutation testing of the alignment and resume code: does the suite catch the bugs kdcache most fears?
+
+Each mutant is one small, plausible slip (an off-by-one in row or shard arithmetic, a check dropped, ``<`` for ``<=``,
+another row's values, a resume one step early or late) in ``kdcache/``. This script applies one mutant at a time,
+runs the test files chosen for it (``-x``: the first failure kills it), writes the file back as it was, and prints
+a Markdown table: KILLED (by which test), SURVIVED, or TIMEOUT. The table of Session 36 is in benchmarks/RESULTS.md.
+
+Run from the repository root (it takes about 20 minutes on 2 cores; ``IDS`` runs only those mutants)::
+
+    PYTHONPATH=. python tests/mutate_alignment.py [IDS ...]
+
+Not collected by pytest (no ``test_`` prefix). It refuses to start where ``kdcache/`` has uncommitted changes (a run
+cut short leaves its mutant in place: ``git checkout -- kdcache/`` undoes it), so that every mutant starts from HEAD.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300  # per mutant; a mutant that hangs the tests counts as caught (TIMEOUT), but is named so
+
+# the test files each kind of mutant is run against (the suite as a whole would take hours per mutant)
+READ = ["tests/test_cache.py", "tests/test_alignment.py"]
+STORE = ["tests/test_format.py", "tests/test_fast_paths.py", "tests/test_cache.py", "tests/test_verify.py"]
+EXTRACT = ["tests/test_extract.py", "tests/test_format.py"]
+RESUME = ["tests/test_train.py", "-k", "resum"]
+
+
+class Mutant(NamedTuple):
+    id: str
+    file: str  # under kdcache/
+    old: str  # must occur exactly once in the file
+    new: str
+    what: str
+    tests: list[str]
+
+
+MUTANTS = [
+    # -- cache.TransferSet: which rows are read, and where in what was read each row is ------------------------------
+    Mutant("C1", "cache.py", "np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard",
+           "np.searchsorted(self.groups.shards, rows // self.rows_per_shard, side=\"right\") * self.rows_per_shard",
+           "in RAM, `held`: searchsorted side='right' (each row's place one shard later)", READ),
+    Mutant("C2", "cache.py", "held = np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard",
+           "held = rows", "in RAM, `held = rows` (as if every shard of the store were held)", READ),
+    Mutant("C3", "cache.py", "offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])",
+           "offsets = np.cumsum(spans[:, 1] - spans[:, 0])", "streaming `_read`: offsets without their leading 0", READ),
+    Mutant("C4", "cache.py", "position = offsets[local] + rows - spans[local, 0]",
+           "position = local * self.rows_per_shard + rows - spans[local, 0]",
+           "streaming `_read`: position by rows_per_shard, not the shards' own lengths", READ),
+    Mutant("C5", "cache.py", "spans = [(store.shard_rows(int(run[0]))[0], store.shard_rows(int(run[-1]))[1]) for run in runs] or [(0, 0)]",
+           "spans = [(store.shard_rows(int(shards[0]))[0], store.shard_rows(int(shards[-1]))[1])] if len(shards) else [(0, 0)]",
+           "`_read_whole`: one span from the first shard to the last, over the gaps between runs", READ),
+    Mutant("C6", "cache.py", "spans = [(store.shard_rows(int(run[0]))[0], store.shard_rows(int(run[-1]))[1]) for run in runs] or [(0, 0)]",
+           "spans = [(store.shard_rows(int(run[0]))[0], store.shard_rows(int(run[-1]))[0]) for run in runs] or [(0, 0)]",
+           "`_read_whole`: each run's span ends at its last shard's first row", READ),
+    Mutant("C7", "cache.py", "order = None if bool(np.all(shard[1:] >= shard[:-1])) else np.argsort(shard, kind=\"stable\")",
+           "order = None", "`ShardGroups.of`: rows taken as grouped by shard without looking (unsorted `rows`)", READ),
+    Mutant("C8", "cache.py", "spans = [slice(self.bounds[g], self.bounds[g + 1]) for g in np.sort(groups)]",
+           "spans = [slice(self.bounds[g], self.bounds[g + 1]) for g in groups]",
+           "`ShardGroups.rows_of`: a buffer's shards in draw order, not ascending", READ),
+    Mutant("C9", "cache.py", "            if i % k != me:\n                continue",
+           "            if (i + 1) % k != me:\n                continue",
+           "DataLoader workers: worker w takes buffers w-1, w-1+k, ... (`[1::k]` for `[0::k]`)", READ),
+    Mutant("C10", "cache.py", "taken[w], rest, following = taken[w] + 1, rest - 1, (w + 1) % len(totals)",
+           "taken[w], rest, following = taken[w] + 1, rest - 1, w",
+           "`taken_in_turn`: the next turn is the last served reader's, not the one after", READ),
+    Mutant("C11", "cache.py", "me = (following + me) % k", "me = (following - me) % k",
+           "a resumed epoch's workers: turns rotated the wrong way", READ),
+    Mutant("C12", "cache.py", "if left and left >= counts[i]:", "if left and left > counts[i]:",
+           "a resumed epoch: a buffer whose batches were all served is read again (`>` for `>=`)", READ),
+    Mutant("C13", "cache.py", "steps = range(skip + me, max(len(s) for s in streams), k)",
+           "steps = range(me, max(len(s) for s in streams), k)", "streams: a resumed epoch's skipped steps served again", READ),
+    Mutant("C14", "cache.py", "        _check_index(rows, columns[layout.INDEX], self.location)\n", "",
+           "`_batch`: `_check_index` dropped", READ),
+    Mutant("C15", "cache.py", "\"index\": torch.from_numpy(columns[layout.INDEX]),", "\"index\": torch.from_numpy(rows),",
+           "`_batch`: the batch's index taken from its rows, not the store's index column", READ),
+    Mutant("C16", "cache.py", "which = range(n) if check.fraction >= 1 else", "which = range(n - 1) if check.fraction >= 1 else",
+           "fingerprint check: the last row of each batch left out", READ),
+    Mutant("C17", "cache.py", "(self.first_skipped and self.epoch == first + 1)", "(self.first_skipped and self.epoch == first)",
+           "a resumed first epoch: the next epoch checked at the recheck fraction", READ),
+    Mutant("C18", "cache.py", "undone = np.flatnonzero(~done[out // store.rows_per_shard])",
+           "undone = np.flatnonzero(~done[np.minimum(out // store.num_shards, store.num_shards - 1)])",
+           "`_checked_rows`: a row's shard by num_shards, not rows_per_shard", READ),
+    Mutant("C19", "cache.py", "for s in (np.flatnonzero(store.done_snapshot()) if shards is None else shards)]",
+           "for s in (np.arange(store.num_shards) if shards is None else shards)]",
+           "`done_rows`: every shard taken as done", READ),
+    Mutant("C20", "cache.py", "            seen = fast[k] if fast is not None else data.fingerprint(inputs[j], self.algorithm)\n            if seen != int(stored[j]):",
+           "            seen = fast[k] if fast is not None else data.fingerprint(inputs[j], self.algorithm)\n            if seen != int(stored[k]):",
+           "fingerprint check: stored fingerprint of the k-th checked row, not of row j", READ),
+    Mutant("C21", "cache.py", "out[i % self.streams].append((i, lo, min(lo + self.batch_size, size)))",
+           "out[(i + 1) % self.streams].append((i, lo, min(lo + self.batch_size, size)))",
+           "streams (torchrun ranks): buffer i to stream i+1 (`[1::K]` for `[0::K]`)", READ),
+    Mutant("C22", "cache.py", "if n != store.num_samples:  # rows would be paired", "if n < store.num_samples:  # rows would be paired",
+           "a dataset longer than the store accepted (`<` for `!=`)", READ),
+    # -- store: shard arithmetic, done markers, digests ----------------------------------------------------------------
+    Mutant("S1", "store.py", "return start, min(start + self.rows_per_shard, self.num_samples)",
+           "return start, min(start + self.rows_per_shard, self.num_samples - 1)", "`shard_rows`: the last row left out", STORE),
+    Mutant("S2", "store.py", "shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))\n        self._take_snapshot()\n        undone",
+           "shards = range(start // self.rows_per_shard, stop // self.rows_per_shard)\n        self._take_snapshot()\n        undone",
+           "`read`: the shards read by floor(stop / rows_per_shard): a last, partly read shard not checked as done", STORE),
+    Mutant("S3", "store.py", "parts.append(self._read_checked(path, lo, hi, range(shard, shard + 1), objects=objects) if self._done[shard]\n                             else self.read(path, lo, hi))",
+           "parts.append(self._read_checked(path, lo, hi, range(shard, shard + 1), objects=objects))",
+           "`read_shards`: a shard not done read as if it were", STORE),
+    Mutant("S4", "store.py", "return rows[:, 0] == 1", "return rows[:, 0] <= 1", "done markers: `<= 1` (every marker read as done)", STORE),
+    Mutant("S5", "store.py", "if rows is None or (rows > 1).any():", "if rows is None or (rows >= 1).any():",
+           "done markers: `>= 1` for `> 1` (zarr reads every marker where one is done)", STORE),
+    Mutant("S6", "store.py", "whole = self._done[shard] and start <= lo and hi <= stop",
+           "whole = self._done[shard] and start < lo and hi <= stop", "digests: a read from a shard's first row not checked (`<`)", STORE),
+    Mutant("S7", "store.py", "digest = value(path.encode() + int(shard).to_bytes(8, \"little\"))", "digest = value(path.encode())",
+           "digest: the shard number left out (a row of digests fits any shard of the array)", STORE),
+    Mutant("S8", "store.py", "        digests, objects = {}, {}\n        try:\n",
+           "        digests, objects = {}, {}\n        if not _write_uncompressed_chunk(self.array(DONE), (shard,), np.ones(1, dtype=bool)):\n"
+           "            self.array(DONE)[shard] = True\n        try:\n",
+           "`write_shard`: the done marker written before the columns", ["tests/test_reliability.py", "tests/test_extract.py"]),
+    Mutant("S9", "store.py", "            done[list(lost)] = False\n", "",
+           "`resume_pending`: shards whose objects are gone stay done in the pending list", EXTRACT + ["tests/test_verify.py"]),
+    Mutant("S10", "store.py", "digests[path] = shard_digest(path, shard, pieces, crcs)", "digests[path] = shard_digest(path, start, pieces, crcs)",
+           "`write_shard`: the digest bound to the shard's first row, not its number", STORE),
+    # -- extract: which shards are written, and what goes in them ------------------------------------------------------
+    Mutant("E1", "extract.py", "pending = store.resume_pending()  # done shards whose objects are missing too",
+           "pending = store.pending_shards()", "extract resumes the shards not done only (objects gone ignored)", EXTRACT),
+    Mutant("E2", "extract.py", "shard = int(rows[0]) // self.store.rows_per_shard", "shard = int(rows[-1]) // self.store.rows_per_shard",
+           "`ShardWriter`: a batch's shard by its last row", EXTRACT),
+    Mutant("E3", "extract.py", "pieces = sorted(pieces, key=lambda entry: entry[0])", "pieces = list(pieces)",
+           "`_joined`: a shard's batches joined in the order they came, not by row", EXTRACT),
+    Mutant("E4", "extract.py", "index, stored = store.array(layout.INDEX)[start:stop], store.array(layout.FINGERPRINT)[start:stop]",
+           "index, stored = store.array(layout.INDEX)[start:stop], store.array(layout.FINGERPRINT)[start + 1 : stop + 1]",
+           "resume's `check_done_rows`: fingerprints one row further on than their indices", EXTRACT),
+    Mutant("E5", "extract.py", "for shard in np.sort(rng.choice(done, size=min(len(done), RESUMED_SHARDS), replace=False)):",
+           "for shard in np.sort(rng.choice(done, size=min(len(done), RESUMED_SHARDS), replace=False))[1:]:",
+           "resume's `check_done_rows`: the first shard drawn not checked", EXTRACT),
+    Mutant("E6", "data.py", "start, stop = s * self.rows, min((s + 1) * self.rows, self.n)",
+           "start, stop = s * self.rows, min((s + 1) * self.rows, self.n - 1)", "`ShardBatches`: the dataset's last row never extracted", EXTRACT),
+    Mutant("E7", "teacher.py", "return values.gather(-1, order), classes.gather(-1, order).to(torch.int32)",
+           "return values.gather(-1, order), classes.to(torch.int32)", "`top_k`: values sorted, their classes not", ["tests/test_topk.py"]),
+    Mutant("E8", "teacher.py", "return values.gather(-1, order), classes.gather(-1, order).to(torch.int32)",
+           "return values.gather(-1, order), classes.gather(-1, order).roll(1, 0).to(torch.int32)",
+           "`top_k`: each row's values with the previous row's classes", ["tests/test_topk.py"]),
+    Mutant("E9", "distributed.py", "extract_shards(run, pipeline, store, pending[rank::world], Progress(0, \"\", enabled=False))",
+           "extract_shards(run, pipeline, store, pending[rank + 1::world], Progress(0, \"\", enabled=False))",
+           "torchrun extract: rank r writes pending[r+1::K]", ["tests/test_distributed.py", "-k", "torchrun_store_equals"]),
+    # -- train: where a resumed run starts, and what it trains on ------------------------------------------------------
+    Mutant("T1", "train.py", "transfer.set_epoch(state[\"epoch\"], skip=state[\"batch\"])", "transfer.set_epoch(state[\"epoch\"])",
+           "resume: the epoch's batches trained before are served again", RESUME),
+    Mutant("T2", "train.py", "    _set_rng_state(ckpt[\"rng\"])\n", "", "resume: the RNG state not restored", RESUME),
+    Mutant("T3", "train.py", "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n"
+           "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
+           "                    batches = _start_epoch(transfer, loader, state)\n",
+           "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
+           "                    batches = _start_epoch(transfer, loader, state)\n"
+           "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n",
+           "the RNG state saved after the next epoch's loader started", RESUME),
+    Mutant("T4", "train.py", "if checkpoint is not None and \"shards\" in checkpoint:", "if False:",
+           "resume: trains on the shards done now, not the run's own", RESUME),
+    Mutant("T5", "train.py", "return line[\"epoch\"] >= state[\"epoch\"] and not here", "return line[\"epoch\"] > state[\"epoch\"] and not here",
+           "resume: metrics line of the epoch trained again is kept (`>` for `>=`)", RESUME),
+    Mutant("T6", "train.py", "return np.sort(np.random.default_rng(seed).permutation(rows)[:subset])",
+           "return np.random.default_rng(seed).permutation(rows)[:subset]", "`train.subset`'s rows left unsorted",
+           RESUME[:1] + ["-k", "subset"]),
+    Mutant("T7", "train.py", "state = state[rank if len(state) == world else 0]", "state = state[0]",
+           "torchrun resume: every rank restored with rank 0's RNG state",
+           ["tests/test_distributed.py", "-k", "torchrun and (sigterm or resume)"]),
+]
+
+
+def dirty() -> bool:
+    return bool(subprocess.run(["git", "status", "--porcelain", "kdcache/"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+
+
+def run_one(m: Mutant) -> tuple[str, float]:
+    """Apply ``m``, run its tests, put the file back; the outcome as the table says it, and the seconds taken."""
+    path = ROOT / "kdcache" / m.file
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        return f"NOT APPLIED (its text occurs {text.count(m.old)} times: the code changed; update the mutant)", 0.0
+    start = time.monotonic()
+    path.write_text(text.replace(m.old, m.new))
+    try:
+        done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                              cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"TIMEOUT after {TIMEOUT_S} s", time.monotonic() - start
+    finally:
+        path.write_text(text)
+    seconds = time.monotonic() - start
+    if done.returncode == 0:
+        return "SURVIVED", seconds
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M)
+    return (f"KILLED by {failed[0]}" if failed else f"KILLED (pytest exit {done.returncode})"), seconds
+
+
+def main(ids: list[str]) -> None:
+    if dirty():
+        sys.exit("kdcache/ has uncommitted changes (a mutant left by a run cut short?); `git checkout -- kdcache/` first")
+    chosen = [m for m in MUTANTS if not ids or m.id in ids]
+    print("| id | mutation | file | outcome | seconds |\n|---|---|---|---|---|", flush=True)
+    for m in chosen:
+        outcome, seconds = run_one(m)
+        print(f"| {m.id} | {m.what} | kdcache/{m.file} | {outcome} | {seconds:.0f} |", flush=True)
+    if dirty():
+        sys.exit("kdcache/ was not restored: `git checkout -- kdcache/`")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
