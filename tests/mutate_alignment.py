@@ -201,6 +201,9 @@ def run_one(m: Mutant) -> tuple[str, str, float]:
 def main(ids: list[str]) -> None:
     if dirty():
         sys.exit("kdcache/ has uncommitted changes (a mutant left by a run cut short?); `git checkout -- kdcache/` first")
+    unknown = sorted(set(ids) - {m.id for m in MUTANTS})
+    if unknown:
+        sys.exit(f"no mutant {', '.join(unknown)}; the ids are {', '.join(m.id for m in MUTANTS)}")
     chosen = [m for m in MUTANTS if not ids or m.id in ids]
     print("| id | mutation | where | outcome | seconds |\n|---|---|---|---|---|", flush=True)
     for m in chosen:
