@@ -375,10 +375,13 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
                                     f"one quoted key: train.features.\"{layer}.{split}\" (on a command line: "
                                     f"--set 'train.features.\"{layer}.{split}\".{given}')")
             _unknown(spec, ["student", "weight", "select"], f"train.features.{layer!r}.", source)
-            if not isinstance(spec.get("student"), str):
+            if "student" not in spec:
                 raise PipelineError(
                     f"{source}: train.features.{layer!r} needs student = \"<student module name>\", got {_seen(spec)}"
                 )
+            toml_layer = layer if re.fullmatch(r"[A-Za-z0-9_-]+", layer) else json.dumps(layer)  # as a TOML key spells it
+            _check(spec["student"], "str", f"train.features.{toml_layer}.student", source,
+                   "a quoted string, the name of a student module (student.named_modules())")
             _check(spec.get("weight", FEATURE_DEFAULTS["weight"]), "float", f"train.features.{layer!r}.weight", source)
             if "select" in spec:
                 spec["select"] = _selector(spec["select"], f"train.features.{layer!r}.select", source)

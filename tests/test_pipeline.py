@@ -277,6 +277,9 @@ def test_bad_choices_list_the_valid_ones(override, match):
         ("train.loss=1", r"train.loss must be a table, got 1"),
         ("train.features.conv=fc", r"train.features.'conv' must be a table, got 'fc'"),
         ("train.features.conv.weight=1", r"train.features.'conv' needs student = \"<student module name>\""),
+        # a module named by its index in a Sequential, unquoted: once "needs student = ..., got {'student': 2}"
+        ("train.features.conv.student=2", r"train.features.conv.student must be a quoted string, the name of a student module .*"
+                                          r"got 2 \(TOML reads 2 unquoted as a number: .*--set 'train.features.conv.student=\"2\"'\)"),
         ("train.fingerprint_check=1.5", r"train.fingerprint_check = 1.5 is a fraction of rows; use a value from 0 to 1"),
         ("train.fingerprint_recheck=2", r"train.fingerprint_recheck = 2 is a fraction of rows"),
     ],
