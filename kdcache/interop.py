@@ -54,7 +54,9 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
     with locking.reading_lock(location, storage_options, "pack") as held:
         store = _complete(location, storage_options, "pack")
         _check_objects(store, "pack")
+        _check_layout(store, "pack")
         keys, strays, bounds, sharded = _store_objects(store)
+        unchecked = unchecked_arrays(store)
         part = _part_name(out)
         nbytes = 0
         with _writing(part, out), _part_file(part, out) as fd, open(fd, "w+b", closefd=False) as f:
@@ -70,7 +72,12 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
         named = ", ".join(repr(k) for k in strays[:STRAYS_NAMED]) + (f" and {len(strays) - STRAYS_NAMED} more" if len(strays) > STRAYS_NAMED else "")
         print(f"note: left out {len(strays)} {'file' if len(strays) == 1 else 'files'} of {store.location!r} that "
               f"{'is not an object' if len(strays) == 1 else 'are not objects'} of the store (FORMAT.md §17): {named}", file=sys.stderr)
-    return {"out": str(out), "objects": len(keys), "bytes": nbytes, "file_bytes": out.stat().st_size, "left_out": strays}
+    if unchecked:
+        print(f"note: copied {', '.join(map(repr, unchecked))} of {store.location!r} without a checksum check: "
+              f"{'its chunks carry' if len(unchecked) == 1 else 'their chunks carry'} no crc32c (not sharded with crc32c "
+              "checksums as kdcache writes them, FORMAT.md §3.1: rewritten by another tool?)", file=sys.stderr)
+    return {"out": str(out), "objects": len(keys), "bytes": nbytes, "file_bytes": out.stat().st_size, "left_out": strays,
+            "unchecked": unchecked}
 
 
 STRAYS_NAMED = 5  # files left out by pack named in its note
@@ -118,6 +125,12 @@ def _store_objects(store: layout.Store, skip: Collection[str] = ()) -> tuple[lis
             strays.append(key)
     sharded = {path: found._replace(added=path not in kdcache_arrays) for path in arrays if (found := _sharded(nodes[path])) is not None}
     return sorted(objects), sorted(strays), bounds, sharded
+
+
+def unchecked_arrays(store: layout.Store) -> list[str]:
+    """The data arrays whose chunks carry no crc32c checksums (not of ``_sharded``'s shape, as kdcache writes them: an
+    array another tool rewrote), which ``pack`` copies and ``verify`` decodes unchecked."""
+    return [path for path in store.paths() if _sharded(store.array(path).metadata.to_dict()) is None]
 
 
 def _kdcache_arrays(store: layout.Store) -> list[str]:
@@ -855,6 +868,18 @@ def _check_objects(store: layout.Store, verb: str) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise StoreError(f"cannot {verb} {store.location!r}: {problems[0]}{more}; run kdcache verify {store.location} "
                          "to list the damage, and re-extract the store or copy it again")
+
+
+def _check_layout(store: layout.Store, verb: str) -> None:
+    """Refuse a store whose arrays ``kdcache verify``'s layout check fails (an array another tool rewrote unsharded, or
+    in other shards): its copy would fail that check too."""
+    from kdcache.verify import layout_check
+
+    check = layout_check(store)
+    if not check.ok:
+        more = f" (and {check.count - 1} more)" if check.count > 1 else ""
+        raise StoreError(f"cannot {verb} {store.location!r}: {check.problems[0]}{more}, as kdcache verify's layout check says; "
+                         "re-extract the store (or write the array back as kdcache wrote it)")
 
 
 @contextmanager

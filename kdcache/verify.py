@@ -105,7 +105,7 @@ def _run_checks(store: layout.Store, checks: list[Check], teacher_check: int, pi
                 tolerance: float | None) -> dict[str, Any] | None:
     """Run the checks in order, each appended to ``checks`` once done; returns the teacher check's figures (None: not run)."""
     checks.append(_completeness(store))
-    checks.append(_layout(store))
+    checks.append(layout_check(store))
     if checks[1].ok:
         checks += _contents(store)
     if teacher_check == 0:
@@ -144,7 +144,7 @@ def _completeness(store: layout.Store) -> Check:
     return check
 
 
-def _layout(store: layout.Store) -> Check:
+def layout_check(store: layout.Store) -> Check:
     check = Check("layout", f"{len(store.paths())} data arrays + {layout.DONE}")
     rows, chunk_rows = store.rows_per_shard, store.manifest["geometry"]["chunk_rows"]
     for path in store.paths():
@@ -238,8 +238,11 @@ def _contents(store: layout.Store) -> list[Check]:
 def _added_arrays(store: layout.Store, sums: Check) -> None:
     """The checksums of the chunk objects of arrays added to the store (FORMAT.md §14), checked as ``kdcache pack``
     checks them (FORMAT.md §17: where they have its shape; the others are named in the summary as not checked)."""
-    from kdcache.interop import check_added_arrays
+    from kdcache.interop import check_added_arrays, unchecked_arrays
 
+    unchecked = unchecked_arrays(store)
+    if unchecked:
+        sums.summary += f"; not checked: {', '.join(map(repr, unchecked))} (no crc32c checksums: rewritten by another tool?)"
     try:
         checked, unchecked, problems = check_added_arrays(store)
     except PermissionError:  # a bucket that grants reads alone refuses its listing: no added array can be found

@@ -16,6 +16,7 @@ from kdcache.cli import main
 from kdcache.errors import StoreError
 from kdcache.interop import export_hdf5, import_hdf5, pack
 from kdcache.store import open_store
+from kdcache.verify import verify
 from conftest import extract_tiny
 from reference import make_pipeline, without_times
 
@@ -261,3 +262,43 @@ def test_a_killed_packs_temp_file_is_removed_by_the_next_pack_but_a_running_ones
                         "before it finished\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, running.name])
     assert running.read_bytes() == b"PK"
+
+
+def _rewrite_logits(store: Path, **codecs: object) -> np.ndarray:
+    """``targets/logits`` written again by plain zarr with ``codecs`` (its rows and attributes kept), as another tool would."""
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")
+    rows, attrs = group["targets/logits"][:], dict(group["targets/logits"].attrs)
+    del group["targets/logits"]
+    group.create_array("targets/logits", shape=rows.shape, dtype=rows.dtype, **codecs).attrs.update(attrs)
+    group["targets/logits"][:] = rows
+    return rows
+
+
+def test_pack_refuses_a_data_array_rewritten_unsharded_and_notes_one_rewritten_without_crc32c(tiny_store, tmp_path):
+    """A data array another tool rewrote unsharded was packed without a word, and verify then failed the zip's layout;
+    pack refuses it with that check's line. One rewritten sharded as kdcache's but without crc32c was copied, and
+    verified, as if its checksums were checked: pack and verify now say they were not."""
+    import shutil
+
+    from zarr.codecs import BytesCodec, ZstdCodec
+
+    geometry = open_store(tiny_store).array("targets/logits")
+    plain, bare = tmp_path / "plain.zarr", tmp_path / "bare.zarr"
+    shutil.copytree(tiny_store, plain)
+    shutil.copytree(tiny_store, bare)
+    _rewrite_logits(plain, chunks=geometry.chunks)
+    rows = _rewrite_logits(bare, chunks=geometry.chunks, shards=geometry.shards, serializer=BytesCodec(), compressors=[ZstdCodec()])
+
+    r = CliRunner().invoke(main, ["pack", str(plain), str(tmp_path / "plain.zarr.zip")])
+    assert r.exit_code == 1 and f"Error: cannot pack {str(plain)!r}: targets/logits: shard None / inner chunk" in r.output, r.output
+    assert "as kdcache verify's layout check says; re-extract the store" in r.output and not (tmp_path / "plain.zarr.zip").exists()
+
+    r = CliRunner().invoke(main, ["pack", str(bare), str(tmp_path / "bare.zarr.zip")])
+    assert r.exit_code == 0 and f"note: copied 'targets/logits' of {str(bare)!r} without a checksum check" in r.output, r.output
+    for location in (str(bare), f"{tmp_path}/bare.zarr.zip"):
+        report = verify(location)
+        assert report["ok"] and "not checked: 'targets/logits' (no crc32c checksums" in report["checks"][2]["summary"], report
+    assert np.array_equal(open_store(f"{tmp_path}/bare.zarr.zip").read("targets/logits", 0, len(rows)), rows)
+    assert "not checked" not in verify(str(tiny_store))["checks"][2]["summary"]
