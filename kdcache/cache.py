@@ -359,14 +359,14 @@ class TransferSet(IterableDataset):
         --overwrite``, a copy synced over it) would serve its rows beside the first store's (in RAM, or read by another
         worker), targets of another teacher or run, checked only by the fingerprints of the rows the re-check picks."""
         store = layout.open_store(self.location, storage_options=self.storage_options)
-        _check_same_store(self.location, self._manifest, layout.identity(store.manifest), "while this reader used it", "the reader was made")
+        layout.check_same_store(self.location, self._manifest, layout.identity(store.manifest), "while this reader used it", "the reader was made")
         return store
 
     def check_made_from(self, manifest: dict[str, Any]) -> None:
         """Refuse this reader unless its store is the one whose ``manifest`` the caller read (training's setup, which opened
         the store before): one replaced at the same location in between would serve another teacher's or run's targets
         where the caller checked, and its checkpoint records, the first."""
-        _check_same_store(self.location, layout.identity(manifest), self._manifest, "between its first opening and this reader's", "first opened")
+        layout.check_same_store(self.location, layout.identity(manifest), self._manifest, "between its first opening and this reader's", "first opened")
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
         _check_index(rows, columns[layout.INDEX], self.location)
@@ -513,15 +513,6 @@ def _read_whole(store: layout.Store, paths: list[str], shards: np.ndarray, row_b
     the one array kept: a ``train.subset`` of a few shards' rows reads those shards only, and holds them once."""
     _check_ram(row_bytes * _rows_of_shards(store, shards), budget_mb, location, checkpoint_bytes)
     return {p: store.read_shards(p, shards.tolist()) for p in paths}
-
-
-def _check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], when: str, then: str) -> None:
-    """Refuse the store at ``location`` unless its identity ``now`` is ``was`` (``store.identity``): it was replaced ``when``."""
-    if now != was:
-        key = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
-        raise StoreError(f"{location!r} was replaced {when}: its manifest's {key} was {short(was.get(key))} when {then} and is "
-                         f"{short(now.get(key))} now (another kdcache extract --overwrite, or a copy over it?); rerun against the "
-                         "store as it is now, and keep a store in place while a run reads it (its rows would mix with the other store's)")
 
 
 def _one_input(inputs: list[Any], algorithm: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from kdcache import store as layout
-from kdcache.errors import count, need
+from kdcache.errors import DamagedStoreError, count, need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
 BLOCKS = 64  # dask tasks a run's shards are shared among, whatever their number
@@ -113,7 +113,12 @@ def _shards_read(store: layout.Store, what: _What, shards: list[int]) -> Iterato
     paths = [p for p in (what.logits, what.labels, what.classes, *(path for _, path in what.layers)) if p]
     reads = store.read_ahead([(p, shard) for shard in shards for p in paths], most=2 * len(paths) - 1)
     for _ in shards:
-        yield {p: next(reads).result() for p in paths}
+        try:
+            columns = {p: next(reads).result() for p in paths}
+        except DamagedStoreError:  # a store replaced meanwhile (another extract --overwrite) fails so too: named as replaced
+            store.check_not_replaced("stats")
+            raise
+        yield columns
 
 
 def _shard_sums(what: _What, columns: dict[str, np.ndarray]) -> _Sums:

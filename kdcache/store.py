@@ -967,6 +967,19 @@ class Store:
             window = min(most, ahead_for(largest * self.rows_per_shard))
         return threads.ahead("read", REMOTE_READS, read, calls, window)
 
+    def check_not_replaced(self, command: str) -> None:
+        """Refuse the store if the one at its location now is another (``identity``): a read that failed as damage while
+        ``kdcache command`` read it is then that replacement (another ``extract --overwrite``, a copy over it), not damage."""
+        when = f"while kdcache {command} read it"
+        try:
+            now = open_store(self.location, storage_options=self.storage_options).manifest
+        except UnreachableError:
+            raise
+        except KdcacheError as e:  # removed, or not yet whole again: the replacement under way
+            raise StoreError(f"{self.location!r} was removed or replaced {when}: it does not open now ({one_line(e, 200)}); "
+                             "rerun once the store is in place again") from None
+        check_same_store(self.location, identity(self.manifest), identity(now), when, f"{command} began")
+
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
         read of a store being written."""
@@ -2461,6 +2474,15 @@ def identity(manifest: dict[str, Any]) -> dict[str, Any]:
     """What makes a store the one it is: its manifest, but for ``completed`` (set when a store being written is finished:
     a reader of a partial store reads only shards done when it began, a writer of one goes on writing it)."""
     return {k: v for k, v in manifest.items() if k != "completed"}
+
+
+def check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], when: str, then: str) -> None:
+    """Refuse the store at ``location`` unless its identity ``now`` is ``was`` (``identity``): it was replaced ``when``."""
+    if now != was:
+        key = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
+        raise StoreError(f"{location!r} was replaced {when}: its manifest's {key} was {short(was.get(key))} when {then} and is "
+                         f"{short(now.get(key))} now (another kdcache extract --overwrite, or a copy over it?); rerun against the "
+                         "store as it is now, and keep a store in place while a run reads it (its rows would mix with the other store's)")
 
 
 def difference(stored: dict[str, Any], manifest: dict[str, Any]) -> str | None:

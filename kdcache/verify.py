@@ -95,6 +95,8 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
     checks: list[Check] = []
     try:
         teacher = _run_checks(store, checks, teacher_check, pipeline, seed, tolerance)
+        if not all(c.ok for c in checks):  # what failed may be a store replaced meanwhile, read by the first one's metadata
+            store.check_not_replaced("verify")
     except (Exception, KeyboardInterrupt) as e:  # a read failed on the way, the teacher raised, Ctrl-C: the checks done are
         e.report = {**_report(location, checks, None), "ok": False}  # type: ignore[attr-defined] - kept (verify --json prints them)
         raise

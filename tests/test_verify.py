@@ -776,3 +776,30 @@ def test_an_array_zarr_json_whose_zarr_format_is_damaged_is_named_as_such_not_mi
                      "re-extract the store"], found
     r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(copy.parent / "run")])
     assert r.exit_code == 1 and "'targets/logits/zarr.json' is not valid zarr metadata (its zarr_format is None, not 3)" in r.output, r.output
+
+
+@pytest.mark.parametrize("command", ["verify", "stats"])
+def test_a_store_replaced_while_verify_or_stats_reads_it_is_named_as_replaced_not_damaged(numbered_store, tmp_path, monkeypatch, command):
+    """Another extract --overwrite (here of float16 logits) replaced the store after verify or stats had read its first
+    shard: the next shards, read by the first store's metadata and digests, were reported as damage (verify's FAIL lines
+    "does not decode", whose fix is to re-extract; stats' error naming a damaged shard). It is named as the replacement."""
+    from conftest import FIXTURES, NUMBERED
+    from kdcache.pipeline import from_dict
+
+    location = tmp_path / "s.zarr"
+    shutil.copytree(numbered_store, location)
+    other = {**NUMBERED, "targets": {**NUMBERED["targets"], "dtype": "float16"}}
+    kdcache.extract(from_dict(other, root=FIXTURES), str(tmp_path / "new.zarr"))
+    read_ahead = layout.Store.read_ahead
+
+    def replaced_after_the_first(self, wanted, **kwargs):  # the store swapped once its first read is done
+        reads = read_ahead(self, wanted, **kwargs)
+        yield next(reads)
+        location.rename(tmp_path / "old.zarr")
+        (tmp_path / "new.zarr").rename(location)
+        yield from read_ahead(self, wanted[1:], **kwargs)
+
+    monkeypatch.setattr(layout.Store, "read_ahead", replaced_after_the_first)
+    r = CliRunner().invoke(main, [command, str(location)])
+    assert r.exit_code == 1 and f"Error: {str(location)!r} was replaced while kdcache {command} read it: its manifest's" in r.output, r.output
+    assert "damaged" not in r.output and "re-extract" not in r.output
