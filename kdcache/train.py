@@ -60,6 +60,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
     check_values(pipeline)
     resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
+    cache_options, eval_options = _options_by_store(cache_location, t.eval_cache, storage_options)
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
         resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
@@ -69,7 +70,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
     if world > 1:
         _check_same_out(out, checkpoint, unread)
-    store = open_for_training(cache_location, allow_partial, storage_options)
+    store = open_for_training(cache_location, allow_partial, cache_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
     dataset = _dataset(pipeline, store, "the store")
     # what the run changes on the student: its feature hooks, and its modules' training modes (evaluation leaves them in
@@ -78,7 +79,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     try:
         run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
         streamed = checkpoint is not None and (checkpoint.get("order") or {}).get("in_memory") is False
-        transfer = _transfer_set(t, cache_location, store, shards, dataset, run, storage_options, streams, streamed)
+        transfer = _transfer_set(t, cache_location, store, shards, dataset, run, cache_options, streams, streamed)
         order = _order(transfer, t.num_workers, world)
         if world > 1:
             distributed.barrier()  # every rank has loaded its store and built its student, however long it took
@@ -96,7 +97,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             # the next step's epoch and the epoch's batches trained; resumed inside an epoch, its loss sums so far
             state, partial = _resumed(out, checkpoint, run, optimizer, schedule, total_steps, rank)
             with _rng_kept(device):  # made after a resume restored the RNG: its dataset and check draw nothing training would
-                evaluate = _evaluator(pipeline, run, device, storage_options, trained=store.manifest)
+                evaluate = _evaluator(pipeline, run, device, eval_options, trained=store.manifest)
             # an earlier run's files (--overwrite) stay until this run's first checkpoint is saved
             # the values the run began with (a resumed run's own, where its pipeline.json or checkpoint records them)
             values = (_recorded(out, checkpoint)[0] if checkpoint is not None else None) or pipeline.to_dict()
@@ -118,6 +119,16 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _options_by_store(cache: str, eval_cache: str, storage_options: dict[str, Any] | None) -> tuple[Any, Any]:
+    """The storage options of the ``--cache`` store and of ``train.eval_cache``: both take them, but for a local one
+    (a folder, a local zip) where the other is a URL, whose options they are; with no URL of the two the local cache
+    refuses them, naming them."""
+    urls = [bool(where) and storage.location_kind(where) in ("url", "http") for where in (cache, eval_cache)]
+    if not any(urls):
+        return storage_options, storage_options
+    return tuple(storage_options if url else None for url in urls)  # type: ignore[return-value]
 
 
 def _flags(storage_options: Any, resume: Any, overwrite: Any, allow_partial: Any, progress: Any) -> tuple[Any, bool, bool, bool, str]:

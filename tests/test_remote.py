@@ -133,6 +133,28 @@ def test_extract_info_verify_train_through_the_cli_on_s3(s3, tmp_path, monkeypat
     assert r.exit_code == 1 and r.output.startswith("Error: cannot reach") and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("where", ["eval-cache-on-s3", "cache-on-s3"])
+def test_train_with_one_store_local_and_the_other_on_s3_takes_the_storage_options_for_the_s3_one(s3, tiny_store, tmp_path, where):
+    """A local --cache with train.eval_cache on S3 (or the reverse): the options the S3 store needs were refused by the
+    local one ("storage options ['endpoint_url', …] apply to URL locations …, not the local path …"), though the run
+    could not reach the S3 store without them. They are the S3 store's; the local one takes none."""
+    from conftest import TINY_TOML
+
+    url = f"s3://{BUCKET}/evaluated-{where}.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML, ["data.split=test"]), url, storage_options=s3)
+    local = str(tmp_path / "test.zarr")
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML, ["data.split=test"]), local)
+    cache, evaluated = (tiny_store, url) if where == "eval-cache-on-s3" else (url.replace("evaluated", "trained"), local)
+    if where == "cache-on-s3":
+        kdcache.extract(kdcache.load_pipeline(TINY_TOML), cache, storage_options=s3)
+    p = kdcache.load_pipeline(TINY_TOML, ["train.epochs=1", f'train.eval_cache="{evaluated}"'])
+    result = kdcache.train(p, cache, tmp_path / "run", storage_options=s3)
+    assert 0 < result["eval_agreement"] <= 1
+    with pytest.raises(StoreError, match=r"storage options \['endpoint_url', 'key', 'secret'\] apply to URL locations .*not the local path"):
+        kdcache.train(kdcache.load_pipeline(TINY_TOML, ["train.epochs=1", f'train.eval_cache="{local}"']), tiny_store,
+                      tmp_path / "both-local", storage_options=s3)  # neither store takes them: still refused
+
+
 def test_train_streams_from_s3_in_dataloader_workers(s3, tiny_store, tmp_path):
     """TransferSet reopens the store in each worker with the same storage options."""
     from conftest import TINY_TOML
