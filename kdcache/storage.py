@@ -728,6 +728,7 @@ def refuse_empty_segments(location: str) -> None:
     so deletes, for zarr's ``mode="w"``) ``t.zarr/...``: an extract there wiped the complete store
     ``s3://bucket/t.zarr``, no ``--overwrite`` given, and wrote another."""
     _refuse_collapsed_url(location)
+    _refuse_cached_folder(location)
     if location_kind(location) != "url" or "::" in location:
         return
     scheme, _, rest = location.partition("://")
@@ -756,6 +757,20 @@ def _refuse_scheme_case(location: str) -> None:
     if fixed != location:
         raise StoreError(f"{location!r}: a URL's scheme is written in lower case for fsspec, which knows no "
                          f"{next(s for s in schemes if s != s.lower() and s.lower() in URL_SCHEMES)!r}; pass {fixed!r}")
+
+
+CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")  # fsspec's, chained before a URL: simplecache::https://…
+
+
+def _refuse_cached_folder(location: str) -> None:
+    """Refuse a caching layer over a store folder (``simplecache::https://host/t.zarr``): it runs its requests outside
+    zarr's event loop, and every read failed ("Timeout context manager should be used inside a task", named as a server
+    not reached; over s3, a traceback listing it). Over a zip (``zip::simplecache::…``) it fetches the file whole, and works."""
+    layer, _, rest = location.partition("::")
+    if rest and layer.lower() in CACHING_LAYERS:
+        raise StoreError(f"{location!r}: fsspec's caching layer {layer}:: cannot serve a store folder (its requests run outside "
+                         f"zarr's event loop); pass the folder's URL without it, {rest!r}, or pack the store and read the zip "
+                         f"through it, {layer}:: after zip:: ('zip::{layer}::https://…/STORE.zarr.zip': the file cached whole)")
 
 
 def _refuse_collapsed_url(location: str) -> None:

@@ -2263,3 +2263,19 @@ def test_an_http_stores_index_pages_are_asked_for_several_at_once(tmp_path, tiny
     pack(str(tmp_path / "t.zarr"), tmp_path / "l.zarr.zip")
     assert (tmp_path / "h.zarr.zip").read_bytes() == (tmp_path / "l.zarr.zip").read_bytes()
     assert state["most"] > 1, state
+
+
+@pytest.mark.parametrize("layer", ["simplecache", "filecache", "blockcache"])
+@pytest.mark.parametrize("command", [["info"], ["verify"], ["stats"], ["train", str(TINY_TOML), "--out", "run", "--cache"]])
+def test_a_caching_layer_over_a_store_folder_is_refused_in_one_line_naming_the_zip_form_that_works(layer, command, tmp_path, monkeypatch):
+    """fsspec's caching layers (``simplecache::https://host/t.zarr``) run their requests outside zarr's event loop: every
+    command failed with "cannot reach …: Timeout context manager should be used inside a task; check the URL …" over
+    http, and info with a traceback over s3. Refused before any request, naming the URL without it and the packed zip's
+    form (``zip::simplecache::…``, the file cached whole), which works."""
+    monkeypatch.chdir(tmp_path)
+    url = f"{layer}::http://127.0.0.1:9/t.zarr"  # nothing listens there: no request is made
+    r = CliRunner().invoke(main, [*command, url])
+    assert r.exit_code == 1, r.output
+    assert r.output == (f"Error: {url!r}: fsspec's caching layer {layer}:: cannot serve a store folder (its requests run outside "
+                        "zarr's event loop); pass the folder's URL without it, 'http://127.0.0.1:9/t.zarr', or pack the store and "
+                        f"read the zip through it, {layer}:: after zip:: ('zip::{layer}::https://…/STORE.zarr.zip': the file cached whole)\n")
