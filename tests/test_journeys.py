@@ -248,3 +248,59 @@ def test_a_padded_text_store_resumed_in_other_batches_trains_on_its_own_inputs_a
     lines = metrics(tmp_path / "run")
     assert lines[-1]["loss"] < lines[0]["loss"] and 0 < lines[-1]["eval_agreement"] <= 1
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["student"]["inputs"] == ["input_ids", "attention_mask"]
+
+
+@pytest.mark.slow
+def test_a_requeued_job_stopped_twice_mid_epoch_in_two_streams_with_dataloader_workers_ends_as_the_uninterrupted_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job a scheduler requeues: the same call (resume="auto", as --auto-resume) three times, SIGTERMed in epoch 0
+    and again after a checkpoint_every save in epoch 1; streamed targets, two streams a step, two DataLoader workers,
+    feature KD through a projection head, labels and an eval split. Its weights, heads and per-epoch losses are the
+    uninterrupted run's, bit for bit."""
+    pipeline = toml(tmp_path, NUMBERS.replace("topk = 3", "topk = 0"))
+    store = tmp_path / "s.zarr"
+    cli("extract", pipeline, "--out", store)
+    p = kdcache.load_pipeline(pipeline, ["train.streams=2", "train.num_workers=2", "train.memory_budget_mb=0",
+                                         "train.shuffle_buffer_shards=1", "train.checkpoint_every=4",
+                                         'train.features.body.student="2"', "train.loss.ce=0.5", "train.eval_split='val'"])
+    kdcache.train(p, str(store), tmp_path / "whole")
+    for step in (3, 5):  # each call counts its own steps: stopped at global step 3, then at 3 + 5 = 8 (epoch 1)
+        sigterm_at_step(monkeypatch, step)
+        with pytest.raises(kdcache.errors.TrainingStopped, match="after batch"):
+            kdcache.train(p, str(store), tmp_path / "job", resume="auto")
+        monkeypatch.undo()
+    kdcache.train(p, str(store), tmp_path / "job", resume="auto")
+    same_run(tmp_path / "job", tmp_path / "whole")
+    assert [m["eval_accuracy"] for m in metrics(tmp_path / "job")] == [m["eval_accuracy"] for m in metrics(tmp_path / "whole")]
+
+
+def test_an_hdf5_file_written_by_plain_h5py_imports_resumes_as_complete_trains_and_exports_as_the_source_store(
+        tmp_path: Path) -> None:
+    """Another tool's HDF5 file of FORMAT.md §16 (h5py: contiguous, uncompressed datasets, the manifest a bytes
+    attribute) imports into a store that verifies, that extract finds complete with the pipeline it came from and
+    refuses with another dtype, that trains the student the source store trains, and that exports the source's arrays."""
+    h5py = pytest.importorskip("h5py")
+    pipeline = toml(tmp_path, NUMBERS.replace("topk = 3", "topk = 0"))
+    cli("extract", pipeline, "--out", tmp_path / "s.zarr")
+    cli("export", tmp_path / "s.zarr", tmp_path / "s.h5")
+    with h5py.File(tmp_path / "s.h5", "r") as src, h5py.File(tmp_path / "foreign.h5", "w") as dst:
+        dst.attrs["kdcache"] = np.bytes_(src.attrs["kdcache"].encode())
+        dst.attrs["kdcache_hdf5_version"] = 1
+        for name in ("progress/done", "progress/digest", *ARRAYS):  # contiguous, uncompressed: h5py's defaults
+            dst.create_dataset(name, data=src[name][:])
+    store = tmp_path / "imported.zarr"
+    cli("import", tmp_path / "foreign.h5", store)
+    assert "verified: every check holds" in cli("verify", store)
+    r = CliRunner().invoke(main, ["extract", str(pipeline), "--out", str(store)])
+    assert r.exit_code == 0 and "is already complete (96 samples); nothing to do" in r.output, r.output
+    r = CliRunner().invoke(main, ["extract", str(pipeline), "--out", str(store), "--set", "targets.dtype='float16'"])
+    assert r.exit_code == 1 and "different targets (targets.logits.dtype: store has 'float32', now 'float16')" in r.output, r.output
+    same_arrays(str(store), str(tmp_path / "s.zarr"), (*ARRAYS, "progress/digest"))
+
+    p = kdcache.load_pipeline(pipeline, ['train.features.body.student="2"', "train.epochs=2"])
+    kdcache.train(p, str(store), tmp_path / "from-import")
+    kdcache.train(p, str(tmp_path / "s.zarr"), tmp_path / "from-source")
+    same_run(tmp_path / "from-import", tmp_path / "from-source")
+    cli("export", store, tmp_path / "again.h5")
+    with h5py.File(tmp_path / "s.h5", "r") as a, h5py.File(tmp_path / "again.h5", "r") as b:
+        assert all(np.array_equal(a[path][:], b[path][:]) for path in (*ARRAYS, "progress/done", "progress/digest"))
