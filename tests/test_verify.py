@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -790,13 +791,15 @@ def test_a_store_replaced_while_verify_or_stats_reads_it_is_named_as_replaced_no
     shutil.copytree(numbered_store, location)
     other = {**NUMBERED, "targets": {**NUMBERED["targets"], "dtype": "float16"}}
     kdcache.extract(from_dict(other, root=FIXTURES), str(tmp_path / "new.zarr"))
-    read_ahead = layout.Store.read_ahead
+    read_ahead, swap = layout.Store.read_ahead, threading.Lock()
 
     def replaced_after_the_first(self, wanted, **kwargs):  # the store swapped once its first read is done
         reads = read_ahead(self, wanted, **kwargs)
         yield next(reads)
-        location.rename(tmp_path / "old.zarr")
-        (tmp_path / "new.zarr").rename(location)
+        with swap:  # once: stats reads its blocks of shards in several dask threads
+            if (tmp_path / "new.zarr").exists():
+                location.rename(tmp_path / "old.zarr")
+                (tmp_path / "new.zarr").rename(location)
         yield from read_ahead(self, wanted[1:], **kwargs)
 
     monkeypatch.setattr(layout.Store, "read_ahead", replaced_after_the_first)
