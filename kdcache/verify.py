@@ -242,9 +242,9 @@ def _added_arrays(store: layout.Store, sums: Check) -> None:
     checks them (FORMAT.md §17: where they have its shape; the others are named in the summary as not checked)."""
     from kdcache.interop import check_added_arrays, unchecked_arrays
 
-    unchecked = unchecked_arrays(store)
-    if unchecked:
-        sums.summary += f"; not checked: {', '.join(map(repr, unchecked))} (no crc32c checksums: rewritten by another tool?)"
+    rewritten = unchecked_arrays(store)
+    if rewritten:
+        sums.summary += f"; not checked: {', '.join(map(repr, rewritten))} (no crc32c checksums: rewritten by another tool?)"
     try:
         checked, unchecked, problems = check_added_arrays(store)
     except PermissionError:  # a bucket that grants reads alone refuses its listing: no added array can be found
