@@ -801,7 +801,7 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
     if kind == "local":
         if storage_options:
             raise StoreError(f"storage options {sorted(storage_options)} apply to URL locations (s3://..., http://...), not the local path {location!r}")
-        return _LocalStore(local_path(location), read_only=read_only)
+        return _LocalStore(_folder(local_path(location), read_only), read_only=read_only)
     if "::" in location and not read_only:  # zip::s3://..., zip::https://...: a zip is write-once
         raise _write_once(location, command)
     if kind == "http" and not read_only:
@@ -817,6 +817,13 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
                          f"{_closest_option(location, str(e))}check the --storage-option values") from None
     except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
         raise unreachable_error(location, e) from None
+
+
+def _folder(path: str, read_only: bool) -> str:
+    """The folder zarr opens for a local store: written, the one a link at ``path`` leads to (``runs/t.zarr ->
+    /scratch/t.zarr``), since zarr's ``mode="w"`` (a new store, an ``--overwrite``) removes the folder first and refuses a
+    link ("Cannot call rmtree on a symbolic link"); the link is kept. Its writer lock is the same: it resolves links."""
+    return os.path.realpath(path) if not read_only and os.path.islink(path.rstrip("/") or "/") else path
 
 
 def _write_once(location: str, command: str) -> StoreError:
