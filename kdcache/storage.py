@@ -677,15 +677,32 @@ def location_arg(value: Any, name: str) -> str:
     """A location argument of the Python API (a path or URL as ``str``, or an ``os.PathLike``) as a string; anything else
     (``None``, a number, an opened ``Store``) is a TypeError naming the argument, before ``str()`` makes it a folder name
     (``extract(p, None)`` wrote a store named ``None`` in the working directory)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
+    if isinstance(value, str | os.PathLike):
+        location = os.fspath(value)
+        _refuse_unexpanded_home(location)
+        return location
     if hasattr(value, "location") and hasattr(value, "manifest"):  # an opened kdcache Store
         fix = f"pass its location, {name}=store.location ({value.location!r})"
     else:
         fix = "pass a path or URL as a str or pathlib.Path"
     raise TypeError(f"{name} must be the location of a store or folder, got {type(value).__name__} {value!r}; {fix}")
+
+
+def _refuse_unexpanded_home(location: str) -> None:
+    """Refuse a local path that begins with ``~`` or ``~user`` where no such folder is in the working directory: only a
+    shell expands it, and not in quotes, after ``--out=`` or in a pipeline file's value, so ``extract --out='~/t.zarr'``
+    wrote a folder named ``~`` here (which ``rm -rf ~`` then takes for the home folder). A folder ``~`` that exists is
+    taken as meant."""
+    if location_kind(location) not in ("local", "zip"):
+        return
+    path = local_path(location)
+    head = path.split("/", 1)[0]
+    if not head.startswith("~") or os.path.exists(head):
+        return
+    home = os.path.expanduser(head)
+    fix = f"pass {location.replace(path, home + path[len(head):], 1)!r}" if home != head else "write the folder out in full"
+    raise StoreError(f"{location!r} begins with {head!r}, which only a shell expands (not in quotes, after --out=, or in a "
+                     f"pipeline file): kdcache would take it as a folder named {head!r} in {os.getcwd()!r}; {fix}")
 
 
 def options_arg(value: Any) -> None:

@@ -15,6 +15,7 @@ import functools
 import itertools
 import json
 import math
+import shlex
 import operator
 import os
 import re
@@ -1395,9 +1396,13 @@ def _open_eval_store(location: str, split: str, storage_options: dict[str, Any] 
     """``train.eval_cache``, opened. Where nothing is at a local path, the error names the setting and the split to extract:
     open_store's own fix, "run kdcache extract PIPELINE --out X first", read as the training store's (--cache), and that
     extract wrote the training split, which the eval store is then refused for."""
+    try:
+        storage.location_arg(location, "train.eval_cache")  # a "~/eval.zarr" in the pipeline file: no shell expanded it
+    except StoreError as e:
+        raise StoreError(f"train.eval_cache: {e}") from None
     if storage.location_kind(location) == "local" and not Path(storage.local_path(location)).exists():
         raise StoreError(f"train.eval_cache: no store at {location!r}; extract the eval split there first (kdcache extract PIPELINE "
-                         f"--out {location} --set data.split={split or 'SPLIT'}), or drop train.eval_cache")
+                         f"--out {shlex.quote(location)} --set data.split={split or 'SPLIT'}), or drop train.eval_cache")
     return layout.open_store(location, storage_options=storage_options)
 
 

@@ -68,3 +68,26 @@ def test_a_store_folder_that_is_a_link_is_written_through_the_link(tmp_path: Pat
     assert link.is_symlink() and (real / "zarr.json").is_file()
     code, out = invoke("verify", link)
     assert code == 0 and "verified: every check holds" in out, out
+
+
+@pytest.mark.parametrize("command", ["extract", "train", "info", "eval_cache"])
+def test_a_tilde_the_shell_left_alone_is_refused_naming_the_home_folder(tmp_path: Path, pipeline: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        command: str):
+    """``--out='~/t.zarr'`` (quoted, or ``--out=~/t.zarr``, which bash does not expand) wrote a folder named ``~`` in the
+    working directory, and ``info '~/t.zarr'`` said no store was there; each is refused in one line naming the path meant.
+    A folder ``~`` that exists is read as meant."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    store = str(tmp_path / "s.zarr")
+    kdcache.extract(kdcache.load_pipeline(pipeline), store)
+    args = {"extract": ["extract", pipeline, "--out", "~/t.zarr"], "info": ["info", "~/t.zarr"],
+            "train": ["train", pipeline, "--cache", store, "--out", "~/run"],
+            "eval_cache": ["train", pipeline, "--cache", store, "--out", "run", "--set", 'train.eval_cache="~/eval.zarr"']}[command]
+    code, out = invoke(*args)
+    meant = home / ("eval.zarr" if command == "eval_cache" else args[-1][2:])
+    assert code == 1 and "begins with '~', which only a shell expands" in out and repr(str(meant)) in out, out
+    assert list(work.iterdir()) == []
+    kdcache.extract(kdcache.load_pipeline(pipeline), str(work / "~" / "t.zarr"))  # a folder of that name, made on purpose
+    assert invoke("info", "~/t.zarr")[0] == 0
