@@ -47,7 +47,7 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
     out = Path(out)
     if not out.name.endswith(".zip"):
         raise StoreError(f"pack writes a zip file; name it *.zarr.zip, not {str(out)!r}")
-    _check_not_inside(location, out)
+    storage.refuse_inside_store(location, out, "OUT", "it would replace or add one of its objects")
     _check_out(out, overwrite)
     # writers kept out from before the manifest is read until the zip is in place: an extract resuming the store, or an
     # --overwrite with another teacher, started meanwhile would put the manifest of one moment and the shards of another in it
@@ -533,7 +533,7 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
         raise StoreError(f"unknown HDF5 compression {compression!r}; choose one of {', '.join(HDF5_COMPRESSION)}")
     _local_out(out)
     out = Path(out)
-    _check_not_inside(location, out)
+    storage.refuse_inside_store(location, out, "OUT", "it would replace or add one of its objects")
     _check_out(out, overwrite)
     source = _local_file(location)
     if source is not None and out.exists() and source.exists() and out.samefile(source):
@@ -1003,17 +1003,6 @@ def _local_file(location: str) -> Path | None:
     if "://" in inner and not inner.lower().startswith("file://"):
         return None
     return Path(storage.local_path(inner))
-
-
-def _check_not_inside(location: str, out: Path) -> None:
-    """Refuse an OUT inside the local store folder being read: with --overwrite, ``export STORE STORE/zarr.json``
-    replaced the store's own manifest with the HDF5 file; without, the file would become an object of the store."""
-    if storage.location_kind(location) != "local":
-        return
-    folder = Path(storage.local_path(location))
-    if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
-        raise StoreError(f"OUT {str(out)!r} is inside the store {location!r} being read (it would replace or add one of its "
-                         f"objects); write it outside the store folder (e.g. {str(folder.resolve().parent / out.name)!r})")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -705,6 +705,18 @@ def _refuse_unexpanded_home(location: str) -> None:
                      f"pipeline file): kdcache would take it as a folder named {head!r} in {os.getcwd()!r}; {fix}")
 
 
+def refuse_inside_store(location: str, out: Path, named: str, why: str) -> None:
+    """Refuse an output path ``out`` (``named`` so in the message) inside the local store folder ``location`` is read
+    from, saying ``why``: ``export STORE STORE/zarr.json --overwrite`` replaced the store's own manifest with the HDF5
+    file; a training run's folder there went with the store at its next ``extract --overwrite``."""
+    if location_kind(location) != "local":
+        return
+    folder = Path(local_path(location))
+    if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+        raise StoreError(f"{named} {str(out)!r} is inside the store {location!r} being read ({why}); write it outside the store "
+                         f"folder (e.g. {str(folder.resolve().parent / out.name)!r})")
+
+
 def options_arg(value: Any) -> None:
     """Refuse ``storage_options`` that are not a dict (or None): a string was read as its characters (``storage options
     ['=', 'a', 'e', ...]``), a list of ``KEY=VALUE`` strings (the CLI's ``--storage-option``) as option names."""

@@ -91,3 +91,16 @@ def test_a_tilde_the_shell_left_alone_is_refused_naming_the_home_folder(tmp_path
     assert list(work.iterdir()) == []
     kdcache.extract(kdcache.load_pipeline(pipeline), str(work / "~" / "t.zarr"))  # a folder of that name, made on purpose
     assert invoke("info", "~/t.zarr")[0] == 0
+
+
+def test_a_training_run_inside_the_store_it_trains_from_is_refused(tmp_path: Path, pipeline: Path):
+    """``train --cache t.zarr --out t.zarr/run`` trained, and the next ``extract --overwrite`` of the store deleted the
+    student with the store's folder (pack left it out of the zip): refused before anything is written, as pack's and
+    export's OUT inside the store are. A store inside the run's folder is fine."""
+    store = tmp_path / "t.zarr"
+    kdcache.extract(kdcache.load_pipeline(pipeline), str(store))
+    code, out = invoke("train", pipeline, "--cache", store, "--out", store / "run")
+    assert code == 1 and f"--out {str(store / 'run')!r} is inside the store {str(store)!r} being read" in out, out
+    assert "extract --overwrite" in out and repr(str(tmp_path / "run")) in out and not (store / "run").exists()
+    code, out = invoke("train", pipeline, "--cache", store, "--out", tmp_path)
+    assert code == 0 and (tmp_path / "student.pt").is_file(), out
