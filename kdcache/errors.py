@@ -207,4 +207,6 @@ def write_fix(e: OSError) -> str:
         return "free space"
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "make the folder writable (or choose another location)"
+    if e.errno == errno.EFBIG:  # past the process's RLIMIT_FSIZE (a batch system's file size limit), or the file system's
+        return "lift the file size limit (ulimit -f; or the file system's largest file, 4 GiB on FAT32)"
     return "fix the cause"

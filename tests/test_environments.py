@@ -4,6 +4,10 @@ values name it (``tests/fixtures/journeys.py``)."""
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +108,21 @@ def test_a_training_run_inside_the_store_it_trains_from_is_refused(tmp_path: Pat
     assert "extract --overwrite" in out and repr(str(tmp_path / "run")) in out and not (store / "run").exists()
     code, out = invoke("train", pipeline, "--cache", store, "--out", tmp_path)
     assert code == 0 and (tmp_path / "student.pt").is_file(), out
+
+
+def test_a_checkpoint_past_the_file_size_limit_is_one_line_naming_the_limit_and_the_rerun_trains(tmp_path: Path, pipeline: Path):
+    """A batch system's file size limit (``ulimit -f``: writes fail with EFBIG) stopped training at its first checkpoint
+    with 'File too large; fix the cause and rerun'; the line names the limit, and the rerun without it trains."""
+    store, out = tmp_path / "t.zarr", tmp_path / "run"
+    kdcache.extract(kdcache.load_pipeline(pipeline), str(store))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, resource.RLIM_INFINITY))  # the checkpoint is about 20 KB
+
+    command = [sys.executable, "-m", "kdcache", "train", str(pipeline), "--cache", str(store), "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, env=env, timeout=120)
+    assert r.returncode == 1 and r.stderr == f"Error: cannot write {str(out / 'checkpoint.pt')!r}: File too large; lift the file " \
+        "size limit (ulimit -f; or the file system's largest file, 4 GiB on FAT32) and rerun\n", (r.returncode, r.stderr)
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and (out / "student.pt").is_file(), r.stderr

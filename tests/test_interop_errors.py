@@ -684,8 +684,8 @@ def test_export_onto_a_full_disk_is_one_line_not_a_crash(tiny_store, tmp_path):
 
     r = subprocess.run([sys.executable, "-m", "kdcache", "export", tiny_store, str(out), "--overwrite"],
                        capture_output=True, text=True, preexec_fn=limit, timeout=120)
-    assert r.returncode == 1 and r.stderr == f"Error: cannot write {str(out)!r}: File too large; fix the cause and rerun " \
-        "(nothing was written)\n", (r.returncode, r.stderr)
+    assert r.returncode == 1 and r.stderr == f"Error: cannot write {str(out)!r}: File too large; lift the file size limit (ulimit -f; " \
+        "or the file system's largest file, 4 GiB on FAT32) and rerun (nothing was written)\n", (r.returncode, r.stderr)
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
 
 
