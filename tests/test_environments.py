@@ -16,6 +16,8 @@ from click.testing import CliRunner
 import kdcache
 from conftest import FIXTURES
 from kdcache.cli import main
+from kdcache.interop import pack
+from kdcache.verify import verify
 
 JOURNEYS = FIXTURES / "journeys.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +128,73 @@ def test_a_checkpoint_past_the_file_size_limit_is_one_line_naming_the_limit_and_
         "size limit (ulimit -f; or the file system's largest file, 4 GiB on FAT32) and rerun\n", (r.returncode, r.stderr)
     r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and (out / "student.pt").is_file(), r.stderr
+
+
+READER = """
+import json, sys
+from click.testing import CliRunner
+from kdcache.cli import main
+from kdcache.interop import pack
+from kdcache.verify import verify
+results = []
+for argv in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(main, argv)
+    results.append({"argv": argv, "code": r.exit_code, "output": r.output, "traceback": r.exception is not None and not isinstance(r.exception, SystemExit)})
+print(json.dumps(results))
+"""
+
+
+def _without_write_permission() -> list[str]:
+    """The command prefix that runs a process unable to write what ``chmod a-w`` made read-only: none for a user, for
+    root ``setpriv`` without the capabilities that override file permissions (skipped where there is none)."""
+    if os.geteuid() != 0:
+        return []
+    if subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, and setpriv cannot drop CAP_DAC_OVERRIDE here: chmod a-w would not stop a write")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def run_reader(commands: list[list[object]]) -> list[dict]:
+    """Each command through the CLI in one process that cannot write a read-only folder: its exit code and output."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    argv = json.dumps([[str(a) for a in c] for c in commands])
+    r = subprocess.run([*_without_write_permission(), sys.executable, "-c", READER, argv], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_a_store_and_its_zip_on_a_read_only_share_are_read_trained_from_and_copied_elsewhere(tmp_path: Path, pipeline: Path):
+    """A team's store on a read-only share (``chmod -R a-w`` of the share: the store, its zip and the folder holding
+    them): every command that only reads works (pack and export say in a note that no lock keeps writers out), the
+    students train from the folder (streamed) and from the zip (in memory), and extract says in one line why it cannot
+    write; nothing on the share changes."""
+    share, work = tmp_path / "share", tmp_path / "work"
+    share.mkdir(), work.mkdir()
+    store, zipped = share / "t.zarr", share / "t.zarr.zip"
+    kdcache.extract(kdcache.load_pipeline(pipeline), str(store))
+    pack(str(store), str(zipped))
+    before = sorted((p.relative_to(share), p.stat().st_mtime_ns) for p in share.rglob("*"))
+    subprocess.run(["chmod", "-R", "a-w", str(share)], check=True)
+    try:
+        results = run_reader([
+            ["info", store], ["verify", store], ["verify", zipped],
+            ["train", pipeline, "--cache", store, "--out", work / "streamed", "--set", "train.memory_budget_mb=0"],
+            ["train", pipeline, "--cache", zipped, "--out", work / "in-memory"],
+            ["pack", store, work / "copy.zarr.zip"], ["extract", pipeline, "--out", store, "--overwrite"],
+        ])
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(share)], check=True)
+    assert not any(r["traceback"] for r in results), results
+    *reads, refused = results
+    assert all(r["code"] == 0 for r in reads), reads
+    assert "verified: every check holds" in reads[1]["output"] and "verified: every check holds" in reads[2]["output"]
+    assert "without keeping writers out" in reads[5]["output"], reads[5]
+    assert refused["code"] == 1 and refused["output"].count("\n") == 1, refused
+    assert refused["output"].startswith(f"Error: cannot lock {str(store)!r} for writing") and "Permission denied" in refused["output"]
+    assert sorted((p.relative_to(share), p.stat().st_mtime_ns) for p in share.rglob("*")) == before
+    assert (work / "streamed" / "student.pt").is_file() and (work / "in-memory" / "student.pt").is_file()
+    assert verify(str(work / "copy.zarr.zip"))["ok"]
