@@ -4,10 +4,12 @@ values name it (``tests/fixtures/journeys.py``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,8 +158,6 @@ def _without_write_permission() -> list[str]:
 
 def run_reader(commands: list[list[object]]) -> list[dict]:
     """Each command through the CLI in one process that cannot write a read-only folder: its exit code and output."""
-    import json
-
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     argv = json.dumps([[str(a) for a in c] for c in commands])
     r = subprocess.run([*_without_write_permission(), sys.executable, "-c", READER, argv], capture_output=True, text=True, env=env,
@@ -198,3 +198,37 @@ def test_a_store_and_its_zip_on_a_read_only_share_are_read_trained_from_and_copi
     assert sorted((p.relative_to(share), p.stat().st_mtime_ns) for p in share.rglob("*")) == before
     assert (work / "streamed" / "student.pt").is_file() and (work / "in-memory" / "student.pt").is_file()
     assert verify(str(work / "copy.zarr.zip"))["ok"]
+
+
+@pytest.mark.slow
+def test_two_trainings_and_a_verify_of_one_store_run_at_once_and_a_second_resume_is_refused_naming_the_first(
+        tmp_path: Path, pipeline: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two users at once: two ``train`` runs (one streaming) and a ``verify`` of one store, started together, all work
+    (readers take no lock) and train as a run alone does; an ``extract`` resuming a store another resume is writing
+    stops at once in one line naming the lock's holder, and the store the first finishes verifies."""
+    store = tmp_path / "t.zarr"
+    monkeypatch.setenv("JOURNEY_FAIL_AT", "40")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        kdcache.extract(kdcache.load_pipeline(pipeline), str(store))
+    monkeypatch.delenv("JOURNEY_FAIL_AT")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+    def start(*args: object, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(env, **extra))
+
+    slow = start("extract", pipeline, "--out", store, JOURNEY_DELAY="0.03")  # ~2 s on its 56 rows left
+    while kdcache.open_store(str(store)).info()["writer"] is None and slow.poll() is None:
+        time.sleep(0.05)
+    code, second = invoke("extract", pipeline, "--out", store)  # in this process: refused before the slow one ends
+    assert slow.wait(timeout=120) == 0, slow.stderr.read()
+    assert code == 1 and second.startswith(f"Error: {str(store)!r} is being written by kdcache pid {slow.pid} on ") and \
+        second.count("\n") == 1, second
+    runs = [start("train", pipeline, "--cache", store, "--out", tmp_path / "a"),
+            start("train", pipeline, "--cache", store, "--out", tmp_path / "b", "--set", "train.memory_budget_mb=0"),
+            start("verify", store)]
+    outputs = [p.communicate(timeout=120) for p in runs]
+    assert [p.returncode for p in runs] == [0, 0, 0], outputs
+    assert "verified: every check holds" in outputs[2][0]
+    alone = kdcache.train(kdcache.load_pipeline(pipeline), str(store), str(tmp_path / "alone"))
+    assert json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == pytest.approx(alone["loss"])
