@@ -16,35 +16,14 @@ import pytest
 from click.testing import CliRunner
 
 import kdcache
-from conftest import FIXTURES
 from kdcache.cli import main
 from kdcache.interop import pack
 from kdcache.verify import verify
+from test_journeys import NUMBERS
 
-JOURNEYS = FIXTURES / "journeys.py"
 REPO = Path(__file__).resolve().parents[1]
 
-PIPELINE = f"""
-[teacher]
-factory = "{JOURNEYS}:teacher"
-[data]
-factory = "{JOURNEYS}:dataset"
-[targets]
-layers = ["body"]
-[extract]
-batch_size = 8
-device = "cpu"
-rows_per_shard = 16
-threads = 1
-[student]
-factory = "{JOURNEYS}:student"
-[train]
-epochs = 1
-batch_size = 16
-lr = 1e-2
-device = "cpu"
-threads = 1
-"""
+PIPELINE = NUMBERS.replace("epochs = 3", "epochs = 1")  # test_journeys' numbered samples, top-k logits and a layer
 
 
 @pytest.fixture
