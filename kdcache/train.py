@@ -15,10 +15,10 @@ import functools
 import itertools
 import json
 import math
-import shlex
 import operator
 import os
 import re
+import shlex
 import sys
 import signal
 import socket
