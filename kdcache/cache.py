@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, storage, store as layout, threads
-from kdcache.errors import AlignmentError, DamagedShardError, DamagedStoreError, PipelineError, StoreError, short
+from kdcache.errors import AlignmentError, DamagedShardError, DamagedStoreError, PipelineError, StoreError, StoreReplacedError, short
 
 
 class TransferSet(IterableDataset):
@@ -105,6 +105,9 @@ class TransferSet(IterableDataset):
         """The epoch the next iterator serves. ``skip``: its first batches (steps, with streams) not to serve, as they
         were already trained on (a run resumed mid-epoch): the rest are the uninterrupted epoch's, and buffers
         holding only skipped batches are not read."""
+        for name, value in (("epoch", epoch), ("skip", skip)):  # -1 failed in the next iterator (numpy's seed), 1.5 in RawValue
+            if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 0:
+                raise PipelineError(f"set_epoch's {name} must be an integer >= 0, got {short(value)}")
         if self.first_epoch is None:
             self.first_epoch, self.first_skipped = epoch, skip > 0
         self._epoch.value = epoch
@@ -336,7 +339,7 @@ class TransferSet(IterableDataset):
             self._store = self._reopened()
         try:
             return self._read_shards(rows)
-        except DamagedStoreError:  # a store replaced since (another extract --overwrite) fails so too: named as replaced
+        except (DamagedStoreError, StoreReplacedError):  # a store replaced since (another extract --overwrite): named as this reader sees it
             self._reopened()
             raise
 

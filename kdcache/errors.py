@@ -48,6 +48,11 @@ class StoreMismatchError(StoreError):
     """An existing store was made from a different teacher, dataset, target set or geometry."""
 
 
+class StoreReplacedError(StoreError):
+    """The store at a location is not the one a reader opened there (another ``extract --overwrite``, a copy over it, or
+    removed): its reads would mix the two stores' rows, or fail as damage."""
+
+
 class UnreachableError(StoreError):
     """A read of a store's location failed on the way (connection, timeout, HTTP status, credentials): nothing says
     the store is damaged."""

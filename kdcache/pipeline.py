@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from kdcache.errors import KdcacheError, PipelineError, option, raised, short
 from kdcache.threads import CORES, MAX_PARALLEL
 
@@ -310,7 +312,10 @@ def _key_parts(key: str, item: str) -> list[str]:
 
 
 def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>") -> Pipeline:
-    """Validate plain values (as read from TOML) into a ``Pipeline``; unknown keys are errors."""
+    """Validate plain values (as read from TOML, or built in code) into a ``Pipeline``; unknown keys are errors."""
+    if not isinstance(raw, dict):  # a list of pairs, None: an AttributeError deep inside said nothing
+        raise TypeError(f"raw must be a dict of pipeline sections ({{'teacher': {{'factory': ...}}, ...}}), got {type(raw).__name__} {short(raw)}")
+    raw = _plain(raw)
     sections: dict[str, Any] = {}
     for f in dataclasses.fields(Pipeline):
         if f.name in ("root", "source", "set_by"):
@@ -321,6 +326,17 @@ def from_dict(raw: dict[str, Any], root: str | Path = ".", source: str = "<dict>
         sections[f.name] = _section(_SECTIONS[f.name], value, f.name, source)
     _unknown(raw, list(_SECTIONS), "", source)
     return Pipeline(**sections, root=Path(root), source=source)
+
+
+def _plain(value: Any) -> Any:
+    """A dict built in code as TOML would give it: numpy scalars (``np.int64(8)`` from a sweep's ``np.arange``, refused
+    as "must be a whole number >= 1, got np.int64(8)") as Python's, tuples as lists; the caller's dicts copied, not
+    changed by the checks (a ``train.features`` entry's select was rewritten in place)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 _SECTIONS = {

@@ -20,7 +20,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from kdcache import store as layout
-from kdcache.errors import DamagedStoreError, count, need
+from kdcache.errors import DamagedStoreError, StoreReplacedError, count, need
 
 MAX_CLASSES = 100_000  # per-class accuracy is skipped beyond this many distinct label values
 BLOCKS = 64  # dask tasks a run's shards are shared among, whatever their number
@@ -115,7 +115,7 @@ def _shards_read(store: layout.Store, what: _What, shards: list[int]) -> Iterato
     for _ in shards:
         try:
             columns = {p: next(reads).result() for p in paths}
-        except DamagedStoreError:  # a store replaced meanwhile (another extract --overwrite) fails so too: named as replaced
+        except (DamagedStoreError, StoreReplacedError):  # a store replaced meanwhile (another extract --overwrite) fails so too: named as replaced
             store.check_not_replaced("stats")
             raise
         yield columns

@@ -34,7 +34,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, UnreachableError, one_line, option, short, write_fix
+from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, StoreReplacedError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
 from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, write_file, zarr_store
 
@@ -898,7 +898,8 @@ class Store:
             raise StoreError(f"rows {start}:{stop} of {path!r} include shard {undone[0]} (rows {lo}-{hi - 1}), which is not done: "
                              f"{self.location!r} is incomplete ({int(self._done.sum())}/{self.num_shards} shards done) and a shard "
                              "not done holds no data; read the rows of done shards (store.done()), or finish the store with kdcache extract")
-        return self._read_checked(path, start, stop, shards, digests)
+        with self._replaced_named():
+            return self._read_checked(path, start, stop, shards, digests)
 
     def _read_checked(self, path: str, start: int, stop: int, shards: range, digests: bool = True,
                       objects: LocalObjects | None = None, into: np.ndarray | None = None) -> np.ndarray:
@@ -919,13 +920,17 @@ class Store:
                     raise self._damaged(path, shard, problem, missing=problem == NO_DIGEST)
         return rows
 
-    def read_shards(self, path: str, shards: list[int]) -> np.ndarray:
+    def read_shards(self, path: str, shards: Sequence[int] | np.ndarray) -> np.ndarray:
         """The rows of shards ``shards`` of ``path``, back to back in the order given: what ``read`` of each shard's rows
         gives, with the same checks and errors, decoded into the one array returned (not each into its own, then joined:
         the rows are held once), and the work a call makes once made once for them all (the streaming reader's call, for
         a buffer's shards of one column: a local store's folders are opened once for them). From object storage or http
         the next shards are asked for while one is decoded (``REMOTE_READS`` at once, fewer where their objects would
         hold more than ``READ_AHEAD_BYTES``): the network's latency is overlapped, not paid shard after shard."""
+        if isinstance(shards, str | bytes) or not isinstance(shards, Iterable):  # one shard, not a list of them: a TypeError said nothing
+            raise StoreError(f"shards must be a list of shard numbers, got {short(shards)}; pass e.g. [{shards!r}] or "
+                             "np.flatnonzero(store.done()) (a numpy array of them does too)")
+        shards = list(shards)  # a numpy array of them too: its truth value, asked below, was numpy's ValueError
         for shard in shards:
             if isinstance(shard, bool | np.bool_) or not isinstance(shard, int | np.integer) or not 0 <= shard < self.num_shards:
                 raise StoreError(f"shard {short(shard)} is not a shard of {self.location!r}; read shards 0 to {self.num_shards - 1} "
@@ -939,7 +944,7 @@ class Store:
         out = np.empty((ends[-1], *array.shape[1:]), dtype=array.dtype)
         places = ((int(s), out[end - (hi - lo) : end]) for s, (lo, hi), end in zip(shards, spans, ends))
         window = ahead_for(_object_bound(array)) if self._kind in ("url", "http") and len(shards) > 1 else 0
-        with LocalObjects(array.store.root) if self._kind == "local" else contextlib.nullcontext() as objects:
+        with self._replaced_named(), LocalObjects(array.store.root) if self._kind == "local" else contextlib.nullcontext() as objects:
             # a pool of its own: this call may run in the "read" pool (the streaming reader's columns, read at once)
             for read in threads.ahead("shards", REMOTE_READS, functools.partial(self._read_shard, path, objects=objects), places, window):
                 read.result()
@@ -967,18 +972,31 @@ class Store:
             window = min(most, ahead_for(largest * self.rows_per_shard))
         return threads.ahead("read", REMOTE_READS, read, calls, window)
 
-    def check_not_replaced(self, command: str) -> None:
+    @contextlib.contextmanager
+    def _replaced_named(self) -> Iterator[None]:
+        """A read of a store opened read-only that fails as damage (a shard missing, not the rows its digest says) is,
+        where the store at the location is another now, named as replaced (``check_not_replaced``): a notebook holding
+        the Store was told to re-extract a store that is whole."""
+        try:
+            yield
+        except DamagedStoreError:
+            if not self.writable:
+                self.check_not_replaced()
+            raise
+
+    def check_not_replaced(self, command: str | None = None) -> None:
         """Refuse the store if the one at its location now is another (``identity``): a read that failed as damage while
-        ``kdcache command`` read it is then that replacement (another ``extract --overwrite``, a copy over it), not damage."""
-        when = f"while kdcache {command} read it"
+        ``kdcache command`` (None: whoever opened this Store) read it is then that replacement (another ``extract
+        --overwrite``, a copy over it), not damage: a ``StoreReplacedError``."""
+        when = f"while kdcache {command} read it" if command else "since kdcache.open_store opened it"
         try:
             now = open_store(self.location, storage_options=self.storage_options).manifest
         except UnreachableError:
             raise
         except KdcacheError as e:  # removed, or not yet whole again: the replacement under way
-            raise StoreError(f"{self.location!r} was removed or replaced {when}: it does not open now ({one_line(e, 200)}); "
-                             "rerun once the store is in place again") from None
-        check_same_store(self.location, identity(self.manifest), identity(now), when, f"{command} began")
+            raise StoreReplacedError(f"{self.location!r} was removed or replaced {when}: it does not open now ({one_line(e, 200)}); "
+                                     "rerun once the store is in place again") from None
+        check_same_store(self.location, identity(self.manifest), identity(now), when, f"{command} began" if command else "it was opened")
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
@@ -2480,7 +2498,7 @@ def check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], wh
     """Refuse the store at ``location`` unless its identity ``now`` is ``was`` (``identity``): it was replaced ``when``."""
     if now != was:
         key = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
-        raise StoreError(f"{location!r} was replaced {when}: its manifest's {key} was {short(was.get(key))} when {then} and is "
+        raise StoreReplacedError(f"{location!r} was replaced {when}: its manifest's {key} was {short(was.get(key))} when {then} and is "
                          f"{short(now.get(key))} now (another kdcache extract --overwrite, or a copy over it?); rerun against the "
                          "store as it is now, and keep a store in place while a run reads it (its rows would mix with the other store's)")
 
