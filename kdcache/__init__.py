@@ -34,8 +34,9 @@ _API = {  # name -> (module, attribute)
     "train": ("kdcache.train", "train"),
 }
 # modules the docs name by their dotted path (kdcache.losses.kl_divergence, except kdcache.errors.AlignmentError,
-# kdcache.distributed.extract_distributed): reachable after a bare ``import kdcache``, imported on first use too
-_MODULES = ("distributed", "errors", "losses")
+# kdcache.distributed.extract_distributed, kdcache.pipeline.from_dict, kdcache.verify.verify, kdcache.stats.stats):
+# reachable after a bare ``import kdcache``, imported on first use too
+_MODULES = ("distributed", "errors", "losses", "pipeline", "stats", "verify")
 __all__ = ["KdcacheError", "Pipeline", "Store", "TransferSet", "dry_run", "extract", "load_pipeline", "open_store", "train", "__version__"]
 
 if TYPE_CHECKING:

@@ -156,6 +156,17 @@ def test_extracts_and_a_train_in_one_process_each_error_leaving_it_usable(made, 
     kdcache.train(pipeline, a, tmp_path / "run", overwrite=True)
 
 
+def test_the_modules_the_readme_names_for_a_pipeline_in_code_verify_and_stats_are_reached_from_a_bare_import():
+    """README (and the TypeError of a dict given as a pipeline) names ``kdcache.pipeline.from_dict``, and
+    ``kdcache.verify.verify`` and ``kdcache.stats.stats``: after ``import kdcache`` alone each was "module 'kdcache' has no
+    attribute ..." (a fresh process: the suite's imports bind them)."""
+    code = ("import sys, kdcache\n"
+            "assert kdcache.pipeline.from_dict({'train': {'lr': 0.5}}).train.lr == 0.5\n"
+            "assert callable(kdcache.verify.verify) and callable(kdcache.stats.stats) and 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 # -- the API's types: what a program passes where the README says an int, a list or a location -------------------
 
 
