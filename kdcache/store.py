@@ -22,6 +22,7 @@ import re
 import stat
 import sys
 import threading
+import time
 import zipfile
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -245,6 +246,7 @@ class Store:
         self._digest_columns: dict[str, int] | None = None
         self._snapshot = threading.Lock()  # read(): the done markers and digests are loaded together
         self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
+        self._same_at: float | None = None  # _replaced_named: when the store at the location was last found this one
 
     def _check_groups(self) -> None:
         """Refuse damaged metadata of the groups FORMAT.md §3 lists (``samples``, ``targets``, ``progress`` and,
@@ -980,8 +982,10 @@ class Store:
         try:
             yield
         except DamagedStoreError:
-            if not self.writable:
+            # looked at once a second at most: a store damaged in many shards (verify reads them all) is not reopened for each
+            if not self.writable and (self._same_at is None or time.monotonic() - self._same_at > 1):
                 self.check_not_replaced()
+                self._same_at = time.monotonic()
             raise
 
     def check_not_replaced(self, command: str | None = None) -> None:

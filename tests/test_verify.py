@@ -806,3 +806,19 @@ def test_a_store_replaced_while_verify_or_stats_reads_it_is_named_as_replaced_no
     r = CliRunner().invoke(main, [command, str(location)])
     assert r.exit_code == 1 and f"Error: {str(location)!r} was replaced while kdcache {command} read it: its manifest's" in r.output, r.output
     assert "damaged" not in r.output and "re-extract" not in r.output
+
+
+def test_verify_of_a_store_damaged_in_every_shard_does_not_reopen_it_for_each(numbered_store, tmp_path, monkeypatch):
+    """A read that fails as damage looks whether the store was replaced (one opening of it: a few round trips to a
+    bucket); verify reads every shard, and a store damaged in each of 10,000 shards would be opened 10,000 times. It is
+    looked at once a second at most, and the damage is still listed shard by shard."""
+    location = tmp_path / "d.zarr"
+    shutil.copytree(numbered_store, location)
+    for shard in range(7):
+        (location / "targets" / "logits" / "c" / str(shard) / "0").unlink()
+    opened = []
+    open_store = layout.open_store
+    monkeypatch.setattr(layout, "open_store", lambda *a, **k: opened.append(a) or open_store(*a, **k))
+    report = kdcache.verify.verify(str(location))
+    assert not report["ok"] and sum("targets/logits" in p and "missing" in p for c in report["checks"] for p in c["problems"]) == 7, report
+    assert len(opened) <= 3, len(opened)  # the first failure's look and verify's own at its end (a slow box: one more)
