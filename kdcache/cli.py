@@ -395,34 +395,18 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     if not out:
         raise click.UsageError("Missing option '--out' (the store to write), or pass --dry-run")
     options = _storage_options(storage_items)
-    before = _done_before(out, overwrite, options)
     # checks identity even when complete
     info = _scaled_extract(p, out, workers, scheduler)(p, out, overwrite=overwrite, progress=_progress(progress), storage_options=options)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun, rank 0 reports
-    _say_resumed(out, info, before)
+    _say_resumed(out, info)
     click.echo(json.dumps(info, indent=2) if as_json else _info_text(info))
 
 
-def _done_before(out: str, overwrite: bool, options: dict[str, Any]) -> int | None:
-    """The shards already done in the store a run writing OUT resumes (None: no store there yet, ``--overwrite``, or one
-    the run refuses in one line). A done shard that lost objects is redone (Store.resume_pending): not counted."""
-    from kdcache.locking import refuse_if_being_written
-    from kdcache.store import open_store
-
-    # First, as extract() does: an S3 endpoint that never answers is named within storage.PROBE_* seconds, not after
-    # open_store below has waited out s3fs's retries (minutes) only for its error to be suppressed.
-    refuse_if_being_written(out, options)
-    with contextlib.suppress(KdcacheError):
-        existing = None if overwrite else open_store(out, storage_options=options)
-        if existing is not None:
-            done = existing.done()
-            return int(done.sum()) - len(existing.unbacked_shards(done))
-    return None
-
-
-def _say_resumed(out: str, info: dict[str, Any], done_before: int | None) -> None:
-    """The line (stderr) on a run that found OUT complete, or resumed it."""
+def _say_resumed(out: str, info: dict[str, Any]) -> None:
+    """The line (stderr) on a run that found OUT complete, or resumed it: from the shards it wrote (``shards_written``,
+    counted under the writer lock; a count taken before it was wrong where another resume finished the store meanwhile)."""
+    done_before = info["num_shards"] - info["shards_written"]
     if done_before == info["num_shards"]:
         click.echo(f"{out} is already complete ({count(info['num_samples'], 'sample')}); nothing to do (--overwrite to redo it)", err=True)
     elif done_before:
@@ -623,10 +607,8 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
     """Convert an HDF5 file written by kdcache export back into a store (same geometry)."""
     from kdcache.interop import import_hdf5
 
-    options = _storage_options(storage_items)
-    before = _done_before(store, overwrite, options)
-    summary = import_hdf5(source, store, storage_options=options, overwrite=overwrite)
-    _say_resumed(store, summary, before)
+    summary = import_hdf5(source, store, storage_options=_storage_options(storage_items), overwrite=overwrite)
+    _say_resumed(store, summary)
     click.echo(_info_text(summary))
 
 

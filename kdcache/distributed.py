@@ -42,7 +42,7 @@ import torch
 
 from kdcache import errors, locking, storage, store as layout
 from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, transient
-from kdcache.extract import Run, check_done_rows, extract_shards, say_headless, setup
+from kdcache.extract import Run, check_done_rows, extract_shards, say_headless, setup, written
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
 
@@ -92,7 +92,7 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
                     raise ShardError(f"the dask workers reported shards {_shard_list(unwritten)} written, but {out!r} does not have them: "
                                      f"they wrote another store at that location; {REACH}")
             store.finish()
-    return store.info()
+    return written(store, pending)
 
 
 def _shard_list(shards: list[int]) -> str:
@@ -486,7 +486,8 @@ def process_group(device: torch.device | None = None) -> Iterator[None]:
 def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, progress: bool = False,
                      storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``extract`` as one of ``torchrun``'s WORLD_SIZE ranks: rank 0 creates the arrays, rank r writes the
-    pending shards r, r+K, ..., rank 0 finishes the manifest after all are done. Every rank returns ``info()``."""
+    pending shards r, r+K, ..., rank 0 finishes the manifest after all are done. Every rank returns ``info()`` with
+    ``shards_written``, the job's (``written``)."""
     import torch.distributed as dist
 
     overwrite, progress = storage.flag_arg(overwrite, "overwrite"), storage.flag_arg(progress, "progress")
@@ -528,7 +529,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if rank == 0:
             store.finish()
         dist.barrier()  # the manifest is final before any rank reports
-        return layout.open_store(out, storage_options=storage_options).info()
+        return written(layout.open_store(out, storage_options=storage_options), pending)
 
 
 PROGRESS_READS_PER_S = 100.0  # done markers the torchrun bar reads a second, at most on average (S3: GETs)

@@ -47,7 +47,8 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     (a folder or an fsspec URL such as ``s3://bucket/run.zarr``, with ``storage_options``).
 
     Resumes a partial store made from the same inputs (completed shards are skipped); refuses one
-    made from different inputs unless ``overwrite``. Returns the store's ``info()``.
+    made from different inputs unless ``overwrite``. Returns the store's ``info()`` with ``shards_written``: the shards
+    this run wrote (counted under the writer lock: 0 where the store was complete, another resume having finished it).
     """
     pipeline, out = check_pipeline(pipeline), location_arg(out, "out")
     options_arg(storage_options)  # before the teacher is built
@@ -63,7 +64,12 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
         extract_shards(run, pipeline, store, pending, bar)
         bar.close()
         store.finish()
-    return store.info()
+    return written(store, pending)
+
+
+def written(store: layout.Store, pending: list[int]) -> dict[str, Any]:
+    """What an extract returns: the store's ``info()`` and ``shards_written``, the ``pending`` shards it wrote."""
+    return {**store.info(), "shards_written": len(pending)}
 
 
 RESUMED_SHARDS, RESUMED_ROWS = 8, 4  # a resumed store's done rows read again: rows in each of at most this many done shards

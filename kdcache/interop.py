@@ -579,7 +579,8 @@ def _write_hdf5(store: layout.Store, f: Any, check: Any, compression: str) -> in
 def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
     """Convert an HDF5 file written by ``export_hdf5`` back into a store at ``location`` (any writable
-    location), with the manifest's geometry; resumable like extract (only shards not yet done are written)."""
+    location), with the manifest's geometry; resumable like extract (only shards not yet done are written). Returns the
+    store's ``info()`` with ``shards_written``, as ``extract`` does."""
     need("h5py", "hdf5", "kdcache import")
     source, location = storage.location_arg(source, "source"), storage.location_arg(location, "location")
     storage.options_arg(storage_options)
@@ -625,7 +626,8 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
         with locking.writer_lock(location, storage_options):  # one writer per store
             store = layout.create_or_resume(location, lambda _: fresh, overwrite=overwrite, storage_options=storage_options, named="STORE")
             classes = _topk_classes(expect)
-            for shard in store.resume_pending():
+            pending = store.resume_pending()
+            for shard in pending:
                 start, stop = store.shard_rows(shard)
                 arrays = {}
                 for path in paths:
@@ -638,7 +640,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
                         raise _unreadable(source, path, shard, start, stop, problem, store)
                 store.write_shard(shard, arrays)
             store.finish()
-    return store.info()
+    return {**store.info(), "shards_written": len(pending)}  # as extract's: counted under the writer lock
 
 
 _BUSY = ": another process has it open for writing (HDF5 locks the file); close it there and rerun"

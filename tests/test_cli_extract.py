@@ -60,14 +60,15 @@ def test_extract_then_info(tmp_path):
     assert result.exit_code == 0 and "tiny.py:teacher" in result.stdout and "complete" in result.stdout
 
 
-def test_extract_json_is_the_info_of_the_store(tmp_path):
+def test_extract_json_is_the_info_of_the_store_and_the_shards_it_wrote(tmp_path):
     out = tmp_path / "tiny.zarr"
     result = invoke("extract", TINY, "--out", out, "--json", "--no-progress")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
-    assert printed["complete"] is True and printed["samples_done"] == 50
+    assert printed["complete"] is True and printed["samples_done"] == 50 and printed.pop("shards_written") == 4
     info = json.loads(invoke("info", out, "--json").stdout)
     assert {k: v for k, v in printed.items() if k != "bytes_stored"} == {k: v for k, v in info.items() if k != "bytes_stored"}
+    assert json.loads(invoke("extract", TINY, "--out", out, "--json").stdout)["shards_written"] == 0
 
 
 def test_shortcut_options_and_set(tmp_path):
@@ -258,6 +259,28 @@ def test_dry_run_prints_shapes_and_bytes_and_writes_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- existing stores
+
+
+def test_a_resume_another_resume_finished_meanwhile_says_the_store_was_already_complete(tmp_path, zoo_env):
+    """Two resumes of one partial store at once, the second taking the writer lock only once the first has finished it
+    (held here while it builds its teacher): both said "resumed …: 2 of 4 shards were already done; this run wrote the
+    others", counted before the lock. The second wrote nothing, and says the store was already complete."""
+    toml = write_toml(tmp_path / "p.toml")
+    partial = crash_at(tmp_path, zoo_env, 36, toml)  # shards 0 and 1 done
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_BUILD_HOLD": str(hold)}
+    second = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(partial), "--no-progress"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not Path(f"{hold}.waiting").exists() and second.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first = invoke("extract", toml, "--out", partial)
+    hold.unlink()
+    assert first.exit_code == 0 and f"resumed {partial}: 2 of 4 shards were already done; this run wrote the others" in first.stderr
+    said = second.communicate(timeout=120)[1]
+    assert second.returncode == 0, said
+    assert said == f"{partial} is already complete (50 samples); nothing to do (--overwrite to redo it)\n", said
 
 
 def test_complete_store_is_left_alone_and_overwrite_redoes_it(tmp_path):

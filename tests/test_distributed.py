@@ -173,6 +173,7 @@ def test_cli_on_an_existing_scheduler_resumes_a_partial_store(toml, single, sche
     result = CliRunner().invoke(main, ["extract", toml, "--out", out, "--scheduler", scheduler])
     assert result.exit_code == 0, result.output
     assert "4/4 shards" in result.output
+    assert f"resumed {out}: 2 of 4 shards were already done; this run wrote the others" in result.stderr, result.stderr  # the driver's count
     assert_same_store(out, single)
 
 
@@ -525,6 +526,7 @@ def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, t
     zoo_env(FAIL_AT=None)
     r = _torchrun("extract", toml, "--out", partial, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count(f"resumed {partial}: 1 of 4 shards was already done; this run wrote the others") == 1, r.stderr[-3000:]  # rank 0's
     assert_same_store(partial, single)
 
 
