@@ -42,7 +42,7 @@ import torch
 
 from kdcache import errors, locking, storage, store as layout
 from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, transient
-from kdcache.extract import Run, check_done_rows, extract_shards, say_headless, setup, written
+from kdcache.extract import Run, check_done_rows, complete_read_only, extract_shards, say_headless, setup, written
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
 
@@ -77,6 +77,8 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
         say_headless(pipeline, run)
+        if (complete := complete_read_only(out, run, pipeline, overwrite, storage_options)) is not None:
+            return written(complete, [])
         with locking.writer_lock(out, storage_options, helpers=True):  # held by the driver for the whole job: its workers write, no other job does
             store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
             pending = store.resume_pending()  # done shards whose objects are missing too

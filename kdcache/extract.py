@@ -30,7 +30,7 @@ from kdcache import data, locking, store as layout, teacher as teachers
 from kdcache.errors import (AlignmentError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, StoreMismatchError,
                             TargetError, option, own_messages)
 from kdcache.pipeline import Pipeline, check_pipeline
-from kdcache.storage import flag_arg, location_arg, options_arg
+from kdcache.storage import exists, flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -56,6 +56,8 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     run = setup(pipeline)
     say_headless(pipeline, run)
+    if (complete := complete_read_only(out, run, pipeline, overwrite, storage_options)) is not None:
+        return written(complete, [])
     with locking.writer_lock(out, storage_options):  # one writer per store
         store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
         pending = store.resume_pending()  # done shards whose objects are missing too
@@ -65,6 +67,20 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
         bar.close()
         store.finish()
     return written(store, pending)
+
+
+def complete_read_only(out: str, run: Run, pipeline: Pipeline, overwrite: bool, storage_options: dict[str, Any] | None) -> layout.Store | None:
+    """The store at ``out`` where it is complete and this process may not write there (a read-only mount, whose writer
+    lock cannot be made): nothing is left to write, so no lock is needed to say so. Refused as a resume is where another
+    pipeline made it (``create_or_resume``, which writes nothing to a store it resumes). None otherwise: an ``overwrite``,
+    a writable location, a store not complete or with a done shard's object missing (the lock is then taken or refused)."""
+    if overwrite or not locking.may_not_lock(out) or not exists(out, storage_options):
+        return None
+    store = layout.create_or_resume(out, run.manifest_for(pipeline), storage_options=storage_options)
+    if not store.complete or store.unbacked_shards():
+        return None
+    check_done_rows(run.dataset, store, [])
+    return store
 
 
 def written(store: layout.Store, pending: list[int]) -> dict[str, Any]:

@@ -415,6 +415,15 @@ def _opened_lock(location: str | os.PathLike[str], look: Callable[[int], _T]) ->
         os.close(fd)
 
 
+def may_not_lock(location: str | os.PathLike[str]) -> bool:
+    """Whether this process may not make the writer lock of the existing local store ``location`` (``writer_lock`` would
+    be refused: a read-only mount, a folder or lock file it may not write). False where not known: other locations."""
+    path = _lock_path(location)
+    if path is None:
+        return False
+    return not os.access(path if path.exists() else path.parent, os.W_OK)  # EROFS too: access(2) says a read-only mount
+
+
 def _lock_path(location: str | os.PathLike[str]) -> Path | None:
     """``.NAME.kdcache-lock`` beside the local store ``location`` (None: not a local store, or no ``flock`` here)."""
     if storage.location_kind(str(location)) != "local" or fcntl is None:

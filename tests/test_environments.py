@@ -4,6 +4,7 @@ values name it (``tests/fixtures/journeys.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -109,6 +111,49 @@ def test_a_checkpoint_past_the_file_size_limit_is_one_line_naming_the_limit_and_
         "size limit (ulimit -f; or the file system's largest file, 4 GiB on FAT32) and rerun\n", (r.returncode, r.stderr)
     r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and (out / "student.pt").is_file(), r.stderr
+
+
+@contextlib.contextmanager
+def mount_to_make_read_only(folder: Path) -> Iterator[Callable[[], None]]:
+    """``folder``, empty, and a call that makes it read-only for this process: as root a tmpfs remounted read-only
+    (chmod binds no root; skipped where it cannot mount), else ``chmod -R a-w``."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        try:
+            yield lambda: subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
+        finally:
+            subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a tmpfs ({mounted.stderr.strip()}); chmod binds no root")
+    try:
+        yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
+def test_extract_of_a_complete_store_on_a_read_only_mount_says_it_is_complete(tmp_path: Path, pipeline: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch, workers: list[str]):
+    """A complete store on a read-only mount, extracted again with its pipeline (no --overwrite): refused for its writer
+    lock ("cannot lock … Read-only file system"), though nothing was left to write; it says the store is complete. Another
+    pipeline's store is refused as a resume is, and a partial store and --overwrite still for the lock."""
+    with mount_to_make_read_only(tmp_path / "ro") as make_read_only:
+        store, partial = tmp_path / "ro" / "t.zarr", tmp_path / "ro" / "partial.zarr"
+        kdcache.extract(kdcache.load_pipeline(pipeline), str(store))
+        monkeypatch.setenv("JOURNEY_FAIL_AT", "40")
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            kdcache.extract(kdcache.load_pipeline(pipeline), str(partial))
+        monkeypatch.delenv("JOURNEY_FAIL_AT")
+        make_read_only()
+        code, out = invoke("extract", pipeline, "--out", store, *workers)
+        assert code == 0 and out.startswith(f"{store} is already complete (96 samples); nothing to do"), out
+        code, out = invoke("extract", pipeline, "--out", store, "--set", 'targets.dtype="float16"', *workers)
+        assert code == 1 and "was made with different targets (targets.logits.dtype: store has 'float32', now 'float16')" in out, out
+        for args in (["--out", partial], ["--out", store, "--overwrite"]):
+            code, out = invoke("extract", pipeline, *args, *workers)
+            assert code == 1 and out.startswith(f"Error: cannot lock {str(args[1])!r} for writing") and "make the folder writable" in out, out
 
 
 READER = """
