@@ -2092,6 +2092,69 @@ def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
     return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
 
 
+# A chunk key below its array's folder (FORMAT.md §3.1: "c/0/0", "c" of a 0-d array; zarr v2's encoding "0.0", "0/0"),
+# or a writer's temp file of one (§13.1); a file system's own records of a folder it showed (Finder's, Explorer's)
+_CHUNK_KEY = re.compile(r"(c|[0-9]+)(/[0-9]+)*|([0-9]+\.)+[0-9]+")
+_FOLDER_RECORDS = {".DS_Store", "Thumbs.db", "desktop.ini"}
+OTHERS_NAMED = 5  # entries named in the refusal of an --overwrite of a folder that holds others
+
+
+def _refuse_others(location: str, named: str) -> None:
+    """Refuse an ``--overwrite`` of the local store ``location`` whose folder holds files that are not the store's
+    (``_others``), before anything is deleted, naming the first ``OTHERS_NAMED``: a training run, notes, a ``.git``."""
+    others = _others(Path(local_path(location)))
+    if others:
+        shown = ", ".join(others[:OTHERS_NAMED]) + (f" and {len(others) - OTHERS_NAMED} more" if len(others) > OTHERS_NAMED else "")
+        raise StoreError(f"{location!r} holds {len(others)} {'entry' if len(others) == 1 else 'entries'} besides its store, which "
+                         f"{option('--overwrite')} would delete with it: {shown}; move {'it' if len(others) == 1 else 'them'} out "
+                         f"of the folder (or delete {'it' if len(others) == 1 else 'them'}), or choose another {named}")
+
+
+def _others(folder: Path) -> list[str]:
+    """The entries of the store folder ``folder`` that are not its store's, sorted, each named once by its top entry
+    (``'run/'``, ``'notes.md'``, ``'old.zarr/' (a kdcache store)``). The store's are the ``zarr.json`` of each node (a folder
+    with one whose parent is a node, the root first: a damaged or older store's too), the chunk keys below a node
+    (``_CHUNK_KEY``), and writers' temp files of both; a node with a manifest of its own is another store."""
+    keys = list(_folder_keys(folder))  # a link: "KEY (a link)", never the store's
+    nodes = {""}
+    for key in sorted((k for k in keys if k.rpartition("/")[2] == "zarr.json"), key=lambda k: k.count("/")):
+        if key.rpartition("/")[0].rpartition("/")[0] in nodes or "/" not in key:
+            nodes.add(key.rpartition("/")[0])
+    stores = sorted(n for n in nodes if n and _has_manifest(folder / n / "zarr.json"))
+    found = set()
+    for key in keys:
+        inside = next((n for n in stores if key.startswith(n + "/")), None)
+        owner = max((n for n in nodes if n == "" or key.startswith(n + "/")), key=len)
+        rest = key[len(owner) + 1 :] if owner else key
+        if inside is not None:
+            found.add(f"{inside + '/'!r} (a kdcache store)")
+        elif not _of_the_store(rest):
+            top, sep, _ = rest.partition("/")
+            found.add(repr(f"{owner}/{top}{sep}".lstrip("/")).replace(" (a link)'", "' (a link)"))
+    return sorted(found)
+
+
+def _of_the_store(rest: str) -> bool:
+    """Whether ``rest``, a file's key below its node, is the node's ``zarr.json``, a chunk key, a temp file of either
+    (``.NAME.PID.tmp``, ``STEM.UUID.partial``: FORMAT.md §13.1), or a folder's record a file system made."""
+    parent, _, name = rest.rpartition("/")
+    if name in _FOLDER_RECORDS:
+        return True
+    if m := _TMP.fullmatch(name):
+        name = m.group(1)
+    elif m := _PARTIAL.fullmatch(name):
+        name = "zarr.json" if m.group(1) == "zarr" else m.group(1)
+    return f"{parent}/{name}".lstrip("/") == "zarr.json" or bool(_CHUNK_KEY.fullmatch(f"{parent}/{name}".lstrip("/")))
+
+
+def _has_manifest(meta: Path) -> bool:
+    """Whether the ``zarr.json`` ``meta`` holds kdcache's manifest (a store's root); unreadable: not known, False."""
+    try:
+        return ATTRS in json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
 IDENTITY = {
     "teacher.weights_sha256": "teacher weights",
     "teacher.factory": "teacher factory",
@@ -2137,6 +2200,8 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
     if overwrite and not interrupted and exists(location, storage_options) and _foreign_group(location, storage_options):
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
                          f"replaces only a kdcache store: choose another {named} or remove it")
+    if overwrite and not interrupted and location_kind(location) == "local" and exists(location, storage_options):
+        _refuse_others(location, named)  # zarr's mode="w" deletes the folder whole
     if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         # a store an --overwrite (or a removal) was deleting when it was killed: its root zarr.json may be gone first
         remains = _interrupted_creation(location, storage_options, remains=True)

@@ -283,6 +283,57 @@ def test_a_resume_another_resume_finished_meanwhile_says_the_store_was_already_c
     assert said == f"{partial} is already complete (50 samples); nothing to do (--overwrite to redo it)\n", said
 
 
+@pytest.mark.parametrize("other, named", [("run/student.pt", "'run/'"), ("NOTES.md", "'NOTES.md'"), (".git/HEAD", "'.git/'"),
+                                          ("targets/notes.txt", "'targets/notes.txt'"), ("old.zarr", "'old.zarr/' (a kdcache store)")])
+def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_them(tmp_path, tiny_store, other, named):
+    """zarr's mode="w" deleted the store's folder whole: a training run put inside it, notes, a .git, another store. An
+    --overwrite of a folder holding entries that are not its store's is refused before anything is deleted, naming them;
+    moved out, the store is replaced."""
+    import shutil
+
+    out = tmp_path / "tiny.zarr"
+    assert invoke("extract", TINY, "--out", out).exit_code == 0
+    if other == "old.zarr":
+        shutil.copytree(tiny_store, out / other)
+    else:
+        (out / other).parent.mkdir(parents=True, exist_ok=True)
+        (out / other).write_text("keep me")
+    before = file_bytes(out)
+    result = invoke("extract", TINY, "--out", out, "--overwrite")
+    assert_one_line_error(result.output, f"{str(out)!r} holds 1 entry besides its store, which --overwrite would delete with it: {named}; "
+                                         "move it out of the folder (or delete it), or choose another --out")
+    assert file_bytes(out) == before
+    shutil.move(out / other, tmp_path / "moved")
+    assert invoke("extract", TINY, "--out", out, "--overwrite").exit_code == 0 and (tmp_path / "moved").exists()
+
+
+def _with_leftovers(store: Path) -> None:
+    """A killed writer's temp files (ours, zarr's), a file system's folder record, an empty chunk folder."""
+    (store / "targets" / "logits" / "c" / "1" / ".0.4242.tmp").write_bytes(b"half")
+    (store / f"zarr.{'0' * 32}.partial").write_text("{")
+    (store / ".DS_Store").write_bytes(b"\0")
+    (store / "samples" / "index" / "c" / "9").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("kind", ["leftovers", "partial", "damaged", "kdcache-0.1.6"])
+def test_overwrite_still_replaces_a_store_of_every_kind(tmp_path, zoo_env, kind):
+    """What --overwrite must go on replacing: a store with a killed writer's temp files, a partial one, a damaged one, one
+    kdcache 0.1.6 wrote."""
+    import shutil
+
+    out = tmp_path / "s.zarr"
+    if kind == "partial":
+        out = crash_at(tmp_path, zoo_env, 36, write_toml(tmp_path / "p.toml"), "s.zarr")
+    elif kind == "kdcache-0.1.6":
+        shutil.copytree(FIXTURES / "stores" / "spans-0.1.6.zarr", out)
+    else:
+        assert invoke("extract", TINY, "--out", out).exit_code == 0
+        _with_leftovers(out) if kind == "leftovers" else (out / "targets" / "logits" / "c" / "2" / "0").write_bytes(b"")
+    result = invoke("extract", TINY, "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert open_store(str(out)).complete and not (out / ".DS_Store").exists()
+
+
 def test_complete_store_is_left_alone_and_overwrite_redoes_it(tmp_path):
     out = tmp_path / "tiny.zarr"
     assert invoke("extract", TINY, "--out", out).exit_code == 0
