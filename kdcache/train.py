@@ -60,8 +60,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     pipeline = check_pipeline(pipeline)
     t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
     check_values(pipeline)
-    storage.refuse_inside_store(cache_location, out, option("--out"), "an extract --overwrite of the store, which deletes its "
-                                "folder whole, would be refused while the run is there, and pack leaves the run out")
+    if out.resolve() != Path(storage.local_path(cache_location)).resolve():  # the store itself: _check_out names it as a store
+        storage.refuse_inside_store(cache_location, out, option("--out"), "an extract --overwrite of the store, which deletes its "
+                                    "folder whole, would be refused while the run is there, and pack leaves the run out")
     resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
     cache_options, eval_options = _options_by_store(cache_location, t.eval_cache, storage_options)
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
