@@ -11,12 +11,14 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,7 +36,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         started = time.time()
         try:
-            with _sigterm_as_ctrl_c(), command_line():  # messages name the command's flags (--out), not the API's arguments
+            with _sigterm_as_ctrl_c(), _quiet_handoffs(), command_line():  # messages name the command's flags (--out), not the API's arguments
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -109,6 +111,29 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         # says so and exits; a SIGTERM now is ignored, not Python's default that would end it by the signal (-15, with
         # "Terminated" where a shell said it finished or gave its Error line). A caller of main() in-process gets its handler back.
         signal.signal(signal.SIGTERM, signal.SIG_IGN if _PROGRAM else before if before is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _quiet_handoffs() -> Iterator[None]:
+    """A DataLoader worker hands each batch's tensors over by file descriptor, from a thread of multiprocessing's
+    (``resource_sharer``) that the main process connects to. A command stopped (SIGTERM, Ctrl-C, an error) ends its
+    workers mid-batch, and that thread, its connection cut, printed a traceback (EOFError, a reset connection, a failed
+    handshake) after the command's one line. Those are dropped; any other error is printed as before. Installed for the
+    command's run, in this process and so in the workers it forks."""
+    before = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, (EOFError, OSError, multiprocessing.AuthenticationError)) and any(
+                Path(frame.f_code.co_filename).match("multiprocessing/resource_sharer.py") for frame, _ in traceback.walk_tb(tb)):
+            return
+        before(kind, value, tb)
+
+    sys.excepthook = hook
+    try:
+        yield
+    finally:
+        if sys.excepthook is hook:
+            sys.excepthook = before
 
 
 def _send_again(signum: int, handler: Any) -> None:

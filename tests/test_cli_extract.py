@@ -765,3 +765,29 @@ def test_a_kdcache_process_skips_the_collection_at_shutdown_and_a_call_in_a_proc
 
     assert CliRunner().invoke(main, ["info", tiny_store]).exit_code == 0
     assert gc.get_freeze_count() == 0
+
+
+def test_a_workers_cut_fd_handoff_prints_no_traceback_after_a_commands_line(tmp_path, capsys):
+    """A stopped command ends its DataLoader workers mid-batch; multiprocessing's resource_sharer thread, which hands a
+    batch's file descriptors over, then printed its cut connection's traceback (sys.excepthook) after the one Error
+    line (seen once under a SIGTERM to the whole job). During a command such errors are dropped; others are printed."""
+    import sys
+    from kdcache import cli
+
+    where = str(Path(sys.modules["multiprocessing"].__file__).parent / "resource_sharer.py")
+
+    def failed(kind: type[BaseException], filename: str) -> tuple:
+        try:
+            exec(compile("raise kind('connection cut')", filename, "exec"), {"kind": kind})
+        except BaseException:  # noqa: BLE001
+            return sys.exc_info()
+
+    with cli._quiet_handoffs():
+        sys.excepthook(*failed(EOFError, where))
+        sys.excepthook(*failed(ConnectionResetError, where))
+        assert capsys.readouterr().err == ""
+        sys.excepthook(*failed(EOFError, str(tmp_path / "elsewhere.py")))  # not the resource sharer's
+        sys.excepthook(*failed(ValueError, where))  # not a cut connection
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 2 and "ValueError" in err and "EOFError" in err
+    assert sys.excepthook is sys.__excepthook__ or "_quiet_handoffs" not in repr(sys.excepthook)
