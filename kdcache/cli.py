@@ -433,7 +433,10 @@ def _say_resumed(out: str, info: dict[str, Any]) -> None:
     counted under the writer lock; a count taken before it was wrong where another resume finished the store meanwhile)."""
     done_before = info["num_shards"] - info["shards_written"]
     if done_before == info["num_shards"]:
-        click.echo(f"{out} is already complete ({count(info['num_samples'], 'sample')}); nothing to do (--overwrite to redo it)", err=True)
+        from kdcache.locking import may_not_lock
+
+        redo = "" if may_not_lock(out) else " (--overwrite to redo it)"  # a read-only mount: an --overwrite cannot work there
+        click.echo(f"{out} is already complete ({count(info['num_samples'], 'sample')}); nothing to do{redo}", err=True)
     elif done_before:
         click.echo(f"resumed {out}: {done_before} of {count(info['num_shards'], 'shard')} {'was' if done_before == 1 else 'were'} already done; "
                    "this run wrote the others", err=True)
