@@ -73,6 +73,7 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
     if scheduler is not None:
         _check_address(scheduler)
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
+    layout.refuse_replacing(out, overwrite, storage_options)
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
     with _connect(scheduler) if scheduler is not None else contextlib.nullcontext() as remote:
         run = setup(pipeline)  # the driver probes shapes for the manifest; workers build their own teachers
@@ -497,25 +498,29 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
     pipeline = _on_device(pipeline, local)
     locking.refuse_if_being_written(out, storage_options)  # every rank, before its teacher is built (rank 0's lock below decides)
     with process_group(), contextlib.ExitStack() as lock:
+        refusal = None
+        if rank == 0:
+            try:
+                layout.refuse_replacing(out, overwrite, storage_options)  # before any rank builds its teacher
+            except KdcacheError as e:
+                refusal = e
+        _from_rank_0(refusal)
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
-        shared: list[Any] = [None]
+        made: Any = None
         if rank == 0:
             say_headless(pipeline, run)
             try:
                 lock.enter_context(locking.writer_lock(out, storage_options, helpers=world > 1))  # held by rank 0 for the whole job
                 store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
                 # the job's lock, which the other ranks check before each shard: its S3 token, or what the local lock file says
-                shared[0] = (store.resume_pending(), getattr(store.lease, "token", None) or locking.local_token(out))
-                check_done_rows(run.dataset, store, shared[0][0])
+                made = (store.resume_pending(), getattr(store.lease, "token", None) or locking.local_token(out))
+                check_done_rows(run.dataset, store, made[0])
             except KdcacheError as e:
-                shared[0] = e  # the other ranks stop with the same error instead of waiting
-        dist.broadcast_object_list(shared, src=0)
-        if isinstance(shared[0], BaseException):
-            raise shared[0]
-        pending: list[int] = shared[0][0]
+                made = e
+        pending, token = _from_rank_0(made)
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
-            store.lease = locking.borrowed_lease(out, storage_options, shared[0][1], f"rank {rank}")  # rank 0's lock: still the job's
+            store.lease = locking.borrowed_lease(out, storage_options, token, f"rank {rank}")  # rank 0's lock: still the job's
             if isinstance(store.lease, locking.LocalBorrowed):  # rank 0 holds it now: a flock this rank cannot see is not checked
                 store.lease.flock = store.lease.sees_flock()
         manifest = run.manifest_for(pipeline)(store.manifest)  # as rank 0 resumed or created it: the store's fingerprint algorithm
@@ -532,6 +537,18 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
             store.finish()
         dist.barrier()  # the manifest is final before any rank reports
         return written(layout.open_store(out, storage_options=storage_options), pending)
+
+
+def _from_rank_0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank; where it is an error, raised on every rank: the others stop with rank 0's line
+    instead of waiting for it."""
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    if isinstance(shared[0], BaseException):
+        raise shared[0]
+    return shared[0]
 
 
 PROGRESS_READS_PER_S = 100.0  # done markers the torchrun bar reads a second, at most on average (S3: GETs)

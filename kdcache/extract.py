@@ -54,6 +54,7 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     options_arg(storage_options)  # before the teacher is built
     overwrite, progress = flag_arg(overwrite, "overwrite"), flag_arg(progress, "progress")
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
+    layout.refuse_replacing(out, overwrite, storage_options)
     run = setup(pipeline)
     say_headless(pipeline, run)
     if (complete := complete_read_only(out, run, pipeline, overwrite, storage_options)) is not None:

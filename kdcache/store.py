@@ -2197,12 +2197,38 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
                    f"import the file it was made from to resume it, choose another {named}, or pass {option('--overwrite')} to replace it")
             raise StoreMismatchError(f"{location!r} was made with {different}{hint}; {fix}")
         return store
-    if overwrite and not interrupted and exists(location, storage_options) and _foreign_group(location, storage_options):
+    if not interrupted:
+        _refuse_replacing(location, overwrite, storage_options, named)  # again: the location may have changed since the early look
+    try:
+        return _create(location, target, manifest(None), storage_options)
+    except OSError as e:
+        raise _write_error(location, "the metadata", e) from None
+
+
+def refuse_replacing(location: str | os.PathLike[str], overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
+    """What ``create_or_resume`` refuses from the location and ``overwrite`` alone, refused before a teacher is built
+    (``extract``'s every path): an ``--overwrite`` of someone else's zarr group or of a folder holding other files, a
+    location holding what is not a store. A store to resume (compared with the run's manifest later) passes, as does one
+    whose creation was interrupted (created again)."""
+    location = str(location)
+    zarr_store(location, storage_options, read_only=False)  # refuses zip, http
+    if exists(location, storage_options) and not overwrite:
+        return
+    try:
+        _refuse_replacing(location, overwrite, storage_options, option("--out"))
+    except StoreError:
+        if not _interrupted_creation(location, storage_options):  # looked for only here: an S3 prefix is listed
+            raise
+
+
+def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str, Any] | None, named: str) -> None:
+    """``refuse_replacing`` of a location whose creation was not interrupted; ``named``: how the command names it."""
+    if overwrite and exists(location, storage_options) and _foreign_group(location, storage_options):
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
                          f"replaces only a kdcache store: choose another {named} or remove it")
-    if overwrite and not interrupted and location_kind(location) == "local" and exists(location, storage_options):
+    if overwrite and location_kind(location) == "local" and exists(location, storage_options):
         _refuse_others(location, named)  # zarr's mode="w" deletes the folder whole
-    if not interrupted and not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
+    if not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         # a store an --overwrite (or a removal) was deleting when it was killed: its root zarr.json may be gone first
         remains = _interrupted_creation(location, storage_options, remains=True)
         if not remains:
@@ -2211,10 +2237,6 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
             raise StoreError(f"{location!r} holds what is left of a kdcache store whose deletion was stopped (its root zarr.json is "
                              f"gone: an {option('--overwrite')} killed while it replaced the store?); pass {option('--overwrite')} "
                              f"to replace it, or choose another {named}")
-    try:
-        return _create(location, target, manifest(None), storage_options)
-    except OSError as e:
-        raise _write_error(location, "the metadata", e) from None
 
 
 REDONE_NAMED = 5  # shards named, one line each, in the note on done shards whose objects are missing

@@ -307,6 +307,33 @@ def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_th
     assert invoke("extract", TINY, "--out", out, "--overwrite").exit_code == 0 and (tmp_path / "moved").exists()
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
+@pytest.mark.parametrize("kind, flags, says", [
+    ("others", ["--overwrite"], "holds 1 entry besides its store, which --overwrite would delete with it: 'NOTES.md'"),
+    ("foreign", ["--overwrite"], "is a zarr group but not a kdcache store"),
+    ("occupied", [], "exists and is not a kdcache store")])
+def test_what_is_at_out_is_refused_before_the_teacher_is_built(tmp_path, zoo_env, workers, kind, flags, says):
+    """A teacher may take minutes to build (weights of many GB): what is refused from --out and the flags alone (an
+    --overwrite of a folder holding other files or of someone else's zarr group, an OUT holding what is not a store) was
+    refused only once it was built. It is refused first: the teacher's build (which would leave HOLD.waiting) never starts."""
+    import zarr
+
+    toml, out = write_toml(tmp_path / "p.toml"), tmp_path / "s.zarr"
+    if kind == "others":
+        assert invoke("extract", toml, "--out", out).exit_code == 0
+        (out / "NOTES.md").write_text("keep me")
+    elif kind == "foreign":
+        zarr.open_group(str(out), mode="w", zarr_format=3).create_array("x", data=np.arange(4))  # someone's data
+    else:
+        out.mkdir()
+        (out / "data.csv").write_text("1,2\n")
+    before = file_bytes(out)
+    zoo_env(BUILD_HOLD=tmp_path / "hold")  # no such file: a teacher's build goes on at once, leaving hold.waiting
+    result = invoke("extract", toml, "--out", out, *flags, *workers)
+    assert_one_line_error(result.output, says)
+    assert not (tmp_path / "hold.waiting").exists() and file_bytes(out) == before
+
+
 def _with_leftovers(store: Path) -> None:
     """A killed writer's temp files (ours, zarr's), a file system's folder record, an empty chunk folder."""
     (store / "targets" / "logits" / "c" / "1" / ".0.4242.tmp").write_bytes(b"half")

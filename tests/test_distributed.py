@@ -500,6 +500,18 @@ def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None 
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def test_torchrun_refuses_an_overwrite_of_a_folder_holding_other_files_before_any_rank_builds_its_teacher(toml, single, tmp_path, zoo_env):
+    """Rank 0 refused the --overwrite of a store folder holding other files only once every rank had built its teacher;
+    it is refused first (no rank's build leaves hold.waiting), and the other rank stops with rank 0's line, not waiting."""
+    out = tmp_path / "s.zarr"
+    shutil.copytree(single, out)
+    (out / "NOTES.md").write_text("keep me")
+    r = _torchrun("extract", toml, "--out", str(out), "--overwrite", cwd=tmp_path, env={"ZOO_BUILD_HOLD": str(tmp_path / "hold")})
+    ours = [line for line in r.stderr.splitlines() if line.startswith("Error: ") and "stopped by SIGTERM" not in line]
+    assert r.returncode != 0 and ours and all("holds 1 entry besides its store" in line for line in ours), r.stderr[-3000:]
+    assert not (tmp_path / "hold.waiting").exists() and (out / "NOTES.md").exists()
+
+
 def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, tmp_path, zoo_env):
     fresh = str(tmp_path / "torchrun.zarr")
     r = _torchrun("extract", toml, "--out", fresh, cwd=tmp_path)
