@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from kdcache import store as layout
 from kdcache.cache import Check, ShardGroups, TransferSet, done_rows
 from kdcache.data import Prefetch, stop_making
-from kdcache.errors import AlignmentError, PipelineError, StoreError
+from kdcache.errors import AlignmentError, PipelineError, StoreError, StoreReplacedError
 from numbered import Numbered
 
 N, ROWS_PER_SHARD, BATCH = 100, 16, 8
@@ -792,3 +792,21 @@ def test_a_store_replaced_under_a_streaming_reader_is_refused(numbered_store, tm
     assert re.search(r"s\.zarr' was replaced while this reader used it: its manifest's created was '[^']+' when the reader was "
                      r"made and is '2030-01-02T00:00:00\+00:00' now \(another kdcache extract --overwrite, or a copy over it\?\); "
                      "rerun against the store as it is now", str(raised.value)), str(raised.value)
+
+
+def test_a_store_removed_while_a_streaming_reader_reads_it_is_named_as_removed(numbered_store, tmp_path):
+    """The store deleted (or mid-replacement, not opening) while a streaming reader served it: the Store named it
+    "removed or replaced", then the reader's own look at the location replaced that line with open_store's "no store
+    at …; run kdcache extract … first", a fix that makes a new store rather than waiting for the one in use."""
+    import time
+
+    location = tmp_path / "s.zarr"
+    shutil.copytree(numbered_store, location)
+    batches = iter(transfer(str(location), memory_budget_mb=0, buffer_shards=1, batch_size=ROWS_PER_SHARD, shuffle=False))
+    check_aligned(next(batches))
+    time.sleep(0.3)  # the next buffer, read ahead meanwhile, is of the store
+    shutil.rmtree(location)
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr' was removed or replaced while this reader used it: it does not open "
+                       r"now \(no store at .*\); rerun once the store is in place again"):
+        for batch in batches:
+            check_aligned(batch)
