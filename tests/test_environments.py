@@ -93,6 +93,8 @@ def test_a_training_run_inside_the_store_it_trains_from_is_refused(tmp_path: Pat
     assert "extract --overwrite" in out and repr(str(tmp_path / "run")) in out and not (store / "run").exists()
     code, out = invoke("train", pipeline, "--cache", store, "--out", tmp_path)
     assert code == 0 and (tmp_path / "student.pt").is_file(), out
+    code, out = invoke("train", pipeline, "--cache", store, "--out", tmp_path / "Net::v2")  # "::" inside a path: not a chained URL
+    assert code == 0 and (tmp_path / "Net::v2" / "student.pt").is_file(), out
 
 
 def test_a_checkpoint_past_the_file_size_limit_is_one_line_naming_the_limit_and_the_rerun_trains(tmp_path: Path, pipeline: Path):
