@@ -794,12 +794,17 @@ CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")  # fsspec'
 def _refuse_cached_folder(location: str) -> None:
     """Refuse a caching layer over a store folder (``simplecache::https://host/t.zarr``): it runs its requests outside
     zarr's event loop, and every read failed ("Timeout context manager should be used inside a task", named as a server
-    not reached; over s3, a traceback listing it). Over a zip (``zip::simplecache::…``) it fetches the file whole, and works."""
+    not reached; over s3, a traceback listing it). Over a zip (``zip::simplecache::…``) it fetches the file whole, and works;
+    written before ``zip::`` or over a zip's URL without it (``simplecache::https://host/t.zarr.zip``), that form is named."""
     layer, _, rest = location.partition("::")
-    if rest and layer.lower() in CACHING_LAYERS:
-        raise StoreError(f"{location!r}: fsspec's caching layer {layer}:: cannot serve a store folder (its requests run outside "
-                         f"zarr's event loop); pass the folder's URL without it, {rest!r}, or pack the store and read the zip "
-                         f"through it, {layer}:: after zip:: ('zip::{layer}::https://…/STORE.zarr.zip': the file cached whole)")
+    if not rest or layer.lower() not in CACHING_LAYERS:
+        return
+    if rest.rstrip("/").lower().endswith(".zip"):  # a zip's URL: the layers in the wrong order, or zip:: left out
+        raise StoreError(f"{location!r}: fsspec's caching layer {layer}:: goes after zip::, not before it (a zip behind a URL is "
+                         f"read through zip::); pass {'zip::' + layer + '::' + rest.removeprefix('zip::')!r}")
+    raise StoreError(f"{location!r}: fsspec's caching layer {layer}:: cannot serve a store folder (its requests run outside "
+                     f"zarr's event loop); pass the folder's URL without it, {rest!r}, or pack the store and read the zip "
+                     f"through it, {layer}:: after zip:: ('zip::{layer}::https://…/STORE.zarr.zip': the file cached whole)")
 
 
 def _refuse_collapsed_url(location: str) -> None:

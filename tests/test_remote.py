@@ -2279,3 +2279,17 @@ def test_a_caching_layer_over_a_store_folder_is_refused_in_one_line_naming_the_z
     assert r.output == (f"Error: {url!r}: fsspec's caching layer {layer}:: cannot serve a store folder (its requests run outside "
                         "zarr's event loop); pass the folder's URL without it, 'http://127.0.0.1:9/t.zarr', or pack the store and "
                         f"read the zip through it, {layer}:: after zip:: ('zip::{layer}::https://…/STORE.zarr.zip': the file cached whole)\n")
+
+
+@pytest.mark.parametrize("given", ["simplecache::{base}/c.zarr.zip", "simplecache::zip::{base}/c.zarr.zip"], ids=["no-zip", "zip-after"])
+def test_a_caching_layer_before_a_zips_url_is_refused_naming_the_order_that_reads_it(given, http_root, tiny_store):
+    """A caching layer over a zip's URL without zip::, or before zip::, was told to pass 'the folder's URL without it' (a
+    zip's URL: 'no store … names a zip file', or the zip read uncached). The form that reads it cached is named, and reads."""
+    root, base = http_root
+    if not (root / "c.zarr.zip").exists():  # the module's server: the first parameter's pack serves both
+        pack(tiny_store, root / "c.zarr.zip")
+    url, fixed = given.format(base=base), f"zip::simplecache::{base}/c.zarr.zip"
+    r = CliRunner().invoke(main, ["info", url])
+    assert r.exit_code == 1 and r.output == (f"Error: {url!r}: fsspec's caching layer simplecache:: goes after zip::, not before it "
+                                             f"(a zip behind a URL is read through zip::); pass {fixed!r}\n"), r.output
+    assert open_store(fixed).complete
