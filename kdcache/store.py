@@ -929,6 +929,8 @@ class Store:
         a buffer's shards of one column: a local store's folders are opened once for them). From object storage or http
         the next shards are asked for while one is decoded (``REMOTE_READS`` at once, fewer where their objects would
         hold more than ``READ_AHEAD_BYTES``): the network's latency is overlapped, not paid shard after shard."""
+        if getattr(shards, "ndim", None) == 0:  # np.int64(3), np.array(3): one shard (a 0-d array's iteration was numpy's TypeError)
+            shards = shards.item()
         if isinstance(shards, str | bytes) or not isinstance(shards, Iterable):  # one shard, not a list of them: a TypeError said nothing
             raise StoreError(f"shards must be a list of shard numbers, got {short(shards)}; pass e.g. [{shards!r}] or "
                              "np.flatnonzero(store.done()) (a numpy array of them does too)")
