@@ -2101,10 +2101,11 @@ _FOLDER_RECORDS = {".DS_Store", "Thumbs.db", "desktop.ini"}
 OTHERS_NAMED = 5  # entries named in the refusal of an --overwrite of a folder that holds others
 
 
-def _refuse_others(location: str, named: str) -> None:
-    """Refuse an ``--overwrite`` of the local store ``location`` whose folder holds files that are not the store's
-    (``_others``), before anything is deleted, naming the first ``OTHERS_NAMED``: a training run, notes, a ``.git``."""
-    others = _others(Path(local_path(location)))
+def _refuse_others(location: str, storage_options: dict[str, Any] | None, named: str) -> None:
+    """Refuse an ``--overwrite`` of the store ``location`` whose folder (or object-store prefix: zarr deletes it whole too)
+    holds files that are not the store's (``_others``), before anything is deleted, naming the first ``OTHERS_NAMED``: a
+    training run, notes, a ``.git``."""
+    others = _others(*_listing(location, storage_options))
     if others:
         shown = ", ".join(others[:OTHERS_NAMED]) + (f" and {len(others) - OTHERS_NAMED} more" if len(others) > OTHERS_NAMED else "")
         raise StoreError(f"{location!r} holds {len(others)} {'entry' if len(others) == 1 else 'entries'} besides its store, which "
@@ -2112,17 +2113,28 @@ def _refuse_others(location: str, named: str) -> None:
                          f"of the folder (or delete {'it' if len(others) == 1 else 'them'}), or choose another {named}")
 
 
-def _others(folder: Path) -> list[str]:
-    """The entries of the store folder ``folder`` that are not its store's, sorted, each named once by its top entry
+def _listing(location: str, storage_options: dict[str, Any] | None) -> tuple[list[str], Callable[[str], bytes]]:
+    """The keys of the files under the local store folder or object-store prefix ``location`` (a local link: ``KEY (a
+    link)``), and a read of the file at one of them."""
+    if location_kind(location) == "local":
+        folder = Path(local_path(location))
+        return list(_folder_keys(folder)), lambda key: (folder / key).read_bytes()
+    fs, root = filesystem(location, storage_options)
+    root = root.rstrip("/")
+    return [k[len(root) + 1 :] for k in fs.find(root)], lambda key: fs.cat_file(f"{root}/{key}")
+
+
+def _others(keys: list[str], read: Callable[[str], bytes]) -> list[str]:
+    """The entries of a store folder, its files' ``keys`` (``read``: a file's bytes), that are not its store's, sorted,
+    each named once by its top entry
     (``'run/'``, ``'notes.md'``, ``'old.zarr/' (a kdcache store)``). The store's are the ``zarr.json`` of each node (a folder
     with one whose parent is a node, the root first: a damaged or older store's too), the chunk keys below a node
     (``_CHUNK_KEY``), and writers' temp files of both; a node with a manifest of its own is another store."""
-    keys = list(_folder_keys(folder))  # a link: "KEY (a link)", never the store's
-    nodes = {""}
+    nodes = {""}  # a link's key, "KEY (a link)", is never the store's
     for key in sorted((k for k in keys if k.rpartition("/")[2] == "zarr.json"), key=lambda k: k.count("/")):
         if key.rpartition("/")[0].rpartition("/")[0] in nodes or "/" not in key:
             nodes.add(key.rpartition("/")[0])
-    stores = sorted(n for n in nodes if n and _has_manifest(folder / n / "zarr.json"))
+    stores = sorted(n for n in nodes if n and _has_manifest(read, f"{n}/zarr.json"))
     found = set()
     for key in keys:
         inside = next((n for n in stores if key.startswith(n + "/")), None)
@@ -2149,10 +2161,11 @@ def _of_the_store(rest: str) -> bool:
     return f"{parent}/{name}".lstrip("/") == "zarr.json" or bool(_CHUNK_KEY.fullmatch(f"{parent}/{name}".lstrip("/")))
 
 
-def _has_manifest(meta: Path) -> bool:
-    """Whether the ``zarr.json`` ``meta`` holds kdcache's manifest (a store's root); unreadable: not known, False."""
+def _has_manifest(read: Callable[[str], bytes], meta: str) -> bool:
+    """Whether the ``zarr.json`` at key ``meta`` (``read``) holds kdcache's manifest (a store's root); unreadable: not
+    known, False."""
     try:
-        return ATTRS in json.loads(meta.read_text()).get("attributes", {})
+        return ATTRS in json.loads(read(meta)).get("attributes", {})
     except (OSError, ValueError, AttributeError, TypeError):
         return False
 
@@ -2228,8 +2241,8 @@ def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str,
     if overwrite and exists(location, storage_options) and _foreign_group(location, storage_options):
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
                          f"replaces only a kdcache store: choose another {named} or remove it")
-    if overwrite and location_kind(location) == "local" and exists(location, storage_options):
-        _refuse_others(location, named)  # zarr's mode="w" deletes the folder whole
+    if overwrite and location_kind(location) in ("local", "url") and exists(location, storage_options):
+        _refuse_others(location, storage_options, named)  # zarr's mode="w" deletes the folder (or prefix) whole
     if not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
         # a store an --overwrite (or a removal) was deleting when it was killed: its root zarr.json may be gone first
         remains = _interrupted_creation(location, storage_options, remains=True)

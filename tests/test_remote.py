@@ -315,6 +315,26 @@ def test_s3_refuses_to_overwrite_foreign_objects(s3):
         open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3)
 
 
+def test_s3_overwrite_of_a_store_prefix_holding_other_objects_is_refused_naming_them(s3, tiny_store):
+    """zarr's mode="w" deletes an S3 store's prefix whole, as it does a folder: an --overwrite of a store under whose prefix
+    other objects lie (notes, a run uploaded there, another store) deleted them with no word (the refusal looked at local
+    folders only). It is refused naming them, as for a folder; moved out, the store is replaced."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    url, tiny = f"s3://{BUCKET}/with-notes.zarr", kdcache.load_pipeline(TINY_TOML)
+    fs.put(str(tiny_store), f"{BUCKET}/with-notes.zarr", recursive=True)
+    fs.pipe(f"{BUCKET}/with-notes.zarr/NOTES.md", b"keep me")
+    fs.put(str(tiny_store), f"{BUCKET}/with-notes.zarr/old.zarr", recursive=True)
+    with pytest.raises(StoreError, match=re.escape(f"{url!r} holds 2 entries besides its store, which overwrite=True would delete with it: "
+                                                   "'NOTES.md', 'old.zarr/' (a kdcache store); move them out")):
+        kdcache.extract(tiny, url, storage_options=s3, overwrite=True)
+    assert fs.cat(f"{BUCKET}/with-notes.zarr/NOTES.md") == b"keep me" and fs.exists(f"{BUCKET}/with-notes.zarr/old.zarr/zarr.json")
+    fs.rm([f"{BUCKET}/with-notes.zarr/NOTES.md"])
+    fs.rm(f"{BUCKET}/with-notes.zarr/old.zarr", recursive=True)
+    assert kdcache.extract(tiny, url, storage_options=s3, overwrite=True)["complete"]
+
+
 def test_s3_overwrite_replaces_what_is_left_of_a_store_whose_deletion_was_stopped(s3, tiny_store):
     """s3fs deletes a prefix in concurrent batches of 1000 keys: an --overwrite stopped there can leave chunks without the
     root zarr.json. --overwrite replaces such remains (it was refused as "not a kdcache store"); an object of anything
