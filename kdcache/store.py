@@ -37,7 +37,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, StoreReplacedError, UnreachableError, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, write_file, zarr_store
+from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, unreachable_error, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -2121,7 +2121,11 @@ def _listing(location: str, storage_options: dict[str, Any] | None) -> tuple[lis
         return list(_folder_keys(folder)), lambda key: (folder / key).read_bytes()
     fs, root = filesystem(location, storage_options)
     root = root.rstrip("/")
-    return [k[len(root) + 1 :] for k in fs.find(root)], lambda key: fs.cat_file(f"{root}/{key}")
+    try:
+        keys = [k[len(root) + 1 :] for k in fs.find(root)]
+    except Exception as e:  # noqa: BLE001 - botocore's errors are not all OSErrors; a torchrun rank 0's error must be kdcache's
+        raise unreachable_error(location, e) from None
+    return keys, lambda key: fs.cat_file(f"{root}/{key}")
 
 
 def _others(keys: list[str], read: Callable[[str], bytes]) -> list[str]:
