@@ -2242,12 +2242,13 @@ def refuse_replacing(location: str | os.PathLike[str], overwrite: bool, storage_
 
 def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str, Any] | None, named: str) -> None:
     """``refuse_replacing`` of a location whose creation was not interrupted; ``named``: how the command names it."""
-    if overwrite and exists(location, storage_options) and _foreign_group(location, storage_options):
+    present = exists(location, storage_options)  # looked at once: on S3 each look is a request
+    if overwrite and present and _foreign_group(location, storage_options):
         raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
                          f"replaces only a kdcache store: choose another {named} or remove it")
-    if overwrite and location_kind(location) in ("local", "url") and exists(location, storage_options):
+    if overwrite and present and location_kind(location) in ("local", "url"):
         _refuse_others(location, storage_options, named)  # zarr's mode="w" deletes the folder (or prefix) whole
-    if not exists(location, storage_options) and _occupied(location, storage_options):  # never wipe other files
+    if not present and _occupied(location, storage_options):  # never wipe other files
         # a store an --overwrite (or a removal) was deleting when it was killed: its root zarr.json may be gone first
         remains = _interrupted_creation(location, storage_options, remains=True)
         if not remains:
