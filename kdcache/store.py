@@ -2122,7 +2122,7 @@ def _listing(location: str, storage_options: dict[str, Any] | None) -> tuple[lis
     fs, root = filesystem(location, storage_options)
     root = root.rstrip("/")
     try:
-        keys = [k[len(root) + 1 :] for k in fs.find(root)]
+        keys = [k[len(root) + 1 :] for k in fs.find(root) if not k.endswith("/")]  # "KEY/": a console's folder marker, no data
     except Exception as e:  # noqa: BLE001 - botocore's errors are not all OSErrors; a torchrun rank 0's error must be kdcache's
         raise unreachable_error(location, e) from None
     return keys, lambda key: fs.cat_file(f"{root}/{key}")

@@ -332,6 +332,9 @@ def test_s3_overwrite_of_a_store_prefix_holding_other_objects_is_refused_naming_
     assert fs.cat(f"{BUCKET}/with-notes.zarr/NOTES.md") == b"keep me" and fs.exists(f"{BUCKET}/with-notes.zarr/old.zarr/zarr.json")
     fs.rm([f"{BUCKET}/with-notes.zarr/NOTES.md"])
     fs.rm(f"{BUCKET}/with-notes.zarr/old.zarr", recursive=True)
+    for marker in ("with-notes.zarr/", "with-notes.zarr/samples/"):  # a console's empty "folder" objects: no one's data
+        fs.call_s3("put_object", Bucket=BUCKET, Key=marker, Body=b"")
+    fs.invalidate_cache()
     assert kdcache.extract(tiny, url, storage_options=s3, overwrite=True)["complete"]
 
 
