@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, storage, store as layout, threads
-from kdcache.errors import AlignmentError, DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreReplacedError, UnreachableError, one_line, short
+from kdcache.errors import AlignmentError, DamagedShardError, DamagedStoreError, PipelineError, StoreError, StoreReplacedError, short
 
 
 class TransferSet(IterableDataset):
@@ -362,15 +362,7 @@ class TransferSet(IterableDataset):
         --overwrite``, a copy synced over it) would serve its rows beside the first store's (in RAM, or read by another
         worker), targets of another teacher or run, checked only by the fingerprints of the rows the re-check picks. One that
         does not open now (removed, or not yet whole again) was there when the reader was made: named so, not as "no store"."""
-        try:
-            store = layout.open_store(self.location, storage_options=self.storage_options)
-        except UnreachableError:
-            raise
-        except KdcacheError as e:
-            raise StoreReplacedError(f"{self.location!r} was removed or replaced while this reader used it: it does not open now "
-                                     f"({one_line(e, 200)}); rerun once the store is in place again") from None
-        layout.check_same_store(self.location, self._manifest, layout.identity(store.manifest), "while this reader used it", "the reader was made")
-        return store
+        return layout.reopen_same(self.location, self.storage_options, self._manifest, "while this reader used it", "the reader was made")
 
     def check_made_from(self, manifest: dict[str, Any]) -> None:
         """Refuse this reader unless its store is the one whose ``manifest`` the caller read (training's setup, which opened

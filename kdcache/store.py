@@ -995,14 +995,7 @@ class Store:
         ``kdcache command`` (None: whoever opened this Store) read it is then that replacement (another ``extract
         --overwrite``, a copy over it), not damage: a ``StoreReplacedError``."""
         when = f"while kdcache {command} read it" if command else "since kdcache.open_store opened it"
-        try:
-            now = open_store(self.location, storage_options=self.storage_options).manifest
-        except UnreachableError:
-            raise
-        except KdcacheError as e:  # removed, or not yet whole again: the replacement under way
-            raise StoreReplacedError(f"{self.location!r} was removed or replaced {when}: it does not open now ({one_line(e, 200)}); "
-                                     "rerun once the store is in place again") from None
-        check_same_store(self.location, identity(self.manifest), identity(now), when, f"{command} began" if command else "it was opened")
+        reopen_same(self.location, self.storage_options, identity(self.manifest), when, f"{command} began" if command else "it was opened")
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every
@@ -2603,6 +2596,21 @@ def identity(manifest: dict[str, Any]) -> dict[str, Any]:
     """What makes a store the one it is: its manifest, but for ``completed`` (set when a store being written is finished:
     a reader of a partial store reads only shards done when it began, a writer of one goes on writing it)."""
     return {k: v for k, v in manifest.items() if k != "completed"}
+
+
+def reopen_same(location: str, storage_options: dict[str, Any] | None, was: dict[str, Any], when: str, then: str) -> Store:
+    """The store at ``location`` opened again, refused unless its identity is ``was`` (``check_same_store``); one that
+    does not open now (removed, or not yet whole again: a replacement under way) was removed or replaced ``when``, a
+    ``StoreReplacedError`` too (not "no store there; run kdcache extract"). An unreachable location is its own error."""
+    try:
+        store = open_store(location, storage_options=storage_options)
+    except UnreachableError:
+        raise
+    except KdcacheError as e:
+        raise StoreReplacedError(f"{location!r} was removed or replaced {when}: it does not open now ({one_line(e, 200)}); "
+                                 "rerun once the store is in place again") from None
+    check_same_store(location, was, identity(store.manifest), when, then)
+    return store
 
 
 def check_same_store(location: str, was: dict[str, Any], now: dict[str, Any], when: str, then: str) -> None:
