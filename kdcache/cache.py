@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache import data, storage, store as layout, threads
-from kdcache.errors import AlignmentError, DamagedShardError, DamagedStoreError, PipelineError, StoreError, StoreReplacedError, short
+from kdcache.errors import AlignmentError, DamagedShardError, PipelineError, StoreError, short
 
 
 class TransferSet(IterableDataset):
@@ -337,14 +337,6 @@ class TransferSet(IterableDataset):
             return {p: a[held] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
             self._store = self._reopened()
-        try:
-            return self._read_shards(rows)
-        except (DamagedStoreError, StoreReplacedError):  # a store replaced since (another extract --overwrite): named as this reader sees it
-            self._reopened()
-            raise
-
-    def _read_shards(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Every needed column for ``rows`` (in that order), read by whole shards from the opened store."""
         shards, local = np.unique(rows // self.rows_per_shard, return_inverse=True)
         spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
         offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])
@@ -362,7 +354,10 @@ class TransferSet(IterableDataset):
         --overwrite``, a copy synced over it) would serve its rows beside the first store's (in RAM, or read by another
         worker), targets of another teacher or run, checked only by the fingerprints of the rows the re-check picks. One that
         does not open now (removed, or not yet whole again) was there when the reader was made: named so, not as "no store"."""
-        return layout.reopen_same(self.location, self.storage_options, self._manifest, "while this reader used it", "the reader was made")
+        when = ("while this reader used it", "the reader was made")
+        store = layout.reopen_same(self.location, self.storage_options, self._manifest, *when)
+        store.replaced_when = when  # a read failing as damage (the store replaced, or removed, since) is named so
+        return store
 
     def check_made_from(self, manifest: dict[str, Any]) -> None:
         """Refuse this reader unless its store is the one whose ``manifest`` the caller read (training's setup, which opened

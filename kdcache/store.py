@@ -247,6 +247,8 @@ class Store:
         self._snapshot = threading.Lock()  # read(): the done markers and digests are loaded together
         self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
         self._same_at: float | None = None  # _replaced_named: when the store at the location was last found this one
+        # how a replacement found by a read is said (check_not_replaced): when it was replaced, and when the store was opened
+        self.replaced_when = ("since kdcache.open_store opened it", "it was opened")
 
     def _check_groups(self) -> None:
         """Refuse damaged metadata of the groups FORMAT.md §3 lists (``samples``, ``targets``, ``progress`` and,
@@ -990,12 +992,11 @@ class Store:
                 self._same_at = time.monotonic()
             raise
 
-    def check_not_replaced(self, command: str | None = None) -> None:
-        """Refuse the store if the one at its location now is another (``identity``): a read that failed as damage while
-        ``kdcache command`` (None: whoever opened this Store) read it is then that replacement (another ``extract
-        --overwrite``, a copy over it), not damage: a ``StoreReplacedError``."""
-        when = f"while kdcache {command} read it" if command else "since kdcache.open_store opened it"
-        reopen_same(self.location, self.storage_options, identity(self.manifest), when, f"{command} began" if command else "it was opened")
+    def check_not_replaced(self) -> None:
+        """Refuse the store if the one at its location now is another (``identity``): a read that failed as damage is then
+        that replacement (another ``extract --overwrite``, a copy over it), not damage: a ``StoreReplacedError``, said as
+        ``replaced_when`` says (its reader's words: ``kdcache stats``, the streaming reader)."""
+        reopen_same(self.location, self.storage_options, identity(self.manifest), *self.replaced_when)
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every

@@ -86,6 +86,7 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
     try:
         store = layout.open_store(location, storage_options=storage_options)
         store.damaged_markers = {}  # a damaged done marker is completeness's problem, its shard taken as not done
+        store.replaced_when = ("while kdcache verify read it", "verify began")
         store.done()  # a done marker array that cannot be read fails here, as an "open" problem: every check below reads them
     except DamagedStoreError as e:  # any other error (no store there, a newer format, a read failed on the way) is raised:
         # nothing was checked, so no check failed
@@ -96,7 +97,7 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
     try:
         teacher = _run_checks(store, checks, teacher_check, pipeline, seed, tolerance)
         if not all(c.ok for c in checks):  # what failed may be a store replaced meanwhile, read by the first one's metadata
-            store.check_not_replaced("verify")
+            store.check_not_replaced()
     except (Exception, KeyboardInterrupt) as e:  # a read failed on the way, the teacher raised, Ctrl-C: the checks done are
         e.report = {**_report(location, checks, None), "ok": False}  # type: ignore[attr-defined] - kept (verify --json prints them)
         raise
