@@ -55,7 +55,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     processes' included, its evaluations' left out: ``eval_seconds``) and ``out``. Seeds torch's global RNG with
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
-    ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues).
+    ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues); where
+    that run has finished its plan, still this one, print so and return its last metrics with ``already_finished: True``
+    (no ``params``), writing nothing.
     """
     pipeline = check_pipeline(pipeline)
     t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
@@ -65,7 +67,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
                                     "folder whole, would be refused while the run is there, and pack leaves the run out")
     resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
     cache_options, eval_options = _options_by_store(cache_location, t.eval_cache, storage_options)
-    if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
+    auto = resume == "auto"
+    if auto:  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
         resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     checkpoint, unread = _checked_out(out, resume, overwrite, rank)
@@ -76,6 +79,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         _check_same_out(out, checkpoint, unread)
     store = open_for_training(cache_location, allow_partial, cache_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
+    if auto and _finished(out, checkpoint, t):  # a requeued job whose run had ended: nothing to train or write
+        return _already_finished(out, checkpoint, t, rank)
     dataset = _dataset(pipeline, store, "the store")
     # what the run changes on the student: its feature hooks, and its modules' training modes (evaluation leaves them in
     # eval mode), undone however the run ends: the factory may return a model it keeps, and train or fine-tune it after
@@ -260,6 +265,38 @@ def _result(out: Path, state: dict[str, int], run: Run, loop: _Loop) -> dict[str
     lines = _read_metrics(out)
     last = lines[-1] if lines else {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"]}
     return {**last, "params": teachers.num_parameters(run.student), "seconds": loop.elapsed(), "out": str(out)}
+
+
+def _finished(out: Path, checkpoint: dict[str, Any] | None, t: Any) -> bool:
+    """Whether ``checkpoint`` is at the end of the plan it was trained under, which is still ``t``'s (``train.epochs`` and
+    ``steps``: a longer one trains on), and OUT's student.pt and heads.pt hold its weights (written after it, the run's
+    last files: a run stopped before they were whole is not finished)."""
+    if checkpoint is None or checkpoint.get("plan") != {"epochs": t.epochs, "steps": t.steps}:
+        return False
+    ended = int(checkpoint["step"]) >= t.steps if t.steps > 0 else int(checkpoint["epoch"]) >= t.epochs and not checkpoint.get("batch")
+    return ended and _holds(out / "student.pt", checkpoint["student"]) and _holds(out / "heads.pt", checkpoint["heads"])
+
+
+def _holds(file: Path, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether the state dict saved in ``file`` is ``weights``."""
+    try:
+        saved = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - missing, truncated: not written whole
+        return False
+    return isinstance(saved, dict) and saved.keys() == weights.keys() and all(torch.equal(saved[k], weights[k]) for k in weights)
+
+
+def _already_finished(out: Path, checkpoint: dict[str, Any], t: Any, rank: int) -> dict[str, Any]:
+    """``resume="auto"`` on a finished run (``_finished``): one line, nothing written; train's return, as the run's end
+    returned it, less ``params`` (the student is not built), plus ``already_finished``."""
+    plan = f"train.steps = {t.steps}" if t.steps > 0 else f"train.epochs = {t.epochs}"
+    if rank == 0:
+        print(f"{str(out)!r} already finished its run ({plan}, step {int(checkpoint['step'])}); its student is "
+              f"{str(out / 'student.pt')!r}: nothing was trained or written (raise {plan.split(' =')[0]} to train on, or "
+              f"{option('--overwrite')} to start afresh)")
+    lines = _read_metrics(out)
+    last = lines[-1] if lines else {"epoch": int(checkpoint["epoch"]) - 1, "step": int(checkpoint["step"])}
+    return {**last, "seconds": float(checkpoint.get("seconds") or 0.0), "out": str(out), "already_finished": True}
 
 
 def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: dict[str, int], partial: dict[str, Any] | None,

@@ -2103,6 +2103,28 @@ def test_auto_resume_starts_a_run_and_continues_it_with_the_same_command(tiny_st
         train(pipeline(*PLAIN), tiny_store, tmp_path / "other", resume="yes")
 
 
+def test_auto_resume_of_a_finished_run_says_so_and_writes_nothing_unless_more_epochs_are_asked_for(tiny_store, tmp_path):
+    """A requeued job whose run had finished: --auto-resume resumed it, trained no step and wrote student.pt and heads.pt
+    again; it says in one line that the run is finished, names the student and writes nothing (exit 0). More epochs
+    train on as before; a run stopped before its student was written (its last checkpoint saved) writes it."""
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--no-progress", "--auto-resume",
+            *(a for s in PLAIN for a in ("--set", s))]
+    assert CliRunner().invoke(cli.main, [*args, "--epochs", "2"]).exit_code == 0
+    files = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
+    again = CliRunner().invoke(cli.main, [*args, "--epochs", "2"])
+    assert again.exit_code == 0 and again.output == (
+        f"{str(out)!r} already finished its run (train.epochs = 2, step 14); its student is {str(out / 'student.pt')!r}: nothing "
+        "was trained or written (raise train.epochs to train on, or --overwrite to start afresh)\n"), again.output
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()} == files
+    longer = CliRunner().invoke(cli.main, [*args, "--epochs", "3"])
+    assert longer.exit_code == 0 and f"resuming {str(out)!r} after epoch 1 (step 14 of 21)" in longer.output, longer.output
+    assert [m["epoch"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2]
+    (out / "heads.pt").unlink()  # stopped after its last checkpoint, before its weights were all written
+    ended = CliRunner().invoke(cli.main, [*args, "--epochs", "3"])
+    assert ended.exit_code == 0 and "resuming" in ended.output and (out / "heads.pt").is_file(), ended.output
+
+
 def test_a_sigterm_while_a_stopped_run_cleans_up_is_ignored(tiny_store, tmp_path, monkeypatch):
     """A second SIGTERM after the run saved its checkpoint and stopped, while it stops its batches (a scheduler may
     send several), does not interrupt that clean-up: the command says the stop's own line, exit 143."""
