@@ -700,9 +700,12 @@ def _refuse_unexpanded_home(location: str) -> None:
     if not head.startswith("~") or os.path.exists(head):
         return
     home = os.path.expanduser(head)
-    fix = f"pass {location.replace(path, home + path[len(head):], 1)!r}" if home != head else "write the folder out in full"
-    raise StoreError(f"{location!r} begins with {head!r}, which only a shell expands (not in quotes, after --out=, or in a "
-                     f"pipeline file): kdcache would take it as a folder named {head!r} in {os.getcwd()!r}; {fix}")
+    fix = f"pass {location.replace(path, home + path[len(head):], 1)!r}" if home != head else "pass the path meant in full"
+    if head != "~":  # '~run': a folder so named, as './~run' says (not '~' itself, which 'rm -rf ~' takes for the home folder)
+        fix += f", or {location.replace(path, './' + path, 1)!r} for that folder"
+    what = f"{location!r} is a name that" if head == path else f"{location!r} begins with {head!r}, which"
+    raise StoreError(f"{what} only a shell expands (not in quotes, after --out=, or in a pipeline file): kdcache would "
+                     f"take it as a folder of that name in {os.getcwd()!r}; {fix}")
 
 
 def refuse_inside_store(location: str, out: Path, named: str, why: str) -> None:

@@ -6,6 +6,7 @@ and a failed command writes nothing into the current folder (an empty --out once
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -344,3 +345,30 @@ def test_streaming_beyond_the_machine_s_memory_in_a_real_process(tmp_path: Path,
     check_one_line(STREAM_TOO_BIG, proc.returncode, proc.stdout, proc.stderr)
     run.check_untouched()
     assert not run.ctx.run.exists()
+
+
+NOBODY = "~kdcache-no-such-user"  # a '~user' no shell expands: no user has that name
+
+
+@pytest.mark.parametrize("given, meant, said", [
+    (NOBODY, f"./{NOBODY}", f"{NOBODY!r} is a name that only a shell expands"),
+    (f"{NOBODY}/s.zarr", f"./{NOBODY}/s.zarr", f"'{NOBODY}/s.zarr' begins with {NOBODY!r}, which only a shell expands"),
+    ("~/s.zarr", None, "'~/s.zarr' begins with '~', which only a shell expands")])
+@pytest.mark.parametrize("where", ["--out", "train.eval_cache"])
+def test_a_tilde_path_is_named_once_with_its_fixes(given: str, meant: str | None, said: str, where: str, tmp_path: Path, tiny_store: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A '~name' no shell expanded: the line said "'~run' begins with '~run' … a folder named '~run'" (the location three times,
+    ``train.eval_cache: …`` too) and "write the folder out in full" where no user has that name, never that './~run' is
+    the folder of that name. It names the location once, then the home folder's path where there is one, and './~name'
+    for a folder so named (not for '~' itself, which 'rm -rf ~' takes for the home folder)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args = [*extract("--out", given)] if where == "--out" else \
+        ["train", TINY, "--cache", tiny_store, "--out", "run", "--set", f"train.eval_cache={given!r}"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    fix = f"pass {str(tmp_path / 'home' / 's.zarr')!r}" if meant is None else f"pass the path meant in full, or {meant!r} for that folder"
+    prefix = "train.eval_cache: " if where == "train.eval_cache" else ""
+    assert result.exit_code == 1 and result.stderr.strip() == (
+        f"Error: {prefix}{said} (not in quotes, after --out=, or in a pipeline file): kdcache would take it as a folder of that "
+        f"name in {str(tmp_path)!r}; {fix}"), result.output
+    assert given.split("/")[0] not in os.listdir(tmp_path)
