@@ -502,7 +502,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
         if rank == 0:
             try:
                 layout.refuse_replacing(out, overwrite, storage_options)  # before any rank builds its teacher
-            except KdcacheError as e:
+            except Exception as e:  # noqa: BLE001 - said to every rank (_from_rank_0), raised on rank 0 as it is
                 refusal = e
         _from_rank_0(refusal)
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
@@ -515,7 +515,7 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
                 # the job's lock, which the other ranks check before each shard: its S3 token, or what the local lock file says
                 made = (store.resume_pending(), getattr(store.lease, "token", None) or locking.local_token(out))
                 check_done_rows(run.dataset, store, made[0])
-            except KdcacheError as e:
+            except Exception as e:  # noqa: BLE001 - as above
                 made = e
         pending, token = _from_rank_0(made)
         if rank != 0:
@@ -541,11 +541,16 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
 
 def _from_rank_0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank; where it is an error, raised on every rank: the others stop with rank 0's line
-    instead of waiting for it."""
+    (another exception than kdcache's, a bug or an OSError: ``rank 0 failed: TYPE: MESSAGE``) instead of waiting for it
+    or saying only that rank 0 ended. Rank 0 raises its own, traceback and all."""
     import torch.distributed as dist
 
     shared = [value]
+    if isinstance(value, Exception) and not isinstance(value, KdcacheError):  # its class may not unpickle on the others
+        shared = [KdcacheError(f"rank 0 failed: {type(value).__name__}: {one_line(value)} (rank 0 prints its traceback)")]
     dist.broadcast_object_list(shared, src=0)
+    if isinstance(value, BaseException):
+        raise value
     if isinstance(shared[0], BaseException):
         raise shared[0]
     return shared[0]

@@ -512,6 +512,25 @@ def test_torchrun_refuses_an_overwrite_of_a_folder_holding_other_files_before_an
     assert not (tmp_path / "hold.waiting").exists() and (out / "NOTES.md").exists()
 
 
+@pytest.mark.parametrize("where", ["refuse_replacing", "create_or_resume"])
+def test_a_bug_in_rank_0s_store_set_up_stops_every_rank_with_its_line(toml, tmp_path, where):
+    """Another exception than kdcache's (a bug, an OSError) on rank 0 while it looks at or creates the store: the other
+    ranks said only that another rank had ended (gloo's lost connection), not why; each says rank 0's line, at once."""
+    script = tmp_path / "bug.py"
+    script.write_text(
+        "import atexit, os, sys, time\nimport kdcache.store as layout\nfrom kdcache.cli import main\n\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    def broken(*args, **kwargs):\n        raise ValueError('a bug')\n\n"
+        f"    layout.{where} = broken\n"
+        "    atexit.register(time.sleep, 3)  # rank 0 ends slowly: torchrun stops the others only then, once they have said it\n"
+        "sys.exit(main())\n")
+    started = time.monotonic()
+    r = _torchrun("extract", toml, "--out", str(tmp_path / "s.zarr"), cwd=tmp_path, script=script)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert r.returncode != 0 and ours == ["Error: rank 0 failed: ValueError: a bug (rank 0 prints its traceback)"], r.stderr[-3000:]
+    assert "[rank0]: ValueError: a bug" in r.stderr and time.monotonic() - started < 60
+
+
 def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, tmp_path, zoo_env):
     fresh = str(tmp_path / "torchrun.zarr")
     r = _torchrun("extract", toml, "--out", fresh, cwd=tmp_path)
