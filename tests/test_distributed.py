@@ -637,6 +637,11 @@ def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_
         assert len(evals) == (3 if extra == STREAMING else 1) and all(ddp_epoch[k] == one_epoch[k] for k in evals), (one_epoch, ddp_epoch)
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["step"]
+    if extra == ():  # requeued once finished: every rank sees it so and ends, rank 0 says it, nothing is written
+        files = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "ddp").iterdir()}
+        r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "ddp"), *sets, "--auto-resume", cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout.count("already finished its run (train.epochs = 2, step ") == 1, r.stdout + r.stderr[-3000:]
+        assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "ddp").iterdir()} == files
     if extra == UNUSED:  # what no loss reached is never stepped (AdamW's weight decay included), on every rank alike
         torch.manual_seed(0)  # train.seed: the student every rank started from
         from bad_input import with_float64_spare
