@@ -124,6 +124,15 @@ def invoke_ok(args: list[Any]) -> None:
     assert result.exit_code == 0, result.output
 
 
+def no_logits(ctx: Ctx, split: str = "train") -> Path:
+    """The location of a store of tiny.toml's ``split`` holding ``features.3`` alone (targets.logits = false)."""
+    return ctx.tmp / f"{split}-no-logits.zarr"
+
+
+def extract_no_logits(ctx: Ctx, split: str = "train") -> None:
+    invoke_ok(extract("--out", no_logits(ctx, split), "--set", "targets.logits=false", "--set", f"data.split={split!r}"))
+
+
 def trained(ctx: Ctx) -> Path:
     """A finished one-epoch training run in ``ctx.run`` (from the case's store)."""
     result = CliRunner().invoke(main, [str(a) for a in train(ctx, "--epochs", "1")])
@@ -449,6 +458,13 @@ CASES = [
     Case("batch-size-0", lambda c: extract("--out", c.new, "--batch-size", "0"), ("extract.batch_size must be >= 1, got 0",)),
     Case("batch-size-negative", lambda c: extract("--out", c.new, "--batch-size", "-4"), ("extract.batch_size must be a whole number >= 1, got -4",)),
     Case("train-batch-size-0", lambda c: train(c, "--batch-size", "0"), ("train.batch_size must be >= 1, got 0",), store=True),
+    # a store of layers alone, trained from or scored against as if it held the teacher's logits
+    Case("train-kl-without-stored-logits", lambda c: ["train", TINY, "--cache", no_logits(c), "--out", c.run],
+         ("Error: train.loss.kl/mse need stored logits but '", "train-no-logits.zarr' has none; set them to 0 or extract with targets.logits = true"),
+         prior=extract_no_logits),
+    Case("train-eval-cache-without-stored-logits", lambda c: train(c, "--set", f"train.eval_cache='{no_logits(c, 'test')}'"),
+         ("Error: train.eval_cache '", "test-no-logits.zarr' stores no logits to compare with; extract it with targets.logits = true"),
+         store=True, prior=lambda c: extract_no_logits(c, "test")),
     Case("queue-depth-0", lambda c: extract("--out", c.new, "--set", "extract.queue_depth=0"),
          ("extract.queue_depth must be >= 1 (batches in flight to the writer), got 0", "use e.g. 4")),
     Case("shuffle-buffer-shards-0", lambda c: train(c, "--set", "train.shuffle_buffer_shards=0"),
