@@ -176,6 +176,22 @@ def zarr_v2_group(c: Ctx) -> Path:
     return c.tmp / "v2.zarr"
 
 
+def zip_of(c: Ctx, folder: Path) -> Path:
+    """``folder``'s files packed at the root of ``c.tmp / "other.zarr.zip"`` (a zip of what is not a kdcache store)."""
+    import zipfile
+
+    with zipfile.ZipFile(c.tmp / "other.zarr.zip", "w") as z:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            z.write(path, path.relative_to(folder).as_posix())
+    return c.tmp / "other.zarr.zip"
+
+
+def folder_of_notes(c: Ctx) -> Path:
+    (c.tmp / "notes").mkdir()
+    text_file(c, "notes/readme.txt", "x")
+    return c.tmp / "notes"
+
+
 CASE_TWINS = """import torch
 from torch import nn
 
@@ -283,6 +299,14 @@ CASES = [
     Case("info-zarr-v2-group", lambda c: ["info", zarr_v2_group(c)], ("v2.zarr' is a zarr v2 group", "not a kdcache store (zarr v3)")),
     Case("info-zip-missing", lambda c: ["info", c.tmp / "none.zarr.zip"], ("none.zarr.zip' (no such file)", "kdcache pack STORE")),
     Case("info-plain-file", lambda c: ["info", text_file(c, "notes.txt", "x")], ("notes.txt' is a file, not a store",)),
+    Case("info-folder-of-other-files", lambda c: ["info", folder_of_notes(c)],
+         ("/notes': the folder holds no zarr.json; pass the folder of a store (kdcache extract PIPELINE --out NEW writes one)",)),
+    Case("info-zip-of-other-files", lambda c: ["info", zip_of(c, folder_of_notes(c))],
+         ("other.zarr.zip': the zip holds no zarr.json at its root; pass a .zarr.zip written by kdcache pack",)),
+    Case("info-zip-of-a-zarr-v2-group", lambda c: ["info", zip_of(c, zarr_v2_group(c))],
+         ("other.zarr.zip' is a zarr v2 group", "not a kdcache store (zarr v3)")),
+    Case("info-zip-that-is-no-zip", lambda c: ["info", text_file(c, "t.zarr.zip", "notes")],
+         ("t.zarr.zip' is not a readable zip file (File is not a zip file); pass a .zarr.zip written by kdcache pack",)),
     # once "a zip file not named .zip; pass it as zip::PATH/", which read no store either
     Case("info-zip-named-as-a-folder", lambda c: ["info", f"{text_file(c, 't.zarr.zip', 'PK')}/"],
          ("t.zarr.zip/' is a file, named with a trailing '/'; pass '", "t.zarr.zip'")),
