@@ -810,3 +810,13 @@ def test_a_store_removed_while_a_streaming_reader_reads_it_is_named_as_removed(n
                        r"now \(no store at .*\); rerun once the store is in place again"):
         for batch in batches:
             check_aligned(batch)
+
+
+@pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])
+@pytest.mark.parametrize("rows", [[], np.zeros(0, dtype=np.float64)], ids=["list", "float-array"])
+def test_no_rows_serve_no_batches(numbered_store, budget, rows):
+    """rows= an empty selection (a filter that kept nothing): no batches and a length of 0, in RAM or streamed; an empty
+    float array (numpy's default dtype for []) is no float row to refuse."""
+    ts = transfer(numbered_store, rows=rows, memory_budget_mb=budget)
+    assert len(ts) == 0 and ts.batches_per_epoch(0) == 0
+    assert serve(ts, 0) == [] and serve(ts, 1) == []
