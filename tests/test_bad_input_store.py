@@ -267,6 +267,17 @@ CASES = [
                                                                "re-extract or re-import the store"),
          store=True, report=True, damage=lambda s: edit_manifest_key(s, "dataset", length=10**6)),
     Case("train-completed-a-list", train, ("completed = []",), store=True, damage=lambda s: edit_manifest(s, completed=[])),
+    # -- a field every command reads is of the wrong type: one line naming it, the value seen and the fix
+    *[Case(f"info-{name}", info, (f"has a damaged manifest: {said}", "re-extract or re-import the store"), store=True, damage=damage)
+      for name, damage, said in (
+          ("has-labels-null", lambda s: edit_manifest(s, has_labels=None), "has_labels = None, expected true or false"),
+          ("teacher-a-string", lambda s: edit_manifest(s, teacher="tiny"), "teacher = 'tiny', expected an object"),
+          ("teacher-factory-a-number", lambda s: edit_manifest_key(s, "teacher", factory=1), "teacher.factory = 1, expected a string"),
+          ("chunk-rows-a-list", lambda s: edit_manifest_key(s, "geometry", chunk_rows=[]), "geometry.chunk_rows = [], expected an object"),
+          ("chunk-rows-0", lambda s: edit_manifest_key(s, "geometry", chunk_rows={"targets/logits": 0}),
+           "geometry.chunk_rows.targets/logits = 0, expected an integer in 1..16"),
+          ("target-a-list", lambda s: edit_manifest_key(s, "targets", logits=[1]), "targets.logits = [1], expected a target object"),
+          ("target-mask-a-number", edit_target("logits", mask=1), "targets.logits.mask = 1, expected a string"))],
     # -- a target object lacks a key every command reads (FORMAT.md §8): once a KeyError traceback
     Case("info-target-select-missing", info, ("has a damaged manifest: targets.logits.select = None, expected a string",
                                               "re-extract or re-import the store"), store=True, damage=edit_target("logits", select=None)),
