@@ -368,17 +368,12 @@ def check_dataset(dataset: Any, what: str, verb: str = "returned") -> int:
 
 class Indexed(Dataset):
     """Item ``i`` of the wrapped dataset as ``(i, fingerprint, inputs, label)``: the fingerprint by ``algorithm``,
-    or 0 where it is None (training, which checks fingerprints in ``cache``)."""
+    or 0 where it is None (training, which checks fingerprints in ``cache``). Read a batch at a time (``__getitems__``,
+    which DataLoader's batch_sampler and Subset call in torch >= 2.4), so repeated items are caught within the batch."""
 
     def __init__(self, dataset: Dataset, algorithm: str | None):
         self.dataset = dataset
         self.algorithm = algorithm
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[int, int, Any, int | None]:
-        return self._wrap(i, self.dataset[i])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[int, int, Any, int | None]]:
         split = [split_item(item, i) for i, item in zip(indices, getitems(self.dataset, indices))]
@@ -386,10 +381,6 @@ class Indexed(Dataset):
         if self.algorithm and len(set(hashes)) < len(hashes):
             _check_repeats(self.dataset, indices, hashes, self.algorithm)
         return [(i, h, inputs, label) for i, h, (inputs, label) in zip(indices, hashes, split)]
-
-    def _wrap(self, i: int, item: Any) -> tuple[int, int, Any, int | None]:
-        inputs, label = split_item(item, i)
-        return i, (fingerprint(inputs, self.algorithm) if self.algorithm else 0), inputs, label
 
 
 def _check_repeats(dataset: Dataset, indices: list[int], hashes: list[int], algorithm: str) -> None:
