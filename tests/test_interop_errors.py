@@ -615,9 +615,9 @@ def _pack_seconds(store: Path, out: Path) -> float:
     best = math.inf
     for _ in range(3):  # the best of three: the machine's other work counts least
         out.unlink(missing_ok=True)
-        started = time.perf_counter()
+        started = time.process_time()
         interop.pack(store, out)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, time.process_time() - started)
     return best
 
 
@@ -625,7 +625,10 @@ def _pack_seconds(store: Path, out: Path) -> float:
 def test_packs_checks_of_many_small_inner_chunks_cost_little_more_than_one_crc32c_call_each(tiny_store, tmp_path):
     """pack's checksum check took ~2.7 µs of Python per inner chunk (numpy slices and a loop over every range of each MiB
     copied): a store of 2**20 inner chunks of 20 bytes (47 MB) packed in 2.9 s, where the copy alone took 0.1 s. Ranges a
-    block holds whole are now checked at once (one crc32c call each): within a few times the cost of that call alone."""
+    block holds whole are now checked at once (one crc32c call each): within a few times the cost of that call alone.
+
+    Both are timed in this process's CPU seconds: by the wall clock, a loaded machine that took the CPU away during the
+    pack (and not the baseline) made it look 5x the baseline (1 in 6 runs beside other work)."""
     import time
 
     import google_crc32c
@@ -648,11 +651,11 @@ def test_packs_checks_of_many_small_inner_chunks_cost_little_more_than_one_crc32
     spans = [np.frombuffer(raw[-(16 * 2**16 + 4):-4], "<u8").reshape(-1, 2).tolist() for raw in objects]
     baseline = math.inf
     for _ in range(3):
-        started = time.perf_counter()
+        started = time.process_time()
         for raw, index in zip(objects, spans):
             data = np.frombuffer(raw, np.uint8)
             [google_crc32c.value(data[o : o + n - 4]) for o, n in index]
-        baseline = min(baseline, time.perf_counter() - started)
+        baseline = min(baseline, time.process_time() - started)
     seconds = _pack_seconds(store, tmp_path / "t.zarr.zip")  # the tiny store's own objects: a few ms
     assert seconds < 4 * baseline + 0.1, (seconds, baseline)
 
