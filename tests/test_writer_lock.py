@@ -678,9 +678,12 @@ def test_an_s3_lock_is_an_object_beside_the_store_gone_at_the_end(s3):
 
 
 def test_a_stale_s3_lock_is_taken_over_and_a_live_one_is_not(s3, monkeypatch):
-    """Staleness is judged by the server's clock: the lock object not rewritten for LOCK_STALE_S (shortened here)."""
+    """Staleness is judged by the server's clock: the lock object not rewritten for LOCK_STALE_S (shortened here).
+
+    The fresh lock is looked at with a LOCK_STALE_S of a minute: with 1.5 s, a loaded machine's first look (the S3
+    client made, the endpoint probed) came 2 s after the lock's write by the server's whole seconds, and found it stale."""
     monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 0.2)
-    monkeypatch.setattr(locking, "LOCK_STALE_S", 1.5)
+    monkeypatch.setattr(locking, "LOCK_STALE_S", 60)
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/stale.zarr"
     lock = f"{S3_BUCKET}/.stale.zarr.kdcache-lock"
     stale_holder(fs, lock)
@@ -688,6 +691,7 @@ def test_a_stale_s3_lock_is_taken_over_and_a_live_one_is_not(s3, monkeypatch):
     with pytest.raises(layout.StoreError, match="is being written by kdcache pid 4242 on gone-host since"):
         with writer_lock(url, s3):
             pass
+    monkeypatch.setattr(locking, "LOCK_STALE_S", 1.5)
     time.sleep(2.2)
     assert active_writer(url, s3) is None, "a stale lock names no writer"
     with writer_lock(url, s3):  # taken over
@@ -773,13 +777,13 @@ def test_a_late_s3_lock_is_renewed_before_the_next_write_and_a_retried_put_is_st
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/late.zarr"
     lock = f"{S3_BUCKET}/.late.zarr.kdcache-lock"
     monkeypatch.setattr(locking, "LOCK_HEARTBEAT_S", 60)  # no heartbeat: late
-    monkeypatch.setattr(locking, "LOCK_LATE_S", 0.3)
     with writer_lock(url, s3):
         lease = locking.held_lease(url, s3)
         assert lease is not None and list(locking._LEASES.values()) == [lease]
         before = (lease.etag, lease.renewed)
-        lease.check(url)  # not late yet: nothing sent
+        lease.check(url)  # not late yet (LOCK_LATE_S as it is: with 0.3 s, a loaded machine got here late): nothing sent
         assert (lease.etag, lease.renewed) == before
+        monkeypatch.setattr(locking, "LOCK_LATE_S", 0.3)
         time.sleep(0.5)
         lease.check(url)
         assert lease.renewed > before[1] and lease.lost_to is None  # the ETag is the body's MD5: the same within a second
