@@ -1406,14 +1406,14 @@ def test_an_s3_endpoint_that_stops_answering_mid_extract_fails_it_in_one_line(s3
     endpoint = urlparse(s3["endpoint_url"])
     proxy = SwallowingProxy((endpoint.hostname, endpoint.port))
     url = f"s3://{BUCKET}/swallowed.zarr"
-    # read_timeout 4 s, not 1 or 2: in two CI runs the extract ended before the proxy fell silent (with a timeout in the
-    # first: the S3 server shares this process and its two cores with the polling below and the other xdist worker)
+    # read_timeout 10 s: with 1, 2 and 4 s the extract ended before the proxy fell silent in CI runs, a read timeout (the
+    # S3 server shares this process, and two cores with the other xdist worker: at a load of 17 it took over 4 s to answer)
     # s3fs's own retries (a class attribute, not an option): 1 pass, not 5. Each failed request waits read_timeout and
     # s3fs's backoff once a pass: 5 passes took 25 s (the failed shard's PUT, then the lock's release) to the same line,
     # 2 passes 10 s; a pass more only repeats the same timeout, the error it ends in is the same
     fewer = "import s3fs; s3fs.S3FileSystem.retries = 1\nfrom kdcache.cli import main; main()"
     proc = slow_extract(toml, url, storage_options={**s3, "endpoint_url": proxy.url,
-                                                    "config_kwargs": {"read_timeout": 4, "retries": {"max_attempts": 0}}},
+                                                    "config_kwargs": {"read_timeout": 10, "retries": {"max_attempts": 0}}},
                         command=[sys.executable, "-c", fewer])
     try:
         assert proc.poll() is None and shards_done(url, s3) >= 2, \
