@@ -1712,6 +1712,29 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_uninterrupted_
     same_run(tmp_path / "cut", tmp_path / "whole")
 
 
+@pytest.mark.parametrize("at", [7, 14])
+def test_sigterm_in_an_epoch_s_last_step_stops_at_its_end_and_in_the_plan_s_last_step_finishes(tiny_store, tmp_path, monkeypatch, at):
+    """A SIGTERM as an epoch's last batch trains (step 7 of 14: 7 steps an epoch) stops the run at the epoch's own
+    checkpoint, with its line, and --resume reaches the uninterrupted run; one in the plan's last step (14) has nothing
+    left to stop: the run finishes, its weights written."""
+    p = pipeline("student.factory='bad_input.py:dropping'", *PLAIN, "train.epochs=2")
+    train(p, tiny_store, tmp_path / "whole")
+    sigterm_at_step(monkeypatch, at)
+    if at == 14:
+        assert train(p, tiny_store, tmp_path / "cut")["epoch"] == 1 and (tmp_path / "cut" / "student.pt").exists()
+    else:
+        with pytest.raises(kdcache.errors.TrainingStopped) as stopped:
+            train(p, tiny_store, tmp_path / "cut")
+        assert str(stopped.value) == ("stopped by SIGTERM after epoch 0 (step 7 of 14); its checkpoint is saved in "
+                                      f"{str(tmp_path / 'cut')!r}: call kdcache.train again with resume=True to continue")
+        ckpt = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+        assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 0, 7) and [m["epoch"] for m in metrics(tmp_path / "cut")] == [0]
+        assert not (tmp_path / "cut" / "student.pt").exists()
+        monkeypatch.undo()
+        train(p, tiny_store, tmp_path / "cut", resume=True)
+    same_run(tmp_path / "cut", tmp_path / "whole")
+
+
 def test_checkpoint_every_saves_inside_epochs_and_a_crash_after_one_resumes_there(tiny_store, tmp_path, monkeypatch, capsys):
     """train.checkpoint_every = 3: checkpoints at steps 3, 6, 9, ... besides each epoch's end; the result is the run's
     without them; a crash right after the one at step 9 (epoch 1, batch 2) resumes from there."""
@@ -1997,6 +2020,43 @@ def test_a_checkpoint_of_kdcache_0_1_3_resumes_to_the_uninterrupted_run(tiny_sto
     torch.save(ckpt, tmp_path / "cut" / CHECKPOINT)
     train(p, tiny_store, tmp_path / "cut", resume=True)
     same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("kdcache_0_1_12", [False, True])
+def test_a_resume_that_remakes_its_last_line_records_the_rate_of_the_last_step(tiny_store, tmp_path, kdcache_0_1_12):
+    """A plan ending inside an epoch (train.steps = 10 of a cosine schedule) resumed with no step left, its last line
+    lost, makes that line again from the checkpoint's loss sums: its ``lr`` is the rate step 10 took, the checkpoint's,
+    or (kdcache <= 0.1.12 recorded none) the schedule's for that step, the same value where the plan did not change."""
+    p = pipeline(*PLAIN, "train.steps=10")
+    out = tmp_path / "run"
+    train(p, tiny_store, out)
+    whole = metrics(out)
+    assert whole[-1]["step"] == 10 and whole[-1]["lr"] > 0
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in whole[:-1]))
+    if kdcache_0_1_12:
+        ckpt = torch.load(out / CHECKPOINT, weights_only=True)
+        del ckpt["lr"]
+        torch.save(ckpt, out / CHECKPOINT)
+    train(p, tiny_store, out, resume=True)
+    again = metrics(out)
+    assert [(m["epoch"], m["step"]) for m in again] == [(m["epoch"], m["step"]) for m in whole]
+    assert again[-1]["lr"] == pytest.approx(whole[-1]["lr"], rel=1e-12) and again[-1]["loss"] == pytest.approx(whole[-1]["loss"])
+
+
+@pytest.mark.parametrize("last", ["json-without-newline", "cut-short"])
+def test_a_resume_keeps_a_whole_last_metrics_line_without_its_newline_and_drops_one_cut_short(tiny_store, tmp_path, last):
+    """A run killed as it appended its epoch's line leaves metrics.jsonl ending inside a line: the whole line but its
+    newline (valid JSON: kept, as the checkpoint after it may have been saved), or part of it (dropped). --resume writes
+    the file whole again: each line its own, ending in a newline, the epochs in order."""
+    p = pipeline(*PLAIN, "train.epochs=1")
+    out = tmp_path / "run"
+    train(p, tiny_store, out)
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 1
+    (out / "metrics.jsonl").write_text(text[:-1] if last == "json-without-newline" else text + '{"epoch": 1, "st')
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]
+    assert (out / "metrics.jsonl").read_text().startswith(text) and (out / "metrics.jsonl").read_text().endswith("}\n")
 
 
 def test_metrics_seconds_count_the_run_s_training_time_across_a_resume(tiny_store, tmp_path):
