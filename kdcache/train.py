@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers, threads
 from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError,
-                            TargetError, TrainingError, TrainingStopped, option, own_messages, raised, worker_message, write_fix)
+                            TargetError, TrainingError, TrainingStopped, option, own_messages, raised, short, worker_message, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -1385,9 +1385,12 @@ def _shards(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict
         _check_resume(out, pipeline, store, checkpoint)
     if checkpoint is not None and "shards" in checkpoint:
         shards = np.asarray(checkpoint["shards"], dtype=np.int64)
-        if len(shards) and (shards.max() >= store.num_shards or not store.done_snapshot()[shards].all()):
-            raise StoreError(f"{option('--resume')}: this run trained on shards {store.location!r} no longer has completed; "
-                             f"resume with the run's own store, or start afresh with {option('--overwrite')}")
+        done = store.done_snapshot()
+        lost = [int(s) for s in shards if s >= store.num_shards or not done[s]]
+        if lost:  # being extracted again, or no longer marked done (a damaged shard's marker removed)
+            raise StoreError(f"{option('--resume')}: this run trained on shards {short(lost)} of "
+                             f"{store.location!r}, no longer completed there; complete the store again (kdcache extract with "
+                             f"its pipeline and --out {store.location}), or start afresh with {option('--overwrite')}")
         return shards
     return distributed.broadcast(np.flatnonzero(store.done_snapshot()))
 

@@ -705,6 +705,12 @@ CASES = [
          ("--resume: this run trained from another store (weights_sha256: ", "other.zarr'",
           "resume with the run's own --cache"), store=True,
          prior=lambda c: (trained(c), invoke_ok(extract("--out", c.tmp / "other.zarr", "--set", "teacher.factory=bad_input.py:other_teacher")))),
+    # a shard the run trained on no longer done (being extracted again, its marker removed): once "this run trained on
+    # shards '...tiny.zarr' no longer has completed", naming none
+    Case("resume-on-shards-no-longer-done", lambda c: train(c, "--resume", "--allow-partial", "--epochs", "2"),
+         ("--resume: this run trained on shards [1] of ", "tiny.zarr', no longer completed there; complete the store again (kdcache "
+          "extract with its pipeline and --out ", "or start afresh with --overwrite"), store=True,
+         prior=lambda c: (trained(c), unmark(c.store, 1))),
     Case("resume-corrupt-checkpoint", lambda c: train(c, "--resume"), ("checkpoint.pt' cannot be read", "--overwrite"),
          store=True, prior=lambda c: truncate(trained(c), "checkpoint.pt", 0.1)),
     Case("train-out-holds-a-run", lambda c: train(c), ("already holds a training run", "--resume", "--overwrite"), store=True,
