@@ -819,7 +819,7 @@ def test_ranks_that_see_another_out_than_rank_0_are_refused_in_one_line(tiny_sto
     resumed while rank 1 started from step 0, or (--resume) each loaded another checkpoint, and they trained on, with
     different weights and optimizer states, until their steps no longer matched (then hung in a collective). Now the
     ranks compare what they see once they have joined, and all stop before anything is written, naming the rank, the
-    paths and what each sees; --overwrite too."""
+    paths and what each sees; --overwrite too, and a --resume whose rank 1 finds a checkpoint.pt it cannot read."""
     from conftest import TINY_TOML
 
     toml = tmp_path / "tiny.toml"  # 50 rows, 2 streams of batch 8: 4 steps an epoch
@@ -832,13 +832,17 @@ def test_ranks_that_see_another_out_than_rank_0_are_refused_in_one_line(tiny_sto
         if epochs == 1:
             shutil.copytree(run, copy)
     elsewhere.mkdir()
+    unreadable = tmp_path / "unreadable"  # a checkpoint.pt rank 1 cannot read (an empty file: a copy cut short)
+    unreadable.mkdir()
+    (unreadable / "checkpoint.pt").write_bytes(b"")
     script = tmp_path / "rank1.py"  # rank 1 is handed another --out
     script.write_text("import os, sys\nif os.environ['RANK'] == '1':\n    sys.argv[sys.argv.index('--out') + 1] = os.environ['RANK1_OUT']\n"
                       "from kdcache.cli import main\nmain()\n")
     before = (run / "checkpoint.pt").read_bytes()
     host = socket.gethostname()
     for flag, theirs, sees in (("--auto-resume", elsewhere, "no checkpoint.pt"), ("--resume", copy, "checkpoint.pt saved after epoch 0 (step 4)"),
-                               ("--overwrite", elsewhere, "no checkpoint.pt")):
+                               ("--overwrite", elsewhere, "no checkpoint.pt"),
+                               ("--resume", unreadable, "a checkpoint.pt it cannot read (EOFError: empty or truncated)")):
         r = _torchrun("train", str(toml), "--cache", tiny_store, "--out", str(run), *sets, "--epochs", "3", flag, cwd=tmp_path,
                       script=script, env={"RANK1_OUT": str(theirs)})
         ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
