@@ -155,8 +155,9 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 @contextmanager
 def read_only_dir(path: Path) -> Iterator[Path]:
-    """A folder nothing can be written into: a read-only tmpfs as root (chmod binds no root), else chmod 555."""
-    path.mkdir()
+    """A folder nothing can be written into (made, where it is not there yet, empty): as root (chmod binds no root) a
+    read-only bind mount of it over itself, else chmod 555."""
+    path.mkdir(exist_ok=True)
     if os.geteuid() != 0:
         path.chmod(0o555)
         try:
@@ -164,9 +165,12 @@ def read_only_dir(path: Path) -> Iterator[Path]:
         finally:
             path.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"running as root and cannot mount a read-only tmpfs ({mounted.stderr.strip()}); chmod binds no root")
+    for how in (["--bind"], ["-o", "remount,bind,ro"]):
+        mounted = subprocess.run(["mount", *how, str(path), str(path)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            if how != ["--bind"]:
+                subprocess.run(["umount", str(path)], check=True)
+            pytest.skip(f"running as root and cannot mount {str(path)!r} read-only ({mounted.stderr.strip()}); chmod binds no root")
     try:
         yield path
     finally:
@@ -188,6 +192,7 @@ class Case:
     report: bool = False  # kdcache verify: the failure is its report, not an Error line
     writes: bool = False  # the run may create ctx.new (it fails mid-run)
     read_only: bool = False  # ctx.tmp / "ro" is a read-only folder during the run
+    read_only_run: bool = False  # ctx.run (the prior step's training run) is read-only during the run
     cuda: bool = False  # only meaningful where CUDA is absent
 
 
@@ -735,6 +740,17 @@ CASES = [
          ("training diverged in epoch 0: loss_kl = nan", "lower train.lr", "no checkpoint was written"), store=True),
     Case("train-out-read-only", lambda c: ["train", TINY, "--cache", c.store, "--out", c.tmp / "ro" / "run"],
          ("ro/run", "Read-only file system"), store=True, read_only=True),
+    # OUT a folder the run cannot write into (its parent, where the lock file goes, writable): pipeline.json, the checkpoint's
+    # .next beside a checkpoint.pt (an --overwrite stopped before it replaced the run: --resume removes it), an --overwrite's
+    # replacement of the earlier run's files, under way (--resume takes its steps again)
+    Case("train-out-folder-read-only", lambda c: ["train", TINY, "--cache", c.store, "--out", c.tmp / "ro"],
+         ("cannot write ", "/ro'", "make the folder writable (or choose another location) and rerun"), store=True, read_only=True),
+    Case("resume-out-read-only-beside-a-next-checkpoint", lambda c: train(c, "--resume", "--epochs", "2"),
+         ("cannot write ", "/run", "make the folder writable (or choose another location) and rerun with --resume"), store=True,
+         prior=lambda c: shutil.copyfile(trained(c) / "checkpoint.pt", c.run / "checkpoint.pt.next"), read_only_run=True),
+    Case("resume-out-read-only-while-an-overwrite-replaces-it", lambda c: train(c, "--resume", "--epochs", "2"),
+         ("cannot write ", "/run", "make the folder writable (or choose another location) and rerun with --resume"), store=True,
+         prior=lambda c: os.replace(trained(c) / "checkpoint.pt", c.run / "checkpoint.pt.next"), read_only_run=True),
     Case("train-out-is-a-file", lambda c: ["train", TINY, "--cache", c.store, "--out", text_file(c, "run", "a file")],
          ("run' is a file", "--out"), store=True),
     # -- click usage errors (exit 2)
@@ -839,7 +855,9 @@ def invoke(case: Case, tmp_path: Path, tiny_store: str) -> tuple[Prepared, Any]:
     """Prepare ``case`` in ``tmp_path`` and run it through the CLI in this process; a crash fails the test.
     Returns the prepared case and click's result (the other matrices share this)."""
     run = prepare(case, tmp_path, tiny_store)
-    with read_only_dir(tmp_path / "ro") if case.read_only else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        for folder in [tmp_path / "ro"] * case.read_only + [run.ctx.run] * case.read_only_run:
+            stack.enter_context(read_only_dir(folder))
         result = CliRunner().invoke(main, run.args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         pytest.fail("".join(traceback.format_exception(result.exception)))
