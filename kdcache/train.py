@@ -492,8 +492,6 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
         if state["batch"] < count and loop.midway_due(state, run.world):
             sums, seen = loop.midway(run, state, sums, seen, bar)
     bar.close()
-    if not sums:
-        return {"loss": 0.0}, None
     totals = _summed(run, sums, seen, loop.stop)
     return _means(sums, totals), _partial(sums, totals)
 
