@@ -337,6 +337,25 @@ def test_topk_logits_refuses_classes_outside_the_class_count():
         losses.topk_kl_divergence(torch.zeros(2, 2), torch.zeros(2, 3), torch.tensor([[0, 1, 2], [2, 3, 4]]))
 
 
+@pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf"), "2"])
+def test_topk_kl_divergence_refuses_a_bad_temperature(t):
+    from kdcache import losses
+
+    with pytest.raises(ValueError, match=rf"topk_kl_divergence: temperature must be a finite number > 0, got {re.escape(repr(t))}; use e.g. 1.0"):
+        losses.topk_kl_divergence(torch.zeros(2, 8), torch.zeros(2, 3), torch.tensor([[0, 1, 2], [2, 3, 4]]), t)
+
+
+@pytest.mark.parametrize(("values", "classes"), [((2, 3), (2, 4)), ((3,), (3,))])
+def test_topk_kl_divergence_refuses_values_and_classes_of_other_shapes(values, classes):
+    """The top-k values and their classes are one (B, ..., K) shape: a batch's targets.logits and targets.logits_indices."""
+    from kdcache import losses
+    from kdcache.errors import ShapeMismatchError
+
+    with pytest.raises(ShapeMismatchError, match=rf"topk_kl_divergence: values {re.escape(str(values))} and classes "
+                                                  rf"{re.escape(str(classes))} must be one shape \(B, \.\.\., K\)"):
+        losses.topk_kl_divergence(torch.zeros(2, 8), torch.zeros(values), torch.zeros(classes, dtype=torch.int64))
+
+
 class Made(TorchDispatchMode):
     """Counts the bytes of every new tensor the ops run under it make: a view's and an in-place op's output is memory
     made before."""
