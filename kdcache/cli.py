@@ -371,12 +371,23 @@ def _storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
             parsed = value
         *parents, leaf = key.strip().split(".")
         node = options
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise click.BadParameter(f"{key!r} nests under a value already set", param_hint="'--storage-option'")
+                _refuse_both(".".join(parents[:depth]), node, item)
+        if isinstance(node.get(leaf), dict) and not isinstance(parsed, dict):  # a.b=2, then a=1: its settings would be lost
+            _refuse_both(key.strip(), node[leaf], item)
         node[leaf] = parsed
     return options or None
+
+
+def _refuse_both(name: str, value: Any, item: str) -> None:
+    """One storage option ``name`` given both a value and settings nested under it (``a=1`` and ``a.b=2``, in either order):
+    the later would silently drop the earlier."""
+    seen = (f"would replace the settings {sorted(value)} already given under {name}" if isinstance(value, dict) else
+            f"nests under {name}, already given the value {value!r}")
+    raise click.BadParameter(f"{item} {seen}; give {name} either one value or settings {name}.NAME=VALUE, not both",
+                             param_hint="'--storage-option'")
 
 
 @click.group(name="kdcache", cls=_Group)

@@ -797,6 +797,16 @@ CASES = [
     Case("usage-pipeline-is-a-folder", lambda c: ["extract", FIXTURES, "--out", c.new], ("is a directory",), code=2),
     Case("usage-teacher-check-without-pipeline", lambda c: ["verify", c.store, "--teacher-check", "4"],
          ("--teacher-check needs --pipeline PIPELINE",), code=2, store=True),
+    # one option given a value and settings under it: once "'a.b' nests under a value already set", or (the other order)
+    # the settings dropped with no word
+    Case("usage-storage-option-nested-under-a-value", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option", "anon=true",
+                                                                 "--storage-option", "anon.x=1"],
+         ("anon.x=1 nests under anon, already given the value True; give anon either one value or settings anon.NAME=VALUE, not both",),
+         code=2),
+    Case("usage-storage-option-value-over-settings", lambda c: ["info", "s3://bucket/t.zarr", "--storage-option",
+                                                                "client_kwargs.region_name=x", "--storage-option", "client_kwargs=y"],
+         ("client_kwargs=y would replace the settings ['region_name'] already given under client_kwargs; give client_kwargs either "
+          "one value or settings client_kwargs.NAME=VALUE, not both",), code=2),
     Case("usage-storage-option", lambda c: ["info", c.store, "--storage-option", "region"], ("expected KEY=VALUE, got 'region'",),
          code=2, store=True),
 ]
