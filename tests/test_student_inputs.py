@@ -132,11 +132,13 @@ def test_the_dry_run_shows_the_inputs_each_model_is_called_with_and_warns_of_a_k
         "kdcache train would refuse this store: <dict>: student.inputs names 'segments', which the dataset's items do not have "
         "(their entries: 'tokens', 'attention_mask', 'token_type_ids'); list some of those, or set student.inputs = [] for all"]
     toml = tmp_path / "p.toml"
-    toml.write_text(f'[teacher]\nfactory = "{FIXTURES}/extract_zoo.py:token_lm"\n[data]\nfactory = "{FIXTURES}/extract_zoo.py:typed_tokens"\n'
-                    f'[extract]\ndevice = "cpu"\n[student]\ninputs = ["tokens"]\n')
-    result = CliRunner().invoke(cli.main, ["extract", str(toml), "--dry-run"])
-    assert result.exit_code == 0, result.output
-    assert "inputs      teacher: tokens, attention_mask, token_type_ids; student (student.inputs): tokens\n" in result.output
+    for inputs, said in ((["tokens"], "student (student.inputs): tokens"), ([], "student: the same"),
+                         (["tokens", "segments"], "student: refused (see the warning)")):
+        toml.write_text(f'[teacher]\nfactory = "{FIXTURES}/extract_zoo.py:token_lm"\n[data]\nfactory = "{FIXTURES}/extract_zoo.py:typed_tokens"\n'
+                        f'[extract]\ndevice = "cpu"\n[student]\ninputs = {json.dumps(inputs)}\n')
+        result = CliRunner().invoke(cli.main, ["extract", str(toml), "--dry-run"])
+        assert result.exit_code == 0, result.output
+        assert f"inputs      teacher: tokens, attention_mask, token_type_ids; {said}\n" in result.output
 
 
 @pytest.mark.parametrize("workers", [0, 2])
