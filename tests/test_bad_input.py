@@ -373,6 +373,11 @@ CASES = [
     # -- the dataset
     Case("item-unsupported-type", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:string_items"),
          ("dataset item 0 of type str is not supported", "return a tensor, (input, label) or a dict of tensors")),
+    Case("item-an-empty-tuple", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:empty_tuples"),
+         ("dataset item 0 is an empty tuple; return a tensor, (input, label) or a dict of tensors",)),
+    Case("item-dict-keys-of-no-order", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:tuple_keyed"),
+         ("a dataset item holds a dict with keys [('view', 0), (0, 'view')], which cannot be put in one order to fingerprint; "
+          "use string keys",)),
     # a dict's 'labels' of one label per position (a causal language model's copy of its input ids) was told to "return
     # (input, int label)", with the tensor's repr (several lines for a 2-D one)
     Case("item-dict-with-per-position-labels", lambda c: extract("--out", c.new, "--set", "data.factory=bad_input.py:per_position_labels"),
