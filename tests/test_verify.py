@@ -105,6 +105,14 @@ def test_damaged_done_metadata_is_named_once_without_sending_the_user_to_verify(
                                                    "(it says [5] bool, expected [4] bool); re-extract the store"]
 
 
+def test_a_missing_done_array_is_an_open_problem(copy):
+    """progress/done is checked as the store opens (its shape and dtype too, above): the layout check never sees it."""
+    (copy / "progress/done/zarr.json").unlink()
+    report = verify(str(copy))
+    assert problems(report, "open") == [f"{str(copy)!r} is missing the array 'progress/done' its manifest lists (deleted, or an "
+                                        "incomplete copy); re-extract or copy the store again"] and not report["ok"]
+
+
 def test_a_damaged_done_marker_is_one_problem_and_verify_checks_the_rest(copy):
     """A done marker that is not one byte 0 or 1 once stopped verify at its open check, though the store's error (every
     other command's) says to run kdcache verify for any other damage: it is completeness's problem now, its shard taken
