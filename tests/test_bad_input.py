@@ -295,6 +295,13 @@ CASES = [
     Case("extract-resume-teacher-too-large-for-device", lambda c: extract("--out", c.store, "--set", "teacher.factory=bad_input.py:too_large_for_device"),
          ("the teacher (teacher.factory 'bad_input.py:too_large_for_device')", "does not fit in the memory of cpu"), store=True,
          damage=lambda s: unmark(s, 3)),
+    # a --pipeline that is not the store's: of fewer targets, or of a dataset of another length
+    Case("verify-teacher-check-pipeline-of-fewer-targets",
+         lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "targets.layers=[]"],
+         ("the pipeline does not produce stored targets ['features.3']; pass the pipeline the store was extracted with",), store=True),
+    Case("verify-teacher-check-dataset-of-another-length",
+         lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "data.factory=numbered.py:tiny_short"],
+         ("the pipeline's dataset has 40 samples, the store 50; pass the pipeline the store was extracted with",), store=True),
     Case("verify-teacher-check-teacher-too-large-for-device",
          lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "teacher.factory=bad_input.py:too_large_for_device"],
          ("the teacher (teacher.factory 'bad_input.py:too_large_for_device')", "does not fit in the memory of cpu",
