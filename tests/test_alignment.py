@@ -93,6 +93,21 @@ def test_verify_teacher_check_names_rows_that_a_getitems_served_out_of_order(tmp
     assert teacher["problems"][0].startswith("row 17: the dataset's input fingerprint "), teacher["problems"]
 
 
+def test_verify_teacher_check_names_a_getitems_that_now_serves_a_batch_out_of_order(numbered_store):
+    """A store extracted right, checked with a dataset whose __getitems__ serves positions 1 and 2 of a batch swapped: each
+    row's item read alone is the stored one, but not the batch's; verify names those rows and the fix (the dataset's). (Its
+    first batch, the probe's, is served right: a swap there is refused as the teacher is set up.)"""
+    from kdcache.verify import verify
+
+    pipeline = from_dict({**NUMBERED, "data": {"factory": "numbered.py:swapping_after_the_first_batch"}}, root=FIXTURES)
+    report = verify(numbered_store, teacher_check=N, pipeline=pipeline)
+    teacher = next(c for c in report["checks"] if c["name"] == "teacher")
+    getitems = [p for p in teacher["problems"] if "__getitems__" in p]
+    assert not report["ok"] and getitems, teacher["problems"]
+    assert re.fullmatch(r"row (\d+): the dataset's __getitems__ gives it another input \([0-9a-f]{16}\) than dataset\[\1\] \([0-9a-f]{16}\): "
+                        r"make __getitems__ return the items dataset\[i\] returns, in the order asked", getitems[0]), getitems[0]
+
+
 @pytest.mark.parametrize("teacher, batch_size, seen", [
     ("sorting_echo", 16, "sample 0 read alone gives the probe batch's row 15, not its row 0"),
     ("sorting_echo", 2, "sample 0 read alone gives the probe batch's row 1, not its row 0"),
