@@ -199,6 +199,20 @@ def test_plain_verify_names_topk_rows_that_break_the_format(peaked_store, tmp_pa
         import_hdf5(tmp_path / "hand.h5", str(tmp_path / "back.zarr"))
 
 
+@pytest.mark.parametrize("row, seen", [([3, 2, 16], 16), ([3, -1, 4], -1)])
+def test_verify_teacher_check_names_a_stored_class_outside_the_class_count(peaked_store, tmp_path, row, seen):
+    """The teacher check compares the stored top-k values with the fresh logits at the stored classes: a class outside
+    [0, C) (a hand-made store whose digests match) is named, not an index error in the gather."""
+    out = str(tmp_path / "hand.zarr")
+    shutil.copytree(peaked_store, out)
+    classes = zarr.open_group(out, mode="r")[layout.LOGITS_INDICES][:]
+    classes[20] = row
+    rewrite_classes(out, classes)
+    report = verify(out, teacher_check=50, pipeline=peaked())
+    assert not report["ok"] and {c["name"]: c for c in report["checks"]}["teacher"]["problems"] == [
+        f"target 'logits': targets/logits_indices holds class {seen}, outside the 16 classes of the manifest"]
+
+
 @pytest.mark.parametrize("row, match", [
     ([3, 2, 16], "stored classes run from 0 to 16, outside the 16 classes"),
     ([3, 2, 2], "a class repeated within a position at 1 positions"),
