@@ -202,8 +202,10 @@ class Run:
         for path, t in self.targets.items():
             tensor = self.target(t, output, hooked, padding)
             samples_first(tensor, rows, t.name)
-            if tuple(tensor.shape[1:]) != t.output_shape:
-                raise TargetError(f"target {t.name!r} changed shape from {list(t.output_shape)} to {list(tensor.shape[1:])} per sample; kdcache stores fixed-shape targets (pad or pool variable-length outputs in the model)")
+            if tuple(tensor.shape[1:]) != t.output_shape:  # the probe batch's shape (a model that pads its output to the batch's)
+                where = _where(t, int(min(batch["index"])), int(max(batch["index"])))
+                raise TargetError(f"{where} changed shape from {list(t.output_shape)} to {list(tensor.shape[1:])} per sample; kdcache "
+                                  "stores fixed-shape targets (pad or pool variable-length outputs in the model to one shape)")
             out[path] = tensor
         return out
 

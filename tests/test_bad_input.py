@@ -338,6 +338,11 @@ CASES = [
          ("layer 'spare' did not run in the teacher's forward pass", "hook a module that runs for every batch")),
     Case("nothing-to-store", lambda c: extract("--out", c.new, "--set", "targets.logits=false", "--set", "targets.layers=[]"),
          ("nothing to store", "targets.logits = true")),
+    # once without the rows whose batch changed
+    Case("output-shape-changes-in-a-later-batch", lambda c: extract("--out", c.new, "--layers", "", "--set",
+                                                                    "teacher.factory=bad_input.py:padded_to_the_batch"),
+         ("target 'logits' (rows 48..49) changed shape from [4] to [5] per sample; kdcache stores fixed-shape targets (pad or "
+          "pool variable-length outputs in the model to one shape)",), writes=True),
     Case("output-unsupported-type", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:string_output"),
          ("target 'logits': cannot pick a tensor from an output of type str", "[targets.select]")),
     Case("select-reaches-none", lambda c: extract("--out", c.new, "--set", "teacher.factory=bad_input.py:none_beside",
