@@ -35,7 +35,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import threads
-from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, StoreReplacedError, UnreachableError, one_line, option, short, write_fix
+from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, StoreReplacedError, UnreachableError, count, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
 from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, unreachable_error, write_file, zarr_store
 
@@ -2262,9 +2262,10 @@ def _say_redone(store: Store, lost: dict[int, str]) -> None:
         lo, hi = store.shard_rows(s)
         print(f"note: {store.location!r}: shard {s} (rows {lo}-{hi - 1}) was marked done but its {why}; it is pending "
               "again (rewritten whole, as a shard not done)", file=sys.stderr)
-    if len(lost) > REDONE_NAMED:
-        print(f"note: {store.location!r}: {len(lost) - REDONE_NAMED} more shards marked done miss objects; they are pending "
-              "again too", file=sys.stderr)
+    more = len(lost) - REDONE_NAMED
+    if more > 0:
+        print(f"note: {store.location!r}: {count(more, 'more shard')} marked done {'misses' if more == 1 else 'miss'} objects; "
+              f"{'it is' if more == 1 else 'they are'} pending again too", file=sys.stderr)
 
 
 def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> bool:

@@ -793,6 +793,23 @@ def test_interrupted_run_leaves_whole_shards_and_resume_fetches_only_the_rest(tm
         np.testing.assert_array_equal(resumed[path], reference[path], err_msg=path)
 
 
+def test_resume_names_the_first_five_done_shards_whose_objects_are_missing_and_counts_the_rest(numbered_store, tmp_path, capfd):
+    """Six of the 7 done shards lost their logits object (an incomplete copy): the note names the first five, one line
+    each, and counts the sixth; all are written again, each row its sample's."""
+    import shutil
+
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(numbered_store, out)
+    for shard in range(6):
+        (out / f"targets/logits/c/{shard}/0").unlink()
+    info = kdcache.extract(from_dict(NUMBERED, root=FIXTURES), str(out))
+    assert info["complete"]
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert [int(n.split(": shard ")[1].split()[0]) for n in notes[:5]] == [0, 1, 2, 3, 4]
+    assert notes[5:] == [f"note: {str(out)!r}: 1 more shard marked done misses objects; it is pending again too"], notes
+    np.testing.assert_array_equal(open_store(str(out)).read("targets/logits", 0, 100)[:, 0], np.arange(100, dtype=np.float32))
+
+
 @pytest.mark.parametrize("lost", ["targets/layers/conv/c/1/0/0/0", "samples/fingerprint/c/1", "progress/digest/c/1/0", "empty"])
 def test_resume_redoes_a_done_shard_whose_object_is_missing(tmp_path, zoo_env, fetch_log, capfd, lost):
     """A shard marked done whose object is gone (deleted, an incomplete copy of the store) or empty: resume skipped it
