@@ -910,8 +910,6 @@ class StoredInf(TargetError):
             values = run.target(t, output, hooked, run.padding(batch))
         except Exception:  # noqa: BLE001 - the teacher does not run again as it did: this error's own text stands
             return self
-        if not values.is_floating_point():
-            return self
         where = _where(t, self.first, self.last)
         if not torch.isfinite(values).all():
             if not t.source and not (values == math.inf).any():  # logits: a class masked with -inf

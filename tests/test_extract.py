@@ -725,6 +725,19 @@ def test_inf_once_stored_is_named_as_the_teacher_s_or_as_beyond_targets_dtype(tm
         kdcache.dry_run(make_pipeline(*overrides, "extract.batch_size=32"))
 
 
+@pytest.mark.parametrize("factory", ["inf_once", "inf_then_raises"])
+def test_inf_once_stored_from_a_teacher_that_does_not_run_the_same_again_names_both_causes(tmp_path, factory):
+    """The batch run through the teacher again to tell an inf of its own from a value beyond targets.dtype gives finite
+    values this time, or raises: which it was is not known, and the error's own text, naming both, stands."""
+    overrides = (f"teacher.factory=extract_zoo.py:{factory}", "targets.layers=[]", "targets.dtype=float16")
+    with pytest.raises(TargetError, match=r"^target 'logits' \(rows 16\.\.23\) holds inf once stored as float16: the teacher produced inf, "
+                                          r"or finite values beyond the float16 range \(±65504\); check the model and its inputs, or "
+                                          r"set targets\.dtype = \"float32\""):
+        kdcache.extract(make_pipeline(*overrides), str(tmp_path / "store.zarr"))
+    _, arrays = read_store(tmp_path / "store.zarr")
+    assert arrays["progress/done"].tolist() == [True, False, False, False]
+
+
 def test_finite_values_whose_sum_overflows_are_stored(tmp_path):
     # to_host's quick check is a float32 sum per batch; inf there must lead to a look at the values, not an error
     _, arrays = extract(tmp_path, "teacher.factory=extract_zoo.py:huge_float32", "targets.layers=[]", "targets.dtype=float32")
