@@ -438,21 +438,17 @@ def _kept(target: torch.Tensor) -> torch.Tensor:
 
 def _check_probe_items(dataset: Dataset, batch: list[int], alone: int) -> None:
     """Each item of the probe batch (fingerprints ``batch``) against the same index read alone (item 0's is ``alone``,
-    the manifest's): two inputs mean random items, whose stored fingerprints no later read would match, items that
-    are one buffer refilled by each read (the batch then holds the last item read), or a ``__getitems__`` that serves
-    other inputs than ``dataset[i]``, or them in another order (one that swapped positions 1 and 2 wrote rows whose
+    the manifest's): two inputs mean random items, whose stored fingerprints no later read would match, or a
+    ``__getitems__`` that serves other inputs than ``dataset[i]``, or them in another order (one that swapped positions 1 and 2 wrote rows whose
     inputs and targets were other indices', each row consistent with itself, so verify passed). Read item by item, a
     batch is its items read alone: item 0 is enough. Refused before the teacher runs over the data."""
-    last, batched, algorithm = len(batch) - 1, hasattr(dataset, "__getitems__"), data.FINGERPRINT_ALGORITHM
+    batched, algorithm = hasattr(dataset, "__getitems__"), data.FINGERPRINT_ALGORITHM
     for i in range(len(batch) if batched else 1):
         single = alone if i == 0 else data.item_fingerprint(dataset, i, algorithm)
         if batch[i] == single:
             continue
-        rereads = [single, *data.reread(dataset, i, algorithm)]
-        refilled = not batched or len(set(batch)) == 1  # a batched read (torch's Subset has one) of one buffer: the last item everywhere
-        if i == 0 and len(set(rereads)) == 1 and refilled and last and data.item_fingerprint(dataset, last, algorithm) == batch[0]:
-            raise PipelineError(data.reused_buffer(0, last))
-        reads = rereads + ([] if batched else [batch[i]])  # reads of dataset[i]
+        # items that are one buffer each read refills put one input in several places: data.Indexed refused them as it read the batch
+        reads = [single, *data.reread(dataset, i, algorithm)] + ([] if batched else [batch[i]])  # reads of dataset[i]
         if len(set(reads)) > 1:
             raise AlignmentError(data.not_deterministic(i, reads, "then rerun"))
         raise PipelineError(f"the dataset's __getitems__ gives index {i} as another input (fingerprint {batch[i]:016x}) than "
