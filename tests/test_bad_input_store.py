@@ -210,6 +210,22 @@ def teacher():
 """
 
 
+def index_extent(key: str, nbytes: int) -> Callable[[Path], None]:
+    """Damage: the shard object ``key`` (one inner chunk) with its index's extent of that chunk ``nbytes`` long, the index's
+    crc32c made again for it (a writer's bug, not a flipped byte: the index still checks)."""
+    import google_crc32c
+    import numpy as np
+
+    def damage(store: Path) -> None:
+        raw = bytearray((store / key).read_bytes())
+        index = np.frombuffer(bytes(raw[-20:-4]), dtype="<u8").copy()
+        index[1] = nbytes
+        raw[-20:] = index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little")
+        (store / key).write_bytes(bytes(raw))
+
+    return damage
+
+
 def info(c: Ctx) -> list[Any]:
     return ["info", c.store]
 
@@ -389,6 +405,18 @@ CASES = [
       for verb, args in (("info", info), ("train", train), ("verify", verify_cli))],
     *[Case(f"{verb}-array-meta-shards-too-large", args, HUGE_LOGITS, store=True, damage=array_shards(LOGITS, 2**30))
       for verb, args in (("train", train), ("export", export))],
+    # -- progress/digest's metadata of another shape, or of a codec its uncompressed rows do not decode with; a shard index
+    # whose extent runs past its object
+    Case("verify-digest-meta-wrong-shape", verify_cli, ("progress/digest: 'progress/digest/zarr.json' is not valid zarr metadata "
+                                                        "(it says [4, 9] uint32, expected [4, 5] uint32); re-extract the store",),
+         store=True, report=True, damage=edit_metadata("progress/digest", shape=[4, 9])),
+    Case("verify-digest-does-not-decode", verify_cli, ("progress/digest: ", "is damaged: progress/digest does not decode (RuntimeError: "
+                                                       "'Zstd decompression error", "re-extract the store"), store=True, report=True,
+         damage=edit_metadata("progress/digest", codecs=[{"name": "bytes", "configuration": {"endian": "little"}},
+                                                         {"name": "zstd", "configuration": {"level": 1, "checksum": False}}])),
+    Case("verify-shard-index-extent-outside-the-object", verify_cli,
+         ("targets/logits: shard 1 inner chunk 0 (rows 16..): extent 0+100000 outside the object",), store=True, report=True,
+         damage=index_extent(LOGITS_SHARD_1, 100_000)),
     # -- a done marker is damaged
     *[Case(f"{verb}-damaged-done-marker", args, BAD_MARKER, store=True, report=verb == "verify", damage=write(MARKER, "zz"))
       for verb, args in (("info", info), ("train", train), ("stats", stats), ("export", export), ("pack", pack),
