@@ -113,6 +113,22 @@ def test_a_missing_done_array_is_an_open_problem(copy):
                                         "incomplete copy); re-extract or copy the store again"] and not report["ok"]
 
 
+def test_an_absent_inner_chunk_reads_as_the_fill_value_and_verifies(copy):
+    """FORMAT.md §3.1: an absent inner chunk (index entry 2**64-1, as zarr writes a chunk of fill values) reads as the fill
+    value. A store whose shard 1 of logits is absent so, its digest that of zero rows, verifies; a checksum check that took
+    the entry as an extent would have called it outside the object."""
+    import google_crc32c
+
+    index = np.full(2, 2**64 - 1, dtype="<u8").tobytes()  # the shard's one inner chunk (16 rows): absent
+    (copy / "targets/logits/c/1/0").write_bytes(index + google_crc32c.value(index).to_bytes(4, "little"))
+    g = zarr.open_group(str(copy), mode="r+")
+    column = kdcache.open_store(str(copy)).digest_paths().index(layout.LOGITS)
+    g[layout.DIGEST][1, column] = layout.shard_digest(layout.LOGITS, 1, [np.zeros((16, 4), dtype=np.float16)])
+    report = verify(str(copy))
+    assert report["ok"], report
+    assert not kdcache.open_store(str(copy)).read(layout.LOGITS, 16, 32).any()
+
+
 def test_a_damaged_done_marker_is_one_problem_and_verify_checks_the_rest(copy):
     """A done marker that is not one byte 0 or 1 once stopped verify at its open check, though the store's error (every
     other command's) says to run kdcache verify for any other damage: it is completeness's problem now, its shard taken
