@@ -361,6 +361,19 @@ def test_a_worker_that_cannot_build_the_teacher_is_named(scheduler, tmp_path):
     assert "no such file: checkpoints/teacher.pt" in lines[0], lines[0]
 
 
+def test_an_inf_a_workers_teacher_does_not_give_again_reaches_the_driver_as_its_own_error(scheduler, tmp_path):
+    """A worker's stored inf that a second run of the batch does not explain (a teacher that does not run the same twice)
+    stays the error naming both causes; it crosses to the driver pickled as it was made (a TargetError of its own
+    arguments), and is told in one line."""
+    toml = write_toml(tmp_path / "p.toml", "teacher.factory='extract_zoo.py:inf_once'", "targets.layers=[]", "targets.dtype='float16'")
+    result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--scheduler", scheduler])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "target 'logits' (rows 16..23) holds inf once stored as float16: the teacher produced inf, or finite values beyond the " \
+           "float16 range (±65504); check the model and its inputs, or set targets.dtype = \"float32\"" in lines[0], lines[0]
+
+
 def test_a_worker_whose_device_is_too_small_for_the_teacher_stops_the_job_at_once(tmp_path, zoo_env):
     """A teacher that does not fit a worker's GPU at all (its move to the device runs out of memory) was retried as a
     transient error: the shard was built and failed 3 times before the job stopped with the same line. It fails the same
