@@ -6,6 +6,7 @@ store copies one first. Steps are observed by wrapping ``Run.losses`` (the real 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -384,6 +385,32 @@ def test_an_overwrite_killed_while_it_replaces_the_earlier_run_resumes_from_its_
     train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, fresh, overwrite=True)
     assert [m["epoch"] for m in metrics(fresh)] == [0] and json.loads((fresh / "pipeline.json").read_text())["train"]["epochs"] == 1
     assert sorted(p.name for p in fresh.iterdir()) == sorted(["checkpoint.pt", "heads.pt", "metrics.jsonl", "pipeline.json", "student.pt"])
+
+
+def test_a_resume_whose_next_checkpoint_another_run_put_in_place_while_it_started_says_run_it_again(tiny_store, tmp_path, monkeypatch):
+    """Two --resume of an --overwrite run stopped before it renamed its checkpoint.pt.next into place, at once: each reads
+    the .next before it takes OUT's lock, and the one that takes it second finds the other has finished the replacement
+    (checkpoint.pt there, the .next gone). It stops with one line and changes nothing; run again, it resumes."""
+    module = importlib.import_module("kdcache.train")
+    out = tmp_path / "run"
+    train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, out)
+    os.replace(out / CHECKPOINT, out / module.NEXT_CHECKPOINT)  # stopped before the rename: its files are the new run's
+    lock = module.locking.writer_lock
+
+    @contextlib.contextmanager
+    def taken_second(*args, **kwargs):
+        os.replace(out / module.NEXT_CHECKPOINT, out / CHECKPOINT)  # the other --resume, which took the lock first
+        with lock(*args, **kwargs):
+            yield
+
+    with monkeypatch.context() as m:
+        m.setattr(module.locking, "writer_lock", taken_second)
+        with pytest.raises(StoreError, match=rf"^{re.escape(repr(str(out)))} changed while this run started \(another run wrote it\); "
+                                             r"run the same command again$"):
+            train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert [m["epoch"] for m in metrics(out)] == [0] and (out / CHECKPOINT).is_file()
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume=True)
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]
 
 
 def test_a_resume_of_the_earlier_run_removes_the_first_checkpoint_of_an_overwrite_stopped_before_it_replaced_it(
