@@ -509,7 +509,7 @@ def test_a_local_clusters_logging_stays_silent_while_it_closes_and_in_a_restarte
 def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun … kdcache ARGS`` (``script``: that script instead, as tests/fixtures/faults.py)."""
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--standalone", *(["-m", "kdcache.cli"] if script is None else [str(script)]), *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120,
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=240,  # 120 s: too short for a loaded box
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -529,19 +529,19 @@ def test_torchrun_refuses_an_overwrite_of_a_folder_holding_other_files_before_an
 def test_a_bug_in_rank_0s_store_set_up_stops_every_rank_with_its_line(toml, tmp_path, where):
     """Another exception than kdcache's (a bug, an OSError) on rank 0 while it looks at or creates the store: the other
     ranks said only that another rank had ended (gloo's lost connection), not why; each says rank 0's line, at once."""
-    script = tmp_path / "bug.py"
+    script, raised = tmp_path / "bug.py", tmp_path / "raised"
     script.write_text(
         "import atexit, os, sys, time\nimport kdcache.store as layout\nfrom kdcache.cli import main\n\n"
         "if os.environ['RANK'] == '0':\n"
-        "    def broken(*args, **kwargs):\n        raise ValueError('a bug')\n\n"
+        f"    def broken(*args, **kwargs):\n        open({str(raised)!r}, 'w').write(str(time.monotonic()))\n        raise ValueError('a bug')\n\n"
         f"    layout.{where} = broken\n"
         "    atexit.register(time.sleep, 3)  # rank 0 ends slowly: torchrun stops the others only then, once they have said it\n"
         "sys.exit(main())\n")
-    started = time.monotonic()
     r = _torchrun("extract", toml, "--out", str(tmp_path / "s.zarr"), cwd=tmp_path, script=script)
+    ended = time.monotonic()  # the whole run took 62 s on a loaded box, most of it the ranks' start: timed from the bug on
     ours = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
     assert r.returncode != 0 and ours == ["Error: rank 0 failed: ValueError: a bug (rank 0 prints its traceback)"], r.stderr[-3000:]
-    assert "[rank0]: ValueError: a bug" in r.stderr and time.monotonic() - started < 60
+    assert "[rank0]: ValueError: a bug" in r.stderr and ended - float(raised.read_text()) < 60
 
 
 def test_torchrun_store_equals_single_process_and_resumes_others(toml, single, tmp_path, zoo_env):
@@ -813,7 +813,7 @@ def test_a_one_process_run_resumed_under_torchrun_is_refused(tiny_store, tmp_pat
     sets = [x for s in ("train.epochs=2", "train.features={}", "train.eval_split=''") for x in ("--set", s)]
     cut = tmp_path / "cut"
     r = subprocess.run([sys.executable, str(FIXTURES / "faults.py"), "train", str(toml), "--cache", tiny_store, "--out", str(cut), *sets],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_FAULT": "term:6"})
+                       cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_FAULT": "term:6"})
     assert r.returncode == 143, r.stderr[-3000:]
     before = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert before["epoch"] == 0 and 0 < before["batch"] < 7, (before["epoch"], before["batch"])  # inside epoch 0
