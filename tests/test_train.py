@@ -834,10 +834,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # a loaded box took more than 120 s to start the run and train its first epoch
         while not (out / "checkpoint.pt").exists():
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -1222,7 +1222,7 @@ def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
     def interrupted(*extra: str, when) -> str:
         proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args, *extra], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # 120 s: too short for a loaded box's start and first epoch
         while not when():
             assert proc.poll() is None and time.monotonic() < deadline, signal_and_wait(proc, signal.SIGKILL)
             time.sleep(0.02)
