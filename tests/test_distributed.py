@@ -295,31 +295,49 @@ def test_a_cluster_rebuilds_a_teacher_whose_checkpoint_changed_since_its_last_jo
             assert_same_store(out, single)
 
 
+@pytest.mark.timeout(600)  # two starts of a worker (torch's import, the teacher's build) on a loaded box: 300 s ran out
 def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log, capfd):
     """The killed worker's shard is retried and the store equals the single-process one; the progress line counts the
-    2 workers (by name: counted by pid, the one the nanny restarted was a third)."""
+    2 workers (by name: counted by pid, the one the nanny restarted was a third). Each step waits for its moment: both
+    workers held mid-way through the last two shards (in submission order: each did one before), one killed there, its
+    restart holding the retried shard, then both let go. (Timed by a 0.5 s shard instead, a loaded box's first worker
+    did every shard while the other started and was killed: the line said 1 worker.)"""
+    import dask
     from distributed import Client, LocalCluster
 
     zoo_env(N=96)  # 6 shards of 16 rows
     reference = str(tmp_path / "single.zarr")
-    kdcache.extract(make_pipeline(), reference)  # at full speed: the items' sleep is no part of the store
+    kdcache.extract(make_pipeline(), reference)
     fetch_log(clear=True)
-    zoo_env(SLEEP=0.03)  # ~0.5 s a shard from here on; read by the workers when they start
+    hold = tmp_path / "hold"
+    hold.touch()
+    zoo_env(HOLD=hold, HOLD_AT="72,88")  # mid-way through shards 4 and 5; read by the workers when they start
     out = str(tmp_path / "killed.zarr")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
+
+    def held() -> set[int]:  # the processes that reached a held row
+        return {int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("hold.held-*")}
+
+    def wait_for(condition: Callable[[], Any], what: str) -> None:
+        deadline = time.monotonic() + 240  # the nanny's restart imports torch again, on a loaded box
+        while not condition():
+            assert time.monotonic() < deadline and job.is_alive(), what
+            time.sleep(0.05)
+
+    # a worker runs one shard at a time, none queued behind: the retried shard waits for a free one, the restarted one
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as cluster, \
             Client(cluster) as client:
         result: dict = {}
         job = threading.Thread(target=lambda: result.update(info=extract_distributed(make_pipeline(), out, scheduler=cluster.scheduler_address,
                                                                                     progress=True)))
         job.start()
-        deadline = time.monotonic() + 60
-        while not shards_done(out):
-            assert time.monotonic() < deadline and job.is_alive(), "no shard finished"
-            time.sleep(0.05)
-        done_before = int(open_store(out).done().sum())
-        victim = list(client.run(os.getpid).values())[0]
-        os.kill(victim, signal.SIGKILL)  # mid-shard: every worker is busy with a 0.5 s shard
-        job.join(timeout=300)  # generous: the nanny restarts the worker, which imports torch again, on a loaded box
+        wait_for(lambda: len(held()) == 2, "the two workers did not both reach a held row")
+        before, done_before = held(), int(open_store(out).done().sum())
+        assert before == set(client.run(os.getpid).values())
+        os.kill(min(before), signal.SIGKILL)  # mid-shard
+        wait_for(lambda: held() - before, "the restarted worker did not reach the retried shard's held row")
+        hold.unlink()
+        job.join(timeout=300)
         assert not job.is_alive(), "the extract did not finish within 300 s of the worker's death"
     assert done_before < 6
     fetched = fetch_log()
