@@ -338,7 +338,9 @@ def _take_shared(path: Path, location: str, holder: str, verb: str) -> int:
             ours = seen is None and _same_file(fd, path)  # still the file at that path: not removed by its last holder meanwhile
         except BaseException as e:
             os.close(fd)
-            if isinstance(e, OSError) and e.errno in NO_FLOCK:
+            if isinstance(e, OSError) and e.errno in NO_FLOCK:  # copied unlocked, leaving no lock file behind (as _take_lock)
+                with contextlib.suppress(OSError):
+                    path.unlink()
                 return -1
             raise
         if seen is not None:

@@ -497,6 +497,30 @@ def test_a_file_system_without_flock_is_written_unlocked(tmp_path, tiny_store, m
     assert arrays["samples/index"].tolist() == list(range(50))
 
 
+def test_pack_and_export_on_a_file_system_without_flock_copy_unlocked_and_leave_no_lock_file(tmp_path, tiny_store, monkeypatch):
+    """pack and export keep writers out with a shared flock on the lock file (``reading_lock``); where flock is refused
+    (ENOLCK, injected as above) they copied the store unlocked, as a writer writes it, but left the lock file they had
+    created beside it (an empty ``.NAME.kdcache-lock`` after every copy); a writer there removes its own. A lock file left
+    there (a store moved from another file system) does not make a look at it (``info``) fail."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    for command, out in (("pack", tmp_path / "s.zarr.zip"), ("export", tmp_path / "s.h5")):
+        result = invoke(command, store, out)
+        assert result.exit_code == 0 and out.exists(), result.output
+        assert not lock_file(store).exists(), command
+    lock_file(store).write_text("kdcache pid 4242 on elsewhere since 2026-11-29T00:00:00+00:00")
+    assert active_writer(store) is None  # not known without flock: the text alone is no writer
+    result = invoke("info", store)
+    assert result.exit_code == 0 and "being written" not in result.output, result.output
+
+
 def test_a_refused_job_builds_no_teacher(tmp_path, tiny_store, brief_looks):
     """The refusal comes before the teacher (minutes for a large one) is built: a teacher factory that would
     fail is never called while another job holds the store."""
