@@ -671,7 +671,7 @@ def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
 class KeepAliveS3:
     """An S3 endpoint on 127.0.0.1 in front of the moto server at ``upstream`` that keeps its connections alive, as a
     real one does (moto closes each: ``Connection: close``), and answers ``faults[KEY_PART]`` (403, 500...) to the GETs
-    and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, else InternalError) and
+    and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, 501 NotImplemented, else InternalError) and
     ``unanswered`` PUTs it never answers; ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
     closed: a connection dropped mid-read); ``endless`` GETs it answers with zeros and no ``Content-Length`` until the
     client hangs up (a broken or hostile server's endless body). A request body sent chunked is not forwarded (botocore's
@@ -709,7 +709,7 @@ class KeepAliveS3:
                 if fault is not None:
                     status, headers, data = fault, {"Content-Type": "application/xml"}, b"<Error><Code>AccessDenied</Code></Error>"
                 elif put_fault is not None:
-                    code = b"AccessDenied" if put_fault == 403 else b"InternalError"
+                    code = {403: b"AccessDenied", 501: b"NotImplemented"}.get(put_fault, b"InternalError")
                     status, headers, data = put_fault, {"Content-Type": "application/xml"}, b"<Error><Code>" + code + b"</Code></Error>"
                 else:
                     # a body's Content-Type as sent: urllib's default (a form) has moto's server read it as one, storing nothing
@@ -832,6 +832,44 @@ def test_an_s3_read_whose_body_is_cut_short_is_asked_again_as_s3fs_asks_it(s3, k
     lo, hi = store.shard_rows(1)
     np.testing.assert_array_equal(store.read("targets/logits", lo, hi), open_store(tiny_store).read("targets/logits", lo, hi))
     assert keep_alive_s3.cut == {"cut.zarr/zarr.json": 0, "cut.zarr/targets/logits/c/1/0": 0}
+
+
+@pytest.mark.parametrize("status, said", [(403, "AccessDenied"), (500, "InternalError"), (501, None)])
+def test_an_extract_whose_s3_lock_object_cannot_be_made_stops_unless_the_server_cannot_lock(status, said, s3, keep_alive_s3, tmp_path):
+    """The writer lock object's PUT refused (403) or failed (5xx): the extract stops in one line naming the lock object and
+    the cause, before anything is written. A server without conditional PUTs (501 NotImplemented, some S3-compatible
+    ones) cannot lock: the store is written unlocked (FORMAT.md §13), no lock object left behind."""
+    import s3fs
+
+    from reference import _dotted
+
+    url = f"s3://{BUCKET}/lock{status}.zarr"
+    options = {**s3, "endpoint_url": keep_alive_s3.url, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    keep_alive_s3.put_faults[f".lock{status}.zarr.kdcache-lock"] = status
+    r = CliRunner().invoke(main, ["extract", str(TINY_TOML), "--out", url, *(f"--storage-option={k}={v}" for k, v in _dotted(options))])
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    if said is None:
+        assert r.exit_code == 0, r.output
+        assert open_store(url, storage_options=s3).complete and not fs.exists(f"{BUCKET}/.lock{status}.zarr.kdcache-lock")
+        return
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"Error: cannot lock {url!r} for writing: its lock object 's3://{BUCKET}/.lock{status}.zarr.kdcache-lock': "), r.stderr
+    assert said in r.stderr and r.stderr.endswith("check the URL, --storage-option values and credentials (writing there must be "
+                                                  "allowed), and rerun\n"), r.stderr
+    assert not fs.exists(f"{BUCKET}/lock{status}.zarr"), "nothing written"
+
+
+def test_a_lock_object_that_is_not_kdcaches_refuses_a_writer_until_stale(s3, tmp_path):
+    """A lock object beside the store whose body is not a kdcache lock's (not JSON: another tool's, a hand-made one) is
+    a holder all the same, named as another process, until stale (``locking.LOCK_STALE_S``)."""
+    import s3fs
+
+    url = f"s3://{BUCKET}/foreign-lock.zarr"
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).pipe(f"{BUCKET}/.foreign-lock.zarr.kdcache-lock", b"locked by hand")
+    r = CliRunner().invoke(main, ["extract", str(TINY_TOML), "--out", url, *(f"--storage-option={k}={v}" for k, v in s3.items())])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert re.fullmatch(rf"Error: {re.escape(repr(url))} is being written by another kdcache process, last heartbeat \d+ s ago \(taken "
+                        r"over after 180 s without one\); wait for it to end or stop it, then rerun \(nothing was changed\)\n", r.stderr), r.stderr
 
 
 @pytest.mark.parametrize("fault, seen", [
