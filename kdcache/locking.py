@@ -506,8 +506,10 @@ def _first_etag(lock: tuple[Any, str, str] | None, location: str, holder: str, t
                 reader: str) -> str | None:
     """Take the lock object ``lock`` for ``_object_lock``: its ETag, or None: not held (no lock object, a server that
     cannot lock, a copy that may not write it: ``_not_taken``). One our PUT may have made is deleted when taking it fails."""
+    if lock is None:
+        return None
     try:
-        return _take_object_lock(*lock, location, holder, token, process) if lock is not None else None
+        return _take_object_lock(*lock, location, holder, token, process)
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
@@ -515,8 +517,7 @@ def _first_etag(lock: tuple[Any, str, str] | None, location: str, holder: str, t
         _not_taken(location, lock, reader, e)
         return None
     except BaseException:  # Ctrl-C or SIGTERM as it was taken: a lock object we made would refuse a rerun until stale
-        if lock is not None:
-            _drop_if_ours(*lock, token)
+        _drop_if_ours(*lock, token)
         raise
 
 
