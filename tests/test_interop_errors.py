@@ -136,6 +136,76 @@ def test_import_overwrite_of_a_malformed_file_keeps_the_store(exported, tiny_sto
     assert not (tmp_path / "new.zarr").exists()
 
 
+@pytest.mark.parametrize("manifest, match", [
+    ("{not json", "has no kdcache manifest (root attribute 'kdcache'); pass a file written by kdcache export"),
+    (lambda m: {**m, "format": "other"}, "has no kdcache manifest (root attribute 'kdcache')"),
+    (lambda m: {**m, "format_version": 99}, "holds store format version 99; this kdcache reads version "),
+    (lambda m: {**m, "format_version": True}, "holds store format version True; this kdcache reads version "),
+], ids=["not-json", "another-format", "version-99", "version-true"])
+def test_import_refuses_a_file_whose_manifest_it_cannot_read(exported, tiny_store, tmp_path, manifest, match):
+    """The manifest root attribute not JSON, not kdcache's, or of a store format version this kdcache does not read: one
+    line before any store is touched."""
+    h5 = copy_of(exported, tmp_path / "m.h5")
+    with h5py.File(h5, "a") as f:
+        f.attrs["kdcache"] = manifest if isinstance(manifest, str) else json.dumps(manifest(json.loads(f.attrs["kdcache"])))
+    victim = copy_of(tiny_store, tmp_path / "victim.zarr")
+    before = snapshot(victim)
+    _, line = cli("import", h5, victim, "--overwrite")
+    assert match in line and "m.h5" in line, line
+    assert snapshot(victim) == before
+
+
+def test_export_refuses_an_unknown_compression_before_anything_is_written(tiny_store, tmp_path):
+    """The CLI offers gzip, lzf and none; through the API another name is one line naming the choices, not h5py's error."""
+    with pytest.raises(StoreError, match=r"^unknown HDF5 compression 'zstd'; choose one of gzip, lzf, none$"):
+        interop.export_hdf5(tiny_store, tmp_path / "t.h5", compression="zstd")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pack_and_export_to_a_folder_name_the_file_to_pass(tiny_store, tmp_path):
+    """The CLI refuses a folder OUT itself (click's Path); through the API it is one line naming a file to pass."""
+    for call, name in ((interop.pack, "out.zarr.zip"), (interop.export_hdf5, "out.h5")):
+        folder = tmp_path / name
+        folder.mkdir()
+        with pytest.raises(StoreError, match=rf"^{re.escape(repr(str(folder)))} is a folder; pass the path of the file to write "
+                                             rf"\(e\.g\. {re.escape(repr(str(folder / name)))}\)$"):
+            call(tiny_store, folder)
+        assert list(folder.iterdir()) == []
+
+
+def test_pack_and_export_of_a_done_shard_without_its_digest_are_refused(tiny_store, tmp_path):
+    """A done shard whose digest object is missing (an incomplete copy): its rows' place cannot be checked, and a copy
+    would carry the gap on (import refuses the file); pack and export refuse the store, naming the shard and the fix."""
+    store = copy_of(tiny_store, tmp_path / "s.zarr")
+    (store / "progress" / "digest" / "c" / "1" / "0").unlink()
+    _, line = cli("pack", store, tmp_path / "s.zarr.zip")
+    assert line == (f"Error: cannot pack {str(store)!r}: shard 1 (rows 16-31) has no digest: object 'progress/digest/c/1/0' is missing "
+                    f"or all 0 although the shard is marked done; run kdcache verify {store} to list the damage, and re-extract the "
+                    "store or copy it again"), line
+    _, line = cli("export", store, tmp_path / "s.h5")
+    assert "shard 1 of samples/index (rows 16-31) has no digest in progress/digest" in line and "kdcache verify" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_pack_leaves_out_a_zarr_json_that_is_no_zarr_v3_node(tiny_store, tmp_path):
+    """A ``zarr.json`` under the root group that is not a zarr v3 group's or array's metadata (not JSON; a zarr v2 or
+    other file of that name) is no node of the store (FORMAT.md §17): left out as a stray, named in the note."""
+    import zipfile
+
+    store = copy_of(tiny_store, tmp_path / "s.zarr")
+    (store / "notes").mkdir()
+    (store / "notes" / "zarr.json").write_text("{not json")
+    (store / "old").mkdir()
+    (store / "old" / "zarr.json").write_text(json.dumps({"zarr_format": 2, "node_type": "group"}))
+    out = tmp_path / "s.zarr.zip"
+    r = CliRunner().invoke(main, ["pack", str(store), str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == (f"note: left out 2 files of {str(store)!r} that are not objects of the store (FORMAT.md §17): "
+                        "'notes/zarr.json', 'old/zarr.json'\n"), r.stderr
+    with zipfile.ZipFile(out) as z:
+        assert not any(n.startswith(("notes/", "old/")) for n in z.namelist())
+
+
 @pytest.mark.parametrize("version, match", [
     (2, "holds HDF5 layout version 2 (root attribute 'kdcache_hdf5_version'); this kdcache reads version 1: upgrade kdcache"),
     ("1", "root attribute 'kdcache_hdf5_version' is '1' (str), not an integer (FORMAT.md §16: 1); the file was not written "
