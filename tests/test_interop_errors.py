@@ -594,6 +594,8 @@ def inner_chunk_offset(file: Path, slots: int, chunk: int) -> int:
               "(rows 20-21) fails its crc32c checksum"),
     ("index", "array 'targets/layers/features.3' shard 1 (object 'targets/layers/features.3/c/1/0/0/0'): its shard index "
               "fails its crc32c checksum"),
+    ("cut", "array 'targets/layers/features.3' shard 1 (object 'targets/layers/features.3/c/1/0/0/0'): it holds 10 bytes, "
+            "fewer than its shard index (132)"),  # cut short: a copy that stopped
 ])
 def test_pack_refuses_a_done_shard_whose_checksums_fail_and_leaves_out_as_it_was(chunked_store, tmp_path, where, what):
     """pack copied a shard object's bytes unread: a byte flipped on disk or on the way (inside an inner chunk, or in the
@@ -602,7 +604,10 @@ def test_pack_refuses_a_done_shard_whose_checksums_fail_and_leaves_out_as_it_was
     and rows, leaving no zip and no temp file, and an existing OUT as it was."""
     store = copy_of(chunked_store, tmp_path / "s.zarr")
     shard = store / "targets/layers/features.3/c/1/0/0/0"
-    flip(shard, inner_chunk_offset(shard, 8, 2) + 5 if where == "chunk" else -20)
+    if where == "cut":
+        shard.write_bytes(shard.read_bytes()[:10])
+    else:
+        flip(shard, inner_chunk_offset(shard, 8, 2) + 5 if where == "chunk" else -20)
     out = tmp_path / "out" / "t.zarr.zip"
     out.parent.mkdir()
     out.write_bytes(b"an earlier zip")
