@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from kdcache import errors, locking, storage, store as layout
-from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, transient
+from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, short, transient
 from kdcache.extract import Run, check_done_rows, complete_read_only, extract_shards, say_headless, setup, written
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
@@ -72,6 +72,8 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
     overwrite, progress = storage.flag_arg(overwrite, "overwrite"), storage.flag_arg(progress, "progress")
     if scheduler is not None:
         _check_address(scheduler)
+    else:
+        _check_workers(workers)
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     layout.refuse_replacing(out, overwrite, storage_options)
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
@@ -96,6 +98,15 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
                                      f"they wrote another store at that location; {REACH}")
             store.finish()
     return written(store, pending)
+
+
+def _check_workers(workers: Any) -> None:
+    """Refuse a ``workers`` count (the CLI's ``--workers``, at least 1 there) before the teacher is built or the store created."""
+    what = "CPU worker processes of a local dask cluster"
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer):
+        raise TypeError(f"workers must be an int ({what}), got {type(workers).__name__} {short(workers)}")
+    if workers < 1:
+        raise PipelineError(f"workers must be >= 1 ({what}), got {workers}")
 
 
 def _shard_list(shards: list[int]) -> str:
@@ -327,9 +338,7 @@ def _local_cluster(pipeline: Pipeline, workers: int) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     gpus = torch.cuda.device_count() if pipeline.extract.device in ("auto", "cuda") else 0
-    n = gpus or workers
-    if n < 1:
-        raise PipelineError(f"--workers must be >= 1, got {workers}")
+    n = gpus or workers  # workers >= 1: _check_workers
     # daemon=False: a worker may start DataLoader processes (extract.num_workers > 0)
     with dask.config.set({"distributed.worker.daemon": False}), _quiet_driver():
         with _ctrl_c_to_driver():

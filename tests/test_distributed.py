@@ -25,7 +25,7 @@ from click.testing import CliRunner
 import kdcache
 from kdcache.cli import main
 from kdcache.distributed import extract_distributed
-from kdcache.errors import StoreError
+from kdcache.errors import PipelineError, StoreError
 from kdcache.locking import writer_lock
 from kdcache.store import open_store
 from conftest import FIXTURES, S3_BUCKET as BUCKET
@@ -232,6 +232,20 @@ def test_extract_distributed_refuses_a_location_or_pipeline_of_another_type(tmp_
         extract_distributed(make_pipeline(), None)
     with pytest.raises(TypeError, match=r"pipeline must be a kdcache.Pipeline, got str .*load it first"):
         extract_distributed(str(FIXTURES / "tiny.toml"), str(tmp_path / "s.zarr"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers, error, match", [
+    (0, PipelineError, r"^workers must be >= 1 \(CPU worker processes of a local dask cluster\), got 0$"),
+    (-2, PipelineError, r"^workers must be >= 1 .*, got -2$"),
+    ("2", TypeError, r"^workers must be an int \(CPU worker processes of a local dask cluster\), got str '2'$"),
+    (True, TypeError, r"^workers must be an int .*, got bool True$"),
+])
+def test_extract_distributed_refuses_a_worker_count_before_anything_is_built(tmp_path, workers, error, match):
+    """The CLI's --workers is at least 1; through the API workers=0 was checked only as the cluster started: the teacher
+    had been built and an empty store created at OUT, then the error named --workers ("2" was a TypeError from inside)."""
+    with pytest.raises(error, match=match):
+        extract_distributed(make_pipeline(), tmp_path / "s.zarr", workers=workers)
     assert list(tmp_path.iterdir()) == []
 
 
