@@ -379,7 +379,9 @@ def _teacher_run(store: layout.Store, pipeline: Any, check: Check) -> Any:
             raise StoreError(f"the pipeline pools target {t.name!r} (select {ours_t.select!r}) with targets.mask = {ours_t.mask!r}, the store "
                              f"was pooled with {t.mask!r}; pass the pipeline the store was extracted with")
     if len(run.dataset) != store.num_samples:  # type: ignore[arg-type]
-        raise StoreError(f"the pipeline's dataset has {len(run.dataset)} samples, the store {store.num_samples}; pass the pipeline the store was extracted with")  # type: ignore[arg-type]
+        raise StoreError(f"the pipeline's dataset {pipeline.data.factory}({split!r}) has {len(run.dataset)} samples, the store "  # type: ignore[arg-type]
+                         f"{store.num_samples} (extracted from {store.manifest['dataset'].get('factory')}({split!r})); pass the "
+                         "pipeline the store was extracted with")
     return run
 
 

@@ -301,7 +301,8 @@ CASES = [
          ("the pipeline does not produce stored targets ['features.3']; pass the pipeline the store was extracted with",), store=True),
     Case("verify-teacher-check-dataset-of-another-length",
          lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "data.factory=numbered.py:tiny_short"],
-         ("the pipeline's dataset has 40 samples, the store 50; pass the pipeline the store was extracted with",), store=True),
+         ("the pipeline's dataset numbered.py:tiny_short('train') has 40 samples, the store 50 (extracted from "
+          "tiny.py:dataset('train')); pass the pipeline the store was extracted with",), store=True),
     Case("verify-teacher-check-teacher-too-large-for-device",
          lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "teacher.factory=bad_input.py:too_large_for_device"],
          ("the teacher (teacher.factory 'bad_input.py:too_large_for_device')", "does not fit in the memory of cpu",
