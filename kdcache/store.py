@@ -2102,9 +2102,10 @@ def _refuse_others(location: str, storage_options: dict[str, Any] | None, named:
     others = _others(*_listing(location, storage_options))
     if others:
         shown = ", ".join(others[:OTHERS_NAMED]) + (f" and {len(others) - OTHERS_NAMED} more" if len(others) > OTHERS_NAMED else "")
-        raise StoreError(f"{location!r} holds {len(others)} {'entry' if len(others) == 1 else 'entries'} besides its store, which "
-                         f"{option('--overwrite')} would delete with it: {shown}; move {'it' if len(others) == 1 else 'them'} out "
-                         f"of the folder (or delete {'it' if len(others) == 1 else 'them'}), or choose another {named}")
+        them = "it" if len(others) == 1 else "them"
+        raise StoreError(f"{location!r} holds {count(len(others), 'entry', 'entries')} besides its store, which "
+                         f"{option('--overwrite')} would delete with it: {shown}; move {them} out of the folder (or delete "
+                         f"{them}), or choose another {named}")
 
 
 def _listing(location: str, storage_options: dict[str, Any] | None) -> tuple[list[str], Callable[[str], bytes]]:

@@ -289,10 +289,10 @@ def _holds(file: Path, weights: dict[str, torch.Tensor]) -> bool:
 def _already_finished(out: Path, checkpoint: dict[str, Any], t: Any, rank: int) -> dict[str, Any]:
     """``resume="auto"`` on a finished run (``_finished``): one line, nothing written; train's return, as the run's end
     returned it, less ``params`` (the student is not built), plus ``already_finished``."""
-    plan = f"train.steps = {t.steps}" if t.steps > 0 else f"train.epochs = {t.epochs}"
+    setting, value = ("train.steps", t.steps) if t.steps > 0 else ("train.epochs", t.epochs)
     if rank == 0:
-        print(f"{str(out)!r} already finished its run ({plan}, step {int(checkpoint['step'])}); its student is "
-              f"{str(out / 'student.pt')!r}: nothing was trained or written (raise {plan.split(' =')[0]} to train on, or "
+        print(f"{str(out)!r} already finished its run ({setting} = {value}, step {int(checkpoint['step'])}); its student is "
+              f"{str(out / 'student.pt')!r}: nothing was trained or written (raise {setting} to train on, or "
               f"{option('--overwrite')} to start afresh)")
     lines = _read_metrics(out)
     last = lines[-1] if lines else {"epoch": int(checkpoint["epoch"]) - 1, "step": int(checkpoint["step"])}
