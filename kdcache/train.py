@@ -56,8 +56,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
     ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues); where
-    that run has finished its plan, still this one, print so and return its last metrics with ``already_finished: True``
-    (no ``params``), writing nothing.
+    that run has finished its plan, still this one, print so and return its last metrics and ``params`` with
+    ``already_finished: True``, writing nothing.
     """
     pipeline = check_pipeline(pipeline)
     t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
@@ -288,7 +288,8 @@ def _holds(file: Path, weights: dict[str, torch.Tensor]) -> bool:
 
 def _already_finished(out: Path, checkpoint: dict[str, Any], t: Any, rank: int) -> dict[str, Any]:
     """``resume="auto"`` on a finished run (``_finished``): one line, nothing written; train's return, as the run's end
-    returned it, less ``params`` (the student is not built), plus ``already_finished``."""
+    returned it (``params`` as its checkpoint records it: the student is not built; absent from a checkpoint of kdcache
+    0.1.15 or earlier), plus ``already_finished``."""
     setting, value = ("train.steps", t.steps) if t.steps > 0 else ("train.epochs", t.epochs)
     if rank == 0:
         print(f"{str(out)!r} already finished its run ({setting} = {value}, step {int(checkpoint['step'])}); its student is "
@@ -296,7 +297,8 @@ def _already_finished(out: Path, checkpoint: dict[str, Any], t: Any, rank: int) 
               f"{option('--overwrite')} to start afresh)")
     lines = _read_metrics(out)
     last = lines[-1] if lines else {"epoch": int(checkpoint["epoch"]) - 1, "step": int(checkpoint["step"])}
-    return {**last, "seconds": float(checkpoint.get("seconds") or 0.0), "out": str(out), "already_finished": True}
+    params = {"params": int(checkpoint["params"])} if "params" in checkpoint else {}
+    return {**last, **params, "seconds": float(checkpoint.get("seconds") or 0.0), "out": str(out), "already_finished": True}
 
 
 def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: dict[str, int], partial: dict[str, Any] | None,
@@ -1842,6 +1844,7 @@ def _save_epoch(out: Path, run: Run, optimizer: Any, schedule: Any, state: dict[
     # on the host, as student.pt is (a GPU run's resumes onto the GPU: load_state_dict moves the optimizer's state to its parameters)
     ckpt = {"student": _on_cpu(run.student.state_dict(), copied), "heads": _on_cpu(run.heads.state_dict(), copied),
             "optimizer": _on_cpu(optimizer.state_dict(), copied), "schedule": copy.deepcopy(schedule.state_dict()), "epoch": state["epoch"], "step": state["step"], "batch": state["batch"], "rng": rng,
+            "params": teachers.num_parameters(run.student),  # train's return where resume="auto" finds the run finished
             "shards": shards.tolist(), "store": _store_identity(store), **({"order": order} if order else {}),
             **({"pipeline": values} if values is not None else {}), **({"seconds": seconds} if seconds is not None else {}),
             **({"lr": lr} if lr is not None else {}), **({"plan": plan} if plan is not None else {}),

@@ -2212,6 +2212,23 @@ def test_auto_resume_of_a_finished_run_says_so_and_writes_nothing_unless_more_ep
     assert ended.exit_code == 0 and "resuming" in ended.output and (out / "heads.pt").is_file(), ended.output
 
 
+def test_auto_resume_of_a_finished_run_returns_what_the_run_returned(tiny_store, tmp_path, capsys):
+    """``train(resume="auto")`` on a finished run returns the run's last metrics, its student's parameter count (from the
+    checkpoint: the student is not built) and ``already_finished`` (was: no ``params``: a requeued script reading it
+    failed on its second run); a checkpoint of kdcache 0.1.15, which does not record the count, still returns the rest."""
+    out = tmp_path / "run"
+    first = train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume="auto")
+    again = train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume="auto")
+    assert "already finished its run" in capsys.readouterr().out
+    assert {k: v for k, v in again.items() if k != "seconds"} == {**{k: v for k, v in first.items() if k != "seconds"}, "already_finished": True}
+    assert again["params"] == first["params"] > 0 and 0 < again["seconds"] <= first["seconds"]  # the last checkpoint's
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    del checkpoint["params"]  # as 0.1.15 saved it
+    torch.save(checkpoint, out / "checkpoint.pt")
+    older = train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, out, resume="auto")
+    assert older["already_finished"] and "params" not in older and older["epoch"] == first["epoch"] == 1
+
+
 def test_a_sigterm_while_a_stopped_run_cleans_up_is_ignored(tiny_store, tmp_path, monkeypatch):
     """A second SIGTERM after the run saved its checkpoint and stopped, while it stops its batches (a scheduler may
     send several), does not interrupt that clean-up: the command says the stop's own line, exit 143."""
