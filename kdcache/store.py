@@ -2092,6 +2092,10 @@ def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
 # or a writer's temp file of one (§13.1); a file system's own records of a folder it showed (Finder's, Explorer's)
 _CHUNK_KEY = re.compile(r"(c|[0-9]+)(/[0-9]+)*|([0-9]+\.)+[0-9]+")
 _FOLDER_RECORDS = {".DS_Store", "Thumbs.db", "desktop.ini"}
+# kdcache's nodes (FORMAT.md §3) below the root: another zarr group or array in the folder (a user's data put there, an
+# array another tool added, §14) is not the store's, though zarr sees it as a child of the root group
+_STORE_NODE = re.compile(r"(samples|targets|progress)(/(index|fingerprint|label))?|targets/(logits|logits_indices|layers)|"
+                         r"targets/layers/[^/]+|progress/(done|digest)")
 OTHERS_NAMED = 5  # entries named in the refusal of an --overwrite of a folder that holds others
 
 
@@ -2126,18 +2130,20 @@ def _listing(location: str, storage_options: dict[str, Any] | None) -> tuple[lis
 def _others(keys: list[str], read: Callable[[str], bytes]) -> list[str]:
     """The entries of a store folder, its files' ``keys`` (``read``: a file's bytes), that are not its store's, sorted,
     each named once by its top entry
-    (``'run/'``, ``'notes.md'``, ``'old.zarr/' (a kdcache store)``). The store's are the ``zarr.json`` of each node (a folder
-    with one whose parent is a node, the root first: a damaged or older store's too), the chunk keys below a node
-    (``_CHUNK_KEY``), and writers' temp files of both; a node with a manifest of its own is another store."""
+    (``'run/'``, ``'notes.md'``, ``'old.zarr/' (a kdcache store)``). The store's are the ``zarr.json`` of each of its
+    nodes (a folder with one whose parent is a node, the root first: a damaged or older store's too) that kdcache's layout
+    has (``_STORE_NODE``), the chunk keys below such a node (``_CHUNK_KEY``), and writers' temp files of both; a node with
+    a manifest of its own is another store, any other node someone else's zarr data (a user's group put in the folder)."""
     nodes = {""}  # a link's key, "KEY (a link)", is never the store's
     for key in sorted((k for k in keys if k.rpartition("/")[2] == "zarr.json"), key=lambda k: k.count("/")):
         if key.rpartition("/")[0].rpartition("/")[0] in nodes or "/" not in key:
             nodes.add(key.rpartition("/")[0])
     stores = sorted(n for n in nodes if n and _has_manifest(read, f"{n}/zarr.json"))
+    ours = [n for n in nodes if n == "" or _STORE_NODE.fullmatch(n)]
     found = set()
     for key in keys:
         inside = next((n for n in stores if key.startswith(n + "/")), None)
-        owner = max((n for n in nodes if n == "" or key.startswith(n + "/")), key=len)
+        owner = max((n for n in ours if n == "" or key.startswith(n + "/")), key=len)
         rest = key[len(owner) + 1 :] if owner else key
         if inside is not None:
             found.add(f"{inside + '/'!r} (a kdcache store)")

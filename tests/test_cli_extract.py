@@ -284,17 +284,25 @@ def test_a_resume_another_resume_finished_meanwhile_says_the_store_was_already_c
 
 
 @pytest.mark.parametrize("other, named", [("run/student.pt", "'run/'"), ("NOTES.md", "'NOTES.md'"), (".git/HEAD", "'.git/'"),
-                                          ("targets/notes.txt", "'targets/notes.txt'"), ("old.zarr", "'old.zarr/' (a kdcache store)")])
+                                          ("targets/notes.txt", "'targets/notes.txt'"), ("old.zarr", "'old.zarr/' (a kdcache store)"),
+                                          ("mine.zarr", "'mine.zarr/'"), ("targets/extra", "'targets/extra/'")])
 def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_them(tmp_path, tiny_store, other, named):
-    """zarr's mode="w" deleted the store's folder whole: a training run put inside it, notes, a .git, another store. An
-    --overwrite of a folder holding entries that are not its store's is refused before anything is deleted, naming them;
-    moved out, the store is replaced."""
+    """zarr's mode="w" deleted the store's folder whole: a training run put inside it, notes, a .git, another store,
+    someone's zarr group or an array another tool added (FORMAT.md §14; zarr.json and chunk keys below a node were all
+    taken for the store's). An --overwrite of a folder holding entries that are not its store's is refused before
+    anything is deleted, naming them; moved out, the store is replaced."""
     import shutil
+
+    import zarr
 
     out = tmp_path / "tiny.zarr"
     assert invoke("extract", TINY, "--out", out).exit_code == 0
     if other == "old.zarr":
         shutil.copytree(tiny_store, out / other)
+    elif other == "mine.zarr":
+        zarr.open_group(str(out / other), mode="w", zarr_format=3).create_array("x", data=np.arange(4))  # someone's data
+    elif other == "targets/extra":
+        zarr.open_group(str(out), mode="r+").create_array(other, data=np.arange(4))
     else:
         (out / other).parent.mkdir(parents=True, exist_ok=True)
         (out / other).write_text("keep me")
