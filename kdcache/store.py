@@ -2244,8 +2244,9 @@ def refuse_replacing(location: str | os.PathLike[str], overwrite: bool, storage_
 def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str, Any] | None, named: str) -> None:
     """``refuse_replacing`` of a location whose creation was not interrupted; ``named``: how the command names it."""
     present = exists(location, storage_options)  # looked at once: on S3 each look is a request
-    if overwrite and present and _foreign_group(location, storage_options):
-        raise StoreError(f"{location!r} is a zarr group but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
+    foreign = overwrite and present and _foreign_node(location, storage_options)
+    if foreign:
+        raise StoreError(f"{location!r} is a zarr {foreign} but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
                          f"replaces only a kdcache store: choose another {named} or remove it")
     if overwrite and present and location_kind(location) in ("local", "url"):
         _refuse_others(location, storage_options, named)  # zarr's mode="w" deletes the folder (or prefix) whole
@@ -2275,8 +2276,9 @@ def _say_redone(store: Store, lost: dict[int, str]) -> None:
               f"{'it is' if more == 1 else 'they are'} pending again too", file=sys.stderr)
 
 
-def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> bool:
-    """Whether the root ``zarr.json`` at ``location`` parses as zarr metadata without kdcache's manifest (someone else's data)."""
+def _foreign_node(location: str, storage_options: dict[str, Any] | None) -> str | None:
+    """``"group"`` or ``"array"`` where the root ``zarr.json`` at ``location`` parses as zarr metadata without kdcache's
+    manifest (someone else's data), else None."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
@@ -2284,36 +2286,46 @@ def _foreign_group(location: str, storage_options: dict[str, Any] | None) -> boo
         buf = sync(zarr_store(location, storage_options).get("zarr.json", prototype=default_buffer_prototype()))
         meta = json.loads(buf.to_bytes()) if buf is not None else None
     except Exception:  # noqa: BLE001 - damaged or unreadable metadata: a damaged store may be overwritten
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("attributes", {}), dict) and ATTRS not in meta.get("attributes", {})
+        return None
+    if isinstance(meta, dict) and isinstance(meta.get("attributes", {}), dict) and ATTRS not in meta.get("attributes", {}):
+        return "array" if meta.get("node_type") == "array" else "group"
+    return None
 
 
 def _interrupted_creation(location: str, storage_options: dict[str, Any] | None = None, *, remains: bool = False) -> bool:
     """Whether a local folder or an object-store prefix holds only what ``create_or_resume`` writes before the
-    manifest: zarr metadata (and zarr temp files) of kdcache's groups and arrays, no data and no ``kdcache`` attribute.
-    ``remains``: or the chunks of kdcache's arrays too (and their temp files) — what is left of a store whose deletion
-    (zarr's recursive delete of an ``--overwrite``, which may remove the root ``zarr.json`` early) was stopped."""
+    manifest: zarr metadata (and zarr temp files) of kdcache's groups and arrays, no data, and a root group without
+    attributes (``_before_manifest``). ``remains``: or the chunks of kdcache's arrays too (and their temp files) — what is
+    left of a store whose deletion (zarr's recursive delete of an ``--overwrite``, which may remove the root ``zarr.json``
+    early) was stopped."""
     kind = location_kind(location)
     if kind == "url" and "::" not in location:
         fs, root = filesystem(location, storage_options)
         root = root.rstrip("/")
         try:
             keys = [k[len(root) + 1 :] for k in fs.find(root)]
-            attrs = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {}) if "zarr.json" in keys else {}
-        except (OSError, ValueError, AttributeError):
+            meta = json.loads(fs.cat_file(f"{root}/zarr.json")) if "zarr.json" in keys else {}
+        except (OSError, ValueError):
             return False
-        return ATTRS not in attrs and _only_creation_metadata(keys, remains)
+        return _before_manifest(meta) and _only_creation_metadata(keys, remains)
     if kind != "local":
         return False
     folder = Path(local_path(location))
     try:
-        attrs = json.loads((folder / "zarr.json").read_text()).get("attributes", {}) if (folder / "zarr.json").is_file() else {}
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads((folder / "zarr.json").read_text()) if (folder / "zarr.json").is_file() else {}
+    except (OSError, ValueError):
         return False
-    if ATTRS in attrs or not folder.is_dir():
+    if not _before_manifest(meta) or not folder.is_dir():
         return False  # a store (the usual case: answered without listing it)
     # a generator: stops listing at the first file that is not such metadata
     return _only_creation_metadata(_folder_keys(folder, remains), remains)
+
+
+def _before_manifest(meta: Any) -> bool:
+    """Whether the root ``zarr.json`` ``meta`` (parsed; ``{}`` where there is none) is what ``_create`` writes before
+    the manifest, a group without attributes: someone's empty group holding attributes of its own, or a zarr array with
+    no chunk written (all its fill value), was taken for a creation interrupted and replaced, ``--overwrite`` or not."""
+    return meta == {} or (isinstance(meta, dict) and meta.get("node_type") == "group" and not meta.get("attributes"))
 
 
 def _folder_keys(folder: Path, folders: bool = False) -> Iterator[str]:

@@ -342,6 +342,34 @@ def test_what_is_at_out_is_refused_before_the_teacher_is_built(tmp_path, zoo_env
     assert not (tmp_path / "hold.waiting").exists() and file_bytes(out) == before
 
 
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["resume", "overwrite"])
+@pytest.mark.parametrize("kind, says", [
+    ("group", "'OUT' is a zarr group but not a kdcache store (no 'kdcache' root attribute); "),
+    ("array", "'OUT' is a zarr array"),
+])
+def test_a_zarr_node_without_chunks_at_out_is_not_taken_for_an_interrupted_creation(tmp_path, kind, says, flags):
+    """A creation killed before its manifest leaves a root group without attributes and kdcache's nodes' metadata, and
+    is created again, --overwrite or not. Someone's group without children but with attributes of its own, or a zarr
+    array none of whose chunks was written (all its fill value: zarr writes none), was taken for one and replaced with
+    or without --overwrite, its attributes and metadata lost. Both are refused, unchanged; an empty group is created over."""
+    import shutil
+
+    import zarr
+
+    out = tmp_path / "s.zarr"
+    if kind == "group":
+        zarr.open_group(str(out), mode="w", zarr_format=3, attributes={"project": "mine"})
+    else:
+        zarr.create_array(str(out), shape=(100,), dtype="int32", fill_value=0, zarr_format=3, attributes={"units": "m"})
+    before = file_bytes(out)
+    result = invoke("extract", TINY, "--out", out, *flags)
+    assert result.exit_code == 1 and says.replace("OUT", str(out)) in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and file_bytes(out) == before
+    shutil.rmtree(out)
+    zarr.open_group(str(out), mode="w", zarr_format=3)  # as a creation killed at once leaves it
+    assert invoke("extract", TINY, "--out", out, *flags).exit_code == 0 and open_store(str(out)).complete
+
+
 def _with_leftovers(store: Path) -> None:
     """A killed writer's temp files (ours, zarr's), a file system's folder record, an empty chunk folder."""
     (store / "targets" / "logits" / "c" / "1" / ".0.4242.tmp").write_bytes(b"half")
