@@ -2205,7 +2205,7 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
     named = option("--out") if named is None else named
     target = zarr_store(location, storage_options, read_only=False, command="extract" if extract else "import")  # refuses zip, http
     interrupted = _interrupted_creation(location, storage_options)  # killed before its manifest was written: created again
-    if exists(location, storage_options) and not overwrite and not interrupted:
+    if exists(location, storage_options) and not overwrite and not interrupted and not _foreign_node(location, storage_options):
         store = open_store(location, mode="r+", storage_options=storage_options)
         ours = manifest(store.manifest)
         different = difference(store.manifest, ours)
@@ -2232,8 +2232,8 @@ def refuse_replacing(location: str | os.PathLike[str], overwrite: bool, storage_
     whose creation was interrupted (created again)."""
     location = str(location)
     zarr_store(location, storage_options, read_only=False)  # refuses zip, http
-    if exists(location, storage_options) and not overwrite:
-        return
+    if exists(location, storage_options) and not overwrite and not _foreign_node(location, storage_options):
+        return  # a store to resume
     try:
         _refuse_replacing(location, overwrite, storage_options, option("--out"))
     except StoreError:
@@ -2244,10 +2244,11 @@ def refuse_replacing(location: str | os.PathLike[str], overwrite: bool, storage_
 def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str, Any] | None, named: str) -> None:
     """``refuse_replacing`` of a location whose creation was not interrupted; ``named``: how the command names it."""
     present = exists(location, storage_options)  # looked at once: on S3 each look is a request
-    foreign = overwrite and present and _foreign_node(location, storage_options)
-    if foreign:
-        raise StoreError(f"{location!r} is a zarr {foreign} but not a kdcache store (no {ATTRS!r} root attribute); {option('--overwrite')} "
-                         f"replaces only a kdcache store: choose another {named} or remove it")
+    foreign = present and _foreign_node(location, storage_options)
+    if foreign:  # without --overwrite too: a reader's "pass a store written by kdcache extract" is no fix for an OUT
+        replaces = f"{option('--overwrite')} replaces only a kdcache store: " if overwrite else ""
+        raise StoreError(f"{location!r} is a zarr {foreign} but not a kdcache store (no {ATTRS!r} root attribute); {replaces}"
+                         f"choose another {named} or remove it")
     if overwrite and present and location_kind(location) in ("local", "url"):
         _refuse_others(location, storage_options, named)  # zarr's mode="w" deletes the folder (or prefix) whole
     if not present and _occupied(location, storage_options):  # never wipe other files
