@@ -515,18 +515,21 @@ def extract_torchrun(pipeline: Pipeline, out: str, *, overwrite: bool = False, p
                 refusal = e
         _from_rank_0(refusal)
         run = setup(pipeline)  # every rank builds its teacher (in parallel with rank 0's store creation)
-        made: Any = None
+        made: Any = None  # stays None where the store is complete and the job may not lock it (complete_read_only)
         if rank == 0:
             say_headless(pipeline, run)
             try:
-                lock.enter_context(locking.writer_lock(out, storage_options, helpers=world > 1))  # held by rank 0 for the whole job
-                store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
-                # the job's lock, which the other ranks check before each shard: its S3 token, or what the local lock file says
-                made = (store.resume_pending(), getattr(store.lease, "token", None) or locking.local_token(out))
-                check_done_rows(run.dataset, store, made[0])
+                if complete_read_only(out, run, pipeline, overwrite, storage_options) is None:  # a read-only mount's: no lock to take
+                    lock.enter_context(locking.writer_lock(out, storage_options, helpers=world > 1))  # held by rank 0 for the whole job
+                    store = layout.create_or_resume(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
+                    # the job's lock, which the other ranks check before each shard: its S3 token, or what the local lock file says
+                    made = (store.resume_pending(), getattr(store.lease, "token", None) or locking.local_token(out))
+                    check_done_rows(run.dataset, store, made[0])
             except Exception as e:  # noqa: BLE001 - as above
                 made = e
-        pending, token = _from_rank_0(made)
+        if (shared := _from_rank_0(made)) is None:
+            return written(layout.open_store(out, storage_options=storage_options), [])  # every rank: nothing was left to write
+        pending, token = shared
         if rank != 0:
             store = _open_created(out, storage_options, f"rank {rank} (on {socket.gethostname()})")
             store.lease = locking.borrowed_lease(out, storage_options, token, f"rank {rank}")  # rank 0's lock: still the job's

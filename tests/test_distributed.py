@@ -29,7 +29,7 @@ from kdcache.errors import PipelineError, StoreError
 from kdcache.locking import writer_lock
 from kdcache.store import open_store
 from conftest import FIXTURES, S3_BUCKET as BUCKET
-from reference import done_at_least, make_pipeline, shards_done, without_times, write_toml
+from reference import done_at_least, make_pipeline, mount_to_make_read_only, shards_done, without_times, write_toml
 
 pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
@@ -555,6 +555,21 @@ def test_torchrun_refuses_an_overwrite_of_a_folder_holding_other_files_before_an
     ours = [line for line in r.stderr.splitlines() if line.startswith("Error: ") and "stopped by SIGTERM" not in line]
     assert r.returncode != 0 and ours and all("holds 1 entry besides its store" in line for line in ours), r.stderr[-3000:]
     assert not (tmp_path / "hold.waiting").exists() and (out / "NOTES.md").exists()
+
+
+def test_torchrun_of_a_complete_store_on_a_read_only_mount_says_it_is_complete(toml, single, tmp_path, zoo_env):
+    """A complete store on a read-only mount, extracted again under torchrun: rank 0 was refused for its writer lock
+    ("cannot lock … Read-only file system") where one process (and --workers) says the store is complete, nothing being
+    left to write. Every rank ends at once, rank 0 saying so; an --overwrite is still refused for the lock."""
+    with mount_to_make_read_only(tmp_path / "ro") as make_read_only:
+        out = tmp_path / "ro" / "s.zarr"
+        shutil.copytree(single, out)
+        make_read_only()
+        r = _torchrun("extract", toml, "--out", str(out), cwd=tmp_path)
+        assert r.returncode == 0 and r.stderr.startswith(f"{out} is already complete (50 samples); nothing to do\n"), r.stderr[-3000:]
+        r = _torchrun("extract", toml, "--out", str(out), "--overwrite", cwd=tmp_path)
+        ours = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+        assert r.returncode != 0 and ours and all(line.startswith(f"Error: cannot lock {str(out)!r} for writing") for line in ours), r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("where", ["refuse_replacing", "create_or_resume"])

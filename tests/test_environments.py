@@ -4,7 +4,6 @@ values name it (``tests/fixtures/journeys.py``)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +19,7 @@ import kdcache
 from kdcache.cli import main
 from kdcache.interop import pack
 from kdcache.verify import verify
+from reference import mount_to_make_read_only
 from test_journeys import NUMBERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,26 +112,6 @@ def test_a_checkpoint_past_the_file_size_limit_is_one_line_naming_the_limit_and_
         "size limit (ulimit -f; or the file system's largest file, 4 GiB on FAT32) and rerun\n", (r.returncode, r.stderr)
     r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and (out / "student.pt").is_file(), r.stderr
-
-
-@contextlib.contextmanager
-def mount_to_make_read_only(folder: Path) -> Iterator[Callable[[], None]]:
-    """``folder``, empty, and a call that makes it read-only for this process: as root a tmpfs remounted read-only
-    (chmod binds no root; skipped where it cannot mount), else ``chmod -R a-w``."""
-    folder.mkdir()
-    if os.geteuid() != 0:
-        try:
-            yield lambda: subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
-        finally:
-            subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"running as root and cannot mount a tmpfs ({mounted.stderr.strip()}); chmod binds no root")
-    try:
-        yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
