@@ -553,7 +553,7 @@ class Store:
         except StoreError:  # an object refused unread (storage.local_object): it names itself
             raise
         except Exception as e:  # noqa: BLE001 - a digest object that does not decode
-            if _transport(e):
+            if _on_the_way(e):  # s3fs's OSError for a GET refused or failed (403, 5xx): was "damaged ... re-extract"
                 raise self._unreadable(DIGEST, 0, self.num_shards, e) from None
             bad = self._bad_digest_rows(4 * want[1])
             if bad:  # named, with the marker whose deletion has extract redo that shard (FORMAT.md §13)

@@ -820,6 +820,27 @@ def test_pack_names_an_object_an_s3_endpoint_refuses(s3, keep_alive_s3, tiny_sto
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_digest_object_an_s3_endpoint_fails_is_one_line_not_damage(s3, keep_alive_s3, tiny_store):
+    """A done shard's digest row (``progress/digest/c/S/0``) whose GET the endpoint fails: the straight reads give up and
+    zarr's read raises s3fs's OSError, which was taken for a digest object that does not decode: verify's layout check
+    said the store "is damaged: progress/digest does not decode", and re-extract it. It is the one line of a read that
+    failed on the way, as for any other object."""
+    import s3fs
+
+    from reference import _dotted
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/digest500.zarr", recursive=True)
+    url, options = f"s3://{BUCKET}/digest500.zarr", {**s3, "endpoint_url": keep_alive_s3.url, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    keep_alive_s3.faults["digest500.zarr/progress/digest/c/1/0"] = 500
+    r = subprocess.run([sys.executable, "-m", "kdcache.cli", "verify", url, *(f"--storage-option={k}={v}" for k, v in _dotted(options))],
+                       capture_output=True, text=True, timeout=120)  # a process of its own: the endpoint's threads' noise is not its output
+    assert r.returncode == 1 and r.stderr.startswith(f"Error: cannot read rows 0-3 of progress/digest from {url!r}: "), r.stdout + r.stderr
+    assert r.stderr.endswith("; nothing says the store is damaged: check the connection, endpoint, credentials and that the server is "
+                             "up, then rerun\n") and r.stderr.count("\n") == 1 and "damaged:" not in r.stdout, r.stdout + r.stderr
+    keep_alive_s3.faults.clear()
+    assert verify(url, storage_options=options)["ok"]
+
+
 def test_an_s3_read_whose_body_is_cut_short_is_asked_again_as_s3fs_asks_it(s3, keep_alive_s3, tiny_store):
     """A connection dropped part way through an object's body (aiohttp's ClientPayloadError) is one s3fs retries (its
     cat_file reads again, up to its retries): the bounded read asked only the request again, and a shard or manifest
