@@ -672,7 +672,8 @@ class KeepAliveS3:
     """An S3 endpoint on 127.0.0.1 in front of the moto server at ``upstream`` that keeps its connections alive, as a
     real one does (moto closes each: ``Connection: close``), and answers ``faults[KEY_PART]`` (403, 500...) to the GETs
     and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, 501 NotImplemented, else InternalError) and
-    ``unanswered`` PUTs it never answers; ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
+    ``unanswered`` PUTs it never answers; ``unconditional`` PUTs it forwards without their ``If-None-Match`` (a server that
+    ignores the condition: some S3-compatible ones); ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
     closed: a connection dropped mid-read); ``endless`` GETs it answers with zeros and no ``Content-Length`` until the
     client hangs up (a broken or hostile server's endless body). A request body sent chunked is not forwarded (botocore's
     PUTs give their length)."""
@@ -685,6 +686,7 @@ class KeepAliveS3:
         self.faults: dict[str, int] = {}
         self.put_faults: dict[str, int] = {}
         self.unanswered: set[str] = set()
+        self.unconditional: set[str] = set()
         self.cut: dict[str, int] = {}
         self.endless: set[str] = set()
         self.closed = threading.Event()
@@ -713,9 +715,10 @@ class KeepAliveS3:
                     status, headers, data = put_fault, {"Content-Type": "application/xml"}, b"<Error><Code>" + code + b"</Code></Error>"
                 else:
                     # a body's Content-Type as sent: urllib's default (a form) has moto's server read it as one, storing nothing
+                    dropped = {"host", *(["if-none-match"] if any(part in self.path for part in outer.unconditional) else [])}
                     request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
                                                      headers={"Content-Type": "application/octet-stream",
-                                                              **{k: v for k, v in self.headers.items() if k.lower() != "host"}})
+                                                              **{k: v for k, v in self.headers.items() if k.lower() not in dropped}})
                     try:
                         response = urllib.request.urlopen(request, timeout=30)
                     except urllib.error.HTTPError as e:
@@ -878,6 +881,26 @@ def test_an_extract_whose_s3_lock_object_cannot_be_made_stops_unless_the_server_
     assert said in r.stderr and r.stderr.endswith("check the URL, --storage-option values and credentials (writing there must be "
                                                   "allowed), and rerun\n"), r.stderr
     assert not fs.exists(f"{BUCKET}/lock{status}.zarr"), "nothing written"
+
+
+def test_an_s3_server_that_ignores_if_none_match_on_the_lock_put_writes_the_store_unlocked(s3, keep_alive_s3):
+    """A server that ignores ``If-None-Match: *`` (some S3-compatible ones) accepts the second conditional PUT of the lock
+    object kdcache makes once it has taken it: it cannot lock, so the store is written without a lock (FORMAT.md §13),
+    the lock object deleted, not left to refuse the next writer until stale; a resume of it takes no lock either."""
+    import s3fs
+
+    from reference import _dotted
+
+    url = f"s3://{BUCKET}/unconditional.zarr"
+    options = {**s3, "endpoint_url": keep_alive_s3.url}
+    keep_alive_s3.unconditional.add(".unconditional.zarr.kdcache-lock")
+    command = ["extract", str(TINY_TOML), "--out", url, *(f"--storage-option={k}={v}" for k, v in _dotted(options))]
+    r = CliRunner().invoke(main, command)
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert open_store(url, storage_options=s3).complete and not fs.exists(f"{BUCKET}/.unconditional.zarr.kdcache-lock")
+    r = CliRunner().invoke(main, command)
+    assert r.exit_code == 0 and "is already complete" in r.stderr and not fs.exists(f"{BUCKET}/.unconditional.zarr.kdcache-lock"), r.output
 
 
 def test_a_lock_object_that_is_not_kdcaches_refuses_a_writer_until_stale(s3, tmp_path):
