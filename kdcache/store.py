@@ -53,6 +53,10 @@ LOGITS_INDICES = "targets/logits_indices"  # [N, ..., K] int32: the class of eac
 LAYERS = "targets/layers/"  # + encoded module name: [N, ...] a hooked module's output
 DONE = "progress/done"  # [num_shards] bool, chunk 1: shard s fully written
 DIGEST = "progress/digest"  # [num_shards, data arrays] uint32, chunk 1 shard: shard_digest of each array's rows
+# Those arrays, and all of kdcache's nodes (the root "", its groups and arrays), as patterns of their paths: any other
+# zarr node in a store's folder (a user's group put there, an array another tool added, §14) is not the store's
+ARRAY_PATHS = "|".join([*map(re.escape, (INDEX, FINGERPRINT, LABEL, LOGITS, LOGITS_INDICES, DONE, DIGEST)), re.escape(LAYERS) + "[^/]+"])
+NODE_PATHS = re.compile("|".join(["", "samples", "targets", re.escape(LAYERS.rstrip("/")), "progress", ARRAY_PATHS]))
 # The progress arrays' objects (one a shard) asked for at once from an object store or http(s) server (Store._remote_rows):
 # zarr's async.concurrency (10) was the limit, with s3fs's pool of 10 connections (storage.S3_POOL raises it): 200 shards
 # at 200 ms a GET (moto behind a proxy), 4.3 s at 10 at once, 1.6 s at 64
@@ -2092,10 +2096,6 @@ def _occupied(location: str, storage_options: dict[str, Any] | None) -> bool:
 # or a writer's temp file of one (§13.1); a file system's own records of a folder it showed (Finder's, Explorer's)
 _CHUNK_KEY = re.compile(r"(c|[0-9]+)(/[0-9]+)*|([0-9]+\.)+[0-9]+")
 _FOLDER_RECORDS = {".DS_Store", "Thumbs.db", "desktop.ini"}
-# kdcache's nodes (FORMAT.md §3) below the root: another zarr group or array in the folder (a user's data put there, an
-# array another tool added, §14) is not the store's, though zarr sees it as a child of the root group
-_STORE_NODE = re.compile(r"(samples|targets|progress)(/(index|fingerprint|label))?|targets/(logits|logits_indices|layers)|"
-                         r"targets/layers/[^/]+|progress/(done|digest)")
 OTHERS_NAMED = 5  # entries named in the refusal of an --overwrite of a folder that holds others
 
 
@@ -2132,14 +2132,14 @@ def _others(keys: list[str], read: Callable[[str], bytes]) -> list[str]:
     each named once by its top entry
     (``'run/'``, ``'notes.md'``, ``'old.zarr/' (a kdcache store)``). The store's are the ``zarr.json`` of each of its
     nodes (a folder with one whose parent is a node, the root first: a damaged or older store's too) that kdcache's layout
-    has (``_STORE_NODE``), the chunk keys below such a node (``_CHUNK_KEY``), and writers' temp files of both; a node with
+    has (``NODE_PATHS``), the chunk keys below such a node (``_CHUNK_KEY``), and writers' temp files of both; a node with
     a manifest of its own is another store, any other node someone else's zarr data (a user's group put in the folder)."""
     nodes = {""}  # a link's key, "KEY (a link)", is never the store's
     for key in sorted((k for k in keys if k.rpartition("/")[2] == "zarr.json"), key=lambda k: k.count("/")):
         if key.rpartition("/")[0].rpartition("/")[0] in nodes or "/" not in key:
             nodes.add(key.rpartition("/")[0])
     stores = sorted(n for n in nodes if n and _has_manifest(read, f"{n}/zarr.json"))
-    ours = [n for n in nodes if n == "" or _STORE_NODE.fullmatch(n)]
+    ours = [n for n in nodes if NODE_PATHS.fullmatch(n)]
     found = set()
     for key in keys:
         inside = next((n for n in stores if key.startswith(n + "/")), None)
@@ -2343,30 +2343,23 @@ def _folder_keys(folder: Path, folders: bool = False) -> Iterator[str]:
 
 
 # kdcache's arrays (FORMAT.md §3) and the folders of their chunk keys, which name a chunk of each dimension (``c/0``, ``c/3/0/0``)
-_ARRAY_FOLDER = re.compile(r"(samples/(index|fingerprint|label)|targets/logits|targets/logits_indices|targets/layers/[^/]+|progress/done|progress/digest)/c(/[0-9]+)*")
+_ARRAY_FOLDER = re.compile(f"({ARRAY_PATHS})/c(/[0-9]+)*")
 
 
 def _only_creation_metadata(keys: Iterable[str], remains: bool = False) -> bool:
     """Whether ``keys`` (at least one) are all zarr metadata (or zarr's temp files of it) of kdcache's nodes.
     ``remains``: or chunks of kdcache's arrays or their temp files (``.NAME.PID.tmp``, ``NAME.UUID.partial``), or folders
     (keys ending in ``/``) of kdcache's nodes and chunks."""
-    import fnmatch
-
-    nodes = ("", "samples", "samples/*", "targets", "targets/logits", LOGITS_INDICES, "targets/layers", "targets/layers/*", "progress", DONE, DIGEST)
-
-    def node(path: str) -> bool:
-        return any(fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/") for pattern in nodes)
-
     found = False
     for key in keys:
         parent, _, name = key.rpartition("/")
         if remains and key.endswith("/"):  # a folder
-            ok = node(parent) or bool(_ARRAY_FOLDER.fullmatch(parent))
+            ok = bool(NODE_PATHS.fullmatch(parent) or _ARRAY_FOLDER.fullmatch(parent))
         elif remains and _ARRAY_FOLDER.fullmatch(parent):  # a chunk, or a chunk's temp file: .NAME.PID.tmp, NAME.UUID.partial
             m = _TMP.fullmatch(name) or _PARTIAL.fullmatch(name)
             ok = bool(re.fullmatch("[0-9]+", m.group(1) if m else name))
         else:
-            ok = (name == "zarr.json" or (name.startswith("zarr.") and name.endswith(".partial"))) and node(parent)
+            ok = (name == "zarr.json" or (name.startswith("zarr.") and name.endswith(".partial"))) and bool(NODE_PATHS.fullmatch(parent))
         if not ok:
             return False
         found = True
