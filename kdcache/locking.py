@@ -509,7 +509,7 @@ def _first_etag(lock: tuple[Any, str, str] | None, location: str, holder: str, t
     if lock is None:
         return None
     try:
-        return _take_object_lock(*lock, location, holder, token, process)
+        return _take_object_lock(*lock, location, holder, token, process, reader)
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
@@ -728,9 +728,9 @@ def _lock_request(fs: Any, method: str, **params: Any) -> Any:
 
 
 def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str, token: str,
-                      process: dict[str, Any] | None = None) -> str | None:
+                      process: dict[str, Any] | None = None, reader: str = "") -> str | None:
     """Create the lock object, or take it over when stale or its holder is certainly dead (``_holder_ended``); its
-    ETag (None: this server cannot lock)."""
+    ETag (None: this server cannot lock, as a note says: ``_cannot_lock``, of ``reader``'s copy where given)."""
     seen = None
     for _ in range(5):  # each turn lost to a writer that changed the lock meanwhile
         body = _lock_body(holder, token, process)
@@ -738,11 +738,13 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
             etag = _put_lock(fs, bucket, key, body, IfNoneMatch="*")
         except OSError as e:
             if e.errno == errno.ENOSYS:  # 501 NotImplemented: no conditional PUT here
-                return None
+                return _cannot_lock(location, reader, "it answers a conditional PUT (If-None-Match) with 501 Not Implemented")
             if not _lost_race(e):
                 raise
         else:
-            return _honoured(fs, bucket, key, body, etag)
+            etag = _honoured(fs, bucket, key, body, etag)
+            return etag or _cannot_lock(location, reader, "it ignores If-None-Match: a second conditional PUT of the lock "
+                                                          "object was accepted")
         seen = _read_lock(fs, bucket, key)
         if seen is None:
             continue  # removed meanwhile: create it again
@@ -755,6 +757,17 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
         if etag is not None:
             return etag
     raise _being_written(location, _object_holder(seen) if seen is not None else "another kdcache process")
+
+
+def _cannot_lock(location: str, reader: str, why: str) -> None:
+    """Say that the S3 server of ``location`` cannot lock (``why``), so this writer, or ``reader``'s copy, goes on
+    without the lock (FORMAT.md §13) and nothing refuses another writer meanwhile. None: no lock's ETag."""
+    why = f"its S3 server cannot hold a lock: {why}"
+    if reader:
+        return _unlocked(location, reader, why)
+    print(f"note: {location!r} is written without a writer lock ({why}): another writer of it that starts meanwhile is not "
+          "refused; run one at a time", file=sys.stderr, flush=True)
+    return None
 
 
 def _honoured(fs: Any, bucket: str, key: str, body: bytes, etag: str) -> str | None:
