@@ -453,10 +453,26 @@ def test_complete_store_with_another_teacher_is_refused(tmp_path, zoo_env):
 def test_info_on_a_zarr_group_that_is_not_a_store(tmp_path):
     import zarr
 
-    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3)
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3).attrs["project"] = "mine"
     result = invoke("info", tmp_path / "plain.zarr")
     assert result.exit_code == 1
     assert_one_line_error(result.output, "is a zarr group but not a kdcache store")
+
+
+@pytest.mark.parametrize("nodes", [[], ["samples", "targets", "progress"]])
+def test_info_on_what_an_extract_stopped_at_its_start_left_says_to_rerun_it(tmp_path, nodes):
+    """A root group without attributes, and kdcache's groups at most, is what an extract killed while it created the store
+    leaves (the next extract creates it again): a reader says so and to rerun the extract (was: 'not a kdcache store;
+    pass a store written by kdcache extract', as of someone else's group)."""
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    for node in nodes:
+        group.create_group(node)
+    result = invoke("info", tmp_path / "s.zarr")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, f"{str(tmp_path / 's.zarr')!r} is an empty zarr group, as an extract stopped while it "
+                          "created the store leaves it (no 'kdcache' root attribute, no data); rerun that extract, which creates it again")
 
 
 LEAN = """
