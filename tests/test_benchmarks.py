@@ -44,7 +44,7 @@ def test_a_benchmark_runs_to_its_verdict(script, tmp_path):
 
 DEVICE_RUN = {  # gpu_check.sh's CUDA scripts, at a tiny size on the CPU: what they call must still exist and answer as they read it
     "gpu_extract.py": ["--device", "cpu", "--n", "64"],
-    "profile_extract.py": ["--device", "cpu", "--n", "64"],
+    "profile_extract.py": ["--device", "cpu", "--n", "16", "--batch-size", "16"],  # one full batch: its ResNet forward is the time
 }
 
 
