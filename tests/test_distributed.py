@@ -362,6 +362,50 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, zoo_env, fetch_log, capfd)
     assert "shards, 2 workers]" in err and "3 workers" not in err, err[-2000:]
 
 
+def test_a_shard_whose_dataset_keeps_failing_is_tried_attempts_times_then_named(tmp_path, zoo_env, fetch_log):
+    """The dataset's read failing (a DataError: a network share's hiccup, say) may not happen again: the shard's task is
+    submitted again, up to ``ATTEMPTS`` tries, and then the job stops with the dataset's one line; the shards written
+    stay done and the rerun, the cause gone, writes the store one process does. (A worker killed mid-shard is dask's own
+    retry, above: this is kdcache's.)"""
+    from kdcache.distributed import ATTEMPTS
+
+    zoo_env(N=48)  # 3 shards of 16 rows
+    toml, out, reference = str(write_toml(tmp_path / "p.toml")), str(tmp_path / "s.zarr"), str(tmp_path / "single.zarr")
+    kdcache.extract(kdcache.load_pipeline(toml), reference)
+    fetch_log(clear=True)
+    zoo_env(FAIL_AT=20)  # in shard 1; read by the workers as they start
+    result = CliRunner().invoke(main, ["extract", toml, "--out", out, "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: the dataset raised RuntimeError: simulated crash fetching index 20") and \
+        result.stderr.count("\n") == 1, result.stderr
+    assert fetch_log().count(16) == ATTEMPTS  # shard 1's first row, fetched once a try
+    assert not open_store(out).done()[1]
+    zoo_env(FAIL_AT=None)
+    result = CliRunner().invoke(main, ["extract", toml, "--out", out, "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert_same_store(out, reference)
+
+
+def test_a_shard_whose_worker_keeps_dying_is_tried_attempts_times_then_named(tmp_path, zoo_env):
+    """A worker that dies on every try of a shard (killed, as the kernel's out-of-memory killer does) ends, after dask's
+    own retries, in its KilledWorker, which is not kdcache's and may be the machine's: the shard is submitted again, up
+    to ``ATTEMPTS`` tries, and then the job stops with one line naming the shard, the last error and the likely cause."""
+    import dask
+
+    from kdcache.distributed import ATTEMPTS
+
+    builds = tmp_path / "builds.log"
+    zoo_env(N=16, BUILDS=builds)  # one shard: one task, its tries one after another
+    toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{FIXTURES / "driver_only.py"}:killed_in_the_workers"', "targets.layers=[]")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # dask gives up at the first death: a try is one
+        result = CliRunner().invoke(main, ["extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"Error: shard 0 failed {ATTEMPTS} times; last error: KilledWorker: ") and result.stderr.endswith(
+        "(a worker that keeps dying is often out of memory: lower extract.batch_size); fix its cause, then run the same "
+        "command again to resume the missing shards\n") and result.stderr.count("\n") == 1, result.stderr
+    assert len(builds.read_text().splitlines()) == ATTEMPTS
+
+
 def test_a_worker_with_several_threads_writes_the_single_process_store(tmp_path):
     """``dask worker`` starts one thread per core unless told ``--nthreads 1``: its tasks ran shards at once on the one
     teacher the worker keeps, whose forward hooks then saw every thread's batches ("layer 'conv' ran more than once in
