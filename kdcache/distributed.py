@@ -420,9 +420,9 @@ def _extract_one(pipeline: Pipeline, location: str, shard: int, storage_options:
         try:
             run = setup(pipeline)
         except KdcacheError as e:  # the driver built them: this worker's machine lacks a file, a package, a GPU...
+            # its args: dask hands every task's exception to the driver pickled, rebuilt from them (a MissingDependencyError's
+            # str(), its msg, too)
             e.args = (f"dask worker {worker} (pid {os.getpid()} on {socket.gethostname()}): {e}",)
-            if isinstance(e, ImportError):  # a MissingDependencyError: its str() is its msg
-                e.msg = e.args[0]
             raise
         _RUNS[key] = (run, run.manifest_for(pipeline)(store.manifest))
     run, manifest = _RUNS[key]

@@ -437,6 +437,43 @@ def test_a_worker_that_cannot_build_the_teacher_is_named(scheduler, tmp_path):
     assert "no such file: checkpoints/teacher.pt" in lines[0], lines[0]
 
 
+def test_a_package_a_workers_machine_lacks_is_named_with_the_worker_in_process_too(tmp_path):
+    """kdcache's error for an optional package that is not installed (a MissingDependencyError, an ImportError: its
+    str() is its ``msg``, not its ``args``) raised as a worker builds the teacher names the worker and its host, on a
+    cluster of this process's own too (``inproc://``, no comm to cross: dask pickles a task's exception all the same,
+    and an ImportError comes out of the pickle with the ``args`` the worker gave it as its ``msg``)."""
+    from distributed import Client, LocalCluster
+
+    from kdcache.errors import MissingDependencyError
+
+    pipeline = kdcache.load_pipeline(write_toml(tmp_path / "p.toml", f'teacher.factory="{FIXTURES / "driver_only.py"}:needs_a_package_the_workers_lack"'))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster):
+        assert cluster.scheduler_address.startswith("inproc://")
+        with pytest.raises(MissingDependencyError) as e:
+            extract_distributed(pipeline, str(tmp_path / "s.zarr"), scheduler=cluster.scheduler_address)
+    assert str(e.value).startswith("dask worker 0 (pid ") and f" on {socket.gethostname()}): the teacher needs the Python package " \
+        "'kdcache_test_absent_package', which is not installed; pip install 'kdcache[absent]'" in str(e.value), str(e.value)
+
+
+def test_a_complete_store_extracted_again_with_workers_says_so_and_starts_no_cluster(toml, single, tmp_path, monkeypatch):
+    """``extract --workers`` of a store that is complete already has no shard to hand out: it says so, as one process
+    does, leaves the store as it was, and starts no cluster (a LocalCluster refused here)."""
+    import distributed
+
+    out = tmp_path / "s.zarr"
+    shutil.copytree(single, out)
+    before = open_store(out).manifest
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a LocalCluster was started for a complete store")
+
+    monkeypatch.setattr(distributed, "LocalCluster", refused)
+    result = CliRunner().invoke(main, ["extract", toml, "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(f"{out} is already complete (50 samples); nothing to do (--overwrite to redo it)\n"), result.stderr
+    assert open_store(out).manifest == before
+
+
 def test_an_inf_a_workers_teacher_does_not_give_again_reaches_the_driver_as_its_own_error(scheduler, tmp_path):
     """A worker's stored inf that a second run of the batch does not explain (a teacher that does not run the same twice)
     stays the error naming both causes; it crosses to the driver pickled as it was made (a TargetError of its own
