@@ -137,7 +137,7 @@ def _shard_sums(what: _What, columns: dict[str, np.ndarray]) -> _Sums:
     layers = {}
     for name, path in what.layers:
         v = columns[path].astype(np.float64)
-        mean = float(v.mean()) if v.size else 0.0
+        mean = float(v.mean())  # a done shard has rows, a target values (store._check_target: sizes of at least 1)
         layers[name] = (v.size, mean, float(((v - mean) ** 2).sum()))
     return _Sums(entropy, positions, hits, labelled, label_max, per_class, layers)
 
@@ -163,8 +163,6 @@ def _moments_added(a: tuple[int, float, float], b: tuple[int, float, float]) -> 
     """Two parts' (count, mean, sum of squared deviations from the mean) as one's (Chan, Golub and LeVeque)."""
     (na, ma, sa), (nb, mb, sb) = a, b
     n = na + nb
-    if not n:
-        return a
     delta = mb - ma
     return n, ma + delta * nb / n, sa + sb + delta * delta * na * nb / n
 
