@@ -455,6 +455,26 @@ def test_a_package_a_workers_machine_lacks_is_named_with_the_worker_in_process_t
         "'kdcache_test_absent_package', which is not installed; pip install 'kdcache[absent]'" in str(e.value), str(e.value)
 
 
+def test_a_local_cluster_started_from_another_thread_than_the_main_one(toml, single, tmp_path):
+    """``extract_distributed`` called in a thread (a workflow runner's task, a web service's handler): the workers are
+    started without SIGINT ignored around them (``signal.signal`` works in the main thread alone, where Ctrl-C lands),
+    and the store is the one a single process writes."""
+    out, result = str(tmp_path / "s.zarr"), {}
+
+    def job() -> None:
+        try:
+            result["info"] = extract_distributed(kdcache.load_pipeline(toml), out, workers=1)
+        except BaseException as e:  # noqa: BLE001 - said by the assertion below
+            result["error"] = e
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(timeout=240)
+    assert not thread.is_alive() and "error" not in result, result
+    assert result["info"]["complete"] and result["info"]["shards_written"] == 4
+    assert_same_store(out, single)
+
+
 def test_a_complete_store_extracted_again_with_workers_says_so_and_starts_no_cluster(toml, single, tmp_path, monkeypatch):
     """``extract --workers`` of a store that is complete already has no shard to hand out: it says so, as one process
     does, leaves the store as it was, and starts no cluster (a LocalCluster refused here)."""
