@@ -671,7 +671,7 @@ def join_training(streams: int, device: torch.device, timeout_s: float = TIMEOUT
     global _GROUPS
 
     _, world, _ = ranks()
-    if streams < 1 or (world > 1 and streams not in (1, world)):
+    if world > 1 and streams not in (1, world):  # below 1: refused with the pipeline (train.streams must be >= 1)
         raise PipelineError(f"train.streams = {streams}; use 1 (or the number of ranks, {world}, under torchrun): "
                             "streams = K in one process reproduces a K-rank torchrun run")
     if world == 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -757,6 +758,20 @@ STREAMING = ("train.memory_budget_mb=0.0001", "train.shuffle_buffer_shards=1")
 # features only: the student's classifier (and its unused module 'spare') get no gradient, which stops DDP's reducer; its
 # spare is float64 (one flat all-reduce of every gradient promoted them all to float64: a traceback at the first step)
 UNUSED = ("train.loss.kl=0", "train.loss.ce=0", "student.factory='bad_input.py:with_float64_spare'")
+
+
+def test_train_streams_other_than_1_or_the_ranks_is_refused_under_torchrun_before_joining(tiny_store, tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE 2) train.streams is 1 or the number of ranks: 3 streams of 2 ranks cannot share out one
+    plan; refused in one line saying which, before the rank joins a process group (which waits for the others)."""
+    import torch.distributed as dist
+
+    from conftest import TINY_TOML
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PipelineError, match=re.escape("train.streams = 3; use 1 (or the number of ranks, 2, under torchrun)")):
+        kdcache.train(kdcache.load_pipeline(TINY_TOML, ["train.streams=3"]), tiny_store, tmp_path / "run")
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("extra", [(), STREAMING, UNUSED], ids=["in-memory", "streaming", "parameters-the-loss-leaves-unused"])
