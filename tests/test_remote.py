@@ -1209,6 +1209,22 @@ def test_rows_of_a_folder_over_plain_http_are_read_from_whole_shards(plain_http_
     assert {k: v for k, v in remote.items() if k != "location"} == {k: v for k, v in here.items() if k != "location"}
 
 
+def test_zarrs_own_partial_reads_of_a_folder_over_plain_http_are_cut_from_the_whole_objects(plain_http_root):
+    """``Store.array`` is a zarr array: its slices read a shard's index (the object's last bytes) and then the inner chunks
+    the rows are in (byte ranges of the object). A server that ignores Range answers each with the whole object, from
+    which the range asked for is cut (``_read_bounded``): the rows are the folder's."""
+    from conftest import TINY_TOML
+    from kdcache.store import LOGITS, layer_path
+
+    root, base = plain_http_root
+    local = str(root / "sliced.zarr")  # features.3 in chunks of 1 row: a slice reads byte ranges of its shards
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML, ["extract.chunk_mb=0.001"]), local, overwrite=True)
+    http, here = open_store(f"{base}/sliced.zarr"), open_store(local)
+    for path in (LOGITS, layer_path("features.3")):
+        for rows in (slice(3, 5), slice(14, 40), slice(48, 50)):
+            np.testing.assert_array_equal(http.array(path)[rows], here.array(path)[rows], err_msg=f"{path} {rows}")
+
+
 @pytest.mark.parametrize("damage", [None, "flip", "cut", "gone"])
 def test_a_read_of_several_shards_over_plain_http_is_the_folders_a_damaged_one_named_alike(plain_http_root, tmp_path, zoo_env, damage):
     """A read of several whole shards over http fetches the next objects while one is decoded into the one array returned
