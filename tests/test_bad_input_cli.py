@@ -6,6 +6,7 @@ and a failed command writes nothing into the current folder (an empty --out once
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -208,6 +209,32 @@ def test_a_server_that_is_not_a_dask_scheduler(tmp_path: Path, tiny_store: str) 
         check_stopped_before_anything(tmp_path, tiny_store, "scheduler-not-dask", address,
                                       (f"something at '{address}' accepted the connection but did not answer as a dask scheduler "
                                        "within 1 s", "the dashboard's HTTP port", "pass the address dask scheduler prints (tcp://HOST:PORT)"))
+
+
+def test_a_server_that_closes_the_connection_at_once_is_not_a_dask_scheduler(tmp_path: Path, tiny_store: str) -> None:
+    """A server that accepts the connection and closes it without a word (a service dropping a client it does not know)
+    is named by that, before anything is built or written: dask's connect retried it until its timeout."""
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drop() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                server.accept()[0].close()
+
+    thread = threading.Thread(target=drop, daemon=True)
+    thread.start()
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        check_stopped_before_anything(tmp_path, tiny_store, "scheduler-closes", address,
+                                      (f"something at '{address}' accepted the connection but closed the connection, not a dask "
+                                       "scheduler's handshake", "pass the address dask scheduler prints (tcp://HOST:PORT)"))
+    finally:
+        stop.set()
+        server.close()
+        thread.join(5)
 
 
 @pytest.fixture
