@@ -92,6 +92,30 @@ def test_a_link_out_of_the_store_is_never_read_or_packed(tiny_store: str, tmp_pa
     assert not out.exists() and not any(p.name.startswith("out") for p in tmp_path.iterdir())
 
 
+def test_each_read_of_a_folders_zarr_store_refuses_a_link_out_of_it(tiny_store: str, tmp_path: Path) -> None:
+    """The zarr Store of a folder checks an object before zarr reads it in each of the Store's reads: ``get`` (zarr 3.1
+    reads through it alone, a whole object or a range) and ``get_partial_values`` (several objects or ranges at once,
+    which the Store API offers zarr, another version of it, or anyone holding the Store)."""
+    from zarr.abc.store import RangeByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from kdcache.storage import zarr_store
+
+    store = copy(tiny_store, tmp_path)
+    other = tmp_path / "elsewhere.bin"
+    other.write_bytes(SECRET)
+    (store / SHARD).unlink()
+    (store / SHARD).symlink_to(other)
+    opened, prototype = zarr_store(str(store)), default_buffer_prototype()
+    got = sync(opened.get_partial_values(prototype, [(f"{LOGITS}/c/0/0", None), (f"{LOGITS}/c/2/0", RangeByteRequest(0, 8))]))
+    assert got[0].to_bytes() == (store / LOGITS / "c" / "0" / "0").read_bytes()
+    assert got[1].to_bytes() == (store / LOGITS / "c" / "2" / "0").read_bytes()[:8]
+    for read in (lambda: opened.get(SHARD, prototype), lambda: opened.get_partial_values(prototype, [(f"{LOGITS}/c/0/0", None), (SHARD, None)])):
+        with pytest.raises(StoreError, match=f"object '{SHARD}' is a link to .*outside the store folder"):
+            sync(read())
+
+
 def test_a_link_inside_the_store_and_a_linked_store_folder_still_read(tiny_store: str, tmp_path: Path) -> None:
     store = copy(tiny_store, tmp_path)
     moved = store / SHARD.replace("/0", "/moved")
