@@ -1456,6 +1456,23 @@ def test_an_http_timeout_is_given_in_seconds_or_by_setting_from_the_command_line
         "or sock_read (seconds), e.g. --storage-option client_kwargs.timeout.sock_read=60\n"), result.output
 
 
+def test_an_http_timeout_given_from_python_as_aiohttps_own_is_taken_as_it_is(http_root, tiny_store):
+    """From Python, client_kwargs.timeout may be what aiohttp takes, a ClientTimeout: it reaches aiohttp as it is (seconds
+    and settings become one; anything else is refused by name)."""
+    import shutil
+
+    import aiohttp
+
+    from kdcache import storage
+
+    root, base = http_root
+    shutil.copytree(tiny_store, root / "own-timeout.zarr", dirs_exist_ok=True)
+    timeout = aiohttp.ClientTimeout(total=30, sock_read=20)
+    options = {"client_kwargs": {"timeout": timeout}}
+    assert storage._fsspec_options(base, options)["client_kwargs"]["timeout"] is timeout
+    assert open_store(f"{base}/own-timeout.zarr", storage_options=options).complete
+
+
 class SwallowingProxy:
     """A TCP proxy on 127.0.0.1 in front of ``target`` (host, port) that passes everything on until ``swallow()``;
     from then on it takes what the client sends and answers nothing (an endpoint that stopped answering mid-run)."""
