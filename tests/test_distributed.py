@@ -647,6 +647,23 @@ def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None 
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def test_torchrun_extract_inside_a_process_group_the_script_joined_leaves_it_joined(toml, single, tmp_path):
+    """A torchrun script that joined its process group itself runs kdcache's extract command: the extract runs in that
+    group (it does not join another, which torch refuses: the default group made twice) and leaves it joined for the
+    script's own collectives after it."""
+    script = tmp_path / "joined.py"
+    script.write_text(
+        "import torch.distributed as dist\nfrom kdcache.cli import main\n\n"
+        "dist.init_process_group('gloo')\n"
+        f"main(['extract', {toml!r}, '--out', {str(tmp_path / 's.zarr')!r}, '--no-progress'], standalone_mode=False)\n"
+        "dist.barrier()\n"
+        "print(f'rank {dist.get_rank()} still joined: {dist.is_initialized()}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    r = _torchrun(cwd=tmp_path, script=script)
+    assert r.returncode == 0 and "rank 0 still joined: True" in r.stdout and "rank 1 still joined: True" in r.stdout, (r.stdout, r.stderr[-3000:])
+    assert_same_store(str(tmp_path / "s.zarr"), single)
+
+
 def test_torchrun_refuses_an_overwrite_of_a_folder_holding_other_files_before_any_rank_builds_its_teacher(toml, single, tmp_path, zoo_env):
     """Rank 0 refused the --overwrite of a store folder holding other files only once every rank had built its teacher;
     it is refused first (no rank's build leaves hold.waiting), and the other rank stops with rank 0's line, not waiting."""
