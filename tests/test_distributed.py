@@ -664,6 +664,31 @@ def test_torchrun_extract_inside_a_process_group_the_script_joined_leaves_it_joi
     assert_same_store(str(tmp_path / "s.zarr"), single)
 
 
+def test_torchrun_train_inside_a_process_group_the_script_joined_equals_one_process(tiny_store, tmp_path):
+    """A torchrun script that joined its process group itself runs kdcache's train command: the ranks train in that
+    group (their collectives in it: kdcache made none of its own) the student one process trains with as many streams."""
+    from conftest import TINY_TOML
+
+    toml = tmp_path / "tiny.toml"  # tiny.toml with absolute factory paths
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "one"), "--set", "train.streams=2"])
+    assert one.exit_code == 0, one.output
+    script = tmp_path / "joined.py"
+    script.write_text(
+        "import torch.distributed as dist\nfrom kdcache.cli import main\n\n"
+        "dist.init_process_group('gloo')\n"
+        f"main(['train', {str(toml)!r}, '--cache', {tiny_store!r}, '--out', {str(tmp_path / 'ddp')!r}], standalone_mode=False)\n"
+        "dist.barrier()\n"
+        "print(f'rank {dist.get_rank()} still joined: {dist.is_initialized()}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    r = _torchrun(cwd=tmp_path, script=script)
+    assert r.returncode == 0 and "rank 0 still joined: True" in r.stdout and "rank 1 still joined: True" in r.stdout, (r.stdout, r.stderr[-3000:])
+    a, b = torch.load(tmp_path / "one" / "student.pt"), torch.load(tmp_path / "ddp" / "student.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
 def test_torchrun_refuses_an_overwrite_of_a_folder_holding_other_files_before_any_rank_builds_its_teacher(toml, single, tmp_path, zoo_env):
     """Rank 0 refused the --overwrite of a store folder holding other files only once every rank had built its teacher;
     it is refused first (no rank's build leaves hold.waiting), and the other rank stops with rank 0's line, not waiting."""
