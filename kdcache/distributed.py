@@ -73,7 +73,8 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
     if scheduler is not None:
         _check_address(scheduler)
     else:
-        _check_workers(workers)
+        _check_count(workers, "workers", "CPU worker processes of a local dask cluster")
+    _check_count(attempts, "attempts", "tries of each shard before the job stops")
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
     layout.refuse_replacing(out, overwrite, storage_options)
     # an existing cluster is reached first: one that does not answer is named before anything is built or written
@@ -100,13 +101,13 @@ def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, work
     return written(store, pending)
 
 
-def _check_workers(workers: Any) -> None:
-    """Refuse a ``workers`` count (the CLI's ``--workers``, at least 1 there) before the teacher is built or the store created."""
-    what = "CPU worker processes of a local dask cluster"
-    if isinstance(workers, bool) or not isinstance(workers, int | np.integer):
-        raise TypeError(f"workers must be an int ({what}), got {type(workers).__name__} {short(workers)}")
-    if workers < 1:
-        raise PipelineError(f"workers must be >= 1 ({what}), got {workers}")
+def _check_count(value: Any, name: str, what: str) -> None:
+    """Refuse a count argument ``name`` (``workers``: the CLI's ``--workers``, at least 1 there; ``attempts``) that is not
+    an int of at least 1, before the teacher is built or the store created (``attempts=0`` said 'shard 0 failed 0 times')."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int ({what}), got {type(value).__name__} {short(value)}")
+    if value < 1:
+        raise PipelineError(f"{name} must be >= 1 ({what}), got {value}")
 
 
 def _shard_list(shards: list[int]) -> str:
@@ -338,7 +339,7 @@ def _local_cluster(pipeline: Pipeline, workers: int) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     gpus = torch.cuda.device_count() if pipeline.extract.device in ("auto", "cuda") else 0
-    n = gpus or workers  # workers >= 1: _check_workers
+    n = gpus or workers  # workers >= 1: _check_count
     # daemon=False: a worker may start DataLoader processes (extract.num_workers > 0)
     with dask.config.set({"distributed.worker.daemon": False}), _quiet_driver():
         with _ctrl_c_to_driver():

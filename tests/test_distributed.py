@@ -236,17 +236,21 @@ def test_extract_distributed_refuses_a_location_or_pipeline_of_another_type(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("workers, error, match", [
-    (0, PipelineError, r"^workers must be >= 1 \(CPU worker processes of a local dask cluster\), got 0$"),
-    (-2, PipelineError, r"^workers must be >= 1 .*, got -2$"),
-    ("2", TypeError, r"^workers must be an int \(CPU worker processes of a local dask cluster\), got str '2'$"),
-    (True, TypeError, r"^workers must be an int .*, got bool True$"),
+@pytest.mark.parametrize("counts, error, match", [
+    ({"workers": 0}, PipelineError, r"^workers must be >= 1 \(CPU worker processes of a local dask cluster\), got 0$"),
+    ({"workers": -2}, PipelineError, r"^workers must be >= 1 .*, got -2$"),
+    ({"workers": "2"}, TypeError, r"^workers must be an int \(CPU worker processes of a local dask cluster\), got str '2'$"),
+    ({"workers": True}, TypeError, r"^workers must be an int .*, got bool True$"),
+    ({"attempts": 0}, PipelineError, r"^attempts must be >= 1 \(tries of each shard before the job stops\), got 0$"),
+    ({"attempts": 2.0}, TypeError, r"^attempts must be an int \(tries of each shard before the job stops\), got float 2.0$"),
+    ({"attempts": 0, "scheduler": "tcp://127.0.0.1:1"}, PipelineError, r"^attempts must be >= 1 "),
 ])
-def test_extract_distributed_refuses_a_worker_count_before_anything_is_built(tmp_path, workers, error, match):
+def test_extract_distributed_refuses_a_worker_count_before_anything_is_built(tmp_path, counts, error, match):
     """The CLI's --workers is at least 1; through the API workers=0 was checked only as the cluster started: the teacher
-    had been built and an empty store created at OUT, then the error named --workers ("2" was a TypeError from inside)."""
+    had been built and an empty store created at OUT, then the error named --workers ("2" was a TypeError from inside).
+    ``attempts`` likewise (0 ended in 'shard 0 failed 0 times' once the teacher had been built and the store created)."""
     with pytest.raises(error, match=match):
-        extract_distributed(make_pipeline(), tmp_path / "s.zarr", workers=workers)
+        extract_distributed(make_pipeline(), tmp_path / "s.zarr", **counts)
     assert list(tmp_path.iterdir()) == []
 
 
