@@ -280,8 +280,10 @@ async def _first_words(scheduler: str, loc: str, timeout: float) -> float | None
 
     try:
         comm = await asyncio.wait_for(get_backend("tcp").get_connector().connect(loc, deserialize=False), timeout)
-    except OSError:
-        return None
+    except OSError as e:  # dask's CommClosedError, from tornado's StreamClosedError and the socket's error
+        if isinstance(e.__cause__, ConnectionResetError | ConnectionAbortedError | StreamClosedError):  # accepted, then dropped
+            raise _not_a_scheduler(scheduler, "closed the connection") from None  # at once: before tornado saw it connected
+        return None  # refused, unreachable: dask's connect retries it and names it
     except TimeoutError:  # as dask's connect says it (an OSError: no dask scheduler answered)
         raise OSError(f"Timed out trying to connect to {scheduler} after {timeout:g} s") from None
     try:
@@ -298,9 +300,13 @@ async def _first_words(scheduler: str, loc: str, timeout: float) -> float | None
         said = "closed the connection"
     finally:
         comm.abort()
-    raise SchedulerError(f"something at {scheduler!r} accepted the connection but {said}, not a dask scheduler's handshake (the "
-                         "dashboard's HTTP port, 8787 by default, or another service); pass the address dask scheduler prints "
-                         "(tcp://HOST:PORT), or use --workers N for a local cluster")
+    raise _not_a_scheduler(scheduler, said)
+
+
+def _not_a_scheduler(scheduler: str, said: str) -> SchedulerError:
+    return SchedulerError(f"something at {scheduler!r} accepted the connection but {said}, not a dask scheduler's handshake (the "
+                          "dashboard's HTTP port, 8787 by default, or another service); pass the address dask scheduler prints "
+                          "(tcp://HOST:PORT), or use --workers N for a local cluster")
 
 
 def _run_stoppable(coroutine: Any) -> Any:

@@ -211,9 +211,13 @@ def test_a_server_that_is_not_a_dask_scheduler(tmp_path: Path, tiny_store: str) 
                                        "within 1 s", "the dashboard's HTTP port", "pass the address dask scheduler prints (tcp://HOST:PORT)"))
 
 
-def test_a_server_that_closes_the_connection_at_once_is_not_a_dask_scheduler(tmp_path: Path, tiny_store: str) -> None:
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_server_that_closes_the_connection_at_once_is_not_a_dask_scheduler(tmp_path: Path, tiny_store: str, reset: bool) -> None:
     """A server that accepts the connection and closes it without a word (a service dropping a client it does not know)
-    is named by that, before anything is built or written: dask's connect retried it until its timeout."""
+    is named by that, before anything is built or written: dask's connect retried it until its timeout. So is one that
+    resets it (a close with SO_LINGER 0): the reset could reach the first look at the server before its connection was
+    seen made, which took it for a refused connection ('no dask scheduler answered ... Connection reset by peer')."""
+    import struct
     import threading
 
     server = socket.create_server(("127.0.0.1", 0))
@@ -222,7 +226,10 @@ def test_a_server_that_closes_the_connection_at_once_is_not_a_dask_scheduler(tmp
     def drop() -> None:
         while not stop.is_set():
             with contextlib.suppress(OSError):
-                server.accept()[0].close()
+                conn = server.accept()[0]
+                if reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
 
     thread = threading.Thread(target=drop, daemon=True)
     thread.start()
