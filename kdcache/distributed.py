@@ -275,15 +275,17 @@ async def _first_words(scheduler: str, loc: str, timeout: float) -> float | None
     0.0 when a dask scheduler did, None when the connection was refused (dask's ``connect`` retries it and names it)."""
     import asyncio
 
+    from distributed.comm.core import CommClosedError
     from distributed.comm.registry import get_backend
     from tornado.iostream import StreamClosedError
 
     try:
         comm = await asyncio.wait_for(get_backend("tcp").get_connector().connect(loc, deserialize=False), timeout)
-    except OSError as e:  # dask's CommClosedError, from tornado's StreamClosedError and the socket's error
-        if isinstance(e.__cause__, ConnectionResetError | ConnectionAbortedError | StreamClosedError):  # accepted, then dropped
-            raise _not_a_scheduler(scheduler, "closed the connection") from None  # at once: before tornado saw it connected
-        return None  # refused, unreachable: dask's connect retries it and names it
+    except OSError as e:
+        # accepted, then closed or reset before the comm was made: dask's CommClosedError of no socket error, or of a reset
+        if isinstance(e, CommClosedError) and (e.__cause__ is None or isinstance(e.__cause__, ConnectionResetError | ConnectionAbortedError)):
+            raise _not_a_scheduler(scheduler, "closed the connection") from None
+        return None  # refused (ConnectionRefusedError), unreachable, a name that does not resolve: dask's connect retries and names it
     except TimeoutError:  # as dask's connect says it (an OSError: no dask scheduler answered)
         raise OSError(f"Timed out trying to connect to {scheduler} after {timeout:g} s") from None
     try:
