@@ -651,20 +651,26 @@ def _torchrun(*args: str, nproc: int = 2, cwd: Path, env: dict[str, str] | None 
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def test_torchrun_extract_inside_a_process_group_the_script_joined_leaves_it_joined(toml, single, tmp_path):
-    """A torchrun script that joined its process group itself runs kdcache's extract command: the extract runs in that
-    group (it does not join another, which torch refuses: the default group made twice) and leaves it joined for the
-    script's own collectives after it."""
+def _in_a_joined_group(tmp_path: Path, argv: list[str]) -> None:
+    """torchrun (2 ranks) of a script that joins its process group itself, runs kdcache's command ``argv`` in it, then a
+    collective of its own: every rank must end it, still joined."""
     script = tmp_path / "joined.py"
     script.write_text(
         "import torch.distributed as dist\nfrom kdcache.cli import main\n\n"
         "dist.init_process_group('gloo')\n"
-        f"main(['extract', {toml!r}, '--out', {str(tmp_path / 's.zarr')!r}, '--no-progress'], standalone_mode=False)\n"
+        f"main({argv!r}, standalone_mode=False)\n"
         "dist.barrier()\n"
         "print(f'rank {dist.get_rank()} still joined: {dist.is_initialized()}', flush=True)\n"
         "dist.destroy_process_group()\n")
     r = _torchrun(cwd=tmp_path, script=script)
     assert r.returncode == 0 and "rank 0 still joined: True" in r.stdout and "rank 1 still joined: True" in r.stdout, (r.stdout, r.stderr[-3000:])
+
+
+def test_torchrun_extract_inside_a_process_group_the_script_joined_leaves_it_joined(toml, single, tmp_path):
+    """A torchrun script that joined its process group itself runs kdcache's extract command: the extract runs in that
+    group (it does not join another, which torch refuses: the default group made twice) and leaves it joined for the
+    script's own collectives after it."""
+    _in_a_joined_group(tmp_path, ["extract", str(toml), "--out", str(tmp_path / "s.zarr"), "--no-progress"])
     assert_same_store(str(tmp_path / "s.zarr"), single)
 
 
@@ -677,16 +683,7 @@ def test_torchrun_train_inside_a_process_group_the_script_joined_equals_one_proc
     toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
     one = CliRunner().invoke(main, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "one"), "--set", "train.streams=2"])
     assert one.exit_code == 0, one.output
-    script = tmp_path / "joined.py"
-    script.write_text(
-        "import torch.distributed as dist\nfrom kdcache.cli import main\n\n"
-        "dist.init_process_group('gloo')\n"
-        f"main(['train', {str(toml)!r}, '--cache', {tiny_store!r}, '--out', {str(tmp_path / 'ddp')!r}], standalone_mode=False)\n"
-        "dist.barrier()\n"
-        "print(f'rank {dist.get_rank()} still joined: {dist.is_initialized()}', flush=True)\n"
-        "dist.destroy_process_group()\n")
-    r = _torchrun(cwd=tmp_path, script=script)
-    assert r.returncode == 0 and "rank 0 still joined: True" in r.stdout and "rank 1 still joined: True" in r.stdout, (r.stdout, r.stderr[-3000:])
+    _in_a_joined_group(tmp_path, ["train", str(toml), "--cache", tiny_store, "--out", str(tmp_path / "ddp")])
     a, b = torch.load(tmp_path / "one" / "student.pt"), torch.load(tmp_path / "ddp" / "student.pt")
     assert a.keys() == b.keys()
     for k in a:
