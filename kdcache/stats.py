@@ -244,6 +244,8 @@ def stats_text(s: dict[str, Any]) -> str:
         f"teacher     {teacher}",
         _entropy_line(s),
     ]
+    if s["per_class"] is None and s["teacher_accuracy"] is not None:  # labeled rows, but a label past MAX_CLASSES
+        lines.append(f"per class   n/a: a label reaches {MAX_CLASSES:,} or more, and that many classes are not counted one by one")
     if s["per_class"]:
         classes = list(s["per_class"].items())
         more = f"  ... and {len(classes) - SHOWN_CLASSES} more classes (--json lists every one)" if len(classes) > SHOWN_CLASSES else ""
