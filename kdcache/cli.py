@@ -36,7 +36,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         started = time.time()
         try:
-            with _sigterm_as_ctrl_c(), _quiet_handoffs(), command_line():  # messages name the command's flags (--out), not the API's arguments
+            with _ctrl_c_outside_finalizers(), _sigterm_as_ctrl_c(), _quiet_handoffs(), command_line():  # messages name the command's flags (--out), not the API's arguments
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -92,12 +92,11 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        if isinstance(sys.exc_info()[1], KdcacheError):  # it came while the command cleans up after its own error, which it
-            # goes on to say (torchrun SIGTERMs rank 0 once another rank has said the same refusal and ended); or while it
-            # handles one it recovers from (a probe's), and goes on: sent again shortly, it stops the command then
-            again = threading.Timer(0.1, _send_again, (signum, stop))
-            again.daemon = True
-            again.start()
+        if isinstance(sys.exc_info()[1], KdcacheError) or _in_finalizer(frame):  # it came while the command cleans up after its
+            # own error, which it goes on to say (torchrun SIGTERMs rank 0 once another rank has said the same refusal and
+            # ended); or while it handles one it recovers from (a probe's), and goes on; or in a finalizer, which would drop
+            # it: sent again shortly, it stops the command then
+            _send_later(signum, stop)
             return
         signal.signal(signum, signal.SIG_IGN)
         raise _Terminated
@@ -134,6 +133,47 @@ def _quiet_handoffs() -> Iterator[None]:
     finally:
         if sys.excepthook is hook:
             sys.excepthook = before
+
+
+@contextlib.contextmanager
+def _ctrl_c_outside_finalizers() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as Python's own handler does, except in a finalizer (a ``__del__``, a
+    ``weakref.finalize`` callback), where Python prints "Exception ignored in" and drops it: the command went on to the
+    end, exit 0 (seen in CI: a dask Future collected in the driver as Ctrl-C came). There it is sent again moments later,
+    once the finalizer has run. Installed in the main thread where Python's handler is (a SIGINT ignored, as in a job
+    started in the background, stays ignored), for the command's run."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if _in_finalizer(frame):
+            _send_later(signum, interrupt)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or (code.co_name == "__call__" and Path(code.co_filename).name == "weakref.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_later(signum: int, handler: Any) -> None:
+    again = threading.Timer(0.1, _send_again, (signum, handler))
+    again.daemon = True
+    again.start()
 
 
 def _send_again(signum: int, handler: Any) -> None:

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -305,6 +306,36 @@ def waiting(pid: int, within: float = 240.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"process {pid} never waited in {within:g} s (state {state})")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(sig):
+    """Ctrl-C or SIGTERM while a finalizer runs in the main thread (CI: a dask Future collected in a --workers extract's
+    driver): Python drops an exception raised in a ``__del__`` ("Exception ignored in"), so the command went on to its
+    end and exited 0. The signal is taken once the finalizer is done, and the command stops with its one line."""
+    import kdcache.cli as cli
+
+    ran = []
+
+    class Collected:
+        def __del__(self):
+            signal.pthread_kill(threading.main_thread().ident, sig)
+            time.sleep(0.05)  # the handler runs here, in the finalizer
+            ran.append("finalized")
+
+    @cli._errors
+    def export(out):  # any command: an export's interruption says "no file was written"
+        Collected()  # collected at once
+        for _ in range(100):
+            time.sleep(0.05)
+        ran.append("went on to the end")
+
+    with pytest.raises(click.ClickException) as caught:
+        export(out="x")
+    assert ran == ["finalized"]
+    assert caught.value.exit_code == 128 + sig
+    assert caught.value.message == ("interrupted" if sig == signal.SIGINT else "stopped by SIGTERM") + "; no file was written"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the main thread's state in /proc")
