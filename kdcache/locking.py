@@ -486,6 +486,9 @@ def _object_lock(location: str, storage_options: dict[str, Any] | None, helpers:
     answer, a 5xx) stops, and one that lost it says so itself (``_check_reading``).
     """
     lock = _lock_object(location, storage_options)
+    if lock is None and _at_bucket_root(location):
+        _not_locked(location, reader, "a store at a bucket's root has no place beside it for its lock object, as one under a "
+                    "prefix has (s3://BUCKET/NAME.zarr)")
     token = os.urandom(8).hex()  # our bodies differ from any other writer's, whatever the clocks say
     holder = _holder_name(reader)
     process = _identity()
@@ -762,7 +765,11 @@ def _take_object_lock(fs: Any, bucket: str, key: str, location: str, holder: str
 def _cannot_lock(location: str, reader: str, why: str) -> None:
     """Say that the S3 server of ``location`` cannot lock (``why``), so this writer, or ``reader``'s copy, goes on
     without the lock (FORMAT.md §13) and nothing refuses another writer meanwhile. None: no lock's ETag."""
-    why = f"its S3 server cannot hold a lock: {why}"
+    return _not_locked(location, reader, f"its S3 server cannot hold a lock: {why}")
+
+
+def _not_locked(location: str, reader: str, why: str) -> None:
+    """Say that this writer, or ``reader``'s copy, goes on without the lock of the S3 store ``location`` (``why``)."""
     if reader:
         return _unlocked(location, reader, why)
     print(f"note: {location!r} is written without a writer lock ({why}): another writer of it that starts meanwhile is not "
@@ -838,6 +845,13 @@ def _lock_object(location: str, storage_options: dict[str, Any] | None, *, probe
         return None
     parent, _, name = key.rpartition("/")
     return fs, bucket, f"{parent}/.{name}.kdcache-lock".lstrip("/")
+
+
+def _at_bucket_root(location: str) -> bool:
+    """Whether ``location`` is an S3 bucket's root (``s3://BUCKET``), where ``_lock_object`` has no key beside the store."""
+    from fsspec.core import split_protocol
+
+    return "::" not in location and storage.is_s3(location) and "/" not in split_protocol(location)[1].strip("/")
 
 
 def _lock_body(holder: str, token: str, process: dict[str, Any] | None = None) -> bytes:

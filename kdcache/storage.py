@@ -138,6 +138,22 @@ class _RemoteStore(zarr.storage.FsspecStore):
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         return await self.get_at_most(key, prototype, byte_range, self.at_most(key))
 
+    async def delete_dir(self, prefix: str) -> None:
+        """zarr's, except at a bucket's root (``s3://BUCKET``: a store there, which ``mode="w"`` clears for a new store or
+        an ``--overwrite``): s3fs's recursive delete of a bucket's root deletes the bucket itself, and in a versioned
+        bucket every version of every object first. There the objects under it are deleted, one by one (in batches),
+        and the bucket, its settings and other versions are kept."""
+        from zarr.storage._fsspec import _dereference_path
+
+        path = _dereference_path(self.path, prefix)
+        if "/" in path.strip("/"):
+            return await super().delete_dir(prefix)
+        self._check_writable()
+        with contextlib.suppress(*self.allowed_exceptions):
+            objects = await self.fs._find(path)
+            if objects:
+                await self.fs._rm(objects)  # a list: its objects alone, never the bucket (what a path with no key names)
+
     def _key(self, key: str) -> str:
         """``key`` as it goes into its object's URL: percent-encoded over http(s), where a store's keys hold ``%``
         (FORMAT.md §6: the layer ``a/b`` is the folder ``targets/layers/a%2Fb``, at ``…/a%252Fb``; sent as it was, the
