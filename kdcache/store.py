@@ -777,10 +777,13 @@ class Store:
                 elif not _write_whole_shard(self.array(path), shard, pieces, crcs):
                     self.array(path)[start:stop] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
                 digests[path] = shard_digest(path, shard, pieces, crcs)
-            self._put_at_once(objects)
-            if self.has_digests():  # after the data, before the marker (FORMAT.md §7.1)
+            row = np.array([[digests[p] for p in self.digest_paths()]], dtype=np.uint32) if self.has_digests() else None
+            # the digest row, like the data, before the marker (FORMAT.md §7.1): on object storage PUT with the columns,
+            # not one more round trip after them (only the marker says the shard is done, and it waits for every PUT)
+            digest = _uncompressed_chunk(self.array(DIGEST), (shard, 0), row) if row is not None and self._kind == "url" else None
+            self._put_at_once(objects | dict([digest] if digest else []))
+            if row is not None and digest is None:
                 self._remove_stale_temps(f"{DIGEST}/c/{shard}/0")
-                row = np.array([[digests[p] for p in self.digest_paths()]], dtype=np.uint32)
                 if not _write_uncompressed_chunk(self.array(DIGEST), (shard, 0), row):
                     self.array(DIGEST)[shard] = row[0]
             self._check_still_ours(shard)  # again at the commit point: the shard's writing took a while
@@ -791,9 +794,10 @@ class Store:
             raise self._write_error(f"shard {shard}", e) from None
 
     def _put_at_once(self, objects: dict[str, list[Any]]) -> None:
-        """Store each object (key: its buffers, in order) of an object store, all PUT at once: a whole shard's columns,
-        where zarr asks for each one (a GET finding nothing) before its PUT, one column after another (12 round trips
-        of a shard of 6 columns, now 1). Every PUT ends before the first failure is raised."""
+        """Store each object (key: its buffers, in order) of an object store, all PUT at once: a whole shard's columns
+        and its digest row, where zarr asks for each one (a GET finding nothing) before its PUT, one after another (12
+        round trips of a shard of 6 columns, and the digest row's PUT after them; now 1). Every PUT ends before the first
+        failure is raised: none is still in flight once this returns, or raises."""
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
@@ -1548,17 +1552,26 @@ def _write_uncompressed_chunk(array: zarr.Array, chunk: tuple[int, ...], value: 
     """Write one chunk of a local array whose only codec is ``bytes`` (the progress arrays, FORMAT.md §7) straight to
     its file: zarr's write of a 1-byte done marker costs ~1 ms in its event loop, ~10 ms with shards being written
     beside it. False (nothing written) for any other array or store."""
-    from zarr.codecs import BytesCodec
     from zarr.storage import LocalStore
 
-    codecs = array.metadata.codecs
-    if not (isinstance(array.store, LocalStore) and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-            and array.metadata.chunk_key_encoding.name == "default" and value.shape == tuple(array.chunks)
-            and value.dtype == array.dtype and np.little_endian):
+    found = _uncompressed_chunk(array, chunk, value) if isinstance(array.store, LocalStore) else None
+    if found is None:
         return False
-    key = array.metadata.encode_chunk_key(chunk)
-    _replace_file(object_to_write(array.store.root, f"{array.path}/{key}"), [np.ascontiguousarray(value)])
+    _replace_file(object_to_write(array.store.root, found[0]), found[1])
     return True
+
+
+def _uncompressed_chunk(array: zarr.Array, chunk: tuple[int, ...], value: np.ndarray) -> tuple[str, list[Any]] | None:
+    """The key (from the store's root) and the bytes (buffers, in order) of the object of one whole chunk ``value`` of
+    an array whose only codec is ``bytes`` (the progress arrays, FORMAT.md §7), as zarr writes it (``write_empty_chunks``:
+    a row of fill values too); None for any other array."""
+    from zarr.codecs import BytesCodec
+
+    codecs = array.metadata.codecs
+    if not (len(codecs) == 1 and isinstance(codecs[0], BytesCodec) and array.metadata.chunk_key_encoding.name == "default"
+            and value.shape == tuple(array.chunks) and value.dtype == array.dtype and np.little_endian):
+        return None
+    return f"{array.path}/{array.metadata.encode_chunk_key(chunk)}", [np.ascontiguousarray(value)]
 
 
 def _replace_file(file: Path, parts: list[Any]) -> None:

@@ -474,6 +474,121 @@ def test_an_extract_to_s3_puts_a_shards_columns_at_once_and_asks_for_none_first(
     assert len(written) == 6 * 8 and all(fs.cat(f"{S3_BUCKET}/put.zarr/{key}") == (here / key).read_bytes() for key in written)
 
 
+def test_an_extract_to_s3_puts_a_shards_digest_row_with_its_columns_and_its_marker_after_both(s3, tmp_path: Path, zoo_env, monkeypatch):
+    """A shard's write to object storage waited for its columns' PUTs, then PUT its digest row (FORMAT.md §7.1), one
+    round trip more in turn, then read the manifest back and PUT the done marker. The digest row now goes with the
+    columns (at 50 ms a request, 7 requests held at once for a shard of 6 columns, was 6); the marker still comes
+    last, after every PUT of its shard and the manifest's second read; the digest objects are those of a folder's."""
+    import re
+    from urllib.parse import urlparse
+
+    import s3fs
+    from conftest import S3_BUCKET
+
+    from kdcache.verify import verify
+
+    monkeypatch.setattr(importlib.import_module("kdcache.extract"), "WRITE_THREADS", 1)  # one shard at a time
+    zoo_env(N=15, DEPTH=2)
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = LatencyProxy((endpoint.hostname, endpoint.port), delay=0.05, counted=r"^PUT .*/((targets|samples)/.*|progress/digest)/c/")
+    try:
+        kdcache.extract(deep_pipeline(2, rows_per_shard=2), f"s3://{S3_BUCKET}/digest.zarr", storage_options={**s3, "endpoint_url": proxy.url})
+    finally:
+        proxy.close()
+    assert proxy.peak >= 7, proxy.peak  # a shard's 6 columns and its digest row at once (old: 6, the row after them)
+    mine = [r for r in proxy.requests if f"/{S3_BUCKET}/digest.zarr/" in r]
+    for shard in range(8):
+        digest = next(i for i, r in enumerate(mine) if r.startswith(f"PUT /{S3_BUCKET}/digest.zarr/progress/digest/c/{shard}/0 "))
+        marker = [i for i, r in enumerate(mine) if r.startswith(f"PUT /{S3_BUCKET}/digest.zarr/progress/done/c/{shard} ")][-1]
+        columns = [i for i, r in enumerate(mine) if r.startswith("PUT ") and re.search(rf"/(targets|samples)/.*/c/{shard}[/ ]", r)]
+        looks = [i for i, r in enumerate(mine) if r.startswith(f"GET /{S3_BUCKET}/digest.zarr/zarr.json")]
+        assert columns and max(columns) < marker and digest < marker, (shard, mine)
+        assert any(max(columns + [digest]) < i < marker for i in looks), (shard, mine)  # the store's look at the commit point
+    kdcache.extract(deep_pipeline(2, rows_per_shard=2), str(tmp_path / "here.zarr"))
+    fs, here = s3fs.S3FileSystem(**s3, skip_instance_cache=True), tmp_path / "here.zarr"
+    rows = sorted((here / "progress/digest/c").rglob("*"))
+    rows = [str(f.relative_to(here)) for f in rows if f.is_file()]
+    assert len(rows) == 8 and all(fs.cat(f"{S3_BUCKET}/digest.zarr/{key}") == (here / key).read_bytes() for key in rows)
+    assert verify(f"s3://{S3_BUCKET}/digest.zarr", storage_options=s3)["ok"]
+
+
+class HoldingProxy(SwallowingProxy):
+    """test_remote's proxy, passing every request on but those whose first line matches ``held``: it keeps those, and
+    whatever follows on their connection, unanswered (PUTs still on their way when their writer is killed)."""
+
+    def __init__(self, target: tuple[str, int], held: str):
+        import re
+
+        self.held, self.holding = re.compile(held), []
+        super().__init__(target)
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        request, held = src.getsockname() == self.server.getsockname(), False  # the client's side of the proxy
+        try:
+            while data := src.recv(65536):
+                if request and not held and self.held.search(line := data.split(b"\r\n", 1)[0].decode("latin-1")):
+                    held = True
+                    self.holding.append(line)
+                if not held:
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+def test_an_extract_to_s3_killed_with_a_shards_digest_row_written_and_its_columns_not_resumes_to_the_uninterrupted_store(
+        s3, tmp_path: Path, zoo_env):
+    """A shard's digest row is PUT with its columns, not after them: ``kill -9`` can now land with the row written and
+    the columns not. The shard is not done (its marker waits for every PUT of it), and the rerun writes it whole again,
+    the row too: here the row left behind is made another one (a teacher that is not bit-for-bit deterministic computes
+    other rows on the next try), and the resumed store verifies and equals an uninterrupted one byte for byte."""
+    import re
+    import time
+    from urllib.parse import urlparse
+
+    import s3fs
+    from click.testing import CliRunner
+    from conftest import S3_BUCKET
+    from reference import slow_extract, write_toml
+
+    from kdcache.cli import main
+    from kdcache.verify import verify
+
+    url, key = f"s3://{S3_BUCKET}/held.zarr", f"{S3_BUCKET}/held.zarr"
+    toml = write_toml(tmp_path / "p.toml")  # 240 rows in 15 shards of 16
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    endpoint = urlparse(s3["endpoint_url"])
+    proxy = HoldingProxy((endpoint.hostname, endpoint.port), held=rf"^PUT /{key}/(samples|targets)/\S*/c/5[/ ]")  # shard 5's columns
+    row = f"{key}/progress/digest/c/5/0"
+    try:
+        proc = slow_extract(toml, url, shards=1, storage_options={**s3, "endpoint_url": proxy.url})
+        try:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline and not (fs.invalidate_cache() or fs.exists(row)):
+                time.sleep(0.05)
+            landed = fs.exists(row)
+        finally:
+            proc.kill()  # SIGKILL, and waited for (its lock is then taken over at once)
+            proc.wait(timeout=30)
+    finally:
+        proxy.close()
+    assert proxy.holding and landed, f"shard 5's digest row was not written while its columns' PUTs were held ({len(proxy.holding)} held)"
+    store = layout.open_store(url, storage_options=s3)
+    assert not store.done()[5] and not [k for k in fs.find(key) if re.search(r"/(samples|targets)/\S*/c/5(/|$)", k)]
+    fs.pipe_file(row, np.full(len(store.digest_paths()), 0x5EED, dtype="<u4").tobytes())  # another try's row
+    zoo_env(N=240)
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    resumed = CliRunner().invoke(main, ["extract", str(toml), "--out", url, "--no-progress", *options])
+    assert resumed.exit_code == 0 and "resumed" in resumed.output, resumed.output
+    here = tmp_path / "here.zarr"
+    assert CliRunner().invoke(main, ["extract", str(toml), "--out", str(here), "--no-progress"]).exit_code == 0
+    assert verify(url, storage_options=s3)["ok"]
+    files = [str(f.relative_to(here)) for f in sorted(here.rglob("*")) if f.is_file() and f.name != "zarr.json"]
+    assert row.removeprefix(f"{key}/") in files
+    fs.invalidate_cache()  # its listing above, of the store before the rerun
+    assert {f: fs.cat(f"{key}/{f}") for f in files} == {f: (here / f).read_bytes() for f in files}
+
+
 def _one_store_in_s3_and_a_folder(s3: dict[str, Any], tmp_path: Path, name: str) -> tuple[str, Path]:
     """The same store (``deep_pipeline(2)``'s, of the ``zoo_env`` set) extracted to ``s3://BUCKET/name`` and to a folder."""
     from conftest import S3_BUCKET
