@@ -136,11 +136,20 @@ def _names(table: Any, parts: list[str]) -> bool:
 
 
 def _make_out(out: Path) -> None:
-    """Create the demo's folder, or refuse an --out that cannot be one (a file, a path through a file, no write access)."""
+    """Create the demo's folder, or refuse an --out that cannot be one (a file, a path through a file, no write access)
+    or must not be one: a zarr store or a folder inside one (``--out runs/teacher.zarr`` put the demo's two stores,
+    three students and summary in the store's folder, where an ``extract --overwrite`` of it is then refused for them
+    and ``pack`` leaves them out: ``train --out`` refuses both)."""
     existing = next((d for d in (out, *out.parents) if d.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "--out" if existing == out else f"the folder of --out {str(out)!r}"
         raise StoreError(f"{str(existing)!r} ({where}) is a file, not a folder; choose another --out for kdcache demo (or move that file away)")
+    stores = [d for d in (out, *out.parents) if (d / "zarr.json").is_file()]
+    if stores:
+        store = stores[-1]  # the outermost: a store's groups (targets/) hold a zarr.json each too
+        where = "is a zarr store" if store == out else f"is inside the zarr store {str(store)!r}"
+        raise StoreError(f"--out {str(out)!r} {where}; kdcache demo writes its two stores, three students and summary into "
+                         f"a folder of its own: choose another --out outside any store (e.g. {str(store.parent / 'demo')!r})")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 import test_bad_input as matrix
 from kdcache.cli import main
-from test_bad_input import KDCACHE, TINY, Case, Ctx, check_output, extract, invoke, prepare, snapshot, train, trained
+from test_bad_input import KDCACHE, TINY, TRAIN, Case, Ctx, check_output, extract, invoke, prepare, snapshot, train, trained
 
 
 def exported(ctx: Ctx) -> Path:
@@ -32,6 +32,14 @@ def exported(ctx: Ctx) -> Path:
     result = CliRunner().invoke(main, ["export", str(ctx.store), str(ctx.tmp / "e.h5")])
     assert result.exit_code == 0, result.output
     return ctx.tmp / "e.h5"
+
+
+def tiny_demo(out: Path) -> list:
+    """``kdcache demo --out out`` with the tiny teacher, dataset and student for MNIST's (a demo that ran took seconds)."""
+    tiny = TINY.parent / "tiny.py"
+    return ["demo", "--out", out, "--no-progress", "--set", f"teacher.factory={tiny}:teacher", "--set", f"data.factory={tiny}:dataset",
+            "--set", f"student.factory={tiny}:student", "--set", "train.steps=2", "--set", "extract.device=cpu",
+            "--set", "train.device=cpu", "--set", 'targets.layers=["features.3"]']
 
 
 def teacher_check(ctx: Ctx, *args: str) -> list:
@@ -99,6 +107,13 @@ CASES = [
          ("--out 's3://bucket/run' is a URL; kdcache train writes a local folder", "then upload it"), store=True),
     Case("demo-out-url", lambda c: ["demo", "--out", "s3://bucket/demo"],
          ("--out 's3://bucket/demo' is a URL; kdcache demo writes a local folder", "then upload it"),),
+    # -- a store, or a folder inside one, where demo writes its folder: it wrote its stores, students and summary into the
+    #    store's folder (exit 0), where they then kept an extract --overwrite of the store refused (train --out refuses both)
+    Case("demo-out-a-store", lambda c: tiny_demo(c.store),
+         (f"/{TRAIN}' is a zarr store; kdcache demo writes its two stores, three students and summary into a folder of "
+          "its own: choose another --out outside any store (e.g. '", "/demo')"), store=True),
+    Case("demo-out-inside-a-store", lambda c: tiny_demo(c.store / "targets" / "demo"),
+         (f"/{TRAIN}/targets/demo' is inside the zarr store '", "choose another --out outside any store"), store=True),
     # -- an empty location to read: it read the current folder ("no store at ''"; pack: "OUT ... is inside the store ''")
     Case("train-cache-empty", lambda c: ["train", TINY, "--cache", "", "--out", c.new],
          ("Invalid value for '--cache': '' is empty; name a store to read: a folder, a .zarr.zip file or a URL",
