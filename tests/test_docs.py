@@ -5,6 +5,7 @@ not in a user's terminal."""
 
 from __future__ import annotations
 
+import ast
 import datetime
 import importlib
 import re
@@ -181,6 +182,19 @@ def test_every_python_name_the_docs_give_resolves(doc):
                 attr.insert(0, last)
         for part in attr:
             held = getattr(held, part)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_python_block_of_the_docs_is_python(doc, monkeypatch):
+    """A user pastes a ```python block as it is: README's once held ``from_dict({"teacher": {...}, ...})``, a SyntaxError
+    at its eleventh line, so none of it ran. A ``from_dict`` call in a block builds a pipeline as given (run from the
+    repository root, where its factories' paths lead)."""
+    monkeypatch.chdir(ROOT)
+    for block in re.findall(r"^```python\n(.*?)^```", text(doc), re.S | re.M):
+        tree = ast.parse(block)  # a SyntaxError names the line
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "from_dict"):
+            built = eval(compile(ast.Expression(call), doc, "eval"), {"kdcache": kdcache})
+            assert isinstance(built, pipeline.Pipeline), ast.unparse(call)
 
 
 def test_formats_plain_zarr_reader_and_digest_check_run_on_a_store_written_now(tiny_store):
