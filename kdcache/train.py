@@ -99,6 +99,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
         if checkpoint is not None:
             _check_resumed_plan(checkpoint, order, total_steps, t)
+            _say_replanned(out, pipeline, checkpoint)
         params = list(run.student.parameters()) + list(run.heads.parameters())
         optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay, _decays_all(checkpoint, params, rank))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
@@ -1968,10 +1969,22 @@ def _check_resume(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint
                 raise PipelineError(f"{option('--resume')}: {key} was {old.get(key)!r} in this run ({source!r}), now "
                                     f"{new.get(key)!r}; resume with the run's values (only train.{{{', '.join(sorted(resumable))}}} "
                                     f"may change), or start afresh with {option('--overwrite')}")
+
+
+def _say_replanned(out: Path, pipeline: Pipeline, checkpoint: dict[str, Any]) -> None:
+    """A resumed run whose train.epochs/steps changed is allowed, but is not the run its checkpoint began: say so, once the
+    new length is accepted (said before _check_resumed_plan refused a length shorter than the run had trained, the line
+    claimed a schedule planned again for a run that then did not start)."""
+    recorded, _ = _recorded(out, checkpoint)
+    if recorded is None:
+        return
+    keys = ("epochs", "steps")
+    old = {k: v for k, v in {**Pipeline().to_dict()["train"], **(recorded.get("train") or {})}.items() if k in keys}
     # the length its checkpoint was trained under: an earlier --resume may have changed it since pipeline.json
-    old.update({f"train.{k}": v for k, v in (checkpoint.get("plan") or {}).items() if k in ("epochs", "steps")})
-    length = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in ("train.epochs", "train.steps") if old.get(key) != new.get(key)]
-    if length:  # allowed, but not the run its checkpoint began: say so
+    old.update({k: v for k, v in (checkpoint.get("plan") or {}).items() if k in keys})
+    new = {"epochs": pipeline.train.epochs, "steps": pipeline.train.steps}
+    length = [f"train.{key} was {old.get(key)!r}, now {new[key]!r}" for key in keys if old.get(key) != new[key]]
+    if length:
         print(f"{option('--resume')}: {' and '.join(length)}: the learning-rate schedule is planned again over the new length from "
               "here on, so the result is neither the earlier plan's nor a fresh run's (pipeline.json keeps the run's values)")
 

@@ -992,6 +992,16 @@ def test_a_resume_that_changes_the_length_says_the_schedule_is_planned_again(tin
     assert lrs == pytest.approx([0.01 * 0.5 * (1 + np.cos(np.pi * s / 14)) for s in range(7, 14)], rel=1e-12)
 
 
+def test_a_resume_refused_for_a_length_shorter_than_trained_does_not_say_the_schedule_is_planned_again(tiny_store, tmp_path, capsys):
+    """``--resume --epochs 1`` of a run trained 2 epochs printed "the learning-rate schedule is planned again over the new
+    length from here on" and then the error refusing that length: the note is said only for a length that is accepted."""
+    train(pipeline(*PLAIN, "train.epochs=2"), tiny_store, tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(PipelineError, match="more than train.epochs = 1"):
+        train(pipeline(*PLAIN, "train.epochs=1"), tiny_store, tmp_path / "run", resume=True)
+    assert "planned again" not in capsys.readouterr().out
+
+
 def test_a_second_resume_compares_the_length_with_the_plan_its_checkpoint_was_trained_under(tiny_store, tmp_path, capsys):
     """The length was compared with pipeline.json, which keeps the run's first values: after a --resume to 2 epochs, one
     to 3 said "was 1, now 3" and one to 2 again said the schedule was planned again when nothing changed (and a --resume
