@@ -204,6 +204,12 @@ LIMITS = {  # upper bounds (inclusive), with what to use instead
     ("extract", "num_workers"): _WORKERS, ("train", "num_workers"): _WORKERS,
     ("train", "loss", "temperature"): (1000.0, "use e.g. 1.0 (plain KL) or 2.0-4.0 (softer targets)"),
 }
+# what a number must be where its range is narrower than its type's "a finite number >= 0", for the message of a value
+# that is not one (a string, a negative number): train.loss.temperature = -1 was told ">= 0", and 0 then "at least 0.01"
+RANGES = {("train", "lr"): "a finite number > 0", ("train", "rank_timeout_s"): "a finite number > 0",
+          ("extract", "shard_mb"): "a finite number > 0", ("extract", "chunk_mb"): "a finite number > 0",
+          ("train.loss", "temperature"): "a number from 0.01 to 1000",
+          **{key: "a fraction from 0 to 1" for key in FRACTIONS}}
 FLOAT32_MAX = 3.4028234663852886e38  # torch computes in float32: a larger value overflows
 
 
@@ -363,7 +369,7 @@ def _section(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
         if f.name == "loss":
             kwargs[f.name] = _section(LossSection, _table(value, key, source), key, source)
             continue
-        kwargs[f.name] = _check(value, f.type, key, source, "a whole number >= 1" if (where, f.name) in COUNTS else None)
+        kwargs[f.name] = _check(value, f.type, key, source, "a whole number >= 1" if (where, f.name) in COUNTS else RANGES.get((where, f.name)))
         limit, use = LIMITS.get((*where.split("."), f.name), (None, ""))
         if limit is not None and kwargs[f.name] > limit:
             raise PipelineError(f"{source}: {key} = {value!r} is above its limit of {limit:g}; {use}")

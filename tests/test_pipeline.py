@@ -265,7 +265,9 @@ def test_bad_choices_list_the_valid_ones(override, match):
         ("extract.batch_size=true", r"extract.batch_size must be a whole number >= 1, got True"),
         ("extract.batch_size=1.5", r"extract.batch_size must be a whole number >= 1, got 1.5"),
         ("extract.batch_size=many", r"extract.batch_size must be a whole number >= 1, got 'many'"),
-        ("extract.shard_mb=-2", r"extract.shard_mb must be a finite number >= 0, got -2"),
+        ("extract.shard_mb=-2", r"extract.shard_mb must be a finite number > 0, got -2"),
+        ('train.loss.temperature="2"', r"train.loss.temperature must be a number from 0.01 to 1000, got '2'"),  # not ">= 0": 0 is refused too
+        ("train.fingerprint_check=-0.5", r"train.fingerprint_check must be a fraction from 0 to 1, got -0.5"),
         ("targets.logits=1", r"targets.logits must be true or false, got 1"),
         ("targets.layers=[1, 2]", r'targets.layers must be a list of names, e\.g\. \["a", "b"\], got \[1, 2\]'),
         ('targets.layers=["a", ""]', r"targets.layers must be a list of names"),
