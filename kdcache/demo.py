@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
+from kdcache import storage
 from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
 from kdcache.train import check_values, local_folder, train
@@ -144,9 +145,8 @@ def _make_out(out: Path) -> None:
     if existing is not None and not existing.is_dir():
         where = "--out" if existing == out else f"the folder of --out {str(out)!r}"
         raise StoreError(f"{str(existing)!r} ({where}) is a file, not a folder; choose another --out for kdcache demo (or move that file away)")
-    stores = [d for d in (out, *out.parents) if (d / "zarr.json").is_file()]
-    if stores:
-        store = stores[-1]  # the outermost: a store's groups (targets/) hold a zarr.json each too
+    store = storage.store_above(out)
+    if store is not None:
         where = "is a zarr store" if store == out else f"is inside the zarr store {str(store)!r}"
         raise StoreError(f"--out {str(out)!r} {where}; kdcache demo writes its two stores, three students and summary into "
                          f"a folder of its own: choose another --out outside any store (e.g. {str(store.parent / 'demo')!r})")

@@ -1770,7 +1770,12 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not _checkpoint_file(out).is_file():
             raise StoreError(f"{option('--resume')}: no {CHECKPOINT} in {str(out)!r}; run without {option('--resume')} to start training")
-        return
+        return  # a run made inside a store by an earlier kdcache may still be resumed: it is there already
+    store = storage.store_above(out)
+    if store is not None:  # another store than --cache (inside --cache: refused at train's start, naming it as read)
+        raise StoreError(f"{option('--out')} {str(out)!r} is inside the store {str(store)!r} (an extract --overwrite of that "
+                         "store, which deletes its folder whole, would be refused while the run is there, and pack leaves the "
+                         f"run out); write it outside the store folder (e.g. {str(store.parent / out.name)!r})")
     if any((out / name).exists() for name in (CHECKPOINT, NEXT_CHECKPOINT, "student.pt")):
         if not overwrite:
             raise StoreError(f"{str(out)!r} already holds a training run; pass {option('--resume')} to continue it or "

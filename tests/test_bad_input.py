@@ -325,6 +325,11 @@ CASES = [
          ("teacher.factory returned str, not a torch.nn.Module", "make the factory return the model")),
     Case("student-without-parameters", lambda c: train(c, "--set", "student.factory=bad_input.py:no_parameters", "--set", "train.features={}"),
          ("'bad_input.py:no_parameters' builds a student with no parameters", "return a model with trainable parameters"), store=True),
+    # a run into another store's folder (its targets/ group too) trained, exit 0, and then kept an extract --overwrite of
+    # that store refused (pack left it out), as a run inside its own --cache did
+    Case("train-out-inside-another-store", lambda c: ["train", TINY, "--cache", c.tmp / "cache.zarr", "--out", c.store / "targets" / "run"],
+         (f"/{TRAIN}/targets/run' is inside the store '", f"/{TRAIN}' (an extract --overwrite of that store",
+          "write it outside the store folder (e.g. '"), store=True, prior=lambda c: shutil.copytree(c.store, c.tmp / "cache.zarr")),
     Case("train-out-is-the-store", lambda c: ["train", TINY, "--cache", c.store, "--out", c.store],
          ("is a zarr store, not a training run's folder; choose another --out",), store=True),
     Case("student-not-a-module", lambda c: train(c, "--set", "student.factory=extract_zoo.py:not_a_module"),
