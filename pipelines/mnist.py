@@ -33,6 +33,12 @@ __all__ = ["teacher", "student", "dataset", "MNISTDataset", "MNISTNet", "data_di
            "MEAN", "STD", "SPLITS", "STUDENT_HIDDEN"]
 
 
+# what to do where data_dir() holds no file: a copy of this file in a project of one's own looks in ITS_FOLDER/../data,
+# which prepare_data.py (writing the repository's data/) does not fill
+_WHERE = ("set KDCACHE_DATA to the folder holding mnist.npz and mnist_cnn.pt (kdcache's data/), or write them there with "
+          "`python pipelines/prepare_data.py --out FOLDER`")
+
+
 def data_dir() -> Path:
     """The folder holding ``mnist.npz`` and ``mnist_cnn.pt`` (``$KDCACHE_DATA`` overrides)."""
     env = os.environ.get("KDCACHE_DATA")
@@ -84,7 +90,7 @@ def teacher() -> nn.Module:
     """The pretrained teacher, weights loaded strictly from ``data_dir()/mnist_cnn.pt``, in eval mode."""
     path = data_dir() / TEACHER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"teacher weights not found: {path} (run `python pipelines/prepare_data.py`)")
+        raise FileNotFoundError(f"teacher weights not found: {path}; {_WHERE}")
     model = MNISTNet()
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
@@ -112,7 +118,7 @@ def _load_arrays(folder: Path) -> dict[str, np.ndarray]:
             if arrays is None:
                 path = folder / DATA_FILE
                 if not path.is_file():
-                    raise FileNotFoundError(f"MNIST data not found: {path} (run `python pipelines/prepare_data.py`)")
+                    raise FileNotFoundError(f"MNIST data not found: {path}; {_WHERE}")
                 with np.load(path, allow_pickle=False) as z:
                     arrays = {name: np.ascontiguousarray(z[name]) for name in z.files}
                 _ARRAYS[key] = arrays

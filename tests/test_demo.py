@@ -71,3 +71,22 @@ def test_sigterm_while_the_demo_trains_names_a_command_demo_takes(tmp_path):
     assert result.returncode == 143, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == ["Error: stopped by SIGTERM; run the same command again (the demo starts afresh)"]
     assert (step, "step") in [(n, kind) for n, kind, _ in faults.read_log(tmp_path / "term.log")]  # it landed on the counted step
+
+
+def test_a_copy_of_mnist_py_elsewhere_is_told_where_the_data_is(tmp_path, monkeypatch):
+    """README: "copy pipelines/mnist.toml and pipelines/mnist.py" to start a pipeline of one's own. The copy looks for
+    its data beside its own folder, and the error said to run prepare_data.py, which writes the repository's data/ (the
+    copy still found nothing): it names KDCACHE_DATA, with which the copy runs."""
+    import shutil
+    from pathlib import Path
+
+    pipelines = Path(__file__).resolve().parent.parent / "pipelines"
+    (tmp_path / "proj").mkdir()
+    for name in ("mnist.toml", "mnist.py"):
+        shutil.copy(pipelines / name, tmp_path / "proj" / name)
+    monkeypatch.delenv("KDCACHE_DATA", raising=False)
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "proj" / "mnist.toml"), "--dry-run"])
+    assert result.exit_code == 1 and "set KDCACHE_DATA to the folder holding mnist.npz and mnist_cnn.pt" in result.stderr, result.output
+    monkeypatch.setenv("KDCACHE_DATA", str(pipelines.parent / "data"))
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "proj" / "mnist.toml"), "--dry-run", "--set", "extract.device=cpu"])
+    assert result.exit_code == 0 and "421,642 params" in result.stdout, result.output
