@@ -367,7 +367,11 @@ def _teacher_run(store: layout.Store, pipeline: Any, check: Check) -> Any:
     stored_targets = store.targets
     missing = [t.name for t in stored_targets.values() if t.path not in run.targets]
     if missing:
-        raise StoreError(f"the pipeline does not produce stored targets {missing}; pass the pipeline the store was extracted with")
+        # named with both sides' teachers: the usual cause is another project's pipeline (text.toml for an MNIST store)
+        made_by = store.manifest["teacher"].get("factory", "?")
+        raise StoreError(f"the pipeline {pipeline.source!r} (teacher {pipeline.teacher.factory}) does not produce stored targets "
+                         f"{missing} of {store.location!r} (extracted with teacher {made_by}); pass the pipeline the store was "
+                         "extracted with")
     # another select keeps another part of the output: rows of another shape cannot be compared. The teacher's output
     # is compared (recomputed whole: the store's own targets.topk decides how), not the arrays the pipeline would write
     for t in stored_targets.values():

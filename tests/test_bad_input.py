@@ -298,7 +298,8 @@ CASES = [
     # a --pipeline that is not the store's: of fewer targets, or of a dataset of another length
     Case("verify-teacher-check-pipeline-of-fewer-targets",
          lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "targets.layers=[]"],
-         ("the pipeline does not produce stored targets ['features.3']; pass the pipeline the store was extracted with",), store=True),
+         ("(teacher tiny.py:teacher) does not produce stored targets ['features.3'] of '", f"/{TRAIN}' (extracted with teacher "
+          "tiny.py:teacher); pass the pipeline the store was extracted with"), store=True),
     Case("verify-teacher-check-dataset-of-another-length",
          lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", TINY, "--set", "data.factory=numbered.py:tiny_short"],
          ("the pipeline's dataset numbered.py:tiny_short('train') has 40 samples, the store 50 (extracted from "
