@@ -37,7 +37,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, StoreReplacedError, UnreachableError, count, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, unreachable_error, write_file, zarr_store
+from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, store_above, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, unreachable_error, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -2260,6 +2260,12 @@ def refuse_replacing(location: str | os.PathLike[str], overwrite: bool, storage_
 def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str, Any] | None, named: str) -> None:
     """``refuse_replacing`` of a location whose creation was not interrupted; ``named``: how the command names it."""
     present = exists(location, storage_options)  # looked at once: on S3 each look is a request
+    if not present and location_kind(location) == "local":  # a new store inside another's folder (runs/t.zarr/eval.zarr)
+        outer = store_above(Path(local_path(location)).parent)
+        if outer is not None:  # its --overwrite was then refused for it, and its pack copied it in as the store's objects
+            raise StoreError(f"{location!r} is inside the store {str(outer)!r} (an --overwrite of that store, which deletes its "
+                             "folder whole, would be refused while this one is there, and its pack would copy this one in); "
+                             f"choose another {named} outside the store folder (e.g. {str(outer.parent / Path(location).name)!r})")
     foreign = present and _foreign_node(location, storage_options)
     if foreign:  # without --overwrite too: a reader's "pass a store written by kdcache extract" is no fix for an OUT
         replaces = f"{option('--overwrite')} replaces only a kdcache store: " if overwrite else ""

@@ -331,6 +331,11 @@ CASES = [
     Case("train-out-inside-another-store", lambda c: ["train", TINY, "--cache", c.tmp / "cache.zarr", "--out", c.store / "targets" / "run"],
          (f"/{TRAIN}/targets/run' is inside the store '", f"/{TRAIN}' (an extract --overwrite of that store",
           "write it outside the store folder (e.g. '"), store=True, prior=lambda c: shutil.copytree(c.store, c.tmp / "cache.zarr")),
+    # a new store in another store's folder: extract wrote it, exit 0, and an --overwrite of the outer store was then refused
+    # for it (its pack copied it in as the outer store's objects)
+    Case("extract-out-inside-a-store", lambda c: extract("--out", c.store / "eval.zarr"),
+         (f"/{TRAIN}/eval.zarr' is inside the store '", "choose another --out outside the store folder (e.g. '", "/eval.zarr')"),
+         store=True),
     Case("train-out-is-the-store", lambda c: ["train", TINY, "--cache", c.store, "--out", c.store],
          ("is a zarr store, not a training run's folder; choose another --out",), store=True),
     Case("student-not-a-module", lambda c: train(c, "--set", "student.factory=extract_zoo.py:not_a_module"),

@@ -100,6 +100,8 @@ CASES = [
     Case("demo-out-empty", lambda c: ["demo", "--out", ""], ("'--out': '' is empty", "(see 'kdcache demo --help')"), code=2),
     Case("pack-out-empty", lambda c: ["pack", c.store, ""], ("Invalid value for 'OUT': '' is empty",), code=2, store=True),
     Case("export-out-blank", lambda c: ["export", c.store, " "], ("'OUT': ' ' is empty",), code=2, store=True),
+    Case("import-store-inside-a-store", lambda c: ["import", c.tmp / "e.h5", c.store / "copy.zarr"],
+         (f"/{TRAIN}/copy.zarr' is inside the store '", "choose another STORE outside the store folder"), store=True, prior=exported),
     Case("import-store-empty", lambda c: ["import", c.tmp / "e.h5", ""], ("'STORE': '' is empty", "(see 'kdcache import --help')"),
          code=2, store=True, prior=exported),
     # -- a URL where a command writes a local folder (Path merged its slashes: demo wrote the folder 's3:' here)
