@@ -36,7 +36,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         started = time.time()
         try:
-            with _ctrl_c_outside_finalizers(), _sigterm_as_ctrl_c(), _quiet_handoffs(), command_line():  # messages name the command's flags (--out), not the API's arguments
+            with _dropped_signals_sent_again(), _ctrl_c_outside_finalizers(), _sigterm_as_ctrl_c(), _quiet_handoffs(), command_line():  # messages name the command's flags (--out), not the API's arguments
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is kept and how to go on, exit 130 (as a shell says)
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -99,7 +99,7 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
             _send_later(signum, stop)
             return
         signal.signal(signum, signal.SIG_IGN)
-        raise _Terminated
+        raise _sent_again_if_dropped(_Terminated(), signum, stop)
 
     before = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, stop)
@@ -150,7 +150,7 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
         if _in_finalizer(frame):
             _send_later(signum, interrupt)
             return
-        raise KeyboardInterrupt
+        raise _sent_again_if_dropped(KeyboardInterrupt(), signum, interrupt)
 
     signal.signal(signal.SIGINT, interrupt)
     try:
@@ -160,8 +160,47 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@contextlib.contextmanager
+def _dropped_signals_sent_again() -> Iterator[None]:
+    """The signal handlers' KeyboardInterrupt (Ctrl-C, SIGTERM's) raised in code whose exceptions Python drops that
+    ``_in_finalizer`` does not see: a weakref's callback (a dask Comm collected leaves the WeakSet that lists it), a
+    generator closed as it is collected (its ``finally``), a C object's finalizer that calls Python (an asyncio Task's
+    "destroyed but pending" report). Python printed "Exception ignored in" and a traceback and went on, the command to
+    its end, exit 0 (SIGTERM's handler had set later SIGTERMs to be ignored: they were too). The dropped exception is
+    not printed; its signal is taken again, sent moments later. Installed in the main thread, for the command's run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        again = getattr(unraisable.exc_value, "_kdcache_send_again", None)
+        if again is None or threading.current_thread() is not threading.main_thread():
+            before(unraisable)
+            return
+        signum, handler = again
+        if signal.getsignal(signum) is signal.SIG_IGN:  # SIGTERM's handler ignores later ones as it raises
+            signal.signal(signum, handler)
+        _send_later(signum, handler)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = before
+
+
+def _sent_again_if_dropped(e: KeyboardInterrupt, signum: int, handler: Any) -> KeyboardInterrupt:
+    """``e``, marked for ``_dropped_signals_sent_again``: where Python drops it, ``signum`` is sent again to ``handler``."""
+    e._kdcache_send_again = (signum, handler)  # type: ignore[attr-defined]
+    return e
+
+
 def _in_finalizer(frame: Any) -> bool:
-    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops."""
+    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops. Seen here, the signal waits until
+    the finalizer is done, which then runs to its end (a dask Future's release); a finalizer this does not see (a
+    weakref's callback, a generator's ``finally``) drops the exception, and ``_dropped_signals_sent_again`` sends it again."""
     while frame is not None:
         code = frame.f_code
         if code.co_name == "__del__" or (code.co_name == "__call__" and Path(code.co_filename).name == "weakref.py"):
