@@ -73,11 +73,26 @@ def _served(root, module: str):
     proc.stdout.close()
 
 
+_REFUSING: list[socket.socket] = []
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on (connecting to it is refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on (connecting to it is refused): bound here, never listened on, and
+    held for the rest of the session. A port found free and let go (as this was) could be bound meanwhile by a server
+    of another pytest-xdist worker's (a dask scheduler, an HTTP server: each binds port 0), which then answered."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _REFUSING.append(s)
+    return s.getsockname()[1]
+
+
+def test_a_free_port_stays_refused_where_another_server_would_bind_it():
+    """``free_port``'s port can be bound by no server but refuses every connection, for as long as the session lasts."""
+    port = free_port()
+    with pytest.raises(OSError, match="Address already in use"):
+        socket.create_server(("127.0.0.1", port))  # as another worker's dask scheduler or HTTP server would bind it
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
 
 
 def assert_same_store(a: str, b: str, options_a=None, options_b=None) -> None:
