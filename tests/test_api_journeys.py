@@ -110,8 +110,8 @@ def test_a_loop_under_two_gloo_ranks_serves_each_rank_its_own_rows(made, tmp_pat
     its own rows, the two ranks' batches the epoch's rows once, in as many steps each."""
     store, _ = made
     script = tmp_path / "ranks.py"
-    script.write_text(RANKS.format(fixtures=str(FIXTURES), store=str(store)))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    script.write_text(RANKS.format(fixtures=str(FIXTURES), store=str(store), rendezvous=str(tmp_path / "rendezvous")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)  # 120 s: tight for a loaded box
     assert r.returncode == 0, r.stderr[-2000:]
     ranks = [eval(line) for line in r.stdout.splitlines()]  # noqa: S307 - our own script's lists
     for epoch in range(2):
@@ -126,9 +126,9 @@ import torch, torch.distributed as dist, torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 sys.path.insert(0, {fixtures!r})
 
-def rank_loop(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def rank_loop(rank):
+    # a file to meet at, not a port found free and bound later by rank 0 (another process may take it meanwhile)
+    dist.init_process_group("gloo", init_method="file://" + {rendezvous!r}, rank=rank, world_size=2)
     import kdcache
     from journeys import dataset, CLASSES
     transfer = kdcache.TransferSet({store!r}, dataset("train"), ["logits"], batch_size=8, buffer_shards=1, memory_budget_mb=0,
@@ -146,11 +146,7 @@ def rank_loop(rank, port):
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(rank_loop, args=(port,), nprocs=2)
+    mp.spawn(rank_loop, nprocs=2)
 """
 
 
