@@ -936,7 +936,7 @@ def test_a_failed_extract_stops_its_dataloader_workers_at_once(tmp_path, zoo_env
     zoo_env(FAIL_AT=30)
     with pytest.raises(DataError, match="simulated crash fetching index 30") as raised:
         kdcache.extract(make_pipeline("extract.num_workers=2"), str(tmp_path / "s.zarr"))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # 10 s: tight for processes ending on a loaded box
     while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert raised.value.__traceback__ is not None and set(multiprocessing.active_children()) - before == set()
