@@ -611,9 +611,10 @@ def test_ctrl_c_while_waiting_for_a_schedulers_handshake_stops_at_once(tmp_path)
         with held:
             time.sleep(0.2)
             started = time.monotonic()
-            stderr = signal_and_wait(proc, signal.SIGINT, timeout=10)
+            stderr = signal_and_wait(proc, signal.SIGINT, timeout=40)
             took = time.monotonic() - started
-    assert proc.returncode == 130 and took < 5, (proc.returncode, f"{took:.1f} s", stderr[-3000:])
+    # at once: well within the 60 s of the wait it cut short (5 s, the bound before, is tight for a loaded box's exit)
+    assert proc.returncode == 130 and took < 20, (proc.returncode, f"{took:.1f} s", stderr[-3000:])
     assert stderr.strip().splitlines() == ["Error: interrupted; no shard was written: run the same command again"]
     assert not (tmp_path / "s.zarr").exists()
 
