@@ -224,10 +224,17 @@ def test_two_trainings_and_a_verify_of_one_store_run_at_once_and_a_second_resume
         return subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=dict(env, **extra))
 
-    slow = start("extract", pipeline, "--out", store, JOURNEY_DELAY="0.03")  # ~2 s on its 56 rows left
+    # held at its last shard's row until the second has been refused (timed by a 2 s run instead, a loaded box could
+    # see it end before the second was started, which then resumed the store itself)
+    hold = tmp_path / "hold"
+    hold.touch()
+    slow = start("extract", pipeline, "--out", store, JOURNEY_HOLD=str(hold), JOURNEY_HOLD_AT="90")
+    deadline = time.monotonic() + 240
     while kdcache.open_store(str(store)).info()["writer"] is None and slow.poll() is None:
+        assert time.monotonic() < deadline, "the resuming extract took no lock within 240 s"
         time.sleep(0.05)
-    code, second = invoke("extract", pipeline, "--out", store)  # in this process: refused before the slow one ends
+    code, second = invoke("extract", pipeline, "--out", store)  # in this process: refused while the slow one is held
+    hold.unlink()
     assert slow.wait(timeout=240) == 0, slow.stderr.read()  # 120 s: too short for a loaded box
     assert code == 1 and second.startswith(f"Error: {str(store)!r} is being written by kdcache pid {slow.pid} on ") and \
         second.count("\n") == 1, second
