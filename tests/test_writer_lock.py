@@ -721,7 +721,10 @@ def test_a_stale_s3_lock_is_taken_over_and_a_live_one_is_not(s3, monkeypatch):
     with writer_lock(url, s3):  # taken over
         first = json.loads(read_object(fs, lock))
         assert first["holder"].startswith(f"kdcache pid {os.getpid()} on ")
-        time.sleep(2.2)  # past LOCK_STALE_S: our heartbeat keeps it live
+        # a lock is stale at 2 s by the server's whole seconds with 1.5, which a heartbeat 1 s late (a loaded box) may show:
+        # with 3, past 2 s late only
+        monkeypatch.setattr(locking, "LOCK_STALE_S", 3)
+        time.sleep(3.5)  # past LOCK_STALE_S: our heartbeat keeps it live
         assert json.loads(read_object(fs, lock))["heartbeat"] > first["heartbeat"]
         with pytest.raises(layout.StoreError, match=f"is being written by kdcache pid {os.getpid()} on "):
             with writer_lock(url, s3):
