@@ -771,10 +771,13 @@ def _info_text(i: dict[str, Any]) -> str:
         _size_line(i),
         "targets",
     ]
-    for name, tgt in i["targets"].items():
+    targets = i["targets"]
+    width = _widths(targets, name=24, path=32, shape=20)
+    for name, tgt in targets.items():
         pooled = f", targets.mask {tgt['mask']!r}" if "mask" in tgt else ""
-        lines.append(f"  {name:<24} {tgt['path']:<32} {str(tuple(tgt['shape'])):<20} {tgt['dtype']:<8} ({tgt['select']}{pooled})")
-        lines += _topk_lines(tgt)
+        lines.append(f"  {name:<{width['name']}} {tgt['path']:<{width['path']}} {str(tuple(tgt['shape'])):<{width['shape']}} "
+                     f"{tgt['dtype']:<8} ({tgt['select']}{pooled})")
+        lines += _topk_lines(tgt, width["name"])
     return "\n".join(printable(line) for line in lines)
 
 
@@ -791,13 +794,22 @@ def _size_line(i: dict[str, Any]) -> str:
             f"compression {ratio:.2f}x), the rest ({rest}) {_size(round(stored - data))}")
 
 
-def _topk_lines(t: dict[str, Any]) -> list[str]:
+def _widths(targets: dict[str, dict[str, Any]], **least: int) -> dict[str, int]:
+    """The width of each column of ``info``'s and the dry run's target lines: ``least`` (the usual names fit), or the
+    longest value's, so that a long layer name (``bert.encoder.layer.11.output``) keeps the columns in line."""
+    def text(name: str, t: dict[str, Any], column: str) -> str:
+        return name if column == "name" else str(tuple(t["shape"])) if column == "shape" else str(t[column])
+
+    return {column: max([n, *(len(text(name, t, column)) for name, t in targets.items())]) for column, n in least.items()}
+
+
+def _topk_lines(t: dict[str, Any], indent: int = 24) -> list[str]:
     """A top-k target's line under its own in ``info`` and the dry run: K of how many classes, where they are, and the bytes
     per sample they save against the full logits."""
     if "topk" not in t:
         return []
     saved, full = t["bytes_per_sample_saved"], t["bytes_per_sample_full"]
-    return [f"  {'':<24} top {t['topk']} of {t['classes']:,} classes, their classes in {t['indices_path']}: "
+    return [f"  {'':<{indent}} top {t['topk']} of {t['classes']:,} classes, their classes in {t['indices_path']}: "
             f"{full - saved:,} B/sample, the full logits {full:,} B "
             + (f"({saved:,} B saved, {full / (full - saved):.1f}x less)" if saved > 0 else f"({-saved:,} B more: a K this close to the class count saves nothing)")]
 
@@ -825,10 +837,12 @@ def _dry_run_text(r: dict[str, Any]) -> str:
         *_inputs_lines(r["inputs"]),
         "targets",
     ]
+    width = _widths(r["targets"], name=24, shape=20)
     for name, t in r["targets"].items():
         pooled = f", targets.mask {t['mask']!r}" if "mask" in t else ""
-        lines.append(f"  {name:<24} {str(tuple(t['shape'])):<20} {t['dtype']:<8} {t['bytes_per_sample']:>10,} B/sample  ({t['select']}{pooled})")
-        lines += _topk_lines(t)
+        lines.append(f"  {name:<{width['name']}} {str(tuple(t['shape'])):<{width['shape']}} {t['dtype']:<8} "
+                     f"{t['bytes_per_sample']:>10,} B/sample  ({t['select']}{pooled})")
+        lines += _topk_lines(t, width["name"])
     lines += [
         f"per sample  {r['bytes_per_sample']:,} B (with index, fingerprint{', label' if r['has_labels'] else ''})",
         f"store       ~{_size(r['estimated_bytes'])} ({_size(r['estimated_bytes_raw'])} raw, ~{r['estimated_compression_ratio']:.2f}x from the probe batch)",

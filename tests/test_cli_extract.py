@@ -869,3 +869,19 @@ def test_a_workers_cut_fd_handoff_prints_no_traceback_after_a_commands_line(tmp_
     err = capsys.readouterr().err
     assert err.count("Traceback") == 2 and "ValueError" in err and "EOFError" in err
     assert sys.excepthook is sys.__excepthook__ or "_quiet_handoffs" not in repr(sys.excepthook)
+
+
+def test_info_and_the_dry_run_keep_their_columns_in_line_for_a_long_layer_name(tiny_store):
+    """A layer name longer than the name column (``bert.encoder.layer.11.output``, 29 characters, against 24) pushed
+    that line's path, shape and dtype right of the others': each column is as wide as its longest value now."""
+    from kdcache.cli import _dry_run_text, _info_text
+
+    info = json.loads(invoke("info", tiny_store, "--json").stdout)
+    report = json.loads(invoke("extract", TINY, "--dry-run", "--json").stdout)
+    long = "bert.encoder.layer.11.output"
+    for summary, text in ((info, _info_text), (report, _dry_run_text)):
+        summary["targets"][long] = dict(summary["targets"]["features.3"], path=f"targets/layers/{long}")
+        lines = [line for line in text(summary).splitlines() if line.startswith("  ") and "float16" in line]
+        assert len(lines) == 3, lines
+        for column in ("(", "float16"):  # the shape's and the dtype's columns
+            assert len({line.index(column) for line in lines}) == 1, "\n".join(lines)
