@@ -197,6 +197,36 @@ def test_every_python_block_of_the_docs_is_python(doc, monkeypatch):
             assert isinstance(built, pipeline.Pipeline), ast.unparse(call)
 
 
+def unbound_names(block: str, known: set[str]) -> tuple[list[str], set[str]]:
+    """The names ``block`` reads that neither it, ``known`` (what the doc's earlier blocks bound) nor the builtins bind,
+    and the names it binds at its top level."""
+    import builtins
+    import symtable
+
+    top = symtable.symtable(block, "<doc>", "exec")
+    bound = known | {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    read: set[str] = set()
+
+    def walk(table: symtable.SymbolTable) -> None:
+        read.update(s.get_name() for s in table.get_symbols() if s.is_referenced() and (table is top or s.is_global()))
+        for child in table.get_children():
+            walk(child)
+
+    walk(top)
+    return sorted(read - bound - set(dir(builtins))), bound
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_name_a_python_block_of_the_docs_reads_is_bound_by_the_doc(doc):
+    """A user pastes the doc's ```python blocks in order into one interpreter: each name they read is imported or
+    assigned there (README's TransferSet loop read ``epochs``, ``student`` and ``kd_loss``, and ``kdcache`` unimported,
+    a NameError at each). Cheaper than running them, which needs the MNIST store."""
+    known: set[str] = set()
+    for block in re.findall(r"^```python\n(.*?)^```", text(doc), re.S | re.M):
+        unbound, known = unbound_names(block, known)
+        assert not unbound, f"{doc}'s block\n{block}\nreads names it never binds: {unbound}"
+
+
 def test_formats_plain_zarr_reader_and_digest_check_run_on_a_store_written_now(tiny_store):
     """FORMAT.md §15's two snippets, as written but for the store's path, read every done shard and check its digests."""
     blocks = re.findall(r"^```python\n(.*?)^```", text("docs/FORMAT.md"), re.S | re.M)
