@@ -49,6 +49,17 @@ __all__ = [
 # --------------------------------------------------------------------------- checks
 
 
+def _require_tensors(what: str, **given: object) -> None:
+    """Refuse an argument that is not a ``torch.Tensor`` (None stands for an optional mask) in one line naming it: a numpy
+    array, ``store.read``'s rows passed as they are, failed inside torch with ``'numpy.ndarray' object has no attribute
+    'detach'``."""
+    for name, value in given.items():
+        if value is not None and not isinstance(value, Tensor):
+            shape = f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else ""
+            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(value).__module__}.{type(value).__qualname__}{shape}; "
+                            "convert it with torch.as_tensor(...) (store.read and read_shards return numpy arrays)")
+
+
 def _require_same_shape(student: Tensor, teacher: Tensor, what: str, fix: str) -> None:
     """Raise ``ShapeMismatchError`` unless ``student`` and ``teacher`` have equal shapes."""
     if student.shape != teacher.shape:
@@ -128,6 +139,7 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     Returns:
         0-dim float32 tensor, computed in float64 where T² · ln C > 1000 (float32 would lose it; ``_kl_cast``).
     """
+    _require_tensors("kl_divergence", student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(
             f"kl_divergence: temperature must be a finite number > 0, got {temperature!r}; "
@@ -161,6 +173,7 @@ def topk_logits(values: Tensor, classes: Tensor, num_classes: int) -> Tensor:
     Returns:
         (B, ..., C) tensor of ``values``' dtype.
     """
+    _require_tensors("topk_logits", values=values, classes=classes)
     _require_topk(values, classes, "topk_logits")
     check_topk_classes(classes, num_classes, "topk_logits")
     full = values.new_full((*values.shape[:-1], num_classes), float("-inf"))
@@ -188,6 +201,7 @@ def topk_kl_divergence(student_logits: Tensor, values: Tensor, classes: Tensor, 
     Returns:
         0-dim float32 tensor (float64 inside where ``kl_divergence`` would be).
     """
+    _require_tensors("topk_kl_divergence", student_logits=student_logits, values=values, classes=classes, mask=mask)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"topk_kl_divergence: temperature must be a finite number > 0, got {temperature!r}; use e.g. 1.0")
     _require_topk(values, classes, "topk_kl_divergence")
@@ -258,6 +272,7 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | Non
         0-dim float32 tensor, mean over all elements; with ``mask``, each position's mean over classes averaged as
         ``_position_mean`` does.
     """
+    _require_tensors("logit_mse", student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
     if student_logits.ndim == 1 and teacher_logits.ndim == 1:  # regression: squared error needs no class axis
         _require_same_shape(student_logits, teacher_logits, "logit_mse", "make the student give one value per sample of the batch")
     else:
@@ -289,6 +304,7 @@ def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature:
     Returns:
         0-dim float32 tensor.
     """
+    _require_tensors("probability_mse", student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"probability_mse: temperature must be a finite number > 0, got {temperature!r}; use e.g. 1.0 or 4.0")
     _require_logits(student_logits, teacher_logits, "probability_mse")
@@ -312,6 +328,7 @@ def feature_mse(student_features: Tensor, teacher_features: Tensor, mask: Tensor
         0-dim float32 tensor, mean over all elements; with ``mask``, each position's mean over D averaged as
         ``_position_mean`` does.
     """
+    _require_tensors("feature_mse", student_features=student_features, teacher_features=teacher_features, mask=mask)
     _require_same_shape(
         student_features,
         teacher_features,
@@ -335,6 +352,7 @@ def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         0-dim float32 tensor, mean over all positions.
     """
+    _require_tensors("cross_entropy", student_logits=student_logits, labels=labels)
     if student_logits.ndim < 2 or labels.shape != student_logits.shape[:-1]:
         raise ShapeMismatchError(
             f"cross_entropy: labels shape {tuple(labels.shape)} does not fit logits shape "
@@ -377,6 +395,7 @@ def top1_matches(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     Returns:
         float64 tensor of shape ``student_logits.shape[:-1]``, values in [0, 1] (no gradient).
     """
+    _require_tensors("top1_matches", student_logits=student_logits, teacher_logits=teacher_logits)
     _require_logits(student_logits, teacher_logits, "top1_matches")
     s, t = _top_classes(student_logits), _top_classes(teacher_logits.to(student_logits.device))
     return (s & t).sum(-1).double() / (s.sum(-1) * t.sum(-1)).clamp(min=1)
@@ -394,6 +413,7 @@ def top1_correct(logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         float64 tensor of the labels' shape (no gradient).
     """
+    _require_tensors("top1_correct", logits=logits, labels=labels)
     top, labels = _top_classes(logits), labels.to(logits.device, torch.int64)
     inside = (labels >= 0) & (labels < logits.shape[-1])
     hit = top.gather(-1, labels.where(inside, 0).unsqueeze(-1)).squeeze(-1) & inside
@@ -423,6 +443,7 @@ def topk_top1_matches(student_logits: Tensor, values: Tensor, classes: Tensor, n
     Returns:
         float64 tensor of shape ``student_logits.shape[:-1]``, values in [0, 1] (no gradient).
     """
+    _require_tensors("topk_top1_matches", student_logits=student_logits, values=values, classes=classes)
     _require_topk_of(student_logits, values, classes, num_classes, "topk_top1_matches")
     values, classes = values.to(student_logits.device), classes.to(student_logits.device, torch.int64)
     t, top = _top_classes(values), student_logits.amax(dim=-1, keepdim=True)
@@ -443,6 +464,7 @@ def topk_top1_correct(values: Tensor, classes: Tensor, labels: Tensor) -> Tensor
     Returns:
         float64 tensor of the labels' shape (no gradient).
     """
+    _require_tensors("topk_top1_correct", values=values, classes=classes, labels=labels)
     _require_topk(values, classes, "topk_top1_correct")
     t = _top_classes(values)
     hit = (t & (classes.to(torch.int64) == labels.to(classes.device, torch.int64).unsqueeze(-1))).any(-1)
@@ -460,6 +482,7 @@ def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     Returns:
         0-dim float32 tensor in [0, 1] (no gradient).
     """
+    _require_tensors("top1_agreement", student_logits=student_logits, teacher_logits=teacher_logits)
     return top1_matches(student_logits, teacher_logits).mean().float()
 
 

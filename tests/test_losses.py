@@ -171,6 +171,27 @@ def test_kl_rejects_bad_temperature(t: float) -> None:
         kl_divergence(x, x, temperature=t)
 
 
+@pytest.mark.parametrize("name", ["kl_divergence", "logit_mse", "probability_mse", "feature_mse", "top1_matches", "top1_agreement",
+                                  "topk_kl_divergence", "cross_entropy", "kl_divergence mask"])
+def test_a_numpy_array_in_a_tensors_place_is_named_in_one_line(name: str) -> None:
+    """A loop of one's own passing ``store.read``'s rows (numpy) as the teacher's: it failed inside torch with
+    ``'numpy.ndarray' object has no attribute 'detach'`` (kl_divergence) or a TypeError of torch's; now one TypeError naming
+    the loss, the argument, its type and shape and the conversion."""
+    import numpy as np
+
+    from kdcache import losses
+
+    s, rows = _logits(4, 10, seed=0), np.zeros((4, 10), np.float16)
+    call = {"topk_kl_divergence": lambda: losses.topk_kl_divergence(s, rows[:, :3], torch.zeros(4, 3, dtype=torch.int64)),
+            "cross_entropy": lambda: losses.cross_entropy(s, np.zeros(4, np.int64)),
+            "kl_divergence mask": lambda: losses.kl_divergence(s[:, None], s[:, None], mask=np.ones((4, 1), bool))}.get(
+        name, lambda: getattr(losses, name)(s, rows))
+    argument = {"topk_kl_divergence": "values", "cross_entropy": "labels", "kl_divergence mask": "mask"}.get(name, "te")
+    with pytest.raises(TypeError, match=rf"^{name.split()[0]}: {argument}\w* must be a torch.Tensor, got numpy.ndarray of shape "
+                                        r"\(4,.*\); convert it with torch.as_tensor"):
+        call()
+
+
 def test_kl_shape_mismatch() -> None:
     with pytest.raises(ShapeMismatchError, match=r"student shape \(2, 3\).*teacher shape \(2, 5\).*5 classes"):
         kl_divergence(_logits(2, 3, seed=0), _logits(2, 5, seed=0))
