@@ -594,12 +594,22 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
         raise _open_error(source, e) from None
     with f:
         raw = f.attrs.get(layout.ATTRS)
+        if raw is None:  # another tool's file (its own dataset names, no manifest): say what it holds
+            held = sorted(f.keys())
+            named = ", ".join(map(repr, held[:6])) + (f" and {len(held) - 6} more" if len(held) > 6 else "") if held else "nothing"
+            raise StoreError(f"{source!r} has no kdcache manifest (root attribute {layout.ATTRS!r}; its root holds {named}): kdcache "
+                             "import reads only files written by kdcache export (FORMAT.md §16), which carry the fingerprints "
+                             "training checks its inputs by; pass one (kdcache export STORE OUT.h5), or extract a store from "
+                             "the teacher with kdcache extract")
         try:
-            manifest = json.loads(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else None
+            manifest = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         except (TypeError, ValueError, RecursionError):
             manifest = None
         if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT:
-            raise StoreError(f"{source!r} has no kdcache manifest (root attribute {layout.ATTRS!r}); pass a file written by kdcache export")
+            seen = (f"a manifest of format {manifest.get('format')!r}, not {layout.FORMAT!r}" if isinstance(manifest, dict)
+                    else f"not a JSON object: {str(raw)[:40]!r}")
+            raise StoreError(f"{source!r} has no kdcache manifest (root attribute {layout.ATTRS!r} is {seen}); pass a file "
+                             "written by kdcache export")
         if type(manifest.get("format_version")) is not int or manifest["format_version"] not in layout.FORMAT_VERSIONS:  # true == 1 in Python
             raise StoreError(f"{source!r} holds store format version {manifest.get('format_version')!r}; this kdcache reads "
                              f"version {' or '.join(map(str, layout.FORMAT_VERSIONS))}: upgrade kdcache")

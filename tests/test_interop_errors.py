@@ -137,8 +137,10 @@ def test_import_overwrite_of_a_malformed_file_keeps_the_store(exported, tiny_sto
 
 
 @pytest.mark.parametrize("manifest, match", [
-    ("{not json", "has no kdcache manifest (root attribute 'kdcache'); pass a file written by kdcache export"),
-    (lambda m: {**m, "format": "other"}, "has no kdcache manifest (root attribute 'kdcache')"),
+    ("{not json", "has no kdcache manifest (root attribute 'kdcache' is not a JSON object: '{not json'); pass a file written "
+                  "by kdcache export"),
+    (lambda m: {**m, "format": "other"}, "has no kdcache manifest (root attribute 'kdcache' is a manifest of format 'other', not "
+                                         "'kdcache-store')"),
     (lambda m: {**m, "format_version": 99}, "holds store format version 99; this kdcache reads version "),
     (lambda m: {**m, "format_version": True}, "holds store format version True; this kdcache reads version "),
 ], ids=["not-json", "another-format", "version-99", "version-true"])
@@ -150,6 +152,18 @@ def test_import_refuses_a_file_whose_manifest_it_cannot_read(exported, tmp_path,
         f.attrs["kdcache"] = manifest if isinstance(manifest, str) else json.dumps(manifest(json.loads(f.attrs["kdcache"])))
     _, line = cli("import", h5, tmp_path / "new.zarr")
     assert match in line and "m.h5" in line, line
+    assert not (tmp_path / "new.zarr").exists()
+
+
+def test_import_of_another_tools_file_names_what_it_holds_and_what_import_reads(tmp_path):
+    """An HDF5 file of logits written by another tool, with dataset names of its own: the line said only that there was
+    no manifest; it names the datasets the file holds, and why only an export's file imports (no fingerprints)."""
+    h5 = tmp_path / "theirs.h5"
+    with h5py.File(h5, "w") as f:
+        f["logits"], f["labels"] = np.zeros((8, 10), np.float32), np.zeros(8, np.int64)
+    _, line = cli("import", h5, tmp_path / "new.zarr")
+    assert re.search(r"'.*theirs\.h5' has no kdcache manifest \(root attribute 'kdcache'; its root holds 'labels', 'logits'\): "
+                     r"kdcache import reads only files written by kdcache export .*; pass one \(kdcache export STORE OUT\.h5\)", line), line
     assert not (tmp_path / "new.zarr").exists()
 
 
