@@ -78,12 +78,16 @@ def _require_logits(student_logits: Tensor, teacher_logits: Tensor, what: str) -
             "per sample, shape (B,), in both teacher and student) is distilled with logit_mse alone (train.loss.mse, "
             "mse_on = \"logits\", kl = 0)"
         )
+    topk = ""  # a top-k store's values (fewer than the student's classes, at the same positions) passed as full logits
+    if student_logits.shape[:-1] == teacher_logits.shape[:-1] and teacher_logits.shape[-1] < student_logits.shape[-1]:
+        topk = ("; or, where the teacher's are a top-k store's values (targets.topk: the batch also holds their classes, "
+                "targets/logits_indices), use topk_kl_divergence(student_logits, values, classes) or topk_top1_matches")
     _require_same_shape(
         student_logits,
         teacher_logits,
         what,
         f"make the student's output layer produce {teacher_logits.shape[-1]} classes "
-        "over the same batch/token positions as the teacher",
+        f"over the same batch/token positions as the teacher{topk}",
     )
 
 

@@ -192,6 +192,19 @@ def test_a_numpy_array_in_a_tensors_place_is_named_in_one_line(name: str) -> Non
         call()
 
 
+def test_top_k_values_passed_as_full_logits_name_the_top_k_loss() -> None:
+    """A loop of one's own over a top-k store passing ``batch["targets"]["targets/logits"]`` (K values) to kl_divergence was
+    told to make the student produce K classes, which would be wrong; the line names topk_kl_divergence too."""
+    student, values = _logits(4, 64, seed=0), _logits(4, 8, seed=1)
+    for loss in (kl_divergence, logit_mse, top1_matches):
+        with pytest.raises(ShapeMismatchError, match=r"produce 8 classes .*; or, where the teacher's are a top-k store's values "
+                                                     r"\(targets.topk.*use topk_kl_divergence\(student_logits, values, classes\)"):
+            loss(student, values)
+    with pytest.raises(ShapeMismatchError) as more:  # a teacher of more classes than the student: no top-k in question
+        kl_divergence(values, student)
+    assert "top-k" not in str(more.value)
+
+
 def test_kl_shape_mismatch() -> None:
     with pytest.raises(ShapeMismatchError, match=r"student shape \(2, 3\).*teacher shape \(2, 5\).*5 classes"):
         kl_divergence(_logits(2, 3, seed=0), _logits(2, 5, seed=0))
