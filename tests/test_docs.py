@@ -237,6 +237,22 @@ def test_formats_plain_zarr_reader_and_digest_check_run_on_a_store_written_now(t
     assert set(scope["targets"]) == {"logits", "features.3"} and scope["s"] == 3 and len(scope["fp"]) == 50 - 3 * 16
 
 
+def test_formats_plain_h5py_and_zip_readers_run_on_an_export_and_a_pack_written_now(tiny_store, tmp_path, monkeypatch):
+    """FORMAT.md §16's h5py reader and the zip store opening after it, as written (run where their tiny.h5 and t.zarr.zip
+    are): a renamed attribute or dataset, or zarr's ZipStore API changing, fails here, not in a user's tool."""
+    from kdcache import interop
+
+    monkeypatch.chdir(tmp_path)
+    interop.export_hdf5(tiny_store, "tiny.h5")
+    interop.pack(tiny_store, "t.zarr.zip")
+    blocks = re.findall(r"^```python\n(.*?)^```", text("docs/FORMAT.md"), re.S | re.M)
+    scope: dict = {}
+    exec(next(b for b in blocks if "h5py.File(\"tiny.h5\"" in b), scope)
+    assert scope["logits"].shape == (50, 4) and scope["m"]["num_samples"] == 50
+    exec(next(b for b in blocks if "ZipStore(\"t.zarr.zip\"" in b), scope)
+    assert scope["g"].attrs["kdcache"]["num_samples"] == 50 and scope["g"]["targets/logits"].shape == (50, 4)
+
+
 def json_keys(value: object) -> set[str]:
     """Every key of a JSON object and of the objects in it, but the keys that are data (class numbers, layer names)."""
     if isinstance(value, list):
