@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 import test_bad_input as matrix
 from kdcache.cli import main
+from reference import free_port
 from test_bad_input import KDCACHE, TINY, TRAIN, Case, Ctx, check_output, extract, invoke, prepare, snapshot, train, trained
 
 
@@ -179,28 +180,6 @@ def test_bad_input_cli(case: Case, tmp_path: Path, tiny_store: str, monkeypatch:
     check_one_line(case, result.exit_code, result.stdout, result.stderr)
     run.check_untouched()
     assert list(cwd.iterdir()) == [], f"{case.id}: a failed command wrote into the current folder"
-
-
-_REFUSING: list[socket.socket] = []
-
-
-def free_port() -> int:
-    """A local port nothing listens on (connections to it are refused): bound here, never listened on, and
-    held for the rest of the session. A port found free and let go (as this was) could be bound meanwhile by a server
-    of another pytest-xdist worker's (a dask scheduler, an HTTP server: each binds port 0), which then answered."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    _REFUSING.append(s)
-    return s.getsockname()[1]
-
-
-def test_a_free_port_stays_refused_where_another_server_would_bind_it():
-    """``free_port``'s port can be bound by no server but refuses every connection, for as long as the session lasts."""
-    port = free_port()
-    with pytest.raises(OSError, match="Address already in use"):
-        socket.create_server(("127.0.0.1", port))  # as another worker's dask scheduler or HTTP server would bind it
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=10).close()
 
 
 def check_stopped_before_anything(tmp_path: Path, tiny_store: str, name: str, address: str, expected: tuple[str, ...],

@@ -25,7 +25,7 @@ from kdcache.interop import pack
 from kdcache.store import open_store
 from kdcache.verify import verify
 from conftest import S3_BUCKET, TINY_TOML
-from reference import make_pipeline, without_times
+from reference import free_port, make_pipeline, without_times
 
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -71,19 +71,6 @@ def _served(root, module: str):
     proc.terminate()
     proc.wait(timeout=10)
     proc.stdout.close()
-
-
-_REFUSING: list[socket.socket] = []
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (connecting to it is refused): bound here, never listened on, and
-    held for the rest of the session. A port found free and let go (as this was) could be bound meanwhile by a server
-    of another pytest-xdist worker's (a dask scheduler, an HTTP server: each binds port 0), which then answered."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    _REFUSING.append(s)
-    return s.getsockname()[1]
 
 
 def test_a_free_port_stays_refused_where_another_server_would_bind_it():
