@@ -584,6 +584,7 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
     need("h5py", "hdf5", "kdcache import")
     source, location = storage.location_arg(source, "source"), storage.location_arg(location, "location")
     storage.refuse_empty_segments(location)  # a URL that lost a slash, before the file is looked at (as extract's --out)
+    storage.refuse_wildcards(location)  # before the lock object is made beside it (the store is refused again where it is created)
     storage.options_arg(storage_options)
     overwrite = storage.flag_arg(overwrite, "overwrite")
     import h5py

@@ -139,18 +139,19 @@ class _RemoteStore(zarr.storage.FsspecStore):
         return await self.get_at_most(key, prototype, byte_range, self.at_most(key))
 
     async def delete_dir(self, prefix: str) -> None:
-        """zarr's, except at a bucket's root (``s3://BUCKET``: a store there, which ``mode="w"`` clears for a new store or
-        an ``--overwrite``): s3fs's recursive delete of a bucket's root deletes the bucket itself, and in a versioned
-        bucket every version of every object first. There the objects under it are deleted, one by one (in batches),
-        and the bucket, its settings and other versions are kept."""
+        """zarr's (``mode="w"`` clears a store's prefix for a new store or an ``--overwrite``), deleting the objects
+        under ``PREFIX/`` alone, in batches: s3fs's recursive delete of a bucket's root (``s3://BUCKET``: a store there)
+        deletes the bucket itself, and in a versioned bucket every version of every object first; of a prefix, the
+        object named as the prefix too (``s3://BUCKET/run``, beside the store ``s3://BUCKET/run/``). The bucket, its
+        settings, other versions and that object are kept."""
         from zarr.storage._fsspec import _dereference_path
 
-        path = _dereference_path(self.path, prefix)
-        if "/" in path.strip("/"):
-            return await super().delete_dir(prefix)
+        path = _dereference_path(self.path, prefix).rstrip("/")
         self._check_writable()
         with contextlib.suppress(*self.allowed_exceptions):
-            objects = await self.fs._find(path)
+            # only the objects below PREFIX/: s3fs's recursive delete of a prefix deletes the object named PREFIX too
+            # (s3://bucket/run beside the store s3://bucket/run/, a user's file: an --overwrite deleted it)
+            objects = [o for o in await self.fs._find(path) if o.startswith(path + "/")]
             if objects:
                 await self.fs._rm(objects)  # a list: its objects alone, never the bucket (what a path with no key names)
 
@@ -866,6 +867,8 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
         return _LocalStore(_folder(local_path(location), read_only), read_only=read_only)
     if "::" in location and not read_only:  # zip::s3://..., zip::https://...: a zip is write-once
         raise _write_once(location, command)
+    if kind == "url" and not read_only:
+        refuse_wildcards(location)
     if kind == "http" and not read_only:
         raise StoreError(f"{location!r}: http(s) locations are read-only; write to a folder or an object store (s3://...)")
     try:
@@ -879,6 +882,21 @@ def zarr_store(location: str, storage_options: dict[str, Any] | None = None, *, 
                          f"{_closest_option(location, str(e))}check the --storage-option values") from None
     except ValueError as e:  # a zip:: chain opens the file here: a server without Range support, a file that is not a zip
         raise unreachable_error(location, e) from None
+
+
+_WILDCARD = re.compile(r"[*?[]")  # glob's, which fsspec's rm expands in every path it is given
+
+
+def refuse_wildcards(location: str) -> None:
+    """Refuse an object-store URL to write whose path holds ``*``, ``?`` or ``[``: fsspec's delete (zarr's clearing of
+    a new store's prefix, an ``--overwrite``'s, a chunk's) reads them as wildcards, and an extract to
+    ``s3://bucket/exp[12]`` deleted the objects of ``exp1/`` and ``exp2/`` (``exp*``: of every prefix so named), no
+    ``--overwrite`` given."""
+    path = location.partition("://")[2]
+    if location_kind(location) == "url" and (m := _WILDCARD.search(path)):
+        fixed = location.partition("://")[0] + "://" + re.sub(r"[*?[\]]", "-", path)
+        raise StoreError(f"{location!r} holds {m.group()!r}, a wildcard to fsspec's deletes: writing a store there would delete "
+                         f"the objects of every prefix it matches; choose a name without '*', '?' or '[' (e.g. {fixed!r})")
 
 
 def _folder(path: str, read_only: bool) -> str:

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import kdcache
 from kdcache.cli import main
 from kdcache.errors import StoreError
-from kdcache.interop import pack
+from kdcache.interop import import_hdf5, pack
 from kdcache.store import open_store
 from kdcache.verify import verify
 from conftest import S3_BUCKET, TINY_TOML
@@ -361,6 +361,46 @@ def test_s3_overwrite_replaces_what_is_left_of_a_store_whose_deletion_was_stoppe
     with pytest.raises(StoreError, match="exists and is not a kdcache store"):
         kdcache.extract(tiny, f"s3://{BUCKET}/left-other.zarr", storage_options=s3, overwrite=True)
     assert fs.cat(f"{BUCKET}/left-other.zarr/samples/index/c/notes.txt") == b"keep me"
+
+
+def test_s3_overwrite_keeps_the_object_named_as_the_stores_prefix(s3, tiny_store):
+    """An object whose key is the store's prefix itself (``s3://BUCKET/named``, a user's file, beside the store
+    ``s3://BUCKET/named/``) is no object of the store: an --overwrite deleted it (s3fs's recursive delete of a prefix takes
+    the object of that name too). It is kept, as are the siblings sharing the prefix (``named2/``, ``named.txt``)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    url, tiny = f"s3://{BUCKET}/named", kdcache.load_pipeline(TINY_TOML)
+    fs.put(str(tiny_store), f"{BUCKET}/named", recursive=True)
+    others = {f"{BUCKET}/named": b"a user's file", f"{BUCKET}/named2/x": b"another's", f"{BUCKET}/named.txt": b"notes"}
+    for key, body in others.items():
+        fs.pipe(key, body)
+    assert kdcache.extract(tiny, url, storage_options=s3, overwrite=True)["complete"]
+    fs.invalidate_cache()
+    assert {key: fs.cat(key) for key in others} == others
+    assert_same_store(url, tiny_store, options_a=s3)
+
+
+@pytest.mark.parametrize("name", ["wild[12]", "wild*", "wild?"])
+def test_s3_store_names_holding_wildcards_are_refused_before_anything_is_deleted(name, s3, tmp_path):
+    """fsspec's delete reads ``*``, ``?`` and ``[`` in a path as wildcards: an extract to ``s3://BUCKET/wild[12]`` (a new
+    store, no --overwrite: zarr clears its prefix first) deleted the objects of ``wild1/`` and ``wild2/`` (``wild*``:
+    of every prefix so named, ``wild.txt`` too). Writing there (extract, import) is refused in one line naming the
+    character and a name without it; nothing is deleted."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    others = {f"{BUCKET}/wild1/notes.txt": b"keep me", f"{BUCKET}/wild2/model.pt": b"and me", f"{BUCKET}/wildx": b"me too"}
+    for key, body in others.items():
+        fs.pipe(key, body)
+    url = f"s3://{BUCKET}/{name}"
+    wildcard = re.escape(repr(re.search(r"[*?[]", name).group()))
+    with pytest.raises(StoreError, match=rf"^{re.escape(repr(url))} holds {wildcard}, a wildcard to fsspec's deletes: .* \(e.g. 's3://{BUCKET}/wild-"):
+        kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    with pytest.raises(StoreError, match=rf"^{re.escape(repr(url))} holds {wildcard}, a wildcard"):
+        import_hdf5(str(tmp_path / "absent.h5"), url, storage_options=s3, overwrite=True)
+    fs.invalidate_cache()
+    assert {key: fs.cat(key) for key in others} == others and not [k for k in fs.find(BUCKET) if "wild" in k and "kdcache-lock" in k]
 
 
 def test_a_mistyped_bucket_is_named_not_sent_to_extract(s3):
