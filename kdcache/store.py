@@ -2163,15 +2163,17 @@ def _others(keys: list[str], read: Callable[[str], bytes]) -> list[str]:
         rest = key[len(owner) + 1 :] if owner else key
         if inside is not None:
             found.add(f"{inside + '/'!r} (a kdcache store)")
-        elif not _of_the_store(rest):
+        elif not _of_the_store(rest, bool(re.fullmatch(ARRAY_PATHS, owner))):
             top, sep, _ = rest.partition("/")
             found.add(repr(f"{owner}/{top}{sep}".lstrip("/")).replace(" (a link)'", "' (a link)"))
     return sorted(found)
 
 
-def _of_the_store(rest: str) -> bool:
-    """Whether ``rest``, a file's key below its node, is the node's ``zarr.json``, a chunk key, a temp file of either
-    (``.NAME.PID.tmp``, ``STEM.UUID.partial``: FORMAT.md §13.1), or a folder's record a file system made."""
+def _of_the_store(rest: str, array: bool) -> bool:
+    """Whether ``rest``, a file's key below its node, is the node's ``zarr.json``, a chunk key of an ``array`` node (a
+    group has none: a user's ``2024.06`` or ``samples/7/1`` in the folder was taken for one, and deleted by an
+    --overwrite unnamed), a temp file of either (``.NAME.PID.tmp``, ``STEM.UUID.partial``: FORMAT.md §13.1), or a
+    folder's record a file system made."""
     parent, _, name = rest.rpartition("/")
     if name in _FOLDER_RECORDS:
         return True
@@ -2179,7 +2181,7 @@ def _of_the_store(rest: str) -> bool:
         name = m.group(1)
     elif m := _PARTIAL.fullmatch(name):
         name = "zarr.json" if m.group(1) == "zarr" else m.group(1)
-    return f"{parent}/{name}".lstrip("/") == "zarr.json" or bool(_CHUNK_KEY.fullmatch(f"{parent}/{name}".lstrip("/")))
+    return f"{parent}/{name}".lstrip("/") == "zarr.json" or (array and bool(_CHUNK_KEY.fullmatch(f"{parent}/{name}".lstrip("/"))))
 
 
 def _has_manifest(read: Callable[[str], bytes], meta: str) -> bool:

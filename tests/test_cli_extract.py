@@ -285,11 +285,13 @@ def test_a_resume_another_resume_finished_meanwhile_says_the_store_was_already_c
 
 @pytest.mark.parametrize("other, named", [("run/student.pt", "'run/'"), ("NOTES.md", "'NOTES.md'"), (".git/HEAD", "'.git/'"),
                                           ("targets/notes.txt", "'targets/notes.txt'"), ("old.zarr", "'old.zarr/' (a kdcache store)"),
-                                          ("mine.zarr", "'mine.zarr/'"), ("targets/extra", "'targets/extra/'")])
+                                          ("mine.zarr", "'mine.zarr/'"), ("targets/extra", "'targets/extra/'"),
+                                          ("2024.06", "'2024.06'"), ("samples/7/1", "'samples/7/'")])
 def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_them(tmp_path, tiny_store, other, named):
     """zarr's mode="w" deleted the store's folder whole: a training run put inside it, notes, a .git, another store,
     someone's zarr group or an array another tool added (FORMAT.md §14; zarr.json and chunk keys below a node were all
-    taken for the store's). An --overwrite of a folder holding entries that are not its store's is refused before
+    taken for the store's; so were chunk-key names below a group, which has no chunks: a user's ``2024.06``,
+    ``samples/7/1``). An --overwrite of a folder holding entries that are not its store's is refused before
     anything is deleted, naming them; moved out, the store is replaced."""
     import shutil
 
