@@ -168,7 +168,7 @@ NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system witho
 def _take_lock(path: Path, location: str | os.PathLike[str], verb: str = "") -> int:
     """Lock ``path`` (created if missing) and write our name into it; returns its fd (-1: flock unsupported there)."""
     while True:
-        fd, theirs = _open_lock_file(path)
+        fd, theirs = _open_lock_file(path, location)
         try:
             refused = _refusal(fd, location)
             if refused is not None:
@@ -197,16 +197,30 @@ def _take_lock(path: Path, location: str | os.PathLike[str], verb: str = "") -> 
         os.close(fd)  # removed by the last holder after we opened it: lock the file there now
 
 
-def _open_lock_file(path: Path) -> tuple[int, bool]:
+def _open_lock_file(path: Path, location: str | os.PathLike[str]) -> tuple[int, bool]:
     """The local lock file ``path`` opened (created if missing) for ``_take_lock``, and whether it is another user's
-    (opened read-only)."""
+    (opened read-only). A link there is refused (``_linked_lock``)."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+        return os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644), False
     except PermissionError as denied:  # another user's lock file (a folder shared by a group): flock needs no write access
         try:
-            return os.open(path, os.O_RDONLY), True
+            return os.open(path, os.O_RDONLY | NOFOLLOW), True
         except FileNotFoundError:  # none there: a folder this user may not write, which the error names
             raise denied from None
+        except OSError as e:
+            raise _linked_lock(path, location) if e.errno == errno.ELOOP else e from None
+    except OSError as e:
+        raise _linked_lock(path, location) if e.errno == errno.ELOOP else e from None
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a lock file is opened so: a link at its name is refused, not followed
+
+
+def _linked_lock(path: Path, location: str | os.PathLike[str]) -> StoreError:
+    """A link where the lock file of ``location`` goes: opened through it, its target (a user's file, anywhere) was
+    emptied, the holder's line written into it, and the link deleted as the lock was released."""
+    return StoreError(f"cannot lock {str(location)!r}: its lock file {str(path)!r} is a link (to {os.readlink(path)!r}), whose "
+                      f"target kdcache would overwrite; remove the link (kdcache makes the file itself) and rerun (nothing was changed)")
 
 
 def _remove_left_lock(path: Path, location: str | os.PathLike[str], fd: int) -> None:
@@ -324,13 +338,17 @@ def _take_shared(path: Path, location: str, holder: str, verb: str) -> int:
     or -1: not locked (no lock file, and none can be made: a folder this user may not write; a file system without flock)."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _linked_lock(path, location) from None
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # no folder there: opening the store names it
                 return -1
             try:  # another user's lock file, a read-only mount: flock needs no write access (its text is then left as it is)
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
+                fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise _linked_lock(path, location) from None
                 _unlocked(location, verb, f"its lock file {str(path)!r} cannot be made here")
                 return -1
         try:

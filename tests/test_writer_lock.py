@@ -247,6 +247,30 @@ def test_a_lock_that_cannot_be_written_is_a_one_line_error(tmp_path):
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "lock file" in result.output, result.output
 
 
+def test_a_link_where_the_lock_file_goes_is_refused_and_its_target_kept(tiny_store, tmp_path):
+    """The lock file was opened through a link at its name (``.t.zarr.kdcache-lock -> notes.txt``, in a folder a team
+    shares): extract, import, train, pack and export emptied the link's target, wrote their holder line into it and
+    deleted the link. Each is refused in one line naming the link and its target, which is kept."""
+    store = tmp_path / "t.zarr"
+    shutil.copytree(tiny_store, store)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    lock_file(store).symlink_to(notes)
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / ".run.kdcache-lock").symlink_to(notes)
+    for args in (["extract", FIXTURES / "tiny.toml", "--out", store], ["pack", store, tmp_path / "t.zarr.zip"],
+                 ["export", store, tmp_path / "t.h5"], ["train", FIXTURES / "tiny.toml", "--cache", store, "--out", run]):
+        result = invoke(*args)
+        named = lock_file(store) if args[0] != "train" else tmp_path / ".run.kdcache-lock"
+        assert result.exit_code == 1 and result.stderr == (
+            f"Error: cannot lock {str(run if args[0] == 'train' else store)!r}: its lock file "
+            f"{str(named)!r} is a link (to {str(notes)!r}), whose target kdcache would overwrite; remove the link (kdcache makes "
+            "the file itself) and rerun (nothing was changed)\n"), (args[0], result.output)
+        assert notes.read_text() == "keep me" and named.is_symlink(), args[0]
+    assert not (tmp_path / "t.zarr.zip").exists() and not (tmp_path / "t.h5").exists()
+
+
 def test_pack_and_export_of_a_store_being_written_are_refused(tiny_store, tmp_path, brief_looks):
     """pack and export read a store without looking at its writer lock: one racing an extract --overwrite of the store
     could copy objects of two stores into one file. They are refused at the start, as the writers are."""
