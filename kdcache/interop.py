@@ -53,6 +53,7 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
     # --overwrite with another teacher, started meanwhile would put the manifest of one moment and the shards of another in it
     with locking.reading_lock(location, storage_options, "pack") as held:
         store = _complete(location, storage_options, "pack")
+        _check_replaced(out, "pack")  # after the store is opened: a mistyped STORE is named first
         _check_objects(store, "pack")
         _check_layout(store, "pack")
         keys, strays, bounds, sharded = _store_objects(store)
@@ -541,6 +542,7 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
                          f"file: write it elsewhere (e.g. {str(out.with_name(out.name.removesuffix('.zarr.zip') + '.h5'))!r})")
     with locking.reading_lock(location, storage_options, "export") as held:  # writers kept out until the file is in place (pack)
         store = _complete(location, storage_options, "export")
+        _check_replaced(out, "export")
         part = _part_name(out)
         with _writing(part, out), _part_file(part, out) as fd:
             with _hdf5_file(fd) as (f, check):
@@ -1026,6 +1028,53 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise StoreError(f"{str(out)!r} exists; choose another output or pass --overwrite")
     _check_folder(out.parent, f"choose another output path than {str(out)!r}")
+
+
+MAX_REPLACED_MANIFEST_BYTES = 2**26  # a zip's root zarr.json read to tell a packed store: larger, no kdcache manifest
+
+
+def _check_replaced(out: Path, command: str) -> None:
+    """Refuse an ``--overwrite`` of an OUT that is not a file kdcache ``command`` writes (``pack``: a zip holding a
+    kdcache store; ``export``: an HDF5 file with the root attribute ``kdcache``), naming what it is, before anything is
+    read: a user's ``data.h5``, ``photos.zip`` or ``notes.txt``, or a packed store given to ``export``, was replaced
+    with no word. An empty file holds nothing to lose."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return
+    what = _kdcache_file(out)
+    if what != command:
+        wrote = "a zip of a kdcache store" if command == "pack" else "an HDF5 file with the root attribute 'kdcache'"
+        raise StoreError(f"{str(out)!r} is {_kinds.get(what, what)}, not a file kdcache {command} writes ({wrote}); "
+                         f"{option('--overwrite')} replaces only such a file: choose another OUT or move that file away")
+
+
+_kinds = {"pack": "a kdcache store's zip (kdcache pack's)", "export": "an HDF5 export of a kdcache store (kdcache export's)"}
+
+
+def _kdcache_file(path: Path) -> str:
+    """``"pack"`` where the file ``path`` is a zip with a kdcache store at its root, ``"export"`` an HDF5 file with the
+    root attribute ``kdcache``, else what it is in a few words."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                if z.getinfo("zarr.json").file_size <= MAX_REPLACED_MANIFEST_BYTES:
+                    if layout.ATTRS in json.loads(z.read("zarr.json")).get("attributes", {}):
+                        return "pack"
+        except (KeyError, OSError, ValueError, AttributeError, zipfile.BadZipFile):
+            pass
+        return "a zip file without a kdcache store at its root"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head == b"\x89HDF\r\n\x1a\n":
+        try:
+            import h5py
+
+            with h5py.File(path, "r") as h:
+                if layout.ATTRS in h.attrs:
+                    return "export"
+        except (ImportError, OSError):
+            return "an HDF5 file that cannot be read"
+        return "an HDF5 file without the root attribute 'kdcache'"
+    return f"neither a zip nor an HDF5 file (it begins {head!r})"
 
 
 def _check_folder(folder: Path, fix: str) -> None:

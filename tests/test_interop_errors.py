@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -568,6 +569,40 @@ def test_cleanup_never_masks_the_error(tiny_store, tmp_path, monkeypatch):
         interop.pack(tiny_store, tmp_path / "x.zarr.zip")
 
 
+@pytest.mark.parametrize("verb, name, made, seen", [
+    ("export", "data.h5", "hdf5", "an HDF5 file without the root attribute 'kdcache'"),
+    ("export", "photos.zip", "zip", "a zip file without a kdcache store at its root"),
+    ("export", "notes.txt", "text", "neither a zip nor an HDF5 file (it begins b'keep me')"),
+    ("export", "t.zarr.zip", "pack", "a kdcache store's zip (kdcache pack's)"),
+    ("pack", "photos.zip", "zip", "a zip file without a kdcache store at its root"),
+    ("pack", "old.zarr.zip", "text", "neither a zip nor an HDF5 file (it begins b'keep me')"),
+])
+def test_pack_and_export_overwrite_only_a_file_of_their_own_kind(tiny_store, tmp_path, verb, name, made, seen):
+    """pack --overwrite and export --overwrite replaced whatever OUT was, with no word: a user's dataset.h5, a zip of
+    photos, notes, a packed store given to export (meaning pack). Such an OUT is refused in one line naming what it is,
+    before anything is written; a file the same command wrote is replaced."""
+    out = tmp_path / name
+    if made == "hdf5":
+        with h5py.File(out, "w") as f:
+            f["x"] = np.arange(5)
+    elif made == "zip":
+        with zipfile.ZipFile(out, "w") as z:
+            z.writestr("a.jpg", b"a photo")
+    elif made == "pack":
+        interop.pack(tiny_store, out)
+    else:
+        out.write_text("keep me")
+    before = out.read_bytes()
+    wrote = "a zip of a kdcache store" if verb == "pack" else "an HDF5 file with the root attribute 'kdcache'"
+    code, line = cli(verb, tiny_store, out, "--overwrite")
+    assert code == 1 and line == (f"Error: {str(out)!r} is {seen}, not a file kdcache {verb} writes ({wrote}); --overwrite replaces only "
+                                  "such a file: choose another OUT or move that file away"), line
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
+    ours = tmp_path / ("ours.zarr.zip" if verb == "pack" else "ours.h5")
+    for _ in range(2):  # its own file, replaced
+        assert CliRunner().invoke(main, [verb, str(tiny_store), str(ours), "--overwrite"]).exit_code == 0
+
+
 def test_export_over_the_zip_it_reads_is_refused(tiny_store, tmp_path):
     """export STORE.zarr.zip STORE.zarr.zip --overwrite replaced the store with the HDF5 file under the zip's name."""
     packed = tmp_path / "t.zarr.zip"
@@ -609,7 +644,7 @@ def inner_chunk_offset(file: Path, slots: int, chunk: int) -> int:
     ("cut", "array 'targets/layers/features.3' shard 1 (object 'targets/layers/features.3/c/1/0/0/0'): it holds 10 bytes, "
             "fewer than its shard index (132)"),  # cut short: a copy that stopped
 ])
-def test_pack_refuses_a_done_shard_whose_checksums_fail_and_leaves_out_as_it_was(chunked_store, tmp_path, where, what):
+def test_pack_refuses_a_done_shard_whose_checksums_fail_and_leaves_out_as_it_was(chunked_store, tiny_store, tmp_path, where, what):
     """pack copied a shard object's bytes unread: a byte flipped on disk or on the way (inside an inner chunk, or in the
     shard index) went into the zip without a word, to be found by whoever received it. Each object's shard index and
     inner chunks' crc32c are now checked as it is copied (never decoded): refused naming the array, shard, inner chunk
@@ -622,11 +657,12 @@ def test_pack_refuses_a_done_shard_whose_checksums_fail_and_leaves_out_as_it_was
         flip(shard, inner_chunk_offset(shard, 8, 2) + 5 if where == "chunk" else -20)
     out = tmp_path / "out" / "t.zarr.zip"
     out.parent.mkdir()
-    out.write_bytes(b"an earlier zip")
+    interop.pack(tiny_store, out)  # an earlier zip (--overwrite replaces only a kdcache store's zip)
+    earlier = out.read_bytes()
     _, line = cli("pack", store, out, "--overwrite")
     assert line == (f"Error: cannot pack {str(store)!r}: {what}, damaged on disk or on the way; re-extract the store or copy "
                     f"it again (kdcache verify {store} lists every damaged shard); nothing was written"), line
-    assert sorted(out.parent.iterdir()) == [out] and out.read_bytes() == b"an earlier zip"
+    assert sorted(out.parent.iterdir()) == [out] and out.read_bytes() == earlier
     with pytest.raises(StoreError, match=re.escape(what)):
         interop.pack(store, tmp_path / "new.zarr.zip")
     assert not (tmp_path / "new.zarr.zip").exists() and not list(tmp_path.glob("*.part"))
@@ -767,7 +803,8 @@ def test_export_onto_a_full_disk_is_one_line_not_a_crash(tiny_store, tmp_path):
     import sys
 
     out = tmp_path / "x.h5"
-    out.write_text("old")
+    interop.export_hdf5(tiny_store, out, compression="none")  # an earlier export (--overwrite replaces only kdcache's)
+    old = out.read_bytes()
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))  # the export is about 120 KB
@@ -776,16 +813,17 @@ def test_export_onto_a_full_disk_is_one_line_not_a_crash(tiny_store, tmp_path):
                        capture_output=True, text=True, preexec_fn=limit, timeout=120)
     assert r.returncode == 1 and r.stderr == f"Error: cannot write {str(out)!r}: File too large; lift the file size limit (ulimit -f; " \
         "or the file system's largest file, 4 GiB on FAT32) and rerun (nothing was written)\n", (r.returncode, r.stderr)
-    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+    assert out.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
 
 
 def test_export_overwrite_failure_keeps_the_old_file(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "x.h5"
-    out.write_text("old")
+    interop.export_hdf5(tiny_store, out, compression="none")
+    old = out.read_bytes()
     monkeypatch.setattr(interop.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     _, line = cli("export", tiny_store, out, "--overwrite")
     assert "free space" in line, line
-    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+    assert out.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
 
 
 # ------------------------------------------------------------------------------------------- demo
