@@ -71,7 +71,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     if auto:  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
         resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
-    checkpoint, unread = _checked_out(out, resume, overwrite, rank)
+    checkpoint, unread = _checked_out(out, resume, overwrite, rank, pipeline)
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device), "train.device", pipeline.where("train.device"))
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
@@ -103,7 +103,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         params = list(run.student.parameters()) + list(run.heads.parameters())
         optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay, _decays_all(checkpoint, params, rank))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
-        with _owned_out(out, resume, overwrite, rank):  # one run per OUT, from here to the end
+        with _owned_out(out, resume, overwrite, rank, pipeline):  # one run per OUT, from here to the end
             # the next step's epoch and the epoch's batches trained; resumed inside an epoch, its loss sums so far
             state, partial = _resumed(out, checkpoint, run, optimizer, schedule, total_steps, rank)
             with _rng_kept(device):  # made after a resume restored the RNG: its dataset and check draw nothing training would
@@ -155,13 +155,13 @@ def _flags(storage_options: Any, resume: Any, overwrite: Any, allow_partial: Any
     return resume, overwrite, allow_partial, flag_arg(progress, "progress"), again
 
 
-def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int) -> tuple[dict[str, Any] | None, StoreError | None]:
+def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: Pipeline) -> tuple[dict[str, Any] | None, StoreError | None]:
     """OUT checked by rank 0 before the store, dataset and student are loaded (``_check_out``), and the checkpoint a
     --resume continues, read by every rank; with, for another rank than 0 that cannot read it, why (said once every rank
     has joined: ``_check_same_out``)."""
     if rank == 0:
         locking.refuse_if_being_written(out)
-        _check_out(out, resume, overwrite)
+        _check_out(out, resume, overwrite, pipeline)
     try:
         return (_read_checkpoint(out) if resume else None), None
     except StoreError as e:
@@ -1710,14 +1710,14 @@ MAX_RANK_TIMEOUT_S = 1e9  # about 31 years: the longest train.rank_timeout_s (ch
 
 
 @contextlib.contextmanager
-def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int) -> Iterator[None]:
+def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: Pipeline) -> Iterator[None]:
     """Rank 0 holds OUT's writer lock for the rest of the run (a second run into the same OUT is refused, as a
     second writer of a store is) and checks OUT again under it (another run may have written it meanwhile)."""
     if rank != 0:
         yield
         return
     with locking.writer_lock(out, verb="train"):
-        _check_out(out, resume, overwrite)
+        _check_out(out, resume, overwrite, pipeline)
         yield
 
 
@@ -1761,8 +1761,9 @@ def local_folder(out: str, command: str) -> Path:
     return Path(out)
 
 
-def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an OUT that is a file, a --resume without a checkpoint, a finished run without --overwrite (writes nothing)."""
+def _check_out(out: Path, resume: bool, overwrite: bool, pipeline: Pipeline | None = None) -> None:
+    """Refuse an OUT that is a file, a --resume without a checkpoint, a finished run without --overwrite (writes nothing),
+    and, for a new run without --overwrite, files a run writes that are not this run's (``_refuse_foreign_files``)."""
     if out.exists() and not out.is_dir():
         raise StoreError(f"{option('--out')} {str(out)!r} is a file, not a folder; choose another {option('--out')} or remove the file")
     if (out / "zarr.json").exists():  # a store (--cache itself, say): its files would be mixed with the run's
@@ -1780,6 +1781,27 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
         if not overwrite:
             raise StoreError(f"{str(out)!r} already holds a training run; pass {option('--resume')} to continue it or "
                              f"{option('--overwrite')} to start afresh")
+    elif not overwrite and pipeline is not None:
+        _refuse_foreign_files(out, pipeline)
+
+
+def _refuse_foreign_files(out: Path, pipeline: Pipeline) -> None:
+    """Refuse a new run into an OUT holding no run's checkpoint but a ``pipeline.json``, ``metrics.jsonl`` or ``heads.pt``
+    that this run would replace, unless its ``pipeline.json`` is this run's values (the same command, stopped before its
+    first checkpoint, run again): a user's files (a folder of their pipeline, another tool's metrics) were replaced
+    with no ``--overwrite`` given."""
+    present = [name for name in ("pipeline.json", "metrics.jsonl", "heads.pt") if (out / name).exists()]
+    if not present:
+        return
+    try:
+        ours = json.loads((out / "pipeline.json").read_text()) == json.loads(json.dumps(pipeline.to_dict()))
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        them = "it" if len(present) == 1 else "them"
+        raise StoreError(f"{str(out)!r} holds {', '.join(map(repr, present))} but no training run's {CHECKPOINT}, and not this run's "
+                         f"pipeline.json: a new run would replace {them}; move {them} away or choose another {option('--out')} "
+                         f"({option('--overwrite')} replaces {them})")
 
 
 RUN_FILES = (CHECKPOINT, "student.pt", "heads.pt", "metrics.jsonl")

@@ -653,6 +653,33 @@ def test_outputs(tiny_store, test_store, tmp_path):
     assert len(metrics(out)) == 1 and "eval_accuracy" not in metrics(out)[0]
 
 
+def test_a_new_run_keeps_files_in_out_that_are_not_this_runs(tiny_store, tmp_path):
+    """A new run into a folder holding no run's checkpoint replaced a pipeline.json, metrics.jsonl and heads.pt found there
+    (a user's pipeline file with --out ., another tool's metrics) with no --overwrite given. It is refused in one line
+    naming them, unless pipeline.json is this run's own values (the same command, stopped before its first checkpoint,
+    run again: it trains); --overwrite replaces them."""
+    p = pipeline(*PLAIN, "train.epochs=1")
+    out = tmp_path / "project"
+    out.mkdir()
+    mine = {"pipeline.json": '{"mine": 1}\n', "metrics.jsonl": '{"step": 1}\n', "notes.md": "keep"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    with pytest.raises(StoreError, match=re.escape(f"{str(out)!r} holds 'pipeline.json', 'metrics.jsonl' but no training run's "
+                                                   "checkpoint.pt, and not this run's pipeline.json: a new run would replace them; "
+                                                   "move them away or choose another out (overwrite=True replaces them)")):
+        train(p, tiny_store, out)
+    assert {name: (out / name).read_text() for name in mine} == mine and sorted(os.listdir(out)) == sorted(mine)
+    (out / "metrics.jsonl").unlink()
+    (out / "pipeline.json").write_text(json.dumps(p.to_dict()))  # this run's own, from a start stopped before its checkpoint
+    train(p, tiny_store, out)
+    assert (out / "notes.md").read_text() == "keep" and len(metrics(out)) == 1
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "heads.pt").write_text("a user's")
+    train(p, tiny_store, again, overwrite=True)
+    assert (again / "student.pt").is_file()
+
+
 def test_eval_metrics_count_a_tie_at_the_teacher_s_top_by_its_share(tmp_path):
     """float16 teacher logits tie at the top where float32 ones differ in the 4th digit: eval_agreement and
     eval_teacher_accuracy took argmax's lowest tied class, so they depended on how the classes are numbered. A tie of k
