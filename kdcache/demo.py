@@ -150,10 +150,27 @@ def _make_out(out: Path) -> None:
         where = "is a zarr store" if store == out else f"is inside the zarr store {str(store)!r}"
         raise StoreError(f"--out {str(out)!r} {where}; kdcache demo writes its two stores, three students and summary into "
                          f"a folder of its own: choose another --out outside any store (e.g. {str(store.parent / 'demo')!r})")
+    _refuse_foreign_summary(out / "summary.json")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot create the folder --out {str(out)!r}: {e.strerror or e}; {write_fix(e)} and rerun kdcache demo") from None
+
+
+def _refuse_foreign_summary(file: Path) -> None:
+    """Refuse an --out holding a ``summary.json`` that is not an earlier demo's (``--out .`` in a project folder): the
+    demo replaced it with its own, after its runs, with no word. An earlier demo's (``gap_closed`` and ``students``) is
+    replaced, as the demo's stores and students are."""
+    if not file.exists():
+        return
+    try:
+        summary = json.loads(file.read_text())
+        ours = isinstance(summary, dict) and {"gap_closed", "students"} <= summary.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise StoreError(f"{str(file)!r} is not an earlier kdcache demo's summary (no 'gap_closed' and 'students'), and the demo "
+                         f"writes its own there; choose another --out for kdcache demo (or move that file away)")
 
 
 def table(s: dict[str, Any]) -> str:

@@ -829,6 +829,21 @@ def test_export_overwrite_failure_keeps_the_old_file(tiny_store, tmp_path, monke
 # ------------------------------------------------------------------------------------------- demo
 
 
+def test_demo_keeps_a_summary_json_that_is_not_an_earlier_demos(tmp_path):
+    """demo --out . in a project folder replaced the project's summary.json with its own once its runs ended, with no
+    word. An --out holding a summary.json that is not an earlier demo's is refused before anything is made; an earlier
+    demo's is not (its stores and students are replaced too)."""
+    (tmp_path / "summary.json").write_text('{"results": [1, 2]}')
+    _, line = cli("demo", "--out", tmp_path)
+    assert line == (f"Error: {str(tmp_path / 'summary.json')!r} is not an earlier kdcache demo's summary (no 'gap_closed' and "
+                    "'students'), and the demo writes its own there; choose another --out for kdcache demo (or move that file away)"), line
+    assert (tmp_path / "summary.json").read_text() == '{"results": [1, 2]}' and os.listdir(tmp_path) == ["summary.json"]
+    from kdcache.demo import _refuse_foreign_summary
+
+    (tmp_path / "summary.json").write_text(json.dumps({"gap_closed": 0.5, "students": {}}))
+    _refuse_foreign_summary(tmp_path / "summary.json")  # an earlier demo's: replaced
+
+
 def test_demo_out_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("keep")
     for out in ("afile", "afile/sub"):
