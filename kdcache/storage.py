@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import stat
 import sys
 import time
@@ -69,6 +70,23 @@ class _LocalStore(zarr.storage.LocalStore):
 
     def at_most(self, key: str) -> int | None:
         return object_at_most(self.object_bounds, key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        """zarr's, but the store's own folder (``prefix`` "": ``mode="w"`` clearing it for a new store or an
+        ``--overwrite``) is emptied, not deleted and made again: zarr's ``rmtree`` of it failed on ``--out .`` (EINVAL, once
+        an ``--overwrite`` had deleted the store inside: "shards already done are kept"), and of a mount point (EBUSY);
+        elsewhere the folder made again lost its owner, group and mode (a team's shared folder) and left a shell in it
+        in a deleted folder."""
+        if prefix.strip("/"):
+            return await super().delete_dir(prefix)
+        self._check_writable()
+        if not os.path.isdir(self.root):
+            return
+        for entry in os.scandir(self.root):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
     async def set(self, key: str, value: Any) -> None:
         await self._write(key, value, exclusive=False)

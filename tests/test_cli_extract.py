@@ -317,6 +317,24 @@ def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_th
     assert invoke("extract", TINY, "--out", out, "--overwrite").exit_code == 0 and (tmp_path / "moved").exists()
 
 
+def test_a_store_in_the_working_folder_is_made_and_replaced_keeping_the_folder(tmp_path, monkeypatch):
+    """zarr clears a new store's folder (and an --overwrite's) with rmtree of the folder itself, made again after:
+    ``extract --out .`` failed (EINVAL: the working folder cannot be removed) saying "shards already done are kept", and
+    with --overwrite after the store inside was deleted; elsewhere the folder made again lost its mode (a team's
+    shared folder's setgid and group bits) and the working folder of a shell in it. The folder is emptied, not deleted:
+    both work, and it keeps its inode and mode."""
+    folder = tmp_path / "here"
+    folder.mkdir()
+    folder.chmod(0o2770)
+    before = folder.stat()
+    monkeypatch.chdir(folder)
+    for extra in ([], ["--overwrite"]):
+        result = invoke("extract", TINY, "--out", ".", *extra)
+        assert result.exit_code == 0, result.output
+        assert (folder.stat().st_ino, folder.stat().st_mode) == (before.st_ino, before.st_mode)
+    assert open_store(".").complete
+
+
 @pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
 @pytest.mark.parametrize("kind, flags, says", [
     ("others", ["--overwrite"], "holds 1 entry besides its store, which --overwrite would delete with it: 'NOTES.md'"),
