@@ -82,7 +82,8 @@ class _LocalStore(zarr.storage.LocalStore):
         self._check_writable()
         if not os.path.isdir(self.root):
             return
-        for entry in os.scandir(self.root):
+        # the root zarr.json first: a deletion stopped midway leaves no store to resume, but its remains (FORMAT.md §13)
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name != "zarr.json"):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
             else:
