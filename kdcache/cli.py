@@ -92,7 +92,7 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        if isinstance(sys.exc_info()[1], KdcacheError) or _in_finalizer(frame):  # it came while the command cleans up after its
+        if isinstance(sys.exc_info()[1], KdcacheError) or _put_off(signum, frame):  # it came while the command cleans up after its
             # own error, which it goes on to say (torchrun SIGTERMs rank 0 once another rank has said the same refusal and
             # ended); or while it handles one it recovers from (a probe's), and goes on; or in a finalizer, which would drop
             # it: sent again shortly, it stops the command then
@@ -103,9 +103,11 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
 
     before = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, stop)
+    stop.running = True  # type: ignore[attr-defined]
     try:
         yield
     finally:
+        stop.running = False  # type: ignore[attr-defined]
         # the kdcache program: the command has ended (its files written, its exit status decided) and the process only
         # says so and exits; a SIGTERM now is ignored, not Python's default that would end it by the signal (-15, with
         # "Terminated" where a shell said it finished or gave its Error line). A caller of main() in-process gets its handler back.
@@ -147,15 +149,17 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        if _in_finalizer(frame):
+        if _put_off(signum, frame):
             _send_later(signum, interrupt)
             return
         raise _sent_again_if_dropped(KeyboardInterrupt(), signum, interrupt)
 
     signal.signal(signal.SIGINT, interrupt)
+    interrupt.running = True  # type: ignore[attr-defined]
     try:
         yield
     finally:
+        interrupt.running = False  # type: ignore[attr-defined]
         if signal.getsignal(signal.SIGINT) is interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -197,13 +201,34 @@ def _sent_again_if_dropped(e: KeyboardInterrupt, signum: int, handler: Any) -> K
     return e
 
 
+PUT_OFF_S = 10.0  # the longest a signal waits for a finalizer or an import (one that hangs, a download, is cut short)
+_PUT_OFF_SINCE: dict[int, float] = {}
+
+
+def _put_off(signum: int, frame: Any) -> bool:
+    """Whether the handler of ``signum`` puts it off (sends it again moments later): ``frame`` runs in a finalizer or an
+    import (``_in_finalizer``), for at most ``PUT_OFF_S`` since it was first put off."""
+    if not _in_finalizer(frame):
+        _PUT_OFF_SINCE.pop(signum, None)
+        return False
+    if time.monotonic() - _PUT_OFF_SINCE.setdefault(signum, time.monotonic()) < PUT_OFF_S:
+        return True
+    del _PUT_OFF_SINCE[signum]
+    return False
+
+
 def _in_finalizer(frame: Any) -> bool:
-    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops. Seen here, the signal waits until
-    the finalizer is done, which then runs to its end (a dask Future's release); a finalizer this does not see (a
-    weakref's callback, a generator's ``finally``) drops the exception, and ``_dropped_signals_sent_again`` sends it again."""
+    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, or in an import. Seen here, the
+    signal waits until the finalizer is done, which then runs to its end (a dask Future's release); a finalizer this does
+    not see (a weakref's callback, a generator's ``finally``) drops the exception, and ``_dropped_signals_sent_again``
+    sends it again. An import, too, runs to its end first: raised inside torch's (``kdcache.train`` imports it as train
+    starts), the exception left torch half made, and the process was once aborted (SIGABRT, exit -6) instead of saying
+    its line (CI: a preempted job's SIGTERM in its first second)."""
     while frame is not None:
         code = frame.f_code
         if code.co_name == "__del__" or (code.co_name == "__call__" and Path(code.co_filename).name == "weakref.py"):
+            return True
+        if code.co_filename.startswith("<frozen importlib._bootstrap"):
             return True
         frame = frame.f_back
     return False
@@ -216,8 +241,10 @@ def _send_later(signum: int, handler: Any) -> None:
 
 
 def _send_again(signum: int, handler: Any) -> None:
-    """A signal the main thread put off, sent to it again while ``handler`` still takes it (not once the command has ended)."""
-    if signal.getsignal(signum) is handler:
+    """A signal the main thread put off, sent to it again while ``handler`` still takes it, or while the command it was
+    installed for runs (``handler.running``: train's own SIGTERM handler, installed as it trains, takes it then; put off
+    as the run was set up, it was lost, and the job ran to its end) — not once the command has ended."""
+    if signal.getsignal(signum) is handler or getattr(handler, "running", False):
         signal.pthread_kill(threading.main_thread().ident, signum)
 
 

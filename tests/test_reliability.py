@@ -308,6 +308,37 @@ def waiting(pid: int, within: float = 240.0) -> None:
     raise AssertionError(f"process {pid} never waited in {within:g} s (state {state})")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_that_lands_in_an_import_waits_for_it_then_stops_the_command(sig, tmp_path, monkeypatch):
+    """A preempted job's SIGTERM in its first second landed inside torch's import (train imports it as it starts): the
+    exception raised there left torch half made and the process was once aborted (exit -6) instead of saying its line.
+    The import runs to its end first, then the command stops with its one line; an import that hangs is cut short
+    after ``cli.PUT_OFF_S``."""
+    import kdcache.cli as cli
+
+    (tmp_path / "slow_import.py").write_text("import signal, threading, time\n"
+                                             f"signal.pthread_kill(threading.main_thread().ident, {int(sig)})\n"
+                                             "time.sleep(0.3)  # the handler runs here, in the import\nDONE = True\n")
+    (tmp_path / "hung_import.py").write_text("import signal, threading, time\n"
+                                             f"signal.pthread_kill(threading.main_thread().ident, {int(sig)})\n"
+                                             "time.sleep(60)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "PUT_OFF_S", 1.0)
+    for name in ("slow_import", "hung_import"):
+        @cli._errors
+        def export(out):
+            __import__(name)
+            time.sleep(5)
+
+        started = time.monotonic()
+        with pytest.raises(click.ClickException) as caught:
+            export(out="x")
+        assert caught.value.exit_code == 128 + sig and time.monotonic() - started < 4
+        assert (name in sys.modules and sys.modules[name].DONE) if name == "slow_import" else name not in sys.modules
+        sys.modules.pop(name, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("finalizer", ["__del__", "weakref callback", "generator finally"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(sig, finalizer, capfd):
