@@ -339,6 +339,36 @@ def test_a_signal_that_lands_in_an_import_waits_for_it_then_stops_the_command(si
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_sigterm_put_off_in_an_import_reaches_the_handler_train_installs_after_it(tmp_path, monkeypatch):
+    """A preempted job's SIGTERM as train was set up landed in an import and was put off; once the import ended train had
+    installed its own SIGTERM handler (it saves a checkpoint first), and the signal, sent again only while kdcache's own
+    handler was the one installed, was lost: the job ran to its end, exit 0. It reaches train's handler now."""
+    import kdcache.cli as cli
+
+    (tmp_path / "setup_import.py").write_text("import signal, threading, time\n"
+                                              "signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)\n"
+                                              "time.sleep(0.2)  # the handler runs here, in the import\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    taken = []
+
+    @cli._errors
+    def export(out):
+        __import__("setup_import")
+        before = signal.signal(signal.SIGTERM, lambda signum, frame: taken.append(signum))  # as train._stop_requests
+        try:
+            deadline = time.monotonic() + 5
+            while not taken and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            signal.signal(signal.SIGTERM, before)
+
+    try:
+        export(out="x")
+    finally:
+        sys.modules.pop("setup_import", None)
+    assert taken == [signal.SIGTERM]
+
+
 @pytest.mark.parametrize("finalizer", ["__del__", "weakref callback", "generator finally"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(sig, finalizer, capfd):
