@@ -523,3 +523,47 @@ def test_a_damaged_index_of_a_store_without_digests_is_named_as_damage_not_read_
     with pytest.raises(StoreError, match=rf"^'{re.escape(str(store))}' is damaged: store row 5 holds dataset index -1 in samples/index, "
                                          r"where a store's row r holds index r \(FORMAT.md §4\); run kdcache verify"):
         list(transfer(str(store), Numbered(N), memory_budget_mb=budget, fingerprint_check=0.0))
+
+
+# ------------------------------------------------------------------ what train's own loss pairs
+
+def exact_student(factory: str = "numbered.py:numbered", **train: object) -> kdcache.Pipeline:
+    """The numbered pipeline whose student is the teacher itself (``echo``, its one weight 1), trained on mse alone: its
+    loss is 0 exactly where every row the step trains on is paired with its own target (and so its gradient, and the
+    weight stays 1), and at least 4 / B for a batch of B rows holding one row paired with a neighbour's."""
+    return numbered(data={"factory": factory, "split": "train"}, student={"factory": "numbered.py:echo"},
+                    train={"epochs": 2, "batch_size": 8, "device": "cpu", "lr": 1e-6, "loss": {"kl": 0.0, "mse": 1.0}, **train})
+
+
+def epoch_losses(out) -> list[tuple[int, float]]:
+    import json
+
+    return [(line["step"], line["loss_mse"]) for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("settings", [{"num_workers": 2}, {"num_workers": 2, "memory_budget_mb": 0.0, "shuffle_buffer_shards": 1},
+                                      {"num_workers": 2, "memory_budget_mb": 0.0, "streams": 2}],
+                         ids=["memory-workers", "stream-workers", "joined-streams-workers"])
+def test_train_pairs_every_row_it_trains_on_with_its_own_target(numbered_store, tmp_path, settings):
+    """The pairing as the training step sees it (TransferSet's batches through DataLoader workers, streamed buffers and
+    joined streams, then the student and the loss), not as a reader's batch shows it: a student that is the teacher
+    trains at loss 0 in every epoch, and the same run on a dataset with two items exchanged, its checks switched off,
+    does not (what a pairing slip anywhere from the store to the loss would show)."""
+    kdcache.train(exact_student(**settings), numbered_store, tmp_path / "run")
+    assert [loss for _, loss in epoch_losses(tmp_path / "run")] == [0.0, 0.0]
+    swapped = exact_student("numbered.py:numbered_two_swapped", **settings, fingerprint_check=0.0, fingerprint_recheck=0.0)
+    kdcache.train(swapped, numbered_store, tmp_path / "swapped")
+    # rows 40 and 41 each paired with the other's target: 4 errors of 1 each, 2 / N of the epoch's mean (the weight moves a little)
+    assert [loss for _, loss in epoch_losses(tmp_path / "swapped")] == [pytest.approx(2 / N, rel=1e-3)] * 2
+
+
+@pytest.mark.parametrize("settings, steps", [({}, (13, 17, 26)), ({"memory_budget_mb": 0.0, "streams": 2}, (7, 9, 14))],
+                         ids=["memory", "stream-joined-streams"])
+def test_a_run_resumed_inside_an_epoch_with_other_workers_pairs_every_row_with_its_own_target(numbered_store, tmp_path, settings, steps):
+    """Targets in RAM, or streamed in joined streams, serve the same steps for any number of DataLoader workers, so a resume
+    may change it: a run of 2 workers stopped inside its second epoch (train.steps) and resumed by 1 worker trains at loss 0
+    to its end (the second epoch's line: the means over its steps before the stop and after the resume)."""
+    out, (epoch, stop, end) = tmp_path / "run", steps
+    kdcache.train(exact_student(num_workers=2, steps=stop, **settings), numbered_store, out)
+    kdcache.train(exact_student(num_workers=1, steps=end, **settings), numbered_store, out, resume=True)
+    assert epoch_losses(out) == [(epoch, 0.0), (end, 0.0)]
