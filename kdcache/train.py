@@ -1777,12 +1777,61 @@ def _check_out(out: Path, resume: bool, overwrite: bool, pipeline: Pipeline | No
         raise StoreError(f"{option('--out')} {str(out)!r} is inside the store {str(store)!r} (an extract --overwrite of that "
                          "store, which deletes its folder whole, would be refused while the run is there, and pack leaves the "
                          f"run out); write it outside the store folder (e.g. {str(store.parent / out.name)!r})")
-    if any((out / name).exists() for name in (CHECKPOINT, NEXT_CHECKPOINT, "student.pt")):
+    present = [name for name in (CHECKPOINT, NEXT_CHECKPOINT, "student.pt") if (out / name).exists()]
+    if present:
+        _refuse_another_tools_run(out, present)
         if not overwrite:
             raise StoreError(f"{str(out)!r} already holds a training run; pass {option('--resume')} to continue it or "
                              f"{option('--overwrite')} to start afresh")
     elif not overwrite and pipeline is not None:
         _refuse_foreign_files(out, pipeline)
+
+
+def _refuse_another_tools_run(out: Path, present: list[str]) -> None:
+    """Refuse a new run, with or without --overwrite, into an OUT whose ``present`` checkpoint.pt, checkpoint.pt.next or
+    student.pt are not a kdcache run's: OUT holds no kdcache pipeline.json and no checkpoint with kdcache's keys (another
+    tool's model or checkpoint, a user's ``student.pt``). Both were called "a training run", and --overwrite deleted them."""
+    if _kdcache_values(out / "pipeline.json"):
+        return
+    seen = []
+    for name in (n for n in (CHECKPOINT, NEXT_CHECKPOINT) if n in present):
+        kind = _checkpoint_kind(out / name)
+        if not kind:
+            return  # a kdcache checkpoint (a run of an earlier kdcache that lost its pipeline.json)
+        seen.append(f"{name!r} is not a kdcache checkpoint: {kind}")
+    seen.append("a pipeline.json that is not kdcache's" if (out / "pipeline.json").exists() else "no pipeline.json")
+    them = "it" if len(present) == 1 else "them"
+    raise StoreError(f"{str(out)!r} holds {', '.join(map(repr, present))} but no kdcache training run ({'; '.join(seen)}): a new run "
+                     f"would replace {them}, and {option('--overwrite')} replaces only a kdcache run's files; move {them} away or "
+                     f"choose another {option('--out')}")
+
+
+def _kdcache_values(path: Path) -> bool:
+    """Whether ``path`` holds a kdcache run's pipeline values (the pipeline.json train writes: its sections as JSON objects)."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and all(isinstance(values.get(section), dict) for section in ("student", "train"))
+
+
+def _checkpoint_kind(path: Path) -> str:
+    """Empty where ``path`` is a kdcache checkpoint (a dict with ``_CHECKPOINT_KEYS``), else what it is, in a few words. Its
+    tensors are mapped, not read (a large checkpoint costs no more to tell than a small one)."""
+    try:
+        checkpoint = torch.load(str(path), weights_only=True, map_location="cpu", mmap=True)
+    except Exception as e:  # noqa: BLE001 - truncated, not a zip of torch.save's, unpicklable
+        return f"it cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120] or 'empty or truncated'})"
+    return _not_a_checkpoint(checkpoint)
+
+
+def _not_a_checkpoint(checkpoint: Any) -> str:
+    """Empty for a kdcache checkpoint, else what ``checkpoint`` (as torch.load read it) is: a bare state_dict, a model saved
+    whole by another tool."""
+    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(_CHECKPOINT_KEYS)
+    if not missing:
+        return ""
+    return f"a dict without {missing}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
 
 
 def _refuse_foreign_files(out: Path, pipeline: Pipeline) -> None:
@@ -2071,19 +2120,25 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
         detail = " ".join(str(e).split())[:160] or "empty or truncated"
-        error = StoreError(f"{option('--resume')}: {path!r} cannot be read ({type(e).__name__}: {detail}); "
-                           f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
+        error = StoreError(f"{option('--resume')}: {path!r} cannot be read ({type(e).__name__}: {detail}); {_afresh(out)}")
         error.detail = f"{type(e).__name__}: {detail}"
         raise error from None
-    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(_CHECKPOINT_KEYS)
-    if missing:  # a bare state_dict, a model saved whole by another tool
-        seen = f"a dict without {missing}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        error = StoreError(f"{option('--resume')}: {path!r} is not a kdcache checkpoint ({seen}); "
-                           f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh")
+    seen = _not_a_checkpoint(checkpoint)
+    if seen:  # a bare state_dict, a model saved whole by another tool
+        error = StoreError(f"{option('--resume')}: {path!r} is not a kdcache checkpoint ({seen}); {_afresh(out)}")
         error.detail = f"not a kdcache checkpoint: {seen}"  # torchrun: what another rank than 0 saw (_check_same_out)
         raise error
     checkpoint[_FILE] = file.name
     return checkpoint
+
+
+def _afresh(out: Path) -> str:
+    """How to start afresh where a --resume cannot read OUT's checkpoint: --overwrite, where OUT holds a kdcache run's
+    pipeline.json (else --overwrite refuses the folder too: ``_refuse_another_tools_run``)."""
+    if _kdcache_values(out / "pipeline.json"):
+        return f"pass {option('--overwrite')} instead of {option('--resume')} to start afresh"
+    return (f"{str(out)!r} holds no kdcache run's pipeline.json either ({option('--overwrite')} replaces only a kdcache run's "
+            f"files): move the file away or choose another {option('--out')} to start afresh")
 
 
 def _restore(ckpt: dict[str, Any], out: Path, run: Run, optimizer: Any, schedule: Any) -> tuple[dict[str, int], dict[str, Any] | None]:

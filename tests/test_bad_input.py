@@ -140,6 +140,13 @@ def trained(ctx: Ctx) -> Path:
     return ctx.run
 
 
+def another_tools_run(run: Path) -> None:
+    """``run`` made by another tool: its checkpoint.pt without kdcache's keys, a student.pt, no pipeline.json."""
+    run.mkdir()
+    torch.save({"model": {"weight": torch.zeros(2)}, "optimizer": {}}, run / "checkpoint.pt")
+    torch.save({"weight": torch.zeros(2)}, run / "student.pt")
+
+
 def unrecorded(run: Path) -> None:
     """A run of an earlier kdcache that lost its pipeline.json: its checkpoint records no values either."""
     (run / "pipeline.json").unlink()
@@ -749,6 +756,16 @@ CASES = [
          store=True, prior=lambda c: truncate(trained(c), "checkpoint.pt", 0.1)),
     Case("train-out-holds-a-run", lambda c: train(c), ("already holds a training run", "--resume", "--overwrite"), store=True,
          prior=lambda c: trained(c)),
+    # another tool's checkpoint.pt and a user's student.pt, no kdcache pipeline.json: once "already holds a training run"
+    # (pass --overwrite), and --overwrite deleted them
+    Case("train-out-holds-another-tools-checkpoint", lambda c: train(c, "--overwrite"),
+         ("run' holds 'checkpoint.pt', 'student.pt' but no kdcache training run ('checkpoint.pt' is not a kdcache checkpoint: "
+          "a dict without ['student', ", "no pipeline.json", "--overwrite replaces only a kdcache run's files; move them away or "
+          "choose another --out"), store=True, prior=lambda c: another_tools_run(c.run)),
+    Case("resume-another-tools-checkpoint", lambda c: train(c, "--resume"),
+         ("checkpoint.pt' is not a kdcache checkpoint (a dict without ['student', ", "run' holds no kdcache run's pipeline.json "
+          "either (--overwrite replaces only a kdcache run's files): move the file away or choose another --out"),
+         store=True, prior=lambda c: another_tools_run(c.run)),
     Case("overwrite-keeps-the-run-when-it-fails", lambda c: train(c, "--overwrite", "--set", "student.factory=extract_zoo.py:not_a_module"),
          ("student.factory returned str",), store=True, prior=lambda c: trained(c)),
     Case("resume-empty-checkpoint", lambda c: train(c, "--resume"), ("checkpoint.pt' cannot be read (EOFError: empty or truncated)", "--overwrite"),

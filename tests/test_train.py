@@ -680,6 +680,42 @@ def test_a_new_run_keeps_files_in_out_that_are_not_this_runs(tiny_store, tmp_pat
     assert (again / "student.pt").is_file()
 
 
+def test_overwrite_replaces_only_a_kdcache_run_s_student_and_checkpoint(tiny_store, tmp_path):
+    """A folder holding another tool's checkpoint.pt (no kdcache keys) or a user's student.pt, and no kdcache
+    pipeline.json, was refused as "already holds a training run" (pass --overwrite), and --overwrite deleted them. Both
+    are refused in one line naming what is there, with or without --overwrite, the files unchanged; a kdcache run whose
+    pipeline.json is lost (its checkpoint has kdcache's keys) is still replaced."""
+    p = pipeline(*PLAIN, "train.epochs=1")
+    out = tmp_path / "project"
+    out.mkdir()
+    torch.save({"model": {"w": torch.ones(2)}, "opt": {}}, out / "checkpoint.pt")
+    torch.save({"w": torch.ones(2)}, out / "student.pt")
+    mine = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    refused = re.escape(f"{str(out)!r} holds 'checkpoint.pt', 'student.pt' but no kdcache training run ('checkpoint.pt' is not a "
+                        "kdcache checkpoint: a dict without ['student', 'heads', 'optimizer', 'schedule', 'rng', 'epoch', 'step', "
+                        "'shards']; no pipeline.json): a new run would replace them, and overwrite=True replaces only a kdcache run's "
+                        "files; move them away or choose another out")
+    for overwrite in (False, True):
+        with pytest.raises(StoreError, match=f"^{refused}$"):
+            train(p, tiny_store, out, overwrite=overwrite)
+        assert {name: (out / name).read_bytes() for name in os.listdir(out)} == mine
+    with pytest.raises(StoreError, match=r"is not a kdcache checkpoint \(a dict without .*project' holds no kdcache run's pipeline.json "
+                                         r"either \(overwrite=True replaces only a kdcache run's files\): move the file away"):
+        train(p, tiny_store, out, resume=True)
+    (out / "checkpoint.pt").unlink()
+    (out / "pipeline.json").write_text('{"model": "mine"}')
+    with pytest.raises(StoreError, match=r"holds 'student.pt' but no kdcache training run \(a pipeline.json that is not kdcache's\): "
+                                         r"a new run would replace it, and overwrite=True replaces only"):
+        train(p, tiny_store, out, overwrite=True)
+    assert (out / "student.pt").read_bytes() == mine["student.pt"]
+
+    run = tmp_path / "run"
+    train(p, tiny_store, run)
+    (run / "pipeline.json").unlink()  # a kdcache run that lost it: its checkpoint is kdcache's
+    train(pipeline(*PLAIN, "train.epochs=1", "train.lr=0.02"), tiny_store, run, overwrite=True)
+    assert json.loads((run / "pipeline.json").read_text())["train"]["lr"] == 0.02
+
+
 def test_eval_metrics_count_a_tie_at_the_teacher_s_top_by_its_share(tmp_path):
     """float16 teacher logits tie at the top where float32 ones differ in the 4th digit: eval_agreement and
     eval_teacher_accuracy took argmax's lowest tied class, so they depended on how the classes are numbered. A tie of k
