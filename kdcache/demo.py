@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
-from kdcache import storage
+from kdcache import storage, store as layout
 from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
 from kdcache.train import check_values, local_folder, train
@@ -45,7 +45,7 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
     out = local_folder(str(out), "demo")
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
     extracts, students = _pipelines(pipeline, overrides, test_store)
-    _make_out(out)
+    _make_out(out, extracts)
 
     start = time.perf_counter()
     echo(f"[1/2] extract: the teacher scores the training and test inputs once -> {train_store}, {test_store}")
@@ -136,11 +136,12 @@ def _names(table: Any, parts: list[str]) -> bool:
     return not parts or isinstance(table, dict) and parts[0] in table and _names(table[parts[0]], parts[1:])
 
 
-def _make_out(out: Path) -> None:
+def _make_out(out: Path, extracts: list[Any]) -> None:
     """Create the demo's folder, or refuse an --out that cannot be one (a file, a path through a file, no write access)
     or must not be one: a zarr store or a folder inside one (``--out runs/teacher.zarr`` put the demo's two stores,
     three students and summary in the store's folder, where an ``extract --overwrite`` of it is then refused for them
-    and ``pack`` leaves them out: ``train --out`` refuses both)."""
+    and ``pack`` leaves them out: ``train --out`` refuses both), or one holding what the demo would replace and is not
+    an earlier demo's (a summary.json, a store or a student's folder)."""
     existing = next((d for d in (out, *out.parents) if d.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "--out" if existing == out else f"the folder of --out {str(out)!r}"
@@ -151,6 +152,10 @@ def _make_out(out: Path) -> None:
         raise StoreError(f"--out {str(out)!r} {where}; kdcache demo writes its two stores, three students and summary into "
                          f"a folder of its own: choose another --out outside any store (e.g. {str(store.parent / 'demo')!r})")
     _refuse_foreign_summary(out / "summary.json")
+    for split, p in zip(("train", "test"), extracts):
+        _refuse_foreign_store(out / f"teacher-{split}.zarr", p)
+    for name in STUDENTS:
+        _refuse_foreign_student(out / f"student-{name}", name)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -171,6 +176,43 @@ def _refuse_foreign_summary(file: Path) -> None:
     if not ours:
         raise StoreError(f"{str(file)!r} is not an earlier kdcache demo's summary (no 'gap_closed' and 'students'), and the demo "
                          f"writes its own there; choose another --out for kdcache demo (or move that file away)")
+
+
+def _refuse_foreign_store(path: Path, extract: Any) -> None:
+    """Refuse an --out holding, where the demo extracts a store, a kdcache store of another teacher or dataset than the
+    demo's ``extract`` (a user's own ``teacher-train.zarr`` in ``--out .``): the demo's ``extract --overwrite`` replaced it
+    with no word. One of the same teacher.factory, data.factory and data.split (an earlier demo's) is replaced; what is not
+    a kdcache store is left to extract, which refuses it (and takes over what a killed extract left)."""
+    try:
+        manifest = json.loads((path / "zarr.json").read_text())["attributes"][layout.ATTRS]
+        made = (manifest["teacher"]["factory"], manifest["dataset"]["factory"], manifest["dataset"]["split"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    ours = (extract.teacher.factory, extract.data.factory, extract.data.split)
+    if made != ours:
+        key, then, now = next(d for d in zip(("teacher.factory", "data.factory", "data.split"), made, ours) if d[1] != d[2])
+        raise StoreError(f"{str(path)!r} is not an earlier kdcache demo's store (its {key} is {then!r}, the demo's {now!r}), and "
+                         "the demo extracts its teacher there; choose another --out for kdcache demo (or move that store away)")
+
+
+def _refuse_foreign_student(folder: Path, name: str) -> None:
+    """Refuse an --out holding, where the demo trains student ``name``, what is not an earlier demo's student: a file, or
+    a folder that is not empty and holds no kdcache run's pipeline.json measuring the demo's ``teacher-test.zarr``
+    (``train.eval_cache``, which the demo sets itself): a user's folder ``student-A`` was trained into with
+    ``--overwrite``, its pipeline.json, metrics.jsonl and heads.pt replaced."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_dir() and not any(folder.iterdir()):
+        return
+    try:
+        values = json.loads((folder / "pipeline.json").read_text())
+        ours = Path(values["train"]["eval_cache"]).name == "teacher-test.zarr"
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        what = "a file" if not folder.is_dir() else "a folder without a demo student's pipeline.json"
+        raise StoreError(f"{str(folder)!r} is not an earlier kdcache demo's student ({what}), and the demo trains student {name} "
+                         "there; choose another --out for kdcache demo (or move it away)")
 
 
 def table(s: dict[str, Any]) -> str:

@@ -844,6 +844,47 @@ def test_demo_keeps_a_summary_json_that_is_not_an_earlier_demos(tmp_path):
     _refuse_foreign_summary(tmp_path / "summary.json")  # an earlier demo's: replaced
 
 
+def test_demo_keeps_stores_and_student_folders_that_are_not_an_earlier_demos(tmp_path, tiny_store):
+    """demo --out replaced its teacher-train.zarr / teacher-test.zarr and trained into student-A/B/C with --overwrite
+    without checking they were its own: a user's store of another teacher (their extract into --out .) was deleted, and a
+    user's folder named student-A had its pipeline.json replaced and a run's files mixed in. Each is refused in one line
+    before anything is made, unchanged; an earlier demo's are replaced (the same tiny demo run twice)."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    shutil.copytree(tiny_store, out / "teacher-test.zarr")  # the tiny teacher's, not the demo's
+    before = snapshot(out)
+    _, line = cli("demo", "--out", out)
+    assert line.startswith(f"Error: {str(out / 'teacher-test.zarr')!r} is not an earlier kdcache demo's store (its teacher.factory is "
+                           "'tiny.py:teacher', the demo's "), line
+    assert line.endswith("and the demo extracts its teacher there; choose another --out for kdcache demo (or move that store away)")
+    assert snapshot(out) == before
+    shutil.rmtree(out / "teacher-test.zarr")
+    (out / "student-A").mkdir()
+    (out / "student-A" / "pipeline.json").write_text('{"mine": 1}')
+    (out / "student-C").write_text("a file")
+    before = snapshot(out)
+    _, line = cli("demo", "--out", out)
+    assert line == (f"Error: {str(out / 'student-A')!r} is not an earlier kdcache demo's student (a folder without a demo student's "
+                    "pipeline.json), and the demo trains student A there; choose another --out for kdcache demo (or move it away)"), line
+    assert snapshot(out) == before
+    shutil.rmtree(out / "student-A")
+    _, line = cli("demo", "--out", out)
+    assert line.startswith(f"Error: {str(out / 'student-C')!r} is not an earlier kdcache demo's student (a file), "), line
+    (out / "student-C").unlink()
+
+    fixtures = Path(TINY_TOML).parent
+    (tmp_path / "big.py").write_text(  # student A trains on a subset of 1,000
+        f"import sys\nsys.path.insert(0, {str(fixtures)!r})\nimport tiny\n\n\ndef dataset(split='train'):\n"
+        "    return tiny.TinyImages(split, n=1024)\n")
+    tiny = ["--no-progress", "--set", f"teacher.factory={fixtures / 'tiny.py'}:teacher", "--set", f"data.factory={tmp_path / 'big.py'}:dataset",
+            "--set", f"student.factory={fixtures / 'tiny.py'}:student", "--set", 'targets.layers=["features.3"]', "--set", "train.steps=2",
+            "--set", "extract.device=cpu", "--set", "train.device=cpu"]
+    for _ in range(2):  # the second replaces the first's stores and students
+        result = CliRunner().invoke(main, ["demo", "--out", str(out), *tiny])
+        assert result.exit_code == 0, result.output[-3000:]
+    assert sorted(os.listdir(out)) == ["student-A", "student-B", "student-C", "summary.json", "teacher-test.zarr", "teacher-train.zarr"]
+
+
 def test_demo_out_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("keep")
     for out in ("afile", "afile/sub"):
