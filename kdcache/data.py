@@ -738,11 +738,7 @@ def padding_mask(inputs: Any, index: Any, key: str, setting: str, where: str) ->
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or len(mask) != rows:
         raise ShapeMismatchError(f"{where}: {setting} {key!r} must be one (tokens,) tensor per item, got {describe(mask)} for a "
                                  f"batch of {rows} items; return it with one value per token (e.g. mask[0] of a (1, tokens) one)")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        odd = mask[(mask != 0) & (mask != 1)][0].item()
-        raise PipelineError(f"{where}: {setting} {key!r} must hold bool or 0/1 values (true where a position counts), got "
-                            f"{odd!r} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
-                            "before each item's length")
+    check_mask_values(mask, key, setting, where)
     empty = ~mask.to(torch.bool).any(dim=1)  # a mask true at padding keeps nothing of an unpadded item
     if empty.any():
         item = int(index[int(empty.nonzero()[0])])
@@ -750,6 +746,16 @@ def padding_mask(inputs: Any, index: Any, key: str, setting: str, where: str) ->
                             "must be true where a position counts, as a Hugging Face attention_mask is: a mask true at padding "
                             "(PyTorch's key_padding_mask, tokens == pad_id) is the opposite, return ~mask")
     return mask
+
+
+def check_mask_values(mask: torch.Tensor, key: str, setting: str, where: str) -> None:
+    """Refuse a padding mask (``setting``'s entry ``key``) holding other values than bool or 0/1 (a mask of weights, a
+    count): each would count as true. Meant for the host copy: on a GPU tensor, the device syncs."""
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        odd = mask[(mask != 0) & (mask != 1)][0].item()
+        raise PipelineError(f"{where}: {setting} {key!r} must hold bool or 0/1 values (true where a position counts), got "
+                            f"{odd!r} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
+                            "before each item's length")
 
 
 @contextmanager

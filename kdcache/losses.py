@@ -4,7 +4,8 @@ The loss functions are pure tensor functions: they compute in float32 whatever
 the input dtype (a cached teacher may arrive as float16; ``kl_divergence`` at a
 high temperature over many classes in float64, see ``_kl_cast``), treat the teacher as a
 fixed target (no gradient flows into it) and return a 0-dim float32 tensor. ``kl_divergence``, ``logit_mse``,
-``probability_mse`` and ``feature_mse`` take an optional padding ``mask`` for per-token tensors (``_position_mean``).
+``probability_mse`` and ``feature_mse`` take an optional padding ``mask`` for per-token tensors (``_position_mean``): (B, T),
+bool or 0/1 (``_require_binary``: other values are refused; a bool mask is taken unchecked, with no device sync).
 
 ``projection_head`` builds the small trainable module that maps a student
 feature batch onto the shape of a stored teacher feature, or returns ``None``
@@ -102,9 +103,21 @@ def _outside_zeroed(student: Tensor, teacher: Tensor, mask: Tensor, what: str) -
             f"{what}: mask shape {tuple(mask.shape)} does not fit shape {tuple(student.shape)}; a mask is (B, T), true where a "
             "position counts, for per-token (B, T, C) logits or (B, T, D) features"
         )
+    if mask.dtype != torch.bool:  # a bool mask (train's) is taken as it is: no check on the device, no wait for it
+        _require_binary(mask, what)
     valid = mask.to(student.device, torch.bool)
     keep = valid.unsqueeze(-1)
     return torch.where(keep, student, 0), torch.where(keep, teacher.detach(), 0), valid
+
+
+def _require_binary(mask: Tensor, what: str) -> None:
+    """Refuse a mask of other values than 0 and 1 (a float mask of weights, a count, NaN): each counted as true, a wrong
+    loss with no word. One check per call (on a GPU mask, one device sync: pass a bool mask to have none)."""
+    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+        odd = "complex values" if mask.is_complex() else repr(mask[(mask != 0) & (mask != 1)][0].item())
+        raise ValueError(f"{what}: mask must hold bool or 0/1 values (true where a position counts), got {odd} "
+                         f"({str(mask.dtype).removeprefix('torch.')}); pass mask != 0 for a padding mask (a loss weights "
+                         "every valid position alike: a mask of weights is not one)")
 
 
 def _position_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:

@@ -786,7 +786,7 @@ class Run:
             losses.check_topk_classes(batch["targets"][layout.LOGITS_INDICES], self.classes, "the store's top-k logits")
         targets = {p: v.to(self.device, non_blocking=True) for p, v in batch["targets"].items()}
         # the batch's own items' padding mask, for per-token terms (read from the whole item: student.inputs need not list it)
-        masks = dict.fromkeys(self.masked, batch["inputs"][self.mask].to(self.device, non_blocking=True)) if self.masked else {}
+        masks = dict.fromkeys(self.masked, self.token_mask(batch, padding)) if self.masked else {}
         w, parts, mask = self.loss, {}, masks.get(layout.LOGITS)
         try:
             if w.kl and self.classes:  # top-k logits (train refuses mse on them)
@@ -807,6 +807,15 @@ class Run:
         for path, (_, weight, _) in self.features.items():
             parts[f"feat:{layout.layer_name(path)}"] = _weighted(weight, losses.feature_mse(feats[path], targets[path], masks.get(path)))
         return parts
+
+    def token_mask(self, batch: dict[str, Any], padding: teachers.Padding | None) -> torch.Tensor:
+        """``train.mask``'s (B, T) padding mask of ``batch`` on the device, as bool: its values checked on the host copy
+        (``Padding.of`` did where the student's select pools by it), made bool on the device after its copy there (from
+        pinned memory, without blocking): a loss then takes it as it is, with no check of its own (a device sync each step)."""
+        mask = batch["inputs"][self.mask]
+        if padding is None:
+            data.check_mask_values(mask, self.mask, "train.mask", self.mask_where)
+        return mask.to(self.device, non_blocking=True).to(torch.bool)
 
     def stored_shape(self, targets: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
         """The stored logits' per-sample shape over every class: a top-k store's with the teacher's class count for K."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import pickle
@@ -22,6 +23,7 @@ from kdcache.losses import (
     top1_agreement,
     top1_correct,
     top1_matches,
+    topk_kl_divergence,
 )
 
 # --------------------------------------------------------------------------- references
@@ -640,3 +642,22 @@ def test_a_mask_that_does_not_fit_is_a_shape_error(name: str, shape: tuple[int, 
     with pytest.raises(ShapeMismatchError, match=rf"mask shape {re.escape(str(mask_shape))} does not fit shape "
                                                  rf"{re.escape(str(shape))}; a mask is \(B, T\)"):
         loss(_logits(*shape, seed=38), _logits(*shape, seed=39), torch.ones(mask_shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", [*sorted(MASKED_LOSSES), "topk_kl"])
+@pytest.mark.parametrize(("odd", "seen"), [(0.5, "0.5 (float32)"), (2, "2 (int64)"), (float("nan"), "nan (float32)"), (-1, "-1 (int64)")])
+def test_a_mask_of_other_values_than_0_and_1_is_refused(name: str, odd: float, seen: str) -> None:
+    """A mask passed to a loss straight (not through train, which checks train.mask's on the host) was made bool: a float
+    mask of weights (0.5), a count (2) or NaN counted as true, a wrong loss with no word. Refused in one line naming the
+    value; the same 0/1 values as int or float give the bool mask's loss."""
+    s, te = _logits(4, 5, 3, seed=40), _logits(4, 5, 3, seed=41)
+    values, classes = torch.topk(te, 2, dim=-1)
+    loss = (lambda m: topk_kl_divergence(s, values, classes, 2.0, m)) if name == "topk_kl" else functools.partial(MASKED_LOSSES[name][0], s, te)
+    mask = PADDED.to(torch.float32 if isinstance(odd, float) else torch.int64, copy=True)
+    expected = loss(PADDED.bool())
+    for ok in (torch.bool, torch.uint8, torch.int64, torch.float16, torch.float32):
+        torch.testing.assert_close(loss(PADDED.to(ok)), expected)
+    mask[1, 3] = odd
+    with pytest.raises(ValueError, match=rf"mask must hold bool or 0/1 values \(true where a position counts\), got {re.escape(seen)}; "
+                                         r"pass mask != 0 for a padding mask \(a loss weights every valid position alike"):
+        loss(mask)

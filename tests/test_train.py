@@ -2507,6 +2507,37 @@ def test_a_train_mask_that_is_not_the_items_padding_mask_is_refused_before_train
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_train_mask_of_other_values_than_0_and_1_in_a_later_batch_is_refused(tmp_path):
+    """train.mask's values were checked on the first two items only, and the losses made any other batch's mask bool: a
+    count of 2 in item 30 counted as true, with no word. Each batch's is checked on the host (the losses are passed it as
+    bool, made so on the device: no device sync each step), and such a batch is refused in one line naming the value."""
+    p = token_pipeline(dataset="counted_masks", mask="counts", epochs=1)
+    store = str(tmp_path / "counted.zarr")
+    kdcache.extract(p, store)
+    with pytest.raises(PipelineError, match=r"train.mask 'counts' must hold bool or 0/1 values \(true where a position counts\), got 2 "
+                                            r"\(int64\); return mask != 0"):
+        train(p, store, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_int_train_mask_trains_as_the_bool_one_and_reaches_the_losses_as_bool(tmp_path, monkeypatch):
+    """A 0/1 int64 train.mask is made bool on the device before the losses: a loss checks the values of a mask that is not
+    bool itself, which on a GPU is a device sync each step (train checked them on the host already)."""
+    p = functools.partial(token_pipeline, dataset="int_masks", epochs=1)
+    store = str(tmp_path / "int.zarr")
+    kdcache.extract(p(), store)
+    seen = []
+    for name in ("kl_divergence", "logit_mse", "feature_mse"):
+        def spy(*args, real=getattr(losses, name), **kwargs):
+            seen.append(kwargs.get("mask", args[-1]).dtype)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(losses, name, spy)
+    train(p(mask="counts"), store, tmp_path / "counts")
+    assert seen and set(seen) == {torch.bool}, seen
+    train(p(mask="attention_mask"), store, tmp_path / "bool")
+    assert metrics(tmp_path / "counts") == [dict(m, seconds=c["seconds"]) for m, c in zip(metrics(tmp_path / "bool"), metrics(tmp_path / "counts"))]
+
+
 def test_a_mask_of_the_input_tokens_against_targets_stored_with_part_of_them_names_the_select_and_a_mask_of_that_part_trains(tmp_path):
     """targets.select "1:" (a class token dropped) stores 5 of the 6 tokens the items' attention_mask covers: the error names
     the select, and a mask of the stored tokens under a key of its own (``stored_mask``, attention_mask[1:]) trains."""
