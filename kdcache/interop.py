@@ -534,6 +534,7 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
         raise StoreError(f"unknown HDF5 compression {compression!r}; choose one of {', '.join(HDF5_COMPRESSION)}")
     _local_out(out)
     out = Path(out)
+    _refuse_store_name(out)
     storage.refuse_inside_store(location, out, "OUT", "it would replace or add one of its objects")
     _check_out(out, overwrite)
     source = _local_file(location)
@@ -550,6 +551,18 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
             held()
             _put_in_place(fd, part, out)
     return {"out": str(out), "arrays": arrays, "file_bytes": out.stat().st_size, "compression": compression}
+
+
+def _refuse_store_name(out: Path) -> None:
+    """Refuse an export OUT named as a store: ``*.zarr`` (the HDF5 file was written under it, which info and train then
+    refused as no store) or ``*.zip``, read as a zip store by its name, where it is not an existing file (whose kind an
+    --overwrite names: ``_check_replaced``)."""
+    name = out.name.lower()
+    if name.endswith(".zarr") or name.endswith(".zip") and not out.is_file():
+        stem = re.sub(r"(\.zarr)?(\.zip)?$", "", out.name, flags=re.IGNORECASE) or "store"
+        raise StoreError(f"OUT {str(out)!r} is named as a store, but kdcache export writes one HDF5 file: name it *.h5 (e.g. "
+                         f"{str(out.with_name(stem + '.h5'))!r}); a store in one file is what kdcache pack writes (kdcache pack STORE "
+                         f"{stem}.zarr.zip), and a copy of the store's folder is a store")
 
 
 def _write_hdf5(store: layout.Store, f: Any, check: Any, compression: str) -> int:
@@ -589,11 +602,20 @@ def import_hdf5(source: str | os.PathLike[str], location: str | os.PathLike[str]
     storage.refuse_wildcards(location)  # before the lock object is made beside it (the store is refused again where it is created)
     storage.options_arg(storage_options)
     overwrite = storage.flag_arg(overwrite, "overwrite")
+    if re.search(r"\.(h5|hdf5)/*$", location, re.IGNORECASE):  # a store folder was made under it, which h5py then could not open
+        named = re.sub(r"\.(h5|hdf5)/*$", ".zarr", location, flags=re.IGNORECASE)
+        raise StoreError(f"STORE {location!r} is named as an HDF5 file, but kdcache import writes a store (a folder of zarr objects): "
+                         f"name it *.zarr (e.g. {named!r}); the HDF5 file is what kdcache export writes")
     import h5py
 
     try:
         f = h5py.File(source, "r")
     except OSError as e:
+        local = _local_file(source)
+        if local is not None and local.is_file() and zipfile.is_zipfile(local):  # a packed store, given to be unpacked
+            raise StoreError(f"{source!r} is a zip file (a store kdcache pack wrote?), not an HDF5 file written by kdcache export: a "
+                             "packed store is a store already, which info, train and verify read as it is (to write to it, unzip "
+                             "it into a folder)") from None
         raise _open_error(source, e) from None
     with f:
         raw = f.attrs.get(layout.ATTRS)

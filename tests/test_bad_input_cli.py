@@ -35,6 +35,13 @@ def exported(ctx: Ctx) -> Path:
     return ctx.tmp / "e.h5"
 
 
+def packed(ctx: Ctx) -> Path:
+    """The case's store packed to ``ctx.tmp / "p.zarr.zip"``."""
+    result = CliRunner().invoke(main, ["pack", str(ctx.store), str(ctx.tmp / "p.zarr.zip")])
+    assert result.exit_code == 0, result.output
+    return ctx.tmp / "p.zarr.zip"
+
+
 def tiny_demo(out: Path) -> list:
     """``kdcache demo --out out`` with the tiny teacher, dataset and student for MNIST's (a demo that ran took seconds)."""
     tiny = TINY.parent / "tiny.py"
@@ -129,6 +136,17 @@ CASES = [
     Case("pack-store-empty", lambda c: ["pack", "", c.tmp / "p.zarr.zip"], ("'STORE': '' is empty; name a store to read",), code=2),
     Case("import-source-empty", lambda c: ["import", "", c.new], ("'SOURCE': '' is empty; name an HDF5 file written by kdcache export",),
          code=2),
+    # -- a name of the other kind: export wrote its HDF5 file as OUT.zarr (info and train then refused it as no store), import
+    #    made a store folder named STORE.h5, and a packed store given to import was "not HDF5 (file signature not found)"
+    Case("export-out-named-as-a-store", lambda c: ["export", c.store, c.tmp / "copy.zarr"],
+         ("OUT '", "/copy.zarr' is named as a store, but kdcache export writes one HDF5 file: name it *.h5 (e.g. '", "/copy.h5'); a store in "
+          "one file is what kdcache pack writes (kdcache pack STORE copy.zarr.zip), and a copy of the store's folder is a store"), store=True),
+    Case("import-store-named-as-hdf5", lambda c: ["import", c.tmp / "e.h5", c.tmp / "back.h5"],
+         ("/back.h5' is named as an HDF5 file, but kdcache import writes a store (a folder of zarr objects): name it *.zarr (e.g. '",
+          "/back.zarr'); the HDF5 file is what kdcache export writes"), store=True, prior=exported),
+    Case("import-source-a-packed-store", lambda c: ["import", c.tmp / "p.zarr.zip", c.new],
+         ("/p.zarr.zip' is a zip file (a store kdcache pack wrote?), not an HDF5 file written by kdcache export: a packed store is a "
+          "store already, which info, train and verify read as it is",), store=True, prior=packed),
     Case("extract-pipeline-empty", lambda c: ["extract", "", "--out", c.new],
          ("Invalid value for 'PIPELINE': '' is empty; name a pipeline file (.toml)", "(see 'kdcache extract --help')"), code=2),
     Case("verify-pipeline-empty", lambda c: ["verify", c.store, "--teacher-check", "3", "--pipeline", ""],

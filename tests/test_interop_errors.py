@@ -603,6 +603,18 @@ def test_pack_and_export_overwrite_only_a_file_of_their_own_kind(tiny_store, tmp
         assert CliRunner().invoke(main, [verb, str(tiny_store), str(ours), "--overwrite"]).exit_code == 0
 
 
+@pytest.mark.parametrize("name, suggested, packed", [("copy.zarr", "copy.h5", "copy.zarr.zip"), ("COPY.ZARR", "COPY.h5", "COPY.zarr.zip"),
+                                                       ("new.zarr.zip", "new.h5", "new.zarr.zip"), ("x.zip", "x.h5", "x.zarr.zip")])
+def test_export_to_a_name_of_a_store_is_refused(tiny_store, tmp_path, name, suggested, packed):
+    """export STORE copy.zarr wrote its HDF5 file under a store's name, which info and train then refused ("an HDF5 file,
+    not a store"); a new *.zip, read as a zip store by its name, too. Refused with the names to use, nothing written."""
+    _, line = cli("export", tiny_store, tmp_path / name)
+    assert line == (f"Error: OUT {str(tmp_path / name)!r} is named as a store, but kdcache export writes one HDF5 file: name it *.h5 "
+                    f"(e.g. {str(tmp_path / suggested)!r}); a store in one file is what kdcache pack writes (kdcache pack STORE "
+                    f"{packed}), and a copy of the store's folder is a store"), line
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_over_the_zip_it_reads_is_refused(tiny_store, tmp_path):
     """export STORE.zarr.zip STORE.zarr.zip --overwrite replaced the store with the HDF5 file under the zip's name."""
     packed = tmp_path / "t.zarr.zip"
