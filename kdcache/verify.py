@@ -112,6 +112,9 @@ def _run_checks(store: layout.Store, checks: list[Check], teacher_check: int, pi
     if checks[1].ok:
         checks += _contents(store)
     if teacher_check == 0:
+        if pipeline is not None:  # given for the teacher check (verify --teacher-check 0 --pipeline P): it said nothing of it
+            checks.append(Check("teacher", f"not checked: {option('--teacher-check')} is 0, so no row was recomputed; pass "
+                                           f"{option('--teacher-check N', 'teacher_check=N')} (N > 0) to recompute N random rows"))
         return None
     check, teacher = _teacher(store, pipeline, teacher_check, seed, tolerance)
     checks.append(check)

@@ -273,6 +273,23 @@ def test_teacher_check_needs_a_pipeline(tiny_store):
     assert r.exit_code == 2 and "--pipeline" in r.output
 
 
+def test_a_teacher_check_of_0_rows_with_a_pipeline_says_the_teacher_was_not_checked(tiny_store):
+    """verify --teacher-check 0 --pipeline P (a script's N of 0) printed no teacher line and "every check holds", as if the
+    teacher had been checked: a "teacher" check says it was not, as checksums names what it did not check (exit 0, since
+    nothing failed; N is 0 by choice). Without a pipeline no teacher check is listed."""
+    r = CliRunner().invoke(main, ["verify", tiny_store, "--teacher-check", "0", "--pipeline", str(TINY_TOML)])
+    assert r.exit_code == 0, r.output
+    assert ("ok    teacher       not checked: --teacher-check is 0, so no row was recomputed; pass --teacher-check N (N > 0) to "
+            "recompute N random rows\nverified: every check holds") in r.output, r.output
+    r = CliRunner().invoke(main, ["verify", tiny_store, "--teacher-check", "0", "--pipeline", str(TINY_TOML), "--json"])
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["teacher_check"] is None and report["checks"][-1]["name"] == "teacher", report
+    last = verify(tiny_store, pipeline=kdcache.load_pipeline(TINY_TOML))["checks"][-1]
+    assert last["name"] == "teacher" and last["ok"] and last["summary"] == (
+        "not checked: teacher_check is 0, so no row was recomputed; pass teacher_check=N (N > 0) to recompute N random rows"), last
+    assert [c["name"] for c in verify(tiny_store)["checks"]] == ["completeness", "layout", "checksums", "values"]
+
+
 def test_the_python_verify_names_its_arguments(tiny_store):
     """From Python, a teacher check without a pipeline named the CLI's flags (--teacher-check, --pipeline); the path of a
     pipeline file was an AttributeError once the other checks had run, a teacher_check of 2.5 or a seed of None a
