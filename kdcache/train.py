@@ -1828,7 +1828,10 @@ def _checkpoint_kind(path: Path) -> str:
     """Empty where ``path`` is a kdcache checkpoint (a dict with ``_CHECKPOINT_KEYS``), else what it is, in a few words. Its
     tensors are mapped, not read (a large checkpoint costs no more to tell than a small one)."""
     try:
-        checkpoint = torch.load(str(path), weights_only=True, map_location="cpu", mmap=True)
+        try:
+            checkpoint = torch.load(str(path), weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError:  # a file mmap cannot map (torch.save's legacy format; older torch's unaligned storages): read whole
+            checkpoint = torch.load(str(path), weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - truncated, not a zip of torch.save's, unpicklable
         return f"it cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120] or 'empty or truncated'})"
     return _not_a_checkpoint(checkpoint)

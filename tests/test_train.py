@@ -716,6 +716,18 @@ def test_overwrite_replaces_only_a_kdcache_run_s_student_and_checkpoint(tiny_sto
     assert json.loads((run / "pipeline.json").read_text())["train"]["lr"] == 0.02
 
 
+def test_a_kdcache_checkpoint_mmap_cannot_map_is_still_told_as_one(tmp_path):
+    """OUT's checkpoint is told a kdcache one by its keys, its tensors mapped (mmap) rather than read; one in torch.save's
+    legacy format, which mmap refuses, is read whole instead: a kdcache run that lost its pipeline.json is still one."""
+    from kdcache.train import _CHECKPOINT_KEYS, _checkpoint_kind
+
+    torch.save({key: torch.zeros(3) for key in _CHECKPOINT_KEYS}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({key: torch.zeros(3) for key in _CHECKPOINT_KEYS}, tmp_path / "zip.pt")
+    assert _checkpoint_kind(tmp_path / "legacy.pt") == _checkpoint_kind(tmp_path / "zip.pt") == ""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert _checkpoint_kind(tmp_path / "empty.pt").startswith("it cannot be read (")
+
+
 def test_eval_metrics_count_a_tie_at_the_teacher_s_top_by_its_share(tmp_path):
     """float16 teacher logits tie at the top where float32 ones differ in the 4th digit: eval_agreement and
     eval_teacher_accuracy took argmax's lowest tied class, so they depended on how the classes are numbered. A tie of k
