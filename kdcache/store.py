@@ -2265,8 +2265,8 @@ def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str,
     if not present and location_kind(location) == "local":  # a new store inside another's folder (runs/t.zarr/eval.zarr)
         outer = store_above(Path(local_path(location)).parent)
         if outer is not None:  # its --overwrite was then refused for it, and its pack copied it in as the store's objects
-            raise StoreError(f"{location!r} is inside the store {str(outer)!r} (an --overwrite of that store, which deletes its "
-                             "folder whole, would be refused while this one is there, and its pack would copy this one in); "
+            raise StoreError(f"{location!r} is inside the store {str(outer)!r} (an --overwrite of that store, which deletes "
+                             "everything in its folder, would be refused while this one is there, and its pack would copy this one in); "
                              f"choose another {named} outside the store folder (e.g. {str(outer.parent / Path(location).name)!r})")
     foreign = present and _foreign_node(location, storage_options)
     if foreign:  # without --overwrite too: a reader's "pass a store written by kdcache extract" is no fix for an OUT

@@ -63,8 +63,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
     check_values(pipeline)
     if out.resolve() != Path(storage.local_path(cache_location)).resolve():  # the store itself: _check_out names it as a store
-        storage.refuse_inside_store(cache_location, out, option("--out"), "an extract --overwrite of the store, which deletes its "
-                                    "folder whole, would be refused while the run is there, and pack leaves the run out")
+        storage.refuse_inside_store(cache_location, out, option("--out"), "an extract --overwrite of the store, which "
+                                    "deletes everything in its folder, would be refused while the run is there, and pack leaves the run out")
     resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
     cache_options, eval_options = _options_by_store(cache_location, t.eval_cache, storage_options)
     auto = resume == "auto"
@@ -1784,7 +1784,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool, pipeline: Pipeline | No
     store = storage.store_above(out)
     if store is not None:  # another store than --cache (inside --cache: refused at train's start, naming it as read)
         raise StoreError(f"{option('--out')} {str(out)!r} is inside the store {str(store)!r} (an extract --overwrite of that "
-                         "store, which deletes its folder whole, would be refused while the run is there, and pack leaves the "
+                         "store, which deletes everything in its folder, would be refused while the run is there, and pack leaves the "
                          f"run out); write it outside the store folder (e.g. {str(store.parent / out.name)!r})")
     present = [name for name in (CHECKPOINT, NEXT_CHECKPOINT, "student.pt") if (out / name).exists()]
     if present:
