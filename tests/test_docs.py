@@ -108,6 +108,45 @@ def test_every_pipeline_key_the_docs_name_exists(doc):
     assert not unknown, f"{doc} names pipeline keys the parser does not know: {unknown}"
 
 
+def default(key: str) -> object:
+    """The parser's default of the pipeline key ``key`` (``train.loss.kl``); ``""`` for a required factory."""
+    section, *names = key.split(".")
+    held: object = pipeline._SECTIONS[section]()
+    for name in names:
+        held = getattr(held, name)
+    return list(held) if isinstance(held, tuple) else held
+
+
+def test_readmes_table_of_pipeline_keys_gives_every_key_with_the_parsers_default():
+    """README's table under *Pipeline files* is where a user reads what a key is set to when a pipeline leaves it out:
+    each row's default (a TOML value in backticks; "required" for a factory) is the parser's, and every key the parser
+    takes has a row (a table such as ``train.loss`` by its keys)."""
+    table = text("README.md").split("\n## Pipeline files", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| ((?:`[a-z_.]+`(?: / |, )?)+) \| ([^|]+) \|", table, re.M)
+    documented = set()
+    for keys, defaults in rows:
+        names = re.findall(r"`([a-z_.]+)`", keys)  # `train.loss.kl` / `temperature`: the second in the first's table
+        names = [n if "." in n else f"{names[0].rsplit('.', 1)[0]}.{n}" for n in names]
+        values = re.findall(r"`([^`]*)`", defaults) or ['""'] * len(names)  # "required": no default
+        values = values * len(names) if len(values) == 1 else values  # `extract.threads`, `train.threads` | `0`
+        assert len(values) == len(names), f"README's row for {names} gives {len(values)} defaults"
+        for name, value in zip(names, values):
+            assert tomllib.loads(f"v = {value}")["v"] == default(name), f"README: {name} defaults to {value}, the parser to {default(name)!r}"
+        documented |= set(names)
+    tables = {k.rsplit(".", 1)[0] for k in pipeline_keys()} - set(pipeline._SECTIONS)
+    assert pipeline_keys() - tables - documented == set(), "pipeline keys without a row in README's table"
+
+
+def test_readmes_counts_of_the_bad_input_tables_are_their_cases():
+    """README's *Errors* gives the number of cases in each bad-input table (``tests/test_bad_input.py`` (247: …)): each is
+    the length of that module's ``CASES``."""
+    said = re.findall(r"`tests/(test_bad_input\w*)\.py` \((\d+):", re.sub(r"\s+", " ", text("README.md")))
+    assert len(said) == 3, said
+    for module, number in said:
+        cases = importlib.import_module(module).CASES
+        assert len(cases) == int(number), f"README says tests/{module}.py has {number} cases; its CASES holds {len(cases)}"
+
+
 @pytest.mark.parametrize("doc", USER_DOCS)
 def test_every_toml_block_of_the_docs_is_a_valid_pipeline(doc):
     blocks = re.findall(r"^```toml\n(.*?)^```", text(doc), re.S | re.M)
