@@ -570,7 +570,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
     if workers is not None or scheduler is not None:
         if distributed.ranks()[1] > 1:
             raise click.UsageError("--workers/--scheduler start dask workers; under torchrun leave them out (the ranks are the workers)")
-        return functools.partial(distributed.extract_distributed, workers=2 if workers is None else workers, scheduler=scheduler)
+        return functools.partial(distributed.extract_distributed, workers=workers, scheduler=scheduler)
     return distributed.extract_torchrun if distributed.ranks()[1] > 1 else kdcache.extract
 
 

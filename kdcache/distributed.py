@@ -60,19 +60,23 @@ REACH = ("every worker and rank must reach --out where the driver or rank 0 crea
 
 
 # -- dask.distributed ----------------------------------------------------------------------------
-def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, workers: int = 2, scheduler: str | None = None,
+def extract_distributed(pipeline: Pipeline, out: str | os.PathLike[str], *, workers: int | None = None, scheduler: str | None = None,
                         overwrite: bool = False, progress: bool = False, storage_options: dict[str, Any] | None = None,
                         attempts: int = ATTEMPTS) -> dict[str, Any]:
     """``extract`` with the shards spread over dask workers: a new ``LocalCluster`` (one worker per GPU
-    when there are GPUs, otherwise ``workers`` single-threaded processes) or the cluster at ``scheduler``
-    (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files)."""
+    when there are GPUs, otherwise ``workers`` single-threaded processes, 2 by default) or the cluster at ``scheduler``
+    (``tcp://host:port``; its workers must import kdcache and reach ``out`` and the pipeline's files), not both."""
     need("distributed", "dask", "kdcache extract --workers/--scheduler")
     pipeline, out = check_pipeline(pipeline), storage.location_arg(out, "out")
     storage.options_arg(storage_options)
     overwrite, progress = storage.flag_arg(overwrite, "overwrite"), storage.flag_arg(progress, "progress")
     if scheduler is not None:
+        if workers is not None:  # the CLI's --workers beside --scheduler is a usage error; here workers was dropped unsaid
+            raise TypeError(f"extract_distributed takes workers (a local dask cluster) or scheduler (an existing one), not both: "
+                            f"got workers={short(workers)} and scheduler={short(scheduler)}; pass one of them")
         _check_address(scheduler)
     else:
+        workers = 2 if workers is None else workers
         _check_count(workers, "workers", "CPU worker processes of a local dask cluster")
     _check_count(attempts, "attempts", "tries of each shard before the job stops")
     locking.refuse_if_being_written(out, storage_options)  # before the teacher is built

@@ -244,11 +244,16 @@ def test_extract_distributed_refuses_a_location_or_pipeline_of_another_type(tmp_
     ({"attempts": 0}, PipelineError, r"^attempts must be >= 1 \(tries of each shard before the job stops\), got 0$"),
     ({"attempts": 2.0}, TypeError, r"^attempts must be an int \(tries of each shard before the job stops\), got float 2.0$"),
     ({"attempts": 0, "scheduler": "tcp://127.0.0.1:1"}, PipelineError, r"^attempts must be >= 1 "),
+    ({"workers": 4, "scheduler": "tcp://127.0.0.1:1"}, TypeError,
+     r"^extract_distributed takes workers \(a local dask cluster\) or scheduler \(an existing one\), not both: got workers=4 and "
+     r"scheduler='tcp://127.0.0.1:1'; pass one of them$"),
 ])
 def test_extract_distributed_refuses_a_worker_count_before_anything_is_built(tmp_path, counts, error, match):
     """The CLI's --workers is at least 1; through the API workers=0 was checked only as the cluster started: the teacher
     had been built and an empty store created at OUT, then the error named --workers ("2" was a TypeError from inside).
-    ``attempts`` likewise (0 ended in 'shard 0 failed 0 times' once the teacher had been built and the store created)."""
+    ``attempts`` likewise (0 ended in 'shard 0 failed 0 times' once the teacher had been built and the store created).
+    ``workers`` beside ``scheduler`` (the CLI's usage error) was dropped without a word: the job ran on the scheduler's
+    workers, or waited dask's connect timeout, 30 s, for one that was not there."""
     with pytest.raises(error, match=match):
         extract_distributed(make_pipeline(), tmp_path / "s.zarr", **counts)
     assert list(tmp_path.iterdir()) == []
