@@ -805,6 +805,7 @@ def refuse_empty_segments(location: str) -> None:
     so deletes, for zarr's ``mode="w"``) ``t.zarr/...``: an extract there wiped the complete store
     ``s3://bucket/t.zarr``, no ``--overwrite`` given, and wrote another."""
     _refuse_collapsed_url(location)
+    _refuse_unchained_zip(location)
     _refuse_cached_folder(location)
     if location_kind(location) != "url" or "::" in location:
         return
@@ -834,6 +835,18 @@ def _refuse_scheme_case(location: str) -> None:
     if fixed != location:
         raise StoreError(f"{location!r}: a URL's scheme is written in lower case for fsspec, which knows no "
                          f"{next(s for s in schemes if s != s.lower() and s.lower() in URL_SCHEMES)!r}; pass {fixed!r}")
+
+
+def _refuse_unchained_zip(location: str) -> None:
+    """Refuse ``zip://PATH`` (a URL's spelling of kdcache's ``zip::PATH``): fsspec's ``zip://`` names a member of a zip
+    chained after it (``zip://MEMBER::FILE``), and with no chain it opened the working folder as the zip: ``info`` said
+    "cannot reach 'zip://t.zarr.zip': Is a directory: '…'", and ``extract --out`` ended in that IsADirectoryError's
+    traceback."""
+    if "::" in location or not location.lower().startswith("zip://"):
+        return
+    raise StoreError(f"{location!r}: fsspec's zip:// names a member of a zip chained after '::' (zip://MEMBER::FILE), and none "
+                     f"is; a zip store is read as {'zip::' + location[len('zip://'):]!r}, or by its path alone where it ends "
+                     "in .zip")
 
 
 CACHING_LAYERS = ("simplecache", "filecache", "blockcache", "cached")  # fsspec's, chained before a URL: simplecache::https://…

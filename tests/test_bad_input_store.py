@@ -481,6 +481,22 @@ def test_a_zip_path_that_lost_a_colon_is_named_with_the_location_that_reads_it(t
     assert CliRunner().invoke(main, ["info", f"zip::{packed}"]).exit_code == 0
 
 
+@pytest.mark.parametrize("command", [["info"], ["verify"], ["extract", str(TINY), "--out"], ["import", "t.h5"]])
+def test_a_zip_url_without_a_chain_is_named_with_the_location_that_reads_it(command: list[Any], tiny_store, tmp_path, monkeypatch):
+    """``zip://t.zarr.zip``, a URL's spelling of ``zip::t.zarr.zip``, is fsspec's member of a zip chained to nothing: it
+    opened the working folder as the zip, ``info`` said "cannot reach 'zip://t.zarr.zip': [Errno 21] Is a directory:
+    '…'", and ``extract --out zip://…`` ended in that IsADirectoryError's traceback. It is named, with the location that
+    reads the zip, and nothing is written."""
+    assert CliRunner().invoke(main, ["pack", tiny_store, str(tmp_path / "t.zarr.zip")]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [*command, "zip://t.zarr.zip"])
+    assert r.exit_code == 1 and r.output == ("Error: 'zip://t.zarr.zip': fsspec's zip:// names a member of a zip chained after "
+                                             "'::' (zip://MEMBER::FILE), and none is; a zip store is read as 'zip::t.zarr.zip', or "
+                                             "by its path alone where it ends in .zip\n"), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.zarr.zip"]
+    assert CliRunner().invoke(main, ["info", "zip::t.zarr.zip"]).exit_code == 0
+
+
 def torch_checkpoint(ctx: Ctx) -> Path:
     """A state dict saved by torch.save (a zip file, of another name than .zip)."""
     import torch
