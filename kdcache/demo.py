@@ -127,7 +127,7 @@ def _refuse_own_keys(pipeline: str | Path, overrides: tuple[str, ...]) -> None:
     for key in OWN_KEYS:
         value = functools.reduce(getattr, key.split("."), given)
         if value != functools.reduce(getattr, key.split("."), default) or _names(named, key.split(".")):
-            raise PipelineError(f"demo {given.where(key)}: the demo sets {key} itself ({key} = {value!r} here), for each of its "
+            raise PipelineError(f"demo {given.where(key)}: the demo sets {key} itself (yours: {key} = {value!r}), for each of its "
                                 "extracts and students (the table describes them); leave it out, or run kdcache extract and kdcache "
                                 f"train with {PIPELINE.name} and your values")
 

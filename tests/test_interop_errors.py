@@ -910,15 +910,15 @@ def test_demo_out_is_a_file(tmp_path):
     ("train.lr=0", "train.lr must be > 0"),  # train's own check, once only after both extracts
     ("train.loss.temperature=0", "train.loss.temperature must be at least"),
     # a value the demo sets itself for each student or extract (was silently overridden: the table described its own)
-    ("train.subset=100", "demo --set train.subset=100: the demo sets train.subset itself (train.subset = 100 here), for each of its extracts and students"),
-    ("train={subset=100}", "demo --set train={subset=100}: the demo sets train.subset itself (train.subset = 100 here)"),
+    ("train.subset=100", "demo --set train.subset=100: the demo sets train.subset itself (yours: train.subset = 100), for each of its extracts and students"),
+    ("train={subset=100}", "demo --set train={subset=100}: the demo sets train.subset itself (yours: train.subset = 100)"),
     ("train.loss.kl=0.5", "demo --set train.loss.kl=0.5: the demo sets train.loss.kl itself"),
-    ("data.split=test", "demo --set data.split=test: the demo sets data.split itself (data.split = 'test' here)"),
+    ("data.split=test", "demo --set data.split=test: the demo sets data.split itself (yours: data.split = 'test')"),
     ("train.eval_cache=x.zarr", "demo --set train.eval_cache=x.zarr: the demo sets train.eval_cache itself"),
     # the students measure the test store: another split was refused only after both extracts had run
     ("train.eval_split=val", "demo --set train.eval_split=val: the demo sets train.eval_split itself"),
     # named with the value mnist.toml has: A and C still trained with kl = 0 and the eval split stayed the demo's
-    ("train.loss.kl=1", "demo --set train.loss.kl=1: the demo sets train.loss.kl itself (train.loss.kl = 1.0 here)"),
+    ("train.loss.kl=1", "demo --set train.loss.kl=1: the demo sets train.loss.kl itself (yours: train.loss.kl = 1.0)"),
     ("train.eval_split=test", "demo --set train.eval_split=test: the demo sets train.eval_split itself"),
     # a table naming them, with the file's values (kl = 1 was overridden with 0 for A and C, silently): named as given
     ("train.loss={kl=1.0, ce=0.0}", "demo --set train.loss={kl=1.0, ce=0.0}: the demo sets train.loss.kl itself"),
