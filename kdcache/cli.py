@@ -504,7 +504,7 @@ def main() -> None:
     """Offline knowledge distillation: run the teacher once, train students from its cached outputs."""
 
 
-@main.command()
+@main.command(short_help="Run the teacher once over a dataset into a store.")
 @click.argument("pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline)
 @click.option("--out", callback=_not_blank, help="Store to write: a folder (by convention ending in .zarr) or an fsspec URL (s3://bucket/run.zarr).")
 @set_option("extract.batch_size=64")
@@ -574,7 +574,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
     return distributed.extract_torchrun if distributed.ranks()[1] > 1 else kdcache.extract
 
 
-@main.command()
+@main.command(short_help="Train a student from a store alone (the teacher is never built).")
 @click.argument("pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline)
 @click.option("--cache", "cache_location", required=True, callback=_a_store, help="Store written by kdcache extract (the only source of targets).")
 @click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, pipeline.json, checkpoint.pt.")
@@ -620,7 +620,7 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
         click.echo(f"student written to {out}/student.pt")
 
 
-@main.command()
+@main.command(short_help="The MNIST demo: extract once, train three students, print a table.")
 @click.option("--out", default="runs/demo", show_default=True, callback=_not_blank, help="Folder for the stores, students and summary.json.")
 @set_option("train.steps=500")
 @progress_option
@@ -633,7 +633,7 @@ def demo(out: str, overrides: tuple[str, ...], progress: bool | None) -> None:
     click.echo(f"summary written to {out}/summary.json")
 
 
-@main.command()
+@main.command(short_help="Summarise a store: teacher, dataset, targets, progress, size.")
 @click.argument("store", callback=_a_store)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @storage_option
@@ -648,7 +648,7 @@ def info(store: str, as_json: bool, storage_items: tuple[str, ...]) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else _info_text(summary))
 
 
-@main.command()
+@main.command(short_help="Check a store: completeness, checksums, values (and the teacher).")
 @click.argument("store", callback=_a_store)
 @click.option("--teacher-check", type=click.IntRange(min=0), default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
 @click.option("--pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline, help="Pipeline whose teacher and dataset --teacher-check uses.")
@@ -713,7 +713,7 @@ def _refuse_without_teacher_check(**given: Any) -> None:
                                    f"--teacher-check N (the rows to recompute), or leave {flag} out")
 
 
-@main.command()
+@main.command(short_help="Pack a finished store into one .zarr.zip file.")
 @click.argument("store", callback=_a_store)
 @click.argument("out", type=click.Path(dir_okay=False), callback=_not_blank)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -727,7 +727,7 @@ def pack(store: str, out: str, overwrite: bool, storage_items: tuple[str, ...]) 
     click.echo(f"packed {count(r['objects'], 'object')} ({_size(r['bytes'])}) into {r['out']}")
 
 
-@main.command("export")
+@main.command("export", short_help="Export a finished store as one HDF5 file.")
 @click.argument("store", callback=_a_store)
 @click.argument("out", type=click.Path(dir_okay=False), callback=_not_blank)
 @click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True)
@@ -742,7 +742,7 @@ def export(store: str, out: str, compression: str, overwrite: bool, storage_item
     click.echo(f"exported {count(r['arrays'], 'array')} into {r['out']} ({_size(r['file_bytes'])}, {compression})")
 
 
-@main.command("import")
+@main.command("import", short_help="Convert an HDF5 file of kdcache export back into a store.")
 @click.argument("source", type=click.Path(dir_okay=False), callback=_named("an HDF5 file written by kdcache export"))
 @click.argument("store", callback=_not_blank)
 @click.option("--overwrite", is_flag=True, help="Start afresh even if STORE holds a store.")
@@ -757,7 +757,7 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
     click.echo(_info_text(summary))
 
 
-@main.command()
+@main.command(short_help="Teacher accuracy, entropy and layer statistics of a store.")
 @click.argument("store", callback=_a_store)
 @click.option("--workers", type=click.IntRange(min=1, max=MAX_PARALLEL), help="dask worker threads (default: one per core).")
 @json_option

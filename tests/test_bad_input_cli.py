@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -340,6 +341,16 @@ def test_help_is_unchanged(args: list[str], code: int) -> None:
     assert result.exit_code == code
     assert result.output.startswith("Usage: ") and "Options:" in result.output and "--help" in result.output, result.output
     assert "Error" not in result.output
+
+
+def test_the_command_list_of_help_cuts_no_description() -> None:
+    """``kdcache --help`` lists each command with a line of its own: click cut each docstring's first sentence with
+    "..." ("Export a finished STORE as one HDF5 file OUT.h5 (layout:...", "Check a store: completeness, layout, checksums,
+    values,..."); each command's line is whole."""
+    result = CliRunner().invoke(main, ["--help"])
+    listed = dict(re.findall(r"^  ([a-z]+) +(.+)$", result.output.split("Commands:", 1)[1], re.M))
+    assert set(listed) == set(main.commands), result.output
+    assert not [line for line in listed.values() if line.endswith("...")], result.output
 
 
 @pytest.mark.slow
