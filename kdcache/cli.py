@@ -730,7 +730,8 @@ def pack(store: str, out: str, overwrite: bool, storage_items: tuple[str, ...]) 
 @main.command("export", short_help="Export a finished store as one HDF5 file.")
 @click.argument("store", callback=_a_store)
 @click.argument("out", type=click.Path(dir_okay=False), callback=_not_blank)
-@click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True)
+@click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True,
+              help="HDF5 compression of the data arrays' chunks.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @storage_option
 @_errors
