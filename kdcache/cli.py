@@ -651,7 +651,7 @@ def info(store: str, as_json: bool, storage_items: tuple[str, ...]) -> None:
 @main.command(short_help="Check a store: completeness, checksums, values (and the teacher).")
 @click.argument("store", callback=_a_store)
 @click.option("--teacher-check", type=click.IntRange(min=0), default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
-@click.option("--pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline, help="Pipeline whose teacher and dataset --teacher-check uses.")
+@click.option("--pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline, metavar="PIPELINE", help="Pipeline whose teacher and dataset --teacher-check uses.")
 @set_option("extract.batch_size=64")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed choosing the --teacher-check rows.")
 @click.option("--tolerance", type=click.FloatRange(min=0), callback=_finite, help="Relative tolerance of --teacher-check (default by precision and dtype).")
