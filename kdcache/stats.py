@@ -237,8 +237,11 @@ def stats_text(s: dict[str, Any]) -> str:
         teacher = f"top-1 accuracy {pct(s['teacher_accuracy'])} against {labeled:,} labeled rows{left_out}"
     elif labeled == 0:
         teacher = f"top-1 accuracy n/a: none of the {s['rows']:,} rows has a label (every stored label is below 0)"
-    else:
-        teacher = f"top-1 accuracy {pct(s['teacher_accuracy'])} against stored labels"
+    else:  # why there is none ("n/a against stored labels" said it of a store that holds none)
+        why = ("no done shards" if not s["rows"] else "no logits with a class axis" if s.get("mean_entropy") is None else
+               "per-token logits: no one class per row" if s.get("entropy_positions", s["rows"]) != s["rows"] else
+               "the store holds no labels")
+        teacher = f"top-1 accuracy n/a ({why})"
     lines = [
         f"store       {s['location']}  ({count(s['rows'], 'row')} in {s['shards_done']}/{count(s['num_shards'], 'done shard')})",
         f"teacher     {teacher}",

@@ -90,6 +90,21 @@ def test_the_accuracy_says_over_how_many_labeled_rows(tmp_path):
     assert json.loads(CliRunner().invoke(main, ["stats", store, "--json"]).output)["labeled_rows"] == 25
     unlabeled = extract_tiny(tmp_path / "unlabeled.zarr", "data.factory='numbered.py:tiny_unlabelled'", "targets.layers=[]")
     assert stats(unlabeled)["labeled_rows"] is None
+    r = CliRunner().invoke(main, ["stats", unlabeled])  # it said "top-1 accuracy n/a against stored labels", of none
+    assert r.exit_code == 0 and "teacher     top-1 accuracy n/a (the store holds no labels)\n" in r.output, r.output
+
+
+def test_the_text_says_why_there_is_no_accuracy():
+    """"top-1 accuracy n/a against stored labels" was said of every store without an accuracy: one with no labels (the
+    text example's), with per-token or regression logits, or with no done shard. It says which."""
+    from kdcache.stats import stats_text
+
+    s = {"location": "s.zarr", "rows": 20, "shards_done": 1, "num_shards": 1, "teacher_accuracy": None, "labeled_rows": None,
+         "mean_entropy": 1.0, "entropy_positions": 20, "per_class": None, "layers": {}}
+    for changed, why in [({}, "the store holds no labels"), ({"entropy_positions": 480}, "per-token logits: no one class per row"),
+                         ({"mean_entropy": None, "entropy_positions": None}, "no logits with a class axis"),
+                         ({"rows": 0, "shards_done": 0, "mean_entropy": None, "entropy_positions": None}, "no done shards")]:
+        assert f"teacher     top-1 accuracy n/a ({why})\n" in stats_text({**s, **changed}), changed
 
 
 def naive_accuracy(location: str, rows: np.ndarray) -> float:
