@@ -95,6 +95,8 @@ class TransferSet(IterableDataset):
         self.checkpoint_bytes = int(checkpoint_bytes)
         self.memory = (_read_whole(store, self.paths, self.groups.shards, self.row_bytes, memory_budget_mb, location, self.checkpoint_bytes)
                        if self.in_memory else None)  # the rows of the shards holding self.rows, back to back
+        # those shards are the store's first ones, in order (every done shard of a complete store): a row's place there is the row
+        self._held_in_place = self.in_memory and np.array_equal(self.groups.shards, np.arange(len(self.groups.shards)))
         self._store: layout.Store | None = None
 
     @property
@@ -333,7 +335,8 @@ class TransferSet(IterableDataset):
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads."""
         if self.memory is not None:  # every shard held but the store's last has rows_per_shard rows, and that one is held last
-            held = np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard
+            held = rows if self._held_in_place else \
+                np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard
             return {p: a[held] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
             self._store = self._reopened()
@@ -395,19 +398,25 @@ class TransferSet(IterableDataset):
         # items are looked at (a 5 % recheck would otherwise pay a Python pass over every item of every batch).
         same = isinstance(batch, torch.Tensor) and all(isinstance(inputs[j], torch.Tensor) and inputs[j].dtype == batch.dtype for j in which)
         fast = data.fingerprint_rows(batch, which) if same else None
-        for k, j in enumerate(which):
-            seen = fast[k] if fast is not None else data.fingerprint(inputs[j], self.algorithm)
-            if seen != int(stored[j]):
-                where = f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r}"
-                batched = hasattr(self.dataset, "__getitems__")  # torch's Subset has one
-                raise self._mismatch(where, int(index[j]), int(stored[j]), seen, batched=batched, last=int(index[-1]),
-                                     one_input=batched and _one_input(inputs, self.algorithm))
+        # the checked rows' stored values as Python ints, one call per column (not an int() of a numpy scalar per row and value);
+        # the rows are compared one by one, in order, only where the two lists differ
+        expected, at = stored[which].tolist(), index[which].tolist()
+        if fast is None or fast != expected:
+            for k, j in enumerate(which):
+                seen = fast[k] if fast is not None else data.fingerprint(inputs[j], self.algorithm)
+                if seen != expected[k]:
+                    where = f"store row {int(rows[j])} (dataset index {at[k]}) of {self.location!r}"
+                    batched = hasattr(self.dataset, "__getitems__")  # torch's Subset has one
+                    raise self._mismatch(where, at[k], expected[k], seen, batched=batched, last=int(index[-1]),
+                                         one_input=batched and _one_input(inputs, self.algorithm))
         labels = columns.get(layout.LABEL)
-        for j in which if labels is not None else ():
-            label = data.split_item(items[j], int(index[j]))[1]
-            if label is not None and label != int(labels[j]):  # the same input, another label: ce trains on the stored one, eval scores this
+        if labels is None:
+            return
+        for k, (j, stored_label) in enumerate(zip(which, labels[which].tolist())):
+            label = data.label_of(items[j], at[k])
+            if label is not None and label != stored_label:  # the same input, another label: ce trains on the stored one, eval scores this
                 raise AlignmentError(
-                    f"store row {int(rows[j])} (dataset index {int(index[j])}) of {self.location!r} holds label {int(labels[j])} but the "
+                    f"store row {int(rows[j])} (dataset index {at[k]}) of {self.location!r} holds label {stored_label} but the "
                     f"dataset now gives {label}: its labels changed since extraction (another class mapping?); use the dataset the "
                     "store was made from, or re-extract")
 

@@ -487,6 +487,21 @@ def test_in_memory_reads_each_array_once_up_front(numbered_store, monkeypatch):
     assert ts.in_memory and calls == []
 
 
+@pytest.mark.parametrize("shards,in_place", [(range(7), True), ([0, 1], True), ([1, 2], False), ([0, 3, 6], False)])
+def test_in_memory_rows_are_served_from_their_shards_place_in_ram(numbered_store, shards, in_place):
+    """The targets in RAM hold the shards of the rows back to back: where those are the store's first shards in order,
+    a row's place there is the row itself (no lookup, session 40), else its shard's place. Either way every row served,
+    the store's partial last shard's too (96..99), is its own dataset item, with its own targets and label."""
+    rows = np.concatenate([np.arange(*layout.open_store(numbered_store).shard_rows(s)) for s in shards])
+    ts = transfer(numbered_store, rows=rows, memory_budget_mb=2048, fingerprint_check=1.0)
+    assert ts.in_memory and ts._held_in_place == in_place
+    for epoch in (0, 1):
+        batches = serve(ts, epoch)
+        for batch in batches:
+            check_aligned(batch)
+        assert sorted(np.concatenate([b["rows"].numpy() for b in batches]).tolist()) == rows.tolist()
+
+
 def test_incomplete_store_serves_done_shards_only(numbered_store, tmp_path):
     location = str(tmp_path / "partial.zarr")
     shutil.copytree(numbered_store, location)
