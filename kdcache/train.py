@@ -830,6 +830,12 @@ def _output_mismatch(e: ShapeMismatchError, logits: torch.Tensor, stored: tuple[
     other errors (the classes) as they are."""
     if logits.ndim == 0 or logits.shape[0] != rows:
         return samples_first_error(tuple(logits.shape), rows, selector)
+    if logits.ndim < len(stored) + 1 and selector != "auto":  # the select stepped into the classes (an index of them)
+        what = str(e).split(": ", 1)[0]
+        return ShapeMismatchError(f"{what}: student.select = {selector!r} picks a part of the student's output of per-sample shape "
+                                  f"{list(logits.shape[1:])}, fewer axes than the stored logits' {list(stored)}: it is the part "
+                                  "compared with them, their classes on its last axis; set it to that part (\"auto\": the whole "
+                                  "output, where the student returns its logits alone)")
     if logits.ndim > len(stored) + 1:
         what = str(e).split("; ", 1)[0]
         setting = f"student.select = {selector!r} picks" if selector != "auto" else "student.select picks"
@@ -1003,7 +1009,14 @@ def _add_heads(run: Run, stored: dict[str, layout.Target], shapes: dict[str, tup
     its stored layer's (``stored``: by name), on the run's device; each said once (rank 0)."""
     for path, (module, _, selector) in run.features.items():
         name = layout.layer_name(path)
-        head = losses.projection_head(shapes[path][1:], stored[name].shape, name=name)
+        try:
+            head = losses.projection_head(shapes[path][1:], stored[name].shape, name=name)
+        except ShapeMismatchError as e:  # the student's shape is the part its select picked: name the value seen
+            if selector == "auto":
+                raise
+            seen, text = f"student shape {tuple(shapes[path][1:])}", str(e)
+            picked = f"what train.features.{name!r}.select = {selector!r} picks from the output of student module {module!r}"
+            raise ShapeMismatchError(text.replace(seen, f"{seen} ({picked})", 1) if seen in text else f"{text} ({picked})") from None
         if head is not None:
             # in the student feature's dtype: a float64 student's head is float64 (autocast casts a float32 one's input)
             run.heads[_key(path)] = data.move_model(head, f"the projection head for {name!r}", run.device, STUDENT_FIX,
@@ -1672,6 +1685,11 @@ def _check_per_sample(run: Run, dataset: Any, device: torch.device, what: str, a
                                     mask=run.padding(probe))
     except (ModelError, TargetError):
         return  # the first training step says what is wrong with the model or its output, on a batch of its own
+    if logits.ndim < 2 and run.select != "auto":  # the select stepped into the classes: the fix is student.select's
+        raise PipelineError(f"{what}: eval_accuracy and eval_agreement compare one class per sample with the student's top class, but "
+                            f"student.select = {run.select!r} picks a part of the student's output of shape {list(logits.shape)} "
+                            "for a batch of one sample, one value per sample, not (batch, classes); set student.select to the part "
+                            "holding the classes (\"auto\": the whole output, where the student returns its logits alone)")
     if logits.ndim != 2:
         raise PipelineError(f"{what}: eval_accuracy and eval_agreement compare one class per sample with the student's top class, but the student's "
                             f"output has shape {list(logits.shape)} for one sample, not (batch, classes); set train.eval_split and "

@@ -516,6 +516,14 @@ CASES = [
          ("the student output: output of type Tensor (per-sample shape [4]) has no element 'hidden'", "fix student.select"), store=True),
     Case("student-select-name-typo", lambda c: train(c, "--set", "student.factory=bad_input.py:named_outputs", "--set", "student.select=logit"),
          ("the student output: output of type dict has no element 'logit'", "fix student.select (did you mean 'logits'?)"), store=True),
+    # a select stepping into the classes (one logit per sample): the eval check, then kl, named the output's shape alone and
+    # told to drop the evaluation, or to distil a regression with mse; neither named student.select, the value to fix
+    Case("student-select-picks-one-class", lambda c: train(c, "--set", "student.select=0"),
+         ("train.eval_split = 'test': eval_accuracy and eval_agreement compare", "student.select = '0' picks a part of the student's "
+          "output of shape [1] for a batch of one sample", "set student.select to the part holding the classes"), store=True),
+    Case("student-select-picks-one-class-for-kl", lambda c: train(c, "--set", "student.select=-1", "--set", "train.eval_split=''"),
+         ("kl_divergence: student.select = '-1' picks a part of the student's output of per-sample shape [], fewer axes than the "
+          "stored logits' [4]", "set it to that part"), store=True),
     Case("unknown-device", lambda c: extract("--out", c.new, "--device", "tpu"),
          ("--device tpu: extract.device = 'tpu' is not a torch device", "use auto, cpu, cuda or cuda:N")),
     Case("train-unknown-device", lambda c: train(c, "--device", "tpu"), ("--device tpu: train.device = 'tpu' is not a torch device",), store=True),
@@ -640,6 +648,10 @@ CASES = [
          ("kl_divergence: student shape (8, 3) does not match teacher shape (8, 4)", "produce 4 classes"), store=True),
     Case("feature-cannot-be-projected", lambda c: train(c, "--set", "train.features={ 'features.3' = { student = 'fc' } }"),
          ("features.3", "(4,)", "(16, 8, 8)"), store=True),
+    # the student's shape is the part its select picked: the line named the shape alone, not the select that made it
+    Case("feature-select-cannot-be-projected", lambda c: train(c, "--set", "train.features.'features.3'.select=0"),
+         ("target 'features.3': no projection from student shape (8, 8) (what train.features.'features.3'.select = '0' picks "
+          "from the output of student module 'conv') to teacher shape (16, 8, 8)",), store=True),
     Case("feature-layer-not-stored", lambda c: train(c, "--set", "train.features={ pool = { student = 'conv' } }"),
          ("train.features names teacher layer 'pool', which", "does not store (its layers: ['features.3']); name one of them, "
           "or extract a store with 'pool' in targets.layers (--layers)"), store=True),
