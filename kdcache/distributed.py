@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from kdcache import errors, locking, storage, store as layout
-from kdcache.errors import KdcacheError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, short, transient
+from kdcache.errors import KdcacheError, LaunchError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, short, transient
 from kdcache.extract import Run, check_done_rows, complete_read_only, extract_shards, say_headless, setup, written
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
@@ -489,8 +490,39 @@ def _on_device(pipeline: Pipeline, index: int) -> Pipeline:
 
 # -- torchrun ------------------------------------------------------------------------------------
 def ranks() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it. A variable that is not a
+    count, or a rank outside ``0 .. WORLD_SIZE - 1``, is a ``LaunchError`` (it was int()'s ValueError, a traceback)."""
+    world = _launch_count("WORLD_SIZE", os.environ.get("WORLD_SIZE"), 1, least=1)
+    rank, local = _launch_count("RANK", os.environ.get("RANK"), 0), _launch_count("LOCAL_RANK", os.environ.get("LOCAL_RANK"), 0)
+    if rank >= world:
+        raise LaunchError(f"the environment variable RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}); {_LAUNCH_FIX}")
+    if world > 1:
+        _launch_count("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE"), 1, least=1)  # cache.local_ranks, training_device read it
+    return rank, world, local
+
+
+# how every LaunchError ends: torchrun sets these variables for each process it starts
+_LAUNCH_FIX = ("torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each process it "
+               "starts: launch kdcache with torchrun (torchrun --nproc-per-node N -m kdcache.cli ...), or unset them to run one process")
+
+
+def _check_rendezvous() -> None:
+    """Refuse to join torchrun's process group where MASTER_ADDR or MASTER_PORT is not set (WORLD_SIZE set by hand, not by
+    torchrun): torch's env:// rendezvous raised a ValueError naming the first (a traceback)."""
+    given = {"MASTER_ADDR": os.environ.get("MASTER_ADDR"), "MASTER_PORT": os.environ.get("MASTER_PORT")}
+    unset = [name for name, value in given.items() if not value]
+    if unset:
+        raise LaunchError(f"WORLD_SIZE={ranks()[1]} asks for that many processes joined by torch.distributed, but "
+                          f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set; {_LAUNCH_FIX}")
+
+
+def _launch_count(name: str, given: str | None, default: int, least: int = 0) -> int:
+    """The environment variable ``name``'s value ``given`` as a whole number >= ``least`` (``default`` where it is not set)."""
+    if given is None:
+        return default
+    if not re.fullmatch(r"\s*\d+\s*", given) or int(given) < least:
+        raise LaunchError(f"the environment variable {name}={given!r} is not a whole number >= {least}; {_LAUNCH_FIX}")
+    return int(given)
 
 
 @contextlib.contextmanager
@@ -501,6 +533,7 @@ def process_group(device: torch.device | None = None) -> Iterator[None]:
     if dist.is_initialized():
         yield
         return
+    _check_rendezvous()
     dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         yield
@@ -693,6 +726,7 @@ def join_training(streams: int, device: torch.device, timeout_s: float = TIMEOUT
         if device.type == "cuda":  # NCCL's object collectives use the current device: every rank's would be cuda:0
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        _check_rendezvous()
         dist.init_process_group(backend, timeout=TIMEOUT)  # joining waits for every rank's start (a large checkpoint read)
         # nccl: the default group runs no collective, so makes no communicator; the steps' group is the one
         _GROUPS = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=TIMEOUT),

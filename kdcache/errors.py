@@ -96,6 +96,11 @@ class ModelTooLargeError(DeviceMemoryError):
     a smaller batch does not help."""
 
 
+class LaunchError(KdcacheError, ValueError):
+    """The environment a process was started in does not describe a run kdcache can join: torchrun's RANK, WORLD_SIZE,
+    LOCAL_RANK or LOCAL_WORLD_SIZE not a count, out of range, or set without torchrun's MASTER_ADDR and MASTER_PORT."""
+
+
 class MissingDependencyError(KdcacheError, ImportError):
     """An optional dependency that a command needs (an extra of kdcache's package) is not installed."""
 

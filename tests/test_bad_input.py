@@ -184,6 +184,25 @@ def read_only_dir(path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
+@contextmanager
+def environment(values: tuple[tuple[str, str | None], ...]) -> Iterator[None]:
+    """The environment variables ``values`` set (a None one unset) inside the block, as they were after it."""
+    def put(name: str, value: str | None) -> None:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+    before = {name: os.environ.get(name) for name, _ in values}
+    try:
+        for name, value in values:
+            put(name, value)
+        yield
+    finally:
+        for name, value in before.items():
+            put(name, value)
+
+
 # ----------------------------------------------------------------------------------- the matrix
 
 
@@ -201,6 +220,7 @@ class Case:
     read_only: bool = False  # ctx.tmp / "ro" is a read-only folder during the run
     read_only_run: bool = False  # ctx.run (the prior step's training run) is read-only during the run
     cuda: bool = False  # only meaningful where CUDA is absent
+    env: tuple[tuple[str, str | None], ...] = ()  # environment variables set (None: unset) during the run
 
 
 CASES = [
@@ -926,6 +946,7 @@ def invoke(case: Case, tmp_path: Path, tiny_store: str) -> tuple[Prepared, Any]:
     with contextlib.ExitStack() as stack:
         for folder in [tmp_path / "ro"] * case.read_only + [run.ctx.run] * case.read_only_run:
             stack.enter_context(read_only_dir(folder))
+        stack.enter_context(environment(case.env))
         result = CliRunner().invoke(main, run.args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         pytest.fail("".join(traceback.format_exception(result.exception)))

@@ -170,6 +170,25 @@ CASES = [
          ("--seed serves --teacher-check N, which was not given", "or leave --seed out"), code=2, store=True),
     Case("verify-tolerance-without-teacher-check", lambda c: ["verify", c.store, "--tolerance", "0.1"],
          ("--tolerance serves --teacher-check N, which was not given", "or leave --tolerance out"), code=2, store=True),
+    # -- torchrun's environment set by hand or left over (a shell's export): int()'s ValueError, numpy's IndexError (RANK 1 of
+    #    one process) and torch's rendezvous ValueError were tracebacks; WORLD_SIZE 0 ran as one process
+    Case("launch-rank-not-a-number", lambda c: extract("--out", c.new), ("the environment variable RANK='x' is not a whole number "
+         ">= 0; torchrun sets RANK, WORLD_SIZE,", "launch kdcache with torchrun", "or unset them to run one process"), env=(("RANK", "x"),)),
+    Case("launch-rank-of-one-process", lambda c: train(c, "--epochs", "1"),
+         ("the environment variable RANK=1 is outside 0..0 (WORLD_SIZE=1)", "launch kdcache with torchrun"), store=True,
+         env=(("RANK", "1"), ("WORLD_SIZE", None))),
+    Case("launch-world-size-0", lambda c: extract("--out", c.new), ("the environment variable WORLD_SIZE='0' is not a whole number >= 1",),
+         env=(("WORLD_SIZE", "0"),)),
+    Case("launch-local-world-size-blank", lambda c: train(c, "--epochs", "1"),
+         ("the environment variable LOCAL_WORLD_SIZE='' is not a whole number >= 1",), store=True,
+         env=(("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", ""))),
+    Case("launch-without-master-address", lambda c: train(c, "--epochs", "1"),
+         ("WORLD_SIZE=2 asks for that many processes joined by torch.distributed, but MASTER_ADDR and MASTER_PORT are not set",
+          "launch kdcache with torchrun (torchrun --nproc-per-node N -m kdcache.cli ...)"), store=True,
+         env=(("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", None), ("MASTER_PORT", None))),
+    Case("launch-extract-without-master-port", lambda c: extract("--out", c.new),
+         ("WORLD_SIZE=2 asks for that many processes joined by torch.distributed, but MASTER_PORT is not set",),
+         env=(("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None))),
     # -- click's own usage errors, one line each
     Case("usage-no-such-command", lambda c: ["extrakt"], ("No such command 'extrakt'", "(see 'kdcache --help')"), code=2),
     Case("usage-no-such-option", lambda c: extract("--out", c.new, "--batchsize", "4"),

@@ -832,12 +832,15 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_en
 def test_under_torchrun_rank_0_alone_reports_a_ctrl_c(tmp_path, monkeypatch, rank, says):
     """Every torchrun rank gets the terminal's Ctrl-C: each exits 130, and only rank 0 prints the line."""
     import kdcache
+    from kdcache import distributed
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(kdcache, "extract", interrupted)
+    monkeypatch.setattr(distributed, "extract_torchrun", interrupted)
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: a RANK 1 alone is refused (LaunchError)
     result = invoke("extract", TINY, "--out", tmp_path / "s.zarr")
     assert result.exit_code == 130, result.output
     assert (result.stderr.startswith("Error: interrupted; ") and len(result.stderr.strip().splitlines()) == 1) if says else result.stderr == ""
