@@ -507,13 +507,14 @@ _LAUNCH_FIX = ("torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MA
 
 
 def _check_rendezvous() -> None:
-    """Refuse to join torchrun's process group where MASTER_ADDR or MASTER_PORT is not set (WORLD_SIZE set by hand, not by
-    torchrun): torch's env:// rendezvous raised a ValueError naming the first (a traceback)."""
-    given = {"MASTER_ADDR": os.environ.get("MASTER_ADDR"), "MASTER_PORT": os.environ.get("MASTER_PORT")}
+    """Refuse to join torchrun's process group where RANK, MASTER_ADDR or MASTER_PORT is not set (WORLD_SIZE set by hand, not
+    by torchrun): torch's env:// rendezvous raised a ValueError naming the first (a traceback)."""
+    given = {"RANK": os.environ.get("RANK"), "MASTER_ADDR": os.environ.get("MASTER_ADDR"), "MASTER_PORT": os.environ.get("MASTER_PORT")}
     unset = [name for name, value in given.items() if not value]
     if unset:
         raise LaunchError(f"WORLD_SIZE={ranks()[1]} asks for that many processes joined by torch.distributed, but "
-                          f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set; {_LAUNCH_FIX}")
+                          f"{' and '.join(unset).replace(' and ', ', ', len(unset) - 2)} {'is' if len(unset) == 1 else 'are'} not set; "
+                          f"{_LAUNCH_FIX}")
 
 
 def _launch_count(name: str, given: str | None, default: int, least: int = 0) -> int:

@@ -189,6 +189,8 @@ CASES = [
     Case("launch-extract-without-master-port", lambda c: extract("--out", c.new),
          ("WORLD_SIZE=2 asks for that many processes joined by torch.distributed, but MASTER_PORT is not set",),
          env=(("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None))),
+    Case("launch-without-rank", lambda c: extract("--out", c.new), ("WORLD_SIZE=2 asks for that many processes joined by "
+         "torch.distributed, but RANK is not set",), env=(("RANK", None), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"))),
     # -- click's own usage errors, one line each
     Case("usage-no-such-command", lambda c: ["extrakt"], ("No such command 'extrakt'", "(see 'kdcache --help')"), code=2),
     Case("usage-no-such-option", lambda c: extract("--out", c.new, "--batchsize", "4"),
