@@ -4,8 +4,12 @@ For every key of the shipped pipelines (pipelines/*.toml) and the tests' (tests/
 each value is replaced by a bad one (wrong type, empty, 0, negative, huge, a float for an int, NaN/inf, unicode, a line
 break, an ANSI escape), unknown and misplaced keys are added, a section is misspelt; the mutated file is loaded
 (``kdcache.pipeline.load``) and, for tiny.toml, a mutation it accepts is run: ``extract --dry-run``, ``extract`` over an
-existing store and ``train`` from it (in a forked child, with a time limit). Then each command's options get bad values
-and paths that are files, folders, missing or unwritable. A finding is reported when:
+existing store and ``train`` from it (in a forked child, with a time limit); "tiny-rest" also mutates the keys tiny-full
+leaves out (targets.select and mask, student.select and inputs, train.eval_cache and mask, a feature's select, train.loss's
+mse and mse_on). Then each command's options get bad values and paths that are files, folders, missing or unwritable,
+and (``--cli new`` alone) demo's, verify's and extract's --set, every command's --storage-option, --auto-resume,
+--overwrite over a store or run by a failing command, a store, a run or a file where another is read or written, and
+torchrun's environment variables (RANK, WORLD_SIZE, ...) set by hand. A finding is reported when:
 
 - traceback: an exception that is not a kdcache one reaches the user (or the CLI leaves with one)
 - multiline: the error is not one ``Error: ...`` line
@@ -14,7 +18,8 @@ and paths that are files, folders, missing or unwritable. A finding is reported 
 - hang: the command did not finish within the time limit
 - damaged: an existing store or run changed under a command that failed
 
-Run from the repository root: ``python benchmarks/fuzz_bad_input.py [--only load|stage|cli] [--timeout 60]``.
+Run from the repository root: ``python benchmarks/fuzz_bad_input.py [--only load|stage|cli] [--cli all|new]
+[--bases mnist,text,zoo,tiny,tiny-full,tiny-rest] [--timeout 60]``.
 """
 
 from __future__ import annotations
@@ -221,8 +226,13 @@ def check_load(f: Findings, case: str, path: Path, overrides: list[str], value: 
 # ----------------------------------------------------------------------------------- running the CLI in a child
 
 
-def _child(args: list[str], queue: Any) -> None:
+def _child(args: list[str], queue: Any, env: dict[str, str | None]) -> None:
     torch.set_num_threads(1)
+    for name, value in env.items():  # the case's environment (None: unset), in this child alone
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     result = CliRunner().invoke(main, args, catch_exceptions=True)
     tb = ""
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -231,9 +241,11 @@ def _child(args: list[str], queue: Any) -> None:
 
 
 def run_cli(args: list[Any], timeout: float) -> dict[str, Any]:
+    """``kdcache ARGS`` in a forked child; ``args`` may begin with a dict: environment variables to set (None: unset)."""
+    env = args[0] if args and isinstance(args[0], dict) else {}
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=_child, args=([str(a) for a in args], queue))
+    child = context.Process(target=_child, args=([str(a) for a in args[bool(env):]], queue, env))
     child.start()
     try:
         outcome = queue.get(timeout=timeout)
@@ -274,6 +286,13 @@ def bases(work: Path) -> dict[str, tuple[dict[str, Any], list[tuple[str, ...]]]]
             if key not in full[section] and not isinstance(value, dict) and value not in ([], "") and key != "select":
                 full[section][key] = value
     out["tiny-full"] = full, [path for path in keys(full) if path not in keys(tiny)]
+    rest = copy.deepcopy(full)  # the keys tiny-full leaves out (empty by default, or selects), at a value tiny takes
+    rest["targets"] |= {"select": {"features.3": "auto"}, "mask": ""}
+    rest["student"] |= {"select": "auto", "inputs": []}
+    rest["train"] |= {"eval_cache": "", "mask": ""}
+    rest["train"]["features"]["features.3"]["select"] = "auto"
+    rest["train"]["loss"] |= {"mse": 0.0, "mse_on": "logits"}  # tiny-full leaves the loss table as tiny has it
+    out["tiny-rest"] = rest, [path for path in keys(rest) if path not in keys(full)]
     return out
 
 
@@ -339,8 +358,8 @@ def fuzz_stage(f: Findings, accepted: list[tuple[str, Path, Any]], store: Path, 
         shutil.rmtree(case)
 
 
-def cli_cases(store: Path, run: Path, work: Path) -> list[tuple[str, list[Any], Any]]:
-    """(id, args, value to quote) for each command's options with bad values."""
+def cli_cases(store: Path, run: Path, work: Path, new_only: bool = False) -> list[tuple[str, list[Any], Any]]:
+    """(id, args, value to quote) for each command's options with bad values (``new_only``: those more_cli_cases adds)."""
     tiny, a_file, a_dir, missing = FIXTURES / "tiny.toml", work / "afile.txt", work / "adir", work / "missing" / "x"
     a_file.write_text("not a store")
     a_dir.mkdir(exist_ok=True)
@@ -399,13 +418,104 @@ def cli_cases(store: Path, run: Path, work: Path) -> list[tuple[str, list[Any], 
               ("train --cache == --out", ["train", tiny, "--cache", store, "--out", store], None),
               ("extract --out == pipeline", ["extract", work / "p.toml", "--out", work / "p.toml"], None)]
     (work / "p.toml").write_text(tiny.read_text().replace('"tiny.py:', f'"{FIXTURES}/tiny.py:'))
+    return ([] if new_only else cases) + more_cli_cases(store, run, work, paths)
+
+
+def more_cli_cases(store: Path, run: Path, work: Path, paths: list[tuple[str, Any]]) -> list[tuple[str, list[Any], Any]]:
+    """Options and combinations added since session 35: demo's, verify's and extract's --set, every command's
+    --storage-option, train's --auto-resume and --allow-partial, --overwrite of a failing command over a store or a
+    run, --json on a failure, and a store, a run or a file where another of them is read or written."""
+    tiny, a_file = FIXTURES / "tiny.toml", work / "afile.txt"
+    demo = ["--no-progress", "--set", f"teacher.factory={FIXTURES}/tiny.py:teacher", "--set", f"data.factory={FIXTURES}/tiny.py:dataset",
+            "--set", f"student.factory={FIXTURES}/tiny.py:student", "--set", "train.steps=2", "--set", "extract.device=cpu",
+            "--set", "train.device=cpu", "--set", 'targets.layers=["features.3"]']
+    check = ["verify", store, "--teacher-check", "2", "--pipeline", tiny]
+    cases: list[tuple[str, list[Any], Any]] = []
+    # not a missing or empty folder, nor a training run's (the demo's folders and summary beside its files): demo runs there
+    for label, p in [*paths, ("store", store), ("inside-store", store / "targets" / "demo")]:
+        if label not in ("missing", "dir"):
+            cases.append((f"demo --out {label}", ["demo", "--out", p, *demo], None))
+    sets = ["", "=", "a", "x=1", "train.lr=", "train.lr=-1", "train.steps=1e3", "targets.layers=[1]", "extract.batch_size=0",
+            "extract.device=gpu", "teacher.factory=nowhere.py:t", "targets.select.x=[]", "train.features.x=1", "a.b.c.d=1"]
+    for v in sets:
+        cases += [(f"demo --set {v!r}", ["demo", "--out", work / "dm", *demo, "--set", v], None),
+                  (f"verify --set {v!r}", [*check, "--set", v], None),
+                  (f"extract --set {v!r}", ["extract", tiny, "--out", work / "n.zarr", "--dry-run", "--set", v], None)]
+    options = ["", "=", "a", "x=1", "anon=maybe", "a..b=1", "a.b=1", "timeout=5s", "client_kwargs=3"]
+    for v in options:
+        for where, args in [("extract", ["extract", tiny, "--out", work / "n.zarr"]), ("extract s3", ["extract", tiny, "--out", "s3://b/n.zarr"]),
+                            ("train", ["train", tiny, "--cache", store, "--out", work / "r", "--epochs", "1"]),
+                            ("train s3", ["train", tiny, "--cache", "s3://b/x.zarr", "--out", work / "r"]),
+                            ("verify", ["verify", store]), ("verify s3", ["verify", "s3://b/x.zarr"]), ("stats", ["stats", store]),
+                            ("pack", ["pack", store, work / "o.zip"]), ("pack s3", ["pack", "s3://b/x.zarr", work / "o.zip"]),
+                            ("export", ["export", store, work / "o.h5"]), ("import", ["import", a_file, work / "imp.zarr"]),
+                            ("import s3", ["import", a_file, "s3://b/imp.zarr"])]:
+            cases.append((f"{where} --storage-option {v!r}", [*args, "--storage-option", v], None))
+    train = ["train", tiny, "--cache", store]  # the done run trained one epoch (--epochs 1): a --resume without it goes on
+    cases += [
+        ("train --auto-resume --resume", [*train, "--out", run, "--auto-resume", "--resume"], None),
+        ("train --auto-resume --overwrite", [*train, "--out", run, "--auto-resume", "--overwrite"], None),
+        ("train --auto-resume bad --set", [*train, "--out", run, "--auto-resume", "--set", "train.lr=-1"], -1),
+        ("train --auto-resume other pipeline", [*train, "--out", run, "--auto-resume", "--epochs", "1", "--set", "train.lr=0.5"], None),
+        ("train --auto-resume --cache a file", ["train", tiny, "--cache", a_file, "--out", run, "--auto-resume"], None),
+        ("train --resume --epochs 0", [*train, "--out", run, "--resume", "--epochs", "0"], "0"),
+        ("train --resume other pipeline", [*train, "--out", run, "--resume", "--epochs", "1", "--set", "train.batch_size=4"], None),
+        ("train --auto-resume --allow-partial", [*train, "--out", run, "--auto-resume", "--epochs", "1", "--allow-partial"], None),
+        ("train --overwrite bad --set", [*train, "--out", run, "--overwrite", "--set", "train.lr=-1"], -1),
+        ("train --overwrite bad --device", [*train, "--out", run, "--overwrite", "--device", "gpu"], "gpu"),
+        ("train --overwrite --cache a file", ["train", tiny, "--cache", a_file, "--out", run, "--overwrite"], None),
+        ("train --overwrite --out a store", [*train, "--out", store, "--overwrite"], None),
+        ("train --overwrite --out a file", [*train, "--out", a_file, "--overwrite"], None),
+        ("train --cache a run", ["train", tiny, "--cache", run, "--out", work / "r"], None),
+        ("train --eval-cache a run", [*train, "--out", work / "r", "--eval-cache", run], None),
+        ("train --eval-cache a file", [*train, "--out", work / "r", "--eval-cache", a_file], None),
+        ("train --json bad --set", [*train, "--out", work / "r", "--json", "--set", "train.lr=-1"], -1),
+        ("extract --overwrite bad --set", ["extract", tiny, "--out", store, "--overwrite", "--set", "extract.batch_size=0"], 0),
+        ("extract --overwrite bad factory", ["extract", tiny, "--out", store, "--overwrite", "--set", "teacher.factory=tiny.py:nope"], "nope"),
+        ("extract --overwrite other dataset", ["extract", tiny, "--out", store, "--overwrite", "--set", "data.factory=tiny.py:nope"], "nope"),
+        ("extract --overwrite --out a run", ["extract", tiny, "--out", run, "--overwrite"], None),
+        ("extract --overwrite --out a file", ["extract", tiny, "--out", a_file, "--overwrite"], None),
+        ("extract --out a run", ["extract", tiny, "--out", run], None),
+        ("extract --overwrite --dry-run over a store", ["extract", tiny, "--out", store, "--overwrite", "--dry-run"], None),
+        ("extract --json bad --set", ["extract", tiny, "--out", work / "n.zarr", "--json", "--set", "extract.batch_size=0"], 0),
+        ("extract --json --dry-run bad layer", ["extract", tiny, "--dry-run", "--json", "--layers", "nope"], "nope"),
+        ("pack --overwrite onto the store", ["pack", store, store, "--overwrite"], None),
+        ("pack --overwrite onto a run", ["pack", store, run, "--overwrite"], None),
+        ("pack a run", ["pack", run, work / "o.zip"], None),
+        ("export --overwrite onto the store", ["export", store, store, "--overwrite"], None),
+        ("export --overwrite onto a run", ["export", store, run, "--overwrite"], None),
+        ("export a run", ["export", run, work / "o.h5"], None),
+        ("import --overwrite onto the store, source not hdf5", ["import", a_file, store, "--overwrite"], None),
+        ("import --overwrite onto a run", ["import", a_file, run, "--overwrite"], None),
+        ("import a store", ["import", store, work / "imp.zarr"], None),
+        ("import onto the store", ["import", a_file, store], None),
+        ("verify --json a file", ["verify", a_file, "--json"], None),
+        ("info --json a run", ["info", run, "--json"], None),
+        ("stats --json a run", ["stats", run, "--json"], None),
+        ("verify a run", ["verify", run], None),
+        ("verify --teacher-check --pipeline a store", ["verify", store, "--teacher-check", "2", "--pipeline", store], None),
+        ("verify --teacher-check other teacher", [*check, "--set", "teacher.factory=tiny.py:student"], None),
+    ]
+    # torchrun's environment set by hand or left over (each command; those that never join a process group may succeed)
+    environments = [{"RANK": v} for v in ("x", "-1", "", "1", "1.5", " 0")] + [{"WORLD_SIZE": v} for v in ("0", "-1", "x", "2", "1e3")] + [
+        {"LOCAL_RANK": "x"}, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, {"RANK": "3", "WORLD_SIZE": "2"},
+        {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "x"}]
+    for env in environments:
+        env = {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "MASTER_ADDR": None,
+               "MASTER_PORT": None} | env
+        said = " ".join(f"{k}={v!r}" for k, v in env.items() if v is not None)
+        for where, args in [("extract", ["extract", tiny, "--out", work / "n.zarr"]), ("extract --dry-run", ["extract", tiny, "--dry-run"]),
+                            ("train", [*train, "--out", work / "r", "--epochs", "1"]), ("verify", ["verify", store]),
+                            ("verify --teacher-check", [*check]), ("stats", ["stats", store]), ("info", ["info", store]),
+                            ("pack", ["pack", store, work / "o.zip"]), ("export", ["export", store, work / "o.h5"])]:
+            cases.append((f"{where} with {said}", [env, *args], None))
     return cases
 
 
-def fuzz_cli(f: Findings, store: Path, work: Path, timeout: float) -> None:
+def fuzz_cli(f: Findings, store: Path, work: Path, timeout: float, new_only: bool = False) -> None:
     run = work / "done-run"
     assert run_cli(["train", FIXTURES / "tiny.toml", "--cache", store, "--out", run, "--epochs", "1"], timeout)["code"] == 0
-    for case, args, value in cli_cases(store, run, work):
+    for case, args, value in cli_cases(store, run, work, new_only):
         guarded = {root: snapshot(root) for root in (store, run)}
         f.runs += 1
         outcome = run_cli(args, timeout)
@@ -415,7 +525,7 @@ def fuzz_cli(f: Findings, store: Path, work: Path, timeout: float) -> None:
         for root, files in guarded.items():
             if snapshot(root) != files:
                 f.add("damaged", case, f"{root.name} changed{'' if failed else ' (the command succeeded)'}")
-        for leftover in ("r", "r2", "re", "rb", "rd", "rs", "n.zarr", "new.zarr", "imp.zarr", "o.zip", "o.h5", "e.h5", "l.zarr", "d.zarr", "w.zarr"):
+        for leftover in ("r", "r2", "re", "rb", "rd", "rs", "n.zarr", "new.zarr", "imp.zarr", "o.zip", "o.h5", "e.h5", "l.zarr", "d.zarr", "w.zarr", "dm"):
             p = work / leftover
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -425,7 +535,8 @@ def main_() -> None:
     parser.add_argument("--only", choices=["load", "stage", "cli"])
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--bases", default="mnist,text,zoo,tiny,tiny-full", help="pipelines to mutate (comma-separated)")
+    parser.add_argument("--bases", default="mnist,text,zoo,tiny,tiny-full,tiny-rest", help="pipelines to mutate (comma-separated)")
+    parser.add_argument("--cli", choices=["all", "new"], default="all", help="new: only the option cases added since session 35")
     args = parser.parse_args()
     started = time.monotonic()
     f = Findings()
@@ -442,7 +553,7 @@ def main_() -> None:
                 fuzz_stage(f, accepted, store, work, args.timeout)
                 print(f"stage: {f.summary()}", flush=True)
         if args.only in (None, "cli"):
-            fuzz_cli(f, store, work, args.timeout)
+            fuzz_cli(f, store, work, args.timeout, args.cli == "new")
         (work / "ro").chmod(0o755) if (work / "ro").exists() else None
     print(f"done in {time.monotonic() - started:.0f} s: {f.summary()}")
 
