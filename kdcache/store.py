@@ -332,10 +332,6 @@ class Store:
         start = shard * self.rows_per_shard
         return start, min(start + self.rows_per_shard, self.num_samples)
 
-    def read_rows(self) -> int:
-        """Rows per aligned read block: the largest inner chunk of any array (divides the shard)."""
-        return max(self.manifest["geometry"]["chunk_rows"].values())
-
     def array(self, path: str) -> zarr.Array:
         """The zarr array at ``path``: a data array (``paths()``), ``progress/done`` or ``progress/digest``."""
         if not isinstance(path, str) or path not in self._arrays:
@@ -652,9 +648,6 @@ class Store:
     def samples_done(self, done: np.ndarray | None = None) -> int:
         done = self.done() if done is None else done
         return int(sum(self.shard_rows(int(s))[1] - self.shard_rows(int(s))[0] for s in np.flatnonzero(done)))
-
-    def pending_shards(self) -> list[int]:
-        return [int(s) for s in np.flatnonzero(~self.done())]
 
     def unbacked_shards(self, done: np.ndarray | None = None) -> dict[int, str]:
         """Done shards whose storage objects are not all there (deleted, an incomplete copy): shard -> what its first
@@ -1166,14 +1159,6 @@ class Store:
         return DamagedShardError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
                                  f"kdcache verify {self.location} lists every damaged chunk; copy the store again, or redo the shard: {redo}",
                                  problem)
-
-    def iter_blocks(self, shards: list[int] | None = None) -> Iterator[tuple[int, int]]:
-        """Aligned ``(start, stop)`` row ranges of whole inner chunks, shard by shard."""
-        step = self.read_rows()
-        for shard in range(self.num_shards) if shards is None else shards:
-            start, stop = self.shard_rows(shard)
-            for lo in range(start, stop, step):
-                yield lo, min(lo + step, stop)
 
     def nbytes_stored(self, sizes: dict[str, int] | None = None) -> int | None:
         """Bytes stored: on disk (a folder or a zip file) or by listing object sizes (``sizes``: ``_stored_sizes``'s,

@@ -123,7 +123,7 @@ MUTANTS = [
            "`write_shard`: the digest bound to the shard's first row, not its number", STORE),
     # -- extract: which shards are written, and what goes in them ------------------------------------------------------
     Mutant("E1", "extract.py", "pending = store.resume_pending()  # done shards whose objects are missing too",
-           "pending = store.pending_shards()", "extract resumes the shards not done only (objects gone ignored)", EXTRACT),
+           "pending = [int(s) for s in np.flatnonzero(~store.done())]", "extract resumes the shards not done only (objects gone ignored)", EXTRACT),
     Mutant("E2", "extract.py", "shard = int(rows[0]) // self.store.rows_per_shard", "shard = int(rows[-1]) // self.store.rows_per_shard",
            "`ShardWriter`: a batch's shard by its last row", EXTRACT),
     Mutant("E3", "extract.py", "pieces = sorted(pieces, key=lambda entry: entry[0])", "pieces = list(pieces)",

@@ -136,7 +136,7 @@ def test_store_is_readable_through_open_store(tmp_path):
     _, arrays = read_store(out)
     assert store.complete and store.num_shards == 4 and store.rows_per_shard == 16
     assert set(store.paths()) == {p for p in arrays if not p.startswith("progress/")}
-    blocks = list(store.iter_blocks())
+    blocks = [store.shard_rows(s) for s in range(store.num_shards)]
     assert blocks[0][0] == 0 and blocks[-1][1] == 50
     for path in store.paths():
         np.testing.assert_array_equal(np.concatenate([store.read(path, lo, hi) for lo, hi in blocks]), arrays[path])
@@ -720,7 +720,7 @@ def test_inf_once_stored_is_named_as_the_teacher_s_or_as_beyond_targets_dtype(tm
     run = kx.setup(make_pipeline(*overrides))
     store = layout.create_or_resume(str(tmp_path / "thread.zarr"), run.manifest_for(make_pipeline(*overrides)))
     with pytest.raises(TargetError, match=match(rows=r"16\.\.23")):
-        kx.extract_shards(run, make_pipeline(*overrides), store, store.pending_shards(), Progress(0, "", enabled=False), background=True)
+        kx.extract_shards(run, make_pipeline(*overrides), store, list(range(store.num_shards)), Progress(0, "", enabled=False), background=True)
     with pytest.raises(TargetError, match=match(rows=r"0\.\.31")):
         kdcache.dry_run(make_pipeline(*overrides, "extract.batch_size=32"))
 
@@ -766,7 +766,7 @@ def test_the_writer_thread_gathers_what_the_loop_does(tmp_path, factory):
     pipeline = make_pipeline(*overrides)
     run = kx.setup(pipeline)
     store = layout.create_or_resume(str(tmp_path / "thread.zarr"), run.manifest_for(pipeline))
-    write = lambda: kx.extract_shards(run, pipeline, store, store.pending_shards(), Progress(0, "", enabled=False), background=True)  # noqa: E731
+    write = lambda: kx.extract_shards(run, pipeline, store, list(range(store.num_shards)), Progress(0, "", enabled=False), background=True)  # noqa: E731
     if factory:
         with pytest.raises(TargetError, match=r"the teacher produced NaN in target 'logits' \(rows 24\.\.31\)"):
             write()
