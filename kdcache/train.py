@@ -741,7 +741,7 @@ class Run:
     select: str = "auto"  # student.select: the part of the student's output compared with the stored logits
     precision: str = "fp32"  # train.precision: autocast of the student's forward and heads
     mask: str = ""  # train.mask: the key of the batch's dict inputs holding its (B, T) padding mask
-    masked: tuple[str, ...] = ()  # the target paths whose terms take that mask (per-token ones: _mask_paths)
+    masked: tuple[str, ...] = ()  # the target paths whose terms take that mask (per-token ones: mask_paths)
     classes: int = 0  # a store of top-k logits (targets.topk): the teacher's class count, which they are spread over (0: full logits)
     mask_where: str = ""  # where train.mask was set, to begin messages about it
     inputs: tuple[str, ...] = ()  # student.inputs: the keys of the batch's dict inputs the student is called with ((): all)
