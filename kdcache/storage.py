@@ -933,8 +933,9 @@ def refuse_wildcards(location: str) -> None:
 
 def _folder(path: str, read_only: bool) -> str:
     """The folder zarr opens for a local store: written, the one a link at ``path`` leads to (``runs/t.zarr ->
-    /scratch/t.zarr``), since zarr's ``mode="w"`` (a new store, an ``--overwrite``) removes the folder first and refuses a
-    link ("Cannot call rmtree on a symbolic link"); the link is kept. Its writer lock is the same: it resolves links."""
+    /scratch/t.zarr``); the link is kept. zarr makes the folder it opens for writing, and a link to a folder not made yet
+    failed there ("File exists"); one to a folder already there is emptied through the link (``_LocalStore.delete_dir``;
+    zarr's own rmtree refused a link). Its writer lock is the same: it resolves links."""
     return os.path.realpath(path) if not read_only and os.path.islink(path.rstrip("/") or "/") else path
 
 
