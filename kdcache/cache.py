@@ -11,7 +11,8 @@ first was resumed inside: its first batches were not served), and ``fingerprint_
   shards at a time and shuffles rows within that buffer.
 
 ``TransferSet`` is an ``IterableDataset`` yielding whole batches; with DataLoader workers each
-worker opens the store itself and takes every k-th buffer of the epoch's plan.
+worker opens the store itself and takes every k-th buffer of the epoch's plan (with ``streams`` > 1, every k-th
+step: ``_stream_steps``).
 """
 
 from __future__ import annotations
