@@ -614,7 +614,7 @@ def train(pipeline: str, cache_location: str, out: str, overrides: tuple[str, ..
         return  # under torchrun, rank 0 reports
     if as_json:
         click.echo(json.dumps({**result, "notes": notes.getvalue().splitlines()}, indent=2))
-    elif not result.get("already_finished"):  # --auto-resume of a finished run: its one line is said
+    elif not result.get("already_finished"):  # a resume (--resume, --auto-resume) of a finished run: its one line is said
         shown = {k: v for k, v in result.items() if k.startswith(("loss", "eval")) or k in ("epoch", "step", "params")}
         click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
         click.echo(f"student written to {out}/student.pt")

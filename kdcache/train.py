@@ -55,9 +55,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     processes' included, its evaluations' left out: ``eval_seconds``) and ``out``. Seeds torch's global RNG with
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
-    ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues); where
-    that run has finished its plan, still this one, print so and return its last metrics and ``params`` with
-    ``already_finished: True``, writing nothing.
+    ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues). A
+    resumed run that has finished its plan, still this one, with nothing left to do (``_finished``) prints so and
+    returns its last metrics and ``params`` with ``already_finished: True``, writing nothing.
     """
     pipeline = check_pipeline(pipeline)
     t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
@@ -79,7 +79,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         _check_same_out(out, checkpoint, unread)
     store = open_for_training(cache_location, allow_partial, cache_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
-    if auto and _finished(out, checkpoint, t):  # a requeued job whose run had ended: nothing to train or write
+    if _finished(out, checkpoint, t):  # a requeued job (--auto-resume) or a --resume whose run had ended: nothing to do
         return _already_finished(out, checkpoint, t, rank)
     dataset = _dataset(pipeline, store, "the store")
     # what the run changes on the student: its feature hooks, and its modules' training modes (evaluation leaves them in
@@ -270,12 +270,15 @@ def _result(out: Path, state: dict[str, int], run: Run, loop: _Loop) -> dict[str
 
 def _finished(out: Path, checkpoint: dict[str, Any] | None, t: Any) -> bool:
     """Whether ``checkpoint`` is at the end of the plan it was trained under, which is still ``t``'s (``train.epochs`` and
-    ``steps``: a longer one trains on), and OUT's student.pt and heads.pt hold its weights (written after it, the run's
+    ``steps``: a longer one trains on), its metrics.jsonl ends with its last line (``_line_due``: a line lost, or an
+    evaluation now due, is made again) and OUT's student.pt and heads.pt hold its weights (written after it, the run's
     last files: a run stopped before they were whole is not finished)."""
-    if checkpoint is None or checkpoint.get("plan") != {"epochs": t.epochs, "steps": t.steps}:
-        return False
-    ended = int(checkpoint["step"]) >= t.steps if t.steps > 0 else int(checkpoint["epoch"]) >= t.epochs and not checkpoint.get("batch")
-    return ended and _holds(out / "student.pt", checkpoint["student"]) and _holds(out / "heads.pt", checkpoint["heads"])
+    if checkpoint is None or checkpoint.get(_FILE) == NEXT_CHECKPOINT or checkpoint.get("plan") != {"epochs": t.epochs, "steps": t.steps}:
+        return False  # the .next checkpoint of an --overwrite run stopped as it replaced the earlier run: its files are that run's
+    state = {"epoch": int(checkpoint["epoch"]), "batch": int(checkpoint.get("batch", 0)), "step": int(checkpoint["step"])}
+    ended = state["step"] >= t.steps if t.steps > 0 else state["epoch"] >= t.epochs and not state["batch"]
+    return (ended and not _line_due(_read_metrics(out), t, state, checkpoint.get("partial"))[0]
+            and _holds(out / "student.pt", checkpoint["student"]) and _holds(out / "heads.pt", checkpoint["heads"]))
 
 
 def _holds(file: Path, weights: dict[str, torch.Tensor]) -> bool:
@@ -288,7 +291,7 @@ def _holds(file: Path, weights: dict[str, torch.Tensor]) -> bool:
 
 
 def _already_finished(out: Path, checkpoint: dict[str, Any], t: Any, rank: int) -> dict[str, Any]:
-    """``resume="auto"`` on a finished run (``_finished``): one line, nothing written; train's return, as the run's end
+    """A resume (``--resume``, ``--auto-resume``) of a finished run (``_finished``): one line, nothing written; train's return, as the run's end
     returned it (``params`` as its checkpoint records it: the student is not built; absent from a checkpoint of kdcache
     0.1.15 or earlier), plus ``already_finished``."""
     setting, value = ("train.steps", t.steps) if t.steps > 0 else ("train.epochs", t.epochs)
@@ -360,18 +363,25 @@ def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dic
     checkpoint's loss sums so far), and the evaluation due at a plan's end (its line was saved where the plan went on,
     with none due); saved with the checkpoint again. Nothing where that line is there whole, or none can be made (an
     epoch's end whose metrics.jsonl was deleted)."""
-    epoch, lines = state["epoch"] - (state["batch"] == 0), _read_metrics(loop.out)
-    line = lines[-1] if lines and (lines[-1]["epoch"], lines[-1]["step"]) == (epoch, state["step"]) else None
-    if line is None and partial is None:
-        return
-    if line is not None and (not (t.eval_split or t.eval_cache) or any(k.startswith("eval_") for k in line)):
+    due, line = _line_due(_read_metrics(loop.out), t, state, partial)
+    if not due:
         return
     if line is None:
-        line = {"epoch": epoch, "step": state["step"], "lr": loop.lr,
+        line = {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"], "lr": loop.lr,
                 **_means(partial["sums"], [*partial["sums"].values(), partial["rows"]]), "seconds": loop.elapsed()}
     seconds = line.pop("seconds", None)  # the line's own: the training time when its epoch ended
     loop.save(state, _rng_state(), {**line, **loop.evaluation(evaluate), "seconds": loop.elapsed() if seconds is None else seconds},
               partial)
+
+
+def _line_due(lines: list[dict[str, Any]], t: Any, state: dict[str, int], partial: dict[str, Any] | None) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the line of the epoch a run with no step left ended in (at ``state``) is still to be made, or its
+    evaluation due at a plan's end to be added (``_complete_last_line``); and that line where metrics.jsonl has it."""
+    epoch = state["epoch"] - (state["batch"] == 0)
+    line = lines[-1] if lines and (lines[-1]["epoch"], lines[-1]["step"]) == (epoch, state["step"]) else None
+    if line is None:
+        return partial is not None, None
+    return bool(t.eval_split or t.eval_cache) and not any(k.startswith("eval_") for k in line), line
 
 
 @contextlib.contextmanager

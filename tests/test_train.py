@@ -2297,6 +2297,31 @@ def test_auto_resume_of_a_finished_run_says_so_and_writes_nothing_unless_more_ep
     assert ended.exit_code == 0 and "resuming" in ended.output and (out / "heads.pt").is_file(), ended.output
 
 
+@pytest.mark.parametrize("flag", ["--resume", "--auto-resume"])
+def test_a_resume_of_a_finished_run_says_so_and_writes_nothing_unless_its_last_line_is_to_be_made(tiny_store, tmp_path, flag):
+    """--resume of a finished run (the plan it was trained under, still asked for, ended; its student.pt and heads.pt
+    written) trained no step, wrote student.pt and heads.pt again (same bytes, new mtimes) and said "student written",
+    where --auto-resume said the run was finished and wrote nothing: both say so now. A run whose last metrics line
+    was lost (a plan that ended inside an epoch, train.steps, makes it again from the checkpoint's loss sums) is not
+    finished: either flag makes that line again, and then says the run is finished."""
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--no-progress",
+            *(a for s in [*PLAIN, "train.steps=10"] for a in ("--set", s))]
+    assert CliRunner().invoke(cli.main, args).exit_code == 0
+    whole = (out / "metrics.jsonl").read_text()
+    files = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
+    said = (f"{str(out)!r} already finished its run (train.steps = 10, step 10); its student is {str(out / 'student.pt')!r}: "
+            "nothing was trained or written (raise train.steps to train on, or --overwrite to start afresh)\n")
+    again = CliRunner().invoke(cli.main, [*args, flag])
+    assert again.exit_code == 0 and again.output == said, again.output
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()} == files
+    (out / "metrics.jsonl").write_text(whole.splitlines(keepends=True)[0])  # epoch 1's line lost
+    remade = CliRunner().invoke(cli.main, [*args, flag])
+    assert remade.exit_code == 0 and f"resuming {str(out)!r} in epoch 1 after batch 3 (step 10 of 10)" in remade.output, remade.output
+    assert [m["epoch"] for m in metrics(out)] == [0, 1] and metrics(out)[1]["loss"] == json.loads(whole.splitlines()[1])["loss"]
+    assert CliRunner().invoke(cli.main, [*args, flag]).output == said
+
+
 def test_auto_resume_of_a_finished_run_returns_what_the_run_returned(tiny_store, tmp_path, capsys):
     """``train(resume="auto")`` on a finished run returns the run's last metrics, its student's parameter count (from the
     checkpoint: the student is not built) and ``already_finished`` (was: no ``params``: a requeued script reading it
