@@ -2115,10 +2115,13 @@ def _refuse_others(location: str, storage_options: dict[str, Any] | None, named:
 
 def _listing(location: str, storage_options: dict[str, Any] | None) -> tuple[list[str], Callable[[str], bytes]]:
     """The keys of the files under the local store folder or object-store prefix ``location`` (a local link: ``KEY (a
-    link)``), and a read of the file at one of them."""
+    link)``; a local empty folder: ``KEY/``, which the --overwrite would delete too: a run's --out made ahead), and a
+    read of the file at one of them."""
     if location_kind(location) == "local":
         folder = Path(local_path(location))
-        return list(_folder_keys(folder)), lambda key: (folder / key).read_bytes()
+        keys = list(_folder_keys(folder, folders=True))
+        above = {key[: i + 1] for key in keys for i, c in enumerate(key.rstrip("/")) if c == "/"}  # folders holding keys
+        return [key for key in keys if key not in above], lambda key: (folder / key).read_bytes()
     fs, root = filesystem(location, storage_options)
     root = root.rstrip("/")
     try:
@@ -2130,7 +2133,7 @@ def _listing(location: str, storage_options: dict[str, Any] | None) -> tuple[lis
 
 def _others(keys: list[str], read: Callable[[str], bytes]) -> list[str]:
     """The entries of a store folder, its files' ``keys`` (``read``: a file's bytes), that are not its store's, sorted,
-    each named once by its top entry
+    each named once by its top entry (an empty folder's key, ``KEY/``, too)
     (``'run/'``, ``'notes.md'``, ``'old.zarr/' (a kdcache store)``). The store's are the ``zarr.json`` of each of its
     nodes (a folder with one whose parent is a node, the root first: a damaged or older store's too) that kdcache's layout
     has (``NODE_PATHS``), the chunk keys below such a node (``_CHUNK_KEY``), and writers' temp files of both; a node with
@@ -2143,6 +2146,8 @@ def _others(keys: list[str], read: Callable[[str], bytes]) -> list[str]:
     ours = [n for n in nodes if NODE_PATHS.fullmatch(n)]
     found = set()
     for key in keys:
+        if key.endswith("/") and (NODE_PATHS.fullmatch(key[:-1]) or _ARRAY_FOLDER.fullmatch(key[:-1])):
+            continue  # an empty folder of the store's: a node's whose zarr.json is gone, an array's chunk folder
         inside = next((n for n in stores if key.startswith(n + "/")), None)
         owner = max((n for n in ours if n == "" or key.startswith(n + "/")), key=len)
         rest = key[len(owner) + 1 :] if owner else key

@@ -286,13 +286,16 @@ def test_a_resume_another_resume_finished_meanwhile_says_the_store_was_already_c
 @pytest.mark.parametrize("other, named", [("run/student.pt", "'run/'"), ("NOTES.md", "'NOTES.md'"), (".git/HEAD", "'.git/'"),
                                           ("targets/notes.txt", "'targets/notes.txt'"), ("old.zarr", "'old.zarr/' (a kdcache store)"),
                                           ("mine.zarr", "'mine.zarr/'"), ("targets/extra", "'targets/extra/'"),
-                                          ("2024.06", "'2024.06'"), ("samples/7/1", "'samples/7/'")])
+                                          ("2024.06", "'2024.06'"), ("samples/7/1", "'samples/7/'"), ("run/", "'run/'"),
+                                          ("samples/7/", "'samples/7/'")])
 def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_them(tmp_path, tiny_store, other, named):
     """zarr's mode="w" deleted the store's folder whole: a training run put inside it, notes, a .git, another store,
     someone's zarr group or an array another tool added (FORMAT.md §14; zarr.json and chunk keys below a node were all
     taken for the store's; so were chunk-key names below a group, which has no chunks: a user's ``2024.06``,
     ``samples/7/1``). An --overwrite of a folder holding entries that are not its store's is refused before
-    anything is deleted, naming them; moved out, the store is replaced."""
+    anything is deleted, naming them; moved out, the store is replaced. An empty folder (a run's --out made ahead) was
+    left out of the list, and deleted with the store: it is named too (the store's own empty folders are not: see
+    test_an_overwrite_deletes_the_store_s_own_empty_folders_unnamed)."""
     import shutil
 
     import zarr
@@ -305,6 +308,8 @@ def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_th
         zarr.open_group(str(out / other), mode="w", zarr_format=3).create_array("x", data=np.arange(4))  # someone's data
     elif other == "targets/extra":
         zarr.open_group(str(out), mode="r+").create_array(other, data=np.arange(4))
+    elif other.endswith("/"):
+        (out / other).mkdir(parents=True)
     else:
         (out / other).parent.mkdir(parents=True, exist_ok=True)
         (out / other).write_text("keep me")
@@ -312,9 +317,21 @@ def test_overwrite_of_a_store_folder_that_holds_other_files_is_refused_naming_th
     result = invoke("extract", TINY, "--out", out, "--overwrite")
     assert_one_line_error(result.output, f"{str(out)!r} holds 1 entry besides its store, which --overwrite would delete with it: {named}; "
                                          "move it out of the folder (or delete it), or choose another --out")
-    assert file_bytes(out) == before
-    shutil.move(out / other, tmp_path / "moved")
+    assert file_bytes(out) == before and (out / other).exists()
+    shutil.move(out / named.split("'")[1], tmp_path / "moved")  # the entry named (a file moved out of .git/ leaves .git/)
     assert invoke("extract", TINY, "--out", out, "--overwrite").exit_code == 0 and (tmp_path / "moved").exists()
+
+
+def test_an_overwrite_deletes_the_store_s_own_empty_folders_unnamed(tmp_path):
+    """Empty folders are named by an --overwrite's refusal (a user's), but not the store's own: a chunk folder of one of
+    its arrays (as a write killed before its chunk left it), or a node's folder whose zarr.json was not written yet."""
+    out = tmp_path / "tiny.zarr"
+    assert invoke("extract", TINY, "--out", out).exit_code == 0
+    (out / "targets" / "logits" / "c" / "9" / "0").mkdir(parents=True)
+    (out / "targets" / "layers" / "features.9").mkdir()
+    result = invoke("extract", TINY, "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "targets" / "logits" / "c" / "9").exists() and open_store(str(out)).complete
 
 
 def test_a_store_in_the_working_folder_is_made_and_replaced_keeping_the_folder(tmp_path, monkeypatch):
