@@ -23,7 +23,7 @@ import kdcache
 from kdcache import storage, store as layout
 from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
-from kdcache.train import check_values, local_folder, train
+from kdcache.train import check_values, local_folder, run_files, train
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "mnist.toml"
 LABEL_BUDGET = 1000
@@ -141,7 +141,8 @@ def _make_out(out: Path, extracts: list[Any]) -> None:
     or must not be one: a zarr store or a folder inside one (``--out runs/teacher.zarr`` put the demo's two stores,
     three students and summary in the store's folder, where an ``extract --overwrite`` of it is then refused for them
     and ``pack`` leaves them out: ``train --out`` refuses both), or one holding what the demo would replace and is not
-    an earlier demo's (a summary.json, a store or a student's folder)."""
+    an earlier demo's (a summary.json, a store or a student's folder), or a kdcache training run's folder (its
+    pipeline.json and checkpoint.pt: the demo's stores, students and summary were put beside the run's files)."""
     existing = next((d for d in (out, *out.parents) if d.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "--out" if existing == out else f"the folder of --out {str(out)!r}"
@@ -151,6 +152,11 @@ def _make_out(out: Path, extracts: list[Any]) -> None:
         where = "is a zarr store" if store == out else f"is inside the zarr store {str(store)!r}"
         raise StoreError(f"--out {str(out)!r} {where}; kdcache demo writes its two stores, three students and summary into "
                          f"a folder of its own: choose another --out outside any store (e.g. {str(store.parent / 'demo')!r})")
+    run = run_files(out) if out.is_dir() else []
+    if run:
+        raise StoreError(f"--out {str(out)!r} holds a kdcache training run ({', '.join(map(repr, run))}); kdcache demo writes its two "
+                         "stores, three students and summary into a folder of its own: choose another --out (e.g. "
+                         f"{str(out.parent / (out.name + '-demo'))!r})")
     _refuse_foreign_summary(out / "summary.json")
     for split, p in zip(("train", "test"), extracts):
         _refuse_foreign_store(out / f"teacher-{split}.zarr", p)

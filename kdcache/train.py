@@ -1843,6 +1843,14 @@ def _refuse_another_tools_run(out: Path, present: list[str]) -> None:
                      f"choose another {option('--out')}")
 
 
+def run_files(folder: Path) -> list[str]:
+    """The files of a kdcache training run in ``folder`` (its pipeline.json, checkpoint, weights and metrics), where it
+    holds one (a kdcache pipeline.json, or a checkpoint with kdcache's keys); else []."""
+    ours = _kdcache_values(folder / "pipeline.json") or any(
+        (folder / name).is_file() and not _checkpoint_kind(folder / name) for name in (CHECKPOINT, NEXT_CHECKPOINT))
+    return [name for name in ("pipeline.json", *RUN_FILES, NEXT_CHECKPOINT) if (folder / name).exists()] if ours else []
+
+
 def _kdcache_values(path: Path) -> bool:
     """Whether ``path`` holds a kdcache run's pipeline values (the pipeline.json train writes: its sections as JSON objects)."""
     try:

@@ -125,6 +125,11 @@ CASES = [
           "its own: choose another --out outside any store (e.g. '", "/demo')"), store=True),
     Case("demo-out-inside-a-store", lambda c: tiny_demo(c.store / "targets" / "demo"),
          (f"/{TRAIN}/targets/demo' is inside the zarr store '", "choose another --out outside any store"), store=True),
+    # -- a training run's folder: the demo's stores, students and summary went beside the run's files (exit 0)
+    Case("demo-out-a-training-run", lambda c: tiny_demo(c.run),
+         ("/run' holds a kdcache training run ('pipeline.json', 'checkpoint.pt', 'student.pt', 'heads.pt', 'metrics.jsonl'); "
+          "kdcache demo writes its two stores, three students and summary into a folder of its own: choose another --out (e.g. '",
+          "/run-demo')"), store=True, prior=trained),
     # -- an empty location to read: it read the current folder ("no store at ''"; pack: "OUT ... is inside the store ''")
     Case("train-cache-empty", lambda c: ["train", TINY, "--cache", "", "--out", c.new],
          ("Invalid value for '--cache': '' is empty; name a store to read: a folder, a .zarr.zip file or a URL",
