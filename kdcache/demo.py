@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
-from kdcache import storage, store as layout
+from kdcache import data, storage, store as layout
 from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
 from kdcache.train import check_values, local_folder, run_files, train
@@ -45,7 +45,9 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
     out = local_folder(str(out), "demo")
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
     extracts, students = _pipelines(pipeline, overrides, test_store)
-    _make_out(out, extracts)
+    _check_out(out, extracts)
+    _check_label_budget(extracts[0])  # after the folder's checks: it calls data.factory
+    _make_out(out)
 
     start = time.perf_counter()
     echo(f"[1/2] extract: the teacher scores the training and test inputs once -> {train_store}, {test_store}")
@@ -80,6 +82,17 @@ def _pipelines(pipeline: str | Path, overrides: tuple[str, ...], test_store: Pat
     for p in students.values():
         check_values(p)
     return extracts, students
+
+
+def _check_label_budget(extract: Any) -> None:
+    """Refuse a training split of fewer items than student A's ``LABEL_BUDGET`` (a ``--set data.factory``'s): its
+    train.subset was refused only once both extracts had run. The split's length is known from the dataset (its
+    factory called once more: MNIST's is cached, so extract's own call costs nothing more)."""
+    n = len(data.load(extract, "train"))
+    if n < LABEL_BUDGET:
+        raise PipelineError(f"demo {extract.where('data.factory')}: its train split has {n:,} items, fewer than the {LABEL_BUDGET:,} "
+                            f"labeled images student A trains on (train.subset, which the demo sets itself); pass a data.factory "
+                            f"of at least {LABEL_BUDGET:,} training items, or run kdcache extract and kdcache train with your values")
 
 
 def _summary(info: dict[str, Any], results: dict[str, dict[str, Any]], train_store: Path, extract_seconds: float,
@@ -136,8 +149,8 @@ def _names(table: Any, parts: list[str]) -> bool:
     return not parts or isinstance(table, dict) and parts[0] in table and _names(table[parts[0]], parts[1:])
 
 
-def _make_out(out: Path, extracts: list[Any]) -> None:
-    """Create the demo's folder, or refuse an --out that cannot be one (a file, a path through a file, no write access)
+def _check_out(out: Path, extracts: list[Any]) -> None:
+    """Refuse an --out that cannot be the demo's folder (a file, a path through a file; no write access: ``_make_out``)
     or must not be one: a zarr store or a folder inside one (``--out runs/teacher.zarr`` put the demo's two stores,
     three students and summary in the store's folder, where an ``extract --overwrite`` of it is then refused for them
     and ``pack`` leaves them out: ``train --out`` refuses both), or one holding what the demo would replace and is not
@@ -162,6 +175,10 @@ def _make_out(out: Path, extracts: list[Any]) -> None:
         _refuse_foreign_store(out / f"teacher-{split}.zarr", p)
     for name in STUDENTS:
         _refuse_foreign_student(out / f"student-{name}", name)
+
+
+def _make_out(out: Path) -> None:
+    """Create the demo's folder (``_check_out`` accepted it), or refuse one that cannot be made (no write access)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -931,6 +931,20 @@ def test_demo_values_are_checked_before_anything_is_made(tmp_path, monkeypatch, 
     assert not (tmp_path / "ddd").exists()
 
 
+def test_demo_refuses_a_dataset_smaller_than_its_label_budget_before_extracting(tmp_path, monkeypatch):
+    """--set data.factory= a dataset of fewer items than student A's 1,000 labeled images (train.subset, the demo's
+    own): "train.subset = 1000 exceeds the 50 rows available" came once both extracts had run (minutes, at MNIST's
+    size). Its length is checked before anything is extracted or made."""
+    monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran before the dataset's length was checked"))
+    tiny = Path(TINY_TOML).parent / "tiny.py"
+    _, line = cli("demo", "--out", tmp_path / "ddd", "--set", f"teacher.factory={tiny}:teacher", "--set", f"data.factory={tiny}:dataset",
+                  "--set", f"student.factory={tiny}:student", "--set", 'targets.layers=["features.3"]')
+    assert line == (f"Error: demo --set data.factory={tiny}:dataset: its train split has 50 items, fewer than the 1,000 labeled images "
+                    "student A trains on (train.subset, which the demo sets itself); pass a data.factory of at least 1,000 training "
+                    "items, or run kdcache extract and kdcache train with your values"), line
+    assert not (tmp_path / "ddd").exists()
+
+
 def test_demo_read_only_out(tmp_path, monkeypatch):
     monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran"))
     with read_only_dir(tmp_path / "ro") as ro:
