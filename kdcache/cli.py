@@ -167,7 +167,7 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
 @contextlib.contextmanager
 def _dropped_signals_sent_again() -> Iterator[None]:
     """The signal handlers' KeyboardInterrupt (Ctrl-C, SIGTERM's) raised in code whose exceptions Python drops that
-    ``_in_finalizer`` does not see: a weakref's callback (a dask Comm collected leaves the WeakSet that lists it), a
+    ``_in_finalizer_or_import`` does not see: a weakref's callback (a dask Comm collected leaves the WeakSet that lists it), a
     generator closed as it is collected (its ``finally``), a C object's finalizer that calls Python (an asyncio Task's
     "destroyed but pending" report). Python printed "Exception ignored in" and a traceback and went on, the command to
     its end, exit 0 (SIGTERM's handler had set later SIGTERMs to be ignored: they were too). The dropped exception is
@@ -207,8 +207,8 @@ _PUT_OFF_SINCE: dict[int, float] = {}
 
 def _put_off(signum: int, frame: Any) -> bool:
     """Whether the handler of ``signum`` puts it off (sends it again moments later): ``frame`` runs in a finalizer or an
-    import (``_in_finalizer``), for at most ``PUT_OFF_S`` since it was first put off."""
-    if not _in_finalizer(frame):
+    import (``_in_finalizer_or_import``), for at most ``PUT_OFF_S`` since it was first put off."""
+    if not _in_finalizer_or_import(frame):
         _PUT_OFF_SINCE.pop(signum, None)
         return False
     if time.monotonic() - _PUT_OFF_SINCE.setdefault(signum, time.monotonic()) < PUT_OFF_S:
@@ -217,7 +217,7 @@ def _put_off(signum: int, frame: Any) -> bool:
     return False
 
 
-def _in_finalizer(frame: Any) -> bool:
+def _in_finalizer_or_import(frame: Any) -> bool:
     """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, or in an import. Seen here, the
     signal waits until the finalizer is done, which then runs to its end (a dask Future's release); a finalizer this does
     not see (a weakref's callback, a generator's ``finally``) drops the exception, and ``_dropped_signals_sent_again``
