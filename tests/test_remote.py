@@ -1833,13 +1833,30 @@ def test_torchrun_progress_looks_no_more_often_than_its_read_rate_allows(s3):
         fs.pipe(f"{BUCKET}/rated.zarr/progress/done/c/{s}", b"\x00")  # the job's shards, still to write
     store = open_store(url, storage_options=s3)
     store.done()
-    read: list[str] = []
-    store.group.store.fs.s3.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: read.append(params["Key"]))
+    asked: list[float] = []  # when each marker's GET was made, and when its answer came: a look is two of each
+    answered: list[float] = []
+
+    def ask(params, context, **_) -> None:
+        context["kdcache_marker"] = "/progress/done/c/" in params["Key"]
+        if context["kdcache_marker"]:
+            asked.append(time.monotonic())
+
+    def answer(context, **_) -> None:
+        if context.get("kdcache_marker"):
+            answered.append(time.monotonic())
+
+    store.group.store.fs.s3.meta.events.register("before-parameter-build.s3.GetObject", ask)
+    store.group.store.fs.s3.meta.events.register("after-call.s3.GetObject", answer)
     bar = Progress(18, "extract", enabled=True, stream=io.StringIO())
     with _watch(store, [2, 3], bar, every=0.02, reads_per_s=10):
-        time.sleep(1.0)
-        looked = len([k for k in read if "/progress/done/c/" in k])
-    assert 2 <= looked <= 14, looked  # 5 looks of 2 markers, give or take one; unlimited, 32 here (the server's answers pace it)
+        deadline = time.monotonic() + 120  # six looks: 1 s; a loaded box's are slower, never closer together
+        while len(asked) < 12:
+            assert time.monotonic() < deadline, (len(asked), len(answered))
+            time.sleep(0.01)
+    # from one look's last answer to the next look's first GET: 0.2 s here; unlimited, ``every``'s 0.02 s (it once counted
+    # the looks of a fixed 1 s: 5 of 2 markers, 32 unlimited, and a loaded box's first look could come past that second)
+    gaps = [asked[2 * k + 2] - answered[2 * k + 1] for k in range(5)]
+    assert min(gaps) >= 0.19, [f"{g:.3f}" for g in gaps]
 
 
 # A child process reading one shard of a store, after opening it (metadata, markers, digests read): what its peak resident
