@@ -754,6 +754,20 @@ def test_a_resumed_epoch_does_not_read_the_buffers_it_skips(numbered_store, monk
         assert len(served) == ts.batches_per_epoch(0) - skip
 
 
+def reads_finished(ts: TransferSet) -> list[int]:
+    """The first row of each buffer ``ts`` has read, appended as its read ends."""
+    finished: list[int] = []
+    real = ts._read
+
+    def read(rows):
+        buffer = real(rows)
+        finished.append(int(rows[0]))
+        return buffer
+
+    ts._read = read
+    return finished
+
+
 def _edit_manifest(location: str, **values) -> None:
     """Set manifest keys of the store at ``location`` in its root zarr.json, as a replaced store would hold them."""
     import json
@@ -770,7 +784,6 @@ def test_a_store_replaced_while_a_streaming_reader_reads_it_is_named_as_replaced
     next shards, read by the arrays' metadata and shard digests of the store it opened, failed as damage ("does not
     decode", "holds other rows than its writer wrote there"), whose fix was to delete a done marker of the new store
     and re-extract that shard. It is named as the replacement it is."""
-    import time
 
     import kdcache
     from conftest import FIXTURES, NUMBERED
@@ -778,9 +791,12 @@ def test_a_store_replaced_while_a_streaming_reader_reads_it_is_named_as_replaced
 
     location = tmp_path / "s.zarr"
     shutil.copytree(numbered_store, location)
-    batches = iter(transfer(str(location), memory_budget_mb=0, buffer_shards=1, batch_size=ROWS_PER_SHARD, shuffle=False))
+    ts = transfer(str(location), memory_budget_mb=0, buffer_shards=1, batch_size=ROWS_PER_SHARD, shuffle=False)
+    finished = reads_finished(ts)
+    batches = iter(ts)
     check_aligned(next(batches))
-    time.sleep(0.3)  # the next buffer, read ahead meanwhile, is of the first store
+    wait_for(lambda: len(finished) >= 2, 60)  # the next buffer, read ahead meanwhile, is of the first store (a fixed 0.3 s:
+    # a loaded box's read-ahead came after the replacement, and the test did not test what it says)
     other = {**NUMBERED, "targets": {**NUMBERED["targets"], "dtype": "float16"}}
     kdcache.extract(from_dict(other, root=FIXTURES), str(tmp_path / "new.zarr"))
     location.rename(tmp_path / "old.zarr")
@@ -816,13 +832,14 @@ def test_a_store_removed_while_a_streaming_reader_reads_it_is_named_as_removed(n
     """The store deleted (or mid-replacement, not opening) while a streaming reader served it: the Store named it
     "removed or replaced", then the reader's own look at the location replaced that line with open_store's "no store
     at …; run kdcache extract … first", a fix that makes a new store rather than waiting for the one in use."""
-    import time
 
     location = tmp_path / "s.zarr"
     shutil.copytree(numbered_store, location)
-    batches = iter(transfer(str(location), memory_budget_mb=0, buffer_shards=1, batch_size=ROWS_PER_SHARD, shuffle=False))
+    ts = transfer(str(location), memory_budget_mb=0, buffer_shards=1, batch_size=ROWS_PER_SHARD, shuffle=False)
+    finished = reads_finished(ts)
+    batches = iter(ts)
     check_aligned(next(batches))
-    time.sleep(0.3)  # the next buffer, read ahead meanwhile, is of the store
+    wait_for(lambda: len(finished) >= 2, 60)  # the next buffer, read ahead meanwhile, is of the store
     shutil.rmtree(location)
     with pytest.raises(StoreReplacedError, match=r"s\.zarr' was removed or replaced while this reader used it: it does not open "
                        r"now \(no store at .*\); rerun once the store is in place again"):
