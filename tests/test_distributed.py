@@ -1170,11 +1170,27 @@ def test_the_torchrun_progress_bar_rides_out_a_done_list_that_does_not_read(tiny
     marker = tmp_path / "s.zarr" / "progress" / "done" / "c" / "0"
     marker.write_bytes(b"\x00")  # shard 0 (rows 0-15): the job's
     stream = io.StringIO()
-    with _watch(store, [0], Progress(16, "extract", enabled=True, stream=stream, every=0), every=0.01):
+    bar, read, failed = Progress(16, "extract", enabled=True, stream=stream, every=0), store.done, []
+
+    def done(*args):
+        try:
+            return read(*args)
+        except Exception as e:
+            failed.append(e)
+            raise
+
+    def wait_for(condition) -> None:  # a fixed 0.2 s for each: a loaded box's bar had not looked meanwhile
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, (failed, bar.done)
+            time.sleep(0.01)
+
+    monkeypatch.setattr(store, "done", done)
+    with _watch(store, [0], bar, every=0.01):
         marker.write_bytes(b"zz")  # done() refuses a marker that is not one byte 0 or 1
-        time.sleep(0.2)
+        wait_for(lambda: failed)
         marker.write_bytes(b"\x01")
-        time.sleep(0.2)
+        wait_for(lambda: bar.done == 16)  # by the bar's thread, not the last look as the block ends
     assert seen == []
     assert "extract 16/16" in stream.getvalue(), stream.getvalue()  # the shards done before the job are not its
 
