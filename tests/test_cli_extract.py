@@ -272,8 +272,9 @@ def test_a_resume_another_resume_finished_meanwhile_says_the_store_was_already_c
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_BUILD_HOLD": str(hold)}
     second = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(partial), "--no-progress"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not Path(f"{hold}.waiting").exists() and second.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 240  # 60 s, and on: a loaded box's second (torch imported) came after the first had run
+    while not Path(f"{hold}.waiting").exists():
+        assert second.poll() is None and time.monotonic() < deadline, second.communicate()[1] if second.poll() is not None else "not held in 240 s"
         time.sleep(0.02)
     first = invoke("extract", toml, "--out", partial)
     hold.unlink()
