@@ -56,8 +56,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     ``train.seed`` first (the student factory's initialisation draws from it) and leaves it where training took it.
     Raises ``TrainingStopped`` after saving a checkpoint when SIGTERM asks the run to stop (``_stop_requests``).
     ``resume="auto"``: resume if ``out`` holds a checkpoint, else start the run (the command a scheduler requeues). A
-    resumed run that has finished its plan, still this one, with nothing left to do (``_finished``) prints so and
-    returns its last metrics and ``params`` with ``already_finished: True``, writing nothing.
+    resumed run at the end of this plan (its own, or a shorter one that ended there), with nothing left to do
+    (``_finished``) prints so and returns its last metrics and ``params`` with ``already_finished: True``, writing
+    nothing.
     """
     pipeline = check_pipeline(pipeline)
     t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
@@ -269,14 +270,16 @@ def _result(out: Path, state: dict[str, int], run: Run, loop: _Loop) -> dict[str
 
 
 def _finished(out: Path, checkpoint: dict[str, Any] | None, t: Any) -> bool:
-    """Whether ``checkpoint`` is at the end of the plan it was trained under, which is still ``t``'s (``train.epochs`` and
-    ``steps``: a longer one trains on), its metrics.jsonl ends with its last line (``_line_due``: a line lost, or an
-    evaluation now due, is made again) and OUT's student.pt and heads.pt hold its weights (written after it, the run's
-    last files: a run stopped before they were whole is not finished)."""
-    if checkpoint is None or checkpoint.get(_FILE) == NEXT_CHECKPOINT or checkpoint.get("plan") != {"epochs": t.epochs, "steps": t.steps}:
+    """Whether ``checkpoint`` is at the end of ``t``'s plan (``train.epochs`` and ``steps``: a longer one trains on, one
+    the run has trained past is refused, ``_check_resumed_plan``), its metrics.jsonl ends with its last line
+    (``_line_due``: a line lost, or an evaluation now due, is made again) and OUT's student.pt and heads.pt hold its
+    weights (written after it, the run's last files: a run stopped before they were whole is not finished). The plan
+    the checkpoint was trained under may be longer: a --resume that shortened it to end there wrote the weights and
+    saved no checkpoint (no line due), and a second such --resume wrote them again (compared with that plan)."""
+    if checkpoint is None or checkpoint.get(_FILE) == NEXT_CHECKPOINT:
         return False  # the .next checkpoint of an --overwrite run stopped as it replaced the earlier run: its files are that run's
     state = {"epoch": int(checkpoint["epoch"]), "batch": int(checkpoint.get("batch", 0)), "step": int(checkpoint["step"])}
-    ended = state["step"] >= t.steps if t.steps > 0 else state["epoch"] >= t.epochs and not state["batch"]
+    ended = state["step"] == t.steps if t.steps > 0 else state["epoch"] == t.epochs and not state["batch"]
     return (ended and not _line_due(_read_metrics(out), t, state, checkpoint.get("partial"))[0]
             and _holds(out / "student.pt", checkpoint["student"]) and _holds(out / "heads.pt", checkpoint["heads"]))
 

@@ -2617,3 +2617,34 @@ def test_a_train_mask_of_inputs_that_are_not_a_dict_is_refused(tmp_path):
     with pytest.raises(PipelineError, match=r"train.mask = 'attention_mask' names an entry of the dataset's dict inputs, but its items' "
                                             r"inputs are float32\[2, 3, 8, 8\] \(batched\), not a dict"):
         train(p, str(tmp_path / "tagger.zarr"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("shorter", ["--epochs", "train.steps"])
+def test_a_resume_that_shortened_the_plan_to_its_checkpoint_is_finished_after_it(tiny_store, tmp_path, shorter):
+    """A --resume whose shorter plan (--epochs lowered, or train.steps set) ends where the checkpoint was saved, its last
+    metrics line there whole, writes the weights (the run ends there) but saved no checkpoint: the checkpoint kept the
+    longer plan it was trained under, which _finished compared with the one asked for, so every later --resume of that
+    shorter plan resumed the run again and wrote student.pt and heads.pt again. It is finished now: it says so and writes
+    nothing; the longer plan still trains on, and a plan shorter than the run has trained is still refused."""
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--no-progress",
+            *(a for s in [*PLAIN, "train.epochs=3"] for a in ("--set", s))]
+    train_cut_after_first_epoch(pipeline(*PLAIN, "train.epochs=3"), tiny_store, out)  # after epoch 0 (step 7) of 3
+    lines = (out / "metrics.jsonl").read_text()
+    short = ["--epochs", "1"] if shorter == "--epochs" else ["--set", "train.steps=7"]
+    ended = CliRunner().invoke(cli.main, [*args, "--resume", *short])
+    assert ended.exit_code == 0 and f"resuming {str(out)!r} after epoch 0 (step 7 of 7)" in ended.output, ended.output
+    assert (out / "student.pt").is_file() and (out / "metrics.jsonl").read_text() == lines
+    files = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
+    setting = "train.epochs = 1" if shorter == "--epochs" else "train.steps = 7"
+    for flag in ("--resume", "--auto-resume"):
+        again = CliRunner().invoke(cli.main, [*args, flag, *short])
+        assert again.exit_code == 0 and again.output == (
+            f"{str(out)!r} already finished its run ({setting}, step 7); its student is {str(out / 'student.pt')!r}: nothing was "
+            f"trained or written (raise {setting.split(' =')[0]} to train on, or --overwrite to start afresh)\n"), again.output
+        assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()} == files
+    on = CliRunner().invoke(cli.main, [*args, "--resume", "--epochs", "2"])  # the checkpoint's weights train on
+    assert on.exit_code == 0 and f"resuming {str(out)!r} after epoch 0 (step 7 of 14)" in on.output, on.output
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]
+    refused = CliRunner().invoke(cli.main, [*args, "--resume", *short])
+    assert refused.exit_code == 1 and "this run has trained 14 steps in 2 epochs, more than" in refused.output, refused.output
