@@ -108,6 +108,7 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         yield
     finally:
         stop.running = False  # type: ignore[attr-defined]
+        _PUT_OFF_SINCE.pop(signal.SIGTERM, None)  # one put off as the command ended: the next command's counts afresh
         # the kdcache program: the command has ended (its files written, its exit status decided) and the process only
         # says so and exits; a SIGTERM now is ignored, not Python's default that would end it by the signal (-15, with
         # "Terminated" where a shell said it finished or gave its Error line). A caller of main() in-process gets its handler back.
@@ -160,6 +161,7 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
         yield
     finally:
         interrupt.running = False  # type: ignore[attr-defined]
+        _PUT_OFF_SINCE.pop(signal.SIGINT, None)
         if signal.getsignal(signal.SIGINT) is interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -207,7 +209,9 @@ _PUT_OFF_SINCE: dict[int, float] = {}
 
 def _put_off(signum: int, frame: Any) -> bool:
     """Whether the handler of ``signum`` puts it off (sends it again moments later): ``frame`` runs in a finalizer or an
-    import (``_in_finalizer_or_import``), for at most ``PUT_OFF_S`` since it was first put off."""
+    import (``_in_finalizer_or_import``), for at most ``PUT_OFF_S`` since it was first put off. Forgotten as the command
+    that put it off ends (its handlers removed): a command ended before the signal was sent again kept that time, and a
+    later command in the same process (a caller of ``main``, CliRunner) took its own at once, inside its import."""
     if not _in_finalizer_or_import(frame):
         _PUT_OFF_SINCE.pop(signum, None)
         return False

@@ -374,6 +374,47 @@ def test_a_sigterm_put_off_in_an_import_reaches_the_handler_train_installs_after
     assert taken == [signal.SIGTERM]
 
 
+def test_a_signal_put_off_in_a_command_that_ended_does_not_cut_the_next_command_s_wait_short(tmp_path, monkeypatch):
+    """A SIGTERM put off in an import (or a finalizer) kept its first put-off time when the command ended before the
+    signal was sent again; a later command in the same process (a caller of kdcache.cli.main, CliRunner) counted its own
+    put-off signal from that time, past ``cli.PUT_OFF_S``, and raised it at once inside its import (the import left half
+    made). Each command starts afresh, and leaves the process's handlers and hooks as it found them."""
+    import kdcache.cli as cli
+
+    for name, wait in (("first_import", 0.2), ("second_import", 0.3)):
+        (tmp_path / f"{name}.py").write_text("import signal, threading, time\n"
+                                             "signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)\n"
+                                             f"time.sleep({wait})  # the handler runs here, in the import\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "PUT_OFF_S", 3.0)
+    found = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.excepthook, sys.unraisablehook)
+
+    @cli._errors
+    def export(out):
+        __import__(out)
+        if out == "second_import":
+            time.sleep(60)  # stopped here, once the import has ended
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(30)  # the thread that sends the signal again waits for the GIL until the first command has ended
+    try:
+        export(out="first_import")  # ends as its import does: the signal put off there is not sent again
+    finally:
+        sys.setswitchinterval(switch)
+    try:
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.excepthook, sys.unraisablehook) == found
+        time.sleep(3.0)  # the first command's put-off began PUT_OFF_S ago
+        started = time.monotonic()
+        with pytest.raises(click.ClickException) as caught:
+            export(out="second_import")
+        assert caught.value.exit_code == 143 and time.monotonic() - started < 30
+        assert "second_import" in sys.modules and sys.modules["second_import"].DONE, "the import was cut short"
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.excepthook, sys.unraisablehook) == found
+    finally:
+        sys.modules.pop("first_import", None)
+        sys.modules.pop("second_import", None)
+
+
 @pytest.mark.parametrize("finalizer", ["__del__", "weakref callback", "generator finally"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(sig, finalizer, capfd):
