@@ -375,7 +375,10 @@ class _Group(click.Group):
         _PROGRAM = args is None and kwargs.get("standalone_mode", True) and threading.current_thread() is threading.main_thread()
         if _PROGRAM:  # the last exit handler: Python's collection at shutdown then skips every object alive (0.3-1 s of a
             atexit.register(gc.freeze)  # train or extract process walking torch's modules), cycles' finalizers with them
-        return super().main(args, *rest, **kwargs)
+        try:
+            return super().main(args, *rest, **kwargs)
+        finally:  # its SystemExit caught in-process, a command run after it (a command's own main) is not the program: it
+            _PROGRAM = False  # gives the caller's SIGTERM handler back, where it left SIGTERM ignored
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         with _one_line_usage():

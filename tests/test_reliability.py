@@ -415,6 +415,28 @@ def test_a_signal_put_off_in_a_command_that_ended_does_not_cut_the_next_command_
         sys.modules.pop("second_import", None)
 
 
+def test_a_command_run_after_the_kdcache_program_in_one_process_gives_the_caller_s_sigterm_handler_back(tmp_path, monkeypatch):
+    """``kdcache.cli.main()`` run as the program (the process's arguments), its SystemExit caught in-process, left
+    ``cli._PROGRAM`` set: a command run after it through its own ``main`` (not the group's, which sets it again) took it
+    for the program and left SIGTERM ignored where it gives the caller's handler back."""
+    import kdcache.cli as cli
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        monkeypatch.setattr(sys, "argv", ["kdcache", "--version"])
+        with pytest.raises(SystemExit) as ended:
+            main()
+        assert ended.value.code == 0 and signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(click.ClickException, match="^no store at "):
+            main.commands["info"].main([str(tmp_path / "none.zarr")], standalone_mode=False)
+        assert signal.getsignal(signal.SIGTERM) is mine and not cli._PROGRAM
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("finalizer", ["__del__", "weakref callback", "generator finally"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(sig, finalizer, capfd):
