@@ -945,6 +945,36 @@ def test_demo_refuses_a_dataset_smaller_than_its_label_budget_before_extracting(
     assert not (tmp_path / "ddd").exists()
 
 
+@pytest.mark.parametrize("env, says", [
+    ({"WORLD_SIZE": "x"}, "Error: the environment variable WORLD_SIZE='x' is not a whole number >= 1; torchrun sets RANK, WORLD_SIZE,"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "Error: kdcache demo runs in one process, but the environment variable WORLD_SIZE=2 asks for 2 "
+                                       "(torchrun's); run kdcache demo without torchrun, with RANK, WORLD_SIZE, LOCAL_RANK, "
+                                       "LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT unset"),
+], ids=["not-a-count", "two-ranks"])
+def test_demo_refuses_torchrun_s_environment_before_extracting(tmp_path, monkeypatch, env, says):
+    """torchrun's variables set by hand or left over from an export: the demo's extracts (one-process ones) ran whole,
+    minutes at MNIST's size, and only its first student's train read them (WORLD_SIZE=x refused there; WORLD_SIZE=2
+    with MASTER_ADDR and MASTER_PORT set waited for a rank 1 that never came). Refused before anything is made. A tiny
+    teacher and a dataset of 1,024 items stand in for MNIST's (--set), so the old code's extracts take seconds."""
+    fixtures = Path(TINY_TOML).parent
+    (tmp_path / "big.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('tiny_fixture', {str(fixtures / 'tiny.py')!r})\n"
+        "tiny = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(tiny)\n\n\n"
+        "def dataset(split='train'):\n    return tiny.TinyImages(split, n=1024)\n")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "ddd"
+    _, line = cli("demo", "--out", out, "--no-progress", "--set", f"teacher.factory={fixtures / 'tiny.py'}:teacher",
+                  "--set", f"data.factory={tmp_path / 'big.py'}:dataset", "--set", f"student.factory={fixtures / 'tiny.py'}:student",
+                  "--set", 'targets.layers=["features.3"]', "--set", "train.steps=4", "--set", "train.batch_size=8",
+                  "--set", "extract.device=cpu", "--set", "train.device=cpu")
+    assert line.startswith(says), line
+    assert not out.exists()
+
+
 def test_demo_read_only_out(tmp_path, monkeypatch):
     monkeypatch.setattr(kdcache, "extract", lambda *a, **k: pytest.fail("extract ran"))
     with read_only_dir(tmp_path / "ro") as ro:
