@@ -339,7 +339,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 _check_finite(means, state, loop.out, loop.saved)
                 due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
                 metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.lr, **means,
-                           **(loop.evaluation(evaluate) if due else {}), "seconds": loop.elapsed()}
+                           **(loop.evaluation(evaluate, t) if due else {}), "seconds": loop.elapsed()}
                 if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
                     state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
                     partial = None
@@ -373,7 +373,7 @@ def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dic
         line = {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"], "lr": loop.lr,
                 **_means(partial["sums"], [*partial["sums"].values(), partial["rows"]]), "seconds": loop.elapsed()}
     seconds = line.pop("seconds", None)  # the line's own: the training time when its epoch ended
-    loop.save(state, _rng_state(), {**line, **loop.evaluation(evaluate), "seconds": loop.elapsed() if seconds is None else seconds},
+    loop.save(state, _rng_state(), {**line, **loop.evaluation(evaluate, t), "seconds": loop.elapsed() if seconds is None else seconds},
               partial)
 
 
@@ -624,14 +624,16 @@ class _Loop:
         left out: ``evaluation``)."""
         return self.before + time.perf_counter() - self.started
 
-    def evaluation(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
-        """``evaluate()``'s metrics and, where it gives any, ``eval_seconds``: the time it took, which the training clock
-        (``elapsed``) leaves out."""
+    def evaluation(self, evaluate: Callable[[], dict[str, float]], t: Any) -> dict[str, float]:
+        """``evaluate()``'s metrics and ``eval_seconds``: the time it took, which the training clock (``elapsed``) leaves
+        out; none where ``t`` sets no evaluation (train.eval_split, train.eval_cache). An eval split without labels gives
+        no metric, and its ``eval_seconds`` alone marks the line as evaluated (``_line_due``: else a finished run's every
+        resume evaluated again and rewrote its files)."""
         began = time.perf_counter()
         metrics = evaluate()
         took = time.perf_counter() - began
         self.started += took
-        return {**metrics, "eval_seconds": took} if metrics else metrics
+        return {**metrics, "eval_seconds": took} if metrics or t.eval_split or t.eval_cache else metrics
 
     def save(self, state: dict[str, int], rng: Any, metrics: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
         """Rank 0 saves the checkpoint (``_save_epoch``) with every rank's RNG state: under torchrun the ranks draw

@@ -2339,6 +2339,30 @@ def test_auto_resume_of_a_finished_run_returns_what_the_run_returned(tiny_store,
     assert older["already_finished"] and "params" not in older and older["epoch"] == first["epoch"] == 1
 
 
+def test_resume_of_a_finished_run_whose_eval_split_has_no_labels_writes_nothing(tmp_path, capsys):
+    """An eval split without labels gives an evaluation no metric (no accuracy: never a 0 that reads as one); its line
+    had no ``eval_seconds`` either, so a finished run's last line read as one whose evaluation was still due
+    (``_line_due``): every --auto-resume (a requeued job) or --resume evaluated again and rewrote checkpoint.pt,
+    metrics.jsonl, student.pt and heads.pt instead of saying the run had finished. A line whose evaluation ran has its
+    ``eval_seconds``, metrics or not."""
+    (tmp_path / "unlabeled.py").write_text(
+        "import tiny\n\n\nclass Unlabeled:\n    def __init__(self, d):\n        self.d = d\n\n    def __len__(self):\n"
+        "        return len(self.d)\n\n    def __getitem__(self, i):\n        return self.d[i][0]\n\n\n"
+        "def dataset(split='train'):\n    return tiny.dataset(split) if split == 'train' else Unlabeled(tiny.dataset(split))\n")
+    values = [f"data.factory={tmp_path / 'unlabeled.py'}:dataset", "train.features={}", "train.epochs=2"]
+    store = str(tmp_path / "s.zarr")
+    kdcache.extract(pipeline(*values), store)
+    out = tmp_path / "run"
+    first = train(pipeline(*values), store, out)
+    assert "eval_accuracy" not in first and "eval_seconds" in metrics(out)[-1]  # the evaluation ran, and said so
+    before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
+    capsys.readouterr()
+    for resume in ("auto", True):
+        again = train(pipeline(*values), store, out, resume=resume)
+        assert again["already_finished"] and "already finished its run" in capsys.readouterr().out, resume
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()} == before
+
+
 def test_a_sigterm_while_a_stopped_run_cleans_up_is_ignored(tiny_store, tmp_path, monkeypatch):
     """A second SIGTERM after the run saved its checkpoint and stopped, while it stops its batches (a scheduler may
     send several), does not interrupt that clean-up: the command says the stop's own line, exit 143."""
