@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 
-from kdcache import store as layout, threads
+from kdcache import losses, store as layout, threads
 from kdcache.errors import (DataError, DeviceMemoryError, KdcacheError, ModelError, ModelTooLargeError, PipelineError, ShapeMismatchError,
                             StoreError, raised, short)
 
@@ -759,10 +759,10 @@ def padding_mask(inputs: Any, index: Any, key: str, setting: str, where: str) ->
 def check_mask_values(mask: torch.Tensor, key: str, setting: str, where: str) -> None:
     """Refuse a padding mask (``setting``'s entry ``key``) holding other values than bool or 0/1 (a mask of weights, a
     count): each would count as true. Meant for the host copy: on a GPU tensor, the device syncs."""
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        odd = mask[(mask != 0) & (mask != 1)][0].item()
+    odd = losses.odd_mask_value(mask)
+    if odd is not None:
         raise PipelineError(f"{where}: {setting} {key!r} must hold bool or 0/1 values (true where a position counts), got "
-                            f"{odd!r} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
+                            f"{odd} ({str(mask.dtype).removeprefix('torch.')}); return mask != 0, or (lengths) the positions "
                             "before each item's length")
 
 

@@ -113,11 +113,28 @@ def _outside_zeroed(student: Tensor, teacher: Tensor, mask: Tensor, what: str) -
 def _require_binary(mask: Tensor, what: str) -> None:
     """Refuse a mask of other values than 0 and 1 (a float mask of weights, a count, NaN): each counted as true, a wrong
     loss with no word. One check per call (on a GPU mask, one device sync: pass a bool mask to have none)."""
-    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-        odd = "complex values" if mask.is_complex() else repr(mask[(mask != 0) & (mask != 1)][0].item())
+    odd = odd_mask_value(mask)
+    if odd is not None:
         raise ValueError(f"{what}: mask must hold bool or 0/1 values (true where a position counts), got {odd} "
                          f"({str(mask.dtype).removeprefix('torch.')}); pass mask != 0 for a padding mask (a loss weights "
                          "every valid position alike: a mask of weights is not one)")
+
+
+def odd_mask_value(mask: Tensor) -> str | None:
+    """None where ``mask`` is bool or holds 0 and 1 alone, else its first other value (``repr``; "complex values"). An
+    integer mask (an attention mask, checked at every training step) is told by its least and greatest values: a quarter
+    of the time of comparing each value with 0 and 1."""
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return None
+    if mask.is_complex():
+        return "complex values"
+    if not mask.is_floating_point():
+        least, most = torch.aminmax(mask)
+        if bool((least >= 0) & (most <= 1)):
+            return None
+    elif bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    return repr(mask[(mask != 0) & (mask != 1)][0].item())
 
 
 def _position_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
