@@ -96,8 +96,6 @@ class TransferSet(IterableDataset):
         self.checkpoint_bytes = int(checkpoint_bytes)
         self.memory = (_read_whole(store, self.paths, self.groups.shards, self.row_bytes, memory_budget_mb, location, self.checkpoint_bytes)
                        if self.in_memory else None)  # the rows of the shards holding self.rows, back to back
-        # those shards are the store's first ones, in order (every done shard of a complete store): a row's place there is the row
-        self._held_in_place = self.in_memory and np.array_equal(self.groups.shards, np.arange(len(self.groups.shards)))
         self._store: layout.Store | None = None
 
     @property
@@ -336,8 +334,7 @@ class TransferSet(IterableDataset):
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads."""
         if self.memory is not None:  # every shard held but the store's last has rows_per_shard rows, and that one is held last
-            held = rows if self._held_in_place else \
-                np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard
+            held = np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard
             return {p: a[held] for p, a in self.memory.items()}
         if self._store is None:  # opened lazily: once per worker process
             self._store = self._reopened()
@@ -414,7 +411,7 @@ class TransferSet(IterableDataset):
         if labels is None:
             return
         for k, (j, stored_label) in enumerate(zip(which, labels[which].tolist())):
-            label = data.label_of(items[j], at[k])
+            label = data.split_item(items[j], at[k])[1]
             if label is not None and label != stored_label:  # the same input, another label: ce trains on the stored one, eval scores this
                 raise AlignmentError(
                     f"store row {int(rows[j])} (dataset index {at[k]}) of {self.location!r} holds label {stored_label} but the "

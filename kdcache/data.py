@@ -112,14 +112,6 @@ def inputs_of(item: Any, index: int | None = None) -> Any:
     return split_item(item, index)[0]
 
 
-def label_of(item: Any, index: int | None = None) -> int | None:
-    """``split_item(item, index)[1]`` (the label, or None), an ``(input, label)`` tuple without ``split_item``'s other cases:
-    the per-row hot path of training's label re-check."""
-    if type(item) is tuple and len(item) == 2:
-        return _label(item[1], None, index)
-    return split_item(item, index)[1]
-
-
 def _label(value: Any, key: str | None = None, index: int | None = None) -> int:
     """An item's label as an int, else a PipelineError; ``key``: the dict entry it came from (``label``/``labels``);
     ``index``: the dataset index of the item."""

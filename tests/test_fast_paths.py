@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import data, store as layout
-from kdcache.errors import PipelineError
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int64", "uint64"])
@@ -113,29 +111,6 @@ def test_fingerprint_rows_equal_item_fingerprints(batch: torch.Tensor):
     assert data.fingerprint_rows(batch, range(5)) == [data.fingerprint(batch[i].clone()) for i in range(5)]
     assert data.fingerprint_rows(batch, [3, 1]) == [data.fingerprint(batch[3].clone()), data.fingerprint(batch[1].clone())]
     assert data.fingerprint_rows({"x": batch}, range(5)) is None
-
-
-@pytest.mark.parametrize("item", [(torch.zeros(2), 3), (torch.zeros(2), torch.tensor(3)), (torch.zeros(2), np.int64(3)), (torch.zeros(2), None),
-                                  [torch.zeros(2), 3], (torch.zeros(2), 3, "extra"), (torch.zeros(2),), torch.zeros(2),
-                                  {"x": torch.zeros(2), "label": 3}, {"x": torch.zeros(2)}, dataclasses.make_dataclass("Pair", ["x", "y"])])
-def test_label_of_is_split_items_label(item):
-    """Training's label re-check reads an ``(input, label)`` tuple's label without ``split_item``: the same label."""
-    item = item(torch.zeros(2), 3) if isinstance(item, type) else item
-    try:
-        expected = data.split_item(item, 7)[1]
-    except Exception as e:
-        with pytest.raises(type(e), match=re.escape(str(e))):
-            data.label_of(item, 7)
-    else:
-        assert data.label_of(item, 7) == expected and type(data.label_of(item, 7)) is type(expected)
-
-
-@pytest.mark.parametrize("label", [2.5, torch.tensor(2.0), torch.tensor([1, 2]), True, "3"])
-def test_a_label_that_is_not_a_class_index_is_refused_by_label_of_as_by_split_item(label):
-    with pytest.raises(PipelineError, match=r"^dataset item 7's label .* is not an integer class index") as e:
-        data.split_item((torch.zeros(2), label), 7)
-    with pytest.raises(PipelineError, match=re.escape(str(e.value))):
-        data.label_of((torch.zeros(2), label), 7)
 
 
 def test_a_fingerprint_is_of_the_values_not_of_their_memory_layout():
