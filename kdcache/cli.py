@@ -169,7 +169,7 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
 @contextlib.contextmanager
 def _dropped_signals_sent_again() -> Iterator[None]:
     """The signal handlers' KeyboardInterrupt (Ctrl-C, SIGTERM's) raised in code whose exceptions Python drops that
-    ``_in_finalizer_or_import`` does not see: a weakref's callback (a dask Comm collected leaves the WeakSet that lists it), a
+    ``_in_code_to_finish_first`` does not see: a weakref's callback (a dask Comm collected leaves the WeakSet that lists it), a
     generator closed as it is collected (its ``finally``), a C object's finalizer that calls Python (an asyncio Task's
     "destroyed but pending" report). Python printed "Exception ignored in" and a traceback and went on, the command to
     its end, exit 0 (SIGTERM's handler had set later SIGTERMs to be ignored: they were too). The dropped exception is
@@ -203,16 +203,17 @@ def _sent_again_if_dropped(e: KeyboardInterrupt, signum: int, handler: Any) -> K
     return e
 
 
-PUT_OFF_S = 10.0  # the longest a signal waits for a finalizer or an import (one that hangs, a download, is cut short)
+PUT_OFF_S = 10.0  # the longest a signal waits for a finalizer, an import or a thread's start (a hung one is cut short)
 _PUT_OFF_SINCE: dict[int, float] = {}
 
 
 def _put_off(signum: int, frame: Any) -> bool:
-    """Whether the handler of ``signum`` puts it off (sends it again moments later): ``frame`` runs in a finalizer or an
-    import (``_in_finalizer_or_import``), for at most ``PUT_OFF_S`` since it was first put off. Forgotten as the command
-    that put it off ends (its handlers removed): a command ended before the signal was sent again kept that time, and a
-    later command in the same process (a caller of ``main``, CliRunner) took its own at once, inside its import."""
-    if not _in_finalizer_or_import(frame):
+    """Whether the handler of ``signum`` puts it off (sends it again moments later): ``frame`` runs in a finalizer, an
+    import or a thread's start (``_in_code_to_finish_first``), for at most ``PUT_OFF_S`` since it was first put off.
+    Forgotten as the command that put it off ends (its handlers removed): a command ended before the signal was sent
+    again kept that time, and a later command in the same process (a caller of ``main``, CliRunner) took its own at
+    once, inside its import."""
+    if not _in_code_to_finish_first(frame):
         _PUT_OFF_SINCE.pop(signum, None)
         return False
     if time.monotonic() - _PUT_OFF_SINCE.setdefault(signum, time.monotonic()) < PUT_OFF_S:
@@ -221,18 +222,28 @@ def _put_off(signum: int, frame: Any) -> bool:
     return False
 
 
-def _in_finalizer_or_import(frame: Any) -> bool:
-    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, or in an import. Seen here, the
-    signal waits until the finalizer is done, which then runs to its end (a dask Future's release); a finalizer this does
-    not see (a weakref's callback, a generator's ``finally``) drops the exception, and ``_dropped_signals_sent_again``
-    sends it again. An import, too, runs to its end first: raised inside torch's (``kdcache.train`` imports it as train
-    starts), the exception left torch half made, and the process was once aborted (SIGABRT, exit -6) instead of saying
-    its line (CI: a preempted job's SIGTERM in its first second)."""
+# Code that makes and starts a thread and keeps it in a module's globals: an exception raised there left the thread made
+# but never started, where later use waits on it forever (an event loop nothing runs) or fails (zarr's clean-up at exit
+# printed "cannot join thread before it is started" after the command's one line; CI, a preempted job's SIGTERM as its
+# first store read made zarr's loop). Seen as (file, function).
+_THREAD_STARTS = (("threading.py", "start"), ("zarr/core/sync.py", "_get_loop"), ("fsspec/asyn.py", "get_loop"))
+
+
+def _in_code_to_finish_first(frame: Any) -> bool:
+    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, in an import, or as a thread is
+    made and started (``_THREAD_STARTS``). Seen here, the signal waits until the finalizer is done, which then runs to
+    its end (a dask Future's release); a finalizer this does not see (a weakref's callback, a generator's ``finally``)
+    drops the exception, and ``_dropped_signals_sent_again`` sends it again. An import, too, runs to its end first:
+    raised inside torch's (``kdcache.train`` imports it as train starts), the exception left torch half made, and the
+    process was once aborted (SIGABRT, exit -6) instead of saying its line (CI: a preempted job's SIGTERM in its first
+    second)."""
     while frame is not None:
         code = frame.f_code
         if code.co_name == "__del__" or (code.co_name == "__call__" and Path(code.co_filename).name == "weakref.py"):
             return True
         if code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        if any(code.co_name == name and Path(code.co_filename).as_posix().endswith(f"/{file}") for file, name in _THREAD_STARTS):
             return True
         frame = frame.f_back
     return False

@@ -344,6 +344,43 @@ def test_a_signal_that_lands_in_an_import_waits_for_it_then_stops_the_command(si
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize("where", ["zarr_loop", "thread_start"])
+def test_a_sigterm_as_zarr_starts_its_event_loop_thread_waits_for_the_thread(where):
+    """A preempted job's SIGTERM landed as zarr made its event loop (the first store read of a process): raised between
+    zarr's making the loop's thread and starting it, it left an unstarted thread in zarr's globals, and the command's
+    one line was followed at exit by a traceback of zarr's clean-up ("cannot join thread before it is started"; CI, the
+    requeued-job test); a caller going on in-process would wait forever on a loop that never runs. The thread's start
+    runs to its end first, then the command stops with its one line and nothing after it."""
+    script = f"""
+import asyncio, inspect, signal, sys, threading, time
+import click
+import kdcache.cli as cli
+import zarr.core.sync as zsync
+
+source, first = inspect.getsourcelines(zsync._get_loop)
+line = first + next(i for i, text in enumerate(source) if {"'.daemon = True'" if where == "zarr_loop" else "'.start()'"} in text)
+
+def tracer(frame, event, arg):
+    if frame.f_code is zsync._get_loop.__code__ and event == "line" and frame.f_lineno == line:
+        sys.settrace(None)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    return tracer
+
+@cli._errors
+def export(out):
+    sys.settrace(tracer)
+    zsync.sync(asyncio.sleep(0))
+    time.sleep(60)
+
+try:
+    export(out="x")
+except click.ClickException as e:
+    print("exit", e.exit_code, "started", zsync.iothread[0] is not None and zsync.iothread[0].ident is not None)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.stdout.split() == ["exit", "143", "started", "True"] and proc.stderr == "", (proc.stdout, proc.stderr)
+
+
 def test_a_sigterm_put_off_in_an_import_reaches_the_handler_train_installs_after_it(tmp_path, monkeypatch):
     """A preempted job's SIGTERM as train was set up landed in an import and was put off; once the import ended train had
     installed its own SIGTERM handler (it saves a checkpoint first), and the signal, sent again only while kdcache's own
