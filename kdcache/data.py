@@ -748,6 +748,16 @@ def padding_mask(inputs: Any, index: Any, key: str, setting: str, where: str) ->
     return mask
 
 
+def bool_mask(inputs: Any, rows: int, key: str, setting: str, where: str) -> torch.Tensor | None:
+    """The ``(rows, tokens)`` padding mask under ``key`` of a batch's dict ``inputs`` as bool, its values checked first
+    (``check_mask_values``, on this host copy); None where there is no such tensor (``padding_mask`` names what is wrong)."""
+    mask = inputs.get(key) if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or len(mask) != rows:
+        return None
+    check_mask_values(mask, key, setting, where)
+    return mask.to(torch.bool)
+
+
 def check_mask_values(mask: torch.Tensor, key: str, setting: str, where: str) -> None:
     """Refuse a padding mask (``setting``'s entry ``key``) holding other values than bool or 0/1 (a mask of weights, a
     count): each would count as true. Meant for the host copy: on a GPU tensor, the device syncs."""

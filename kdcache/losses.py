@@ -122,7 +122,7 @@ def _require_binary(mask: Tensor, what: str) -> None:
 
 def odd_mask_value(mask: Tensor) -> str | None:
     """None where ``mask`` is bool or holds 0 and 1 alone, else its first other value (``repr``; "complex values"). An
-    integer mask (an attention mask, checked at every training step) is told by its least and greatest values: a quarter
+    integer mask (an attention mask, checked as each training batch is made) is told by its least and greatest values: a quarter
     of the time of comparing each value with 0 and 1."""
     if mask.dtype == torch.bool or mask.numel() == 0:
         return None

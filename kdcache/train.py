@@ -192,6 +192,7 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
             fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
             stream=rank if world > 1 else None, checkpoint_bytes=checkpoint_bytes)
         transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
+        transfer.check_masks(run.mask, "train.mask", run.mask_where)  # each batch's values, as it is made: not on the step's thread
         return transfer
 
     copy = _checkpoint_copy_bytes(run, t.optimizer) if world == 1 else 0
@@ -777,8 +778,13 @@ class Run:
     def padding(self, batch: dict[str, Any]) -> teachers.Padding | None:
         """``train.mask``'s padding mask of ``batch`` (a training, probe or eval batch), checked and on the host
         (``teachers.Padding.of``, as extract's), which the student's select steps ``mean`` and ``last`` pool by; None where
-        no mask is set or no select of the student pools (``pools``: decided once): those selects run as without a mask."""
-        return teachers.Padding.of(batch, self.mask, "train.mask", self.mask_where) if self.pools else None
+        no mask is set or no select of the student pools (``pools``: decided once): those selects run as without a mask.
+        A training batch brings it as bool, its values checked as the batch was made (``batch["mask"]``: ``TransferSet.check_masks``)."""
+        if not self.pools:
+            return None
+        if batch.get("mask") is not None:  # the rest of the checks (a row keeping no position) on the bool copy: no value compared here
+            batch = {"inputs": {**batch["inputs"], self.mask: batch["mask"]}, "index": batch["index"]}
+        return teachers.Padding.of(batch, self.mask, "train.mask", self.mask_where)
 
     def forward(self, inputs: Any) -> Any:
         """The student's output for a batch's ``inputs`` (on the host): the entries ``student.inputs`` names (every one where
@@ -824,12 +830,16 @@ class Run:
         return parts
 
     def token_mask(self, batch: dict[str, Any], padding: teachers.Padding | None) -> torch.Tensor:
-        """``train.mask``'s (B, T) padding mask of ``batch`` on the device, as bool: its values checked on the host copy
-        (``Padding.of`` did where the student's select pools by it), made bool on the device after its copy there (from
-        pinned memory, without blocking): a loss then takes it as it is, with no check of its own (a device sync each step)."""
-        mask = batch["inputs"][self.mask]
-        if padding is None:
-            data.check_mask_values(mask, self.mask, "train.mask", self.mask_where)
+        """``train.mask``'s (B, T) padding mask of ``batch`` on the device, as bool: a training batch brings it so, its values
+        checked on the host copy as the batch was made, in the thread making it (``batch["mask"]``: ``TransferSet.check_masks``;
+        here only copied, from pinned memory without blocking); another batch's is checked here (``Padding.of`` did where the
+        student's select pools by it) and made bool on the device after its copy there. A loss then takes it as it is, with
+        no check of its own (a device sync each step)."""
+        mask = batch.get("mask")
+        if mask is None:
+            mask = batch["inputs"][self.mask]
+            if padding is None:
+                data.check_mask_values(mask, self.mask, "train.mask", self.mask_where)
         return mask.to(self.device, non_blocking=True).to(torch.bool)
 
     def stored_shape(self, targets: Mapping[str, torch.Tensor]) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -2579,6 +2580,75 @@ def test_a_train_mask_of_other_values_than_0_and_1_in_a_later_batch_is_refused(t
                                             r"\(int64\); return mask != 0"):
         train(p, store, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_train_mask_s_values_are_checked_as_each_batch_is_made_and_a_bad_one_never_reaches_the_step(tmp_path, monkeypatch):
+    """Each batch's train.mask values were checked by the thread running the steps (a float mask's every value compared:
+    0.4 ms a batch at 256 x 2048, each step). They are checked where the batch is made, by the thread making batches ahead
+    (kdcache-prefetch), and the step takes the mask as bool; a count of 2 in item 30 still ends the run at its batch, in
+    one line, now before that batch reaches the step: the batches before it trained, checkpoint_every's checkpoint holds
+    them, and a --resume is refused at the same batch, its checkpoint kept."""
+    from extract_zoo import counted_masks
+
+    p = token_pipeline(dataset="counted_masks", mask="counts", epochs=1, checkpoint_every=1, seed=2)  # item 30 in batch 5
+    store, out = str(tmp_path / "counted.zarr"), tmp_path / "run"
+    kdcache.extract(p, store)
+    checked, stepped = [], []
+    check, losses_of = data.check_mask_values, Run.losses
+
+    def checking(mask, *args):
+        checked.append((threading.current_thread().name, len(mask)))
+        return check(mask, *args)
+
+    def stepping(self, batch):
+        stepped.append((batch["rows"].tolist(), batch.get("mask", batch["inputs"]["counts"]).dtype))
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(data, "check_mask_values", checking)
+    monkeypatch.setattr(Run, "losses", stepping)
+    refused = r"train.mask 'counts' must hold bool or 0/1 values \(true where a position counts\), got 2 \(int64\); return mask != 0"
+    with pytest.raises(PipelineError, match=refused):
+        train(p, store, out)
+    plan = [rows.tolist() for rows in TransferSet(store, counted_masks(), ["logits"], batch_size=8, seed=p.train.seed).plan(0)]
+    bad = next(k for k, rows in enumerate(plan) if 30 in rows)
+    assert bad == 5  # the premise: a batch after the first ones
+    assert [rows for rows, _ in stepped] == plan[:bad] and {dtype for _, dtype in stepped} == {torch.bool}
+    batches = [thread for thread, rows in checked if rows == 8]  # not setup's check of the first two items
+    assert len(batches) > bad and set(batches) == {"kdcache-prefetch"}, checked
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == bad and not (out / "metrics.jsonl").exists()
+    saved, stepped[:] = (out / CHECKPOINT).read_bytes(), []
+    with pytest.raises(PipelineError, match=refused):
+        train(p, store, out, resume=True)
+    assert stepped == [] and (out / CHECKPOINT).read_bytes() == saved
+
+
+def test_transfer_set_check_masks_serves_each_batch_s_mask_as_bool_and_refuses_a_bad_one_at_its_batch(tmp_path):
+    """TransferSet.check_masks(key): each batch's mask under key checked as the batch is made (in a DataLoader worker too)
+    and served as bool in batch["mask"], batch["inputs"] as it was; a batch of other values raises where it would be
+    served, the batches before it served; "" checks none."""
+    from torch.utils.data import DataLoader
+
+    from extract_zoo import counted_masks
+
+    store = str(tmp_path / "counted.zarr")
+    kdcache.extract(token_pipeline(dataset="counted_masks"), store)
+    transfer = TransferSet(store, counted_masks(), ["logits"], batch_size=8, seed=2)
+    plan = [rows.tolist() for rows in transfer.plan(0)]
+    transfer.check_masks("attention_mask")
+    for batch in transfer:
+        assert batch["mask"].dtype == torch.bool and torch.equal(batch["mask"], batch["inputs"]["attention_mask"])
+        assert batch["inputs"]["counts"].dtype == torch.int64
+    transfer.check_masks("counts")
+    for workers in (0, 1):
+        served = []
+        with pytest.raises(PipelineError, match=r"TransferSet: mask 'counts' must hold bool or 0/1 values \(true where a position "
+                                                r"counts\), got 2 \(int64\); return mask != 0"):
+            for batch in DataLoader(transfer, batch_size=None, num_workers=workers):
+                served.append(batch["rows"].tolist())
+                assert torch.equal(batch["mask"], batch["inputs"]["counts"].bool())
+        assert served == plan[:5] and 30 in plan[5], workers
+    transfer.check_masks("")
+    assert all("mask" not in batch for batch in transfer)
 
 
 def test_an_int_train_mask_trains_as_the_bool_one_and_reaches_the_losses_as_bool(tmp_path, monkeypatch):
