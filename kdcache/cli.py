@@ -86,7 +86,9 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     is left as it is. A SIGTERM while the command ends with its own error (in the clean-up after it) leaves that error to be
     said; one while it handles an error it recovers from stops it just after. Under torchrun only rank 0 takes it so (it holds the writer lock and speaks): the other ranks
     end at once, as before, for torchrun also SIGTERMs them when another rank fails, often while they still import
-    their modules, where an exception raised on the spot would leave a module half made and a traceback."""
+    their modules, where an exception raised on the spot would leave a module half made and a traceback. While a rank
+    waits for the others to join (torch's ``init_process_group``, where this handler could not run) SIGTERM ends it at
+    once (``distributed._ended_at_once_while_joining``)."""
     if threading.current_thread() is not threading.main_thread() or os.environ.get("RANK", "0") not in ("", "0"):
         yield
         return

@@ -517,6 +517,57 @@ def _check_rendezvous() -> None:
                           f"{_LAUNCH_FIX}")
 
 
+@contextlib.contextmanager
+def _ended_at_once_while_joining() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit or preemption, torchrun stopping its ranks) and Ctrl-C end the process at once
+    while the block joins torch's process group. kdcache's handlers of them (the command's, which stops it as Ctrl-C
+    does) are Python's, which run only once torch's ``init_process_group`` returns: rank 0 waited there for a rank that
+    never came until ``TIMEOUT`` (12 hours), SIGTERM and Ctrl-C ignored. Nothing is written before the ranks have joined,
+    so nothing is lost: the process exits 143 (SIGTERM) or 130 (Ctrl-C), rank 0 saying so in one line. Python's own C
+    handler still takes each signal and writes its number to the wakeup fd, which a thread of ours reads, not held up by
+    the main thread's wait. A signal ignored, or left to the system's default (which ends the process at once: the ranks
+    but 0 under the kdcache command), is left as it is; the handlers are given back once joined. Main thread only."""
+    taken = {s for s in (signal.SIGTERM, signal.SIGINT) if callable(signal.getsignal(s))}
+    if threading.current_thread() is not threading.main_thread() or not taken:
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # as set_wakeup_fd asks
+    handlers = {s: signal.signal(s, _left_to_the_thread) for s in taken}  # one that came between C calls does nothing either
+    wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    thread = threading.Thread(target=_end_on_signal, args=(read, taken), name="kdcache-joining", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(wakeup)
+        os.write(write, b"\0")  # the thread's end: read after any signal's number written before
+        thread.join()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        os.close(read), os.close(write)
+
+
+def _left_to_the_thread(signum: int, frame: Any) -> None:
+    """``_ended_at_once_while_joining``'s handler: ``_end_on_signal`` ends the process."""
+
+
+def _end_on_signal(read: int, taken: set[int]) -> None:
+    """Read signal numbers from the wakeup fd ``read`` until 0; at one of ``taken``, end the process, rank 0 saying why."""
+    while (signum := os.read(read, 1)[0]) not in taken:
+        if signum == 0:
+            return
+    if os.environ.get("RANK", "0") in ("", "0"):  # the other ranks end silently, as the kdcache command's do
+        said = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        sys.stderr.write(f"Error: {said} while waiting for the other ranks to join (WORLD_SIZE={os.environ.get('WORLD_SIZE')}, "
+                         f"MASTER_ADDR:MASTER_PORT {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}); nothing was "
+                         "written: run the same command again\n")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(128 + signum)  # as a process ended by the signal says (the kdcache command's 143 and 130)
+
+
 def _launch_count(name: str, given: str | None, default: int, least: int = 0) -> int:
     """The environment variable ``name``'s value ``given`` as a whole number >= ``least`` (``default`` where it is not set)."""
     if given is None:
@@ -535,7 +586,8 @@ def process_group(device: torch.device | None = None) -> Iterator[None]:
         yield
         return
     _check_rendezvous()
-    dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    with _ended_at_once_while_joining():
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         yield
     finally:
@@ -728,10 +780,11 @@ def join_training(streams: int, device: torch.device, timeout_s: float = TIMEOUT
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         _check_rendezvous()
-        dist.init_process_group(backend, timeout=TIMEOUT)  # joining waits for every rank's start (a large checkpoint read)
-        # nccl: the default group runs no collective, so makes no communicator; the steps' group is the one
-        _GROUPS = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=TIMEOUT),
-                   dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s)))
+        with _ended_at_once_while_joining():  # nothing to save yet: SIGTERM ends a rank still waiting for the others
+            dist.init_process_group(backend, timeout=TIMEOUT)  # joining waits for every rank's start (a large checkpoint read)
+            # nccl: the default group runs no collective, so makes no communicator; the steps' group is the one
+            _GROUPS = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=TIMEOUT),
+                       dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s)))
         atexit.register(dist.destroy_process_group)
     return world
 

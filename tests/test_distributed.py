@@ -834,6 +834,73 @@ def test_train_streams_other_than_1_or_the_ranks_is_refused_under_torchrun_befor
     assert not dist.is_initialized()
 
 
+def _listening(port: int) -> bool:
+    """Whether a socket listens on ``port`` of this machine (/proc/net/tcp*: state 0A), found without connecting to it."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and state == "0A":
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("command", ["train", "extract"])
+def test_sigterm_ends_rank_0_at_once_while_it_waits_for_the_other_ranks_to_join(tiny_store, tmp_path, command):
+    """Rank 0 of 2 (torchrun's variables, set here) whose rank 1 never comes waits in torch's init_process_group for up to
+    12 hours (distributed.TIMEOUT); kdcache's SIGTERM handler, Python's, runs only once that C call returns, so SIGTERM
+    (a scheduler's time limit) was ignored for as long. Nothing is written before the ranks have joined: it ends at once,
+    exit 143, in one line."""
+    from conftest import TINY_TOML
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    with socket.socket() as s:  # a port let go for rank 0's store to listen on (free_port's stays bound)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / ("run" if command == "train" else "s.zarr")
+    argv = ["--cache", tiny_store] if command == "train" else []
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", command, str(toml), *argv, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # its start: imports on a loaded box
+        while not _listening(port) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _listening(port), proc.communicate(timeout=5) if proc.poll() is not None else "rank 0 never listened"
+        time.sleep(0.5)  # inside the wait
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143 and stderr.splitlines() == [
+        f"Error: stopped by SIGTERM while waiting for the other ranks to join (WORLD_SIZE=2, MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}); "
+        "nothing was written: run the same command again"], stderr[-3000:]
+    assert not out.exists()
+
+
+def test_the_handlers_are_given_back_once_the_rank_has_joined():
+    """The handlers ``_ended_at_once_while_joining`` sets while a rank joins, and Python's wakeup fd, are given back after it."""
+    from kdcache.distributed import _ended_at_once_while_joining
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with _ended_at_once_while_joining():
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            signal.set_wakeup_fd(ours := signal.set_wakeup_fd(-1))
+            assert ours != -1
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.set_wakeup_fd(-1) == -1
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("extra", [(), STREAMING, UNUSED], ids=["in-memory", "streaming", "parameters-the-loss-leaves-unused"])
 def test_torchrun_train_equals_one_process_with_as_many_streams(tiny_store, tmp_path, extra):
     from conftest import TINY_TOML
