@@ -491,13 +491,17 @@ def _on_device(pipeline: Pipeline, index: int) -> Pipeline:
 # -- torchrun ------------------------------------------------------------------------------------
 def ranks() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` outside it. A variable that is not a
-    count, or a rank outside ``0 .. WORLD_SIZE - 1``, is a ``LaunchError`` (it was int()'s ValueError, a traceback)."""
+    count, a rank outside ``0 .. WORLD_SIZE - 1``, or (WORLD_SIZE > 1, both set) a local rank outside ``0 .. LOCAL_WORLD_SIZE - 1``,
+    is a ``LaunchError`` (it was int()'s ValueError, a traceback)."""
     world = _launch_count("WORLD_SIZE", os.environ.get("WORLD_SIZE"), 1, least=1)
     rank, local = _launch_count("RANK", os.environ.get("RANK"), 0), _launch_count("LOCAL_RANK", os.environ.get("LOCAL_RANK"), 0)
     if rank >= world:
         raise LaunchError(f"the environment variable RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}); {_LAUNCH_FIX}")
     if world > 1:
-        _launch_count("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE"), 1, least=1)  # cache.local_ranks, training_device read it
+        together = _launch_count("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE"), 1, least=1)  # cache.local_ranks, training_device read it
+        if "LOCAL_RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ and local >= together:  # by hand: its GPU (LOCAL_RANK) another rank's
+            raise LaunchError(f"the environment variable LOCAL_RANK={local} is outside 0..{together - 1} (LOCAL_WORLD_SIZE={together}); "
+                              f"{_LAUNCH_FIX}")
     return rank, world, local
 
 
