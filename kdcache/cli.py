@@ -551,6 +551,10 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers is not None else None
     p = _load(pipeline, overrides, **{"extract.batch_size": batch_size, "extract.device": device, "targets.layers": layer_list})
     if dry_run:
+        from kdcache import distributed
+
+        distributed.refuse_torchrun("kdcache extract --dry-run", "; without --dry-run, kdcache extract runs under torchrun (its ranks "
+                                    "share the shards)")
         report = kdcache.dry_run(p)
         click.echo(json.dumps(report, indent=2) if as_json else _dry_run_text(report))
         return
@@ -691,6 +695,10 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
                                    "with --teacher-check N, or leave --set out")
         _refuse_without_teacher_check(pipeline=pipeline, seed=seed, tolerance=tolerance)
         p = _load(pipeline, overrides) if pipeline else None
+        if teacher_check:
+            from kdcache import distributed
+
+            distributed.refuse_torchrun("kdcache verify --teacher-check")
         report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
                             seed=seed, tolerance=tolerance)
     except (Exception, KeyboardInterrupt) as e:  # raised on, as every command's error (its Error line)

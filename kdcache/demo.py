@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import kdcache
 from kdcache import data, distributed, storage, store as layout
-from kdcache.errors import LaunchError, PipelineError, StoreError, write_fix
+from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
 from kdcache.train import check_values, local_folder, run_files, train
 
@@ -89,11 +89,7 @@ def _refuse_torchrun() -> None:
     """Refuse torchrun's environment before anything is made: the demo runs in one process (its extracts are one-process
     ones), and its students' ``train`` read RANK and WORLD_SIZE only once both extracts had run: a value that is not a
     count was refused then, and WORLD_SIZE > 1 (left over from an export) waited there for ranks that never came."""
-    world = distributed.ranks()[1]  # a LaunchError where a variable is not a count
-    if world > 1:
-        raise LaunchError(f"kdcache demo runs in one process, but the environment variable WORLD_SIZE={world} asks for {world} "
-                          "(torchrun's); run kdcache demo without torchrun, with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, "
-                          "MASTER_ADDR and MASTER_PORT unset")
+    distributed.refuse_torchrun("kdcache demo")
 
 
 def _check_label_budget(extract: Any) -> None:

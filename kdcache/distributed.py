@@ -505,6 +505,18 @@ def ranks() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def refuse_torchrun(command: str, then: str = "") -> None:
+    """Refuse torchrun's environment (WORLD_SIZE > 1) for ``command``, which runs in one process (``kdcache demo``,
+    ``extract --dry-run``, ``verify --teacher-check``): under torchrun each rank ran it whole, building its own teacher
+    (every one on the same GPU) and printing its own report. ``then``: what follows the fix (what does run under torchrun).
+    A variable that is not a count is refused as ``ranks`` refuses it."""
+    world = ranks()[1]
+    if world > 1:
+        raise LaunchError(f"{command} runs in one process, but the environment variable WORLD_SIZE={world} asks for {world} "
+                          f"(torchrun's); run {command} without torchrun, with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, "
+                          f"MASTER_ADDR and MASTER_PORT unset{then}")
+
+
 # how every LaunchError ends: torchrun sets these variables for each process it starts
 _LAUNCH_FIX = ("torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each process it "
                "starts: launch kdcache with torchrun (torchrun --nproc-per-node N -m kdcache.cli ...), or unset them to run one process")

@@ -191,6 +191,17 @@ CASES = [
          ("the environment variable LOCAL_RANK=3 is outside 0..1 (LOCAL_WORLD_SIZE=2); torchrun sets RANK, WORLD_SIZE,",
           "launch kdcache with torchrun"), store=True,
          env=(("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "3"), ("LOCAL_WORLD_SIZE", "2"))),
+    # -- commands that run in one process, under torchrun: each rank ran it whole (its own teacher, all on one GPU; its own report)
+    Case("launch-extract-dry-run-under-torchrun", lambda c: extract("--dry-run"),
+         ("kdcache extract --dry-run runs in one process, but the environment variable WORLD_SIZE=2 asks for 2 (torchrun's); run kdcache "
+          "extract --dry-run without torchrun, with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT unset; "
+          "without --dry-run, kdcache extract runs under torchrun (its ranks share the shards)",),
+         env=(("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"))),
+    Case("launch-verify-teacher-check-under-torchrun", lambda c: teacher_check(c),
+         ("kdcache verify --teacher-check runs in one process, but the environment variable WORLD_SIZE=2 asks for 2 (torchrun's); run "
+          "kdcache verify --teacher-check without torchrun, with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and "
+          "MASTER_PORT unset",), store=True,
+         env=(("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"))),
     Case("launch-without-master-address", lambda c: train(c, "--epochs", "1"),
          ("WORLD_SIZE=2 asks for that many processes joined by torch.distributed, but MASTER_ADDR and MASTER_PORT are not set",
           "launch kdcache with torchrun (torchrun --nproc-per-node N -m kdcache.cli ...)"), store=True,
