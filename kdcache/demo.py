@@ -220,10 +220,35 @@ def _refuse_foreign_store(path: Path, extract: Any) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return
     ours = (extract.teacher.factory, extract.data.factory, extract.data.split)
-    if made != ours:
-        key, then, now = next(d for d in zip(("teacher.factory", "data.factory", "data.split"), made, ours) if d[1] != d[2])
-        raise StoreError(f"{str(path)!r} is not an earlier kdcache demo's store (its {key} is {then!r}, the demo's {now!r}), and "
-                         "the demo extracts its teacher there; choose another --out for kdcache demo (or move that store away)")
+    if made == ours:
+        return
+    if _made_by_a_demo(manifest.get("pipeline"), extract):  # an earlier demo's, with other --set values: named as such
+        differ = "; ".join(f"its {key} is {then!r}, this demo's {now!r}"
+                           for key, then, now in zip(("teacher.factory", "data.factory", "data.split"), made, ours) if then != now)
+        raise StoreError(f"{str(path)!r} is an earlier kdcache demo's store, made with other values ({differ}), and this demo extracts "
+                         f"its teacher there; choose another --out for kdcache demo, or remove that store to run this demo in "
+                         f"{str(path.parent)!r} (the earlier demo's students and summary there are replaced too)")
+    key, then, now = next(d for d in zip(("teacher.factory", "data.factory", "data.split"), made, ours) if d[1] != d[2])
+    raise StoreError(f"{str(path)!r} is not an earlier kdcache demo's store (its {key} is {then!r}, the demo's {now!r}), and "
+                     "the demo extracts its teacher there; choose another --out for kdcache demo (or move that store away)")
+
+
+# what a demo's extracts record of their pipeline that no --set of the demo changes (OWN_KEYS, which it refuses: the
+# pipeline file's values) and train.eval_every, which the demo sets to 0 (the default is 1): a store that records this
+# demo's values of them all was made by a demo, not by an extract of the user's own
+_DEMO_MARKS = ("train.loss.kl", "train.loss.ce", "train.subset", "train.eval_cache", "train.eval_split", "train.eval_every")
+
+
+def _made_by_a_demo(recorded: Any, extract: Any) -> bool:
+    """Whether ``recorded`` (a store manifest's ``pipeline``) has the values of ``_DEMO_MARKS`` the demo's ``extract`` has."""
+    def value(values: Any, key: str) -> Any:
+        return functools.reduce(lambda d, k: d[k], key.split("."), values)
+
+    ours = extract.to_dict()
+    try:
+        return all(value(recorded, key) == value(ours, key) for key in _DEMO_MARKS)
+    except (KeyError, TypeError):  # a store of an older kdcache, or a damaged manifest: not known to be a demo's
+        return False
 
 
 def _refuse_foreign_student(folder: Path, name: str) -> None:

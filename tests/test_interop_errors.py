@@ -897,6 +897,33 @@ def test_demo_keeps_stores_and_student_folders_that_are_not_an_earlier_demos(tmp
     assert sorted(os.listdir(out)) == ["student-A", "student-B", "student-C", "summary.json", "teacher-test.zarr", "teacher-train.zarr"]
 
 
+def test_an_earlier_demos_store_made_with_other_values_is_named_as_one(tmp_path):
+    """A demo run again into the --out of an earlier demo made with other --set teacher.factory/data.factory values: its
+    stores are refused (the demo would replace them), as before, but the line said they were "not an earlier kdcache
+    demo's store". It says they are one, made with other values, names each that differs (the store's, this demo's)
+    and the fixes: another --out, or that store removed. A store of the user's own keeps its line (the test above)."""
+    fixtures = Path(TINY_TOML).parent
+    (tmp_path / "big.py").write_text(  # student A trains on a subset of 1,000
+        f"import sys\nsys.path.insert(0, {str(fixtures)!r})\nimport tiny\n\n\ndef dataset(split='train'):\n"
+        "    return tiny.TinyImages(split, n=1024)\n")
+    out = tmp_path / "demo"
+    tiny = ["--no-progress", "--set", f"teacher.factory={fixtures / 'tiny.py'}:teacher", "--set", f"data.factory={tmp_path / 'big.py'}:dataset",
+            "--set", f"student.factory={fixtures / 'tiny.py'}:student", "--set", 'targets.layers=["features.3"]', "--set", "train.steps=2",
+            "--set", "extract.device=cpu", "--set", "train.device=cpu"]
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), *tiny])
+    assert result.exit_code == 0, result.output[-3000:]
+    before = snapshot(out)
+    _, line = cli("demo", "--out", out)  # MNIST's teacher and data, the demo's own
+    assert line == (f"Error: {str(out / 'teacher-train.zarr')!r} is an earlier kdcache demo's store, made with other values (its "
+                    f"teacher.factory is '{fixtures / 'tiny.py'}:teacher', this demo's 'mnist.py:teacher'; its data.factory is "
+                    f"'{tmp_path / 'big.py'}:dataset', this demo's 'mnist.py:dataset'), and this demo extracts its teacher there; choose "
+                    f"another --out for kdcache demo, or remove that store to run this demo in {str(out)!r} (the earlier demo's students "
+                    "and summary there are replaced too)"), line
+    _, line = cli("demo", "--out", out, *tiny[:3])  # the earlier demo's teacher: its data.factory alone differs, and is named
+    assert f"(its data.factory is '{tmp_path / 'big.py'}:dataset', this demo's 'mnist.py:dataset'), and this demo" in line, line
+    assert snapshot(out) == before
+
+
 def test_demo_out_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("keep")
     for out in ("afile", "afile/sub"):
