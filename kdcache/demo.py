@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -252,10 +253,11 @@ def _made_by_a_demo(recorded: Any, extract: Any) -> bool:
 
 
 def _refuse_foreign_student(folder: Path, name: str) -> None:
-    """Refuse an --out holding, where the demo trains student ``name``, what is not an earlier demo's student: a file, or
-    a folder that is not empty and holds no kdcache run's pipeline.json measuring the demo's ``teacher-test.zarr``
-    (``train.eval_cache``, which the demo sets itself): a user's folder ``student-A`` was trained into with
-    ``--overwrite``, its pipeline.json, metrics.jsonl and heads.pt replaced."""
+    """Refuse an --out holding, where the demo trains student ``name``, what is not an earlier demo's student: a file, a
+    broken symlink (named with its target: it was called a file), or a folder that is not empty and holds no kdcache
+    run's pipeline.json measuring the demo's ``teacher-test.zarr`` (``train.eval_cache``, which the demo sets itself): a
+    user's folder ``student-A`` was trained into with ``--overwrite``, its pipeline.json, metrics.jsonl and heads.pt
+    replaced."""
     if not folder.exists() and not folder.is_symlink():
         return
     if folder.is_dir() and not any(folder.iterdir()):
@@ -266,7 +268,8 @@ def _refuse_foreign_student(folder: Path, name: str) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         ours = False
     if not ours:
-        what = "a file" if not folder.is_dir() else "a folder without a demo student's pipeline.json"
+        what = ("a folder without a demo student's pipeline.json" if folder.is_dir() else "a file" if folder.exists() else
+                f"a broken symlink, to {os.readlink(folder)!r}, which does not exist")  # it was "a file"
         raise StoreError(f"{str(folder)!r} is not an earlier kdcache demo's student ({what}), and the demo trains student {name} "
                          "there; choose another --out for kdcache demo (or move it away)")
 

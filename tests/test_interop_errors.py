@@ -897,6 +897,18 @@ def test_demo_keeps_stores_and_student_folders_that_are_not_an_earlier_demos(tmp
     assert sorted(os.listdir(out)) == ["student-A", "student-B", "student-C", "summary.json", "teacher-test.zarr", "teacher-train.zarr"]
 
 
+def test_a_broken_symlink_where_the_demo_trains_a_student_is_named_as_one(tmp_path):
+    """A dangling symlink student-A in --out was refused as "a file"; it is named a broken symlink, with its target."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "student-A").symlink_to(tmp_path / "gone")
+    _, line = cli("demo", "--out", out)
+    assert line == (f"Error: {str(out / 'student-A')!r} is not an earlier kdcache demo's student (a broken symlink, to "
+                    f"{str(tmp_path / 'gone')!r}, which does not exist), and the demo trains student A there; choose another --out "
+                    "for kdcache demo (or move it away)"), line
+    assert os.listdir(out) == ["student-A"] and os.readlink(out / "student-A") == str(tmp_path / "gone")
+
+
 def test_an_earlier_demos_store_made_with_other_values_is_named_as_one(tmp_path):
     """A demo run again into the --out of an earlier demo made with other --set teacher.factory/data.factory values: its
     stores are refused (the demo would replace them), as before, but the line said they were "not an earlier kdcache
