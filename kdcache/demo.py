@@ -171,7 +171,7 @@ def _check_out(out: Path, extracts: list[Any]) -> None:
         raise StoreError(f"{str(existing)!r} ({where}) is a file, not a folder; choose another --out for kdcache demo (or move that file away)")
     store = storage.store_above(out)
     if store is not None:
-        where = "is a zarr store" if store == out else f"is inside the zarr store {str(store)!r}"
+        where = "is a zarr store" if store == Path(os.path.abspath(out)) else f"is inside the zarr store {str(store)!r}"
         raise StoreError(f"--out {str(out)!r} {where}; kdcache demo writes its two stores, three students and summary into "
                          f"a folder of its own: choose another --out outside any store (e.g. {str(store.parent / 'demo')!r})")
     run = run_files(out) if out.is_dir() else []

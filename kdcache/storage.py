@@ -746,9 +746,14 @@ def _refuse_unexpanded_home(location: str) -> None:
 
 def store_above(out: Path) -> Path | None:
     """The outermost zarr store folder (one holding a ``zarr.json``; its groups, ``targets/``, hold one each too) that
-    local path ``out`` is, or lies inside, as ``out`` spells it; None where there is none. A folder a command writes
+    local path ``out`` is, or lies inside, as an absolute path; None where there is none. A folder a command writes
     there (a demo's, a training run's) is mixed with the store's files: an ``extract --overwrite`` of the store is
-    refused while it is there, and ``pack`` leaves it out."""
+    refused while it is there, and ``pack`` leaves it out. The folders above ``out`` are those of its absolute path
+    with ``..`` taken away: as spelled, ``../t2.zarr`` run inside a store took the working folder (the store) for a
+    folder above it, and ``t.zarr/../t2.zarr`` took ``t.zarr``, both refused as inside it (the fix offered, from inside
+    the store, was a path inside it again); and a relative path's walk stopped at ``.``, a group's folder there taken
+    for the store."""
+    out = Path(os.path.abspath(out))
     stores = [d for d in (out, *out.parents) if (d / "zarr.json").is_file()]
     return stores[-1] if stores else None
 

@@ -353,6 +353,27 @@ def test_a_store_in_the_working_folder_is_made_and_replaced_keeping_the_folder(t
     assert open_store(".").complete
 
 
+def test_a_path_through_dotdot_is_not_taken_for_one_inside_the_store_it_passes(tmp_path, monkeypatch):
+    """Whether --out lies inside a store was told from its folders as spelled: ``--out ../t2.zarr`` run in a store's
+    folder took the working folder (the store) for one above it, and ``t.zarr/../t3.zarr`` took ``t.zarr``; extract and
+    train refused both as inside that store, their fix from inside it ('t2.zarr', 'run') a path inside it again. The
+    path is placed as the OS places it: both are made beside the store; one truly inside it is still refused, named."""
+    store = tmp_path / "t.zarr"
+    assert invoke("extract", TINY, "--out", store).exit_code == 0
+    monkeypatch.chdir(store)
+    result = invoke("extract", TINY, "--out", "../t2.zarr")
+    assert result.exit_code == 0, result.output
+    result = invoke("train", TINY, "--cache", ".", "--out", "../run", "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    inside = invoke("extract", TINY, "--out", "sub.zarr")
+    assert_one_line_error(inside.output, f"'sub.zarr' is inside the store {str(store)!r}")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("extract", TINY, "--out", "t.zarr/../t3.zarr")
+    assert result.exit_code == 0, result.output
+    assert all(open_store(str(tmp_path / name)).complete for name in ("t2.zarr", "t3.zarr"))
+    assert (tmp_path / "run" / "student.pt").is_file() and not (store / "sub.zarr").exists()
+
+
 @pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
 @pytest.mark.parametrize("kind, flags, says", [
     ("others", ["--overwrite"], "holds 1 entry besides its store, which --overwrite would delete with it: 'NOTES.md'"),
