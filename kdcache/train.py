@@ -1807,10 +1807,18 @@ def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
 def local_folder(out: str, command: str) -> Path:
     """``out`` as the local folder kdcache ``command`` writes; a URL is refused (Path merged ``s3://b/run``'s slashes into
     ``s3:/b/run``: train refused it as a URL that lost a slash, its fix the very URL given, and demo wrote a folder ``s3:``)."""
-    if "://" in out or re.match(r"[A-Za-z][A-Za-z0-9+.-]*::", out):  # a URL, or a chained one (zip::…); a folder "Net::v2" is not
+    chained = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)::", out)  # a chained URL (zip::…) begins with one of fsspec's protocols;
+    if "://" in out or (chained and chained.group(1).lower() in _fsspec_protocols()):  # a folder "Net::v2" is no URL
         raise StoreError(f"{option('--out')} {out!r} is a URL; kdcache {command} writes a local folder (train's: every torchrun "
                          "rank's, a filesystem they share): write it there, then upload it (e.g. aws s3 cp --recursive FOLDER s3://...)")
     return Path(out)
+
+
+def _fsspec_protocols() -> set[str]:
+    """The protocols fsspec knows (``zip``, ``simplecache``, ``s3``...): those a chained URL (``PROTOCOL::…``) begins with."""
+    import fsspec
+
+    return set(fsspec.available_protocols())
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool, pipeline: Pipeline | None = None) -> None:

@@ -81,6 +81,21 @@ def test_a_tilde_the_shell_left_alone_is_refused_naming_the_home_folder(tmp_path
     assert invoke("info", "~/t.zarr")[0] == 0
 
 
+def test_an_out_named_with_double_colon_in_the_working_folder_is_a_folder(tmp_path: Path, pipeline: Path, monkeypatch):
+    """train (and demo) took any ``NAME::`` at the start of --out for a chained URL (``zip::…``): ``--out Net::v2``, a
+    folder in the working folder (one extract writes a store to, as it does ``--out tmp/Net::v2``), was refused as a
+    URL, where the check's own comment said such a folder is not one. Only fsspec's protocols chain: ``zip::run`` and
+    ``simplecache::s3://…`` are still refused, naming the URL."""
+    store = tmp_path / "t.zarr"
+    kdcache.extract(kdcache.load_pipeline(pipeline), str(store))
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("train", pipeline, "--cache", store, "--out", "Net::v2")
+    assert code == 0 and (tmp_path / "Net::v2" / "student.pt").is_file(), out
+    for url in ("zip::run", "simplecache::s3://bucket/run"):
+        code, out = invoke("train", pipeline, "--cache", store, "--out", url)
+        assert code == 1 and f"--out {url!r} is a URL; kdcache train writes a local folder" in out, out
+
+
 def test_a_training_run_inside_the_store_it_trains_from_is_refused(tmp_path: Path, pipeline: Path):
     """``train --cache t.zarr --out t.zarr/run`` trained, and the next ``extract --overwrite`` of the store deleted the
     student with the store's folder (pack left it out of the zip): refused before anything is written, as pack's and
