@@ -501,10 +501,28 @@ def _storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 _refuse_both(".".join(parents[:depth]), node, item)
-        if isinstance(node.get(leaf), dict) and not isinstance(parsed, dict):  # a.b=2, then a=1: its settings would be lost
-            _refuse_both(key.strip(), node[leaf], item)
+        if isinstance(node.get(leaf), dict):  # a.b=2, then a=1: its settings would be lost; a={"c": 3}: added to them
+            if not isinstance(parsed, dict):
+                _refuse_both(key.strip(), node[leaf], item)
+            _merge_settings(node[leaf], parsed, key.strip(), item)
+            continue
         node[leaf] = parsed
     return options or None
+
+
+def _merge_settings(settings: dict[str, Any], given: dict[str, Any], name: str, item: str) -> None:
+    """Settings ``given`` as a JSON object to the storage option ``name`` added to ``settings``, those given before under
+    it: ``client_kwargs.endpoint_url=URL`` then ``client_kwargs={"region_name": …}`` replaced the first, its endpoint
+    dropped without a word (the command went to AWS's); in the other order both were kept, as now. A key given both a
+    value and settings is refused (``_refuse_both``); a value given again replaces the earlier, as ``a.b=1 a.b=2`` does."""
+    for key, value in given.items():
+        before = settings.get(key)
+        if isinstance(before, dict) and isinstance(value, dict):
+            _merge_settings(before, value, f"{name}.{key}", item)
+        elif isinstance(before, dict) or (isinstance(value, dict) and key in settings):
+            _refuse_both(f"{name}.{key}", before, item)
+        else:
+            settings[key] = value
 
 
 def _refuse_both(name: str, value: Any, item: str) -> None:

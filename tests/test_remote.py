@@ -135,6 +135,23 @@ def test_extract_info_verify_train_through_the_cli_on_s3(s3, tmp_path, monkeypat
     assert r.exit_code == 1 and r.output.startswith("Error: cannot reach") and "Traceback" not in r.output
 
 
+def test_settings_given_as_a_json_object_are_added_to_those_given_under_the_same_storage_option(s3):
+    """``--storage-option client_kwargs.endpoint_url=URL`` then ``client_kwargs={"region_name": ...}``: the object replaced
+    the settings given before under client_kwargs, the endpoint dropped without a word, and info went to AWS's endpoint
+    ("cannot reach ... s3.amazonaws.com"); in the other order both were kept. Both orders keep both; a key given a value
+    and settings is still refused, naming both."""
+    url = f"s3://{BUCKET}/merged-options.zarr"
+    kdcache.extract(make_pipeline(), url, storage_options=s3)
+    endpoint, region = f"client_kwargs.endpoint_url={s3['endpoint_url']}", 'client_kwargs={"region_name": "us-east-1"}'
+    given = ["key=testing", "secret=testing", "config_kwargs.retries.max_attempts=1"]  # nothing else is tried: AWS's fails at once
+    for order in ([endpoint, region], [region, endpoint]):
+        r = CliRunner().invoke(main, ["info", url, *(f"--storage-option={item}" for item in [*given, *order])])
+        assert r.exit_code == 0 and r.output.startswith(f"store       {url}"), (order, r.output)
+    r = CliRunner().invoke(main, ["info", url, "--storage-option=client_kwargs.region_name.x=1", f"--storage-option={region}"])
+    assert r.exit_code == 2 and ('client_kwargs={"region_name": "us-east-1"} would replace the settings [\'x\'] already given '
+                                 "under client_kwargs.region_name") in r.output, r.output
+
+
 @pytest.mark.parametrize("where", ["eval-cache-on-s3", "cache-on-s3"])
 def test_train_with_one_store_local_and_the_other_on_s3_takes_the_storage_options_for_the_s3_one(s3, tiny_store, tmp_path, where):
     """A local --cache with train.eval_cache on S3 (or the reverse): the options the S3 store needs were refused by the
