@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
-from kdcache import data, distributed, storage, store as layout
+from kdcache import data, distributed, store as layout
 from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
 from kdcache.train import check_values, local_folder, run_files, train
@@ -169,7 +169,7 @@ def _check_out(out: Path, extracts: list[Any]) -> None:
     if existing is not None and not existing.is_dir():
         where = "--out" if existing == out else f"the folder of --out {str(out)!r}"
         raise StoreError(f"{str(existing)!r} ({where}) is a file, not a folder; choose another --out for kdcache demo (or move that file away)")
-    store = storage.store_above(out)
+    store = layout.store_above(out)
     if store is not None:
         where = "is a zarr store" if store == Path(os.path.abspath(out)) else f"is inside the zarr store {str(store)!r}"
         raise StoreError(f"--out {str(out)!r} {where}; kdcache demo writes its two stores, three students and summary into "

@@ -744,20 +744,6 @@ def _refuse_unexpanded_home(location: str) -> None:
                      f"take it as a folder of that name in {os.getcwd()!r}; {fix}")
 
 
-def store_above(out: Path) -> Path | None:
-    """The outermost zarr store folder (one holding a ``zarr.json``; its groups, ``targets/``, hold one each too) that
-    local path ``out`` is, or lies inside, as an absolute path; None where there is none. A folder a command writes
-    there (a demo's, a training run's) is mixed with the store's files: an ``extract --overwrite`` of the store is
-    refused while it is there, and ``pack`` leaves it out. The folders above ``out`` are those of its absolute path
-    with ``..`` taken away: as spelled, ``../t2.zarr`` run inside a store took the working folder (the store) for a
-    folder above it, and ``t.zarr/../t2.zarr`` took ``t.zarr``, both refused as inside it (the fix offered, from inside
-    the store, was a path inside it again); and a relative path's walk stopped at ``.``, a group's folder there taken
-    for the store."""
-    out = Path(os.path.abspath(out))
-    stores = [d for d in (out, *out.parents) if (d / "zarr.json").is_file()]
-    return stores[-1] if stores else None
-
-
 def refuse_inside_store(location: str, out: Path, named: str, why: str) -> None:
     """Refuse an output path ``out`` (``named`` so in the message) inside the local store folder ``location`` is read
     from, saying ``why``: ``export STORE STORE/zarr.json --overwrite`` replaced the store's own manifest with the HDF5

@@ -37,7 +37,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from kdcache import threads
 from kdcache.errors import DamagedShardError, DamagedStoreError, KdcacheError, PipelineError, StoreError, StoreMismatchError, StoreReplacedError, UnreachableError, count, one_line, option, short, write_fix
 from kdcache.locking import Borrowed, Lease, LocalBorrowed, active_writer, held_lease
-from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, store_above, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, unreachable_error, write_file, zarr_store
+from kdcache.storage import MAX_METADATA_BYTES, REMOTE_READS, exists, filesystem, http_problem, http_url, local_path, location_arg, location_kind, LocalObjects, object_to_write, open_existing, open_zip, read_local_object, unreachable_error, write_file, zarr_store
 
 FORMAT = "kdcache-store"
 FORMAT_VERSION = 1
@@ -2181,6 +2181,20 @@ def _has_manifest(read: Callable[[str], bytes], meta: str) -> bool:
         return ATTRS in json.loads(read(meta)).get("attributes", {})
     except (OSError, ValueError, AttributeError, TypeError):
         return False
+
+
+def store_above(out: Path) -> Path | None:
+    """The outermost kdcache store folder (its root ``zarr.json`` holds the manifest: its groups, ``targets/``, hold a
+    ``zarr.json`` each too) that local path ``out`` is, or lies inside, as an absolute path; None where there is none. A
+    folder a command writes there (a demo's, a training run's, a store's) is mixed with the store's files: an ``extract
+    --overwrite`` of the store is refused while it is there, and ``pack`` leaves it out or copies it in. Someone else's
+    zarr group above (a project's own hierarchy a store is put in) is no store: kdcache neither replaces nor packs it, and
+    ``extract --out proj.zarr/kd.zarr`` was refused as "inside the store 'proj.zarr'". The folders above are those of the
+    absolute path, ``..`` taken away: as spelled, ``../t2.zarr`` run inside a store took the working folder (the store)
+    for a folder above it, and ``t.zarr/../t2.zarr`` took ``t.zarr``."""
+    out = Path(os.path.abspath(out))
+    stores = [d for d in (out, *out.parents) if _has_manifest(lambda key, d=d: (d / key).read_bytes(), "zarr.json")]
+    return stores[-1] if stores else None
 
 
 IDENTITY = {

@@ -1832,7 +1832,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool, pipeline: Pipeline | No
         if not _checkpoint_file(out).is_file():
             raise StoreError(f"{option('--resume')}: no {CHECKPOINT} in {str(out)!r}; run without {option('--resume')} to start training")
         return  # a run made inside a store by an earlier kdcache may still be resumed: it is there already
-    store = storage.store_above(out)
+    store = layout.store_above(out)
     if store is not None:  # another store than --cache (inside --cache: refused at train's start, naming it as read)
         raise StoreError(f"{option('--out')} {str(out)!r} is inside the store {str(store)!r} (an extract --overwrite of that "
                          "store, which deletes everything in its folder, would be refused while the run is there, and pack leaves the "

@@ -374,6 +374,25 @@ def test_a_path_through_dotdot_is_not_taken_for_one_inside_the_store_it_passes(t
     assert (tmp_path / "run" / "student.pt").is_file() and not (store / "sub.zarr").exists()
 
 
+def test_a_store_or_run_inside_someone_else_s_zarr_group_is_not_taken_for_one_inside_a_store(tmp_path):
+    """Any folder holding a zarr.json above --out was taken for a store: ``extract --out proj.zarr/kd.zarr`` and ``train
+    --out proj.zarr/run`` in a project's own zarr hierarchy were refused as "inside the store 'proj.zarr'", whose
+    --overwrite and pack they would hinder, but kdcache neither replaces nor packs someone else's group. Only a kdcache
+    store above counts: inside one (its targets group too), the store is still named."""
+    import zarr
+
+    project = tmp_path / "proj.zarr"
+    zarr.open_group(str(project), mode="w", zarr_format=3).attrs["project"] = "mine"
+    result = invoke("extract", TINY, "--out", project / "kd.zarr")
+    assert result.exit_code == 0, result.output
+    result = invoke("train", TINY, "--cache", project / "kd.zarr", "--out", project / "run", "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    assert open_store(str(project / "kd.zarr")).complete and (project / "run" / "student.pt").is_file()
+    inside = invoke("extract", TINY, "--out", project / "kd.zarr" / "targets" / "x.zarr")
+    assert_one_line_error(inside.output, f"is inside the store {str(project / 'kd.zarr')!r}")
+    assert json.loads((project / "zarr.json").read_text())["attributes"] == {"project": "mine"}
+
+
 @pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["one-process", "workers"])
 @pytest.mark.parametrize("kind, flags, says", [
     ("others", ["--overwrite"], "holds 1 entry besides its store, which --overwrite would delete with it: 'NOTES.md'"),
