@@ -220,8 +220,10 @@ class Store:
                 if inside is not None:
                     raise inside
                 if _interrupted_creation(location, self.storage_options):  # kdcache's own empty nodes (looked at on error only)
+                    # an import stopped so leaves the same: the command to rerun is the one that was stopped, either
                     raise StoreError(f"{location!r} is an empty zarr group, as an extract stopped while it created the store leaves "
-                                     f"it (no {ATTRS!r} root attribute, no data); rerun that extract, which creates it again")
+                                     f"it, or an import (no {ATTRS!r} root attribute, no data); rerun that extract or import, which "
+                                     "creates it again")
                 why = f"no {ATTRS!r} root attribute"
             elif not isinstance(manifest, dict):
                 why = f"its {ATTRS!r} root attribute holds {short(manifest)}, not a JSON object"

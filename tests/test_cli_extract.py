@@ -550,7 +550,8 @@ def test_info_on_what_an_extract_stopped_at_its_start_left_says_to_rerun_it(tmp_
     result = invoke("info", tmp_path / "s.zarr")
     assert result.exit_code == 1
     assert_one_line_error(result.output, f"{str(tmp_path / 's.zarr')!r} is an empty zarr group, as an extract stopped while it "
-                          "created the store leaves it (no 'kdcache' root attribute, no data); rerun that extract, which creates it again")
+                          "created the store leaves it, or an import (no 'kdcache' root attribute, no data); rerun that extract or "
+                          "import, which creates it again")
 
 
 LEAN = """

@@ -252,6 +252,24 @@ def corrupt_chunk(h5: Path, path: str = "targets/logits", chunk: int = 1) -> Non
     h5.write_bytes(bytes(data))
 
 
+def test_a_reader_of_what_an_import_killed_as_it_created_the_store_left_says_to_rerun_the_import(exported, tiny_store, tmp_path):
+    """A ``kdcache import`` killed (SIGKILL, a real process) once it had written the new store's root group leaves what an
+    extract stopped there leaves, and a reader of it said "rerun that extract", a command the user of an HDF5 file had
+    not run and has no pipeline for. It names the import too; the import run again creates the store whole."""
+    from conftest import FIXTURES
+
+    store = tmp_path / "s.zarr"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KDCACHE_FAULT")} | {"KDCACHE_FAULT": "kill:3"}
+    killed = subprocess.run([sys.executable, str(FIXTURES / "faults.py"), "import", str(exported), str(store)], env=environment,
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -9 and sorted(p.name for p in store.iterdir()) == ["zarr.json"], killed.stderr  # its root group
+    code, line = cli("info", store)
+    assert "is an empty zarr group, as an extract stopped while it created the store leaves it, or an import" in line, line
+    assert "rerun that extract or import, which creates it again" in line, line
+    assert CliRunner().invoke(main, ["import", str(exported), str(store)]).exit_code == 0
+    assert_same(str(store), tiny_store)
+
+
 def test_import_of_a_corrupt_chunk_is_one_line_and_a_rerun_resumes_and_says_so(exported, tiny_store, tmp_path):
     h5 = copy_of(exported, tmp_path / "corrupt.h5")
     corrupt_chunk(h5)
