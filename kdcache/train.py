@@ -1815,9 +1815,12 @@ def local_folder(out: str, command: str) -> Path:
 
 
 def _fsspec_protocols() -> set[str]:
-    """The protocols fsspec knows (``zip``, ``simplecache``, ``s3``...): those a chained URL (``PROTOCOL::…``) begins with."""
-    import fsspec
-
+    """The protocols fsspec knows (``zip``, ``simplecache``, ``s3``...): those a chained URL (``PROTOCOL::…``) begins with.
+    Without fsspec (kdcache's ``remote`` extra not installed; the import was a traceback), the chains kdcache reads."""
+    try:
+        import fsspec
+    except ImportError:
+        return {"zip", "file", "http", "https", "s3", "gs", "gcs", "az", "abfs", *storage.CACHING_LAYERS}
     return set(fsspec.available_protocols())
 
 

@@ -96,6 +96,18 @@ def test_an_out_named_with_double_colon_in_the_working_folder_is_a_folder(tmp_pa
         assert code == 1 and f"--out {url!r} is a URL; kdcache train writes a local folder" in out, out
 
 
+def test_an_out_named_with_double_colon_is_told_without_fsspec_installed(tmp_path: Path):
+    """fsspec comes with kdcache's ``remote`` extra only: telling ``--out zip::run`` (a chained URL) from ``Net::v2`` (a
+    folder) imported it, a traceback where it is not installed."""
+    script = ("import sys; sys.modules['fsspec'] = None\n"  # import fsspec raises ImportError, as where it is not installed
+              "from kdcache.train import local_folder\n"
+              "print(local_folder('Net::v2', 'train'))\n"
+              "try:\n    local_folder('zip::run', 'train')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "Net::v2", proc.stderr
+    assert proc.stdout.splitlines()[1].startswith("StoreError out 'zip::run' is a URL"), proc.stdout
+
+
 def test_a_training_run_inside_the_store_it_trains_from_is_refused(tmp_path: Path, pipeline: Path):
     """``train --cache t.zarr --out t.zarr/run`` trained, and the next ``extract --overwrite`` of the store deleted the
     student with the store's folder (pack left it out of the zip): refused before anything is written, as pack's and
