@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -269,7 +268,7 @@ def _refuse_foreign_student(folder: Path, name: str) -> None:
         ours = False
     if not ours:
         what = ("a folder without a demo student's pipeline.json" if folder.is_dir() else "a file" if folder.exists() else
-                f"a broken symlink, to {os.readlink(folder)!r}, which does not exist")  # it was "a file"
+                storage.broken_link_words(folder))  # it was "a file"
         raise StoreError(f"{str(folder)!r} is not an earlier kdcache demo's student ({what}), and the demo trains student {name} "
                          "there; choose another --out for kdcache demo (or move it away)")
 

@@ -756,6 +756,32 @@ def refuse_inside_store(location: str, out: Path, named: str, why: str) -> None:
                          f"folder (e.g. {str(folder.resolve().parent / out.name)!r})")
 
 
+def broken_link(path: str | os.PathLike[str]) -> Path | None:
+    """The symlink that leads nowhere (``ln -s /scratch/run run`` before ``/scratch/run`` is made, or where it is not
+    mounted) which the local path ``path`` is, or lies under, as ``path`` spells it; None where there is none."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return None
+        if p.is_symlink():
+            return p
+    return None
+
+
+def broken_link_words(link: Path) -> str:
+    """``link`` (a broken symlink: ``broken_link``) named with its target, in the words every message uses."""
+    return f"a broken symlink, to {os.readlink(link)!r}, which does not exist"
+
+
+def refuse_broken_link(out: str | os.PathLike[str], named: str, fix: str) -> None:
+    """Refuse an output path ``out`` (``named`` so in the message) that is, or lies under, a broken symlink, saying ``fix``:
+    train and demo made the folder through it and said only "cannot write 'run': File exists; fix the cause"; pack and
+    export replaced the link with their file."""
+    link = broken_link(out)
+    if link is not None:
+        where = "is" if link == Path(out) else f"lies under {str(link)!r},"
+        raise StoreError(f"{named} {str(out)!r} {where} {broken_link_words(link)}; {fix}")
+
+
 def options_arg(value: Any) -> None:
     """Refuse ``storage_options`` that are not a dict (or None): a string was read as its characters (``storage options
     ['=', 'a', 'e', ...]``), a list of ``KEY=VALUE`` strings (the CLI's ``--storage-option``) as option names."""

@@ -51,6 +51,15 @@ def tiny_demo(out: Path) -> list:
             "--set", "train.device=cpu", "--set", 'targets.layers=["features.3"]']
 
 
+def broken_link(ctx: Ctx, name: str, to: str = "gone") -> Path:
+    """A symlink ``ctx.tmp / name`` to ``ctx.tmp / to / name``, which does not exist (``to``, where it is made a file here,
+    cannot be made a folder either)."""
+    if to != "gone":
+        (ctx.tmp / to).write_text("a file, not a folder\n")
+    (ctx.tmp / name).symlink_to(ctx.tmp / to / name)
+    return ctx.tmp / name
+
+
 def teacher_check(ctx: Ctx, *args: str) -> list:
     return ["verify", ctx.store, "--teacher-check", "3", "--pipeline", TINY, *args]
 
@@ -130,6 +139,28 @@ CASES = [
          ("/run' holds a kdcache training run ('pipeline.json', 'checkpoint.pt', 'student.pt', 'heads.pt', 'metrics.jsonl'); "
           "kdcache demo writes its two stores, three students and summary into a folder of its own: choose another --out (e.g. '",
           "/run-demo')"), store=True, prior=trained),
+    # -- a broken symlink where a command writes (ln -s /scratch/run run, before /scratch/run is made): train and demo said
+    #    "cannot write 'run': File exists; fix the cause and rerun", pack and export renamed their file over the link (exit 0),
+    #    extract and import (which write a store through such a link, its folder made) named only their lock file's folder
+    Case("train-out-broken-link", lambda c: ["train", TINY, "--cache", c.store, "--out", broken_link(c, "run")],
+         ("Error: --out '", "/run' is a broken symlink, to '", "/gone/run', which does not exist; remove the link, create the folder "
+          "it leads to, or choose another --out"), store=True),
+    Case("train-out-under-a-broken-link", lambda c: ["train", TINY, "--cache", c.store, "--out", broken_link(c, "runs") / "a"],
+         ("/runs/a' lies under '", "/runs', a broken symlink, to '", "/gone/runs', which does not exist; remove the link"), store=True),
+    Case("demo-out-broken-link", lambda c: tiny_demo(broken_link(c, "demo")),
+         ("Error: --out '", "/demo' is a broken symlink, to '", "/gone/demo', which does not exist; remove the link, create the folder "
+          "it leads to, or choose another --out"),),
+    Case("pack-out-broken-link", lambda c: ["pack", c.store, broken_link(c, "p.zarr.zip")],
+         ("Error: OUT '", "/p.zarr.zip' is a broken symlink, to '", "/gone/p.zarr.zip', which does not exist; the file would replace "
+          "the link, not go where it leads: pass that path as OUT (its folder is made), remove the link, or choose another OUT"), store=True),
+    Case("export-out-broken-link", lambda c: ["export", c.store, broken_link(c, "e.h5")],
+         ("Error: OUT '", "/e.h5' is a broken symlink, to '", "/gone/e.h5', which does not exist; the file would replace"), store=True),
+    Case("extract-out-broken-link-to-no-folder", lambda c: extract("--out", broken_link(c, "s.zarr", to="afile")),
+         ("Error: cannot write '", "/s.zarr': it is a broken symlink, to '", "/afile/s.zarr', which does not exist, and the folder '",
+          "/afile' cannot be made there (File exists); remove the link, create the folder it leads to, or write the store elsewhere")),
+    Case("import-store-broken-link-to-no-folder", lambda c: ["import", c.tmp / "e.h5", broken_link(c, "back.zarr", to="afile")],
+         ("/back.zarr': it is a broken symlink, to '", "/afile/back.zarr', which does not exist, and the folder '"), store=True,
+         prior=exported),
     # -- an empty location to read: it read the current folder ("no store at ''"; pack: "OUT ... is inside the store ''")
     Case("train-cache-empty", lambda c: ["train", TINY, "--cache", "", "--out", c.new],
          ("Invalid value for '--cache': '' is empty; name a store to read: a folder, a .zarr.zip file or a URL",
