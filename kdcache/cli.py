@@ -769,6 +769,7 @@ def pack(store: str, out: str, overwrite: bool, storage_items: tuple[str, ...]) 
     """Pack a finished STORE into one OUT.zarr.zip file for hand-over (kdcache reads it as a store)."""
     from kdcache.interop import pack as run_pack
 
+    _refuse_torchrun("kdcache pack")
     r = run_pack(store, out, storage_options=_storage_options(storage_items), overwrite=overwrite)
     click.echo(f"packed {count(r['objects'], 'object')} ({_size(r['bytes'])}) into {r['out']}")
 
@@ -785,6 +786,7 @@ def export(store: str, out: str, compression: str, overwrite: bool, storage_item
     """Export a finished STORE as one HDF5 file OUT.h5 (layout: docs/FORMAT.md, HDF5 section)."""
     from kdcache.interop import export_hdf5
 
+    _refuse_torchrun("kdcache export")
     r = export_hdf5(store, out, compression=compression, storage_options=_storage_options(storage_items), overwrite=overwrite)
     click.echo(f"exported {count(r['arrays'], 'array')} into {r['out']} ({_size(r['file_bytes'])}, {compression})")
 
@@ -799,9 +801,20 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
     """Convert an HDF5 file written by kdcache export back into a store (same geometry)."""
     from kdcache.interop import import_hdf5
 
+    _refuse_torchrun("kdcache import")
     summary = import_hdf5(source, store, storage_options=_storage_options(storage_items), overwrite=overwrite)
     _say_resumed(store, summary)
     click.echo(_info_text(summary))
+
+
+def _refuse_torchrun(command: str) -> None:
+    """Refuse torchrun's environment (WORLD_SIZE > 1) for pack, export and import, which write their OUT (STORE) in one
+    process, before anything is read or written: under torchrun every rank ran the command whole, each writing the same
+    file or store (the ranks that found it made by another failed: "exists; ... pass --overwrite", "being written").
+    info, verify (without --teacher-check) and stats only read: each rank prints its own report, and nothing is changed."""
+    from kdcache import distributed
+
+    distributed.refuse_torchrun(command)
 
 
 @main.command(short_help="Teacher accuracy, entropy and layer statistics of a store.")

@@ -507,8 +507,8 @@ def ranks() -> tuple[int, int, int]:
 
 def refuse_torchrun(command: str, then: str = "") -> None:
     """Refuse torchrun's environment (WORLD_SIZE > 1) for ``command``, which runs in one process (``kdcache demo``,
-    ``extract --dry-run``, ``verify --teacher-check``): under torchrun each rank ran it whole, building its own teacher
-    (every one on the same GPU) and printing its own report. ``then``: what follows the fix (what does run under torchrun).
+    ``extract --dry-run``, ``verify --teacher-check``; ``pack``, ``export`` and ``import``): under torchrun each rank ran it
+    whole, building its own teacher (every one on the same GPU) and printing its own report, or writing the same file. ``then``: what follows the fix (what does run under torchrun).
     A variable that is not a count is refused as ``ranks`` refuses it."""
     world = ranks()[1]
     if world > 1:

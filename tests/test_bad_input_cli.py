@@ -233,6 +233,20 @@ CASES = [
           "kdcache verify --teacher-check without torchrun, with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and "
           "MASTER_PORT unset",), store=True,
          env=(("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"))),
+    # -- pack, export and import write one file or store: under torchrun every rank wrote it whole (a rank that found it made by
+    #    another failed: "exists; choose another output or pass --overwrite")
+    Case("launch-pack-under-torchrun", lambda c: ["pack", c.store, c.tmp / "p.zarr.zip"],
+         ("kdcache pack runs in one process, but the environment variable WORLD_SIZE=2 asks for 2 (torchrun's); run kdcache pack "
+          "without torchrun, with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT unset",), store=True,
+         env=(("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"))),
+    Case("launch-export-under-torchrun", lambda c: ["export", c.store, c.tmp / "e.h5"],
+         ("kdcache export runs in one process, but the environment variable WORLD_SIZE=4 asks for 4 (torchrun's); run kdcache export "
+          "without torchrun",), store=True,
+         env=(("RANK", "3"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"))),
+    Case("launch-import-under-torchrun", lambda c: ["import", c.tmp / "e.h5", c.new],
+         ("kdcache import runs in one process, but the environment variable WORLD_SIZE=2 asks for 2 (torchrun's); run kdcache import "
+          "without torchrun",), store=True, prior=exported,
+         env=(("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"))),
     Case("launch-without-master-address", lambda c: train(c, "--epochs", "1"),
          ("WORLD_SIZE=2 asks for that many processes joined by torch.distributed, but MASTER_ADDR and MASTER_PORT are not set",
           "launch kdcache with torchrun (torchrun --nproc-per-node N -m kdcache.cli ...)"), store=True,
