@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import kdcache
-from kdcache import data, distributed, store as layout
+from kdcache import data, distributed, storage, store as layout
 from kdcache.errors import PipelineError, StoreError, write_fix
 from kdcache.pipeline import apply_override
 from kdcache.train import check_values, local_folder, run_files, train
