@@ -1081,10 +1081,13 @@ def _kdcache_file(path: Path) -> str:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
+                if any(m.flag_bits & storage.ZIP_ENCRYPTED for m in z.infolist()):  # pack writes none; zipfile cannot read one
+                    return "an encrypted zip file (written with a password)"
                 if z.getinfo("zarr.json").file_size <= MAX_REPLACED_MANIFEST_BYTES:
                     if layout.ATTRS in json.loads(z.read("zarr.json")).get("attributes", {}):
                         return "pack"
-        except (KeyError, OSError, ValueError, AttributeError, zipfile.BadZipFile):
+        # NotImplementedError: a zarr.json in a method zipfile has no decompressor for (deflate64, ...), not pack's
+        except (KeyError, OSError, ValueError, AttributeError, NotImplementedError, zipfile.BadZipFile):
             pass
         return "a zip file without a kdcache store at its root"
     with open(path, "rb") as f:

@@ -1071,10 +1071,19 @@ def _backend_package(location: str) -> str:
     return str(spec.get("class", "")).split(".")[0]
 
 
+ZIP_ENCRYPTED = 0x1  # a zip member's general purpose flag bit 0: its bytes are encrypted (zipfile's _MASK_ENCRYPTED)
+
+
 def check_zip_members(location: str, members: list[zipfile.ZipInfo]) -> None:
     """Refuse a store's zip (local or behind a URL) with a compressed member (FORMAT.md §17: a deflated member of a few
     MB can hold GBs, all read into memory) or a member name that appears twice (readers disagree on which is the
-    object: Python's zipfile reads the last, other tools the first, and ``verify`` checks only one)."""
+    object: Python's zipfile reads the last, other tools the first, and ``verify`` checks only one), or an encrypted
+    member (``zip -e``: zipfile's RuntimeError "password required" as it was read, a traceback)."""
+    locked = next((m for m in members if m.flag_bits & ZIP_ENCRYPTED), None)
+    if locked is not None:  # before the compressed check: an AES member's method (99) is its encryption's, not a compressor
+        raise DamagedStoreError(f"{location!r}: zip member {short(locked.filename)} is encrypted (the zip was written with a "
+                                "password, e.g. zip -e); a store's zip holds its members unencrypted, as kdcache pack writes them: "
+                                "unzip it with its password into a folder and run kdcache pack FOLDER OUT")
     packed = next((m for m in members if m.compress_type != zipfile.ZIP_STORED), None)
     if packed is not None:
         raise DamagedStoreError(f"{location!r}: zip member {short(packed.filename)} is compressed "

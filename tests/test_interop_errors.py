@@ -29,6 +29,7 @@ from kdcache.store import open_store
 from conftest import TINY_TOML, extract_tiny
 from test_bad_input import read_only_dir, snapshot
 from test_interop import assert_same
+from test_received_stores import encrypted
 
 
 def cli(*args: object) -> tuple[int, str]:
@@ -594,11 +595,17 @@ def test_cleanup_never_masks_the_error(tiny_store, tmp_path, monkeypatch):
     ("export", "t.zarr.zip", "pack", "a kdcache store's zip (kdcache pack's)"),
     ("pack", "photos.zip", "zip", "a zip file without a kdcache store at its root"),
     ("pack", "old.zarr.zip", "text", "neither a zip nor an HDF5 file (it begins b'keep me')"),
+    ("pack", "locked.zip", "encrypted", "an encrypted zip file (written with a password)"),
+    ("pack", "t.zarr.zip", "encrypted-pack", "an encrypted zip file (written with a password)"),
+    ("export", "locked.zip", "encrypted", "an encrypted zip file (written with a password)"),
+    ("pack", "old.zip", "deflate64", "a zip file without a kdcache store at its root"),
 ])
 def test_pack_and_export_overwrite_only_a_file_of_their_own_kind(tiny_store, tmp_path, verb, name, made, seen):
     """pack --overwrite and export --overwrite replaced whatever OUT was, with no word: a user's dataset.h5, a zip of
     photos, notes, a packed store given to export (meaning pack). Such an OUT is refused in one line naming what it is,
-    before anything is written; a file the same command wrote is replaced."""
+    before anything is written; a file the same command wrote is replaced. An encrypted zip (zip -e; a packed store so
+    zipped too: kdcache reads none) and a zip whose zarr.json is in a method zipfile cannot read (deflate64) were looked
+    into as they were, a traceback (zipfile's RuntimeError "password required", its NotImplementedError)."""
     out = tmp_path / name
     if made == "hdf5":
         with h5py.File(out, "w") as f:
@@ -608,6 +615,24 @@ def test_pack_and_export_overwrite_only_a_file_of_their_own_kind(tiny_store, tmp
             z.writestr("a.jpg", b"a photo")
     elif made == "pack":
         interop.pack(tiny_store, out)
+    elif made == "encrypted":  # as zip -P secret locked.zip zarr.json writes it
+        with zipfile.ZipFile(tmp_path / "plain.zip", "w") as z:
+            z.writestr("zarr.json", json.dumps({"attributes": {}}))
+        encrypted(tmp_path / "plain.zip", out)
+        (tmp_path / "plain.zip").unlink()
+    elif made == "encrypted-pack":
+        interop.pack(tiny_store, tmp_path / "plain.zip")
+        encrypted(tmp_path / "plain.zip", out)
+        (tmp_path / "plain.zip").unlink()
+    elif made == "deflate64":  # zarr.json's method (local header and central directory) set to deflate64 (9)
+        with zipfile.ZipFile(out, "w") as z:
+            z.writestr("zarr.json", json.dumps({"attributes": {"kdcache": {}}}))
+        data = bytearray(out.read_bytes())
+        with zipfile.ZipFile(out) as z:
+            data[z.start_dir + 10] = data[z.getinfo("zarr.json").header_offset + 8] = 9
+        out.write_bytes(data)
+        with zipfile.ZipFile(out) as z, pytest.raises(NotImplementedError):
+            z.read("zarr.json")
     else:
         out.write_text("keep me")
     before = out.read_bytes()

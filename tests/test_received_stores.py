@@ -335,6 +335,60 @@ def claiming_more(packed: Path, member: str, out: Path, size: int = 0x7FFFFFF0) 
         pos += 46 + n + m + k
 
 
+def encrypted(packed: Path, out: Path, only: str | None = None) -> Path:
+    """``packed`` with its members (``only`` that one) flagged encrypted (general purpose flag bit 0, in its local header
+    and the central directory), as ``zip -e`` writes them: zipfile refuses to read such a member without a password
+    (RuntimeError) before reading a byte of it, as it does one of a real encrypted zip, which Python cannot write."""
+    import struct
+
+    data = bytearray(packed.read_bytes())
+    with zipfile.ZipFile(packed) as z:
+        members, pos = z.infolist(), z.start_dir
+    for member in members:  # the central directory's entries, in its order
+        n, m, k = struct.unpack("<HHH", data[pos + 28 : pos + 34])
+        assert data[pos : pos + 4] == b"PK\x01\x02" and data[pos + 46 : pos + 46 + n].decode() == member.filename
+        if only in (None, member.filename):
+            data[pos + 8] |= 0x1
+            data[member.header_offset + 6] |= 0x1
+        pos += 46 + n + m + k
+    out.write_bytes(data)
+    return out
+
+
+@pytest.mark.parametrize("only", [None, SHARD], ids=["every-member", "one-shard"])
+def test_an_encrypted_zip_is_refused_in_one_line_by_every_reader(tiny_store, tmp_path, only):
+    """A store zipped with a password (zip -e; or one member of it) was read until zipfile refused a member: "RuntimeError:
+    File 'zarr.json' is encrypted, password required for extraction", a traceback, from info, verify, stats, train
+    --cache, export and pack of it (a shard alone: once that shard was read). Refused on opening, naming the member."""
+    import fsspec
+
+    packed = tmp_path / "t.zarr.zip"
+    pack(tiny_store, packed)
+    locked = encrypted(packed, tmp_path / "locked.zarr.zip", only)
+    with zipfile.ZipFile(locked) as z:
+        named = only or z.namelist()[0]
+        with pytest.raises(RuntimeError, match="password required"):  # what zipfile makes of the flag
+            z.read(named)
+    said = (f"'{{}}': zip member '{named}' is encrypted (the zip was written with a password, e.g. zip -e); a store's zip holds its "
+            "members unencrypted, as kdcache pack writes them: unzip it with its password into a folder and run kdcache pack FOLDER OUT")
+    with fsspec.open(f"memory://{tmp_path.name}/locked.zarr.zip", "wb") as f:
+        f.write(locked.read_bytes())
+    for args in (["info", locked], ["stats", locked], ["verify", locked], ["info", f"zip::{locked}"],
+                 ["info", f"zip::memory://{tmp_path.name}/locked.zarr.zip"], ["export", locked, tmp_path / "x.h5"],
+                 ["pack", locked, tmp_path / "re.zarr.zip"], ["train", ROOT / "tests/fixtures/tiny.toml", "--cache", locked, "--out", tmp_path / "run"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), (args, repr(r.exception))
+        assert "Traceback" not in r.output, (args, r.output)
+        line = said.format(args[3] if args[0] == "train" else args[1])
+        if args[0] == "verify":  # the report's failed open check
+            assert "FAIL  open" in r.output and f"- {line}\n" in r.output, r.output
+        else:
+            assert r.stderr == f"Error: {line}\n", (args, r.stderr)
+    r = CliRunner().invoke(main, ["import", str(locked), str(tmp_path / "back.zarr")])  # not read as a store: one line too
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: '{locked}' is a zip file (a store kdcache pack wrote?)"), r.output
+    assert sorted(os.listdir(tmp_path)) == ["locked.zarr.zip", "t.zarr.zip"]
+
+
 @pytest.mark.parametrize("verb, member", [(verb, member) for verb in ("info", "verify", "pack") for member in ("zarr.json", "progress/done/c/1")]
                          + [("verify", SHARD), ("pack", SHARD), ("stats", SHARD)])
 def test_a_zip_member_shorter_than_its_central_directory_says_is_damage_not_aborted(tiny_store, tmp_path, member, verb):
