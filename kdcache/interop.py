@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import sys
 import zipfile
 from concurrent.futures import Future
@@ -49,6 +50,7 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
         raise StoreError(f"pack writes a zip file; name it *.zarr.zip, not {str(out)!r}")
     storage.refuse_inside_store(location, out, "OUT", "it would replace or add one of its objects")
     _check_out(out, overwrite)
+    dest = _written(out)
     # writers kept out from before the manifest is read until the zip is in place: an extract resuming the store, or an
     # --overwrite with another teacher, started meanwhile would put the manifest of one moment and the shards of another in it
     with locking.reading_lock(location, storage_options, "pack") as held:
@@ -58,9 +60,9 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
         _check_layout(store, "pack")
         keys, strays, bounds, sharded = _store_objects(store)
         unchecked = unchecked_arrays(store)
-        part = _part_name(out)
+        part = _part_name(dest)
         nbytes = 0
-        with _writing(part, out), _part_file(part, out) as fd, open(fd, "w+b", closefd=False) as f:
+        with _writing(part, dest), _part_file(part, dest) as fd, open(fd, "w+b", closefd=False) as f:
             # Chunks are already compressed: ZIP_STORED keeps byte-range reads of shards possible.
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
                 for key, fetched in zip(keys, _fetched(store, keys, bounds)):
@@ -68,7 +70,7 @@ def pack(location: str | os.PathLike[str], out: str | os.PathLike[str], *, stora
             f.flush()
             _check_objects(_complete(f"zip::{part}", None, "pack"), "pack")  # it opens as a complete store, with every shard object
             held()
-            _put_in_place(fd, part, out)
+            _put_in_place(fd, part, dest)
     if strays:
         named = ", ".join(repr(k) for k in strays[:STRAYS_NAMED]) + (f" and {len(strays) - STRAYS_NAMED} more" if len(strays) > STRAYS_NAMED else "")
         print(f"note: left out {len(strays)} {'file' if len(strays) == 1 else 'files'} of {store.location!r} that "
@@ -537,6 +539,7 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
     _refuse_store_name(out)
     storage.refuse_inside_store(location, out, "OUT", "it would replace or add one of its objects")
     _check_out(out, overwrite)
+    dest = _written(out)
     source = _local_file(location)
     if source is not None and out.exists() and source.exists() and out.samefile(source):
         raise StoreError(f"OUT {str(out)!r} is the store being exported; --overwrite would replace the .zarr.zip with the HDF5 "
@@ -544,12 +547,12 @@ def export_hdf5(location: str | os.PathLike[str], out: str | os.PathLike[str], *
     with locking.reading_lock(location, storage_options, "export") as held:  # writers kept out until the file is in place (pack)
         store = _complete(location, storage_options, "export")
         _check_replaced(out, "export")
-        part = _part_name(out)
-        with _writing(part, out), _part_file(part, out) as fd:
+        part = _part_name(dest)
+        with _writing(part, dest), _part_file(part, dest) as fd:
             with _hdf5_file(fd) as (f, check):
                 arrays = _write_hdf5(store, f, check, compression)
             held()
-            _put_in_place(fd, part, out)
+            _put_in_place(fd, part, dest)
     return {"out": str(out), "arrays": arrays, "file_bytes": out.stat().st_size, "compression": compression}
 
 
@@ -1055,6 +1058,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
     _check_folder(out.parent, f"choose another output path than {str(out)!r}")
 
 
+def _written(out: Path) -> Path:
+    """The file pack/export writes for OUT: OUT, or the file a symlink OUT leads to (through every link on the way; a
+    broken one is refused: ``_check_out``), its temporary file written beside that file and renamed over it, the link
+    kept, as cp writes through a link: the file was renamed over the link, which became a regular file, and the file it
+    led to (``out.zip -> /big/disk/out.zip``) was left as it was."""
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
 MAX_REPLACED_MANIFEST_BYTES = 2**26  # a zip's root zarr.json read to tell a packed store: larger, no kdcache manifest
 
 
@@ -1062,7 +1073,14 @@ def _check_replaced(out: Path, command: str) -> None:
     """Refuse an ``--overwrite`` of an OUT that is not a file kdcache ``command`` writes (``pack``: a zip holding a
     kdcache store; ``export``: an HDF5 file with the root attribute ``kdcache``), naming what it is, before anything is
     read: a user's ``data.h5``, ``photos.zip`` or ``notes.txt``, or a packed store given to ``export``, was replaced
-    with no word. An empty file holds nothing to lose."""
+    with no word. An empty file holds nothing to lose. A FIFO, a device or a socket (or a link to one: ``/dev/null``,
+    which a write through the link would replace) is no file at all: refused as well."""
+    if out.exists() and not out.is_file():  # a folder is refused before (_check_out)
+        mode = out.stat().st_mode
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file"
+        led = f"a link to {os.path.realpath(out)!r}, {kind}" if out.is_symlink() else kind
+        raise StoreError(f"{str(out)!r} is {led}, not a file kdcache {command} writes; {option('--overwrite')} replaces only such a "
+                         "file: choose another OUT")
     if not out.is_file() or out.stat().st_size == 0:
         return
     what = _kdcache_file(out)

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -644,6 +645,50 @@ def test_pack_and_export_overwrite_only_a_file_of_their_own_kind(tiny_store, tmp
     ours = tmp_path / ("ours.zarr.zip" if verb == "pack" else "ours.h5")
     for _ in range(2):  # its own file, replaced
         assert CliRunner().invoke(main, [verb, str(tiny_store), str(ours), "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("verb, name", [("pack", "out.zarr.zip"), ("export", "out.h5")])
+def test_pack_and_export_overwrite_write_through_a_symlink_to_the_file_it_leads_to(tiny_store, tmp_path, verb, name):
+    """OUT a symlink to an existing file (out.zarr.zip -> /big/disk/out.zarr.zip), --overwrite: the new file was renamed
+    over the link, which became a regular file, and the file it led to was left as it was. The file it leads to (through
+    a chain of relative links too) is replaced, its temporary file written beside it; the links are kept."""
+    here, disk = tmp_path / "here", tmp_path / "disk"
+    here.mkdir()
+    disk.mkdir()
+    (disk / name).write_bytes(b"")  # an empty file: nothing to lose, replaced
+    (here / name).symlink_to(Path("..") / "disk" / name)
+    (here / f"again.{name}").symlink_to(name)  # a link to that link
+    for out in (here / name, here / f"again.{name}"):
+        before = os.readlink(out)
+        r = CliRunner().invoke(main, [verb, tiny_store, str(out), "--overwrite"])
+        assert r.exit_code == 0, r.output
+        assert out.is_symlink() and os.readlink(out) == before, out
+        assert (disk / name).is_file() and not (disk / name).is_symlink() and (disk / name).stat().st_size > 0
+        assert sorted(os.listdir(disk)) == [name] and sorted(os.listdir(here)) == sorted([name, f"again.{name}"])
+        if verb == "pack":
+            assert np.array_equal(open_store(str(out)).read("targets/logits", 0, 50), open_store(tiny_store).read("targets/logits", 0, 50))
+        else:
+            with h5py.File(disk / name, "r") as f:
+                assert "kdcache" in f.attrs and f["targets/logits"].shape[0] == 50
+        (disk / name).write_bytes(b"")
+
+
+@pytest.mark.parametrize("verb, name", [("pack", "out.zarr.zip"), ("export", "out.h5")])
+@pytest.mark.parametrize("linked", [False, True], ids=["fifo", "link-to-fifo"])
+def test_pack_and_export_overwrite_of_a_special_file_is_refused(tiny_store, tmp_path, verb, name, linked):
+    """A FIFO as OUT, --overwrite, was replaced by the file with no word, which --overwrite does only to a file of the
+    command's own kind; written through a link, a link to /dev/null would have had the device replaced. Refused in one
+    line naming what it is (and the link's target), the FIFO and the link kept."""
+    fifo = tmp_path / ("pipe" if linked else name)
+    os.mkfifo(fifo)
+    out = tmp_path / name
+    if linked:
+        out.symlink_to(fifo)
+    _, line = cli(verb, tiny_store, out, "--overwrite")
+    what = f"a link to {str(fifo)!r}, a FIFO" if linked else "a FIFO"
+    assert line == f"Error: {str(out)!r} is {what}, not a file kdcache {verb} writes; --overwrite replaces only such a file: choose another OUT", line
+    assert stat.S_ISFIFO(os.stat(fifo, follow_symlinks=False).st_mode) and out.is_symlink() == linked
+    assert sorted(os.listdir(tmp_path)) == sorted({name, fifo.name})
 
 
 @pytest.mark.parametrize("name, suggested, packed", [("copy.zarr", "copy.h5", "copy.zarr.zip"), ("COPY.ZARR", "COPY.h5", "COPY.zarr.zip"),
