@@ -187,7 +187,8 @@ def _values(s: _Sums, what: _What) -> tuple[dict[str, Any], dict[str, dict[str, 
 def _summary(location: str, store: layout.Store, done: list[int], rows: int, values: dict[str, Any],
              per_class: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     """``stats``'s result, from the computed ``values``."""
-    logits = _logits(store) if "entropy" in values else None  # the entropy's: there are logits with a class axis
+    stored = _logits(store)
+    logits = stored if "entropy" in values else None  # the entropy's: there are logits with a class axis
     return {
         "location": location,
         "rows": int(rows),
@@ -199,6 +200,8 @@ def _summary(location: str, store: layout.Store, done: list[int], rows: int, val
         "entropy_positions": _positions(logits, rows) if logits else None,  # the distributions it averages
         # top-k logits: the entropy is over the K stored values' softmax (renormalised over them), not every class's
         "entropy_topk": (logits.topk or None) if logits else None,
+        # the manifest's, per row: [classes] ([K]: top-k), per-token [T, classes] (T = 1 too: no one class per row), []
+        "logits_shape": [int(n) for n in stored.shape] if stored is not None else None,
         "per_class": per_class,
         "layers": {t.name: {"path": t.path, "mean": float(values[f"mean:{t.name}"]), "std": float(values[f"std:{t.name}"])}
                    for t in store.targets.values() if t.source and f"mean:{t.name}" in values},
@@ -239,7 +242,7 @@ def stats_text(s: dict[str, Any]) -> str:
         teacher = f"top-1 accuracy n/a: none of the {s['rows']:,} rows has a label (every stored label is below 0)"
     else:  # why there is none ("n/a against stored labels" said it of a store that holds none)
         why = ("no done shards" if not s["rows"] else "no logits with a class axis" if s.get("mean_entropy") is None else
-               "per-token logits: no one class per row" if s.get("entropy_positions", s["rows"]) != s["rows"] else
+               "per-token logits: no one class per row" if len(s.get("logits_shape") or ()) > 1 else  # [N, 1, C] too
                "the store holds no labels")
         teacher = f"top-1 accuracy n/a ({why})"
     lines = [

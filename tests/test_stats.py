@@ -100,9 +100,11 @@ def test_the_text_says_why_there_is_no_accuracy():
     from kdcache.stats import stats_text
 
     s = {"location": "s.zarr", "rows": 20, "shards_done": 1, "num_shards": 1, "teacher_accuracy": None, "labeled_rows": None,
-         "mean_entropy": 1.0, "entropy_positions": 20, "per_class": None, "layers": {}}
-    for changed, why in [({}, "the store holds no labels"), ({"entropy_positions": 480}, "per-token logits: no one class per row"),
-                         ({"mean_entropy": None, "entropy_positions": None}, "no logits with a class axis"),
+         "mean_entropy": 1.0, "entropy_positions": 20, "logits_shape": [10], "per_class": None, "layers": {}}
+    for changed, why in [({}, "the store holds no labels"),
+                         ({"entropy_positions": 480, "logits_shape": [24, 10]}, "per-token logits: no one class per row"),
+                         ({"logits_shape": [1, 10]}, "per-token logits: no one class per row"),  # one position: as many as rows
+                         ({"mean_entropy": None, "entropy_positions": None, "logits_shape": []}, "no logits with a class axis"),
                          ({"rows": 0, "shards_done": 0, "mean_entropy": None, "entropy_positions": None}, "no done shards")]:
         assert f"teacher     top-1 accuracy n/a ({why})\n" in stats_text({**s, **changed}), changed
 
@@ -156,6 +158,21 @@ def test_the_entropy_of_per_token_logits_says_it_averages_every_stored_position(
     r = CliRunner().invoke(main, ["stats", str(location)])
     assert r.exit_code == 0 and (f"nats of softmax(logits) over {s['entropy_positions']:,} positions of per-token logits (every "
                                  "stored position: padding included") in r.output, r.output
+
+
+def test_labels_and_per_token_logits_of_one_position_say_why_there_is_no_accuracy(tiny_store, tmp_path):
+    """Per-token logits ``[N, 1, classes]`` (one position: as many distributions as rows) of a store with labels said "top-1
+    accuracy n/a (the store holds no labels)", told from the entropy's positions: it holds them. The logits' shape
+    (``logits_shape``, per row) says it."""
+    from conftest import extract_tiny
+
+    store = extract_tiny(tmp_path / "one.zarr", "teacher.factory='bad_input.py:one_position_teacher'", "targets.layers=[]")
+    assert open_store(store).array("targets/logits").shape == (50, 1, 4) and open_store(store).has_labels
+    s = stats(store)
+    assert s["logits_shape"] == [1, 4] and s["entropy_positions"] == s["rows"] == 50 and s["teacher_accuracy"] is None
+    r = CliRunner().invoke(main, ["stats", store])
+    assert r.exit_code == 0 and "teacher     top-1 accuracy n/a (per-token logits: no one class per row)\n" in r.output, r.output
+    assert stats(tiny_store)["logits_shape"] == [4]
 
 
 def test_the_entropy_of_logits_per_sample_is_over_the_rows(tiny_store):
