@@ -45,8 +45,8 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @own_messages
-def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str | os.PathLike[str], *, resume: bool | str = False,
-          overwrite: bool = False, allow_partial: bool = False, progress: bool = False,
+def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str | os.PathLike[str], *,
+          resume: bool | str = False, overwrite: bool = False, allow_partial: bool = False, progress: bool = False,
           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``pipeline.student`` from the store at ``cache_location`` (any location, with fsspec
     ``storage_options`` for URLs; they apply to ``train.eval_cache`` too); write results to ``out``.
@@ -61,15 +61,14 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     nothing.
     """
     pipeline = check_pipeline(pipeline)
-    t, out, cache_location = pipeline.train, local_folder(location_arg(out, "out"), "train"), location_arg(cache_location, "cache_location")
+    t, out = pipeline.train, local_folder(location_arg(out, "out"), "train")
+    cache_location = location_arg(cache_location, "cache_location")
     check_values(pipeline)
-    if out.resolve() != Path(storage.local_path(cache_location)).resolve():  # the store itself: _check_out names it as a store
-        storage.refuse_inside_store(cache_location, out, option("--out"), "an extract --overwrite of the store, which "
-                                    "deletes everything in its folder, would be refused while the run is there, and pack leaves the run out")
-    resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial, progress)
+    _refuse_out_inside_store(out, cache_location)
+    resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial,
+                                                               progress)
     cache_options, eval_options = _options_by_store(cache_location, t.eval_cache, storage_options)
-    auto = resume == "auto"
-    if auto:  # decided before any rank writes: torchrun's rank 0 writes nothing before every rank has joined
+    if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing until all ranks have joined
         resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     checkpoint, unread = _checked_out(out, resume, overwrite, rank, pipeline)
@@ -87,41 +86,22 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     # eval mode), undone however the run ends: the factory may return a model it keeps, and train or fine-tune it after
     hooks: list[Any] = []
     try:
-        run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
-        streamed = checkpoint is not None and (checkpoint.get("order") or {}).get("in_memory") is False
-        transfer = _transfer_set(t, cache_location, store, shards, dataset, run, cache_options, streams, streamed)
-        order = _order(transfer, t.num_workers, world)
-        if world > 1:
-            distributed.barrier()  # every rank has loaded its store and built its student, however long it took
-            distributed.broadcast_parameters([run.student, run.heads])
-            run.world = world
-        _check_batches(transfer, 0, t.batch_size)
-        # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
-        total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
-        if checkpoint is not None:
-            _check_resumed_plan(checkpoint, order, total_steps, t)
-            _say_replanned(out, pipeline, checkpoint)
-        params = list(run.student.parameters()) + list(run.heads.parameters())
-        optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay, _decays_all(checkpoint, params, rank))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
+        training = _training(pipeline, store, shards, dataset, device, hooks, checkpoint, out, rank, world,
+                             cache_location, cache_options, streams)
+        run = training.run
         with _owned_out(out, resume, overwrite, rank, pipeline):  # one run per OUT, from here to the end
             # the next step's epoch and the epoch's batches trained; resumed inside an epoch, its loss sums so far
-            state, partial = _resumed(out, checkpoint, run, optimizer, schedule, total_steps, rank)
-            with _rng_kept(device):  # made after a resume restored the RNG: its dataset and check draw nothing training would
+            state, partial = _resumed(out, checkpoint, run, training.optimizer, training.schedule, training.total_steps,
+                                      rank)
+            with _rng_kept(device):  # after a resume set the RNG: its dataset and check draw nothing training would
                 evaluate = _evaluator(pipeline, run, device, eval_options, trained=store.manifest)
             # an earlier run's files (--overwrite) stay until this run's first checkpoint is saved
             # the values the run began with (a resumed run's own, where its pipeline.json or checkpoint records them)
             values = (_recorded(out, checkpoint)[0] if checkpoint is not None else None) or pipeline.to_dict()
             replacing = _prepare_out(out, pipeline, resume, values) if rank == 0 else False
-            loop = _Loop(optimizer, schedule, total_steps, t.checkpoint_every, out, rank,
-                         functools.partial(_save_epoch, out, run, optimizer, schedule, shards=shards, store=store, order=order,
-                                           values=values, plan={"epochs": t.epochs, "steps": t.steps}),
-                         pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
-                         before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0,
-                         lr=_last_lr(checkpoint, schedule) if checkpoint is not None else 0.0,
-                         background=transfer.checkpoint_bytes > 0)
-            distributed.barrier()  # every rank is ready to train: from here a step's collectives wait train.rank_timeout_s
-            _epochs(run, loop, transfer, t, state, partial, evaluate, progress)
+            loop = _loop(training, out, rank, pipeline, store, shards, checkpoint, state, values, replacing, again)
+            distributed.barrier()  # all ranks ready to train: from here a step's collectives wait train.rank_timeout_s
+            _epochs(run, loop, training.transfer, t, state, partial, evaluate, progress)
             if rank == 0:
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
                 _save(_on_cpu(run.heads.state_dict()), out / "heads.pt")
@@ -130,6 +110,15 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _refuse_out_inside_store(out: Path, cache_location: str) -> None:
+    """Refuse an OUT inside the store it trains from; OUT the store itself is left to ``_check_out``, which names
+    it as a store."""
+    if out.resolve() != Path(storage.local_path(cache_location)).resolve():
+        storage.refuse_inside_store(cache_location, out, option("--out"), "an extract --overwrite of the store, "
+                                    "which deletes everything in its folder, would be refused while the run is there, "
+                                    "and pack leaves the run out")
 
 
 def _options_by_store(cache: str, eval_cache: str, storage_options: dict[str, Any] | None) -> tuple[Any, Any]:
@@ -169,6 +158,64 @@ def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: 
         if rank == 0:
             raise
         return None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
+
+
+@dataclass(frozen=True)
+class _Training:
+    """What ``_training`` sets up before the run owns OUT: the student (``run``), its batches (``transfer``) and what
+    decides their ``order`` (each checkpoint records it, a resume checks it), and the optimizer with its schedule over
+    the plan's ``total_steps``."""
+
+    run: Run
+    transfer: cache.TransferSet
+    order: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    total_steps: int
+
+
+def _training(pipeline: Pipeline, store: layout.Store, shards: np.ndarray, dataset: Any, device: torch.device,
+              hooks: list[Any], checkpoint: dict[str, Any] | None, out: Path, rank: int, world: int,
+              cache_location: str, cache_options: dict[str, Any] | None, streams: int) -> _Training:
+    """The student built (its feature hooks added to ``hooks``, which train removes however the run ends), its batches
+    and their order, every rank's parameters made rank 0's (torchrun), the plan's length checked against a resumed run's
+    checkpoint, and the optimizer and schedule; nothing written to OUT yet."""
+    t = pipeline.train
+    run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
+    streamed = checkpoint is not None and (checkpoint.get("order") or {}).get("in_memory") is False
+    transfer = _transfer_set(t, cache_location, store, shards, dataset, run, cache_options, streams, streamed)
+    order = _order(transfer, t.num_workers, world)
+    if world > 1:
+        distributed.barrier()  # every rank has loaded its store and built its student, however long it took
+        distributed.broadcast_parameters([run.student, run.heads])
+        run.world = world
+    _check_batches(transfer, 0, t.batch_size)
+    # Summed per epoch: streaming groups shards into buffers differently each epoch, so counts vary.
+    total_steps = t.steps if t.steps > 0 else sum(transfer.batches_per_epoch(e) for e in range(t.epochs))
+    if checkpoint is not None:
+        _check_resumed_plan(checkpoint, order, total_steps, t)
+        _say_replanned(out, pipeline, checkpoint)
+    params = list(run.student.parameters()) + list(run.heads.parameters())
+    optimizer = _optimizer(t.optimizer, params, t.lr, t.weight_decay, _decays_all(checkpoint, params, rank))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.schedule, total_steps))
+    return _Training(run, transfer, order, optimizer, schedule, total_steps)
+
+
+def _loop(training: _Training, out: Path, rank: int, pipeline: Pipeline, store: layout.Store, shards: np.ndarray,
+          checkpoint: dict[str, Any] | None, state: dict[str, int], values: dict[str, Any], replacing: bool,
+          again: str) -> _Loop:
+    """The ``_Loop`` of a run that owns OUT: its checkpoints saved with the run's store, rows, order and ``values``,
+    the first replacing an earlier run's files where rank 0 left them there (``replacing``: ``_prepare_out``); resumed,
+    where its checkpoint left it (position, training seconds, last learning rate)."""
+    t = pipeline.train
+    save_to = functools.partial(_save_epoch, out, training.run, training.optimizer, training.schedule, shards=shards,
+                                store=store, order=training.order, values=values,
+                                plan={"epochs": t.epochs, "steps": t.steps})
+    return _Loop(training.optimizer, training.schedule, training.total_steps, t.checkpoint_every, out, rank, save_to,
+                 pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
+                 before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0,
+                 lr=_last_lr(checkpoint, training.schedule) if checkpoint is not None else 0.0,
+                 background=training.transfer.checkpoint_bytes > 0)
 
 
 def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, run: Run,
