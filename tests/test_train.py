@@ -1600,7 +1600,7 @@ def test_a_checkpoint_copy_that_does_not_fit_is_refused_on_a_gpu(tiny_store, mon
     p = pipeline(*PLAIN, "train.epochs=1")
     store = open_for_training(tiny_store, False)
     run = types.SimpleNamespace(student=torch.nn.Linear(10, 10), heads=torch.nn.ModuleDict(), device=torch.device(device),
-                                paths=["logits"])
+                                paths=["logits"], mask="", mask_where="")  # no train.mask
     copy = _checkpoint_copy_bytes(run, "adamw")
     monkeypatch.setattr(cache, "memory_limit", lambda: 2 * (1600 + copy) - 2)
     made = functools.partial(_transfer_set, p.train, tiny_store, store, np.arange(store.num_shards), _dataset(p, store, "the store"),
