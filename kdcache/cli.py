@@ -811,7 +811,11 @@ def _refuse_torchrun(command: str) -> None:
     """Refuse torchrun's environment (WORLD_SIZE > 1) for pack, export and import, which write their OUT (STORE) in one
     process, before anything is read or written: under torchrun every rank ran the command whole, each writing the same
     file or store (the ranks that found it made by another failed: "exists; ... pass --overwrite", "being written").
-    info, verify (without --teacher-check) and stats only read: each rank prints its own report, and nothing is changed."""
+    info, verify (without --teacher-check) and stats only read: each rank prints its own report, and nothing is changed.
+    Only where torchrun's variables are set: ``kdcache.distributed`` imports torch, which these commands never do else
+    (seconds of a command's start)."""
+    if not {"RANK", "WORLD_SIZE"} & os.environ.keys():
+        return
     from kdcache import distributed
 
     distributed.refuse_torchrun(command)
