@@ -34,6 +34,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _command_started()
         started = time.time()
         try:
             with _dropped_signals_sent_again(), _ctrl_c_outside_finalizers(), _sigterm_as_ctrl_c(), _quiet_handoffs(), command_line():  # messages name the command's flags (--out), not the API's arguments
@@ -146,7 +147,10 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
     ``weakref.finalize`` callback), where Python prints "Exception ignored in" and drops it: the command went on to the
     end, exit 0 (seen in CI: a dask Future collected in the driver as Ctrl-C came). There it is sent again moments later,
     once the finalizer has run. Installed in the main thread where Python's handler is (a SIGINT ignored, as in a job
-    started in the background, stays ignored), for the command's run."""
+    started in the background, stays ignored), for the command's run. Once the command has ended, the kdcache program
+    ignores Ctrl-C, as SIGTERM: it only says its line and exits with the command's status (Python's handler, put back,
+    raised KeyboardInterrupt in click's code after the command: "Aborted!", exit 1, after a command that had done its
+    work and printed its result)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
@@ -165,7 +169,7 @@ def _ctrl_c_outside_finalizers() -> Iterator[None]:
         interrupt.running = False  # type: ignore[attr-defined]
         _PUT_OFF_SINCE.pop(signal.SIGINT, None)
         if signal.getsignal(signal.SIGINT) is interrupt:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.SIG_IGN if _PROGRAM else signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -394,12 +398,35 @@ class _Group(click.Group):
             _PROGRAM = False  # gives the caller's SIGTERM handler back, where it left SIGTERM ignored
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        with _one_line_usage():
+        with _one_line_usage(), _ctrl_c_before_the_command(None):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
-        with _one_line_usage():
+        with _one_line_usage(), _ctrl_c_before_the_command(ctx):
             return super().invoke(ctx)
+
+
+_STARTED = "kdcache.command_started"  # in the click context's meta (shared by the group's and the command's)
+
+
+def _command_started() -> None:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_STARTED] = True
+
+
+@contextlib.contextmanager
+def _ctrl_c_before_the_command(ctx: click.Context | None) -> Iterator[None]:
+    """A Ctrl-C while click parses the command line, before the command's handlers are installed (``_errors``), is one
+    line and exit 130, as during the command: Python's handler raised KeyboardInterrupt there, which click said as an
+    empty line and "Aborted!", exit 1. One after the command (a caller of ``main`` in-process, where Python's handler
+    is back) is raised on as it was."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if ctx is not None and ctx.meta.get(_STARTED):
+            raise
+        raise _Interrupted("interrupted before the command started; nothing was done") from None
 
 
 def _named(what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:

@@ -381,6 +381,38 @@ except click.ClickException as e:
     assert proc.stdout.split() == ["exit", "143", "started", "True"] and proc.stderr == "", (proc.stdout, proc.stderr)
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_ctrl_c_as_click_parses_the_command_line_or_once_the_command_has_ended_is_no_aborted(where, tiny_store):
+    """A Ctrl-C outside the command's own handlers (tests/fuzz_signals.py): as click parsed the command line, before the
+    command installed them, or once the command had ended and put Python's handler back, Python's KeyboardInterrupt
+    reached click, which said an empty line and "Aborted!", exit 1, even after a verify that had printed "every check
+    holds". Before: the command's one line, exit 130; after: ignored, as SIGTERM is then, the command's own status."""
+    script = f"""
+import signal, sys, threading
+import kdcache.cli as cli
+from kdcache.__main__ import run
+
+wrapper = cli._errors(lambda: None).__code__  # every command's wrapper: its call and return bound the command's handlers
+
+def tracer(frame, event, arg):
+    if frame.f_code is not wrapper:
+        return None
+    if event == {"'call'" if where == "before" else "'return'"}:
+        sys.settrace(None)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    return tracer
+
+sys.argv = ["kdcache", "verify", {tiny_store!r}]
+sys.settrace(tracer)
+run()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=120)
+    if where == "before":
+        assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "Error: interrupted before the command started; nothing was done\n"), proc
+    else:
+        assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.endswith("verified: every check holds\n"), proc
+
+
 def test_a_sigterm_put_off_in_an_import_reaches_the_handler_train_installs_after_it(tmp_path, monkeypatch):
     """A preempted job's SIGTERM as train was set up landed in an import and was put off; once the import ended train had
     installed its own SIGTERM handler (it saves a checkpoint first), and the signal, sent again only while kdcache's own
