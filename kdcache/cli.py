@@ -319,7 +319,22 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
             return (f"no checkpoint was saved, so {str(options['out'])!r} still holds the earlier run, unchanged: run the same command "
                     "again to start afresh")
         return "no checkpoint was saved: run the same command again"
-    return {"demo": "run the same command again (the demo starts afresh)", "pack": "no file was written", "export": "no file was written"}.get(command, "nothing was changed")
+    if command in ("pack", "export"):
+        return _file_after_interrupt(options.get("out"), started)
+    return {"demo": "run the same command again (the demo starts afresh)"}.get(command, "nothing was changed")
+
+
+def _file_after_interrupt(out: str | None, started: float) -> str:
+    """What a stopped pack or export leaves: nothing (its temporary file removed), or, stopped once it had renamed
+    the file into place (as it synced the folder, said its notes, printed its line), ``out`` whole, which its line
+    said was not written: a rerun was refused, the file there. Told by its time: this run's file is newer than the start."""
+    try:
+        written = out is not None and Path(out).stat().st_mtime >= started
+    except OSError:
+        written = False
+    if written:
+        return f"{out!r} was written whole before it stopped and is kept: there is nothing to run again"
+    return "no file was written"
 
 
 def _made_before(location: str | None, started: float) -> bool:

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import sys
 import time
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -411,6 +412,44 @@ run()
         assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "Error: interrupted before the command started; nothing was done\n"), proc
     else:
         assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.endswith("verified: every check holds\n"), proc
+
+
+@pytest.mark.parametrize("command", ["pack", "export"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_pack_or_export_stopped_once_its_file_is_in_place_says_the_file_is_kept(command, sig, tiny_store, tmp_path):
+    """A stop that landed once pack or export had renamed its file into place (as it synced the folder, said its notes
+    or printed its line; tests/fuzz_signals.py) said "no file was written", and the rerun it implied was refused: the
+    file was there ("exists; choose another output or pass --overwrite"). It says the file is kept, whole."""
+    out = tmp_path / ("s.zarr.zip" if command == "pack" else "s.h5")
+    script = f"""
+import signal, sys, threading
+import kdcache.interop as interop
+from kdcache.__main__ import run
+
+def tracer(frame, event, arg):
+    if frame.f_code is not interop._put_in_place.__code__:
+        return None
+    if event == "return":
+        sys.settrace(None)
+        signal.pthread_kill(threading.main_thread().ident, {int(sig)})
+    return tracer
+
+sys.argv = ["kdcache", {command!r}, {tiny_store!r}, {str(out)!r}]
+sys.settrace(tracer)
+run()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=120)
+    said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
+    assert proc.returncode == 128 + sig and proc.stderr == f"Error: {said}; {str(out)!r} was written whole before it stopped and is kept: there is nothing to run again\n", proc
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # its temporary file renamed, nothing else
+    if command == "pack":  # the same zip as an uninterrupted pack's
+        assert invoke("pack", tiny_store, tmp_path / "whole.zarr.zip").exit_code == 0
+        with zipfile.ZipFile(out) as got, zipfile.ZipFile(tmp_path / "whole.zarr.zip") as want:
+            assert [(i.filename, got.read(i)) for i in got.infolist()] == [(i.filename, want.read(i)) for i in want.infolist()]
+    else:  # imported back: the store's arrays
+        assert invoke("import", out, tmp_path / "back.zarr").exit_code == 0
+        got, want = read_store(tmp_path / "back.zarr")[1], read_store(tiny_store)[1]
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_a_sigterm_put_off_in_an_import_reaches_the_handler_train_installs_after_it(tmp_path, monkeypatch):
