@@ -3,16 +3,29 @@ without that script on PATH."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def run() -> None:
     """Import the command line, then run it. A Ctrl-C while it imports (click and kdcache.cli, about 0.1 s; torch is
     imported later, by the commands that need it) ends the program as a Ctrl-C during a command does, one line and exit
-    130, not a traceback from the middle of an import."""
+    130, not a traceback from the middle of an import. It is noted while the import runs and said once it has ended:
+    Python's handler raised KeyboardInterrupt wherever the import was, where it could be dropped (in importlib's
+    clean-up of a module lock, a weakref callback: "Exception ignored" and a traceback, and the command ran to its end,
+    exit 0) or leave the process ended by SIGINT once it had said its line (exit -2 where a shell said 130)."""
+    pressed = []
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.default_int_handler:  # not one ignored (a job started in the background) or a caller's own
+        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     try:
         from kdcache.cli import main
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a caller's own handler's
+        pressed.append(signal.SIGINT)
+    finally:
+        if before is signal.default_int_handler:
+            signal.signal(signal.SIGINT, before)
+    if pressed:
         print("Error: interrupted before the command started; nothing was done", file=sys.stderr)
         sys.exit(130)  # kdcache.cli's _Interrupted, which was not imported
     main(prog_name="kdcache")
