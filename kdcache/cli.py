@@ -233,11 +233,16 @@ def _put_off(signum: int, frame: Any) -> bool:
 # printed "cannot join thread before it is started" after the command's one line; CI, a preempted job's SIGTERM as its
 # first store read made zarr's loop). Seen as (file, function).
 _THREAD_STARTS = (("threading.py", "start"), ("zarr/core/sync.py", "_get_loop"), ("fsspec/asyn.py", "get_loop"))
+# Python that a C library calls back and that must not raise: HDF5 writes an export through ``interop._Sink`` (h5py's
+# fileobj driver), and does not recover from an exception there: raised in its seek or write, the stop was swallowed by
+# h5py, the export said "exported … into OUT" of a file HDF5 had not written whole, and the process crashed (SIGSEGV,
+# exit -11) as HDF5 closed it (tests/fuzz_signals.py). Seen as (file, qualified name's prefix).
+_C_CALLBACKS = (("kdcache/interop.py", "_Sink."),)
 
 
 def _in_code_to_finish_first(frame: Any) -> bool:
-    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, in an import, or as a thread is
-    made and started (``_THREAD_STARTS``). Seen here, the signal waits until the finalizer is done, which then runs to
+    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, in an import, as a thread is
+    made and started (``_THREAD_STARTS``), or in Python a C library calls back (``_C_CALLBACKS``). Seen here, the signal waits until the finalizer is done, which then runs to
     its end (a dask Future's release); a finalizer this does not see (a weakref's callback, a generator's ``finally``)
     drops the exception, and ``_dropped_signals_sent_again`` sends it again. An import, too, runs to its end first:
     raised inside torch's (``kdcache.train`` imports it as train starts), the exception left torch half made, and the
@@ -250,6 +255,8 @@ def _in_code_to_finish_first(frame: Any) -> bool:
         if code.co_filename.startswith("<frozen importlib._bootstrap"):
             return True
         if any(code.co_name == name and Path(code.co_filename).as_posix().endswith(f"/{file}") for file, name in _THREAD_STARTS):
+            return True
+        if any(code.co_qualname.startswith(prefix) and Path(code.co_filename).as_posix().endswith(f"/{file}") for file, prefix in _C_CALLBACKS):
             return True
         frame = frame.f_back
     return False
