@@ -3,7 +3,6 @@ without that script on PATH."""
 
 from __future__ import annotations
 
-import signal
 import sys
 
 
@@ -14,16 +13,19 @@ def run() -> None:
     Python's handler raised KeyboardInterrupt wherever the import was, where it could be dropped (in importlib's
     clean-up of a module lock, a weakref callback: "Exception ignored" and a traceback, and the command ran to its end,
     exit 0) or leave the process ended by SIGINT once it had said its line (exit -2 where a shell said 130)."""
-    pressed = []
-    before = signal.getsignal(signal.SIGINT)
-    if before is signal.default_int_handler:  # not one ignored (a job started in the background) or a caller's own
-        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    pressed: list[object] = []
+    before = None
     try:
+        import signal  # here, not at the top: Python's handler, until the program's, raises a Ctrl-C as KeyboardInterrupt
+
+        before = signal.getsignal(signal.SIGINT)
+        if before is signal.default_int_handler:  # not one ignored (a job started in the background) or a caller's own
+            signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
         from kdcache.cli import main
-    except KeyboardInterrupt:  # a caller's own handler's
-        pressed.append(signal.SIGINT)
+    except KeyboardInterrupt as e:  # Python's handler's, or a caller's own
+        pressed.append(e)
     finally:
-        if before is signal.default_int_handler:
+        if before is not None and before is signal.default_int_handler:
             signal.signal(signal.SIGINT, before)
     if pressed:
         print("Error: interrupted before the command started; nothing was done", file=sys.stderr)

@@ -630,6 +630,16 @@ run()
     assert (proc.returncode, proc.stderr) == (130, "Error: interrupted before the command started; nothing was done\n"), proc
 
 
+def test_the_program_imports_only_its_own_two_modules_before_it_takes_a_ctrl_c_itself():
+    """Until ``kdcache.__main__.run`` takes Ctrl-C itself, Python's handler raises it as KeyboardInterrupt wherever the
+    program is, a traceback: the package's import of typing and the entry's import of signal (tests/fuzz_signals.py:
+    import:INT:0.022 in typing's, verify:INT:0.064 in signal's enums) were in that window. Now kdcache and
+    kdcache.__main__ alone, as the console script and ``python -m kdcache`` import them."""
+    script = "import sys; before = set(sys.modules); import kdcache.__main__; print(*sorted(set(sys.modules) - before))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.split() == ["kdcache", "kdcache.__main__"], proc.stdout
+
+
 def test_version_is_the_running_code_s_as_stores_record_it():
     """``kdcache --version`` names the version of the code that runs, which a store's manifest records as
     ``kdcache_version``, not the distribution metadata of the install (stale in an editable install after a pull)."""
