@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+
 TYPE_CHECKING = False  # typing's, without importing typing: ``kdcache`` (the program) imports this package before it can
 # take a Ctrl-C itself (``__main__.run``), and Python's handler raised one landing in that import as a traceback
 if TYPE_CHECKING:

@@ -242,9 +242,10 @@ _C_CALLBACKS = (("kdcache/interop.py", "_Sink."),)
 
 def _in_code_to_finish_first(frame: Any) -> bool:
     """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, in an import, as a thread is
-    made and started (``_THREAD_STARTS``), or in Python a C library calls back (``_C_CALLBACKS``). Seen here, the signal waits until the finalizer is done, which then runs to
-    its end (a dask Future's release); a finalizer this does not see (a weakref's callback, a generator's ``finally``)
-    drops the exception, and ``_dropped_signals_sent_again`` sends it again. An import, too, runs to its end first:
+    made and started (``_THREAD_STARTS``), or in Python a C library calls back (``_C_CALLBACKS``). Seen here, the
+    signal waits until the finalizer is done, which then runs to its end (a dask Future's release); a finalizer this
+    does not see (a weakref's callback, a generator's ``finally``) drops the exception, and ``_dropped_signals_sent_again``
+    sends it again. An import, too, runs to its end first:
     raised inside torch's (``kdcache.train`` imports it as train starts), the exception left torch half made, and the
     process was once aborted (SIGABRT, exit -6) instead of saying its line (CI: a preempted job's SIGTERM in its first
     second)."""
