@@ -335,9 +335,11 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
 def _file_after_interrupt(out: str | None, started: float) -> str:
     """What a stopped pack or export leaves: nothing (its temporary file removed), or, stopped once it had renamed
     the file into place (as it synced the folder, said its notes, printed its line), ``out`` whole, which its line
-    said was not written: a rerun was refused, the file there. Told by its time: this run's file is newer than the start."""
+    said was not written: a rerun was refused, the file there. Told by its time: this run's file changed after the start
+    (ctime: a modification time is the one a copy keeps, cp -p or tar x of a file from a machine whose clock runs ahead,
+    and an earlier file so dated, left as it was, was said to be this run's)."""
     try:
-        written = out is not None and Path(out).stat().st_mtime >= started
+        written = out is not None and Path(out).stat().st_ctime >= started
     except OSError:
         written = False
     if written:

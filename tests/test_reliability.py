@@ -452,6 +452,39 @@ run()
         assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("command", ["pack", "export"])
+def test_a_pack_or_export_stopped_before_its_file_is_in_place_says_no_file_was_written_whatever_the_earlier_files_time(command, tiny_store, tmp_path):
+    """An --overwrite stopped before its file was renamed into place leaves OUT as it was. That was told from OUT's
+    modification time, which a copy keeps (cp -p, rsync -a, tar x of a file from a machine whose clock runs ahead): an
+    earlier file dated after the start was said to be this run's, "written whole ... nothing to run again", the stale file
+    kept as the new one. It is told from the time the file last changed (ctime), which no copy sets."""
+    out = tmp_path / ("s.zarr.zip" if command == "pack" else "s.h5")
+    assert invoke(command, tiny_store, out).exit_code == 0
+    earlier = out.read_bytes()
+    later = time.time() + 3600
+    os.utime(out, (later, later))  # as a copy from a machine an hour ahead leaves it
+    script = f"""
+import signal, sys, threading
+import kdcache.interop as interop
+from kdcache.__main__ import run
+
+def tracer(frame, event, arg):
+    if frame.f_code is not interop._put_in_place.__code__:
+        return None
+    if event == "call":
+        sys.settrace(None)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # taken at its first line, before the rename
+    return tracer
+
+sys.argv = ["kdcache", {command!r}, {tiny_store!r}, {str(out)!r}, "--overwrite"]
+sys.settrace(tracer)
+run()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 130 and proc.stderr == "Error: interrupted; no file was written\n", proc
+    assert out.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("nth", [1, 3, 10])
 def test_a_stop_as_hdf5_writes_an_export_through_its_file_object_waits_for_the_write(sig, nth, tiny_store, tmp_path):
