@@ -1048,9 +1048,12 @@ def _local_file(location: str) -> Path | None:
 
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output path that cannot be written as a file, before anything is read or written. A broken symlink (or a
-    path under one) is refused too: the file was renamed over the link, not written where it leads, and exit 0."""
-    storage.refuse_broken_link(out, "OUT", "the file would replace the link, not go where it leads: pass that path as OUT (its "
-                               "folder is made), remove the link, or choose another OUT")
+    path under one) is refused too: the file was renamed over the link, not written where it leads, and exit 0. Under
+    one, the fix is the folder's: its target is no file to pass as OUT, nor would the file replace that link."""
+    fix = ("the file would replace the link, not go where it leads: pass that path as OUT (its folder is made), remove the "
+           "link, or choose another OUT") if out.is_symlink() else ("its folder cannot be made through the link: create the "
+                                                                    "folder it leads to, remove the link, or choose another OUT")
+    storage.refuse_broken_link(out, "OUT", fix)
     if out.is_dir():
         raise StoreError(f"{str(out)!r} is a folder; pass the path of the file to write (e.g. {str(out / out.name)!r})")
     if out.exists() and not overwrite:

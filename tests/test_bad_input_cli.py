@@ -155,6 +155,14 @@ CASES = [
           "the link, not go where it leads: pass that path as OUT (its folder is made), remove the link, or choose another OUT"), store=True),
     Case("export-out-broken-link", lambda c: ["export", c.store, broken_link(c, "e.h5")],
          ("Error: OUT '", "/e.h5' is a broken symlink, to '", "/gone/e.h5', which does not exist; the file would replace"), store=True),
+    # under one (a folder of packs on a scratch disk not mounted): the file would not replace that link, and its target, a
+    # folder to be, is no OUT to pass ("pass that path as OUT" named it)
+    Case("pack-out-under-a-broken-link", lambda c: ["pack", c.store, broken_link(c, "packs") / "p.zarr.zip"],
+         ("Error: OUT '", "/packs/p.zarr.zip' lies under '", "/packs', a broken symlink, to '", "/gone/packs', which does not exist; "
+          "its folder cannot be made through the link: create the folder it leads to, remove the link, or choose another OUT"), store=True),
+    Case("export-out-under-a-broken-link", lambda c: ["export", c.store, broken_link(c, "exports") / "e.h5"],
+         ("/exports/e.h5' lies under '", "/exports', a broken symlink, to '", "/gone/exports', which does not exist; its folder cannot "
+          "be made through the link"), store=True),
     Case("extract-out-broken-link-to-no-folder", lambda c: extract("--out", broken_link(c, "s.zarr", to="afile")),
          ("Error: cannot write '", "/s.zarr': it is a broken symlink, to '", "/afile/s.zarr', which does not exist, and the folder '",
           "/afile' cannot be made there (File exists); remove the link, create the folder it leads to, or write the store elsewhere")),
