@@ -218,7 +218,11 @@ def _put_off(signum: int, frame: Any) -> bool:
     import or a thread's start (``_in_code_to_finish_first``), for at most ``PUT_OFF_S`` since it was first put off.
     Forgotten as the command that put it off ends (its handlers removed): a command ended before the signal was sent
     again kept that time, and a later command in the same process (a caller of ``main``, CliRunner) took its own at
-    once, inside its import."""
+    once, inside its import. In Python a C library calls back (``_C_CALLBACKS``) it is put off however long that takes:
+    while one of HDF5's calls writes a large dataset, every resend lands there again, and raised there, past the limit,
+    it crashed the process as a first one did."""
+    if _in_c_callback(frame):
+        return True
     if not _in_code_to_finish_first(frame):
         _PUT_OFF_SINCE.pop(signum, None)
         return False
@@ -240,12 +244,21 @@ _THREAD_STARTS = (("threading.py", "start"), ("zarr/core/sync.py", "_get_loop"),
 _C_CALLBACKS = (("kdcache/interop.py", "_Sink."),)
 
 
+def _in_c_callback(frame: Any) -> bool:
+    """Whether ``frame`` runs in Python a C library calls back (``_C_CALLBACKS``)."""
+    while frame is not None:
+        code = frame.f_code
+        if any(code.co_qualname.startswith(prefix) and Path(code.co_filename).as_posix().endswith(f"/{file}") for file, prefix in _C_CALLBACKS):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _in_code_to_finish_first(frame: Any) -> bool:
-    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, in an import, as a thread is
-    made and started (``_THREAD_STARTS``), or in Python a C library calls back (``_C_CALLBACKS``). Seen here, the
-    signal waits until the finalizer is done, which then runs to its end (a dask Future's release); a finalizer this
-    does not see (a weakref's callback, a generator's ``finally``) drops the exception, and ``_dropped_signals_sent_again``
-    sends it again. An import, too, runs to its end first:
+    """Whether ``frame`` runs in a finalizer, whose exceptions Python prints and drops, in an import, or as a thread is
+    made and started (``_THREAD_STARTS``). Seen here, the signal waits until the finalizer is done, which then runs to
+    its end (a dask Future's release); a finalizer this does not see (a weakref's callback, a generator's ``finally``)
+    drops the exception, and ``_dropped_signals_sent_again`` sends it again. An import, too, runs to its end first:
     raised inside torch's (``kdcache.train`` imports it as train starts), the exception left torch half made, and the
     process was once aborted (SIGABRT, exit -6) instead of saying its line (CI: a preempted job's SIGTERM in its first
     second)."""
@@ -256,8 +269,6 @@ def _in_code_to_finish_first(frame: Any) -> bool:
         if code.co_filename.startswith("<frozen importlib._bootstrap"):
             return True
         if any(code.co_name == name and Path(code.co_filename).as_posix().endswith(f"/{file}") for file, name in _THREAD_STARTS):
-            return True
-        if any(code.co_qualname.startswith(prefix) and Path(code.co_filename).as_posix().endswith(f"/{file}") for file, prefix in _C_CALLBACKS):
             return True
         frame = frame.f_back
     return False
