@@ -328,7 +328,9 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         checkpoint = Path(options["out"]) / "checkpoint.pt"
         if not checkpoint.exists() and checkpoint.with_name("checkpoint.pt.next").exists():  # stopped while an --overwrite
             checkpoint = checkpoint.with_name("checkpoint.pt.next")  # replaced the earlier run's files: --resume continues it
-        if checkpoint.exists() and checkpoint.stat().st_mtime >= started:  # this run saved a checkpoint
+        # this run saved a checkpoint: told by its ctime, which no copy sets (cp -p and rsync -a keep a modification time,
+        # one from a machine whose clock runs ahead too, and an earlier run's checkpoint was taken for this run's)
+        if checkpoint.exists() and checkpoint.stat().st_ctime >= started:
             again = ("run the same command again" if options.get("resume") or options.get("auto_resume") else
                      "run it again with --resume instead of --overwrite" if options.get("overwrite") else "run it again with --resume")
             return f"its last checkpoint is kept: {again} to continue"

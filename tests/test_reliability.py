@@ -485,6 +485,39 @@ run()
     assert out.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
+def test_a_train_overwrite_stopped_before_its_first_checkpoint_says_the_earlier_run_is_kept_whatever_its_time(tiny_store, tmp_path):
+    """As pack's above: a ``train --overwrite`` stopped before its first checkpoint leaves the earlier run's as it was,
+    which was told from the checkpoint's modification time: a run folder copied from a machine whose clock runs ahead
+    was said to hold this run's checkpoint ("its last checkpoint is kept: run it again with --resume"), the earlier
+    run's taken for the new one. Told from its ctime, which no copy sets."""
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", "1", "--no-progress", *PLAIN]
+    assert invoke(*args).exit_code == 0
+    checkpoint = out / "checkpoint.pt"
+    earlier, later = checkpoint.read_bytes(), time.time() + 3600
+    os.utime(checkpoint, (later, later))  # as a copy from a machine an hour ahead leaves it
+    script = f"""
+import importlib, signal, sys, threading
+from kdcache.__main__ import run
+
+train = importlib.import_module("kdcache.train")  # the module: kdcache.train is the function
+
+def tracer(frame, event, arg):
+    if event == "call" and frame.f_code is train._epochs.__code__:
+        sys.settrace(None)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as the epochs begin: no checkpoint yet
+    return None
+
+sys.argv = ["kdcache", *{args!r}, "--overwrite"]
+sys.settrace(tracer)
+run()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 130 and len(proc.stderr.splitlines()) == 1, proc
+    assert "still holds the earlier run, unchanged: run the same command again to start afresh" in proc.stderr, proc.stderr
+    assert checkpoint.read_bytes() == earlier
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("nth", [1, 3, 10])
 def test_a_stop_as_hdf5_writes_an_export_through_its_file_object_waits_for_the_write(sig, nth, tiny_store, tmp_path):
