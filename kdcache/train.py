@@ -1855,22 +1855,15 @@ def local_folder(out: str, command: str) -> Path:
     """``out`` as the local folder kdcache ``command`` writes; a URL is refused (Path merged ``s3://b/run``'s slashes into
     ``s3:/b/run``: train refused it as a URL that lost a slash, its fix the very URL given, and demo wrote a folder ``s3:``),
     and so is a broken symlink, or a path under one (``storage.refuse_broken_link``)."""
-    chained = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)::", out)  # a chained URL (zip::…) begins with one of fsspec's protocols;
-    if "://" in out or (chained and chained.group(1).lower() in _fsspec_protocols()):  # a folder "Net::v2" is no URL
+    chained = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)::", out)  # a chain kdcache reads (zip::…, simplecache::…); a folder
+    if "://" in out or (chained and chained.group(1).lower() in _CHAINS):  # "Net::v2" or "data::v2" is none, as extract's
         raise StoreError(f"{option('--out')} {out!r} is a URL; kdcache {command} writes a local folder (train's: every torchrun "
                          "rank's, a filesystem they share): write it there, then upload it (e.g. aws s3 cp --recursive FOLDER s3://...)")
     storage.refuse_broken_link(out, option("--out"), f"remove the link, create the folder it leads to, or choose another {option('--out')}")
     return Path(out)
 
 
-def _fsspec_protocols() -> set[str]:
-    """The protocols fsspec knows (``zip``, ``simplecache``, ``s3``...): those a chained URL (``PROTOCOL::…``) begins with.
-    Without fsspec (kdcache's ``remote`` extra not installed; the import was a traceback), the chains kdcache reads."""
-    try:
-        import fsspec
-    except ImportError:
-        return {"zip", "file", "http", "https", "s3", "gs", "gcs", "az", "abfs", *storage.CACHING_LAYERS}
-    return set(fsspec.available_protocols())
+_CHAINS = ("zip", *storage.CACHING_LAYERS)  # what begins a chained URL kdcache reads, told without fsspec (an extra)
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool, pipeline: Pipeline | None = None) -> None:
