@@ -640,6 +640,32 @@ def test_the_program_imports_only_its_own_two_modules_before_it_takes_a_ctrl_c_i
     assert proc.stdout.split() == ["kdcache", "kdcache.__main__"], proc.stdout
 
 
+def test_a_second_ctrl_c_ends_a_program_whose_command_line_import_hangs():
+    """A Ctrl-C while the program imports its command line is noted and said once the import ends; an import that never
+    ends (click's, on a stalled network file system: a finder that waits forever here) left a second and third Ctrl-C
+    noted too, the program stuck. A second one ends it at once, in one line, exit 130."""
+    script = ("import sys, time\n"
+              "class Stalled:  # the file system holding click stops answering\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'click':\n"
+              "            print('importing', flush=True)\n"
+              "            time.sleep(3600)\n"
+              "sys.meta_path.insert(0, Stalled())\n"
+              "from kdcache.__main__ import run\n"
+              "sys.argv = ['kdcache', '--version']\n"
+              "run()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "importing\n"
+        for _ in range(2):
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == "Error: interrupted before the command started; nothing was done\n", (proc.returncode, err)
+
+
 def test_version_is_the_running_code_s_as_stores_record_it():
     """``kdcache --version`` names the version of the code that runs, which a store's manifest records as
     ``kdcache_version``, not the distribution metadata of the install (stale in an editable install after a pull)."""
