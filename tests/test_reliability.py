@@ -414,6 +414,30 @@ run()
         assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.endswith("verified: every check holds\n"), proc
 
 
+def stopped_at(module: str, function: str, event: str, sig: int, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The kdcache program run with ``args`` in a subprocess, ``sig`` sent to it as ``module.function`` is entered
+    (``event`` "call": at its first line) or returns ("return"), from a ``sys.settrace`` tracer: at that very spot."""
+    script = f"""
+import importlib, signal, sys, threading
+from kdcache.__main__ import run
+
+code = importlib.import_module({module!r}).{function}.__code__  # the module: kdcache.train is also the function
+
+def tracer(frame, event, arg):
+    if frame.f_code is not code:
+        return None
+    if event == {event!r}:
+        sys.settrace(None)
+        signal.pthread_kill(threading.main_thread().ident, {int(sig)})
+    return tracer
+
+sys.argv = ["kdcache", *{[str(a) for a in args]!r}]
+sys.settrace(tracer)
+run()
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=timeout)
+
+
 @pytest.mark.parametrize("command", ["pack", "export"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_pack_or_export_stopped_once_its_file_is_in_place_says_the_file_is_kept(command, sig, tiny_store, tmp_path):
@@ -421,24 +445,7 @@ def test_a_pack_or_export_stopped_once_its_file_is_in_place_says_the_file_is_kep
     or printed its line; tests/fuzz_signals.py) said "no file was written", and the rerun it implied was refused: the
     file was there ("exists; choose another output or pass --overwrite"). It says the file is kept, whole."""
     out = tmp_path / ("s.zarr.zip" if command == "pack" else "s.h5")
-    script = f"""
-import signal, sys, threading
-import kdcache.interop as interop
-from kdcache.__main__ import run
-
-def tracer(frame, event, arg):
-    if frame.f_code is not interop._put_in_place.__code__:
-        return None
-    if event == "return":
-        sys.settrace(None)
-        signal.pthread_kill(threading.main_thread().ident, {int(sig)})
-    return tracer
-
-sys.argv = ["kdcache", {command!r}, {tiny_store!r}, {str(out)!r}]
-sys.settrace(tracer)
-run()
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=120)
+    proc = stopped_at("kdcache.interop", "_put_in_place", "return", sig, command, tiny_store, out)
     said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
     assert proc.returncode == 128 + sig and proc.stderr == f"Error: {said}; {str(out)!r} was written whole before it stopped and is kept: there is nothing to run again\n", proc
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # its temporary file renamed, nothing else
@@ -463,24 +470,7 @@ def test_a_pack_or_export_stopped_before_its_file_is_in_place_says_no_file_was_w
     earlier = out.read_bytes()
     later = time.time() + 3600
     os.utime(out, (later, later))  # as a copy from a machine an hour ahead leaves it
-    script = f"""
-import signal, sys, threading
-import kdcache.interop as interop
-from kdcache.__main__ import run
-
-def tracer(frame, event, arg):
-    if frame.f_code is not interop._put_in_place.__code__:
-        return None
-    if event == "call":
-        sys.settrace(None)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # taken at its first line, before the rename
-    return tracer
-
-sys.argv = ["kdcache", {command!r}, {tiny_store!r}, {str(out)!r}, "--overwrite"]
-sys.settrace(tracer)
-run()
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=120)
+    proc = stopped_at("kdcache.interop", "_put_in_place", "call", signal.SIGINT, command, tiny_store, out, "--overwrite")  # before the rename
     assert proc.returncode == 130 and proc.stderr == "Error: interrupted; no file was written\n", proc
     assert out.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == [out.name]
 
@@ -496,23 +486,7 @@ def test_a_train_overwrite_stopped_before_its_first_checkpoint_says_the_earlier_
     checkpoint = out / "checkpoint.pt"
     earlier, later = checkpoint.read_bytes(), time.time() + 3600
     os.utime(checkpoint, (later, later))  # as a copy from a machine an hour ahead leaves it
-    script = f"""
-import importlib, signal, sys, threading
-from kdcache.__main__ import run
-
-train = importlib.import_module("kdcache.train")  # the module: kdcache.train is the function
-
-def tracer(frame, event, arg):
-    if event == "call" and frame.f_code is train._epochs.__code__:
-        sys.settrace(None)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as the epochs begin: no checkpoint yet
-    return None
-
-sys.argv = ["kdcache", *{args!r}, "--overwrite"]
-sys.settrace(tracer)
-run()
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=300)
+    proc = stopped_at("kdcache.train", "_epochs", "call", signal.SIGINT, *args, "--overwrite", timeout=300)  # no checkpoint yet
     assert proc.returncode == 130 and len(proc.stderr.splitlines()) == 1, proc
     assert "still holds the earlier run, unchanged: run the same command again to start afresh" in proc.stderr, proc.stderr
     assert checkpoint.read_bytes() == earlier
