@@ -634,10 +634,8 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers is not None else None
     p = _load(pipeline, overrides, **{"extract.batch_size": batch_size, "extract.device": device, "targets.layers": layer_list})
     if dry_run:
-        from kdcache import distributed
-
-        distributed.refuse_torchrun("kdcache extract --dry-run", "; without --dry-run, kdcache extract runs under torchrun (its ranks "
-                                    "share the shards)")
+        _refuse_torchrun("kdcache extract --dry-run", "; without --dry-run, kdcache extract runs under torchrun (its ranks share "
+                         "the shards)")
         report = kdcache.dry_run(p)
         click.echo(json.dumps(report, indent=2) if as_json else _dry_run_text(report))
         return
@@ -779,9 +777,7 @@ def verify(store: str, teacher_check: int, pipeline: str | None, overrides: tupl
         _refuse_without_teacher_check(pipeline=pipeline, seed=seed, tolerance=tolerance)
         p = _load(pipeline, overrides) if pipeline else None
         if teacher_check:
-            from kdcache import distributed
-
-            distributed.refuse_torchrun("kdcache verify --teacher-check")
+            _refuse_torchrun("kdcache verify --teacher-check")
         report = run_verify(store, storage_options=_storage_options(storage_items), teacher_check=teacher_check, pipeline=p,
                             seed=seed, tolerance=tolerance)
     except (Exception, KeyboardInterrupt) as e:  # raised on, as every command's error (its Error line)
@@ -872,18 +868,18 @@ def import_(source: str, store: str, overwrite: bool, storage_items: tuple[str, 
     click.echo(_info_text(summary))
 
 
-def _refuse_torchrun(command: str) -> None:
-    """Refuse torchrun's environment (WORLD_SIZE > 1) for pack, export and import, which write their OUT (STORE) in one
-    process, before anything is read or written: under torchrun every rank ran the command whole, each writing the same
-    file or store (the ranks that found it made by another failed: "exists; ... pass --overwrite", "being written").
-    info, verify (without --teacher-check) and stats only read: each rank prints its own report, and nothing is changed.
-    Only where torchrun's variables are set: ``kdcache.distributed`` imports torch, which these commands never do else
-    (seconds of a command's start)."""
+def _refuse_torchrun(command: str, then: str = "") -> None:
+    """``distributed.refuse_torchrun`` for the commands that run in one process: pack, export and import, which write
+    their OUT (STORE) (under torchrun every rank ran the command whole, each writing the same file or store), extract
+    --dry-run and verify --teacher-check (a teacher built by each rank); before anything is read or written. info,
+    verify (without --teacher-check) and stats only read: each rank prints its own report, and nothing is changed.
+    Only where torchrun's variables are set: ``kdcache.distributed`` imports torch, which pack, export and import never do
+    else (seconds of a command's start)."""
     if not {"RANK", "WORLD_SIZE"} & os.environ.keys():
         return
     from kdcache import distributed
 
-    distributed.refuse_torchrun(command)
+    distributed.refuse_torchrun(command, then)
 
 
 @main.command(short_help="Teacher accuracy, entropy and layer statistics of a store.")

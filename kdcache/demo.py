@@ -44,7 +44,8 @@ def demo(out: str | Path = "runs/demo", pipeline: str | Path = PIPELINE, *, over
          progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the figures."""
     out = local_folder(str(out), "demo")
-    _refuse_torchrun()
+    distributed.refuse_torchrun("kdcache demo")  # in one process, before anything is made (its students' train read
+    # torchrun's variables only once both extracts had run, and waited there for ranks that never came)
     train_store, test_store = out / "teacher-train.zarr", out / "teacher-test.zarr"
     extracts, students = _pipelines(pipeline, overrides, test_store)
     _check_out(out, extracts)
@@ -84,13 +85,6 @@ def _pipelines(pipeline: str | Path, overrides: tuple[str, ...], test_store: Pat
     for p in students.values():
         check_values(p)
     return extracts, students
-
-
-def _refuse_torchrun() -> None:
-    """Refuse torchrun's environment before anything is made: the demo runs in one process (its extracts are one-process
-    ones), and its students' ``train`` read RANK and WORLD_SIZE only once both extracts had run: a value that is not a
-    count was refused then, and WORLD_SIZE > 1 (left over from an export) waited there for ranks that never came."""
-    distributed.refuse_torchrun("kdcache demo")
 
 
 def _check_label_budget(extract: Any) -> None:
