@@ -62,10 +62,9 @@ def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _take_lock(path, location, verb)
     except OSError as e:
-        link = storage.broken_link(storage.local_path(str(location)))
-        if link is not None:  # a link to a store not made yet is written through, its folder made: here that folder's cannot be
-            where = "is" if str(link) == storage.local_path(str(location)) else f"lies under {str(link)!r},"
-            raise StoreError(f"cannot write {str(location)!r}: it {where} {storage.broken_link_words(link)}, and the folder "
+        said = storage.on_broken_link(storage.local_path(str(location)))
+        if said is not None:  # a link to a store not made yet is written through, its folder made: here that folder's cannot be
+            raise StoreError(f"cannot write {str(location)!r}: it {said}, and the folder "
                              f"{str(path.parent)!r} cannot be made there ({e.strerror or e}); remove the link, create the folder it "
                              "leads to, or write the store elsewhere") from None
         fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else \

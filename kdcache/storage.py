@@ -772,14 +772,22 @@ def broken_link_words(link: Path) -> str:
     return f"a broken symlink, to {os.readlink(link)!r}, which does not exist"
 
 
+def on_broken_link(path: str | os.PathLike[str]) -> str | None:
+    """How the local ``path`` stands to a broken symlink (``broken_link``): "is a broken symlink, to …" or "lies under
+    'L', a broken symlink, to …"; None where it is on none."""
+    link = broken_link(path)
+    if link is None:
+        return None
+    return f"{'is' if link == Path(path) else f'lies under {str(link)!r},'} {broken_link_words(link)}"
+
+
 def refuse_broken_link(out: str | os.PathLike[str], named: str, fix: str) -> None:
     """Refuse an output path ``out`` (``named`` so in the message) that is, or lies under, a broken symlink, saying ``fix``:
     train and demo made the folder through it and said only "cannot write 'run': File exists; fix the cause"; pack and
     export replaced the link with their file."""
-    link = broken_link(out)
-    if link is not None:
-        where = "is" if link == Path(out) else f"lies under {str(link)!r},"
-        raise StoreError(f"{named} {str(out)!r} {where} {broken_link_words(link)}; {fix}")
+    said = on_broken_link(out)
+    if said is not None:
+        raise StoreError(f"{named} {str(out)!r} {said}; {fix}")
 
 
 def options_arg(value: Any) -> None:
