@@ -328,9 +328,7 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
         checkpoint = Path(options["out"]) / "checkpoint.pt"
         if not checkpoint.exists() and checkpoint.with_name("checkpoint.pt.next").exists():  # stopped while an --overwrite
             checkpoint = checkpoint.with_name("checkpoint.pt.next")  # replaced the earlier run's files: --resume continues it
-        # this run saved a checkpoint: told by its ctime, which no copy sets (cp -p and rsync -a keep a modification time,
-        # one from a machine whose clock runs ahead too, and an earlier run's checkpoint was taken for this run's)
-        if checkpoint.exists() and checkpoint.stat().st_ctime >= started:
+        if _changed_since(checkpoint, started):  # this run saved a checkpoint
             again = ("run the same command again" if options.get("resume") or options.get("auto_resume") else
                      "run it again with --resume instead of --overwrite" if options.get("overwrite") else "run it again with --resume")
             return f"its last checkpoint is kept: {again} to continue"
@@ -348,16 +346,20 @@ def _after_interrupt(command: str, options: dict[str, Any], started: float) -> s
 def _file_after_interrupt(out: str | None, started: float) -> str:
     """What a stopped pack or export leaves: nothing (its temporary file removed), or, stopped once it had renamed
     the file into place (as it synced the folder, said its notes, printed its line), ``out`` whole, which its line
-    said was not written: a rerun was refused, the file there. Told by its time: this run's file changed after the start
-    (ctime: a modification time is the one a copy keeps, cp -p or tar x of a file from a machine whose clock runs ahead,
-    and an earlier file so dated, left as it was, was said to be this run's)."""
-    try:
-        written = out is not None and Path(out).stat().st_ctime >= started
-    except OSError:
-        written = False
-    if written:
+    said was not written: a rerun was refused, the file there."""
+    if out is not None and _changed_since(Path(out), started):
         return f"{out!r} was written whole before it stopped and is kept: there is nothing to run again"
     return "no file was written"
+
+
+def _changed_since(path: Path, started: float) -> bool:
+    """Whether the file at ``path`` was written by the command that started at ``started``: told by its ctime, which no
+    copy sets (cp -p, rsync -a and tar x keep a modification time, one from a machine whose clock runs ahead too, and an
+    earlier file or checkpoint so dated, left as it was, was said to be this run's)."""
+    try:
+        return path.stat().st_ctime >= started
+    except OSError:  # none there
+        return False
 
 
 def _made_before(location: str | None, started: float) -> bool:
