@@ -33,8 +33,11 @@ from kdcache.errors import AlignmentError, DamagedShardError, PipelineError, Sto
 class TransferSet(IterableDataset):
     """Batches ``{"rows", "index", "inputs", "targets": {path: tensor}, "label"}`` for one epoch (``"mask"`` too: ``check_masks``).
 
-    ``rows``: the store rows to use, of done shards (default: every row of a done shard; others are refused). ``paths``:
-    the targets to read, by name (``"logits"``, a layer's name) or array path (``"targets/logits"``); ``batch["targets"]``
+    ``location``: where the store is, or the ``Store`` already opened there (``kdcache.open_store``; its storage options
+    are used): its manifest, markers and metadata are not read again, the store at its location is looked at once to be
+    it still (one small read: one replaced since it was opened is refused, ``StoreReplacedError``). ``rows``: the store
+    rows to use, of done shards (default: every row of a done shard; others are refused). ``paths``: the targets to read,
+    by name (``"logits"``, a layer's name) or array path (``"targets/logits"``); ``batch["targets"]``
     is keyed by array path (``store.targets[name].path``; a top-k target adds its classes, ``targets/logits_indices``); ``samples/*`` columns are always read (``[]``: inputs, indices and
     labels alone, a labels-only loop). ``shuffle=False`` keeps store order. ``memory_budget_mb`` (MiB, >= 0): targets whose
     rows fit are read into RAM once, others streamed by whole shards, ``buffer_shards`` (>= 1) at a time. ``fingerprint_check``
@@ -46,7 +49,7 @@ class TransferSet(IterableDataset):
 
     def __init__(
         self,
-        location: str | os.PathLike[str],
+        location: str | os.PathLike[str] | layout.Store,
         dataset: Dataset,
         paths: list[str],
         *,
@@ -64,12 +67,18 @@ class TransferSet(IterableDataset):
         stream: int | None = None,
         checkpoint_bytes: int = 0,
     ):
-        location = storage.location_arg(location, "location")  # a Path too: the streaming reads look at its scheme, and messages name it as a string
+        opened = location if isinstance(location, layout.Store) else None
+        # a Path too: the streaming reads look at its scheme, and messages name it as a string
+        location = opened.location if opened is not None else storage.location_arg(location, "location")
+        if opened is not None and storage_options is not None:  # else dropped unsaid: the Store reads with the options it was opened with
+            raise PipelineError(f"storage_options were given with an opened Store, which has its own ({short(opened.storage_options)}); "
+                                "drop them, or pass the store's location with them")
+        storage_options = opened.storage_options if opened is not None else storage_options
         _check_paths(paths)
         shuffle, drop_last = storage.flag_arg(shuffle, "shuffle"), storage.flag_arg(drop_last, "drop_last")  # "False" shuffled
         _check_options(batch_size=batch_size, fingerprint_check=fingerprint_check, fingerprint_recheck=fingerprint_recheck,
                        memory_budget_mb=memory_budget_mb, buffer_shards=buffer_shards, streams=streams, stream=stream, seed=seed)
-        store, algorithm = _open_for(location, dataset, storage_options)
+        store, algorithm = _open_for(opened or location, dataset, storage_options)
         self.location, self.dataset, self.storage_options, self.algorithm = location, dataset, storage_options, algorithm
         self._check_probes(store.manifest)
         self._manifest = layout.identity(store.manifest)  # what a streaming read's own opening of the store must find (_read)
@@ -96,7 +105,8 @@ class TransferSet(IterableDataset):
         self.checkpoint_bytes = int(checkpoint_bytes)
         self.memory = (_read_whole(store, self.paths, self.groups.shards, self.row_bytes, memory_budget_mb, location, self.checkpoint_bytes)
                        if self.in_memory else None)  # the rows of the shards holding self.rows, back to back
-        self._store: layout.Store | None = None
+        self._store: layout.Store | None = None  # the streaming reads' (_read): once per process
+        self._made: tuple[layout.Store, int] | None = (store, os.getpid())  # the store this reader was made from, by that process
         self.mask: tuple[str, str, str] | None = None  # check_masks: the key, setting and message start of each batch's mask
 
     def check_masks(self, key: str, setting: str = "mask", where: str = "TransferSet") -> None:
@@ -346,7 +356,7 @@ class TransferSet(IterableDataset):
         if self.memory is not None:  # every shard held but the store's last has rows_per_shard rows, and that one is held last
             held = np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard
             return {p: a[held] for p, a in self.memory.items()}
-        if self._store is None:  # opened lazily: once per worker process
+        if self._store is None:  # once per process: by each DataLoader worker, or by this process at its first read
             self._store = self._reopened()
         shards, local = np.unique(rows // self.rows_per_shard, return_inverse=True)
         spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
@@ -360,21 +370,24 @@ class TransferSet(IterableDataset):
         return {p: read.result()[position] for p, read in zip(self.paths, reads)}
 
     def _reopened(self) -> layout.Store:
-        """The store opened again (streaming: by each DataLoader worker, or by this process at its first read), refused
-        unless it is the store this reader was made for: one replaced at the same location since (another ``kdcache extract
-        --overwrite``, a copy synced over it) would serve its rows beside the first store's (in RAM, or read by another
-        worker), targets of another teacher or run, checked only by the fingerprints of the rows the re-check picks. One that
-        does not open now (removed, or not yet whole again) was there when the reader was made: named so, not as "no store"."""
+        """The store opened again (streaming: by each DataLoader worker; the process that made this reader reads through
+        the Store it was made from, looked at once more), refused unless it is the store this reader was made for: one
+        replaced at the same location since (another ``kdcache extract --overwrite``, a copy synced over it) would serve its
+        rows beside the first store's (in RAM, or read by another worker), targets of another teacher or run, checked only
+        by the fingerprints of the rows the re-check picks. One that does not open now (removed, or not yet whole again) was
+        there when the reader was made: named so, not as "no store"."""
         when = ("while this reader used it", "the reader was made")
-        store = layout.reopen_same(self.location, self.storage_options, self._manifest, *when)
+        if self._made is not None and self._made[1] == os.getpid():
+            store = self._made[0]
+            store.check_in_place(*when)  # one small read, where an opening read the store's every group and array again
+        else:
+            store = layout.reopen_same(self.location, self.storage_options, self._manifest, *when)
         store.replaced_when = when  # a read failing as damage (the store replaced, or removed, since) is named so
         return store
 
-    def check_made_from(self, manifest: dict[str, Any]) -> None:
-        """Refuse this reader unless its store is the one whose ``manifest`` the caller read (training's setup, which opened
-        the store before): one replaced at the same location in between would serve another teacher's or run's targets
-        where the caller checked, and its checkpoint records, the first."""
-        layout.check_same_store(self.location, layout.identity(manifest), self._manifest, "between its first opening and this reader's", "first opened")
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a DataLoader worker started by spawn: without the Stores this process holds (the worker opens its own)."""
+        return {**self.__dict__, "_store": None, "_made": None}
 
     def _batch(self, rows: np.ndarray, columns: dict[str, np.ndarray], check: Check) -> dict[str, Any]:
         _check_index(rows, columns[layout.INDEX], self.location)
@@ -503,9 +516,14 @@ def _check_options(*, batch_size: Any, fingerprint_check: Any, fingerprint_reche
         raise PipelineError(f"seed must be an integer >= 0, got {short(seed)}; the order of every epoch is drawn from it")
 
 
-def _open_for(location: str, dataset: Dataset, storage_options: dict[str, Any] | None) -> tuple[layout.Store, str]:
-    """The store at ``location`` and its fingerprint algorithm, refused unless ``dataset`` has as many samples as it has rows."""
-    store = layout.open_store(location, storage_options=storage_options)
+def _open_for(location: str | layout.Store, dataset: Dataset, storage_options: dict[str, Any] | None) -> tuple[layout.Store, str]:
+    """The store at ``location`` (or the one handed, found still there) and its fingerprint algorithm, refused unless
+    ``dataset`` has as many samples as it has rows."""
+    if isinstance(location, layout.Store):  # opened by the caller (train's setup), whose checks were of it: not another put there since
+        store, location = location, location.location
+        store.check_in_place("between its first opening and this reader's", "first opened")
+    else:
+        store = layout.open_store(location, storage_options=storage_options)
     algorithm = data.check_algorithm(store.manifest, location)
     n = data.check_dataset(dataset, "dataset", "is")  # an IterableDataset was "object of type ... has no len()", a dict "1 samples"
     if n != store.num_samples:  # rows would be paired with the wrong items, or with none

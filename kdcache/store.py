@@ -826,6 +826,18 @@ class Store:
     def _replaced(self) -> str | None:
         """How the store at the location is not the one this Store opened (its manifest but ``completed``, read again
         now: one small read), in words; None when it is."""
+        now = self._manifest_now()
+        if now is None:
+            return "its manifest is gone"
+        if json.dumps(identity(now), sort_keys=True, default=str) == json.dumps(identity(self.manifest), sort_keys=True, default=str):
+            return None  # compared as JSON: this Store's manifest may hold the tuples its writer put there
+        if now.get("created") != self.manifest.get("created"):
+            return f"created {short(self.manifest.get('created'))}, now {short(now.get('created'))}"
+        return difference(self.manifest, now) or "its manifest differs"  # "store has" what it had, "now" what it has
+
+    def _manifest_now(self) -> dict[str, Any] | None:
+        """The manifest at the location now, its root ``zarr.json`` read again (one small read); None where there is none
+        (the store removed, or being created again: its manifest is written last)."""
         try:
             raw = self._get("zarr.json")
         except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
@@ -834,15 +846,21 @@ class Store:
             raise
         try:
             now = json.loads(raw)["attributes"][ATTRS] if raw is not None else None
-        except (ValueError, TypeError, KeyError):  # being created again: its manifest is written last
+        except (ValueError, TypeError, KeyError):
             now = None
-        if not isinstance(now, dict):
-            return "its manifest is gone"
-        if json.dumps(identity(now), sort_keys=True, default=str) == json.dumps(identity(self.manifest), sort_keys=True, default=str):
-            return None  # compared as JSON: this Store's manifest may hold the tuples its writer put there
-        if now.get("created") != self.manifest.get("created"):
-            return f"created {short(self.manifest.get('created'))}, now {short(now.get('created'))}"
-        return difference(self.manifest, now) or "its manifest differs"  # "store has" what it had, "now" what it has
+        return now if isinstance(now, dict) else None
+
+    def check_in_place(self, when: str, then: str) -> None:
+        """Refuse the store unless the one at its location now is this one (``identity``), looked at with one small read
+        (its root ``zarr.json``), not opened again: a ``StoreReplacedError`` saying it was replaced (or removed) ``when``,
+        naming what its manifest held ``then``. A reader handed a Store opened earlier (``TransferSet``) checks so that
+        its reads are of the store that was opened."""
+        now = self._manifest_now()
+        if now is None:
+            raise StoreReplacedError(f"{self.location!r} was removed or replaced {when}: no store manifest is at its root now; rerun "
+                                     "once the store is in place again")
+        # compared as JSON: a writer's manifest may hold tuples where the one read back holds lists
+        check_same_store(self.location, json.loads(json.dumps(identity(self.manifest), default=str)), identity(now), when, then)
 
     def _remove_stale_temps(self, key: str) -> None:
         """Remove temp files a killed writer left beside the object ``key`` of a local store: ours

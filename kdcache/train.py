@@ -87,7 +87,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     hooks: list[Any] = []
     try:
         training = _training(pipeline, store, shards, dataset, device, hooks, checkpoint, out, rank, world,
-                             cache_location, cache_options, streams)
+                             cache_location, streams)
         run = training.run
         with _owned_out(out, resume, overwrite, rank, pipeline):  # one run per OUT, from here to the end
             # the next step's epoch and the epoch's batches trained; resumed inside an epoch, its loss sums so far
@@ -176,14 +176,14 @@ class _Training:
 
 def _training(pipeline: Pipeline, store: layout.Store, shards: np.ndarray, dataset: Any, device: torch.device,
               hooks: list[Any], checkpoint: dict[str, Any] | None, out: Path, rank: int, world: int,
-              cache_location: str, cache_options: dict[str, Any] | None, streams: int) -> _Training:
+              cache_location: str, streams: int) -> _Training:
     """The student built (its feature hooks added to ``hooks``, which train removes however the run ends), its batches
     and their order, every rank's parameters made rank 0's (torchrun), the plan's length checked against a resumed run's
     checkpoint, and the optimizer and schedule; nothing written to OUT yet."""
     t = pipeline.train
     run = setup(pipeline, store, dataset, device, hooks, keep_zero=_keeps_zero_terms(checkpoint, pipeline, rank))
     streamed = checkpoint is not None and (checkpoint.get("order") or {}).get("in_memory") is False
-    transfer = _transfer_set(t, cache_location, store, shards, dataset, run, cache_options, streams, streamed)
+    transfer = _transfer_set(t, cache_location, store, shards, dataset, run, streams, streamed)
     order = _order(transfer, t.num_workers, world)
     if world > 1:
         distributed.barrier()  # every rank has loaded its store and built its student, however long it took
@@ -219,7 +219,7 @@ def _loop(training: _Training, out: Path, rank: int, pipeline: Pipeline, store: 
 
 
 def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, run: Run,
-                  storage_options: dict[str, Any] | None, streams: int, streamed: bool = False) -> cache.TransferSet:
+                  streams: int, streamed: bool = False) -> cache.TransferSet:
     """The run's batches of its targets (``run.paths``) from the store (this rank's share under torchrun), its memory checked against the
     machine's; noted where the store's fingerprints cannot tell this dataset's inputs apart (kdcache <= 0.1.6). ``streamed``
     (a resumed run's checkpoint streamed its targets): streamed again, whatever train.memory_budget_mb decides now, so its
@@ -233,10 +233,10 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
     rank, world, _ = distributed.ranks()
 
     def made(checkpoint_bytes: int) -> cache.TransferSet:
-        transfer = cache.TransferSet(
-            cache_location, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
+        transfer = cache.TransferSet(  # the store setup opened and checked, found still at its location (not one put there since)
+            store, dataset, run.paths, batch_size=t.batch_size, seed=t.seed, rows=_rows(store, shards, t.subset, t.seed),
             memory_budget_mb=0 if streamed else t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-            fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, storage_options=storage_options, streams=streams,
+            fingerprint_recheck=t.fingerprint_recheck, drop_last=t.drop_last, streams=streams,
             stream=rank if world > 1 else None, checkpoint_bytes=checkpoint_bytes)
         transfer.check_memory(t.num_workers, f"the targets of {cache_location!r}", f"train.num_workers = {t.num_workers}")
         transfer.check_masks(run.mask, "train.mask", run.mask_where)  # each batch's values, as it is made: not on the step's thread
@@ -252,7 +252,6 @@ def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.n
         print(f"note: checkpoints are written in the main thread, training paused meanwhile: one written while the next steps "
               f"train holds a copy of the student, heads and optimizer state ({copy:,} bytes), which with the targets "
               "would take more than half of the memory this process may use")
-    transfer.check_made_from(store.manifest)  # the store setup checked, not one put in its place since
     if rank == 0 and transfer.algorithm == data.V1 and (blind := data.v1_blind_spot(data.item_inputs(dataset, 0))):
         print(f"note: {cache_location!r} was made by kdcache <= 0.1.6, whose input fingerprints (blake2b-64) feed {blind} unframed, "
               "and this dataset's inputs hold them: two inputs that read alike ((1, 23) and (12, 3), or ([1, 2], [3]) and ([1], [2, 3])) "
@@ -1590,12 +1589,11 @@ def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | Non
                             "does (data.factory gives one split whatever the split asked?); make data.factory return the split it "
                             "is asked for and extract the eval split again, or drop train.eval_cache")
     shards = distributed.my_part(store.num_shards)  # torchrun: each rank evaluates its whole shards, the counts are summed
-    source = None if not len(shards) else cache.TransferSet(
-        t.eval_cache, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=cache.done_rows(store, shards),
+    source = None if not len(shards) else cache.TransferSet(  # the store checked above, found still at its location
+        store, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=cache.done_rows(store, shards),
         memory_budget_mb=t.memory_budget_mb, buffer_shards=t.shuffle_buffer_shards, fingerprint_check=t.fingerprint_check,
-        fingerprint_recheck=t.fingerprint_recheck, storage_options=storage_options)
+        fingerprint_recheck=t.fingerprint_recheck)
     if source is not None:
-        source.check_made_from(store.manifest)
         source.check_memory(0, f"train.eval_cache {t.eval_cache!r}", "the main process")  # between epochs, in this process
     return dataset, source, stored
 

@@ -380,14 +380,15 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_refused_at_once(numbered
         transfer(numbered_store, batch_size=batch_size)
 
 
-def test_targets_given_as_one_string_or_a_location_given_as_a_store_are_refused(numbered_store):
-    """``TransferSet(loc, ds, "logits", ...)`` read each character as a target (``stores no target 'l'``); an opened Store
-    as the location was named as ``no store at '<kdcache.store.Store object at 0x...>'``."""
+def test_targets_given_as_one_string_or_a_store_with_storage_options_are_refused(numbered_store):
+    """``TransferSet(loc, ds, "logits", ...)`` read each character as a target (``stores no target 'l'``). An opened Store
+    is read through (``test_a_reader_handed_an_opened_store_…``), with its own storage options: others given beside it are
+    refused, not dropped unsaid."""
     with pytest.raises(PipelineError, match=r"^paths is the string 'logits', not a list of targets' names or array paths; pass \['logits'\]$"):
         TransferSet(numbered_store, Numbered(N), "logits", batch_size=BATCH)
-    with pytest.raises(TypeError, match=rf"^location must be the location of a store or folder, got Store .*; pass its location, "
-                                        rf"location=store.location \({re.escape(repr(numbered_store))}\)$"):
-        TransferSet(layout.open_store(numbered_store), Numbered(N), ["logits"], batch_size=BATCH)
+    with pytest.raises(PipelineError, match=r"^storage_options were given with an opened Store, which has its own \(\{}\); drop them, "
+                                            r"or pass the store's location with them$"):
+        TransferSet(layout.open_store(numbered_store), Numbered(N), ["logits"], batch_size=BATCH, storage_options={"anon": True})
 
 
 @pytest.mark.parametrize("arguments, said", [
@@ -845,6 +846,47 @@ def test_a_store_removed_while_a_streaming_reader_reads_it_is_named_as_removed(n
                        r"now \(no store at .*\); rerun once the store is in place again"):
         for batch in batches:
             check_aligned(batch)
+
+
+def test_a_reader_handed_an_opened_store_reads_it_and_refuses_one_replaced_or_removed_since(numbered_store, tmp_path):
+    """TransferSet(store, ...): the Store a caller opened (kdcache train's setup, whose reader opened the store again: its
+    manifest, every group's and array's metadata and every done marker read twice over http or S3) is read through, and
+    the store at its location looked at once (its root zarr.json) to be it still: one replaced since it was opened is
+    refused, and a streaming reader looks again at its first read, finding one removed meanwhile."""
+    location = str(tmp_path / "s.zarr")
+    shutil.copytree(numbered_store, location)
+    for budget in (2048.0, 0.0):
+        want = serve(transfer(location, memory_budget_mb=budget), 0)
+        got = serve(transfer(layout.open_store(location), memory_budget_mb=budget), 0)
+        assert [b["rows"].tolist() for b in got] == [b["rows"].tolist() for b in want] and len(got) == len(want) > 1
+        for a, b in zip(got, want):
+            assert torch.equal(a["targets"][layout.LOGITS], b["targets"][layout.LOGITS])
+    opened = layout.open_store(location)
+    _edit_manifest(location, created="2030-01-02T00:00:00+00:00")
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr' was replaced between its first opening and this reader's: its manifest's "
+                       r"created was '[^']+' when first opened and is '2030-01-02T00:00:00\+00:00' now \(another kdcache extract"):
+        transfer(opened)
+    ts = transfer(layout.open_store(location), memory_budget_mb=0)
+    shutil.rmtree(location)
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr' was removed or replaced while this reader used it: no store manifest is at "
+                       r"its root now; rerun once the store is in place again$"):
+        serve(ts, 0)
+
+
+def test_a_reader_holding_its_store_serves_a_dataloader_worker_started_by_spawn(numbered_store):
+    """A TransferSet holds the Store it was made from (its streaming reads in this process go through it), which holds
+    locks and cannot be pickled: a DataLoader worker started by spawn (macOS's default) is sent the reader without it,
+    and opens the store itself."""
+    ts = transfer(layout.open_store(numbered_store), memory_budget_mb=0)
+    ts.set_epoch(0)
+    batches = iter(DataLoader(ts, batch_size=None, num_workers=1, multiprocessing_context="spawn"))
+    try:
+        served = list(batches)
+    finally:
+        stop_making(batches)
+    assert sorted(r for b in served for r in b["rows"].tolist()) == list(range(N))
+    for batch in served:
+        check_aligned(batch)
 
 
 @pytest.mark.parametrize("budget", [2048.0, 0.0], ids=["memory", "stream"])

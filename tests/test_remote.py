@@ -2169,6 +2169,29 @@ def test_opening_a_zip_over_http_reads_its_central_directory_once(counted_http_r
     assert len(log) <= 11, log
 
 
+@pytest.mark.parametrize("budget", [2048, 0], ids=["memory", "stream"])
+def test_train_from_an_http_store_reads_its_metadata_and_markers_once(counted_http_root, tiny_store, tmp_path, budget):
+    """train opened its store for its setup checks, then its reader (TransferSet) opened it again, and a streaming
+    reader a third time at its first read: each opening read the root's and the groups' zarr.json, the arrays' metadata
+    and every done marker again, 53 requests over http for a store of 4 shards x 5 arrays where 43 do (69 streaming, where
+    44 do). The reader is handed the Store setup opened and looks at the root's zarr.json once more, to refuse a store
+    replaced since (test_alignment's test of it), and a streaming reader once again at its first read."""
+    import collections
+    import shutil
+
+    root, base, log = counted_http_root
+    shutil.copytree(tiny_store, root / "t.zarr")
+    kdcache.train(kdcache.load_pipeline(TINY_TOML, ["train.epochs=1", f"train.memory_budget_mb={budget}"]), f"{base}/t.zarr", tmp_path / "run")
+    gets = collections.Counter(path.removeprefix("/t.zarr/") for method, path, _ in log if method == "GET")
+    assert sum(gets.values()) == len(log), log  # no HEAD, no listing
+    # the root: the opening's first look at the endpoint and zarr's read, the reader's look, a streaming reader's at its first read
+    assert gets.pop("zarr.json") == (3 if budget else 4), log
+    # has_digests looks for the digest array's zarr.json, then zarr reads it as it opens the array
+    assert {key: n for key, n in gets.items() if n != 1} == {"progress/digest/zarr.json": 2}, log
+    assert sum(key.startswith("progress/done/c/") for key in gets) == 4 and sum("/c/" in key for key in gets) == 4 + 4 + 4 * 5, log
+    assert len(log) <= (43 if budget else 44), log
+
+
 def test_verify_of_a_bucket_that_refuses_listing_checks_the_store_and_says_added_arrays_were_not_looked_for(s3, keep_alive_s3, tiny_store):
     """verify finds arrays added to a store by listing it (as pack does); a bucket that grants GetObject alone answers
     that listing 403. The store's own arrays are still checked, and the summary says added arrays were not looked for."""
