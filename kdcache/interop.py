@@ -874,9 +874,9 @@ def _unreadable(source: str, path: str, shard: int, start: int, stop: int, why: 
 
 def _complete(location: str, storage_options: dict[str, Any] | None, verb: str) -> layout.Store:
     store = layout.open_store(location, storage_options=storage_options)
-    if not store.complete:
-        done = int(store.done().sum())
-        raise StoreError(f"{location!r} is incomplete ({done}/{store.num_shards} shards done); finish kdcache extract before you {verb} it")
+    done = store.done_snapshot()  # the markers the reads check rows against: read once for both (one object a shard)
+    if not done.all():
+        raise StoreError(f"{location!r} is incomplete ({int(done.sum())}/{store.num_shards} shards done); finish kdcache extract before you {verb} it")
     return store
 
 

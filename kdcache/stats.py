@@ -48,7 +48,7 @@ def stats(location: str, *, storage_options: dict[str, Any] | None = None, sched
 
     store = layout.open_store(location, storage_options=storage_options)
     store.replaced_when = ("while kdcache stats read it", "stats began")  # a read failing as damage looks for that first
-    done = [int(s) for s in np.flatnonzero(store.done())]
+    done = [int(s) for s in np.flatnonzero(store.done_snapshot())]  # the markers the reads check rows against: read once for both
     rows = sum(store.shard_rows(s)[1] - store.shard_rows(s)[0] for s in done)
     what = _What.of(store)
     with dask.config.set(scheduler=scheduler, **({"num_workers": num_workers} if num_workers is not None else {})):

@@ -342,7 +342,8 @@ class Store:
                                  f"{', '.join(map(repr, [*self.paths(), DONE, DIGEST]))} (a target's array is store.targets[name].path)")
             try:
                 with _CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
-                    node = self.group[path]
+                    # opened by another thread while this one waited (stats' blocks, at once): its metadata read once
+                    node = self._arrays[path] if path in self._arrays else self.group[path]
             except StoreError:
                 raise
             except (KeyError, FileNotFoundError):

@@ -2192,6 +2192,32 @@ def test_train_from_an_http_store_reads_its_metadata_and_markers_once(counted_ht
     assert len(log) <= (43 if budget else 44), log
 
 
+@pytest.mark.parametrize("command", ["stats", "export"])
+def test_stats_and_export_of_an_http_store_read_its_done_markers_once_for_their_checks(counted_http_root, tiny_store, tmp_path, command):
+    """stats and export read every done marker (one object a shard) to choose or check the shards, then again as their
+    first read took the markers its rows are checked against; stats' blocks, reading at once, each read the metadata of
+    an array no block had opened yet (36 to 38 requests over http for a store of 4 shards, where 32 do; export 54, where
+    50 do). The markers are read once for both (export copies them into its file besides), each array's metadata once."""
+    import collections
+    import shutil
+
+    from kdcache.interop import export_hdf5
+    from kdcache.stats import stats
+
+    root, base, log = counted_http_root
+    shutil.copytree(tiny_store, root / "t.zarr")
+    if command == "stats":
+        stats(f"{base}/t.zarr")
+    else:
+        export_hdf5(f"{base}/t.zarr", tmp_path / "t.h5")
+    gets = collections.Counter(path.removeprefix("/t.zarr/") for method, path, _ in log if method == "GET")
+    assert sum(gets.values()) == len(log), log
+    markers = [n for key, n in gets.items() if key.startswith("progress/done/c/")]
+    assert markers == [1 if command == "stats" else 2] * 4, log  # export's second: its copy of progress/done into the file
+    assert {key: n for key, n in gets.items() if key.endswith("zarr.json") and n != 1} == {"zarr.json": 2, "progress/digest/zarr.json": 2}, log
+    assert len(log) <= (32 if command == "stats" else 50), log
+
+
 def test_verify_of_a_bucket_that_refuses_listing_checks_the_store_and_says_added_arrays_were_not_looked_for(s3, keep_alive_s3, tiny_store):
     """verify finds arrays added to a store by listing it (as pack does); a bucket that grants GetObject alone answers
     that listing 403. The store's own arrays are still checked, and the summary says added arrays were not looked for."""
