@@ -370,6 +370,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                             worker_init_fn=data.leave_sigterm_to_the_main_process)
     rows_per_step = t.batch_size * (transfer.streams if transfer.stream is None else 1)  # streams in one process: joined
     batches: Any = iter(())  # the epoch's batches, made ahead: stopped however the run ends
+    following: list[futures.Future[Iterator[dict[str, Any]]]] = []  # the next epoch's, started during this epoch's last steps (_ahead)
     ending: BaseException | None = None  # the error the run ends with, which a failed checkpoint write names
     with data.torch_threads(t.threads), _skipped_steps_allowed(), _stop_requests(loop.stop):
         # a SIGTERM while the batches are stopped (after a stop: its clean-up) is one more stop request
@@ -382,7 +383,8 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 count = _check_batches(transfer, state["epoch"], t.batch_size)
                 steps = min(count - state["batch"], loop.total_steps - state["step"])
                 bar = Progress(steps * rows_per_step, f"epoch {state['epoch']}", enabled=progress and loop.rank == 0)
-                means, partial = _epoch(run, loop, batches, state, count, bar, partial)
+                ahead = _ahead(transfer, loader, state, t, following)
+                means, partial = _epoch(run, loop, batches, state, count, bar, partial, ahead)
                 _check_finite(means, state, loop.out, loop.saved)
                 due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
                 metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.lr, **means,
@@ -392,7 +394,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                     partial = None
                 rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
                 if state["step"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved
-                    batches = _start_epoch(transfer, loader, state)
+                    batches = following.pop().result() if following else _start_epoch(transfer, loader, state)
                 loop.save(state, rng, metrics, partial)
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)
@@ -401,7 +403,8 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
             raise
         finally:
             try:
-                data.stop_making(batches)
+                for made in (batches, *(f.result() for f in following if f.exception() is None)):  # one started ahead too
+                    data.stop_making(made)
             finally:  # the last checkpoint whole on the disk before train returns or raises, or its write's error raised
                 loop.writes.wait(during=ending)  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
 
@@ -515,21 +518,43 @@ def _start_epoch(transfer: cache.TransferSet, loader: Any, state: dict[str, int]
     return iter(loader)
 
 
+def _ahead(transfer: cache.TransferSet, loader: Any, state: dict[str, int], t: Any,
+           following: list[futures.Future[Iterator[dict[str, Any]]]]) -> Callable[[], None] | None:
+    """In RAM, iterated without a DataLoader: what starts the next epoch's batches (into ``following``) as ``_epoch`` takes
+    one of this epoch's last, so that its first ones are made during the last steps and the save, not waited for after them. A
+    thread of its own starts them: starting their thread waits for it to be scheduled (milliseconds on a busy machine),
+    which the steps' thread then does not. None where a DataLoader serves them (its persistent workers serve one iterator
+    at a time), where streaming (a reader holds the buffer it serves and the next: the last buffer's batches still hold
+    it) and where the epoch ends with an evaluation (its dataset read beside the next epoch's). The next epoch's iterator
+    draws nothing from the RNGs a checkpoint saves (a TransferSet's draws are its own, seeded): it may start before they
+    are read."""
+    evaluated = (t.eval_split or t.eval_cache) and t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0
+    if loader is not transfer or not transfer.in_memory or evaluated:
+        return None
+    following_state = {"epoch": state["epoch"] + 1, "batch": 0}
+    return lambda: following.append(threads.pool("next-epoch", 1).submit(_start_epoch, transfer, loader, following_state))
+
+
 def _position(state: dict[str, int]) -> str:
     """Where a run saved at ``state`` is: "after epoch 2", or "in epoch 3 after batch 40"."""
     return f"in epoch {state['epoch']} after batch {state['batch']}" if state["batch"] else f"after epoch {state['epoch'] - 1}"
 
 
 def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict[str, int], count: int, bar: Progress,
-           partial: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
+           partial: dict[str, Any] | None = None, ahead: Callable[[], None] | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
     """The epoch's batches from ``state["batch"]`` on (of ``count``; or up to the plan's last step); returns the mean of
     each loss term over the rows trained on (a step's loss is its rows' mean: weighted by its rows, a short last batch
     counts as the rows it holds), and their sums (``_partial``: for a checkpoint where the plan ends inside the epoch).
     ``partial``: the sums of a resumed epoch's batches before. Inside the epoch a
-    checkpoint is saved every ``train.checkpoint_every`` steps and when a stop is asked for (``_Loop.midway``)."""
+    checkpoint is saved every ``train.checkpoint_every`` steps and when a stop is asked for (``_Loop.midway``).
+    ``ahead``: called as the batch made ``cache.PREFETCH`` before the epoch's last is taken (the epoch's batches are
+    then made, or the last in the making), where the plan goes on past the epoch (``_ahead``)."""
     sums, seen = _sums(run, partial)
     run.student.train(), run.heads.train()
     for batch in batches:
+        if ahead is not None and state["batch"] >= count - 1 - cache.PREFETCH and state["step"] + count - state["batch"] < loop.total_steps:
+            ahead()  # this epoch's last batches are made (or in the making): the next epoch's first ones can be
+            ahead = None
         parts = _step_losses(run, batch)
         loss = functools.reduce(operator.add, parts.values())  # not sum(): its start, 0, would add an op per step
         if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)

@@ -1922,6 +1922,49 @@ def test_an_epochs_checkpoint_reaches_the_disk_while_the_next_epoch_trains(tiny_
     assert [m["epoch"] for m in metrics(tmp_path / "full")] == [0, 1]  # the checkpoint failed after its line was written
 
 
+@pytest.mark.parametrize("case, args, early", [
+    ("in-memory", (), {1, 2}),
+    ("streaming", ("train.memory_budget_mb=0", "train.shuffle_buffer_shards=1"), set()),
+    ("in-memory-evaluated", ("train.eval_split='test'", "train.eval_every=2"), {1}),  # epoch 1 ends with an evaluation
+])
+def test_in_ram_an_epochs_batches_are_started_during_the_last_epochs_last_steps(tiny_store, tmp_path, monkeypatch, case, args, early):
+    """In RAM without a DataLoader, the next epoch's batches are started by a thread other than the steps' as the batch
+    made ``cache.PREFETCH`` before an epoch's last is taken: its first ones are made during the last steps and the
+    checkpoint's save, not waited for after them (was: the next epoch's iterator, and its thread, started by the steps' thread after the epoch's end). The run is
+    the one trained without that (weights, losses, metrics). Streaming (the last buffer's batches still hold it) and
+    before an evaluation (its dataset read beside the batches) the next epoch starts after the epoch, as before."""
+    trainer = importlib.import_module("kdcache.train")
+    p = pipeline(*PLAIN, "train.epochs=3", "train.batch_size=16", *args)
+    n = -(-layout.open_store(tiny_store).num_samples // 16)  # batches an epoch
+    started_at, losses_of, iterate = {}, Run.losses, TransferSet.__iter__
+
+    def step(self, batch):
+        taken = step.count
+        if taken % n == n - 1 - cache.PREFETCH and taken // n + 1 in early:  # its next epoch is started meanwhile
+            deadline = time.monotonic() + 30  # a loaded box may not run the starting thread at once
+            while taken // n + 1 not in started_at and time.monotonic() < deadline:
+                time.sleep(0.002)
+        step.count += 1
+        return losses_of(self, batch)
+
+    def started(self):  # the steps taken when epoch e's batches were started, and by which thread
+        started_at[self.epoch] = (step.count, threading.current_thread() is threading.main_thread())
+        return iterate(self)
+
+    step.count = 0
+    with monkeypatch.context() as m:
+        m.setattr(Run, "losses", step)
+        m.setattr(TransferSet, "__iter__", started)
+        train(p, tiny_store, tmp_path / "run")
+    assert n > cache.PREFETCH + 1 and step.count == 3 * n == metrics(tmp_path / "run")[-1]["step"]
+    assert started_at == {0: (0, True), **{e: (e * n - 1 - cache.PREFETCH, False) if e in early else (e * n, True) for e in (1, 2)}}
+    monkeypatch.setattr(trainer, "_ahead", lambda *a: None)
+    train(p, tiny_store, tmp_path / "after")
+    same_run(tmp_path / "run", tmp_path / "after")
+    assert [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics(tmp_path / "run")] == \
+        [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics(tmp_path / "after")]
+
+
 def test_a_checkpoint_written_in_the_background_keeps_tied_weights_one_tensor(tiny_store, tmp_path, monkeypatch):
     """A student's tied weights (one tensor under two names) stay one tensor in a checkpoint written from copies, as in one
     written in the main thread (was: each name copied apart, the tied weights saved twice and held twice in RAM)."""
