@@ -150,9 +150,9 @@ MUTANTS = [
     Mutant("T2", "train.py", "    _set_rng_state(ckpt[\"rng\"])\n", "", "resume: the RNG state not restored", RESUME),
     Mutant("T3", "train.py", "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n"
            "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
-           "                    batches = following.pop() if following else _start_epoch(transfer, loader, state)\n",
+           "                    batches = following.pop().result() if following else _start_epoch(transfer, loader, state)\n",
            "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
-           "                    batches = following.pop() if following else _start_epoch(transfer, loader, state)\n"
+           "                    batches = following.pop().result() if following else _start_epoch(transfer, loader, state)\n"
            "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n",
            "the RNG state saved after the next epoch's loader started", RESUME),
     Mutant("T4", "train.py", "if checkpoint is not None and \"shards\" in checkpoint:", "if False:",
