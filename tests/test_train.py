@@ -1930,9 +1930,10 @@ def test_an_epochs_checkpoint_reaches_the_disk_while_the_next_epoch_trains(tiny_
 def test_in_ram_an_epochs_batches_are_started_during_the_last_epochs_last_steps(tiny_store, tmp_path, monkeypatch, case, args, early):
     """In RAM without a DataLoader, the next epoch's batches are started by a thread other than the steps' as the batch
     made ``cache.PREFETCH`` before an epoch's last is taken: its first ones are made during the last steps and the
-    checkpoint's save, not waited for after them (was: the next epoch's iterator, and its thread, started by the steps' thread after the epoch's end). The run is
-    the one trained without that (weights, losses, metrics). Streaming (the last buffer's batches still hold it) and
-    before an evaluation (its dataset read beside the batches) the next epoch starts after the epoch, as before."""
+    checkpoint's save, not waited for after them (was: the next epoch's iterator, and its thread, started by the steps'
+    thread after the epoch's end). The run is the one trained without that (weights, losses, metrics). Streaming (the
+    last buffer's batches still hold it) and before an evaluation (its dataset read beside the batches) the next epoch
+    starts after the epoch, as before."""
     trainer = importlib.import_module("kdcache.train")
     p = pipeline(*PLAIN, "train.epochs=3", "train.batch_size=16", *args)
     n = -(-layout.open_store(tiny_store).num_samples // 16)  # batches an epoch
