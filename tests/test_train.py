@@ -1604,7 +1604,7 @@ def test_a_checkpoint_copy_that_does_not_fit_is_refused_on_a_gpu(tiny_store, mon
     copy = _checkpoint_copy_bytes(run, "adamw")
     monkeypatch.setattr(cache, "memory_limit", lambda: 2 * (1600 + copy) - 2)
     made = functools.partial(_transfer_set, p.train, tiny_store, store, np.arange(store.num_shards), _dataset(p, store, "the store"),
-                             run, None, 1)
+                             run, 1)
     if device == "cpu":
         assert made().checkpoint_bytes == 0 and "note: checkpoints are written in the main thread" in capsys.readouterr().out
         return
