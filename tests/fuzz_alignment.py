@@ -25,10 +25,11 @@ mask the step was given. Each run draws:
   streamed), ``shuffle_buffer_shards``, ``streams``, ``subset``, ``drop_last``, ``fingerprint_check``,
   ``checkpoint_every``, the loss terms, ``train.mask``, and ``train.eval_cache`` (a store of other samples, of its own
   top-k, shards and dtype, whose eval batches' stored logits are checked as the steps' are, through ``train._agreement``);
-- a stop at a drawn step: SIGTERM (the hook sends it to its own process: the run saves a checkpoint there) or an
-  exception from the step (a crash: the steps after the last checkpoint are trained again), then a resume
-  (``resume="auto"`` or ``True``; as many DataLoader workers or another number, in memory or streamed as before or not;
-  from a partial store, its other shards completed meanwhile or not), stopped again or not.
+- a stop at a drawn step: SIGTERM (the hook sends it to its own process: the run saves a checkpoint there), SIGTERM in
+  the evaluation after that step (``train._agreement``'s hook sends it), or an exception from the step (a crash: the
+  steps after the last checkpoint are trained again), then a resume
+  (``resume="auto"`` or ``True``; as many DataLoader workers or another number, to 3, in memory or streamed as before
+  or not; from a partial store, its other shards completed meanwhile or not), stopped again or not.
 
 Checked, each a defect where it fails: every row of every step holds one number throughout its input (``mixed``); its
 targets (each stored array: logits, top-k values and classes, the layer), label and mask are those of that number
@@ -57,6 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +108,7 @@ def draw(rng: random.Random) -> dict[str, Any]:
     if rng.random() < 0.45:  # where in the run's steps (a fraction of them) it stops
         c["stop_at"] = round(rng.random(), 3) or 0.5
     # drawn last: the draws before stay a seed's
-    c["resume_workers"] = rng.choice([c["workers"], c["workers"], 0, 1, 2])
+    c["resume_workers"] = rng.choice([c["workers"], c["workers"], 0, 1, 2, 3])
     c["resume"] = rng.choice(["auto", True])
     c["resume_extract_batch"] = rng.choice([c["extract_batch"], rng.randint(1, 40)])
     c["stop_kind"] = rng.choice(["term", "term", "crash"])
@@ -116,6 +118,8 @@ def draw(rng: random.Random) -> dict[str, Any]:
     c["stop_again"] = rng.choice([0, 0, round(rng.random(), 3) or 0.5])  # of the resumed run's steps
     c["getitems"] = rng.random() < 0.3
     c["student_inputs"] = ["x"] if form == "dicts" and rng.random() < 0.3 else []
+    if c["eval"] and c["stop_at"] and rng.random() < 0.4:
+        c["stop_kind"] = "eval"  # SIGTERM in the evaluation after that step: the epoch's checkpoint, then the stop
     c["eval_store"] = {"topk": rng.choice([c["topk"], c["topk"], 0, 2]),
                        "rows_per_shard": rng.choice([c["rows_per_shard"], rng.randint(1, 9)]),
                        "dtype": rng.choice(["float32", "float16"])}
@@ -210,7 +214,8 @@ class Crash(Exception):
 
 class Recorder:
     """``Run.losses`` and ``train._agreement`` wrapped: each step's (student input, targets, label, mask, index) and each
-    eval batch's (student input, targets); ``stop_at`` > 0: SIGTERM to this process as that step's loss is computed."""
+    eval batch's (student input, targets); ``stop_at`` > 0: SIGTERM to this process as that step's loss is computed
+    (``stop_kind`` "term"), or in the first evaluation after it ("eval"), or an exception from that step ("crash")."""
 
     def __init__(self) -> None:
         import importlib
@@ -233,12 +238,15 @@ class Recorder:
                                        "index": batch["index"].clone(), "rows": batch["rows"].clone()})
                 if len(recorder.steps) == recorder.stop_at and recorder.stop_kind == "term":
                     os.kill(os.getpid(), signal.SIGTERM)
-                elif len(recorder.steps) == recorder.stop_at:
+                elif len(recorder.steps) == recorder.stop_at and recorder.stop_kind == "crash":
                     raise Crash(f"crashed at step {recorder.stop_at}")
             return parts
 
         def agreement(logits: Any, targets: Any, classes: int) -> Any:
             recorder.evals.append({"seen": _copy(recorder.run.student.seen), "targets": _copy(targets)})
+            if recorder.stop_kind == "eval" and 0 < recorder.stop_at <= len(recorder.steps):  # the first eval after it
+                recorder.stop_at = 0
+                os.kill(os.getpid(), signal.SIGTERM)
             return recorder.agreement(logits, targets, classes)
 
         train.Run.losses, train._agreement = losses, agreement
@@ -363,6 +371,7 @@ def one(seed: int, number: int, keep: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", "This DataLoader will create")  # 3 workers on 2 cores: what the run asks for
     rng = random.Random(f"{seed}:{number}")
     c = draw(rng)
     out: dict[str, Any] = {"run": number, "settings": c, "problems": []}
@@ -420,10 +429,10 @@ def stopped_and_resumed(c: dict[str, Any], location: str, work: Path, extra: dic
         checkpoint = work / "stopped" / "checkpoint.pt"
         start = int(torch.load(checkpoint, weights_only=False)["step"]) if part and checkpoint.exists() else 0
         stop_at = math.ceil(fraction * (len(full) - start))  # this part's own step
-        if part and c["stop_kind"] == "term" and start != end:
+        if part and c["stop_kind"] != "crash" and start != end:
             problems.append(f"resume: part {part + 1} starts at step {start + 1}, the SIGTERM's part ended at step {end}")
-        if part == 1 and c["complete_between"]:  # the store's other shards done since: the resumed run keeps its own
-            kdcache.extract(pipeline(c), location)
+        if part == 1 and c["complete_between"] and checkpoint.exists():  # other shards done since: a resumed run keeps
+            kdcache.extract(pipeline(c), location)  # its own (a run begun again, with no checkpoint, takes those done now)
         # another run's settings where there is a checkpoint to resume (else the run begins again, refused on other
         # settings than its pipeline.json's: a new run would replace that run's files)
         settings = {"num_workers": c["resume_workers"], "memory_budget_mb": c["resume_budget"]} \
@@ -432,7 +441,7 @@ def stopped_and_resumed(c: dict[str, Any], location: str, work: Path, extra: dic
         try:
             kdcache.train(pipeline(c, **extra, **settings), location, work / "stopped", allow_partial=partial,
                           resume=(c["resume"] if checkpoint.exists() else "auto") if part else False)
-            if stop_at and start + stop_at < len(full):
+            if stop_at and start + stop_at < len(full) and c["stop_kind"] != "eval":
                 problems.append(f"resume: the {c['stop_kind']} at step {start + stop_at} did not stop the run")
             stop_at = 0
         except (TrainingStopped, Crash):
