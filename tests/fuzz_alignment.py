@@ -26,8 +26,8 @@ mask the step was given. Each run draws:
   ``checkpoint_every``, the loss terms, ``train.mask``, and ``train.eval_cache`` (a store of other samples, of its own
   top-k, shards and dtype, whose eval batches' stored logits are checked as the steps' are, through ``train._agreement``);
 - a stop at a drawn step: SIGTERM (the hook sends it to its own process: the run saves a checkpoint there), SIGTERM in
-  the evaluation after that step (``train._agreement``'s hook sends it), or an exception from the step (a crash: the
-  steps after the last checkpoint are trained again), then a resume
+  the evaluation after that step (``train._agreement``'s hook sends it), an exception from the step (a crash: the
+  steps after the last checkpoint are trained again), or a plan ending there (``train.steps``), then a resume
   (``resume="auto"`` or ``True``; as many DataLoader workers or another number, to 3, in memory or streamed as before
   or not; from a partial store, its other shards completed meanwhile or not), stopped again or not.
 
@@ -120,6 +120,8 @@ def draw(rng: random.Random) -> dict[str, Any]:
     c["student_inputs"] = ["x"] if form == "dicts" and rng.random() < 0.3 else []
     if c["eval"] and c["stop_at"] and rng.random() < 0.4:
         c["stop_kind"] = "eval"  # SIGTERM in the evaluation after that step: the epoch's checkpoint, then the stop
+    if c["stop_at"] and rng.random() < 0.2:
+        c["stop_kind"] = "plan"  # a plan of train.steps that ends there, then resume=True with the whole plan
     c["eval_store"] = {"topk": rng.choice([c["topk"], c["topk"], 0, 2]),
                        "rows_per_shard": rng.choice([c["rows_per_shard"], rng.randint(1, 9)]),
                        "dtype": rng.choice(["float32", "float16"])}
@@ -416,7 +418,8 @@ def attempt(c: dict[str, Any], work: Path, rng: random.Random) -> dict[str, Any]
 def stopped_and_resumed(c: dict[str, Any], location: str, work: Path, extra: dict[str, Any], partial: bool,
                         full: list[list[int]]) -> list[str]:
     """The run again, stopped at the step a fraction ``c["stop_at"]`` into its steps (SIGTERM: it saves a checkpoint
-    there; ``crash``: an exception from the step, the process's end without a checkpoint), resumed, stopped again a
+    there; ``eval``: SIGTERM in the evaluation after it; ``crash``: an exception from the step, the process's end
+    without a checkpoint; ``plan``: a shorter plan, ``train.steps``, that ends there), resumed, stopped again a
     fraction ``c["stop_again"]`` into the resumed run's steps where drawn, and resumed to its end. Each part must train
     on the rows of the uninterrupted run's (``full``) steps from its checkpoint's step (``checkpoint.pt``'s, read with
     torch; the start where there is none yet), which after a SIGTERM is where the part before stopped."""
@@ -437,13 +440,16 @@ def stopped_and_resumed(c: dict[str, Any], location: str, work: Path, extra: dic
         # settings than its pipeline.json's: a new run would replace that run's files)
         settings = {"num_workers": c["resume_workers"], "memory_budget_mb": c["resume_budget"]} \
             if part and checkpoint.exists() else {}
-        rec.stop_at, rec.stop_kind = stop_at, c["stop_kind"]
+        plan = c["stop_kind"] == "plan" and 0 < stop_at < len(full) - start  # a plan of train.steps ending there
+        if plan:
+            settings["steps"] = start + stop_at
+        rec.stop_at, rec.stop_kind = 0 if plan else stop_at, c["stop_kind"]
         try:
             kdcache.train(pipeline(c, **extra, **settings), location, work / "stopped", allow_partial=partial,
                           resume=(c["resume"] if checkpoint.exists() else "auto") if part else False)
-            if stop_at and start + stop_at < len(full) and c["stop_kind"] != "eval":
+            if stop_at and start + stop_at < len(full) and c["stop_kind"] in ("term", "crash"):
                 problems.append(f"resume: the {c['stop_kind']} at step {start + stop_at} did not stop the run")
-            stop_at = 0
+            stop_at = stop_at if plan else 0
         except (TrainingStopped, Crash):
             pass
         steps, evals = rec.take()
