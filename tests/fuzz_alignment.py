@@ -9,8 +9,8 @@ core). Run from the repository root::
 
 The datasets, teacher and student are ``tests/fixtures/aligned.py``'s: item ``i``'s input holds its number ``v = i``
 in every value it has (a tensor, an ``(input, label)`` tuple, or a dict with a padding mask), the teacher's logits are
-``v + (0, 1, 2, 3)`` (per token for dicts) and its layer ``body`` eight values of ``v``, so nothing of kdcache's is
-trusted for what a row's targets must be. The student keeps the input of its every forward; ``Run.losses`` (the step's
+``v + (c + v) % 4`` for class c (per token for dicts; the order of the classes turns with v) and its layer ``body``
+eight values of ``v``, so nothing of kdcache's is trusted for what a row's targets must be. The student keeps the input of its every forward; ``Run.losses`` (the step's
 loss, given the batch) is wrapped to take, for each step, what the student was called with and the targets, labels and
 mask the step was given. Each run draws:
 
@@ -120,7 +120,7 @@ def draw(rng: random.Random) -> dict[str, Any]:
     c["resume_extract_batch"] = rng.choice([c["extract_batch"], rng.randint(1, 40)])
     c["stop_kind"] = rng.choice(["term", "term", "crash"])
     c["checkpoint_every"] = rng.choice([0, 0, 1, 2, 3, 5])
-    c["complete_between"] = c["making"] == "partial" and rng.random() < 0.5
+    c["complete_between"] = c["making"] == "partial" and rng.random() < 0.8
     c["resume_budget"] = rng.choice([c["budget"], c["budget"], c["budget"], 0.0, 2048.0])
     c["stop_again"] = rng.choice([0, 0, round(rng.random(), 3) or 0.5])  # of the resumed run's steps
     c["getitems"] = rng.random() < 0.3
