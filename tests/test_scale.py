@@ -75,17 +75,17 @@ def count_done_reads(monkeypatch) -> list[str]:
 def test_train_reads_each_stores_done_markers_once_per_opening(tmp_path: Path, zoo_env, monkeypatch):
     """A run's setup read every done marker of the store four times (its completeness, the shards it trains on, the
     rows' check and the rows' read), five on --resume, and the eval store's three times: 1.2 s each at 4,000 shards.
-    Now once per store opened: the run's own and its reader's (TransferSet opens the store again)."""
+    Now once per store: the reader (TransferSet) is handed the store the run's setup opened, not opening it again."""
     zoo_env(N=16)
     store, evals = str(tmp_path / "s.zarr"), str(tmp_path / "e.zarr")
     kdcache.extract(deep_pipeline(1), store)
     kdcache.extract(deep_pipeline(1), evals)
     seen = count_done_reads(monkeypatch)
     kdcache.train(deep_pipeline(1, eval_cache=evals, eval_split="train"), store, str(tmp_path / "run"))
-    assert seen.count(store) == 2 and seen.count(evals) == 2, seen
+    assert seen.count(store) == 1 and seen.count(evals) == 1, seen
     seen.clear()
     kdcache.train(deep_pipeline(1, eval_cache=evals, eval_split="train", epochs=2), store, str(tmp_path / "run"), resume=True)
-    assert seen.count(store) == 2 and seen.count(evals) == 2, seen
+    assert seen.count(store) == 1 and seen.count(evals) == 1, seen
 
 
 def test_import_looks_up_a_datasets_digest_column_and_the_topk_classes_once_per_file(tmp_path: Path, zoo_env):
