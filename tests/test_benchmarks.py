@@ -42,6 +42,21 @@ def test_a_benchmark_runs_to_its_verdict(script, tmp_path):
     assert proc.stdout.rstrip().endswith(f"{report['benchmark']}: {'PASS' if report['pass'] else 'FAIL'}")
 
 
+@pytest.mark.slow
+def test_the_request_counter_counts_every_command_over_both_servers():
+    """benchmarks/count_requests.py (RESULTS.md's requests per command, counted at a real http server and moto's S3 on
+    loopback) still runs: every command succeeds and sends requests of each server's kinds; train's start stays as
+    bounded as tests/test_remote.py bounds it over http."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "count_requests.py"), str(BENCHMARKS.parent)], capture_output=True,
+                          text=True, timeout=300, cwd=BENCHMARKS.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.splitlines()[-1])
+    commands = ("info", "verify", "stats", "train", "train-stream", "export")
+    assert sorted(counts) == sorted(f"{server} {c}" for server in ("http", "s3") for c in commands), counts
+    assert all(c["GET"] > 0 and c["total"] == sum(n for k, n in c.items() if k != "total") for c in counts.values()), counts
+    assert counts["http train"]["total"] < 53 and counts["http train-stream"]["total"] < 69, counts  # before: 53 and 69
+
+
 DEVICE_RUN = {  # gpu_check.sh's CUDA scripts, at a tiny size on the CPU: what they call must still exist and answer as they read it
     "gpu_extract.py": ["--device", "cpu", "--n", "64"],
     "profile_extract.py": ["--device", "cpu", "--n", "16", "--batch-size", "16"],  # one full batch: its ResNet forward is the time

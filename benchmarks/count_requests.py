@@ -1,0 +1,167 @@
+"""Count the requests each kdcache command sends to a store over http (RangeHTTPServer, logged at the server) and over
+S3 (moto in its own process, behind a loopback proxy keeping each request's first line). Usage:
+python benchmarks/count_requests.py TREE [--detail]   (TREE: the kdcache checkout to count, e.g. . or an old worktree)
+
+Not a benchmark (no goal: counts are deterministic, and tests/test_remote.py bounds train's): the tool behind
+RESULTS.md's "round trips at a command's start". Prints each command's requests by method (``--detail``: by key too),
+then all of them as one JSON line; exits 1 if a command failed."""
+import collections
+import contextlib
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+WT = Path(sys.argv[1]).resolve()
+DETAIL = "--detail" in sys.argv
+FIX = WT / "tests" / "fixtures"
+ENV = {**os.environ, "PYTHONPATH": str(WT), "PYTHONWARNINGS": "ignore"}
+
+
+def run(*args, cwd=FIX):
+    r = subprocess.run([sys.executable, "-m", "kdcache", *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
+    if r.returncode:
+        print("FAILED", args, r.stdout[-2000:], r.stderr[-3000:])
+    return r
+
+
+class Proxy:
+    def __init__(self, port):
+        self.requests = []
+        self.l = socket.create_server(("127.0.0.1", 0))
+        self.port, self.up = self.l.getsockname()[1], port
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            c, _ = self.l.accept()
+            s = socket.create_connection(("127.0.0.1", self.up))
+            threading.Thread(target=self.pipe, args=(c, s, True), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(s, c, False), daemon=True).start()
+
+    def pipe(self, a, b, req):
+        body = 0
+        try:
+            while data := a.recv(1 << 16):
+                if req and body <= 0:
+                    head = data.split(b"\r\n\r\n", 1)[0]
+                    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                    body = (int(m[1]) if m else 0) - (len(data) - len(head) - 4)
+                    self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+                elif req:
+                    body -= len(data)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def kind(method, path, prefix):
+    path = path.split("?", 1)
+    query = path[1] if len(path) > 1 else ""
+    key = path[0]
+    if "list-type" in query or (method == "GET" and key.endswith("/")):
+        return "LIST", key.removeprefix(prefix)
+    key = key.removeprefix(prefix).lstrip("/")
+    if key.endswith("zarr.json"):
+        what = key
+    elif key.startswith("progress/done/c/"):
+        what = "progress/done/c/*"
+    elif key.startswith("progress/digest/c/"):
+        what = "progress/digest/c/*"
+    elif "/c/" in key:
+        what = "data shard objects"
+    else:
+        what = key or "(root)"
+    return method, what
+
+
+def summary(lines, prefix):
+    counts = collections.Counter(kind(m, p, prefix) for m, p in lines)
+    total = collections.Counter(m for m, _ in counts.elements())
+    return {"total": sum(counts.values()), **dict(total)}, counts
+
+
+def main():
+    work = Path(tempfile.mkdtemp(prefix="remote_count_"))
+    store = work / "www" / "tiny.zarr"
+    store.parent.mkdir()
+    r = run("extract", "tiny.toml", "--out", str(store))
+    assert r.returncode == 0
+    # http
+    from RangeHTTPServer import RangeRequestHandler
+    log = []
+
+    class Counted(RangeRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def send_head(self):
+            log.append((self.command, self.path))
+            return super().send_head()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counted, directory=str(work / "www")))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/tiny.zarr"
+    # s3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(mport)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", mport), timeout=0.2):
+            break
+        time.sleep(0.05)
+    proxy = Proxy(mport)
+    import s3fs
+    opts = {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+    fs.mkdir("bkt")
+    fs.put(str(store), "bkt/tiny.zarr", recursive=True)
+    s3opts = [f"--storage-option=endpoint_url={opts['endpoint_url']}", "--storage-option=key=testing", "--storage-option=secret=testing"]
+    results, failed = {}, []
+    try:
+        for where, url, extra, lines, prefix in (("http", base, [], log, "/tiny.zarr"), ("s3", "s3://bkt/tiny.zarr", s3opts, proxy.requests, "/bkt/tiny.zarr")):
+            commands = {
+                "info": ["info", url, *extra],
+                "verify": ["verify", url, *extra],
+                "stats": ["stats", url, *extra],
+                "train": ["train", "tiny.toml", "--cache", url, "--out", str(work / f"run-{where}"), "--epochs", "1", "--overwrite", *extra],
+                "train-stream": ["train", "tiny.toml", "--cache", url, "--out", str(work / f"run-{where}-s"), "--epochs", "1", "--overwrite",
+                                 "--set", "train.memory_budget_mb=0", *extra],
+                "export": ["export", url, str(work / f"{where}.h5"), "--overwrite", *extra],
+            }
+            for name, args in commands.items():
+                before = len(lines)
+                r = run(*args)
+                got = [(l[0], l[1]) if isinstance(l, tuple) else tuple(l.split(" ")[:2]) for l in lines[before:]]
+                total, counts = summary(got, prefix)
+                results[f"{where} {name}"] = total
+                if r.returncode:
+                    failed.append(f"{where} {name}")
+                print(f"{where:5} {name:12} rc={r.returncode} {total}")
+                if DETAIL:
+                    for (m, k), n in sorted(counts.items()):
+                        print(f"        {m:5} {k:40} {n}")
+    finally:
+        moto.terminate()
+        server.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results))
+    return 1 if failed else 0
+
+
+sys.exit(main())
