@@ -480,14 +480,16 @@ class Prefetch:
     ready before they are asked for (``train`` starts an epoch's batches while it saves the last epoch).
 
     Errors re-raise in the consumer. ``close()``, or dropping the iterator, stops the thread at its next
-    hand-off; the thread holds no reference to this object, so dropping it is enough.
+    hand-off; the thread holds no reference to this object, so dropping it is enough. ``made`` is set once nothing of
+    ``items`` runs any more (every item made, an error raised, or stopped): what makes them (a dataset read) is done.
     """
 
     def __init__(self, items: Iterator[Any], depth: int):
         self._buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._finished = False
-        thread = threading.Thread(target=_produce, args=(items, self._buffer, self._stop), name="kdcache-prefetch", daemon=True)
+        self.made = threading.Event()
+        thread = threading.Thread(target=_produce, args=(items, self._buffer, self._stop, self.made), name="kdcache-prefetch", daemon=True)
         with _PRODUCERS_LOCK:
             _PRODUCERS[thread] = self._stop
         thread.start()
@@ -534,7 +536,7 @@ def _stop_producers() -> None:
 atexit.register(_stop_producers)
 
 
-def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Event) -> None:
+def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Event, made: threading.Event) -> None:
     def put(entry: tuple[Any, BaseException | None]) -> bool:
         """Hand one entry over unless the consumer has stopped (then never block)."""
         while not stop.is_set():
@@ -549,10 +551,13 @@ def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Eve
         for item in items:
             if not put((item, None)):
                 return
+        made.set()  # before the end is handed over: the consumer may not take it for a while
         put((_DONE, None))
     except BaseException as e:  # handed to the consumer
+        made.set()
         put((_DONE, e))
     finally:
+        made.set()
         with _PRODUCERS_LOCK:
             _PRODUCERS.pop(threading.current_thread(), None)
 

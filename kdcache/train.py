@@ -383,7 +383,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 count = _check_batches(transfer, state["epoch"], t.batch_size)
                 steps = min(count - state["batch"], loop.total_steps - state["step"])
                 bar = Progress(steps * rows_per_step, f"epoch {state['epoch']}", enabled=progress and loop.rank == 0)
-                ahead = _ahead(transfer, loader, state, t, following)
+                ahead = _ahead(transfer, loader, state, t, following, batches)
                 means, partial = _epoch(run, loop, batches, state, count, bar, partial, ahead)
                 _check_finite(means, state, loop.out, loop.saved)
                 due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
@@ -403,7 +403,8 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
             raise
         finally:
             try:
-                for made in (batches, *(f.result() for f in following if f.exception() is None)):  # one started ahead too
+                data.stop_making(batches)  # first: one started ahead waits for it to have stopped (_ahead)
+                for made in (f.result() for f in following if f.exception() is None):  # one started ahead too
                     data.stop_making(made)
             finally:  # the last checkpoint whole on the disk before train returns or raises, or its write's error raised
                 loop.writes.wait(during=ending)  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
@@ -519,12 +520,15 @@ def _start_epoch(transfer: cache.TransferSet, loader: Any, state: dict[str, int]
 
 
 def _ahead(transfer: cache.TransferSet, loader: Any, state: dict[str, int], t: Any,
-           following: list[futures.Future[Iterator[dict[str, Any]]]]) -> Callable[[], None] | None:
+           following: list[futures.Future[Iterator[dict[str, Any]]]], batches: Any) -> Callable[[], None] | None:
     """In RAM, iterated without a DataLoader: what starts the next epoch's batches (into ``following``) as ``_epoch`` takes
     one of this epoch's last, so that its first ones are made during the last steps and the save, not waited for after them. A
     thread of its own starts them: starting their thread waits for it to be scheduled (milliseconds on a busy machine),
-    which the steps' thread then does not. None where a DataLoader serves them (its persistent workers serve one iterator
-    at a time), where streaming (a reader holds the buffer it serves and the next: the last buffer's batches still hold
+    which the steps' thread then does not. That thread starts them once this epoch's ``batches`` are all made (or
+    stopped): the dataset is read by one thread at a time, as without this (two at once, a dataset read as from one
+    open file served one item's input for another's, unchecked past the first epoch at train.fingerprint_recheck < 1;
+    a tokenizer refusing a second thread failed the run). None where a DataLoader serves them (its persistent workers
+    serve one iterator at a time), where streaming (a reader holds the buffer it serves and the next: the last buffer's batches still hold
     it) and where the epoch ends with an evaluation (its dataset read beside the next epoch's). The next epoch's iterator
     draws nothing from the RNGs a checkpoint saves (a TransferSet's draws are its own, seeded): it may start before they
     are read."""
@@ -532,7 +536,15 @@ def _ahead(transfer: cache.TransferSet, loader: Any, state: dict[str, int], t: A
     if loader is not transfer or not transfer.in_memory or evaluated:
         return None
     following_state = {"epoch": state["epoch"] + 1, "batch": 0}
-    return lambda: following.append(threads.pool("next-epoch", 1).submit(_start_epoch, transfer, loader, following_state))
+    return lambda: following.append(threads.pool("next-epoch", 1).submit(_start_after, batches, transfer, loader, following_state))
+
+
+def _start_after(batches: Any, transfer: cache.TransferSet, loader: Any, state: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """``_start_epoch`` once every batch of the iterator ``batches`` (a ``data.Prefetch``) is made, or it stopped."""
+    made = getattr(batches, "made", None)
+    if made is not None:
+        made.wait()
+    return _start_epoch(transfer, loader, state)
 
 
 def _position(state: dict[str, int]) -> str:
@@ -548,7 +560,7 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
     ``partial``: the sums of a resumed epoch's batches before. Inside the epoch a
     checkpoint is saved every ``train.checkpoint_every`` steps and when a stop is asked for (``_Loop.midway``).
     ``ahead``: called as the batch made ``cache.PREFETCH`` before the epoch's last is taken (the epoch's batches are
-    then made, or the last in the making), where the plan goes on past the epoch (``_ahead``)."""
+    then made, or the last in the making: the next epoch's wait for it), where the plan goes on past the epoch (``_ahead``)."""
     sums, seen = _sums(run, partial)
     run.student.train(), run.heads.train()
     for batch in batches:

@@ -1966,6 +1966,28 @@ def test_in_ram_an_epochs_batches_are_started_during_the_last_epochs_last_steps(
         [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics(tmp_path / "after")]
 
 
+def test_in_ram_the_next_epochs_batches_started_early_read_the_dataset_once_this_epochs_are_made(tiny_store, tmp_path, monkeypatch):
+    """The next epoch's batches, started during an epoch's last steps (in RAM, no DataLoader), are made once the epoch's
+    own are all made: the dataset is read by one thread at a time, as before they were started early. Was: their thread
+    read it beside the one making the epoch's last batches, and a dataset read as from one open file (a seek, then the
+    read) served about 40 of 4 epochs' 200 rows another item's input, with the targets of the row asked for: unchecked
+    past the first epoch at train.fingerprint_recheck 0 (0.05 checks few), and in the first named as random augmentation."""
+    import numbered
+
+    p = pipeline(*PLAIN, "train.epochs=4", "train.batch_size=8", 'data.factory="numbered.py:tiny_one_cursor"',
+                 "train.fingerprint_check=0", "train.fingerprint_recheck=0")
+    truth, wrong, losses_of = tiny.TinyImages("train"), [], Run.losses
+
+    def step(self, batch):
+        wrong.extend(i for i, x in zip(batch["index"].tolist(), batch["inputs"]) if not torch.equal(x, truth.x[i]))
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(Run, "losses", step)
+    monkeypatch.setattr(numbered.OneCursor, "most", 0)
+    train(p, tiny_store, tmp_path / "run")
+    assert metrics(tmp_path / "run")[-1]["step"] == 4 * 7 and wrong == [] and numbered.OneCursor.most == 1
+
+
 def test_a_checkpoint_written_in_the_background_keeps_tied_weights_one_tensor(tiny_store, tmp_path, monkeypatch):
     """A student's tied weights (one tensor under two names) stay one tensor in a checkpoint written from copies, as in one
     written in the main thread (was: each name copied apart, the tied weights saved twice and held twice in RAM)."""
