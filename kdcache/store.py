@@ -838,9 +838,11 @@ class Store:
 
     def _manifest_now(self) -> dict[str, Any] | None:
         """The manifest at the location now, its root ``zarr.json`` read again (one small read); None where there is none
-        (the store removed, or being created again: its manifest is written last)."""
+        (the store removed, or being created again: its manifest is written last). A local zip's from the file at its
+        path now (its directory and that member): the file this Store opened stays open, and read through it a zip put
+        in its place since (renamed over it) was the one opened still, or one copied over it a damaged member."""
         try:
-            raw = self._get("zarr.json")
+            raw = _zip_member_now(self.location, "zarr.json") if self._kind == "zip" else self._get("zarr.json")
         except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
             if _on_the_way(e):
                 raise self._unreachable("zarr.json", e) from None
@@ -2654,6 +2656,17 @@ def _get(d: dict[str, Any], dotted: str, absent: Any = None) -> Any:
     for part in dotted.split("."):
         d = d.get(part, absent) if isinstance(d, dict) else absent  # type: ignore[assignment]
     return d
+
+
+def _zip_member_now(location: str, key: str) -> bytes | None:
+    """The member ``key`` of the local zip file at ``location`` now, opened anew; None where the file or the member is not
+    there, or the file is no readable zip (being written, another file) or the member larger than metadata may be."""
+    try:
+        with open_zip(location) as z:
+            info = z.getinfo(key)
+            return z.read(info) if info.file_size <= MAX_METADATA_BYTES else None
+    except (FileNotFoundError, KeyError, zipfile.BadZipFile, KdcacheError):
+        return None
 
 
 def identity(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import re
 import shutil
 import subprocess
@@ -870,6 +871,48 @@ def test_a_reader_handed_an_opened_store_reads_it_and_refuses_one_replaced_or_re
     shutil.rmtree(location)
     with pytest.raises(StoreReplacedError, match=r"s\.zarr' was removed or replaced while this reader used it: no store manifest is at "
                        r"its root now; rerun once the store is in place again$"):
+        serve(ts, 0)
+
+
+@pytest.mark.parametrize("how", ["renamed", "copied"])
+def test_a_reader_handed_an_opened_zip_store_refuses_one_put_at_its_path_since(numbered_store, tmp_path, how):
+    """A zip store's Store holds its file open, and a reader handed it looked at the store's manifest through that file:
+    a zip renamed over the path since (another kdcache pack, a sync) was not refused, its reads served from the file
+    opened first, and one copied over it (the same file, rewritten) was named as a damaged zip member ("run kdcache
+    verify"). The zip at the path now is looked at: refused as replaced, before the reader is made or at its first read."""
+    from kdcache.interop import pack
+
+    folder, first, second, location = (str(tmp_path / name) for name in ("s.zarr", "first.zip", "second.zip", "s.zarr.zip"))
+    shutil.copytree(numbered_store, folder)
+    pack(folder, first)
+    _edit_manifest(folder, created="2030-01-02T00:00:00+00:00")
+    pack(folder, second)
+
+    def put_second() -> None:
+        if how == "renamed":
+            shutil.copy(second, location + ".part")
+            os.replace(location + ".part", location)
+        else:
+            with open(location, "r+b") as f:
+                f.write(open(second, "rb").read())
+                f.truncate()
+
+    shutil.copy(first, location)
+    opened = layout.open_store(location)
+    put_second()
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr\.zip' was replaced between its first opening and this reader's: its "
+                       r"manifest's created was '[^']+' when first opened and is '2030-01-02T00:00:00\+00:00' now"):
+        transfer(opened)
+    shutil.copy(first, location)
+    ts = transfer(layout.open_store(location), memory_budget_mb=0)
+    put_second()
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr\.zip' was replaced while this reader used it: its manifest's created "
+                       r"was '[^']+' when the reader was made and is '2030-01-02T00:00:00\+00:00' now"):
+        serve(ts, 0)
+    os.remove(location)
+    ts = transfer(layout.open_store(second), memory_budget_mb=0)
+    os.rename(second, str(tmp_path / "moved.zip"))
+    with pytest.raises(StoreReplacedError, match=r"second\.zip' was removed or replaced while this reader used it: no store manifest"):
         serve(ts, 0)
 
 
