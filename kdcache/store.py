@@ -838,9 +838,18 @@ class Store:
 
     def _manifest_now(self) -> dict[str, Any] | None:
         """The manifest at the location now, its root ``zarr.json`` read again (one small read); None where there is none
-        (the store removed, or being created again: its manifest is written last). A local zip's from the file at its
-        path now (its directory and that member): the file this Store opened stays open, and read through it a zip put
-        in its place since (renamed over it) was the one opened still, or one copied over it a damaged member."""
+        (the store removed, or being created again: its manifest is written last). A zip's from the zip at its location
+        now: a local one's file opened anew (its directory and that member), one behind a URL (``zip::https://…``)
+        opened anew. This Store reads its zip through the directory it read when opened (a local one through the file
+        it keeps open): read so, a zip put in its place since was the one opened still (renamed over it; a URL's, from
+        the bytes cached as it was opened), or a damaged member (one rewritten in place)."""
+        if self._kind != "zip" and self.location.lower().startswith("zip::"):
+            try:
+                return open_store(self.location, storage_options=self.storage_options).manifest
+            except UnreachableError:
+                raise
+            except KdcacheError:  # not there, or not a store (yet): no manifest
+                return None
         try:
             raw = _zip_member_now(self.location, "zarr.json") if self._kind == "zip" else self._get("zarr.json")
         except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
@@ -855,7 +864,7 @@ class Store:
 
     def check_in_place(self, when: str, then: str) -> None:
         """Refuse the store unless the one at its location now is this one (``identity``), looked at with one small read
-        (its root ``zarr.json``), not opened again: a ``StoreReplacedError`` saying it was replaced (or removed) ``when``,
+        (its root ``zarr.json``; a zip's directory too, and a zip behind a URL opened again: ``_manifest_now``), not opened again: a ``StoreReplacedError`` saying it was replaced (or removed) ``when``,
         naming what its manifest held ``then``. A reader handed a Store opened earlier (``TransferSet``) checks so that
         its reads are of the store that was opened."""
         now = self._manifest_now()

@@ -2192,6 +2192,56 @@ def test_train_from_an_http_store_reads_its_metadata_and_markers_once(counted_ht
     assert len(log) <= (43 if budget else 44), log
 
 
+def test_a_reader_handed_an_opened_zip_over_http_refuses_one_put_at_its_url_since(counted_http_root, numbered_store, tmp_path):
+    """A zip behind a URL (zip::https://…) is read through the directory its Store read when it was opened, from the bytes
+    its filesystem cached then: a reader handed that Store looked at the store's manifest so, and a zip put at the URL
+    since (another kdcache pack, uploaded over it) was not refused, where the reader opening the location (before it was
+    handed the Store) refused it. The zip at the URL is opened again for that look: refused as replaced, before the reader
+    is made or at its first streaming read, and one removed since as removed."""
+    import os
+    import shutil
+
+    from kdcache.cache import TransferSet
+    from kdcache.errors import StoreReplacedError
+    from numbered import Numbered
+
+    root, base, _ = counted_http_root
+    folder = tmp_path / "s.zarr"
+    shutil.copytree(numbered_store, folder)
+    pack(str(folder), str(tmp_path / "first.zip"))
+    meta = json.loads((folder / "zarr.json").read_text())
+    meta["attributes"]["kdcache"]["created"] = "2030-01-02T00:00:00+00:00"
+    (folder / "zarr.json").write_text(json.dumps(meta))
+    pack(str(folder), str(tmp_path / "second.zip"))
+    location = f"zip::{base}/t.zarr.zip"
+
+    def reader(store, **kwargs):
+        return TransferSet(store, Numbered(), ["logits"], batch_size=16, memory_budget_mb=0, **kwargs)
+
+    def put(name: str) -> None:
+        shutil.copy(tmp_path / name, root / "t.part")
+        os.replace(root / "t.part", root / "t.zarr.zip")
+
+    put("first.zip")
+    opened = open_store(location)
+    put("second.zip")
+    with pytest.raises(StoreReplacedError, match=r"t\.zarr\.zip' was replaced between its first opening and this reader's: its "
+                       r"manifest's created was '[^']+' when first opened and is '2030-01-02T00:00:00\+00:00' now"):
+        reader(opened)
+    put("first.zip")
+    ts = reader(open_store(location))
+    put("second.zip")
+    ts.set_epoch(0)
+    with pytest.raises(StoreReplacedError, match=r"t\.zarr\.zip' was replaced while this reader used it: its manifest's created "
+                       r"was '[^']+' when the reader was made and is '2030-01-02T00:00:00\+00:00' now"):
+        list(ts)
+    ts = reader(open_store(location))
+    os.remove(root / "t.zarr.zip")
+    ts.set_epoch(0)
+    with pytest.raises(StoreReplacedError, match=r"t\.zarr\.zip' was removed or replaced while this reader used it: no store manifest"):
+        list(ts)
+
+
 @pytest.mark.parametrize("command", ["stats", "export"])
 def test_stats_and_export_of_an_http_store_read_its_done_markers_once_for_their_checks(counted_http_root, tiny_store, tmp_path, command):
     """stats and export read every done marker (one object a shard) to choose or check the shards, then again as their
