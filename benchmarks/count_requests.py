@@ -11,15 +11,14 @@ import functools
 import http.server
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
+
+from bench_remote import DelayProxy, moto_server  # this folder's: moto in its own process, the request-keeping proxy
 
 WT = Path(sys.argv[1]).resolve()
 DETAIL = "--detail" in sys.argv
@@ -32,40 +31,6 @@ def run(*args, cwd=FIX):
     if r.returncode:
         print("FAILED", args, r.stdout[-2000:], r.stderr[-3000:])
     return r
-
-
-class Proxy:
-    def __init__(self, port):
-        self.requests = []
-        self.l = socket.create_server(("127.0.0.1", 0))
-        self.port, self.up = self.l.getsockname()[1], port
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            c, _ = self.l.accept()
-            s = socket.create_connection(("127.0.0.1", self.up))
-            threading.Thread(target=self.pipe, args=(c, s, True), daemon=True).start()
-            threading.Thread(target=self.pipe, args=(s, c, False), daemon=True).start()
-
-    def pipe(self, a, b, req):
-        body = 0
-        try:
-            while data := a.recv(1 << 16):
-                if req and body <= 0:
-                    head = data.split(b"\r\n\r\n", 1)[0]
-                    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                    body = (int(m[1]) if m else 0) - (len(data) - len(head) - 4)
-                    self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
-                elif req:
-                    body -= len(data)
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 def kind(method, path, prefix):
@@ -95,45 +60,40 @@ def summary(lines, prefix):
 
 
 def main():
-    work = Path(tempfile.mkdtemp(prefix="remote_count_"))
-    store = work / "www" / "tiny.zarr"
-    store.parent.mkdir()
-    r = run("extract", "tiny.toml", "--out", str(store))
-    assert r.returncode == 0
-    # http
-    from RangeHTTPServer import RangeRequestHandler
-    log = []
+    with contextlib.ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="count_requests_"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        store = work / "www" / "tiny.zarr"
+        store.parent.mkdir()
+        if run("extract", "tiny.toml", "--out", str(store)).returncode:
+            return 1
+        # http: a Range-capable server logging each request it answers
+        from RangeHTTPServer import RangeRequestHandler
+        log = []
 
-    class Counted(RangeRequestHandler):
-        def log_message(self, *a):
-            pass
+        class Counted(RangeRequestHandler):
+            def log_message(self, *a):
+                pass
 
-        def send_head(self):
-            log.append((self.command, self.path))
-            return super().send_head()
+            def send_head(self):
+                log.append((self.command, self.path))
+                return super().send_head()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counted, directory=str(work / "www")))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/tiny.zarr"
-    # s3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        mport = s.getsockname()[1]
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(mport)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", mport), timeout=0.2):
-            break
-        time.sleep(0.05)
-    proxy = Proxy(mport)
-    import s3fs
-    opts = {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "key": "testing", "secret": "testing"}
-    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
-    fs.mkdir("bkt")
-    fs.put(str(store), "bkt/tiny.zarr", recursive=True)
-    s3opts = [f"--storage-option=endpoint_url={opts['endpoint_url']}", "--storage-option=key=testing", "--storage-option=secret=testing"]
-    results, failed = {}, []
-    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counted, directory=str(work / "www")))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        stack.callback(server.shutdown)
+        base = f"http://127.0.0.1:{server.server_address[1]}/tiny.zarr"
+        # s3: moto in its own process, behind bench_remote's proxy (no delay: it keeps each request's first line)
+        endpoint = stack.enter_context(moto_server())
+        proxy = DelayProxy(int(endpoint.rsplit(":", 1)[1]))
+        import s3fs
+        opts = {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+        fs.mkdir("bkt")
+        fs.put(str(store), "bkt/tiny.zarr", recursive=True)
+        s3opts = [f"--storage-option=endpoint_url={opts['endpoint_url']}", "--storage-option=key=testing", "--storage-option=secret=testing"]
+        results, failed = {}, []
         for where, url, extra, lines, prefix in (("http", base, [], log, "/tiny.zarr"), ("s3", "s3://bkt/tiny.zarr", s3opts, proxy.requests, "/bkt/tiny.zarr")):
             commands = {
                 "info": ["info", url, *extra],
@@ -156,10 +116,6 @@ def main():
                 if DETAIL:
                     for (m, k), n in sorted(counts.items()):
                         print(f"        {m:5} {k:40} {n}")
-    finally:
-        moto.terminate()
-        server.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results))
     return 1 if failed else 0
 
