@@ -268,7 +268,15 @@ class Recorder:
                 os.kill(os.getpid(), signal.SIGTERM)
             return recorder.agreement(logits, targets, classes)
 
-        train.Run.losses, train._agreement = losses, agreement
+        self.train, self.wrapped = train, (losses, agreement)
+
+    def __enter__(self) -> Recorder:
+        """Wrap ``Run.losses`` and ``train._agreement`` while a run is fuzzed (a test calls ``one`` in pytest's process)."""
+        self.train.Run.losses, self.train._agreement = self.wrapped
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.train.Run.losses, self.train._agreement = self.losses, self.agreement
 
     def take(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         steps, evals, self.steps, self.evals, self.stop_at = self.steps, self.evals, [], [], 0
@@ -389,17 +397,18 @@ def one(seed: int, number: int, keep: bool = False) -> dict[str, Any]:
     """Run ``number`` of seed ``seed``: its settings, outcome and problems."""
     import torch
 
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", "This DataLoader will create")  # 3 workers on 2 cores: what the run asks for
     rng = random.Random(f"{seed}:{number}")
     c = draw(rng)
     out: dict[str, Any] = {"run": number, "settings": c, "problems": []}
     work = Path(tempfile.mkdtemp(prefix="kdcache-alignfuzz-"))
-    started = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # kdcache's own lines (heads added, resuming ...)
+    started, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # what it changes in this process put back after the run: a test calls it in pytest's
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), recorder():  # kdcache's own lines (heads added ...)
+            warnings.filterwarnings("ignore", "This DataLoader will create")  # 3 workers on 2 cores: what the run asks for
             out.update(attempt(c, work, rng))
     finally:
+        torch.set_num_threads(threads)
         out["seconds"] = round(time.perf_counter() - started, 2)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

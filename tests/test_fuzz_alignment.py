@@ -24,8 +24,16 @@ RUNS = [3, 6, 11, 13, 14, 15, 21]
 
 @pytest.mark.parametrize("number", RUNS)
 def test_seeded_runs_of_the_alignment_fuzzer_find_every_row_paired_with_its_own_targets(number):
+    import importlib
+
+    import torch
+
+    train = importlib.import_module("kdcache.train")  # the module: kdcache.train is its function
+    before = train.Run.losses, train._agreement, torch.get_num_threads()
     r = fuzz_alignment.one(0, number)
     assert r["outcome"] == "ok" and r["steps"] > 0 and r["problems"] == [], r
+    # put back for the tests after it in this process (its wrapped losses once failed 120 of them: no student.seen)
+    assert (train.Run.losses, train._agreement, torch.get_num_threads()) == before
 
 
 def test_the_alignment_fuzzer_reports_a_row_served_with_its_neighbours_targets(monkeypatch):
