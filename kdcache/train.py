@@ -394,7 +394,9 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                     partial = None
                 rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
                 if state["step"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved
-                    batches = following.pop().result() if following else _start_epoch(transfer, loader, state)
+                    # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it
+                    batches = following[0].result() if following else _start_epoch(transfer, loader, state)
+                    following.clear()
                 loop.save(state, rng, metrics, partial)
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)

@@ -150,9 +150,13 @@ MUTANTS = [
     Mutant("T2", "train.py", "    _set_rng_state(ckpt[\"rng\"])\n", "", "resume: the RNG state not restored", RESUME),
     Mutant("T3", "train.py", "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n"
            "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
-           "                    batches = following.pop().result() if following else _start_epoch(transfer, loader, state)\n",
+           "                    # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it\n"
+           "                    batches = following[0].result() if following else _start_epoch(transfer, loader, state)\n"
+           "                    following.clear()\n",
            "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
-           "                    batches = following.pop().result() if following else _start_epoch(transfer, loader, state)\n"
+           "                    # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it\n"
+           "                    batches = following[0].result() if following else _start_epoch(transfer, loader, state)\n"
+           "                    following.clear()\n"
            "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n",
            "the RNG state saved after the next epoch's loader started", RESUME),
     Mutant("T4", "train.py", "if checkpoint is not None and \"shards\" in checkpoint:", "if False:",

@@ -1966,6 +1966,43 @@ def test_in_ram_an_epochs_batches_are_started_during_the_last_epochs_last_steps(
         [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics(tmp_path / "after")]
 
 
+def test_a_ctrl_c_waiting_for_the_next_epochs_batches_started_early_stops_them(tiny_store, tmp_path, monkeypatch):
+    """A Ctrl-C (a real SIGINT) while the steps' thread waits for the next epoch's batches, started during the epoch's last
+    steps (in RAM, no DataLoader), stops them as train raises. Was: their iterator, taken out of the run's list before it
+    was waited for, was stopped by nobody: its thread went on making batches as long as anything held it."""
+    trainer = importlib.import_module("kdcache.train")
+    start_after, started, main = trainer._start_after, [], threading.main_thread()
+
+    def waiting() -> bool:  # the steps' thread is in Future.result()
+        frame = sys._current_frames().get(main.ident)
+        while frame is not None and not (frame.f_code.co_name == "result" and "concurrent" in frame.f_code.co_filename):
+            frame = frame.f_back
+        return frame is not None
+
+    def start_then_interrupt(*args):
+        batches = start_after(*args)
+        started.append(batches)
+        deadline = time.monotonic() + 30  # the steps' thread takes the epoch's last steps first
+        while not waiting() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the SIGINT taken while it waits, not once it has the batches
+        return batches
+
+    def making() -> set:
+        return {t for t in threading.enumerate() if t.name == "kdcache-prefetch"}
+
+    before = making()
+    monkeypatch.setattr(trainer, "_start_after", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(pipeline(*PLAIN, "train.epochs=2", "train.batch_size=16"), tiny_store, tmp_path / "run")
+    deadline = time.monotonic() + 60  # 10 s: tight for threads ending on a loaded box
+    while making() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(started) == 1 and making() - before == set()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # interrupted in the wait, before the first epoch's save
+
+
 def test_in_ram_the_next_epochs_batches_started_early_read_the_dataset_once_this_epochs_are_made(tiny_store, tmp_path, monkeypatch):
     """The next epoch's batches, started during an epoch's last steps (in RAM, no DataLoader), are made once the epoch's
     own are all made: the dataset is read by one thread at a time, as before they were started early. Was: their thread
