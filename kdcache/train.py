@@ -392,12 +392,17 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
                     state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
                     partial = None
+                failed: Exception | None = None  # the next epoch's batches not started: raised once this epoch is saved
                 rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores
                 if state["step"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved
-                    # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it
-                    batches = following[0].result() if following else _start_epoch(transfer, loader, state)
+                    try:  # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it
+                        batches = following[0].result() if following else _start_epoch(transfer, loader, state)
+                    except Exception as e:  # noqa: BLE001 - any: raised as it was, once the epoch is saved (_kept)
+                        failed = e
                     following.clear()
                 loop.save(state, rng, metrics, partial)
+                if failed is not None:  # the epoch's checkpoint and metrics line kept: a rerun goes on after it
+                    raise _kept(failed, loop)
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)
         except BaseException as e:
@@ -410,6 +415,18 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                     data.stop_making(made)
             finally:  # the last checkpoint whole on the disk before train returns or raises, or its write's error raised
                 loop.writes.wait(during=ending)  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
+
+
+def _kept(error: Exception, loop: _Loop) -> Exception:
+    """``error``, raised as the next epoch's batches were started, saying that the checkpoint saved before it is raised
+    keeps the epoch that ended (its type kept: a caller's ``except`` still takes it). A kdcache error's one line says so;
+    another error gets a note (its traceback shows it)."""
+    kept = f"{str(loop.out / CHECKPOINT)!r} keeps the run {loop.saved}: fix this, then {loop.again} to go on from there"
+    if isinstance(error, KdcacheError) and len(error.args) == 1:
+        error.args = (f"{error.args[0]} (raised as the next epoch's batches were started; {kept})",)
+    else:
+        error.add_note(f"raised as the next epoch's batches were started; {kept}")
+    return error
 
 
 def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dict[str, Any] | None,

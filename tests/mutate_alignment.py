@@ -150,12 +150,16 @@ MUTANTS = [
     Mutant("T2", "train.py", "    _set_rng_state(ckpt[\"rng\"])\n", "", "resume: the RNG state not restored", RESUME),
     Mutant("T3", "train.py", "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n"
            "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
-           "                    # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it\n"
-           "                    batches = following[0].result() if following else _start_epoch(transfer, loader, state)\n"
+           "                    try:  # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it\n"
+           "                        batches = following[0].result() if following else _start_epoch(transfer, loader, state)\n"
+           "                    except Exception as e:  # noqa: BLE001 - any: raised as it was, once the epoch is saved (_kept)\n"
+           "                        failed = e\n"
            "                    following.clear()\n",
            "                if state[\"step\"] < loop.total_steps:  # streaming, its first buffer is read while this epoch is saved\n"
-           "                    # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it\n"
-           "                    batches = following[0].result() if following else _start_epoch(transfer, loader, state)\n"
+           "                    try:  # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it\n"
+           "                        batches = following[0].result() if following else _start_epoch(transfer, loader, state)\n"
+           "                    except Exception as e:  # noqa: BLE001 - any: raised as it was, once the epoch is saved (_kept)\n"
+           "                        failed = e\n"
            "                    following.clear()\n"
            "                rng = _rng_state()  # before the next epoch's loader draws its seed: what a resume restores\n",
            "the RNG state saved after the next epoch's loader started", RESUME),

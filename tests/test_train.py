@@ -1966,6 +1966,36 @@ def test_in_ram_an_epochs_batches_are_started_during_the_last_epochs_last_steps(
         [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics(tmp_path / "after")]
 
 
+@pytest.mark.parametrize("case, args, error", [
+    ("in-memory", (), RuntimeError("can't start new thread")),  # started ahead by another thread (_ahead)
+    ("streaming", ("train.memory_budget_mb=0", "train.shuffle_buffer_shards=1"), StoreError("the store's first buffer")),
+])
+def test_an_error_starting_the_next_epochs_batches_is_raised_once_the_epoch_is_saved(tiny_store, tmp_path, case, args, error):
+    """An error starting the next epoch's batches is raised once the epoch that ended is saved (its metrics line and
+    checkpoint), saying the checkpoint keeps it: --resume goes on from there. Was: raised before the save, the epoch's
+    training lost (a rerun trained it again)."""
+    p = pipeline(*PLAIN, "train.epochs=2", "train.batch_size=16", *args)
+    iterate = TransferSet.__iter__
+
+    def failing(self):
+        if self.epoch == 1:
+            raise error
+        return iterate(self)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(TransferSet, "__iter__", failing)
+        with pytest.raises(type(error)) as raised:
+            train(p, tiny_store, tmp_path / "run")
+    said = str(raised.value) if isinstance(error, StoreError) else " ".join(getattr(raised.value, "__notes__", []))
+    assert "as the next epoch's batches were started" in said and "keeps the run after epoch 0" in said, said
+    assert [line["epoch"] for line in metrics(tmp_path / "run")] == [0]
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == metrics(tmp_path / "run")[0]["step"]
+    train(p, tiny_store, tmp_path / "run", resume=True)
+    train(p, tiny_store, tmp_path / "whole")
+    assert [line["epoch"] for line in metrics(tmp_path / "run")] == [0, 1]
+    same_run(tmp_path / "run", tmp_path / "whole")
+
+
 def test_a_ctrl_c_waiting_for_the_next_epochs_batches_started_early_stops_them(tiny_store, tmp_path, monkeypatch):
     """A Ctrl-C (a real SIGINT) while the steps' thread waits for the next epoch's batches, started during the epoch's last
     steps (in RAM, no DataLoader), stops them as train raises. Was: their iterator, taken out of the run's list before it
