@@ -17,6 +17,7 @@ step: ``_stream_steps``).
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 from pathlib import Path
@@ -366,7 +367,8 @@ class TransferSet(IterableDataset):
         # object storage or http every column's call is made at once, each asking for its next shards while it decodes one
         remote = storage.location_kind(self.location) in ("url", "http")
         calls = [(p, shards.tolist()) for p in self.paths]
-        reads = threads.ahead("read", storage.REMOTE_READS, self._store.read_shards, calls, len(calls) - 1 if remote else 0)
+        column = functools.partial(self._store.read_shards, replaced_when=REPLACED_WHEN)  # the Store may be the caller's: its words kept
+        reads = threads.ahead("read", storage.REMOTE_READS, column, calls, len(calls) - 1 if remote else 0)
         return {p: read.result()[position] for p, read in zip(self.paths, reads)}
 
     def _reopened(self) -> layout.Store:
@@ -376,14 +378,13 @@ class TransferSet(IterableDataset):
         rows beside the first store's (in RAM, or read by another worker), targets of another teacher or run, checked only
         by the fingerprints of the rows the re-check picks. One that does not open now (removed, or not yet whole again) was
         there when the reader was made: named so, not as "no store"."""
-        when = ("while this reader used it", "the reader was made")
+        when = REPLACED_WHEN
         if self._made is not None and self._made[1] == os.getpid():
             store = self._made[0]
             store.check_in_place(*when)  # one small read, where an opening read the store's every group and array again
         else:
             store = layout.reopen_same(self.location, self.storage_options, self._manifest, *when)
-        store.replaced_when = when  # a read failing as damage (the store replaced, or removed, since) is named so
-        return store
+        return store  # a read failing as damage (the store replaced, or removed, since) is named as REPLACED_WHEN says (_read)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for a DataLoader worker started by spawn: without the Stores this process holds (the worker opens its own)."""
@@ -559,6 +560,8 @@ def _one_input(inputs: list[Any], algorithm: str) -> bool:
 
 
 PREFETCH = 2  # batches made ahead of the consumer
+# how the streaming reader names a store replaced (or removed) under it: when, and when its manifest was the one it read
+REPLACED_WHEN = ("while this reader used it", "the reader was made")
 
 
 # What training's targets may take of the memory the process may use: in RAM, or in streaming's buffers (at most; reading

@@ -960,13 +960,15 @@ class Store:
                     raise self._damaged(path, shard, problem, missing=problem == NO_DIGEST)
         return rows
 
-    def read_shards(self, path: str, shards: Sequence[int] | np.ndarray) -> np.ndarray:
+    def read_shards(self, path: str, shards: Sequence[int] | np.ndarray, *, replaced_when: tuple[str, str] | None = None) -> np.ndarray:
         """The rows of shards ``shards`` of ``path``, back to back in the order given: what ``read`` of each shard's rows
         gives, with the same checks and errors, decoded into the one array returned (not each into its own, then joined:
         the rows are held once), and the work a call makes once made once for them all (the streaming reader's call, for
         a buffer's shards of one column: a local store's folders are opened once for them). From object storage or http
         the next shards are asked for while one is decoded (``REMOTE_READS`` at once, fewer where their objects would
-        hold more than ``READ_AHEAD_BYTES``): the network's latency is overlapped, not paid shard after shard."""
+        hold more than ``READ_AHEAD_BYTES``): the network's latency is overlapped, not paid shard after shard.
+        ``replaced_when``: how a replacement found by a read failing as damage is said, in place of ``replaced_when``'s
+        (a reader handed this Store by its caller, ``TransferSet``: its own words, the caller's left as they are)."""
         if getattr(shards, "ndim", None) == 0:  # np.int64(3), np.array(3): one shard (a 0-d array's iteration was numpy's TypeError)
             shards = shards.item()
         if isinstance(shards, str | bytes) or not isinstance(shards, Iterable):  # one shard, not a list of them: a TypeError said nothing
@@ -986,7 +988,7 @@ class Store:
         out = np.empty((ends[-1], *array.shape[1:]), dtype=array.dtype)
         places = ((int(s), out[end - (hi - lo) : end]) for s, (lo, hi), end in zip(shards, spans, ends))
         window = ahead_for(_object_bound(array)) if self._kind in ("url", "http") and len(shards) > 1 else 0
-        with self._replaced_named(), LocalObjects(array.store.root) if self._kind == "local" else contextlib.nullcontext() as objects:
+        with self._replaced_named(replaced_when), LocalObjects(array.store.root) if self._kind == "local" else contextlib.nullcontext() as objects:
             # a pool of its own: this call may run in the "read" pool (the streaming reader's columns, read at once)
             for read in threads.ahead("shards", REMOTE_READS, functools.partial(self._read_shard, path, objects=objects), places, window):
                 read.result()
@@ -1015,7 +1017,7 @@ class Store:
         return threads.ahead("read", REMOTE_READS, read, calls, window)
 
     @contextlib.contextmanager
-    def _replaced_named(self) -> Iterator[None]:
+    def _replaced_named(self, when: tuple[str, str] | None = None) -> Iterator[None]:
         """A read of a store opened read-only that fails as damage (a shard missing, not the rows its digest says) is,
         where the store at the location is another now, named as replaced (``check_not_replaced``): a notebook holding
         the Store was told to re-extract a store that is whole."""
@@ -1024,15 +1026,16 @@ class Store:
         except DamagedStoreError:
             # looked at once a second at most: a store damaged in many shards (verify reads them all) is not reopened for each
             if not self.writable and (self._same_at is None or time.monotonic() - self._same_at > 1):
-                self.check_not_replaced()
+                self.check_not_replaced(when)
                 self._same_at = time.monotonic()
             raise
 
-    def check_not_replaced(self) -> None:
+    def check_not_replaced(self, when: tuple[str, str] | None = None) -> None:
         """Refuse the store if the one at its location now is another (``identity``): a read that failed as damage is then
         that replacement (another ``extract --overwrite``, a copy over it), not damage: a ``StoreReplacedError``, said as
-        ``replaced_when`` says (its reader's words: ``kdcache stats``, the streaming reader)."""
-        reopen_same(self.location, self.storage_options, identity(self.manifest), *self.replaced_when)
+        ``replaced_when`` says (its reader's words: ``kdcache stats``, ``kdcache verify``), or ``when`` (a reader's that
+        was handed this Store: the streaming ``TransferSet``)."""
+        reopen_same(self.location, self.storage_options, identity(self.manifest), *(when or self.replaced_when))
 
     def _take_snapshot(self, again: bool = False) -> None:
         """The done markers and digests reads are checked against: taken at the first read (``again``: anew), at every

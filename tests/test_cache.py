@@ -453,9 +453,9 @@ def record_reads(monkeypatch) -> list[tuple[str, int, int]]:
         calls.append((path, start, stop))
         return read(self, path, start, stop, **kwargs)
 
-    def recording_read_shards(self, path, shards):
+    def recording_read_shards(self, path, shards, **kwargs):
         calls.extend((path, *self.shard_rows(s)) for s in shards)
-        return read_shards(self, path, shards)
+        return read_shards(self, path, shards, **kwargs)
 
     monkeypatch.setattr(layout.Store, "read", recording_read)
     monkeypatch.setattr(layout.Store, "read_shards", recording_read_shards)
@@ -807,6 +807,32 @@ def test_a_store_replaced_while_a_streaming_reader_reads_it_is_named_as_replaced
         for batch in batches:
             check_aligned(batch)
     assert "damaged" not in str(raised.value)
+
+def test_a_streaming_reader_handed_a_store_leaves_its_callers_words_for_a_replacement(numbered_store, tmp_path):
+    """A streaming reader handed an opened Store (train's setup's) names a replacement found by its reads in its own
+    words, and the caller's reads of that Store in the caller's. Was: the reader set its words on the caller's Store,
+    whose later reads named the replacement "while this reader used it", of a reader the caller never made."""
+    import kdcache
+    from conftest import FIXTURES, NUMBERED
+    from kdcache.pipeline import from_dict
+
+    location = tmp_path / "s.zarr"
+    shutil.copytree(numbered_store, location)
+    held = layout.open_store(str(location))
+    ts = transfer(held, memory_budget_mb=0, buffer_shards=1, batch_size=ROWS_PER_SHARD, shuffle=False)
+    for batch in serve(ts, 0):  # read through the caller's Store
+        check_aligned(batch)
+    other = {**NUMBERED, "targets": {**NUMBERED["targets"], "dtype": "float16"}}
+    kdcache.extract(from_dict(other, root=FIXTURES), str(tmp_path / "new.zarr"))
+    location.rename(tmp_path / "old.zarr")
+    (tmp_path / "new.zarr").rename(location)
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr' was replaced since kdcache.open_store opened it: its manifest's "):
+        held.read(layout.LOGITS, 0, ROWS_PER_SHARD)
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr' was replaced while this reader used it: its manifest's "):
+        serve(ts, 1)
+    with pytest.raises(StoreReplacedError, match=r"s\.zarr' was replaced since kdcache.open_store opened it: its manifest's "):
+        held.read_shards(layout.LOGITS, [1])
+
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_store_replaced_under_a_streaming_reader_is_refused(numbered_store, tmp_path, workers):

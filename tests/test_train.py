@@ -1684,8 +1684,8 @@ def test_targets_that_fit_the_budget_but_not_the_machine_are_refused_before_they
     reads = []
     real_read, real_read_shards = layout.Store.read, layout.Store.read_shards
     monkeypatch.setattr(layout.Store, "read", lambda self, *a, **k: reads.append(a) or real_read(self, *a, **k))
-    monkeypatch.setattr(layout.Store, "read_shards", lambda self, path, shards: reads.append(  # the rows they span
-        (path, self.shard_rows(shards[0])[0], self.shard_rows(shards[-1])[1]) if shards else (path, 0, 0)) or real_read_shards(self, path, shards))
+    monkeypatch.setattr(layout.Store, "read_shards", lambda self, path, shards, **k: reads.append(  # the rows they span
+        (path, self.shard_rows(shards[0])[0], self.shard_rows(shards[-1])[1]) if shards else (path, 0, 0)) or real_read_shards(self, path, shards, **k))
     with pytest.raises(PipelineError) as raised:
         train(pipeline(*PLAIN), tiny_store, tmp_path / "run")
     assert str(raised.value) == (f"the targets of {tiny_store!r} take 1.562 KiB in RAM, under train.memory_budget_mb = 2048 but more "
