@@ -565,12 +565,19 @@ def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Eve
 def stop_making(batches: Any) -> None:
     """Stop what makes batches ahead for the iterator ``batches``: a TransferSet's thread (iterated directly, or by a
     DataLoader in this process) and a DataLoader's worker processes. A failed or interrupted run's traceback (which a
-    notebook keeps) holds the iterator: they would run on, holding batches and copies of the dataset, until it is dropped."""
+    notebook keeps) holds the iterator: they would run on, holding batches and copies of the dataset, until it is dropped.
+    The thread's item in the making is waited for (up to ``STOP_WAIT`` seconds): once a run returns or raises, none of its
+    threads reads the dataset, which the caller may read next (a run resumed in the same process, with a factory that
+    hands out one open file: two threads at once served one item's input for another's)."""
     made = getattr(getattr(batches, "_dataset_fetcher", None), "dataset_iter", batches)  # a DataLoader without workers holds it
     if isinstance(made, Prefetch):
         made.close()
+        made.made.wait(STOP_WAIT)
     if hasattr(batches, "_shutdown_workers"):  # torch's DataLoader has no public way to stop its workers
         batches._shutdown_workers()
+
+
+STOP_WAIT = 60.0  # seconds stop_making waits for the batch in the making (a dataset read that hangs: the run returns anyway)
 
 
 def leave_sigterm_to_the_main_process(worker: int) -> None:

@@ -2055,6 +2055,32 @@ def test_in_ram_the_next_epochs_batches_started_early_read_the_dataset_once_this
     assert metrics(tmp_path / "run")[-1]["step"] == 4 * 7 and wrong == [] and numbered.OneCursor.most == 1
 
 
+def test_a_run_that_raises_has_no_thread_reading_the_dataset_once_it_returns(tiny_store, tmp_path, monkeypatch):
+    """A run that fails in a step waits for the batch its thread was making: once train raises, nothing of it reads the
+    dataset, which the caller may read next (a run resumed in the same process, a factory handing out one open file).
+    Was: the thread stopped at its next hand-off, after train had raised, and read the dataset beside the resumed run's
+    checks (found by tests/fuzz_alignment.py: a dataset read as from one open file served one item for another's)."""
+    import numbered
+
+    p = pipeline(*PLAIN, "train.batch_size=4", 'data.factory="numbered.py:tiny_slow_reads"', "train.fingerprint_check=0",
+                 "train.fingerprint_recheck=0")
+    losses_of, taken = Run.losses, []
+
+    def step(self, batch):
+        taken.append(batch["index"])
+        if len(taken) == 2:
+            raise RuntimeError("the step failed")
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(Run, "losses", step)
+    monkeypatch.setattr(numbered.SlowReads, "ended", [])
+    with pytest.raises(RuntimeError, match="the step failed"):
+        train(p, tiny_store, tmp_path / "run")
+    returned = time.monotonic()
+    time.sleep(0.5)
+    assert numbered.SlowReads.ended and max(numbered.SlowReads.ended) <= returned
+
+
 def test_a_checkpoint_written_in_the_background_keeps_tied_weights_one_tensor(tiny_store, tmp_path, monkeypatch):
     """A student's tied weights (one tensor under two names) stay one tensor in a checkpoint written from copies, as in one
     written in the main thread (was: each name copied apart, the tied weights saved twice and held twice in RAM)."""
