@@ -18,7 +18,8 @@ import fuzz_alignment  # noqa: E402  (tests/ on the path: the fuzzer is a script
 # SIGTERM twice and resumed with 1; 6, an eval_cache, SIGTERM in the evaluation; 11, dicts whose x alone the student
 # gets, 2 joined streams, a mask, a crash after a resume; 13, an eval_cache, a plan of train.steps ending inside the run;
 # 14, shards not done, resumed with 2 workers after none; 15, top-k logits, 2 workers, a shorter plan, resumed with none;
-# 21, shards not done, streamed by 2 workers, resumed with 3 and a budget that would hold them in RAM
+# 21, shards not done, streamed by 2 workers, resumed with 3 and a budget that would hold them in RAM; 3 (extracted by
+# 2 DataLoader workers) and 13 read a dataset that is not thread-safe (a ``threads`` defect where two threads read it)
 RUNS = [3, 6, 11, 13, 14, 15, 21]
 
 
