@@ -579,10 +579,8 @@ def _write_hdf5(store: layout.Store, f: Any, check: Any, compression: str) -> in
         chunks = (min(int(arr.chunks[0]), arr.shape[0]), *arr.shape[1:]) if path not in progress else None  # h5py: never past N
         ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
                               compression=None if compression == "none" or path in progress else compression)
-        if path in progress:
-            with _reading(store, path):
-                values = arr[:]
-            ds[:] = values
+        if path in progress:  # the markers and digests the reads checked rows against (read once, by _complete and the first read)
+            ds[:] = store.done_snapshot() if path == layout.DONE else store.digests_snapshot()
             continue
         wanted = [(path, shard) for shard in range(store.num_shards)]
         for shard, read in enumerate(store.read_ahead(wanted)):  # one shard in memory at a time (from object storage: a few)

@@ -1324,46 +1324,51 @@ def _with_client_timeout(options: dict[str, Any], named: str) -> dict[str, Any]:
 
 def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a zarr group's ``zarr.json`` is at the location (any kind)."""
-    found = _first_look(location, storage_options)
+    found, _ = _first_look(location, storage_options)
     return found if found is not None else _root_store(location, storage_options) is not None
 
 
-def open_existing(location: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any | None:
-    """``zarr_store(location, …)`` where ``exists(location)``, else None. Read-only, the store ``exists`` opened to look
-    for the root ``zarr.json`` is the one returned: a ``zip::`` chain's file (``zip::https://…``) is opened once, its
-    central directory read and checked once, not once to look and again to read."""
-    found = _first_look(location, storage_options)
+def open_existing(location: str, storage_options: dict[str, Any] | None = None, *,
+                  read_only: bool = True) -> tuple[Any | None, bytes | None]:
+    """``zarr_store(location, …)`` where ``exists(location)``, else None; with the root ``zarr.json``'s bytes where the
+    look read them (None: zarr reads it). Read-only, the store ``exists`` opened to look for the root ``zarr.json`` is
+    the one returned: a ``zip::`` chain's file (``zip::https://…``) is opened once, its central directory read and
+    checked once, not once to look and again to read. At an http(s) or object-store location the look is a GET of the
+    root ``zarr.json`` (the first look at an endpoint's too), whose bytes ``open_store`` parses: one request, where an
+    existence check (an S3 HEAD, an http GET) and zarr's read were two."""
+    found, raw = _first_look(location, storage_options)
     if found is None:
-        opened = _root_store(location, storage_options)
+        opened, raw = _root_read(location, storage_options) if "::" not in location else (_root_store(location, storage_options), None)
         if opened is None or read_only:
-            return opened
+            return opened, raw
     elif not found:
-        return None
-    return zarr_store(location, storage_options, read_only=read_only)
+        return None, None
+    return zarr_store(location, storage_options, read_only=read_only), raw
 
 
-def _first_look(location: str, storage_options: dict[str, Any] | None) -> bool | None:
+def _first_look(location: str, storage_options: dict[str, Any] | None) -> tuple[bool | None, bytes | None]:
     """``exists`` where it is decided without opening the location's zarr Store (a folder, a local zip, the first look
-    at an endpoint); None: ``_root_store`` decides."""
+    at an endpoint), with the root ``zarr.json``'s bytes where the look read them (an endpoint's); None: ``_root_store``
+    decides."""
     kind = location_kind(location)
     _refuse_collapsed_url(location)
     if kind == "local":
-        return Path(local_path(location), "zarr.json").is_file()
+        return Path(local_path(location), "zarr.json").is_file(), None
     if kind == "zip":
         try:
             with open_zip(location) as z:
-                return "zarr.json" in z.namelist()
+                return "zarr.json" in z.namelist(), None
         except (OSError, zipfile.BadZipFile):
-            return False
+            return False, None
     http = http_url(location)  # the location, or a chain's last link (zip::https://…)
     s3 = "::" not in location and is_s3(location)
     endpoint = endpoint_of(http or location, storage_options)
     if (http or s3) and endpoint not in REACHED:  # the first look gives up soon
-        found = _s3_exists(location, storage_options) if s3 else _http_exists(location, storage_options)
+        raw = _s3_root(location, storage_options) if s3 else _http_exists(location, storage_options)
         REACHED.add(endpoint)  # later looks (a DataLoader worker's, the next open) ride out a slow moment with the usual retries
-        if s3 or http == location:
-            return found  # a chain's zip layer says whether the store is in the file
-    return None
+        if s3 or http == location:  # a chain's zip layer says whether the store is in the file
+            return (True, raw) if isinstance(raw, bytes) else (raw, None)
+    return None, None
 
 
 def _root_store(location: str, storage_options: dict[str, Any] | None) -> Any | None:
@@ -1381,6 +1386,23 @@ def _root_store(location: str, storage_options: dict[str, Any] | None) -> Any | 
         raise unreachable_error(location, e) from None
 
 
+def _root_read(location: str, storage_options: dict[str, Any] | None) -> tuple[Any | None, bytes | None]:
+    """``_root_store`` of a URL that is no chain (``s3://``, ``https://``), with its root ``zarr.json``'s bytes: read
+    (a GET bounded by ``MAX_METADATA_BYTES``, as zarr's read of it is) instead of looked for; no object, none. A read
+    that fails (an error status, a dropped connection) is decided as before: ``_root_store``'s look, then zarr's read."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    try:
+        opened = zarr_store(location, storage_options)
+        buf = sync(opened.get_at_most("zarr.json", default_buffer_prototype(), None, MAX_METADATA_BYTES))
+    except StoreError:
+        raise
+    except Exception:  # noqa: BLE001 - what the look says of it (an unreachable endpoint: named there)
+        return _root_store(location, storage_options), None
+    return (None, None) if buf is None else (opened, buf.to_bytes())
+
+
 REACHED: set[str] = set()  # endpoints (and buckets) that answered a first look in this process, or in the one that forked it
 
 
@@ -1390,25 +1412,40 @@ def endpoint_of(location: str, storage_options: dict[str, Any] | None) -> str:
     return json.dumps([scheme.lower(), rest.split("/")[0], storage_options or {}], sort_keys=True, default=repr)
 
 
-def _s3_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
-    """``exists`` for an S3 location, the first look at it: through ``probe_filesystem``, so an endpoint that never
-    answers is named within ``PROBE_*`` seconds (not after s3fs's retries, minutes) by every command that opens one."""
+def _s3_root(location: str, storage_options: dict[str, Any] | None) -> bytes | bool:
+    """The first look at an S3 location: its root ``zarr.json``'s bytes (False: none there), read in one GET bounded by
+    ``MAX_METADATA_BYTES`` (one larger is a StoreError naming it, as zarr's read of it says) through
+    ``probe_filesystem``, so an endpoint that never answers is named within ``PROBE_*`` seconds (not after s3fs's
+    retries, minutes) by every command that opens one. A HEAD was the look, then zarr read the object again. True: the
+    object is there but its body failed part way (a dropped connection): zarr's read, with s3fs's retries, reads it."""
+    from fsspec.asyn import sync as run_on  # not this module's sync (a flush)
+
     zarr_store(location, storage_options)  # a missing backend, options s3fs does not take: named as when opening
-    started = time.monotonic()
+    started, answered = time.monotonic(), []
+    refuse = functools.partial(too_large, location, "zarr.json", bound=MAX_METADATA_BYTES)
+
+    async def look(fs: Any, key: str, root: str) -> bytes:
+        async with _response(fs, key, None, root) as (_, length, read):
+            answered.append(True)
+            return await read_body(length, read, MAX_METADATA_BYTES, refuse)
+
     try:
         fs, path = probe_filesystem(location, storage_options)
         bucket, _, prefix = path.strip("/").partition("/")
-        fs.call_s3("head_object", Bucket=bucket, Key=f"{prefix}/zarr.json".lstrip("/"))
-        return True
+        return run_on(fs.loop, look, fs, "/".join(p for p in (bucket, prefix, "zarr.json") if p), path)
     except FileNotFoundError:
         return False
+    except StoreError:  # a zarr.json larger than metadata can be
+        raise
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials... (botocore's are not OSErrors)
+        if answered:
+            return True
         raise unreachable_error(location, e, probe_gave_up(e, time.monotonic() - started, storage_options)) from None
 
 
-def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
-    """``exists`` for an http(s) location, the first look at it: its ``zarr.json`` fetched (for a chain such as
-    ``zip::https://…``, the file's headers) through a filesystem of its own that waits at most ``PROBE_CONNECT_S`` to
+def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bytes | bool:
+    """``exists`` for an http(s) location, the first look at it: its ``zarr.json`` fetched, its bytes returned (for a
+    chain such as ``zip::https://…``, the file's headers: True) through a filesystem of its own that waits at most ``PROBE_CONNECT_S`` to
     connect and ``PROBE_READ_S`` for each answer (the user's own ``client_kwargs.timeout`` wins), so an endpoint that
     never answers is named in seconds, not after aiohttp's 300 s. Answers other than the store's are False:
     ``store._no_store`` says what they were (a chain's are the zip layer's to judge)."""
@@ -1429,9 +1466,8 @@ def _http_exists(location: str, storage_options: dict[str, Any] | None) -> bool:
         fs = fsspec.filesystem(url.split("://", 1)[0].lower(), **{**options, "client_kwargs": client, "skip_instance_cache": True})
         if url != location:
             _file_info(fs, url)
-        else:
-            read_http(fs, location.rstrip("/") + "/zarr.json", location)
-        return True
+            return True
+        return read_http(fs, location.rstrip("/") + "/zarr.json", location)
     except StoreError:  # a zarr.json larger than metadata can be
         raise
     except Exception as failed:  # noqa: BLE001 - a 404, a refused connection, an HTTP error: store._no_store names them

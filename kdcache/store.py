@@ -81,6 +81,9 @@ MAX_SHARD_BYTES = 4 * 2**30
 # Store.digest_problem of a done shard without a digest row: its digest object lost (extract redoes such a shard itself)
 NO_DIGEST = ("has no digest in progress/digest although the store records them (its digest object is missing: an incomplete copy, "
              "or a writer that does not know digests resumed the store)")
+# has_digests hands the progress/digest zarr.json it read to array(DIGEST) up to this size (kdcache's: ~1 KB); a larger one
+# (a received store's) is not held by the Store until then: zarr reads it again
+HANDED_METADATA_BYTES = 64 * 2**10
 BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError, RecursionError, ArithmeticError)
 
 
@@ -252,6 +255,7 @@ class Store:
         self._markers: np.ndarray | None = None  # done() read by done_snapshot() before any read: the snapshot's, when taken
         self._digests: np.ndarray | None = None  # and digests() after it (a shard's digest is written before its marker)
         self._digested: bool | None = None  # whether the store has progress/digest (stores written before it have none)
+        self._digest_meta: bytes | None = None  # its zarr.json as has_digests read it, until array(DIGEST) parses it
         self._digest_columns: dict[str, int] | None = None
         self._snapshot = threading.Lock()  # read(): the done markers and digests are loaded together
         self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
@@ -343,7 +347,7 @@ class Store:
             try:
                 with _CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True, "codecs.zstd": _BOUNDED_ZSTD}):
                     # opened by another thread while this one waited (stats' blocks, at once): its metadata read once
-                    node = self._arrays[path] if path in self._arrays else self.group[path]
+                    node = self._arrays[path] if path in self._arrays else self._node(path)
             except StoreError:
                 raise
             except (KeyError, FileNotFoundError):
@@ -371,6 +375,17 @@ class Store:
                 bounds[path] = _object_bound(node)
             self._arrays[path] = node
         return self._arrays[path]
+
+    def _node(self, path: str) -> zarr.Array | zarr.Group:
+        """``self.group[path]``; ``progress/digest``'s from the bytes of its ``zarr.json`` that ``has_digests`` read (parsed
+        as zarr parses what it reads, with the same errors), not read a second time."""
+        raw = self._digest_meta if path == DIGEST else None
+        if raw is None:
+            return self.group[path]
+        self._digest_meta = None
+        from zarr.core.group import _build_metadata_v3, _build_node, _parse_async_node
+
+        return _parse_async_node(_build_node(store=self.group.store, path=path, metadata=_build_metadata_v3(json.loads(raw))))
 
     def _not_v3(self, path: str) -> str | None:
         """Why zarr found no array at ``path`` although its ``zarr.json`` is there (its ``zarr_format`` is not 3: zarr then
@@ -529,7 +544,10 @@ class Store:
     def has_digests(self) -> bool:
         if self._digested is None:
             try:
-                self._digested = self._get(f"{DIGEST}/zarr.json") is not None
+                raw = self._get(f"{DIGEST}/zarr.json")
+                self._digested = raw is not None
+                if raw is not None and len(raw) <= HANDED_METADATA_BYTES and DIGEST not in self._arrays:
+                    self._digest_meta = raw  # array(DIGEST) parses these: zarr does not read them again
             except PermissionError:  # a bucket granting GetObject only answers a missing key 403: a store from before digests
                 self._digested = False
             except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
@@ -643,6 +661,15 @@ class Store:
             if self._done is None and self._markers is None:
                 self._markers = self.done()
             return self._markers if self._done is None else self._done
+
+    def digests_snapshot(self) -> np.ndarray | None:
+        """``digests()`` as this reader's reads check rows against: of a store opened read-only, read once with the done
+        markers (by the first read, or the first call of this: ``done_snapshot``'s markers first, as a read takes them); a
+        writable store's, read anew."""
+        if self.writable:
+            return self.digests()
+        self._take_snapshot()
+        return self._digests
 
     @property
     def complete(self) -> bool:
@@ -1885,11 +1912,11 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     if mode not in ("r", "r+"):  # zarr's "w" deletes the store's every array before this function sees it
         raise StoreError(f"mode must be 'r' (read only) or 'r+' (read and write an existing store), got {mode!r}; "
                          "kdcache extract creates and writes stores")
-    target = open_existing(location, storage_options, read_only=mode == "r")
+    target, root = open_existing(location, storage_options, read_only=mode == "r")
     if target is None:
         raise _no_store(location, storage_options)
     try:  # never consolidated metadata (kdcache writes none): arrays parsed at open would miss Store.array's bounded zstd
-        group = zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)
+        group = _open_group(target, mode, root)
     except StoreError:
         raise
     except zarr.errors.ContainsArrayError:  # someone's zarr array, not a store's root damaged (verify's open check)
@@ -1905,6 +1932,27 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
     except zipfile.BadZipFile as e:
         raise _corrupted_member(location, str(e)) from None
     return Store(group, location, writable=mode != "r", storage_options=storage_options)
+
+
+def _open_group(target: Any, mode: str, root: bytes | None) -> zarr.Group:
+    """``zarr.open_group(target, mode=mode)`` of a store's root (format 3, no consolidated metadata). ``root``: the root
+    ``zarr.json``'s bytes, read by the look that found it (``open_existing``: a GET at an http(s) or object-store
+    location), parsed here as zarr parses what it reads, with the same errors: not read a second time."""
+    if root is None:
+        return zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import AsyncGroup
+    from zarr.core.sync import sync
+    from zarr.storage._common import make_store_path
+
+    async def parse() -> AsyncGroup:
+        at = await make_store_path(target, mode=mode)
+        try:
+            return AsyncGroup._from_bytes_v3(at, default_buffer_prototype().buffer.from_bytes(root), use_consolidated=False)
+        except (KeyError, FileNotFoundError):  # what zarr.open_group says of them in modes r and r+
+            raise zarr.errors.GroupNotFoundError(f"No group found in store {target!r} at path {at.path!r}") from None
+
+    return zarr.Group(sync(parse()))
 
 
 def _zip_problem(said: str) -> str:

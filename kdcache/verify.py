@@ -87,7 +87,9 @@ def verify(location: str, *, storage_options: dict[str, Any] | None = None, teac
         store = layout.open_store(location, storage_options=storage_options)
         store.damaged_markers = {}  # a damaged done marker is completeness's problem, its shard taken as not done
         store.replaced_when = ("while kdcache verify read it", "verify began")
-        store.done()  # a done marker array that cannot be read fails here, as an "open" problem: every check below reads them
+        # a done marker array that cannot be read fails here, as an "open" problem. The markers read here are every check's
+        # below and the reads' (done_snapshot: one object a shard, read once; it was read 4 times)
+        store.done_snapshot()
     except DamagedStoreError as e:  # any other error (no store there, a newer format, a read failed on the way) is raised:
         # nothing was checked, so no check failed
         check = Check("open")
@@ -135,7 +137,7 @@ def _here(location: str, problem: str) -> str:
 
 
 def _completeness(store: layout.Store) -> Check:
-    done = store.done()
+    done = store.done_snapshot()
     writer = None if done.all() else locking.active_writer(store.location, store.storage_options)
     check = Check("completeness", f"{int(done.sum())}/{count(store.num_shards, 'shard')} done" + (f", being written by {writer}" if writer else ""))
     fix = "its writer is still running" if writer else "resume kdcache extract"
@@ -179,7 +181,7 @@ def layout_check(store: layout.Store) -> Check:
     try:
         if store.has_digests():  # reads its zarr.json: in a zip, a member that may fail its CRC-32
             check.summary += f" + {layout.DIGEST}"
-            store.digests()
+            store.digests_snapshot()  # the rows the reads below check against (one object a shard, read once)
     except UnreachableError:
         raise
     except StoreError as e:
@@ -200,7 +202,7 @@ def _invalid(path: str, why: str) -> str:
 
 def _contents(store: layout.Store) -> list[Check]:
     """Checksums of the raw bytes and the decoded values, shard by shard, over every done shard."""
-    done = [int(s) for s in np.flatnonzero(store.done())]
+    done = [int(s) for s in np.flatnonzero(store.done_snapshot())]
     sums = Check("checksums", f"{count(len(done), 'shard')} x {count(len(store.paths()), 'array')}")
     try:
         digests = "shard digests" if store.has_digests() else f"no shard digests (no {layout.DIGEST}: written before kdcache 0.1.1)"

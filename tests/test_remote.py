@@ -730,7 +730,7 @@ def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
 class KeepAliveS3:
     """An S3 endpoint on 127.0.0.1 in front of the moto server at ``upstream`` that keeps its connections alive, as a
     real one does (moto closes each: ``Connection: close``), and answers ``faults[KEY_PART]`` (403, 500...) to the GETs
-    and HEADs whose path holds KEY_PART; ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, 501 NotImplemented, else InternalError) and
+    and HEADs whose path holds KEY_PART (``requests``: each request's method and path); ``put_faults[KEY_PART]`` to PUTs (403 AccessDenied, 501 NotImplemented, else InternalError) and
     ``unanswered`` PUTs it never answers; ``unconditional`` PUTs it forwards without their ``If-None-Match`` (a server that
     ignores the condition: some S3-compatible ones); ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
     closed: a connection dropped mid-read); ``endless`` GETs it answers with zeros and no ``Content-Length`` until the
@@ -748,6 +748,7 @@ class KeepAliveS3:
         self.unconditional: set[str] = set()
         self.cut: dict[str, int] = {}
         self.endless: set[str] = set()
+        self.requests: list[tuple[str, str]] = []  # (method, path) of each request, as it came
         self.closed = threading.Event()
         outer = self
 
@@ -758,6 +759,7 @@ class KeepAliveS3:
                 pass
 
             def forward(self) -> None:
+                outer.requests.append((self.command, self.path))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = next((code for part, code in outer.faults.items() if part in self.path and self.command in ("GET", "HEAD")), None)
@@ -2175,7 +2177,9 @@ def test_train_from_an_http_store_reads_its_metadata_and_markers_once(counted_ht
     reader a third time at its first read: each opening read the root's and the groups' zarr.json, the arrays' metadata
     and every done marker again, 53 requests over http for a store of 4 shards x 5 arrays where 43 do (69 streaming, where
     44 do). The reader is handed the Store setup opened and looks at the root's zarr.json once more, to refuse a store
-    replaced since (test_alignment's test of it), and a streaming reader once again at its first read."""
+    replaced since (test_alignment's test of it), and a streaming reader once again at its first read. The opening reads
+    the root's zarr.json once (its first look's bytes are what zarr parses: it read them twice, 41 / 42 requests where 43
+    / 44 were), and the digest array's once (has_digests' bytes are the array's metadata)."""
     import collections
     import shutil
 
@@ -2184,12 +2188,12 @@ def test_train_from_an_http_store_reads_its_metadata_and_markers_once(counted_ht
     kdcache.train(kdcache.load_pipeline(TINY_TOML, ["train.epochs=1", f"train.memory_budget_mb={budget}"]), f"{base}/t.zarr", tmp_path / "run")
     gets = collections.Counter(path.removeprefix("/t.zarr/") for method, path, _ in log if method == "GET")
     assert sum(gets.values()) == len(log), log  # no HEAD, no listing
-    # the root: the opening's first look at the endpoint and zarr's read, the reader's look, a streaming reader's at its first read
-    assert gets.pop("zarr.json") == (3 if budget else 4), log
-    # has_digests looks for the digest array's zarr.json, then zarr reads it as it opens the array
-    assert {key: n for key, n in gets.items() if n != 1} == {"progress/digest/zarr.json": 2}, log
+    # the root: the opening's first look at the endpoint (its bytes parsed), the reader's look, a streaming reader's at its first read
+    assert gets.pop("zarr.json") == (2 if budget else 3), log
+    # every other metadata object and marker once: has_digests' read of the digest array's zarr.json opens the array
+    assert {key: n for key, n in gets.items() if n != 1} == {}, log
     assert sum(key.startswith("progress/done/c/") for key in gets) == 4 and sum("/c/" in key for key in gets) == 4 + 4 + 4 * 5, log
-    assert len(log) <= (43 if budget else 44), log
+    assert len(log) <= (41 if budget else 42), log
 
 
 def test_a_reader_handed_an_opened_zip_over_http_refuses_one_put_at_its_url_since(counted_http_root, numbered_store, tmp_path):
@@ -2247,7 +2251,9 @@ def test_stats_and_export_of_an_http_store_read_its_done_markers_once_for_their_
     """stats and export read every done marker (one object a shard) to choose or check the shards, then again as their
     first read took the markers its rows are checked against; stats' blocks, reading at once, each read the metadata of
     an array no block had opened yet (36 to 38 requests over http for a store of 4 shards, where 32 do; export 54, where
-    50 do). The markers are read once for both (export copies them into its file besides), each array's metadata once."""
+    50 do). The markers are read once for both, each array's metadata once. Export copied the markers and digest rows
+    into its file with reads of their own, and the root's and the digest array's zarr.json were each read twice by every
+    command (the opening's look and zarr's read; has_digests and zarr's): 30 requests for stats, 40 for export."""
     import collections
     import shutil
 
@@ -2263,9 +2269,52 @@ def test_stats_and_export_of_an_http_store_read_its_done_markers_once_for_their_
     gets = collections.Counter(path.removeprefix("/t.zarr/") for method, path, _ in log if method == "GET")
     assert sum(gets.values()) == len(log), log
     markers = [n for key, n in gets.items() if key.startswith("progress/done/c/")]
-    assert markers == [1 if command == "stats" else 2] * 4, log  # export's second: its copy of progress/done into the file
-    assert {key: n for key, n in gets.items() if key.endswith("zarr.json") and n != 1} == {"zarr.json": 2, "progress/digest/zarr.json": 2}, log
-    assert len(log) <= (32 if command == "stats" else 50), log
+    assert markers == [1] * 4, log  # export's file holds the markers its reads checked rows against
+    assert [n for key, n in gets.items() if key.startswith("progress/digest/c/")] == [1] * 4, log  # and the digests
+    assert {key: n for key, n in gets.items() if key.endswith("zarr.json") and n != 1} == {}, log
+    assert len(log) <= (30 if command == "stats" else 40), log
+
+
+def test_verify_of_an_http_store_reads_each_done_marker_and_metadata_object_once(counted_http_root, tiny_store):
+    """verify read every done marker 4 times (its open check, completeness, the checksums' choice of shards and the first
+    read's snapshot), each digest row twice (the layout check's, the snapshot's), the root's and the digest array's
+    zarr.json twice each: 70 requests over http for a store of 4 shards, where 52 do. The markers and digest rows are
+    read once, for every check and the reads; each metadata object once."""
+    import collections
+    import shutil
+
+    root, base, log = counted_http_root
+    shutil.copytree(tiny_store, root / "t.zarr")
+    report = verify(f"{base}/t.zarr")
+    assert report["ok"], report
+    gets = collections.Counter(path.removeprefix("/t.zarr/") for method, path, _ in log if method == "GET" and not path.endswith("/"))
+    assert [n for key, n in gets.items() if key.startswith("progress/done/c/")] == [1] * 4, log
+    assert [n for key, n in gets.items() if key.startswith("progress/digest/c/")] == [1] * 4, log
+    assert {key: n for key, n in gets.items() if key.endswith("zarr.json") and n != 1} == {}, log
+    assert len(log) <= 52, log
+
+
+def test_opening_an_s3_store_reads_its_root_zarr_json_in_one_get(s3, keep_alive_s3, tiny_store):
+    """Every opening of an S3 store looked for its root zarr.json (a HEAD: the first look at the endpoint, then s3fs's
+    exists) and zarr read it (a GET): two round trips where one does. The look is the GET, its bytes what zarr parses, at
+    the first look and at a later opening alike; has_digests' read of the digest array's zarr.json is the array's metadata."""
+    import collections
+
+    import s3fs
+
+    from kdcache.store import LOGITS
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/once.zarr", recursive=True)
+    options = {**s3, "endpoint_url": keep_alive_s3.url}  # a new endpoint: the first look at it
+    seen = keep_alive_s3.requests
+    for opening in ("first look", "later look"):
+        before = len(seen)
+        store = open_store(f"s3://{BUCKET}/once.zarr", storage_options=options)
+        assert store.read(LOGITS, 0, 16).shape == (16, 4)  # the done markers and digest rows, the rows: each once
+        asked = collections.Counter((method, path.split("?")[0].removeprefix(f"/{BUCKET}/once.zarr/")) for method, path in seen[before:])
+        assert asked[("HEAD", "zarr.json")] == 0 and asked[("GET", "zarr.json")] == 1, (opening, asked)
+        assert asked[("GET", "progress/digest/zarr.json")] == 1, (opening, asked)
+        assert not [k for k, n in asked.items() if n != 1], (opening, asked)
 
 
 def test_verify_of_a_bucket_that_refuses_listing_checks_the_store_and_says_added_arrays_were_not_looked_for(s3, keep_alive_s3, tiny_store):
