@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import errno
 import functools
+import importlib
 import json
 import math
 import os
@@ -380,12 +381,13 @@ class Store:
         """``self.group[path]``; ``progress/digest``'s from the bytes of its ``zarr.json`` that ``has_digests`` read (parsed
         as zarr parses what it reads, with the same errors), not read a second time."""
         raw = self._digest_meta if path == DIGEST else None
-        if raw is None:
+        parse = _zarr_private("zarr.core.group", "_build_metadata_v3", "_build_node", "_parse_async_node") if raw is not None else None
+        if path == DIGEST:
+            self._digest_meta = None
+        if parse is None:
             return self.group[path]
-        self._digest_meta = None
-        from zarr.core.group import _build_metadata_v3, _build_node, _parse_async_node
-
-        return _parse_async_node(_build_node(store=self.group.store, path=path, metadata=_build_metadata_v3(json.loads(raw))))
+        build_metadata, build_node, parse_node = parse
+        return parse_node(build_node(store=self.group.store, path=path, metadata=build_metadata(json.loads(raw))))
 
     def _not_v3(self, path: str) -> str | None:
         """Why zarr found no array at ``path`` although its ``zarr.json`` is there (its ``zarr_format`` is not 3: zarr then
@@ -1938,21 +1940,34 @@ def _open_group(target: Any, mode: str, root: bytes | None) -> zarr.Group:
     """``zarr.open_group(target, mode=mode)`` of a store's root (format 3, no consolidated metadata). ``root``: the root
     ``zarr.json``'s bytes, read by the look that found it (``open_existing``: a GET at an http(s) or object-store
     location), parsed here as zarr parses what it reads, with the same errors: not read a second time."""
-    if root is None:
+    parse = _zarr_private("zarr.core.group", "AsyncGroup._from_bytes_v3") if root is not None else None
+    made = _zarr_private("zarr.storage._common", "make_store_path") if parse else None
+    if parse is None or made is None:
         return zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)
+    (from_bytes,), (make_store_path,) = parse, made
     from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.group import AsyncGroup
     from zarr.core.sync import sync
-    from zarr.storage._common import make_store_path
 
-    async def parse() -> AsyncGroup:
+    async def parse_root() -> Any:
         at = await make_store_path(target, mode=mode)
         try:
-            return AsyncGroup._from_bytes_v3(at, default_buffer_prototype().buffer.from_bytes(root), use_consolidated=False)
+            return from_bytes(at, default_buffer_prototype().buffer.from_bytes(root), use_consolidated=False)
         except (KeyError, FileNotFoundError):  # what zarr.open_group says of them in modes r and r+
             raise zarr.errors.GroupNotFoundError(f"No group found in store {target!r} at path {at.path!r}") from None
 
-    return zarr.Group(sync(parse()))
+    return zarr.Group(sync(parse_root()))
+
+
+def _zarr_private(module: str, *names: str) -> tuple[Any, ...] | None:
+    """``names`` (``Class.method`` or a function) of zarr's ``module``: the private parts of zarr 3.1 that parse a node's
+    ``zarr.json`` from bytes already read. None where this zarr has moved or renamed one: the caller then lets zarr's
+    public calls read the object again (one request more, the same node and errors), so a zarr release within the
+    supported range that reorganises its internals costs a request, not the opening of every store."""
+    try:
+        found = importlib.import_module(module)
+        return tuple(functools.reduce(getattr, name.split("."), found) for name in names)
+    except (ImportError, AttributeError):
+        return None
 
 
 def _zip_problem(said: str) -> str:

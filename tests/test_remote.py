@@ -2317,6 +2317,32 @@ def test_opening_an_s3_store_reads_its_root_zarr_json_in_one_get(s3, keep_alive_
         assert not [k for k, n in asked.items() if n != 1], (opening, asked)
 
 
+def test_a_zarr_without_the_private_parsers_opens_an_s3_store_by_reading_its_metadata_again(s3, keep_alive_s3, tiny_store, monkeypatch):
+    """The bytes of the root's and the digest array's zarr.json, read once, are parsed by private parts of zarr 3.1
+    (store._zarr_private finds them); a zarr release (kdcache takes any 3.x) that moves one must cost a request, not
+    the opening of every remote store: where they are not found the store opens, reads and verifies as before, zarr
+    reading that metadata again."""
+    import collections
+
+    import s3fs
+
+    from kdcache import store as layout
+    from kdcache.store import LOGITS
+
+    assert layout._zarr_private("zarr.core.group", "AsyncGroup._from_bytes_v3", "_build_node") is not None  # zarr 3.1's
+    assert layout._zarr_private("zarr.core.group", "AsyncGroup._from_bytes_v4") is None  # a name moved
+    assert layout._zarr_private("zarr.storage._moved", "make_store_path") is None  # a module moved
+    monkeypatch.setattr(layout, "_zarr_private", lambda module, *names: None)  # this zarr has moved them
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/moved.zarr", recursive=True)
+    seen = keep_alive_s3.requests
+    before = len(seen)
+    store = open_store(f"s3://{BUCKET}/moved.zarr", storage_options={**s3, "endpoint_url": keep_alive_s3.url})
+    assert store.read(LOGITS, 0, 16).shape == (16, 4) and store.has_digests()
+    asked = collections.Counter((m, path.split("?")[0].removeprefix(f"/{BUCKET}/moved.zarr/")) for m, path in seen[before:])
+    assert asked[("GET", "zarr.json")] == 2 and asked[("GET", "progress/digest/zarr.json")] == 2, asked  # read again by zarr
+    assert verify(f"s3://{BUCKET}/moved.zarr", storage_options={**s3, "endpoint_url": keep_alive_s3.url})["ok"]
+
+
 def test_verify_of_a_bucket_that_refuses_listing_checks_the_store_and_says_added_arrays_were_not_looked_for(s3, keep_alive_s3, tiny_store):
     """verify finds arrays added to a store by listing it (as pack does); a bucket that grants GetObject alone answers
     that listing 403. The store's own arrays are still checked, and the summary says added arrays were not looked for."""
