@@ -896,9 +896,11 @@ def _check_objects(store: layout.Store, verb: str) -> None:
     for path in store.paths():
         store.checked_array(path)  # a damaged zarr.json is a StoreError naming it
     problems = store.damaged_shards()
-    digests = store.digests()  # None: a store written before digests; else a done shard's row is never all 0 (FORMAT.md §7.1)
+    # None: a store written before digests; else a done shard's row is never all 0 (FORMAT.md §7.1). The markers and digests
+    # _complete and the layout check read (one object a shard, read once: pack read each marker four times, its copy included)
+    digests = store.digests_snapshot()
     if digests is not None:
-        for shard in (int(s) for s in np.flatnonzero(store.done())):
+        for shard in (int(s) for s in np.flatnonzero(store.done_snapshot())):
             if not digests[shard].any():
                 start, stop = store.shard_rows(shard)
                 problems.append(f"shard {shard} (rows {start}-{stop - 1}) has no digest: object '{layout.DIGEST}/c/{shard}/0' is "

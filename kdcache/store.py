@@ -694,10 +694,11 @@ class Store:
 
     def damaged_shards(self) -> list[str]:
         """Every (array, done shard) whose storage object is missing or empty, as ``"shard 1 of targets/logits
-        (rows 16-31): object 'targets/logits/c/1/0' is missing although the shard is marked done"``; no object is read."""
+        (rows 16-31): object 'targets/logits/c/1/0' is missing although the shard is marked done"``; no object is read (the
+        done markers: ``done_snapshot``'s)."""
         return [f"shard {s} of {path} (rows {self.shard_rows(s)[0]}-{self.shard_rows(s)[1] - 1}): object {key!r} is {problem} "
                 "although the shard is marked done"
-                for path, s, key, problem in self.missing_shard_objects(self.paths(), [int(s) for s in np.flatnonzero(self.done())])]
+                for path, s, key, problem in self.missing_shard_objects(self.paths(), [int(s) for s in np.flatnonzero(self.done_snapshot())])]
 
     def missing_shard_objects(self, paths: list[str], shards: list[int]) -> list[tuple[str, int, str, str]]:
         """``(path, shard, key, "missing" or "empty")`` for each shard object of ``paths`` and ``shards`` that is not there;

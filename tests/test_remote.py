@@ -2294,6 +2294,22 @@ def test_verify_of_an_http_store_reads_each_done_marker_and_metadata_object_once
     assert len(log) <= 52, log
 
 
+def test_pack_of_an_http_store_reads_each_done_marker_and_digest_row_once_for_its_checks(counted_http_root, tiny_store, tmp_path):
+    """pack read every done marker four times (its completeness check, the missing-object check's and the digest check's
+    choice of shards, the copy) and each digest row more than twice (its digest check, the layout check, the copy): each
+    is read once for the checks, and once more as the object copied into the zip."""
+    import collections
+    import shutil
+
+    root, base, log = counted_http_root
+    shutil.copytree(tiny_store, root / "p.zarr")
+    result = pack(f"{base}/p.zarr", tmp_path / "p.zarr.zip")
+    assert result["left_out"] == [] and verify(str(tmp_path / "p.zarr.zip"))["ok"]
+    gets = collections.Counter(path.removeprefix("/p.zarr/") for method, path, _ in log if method == "GET" and not path.endswith("/"))
+    assert [n for key, n in sorted(gets.items()) if key.startswith("progress/done/c/")] == [2] * 4, log
+    assert [n for key, n in sorted(gets.items()) if key.startswith("progress/digest/c/")] == [2] * 4, log
+
+
 def test_opening_an_s3_store_reads_its_root_zarr_json_in_one_get(s3, keep_alive_s3, tiny_store):
     """Every opening of an S3 store looked for its root zarr.json (a HEAD: the first look at the endpoint, then s3fs's
     exists) and zarr read it (a GET): two round trips where one does. The look is the GET, its bytes what zarr parses, at
