@@ -868,7 +868,10 @@ def test_a_store_removed_while_a_streaming_reader_reads_it_is_named_as_removed(n
     batches = iter(ts)
     check_aligned(next(batches))
     wait_for(lambda: len(finished) >= 2, 60)  # the next buffer, read ahead meanwhile, is of the store
-    shutil.rmtree(location)
+    # removed at once (renamed away, then deleted): an rmtree in place lets the reading thread look at a store half
+    # deleted (its root zarr.json there, targets/zarr.json gone), which it names as damaged, not as no store
+    location.rename(tmp_path / "deleted.zarr")
+    shutil.rmtree(tmp_path / "deleted.zarr")
     with pytest.raises(StoreReplacedError, match=r"s\.zarr' was removed or replaced while this reader used it: it does not open "
                        r"now \(no store at .*\); rerun once the store is in place again"):
         for batch in batches:
