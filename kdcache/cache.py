@@ -547,9 +547,14 @@ def _read_whole(store: layout.Store, paths: list[str], shards: np.ndarray, row_b
     """Every array of ``paths`` over the ``shards`` (ascending: those holding the rows served, ``TransferSet.groups``), their
     rows back to back, read once (DataLoader workers inherit them), once the machine is found to have room for them
     (``location``: the store's, as the user named it). Each column is one ``Store.read_shards``, its shards decoded into
-    the one array kept: a ``train.subset`` of a few shards' rows reads those shards only, and holds them once."""
+    the one array kept: a ``train.subset`` of a few shards' rows reads those shards only, and holds them once. From object
+    storage or http every column's call is made at once (as ``TransferSet._read``'s): the columns were read one after
+    another, each column's first shards a round trip waited after the last column's."""
     _check_ram(row_bytes * _rows_of_shards(store, shards), budget_mb, location, checkpoint_bytes)
-    return {p: store.read_shards(p, shards.tolist()) for p in paths}
+    remote = storage.location_kind(store.location) in ("url", "http")
+    reads = threads.ahead("read", storage.REMOTE_READS, store.read_shards, [(p, shards.tolist()) for p in paths],
+                          len(paths) - 1 if remote else 0)
+    return {p: read.result() for p, read in zip(paths, reads)}
 
 
 def _one_input(inputs: list[Any], algorithm: str) -> bool:

@@ -574,21 +574,28 @@ def _write_hdf5(store: layout.Store, f: Any, check: Any, compression: str) -> in
     f.attrs[layout.ATTRS] = json.dumps(store.manifest)
     f.attrs["kdcache_hdf5_version"] = HDF5_LAYOUT_VERSION
     progress = [layout.DONE] + ([layout.DIGEST] if store.has_digests() else [])  # digests: checked again on import
-    for path in store.paths() + progress:
-        arr = store.array(path) if path in progress else store.checked_array(path)  # its layout checked before it shapes the file
-        chunks = (min(int(arr.chunks[0]), arr.shape[0]), *arr.shape[1:]) if path not in progress else None  # h5py: never past N
-        ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                              compression=None if compression == "none" or path in progress else compression)
-        if path in progress:  # the markers and digests the reads checked rows against (read once, by _complete and the first read)
-            ds[:] = store.done_snapshot() if path == layout.DONE else store.digests_snapshot()
-            continue
-        wanted = [(path, shard) for shard in range(store.num_shards)]
-        for shard, read in enumerate(store.read_ahead(wanted)):  # one shard in memory at a time (from object storage: a few)
-            start, stop = store.shard_rows(shard)
-            with _reading(store, path):
-                rows = read.result()
-            ds[start:stop] = rows
-            check()  # a full disk stops the export at once
+    for path in store.paths():  # each layout checked before it shapes the file, in the order the datasets are made
+        store.checked_array(path)
+    # one stream of every array's shards, one shard in memory at a time (from object storage: a few, the next array's first
+    # asked for while this one's last are written: the arrays were read one after another, a round trip waited between)
+    reads = store.read_ahead([(path, shard) for path in store.paths() for shard in range(store.num_shards)])
+    try:
+        for path in store.paths() + progress:
+            arr = store.array(path) if path in progress else store.checked_array(path)
+            chunks = (min(int(arr.chunks[0]), arr.shape[0]), *arr.shape[1:]) if path not in progress else None  # h5py: never past N
+            ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                                  compression=None if compression == "none" or path in progress else compression)
+            if path in progress:  # the markers and digests the reads checked rows against (read once, by _complete and the first read)
+                ds[:] = store.done_snapshot() if path == layout.DONE else store.digests_snapshot()
+                continue
+            for shard in range(store.num_shards):
+                start, stop = store.shard_rows(shard)
+                with _reading(store, path):
+                    rows = next(reads).result()
+                ds[start:stop] = rows
+                check()  # a full disk stops the export at once
+    finally:
+        reads.close()  # an export stopped: the reads asked for ahead and not started are called off
     return len(store.paths()) + len(progress)
 
 

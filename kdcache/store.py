@@ -82,8 +82,8 @@ MAX_SHARD_BYTES = 4 * 2**30
 # Store.digest_problem of a done shard without a digest row: its digest object lost (extract redoes such a shard itself)
 NO_DIGEST = ("has no digest in progress/digest although the store records them (its digest object is missing: an incomplete copy, "
              "or a writer that does not know digests resumed the store)")
-# has_digests hands the progress/digest zarr.json it read to array(DIGEST) up to this size (kdcache's: ~1 KB); a larger one
-# (a received store's) is not held by the Store until then: zarr reads it again
+# the opening's reads (Store._check_groups) hand each array's zarr.json they read to array() up to this size (kdcache's:
+# ~1 KB); a larger one (a received store's) is not held by the Store until then: zarr reads it again
 HANDED_METADATA_BYTES = 64 * 2**10
 BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError, RecursionError, ArithmeticError)
 
@@ -250,24 +250,32 @@ class Store:
         self._targets = {name: Target.from_dict(d) for name, d in manifest["targets"].items()}
         self._paths = (*self.sample_paths(), *(path for t in self._targets.values() for path in t.arrays))
         self._kind = location_kind(location)
-        self._check_groups()
         self._arrays: dict[str, zarr.Array] = {}
         self._done: np.ndarray | None = None  # read() of a read-only store: done() read once
         self._markers: np.ndarray | None = None  # done() read by done_snapshot() before any read: the snapshot's, when taken
         self._digests: np.ndarray | None = None  # and digests() after it (a shard's digest is written before its marker)
         self._digested: bool | None = None  # whether the store has progress/digest (stores written before it have none)
-        self._digest_meta: bytes | None = None  # its zarr.json as has_digests read it, until array(DIGEST) parses it
+        self._metadata: dict[str, bytes] = {}  # array path -> its zarr.json as the opening read it, until array() parses it
         self._digest_columns: dict[str, int] | None = None
         self._snapshot = threading.Lock()  # read(): the done markers and digests are loaded together
         self._layout_checked: set[str] = set()  # checked_array: arrays whose shape and dtype match the manifest
         self._same_at: float | None = None  # _replaced_named: when the store at the location was last found this one
         # how a replacement found by a read is said (check_not_replaced): when it was replaced, and when the store was opened
         self.replaced_when = ("since kdcache.open_store opened it", "it was opened")
+        self._check_groups()
 
     def _check_groups(self) -> None:
         """Refuse damaged metadata of the groups FORMAT.md §3 lists (``samples``, ``targets``, ``progress`` and,
         with a layer target, ``targets/layers``; the root's zarr parsed): each must be a zarr v3 group's
-        ``zarr.json``. One small read per group, all at once."""
+        ``zarr.json``. One small read per group, all at once.
+
+        At an http(s) or object-store location every array's ``zarr.json`` (the manifest's data arrays, ``progress/done``,
+        ``progress/digest``) is read in the same wave, its bytes kept for ``array()`` to parse (``_node``) and, for
+        ``progress/digest``, for ``has_digests`` to answer from: zarr read each when it was first opened, one round trip
+        after another (6 to 7 waited in turn by every command, 100-300 ms each to a bucket across the world). An array's
+        read that fails is left to its opening (zarr reads it then, and names what is wrong as before). Local folders and
+        zips, a ``zip::`` chain's too (its members are read from the zip's bytes), are read as before: each array's
+        metadata when it is opened."""
         import asyncio
 
         from zarr.core.buffer import default_buffer_prototype
@@ -277,19 +285,32 @@ class Store:
         if any(t.path.startswith(LAYERS) for t in self.targets.values()):
             groups.insert(2, LAYERS.rstrip("/"))
         keys = [f"{g}/zarr.json" for g in groups]
+        arrays = [*self._paths, DONE, DIGEST] if self._kind in ("url", "http") and "::" not in self.location else []
         store = self.group.store
 
         async def every() -> list[Any]:
-            return list(await asyncio.gather(*(store.get(k, prototype=default_buffer_prototype()) for k in keys)))
+            return list(await asyncio.gather(*(store.get(k, prototype=default_buffer_prototype()) for k in keys),
+                                             *(store.get(f"{a}/zarr.json", prototype=default_buffer_prototype()) for a in arrays),
+                                             return_exceptions=True))
 
-        try:
-            found = sync(every())
-        except zipfile.BadZipFile as e:
-            raise _corrupted_member(self.location, str(e)) from None
-        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
-            if _on_the_way(e):
+        found = sync(every())
+        for e in found[:len(keys)]:
+            if not isinstance(e, BaseException):
+                continue
+            if isinstance(e, zipfile.BadZipFile):
+                raise _corrupted_member(self.location, str(e)) from None
+            if isinstance(e, Exception) and _on_the_way(e):
                 raise self._unreachable("the groups' zarr.json", e) from None
-            raise
+            raise e
+        for path, got in zip(arrays, found[len(keys):]):
+            if isinstance(got, BaseException):  # its opening reads it again, and says what is wrong
+                if not isinstance(got, Exception):
+                    raise got
+                continue
+            if path == DIGEST:  # has_digests: a missing key is a store from before digests
+                self._digested = got is not None
+            if got is not None and len(got) <= HANDED_METADATA_BYTES:
+                self._metadata[path] = got.to_bytes()
         for key, buf in zip(keys, found):
             if buf is None:
                 why = "it is missing"
@@ -378,12 +399,10 @@ class Store:
         return self._arrays[path]
 
     def _node(self, path: str) -> zarr.Array | zarr.Group:
-        """``self.group[path]``; ``progress/digest``'s from the bytes of its ``zarr.json`` that ``has_digests`` read (parsed
-        as zarr parses what it reads, with the same errors), not read a second time."""
-        raw = self._digest_meta if path == DIGEST else None
+        """``self.group[path]``; from the bytes of its ``zarr.json`` that the opening (``_check_groups``) or ``has_digests``
+        read where they are kept (parsed as zarr parses what it reads, with the same errors), not read a second time."""
+        raw = self._metadata.pop(path, None)
         parse = _zarr_private("zarr.core.group", "_build_metadata_v3", "_build_node", "_parse_async_node") if raw is not None else None
-        if path == DIGEST:
-            self._digest_meta = None
         if parse is None:
             return self.group[path]
         build_metadata, build_node, parse_node = parse
@@ -549,7 +568,7 @@ class Store:
                 raw = self._get(f"{DIGEST}/zarr.json")
                 self._digested = raw is not None
                 if raw is not None and len(raw) <= HANDED_METADATA_BYTES and DIGEST not in self._arrays:
-                    self._digest_meta = raw  # array(DIGEST) parses these: zarr does not read them again
+                    self._metadata[DIGEST] = raw  # array(DIGEST) parses these: zarr does not read them again
             except PermissionError:  # a bucket granting GetObject only answers a missing key 403: a store from before digests
                 self._digested = False
             except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors

@@ -734,8 +734,9 @@ class KeepAliveS3:
     ``unanswered`` PUTs it never answers; ``unconditional`` PUTs it forwards without their ``If-None-Match`` (a server that
     ignores the condition: some S3-compatible ones); ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
     closed: a connection dropped mid-read); ``endless`` GETs it answers with zeros and no ``Content-Length`` until the
-    client hangs up (a broken or hostile server's endless body). A request body sent chunked is not forwarded (botocore's
-    PUTs give their length)."""
+    client hangs up (a broken or hostile server's endless body). ``hold``: seconds each request is held before it is
+    forwarded (a bucket across the world), each held one's ``(method, path, began, ended)`` kept in ``held``. A request body
+    sent chunked is not forwarded (botocore's PUTs give their length)."""
 
     def __init__(self, upstream: str):
         import http.server
@@ -749,6 +750,7 @@ class KeepAliveS3:
         self.cut: dict[str, int] = {}
         self.endless: set[str] = set()
         self.requests: list[tuple[str, str]] = []  # (method, path) of each request, as it came
+        self.hold, self.held = 0.0, []
         self.closed = threading.Event()
         outer = self
 
@@ -760,6 +762,10 @@ class KeepAliveS3:
 
             def forward(self) -> None:
                 outer.requests.append((self.command, self.path))
+                if outer.hold:
+                    began = time.monotonic()
+                    time.sleep(outer.hold)
+                    outer.held.append((self.command, self.path, began, time.monotonic()))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = next((code for part, code in outer.faults.items() if part in self.path and self.command in ("GET", "HEAD")), None)
@@ -2253,7 +2259,9 @@ def test_stats_and_export_of_an_http_store_read_its_done_markers_once_for_their_
     an array no block had opened yet (36 to 38 requests over http for a store of 4 shards, where 32 do; export 54, where
     50 do). The markers are read once for both, each array's metadata once. Export copied the markers and digest rows
     into its file with reads of their own, and the root's and the digest array's zarr.json were each read twice by every
-    command (the opening's look and zarr's read; has_digests and zarr's): 30 requests for stats, 40 for export."""
+    command (the opening's look and zarr's read; has_digests and zarr's): 30 requests for stats, 40 for export. Stats 32
+    since the opening asks for every array's zarr.json at once (samples/index and samples/fingerprint, which stats does
+    not read, too: two requests more, in a round trip waited anyway, where 6 were waited one after another)."""
     import collections
     import shutil
 
@@ -2272,7 +2280,7 @@ def test_stats_and_export_of_an_http_store_read_its_done_markers_once_for_their_
     assert markers == [1] * 4, log  # export's file holds the markers its reads checked rows against
     assert [n for key, n in gets.items() if key.startswith("progress/digest/c/")] == [1] * 4, log  # and the digests
     assert {key: n for key, n in gets.items() if key.endswith("zarr.json") and n != 1} == {}, log
-    assert len(log) <= (30 if command == "stats" else 40), log
+    assert len(log) <= (32 if command == "stats" else 40), log
 
 
 def test_verify_of_an_http_store_reads_each_done_marker_and_metadata_object_once(counted_http_root, tiny_store):
@@ -2751,3 +2759,70 @@ def test_a_caching_layer_before_a_zips_url_is_refused_naming_the_order_that_read
     assert r.exit_code == 1 and r.output == (f"Error: {url!r}: fsspec's caching layer simplecache:: goes after zip::, not before it "
                                              f"(a zip behind a URL is read through zip::); pass {fixed!r}\n"), r.output
     assert open_store(fixed).complete
+
+
+def most_in_flight(held: list[tuple[str, str, float, float]]) -> int:
+    """The most of the ``held`` requests (``KeepAliveS3.held``) that were in flight at one moment."""
+    return max((sum(b <= began < e for _, _, b, e in held) for _, _, began, _ in held), default=0)
+
+
+def test_opening_an_s3_store_asks_for_every_metadata_object_at_once(s3, keep_alive_s3, tiny_store):
+    """Opening a remote store read each array's zarr.json when the array was first opened, one after another: 6 to 7
+    round trips waited in turn by every command (1-3 s to a bucket across the world, 100-300 ms a request). The opening
+    now asks for the groups' and every array's zarr.json (the manifest names them) at once, and the reads after use
+    those bytes: all in flight together behind an endpoint holding each request, the requests no more than before."""
+    import s3fs
+
+    from kdcache.store import LOGITS
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/waves.zarr", recursive=True)
+    options, url = {**s3, "endpoint_url": keep_alive_s3.url}, f"s3://{BUCKET}/waves.zarr"
+    open_store(url, storage_options=options)  # the first look at the endpoint
+    keep_alive_s3.hold = 0.5  # a sibling sent later than this after the others would be a wave of its own: never at once
+    store = open_store(url, storage_options=options)
+    assert store.read(LOGITS, 0, 16).shape == (16, 4) and store.info()["shard_digests"]
+    for path in store.paths():
+        store.checked_array(path)
+    keep_alive_s3.hold = 0.0
+    inner = [h for h in keep_alive_s3.held if h[1].endswith("/zarr.json") and h[1] != f"/{BUCKET}/waves.zarr/zarr.json"]
+    assert len(inner) == 4 + len(store.paths()) + 2, inner  # the groups (with targets/layers), the data arrays, done, digest
+    assert most_in_flight(inner) == len(inner), inner  # old: 4 (the groups), then one at a time
+    metadata = [h[1] for h in keep_alive_s3.held if h[1].endswith("/zarr.json")]
+    assert len(set(metadata)) == len(metadata) == len(inner) + 1, metadata  # each read once, the root too
+
+
+def test_export_and_a_training_run_in_memory_ask_for_every_arrays_shards_at_once_from_s3(s3, keep_alive_s3, tiny_store, tmp_path):
+    """Export and ``train`` with its targets in memory read one array's shards after another's, a round trip waited
+    between the arrays (5 at the tiny store: 0.5-1.5 s across the world); now one array's shards are asked for with the
+    next ones' (export: still a few in memory at once)."""
+    pytest.importorskip("h5py")
+    import s3fs
+
+    from kdcache import cache
+    from kdcache.interop import export_hdf5
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/columns.zarr", recursive=True)
+    options, url = {**s3, "endpoint_url": keep_alive_s3.url}, f"s3://{BUCKET}/columns.zarr"
+    store = open_store(url, storage_options=options)
+    store.done_snapshot(), store.digests_snapshot()
+    for path in store.paths():
+        store.checked_array(path)
+    shards = np.arange(store.num_shards)
+    keep_alive_s3.hold = 0.3
+    whole = cache._read_whole(store, store.paths(), shards, 1, 1024, url)
+    keep_alive_s3.hold = 0.0
+    assert {p: len(a) for p, a in whole.items()} == {p: store.num_samples for p in store.paths()}
+    data = [h for h in keep_alive_s3.held if "/c/" in h[1] and "/progress/" not in h[1]]
+    assert len(data) == store.num_shards * len(store.paths()), data
+    assert most_in_flight(data) > store.num_shards, data  # old: one array's shards at a time (4)
+    keep_alive_s3.held.clear()
+    keep_alive_s3.hold = 0.3
+    export_hdf5(url, tmp_path / "x.h5", storage_options=options)
+    keep_alive_s3.hold = 0.0
+    data = [h for h in keep_alive_s3.held if "/c/" in h[1] and "/progress/" not in h[1]]
+    assert len(data) == store.num_shards * len(store.paths()), data
+    assert most_in_flight(data) > store.num_shards, data
+    import h5py
+
+    with h5py.File(tmp_path / "x.h5") as f:  # each array's rows where its shards go, though read together
+        assert all(np.array_equal(f[p][:], whole[p]) for p in store.paths())
