@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -734,9 +735,9 @@ class KeepAliveS3:
     ``unanswered`` PUTs it never answers; ``unconditional`` PUTs it forwards without their ``If-None-Match`` (a server that
     ignores the condition: some S3-compatible ones); ``cut[KEY_PART]`` GETs whose body it cuts short (half of it sent, the connection
     closed: a connection dropped mid-read); ``endless`` GETs it answers with zeros and no ``Content-Length`` until the
-    client hangs up (a broken or hostile server's endless body). ``hold``: seconds each request is held before it is
-    forwarded (a bucket across the world), each held one's ``(method, path, began, ended)`` kept in ``held``. A request body
-    sent chunked is not forwarded (botocore's PUTs give their length)."""
+    client hangs up (a broken or hostile server's endless body). ``gate``: a ``Gate`` every request passes before it is
+    forwarded (a bucket across the world that answers none of a client's requests before it has sent them all). A
+    request body sent chunked is not forwarded (botocore's PUTs give their length)."""
 
     def __init__(self, upstream: str):
         import http.server
@@ -750,7 +751,7 @@ class KeepAliveS3:
         self.cut: dict[str, int] = {}
         self.endless: set[str] = set()
         self.requests: list[tuple[str, str]] = []  # (method, path) of each request, as it came
-        self.hold, self.held = 0.0, []
+        self.gate: Gate | None = None
         self.closed = threading.Event()
         outer = self
 
@@ -762,10 +763,8 @@ class KeepAliveS3:
 
             def forward(self) -> None:
                 outer.requests.append((self.command, self.path))
-                if outer.hold:
-                    began = time.monotonic()
-                    time.sleep(outer.hold)
-                    outer.held.append((self.command, self.path, began, time.monotonic()))
+                if outer.gate is not None:
+                    outer.gate.wait(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = next((code for part, code in outer.faults.items() if part in self.path and self.command in ("GET", "HEAD")), None)
@@ -2761,9 +2760,29 @@ def test_a_caching_layer_before_a_zips_url_is_refused_naming_the_order_that_read
     assert open_store(fixed).complete
 
 
-def most_in_flight(held: list[tuple[str, str, float, float]]) -> int:
-    """The most of the ``held`` requests (``KeepAliveS3.held``) that were in flight at one moment."""
-    return max((sum(b <= began < e for _, _, b, e in held) for _, _, began, _ in held), default=0)
+class Gate:
+    """Holds the first ``k`` requests whose path ``wanted`` picks until all ``k`` have come, or ``timeout`` seconds:
+    ``came``, how many came before it opened, is how many the client sends without waiting for an answer, whatever the
+    machine's load (a hold of fixed length let a loaded box's late sender look like one waiting for an answer). Once
+    open, every request passes."""
+
+    def __init__(self, k: int, wanted: Callable[[str], bool], timeout: float = 10.0):
+        import threading
+
+        self.k, self.wanted, self.timeout = k, wanted, timeout
+        self.came, self.opened, self.changed = 0, False, threading.Condition()
+
+    def wait(self, path: str) -> None:
+        if not self.wanted(path):
+            return
+        with self.changed:
+            if self.opened:
+                return
+            self.came += 1
+            if self.came < self.k:
+                self.changed.wait_for(lambda: self.opened, timeout=self.timeout)
+            self.opened = True
+            self.changed.notify_all()
 
 
 def test_opening_an_s3_store_asks_for_every_metadata_object_at_once(s3, keep_alive_s3, tiny_store):
@@ -2777,18 +2796,21 @@ def test_opening_an_s3_store_asks_for_every_metadata_object_at_once(s3, keep_ali
 
     s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/waves.zarr", recursive=True)
     options, url = {**s3, "endpoint_url": keep_alive_s3.url}, f"s3://{BUCKET}/waves.zarr"
-    open_store(url, storage_options=options)  # the first look at the endpoint
-    keep_alive_s3.hold = 0.5  # a sibling sent later than this after the others would be a wave of its own: never at once
-    store = open_store(url, storage_options=options)
-    assert store.read(LOGITS, 0, 16).shape == (16, 4) and store.info()["shard_digests"]
-    for path in store.paths():
-        store.checked_array(path)
-    keep_alive_s3.hold = 0.0
-    inner = [h for h in keep_alive_s3.held if h[1].endswith("/zarr.json") and h[1] != f"/{BUCKET}/waves.zarr/zarr.json"]
-    assert len(inner) == 4 + len(store.paths()) + 2, inner  # the groups (with targets/layers), the data arrays, done, digest
-    assert most_in_flight(inner) == len(inner), inner  # old: 4 (the groups), then one at a time
-    metadata = [h[1] for h in keep_alive_s3.held if h[1].endswith("/zarr.json")]
-    assert len(set(metadata)) == len(metadata) == len(inner) + 1, metadata  # each read once, the root too
+    first = open_store(url, storage_options=options)  # the first look at the endpoint
+    inner = 4 + len(first.paths()) + 2  # the groups' (with targets/layers), the data arrays', done's and digest's zarr.json
+    root = f"/{BUCKET}/waves.zarr/zarr.json"
+    keep_alive_s3.gate = gate = Gate(inner, lambda path: path.endswith("/zarr.json") and path != root)
+    before = len(keep_alive_s3.requests)
+    try:
+        store = open_store(url, storage_options=options)
+        assert store.read(LOGITS, 0, 16).shape == (16, 4) and store.info()["shard_digests"]
+        for path in store.paths():
+            store.checked_array(path)
+    finally:
+        keep_alive_s3.gate = None
+    assert gate.came == inner, gate.came  # all sent before any was answered; old: 4 (the groups), then one at a time
+    metadata = [path for _, path in keep_alive_s3.requests[before:] if path.endswith("/zarr.json")]
+    assert len(set(metadata)) == len(metadata) == inner + 1, metadata  # each read once, the root too
 
 
 def test_export_and_a_training_run_in_memory_ask_for_every_arrays_shards_at_once_from_s3(s3, keep_alive_s3, tiny_store, tmp_path):
@@ -2808,20 +2830,24 @@ def test_export_and_a_training_run_in_memory_ask_for_every_arrays_shards_at_once
     for path in store.paths():
         store.checked_array(path)
     shards = np.arange(store.num_shards)
-    keep_alive_s3.hold = 0.3
-    whole = cache._read_whole(store, store.paths(), shards, 1, 1024, url)
-    keep_alive_s3.hold = 0.0
+
+    def data(path: str) -> bool:
+        return "/c/" in path and "/progress/" not in path
+
+    # more than one array's shards sent before any is answered; old: one array's at a time (4), then the gate's timeout
+    whole = None
+    for read in (lambda: cache._read_whole(store, store.paths(), shards, 1, 1024, url),
+                 lambda: export_hdf5(url, tmp_path / "x.h5", storage_options=options)):
+        keep_alive_s3.gate = gate = Gate(store.num_shards + 1, data)
+        before = len(keep_alive_s3.requests)
+        try:
+            got = read()
+            whole = got if whole is None else whole  # _read_whole's columns (export returns its summary)
+        finally:
+            keep_alive_s3.gate = None
+        assert gate.came == store.num_shards + 1, gate.came
+        assert sum(data(path) for _, path in keep_alive_s3.requests[before:]) == store.num_shards * len(store.paths())
     assert {p: len(a) for p, a in whole.items()} == {p: store.num_samples for p in store.paths()}
-    data = [h for h in keep_alive_s3.held if "/c/" in h[1] and "/progress/" not in h[1]]
-    assert len(data) == store.num_shards * len(store.paths()), data
-    assert most_in_flight(data) > store.num_shards, data  # old: one array's shards at a time (4)
-    keep_alive_s3.held.clear()
-    keep_alive_s3.hold = 0.3
-    export_hdf5(url, tmp_path / "x.h5", storage_options=options)
-    keep_alive_s3.hold = 0.0
-    data = [h for h in keep_alive_s3.held if "/c/" in h[1] and "/progress/" not in h[1]]
-    assert len(data) == store.num_shards * len(store.paths()), data
-    assert most_in_flight(data) > store.num_shards, data
     import h5py
 
     with h5py.File(tmp_path / "x.h5") as f:  # each array's rows where its shards go, though read together
