@@ -17,7 +17,6 @@ step: ``_stream_steps``).
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 from pathlib import Path
@@ -363,13 +362,10 @@ class TransferSet(IterableDataset):
         spans = np.array([self._store.shard_rows(int(s)) for s in shards], dtype=np.int64).reshape(-1, 2)
         offsets = np.concatenate([[0], np.cumsum(spans[:, 1] - spans[:, 0])])
         position = offsets[local] + rows - spans[local, 0]  # row's place in the shards read back to back
-        # a column's shards in one call (its checks made once), decoded into one array, then put in the buffer's order; from
-        # object storage or http every column's call is made at once, each asking for its next shards while it decodes one
-        remote = storage.location_kind(self.location) in ("url", "http")
-        calls = [(p, shards.tolist()) for p in self.paths]
-        column = functools.partial(self._store.read_shards, replaced_when=REPLACED_WHEN)  # the Store may be the caller's: its words kept
-        reads = threads.ahead("read", storage.REMOTE_READS, column, calls, len(calls) - 1 if remote else 0)
-        return {p: read.result()[position] for p, read in zip(self.paths, reads)}
+        # each column's shards decoded into one array, then put in the buffer's order (the Store may be the caller's: its
+        # words for a replaced store kept, the reader's own given)
+        columns = self._store.read_columns(self.paths, shards.tolist(), replaced_when=REPLACED_WHEN)
+        return {p: c[position] for p, c in columns.items()}
 
     def _reopened(self) -> layout.Store:
         """The store opened again (streaming: by each DataLoader worker; the process that made this reader reads through
@@ -548,13 +544,9 @@ def _read_whole(store: layout.Store, paths: list[str], shards: np.ndarray, row_b
     rows back to back, read once (DataLoader workers inherit them), once the machine is found to have room for them
     (``location``: the store's, as the user named it). Each column is one ``Store.read_shards``, its shards decoded into
     the one array kept: a ``train.subset`` of a few shards' rows reads those shards only, and holds them once. From object
-    storage or http every column's call is made at once (as ``TransferSet._read``'s): the columns were read one after
-    another, each column's first shards a round trip waited after the last column's."""
+    storage or http every column's call is made at once (``Store.read_columns``)."""
     _check_ram(row_bytes * _rows_of_shards(store, shards), budget_mb, location, checkpoint_bytes)
-    remote = storage.location_kind(store.location) in ("url", "http")
-    reads = threads.ahead("read", storage.REMOTE_READS, store.read_shards, [(p, shards.tolist()) for p in paths],
-                          len(paths) - 1 if remote else 0)
-    return {p: read.result() for p, read in zip(paths, reads)}
+    return store.read_columns(paths, shards.tolist())
 
 
 def _one_input(inputs: list[Any], algorithm: str) -> bool:

@@ -581,7 +581,7 @@ def _write_hdf5(store: layout.Store, f: Any, check: Any, compression: str) -> in
     reads = store.read_ahead([(path, shard) for path in store.paths() for shard in range(store.num_shards)])
     try:
         for path in store.paths() + progress:
-            arr = store.array(path) if path in progress else store.checked_array(path)
+            arr = store.array(path)  # its layout checked above
             chunks = (min(int(arr.chunks[0]), arr.shape[0]), *arr.shape[1:]) if path not in progress else None  # h5py: never past N
             ds = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
                                   compression=None if compression == "none" or path in progress else compression)

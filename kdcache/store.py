@@ -1043,6 +1043,16 @@ class Store:
                 read.result()
         return out
 
+    def read_columns(self, paths: Sequence[str], shards: Sequence[int], *, replaced_when: tuple[str, str] | None = None) -> dict[str, np.ndarray]:
+        """``read_shards`` of each of ``paths`` over ``shards``: one call a column (its checks made once), decoded into one
+        array each. From object storage or http every column's call is made at once (each asking for its next shards
+        while it decodes one): a column's first shards are not a round trip waited after the last column's. Elsewhere
+        the columns are read in turn."""
+        read = functools.partial(self.read_shards, replaced_when=replaced_when)
+        window = len(paths) - 1 if self._kind in ("url", "http") else 0
+        reads = threads.ahead("read", REMOTE_READS, read, [(p, list(shards)) for p in paths], window)
+        return {p: r.result() for p, r in zip(paths, reads)}
+
     def _read_shard(self, path: str, shard: int, into: np.ndarray, objects: LocalObjects | None = None) -> None:
         """``read_shards``' read of one shard's rows, decoded into ``into``."""
         lo, hi = self.shard_rows(shard)
