@@ -588,7 +588,9 @@ def fuzz(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     defects = [r for r in results if r["problems"]]
-    print(f"{len(results)} runs, {len(defects)} with a defect")
+    print(f"{len(results)} runs, {len(defects)} with a defect"
+          + (f"; --minutes {args.minutes:g} reached: {len(numbers_) - len(results)} of {len(numbers_)} runs not started"
+             if len(results) < len(numbers_) and time.monotonic() > deadline else ""))
     return 1 if defects else 0
 
 

@@ -3,8 +3,8 @@ random moment, then the same command run again until it ends, its result compare
 
 Not part of the default suite (300 runs: about 10 minutes with ``--jobs 2`` on 2 cores). Run from the repository root::
 
-    python tests/fuzz_signals.py [--seed 0] [--runs 200] [--jobs 2] [--only train extract ...] [--signals TERM INT]
-                                 [--entry kdcache] [--replay CMD:SIG:MOMENT ...] [--json report.json]
+    python tests/fuzz_signals.py [--seed 0] [--runs 200] [--jobs 2] [--minutes M] [--only train extract ...]
+                                 [--signals TERM INT] [--entry kdcache] [--replay N|CMD:SIG:MOMENT ...] [--json report.json]
 
 Each command runs as the program does (``python -m kdcache``, the console script's entry; ``--entry kdcache.cli`` runs
 ``python -m kdcache.cli``) on ``tests/fixtures/tiny.toml``'s store (4 shards of 16 rows, 50 samples): ``train``
@@ -12,8 +12,13 @@ Each command runs as the program does (``python -m kdcache``, the console script
 uninterrupted run's, ``torch.equal``), ``extract`` (run again until exit 0, then every array, the manifest but its times
 and every file's bytes compared with an uninterrupted extract's), ``pack`` and ``export`` (run again until exit 0, the
 zip's members or the HDF5 file's datasets and attributes compared), ``import`` (of the export: run again until exit 0,
-the store compared) and ``verify`` (the store's files unchanged). Each command's whole duration is measured first (an
-uninterrupted run); each run's moment is drawn from 0 to that duration (5 % past it: the process's exit too).
+the store compared) and ``verify`` (the store's files unchanged). The seed draws each run's command, signal and moment
+as a fraction of the command's whole duration, 0 to 1.05 (5 % past it: the process's exit too), before any run; the
+moment in seconds is that fraction of the duration measured as the campaign goes (``Durations``: an uninterrupted run's
+at the start, then every run's that the signal was not sent in, having ended before its moment, and an uninterrupted
+run's timed again where the command's last 8 runs were all stopped; the median of the last 3), so a machine whose load
+comes and goes still has its moments drawn within the commands (measured once, on a loaded machine, 58 of seed 11's 150
+moments came after the command had ended). ``--minutes M`` starts no run after M minutes from the start.
 
 Outcomes of the stopped process, each checked: its exit status is 0 (the signal came as the command ended), 128 + the
 signal with exactly one line on stderr, ``Error: stopped by SIGTERM …`` / ``Error: interrupted …``, or minus the signal
@@ -23,11 +28,15 @@ signal; what its line says is kept is there (``the N shards done so far are kept
 file was written``, ``… was written whole before it stopped and is kept``). Then the runs again (no signal) must each
 exit 0 without a traceback, and the result must equal the uninterrupted run's. Not defects, counted apart: ``start``
 (Python's own report of a Ctrl-C as it started, before any code of kdcache's ran: importing ``site``, runpy finding the
-module) and ``0 ran on`` (exit 0 more than ``--lost`` seconds after a handler took the signal: put off in an import, a
+module), ``0 ran on`` (exit 0 more than ``--lost`` seconds after a handler took the signal: put off in an import, a
 finalizer, a thread's start or an HDF5 write until the command had ended, as kdcache documents; past ``PUT_OFF_S`` more
-it is ``lost``, a defect). The summary lists the runs, the outcomes by command and signal, and each defect with the
-``--replay`` argument that sends the same signal at the same moment again (a moment on a loaded machine lands near,
-not exactly, where it did).
+it is ``lost``, a defect), and ``not sent`` (the command had ended before its moment: the run tested nothing). The summary
+lists the runs, the outcomes by command and signal, the durations last measured, how many runs the signal was sent in
+and not, and each defect with two ``--replay`` arguments: ``CMD:SIG:MOMENT`` sends the same signal the same seconds
+after the start again (on a machine running at another pace it lands elsewhere in the command), ``N`` (with the
+campaign's ``--seed``, ``--only`` and ``--signals``) the seed's run N again, its signal at the same fraction of the
+duration measured now (the same place in the command, as far as one run's pace is another's). It exits 1 where a run
+has a defect, else 2 where most runs sent no signal (``NO TEST`` on stderr: the campaign tested nothing much), else 0.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +59,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -228,10 +238,13 @@ def one(command: str, signum: int, moment: float, ref: dict[str, Any], entry: st
             except Exception as e:  # noqa: BLE001 - what the fuzzer looks for
                 found.append(f"differs: the result cannot be read: {type(e).__name__}: {e}"[:600])
         outcome = "hang" if first.get("hang") else "start" if first["rc"] in (-signum, 1) and starting(first["stderr"]) else f"{first['rc']}"
-        if outcome == "0" and first["handled"] == "caught" and first["took"] - first["sent"] > lost_s:
+        if outcome == "0" and first["sent"] is None:
+            outcome = "not sent"  # the command had ended before its moment: nothing was tested
+        elif outcome == "0" and first["handled"] == "caught" and first["took"] - first["sent"] > lost_s:
             outcome = "0 ran on"  # a handler put it off (an import, a finalizer, a thread's start) until the command ended
         return {"command": command, "signal": signal.Signals(signum).name[3:], "moment": round(moment, 3), "outcome": outcome,
-                "sent": first["sent"], "handled": first["handled"], "reruns": again, "found": found, "line": line[-600:]}
+                "sent": first["sent"], "handled": first["handled"], "took": first["took"], "rc": first["rc"], "reruns": again,
+                "found": found, "line": line[-600:]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -293,71 +306,188 @@ def references(work: Path, entry: str, commands: list[str]) -> dict[str, Any]:
     return ref
 
 
+class Durations:
+    """Each command's whole duration as measured lately, from which a run's moment is drawn: the uninterrupted run's at
+    the start, then that of every run the signal was not sent in (it had ended before its moment: it ran whole), and of
+    an uninterrupted run timed again where the command's last ``REMEASURE`` runs were all stopped (the machine may have
+    slowed: their moments would crowd into its start). A moment is its run's drawn fraction of the median of the last
+    ``WINDOW`` durations, so a campaign started on a loaded machine draws its moments within the commands once the load
+    goes (seed 11, measured once: 58 of 150 moments came after the command had ended)."""
+
+    WINDOW = 3
+    REMEASURE = 8
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.recent = {c: collections.deque([s], maxlen=self.WINDOW) for c, s in seconds.items()}
+        self.stopped: collections.Counter[str] = collections.Counter()
+        self.retimed = 0
+        self.lock = threading.Lock()
+
+    def estimate(self, command: str) -> float:
+        with self.lock:
+            return statistics.median(self.recent[command])
+
+    def stale(self, command: str) -> bool:
+        """Whether the command's last REMEASURE runs were all stopped (its durations not measured since)."""
+        with self.lock:
+            return self.stopped[command] >= self.REMEASURE
+
+    def ran(self, command: str, sent: float | None, took: float, rc: int | None) -> None:
+        """A run of ``command`` ended: ``took`` is its whole duration where no signal was sent and it exited 0."""
+        with self.lock:
+            if sent is None and rc == 0:
+                self.recent[command].append(took)
+                self.stopped[command] = 0
+            else:
+                self.stopped[command] += 1
+
+
+def retime(command: str, ref: dict[str, Any], entry: str, durations: Durations) -> None:
+    """An uninterrupted run of ``command``, timed: its whole duration as the machine runs it now."""
+    work = Path(tempfile.mkdtemp(prefix=f"kdcache-sigfuzz-{command}-"))
+    try:
+        r = launch(argv(command, work, ref), entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with durations.lock:
+        durations.retimed += 1
+    if r["rc"] == 0 and not r["stderr"].strip():  # one that failed is not its duration (a stopped run will show why)
+        durations.ran(command, None, r["took"], 0)
+
+
+def parse_replay(text: str) -> tuple[int | None, str | None, int | None, float | None]:
+    """``--replay``'s ``N`` (the seed's run N: its command, signal and fraction of the duration measured now) or
+    ``CMD:SIG:MOMENT`` (that signal that many seconds after the start): (run, command, signal, moment)."""
+    if text.isdigit():
+        return int(text), None, None, None
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in COMMANDS or parts[1] not in SIGNALS:
+        raise SystemExit(f"--replay {text!r}: expected a run's number (N) or CMD:SIG:MOMENT, CMD one of "
+                         f"{', '.join(COMMANDS)}, SIG one of {', '.join(SIGNALS)} (as a summary prints them)")
+    try:
+        moment = float(parts[2])
+    except ValueError:
+        moment = -1.0
+    if not moment >= 0:
+        raise SystemExit(f"--replay {text!r}: the moment {parts[2]!r} is not a number of seconds >= 0 (as a summary prints it)")
+    return None, parts[0], SIGNALS[parts[1]], moment
+
+
+def draw(seed: int, runs: int, commands: list[str], signals: list[str]) -> list[Plan]:
+    """The seed's runs: each one's command, signal and moment as a fraction of the command's duration (to 1.05: the
+    process's exit too). Drawn before any run, so a seed's runs are the same whatever the machine's pace; only the
+    moments in seconds, that fraction of the durations measured as the campaign goes, depend on it."""
+    rng = random.Random(seed)
+    plans = []
+    for n in range(runs):
+        command = rng.choice(commands)
+        plans.append(Plan(n, command, SIGNALS[rng.choice(signals)], rng.uniform(0, 1.05)))
+    return plans
+
+
+class Plan(NamedTuple):
+    run: int | None  # the seed's run number (None: a replay of a moment)
+    command: str
+    signum: int
+    fraction: float | None  # of the command's duration measured at the run's start
+    moment: float | None = None  # seconds, where replayed
+
+
 def main(argv_: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
+    p.add_argument("--minutes", type=float, default=0.0, help="start no run after this many minutes (0: no limit)")
     p.add_argument("--only", nargs="*", choices=COMMANDS, help="commands to stop (default: all)")
     p.add_argument("--signals", nargs="*", choices=list(SIGNALS), default=list(SIGNALS))
     p.add_argument("--entry", default="kdcache", help="module run with python -m (kdcache: the console script's entry)")
     p.add_argument("--late", type=float, default=15.0, help="seconds after the signal by which the process must end")
     p.add_argument("--lost", type=float, default=2.0, help="seconds a command that a handler took the signal in may go on to "
                    "exit 0 (the signal came as it ended)")
-    p.add_argument("--replay", nargs="*", default=[], metavar="CMD:SIG:MOMENT", help="these runs only (from a summary)")
+    p.add_argument("--replay", nargs="*", default=[], metavar="N|CMD:SIG:MOMENT",
+                   help="these runs only, as a summary names them: N, the seed's run N (with the campaign's --seed, --only "
+                   "and --signals: its fraction of the duration measured now), or CMD:SIG:MOMENT (that moment in seconds)")
     p.add_argument("--json", help="write every run here")
     args = p.parse_args(argv_)
+    deadline = time.monotonic() + args.minutes * 60 if args.minutes else float("inf")
     commands = list(args.only or COMMANDS)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell: the commands would
         signal.signal(signal.SIGINT, signal.default_int_handler)  # inherit it ignored, and every Ctrl-C sent be lost
+    replays = [parse_replay(x) for x in args.replay]
+    plans = draw(args.seed, max([args.runs, *[n + 1 for n, _, _, _ in replays if n is not None]]), commands, args.signals)
+    if replays:
+        plans = [plans[n] if n is not None else Plan(None, c, s, None, m) for n, c, s, m in replays]  # type: ignore[arg-type]
+        commands = sorted({x.command for x in plans})
     work = Path(tempfile.mkdtemp(prefix="kdcache-sigfuzz-"))
     try:
-        if args.replay:
-            plans = [(c, SIGNALS[s], float(m)) for c, s, m in (x.split(":") for x in args.replay)]
-            commands = sorted({c for c, _, _ in plans})
         ref = references(work, args.entry, commands)
         print("uninterrupted:", {c: f"{ref['seconds'][c]:.2f} s" for c in commands}, flush=True)
-        rng = random.Random(args.seed)
-        if not args.replay:
-            plans = []
-            for _ in range(args.runs):
-                command = rng.choice(commands)
-                plans.append((command, SIGNALS[rng.choice(args.signals)], rng.uniform(0, ref["seconds"][command] * 1.05)))
-        return fuzz(plans, ref, args)
+        return fuzz(plans, ref, args, deadline)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def fuzz(plans: list[tuple[str, int, float]], ref: dict[str, Any], args: argparse.Namespace) -> int:
+def fuzz(plans: list[Plan], ref: dict[str, Any], args: argparse.Namespace, deadline: float = float("inf")) -> int:
     tally: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     runs: list[dict[str, Any]] = []
     lock = threading.Lock()
+    durations = Durations({c: ref["seconds"][c] for c in {x.command for x in plans}})
 
-    def go(n: int, plan: tuple[str, int, float]) -> None:
-        r = one(*plan, ref, args.entry, args.late, args.lost)
+    def go(n: int, plan: Plan) -> None:
+        if time.monotonic() > deadline:
+            return
+        if plan.moment is None and durations.stale(plan.command):
+            retime(plan.command, ref, args.entry, durations)
+        estimate = durations.estimate(plan.command)
+        moment = plan.moment if plan.moment is not None else plan.fraction * estimate
+        r = one(plan.command, plan.signum, moment, ref, args.entry, args.late, args.lost)
+        durations.ran(plan.command, r["sent"], r["took"], r["rc"])
+        r.update(run=plan.run, fraction=None if plan.fraction is None else round(plan.fraction, 4), estimate=round(estimate, 3))
         with lock:
             runs.append(r)
             label = f"{r['command']}:{r['signal']}"
             tally[label]["runs"] += 1
-            tally[label][f"exit {r['outcome']}"] += 1
+            tally[label][r["outcome"] if r["outcome"] == "not sent" else f"exit {r['outcome']}"] += 1
             for f in r["found"]:
                 tally[label][f.split(":")[0]] += 1
             if r["found"]:
-                print(f"[{n + 1}/{len(plans)}] --replay {r['command']}:{r['signal']}:{r['moment']}  exit {r['outcome']} "
+                print(f"[{n + 1}/{len(plans)}] {replay(r, args.seed)}  exit {r['outcome']} "
                       f"(sent at {r['sent'] or 0:.3f} s, handled {r['handled']}): {r['found']}\n    {r['line'][-400:]}", flush=True)
+            if len(runs) % 25 == 0:
+                print(f"{len(runs)} runs, {sum(bool(x['found']) for x in runs)} with a defect, "
+                      f"{sum(x['sent'] is None for x in runs)} sent no signal", file=sys.stderr, flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for f in [pool.submit(go, n, plan) for n, plan in enumerate(plans)]:
             f.result()
     print(json.dumps({k: dict(v) for k, v in sorted(tally.items())}, indent=1))
     defects = [r for r in runs if r["found"]]
+    unsent = sum(r["sent"] is None for r in runs)
     kinds = collections.Counter(f.split(":")[0] for r in defects for f in r["found"])
-    print(f"{len(runs)} runs, {len(defects)} with a defect" + (f" ({dict(kinds)})" if kinds else ""))
+    print("durations (median of the last measured):", {c: f"{durations.estimate(c):.2f} s" for c in sorted(durations.recent)},
+          f"{durations.retimed} uninterrupted runs timed again")
+    print(f"{len(runs)} runs, {len(defects)} with a defect" + (f" ({dict(kinds)})" if kinds else "")
+          + f"; the signal sent in {len(runs) - unsent}, not in {unsent} (the command had ended before its moment)"
+          + (f"; --minutes {args.minutes:g} reached: {len(plans) - len(runs)} of {len(plans)} runs not started"
+             if len(runs) < len(plans) else ""))
     for r in defects:
-        print(f"  --replay {r['command']}:{r['signal']}:{r['moment']}  {r['found']}")
+        print(f"  {replay(r, args.seed)}  {r['found']}")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1, default=str))
-    return 1 if defects else 0
+    if defects:
+        return 1
+    if unsent * 2 > len(runs):
+        print(f"NO TEST: {unsent} of {len(runs)} runs sent no signal (each command had ended before its moment): they "
+              "tested nothing; exit 2", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def replay(r: dict[str, Any], seed: int) -> str:
+    """The ``--replay`` arguments that run ``r`` again: the same moment, or the seed's run (its fraction of the duration)."""
+    again = f"--replay {r['command']}:{r['signal']}:{r['moment']}"
+    return again + (f" (run {r['run']}: --seed {seed} --replay {r['run']})" if r.get("run") is not None else "")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,10 @@ def test_the_alignment_fuzzer_reports_a_row_served_with_its_neighbours_targets(m
     ran = [r for r in found if r["outcome"] == "ok" and r["steps"] > 0]
     assert all(any(p.startswith("paired: ") for p in r["problems"]) for r in ran), found
     assert len(ran) >= 3, found
+
+
+@pytest.mark.slow  # one run of the seed
+def test_minutes_starts_no_run_after_the_time_and_the_summary_says_how_many_were_not(capsys):
+    """The first run starts at once; 6 ms later, when it has ended, the others are not started."""
+    assert fuzz_alignment.main(["--replay", "3", "6", "11", "--minutes", "0.0001"]) == 0
+    assert "1 runs, 0 with a defect; --minutes 0.0001 reached: 2 of 3 runs not started" in capsys.readouterr().out
