@@ -28,7 +28,7 @@ USER_DOCS = DOCS[:4]  # RESULTS.md also names private functions and benchmark kn
 # options the docs give to other tools (torchrun, dask's CLI, Slurm, docker, the benchmarks, kdcache itself)
 OTHER_OPTIONS = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--standalone", "--master-port", "--host", "--port", "--nworkers",
                  "--nthreads", "--requeue", "--net", "--version", "--check",
-                 "--runs", "--jobs", "--replay",  # tests/fuzz_signals.py's, which README's Tests section names
+                 "--runs", "--jobs", "--replay", "--minutes",  # the tests/fuzz_*.py's, which README's Tests section names
                  "--latency"}  # benchmarks/count_requests.py's, which SHARING.md names
 # dotted names in backticks that look like pipeline keys and are not: manifest keys (FORMAT.md §8), placeholders
 NOT_PIPELINE_KEYS = {"teacher.class", "teacher.num_parameters", "teacher.weights_sha256",

@@ -32,16 +32,17 @@ def args(tmp_path, **kw):
 
 
 def test_moments_are_drawn_from_the_durations_the_runs_measure_not_from_the_first_alone(ref, tmp_path, capsys):
-    """The first duration 60 s (measured on a machine far slower than now): the runs at half of it end before their
-    moment, no signal sent, each run's whole duration measured; the runs after them are stopped halfway through."""
-    first = dict(ref, seconds={**ref["seconds"], "verify": 60.0})
-    plans = [fuzz_signals.Plan(n, "verify", fuzz_signals.signal.SIGTERM, 0.5) for n in range(4)]
+    """The first duration 600 s (measured on a machine far slower than now): the runs at a tenth of it end before their
+    moment, no signal sent, each run's whole duration measured; the runs after them are stopped a tenth of the way in
+    (unless one ran ten times as fast as the slower of the two before it)."""
+    first = dict(ref, seconds={**ref["seconds"], "verify": 600.0})
+    plans = [fuzz_signals.Plan(n, "verify", fuzz_signals.signal.SIGTERM, 0.1) for n in range(4)]
     assert fuzz_signals.fuzz(plans, first, args(tmp_path)) == 0
     runs = sorted(json.loads((tmp_path / "runs.json").read_text()), key=lambda r: r["run"])
     assert [r["sent"] is None for r in runs] == [True, True, False, False], runs
     assert [r["outcome"] for r in runs[:2]] == ["not sent", "not sent"]
-    assert runs[0]["estimate"] == 60.0 and runs[2]["estimate"] == round(max(runs[0]["took"], runs[1]["took"]), 3)
-    assert runs[2]["moment"] == pytest.approx(runs[2]["estimate"] / 2, abs=0.001) and runs[2]["sent"] < runs[2]["took"]
+    assert runs[0]["estimate"] == 600.0 and runs[2]["estimate"] == round(max(runs[0]["took"], runs[1]["took"]), 3)
+    assert runs[2]["moment"] == pytest.approx(runs[2]["estimate"] / 10, abs=0.001) and runs[2]["sent"] < runs[2]["took"]
     assert all(r["found"] == [] for r in runs), runs
     out = capsys.readouterr().out
     assert "4 runs, 0 with a defect; the signal sent in 2, not in 2 (the command had ended before its moment)" in out
