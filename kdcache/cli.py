@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from kdcache import __version__
-from kdcache.errors import KdcacheError, TrainingStopped, command_line, count, worker_message
+from kdcache.errors import KdcacheError, TrainingStopped, command_line, count, one_line, worker_message
 from kdcache.threads import MAX_PARALLEL
 
 
@@ -55,6 +55,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each
             # ("Task was destroyed but it is pending!") after the one Error line.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            _say_to_the_ranks(fn.__name__, _message(e))
             raise click.ClickException(_message(e)) from None
         except RuntimeError as e:
             rank = os.environ.get("RANK", "?")
@@ -65,9 +66,29 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise click.ClickException(f"rank {rank} gave up waiting for the other ranks in a collective ({_gloo_text(e)}): a rank is "
                                            "hung (a stalled read, a stopped process) or its machine is unreachable; find that one, then "
                                            "rerun (train: with --resume, from the last checkpoint; a training step waits train.rank_timeout_s for a rank)") from None
+            _say_to_the_ranks(fn.__name__, _traceback_line(e))
+            raise
+        except Exception as e:  # a usage error (click's), or a bug or an OSError: its traceback follows
+            _say_to_the_ranks(fn.__name__, e.format_message() if isinstance(e, click.ClickException) else _traceback_line(e))
             raise
 
     return wrapper
+
+
+def _traceback_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {one_line(e)} (it prints its traceback)"
+
+
+def _say_to_the_ranks(command: str, line: str) -> None:
+    """Under torchrun, ``train`` or ``extract`` that ended with ``line`` on this rank before it began joining the others:
+    the ranks waiting for it to join stop with it (``distributed.say_failed_before_joining``), where those on another
+    machine waited 12 hours."""
+    if command not in ("train", "extract") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun
+        return
+    with contextlib.suppress(Exception):  # never in the way of the rank's own line
+        from kdcache import distributed
+
+        distributed.say_failed_before_joining(line)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -533,6 +533,106 @@ def _check_rendezvous() -> None:
                           f"{_LAUNCH_FIX}")
 
 
+_BEGUN_JOINING = False  # this process has begun joining torchrun's process group (``_joining``)
+FAILED_POLL_S = 0.2  # how often a rank waiting for the others to join looks for a rank that failed before joining
+AGENT_STORE_S = 10.0  # how long a rank tries to reach torchrun's store, up before the ranks start, for that (``_agent_store``)
+
+
+@contextlib.contextmanager
+def _joining() -> Iterator[None]:
+    """The block joins torchrun's process group (``init_process_group``, which waits up to ``TIMEOUT`` for every rank):
+    it ends at once on SIGTERM or Ctrl-C (``_ended_at_once_while_joining``), or where another rank ended before it
+    joined (``_stopped_if_a_rank_failed_before_joining``)."""
+    global _BEGUN_JOINING
+
+    _BEGUN_JOINING = True
+    with _ended_at_once_while_joining(), _stopped_if_a_rank_failed_before_joining():
+        yield
+
+
+def _failed_key() -> str:
+    """The key in torchrun's store of the line of a rank that failed before joining (this attempt's: torchrun may restart the ranks)."""
+    return f"kdcache/failed-before-joining/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _agent_store(timeout_s: float) -> Any:
+    """A client of torchrun's own store, which its agent on the first machine serves at MASTER_ADDR:MASTER_PORT from before
+    the ranks start (TORCHELASTIC_USE_AGENT_STORE=True), reached within ``timeout_s``; None where the ranks have none (launched
+    otherwise: rank 0 serves theirs once it joins) or it does not answer (its machine's torchrun has ended)."""
+    from torch.distributed import TCPStore
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                        timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    except (KeyError, ValueError, RuntimeError):  # torch's DistNetworkError and DistStoreError are RuntimeErrors
+        return None
+
+
+def say_failed_before_joining(line: str) -> None:
+    """Under torchrun, for a rank whose ``train`` or ``extract`` ended with ``line`` (its own error line) before it began
+    joining the others: put the line in torchrun's store, where the ranks waiting for this one to join see it and stop
+    with it (``_stopped_if_a_rank_failed_before_joining``). On one machine torchrun stops them once this rank ends; across
+    machines the other machines' torchrun never did, and their ranks waited for this one for ``TIMEOUT`` (12 hours): a rank
+    whose ``--out`` or ``train.device`` its machine cannot give, a pipeline file its machine lacks. A no-op where this rank
+    has begun joining (the ranks' collectives then tell the others), or runs alone or not under torchrun."""
+    import torch.distributed as dist
+
+    try:
+        alone = ranks()[1] == 1
+    except LaunchError:  # torchrun's variables set otherwise: it does not run this rank
+        return
+    if alone or _BEGUN_JOINING or dist.is_initialized():
+        return
+    store = _agent_store(AGENT_STORE_S)
+    if store is None:
+        return
+    with contextlib.suppress(RuntimeError):
+        store.set(_failed_key(), f"rank {os.environ.get('RANK', '?')} (on {socket.gethostname()}) stopped before joining the other "
+                                 f"ranks: {line}")
+        if os.environ.get("GROUP_RANK") == "0" and os.environ.get("LOCAL_WORLD_SIZE") != os.environ["WORLD_SIZE"]:
+            time.sleep(3 * FAILED_POLL_S)  # the first machine's torchrun ends its store as this rank ends: the other machines' look first
+
+
+@contextlib.contextmanager
+def _stopped_if_a_rank_failed_before_joining() -> Iterator[None]:
+    """While the block joins torchrun's process group, a thread looks in torchrun's store every ``FAILED_POLL_S`` seconds
+    for the line of a rank that failed before it joined (``say_failed_before_joining``): one seen ends this process, exit
+    1, each machine's first rank (LOCAL_RANK 0) printing ``Error: rank R (on HOST) stopped before joining the other ranks:
+    ITS LINE``. Without it, where that rank ran on another machine, this one waited for it for ``TIMEOUT`` (12 hours):
+    only the failed rank's own torchrun saw it end. A rank that works long before it joins (a large checkpoint read)
+    is still waited for. Where torchrun serves no store of its own (``_agent_store``), the block just runs."""
+    store = _agent_store(AGENT_STORE_S)
+    if store is None:
+        yield
+        return
+    stop, key = threading.Event(), _failed_key()
+
+    def look() -> None:
+        while not stop.wait(FAILED_POLL_S):
+            try:
+                if not store.check([key]):
+                    continue
+                said = store.get(key).decode("utf-8", "replace")
+            except RuntimeError:  # the store is gone (its machine's torchrun ended): init_process_group says so
+                return
+            if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+                sys.stderr.write(f"Error: {said}\n")
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(1)
+
+    thread = threading.Thread(target=look, name="kdcache-failed-ranks", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @contextlib.contextmanager
 def _ended_at_once_while_joining() -> Iterator[None]:
     """SIGTERM (a scheduler's time limit or preemption, torchrun stopping its ranks) and Ctrl-C end the process at once
@@ -602,7 +702,7 @@ def process_group(device: torch.device | None = None) -> Iterator[None]:
         yield
         return
     _check_rendezvous()
-    with _ended_at_once_while_joining():
+    with _joining():
         dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         yield
@@ -796,7 +896,7 @@ def join_training(streams: int, device: torch.device, timeout_s: float = TIMEOUT
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         _check_rendezvous()
-        with _ended_at_once_while_joining():  # nothing to save yet: SIGTERM ends a rank still waiting for the others
+        with _joining():  # nothing to save yet: SIGTERM, or a rank that failed before joining, ends a rank still waiting for the others
             dist.init_process_group(backend, timeout=TIMEOUT)  # joining waits for every rank's start (a large checkpoint read)
             # nccl: the default group runs no collective, so makes no communicator; the steps' group is the one
             _GROUPS = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=TIMEOUT),

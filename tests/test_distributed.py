@@ -882,6 +882,47 @@ def test_sigterm_ends_rank_0_at_once_while_it_waits_for_the_other_ranks_to_join(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "extract"])
+def test_a_rank_that_fails_before_joining_stops_the_ranks_of_another_machines_torchrun(toml, tmp_path, request, command):
+    """Two torchrun launchers on loopback as two machines (--nnodes 2, one rank each): machine 1 lacks the pipeline file,
+    so its rank stops before it joins the process group. Its torchrun ends; machine 0's never saw it, and rank 0 waited
+    in init_process_group for 12 hours (distributed.TIMEOUT). Now it stops within moments of rank 1, naming it and its line."""
+    from conftest import TINY_TOML
+
+    if command == "train":
+        tiny_store, toml = request.getfixturevalue("tiny_store"), tmp_path / "tiny.toml"
+        toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    with socket.socket() as s:  # a port let go for machine 0's torchrun to serve its store on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node, pipeline in ((0, str(toml)), (1, str(tmp_path / "machine-1" / "p.toml"))):  # machine 1's disk has no such file
+        out = tmp_path / f"out-{node}"
+        argv = ["train", pipeline, "--cache", tiny_store, "--out", str(out)] if command == "train" else ["extract", pipeline, "--out", str(out)]
+        procs.append(subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                                       "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "kdcache.cli", *argv],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        said = [""] * 2
+        _, said[1] = procs[1].communicate(timeout=240)  # its start: imports on a loaded box
+        _, said[0] = procs[0].communicate(timeout=60)  # rank 0 stops at once, or as it comes to join: seconds
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()  # torchrun then stops its rank, which a SIGKILL of torchrun would leave waiting
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=30)
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    line = f"pipeline file {str(tmp_path / 'machine-1' / 'p.toml')!r} does not exist; pass the path of a .toml file"
+    assert procs[1].returncode == 1 and f"Error: {line}" in said[1].splitlines(), said[1][-3000:]
+    assert procs[0].returncode == 1 and f"Error: rank 1 (on {socket.gethostname()}) stopped before joining the other ranks: {line}" in \
+        said[0].splitlines(), said[0][-3000:]
+    assert "SIGTERM" not in said[0] and not (tmp_path / "out-0").exists()
+
+
 def test_the_handlers_are_given_back_once_the_rank_has_joined():
     """The handlers ``_ended_at_once_while_joining`` sets while a rank joins, and Python's wakeup fd, are given back after it."""
     from kdcache.distributed import _ended_at_once_while_joining
