@@ -1162,11 +1162,7 @@ class Store:
         return self._unreachable(f"rows {start}-{stop - 1} of {path}", e)
 
     def _unreachable(self, what: str, e: BaseException) -> UnreachableError:
-        """A read that failed on the way (connection, timeout, HTTP status, credentials): not damage."""
-        cause = e.__cause__ if isinstance(e, FileNotFoundError) and e.__cause__ is not None else e
-        return UnreachableError(f"cannot read {what} from {self.location!r}: {type(cause).__name__}: "
-                                f"{one_line(cause, 200)}; nothing says the store is damaged: check the connection, endpoint, "
-                                "credentials and that the server is up, then rerun")
+        return _unreachable(self.location, what, e)
 
     def _read_direct(self, path: str, start: int, stop: int, shards: range, crcs: dict[int, list[tuple[int, int]]] | None,
                      objects: LocalObjects | None = None, into: np.ndarray | None = None) -> np.ndarray | None:
@@ -1442,6 +1438,14 @@ def ahead_for(nbytes: int) -> int:
     """How many reads of ``nbytes`` each to ask for ahead of their caller from object storage or http: ``REMOTE_READS``,
     fewer where they would hold more than ``READ_AHEAD_BYTES``."""
     return max(1, min(REMOTE_READS, READ_AHEAD_BYTES // max(1, nbytes)))
+
+
+def _unreachable(location: str, what: str, e: BaseException) -> UnreachableError:
+    """A read of ``what`` that failed on the way (connection, timeout, HTTP status, credentials): not damage."""
+    cause = e.__cause__ if isinstance(e, FileNotFoundError) and e.__cause__ is not None else e
+    return UnreachableError(f"cannot read {what} from {location!r}: {type(cause).__name__}: "
+                            f"{one_line(cause, 200)}; nothing says the store is damaged: check the connection, endpoint, "
+                            "credentials and that the server is up, then rerun")
 
 
 def _transport(e: BaseException) -> bool:
@@ -1963,6 +1967,10 @@ def open_store(location: str | os.PathLike[str], *, mode: str = "r", storage_opt
                          "pass a store written by kdcache extract") from None
     except zipfile.BadZipFile as e:
         raise _corrupted_member(location, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+        if _on_the_way(e):  # zarr's read of the root zarr.json (the look's failed) cut short: was aiohttp's traceback
+            raise _unreachable(location, "zarr.json", e) from None
+        raise
     return Store(group, location, writable=mode != "r", storage_options=storage_options)
 
 

@@ -2852,3 +2852,32 @@ def test_export_and_a_training_run_in_memory_ask_for_every_arrays_shards_at_once
 
     with h5py.File(tmp_path / "x.h5") as f:  # each array's rows where its shards go, though read together
         assert all(np.array_equal(f[p][:], whole[p]) for p in store.paths())
+
+
+@pytest.mark.parametrize("look", ["first", "later"])
+@pytest.mark.parametrize("fault", ["500", "truncate"])
+def test_a_root_zarr_json_a_server_fails_is_one_line_not_no_store(faulty_http_root, tiny_store, fault, look, monkeypatch):
+    """The first look at an endpoint reads the root zarr.json itself, and so does a later opening (one GET whose bytes
+    zarr parses; one that fails is decided as before, by a look at the object and then zarr's read). A server that
+    fails it (a 5xx, a response cut short) is a one-line error saying the location could not be read: never "no store"
+    (whose fix, run kdcache extract, would make a store where one is), never a traceback. A later opening's read cut
+    short was aiohttp's ClientPayloadError, raised through open_store (zarr's read of the root, after the look)."""
+    import shutil
+
+    root, base = faulty_http_root
+    if not (root / "tiny.zarr").exists():
+        shutil.copytree(tiny_store, root / "tiny.zarr")
+    url = f"{base}/tiny.zarr"
+    assert open_store(url).complete  # the first look at the endpoint made: the openings below read the root themselves
+    if look == "first":
+        from kdcache import storage
+
+        monkeypatch.setattr(storage, "REACHED", set())
+    (root / ".faults").write_text(json.dumps({"tiny.zarr/zarr.json": fault}))
+    try:
+        r = CliRunner().invoke(main, ["info", url])
+    finally:
+        (root / ".faults").unlink()
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith("Error: cannot re") and "no store" not in r.output and "re-extract" not in r.output, r.output
+    assert CliRunner().invoke(main, ["info", url]).exit_code == 0
