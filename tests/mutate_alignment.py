@@ -5,9 +5,15 @@ another row's values, a resume one step early or late) in ``kdcache/``. This scr
 runs the test files chosen for it (``-x``: the first failure kills it), writes the file back as it was, and prints
 a Markdown table: KILLED (by which test), SURVIVED, or TIMEOUT. The table of Session 36 is in benchmarks/RESULTS.md.
 
-Run from the repository root (48 mutants: about 11 minutes on 2 cores; ``IDS`` such as ``C12 T5`` run only those)::
+Run from the repository root (78 mutants; the first 48 about 11 minutes on 2 cores; ``IDS`` such as ``C12 T5`` run only those)::
 
     PYTHONPATH=. python tests/mutate_alignment.py [IDS ...]
+
+``opening`` runs the mutants of the remote opening and the snapshots (``R1``-``R30``, session 44: the root's bytes read
+once, every array's ``zarr.json`` in one wave, ``read_columns``, ``done_snapshot`` / ``digests_snapshot``; their table is
+in benchmarks/RESULTS.md too)::
+
+    PYTHONPATH=. python tests/mutate_alignment.py opening
 
 Not collected by pytest (no ``test_`` prefix). It refuses to start where ``kdcache/`` has uncommitted changes (a run
 cut short leaves its mutant in place: ``git checkout -- kdcache/`` undoes it), so that every mutant starts from HEAD.
@@ -176,6 +182,128 @@ MUTANTS = [
 ]
 
 
+# -- session 44: the remote opening and the snapshots of session 43 (storage._s3_root, _root_read, open_existing's bytes,
+# store._open_group, _node, _check_groups' one wave, read_columns, done_snapshot / digests_snapshot) ------------------
+OPENING_TESTS = ("http_store_is_read_only or streamed_over_http or failing_one_object or cut_short or reads_its or read_its "
+                 "or reads_each or at_once or private_parsers or one_get or only_the_first_look or "
+                 "http_no_store or digest_object or extract_info_verify_train or percent_encoding or replaced or opened_zip or "
+                 "root_zarr_json or written_before_digests")
+REMOTE = ["tests/test_remote.py", "-k", OPENING_TESTS]
+
+
+def remote_and(*files: str) -> list[str]:
+    """REMOTE and the whole of ``files``."""
+    return ["tests/test_remote.py", *files, "-k", f"({OPENING_TESTS}) or not test_remote"]
+
+
+REPLACED = ["tests/test_alignment.py", "tests/test_cache.py", "tests/test_verify.py", "-k", "replaced"]
+SNAPSHOT = ["tests/test_verify.py", "tests/test_interop.py", "tests/test_remote.py", "-k", "verify or export or pack or once or snapshot"]
+
+OPENING = [
+    Mutant("R1", "storage.py", "return (True, raw) if isinstance(raw, bytes) else (raw, None)",
+           "return (True, None) if isinstance(raw, bytes) else (raw, None)",
+           "`_first_look`: the first look's root bytes dropped (zarr reads the root again: the fallback taken always)", REMOTE),
+    Mutant("R2", "storage.py", "return (None, None) if buf is None else (opened, buf.to_bytes())",
+           "return (None, None) if buf is None else (opened, None)",
+           "`_root_read`: a later opening's root bytes dropped (zarr reads the root again)", REMOTE),
+    Mutant("R3", "storage.py", "    except Exception:  # noqa: BLE001 - what the look says of it (an unreachable endpoint: named there)\n"
+           "        return _root_store(location, storage_options), None",
+           "    except Exception:  # noqa: BLE001 - what the look says of it (an unreachable endpoint: named there)\n"
+           "        return None, None",
+           "`_root_read`: a root read that fails (5xx, a dropped connection) taken as no store there (its fallback never taken)",
+           remote_and("tests/test_store_edges.py")),
+    Mutant("R4", "storage.py", "        if answered:\n            return True", "        if answered:\n            return False",
+           "`_s3_root`: a first look whose body was cut part way taken as no store there", REMOTE),
+    Mutant("R5", "storage.py", "return await read_body(length, read, MAX_METADATA_BYTES, refuse)",
+           "return await read_body(length, read, MAX_METADATA_BYTES - 1, refuse)",
+           "`_s3_root`: the root's size cap one byte short (a zarr.json of exactly MAX_METADATA_BYTES refused)", REMOTE),
+    Mutant("R6", "store.py", "    target, root = open_existing(location, storage_options, read_only=mode == \"r\")\n",
+           "    target, root = open_existing(location, storage_options, read_only=mode == \"r\")\n"
+           "    root = open_store.__dict__.setdefault(\"roots\", {}).setdefault(location, root) if root is not None else root\n",
+           "`open_store`: the root bytes kept across openings of a location (a store replaced since is parsed from the old root)",
+           ["tests/test_remote.py", "tests/test_alignment.py", "tests/test_cache.py", "-k", f"({OPENING_TESTS}) or replaced"]),
+    Mutant("R7", "store.py", "    if parse is None or made is None:\n        return zarr.open_group(",
+           "    if True:\n        return zarr.open_group(", "`_open_group`: the opening's root bytes never parsed (zarr reads them again)", REMOTE),
+    Mutant("R8", "store.py", "            raise zarr.errors.GroupNotFoundError(f\"No group found in store {target!r} at path {at.path!r}\") from None",
+           "            raise", "`_open_group`: a KeyError of the root's parse raised as it is, not as zarr's GroupNotFoundError",
+           remote_and("tests/test_store_edges.py", "tests/test_received_stores.py")),
+    Mutant("R9", "store.py", "for path, got in zip(arrays, found[len(keys):]):", "for path, got in zip(arrays, found[len(keys) - 1:]):",
+           "`_check_groups`: each array's zarr.json bytes handed to the next path (the first gets the progress group's)", REMOTE),
+    Mutant("R10", "store.py", "for path, got in zip(arrays, found[len(keys):]):",
+           "for path, got in zip([*arrays[1::-1], *arrays[2:]], found[len(keys):]):",
+           "`_check_groups`: samples/index's and samples/fingerprint's metadata bytes swapped (same shape, int64 / uint64)", REMOTE),
+    Mutant("R11", "store.py", "            if isinstance(got, BaseException):  # its opening reads it again, and says what is wrong\n"
+           "                if not isinstance(got, Exception):\n                    raise got\n                continue",
+           "            if isinstance(got, BaseException):  # its opening reads it again, and says what is wrong\n                raise got",
+           "`_check_groups`: an array's zarr.json read that fails raised at the opening, as it came (not left to its opening)", REMOTE),
+    Mutant("R12", "store.py", "                if not isinstance(got, Exception):\n                    raise got\n                continue",
+           "                if not isinstance(got, Exception):\n                    raise got\n                if path == DIGEST:\n"
+           "                    self._digested = False\n                continue",
+           "`_check_groups`: a digest zarr.json read that fails (5xx) taken as a store without digests", REMOTE),
+    Mutant("R13", "store.py", "                self._digested = got is not None", "                self._digested = True",
+           "`_check_groups`: a remote store without progress/digest (kdcache < 0.1.1) taken as having digests",
+           remote_and("tests/test_received_stores.py")),
+    Mutant("R14", "store.py", "if got is not None and len(got) <= HANDED_METADATA_BYTES:", "if got is not None and len(got) < HANDED_METADATA_BYTES:",
+           "`_check_groups`: the size cap of the bytes handed to array() off by one (equivalent: a zarr.json within the cap is "
+           "parsed from the bytes, one past it read again by zarr, the same node either way; one request more for a zarr.json "
+           "of exactly 65,536 bytes alone)", REMOTE),
+    Mutant("R15", "store.py", "        self.replaced_when = (\"since kdcache.open_store opened it\", \"it was opened\")\n        self._check_groups()\n",
+           "        self.replaced_when = (\"since kdcache.open_store opened it\", \"it was opened\")\n        self._check_groups()\n"
+           "        self._metadata = {}\n",
+           "`Store.__init__`: the metadata bytes the opening read dropped (`_metadata` made after `_check_groups`)", REMOTE),
+    Mutant("R16", "store.py", "        raw = self._metadata.pop(path, None)\n", "        raw = self._metadata.get(path)\n",
+           "`_node`: an array's metadata bytes kept once parsed (equivalent for what is read: array() keeps the node it parsed, "
+           "so kept bytes are parsed again only after array() refused them, and they are that array's own; a Store held while "
+           "its damaged zarr.json is repaired would refuse it again, never read rows by other metadata)", REMOTE),
+    Mutant("R17", "store.py", "        if parse is None:\n            return self.group[path]", "        if True:\n            return self.group[path]",
+           "`_node`: the bytes read at opening never parsed (zarr reads each array's metadata again)", REMOTE),
+    Mutant("R18", "store.py", "                    done, self._markers = (self._markers if kept else self.done()), None\n"
+           "                    self._digests = None if self.writable else self.digests()\n",
+           "                    self._digests = None if self.writable else self.digests()\n"
+           "                    done, self._markers = (self._markers if kept else self.done()), None\n",
+           "`_take_snapshot`: the digest rows read before the done markers (a shard finished between them has no digest in it)",
+           ["tests/test_remote.py", "tests/test_verify.py", "tests/test_cache.py", "-k", "snapshot or once or digest or writer"]),
+    Mutant("R19", "store.py", "kept = self._markers is not None and not again and not self.writable",
+           "kept = self._markers is not None and not self.writable",
+           "`_take_snapshot`: a snapshot taken again (`again`) keeps done_snapshot's markers (equivalent: `again` follows a "
+           "snapshot taken, which set `_markers` to None, and done_snapshot sets it only before the first: kept is False "
+           "whenever `again` is True)", SNAPSHOT),
+    Mutant("R20", "store.py", "        if self.writable:\n            return self.done()\n        with self._snapshot:",
+           "        with self._snapshot:", "`done_snapshot`: a writable store's markers read once (a writer's own shards since not seen)",
+           ["tests/test_extract.py", "tests/test_train.py", "tests/test_interop.py", "tests/test_store_edges.py", "-k",
+            "resum or import or partial or snapshot"]),
+    Mutant("R21", "store.py", "        self._take_snapshot()\n        return self._digests\n",
+           "        return self.digests() if self._done is None else self._digests\n",
+           "`digests_snapshot`: before any read, the digests read alone (not with the markers the reads take after)", SNAPSHOT),
+    Mutant("R22", "store.py", "return {p: r.result() for p, r in zip(paths, reads)}", "return {p: r.result() for p, r in zip(sorted(paths), reads)}",
+           "`read_columns`: the columns paired with the paths in sorted order, not the order asked for",
+           ["tests/test_cache.py", "tests/test_alignment.py", "tests/test_remote.py", "-k", "memory or stream or at_once"]),
+    Mutant("R23", "store.py", "reads = threads.ahead(\"read\", REMOTE_READS, read, [(p, list(shards)) for p in paths], window)",
+           "reads = threads.ahead(\"read\", REMOTE_READS, read, [(p, sorted(shards)) for p in paths], window)",
+           "`read_columns`: each column's shards read in ascending order, not the order asked for",
+           ["tests/test_cache.py", "tests/test_fast_paths.py", "tests/test_remote.py", "-k", "memory or stream or read_shards or columns or at_once"]),
+    Mutant("R24", "store.py", "        read = functools.partial(self.read_shards, replaced_when=replaced_when)\n",
+           "        read = self.read_shards\n", "`read_columns`: the reader's words for a replaced store not passed on", REPLACED),
+    Mutant("R25", "store.py", "raw = _zip_member_now(self.location, \"zarr.json\") if self._kind == \"zip\" else self._get(\"zarr.json\")",
+           "raw = _zip_member_now(self.location, \"zarr.json\") if self._kind == \"zip\" else json.dumps({\"attributes\": {ATTRS: self.manifest}}, default=str).encode()",
+           "`_manifest_now`: the opening's manifest reused for the in-place check (the `replaced` check skipped)", REPLACED),
+    Mutant("R26", "verify.py", "        store.done_snapshot()\n    except DamagedStoreError", "        pass\n    except DamagedStoreError",
+           "verify: the done markers not read by the open check (an unreadable marker array found later, not as `open`)", ["tests/test_verify.py"]),
+    Mutant("R27", "verify.py", "            store.digests_snapshot()  # the rows the reads below check against (one object a shard, read once)\n", "",
+           "verify's layout check: the digest rows not read (a damaged digest array not found there)", ["tests/test_verify.py"]),
+    Mutant("R28", "interop.py", "reads = store.read_ahead([(path, shard) for path in store.paths() for shard in range(store.num_shards)])",
+           "reads = store.read_ahead([(path, shard) for shard in range(store.num_shards) for path in store.paths()])",
+           "export: the arrays' shards read shard by shard, written array by array (rows of one array put in another)",
+           ["tests/test_interop.py"]),
+    Mutant("R29", "interop.py", "                ds[:] = store.done_snapshot() if path == layout.DONE else store.digests_snapshot()",
+           "                ds[:] = store.done() if path == layout.DONE else store.digests()",
+           "export: the markers and digests copied read anew, not the ones the reads checked rows against", SNAPSHOT),
+    Mutant("R30", "cache.py", "            store.check_in_place(*when)  # one small read", "            pass  # one small read",
+           "a reader handed the caller's Store: the in-place check skipped (the Store's opening bytes reused as they are)", REPLACED),
+]
+MUTANTS = MUTANTS + OPENING
+
+
 def dirty() -> bool:
     return bool(subprocess.run(["git", "status", "--porcelain", "kdcache/"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
 
@@ -208,6 +336,7 @@ def run_one(m: Mutant) -> tuple[str, str, float]:
 def main(ids: list[str]) -> None:
     if dirty():
         sys.exit("kdcache/ has uncommitted changes (a mutant left by a run cut short?); `git checkout -- kdcache/` first")
+    ids = [i for name in ids for i in ([m.id for m in OPENING] if name == "opening" else [name])]
     unknown = sorted(set(ids) - {m.id for m in MUTANTS})
     if unknown:
         sys.exit(f"no mutant {', '.join(unknown)}; the ids are {', '.join(m.id for m in MUTANTS)}")

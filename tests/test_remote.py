@@ -2854,6 +2854,105 @@ def test_export_and_a_training_run_in_memory_ask_for_every_arrays_shards_at_once
         assert all(np.array_equal(f[p][:], whole[p]) for p in store.paths())
 
 
+# ------------------------------------------------------------------ the remote opening's bytes (session 44's mutants)
+
+def _replaced_by_another_extract(folder, tiny_store, created: str) -> None:
+    """The store at ``folder`` replaced by another of the same layout made at ``created`` (another extract --overwrite),
+    moved in whole (the old one moved out first, as a sync of a new copy leaves it)."""
+    import shutil
+
+    new = folder.with_name(folder.name + ".new")
+    shutil.copytree(tiny_store, new)
+    meta = json.loads((new / "zarr.json").read_text())
+    meta["attributes"]["kdcache"]["created"] = created
+    (new / "zarr.json").write_text(json.dumps(meta))
+    folder.rename(folder.with_name(folder.name + ".old"))
+    new.rename(folder)
+    shutil.rmtree(folder.with_name(folder.name + ".old"))
+
+
+def test_an_http_store_replaced_between_two_openings_is_opened_as_it_is_now(counted_http_root, tiny_store):
+    """An opening parses the root zarr.json's bytes its look read (the first look at the endpoint's GET, a later
+    opening's bounded GET): each opening's own. Bytes kept from an earlier opening of the location would open a store
+    replaced since with the old manifest, pairing the new store's shards with it, and let the check that a Store held is
+    still the one there (check_not_replaced, a reader's reopening) pass."""
+    from kdcache.errors import StoreReplacedError
+
+    root, base, _ = counted_http_root
+    import shutil
+
+    shutil.copytree(tiny_store, root / "t.zarr")
+    url = f"{base}/t.zarr"
+    first = open_store(url)  # the first look at this endpoint
+    for created in ("2030-01-01T00:00:00+00:00", "2030-01-02T00:00:00+00:00"):
+        _replaced_by_another_extract(root / "t.zarr", tiny_store, created)
+        assert open_store(url).manifest["created"] == created  # a later opening: its own read of the root
+        with pytest.raises(StoreReplacedError, match=rf"t\.zarr' was replaced since kdcache\.open_store opened it: its manifest's "
+                                                     rf"created was '[^']+' when it was opened and is '{re.escape(created)}' now"):
+            first.check_not_replaced()
+
+
+@pytest.fixture
+def finishing_http_root(tmp_path):
+    """``(folder, base_url, finish)``: ``folder`` served by RangeHTTPServer's handler in a thread on 127.0.0.1; ``finish``
+    maps a request path to a function called once, in the server, before that request is answered (a writer that
+    finishes a shard just then); one that returns ``"cut"`` has that answer cut short (half its body sent, the connection
+    closed: a connection dropped once)."""
+    import functools
+    import http.server
+    import threading
+    from pathlib import Path
+
+    handler = pytest.importorskip("RangeHTTPServer").RangeRequestHandler
+    finish: dict[str, Callable[[], str | None]] = {}
+
+    class Finishing(handler):  # type: ignore[misc, valid-type]
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def send_head(self):  # type: ignore[no-untyped-def]
+            act = finish.pop(self.path, None)
+            if act is not None and act() == "cut":
+                body = Path(self.translate_path(self.path)).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+                return None
+            return super().send_head()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Finishing, directory=str(tmp_path)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}", finish
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_shard_finished_while_a_reader_takes_its_snapshot_is_read_with_its_digest(finishing_http_root, tiny_store):
+    """A reader's first read takes the done markers, then the digest rows: a writer writes a shard's digest row before its
+    marker (FORMAT.md §7.1), so a shard finished between the two reads is done with its digest there. Taken the other
+    way round, a shard finished between them was done without a digest: refused as damage ("its digest object is
+    missing") in a store that is whole. Here the server finishes shard 2 (its digest row, then its marker) as its marker
+    is asked for."""
+    import shutil
+
+    from kdcache.store import DIGEST, DONE, LOGITS
+
+    root, base, finish = finishing_http_root
+    store_dir = root / "w.zarr"
+    shutil.copytree(tiny_store, store_dir)
+    marker, digest = f"{DONE}/c/2", f"{DIGEST}/c/2/0"
+    (store_dir / marker).unlink()  # shard 2 being written: its rows there, its digest row and marker not yet
+    (store_dir / digest).unlink()
+    finish[f"/w.zarr/{marker}"] = lambda: [shutil.copyfile(f"{tiny_store}/{key}", store_dir / key) for key in (digest, marker)]
+    store = open_store(f"{base}/w.zarr")
+    lo, hi = store.shard_rows(2)
+    np.testing.assert_array_equal(store.read(LOGITS, lo, hi), open_store(tiny_store).read(LOGITS, lo, hi))
+    assert finish == {} and store.done_snapshot().all()
+
+
 @pytest.mark.parametrize("look", ["first", "later"])
 @pytest.mark.parametrize("fault", ["500", "truncate"])
 def test_a_root_zarr_json_a_server_fails_is_one_line_not_no_store(faulty_http_root, tiny_store, fault, look, monkeypatch):
@@ -2881,3 +2980,125 @@ def test_a_root_zarr_json_a_server_fails_is_one_line_not_no_store(faulty_http_ro
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert r.output.startswith("Error: cannot re") and "no store" not in r.output and "re-extract" not in r.output, r.output
     assert CliRunner().invoke(main, ["info", url]).exit_code == 0
+
+
+def test_an_s3_root_zarr_json_of_exactly_the_metadata_bound_opens_at_every_look_and_one_byte_over_is_refused(s3, keep_alive_s3, tiny_store,
+                                                                                                            monkeypatch):
+    """The first look at an S3 endpoint reads the root zarr.json itself, bounded by MAX_METADATA_BYTES (a later opening's
+    GET, and zarr's read of any zarr.json, by the same bound): a root of exactly the bound opens at the first look and
+    at a later one alike, one a byte larger is refused at both, naming its size (here the bound is set to the tiny
+    store's root: its 128 MiB is not written to a test's bucket)."""
+    from pathlib import Path
+
+    import s3fs
+
+    from kdcache import storage
+
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(tiny_store, f"{BUCKET}/bound.zarr", recursive=True)
+    options, url = {**s3, "endpoint_url": keep_alive_s3.url}, f"s3://{BUCKET}/bound.zarr"
+    size = len((Path(tiny_store) / "zarr.json").read_bytes())
+    for bound in (size, size - 1):
+        monkeypatch.setattr(storage, "MAX_METADATA_BYTES", bound)
+        for look in ("first", "later"):
+            if look == "first":
+                monkeypatch.setattr(storage, "REACHED", set())
+            if bound == size:
+                assert open_store(url, storage_options=options).num_samples == 50, look
+                continue
+            with pytest.raises(StoreError, match=rf"bound\.zarr' is damaged: object 'zarr\.json' holds {size:,} bytes, more than it can "
+                                                 rf"\({bound:,}: FORMAT\.md §13\), and is not read"):
+                open_store(url, storage_options=options)
+
+
+def test_a_later_opening_whose_root_zarr_json_is_cut_once_opens_the_store(finishing_http_root, tiny_store):
+    """A later opening of an endpoint's store reads the root zarr.json in one GET; one whose answer is cut short (a
+    connection dropped once) is decided as before: a look at the object, then zarr's read of it, which find the store
+    there and open it, as an opening did before the GET was the look."""
+    import shutil
+
+    root, base, finish = finishing_http_root
+    shutil.copytree(tiny_store, root / "t.zarr")
+    url = f"{base}/t.zarr"
+    assert open_store(url).complete  # the first look at the endpoint
+    finish["/t.zarr/zarr.json"] = lambda: "cut"
+    store = open_store(url)
+    assert finish == {} and store.manifest == open_store(tiny_store).manifest and store.complete
+
+
+@pytest.mark.parametrize("damage", ["node-type-table", "node-type-array", "no-attributes", "a-list", "not-json", "extra-key"])
+def test_a_damaged_root_zarr_json_over_http_is_named_as_in_a_folder(counted_http_root, tiny_store, damage):
+    """An http(s) or S3 opening parses the root zarr.json's bytes its look read (zarr's private parser, not zarr's
+    open_group): what it says of a damaged root must be what the opening of a folder says (zarr's errors, mapped as
+    open_group maps them: a node_type not "group" is zarr's "No group found"), the location and zarr's Store aside."""
+    import shutil
+
+    from kdcache.errors import KdcacheError
+
+    root, base, _ = counted_http_root
+    shutil.copytree(tiny_store, root / "d.zarr")
+    meta = json.loads((root / "d.zarr" / "zarr.json").read_text())
+    edited = {"node-type-table": lambda: json.dumps({**meta, "node_type": "table"}),
+              "node-type-array": lambda: json.dumps({**meta, "node_type": "array"}),
+              "no-attributes": lambda: json.dumps({k: v for k, v in meta.items() if k != "attributes"}),
+              "a-list": lambda: json.dumps([meta]),
+              "not-json": lambda: json.dumps(meta)[:-7],
+              "extra-key": lambda: json.dumps({**meta, "shape": [3]})}[damage]()
+    (root / "d.zarr" / "zarr.json").write_text(edited)
+    said = {}
+    for where, location in (("folder", str(root / "d.zarr")), ("http", f"{base}/d.zarr")):
+        for look in ("first", "later"):  # the first look at the endpoint reads the root itself, a later opening too
+            try:
+                said[where, look] = ("opened", open_store(location).num_samples)
+            except KdcacheError as e:
+                said[where, look] = (type(e).__name__, re.sub(r"in store .+? at path", "in store STORE at path",  # zarr's Store's repr
+                                                              str(e).replace(location, "LOCATION")))
+    assert said["http", "first"] == said["http", "later"] == said["folder", "first"], said
+
+
+@pytest.mark.parametrize("missing", ["404", "403"])
+def test_a_remote_store_written_before_digests_opens_and_verifies_without_them(s3, keep_alive_s3, tiny_store, tmp_path, missing):
+    """The opening asks for progress/digest/zarr.json with every array's, and its answer says whether the store keeps
+    digests (has_digests): none there is a store written before kdcache 0.1.1, read and verified without them, not
+    "missing the array progress/digest its manifest lists". A bucket granting GetObject only answers a missing key 403:
+    such a store too (has_digests reads it again, and takes the 403 as no digests)."""
+    import shutil
+
+    import s3fs
+
+    from kdcache.store import DIGEST, LOGITS
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(tiny_store, old)
+    shutil.rmtree(old / DIGEST)
+    meta = json.loads((old / "zarr.json").read_text())
+    del meta["attributes"]["kdcache"]["compression"]["shard_digests"]
+    (old / "zarr.json").write_text(json.dumps(meta))
+    name = f"old{missing}.zarr"
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).put(str(old), f"{BUCKET}/{name}", recursive=True)
+    if missing == "403":
+        keep_alive_s3.faults[f"{name}/{DIGEST}/"] = 403
+    options, url = {**s3, "endpoint_url": keep_alive_s3.url}, f"s3://{BUCKET}/{name}"
+    open_store(url, storage_options=options)  # the first look at the endpoint: the opening below is a later one, as most are
+    store = open_store(url, storage_options=options)
+    assert not store.has_digests() and store.digests_snapshot() is None and store.info()["shard_digests"] is False
+    np.testing.assert_array_equal(store.read(LOGITS, 0, 50), open_store(tiny_store).read(LOGITS, 0, 50))
+    report = verify(url, storage_options=options)
+    assert report["ok"], report
+
+
+@pytest.mark.parametrize("where", ["folder", "http"])
+def test_read_columns_is_read_shards_of_each_column_in_the_order_asked(counted_http_root, tiny_store, where):
+    """Store.read_columns (the streaming reader's and the in-memory load's call: from a remote store every column's
+    read made at once) is read_shards of each column: its shards back to back in the order given, each column under
+    its own path, whatever the order of the paths and shards asked for."""
+    import shutil
+
+    root, base, _ = counted_http_root
+    shutil.copytree(tiny_store, root / "c.zarr")
+    store = open_store(str(root / "c.zarr") if where == "folder" else f"{base}/c.zarr")
+    paths, shards = store.paths()[::-1], [3, 0, 2]
+    columns = store.read_columns(paths, shards)
+    assert list(columns) == paths
+    local = open_store(tiny_store)
+    for path in paths:
+        np.testing.assert_array_equal(columns[path], np.concatenate([local.read(path, *local.shard_rows(s)) for s in shards]))

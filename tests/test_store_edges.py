@@ -289,6 +289,21 @@ def test_read_refuses_rows_of_a_shard_not_done(tiny_store: str, tmp_path: Path) 
     assert (store.read("targets/logits", 16, 32) == open_store(tiny_store).read("targets/logits", 16, 32)).all()
 
 
+def test_the_done_snapshot_of_a_store_opened_for_writing_is_its_markers_now(tiny_store: str, tmp_path: Path) -> None:
+    """done_snapshot() is the markers a read-only Store's reads check rows against, read once; a Store opened for
+    writing (mode "r+") writes shards itself, so its done_snapshot() is the markers as they are now, read anew: kept,
+    a shard it wrote since would stay not done in it (a reader made from the writer's Store would leave it out)."""
+    location = tmp_path / "writing.zarr"
+    shutil.copytree(tiny_store, location)
+    zarr.open_group(location, mode="r+")[DONE][3] = False  # shard 3 (rows 48-49) still to be written
+    writer, reader = open_store(str(location), mode="r+"), open_store(str(location))
+    assert writer.done_snapshot().tolist() == reader.done_snapshot().tolist() == [True, True, True, False]
+    source = open_store(tiny_store)
+    writer.write_shard(3, {path: source.read(path, 48, 50) for path in writer.paths()})
+    assert writer.done_snapshot().tolist() == [True] * 4  # its own shard, written since
+    assert reader.done_snapshot().tolist() == [True, True, True, False]  # a reader's: the markers its reads were checked against
+
+
 def test_a_folders_sizes_count_regular_files_and_links_to_them_alone(tmp_path):
     """info's bytes on disk (store._local_sizes, an os.walk: 2.3x rglob's speed at 24,000 files): a regular file's size,
     a link to one counted as its target, a folder linked to not walked, and a dangling link, a link loop or a FIFO left
