@@ -225,7 +225,8 @@ OPENING = [
     Mutant("R7", "store.py", "    if parse is None or made is None:\n        return zarr.open_group(",
            "    if True:\n        return zarr.open_group(", "`_open_group`: the opening's root bytes never parsed (zarr reads them again)", REMOTE),
     Mutant("R8", "store.py", "            raise zarr.errors.GroupNotFoundError(f\"No group found in store {target!r} at path {at.path!r}\") from None",
-           "            raise", "`_open_group`: a KeyError of the root's parse raised as it is, not as zarr's GroupNotFoundError",
+           "            raise", "`_open_group`: the root parse's KeyError or FileNotFoundError (zarr's for a node_type not \"group\") raised as it "
+           "came, not as open_group maps it (\"No group found\")",
            remote_and("tests/test_store_edges.py", "tests/test_received_stores.py")),
     Mutant("R9", "store.py", "for path, got in zip(arrays, found[len(keys):]):", "for path, got in zip(arrays, found[len(keys) - 1:]):",
            "`_check_groups`: each array's zarr.json bytes handed to the next path (the first gets the progress group's)", REMOTE),
