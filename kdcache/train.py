@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -36,7 +37,8 @@ from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers, threads
 from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError,
-                            TargetError, TrainingError, TrainingStopped, option, own_messages, raised, short, worker_message, write_fix)
+                            TargetError, TrainingError, TrainingStopped, one_line, option, own_messages, raised, short, worker_message,
+                            write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -68,16 +70,18 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     resume, overwrite, allow_partial, progress, again = _flags(storage_options, resume, overwrite, allow_partial,
                                                                progress)
     cache_options, eval_options = _options_by_store(cache_location, t.eval_cache, storage_options)
+    given = {"--resume": resume is True, "--auto-resume": resume == "auto", "--overwrite": overwrite, "--allow-partial": allow_partial}
     if resume == "auto":  # decided before any rank writes: torchrun's rank 0 writes nothing until all ranks have joined
-        resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_out)
+        resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_run)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     checkpoint, unread = _checked_out(out, resume, overwrite, rank, pipeline)
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device), "train.device", pipeline.where("train.device"))
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
-    if world > 1:
-        _check_same_out(out, checkpoint, unread)
     store = open_for_training(cache_location, allow_partial, cache_options)
+    evaluated = None  # train.eval_cache opened, under torchrun: the ranks compare it too
+    if world > 1:
+        evaluated = _check_same_run(out, checkpoint, unread, given, pipeline, store, eval_options)
     shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
     if _finished(out, checkpoint, t):  # a requeued job (--auto-resume) or a --resume whose run had ended: nothing to do
         return _already_finished(out, checkpoint, t, rank)
@@ -94,7 +98,7 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             state, partial = _resumed(out, checkpoint, run, training.optimizer, training.schedule, training.total_steps,
                                       rank)
             with _rng_kept(device):  # after a resume set the RNG: its dataset and check draw nothing training would
-                evaluate = _evaluator(pipeline, run, device, eval_options, trained=store.manifest)
+                evaluate = _evaluator(pipeline, run, device, eval_options, trained=store.manifest, opened=evaluated)
             # an earlier run's files (--overwrite) stay until this run's first checkpoint is saved
             # the values the run began with (a resumed run's own, where its pipeline.json or checkpoint records them)
             values = (_recorded(out, checkpoint)[0] if checkpoint is not None else None) or pipeline.to_dict()
@@ -148,7 +152,7 @@ def _flags(storage_options: Any, resume: Any, overwrite: Any, allow_partial: Any
 def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: Pipeline) -> tuple[dict[str, Any] | None, StoreError | None]:
     """OUT checked by rank 0 before the store, dataset and student are loaded (``_check_out``), and the checkpoint a
     --resume continues, read by every rank; with, for another rank than 0 that cannot read it, why (said once every rank
-    has joined: ``_check_same_out``)."""
+    has joined: ``_check_same_run``)."""
     if rank == 0:
         locking.refuse_if_being_written(out)
         _check_out(out, resume, overwrite, pipeline)
@@ -157,7 +161,7 @@ def _checked_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: 
     except StoreError as e:
         if rank == 0:
             raise
-        return None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_out says so
+        return None, e if _checkpoint_file(out).is_file() else None  # none there: _check_same_run says so
 
 
 @dataclass(frozen=True)
@@ -1600,15 +1604,15 @@ def _open_eval_store(location: str, split: str, storage_options: dict[str, Any] 
 
 
 def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_options: dict[str, Any] | None = None,
-               trained: dict[str, Any] | None = None) -> Any:
+               trained: dict[str, Any] | None = None, opened: layout.Store | None = None) -> Any:
     """A function returning eval metrics: accuracy on the eval split, and teacher agreement with an eval store
     (``trained``: the manifest of the store the student trains from; an eval store must have its teacher, and hold
-    another split unless ``train.eval_split`` names that one)."""
+    another split unless ``train.eval_split`` names that one; ``opened``: that store, where it was opened already)."""
     t = pipeline.train
     if not t.eval_split and not t.eval_cache:
         return dict
     if t.eval_cache:
-        dataset, source, stored = _eval_cache_source(pipeline, storage_options, trained)
+        dataset, source, stored = _eval_cache_source(pipeline, storage_options, trained, opened)
     else:
         dataset, source = _eval_split_source(pipeline, trained)
     _check_per_sample(run, dataset, device, f"train.eval_cache = {t.eval_cache!r}" if t.eval_cache else f"train.eval_split = {t.eval_split!r}",
@@ -1628,12 +1632,12 @@ def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_optio
     return evaluate
 
 
-def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | None,
-                       trained: dict[str, Any] | None) -> tuple[Any, cache.TransferSet | None, layout.Target]:
+def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | None, trained: dict[str, Any] | None,
+                       opened: layout.Store | None = None) -> tuple[Any, cache.TransferSet | None, layout.Target]:
     """``train.eval_cache``'s dataset, the batches of this rank's whole shards of it (None: no shard left to this rank) and
     its stored logits, once the store is found fit to measure the student against the teacher it distils."""
     t = pipeline.train
-    store, stored = _eval_store(t.eval_cache, t.eval_split, storage_options, trained)
+    store, stored = _eval_store(t.eval_cache, t.eval_split, storage_options, trained, opened)
     split = store.manifest["dataset"]["split"]
     if _check_eval_split(t.eval_cache, t.eval_split, store.manifest, trained):
         _say_evaluated_on_training_data(f"train.eval_cache {t.eval_cache!r}", split)
@@ -1655,10 +1659,11 @@ def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | Non
 
 
 def _eval_store(location: str, split: str, storage_options: dict[str, Any] | None,
-                trained: dict[str, Any] | None) -> tuple[layout.Store, layout.Target]:
-    """``train.eval_cache`` (``location``; ``split``: train.eval_split) opened, and its stored logits: it must be complete,
-    store logits, and have been made by the teacher of the store trained from (``trained``: its manifest)."""
-    store = _open_eval_store(location, split, storage_options)
+                trained: dict[str, Any] | None, opened: layout.Store | None = None) -> tuple[layout.Store, layout.Target]:
+    """``train.eval_cache`` (``location``; ``split``: train.eval_split) opened (``opened``, where it was already), and its
+    stored logits: it must be complete, store logits, and have been made by the teacher of the store trained from
+    (``trained``: its manifest)."""
+    store = opened or _open_eval_store(location, split, storage_options)
     if not store.done_snapshot().all():  # allow_partial is the training store's: an eval store's metrics are the whole split's
         raise StoreError(f"train.eval_cache {location!r} is incomplete ({store.samples_done(store.done_snapshot())}/{store.num_samples} samples): its "
                          f"metrics would leave out the rest; resume its kdcache extract ({option('--allow-partial')} applies to the "
@@ -1874,24 +1879,39 @@ def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: Pi
         yield
 
 
-def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreError | None) -> None:
-    """Under torchrun, once every rank has joined: refuse a run whose ranks see another OUT than rank 0 (a folder on each
-    machine's own disk, a stale copy: docs/CLUSTER.md wants one every rank sees), with one line naming the first rank
-    that does and what each sees. Each rank decides ``--auto-resume`` and reads the checkpoint for itself: rank 0 would
-    resume while another started from step 0, or the ranks load different checkpoints, and train different students
-    under one name until their steps no longer match. Compared: the checkpoint each loaded (its epoch, batch, step and
-    training time), else whether each sees one, and a finished run's ``student.pt``."""
-    if checkpoint is not None:
-        view: tuple[Any, ...] = ("loaded", int(checkpoint["epoch"]), int(checkpoint.get("batch", 0)), int(checkpoint["step"]),
-                                 checkpoint.get("seconds"))
-    elif unread is not None:
-        view = ("unread", getattr(unread, "detail", str(unread)[:160]))
-    else:
-        view = ("files", _checkpoint_file(out).is_file(), (out / "student.pt").is_file())
-    views = distributed.gather((view, socket.gethostname()))
-    other = next((r for r, (v, _) in enumerate(views) if v != views[0][0]), None)
+def _check_same_run(out: Path, checkpoint: dict[str, Any] | None, unread: StoreError | None, given: dict[str, bool],
+                    pipeline: Pipeline, store: layout.Store, eval_options: dict[str, Any] | None) -> layout.Store | None:
+    """Under torchrun, once every rank has joined and opened its store, in one gather: refuse a run whose ranks were not
+    given the same run as rank 0, or see another OUT. Each rank parses its own command line and pipeline file and opens
+    its own ``--cache``: a ``--set train.seed`` on one launcher, a pipeline file edited on one machine or an older store
+    at the same path there trained on without a word, the streams no longer disjoint, the gradients mis-scaled or rows
+    paired with another teacher's targets. Compared (``_what_rank_trains``): the flags, the values training reads, and
+    the identity of ``--cache``'s store and of ``train.eval_cache``'s (opened here, and returned for the run's evaluation:
+    None where there is none, or it does not open, which the evaluation then says); then what each sees in OUT
+    (``_out_view``): each rank decides ``--auto-resume`` and reads the checkpoint for itself, and rank 0 would resume while
+    another started from step 0, or the ranks load different checkpoints. Each refusal is one line naming the first rank
+    that differs, and what differs; nothing is written before it."""
+    evaluated, failed = None, ""
+    if pipeline.train.eval_cache:
+        try:
+            evaluated = _open_eval_store(pipeline.train.eval_cache, pipeline.train.eval_split, eval_options)
+        except KdcacheError as e:  # said by the evaluation, as in one process; here the ranks compare that it does not open
+            failed = one_line(e, 160)
+    trains = _what_rank_trains(given, pipeline, store, evaluated, failed)
+    views = distributed.gather((trains, _out_view(out, checkpoint, unread), socket.gethostname()))
+    for r, (theirs, _, host) in enumerate(views):
+        differs = _first_difference(views[0][0], theirs)
+        if differs is not None:
+            key, mine, other = differs
+            flag = "." not in key and not key.startswith("the ")  # --resume given on rank 1 (…), not given on rank 0 (…)
+            what = f"{key}{' ' if flag else ' = '}{other} on rank {r} (on {host}), {mine} on rank 0 (on {views[0][2]})"
+            raise (StoreError if key.startswith("the ") else PipelineError)(
+                f"the torchrun ranks were not given the same run: {what}; give every rank the same command, "
+                "pipeline file and store (a copy of one store, where each machine reads its own: docs/CLUSTER.md), then rerun "
+                "(nothing was changed)")
+    other = next((r for r, (_, v, _) in enumerate(views) if v != views[0][1]), None)
     if other is None:
-        return
+        return evaluated
 
     def sees(v: tuple[Any, ...]) -> str:
         if v[0] == "loaded":
@@ -1900,9 +1920,94 @@ def _check_same_out(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
             return f"a {CHECKPOINT} it cannot read ({v[1]})"
         return f"{CHECKPOINT}" if v[1] else f"no {CHECKPOINT}" + (" but student.pt" if v[2] else "")
 
-    raise StoreError(f"rank {other} (on {views[other][1]}) sees another {option('--out')} than rank 0 (on {views[0][1]}): "
-                     f"{sees(views[other][0])} in {str(out)!r}, where rank 0 sees {sees(views[0][0])}; every rank must see the same "
+    raise StoreError(f"rank {other} (on {views[other][2]}) sees another {option('--out')} than rank 0 (on {views[0][2]}): "
+                     f"{sees(views[other][1])} in {str(out)!r}, where rank 0 sees {sees(views[0][1])}; every rank must see the same "
                      f"{option('--out')}, a folder on a filesystem they share (docs/CLUSTER.md): fix that, then rerun (nothing was changed)")
+
+
+def _out_view(out: Path, checkpoint: dict[str, Any] | None, unread: StoreError | None) -> tuple[Any, ...]:
+    """What a rank sees in OUT, as ``_check_same_run`` compares it: the checkpoint it loaded (its epoch, batch, step and
+    training time), else why it could not read one, else whether it sees a ``checkpoint.pt``, and a finished run's
+    ``student.pt``."""
+    if checkpoint is not None:
+        return ("loaded", int(checkpoint["epoch"]), int(checkpoint.get("batch", 0)), int(checkpoint["step"]), checkpoint.get("seconds"))
+    if unread is not None:
+        return ("unread", getattr(unread, "detail", str(unread)[:160]))
+    return ("files", _checkpoint_file(out).is_file(), (out / "student.pt").is_file())
+
+
+# Values each torchrun rank may have its own of: its machine's CPUs (the batches' order under torchrun does not depend on
+# DataLoader workers: _order), and train.eval_cache's path (another mount of one store: its identity is compared instead)
+PER_RANK = {"train.num_workers", "train.threads", "train.eval_cache"}
+
+
+def _what_rank_trains(given: dict[str, bool], pipeline: Pipeline, store: layout.Store, evaluated: layout.Store | None,
+                      failed: str) -> dict[str, Any]:
+    """What a rank trains, as ``_check_same_run`` compares the ranks': the flags it was given (``--progress`` aside), the
+    pipeline values training reads (``data``, ``student`` and ``train``, but ``PER_RANK``: the teacher and targets are the
+    store's own, ``extract`` is not read), canonical (a feature's omitted weight is its default, ``student.inputs`` in any
+    order), and the identity of the store it trains from and of ``train.eval_cache``'s (``failed``: why that does not
+    open; None: none). Compact: the stores by their manifests' leaves two levels deep, a long one by its digest."""
+    values = pipeline.to_dict()
+    trains: dict[str, Any] = {option(flag, "resume=\"auto\"" if flag == "--auto-resume" else None): on for flag, on in given.items()}
+    for section in ("data", "student", "train"):
+        for key, value in _flat(_feature_defaults(values[section], section), section).items():
+            if key not in PER_RANK:
+                trains[key] = sorted(map(repr, value)) if key == "student.inputs" and isinstance(value, list) else value
+    trains[f"the {option('--cache')} store"] = _identity_leaves(store.manifest)
+    eval_store = None if evaluated is None else _identity_leaves(evaluated.manifest)
+    trains["the train.eval_cache store"] = eval_store or (f"one that does not open ({failed})" if failed else None)
+    return trains
+
+
+def _identity_leaves(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A store's identity (``layout.identity``: its manifest but ``completed``) as dotted leaves two levels deep
+    (``teacher.weights_sha256``), a value longer than 80 characters of JSON as its first 40 and its sha256."""
+    leaves = {}
+    for key, value in layout.identity(manifest).items():
+        for leaf, v in (((f"{key}.{k}", v) for k, v in value.items()) if isinstance(value, dict) and value else ((key, value),)):
+            text = json.dumps(v, sort_keys=True, default=str)
+            leaves[leaf] = v if len(text) <= 80 else f"{text[:40]}... (sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]})"
+    return leaves
+
+
+def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The first key where another rank's ``_what_rank_trains`` (``theirs``) differs from rank 0's (``mine``), down to a
+    store's leaf, with rank 0's value and the other's in words; None where none does."""
+    for key in [*mine, *(k for k in theirs if k not in mine)]:
+        parts = key.split(".")  # where one rank has a table's leaves and another the table (train.features = {}): the table
+        key = next((p for p in (".".join(parts[:n]) for n in range(1, len(parts))) if p in mine or p in theirs), key)
+        a, b = _under(mine, key), _under(theirs, key)
+        if a == b:
+            continue
+        if key.startswith("the ") and isinstance(a, dict) and isinstance(b, dict):  # a store: its first leaf that differs
+            leaf = next(k for k in [*a, *(k for k in b if k not in a)] if a.get(k, _NONE) != b.get(k, _NONE))
+            key, a, b = f"{key}'s {leaf}", a.get(leaf, _NONE), b.get(leaf, _NONE)
+        return key, _said(key, a), _said(key, b)
+    return None
+
+
+_NONE = object()  # a key one rank's _what_rank_trains has and another's lacks
+
+
+def _under(trains: dict[str, Any], key: str) -> Any:
+    """``trains[key]``; where it has none, its values under ``key`` (``train.features = {}`` on one rank, another's
+    ``train.features.conv.weight``) as one value, or ``_NONE``."""
+    if key in trains:
+        return trains[key]
+    below = {k[len(key) + 1:]: v for k, v in trains.items() if k.startswith(key + ".")}
+    return below if below else _NONE
+
+
+def _said(key: str, value: Any) -> str:
+    """A value of ``_what_rank_trains``'s ``key`` in words: a flag given or not, a store by when it was created."""
+    if isinstance(value, bool) and "." not in key and not key.startswith("the "):  # a flag
+        return "given" if value else "not given"
+    if isinstance(value, dict) and key.startswith("the "):
+        return f"one created {value.get('created')}"
+    if value is _NONE or value is None:
+        return "none"
+    return value if isinstance(value, str) and value.startswith("one that") else _brief(value)
 
 
 def local_folder(out: str, command: str) -> Path:
@@ -2296,7 +2401,7 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
     seen = _not_a_checkpoint(checkpoint)
     if seen:  # a bare state_dict, a model saved whole by another tool
         error = StoreError(f"{option('--resume')}: {path!r} is not a kdcache checkpoint ({seen}); {_afresh(out)}")
-        error.detail = f"not a kdcache checkpoint: {seen}"  # torchrun: what another rank than 0 saw (_check_same_out)
+        error.detail = f"not a kdcache checkpoint: {seen}"  # torchrun: what another rank than 0 saw (_check_same_run)
         raise error
     checkpoint[_FILE] = file.name
     return checkpoint

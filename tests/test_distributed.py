@@ -1200,6 +1200,65 @@ def test_ranks_that_see_another_out_than_rank_0_are_refused_in_one_line(tiny_sto
         assert (run / "checkpoint.pt").read_bytes() == before and not list(elsewhere.iterdir()), flag
 
 
+def _rank1_given(tmp_path: Path) -> tuple[Path, list[str]]:
+    """tiny.toml (absolute factory paths; 50 rows, 2 ranks of batch 8) and its arguments for one epoch, and a script that runs
+    kdcache's command with rank 1 handed more arguments (``RANK1_ARGS``, JSON) or another --cache (``RANK1_CACHE``)."""
+    from conftest import TINY_TOML
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    script = tmp_path / "rank1.py"
+    script.write_text("import json, os, sys\nif os.environ['RANK'] == '1':\n    sys.argv += json.loads(os.environ.get('RANK1_ARGS', '[]'))\n"
+                      "    if os.environ.get('RANK1_CACHE'):\n        sys.argv[sys.argv.index('--cache') + 1] = os.environ['RANK1_CACHE']\n"
+                      "from kdcache.cli import main\nmain()\n")
+    sets = [x for s in ("train.epochs=1", "train.features={}", "train.eval_split=''") for x in ("--set", s)]
+    return script, [str(toml), *sets]
+
+
+@pytest.mark.parametrize("given", ["seed", "store", "resume"])
+def test_ranks_given_another_run_than_rank_0_are_refused_in_one_line(tiny_store, tmp_path, given):
+    """Each rank parses its own command line and pipeline file and opens its own --cache: a --set on one launcher, a pipeline
+    file edited on one machine, an older store at the same path there. Rank 1 with another train.seed (another epoch plan:
+    the streams no longer disjoint), another store of the same shape (its rows paired with another teacher's targets) or
+    --resume where rank 0 starts anew trained on without a word, exit 0. Now, once joined, the ranks compare what they
+    train and all stop before anything is written to --out, in one line naming rank 1, its host and both values."""
+    from conftest import extract_tiny
+
+    script, args = _rank1_given(tmp_path)
+    host = re.escape(socket.gethostname())
+    if given == "seed":
+        env, differs = {"RANK1_ARGS": json.dumps(["--set", "train.seed=1"])}, rf"train\.seed = 1 on rank 1 \(on {host}\), 0 on rank 0 \(on {host}\)"
+    elif given == "store":  # its shape, another teacher's values (created in the same second as tiny_store or not)
+        env = {"RANK1_CACHE": extract_tiny(tmp_path / "other.zarr", "teacher.factory='tiny.py:ties_in_float16'")}
+        differs = rf"the --cache store's (created|teacher\.factory) = \S+ on rank 1 \(on {host}\), \S+ on rank 0 \(on {host}\)"
+    else:
+        env, differs = {"RANK1_ARGS": json.dumps(["--resume"])}, rf"--resume given on rank 1 \(on {host}\), not given on rank 0 \(on {host}\)"
+    out = tmp_path / "out"
+    r = _torchrun("train", *args, "--cache", tiny_store, "--out", str(out), cwd=tmp_path, script=script, env=env)
+    ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    line = (f"Error: the torchrun ranks were not given the same run: {differs}" + re.escape(
+        "; give every rank the same command, pipeline file and store (a copy of one store, where each machine reads its own: "
+        "docs/CLUSTER.md), then rerun (nothing was changed)"))
+    assert r.returncode != 0 and len(ours) == 2 and all(re.fullmatch(line, x) for x in ours), r.stderr[-3000:]  # each rank's
+    assert str(Path(kdcache.__file__).parent) not in r.stderr, r.stderr[-3000:]
+    assert not out.exists(), list(out.iterdir())
+
+
+def test_ranks_may_differ_in_their_machines_workers_and_the_path_of_the_same_eval_store(tiny_store, tmp_path):
+    """What a machine may have its own of is not compared: train.num_workers (the batches' order under torchrun does not
+    depend on it) and train.eval_cache's path to the same store (another mount): the ranks train, and evaluate against it."""
+    from conftest import extract_tiny
+
+    script, args = _rank1_given(tmp_path)
+    evaluated = extract_tiny(tmp_path / "test.zarr", "data.split='test'")
+    (tmp_path / "mount").symlink_to(tmp_path)  # the same eval store by another path
+    mounted = ["--set", "train.num_workers=1", "--set", f'train.eval_cache="{tmp_path / "mount" / "test.zarr"}"']
+    r = _torchrun("train", *args, "--set", f'train.eval_cache="{evaluated}"', "--cache", tiny_store, "--out", str(tmp_path / "out"),
+                  cwd=tmp_path, script=script, env={"RANK1_ARGS": json.dumps(mounted)})
+    assert r.returncode == 0 and r.stdout.count("student written") == 1, r.stderr[-3000:]
+    assert "eval_agreement" in json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_torchrun_rank_whose_stream_ran_out_trains_a_batchnorm_student(tmp_path):
     """17 rows in batches of 5 (drop_last: 3 batches) over 2 ranks: at step 2 rank 1's stream has run out and it takes part
     with one row it learns nothing from. A BatchNorm student failed on that row (told to set drop_last, already set)."""
