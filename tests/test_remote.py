@@ -10,9 +10,10 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -72,6 +73,23 @@ def _served(root, module: str):
     proc.terminate()
     proc.wait(timeout=10)
     proc.stdout.close()
+
+
+@contextlib.contextmanager
+def _serving_in_a_thread(handler: type, root) -> Iterator[str]:
+    """``root`` served by the request handler class ``handler`` (a ``SimpleHTTPRequestHandler``'s) in a thread on
+    127.0.0.1 for the block: yields its base URL."""
+    import functools
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_free_port_stays_refused_where_another_server_would_bind_it():
@@ -2134,9 +2152,6 @@ def test_a_zip_whose_central_directory_claims_gigabytes_is_refused_unread(http_r
 def counted_http_root(tmp_path):
     """``(folder, base_url, log)``: ``folder`` served by RangeHTTPServer's handler in a thread on 127.0.0.1, ``log`` each
     request it answered as ``(method, path, Range header or None)``."""
-    import functools
-    import http.server
-    import threading
 
     handler = pytest.importorskip("RangeHTTPServer").RangeRequestHandler
     log: list[tuple[str, str, str | None]] = []
@@ -2149,12 +2164,8 @@ def counted_http_root(tmp_path):
             log.append((self.command, self.path, self.headers.get("Range")))
             return super().send_head()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counted, directory=str(tmp_path)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}", log
-    server.shutdown()
-    server.server_close()
+    with _serving_in_a_thread(Counted, tmp_path) as base:
+        yield tmp_path, base, log
 
 
 def test_opening_a_zip_over_http_reads_its_central_directory_once(counted_http_root, tiny_store):
@@ -2692,8 +2703,6 @@ def test_verify_over_http_lists_no_chunk_folder_of_kdcaches_arrays_and_finds_an_
 def test_an_http_stores_index_pages_are_asked_for_several_at_once(tmp_path, tiny_store):
     """pack (and verify) list an http store through its index pages: one at a time, a store of 2,000 shards (~10,000
     folders) took 10,000 round trips in a row; up to storage.LISTING_PAGES_AT_ONCE are asked for at once."""
-    import functools
-    import http.server
     import shutil
     import threading
 
@@ -2717,14 +2726,8 @@ def test_an_http_stores_index_pages_are_asked_for_several_at_once(tmp_path, tiny
             return super().send_head()
 
     shutil.copytree(tiny_store, tmp_path / "t.zarr")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(tmp_path)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        pack(f"http://127.0.0.1:{server.server_address[1]}/t.zarr", tmp_path / "h.zarr.zip")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving_in_a_thread(Slow, tmp_path) as base:
+        pack(f"{base}/t.zarr", tmp_path / "h.zarr.zip")
     pack(str(tmp_path / "t.zarr"), tmp_path / "l.zarr.zip")
     assert (tmp_path / "h.zarr.zip").read_bytes() == (tmp_path / "l.zarr.zip").read_bytes()
     assert state["most"] > 1, state
@@ -2898,9 +2901,6 @@ def finishing_http_root(tmp_path):
     maps a request path to a function called once, in the server, before that request is answered (a writer that
     finishes a shard just then); one that returns ``"cut"`` has that answer cut short (half its body sent, the connection
     closed: a connection dropped once)."""
-    import functools
-    import http.server
-    import threading
     from pathlib import Path
 
     handler = pytest.importorskip("RangeHTTPServer").RangeRequestHandler
@@ -2922,12 +2922,8 @@ def finishing_http_root(tmp_path):
                 return None
             return super().send_head()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Finishing, directory=str(tmp_path)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}", finish
-    server.shutdown()
-    server.server_close()
+    with _serving_in_a_thread(Finishing, tmp_path) as base:
+        yield tmp_path, base, finish
 
 
 def test_a_shard_finished_while_a_reader_takes_its_snapshot_is_read_with_its_digest(finishing_http_root, tiny_store):
