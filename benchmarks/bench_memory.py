@@ -113,8 +113,8 @@ def train_peak(kind: str, n: int, work: str, wrong: list[str]) -> tuple[float, i
 
 
 def held(fn: Callable[[], Any]) -> float:
-    """tracemalloc's peak during ``fn()`` ÷ the bytes of the array (or dict of arrays) it returns; a warm-up call first
-    (the store's metadata, done markers and digests, thread pools)."""
+    """tracemalloc's peak during ``fn()`` ÷ the bytes of the array (or dict of arrays, or ``TransferSet._read``'s pieces)
+    it returns; a warm-up call first (the store's metadata, done markers and digests, thread pools)."""
     fn()
     tracemalloc.start()
     try:
@@ -122,6 +122,8 @@ def held(fn: Callable[[], Any]) -> float:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    if isinstance(out, list):  # a streaming buffer's pieces
+        out = {(p, piece.lo): c for piece in out for p, c in piece.columns.items()}
     return peak / sum(a.nbytes for a in (out.values() if isinstance(out, dict) else [out]))
 
 

@@ -180,7 +180,10 @@ class TransferSet(IterableDataset):
         of ``workers`` DataLoader workers each (0: the process reads itself); None in RAM (the targets were read once, under
         ``memory_budget_mb``). A reader holds the buffer it serves (one per stream it joins) and the next, read ahead;
         one stream's buffers go to one reader each, so no more are held than an epoch makes. Every buffer is counted
-        as whole shards of ``rows_per_shard`` rows: the reads are whole shards, decoded."""
+        as whole shards of ``rows_per_shard`` rows: the reads are whole shards, decoded. One stream, a reader that serves
+        more than two buffers an epoch also holds the last ``TAIL`` batches of the buffer before while they are made
+        ahead or handed on (``_pieces``), each of at most a batch's rows, or a buffer's where that is fewer (streams join
+        copies of their rows: their batches hold no buffer)."""
         if self.in_memory:
             return None
         shards = len(self.groups.shards)
@@ -188,7 +191,11 @@ class TransferSet(IterableDataset):
         readers = max(1, workers) * max(1, processes)
         per_reader = min(planned, 1 + (self.streams if self.stream is None else 1))
         buffers = readers * per_reader if self.streams > 1 else min(planned, readers * per_reader)  # streams: readers share buffers
-        return Footprint(buffers, min(self.buffer_shards, shards), self.rows_per_shard, self.row_bytes, per_reader, readers)
+        held, k = min(self.buffer_shards, shards), max(1, workers)
+        # one stream: DataLoader worker w of k serves ceil((planned - w) / k) buffers an epoch, more than 2 where w < planned - 2k
+        tails = 0 if self.streams > 1 else max(1, processes) * min(k, max(0, planned - 2 * k))
+        return Footprint(buffers, held, self.rows_per_shard, self.row_bytes, per_reader, readers, tails * TAIL,
+                         min(self.batch_size, held * self.rows_per_shard))
 
     def check_memory(self, workers: int, what: str, readers: str) -> None:
         """Refuse, before the first step and before anything is written, streaming whose buffers (``footprint``, in
@@ -201,12 +208,14 @@ class TransferSet(IterableDataset):
         if f is None or memory is None or f.nbytes + self.checkpoint_bytes <= MEMORY_SHARE * memory:
             return
         served = "the one served" if self.streams == 1 or self.stream is not None else f"one served per stream (train.streams = {self.streams})"
+        tail = (f", and the last {TAIL} batches of the one before, made ahead or handed on: {f.batches} batches of up to "
+                f"{_binary_size(f.batch_rows * f.row_bytes)} ({f.batch_rows} rows) in all" if f.batches else "")
         readers += f" in each of {processes} ranks on this machine" if processes > 1 else ""
         raise PipelineError(
             f"streaming {what} would hold up to {_binary_size(f.nbytes)} at once, more than half of the {_binary_size(memory)} of memory "
             f"this process may use: {_count(f.buffers, 'buffer')} of {_count(f.shards, 'shard')} (train.shuffle_buffer_shards = "
             f"{self.buffer_shards}) of {_binary_size(f.rows * f.row_bytes)} each ({f.rows} rows of {f.row_bytes} bytes: the arrays "
-            f"read, decoded), {f.per_reader} per reader ({served} and the next, read ahead) and {_count(f.readers, 'reader')} "
+            f"read, decoded), {f.per_reader} per reader ({served} and the next, read ahead{tail}) and {_count(f.readers, 'reader')} "
             f"({readers}){_with_checkpoint(self.checkpoint_bytes)}; lower train.shuffle_buffer_shards or train.num_workers, or re-extract the store with a smaller extract.shard_mb")
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
@@ -257,18 +266,22 @@ class TransferSet(IterableDataset):
             yield rows[left * self.batch_size :]
             left = 0
 
-    def _batches(self, buffers: Iterator[tuple[np.ndarray, dict[str, np.ndarray]]], check: Check) -> Iterator[dict[str, Any]]:
-        for rows, columns in buffers:
-            for lo in range(0, len(rows), self.batch_size):
-                if self.drop_last and lo + self.batch_size > len(rows):
-                    break
-                yield self._batch(rows[lo : lo + self.batch_size], {p: c[lo : lo + self.batch_size] for p, c in columns.items()}, check)
+    def _batches(self, buffers: Iterator[tuple[np.ndarray, list[Piece]]], check: Check) -> Iterator[dict[str, Any]]:
+        for rows, pieces in buffers:
+            for lo, hi, columns in pieces:  # a batch's rows are in one piece (``_pieces``)
+                for start in range(lo, hi, self.batch_size):
+                    if self.drop_last and start + self.batch_size > len(rows):
+                        break
+                    at = slice(start - lo, start - lo + self.batch_size)
+                    yield self._batch(rows[start : start + self.batch_size], {p: c[at] for p, c in columns.items()}, check)
+            pieces = columns = None  # not held while the next buffer is waited for (the one after it may be read meanwhile)
 
-    def _read_ahead(self, buffers: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def _read_ahead(self, buffers: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, list[Piece]]]:
         """Each buffer's rows with their columns. Streaming, the next buffer's shards are read by a thread of their own
         while this one's batches are made (the first read starts at once): whole-shard reads, decoding and an object
         store's requests wait outside the GIL, and overlap all of a buffer's batches, not only the last few made ahead.
-        At most two buffers are held."""
+        Two buffers are held, the one served and the next, and the last batches of the one before while they are made
+        ahead or handed on (``_pieces``)."""
         if self.memory is not None:
             return ((rows, self._read(rows)) for rows in buffers)
         buffers = iter(buffers)
@@ -277,7 +290,7 @@ class TransferSet(IterableDataset):
             return iter(())
         reader = threads.pool("read-ahead", 1)
 
-        def serve(rows: np.ndarray, reading: Any) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        def serve(rows: np.ndarray, reading: Any) -> Iterator[tuple[np.ndarray, list[Piece]]]:
             for following in buffers:
                 ahead = reader.submit(self._read, following)
                 yield rows, reading.result()
@@ -327,9 +340,9 @@ class TransferSet(IterableDataset):
         return self._join_steps(streams, mine, steps, reads, first_row, check)
 
     def _join_steps(self, streams: list[list[tuple[int, int, int]]], mine: Any, steps: range,
-                    reads: Iterator[tuple[np.ndarray, dict[str, np.ndarray]]], first_row: Any, check: Check) -> Iterator[dict[str, Any]]:
+                    reads: Iterator[tuple[np.ndarray, list[Piece]]], first_row: Any, check: Check) -> Iterator[dict[str, Any]]:
         """The steps of ``_stream_steps``, from its buffers read in the order they are first used."""
-        current: dict[int, tuple[int, np.ndarray, dict[str, np.ndarray]]] = {}  # stream -> (buffer, its rows, its columns)
+        current: dict[int, tuple[int, np.ndarray, list[Piece]]] = {}  # stream -> (buffer, its rows, its pieces read)
         filler: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
         for j in steps:
             total = sum(s[j][2] - s[j][1] for s in streams if j < len(s))
@@ -338,24 +351,25 @@ class TransferSet(IterableDataset):
                 if j < len(streams[s]):
                     i, lo, hi = streams[s][j]
                     if current.get(s, (-1,))[0] != i:
+                        current.pop(s, None)  # its last buffer not held while the next is waited for
                         current[s] = (i, *next(reads))
-                    _, rows, columns = current[s]
-                    parts.append((rows[lo:hi], {p: c[lo:hi] for p, c in columns.items()}))
+                    parts.append(_part(*current[s][1:], lo, hi))
             share = sum(len(r) for r, _ in parts) / total  # of the step's rows; 1 when the streams are joined
             if not parts:
                 if filler is None:
                     row = first_row()
-                    filler = (row, self._read(row))
+                    filler = (row, self._read(row)[0].columns)
                 parts = [filler]
             rows = np.concatenate([r for r, _ in parts])
             batch = self._batch(rows, {p: np.concatenate([c[p] for _, c in parts]) for p in self.paths}, check)
             yield {**batch, "scale": 1.0 if self.stream is None else self.streams * share, "share": share}
 
-    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads."""
+    def _read(self, rows: np.ndarray) -> list[Piece]:
+        """Every needed column for ``rows`` (in that order), from RAM or by whole-shard reads, in the pieces ``_pieces``
+        cuts ``rows`` into, each with arrays of its own."""
         if self.memory is not None:  # every shard held but the store's last has rows_per_shard rows, and that one is held last
             held = np.searchsorted(self.groups.shards, rows // self.rows_per_shard) * self.rows_per_shard + rows % self.rows_per_shard
-            return {p: a[held] for p, a in self.memory.items()}
+            return [Piece(0, len(rows), {p: a[held] for p, a in self.memory.items()})]  # a buffer is one batch (plan)
         if self._store is None:  # once per process: by each DataLoader worker, or by this process at its first read
             self._store = self._reopened()
         shards, local = np.unique(rows // self.rows_per_shard, return_inverse=True)
@@ -365,7 +379,16 @@ class TransferSet(IterableDataset):
         # each column's shards decoded into one array, then put in the buffer's order (the Store may be the caller's: its
         # words for a replaced store kept, the reader's own given)
         columns = self._store.read_columns(self.paths, shards.tolist(), replaced_when=REPLACED_WHEN)
-        return {p: c[position] for p, c in columns.items()}
+        return [Piece(lo, hi, {p: c[position[lo:hi]] for p, c in columns.items()}) for lo, hi in self._pieces(len(rows))]
+
+    def _pieces(self, n: int) -> list[tuple[int, int]]:
+        """The ``(lo, hi)`` pieces ``_read`` gathers a buffer of ``n`` rows into, whole batches each: its last ``TAIL``
+        batches one a piece, the rows before them one piece. A batch is a view of its piece; the last ones of a buffer,
+        made ahead (``PREFETCH``) or handed on (the step's; a DataLoader worker's, until copied to shared memory) while the
+        next buffer is served, then hold their own rows, not their whole buffer (three buffers held at once where a
+        buffer makes many batches)."""
+        head = max(0, -(-n // self.batch_size) - TAIL) * self.batch_size
+        return [(0, head)] * (head > 0) + [(lo, min(lo + self.batch_size, n)) for lo in range(head, n, self.batch_size)]
 
     def _reopened(self) -> layout.Store:
         """The store opened again (streaming: by each DataLoader worker; the process that made this reader reads through
@@ -473,6 +496,12 @@ class TransferSet(IterableDataset):
                               "the store was made from, or re-extract")
 
 
+def _part(rows: np.ndarray, pieces: list[Piece], lo: int, hi: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rows ``lo:hi`` of a buffer read (``TransferSet._read``), a batch: views of the one piece that holds them."""
+    start, _, columns = next(piece for piece in pieces if piece.lo <= lo < piece.hi)
+    return rows[lo:hi], {p: c[lo - start : hi - start] for p, c in columns.items()}
+
+
 def _check_index(rows: np.ndarray, index: np.ndarray, location: str) -> None:
     """A batch's store ``rows`` must hold dataset ``index`` ``rows`` (FORMAT.md §4: ``index[r] == r``): a damaged index of a
     store without digests (which would otherwise catch it) is named as such, not paired with another sample (``-1`` read
@@ -557,13 +586,18 @@ def _one_input(inputs: list[Any], algorithm: str) -> bool:
 
 
 PREFETCH = 2  # batches made ahead of the consumer
+# Batches of a buffer that may still be held once the buffer after it is served: those made ahead, and those handed on:
+# the step's, with the one the loop takes next; a DataLoader worker's, up to its prefetch_factor (2) until they are
+# copied to shared memory. Streaming gathers each of a buffer's last TAIL batches into arrays of its own (``_pieces``).
+TAIL = PREFETCH + 2
 # how the streaming reader names a store replaced (or removed) under it: when, and when its manifest was the one it read
 REPLACED_WHEN = ("while this reader used it", "the reader was made")
 
 
 # What training's targets may take of the memory the process may use: in RAM, or in streaming's buffers (at most; reading
 # a buffer also holds its shards as decoded, one array a column, until the shuffled copy is made, for a moment). The
-# student, its optimizer, the dataset, the batches made ahead, other processes and the page cache need the rest. Half
+# student, its optimizer, the dataset, the batches made ahead (streaming's, of a buffer before the one served, are counted
+# with the buffers: TransferSet.footprint), other processes and the page cache need the rest. Half
 # keeps a run that passes clear of the OOM killer, which gives no message.
 MEMORY_SHARE = 0.5
 
@@ -710,7 +744,8 @@ def cgroup_memory_limit(membership: str, root: Path) -> int | None:
 
 class Footprint(NamedTuple):
     """What streaming holds at once at most (``TransferSet.footprint``): ``buffers`` buffers of ``shards`` whole shards of
-    ``rows`` rows of ``row_bytes`` bytes (the arrays read, decoded), ``per_reader`` of them in each of ``readers`` readers."""
+    ``rows`` rows of ``row_bytes`` bytes (the arrays read, decoded), ``per_reader`` of them in each of ``readers`` readers,
+    and ``batches`` batches of up to ``batch_rows`` rows left of the buffers before (``TAIL`` in a reader that has them)."""
 
     buffers: int
     shards: int
@@ -718,10 +753,20 @@ class Footprint(NamedTuple):
     row_bytes: int
     per_reader: int
     readers: int
+    batches: int = 0
+    batch_rows: int = 0
 
     @property
     def nbytes(self) -> int:
-        return self.buffers * self.shards * self.rows * self.row_bytes
+        return (self.buffers * self.shards * self.rows + self.batches * self.batch_rows) * self.row_bytes
+
+
+class Piece(NamedTuple):
+    """Rows ``lo:hi`` of a buffer (``TransferSet._read``), whole batches: each needed column's rows, arrays of their own."""
+
+    lo: int
+    hi: int
+    columns: dict[str, np.ndarray]
 
 
 class Check(NamedTuple):

@@ -551,8 +551,9 @@ def _ahead(transfer: cache.TransferSet, loader: Any, state: dict[str, int], t: A
     stopped): the dataset is read by one thread at a time, as without this (two at once, a dataset read as from one
     open file served one item's input for another's, unchecked past the first epoch at train.fingerprint_recheck < 1;
     a tokenizer refusing a second thread failed the run). None where a DataLoader serves them (its persistent workers
-    serve one iterator at a time), where streaming (a reader holds the buffer it serves and the next: the last buffer's batches still hold
-    it) and where the epoch ends with an evaluation (its dataset read beside the next epoch's). The next epoch's iterator
+    serve one iterator at a time), where streaming (a reader holds the buffer it serves and the next, and the last batches
+    of the one before: the next epoch's first two would be held beside the last, which check_memory does not count) and
+    where the epoch ends with an evaluation (its dataset read beside the next epoch's). The next epoch's iterator
     draws nothing from the RNGs a checkpoint saves (a TransferSet's draws are its own, seeded): it may start before they
     are read."""
     evaluated = (t.eval_split or t.eval_cache) and t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0

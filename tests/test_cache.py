@@ -607,6 +607,65 @@ def test_streaming_reads_the_next_buffer_while_this_one_is_served(numbered_store
     assert len(log) == 7 and sorted(r for b in batches for r in b["rows"].tolist()) == list(range(N))
 
 
+def most_held(ts: TransferSet, workers: int = 0, step: float = 0.02) -> int:
+    """The most bytes of what ``ts``'s reads returned (weak references to their arrays) alive at once in one reader, over
+    an epoch served to a loop slower than the batches are made (each step ``step`` seconds: the batches made ahead wait),
+    looked at as each read returns and as each batch is taken. A DataLoader worker (forked) keeps its own figure."""
+    import multiprocessing
+    import weakref
+
+    most = multiprocessing.RawValue("q", 0)  # shared with a forked worker
+    reads: list[list[weakref.ref]] = []
+    lock = threading.Lock()
+    real = ts._read
+
+    def look() -> None:
+        with lock:
+            most.value = max(most.value, sum(a.nbytes for refs in reads for a in (r() for r in refs) if a is not None))
+
+    def read(rows):
+        pieces = real(rows)
+        with lock:
+            reads.append([weakref.ref(c) for piece in pieces for c in piece.columns.values()])  # a buffer's pieces (_pieces)
+        look()
+        return pieces
+
+    ts._read = read
+    ts.set_epoch(0)
+    batches = iter(DataLoader(ts, batch_size=None, num_workers=workers)) if workers else iter(ts)
+    try:
+        for _ in batches:
+            time.sleep(step)
+            look()
+    finally:
+        stop_making(batches)
+    return most.value
+
+
+@pytest.mark.parametrize("batch, streams, workers", [(16, 1, 0), (8, 1, 0), (6, 1, 0), (2, 1, 0), (16, 1, 1), (16, 2, 0)],
+                         ids=["1-batch-a-buffer", "2-batches", "3-batches", "8-batches", "1-batch-a-worker", "2-streams"])
+def test_streaming_holds_no_more_of_its_buffers_than_its_memory_check_counts(numbered_store, batch, streams, workers):
+    """A buffer's batches are views of it: where one makes fewer batches than are made ahead and handed on (the step's,
+    PREFETCH made ahead; a DataLoader worker's until copied to shared memory), the batches alive spanned up to 4
+    buffers beside the one served and the next, read ahead, and 3 buffers where it makes many (its last batches still
+    held as the next buffer's read ends), where the memory check counted 2: a store of small shards and large rows
+    (activation maps) was OOM-killed hours in. A buffer's last batches now hold rows of their own (``_pieces``) and
+    the check counts them: what is alive never exceeds ``footprint``, which is 2 buffers and those batches. Joined
+    streams' batches are copies: K + 1 buffers, no batches counted. (7 buffers of one shard of 16 rows, the last of 4.)"""
+    from kdcache.cache import TAIL
+
+    ts = transfer(numbered_store, batch_size=batch, memory_budget_mb=0, buffer_shards=1, streams=streams)
+    f, buffer = ts.footprint(workers), ROWS_PER_SHARD * ts.row_bytes
+    held = most_held(ts, workers)
+    assert held <= f.nbytes, (held / buffer, f)
+    if streams == 1:  # 2 buffers a reader, and the last batches of the one before: for many batches a buffer, little more
+        assert (f.buffers, f.batches, f.nbytes) == (2, TAIL, 2 * buffer + TAIL * min(batch, ROWS_PER_SHARD) * ts.row_bytes), f
+    else:
+        assert (f.buffers, f.batches, f.nbytes) == (3, 0, 3 * buffer), f
+    if (batch, streams) == (16, 1):  # one batch a buffer: more than 2 buffers alive, as counted now (the old count was 2)
+        assert held > 2 * buffer, held / buffer
+
+
 @pytest.mark.parametrize("streams", [1, 2])
 def test_a_failed_buffer_read_is_raised_where_the_batches_are_asked_for(numbered_store, streams):
     ts = transfer(numbered_store, memory_budget_mb=0, buffer_shards=1, streams=streams)

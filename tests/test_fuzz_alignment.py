@@ -42,9 +42,9 @@ def test_the_alignment_fuzzer_reports_a_row_served_with_its_neighbours_targets(m
     not theirs, the uninterrupted and the resumed run's alike."""
     read = cache.TransferSet._read
 
-    def shifted(self, rows):
-        columns = read(self, rows)
-        return {p: np.roll(c, 1, axis=0) if p.startswith("targets/") and len(rows) > 1 else c for p, c in columns.items()}
+    def shifted(self, rows):  # within each piece of the buffer read (cache.TransferSet._pieces)
+        return [piece._replace(columns={p: np.roll(c, 1, axis=0) if p.startswith("targets/") and len(rows) > 1 else c
+                                        for p, c in piece.columns.items()}) for piece in read(self, rows)]
 
     monkeypatch.setattr(cache.TransferSet, "_read", shifted)
     found = [fuzz_alignment.one(0, number) for number in RUNS]

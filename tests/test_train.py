@@ -1644,6 +1644,27 @@ def test_streaming_more_than_the_machine_holds_is_refused_before_anything_is_wri
     assert len(steps) == 7
 
 
+def test_the_memory_check_counts_the_last_batches_of_the_buffer_before(tiny_store, tmp_path, monkeypatch, steps):
+    """One reader of 4 buffers of 1 shard (16 rows of 32 bytes), 8-row batches: as the buffer after a buffer is served,
+    that buffer's last batches are still made ahead or handed on (the step's), up to 4, each holding its own rows: 2 x
+    512 B + 4 x 256 B = 2 KiB, where the check counted the 2 buffers alone (1 KiB, under half of a 3 KiB machine) while
+    the batches alive held up to 5 buffers where a buffer made one batch. A machine of 4 KiB takes it."""
+    small_machine(monkeypatch, 3 * 2**10)
+    out, streamed = tmp_path / "run", ["train.memory_budget_mb=0", "train.num_workers=0", "train.shuffle_buffer_shards=1"]
+    with pytest.raises(PipelineError) as raised:
+        train(pipeline(*PLAIN, *streamed), tiny_store, out)
+    assert str(raised.value) == (
+        f"streaming the targets of {tiny_store!r} would hold up to 2 KiB at once, more than half of the 3 KiB of "
+        "memory this process may use: 2 buffers of 1 shard (train.shuffle_buffer_shards = 1) of 512 B each (16 rows of 32 bytes: the arrays read, "
+        "decoded), 2 per reader (the one served and the next, read ahead, and the last 4 batches of the one before, made ahead or "
+        "handed on: 4 batches of up to 256 B (8 rows) in all) and 1 reader (train.num_workers = 0); lower "
+        "train.shuffle_buffer_shards or train.num_workers, or re-extract the store with a smaller extract.shard_mb")
+    assert not out.exists() and steps == []
+    small_machine(monkeypatch, 4 * 2**10)
+    train(pipeline(*PLAIN, *streamed, "train.epochs=1"), tiny_store, out)
+    assert len(steps) == 7
+
+
 def test_the_memory_check_counts_only_the_buffers_an_epoch_makes(tiny_store, tmp_path, monkeypatch):
     """One buffer of all 4 shards (shuffle_buffer_shards 4, more than the store has): 1 buffer held, however many
     readers; the features.3 layer read too adds 2048 bytes a row."""
