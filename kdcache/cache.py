@@ -498,7 +498,9 @@ class TransferSet(IterableDataset):
 
 def _part(rows: np.ndarray, pieces: list[Piece], lo: int, hi: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Rows ``lo:hi`` of a buffer read (``TransferSet._read``), a batch: views of the one piece that holds them."""
-    start, _, columns = next(piece for piece in pieces if piece.lo <= lo < piece.hi)
+    start, end, columns = next(piece for piece in pieces if piece.lo <= lo < piece.hi)
+    if hi > end:  # a batch is whole in one piece (_streams' and _pieces' bounds are both batch_size apart from 0): never
+        raise AssertionError(f"rows {lo}-{hi - 1} of a buffer span its pieces {start}-{end - 1} and after")  # cut short
     return rows[lo:hi], {p: c[lo - start : hi - start] for p, c in columns.items()}
 
 
