@@ -1700,7 +1700,9 @@ def test_targets_in_ram_and_a_machine_that_does_not_say_are_not_checked(tiny_sto
 
 def test_targets_that_fit_the_budget_but_not_the_machine_are_refused_before_they_are_read(tiny_store, tmp_path, monkeypatch, steps):
     """train.memory_budget_mb set for a larger machine (or a container's limit): reading 1600 bytes of targets into RAM
-    with 3 KiB to use would pass half of it; refused before the read, --out untouched; streamed, the run fits."""
+    with 3 KiB to use would pass half of it; refused before the read, --out untouched; streamed in batches of 2, the run
+    fits (1.25 KiB: two buffers of a 16-row shard, and the last 4 batches of the one before; in batches of 8 those would
+    take 1 KiB, 2 KiB in all: refused too, test_the_memory_check_counts_the_last_batches_of_the_buffer_before)."""
     small_machine(monkeypatch, 3 * 2**10)
     reads = []
     real_read, real_read_shards = layout.Store.read, layout.Store.read_shards
@@ -1713,8 +1715,9 @@ def test_targets_that_fit_the_budget_but_not_the_machine_are_refused_before_they
                                  "than half of the 3 KiB of memory this process may use; lower train.memory_budget_mb below 0.001526 to "
                                  "stream them (whole shards, a few at a time)")
     assert not (tmp_path / "run").exists() and steps == [] and not [a for a in reads if a[1:] == (0, 50)]
-    train(pipeline(*PLAIN, "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1", "train.epochs=1"), tiny_store, tmp_path / "run")
-    assert len(steps) == 7
+    train(pipeline(*PLAIN, "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1", "train.batch_size=2", "train.epochs=1"),
+          tiny_store, tmp_path / "run")
+    assert len(steps) == 25
 
 
 def test_a_pathlib_cache_trains_as_its_string_does(tiny_store, tmp_path):
