@@ -1954,7 +1954,7 @@ def _what_rank_trains(given: dict[str, bool], pipeline: Pipeline, store: layout.
     for section in ("data", "student", "train"):
         for key, value in _flat(_feature_defaults(values[section], section), section).items():
             if key not in PER_RANK:
-                trains[key] = sorted(map(repr, value)) if key == "student.inputs" and isinstance(value, list) else value
+                trains[key] = _canonical(key, value)
     trains[f"the {option('--cache')} store"] = _identity_leaves(store.manifest)
     eval_store = None if evaluated is None else _identity_leaves(evaluated.manifest)
     trains["the train.eval_cache store"] = eval_store or (f"one that does not open ({failed})" if failed else None)
@@ -2342,11 +2342,14 @@ def _say_replanned(out: Path, pipeline: Pipeline, checkpoint: dict[str, Any]) ->
 
 
 def _same_value(key: str, then: Any, now: Any) -> bool:
-    """Whether a value a resumed run was recorded with (``then``, pipeline.json's) is ``now``'s. ``student.inputs`` names
-    the keyword arguments the student is called with: listed in another order, the same call."""
-    if key == "student.inputs" and isinstance(then, list) and isinstance(now, list):
-        return sorted(map(repr, then)) == sorted(map(repr, now))
-    return then == now
+    """Whether a value a resumed run was recorded with (``then``, pipeline.json's) is ``now``'s (``_canonical``)."""
+    return _canonical(key, then) == _canonical(key, now)
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """A pipeline value as runs are compared by it (a resume's, torchrun's ranks'): ``student.inputs`` names the keyword
+    arguments the student is called with, and listed in another order is the same call."""
+    return sorted(map(repr, value)) if key == "student.inputs" and isinstance(value, list) else value
 
 
 def _recorded(out: Path, checkpoint: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
