@@ -126,9 +126,14 @@ def s3():
 
 
 @pytest.fixture
-def silent_endpoint():
+def silent_endpoint(monkeypatch):
     """``(url, held)``: an endpoint on 127.0.0.1 that accepts TCP connections and never answers (a proxy or firewall
-    that swallows requests); ``held`` lists the connections it accepted."""
+    that swallows requests); ``held`` lists the connections it accepted. The process's endpoints that answered a first
+    look (``storage.REACHED``) are forgotten for the test: its port may be one an earlier test's server (moto) answered
+    on in this process, and a look there is no first look (its long timeouts held a CI run's test past its 300 s)."""
+    from kdcache import storage
+
+    monkeypatch.setattr(storage, "REACHED", set())
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.1)
     held: list[socket.socket] = []
