@@ -937,17 +937,22 @@ def test_writers_racing_for_an_s3_lock_exactly_one_wins(s3, monkeypatch, stale):
 
 def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo_env):
     """A scheduler's preemption (SIGTERM) must not leave the lock object behind: a requeued job would be refused
-    until it went stale (LOCK_STALE_S). The extract stops as Ctrl-C stops it, deleting its lock; the rerun resumes."""
+    until it went stale (LOCK_STALE_S). The extract stops as Ctrl-C stops it, deleting its lock; the rerun resumes.
+    The job is held at the last shard's first item until it is stopped: on a loaded box it once wrote all 10 shards
+    between the test seeing 2 done and its SIGTERM (CI, with other tests' processes beside it)."""
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/preempted.zarr"
     lock = f"{S3_BUCKET}/.preempted.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     options = [f"--storage-option={k}={v}" for k, v in s3.items()]
-    proc = slow_extract(toml, url, n=80, sleep=0.03, storage_options=s3)  # 10 shards of 0.24 s: as long a run as 30 of 0.08 s, a third of the rerun
+    hold = tmp_path / "hold"
+    hold.touch()
+    proc = slow_extract(toml, url, n=80, sleep=0.03, storage_options=s3, held=(hold, 72))  # 10 shards of 0.24 s, the last held
     try:
         assert read_object(fs, lock) is not None, "the job holds its lock"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143, proc.stderr.read()
     finally:
+        hold.unlink()
         if proc.poll() is None:
             proc.kill()
     assert proc.stderr.read().decode().strip().splitlines() == [
