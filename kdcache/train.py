@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import warnings
+import zlib
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers, threads
-from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError,
+from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, count,
                             TargetError, TrainingError, TrainingStopped, one_line, option, own_messages, raised, short, worker_message,
                             write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
@@ -78,11 +79,14 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     torch.manual_seed(t.seed)
     device = data.pick_device(distributed.training_device(t.device), "train.device", pipeline.where("train.device"))
     streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
-    store = open_for_training(cache_location, allow_partial, cache_options)
-    evaluated = None  # train.eval_cache opened, under torchrun: the ranks compare it too
+    # under torchrun an incomplete store is refused by rank 0's look, for every rank (_check_same_run); another rank's own
+    # copy lacking shards rank 0's holds is named by _shards
+    store = open_for_training(cache_location, allow_partial, cache_options, refuse=world == 1)
+    evaluated, held = None, None  # train.eval_cache opened, and the shards each rank's store holds: the ranks compare them
     if world > 1:
-        evaluated = _check_same_run(out, checkpoint, unread, given, pipeline, store, eval_options)
-    shards = _shards(out, pipeline, store, checkpoint)  # resumed: the run's own store, values and rows, checked first
+        evaluated, held = _check_same_run(out, checkpoint, unread, given, pipeline, store, eval_options,
+                                          _held(cache_location, store, allow_partial, cache_options))
+    shards = _shards(out, pipeline, store, checkpoint, held)  # resumed: the run's own store, values and rows, checked first
     if _finished(out, checkpoint, t):  # a requeued job (--auto-resume) or a --resume whose run had ended: nothing to do
         return _already_finished(out, checkpoint, t, rank)
     dataset = _dataset(pipeline, store, "the store")
@@ -1505,18 +1509,29 @@ def _key(path: str) -> str:
     return path.replace(".", "%2E")  # ModuleDict keys cannot contain dots
 
 
-def open_for_training(location: str, allow_partial: bool, storage_options: dict[str, Any] | None = None) -> layout.Store:
+def open_for_training(location: str, allow_partial: bool, storage_options: dict[str, Any] | None = None,
+                      refuse: bool = True) -> layout.Store:
+    """The store at ``location``, refused where it is incomplete without ``allow_partial`` or has no shard done
+    (``refuse=False``: left to the caller, ``_incomplete``: under torchrun, rank 0's look decides for every rank)."""
     store = layout.open_store(location, storage_options=storage_options)
+    refusal = _incomplete(location, store, allow_partial, storage_options) if refuse else None
+    if refusal is not None:
+        raise refusal
+    return store
+
+
+def _incomplete(location: str, store: layout.Store, allow_partial: bool, storage_options: dict[str, Any] | None) -> StoreError | None:
+    """Why ``store`` is not one to train on (incomplete without ``allow_partial``, or no shard done), or None."""
     if not store.done_snapshot().all():  # read once for the run's setup (_shards), each marker an object
         done, total = store.samples_done(store.done_snapshot()), store.num_samples
         if not allow_partial:  # a store still being extracted is not an interrupted one (info and verify say so too)
             writer = locking.active_writer(location, storage_options)
             going_on = f"being written by {writer}: wait for it to end" if writer else "resume kdcache extract"
-            raise StoreError(f"{location!r} is incomplete ({done}/{total} samples); {going_on}, or pass "
-                             f"{option('--allow-partial')} to train on completed shards only")
+            return StoreError(f"{location!r} is incomplete ({done}/{total} samples); {going_on}, or pass "
+                              f"{option('--allow-partial')} to train on completed shards only")
         if done == 0:
-            raise StoreError(f"{location!r} has no completed shard yet; nothing to train on")
-    return store
+            return StoreError(f"{location!r} has no completed shard yet; nothing to train on")
+    return None
 
 
 def _dataset(pipeline: Pipeline, store: layout.Store, what: str) -> Any:
@@ -1531,23 +1546,73 @@ def _dataset(pipeline: Pipeline, store: layout.Store, what: str) -> Any:
     return dataset
 
 
-def _shards(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict[str, Any] | None) -> np.ndarray:
+def _shards(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict[str, Any] | None,
+            held: list[tuple[Any, ...]] | None = None) -> np.ndarray:
     """The completed shards this run trains on. A resumed run (``checkpoint``; its store and values checked
     first) keeps its own, though more may have completed since (``--allow-partial`` on a store being
     extracted); a new run takes those done now, as rank 0 sees them (under torchrun, every rank must draw
-    from the same rows)."""
+    from the same rows: ``held``, every rank's ``_held``, where each must hold them, done and with rank 0's digests)."""
     if checkpoint is not None:
         _check_resume(out, pipeline, store, checkpoint)
+    done, location = (store.done_snapshot(), store.location) if held is None else (_unpacked(held[0], store), held[0][0])
     if checkpoint is not None and "shards" in checkpoint:
         shards = np.asarray(checkpoint["shards"], dtype=np.int64)
-        done = store.done_snapshot()
         lost = [int(s) for s in shards if s >= store.num_shards or not done[s]]
         if lost:  # being extracted again, or no longer marked done (a damaged shard's marker removed)
             raise StoreError(f"{option('--resume')}: this run trained on shards {short(lost)} of "
-                             f"{store.location!r}, no longer completed there; complete the store again (kdcache extract with "
-                             f"its pipeline and --out {store.location}), or start afresh with {option('--overwrite')}")
-        return shards
-    return distributed.broadcast(np.flatnonzero(store.done_snapshot()))
+                             f"{location!r}, no longer completed there; complete the store again (kdcache extract with "
+                             f"its pipeline and --out {location}), or start afresh with {option('--overwrite')}")
+    elif held is None:
+        return distributed.broadcast(np.flatnonzero(done))
+    else:
+        shards = np.flatnonzero(done)  # rank 0's, gathered by _check_same_run
+    if held is not None:
+        _check_ranks_hold(shards, held, store, resumed=checkpoint is not None and "shards" in checkpoint)
+    return shards
+
+
+def _held(location: str, store: layout.Store, allow_partial: bool, storage_options: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What a torchrun rank's ``--cache`` store holds, as the ranks compare it (``_check_same_run``, ``_shards``): its
+    location, its done markers (packed, a bit a shard), a 32-bit hash of each shard's digest row (FORMAT.md §7.1; None
+    for a store without digests), why it is not one to train on (``_incomplete``: rank 0's decides for every rank) and
+    its host. The markers and digests are those the rank's reads are checked against (read once, as its first read would)."""
+    done = store.done_snapshot()
+    refusal = _incomplete(location, store, allow_partial, storage_options)
+    digests = store.digests_snapshot()
+    rows = None if digests is None else np.array([zlib.crc32(row.tobytes()) for row in np.ascontiguousarray(digests, dtype="<u4")],
+                                                 dtype=np.uint32)
+    return (location, np.packbits(done), rows, None if refusal is None else str(refusal), socket.gethostname())
+
+
+def _unpacked(held: tuple[Any, ...], store: layout.Store) -> np.ndarray:
+    """A ``_held``'s done markers, a bool a shard."""
+    return np.unpackbits(held[1], count=store.num_shards).astype(bool)
+
+
+def _check_ranks_hold(shards: np.ndarray, held: list[tuple[Any, ...]], store: layout.Store, resumed: bool) -> None:
+    """Refuse, on every rank, a run one of whose ranks reads its own copy of the store (its machine's disk) lacking some of
+    the ``shards`` the run trains on (rank 0's done ones, or a resumed run's own): a copy made while extract still ran, or
+    cut short, whose rows then failed that rank's check of them (rows of a shard not done: pass rows of done shards only),
+    as its store's own lack when incomplete without ``--allow-partial``, rank 0 stopping as another rank ended first; or
+    holding other rows in one of them than rank 0's (their digests differ: re-extracted or rewritten since the copy),
+    which trained on. A rank whose store holds more done shards than rank 0's trains on rank 0's. (A copy missing objects
+    of a shard marked done is caught by its digests where the rank reads it, as in one process.)"""
+    ours = f"the {count(len(shards), 'shard')} the run trains on"
+    whose = "its checkpoint's" if resumed else f"rank 0's done ones, on {held[0][4]}"
+    for r, (location, _, rows, _, host) in enumerate(held[1:], 1):
+        done = _unpacked(held[r], store)
+        lacks = [int(s) for s in shards if not done[s]]
+        if lacks:
+            what = (f"rank {r} (on {host}) lacks shards {short(lacks)} of {ours} ({whose}): {location!r} has "
+                    f"{int(done.sum())}/{store.num_shards} shards done there (a copy made while kdcache extract still wrote the "
+                    "store, or cut short)")
+        elif rows is not None and held[0][2] is not None and (other := [int(s) for s in shards if rows[s] != held[0][2][s]]):
+            what = (f"rank {r} (on {host}) holds other rows than rank 0 (on {held[0][4]}) in shards {short(other)} of {ours}: "
+                    f"their digests (FORMAT.md §7.1) differ in {location!r} (a shard extracted again, or rewritten, in one copy since)")
+        else:
+            continue
+        raise StoreError(f"the torchrun ranks' stores do not hold the same shards: {what}; copy rank 0's store again where "
+                         f"rank {r} reads it, or give every rank the same copy (docs/CLUSTER.md), then rerun (nothing was changed)")
 
 
 def _rows(store: layout.Store, shards: np.ndarray, subset: int, seed: int) -> np.ndarray:
@@ -1881,7 +1946,8 @@ def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: Pi
 
 
 def _check_same_run(out: Path, checkpoint: dict[str, Any] | None, unread: StoreError | None, given: dict[str, bool],
-                    pipeline: Pipeline, store: layout.Store, eval_options: dict[str, Any] | None) -> layout.Store | None:
+                    pipeline: Pipeline, store: layout.Store, eval_options: dict[str, Any] | None,
+                    held: tuple[Any, ...]) -> tuple[layout.Store | None, list[tuple[Any, ...]]]:
     """Under torchrun, once every rank has joined and opened its store, in one gather: refuse a run whose ranks were not
     given the same run as rank 0, or see another OUT. Each rank parses its own command line and pipeline file and opens
     its own ``--cache``: a ``--set train.seed`` on one launcher, a pipeline file edited on one machine or an older store
@@ -1891,7 +1957,9 @@ def _check_same_run(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
     None where there is none, or it does not open, which the evaluation then says); then what each sees in OUT
     (``_out_view``): each rank decides ``--auto-resume`` and reads the checkpoint for itself, and rank 0 would resume while
     another started from step 0, or the ranks load different checkpoints. Each refusal is one line naming the first rank
-    that differs, and what differs; nothing is written before it."""
+    that differs, and what differs; nothing is written before it. Gathered with them: what each rank's store holds
+    (``held``: ``_held``), returned for ``_shards`` to check against the run's shards, and rank 0's refusal of its store
+    (incomplete without ``--allow-partial``), raised here by every rank (another rank's own copy lacking shards is named there)."""
     evaluated, failed = None, ""
     if pipeline.train.eval_cache:
         try:
@@ -1899,8 +1967,8 @@ def _check_same_run(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
         except KdcacheError as e:  # said by the evaluation, as in one process; here the ranks compare that it does not open
             failed = one_line(e, 160)
     trains = _what_rank_trains(given, pipeline, store, evaluated, failed)
-    views = distributed.gather((trains, _out_view(out, checkpoint, unread), socket.gethostname()))
-    for r, (theirs, _, host) in enumerate(views):
+    views = distributed.gather((trains, _out_view(out, checkpoint, unread), socket.gethostname(), held))
+    for r, (theirs, _, host, _) in enumerate(views):
         differs = _first_difference(views[0][0], theirs)
         if differs is not None:
             key, mine, other = differs
@@ -1910,9 +1978,11 @@ def _check_same_run(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
                 f"the torchrun ranks were not given the same run: {what}; give every rank the same command, "
                 "pipeline file and store (a copy of one store, where each machine reads its own: docs/CLUSTER.md), then rerun "
                 "(nothing was changed)")
-    other = next((r for r, (_, v, _) in enumerate(views) if v != views[0][1]), None)
+    if views[0][3][3] is not None:  # rank 0's store is incomplete without --allow-partial, or has no shard done
+        raise StoreError(views[0][3][3])
+    other = next((r for r, (_, v, _, _) in enumerate(views) if v != views[0][1]), None)
     if other is None:
-        return evaluated
+        return evaluated, [v[3] for v in views]
 
     def sees(v: tuple[Any, ...]) -> str:
         if v[0] == "loaded":

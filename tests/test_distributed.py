@@ -1244,6 +1244,83 @@ def test_ranks_given_another_run_than_rank_0_are_refused_in_one_line(tiny_store,
     assert not out.exists(), list(out.iterdir())
 
 
+def _copy_of(store: str, to: Path, shard: int, damage: str) -> str:
+    """A copy of ``store`` at ``to`` whose ``shard`` lacks its done marker (``"marker"``: a copy made while extract still
+    wrote the store, or cut short) or holds other logits, its digest row rewritten to match them (``"rows"``: the shard
+    extracted again in one copy since, by a teacher whose last bits differ): a store that verifies either way."""
+    import numpy as np
+    import zarr
+
+    from kdcache import store as layout
+
+    shutil.copytree(store, to)
+    if damage == "marker":
+        (to / "progress" / "done" / "c" / str(shard)).unlink()
+        return str(to)
+    g, opened = zarr.open_group(str(to), mode="r+"), open_store(str(to))
+    lo, hi = opened.shard_rows(shard)
+    rows = (np.asarray(g[layout.LOGITS][lo:hi], dtype=np.float32) * 1.5).astype(np.float16)
+    g[layout.LOGITS][lo:hi] = rows
+    g[layout.DIGEST][shard, opened.digest_paths().index(layout.LOGITS)] = layout.shard_digest(layout.LOGITS, shard, [rows])
+    return str(to)
+
+
+@pytest.mark.parametrize("given", ["unfinished", "allow_partial", "rows", "resumed"])
+def test_ranks_whose_copy_of_the_store_lacks_shards_rank_0_trains_on_are_refused_in_one_line(tiny_store, tmp_path, given):
+    """Each rank may read its own copy of the store (docs/CLUSTER.md), and the ranks compared the copies' manifests, not
+    their shards: rank 0 broadcast its done shards, and rank 1, whose copy lacked one (a copy made while extract still
+    wrote it, or cut short), failed alone: with --allow-partial in its check of the rows ('pass rows of done shards only
+    (kdcache.cache.done_rows(store))'), without it telling the user to pass --allow-partial, on resuming naming its own
+    copy alone, rank 0 only saying another rank ended first; and a copy whose shard held other rows (extracted again
+    since, its digests rewritten to match) trained on, exit 0, rank 1 reading rows rank 0's store does not hold. Now the
+    ranks compare their done markers and digests in the same gather, and all stop before anything is written, in one
+    line naming rank 1, its host, the shards and the fix."""
+    script, args = _rank1_given(tmp_path)
+    host = socket.gethostname()
+    copy = _copy_of(tiny_store, tmp_path / "copy.zarr", 2, "rows" if given == "rows" else "marker")
+    out, more = tmp_path / "out", (["--allow-partial"] if given in ("allow_partial", "resumed") else [])
+    if given == "resumed":  # one epoch of the run in one process (train.streams = 2, as 2 ranks), resumed under torchrun for a second
+        one = CliRunner().invoke(main, ["train", *args, "--cache", tiny_store, "--out", str(out), "--set", "train.streams=2"])
+        assert one.exit_code == 0, one.output
+        more += ["--resume", "--set", "train.epochs=2"]
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) if out.exists() else []
+    r = _torchrun("train", *args, "--cache", tiny_store, "--out", str(out), *more, cwd=tmp_path, script=script,
+                  env={"RANK1_CACHE": copy})
+    ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    if given == "rows":
+        what = (f"rank 1 (on {host}) holds other rows than rank 0 (on {host}) in shards [2] of the 4 shards the run trains on: their "
+                f"digests (FORMAT.md §7.1) differ in {copy!r} (a shard extracted again, or rewritten, in one copy since)")
+    else:
+        whose = "its checkpoint's" if given == "resumed" else f"rank 0's done ones, on {host}"
+        what = (f"rank 1 (on {host}) lacks shards [2] of the 4 shards the run trains on ({whose}): {copy!r} has 3/4 shards done there "
+                "(a copy made while kdcache extract still wrote the store, or cut short)")
+    line = (f"Error: the torchrun ranks' stores do not hold the same shards: {what}; copy rank 0's store again where rank 1 reads it, "
+            "or give every rank the same copy (docs/CLUSTER.md), then rerun (nothing was changed)")
+    assert r.returncode != 0 and ours == [line, line], r.stderr[-3000:]  # each rank's
+    assert str(Path(kdcache.__file__).parent) not in r.stderr, r.stderr[-3000:]
+    assert (sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) if out.exists() else []) == before
+
+
+def test_ranks_whose_copy_holds_more_shards_than_rank_0s_train_on_rank_0s(tiny_store, tmp_path):
+    """Rank 0's done shards are the run's: rank 1's copy, holding one more (rank 0's copy made before extract had
+    written it), trains with rank 0 on rank 0's 3 shards (34 rows: 2 steps of 2 batches of 8, then one of rank 0's 2
+    rows left), and where rank 0's copy is incomplete without --allow-partial every rank refuses in rank 0's line."""
+    script, args = _rank1_given(tmp_path)
+    behind = _copy_of(tiny_store, tmp_path / "behind.zarr", 2, "marker")
+    r = _torchrun("train", *args, "--cache", behind, "--out", str(tmp_path / "out"), "--allow-partial", cwd=tmp_path, script=script,
+                  env={"RANK1_CACHE": tiny_store})
+    assert r.returncode == 0 and r.stdout.count("student written") == 1, r.stderr[-3000:]
+    (line,) = (json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+    assert line["step"] == 3, line
+    r = _torchrun("train", *args, "--cache", behind, "--out", str(tmp_path / "refused"), cwd=tmp_path, script=script,
+                  env={"RANK1_CACHE": tiny_store})
+    ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    line = (f"Error: {behind!r} is incomplete (34/50 samples); resume kdcache extract, or pass --allow-partial to train on completed "
+            "shards only")
+    assert r.returncode != 0 and ours == [line, line], r.stderr[-3000:]
+    assert not (tmp_path / "refused").exists()
+
+
 def test_ranks_may_differ_in_their_machines_workers_and_the_path_of_the_same_eval_store(tiny_store, tmp_path):
     """What a machine may have its own of is not compared: train.num_workers (the batches' order under torchrun does not
     depend on it) and train.eval_cache's path to the same store (another mount): the ranks train, and evaluate against it."""
