@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from kdcache import __version__
-from kdcache.errors import KdcacheError, TrainingStopped, command_line, count, one_line, worker_message
+from kdcache.errors import JoinError, KdcacheError, TrainingStopped, command_line, count, one_line, worker_message
 from kdcache.threads import MAX_PARALLEL
 
 
@@ -35,6 +35,8 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _command_started()
+        if (distributed := sys.modules.get("kdcache.distributed")) is not None:  # an earlier command's (torch imported already)
+            distributed.new_command()
         started = time.time()
         try:
             with _dropped_signals_sent_again(), _ctrl_c_outside_finalizers(), _sigterm_as_ctrl_c(), _quiet_handoffs(), command_line():  # messages name the command's flags (--out), not the API's arguments
@@ -55,6 +57,8 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # zarr's reads still running when one failed are dropped at exit; asyncio would report each
             # ("Task was destroyed but it is pending!") after the one Error line.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            if isinstance(e, JoinError) and os.environ.get("LOCAL_RANK", "0") not in ("", "0"):  # each machine's first rank says it
+                sys.exit(1)
             _say_to_the_ranks(fn.__name__, _message(e))
             raise click.ClickException(_message(e)) from None
         except RuntimeError as e:

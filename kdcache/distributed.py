@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from kdcache import errors, locking, storage, store as layout
-from kdcache.errors import KdcacheError, LaunchError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, short, transient
+from kdcache.errors import JoinError, KdcacheError, LaunchError, PipelineError, StoreError, StoreMismatchError, count, need, one_line, short, transient
 from kdcache.extract import Run, check_done_rows, complete_read_only, extract_shards, say_headless, setup, written
 from kdcache.pipeline import Pipeline, check_pipeline
 from kdcache.progress import Progress
@@ -533,7 +533,7 @@ def _check_rendezvous() -> None:
                           f"{_LAUNCH_FIX}")
 
 
-_BEGUN_JOINING = False  # this process has begun joining torchrun's process group (``_joining``)
+_BEGUN_JOINING = False  # the kdcache command running now has begun joining torchrun's process group (``_joining``; ``new_command``)
 FAILED_POLL_S = 0.2  # how often a rank waiting for the others to join looks for a rank that failed before joining
 AGENT_STORE_S = 10.0  # how long a rank tries to reach torchrun's store, up before the ranks start, for that (``_agent_store``)
 
@@ -542,12 +542,44 @@ AGENT_STORE_S = 10.0  # how long a rank tries to reach torchrun's store, up befo
 def _joining() -> Iterator[None]:
     """The block joins torchrun's process group (``init_process_group``, which waits up to ``TIMEOUT`` for every rank):
     it ends at once on SIGTERM or Ctrl-C (``_ended_at_once_while_joining``), or where another rank ended before it
-    joined (``_stopped_if_a_rank_failed_before_joining``)."""
+    joined (``_stopped_if_a_rank_failed_before_joining``). Where torchrun's store at MASTER_ADDR:MASTER_PORT does not
+    answer or goes away (the first machine's torchrun ended), a ``JoinError`` says so in one line (``_could_not_join``)."""
+    import torch.distributed as dist
+
     global _BEGUN_JOINING
 
     _BEGUN_JOINING = True
-    with _ended_at_once_while_joining(), _stopped_if_a_rank_failed_before_joining():
-        yield
+    try:
+        with _ended_at_once_while_joining(), _stopped_if_a_rank_failed_before_joining():
+            yield
+    except dist.DistNetworkError as e:  # torchrun's store went away while this rank joined: torch's traceback, the reason in its
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # last line; rank 0's own store (launched otherwise) is
+            raise  # another matter (its port taken: EADDRINUSE)
+        raise JoinError(_could_not_join(_torch_reason(e))) from e
+
+
+def new_command() -> None:
+    """A kdcache command starts in this process (the CLI's ``train`` or ``extract``): it has not begun joining torchrun's
+    process group, whatever an earlier command in the process did (``extract`` leaves the group it joined), so its failure
+    before joining is said to the ranks waiting for it (``say_failed_before_joining``)."""
+    global _BEGUN_JOINING
+
+    _BEGUN_JOINING = False
+
+
+def _could_not_join(reason: str) -> str:
+    """The line of a rank that could not reach torchrun's store at MASTER_ADDR:MASTER_PORT to join the others, or lost it
+    while it joined (``JoinError``)."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    return (f"rank {os.environ.get('RANK', '?')} (on {socket.gethostname()}) could not join the other ranks at MASTER_ADDR:MASTER_PORT "
+            f"{where} ({reason}): torchrun's store there, which the first machine's torchrun serves, has gone (it ends once a rank of "
+            "its own fails: its output names that rank and its error) or is not reachable from this machine; fix that, then run "
+            "the same command again on every machine (nothing was written)")
+
+
+def _torch_reason(e: BaseException) -> str:
+    """torch's message of a store's failure without the C++ frames it may carry (``Exception raised from …``)."""
+    return one_line(str(e).split("Exception raised from")[0].strip() or type(e).__name__, 160)
 
 
 def _failed_key() -> str:
@@ -558,16 +590,32 @@ def _failed_key() -> str:
 def _agent_store(timeout_s: float) -> Any:
     """A client of torchrun's own store, which its agent on the first machine serves at MASTER_ADDR:MASTER_PORT from before
     the ranks start (TORCHELASTIC_USE_AGENT_STORE=True), reached within ``timeout_s``; None where the ranks have none (launched
-    otherwise: rank 0 serves theirs once it joins) or it does not answer (its machine's torchrun has ended)."""
+    otherwise: rank 0 serves theirs once it joins, or MASTER_ADDR or MASTER_PORT unset). A ``JoinError`` where it does not
+    answer within ``timeout_s``: that machine's torchrun has ended (one of its ranks failed), and torch's
+    ``init_process_group`` tried to reach it for ``TIMEOUT`` (12 hours), silent. What answers is looked at with a plain
+    connection first: torch's own client prints its retries, C++ frames and all, on stderr."""
     from torch.distributed import TCPStore
 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     try:
-        return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                        timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-    except (KeyError, ValueError, RuntimeError):  # torch's DistNetworkError and DistStoreError are RuntimeErrors
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
         return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())).close()
+            break
+        except OSError as e:  # refused (nothing listens there now), unreachable, timed out, a name that does not resolve
+            if time.monotonic() + FAILED_POLL_S >= deadline:
+                raise JoinError(_could_not_join(f"no answer within {timeout_s:g} s: {one_line(e, 120)}")) from e
+            time.sleep(FAILED_POLL_S)
+    try:
+        return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())),
+                        wait_for_workers=False)
+    except RuntimeError as e:  # gone since (torch's DistNetworkError), or it did not answer as a store does (DistStoreError)
+        raise JoinError(_could_not_join(_torch_reason(e))) from e
 
 
 def say_failed_before_joining(line: str) -> None:
@@ -585,7 +633,10 @@ def say_failed_before_joining(line: str) -> None:
         return
     if alone or _BEGUN_JOINING or dist.is_initialized():
         return
-    store = _agent_store(AGENT_STORE_S)
+    try:
+        store = _agent_store(AGENT_STORE_S)
+    except JoinError:  # the first machine's torchrun has ended: its output names the rank that failed there
+        return
     if store is None:
         return
     with contextlib.suppress(RuntimeError):
@@ -602,7 +653,8 @@ def _stopped_if_a_rank_failed_before_joining() -> Iterator[None]:
     1, each machine's first rank (LOCAL_RANK 0) printing ``Error: rank R (on HOST) stopped before joining the other ranks:
     ITS LINE``. Without it, where that rank ran on another machine, this one waited for it for ``TIMEOUT`` (12 hours):
     only the failed rank's own torchrun saw it end. A rank that works long before it joins (a large checkpoint read)
-    is still waited for. Where torchrun serves no store of its own (``_agent_store``), the block just runs."""
+    is still waited for. Where torchrun serves no store of its own (``_agent_store``), the block just runs; where its store
+    does not answer, this rank cannot join: a ``JoinError`` (``_agent_store``; ``_joining``: where it goes away later)."""
     store = _agent_store(AGENT_STORE_S)
     if store is None:
         yield
@@ -615,7 +667,7 @@ def _stopped_if_a_rank_failed_before_joining() -> Iterator[None]:
                 if not store.check([key]):
                     continue
                 said = store.get(key).decode("utf-8", "replace")
-            except RuntimeError:  # the store is gone (its machine's torchrun ended): init_process_group says so
+            except RuntimeError:  # the store is gone (its machine's torchrun ended): init_process_group's DistNetworkError, a JoinError
                 return
             if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
                 sys.stderr.write(f"Error: {said}\n")

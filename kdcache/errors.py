@@ -101,6 +101,11 @@ class LaunchError(KdcacheError, ValueError):
     LOCAL_RANK or LOCAL_WORLD_SIZE not a count, out of range, or set without torchrun's MASTER_ADDR and MASTER_PORT."""
 
 
+class JoinError(KdcacheError, ConnectionError):
+    """A torchrun rank could not join the others: torchrun's store at MASTER_ADDR:MASTER_PORT, which the first machine's
+    torchrun serves, does not answer or went away while the rank joined (that torchrun ended: one of its ranks failed)."""
+
+
 class MissingDependencyError(KdcacheError, ImportError):
     """An optional dependency that a command needs (an extra of kdcache's package) is not installed."""
 

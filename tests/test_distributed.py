@@ -923,6 +923,164 @@ def test_a_rank_that_fails_before_joining_stops_the_ranks_of_another_machines_to
     assert "SIGTERM" not in said[0] and not (tmp_path / "out-0").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "extract"])
+def test_a_rank_that_comes_to_join_after_the_first_machines_torchrun_ended_says_so_in_one_line(toml, tmp_path, request, command):
+    """Two torchrun launchers on loopback as two machines (--nnodes 2, one rank each): machine 0 lacks the pipeline file,
+    so its rank fails before joining and its torchrun ends, taking its store (MASTER_ADDR:MASTER_PORT) with it, while
+    machine 1's rank is still starting. That rank then came to join: torch's init_process_group tried to reach the store
+    for 12 hours (distributed.TIMEOUT), silent after c10d's retries, C++ frames and all, on stderr. Now it says it cannot
+    join there in one line, exit 1, within AGENT_STORE_S (10 s)."""
+    from conftest import TINY_TOML
+
+    if command == "train":
+        tiny_store, toml = request.getfixturevalue("tiny_store"), tmp_path / "tiny.toml"
+        toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    with socket.socket() as s:  # a port let go for machine 0's torchrun to serve its store on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    go, script = tmp_path / "go", tmp_path / "late.py"  # machine 1's rank, still starting (a slow read) until the test says go
+    script.write_text("import os, sys, time\nfrom kdcache.cli import main\n\n"
+                      f"deadline = time.monotonic() + 300\nwhile not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n"
+                      "    time.sleep(0.1)\nsys.exit(main())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node, pipeline in ((0, str(tmp_path / "machine-0" / "p.toml")), (1, str(toml))):  # machine 0's disk has no such file
+        out = tmp_path / f"out-{node}"
+        argv = ["train", pipeline, "--cache", tiny_store, "--out", str(out)] if command == "train" else ["extract", pipeline, "--out", str(out)]
+        procs.append(subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                                       "--master-addr", "127.0.0.1", "--master-port", str(port),
+                                       *(["-m", "kdcache.cli"] if node == 0 else [str(script)]), *argv],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        said = [""] * 2
+        _, said[0] = procs[0].communicate(timeout=240)  # its start: imports on a loaded box
+        go.touch()
+        started = time.monotonic()
+        try:
+            _, said[1] = procs[1].communicate(timeout=120)  # 10 s for the store, then the rank's end
+        except subprocess.TimeoutExpired:
+            pytest.fail("machine 1's rank still waits to join, 120 s after machine 0's torchrun ended")
+        took = time.monotonic() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()  # torchrun then stops its rank, which a SIGKILL of torchrun would leave waiting
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=30)
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert procs[0].returncode == 1 and "does not exist; pass the path of a .toml file" in said[0], said[0][-3000:]
+    ours = [line for line in said[1].splitlines() if line.startswith("Error: ")]
+    assert procs[1].returncode == 1 and ours == [
+        f"Error: rank 1 (on {socket.gethostname()}) could not join the other ranks at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} "
+        "(no answer within 10 s: [Errno 111] Connection refused): torchrun's store there, which the first machine's torchrun "
+        "serves, has gone (it ends once a rank of its own fails: its output names that rank and its error) or is not reachable "
+        "from this machine; fix that, then run the same command again on every machine (nothing was written)"], said[1][-3000:]
+    # no frame of kdcache's, and none of c10d's retries (torchrun's own summary of its failed rank follows)
+    assert str(Path(kdcache.__file__).parent) not in said[1] and "[c10d]" not in said[1] and took < 100, said[1][-3000:]
+    assert not (tmp_path / "out-1").exists()
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (torchrun's ranks: each in a session of its own), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _connections_to(port: int, parent: int) -> int:
+    """The connections to ``port`` on loopback that the processes whose parent is ``parent`` hold open (established), found
+    from /proc: their sockets' inodes in /proc/PID/fd, those connections' in /proc/net/tcp*."""
+    inodes = set()
+    for pid in _children(parent):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if (link := os.readlink(fd)).startswith("socket:["):
+                        inodes.add(link[8:-1])
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                n += int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes
+    return n
+
+
+def test_a_rank_whose_first_machines_torchrun_ends_while_it_joins_says_so_in_one_line(toml, tmp_path):
+    """Two torchrun launchers on loopback as two machines: machine 1's rank is inside torch's init_process_group, waiting
+    for machine 0's rank (still starting), when machine 0 goes (its torchrun and rank killed), taking torchrun's store with
+    it. torch's DistNetworkError ("Failed to recv, got 0 bytes") was the rank's traceback; it is one line now, exit 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "never.py"  # machine 0's rank: starting until its machine goes
+    script.write_text("import time\nwhile True:\n    time.sleep(1)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (0, 1):
+        procs.append(subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                                       "--master-addr", "127.0.0.1", "--master-port", str(port),
+                                       *([str(script)] if node == 0 else ["-m", "kdcache.cli", "extract", str(toml), "--out", str(tmp_path / "out")])],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    try:
+        deadline = time.monotonic() + 240  # its start: imports on a loaded box
+        while _connections_to(port, procs[1].pid) < 2 and procs[1].poll() is None:  # the look for a failed rank's, and torch's
+            assert time.monotonic() < deadline, "machine 1's rank never came to join"
+            time.sleep(0.2)
+        time.sleep(1.0)  # inside init_process_group's wait for rank 0
+        for pid in [*_children(procs[0].pid), procs[0].pid]:  # machine 0 gone at once: its rank, and its torchrun with its store
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        procs[0].communicate(timeout=30)
+        try:
+            _, said = procs[1].communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("machine 1's rank still waits to join, 60 s after machine 0's torchrun ended")
+    finally:
+        for proc in procs:  # its rank first: in a session of its own, it outlives a SIGKILL of its torchrun
+            for pid in [*_children(proc.pid), proc.pid] if proc.poll() is None else []:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=30)
+    ours = [line for line in said.splitlines() if line.startswith("Error: ")]
+    assert procs[1].returncode == 1 and len(ours) == 1 and ours[0].startswith(
+        f"Error: rank 1 (on {socket.gethostname()}) could not join the other ranks at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} (") and \
+        ours[0].endswith("): torchrun's store there, which the first machine's torchrun serves, has gone (it ends once a rank of its own "
+                         "fails: its output names that rank and its error) or is not reachable from this machine; fix that, then run the "
+                         "same command again on every machine (nothing was written)"), said[-3000:]
+    assert str(Path(kdcache.__file__).parent) not in said and not (tmp_path / "out").exists(), said[-3000:]
+
+
+def test_a_second_command_in_one_process_says_its_failure_before_joining_to_the_ranks(tmp_path, monkeypatch):
+    """A command that fails before it joins puts its line in torchrun's store, for the ranks waiting for it to join; an
+    earlier command in the same process that had joined (an extract, which leaves its group) kept the next one from
+    saying it: its ranks on other machines waited for it for 12 hours. torchrun's store here: a real TCPStore on loopback."""
+    from torch.distributed import TCPStore
+
+    from kdcache import distributed
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "_BEGUN_JOINING", True)  # as an earlier extract in this process left it
+    missing = tmp_path / "p.toml"
+    result = CliRunner().invoke(main, ["extract", str(missing), "--out", str(tmp_path / "s.zarr")])
+    line = f"pipeline file {str(missing)!r} does not exist; pass the path of a .toml file"
+    assert result.exit_code == 1 and f"Error: {line}" in result.output, result.output
+    key = "kdcache/failed-before-joining/0"
+    assert store.check([key]) and store.get(key).decode() == \
+        f"rank 1 (on {socket.gethostname()}) stopped before joining the other ranks: {line}"
+
+
 def test_the_handlers_are_given_back_once_the_rank_has_joined():
     """The handlers ``_ended_at_once_while_joining`` sets while a rank joins, and Python's wakeup fd, are given back after it."""
     from kdcache.distributed import _ended_at_once_while_joining
