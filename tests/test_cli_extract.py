@@ -734,11 +734,16 @@ def test_bad_input_in_a_real_process(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path, zoo_env):
     """Ctrl-C (SIGINT) mid-extract: one line saying the written shards are kept and how to go on, exit 130 as a
-    shell reports an interrupted command; the rerun completes the store."""
+    shell reports an interrupted command; the rerun completes the store. The run is held at its last shard's first item
+    until it is stopped: a loaded box may write all 30 shards (2.4 s) between the test seeing 2 done and its signal."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    out = tmp_path / "s.zarr"
-    proc = slow_extract(toml, out, shards=2)
-    stderr = signal_and_wait(proc, signal.SIGINT)
+    out, hold = tmp_path / "s.zarr", tmp_path / "hold"
+    hold.touch()
+    proc = slow_extract(toml, out, shards=2, held=(hold, 232))
+    try:
+        stderr = signal_and_wait(proc, signal.SIGINT)
+    finally:
+        hold.unlink()
     assert proc.returncode == 130, stderr
     done = int(open_store(out).done().sum())
     assert stderr.strip().splitlines() == [f"Error: interrupted; the {done} shards done so far are kept: run the same command again to resume"]
@@ -752,11 +757,15 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path, zoo_env):
 def test_sigterm_stops_as_ctrl_c_releasing_the_lock_and_a_rerun_resumes(tmp_path, zoo_env, group):
     """SIGTERM (a scheduler's preemption, to the process or to every process of the job: DataLoader workers too)
     mid-extract: the shards written are kept, the writer lock is released at once (a requeued job is not refused),
-    one line, exit 143; the rerun completes the store."""
+    one line, exit 143; the rerun completes the store. Held at the last shard's first item until it is stopped, as above."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4", "extract.num_workers=1")
-    out = tmp_path / "s.zarr"
-    proc = slow_extract(toml, out, shards=2, new_session=group)
-    stderr = signal_and_wait(proc, signal.SIGTERM, group=group)
+    out, hold = tmp_path / "s.zarr", tmp_path / "hold"
+    hold.touch()
+    proc = slow_extract(toml, out, shards=2, new_session=group, held=(hold, 232))
+    try:
+        stderr = signal_and_wait(proc, signal.SIGTERM, group=group)
+    finally:
+        hold.unlink()
     assert proc.returncode == 143, stderr
     done = int(open_store(out).done().sum())
     assert stderr.strip().splitlines() == [f"Error: stopped by SIGTERM; the {done} shards done so far are kept: run the same command again to resume"]
@@ -909,12 +918,17 @@ def test_a_sigterm_while_a_command_handles_an_error_it_recovers_from_still_stops
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, zoo_env, fetch_log):
-    """A real ``kdcache`` process on a slow dataset (240 samples, 30 shards) is killed, re-run, and compared byte for byte."""
+    """A real ``kdcache`` process on a slow dataset (240 samples, 30 shards) is killed, re-run, and compared byte for byte.
+    It is held at its last shard's first item, so that it is killed before its end however loaded the box."""
     kx = importlib.import_module("kdcache.extract")
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    killed, reference = tmp_path / "killed.zarr", tmp_path / "reference.zarr"
-    proc = slow_extract(toml, killed, shards=3)
-    stderr = signal_and_wait(proc, signal.SIGKILL, timeout=30)
+    killed, reference, hold = tmp_path / "killed.zarr", tmp_path / "reference.zarr", tmp_path / "hold"
+    hold.touch()
+    proc = slow_extract(toml, killed, shards=3, held=(hold, 232))
+    try:
+        stderr = signal_and_wait(proc, signal.SIGKILL, timeout=30)
+    finally:
+        hold.unlink()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {stderr[-2000:]}"
     done = open_store(killed).done()
     assert 3 <= done.sum() < 30, done

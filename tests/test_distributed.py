@@ -577,18 +577,24 @@ def test_a_local_cluster_leaves_dasks_default_port_to_others(toml, tmp_path):
 def test_ctrl_c_stops_a_local_cluster_with_one_line(tmp_path, sig):
     """Ctrl-C reaches the terminal's whole process group: the dask workers ignore it (the driver starts them with
     SIGINT ignored), the driver says its one line and exits 130, and the store resumes. A scheduler's SIGTERM to the
-    job's processes stops it the same way, exit 143."""
+    job's processes stops it the same way, exit 143. The last shard's first item is held until the job has ended: a
+    loaded box may finish the job (50 shards, 4 s) between the test seeing 2 done and its signal."""
     from reference import signal_and_wait
 
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    out = tmp_path / "s.zarr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "400", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1"}
+    out, hold = tmp_path / "s.zarr", tmp_path / "hold"
+    hold.touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "400", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1",
+                                                                               "ZOO_HOLD": str(hold), "ZOO_HOLD_AT": "392"}
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(out), "--workers", "2", "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while shards_done(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stderr = signal_and_wait(proc, sig, group=True)
+    try:
+        deadline = time.monotonic() + 120
+        while shards_done(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stderr = signal_and_wait(proc, sig, group=True)
+    finally:
+        hold.unlink()
     assert proc.returncode == 128 + sig, stderr[-3000:]
     said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
     kept = f"the {shards_done(out)} shards done so far are kept"
@@ -1725,8 +1731,12 @@ def test_torchrun_ranks_write_no_shard_once_the_jobs_s3_lock_is_anothers(s3, tmp
         fs.pipe_file(f"{BUCKET}/.torchrun-taken.zarr.kdcache-lock", json.dumps(taker).encode())
         return rank_1s()
 
-    proc = slow_extract(toml, url, sleep=0.05, storage_options=s3, command=torchrun)  # ~0.4 s a shard
-    taken_at, stderr = _while_running(proc, take)
+    # rank 1's 7th shard (13) waits until the lock is taken: a loaded box may end the job first, and the shards it may
+    # finish after the take (WRITE_THREADS, up to 8) must leave some of its 15 unwritten
+    hold = tmp_path / "hold"
+    hold.touch()
+    proc = slow_extract(toml, url, sleep=0.05, storage_options=s3, command=torchrun, held=(hold, 104))  # ~0.4 s a shard
+    taken_at, stderr = _while_running(proc, take, hold)
     assert proc.returncode != 0, stderr[-3000:]
     assert f"Error: {url!r} lost its writer lock while being written: kdcache pid 4242 on elsewhere since " in stderr, stderr[-3000:]
     assert taken_at <= rank_1s() <= taken_at + WRITE_THREADS < 15, (taken_at, rank_1s())
@@ -1759,21 +1769,26 @@ def test_torchrun_ranks_write_no_shard_once_the_jobs_local_lock_is_gone_or_anoth
             lock.unlink()
         return rank_1s()
 
-    proc = slow_extract(toml, out, sleep=0.05, command=torchrun)  # ~0.4 s a shard
-    taken_at, stderr = _while_running(proc, take)
+    hold = tmp_path / "hold"  # rank 1's 7th shard (13) waits until the lock is taken: a loaded box may end the job first
+    hold.touch()
+    proc = slow_extract(toml, out, sleep=0.05, command=torchrun, held=(hold, 104))  # ~0.4 s a shard
+    taken_at, stderr = _while_running(proc, take, hold)
     assert proc.returncode != 0, stderr[-3000:]
     now = "no longer holds its lock (kdcache pid 4242 on elsewhere since " if taken else "has ended (its lock is released); "
     assert f"Error: {str(out)!r}: the job rank 1 writes for (kdcache pid " in stderr and now in stderr, stderr[-3000:]
     assert taken_at <= rank_1s() <= taken_at + 1 < 15, (taken_at, rank_1s())
 
 
-def _while_running(proc: subprocess.Popen, act: Callable[[], Any]) -> tuple[Any, str]:
-    """``act()`` while ``proc`` (a slow extract) runs, then its stderr once it has ended (killed if the wait fails)."""
+def _while_running(proc: subprocess.Popen, act: Callable[[], Any], hold: Path) -> tuple[Any, str]:
+    """``act()`` while ``proc`` (a slow extract held by ``hold``: ``slow_extract``'s ``held``) runs, then ``hold``
+    removed and its stderr once it has ended (killed if the wait fails)."""
     try:
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         result = act()
+        hold.unlink()
         stderr = proc.communicate(timeout=120)[1].decode()
     finally:
+        hold.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
     return result, stderr

@@ -835,13 +835,17 @@ def test_a_job_preempted_at_random_moments_and_requeued_reaches_the_uninterrupte
 
 
 def test_readers_during_an_extract_see_only_completed_shards(tmp_path, zoo_env):
-    """info, verify and train --allow-partial run in a loop while a real kdcache process writes the store."""
+    """info, verify and train --allow-partial run in a loop while a real kdcache process writes the store. The writer
+    is held at its last shard's first item until the readers have had their rounds (3 of info, 1 of train): a loaded
+    box's readers are slow, and the writer (2 s) could end before them."""
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    out = tmp_path / "live.zarr"
+    out, hold = tmp_path / "live.zarr", tmp_path / "hold"
     n = 160
     zoo_env(N=n)  # this process' readers build the same dataset (train fetches inputs)
+    hold.touch()
     writer = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "extract", str(toml), "--out", str(out), "--no-progress"],
-                              env=env(ZOO_N=n, ZOO_SLEEP=0.012), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              env=env(ZOO_N=n, ZOO_SLEEP=0.012, ZOO_HOLD=hold, ZOO_HOLD_AT=n - 8), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
     seen: list[int] = []
     rounds = Counter()
     try:
@@ -874,8 +878,11 @@ def test_readers_during_an_extract_see_only_completed_shards(tmp_path, zoo_env):
                     assert_one_line_error(result.output, "has no completed shard yet")
                 else:
                     rounds["train"] += 1
+            if rounds["info"] >= 3 and rounds["train"] >= 1 and hold.exists():
+                hold.unlink()  # the writer ends while the readers go on
         assert writer.wait(timeout=60) == 0, writer.stderr.read().decode()
     finally:
+        hold.unlink(missing_ok=True)
         if writer.poll() is None:
             writer.kill()
             writer.wait()

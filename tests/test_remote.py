@@ -1657,17 +1657,21 @@ def test_an_s3_endpoint_that_stops_answering_mid_extract_fails_it_in_one_line(s3
     # s3fs's backoff once a pass: 5 passes took 25 s (the failed shard's PUT, then the lock's release) to the same line,
     # 2 passes 10 s; a pass more only repeats the same timeout, the error it ends in is the same
     fewer = "import s3fs; s3fs.S3FileSystem.retries = 1\nfrom kdcache.cli import main; main()"
+    hold = tmp_path / "hold"  # the last shard's first item waits until the endpoint is silent: a loaded box may end first
+    hold.touch()
     proc = slow_extract(toml, url, storage_options={**s3, "endpoint_url": proxy.url,
                                                     "config_kwargs": {"read_timeout": 10, "retries": {"max_attempts": 0}}},
-                        command=[sys.executable, "-c", fewer])
+                        command=[sys.executable, "-c", fewer], held=(hold, 232))
     try:
         assert proc.poll() is None and shards_done(url, s3) >= 2, \
             f"the extract ended (or stalled) before the endpoint fell silent: {proc.poll()} {ended(proc)}"
         proxy.swallow()
         swallowed_at = time.monotonic()
+        hold.unlink()
         code = proc.wait(timeout=240)
         took = time.monotonic() - swallowed_at
     finally:
+        hold.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
         proxy.close()

@@ -899,14 +899,19 @@ def test_resume_after_the_last_epoch_only_writes_the_weights(tiny_store, tmp_pat
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
+    """A run killed (SIGKILL) once it has saved a checkpoint resumes to the uninterrupted run's weights and losses. Its
+    items past 7 epochs' worth (the 7th epoch, with the probes' items) wait until it is killed: a loaded box may train
+    the 7 epochs left after its first checkpoint (3 s) before the kill lands."""
     epochs = 8
     reference = tmp_path / "reference"
     train(pipeline(f"train.epochs={epochs}"), tiny_store, reference)  # with a feature loss and its projection head
 
-    out = tmp_path / "run"
+    out, hold = tmp_path / "run", tmp_path / "hold"
     args = [str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", str(epochs), "--no-progress",
             "--set", 'data.factory="numbered.py:tiny_slow"']
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as this process (conftest): same kernels, same numbers
+    hold.touch()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # as this process (conftest): same kernels, same numbers
+           "KDCACHE_TEST_HOLD": str(hold), "KDCACHE_TEST_HOLD_AFTER": str(50 * (epochs - 1))}  # 50 train items an epoch
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -918,6 +923,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
+        hold.unlink()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "student.pt").exists() and len(metrics(out)) < epochs
 

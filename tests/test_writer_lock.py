@@ -788,7 +788,9 @@ def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3,
     """A job suspended past LOCK_STALE_S (Ctrl-Z, a laptop's sleep, a VM paused) lost its lock to another job; resumed,
     it wrote on to the end of the store over the other job's shards, learning of the loss only at its end. It now
     renews its late lock before its next shard, finds it taken over, and stops in one line (exit 1): only the shards
-    being written when it was paused are finished."""
+    being written when it was paused are finished. It is held at shard 21's first item until it is resumed: a loaded
+    box may write all 30 shards (2.4 s) before the test's SIGSTOP, and the shards in flight (WRITE_THREADS, up to 8) must
+    leave some unwritten."""
     from kdcache.extract import WRITE_THREADS
 
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/paused.zarr"
@@ -796,7 +798,9 @@ def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3,
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     shortened = "from kdcache import locking; locking.LOCK_STALE_S = 1.5; locking.LOCK_HEARTBEAT_S = 0.3; locking.LOCK_LATE_S = 0.6\n" \
                 "from kdcache.cli import main; main()"
-    proc = slow_extract(toml, url, storage_options=s3, command=[sys.executable, "-c", shortened])
+    hold = tmp_path / "hold"
+    hold.touch()
+    proc = slow_extract(toml, url, storage_options=s3, command=[sys.executable, "-c", shortened], held=(hold, 168))
     try:
         proc.send_signal(signal.SIGSTOP)  # paused
         paused_at = shards_done(url, s3)
@@ -806,9 +810,11 @@ def test_a_paused_extract_whose_s3_lock_was_taken_over_writes_no_more_shards(s3,
             with writer_lock(url, s3):  # another job takes it over
                 taker = json.loads(read_object(fs, lock))["holder"]
                 proc.send_signal(signal.SIGCONT)
+                hold.unlink()
                 assert proc.wait(timeout=60) == 1
                 assert json.loads(read_object(fs, lock))["holder"] == taker, "the taker's lock is left alone"
     finally:
+        hold.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
     lines = proc.stderr.read().decode().strip().splitlines()
@@ -967,13 +973,18 @@ def test_a_job_stopped_by_sigterm_releases_its_s3_lock_at_once(s3, tmp_path, zoo
 def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp_path, zoo_env):
     """A scheduler's SIGTERM reaches every process of the job (Slurm signals the whole step), torchrun among them,
     and torchrun passes it on to its ranks: each rank gets SIGTERM twice, the second while it is cleaning up. Rank 0
-    still deletes its lock object (a requeued job is not refused for LOCK_STALE_S), and only rank 0 speaks."""
+    still deletes its lock object (a requeued job is not refused for LOCK_STALE_S), and only rank 0 speaks. Each rank
+    is held at its last shard's first item (shards 48 and 49) until the job is stopped: a loaded box may finish the job
+    (4 s), its lock released, between the test seeing 2 shards done and its SIGTERM."""
 
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/torchrun-preempted.zarr"
     lock = f"{S3_BUCKET}/.torchrun-preempted.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
     options = [f"--storage-option={k}={v}" for k, v in s3.items()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "400", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1"}
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_N": "400", "ZOO_SLEEP": "0.02", "OMP_NUM_THREADS": "1",
+                                                                               "ZOO_HOLD": str(hold), "ZOO_HOLD_AT": "384,392"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--standalone", "-m", "kdcache.cli", "extract", str(toml), "--out", url, *options, "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -984,6 +995,7 @@ def test_sigterm_to_every_process_of_a_torchrun_job_releases_its_s3_lock(s3, tmp
         os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks, as Slurm does
         proc.wait(timeout=90)
     finally:
+        hold.unlink()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     stderr = proc.stderr.read()
@@ -1052,13 +1064,16 @@ def test_an_s3_lock_of_an_extract_killed_on_this_machine_is_taken_over_at_once(s
     fs, url = s3_files(s3), f"s3://{S3_BUCKET}/killed.zarr"
     lock = f"{S3_BUCKET}/.killed.zarr.kdcache-lock"
     toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4")
-    proc = slow_extract(toml, url, n=80, sleep=0.03, storage_options=s3)  # 10 shards of 0.24 s: as long a run as 30 of 0.08 s, a third of the rerun
+    hold = tmp_path / "hold"  # the last shard's first item waits for the kill: a loaded box may write all 10 before it
+    hold.touch()
+    proc = slow_extract(toml, url, n=80, sleep=0.03, storage_options=s3, held=(hold, 72))  # 10 shards of 0.24 s, the last held
     try:
         record = json.loads(read_object(fs, lock))["process"]
         assert record["pid"] == proc.pid and record["alone"] is True and set(record) == {"pid", "boot_id", "pid_ns", "start", "alone"}
         assert active_writer(url, s3).startswith(f"kdcache pid {proc.pid} on "), "alive: it is the writer"
     finally:
         kill_9(proc)
+        hold.unlink()
     assert read_object(fs, lock) is not None, "left behind"
     assert active_writer(url, s3) is None, "its holder is gone: nobody writes the store"
     zoo_env(N=80)
