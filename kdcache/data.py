@@ -15,12 +15,14 @@ import queue
 import signal
 import struct
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
+from torch.utils.data import _utils as loader_utils
 
 from kdcache import losses, store as layout, threads
 from kdcache.errors import (DataError, DeviceMemoryError, KdcacheError, ModelError, ModelTooLargeError, PipelineError, ShapeMismatchError,
@@ -292,6 +294,8 @@ def getitems(dataset: Dataset, indices: list[int], batched: bool = True) -> list
     """
     many = getattr(dataset, "__getitems__", None) if batched else None
     items: list[Any] = []
+    reader = threading.get_ident()
+    _READING.add(reader)
     try:
         if many:
             items = list(many(indices))
@@ -308,6 +312,11 @@ def getitems(dataset: Dataset, indices: list[int], batched: bool = True) -> list
         at = f"one of indices {indices[0]}..{indices[-1]}" if many and len(indices) > 1 else f"index {indices[len(items)]}"
         raise DataError(f"the dataset raised {raised(e)} reading {at}; fix data.factory's dataset "
                         "(call dataset[i] in Python to see the full traceback), then rerun") from e
+    finally:
+        _READING.discard(reader)
+
+
+_READING: set[int] = set()  # the threads inside a dataset's code now (getitems): one stuck there is not waited for at exit
 
 
 REREADS = 4  # reads of one item after a fingerprint differed: a random augmentation (a flip half the time) shows in them
@@ -512,6 +521,14 @@ class Prefetch:
         self._finished = True
         self._stop.set()
 
+    def settled(self) -> bool:
+        """Wait until every item is made (True), or until the iterator is closed first (False): its item in the making
+        may never be (a dataset read that hangs), and nothing waits for it then."""
+        while not self.made.wait(0.1):
+            if self._stop.is_set():
+                return False
+        return True
+
     def __del__(self) -> None:
         self._stop.set()
 
@@ -524,13 +541,22 @@ _PRODUCERS_LOCK = threading.Lock()
 def _stop_producers() -> None:
     """At exit: stop every producer and wait for the item it is making. A daemon thread still inside torch's C++ code
     (a batch being collated) when the interpreter shuts down aborts the process ("terminate called without an active
-    exception", exit 134) after a run that finished: a train run that stops mid-epoch leaves its next batches in the making."""
+    exception", exit 134) after a run that finished: a train run that stops mid-epoch leaves its next batches in the making.
+    One still inside the dataset's code after ``EXIT_READ_WAIT`` seconds (a read that hangs: a stalled network mount, a
+    dead remote dataset) is not waited for: a run stopped by Ctrl-C or SIGTERM ends at once, not once the read returns, and
+    a daemon thread left in Python code or a system call ends with the process. All are waited for ``STOP_WAIT`` at most."""
     with _PRODUCERS_LOCK:
         live = list(_PRODUCERS.items())
     for _, stop in live:
         stop.set()
+    began = time.monotonic()
     for thread, _ in live:
-        thread.join(timeout=60)
+        thread.join(timeout=max(0.0, began + EXIT_READ_WAIT - time.monotonic()))
+        while thread.is_alive() and thread.ident not in _READING and (left := began + STOP_WAIT - time.monotonic()) > 0:
+            thread.join(timeout=min(left, 0.1))
+
+
+EXIT_READ_WAIT = 1.0  # seconds the producers still reading the dataset at exit are waited for (the read may hang)
 
 
 atexit.register(_stop_producers)
@@ -562,22 +588,35 @@ def _produce(items: Iterator[Any], buffer: queue.Queue[Any], stop: threading.Eve
             _PRODUCERS.pop(threading.current_thread(), None)
 
 
-def stop_making(batches: Any) -> None:
+def stop_making(batches: Any, wait: float | None = None) -> None:
     """Stop what makes batches ahead for the iterator ``batches``: a TransferSet's thread (iterated directly, or by a
     DataLoader in this process) and a DataLoader's worker processes. A failed or interrupted run's traceback (which a
     notebook keeps) holds the iterator: they would run on, holding batches and copies of the dataset, until it is dropped.
-    The thread's item in the making is waited for (up to ``STOP_WAIT`` seconds): once a run returns or raises, none of its
-    threads reads the dataset, which the caller may read next (a run resumed in the same process, with a factory that
-    hands out one open file: two threads at once served one item's input for another's)."""
+    The thread's item in the making is waited for (up to ``wait`` seconds, ``STOP_WAIT`` if None): once a run returns or
+    raises, none of its threads reads the dataset, which the caller may read next (a run resumed in the same process, with a
+    factory that hands out one open file: two threads at once served one item's input for another's). A run stopped by
+    Ctrl-C or SIGTERM waits ``STOPPED_WAIT``: a read that hangs would keep it from ending."""
     made = getattr(getattr(batches, "_dataset_fetcher", None), "dataset_iter", batches)  # a DataLoader without workers holds it
     if isinstance(made, Prefetch):
         made.close()
-        made.made.wait(STOP_WAIT)
+        made.made.wait(STOP_WAIT if wait is None else wait)
     if hasattr(batches, "_shutdown_workers"):  # torch's DataLoader has no public way to stop its workers
-        batches._shutdown_workers()
+        # torch waits for each worker (MP_STATUS_CHECK_INTERVAL, 5 s), SIGTERMs one still running (a read that hangs),
+        # which it ignores (leave_sigterm_to_the_main_process), and waits as long again: a stopped run waits ``wait`` in
+        # all. One still running then is killed: multiprocessing waited for it forever at exit. (Killed while torch
+        # waits, torch's SIGCHLD handler raised "DataLoader worker is killed by signal" in the place of the run's stop.)
+        interval = loader_utils.MP_STATUS_CHECK_INTERVAL
+        loader_utils.MP_STATUS_CHECK_INTERVAL = interval if wait is None else min(interval, wait / 2)
+        try:
+            batches._shutdown_workers()
+        finally:
+            loader_utils.MP_STATUS_CHECK_INTERVAL = interval
+        for worker in getattr(batches, "_workers", ()):
+            worker.kill()  # none where it has ended
 
 
 STOP_WAIT = 60.0  # seconds stop_making waits for the batch in the making (a dataset read that hangs: the run returns anyway)
+STOPPED_WAIT = 2.0  # the same, for a run stopped by Ctrl-C or SIGTERM (it ends promptly, whatever the read does)
 
 
 def leave_sigterm_to_the_main_process(worker: int) -> None:
@@ -589,11 +628,15 @@ def leave_sigterm_to_the_main_process(worker: int) -> None:
 
 @contextmanager
 def stopped(batches: Any) -> Iterator[Any]:
-    """``batches`` inside the block, ``stop_making`` however it ends."""
+    """``batches`` inside the block, ``stop_making`` however it ends (stopped by Ctrl-C or SIGTERM, not waiting long)."""
+    wait = None
     try:
         yield batches
+    except KeyboardInterrupt:
+        wait = STOPPED_WAIT
+        raise
     finally:
-        stop_making(batches)
+        stop_making(batches, wait)
 
 
 def to_device(inputs: Any, device: torch.device, non_blocking: bool = True) -> Any:

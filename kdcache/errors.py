@@ -75,7 +75,8 @@ class TrainingError(KdcacheError, RuntimeError):
 
 
 class TrainingStopped(KdcacheError, RuntimeError):
-    """Training was asked to stop (SIGTERM: a scheduler's preemption or time limit) and saved a checkpoint to resume from."""
+    """Training was asked to stop (SIGTERM: a scheduler's preemption or time limit) and saved a checkpoint to resume from
+    (none where it stopped before its first step, waiting for its first batch)."""
 
 
 class DataError(KdcacheError, RuntimeError):

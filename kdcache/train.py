@@ -223,7 +223,7 @@ def _loop(training: _Training, out: Path, rank: int, pipeline: Pipeline, store: 
                  pipeline if replacing else None, _position(state) if checkpoint is not None else "", again,
                  before=_trained_seconds(checkpoint, out, state) if checkpoint is not None else 0.0,
                  lr=_last_lr(checkpoint, training.schedule) if checkpoint is not None else 0.0,
-                 background=training.transfer.checkpoint_bytes > 0)
+                 background=training.transfer.checkpoint_bytes > 0, saved_at=state["step"])
 
 
 def _transfer_set(t: Any, cache_location: str, store: layout.Store, shards: np.ndarray, dataset: Any, run: Run,
@@ -417,10 +417,11 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
             ending = e
             raise
         finally:
-            try:
-                data.stop_making(batches)  # first: one started ahead waits for it to have stopped (_ahead)
+            try:  # a run stopped (Ctrl-C, SIGTERM) does not wait long for the batch in the making: its read may hang
+                wait = data.STOPPED_WAIT if isinstance(ending, KeyboardInterrupt | TrainingStopped) else None
+                data.stop_making(batches, wait)  # first: one started ahead waits for it to have stopped (_ahead)
                 for made in (f.result() for f in following if f.exception() is None):  # one started ahead too
-                    data.stop_making(made)
+                    data.stop_making(made, wait)
             finally:  # the last checkpoint whole on the disk before train returns or raises, or its write's error raised
                 loop.writes.wait(during=ending)  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
 
@@ -568,10 +569,10 @@ def _ahead(transfer: cache.TransferSet, loader: Any, state: dict[str, int], t: A
 
 
 def _start_after(batches: Any, transfer: cache.TransferSet, loader: Any, state: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """``_start_epoch`` once every batch of the iterator ``batches`` (a ``data.Prefetch``) is made, or it stopped."""
-    made = getattr(batches, "made", None)
-    if made is not None:
-        made.wait()
+    """``_start_epoch`` once every batch of the iterator ``batches`` (a ``data.Prefetch``) is made; none where it was
+    stopped first (the run ends: its batch in the making, a read that hangs, is not waited for)."""
+    if isinstance(batches, data.Prefetch) and not batches.settled():
+        return iter(())
     return _start_epoch(transfer, loader, state)
 
 
@@ -586,42 +587,75 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
     each loss term over the rows trained on (a step's loss is its rows' mean: weighted by its rows, a short last batch
     counts as the rows it holds), and their sums (``_partial``: for a checkpoint where the plan ends inside the epoch).
     ``partial``: the sums of a resumed epoch's batches before. Inside the epoch a
-    checkpoint is saved every ``train.checkpoint_every`` steps and when a stop is asked for (``_Loop.midway``).
+    checkpoint is saved every ``train.checkpoint_every`` steps and when a stop is asked for (``_Loop.midway``), also
+    while the next batch is waited for (``_taken``: a dataset read that hangs), at the last step taken.
     ``ahead``: called as the batch made ``cache.PREFETCH`` before the epoch's last is taken (the epoch's batches are
     then made, or the last in the making: the next epoch's wait for it), where the plan goes on past the epoch (``_ahead``)."""
     sums, seen = _sums(run, partial)
     run.student.train(), run.heads.train()
-    for batch in batches:
-        if ahead is not None and state["batch"] >= count - 1 - cache.PREFETCH and state["step"] + count - state["batch"] < loop.total_steps:
-            ahead()  # this epoch's last batches are made (or in the making): the next epoch's first ones can be
-            ahead = None
-        parts = _step_losses(run, batch)
-        loss = functools.reduce(operator.add, parts.values())  # not sum(): its start, 0, would add an op per step
-        if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
-            loss = loss * batch["scale"]
-        loop.optimizer.zero_grad(set_to_none=True)
-        loop.lr = loop.optimizer.param_groups[0]["lr"]  # the rate this step takes (a float: no sync), for the epoch's line
-        # the backward holds the forward's activations and their gradients: where a batch too large for the device most often runs out
-        with data.device_memory("the student's backward pass or optimizer step", batch["inputs"], "lower train.batch_size"):
-            run.scaler.scale(loss).backward()
-            if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
-                distributed.average_gradients([p for g in loop.optimizer.param_groups for p in g["params"]], run.world)
-            run.scaler.step(loop.optimizer)
-        run.scaler.update()
-        loop.schedule.step()
-        state.update(step=state["step"] + 1, batch=state["batch"] + 1)
-        rows = len(batch["rows"]) if batch.get("share", 1.0) else 0  # under torchrun, an idle rank's one row counts for nothing
-        seen += rows
-        for k, v in parts.items():  # summed on the device: no sync per step
-            sums[k] = sums[k].add_(v.detach(), alpha=rows) if k in sums else v.detach() * rows
-        bar.update(len(batch["rows"]), loss=loss.detach())  # read when the line is drawn: no device sync per step
-        if state["step"] >= loop.total_steps:
-            break
-        if state["batch"] < count and loop.midway_due(state, run.world):
-            sums, seen = loop.midway(run, state, sums, seen, bar)
+    try:
+        for batch in _taken(batches, loop.stop, run.world):
+            if ahead is not None and state["batch"] >= count - 1 - cache.PREFETCH and state["step"] + count - state["batch"] < loop.total_steps:
+                ahead()  # this epoch's last batches are made (or in the making): the next epoch's first ones can be
+                ahead = None
+            parts = _step_losses(run, batch)
+            loss = functools.reduce(operator.add, parts.values())  # not sum(): its start, 0, would add an op per step
+            if "scale" in batch:  # a rank's share of a step (cache.TransferSet streams)
+                loss = loss * batch["scale"]
+            loop.optimizer.zero_grad(set_to_none=True)
+            loop.lr = loop.optimizer.param_groups[0]["lr"]  # the rate this step takes (a float: no sync), for the epoch's line
+            # the backward holds the forward's activations and their gradients: where a batch too large for the device most often runs out
+            with data.device_memory("the student's backward pass or optimizer step", batch["inputs"], "lower train.batch_size"):
+                run.scaler.scale(loss).backward()
+                if run.world > 1:  # the ranks' scales are equal (as their mean gradients are), so all skip the same steps
+                    distributed.average_gradients([p for g in loop.optimizer.param_groups for p in g["params"]], run.world)
+                run.scaler.step(loop.optimizer)
+            run.scaler.update()
+            loop.schedule.step()
+            state.update(step=state["step"] + 1, batch=state["batch"] + 1)
+            rows = len(batch["rows"]) if batch.get("share", 1.0) else 0  # under torchrun, an idle rank's one row counts for nothing
+            seen += rows
+            for k, v in parts.items():  # summed on the device: no sync per step
+                sums[k] = sums[k].add_(v.detach(), alpha=rows) if k in sums else v.detach() * rows
+            bar.update(len(batch["rows"]), loss=loss.detach())  # read when the line is drawn: no device sync per step
+            if state["step"] >= loop.total_steps:
+                break
+            if state["batch"] < count and loop.midway_due(state, run.world):
+                sums, seen = loop.midway(run, state, sums, seen, bar)
+    except _WaitStopped:  # SIGTERM while the next batch was waited for: the run as its last step left it is saved, if not yet
+        if state["batch"] < count:  # else the epoch's batches are all trained: it ends as it would, then stops (_epochs)
+            if state["step"] > loop.saved_at:  # steps taken since the last checkpoint (or the run's start)
+                loop.midway(run, state, sums, seen, bar)  # raises TrainingStopped
+            bar.close()
+            raise loop.stopped(state) from None
     bar.close()
     totals = _summed(run, sums, seen, loop.stop)
     return _means(sums, totals), _partial(sums, totals)
+
+
+class _WaitStopped(BaseException):
+    """SIGTERM while the main thread waits for the next batch (``_taken``): raised by its handler (``_stop_requests``).
+    Not an ``Exception``: no ``except Exception`` on the way (torch's DataLoader's) takes it for the batch's error."""
+
+
+def _taken(batches: Iterator[dict[str, Any]], stop: dict[str, Any], world: int) -> Iterator[dict[str, Any]]:
+    """``batches``, each waited for with ``stop["waiting"]`` set (one process): a SIGTERM then stops the run at once, where
+    it would wait for a batch that may never come (a dataset read that hangs: a stalled network mount, a dead remote
+    dataset), not at the next step. Under torchrun a stop waits for the ranks' next checkpoint, where they agree on it."""
+    if world > 1:
+        yield from batches
+        return
+    while True:
+        stop["waiting"] = True
+        try:
+            if stop["signal"]:  # asked for before the wait began, since the last step's check
+                raise _WaitStopped
+            batch = next(batches, None)
+        finally:
+            stop["waiting"] = False
+        if batch is None:
+            return
+        yield batch
 
 
 def _sums(run: Run, partial: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], int]:
@@ -722,7 +756,7 @@ class _Loop:
     replacing: Pipeline | None = None
     saved: str = ""
     again: str = "run the same command with --resume"  # how to resume, for TrainingStopped (the CLI refuses --resume --overwrite)
-    stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False})
+    stop: dict[str, Any] = field(default_factory=lambda: {"signal": 0, "agreed": False, "waiting": False})
     started: float = field(default_factory=time.perf_counter)  # for the metrics' "seconds" (moved on past each evaluation)
     before: float = 0.0  # a resumed run's training seconds before this process (its checkpoint's)
     lr: float = 0.0  # the learning rate the last step was taken with (the metrics' "lr")
@@ -730,6 +764,7 @@ class _Loop:
     appending: bool = False  # metrics.jsonl was written whole by this process: its next lines are appended (_save_epoch)
     background: bool = False  # checkpoints written in a thread while the next steps train: train's TransferSet counted their
     # copy (one process, WRITE_IN_BACKGROUND, room for it: _transfer_set)
+    saved_at: int = 0  # the step the last checkpoint was saved at (or the run started from)
 
     def elapsed(self) -> float:
         """The metrics' ``seconds``: the run's training time so far, across the processes that resumed it (evaluations
@@ -760,7 +795,7 @@ class _Loop:
                          lr=self.lr, background=background, append=self.appending)
             self.replacing, self.appending = None, self.appending or metrics is not None
         distributed.barrier()  # the other ranks wait for the save here (up to distributed.TIMEOUT), not in the next step's all-reduce
-        self.saved = _position(state)
+        self.saved, self.saved_at = _position(state), state["step"]
 
     def midway_due(self, state: dict[str, int], world: int) -> bool:
         """A checkpoint inside the epoch now: every ``train.checkpoint_every`` steps, and (one process) as soon as a stop
@@ -788,6 +823,8 @@ class _Loop:
 
     def stopped(self, state: dict[str, int]) -> TrainingStopped:
         name = signal.Signals(self.stop["signal"]).name if self.stop["signal"] else "SIGTERM to another rank"
+        if not self.saved:  # stopped while its first batch was waited for (_taken): nothing to save
+            return TrainingStopped(f"stopped by {name} before the run's first step; no checkpoint was saved: run the same command again")
         return TrainingStopped(f"stopped by {name} {_position(state)} (step {state['step']} of {self.total_steps}); "
                                f"its checkpoint is saved in {str(self.out)!r}: {self.again} to continue")
 
@@ -795,7 +832,8 @@ class _Loop:
 @contextlib.contextmanager
 def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
     """SIGTERM (a scheduler's preemption or time limit, ``kill``) asks the run to stop: it finishes its step, saves a
-    checkpoint and raises ``TrainingStopped`` (``_Loop.midway``) instead of losing the epoch in progress. More SIGTERMs
+    checkpoint and raises ``TrainingStopped`` (``_Loop.midway``) instead of losing the epoch in progress; one while the
+    next batch is waited for saves the run as its last step left it (``_taken``). More SIGTERMs
     ask the same (a scheduler may send several: Slurm signals every process of a job, and torchrun passes its own on
     to the ranks); Ctrl-C or SIGKILL end a run at once. Only the main thread takes signals: a run in another thread
     (a library caller's) leaves SIGTERM as it is."""
@@ -805,6 +843,8 @@ def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
 
     def requested(signum: int, frame: Any) -> None:
         stop["signal"] = signum
+        if stop.get("waiting"):  # for the next batch, which may never come: the run stops now (_taken)
+            raise _WaitStopped
 
     before = signal.getsignal(signal.SIGTERM)
     before = before if before is not None else signal.SIG_DFL  # None: set outside Python; the default is the closest

@@ -775,6 +775,35 @@ def test_sigterm_stops_as_ctrl_c_releasing_the_lock_and_a_rerun_resumes(tmp_path
     assert invoke("extract", toml, "--out", out).exit_code == 0 and open_store(out).complete
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted")],
+                         ids=["sigterm", "ctrl-c"])
+def test_a_stop_while_a_worker_s_dataset_read_hangs_ends_the_extract_at_once(tmp_path, sig, code, said):
+    """A DataLoader worker's dataset read that never returns (a stalled network mount): SIGTERM or Ctrl-C ends the extract
+    at once with its one line. The worker ignores SIGTERM (a job's goes to every process; its main process ends it): torch's
+    SIGTERM left it running, and the process, its line said, waited for it forever at exit; it is killed."""
+    toml = write_toml(tmp_path / "p.toml", "extract.rows_per_shard=8", "extract.batch_size=4", "extract.num_workers=1")
+    out, hold = tmp_path / "s.zarr", tmp_path / "hold"
+    hold.touch()
+    proc = slow_extract(toml, out, shards=2, held=(hold, 80))
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("hold.held-*")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the read was not held within 120 s"
+            time.sleep(0.01)
+        time.sleep(1)  # the batches read before the held one are written: the run waits for it
+        began = time.monotonic()
+        stderr = signal_and_wait(proc, sig, timeout=30)
+        took = time.monotonic() - began
+    finally:
+        hold.unlink()
+    assert proc.returncode == code, stderr
+    done = int(open_store(out).done().sum())
+    assert stderr.strip().splitlines() == [f"Error: {said}; the {done} shards done so far are kept: run the same command again to resume"]
+    assert 2 <= done <= 10 and took < 20, (done, took)
+
+
 def test_an_overwrite_stopped_before_it_replaced_the_store_says_the_store_is_unchanged(tiny_store, tmp_path, monkeypatch):
     """extract --overwrite stopped (SIGTERM) while its teacher is built, before the earlier store is replaced: the
     line must not advise resuming "without --overwrite" (that would finish the earlier store, not make the new one)."""

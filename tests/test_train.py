@@ -2172,6 +2172,60 @@ def test_more_sigterms_are_the_same_request_and_the_handler_is_put_back(tiny_sto
         signal.signal(signal.SIGTERM, before)
 
 
+HELD = {  # how the run reads its batches while a dataset read hangs, and the train split's fetches before the held one
+    "in-memory": ((), 150),  # epoch 2's 4th batch
+    "a-dataloader-worker": (("train.num_workers=1",), 150),
+    "streaming": (("train.memory_budget_mb=0",), 150),
+    "the-next-epoch-started-ahead": (("train.eval_split=''",), 171),  # epoch 2's last batch: epoch 3's wait for it (_ahead)
+}
+
+
+@pytest.mark.parametrize("sig, how", [(signal.SIGTERM, how) for how in HELD] + [(signal.SIGINT, how) for how in HELD if how != "streaming"],
+                         ids=[f"sigterm-{how}" for how in HELD] + [f"ctrl-c-{how}" for how in HELD if how != "streaming"])
+def test_a_stop_while_a_dataset_read_hangs_ends_the_run_at_once_and_resumes_to_the_uninterrupted_result(tiny_store, tmp_path, sig, how):
+    """A dataset read that never returns (a stalled network mount, a dead remote dataset) in the third epoch: SIGTERM (a
+    scheduler's preemption, SIGKILL after its grace) saves the run as its last step left it and exits 143 within that grace,
+    not at the next step, which never comes; Ctrl-C exits 130, its last checkpoint kept. Neither waits at exit for the thread
+    or DataLoader worker stuck in the read (a worker ignores SIGTERM: multiprocessing waited for it forever), nor for the next
+    epoch's batches started ahead, which wait for this epoch's last to be made (they waited forever). Both resume
+    to the uninterrupted run's weights and losses. The read is held until the test ends (``numbered.tiny_slow``)."""
+    epochs, (sets, after) = 4, HELD[how]
+    reference = tmp_path / "reference"
+    train(pipeline(f"train.epochs={epochs}", *sets), tiny_store, reference)
+
+    out, hold = tmp_path / "run", tmp_path / "hold"
+    args = [str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", str(epochs), "--no-progress",
+            "--set", 'data.factory="numbered.py:tiny_slow"', *(x for s in sets for x in ("--set", s))]
+    hold.touch()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_TEST_HOLD": str(hold), "KDCACHE_TEST_HOLD_AFTER": str(after)}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240  # a loaded box took more than 120 s to start a run and train its first epoch
+        while not Path(f"{hold}.held").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the read was not held within 240 s"
+            time.sleep(0.01)
+        time.sleep(1)  # the batches made before the held one are trained: the run waits for it
+        began = time.monotonic()
+        stderr = signal_and_wait(proc, sig, timeout=30)  # a scheduler's grace before its SIGKILL
+        took = time.monotonic() - began
+    finally:
+        hold.unlink()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, stderr
+        assert re.fullmatch(r"Error: stopped by SIGTERM in epoch 2 after batch \d+ \(step \d+ of 28\); its checkpoint is saved in "
+                            f"{re.escape(repr(str(out)))}: run the same command with --resume to continue", stderr.strip()), stderr
+    else:
+        assert proc.returncode == 130, stderr
+        assert stderr.strip() == "Error: interrupted; its last checkpoint is kept: run it again with --resume to continue"
+        assert [m["epoch"] for m in metrics(out)] == [0, 1]
+    assert took < 20, f"{took:.1f} s to stop"
+
+    result = CliRunner().invoke(cli.main, ["train", *args, "--resume"])
+    assert result.exit_code == 0, result.output
+    same_run(out, reference)
+
+
 LATE_SIGTERM = """
 import atexit, importlib, os, runpy, signal, time
 trainer = importlib.import_module("kdcache.train")  # the module (kdcache.train is the function)
@@ -2560,9 +2614,9 @@ def test_a_sigterm_while_a_stopped_run_cleans_up_is_ignored(tiny_store, tmp_path
 
     out, stop_making = tmp_path / "run", data_module.stop_making
 
-    def signalled_again(batches):
+    def signalled_again(batches, *wait):
         os.kill(os.getpid(), signal.SIGTERM)
-        return stop_making(batches)
+        return stop_making(batches, *wait)
 
     sigterm_at_step(monkeypatch, 3)
     monkeypatch.setattr(data_module, "stop_making", signalled_again)
