@@ -75,6 +75,33 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def _two_machines(command: str, toml: Path, tmp_path: Path, request: Any) -> tuple[Path, str | None, int]:
+    """For two torchrun launchers on loopback as two machines: the pipeline file (train's: the tiny one, its factories
+    by absolute path), train's store, and a port let go for machine 0's torchrun to serve its store on."""
+    from conftest import TINY_TOML
+
+    tiny_store = None
+    if command == "train":
+        tiny_store, toml = request.getfixturevalue("tiny_store"), tmp_path / "tiny.toml"
+        toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return toml, tiny_store, s.getsockname()[1]
+
+
+def _end_launchers(procs: list[subprocess.Popen]) -> None:
+    """End the torchrun launchers still running: SIGTERM first (torchrun then stops its rank, which a SIGKILL of
+    torchrun would leave waiting), SIGKILL after 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("workers", [1, 3])  # 2: the SIGKILL and S3 tests
 def test_local_cluster_store_equals_single_process(toml, single, tmp_path, workers):
     out = str(tmp_path / "dask.zarr")
@@ -893,14 +920,7 @@ def test_a_rank_that_fails_before_joining_stops_the_ranks_of_another_machines_to
     """Two torchrun launchers on loopback as two machines (--nnodes 2, one rank each): machine 1 lacks the pipeline file,
     so its rank stops before it joins the process group. Its torchrun ends; machine 0's never saw it, and rank 0 waited
     in init_process_group for 12 hours (distributed.TIMEOUT). Now it stops within moments of rank 1, naming it and its line."""
-    from conftest import TINY_TOML
-
-    if command == "train":
-        tiny_store, toml = request.getfixturevalue("tiny_store"), tmp_path / "tiny.toml"
-        toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
-    with socket.socket() as s:  # a port let go for machine 0's torchrun to serve its store on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    toml, tiny_store, port = _two_machines(command, toml, tmp_path, request)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
     for node, pipeline in ((0, str(toml)), (1, str(tmp_path / "machine-1" / "p.toml"))):  # machine 1's disk has no such file
@@ -914,14 +934,7 @@ def test_a_rank_that_fails_before_joining_stops_the_ranks_of_another_machines_to
         _, said[1] = procs[1].communicate(timeout=240)  # its start: imports on a loaded box
         _, said[0] = procs[0].communicate(timeout=60)  # rank 0 stops at once, or as it comes to join: seconds
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()  # torchrun then stops its rank, which a SIGKILL of torchrun would leave waiting
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.communicate(timeout=30)
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        _end_launchers(procs)
     line = f"pipeline file {str(tmp_path / 'machine-1' / 'p.toml')!r} does not exist; pass the path of a .toml file"
     assert procs[1].returncode == 1 and f"Error: {line}" in said[1].splitlines(), said[1][-3000:]
     assert procs[0].returncode == 1 and f"Error: rank 1 (on {socket.gethostname()}) stopped before joining the other ranks: {line}" in \
@@ -936,14 +949,7 @@ def test_a_rank_that_comes_to_join_after_the_first_machines_torchrun_ended_says_
     machine 1's rank is still starting. That rank then came to join: torch's init_process_group tried to reach the store
     for 12 hours (distributed.TIMEOUT), silent after c10d's retries, C++ frames and all, on stderr. Now it says it cannot
     join there in one line, exit 1, within AGENT_STORE_S (10 s)."""
-    from conftest import TINY_TOML
-
-    if command == "train":
-        tiny_store, toml = request.getfixturevalue("tiny_store"), tmp_path / "tiny.toml"
-        toml.write_text(TINY_TOML.read_text().replace('"tiny.py:', f'"{TINY_TOML.parent}/tiny.py:'))
-    with socket.socket() as s:  # a port let go for machine 0's torchrun to serve its store on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    toml, tiny_store, port = _two_machines(command, toml, tmp_path, request)
     go, script = tmp_path / "go", tmp_path / "late.py"  # machine 1's rank, still starting (a slow read) until the test says go
     script.write_text("import os, sys, time\nfrom kdcache.cli import main\n\n"
                       f"deadline = time.monotonic() + 300\nwhile not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n"
@@ -968,14 +974,7 @@ def test_a_rank_that_comes_to_join_after_the_first_machines_torchrun_ended_says_
             pytest.fail("machine 1's rank still waits to join, 120 s after machine 0's torchrun ended")
         took = time.monotonic() - started
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()  # torchrun then stops its rank, which a SIGKILL of torchrun would leave waiting
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.communicate(timeout=30)
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        _end_launchers(procs)
     assert procs[0].returncode == 1 and "does not exist; pass the path of a .toml file" in said[0], said[0][-3000:]
     ours = [line for line in said[1].splitlines() if line.startswith("Error: ")]
     assert procs[1].returncode == 1 and ours == [
