@@ -832,18 +832,6 @@ def test_pack_checks_an_added_array_whose_chunks_carry_crc32c_and_copies_others_
         interop.pack(store, tmp_path / "b.zarr.zip")  # not "re-extract the store": extract does not write that array
 
 
-def _pack_seconds(store: Path, out: Path) -> float:
-    import time
-
-    best = math.inf
-    for _ in range(3):  # the best of three: the machine's other work counts least
-        out.unlink(missing_ok=True)
-        started = time.process_time()
-        interop.pack(store, out)
-        best = min(best, time.process_time() - started)
-    return best
-
-
 @pytest.mark.slow
 def test_packs_checks_of_many_small_inner_chunks_cost_little_more_than_one_crc32c_call_each(tiny_store, tmp_path):
     """pack's checksum check took ~2.7 µs of Python per inner chunk (numpy slices and a loop over every range of each MiB
@@ -870,17 +858,22 @@ def test_packs_checks_of_many_small_inner_chunks_cost_little_more_than_one_crc32
         (store / f"many/c/{shard}/0").parent.mkdir(parents=True, exist_ok=True)
         (store / f"many/c/{shard}/0").write_bytes(objects[-1])
     assert zarr.open_array(store / "many")[slots + 1].tobytes() == objects[1][20:36]  # zarr reads them
-    # the least any check of each inner chunk costs in Python: one crc32c call per inner chunk over its bytes
+    # the least any check of each inner chunk costs in Python: one crc32c call per inner chunk over its bytes, timed in the
+    # same round as a pack, the best round's ratio kept: a CI round at load 9 gave a pack 1.9x its quiet time against a
+    # baseline at its quiet one when each was the best of three of its own (pack 3.1-3.4x the baseline here, 13x before)
     spans = [np.frombuffer(raw[-(16 * 2**16 + 4):-4], "<u8").reshape(-1, 2).tolist() for raw in objects]
-    baseline = math.inf
+    out, ratios = tmp_path / "t.zarr.zip", []
     for _ in range(3):
         started = time.process_time()
         for raw, index in zip(objects, spans):
             data = np.frombuffer(raw, np.uint8)
             [google_crc32c.value(data[o : o + n - 4]) for o, n in index]
-        baseline = min(baseline, time.process_time() - started)
-    seconds = _pack_seconds(store, tmp_path / "t.zarr.zip")  # the tiny store's own objects: a few ms
-    assert seconds < 4 * baseline + 0.1, (seconds, baseline)
+        baseline = time.process_time() - started
+        out.unlink(missing_ok=True)
+        started = time.process_time()
+        interop.pack(store, out)  # the tiny store's own objects: ~0.02 s
+        ratios.append((time.process_time() - started) / baseline)
+    assert min(ratios) < 6, ratios
 
 
 @pytest.mark.parametrize("verb, name", [("export", "zarr.json"), ("export", "sub/t.h5"), ("pack", "t.zarr.zip")])
