@@ -1307,13 +1307,13 @@ def trainer_setup(p: kdcache.Pipeline, store: layout.Store) -> Run:
 def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
     """Ctrl-C is one line, exit 130, saying how to go on: after this run saved an epoch, --resume; during the first
     epoch of an --overwrite, that OUT still holds the earlier run, unchanged."""
-    out = tmp_path / "run"
+    out, hold = tmp_path / "run", tmp_path / "hold"
     args = [str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", "100", "--no-progress",
             "--set", 'data.factory="numbered.py:tiny_slow"']
 
-    def interrupted(*extra: str, when) -> str:
+    def interrupted(*extra: str, when, env: dict[str, str] | None = None) -> str:
         proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args, *extra], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         deadline = time.monotonic() + 240  # 120 s: too short for a loaded box's start and first epoch
         while not when():
             assert proc.poll() is None and time.monotonic() < deadline, signal_and_wait(proc, signal.SIGKILL)
@@ -1324,13 +1324,21 @@ def test_ctrl_c_says_what_is_kept(tiny_store, tmp_path):
         assert len(lines) == 1 and lines[0] == stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr
         return lines[0]
 
+    # 100 epochs of 0.2 s: the run is far from its end when the test sees its first checkpoint
     line = interrupted(when=lambda: (out / "checkpoint.pt").exists())
     assert line == "Error: interrupted; its last checkpoint is kept: run it again with --resume to continue"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    # once it holds OUT's lock (taken when its first epoch starts; that epoch takes 5 s): before it saves one
+    # once it holds OUT's lock (taken as its first epoch starts), before it saves a checkpoint: its first epoch's reads
+    # past the 40th (the set-up's probes read 22 items before the lock, an epoch 50) wait while HOLD exists (an epoch of
+    # 5 s was relied on: a loaded box may end it before the signal lands)
     lock = tmp_path / ".run.kdcache-lock"
     assert not lock.exists()  # the interrupted run let go of it
-    line = interrupted("--overwrite", "--set", 'data.factory="numbered.py:tiny_slower"', when=lock.exists)
+    hold.touch()
+    try:
+        line = interrupted("--overwrite", env={"KDCACHE_TEST_HOLD": str(hold), "KDCACHE_TEST_HOLD_AFTER": "40"},
+                           when=lambda: lock.exists() and Path(f"{hold}.held").exists())
+    finally:
+        hold.unlink()
     assert line == (f"Error: interrupted; no checkpoint was saved, so {str(out)!r} still holds the earlier run, unchanged: run the same "
                     "command again to start afresh")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
