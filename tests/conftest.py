@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,10 +139,19 @@ def s3():
     server.stop()
 
 
+class Accepted(list):
+    """The connections a server accepted; ``times``: when each was (``time.monotonic()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+
 @pytest.fixture
 def silent_endpoint(monkeypatch):
     """``(url, held)``: an endpoint on 127.0.0.1 that accepts TCP connections and never answers (a proxy or firewall
-    that swallows requests); ``held`` lists the connections it accepted. The process's endpoints that answered a first
+    that swallows requests); ``held`` lists the connections it accepted, ``held.times`` when (``time.monotonic()``: a
+    command's wait on the endpoint, timed from the first, leaves out its start, which a loaded box makes long). The process's endpoints that answered a first
     look (``storage.REACHED``) are forgotten for the test: its port may be one an earlier test's server (moto) answered
     on in this process, and a look there is no first look (its long timeouts held a CI run's test past its 300 s)."""
     from kdcache import storage
@@ -149,15 +159,17 @@ def silent_endpoint(monkeypatch):
     monkeypatch.setattr(storage, "REACHED", set())
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.1)
-    held: list[socket.socket] = []
+    held = Accepted()
     done = threading.Event()
 
     def hold() -> None:
         while not done.is_set():
             try:
-                held.append(server.accept()[0])
+                conn = server.accept()[0]
             except TimeoutError:
-                pass
+                continue
+            held.times.append(time.monotonic())
+            held.append(conn)
 
     thread = threading.Thread(target=hold, daemon=True)
     thread.start()

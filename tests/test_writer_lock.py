@@ -670,16 +670,18 @@ def test_an_s3_endpoint_that_never_answers_is_named_within_the_probe_timeouts(tm
     (tmp_path / "slow_teacher.py").write_text(f"import pathlib\n\ndef teacher():\n    pathlib.Path({str(sentinel)!r}).touch()\n")
     toml = write_toml(tmp_path / "p.toml", f'teacher.factory="{tmp_path / "slow_teacher.py"}:teacher"')
     options = [f"--storage-option={o}" for o in (f"endpoint_url={endpoint}", "key=testing", "secret=testing", *theirs)]
-    started = time.monotonic()
     result = invoke("extract", toml, "--out", f"s3://{S3_BUCKET}/x.zarr", *options)
-    took = time.monotonic() - started
+    returned = time.monotonic()
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert re.match(rf"Error: cannot reach 's3://{S3_BUCKET}/x.zarr': Read timeout on endpoint URL: .*; gave up after \d+ s "
                     rf"\({tries} tr(y|ies) of up to {wait} s each\); for an endpoint that is slow rather than down raise "
                     r"--storage-option config_kwargs.read_timeout=SECONDS; check the URL", result.output), result.output
     assert not sentinel.exists()
     assert len(held) == tries, "one connection a try: s3fs does not try again on top of botocore"
-    assert took < 3 * tries * (wait + 1), f"{took:.1f} s"  # a try waits `wait`; botocore's backoff between tries is under 1 s
+    # from its first try, not from the command's start (with it, 7-11 s against bounds of 6 and 9 s in 4 of 20 runs beside
+    # a CI run and busy loops): a try waits `wait`; botocore's backoff between tries is under 1 s
+    took = returned - held.times[0]
+    assert took < 3 * tries * (wait + 1), f"{took:.1f} s"
 
 
 def test_the_probe_of_an_s3_lock_has_a_filesystem_of_its_own(s3):
