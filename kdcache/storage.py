@@ -138,6 +138,15 @@ class _ZipStore(zarr.storage.ZipStore):
         except EOFError:
             raise zipfile.BadZipFile(f"member {key!r} is cut short (the zip's central directory gives it more bytes)") from None
 
+    def members(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` that are members of the zip, looked up in its central directory as read at opening (none
+        read): ``exists``, one key at a time through the event loop, took 1 s for 50,000 keys (a 10,000-shard store)."""
+        if not self._is_open:
+            self._sync_open()
+        with self._lock:
+            names = self._zf.NameToInfo
+            return {key for key in keys if key in names}
+
 
 class _RemoteStore(zarr.storage.FsspecStore):
     """zarr's fsspec store (object storage, ``http(s)://``), reading no object larger than it can be (``at_most``, as

@@ -722,26 +722,42 @@ class Store:
     def missing_shard_objects(self, paths: list[str], shards: list[int]) -> list[tuple[str, int, str, str]]:
         """``(path, shard, key, "missing" or "empty")`` for each shard object of ``paths`` and ``shards`` that is not there;
         no object is read. Where the location lists its objects with their sizes (a folder, an object store) they are
-        listed (``_object_sizes``: one LIST per array on S3, not a HEAD per object); elsewhere (http, a zip) all are
-        asked for at once (``_object_problems``)."""
+        listed (``_object_sizes``: one LIST per array on S3, not a HEAD per object); a local zip's are looked up in its
+        central directory (``members``); elsewhere (http, a ``zip::`` URL) all are asked for at once (``_object_problems``).
+        An object store's arrays are listed at once: a listing's pages (1,000 keys each on S3) follow one another, 10 of
+        them an array at 10,000 shards."""
         kind = location_kind(self.location)
         listed = kind == "local" or (kind == "url" and "::" not in self.location)
         found = []
-        for path in paths if shards else []:
-            keys = [self.shard_key(path, s) for s in shards]
-            try:
-                if listed:
-                    sizes = self._object_sizes(f"{path}/c", keys)
-                    problems = [None if sizes.get(key, 0) > 0 else "empty" if key in sizes else "missing" for key in keys]
-                else:
-                    problems = self._object_problems(keys)
-            except KdcacheError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a request refused (403), a 5xx, a lost connection: botocore/aiohttp errors
-                key = next((k for k in getattr(e, "__notes__", ()) if k in keys), None)  # s3fs says "Forbidden", not which
-                raise self._unreachable(f"object {key!r}" if key else f"the objects of {path} of {len(shards)} done shards", e) from None
-            found += [(path, s, key, problem) for s, key, problem in zip(shards, keys, problems) if problem]
+        listings = (threads.ahead("list", LISTINGS, self._object_sizes, [(f"{path}/c", []) for path in paths], LISTINGS)
+                    if listed and kind == "url" and shards else None)
+        try:
+            for path in paths if shards else []:
+                found += self._missing_of(path, shards, listed, listings)
+        finally:
+            if listings is not None:
+                listings.close()  # the listings not yet made are cancelled
         return found
+
+    def _missing_of(self, path: str, shards: list[int], listed: bool, listings: Any) -> list[tuple[str, int, str, str]]:
+        """``missing_shard_objects`` of the array ``path`` (``listings``: an object store's listings in the order of the
+        paths, the next one this array's)."""
+        keys = [self.shard_key(path, s) for s in shards]
+        try:
+            if listed:
+                sizes = next(listings).result() if listings is not None else self._object_sizes(f"{path}/c", keys)
+                problems = [None if sizes.get(key, 0) > 0 else "empty" if key in sizes else "missing" for key in keys]
+            elif hasattr(self.group.store, "members"):  # a local zip: its central directory, as _object_problems asks it
+                there = self.group.store.members(keys)
+                problems = [None if key in there else "missing" for key in keys]
+            else:
+                problems = self._object_problems(keys)
+        except KdcacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a request refused (403), a 5xx, a lost connection: botocore/aiohttp errors
+            key = next((k for k in getattr(e, "__notes__", ()) if k in keys), None)  # s3fs says "Forbidden", not which
+            raise self._unreachable(f"object {key!r}" if key else f"the objects of {path} of {len(shards)} done shards", e) from None
+        return [(path, s, key, problem) for s, key, problem in zip(shards, keys, problems) if problem]
 
     def _object_sizes(self, prefix: str, keys: list[str]) -> dict[str, int]:
         """The bytes of each of ``keys`` (all under ``prefix``, a folder of keys, e.g. ``targets/logits/c``) that exists.
@@ -1431,6 +1447,7 @@ _PARTIAL = re.compile(r"(.+)\.[0-9a-f]{32}\.partial")  # zarr's temp file of the
 _TMP = re.compile(r"\.(.+)\.\d+\.tmp")  # ours (_write_whole_shard) of the object NAME
 
 
+LISTINGS = 8  # an object store's arrays listed at once (missing_shard_objects): a listing's pages come one after another
 READ_AHEAD_BYTES = 256 * 2**20  # the most bytes reads ahead of their caller hold (Store.read_ahead, pack's copies)
 
 

@@ -806,3 +806,21 @@ def test_a_read_of_many_shards_of_an_s3_store_asks_for_the_next_while_it_decodes
         proxy.close()
     assert proxy.peak > 1, proxy.peak  # old: 1
     assert np.array_equal(rows, kdcache.open_store(str(tmp_path / "here.zarr")).read(layout.LOGITS, 0, 16))
+
+
+def test_an_s3_stores_arrays_are_listed_at_once_where_done_shards_are_looked_for_objects_they_lack(s3, tmp_path: Path, zoo_env):
+    """Train's look for done shards lacking objects before its run (and extract's resume, pack's and verify's) listed
+    each array's objects one array after another: a listing's pages follow one another (10 of 1,000 keys an array at
+    10,000 shards), and the arrays' listings waited on each other too, 60 round trips of a bucket far away for 6 arrays
+    there. Now the arrays are listed at once (``layout.LISTINGS``); a lost object is found as before."""
+    import s3fs
+    from conftest import S3_BUCKET
+
+    zoo_env(N=16, DEPTH=2)
+    url, _ = _one_store_in_s3_and_a_folder(s3, tmp_path, "listed-at-once.zarr")
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(f"{S3_BUCKET}/listed-at-once.zarr/targets/layers/layers.1/c/5/0")
+    with _far_s3(s3, counted=r"list-type=2") as (proxy, far):
+        lost = layout.open_store(url, storage_options=far).unbacked_shards()
+    assert lost == {5: "object 'targets/layers/layers.1/c/5/0' is missing (deleted, or an incomplete copy)"}, lost
+    assert sum("list-type=2" in r for r in proxy.requests) == 7, proxy.requests  # 6 data arrays and progress/digest
+    assert proxy.peak > 1, proxy.peak  # old: 1
