@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache import cache, data, distributed, locking, losses, storage, store as layout, teacher as teachers, threads
-from kdcache.errors import (DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError, StoreError, count,
-                            TargetError, TrainingError, TrainingStopped, one_line, option, own_messages, raised, short, worker_message,
-                            write_fix)
+from kdcache import cache, data, distributed, errors, locking, losses, storage, store as layout, teacher as teachers, threads
+from kdcache.errors import (DamagedStoreError, DeviceMemoryError, KdcacheError, ModelError, PipelineError, ShapeMismatchError,
+                            StoreError, count, TargetError, TrainingError, TrainingStopped, one_line, option, own_messages, raised,
+                            short, worker_message, write_fix)
 from kdcache.pipeline import FEATURE_DEFAULTS, Pipeline, check_pipeline
 from kdcache.storage import flag_arg, location_arg, options_arg
 from kdcache.progress import Progress
@@ -89,6 +89,9 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
     shards = _shards(out, pipeline, store, checkpoint, held)  # resumed: the run's own store, values and rows, checked first
     if _finished(out, checkpoint, t):  # a requeued job (--auto-resume) or a --resume whose run had ended: nothing to do
         return _already_finished(out, checkpoint, t, rank)
+    # each store's objects of the shards the run reads, listed: a done shard an incomplete copy lacks is refused now, not
+    # where it is read (streaming: hours into the run); in one process train.eval_cache is opened here for that
+    evaluated = _check_objects(pipeline, store, shards, checkpoint, evaluated, eval_options, world)
     dataset = _dataset(pipeline, store, "the store")
     # what the run changes on the student: its feature hooks, and its modules' training modes (evaluation leaves them in
     # eval mode), undone however the run ends: the factory may return a model it keeps, and train or fine-tune it after
@@ -1225,16 +1228,22 @@ def _keeps_zero_terms(checkpoint: dict[str, Any] | None, pipeline: Pipeline, ran
     """Whether a resumed run was started by kdcache <= 0.1.12 with a projection head for a ``train.features`` entry of
     weight 0 (its term 0 at every step): it keeps those terms on, so that its checkpoint's heads and optimizer state
     still fit (a new run leaves them off)."""
-    if checkpoint is None:
-        return False
-    heads = {key.split(".", 1)[0] for key in checkpoint["heads"]}
-    zero = [layer for layer, spec in pipeline.train.features.items() if not {**FEATURE_DEFAULTS, **spec}["weight"]]
-    kept = [layer for layer in zero if _key(layout.layer_path(layer)) in heads]
+    kept = _zero_terms_kept(checkpoint, pipeline)
     if kept and rank == 0:
         print(f"note: this run was started by kdcache <= 0.1.12, which built a projection head for a train.features entry of "
               f"weight 0; the resumed run keeps the term of train.features {', '.join(map(repr, kept))} (weight 0), its loss_feat "
               "0 (a new run leaves such an entry off: its layer not read, no head)", file=sys.stderr)
     return bool(kept)
+
+
+def _zero_terms_kept(checkpoint: dict[str, Any] | None, pipeline: Pipeline) -> list[str]:
+    """The ``train.features`` entries of weight 0 a resumed run keeps on (``_keeps_zero_terms``): those its checkpoint has a
+    projection head for."""
+    if checkpoint is None:
+        return []
+    heads = {key.split(".", 1)[0] for key in checkpoint["heads"]}
+    zero = [layer for layer, spec in pipeline.train.features.items() if not {**FEATURE_DEFAULTS, **spec}["weight"]]
+    return [layer for layer in zero if _key(layout.layer_path(layer)) in heads]
 
 
 def loss_targets(pipeline: Pipeline, stored: Mapping[str, layout.Target], keep_zero: bool = False) -> dict[str, dict[str, Any]]:
@@ -1574,6 +1583,84 @@ def _incomplete(location: str, store: layout.Store, allow_partial: bool, storage
     return None
 
 
+def _check_objects(pipeline: Pipeline, store: layout.Store, shards: np.ndarray, checkpoint: dict[str, Any] | None,
+                   evaluated: layout.Store | None, eval_options: dict[str, Any] | None, world: int) -> layout.Store | None:
+    """Refuse, before the student is built and anything is written to OUT, a run whose store lacks an object of a shard
+    marked done that the run reads (``_unbacked``), or whose ``train.eval_cache`` does (of the shards this rank
+    evaluates); return ``train.eval_cache`` opened (in one process opened here: None where it does not open, which the
+    evaluation says, as before). Under torchrun each rank looks at its own store (a copy per machine) and the ranks gather
+    what they found: every rank raises the first refusal, named by its rank and host, so that none is left waiting."""
+    t = pipeline.train
+    if world == 1 and t.eval_cache:
+        with contextlib.suppress(KdcacheError):
+            evaluated = _open_eval_store(t.eval_cache, t.eval_split, eval_options)
+    try:
+        refusal = _unbacked(store, _shards_read(store, shards, t.subset, t.seed), _arrays_read(pipeline, store, checkpoint))
+        logits = None if evaluated is None else next((tg for tg in evaluated.targets.values() if tg.path == layout.LOGITS), None)
+        if refusal is None and logits is not None:  # without logits (or incomplete) it is refused by the evaluation's checks
+            mine = distributed.my_part(evaluated.num_shards)  # the shards this rank evaluates, those done (whole: _eval_store)
+            refusal = _unbacked(evaluated, mine[evaluated.done_snapshot()[mine]], [*evaluated.sample_paths(), *logits.arrays],
+                                "train.eval_cache ", evaluated.manifest["dataset"]["split"])
+    except KdcacheError as e:  # a listing refused or cut (UnreachableError): under torchrun carried as a refusal
+        if world == 1:
+            raise
+        refusal = e
+    if world > 1:
+        found = distributed.gather(None if refusal is None else (type(refusal).__name__, str(refusal), socket.gethostname()))
+        r, first = next(((r, f) for r, f in enumerate(found) if f is not None), (0, None))
+        kind = getattr(errors, first[0], StoreError) if first is not None else StoreError
+        refusal = None if first is None else kind(f"rank {r} (on {first[2]}): {first[1]}" if r else first[1])
+    if refusal is not None:
+        raise refusal
+    return evaluated
+
+
+def _shards_read(store: layout.Store, shards: np.ndarray, subset: int, seed: int) -> np.ndarray:
+    """Of the run's ``shards``, those holding the rows it reads: a ``train.subset``'s (all of them where the subset is
+    larger than the rows, which ``_rows`` refuses)."""
+    if subset <= 0 or subset > len(cache.done_rows(store, shards)):
+        return shards
+    return np.unique(_rows(store, shards, subset, seed) // store.rows_per_shard)
+
+
+def _arrays_read(pipeline: Pipeline, store: layout.Store, checkpoint: dict[str, Any] | None) -> list[str]:
+    """The data arrays of ``store`` the run reads: the samples' (index, fingerprint, labels) and those of the stored targets
+    its loss terms take (``loss_targets``, as ``setup`` takes them; a term the store lacks is ``setup``'s to refuse)."""
+    stored = {tg.name: tg for tg in store.targets.values()}
+    by_path = {tg.path: tg for tg in stored.values()}
+    terms = loss_targets(pipeline, stored, keep_zero=bool(_zero_terms_kept(checkpoint, pipeline)))
+    return [*store.sample_paths(), *(a for path in terms if path in by_path for a in by_path[path].arrays)]
+
+
+def _unbacked(store: layout.Store, shards: np.ndarray, paths: list[str], what: str = "", split: str = "") -> StoreError | None:
+    """Why the run cannot read ``store`` (``what``: how its message names it, ``split``: an eval store's, for the extract
+    that redoes it): shards of ``shards``, marked done, lack a storage object of ``paths`` or their ``progress/digest`` row
+    (an incomplete copy: ``aws s3 sync`` or ``rsync`` cut short, a copy of a store being extracted; objects deleted), found
+    by listing the objects (``Store.missing_shard_objects``: a stat per object of a folder, one LIST per array on an
+    object store, a zip's central directory), none read; else None. Not looked for over plain http, which lists nothing
+    (it would be a request per object): there a read names such a shard where it reaches it (``Store._damaged``)."""
+    if not len(shards) or storage.location_kind(store.location) == "http":
+        return None
+    lost: dict[int, tuple[str, str]] = {}
+    for _, s, key, problem in store.missing_shard_objects(paths + ([layout.DIGEST] if store.has_digests() else []),
+                                                          [int(s) for s in shards]):
+        lost.setdefault(s, (key, problem))
+    if not lost:
+        return None
+    where = store.location
+    key, problem = lost[min(lost)]
+    if storage.location_kind(where) == "zip" or "::" in where:
+        fix = "copy the zip again, or pack the store again from a complete folder (kdcache pack FOLDER OUT)"
+    else:
+        again = f" --set data.split={shlex.quote(split)}" if split else ""
+        fix = (f"copy the store again, or run kdcache extract PIPELINE --out {shlex.quote(where)}{again}, which resumes it and "
+               "rewrites those shards")
+    return DamagedStoreError(
+        f"{what}{where!r} lacks objects of {count(len(lost), 'shard')} of the {len(shards):,} marked done that this run reads "
+        f"(an incomplete copy, or objects deleted): shards {short(sorted(lost))}, object {key!r} {problem}; {fix}; kdcache verify "
+        f"{where} lists every damaged object (nothing was written)")
+
+
 def _dataset(pipeline: Pipeline, store: layout.Store, what: str) -> Any:
     """The pipeline's dataset of the split ``store`` was extracted from, refused where its length is not the store's
     (naming the factory the store records where it is another: a store of another pipeline's run)."""
@@ -1635,8 +1722,8 @@ def _check_ranks_hold(shards: np.ndarray, held: list[tuple[Any, ...]], store: la
     cut short, whose rows then failed that rank's check of them (rows of a shard not done: pass rows of done shards only),
     as its store's own lack when incomplete without ``--allow-partial``, rank 0 stopping as another rank ended first; or
     holding other rows in one of them than rank 0's (their digests differ: re-extracted or rewritten since the copy),
-    which trained on. A rank whose store holds more done shards than rank 0's trains on rank 0's. (A copy missing objects
-    of a shard marked done is caught by its digests where the rank reads it, as in one process.)"""
+    which trained on. A rank whose store holds more done shards than rank 0's trains on rank 0's. (A copy lacking objects
+    of a shard marked done is refused next, each rank listing its own copy's: ``_check_objects``.)"""
     ours = f"the {count(len(shards), 'shard')} the run trains on"
     whose = "its checkpoint's" if resumed else f"rank 0's done ones, on {held[0][4]}"
     for r, (location, _, rows, _, host) in enumerate(held[1:], 1):

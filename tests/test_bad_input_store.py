@@ -543,12 +543,13 @@ def test_the_fix_a_damaged_shards_error_names_lets_extract_redo_it(tmp_path: Pat
     """A done shard that lost an object (an incomplete copy): extract took the store as complete ("nothing to do
     (--overwrite to redo it)") and the error said "re-extract the store", i.e. redo every shard to mend one. It now says
     that a rerun of extract redoes it (it named the done marker to delete, a step extract takes itself since); extract then
-    redoes that shard alone and the store verifies. Bytes there but wrong still name the marker to delete."""
+    redoes that shard alone and the store verifies. Bytes there but wrong still name the marker to delete. (train finds
+    the lost object before its run begins, listing the objects of the shards it reads.)"""
     store = tmp_path / TRAIN
     shutil.copytree(tiny_store, store)
     (store / lost).unlink()
     damaged = CliRunner().invoke(main, ["train", str(extract()[1]), "--cache", str(store), "--out", str(tmp_path / "run"), "--epochs", "1"])
-    assert damaged.exit_code == 1 and "redo the shard: rerun kdcache extract (which redoes a done shard whose objects are missing" \
+    assert damaged.exit_code == 1 and f"run kdcache extract PIPELINE --out {store}, which resumes it and rewrites those shards" \
         in damaged.output and "done marker" not in damaged.output, damaged.output
     result = CliRunner().invoke(main, [str(a) for a in extract("--out", store)])
     assert result.exit_code == 0, result.output

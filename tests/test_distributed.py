@@ -1464,6 +1464,30 @@ def test_ranks_whose_copy_of_the_store_lacks_shards_rank_0_trains_on_are_refused
     assert (sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) if out.exists() else []) == before
 
 
+@pytest.mark.parametrize("whose", [1, 0])
+def test_ranks_one_of_whose_copies_lacks_an_object_of_a_done_shard_are_refused_in_one_line(tiny_store, tmp_path, whose):
+    """Each rank may read its own copy of the store (docs/CLUSTER.md): a copy cut short (rsync, aws s3 sync) whose done
+    shard lacks an object was found only where that rank read the shard, the rank failing alone, the others stopped by
+    it, OUT written. Now each rank lists its own copy's objects of the shards the run reads before anything is written,
+    the ranks gather what they found, and every rank stops in the same line: the first refusal, named by its rank and
+    host where it is not rank 0's."""
+    script, args = _rank1_given(tmp_path)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    (copy / "targets" / "logits" / "c" / "2" / "0").unlink()
+    cache, other = (tiny_store, str(copy)) if whose == 1 else (str(copy), tiny_store)
+    out = tmp_path / "out"
+    r = _torchrun("train", *args, "--cache", cache, "--out", str(out), cwd=tmp_path, script=script, env={"RANK1_CACHE": other})
+    ours = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    line = (f"Error: {f'rank 1 (on {socket.gethostname()}): ' if whose else ''}{str(copy)!r} lacks objects of 1 shard of the 4 marked done "
+            f"that this run reads (an incomplete copy, or objects deleted): shards [2], object 'targets/logits/c/2/0' missing; copy the "
+            f"store again, or run kdcache extract PIPELINE --out {copy}, which resumes it and rewrites those shards; kdcache verify "
+            f"{copy} lists every damaged object (nothing was written)")
+    assert r.returncode != 0 and ours == [line, line], r.stderr[-3000:]  # each rank's
+    assert str(Path(kdcache.__file__).parent) not in r.stderr, r.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_ranks_whose_copy_holds_more_shards_than_rank_0s_train_on_rank_0s(tiny_store, tmp_path):
     """Rank 0's done shards are the run's: rank 1's copy, holding one more (rank 0's copy made before extract had
     written it), trains with rank 0 on rank 0's 3 shards (34 rows: 2 steps of 2 batches of 8, then one of rank 0's 2

@@ -204,23 +204,71 @@ def test_train_streams_from_s3_in_dataloader_workers(s3, tiny_store, tmp_path):
     assert result["step"] == 7 and np.isfinite(result["loss"])
 
 
-def test_a_shard_missing_from_s3_is_one_line_when_dataloader_workers_read_it(s3, tmp_path):
-    """A shard object that never arrived in the bucket, found by a DataLoader worker while streaming: torch re-raises a
+def test_a_shard_missing_from_s3_is_one_line_when_dataloader_workers_read_it(s3, tmp_path, monkeypatch):
+    """A shard object gone from the bucket, found by a DataLoader worker while streaming: torch re-raises a
     worker's error by calling its class with the message alone, which DamagedShardError did not take, so it reached
-    the command as a RuntimeError: a 100-line traceback instead of the one "is damaged" line."""
+    the command as a RuntimeError: a 100-line traceback instead of the one "is damaged" line. (Gone once the run is
+    under way: a store lacking it at the start is refused before the run begins.)"""
+    import importlib
+
     import s3fs
 
     from conftest import TINY_TOML
 
     url = f"s3://{BUCKET}/missing-shard.zarr"
     kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
-    s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(f"{BUCKET}/missing-shard.zarr/targets/logits/c/2/0")
+    module = importlib.import_module("kdcache.train")
+    epochs = module._epochs
+
+    def deleting(*args, **kwargs):
+        s3fs.S3FileSystem(**s3, skip_instance_cache=True).rm(f"{BUCKET}/missing-shard.zarr/targets/logits/c/2/0")
+        return epochs(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_epochs", deleting)
     options = [f"--storage-option={k}={v}" for k, v in s3.items()]
     r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", url, "--out", str(tmp_path / "run"), "--epochs", "1",
                                   "--set", "train.memory_budget_mb=0", "--set", "train.num_workers=2", *options])
     last = r.output.strip().splitlines()[-1]  # after the projection head's line
     assert r.exit_code == 1 and last.startswith(f"Error: {url!r} is damaged: shard 2 of targets/logits (rows 32-47) is missing"), r.output
     assert "Traceback" not in r.output and "Caught" not in r.output, r.output
+
+
+@pytest.mark.parametrize("budget", [2048, 0], ids=["in-memory", "streaming"])
+def test_train_refuses_an_s3_store_whose_done_shard_lacks_an_object_at_once_found_by_one_list_per_array(s3, tmp_path, budget):
+    """A store copied to the bucket by a sync cut short (a done shard's object never arrived): train found it where it
+    read the shard, streaming hours into the run with pipeline.json written. Now it is refused before the run begins, in
+    one line naming the store, the shard and the object, found by one ListObjectsV2 per array the run reads (and the
+    digest rows), no object asked for one by one (no HeadObject). The same store whole trains as before."""
+    import s3fs
+
+    from kdcache.storage import filesystem
+
+    url = f"s3://{BUCKET}/cut-sync-{budget}.zarr"
+    kdcache.extract(kdcache.load_pipeline(TINY_TOML), url, storage_options=s3)
+    bucket, key = s3fs.S3FileSystem(**s3, skip_instance_cache=True), f"{BUCKET}/cut-sync-{budget}.zarr/samples/fingerprint/c/3"
+    kept = bucket.cat(key)
+    bucket.rm(key)
+    fs = filesystem(url, s3)[0]  # the instance the listing uses (fsspec caches it)
+    fs.ls(BUCKET)  # connected: its client exists
+    calls: list[str] = []
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    args = ["train", str(TINY_TOML), "--cache", url, "--epochs", "1", "--set", f"train.memory_budget_mb={budget}", *options]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and r.output.splitlines() == [
+        f"Error: {url!r} lacks objects of 1 shard of the 4 marked done that this run reads (an incomplete copy, or objects deleted): "
+        f"shards [3], object 'samples/fingerprint/c/3' missing; copy the store again, or run kdcache extract PIPELINE --out {url}, "
+        f"which resumes it and rewrites those shards; kdcache verify {url} lists every damaged object (nothing was written)"], r.output
+    assert not (tmp_path / "run").exists()
+    # samples/index, fingerprint and label, targets/logits and layers/features.3 (the run's terms), progress/digest
+    assert calls.count("ListObjectsV2") == 6 and "HeadObject" not in calls, calls
+    bucket.pipe(key, b"")
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "shards [3], object 'samples/fingerprint/c/3' empty; " in r.output, r.output
+    assert not (tmp_path / "run").exists()
+    bucket.pipe(key, kept)  # the store whole again: trained on
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0 and (tmp_path / "run" / "student.pt").is_file(), r.output
 
 
 def test_extract_on_s3_redoes_a_done_shard_whose_object_is_missing_found_by_one_list_per_array_as_export_finds_it(s3, tiny_store, capfd):

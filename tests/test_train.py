@@ -151,14 +151,28 @@ def test_changed_dataset_is_an_alignment_error(tiny_store, tmp_path, factory, ma
     assert not (tmp_path / "run" / "student.pt").exists()
 
 
-def test_a_damaged_shard_a_dataloader_worker_finds_is_raised_with_its_own_problem(tiny_store, tmp_path):
+def gone_once_under_way(monkeypatch, lost: Path) -> None:
+    """Have the file ``lost`` deleted as the run's epochs begin: a done shard's object gone after train's look at the
+    store's objects (``_check_objects``), which refuses a store already lacking it."""
+    module = importlib.import_module("kdcache.train")  # kdcache.train is the function
+    epochs = module._epochs
+
+    def deleting(*args, **kwargs):
+        lost.unlink()
+        return epochs(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_epochs", deleting)
+
+
+def test_a_damaged_shard_a_dataloader_worker_finds_is_raised_with_its_own_problem(tiny_store, tmp_path, monkeypatch):
     """A shard object gone from a done shard, found by a DataLoader worker as it streams: torch rebuilds the
     DamagedShardError from its own text alone (the worker's traceback in it), which ``problem`` took. train raised it with
-    the worker's message but kept that text as its ``problem`` (how the shard reads wrong, as verify lists it)."""
+    the worker's message but kept that text as its ``problem`` (how the shard reads wrong, as verify lists it). (Gone
+    once the run is under way: a store lacking it at the start is refused before the run begins.)"""
     from kdcache.errors import DamagedShardError
 
     damaged = copy_store(tiny_store, tmp_path)
-    (Path(damaged) / "targets" / "logits" / "c" / "2" / "0").unlink()
+    gone_once_under_way(monkeypatch, Path(damaged) / "targets" / "logits" / "c" / "2" / "0")
     p = pipeline(*PLAIN, "train.memory_budget_mb=0", "train.num_workers=2", "train.epochs=1")
     with pytest.raises(DamagedShardError, match=r"^'.*' is damaged: shard 2 of targets/logits \(rows 32-47\) is missing") as e:
         train(p, damaged, tmp_path / "run")
@@ -223,6 +237,83 @@ def test_incomplete_store_needs_allow_partial(tiny_store, tmp_path, steps):
     used = np.concatenate([s["rows"] for s in steps])
     assert len(used) == 2 * 34
     assert set(used.tolist()) == set(range(50)) - set(range(16, 32))
+
+
+def without_member(zipped: Path, member: str) -> None:
+    """Rewrite the zip ``zipped`` without its ``member`` (a zip copied in part, or edited)."""
+    import zipfile
+
+    kept = zipped.with_suffix(".kept")
+    with zipfile.ZipFile(zipped) as z, zipfile.ZipFile(kept, "w") as w:
+        for info in z.infolist():
+            if info.filename != member:
+                w.writestr(info, z.read(info))
+    kept.replace(zipped)
+
+
+def lacking(location: str, objects: list[str], fix: str, shards: str, first: str, of: int = 4, what: str = "") -> str:
+    """The one line train refuses a store with whose done shards lack objects."""
+    return (f"Error: {what}{location!r} lacks objects of {objects} of the {of} marked done that this run reads (an incomplete copy, "
+            f"or objects deleted): shards {shards}, object {first!r} missing; {fix}; kdcache verify {location} lists every damaged "
+            "object (nothing was written)")
+
+
+@pytest.mark.parametrize("kind, lost, budget", [
+    ("folder", ["targets/logits/c/2/0"], 2048),  # in memory: found once the student was built
+    ("folder", ["targets/logits/c/2/0"], 0),  # streaming: found where the shard was read, OUT written
+    ("folder", ["samples/fingerprint/c/3", "targets/layers/features.3/c/1/0/0/0"], 0),
+    ("zip", ["progress/digest/c/1/0"], 2048),  # its digest row: its rows cannot be checked
+    ("zip", ["samples/index/c/0"], 0),
+])
+def test_a_store_whose_done_shards_lack_objects_is_refused_before_the_run_begins(tiny_store, tmp_path, kind, lost, budget):
+    """A store whose done shards lack objects (an incomplete copy: rsync or aws s3 sync cut short, a copy of a store being
+    extracted; objects deleted) was trained on until a read reached such a shard: streaming, hours into the run, with
+    pipeline.json written; in memory, once the student was built. Now train lists the objects of the shards it reads
+    first and refuses at once, in one line naming the store, the shards, one object and the fix; nothing is written."""
+    damaged = copy_store(tiny_store, tmp_path)
+    if kind == "zip":
+        from kdcache.interop import pack
+
+        zipped = tmp_path / "copy.zarr.zip"
+        pack(damaged, zipped)
+        for member in lost:
+            without_member(zipped, member)
+        damaged, fix = str(zipped), "copy the zip again, or pack the store again from a complete folder (kdcache pack FOLDER OUT)"
+    else:
+        for key in lost:
+            (Path(damaged) / key).unlink()
+        fix = f"copy the store again, or run kdcache extract PIPELINE --out {damaged}, which resumes it and rewrites those shards"
+    shards = sorted(int(key.split("/c/")[1].split("/")[0]) for key in lost)
+    first = min(lost, key=lambda key: (int(key.split("/c/")[1].split("/")[0]), key))
+    r = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", damaged, "--out", str(tmp_path / "run"), "--set",
+                                      f"train.memory_budget_mb={budget}"])
+    assert r.exit_code == 1 and r.output.splitlines() == [lacking(damaged, f"{len(lost)} shard{'s' * (len(lost) > 1)}", fix,
+                                                                  str(shards), first)], r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_object_of_a_target_the_run_does_not_read_is_left_alone(tiny_store, tmp_path):
+    """Only the arrays the run reads are looked for: a run distilling the logits alone trains from a store whose
+    features.3 lost an object (kdcache verify names it), as before."""
+    damaged = copy_store(tiny_store, tmp_path)
+    (Path(damaged) / "targets/layers/features.3/c/1/0/0/0").unlink()
+    result = train(pipeline(*PLAIN, "train.epochs=1"), damaged, tmp_path / "run")
+    assert result["epoch"] == 0 and (tmp_path / "run" / "student.pt").is_file()  # its one epoch
+
+
+@pytest.mark.parametrize("budget", [2048, 0])
+def test_an_eval_cache_whose_done_shard_lacks_an_object_is_refused_before_the_run_begins(tiny_store, test_store, tmp_path, budget):
+    """train.eval_cache's objects were first read by the first evaluation, at the end of the first epoch, checkpoint and
+    metrics written; now they are listed with the training store's, and the run is refused at once, naming the setting
+    and the extract (of its split) that rewrites the shard."""
+    evaluated = copy_store(test_store, tmp_path)
+    (Path(evaluated) / "targets/logits/c/3/0").unlink()
+    p = ["--set", "train.features={}", "--set", f'train.eval_cache="{evaluated}"', "--set", f"train.memory_budget_mb={budget}"]
+    r = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", tiny_store, "--out", str(tmp_path / "run"), *p])
+    fix = f"copy the store again, or run kdcache extract PIPELINE --out {evaluated} --set data.split=test, which resumes it and rewrites those shards"
+    assert r.exit_code == 1 and r.output.splitlines() == [lacking(evaluated, "1 shard", fix, "[3]", "targets/logits/c/3/0",
+                                                                  what="train.eval_cache ")], r.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_on_a_store_that_gained_shards_keeps_the_run_s_rows(tiny_store, tmp_path, steps, monkeypatch):

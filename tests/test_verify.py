@@ -591,13 +591,14 @@ def test_writers_that_do_not_say_shard_digests_never_resume_a_store_that_does(tm
 def test_a_done_shard_whose_digest_object_is_lost_is_damage_not_unchecked(copy, tmp_path):
     """A store that records digests writes each before its shard's done marker: a done shard without one lost its digest
     object (an incomplete copy, a sync that skipped it), and a stale data object beside it would go unchecked. Named,
-    for every array of that shard, by verify and by training."""
+    for every array of that shard, by verify and by training (which lists the objects of the shards it reads, digest
+    rows with them, before its run begins)."""
     (copy / "progress" / "digest" / "c" / "2" / "0").unlink()
     report = verify(str(copy))
     lost = [p for p in problems(report, "values") if "has no digest in progress/digest" in p]
     assert len(lost) == 5 and all("shard 2 (rows 32-47)" in p for p in lost), problems(report, "values")
     r = CliRunner().invoke(main, ["train", str(TINY_TOML), "--cache", str(copy), "--out", str(tmp_path / "run")])
-    assert r.exit_code == 1 and "Traceback" not in r.output and "has no digest in progress/digest" in r.output, r.output
+    assert r.exit_code == 1 and "Traceback" not in r.output and "shards [2], object 'progress/digest/c/2/0' missing" in r.output, r.output
 
 
 def test_a_truncated_digest_row_is_named_with_the_marker_that_redoes_its_shard(copy, tmp_path):
