@@ -301,6 +301,23 @@ def test_an_object_of_a_target_the_run_does_not_read_is_left_alone(tiny_store, t
     assert result["epoch"] == 0 and (tmp_path / "run" / "student.pt").is_file()  # its one epoch
 
 
+def test_a_subset_is_refused_only_for_the_shards_holding_its_rows(tiny_store, tmp_path):
+    """A train.subset reads only the shards holding its rows: a lost object of another shard leaves it to train as before,
+    one of a shard holding its rows is refused before the run begins."""
+    rows = np.sort(np.random.default_rng(0).permutation(50)[:3])  # train.subset = 3's rows (train._rows), seed 0
+    read, unread = sorted({int(r) // 16 for r in rows}), sorted(set(range(4)) - {int(r) // 16 for r in rows})
+    assert unread, rows
+    damaged = copy_store(tiny_store, tmp_path)
+    (Path(damaged) / f"targets/logits/c/{unread[0]}/0").unlink()
+    result = train(pipeline(*PLAIN, "train.epochs=1", "train.subset=3", "train.seed=0"), damaged, tmp_path / "run")
+    assert result["epoch"] == 0 and (tmp_path / "run" / "student.pt").is_file()
+    (Path(damaged) / f"targets/logits/c/{read[0]}/0").unlink()
+    with pytest.raises(StoreError, match=rf"lacks objects of 1 shard of the {len(read)} marked done that this run reads .*: shards "
+                                         rf"\[{read[0]}\], object 'targets/logits/c/{read[0]}/0' missing"):
+        train(pipeline(*PLAIN, "train.epochs=1", "train.subset=3", "train.seed=0"), damaged, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("budget", [2048, 0])
 def test_an_eval_cache_whose_done_shard_lacks_an_object_is_refused_before_the_run_begins(tiny_store, test_store, tmp_path, budget):
     """train.eval_cache's objects were first read by the first evaluation, at the end of the first epoch, checkpoint and
