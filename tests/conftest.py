@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -179,3 +181,31 @@ def silent_endpoint(monkeypatch):
     thread.join()
     for conn in (*held, server):
         conn.close()
+
+
+# ------------------------------------------------------------------ HTTP servers
+
+
+@pytest.fixture(scope="module")
+def faulty_http_root(tmp_path_factory):
+    """A folder served by ``tests/fixtures/faulty_http.py``, which fails the requests its ``.faults`` file names: ``(folder, base_url)``."""
+    yield from served_folder(tmp_path_factory.mktemp("faulty"), str(FIXTURES / "faulty_http.py"))
+
+
+def served_folder(root, module: str):
+    """``python -m MODULE 0`` (or ``python SCRIPT.py 0``) serving ``root`` on 127.0.0.1 while the caller's fixture
+    lasts, on the port it bound and printed: yields ``(root, base_url)``. Not a port found free here and bound later by
+    the server: under pytest-xdist another worker's connection or server may take it meanwhile (this server then fails
+    to start, or the fixture yields the other worker's)."""
+    command = [module, "0"] if module.endswith(".py") else ["-m", module, "0", "--bind", "127.0.0.1"]
+    proc = subprocess.Popen([sys.executable, "-u", *command], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    said = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port PORT (http://127.0.0.1:PORT/) ..."; "" if it ended
+    port = re.search(r" port (\d+) ", said)
+    if port is None:
+        proc.kill()
+        pytest.fail(f"{module} did not start: {said!r}")
+    base = f"http://127.0.0.1:{port.group(1)}"
+    yield root, base
+    proc.terminate()
+    proc.wait(timeout=10)
+    proc.stdout.close()

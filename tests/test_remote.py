@@ -26,7 +26,7 @@ from kdcache.errors import StoreError
 from kdcache.interop import import_hdf5, pack
 from kdcache.store import open_store
 from kdcache.verify import verify
-from conftest import S3_BUCKET, TINY_TOML
+from conftest import S3_BUCKET, TINY_TOML, served_folder
 from reference import free_port, make_pipeline, without_times
 
 pytest.importorskip("moto.server")
@@ -39,40 +39,13 @@ BUCKET = S3_BUCKET  # made by the s3 fixture
 def http_root(tmp_path_factory):
     """A folder served read-only by a Range-capable HTTP server on 127.0.0.1: ``(folder, base_url)``."""
     pytest.importorskip("RangeHTTPServer")
-    yield from _served(tmp_path_factory.mktemp("www"), "RangeHTTPServer")
+    yield from served_folder(tmp_path_factory.mktemp("www"), "RangeHTTPServer")
 
 
 @pytest.fixture(scope="module")
 def plain_http_root(tmp_path_factory):
     """A folder served by ``python -m http.server`` on 127.0.0.1, which ignores ``Range`` headers: ``(folder, base_url)``."""
-    yield from _served(tmp_path_factory.mktemp("plain"), "http.server")
-
-
-@pytest.fixture(scope="module")
-def faulty_http_root(tmp_path_factory):
-    """A folder served by ``tests/fixtures/faulty_http.py``, which fails the requests its ``.faults`` file names: ``(folder, base_url)``."""
-    from conftest import FIXTURES
-
-    yield from _served(tmp_path_factory.mktemp("faulty"), str(FIXTURES / "faulty_http.py"))
-
-
-def _served(root, module: str):
-    """``python -m MODULE 0`` (or ``python SCRIPT.py 0``) serving ``root`` on 127.0.0.1 while the caller's fixture
-    lasts, on the port it bound and printed: yields ``(root, base_url)``. Not a port found free here and bound later by
-    the server: under pytest-xdist another worker's connection or server may take it meanwhile (this server then fails
-    to start, or the fixture yields the other worker's)."""
-    command = [module, "0"] if module.endswith(".py") else ["-m", module, "0", "--bind", "127.0.0.1"]
-    proc = subprocess.Popen([sys.executable, "-u", *command], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    said = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port PORT (http://127.0.0.1:PORT/) ..."; "" if it ended
-    port = re.search(r" port (\d+) ", said)
-    if port is None:
-        proc.kill()
-        pytest.fail(f"{module} did not start: {said!r}")
-    base = f"http://127.0.0.1:{port.group(1)}"
-    yield root, base
-    proc.terminate()
-    proc.wait(timeout=10)
-    proc.stdout.close()
+    yield from served_folder(tmp_path_factory.mktemp("plain"), "http.server")
 
 
 @contextlib.contextmanager
@@ -585,7 +558,7 @@ def check_topk_aligned(batch: dict) -> None:
 
 
 def test_a_served_folder_is_the_one_its_server_was_started_over(tmp_path, monkeypatch):
-    """``_served`` took a port found free, which the server bound later: under pytest-xdist another worker's server or
+    """``served_folder`` took a port found free, which the server bound later: under pytest-xdist another worker's server or
     connection could take it meanwhile, and the fixture yielded that worker's server. Here such a port is held."""
     import http.server
     import threading
@@ -594,7 +567,7 @@ def test_a_served_folder_is_the_one_its_server_was_started_over(tmp_path, monkey
     threading.Thread(target=impostor.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: impostor.server_address[1])
     (tmp_path / "mine").write_text("mine")
-    served = _served(tmp_path, "http.server")
+    served = served_folder(tmp_path, "http.server")
     _, base = next(served)
     try:
         assert urllib.request.urlopen(f"{base}/mine", timeout=10).read() == b"mine"
@@ -768,7 +741,7 @@ def test_a_server_gone_mid_run_is_not_called_damage(tiny_store, tmp_path):
 
     www = tmp_path / "www"
     shutil.copytree(tiny_store, www / "tiny.zarr")
-    served = _served(www, "RangeHTTPServer")
+    served = served_folder(www, "RangeHTTPServer")
     _, base = next(served)
     http = open_store(f"{base}/tiny.zarr")
     http.read(LOGITS, 0, 16)

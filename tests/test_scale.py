@@ -18,7 +18,8 @@ import kdcache
 from kdcache import interop, storage, store as layout
 from kdcache.errors import StoreError
 from kdcache.pipeline import from_dict
-from test_remote import SwallowingProxy, _served
+from conftest import served_folder
+from test_remote import SwallowingProxy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -743,7 +744,7 @@ def test_shards_not_consecutive_are_read_into_one_array(tmp_path: Path, zoo_env,
 @pytest.fixture(scope="module")
 def http_folder(tmp_path_factory):
     """A folder served by ``python -m http.server`` in a process of its own: ``(folder, base_url)``."""
-    yield from _served(tmp_path_factory.mktemp("www"), "http.server")
+    yield from served_folder(tmp_path_factory.mktemp("www"), "http.server")
 
 
 def joined(pieces) -> dict[str, np.ndarray]:
