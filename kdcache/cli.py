@@ -26,7 +26,7 @@ import click
 
 from kdcache import __version__
 from kdcache.errors import JoinError, KdcacheError, TrainingStopped, command_line, count, one_line, worker_message
-from kdcache.threads import MAX_PARALLEL
+from kdcache.threads import MAX_PARALLEL, reads_stuck
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -459,6 +459,10 @@ class _Group(click.Group):
             atexit.register(gc.freeze)  # train or extract process walking torch's modules), cycles' finalizers with them
         try:
             return super().main(args, *rest, **kwargs)
+        except SystemExit as e:
+            if _PROGRAM and e.code in (_Interrupted.exit_code, _Stopped.exit_code):
+                _end_past_stuck_reads(e.code)
+            raise
         finally:  # its SystemExit caught in-process, a command run after it (a command's own main) is not the program: it
             _PROGRAM = False  # gives the caller's SIGTERM handler back, where it left SIGTERM ignored
 
@@ -469,6 +473,20 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         with _one_line_usage(), _ctrl_c_before_the_command(ctx):
             return super().invoke(ctx)
+
+
+def _end_past_stuck_reads(code: int) -> None:
+    """A command stopped by Ctrl-C or SIGTERM (exit ``code``) has said its line and saved what it keeps; a read still under
+    way after ``threads.EXIT_READ_WAIT`` (a stalled network mount, an object store that stopped answering: a streaming
+    train's next buffer) is left, the process ending at once, as the signal would have ended it: the interpreter's exit
+    would wait for its thread, for ever or until its timeout (minutes), past a scheduler's grace. The exit handlers are
+    skipped then (those of kdcache wait for what is stuck)."""
+    if not reads_stuck():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 _STARTED = "kdcache.command_started"  # in the click context's meta (shared by the group's and the command's)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
@@ -56,6 +57,31 @@ def now(fn: Callable[..., Any], *args: Any) -> Future[Any]:
     except Exception as e:  # noqa: BLE001 - the caller's to handle, as from ``ahead``
         made.set_exception(e)
     return made
+
+
+READS = ("read-ahead", "read", "shards", "fetch")  # the pools whose calls only read (a store's objects, a stream's buffers)
+EXIT_READ_WAIT = 1.0  # seconds a stopped command's end waits for a read still under way (``reads_stuck``): it may hang
+
+
+def reads_stuck(seconds: float = EXIT_READ_WAIT) -> bool:
+    """Whether a read (a call of a pool named in ``READS``) is still under way ``seconds`` after the process's pools are
+    shut down (their calls not started cancelled; the other pools' threads waited for, as the interpreter's exit waits
+    for them): one that hangs (a stalled network mount, an object store or HTTP server that stopped answering) would
+    keep the process from exiting, for ever or until its timeout (minutes), the interpreter waiting for every pool's
+    threads. A command stopped by Ctrl-C or SIGTERM then ends without them (``cli``); reading, they change nothing."""
+    with _LOCK:
+        pools = dict(_POOLS)
+        _POOLS.clear()
+    for running in pools.values():
+        running.shutdown(wait=False, cancel_futures=True)
+    for name, running in pools.items():
+        if name not in READS:
+            running.shutdown(wait=True)
+    deadline = time.monotonic() + seconds
+    readers = [t for name, running in pools.items() if name in READS for t in list(running._threads)]  # no public way to them
+    for thread in readers:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return any(thread.is_alive() for thread in readers)
 
 
 def _forget() -> None:

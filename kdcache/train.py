@@ -399,7 +399,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 _check_finite(means, state, loop.out, loop.saved)
                 due = state["step"] >= loop.total_steps or (t.eval_every > 0 and (state["epoch"] + 1) % t.eval_every == 0)
                 metrics = {"epoch": state["epoch"], "step": state["step"], "lr": loop.lr, **means,
-                           **(loop.evaluation(evaluate, t) if due else {}), "seconds": loop.elapsed()}
+                           **(loop.evaluation(evaluate, t, state, partial) if due else {}), "seconds": loop.elapsed()}
                 if state["batch"] >= count:  # else the plan ended inside the epoch: its checkpoint is saved there, with
                     state.update(epoch=state["epoch"] + 1, batch=0)  # the sums so far, so a longer plan (--resume) trains the rest
                     partial = None
@@ -455,7 +455,7 @@ def _complete_last_line(loop: _Loop, t: Any, state: dict[str, int], partial: dic
         line = {"epoch": state["epoch"] - (state["batch"] == 0), "step": state["step"], "lr": loop.lr,
                 **_means(partial["sums"], [*partial["sums"].values(), partial["rows"]]), "seconds": loop.elapsed()}
     seconds = line.pop("seconds", None)  # the line's own: the training time when its epoch ended
-    loop.save(state, _rng_state(), {**line, **loop.evaluation(evaluate, t), "seconds": loop.elapsed() if seconds is None else seconds},
+    loop.save(state, _rng_state(), {**line, **loop.evaluation(evaluate, t, state, partial), "seconds": loop.elapsed() if seconds is None else seconds},
               partial)
 
 
@@ -637,7 +637,8 @@ def _epoch(run: Run, loop: _Loop, batches: Iterator[dict[str, Any]], state: dict
 
 
 class _WaitStopped(BaseException):
-    """SIGTERM while the main thread waits for the next batch (``_taken``): raised by its handler (``_stop_requests``).
+    """SIGTERM while the main thread waits for the next batch (``_taken``) or evaluates (``_evaluated``): raised by its
+    handler (``_stop_requests``).
     Not an ``Exception``: no ``except Exception`` on the way (torch's DataLoader's) takes it for the batch's error."""
 
 
@@ -659,6 +660,21 @@ def _taken(batches: Iterator[dict[str, Any]], stop: dict[str, Any], world: int) 
         if batch is None:
             return
         yield batch
+
+
+def _evaluated(evaluate: Callable[[], dict[str, float]], stop: dict[str, Any]) -> dict[str, float]:
+    """``evaluate()`` with ``stop["waiting"]`` set (one process): a SIGTERM before or during it raises ``_WaitStopped``, as
+    one while a batch is waited for does (``_taken``): its reads may hang, and a scheduler's grace may be shorter than
+    it. Under torchrun the ranks evaluate together (their counts are summed): a stop waits for its end."""
+    if distributed.ranks()[1] > 1:
+        return evaluate()
+    stop["waiting"] = True
+    try:
+        if stop["signal"]:  # asked for in the epoch's last step: its checkpoint is saved now, not after the evaluation
+            raise _WaitStopped
+        return evaluate()
+    finally:
+        stop["waiting"] = False
 
 
 def _sums(run: Run, partial: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], int]:
@@ -774,13 +790,23 @@ class _Loop:
         left out: ``evaluation``)."""
         return self.before + time.perf_counter() - self.started
 
-    def evaluation(self, evaluate: Callable[[], dict[str, float]], t: Any) -> dict[str, float]:
+    def evaluation(self, evaluate: Callable[[], dict[str, float]], t: Any, state: dict[str, int], partial: dict[str, Any] | None) -> dict[str, float]:
         """``evaluate()``'s metrics and ``eval_seconds``: the time it took, which the training clock (``elapsed``) leaves
         out; none where ``t`` sets no evaluation (train.eval_split, train.eval_cache). An eval split without labels gives
         no metric, and its ``eval_seconds`` alone marks the line as evaluated (``_line_due``: else a finished run's every
-        resume evaluated again and rewrote its files)."""
+        resume evaluated again and rewrote its files).
+
+        A SIGTERM before or during one (one process) stops the run at once (``_evaluated``: its reads may hang, as a batch's
+        may): the run is saved as its last step left it, at ``state`` with the epoch's loss sums (``partial``), its line and
+        evaluation left to the resume, which makes them as the uninterrupted run did; a checkpoint there already is kept."""
         began = time.perf_counter()
-        metrics = evaluate()
+        try:
+            metrics = _evaluated(evaluate, self.stop) if t.eval_split or t.eval_cache else evaluate()
+        except _WaitStopped:
+            self.started += time.perf_counter() - began
+            if state["step"] > self.saved_at:
+                self.save(state, _rng_state(), None, partial)
+            raise self.stopped(state) from None
         took = time.perf_counter() - began
         self.started += took
         return {**metrics, "eval_seconds": took} if metrics or t.eval_split or t.eval_cache else metrics
@@ -846,7 +872,7 @@ def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
 
     def requested(signum: int, frame: Any) -> None:
         stop["signal"] = signum
-        if stop.get("waiting"):  # for the next batch, which may never come: the run stops now (_taken)
+        if stop.get("waiting"):  # for the next batch, or an evaluation's, which may never come: the run stops now (_taken)
             raise _WaitStopped
 
     before = signal.getsignal(signal.SIGTERM)
@@ -1945,17 +1971,21 @@ def _eval_counts(run: Run, device: torch.device, source: Any, classes: int = 0) 
     run.student.eval()
     correct = agree = teacher_correct = n = labelled = 0
     with torch.no_grad(), data.autocast(device, run.precision), _rng_kept(device):
-        for batch in source if source is not None else ():  # None: a rank with no part (more ranks than shards)
-            logits = select_student(run.forward(batch["inputs"]), "student output", run.select,
-                                    mask=run.padding(batch))
-            # a tie at the top (float16 logits tie often) counts 1/k, not argmax's lowest class (losses.top1_matches)
-            label = None if batch["label"] is None else torch.as_tensor(batch["label"])
-            if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
-                correct, labelled = correct + float(losses.top1_correct(logits, label).sum()), labelled + int((label >= 0).sum())
-            if "targets" in batch:
-                agree += float(_agreement(logits, batch["targets"], classes).sum())
-                teacher_correct += float(_teacher_correct(batch["targets"], classes, label).sum()) if label is not None else 0
-            n += len(logits)
+        batches = iter(source if source is not None else ())  # None: a rank with no part (more ranks than shards)
+        try:
+            for batch in batches:
+                logits = select_student(run.forward(batch["inputs"]), "student output", run.select, mask=run.padding(batch))
+                # a tie at the top (float16 logits tie often) counts 1/k, not argmax's lowest class (losses.top1_matches)
+                label = None if batch["label"] is None else torch.as_tensor(batch["label"])
+                if label is not None:  # below 0: no label (losses.cross_entropy), which top1_correct counts 0
+                    correct, labelled = correct + float(losses.top1_correct(logits, label).sum()), labelled + int((label >= 0).sum())
+                if "targets" in batch:
+                    agree += float(_agreement(logits, batch["targets"], classes).sum())
+                    teacher_correct += float(_teacher_correct(batch["targets"], classes, label).sum()) if label is not None else 0
+                n += len(logits)
+        except (KeyboardInterrupt, _WaitStopped):  # a stopped run: an eval store's batches in the making not waited for long
+            data.stop_making(batches, data.STOPPED_WAIT)  # (their read may hang), nor made on
+            raise
     counts = torch.tensor([correct, agree, teacher_correct, n, labelled], dtype=torch.float64)  # sums of 1/k; n exact below 2**53
     return distributed.sum_over_ranks(counts, waits=True).tolist()
 

@@ -1994,6 +1994,28 @@ def test_sigterm_in_an_epoch_s_last_step_stops_at_its_end_and_in_the_plan_s_last
     same_run(tmp_path / "cut", tmp_path / "whole")
 
 
+@pytest.mark.parametrize("at", [7, 14])
+def test_sigterm_in_an_epoch_s_last_step_saves_its_steps_and_leaves_its_evaluation_to_the_resume(tiny_store, tmp_path, monkeypatch, at):
+    """With an evaluation due at the epoch's end (train.eval_split), a SIGTERM in its last step stops the run before it
+    evaluates (an evaluation may outlast a scheduler's grace, or hang on its reads): the checkpoint keeps every step of the
+    epoch, at its last batch, without its line; --resume evaluates it, writes the line the uninterrupted run wrote and
+    goes on (in the plan's last step: only that)."""
+    p = pipeline("student.factory='bad_input.py:dropping'", "train.features={}", "train.epochs=2")
+    whole, cut, epoch = tmp_path / "whole", tmp_path / "cut", at // 7 - 1
+    train(p, tiny_store, whole)
+    sigterm_at_step(monkeypatch, at)
+    with pytest.raises(kdcache.errors.TrainingStopped) as stopped:
+        train(p, tiny_store, cut)
+    assert str(stopped.value).startswith(f"stopped by SIGTERM in epoch {epoch} after batch 7 (step {at} of 14); its checkpoint is saved"), stopped.value
+    ckpt = torch.load(cut / CHECKPOINT, weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (epoch, 7, at)
+    assert ([m["epoch"] for m in metrics(cut)] == [0]) if epoch else not (cut / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    train(p, tiny_store, cut, resume=True)
+    same_run(cut, whole)
+    assert [m["eval_accuracy"] for m in metrics(cut)] == [m["eval_accuracy"] for m in metrics(whole)]
+
+
 def test_checkpoint_every_saves_inside_epochs_and_a_crash_after_one_resumes_there(tiny_store, tmp_path, monkeypatch, capsys):
     """train.checkpoint_every = 3: checkpoints at steps 3, 6, 9, ... besides each epoch's end; the result is the run's
     without them; a crash right after the one at step 9 (epoch 1, batch 2) resumes from there."""
@@ -2288,36 +2310,55 @@ def test_more_sigterms_are_the_same_request_and_the_handler_is_put_back(tiny_sto
         signal.signal(signal.SIGTERM, before)
 
 
-HELD = {  # how the run reads its batches while a dataset read hangs, and the train split's fetches before the held one
-    "in-memory": ((), 150),  # epoch 2's 4th batch
-    "a-dataloader-worker": (("train.num_workers=1",), 150),
-    "streaming": (("train.memory_budget_mb=0",), 150),
-    "the-next-epoch-started-ahead": (("train.eval_split=''",), 171),  # epoch 2's last batch: epoch 3's wait for it (_ahead)
+HELD = {  # how the run reads its batches while a read hangs, the split whose dataset read hangs, and its fetches before the held one
+    "in-memory": ((), "train", 150),  # epoch 2's 4th batch
+    "a-dataloader-worker": (("train.num_workers=1",), "train", 150),
+    "streaming": (("train.memory_budget_mb=0",), "train", 150),
+    "the-next-epoch-started-ahead": (("train.eval_split=''",), "train", 171),  # epoch 2's last batch: epoch 3's wait for it (_ahead)
+    "the-evaluation": ((), "test", 102),  # train.eval_split's first item in epoch 2's evaluation, read by the main thread
+    "an-eval-store-s-evaluation": (("train.eval_cache='{eval_store}'",), "test", 104),  # the same, train.eval_cache's, by its thread
+    # streaming from an HTTP server that stops answering: shard 2's logits, read again in epoch 1 (its own hold, no dataset's)
+    "a-store-read": (("train.memory_budget_mb=0", "train.shuffle_buffer_shards=1"), "", 0),
 }
+CTRL_C = [how for how in HELD if how not in ("streaming", "an-eval-store-s-evaluation")]  # Ctrl-C's wait there: in-memory's
 
 
-@pytest.mark.parametrize("sig, how", [(signal.SIGTERM, how) for how in HELD] + [(signal.SIGINT, how) for how in HELD if how != "streaming"],
-                         ids=[f"sigterm-{how}" for how in HELD] + [f"ctrl-c-{how}" for how in HELD if how != "streaming"])
-def test_a_stop_while_a_dataset_read_hangs_ends_the_run_at_once_and_resumes_to_the_uninterrupted_result(tiny_store, tmp_path, sig, how):
-    """A dataset read that never returns (a stalled network mount, a dead remote dataset) in the third epoch: SIGTERM (a
-    scheduler's preemption, SIGKILL after its grace) saves the run as its last step left it and exits 143 within that grace,
-    not at the next step, which never comes; Ctrl-C exits 130, its last checkpoint kept. Neither waits at exit for the thread
-    or DataLoader worker stuck in the read (a worker ignores SIGTERM: multiprocessing waited for it forever), nor for the next
-    epoch's batches started ahead, which wait for this epoch's last to be made (they waited forever). Both resume
-    to the uninterrupted run's weights and losses. The read is held until the test ends (``numbered.tiny_slow``)."""
-    epochs, (sets, after) = 4, HELD[how]
+@pytest.mark.parametrize("sig, how", [(signal.SIGTERM, how) for how in HELD] + [(signal.SIGINT, how) for how in CTRL_C],
+                         ids=[f"sigterm-{how}" for how in HELD] + [f"ctrl-c-{how}" for how in CTRL_C])
+def test_a_stop_while_a_read_hangs_ends_the_run_at_once_and_resumes_to_the_uninterrupted_result(tiny_store, test_store, tmp_path,
+                                                                                                  request, sig, how):
+    """A read that never returns (a stalled network mount, a dead remote dataset, an object store that stops answering) in
+    the third epoch: SIGTERM (a scheduler's preemption, SIGKILL after its grace) saves the run as its last step left it and
+    exits 143 within that grace, not at the next step, which never comes; Ctrl-C exits 130, its last checkpoint kept.
+    Neither waits at exit for the thread or DataLoader worker stuck in the read (a worker ignores SIGTERM: multiprocessing
+    waited for it forever; the interpreter joins a pool's thread, a streaming reader's, forever), nor for the next
+    epoch's batches started ahead, which wait for this epoch's last to be made (they waited forever). One in an epoch's
+    evaluation (SIGTERM only set the stop request, seen after it) saves the epoch's steps, its line and evaluation left to
+    the resume. All resume to the uninterrupted run's weights, losses and eval metrics. The dataset read is held until the
+    test ends (``numbered.tiny_slow``), the store read by ``faulty_http.py``'s hold."""
+    epochs, (sets, split, after) = 4, HELD[how]
+    sets = tuple(s.format(eval_store=test_store) for s in sets)
     reference = tmp_path / "reference"
     train(pipeline(f"train.epochs={epochs}", *sets), tiny_store, reference)
 
     out, hold = tmp_path / "run", tmp_path / "hold"
-    args = [str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", str(epochs), "--no-progress",
+    cache, held, faults = tiny_store, Path(f"{hold}.held"), None
+    if how == "a-store-read":
+        root, base = request.getfixturevalue("faulty_http_root")
+        name = f"{request.node.callspec.id}.zarr"  # the server counts each object's requests
+        shutil.copytree(tiny_store, root / name)
+        cache, held, faults = f"{base}/{name}", root / ".held", root / ".faults"
+        held.unlink(missing_ok=True)
+        faults.write_text(json.dumps({f"{name}/targets/logits/c/2/0": "hold:1"}))
+    args = [str(TINY_TOML), "--cache", cache, "--out", str(out), "--epochs", str(epochs), "--no-progress",
             "--set", 'data.factory="numbered.py:tiny_slow"', *(x for s in sets for x in ("--set", s))]
     hold.touch()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_TEST_HOLD": str(hold), "KDCACHE_TEST_HOLD_AFTER": str(after)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_TEST_HOLD": str(hold), "KDCACHE_TEST_HOLD_AFTER": str(after),
+           "KDCACHE_TEST_HOLD_SPLIT": split}
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240  # a loaded box took more than 120 s to start a run and train its first epoch
-        while not Path(f"{hold}.held").exists():
+        while not held.exists():
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the read was not held within 240 s"
             time.sleep(0.01)
@@ -2327,19 +2368,28 @@ def test_a_stop_while_a_dataset_read_hangs_ends_the_run_at_once_and_resumes_to_t
         took = time.monotonic() - began
     finally:
         hold.unlink()
+        if faults is not None:
+            faults.unlink()  # the server answers again
+    at = r"in epoch 2 after batch \d+ \(step \d+"  # the step before the held batch
+    if how == "a-store-read":
+        at = r"in epoch 1 after batch 3 \(step 10"
+    elif split == "test":  # an evaluation's: the epoch's last
+        at = r"in epoch 2 after batch 7 \(step 21"
     if sig == signal.SIGTERM:
         assert proc.returncode == 143, stderr
-        assert re.fullmatch(r"Error: stopped by SIGTERM in epoch 2 after batch \d+ \(step \d+ of 28\); its checkpoint is saved in "
+        assert re.fullmatch(rf"Error: stopped by SIGTERM {at} of 28\); its checkpoint is saved in "
                             f"{re.escape(repr(str(out)))}: run the same command with --resume to continue", stderr.strip()), stderr
     else:
         assert proc.returncode == 130, stderr
         assert stderr.strip() == "Error: interrupted; its last checkpoint is kept: run it again with --resume to continue"
-        assert [m["epoch"] for m in metrics(out)] == [0, 1]
+        assert [m["epoch"] for m in metrics(out)] == ([0] if how == "a-store-read" else [0, 1])
     assert took < 20, f"{took:.1f} s to stop"
 
     result = CliRunner().invoke(cli.main, ["train", *args, "--resume"])
     assert result.exit_code == 0, result.output
     same_run(out, reference)
+    assert [m.get("eval_accuracy") for m in metrics(out)] == [m.get("eval_accuracy") for m in metrics(reference)]
+    assert [m.get("eval_agreement") for m in metrics(out)] == [m.get("eval_agreement") for m in metrics(reference)]
 
 
 LATE_SIGTERM = """
