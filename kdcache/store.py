@@ -2139,6 +2139,11 @@ def _no_local_store(location: str, extract: str) -> StoreError:
     if (path / "pipeline.json").is_file() and any((path / name).is_file() for name in ("student.pt", "checkpoint.pt")):
         return StoreError(f"no store at {location!r}: it is a training run's folder (kdcache train --out: student.pt, "
                           "pipeline.json); pass the store kdcache extract wrote (train --cache takes it)")
+    if path.is_dir() and not (path / "zarr.json").exists() and _interrupted_creation(location, remains=True):
+        # a copy made in name order (rsync, some cp) writes the root zarr.json last: a copy cut short lacks it alone
+        return StoreError(f"no store at {location!r}: the folder holds a kdcache store's arrays but not its root zarr.json, "
+                          "which holds the store's manifest (an incomplete copy: rsync copies it last; or a store whose deletion "
+                          "by kdcache extract --overwrite was stopped); copy the store again whole, or rerun that extract")
     if path.is_dir() and any(path.iterdir()):
         return StoreError(f"no store at {location!r}: the folder holds no zarr.json; pass the folder of a store "
                           "(kdcache extract PIPELINE --out NEW writes one)")

@@ -328,6 +328,13 @@ CASES = [
     Case("info-plain-file", lambda c: ["info", text_file(c, "notes.txt", "x")], ("notes.txt' is a file, not a store",)),
     Case("info-folder-of-other-files", lambda c: ["info", folder_of_notes(c)],
          ("/notes': the folder holds no zarr.json; pass the folder of a store (kdcache extract PIPELINE --out NEW writes one)",)),
+    # a copy cut short that lacks only the root zarr.json (rsync copies it last): once "the folder holds no zarr.json; pass
+    # the folder of a store (kdcache extract PIPELINE --out NEW writes one)", which told a user to extract it again
+    *[Case(f"{verb}-a-copy-without-its-root-zarr-json", args,
+           ("': the folder holds a kdcache store's arrays but not its root zarr.json", "an incomplete copy",
+            "copy the store again whole"), store=True, damage=lambda s: (s / "zarr.json").unlink())
+      for verb, args in (("info", info), ("verify", verify_cli), ("pack", pack),
+                         ("train", lambda c: ["train", TINY, "--cache", c.store, "--out", c.tmp / "next"]))],
     Case("info-zip-of-other-files", lambda c: ["info", zip_of(c, folder_of_notes(c))],
          ("other.zarr.zip': the zip holds no zarr.json at its root; pass a .zarr.zip written by kdcache pack",)),
     Case("info-zip-of-a-zarr-v2-group", lambda c: ["info", zip_of(c, zarr_v2_group(c))],
