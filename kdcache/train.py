@@ -417,7 +417,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)
         except BaseException as e:
-            ending = e
+            ending = _go_on(e, loop)
             raise
         finally:
             try:  # a run stopped (Ctrl-C, SIGTERM) does not wait long for the batch in the making: its read may hang
@@ -427,6 +427,19 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                     data.stop_making(made, wait)
             finally:  # the last checkpoint whole on the disk before train returns or raises, or its write's error raised
                 loop.writes.wait(during=ending)  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
+
+
+_RERUN = re.compile(r"\brerun( once [^;()]*)?$")  # a failure's advice, last in its line: "…, then rerun"
+
+
+def _go_on(error: BaseException, loop: _Loop) -> BaseException:
+    """``error``, a failure that ends the run (an unreachable store, a dataset that raised, a store replaced): where a
+    checkpoint was saved, its line's last advice "rerun" says how to go on from it (``loop.again``: the same command
+    was refused, OUT holding a run). Its type kept: a caller's ``except`` still takes it."""
+    if loop.saved and isinstance(error, KdcacheError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (_RERUN.sub(lambda m: f"{loop.again}{m.group(1) or ''} to go on from its last checkpoint ({loop.saved})",
+                                 error.args[0]),)
+    return error
 
 
 def _kept(error: Exception, loop: _Loop) -> Exception:

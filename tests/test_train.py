@@ -32,7 +32,7 @@ from torch.utils.data import default_collate
 
 import kdcache
 import tiny
-from conftest import FIXTURES, TINY_TOML, extract_tiny
+from conftest import FIXTURES, TINY_TOML, extract_tiny, served_folder
 from reference import signal_and_wait, train_cut_after_first_epoch
 from kdcache import cache, cli, data, losses, store as layout
 from kdcache.cache import TransferSet
@@ -3151,3 +3151,35 @@ def test_a_resume_that_shortened_the_plan_to_its_checkpoint_is_finished_after_it
     assert [m["epoch"] for m in metrics(out)] == [0, 1]
     refused = CliRunner().invoke(cli.main, [*args, "--resume", *short])
     assert refused.exit_code == 1 and "this run has trained 14 steps in 2 epochs, more than" in refused.output, refused.output
+
+
+def test_a_remote_read_that_fails_after_a_checkpoint_says_to_rerun_with_resume(tiny_store, tmp_path):
+    """The HTTP server a streaming run reads from goes away in its second epoch (killed while it holds a read of shard
+    2's logits): the run ends with the read's one line, whose advice was "…then rerun"; the same command is then refused
+    ("already holds a training run; pass --resume"), so the line names --resume, the command that goes on from the
+    checkpoint the first epoch left."""
+    root = tmp_path / "www"
+    root.mkdir()
+    shutil.copytree(tiny_store, root / "s.zarr")
+    (root / ".faults").write_text(json.dumps({"s.zarr/targets/logits/c/2/0": "hold:1"}))
+    served = served_folder(root, str(FIXTURES / "faulty_http.py"))
+    _, base = next(served)
+    out = tmp_path / "run"
+    args = ["train", str(TINY_TOML), "--cache", f"{base}/s.zarr", "--out", str(out), "--epochs", "2", "--no-progress",
+            "--set", "train.memory_budget_mb=0", "--set", "train.shuffle_buffer_shards=1", *(x for s in PLAIN for x in ("--set", s))]
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (root / ".held").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the read was not held within 240 s"
+            time.sleep(0.01)
+    finally:
+        next(served, None)  # the server stops (SIGTERM): its held connection is dropped
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1, stderr
+    assert (out / CHECKPOINT).is_file() and [m["epoch"] for m in metrics(out)] == [0]
+    assert re.fullmatch(r"Error: cannot read .*s\.zarr.*nothing says the store is damaged: check the connection, endpoint, "
+                        r"credentials and that the server is up, then run the same command with --resume to go on from its "
+                        r"last checkpoint \(after epoch 0\)", stderr.strip()), stderr
