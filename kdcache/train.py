@@ -76,31 +76,35 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
         resume = _checkpoint_file(out).is_file()  # by each rank: they must agree (_check_same_run)
     rank, world, _ = distributed.ranks()  # under torchrun: K ranks train one student (data parallel); rank 0 writes
     checkpoint, unread = _checked_out(out, resume, overwrite, rank, pipeline)
-    torch.manual_seed(t.seed)
-    device = data.pick_device(distributed.training_device(t.device), "train.device", pipeline.where("train.device"))
-    streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
-    # under torchrun an incomplete store is refused by rank 0's look, for every rank (_check_same_run); another rank's own
-    # copy lacking shards rank 0's holds is named by _shards
-    store = open_for_training(cache_location, allow_partial, cache_options, refuse=world == 1)
-    evaluated, held = None, None  # train.eval_cache opened, and the shards each rank's store holds: the ranks compare them
-    if world > 1:
-        evaluated, held = _check_same_run(out, checkpoint, unread, given, pipeline, store, eval_options,
-                                          _held(cache_location, store, allow_partial, cache_options))
-    shards = _shards(out, pipeline, store, checkpoint, held)  # resumed: the run's own store, values and rows, checked first
-    if _finished(out, checkpoint, t):  # a requeued job (--auto-resume) or a --resume whose run had ended: nothing to do
-        return _already_finished(out, checkpoint, t, rank)
-    # each store's objects of the shards the run reads, listed: a done shard an incomplete copy lacks is refused now, not
-    # where it is read (streaming: hours into the run); in one process train.eval_cache is opened here for that
-    evaluated = _check_objects(pipeline, store, shards, checkpoint, evaluated, eval_options, world)
-    dataset = _dataset(pipeline, store, "the store")
     # what the run changes on the student: its feature hooks, and its modules' training modes (evaluation leaves them in
     # eval mode), undone however the run ends: the factory may return a model it keeps, and train or fine-tune it after
     hooks: list[Any] = []
-    try:
-        training = _training(pipeline, store, shards, dataset, device, hooks, checkpoint, out, rank, world,
-                             cache_location, streams)
-        run = training.run
-        with _owned_out(out, resume, overwrite, rank, pipeline):  # one run per OUT, from here to the end
+    # one run per OUT, from its first look to its end: a second is told the first is still going (before, while the first
+    # loaded its store, dataset and student, a second without flags was told OUT already held a run, and a --resume trained)
+    with _owned_out(out, resume, overwrite, rank, pipeline):
+        try:
+            torch.manual_seed(t.seed)
+            device = data.pick_device(distributed.training_device(t.device), "train.device", pipeline.where("train.device"))
+            streams = distributed.join_training(t.streams, device, t.rank_timeout_s)
+            # under torchrun an incomplete store is refused by rank 0's look, for every rank (_check_same_run); another
+            # rank's own copy lacking shards rank 0's holds is named by _shards
+            store = open_for_training(cache_location, allow_partial, cache_options, refuse=world == 1)
+            # train.eval_cache opened, and the shards each rank's store holds: the ranks compare them
+            evaluated, held = None, None
+            if world > 1:
+                evaluated, held = _check_same_run(out, checkpoint, unread, given, pipeline, store, eval_options,
+                                                  _held(cache_location, store, allow_partial, cache_options))
+            # resumed: the run's own store, values and rows, checked first
+            shards = _shards(out, pipeline, store, checkpoint, held)
+            if _finished(out, checkpoint, t):  # a requeued job (--auto-resume) or a --resume whose run had ended: nothing
+                return _already_finished(out, checkpoint, t, rank)  # to do
+            # each store's objects of the shards the run reads, listed: a done shard an incomplete copy lacks is refused
+            # now, not where it is read (streaming: hours into the run); in one process train.eval_cache is opened here for that
+            evaluated = _check_objects(pipeline, store, shards, checkpoint, evaluated, eval_options, world)
+            dataset = _dataset(pipeline, store, "the store")
+            training = _training(pipeline, store, shards, dataset, device, hooks, checkpoint, out, rank, world,
+                                 cache_location, streams)
+            run = training.run
             # the next step's epoch and the epoch's batches trained; resumed inside an epoch, its loss sums so far
             state, partial = _resumed(out, checkpoint, run, training.optimizer, training.schedule, training.total_steps,
                                       rank)
@@ -116,11 +120,11 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             if rank == 0:
                 _save(_on_cpu(run.student.state_dict()), out / "student.pt")  # loadable where there is no GPU
                 _save(_on_cpu(run.heads.state_dict()), out / "heads.pt")
-        distributed.barrier()  # torchrun: every rank returns after rank 0 has written
-        return _result(out, state, run, loop)
-    finally:
-        for hook in hooks:
-            hook.remove()
+            distributed.barrier()  # torchrun: every rank returns after rank 0 has written
+            return _result(out, state, run, loop)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def _refuse_out_inside_store(out: Path, cache_location: str) -> None:
@@ -2105,8 +2109,9 @@ MAX_RANK_TIMEOUT_S = 1e9  # about 31 years: the longest train.rank_timeout_s (ch
 
 @contextlib.contextmanager
 def _owned_out(out: Path, resume: bool, overwrite: bool, rank: int, pipeline: Pipeline) -> Iterator[None]:
-    """Rank 0 holds OUT's writer lock for the rest of the run (a second run into the same OUT is refused, as a
-    second writer of a store is) and checks OUT again under it (another run may have written it meanwhile)."""
+    """Rank 0 holds OUT's writer lock from its first look at OUT (``_checked_out``) to the run's end, its store, dataset
+    and student loaded under it too (a second run into the same OUT is refused as still going, as a second writer of a
+    store is), and checks OUT again under it (another run may have written it meanwhile)."""
     if rank != 0:
         yield
         return

@@ -3183,3 +3183,42 @@ def test_a_remote_read_that_fails_after_a_checkpoint_says_to_rerun_with_resume(t
     assert re.fullmatch(r"Error: cannot read .*s\.zarr.*nothing says the store is damaged: check the connection, endpoint, "
                         r"credentials and that the server is up, then run the same command with --resume to go on from its "
                         r"last checkpoint \(after epoch 0\)", stderr.strip()), stderr
+
+
+
+@pytest.mark.parametrize("held", ["loading", "training"])
+def test_a_second_run_into_the_out_of_a_run_still_going_is_told_that_first(tiny_store, tmp_path, held):
+    """A run into an --out whose run is still going, given without flags, --resume or --overwrite, is told that the run is
+    still going, and nothing of it changes. The first held while it loads its store, dataset and student (a --resume of
+    a run that trained an epoch; its lock was taken only after that): a second without flags was told "already holds a
+    training run; pass --resume", and a --resume trained, the two runs into one --out at once. The first held in its
+    third epoch: told so already."""
+    out, hold = tmp_path / "run", tmp_path / "hold"
+    args = [str(TINY_TOML), "--cache", tiny_store, "--out", str(out), "--epochs", "4", "--no-progress",
+            "--set", 'data.factory="numbered.py:tiny_slow"', *(x for s in PLAIN for x in ("--set", s))]
+    first = args
+    if held == "loading":
+        assert CliRunner().invoke(cli.main, ["train", *args, "--epochs", "1"]).exit_code == 0
+        first = [*args, "--resume"]
+    hold.touch()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_TEST_HOLD": str(hold),
+           "KDCACHE_TEST_HOLD_AFTER": "0" if held == "loading" else "150"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "train", *first], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not Path(f"{hold}.held").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the read was not held within 240 s"
+            time.sleep(0.01)
+        saved = (out / CHECKPOINT).read_bytes()
+        for flags in ([], ["--resume"], ["--overwrite"]):
+            result = CliRunner().invoke(cli.main, ["train", *args, *flags])
+            assert result.exit_code == 1 and re.fullmatch(
+                rf"Error: {re.escape(repr(str(out)))} is the output folder of a training run still going \(kdcache train pid "
+                rf"{proc.pid} on .*\); wait for it to end or stop it, then rerun \(nothing was changed\)\n", result.output), (flags, result.output)
+        assert (out / CHECKPOINT).read_bytes() == saved
+    finally:
+        hold.unlink()
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert [m["epoch"] for m in metrics(out)] == [0, 1, 2, 3]
