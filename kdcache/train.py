@@ -98,6 +98,8 @@ def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str |
             shards = _shards(out, pipeline, store, checkpoint, held)
             if _finished(out, checkpoint, t):  # a requeued job (--auto-resume) or a --resume whose run had ended: nothing
                 return _already_finished(out, checkpoint, t, rank)  # to do
+            if rank == 0 and len(shards) < store.num_shards:  # --allow-partial, or a resumed run's own shards
+                print(_part_trained(store, shards, resumed=checkpoint is not None, subset=t.subset))
             # each store's objects of the shards the run reads, listed: a done shard an incomplete copy lacks is refused
             # now, not where it is read (streaming: hours into the run); in one process train.eval_cache is opened here for that
             evaluated = _check_objects(pipeline, store, shards, checkpoint, evaluated, eval_options, world)
@@ -1739,6 +1741,17 @@ def _shards(out: Path, pipeline: Pipeline, store: layout.Store, checkpoint: dict
     if held is not None:
         _check_ranks_hold(shards, held, store, resumed=checkpoint is not None and "shards" in checkpoint)
     return shards
+
+
+def _part_trained(store: layout.Store, shards: np.ndarray, resumed: bool, subset: int) -> str:
+    """The note of a run on part of its store (``--allow-partial``; a resumed run keeps its own shards): how many of
+    the store's samples and shards it trains on (it said nothing: a run on 20 of 50 samples looked like one on all)."""
+    mine = np.zeros(store.num_shards, dtype=bool)
+    mine[shards] = True
+    which = ", those done as the run began" if resumed else " done"
+    chosen = f"; train.subset = {subset} takes {subset:,} rows of them" if 0 < subset < store.samples_done(mine) else ""
+    return (f"note: training on {store.samples_done(mine):,} of {store.num_samples:,} samples ({len(shards)} of "
+            f"{store.num_shards} shards{which}) of {store.location!r}{chosen}")
 
 
 def _held(location: str, store: layout.Store, allow_partial: bool, storage_options: dict[str, Any] | None) -> tuple[Any, ...]:

@@ -239,6 +239,24 @@ def test_incomplete_store_needs_allow_partial(tiny_store, tmp_path, steps):
     assert set(used.tolist()) == set(range(50)) - set(range(16, 32))
 
 
+
+def test_allow_partial_says_how_much_of_the_store_it_trains_on(tiny_store, tmp_path):
+    """``train --allow-partial`` on a store with shards 1 and 2 of 4 not done trained on 18 of its 50 samples without a
+    word: it says so in a note (in ``--json``'s notes), and so does a resume, on the shards done as the run began."""
+    location = copy_store(tiny_store, tmp_path)
+    zarr.open_group(location, mode="r+")[layout.DONE][1:3] = False  # rows 16..47 unwritten
+    args = ["train", str(TINY_TOML), "--cache", location, "--out", str(tmp_path / "run"), "--allow-partial",
+            *(x for s in PLAIN for x in ("--set", s))]
+    note = f"note: training on 18 of 50 samples (2 of 4 shards done) of {location!r}"
+    result = CliRunner().invoke(cli.main, [*args, "--epochs", "1"])
+    assert result.exit_code == 0 and note in result.output.splitlines(), result.output
+    zarr.open_group(location, mode="r+")[layout.DONE][1] = True  # one more done: the run keeps its own
+    result = CliRunner().invoke(cli.main, [*args, "--epochs", "2", "--resume", "--json"])
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.output)["notes"]
+    assert f"note: training on 18 of 50 samples (2 of 4 shards, those done as the run began) of {location!r}" in notes, notes
+
+
 def without_member(zipped: Path, member: str) -> None:
     """Rewrite the zip ``zipped`` without its ``member`` (a zip copied in part, or edited)."""
     import zipfile
