@@ -1638,7 +1638,7 @@ def _check_objects(pipeline: Pipeline, store: layout.Store, shards: np.ndarray, 
     t = pipeline.train
     if world == 1 and t.eval_cache:
         with contextlib.suppress(KdcacheError):
-            evaluated = _open_eval_store(t.eval_cache, t.eval_split, eval_options)
+            evaluated = _open_eval_store(t.eval_cache, t.eval_split, eval_options, pipeline.where("train.eval_cache"))
     try:
         refusal = _unbacked(store, _shards_read(store, shards, t.subset, t.seed), _arrays_read(pipeline, store, checkpoint))
         logits = None if evaluated is None else next((tg for tg in evaluated.targets.values() if tg.path == layout.LOGITS), None)
@@ -1838,18 +1838,29 @@ def _schedule(name: str, total_steps: int) -> Any:
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
-def _open_eval_store(location: str, split: str, storage_options: dict[str, Any] | None) -> layout.Store:
+def _open_eval_store(location: str, split: str, storage_options: dict[str, Any] | None, where: str) -> layout.Store:
     """``train.eval_cache``, opened. Where nothing is at a local path, the error names the setting and the split to extract:
     open_store's own fix, "run kdcache extract PIPELINE --out X first", read as the training store's (--cache), and that
-    extract wrote the training split, which the eval store is then refused for."""
+    extract wrote the training split, which the eval store is then refused for. ``where``: what gave the value
+    (``Pipeline.where``): the flag ``--eval-cache X`` is named first (``_eval_cache_named``)."""
+    named, drop = _eval_cache_named(where)
     try:
         storage.location_arg(location, "train.eval_cache")  # a "~/eval.zarr" in the pipeline file: no shell expanded it
     except StoreError as e:
-        raise StoreError(f"train.eval_cache: {e}") from None
+        raise StoreError(f"{named}: {e}") from None
     if storage.location_kind(location) == "local" and not Path(storage.local_path(location)).exists():
-        raise StoreError(f"train.eval_cache: no store at {location!r}; extract the eval split there first (kdcache extract PIPELINE "
-                         f"--out {shlex.quote(location)} --set data.split={split or 'SPLIT'}), or drop train.eval_cache")
+        raise StoreError(f"{named}: no store at {location!r}; extract the eval split there first (kdcache extract PIPELINE "
+                         f"--out {shlex.quote(location)} --set data.split={split or 'SPLIT'}), or {drop}")
     return layout.open_store(location, storage_options=storage_options)
+
+
+def _eval_cache_named(where: str) -> tuple[str, str]:
+    """How an error about the eval store names train.eval_cache, given by ``where`` (``Pipeline.where``), and how to go
+    without it: given by the flag, ``--eval-cache X: train.eval_cache`` and "leave --eval-cache out" (the README's rule:
+    an error names the flag that gave the value; it said "drop train.eval_cache", a setting the user never wrote)."""
+    if where.startswith("--eval-cache "):
+        return f"{where}: train.eval_cache", "leave --eval-cache out"
+    return "train.eval_cache", "drop train.eval_cache"
 
 
 def _evaluator(pipeline: Pipeline, run: Run, device: torch.device, storage_options: dict[str, Any] | None = None,
@@ -1886,17 +1897,18 @@ def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | Non
     """``train.eval_cache``'s dataset, the batches of this rank's whole shards of it (None: no shard left to this rank) and
     its stored logits, once the store is found fit to measure the student against the teacher it distils."""
     t = pipeline.train
-    store, stored = _eval_store(t.eval_cache, t.eval_split, storage_options, trained, opened)
+    store, stored = _eval_store(t.eval_cache, t.eval_split, storage_options, trained, opened, pipeline.where("train.eval_cache"))
     split = store.manifest["dataset"]["split"]
     if _check_eval_split(t.eval_cache, t.eval_split, store.manifest, trained):
         _say_evaluated_on_training_data(f"train.eval_cache {t.eval_cache!r}", split)
-    _check_eval_logits(t.eval_cache, stored, trained)
+    drop = _eval_cache_named(pipeline.where("train.eval_cache"))[1]
+    _check_eval_logits(t.eval_cache, stored, trained, drop)
     dataset = _dataset(pipeline, store, "train.eval_cache")
     if trained is not None and split != trained["dataset"]["split"] and _training_samples(dataset, trained):
         raise PipelineError(f"train.eval_cache {t.eval_cache!r} (split {split!r}) holds the samples the student trains on: its "
                             f"{len(dataset)} samples begin and end as split {trained['dataset']['split']!r} of the store trained from "
                             "does (data.factory gives one split whatever the split asked?); make data.factory return the split it "
-                            "is asked for and extract the eval split again, or drop train.eval_cache")
+                            f"is asked for and extract the eval split again, or {drop}")
     shards = distributed.my_part(store.num_shards)  # torchrun: each rank evaluates its whole shards, the counts are summed
     source = None if not len(shards) else cache.TransferSet(  # the store checked above, found still at its location
         store, dataset, [layout.LOGITS], batch_size=max(t.batch_size, 512), shuffle=False, rows=cache.done_rows(store, shards),
@@ -1908,15 +1920,16 @@ def _eval_cache_source(pipeline: Pipeline, storage_options: dict[str, Any] | Non
 
 
 def _eval_store(location: str, split: str, storage_options: dict[str, Any] | None,
-                trained: dict[str, Any] | None, opened: layout.Store | None = None) -> tuple[layout.Store, layout.Target]:
-    """``train.eval_cache`` (``location``; ``split``: train.eval_split) opened (``opened``, where it was already), and its
-    stored logits: it must be complete, store logits, and have been made by the teacher of the store trained from
-    (``trained``: its manifest)."""
-    store = opened or _open_eval_store(location, split, storage_options)
+                trained: dict[str, Any] | None, opened: layout.Store | None, where: str) -> tuple[layout.Store, layout.Target]:
+    """``train.eval_cache`` (``location``; ``split``: train.eval_split; ``where``: what gave it) opened (``opened``, where
+    it was already), and its stored logits: it must be complete, store logits, and have been made by the teacher of the
+    store trained from (``trained``: its manifest)."""
+    store = opened or _open_eval_store(location, split, storage_options, where)
+    drop = _eval_cache_named(where)[1]
     if not store.done_snapshot().all():  # allow_partial is the training store's: an eval store's metrics are the whole split's
         raise StoreError(f"train.eval_cache {location!r} is incomplete ({store.samples_done(store.done_snapshot())}/{store.num_samples} samples): its "
                          f"metrics would leave out the rest; resume its kdcache extract ({option('--allow-partial')} applies to the "
-                         "training store alone), or drop train.eval_cache")
+                         f"training store alone), or {drop}")
     stored = next((tg for tg in store.targets.values() if tg.path == layout.LOGITS), None)
     if stored is None:
         raise PipelineError(f"train.eval_cache {location!r} stores no logits to compare with; extract it with targets.logits = true")
@@ -1925,7 +1938,7 @@ def _eval_store(location: str, split: str, storage_options: dict[str, Any] | Non
         raise PipelineError(f"train.eval_cache {location!r} was made by another teacher ({store.manifest['teacher']['factory']}, "
                             f"weights sha256 {theirs[:12]}...) than the store trained from ({teacher['factory']}, weights sha256 "
                             f"{teacher['weights_sha256'][:12]}...): eval_agreement would compare the student with another teacher; "
-                            "extract the eval split with the same teacher (--set data.split=...), or drop train.eval_cache")
+                            f"extract the eval split with the same teacher (--set data.split=...), or {drop}")
     return store, stored
 
 
@@ -1957,16 +1970,17 @@ def _say_evaluated_on_training_data(what: str, split: str) -> None:
               file=sys.stderr)
 
 
-def _check_eval_logits(location: str, stored: layout.Target, trained: dict[str, Any] | None) -> None:
+def _check_eval_logits(location: str, stored: layout.Target, trained: dict[str, Any] | None, drop: str) -> None:
     """Refuse an eval store (``location``) whose logits (``stored``) are another part of the teacher's output (another
-    select) than the store trained from holds (``trained``: its manifest; a run of features and labels alone has none)."""
+    select) than the store trained from holds (``trained``: its manifest; a run of features and labels alone has none);
+    ``drop``: how to go without it (``_eval_cache_named``)."""
     ours = next((tg for tg in map(layout.Target.from_dict, (trained or {"targets": {}})["targets"].values())
                  if tg.path == layout.LOGITS), None)  # None: a run of features and labels alone
     if ours is not None and (ours.output_shape, ours.select) != (stored.output_shape, stored.select):  # another part of the teacher's output
         raise PipelineError(f"train.eval_cache {location!r} stores the teacher's logits as select {stored.select!r}, per-sample shape "
                             f"{list(stored.output_shape)}, but the store trained from as select {ours.select!r}, shape {list(ours.output_shape)}: "
                             "eval_agreement would compare the student with another part of the teacher's output; extract the eval "
-                            f"split with the training store's targets.select (logits = {ours.select!r}), or drop train.eval_cache")
+                            f"split with the training store's targets.select (logits = {ours.select!r}), or {drop}")
 
 
 def _eval_split_source(pipeline: Pipeline, trained: dict[str, Any] | None) -> tuple[Any, DataLoader | None]:
@@ -2151,7 +2165,8 @@ def _check_same_run(out: Path, checkpoint: dict[str, Any] | None, unread: StoreE
     evaluated, failed = None, ""
     if pipeline.train.eval_cache:
         try:
-            evaluated = _open_eval_store(pipeline.train.eval_cache, pipeline.train.eval_split, eval_options)
+            evaluated = _open_eval_store(pipeline.train.eval_cache, pipeline.train.eval_split, eval_options,
+                                         pipeline.where("train.eval_cache"))
         except KdcacheError as e:  # said by the evaluation, as in one process; here the ranks compare that it does not open
             failed = one_line(e, 160)
     trains = _what_rank_trains(given, pipeline, store, evaluated, failed)

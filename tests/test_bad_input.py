@@ -650,7 +650,14 @@ CASES = [
     Case("train-incomplete-store", lambda c: train(c), ("is incomplete (34/50 samples)", "--allow-partial"), store=True,
          damage=lambda s: unmark(s, 2)),
     Case("train-no-store", lambda c: ["train", TINY, "--cache", c.tmp / "nothing.zarr", "--out", c.run], ("no store at",)),
-    Case("eval-cache-no-store", lambda c: train(c, "--eval-cache", c.tmp / "nothing.zarr"), ("no store at", "nothing.zarr"), store=True),
+    # named the setting alone ('train.eval_cache: no store at …, or drop train.eval_cache'), not the flag that gave it
+    Case("eval-cache-no-store", lambda c: train(c, "--eval-cache", c.tmp / "nothing.zarr"),
+         ("Error: --eval-cache ", "nothing.zarr: train.eval_cache: no store at", "or leave --eval-cache out"), store=True),
+    Case("eval-cache-no-store-set", lambda c: train(c, "--set", f"train.eval_cache='{c.tmp / 'nothing.zarr'}'"),
+         ("Error: train.eval_cache: no store at", "nothing.zarr'; extract the eval split there first", "or drop train.eval_cache"), store=True),
+    Case("eval-cache-incomplete", lambda c: train(c, "--allow-partial", "--eval-cache", c.store),
+         ("is incomplete (34/50 samples)", "applies to the training store alone), or leave --eval-cache out"), store=True,
+         damage=lambda s: unmark(s, 2)),
     # -- the student and the losses
     # was a RuntimeError traceback from backward(): "element 0 of tensors does not require grad"
     Case("student-output-without-gradient", lambda c: train(c, "--set", "student.factory=bad_input.py:one_hot_student",
