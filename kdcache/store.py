@@ -604,9 +604,11 @@ class Store:
             if bad:  # named, with the marker whose deletion has extract redo that shard (FORMAT.md §13)
                 named = ", ".join(f"{DIGEST}/c/{s}/0 (shard {s}: {size} bytes)" for s, size in bad[:3])
                 named += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                redo = (f"delete the done marker {' '.join(f'{DONE}/c/{s}' for s, _ in bad[:3])} of its shard and rerun "
+                        "kdcache extract (which redoes the shard)")
+                fix = redo_fix(self.location, redo, f"{redo}, or re-extract the store")
                 raise DamagedStoreError(f"{self.location!r} is damaged: digest row {named} is not the {4 * want[1]} bytes of one row "
-                                 f"(truncated or corrupted); delete the done marker {' '.join(f'{DONE}/c/{s}' for s, _ in bad[:3])} of "
-                                 "its shard and rerun kdcache extract (which redoes the shard), or re-extract the store") from None
+                                        f"(truncated or corrupted); {fix}") from None
             raise DamagedStoreError(f"{self.location!r} is damaged: {DIGEST} does not decode ({type(e).__name__}: {short(str(e))}); "
                              f"run kdcache verify {self.location}, or re-extract the store") from None
 
@@ -1263,7 +1265,7 @@ class Store:
         redo = ("rerun kdcache extract (which redoes a done shard whose objects are missing or empty)" if missing else
                 f"delete its done marker {DONE}/c/{shard} and rerun kdcache extract (which skips done shards)")
         return DamagedShardError(f"{self.location!r} is damaged: shard {shard} of {path} (rows {lo}-{hi - 1}) {problem}; "
-                                 f"kdcache verify {self.location} lists every damaged chunk; copy the store again, or redo the shard: {redo}",
+                                 f"kdcache verify {self.location} lists every damaged chunk; {redo_fix(self.location, redo)}",
                                  problem)
 
     def nbytes_stored(self, sizes: dict[str, int] | None = None) -> int | None:
@@ -2049,6 +2051,21 @@ def marker_fix(location: str) -> str:
     if kind == "http":
         return "ask the store's owner to delete the marker and rerun kdcache extract to redo its shard, or copy the store again"
     return "delete the marker and rerun kdcache extract to redo its shard, or re-extract the store"
+
+
+def redo_fix(location: str, redo: str, writable: str = "") -> str:
+    """The fix of a damaged shard of the store at ``location``, whose shard ``redo`` (deleting its done marker, rerunning
+    kdcache extract) redoes in place: where the store is writable, "copy the store again, or redo the shard: REDO"
+    (``writable``: another wording); a zip's members cannot be changed, nor can an http server's files by their reader
+    (the fix named was "rerun kdcache extract", which cannot write there), so there the copy's source is named."""
+    kind = location_kind(location)
+    if kind == "zip" or "::" in location:
+        return ("a zip cannot be changed in place: copy the zip again, or pack it again (kdcache pack FOLDER OUT) from the "
+                f"folder it was packed from once the shard is redone there: {redo}")
+    if kind == "http":
+        return ("a store read over HTTP cannot be changed by its reader: have the server's copy replaced from its source, or "
+                f"copy the store to a local folder and redo the shard there: {redo}")
+    return writable or f"copy the store again, or redo the shard: {redo}"
 
 
 def _marker(key: str, raw: bytes) -> str:

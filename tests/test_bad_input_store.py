@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import served_folder
 from kdcache.cli import main
 from kdcache.errors import StoreError
 from kdcache.store import DONE, LOGITS, create_or_resume, open_store
 from kdcache.verify import verify
-from test_bad_input import (LOGITS_SHARD_1, TINY, TRAIN, Case, Ctx, check_output, edit_manifest, extract, factory_file, invoke, snapshot,
-                             text_file, train, truncate)
+from test_bad_input import (LOGITS_SHARD_1, TINY, TRAIN, Case, Ctx, check_output, edit_manifest, extract, factory_file, flip_byte, invoke,
+                             snapshot, text_file, train, truncate)
 
 OUT = "out"  # export / pack write out.h5 / out.zarr.zip in the case's folder: a failed one leaves nothing named out*
 
@@ -577,6 +579,38 @@ def test_a_done_shard_with_wrong_bytes_names_its_done_marker_to_delete(tmp_path:
     result = CliRunner().invoke(main, [str(a) for a in extract("--out", store)])
     assert result.exit_code == 0 and "3 of 4 shards were already done" in result.output, result.output
     assert verify(str(store))["ok"]
+
+
+@pytest.mark.parametrize("where", ["http", "zip"])
+def test_a_damaged_shard_of_a_store_read_over_http_or_from_a_zip_names_a_fix_that_can_be_done_there(tmp_path: Path, tiny_store: str,
+                                                                                                     where: str) -> None:
+    """A done shard with wrong bytes, in a store served over plain HTTP or in a .zarr.zip whose member is whole as the zip
+    sees it: the line said "copy the store again, or redo the shard: delete its done marker … and rerun kdcache extract",
+    which cannot write either. It says what works there: the server's copy replaced, or a local copy redone; the zip
+    copied or packed again from a folder whose shard is redone."""
+    store = tmp_path / "www" / TRAIN
+    shutil.copytree(tiny_store, store)
+    flip_byte(store, LOGITS_SHARD_1, at=len((store / LOGITS_SHARD_1).read_bytes()) // 3)
+    redo = f"delete its done marker {DONE}/c/1 and rerun kdcache extract (which skips done shards)"
+    served = None
+    if where == "http":
+        served = served_folder(tmp_path / "www", "http.server")
+        location = f"{next(served)[1]}/{TRAIN}"
+        fix = ("a store read over HTTP cannot be changed by its reader: have the server's copy replaced from its source, or copy "
+               f"the store to a local folder and redo the shard there: {redo}")
+    else:
+        location = str(tmp_path / "t.zarr.zip")
+        with zipfile.ZipFile(location, "w", compression=zipfile.ZIP_STORED) as z:  # as pack writes it, its CRCs of these bytes
+            for f in sorted(p for p in store.rglob("*") if p.is_file()):
+                z.write(f, f.relative_to(store).as_posix())
+        fix = ("a zip cannot be changed in place: copy the zip again, or pack it again (kdcache pack FOLDER OUT) from the folder "
+               f"it was packed from once the shard is redone there: {redo}")
+    try:
+        damaged = CliRunner().invoke(main, ["train", str(extract()[1]), "--cache", location, "--out", str(tmp_path / "run"), "--epochs", "1"])
+    finally:
+        if served is not None:
+            next(served, None)
+    assert damaged.exit_code == 1 and damaged.stderr.strip().endswith(f"lists every damaged chunk; {fix}"), damaged.output
 
 
 @pytest.mark.parametrize("lost", [LOGITS_SHARD_1, "samples/index/c/1", "progress/digest/c/1/0"], ids=["target", "index", "digest-row"])
