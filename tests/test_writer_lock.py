@@ -750,8 +750,20 @@ def test_a_stale_s3_lock_is_taken_over_and_a_live_one_is_not(s3, monkeypatch):
         # a lock is stale at 2 s by the server's whole seconds with 1.5, which a heartbeat 1 s late (a loaded box) may show:
         # with 3, past 2 s late only
         monkeypatch.setattr(locking, "LOCK_STALE_S", 3)
-        time.sleep(3.5)  # past LOCK_STALE_S: our heartbeat keeps it live
-        assert json.loads(read_object(fs, lock))["heartbeat"] > first["heartbeat"]
+        # past LOCK_STALE_S from its first write, our heartbeat keeps it live: waited for on the renewals themselves (when
+        # each one's PUT was sent), not a sleep of 3.5 s in which a loaded box's in-process S3 server must answer one
+        lease = locking.held_lease(url, s3)
+        renewals, deadline = [lease.renewed], time.monotonic() + 120
+        while renewals[-1] - renewals[0] <= locking.LOCK_STALE_S:
+            assert time.monotonic() < deadline, f"renewed {len(renewals) - 1} times in 120 s (every {locking.LOCK_HEARTBEAT_S} s)"
+            if lease.renewed != renewals[-1]:
+                renewals.append(lease.renewed)
+            time.sleep(0.01)
+        # its period, from the renewals' own times: the quickest of them (a loaded box only makes them later) well within
+        # LOCK_STALE_S, as a heartbeat every LOCK_HEARTBEAT_S is (one as slow as LOCK_STALE_S lets the lock go stale)
+        gaps = [later - earlier for earlier, later in zip(renewals, renewals[1:])]
+        assert min(gaps) < locking.LOCK_STALE_S / 2, f"renewed every {min(gaps):.1f} s at the quickest ({len(gaps)} renewals)"
+        assert json.loads(read_object(fs, lock))["heartbeat"] > first["heartbeat"], "the lock object rewritten"
         with pytest.raises(layout.StoreError, match=f"is being written by kdcache pid {os.getpid()} on "):
             with writer_lock(url, s3):
                 pass
