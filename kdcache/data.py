@@ -542,7 +542,7 @@ def _stop_producers() -> None:
     """At exit: stop every producer and wait for the item it is making. A daemon thread still inside torch's C++ code
     (a batch being collated) when the interpreter shuts down aborts the process ("terminate called without an active
     exception", exit 134) after a run that finished: a train run that stops mid-epoch leaves its next batches in the making.
-    One still inside the dataset's code after ``EXIT_READ_WAIT`` seconds (a read that hangs: a stalled network mount, a
+    One still inside the dataset's code after ``threads.EXIT_READ_WAIT`` seconds (a read that hangs: a stalled network mount, a
     dead remote dataset) is not waited for: a run stopped by Ctrl-C or SIGTERM ends at once, not once the read returns, and
     a daemon thread left in Python code or a system call ends with the process. All are waited for ``STOP_WAIT`` at most."""
     with _PRODUCERS_LOCK:
@@ -551,12 +551,11 @@ def _stop_producers() -> None:
         stop.set()
     began = time.monotonic()
     for thread, _ in live:
-        thread.join(timeout=max(0.0, began + EXIT_READ_WAIT - time.monotonic()))
+        thread.join(timeout=max(0.0, began + threads.EXIT_READ_WAIT - time.monotonic()))
         while thread.is_alive() and thread.ident not in _READING and (left := began + STOP_WAIT - time.monotonic()) > 0:
             thread.join(timeout=min(left, 0.1))
 
 
-EXIT_READ_WAIT = 1.0  # seconds the producers still reading the dataset at exit are waited for (the read may hang)
 
 
 atexit.register(_stop_producers)

@@ -60,7 +60,7 @@ def now(fn: Callable[..., Any], *args: Any) -> Future[Any]:
 
 
 READS = ("read-ahead", "read", "shards", "fetch")  # the pools whose calls only read (a store's objects, a stream's buffers)
-EXIT_READ_WAIT = 1.0  # seconds a stopped command's end waits for a read still under way (``reads_stuck``): it may hang
+EXIT_READ_WAIT = 1.0  # seconds an ending process waits for a read still under way (``reads_stuck``, data's producers): it may hang
 
 
 def reads_stuck(seconds: float = EXIT_READ_WAIT) -> bool:
