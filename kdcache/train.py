@@ -435,7 +435,9 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 loop.writes.wait(during=ending)  # in the place of the run's own (a stop, NaN, Ctrl-C), which it names
 
 
-_RERUN = re.compile(r"\brerun( once [^;()]*)?$")  # a failure's advice, last in its line: "…, then rerun"
+# a failure's advice, last in its line: "…, then rerun". Its last line: a DataLoader worker's error holds torch's text, which
+# ends with the worker's own message and a line break (a "rerun once …" read past it, the line printed lost the message)
+_RERUN = re.compile(r"\brerun( once [^;()\n]*)?$")
 
 
 def _go_on(error: BaseException, loop: _Loop) -> BaseException:

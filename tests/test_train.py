@@ -3203,6 +3203,32 @@ def test_a_remote_read_that_fails_after_a_checkpoint_says_to_rerun_with_resume(t
                         r"last checkpoint \(after epoch 0\)", stderr.strip()), stderr
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "dataloader-workers"])
+def test_a_store_removed_after_a_checkpoint_says_to_rerun_with_resume_with_or_without_workers(tiny_store, tmp_path, monkeypatch, workers):
+    """The store a streaming run reads is removed as epoch 0's last step trains: epoch 1's first read ends the run with
+    the store's one line, whose advice "rerun once the store is in place again" names --resume, as it does without
+    DataLoader workers. With them the line was cut to "Error:  to go on from its last checkpoint (after epoch 0)": the
+    advice was rewritten in torch's text around the worker's error, past its last line break, the line the CLI prints."""
+    store, out = tmp_path / "s.zarr", tmp_path / "run"
+    shutil.copytree(tiny_store, store)
+    losses_of, calls = Run.losses, iter(range(1, 10**9))
+
+    def removed_in_epoch_0s_last_step(self, batch):  # 7 steps an epoch: epoch 1's reads come after its checkpoint
+        if next(calls) == 7:
+            shutil.rmtree(store)
+        return losses_of(self, batch)
+
+    monkeypatch.setattr(Run, "losses", removed_in_epoch_0s_last_step)
+    result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", str(store), "--out", str(out), "--epochs", "2",
+                                           "--no-progress", *(x for s in [*PLAIN, "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1",
+                                                                             f"train.num_workers={workers}"] for x in ("--set", s))])
+    assert result.exit_code == 1, result.output
+    assert re.fullmatch(rf"Error: {re.escape(repr(str(store)))} was removed or replaced while this reader used it: .*; run the same "
+                        r"command with --resume once the store is in place again to go on from its last checkpoint \(after epoch 0\)",
+                        result.output.strip()), result.output
+    assert [m["epoch"] for m in metrics(out)] == [0] and (out / CHECKPOINT).is_file()
+
+
 
 @pytest.mark.parametrize("held", ["loading", "training"])
 def test_a_second_run_into_the_out_of_a_run_still_going_is_told_that_first(tiny_store, tmp_path, held):
