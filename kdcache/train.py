@@ -445,20 +445,29 @@ def _go_on(error: BaseException, loop: _Loop) -> BaseException:
     checkpoint was saved, its line's last advice "rerun" says how to go on from it (``loop.again``: the same command
     was refused, OUT holding a run). Its type kept: a caller's ``except`` still takes it."""
     if loop.saved and isinstance(error, KdcacheError) and len(error.args) == 1 and isinstance(error.args[0], str):
-        error.args = (_RERUN.sub(lambda m: f"{loop.again}{m.group(1) or ''} to go on from its last checkpoint ({loop.saved})",
-                                 error.args[0]),)
+        error.args = (_from_checkpoint(error.args[0], loop),)
     return error
+
+
+def _from_checkpoint(message: str, loop: _Loop, why: str = "") -> str:
+    """``message`` with its last advice "rerun" (if any) saying how to go on from the last checkpoint; ``why``: a note
+    after where that checkpoint is."""
+    return _RERUN.sub(lambda m: f"{loop.again}{m.group(1) or ''} to go on from its last checkpoint ({loop.saved}{why})", message)
 
 
 def _kept(error: Exception, loop: _Loop) -> Exception:
     """``error``, raised as the next epoch's batches were started, saying that the checkpoint saved before it is raised
-    keeps the epoch that ended (its type kept: a caller's ``except`` still takes it). A kdcache error's one line says so;
-    another error gets a note (its traceback shows it)."""
+    keeps the epoch that ended (its type kept: a caller's ``except`` still takes it). A kdcache error's one line says so:
+    its last advice "rerun" said as ``_go_on`` says it (not followed by a second fix: "…, then rerun (…: fix this, then
+    run the same command with --resume …)"), else the checkpoint named after it. Another error gets a note (its traceback
+    shows it)."""
+    started = "raised as the next epoch's batches were started"
     kept = f"{str(loop.out / CHECKPOINT)!r} keeps the run {loop.saved}: fix this, then {loop.again} to go on from there"
-    if isinstance(error, KdcacheError) and len(error.args) == 1:
-        error.args = (f"{error.args[0]} (raised as the next epoch's batches were started; {kept})",)
+    if isinstance(error, KdcacheError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        said = _from_checkpoint(error.args[0], loop, f"; {started}")
+        error.args = (said if said != error.args[0] else f"{error.args[0]} ({started}; {kept})",)
     else:
-        error.add_note(f"raised as the next epoch's batches were started; {kept}")
+        error.add_note(f"{started}; {kept}")
     return error
 
 

@@ -36,7 +36,7 @@ from conftest import FIXTURES, TINY_TOML, extract_tiny, served_folder
 from reference import signal_and_wait, train_cut_after_first_epoch
 from kdcache import cache, cli, data, losses, store as layout
 from kdcache.cache import TransferSet
-from kdcache.errors import AlignmentError, PipelineError, ShapeMismatchError, StoreError, TrainingError
+from kdcache.errors import AlignmentError, DataError, PipelineError, ShapeMismatchError, StoreError, TrainingError
 from kdcache.train import CHECKPOINT, Run, train
 
 PLAIN = ["train.features={}", "train.eval_split=''"]  # no feature loss, no eval: the quickest run
@@ -2155,11 +2155,14 @@ def test_in_ram_an_epochs_batches_are_started_during_the_last_epochs_last_steps(
 @pytest.mark.parametrize("case, args, error", [
     ("in-memory", (), RuntimeError("can't start new thread")),  # started ahead by another thread (_ahead)
     ("streaming", ("train.memory_budget_mb=0", "train.shuffle_buffer_shards=1"), StoreError("the store's first buffer")),
+    ("saying-rerun", (), DataError("the dataset raised OSError: share unmounted reading index 3; fix data.factory's dataset, then rerun")),
 ])
 def test_an_error_starting_the_next_epochs_batches_is_raised_once_the_epoch_is_saved(tiny_store, tmp_path, case, args, error):
     """An error starting the next epoch's batches is raised once the epoch that ended is saved (its metrics line and
     checkpoint), saying the checkpoint keeps it: --resume goes on from there. Was: raised before the save, the epoch's
-    training lost (a rerun trained it again)."""
+    training lost (a rerun trained it again). An error whose own advice is "rerun" has it said as every failure after a
+    checkpoint says it (``_go_on``); was: "…, then rerun (raised as …: fix this, then call kdcache.train again with
+    resume=True to go on from there)", two fixes, the first refused."""
     p = pipeline(*PLAIN, "train.epochs=2", "train.batch_size=16", *args)
     iterate = TransferSet.__iter__
 
@@ -2172,8 +2175,12 @@ def test_an_error_starting_the_next_epochs_batches_is_raised_once_the_epoch_is_s
         m.setattr(TransferSet, "__iter__", failing)
         with pytest.raises(type(error)) as raised:
             train(p, tiny_store, tmp_path / "run")
-    said = str(raised.value) if isinstance(error, StoreError) else " ".join(getattr(raised.value, "__notes__", []))
-    assert "as the next epoch's batches were started" in said and "keeps the run after epoch 0" in said, said
+    said = str(raised.value) if isinstance(error, (StoreError, DataError)) else " ".join(getattr(raised.value, "__notes__", []))
+    if case == "saying-rerun":
+        assert said.endswith("fix data.factory's dataset, then call kdcache.train again with resume=True to go on from its last "
+                             "checkpoint (after epoch 0; raised as the next epoch's batches were started)") and "rerun" not in said, said
+    else:
+        assert "as the next epoch's batches were started" in said and "keeps the run after epoch 0" in said, said
     assert [line["epoch"] for line in metrics(tmp_path / "run")] == [0]
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == metrics(tmp_path / "run")[0]["step"]
     train(p, tiny_store, tmp_path / "run", resume=True)
