@@ -3211,28 +3211,38 @@ def test_a_remote_read_that_fails_after_a_checkpoint_says_to_rerun_with_resume(t
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "dataloader-workers"])
-def test_a_store_removed_after_a_checkpoint_says_to_rerun_with_resume_with_or_without_workers(tiny_store, tmp_path, monkeypatch, workers):
-    """The store a streaming run reads is removed as epoch 0's last step trains: epoch 1's first read ends the run with
-    the store's one line, whose advice "rerun once the store is in place again" names --resume, as it does without
-    DataLoader workers. With them the line was cut to "Error:  to go on from its last checkpoint (after epoch 0)": the
-    advice was rewritten in torch's text around the worker's error, past its last line break, the line the CLI prints."""
-    store, out = tmp_path / "s.zarr", tmp_path / "run"
+@pytest.mark.parametrize("fault", ["store-removed", "dataset-raising"])
+def test_a_failure_after_a_checkpoint_says_to_rerun_with_resume_with_or_without_workers(tiny_store, tmp_path, monkeypatch, fault,
+                                                                                        workers):
+    """The store a streaming run reads is removed, or its dataset starts raising (a share unmounted), as epoch 0's last
+    step trains: epoch 1's first batch ends the run with the store's or the dataset's one line, whose advice ("rerun once
+    the store is in place again", "then rerun") names --resume, with DataLoader workers as without. A removed store read
+    by workers was cut to "Error:  to go on from its last checkpoint (after epoch 0)": the advice was rewritten in torch's
+    text around the worker's error, past its last line break, the line the CLI prints."""
+    store, out, flag = tmp_path / "s.zarr", tmp_path / "run", tmp_path / "unmounted"
     shutil.copytree(tiny_store, store)
+    monkeypatch.setenv("KDCACHE_TEST_FLAG", str(flag))
     losses_of, calls = Run.losses, iter(range(1, 10**9))
 
-    def removed_in_epoch_0s_last_step(self, batch):  # 7 steps an epoch: epoch 1's reads come after its checkpoint
+    def failing_after_epoch_0s_last_step(self, batch):  # 7 steps an epoch: epoch 1's reads come after its checkpoint
         if next(calls) == 7:
-            shutil.rmtree(store)
+            if fault == "store-removed":
+                shutil.rmtree(store)
+            else:
+                flag.touch()
         return losses_of(self, batch)
 
-    monkeypatch.setattr(Run, "losses", removed_in_epoch_0s_last_step)
-    result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", str(store), "--out", str(out), "--epochs", "2",
-                                           "--no-progress", *(x for s in [*PLAIN, "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1",
-                                                                             f"train.num_workers={workers}"] for x in ("--set", s))])
+    monkeypatch.setattr(Run, "losses", failing_after_epoch_0s_last_step)
+    result = CliRunner().invoke(cli.main, ["train", str(TINY_TOML), "--cache", str(store), "--out", str(out), "--epochs", "2", "--no-progress",
+                                           *(x for s in [*PLAIN, "train.memory_budget_mb=0", "train.shuffle_buffer_shards=1",
+                                                         "data.factory='bad_input.py:raising_once_flagged'", f"train.num_workers={workers}"]
+                                             for x in ("--set", s))])
     assert result.exit_code == 1, result.output
-    assert re.fullmatch(rf"Error: {re.escape(repr(str(store)))} was removed or replaced while this reader used it: .*; run the same "
-                        r"command with --resume once the store is in place again to go on from its last checkpoint \(after epoch 0\)",
-                        result.output.strip()), result.output
+    said = {"store-removed": rf"{re.escape(repr(str(store)))} was removed or replaced while this reader used it: .*; run the same command "
+                             r"with --resume once the store is in place again",
+            "dataset-raising": r"the dataset raised OSError: share unmounted reading image \d+ .*; fix data.factory's dataset .*, then "
+                               r"run the same command with --resume"}[fault]
+    assert re.fullmatch(rf"Error: {said} to go on from its last checkpoint \(after epoch 0\)", result.output.strip()), result.output
     assert [m["epoch"] for m in metrics(out)] == [0] and (out / CHECKPOINT).is_file()
 
 
