@@ -522,6 +522,19 @@ def _named(what: str) -> Callable[[click.Context, click.Parameter, str | None], 
     return check
 
 
+class _PipelinePath(click.Path):
+    """A pipeline file's path (no folder), naming a store or run given in its place: ``kdcache train STORE --cache
+    PIPELINE`` was told "File 'STORE' is a directory", with no word of the order."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from kdcache.pipeline import PIPELINE_FIRST, not_a_pipeline
+
+        kind = not_a_pipeline(value) if isinstance(value, (str, os.PathLike)) and str(value).strip() else None
+        if kind is not None:
+            self.fail(f"{str(value)!r} is {kind}, not a pipeline file; {PIPELINE_FIRST}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 _not_blank = _named("the folder or file to write")
 _a_store = _named("a store to read: a folder, a .zarr.zip file or a URL")
 _a_pipeline = _named("a pipeline file (.toml)")
@@ -653,7 +666,7 @@ def main() -> None:
 
 
 @main.command(short_help="Run the teacher once over a dataset into a store.")
-@click.argument("pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline)
+@click.argument("pipeline", type=_PipelinePath(dir_okay=False), callback=_a_pipeline)
 @click.option("--out", callback=_not_blank, help="Store to write: a folder (by convention ending in .zarr) or an fsspec URL (s3://bucket/run.zarr).")
 @set_option("extract.batch_size=64")
 @click.option("--batch-size", type=int, help="Shortcut for --set extract.batch_size=N.")
@@ -725,7 +738,7 @@ def _scaled_extract(pipeline: Any, out: str, workers: int | None, scheduler: str
 
 
 @main.command(short_help="Train a student from a store alone (the teacher is never built).")
-@click.argument("pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline)
+@click.argument("pipeline", type=_PipelinePath(dir_okay=False), callback=_a_pipeline)
 @click.option("--cache", "cache_location", required=True, callback=_a_store, help="Store written by kdcache extract (the only source of targets).")
 @click.option("--out", required=True, callback=_not_blank, help="Output folder: student.pt, heads.pt, metrics.jsonl, pipeline.json, checkpoint.pt.")
 @set_option("train.lr=0.001")
@@ -801,7 +814,7 @@ def info(store: str, as_json: bool, storage_items: tuple[str, ...]) -> None:
 @main.command(short_help="Check a store: completeness, checksums, values (and the teacher).")
 @click.argument("store", callback=_a_store)
 @click.option("--teacher-check", type=click.IntRange(min=0), default=0, metavar="N", help="Recompute N random rows with the pipeline's teacher.")
-@click.option("--pipeline", type=click.Path(dir_okay=False), callback=_a_pipeline, metavar="PIPELINE", help="Pipeline whose teacher and dataset --teacher-check uses.")
+@click.option("--pipeline", type=_PipelinePath(dir_okay=False), callback=_a_pipeline, metavar="PIPELINE", help="Pipeline whose teacher and dataset --teacher-check uses.")
 @set_option("extract.batch_size=64")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed choosing the --teacher-check rows.")
 @click.option("--tolerance", type=click.FloatRange(min=0), callback=_finite, help="Relative tolerance of --teacher-check (default by precision and dtype).")

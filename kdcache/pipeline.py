@@ -213,6 +213,33 @@ RANGES = {("train", "lr"): "a finite number > 0", ("train", "rank_timeout_s"): "
 FLOAT32_MAX = 3.4028234663852886e38  # torch computes in float32: a larger value overflows
 
 
+PIPELINE_FIRST = ("pass the pipeline's .toml file there: kdcache extract PIPELINE --out STORE, kdcache train PIPELINE --cache "
+                  "STORE --out RUN, kdcache verify STORE --pipeline PIPELINE")
+
+
+def not_a_pipeline(path: str | Path) -> str | None:
+    """What ``path`` is where it is one of kdcache's own outputs given in a pipeline file's place (the arguments swapped,
+    ``kdcache train STORE --cache PIPELINE``): a store folder, a training run's folder, a packed store or an HDF5 export;
+    None otherwise. Reads a few bytes at most."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            if (path / "zarr.json").is_file():
+                return "a zarr store folder (kdcache extract's output)"
+            if (path / "pipeline.json").is_file():
+                return "a training run's folder (kdcache train --out)"
+            return None
+        with path.open("rb") as f:
+            head = f.read(8)
+        if head == b"\x89HDF\r\n\x1a\n":
+            return "an HDF5 file (kdcache export's output)"
+        if head[:4] == b"PK\x03\x04" and path.name.endswith(".zarr.zip"):
+            return "a zip file (kdcache pack's output)"
+    except OSError:
+        return None
+    return None
+
+
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, given: dict[str, str] | None = None) -> Pipeline:
     """Read a pipeline TOML file and apply ``section.key=value`` overrides. ``given``: how the user gave an override, where
     not as ``--set`` (the CLI's shortcut flags: ``{"train.epochs=0": "--epochs 0"}``), for messages about its value."""
@@ -224,6 +251,9 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, given
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"pipeline file {str(path)!r} is not valid TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, binary
+        kind = not_a_pipeline(path)
+        if kind is not None:
+            raise PipelineError(f"pipeline file {str(path)!r} is {kind}, not a pipeline file; {PIPELINE_FIRST}") from None
         raise PipelineError(f"pipeline file {str(path)!r} cannot be read as UTF-8 text ({e}); pass the path of a .toml file") from None
     if isinstance(overrides, str):  # one override, not a list of them: each character would be read as an override
         raise PipelineError(f"overrides is the string {overrides!r}, not a list of section.key=value strings; pass [{overrides!r}]")

@@ -650,6 +650,19 @@ CASES = [
     Case("train-incomplete-store", lambda c: train(c), ("is incomplete (34/50 samples)", "--allow-partial"), store=True,
          damage=lambda s: unmark(s, 2)),
     Case("train-no-store", lambda c: ["train", TINY, "--cache", c.tmp / "nothing.zarr", "--out", c.run], ("no store at",)),
+    # a typo of a store beside it was told "run kdcache extract PIPELINE --out tiny.zar first"
+    Case("train-store-name-misspelt", lambda c: ["train", TINY, "--cache", c.tmp / "tiny.zar", "--out", c.run],
+         ("no store at '", "tiny.zar'; did you mean '", "tiny.zarr', a store beside it? If not, run kdcache extract"), store=True),
+    Case("info-packed-store-name-misspelt", lambda c: ["info", c.tmp / "tiny.zip"],
+         ("tiny.zip' (no such file); did you mean '", "tiny.zarr.zip', a store beside it?"), store=True,
+         prior=lambda c: invoke_ok(["pack", c.store, c.tmp / "tiny.zarr.zip"])),
+    # the pipeline and the store swapped: "Invalid value for 'PIPELINE': File '…tiny.zarr' is a directory", no word of the order
+    Case("train-store-given-as-the-pipeline", lambda c: ["train", c.store, "--cache", TINY, "--out", c.run],
+         ("tiny.zarr' is a zarr store folder (kdcache extract's output), not a pipeline file",
+          "kdcache train PIPELINE --cache STORE --out RUN"), code=2, store=True),
+    Case("extract-export-given-as-the-pipeline", lambda c: ["extract", c.tmp / "t.h5", "--out", c.new],
+         ("t.h5' is an HDF5 file (kdcache export's output), not a pipeline file", "kdcache extract PIPELINE --out STORE"),
+         code=2, store=True, prior=lambda c: invoke_ok(["export", c.store, c.tmp / "t.h5"])),
     # named the setting alone ('train.eval_cache: no store at …, or drop train.eval_cache'), not the flag that gave it
     Case("eval-cache-no-store", lambda c: train(c, "--eval-cache", c.tmp / "nothing.zarr"),
          ("Error: --eval-cache ", "nothing.zarr: train.eval_cache: no store at", "or leave --eval-cache out"), store=True),

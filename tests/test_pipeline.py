@@ -62,6 +62,10 @@ def test_write_toml_round_trips(tmp_path):
         (lambda d: d, r"pipeline file '.*' cannot be read as UTF-8 text"),
         (lambda d: (d / "bin.toml").write_bytes(b"\xff\xfe\x00 binary") and d / "bin.toml", r"cannot be read as UTF-8 text"),
         (lambda d: write(d / "t.toml", "teacher = 5\n"), r"\[teacher\] must be a table, got 5"),
+        # kdcache's own outputs in a pipeline's place (the arguments swapped): once "cannot be read as UTF-8 text (Is a directory)"
+        (lambda d: write(d / "t.zarr" / "zarr.json", "{}").parent, r"'.*t.zarr' is a zarr store folder .*kdcache train PIPELINE --cache STORE"),
+        (lambda d: write(d / "run" / "pipeline.json", "{}").parent, r"'.*run' is a training run's folder \(kdcache train --out\)"),
+        (lambda d: (d / "t.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(8)) and d / "t.h5", r"'.*t.h5' is an HDF5 file"),
         (lambda d: write(d / "t.toml", "[techer]\nfactory = 'x.py:f'\n"), r"unknown key 'techer'; did you mean teacher\?"),
     ],
 )
