@@ -2165,22 +2165,29 @@ def _no_local_store(location: str, extract: str) -> StoreError:
     if path.is_dir() and any(path.iterdir()):
         return StoreError(f"no store at {location!r}: the folder holds no zarr.json; pass the folder of a store "
                           "(kdcache extract PIPELINE --out NEW writes one)")
-    near = _store_named_alike(path)
+    near = store_named_alike(path)
     if near is not None:  # a typo of a store beside it was told to extract one there
         return StoreError(f"no store at {location!r}; did you mean {near!r}, a store beside it? If not, {extract}")
     return StoreError(f"no store at {location!r}; {extract}")
 
 
-def _store_named_alike(path: Path) -> str | None:
+def store_named_alike(path: Path) -> str | None:
     """A store in ``path``'s folder whose name is close to ``path``'s (``runs/mnist-teacher.zar``, ``mnist-teacher.zip``
     for ``mnist-teacher.zarr.zip``): a folder with a root ``zarr.json`` or a zip holding one; None where there is none.
-    Looks at the first 10,000 entries of the folder only (a scratch folder of many runs)."""
+    Names are compared without their ``.zarr``/``.zip`` endings, which every store shares (``nothing.zarr`` is not close
+    to ``tiny.zarr``; ``tiny.zar`` is). Looks at the first 10,000 entries of the folder only (a scratch folder of many runs)."""
+    def stem(name: str) -> str:
+        return re.sub(r"(\.z[a-z]*)+$", "", name, flags=re.IGNORECASE) or name  # .zarr, .zarr.zip, a typo's .zar
+
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         names = [e.name for _, e in zip(range(10_000), entries) if e.name != path.name]
-        for name in difflib.get_close_matches(path.name, names, n=3, cutoff=0.75):
-            near = path.parent / name
-            if (near / "zarr.json").is_file() or (near.is_file() and zipfile.is_zipfile(near) and _zip_holds_store(near)):
-                return str(near)
+        stems = {stem(name) for name in names}
+        for close in difflib.get_close_matches(stem(path.name), stems, n=3, cutoff=0.8):
+            alike = sorted((name for name in names if stem(name) == close),  # t.zip: t.zarr.zip before t.zarr
+                           key=lambda name: -difflib.SequenceMatcher(None, path.name, name).ratio())
+            for near in (path.parent / name for name in alike):
+                if (near / "zarr.json").is_file() or (near.is_file() and zipfile.is_zipfile(near) and _zip_holds_store(near)):
+                    return str(near)
     return None
 
 
@@ -2195,7 +2202,7 @@ def _no_zip_store(location: str) -> StoreError:
     """Why no store is in the local zip file ``location``: no such file, not a zip, a zarr v2 store, or no root zarr.json."""
     path = Path(local_path(location))
     if not path.exists():
-        near = _store_named_alike(path)
+        near = store_named_alike(path)
         if near is not None:
             return StoreError(f"no store at {location!r} (no such file); did you mean {near!r}, a store beside it? If not, "
                               f"write it with kdcache pack STORE {path}")

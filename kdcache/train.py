@@ -1860,7 +1860,9 @@ def _open_eval_store(location: str, split: str, storage_options: dict[str, Any] 
     except StoreError as e:
         raise StoreError(f"{named}: {e}") from None
     if storage.location_kind(location) == "local" and not Path(storage.local_path(location)).exists():
-        raise StoreError(f"{named}: no store at {location!r}; extract the eval split there first (kdcache extract PIPELINE "
+        near = layout.store_named_alike(Path(storage.local_path(location)))
+        typo = "" if near is None else f"did you mean {near!r}, a store beside it? If not, "
+        raise StoreError(f"{named}: no store at {location!r}; {typo}extract the eval split there first (kdcache extract PIPELINE "
                          f"--out {shlex.quote(location)} --set data.split={split or 'SPLIT'}), or {drop}")
     return layout.open_store(location, storage_options=storage_options)
 
