@@ -3,7 +3,7 @@
 Public API (the CLI is thin glue over these):
 
 - ``load_pipeline(path, overrides)`` — read a pipeline TOML file.
-- ``extract(pipeline, out)`` / ``dry_run(pipeline)`` — score a dataset into a store.
+- ``extract(pipeline, out)`` / ``dry_run(pipeline, out=None)`` — score a dataset into a store / check it all first, writing nothing.
 - ``open_store(location)`` — open a store read-only; ``store.info()`` summarises it.
 - ``train(pipeline, cache_location, out)`` — train a student from a store alone.
 - ``TransferSet(location, dataset, paths, batch_size=...)`` — the store's targets joined with the dataset's inputs,

@@ -673,7 +673,7 @@ def main() -> None:
 @click.option("--device", help="Shortcut for --set extract.device=DEVICE (auto, cpu, cuda, cuda:N).")
 @click.option("--layers", help="Shortcut for --set targets.layers=a,b (comma-separated module names).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a store.")
-@click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size; write nothing.")
+@click.option("--dry-run", is_flag=True, help="Validate, run one batch, print shapes and the estimated size, and check --out as the run would; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--workers", type=click.IntRange(min=1, max=MAX_PARALLEL), help="Extract on a local dask cluster: one worker per GPU, or N CPU worker processes.")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", help="Extract on the dask cluster at this scheduler address (with its own workers: not with --workers).")
@@ -694,7 +694,8 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     if dry_run:
         _refuse_torchrun("kdcache extract --dry-run", "; without --dry-run, kdcache extract runs under torchrun (its ranks share "
                          "the shards)")
-        report = kdcache.dry_run(p)
+        # OUT looked at as the run would (refusals in its words), where given; written nothing, nor locked
+        report = kdcache.dry_run(p, out, overwrite=overwrite, storage_options=_storage_options(storage_items)) if out else kdcache.dry_run(p)
         click.echo(json.dumps(report, indent=2) if as_json else _dry_run_text(report))
         return
     if not out:
@@ -1059,7 +1060,22 @@ def _dry_run_text(r: dict[str, Any]) -> str:
         f"geometry    {count(g['num_shards'], 'shard')} of {count(g['rows_per_shard'], 'row')}",
     ]
     lines += [f"warning     {w}" for w in r["warnings"]]
+    if r.get("out") is not None:
+        lines.append(f"out         {_out_text(r['out'])}")
     return "\n".join(lines)
+
+
+def _out_text(o: dict[str, Any]) -> str:
+    """The dry run's line on what kdcache extract would do at --out (``extract._out_plan``)."""
+    where, shards = repr(o["location"]), count(o["num_shards"], "shard")
+    redone = f"; {count(o['redone'], 'shard')} marked done {'misses' if o['redone'] == 1 else 'miss'} objects, written again" if o["redone"] else ""
+    return {
+        "create": f"{where} holds what a stopped extract left before its manifest: would be created again ({shards})" if o["again"]
+                  else f"{where} is new: would be created ({shards})",
+        "replace": f"{where} holds a kdcache store: --overwrite would replace it ({shards}, written afresh)",
+        "resume": f"{where} holds a partial store of this pipeline: would resume it, {o['shards_done']} of {shards} done{redone}",
+        "complete": f"{where} holds this pipeline's complete store: nothing to do",
+    }[o["action"]]
 
 
 if __name__ == "__main__":

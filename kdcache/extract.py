@@ -53,8 +53,7 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     pipeline, out = check_pipeline(pipeline), location_arg(out, "out")
     options_arg(storage_options)  # before the teacher is built
     overwrite, progress = flag_arg(overwrite, "overwrite"), flag_arg(progress, "progress")
-    locking.refuse_if_being_written(out, storage_options)  # before the teacher is built
-    layout.refuse_replacing(out, overwrite, storage_options)
+    refuse_out(out, overwrite, storage_options)  # before the teacher is built
     run = setup(pipeline)
     say_headless(pipeline, run)
     if (complete := complete_read_only(out, run, pipeline, overwrite, storage_options)) is not None:
@@ -70,15 +69,23 @@ def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool 
     return written(store, pending)
 
 
+def refuse_out(out: str, overwrite: bool, storage_options: dict[str, Any] | None) -> None:
+    """The looks at ``out`` made before the teacher is built, by the run and its dry run alike: another job writing it
+    (``locking.refuse_if_being_written``), what it holds that may be neither resumed nor replaced (``refuse_replacing``:
+    a zip, a folder of other files, someone else's zarr node, a location inside a store)."""
+    locking.refuse_if_being_written(out, storage_options)
+    layout.refuse_replacing(out, overwrite, storage_options)
+
+
 def complete_read_only(out: str, run: Run, pipeline: Pipeline, overwrite: bool, storage_options: dict[str, Any] | None) -> layout.Store | None:
     """The store at ``out`` where it is complete and this process may not write there (a read-only mount, whose writer
     lock cannot be made): nothing is left to write, so no lock is needed to say so. Refused as a resume is where another
-    pipeline made it (``create_or_resume``, which writes nothing to a store it resumes). None otherwise: an ``overwrite``,
-    a writable location, a store not complete or with a done shard's object missing (the lock is then taken or refused)."""
+    pipeline made it (``layout.resumable``, which writes nothing). None otherwise: an ``overwrite``, a writable location,
+    a store not complete or with a done shard's object missing (the lock is then taken or refused)."""
     if overwrite or not locking.may_not_lock(out) or not exists(out, storage_options):
         return None
-    store = layout.create_or_resume(out, run.manifest_for(pipeline), storage_options=storage_options)
-    if not store.complete or store.unbacked_shards():
+    store = layout.resumable(out, run.manifest_for(pipeline), storage_options=storage_options)
+    if store is None or not store.complete or store.unbacked_shards():
         return None
     check_done_rows(run.dataset, store, [])
     return store
@@ -575,9 +582,23 @@ def _reordered(name: str, seen: str) -> TargetError:
                        "in the input order: output[order.argsort()])")
 
 
-def dry_run(pipeline: Pipeline) -> dict[str, Any]:
-    """Validate the pipeline, run one batch, and report target shapes, bytes per sample and store size."""
+def dry_run(pipeline: Pipeline, out: str | os.PathLike[str] | None = None, *, overwrite: bool = False,
+            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate the pipeline, run one batch, and report target shapes, bytes per sample and store size; write nothing.
+
+    ``out`` (with ``overwrite`` and ``storage_options``, as ``extract`` takes them): the store ``extract`` would write,
+    looked at as the run looks at it before the teacher runs over the data, and refused in the run's words (a zip,
+    a folder of other files, a store of other inputs, a location it may not lock or that another job is writing);
+    else ``report["out"]`` says what the run would do there (``_out_plan``). No folder is made, no lock taken (a
+    lock file there is looked at, as the run does), nothing written. None: ``report["out"]`` is None."""
     pipeline = check_pipeline(pipeline)
+    if out is not None:
+        out = location_arg(out, "out")
+        options_arg(storage_options)
+        overwrite = flag_arg(overwrite, "overwrite")
+        refuse_out(out, overwrite, storage_options)  # before the teacher is built, as the run
+    elif overwrite is not False or storage_options is not None:
+        raise TypeError("dry_run's overwrite and storage_options apply to out, the store extract would write; pass out too")
     start = time.perf_counter()
     run = setup(pipeline, keep_probe=True)
     seconds = time.perf_counter() - start
@@ -605,7 +626,29 @@ def dry_run(pipeline: Pipeline) -> dict[str, Any]:
         "probe_seconds": seconds,
         "warnings": _headless_warnings(pipeline, run) + _layer_warnings(pipeline) + _loss_warnings(pipeline, run)
                     + _mask_warnings(pipeline, run) + input_warnings + _eval_warnings(pipeline),
+        "out": None if out is None else _out_plan(out, run, pipeline, overwrite, storage_options, manifest["geometry"]["num_shards"]),
     }
+
+
+def _out_plan(out: str, run: Run, pipeline: Pipeline, overwrite: bool, storage_options: dict[str, Any] | None,
+              num_shards: int) -> dict[str, Any]:
+    """What ``extract`` would do at ``out`` once its teacher is set up, found by its own checks in its order, writing
+    nothing: refused as it refuses (a store found complete on a read-only mount, its writer lock's folder, a store of other
+    inputs, its done rows against the dataset), else ``action``: "create", "replace" (``overwrite``), "resume" or
+    "complete", with the shards done (of ``num_shards``, a new store's) and ``redone``: the shards marked done whose objects
+    are missing, which the run writes again. ``again``: a store made afresh where a creation stopped before its manifest."""
+    store = complete_read_only(out, run, pipeline, overwrite, storage_options)
+    if store is None:
+        locking.refuse_unlockable(out)  # writer_lock's refusals; the lock is not taken
+        store = layout.resumable(out, run.manifest_for(pipeline), overwrite=overwrite, storage_options=storage_options)
+    if store is None:  # made afresh: over a store (--overwrite), over what a creation stopped early left, or new
+        there = exists(out, storage_options)
+        return {"location": out, "action": "replace" if overwrite and there else "create", "again": there and not overwrite,
+                "shards_done": 0, "num_shards": num_shards, "redone": 0}
+    pending, lost = store.pending_shards()
+    check_done_rows(run.dataset, store, pending)
+    return {"location": out, "action": "resume" if pending else "complete", "again": False,
+            "shards_done": store.num_shards - len(pending), "num_shards": store.num_shards, "redone": len(lost)}
 
 
 def _model_inputs(pipeline: Pipeline, run: Run) -> tuple[dict[str, list[str]], list[str]]:

@@ -62,14 +62,7 @@ def writer_lock(location: str | os.PathLike[str], storage_options: dict[str, Any
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _take_lock(path, location, verb)
     except OSError as e:
-        said = storage.on_broken_link(storage.local_path(str(location)))
-        if said is not None:  # a link to a store not made yet is written through, its folder made: here that folder's cannot be
-            raise StoreError(f"cannot write {str(location)!r}: it {said}, and the folder "
-                             f"{str(path.parent)!r} cannot be made there ({e.strerror or e}); remove the link, create the folder it "
-                             "leads to, or write the store elsewhere") from None
-        fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else \
-            f"choose an {option('--out')} whose parent {str(path.parent)!r} is a folder"
-        raise StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun") from None
+        raise _lock_error(location, path, e) from None
     try:
         yield
     finally:
@@ -168,6 +161,57 @@ def _holder_host(holder: str) -> str | None:
 
 
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a file system without flock: written unlocked (FORMAT.md §13)
+
+
+def _lock_error(location: str | os.PathLike[str], path: Path, e: OSError) -> StoreError:
+    """``writer_lock``'s refusal of ``location`` whose lock file ``path`` (or a folder on its way) could not be made: ``e``."""
+    said = storage.on_broken_link(storage.local_path(str(location)))
+    if said is not None:  # a link to a store not made yet is written through, its folder made: here that folder's cannot be
+        return StoreError(f"cannot write {str(location)!r}: it {said}, and the folder "
+                          f"{str(path.parent)!r} cannot be made there ({e.strerror or e}); remove the link, create the folder it "
+                          "leads to, or write the store elsewhere")
+    fix = write_fix(e) if e.errno not in (errno.EEXIST, errno.ENOTDIR) else \
+        f"choose an {option('--out')} whose parent {str(path.parent)!r} is a folder"
+    return StoreError(f"cannot lock {str(location)!r} for writing: its lock file {str(path)!r}: {e.strerror or e}; {fix} and rerun")
+
+
+def refuse_unlockable(location: str | os.PathLike[str]) -> None:
+    """Refuse, in its words, what ``writer_lock`` would of the local ``location``, its lock file neither made nor taken
+    (``extract --dry-run``): a link at the lock file's name, a file where a folder on its way goes, a folder this process
+    may not write (a read-only mount). Other locations pass: an S3 lock is looked at by ``refuse_if_being_written``."""
+    path = _lock_path(location)
+    if path is None:
+        return
+    if path.is_symlink():
+        raise _linked_lock(path, location)
+    failed = _lock_failure(path)
+    if failed is not None:
+        raise _lock_error(location, path, failed)
+
+
+def _lock_failure(path: Path) -> OSError | None:
+    """The error making the lock file ``path`` would meet, found by looking, as ``writer_lock`` makes it: its missing
+    folders (``mkdir -p``), then the file (``_open_lock_file``: an existing one, another user's too, is opened read-only
+    where it may not be written; not on a read-only mount). None where it would be made or opened."""
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:  # the nearest folder there, where mkdir -p starts
+        folder = folder.parent
+    if not folder.is_dir():  # a file where a folder goes: mkdir says EEXIST of the lock's folder, ENOTDIR of one below a file
+        code = errno.EEXIST if folder == path.parent else errno.ENOTDIR
+    elif path.exists():
+        code = errno.EROFS if _read_only_mount(path) else 0
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        code = errno.EROFS if _read_only_mount(folder) else errno.EACCES
+    else:
+        code = 0
+    return OSError(code, os.strerror(code)) if code else None
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): not known
+        return False
 
 
 def _take_lock(path: Path, location: str | os.PathLike[str], verb: str = "") -> int:

@@ -801,8 +801,7 @@ class Store:
         way leaves it pending, never done with objects of two attempts (a teacher not bit-for-bit deterministic
         writes other rows each time; the digest row is of one). Only the store's writer (holding its lock) calls this."""
         assert self.writable, "store opened read-only"
-        done = self.done()
-        lost = self.unbacked_shards(done)
+        pending, lost = self.pending_shards()
         if lost:
             if self.lease is not None:  # a paused writer whose S3 lock was taken over writes no more
                 self.lease.check(self.location)
@@ -813,9 +812,16 @@ class Store:
                         self.array(DONE)[s] = False
             except OSError as e:
                 raise self._write_error("the done markers", e) from None
-            done[list(lost)] = False
             _say_redone(self, lost)
-        return [int(s) for s in np.flatnonzero(~done)]
+        return pending
+
+    def pending_shards(self) -> tuple[list[int], dict[int, str]]:
+        """The shards ``resume_pending`` would write, found without writing (a dry run's count): those not done, and those
+        marked done whose objects are not all there, which are returned too (``unbacked_shards``: shard -> what is missing)."""
+        done = self.done()
+        lost = self.unbacked_shards(done)
+        done[list(lost)] = False
+        return [int(s) for s in np.flatnonzero(~done)], lost
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray | list[np.ndarray]]) -> None:
         """Write one whole shard of every array, then mark it done (never the other way round).
@@ -2424,14 +2430,33 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
 
     Resuming is refused when anything in ``IDENTITY`` differs (naming it); ``overwrite`` starts afresh.
     The arrays are created here, once, before any shard is written. ``named``: how the command that
-    called names the location, for its messages (None: extract's, ``--out`` or ``out``).
+    called names the location, for its messages (None: extract's, ``--out`` or ``out``). What it decides, and refuses,
+    is ``resumable``'s, which a dry run asks alone.
     """
+    store = resumable(location, manifest, overwrite=overwrite, storage_options=storage_options, named=named, mode="r+")
+    if store is not None:
+        return store
+    location = str(location)
+    target = zarr_store(location, storage_options, read_only=False, command="extract" if named is None else "import")
+    try:
+        return _create(location, target, manifest(None), storage_options)
+    except OSError as e:
+        raise _write_error(location, "the metadata", e) from None
+
+
+def resumable(location: str | os.PathLike[str], manifest: Callable[[dict[str, Any] | None], dict[str, Any]], *,
+              overwrite: bool = False, storage_options: dict[str, Any] | None = None, named: str | None = None,
+              mode: str = "r") -> Store | None:
+    """What ``create_or_resume`` decides, writing nothing: the store at ``location`` it would resume (opened with ``mode``:
+    ``"r"`` for ``extract --dry-run``, which says what the run would do), refused where made from other inputs than
+    ``manifest``'s; None where it would create one (refused where it may not: an occupied folder, someone else's zarr
+    node, a location inside another store). The same refusals, in the same words, for the run and its dry run."""
     location, extract = str(location), named is None
     named = option("--out") if named is None else named
-    target = zarr_store(location, storage_options, read_only=False, command="extract" if extract else "import")  # refuses zip, http
+    zarr_store(location, storage_options, read_only=False, command="extract" if extract else "import")  # refuses zip, http
     interrupted = _interrupted_creation(location, storage_options)  # killed before its manifest was written: created again
     if exists(location, storage_options) and not overwrite and not interrupted and not _foreign_node(location, storage_options):
-        store = open_store(location, mode="r+", storage_options=storage_options)
+        store = open_store(location, mode=mode, storage_options=storage_options)
         ours = manifest(store.manifest)
         different = difference(store.manifest, ours)
         if different:
@@ -2444,10 +2469,7 @@ def create_or_resume(location: str | os.PathLike[str], manifest: Callable[[dict[
         return store
     if not interrupted:
         _refuse_replacing(location, overwrite, storage_options, named)  # again: the location may have changed since the early look
-    try:
-        return _create(location, target, manifest(None), storage_options)
-    except OSError as e:
-        raise _write_error(location, "the metadata", e) from None
+    return None
 
 
 def refuse_replacing(location: str | os.PathLike[str], overwrite: bool, storage_options: dict[str, Any] | None = None) -> None:
@@ -2486,11 +2508,23 @@ def _refuse_replacing(location: str, overwrite: bool, storage_options: dict[str,
         # a store an --overwrite (or a removal) was deleting when it was killed: its root zarr.json may be gone first
         remains = _interrupted_creation(location, storage_options, remains=True)
         if not remains:
-            raise StoreError(f"{location!r} exists and is not a kdcache store; choose another {named} or remove it")
+            raise StoreError(f"{location!r} {_not_a_store(location)}; choose another {named} or remove it")
         if not overwrite:
             raise StoreError(f"{location!r} holds what is left of a kdcache store whose deletion was stopped (its root zarr.json is "
                              f"gone: an {option('--overwrite')} killed while it replaced the store?); pass {option('--overwrite')} "
                              f"to replace it, or choose another {named}")
+
+
+def _not_a_store(location: str) -> str:
+    """What the occupied ``location`` is, said where it is another of kdcache's outputs (``pipeline.not_a_pipeline``: a
+    training run's folder, an HDF5 export), so that the user knows which of their folders they named: ``import h5 RUN``
+    of a run's folder said only "exists and is not a kdcache store"."""
+    from kdcache.pipeline import not_a_pipeline  # kdcache's outputs, as a pipeline argument is told from them
+
+    kind = not_a_pipeline(local_path(location)) if location_kind(location) == "local" else None
+    if kind is None or kind.startswith("a zarr"):  # a folder with a root zarr.json is a store (or someone's zarr node)
+        return "exists and is not a kdcache store"
+    return f"is {kind}, not a kdcache store"
 
 
 REDONE_NAMED = 5  # shards named, one line each, in the note on done shards whose objects are missing

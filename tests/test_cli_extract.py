@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -256,6 +257,114 @@ def test_dry_run_prints_shapes_and_bytes_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "warning     train.loss.ce needs labels, which this dataset's items do not have" in result.stdout, result.stdout
     assert "train.loss.kl" not in result.stdout
+
+
+def listing(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every entry under ``root`` and ``root`` itself: a file's bytes (None: a folder) and mtime in ns (a folder's changes
+    where an entry is made in it, a lock file made and removed again too)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in [root, *sorted(root.rglob("*"))]}
+
+
+@pytest.mark.parametrize("kind, flags, says", [
+    ("zip", [], "new.zarr.zip': a zip store is write-once and opened read-only; extract to a folder or an object store"),
+    ("occupied", [], "notes' exists and is not a kdcache store; choose another --out or remove it"),
+    ("training-run", [], "run' is a training run's folder (kdcache train --out), not a kdcache store; choose another --out"),
+    ("inside-a-store", [], "is inside the store"),
+    ("others", ["--overwrite"], "holds 1 entry besides its store, which --overwrite would delete with it: 'NOTES.md'"),
+    ("being-written", [], "s.zarr' is being written by kdcache pid"),
+    ("under-a-file", [], "afile/.x.zarr.kdcache-lock': File exists; choose an --out whose parent"),
+    ("read-only", [], "ro/.s.zarr.kdcache-lock': "),
+    ("another-teacher", [], "s.zarr' was made with different teacher weights (teacher.weights_sha256: store has '"),
+    ("another-dataset-order", [], "s.zarr' was made from another dataset than data.factory's now: its done row"),
+])
+def test_the_dry_run_refuses_an_out_the_run_would_refuse_in_its_words_and_writes_nothing(tmp_path, zoo_env, monkeypatch, kind,
+                                                                                             flags, says):
+    """``extract --dry-run --out X`` looked at nothing of X ("writes nothing, whatever --out names"): a zip, a folder of
+    other files or a training run's, a store of another teacher or of the dataset in another order, a location under a
+    file or on a read-only mount, a store another job is writing: all "fine", the real run refused at once. The dry run
+    makes the run's checks on X, in its order, and refuses with its line and exit code; nothing under the folder is
+    made, changed or locked (a lock file made and removed again changes its folder's mtime)."""
+    from kdcache import locking
+    from reference import mount_to_make_read_only
+
+    monkeypatch.setattr(locking, "LOOK_TRIES", 4)  # the holder below keeps the lock throughout: told in 0.15 s, not 1 s
+    toml = write_toml(tmp_path / "p.toml")
+    out = {"zip": tmp_path / "new.zarr.zip", "occupied": tmp_path / "notes", "training-run": tmp_path / "run",
+           "inside-a-store": tmp_path / "s.zarr" / "targets" / "x.zarr", "under-a-file": tmp_path / "afile" / "x.zarr",
+           "read-only": tmp_path / "ro" / "s.zarr"}.get(kind, tmp_path / "s.zarr")
+    with contextlib.ExitStack() as stack:
+        if kind == "occupied":
+            out.mkdir()
+            (out / "notes.md").write_text("keep")
+        elif kind == "training-run":  # what kdcache train --out leaves (pipeline.json marks it)
+            out.mkdir()
+            (out / "pipeline.json").write_text("{}")
+            (out / "student.pt").write_bytes(b"weights")
+        elif kind in ("inside-a-store", "others", "being-written", "another-teacher"):
+            assert invoke("extract", toml, "--out", tmp_path / "s.zarr").exit_code == 0
+            if kind == "others":
+                (out / "NOTES.md").write_text("keep")
+            if kind == "being-written":
+                stack.enter_context(locking.writer_lock(out))
+            if kind == "another-teacher":
+                zoo_env(SEED=5)
+        elif kind == "another-dataset-order":
+            crash_at(tmp_path, zoo_env, 36, toml, "s.zarr")  # shards 0 and 1 done
+            zoo_env(REVERSE_MIDDLE=1)  # items 0 and N-1 (the manifest's) kept: the done rows tell
+        elif kind == "under-a-file":
+            (tmp_path / "afile").write_text("keep")
+        elif kind == "read-only":
+            stack.enter_context(mount_to_make_read_only(out.parent))()
+        before = listing(tmp_path)
+        dry = invoke("extract", toml, "--out", out, "--dry-run", *flags)
+        assert dry.exit_code == 1, dry.output
+        assert_one_line_error(dry.output, says)
+        assert listing(tmp_path) == before
+        run = invoke("extract", toml, "--out", out, *flags)
+        assert run.exit_code == 1 and run.output == dry.output, (run.output, dry.output)
+        if kind != "being-written":  # its holder's lock file is there
+            assert not list(tmp_path.rglob("*.kdcache-lock"))
+
+
+def test_the_dry_run_says_what_the_run_would_do_at_out_and_writes_nothing(tmp_path, zoo_env):
+    """``extract --dry-run --out X`` said nothing of X. It says what the run would do there, found by the run's own checks,
+    writing nothing (no folder made, not even X's missing parent, nor a lock file); the run then does what it said."""
+    toml = write_toml(tmp_path / "p.toml")
+
+    def dry(out: Path, *flags: str) -> tuple[str, dict]:
+        before = listing(tmp_path)
+        said = invoke("extract", toml, "--out", out, "--dry-run", *flags)
+        assert said.exit_code == 0, said.output
+        report = json.loads(invoke("extract", toml, "--out", out, "--dry-run", "--json", *flags).stdout)
+        assert listing(tmp_path) == before
+        assert said.stdout.splitlines()[-1].startswith("out         "), said.stdout
+        return said.stdout.splitlines()[-1].removeprefix("out         "), report["out"]
+
+    new = tmp_path / "runs" / "new.zarr"
+    line, out = dry(new)
+    assert line == f"{str(new)!r} is new: would be created (4 shards)", line
+    assert out == {"location": str(new), "action": "create", "again": False, "shards_done": 0, "num_shards": 4, "redone": 0}
+    assert not (tmp_path / "runs").exists()
+
+    partial = crash_at(tmp_path, zoo_env, 36, toml)  # shards 0 and 1 done
+    line, out = dry(partial)
+    assert line == f"{str(partial)!r} holds a partial store of this pipeline: would resume it, 2 of 4 shards done", line
+    assert out["action"] == "resume" and (out["shards_done"], out["num_shards"]) == (2, 4)
+    (partial / "targets" / "logits" / "c" / "1" / "0").unlink()  # shard 1 marked done, one of its objects gone
+    line, _ = dry(partial)
+    assert line == (f"{str(partial)!r} holds a partial store of this pipeline: would resume it, 1 of 4 shards done; 1 shard marked "
+                    "done misses objects, written again"), line
+    run = invoke("extract", toml, "--out", partial)
+    assert run.exit_code == 0 and f"resumed {partial}: 1 of 4 shards was already done" in run.stderr, run.output
+
+    line, out = dry(partial)
+    assert line == f"{str(partial)!r} holds this pipeline's complete store: nothing to do", line
+    assert out["action"] == "complete" and out["shards_done"] == 4
+    line, out = dry(partial, "--overwrite")
+    assert line == f"{str(partial)!r} holds a kdcache store: --overwrite would replace it (4 shards, written afresh)", line
+    assert out["action"] == "replace"
+    assert json.loads(invoke("extract", toml, "--dry-run", "--json").stdout)["out"] is None  # no --out: nothing said of one
 
 
 # ----------------------------------------------------------------------------------- existing stores

@@ -1033,6 +1033,28 @@ def test_dry_run_reports_shapes_and_bytes_and_writes_nothing(tmp_path, monkeypat
     assert report["geometry"]["rows_per_shard"] == 16 and report["geometry"]["num_shards"] == 4
 
 
+def test_dry_run_given_out_checks_it_as_extract_would_and_writes_nothing(tmp_path, zoo_env):
+    """``kdcache.dry_run`` took no ``out``: a pipeline was checked, never where extract would write it. Given one (with
+    ``overwrite`` and ``storage_options``, as extract takes them) it refuses what extract would, in the API's words (``out``,
+    ``overwrite=True``), and says what extract would do there; ``overwrite`` without an ``out`` is a TypeError."""
+    partial = crash_at(tmp_path, zoo_env, 36)  # shards 0 and 1 done
+    before = mtimes(partial)
+    assert kdcache.dry_run(make_pipeline(), partial)["out"] == {"location": str(partial), "action": "resume", "again": False,
+                                                               "shards_done": 2, "num_shards": 4, "redone": 0}
+    assert kdcache.dry_run(make_pipeline(), out=str(partial), overwrite=True)["out"]["action"] == "replace"
+    with pytest.raises(StoreMismatchError, match=r"was made with different targets .*; use the original pipeline to resume, or "
+                                                 r"overwrite=True to start afresh$"):
+        kdcache.dry_run(make_pipeline("targets.dtype=float32"), partial)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.md").write_text("keep")
+    with pytest.raises(StoreError, match=r"'.*notes' exists and is not a kdcache store; choose another out or remove it$"):
+        kdcache.dry_run(make_pipeline(), tmp_path / "notes")
+    assert mtimes(partial) == before and sorted(p.name for p in tmp_path.iterdir()) == ["notes", "store.zarr"]
+    assert kdcache.dry_run(make_pipeline())["out"] is None
+    with pytest.raises(TypeError, match="dry_run's overwrite and storage_options apply to out"):
+        kdcache.dry_run(make_pipeline(), overwrite=True)
+
+
 @pytest.mark.parametrize("overrides, match", [
     (["teacher.factory=extract_zoo.py:nan_at_30", "targets.layers=[]"], r"the teacher produced NaN in target 'logits' \(rows 0\.\.31\)"),
     (["teacher.factory=extract_zoo.py:overflow_layer", "targets.layers=['amp']"], r"target 'amp' \(rows 0\.\.31\) has values beyond"),

@@ -430,6 +430,19 @@ def test_import_names_its_store_argument(exported, tmp_path):
     assert [p.name for p in (tmp_path / "folder").iterdir()] == ["notes.txt"]
 
 
+def test_import_into_a_training_runs_folder_names_it_as_such(exported, tiny_store, tmp_path):
+    """``kdcache import teacher.h5 RUN`` where RUN is a kdcache train --out folder said "exists and is not a kdcache store",
+    as of any folder: which of the user's folders was named went untold. It is named as a training run's folder (as a
+    pipeline argument is, ``pipeline.not_a_pipeline``), and left as it was."""
+    run = tmp_path / "run"
+    kdcache.train(kdcache.load_pipeline(TINY_TOML, ["train.epochs=1", "train.eval_split=''"]), tiny_store, run)
+    before = snapshot(run)
+    _, line = cli("import", exported, run)
+    assert line == (f"Error: {str(run)!r} is a training run's folder (kdcache train --out), not a kdcache store; choose another "
+                    "STORE or remove it"), line
+    assert snapshot(run) == before
+
+
 def test_import_into_a_store_made_from_another_file_says_how_to_go_on(exported, tmp_path):
     """A store that is not this file's copy: import has no pipeline, so the fix is not 'use the original pipeline'."""
     other = Path(extract_tiny(tmp_path / "other.zarr", "targets.layers=[]"))
