@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import functools
 import hashlib
 import itertools
@@ -1213,8 +1214,11 @@ def _check_feature_layers(specs: dict[str, dict[str, Any]], store: layout.Store,
     for layer in specs:
         if layer not in stored:
             layers = sorted(name for name, tg in stored.items() if tg.path != layout.LOGITS)
+            # a typo of a stored layer ('classifer.1') is told so first: extracting a store with the typo in it is no fix
+            close = difflib.get_close_matches(layer, layers, n=1)
+            fix = f"did you mean {close[0]!r}? Name it in train.features" if close else "name one of them"
             raise PipelineError(f"train.features names teacher layer {layer!r}, which {store.location!r} does not store (its layers: "
-                                f"{layers}); name one of them, or extract a store with {layer!r} in targets.layers (--layers)")
+                                f"{layers}); {fix}, or extract a store with {layer!r} in targets.layers (--layers)")
         if stored[layer].path == layout.LOGITS:
             raise PipelineError(f"train.features names {layer!r}, the teacher's output, not a layer; distill it with train.loss.kl or "
                                 "train.loss.mse, and list only layers from targets.layers under train.features")

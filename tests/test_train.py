@@ -699,6 +699,18 @@ def test_feature_layer_missing_from_store_is_a_pipeline_error(store32, tmp_path)
         train(pipeline(*PLAIN, "train.loss.kl=0", "train.loss.ce=0"), store32, tmp_path / "run")
 
 
+def test_a_typo_of_a_stored_feature_layer_is_told_the_stored_layer_first(tiny_store, tmp_path):
+    """train.features naming 'featurs.3' of a store holding 'features.3' was told "name one of them, or extract a store
+    with 'featurs.3' in targets.layers": a store of the typo, for a layer the teacher may not have. The stored layer
+    close to it is named first; nothing is written."""
+    p = pipeline("train.features={ 'featurs.3' = { student = 'conv', weight = 0.1 } }")
+    with pytest.raises(PipelineError, match=r"^train.features names teacher layer 'featurs.3', which .* does not store \(its layers: "
+                       r"\['features.3'\]\); did you mean 'features.3'\? Name it in train.features, or extract a store with "
+                       r"'featurs.3' in targets.layers \(--layers\)$"):
+        train(p, tiny_store, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_feature_weights_all_zero_with_every_loss_weight_zero_is_nothing_to_learn(tiny_store, tmp_path):
     """A train.features entry of weight 0 is no loss either: the run would train on a loss of 0 (weight decay alone)."""
     p = pipeline("train.eval_split=''", "train.loss.kl=0", "train.loss.ce=0", 'train.features."features.3".weight=0')
