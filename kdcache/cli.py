@@ -694,6 +694,10 @@ def extract(pipeline: str, out: str | None, overrides: tuple[str, ...], batch_si
     if dry_run:
         _refuse_torchrun("kdcache extract --dry-run", "; without --dry-run, kdcache extract runs under torchrun (its ranks share "
                          "the shards)")
+        if not out and (overwrite or storage_items):  # they would check nothing: said, not dropped in silence
+            given = "--overwrite" if overwrite else "--storage-option"
+            raise click.UsageError(f"{given} is about the store --out names, but there is no --out; add --out OUT (the dry run "
+                                   f"then checks OUT as the run would), or drop {given}")
         # OUT looked at as the run would (refusals in its words), where given; written nothing, nor locked
         report = kdcache.dry_run(p, out, overwrite=overwrite, storage_options=_storage_options(storage_items)) if out else kdcache.dry_run(p)
         click.echo(json.dumps(report, indent=2) if as_json else _dry_run_text(report))

@@ -270,6 +270,11 @@ CASES = [
          ("No such option '--batchsize'. Did you mean '--batch-size'?", "(see 'kdcache extract --help')"), code=2),
     Case("usage-missing-argument", lambda c: ["extract"], ("Missing argument 'PIPELINE'", "(see 'kdcache extract --help')"), code=2),
     Case("usage-missing-out", lambda c: extract(), ("Missing option '--out'", "or pass --dry-run (see 'kdcache extract --help')"), code=2),
+    Case("usage-dry-run-overwrite-without-out", lambda c: extract("--dry-run", "--overwrite"),
+         ("--overwrite is about the store --out names, but there is no --out; add --out OUT (the dry run then checks OUT as the run "
+          "would), or drop --overwrite (see 'kdcache extract --help')",), code=2),
+    Case("usage-dry-run-storage-option-without-out", lambda c: extract("--dry-run", "--storage-option", "anon=true"),
+         ("--storage-option is about the store --out names, but there is no --out",), code=2),
 ]
 # the matrix's usage errors too: with the stricter one-line check below
 CASES += [c for c in matrix.CASES if c.code == 2 and c.id not in {x.id for x in CASES}]
