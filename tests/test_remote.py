@@ -101,6 +101,40 @@ def test_extract_to_s3_resumes_and_matches_local(s3, tmp_path, zoo_env):
     assert info["compression_ratio"] == pytest.approx(open_store(str(local)).info()["compression_ratio"])
 
 
+def test_a_dry_run_of_an_s3_out_says_what_the_run_would_do_there_and_writes_nothing(s3, zoo_env):
+    """``dry_run(p, out)`` of a bucket's store: the run's own checks over S3 (new, partial, complete, --overwrite, a prefix
+    of other objects), reading only; no object, not even a lock object, is put or deleted."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+
+    def objects() -> dict[str, str]:
+        fs.invalidate_cache()
+        return {info["name"]: info["ETag"] for info in fs.find(BUCKET, detail=True).values()}
+
+    def dry(url: str, **kwargs) -> dict:
+        before = objects()
+        report = kdcache.dry_run(make_pipeline(), url, storage_options=s3, **kwargs)["out"]
+        assert objects() == before
+        return report
+
+    url = f"s3://{BUCKET}/dry.zarr"
+    assert dry(url) == {"location": url, "action": "create", "again": False, "shards_done": 0, "num_shards": 4, "redone": 0}
+    assert not fs.exists(f"{BUCKET}/dry.zarr")
+    zoo_env(FAIL_AT=42)
+    with pytest.raises(RuntimeError, match="simulated crash fetching index 42"):
+        kdcache.extract(make_pipeline(), url, storage_options=s3)
+    zoo_env(FAIL_AT=None)
+    partial = dry(url)
+    assert (partial["action"], partial["shards_done"], partial["num_shards"]) == ("resume", 2, 4), partial
+    assert kdcache.extract(make_pipeline(), url, storage_options=s3)["shards_written"] == 2  # as the dry run said
+    assert dry(url)["action"] == "complete"
+    assert dry(url, overwrite=True)["action"] == "replace"
+    fs.pipe(f"{BUCKET}/dry-foreign/data.bin", b"not a store")
+    with pytest.raises(StoreError, match="exists and is not a kdcache store"):  # the run's refusal, in its words
+        dry(f"s3://{BUCKET}/dry-foreign")
+
+
 @pytest.mark.slow
 def test_extract_info_verify_train_through_the_cli_on_s3(s3, tmp_path, monkeypatch):
     from conftest import TINY_TOML
