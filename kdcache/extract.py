@@ -15,7 +15,7 @@ import math
 import os
 import queue
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 import threading
 import time
 from dataclasses import dataclass
@@ -828,6 +828,7 @@ class ShardWriter:
         self.pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="kdcache-write")
         self.writing: list[Future[None]] = []
         self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True) if background else None
+        self.closed = False  # the thread told to end (its last item queued)
 
     def __enter__(self) -> ShardWriter:
         if self.thread is not None:
@@ -835,13 +836,30 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        """Every shard write under way ends before the writer does, so before extract releases the store's lock and says
+        what is done. An exception raised while it waits (a second Ctrl-C or SIGTERM, torch's SIGCHLD handler reporting a
+        DataLoader worker that died) is raised once they have ended: it cut the wait short, and a write landed after extract
+        had raised (a shard marked done after the rerun, or an --overwrite of the store by then, had begun)."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._finish()
+                break
+            except BaseException as e:  # noqa: BLE001 - raised below, once the writes have ended
+                interrupted = interrupted or e
+        if interrupted is not None:
+            raise interrupted
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+    def _finish(self) -> None:
         if self.thread is not None:
-            self.queue.put(None)
+            if not self.closed:
+                self.queue.put(None)
+                self.closed = True
             self.thread.join()
         self._reap(keep=0)
         self.pool.shutdown()
-        if self.error is not None and exc[0] is None:
-            raise self.error
 
     def put(self, batch: dict[str, Any], host: dict[str, torch.Tensor], event: Any) -> None:
         if self.error is not None:
@@ -882,12 +900,13 @@ class ShardWriter:
         self.bar.update(len(rows), sum(piece[p].nbytes for p in piece if p not in columns))
 
     def _reap(self, keep: int) -> None:
-        """Wait until at most ``keep`` shard writes are in flight; a failed write becomes ``self.error``."""
+        """Wait until at most ``keep`` shard writes are in flight; a failed write becomes ``self.error`` (handed to the main
+        thread at its next put / exit). An exception raised while it waits (a Ctrl-C) is raised, the write it waited for kept
+        to be waited for again: it was taken for the write's error, and that write no longer waited for."""
         while len(self.writing) > keep:
-            try:
-                self.writing.pop(0).result()
-            except BaseException as e:  # handed to the main thread at its next put / exit
-                self.error = self.error or e
+            wait(self.writing[:1])
+            if (error := self.writing.pop(0).exception()) is not None:
+                self.error = self.error or error
 
 
 def _joined(pieces: list[tuple[int, dict[str, np.ndarray]]], rows: int) -> dict[str, list[np.ndarray]]:

@@ -813,6 +813,48 @@ def test_interrupted_run_leaves_whole_shards_and_resume_fetches_only_the_rest(tm
         np.testing.assert_array_equal(resumed[path], reference[path], err_msg=path)
 
 
+def test_a_ctrl_c_while_a_failed_extract_waits_for_its_last_shard_write_is_raised_once_the_write_has_ended(tmp_path, zoo_env, monkeypatch):
+    """A Ctrl-C (or torch's SIGCHLD handler reporting a dead DataLoader worker) while an extract that failed waits for the
+    shard write under way was taken for that write's error and dropped (the Ctrl-C lost, the wait for that write over),
+    or cut the wait short (the write landing after extract had raised and released the store's lock: a shard marked
+    done behind a rerun's back). It is raised once the write has ended: the store is settled as extract raises."""
+    import os
+    import signal
+    import threading
+    import time
+
+    kx, layout = importlib.import_module("kdcache.extract"), importlib.import_module("kdcache.store")
+    ending, written, real_write, real_exit = threading.Event(), [], layout.Store.write_shard, kx.ShardWriter.__exit__
+
+    def exit_(self, *exc):
+        ending.set()
+        return real_exit(self, *exc)
+
+    def slow_write(self, shard, arrays):  # shard 1's write is under way as the run fails at row 36; a Ctrl-C lands in the wait
+        if shard == 1:
+            assert ending.wait(30), "the run did not fail"
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGALRM)  # handled in the main thread, which waits for this write
+            time.sleep(0.5)
+        real_write(self, shard, arrays)
+        written.append(shard)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layout.Store, "write_shard", slow_write)
+    monkeypatch.setattr(kx.ShardWriter, "__exit__", exit_)
+    previous, out = signal.signal(signal.SIGALRM, ctrl_c), tmp_path / "store.zarr"
+    zoo_env(FAIL_AT=36)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kdcache.extract(make_pipeline(), str(out))
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert written == [0, 1], "extract raised before its last shard write had ended"
+    assert open_store(out).done().tolist() == [True, True, False, False]
+
+
 def test_resume_names_the_first_five_done_shards_whose_objects_are_missing_and_counts_the_rest(numbered_store, tmp_path, capfd):
     """Six of the 7 done shards lost their logits object (an incomplete copy): the note names the first five, one line
     each, and counts the sixth; all are written again, each row its sample's."""
