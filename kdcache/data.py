@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, default_collate
 from torch.utils.data import _utils as loader_utils
 
-from kdcache import losses, store as layout, threads
+from kdcache import errors, losses, store as layout, threads
 from kdcache.errors import (DataError, DeviceMemoryError, KdcacheError, ModelError, ModelTooLargeError, PipelineError, ShapeMismatchError,
                             StoreError, raised, short)
 
@@ -608,6 +608,12 @@ def stop_making(batches: Any, wait: float | None = None) -> None:
         loader_utils.MP_STATUS_CHECK_INTERVAL = interval if wait is None else min(interval, wait / 2)
         try:
             batches._shutdown_workers()
+        except RuntimeError as e:
+            # a worker that died (the OOM killer's SIGKILL) is reported again by torch's SIGCHLD handler as the others end
+            # here (it looks at every worker on each SIGCHLD): the first report, said already, is the run's one line. The
+            # workers' pids are forgotten, and a worker left running killed, by _shutdown_workers' finally and below
+            if errors.worker_died(e) is None:
+                raise
         finally:
             loader_utils.MP_STATUS_CHECK_INTERVAL = interval
         for worker in getattr(batches, "_workers", ()):
@@ -625,14 +631,49 @@ def leave_sigterm_to_the_main_process(worker: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def ended_workers(batches: Any, error: BaseException | None = None) -> dict[int, int]:
+    """The pids and exit codes (-N: killed by signal N) of the DataLoader workers of the iterator ``batches`` that have
+    ended (none without workers), read before ``stop_making`` ends the others. After an ``error`` of the transport (a
+    ConnectionError, an EOFError: a worker killed as it handed a batch over) the worker's end is waited for, up to
+    ``ENDED_WAIT`` seconds in all: its sockets close before its exit status can be read.
+
+    torch's SIGCHLD handler reports a dead worker wherever the main thread is when it runs, which may be after torch
+    found the worker gone otherwise (``exited unexpectedly``, a ConnectionResetError): that report is taken here (a
+    moment's wait once a worker is seen dead lets it run), not raised from the clean-up after the error being ended,
+    in the place of its one line."""
+    workers = list(getattr(batches, "_workers", ()))
+    deadline = time.monotonic() + (ENDED_WAIT if isinstance(error, ConnectionError | EOFError) else 0.0)
+    while True:
+        try:
+            ended = {w.pid: w.exitcode for w in workers if w.exitcode is not None}
+            if any(ended.values()):
+                time.sleep(0.01)  # the SIGCHLD handler, due now, runs here
+                return ended
+            if time.monotonic() >= deadline:
+                return ended
+            time.sleep(0.01)
+        except RuntimeError as e:
+            if errors.worker_died(e) is None:
+                raise
+
+
+ENDED_WAIT = 1.0
+
+
 @contextmanager
-def stopped(batches: Any) -> Iterator[Any]:
-    """``batches`` inside the block, ``stop_making`` however it ends (stopped by Ctrl-C or SIGTERM, not waiting long)."""
+def stopped(batches: Any, command: str = "") -> Iterator[Any]:
+    """``batches`` inside the block, ``stop_making`` however it ends (stopped by Ctrl-C or SIGTERM, not waiting long).
+    A DataLoader worker that died raises a DataLoaderWorkerError naming it (``errors.worker_died``; ``command``: whose
+    settings its fix names), where torch's RuntimeError, or a ConnectionResetError, was a traceback."""
     wait = None
     try:
         yield batches
     except KeyboardInterrupt:
         wait = STOPPED_WAIT
+        raise
+    except Exception as e:
+        if (died := errors.worker_died(e, command, ended_workers(batches, e))) is not None:
+            raise died from None
         raise
     finally:
         stop_making(batches, wait)

@@ -10,10 +10,12 @@ import contextlib
 import errno
 import functools
 import os
+import re
+import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 
 class KdcacheError(Exception):
@@ -107,6 +109,16 @@ class JoinError(KdcacheError, ConnectionError):
     torchrun serves, does not answer or went away while the rank joined (that torchrun ended: one of its ranks failed)."""
 
 
+class DataLoaderWorkerError(KdcacheError, RuntimeError):
+    """A DataLoader worker process died: killed by a signal (``signal``: the out-of-memory killer's SIGKILL, a full
+    /dev/shm's SIGBUS, a crash's SIGSEGV; None where torch did not say which) or exited on its own. ``pids``: the workers
+    torch named. Made from torch's RuntimeError by ``worker_died``."""
+
+    def __init__(self, message: str, pids: tuple[int, ...] = (), signal: int | None = None):
+        super().__init__(message)
+        self.pids, self.signal = tuple(pids), signal
+
+
 class MissingDependencyError(KdcacheError, ImportError):
     """An optional dependency that a command needs (an extra of kdcache's package) is not installed."""
 
@@ -141,25 +153,126 @@ def worker_message(e: BaseException) -> str:
     return text
 
 
-def own_messages(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` raising a KdcacheError that a DataLoader worker raised with its own message again (``worker_message``):
-    ``kdcache.train(...)`` raises what ``kdcache train`` prints, not torch's text around it. An attribute torch's text
-    was given to (torch rebuilds the error from it alone: ``DamagedShardError.problem``) gets the worker's message too."""
+# torch's words for a DataLoader worker that died, as its main process reports it: the SIGCHLD handler's (torch's C++
+# _error_if_any_worker_fails: the signal as strsignal(3) names it, "Bus error" followed by a note on shared memory; or the
+# exit code of one that exited), and the iterator's when it finds a worker gone (_try_get_data, raised from the first)
+_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: ([^.\n]+)\.")
+_EXITED = re.compile(r"DataLoader worker \(pid (\d+)\) exited unexpectedly with exit code (-?\d+)")
+_GONE = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+_SIGNALS = {signal.strsignal(s): s for s in signal.Signals if signal.strsignal(s)}
+# a command's DataLoader workers' setting, and the settings that size what its workers hold in memory
+_WORKERS = {"train": ("train.num_workers", "train.num_workers, train.memory_budget_mb or train.batch_size"),
+            "extract": ("extract.num_workers", "extract.num_workers or extract.batch_size")}
 
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except KdcacheError as e:
-            torch_text, own = str(e), worker_message(e)
-            if own != torch_text:  # a worker's (else left as raised: an error of several arguments keeps them)
-                e.args = (own,)
-                for name, value in vars(e).items():
-                    if isinstance(value, str) and value == torch_text:
-                        setattr(e, name, own)
-            raise
 
-    return call
+def worker_died(e: BaseException, command: str = "", ended: Mapping[int, int] | None = None) -> DataLoaderWorkerError | None:
+    """``e`` as a DataLoaderWorkerError where it reports a DataLoader worker that died during ``command`` ("train",
+    "extract": the settings its fix names; "": any), else None: its message names the worker(s) and the signal, and the
+    fix that signal calls for (the one line the CLI prints).
+
+    torch reports one as a RuntimeError (its SIGCHLD handler's, raised wherever the main process was, or the iterator's,
+    raised from it); it counts where ``e``'s own message quotes it (a ``ModelError``: the signal came in a forward pass),
+    or ``e`` is not kdcache's own and it is anywhere in ``e``'s causes and contexts (torch's clean-up that failed after
+    it). A kdcache error that merely followed one (a checkpoint write's) keeps its own line. ``ended``: the pids and exit
+    codes (-N: killed by signal N) of the DataLoader's workers that had ended as ``e`` was raised (``data.ended_workers``):
+    a worker killed as it handed a batch over leaves the main process no torch report but a ConnectionResetError (or
+    EOFError) from the shared memory it was to read, which is then the worker's death too where ``e`` is not kdcache's."""
+    if isinstance(e, DataLoaderWorkerError):  # said already
+        return None
+    reports = [str(x) for x in _chain(e) if not isinstance(x, KdcacheError) or x is e]
+    reported = any(p.search(str(e)) for p in (_KILLED, _EXITED, _GONE)) or not isinstance(e, KdcacheError) and any(
+        p.search(text) for p in (_KILLED, _EXITED, _GONE) for text in reports)
+    died = {pid: code for pid, code in (ended or {}).items() if code != 0}
+    if not reported and (isinstance(e, KdcacheError) or not died):
+        return None
+    pids: list[int] = []
+    sig = code = None
+    for text in reports if reported else ():
+        for m in _KILLED.finditer(text):
+            pids.append(int(m.group(1)))
+            sig = sig or _SIGNALS.get(m.group(2).strip())
+        for m in _EXITED.finditer(text):
+            pids.append(int(m.group(1)))
+            code = int(m.group(2)) if code is None else code
+        for m in _GONE.finditer(text):
+            pids += [int(p) for p in m.group(1).replace(",", " ").split()]
+    for pid, status in died.items():  # the exit status torch's words may lack ("pid(s) N exited unexpectedly")
+        pids.append(pid)
+        if sig is None and code is None:
+            sig, code = (_signal(-status), None) if status < 0 else (None, status)
+    pids = list(dict.fromkeys(pids))
+    workers, smaller = _WORKERS.get(command, ("num_workers", "num_workers or the batch size"))
+    several = len(pids) > 1
+    who = (f"{command}'s " if command else "a ") if not several else (f"{command}'s " if command else "")
+    who += f"DataLoader worker{'s' * several} (pid{'s' * several} {', '.join(map(str, pids))})"
+    was = "were" if several else "was"
+    if sig == signal.SIGKILL:
+        said = (f"{who} {was} killed by SIGKILL, most likely by the out-of-memory killer (dmesg names the pid it killed); give the "
+                f"workers less to hold: lower {smaller}, then rerun")
+    elif sig == signal.SIGBUS:
+        said = (f"{who} {was} killed by SIGBUS, most likely a full /dev/shm (the shared memory workers hand their batches over "
+                f"in); enlarge it (docker run --shm-size=8g; Kubernetes: an emptyDir of medium Memory) or lower {workers}, then rerun")
+    elif sig is not None or code is not None:
+        how = f"{was} killed by {signal.Signals(sig).name}" if sig is not None else f"exited with exit code {code}"
+        said = (f"{who} {how}: the dataset's code (or a library it calls) crashed in it; set {workers} = 0 to see its error in "
+                "the main process, fix it, then rerun")
+    else:
+        said = (f"{who} ended unexpectedly, torch did not say how (most likely the out-of-memory killer, which dmesg names, else "
+                f"a crash in the dataset's code); lower {smaller}, or set {workers} = 0 to see the dataset's error, then rerun")
+    return DataLoaderWorkerError(said, tuple(pids), sig)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and its causes and contexts, each once, nearest first."""
+    chain, seen, todo = [], set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if x is not None and id(x) not in seen:
+            seen.add(id(x))
+            chain.append(x)
+            todo += [x.__cause__, x.__context__]
+    return chain
+
+
+def _signal(number: int) -> int | None:
+    try:
+        return signal.Signals(number)
+    except ValueError:  # a real-time signal
+        return None
+
+
+def own_messages(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator of the function that runs ``command`` ("train", "extract"): a KdcacheError that a DataLoader worker
+    raised is raised with its own message again (``worker_message``): ``kdcache.train(...)`` raises what ``kdcache train``
+    prints, not torch's text around it. An attribute torch's text was given to (torch rebuilds the error from it alone:
+    ``DamagedShardError.problem``) gets the worker's message too. A DataLoader worker that died (``worker_died``) is a
+    DataLoaderWorkerError naming it and the fix, where torch's RuntimeError was a traceback."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except KdcacheError as e:
+                torch_text, own = str(e), worker_message(e)
+                if own != torch_text:  # a worker's (else left as raised: an error of several arguments keeps them)
+                    e.args = (own,)
+                    for name, value in vars(e).items():
+                        if isinstance(value, str) and value == torch_text:
+                            setattr(e, name, own)
+                if (died := worker_died(e, command)) is not None:  # a forward pass the SIGCHLD handler raised in
+                    raise died from None
+                raise
+            except Exception as e:
+                if (died := worker_died(e, command)) is not None:
+                    # the first report, where this is torch's SIGCHLD handler's again, raised in the clean-up after it: that
+                    # one was said already (in train with --resume after a checkpoint: _epochs)
+                    raise next((x for x in _chain(e) if isinstance(x, DataLoaderWorkerError)), died) from None
+                raise
+
+        return call
+
+    return decorate
 
 
 # How a message names an option the user gave: the command line's flag while a ``kdcache`` command runs (the CLI sets

@@ -40,7 +40,7 @@ FLOAT16_MAX = 65504.0
 WRITE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
-@own_messages
+@own_messages("extract")
 def extract(pipeline: Pipeline, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = False,
             storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the teacher once over the pipeline's dataset and write its targets into the store ``out``
@@ -141,7 +141,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
     background = run.device.type != "cpu" if background is None else background
     try:
         with data.torch_threads(x.threads), ShardWriter(store, x.queue_depth, bar, background) as writer, \
-                teachers.capture(run.model, pipeline.targets.layers) as hooked, data.stopped(iter(loader)) as batches:
+                teachers.capture(run.model, pipeline.targets.layers) as hooked, data.stopped(iter(loader), "extract") as batches:
             for batch in batches:
                 if (batch["label"] is not None) != run.has_labels:  # the probe batch decided whether the store holds labels
                     first, last = int(batch["index"][0]), int(batch["index"][-1])

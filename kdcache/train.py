@@ -48,7 +48,7 @@ from kdcache.progress import Progress
 CHECKPOINT = "checkpoint.pt"
 
 
-@own_messages
+@own_messages("train")
 def train(pipeline: Pipeline, cache_location: str | os.PathLike[str], out: str | os.PathLike[str], *,
           resume: bool | str = False, overwrite: bool = False, allow_partial: bool = False, progress: bool = False,
           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -416,7 +416,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                     try:  # one started ahead stays in following until it is batches: a Ctrl-C waiting for it, the finally stops it
                         batches = following[0].result() if following else _start_epoch(transfer, loader, state)
                     except Exception as e:  # noqa: BLE001 - any: raised as it was, once the epoch is saved (_kept)
-                        failed = e
+                        failed = errors.worker_died(e, "train", data.ended_workers(batches, e)) or e  # a persistent worker that died
                     following.clear()
                 loop.save(state, rng, metrics, partial)
                 if failed is not None:  # the epoch's checkpoint and metrics line kept: a rerun goes on after it
@@ -424,7 +424,11 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
                 if loop.stopping(state["step"] < loop.total_steps):
                     raise loop.stopped(state)
         except BaseException as e:
-            ending = _go_on(e, loop)
+            # a DataLoader worker that died: its line, whose "rerun" _go_on makes a --resume after a checkpoint
+            died = errors.worker_died(e, "train", data.ended_workers(batches, e)) if isinstance(e, Exception) else None
+            ending = _go_on(died or e, loop)
+            if died is not None:
+                raise died from None
             raise
         finally:
             try:  # a run stopped (Ctrl-C, SIGTERM) does not wait long for the batch in the making: its read may hang

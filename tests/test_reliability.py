@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -295,6 +296,148 @@ def test_train_sigterm_to_its_process_group_stops_at_a_checkpoint_and_resumes(tr
     result = invoke(*args, "--resume", "--no-progress")
     assert result.exit_code == 0, result.output
     assert_same_training(out, trained["reference"])
+
+
+# ------------------------------------------------------------------------------ a DataLoader worker killed
+
+KILLED = ["--set", "data.factory='numbered.py:tiny_killed'"]  # tiny.dataset's items, its N-th read in a worker killing that worker
+
+
+def killed_at(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, n: int, sig: str = "SIGKILL") -> Path:
+    """``numbered.tiny_killed`` set to kill the DataLoader worker that makes its ``n``-th read with ``sig``, once; returns the
+    file counting the reads (a byte each)."""
+    count = tmp_path / "reads"
+    for name, value in {"": count, "_AT": n, "_SIGNAL": sig}.items():
+        monkeypatch.setenv(f"KDCACHE_TEST_KILLED{name}", str(value))
+    return count
+
+
+@pytest.mark.parametrize("when", ["before-its-first-checkpoint", "after-a-checkpoint"])
+def test_train_whose_dataloader_worker_is_killed_says_so_in_one_line_and_resumes(trained, tmp_path, monkeypatch, when):
+    """A DataLoader worker SIGKILLed (as the out-of-memory killer does) in epoch 0, or in epoch 2 once a checkpoint is
+    saved: the run ends with one line naming the worker's pid, the signal and its fix (lower train.num_workers, the
+    memory budget or the batch size), and after a checkpoint that a --resume goes on from it; the rerun it names
+    reaches the uninterrupted weights. Was torch's traceback, "RuntimeError: DataLoader worker (pid(s) N) exited
+    unexpectedly", chained to its SIGCHLD handler's "… is killed by signal: Killed."."""
+    killed_at(monkeypatch, tmp_path, 20 if when == "before-its-first-checkpoint" else 125)  # 50 reads an epoch
+    out = tmp_path / "reference"
+    args = ["train", TINY_TOML, "--cache", trained["store"], "--out", out, "--epochs", TRAIN_EPOCHS, *PLAIN,
+            "--set", "train.num_workers=2", *KILLED, "--no-progress"]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.output)
+    fix = "lower train.num_workers, train.memory_budget_mb or train.batch_size, then "
+    if when == "before-its-first-checkpoint":
+        assert re.fullmatch(r"Error: train's DataLoader worker \(pid \d+\) was killed by SIGKILL, most likely by the out-of-memory "
+                            rf"killer \(dmesg names the pid it killed\); give the workers less to hold: {fix}rerun", result.output.strip())
+        assert not (out / "checkpoint.pt").exists()
+        again = invoke(*args)
+    else:
+        assert re.fullmatch(r"Error: train's DataLoader worker \(pid \d+\) was killed by SIGKILL, .*: "
+                            rf"{fix}run the same command with --resume to go on from its last checkpoint \(after epoch [01]\b.*\)",
+                            result.output.strip()), result.output
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] in (1, 2)
+        again = invoke(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    assert_same_training(out, trained["reference"])
+
+
+@pytest.mark.parametrize("called", ["cli", "api"])
+def test_extract_whose_dataloader_worker_is_killed_raises_it_and_resumes(tmp_path, monkeypatch, called):
+    """A DataLoader worker of extract SIGKILLed at the 48th of the 50 reads (batches of 4: the first shard is written by
+    then): the command says so in one line (kdcache.extract raises a DataLoaderWorkerError naming the pid and the
+    signal), the shards written before are kept, and the rerun reads none of them again, reaching the uninterrupted
+    store. Was torch's traceback."""
+    import kdcache
+    from kdcache.errors import DataLoaderWorkerError
+
+    args = ["extract", TINY_TOML, "--set", "extract.num_workers=2", "--set", "extract.batch_size=4", *KILLED, "--no-progress"]
+    assert invoke(*args, "--out", tmp_path / "uninterrupted.zarr").exit_code == 0  # tiny.dataset's items, nothing killed
+    count, out = killed_at(monkeypatch, tmp_path, 48), tmp_path / "killed.zarr"
+    if called == "cli":
+        result = invoke(*args, "--out", out)
+        assert result.exit_code == 1, result.output
+        assert_one_line_error(result.output)
+        assert re.fullmatch(r"Error: extract's DataLoader worker \(pid \d+\) was killed by SIGKILL, most likely by the out-of-memory "
+                            r"killer .*; give the workers less to hold: lower extract.num_workers or extract.batch_size, then rerun",
+                            result.output.strip()), result.output
+    else:
+        p = kdcache.load_pipeline(TINY_TOML, ["extract.num_workers=2", "extract.batch_size=4", KILLED[1]])
+        with pytest.raises(DataLoaderWorkerError, match=r"^extract's DataLoader worker \(pid \d+\) was killed by SIGKILL") as e:
+            kdcache.extract(p, out)
+        assert e.value.signal == signal.SIGKILL and len(e.value.pids) == 1 and f"(pid {e.value.pids[0]})" in str(e.value)
+    done, read = done_flags(out), count.stat().st_size
+    assert done[0], "the first shard, whole before the worker was killed, is written"
+    assert invoke(*args, "--out", out).exit_code == 0
+    assert count.stat().st_size - read <= 50 - 16 * int(done[:3].sum()) - 2 * int(done[3]), "done shards are read again"
+    assert_same_store(out, tmp_path / "uninterrupted.zarr")
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGBUS", "SIGSEGV"])
+def test_a_dataloader_worker_killed_by_a_signal_is_named_with_the_fix_that_signal_calls_for(tmp_path, monkeypatch, sig):
+    """A DataLoader worker killed by a real signal as extract's batches are read (``data.stopped``): one
+    DataLoaderWorkerError naming its pid, the signal and the fix by signal (SIGKILL: the out-of-memory killer; SIGBUS: a
+    full /dev/shm; another: a crash in the dataset's code), from torch's report (its SIGCHLD handler's "… is killed by
+    signal: Bus error. It is possible …", the iterator's "… exited unexpectedly" raised from it) or, a worker killed as it
+    handed a batch over, from the ConnectionResetError its shared memory gave and the worker's exit status. Stopping the
+    workers after it, torch reports the dead one again: not raised in its place."""
+    import numbered
+    from torch.utils.data import DataLoader
+
+    from kdcache import data
+    from kdcache.errors import DataLoaderWorkerError
+
+    killed_at(monkeypatch, tmp_path, 3, sig)
+    with pytest.raises(DataLoaderWorkerError) as raised:
+        with data.stopped(iter(DataLoader(numbered.tiny_killed(), batch_size=2, num_workers=1)), "extract") as batches:
+            list(batches)
+    pid = batches._workers[0].pid
+    assert raised.value.pids == (pid,) and raised.value.signal == signal.Signals[sig]
+    fix = {"SIGKILL": "was killed by SIGKILL, most likely by the out-of-memory killer (dmesg names the pid it killed); give the "
+                      "workers less to hold: lower extract.num_workers or extract.batch_size, then rerun",
+           "SIGBUS": "was killed by SIGBUS, most likely a full /dev/shm (the shared memory workers hand their batches over in); "
+                     "enlarge it (docker run --shm-size=8g; Kubernetes: an emptyDir of medium Memory) or lower extract.num_workers, "
+                     "then rerun",
+           "SIGSEGV": "was killed by SIGSEGV: the dataset's code (or a library it calls) crashed in it; set extract.num_workers = 0 "
+                      "to see its error in the main process, fix it, then rerun"}[sig]
+    assert str(raised.value) == f"extract's DataLoader worker (pid {pid}) {fix}"
+
+
+def test_worker_died_reads_torch_s_reports_of_a_dead_dataloader_worker():
+    """torch 2.13's words for a DataLoader worker that died (``torch/csrc/DataLoader.cpp``, ``dataloader.py``), chained as
+    torch chains them; and a worker's exit status where torch said nothing (a ConnectionResetError). Not one: None."""
+    from kdcache.errors import ModelError, StoreError, worker_died
+
+    def chained(first: str, then: str) -> BaseException:
+        try:
+            try:
+                raise RuntimeError(first)
+            except RuntimeError as e:
+                raise RuntimeError(then) from e
+        except RuntimeError as e:
+            return e
+
+    said = {"Killed": "SIGKILL, most likely by the out-of-memory killer", "Bus error": "SIGBUS, most likely a full /dev/shm",
+            "Segmentation fault": "SIGSEGV: the dataset's code", "Aborted": "SIGABRT: the dataset's code"}
+    for name, words in said.items():
+        note = " It is possible that dataloader's workers are out of shared memory. Please try to raise your shared memory limit." \
+            if name == "Bus error" else ""
+        e = chained(f"DataLoader worker (pid 4711) is killed by signal: {name}.{note} ", "DataLoader worker (pid(s) 4711) exited unexpectedly")
+        died = worker_died(e, "train")
+        assert died is not None and died.pids == (4711,) and str(died).startswith(f"train's DataLoader worker (pid 4711) was killed by {words}")
+        assert str(worker_died(e.__cause__, "train")) == str(died)  # the SIGCHLD handler's alone (raised outside the iterator)
+    exited = worker_died(RuntimeError("DataLoader worker (pid 7) exited unexpectedly with exit code 3. Details are lost due to "
+                                      "multiprocessing. Rerunning with num_workers=0 may give better error trace."), "train")
+    assert exited is not None and exited.signal is None and str(exited).startswith("train's DataLoader worker (pid 7) exited with exit code 3: ")
+    gone = worker_died(RuntimeError("DataLoader worker (pid(s) 8, 9) exited unexpectedly"), "extract")
+    assert gone is not None and str(gone).startswith("extract's DataLoader workers (pids 8, 9) ended unexpectedly, torch did not say how")
+    reset = worker_died(ConnectionResetError(104, "Connection reset by peer"), "extract", {10: -signal.SIGKILL, 11: 0})
+    assert reset is not None and reset.pids == (10,) and str(reset).startswith("extract's DataLoader worker (pid 10) was killed by SIGKILL")
+    forward = ModelError("the teacher model raised RuntimeError: DataLoader worker (pid 12) is killed by signal: Killed. on a batch of …")
+    assert worker_died(forward, "extract").pids == (12,)  # the SIGCHLD handler's error, raised in the forward pass
+    assert worker_died(ConnectionResetError(104, "Connection reset by peer"), "extract", {10: 0}) is None
+    assert worker_died(StoreError("no store at 'x'"), "train", {10: -signal.SIGKILL}) is None  # kdcache's own line stays
+    assert worker_died(RuntimeError("CUDA error: device-side assert triggered"), "train") is None
 
 
 def waiting(pid: int, within: float = 240.0) -> None:
