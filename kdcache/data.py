@@ -601,7 +601,7 @@ def stop_making(batches: Any, wait: float | None = None) -> None:
         made.made.wait(STOP_WAIT if wait is None else wait)
     if hasattr(batches, "_shutdown_workers"):  # torch's DataLoader has no public way to stop its workers
         # torch waits for each worker (MP_STATUS_CHECK_INTERVAL, 5 s), SIGTERMs one still running (a read that hangs),
-        # which it ignores (leave_sigterm_to_the_main_process), and waits as long again: a stopped run waits ``wait`` in
+        # which it ignores (worker_signals), and waits as long again: a stopped run waits ``wait`` in
         # all. One still running then is killed: multiprocessing waited for it forever at exit. (Killed while torch
         # waits, torch's SIGCHLD handler raised "DataLoader worker is killed by signal" in the place of the run's stop.)
         interval = loader_utils.MP_STATUS_CHECK_INTERVAL
@@ -624,11 +624,17 @@ STOP_WAIT = 60.0  # seconds stop_making waits for the batch in the making (a dat
 STOPPED_WAIT = 2.0  # the same, for a run stopped by Ctrl-C or SIGTERM (it ends promptly, whatever the read does)
 
 
-def leave_sigterm_to_the_main_process(worker: int) -> None:
+def worker_signals(worker: int) -> None:
     """A DataLoader's ``worker_init_fn``: the worker ignores SIGTERM. A scheduler signals every process of a job, and
     a worker ended by it would fail the batch its main process is still to finish (train's step, extract's shard
-    writes) before that one stops; the main process ends its workers, and they end with it anyway."""
+    writes) before that one stops; the main process ends its workers, and they end with it anyway.
+
+    SIGBUS, SIGSEGV and SIGFPE kill the worker as they would any process, without torch's handlers' line on stderr
+    ("ERROR: Unexpected bus error encountered in worker …") before the run's own: the main process names the signal and
+    its fix in one line (``errors.worker_died``)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for crash in (signal.SIGBUS, signal.SIGSEGV, signal.SIGFPE):
+        signal.signal(crash, signal.SIG_DFL)
 
 
 def ended_workers(batches: Any, error: BaseException | None = None) -> dict[int, int]:

@@ -136,7 +136,7 @@ def extract_shards(run: Run, pipeline: Pipeline, store: layout.Store, shards: li
         collate_fn=data.collate,
         num_workers=x.num_workers,
         pin_memory=run.device.type == "cuda",
-        worker_init_fn=data.leave_sigterm_to_the_main_process,
+        worker_init_fn=data.worker_signals,
     )
     background = run.device.type != "cpu" if background is None else background
     try:

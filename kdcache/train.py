@@ -385,7 +385,7 @@ def _epochs(run: Run, loop: _Loop, transfer: cache.TransferSet, t: Any, state: d
     if t.num_workers > 0 or run.device.type != "cpu":
         loader = DataLoader(transfer, batch_size=None, num_workers=t.num_workers, pin_memory=run.device.type == "cuda",
                             persistent_workers=t.num_workers > 0, generator=torch.Generator().manual_seed(t.seed),
-                            worker_init_fn=data.leave_sigterm_to_the_main_process)
+                            worker_init_fn=data.worker_signals)
     rows_per_step = t.batch_size * (transfer.streams if transfer.stream is None else 1)  # streams in one process: joined
     batches: Any = iter(())  # the epoch's batches, made ahead: stopped however the run ends
     following: list[futures.Future[Iterator[dict[str, Any]]]] = []  # the next epoch's, started during this epoch's last steps (_ahead)

@@ -373,6 +373,19 @@ def test_extract_whose_dataloader_worker_is_killed_raises_it_and_resumes(tmp_pat
     assert_same_store(out, tmp_path / "uninterrupted.zarr")
 
 
+@pytest.mark.parametrize("sig", ["SIGBUS", "SIGSEGV"])
+def test_a_dataloader_worker_that_crashes_leaves_the_run_s_one_line_alone_on_stderr(tmp_path, monkeypatch, capfd, sig):
+    """A DataLoader worker killed by SIGBUS (a full /dev/shm) or SIGSEGV (a crash in the dataset's code): torch's handler
+    in the worker wrote its own line to stderr ("ERROR: Unexpected bus error encountered in worker. …") before the
+    run's; the worker now dies by the signal without it (``data.worker_signals``), and the run's line names it."""
+    killed_at(monkeypatch, tmp_path, 20, sig)
+    result = invoke("extract", TINY_TOML, "--set", "extract.num_workers=2", "--set", "extract.batch_size=4", *KILLED, "--no-progress",
+                    "--out", tmp_path / "killed.zarr")
+    assert result.exit_code == 1 and f"was killed by {sig}" in result.output, result.output
+    assert_one_line_error(result.output)
+    assert capfd.readouterr().err == "", "a line besides the run's on stderr"
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGBUS", "SIGSEGV"])
 def test_a_dataloader_worker_killed_by_a_signal_is_named_with_the_fix_that_signal_calls_for(tmp_path, monkeypatch, sig):
     """A DataLoader worker killed by a real signal as extract's batches are read (``data.stopped``): one
