@@ -648,6 +648,8 @@ def ended_workers(batches: Any, error: BaseException | None = None) -> dict[int,
     moment's wait once a worker is seen dead lets it run), not raised from the clean-up after the error being ended,
     in the place of its one line."""
     workers = list(getattr(batches, "_workers", ()))
+    if not workers:  # batches made in this process: no worker's end to wait for after a ConnectionError of its own reads
+        return {}
     deadline = time.monotonic() + (ENDED_WAIT if isinstance(error, ConnectionError | EOFError) else 0.0)
     while True:
         try:
